@@ -1,0 +1,59 @@
+// The one gpustream executable: every operator command is a subcommand.
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <map>
+
+#include "app/replay.hpp"
+#include "app/serve.hpp"
+
+namespace {
+
+int run_replay(const std::string& data, bool json) {
+  auto report = gpustream::app::replay_store(data);
+  if (!report) {
+    std::fprintf(stderr, "replay: problem at position %llu: %s\n",
+                 static_cast<unsigned long long>(report.error().position),
+                 report.error().message.c_str());
+    return 1;
+  }
+  const auto text = json ? gpustream::app::format_json(*report) : gpustream::app::format_text(*report);
+  std::fputs(text.c_str(), stdout);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App cli{"gpustream: a marketplace for GPU time, as an event-sourced actor runtime"};
+  cli.require_subcommand(1);
+
+  gpustream::app::serve_options serve;
+  auto* serve_cmd = cli.add_subcommand("serve", "run a node: embedded event store and HTTP gateway");
+  serve_cmd->add_option("--data", serve.data, "data directory of the event store")->capture_default_str();
+  serve_cmd->add_option("--http", serve.http, "HOST:PORT to listen on")->capture_default_str();
+  serve_cmd->add_option("--durability", serve.mode, "sync (fsync before acknowledging) or buffered")
+      ->transform(CLI::CheckedTransformer(
+          std::map<std::string, gpustream::storage::durability>{
+              {"sync", gpustream::storage::durability::sync},
+              {"buffered", gpustream::storage::durability::buffered}},
+          CLI::ignore_case));
+
+  std::string replay_data = "data";
+  bool replay_json = false;
+  bool replay_verify = false;
+  auto* replay_cmd = cli.add_subcommand(
+      "replay", "read the whole log, check every record, print counts per event type and the rate");
+  replay_cmd->add_option("--data", replay_data, "data directory of the event store")->capture_default_str();
+  replay_cmd->add_flag("--verify", replay_verify,
+                       "check the log's invariants and exit non-zero naming the first violation "
+                       "(CRCs, gapless positions and versions, decodable payloads; always on)");
+  replay_cmd->add_flag("--json", replay_json, "print the report as JSON");
+
+  CLI11_PARSE(cli, argc, argv);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %n %v");
+  if (*serve_cmd) return gpustream::app::run_serve(serve);
+  if (*replay_cmd) return run_replay(replay_data, replay_json);
+  return 2;
+}

@@ -1,0 +1,140 @@
+#include "events/record.hpp"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <kj/exception.h>
+#include <kj/io.h>
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "events/crc32c.hpp"
+#include "events/schema/record.capnp.h"
+
+namespace gpustream::events {
+namespace {
+
+/// A record holds a handful of fields and one payload blob: a few words of pointers and the
+/// payload's words. Bounds the work a hostile or corrupt message can cause.
+constexpr std::uint64_t record_traversal_words_max = record_bytes_max / sizeof(capnp::word) + 64;
+
+std::uint32_t load_le32(const std::byte* p) noexcept {
+  std::uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = (v << 8) | static_cast<std::uint32_t>(p[i]);
+  return v;
+}
+
+void store_le32(char* p, std::uint32_t v) noexcept {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xFFu);
+}
+
+decode_error malformed(std::string message) {
+  return decode_error{decode_errc::malformed, std::move(message)};
+}
+
+/// Returns words to read `bytes` from: the bytes themselves when aligned, else a copy in `scratch`.
+kj::ArrayPtr<const capnp::word> aligned_words(std::span<const std::byte> bytes,
+                                              std::vector<capnp::word>& scratch) {
+  const std::size_t count = bytes.size() / sizeof(capnp::word);
+  if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(capnp::word) == 0) {
+    return {reinterpret_cast<const capnp::word*>(bytes.data()), count};
+  }
+  scratch.resize(count);
+  std::memcpy(scratch.data(), bytes.data(), count * sizeof(capnp::word));
+  return {scratch.data(), count};
+}
+
+}  // namespace
+
+std::string event_id::to_string() const {
+  static constexpr char digits[] = "0123456789abcdef";
+  std::string out(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    out[15 - i] = digits[(high >> (4 * i)) & 0xFu];
+    out[31 - i] = digits[(low >> (4 * i)) & 0xFu];
+  }
+  return out;
+}
+
+std::optional<event_id> event_id::parse(std::string_view hex) noexcept {
+  if (hex.size() != 32) return std::nullopt;
+  event_id id;
+  for (std::size_t i = 0; i < 32; ++i) {
+    const char c = hex[i];
+    std::uint64_t nibble = 0;
+    if (c >= '0' && c <= '9') nibble = static_cast<std::uint64_t>(c - '0');
+    else if (c >= 'a' && c <= 'f') nibble = static_cast<std::uint64_t>(c - 'a' + 10);
+    else return std::nullopt;
+    std::uint64_t& half = i < 16 ? id.high : id.low;
+    half = (half << 4) | nibble;
+  }
+  return id;
+}
+
+std::string encode_record(const record& r) {
+  // One segment sized for the whole record, so building it allocates once.
+  const auto first_segment_words = static_cast<unsigned>(
+      16 + (r.stream.size() + 8) / sizeof(capnp::word) + (r.payload.size() + 7) / sizeof(capnp::word));
+  capnp::MallocMessageBuilder message(first_segment_words);
+  auto builder = message.initRoot<schema::Record>();
+  builder.setStream(capnp::Text::Reader(r.stream.data(), r.stream.size()));
+  builder.setVersion(r.version);
+  builder.setPosition(r.position);
+  builder.setEventIdHigh(r.id.high);
+  builder.setEventIdLow(r.id.low);
+  builder.setRecordedAtUs(r.recorded_at_us);
+  builder.setType(r.type);
+  builder.setPayload(
+      kj::arrayPtr(reinterpret_cast<const kj::byte*>(r.payload.data()), r.payload.size()));
+  const std::size_t body_bytes = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
+  std::string out(body_bytes + record_crc_bytes, '\0');
+  kj::ArrayOutputStream stream(kj::arrayPtr(reinterpret_cast<kj::byte*>(out.data()), body_bytes));
+  capnp::writeMessage(stream, message);
+  const auto crc = crc32c(std::as_bytes(std::span(out.data(), body_bytes)));
+  store_le32(out.data() + body_bytes, crc);
+  return out;
+}
+
+expected<record, decode_error> decode_record(std::span<const std::byte> bytes) {
+  if (bytes.size() < record_crc_bytes + sizeof(capnp::word) ||
+      (bytes.size() - record_crc_bytes) % sizeof(capnp::word) != 0) {
+    return unexpected{malformed("record of " + std::to_string(bytes.size()) +
+                                " bytes is not whole 8-byte words plus a 4-byte CRC")};
+  }
+  if (bytes.size() > record_bytes_max) {
+    return unexpected{malformed("record of " + std::to_string(bytes.size()) +
+                                " bytes exceeds record_bytes_max " + std::to_string(record_bytes_max))};
+  }
+  const auto body = bytes.first(bytes.size() - record_crc_bytes);
+  const std::uint32_t stored = load_le32(bytes.data() + body.size());
+  const std::uint32_t computed = crc32c(body);
+  if (stored != computed) {
+    char text[96];
+    std::snprintf(text, sizeof text, "CRC32C mismatch: stored %08x, computed %08x over %zu bytes",
+                  stored, computed, body.size());
+    return unexpected{decode_error{decode_errc::crc_mismatch, text}};
+  }
+  thread_local std::vector<capnp::word> scratch;
+  try {
+    capnp::ReaderOptions options;
+    options.traversalLimitInWords = record_traversal_words_max;
+    capnp::FlatArrayMessageReader message(aligned_words(body, scratch), options);
+    const auto reader = message.getRoot<schema::Record>();
+    record r;
+    r.stream = std::string(reader.getStream().cStr(), reader.getStream().size());
+    r.version = reader.getVersion();
+    r.position = reader.getPosition();
+    r.id = event_id{reader.getEventIdHigh(), reader.getEventIdLow()};
+    r.recorded_at_us = reader.getRecordedAtUs();
+    r.type = reader.getType();
+    const auto payload = reader.getPayload();
+    r.payload.assign(reinterpret_cast<const char*>(payload.begin()), payload.size());
+    return r;
+  } catch (const kj::Exception& e) {
+    return unexpected{malformed("record is not a valid Cap'n Proto message: " +
+                                std::string(e.getDescription().cStr()))};
+  }
+}
+
+}  // namespace gpustream::events

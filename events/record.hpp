@@ -1,0 +1,41 @@
+#pragma once
+/// The envelope of a stored event and its byte encoding: a Cap'n Proto `Record` message followed by
+/// the CRC32C of those bytes. The payload inside stays encoded; events/codec.hpp turns it into an event.
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "base/expected.hpp"
+#include "events/decode_error.hpp"
+#include "events/event_id.hpp"
+
+namespace gpustream::events {
+
+struct record {
+  std::string stream;               ///< aggregate stream id, e.g. "user-42"
+  std::uint64_t version = 0;        ///< position within the stream, gapless from 1
+  std::uint64_t position = 0;       ///< global position, gapless from 1
+  event_id id;                      ///< idempotency key
+  std::int64_t recorded_at_us = 0;  ///< microseconds since the Unix epoch
+  std::uint16_t type = 0;           ///< the payload's event type number
+  std::string payload;              ///< an encoded event (events/codec.hpp)
+
+  bool operator==(const record&) const = default;
+};
+
+/// Size of the CRC32C trailer after the Cap'n Proto bytes.
+inline constexpr std::size_t record_crc_bytes = 4;
+/// Largest encoded record decode_record accepts; a stored record is bounded by the store's payload
+/// limit, so anything larger is corruption.
+inline constexpr std::size_t record_bytes_max = 16u << 20;
+
+/// Encodes `r` as Cap'n Proto words followed by their CRC32C (little-endian).
+[[nodiscard]] std::string encode_record(const record& r);
+
+/// Checks the CRC, then decodes. Input need not be 8-byte aligned. A CRC mismatch is reported with
+/// the stored and computed values; the caller adds where the bytes came from.
+[[nodiscard]] expected<record, decode_error> decode_record(std::span<const std::byte> bytes);
+
+}  // namespace gpustream::events

@@ -1,0 +1,28 @@
+#pragma once
+/// The closed set of ways a store operation can fail, each with a message a person can act on.
+
+#include <string>
+
+namespace gpustream::storage {
+
+enum class errc {
+  invalid_argument,        ///< the request itself is wrong (bad stream id, nil event id, over a limit)
+  wrong_expected_version,  ///< optimistic concurrency: the stream moved on since the caller read it
+  event_id_conflict,       ///< an event id is already recorded, but not as part of this same append
+  corruption,              ///< a stored record failed its CRC or could not be decoded
+  io_error,                ///< the disk failed (fsync, write, read); nothing was acknowledged
+  no_space,                ///< the disk is full; nothing was acknowledged
+  incompatible_format,     ///< the data directory was written by another store format version
+  overloaded,              ///< too many appends queued; retry later
+  closed,                  ///< the store is shutting down
+};
+
+struct error {
+  errc code;
+  std::string message;
+};
+
+/// A short stable name for the code ("wrong_expected_version"), for logs and JSON.
+[[nodiscard]] const char* to_string(errc code) noexcept;
+
+}  // namespace gpustream::storage

@@ -1,0 +1,1061 @@
+#include "storage/event_store.hpp"
+
+#include <rocksdb/db.h>
+#include <rocksdb/env.h>
+#include <rocksdb/filter_policy.h>
+#include <rocksdb/table.h>
+#include <rocksdb/write_batch.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <future>
+#include <map>
+#include <set>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "events/crc32c.hpp"
+#include "storage/fault_file_system.hpp"
+#include "storage/keys.hpp"
+
+namespace gpustream::storage {
+
+const char* to_string(errc code) noexcept {
+  switch (code) {
+    case errc::invalid_argument: return "invalid_argument";
+    case errc::wrong_expected_version: return "wrong_expected_version";
+    case errc::event_id_conflict: return "event_id_conflict";
+    case errc::corruption: return "corruption";
+    case errc::io_error: return "io_error";
+    case errc::no_space: return "no_space";
+    case errc::incompatible_format: return "incompatible_format";
+    case errc::overloaded: return "overloaded";
+    case errc::closed: return "closed";
+  }
+  return "unknown";
+}
+
+namespace {
+
+enum column : std::size_t {
+  cf_default,
+  cf_global,
+  cf_events,
+  cf_dedup,
+  cf_checkpoints,
+  cf_projections,
+  cf_snapshots,
+  cf_count,
+};
+
+constexpr const char* column_names[cf_count] = {
+    "default", "global", "events", "dedup", "checkpoints",
+    "projections", "snapshots"};
+
+error make_error(errc code, std::string message) { return error{code, std::move(message)}; }
+
+/// Translates a RocksDB status at the border of storage/.
+error translate(const rocksdb::Status& status, std::string_view what) {
+  std::string message = std::string(what) + ": " + status.ToString();
+  if (status.IsNoSpace()) return make_error(errc::no_space, std::move(message));
+  if (status.IsCorruption()) return make_error(errc::corruption, std::move(message));
+  return make_error(errc::io_error, std::move(message));
+}
+
+std::int64_t system_clock_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+rocksdb::Slice slice(std::string_view s) { return {s.data(), s.size()}; }
+
+std::span<const std::byte> bytes_of(const rocksdb::Slice& s) {
+  return std::as_bytes(std::span(s.data(), s.size()));
+}
+
+/// An open RocksDB with its column family handles.
+struct database {
+  std::unique_ptr<rocksdb::DB> db;
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;  // indexed by `column`
+
+  rocksdb::ColumnFamilyHandle* cf(column c) const { return handles[c]; }
+
+  ~database() {
+    if (!db) return;
+    for (auto* handle : all_handles) (void)db->DestroyColumnFamilyHandle(handle);
+    // Close flushes nothing we rely on: every acknowledged append is already in the WAL.
+    (void)db->Close();  // best effort at shutdown; errors here lose nothing acknowledged
+  }
+
+  std::vector<rocksdb::ColumnFamilyHandle*> all_handles;  // includes unknown families
+};
+
+rocksdb::ColumnFamilyOptions column_options(column c) {
+  rocksdb::ColumnFamilyOptions options;
+  if (c == cf_dedup || c == cf_events) {
+    // Appends probe these for keys that almost never exist: bloom filters make misses cheap,
+    // in SST files and in the memtable.
+    rocksdb::BlockBasedTableOptions table;
+    table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
+    options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
+    options.memtable_prefix_bloom_size_ratio = 0.05;
+    options.memtable_whole_key_filtering = true;
+  }
+  return options;
+}
+
+bool directory_has_foreign_content(const std::filesystem::path& directory) {
+  std::error_code ec;
+  if (!std::filesystem::exists(directory, ec)) return false;
+  if (std::filesystem::exists(directory / "CURRENT", ec)) return false;
+  return !std::filesystem::is_empty(directory, ec);
+}
+
+expected<void, error> check_format(database& d, const std::filesystem::path& directory,
+                                   bool read_only) {
+  std::string value;
+  const auto status = d.db->Get(rocksdb::ReadOptions(), d.cf(cf_default),
+                                slice(keys::format_version_key), &value);
+  if (status.IsNotFound() && read_only) {
+    return unexpected{make_error(errc::incompatible_format,
+                                 "data directory " + directory.string() +
+                                     " has no store format version; it is not a gpustream event store")};
+  }
+  if (status.IsNotFound()) {
+    std::unique_ptr<rocksdb::Iterator> it(d.db->NewIterator(rocksdb::ReadOptions(), d.cf(cf_global)));
+    it->SeekToFirst();
+    if (it->Valid()) {
+      return unexpected{make_error(errc::incompatible_format,
+                                   "data directory " + directory.string() +
+                                       " holds events but no format version; it was not written "
+                                       "by a gpustream event store")};
+    }
+    rocksdb::WriteOptions write;
+    write.sync = true;
+    const auto put = d.db->Put(write, d.cf(cf_default), slice(keys::format_version_key),
+                               slice(keys::be64(store_format_version)));
+    if (!put.ok()) return unexpected{translate(put, "writing the store format version")};
+    return {};
+  }
+  if (!status.ok()) return unexpected{translate(status, "reading the store format version")};
+  if (value.size() != 8) {
+    return unexpected{make_error(errc::corruption, "store format version in " + directory.string() +
+                                                       " is not 8 bytes")};
+  }
+  const auto found = keys::load_be64(value);
+  if (found != store_format_version) {
+    const char* advice = found > store_format_version
+                             ? "; it was written by a newer gpustream: run that version or newer"
+                             : "; it was written by an older gpustream and needs a migration";
+    return unexpected{make_error(
+        errc::incompatible_format,
+        "data directory " + directory.string() + " has store format version " +
+            std::to_string(found) + ", but this gpustream reads and writes format version " +
+            std::to_string(store_format_version) + advice)};
+  }
+  return {};
+}
+
+expected<std::unique_ptr<database>, error> open_database(const std::filesystem::path& directory,
+                                                         rocksdb::Env* env, bool read_only) {
+  std::error_code ec;
+  if (read_only && !std::filesystem::exists(directory / "CURRENT", ec)) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "no event store in " + directory.string() +
+                                     " (pass the --data directory that `gpustream serve` used)")};
+  }
+  if (directory_has_foreign_content(directory)) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "data directory " + directory.string() +
+                                     " is not empty and holds no gpustream event store; "
+                                     "choose an empty directory or an existing store")};
+  }
+  std::filesystem::create_directories(directory, ec);
+  if (ec) {
+    return unexpected{make_error(errc::io_error, "cannot create data directory " +
+                                                     directory.string() + ": " + ec.message())};
+  }
+  rocksdb::DBOptions db_options;
+  db_options.create_if_missing = true;
+  db_options.create_missing_column_families = true;
+  db_options.env = env;
+  db_options.max_background_jobs = 2;
+
+  std::vector<std::string> existing;
+  (void)rocksdb::DB::ListColumnFamilies(db_options, directory.string(), &existing);  // none if new
+  std::vector<rocksdb::ColumnFamilyDescriptor> descriptors;
+  for (std::size_t c = 0; c < cf_count; ++c) {
+    descriptors.emplace_back(column_names[c], column_options(static_cast<column>(c)));
+  }
+  for (const auto& name : existing) {  // families of a newer format must be opened to be seen
+    const bool known = std::any_of(descriptors.begin(), descriptors.end(),
+                                   [&](const auto& d) { return d.name == name; });
+    if (!known) descriptors.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  }
+  auto d = std::make_unique<database>();
+  rocksdb::DB* raw = nullptr;
+  const auto status =
+      read_only ? rocksdb::DB::OpenForReadOnly(db_options, directory.string(), descriptors,
+                                               &d->all_handles, &raw)
+                : rocksdb::DB::Open(db_options, directory.string(), descriptors, &d->all_handles, &raw);
+  if (!status.ok()) {
+    return unexpected{translate(status, "opening the event store in " + directory.string())};
+  }
+  d->db.reset(raw);
+  d->handles.assign(d->all_handles.begin(), d->all_handles.begin() + cf_count);
+  if (auto checked = check_format(*d, directory, read_only); !checked) return unexpected{checked.error()};
+  return d;
+}
+
+/// Global position of the last event in the log (0 when empty).
+expected<std::uint64_t, error> read_last_position(database& d) {
+  std::unique_ptr<rocksdb::Iterator> it(d.db->NewIterator(rocksdb::ReadOptions(), d.cf(cf_global)));
+  it->SeekToLast();
+  if (!it->status().ok()) return unexpected{translate(it->status(), "finding the last position")};
+  if (!it->Valid()) return std::uint64_t{0};
+  if (it->key().size() != 8) {
+    return unexpected{make_error(errc::corruption, "global index key is not 8 bytes")};
+  }
+  return keys::load_be64(std::string_view(it->key().data(), 8));
+}
+
+bool valid_name(std::string_view name, std::size_t bytes_max) {
+  if (name.empty() || name.size() > bytes_max) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) { return c > ' ' && c < 0x7F; });
+}
+
+std::string describe(const events::record& r) {
+  return "stream " + r.stream + " version " + std::to_string(r.version) + " (position " +
+         std::to_string(r.position) + ")";
+}
+
+/// Decodes a stored record and checks that it is the one its key says it is.
+expected<events::record, error> decode_stored(const rocksdb::Slice& value, std::uint64_t position) {
+  auto decoded = events::decode_record(bytes_of(value));
+  if (!decoded) {
+    return unexpected{make_error(errc::corruption, "record at global position " +
+                                                       std::to_string(position) + ": " +
+                                                       decoded.error().message)};
+  }
+  if (decoded->position != position) {
+    return unexpected{make_error(errc::corruption,
+                                 "record stored at global position " + std::to_string(position) +
+                                     " says it is at position " + std::to_string(decoded->position))};
+  }
+  return std::move(decoded).value();
+}
+
+/// One item of the writer's queue: an append, or a task (a projection commit or snapshot save)
+/// that must write through the writer so that failures and recovery are handled in one place.
+struct pending_append {
+  std::vector<stream_append> request;
+  event_store::append_callback done;
+  std::size_t event_count = 0;
+  /// Set for a task: runs on the writer thread with the outcome of recovery (if one was needed).
+  std::function<void(expected<void, error>)> task;
+};
+
+}  // namespace
+
+class event_store::impl {
+ public:
+  impl(std::filesystem::path directory, store_options options)
+      : directory_(std::move(directory)), options_(std::move(options)) {
+    if (!options_.clock_us) options_.clock_us = system_clock_us;
+    if (options_.faults) {
+      env_ = rocksdb::NewCompositeEnv(
+          make_fault_file_system(rocksdb::FileSystem::Default(), options_.faults));
+    }
+  }
+
+  ~impl() {
+    {
+      std::lock_guard lock(queue_mutex_);
+      stopping_ = true;
+    }
+    queue_cv_.notify_all();
+    if (writer_.joinable()) writer_.join();
+  }
+
+  expected<void, error> start() {
+    auto opened = open_database(directory_, env(), options_.read_only);
+    if (!opened) return unexpected{opened.error()};
+    db_ = std::move(opened).value();
+    auto last = read_last_position(*db_);
+    if (!last) return unexpected{last.error()};
+    last_position_.store(*last);
+    next_position_ = *last + 1;
+    if (!options_.read_only) writer_ = std::thread([this] { writer_loop(); });
+    return {};
+  }
+
+  const store_options& options() const noexcept { return options_; }
+  std::uint64_t last_position() const noexcept { return last_position_.load(); }
+
+  std::uint64_t wait_for_append(std::uint64_t position, std::chrono::milliseconds wait_max) const {
+    std::unique_lock lock(position_mutex_);
+    position_cv_.wait_for(lock, wait_max, [&] { return last_position_.load() > position; });
+    return last_position_.load();
+  }
+
+  void append_async(std::vector<stream_append> request, append_callback done);
+  /// Runs `write` on the writer thread and returns its result; a failed write makes the writer
+  /// reopen the database before its next write, as for appends.
+  expected<void, error> run_on_writer(const std::function<rocksdb::Status()>& write,
+                                      std::string_view what);
+
+  expected<std::vector<events::record>, error> read_stream(std::string_view stream,
+                                                           std::uint64_t from, std::uint64_t to,
+                                                           std::size_t max) const;
+  expected<std::uint64_t, error> scan(
+      std::uint64_t from, std::size_t max,
+      const std::function<expected<void, error>(const events::record&)>& visit) const;
+  expected<std::uint64_t, error> stream_version(std::string_view stream) const;
+
+  expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
+                                      std::string_view state);
+  expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
+  expected<void, error> commit_projection(std::string_view name, std::uint64_t expected_checkpoint,
+                                          std::uint64_t new_checkpoint,
+                                          std::span<const projection_write> writes);
+  expected<std::uint64_t, error> projection_checkpoint(std::string_view name) const;
+  expected<std::optional<std::string>, error> read_projection(std::string_view name,
+                                                              std::string_view key) const;
+
+ private:
+  /// What the writer decided for one append of a group.
+  struct staged {
+    std::optional<expected<append_result, error>> outcome;  // known without writing
+    append_result result;                                     // valid when it must be written
+    std::optional<std::size_t> same_as;                       // an in-group retry of that append
+  };
+
+  /// Per-group scratch state; committed to the writer's caches only if the batch is written.
+  struct group_state {
+    rocksdb::WriteBatch batch;
+    std::unordered_map<std::string, std::uint64_t> heads;
+    std::map<events::event_id, std::size_t> ids;  // event id -> index of its append in the group
+    std::uint64_t next_position = 0;
+  };
+
+  std::vector<pending_append> take_group();
+  void writer_loop();
+  void commit_group(std::vector<pending_append>& group);
+  expected<void, error> recover_if_needed();
+  staged stage(const std::vector<stream_append>& request, std::size_t index, group_state& group,
+               const std::vector<pending_append>& pending);
+  expected<void, error> validate(const std::vector<stream_append>& request) const;
+  expected<std::uint64_t, error> head_of(const std::string& stream, const group_state& group);
+  expected<append_result, error> stored_result(const std::vector<stream_append>& request,
+                                               const std::vector<std::uint64_t>& positions);
+  rocksdb::WriteOptions write_options() const {
+    rocksdb::WriteOptions write;
+    write.sync = options_.mode == durability::sync;
+    return write;
+  }
+  expected<std::uint64_t, error> read_checkpoint(database& d, std::string_view name) const;
+  rocksdb::Env* env() const { return env_ ? env_.get() : rocksdb::Env::Default(); }
+
+  std::filesystem::path directory_;
+  store_options options_;
+  std::unique_ptr<rocksdb::Env> env_;  // set when faults are injected
+
+  // The database; readers hold the lock shared, the writer exclusively only to reopen it after a
+  // failed write (so that the store's view equals what reached the disk).
+  mutable std::shared_mutex db_mutex_;
+  std::unique_ptr<database> db_;
+
+  std::mutex queue_mutex_;
+  std::condition_variable queue_cv_;
+  std::deque<pending_append> queue_;
+  std::size_t queued_events_ = 0;
+  bool stopping_ = false;
+  std::thread writer_;
+
+  std::atomic<std::uint64_t> last_position_{0};
+  mutable std::mutex position_mutex_;
+  mutable std::condition_variable position_cv_;
+
+  // Writer thread only.
+  std::uint64_t next_position_ = 1;
+  std::unordered_map<std::string, std::uint64_t> heads_;
+  bool reopen_needed_ = false;
+};
+
+void event_store::impl::append_async(std::vector<stream_append> request, append_callback done) {
+  std::size_t count = 0;
+  for (const auto& s : request) count += s.events.size();
+  {
+    std::unique_lock lock(queue_mutex_);
+    if (stopping_ || options_.read_only) {
+      lock.unlock();
+      done(unexpected{make_error(errc::closed, options_.read_only
+                                                   ? "the event store was opened read-only"
+                                                   : "the event store is shutting down")});
+      return;
+    }
+    if (queued_events_ + count > options_.append_queue_events_max) {
+      lock.unlock();
+      done(unexpected{make_error(
+          errc::overloaded, "the store's append queue is full (append_queue_events_max " +
+                                std::to_string(options_.append_queue_events_max) +
+                                " events waiting); retry later")});
+      return;
+    }
+    queued_events_ += count;
+    queue_.push_back(pending_append{std::move(request), std::move(done), count});
+  }
+  queue_cv_.notify_one();
+}
+
+expected<void, error> event_store::impl::run_on_writer(const std::function<rocksdb::Status()>& write,
+                                                      std::string_view what) {
+  std::promise<expected<void, error>> promise;
+  pending_append item;
+  item.task = [&](expected<void, error> ready) {
+    if (!ready) return promise.set_value(std::move(ready));
+    std::shared_lock lock(db_mutex_);
+    const auto status = write();
+    if (status.ok()) return promise.set_value({});
+    reopen_needed_ = true;
+    promise.set_value(unexpected{translate(status, what)});
+  };
+  {
+    std::unique_lock lock(queue_mutex_);
+    if (stopping_ || options_.read_only) {
+      return unexpected{make_error(errc::closed, options_.read_only
+                                                     ? "the event store was opened read-only"
+                                                     : "the event store is shutting down")};
+    }
+    queue_.push_back(std::move(item));
+  }
+  queue_cv_.notify_one();
+  return promise.get_future().get();
+}
+
+std::vector<pending_append> event_store::impl::take_group() {
+  std::vector<pending_append> group;
+  std::size_t events = 0;
+  std::unique_lock lock(queue_mutex_);
+  queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+  if (!queue_.empty() && queue_.front().task) {  // a task runs alone
+    group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+    return group;
+  }
+  auto drain = [&] {
+    while (!queue_.empty() && !queue_.front().task &&
+           (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
+      events += queue_.front().event_count;
+      queued_events_ -= queue_.front().event_count;
+      group.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+  };
+  drain();
+  if (options_.mode != durability::sync || group.empty()) return group;
+  // Hold the group open while appends keep arriving: one fsync then serves them all.
+  const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
+  while (!stopping_ && events < options_.group_commit_events_max) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) break;
+    const auto wait = std::min<std::chrono::steady_clock::duration>(options_.group_commit_quiet,
+                                                                    deadline - now);
+    if (!queue_cv_.wait_for(lock, wait, [&] { return stopping_ || !queue_.empty(); })) break;
+    const std::size_t before = group.size();
+    drain();
+    if (group.size() == before) break;  // the next append does not fit: commit what we have
+  }
+  return group;
+}
+
+void event_store::impl::writer_loop() {
+  for (;;) {
+    auto group = take_group();
+    if (group.empty()) return;  // stopping, and nothing left to commit
+    if (group.front().task) {
+      group.front().task(recover_if_needed());
+      continue;
+    }
+    commit_group(group);
+  }
+}
+
+expected<void, error> event_store::impl::recover_if_needed() {
+  if (!reopen_needed_) return {};
+  std::unique_lock lock(db_mutex_);
+  db_.reset();
+  auto opened = open_database(directory_, env(), false);
+  if (!opened) return unexpected{opened.error()};
+  db_ = std::move(opened).value();
+  auto last = read_last_position(*db_);
+  if (!last) return unexpected{last.error()};
+  // A failed write may still have reached the WAL; reopening replayed it, so continue from there.
+  heads_.clear();
+  next_position_ = *last + 1;
+  last_position_.store(*last);
+  reopen_needed_ = false;
+  return {};
+}
+
+void event_store::impl::commit_group(std::vector<pending_append>& group) {
+  std::vector<staged> decisions;
+  decisions.reserve(group.size());
+  group_state state;
+  auto recovered = recover_if_needed();
+  bool written = false;
+  if (recovered) {
+    state.next_position = next_position_;
+    for (std::size_t i = 0; i < group.size(); ++i) {
+      decisions.push_back(stage(group[i].request, i, state, group));
+    }
+    if (state.batch.Count() > 0) {
+      std::shared_lock lock(db_mutex_);
+      const auto status = db_->db->Write(write_options(), &state.batch);
+      if (status.ok()) {
+        written = true;
+      } else {
+        recovered = unexpected{translate(status, "appending to the event store")};
+        reopen_needed_ = true;
+      }
+    }
+  }
+  if (written) {
+    if (heads_.size() + state.heads.size() > options_.head_cache_streams_max) heads_.clear();
+    for (auto& [stream, head] : state.heads) heads_[stream] = head;
+    next_position_ = state.next_position;
+    {
+      std::lock_guard lock(position_mutex_);
+      last_position_.store(next_position_ - 1);
+    }
+    position_cv_.notify_all();
+  }
+  // Deliver outcomes: nothing is acknowledged unless its batch was written.
+  std::vector<expected<append_result, error>> outcomes;
+  outcomes.reserve(group.size());
+  for (std::size_t i = 0; i < group.size(); ++i) {
+    if (!recovered) {
+      outcomes.push_back(unexpected{recovered.error()});
+    } else if (decisions[i].same_as) {
+      outcomes.push_back(outcomes[*decisions[i].same_as]);
+    } else if (decisions[i].outcome) {
+      outcomes.push_back(std::move(*decisions[i].outcome));
+    } else {
+      outcomes.push_back(std::move(decisions[i].result));
+    }
+  }
+  for (std::size_t i = 0; i < group.size(); ++i) group[i].done(std::move(outcomes[i]));
+}
+
+expected<void, error> event_store::impl::validate(const std::vector<stream_append>& request) const {
+  if (request.empty()) return unexpected{make_error(errc::invalid_argument, "append has no streams")};
+  std::size_t count = 0;
+  std::unordered_set<std::string_view> streams;
+  std::unordered_set<std::string> ids;
+  for (const auto& s : request) {
+    if (!valid_name(s.stream, options_.stream_id_bytes_max)) {
+      return unexpected{make_error(errc::invalid_argument,
+                                   "stream id '" + s.stream.substr(0, 64) +
+                                       "' must be 1 to " + std::to_string(options_.stream_id_bytes_max) +
+                                       " printable ASCII characters without spaces")};
+    }
+    if (!streams.insert(s.stream).second) {
+      return unexpected{make_error(errc::invalid_argument,
+                                   "stream " + s.stream + " appears twice in one append")};
+    }
+    if (s.events.empty()) {
+      return unexpected{make_error(errc::invalid_argument, "append to " + s.stream + " has no events")};
+    }
+    for (const auto& e : s.events) {
+      if (e.id.is_nil()) {
+        return unexpected{make_error(errc::invalid_argument, "event id must not be all zero")};
+      }
+      if (!ids.insert(keys::dedup_key(e.id)).second) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "event id " + e.id.to_string() + " appears twice in one append")};
+      }
+      if (e.payload.size() > options_.payload_bytes_max) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "event payload of " + std::to_string(e.payload.size()) +
+                                         " bytes exceeds payload_bytes_max " +
+                                         std::to_string(options_.payload_bytes_max))};
+      }
+    }
+    count += s.events.size();
+  }
+  if (count > options_.append_events_max) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "append of " + std::to_string(count) +
+                                     " events exceeds append_events_max " +
+                                     std::to_string(options_.append_events_max))};
+  }
+  return {};
+}
+
+expected<std::uint64_t, error> event_store::impl::head_of(const std::string& stream,
+                                                         const group_state& group) {
+  if (auto it = group.heads.find(stream); it != group.heads.end()) return it->second;
+  if (auto it = heads_.find(stream); it != heads_.end()) return it->second;
+  std::shared_lock lock(db_mutex_);
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  const auto last_key = keys::stream_key(stream, ~std::uint64_t{0});
+  it->SeekForPrev(slice(last_key));
+  if (!it->status().ok()) return unexpected{translate(it->status(), "reading the head of " + stream)};
+  if (!it->Valid()) return std::uint64_t{0};
+  const std::string_view key(it->key().data(), it->key().size());
+  if (key.size() != stream.size() + 9 || key.substr(0, stream.size()) != stream ||
+      key[stream.size()] != '\0') {
+    return std::uint64_t{0};  // the nearest key belongs to another stream
+  }
+  return keys::load_be64(key.substr(stream.size() + 1));
+}
+
+event_store::impl::staged event_store::impl::stage(const std::vector<stream_append>& request,
+                                                   std::size_t index, group_state& group,
+                                                   const std::vector<pending_append>& pending) {
+  staged decision;
+  auto fail = [&](error e) {
+    decision.outcome = unexpected{std::move(e)};
+    return decision;
+  };
+  if (auto valid = validate(request); !valid) return fail(valid.error());
+
+  // Idempotency: all ids new, or all ids one earlier append's (then answer as it was answered).
+  std::vector<std::string> id_keys;
+  std::vector<const events::event_id*> ids;
+  for (const auto& s : request) {
+    for (const auto& e : s.events) {
+      id_keys.push_back(keys::dedup_key(e.id));
+      ids.push_back(&e.id);
+    }
+  }
+  std::vector<std::string> stored(id_keys.size());
+  std::vector<rocksdb::Status> statuses;
+  {
+    std::shared_lock lock(db_mutex_);
+    std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
+    std::vector<rocksdb::ColumnFamilyHandle*> families(id_keys.size(), db_->cf(cf_dedup));
+    statuses = db_->db->MultiGet(rocksdb::ReadOptions(), families, slices, &stored);
+  }
+  std::size_t in_store = 0;
+  std::set<std::size_t> earlier;  // in-group appends that already hold some of these ids
+  std::size_t in_group = 0;
+  std::vector<std::uint64_t> positions;
+  for (std::size_t i = 0; i < ids.size(); ++i) {
+    if (auto it = group.ids.find(*ids[i]); it != group.ids.end()) {
+      ++in_group;
+      earlier.insert(it->second);
+    } else if (statuses[i].ok() && stored[i].size() == 8) {
+      ++in_store;
+      positions.push_back(keys::load_be64(stored[i]));
+    } else if (!statuses[i].IsNotFound()) {
+      return fail(statuses[i].ok() ? make_error(errc::corruption, "dedup entry is not 8 bytes")
+                                   : translate(statuses[i], "checking event ids"));
+    }
+  }
+  if (in_store == ids.size()) {
+    decision.outcome = stored_result(request, positions);
+    return decision;
+  }
+  if (in_group == ids.size() && earlier.size() == 1) {
+    const auto& first = pending[*earlier.begin()].request;
+    const bool same_shape = std::equal(
+        first.begin(), first.end(), request.begin(), request.end(), [](const auto& a, const auto& b) {
+          return a.stream == b.stream && a.events.size() == b.events.size();
+        });
+    if (same_shape) {
+      decision.same_as = *earlier.begin();
+      return decision;
+    }
+  }
+  if (in_group + in_store > 0) {
+    return fail(make_error(errc::event_id_conflict,
+                           "some event ids of this append are already recorded and others are "
+                           "new (or they belong to a different append); retry an append only "
+                           "whole and unchanged"));
+  }
+
+  // Optimistic concurrency, then stage the events.
+  for (const auto& s : request) {
+    auto head = head_of(s.stream, group);
+    if (!head) return fail(head.error());
+    if (s.expected_version != any_version && s.expected_version != *head) {
+      return fail(make_error(errc::wrong_expected_version,
+                             "stream " + s.stream + " is at version " + std::to_string(*head) +
+                                 ", but the append expected version " +
+                                 std::to_string(s.expected_version)));
+    }
+  }
+  const std::int64_t now = options_.clock_us();
+  decision.result.first_position = group.next_position;
+  for (const auto& s : request) {
+    std::uint64_t version = *head_of(s.stream, group);
+    stream_result where{s.stream, version + 1, version + s.events.size()};
+    for (const auto& e : s.events) {
+      ++version;
+      const std::uint64_t position = group.next_position++;
+      const events::record r{s.stream, version, position, e.id, now, e.type, e.payload};
+      const auto position_key = keys::be64(position);
+      group.batch.Put(db_->cf(cf_global), slice(position_key), slice(events::encode_record(r)));
+      group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version)),
+                      slice(position_key));
+      group.batch.Put(db_->cf(cf_dedup), slice(keys::dedup_key(e.id)), slice(position_key));
+      group.ids.emplace(e.id, index);
+    }
+    group.heads[s.stream] = version;
+    decision.result.streams.push_back(std::move(where));
+  }
+  decision.result.last_position = group.next_position - 1;
+  return decision;
+}
+
+expected<append_result, error> event_store::impl::stored_result(
+    const std::vector<stream_append>& request, const std::vector<std::uint64_t>& positions) {
+  append_result result;
+  result.first_position = *std::min_element(positions.begin(), positions.end());
+  result.last_position = *std::max_element(positions.begin(), positions.end());
+  std::size_t i = 0;
+  auto conflict = [](const events::event_id& id, const std::string& detail) {
+    return unexpected{make_error(errc::event_id_conflict,
+                                 "event id " + id.to_string() + " is already recorded " + detail +
+                                     "; retry an append only whole and unchanged")};
+  };
+  for (const auto& s : request) {
+    stream_result where{s.stream, 0, 0};
+    for (const auto& e : s.events) {
+      const std::uint64_t position = positions[i++];
+      std::string value;
+      std::shared_lock lock(db_mutex_);
+      const auto status =
+          db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_global), slice(keys::be64(position)), &value);
+      if (!status.ok()) return unexpected{translate(status, "reading an earlier append")};
+      auto r = decode_stored(rocksdb::Slice(value), position);
+      if (!r) return unexpected{r.error()};
+      if (r->stream != s.stream) return conflict(e.id, "in stream " + r->stream);
+      if (where.first_version == 0) where.first_version = r->version;
+      else if (r->version != where.last_version + 1) return conflict(e.id, "in another append");
+      where.last_version = r->version;
+    }
+    result.streams.push_back(std::move(where));
+  }
+  if (result.last_position - result.first_position + 1 != positions.size()) {
+    return unexpected{make_error(errc::event_id_conflict,
+                                 "the event ids of this append were recorded by several appends; "
+                                 "retry an append only whole and unchanged")};
+  }
+  return result;
+}
+
+expected<std::vector<events::record>, error> event_store::impl::read_stream(
+    std::string_view stream, std::uint64_t from, std::uint64_t to, std::size_t max) const {
+  std::vector<events::record> out;
+  max = std::min(max, options_.read_events_max);
+  if (from > to || max == 0) return out;
+  from = std::max<std::uint64_t>(from, 1);
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto first_key = keys::stream_key(stream, from);
+  const auto end_key = to == ~std::uint64_t{0} ? keys::stream_key(stream, to) + '\0'
+                                                : keys::stream_key(stream, to + 1);
+  rocksdb::Slice upper(end_key);
+  rocksdb::ReadOptions read;
+  read.iterate_upper_bound = &upper;
+  std::vector<std::string> position_keys;
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(read, db_->cf(cf_events)));
+  const std::uint64_t acknowledged = last_position_.load();
+  for (it->Seek(slice(first_key)); it->Valid() && position_keys.size() < max; it->Next()) {
+    if (keys::load_be64(std::string_view(it->value().data(), it->value().size())) > acknowledged) break;
+    position_keys.emplace_back(it->value().data(), it->value().size());
+  }
+  if (!it->status().ok()) return unexpected{translate(it->status(), "reading stream")};
+  std::vector<rocksdb::Slice> slices(position_keys.begin(), position_keys.end());
+  std::vector<rocksdb::ColumnFamilyHandle*> families(slices.size(), db_->cf(cf_global));
+  std::vector<std::string> values;
+  const auto statuses = db_->db->MultiGet(rocksdb::ReadOptions(), families, slices, &values);
+  out.reserve(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const auto position = keys::load_be64(position_keys[i]);
+    if (!statuses[i].ok()) return unexpected{translate(statuses[i], "reading a stream's record")};
+    auto r = decode_stored(rocksdb::Slice(values[i]), position);
+    if (!r) return unexpected{r.error()};
+    if (r->stream != stream) {
+      return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) +
+                                                         " points at " + describe(*r))};
+    }
+    out.push_back(std::move(r).value());
+  }
+  return out;
+}
+
+expected<std::uint64_t, error> event_store::impl::scan(
+    std::uint64_t from, std::size_t max,
+    const std::function<expected<void, error>(const events::record&)>& visit) const {
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto acknowledged = last_position_.load();
+  const auto first_key = keys::be64(std::max<std::uint64_t>(from, 1));
+  const auto end_key = keys::be64(acknowledged + 1);
+  rocksdb::Slice upper(end_key);
+  rocksdb::ReadOptions read;
+  read.iterate_upper_bound = &upper;
+  read.readahead_size = 2u << 20;
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(read, db_->cf(cf_global)));
+  std::uint64_t visited = 0;
+  for (it->Seek(slice(first_key)); it->Valid() && visited < max; it->Next()) {
+    if (it->key().size() != 8) {
+      return unexpected{make_error(errc::corruption, "global index key is not 8 bytes")};
+    }
+    const auto position = keys::load_be64(std::string_view(it->key().data(), 8));
+    auto r = decode_stored(it->value(), position);
+    if (!r) return unexpected{r.error()};
+    if (auto v = visit(*r); !v) return unexpected{v.error()};
+    ++visited;
+  }
+  if (!it->status().ok()) return unexpected{translate(it->status(), "scanning the log")};
+  return visited;
+}
+
+expected<std::uint64_t, error> event_store::impl::stream_version(std::string_view stream) const {
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  const auto acknowledged = last_position_.load();
+  const auto last_key = keys::stream_key(stream, ~std::uint64_t{0});
+  for (it->SeekForPrev(slice(last_key)); it->Valid(); it->Prev()) {
+    const std::string_view key(it->key().data(), it->key().size());
+    if (key.size() != stream.size() + 9 || key.substr(0, stream.size()) != stream ||
+        key[stream.size()] != '\0') {
+      break;
+    }
+    // Skip an event whose append is being written right now but is not yet acknowledged.
+    if (keys::load_be64(std::string_view(it->value().data(), it->value().size())) <= acknowledged) {
+      return keys::load_be64(key.substr(stream.size() + 1));
+    }
+  }
+  if (!it->status().ok()) return unexpected{translate(it->status(), "reading a stream version")};
+  return std::uint64_t{0};
+}
+
+expected<void, error> event_store::impl::save_snapshot(std::string_view stream, std::uint64_t version,
+                                                       std::string_view state) {
+  auto head = stream_version(stream);
+  if (!head) return unexpected{head.error()};
+  if (version == 0 || version > *head) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "snapshot of " + std::string(stream) + " at version " +
+                                     std::to_string(version) + " but the stream is at version " +
+                                     std::to_string(*head))};
+  }
+  std::string value = keys::be64(version);
+  value.append(state);
+  const auto crc = events::crc32c(std::as_bytes(std::span(value.data(), value.size())));
+  for (int i = 0; i < 4; ++i) value.push_back(static_cast<char>((crc >> (8 * i)) & 0xFFu));
+  return run_on_writer(
+      [&] { return db_->db->Put(write_options(), db_->cf(cf_snapshots), slice(stream), slice(value)); },
+      "saving a snapshot");
+}
+
+expected<std::optional<snapshot>, error> event_store::impl::load_snapshot(std::string_view stream) const {
+  std::string value;
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_snapshots), slice(stream), &value);
+  if (status.IsNotFound()) return std::optional<snapshot>{};
+  if (!status.ok()) return unexpected{translate(status, "loading a snapshot")};
+  if (value.size() < 12) {
+    return unexpected{make_error(errc::corruption, "snapshot of " + std::string(stream) + " is truncated")};
+  }
+  const std::string_view body(value.data(), value.size() - 4);
+  std::uint32_t stored = 0;
+  for (int i = 3; i >= 0; --i) {
+    stored = (stored << 8) | static_cast<unsigned char>(value[value.size() - 4 + static_cast<std::size_t>(i)]);
+  }
+  if (events::crc32c(std::as_bytes(std::span(body.data(), body.size()))) != stored) {
+    return unexpected{make_error(errc::corruption,
+                                 "snapshot of " + std::string(stream) + " failed its CRC32C check")};
+  }
+  return std::optional<snapshot>{snapshot{keys::load_be64(body), std::string(body.substr(8))}};
+}
+
+expected<std::uint64_t, error> event_store::impl::read_checkpoint(database& d,
+                                                                  std::string_view name) const {
+  std::string value;
+  const auto status = d.db->Get(rocksdb::ReadOptions(), d.cf(cf_checkpoints), slice(name), &value);
+  if (status.IsNotFound()) return std::uint64_t{0};
+  if (!status.ok()) return unexpected{translate(status, "reading a projection checkpoint")};
+  if (value.size() != 8) {
+    return unexpected{make_error(errc::corruption, "checkpoint of " + std::string(name) + " is not 8 bytes")};
+  }
+  return keys::load_be64(value);
+}
+
+expected<void, error> event_store::impl::commit_projection(std::string_view name,
+                                                           std::uint64_t expected_checkpoint,
+                                                           std::uint64_t new_checkpoint,
+                                                           std::span<const projection_write> writes) {
+  if (!valid_name(name, options_.stream_id_bytes_max)) {
+    return unexpected{make_error(errc::invalid_argument, "projection name '" + std::string(name) +
+                                                             "' must be printable ASCII without spaces")};
+  }
+  if (new_checkpoint < expected_checkpoint || new_checkpoint > last_position()) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "projection checkpoint must move forward within the log: from " +
+                                     std::to_string(expected_checkpoint) + " to " +
+                                     std::to_string(new_checkpoint) + ", last position " +
+                                     std::to_string(last_position()))};
+  }
+  // The writer runs commits one at a time, so checking the checkpoint and writing are one step.
+  std::optional<error> refused;
+  auto committed = run_on_writer(
+      [&] {
+        auto current = read_checkpoint(*db_, name);
+        if (!current || *current != expected_checkpoint) {
+          refused = current ? make_error(errc::wrong_expected_version,
+                                         "projection " + std::string(name) + " is at checkpoint " +
+                                             std::to_string(*current) + ", not " +
+                                             std::to_string(expected_checkpoint))
+                            : current.error();
+          return rocksdb::Status::OK();
+        }
+        rocksdb::WriteBatch batch;
+        for (const auto& w : writes) {
+          const auto key = keys::projection_key(name, w.key);
+          if (w.erase) batch.Delete(db_->cf(cf_projections), slice(key));
+          else batch.Put(db_->cf(cf_projections), slice(key), slice(w.value));
+        }
+        batch.Put(db_->cf(cf_checkpoints), slice(name), slice(keys::be64(new_checkpoint)));
+        return db_->db->Write(write_options(), &batch);
+      },
+      "committing projection " + std::string(name));
+  if (!committed) return committed;
+  if (refused) return unexpected{std::move(*refused)};
+  return {};
+}
+
+expected<std::uint64_t, error> event_store::impl::projection_checkpoint(std::string_view name) const {
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  return read_checkpoint(*db_, name);
+}
+
+expected<std::optional<std::string>, error> event_store::impl::read_projection(
+    std::string_view name, std::string_view key) const {
+  std::string value;
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_projections),
+                                   slice(keys::projection_key(name, key)), &value);
+  if (status.IsNotFound()) return std::optional<std::string>{};
+  if (!status.ok()) return unexpected{translate(status, "reading projection " + std::string(name))};
+  return std::optional<std::string>{std::move(value)};
+}
+
+// ---- event_store: the public face forwards to impl ----
+
+expected<std::unique_ptr<event_store>, error> event_store::open(const std::filesystem::path& directory,
+                                                                store_options options) {
+  auto state = std::make_unique<impl>(directory, std::move(options));
+  if (auto started = state->start(); !started) return unexpected{started.error()};
+  return std::unique_ptr<event_store>(new event_store(std::move(state)));
+}
+
+event_store::event_store(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
+event_store::~event_store() = default;
+
+expected<append_result, error> event_store::append(std::vector<stream_append> request) {
+  std::promise<expected<append_result, error>> promise;
+  auto future = promise.get_future();
+  impl_->append_async(std::move(request),
+                      [&promise](expected<append_result, error> r) { promise.set_value(std::move(r)); });
+  return future.get();
+}
+
+void event_store::append_async(std::vector<stream_append> request, append_callback done) {
+  impl_->append_async(std::move(request), std::move(done));
+}
+
+expected<std::vector<events::record>, error> event_store::read_stream(std::string_view stream,
+                                                                      std::uint64_t from_version,
+                                                                      std::uint64_t to_version,
+                                                                      std::size_t max) const {
+  return impl_->read_stream(stream, from_version, to_version, max);
+}
+
+expected<std::vector<events::record>, error> event_store::read_all(std::uint64_t from_position,
+                                                                   std::size_t max) const {
+  std::vector<events::record> out;
+  max = std::min(max, impl_->options().read_events_max);
+  auto scanned = impl_->scan(from_position, max, [&](const events::record& r) -> expected<void, error> {
+    out.push_back(r);
+    return {};
+  });
+  if (!scanned) return unexpected{scanned.error()};
+  return out;
+}
+
+expected<std::uint64_t, error> event_store::scan(
+    std::uint64_t from_position,
+    const std::function<expected<void, error>(const events::record&)>& visit) const {
+  return impl_->scan(from_position, ~std::size_t{0}, visit);
+}
+
+expected<std::uint64_t, error> event_store::stream_version(std::string_view stream) const {
+  return impl_->stream_version(stream);
+}
+
+std::uint64_t event_store::last_position() const noexcept { return impl_->last_position(); }
+
+std::uint64_t event_store::wait_for_append(std::uint64_t position,
+                                           std::chrono::milliseconds wait_max) const {
+  return impl_->wait_for_append(position, wait_max);
+}
+
+expected<void, error> event_store::save_snapshot(std::string_view stream, std::uint64_t version,
+                                                 std::string_view state) {
+  return impl_->save_snapshot(stream, version, state);
+}
+
+expected<std::optional<snapshot>, error> event_store::load_snapshot(std::string_view stream) const {
+  return impl_->load_snapshot(stream);
+}
+
+expected<void, error> event_store::commit_projection(std::string_view name,
+                                                     std::uint64_t expected_checkpoint,
+                                                     std::uint64_t new_checkpoint,
+                                                     std::span<const projection_write> writes) {
+  return impl_->commit_projection(name, expected_checkpoint, new_checkpoint, writes);
+}
+
+expected<std::uint64_t, error> event_store::projection_checkpoint(std::string_view name) const {
+  return impl_->projection_checkpoint(name);
+}
+
+expected<std::optional<std::string>, error> event_store::read_projection(std::string_view name,
+                                                                         std::string_view key) const {
+  return impl_->read_projection(name, key);
+}
+
+const store_options& event_store::options() const noexcept { return impl_->options(); }
+
+// ---- subscription ----
+
+expected<std::vector<events::record>, error> subscription::next(std::size_t max,
+                                                                std::chrono::milliseconds wait_max) {
+  if (store_->last_position() <= position_) store_->wait_for_append(position_, wait_max);
+  auto batch = store_->read_all(position_ + 1, max);
+  if (!batch) return unexpected{batch.error()};
+  if (!batch->empty()) {
+    // The log is gapless: a read from position_ + 1 must start there and stay contiguous.
+    GPUSTREAM_ENSURE(batch->front().position == position_ + 1);
+    GPUSTREAM_ENSURE(batch->back().position == position_ + batch->size());
+    position_ = batch->back().position;
+  }
+  return batch;
+}
+
+}  // namespace gpustream::storage

@@ -1,0 +1,214 @@
+#pragma once
+/// The event store: an append-only log of events on RocksDB. Streams are aggregates with gapless
+/// versions from 1; every event also has a gapless global position giving the log a total order.
+/// One writer thread commits appends in groups (one WriteBatch, one fsync in `sync` mode), checks
+/// expected versions, and makes appends idempotent by event id. Readers run concurrently.
+///
+/// RocksDB stays behind this header: nothing here includes it.
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/expected.hpp"
+#include "events/event_id.hpp"
+#include "events/record.hpp"
+#include "storage/error.hpp"
+
+namespace gpustream::storage {
+
+class fault_injector;
+
+/// The on-disk format this build writes and reads. Bump only with a migration.
+inline constexpr std::uint32_t store_format_version = 1;
+
+enum class durability {
+  sync,      ///< an append is acknowledged only after its WAL bytes are fsynced
+  buffered,  ///< written to the WAL without fsync: survives a process crash, not a power loss
+};
+
+struct store_options {
+  /// Default: sync.
+  durability mode = durability::sync;
+  /// Longest time the writer holds a group open for more appends after the first one arrived, in
+  /// `sync` mode only (buffered appends are committed at once). Default: 1 ms.
+  std::chrono::microseconds group_commit_wait_max{1000};
+  /// The writer closes a group early when no new append arrived for this long. Default: 100 µs.
+  std::chrono::microseconds group_commit_quiet{100};
+  /// Most events committed in one group (one WriteBatch). Default: 8192.
+  std::size_t group_commit_events_max = 8192;
+  /// Most events waiting for the writer; beyond it appends fail with `overloaded`. Default: 65536.
+  std::size_t append_queue_events_max = 65536;
+  /// Most events in one append call. Default: 4096.
+  std::size_t append_events_max = 4096;
+  /// Largest encoded payload of one event, bytes. Default: 1 MiB.
+  std::size_t payload_bytes_max = 1u << 20;
+  /// Longest stream id, bytes (printable ASCII, no spaces). Default: 200.
+  std::size_t stream_id_bytes_max = 200;
+  /// Most records one read returns, whatever the caller asks. Default: 65536.
+  std::size_t read_events_max = 65536;
+  /// Most stream heads the writer caches; the cache is dropped when it would grow past this.
+  /// Default: 1,000,000.
+  std::size_t head_cache_streams_max = 1'000'000;
+  /// Source of `recorded_at_us`. Default: the system clock.
+  std::function<std::int64_t()> clock_us;
+  /// Open for reading only (replay, analytics): no appends, no lock on the directory, so it works
+  /// beside a running `serve`. The store must exist. Default: false.
+  bool read_only = false;
+  /// Test hook: fail the underlying files' writes or syncs. Default: none.
+  std::shared_ptr<fault_injector> faults;
+};
+
+/// `expected_version` values besides an exact version.
+inline constexpr std::uint64_t any_version = ~std::uint64_t{0};
+/// The stream must not exist yet (version 0 means "no events").
+inline constexpr std::uint64_t no_stream = 0;
+
+/// One event to append: its id (idempotency key), type number and encoded payload.
+struct new_event {
+  events::event_id id;
+  std::uint16_t type = 0;
+  std::string payload;
+};
+
+/// Events for one stream, appended only if the stream is at `expected_version` (or any_version).
+struct stream_append {
+  std::string stream;
+  std::uint64_t expected_version = any_version;
+  std::vector<new_event> events;
+};
+
+/// Where one stream's events of an append landed.
+struct stream_result {
+  std::string stream;
+  std::uint64_t first_version = 0;
+  std::uint64_t last_version = 0;
+  bool operator==(const stream_result&) const = default;
+};
+
+/// The outcome of an append: all its events, across all its streams, have consecutive global
+/// positions. An idempotent retry returns exactly the first result.
+struct append_result {
+  std::uint64_t first_position = 0;
+  std::uint64_t last_position = 0;
+  std::vector<stream_result> streams;  ///< in request order
+  bool operator==(const append_result&) const = default;
+};
+
+struct snapshot {
+  std::uint64_t version = 0;  ///< the stream version the state includes
+  std::string state;          ///< the aggregate's own encoding of its state
+};
+
+/// One key written by a projection together with its checkpoint.
+struct projection_write {
+  std::string key;
+  std::string value;
+  bool erase = false;  ///< delete `key` instead of writing it
+};
+
+class event_store;
+
+/// A catch-up subscription: yields every event after a starting position, in order, with no gap and
+/// no duplicate between history and live appends. Owned by the caller; must not outlive the store.
+class subscription {
+ public:
+  /// Returns the next events (at most `max`, never more than read_events_max). When none is
+  /// available, waits up to `wait_max` for an append; an empty result means none arrived.
+  [[nodiscard]] expected<std::vector<events::record>, error> next(std::size_t max,
+                                                                  std::chrono::milliseconds wait_max);
+  /// Global position of the last event returned (the starting position before any).
+  [[nodiscard]] std::uint64_t position() const noexcept { return position_; }
+
+ private:
+  friend class event_store;
+  subscription(event_store& store, std::uint64_t after) : store_(&store), position_(after) {}
+  event_store* store_;
+  std::uint64_t position_;
+};
+
+class event_store {
+ public:
+  /// Opens (creating if needed) the store in `directory`. Fails with incompatible_format, naming both
+  /// versions, if the directory was written by another format version, and with invalid_argument if
+  /// it holds something that is not an event store.
+  [[nodiscard]] static expected<std::unique_ptr<event_store>, error> open(
+      const std::filesystem::path& directory, store_options options = {});
+
+  ~event_store();
+  event_store(const event_store&) = delete;
+  event_store& operator=(const event_store&) = delete;
+
+  /// Appends atomically: every event of every stream, or none. Blocks until acknowledged (after
+  /// fsync in `sync` mode). Retrying an append with the same event ids returns the first result.
+  [[nodiscard]] expected<append_result, error> append(std::vector<stream_append> request);
+
+  using append_callback = std::function<void(expected<append_result, error>)>;
+  /// Like append, but returns at once; `done` runs on the writer thread once the outcome is known.
+  /// `done` must be quick and must not call back into the store.
+  void append_async(std::vector<stream_append> request, append_callback done);
+
+  /// Events of `stream` with from_version <= version <= to_version, at most `max`, in order.
+  /// An unknown stream, from > to, or max == 0 give an empty result.
+  [[nodiscard]] expected<std::vector<events::record>, error> read_stream(
+      std::string_view stream, std::uint64_t from_version, std::uint64_t to_version,
+      std::size_t max) const;
+
+  /// Events with global position >= from_position, at most `max`, in global order.
+  [[nodiscard]] expected<std::vector<events::record>, error> read_all(std::uint64_t from_position,
+                                                                       std::size_t max) const;
+
+  /// Calls `visit` for every event from `from_position` on, in order, without copying records into
+  /// a vector first: the replay path. Stops at the first error (including one `visit` returns).
+  [[nodiscard]] expected<std::uint64_t, error> scan(
+      std::uint64_t from_position,
+      const std::function<expected<void, error>(const events::record&)>& visit) const;
+
+  /// The stream's current version; 0 for a stream with no events.
+  [[nodiscard]] expected<std::uint64_t, error> stream_version(std::string_view stream) const;
+
+  /// Global position of the last acknowledged event; 0 for an empty store.
+  [[nodiscard]] std::uint64_t last_position() const noexcept;
+
+  /// Waits until last_position() > position or `wait_max` passes; returns last_position().
+  std::uint64_t wait_for_append(std::uint64_t position, std::chrono::milliseconds wait_max) const;
+
+  /// A catch-up subscription to every event with global position > after_position.
+  [[nodiscard]] subscription subscribe(std::uint64_t after_position) { return {*this, after_position}; }
+
+  /// Stores `state` as the snapshot of `stream` at `version` (which must exist). Snapshots are only
+  /// an optimisation: state from snapshot + tail must equal state from a full replay.
+  [[nodiscard]] expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
+                                                    std::string_view state);
+  /// The latest snapshot of `stream`, if any. A corrupt snapshot is reported, never returned.
+  [[nodiscard]] expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
+
+  /// Writes a projection's output and its new checkpoint in one atomic batch, only if the stored
+  /// checkpoint still equals `expected_checkpoint` (so output is applied exactly once).
+  [[nodiscard]] expected<void, error> commit_projection(std::string_view name,
+                                                        std::uint64_t expected_checkpoint,
+                                                        std::uint64_t new_checkpoint,
+                                                        std::span<const projection_write> writes);
+  /// The projection's checkpoint: global position of the last event it applied (0 = none).
+  [[nodiscard]] expected<std::uint64_t, error> projection_checkpoint(std::string_view name) const;
+  /// One key of a projection's output.
+  [[nodiscard]] expected<std::optional<std::string>, error> read_projection(
+      std::string_view name, std::string_view key) const;
+
+  [[nodiscard]] const store_options& options() const noexcept;
+
+  class impl;
+
+ private:
+  explicit event_store(std::unique_ptr<impl> state);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace gpustream::storage

@@ -1,0 +1,25 @@
+#pragma once
+/// Switches that make the store's real RocksDB files fail, for tests: the store opens RocksDB on a
+/// FileSystem wrapper that consults these flags on every write and sync. Lifting a fault lets the
+/// store recover on its next append.
+
+#include <atomic>
+
+namespace gpustream::storage {
+
+class fault_injector {
+ public:
+  /// Every Sync/Fsync of a file fails with an I/O error while set.
+  void set_fail_sync(bool on) noexcept { fail_sync_.store(on); }
+  /// Every append to a file fails with "no space left on device" while set.
+  void set_no_space(bool on) noexcept { no_space_.store(on); }
+
+  [[nodiscard]] bool fail_sync() const noexcept { return fail_sync_.load(); }
+  [[nodiscard]] bool no_space() const noexcept { return no_space_.load(); }
+
+ private:
+  std::atomic<bool> fail_sync_{false};
+  std::atomic<bool> no_space_{false};
+};
+
+}  // namespace gpustream::storage

@@ -1,0 +1,69 @@
+#pragma once
+/// Internal to storage/: how keys and small values are laid out in the column families.
+///
+///   global       big-endian position               -> encoded record (events/record.hpp)
+///   events       stream ‖ 0x00 ‖ big-endian version -> big-endian position
+///   dedup        event id (16 bytes, big-endian)   -> big-endian position
+///   checkpoints  projection name                   -> big-endian position
+///   projections  projection name ‖ 0x00 ‖ key      -> value
+///   snapshots    stream                            -> big-endian version ‖ state ‖ CRC32C (LE)
+///   default      "format_version"                  -> big-endian uint32
+///
+/// Big-endian numbers sort bytewise in numeric order, so RocksDB's default comparator iterates
+/// positions and versions in order. Stream ids never contain 0x00, so a stream's keys are contiguous.
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "events/event_id.hpp"
+
+namespace gpustream::storage::keys {
+
+inline void append_be64(std::string& out, std::uint64_t v) {
+  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>((v >> shift) & 0xFFu));
+}
+
+inline std::string be64(std::uint64_t v) {
+  std::string out;
+  out.reserve(8);
+  append_be64(out, v);
+  return out;
+}
+
+/// Reads a big-endian uint64 from the first 8 bytes of `bytes` (which must have them).
+inline std::uint64_t load_be64(std::string_view bytes) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = (v << 8) | static_cast<unsigned char>(bytes[static_cast<std::size_t>(i)]);
+  return v;
+}
+
+inline std::string stream_key(std::string_view stream, std::uint64_t version) {
+  std::string out;
+  out.reserve(stream.size() + 9);
+  out.append(stream);
+  out.push_back('\0');
+  append_be64(out, version);
+  return out;
+}
+
+inline std::string dedup_key(const events::event_id& id) {
+  std::string out;
+  out.reserve(16);
+  append_be64(out, id.high);
+  append_be64(out, id.low);
+  return out;
+}
+
+inline std::string projection_key(std::string_view name, std::string_view key) {
+  std::string out;
+  out.reserve(name.size() + 1 + key.size());
+  out.append(name);
+  out.push_back('\0');
+  out.append(key);
+  return out;
+}
+
+inline constexpr std::string_view format_version_key = "format_version";
+
+}  // namespace gpustream::storage::keys

@@ -1,0 +1,709 @@
+// The event store's guarantees, one test (or a few) per guarantee of ARCHITECTURE.md "The event log".
+#include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include <barrier>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <future>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "storage/event_store.hpp"
+#include "storage/fault_injector.hpp"
+#include "store_testing.hpp"
+
+namespace gpustream::storage {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::make_event;
+using testing::make_id;
+using testing::one_stream;
+using testing::open_or_fail;
+using testing::temp_dir;
+
+store_options buffered() {
+  store_options options;
+  options.mode = durability::buffered;
+  return options;
+}
+
+std::vector<events::record> read_everything(const event_store& store) {
+  auto all = store.read_all(1, 1'000'000);
+  EXPECT_TRUE(all.has_value()) << (all ? "" : all.error().message);
+  return all ? std::move(all).value() : std::vector<events::record>{};
+}
+
+// ---- appends, versions, positions ----
+
+TEST(event_store, append_assigns_gapless_versions_and_positions) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  auto first = store->append(one_stream("user-1", no_stream, 1, 1, 3));
+  ASSERT_TRUE(first) << first.error().message;
+  EXPECT_EQ(first->first_position, 1u);
+  EXPECT_EQ(first->last_position, 3u);
+  EXPECT_EQ(first->streams, (std::vector<stream_result>{{"user-1", 1, 3}}));
+  auto second = store->append(one_stream("user-2", no_stream, 1, 4, 2));
+  ASSERT_TRUE(second);
+  auto third = store->append(one_stream("user-1", 3, 1, 6, 1));
+  ASSERT_TRUE(third) << third.error().message;
+  EXPECT_EQ(third->streams.front().first_version, 4u);
+  EXPECT_EQ(third->first_position, 6u);
+
+  const auto all = read_everything(*store);
+  ASSERT_EQ(all.size(), 6u);
+  for (std::size_t i = 0; i < all.size(); ++i) EXPECT_EQ(all[i].position, i + 1);
+  EXPECT_EQ(all[5].stream, "user-1");
+  EXPECT_EQ(all[5].version, 4u);
+  EXPECT_EQ(all[5].payload, "payload-6");
+  EXPECT_EQ(store->last_position(), 6u);
+  EXPECT_EQ(*store->stream_version("user-1"), 4u);
+}
+
+TEST(event_store, records_carry_id_type_and_recorded_at_from_the_clock) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.clock_us = [] { return std::int64_t{1'700'000'000'000'000}; };
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  std::vector<stream_append> request{{"job-9", no_stream, {make_event(make_id(7, 7), "x", 42)}}};
+  ASSERT_TRUE(store->append(request));
+  const auto all = read_everything(*store);
+  ASSERT_EQ(all.size(), 1u);
+  EXPECT_EQ(all[0].id, make_id(7, 7));
+  EXPECT_EQ(all[0].type, 42);
+  EXPECT_EQ(all[0].recorded_at_us, 1'700'000'000'000'000);
+}
+
+TEST(event_store, events_survive_reopening) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("ledger", no_stream, 1, 1, 5)));
+  }
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  EXPECT_EQ(store->last_position(), 5u);
+  auto next = store->append(one_stream("ledger", 5, 1, 6, 1));
+  ASSERT_TRUE(next) << next.error().message;
+  EXPECT_EQ(next->first_position, 6u);
+  EXPECT_EQ(next->streams.front().first_version, 6u);
+}
+
+// ---- atomic multi-event, multi-stream appends ----
+
+TEST(event_store, multi_stream_append_is_one_contiguous_unit) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("job-1", no_stream, 1, 1, 1)));
+  std::vector<stream_append> request{
+      {"job-1", 1, {make_event(make_id(2, 1), "completed")}},
+      {"ledger", no_stream, {make_event(make_id(2, 2), "t1"), make_event(make_id(2, 3), "t2")}}};
+  auto result = store->append(request);
+  ASSERT_TRUE(result) << result.error().message;
+  EXPECT_EQ(result->first_position, 2u);
+  EXPECT_EQ(result->last_position, 4u);
+  EXPECT_EQ(result->streams,
+            (std::vector<stream_result>{{"job-1", 2, 2}, {"ledger", 1, 2}}));
+}
+
+TEST(event_store, multi_stream_append_with_one_wrong_version_writes_nothing) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("job-1", no_stream, 1, 1, 1)));
+  std::vector<stream_append> request{
+      {"ledger", no_stream, {make_event(make_id(2, 1), "t1")}},
+      {"job-1", 7, {make_event(make_id(2, 2), "completed")}}};
+  auto result = store->append(request);
+  ASSERT_FALSE(result);
+  EXPECT_EQ(result.error().code, errc::wrong_expected_version);
+  EXPECT_NE(result.error().message.find("job-1 is at version 1"), std::string::npos)
+      << result.error().message;
+  EXPECT_EQ(*store->stream_version("ledger"), 0u);
+  EXPECT_EQ(store->last_position(), 1u);
+}
+
+TEST(event_store, a_failed_append_in_a_group_does_not_affect_the_others) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());  // sync: concurrent appends share a group
+  ASSERT_TRUE(store);
+  std::vector<std::promise<expected<append_result, error>>> done(3);
+  store->append_async(one_stream("a", no_stream, 1, 1, 2),
+                      [&](auto r) { done[0].set_value(std::move(r)); });
+  store->append_async(one_stream("a", no_stream, 1, 3, 1),  // loses: "a" exists by then
+                      [&](auto r) { done[1].set_value(std::move(r)); });
+  store->append_async(one_stream("b", no_stream, 1, 4, 1),
+                      [&](auto r) { done[2].set_value(std::move(r)); });
+  auto r0 = done[0].get_future().get();
+  auto r1 = done[1].get_future().get();
+  auto r2 = done[2].get_future().get();
+  ASSERT_TRUE(r0);
+  ASSERT_FALSE(r1);
+  EXPECT_EQ(r1.error().code, errc::wrong_expected_version);
+  ASSERT_TRUE(r2);
+  EXPECT_EQ(r2->first_position, 3u);
+  EXPECT_EQ(read_everything(*store).size(), 3u);
+}
+
+// ---- optimistic concurrency ----
+
+TEST(event_store, two_writers_with_the_same_expected_version_exactly_one_wins) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  constexpr int rounds = 100;
+  std::uint64_t version = 0;
+  for (int round = 0; round < rounds; ++round) {
+    std::barrier start(2);
+    auto writer = [&](std::uint64_t tag) {
+      start.arrive_and_wait();
+      return store->append(one_stream("provider-1", version, tag, static_cast<std::uint64_t>(round), 1));
+    };
+    auto a = std::async(std::launch::async, writer, 100);
+    auto b = std::async(std::launch::async, writer, 200);
+    auto ra = a.get();
+    auto rb = b.get();
+    ASSERT_NE(ra.has_value(), rb.has_value()) << "round " << round;
+    const auto& loser = ra ? rb : ra;
+    EXPECT_EQ(loser.error().code, errc::wrong_expected_version);
+    ++version;
+    ASSERT_EQ(*store->stream_version("provider-1"), version);
+  }
+}
+
+TEST(event_store, no_stream_rejects_an_existing_stream_and_any_version_accepts_it) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 1)));
+  auto again = store->append(one_stream("s", no_stream, 1, 2, 1));
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, errc::wrong_expected_version);
+  EXPECT_TRUE(store->append(one_stream("s", any_version, 1, 3, 1)));
+  EXPECT_EQ(*store->stream_version("s"), 2u);
+}
+
+// ---- idempotency ----
+
+TEST(event_store, retrying_an_append_returns_the_first_result_and_writes_nothing) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  const auto request = one_stream("job-5", no_stream, 9, 1, 3);
+  auto first = store->append(request);
+  ASSERT_TRUE(first);
+  ASSERT_TRUE(store->append(one_stream("job-6", no_stream, 9, 10, 2)));
+  for (int i = 0; i < 3; ++i) {
+    auto retry = store->append(request);
+    ASSERT_TRUE(retry) << retry.error().message;
+    EXPECT_EQ(*retry, *first);
+  }
+  EXPECT_EQ(store->last_position(), 5u);
+}
+
+TEST(event_store, retry_after_reopen_returns_the_first_result) {
+  temp_dir dir;
+  const auto request = one_stream("job-5", no_stream, 9, 1, 2);
+  append_result first;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+    first = store->append(request).value();
+  }
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  auto retry = store->append(request);
+  ASSERT_TRUE(retry);
+  EXPECT_EQ(*retry, first);
+}
+
+TEST(event_store, concurrent_duplicates_in_one_group_get_the_same_result) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  const auto request = one_stream("job-1", no_stream, 3, 1, 2);
+  std::promise<expected<append_result, error>> a, b;
+  store->append_async(request, [&](auto r) { a.set_value(std::move(r)); });
+  store->append_async(request, [&](auto r) { b.set_value(std::move(r)); });
+  auto ra = a.get_future().get();
+  auto rb = b.get_future().get();
+  ASSERT_TRUE(ra);
+  ASSERT_TRUE(rb) << rb.error().message;
+  EXPECT_EQ(*ra, *rb);
+  EXPECT_EQ(store->last_position(), 2u);
+}
+
+TEST(event_store, partly_known_ids_or_ids_in_another_stream_are_a_conflict) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 2)));
+  auto partial = store->append(one_stream("a", any_version, 1, 2, 2));  // ids 2 (known) and 3 (new)
+  ASSERT_FALSE(partial);
+  EXPECT_EQ(partial.error().code, errc::event_id_conflict);
+  auto elsewhere = store->append(one_stream("b", any_version, 1, 1, 2));  // same ids, other stream
+  ASSERT_FALSE(elsewhere);
+  EXPECT_EQ(elsewhere.error().code, errc::event_id_conflict);
+  EXPECT_EQ(store->last_position(), 2u);
+}
+
+// ---- bounded ordered reads (the Akka journal TCK cases) ----
+
+class tck_reads : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = open_or_fail(dir_.path(), buffered());
+    ASSERT_TRUE(store_);
+    ASSERT_TRUE(store_->append(one_stream("p-1", no_stream, 1, 1, 5)));
+    ASSERT_TRUE(store_->append(one_stream("p-2", no_stream, 1, 6, 2)));
+  }
+  std::vector<std::uint64_t> versions(std::uint64_t from, std::uint64_t to, std::size_t max) {
+    auto read = store_->read_stream("p-1", from, to, max);
+    EXPECT_TRUE(read.has_value());
+    std::vector<std::uint64_t> out;
+    for (const auto& r : *read) out.push_back(r.version);
+    return out;
+  }
+  temp_dir dir_;
+  std::unique_ptr<event_store> store_;
+};
+
+using v = std::vector<std::uint64_t>;
+
+TEST_F(tck_reads, replay_all_messages) { EXPECT_EQ(versions(1, any_version, 100), (v{1, 2, 3, 4, 5})); }
+TEST_F(tck_reads, replay_messages_using_a_lower_bound) { EXPECT_EQ(versions(3, any_version, 100), (v{3, 4, 5})); }
+TEST_F(tck_reads, replay_messages_using_an_upper_bound) { EXPECT_EQ(versions(1, 3, 100), (v{1, 2, 3})); }
+TEST_F(tck_reads, replay_messages_using_a_count_limit) { EXPECT_EQ(versions(1, any_version, 3), (v{1, 2, 3})); }
+TEST_F(tck_reads, replay_messages_using_lower_and_upper_bound) { EXPECT_EQ(versions(2, 3, 100), (v{2, 3})); }
+TEST_F(tck_reads, replay_messages_using_bounds_and_count_limit) { EXPECT_EQ(versions(2, 5, 2), (v{2, 3})); }
+TEST_F(tck_reads, replay_a_single_message_if_lower_equals_upper) { EXPECT_EQ(versions(2, 2, 100), (v{2})); }
+TEST_F(tck_reads, not_replay_messages_if_count_limit_is_zero) { EXPECT_EQ(versions(1, any_version, 0), v{}); }
+TEST_F(tck_reads, not_replay_messages_if_lower_is_greater_than_upper) { EXPECT_EQ(versions(3, 2, 100), v{}); }
+TEST_F(tck_reads, not_replay_messages_if_lower_is_greater_than_highest) { EXPECT_EQ(versions(6, any_version, 100), v{}); }
+TEST_F(tck_reads, upper_beyond_highest_stops_at_highest) { EXPECT_EQ(versions(4, 50, 100), (v{4, 5})); }
+
+TEST_F(tck_reads, unknown_stream_is_empty_at_version_zero) {
+  auto read = store_->read_stream("nobody", 1, any_version, 100);
+  ASSERT_TRUE(read);
+  EXPECT_TRUE(read->empty());
+  EXPECT_EQ(*store_->stream_version("nobody"), 0u);
+  EXPECT_EQ(*store_->stream_version("p-"), 0u);  // a prefix of a real stream is another stream
+}
+
+TEST_F(tck_reads, read_all_is_bounded_and_ordered) {
+  auto read = store_->read_all(3, 4);
+  ASSERT_TRUE(read);
+  ASSERT_EQ(read->size(), 4u);
+  EXPECT_EQ(read->front().position, 3u);
+  EXPECT_EQ(read->back().position, 6u);
+  EXPECT_TRUE(store_->read_all(100, 10)->empty());
+  EXPECT_TRUE(store_->read_all(1, 0)->empty());
+}
+
+// ---- limits ----
+
+TEST(event_store_limits, every_named_limit_is_enforced) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.payload_bytes_max = 16;
+  options.append_events_max = 3;
+  options.stream_id_bytes_max = 8;
+  options.read_events_max = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  auto code = [&](std::vector<stream_append> r) {
+    auto result = store->append(std::move(r));
+    return result ? std::optional<errc>{} : std::optional<errc>{result.error().code};
+  };
+  EXPECT_EQ(code({{"s", any_version, {make_event(make_id(1, 1), std::string(17, 'x'))}}}),
+            errc::invalid_argument);  // payload_bytes_max
+  EXPECT_EQ(code(one_stream("s", any_version, 1, 1, 4)), errc::invalid_argument);  // append_events_max
+  EXPECT_EQ(code(one_stream("123456789", any_version, 1, 1, 1)), errc::invalid_argument);  // stream_id_bytes_max
+  EXPECT_EQ(code(one_stream("has space", any_version, 1, 1, 1)), errc::invalid_argument);
+  EXPECT_EQ(code(one_stream("", any_version, 1, 1, 1)), errc::invalid_argument);
+  EXPECT_EQ(code({{"s", any_version, {make_event(make_id(0, 0), "nil id")}}}), errc::invalid_argument);
+  EXPECT_EQ(code({{"s", any_version, {make_event(make_id(1, 1), "a"), make_event(make_id(1, 1), "b")}}}),
+            errc::invalid_argument);  // one id twice
+  EXPECT_EQ(code({}), errc::invalid_argument);
+  EXPECT_EQ(code({{"s", any_version, {}}}), errc::invalid_argument);
+  EXPECT_EQ(store->last_position(), 0u);  // nothing rejected was written
+
+  EXPECT_EQ(code(one_stream("s", no_stream, 1, 1, 3)), std::nullopt);  // at the limits: accepted
+  EXPECT_EQ(store->read_all(1, 100)->size(), 2u);                      // read_events_max
+  EXPECT_EQ(store->read_stream("s", 1, any_version, 100)->size(), 2u);
+}
+
+TEST(event_store_limits, a_full_append_queue_answers_overloaded) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.append_queue_events_max = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  auto result = store->append(one_stream("s", no_stream, 1, 1, 3));
+  ASSERT_FALSE(result);
+  EXPECT_EQ(result.error().code, errc::overloaded);
+  EXPECT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
+}
+
+// ---- catch-up subscriptions ----
+
+TEST(event_store_subscription, no_gap_and_no_duplicate_while_appends_run) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("history", no_stream, 1, 1, 500)));  // history before it starts
+  constexpr int writers = 4, appends_each = 300;
+  std::vector<std::thread> threads;
+  for (int w = 0; w < writers; ++w) {
+    threads.emplace_back([&, w] {
+      for (int i = 0; i < appends_each; ++i) {
+        auto r = store->append(one_stream("w-" + std::to_string(w), any_version, 10 + w, i * 4, 1 + i % 3));
+        ASSERT_TRUE(r) << r.error().message;
+      }
+    });
+  }
+  std::size_t expected_total = 500;
+  for (int i = 0; i < appends_each; ++i) expected_total += writers * (1 + i % 3);
+
+  auto subscription = store->subscribe(0);
+  std::vector<events::record> seen;
+  while (seen.size() < expected_total) {
+    auto batch = subscription.next(97, 5000ms);
+    ASSERT_TRUE(batch) << batch.error().message;
+    ASSERT_FALSE(batch->empty()) << "no event for 5 s after " << seen.size();
+    for (auto& r : *batch) seen.push_back(std::move(r));
+  }
+  for (auto& t : threads) t.join();
+  ASSERT_EQ(seen.size(), expected_total);
+  for (std::size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i].position, i + 1);
+  EXPECT_EQ(seen, read_everything(*store));
+  auto after = subscription.next(10, 10ms);  // caught up: nothing more
+  ASSERT_TRUE(after);
+  EXPECT_TRUE(after->empty());
+}
+
+TEST(event_store_subscription, starts_after_the_given_position) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 10)));
+  auto subscription = store->subscribe(7);
+  auto batch = subscription.next(100, 0ms);
+  ASSERT_TRUE(batch);
+  ASSERT_EQ(batch->size(), 3u);
+  EXPECT_EQ(batch->front().position, 8u);
+  EXPECT_EQ(subscription.position(), 10u);
+}
+
+// ---- snapshots ----
+
+/// A small fold standing in for an aggregate: counts events and sums payload sizes.
+struct tally {
+  std::uint64_t version = 0;
+  std::uint64_t events = 0;
+  std::uint64_t bytes = 0;
+  std::string last;
+  bool operator==(const tally&) const = default;
+  void apply(const events::record& r) {
+    version = r.version;
+    events += 1;
+    bytes += r.payload.size();
+    last = r.payload;
+  }
+  std::string encode() const {
+    return std::to_string(version) + " " + std::to_string(events) + " " + std::to_string(bytes) + " " + last;
+  }
+  static tally decode(const std::string& s) {
+    tally t;
+    std::istringstream in(s);
+    in >> t.version >> t.events >> t.bytes >> t.last;
+    return t;
+  }
+};
+
+tally fold(const event_store& store, std::string_view stream, tally start) {
+  auto tail = store.read_stream(stream, start.version + 1, any_version, 100000);
+  EXPECT_TRUE(tail.has_value());
+  for (const auto& r : *tail) start.apply(r);
+  return start;
+}
+
+TEST(event_store_snapshot, snapshot_plus_tail_equals_full_replay) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  std::mt19937_64 rng(20261123);
+  std::uint64_t n = 1;
+  for (int round = 0; round < 20; ++round) {
+    const std::size_t count = 1 + rng() % 7;
+    ASSERT_TRUE(store->append(one_stream("acct", any_version, 1, n, count)));
+    n += count;
+    if (round % 6 == 5) {
+      const auto state = fold(*store, "acct", {});
+      ASSERT_TRUE(store->save_snapshot("acct", state.version, state.encode()));
+    }
+  }
+  const auto full = fold(*store, "acct", {});
+  auto saved = store->load_snapshot("acct");
+  ASSERT_TRUE(saved);
+  ASSERT_TRUE(saved->has_value());
+  EXPECT_LT((*saved)->version, full.version);  // the tail is not empty
+  const auto from_snapshot = fold(*store, "acct", tally::decode((*saved)->state));
+  EXPECT_EQ(from_snapshot, full);
+}
+
+TEST(event_store_snapshot, a_snapshot_beyond_the_stream_is_refused_and_none_is_empty) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("acct", no_stream, 1, 1, 2)));
+  auto beyond = store->save_snapshot("acct", 3, "x");
+  ASSERT_FALSE(beyond);
+  EXPECT_EQ(beyond.error().code, errc::invalid_argument);
+  auto none = store->load_snapshot("other");
+  ASSERT_TRUE(none);
+  EXPECT_FALSE(none->has_value());
+}
+
+// ---- projections: output and checkpoint in one batch ----
+
+TEST(event_store_projection, output_and_checkpoint_commit_together_exactly_once) {
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  store_options options;
+  options.faults = faults;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 3)));
+  ASSERT_TRUE(store->append(one_stream("b", no_stream, 1, 4, 2)));
+
+  // A projection counting events per stream, run in chunks of 2 from its checkpoint.
+  auto run_once = [&]() -> expected<void, error> {
+    auto checkpoint = store->projection_checkpoint("per-stream");
+    if (!checkpoint) return unexpected{checkpoint.error()};
+    auto batch = store->read_all(*checkpoint + 1, 2);
+    if (!batch || batch->empty()) return {};
+    std::map<std::string, int> counts;
+    for (const auto& r : *batch) {
+      if (!counts.count(r.stream)) {
+        auto stored = store->read_projection("per-stream", r.stream);
+        counts[r.stream] = *stored ? std::stoi(**stored) : 0;
+      }
+      counts[r.stream] += 1;
+    }
+    std::vector<projection_write> writes;
+    for (const auto& [stream, count] : counts) writes.push_back({stream, std::to_string(count)});
+    return store->commit_projection("per-stream", *checkpoint, batch->back().position, writes);
+  };
+  // Exactly once: the stored output always equals the counts of the log up to the checkpoint.
+  auto check_consistent = [&] {
+    const auto checkpoint = *store->projection_checkpoint("per-stream");
+    std::map<std::string, int> truth;
+    const auto log = store->read_all(1, checkpoint);
+    for (const auto& r : log.value()) truth[r.stream] += 1;
+    for (const std::string stream : {"a", "b"}) {
+      const auto stored = *store->read_projection("per-stream", stream);
+      EXPECT_EQ(stored ? std::stoi(*stored) : 0, truth[stream]) << stream << " at " << checkpoint;
+    }
+    return checkpoint;
+  };
+  ASSERT_TRUE(run_once());  // positions 1..2
+  EXPECT_EQ(check_consistent(), 2u);
+  faults->set_fail_sync(true);
+  auto failed = run_once();  // positions 3..4: not acknowledged
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().code, errc::io_error);
+  faults->set_fail_sync(false);
+  // A failed fsync leaves the commit's fate open (its bytes may have reached the WAL): after the
+  // store reopens, it is either wholly there or wholly absent, and a runner resumes from there.
+  for (int i = 0; i < 8 && check_consistent() < 5; ++i) {
+    auto resumed = run_once();
+    ASSERT_TRUE(resumed || resumed.error().code == errc::wrong_expected_version)
+        << resumed.error().message;
+  }
+  EXPECT_EQ(check_consistent(), 5u);
+  EXPECT_EQ(**store->read_projection("per-stream", "a"), "3");
+  EXPECT_EQ(**store->read_projection("per-stream", "b"), "2");
+}
+
+TEST(event_store_projection, a_stale_checkpoint_is_refused) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 3)));
+  const std::vector<projection_write> writes{{"k", "v"}};
+  ASSERT_TRUE(store->commit_projection("p", 0, 2, writes));
+  auto stale = store->commit_projection("p", 0, 3, writes);  // a second runner that read 0
+  ASSERT_FALSE(stale);
+  EXPECT_EQ(stale.error().code, errc::wrong_expected_version);
+  auto beyond = store->commit_projection("p", 2, 9, writes);
+  ASSERT_FALSE(beyond);
+  EXPECT_EQ(beyond.error().code, errc::invalid_argument);
+  EXPECT_EQ(*store->projection_checkpoint("p"), 2u);
+}
+
+// ---- corruption is detected and located ----
+
+/// Flips one byte of the record stored at `position`, through RocksDB directly.
+void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset) {
+  rocksdb::DBOptions options;
+  std::vector<std::string> names;
+  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.string(), &names).ok());
+  std::vector<rocksdb::ColumnFamilyDescriptor> families;
+  for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  ASSERT_TRUE(rocksdb::DB::Open(options, dir.string(), families, &handles, &raw).ok());
+  std::unique_ptr<rocksdb::DB> db(raw);
+  rocksdb::ColumnFamilyHandle* global = nullptr;
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == "global") global = handles[i];
+  }
+  ASSERT_NE(global, nullptr);
+  std::string key(8, '\0');
+  for (int i = 0; i < 8; ++i) key[static_cast<std::size_t>(i)] = static_cast<char>(position >> (56 - 8 * i));
+  std::string value;
+  ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), global, key, &value).ok());
+  ASSERT_LT(offset, value.size());
+  value[offset] = static_cast<char>(value[offset] ^ 0x10);
+  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), global, key, value).ok());
+  for (auto* h : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
+  ASSERT_TRUE(db->Close().ok());
+}
+
+TEST(event_store_corruption, a_flipped_byte_is_reported_with_its_position) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 5)));
+  }
+  flip_byte_of_record(dir.path(), 4, 30);
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  auto head = store->read_all(1, 3);
+  ASSERT_TRUE(head);  // records before the damage still read
+  EXPECT_EQ(head->size(), 3u);
+  auto all = store->read_all(1, 100);
+  ASSERT_FALSE(all);
+  EXPECT_EQ(all.error().code, errc::corruption);
+  EXPECT_NE(all.error().message.find("position 4"), std::string::npos) << all.error().message;
+  EXPECT_NE(all.error().message.find("CRC32C"), std::string::npos) << all.error().message;
+  auto by_stream = store->read_stream("s", 1, any_version, 100);
+  ASSERT_FALSE(by_stream);
+  EXPECT_EQ(by_stream.error().code, errc::corruption);
+}
+
+// ---- format versions ----
+
+TEST(event_store_format, a_newer_format_is_refused_naming_both_versions) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+  }
+  {
+    rocksdb::DBOptions options;
+    std::vector<std::string> names;
+    ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.path().string(), &names).ok());
+    std::vector<rocksdb::ColumnFamilyDescriptor> families;
+    for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
+    families.emplace_back("from_the_future", rocksdb::ColumnFamilyOptions());
+    options.create_missing_column_families = true;
+    std::vector<rocksdb::ColumnFamilyHandle*> handles;
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(options, dir.path().string(), families, &handles, &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "format_version", std::string("\0\0\0\0\0\0\0\x02", 8)).ok());
+    for (auto* h : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
+    ASSERT_TRUE(db->Close().ok());
+  }
+  auto store = event_store::open(dir.path());
+  ASSERT_FALSE(store);
+  EXPECT_EQ(store.error().code, errc::incompatible_format);
+  EXPECT_NE(store.error().message.find("format version 2"), std::string::npos) << store.error().message;
+  EXPECT_NE(store.error().message.find("format version 1"), std::string::npos) << store.error().message;
+  EXPECT_NE(store.error().message.find("newer gpustream"), std::string::npos) << store.error().message;
+}
+
+TEST(event_store_format, a_directory_of_other_files_is_refused) {
+  temp_dir dir;
+  { std::ofstream(dir.path() / "notes.txt") << "not a store"; }
+  auto store = event_store::open(dir.path());
+  ASSERT_FALSE(store);
+  EXPECT_EQ(store.error().code, errc::invalid_argument);
+  EXPECT_TRUE(std::filesystem::exists(dir.path() / "notes.txt"));
+}
+
+TEST(event_store_format, read_only_needs_an_existing_store_and_refuses_appends) {
+  temp_dir dir;
+  store_options read_only;
+  read_only.read_only = true;
+  auto missing = event_store::open(dir.path() / "none", read_only);
+  ASSERT_FALSE(missing);
+  EXPECT_NE(missing.error().message.find("no event store"), std::string::npos);
+  auto writer = open_or_fail(dir.path());
+  ASSERT_TRUE(writer);
+  ASSERT_TRUE(writer->append(one_stream("s", no_stream, 1, 1, 2)));
+  auto reader = open_or_fail(dir.path(), read_only);  // beside the writer, no lock conflict
+  ASSERT_TRUE(reader);
+  EXPECT_EQ(reader->read_all(1, 10)->size(), 2u);
+  auto refused = reader->append(one_stream("s", any_version, 1, 3, 1));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, errc::closed);
+}
+
+// ---- durability faults through a RocksDB FileSystem wrapper ----
+
+class event_store_faults : public ::testing::TestWithParam<int> {};
+
+TEST_P(event_store_faults, a_failing_disk_acknowledges_nothing_and_recovers_when_lifted) {
+  const bool no_space = GetParam() == 1;
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  store_options options;
+  options.faults = faults;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
+
+  if (no_space) faults->set_no_space(true);
+  else faults->set_fail_sync(true);
+  const auto failing = one_stream("s", 2, 1, 3, 2);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto result = store->append(failing);
+    ASSERT_FALSE(result) << "attempt " << attempt;
+    EXPECT_EQ(result.error().code, no_space ? errc::no_space : errc::io_error) << result.error().message;
+  }
+  EXPECT_EQ(store->last_position(), 2u);
+
+  if (no_space) faults->set_no_space(false);
+  else faults->set_fail_sync(false);
+  auto retried = store->append(failing);  // the same ids: either written now, or found written
+  ASSERT_TRUE(retried) << retried.error().message;
+  EXPECT_EQ(retried->streams.front().first_version, 3u);
+  EXPECT_EQ(retried->first_position, 3u);
+  auto more = store->append(one_stream("s", 4, 1, 5, 1));
+  ASSERT_TRUE(more) << more.error().message;
+  EXPECT_EQ(more->first_position, 5u);
+  const auto all = read_everything(*store);
+  ASSERT_EQ(all.size(), 5u);
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    EXPECT_EQ(all[i].position, i + 1);
+    EXPECT_EQ(all[i].version, i + 1);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(sync_and_enospc, event_store_faults, ::testing::Values(0, 1),
+                         [](const auto& info) { return info.param == 0 ? "fsync_fails" : "disk_full"; });
+
+}  // namespace
+}  // namespace gpustream::storage

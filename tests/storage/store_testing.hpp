@@ -1,0 +1,40 @@
+#pragma once
+/// Helpers shared by the storage tests: temporary store directories and event builders.
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "storage/event_store.hpp"
+
+namespace gpustream::storage::testing {
+
+/// A fresh directory under the system temp dir, removed when this goes out of scope.
+class temp_dir {
+ public:
+  temp_dir();
+  ~temp_dir();
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+/// An id unique within a test run: `tag` in the high half, `n` in the low half.
+[[nodiscard]] events::event_id make_id(std::uint64_t tag, std::uint64_t n);
+
+/// An event whose payload is `text` (the store treats payloads as opaque bytes).
+[[nodiscard]] new_event make_event(events::event_id id, std::string text, std::uint16_t type = 1);
+
+/// A one-stream append of `count` events with ids make_id(tag, first..first+count-1).
+[[nodiscard]] std::vector<stream_append> one_stream(std::string stream, std::uint64_t expected,
+                                                    std::uint64_t tag, std::uint64_t first,
+                                                    std::size_t count);
+
+/// Opens a store or fails the current test with the store's message.
+[[nodiscard]] std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir,
+                                                        store_options options = {});
+
+}  // namespace gpustream::storage::testing
