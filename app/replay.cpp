@@ -18,22 +18,24 @@ using storage::errc;
 /// Checks each record against the ones before it; the first failure stops the scan.
 class log_checker {
  public:
-  expected<void, storage::error> check(const events::record& r) {
+  expected<void, storage::error> check(const events::record_view& r) {
     if (r.position != last_position_ + 1) {
       return fail(r.position, "global position " + std::to_string(r.position) + " follows " +
                                   std::to_string(last_position_) + ": positions must be gapless");
     }
     last_position_ = r.position;
-    auto& version = versions_[r.stream];
+    auto found = versions_.find(r.stream);
+    if (found == versions_.end()) found = versions_.emplace(std::string(r.stream), 0).first;
+    auto& version = found->second;
     if (r.version != version + 1) {
-      return fail(r.position, "stream " + r.stream + " has version " + std::to_string(r.version) +
+      return fail(r.position, "stream " + std::string(r.stream) + " has version " + std::to_string(r.version) +
                                   " after version " + std::to_string(version) +
                                   ": stream versions must be gapless from 1");
     }
     version = r.version;
-    auto decoded = events::decode_payload(r.type, std::as_bytes(std::span(r.payload)));
+    auto decoded = events::decode_payload(r.type, r.payload);
     if (!decoded) {
-      return fail(r.position, "event " + r.id.to_string() + " in stream " + r.stream + " version " +
+      return fail(r.position, "event " + r.id.to_string() + " in stream " + std::string(r.stream) + " version " +
                                   std::to_string(r.version) + " does not decode: " +
                                   decoded.error().message);
     }
@@ -48,7 +50,7 @@ class log_checker {
     return std::move(report_);
   }
 
-  std::uint64_t problem_position() const { return problem_position_; }
+  std::uint64_t problem_position() const { return problem_position_ ? problem_position_ : last_position_ + 1; }
 
  private:
   expected<void, storage::error> fail(std::uint64_t position, std::string message) {
@@ -59,7 +61,12 @@ class log_checker {
   replay_report report_{.events_per_type = std::vector<std::uint64_t>(events::event_type_count, 0)};
   std::uint64_t last_position_ = 0;
   std::uint64_t problem_position_ = 0;
-  std::unordered_map<std::string, std::uint64_t> versions_;
+  /// Hashes std::string and std::string_view alike, so lookups by a record's view do not allocate.
+  struct stream_hash {
+    using is_transparent = void;
+    std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, std::uint64_t, stream_hash, std::equal_to<>> versions_;
 };
 
 }  // namespace
@@ -71,7 +78,7 @@ expected<replay_report, replay_problem> replay_store(const std::filesystem::path
   if (!store) return unexpected{replay_problem{0, store.error().message}};
   const auto started = std::chrono::steady_clock::now();
   log_checker checker;
-  auto scanned = (*store)->scan(1, [&](const events::record& r) { return checker.check(r); });
+  auto scanned = (*store)->scan(1, [&](const events::record_view& r) { return checker.check(r); });
   if (!scanned) return unexpected{replay_problem{checker.problem_position(), scanned.error().message}};
   auto report = checker.finish();
   if (report.last_position != (*store)->last_position()) {

@@ -35,14 +35,15 @@ decode_error malformed(std::string message) {
 
 /// Returns words to read `bytes` from: the bytes themselves when aligned, else a copy in `scratch`.
 kj::ArrayPtr<const capnp::word> aligned_words(std::span<const std::byte> bytes,
-                                              std::vector<capnp::word>& scratch) {
+                                              std::vector<std::uint64_t>& scratch) {
+  static_assert(sizeof(std::uint64_t) == sizeof(capnp::word));
   const std::size_t count = bytes.size() / sizeof(capnp::word);
   if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(capnp::word) == 0) {
     return {reinterpret_cast<const capnp::word*>(bytes.data()), count};
   }
   scratch.resize(count);
   std::memcpy(scratch.data(), bytes.data(), count * sizeof(capnp::word));
-  return {scratch.data(), count};
+  return {reinterpret_cast<const capnp::word*>(scratch.data()), count};
 }
 
 }  // namespace
@@ -96,7 +97,8 @@ std::string encode_record(const record& r) {
   return out;
 }
 
-expected<record, decode_error> decode_record(std::span<const std::byte> bytes) {
+expected<record_view, decode_error> decode_record_view(std::span<const std::byte> bytes,
+                                                      std::vector<std::uint64_t>& scratch) {
   if (bytes.size() < record_crc_bytes + sizeof(capnp::word) ||
       (bytes.size() - record_crc_bytes) % sizeof(capnp::word) != 0) {
     return unexpected{malformed("record of " + std::to_string(bytes.size()) +
@@ -115,26 +117,32 @@ expected<record, decode_error> decode_record(std::span<const std::byte> bytes) {
                   stored, computed, body.size());
     return unexpected{decode_error{decode_errc::crc_mismatch, text}};
   }
-  thread_local std::vector<capnp::word> scratch;
   try {
     capnp::ReaderOptions options;
     options.traversalLimitInWords = record_traversal_words_max;
     capnp::FlatArrayMessageReader message(aligned_words(body, scratch), options);
     const auto reader = message.getRoot<schema::Record>();
-    record r;
-    r.stream = std::string(reader.getStream().cStr(), reader.getStream().size());
-    r.version = reader.getVersion();
-    r.position = reader.getPosition();
-    r.id = event_id{reader.getEventIdHigh(), reader.getEventIdLow()};
-    r.recorded_at_us = reader.getRecordedAtUs();
-    r.type = reader.getType();
+    const auto stream = reader.getStream();
     const auto payload = reader.getPayload();
-    r.payload.assign(reinterpret_cast<const char*>(payload.begin()), payload.size());
-    return r;
+    // The readers point into the words, which outlive `message`.
+    return record_view{std::string_view(stream.cStr(), stream.size()),
+                       reader.getVersion(),
+                       reader.getPosition(),
+                       event_id{reader.getEventIdHigh(), reader.getEventIdLow()},
+                       reader.getRecordedAtUs(),
+                       reader.getType(),
+                       std::as_bytes(std::span(payload.begin(), payload.size()))};
   } catch (const kj::Exception& e) {
     return unexpected{malformed("record is not a valid Cap'n Proto message: " +
                                 std::string(e.getDescription().cStr()))};
   }
+}
+
+expected<record, decode_error> decode_record(std::span<const std::byte> bytes) {
+  std::vector<std::uint64_t> scratch;
+  auto view = decode_record_view(bytes, scratch);
+  if (!view) return unexpected{view.error()};
+  return view->to_record();
 }
 
 }  // namespace gpustream::events

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "base/expected.hpp"
 #include "events/decode_error.hpp"
@@ -25,6 +27,25 @@ struct record {
   bool operator==(const record&) const = default;
 };
 
+/// A decoded record that borrows its stream id and payload from the bytes it was decoded from (or
+/// from the caller's scratch buffer when those were not 8-byte aligned): the replay path, which
+/// must not allocate per event. Valid while those bytes and the scratch buffer are unchanged.
+struct record_view {
+  std::string_view stream;
+  std::uint64_t version = 0;
+  std::uint64_t position = 0;
+  event_id id;
+  std::int64_t recorded_at_us = 0;
+  std::uint16_t type = 0;
+  std::span<const std::byte> payload;
+
+  /// An owning copy.
+  [[nodiscard]] record to_record() const {
+    return record{std::string(stream), version, position, id, recorded_at_us, type,
+                  std::string(reinterpret_cast<const char*>(payload.data()), payload.size())};
+  }
+};
+
 /// Size of the CRC32C trailer after the Cap'n Proto bytes.
 inline constexpr std::size_t record_crc_bytes = 4;
 /// Largest encoded record decode_record accepts; a stored record is bounded by the store's payload
@@ -37,5 +58,10 @@ inline constexpr std::size_t record_bytes_max = 16u << 20;
 /// Checks the CRC, then decodes. Input need not be 8-byte aligned. A CRC mismatch is reported with
 /// the stored and computed values; the caller adds where the bytes came from.
 [[nodiscard]] expected<record, decode_error> decode_record(std::span<const std::byte> bytes);
+
+/// Like decode_record, without copying: the view borrows from `bytes`, or from `scratch` (which it
+/// resizes) when `bytes` is not 8-byte aligned.
+[[nodiscard]] expected<record_view, decode_error> decode_record_view(
+    std::span<const std::byte> bytes, std::vector<std::uint64_t>& scratch);
 
 }  // namespace gpustream::events

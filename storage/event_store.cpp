@@ -229,14 +229,10 @@ bool valid_name(std::string_view name, std::size_t bytes_max) {
   return std::all_of(name.begin(), name.end(), [](char c) { return c > ' ' && c < 0x7F; });
 }
 
-std::string describe(const events::record& r) {
-  return "stream " + r.stream + " version " + std::to_string(r.version) + " (position " +
-         std::to_string(r.position) + ")";
-}
-
 /// Decodes a stored record and checks that it is the one its key says it is.
-expected<events::record, error> decode_stored(const rocksdb::Slice& value, std::uint64_t position) {
-  auto decoded = events::decode_record(bytes_of(value));
+expected<events::record_view, error> decode_stored(const rocksdb::Slice& value, std::uint64_t position,
+                                                   std::vector<std::uint64_t>& scratch) {
+  auto decoded = events::decode_record_view(bytes_of(value), scratch);
   if (!decoded) {
     return unexpected{make_error(errc::corruption, "record at global position " +
                                                        std::to_string(position) + ": " +
@@ -247,8 +243,23 @@ expected<events::record, error> decode_stored(const rocksdb::Slice& value, std::
                                  "record stored at global position " + std::to_string(position) +
                                      " says it is at position " + std::to_string(decoded->position))};
   }
-  return std::move(decoded).value();
+  return *decoded;
 }
+
+error corrupt_index(std::string_view stream) {
+  return make_error(errc::corruption, "index entry of stream " + std::string(stream) + " is malformed");
+}
+
+std::string describe(const events::record_view& r) {
+  return "stream " + std::string(r.stream) + " version " + std::to_string(r.version) +
+         " (position " + std::to_string(r.position) + ")";
+}
+
+struct id_hash {
+  std::size_t operator()(const events::event_id& id) const noexcept {
+    return static_cast<std::size_t>(id.high * 0x9E3779B97F4A7C15ull ^ id.low);
+  }
+};
 
 /// One item of the writer's queue: an append, or a task (a projection commit or snapshot save)
 /// that must write through the writer so that failures and recovery are handled in one place.
@@ -312,10 +323,9 @@ class event_store::impl {
   expected<std::vector<events::record>, error> read_stream(std::string_view stream,
                                                            std::uint64_t from, std::uint64_t to,
                                                            std::size_t max) const;
-  expected<std::uint64_t, error> scan(
-      std::uint64_t from, std::size_t max,
-      const std::function<expected<void, error>(const events::record&)>& visit) const;
+  expected<std::uint64_t, error> scan(std::uint64_t from, std::size_t max, const visitor& visit) const;
   expected<std::uint64_t, error> stream_version(std::string_view stream) const;
+  expected<event_store::index_report, error> verify_indexes() const;
 
   expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
                                       std::string_view state);
@@ -339,7 +349,7 @@ class event_store::impl {
   struct group_state {
     rocksdb::WriteBatch batch;
     std::unordered_map<std::string, std::uint64_t> heads;
-    std::map<events::event_id, std::size_t> ids;  // event id -> index of its append in the group
+    std::unordered_map<events::event_id, std::size_t, id_hash> ids;  // id -> its append in the group
     std::uint64_t next_position = 0;
   };
 
@@ -408,7 +418,7 @@ void event_store::impl::append_async(std::vector<stream_append> request, append_
       return;
     }
     queued_events_ += count;
-    queue_.push_back(pending_append{std::move(request), std::move(done), count});
+    queue_.push_back(pending_append{std::move(request), std::move(done), count, {}});
   }
   queue_cv_.notify_one();
 }
@@ -556,7 +566,7 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
   if (request.empty()) return unexpected{make_error(errc::invalid_argument, "append has no streams")};
   std::size_t count = 0;
   std::unordered_set<std::string_view> streams;
-  std::unordered_set<std::string> ids;
+  std::vector<events::event_id> ids;
   for (const auto& s : request) {
     if (!valid_name(s.stream, options_.stream_id_bytes_max)) {
       return unexpected{make_error(errc::invalid_argument,
@@ -575,10 +585,7 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
       if (e.id.is_nil()) {
         return unexpected{make_error(errc::invalid_argument, "event id must not be all zero")};
       }
-      if (!ids.insert(keys::dedup_key(e.id)).second) {
-        return unexpected{make_error(errc::invalid_argument,
-                                     "event id " + e.id.to_string() + " appears twice in one append")};
-      }
+      ids.push_back(e.id);
       if (e.payload.size() > options_.payload_bytes_max) {
         return unexpected{make_error(errc::invalid_argument,
                                      "event payload of " + std::to_string(e.payload.size()) +
@@ -587,6 +594,11 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
       }
     }
     count += s.events.size();
+  }
+  std::sort(ids.begin(), ids.end());
+  if (auto twice = std::adjacent_find(ids.begin(), ids.end()); twice != ids.end()) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "event id " + twice->to_string() + " appears twice in one append")};
   }
   if (count > options_.append_events_max) {
     return unexpected{make_error(errc::invalid_argument,
@@ -603,16 +615,12 @@ expected<std::uint64_t, error> event_store::impl::head_of(const std::string& str
   if (auto it = heads_.find(stream); it != heads_.end()) return it->second;
   std::shared_lock lock(db_mutex_);
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
-  const auto last_key = keys::stream_key(stream, ~std::uint64_t{0});
-  it->SeekForPrev(slice(last_key));
+  it->SeekForPrev(slice(keys::stream_key(stream, ~std::uint64_t{0})));
   if (!it->status().ok()) return unexpected{translate(it->status(), "reading the head of " + stream)};
-  if (!it->Valid()) return std::uint64_t{0};
-  const std::string_view key(it->key().data(), it->key().size());
-  if (key.size() != stream.size() + 9 || key.substr(0, stream.size()) != stream ||
-      key[stream.size()] != '\0') {
-    return std::uint64_t{0};  // the nearest key belongs to another stream
-  }
-  return keys::load_be64(key.substr(stream.size() + 1));
+  if (!it->Valid() || !keys::belongs(stream, it->key().ToStringView())) return std::uint64_t{0};
+  const auto run = keys::parse_run(stream, it->key().ToStringView(), it->value().ToStringView());
+  if (!run) return unexpected{corrupt_index(stream)};
+  return run->last_version();
 }
 
 event_store::impl::staged event_store::impl::stage(const std::vector<stream_append>& request,
@@ -634,13 +642,13 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
       ids.push_back(&e.id);
     }
   }
-  std::vector<std::string> stored(id_keys.size());
-  std::vector<rocksdb::Status> statuses;
+  const std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
+  std::vector<rocksdb::PinnableSlice> stored(id_keys.size());
+  std::vector<rocksdb::Status> statuses(id_keys.size());
   {
     std::shared_lock lock(db_mutex_);
-    std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
-    std::vector<rocksdb::ColumnFamilyHandle*> families(id_keys.size(), db_->cf(cf_dedup));
-    statuses = db_->db->MultiGet(rocksdb::ReadOptions(), families, slices, &stored);
+    db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
+                      stored.data(), statuses.data());
   }
   std::size_t in_store = 0;
   std::set<std::size_t> earlier;  // in-group appends that already hold some of these ids
@@ -652,7 +660,7 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
       earlier.insert(it->second);
     } else if (statuses[i].ok() && stored[i].size() == 8) {
       ++in_store;
-      positions.push_back(keys::load_be64(stored[i]));
+      positions.push_back(keys::load_be64(stored[i].ToStringView()));
     } else if (!statuses[i].IsNotFound()) {
       return fail(statuses[i].ok() ? make_error(errc::corruption, "dedup entry is not 8 bytes")
                                    : translate(statuses[i], "checking event ids"));
@@ -696,14 +704,14 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
   for (const auto& s : request) {
     std::uint64_t version = *head_of(s.stream, group);
     stream_result where{s.stream, version + 1, version + s.events.size()};
+    group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version + 1)),
+                    slice(keys::run_value(group.next_position, s.events.size())));
     for (const auto& e : s.events) {
       ++version;
       const std::uint64_t position = group.next_position++;
       const events::record r{s.stream, version, position, e.id, now, e.type, e.payload};
       const auto position_key = keys::be64(position);
       group.batch.Put(db_->cf(cf_global), slice(position_key), slice(events::encode_record(r)));
-      group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version)),
-                      slice(position_key));
       group.batch.Put(db_->cf(cf_dedup), slice(keys::dedup_key(e.id)), slice(position_key));
       group.ids.emplace(e.id, index);
     }
@@ -734,9 +742,10 @@ expected<append_result, error> event_store::impl::stored_result(
       const auto status =
           db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_global), slice(keys::be64(position)), &value);
       if (!status.ok()) return unexpected{translate(status, "reading an earlier append")};
-      auto r = decode_stored(rocksdb::Slice(value), position);
+      std::vector<std::uint64_t> scratch;
+      auto r = decode_stored(rocksdb::Slice(value), position, scratch);
       if (!r) return unexpected{r.error()};
-      if (r->stream != s.stream) return conflict(e.id, "in stream " + r->stream);
+      if (r->stream != s.stream) return conflict(e.id, "in stream " + std::string(r->stream));
       if (where.first_version == 0) where.first_version = r->version;
       else if (r->version != where.last_version + 1) return conflict(e.id, "in another append");
       where.last_version = r->version;
@@ -759,42 +768,52 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
   from = std::max<std::uint64_t>(from, 1);
   std::shared_lock lock(db_mutex_);
   if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
-  const auto first_key = keys::stream_key(stream, from);
-  const auto end_key = to == ~std::uint64_t{0} ? keys::stream_key(stream, to) + '\0'
-                                                : keys::stream_key(stream, to + 1);
-  rocksdb::Slice upper(end_key);
-  rocksdb::ReadOptions read;
-  read.iterate_upper_bound = &upper;
-  std::vector<std::string> position_keys;
-  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(read, db_->cf(cf_events)));
   const std::uint64_t acknowledged = last_position_.load();
-  for (it->Seek(slice(first_key)); it->Valid() && position_keys.size() < max; it->Next()) {
-    if (keys::load_be64(std::string_view(it->value().data(), it->value().size())) > acknowledged) break;
-    position_keys.emplace_back(it->value().data(), it->value().size());
+  // Positions of the wanted versions, from the runs that hold them.
+  std::vector<std::uint64_t> positions;
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  const auto from_key = keys::stream_key(stream, from);
+  it->SeekForPrev(slice(from_key));  // the run that may contain `from`
+  if (!it->Valid() || !keys::belongs(stream, it->key().ToStringView())) it->Seek(slice(from_key));
+  for (; it->Valid() && positions.size() < max; it->Next()) {
+    const auto key = it->key().ToStringView();
+    if (!keys::belongs(stream, key)) break;
+    const auto run = keys::parse_run(stream, key, it->value().ToStringView());
+    if (!run) return unexpected{corrupt_index(stream)};
+    if (run->first_version > to || run->last_position() > acknowledged) break;
+    const auto last = std::min(to, run->last_version());
+    for (auto v = std::max(from, run->first_version); v <= last && positions.size() < max; ++v) {
+      positions.push_back(run->position_of(v));
+    }
   }
   if (!it->status().ok()) return unexpected{translate(it->status(), "reading stream")};
-  std::vector<rocksdb::Slice> slices(position_keys.begin(), position_keys.end());
-  std::vector<rocksdb::ColumnFamilyHandle*> families(slices.size(), db_->cf(cf_global));
-  std::vector<std::string> values;
-  const auto statuses = db_->db->MultiGet(rocksdb::ReadOptions(), families, slices, &values);
-  out.reserve(values.size());
-  for (std::size_t i = 0; i < values.size(); ++i) {
-    const auto position = keys::load_be64(position_keys[i]);
-    if (!statuses[i].ok()) return unexpected{translate(statuses[i], "reading a stream's record")};
-    auto r = decode_stored(rocksdb::Slice(values[i]), position);
+  // A run is contiguous in the global order too: read it with one iterator.
+  out.reserve(positions.size());
+  std::vector<std::uint64_t> scratch;
+  std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  for (std::size_t i = 0; i < positions.size(); ++i) {
+    if (i == 0 || positions[i] != positions[i - 1] + 1) global->Seek(slice(keys::be64(positions[i])));
+    else global->Next();
+    if (!global->Valid() || global->key().size() != 8 ||
+        keys::load_be64(global->key().ToStringView()) != positions[i]) {
+      if (!global->status().ok()) return unexpected{translate(global->status(), "reading stream")};
+      return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) +
+                                                         " points at missing position " +
+                                                         std::to_string(positions[i]))};
+    }
+    auto r = decode_stored(global->value(), positions[i], scratch);
     if (!r) return unexpected{r.error()};
     if (r->stream != stream) {
       return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) +
                                                          " points at " + describe(*r))};
     }
-    out.push_back(std::move(r).value());
+    out.push_back(r->to_record());
   }
   return out;
 }
 
-expected<std::uint64_t, error> event_store::impl::scan(
-    std::uint64_t from, std::size_t max,
-    const std::function<expected<void, error>(const events::record&)>& visit) const {
+expected<std::uint64_t, error> event_store::impl::scan(std::uint64_t from, std::size_t max,
+                                                      const visitor& visit) const {
   std::shared_lock lock(db_mutex_);
   if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
   const auto acknowledged = last_position_.load();
@@ -806,12 +825,13 @@ expected<std::uint64_t, error> event_store::impl::scan(
   read.readahead_size = 2u << 20;
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(read, db_->cf(cf_global)));
   std::uint64_t visited = 0;
+  std::vector<std::uint64_t> scratch;
   for (it->Seek(slice(first_key)); it->Valid() && visited < max; it->Next()) {
     if (it->key().size() != 8) {
       return unexpected{make_error(errc::corruption, "global index key is not 8 bytes")};
     }
     const auto position = keys::load_be64(std::string_view(it->key().data(), 8));
-    auto r = decode_stored(it->value(), position);
+    auto r = decode_stored(it->value(), position, scratch);
     if (!r) return unexpected{r.error()};
     if (auto v = visit(*r); !v) return unexpected{v.error()};
     ++visited;
@@ -825,17 +845,13 @@ expected<std::uint64_t, error> event_store::impl::stream_version(std::string_vie
   if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
   const auto acknowledged = last_position_.load();
-  const auto last_key = keys::stream_key(stream, ~std::uint64_t{0});
-  for (it->SeekForPrev(slice(last_key)); it->Valid(); it->Prev()) {
-    const std::string_view key(it->key().data(), it->key().size());
-    if (key.size() != stream.size() + 9 || key.substr(0, stream.size()) != stream ||
-        key[stream.size()] != '\0') {
-      break;
-    }
-    // Skip an event whose append is being written right now but is not yet acknowledged.
-    if (keys::load_be64(std::string_view(it->value().data(), it->value().size())) <= acknowledged) {
-      return keys::load_be64(key.substr(stream.size() + 1));
-    }
+  for (it->SeekForPrev(slice(keys::stream_key(stream, ~std::uint64_t{0}))); it->Valid(); it->Prev()) {
+    const auto key = it->key().ToStringView();
+    if (!keys::belongs(stream, key)) break;
+    const auto run = keys::parse_run(stream, key, it->value().ToStringView());
+    if (!run) return unexpected{corrupt_index(stream)};
+    // Skip a run whose append is being written right now but is not yet acknowledged.
+    if (run->last_position() <= acknowledged) return run->last_version();
   }
   if (!it->status().ok()) return unexpected{translate(it->status(), "reading a stream version")};
   return std::uint64_t{0};
@@ -955,6 +971,96 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
   return std::optional<std::string>{std::move(value)};
 }
 
+namespace {
+
+/// A fingerprint of (stream, version), to match index entries against records without keeping
+/// every stream id in memory.
+std::uint64_t fingerprint(std::string_view stream, std::uint64_t version) {
+  return std::hash<std::string_view>{}(stream) * 0x9E3779B97F4A7C15ull ^ (version + 0x632BE59BD9B4E019ull);
+}
+
+}  // namespace
+
+expected<event_store::index_report, error> event_store::impl::verify_indexes() const {
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto last = last_position_.load();
+  event_store::index_report report;
+  std::vector<std::uint64_t> fingerprints(last + 1, 0);
+  std::vector<bool> covered(last + 1, false);
+  auto broken = [](std::string message) { return unexpected{make_error(errc::corruption, std::move(message))}; };
+
+  // Every record: remember what it is, and find it through its event id.
+  std::vector<std::uint64_t> scratch;
+  std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  for (global->SeekToFirst(); global->Valid(); global->Next()) {
+    if (global->key().size() != 8) return broken("global index key is not 8 bytes");
+    const auto position = keys::load_be64(global->key().ToStringView());
+    if (position == 0 || position > last) {
+      return broken("record at position " + std::to_string(position) + " lies beyond the last position " +
+                    std::to_string(last));
+    }
+    auto r = decode_stored(global->value(), position, scratch);
+    if (!r) return unexpected{r.error()};
+    fingerprints[position] = fingerprint(r->stream, r->version);
+    std::string found;
+    const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup),
+                                     slice(keys::dedup_key(r->id)), &found);
+    if (!status.ok() || found.size() != 8 || keys::load_be64(found) != position) {
+      return broken("event id " + r->id.to_string() + " of " + describe(*r) +
+                    (status.ok() ? " is indexed at another position" : " is missing from the id index"));
+    }
+    ++report.events;
+  }
+  if (!global->status().ok()) return unexpected{translate(global->status(), "verifying the log")};
+
+  // Every stream index run: versions contiguous from 1, pointing at exactly those records.
+  std::unique_ptr<rocksdb::Iterator> index(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  std::string stream;
+  std::uint64_t next_version = 1;
+  for (index->SeekToFirst(); index->Valid(); index->Next()) {
+    const auto key = index->key().ToStringView();
+    const auto zero = key.find('\0');
+    if (zero == std::string_view::npos || key.size() != zero + 9) return broken("stream index key is malformed");
+    if (key.substr(0, zero) != stream) {
+      stream = std::string(key.substr(0, zero));
+      next_version = 1;
+      ++report.streams;
+    }
+    const auto run = keys::parse_run(stream, key, index->value().ToStringView());
+    if (!run) return unexpected{corrupt_index(stream)};
+    if (run->first_version != next_version || run->count == 0) {
+      return broken("stream " + stream + " index jumps to version " + std::to_string(run->first_version) +
+                    " where version " + std::to_string(next_version) + " was due");
+    }
+    for (auto v = run->first_version; v <= run->last_version(); ++v) {
+      const auto position = run->position_of(v);
+      if (position > last || covered[position] || fingerprints[position] != fingerprint(stream, v)) {
+        return broken("stream " + stream + " version " + std::to_string(v) + " is indexed at position " +
+                      std::to_string(position) + ", which holds another record");
+      }
+      covered[position] = true;
+    }
+    next_version = run->last_version() + 1;
+    ++report.runs;
+  }
+  if (!index->status().ok()) return unexpected{translate(index->status(), "verifying the stream index")};
+  for (std::uint64_t p = 1; p <= last; ++p) {
+    if (!covered[p]) return broken("the record at position " + std::to_string(p) + " is in no stream index");
+  }
+
+  // Nothing indexed by id that is not in the log: the id index has exactly one entry per record.
+  std::uint64_t ids = 0;
+  std::unique_ptr<rocksdb::Iterator> dedup(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_dedup)));
+  for (dedup->SeekToFirst(); dedup->Valid(); dedup->Next()) ++ids;
+  if (!dedup->status().ok()) return unexpected{translate(dedup->status(), "verifying the id index")};
+  if (ids != report.events) {
+    return broken("the id index has " + std::to_string(ids) + " entries for " +
+                  std::to_string(report.events) + " records");
+  }
+  return report;
+}
+
 // ---- event_store: the public face forwards to impl ----
 
 expected<std::unique_ptr<event_store>, error> event_store::open(const std::filesystem::path& directory,
@@ -990,22 +1096,25 @@ expected<std::vector<events::record>, error> event_store::read_all(std::uint64_t
                                                                    std::size_t max) const {
   std::vector<events::record> out;
   max = std::min(max, impl_->options().read_events_max);
-  auto scanned = impl_->scan(from_position, max, [&](const events::record& r) -> expected<void, error> {
-    out.push_back(r);
+  auto scanned = impl_->scan(from_position, max, [&](const events::record_view& r) -> expected<void, error> {
+    out.push_back(r.to_record());
     return {};
   });
   if (!scanned) return unexpected{scanned.error()};
   return out;
 }
 
-expected<std::uint64_t, error> event_store::scan(
-    std::uint64_t from_position,
-    const std::function<expected<void, error>(const events::record&)>& visit) const {
+expected<std::uint64_t, error> event_store::scan(std::uint64_t from_position,
+                                                const visitor& visit) const {
   return impl_->scan(from_position, ~std::size_t{0}, visit);
 }
 
 expected<std::uint64_t, error> event_store::stream_version(std::string_view stream) const {
   return impl_->stream_version(stream);
+}
+
+expected<event_store::index_report, error> event_store::verify_indexes() const {
+  return impl_->verify_indexes();
 }
 
 std::uint64_t event_store::last_position() const noexcept { return impl_->last_position(); }

@@ -165,11 +165,23 @@ class event_store {
   [[nodiscard]] expected<std::vector<events::record>, error> read_all(std::uint64_t from_position,
                                                                        std::size_t max) const;
 
-  /// Calls `visit` for every event from `from_position` on, in order, without copying records into
-  /// a vector first: the replay path. Stops at the first error (including one `visit` returns).
-  [[nodiscard]] expected<std::uint64_t, error> scan(
-      std::uint64_t from_position,
-      const std::function<expected<void, error>(const events::record&)>& visit) const;
+  using visitor = std::function<expected<void, error>(const events::record_view&)>;
+  /// Calls `visit` for every event from `from_position` on, in order, without copying: the replay
+  /// path. A view is valid only during its call. Stops at the first error (including one `visit`
+  /// returns) and otherwise returns the number of events visited.
+  [[nodiscard]] expected<std::uint64_t, error> scan(std::uint64_t from_position,
+                                                    const visitor& visit) const;
+
+  /// What verify_indexes checked.
+  struct index_report {
+    std::uint64_t events = 0;   ///< records in the log, each found through its event id
+    std::uint64_t streams = 0;  ///< streams in the stream index
+    std::uint64_t runs = 0;     ///< stream index entries, together covering every record once
+  };
+  /// Checks that the stream index and the event id index agree with the log: every record is
+  /// reachable from its stream and version and from its event id, and nothing else is indexed.
+  /// The first disagreement is reported as corruption. Reads everything: for `replay --verify`.
+  [[nodiscard]] expected<index_report, error> verify_indexes() const;
 
   /// The stream's current version; 0 for a stream with no events.
   [[nodiscard]] expected<std::uint64_t, error> stream_version(std::string_view stream) const;

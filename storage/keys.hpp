@@ -2,7 +2,8 @@
 /// Internal to storage/: how keys and small values are laid out in the column families.
 ///
 ///   global       big-endian position               -> encoded record (events/record.hpp)
-///   events       stream ‖ 0x00 ‖ big-endian version -> big-endian position
+///   events       stream ‖ 0x00 ‖ big-endian first version -> big-endian first position ‖ count
+///                (one entry per run: the consecutive events one append gave one stream)
 ///   dedup        event id (16 bytes, big-endian)   -> big-endian position
 ///   checkpoints  projection name                   -> big-endian position
 ///   projections  projection name ‖ 0x00 ‖ key      -> value
@@ -13,6 +14,7 @@
 /// positions and versions in order. Stream ids never contain 0x00, so a stream's keys are contiguous.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -45,6 +47,41 @@ inline std::string stream_key(std::string_view stream, std::uint64_t version) {
   out.push_back('\0');
   append_be64(out, version);
   return out;
+}
+
+/// One entry of the `events` index: versions first_version .. first_version + count - 1 of a
+/// stream are at global positions first_position .. first_position + count - 1.
+struct stream_run {
+  std::uint64_t first_version = 0;
+  std::uint64_t first_position = 0;
+  std::uint64_t count = 0;
+
+  [[nodiscard]] std::uint64_t last_version() const { return first_version + count - 1; }
+  [[nodiscard]] std::uint64_t last_position() const { return first_position + count - 1; }
+  [[nodiscard]] std::uint64_t position_of(std::uint64_t version) const {
+    return first_position + (version - first_version);
+  }
+};
+
+inline std::string run_value(std::uint64_t first_position, std::uint64_t count) {
+  std::string out;
+  out.reserve(16);
+  append_be64(out, first_position);
+  append_be64(out, count);
+  return out;
+}
+
+/// Whether an `events` key is one of `stream`'s.
+inline bool belongs(std::string_view stream, std::string_view key) {
+  return key.size() == stream.size() + 9 && key.substr(0, stream.size()) == stream &&
+         key[stream.size()] == '\0';
+}
+
+/// Reads an `events` entry whose key belongs to `stream`; nullopt if the value is malformed.
+inline std::optional<stream_run> parse_run(std::string_view stream, std::string_view key,
+                                           std::string_view value) {
+  if (value.size() != 16) return std::nullopt;
+  return stream_run{load_be64(key.substr(stream.size() + 1)), load_be64(value), load_be64(value.substr(8))};
 }
 
 inline std::string dedup_key(const events::event_id& id) {

@@ -94,12 +94,12 @@ void verify(const std::filesystem::path& dir, const std::vector<acknowledged>& a
   std::map<std::string, std::uint64_t> versions;
   std::map<std::string, std::pair<std::size_t, std::size_t>> batches;  // batch -> (seen, declared)
   std::vector<std::string> batch_at{""};                                // by position
-  auto scanned = store->scan(1, [&](const events::record& r) -> expected<void, error> {
+  auto scanned = store->scan(1, [&](const events::record_view& r) -> expected<void, error> {
     EXPECT_EQ(r.position, batch_at.size()) << "positions must be gapless";
-    auto& version = versions[r.stream];
+    auto& version = versions[std::string(r.stream)];
     EXPECT_EQ(r.version, version + 1) << "versions of " << r.stream << " must be gapless";
     version = r.version;
-    std::istringstream payload(r.payload);
+    std::istringstream payload(std::string(reinterpret_cast<const char*>(r.payload.data()), r.payload.size()));
     std::string batch, count;
     payload >> batch >> count;
     batch = batch.substr(6);  // "batch="

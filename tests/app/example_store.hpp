@@ -1,0 +1,47 @@
+#pragma once
+/// Helpers shared by the app tests: an event store holding every example event, and raw damage to
+/// one of its records.
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "storage/event_store.hpp"
+
+namespace gpustream::app::testing {
+
+/// What fill_with_examples appended, for comparison with what a replay reports.
+struct appended_contents {
+  std::vector<std::uint64_t> events_per_type;  ///< indexed by event type number
+  std::set<std::string> streams;
+  std::uint64_t events = 0;
+  std::uint64_t last_position = 0;
+};
+
+/// Appends every example of tests/events/event_examples.hpp, encoded with events::encode_payload,
+/// to `store` in several appends (some touching several streams at once; some types twice), and
+/// returns what it appended. Fails the current test if an append fails. `store` must be empty.
+[[nodiscard]] appended_contents fill_with_examples(storage::event_store& store);
+
+/// Creates a store in `directory`, fills it with fill_with_examples and closes it again.
+[[nodiscard]] appended_contents make_example_store(const std::filesystem::path& directory);
+
+/// Flips one bit of the byte at `offset` (taken modulo the record's size) of the stored record at
+/// global `position`, through raw RocksDB: the column family "global" maps the position as 8
+/// big-endian bytes to the record. The store must be closed. Fails the current test (fatally) if
+/// the record is not there.
+void flip_byte_of_record(const std::filesystem::path& directory, std::uint64_t position,
+                         std::size_t offset);
+
+/// The name and count of every type with a non-zero count in `per_type` (indexed by type number):
+/// exactly what a replay report must list.
+[[nodiscard]] std::map<std::string, std::uint64_t> named_counts(const std::vector<std::uint64_t>& per_type);
+
+/// The per-type table of app::format_text's output as name -> count. Fails the current test on a
+/// line that is not "name count" or on a type listed twice.
+[[nodiscard]] std::map<std::string, std::uint64_t> text_counts(const std::string& text);
+
+}  // namespace gpustream::app::testing
