@@ -3,10 +3,12 @@
 #include <rocksdb/db.h>
 #include <rocksdb/env.h>
 #include <rocksdb/filter_policy.h>
+#include <rocksdb/slice_transform.h>
 #include <rocksdb/table.h>
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <cstring>
 #include <condition_variable>
 #include <deque>
 #include <future>
@@ -95,8 +97,25 @@ struct database {
   std::vector<rocksdb::ColumnFamilyHandle*> all_handles;  // includes unknown families
 };
 
+/// The stream part of an `events` key (up to and including its 0x00): lets the memtable remember
+/// where each stream's last insert went, so appends to many streams at once stay cheap.
+class stream_prefix final : public rocksdb::SliceTransform {
+ public:
+  const char* Name() const override { return "gpustream.stream_prefix"; }
+  rocksdb::Slice Transform(const rocksdb::Slice& key) const override {
+    const auto* zero = static_cast<const char*>(std::memchr(key.data(), 0, key.size()));
+    return {key.data(), static_cast<std::size_t>(zero - key.data()) + 1};
+  }
+  bool InDomain(const rocksdb::Slice& key) const override {
+    return std::memchr(key.data(), 0, key.size()) != nullptr;
+  }
+};
+
 rocksdb::ColumnFamilyOptions column_options(column c) {
   rocksdb::ColumnFamilyOptions options;
+  if (c == cf_events) {
+    options.memtable_insert_with_hint_prefix_extractor = std::make_shared<stream_prefix>();
+  }
   if (c == cf_dedup || c == cf_events) {
     // Appends probe these for keys that almost never exist: bloom filters make misses cheap,
     // in SST files and in the memtable.
@@ -255,6 +274,22 @@ std::string describe(const events::record_view& r) {
          " (position " + std::to_string(r.position) + ")";
 }
 
+/// Whether two appends are the same: same streams, same event ids in the same order.
+bool same_append(const std::vector<stream_append>& a, const std::vector<stream_append>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const auto& x, const auto& y) {
+    return x.stream == y.stream &&
+           std::equal(x.events.begin(), x.events.end(), y.events.begin(), y.events.end(),
+                      [](const auto& e, const auto& f) { return e.id == f.id; });
+  });
+}
+
+error reused_id(const events::event_id& id) {
+  return make_error(errc::event_id_conflict,
+                    "event id " + id.to_string() +
+                        " already begins another append (different streams, events or count); "
+                        "retry an append only whole and unchanged, and give new appends new ids");
+}
+
 struct id_hash {
   std::size_t operator()(const events::event_id& id) const noexcept {
     return static_cast<std::size_t>(id.high * 0x9E3779B97F4A7C15ull ^ id.low);
@@ -290,7 +325,13 @@ class event_store::impl {
       stopping_ = true;
     }
     queue_cv_.notify_all();
-    if (writer_.joinable()) writer_.join();
+    if (writer_.joinable()) writer_.join();  // the writer commits what is queued before it stops
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_stopping_ = true;
+    }
+    sync_cv_.notify_all();
+    if (syncer_.joinable()) syncer_.join();
   }
 
   expected<void, error> start() {
@@ -301,7 +342,11 @@ class event_store::impl {
     if (!last) return unexpected{last.error()};
     last_position_.store(*last);
     next_position_ = *last + 1;
+    synced_ = *last;
     if (!options_.read_only) writer_ = std::thread([this] { writer_loop(); });
+    if (!options_.read_only && options_.mode == durability::sync) {
+      syncer_ = std::thread([this] { syncer_loop(); });
+    }
     return {};
   }
 
@@ -349,12 +394,23 @@ class event_store::impl {
   struct group_state {
     rocksdb::WriteBatch batch;
     std::unordered_map<std::string, std::uint64_t> heads;
-    std::unordered_map<events::event_id, std::size_t, id_hash> ids;  // id -> its append in the group
+    std::unordered_map<events::event_id, std::size_t, id_hash> appends;  // first id -> index in group
     std::uint64_t next_position = 0;
+  };
+
+  /// A committed group waiting for the syncer: its answers, given once the log is durable through
+  /// `durable_through`.
+  struct written_group {
+    std::vector<pending_append> items;
+    std::vector<expected<append_result, error>> outcomes;
+    std::uint64_t durable_through = 0;
   };
 
   std::vector<pending_append> take_group();
   void writer_loop();
+  void syncer_loop();
+  void publish(std::uint64_t position);
+  void deliver(written_group& group, const expected<void, error>& durable);
   void commit_group(std::vector<pending_append>& group);
   expected<void, error> recover_if_needed();
   staged stage(const std::vector<stream_append>& request, std::size_t index, group_state& group,
@@ -362,7 +418,7 @@ class event_store::impl {
   expected<void, error> validate(const std::vector<stream_append>& request) const;
   expected<std::uint64_t, error> head_of(const std::string& stream, const group_state& group);
   expected<append_result, error> stored_result(const std::vector<stream_append>& request,
-                                               const std::vector<std::uint64_t>& positions);
+                                               std::uint64_t first_position, std::uint64_t count);
   rocksdb::WriteOptions write_options() const {
     rocksdb::WriteOptions write;
     write.sync = options_.mode == durability::sync;
@@ -386,6 +442,17 @@ class event_store::impl {
   std::size_t queued_events_ = 0;
   bool stopping_ = false;
   std::thread writer_;
+
+  // The syncer (sync mode only): fsyncs the WAL behind the writer and answers its groups.
+  std::mutex sync_mutex_;
+  std::condition_variable sync_cv_;
+  std::condition_variable sync_idle_cv_;
+  std::deque<written_group> sync_queue_;
+  std::size_t sync_in_flight_ = 0;  // groups queued or being synced
+  bool sync_stopping_ = false;
+  std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
+  std::uint64_t synced_ = 0;  // the log is durable through here; syncer's, or the writer's while idle
+  std::thread syncer_;
 
   std::atomic<std::uint64_t> last_position_{0};
   mutable std::mutex position_mutex_;
@@ -497,7 +564,13 @@ void event_store::impl::writer_loop() {
 }
 
 expected<void, error> event_store::impl::recover_if_needed() {
+  if (sync_failed_.exchange(false)) reopen_needed_ = true;
   if (!reopen_needed_) return {};
+  {
+    // Reopen only once every group already written has been answered.
+    std::unique_lock idle(sync_mutex_);
+    sync_idle_cv_.wait(idle, [&] { return sync_in_flight_ == 0; });
+  }
   std::unique_lock lock(db_mutex_);
   db_.reset();
   auto opened = open_database(directory_, env(), false);
@@ -509,7 +582,9 @@ expected<void, error> event_store::impl::recover_if_needed() {
   heads_.clear();
   next_position_ = *last + 1;
   last_position_.store(*last);
+  synced_ = *last;  // the syncer is idle; recovery flushed the replayed WAL into synced tables
   reopen_needed_ = false;
+  sync_failed_.store(false);
   return {};
 }
 
@@ -525,8 +600,12 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       decisions.push_back(stage(group[i].request, i, state, group));
     }
     if (state.batch.Count() > 0) {
+      // In `sync` mode the WAL is fsynced by the syncer thread, so that this thread can prepare the
+      // next group meanwhile; readers see nothing before last_position_ says it is acknowledged.
+      rocksdb::WriteOptions write;
+      write.sync = false;
       std::shared_lock lock(db_mutex_);
-      const auto status = db_->db->Write(write_options(), &state.batch);
+      const auto status = db_->db->Write(write, &state.batch);
       if (status.ok()) {
         written = true;
       } else {
@@ -539,13 +618,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
     if (heads_.size() + state.heads.size() > options_.head_cache_streams_max) heads_.clear();
     for (auto& [stream, head] : state.heads) heads_[stream] = head;
     next_position_ = state.next_position;
-    {
-      std::lock_guard lock(position_mutex_);
-      last_position_.store(next_position_ - 1);
-    }
-    position_cv_.notify_all();
   }
-  // Deliver outcomes: nothing is acknowledged unless its batch was written.
   std::vector<expected<append_result, error>> outcomes;
   outcomes.reserve(group.size());
   for (std::size_t i = 0; i < group.size(); ++i) {
@@ -559,7 +632,74 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       outcomes.push_back(std::move(decisions[i].result));
     }
   }
-  for (std::size_t i = 0; i < group.size(); ++i) group[i].done(std::move(outcomes[i]));
+  // Acknowledge what this group answers (new events, and retries of earlier appends) once the log
+  // is durable through the last position any of its answers names.
+  std::uint64_t durable_through = 0;
+  for (const auto& outcome : outcomes) {
+    if (outcome) durable_through = std::max(durable_through, outcome->last_position);
+  }
+  written_group done{std::move(group), std::move(outcomes), durable_through};
+  if (options_.mode == durability::sync) {
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_queue_.push_back(std::move(done));
+      ++sync_in_flight_;
+    }
+    sync_cv_.notify_one();
+    return;
+  }
+  publish(done.durable_through);
+  deliver(done, {});
+}
+
+void event_store::impl::publish(std::uint64_t position) {
+  {
+    std::lock_guard lock(position_mutex_);
+    if (position <= last_position_.load()) return;
+    last_position_.store(position);
+  }
+  position_cv_.notify_all();
+}
+
+void event_store::impl::deliver(written_group& group, const expected<void, error>& durable) {
+  for (std::size_t i = 0; i < group.items.size(); ++i) {
+    auto& outcome = group.outcomes[i];
+    if (!durable && outcome) outcome = unexpected{durable.error()};  // not acknowledged after all
+    group.items[i].done(std::move(outcome));
+  }
+}
+
+void event_store::impl::syncer_loop() {
+  for (;;) {
+    std::deque<written_group> batch;
+    {
+      std::unique_lock lock(sync_mutex_);
+      sync_cv_.wait(lock, [&] { return sync_stopping_ || !sync_queue_.empty(); });
+      if (sync_queue_.empty()) return;  // stopping, and everything delivered
+      batch.swap(sync_queue_);
+    }
+    // One fsync makes every group written so far durable.
+    std::uint64_t through = 0;
+    for (const auto& g : batch) through = std::max(through, g.durable_through);
+    expected<void, error> durable;
+    if (through > synced_) {
+      std::shared_lock lock(db_mutex_);
+      const auto status = db_->db->SyncWAL();
+      if (status.ok()) {
+        synced_ = through;
+      } else {
+        durable = unexpected{translate(status, "syncing the event log")};
+        sync_failed_.store(true);
+      }
+    }
+    if (durable) publish(synced_);
+    for (auto& g : batch) deliver(g, durable);
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_in_flight_ -= batch.size();
+    }
+    sync_idle_cv_.notify_all();
+  }
 }
 
 expected<void, error> event_store::impl::validate(const std::vector<stream_append>& request) const {
@@ -633,60 +773,26 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
   };
   if (auto valid = validate(request); !valid) return fail(valid.error());
 
-  // Idempotency: all ids new, or all ids one earlier append's (then answer as it was answered).
-  std::vector<std::string> id_keys;
-  std::vector<const events::event_id*> ids;
-  for (const auto& s : request) {
-    for (const auto& e : s.events) {
-      id_keys.push_back(keys::dedup_key(e.id));
-      ids.push_back(&e.id);
-    }
-  }
-  const std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
-  std::vector<rocksdb::PinnableSlice> stored(id_keys.size());
-  std::vector<rocksdb::Status> statuses(id_keys.size());
-  {
-    std::shared_lock lock(db_mutex_);
-    db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
-                      stored.data(), statuses.data());
-  }
-  std::size_t in_store = 0;
-  std::set<std::size_t> earlier;  // in-group appends that already hold some of these ids
-  std::size_t in_group = 0;
-  std::vector<std::uint64_t> positions;
-  for (std::size_t i = 0; i < ids.size(); ++i) {
-    if (auto it = group.ids.find(*ids[i]); it != group.ids.end()) {
-      ++in_group;
-      earlier.insert(it->second);
-    } else if (statuses[i].ok() && stored[i].size() == 8) {
-      ++in_store;
-      positions.push_back(keys::load_be64(stored[i].ToStringView()));
-    } else if (!statuses[i].IsNotFound()) {
-      return fail(statuses[i].ok() ? make_error(errc::corruption, "dedup entry is not 8 bytes")
-                                   : translate(statuses[i], "checking event ids"));
-    }
-  }
-  if (in_store == ids.size()) {
-    decision.outcome = stored_result(request, positions);
+  // Idempotency: an append is known by the id of its first event. A retry (the same ids, streams
+  // and counts) is answered as the first attempt was; anything else reusing that id is a conflict.
+  const auto& first_id = request.front().events.front().id;
+  if (auto it = group.appends.find(first_id); it != group.appends.end()) {
+    if (!same_append(pending[it->second].request, request)) return fail(reused_id(first_id));
+    decision.same_as = it->second;
     return decision;
   }
-  if (in_group == ids.size() && earlier.size() == 1) {
-    const auto& first = pending[*earlier.begin()].request;
-    const bool same_shape = std::equal(
-        first.begin(), first.end(), request.begin(), request.end(), [](const auto& a, const auto& b) {
-          return a.stream == b.stream && a.events.size() == b.events.size();
-        });
-    if (same_shape) {
-      decision.same_as = *earlier.begin();
-      return decision;
-    }
+  std::string stored;
+  rocksdb::Status found;
+  {
+    std::shared_lock lock(db_mutex_);
+    found = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup), slice(keys::dedup_key(first_id)), &stored);
   }
-  if (in_group + in_store > 0) {
-    return fail(make_error(errc::event_id_conflict,
-                           "some event ids of this append are already recorded and others are "
-                           "new (or they belong to a different append); retry an append only "
-                           "whole and unchanged"));
+  if (found.ok()) {
+    if (stored.size() != 16) return fail(make_error(errc::corruption, "id index entry is not 16 bytes"));
+    decision.outcome = stored_result(request, keys::load_be64(stored), keys::load_be64(std::string_view(stored).substr(8)));
+    return decision;
   }
+  if (!found.IsNotFound()) return fail(translate(found, "checking the append's id"));
 
   // Optimistic concurrency, then stage the events.
   for (const auto& s : request) {
@@ -712,50 +818,48 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
       const events::record r{s.stream, version, position, e.id, now, e.type, e.payload};
       const auto position_key = keys::be64(position);
       group.batch.Put(db_->cf(cf_global), slice(position_key), slice(events::encode_record(r)));
-      group.batch.Put(db_->cf(cf_dedup), slice(keys::dedup_key(e.id)), slice(position_key));
-      group.ids.emplace(e.id, index);
     }
     group.heads[s.stream] = version;
     decision.result.streams.push_back(std::move(where));
   }
   decision.result.last_position = group.next_position - 1;
+  const auto count = decision.result.last_position - decision.result.first_position + 1;
+  group.batch.Put(db_->cf(cf_dedup), slice(keys::dedup_key(first_id)),
+                  slice(keys::run_value(decision.result.first_position, count)));
+  group.appends.emplace(first_id, index);
   return decision;
 }
 
-expected<append_result, error> event_store::impl::stored_result(
-    const std::vector<stream_append>& request, const std::vector<std::uint64_t>& positions) {
-  append_result result;
-  result.first_position = *std::min_element(positions.begin(), positions.end());
-  result.last_position = *std::max_element(positions.begin(), positions.end());
-  std::size_t i = 0;
-  auto conflict = [](const events::event_id& id, const std::string& detail) {
-    return unexpected{make_error(errc::event_id_conflict,
-                                 "event id " + id.to_string() + " is already recorded " + detail +
-                                     "; retry an append only whole and unchanged")};
-  };
+expected<append_result, error> event_store::impl::stored_result(const std::vector<stream_append>& request,
+                                                              std::uint64_t first_position,
+                                                              std::uint64_t count) {
+  const auto& first_id = request.front().events.front().id;
+  std::size_t requested = 0;
+  for (const auto& s : request) requested += s.events.size();
+  if (requested != count) return unexpected{reused_id(first_id)};
+  append_result result{first_position, first_position + count - 1, {}};
+  std::shared_lock lock(db_mutex_);
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  it->Seek(slice(keys::be64(first_position)));
+  std::vector<std::uint64_t> scratch;
+  std::uint64_t position = first_position;
   for (const auto& s : request) {
     stream_result where{s.stream, 0, 0};
     for (const auto& e : s.events) {
-      const std::uint64_t position = positions[i++];
-      std::string value;
-      std::shared_lock lock(db_mutex_);
-      const auto status =
-          db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_global), slice(keys::be64(position)), &value);
-      if (!status.ok()) return unexpected{translate(status, "reading an earlier append")};
-      std::vector<std::uint64_t> scratch;
-      auto r = decode_stored(rocksdb::Slice(value), position, scratch);
+      if (!it->Valid() || it->key().ToStringView() != keys::be64(position)) {
+        if (!it->status().ok()) return unexpected{translate(it->status(), "reading an earlier append")};
+        return unexpected{make_error(errc::corruption, "id index points at missing position " +
+                                                           std::to_string(position))};
+      }
+      auto r = decode_stored(it->value(), position, scratch);
       if (!r) return unexpected{r.error()};
-      if (r->stream != s.stream) return conflict(e.id, "in stream " + std::string(r->stream));
+      if (r->id != e.id || r->stream != s.stream) return unexpected{reused_id(first_id)};
       if (where.first_version == 0) where.first_version = r->version;
-      else if (r->version != where.last_version + 1) return conflict(e.id, "in another append");
       where.last_version = r->version;
+      it->Next();
+      ++position;
     }
     result.streams.push_back(std::move(where));
-  }
-  if (result.last_position - result.first_position + 1 != positions.size()) {
-    return unexpected{make_error(errc::event_id_conflict,
-                                 "the event ids of this append were recorded by several appends; "
-                                 "retry an append only whole and unchanged")};
   }
   return result;
 }
@@ -986,11 +1090,12 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
   if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
   const auto last = last_position_.load();
   event_store::index_report report;
-  std::vector<std::uint64_t> fingerprints(last + 1, 0);
+  std::vector<std::uint64_t> fingerprints(last + 1, 0);     // of (stream, version), by position
+  std::vector<events::event_id> ids(last + 1);               // by position
   std::vector<bool> covered(last + 1, false);
   auto broken = [](std::string message) { return unexpected{make_error(errc::corruption, std::move(message))}; };
 
-  // Every record: remember what it is, and find it through its event id.
+  // Every record: remember what it is.
   std::vector<std::uint64_t> scratch;
   std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
   for (global->SeekToFirst(); global->Valid(); global->Next()) {
@@ -1003,13 +1108,7 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     auto r = decode_stored(global->value(), position, scratch);
     if (!r) return unexpected{r.error()};
     fingerprints[position] = fingerprint(r->stream, r->version);
-    std::string found;
-    const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup),
-                                     slice(keys::dedup_key(r->id)), &found);
-    if (!status.ok() || found.size() != 8 || keys::load_be64(found) != position) {
-      return broken("event id " + r->id.to_string() + " of " + describe(*r) +
-                    (status.ok() ? " is indexed at another position" : " is missing from the id index"));
-    }
+    ids[position] = r->id;
     ++report.events;
   }
   if (!global->status().ok()) return unexpected{translate(global->status(), "verifying the log")};
@@ -1049,14 +1148,27 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     if (!covered[p]) return broken("the record at position " + std::to_string(p) + " is in no stream index");
   }
 
-  // Nothing indexed by id that is not in the log: the id index has exactly one entry per record.
-  std::uint64_t ids = 0;
-  std::unique_ptr<rocksdb::Iterator> dedup(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_dedup)));
-  for (dedup->SeekToFirst(); dedup->Valid(); dedup->Next()) ++ids;
-  if (!dedup->status().ok()) return unexpected{translate(dedup->status(), "verifying the id index")};
-  if (ids != report.events) {
-    return broken("the id index has " + std::to_string(ids) + " entries for " +
-                  std::to_string(report.events) + " records");
+  // Every append is known by its first event's id, and the appends cover every record once.
+  std::fill(covered.begin(), covered.end(), false);
+  std::unique_ptr<rocksdb::Iterator> appends(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_dedup)));
+  for (appends->SeekToFirst(); appends->Valid(); appends->Next()) {
+    const auto key = appends->key().ToStringView();
+    const auto value = appends->value().ToStringView();
+    if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
+    const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
+    const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));
+    if (first == 0 || count == 0 || first + count - 1 > last || ids[first] != id) {
+      return broken("id index entry of " + id.to_string() + " does not point at its first event");
+    }
+    for (auto p = first; p < first + count; ++p) {
+      if (covered[p]) return broken("position " + std::to_string(p) + " belongs to two appends");
+      covered[p] = true;
+    }
+    ++report.appends;
+  }
+  if (!appends->status().ok()) return unexpected{translate(appends->status(), "verifying the id index")};
+  for (std::uint64_t p = 1; p <= last; ++p) {
+    if (!covered[p]) return broken("the record at position " + std::to_string(p) + " belongs to no append");
   }
   return report;
 }

@@ -147,7 +147,10 @@ class event_store {
   event_store& operator=(const event_store&) = delete;
 
   /// Appends atomically: every event of every stream, or none. Blocks until acknowledged (after
-  /// fsync in `sync` mode). Retrying an append with the same event ids returns the first result.
+  /// fsync in `sync` mode). An append is known by the id of its first event: retrying it whole
+  /// (same streams, same ids in the same order) returns the first result and writes nothing;
+  /// reusing that id for anything else is an event_id_conflict. Ids of later events in an append
+  /// are stored but not indexed, so callers must derive ids from their commands (unique per append).
   [[nodiscard]] expected<append_result, error> append(std::vector<stream_append> request);
 
   using append_callback = std::function<void(expected<append_result, error>)>;
@@ -174,12 +177,14 @@ class event_store {
 
   /// What verify_indexes checked.
   struct index_report {
-    std::uint64_t events = 0;   ///< records in the log, each found through its event id
+    std::uint64_t events = 0;   ///< records in the log
     std::uint64_t streams = 0;  ///< streams in the stream index
     std::uint64_t runs = 0;     ///< stream index entries, together covering every record once
+    std::uint64_t appends = 0;  ///< id index entries, together covering every record once
   };
-  /// Checks that the stream index and the event id index agree with the log: every record is
-  /// reachable from its stream and version and from its event id, and nothing else is indexed.
+  /// Checks that the stream index and the append id index agree with the log: every record is
+  /// reachable from its stream and version and belongs to exactly one append, which is found
+  /// through its first event's id; nothing else is indexed.
   /// The first disagreement is reported as corruption. Reads everything: for `replay --verify`.
   [[nodiscard]] expected<index_report, error> verify_indexes() const;
 

@@ -4,7 +4,8 @@
 ///   global       big-endian position               -> encoded record (events/record.hpp)
 ///   events       stream ‖ 0x00 ‖ big-endian first version -> big-endian first position ‖ count
 ///                (one entry per run: the consecutive events one append gave one stream)
-///   dedup        event id (16 bytes, big-endian)   -> big-endian position
+///   dedup        id of an append's first event (16 bytes, big-endian)
+///                                                  -> big-endian first position ‖ event count
 ///   checkpoints  projection name                   -> big-endian position
 ///   projections  projection name ‖ 0x00 ‖ key      -> value
 ///   snapshots    stream                            -> big-endian version ‖ state ‖ CRC32C (LE)

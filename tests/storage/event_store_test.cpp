@@ -241,17 +241,38 @@ TEST(event_store, concurrent_duplicates_in_one_group_get_the_same_result) {
   EXPECT_EQ(store->last_position(), 2u);
 }
 
-TEST(event_store, partly_known_ids_or_ids_in_another_stream_are_a_conflict) {
+TEST(event_store, reusing_an_appends_first_id_for_anything_else_is_a_conflict) {
   temp_dir dir;
   auto store = open_or_fail(dir.path(), buffered());
   ASSERT_TRUE(store);
-  ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 2)));
-  auto partial = store->append(one_stream("a", any_version, 1, 2, 2));  // ids 2 (known) and 3 (new)
-  ASSERT_FALSE(partial);
-  EXPECT_EQ(partial.error().code, errc::event_id_conflict);
-  auto elsewhere = store->append(one_stream("b", any_version, 1, 1, 2));  // same ids, other stream
-  ASSERT_FALSE(elsewhere);
-  EXPECT_EQ(elsewhere.error().code, errc::event_id_conflict);
+  ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 2)));  // ids (1,1) (1,2)
+  auto code = [&](std::vector<stream_append> request) {
+    auto result = store->append(std::move(request));
+    return result ? std::optional<errc>{} : std::optional<errc>{result.error().code};
+  };
+  EXPECT_EQ(code(one_stream("a", any_version, 1, 1, 3)), errc::event_id_conflict);  // more events
+  EXPECT_EQ(code(one_stream("a", any_version, 1, 1, 1)), errc::event_id_conflict);  // fewer events
+  EXPECT_EQ(code(one_stream("b", any_version, 1, 1, 2)), errc::event_id_conflict);  // another stream
+  EXPECT_EQ(code({{"a", any_version, {make_event(make_id(1, 1), "x"), make_event(make_id(9, 9), "y")}}}),
+            errc::event_id_conflict);  // same first id, another second event
+  EXPECT_EQ(store->last_position(), 2u);
+  auto whole = store->append(one_stream("a", no_stream, 1, 1, 2));  // the true retry still works
+  ASSERT_TRUE(whole) << whole.error().message;
+  EXPECT_EQ(whole->last_position, 2u);
+}
+
+TEST(event_store, a_conflicting_concurrent_duplicate_is_refused) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  std::promise<expected<append_result, error>> a, b;
+  store->append_async(one_stream("s", no_stream, 4, 1, 2), [&](auto r) { a.set_value(std::move(r)); });
+  store->append_async(one_stream("s", any_version, 4, 1, 3), [&](auto r) { b.set_value(std::move(r)); });
+  auto ra = a.get_future().get();
+  auto rb = b.get_future().get();
+  ASSERT_TRUE(ra);
+  ASSERT_FALSE(rb);
+  EXPECT_EQ(rb.error().code, errc::event_id_conflict);
   EXPECT_EQ(store->last_position(), 2u);
 }
 
