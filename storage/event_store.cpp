@@ -395,6 +395,10 @@ class event_store::impl {
     rocksdb::WriteBatch batch;
     std::unordered_map<std::string, std::uint64_t> heads;
     std::unordered_map<events::event_id, std::size_t, id_hash> appends;  // first id -> index in group
+    // What the id index holds for each append's first event id, looked up for the whole group at
+    // once (an empty request is looked up under a nil id and refused by validation).
+    std::vector<rocksdb::PinnableSlice> stored;
+    std::vector<rocksdb::Status> stored_status;
     std::uint64_t next_position = 0;
   };
 
@@ -410,6 +414,8 @@ class event_store::impl {
   void writer_loop();
   void syncer_loop();
   void publish(std::uint64_t position);
+  void set_writer_idle(bool idle);
+  void lookup_first_ids(const std::vector<pending_append>& group, group_state& state);
   void deliver(written_group& group, const expected<void, error>& durable);
   void commit_group(std::vector<pending_append>& group);
   expected<void, error> recover_if_needed();
@@ -451,6 +457,7 @@ class event_store::impl {
   std::size_t sync_in_flight_ = 0;  // groups queued or being synced
   bool sync_stopping_ = false;
   std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
+  bool writer_idle_ = false;              // the writer waits for appends (under sync_mutex_)
   std::uint64_t synced_ = 0;  // the log is durable through here; syncer's, or the writer's while idle
   std::thread syncer_;
 
@@ -517,38 +524,34 @@ expected<void, error> event_store::impl::run_on_writer(const std::function<rocks
 
 std::vector<pending_append> event_store::impl::take_group() {
   std::vector<pending_append> group;
-  std::size_t events = 0;
   std::unique_lock lock(queue_mutex_);
-  queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+  if (queue_.empty() && !stopping_) {
+    set_writer_idle(true);  // lets the syncer fsync now rather than wait for this thread
+    queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    set_writer_idle(false);
+  }
   if (!queue_.empty() && queue_.front().task) {  // a task runs alone
     group.push_back(std::move(queue_.front()));
     queue_.pop_front();
     return group;
   }
-  auto drain = [&] {
-    while (!queue_.empty() && !queue_.front().task &&
-           (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
-      events += queue_.front().event_count;
-      queued_events_ -= queue_.front().event_count;
-      group.push_back(std::move(queue_.front()));
-      queue_.pop_front();
-    }
-  };
-  drain();
-  if (options_.mode != durability::sync || group.empty()) return group;
-  // Hold the group open while appends keep arriving: one fsync then serves them all.
-  const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
-  while (!stopping_ && events < options_.group_commit_events_max) {
-    const auto now = std::chrono::steady_clock::now();
-    if (now >= deadline) break;
-    const auto wait = std::min<std::chrono::steady_clock::duration>(options_.group_commit_quiet,
-                                                                    deadline - now);
-    if (!queue_cv_.wait_for(lock, wait, [&] { return stopping_ || !queue_.empty(); })) break;
-    const std::size_t before = group.size();
-    drain();
-    if (group.size() == before) break;  // the next append does not fit: commit what we have
+  std::size_t events = 0;
+  while (!queue_.empty() && !queue_.front().task &&
+         (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
+    events += queue_.front().event_count;
+    queued_events_ -= queue_.front().event_count;
+    group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
   }
   return group;
+}
+
+void event_store::impl::set_writer_idle(bool idle) {
+  {
+    std::lock_guard lock(sync_mutex_);
+    writer_idle_ = idle;
+  }
+  if (idle) sync_cv_.notify_all();
 }
 
 void event_store::impl::writer_loop() {
@@ -596,6 +599,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   bool written = false;
   if (recovered) {
     state.next_position = next_position_;
+    lookup_first_ids(group, state);
     for (std::size_t i = 0; i < group.size(); ++i) {
       decisions.push_back(stage(group[i].request, i, state, group));
     }
@@ -652,6 +656,22 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   deliver(done, {});
 }
 
+void event_store::impl::lookup_first_ids(const std::vector<pending_append>& group, group_state& state) {
+  std::vector<std::string> id_keys;
+  id_keys.reserve(group.size());
+  for (const auto& item : group) {
+    const auto& r = item.request;
+    const bool has_event = !r.empty() && !r.front().events.empty();
+    id_keys.push_back(keys::dedup_key(has_event ? r.front().events.front().id : events::event_id{}));
+  }
+  const std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
+  state.stored = std::vector<rocksdb::PinnableSlice>(slices.size());
+  state.stored_status.assign(slices.size(), rocksdb::Status());
+  std::shared_lock lock(db_mutex_);
+  db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
+                    state.stored.data(), state.stored_status.data());
+}
+
 void event_store::impl::publish(std::uint64_t position) {
   {
     std::lock_guard lock(position_mutex_);
@@ -676,7 +696,19 @@ void event_store::impl::syncer_loop() {
       std::unique_lock lock(sync_mutex_);
       sync_cv_.wait(lock, [&] { return sync_stopping_ || !sync_queue_.empty(); });
       if (sync_queue_.empty()) return;  // stopping, and everything delivered
-      batch.swap(sync_queue_);
+      // Group commit: while the writer is still writing appends that arrived before now, wait for
+      // them (at most group_commit_wait_max), so that one fsync acknowledges them all.
+      const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
+      for (;;) {
+        std::move(sync_queue_.begin(), sync_queue_.end(), std::back_inserter(batch));
+        sync_queue_.clear();
+        if (writer_idle_ || sync_stopping_) break;
+        if (!sync_cv_.wait_until(lock, deadline, [&] {
+              return writer_idle_ || sync_stopping_ || !sync_queue_.empty();
+            })) {
+          break;
+        }
+      }
     }
     // One fsync makes every group written so far durable.
     std::uint64_t through = 0;
@@ -781,12 +813,8 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     decision.same_as = it->second;
     return decision;
   }
-  std::string stored;
-  rocksdb::Status found;
-  {
-    std::shared_lock lock(db_mutex_);
-    found = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup), slice(keys::dedup_key(first_id)), &stored);
-  }
+  const auto& found = group.stored_status[index];
+  const auto stored = group.stored[index].ToStringView();
   if (found.ok()) {
     if (stored.size() != 16) return fail(make_error(errc::corruption, "id index entry is not 16 bytes"));
     decision.outcome = stored_result(request, keys::load_be64(stored), keys::load_be64(std::string_view(stored).substr(8)));

@@ -37,11 +37,11 @@ enum class durability {
 struct store_options {
   /// Default: sync.
   durability mode = durability::sync;
-  /// Longest time the writer holds a group open for more appends after the first one arrived, in
-  /// `sync` mode only (buffered appends are committed at once). Default: 1 ms.
+  /// Group commit, `sync` mode: the writer commits whatever appends are queued as one batch, and
+  /// a syncer thread fsyncs the log behind it. Before an fsync, the syncer waits for the writer to
+  /// finish the appends it is writing, so that one fsync acknowledges them all, but never longer
+  /// than this. Default: 1 ms.
   std::chrono::microseconds group_commit_wait_max{1000};
-  /// The writer closes a group early when no new append arrived for this long. Default: 100 µs.
-  std::chrono::microseconds group_commit_quiet{100};
   /// Most events committed in one group (one WriteBatch). Default: 8192.
   std::size_t group_commit_events_max = 8192;
   /// Most events waiting for the writer; beyond it appends fail with `overloaded`. Default: 65536.
