@@ -1,5 +1,6 @@
 // The one gpustream executable: every operator command is a subcommand.
 #include <CLI/CLI.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <cstdio>
@@ -10,8 +11,8 @@
 
 namespace {
 
-int run_replay(const std::string& data, bool json) {
-  auto report = gpustream::app::replay_store(data);
+int run_replay(const std::string& data, bool verify, bool json) {
+  auto report = gpustream::app::replay_store(data, verify);
   if (!report) {
     std::fprintf(stderr, "replay: problem at position %llu: %s\n",
                  static_cast<unsigned long long>(report.error().position),
@@ -47,13 +48,16 @@ int main(int argc, char** argv) {
       "replay", "read the whole log, check every record, print counts per event type and the rate");
   replay_cmd->add_option("--data", replay_data, "data directory of the event store")->capture_default_str();
   replay_cmd->add_flag("--verify", replay_verify,
-                       "check the log's invariants and exit non-zero naming the first violation "
-                       "(CRCs, gapless positions and versions, decodable payloads; always on)");
+                       "also check that the stream and append id indexes agree with the log "
+                       "(the log itself is always checked: CRCs, gapless positions and versions, "
+                       "decodable payloads); exit 1 naming the first problem");
   replay_cmd->add_flag("--json", replay_json, "print the report as JSON");
 
   CLI11_PARSE(cli, argc, argv);
+  // Logs go to stderr, like every diagnostic; stdout carries only command output (replay's report).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("gpustream"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %n %v");
   if (*serve_cmd) return gpustream::app::run_serve(serve);
-  if (*replay_cmd) return run_replay(replay_data, replay_json);
+  if (*replay_cmd) return run_replay(replay_data, replay_verify, replay_json);
   return 2;
 }

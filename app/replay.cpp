@@ -71,7 +71,7 @@ class log_checker {
 
 }  // namespace
 
-expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data) {
+expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data, bool verify) {
   storage::store_options options;
   options.read_only = true;
   auto store = storage::event_store::open(data, options);
@@ -89,6 +89,13 @@ expected<replay_report, replay_problem> replay_store(const std::filesystem::path
   }
   report.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  if (verify) {
+    auto indexes = (*store)->verify_indexes();
+    if (!indexes) return unexpected{replay_problem{0, indexes.error().message}};
+    report.indexes_verified = true;
+    report.index_runs = indexes->runs;
+    report.index_appends = indexes->appends;
+  }
   return report;
 }
 
@@ -109,6 +116,12 @@ std::string format_text(const replay_report& report) {
                 static_cast<unsigned long long>(report.last_position), report.seconds,
                 report.events_per_second());
   out += line;
+  if (report.indexes_verified) {
+    std::snprintf(line, sizeof line, "indexes verified: %llu stream runs, %llu appends\n",
+                  static_cast<unsigned long long>(report.index_runs),
+                  static_cast<unsigned long long>(report.index_appends));
+    out += line;
+  }
   return out;
 }
 
@@ -125,6 +138,11 @@ std::string format_json(const replay_report& report) {
   out["seconds"] = report.seconds;
   out["events_per_second"] = report.events_per_second();
   out["events_per_type"] = std::move(types);
+  if (report.indexes_verified) {
+    out["indexes_verified"] = true;
+    out["index_runs"] = report.index_runs;
+    out["index_appends"] = report.index_appends;
+  }
   return boost::json::serialize(out) + "\n";
 }
 

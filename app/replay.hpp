@@ -17,7 +17,10 @@ struct replay_report {
   std::uint64_t streams = 0;
   std::uint64_t last_position = 0;
   std::vector<std::uint64_t> events_per_type;  ///< indexed by event type number
-  double seconds = 0;
+  double seconds = 0;  ///< the replay itself, without --verify's index checks
+  bool indexes_verified = false;  ///< --verify also checked the stream and append id indexes
+  std::uint64_t index_runs = 0;     ///< stream index entries checked
+  std::uint64_t index_appends = 0;  ///< append id index entries checked
   [[nodiscard]] double events_per_second() const { return seconds > 0 ? events / seconds : 0; }
 };
 
@@ -27,8 +30,10 @@ struct replay_problem {
   std::string message;
 };
 
-/// Replays the store in `data` (opened read-only, so a running `serve` may keep it open).
-[[nodiscard]] expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data);
+/// Replays the store in `data` (opened read-only, so a running `serve` may keep it open). With
+/// `verify`, also checks that the store's indexes agree with the log (event_store::verify_indexes).
+[[nodiscard]] expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data,
+                                                                   bool verify = false);
 
 /// Human-readable report: counts per type, last position, rate.
 [[nodiscard]] std::string format_text(const replay_report& report);

@@ -1,6 +1,7 @@
 #include "gateway/http_server.hpp"
 
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ip/basic_resolver.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -121,9 +122,14 @@ class http_server::impl {
 
   expected<void, std::string> start() {
     beast::error_code ec;
-    const auto address = asio::ip::make_address(options_.host, ec);
-    if (ec) return unexpected{"invalid listen address '" + options_.host + "': " + ec.message()};
-    const tcp::endpoint endpoint{address, options_.port};
+    // A host name (e.g. localhost) listens on the first address it resolves to.
+    tcp::resolver resolver(io_);
+    const auto resolved = resolver.resolve(options_.host, std::to_string(options_.port),
+                                           tcp::resolver::passive | tcp::resolver::numeric_service, ec);
+    if (ec || resolved.empty()) {
+      return unexpected{"cannot resolve listen address '" + options_.host + "': " + ec.message()};
+    }
+    const tcp::endpoint endpoint = resolved.begin()->endpoint();
     const std::string where = options_.host + ":" + std::to_string(options_.port);
     (void)acceptor_.open(endpoint.protocol(), ec);
     if (!ec) (void)acceptor_.set_option(asio::socket_base::reuse_address(true), ec);

@@ -36,6 +36,7 @@ namespace {
 using namespace std::chrono_literals;
 using storage::testing::temp_dir;
 using testing::appended_contents;
+using testing::delete_first_index_entry;
 using testing::make_example_store;
 using testing::named_counts;
 using testing::text_counts;
@@ -345,6 +346,19 @@ TEST(cli_replay, prints_the_count_of_each_type_and_the_last_position) {
   EXPECT_EQ(run.err, "");
 }
 
+TEST(cli_replay, verify_reports_the_index_checks) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  const auto result = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(result.exit_code, 0) << result.err;
+  EXPECT_NE(result.out.find("indexes verified"), std::string::npos) << result.out;
+  delete_first_index_entry(dir.path(), "dedup");
+  const auto broken = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(broken.exit_code, 1) << broken.out;
+  EXPECT_NE(broken.err.find("problem"), std::string::npos) << broken.err;
+}
+
 TEST(cli_replay, json_is_valid_and_carries_the_counts) {
   temp_dir dir;
   const auto contents = make_example_store(dir.path());
@@ -448,9 +462,9 @@ running_serve start_serve(const std::filesystem::path& data, const std::string& 
   if (!serve.child->started()) return serve;
   // spdlog's default logger writes to stdout; look at both streams so a change of sink is harmless.
   (void)serve.child->read_until([&] {
-    return listening_port(serve.child->out()) != 0 || listening_port(serve.child->err()) != 0;
+    return listening_port(serve.child->err()) != 0;
   });
-  serve.port = std::max(listening_port(serve.child->out()), listening_port(serve.child->err()));
+  serve.port = listening_port(serve.child->err());  // logs go to stderr
   return serve;
 }
 
@@ -535,7 +549,7 @@ TEST_F(cli_serve, sigterm_stops_it_with_exit_code_0) {
   const auto code = serve_.child->wait_exit();
   ASSERT_TRUE(code.has_value()) << "serve still runs after SIGTERM; " << serve_.child->output();
   EXPECT_EQ(*code, 0) << serve_.child->output();
-  EXPECT_NE(serve_.child->out().find("stopping signal=" + std::to_string(SIGTERM)), std::string::npos)
+  EXPECT_NE(serve_.child->err().find("stopping signal=" + std::to_string(SIGTERM)), std::string::npos)
       << serve_.child->output();
   // It closed the store cleanly: a replay finds every event.
   const auto replay = run_gpustream({"replay", "--data", dir_.path().string()});

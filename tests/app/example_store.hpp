@@ -33,6 +33,10 @@ struct appended_contents {
 /// global `position`, through raw RocksDB: the column family "global" maps the position as 8
 /// big-endian bytes to the record. The store must be closed. Fails the current test (fatally) if
 /// the record is not there.
+/// Deletes the first key of the column family `family` (e.g. "dedup", "events") through RocksDB
+/// directly: damage only `replay --verify`'s index checks can see.
+void delete_first_index_entry(const std::filesystem::path& directory, const std::string& family);
+
 void flip_byte_of_record(const std::filesystem::path& directory, std::uint64_t position,
                          std::size_t offset);
 

@@ -17,6 +17,7 @@ namespace {
 using storage::testing::make_id;
 using storage::testing::open_or_fail;
 using storage::testing::temp_dir;
+using testing::delete_first_index_entry;
 using testing::appended_contents;
 using testing::flip_byte_of_record;
 using testing::make_example_store;
@@ -42,6 +43,35 @@ TEST(replay_store, counts_every_appended_event_by_type_stream_and_position) {
   ASSERT_TRUE(report) << report.error().message;
   expect_report_matches(*report, contents);
   EXPECT_GT(report->seconds, 0.0);
+}
+
+TEST(replay_store, verify_checks_both_indexes_of_a_healthy_store) {
+  temp_dir dir;
+  const auto contents = make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto report = replay_store(dir.path(), true);
+  ASSERT_TRUE(report) << report.error().message;
+  expect_report_matches(*report, contents);
+  EXPECT_TRUE(report->indexes_verified);
+  EXPECT_GE(report->index_runs, contents.streams.size());
+  EXPECT_GE(report->index_appends, 1u);
+  EXPECT_LE(report->index_appends, report->index_runs);
+  EXPECT_NE(format_text(*report).find("indexes verified"), std::string::npos);
+}
+
+TEST(replay_store, verify_finds_a_lost_index_entry_that_plain_replay_cannot_see) {
+  for (const std::string family : {"dedup", "events"}) {
+    SCOPED_TRACE(family);
+    temp_dir dir;
+    (void)make_example_store(dir.path());
+    delete_first_index_entry(dir.path(), family);
+    ASSERT_FALSE(::testing::Test::HasFatalFailure());
+    auto plain = replay_store(dir.path(), false);
+    EXPECT_TRUE(plain) << "the log itself is intact";
+    auto verified = replay_store(dir.path(), true);
+    ASSERT_FALSE(verified);
+    EXPECT_FALSE(verified.error().message.empty());
+  }
 }
 
 TEST(replay_store, an_empty_store_replays_to_zero) {
