@@ -464,7 +464,15 @@ class event_store::impl {
   bool sync_stopping_ = false;
   std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
   bool writer_idle_ = false;              // the writer waits for appends (under sync_mutex_)
-  std::uint64_t synced_ = 0;  // the log is durable through here; syncer's, or the writer's while idle
+  std::uint64_t synced_ = 0;
+
+ public:
+  std::atomic<std::uint64_t> stat_groups_{0};
+  std::atomic<std::uint64_t> stat_grouped_appends_{0};
+  std::atomic<std::uint64_t> stat_group_events_max_{0};
+  std::atomic<std::uint64_t> stat_syncs_{0};
+
+ private:  // the log is durable through here; syncer's, or the writer's while idle
   std::thread syncer_;
 
   std::atomic<std::uint64_t> last_position_{0};
@@ -598,6 +606,13 @@ expected<void, error> event_store::impl::recover_if_needed() {
 }
 
 void event_store::impl::commit_group(std::vector<pending_append>& group) {
+  std::size_t group_events = 0;
+  for (const auto& item : group) group_events += item.event_count;
+  stat_groups_.fetch_add(1, std::memory_order_relaxed);
+  stat_grouped_appends_.fetch_add(group.size(), std::memory_order_relaxed);
+  if (group_events > stat_group_events_max_.load(std::memory_order_relaxed)) {
+    stat_group_events_max_.store(group_events, std::memory_order_relaxed);  // only this thread writes
+  }
   std::vector<staged> decisions;
   decisions.reserve(group.size());
   group_state state;
@@ -723,6 +738,7 @@ void event_store::impl::syncer_loop() {
     if (through > synced_) {
       std::shared_lock lock(db_mutex_);
       const auto status = db_->db->SyncWAL();
+      stat_syncs_.fetch_add(1, std::memory_order_relaxed);
       if (status.ok()) {
         synced_ = through;
       } else {
@@ -1297,6 +1313,11 @@ expected<std::optional<std::string>, error> event_store::read_projection(std::st
 }
 
 const store_options& event_store::options() const noexcept { return impl_->options(); }
+
+event_store::statistics event_store::stats() const noexcept {
+  return {impl_->stat_groups_.load(), impl_->stat_grouped_appends_.load(),
+          impl_->stat_group_events_max_.load(), impl_->stat_syncs_.load()};
+}
 
 // ---- subscription ----
 

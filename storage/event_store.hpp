@@ -219,6 +219,15 @@ class event_store {
   [[nodiscard]] expected<std::optional<std::string>, error> read_projection(
       std::string_view name, std::string_view key) const;
 
+  /// Counters since open, for metrics and tests.
+  struct statistics {
+    std::uint64_t groups = 0;             ///< append groups the writer committed
+    std::uint64_t grouped_appends = 0;    ///< appends in those groups
+    std::uint64_t group_events_max = 0;   ///< most events in one group
+    std::uint64_t syncs = 0;              ///< WAL fsyncs by the syncer (`sync` mode)
+  };
+  [[nodiscard]] statistics stats() const noexcept;
+
   [[nodiscard]] const store_options& options() const noexcept;
 
   class impl;

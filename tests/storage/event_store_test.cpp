@@ -374,6 +374,45 @@ TEST(event_store_limits, a_full_append_queue_answers_overloaded) {
   EXPECT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
 }
 
+TEST(event_store_limits, no_group_holds_more_than_group_commit_events_max) {
+  temp_dir dir;
+  store_options options;  // sync: a burst of appends is grouped
+  options.group_commit_events_max = 3;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  constexpr int appends = 60;
+  std::vector<std::promise<expected<append_result, error>>> done(appends);
+  for (int i = 0; i < appends; ++i) {
+    store->append_async(one_stream("s-" + std::to_string(i % 7), any_version, 1, static_cast<std::uint64_t>(i), 1),
+                        [&done, i](auto r) { done[static_cast<std::size_t>(i)].set_value(std::move(r)); });
+  }
+  for (auto& d : done) ASSERT_TRUE(d.get_future().get());
+  const auto stats = store->stats();
+  EXPECT_EQ(stats.grouped_appends, static_cast<std::uint64_t>(appends));
+  EXPECT_LE(stats.group_events_max, 3u);
+  EXPECT_GE(stats.groups, static_cast<std::uint64_t>(appends / 3));
+  // An append larger than the limit still goes through, alone in its group.
+  ASSERT_TRUE(store->append(one_stream("big", no_stream, 2, 1, 5)));
+  EXPECT_EQ(store->stats().group_events_max, 5u);
+}
+
+TEST(event_store_limits, a_tiny_head_cache_still_gives_correct_versions) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.head_cache_streams_max = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  std::map<std::string, std::uint64_t> versions;
+  for (std::uint64_t i = 0; i < 50; ++i) {
+    const auto stream = "s-" + std::to_string(i % 5);
+    auto r = store->append(one_stream(stream, versions[stream], 3, i, 1));  // exact expected version
+    ASSERT_TRUE(r) << r.error().message;
+    versions[stream] += 1;
+    EXPECT_EQ(r->streams.front().last_version, versions[stream]);
+  }
+  for (const auto& [stream, version] : versions) EXPECT_EQ(*store->stream_version(stream), version);
+}
+
 // ---- catch-up subscriptions ----
 
 TEST(event_store_subscription, no_gap_and_no_duplicate_while_appends_run) {
@@ -573,8 +612,10 @@ TEST(event_store_projection, a_stale_checkpoint_is_refused) {
 
 // ---- corruption is detected and located ----
 
-/// Flips one byte of the record stored at `position`, through RocksDB directly.
-void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset) {
+/// Flips one byte of the value stored under `key` in column family `family`, through RocksDB
+/// directly.
+void flip_stored_byte(const std::filesystem::path& dir, const std::string& family, const std::string& key,
+                      std::size_t offset) {
   rocksdb::DBOptions options;
   std::vector<std::string> names;
   ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.string(), &names).ok());
@@ -584,20 +625,41 @@ void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t positio
   rocksdb::DB* raw = nullptr;
   ASSERT_TRUE(rocksdb::DB::Open(options, dir.string(), families, &handles, &raw).ok());
   std::unique_ptr<rocksdb::DB> db(raw);
-  rocksdb::ColumnFamilyHandle* global = nullptr;
+  rocksdb::ColumnFamilyHandle* target = nullptr;
   for (std::size_t i = 0; i < names.size(); ++i) {
-    if (names[i] == "global") global = handles[i];
+    if (names[i] == family) target = handles[i];
   }
-  ASSERT_NE(global, nullptr);
-  std::string key(8, '\0');
-  for (int i = 0; i < 8; ++i) key[static_cast<std::size_t>(i)] = static_cast<char>(position >> (56 - 8 * i));
+  ASSERT_NE(target, nullptr);
   std::string value;
-  ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), global, key, &value).ok());
+  ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), target, key, &value).ok());
   ASSERT_LT(offset, value.size());
   value[offset] = static_cast<char>(value[offset] ^ 0x10);
-  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), global, key, value).ok());
+  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), target, key, value).ok());
   for (auto* h : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
   ASSERT_TRUE(db->Close().ok());
+}
+
+void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset) {
+  std::string key(8, '\0');
+  for (int i = 0; i < 8; ++i) key[static_cast<std::size_t>(i)] = static_cast<char>(position >> (56 - 8 * i));
+  flip_stored_byte(dir, "global", key, offset);
+}
+
+TEST(event_store_corruption, a_damaged_snapshot_is_reported_not_returned) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("acct", no_stream, 1, 1, 3)));
+    ASSERT_TRUE(store->save_snapshot("acct", 3, "state of three events"));
+  }
+  flip_stored_byte(dir.path(), "snapshots", "acct", 12);
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  auto loaded = store->load_snapshot("acct");
+  ASSERT_FALSE(loaded);
+  EXPECT_EQ(loaded.error().code, errc::corruption);
+  EXPECT_NE(loaded.error().message.find("acct"), std::string::npos) << loaded.error().message;
 }
 
 TEST(event_store_corruption, a_flipped_byte_is_reported_with_its_position) {

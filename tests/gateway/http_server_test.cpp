@@ -1,0 +1,111 @@
+// The HTTP server's own limits: open connections and idle connections (headers and bodies are
+// covered end to end in tests/app/cli_test.cpp).
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+
+#include "gateway/http_server.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+/// A connected client socket, closed on scope exit.
+class client {
+ public:
+  explicit client(std::uint16_t port) : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+  }
+  ~client() { ::close(fd_); }
+  client(const client&) = delete;
+  client& operator=(const client&) = delete;
+
+  [[nodiscard]] bool connected() const { return connected_; }
+  void send(const std::string& text) { ASSERT_EQ(::write(fd_, text.data(), text.size()), static_cast<ssize_t>(text.size())); }
+
+  /// Reads until the server closes the connection or `wait_max` passes; returns what arrived and
+  /// whether the connection was closed.
+  std::pair<std::string, bool> read_until_closed(std::chrono::milliseconds wait_max) {
+    std::string text;
+    const auto deadline = std::chrono::steady_clock::now() + wait_max;
+    for (;;) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return {text, false};
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) return {text, false};
+      char buffer[4096];
+      const auto n = ::read(fd_, buffer, sizeof buffer);
+      if (n <= 0) return {text, true};
+      text.append(buffer, static_cast<std::size_t>(n));
+    }
+  }
+
+ private:
+  int fd_;
+  bool connected_ = false;
+};
+
+const std::string healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+std::unique_ptr<http_server> start(http_server_options options) {
+  options.port = 0;
+  auto server = http_server::start(options, [](const http_request&) {
+    return http_response{200, "text/plain", "ok"};
+  });
+  EXPECT_TRUE(server.has_value()) << (server ? "" : server.error());
+  return server ? std::move(server).value() : nullptr;
+}
+
+TEST(http_server, connections_beyond_connections_max_get_503_and_are_closed) {
+  http_server_options options;
+  options.connections_max = 2;
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client first(server->port()), second(server->port());
+  ASSERT_TRUE(first.connected() && second.connected());
+  // Both are served (keep-alive keeps them open) ...
+  first.send(healthz);
+  second.send(healthz);
+  EXPECT_NE(first.read_until_closed(std::chrono::milliseconds(300)).first.find("200 OK"), std::string::npos);
+  EXPECT_NE(second.read_until_closed(std::chrono::milliseconds(300)).first.find("200 OK"), std::string::npos);
+  // ... and a third is refused at once.
+  client third(server->port());
+  ASSERT_TRUE(third.connected());
+  const auto [reply, closed] = third.read_until_closed(std::chrono::seconds(5));
+  EXPECT_NE(reply.find("503"), std::string::npos) << reply;
+  EXPECT_TRUE(closed);
+}
+
+TEST(http_server, an_idle_connection_is_closed_after_idle_timeout) {
+  http_server_options options;
+  options.idle_timeout = std::chrono::seconds(1);
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client idle(server->port());
+  ASSERT_TRUE(idle.connected());
+  const auto started = std::chrono::steady_clock::now();
+  const auto [reply, closed] = idle.read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(closed) << "still open after 10 s";
+  EXPECT_TRUE(reply.empty());
+  EXPECT_GE(std::chrono::steady_clock::now() - started, std::chrono::milliseconds(900));
+}
+
+TEST(http_server, localhost_resolves) {
+  http_server_options options;
+  options.host = "localhost";
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  EXPECT_NE(server->port(), 0);
+}
+
+}  // namespace
+}  // namespace gpustream::gateway
