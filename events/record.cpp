@@ -73,11 +73,14 @@ std::optional<event_id> event_id::parse(std::string_view hex) noexcept {
   return id;
 }
 
-std::string encode_record(const record& r) {
-  // One segment sized for the whole record, so building it allocates once.
-  const auto first_segment_words = static_cast<unsigned>(
-      16 + (r.stream.size() + 8) / sizeof(capnp::word) + (r.payload.size() + 7) / sizeof(capnp::word));
-  capnp::MallocMessageBuilder message(first_segment_words);
+void encode_record_into(const record_view& r, std::string& out) {
+  // One zeroed segment sized for the whole record, reused by this thread: building allocates nothing.
+  const std::size_t segment_words =
+      16 + (r.stream.size() + 8) / sizeof(capnp::word) + (r.payload.size() + 7) / sizeof(capnp::word);
+  thread_local std::vector<capnp::word> segment;
+  if (segment.size() < segment_words) segment.resize(segment_words);
+  std::memset(static_cast<void*>(segment.data()), 0, segment_words * sizeof(capnp::word));
+  capnp::MallocMessageBuilder message(kj::arrayPtr(segment.data(), segment_words));
   auto builder = message.initRoot<schema::Record>();
   builder.setStream(capnp::Text::Reader(r.stream.data(), r.stream.size()));
   builder.setVersion(r.version);
@@ -89,11 +92,18 @@ std::string encode_record(const record& r) {
   builder.setPayload(
       kj::arrayPtr(reinterpret_cast<const kj::byte*>(r.payload.data()), r.payload.size()));
   const std::size_t body_bytes = capnp::computeSerializedSizeInWords(message) * sizeof(capnp::word);
-  std::string out(body_bytes + record_crc_bytes, '\0');
+  out.resize(body_bytes + record_crc_bytes);
   kj::ArrayOutputStream stream(kj::arrayPtr(reinterpret_cast<kj::byte*>(out.data()), body_bytes));
   capnp::writeMessage(stream, message);
   const auto crc = crc32c(std::as_bytes(std::span(out.data(), body_bytes)));
   store_le32(out.data() + body_bytes, crc);
+}
+
+std::string encode_record(const record& r) {
+  std::string out;
+  encode_record_into(record_view{r.stream, r.version, r.position, r.id, r.recorded_at_us, r.type,
+                                 std::as_bytes(std::span(r.payload))},
+                     out);
   return out;
 }
 

@@ -55,6 +55,10 @@ inline constexpr std::size_t record_bytes_max = 16u << 20;
 /// Encodes `r` as Cap'n Proto words followed by their CRC32C (little-endian).
 [[nodiscard]] std::string encode_record(const record& r);
 
+/// The same into `out`, replacing its contents and reusing its capacity: the append path, which
+/// encodes every event without allocating.
+void encode_record_into(const record_view& r, std::string& out);
+
 /// Checks the CRC, then decodes. Input need not be 8-byte aligned. A CRC mismatch is reported with
 /// the stored and computed values; the caller adds where the bytes came from.
 [[nodiscard]] expected<record, decode_error> decode_record(std::span<const std::byte> bytes);

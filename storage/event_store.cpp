@@ -405,6 +405,7 @@ class event_store::impl {
     // once (an empty request is looked up under a nil id and refused by validation).
     std::vector<rocksdb::PinnableSlice> stored;
     std::vector<rocksdb::Status> stored_status;
+    std::string encoded;  // one record at a time, reused
     std::uint64_t next_position = 0;
   };
 
@@ -865,9 +866,10 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     for (const auto& e : s.events) {
       ++version;
       const std::uint64_t position = group.next_position++;
-      const events::record r{s.stream, version, position, e.id, now, e.type, e.payload};
-      const auto position_key = keys::be64(position);
-      group.batch.Put(db_->cf(cf_global), slice(position_key), slice(events::encode_record(r)));
+      const events::record_view r{s.stream, version, position, e.id, now, e.type,
+                                  std::as_bytes(std::span(e.payload))};
+      events::encode_record_into(r, group.encoded);
+      group.batch.Put(db_->cf(cf_global), slice(keys::be64(position)), slice(group.encoded));
     }
     group.heads[s.stream] = version;
     decision.result.streams.push_back(std::move(where));
