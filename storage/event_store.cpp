@@ -12,8 +12,6 @@
 #include <condition_variable>
 #include <deque>
 #include <future>
-#include <map>
-#include <set>
 #include <mutex>
 #include <shared_mutex>
 #include <thread>
