@@ -208,6 +208,9 @@ expected<std::unique_ptr<database>, error> open_database(const std::filesystem::
   db_options.create_missing_column_families = true;
   db_options.env = env;
   db_options.max_background_jobs = 2;
+  // Flushes and compactions sync their files every MiB as they go rather than in one burst at the
+  // end, which would queue the WAL fsyncs of acknowledged appends behind it.
+  db_options.bytes_per_sync = 1u << 20;
 
   std::vector<std::string> existing;
   (void)rocksdb::DB::ListColumnFamilies(db_options, directory.string(), &existing);  // none if new
