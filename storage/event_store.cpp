@@ -120,9 +120,9 @@ rocksdb::ColumnFamilyOptions column_options(column c) {
     table.block_size = 16 * 1024;
     options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
   }
-  if (c == cf_dedup || c == cf_events) {
-    // Appends probe these for keys that almost never exist: bloom filters make misses cheap,
-    // in SST files and in the memtable.
+  if (c == cf_dedup) {
+    // Every append group probes this for ids that almost never exist: bloom filters make misses
+    // cheap, in SST files and in the memtable. (The stream index is only ever iterated.)
     rocksdb::BlockBasedTableOptions table;
     table.filter_policy.reset(rocksdb::NewBloomFilterPolicy(10));
     options.table_factory.reset(rocksdb::NewBlockBasedTableFactory(table));
