@@ -406,13 +406,18 @@ class ratio_reporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const auto& run : runs) {
       auto it = run.counters.find("events_per_s");
-      if (it != run.counters.end()) rates_[run.benchmark_name()] = it->second.value;
+      if (it == run.counters.end()) continue;
+      // With --benchmark_repetitions, the median of the repetitions stands for the benchmark.
+      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
+      if (median || (run.run_type == Run::RT_Iteration && run.repetitions <= 1)) {
+        rates_[run.run_name.str()] = it->second.value;
+      }
     }
     ConsoleReporter::ReportRuns(runs);
   }
   void Finalize() override {
     ConsoleReporter::Finalize();
-    std::printf("\nsummary (events/s; goals from the foundation issue)\n");
+    std::printf("\nsummary (events/s, medians when repeated; goals from the foundation issue)\n");
     line("buffered batch 1000: store / raw WAL", "store_batch1000_buffered", "raw_batch1000_wal_no_fsync", 0.5);
     absolute("sync, 64 async appenders (default: no wait)", "store_sync_64_async/wait_us:0", 100000);
     absolute("sync, 64 async appenders (wait up to 1 ms)", "store_sync_64_async/wait_us:1000", 100000);

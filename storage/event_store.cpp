@@ -21,6 +21,7 @@
 #include "events/crc32c.hpp"
 #include "storage/fault_file_system.hpp"
 #include "storage/keys.hpp"
+#include "storage/log_read_ahead.hpp"
 
 namespace gpustream::storage {
 
@@ -57,6 +58,10 @@ constexpr const char* column_names[cf_count] = {
     "projections", "snapshots"};
 
 error make_error(errc code, std::string message) { return error{code, std::move(message)}; }
+
+/// Scans expected to visit at least this many records read RocksDB on a second thread; shorter
+/// ones are not worth a thread.
+constexpr std::uint64_t scan_read_ahead_events_min = 4096;
 
 /// Translates a RocksDB status at the border of storage/.
 error translate(const rocksdb::Status& status, std::string_view what) {
@@ -256,9 +261,9 @@ bool valid_name(std::string_view name, std::size_t bytes_max) {
 }
 
 /// Decodes a stored record and checks that it is the one its key says it is.
-expected<events::record_view, error> decode_stored(const rocksdb::Slice& value, std::uint64_t position,
+expected<events::record_view, error> decode_stored(std::span<const std::byte> value, std::uint64_t position,
                                                    std::vector<std::uint64_t>& scratch) {
-  auto decoded = events::decode_record_view(bytes_of(value), scratch);
+  auto decoded = events::decode_record_view(value, scratch);
   if (!decoded) {
     return unexpected{make_error(errc::corruption, "record at global position " +
                                                        std::to_string(position) + ": " +
@@ -270,6 +275,11 @@ expected<events::record_view, error> decode_stored(const rocksdb::Slice& value, 
                                      " says it is at position " + std::to_string(decoded->position))};
   }
   return *decoded;
+}
+
+expected<events::record_view, error> decode_stored(const rocksdb::Slice& value, std::uint64_t position,
+                                                   std::vector<std::uint64_t>& scratch) {
+  return decode_stored(bytes_of(value), position, scratch);
 }
 
 error corrupt_index(std::string_view stream) {
@@ -973,8 +983,9 @@ expected<std::uint64_t, error> event_store::impl::scan(std::uint64_t from, std::
                                                       const visitor& visit) const {
   std::shared_lock lock(db_mutex_);
   if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  from = std::max<std::uint64_t>(from, 1);
   const auto acknowledged = last_position_.load();
-  const auto first_key = keys::be64(std::max<std::uint64_t>(from, 1));
+  const auto first_key = keys::be64(from);
   const auto end_key = keys::be64(acknowledged + 1);
   rocksdb::Slice upper(end_key);
   rocksdb::ReadOptions read;
@@ -982,19 +993,35 @@ expected<std::uint64_t, error> event_store::impl::scan(std::uint64_t from, std::
   read.readahead_size = 2u << 20;
   read.fill_cache = false;  // a scan reads each block once: keep the cache for point reads
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(read, db_->cf(cf_global)));
+  it->Seek(slice(first_key));
+  const std::uint64_t expected_count = acknowledged >= from ? std::min<std::uint64_t>(max, acknowledged - from + 1) : 0;
   std::uint64_t visited = 0;
   std::vector<std::uint64_t> scratch;
-  for (it->Seek(slice(first_key)); it->Valid() && visited < max; it->Next()) {
-    if (it->key().size() != 8) {
-      return unexpected{make_error(errc::corruption, "global index key is not 8 bytes")};
+  if (expected_count < scan_read_ahead_events_min) {
+    for (; it->Valid() && visited < max; it->Next()) {
+      if (it->key().size() != 8) {
+        return unexpected{make_error(errc::corruption, "global index key is not 8 bytes")};
+      }
+      auto r = decode_stored(it->value(), keys::load_be64(it->key().ToStringView()), scratch);
+      if (!r) return unexpected{r.error()};
+      if (auto v = visit(*r); !v) return unexpected{v.error()};
+      ++visited;
     }
-    const auto position = keys::load_be64(std::string_view(it->key().data(), 8));
-    auto r = decode_stored(it->value(), position, scratch);
-    if (!r) return unexpected{r.error()};
-    if (auto v = visit(*r); !v) return unexpected{v.error()};
-    ++visited;
+    if (!it->status().ok()) return unexpected{translate(it->status(), "scanning the log")};
+    return visited;
   }
-  if (!it->status().ok()) return unexpected{translate(it->status(), "scanning the log")};
+  // A long scan: RocksDB is read on a second thread while this one checks, decodes and visits.
+  log_read_ahead ahead(std::move(it), max);
+  while (auto batch = ahead.next()) {
+    for (const auto& entry : batch->entries) {
+      auto r = decode_stored(batch->bytes_of(entry), entry.position, scratch);
+      if (!r) return unexpected{r.error()};
+      if (auto v = visit(*r); !v) return unexpected{v.error()};
+      ++visited;
+    }
+    if (batch->failure) return unexpected{*batch->failure};
+    ahead.recycle(std::move(batch));
+  }
   return visited;
 }
 

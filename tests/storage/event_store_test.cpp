@@ -685,6 +685,68 @@ TEST(event_store_corruption, a_flipped_byte_is_reported_with_its_position) {
   EXPECT_EQ(by_stream.error().code, errc::corruption);
 }
 
+// ---- long scans: read ahead on a second thread ----
+
+/// A store with `count` events in appends of 500, across two streams.
+std::unique_ptr<event_store> long_store(const temp_dir& dir, std::uint64_t count) {
+  auto store = open_or_fail(dir.path(), buffered());
+  if (!store) return nullptr;
+  for (std::uint64_t n = 1; n <= count; n += 500) {
+    auto r = store->append(one_stream(n % 1000 == 1 ? "even" : "odd", any_version, 1, n, 500));
+    EXPECT_TRUE(r.has_value());
+  }
+  return store;
+}
+
+TEST(event_store_long_scan, sees_every_record_once_in_order) {
+  temp_dir dir;
+  auto store = long_store(dir, 12'000);  // well over the read-ahead threshold, several batches
+  ASSERT_TRUE(store);
+  std::uint64_t next = 1;
+  auto visited = store->scan(1, [&](const events::record_view& r) -> expected<void, error> {
+    EXPECT_EQ(r.position, next);
+    const std::string payload(reinterpret_cast<const char*>(r.payload.data()), r.payload.size());
+    EXPECT_EQ(payload, "payload-" + std::to_string(next));
+    ++next;
+    return {};
+  });
+  ASSERT_TRUE(visited) << visited.error().message;
+  EXPECT_EQ(*visited, 12'000u);
+  auto tail = store->scan(7'001, [](const events::record_view&) -> expected<void, error> { return {}; });
+  ASSERT_TRUE(tail);
+  EXPECT_EQ(*tail, 5'000u);
+}
+
+TEST(event_store_long_scan, a_visitor_error_stops_it_at_once) {
+  temp_dir dir;
+  auto store = long_store(dir, 10'000);
+  ASSERT_TRUE(store);
+  std::uint64_t seen = 0;
+  auto visited = store->scan(1, [&](const events::record_view& r) -> expected<void, error> {
+    ++seen;
+    if (r.position == 4'321) return unexpected{error{errc::invalid_argument, "stop here"}};
+    return {};
+  });
+  ASSERT_FALSE(visited);
+  EXPECT_EQ(visited.error().message, "stop here");
+  EXPECT_EQ(seen, 4'321u);
+}
+
+TEST(event_store_long_scan, corruption_is_reported_with_its_position) {
+  temp_dir dir;
+  {
+    auto store = long_store(dir, 10'000);
+    ASSERT_TRUE(store);
+  }
+  flip_byte_of_record(dir.path(), 6'789, 40);
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  auto visited = store->scan(1, [](const events::record_view&) -> expected<void, error> { return {}; });
+  ASSERT_FALSE(visited);
+  EXPECT_EQ(visited.error().code, errc::corruption);
+  EXPECT_NE(visited.error().message.find("position 6789"), std::string::npos) << visited.error().message;
+}
+
 // ---- format versions ----
 
 TEST(event_store_format, a_newer_format_is_refused_naming_both_versions) {
