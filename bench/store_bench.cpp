@@ -419,11 +419,11 @@ class ratio_reporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     std::printf("\nsummary (events/s, medians when repeated; goals from the foundation issue)\n");
     line("buffered batch 1000: store / raw WAL", "store_batch1000_buffered", "raw_batch1000_wal_no_fsync", 0.5);
-    absolute("sync, 64 async appenders (default: no wait)", "store_sync_64_async/wait_us:0", 100000);
-    absolute("sync, 64 async appenders (wait up to 1 ms)", "store_sync_64_async/wait_us:1000", 100000);
-    absolute("sync, 64 blocking threads (default: no wait)", "store_sync_64_threads/wait_us:0", 100000);
-    absolute("sync, 64 blocking threads (wait up to 1 ms)", "store_sync_64_threads/wait_us:1000", 100000);
-    line("sync 64 async: store / raw fsync per event", "store_sync_64_async/wait_us:0", "raw_single_fsync", 0);
+    absolute("sync, 64 async appenders (default: wait up to 1 ms)", "store_sync_64_async/wait_us:1000", 100000);
+    absolute("sync, 64 async appenders (no wait)", "store_sync_64_async/wait_us:0", 100000);
+    absolute("sync, 64 blocking threads (default: wait up to 1 ms)", "store_sync_64_threads/wait_us:1000", 100000);
+    absolute("sync, 64 blocking threads (no wait)", "store_sync_64_threads/wait_us:0", 100000);
+    line("sync 64 async: store / raw fsync per event", "store_sync_64_async/wait_us:1000", "raw_single_fsync", 0);
     line("replay 1M (read+CRC+decode) / raw iterator scan", "store_replay_1m", "raw_scan_1m", 0.4);
     line("replay 1M / raw scan of the store's own log", "store_replay_1m", "raw_scan_store_log_1m", 0);
     line("scan records 1M (read+CRC+envelope) / raw scan", "store_scan_records_1m", "raw_scan_1m", 0);

@@ -39,10 +39,10 @@ struct store_options {
   durability mode = durability::sync;
   /// Group commit, `sync` mode: the writer commits every append queued when it is free as one
   /// WriteBatch, and a syncer thread fsyncs the log behind it, one fsync for every batch written
-  /// meanwhile. With a wait, the syncer first lets the writer finish the appends it is writing
-  /// (never longer than this), so that one fsync acknowledges them too; measured on 2 cores,
-  /// waiting lowered throughput (docs/performance.md). Default: 0 (no wait).
-  std::chrono::microseconds group_commit_wait_max{0};
+  /// meanwhile. Before an fsync the syncer lets the writer finish the appends it is writing, so
+  /// that one fsync acknowledges them too, but waits no longer than this (0: never waits).
+  /// Default: 1 ms.
+  std::chrono::microseconds group_commit_wait_max{1000};
   /// Most events committed in one group (one WriteBatch). Default: 8192.
   std::size_t group_commit_events_max = 8192;
   /// Most events waiting for the writer; beyond it appends fail with `overloaded`. Default: 65536.
