@@ -1,0 +1,217 @@
+#pragma once
+/// Internal to storage/: the event store's state and threads, shared by event_store.cpp (opening,
+/// reads, the public face), writer.cpp (appends, group commit, the syncer) and verify_indexes.cpp.
+
+#include <rocksdb/write_batch.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <shared_mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "storage/database.hpp"
+#include "storage/event_store.hpp"
+#include "storage/fault_file_system.hpp"
+
+namespace gpustream::storage {
+
+inline std::int64_t system_clock_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+struct id_hash {
+  std::size_t operator()(const events::event_id& id) const noexcept {
+    return static_cast<std::size_t>(id.high * 0x9E3779B97F4A7C15ull ^ id.low);
+  }
+};
+
+/// One item of the writer's queue: an append, or a task (a projection commit or snapshot save)
+/// that must write through the writer so that failures and recovery are handled in one place.
+struct pending_append {
+  std::vector<stream_append> request;
+  event_store::append_callback done;
+  std::size_t event_count = 0;
+  /// Set for a task: runs on the writer thread with the outcome of recovery (if one was needed).
+  std::function<void(expected<void, error>)> task;
+};
+
+class event_store::impl {
+ public:
+  impl(std::filesystem::path directory, store_options options)
+      : directory_(std::move(directory)), options_(std::move(options)) {
+    if (!options_.clock_us) options_.clock_us = system_clock_us;
+    if (options_.faults) {
+      env_ = rocksdb::NewCompositeEnv(
+          make_fault_file_system(rocksdb::FileSystem::Default(), options_.faults));
+    }
+  }
+
+  ~impl() {
+    {
+      std::lock_guard lock(queue_mutex_);
+      stopping_ = true;
+    }
+    queue_cv_.notify_all();
+    if (writer_.joinable()) writer_.join();  // the writer commits what is queued before it stops
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_stopping_ = true;
+    }
+    sync_cv_.notify_all();
+    if (syncer_.joinable()) syncer_.join();
+  }
+
+  expected<void, error> start() {
+    auto opened = open_database(directory_, env(), options_.read_only);
+    if (!opened) return unexpected{opened.error()};
+    db_ = std::move(opened).value();
+    auto last = read_last_position(*db_);
+    if (!last) return unexpected{last.error()};
+    last_position_.store(*last);
+    next_position_ = *last + 1;
+    synced_ = *last;
+    if (!options_.read_only) writer_ = std::thread([this] { writer_loop(); });
+    if (!options_.read_only && options_.mode == durability::sync) {
+      syncer_ = std::thread([this] { syncer_loop(); });
+    }
+    return {};
+  }
+
+  const store_options& options() const noexcept { return options_; }
+  std::uint64_t last_position() const noexcept { return last_position_.load(); }
+
+  std::uint64_t wait_for_append(std::uint64_t position, std::chrono::milliseconds wait_max) const {
+    std::unique_lock lock(position_mutex_);
+    position_cv_.wait_for(lock, wait_max, [&] { return last_position_.load() > position; });
+    return last_position_.load();
+  }
+
+  void append_async(std::vector<stream_append> request, append_callback done);
+  /// Runs `write` on the writer thread and returns its result; a failed write makes the writer
+  /// reopen the database before its next write, as for appends.
+  expected<void, error> run_on_writer(const std::function<rocksdb::Status()>& write,
+                                      std::string_view what);
+
+  expected<std::vector<events::record>, error> read_stream(std::string_view stream,
+                                                           std::uint64_t from, std::uint64_t to,
+                                                           std::size_t max) const;
+  expected<std::uint64_t, error> scan(std::uint64_t from, std::size_t max, const visitor& visit) const;
+  expected<std::uint64_t, error> stream_version(std::string_view stream) const;
+  expected<event_store::index_report, error> verify_indexes() const;
+
+  expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
+                                      std::string_view state);
+  expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
+  expected<void, error> commit_projection(std::string_view name, std::uint64_t expected_checkpoint,
+                                          std::uint64_t new_checkpoint,
+                                          std::span<const projection_write> writes);
+  expected<std::uint64_t, error> projection_checkpoint(std::string_view name) const;
+  expected<std::optional<std::string>, error> read_projection(std::string_view name,
+                                                              std::string_view key) const;
+
+ private:
+  /// What the writer decided for one append of a group.
+  struct staged {
+    std::optional<expected<append_result, error>> outcome;  // known without writing
+    append_result result;                                     // valid when it must be written
+    std::optional<std::size_t> same_as;                       // an in-group retry of that append
+  };
+
+  /// Per-group scratch state; committed to the writer's caches only if the batch is written.
+  struct group_state {
+    rocksdb::WriteBatch batch;
+    std::unordered_map<std::string, std::uint64_t> heads;
+    std::unordered_map<events::event_id, std::size_t, id_hash> appends;  // first id -> index in group
+    // What the id index holds for each append's first event id, looked up for the whole group at
+    // once (an empty request is looked up under a nil id and refused by validation).
+    std::vector<rocksdb::PinnableSlice> stored;
+    std::vector<rocksdb::Status> stored_status;
+    std::string encoded;  // one record at a time, reused
+    std::uint64_t next_position = 0;
+  };
+
+  /// A committed group waiting for the syncer: its answers, given once the log is durable through
+  /// `durable_through`.
+  struct written_group {
+    std::vector<pending_append> items;
+    std::vector<expected<append_result, error>> outcomes;
+    std::uint64_t durable_through = 0;
+  };
+
+  std::vector<pending_append> take_group();
+  void writer_loop();
+  void syncer_loop();
+  void publish(std::uint64_t position);
+  void set_writer_idle(bool idle);
+  void lookup_first_ids(const std::vector<pending_append>& group, group_state& state);
+  void deliver(written_group& group, const expected<void, error>& durable);
+  void commit_group(std::vector<pending_append>& group);
+  expected<void, error> recover_if_needed();
+  staged stage(const std::vector<stream_append>& request, std::size_t index, group_state& group,
+               const std::vector<pending_append>& pending);
+  expected<void, error> validate(const std::vector<stream_append>& request) const;
+  expected<std::uint64_t, error> head_of(const std::string& stream, const group_state& group);
+  expected<append_result, error> stored_result(const std::vector<stream_append>& request,
+                                               std::uint64_t first_position, std::uint64_t count);
+  rocksdb::WriteOptions write_options() const {
+    rocksdb::WriteOptions write;
+    write.sync = options_.mode == durability::sync;
+    return write;
+  }
+  expected<std::uint64_t, error> read_checkpoint(database& d, std::string_view name) const;
+  rocksdb::Env* env() const { return env_ ? env_.get() : rocksdb::Env::Default(); }
+
+  std::filesystem::path directory_;
+  store_options options_;
+  std::unique_ptr<rocksdb::Env> env_;  // set when faults are injected
+
+  // The database; readers hold the lock shared, the writer exclusively only to reopen it after a
+  // failed write (so that the store's view equals what reached the disk).
+  mutable std::shared_mutex db_mutex_;
+  std::unique_ptr<database> db_;
+
+  std::mutex queue_mutex_;
+  std::condition_variable queue_cv_;
+  std::deque<pending_append> queue_;
+  std::size_t queued_events_ = 0;
+  bool stopping_ = false;
+  std::thread writer_;
+
+  // The syncer (sync mode only): fsyncs the WAL behind the writer and answers its groups.
+  std::mutex sync_mutex_;
+  std::condition_variable sync_cv_;
+  std::condition_variable sync_idle_cv_;
+  std::deque<written_group> sync_queue_;
+  std::size_t sync_in_flight_ = 0;  // groups queued or being synced
+  bool sync_stopping_ = false;
+  std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
+  bool writer_idle_ = false;              // the writer waits for appends (under sync_mutex_)
+  std::uint64_t synced_ = 0;
+
+ public:
+  std::atomic<std::uint64_t> stat_groups_{0};
+  std::atomic<std::uint64_t> stat_grouped_appends_{0};
+  std::atomic<std::uint64_t> stat_group_events_max_{0};
+  std::atomic<std::uint64_t> stat_syncs_{0};
+
+ private:  // the log is durable through here; syncer's, or the writer's while idle
+  std::thread syncer_;
+
+  std::atomic<std::uint64_t> last_position_{0};
+  mutable std::mutex position_mutex_;
+  mutable std::condition_variable position_cv_;
+
+  // Writer thread only.
+  std::uint64_t next_position_ = 1;
+  std::unordered_map<std::string, std::uint64_t> heads_;
+  bool reopen_needed_ = false;
+};
+
+}  // namespace gpustream::storage

@@ -1,0 +1,107 @@
+// event_store::verify_indexes: the stream index and the append id index against the log.
+#include <algorithm>
+
+#include "storage/event_store_impl.hpp"
+#include "storage/keys.hpp"
+
+namespace gpustream::storage {
+
+namespace {
+
+/// A fingerprint of (stream, version), to match index entries against records without keeping
+/// every stream id in memory.
+std::uint64_t fingerprint(std::string_view stream, std::uint64_t version) {
+  return std::hash<std::string_view>{}(stream) * 0x9E3779B97F4A7C15ull ^ (version + 0x632BE59BD9B4E019ull);
+}
+
+}  // namespace
+
+expected<event_store::index_report, error> event_store::impl::verify_indexes() const {
+  std::shared_lock lock(db_mutex_);
+  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  const auto last = last_position_.load();
+  event_store::index_report report;
+  std::vector<std::uint64_t> fingerprints(last + 1, 0);     // of (stream, version), by position
+  std::vector<events::event_id> ids(last + 1);               // by position
+  std::vector<bool> covered(last + 1, false);
+  auto broken = [](std::string message) { return unexpected{make_error(errc::corruption, std::move(message))}; };
+
+  // Every record: remember what it is.
+  std::vector<std::uint64_t> scratch;
+  std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  for (global->SeekToFirst(); global->Valid(); global->Next()) {
+    if (global->key().size() != 8) return broken("global index key is not 8 bytes");
+    const auto position = keys::load_be64(global->key().ToStringView());
+    if (position == 0 || position > last) {
+      return broken("record at position " + std::to_string(position) + " lies beyond the last position " +
+                    std::to_string(last));
+    }
+    auto r = decode_stored(global->value(), position, scratch);
+    if (!r) return unexpected{r.error()};
+    fingerprints[position] = fingerprint(r->stream, r->version);
+    ids[position] = r->id;
+    ++report.events;
+  }
+  if (!global->status().ok()) return unexpected{translate(global->status(), "verifying the log")};
+
+  // Every stream index run: versions contiguous from 1, pointing at exactly those records.
+  std::unique_ptr<rocksdb::Iterator> index(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  std::string stream;
+  std::uint64_t next_version = 1;
+  for (index->SeekToFirst(); index->Valid(); index->Next()) {
+    const auto key = index->key().ToStringView();
+    const auto zero = key.find('\0');
+    if (zero == std::string_view::npos || key.size() != zero + 9) return broken("stream index key is malformed");
+    if (key.substr(0, zero) != stream) {
+      stream = std::string(key.substr(0, zero));
+      next_version = 1;
+      ++report.streams;
+    }
+    const auto run = keys::parse_run(stream, key, index->value().ToStringView());
+    if (!run) return unexpected{corrupt_index(stream)};
+    if (run->first_version != next_version || run->count == 0) {
+      return broken("stream " + stream + " index jumps to version " + std::to_string(run->first_version) +
+                    " where version " + std::to_string(next_version) + " was due");
+    }
+    for (auto v = run->first_version; v <= run->last_version(); ++v) {
+      const auto position = run->position_of(v);
+      if (position > last || covered[position] || fingerprints[position] != fingerprint(stream, v)) {
+        return broken("stream " + stream + " version " + std::to_string(v) + " is indexed at position " +
+                      std::to_string(position) + ", which holds another record");
+      }
+      covered[position] = true;
+    }
+    next_version = run->last_version() + 1;
+    ++report.runs;
+  }
+  if (!index->status().ok()) return unexpected{translate(index->status(), "verifying the stream index")};
+  for (std::uint64_t p = 1; p <= last; ++p) {
+    if (!covered[p]) return broken("the record at position " + std::to_string(p) + " is in no stream index");
+  }
+
+  // Every append is known by its first event's id, and the appends cover every record once.
+  std::fill(covered.begin(), covered.end(), false);
+  std::unique_ptr<rocksdb::Iterator> appends(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_dedup)));
+  for (appends->SeekToFirst(); appends->Valid(); appends->Next()) {
+    const auto key = appends->key().ToStringView();
+    const auto value = appends->value().ToStringView();
+    if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
+    const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
+    const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));
+    if (first == 0 || count == 0 || first + count - 1 > last || ids[first] != id) {
+      return broken("id index entry of " + id.to_string() + " does not point at its first event");
+    }
+    for (auto p = first; p < first + count; ++p) {
+      if (covered[p]) return broken("position " + std::to_string(p) + " belongs to two appends");
+      covered[p] = true;
+    }
+    ++report.appends;
+  }
+  if (!appends->status().ok()) return unexpected{translate(appends->status(), "verifying the id index")};
+  for (std::uint64_t p = 1; p <= last; ++p) {
+    if (!covered[p]) return broken("the record at position " + std::to_string(p) + " belongs to no append");
+  }
+  return report;
+}
+
+}  // namespace gpustream::storage

@@ -1,0 +1,462 @@
+// The append path: the writer thread (validation, idempotency, optimistic concurrency, one
+// WriteBatch per group), the syncer thread (group fsync, acknowledgements) and recovery after a
+// failed write.
+#include <algorithm>
+#include <future>
+#include <unordered_set>
+
+#include "storage/event_store_impl.hpp"
+#include "storage/keys.hpp"
+
+namespace gpustream::storage {
+namespace {
+
+/// Whether two appends are the same: same streams, same event ids in the same order.
+bool same_append(const std::vector<stream_append>& a, const std::vector<stream_append>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const auto& x, const auto& y) {
+    return x.stream == y.stream &&
+           std::equal(x.events.begin(), x.events.end(), y.events.begin(), y.events.end(),
+                      [](const auto& e, const auto& f) { return e.id == f.id; });
+  });
+}
+
+error reused_id(const events::event_id& id) {
+  return make_error(errc::event_id_conflict,
+                    "event id " + id.to_string() +
+                        " already begins another append (different streams, events or count); "
+                        "retry an append only whole and unchanged, and give new appends new ids");
+}
+
+}  // namespace
+
+void event_store::impl::append_async(std::vector<stream_append> request, append_callback done) {
+  std::size_t count = 0;
+  for (const auto& s : request) count += s.events.size();
+  {
+    std::unique_lock lock(queue_mutex_);
+    if (stopping_ || options_.read_only) {
+      lock.unlock();
+      done(unexpected{make_error(errc::closed, options_.read_only
+                                                   ? "the event store was opened read-only"
+                                                   : "the event store is shutting down")});
+      return;
+    }
+    if (queued_events_ + count > options_.append_queue_events_max) {
+      lock.unlock();
+      done(unexpected{make_error(
+          errc::overloaded, "the store's append queue is full (append_queue_events_max " +
+                                std::to_string(options_.append_queue_events_max) +
+                                " events waiting); retry later")});
+      return;
+    }
+    queued_events_ += count;
+    queue_.push_back(pending_append{std::move(request), std::move(done), count, {}});
+  }
+  queue_cv_.notify_one();
+}
+
+expected<void, error> event_store::impl::run_on_writer(const std::function<rocksdb::Status()>& write,
+                                                      std::string_view what) {
+  std::promise<expected<void, error>> promise;
+  pending_append item;
+  item.task = [&](expected<void, error> ready) {
+    if (!ready) return promise.set_value(std::move(ready));
+    std::shared_lock lock(db_mutex_);
+    const auto status = write();
+    if (status.ok()) return promise.set_value({});
+    reopen_needed_ = true;
+    promise.set_value(unexpected{translate(status, what)});
+  };
+  {
+    std::unique_lock lock(queue_mutex_);
+    if (stopping_ || options_.read_only) {
+      return unexpected{make_error(errc::closed, options_.read_only
+                                                     ? "the event store was opened read-only"
+                                                     : "the event store is shutting down")};
+    }
+    queue_.push_back(std::move(item));
+  }
+  queue_cv_.notify_one();
+  return promise.get_future().get();
+}
+
+std::vector<pending_append> event_store::impl::take_group() {
+  std::vector<pending_append> group;
+  std::unique_lock lock(queue_mutex_);
+  if (queue_.empty() && !stopping_) {
+    set_writer_idle(true);  // lets the syncer fsync now rather than wait for this thread
+    queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    set_writer_idle(false);
+  }
+  if (!queue_.empty() && queue_.front().task) {  // a task runs alone
+    group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+    return group;
+  }
+  std::size_t events = 0;
+  while (!queue_.empty() && !queue_.front().task &&
+         (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
+    events += queue_.front().event_count;
+    queued_events_ -= queue_.front().event_count;
+    group.push_back(std::move(queue_.front()));
+    queue_.pop_front();
+  }
+  return group;
+}
+
+void event_store::impl::set_writer_idle(bool idle) {
+  {
+    std::lock_guard lock(sync_mutex_);
+    writer_idle_ = idle;
+  }
+  if (idle) sync_cv_.notify_all();
+}
+
+void event_store::impl::writer_loop() {
+  for (;;) {
+    auto group = take_group();
+    if (group.empty()) return;  // stopping, and nothing left to commit
+    if (group.front().task) {
+      group.front().task(recover_if_needed());
+      continue;
+    }
+    commit_group(group);
+  }
+}
+
+expected<void, error> event_store::impl::recover_if_needed() {
+  if (sync_failed_.exchange(false)) reopen_needed_ = true;
+  if (!reopen_needed_) return {};
+  {
+    // Reopen only once every group already written has been answered.
+    std::unique_lock idle(sync_mutex_);
+    sync_idle_cv_.wait(idle, [&] { return sync_in_flight_ == 0; });
+  }
+  std::unique_lock lock(db_mutex_);
+  db_.reset();
+  auto opened = open_database(directory_, env(), false);
+  if (!opened) return unexpected{opened.error()};
+  db_ = std::move(opened).value();
+  auto last = read_last_position(*db_);
+  if (!last) return unexpected{last.error()};
+  // A failed write may still have reached the WAL; reopening replayed it, so continue from there.
+  heads_.clear();
+  next_position_ = *last + 1;
+  last_position_.store(*last);
+  synced_ = *last;  // the syncer is idle; recovery flushed the replayed WAL into synced tables
+  reopen_needed_ = false;
+  sync_failed_.store(false);
+  return {};
+}
+
+void event_store::impl::commit_group(std::vector<pending_append>& group) {
+  std::size_t group_events = 0;
+  for (const auto& item : group) group_events += item.event_count;
+  stat_groups_.fetch_add(1, std::memory_order_relaxed);
+  stat_grouped_appends_.fetch_add(group.size(), std::memory_order_relaxed);
+  if (group_events > stat_group_events_max_.load(std::memory_order_relaxed)) {
+    stat_group_events_max_.store(group_events, std::memory_order_relaxed);  // only this thread writes
+  }
+  std::vector<staged> decisions;
+  decisions.reserve(group.size());
+  group_state state;
+  auto recovered = recover_if_needed();
+  bool written = false;
+  if (recovered) {
+    state.next_position = next_position_;
+    lookup_first_ids(group, state);
+    for (std::size_t i = 0; i < group.size(); ++i) {
+      decisions.push_back(stage(group[i].request, i, state, group));
+    }
+    if (state.batch.Count() > 0) {
+      // In `sync` mode the WAL is fsynced by the syncer thread, so that this thread can prepare the
+      // next group meanwhile; readers see nothing before last_position_ says it is acknowledged.
+      rocksdb::WriteOptions write;
+      write.sync = false;
+      std::shared_lock lock(db_mutex_);
+      const auto status = db_->db->Write(write, &state.batch);
+      if (status.ok()) {
+        written = true;
+      } else {
+        recovered = unexpected{translate(status, "appending to the event store")};
+        reopen_needed_ = true;
+      }
+    }
+  }
+  if (written) {
+    if (heads_.size() + state.heads.size() > options_.head_cache_streams_max) heads_.clear();
+    for (auto& [stream, head] : state.heads) heads_[stream] = head;
+    next_position_ = state.next_position;
+  }
+  std::vector<expected<append_result, error>> outcomes;
+  outcomes.reserve(group.size());
+  for (std::size_t i = 0; i < group.size(); ++i) {
+    if (!recovered) {
+      outcomes.push_back(unexpected{recovered.error()});
+    } else if (decisions[i].same_as) {
+      outcomes.push_back(outcomes[*decisions[i].same_as]);
+    } else if (decisions[i].outcome) {
+      outcomes.push_back(std::move(*decisions[i].outcome));
+    } else {
+      outcomes.push_back(std::move(decisions[i].result));
+    }
+  }
+  // Acknowledge what this group answers (new events, and retries of earlier appends) once the log
+  // is durable through the last position any of its answers names.
+  std::uint64_t durable_through = 0;
+  for (const auto& outcome : outcomes) {
+    if (outcome) durable_through = std::max(durable_through, outcome->last_position);
+  }
+  written_group done{std::move(group), std::move(outcomes), durable_through};
+  if (options_.mode == durability::sync) {
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_queue_.push_back(std::move(done));
+      ++sync_in_flight_;
+    }
+    sync_cv_.notify_one();
+    return;
+  }
+  publish(done.durable_through);
+  deliver(done, {});
+}
+
+void event_store::impl::lookup_first_ids(const std::vector<pending_append>& group, group_state& state) {
+  std::vector<std::string> id_keys;
+  id_keys.reserve(group.size());
+  for (const auto& item : group) {
+    const auto& r = item.request;
+    const bool has_event = !r.empty() && !r.front().events.empty();
+    id_keys.push_back(keys::dedup_key(has_event ? r.front().events.front().id : events::event_id{}));
+  }
+  const std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
+  state.stored = std::vector<rocksdb::PinnableSlice>(slices.size());
+  state.stored_status.assign(slices.size(), rocksdb::Status());
+  std::shared_lock lock(db_mutex_);
+  db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
+                    state.stored.data(), state.stored_status.data());
+}
+
+void event_store::impl::publish(std::uint64_t position) {
+  {
+    std::lock_guard lock(position_mutex_);
+    if (position <= last_position_.load()) return;
+    last_position_.store(position);
+  }
+  position_cv_.notify_all();
+}
+
+void event_store::impl::deliver(written_group& group, const expected<void, error>& durable) {
+  for (std::size_t i = 0; i < group.items.size(); ++i) {
+    auto& outcome = group.outcomes[i];
+    if (!durable && outcome) outcome = unexpected{durable.error()};  // not acknowledged after all
+    group.items[i].done(std::move(outcome));
+  }
+}
+
+void event_store::impl::syncer_loop() {
+  for (;;) {
+    std::deque<written_group> batch;
+    {
+      std::unique_lock lock(sync_mutex_);
+      sync_cv_.wait(lock, [&] { return sync_stopping_ || !sync_queue_.empty(); });
+      if (sync_queue_.empty()) return;  // stopping, and everything delivered
+      // Group commit: while the writer is still writing appends that arrived before now, wait for
+      // them (at most group_commit_wait_max), so that one fsync acknowledges them all.
+      const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
+      for (;;) {
+        std::move(sync_queue_.begin(), sync_queue_.end(), std::back_inserter(batch));
+        sync_queue_.clear();
+        if (writer_idle_ || sync_stopping_) break;
+        if (!sync_cv_.wait_until(lock, deadline, [&] {
+              return writer_idle_ || sync_stopping_ || !sync_queue_.empty();
+            })) {
+          break;
+        }
+      }
+    }
+    // One fsync makes every group written so far durable.
+    std::uint64_t through = 0;
+    for (const auto& g : batch) through = std::max(through, g.durable_through);
+    expected<void, error> durable;
+    if (through > synced_) {
+      std::shared_lock lock(db_mutex_);
+      const auto status = db_->db->SyncWAL();
+      stat_syncs_.fetch_add(1, std::memory_order_relaxed);
+      if (status.ok()) {
+        synced_ = through;
+      } else {
+        durable = unexpected{translate(status, "syncing the event log")};
+        sync_failed_.store(true);
+      }
+    }
+    if (durable) publish(synced_);
+    for (auto& g : batch) deliver(g, durable);
+    {
+      std::lock_guard lock(sync_mutex_);
+      sync_in_flight_ -= batch.size();
+    }
+    sync_idle_cv_.notify_all();
+  }
+}
+
+expected<void, error> event_store::impl::validate(const std::vector<stream_append>& request) const {
+  if (request.empty()) return unexpected{make_error(errc::invalid_argument, "append has no streams")};
+  std::size_t count = 0;
+  std::unordered_set<std::string_view> streams;
+  std::vector<events::event_id> ids;
+  for (const auto& s : request) {
+    if (!valid_name(s.stream, options_.stream_id_bytes_max)) {
+      return unexpected{make_error(errc::invalid_argument,
+                                   "stream id '" + s.stream.substr(0, 64) +
+                                       "' must be 1 to " + std::to_string(options_.stream_id_bytes_max) +
+                                       " printable ASCII characters without spaces")};
+    }
+    if (!streams.insert(s.stream).second) {
+      return unexpected{make_error(errc::invalid_argument,
+                                   "stream " + s.stream + " appears twice in one append")};
+    }
+    if (s.events.empty()) {
+      return unexpected{make_error(errc::invalid_argument, "append to " + s.stream + " has no events")};
+    }
+    for (const auto& e : s.events) {
+      if (e.id.is_nil()) {
+        return unexpected{make_error(errc::invalid_argument, "event id must not be all zero")};
+      }
+      ids.push_back(e.id);
+      if (e.payload.size() > options_.payload_bytes_max) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "event payload of " + std::to_string(e.payload.size()) +
+                                         " bytes exceeds payload_bytes_max " +
+                                         std::to_string(options_.payload_bytes_max))};
+      }
+    }
+    count += s.events.size();
+  }
+  std::sort(ids.begin(), ids.end());
+  if (auto twice = std::adjacent_find(ids.begin(), ids.end()); twice != ids.end()) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "event id " + twice->to_string() + " appears twice in one append")};
+  }
+  if (count > options_.append_events_max) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "append of " + std::to_string(count) +
+                                     " events exceeds append_events_max " +
+                                     std::to_string(options_.append_events_max))};
+  }
+  return {};
+}
+
+expected<std::uint64_t, error> event_store::impl::head_of(const std::string& stream,
+                                                         const group_state& group) {
+  if (auto it = group.heads.find(stream); it != group.heads.end()) return it->second;
+  if (auto it = heads_.find(stream); it != heads_.end()) return it->second;
+  std::shared_lock lock(db_mutex_);
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  it->SeekForPrev(slice(keys::stream_key(stream, ~std::uint64_t{0})));
+  if (!it->status().ok()) return unexpected{translate(it->status(), "reading the head of " + stream)};
+  if (!it->Valid() || !keys::belongs(stream, it->key().ToStringView())) return std::uint64_t{0};
+  const auto run = keys::parse_run(stream, it->key().ToStringView(), it->value().ToStringView());
+  if (!run) return unexpected{corrupt_index(stream)};
+  return run->last_version();
+}
+
+event_store::impl::staged event_store::impl::stage(const std::vector<stream_append>& request,
+                                                   std::size_t index, group_state& group,
+                                                   const std::vector<pending_append>& pending) {
+  staged decision;
+  auto fail = [&](error e) {
+    decision.outcome = unexpected{std::move(e)};
+    return decision;
+  };
+  if (auto valid = validate(request); !valid) return fail(valid.error());
+
+  // Idempotency: an append is known by the id of its first event. A retry (the same ids, streams
+  // and counts) is answered as the first attempt was; anything else reusing that id is a conflict.
+  const auto& first_id = request.front().events.front().id;
+  if (auto it = group.appends.find(first_id); it != group.appends.end()) {
+    if (!same_append(pending[it->second].request, request)) return fail(reused_id(first_id));
+    decision.same_as = it->second;
+    return decision;
+  }
+  const auto& found = group.stored_status[index];
+  const auto stored = group.stored[index].ToStringView();
+  if (found.ok()) {
+    if (stored.size() != 16) return fail(make_error(errc::corruption, "id index entry is not 16 bytes"));
+    decision.outcome = stored_result(request, keys::load_be64(stored), keys::load_be64(std::string_view(stored).substr(8)));
+    return decision;
+  }
+  if (!found.IsNotFound()) return fail(translate(found, "checking the append's id"));
+
+  // Optimistic concurrency, then stage the events.
+  for (const auto& s : request) {
+    auto head = head_of(s.stream, group);
+    if (!head) return fail(head.error());
+    if (s.expected_version != any_version && s.expected_version != *head) {
+      return fail(make_error(errc::wrong_expected_version,
+                             "stream " + s.stream + " is at version " + std::to_string(*head) +
+                                 ", but the append expected version " +
+                                 std::to_string(s.expected_version)));
+    }
+  }
+  const std::int64_t now = options_.clock_us();
+  decision.result.first_position = group.next_position;
+  for (const auto& s : request) {
+    std::uint64_t version = *head_of(s.stream, group);
+    stream_result where{s.stream, version + 1, version + s.events.size()};
+    group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version + 1)),
+                    slice(keys::run_value(group.next_position, s.events.size())));
+    for (const auto& e : s.events) {
+      ++version;
+      const std::uint64_t position = group.next_position++;
+      const events::record_view r{s.stream, version, position, e.id, now, e.type,
+                                  std::as_bytes(std::span(e.payload))};
+      events::encode_record_into(r, group.encoded);
+      group.batch.Put(db_->cf(cf_global), slice(keys::be64(position)), slice(group.encoded));
+    }
+    group.heads[s.stream] = version;
+    decision.result.streams.push_back(std::move(where));
+  }
+  decision.result.last_position = group.next_position - 1;
+  const auto count = decision.result.last_position - decision.result.first_position + 1;
+  group.batch.Put(db_->cf(cf_dedup), slice(keys::dedup_key(first_id)),
+                  slice(keys::run_value(decision.result.first_position, count)));
+  group.appends.emplace(first_id, index);
+  return decision;
+}
+
+expected<append_result, error> event_store::impl::stored_result(const std::vector<stream_append>& request,
+                                                              std::uint64_t first_position,
+                                                              std::uint64_t count) {
+  const auto& first_id = request.front().events.front().id;
+  std::size_t requested = 0;
+  for (const auto& s : request) requested += s.events.size();
+  if (requested != count) return unexpected{reused_id(first_id)};
+  append_result result{first_position, first_position + count - 1, {}};
+  std::shared_lock lock(db_mutex_);
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  it->Seek(slice(keys::be64(first_position)));
+  std::vector<std::uint64_t> scratch;
+  std::uint64_t position = first_position;
+  for (const auto& s : request) {
+    stream_result where{s.stream, 0, 0};
+    for (const auto& e : s.events) {
+      if (!it->Valid() || it->key().ToStringView() != keys::be64(position)) {
+        if (!it->status().ok()) return unexpected{translate(it->status(), "reading an earlier append")};
+        return unexpected{make_error(errc::corruption, "id index points at missing position " +
+                                                           std::to_string(position))};
+      }
+      auto r = decode_stored(it->value(), position, scratch);
+      if (!r) return unexpected{r.error()};
+      if (r->id != e.id || r->stream != s.stream) return unexpected{reused_id(first_id)};
+      if (where.first_version == 0) where.first_version = r->version;
+      where.last_version = r->version;
+      it->Next();
+      ++position;
+    }
+    result.streams.push_back(std::move(where));
+  }
+  return result;
+}
+
+}  // namespace gpustream::storage
