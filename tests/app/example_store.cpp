@@ -1,7 +1,6 @@
 #include "tests/app/example_store.hpp"
 
 #include <gtest/gtest.h>
-#include <rocksdb/db.h>
 
 #include <map>
 #include <memory>
@@ -89,58 +88,6 @@ appended_contents make_example_store(const std::filesystem::path& directory) {
   return fill_with_examples(*store);
 }
 
-void delete_first_index_entry(const std::filesystem::path& directory, const std::string& family) {
-  rocksdb::DBOptions options;
-  std::vector<std::string> names;
-  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, directory.string(), &names).ok());
-  std::vector<rocksdb::ColumnFamilyDescriptor> families;
-  for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
-  std::vector<rocksdb::ColumnFamilyHandle*> handles;
-  rocksdb::DB* raw = nullptr;
-  ASSERT_TRUE(rocksdb::DB::Open(options, directory.string(), families, &handles, &raw).ok());
-  std::unique_ptr<rocksdb::DB> db(raw);
-  rocksdb::ColumnFamilyHandle* target = nullptr;
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    if (names[i] == family) target = handles[i];
-  }
-  ASSERT_NE(target, nullptr) << "no column family " << family << " in " << directory;
-  {
-    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), target));
-    it->SeekToFirst();
-    ASSERT_TRUE(it->Valid()) << family << " is empty";
-    ASSERT_TRUE(db->Delete(rocksdb::WriteOptions(), target, it->key()).ok());
-  }
-  for (auto* handle : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(handle).ok());
-  ASSERT_TRUE(db->Close().ok());
-}
-
-void flip_byte_of_record(const std::filesystem::path& directory, std::uint64_t position,
-                         std::size_t offset) {
-  rocksdb::DBOptions options;
-  std::vector<std::string> names;
-  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, directory.string(), &names).ok());
-  std::vector<rocksdb::ColumnFamilyDescriptor> families;
-  for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
-  std::vector<rocksdb::ColumnFamilyHandle*> handles;
-  rocksdb::DB* raw = nullptr;
-  ASSERT_TRUE(rocksdb::DB::Open(options, directory.string(), families, &handles, &raw).ok());
-  std::unique_ptr<rocksdb::DB> db(raw);
-  rocksdb::ColumnFamilyHandle* global = nullptr;
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    if (names[i] == "global") global = handles[i];
-  }
-  ASSERT_NE(global, nullptr) << "no column family \"global\" in " << directory;
-  std::string key(8, '\0');
-  for (std::size_t i = 0; i < 8; ++i) key[i] = static_cast<char>(position >> (56 - 8 * i));
-  std::string value;
-  ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), global, key, &value).ok()) << "no record at " << position;
-  ASSERT_FALSE(value.empty());
-  offset %= value.size();
-  value[offset] = static_cast<char>(value[offset] ^ 0x10);
-  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), global, key, value).ok());
-  for (auto* handle : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(handle).ok());
-  ASSERT_TRUE(db->Close().ok());
-}
 
 std::map<std::string, std::uint64_t> named_counts(const std::vector<std::uint64_t>& per_type) {
   std::map<std::string, std::uint64_t> counts;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "storage/event_store.hpp"
+#include "tests/storage/store_testing.hpp"
 
 namespace gpustream::app::testing {
 
@@ -33,12 +34,11 @@ struct appended_contents {
 /// global `position`, through raw RocksDB: the column family "global" maps the position as 8
 /// big-endian bytes to the record. The store must be closed. Fails the current test (fatally) if
 /// the record is not there.
-/// Deletes the first key of the column family `family` (e.g. "dedup", "events") through RocksDB
-/// directly: damage only `replay --verify`'s index checks can see.
-void delete_first_index_entry(const std::filesystem::path& directory, const std::string& family);
-
-void flip_byte_of_record(const std::filesystem::path& directory, std::uint64_t position,
-                         std::size_t offset);
+using storage::testing::flip_byte_of_record;
+/// Deletes the first key of a column family ("dedup", "events"): damage only --verify can see.
+inline void delete_first_index_entry(const std::filesystem::path& directory, const std::string& family) {
+  storage::testing::delete_first_entry(directory, family);
+}
 
 /// The name and count of every type with a non-zero count in `per_type` (indexed by type number):
 /// exactly what a replay report must list.

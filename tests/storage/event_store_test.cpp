@@ -1,6 +1,5 @@
 // The event store's guarantees, one test (or a few) per guarantee of ARCHITECTURE.md "The event log".
 #include <gtest/gtest.h>
-#include <rocksdb/db.h>
 
 #include <barrier>
 #include <fstream>
@@ -19,10 +18,13 @@ namespace gpustream::storage {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::flip_byte_of_record;
+using testing::flip_stored_byte;
 using testing::make_event;
 using testing::make_id;
 using testing::one_stream;
 using testing::open_or_fail;
+using testing::raw_put;
 using testing::temp_dir;
 
 store_options buffered() {
@@ -612,39 +614,6 @@ TEST(event_store_projection, a_stale_checkpoint_is_refused) {
 
 // ---- corruption is detected and located ----
 
-/// Flips one byte of the value stored under `key` in column family `family`, through RocksDB
-/// directly.
-void flip_stored_byte(const std::filesystem::path& dir, const std::string& family, const std::string& key,
-                      std::size_t offset) {
-  rocksdb::DBOptions options;
-  std::vector<std::string> names;
-  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.string(), &names).ok());
-  std::vector<rocksdb::ColumnFamilyDescriptor> families;
-  for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
-  std::vector<rocksdb::ColumnFamilyHandle*> handles;
-  rocksdb::DB* raw = nullptr;
-  ASSERT_TRUE(rocksdb::DB::Open(options, dir.string(), families, &handles, &raw).ok());
-  std::unique_ptr<rocksdb::DB> db(raw);
-  rocksdb::ColumnFamilyHandle* target = nullptr;
-  for (std::size_t i = 0; i < names.size(); ++i) {
-    if (names[i] == family) target = handles[i];
-  }
-  ASSERT_NE(target, nullptr);
-  std::string value;
-  ASSERT_TRUE(db->Get(rocksdb::ReadOptions(), target, key, &value).ok());
-  ASSERT_LT(offset, value.size());
-  value[offset] = static_cast<char>(value[offset] ^ 0x10);
-  ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), target, key, value).ok());
-  for (auto* h : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
-  ASSERT_TRUE(db->Close().ok());
-}
-
-void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset) {
-  std::string key(8, '\0');
-  for (int i = 0; i < 8; ++i) key[static_cast<std::size_t>(i)] = static_cast<char>(position >> (56 - 8 * i));
-  flip_stored_byte(dir, "global", key, offset);
-}
-
 TEST(event_store_corruption, a_damaged_snapshot_is_reported_not_returned) {
   temp_dir dir;
   {
@@ -755,22 +724,8 @@ TEST(event_store_format, a_newer_format_is_refused_naming_both_versions) {
     auto store = open_or_fail(dir.path());
     ASSERT_TRUE(store);
   }
-  {
-    rocksdb::DBOptions options;
-    std::vector<std::string> names;
-    ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.path().string(), &names).ok());
-    std::vector<rocksdb::ColumnFamilyDescriptor> families;
-    for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
-    families.emplace_back("from_the_future", rocksdb::ColumnFamilyOptions());
-    options.create_missing_column_families = true;
-    std::vector<rocksdb::ColumnFamilyHandle*> handles;
-    rocksdb::DB* raw = nullptr;
-    ASSERT_TRUE(rocksdb::DB::Open(options, dir.path().string(), families, &handles, &raw).ok());
-    std::unique_ptr<rocksdb::DB> db(raw);
-    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "format_version", std::string("\0\0\0\0\0\0\0\x02", 8)).ok());
-    for (auto* h : handles) ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
-    ASSERT_TRUE(db->Close().ok());
-  }
+  raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x02", 8), "from_the_future");
+  ASSERT_FALSE(HasFailure());
   auto store = event_store::open(dir.path());
   ASSERT_FALSE(store);
   EXPECT_EQ(store.error().code, errc::incompatible_format);

@@ -1,6 +1,9 @@
 #include "store_testing.hpp"
 
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
+
+#include <functional>
 
 #include <atomic>
 #include <random>
@@ -35,6 +38,81 @@ std::vector<stream_append> one_stream(std::string stream, std::uint64_t expected
     append.events.push_back(make_event(make_id(tag, n), "payload-" + std::to_string(n)));
   }
   return {std::move(append)};
+}
+
+namespace {
+
+/// The store's RocksDB opened directly with every column family; `work` gets the database and a
+/// lookup of families by name.
+void with_raw_store(const std::filesystem::path& dir, const std::string& extra_family,
+                    const std::function<void(rocksdb::DB&, const std::function<rocksdb::ColumnFamilyHandle*(
+                                                                 const std::string&)>&)>& work) {
+  rocksdb::DBOptions options;
+  options.create_missing_column_families = true;
+  std::vector<std::string> names;
+  ASSERT_TRUE(rocksdb::DB::ListColumnFamilies(options, dir.string(), &names).ok()) << dir;
+  if (!extra_family.empty()) names.push_back(extra_family);
+  std::vector<rocksdb::ColumnFamilyDescriptor> families;
+  for (const auto& name : names) families.emplace_back(name, rocksdb::ColumnFamilyOptions());
+  std::vector<rocksdb::ColumnFamilyHandle*> handles;
+  rocksdb::DB* raw = nullptr;
+  ASSERT_TRUE(rocksdb::DB::Open(options, dir.string(), families, &handles, &raw).ok()) << dir;
+  std::unique_ptr<rocksdb::DB> db(raw);
+  work(*db, [&](const std::string& family) -> rocksdb::ColumnFamilyHandle* {
+    for (std::size_t i = 0; i < names.size(); ++i) {
+      if (names[i] == family) return handles[i];
+    }
+    ADD_FAILURE() << "no column family " << family << " in " << dir;
+    return nullptr;
+  });
+  for (auto* handle : handles) EXPECT_TRUE(db->DestroyColumnFamilyHandle(handle).ok());
+  EXPECT_TRUE(db->Close().ok());
+}
+
+std::string be64_key(std::uint64_t v) {
+  std::string key(8, '\0');
+  for (std::size_t i = 0; i < 8; ++i) key[i] = static_cast<char>(v >> (56 - 8 * i));
+  return key;
+}
+
+}  // namespace
+
+void raw_put(const std::filesystem::path& dir, const std::string& family, const std::string& key,
+             const std::string& value, const std::string& extra_family) {
+  with_raw_store(dir, extra_family, [&](rocksdb::DB& db, const auto& cf) {
+    if (auto* handle = cf(family)) {
+      EXPECT_TRUE(db.Put(rocksdb::WriteOptions(), handle, key, value).ok());
+    }
+  });
+}
+
+void flip_stored_byte(const std::filesystem::path& dir, const std::string& family,
+                      const std::string& key, std::size_t offset) {
+  with_raw_store(dir, "", [&](rocksdb::DB& db, const auto& cf) {
+    auto* handle = cf(family);
+    if (!handle) return;
+    std::string value;
+    ASSERT_TRUE(db.Get(rocksdb::ReadOptions(), handle, key, &value).ok()) << "no key in " << family;
+    ASSERT_FALSE(value.empty());
+    offset %= value.size();
+    value[offset] = static_cast<char>(value[offset] ^ 0x10);
+    ASSERT_TRUE(db.Put(rocksdb::WriteOptions(), handle, key, value).ok());
+  });
+}
+
+void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset) {
+  flip_stored_byte(dir, "global", be64_key(position), offset);
+}
+
+void delete_first_entry(const std::filesystem::path& dir, const std::string& family) {
+  with_raw_store(dir, "", [&](rocksdb::DB& db, const auto& cf) {
+    auto* handle = cf(family);
+    if (!handle) return;
+    std::unique_ptr<rocksdb::Iterator> it(db.NewIterator(rocksdb::ReadOptions(), handle));
+    it->SeekToFirst();
+    ASSERT_TRUE(it->Valid()) << family << " is empty";
+    ASSERT_TRUE(db.Delete(rocksdb::WriteOptions(), handle, it->key()).ok());
+  });
 }
 
 std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir, store_options options) {

@@ -33,6 +33,18 @@ class temp_dir {
                                                     std::uint64_t tag, std::uint64_t first,
                                                     std::size_t count);
 
+/// Damage done on purpose, through RocksDB directly (close the event_store first), with every
+/// column family of the store opened. `extra_family` is created too when not empty: what a newer
+/// format might add. Each fails the current test if the store cannot be opened or has no such key.
+void raw_put(const std::filesystem::path& dir, const std::string& family, const std::string& key,
+             const std::string& value, const std::string& extra_family = "");
+void flip_stored_byte(const std::filesystem::path& dir, const std::string& family,
+                      const std::string& key, std::size_t offset);
+/// Flips a byte of the record at global position `position` (offset taken modulo its size).
+void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset);
+/// Deletes the first key of `family` (e.g. "dedup", "events"): damage only index checks can see.
+void delete_first_entry(const std::filesystem::path& dir, const std::string& family);
+
 /// Opens a store or fails the current test with the store's message.
 [[nodiscard]] std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir,
                                                         store_options options = {});
