@@ -98,20 +98,25 @@ void set_rate(benchmark::State& state, double events) {
   state.counters["events_per_s"] = benchmark::Counter(events, benchmark::Counter::kIsRate);
 }
 
-// ---- buffered appends in batches of 1,000 ----
-
-void raw_batch1000_wal_no_fsync(benchmark::State& state) {
-  scratch_dir dir("raw-buffered");
+/// Raw RocksDB: batches of `batch` puts of payload-sized values under increasing keys.
+void raw_batches(benchmark::State& state, const char* name, std::size_t batch, bool sync) {
+  scratch_dir dir(name);
   auto db = open_raw(dir.path);
   const auto payload = sample_payload(1);
+  rocksdb::WriteOptions write;
+  write.sync = sync;
   std::uint64_t key = 0;
   for (auto _ : state) {
-    rocksdb::WriteBatch batch;
-    for (std::size_t i = 0; i < batch_events; ++i) batch.Put(be64(++key), payload);
-    if (!db->Write(rocksdb::WriteOptions(), &batch).ok()) std::abort();
+    rocksdb::WriteBatch puts;
+    for (std::size_t i = 0; i < batch; ++i) puts.Put(be64(++key), payload);
+    if (!db->Write(write, &puts).ok()) std::abort();
   }
   set_rate(state, static_cast<double>(key));
 }
+
+// ---- buffered appends in batches of 1,000 ----
+
+void raw_batch1000_wal_no_fsync(benchmark::State& state) { raw_batches(state, "raw-buffered", batch_events, false); }
 BENCHMARK(raw_batch1000_wal_no_fsync)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 
 void store_batch1000_buffered(benchmark::State& state) {
@@ -133,34 +138,10 @@ BENCHMARK(store_batch1000_buffered)->Unit(benchmark::kMillisecond)->UseRealTime(
 
 // ---- durable appends ----
 
-void raw_batch1000_fsync(benchmark::State& state) {
-  scratch_dir dir("raw-sync-batch");
-  auto db = open_raw(dir.path);
-  const auto payload = sample_payload(1);
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  std::uint64_t key = 0;
-  for (auto _ : state) {
-    rocksdb::WriteBatch batch;
-    for (std::size_t i = 0; i < batch_events; ++i) batch.Put(be64(++key), payload);
-    if (!db->Write(sync, &batch).ok()) std::abort();
-  }
-  set_rate(state, static_cast<double>(key));
-}
+void raw_batch1000_fsync(benchmark::State& state) { raw_batches(state, "raw-sync-batch", batch_events, true); }
 BENCHMARK(raw_batch1000_fsync)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 
-void raw_single_fsync(benchmark::State& state) {
-  scratch_dir dir("raw-sync-single");
-  auto db = open_raw(dir.path);
-  const auto payload = sample_payload(1);
-  rocksdb::WriteOptions sync;
-  sync.sync = true;
-  std::uint64_t key = 0;
-  for (auto _ : state) {
-    if (!db->Put(sync, be64(++key), payload).ok()) std::abort();
-  }
-  set_rate(state, static_cast<double>(key));
-}
+void raw_single_fsync(benchmark::State& state) { raw_batches(state, "raw-sync-single", 1, true); }
 BENCHMARK(raw_single_fsync)->Unit(benchmark::kMicrosecond)->UseRealTime()->MinTime(1.0);
 
 std::unique_ptr<storage::event_store> open_sync_store(const std::filesystem::path& dir,
