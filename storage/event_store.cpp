@@ -25,6 +25,20 @@ const char* to_string(errc code) noexcept {
   return "unknown";
 }
 
+expected<std::shared_lock<std::shared_mutex>, error> event_store::impl::read_lock() const {
+  std::shared_lock lock(db_mutex_);
+  if (db_) return lock;
+  lock.unlock();
+  if (options_.read_only) return unexpected{make_error(errc::io_error, "the store is closed")};
+  // Asking the writer to recover changes nothing a reader can observe but availability.
+  auto reopened = const_cast<impl*>(this)->run_on_writer([] { return rocksdb::Status::OK(); },
+                                                         "reopening the event store");
+  if (!reopened) return unexpected{reopened.error()};
+  lock.lock();
+  if (!db_) return unexpected{make_error(errc::io_error, "the store could not reopen after a disk failure")};
+  return lock;
+}
+
 namespace {
 
 /// Scans expected to visit at least this many records read RocksDB on a second thread; shorter
@@ -39,8 +53,8 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
   max = std::min(max, options_.read_events_max);
   if (from > to || max == 0) return out;
   from = std::max<std::uint64_t>(from, 1);
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   const std::uint64_t acknowledged = last_position_.load();
   // Positions of the wanted versions, from the runs that hold them.
   std::vector<std::uint64_t> positions;
@@ -87,8 +101,8 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
 
 expected<std::uint64_t, error> event_store::impl::scan(std::uint64_t from, std::size_t max,
                                                       const visitor& visit) const {
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   from = std::max<std::uint64_t>(from, 1);
   const auto acknowledged = last_position_.load();
   const auto first_key = keys::be64(from);
@@ -132,8 +146,8 @@ expected<std::uint64_t, error> event_store::impl::scan(std::uint64_t from, std::
 }
 
 expected<std::uint64_t, error> event_store::impl::stream_version(std::string_view stream) const {
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
   const auto acknowledged = last_position_.load();
   for (it->SeekForPrev(slice(keys::stream_key(stream, ~std::uint64_t{0}))); it->Valid(); it->Prev()) {
@@ -169,8 +183,8 @@ expected<void, error> event_store::impl::save_snapshot(std::string_view stream, 
 
 expected<std::optional<snapshot>, error> event_store::impl::load_snapshot(std::string_view stream) const {
   std::string value;
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_snapshots), slice(stream), &value);
   if (status.IsNotFound()) return std::optional<snapshot>{};
   if (!status.ok()) return unexpected{translate(status, "loading a snapshot")};
@@ -245,16 +259,16 @@ expected<void, error> event_store::impl::commit_projection(std::string_view name
 }
 
 expected<std::uint64_t, error> event_store::impl::projection_checkpoint(std::string_view name) const {
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   return read_checkpoint(*db_, name);
 }
 
 expected<std::optional<std::string>, error> event_store::impl::read_projection(
     std::string_view name, std::string_view key) const {
   std::string value;
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
   const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_projections),
                                    slice(keys::projection_key(name, key)), &value);
   if (status.IsNotFound()) return std::optional<std::string>{};
@@ -353,7 +367,8 @@ const store_options& event_store::options() const noexcept { return impl_->optio
 
 event_store::statistics event_store::stats() const noexcept {
   return {impl_->stat_groups_.load(), impl_->stat_grouped_appends_.load(),
-          impl_->stat_group_events_max_.load(), impl_->stat_syncs_.load()};
+          impl_->stat_group_events_max_.load(), impl_->stat_syncs_.load(),
+          impl_->stat_written_events_.load(std::memory_order_acquire)};
 }
 
 // ---- subscription ----

@@ -45,7 +45,8 @@ struct store_options {
   std::chrono::microseconds group_commit_wait_max{1000};
   /// Most events committed in one group (one WriteBatch). Default: 8192.
   std::size_t group_commit_events_max = 8192;
-  /// Most events waiting for the writer; beyond it appends fail with `overloaded`. Default: 65536.
+  /// Most events accepted but not yet answered (queued, being written, or waiting for the fsync);
+  /// beyond it appends fail with `overloaded`. Default: 65536.
   std::size_t append_queue_events_max = 65536;
   /// Most events in one append call. Default: 4096.
   std::size_t append_events_max = 4096;
@@ -226,6 +227,7 @@ class event_store {
     std::uint64_t grouped_appends = 0;    ///< appends in those groups
     std::uint64_t group_events_max = 0;   ///< most events in one group
     std::uint64_t syncs = 0;              ///< WAL fsyncs by the syncer (`sync` mode)
+    std::uint64_t written_events = 0;     ///< events written to the log, acknowledged or not yet
   };
   [[nodiscard]] statistics stats() const noexcept;
 

@@ -145,7 +145,18 @@ class event_store::impl {
     std::uint64_t durable_through = 0;
   };
 
+  /// Locks the database for reading. If a failed write left it closed, first asks the writer to
+  /// reopen it (the writer recovers before it runs any task), so reads come back with the disk.
+  expected<std::shared_lock<std::shared_mutex>, error> read_lock() const;
+
+  /// How often the writer retries a failed reopen when no append asks for one.
+  static constexpr std::chrono::milliseconds reopen_retry_interval{100};
+
   std::vector<pending_append> take_group();
+  bool stopping() {
+    std::lock_guard lock(queue_mutex_);
+    return stopping_;
+  }
   void writer_loop();
   void syncer_loop();
   void publish(std::uint64_t position);
@@ -200,6 +211,7 @@ class event_store::impl {
   std::atomic<std::uint64_t> stat_grouped_appends_{0};
   std::atomic<std::uint64_t> stat_group_events_max_{0};
   std::atomic<std::uint64_t> stat_syncs_{0};
+  std::atomic<std::uint64_t> stat_written_events_{0};
 
  private:  // the log is durable through here; syncer's, or the writer's while idle
   std::thread syncer_;

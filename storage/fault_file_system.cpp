@@ -1,6 +1,7 @@
 #include "storage/fault_file_system.hpp"
 
 #include <string>
+#include <thread>
 #include <utility>
 
 namespace gpustream::storage {
@@ -23,10 +24,12 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
     return FSWritableFileOwnerWrapper::Append(data, options, info, dbg);
   }
   rocksdb::IOStatus Sync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
+    slow_down();
     if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
     return FSWritableFileOwnerWrapper::Sync(options, dbg);
   }
   rocksdb::IOStatus Fsync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
+    slow_down();
     if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
     return FSWritableFileOwnerWrapper::Fsync(options, dbg);
   }
@@ -38,6 +41,10 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
   }
 
  private:
+  void slow_down() const {
+    if (const auto delay = faults_->sync_delay(); delay.count() > 0) std::this_thread::sleep_for(delay);
+  }
+
   std::shared_ptr<fault_injector> faults_;
 };
 

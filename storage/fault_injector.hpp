@@ -4,6 +4,8 @@
 /// store recover on its next append.
 
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 
 namespace gpustream::storage {
 
@@ -14,12 +16,19 @@ class fault_injector {
   /// Every append to a file fails with "no space left on device" while set.
   void set_no_space(bool on) noexcept { no_space_.store(on); }
 
+  /// Every Sync/Fsync of a file takes this much longer while set: a slow disk. Default: none.
+  void set_sync_delay(std::chrono::milliseconds delay) noexcept { sync_delay_ms_.store(delay.count()); }
+
   [[nodiscard]] bool fail_sync() const noexcept { return fail_sync_.load(); }
+  [[nodiscard]] std::chrono::milliseconds sync_delay() const noexcept {
+    return std::chrono::milliseconds(sync_delay_ms_.load());
+  }
   [[nodiscard]] bool no_space() const noexcept { return no_space_.load(); }
 
  private:
   std::atomic<bool> fail_sync_{false};
   std::atomic<bool> no_space_{false};
+  std::atomic<std::int64_t> sync_delay_ms_{0};
 };
 
 }  // namespace gpustream::storage

@@ -1,5 +1,6 @@
 // event_store::verify_indexes: the stream index and the append id index against the log.
 #include <algorithm>
+#include <functional>
 
 #include "storage/event_store_impl.hpp"
 #include "storage/keys.hpp"
@@ -17,9 +18,16 @@ std::uint64_t fingerprint(std::string_view stream, std::uint64_t version) {
 }  // namespace
 
 expected<event_store::index_report, error> event_store::impl::verify_indexes() const {
-  std::shared_lock lock(db_mutex_);
-  if (!db_) return unexpected{make_error(errc::io_error, "the store is reopening after a disk failure")};
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
+  // Everything acknowledged before the snapshot is in it; what it holds beyond `last` is being
+  // appended right now, and is left out rather than reported.
   const auto last = last_position_.load();
+  const rocksdb::Snapshot* snapshot = db_->db->GetSnapshot();
+  const std::unique_ptr<const rocksdb::Snapshot, std::function<void(const rocksdb::Snapshot*)>> release(
+      snapshot, [this](const rocksdb::Snapshot* s) { db_->db->ReleaseSnapshot(s); });
+  rocksdb::ReadOptions read;
+  read.snapshot = snapshot;
   event_store::index_report report;
   std::vector<std::uint64_t> fingerprints(last + 1, 0);     // of (stream, version), by position
   std::vector<events::event_id> ids(last + 1);               // by position
@@ -28,14 +36,12 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
 
   // Every record: remember what it is.
   std::vector<std::uint64_t> scratch;
-  std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_global)));
+  std::unique_ptr<rocksdb::Iterator> global(db_->db->NewIterator(read, db_->cf(cf_global)));
   for (global->SeekToFirst(); global->Valid(); global->Next()) {
     if (global->key().size() != 8) return broken("global index key is not 8 bytes");
     const auto position = keys::load_be64(global->key().ToStringView());
-    if (position == 0 || position > last) {
-      return broken("record at position " + std::to_string(position) + " lies beyond the last position " +
-                    std::to_string(last));
-    }
+    if (position == 0) return broken("a record is stored at position 0");
+    if (position > last) break;  // not acknowledged yet
     auto r = decode_stored(global->value(), position, scratch);
     if (!r) return unexpected{r.error()};
     fingerprints[position] = fingerprint(r->stream, r->version);
@@ -45,7 +51,7 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
   if (!global->status().ok()) return unexpected{translate(global->status(), "verifying the log")};
 
   // Every stream index run: versions contiguous from 1, pointing at exactly those records.
-  std::unique_ptr<rocksdb::Iterator> index(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
+  std::unique_ptr<rocksdb::Iterator> index(db_->db->NewIterator(read, db_->cf(cf_events)));
   std::string stream;
   std::uint64_t next_version = 1;
   for (index->SeekToFirst(); index->Valid(); index->Next()) {
@@ -59,6 +65,7 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     }
     const auto run = keys::parse_run(stream, key, index->value().ToStringView());
     if (!run) return unexpected{corrupt_index(stream)};
+    if (run->last_position() > last) continue;  // not acknowledged yet
     if (run->first_version != next_version || run->count == 0) {
       return broken("stream " + stream + " index jumps to version " + std::to_string(run->first_version) +
                     " where version " + std::to_string(next_version) + " was due");
@@ -81,14 +88,15 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
 
   // Every append is known by its first event's id, and the appends cover every record once.
   std::fill(covered.begin(), covered.end(), false);
-  std::unique_ptr<rocksdb::Iterator> appends(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_dedup)));
+  std::unique_ptr<rocksdb::Iterator> appends(db_->db->NewIterator(read, db_->cf(cf_dedup)));
   for (appends->SeekToFirst(); appends->Valid(); appends->Next()) {
     const auto key = appends->key().ToStringView();
     const auto value = appends->value().ToStringView();
     if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
     const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
     const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));
-    if (first == 0 || count == 0 || first + count - 1 > last || ids[first] != id) {
+    if (first != 0 && count != 0 && first + count - 1 > last) continue;  // not acknowledged yet
+    if (first == 0 || count == 0 || ids[first] != id) {
       return broken("id index entry of " + id.to_string() + " does not point at its first event");
     }
     for (auto p = first; p < first + count; ++p) {

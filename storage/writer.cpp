@@ -41,12 +41,21 @@ void event_store::impl::append_async(std::vector<stream_append> request, append_
                                                    : "the event store is shutting down")});
       return;
     }
+    if (count > options_.append_events_max || count > options_.append_queue_events_max) {
+      lock.unlock();  // can never fit: not a reason to retry
+      done(unexpected{make_error(
+          errc::invalid_argument,
+          "append of " + std::to_string(count) + " events exceeds append_events_max " +
+              std::to_string(options_.append_events_max) + " or append_queue_events_max " +
+              std::to_string(options_.append_queue_events_max))});
+      return;
+    }
     if (queued_events_ + count > options_.append_queue_events_max) {
       lock.unlock();
       done(unexpected{make_error(
-          errc::overloaded, "the store's append queue is full (append_queue_events_max " +
+          errc::overloaded, "the store is full of unacknowledged appends (append_queue_events_max " +
                                 std::to_string(options_.append_queue_events_max) +
-                                " events waiting); retry later")});
+                                " events); retry later")});
       return;
     }
     queued_events_ += count;
@@ -85,7 +94,14 @@ std::vector<pending_append> event_store::impl::take_group() {
   std::unique_lock lock(queue_mutex_);
   if (queue_.empty() && !stopping_) {
     set_writer_idle(true);  // lets the syncer fsync now rather than wait for this thread
-    queue_cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+    const auto woken = [&] { return stopping_ || !queue_.empty(); };
+    if (reopen_needed_ || sync_failed_.load()) {
+      // After a disk failure, retry the reopen now and then even without appends, so that reads
+      // come back by themselves once the disk does.
+      queue_cv_.wait_for(lock, reopen_retry_interval, woken);
+    } else {
+      queue_cv_.wait(lock, woken);
+    }
     set_writer_idle(false);
   }
   if (!queue_.empty() && queue_.front().task) {  // a task runs alone
@@ -97,7 +113,6 @@ std::vector<pending_append> event_store::impl::take_group() {
   while (!queue_.empty() && !queue_.front().task &&
          (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
     events += queue_.front().event_count;
-    queued_events_ -= queue_.front().event_count;
     group.push_back(std::move(queue_.front()));
     queue_.pop_front();
   }
@@ -115,7 +130,11 @@ void event_store::impl::set_writer_idle(bool idle) {
 void event_store::impl::writer_loop() {
   for (;;) {
     auto group = take_group();
-    if (group.empty()) return;  // stopping, and nothing left to commit
+    if (group.empty()) {
+      if (stopping()) return;  // and nothing left to commit
+      (void)recover_if_needed();  // a timed retry; a failure is reported to the next append
+      continue;
+    }
     if (group.front().task) {
       group.front().task(recover_if_needed());
       continue;
@@ -142,7 +161,11 @@ expected<void, error> event_store::impl::recover_if_needed() {
   // A failed write may still have reached the WAL; reopening replayed it, so continue from there.
   heads_.clear();
   next_position_ = *last + 1;
-  last_position_.store(*last);
+  {
+    std::lock_guard position_lock(position_mutex_);
+    last_position_.store(*last);
+  }
+  position_cv_.notify_all();
   synced_ = *last;  // the syncer is idle; recovery flushed the replayed WAL into synced tables
   reopen_needed_ = false;
   sync_failed_.store(false);
@@ -162,6 +185,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   group_state state;
   auto recovered = recover_if_needed();
   bool written = false;
+  std::optional<error> write_failed;
   if (recovered) {
     state.next_position = next_position_;
     lookup_first_ids(group, state);
@@ -177,8 +201,9 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       const auto status = db_->db->Write(write, &state.batch);
       if (status.ok()) {
         written = true;
+        stat_written_events_.fetch_add(state.next_position - next_position_, std::memory_order_release);
       } else {
-        recovered = unexpected{translate(status, "appending to the event store")};
+        write_failed = translate(status, "appending to the event store");
         reopen_needed_ = true;
       }
     }
@@ -196,7 +221,9 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
     } else if (decisions[i].same_as) {
       outcomes.push_back(outcomes[*decisions[i].same_as]);
     } else if (decisions[i].outcome) {
-      outcomes.push_back(std::move(*decisions[i].outcome));
+      outcomes.push_back(std::move(*decisions[i].outcome));  // decided without writing
+    } else if (write_failed) {
+      outcomes.push_back(unexpected{*write_failed});
     } else {
       outcomes.push_back(std::move(decisions[i].result));
     }
@@ -247,9 +274,18 @@ void event_store::impl::publish(std::uint64_t position) {
 }
 
 void event_store::impl::deliver(written_group& group, const expected<void, error>& durable) {
+  std::size_t events = 0;
+  for (const auto& item : group.items) events += item.event_count;
+  {
+    // Appends count against append_queue_events_max until they are answered, so that a stalled
+    // disk pushes back on producers instead of piling up requests in memory.
+    std::lock_guard lock(queue_mutex_);
+    queued_events_ -= events;
+  }
   for (std::size_t i = 0; i < group.items.size(); ++i) {
     auto& outcome = group.outcomes[i];
-    if (!durable && outcome) outcome = unexpected{durable.error()};  // not acknowledged after all
+    // A failed fsync fails only the answers that needed it; earlier appends stay acknowledged.
+    if (!durable && outcome && outcome->last_position > synced_) outcome = unexpected{durable.error()};
     group.items[i].done(std::move(outcome));
   }
 }
@@ -389,9 +425,12 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
   if (!found.IsNotFound()) return fail(translate(found, "checking the append's id"));
 
   // Optimistic concurrency, then stage the events.
+  std::vector<std::uint64_t> heads;
+  heads.reserve(request.size());
   for (const auto& s : request) {
     auto head = head_of(s.stream, group);
     if (!head) return fail(head.error());
+    heads.push_back(*head);
     if (s.expected_version != any_version && s.expected_version != *head) {
       return fail(make_error(errc::wrong_expected_version,
                              "stream " + s.stream + " is at version " + std::to_string(*head) +
@@ -401,8 +440,9 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
   }
   const std::int64_t now = options_.clock_us();
   decision.result.first_position = group.next_position;
-  for (const auto& s : request) {
-    std::uint64_t version = *head_of(s.stream, group);
+  for (std::size_t k = 0; k < request.size(); ++k) {
+    const auto& s = request[k];
+    std::uint64_t version = heads[k];
     stream_result where{s.stream, version + 1, version + s.events.size()};
     group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version + 1)),
                     slice(keys::run_value(group.next_position, s.events.size())));
