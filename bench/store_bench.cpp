@@ -154,6 +154,16 @@ std::unique_ptr<storage::event_store> open_sync_store(const std::filesystem::pat
   return std::move(store).value();
 }
 
+/// One event for appender `t`'s own stream.
+std::vector<storage::stream_append> single_event(int t, events::event_id id, const std::string& payload) {
+  return {storage::stream_append{"provider-" + std::to_string(t), storage::any_version,
+                                 {{id, sample_type, payload}}}};
+}
+
+double micros_since(std::chrono::steady_clock::time_point started) {
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started).count();
+}
+
 void report_latencies(benchmark::State& state, std::vector<double>& latencies_us) {
   std::sort(latencies_us.begin(), latencies_us.end());
   state.counters["ack_p50_us"] = latencies_us[latencies_us.size() / 2];
@@ -175,14 +185,10 @@ void store_sync_64_threads(benchmark::State& state) {
     for (int t = 0; t < sync_appenders; ++t) {
       threads.emplace_back([&, t] {
         for (int i = 0; i < sync_appends_each; ++i) {
-          const auto id = next.fetch_add(1);
-          storage::stream_append append{"provider-" + std::to_string(t), storage::any_version,
-                                        {{events::event_id{2, id}, sample_type, payload}}};
           const auto started = std::chrono::steady_clock::now();
-          auto result = store->append({std::move(append)});
+          auto result = store->append(single_event(t, events::event_id{2, next.fetch_add(1)}, payload));
           if (!result) std::abort();
-          per_thread[static_cast<std::size_t>(t)].push_back(
-              std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started).count());
+          per_thread[static_cast<std::size_t>(t)].push_back(micros_since(started));
         }
       });
     }
@@ -211,20 +217,17 @@ void store_sync_64_async(benchmark::State& state) {
     int running = sync_appenders;
     std::vector<int> remaining(sync_appenders, sync_appends_each);
     std::function<void(int)> send = [&](int t) {
-      storage::stream_append append{"provider-" + std::to_string(t), storage::any_version,
-                                    {{events::event_id{4, next_id++}, sample_type, payload}}};
       const auto started = std::chrono::steady_clock::now();
-      store->append_async({std::move(append)}, [&, t, started](auto result) {
+      store->append_async(single_event(t, events::event_id{4, next_id++}, payload), [&, t, started](auto result) {
         if (!result) std::abort();
-        latencies_us.push_back(
-            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - started).count());
+        latencies_us.push_back(micros_since(started));
         if (--remaining[static_cast<std::size_t>(t)] > 0) return send(t);
         std::lock_guard lock(mutex);
         if (--running == 0) all_done.notify_one();
       });
     };
     {
-      // Callbacks run on the store's writer thread, one at a time; only `running` is shared.
+      // Callbacks run on the store's syncer thread, one at a time; only `running` is shared.
       std::unique_lock lock(mutex);
       for (int t = 0; t < sync_appenders; ++t) send(t);
       all_done.wait(lock, [&] { return running == 0; });
