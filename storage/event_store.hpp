@@ -156,8 +156,10 @@ class event_store {
   [[nodiscard]] expected<append_result, error> append(std::vector<stream_append> request);
 
   using append_callback = std::function<void(expected<append_result, error>)>;
-  /// Like append, but returns at once; `done` runs on the writer thread once the outcome is known.
-  /// `done` must be quick and must not call back into the store.
+  /// Like append, but returns at once. `done` runs once the outcome is known: on the store's own
+  /// thread (the syncer in `sync` mode, the writer in `buffered` mode), or at once on the calling
+  /// thread when the append is refused before it is queued (closed, too large, overloaded). It
+  /// must be quick; it may send another append_async, but must not wait on the store.
   void append_async(std::vector<stream_append> request, append_callback done);
 
   /// Events of `stream` with from_version <= version <= to_version, at most `max`, in order.
