@@ -25,7 +25,7 @@ const char* to_string(errc code) noexcept {
   return "unknown";
 }
 
-expected<std::shared_lock<std::shared_mutex>, error> event_store::impl::read_lock() const {
+expected<std::shared_lock<std::shared_timed_mutex>, error> event_store::impl::read_lock() const {
   std::shared_lock lock(db_mutex_);
   if (db_) return lock;
   lock.unlock();

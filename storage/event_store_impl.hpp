@@ -147,8 +147,12 @@ class event_store::impl {
 
   /// Locks the database for reading. If a failed write left it closed, first asks the writer to
   /// reopen it (the writer recovers before it runs any task), so reads come back with the disk.
-  expected<std::shared_lock<std::shared_mutex>, error> read_lock() const;
+  expected<std::shared_lock<std::shared_timed_mutex>, error> read_lock() const;
 
+  /// Longest the writer waits for running reads (a long scan) before a reopen; it then answers
+  /// the waiting appends with io_error and tries again later, rather than wait on a reader that
+  /// may itself be waiting for the writer (a scan visitor committing a projection).
+  static constexpr std::chrono::milliseconds reopen_lock_wait_max{100};
   /// How often the writer retries a failed reopen when no append asks for one.
   static constexpr std::chrono::milliseconds reopen_retry_interval{100};
 
@@ -185,7 +189,7 @@ class event_store::impl {
 
   // The database; readers hold the lock shared, the writer exclusively only to reopen it after a
   // failed write (so that the store's view equals what reached the disk).
-  mutable std::shared_mutex db_mutex_;
+  mutable std::shared_timed_mutex db_mutex_;
   std::unique_ptr<database> db_;
 
   std::mutex queue_mutex_;

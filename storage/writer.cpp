@@ -151,7 +151,12 @@ expected<void, error> event_store::impl::recover_if_needed() {
     std::unique_lock idle(sync_mutex_);
     sync_idle_cv_.wait(idle, [&] { return sync_in_flight_ == 0; });
   }
-  std::unique_lock lock(db_mutex_);
+  std::unique_lock lock(db_mutex_, std::defer_lock);
+  if (!lock.try_lock_for(reopen_lock_wait_max)) {
+    return unexpected{make_error(errc::io_error,
+                                 "the store is recovering from a disk failure and waits for running "
+                                 "reads to finish; retry unchanged")};
+  }
   db_.reset();
   auto opened = open_database(directory_, env(), false);
   if (!opened) return unexpected{opened.error()};

@@ -761,6 +761,40 @@ TEST(event_store_long_scan, corruption_is_reported_with_its_position) {
   EXPECT_NE(visited.error().message.find("position 6789"), std::string::npos) << visited.error().message;
 }
 
+TEST(event_store_long_scan, a_visitor_may_commit_while_the_store_recovers_from_a_disk_failure) {
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  store_options options;  // sync
+  options.faults = faults;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  for (std::uint64_t n = 1; n <= 6'000; n += 1'000) ASSERT_TRUE(store->append(one_stream("s", any_version, 1, n, 1'000)));
+  faults->set_fail_sync(true);
+  ASSERT_FALSE(store->append(one_stream("s", any_version, 2, 1, 1)));  // the store must reopen
+  faults->set_fail_sync(false);
+  // A projection that checkpoints from inside a long scan: the reopen waits for the scan, the
+  // commit waits for the writer. Neither may wait forever.
+  int commits_ok = 0, commits_refused = 0;
+  std::uint64_t checkpoint = 0;
+  auto scanned = store->scan(1, [&](const events::record_view& r) -> expected<void, error> {
+    if (r.position % 2'000 != 0) return {};
+    auto committed = store->commit_projection("p", checkpoint, r.position, {});
+    if (committed) {
+      checkpoint = r.position;
+      ++commits_ok;
+    } else {
+      EXPECT_EQ(committed.error().code, errc::io_error) << committed.error().message;
+      ++commits_refused;
+    }
+    return {};
+  });
+  ASSERT_TRUE(scanned) << scanned.error().message;
+  EXPECT_EQ(*scanned, 6'000u);
+  EXPECT_EQ(commits_ok + commits_refused, 3);
+  auto after = store->commit_projection("p", checkpoint, 6'000, {});  // recovered by now
+  EXPECT_TRUE(after) << after.error().message;
+}
+
 // ---- format versions ----
 
 TEST(event_store_format, a_newer_format_is_refused_naming_both_versions) {
