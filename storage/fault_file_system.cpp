@@ -1,5 +1,9 @@
 #include "storage/fault_file_system.hpp"
 
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -7,31 +11,60 @@
 namespace gpustream::storage {
 namespace {
 
+/// Durable lengths of the files synced so far, by path, so that a rename carries its source's.
+class durable_lengths {
+ public:
+  void synced(const std::string& path, std::uint64_t bytes) {
+    std::lock_guard lock(mutex_);
+    lengths_[path] = bytes;
+  }
+  std::optional<std::uint64_t> renamed(const std::string& from, const std::string& to) {
+    std::lock_guard lock(mutex_);
+    auto it = lengths_.find(from);
+    if (it == lengths_.end()) return std::nullopt;
+    const auto bytes = it->second;
+    lengths_.erase(it);
+    lengths_[to] = bytes;
+    return bytes;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::string, std::uint64_t> lengths_;
+};
+
 class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
  public:
-  faulty_file(std::unique_ptr<rocksdb::FSWritableFile> file, std::shared_ptr<fault_injector> faults)
-      : FSWritableFileOwnerWrapper(std::move(file)), faults_(std::move(faults)) {}
+  faulty_file(std::unique_ptr<rocksdb::FSWritableFile> file, std::shared_ptr<fault_injector> faults,
+              std::string path, std::shared_ptr<durable_lengths> lengths, std::uint64_t size)
+      : FSWritableFileOwnerWrapper(std::move(file)),
+        faults_(std::move(faults)),
+        path_(std::move(path)),
+        lengths_(std::move(lengths)),
+        written_(size) {}
 
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
                            rocksdb::IODebugContext* dbg) override {
     if (faults_->no_space()) return rocksdb::IOStatus::NoSpace("injected: no space left on device");
-    return FSWritableFileOwnerWrapper::Append(data, options, dbg);
+    return appended(FSWritableFileOwnerWrapper::Append(data, options, dbg), data.size());
   }
   rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
                            const rocksdb::DataVerificationInfo& info,
                            rocksdb::IODebugContext* dbg) override {
     if (faults_->no_space()) return rocksdb::IOStatus::NoSpace("injected: no space left on device");
-    return FSWritableFileOwnerWrapper::Append(data, options, info, dbg);
+    return appended(FSWritableFileOwnerWrapper::Append(data, options, info, dbg), data.size());
   }
   rocksdb::IOStatus Sync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     slow_down();
     if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
-    return FSWritableFileOwnerWrapper::Sync(options, dbg);
+    const auto bytes = written_.load();  // what was appended before the sync began is durable after it
+    return synced(FSWritableFileOwnerWrapper::Sync(options, dbg), bytes);
   }
   rocksdb::IOStatus Fsync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     slow_down();
     if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
-    return FSWritableFileOwnerWrapper::Fsync(options, dbg);
+    const auto bytes = written_.load();
+    return synced(FSWritableFileOwnerWrapper::Fsync(options, dbg), bytes);
   }
   rocksdb::IOStatus RangeSync(std::uint64_t offset, std::uint64_t bytes,
                               const rocksdb::IOOptions& options,
@@ -41,11 +74,25 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
   }
 
  private:
+  rocksdb::IOStatus appended(rocksdb::IOStatus status, std::size_t bytes) {
+    if (status.ok()) written_.fetch_add(bytes);
+    return status;
+  }
+  rocksdb::IOStatus synced(rocksdb::IOStatus status, std::uint64_t bytes) {
+    if (status.ok() && faults_->observer()) {
+      lengths_->synced(path_, bytes);
+      faults_->observer()(path_, bytes);
+    }
+    return status;
+  }
   void slow_down() const {
     if (const auto delay = faults_->sync_delay(); delay.count() > 0) std::this_thread::sleep_for(delay);
   }
 
   std::shared_ptr<fault_injector> faults_;
+  std::string path_;
+  std::shared_ptr<durable_lengths> lengths_;
+  std::atomic<std::uint64_t> written_{0};
 };
 
 class fault_file_system final : public rocksdb::FileSystemWrapper {
@@ -58,27 +105,40 @@ class fault_file_system final : public rocksdb::FileSystemWrapper {
   rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
                                     std::unique_ptr<rocksdb::FSWritableFile>* result,
                                     rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->NewWritableFile(name, options, result, dbg), result);
+    return wrap(target()->NewWritableFile(name, options, result, dbg), name, result);
   }
   rocksdb::IOStatus ReopenWritableFile(const std::string& name, const rocksdb::FileOptions& options,
                                        std::unique_ptr<rocksdb::FSWritableFile>* result,
                                        rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReopenWritableFile(name, options, result, dbg), result);
+    return wrap(target()->ReopenWritableFile(name, options, result, dbg), name, result);
+  }
+  rocksdb::IOStatus RenameFile(const std::string& from, const std::string& to,
+                               const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
+    auto status = target()->RenameFile(from, to, options, dbg);
+    if (status.ok() && faults_->observer()) {
+      if (auto bytes = lengths_->renamed(from, to)) faults_->observer()(to, *bytes);
+    }
+    return status;
   }
   rocksdb::IOStatus ReuseWritableFile(const std::string& name, const std::string& old_name,
                                       const rocksdb::FileOptions& options,
                                       std::unique_ptr<rocksdb::FSWritableFile>* result,
                                       rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReuseWritableFile(name, old_name, options, result, dbg), result);
+    return wrap(target()->ReuseWritableFile(name, old_name, options, result, dbg), name, result);
   }
 
  private:
-  rocksdb::IOStatus wrap(rocksdb::IOStatus status, std::unique_ptr<rocksdb::FSWritableFile>* result) {
-    if (status.ok()) *result = std::make_unique<faulty_file>(std::move(*result), faults_);
+  rocksdb::IOStatus wrap(rocksdb::IOStatus status, const std::string& name,
+                         std::unique_ptr<rocksdb::FSWritableFile>* result) {
+    if (!status.ok()) return status;
+    std::uint64_t size = 0;  // a reopened file keeps what it had
+    (void)target()->GetFileSize(name, rocksdb::IOOptions(), &size, nullptr);  // 0 if unknown
+    *result = std::make_unique<faulty_file>(std::move(*result), faults_, name, lengths_, size);
     return status;
   }
 
   std::shared_ptr<fault_injector> faults_;
+  std::shared_ptr<durable_lengths> lengths_ = std::make_shared<durable_lengths>();
 };
 
 }  // namespace

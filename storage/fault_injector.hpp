@@ -6,6 +6,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
+#include <string>
 
 namespace gpustream::storage {
 
@@ -19,6 +21,13 @@ class fault_injector {
   /// Every Sync/Fsync of a file takes this much longer while set: a slow disk. Default: none.
   void set_sync_delay(std::chrono::milliseconds delay) noexcept { sync_delay_ms_.store(delay.count()); }
 
+  /// Called after every successful Sync/Fsync (and rename of a synced file) with the file's path
+  /// and how many of its bytes are now durable: lets a test simulate a power cut by cutting files
+  /// back to their durable length. Set before the store opens. Default: none.
+  using sync_observer = std::function<void(const std::string& path, std::uint64_t durable_bytes)>;
+  void set_sync_observer(sync_observer observer) { observer_ = std::move(observer); }
+  [[nodiscard]] const sync_observer& observer() const noexcept { return observer_; }
+
   [[nodiscard]] bool fail_sync() const noexcept { return fail_sync_.load(); }
   [[nodiscard]] std::chrono::milliseconds sync_delay() const noexcept {
     return std::chrono::milliseconds(sync_delay_ms_.load());
@@ -29,6 +38,7 @@ class fault_injector {
   std::atomic<bool> fail_sync_{false};
   std::atomic<bool> no_space_{false};
   std::atomic<std::int64_t> sync_delay_ms_{0};
+  sync_observer observer_;
 };
 
 }  // namespace gpustream::storage

@@ -1,5 +1,7 @@
 // The process the crash test kills: appends in `sync` mode from several threads and reports every
 // acknowledged append on stdout as "ack FIRST LAST BATCH", one line each, after the store returned.
+// It also reports every fsync as "synced PATH BYTES" before the fsync returns, so that the parent
+// can cut each file back to what was durable: a power cut, not just a killed process.
 #include <unistd.h>
 
 #include <cstdio>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "storage/event_store.hpp"
+#include "storage/fault_injector.hpp"
 
 using namespace gpustream;
 
@@ -19,11 +22,6 @@ int main(int argc, char** argv) {
     return 2;
   }
   const std::uint64_t seed = std::stoull(argv[2]);
-  auto store = storage::event_store::open(argv[1]);
-  if (!store) {
-    std::fprintf(stderr, "crash child: %s\n", store.error().message.c_str());
-    return 1;
-  }
   std::mutex out;
   auto report = [&](const std::string& line) {
     std::lock_guard lock(out);
@@ -31,6 +29,17 @@ int main(int argc, char** argv) {
     const auto written = ::write(STDOUT_FILENO, line.data(), line.size());
     if (written != static_cast<ssize_t>(line.size())) std::_Exit(3);
   };
+  auto faults = std::make_shared<storage::fault_injector>();
+  faults->set_sync_observer([&](const std::string& path, std::uint64_t bytes) {
+    report("synced " + path + " " + std::to_string(bytes) + "\n");
+  });
+  storage::store_options options;
+  options.faults = faults;
+  auto store = storage::event_store::open(argv[1], options);
+  if (!store) {
+    std::fprintf(stderr, "crash child: %s\n", store.error().message.c_str());
+    return 1;
+  }
   report("ready\n");
   constexpr int threads = 4;
   constexpr int streams = 6;

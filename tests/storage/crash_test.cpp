@@ -1,5 +1,7 @@
-// Durability under SIGKILL: every acknowledged `sync` append survives, every append is all or
-// nothing, positions and versions stay gapless, across 20 seeded kill cycles on one store.
+// Durability under power cuts: a child appends in `sync` mode and is killed with SIGKILL at a
+// random moment; then every file is cut back to the bytes the child had fsynced (what a power cut
+// would leave). Every acknowledged append survives, every append is all or nothing, positions and
+// versions stay gapless, across 20 seeded cycles on one store.
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
@@ -8,6 +10,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <sstream>
@@ -40,9 +43,16 @@ std::pair<pid_t, int> spawn_child(const std::filesystem::path& dir, std::uint64_
   return {pid, fds[0]};
 }
 
-/// Reads the child's lines until `deadline` (then kills it) or until it exits; returns the acks.
-std::vector<acknowledged> run_and_kill(pid_t pid, int fd, std::chrono::milliseconds run_for) {
+/// What the child reported before it died.
+struct child_report {
   std::vector<acknowledged> acks;
+  std::map<std::string, std::uint64_t> durable_bytes;  ///< by file name: what its fsyncs covered
+};
+
+/// Reads the child's lines until `deadline` (then kills it) or until it exits.
+child_report run_and_kill(pid_t pid, int fd, std::chrono::milliseconds run_for) {
+  child_report report;
+  auto& acks = report.acks;
   std::string pending;
   bool ready = false, killed = false;
   std::chrono::steady_clock::time_point deadline{};
@@ -76,6 +86,12 @@ std::vector<acknowledged> run_and_kill(pid_t pid, int fd, std::chrono::milliseco
         acknowledged a;
         line >> a.first >> a.last >> a.batch;
         acks.push_back(a);
+      } else if (word == "synced") {
+        std::string path;
+        std::uint64_t bytes = 0;
+        line >> path >> bytes;
+        auto& durable = report.durable_bytes[std::filesystem::path(path).filename().string()];
+        durable = std::max(durable, bytes);
       }
     }
   }
@@ -84,7 +100,34 @@ std::vector<acknowledged> run_and_kill(pid_t pid, int fd, std::chrono::milliseco
   ::waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
       << "the child ended by itself (status " << status << "); see its stderr";
-  return acks;
+  return report;
+}
+
+std::map<std::string, std::uint64_t> file_sizes(const std::filesystem::path& dir) {
+  std::map<std::string, std::uint64_t> sizes;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.is_regular_file()) sizes[entry.path().filename().string()] = entry.file_size();
+  }
+  return sizes;
+}
+
+/// The power cut: every file loses what was written to it after its last fsync. Files that
+/// existed before the child keep at least what they had; files it created and never fsynced
+/// become empty. Returns the number of bytes cut.
+std::uint64_t cut_to_durable(const std::filesystem::path& dir,
+                             const std::map<std::string, std::uint64_t>& before,
+                             const std::map<std::string, std::uint64_t>& durable_bytes) {
+  std::uint64_t cut = 0;
+  for (const auto& [name, size] : file_sizes(dir)) {
+    std::uint64_t durable = 0;
+    if (auto it = before.find(name); it != before.end()) durable = it->second;
+    if (auto it = durable_bytes.find(name); it != durable_bytes.end()) durable = std::max(durable, it->second);
+    if (size > durable) {
+      std::filesystem::resize_file(dir / name, durable);
+      cut += size - durable;
+    }
+  }
+  return cut;
 }
 
 /// Everything the store holds must be consistent, and every acknowledged batch present.
@@ -121,7 +164,7 @@ void verify(const std::filesystem::path& dir, const std::vector<acknowledged>& a
   }
 }
 
-TEST(event_store_crash, acknowledged_sync_appends_survive_sigkill) {
+TEST(event_store_crash, acknowledged_sync_appends_survive_a_power_cut) {
   const char* env_seed = std::getenv("GPUSTREAM_SEED");
   const std::uint64_t seed = env_seed ? std::stoull(env_seed) : std::random_device{}();
   std::printf("crash test seed: %llu (rerun with GPUSTREAM_SEED=%llu)\n",
@@ -130,17 +173,21 @@ TEST(event_store_crash, acknowledged_sync_appends_survive_sigkill) {
   testing::temp_dir dir;
   constexpr int cycles = 20;
   std::vector<acknowledged> all_acks;
+  std::uint64_t bytes_cut = 0;
   for (int cycle = 0; cycle < cycles; ++cycle) {
     const auto run_for = std::chrono::milliseconds(10 + rng() % 240);
+    const auto before = file_sizes(dir.path());
     auto [pid, fd] = spawn_child(dir.path(), seed * 100 + static_cast<std::uint64_t>(cycle));
     ASSERT_GT(pid, 0);
-    auto acks = run_and_kill(pid, fd, run_for);
-    all_acks.insert(all_acks.end(), acks.begin(), acks.end());
+    auto report = run_and_kill(pid, fd, run_for);
+    bytes_cut += cut_to_durable(dir.path(), before, report.durable_bytes);
+    all_acks.insert(all_acks.end(), report.acks.begin(), report.acks.end());
     SCOPED_TRACE("cycle " + std::to_string(cycle) + " seed " + std::to_string(seed));
     verify(dir.path(), all_acks);
     if (HasFatalFailure()) return;
   }
-  std::printf("crash test: %d kill cycles, %zu acknowledged appends verified\n", cycles, all_acks.size());
+  std::printf("crash test: %d power cuts, %zu acknowledged appends verified, %llu unsynced bytes cut\n",
+              cycles, all_acks.size(), static_cast<unsigned long long>(bytes_cut));
   EXPECT_GE(all_acks.size(), static_cast<std::size_t>(cycles)) << "too few appends to mean anything";
 }
 
