@@ -33,6 +33,13 @@ store_options buffered() {
   return options;
 }
 
+/// `sync` options whose files consult `faults`.
+store_options with_faults(std::shared_ptr<fault_injector> faults) {
+  store_options options;
+  options.faults = std::move(faults);
+  return options;
+}
+
 std::vector<events::record> read_everything(const event_store& store) {
   auto all = store.read_all(1, 1'000'000);
   EXPECT_TRUE(all.has_value()) << (all ? "" : all.error().message);
@@ -376,8 +383,7 @@ TEST(event_store_limits, every_named_limit_is_enforced) {
 TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_limit_answer_overloaded) {
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
-  store_options options;  // sync
-  options.faults = faults;
+  store_options options = with_faults(faults);
   options.append_queue_events_max = 4;
   auto store = open_or_fail(dir.path(), options);
   ASSERT_TRUE(store);
@@ -398,9 +404,7 @@ TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_limit_answer_ov
 TEST(event_store, readers_see_nothing_that_is_not_acknowledged) {
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
-  store_options options;  // sync
-  options.faults = faults;
-  auto store = open_or_fail(dir.path(), options);
+  auto store = open_or_fail(dir.path(), with_faults(faults));
   ASSERT_TRUE(store);
   ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
   faults->set_sync_delay(std::chrono::milliseconds(300));  // written, then waiting for its fsync
@@ -585,9 +589,7 @@ TEST(event_store_snapshot, a_snapshot_beyond_the_stream_is_refused_and_none_is_e
 TEST(event_store_projection, output_and_checkpoint_commit_together_exactly_once) {
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
-  store_options options;
-  options.faults = faults;
-  auto store = open_or_fail(dir.path(), options);
+  auto store = open_or_fail(dir.path(), with_faults(faults));
   ASSERT_TRUE(store);
   ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 3)));
   ASSERT_TRUE(store->append(one_stream("b", no_stream, 1, 4, 2)));
@@ -764,9 +766,7 @@ TEST(event_store_long_scan, corruption_is_reported_with_its_position) {
 TEST(event_store_long_scan, a_visitor_may_commit_while_the_store_recovers_from_a_disk_failure) {
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
-  store_options options;  // sync
-  options.faults = faults;
-  auto store = open_or_fail(dir.path(), options);
+  auto store = open_or_fail(dir.path(), with_faults(faults));
   ASSERT_TRUE(store);
   for (std::uint64_t n = 1; n <= 6'000; n += 1'000) ASSERT_TRUE(store->append(one_stream("s", any_version, 1, n, 1'000)));
   faults->set_fail_sync(true);
@@ -848,9 +848,7 @@ TEST_P(event_store_faults, a_failing_disk_acknowledges_nothing_and_recovers_when
   const bool no_space = GetParam() == 1;
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
-  store_options options;
-  options.faults = faults;
-  auto store = open_or_fail(dir.path(), options);
+  auto store = open_or_fail(dir.path(), with_faults(faults));
   ASSERT_TRUE(store);
   ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
 
