@@ -65,4 +65,8 @@ std::uint32_t crc32c(std::span<const std::byte> bytes, std::uint32_t crc) noexce
   return ~crc32c_table(p, bytes.size(), c);
 }
 
+std::uint32_t crc32c_portable(std::span<const std::byte> bytes, std::uint32_t crc) noexcept {
+  return ~crc32c_table(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), ~crc);
+}
+
 }  // namespace gpustream::events

@@ -11,4 +11,8 @@ namespace gpustream::events {
 /// Extends `crc` (0 to start) over `bytes`.
 [[nodiscard]] std::uint32_t crc32c(std::span<const std::byte> bytes, std::uint32_t crc = 0) noexcept;
 
+/// The table-driven version crc32c falls back to on CPUs without SSE4.2; public so that tests
+/// check both give the same value.
+[[nodiscard]] std::uint32_t crc32c_portable(std::span<const std::byte> bytes, std::uint32_t crc = 0) noexcept;
+
 }  // namespace gpustream::events

@@ -4,9 +4,7 @@
 
 #include <compare>
 #include <cstdint>
-#include <optional>
 #include <string>
-#include <string_view>
 
 namespace gpustream::events {
 
@@ -18,8 +16,6 @@ struct event_id {
   [[nodiscard]] bool is_nil() const noexcept { return high == 0 && low == 0; }
   /// 32 lowercase hex digits, high half first.
   [[nodiscard]] std::string to_string() const;
-  /// Parses what to_string() wrote; nullopt for anything else.
-  [[nodiscard]] static std::optional<event_id> parse(std::string_view hex) noexcept;
 
   auto operator<=>(const event_id&) const = default;
 };

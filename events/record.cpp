@@ -58,21 +58,6 @@ std::string event_id::to_string() const {
   return out;
 }
 
-std::optional<event_id> event_id::parse(std::string_view hex) noexcept {
-  if (hex.size() != 32) return std::nullopt;
-  event_id id;
-  for (std::size_t i = 0; i < 32; ++i) {
-    const char c = hex[i];
-    std::uint64_t nibble = 0;
-    if (c >= '0' && c <= '9') nibble = static_cast<std::uint64_t>(c - '0');
-    else if (c >= 'a' && c <= 'f') nibble = static_cast<std::uint64_t>(c - 'a' + 10);
-    else return std::nullopt;
-    std::uint64_t& half = i < 16 ? id.high : id.low;
-    half = (half << 4) | nibble;
-  }
-  return id;
-}
-
 void encode_record_into(const record_view& r, std::string& out) {
   // One zeroed segment sized for the whole record, reused by this thread: building allocates nothing.
   const std::size_t segment_words =

@@ -25,7 +25,4 @@ struct error {
   std::string message;
 };
 
-/// A short stable name for the code ("wrong_expected_version"), for logs and JSON.
-[[nodiscard]] const char* to_string(errc code) noexcept;
-
 }  // namespace gpustream::storage

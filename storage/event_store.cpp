@@ -10,21 +10,6 @@
 
 namespace gpustream::storage {
 
-const char* to_string(errc code) noexcept {
-  switch (code) {
-    case errc::invalid_argument: return "invalid_argument";
-    case errc::wrong_expected_version: return "wrong_expected_version";
-    case errc::event_id_conflict: return "event_id_conflict";
-    case errc::corruption: return "corruption";
-    case errc::io_error: return "io_error";
-    case errc::no_space: return "no_space";
-    case errc::incompatible_format: return "incompatible_format";
-    case errc::overloaded: return "overloaded";
-    case errc::closed: return "closed";
-  }
-  return "unknown";
-}
-
 expected<std::shared_lock<std::shared_timed_mutex>, error> event_store::impl::read_lock() const {
   std::shared_lock lock(db_mutex_);
   if (db_) return lock;
