@@ -198,6 +198,8 @@ void store_sync_64_threads(benchmark::State& state) {
   }
   set_rate(state, static_cast<double>(appended));
   report_latencies(state, latencies_us);
+  state.counters["events_per_fsync"] =
+      static_cast<double>(appended) / static_cast<double>(std::max<std::uint64_t>(1, store->stats().syncs));
 }
 BENCHMARK(store_sync_64_threads)->ArgName("wait_us")->Arg(0)->Arg(1000)
     ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
@@ -236,6 +238,8 @@ void store_sync_64_async(benchmark::State& state) {
   }
   set_rate(state, static_cast<double>(appended));
   report_latencies(state, latencies_us);
+  state.counters["events_per_fsync"] =
+      static_cast<double>(appended) / static_cast<double>(std::max<std::uint64_t>(1, store->stats().syncs));
 }
 BENCHMARK(store_sync_64_async)->ArgName("wait_us")->Arg(0)->Arg(1000)
     ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
