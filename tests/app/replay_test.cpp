@@ -166,38 +166,31 @@ std::uint64_t store_with_bad_event(const std::filesystem::path& dir, storage::ne
   return appended->first_position;
 }
 
-TEST(replay_store, a_payload_that_is_not_capnp_fails_at_its_position) {
+/// Appends `bad` after good events and checks that replay stops there, naming its position.
+void expect_replay_fails_at(storage::new_event bad, const std::string& why) {
   temp_dir dir;
-  const auto position = store_with_bad_event(dir.path(), {make_id(0xbad, 1), 3, "not capnp"});
+  const auto position = store_with_bad_event(dir.path(), std::move(bad));
   ASSERT_FALSE(::testing::Test::HasFailure());
   auto report = replay_store(dir.path());
-  ASSERT_FALSE(report) << "replay accepted a payload that is not Cap'n Proto";
+  ASSERT_FALSE(report) << "replay accepted " << why;
   EXPECT_EQ(report.error().position, position) << report.error().message;
   EXPECT_NE(report.error().message.find("does not decode"), std::string::npos) << report.error().message;
   EXPECT_NE(report.error().message.find("user-mallory"), std::string::npos) << report.error().message;
 }
 
+TEST(replay_store, a_payload_that_is_not_capnp_fails_at_its_position) {
+  expect_replay_fails_at({make_id(0xbad, 1), 3, "not capnp"}, "a payload that is not Cap'n Proto");
+}
+
 TEST(replay_store, a_payload_of_another_type_than_declared_fails_at_its_position) {
-  temp_dir dir;
   // A valid user_credited (type 4) payload declared as user_tier_changed (type 3).
-  const auto position = store_with_bad_event(
-      dir.path(), {make_id(0xbad, 1), 3, events::encode_payload(events::event_examples()[4])});
-  ASSERT_FALSE(::testing::Test::HasFailure());
-  auto report = replay_store(dir.path());
-  ASSERT_FALSE(report) << "replay accepted a payload whose union tag differs from its type";
-  EXPECT_EQ(report.error().position, position) << report.error().message;
-  EXPECT_NE(report.error().message.find("does not decode"), std::string::npos) << report.error().message;
+  expect_replay_fails_at({make_id(0xbad, 1), 3, events::encode_payload(events::event_examples()[4])},
+                         "a payload whose union tag differs from its type");
 }
 
 TEST(replay_store, an_unknown_type_number_fails_at_its_position) {
-  temp_dir dir;
-  const auto position = store_with_bad_event(
-      dir.path(), {make_id(0xbad, 1), 999, events::encode_payload(events::event_examples()[4])});
-  ASSERT_FALSE(::testing::Test::HasFailure());
-  auto report = replay_store(dir.path());
-  ASSERT_FALSE(report) << "replay accepted an event type this build does not know";
-  EXPECT_EQ(report.error().position, position) << report.error().message;
-  EXPECT_NE(report.error().message.find("does not decode"), std::string::npos) << report.error().message;
+  expect_replay_fails_at({make_id(0xbad, 1), 999, events::encode_payload(events::event_examples()[4])},
+                         "an event type this build does not know");
 }
 
 TEST(replay_store, a_missing_directory_is_no_event_store_and_is_not_created) {
