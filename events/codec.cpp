@@ -78,6 +78,7 @@ GPUSTREAM_ENUM_MIRROR(reassign_reason, ReassignReason, provider_error, PROVIDER_
 GPUSTREAM_ENUM_MIRROR(failure_reason, FailureReason, internal, INTERNAL);
 GPUSTREAM_ENUM_MIRROR(cancelled_by, CancelledBy, platform, PLATFORM);
 GPUSTREAM_ENUM_MIRROR(transfer_kind, TransferKind, payout, PAYOUT);
+GPUSTREAM_ENUM_MIRROR(suspicion_kind, SuspicionKind, token_count_mismatch, TOKEN_COUNT_MISMATCH);
 
 #undef GPUSTREAM_ENUM_MIRROR
 
@@ -673,6 +674,73 @@ payout_failed read(schema::PayoutFailed::Reader r) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Appended later (type numbers 31 and up).
+
+void write(schema::AdReserved::Builder b, const ad_reserved& e) {
+  b.setReservationId(to_wire(e.reservation_id));
+  b.setCampaignId(to_wire(e.campaign_id));
+  b.setJobId(to_wire(e.job_id));
+  b.setUserId(to_wire(e.user_id));
+  b.setPriceMicros(e.price_micros);
+  b.setReservedAtUs(e.reserved_at_us);
+  b.setExpiresAtUs(e.expires_at_us);
+}
+
+ad_reserved read(schema::AdReserved::Reader r) {
+  return {.reservation_id = to_std(r.getReservationId()),
+          .campaign_id = to_std(r.getCampaignId()),
+          .job_id = to_std(r.getJobId()),
+          .user_id = to_std(r.getUserId()),
+          .price_micros = r.getPriceMicros(),
+          .reserved_at_us = r.getReservedAtUs(),
+          .expires_at_us = r.getExpiresAtUs()};
+}
+
+void write(schema::AdReservationReleased::Builder b, const ad_reservation_released& e) {
+  b.setReservationId(to_wire(e.reservation_id));
+  b.setCampaignId(to_wire(e.campaign_id));
+  b.setReason(to_wire(e.reason));
+  b.setReleasedAtUs(e.released_at_us);
+}
+
+ad_reservation_released read(schema::AdReservationReleased::Reader r) {
+  return {.reservation_id = to_std(r.getReservationId()),
+          .campaign_id = to_std(r.getCampaignId()),
+          .reason = to_std(r.getReason()),
+          .released_at_us = r.getReleasedAtUs()};
+}
+
+void write(schema::SuspicionRecorded::Builder b, const suspicion_recorded& e) {
+  b.setProviderId(to_wire(e.provider_id));
+  b.setJobId(to_wire(e.job_id));
+  b.setKind(to_wire(e.kind));
+  write(b.initCounters(), e.counters);
+  b.setRecordedAtUs(e.recorded_at_us);
+}
+
+suspicion_recorded read(schema::SuspicionRecorded::Reader r) {
+  return {.provider_id = to_std(r.getProviderId()),
+          .job_id = to_std(r.getJobId()),
+          .kind = from_wire<suspicion_kind>(r.getKind()),
+          .counters = read(r.getCounters()),
+          .recorded_at_us = r.getRecordedAtUs()};
+}
+
+void write(schema::FreeTokensUsed::Builder b, const free_tokens_used& e) {
+  b.setUserId(to_wire(e.user_id));
+  b.setJobId(to_wire(e.job_id));
+  b.setTokens(e.tokens);
+  b.setUsedAtUs(e.used_at_us);
+}
+
+free_tokens_used read(schema::FreeTokensUsed::Reader r) {
+  return {.user_id = to_std(r.getUserId()),
+          .job_id = to_std(r.getJobId()),
+          .tokens = r.getTokens(),
+          .used_at_us = r.getUsedAtUs()};
+}
+
+// ---------------------------------------------------------------------------------------------
 // The union: which member of `Event` holds each C++ struct. The static_assert is the compile-time
 // proof that the variant's order is the union's ordinal order.
 
@@ -719,6 +787,10 @@ GPUSTREAM_UNION_MEMBER(transfer_recorded, TransferRecorded, TRANSFER_RECORDED);
 GPUSTREAM_UNION_MEMBER(payout_requested, PayoutRequested, PAYOUT_REQUESTED);
 GPUSTREAM_UNION_MEMBER(payout_settled, PayoutSettled, PAYOUT_SETTLED);
 GPUSTREAM_UNION_MEMBER(payout_failed, PayoutFailed, PAYOUT_FAILED);
+GPUSTREAM_UNION_MEMBER(ad_reserved, AdReserved, AD_RESERVED);
+GPUSTREAM_UNION_MEMBER(ad_reservation_released, AdReservationReleased, AD_RESERVATION_RELEASED);
+GPUSTREAM_UNION_MEMBER(suspicion_recorded, SuspicionRecorded, SUSPICION_RECORDED);
+GPUSTREAM_UNION_MEMBER(free_tokens_used, FreeTokensUsed, FREE_TOKENS_USED);
 
 #undef GPUSTREAM_UNION_MEMBER
 

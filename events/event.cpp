@@ -19,7 +19,8 @@ constexpr std::array<std::string_view, event_type_count> type_names = {
     "campaign_funded",       "campaign_paused",      "campaign_resumed",
     "campaign_exhausted",    "impression_recorded",  "ad_clicked",
     "transfer_recorded",     "payout_requested",     "payout_settled",
-    "payout_failed",
+    "payout_failed",         "ad_reserved",          "ad_reservation_released",
+    "suspicion_recorded",    "free_tokens_used",
 };
 
 static_assert(type_names.back() != std::string_view{}, "a type name is missing");

@@ -87,6 +87,13 @@ enum class transfer_kind : std::uint8_t {
   payout,             ///< money leaves to a provider
 };
 
+/// Why a provider became more suspect; each kind has its own counter in suspicion_counters.
+enum class suspicion_kind : std::uint8_t {
+  unreasonably_fast,     ///< output faster than the provider's hardware can plausibly produce
+  aborted,               ///< a job dropped without a platform or client cause
+  token_count_mismatch,  ///< the provider's token count disagrees with the platform's own count
+};
+
 // ---------------------------------------------------------------------------------------------
 // Value structs nested inside events.
 
@@ -439,6 +446,53 @@ struct payout_failed {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Appended later (type numbers 31 and up); each lives in the stream named in its comment.
+
+/// Budget held for an ad about to be served (stream campaign-<id>).
+struct ad_reserved {
+  std::string reservation_id;  ///< becomes the impression id when the ad is served
+  std::string campaign_id;
+  std::string job_id;
+  std::string user_id;
+  std::int64_t price_micros = 0;  ///< held from the budget until recorded or released
+  std::int64_t reserved_at_us = 0;
+  std::int64_t expires_at_us = 0;  ///< released automatically if not served by then
+
+  bool operator==(const ad_reserved&) const = default;
+};
+
+/// A reservation given back because its ad was not served (stream campaign-<id>).
+struct ad_reservation_released {
+  std::string reservation_id;
+  std::string campaign_id;
+  std::string reason;  ///< why the ad was not served (job failed, expired, ...)
+  std::int64_t released_at_us = 0;
+
+  bool operator==(const ad_reservation_released&) const = default;
+};
+
+/// One more reason to suspect a provider (stream provider-<id>).
+struct suspicion_recorded {
+  std::string provider_id;
+  std::string job_id;
+  suspicion_kind kind = suspicion_kind::unreasonably_fast;
+  suspicion_counters counters;  ///< the provider's counters after this one
+  std::int64_t recorded_at_us = 0;
+
+  bool operator==(const suspicion_recorded&) const = default;
+};
+
+/// Tokens a free-tier user consumed, counted against the daily quota (stream user-<id>).
+struct free_tokens_used {
+  std::string user_id;
+  std::string job_id;
+  std::uint32_t tokens = 0;  ///< prompt + completion tokens
+  std::int64_t used_at_us = 0;
+
+  bool operator==(const free_tokens_used&) const = default;
+};
+
+// ---------------------------------------------------------------------------------------------
 // The event.
 
 /// Every event type. The index of an alternative is its type number on the wire and the ordinal
@@ -473,7 +527,11 @@ using event = std::variant<user_created,          // 0
                            transfer_recorded,     // 27
                            payout_requested,      // 28
                            payout_settled,        // 29
-                           payout_failed>;        // 30
+                           payout_failed,         // 30
+                           ad_reserved,           // 31
+                           ad_reservation_released,  // 32
+                           suspicion_recorded,    // 33
+                           free_tokens_used>;     // 34
 
 /// An event's type number: the variant index, the capnp union ordinal and the envelope's `type`.
 using event_type = std::uint16_t;

@@ -91,6 +91,12 @@ enum TransferKind {
   payout @5;            # money leaves to a provider (provider -> external)
 }
 
+enum SuspicionKind {
+  unreasonablyFast @0;       # output faster than the provider's hardware can plausibly produce
+  aborted @1;                # a job dropped without a platform or client cause
+  tokenCountMismatch @2;     # the provider's token count disagrees with the platform's own count
+}
+
 struct GpuInfo {
   name @0 :Text;                       # e.g. "NVIDIA GeForce RTX 4090"
   memoryBytes @1 :UInt64;              # total device memory
@@ -151,6 +157,13 @@ struct UserCredited {
   creditedAtUs @3 :Int64;
 }
 
+struct FreeTokensUsed {
+  userId @0 :Text;
+  jobId @1 :Text;
+  tokens @2 :UInt32;                   # prompt + completion tokens counted against the daily quota
+  usedAtUs @3 :Int64;
+}
+
 # ---------------------------------------------------------------------------------------------
 # Providers (stream provider-<id>)
 
@@ -207,6 +220,14 @@ struct AchievementUnlocked {
   providerId @0 :Text;
   achievement @1 :AchievementKind;
   unlockedAtUs @2 :Int64;
+}
+
+struct SuspicionRecorded {
+  providerId @0 :Text;
+  jobId @1 :Text;
+  kind @2 :SuspicionKind;
+  counters @3 :SuspicionCounters;      # the provider's counters after this one
+  recordedAtUs @4 :Int64;
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +355,23 @@ struct AdClicked {
   clickedAtUs @2 :Int64;
 }
 
+struct AdReserved {
+  reservationId @0 :Text;              # becomes the impression id when the ad is served
+  campaignId @1 :Text;
+  jobId @2 :Text;
+  userId @3 :Text;
+  priceMicros @4 :Int64;               # held from the budget until recorded or released
+  reservedAtUs @5 :Int64;
+  expiresAtUs @6 :Int64;               # released automatically if not served by then
+}
+
+struct AdReservationReleased {
+  reservationId @0 :Text;
+  campaignId @1 :Text;
+  reason @2 :Text;                     # why the ad was not served (job failed, expired, ...)
+  releasedAtUs @3 :Int64;
+}
+
 # ---------------------------------------------------------------------------------------------
 # Ledger (stream ledger)
 
@@ -408,5 +446,9 @@ struct Event {
     payoutRequested @28 :PayoutRequested;
     payoutSettled @29 :PayoutSettled;
     payoutFailed @30 :PayoutFailed;
+    adReserved @31 :AdReserved;
+    adReservationReleased @32 :AdReservationReleased;
+    suspicionRecorded @33 :SuspicionRecorded;
+    freeTokensUsed @34 :FreeTokensUsed;
   }
 }

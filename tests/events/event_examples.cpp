@@ -208,12 +208,40 @@ std::vector<event> money_examples() {
   };
 }
 
+/// Types appended after the first catalog, in type-number order.
+std::vector<event> appended_examples() {
+  return {
+      ad_reserved{.reservation_id = "imp-78",
+                  .campaign_id = "camp-3",
+                  .job_id = "job-9006",
+                  .user_id = "user-bob",
+                  .price_micros = 2'500,
+                  .reserved_at_us = 1'700'000'000'000'032,
+                  .expires_at_us = 1'700'000'060'000'032},
+      ad_reservation_released{.reservation_id = "imp-78",
+                              .campaign_id = "camp-3",
+                              .reason = "job job-9006 failed before the ad was served",
+                              .released_at_us = 1'700'000'000'000'033},
+      suspicion_recorded{.provider_id = "prov-17",
+                         .job_id = "job-9007",
+                         .kind = suspicion_kind::token_count_mismatch,
+                         .counters = {.unreasonably_fast_jobs = 1,
+                                      .aborted_jobs = 0,
+                                      .token_count_mismatches = 4},
+                         .recorded_at_us = 1'700'000'000'000'034},
+      free_tokens_used{.user_id = "user-bob",
+                       .job_id = "job-9005",
+                       .tokens = 1'234,
+                       .used_at_us = 1'700'000'000'000'035},
+  };
+}
+
 }  // namespace
 
 std::vector<event> event_examples() {
   std::vector<event> examples;
   for (auto group : {user_examples(), provider_examples(), job_examples(), campaign_examples(),
-                     money_examples()}) {
+                     money_examples(), appended_examples()}) {
     for (auto& example : group) examples.push_back(std::move(example));
   }
   return examples;
