@@ -1,0 +1,18 @@
+#pragma once
+/// The atoms of actors/ (CAF 0.17: at most 10 characters each). One place, so that two components
+/// never spell the same message differently.
+
+#include <caf/atom.hpp>
+
+namespace gpustream::actors {
+
+using append_atom = caf::atom_constant<caf::atom("append")>;
+using appended_atom = caf::atom_constant<caf::atom("appended")>;
+using recover_atom = caf::atom_constant<caf::atom("recover")>;
+using snapshot_atom = caf::atom_constant<caf::atom("snapshot")>;
+using state_atom = caf::atom_constant<caf::atom("state")>;
+using idle_atom = caf::atom_constant<caf::atom("idle")>;
+using passivate_atom = caf::atom_constant<caf::atom("passivate")>;
+using count_atom = caf::atom_constant<caf::atom("count")>;
+
+}  // namespace gpustream::actors

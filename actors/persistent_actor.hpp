@@ -1,0 +1,257 @@
+#pragma once
+/// The persistence shell around a domain aggregate (domain/aggregate.hpp): a command is decided,
+/// its events are appended through the store actor, and only once the store has acknowledged them
+/// are they applied to the state and the reply sent (persist, then apply).
+///
+/// - Commands arriving while the actor recovers or waits for an append are stashed (bounded by
+///   stash_commands_max) and handled in order; the next append carries every stashed command's
+///   events (up to the batch limits), each decided against the state including the earlier ones.
+///   Refusals are answered only after that append too, since they were decided against it.
+/// - On spawn the actor recovers from its latest snapshot plus the tail of its stream, and writes
+///   a snapshot every snapshot_every_events events.
+/// - If the store fails, every waiting requester gets the error and the actor stops with it,
+///   rather than carry on with state that is not persisted.
+/// - `passivate` (from the registry) stops the actor once nothing is stashed or in flight.
+///
+/// Include this only in .cpp files: it pulls in CAF.
+
+#include <caf/event_based_actor.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <caf/typed_response_promise.hpp>
+
+#include <deque>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "actors/atoms.hpp"
+#include "actors/errors.hpp"
+#include "actors/persistence.hpp"
+#include "actors/store_actor.hpp"
+#include "base/ensure.hpp"
+#include "domain/aggregate.hpp"
+#include "events/codec.hpp"
+
+namespace gpustream::actors {
+
+/// The interface of the actor around aggregate A. `state_atom` answers the acknowledged state.
+template <domain::aggregate A>
+using aggregate_actor =
+    caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
+                     typename caf::replies_to<state_atom>::template with<typename A::state>,
+                     caf::reacts_to<passivate_atom>>;
+
+template <domain::aggregate A>
+struct persistent_state {
+  using promise = caf::typed_response_promise<command_reply>;
+
+  struct waiting {
+    promise reply;
+    typename A::command command;
+  };
+  /// A decided command whose answer waits for the append it is part of.
+  struct decided {
+    promise reply;
+    domain::decision outcome;
+  };
+
+  std::string stream;
+  store_actor store;
+  persistence_options options;
+  typename A::state state{};    ///< acknowledged events only: what queries see
+  typename A::state working{};  ///< plus the events in flight: what decisions are taken against
+  std::uint64_t version = 0;    ///< acknowledged
+  std::uint64_t snapshot_version = 0;
+  bool recovering = true;
+  bool appending = false;
+  bool passivating = false;
+  std::deque<waiting> stash;
+  std::vector<decided> in_flight;
+  /// State queries that arrived during recovery.
+  std::vector<caf::typed_response_promise<typename A::state>> state_waiters;
+
+  static inline const char* name = "gpustream.aggregate";
+};
+
+namespace detail {
+
+template <domain::aggregate A>
+using persistent_pointer = typename aggregate_actor<A>::template stateful_pointer<persistent_state<A>>;
+
+template <domain::aggregate A>
+void fail_everything(persistent_pointer<A> self, const caf::error& failure) {
+  auto& st = self->state;
+  for (auto& d : st.in_flight) d.reply.deliver(failure);
+  for (auto& w : st.stash) w.reply.deliver(failure);
+  for (auto& waiter : st.state_waiters) waiter.deliver(failure);
+  st.state_waiters.clear();
+  st.in_flight.clear();
+  st.stash.clear();
+  self->quit(failure);
+}
+
+template <domain::aggregate A>
+void maybe_snapshot(persistent_pointer<A> self) {
+  auto& st = self->state;
+  if (st.options.snapshot_every_events == 0) return;
+  if (st.version - st.snapshot_version < st.options.snapshot_every_events) return;
+  auto bytes = encode_snapshot(self->system(), A::snapshot_version, st.state);
+  self->send(st.store, snapshot_atom::value, st.stream, st.version, std::move(bytes));
+  st.snapshot_version = st.version;
+}
+
+template <domain::aggregate A>
+void dispatch(persistent_pointer<A> self);
+
+/// The append of the current batch was acknowledged: apply, answer, go on.
+template <domain::aggregate A>
+void on_appended(persistent_pointer<A> self) {
+  auto& st = self->state;
+  for (auto& d : st.in_flight) {
+    if (!d.outcome) {
+      d.reply.deliver(make_error(d.outcome.error()));
+      continue;
+    }
+    for (const auto& event : d.outcome.value()) st.state = A::evolve(std::move(st.state), event);
+    st.version += d.outcome.value().size();
+    d.reply.deliver(command_reply{st.version, std::move(d.outcome.value())});
+  }
+  st.in_flight.clear();
+  st.appending = false;
+  maybe_snapshot<A>(self);
+  dispatch<A>(self);
+}
+
+/// Decides stashed commands into one batch and appends it; repeats while nothing needs appending.
+template <domain::aggregate A>
+void dispatch(persistent_pointer<A> self) {
+  auto& st = self->state;
+  while (!st.recovering && !st.appending && !st.stash.empty()) {
+    std::vector<events::event> batch;
+    const std::int64_t now_us = st.options.clock_us();
+    while (!st.stash.empty() && st.in_flight.size() < st.options.commands_per_append_max) {
+      auto outcome = A::decide(st.working, st.stash.front().command, now_us);
+      if (outcome && batch.size() + outcome.value().size() > st.options.events_per_append_max &&
+          !batch.empty()) {
+        break;  // this command opens the next batch
+      }
+      if (outcome) {
+        for (const auto& event : outcome.value()) {
+          st.working = A::evolve(std::move(st.working), event);
+          batch.push_back(event);
+        }
+      }
+      st.in_flight.push_back({std::move(st.stash.front().reply), std::move(outcome)});
+      st.stash.pop_front();
+    }
+    if (batch.empty()) {
+      on_appended<A>(self);  // only refusals and no-ops: nothing to persist
+      return;
+    }
+    st.appending = true;
+    // Expected version: the acknowledged one, which only this actor moves.
+    append_request request{{make_stream_append(st.stream, st.version, batch)}};
+    self->request(st.store, caf::infinite, append_atom::value, std::move(request))
+        .then([self](const storage::append_result&) { on_appended<A>(self); },
+              [self](caf::error& failure) { fail_everything<A>(self, failure); });
+  }
+  if (st.passivating && !st.appending && st.stash.empty() && !st.recovering) self->quit();
+}
+
+/// Applies the recovered snapshot (if it decodes) and tail. Returns false when the snapshot was
+/// written by another snapshot_version: the caller then recovers without it.
+template <domain::aggregate A>
+expected<bool, caf::error> apply_recovery(persistent_pointer<A> self, recovery& r) {
+  auto& st = self->state;
+  if (r.has_snapshot) {
+    if (!decode_snapshot(self->system(), A::snapshot_version, r.snapshot.state, st.state)) {
+      return false;
+    }
+    st.version = r.snapshot.version;
+    st.snapshot_version = r.snapshot.version;
+  }
+  for (const auto& record : r.tail) {
+    GPUSTREAM_ENSURE(record.version == st.version + 1);
+    auto event = events::decode_payload(
+        record.type, std::as_bytes(std::span(record.payload.data(), record.payload.size())));
+    if (!event) {
+      return unexpected{make_error(storage::error{
+          storage::errc::corruption, "event " + std::to_string(record.version) + " of stream " +
+                                         st.stream + " cannot be decoded: " + event.error().message})};
+    }
+    st.state = A::evolve(std::move(st.state), event.value());
+    st.version = record.version;
+  }
+  st.working = st.state;
+  st.recovering = false;
+  for (auto& waiter : st.state_waiters) waiter.deliver(st.state);
+  st.state_waiters.clear();
+  return true;
+}
+
+template <domain::aggregate A>
+void recover(persistent_pointer<A> self, bool use_snapshot) {
+  auto& st = self->state;
+  self->request(st.store, caf::infinite, recover_atom::value, st.stream, use_snapshot)
+      .then(
+          [self](recovery& r) {
+            auto applied = apply_recovery<A>(self, r);
+            if (!applied) {
+              fail_everything<A>(self, applied.error());
+            } else if (!applied.value()) {
+              self->state.state = typename A::state{};
+              recover<A>(self, false);
+            } else {
+              dispatch<A>(self);
+            }
+          },
+          [self](caf::error& failure) { fail_everything<A>(self, failure); });
+}
+
+}  // namespace detail
+
+/// The behavior of the actor around aggregate A, for `stream`.
+template <domain::aggregate A>
+typename aggregate_actor<A>::behavior_type persistent_behavior(
+    detail::persistent_pointer<A> self, std::string stream, store_actor store,
+    persistence_options options) {
+  auto& st = self->state;
+  st.stream = std::move(stream);
+  st.store = std::move(store);
+  if (!options.clock_us) options.clock_us = system_clock_us;
+  st.options = std::move(options);
+  detail::recover<A>(self, true);
+  return {
+      [self](typename A::command& command) -> caf::typed_response_promise<command_reply> {
+        auto& st = self->state;
+        auto reply = self->template make_response_promise<command_reply>();
+        if (st.stash.size() >= st.options.stash_commands_max) {
+          reply.deliver(make_error(domain::error{
+              domain::errc::limit_exceeded,
+              "stream " + st.stream + " has " + std::to_string(st.stash.size()) +
+                  " commands waiting, the most allowed (stash_commands_max); retry later"}));
+          return reply;
+        }
+        st.stash.push_back({reply, std::move(command)});
+        detail::dispatch<A>(self);
+        return reply;
+      },
+      [self](state_atom) {
+        auto reply = self->template make_response_promise<typename A::state>();
+        if (self->state.recovering) {
+          self->state.state_waiters.push_back(reply);
+        } else {
+          reply.deliver(self->state.state);
+        }
+        return reply;
+      },
+      [self](passivate_atom) {
+        self->state.passivating = true;
+        detail::dispatch<A>(self);
+      },
+  };
+}
+
+}  // namespace gpustream::actors

@@ -1,0 +1,117 @@
+#include "actors/store_actor.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <map>
+#include <utility>
+
+#include "actors/errors.hpp"
+
+namespace gpustream::actors {
+
+namespace {
+
+struct store_state {
+  std::shared_ptr<storage::event_store> store;
+  store_actor_options options;
+  /// Appends handed to the store and not yet answered, by ticket. Bounded by the store itself:
+  /// beyond its append_queue_events_max it refuses appends with `overloaded`.
+  std::map<std::uint64_t, caf::typed_response_promise<storage::append_result>> pending;
+  std::uint64_t next_ticket = 1;
+
+  static inline const char* name = "gpustream.store";
+};
+
+using store_pointer = store_actor::stateful_pointer<store_state>;
+
+expected<recovery, storage::error> read_recovery(const storage::event_store& store,
+                                                 const std::string& stream, bool use_snapshot) {
+  recovery result;
+  auto snapshot = use_snapshot ? store.load_snapshot(stream)
+                               : expected<std::optional<storage::snapshot>, storage::error>{};
+  if (!snapshot) return unexpected{snapshot.error()};
+  if (snapshot.value()) {
+    result.has_snapshot = true;
+    result.snapshot = std::move(*snapshot.value());
+  }
+  // Read the tail in chunks: one read returns at most the store's read_events_max.
+  std::uint64_t from = result.has_snapshot ? result.snapshot.version + 1 : 1;
+  const std::size_t chunk = store.options().read_events_max;
+  for (;;) {
+    auto events = store.read_stream(stream, from, ~std::uint64_t{0}, chunk);
+    if (!events) return unexpected{events.error()};
+    const std::size_t count = events.value().size();
+    for (auto& record : events.value()) result.tail.push_back(std::move(record));
+    if (count < chunk) break;
+    from = result.tail.back().version + 1;
+  }
+  return result;
+}
+
+caf::result<storage::append_result> append(store_pointer self, append_request request) {
+  auto& state = self->state;
+  if (state.options.wait_for_each_append) {
+    auto result = state.store->append(std::move(request.streams));
+    if (!result) return make_error(result.error());
+    return std::move(result.value());
+  }
+  const std::uint64_t ticket = state.next_ticket++;
+  state.pending.emplace(ticket, self->make_response_promise<storage::append_result>());
+  // The callback runs on the store's thread: it only posts the outcome to this actor's mailbox.
+  state.store->append_async(
+      std::move(request.streams),
+      [handle = store_actor{self}, ticket](expected<storage::append_result, storage::error> r) {
+        caf::anon_send(handle, appended_atom::value, append_outcome{ticket, std::move(r)});
+      });
+  return state.pending.at(ticket);
+}
+
+void deliver(store_pointer self, append_outcome& outcome) {
+  auto pending = self->state.pending.find(outcome.ticket);
+  GPUSTREAM_ENSURE(pending != self->state.pending.end());
+  if (outcome.result) {
+    pending->second.deliver(std::move(outcome.result.value()));
+  } else {
+    pending->second.deliver(make_error(outcome.result.error()));
+  }
+  self->state.pending.erase(pending);
+}
+
+store_actor::behavior_type store_behavior(store_pointer self,
+                                          std::shared_ptr<storage::event_store> store,
+                                          store_actor_options options) {
+  // Spawn arguments must be copyable, hence the shared_ptr; the state is its only owner after this.
+  self->state.store = std::move(store);
+  self->state.options = options;
+  return {
+      [self](append_atom, append_request& request) {
+        return append(self, std::move(request));
+      },
+      [self](recover_atom, const std::string& stream, bool use_snapshot) -> caf::result<recovery> {
+        auto result = read_recovery(*self->state.store, stream, use_snapshot);
+        if (!result) return make_error(result.error());
+        return std::move(result.value());
+      },
+      [self](snapshot_atom, const std::string& stream, std::uint64_t version,
+             const std::string& state) {
+        // Snapshots are only an optimisation: a failed save costs a longer recovery, no data.
+        (void)self->state.store->save_snapshot(stream, version, state);
+      },
+      [self](appended_atom, append_outcome& outcome) { deliver(self, outcome); },
+  };
+}
+
+}  // namespace
+
+store_actor spawn_store_actor(caf::actor_system& system,
+                              std::unique_ptr<storage::event_store> store,
+                              store_actor_options options) {
+  return system.spawn(store_behavior, std::shared_ptr<storage::event_store>(store.release()),
+                      options);
+}
+
+}  // namespace gpustream::actors

@@ -1,0 +1,35 @@
+#include "tests/actors/actor_testing.hpp"
+
+#include <caf/send.hpp>
+
+namespace gpustream::actors::testing {
+
+test_config::test_config() {
+  set("scheduler.policy", caf::atom("testing"));
+  // The test coordinator owns time: delayed messages fire only when the test advances it.
+  add_error_categories(*this);
+}
+
+deterministic_fixture::deterministic_fixture()
+    : system_(config_),
+      sched_(dynamic_cast<caf::scheduler::test_coordinator&>(system_.scheduler())),
+      self_(system_) {}
+
+deterministic_fixture::~deterministic_fixture() {
+  close_store();
+}
+
+void deterministic_fixture::open_store(storage::store_options options) {
+  auto store = storage::event_store::open(directory_.path(), std::move(options));
+  ASSERT_TRUE(store) << store.error().message;
+  store_ = spawn_store_actor(system_, std::move(store.value()), {.wait_for_each_append = true});
+}
+
+void deterministic_fixture::close_store() {
+  if (!store_) return;
+  self_->send_exit(store_, caf::exit_reason::user_shutdown);
+  run();
+  store_ = nullptr;
+}
+
+}  // namespace gpustream::actors::testing
