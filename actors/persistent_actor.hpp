@@ -45,6 +45,10 @@ using aggregate_actor =
 
 template <domain::aggregate A>
 struct persistent_state {
+  // Declared so that the state is no aggregate: CAF would otherwise try to build it from the
+  // actor pointer (C++20 aggregates accept parenthesised initialisation).
+  persistent_state() = default;
+
   using promise = caf::typed_response_promise<command_reply>;
 
   struct waiting {

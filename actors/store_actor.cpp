@@ -16,6 +16,10 @@ namespace gpustream::actors {
 namespace {
 
 struct store_state {
+  // Declared so that the state is no aggregate: CAF would otherwise try to build it from the
+  // actor pointer (C++20 aggregates accept parenthesised initialisation).
+  store_state() = default;
+
   std::shared_ptr<storage::event_store> store;
   store_actor_options options;
   /// Appends handed to the store and not yet answered, by ticket. Bounded by the store itself:

@@ -16,7 +16,15 @@ deterministic_fixture::deterministic_fixture()
       self_(system_) {}
 
 deterministic_fixture::~deterministic_fixture() {
+  for (auto& actor : to_stop_) self_->send_exit(actor, caf::exit_reason::user_shutdown);
+  run();
   close_store();
+}
+
+void deterministic_fixture::open_store() {
+  storage::store_options options;
+  options.mode = storage::durability::buffered;
+  open_store(std::move(options));
 }
 
 void deterministic_fixture::open_store(storage::store_options options) {

@@ -41,10 +41,19 @@ class deterministic_fixture : public ::testing::Test {
   deterministic_fixture();
   ~deterministic_fixture() override;
 
-  /// Opens the store (buffered unless `options` say otherwise) and spawns its actor.
-  void open_store(storage::store_options options = {.mode = storage::durability::buffered});
+  /// Opens a buffered store and spawns its actor.
+  void open_store();
+  /// Opens the store with `options` and spawns its actor.
+  void open_store(storage::store_options options);
   /// Stops the store actor and waits until it has closed the store.
   void close_store();
+
+  /// Stops `actor` (before the store) when the test ends.
+  template <class Handle>
+  Handle stop_at_teardown(Handle actor) {
+    to_stop_.push_back(caf::actor_cast<caf::actor>(actor));
+    return actor;
+  }
 
   /// Runs every runnable actor until nothing is left to do.
   void run() { sched_.run(); }
@@ -77,6 +86,7 @@ class deterministic_fixture : public ::testing::Test {
   caf::scheduler::test_coordinator& sched_;
   caf::scoped_actor self_;
   store_actor store_;
+  std::vector<caf::actor> to_stop_;
 };
 
 }  // namespace gpustream::actors::testing

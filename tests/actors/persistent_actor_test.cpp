@@ -14,67 +14,21 @@
 
 #include "storage/fault_injector.hpp"
 #include "tests/actors/actor_testing.hpp"
+#include "tests/actors/wallet.hpp"
 
 namespace gpustream::actors {
 namespace {
 
-/// A deliberately small aggregate for testing the shell: a wallet credited by deposits, each
-/// deposit id applied once. Stands in for any domain aggregate; the real ones have their own tests.
-struct wallet {
-  struct state {
-    std::int64_t balance_micros = 0;
-    std::set<std::string> deposit_ids;
-    bool operator==(const state&) const = default;
-  };
-  struct credit {
-    std::string deposit_id;
-    std::int64_t amount_micros = 0;
-  };
-  using command = std::variant<credit>;
-  static constexpr std::uint32_t snapshot_version = 1;
-
-  static state evolve(state s, const events::event& e) {
-    if (const auto* credited = std::get_if<events::user_credited>(&e)) {
-      s.balance_micros += credited->amount_micros;
-      s.deposit_ids.insert(credited->deposit_id);
-    }
-    return s;
-  }
-
-  static domain::decision decide(const state& s, const command& c, std::int64_t now_us) {
-    const auto& cmd = std::get<credit>(c);
-    if (cmd.amount_micros <= 0) {
-      return domain::refuse(domain::errc::invalid_argument, "a credit must be positive");
-    }
-    if (s.deposit_ids.contains(cmd.deposit_id)) return std::vector<events::event>{};
-    return std::vector<events::event>{events::user_credited{
-        .user_id = "w", .deposit_id = cmd.deposit_id, .amount_micros = cmd.amount_micros,
-        .credited_at_us = now_us}};
-  }
-};
-
-template <class Inspector>
-typename Inspector::result_type inspect(Inspector& f, wallet::state& x) {
-  return f(x.balance_micros, x.deposit_ids);
-}
-
-static_assert(domain::aggregate<wallet>);
-
-}  // namespace
-}  // namespace gpustream::actors
-
-CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::wallet::command)
-
-namespace gpustream::actors {
-namespace {
-
+using testing::wallet;
 using wallet_actor = aggregate_actor<wallet>;
 
 class persistent_actor_test : public testing::deterministic_fixture {
  protected:
   persistent_actor_test() { open_store(); }
 
-  wallet_actor spawn_wallet(persistence_options options = {}) {
+  wallet_actor spawn_wallet() { return spawn_wallet(persistence_options{}); }
+
+  wallet_actor spawn_wallet(persistence_options options) {
     options.clock_us = clock_.function();
     return system_.spawn(persistent_behavior<wallet>, std::string("wallet-1"), store_, options);
   }
@@ -136,7 +90,9 @@ TEST_F(persistent_actor_test, commands_during_recovery_are_stashed_and_batched_i
 }
 
 TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
-  auto actor = spawn_wallet({.stash_commands_max = 2});
+  persistence_options options;
+  options.stash_commands_max = 2;
+  auto actor = spawn_wallet(options);
   auto a = self_->request(actor, caf::infinite, credit("d1", 1));
   auto b = self_->request(actor, caf::infinite, credit("d2", 1));
   auto c = self_->request(actor, caf::infinite, credit("d3", 1));
@@ -150,7 +106,9 @@ TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
 }
 
 TEST_F(persistent_actor_test, recovers_from_snapshot_plus_tail_to_the_state_of_a_full_replay) {
-  auto actor = spawn_wallet({.snapshot_every_events = 3});
+  persistence_options options;
+  options.snapshot_every_events = 3;
+  auto actor = spawn_wallet(options);
   for (int i = 1; i <= 7; ++i) {
     ASSERT_TRUE(ask<command_reply>(actor, credit("d" + std::to_string(i), i)));
   }
@@ -182,7 +140,9 @@ class persistent_actor_fault_test : public testing::deterministic_fixture {};
 
 TEST_F(persistent_actor_fault_test, a_failed_append_stops_the_actor_and_answers_everyone) {
   auto faults = std::make_shared<storage::fault_injector>();
-  open_store({.mode = storage::durability::sync, .faults = faults});
+  storage::store_options options;
+  options.faults = faults;
+  open_store(std::move(options));
   testing::manual_clock clock;
   auto actor = system_.spawn(persistent_behavior<wallet>, std::string("wallet-1"), store_,
                              persistence_options{.clock_us = clock.function()});
