@@ -1,5 +1,6 @@
 #include "domain/payout.hpp"
 
+#include <set>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -221,6 +222,80 @@ record_transfers payout_movement(const payout::state& before, const events::even
   GPUSTREAM_ENSURE(failed != nullptr);
   GPUSTREAM_ENSURE(failed->payout_id == before.payout_id);
   return payout_fail_transfers(before.payout_id, before.provider_id, before.amount_micros);
+}
+
+namespace {
+
+invariant_check violation(std::string message) {
+  return unexpected{invariant_violation{std::move(message)}};
+}
+
+/// The ledger holds the one transfer of `expected` exactly as built, or holds no transfer of that
+/// id when `expected_present` is false.
+invariant_check check_movement(const ledger::state& ledger_state, const payout::state& p,
+                               const record_transfers& expected, bool expected_present) {
+  const auto& wanted = expected.transfers.front();
+  const auto found = ledger_state.transfers.find(wanted.transfer_id);
+  const bool present = found != ledger_state.transfers.end();
+  if (present != expected_present) {
+    return violation("payout " + quoted(p.payout_id) + " of provider " + quoted(p.provider_id) +
+                     " (" + micros(p.amount_micros) + ") should " +
+                     (expected_present ? "" : "not ") + "have ledger transfer " +
+                     quoted(wanted.transfer_id) + " but " + (present ? "does" : "does not"));
+  }
+  if (!present) return {};
+  const auto& t = found->second;
+  if (t.debit_account != wanted.debit_account || t.credit_account != wanted.credit_account ||
+      t.amount_micros != wanted.amount_micros || t.kind != wanted.kind) {
+    return violation("ledger transfer " + quoted(wanted.transfer_id) + " moves " +
+                     micros(t.amount_micros) + " from " + quoted(t.debit_account) + " to " +
+                     quoted(t.credit_account) + " but payout " + quoted(p.payout_id) + " needs " +
+                     micros(wanted.amount_micros) + " from " + quoted(wanted.debit_account) +
+                     " to " + quoted(wanted.credit_account));
+  }
+  return {};
+}
+
+invariant_check check_one_payout(const ledger::state& ledger_state, const payout::state& p) {
+  const auto request = payout_request_transfers(p.payout_id, p.provider_id, p.amount_micros);
+  const auto settle = payout_settle_transfers(p.payout_id, p.amount_micros);
+  const auto fail = payout_fail_transfers(p.payout_id, p.provider_id, p.amount_micros);
+  if (auto ok = check_movement(ledger_state, p, request, true); !ok) return ok;
+  if (auto ok = check_movement(ledger_state, p, settle, p.status == payout_status::settled); !ok) {
+    return ok;
+  }
+  return check_movement(ledger_state, p, fail, p.status == payout_status::failed);
+}
+
+}  // namespace
+
+invariant_check check_payouts_against_ledger(const ledger::state& ledger_state,
+                                             std::span<const payout::state> payouts) {
+  std::set<std::string, std::less<>> streams;
+  std::int64_t open_micros = 0;
+  for (const auto& p : payouts) {
+    if (p.status == payout_status::none) continue;
+    if (auto ok = check_one_payout(ledger_state, p); !ok) return ok;
+    if (p.status == payout_status::requested) open_micros += p.amount_micros;
+    streams.insert(payout_stream(p.payout_id));
+  }
+  // Payout transfer ids are "payout-<id>/<step>": every one must belong to a known payout.
+  const std::string prefix = "payout-";
+  for (auto it = ledger_state.transfers.lower_bound(prefix);
+       it != ledger_state.transfers.end() && it->first.starts_with(prefix); ++it) {
+    const auto slash = it->first.rfind('/');
+    const auto stream = std::string_view(it->first).substr(0, slash);
+    if (slash == std::string::npos || !streams.contains(stream)) {
+      return violation("ledger transfer " + quoted(it->first) + " moves " +
+                       micros(it->second.amount_micros) + " for a payout that was never recorded");
+    }
+  }
+  const auto in_flight = balance_micros(ledger_state, payouts_in_flight_account);
+  if (in_flight != open_micros) {
+    return violation("payouts_in_flight holds " + micros(in_flight) + " but open payouts total " +
+                     micros(open_micros));
+  }
+  return {};
 }
 
 }  // namespace gpustream::domain

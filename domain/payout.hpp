@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -124,5 +125,13 @@ bool inspect(Inspector& f, payout::state& x) {
 /// state before it is `before` (needed for the provider and amount of a settle or fail).
 [[nodiscard]] record_transfers payout_movement(const payout::state& before,
                                                const events::event& event);
+
+/// Cross-checks payouts with the ledger, for `gpustream replay --verify`: every payout moved its
+/// amount from its provider into payouts_in_flight; a settled one moved it on to external, a failed
+/// one back to the provider, an open one neither; the ledger holds no payout movement without its
+/// payout (e.g. a request group recorded before a crash lost the payout event); and
+/// payouts_in_flight holds exactly the open payouts' amounts. O(payouts * log transfers).
+[[nodiscard]] invariant_check check_payouts_against_ledger(const ledger::state& ledger_state,
+                                                           std::span<const payout::state> payouts);
 
 }  // namespace gpustream::domain

@@ -270,5 +270,82 @@ TEST(payout_movements, a_failed_payout_returns_the_money_and_a_settled_one_leave
   EXPECT_TRUE(check_ledger(ledger_state).has_value());
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cross-check with the ledger.
+
+/// A ledger and payouts kept in step the way the actors are meant to: ledger group, then event.
+struct payout_books {
+  ledger::state ledger_state;
+  std::vector<payout::state> payouts;
+
+  void record(const record_transfers& group) {
+    const auto d = ledger::decide(ledger_state, group, now);
+    ASSERT_TRUE(d.has_value()) << d.error().message;
+    for (const auto& e : *d) ledger_state = ledger::evolve(std::move(ledger_state), e);
+  }
+
+  void step(std::size_t index, const payout::command& command) {
+    auto& p = payouts[index];
+    const auto d = payout::decide(p, command, now);
+    ASSERT_TRUE(d.has_value()) << d.error().message;
+    record(payout_movement(p, d->front()));
+    p = payout::evolve(std::move(p), d->front());
+  }
+};
+
+payout_books three_payouts() {
+  payout_books books;
+  books.record(record_transfers{"earn", {transfer{"earn", "subsidy", "provider-p1", 1000,
+                                                  transfer_kind::free_tier_subsidy, "j"}}});
+  books.payouts.resize(3);
+  books.step(0, request_payout{"a", "p1", 100, false, 1000});
+  books.step(1, request_payout{"b", "p1", 200, false, 900});
+  books.step(2, request_payout{"c", "p1", 300, false, 700});
+  books.step(1, settle_payout{"b", "ref-b"});
+  books.step(2, fail_payout{"c", "closed"});
+  return books;
+}
+
+TEST(payout_ledger_check, payouts_kept_in_step_with_the_ledger_pass) {
+  const auto books = three_payouts();
+  const auto ok = check_payouts_against_ledger(books.ledger_state, books.payouts);
+  EXPECT_TRUE(ok.has_value()) << ok.error().message;
+  EXPECT_EQ(balance_micros(books.ledger_state, "payouts_in_flight"), 100);
+}
+
+TEST(payout_ledger_check, reports_a_missing_or_different_movement) {
+  auto books = three_payouts();
+  books.payouts[0].amount_micros = 150;  // the payout says 150, the ledger moved 100
+  auto broken = check_payouts_against_ledger(books.ledger_state, books.payouts);
+  ASSERT_FALSE(broken.has_value());
+  EXPECT_TRUE(contains(broken.error().message, "\"payout-a/request\" moves 100 micro-USD"))
+      << broken.error().message;
+
+  books = three_payouts();
+  books.payouts[1].status = payout_status::requested;  // the ledger settled it, the payout did not
+  broken = check_payouts_against_ledger(books.ledger_state, books.payouts);
+  ASSERT_FALSE(broken.has_value());
+  EXPECT_TRUE(contains(broken.error().message, "should not have ledger transfer \"payout-b/settle\""))
+      << broken.error().message;
+}
+
+TEST(payout_ledger_check, reports_money_moved_for_an_unrecorded_payout) {
+  auto books = three_payouts();
+  books.record(payout_request_transfers("lost", "p1", 50));  // the payout event never made it
+  const auto broken = check_payouts_against_ledger(books.ledger_state, books.payouts);
+  ASSERT_FALSE(broken.has_value());
+  EXPECT_TRUE(contains(broken.error().message, "\"payout-lost/request\" moves 50 micro-USD"))
+      << broken.error().message;
+}
+
+TEST(payout_ledger_check, reports_in_flight_money_that_open_payouts_do_not_explain) {
+  auto books = three_payouts();
+  books.ledger_state.balances_micros["payouts_in_flight"] = 130;
+  const auto broken = check_payouts_against_ledger(books.ledger_state, books.payouts);
+  ASSERT_FALSE(broken.has_value());
+  EXPECT_TRUE(contains(broken.error().message, "holds 130 micro-USD but open payouts total 100"))
+      << broken.error().message;
+}
+
 }  // namespace
 }  // namespace gpustream::domain
