@@ -191,17 +191,17 @@ struct ledger {
 static_assert(aggregate<ledger>);
 
 template <class Inspector>
-bool inspect(Inspector& f, ledger::applied_transfer& x) {
+auto inspect(Inspector& f, ledger::applied_transfer& x) {
   return f(x.debit_account, x.credit_account, x.amount_micros, x.kind, x.reference, x.group_id);
 }
 
 template <class Inspector>
-bool inspect(Inspector& f, ledger::provider_totals& x) {
+auto inspect(Inspector& f, ledger::provider_totals& x) {
   return f(x.earned_micros, x.paid_out_micros);
 }
 
 template <class Inspector>
-bool inspect(Inspector& f, ledger::state& x) {
+auto inspect(Inspector& f, ledger::state& x) {
   return f(x.balances_micros, x.transfers, x.group_sizes, x.providers, x.balance_total_micros);
 }
 

@@ -103,7 +103,7 @@ struct payout {
 static_assert(aggregate<payout>);
 
 template <class Inspector>
-bool inspect(Inspector& f, payout::state& x) {
+auto inspect(Inspector& f, payout::state& x) {
   return f(x.status, x.payout_id, x.provider_id, x.amount_micros, x.automatic, x.requested_at_us,
            x.closed_at_us, x.external_reference, x.failure_reason);
 }
