@@ -1,0 +1,152 @@
+// Scoring rules: points per job, levels, contribution tiers, health from load and suspicion thresholds.
+#include "domain/scoring.hpp"
+
+#include <gtest/gtest.h>
+
+namespace gpustream::domain {
+namespace {
+
+using events::provider_level;
+
+job_measure measure(std::uint32_t prompt, std::uint32_t completion, std::int64_t ttft_us,
+                    std::int64_t total_us) {
+  return {prompt, completion, completion, ttft_us, total_us};
+}
+
+TEST(scoring, decode_throughput_ignores_time_to_first_token) {
+  // 100 tokens decoded in 2 s after a 5 s wait for the first one: 50 tok/s.
+  EXPECT_EQ(decode_tokens_per_second(measure(0, 100, 5'000'000, 7'000'000)), 50u);
+  // A job whose last token came with the first is measured over 1 us, never divided by zero.
+  EXPECT_EQ(decode_tokens_per_second(measure(0, 3, 1'000, 1'000)), 3'000'000u);
+}
+
+TEST(scoring, faster_jobs_earn_more_speed_points) {
+  const scoring_options options;
+  EXPECT_EQ(speed_points_for(1'000, options), 5);
+  EXPECT_EQ(speed_points_for(100, options), 5);
+  EXPECT_EQ(speed_points_for(99, options), 4);
+  EXPECT_EQ(speed_points_for(50, options), 4);
+  EXPECT_EQ(speed_points_for(25, options), 3);
+  EXPECT_EQ(speed_points_for(10, options), 2);
+  EXPECT_EQ(speed_points_for(5, options), 1);
+  EXPECT_EQ(speed_points_for(4, options), 0);
+}
+
+TEST(scoring, longer_prompts_earn_more_complexity_points_up_to_the_cap) {
+  const scoring_options options;
+  const auto complexity = [&](std::uint32_t prompt) {
+    return points_for_success(measure(prompt, 10, 0, 1'000'000), true, options).complexity_points;
+  };
+  EXPECT_EQ(complexity(0), 0);
+  EXPECT_EQ(complexity(499), 0);
+  EXPECT_EQ(complexity(500), 1);
+  EXPECT_EQ(complexity(1'499), 2);
+  EXPECT_EQ(complexity(1'500), 3);
+  EXPECT_EQ(complexity(1'000'000), options.complexity_points_max);
+}
+
+TEST(scoring, success_bonus_grows_for_long_answers) {
+  const scoring_options options;
+  EXPECT_EQ(points_for_success(measure(0, 99, 0, 1'000'000), true, options).success_points, 2);
+  EXPECT_EQ(points_for_success(measure(0, 100, 0, 1'000'000), true, options).success_points, 3);
+}
+
+TEST(scoring, an_implausible_job_earns_no_speed_points) {
+  const scoring_options options;
+  const auto fast = measure(600, 200, 0, 1'000'000);  // 200 tok/s
+  EXPECT_EQ(points_for_success(fast, true, options).speed_points, 5);
+  const auto points = points_for_success(fast, false, options);
+  EXPECT_EQ(points.speed_points, 0);
+  EXPECT_EQ(points.complexity_points, 1);
+  EXPECT_EQ(points.success_points, 3);
+  EXPECT_EQ(points.total(), 4);
+}
+
+TEST(scoring, a_provider_fault_costs_points_and_the_score_stays_non_negative) {
+  const scoring_options options;
+  const auto points = points_for_provider_fault(options);
+  EXPECT_EQ(points.speed_points, 0);
+  EXPECT_EQ(points.complexity_points, 0);
+  EXPECT_EQ(points.success_points, -5);
+  EXPECT_EQ(add_points(100, points.total()), 95);
+  EXPECT_EQ(add_points(3, points.total()), 0);
+  EXPECT_EQ(add_points(0, 7), 7);
+}
+
+TEST(scoring, levels_follow_the_score_bands) {
+  EXPECT_EQ(level_for_score(-5), provider_level::bronze);
+  EXPECT_EQ(level_for_score(0), provider_level::bronze);
+  EXPECT_EQ(level_for_score(99), provider_level::bronze);
+  EXPECT_EQ(level_for_score(100), provider_level::silver);
+  EXPECT_EQ(level_for_score(499), provider_level::silver);
+  EXPECT_EQ(level_for_score(500), provider_level::gold);
+  EXPECT_EQ(level_for_score(1'499), provider_level::gold);
+  EXPECT_EQ(level_for_score(1'500), provider_level::platinum);
+  EXPECT_EQ(level_for_score(3'999), provider_level::platinum);
+  EXPECT_EQ(level_for_score(4'000), provider_level::diamond);
+  EXPECT_EQ(level_for_score(9'999), provider_level::diamond);
+  EXPECT_EQ(level_for_score(10'000), provider_level::master);
+  EXPECT_EQ(level_name(level_for_score(10'000)), "Master");
+}
+
+TEST(scoring, contribution_tiers_start_unverified) {
+  EXPECT_EQ(contribution_tier_for(-1), contribution_tier::unverified);
+  EXPECT_EQ(contribution_tier_for(0), contribution_tier::unverified);
+  EXPECT_EQ(contribution_tier_for(1), contribution_tier::bronze);
+  EXPECT_EQ(contribution_tier_for(99), contribution_tier::bronze);
+  EXPECT_EQ(contribution_tier_for(100), contribution_tier::silver);
+  EXPECT_EQ(contribution_tier_for(500), contribution_tier::gold);
+  EXPECT_EQ(contribution_tier_for(1'500), contribution_tier::platinum);
+  EXPECT_EQ(contribution_tier_for(4'000), contribution_tier::diamond);
+  EXPECT_EQ(contribution_tier_for(9'999), contribution_tier::diamond);
+  EXPECT_EQ(contribution_tier_for(10'000), contribution_tier::master);
+  EXPECT_EQ(to_string(contribution_tier::unverified), "Unverified");
+  EXPECT_EQ(to_string(contribution_tier::gold), "Gold");
+}
+
+TEST(scoring, health_follows_reported_load) {
+  EXPECT_EQ(health_for_load(0), health_status::light);
+  EXPECT_EQ(health_for_load(39), health_status::light);
+  EXPECT_EQ(health_for_load(40), health_status::moderate);
+  EXPECT_EQ(health_for_load(59), health_status::moderate);
+  EXPECT_EQ(health_for_load(60), health_status::busy);
+  EXPECT_EQ(health_for_load(79), health_status::busy);
+  EXPECT_EQ(health_for_load(80), health_status::overloaded);
+  EXPECT_EQ(health_for_load(250), health_status::overloaded);
+}
+
+TEST(scoring, token_counts_match_within_a_few_tokens_or_a_few_percent) {
+  const scoring_options options;
+  EXPECT_TRUE(token_counts_match(10, 12, options));
+  EXPECT_TRUE(token_counts_match(12, 10, options));
+  EXPECT_FALSE(token_counts_match(10, 13, options));
+  EXPECT_TRUE(token_counts_match(1'000, 1'050, options));   // 5%
+  EXPECT_FALSE(token_counts_match(1'000, 1'051, options));
+  EXPECT_FALSE(token_counts_match(1'000, 0, options));
+}
+
+TEST(scoring, only_long_enough_implausibly_fast_completions_are_suspect) {
+  const scoring_options options;
+  // 31 tokens in 1 us is absurd, but too short to judge.
+  EXPECT_FALSE(unreasonably_fast(measure(0, 31, 0, 1), options));
+  EXPECT_TRUE(unreasonably_fast(measure(0, 32, 0, 1), options));
+  // Exactly the plausible maximum is fine; one token per second more is not.
+  EXPECT_FALSE(unreasonably_fast(measure(0, 1'000, 0, 1'000'000), options));
+  EXPECT_TRUE(unreasonably_fast(measure(0, 1'001, 0, 1'000'000), options));
+}
+
+TEST(scoring, each_counter_suspends_at_its_threshold) {
+  const scoring_options options;
+  EXPECT_FALSE(reaches_suspension({2, 9, 4}, options));
+  EXPECT_TRUE(reaches_suspension({3, 0, 0}, options));
+  EXPECT_TRUE(reaches_suspension({0, 10, 0}, options));
+  EXPECT_TRUE(reaches_suspension({0, 0, 5}, options));
+  const auto reason = suspension_reason({0, 10, 5}, options);
+  EXPECT_NE(reason.find("10 jobs aborted by the provider (threshold 10)"), std::string::npos)
+      << reason;
+  EXPECT_NE(reason.find("5 reported token counts"), std::string::npos) << reason;
+  EXPECT_EQ(reason.find("faster"), std::string::npos) << reason;
+}
+
+}  // namespace
+}  // namespace gpustream::domain
