@@ -1,0 +1,174 @@
+#include "domain/job_queue.hpp"
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+
+#include "domain/priority.hpp"
+
+namespace gpustream::domain {
+
+namespace {
+
+/// SplitMix64: spreads a seed and a counter into a well-mixed 64-bit draw.
+std::uint64_t mix(std::uint64_t seed, std::uint64_t counter) noexcept {
+  std::uint64_t z = seed + (counter + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+std::string job_problem(const queued_job& job, std::int64_t now_us,
+                        const job_queue_options& options) {
+  if (job.job_id.empty()) return "a queued job needs an id";
+  const std::string which = "job " + job.job_id;
+  if (job.model.empty()) return which + " names no model";
+  if (job.queued_at_us > now_us) {
+    return which + " claims to have been queued at " + std::to_string(job.queued_at_us) +
+           " us, after now (" + std::to_string(now_us) + " us)";
+  }
+  if (job.deadline_at_us <= now_us) {
+    return which + " has a deadline (" + std::to_string(job.deadline_at_us) +
+           " us) that is not after now (" + std::to_string(now_us) + " us)";
+  }
+  if (job.priority < 0 || job.priority > options.priority_ms_max) {
+    return which + " has priority " + std::to_string(job.priority) + "; it must lie in 0.." +
+           std::to_string(options.priority_ms_max);
+  }
+  return {};
+}
+
+}  // namespace
+
+job_queue::job_queue(job_queue_options options) : options_(options) {}
+
+expected<void, error> job_queue::push(queued_job job, const selection_index& index,
+                                      std::int64_t now_us) {
+  if (auto problem = job_problem(job, now_us, options_); !problem.empty()) {
+    return refuse(errc::invalid_argument, std::move(problem));
+  }
+  if (job.deadline_at_us - now_us > options_.deadline_us_max) {
+    return refuse(errc::limit_exceeded,
+                  "job " + job.job_id + " asks to wait up to " +
+                      std::to_string((job.deadline_at_us - now_us) / 1'000) + " ms; at most " +
+                      std::to_string(options_.deadline_us_max / 1'000) + " ms are allowed");
+  }
+  if (by_id_.contains(job.job_id)) {
+    return refuse(errc::already_exists, "job " + job.job_id + " is already queued");
+  }
+  if (!index.can_serve(job.model, job.quality)) {
+    return refuse(errc::no_provider,
+                  "no online provider serves model " + job.model + " at quality tier " +
+                      std::to_string(static_cast<int>(job.quality)) +
+                      "; try another model or a lower quality tier");
+  }
+  if (jobs_.size() >= options_.jobs_queued_max) {
+    return refuse(errc::limit_exceeded,
+                  "the queue holds " + std::to_string(jobs_.size()) + " jobs, its limit; job " +
+                      job.job_id + " cannot wait, try again shortly");
+  }
+  const order_key order{service_at_us(job.priority, job.queued_at_us), arrivals_++};
+  by_id_.emplace(job.job_id, order);
+  groups_[{job.model, job.quality}].insert(order);
+  by_deadline_.emplace(job.deadline_at_us, order);
+  jobs_.emplace(order, std::move(job));
+  return {};
+}
+
+void job_queue::erase(std::map<order_key, queued_job>::iterator it) {
+  const auto& job = it->second;
+  const auto order = it->first;
+  const auto group = groups_.find({job.model, job.quality});
+  GPUSTREAM_ENSURE(group != groups_.end());
+  GPUSTREAM_ENSURE(group->second.erase(order) == 1);
+  if (group->second.empty()) groups_.erase(group);
+  GPUSTREAM_ENSURE(by_deadline_.erase({job.deadline_at_us, order}) == 1);
+  GPUSTREAM_ENSURE(by_id_.erase(job.job_id) == 1);
+  jobs_.erase(it);
+}
+
+std::vector<assignment> job_queue::pop_assignable(selection_index& index, const assign_options& how,
+                                                  std::int64_t now_us) {
+  using group_iterator = std::map<group_key, std::set<order_key>>::iterator;
+  // The first job of `group` at or after `from` whose deadline has not passed.
+  const auto next_live = [&](group_iterator group, order_key from) -> std::optional<order_key> {
+    for (auto it = group->second.lower_bound(from); it != group->second.end(); ++it) {
+      if (jobs_.at(*it).deadline_at_us > now_us) return *it;
+    }
+    return std::nullopt;
+  };
+  std::map<order_key, group_iterator> heads;  // each group's next job, in queue order
+  for (auto group = groups_.begin(); group != groups_.end(); ++group) {
+    if (auto first = next_live(group, {std::numeric_limits<std::int64_t>::min(), 0})) heads.emplace(*first, group);
+  }
+  std::vector<assignment> assigned;
+  std::uint64_t draws = 0;
+  while (!heads.empty() && assigned.size() < options_.assignments_per_pass_max) {
+    const auto [order, group] = *heads.begin();
+    heads.erase(heads.begin());
+    const auto job = jobs_.find(order);
+    const auto& waiting = job->second;
+    const auto chosen = index.select({waiting.model, waiting.quality, how.policy,
+                                      mix(how.random_seed, draws++),
+                                      waiting.preferred_provider_id, {}});
+    // No candidate for the group's best job is none for the whole group: it waits for the
+    // next pass, and the other groups go on.
+    if (!chosen) continue;
+    std::string provider_id(*chosen);
+    GPUSTREAM_ENSURE(index.job_started(provider_id));
+    const auto next = next_live(group, {order.first, order.second + 1});
+    assigned.push_back({waiting, std::move(provider_id)});
+    erase(job);
+    if (next) heads.emplace(*next, group);
+  }
+  return assigned;
+}
+
+std::vector<queued_job> job_queue::expire(std::int64_t now_us) {
+  std::vector<queued_job> expired;
+  while (!by_deadline_.empty() && by_deadline_.begin()->first <= now_us) {
+    const auto it = jobs_.find(by_deadline_.begin()->second);
+    expired.push_back(it->second);
+    erase(it);
+  }
+  return expired;
+}
+
+std::vector<queued_job> job_queue::take_unservable(const selection_index& index) {
+  std::vector<order_key> orders;
+  for (const auto& [key, members] : groups_) {
+    if (index.can_serve(key.first, key.second)) continue;
+    orders.insert(orders.end(), members.begin(), members.end());
+  }
+  std::sort(orders.begin(), orders.end());
+  std::vector<queued_job> taken;
+  taken.reserve(orders.size());
+  for (const auto& order : orders) {
+    const auto it = jobs_.find(order);
+    taken.push_back(it->second);
+    erase(it);
+  }
+  return taken;
+}
+
+bool job_queue::remove(std::string_view job_id) {
+  const auto id = by_id_.find(job_id);
+  if (id == by_id_.end()) return false;
+  erase(jobs_.find(id->second));
+  return true;
+}
+
+bool job_queue::contains(std::string_view job_id) const { return by_id_.contains(job_id); }
+
+std::int64_t job_queue::next_deadline_at_us() const noexcept {
+  return by_deadline_.empty() ? 0 : by_deadline_.begin()->first;
+}
+
+std::vector<queued_job> job_queue::jobs_in_order() const {
+  std::vector<queued_job> jobs;
+  jobs.reserve(jobs_.size());
+  for (const auto& [order, job] : jobs_) jobs.push_back(job);
+  return jobs;
+}
+
+}  // namespace gpustream::domain

@@ -1,0 +1,121 @@
+#pragma once
+/// The scheduler's queue of jobs waiting for a provider: bounded, ordered by priority and age
+/// (priority.hpp), every job with a deadline. Pure: time and random draws are parameters.
+///
+/// How it never gets stuck: jobs are grouped by what they need (model, quality tier). All jobs of
+/// a group have the same candidates, so when the group's first job finds no provider, none of the
+/// group can, and a pass moves on to the other groups instead of waiting behind it. A pass visits
+/// the groups' first jobs in priority order and assigns until no group can be served (or
+/// `assignments_per_pass_max` is reached). So after a pass that returns fewer assignments than
+/// the limit, no queued job has a provider that accepts work; and every job leaves the queue by
+/// assignment, expiry at its deadline, cancellation, or rejection when nobody can serve it.
+///
+/// Iteration orders are those of std::map/std::set over (service time, arrival number) and
+/// (model, quality): deterministic, so replaying the same calls gives the same assignments.
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "base/expected.hpp"
+#include "domain/aggregate.hpp"
+#include "domain/selection.hpp"
+#include "events/event.hpp"
+
+namespace gpustream::domain {
+
+struct queued_job {
+  std::string job_id;
+  std::string model;
+  events::quality_tier quality = events::quality_tier::low;
+  std::int32_t priority = 0;           ///< head start in ms (priority_for)
+  std::int64_t queued_at_us = 0;       ///< when the job first entered the queue (age)
+  std::int64_t deadline_at_us = 0;     ///< when it fails with deadline_exceeded if still queued
+  std::string preferred_provider_id;   ///< sticky session; empty for none
+
+  bool operator==(const queued_job&) const = default;
+};
+
+struct assignment {
+  queued_job job;
+  std::string provider_id;
+};
+
+struct job_queue_options {
+  /// Most jobs waiting at once; one more is refused with limit_exceeded. Default: 10,000.
+  std::size_t jobs_queued_max = 10'000;
+  /// Most assignments one pop_assignable call makes, so a pass is short; call again when it
+  /// returns this many. Default: 1,024.
+  std::size_t assignments_per_pass_max = 1'024;
+  /// Farthest deadline a job may ask for, from the time it is pushed. Default: 10 min.
+  std::int64_t deadline_us_max = 600'000'000;
+  /// Largest priority (head start) accepted. Default: 600,000 ms (10 min).
+  std::int32_t priority_ms_max = 600'000;
+};
+
+/// How pop_assignable chooses providers.
+struct assign_options {
+  selection_policy policy = selection_policy::qmesh;
+  /// Seeds the random draws of power_of_two: the n-th selection of a pass uses a value mixed from
+  /// this and n. Ignored by the other policies.
+  std::uint64_t random_seed = 0;
+};
+
+class job_queue {
+ public:
+  explicit job_queue(job_queue_options options = {});
+
+  /// Queues a job. Refused: no_provider when no online provider can serve its model at its
+  /// quality (it would wait for nothing), limit_exceeded when the queue is full,
+  /// invalid_argument for a malformed job (empty id or model, a deadline not after now or beyond
+  /// deadline_us_max, a priority out of range, an arrival in the future), already_exists for a
+  /// job id already queued.
+  [[nodiscard]] expected<void, error> push(queued_job job, const selection_index& index,
+                                           std::int64_t now_us);
+
+  /// Assigns queued jobs to providers that accept work, best first, and takes them out of the
+  /// queue. Each assignment is also recorded in `index` (job_started), so the pass respects
+  /// concurrency slots; the scheduler calls index.job_finished when the job ends. Jobs whose
+  /// deadline has passed are never assigned (expire() collects them).
+  [[nodiscard]] std::vector<assignment> pop_assignable(selection_index& index,
+                                                       const assign_options& how,
+                                                       std::int64_t now_us);
+
+  /// Takes out and returns every job whose deadline is at or before `now_us`, by deadline.
+  [[nodiscard]] std::vector<queued_job> expire(std::int64_t now_us);
+
+  /// Takes out and returns the jobs no online provider can serve any more (the last provider of
+  /// their model or tier went away), in queue order: the scheduler fails them with no_provider.
+  [[nodiscard]] std::vector<queued_job> take_unservable(const selection_index& index);
+
+  /// Takes a job out (cancelled). False when it is not queued.
+  bool remove(std::string_view job_id);
+
+  [[nodiscard]] bool contains(std::string_view job_id) const;
+  [[nodiscard]] std::size_t size() const noexcept { return jobs_.size(); }
+  [[nodiscard]] bool empty() const noexcept { return jobs_.empty(); }
+  /// The earliest deadline of a queued job (for the scheduler's timer), or 0 when empty.
+  [[nodiscard]] std::int64_t next_deadline_at_us() const noexcept;
+  /// Every queued job in the order passes consider them (service time, then arrival).
+  [[nodiscard]] std::vector<queued_job> jobs_in_order() const;
+
+ private:
+  /// (service_at_us, arrival number): the queue's order; the arrival number breaks ties.
+  using order_key = std::pair<std::int64_t, std::uint64_t>;
+  using group_key = std::pair<std::string, events::quality_tier>;
+
+  void erase(std::map<order_key, queued_job>::iterator it);
+
+  job_queue_options options_;
+  std::uint64_t arrivals_ = 0;
+  std::map<order_key, queued_job> jobs_;
+  std::map<std::string, order_key, std::less<>> by_id_;
+  std::map<group_key, std::set<order_key>> groups_;
+  std::set<std::pair<std::int64_t, order_key>> by_deadline_;  ///< (deadline_at_us, order)
+};
+
+}  // namespace gpustream::domain

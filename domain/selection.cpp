@@ -1,0 +1,476 @@
+#include "domain/selection.hpp"
+
+#include <algorithm>
+#include <set>
+#include <tuple>
+#include <utility>
+
+namespace gpustream::domain {
+
+namespace {
+
+constexpr std::size_t level_index(events::provider_level level) noexcept {
+  return static_cast<std::size_t>(level);
+}
+
+constexpr std::uint32_t percent(std::uint32_t value) noexcept { return std::min(value, 100u); }
+
+/// Index into the level groups of the lowest level a tier accepts, or nothing for a tier this
+/// build does not know (no provider serves it).
+std::optional<std::size_t> level_min_for(events::quality_tier quality,
+                                         const selection_options& options) noexcept {
+  const auto tier = static_cast<std::size_t>(quality);
+  if (tier >= options.quality_level_min.size()) return std::nullopt;
+  return level_index(options.quality_level_min[tier]);
+}
+
+/// Folds one sample into an EWMA; the first sample is taken as it is.
+std::int64_t fold(bool measured, std::int64_t average, std::int64_t sample, std::int64_t samples) {
+  if (!measured) return sample;
+  return average + (sample - average) / std::max<std::int64_t>(1, samples);
+}
+
+std::string listing_problem(const provider_listing& listing) {
+  if (listing.provider_id.empty()) return "a listed provider needs an id";
+  const std::string who = "provider " + listing.provider_id;
+  std::set<std::string_view> names;
+  for (const auto& offer : listing.offers) {
+    if (offer.model_name.empty()) return who + " offers a model without a name";
+    if (offer.max_concurrency == 0) {
+      return who + " offers model " + offer.model_name + " with a max concurrency of 0";
+    }
+    if (offer.input_price_micros_per_mtok < 0 || offer.output_price_micros_per_mtok < 0) {
+      return who + " offers model " + offer.model_name + " at a negative price";
+    }
+    if (!names.insert(offer.model_name).second) {
+      return who + " offers model " + offer.model_name + " twice";
+    }
+  }
+  return {};
+}
+
+}  // namespace
+
+std::string_view to_string(selection_policy policy) noexcept {
+  switch (policy) {
+    case selection_policy::qmesh: return "qmesh";
+    case selection_policy::cheapest: return "cheapest";
+    case selection_policy::fastest: return "fastest";
+    case selection_policy::power_of_two: return "p2c";
+  }
+  return "unknown";
+}
+
+std::optional<selection_policy> selection_policy_from(std::string_view name) noexcept {
+  for (auto policy : {selection_policy::qmesh, selection_policy::cheapest,
+                      selection_policy::fastest, selection_policy::power_of_two}) {
+    if (to_string(policy) == name) return policy;
+  }
+  return std::nullopt;
+}
+
+provider_listing listing_for(const provider::state& state, std::int64_t now_us) {
+  provider_listing listing{state.provider_id, state.level, state.score,
+                           is_suspended(state, now_us), {}};
+  for (const auto& offer : state.offers) {
+    listing.offers.push_back({offer.model_name, offer.input_price_micros_per_mtok,
+                              offer.output_price_micros_per_mtok, offer.max_concurrency});
+  }
+  return listing;
+}
+
+bool accepts_work(const online_provider& p, const selection_options& options) noexcept {
+  return !p.suspended && p.load_percent < options.health.overloaded_from_percent &&
+         p.active_jobs < p.concurrency_max;
+}
+
+bool is_idle(const online_provider& p, const selection_options& options) noexcept {
+  return p.active_jobs == 0 && health_for_load(p.load_percent, options.health) == health_status::light;
+}
+
+std::int64_t availability_bp(const online_provider& p) noexcept {
+  if (p.concurrency_max == 0) return 0;
+  const std::int64_t free_slots = p.concurrency_max - std::min(p.active_jobs, p.concurrency_max);
+  return free_slots * 10'000 / p.concurrency_max;
+}
+
+std::int64_t qmesh_weight(const online_provider& p, const selection_options& options) noexcept {
+  const std::int64_t full = std::max<std::int64_t>(1, options.performance_score_full);
+  const std::int64_t performance_bp = std::clamp<std::int64_t>(p.score, 0, full) * 10'000 / full;
+  return options.availability_weight_percent * availability_bp(p) +
+         options.health_weight_percent * static_cast<std::int64_t>(p.health_percent) * 100 +
+         options.performance_weight_percent * performance_bp;
+}
+
+std::int64_t price_key(const online_offer& offer) noexcept {
+  return offer.input_price_micros_per_mtok + offer.output_price_micros_per_mtok;
+}
+
+std::int64_t estimated_us(const online_offer& offer, const selection_options& options) noexcept {
+  const std::int64_t ttft_us = offer.measured ? offer.ttft_ewma_us : options.unmeasured_ttft_us;
+  const std::int64_t rate = std::max<std::int64_t>(
+      1, offer.measured ? offer.tokens_per_second_ewma : options.unmeasured_tokens_per_second);
+  return ttft_us + options.fastest_reference_tokens * 1'000'000 / rate;
+}
+
+// ---------------------------------------------------------------------------------------------
+// selection_index: keeping the groups in step with the providers.
+
+bool selection_index::rank_key::operator<(const rank_key& other) const noexcept {
+  if (primary != other.primary) return primary < other.primary;
+  if (secondary != other.secondary) return secondary < other.secondary;
+  return who->provider.provider_id < other.who->provider.provider_id;
+}
+
+selection_index::selection_index(selection_options options) : options_(std::move(options)) {}
+
+selection_index::level_group& selection_index::group_of(const entry& e, std::size_t offer) const {
+  return e.places[offer].bucket->second.levels[level_index(e.provider.level)];
+}
+
+void selection_index::rank(entry& e) {
+  const auto& p = e.provider;
+  const bool idle = is_idle(p, options_);
+  const std::int64_t weight = qmesh_weight(p, options_);
+  const std::int64_t available = availability_bp(p);
+  for (std::size_t i = 0; i < p.offers.size(); ++i) {
+    auto& group = group_of(e, i);
+    const std::int64_t price = price_key(p.offers[i]);
+    if (idle) {
+      group.idle.insert({-static_cast<std::int64_t>(p.health_percent), price, &e});
+    } else {
+      group.busy.insert({-weight, price, &e});
+    }
+    group.cheap.insert({price, -available, &e});
+    group.fast.insert({estimated_us(p.offers[i], options_), price, &e});
+    e.places[i].member_position = group.members.size();
+    group.members.push_back(&e);
+  }
+  e.ranked = true;
+}
+
+void selection_index::unrank(entry& e) {
+  // The keys are recomputed from fields that have not changed since rank(): every change goes
+  // through change(), which unranks before it applies anything.
+  const auto& p = e.provider;
+  const bool idle = is_idle(p, options_);
+  const std::int64_t weight = qmesh_weight(p, options_);
+  const std::int64_t available = availability_bp(p);
+  for (std::size_t i = 0; i < p.offers.size(); ++i) {
+    auto& group = group_of(e, i);
+    const std::int64_t price = price_key(p.offers[i]);
+    const auto erased = idle ? group.idle.erase({-static_cast<std::int64_t>(p.health_percent), price, &e})
+                             : group.busy.erase({-weight, price, &e});
+    GPUSTREAM_ENSURE(erased == 1);
+    GPUSTREAM_ENSURE(group.cheap.erase({price, -available, &e}) == 1);
+    GPUSTREAM_ENSURE(group.fast.erase({estimated_us(p.offers[i], options_), price, &e}) == 1);
+    // Swap-remove from the draw vector, telling the moved provider its new position.
+    const std::size_t position = e.places[i].member_position;
+    GPUSTREAM_ENSURE(position < group.members.size() && group.members[position] == &e);
+    entry* moved = group.members.back();
+    group.members[position] = moved;
+    group.members.pop_back();
+    if (moved != &e) {
+      for (auto& place : moved->places) {
+        if (place.bucket == e.places[i].bucket) place.member_position = position;
+      }
+    }
+  }
+  e.ranked = false;
+}
+
+void selection_index::withdraw(entry& e) {
+  if (e.ranked) unrank(e);
+  if (e.counted) {
+    for (std::size_t i = 0; i < e.places.size(); ++i) --group_of(e, i).unsuspended;
+    e.counted = false;
+  }
+}
+
+void selection_index::admit(entry& e) {
+  if (e.provider.suspended) return;
+  for (std::size_t i = 0; i < e.places.size(); ++i) ++group_of(e, i).unsuspended;
+  e.counted = true;
+  if (accepts_work(e.provider, options_)) rank(e);
+}
+
+void selection_index::attach_offers(entry& e) {
+  GPUSTREAM_ENSURE(e.places.empty());
+  for (const auto& offer : e.provider.offers) {
+    auto bucket = models_.try_emplace(offer.model_name).first;
+    ++bucket->second.listings;
+    e.places.push_back({bucket, 0});
+  }
+}
+
+void selection_index::detach_offers(entry& e) {
+  GPUSTREAM_ENSURE(!e.ranked && !e.counted);
+  for (auto& place : e.places) {
+    if (--place.bucket->second.listings == 0) models_.erase(place.bucket);
+  }
+  e.places.clear();
+}
+
+template <class Change>
+void selection_index::change(entry& e, Change&& apply) {
+  withdraw(e);
+  apply(e.provider);
+  admit(e);
+}
+
+expected<void, error> selection_index::list(const provider_listing& listing) {
+  if (listing.offers.size() > options_.offers_per_provider_max) {
+    return refuse(errc::limit_exceeded,
+                  "provider " + listing.provider_id + " lists " +
+                      std::to_string(listing.offers.size()) + " models; at most " +
+                      std::to_string(options_.offers_per_provider_max) + " are allowed");
+  }
+  if (auto problem = listing_problem(listing); !problem.empty()) {
+    return refuse(errc::invalid_argument, std::move(problem));
+  }
+  auto it = providers_.find(listing.provider_id);
+  if (it == providers_.end()) {
+    if (providers_.size() >= options_.providers_online_max) {
+      return refuse(errc::limit_exceeded,
+                    "provider " + listing.provider_id + " cannot come online: " +
+                        std::to_string(providers_.size()) + " providers are online, the most " +
+                        "this scheduler holds is " + std::to_string(options_.providers_online_max));
+    }
+    it = providers_.try_emplace(listing.provider_id).first;
+    it->second.provider.provider_id = listing.provider_id;
+  }
+  entry& e = it->second;
+  withdraw(e);
+  detach_offers(e);
+  auto& p = e.provider;
+  std::vector<online_offer> offers;
+  p.concurrency_max = 0;
+  for (const auto& listed : listing.offers) {
+    online_offer offer{listed.model_name, listed.input_price_micros_per_mtok,
+                       listed.output_price_micros_per_mtok, listed.max_concurrency};
+    // A model offered again keeps what was measured about it.
+    for (const auto& old : p.offers) {
+      if (old.model_name != listed.model_name) continue;
+      offer.measured = old.measured;
+      offer.ttft_ewma_us = old.ttft_ewma_us;
+      offer.tokens_per_second_ewma = old.tokens_per_second_ewma;
+    }
+    p.concurrency_max = std::max(p.concurrency_max, listed.max_concurrency);
+    offers.push_back(std::move(offer));
+  }
+  p.offers = std::move(offers);
+  p.level = listing.level;
+  p.score = listing.score;
+  p.suspended = listing.suspended;
+  attach_offers(e);
+  admit(e);
+  return {};
+}
+
+bool selection_index::unlist(std::string_view provider_id) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  withdraw(it->second);
+  detach_offers(it->second);
+  providers_.erase(it);
+  return true;
+}
+
+bool selection_index::report_load(std::string_view provider_id, const load_report& report) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [&](online_provider& p) {
+    p.load_percent = percent(report.load_percent);
+    p.health_percent = percent(report.health_percent);
+  });
+  return true;
+}
+
+bool selection_index::job_started(std::string_view provider_id) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [](online_provider& p) { ++p.active_jobs; });
+  return true;
+}
+
+bool selection_index::job_finished(std::string_view provider_id) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end() || it->second.provider.active_jobs == 0) return false;
+  change(it->second, [](online_provider& p) { --p.active_jobs; });
+  return true;
+}
+
+bool selection_index::record_speed(std::string_view provider_id, std::string_view model,
+                                   std::int64_t ttft_us, std::int64_t tokens_per_second) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  auto& offers = it->second.provider.offers;
+  const auto offer = std::find_if(offers.begin(), offers.end(),
+                                  [&](const online_offer& o) { return o.model_name == model; });
+  if (offer == offers.end()) return false;
+  const auto index = static_cast<std::size_t>(offer - offers.begin());
+  change(it->second, [&](online_provider& p) {
+    auto& o = p.offers[index];
+    o.ttft_ewma_us = fold(o.measured, o.ttft_ewma_us, std::max<std::int64_t>(0, ttft_us),
+                          options_.ewma_samples);
+    o.tokens_per_second_ewma = fold(o.measured, o.tokens_per_second_ewma,
+                                    std::max<std::int64_t>(0, tokens_per_second),
+                                    options_.ewma_samples);
+    o.measured = true;
+  });
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// selection_index: choosing.
+
+const selection_index::entry* selection_index::best_in(const model_bucket& bucket,
+                                                       std::size_t level_min,
+                                                       std::set<rank_key> level_group::*set,
+                                                       std::string_view excluded) const {
+  const rank_key* best = nullptr;
+  for (std::size_t level = level_min; level < level_count; ++level) {
+    // The front of each level's set, stepping over the excluded provider (at most once).
+    for (const auto& key : bucket.levels[level].*set) {
+      if (key.who->provider.provider_id == excluded) continue;
+      if (best == nullptr || key < *best) best = &key;
+      break;
+    }
+  }
+  return best == nullptr ? nullptr : best->who;
+}
+
+const selection_index::entry* selection_index::draw_two(const model_bucket& bucket,
+                                                        std::size_t level_min,
+                                                        const selection_request& request) const {
+  std::size_t count = 0;
+  for (std::size_t level = level_min; level < level_count; ++level) {
+    count += bucket.levels[level].members.size();
+  }
+  const auto at = [&](std::size_t index) -> const entry* {
+    for (std::size_t level = level_min; level < level_count; ++level) {
+      const auto& members = bucket.levels[level].members;
+      if (index < members.size()) return members[index];
+      index -= members.size();
+    }
+    GPUSTREAM_ENSURE(false);
+    return nullptr;
+  };
+  const auto excluded = [&](const entry* e) {
+    return e->provider.provider_id == request.excluded_provider_id;
+  };
+  if (count == 0) return nullptr;
+  if (count == 1) return excluded(at(0)) ? nullptr : at(0);
+  // Two distinct positions from one draw: the second skips over the first.
+  const std::size_t first = request.random_draw % count;
+  std::size_t second = (request.random_draw / count) % (count - 1);
+  if (second >= first) ++second;
+  const entry* a = at(first);
+  const entry* b = at(second);
+  if (excluded(a)) return b;
+  if (excluded(b)) return a;
+  const auto order = [](const entry* e) {
+    return std::make_tuple(-availability_bp(e->provider),
+                           -static_cast<std::int64_t>(e->provider.health_percent));
+  };
+  if (order(a) != order(b)) return order(a) < order(b) ? a : b;
+  return a->provider.provider_id < b->provider.provider_id ? a : b;
+}
+
+bool selection_index::sticky_fits(const entry& e, const model_bucket& bucket,
+                                  std::size_t level_min) const {
+  const auto& p = e.provider;
+  if (!accepts_work(p, options_) || level_index(p.level) < level_min) return false;
+  if (p.health_percent < options_.sticky_health_min_percent) return false;
+  return std::any_of(e.places.begin(), e.places.end(),
+                     [&](const offer_place& place) { return &place.bucket->second == &bucket; });
+}
+
+std::optional<std::string_view> selection_index::select(const selection_request& request) const {
+  const auto bucket = models_.find(request.model);
+  const auto level_min = level_min_for(request.quality, options_);
+  if (bucket == models_.end() || !level_min) return std::nullopt;
+  if (!request.preferred_provider_id.empty() &&
+      request.preferred_provider_id != request.excluded_provider_id) {
+    const auto preferred = providers_.find(request.preferred_provider_id);
+    if (preferred != providers_.end() && sticky_fits(preferred->second, bucket->second, *level_min)) {
+      return std::string_view(preferred->first);
+    }
+  }
+  const entry* chosen = nullptr;
+  const auto& b = bucket->second;
+  switch (request.policy) {
+    case selection_policy::qmesh:
+      chosen = best_in(b, *level_min, &level_group::idle, request.excluded_provider_id);
+      if (chosen == nullptr) {
+        chosen = best_in(b, *level_min, &level_group::busy, request.excluded_provider_id);
+      }
+      break;
+    case selection_policy::cheapest:
+      chosen = best_in(b, *level_min, &level_group::cheap, request.excluded_provider_id);
+      break;
+    case selection_policy::fastest:
+      chosen = best_in(b, *level_min, &level_group::fast, request.excluded_provider_id);
+      break;
+    case selection_policy::power_of_two:
+      chosen = draw_two(b, *level_min, request);
+      break;
+  }
+  if (chosen == nullptr) return std::nullopt;
+  return std::string_view(chosen->provider.provider_id);
+}
+
+bool selection_index::can_serve(std::string_view model, events::quality_tier quality) const {
+  const auto bucket = models_.find(model);
+  const auto level_min = level_min_for(quality, options_);
+  if (bucket == models_.end() || !level_min) return false;
+  for (std::size_t level = *level_min; level < level_count; ++level) {
+    if (bucket->second.levels[level].unsuspended > 0) return true;
+  }
+  return false;
+}
+
+const online_provider* selection_index::find(std::string_view provider_id) const {
+  const auto it = providers_.find(provider_id);
+  return it == providers_.end() ? nullptr : &it->second.provider;
+}
+
+std::vector<std::string_view> selection_index::provider_ids() const {
+  std::vector<std::string_view> ids;
+  ids.reserve(providers_.size());
+  for (const auto& [id, e] : providers_) ids.emplace_back(id);
+  return ids;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sticky_sessions
+
+std::optional<std::string_view> sticky_sessions::provider_for(std::string_view conversation_id,
+                                                              std::int64_t now_us) const {
+  const auto it = by_conversation_.find(conversation_id);
+  if (it == by_conversation_.end()) return std::nullopt;
+  if (now_us - it->second.used_at_us >= options_.idle_us_max) return std::nullopt;
+  return std::string_view(it->second.provider_id);
+}
+
+void sticky_sessions::remember(std::string_view conversation_id, std::string_view provider_id,
+                               std::int64_t now_us) {
+  if (conversation_id.empty()) return;
+  if (auto it = by_conversation_.find(conversation_id); it != by_conversation_.end()) {
+    by_use_.erase({it->second.used_at_us, it->first});
+    it->second = {std::string(provider_id), now_us};
+    by_use_.emplace(now_us, it->first);
+    return;
+  }
+  // Forget conversations idle too long, then the least recently used while the table is full.
+  while (!by_use_.empty() && (now_us - by_use_.begin()->first >= options_.idle_us_max ||
+                              by_conversation_.size() >= options_.conversations_max)) {
+    by_conversation_.erase(by_use_.begin()->second);
+    by_use_.erase(by_use_.begin());
+  }
+  if (options_.conversations_max == 0) return;
+  by_conversation_.emplace(std::string(conversation_id), session{std::string(provider_id), now_us});
+  by_use_.emplace(now_us, std::string(conversation_id));
+}
+
+}  // namespace gpustream::domain
