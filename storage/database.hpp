@@ -5,6 +5,7 @@
 
 #include <rocksdb/db.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -42,6 +43,10 @@ inline error make_error(errc code, std::string message) { return error{code, std
 [[nodiscard]] error translate(const rocksdb::Status& status, std::string_view what);
 
 inline rocksdb::Slice slice(std::string_view s) { return {s.data(), s.size()}; }
+template <std::size_t n>
+rocksdb::Slice slice(const std::array<char, n>& bytes) {
+  return {bytes.data(), n};
+}
 
 inline std::span<const std::byte> bytes_of(const rocksdb::Slice& s) {
   return std::as_bytes(std::span(s.data(), s.size()));

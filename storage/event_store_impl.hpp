@@ -26,6 +26,12 @@ inline std::int64_t system_clock_us() {
       .count();
 }
 
+/// Lets the head cache be searched with a string_view, without building a std::string.
+struct string_hash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
+
 struct id_hash {
   std::size_t operator()(const events::event_id& id) const noexcept {
     return static_cast<std::size_t>(id.high * 0x9E3779B97F4A7C15ull ^ id.low);
@@ -125,15 +131,20 @@ class event_store::impl {
   };
 
   /// Per-group scratch state; committed to the writer's caches only if the batch is written.
+  /// Keys that are string_views point into the group's requests, which outlive it.
   struct group_state {
     rocksdb::WriteBatch batch;
-    std::unordered_map<std::string, std::uint64_t> heads;
+    std::unordered_map<std::string_view, std::uint64_t> heads;
     std::unordered_map<events::event_id, std::size_t, id_hash> appends;  // first id -> index in group
     // What the id index holds for each append's first event id, looked up for the whole group at
     // once (an empty request is looked up under a nil id and refused by validation).
     std::vector<rocksdb::PinnableSlice> stored;
     std::vector<rocksdb::Status> stored_status;
-    std::string encoded;  // one record at a time, reused
+    // Reused for every append of the group, so that staging one allocates (almost) nothing.
+    std::string encoded;                   // one record
+    std::string stream_key;                // one `events` key
+    std::vector<std::string_view> streams;  // validate: the append's streams
+    std::vector<events::event_id> ids;      // validate: the append's event ids
     std::uint64_t next_position = 0;
   };
 
@@ -171,8 +182,8 @@ class event_store::impl {
   expected<void, error> recover_if_needed();
   staged stage(const std::vector<stream_append>& request, std::size_t index, group_state& group,
                const std::vector<pending_append>& pending);
-  expected<void, error> validate(const std::vector<stream_append>& request) const;
-  expected<std::uint64_t, error> head_of(const std::string& stream, const group_state& group);
+  expected<void, error> validate(const std::vector<stream_append>& request, group_state& group) const;
+  expected<std::uint64_t, error> head_of(std::string_view stream, const group_state& group);
   expected<append_result, error> stored_result(const std::vector<stream_append>& request,
                                                std::uint64_t first_position, std::uint64_t count);
   rocksdb::WriteOptions write_options() const {
@@ -226,7 +237,7 @@ class event_store::impl {
 
   // Writer thread only.
   std::uint64_t next_position_ = 1;
-  std::unordered_map<std::string, std::uint64_t> heads_;
+  std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> heads_;
   bool reopen_needed_ = false;
 };
 

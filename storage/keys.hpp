@@ -14,7 +14,10 @@
 /// Big-endian numbers sort bytewise in numeric order, so RocksDB's default comparator iterates
 /// positions and versions in order. Stream ids never contain 0x00, so a stream's keys are contiguous.
 
+#include <array>
+#include <bit>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -23,8 +26,16 @@
 
 namespace gpustream::storage::keys {
 
+/// Writes `v` big-endian into 8 bytes at `out`.
+inline void store_be64(char* out, std::uint64_t v) {
+  if constexpr (std::endian::native == std::endian::little) v = __builtin_bswap64(v);
+  std::memcpy(out, &v, sizeof v);
+}
+
 inline void append_be64(std::string& out, std::uint64_t v) {
-  for (int shift = 56; shift >= 0; shift -= 8) out.push_back(static_cast<char>((v >> shift) & 0xFFu));
+  char bytes[8];
+  store_be64(bytes, v);
+  out.append(bytes, sizeof bytes);
 }
 
 inline std::string be64(std::uint64_t v) {
@@ -41,12 +52,35 @@ inline std::uint64_t load_be64(std::string_view bytes) {
   return v;
 }
 
+/// One big-endian number in place: the log's key on the append path.
+inline std::array<char, 8> be64_bytes(std::uint64_t v) {
+  std::array<char, 8> out;
+  store_be64(out.data(), v);
+  return out;
+}
+
+/// Two big-endian numbers: the 16-byte keys and values of the append path, built without
+/// allocating (a std::string of 16 bytes would not fit its inline buffer).
+using be128 = std::array<char, 16>;
+
+inline be128 be64_pair(std::uint64_t first, std::uint64_t second) {
+  be128 out;
+  store_be64(out.data(), first);
+  store_be64(out.data() + 8, second);
+  return out;
+}
+
+/// Replaces `out` with the `events` key of `stream` at `version` (reusing its buffer).
+inline void assign_stream_key(std::string& out, std::string_view stream, std::uint64_t version) {
+  out.assign(stream);
+  out.push_back('\0');
+  append_be64(out, version);
+}
+
 inline std::string stream_key(std::string_view stream, std::uint64_t version) {
   std::string out;
   out.reserve(stream.size() + 9);
-  out.append(stream);
-  out.push_back('\0');
-  append_be64(out, version);
+  assign_stream_key(out, stream, version);
   return out;
 }
 
@@ -64,12 +98,8 @@ struct stream_run {
   }
 };
 
-inline std::string run_value(std::uint64_t first_position, std::uint64_t count) {
-  std::string out;
-  out.reserve(16);
-  append_be64(out, first_position);
-  append_be64(out, count);
-  return out;
+inline be128 run_value(std::uint64_t first_position, std::uint64_t count) {
+  return be64_pair(first_position, count);
 }
 
 /// Whether an `events` key is one of `stream`'s.
@@ -85,13 +115,7 @@ inline std::optional<stream_run> parse_run(std::string_view stream, std::string_
   return stream_run{load_be64(key.substr(stream.size() + 1)), load_be64(value), load_be64(value.substr(8))};
 }
 
-inline std::string dedup_key(const events::event_id& id) {
-  std::string out;
-  out.reserve(16);
-  append_be64(out, id.high);
-  append_be64(out, id.low);
-  return out;
-}
+inline be128 dedup_key(const events::event_id& id) { return be64_pair(id.high, id.low); }
 
 inline std::string projection_key(std::string_view name, std::string_view key) {
   std::string out;

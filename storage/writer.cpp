@@ -3,7 +3,6 @@
 // failed write.
 #include <algorithm>
 #include <future>
-#include <unordered_set>
 
 #include "storage/event_store_impl.hpp"
 #include "storage/keys.hpp"
@@ -188,6 +187,8 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   std::vector<staged> decisions;
   decisions.reserve(group.size());
   group_state state;
+  state.heads.reserve(group.size());
+  state.appends.reserve(group.size());
   auto recovered = recover_if_needed();
   bool written = false;
   std::optional<error> write_failed;
@@ -215,7 +216,13 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   }
   if (written) {
     if (heads_.size() + state.heads.size() > options_.head_cache_streams_max) heads_.clear();
-    for (auto& [stream, head] : state.heads) heads_[stream] = head;
+    for (const auto& [stream, head] : state.heads) {
+      if (auto it = heads_.find(stream); it != heads_.end()) {
+        it->second = head;
+      } else {
+        heads_.emplace(std::string(stream), head);
+      }
+    }
     next_position_ = state.next_position;
   }
   std::vector<expected<append_result, error>> outcomes;
@@ -254,14 +261,16 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
 }
 
 void event_store::impl::lookup_first_ids(const std::vector<pending_append>& group, group_state& state) {
-  std::vector<std::string> id_keys;
+  std::vector<keys::be128> id_keys;
   id_keys.reserve(group.size());
   for (const auto& item : group) {
     const auto& r = item.request;
     const bool has_event = !r.empty() && !r.front().events.empty();
     id_keys.push_back(keys::dedup_key(has_event ? r.front().events.front().id : events::event_id{}));
   }
-  const std::vector<rocksdb::Slice> slices(id_keys.begin(), id_keys.end());
+  std::vector<rocksdb::Slice> slices;
+  slices.reserve(id_keys.size());
+  for (const auto& key : id_keys) slices.push_back(slice(key));
   state.stored = std::vector<rocksdb::PinnableSlice>(slices.size());
   state.stored_status.assign(slices.size(), rocksdb::Status());
   std::shared_lock lock(db_mutex_);
@@ -341,10 +350,13 @@ void event_store::impl::syncer_loop() {
   }
 }
 
-expected<void, error> event_store::impl::validate(const std::vector<stream_append>& request) const {
+expected<void, error> event_store::impl::validate(const std::vector<stream_append>& request,
+                                                  group_state& group) const {
   if (request.empty()) return unexpected{make_error(errc::invalid_argument, "append has no streams")};
-  std::unordered_set<std::string_view> streams;
-  std::vector<events::event_id> ids;
+  auto& streams = group.streams;
+  auto& ids = group.ids;
+  streams.clear();
+  ids.clear();
   for (const auto& s : request) {
     if (!valid_name(s.stream, options_.stream_id_bytes_max)) {
       return unexpected{make_error(errc::invalid_argument,
@@ -352,10 +364,7 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
                                        "' must be 1 to " + std::to_string(options_.stream_id_bytes_max) +
                                        " printable ASCII characters without spaces")};
     }
-    if (!streams.insert(s.stream).second) {
-      return unexpected{make_error(errc::invalid_argument,
-                                   "stream " + s.stream + " appears twice in one append")};
-    }
+    streams.push_back(s.stream);
     if (s.events.empty()) {
       return unexpected{make_error(errc::invalid_argument, "append to " + s.stream + " has no events")};
     }
@@ -372,6 +381,11 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
       }
     }
   }
+  std::sort(streams.begin(), streams.end());
+  if (auto twice = std::adjacent_find(streams.begin(), streams.end()); twice != streams.end()) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "stream " + std::string(*twice) + " appears twice in one append")};
+  }
   std::sort(ids.begin(), ids.end());
   if (auto twice = std::adjacent_find(ids.begin(), ids.end()); twice != ids.end()) {
     return unexpected{make_error(errc::invalid_argument,
@@ -380,14 +394,16 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
   return {};  // the event count was checked against the limits before the append was queued
 }
 
-expected<std::uint64_t, error> event_store::impl::head_of(const std::string& stream,
+expected<std::uint64_t, error> event_store::impl::head_of(std::string_view stream,
                                                          const group_state& group) {
   if (auto it = group.heads.find(stream); it != group.heads.end()) return it->second;
   if (auto it = heads_.find(stream); it != heads_.end()) return it->second;
   std::shared_lock lock(db_mutex_);
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
   it->SeekForPrev(slice(keys::stream_key(stream, ~std::uint64_t{0})));
-  if (!it->status().ok()) return unexpected{translate(it->status(), "reading the head of " + stream)};
+  if (!it->status().ok()) {
+    return unexpected{translate(it->status(), "reading the head of " + std::string(stream))};
+  }
   if (!it->Valid() || !keys::belongs(stream, it->key().ToStringView())) return std::uint64_t{0};
   const auto run = keys::parse_run(stream, it->key().ToStringView(), it->value().ToStringView());
   if (!run) return unexpected{corrupt_index(stream)};
@@ -402,7 +418,7 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     decision.outcome = unexpected{std::move(e)};
     return decision;
   };
-  if (auto valid = validate(request); !valid) return fail(valid.error());
+  if (auto valid = validate(request, group); !valid) return fail(valid.error());
 
   // Idempotency: an append is known by the id of its first event. A retry (the same ids, streams
   // and counts) is answered as the first attempt was; anything else reusing that id is a conflict.
@@ -441,7 +457,8 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     const auto& s = request[k];
     std::uint64_t version = heads[k];
     stream_result where{s.stream, version + 1, version + s.events.size()};
-    group.batch.Put(db_->cf(cf_events), slice(keys::stream_key(s.stream, version + 1)),
+    keys::assign_stream_key(group.stream_key, s.stream, version + 1);
+    group.batch.Put(db_->cf(cf_events), slice(group.stream_key),
                     slice(keys::run_value(group.next_position, s.events.size())));
     for (const auto& e : s.events) {
       ++version;
@@ -449,7 +466,7 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
       const events::record_view r{s.stream, version, position, e.id, now, e.type,
                                   std::as_bytes(std::span(e.payload))};
       events::encode_record_into(r, group.encoded);
-      group.batch.Put(db_->cf(cf_global), slice(keys::be64(position)), slice(group.encoded));
+      group.batch.Put(db_->cf(cf_global), slice(keys::be64_bytes(position)), slice(group.encoded));
     }
     group.heads[s.stream] = version;
     decision.result.streams.push_back(std::move(where));
