@@ -22,6 +22,8 @@
 #include <caf/typed_response_promise.hpp>
 
 #include <deque>
+#include <functional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,12 +38,42 @@
 
 namespace gpustream::actors {
 
+/// An aggregate may answer one kind of query about its acknowledged state besides the state
+/// itself (cheaper than copying a large state): `query`, `answer` and `static answer
+/// respond(const state&, const query&)`.
+template <class A>
+concept has_query = requires(const typename A::state& s, const typename A::query& q) {
+  { A::respond(s, q) } -> std::same_as<typename A::answer>;
+};
+
+/// An aggregate may check its invariants after each command's events are applied:
+/// `static expected<void, V> check_applied(const state&, std::span<const events::event>)`. A failed
+/// check is a bug in the domain rules, so it stops the process (GPUSTREAM_ENSURE).
+template <class A>
+concept has_applied_check = requires(const typename A::state& s, std::span<const events::event> e) {
+  { A::check_applied(s, e).has_value() } -> std::convertible_to<bool>;
+};
+
+template <class A>
+struct aggregate_interface {
+  using type =
+      caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
+                       typename caf::replies_to<state_atom>::template with<typename A::state>,
+                       caf::reacts_to<passivate_atom>>;
+};
+
+template <has_query A>
+struct aggregate_interface<A> {
+  using type =
+      caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
+                       typename caf::replies_to<state_atom>::template with<typename A::state>,
+                       caf::reacts_to<passivate_atom>,
+                       typename caf::replies_to<typename A::query>::template with<typename A::answer>>;
+};
+
 /// The interface of the actor around aggregate A. `state_atom` answers the acknowledged state.
 template <domain::aggregate A>
-using aggregate_actor =
-    caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
-                     typename caf::replies_to<state_atom>::template with<typename A::state>,
-                     caf::reacts_to<passivate_atom>>;
+using aggregate_actor = typename aggregate_interface<A>::type;
 
 template <domain::aggregate A>
 struct persistent_state {
@@ -73,8 +105,8 @@ struct persistent_state {
   bool passivating = false;
   std::deque<waiting> stash;
   std::vector<decided> in_flight;
-  /// State queries that arrived during recovery.
-  std::vector<caf::typed_response_promise<typename A::state>> state_waiters;
+  /// Queries that arrived during recovery, answered once it ends (with the error if it fails).
+  std::vector<std::function<void(const caf::error* failure)>> recovery_waiters;
 
   static inline const char* name = "gpustream.aggregate";
 };
@@ -89,18 +121,29 @@ void fail_everything(persistent_pointer<A> self, const caf::error& failure) {
   auto& st = self->state;
   for (auto& d : st.in_flight) d.reply.deliver(failure);
   for (auto& w : st.stash) w.reply.deliver(failure);
-  for (auto& waiter : st.state_waiters) waiter.deliver(failure);
-  st.state_waiters.clear();
+  for (auto& waiter : st.recovery_waiters) waiter(&failure);
+  st.recovery_waiters.clear();
   st.in_flight.clear();
   st.stash.clear();
   self->quit(failure);
+}
+
+/// Runs `answer` now if the actor has recovered, else once recovery ends.
+template <domain::aggregate A, class F>
+void when_recovered(persistent_pointer<A> self, F answer) {
+  if (self->state.recovering) {
+    self->state.recovery_waiters.emplace_back(std::move(answer));
+  } else {
+    answer(nullptr);
+  }
 }
 
 template <domain::aggregate A>
 void maybe_snapshot(persistent_pointer<A> self) {
   auto& st = self->state;
   if (st.options.snapshot_every_events == 0) return;
-  if (st.version - st.snapshot_version < st.options.snapshot_every_events) return;
+  const std::uint64_t since = st.version - st.snapshot_version;
+  if (since < st.options.snapshot_every_events || since < st.version / 4) return;
   auto bytes = encode_snapshot(self->system(), A::snapshot_version, st.state);
   self->send(st.store, snapshot_atom::value, st.stream, st.version, std::move(bytes));
   st.snapshot_version = st.version;
@@ -119,6 +162,9 @@ void on_appended(persistent_pointer<A> self) {
       continue;
     }
     for (const auto& event : d.outcome.value()) st.state = A::evolve(std::move(st.state), event);
+    if constexpr (has_applied_check<A>) {
+      GPUSTREAM_ENSURE(A::check_applied(st.state, d.outcome.value()).has_value());
+    }
     st.version += d.outcome.value().size();
     d.reply.deliver(command_reply{st.version, std::move(d.outcome.value())});
   }
@@ -190,8 +236,8 @@ expected<bool, caf::error> apply_recovery(persistent_pointer<A> self, recovery& 
   }
   st.working = st.state;
   st.recovering = false;
-  for (auto& waiter : st.state_waiters) waiter.deliver(st.state);
-  st.state_waiters.clear();
+  for (auto& waiter : st.recovery_waiters) waiter(nullptr);
+  st.recovery_waiters.clear();
   return true;
 }
 
@@ -227,35 +273,53 @@ typename aggregate_actor<A>::behavior_type persistent_behavior(
   if (!options.clock_us) options.clock_us = system_clock_us;
   st.options = std::move(options);
   detail::recover<A>(self, true);
-  return {
-      [self](typename A::command& command) -> caf::typed_response_promise<command_reply> {
-        auto& st = self->state;
-        auto reply = self->template make_response_promise<command_reply>();
-        if (st.stash.size() >= st.options.stash_commands_max) {
-          reply.deliver(make_error(domain::error{
-              domain::errc::limit_exceeded,
-              "stream " + st.stream + " has " + std::to_string(st.stash.size()) +
-                  " commands waiting, the most allowed (stash_commands_max); retry later"}));
-          return reply;
-        }
-        st.stash.push_back({reply, std::move(command)});
-        detail::dispatch<A>(self);
-        return reply;
-      },
-      [self](state_atom) {
-        auto reply = self->template make_response_promise<typename A::state>();
-        if (self->state.recovering) {
-          self->state.state_waiters.push_back(reply);
-        } else {
-          reply.deliver(self->state.state);
-        }
-        return reply;
-      },
-      [self](passivate_atom) {
-        self->state.passivating = true;
-        detail::dispatch<A>(self);
-      },
+  auto on_command = [self](typename A::command& command)
+      -> caf::typed_response_promise<command_reply> {
+    auto& st = self->state;
+    auto reply = self->template make_response_promise<command_reply>();
+    if (st.stash.size() >= st.options.stash_commands_max) {
+      reply.deliver(make_error(domain::error{
+          domain::errc::limit_exceeded,
+          "stream " + st.stream + " has " + std::to_string(st.stash.size()) +
+              " commands waiting, the most allowed (stash_commands_max); retry later"}));
+      return reply;
+    }
+    st.stash.push_back({reply, std::move(command)});
+    detail::dispatch<A>(self);
+    return reply;
   };
+  auto on_state = [self](state_atom) {
+    auto reply = self->template make_response_promise<typename A::state>();
+    detail::when_recovered<A>(self, [self, reply](const caf::error* failure) mutable {
+      if (failure) {
+        reply.deliver(*failure);
+      } else {
+        reply.deliver(self->state.state);
+      }
+    });
+    return reply;
+  };
+  auto on_passivate = [self](passivate_atom) {
+    self->state.passivating = true;
+    detail::dispatch<A>(self);
+  };
+  if constexpr (has_query<A>) {
+    auto on_query = [self](typename A::query& query) {
+      auto reply = self->template make_response_promise<typename A::answer>();
+      detail::when_recovered<A>(self, [self, reply, query = std::move(query)](
+                                          const caf::error* failure) mutable {
+        if (failure) {
+          reply.deliver(*failure);
+        } else {
+          reply.deliver(A::respond(self->state.state, query));
+        }
+      });
+      return reply;
+    };
+    return {on_command, on_state, on_passivate, on_query};
+  } else {
+    return {on_command, on_state, on_passivate};
+  }
 }
 
 }  // namespace gpustream::actors

@@ -1,0 +1,47 @@
+#pragma once
+/// The ledger actor: the one aggregate of stream "ledger" (domain/ledger.hpp) in the persistence
+/// shell. Every group it applies is checked against the ledger's invariants (touched accounts and
+/// the running total) before its requester hears back; a violation stops the process, since it
+/// can only be a bug in the rules. Besides commands and the whole state, it answers balances.
+
+#include <caf/fwd.hpp>
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "actors/persistent_actor.hpp"
+#include "domain/ledger.hpp"
+
+namespace gpustream::actors {
+
+/// domain::ledger with what the shell asks of it: a balance query and the per-group check.
+struct ledger_aggregate : domain::ledger {
+  /// Balances of these accounts (0 for an account that never moved money); all accounts when
+  /// empty.
+  struct query {
+    std::vector<std::string> accounts;
+  };
+  using answer = std::map<std::string, std::int64_t>;
+
+  [[nodiscard]] static answer respond(const state& current, const query& q);
+  [[nodiscard]] static domain::invariant_check check_applied(const state& current,
+                                                             std::span<const events::event> group) {
+    return domain::check_group_applied(current, group);
+  }
+};
+
+using ledger_actor = aggregate_actor<ledger_aggregate>;
+
+/// The stream of the ledger.
+inline constexpr std::string_view ledger_stream = "ledger";
+
+[[nodiscard]] ledger_actor spawn_ledger_actor(caf::actor_system& system, store_actor store,
+                                              persistence_options options = {});
+
+}  // namespace gpustream::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ledger_aggregate::query)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::ledger::command)

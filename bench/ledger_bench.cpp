@@ -1,0 +1,122 @@
+// Ledger transfers through the ledger actor, store in `sync` mode, every invariant checked after
+// every group (the actor's per-group check; the full check once at the end). Each command settles
+// one premium job: user -> provider (usage) and provider -> platform (platform fee), 2 transfers.
+//
+//   ./build/bench/ledger_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+
+#include <benchmark/benchmark.h>
+
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/scoped_actor.hpp>
+
+#include <filesystem>
+#include <random>
+#include <string>
+
+#include "actors/errors.hpp"
+#include "actors/ledger_actor.hpp"
+#include "domain/pricing.hpp"
+
+namespace {
+
+using namespace gpustream;
+
+using done_atom = caf::atom_constant<caf::atom("done")>;
+
+struct scratch_dir {
+  std::filesystem::path path = std::filesystem::temp_directory_path() /
+                               ("gpustream-ledger-bench-" + std::to_string(std::random_device{}()));
+  scratch_dir() { std::filesystem::remove_all(path); }
+  ~scratch_dir() { std::filesystem::remove_all(path); }
+};
+
+constexpr int users = 64;
+
+domain::record_transfers settlement(std::uint64_t job) {
+  domain::job_bill bill{.job_id = "bench-" + std::to_string(job),
+                        .user_id = "u" + std::to_string(job % users),
+                        .provider_id = "p" + std::to_string(job % 16),
+                        .premium = true,
+                        .price = {.input_micros_per_mtok = 100'000, .output_micros_per_mtok = 400'000},
+                        .prompt_tokens = 500,
+                        .completion_tokens = 200};
+  auto settled = domain::settle_job(bill, domain::pricing_options{});
+  if (!settled) std::abort();
+  return std::move(settled.value().group);
+}
+
+/// Keeps `window` settlements in flight until `total` are acknowledged, then tells `report`.
+caf::behavior driver(caf::event_based_actor* self, actors::ledger_actor ledger, std::uint64_t first,
+                     std::uint64_t total, std::uint64_t window, caf::actor report) {
+  auto next = std::make_shared<std::uint64_t>(0);
+  auto acknowledged = std::make_shared<std::uint64_t>(0);
+  auto send_one = std::make_shared<std::function<void()>>();
+  *send_one = [=] {
+    if (*next == total) return;
+    const std::uint64_t job = first + (*next)++;
+    self->request(ledger, caf::infinite, domain::ledger::command{settlement(job)})
+        .then(
+            [=](const actors::command_reply&) {
+              if (++*acknowledged == total) {
+                self->send(report, done_atom::value);
+                self->quit();
+              } else {
+                (*send_one)();
+              }
+            },
+            [=](caf::error& failure) {
+              std::fprintf(stderr, "settlement refused: %s\n", actors::describe(failure).c_str());
+              std::abort();
+            });
+  };
+  for (std::uint64_t i = 0; i < window; ++i) (*send_one)();
+  return {[](done_atom) {}};
+}
+
+void ledger_transfers(benchmark::State& state) {
+  scratch_dir dir;
+  caf::actor_system_config config;
+  actors::add_error_categories(config);
+  caf::actor_system system(config);
+  auto store = storage::event_store::open(dir.path, {});  // sync durability
+  if (!store) std::abort();
+  auto store_actor = actors::spawn_store_actor(system, std::move(store.value()));
+  auto ledger = actors::spawn_ledger_actor(system, store_actor);
+  caf::scoped_actor self(system);
+  for (int u = 0; u < users; ++u) {
+    auto deposit = domain::user_deposit("seed-" + std::to_string(u), "u" + std::to_string(u),
+                                        1'000'000'000'000);
+    self->request(ledger, caf::infinite, domain::ledger::command{deposit})
+        .receive([](const actors::command_reply&) {}, [](caf::error&) { std::abort(); });
+  }
+  const auto jobs = static_cast<std::uint64_t>(state.range(0));
+  const auto window = static_cast<std::uint64_t>(state.range(1));
+  std::uint64_t first = 0;
+  for (auto _ : state) {
+    system.spawn(driver, ledger, first, jobs, window, caf::actor{self});
+    self->receive([](done_atom) {});
+    first += jobs;
+  }
+  // The full check, once: every balance sums to zero and none is negative where it must not be.
+  self->request(ledger, caf::infinite, actors::state_atom::value)
+      .receive(
+          [&](const domain::ledger::state& ledger_state) {
+            if (!domain::check_ledger(ledger_state)) state.SkipWithError("ledger invariant broken");
+          },
+          [&](caf::error&) { state.SkipWithError("state query failed"); });
+  state.counters["transfers_per_s"] = benchmark::Counter(
+      static_cast<double>(2 * jobs * state.iterations()), benchmark::Counter::kIsRate);
+  self->send_exit(ledger, caf::exit_reason::user_shutdown);
+  self->send_exit(store_actor, caf::exit_reason::user_shutdown);
+}
+BENCHMARK(ledger_transfers)
+    ->Args({20'000, 256})
+    ->ArgNames({"jobs", "in_flight"})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
