@@ -38,6 +38,27 @@ std::string job_problem(const queued_job& job, std::int64_t now_us,
   return {};
 }
 
+std::string_view quality_name(events::quality_tier quality) noexcept {
+  switch (quality) {
+    case events::quality_tier::low: return "low";
+    case events::quality_tier::standard: return "standard";
+    case events::quality_tier::high: return "high";
+    case events::quality_tier::ultra: return "ultra";
+  }
+  return "unknown";
+}
+
+std::string unservable_message(const queued_job& job, const selection_options& options) {
+  const auto tier = static_cast<std::size_t>(job.quality);
+  std::string message = "no online provider serves model " + job.model + " at quality tier " +
+                        std::string(quality_name(job.quality));
+  if (tier < options.quality_level_min.size()) {
+    message += " (needs a " + std::string(level_name(options.quality_level_min[tier])) +
+               " provider or better)";
+  }
+  return message + "; try another model or a lower quality tier";
+}
+
 }  // namespace
 
 job_queue::job_queue(job_queue_options options) : options_(options) {}
@@ -57,10 +78,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
     return refuse(errc::already_exists, "job " + job.job_id + " is already queued");
   }
   if (!index.can_serve(job.model, job.quality)) {
-    return refuse(errc::no_provider,
-                  "no online provider serves model " + job.model + " at quality tier " +
-                      std::to_string(static_cast<int>(job.quality)) +
-                      "; try another model or a lower quality tier");
+    return refuse(errc::no_provider, unservable_message(job, index.options()));
   }
   if (jobs_.size() >= options_.jobs_queued_max) {
     return refuse(errc::limit_exceeded,
@@ -80,10 +98,14 @@ void job_queue::erase(std::map<order_key, queued_job>::iterator it) {
   const auto order = it->first;
   const auto group = groups_.find({job.model, job.quality});
   GPUSTREAM_ENSURE(group != groups_.end());
-  GPUSTREAM_ENSURE(group->second.erase(order) == 1);
+  const auto in_group = group->second.erase(order);
   if (group->second.empty()) groups_.erase(group);
-  GPUSTREAM_ENSURE(by_deadline_.erase({job.deadline_at_us, order}) == 1);
-  GPUSTREAM_ENSURE(by_id_.erase(job.job_id) == 1);
+  const auto by_deadline = by_deadline_.erase({job.deadline_at_us, order});
+  const auto by_id = by_id_.erase(job.job_id);
+  // Each index holds each queued job exactly once.
+  GPUSTREAM_ENSURE(in_group == 1);
+  GPUSTREAM_ENSURE(by_deadline == 1);
+  GPUSTREAM_ENSURE(by_id == 1);
   jobs_.erase(it);
 }
 
@@ -115,7 +137,8 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     // next pass, and the other groups go on.
     if (!chosen) continue;
     std::string provider_id(*chosen);
-    GPUSTREAM_ENSURE(index.job_started(provider_id));
+    const bool started = index.job_started(provider_id);
+    GPUSTREAM_ENSURE(started);  // select() returned a listed provider
     const auto next = next_live(group, {order.first, order.second + 1});
     assigned.push_back({waiting, std::move(provider_id)});
     erase(job);

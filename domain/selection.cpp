@@ -128,21 +128,25 @@ selection_index::level_group& selection_index::group_of(const entry& e, std::siz
   return e.places[offer].bucket->second.levels[level_index(e.provider.level)];
 }
 
-void selection_index::rank(entry& e) {
+selection_index::offer_keys selection_index::keys_of(const entry& e, std::size_t offer) const {
   const auto& p = e.provider;
-  const bool idle = is_idle(p, options_);
-  const std::int64_t weight = qmesh_weight(p, options_);
-  const std::int64_t available = availability_bp(p);
-  for (std::size_t i = 0; i < p.offers.size(); ++i) {
+  const std::int64_t price = price_key(p.offers[offer]);
+  offer_keys keys;
+  keys.idle = is_idle(p, options_);
+  keys.qmesh = keys.idle ? rank_key{-static_cast<std::int64_t>(p.health_percent), price, &e}
+                         : rank_key{-qmesh_weight(p, options_), price, &e};
+  keys.cheap = {price, -availability_bp(p), &e};
+  keys.fast = {estimated_us(p.offers[offer], options_), price, &e};
+  return keys;
+}
+
+void selection_index::rank(entry& e) {
+  for (std::size_t i = 0; i < e.provider.offers.size(); ++i) {
     auto& group = group_of(e, i);
-    const std::int64_t price = price_key(p.offers[i]);
-    if (idle) {
-      group.idle.insert({-static_cast<std::int64_t>(p.health_percent), price, &e});
-    } else {
-      group.busy.insert({-weight, price, &e});
-    }
-    group.cheap.insert({price, -available, &e});
-    group.fast.insert({estimated_us(p.offers[i], options_), price, &e});
+    const auto keys = keys_of(e, i);
+    (keys.idle ? group.idle : group.busy).insert(keys.qmesh);
+    group.cheap.insert(keys.cheap);
+    group.fast.insert(keys.fast);
     e.places[i].member_position = group.members.size();
     group.members.push_back(&e);
   }
@@ -150,23 +154,21 @@ void selection_index::rank(entry& e) {
 }
 
 void selection_index::unrank(entry& e) {
-  // The keys are recomputed from fields that have not changed since rank(): every change goes
-  // through change(), which unranks before it applies anything.
-  const auto& p = e.provider;
-  const bool idle = is_idle(p, options_);
-  const std::int64_t weight = qmesh_weight(p, options_);
-  const std::int64_t available = availability_bp(p);
-  for (std::size_t i = 0; i < p.offers.size(); ++i) {
+  for (std::size_t i = 0; i < e.provider.offers.size(); ++i) {
     auto& group = group_of(e, i);
-    const std::int64_t price = price_key(p.offers[i]);
-    const auto erased = idle ? group.idle.erase({-static_cast<std::int64_t>(p.health_percent), price, &e})
-                             : group.busy.erase({-weight, price, &e});
-    GPUSTREAM_ENSURE(erased == 1);
-    GPUSTREAM_ENSURE(group.cheap.erase({price, -available, &e}) == 1);
-    GPUSTREAM_ENSURE(group.fast.erase({estimated_us(p.offers[i], options_), price, &e}) == 1);
+    // The same keys as rank() made: every change goes through change(), which unranks before
+    // it touches a field the keys depend on.
+    const auto keys = keys_of(e, i);
+    const auto erased_qmesh = (keys.idle ? group.idle : group.busy).erase(keys.qmesh);
+    const auto erased_cheap = group.cheap.erase(keys.cheap);
+    const auto erased_fast = group.fast.erase(keys.fast);
+    GPUSTREAM_ENSURE(erased_qmesh == 1);
+    GPUSTREAM_ENSURE(erased_cheap == 1);
+    GPUSTREAM_ENSURE(erased_fast == 1);
     // Swap-remove from the draw vector, telling the moved provider its new position.
     const std::size_t position = e.places[i].member_position;
-    GPUSTREAM_ENSURE(position < group.members.size() && group.members[position] == &e);
+    GPUSTREAM_ENSURE(position < group.members.size());
+    GPUSTREAM_ENSURE(group.members[position] == &e);
     entry* moved = group.members.back();
     group.members[position] = moved;
     group.members.pop_back();

@@ -231,8 +231,17 @@ class selection_index {
     bool counted = false;             ///< in its groups' `unsuspended` counts
   };
 
+  /// Where one offer of a provider sits in its group's sets.
+  struct offer_keys {
+    bool idle = false;  ///< in `idle` rather than `busy`
+    rank_key qmesh;
+    rank_key cheap;
+    rank_key fast;
+  };
+
   template <class Change>
   void change(entry& e, Change&& apply);
+  [[nodiscard]] offer_keys keys_of(const entry& e, std::size_t offer) const;
   void withdraw(entry& e);
   void admit(entry& e);
   void rank(entry& e);

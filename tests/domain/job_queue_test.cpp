@@ -97,7 +97,11 @@ TEST(job_queue, a_job_nobody_can_serve_is_rejected_at_once) {
   expect_refused(unknown, errc::no_provider);
   EXPECT_NE(unknown.error().message.find("other-model"), std::string::npos);
   // A Bronze provider cannot serve the high tier.
-  expect_refused(queue.push(job("j", "m", 0, t0, quality_tier::high), index, t0), errc::no_provider);
+  const auto high = queue.push(job("j", "m", 0, t0, quality_tier::high), index, t0);
+  expect_refused(high, errc::no_provider);
+  EXPECT_NE(high.error().message.find("tier high (needs a Silver provider or better)"),
+            std::string::npos)
+      << high.error().message;
   // Busy is not unservable: the job waits.
   ASSERT_TRUE(index.job_started("p"));
   EXPECT_TRUE(queue.push(job("j"), index, t0));
