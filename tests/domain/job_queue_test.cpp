@@ -1,5 +1,4 @@
-// The scheduler's pure job queue: validation, limits, priority order, slots, expiry, rejection, and a
-// property test that no job is ever stuck.
+// The scheduler's job queue: validation, limits, order, slots, expiry, rejection; no job is ever stuck.
 #include "domain/job_queue.hpp"
 
 #include <gtest/gtest.h>

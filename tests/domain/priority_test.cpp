@@ -1,4 +1,4 @@
-// Job priority: premium first, then contribution tier, then age, and the bound aging puts on overtaking.
+// Job priority: premium, then contribution tier, then age; aging bounds overtaking.
 #include "domain/priority.hpp"
 
 #include <gtest/gtest.h>

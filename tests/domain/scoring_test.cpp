@@ -1,4 +1,4 @@
-// Scoring rules: points per job, levels, contribution tiers, health from load and suspicion thresholds.
+// Scoring rules: points per job, levels, contribution tiers, health from load, suspicion thresholds.
 #include "domain/scoring.hpp"
 
 #include <gtest/gtest.h>

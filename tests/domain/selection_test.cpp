@@ -1,5 +1,4 @@
-// Provider selection: the QMesh seed's scenarios, each policy and filter, the index's limits, sticky
-// sessions, and a randomized comparison of the index against a plain scan of every provider.
+// Provider selection: seed scenarios, policies, filters, limits, sticky sessions, index vs plain scan.
 #include "domain/selection.hpp"
 
 #include <gtest/gtest.h>
