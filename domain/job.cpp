@@ -313,7 +313,7 @@ void check_status(const job_state& s, std::vector<std::string>& broken) {
     if (s.attempt == 0 || s.reassignments + 1 != s.attempt)
       broken.push_back(job + std::to_string(s.attempt) + " attempts with " + std::to_string(s.reassignments) +
                        " reassignments; expected one attempt more than reassignments");
-    else if (s.providers_tried.back() != s.provider_id)
+    else if (s.providers_tried.empty() || s.providers_tried.back() != s.provider_id)
       broken.push_back(job + "provider " + quoted(s.provider_id) + " is not the last one tried");
   }
   if (s.status == job_status::submitted && s.attempt != 0)
