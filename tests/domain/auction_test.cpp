@@ -67,6 +67,14 @@ TEST(auction, relevance_weighs_keywords_and_categories_once_each) {
   EXPECT_EQ(relevance(prompt_words("bake bread", 100), gpu, o), 0);
 }
 
+TEST(auction, only_the_first_prompt_bytes_count) {
+  const std::vector<campaign_state> campaigns{make_campaign("c1", 1'000'000, {"gpu"})};
+  auction_options o;
+  o.prompt_bytes_max = 10;
+  EXPECT_FALSE(run_auction(campaigns, "0123456789 gpu", "u1", noon, o));
+  EXPECT_TRUE(run_auction(campaigns, "gpu 456789 gpu", "u1", noon, o));
+}
+
 TEST(auction, no_eligible_campaign_means_no_ad) {
   const std::vector<campaign_state> none;
   EXPECT_FALSE(run_auction(none, "gpu", "u1", noon, {}));

@@ -1,4 +1,4 @@
-// Tests the campaign aggregate: creation rules, funding, reserve/record/release/expire, pacing, frequency caps, clicks, check().
+// Tests the campaign aggregate: creation, funding, reserve/record/release/expire, pacing, caps, clicks, check().
 
 #include <gtest/gtest.h>
 
@@ -83,6 +83,8 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.advertiser = "123456789"; }), errc::invalid_argument, "at most 8");
   expect_refused(with([](create_campaign& c) { c.title = "0123456789"; }), errc::invalid_argument, "title");
   expect_refused(with([](create_campaign& c) { c.text.clear(); }), errc::invalid_argument, "ad text is empty");
+  expect_refused(with([](create_campaign& c) { c.text = std::string(31, 'x'); }), errc::invalid_argument,
+                 "ad text is 31 bytes long; at most 30");
   expect_refused(with([](create_campaign& c) { c.url = "https://acme.example/a/long/path"; }),
                  errc::invalid_argument, "url");
   expect_refused(with([](create_campaign& c) { c.url = "ftp://acme"; }), errc::invalid_argument, "https://");
