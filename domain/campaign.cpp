@@ -282,8 +282,8 @@ struct ads {
   void operator()(const events::ad_reserved& e) {
     if (s.reservations.contains(e.reservation_id) || s.impressions.contains(e.reservation_id)) return;
     roll_day(s, e.reserved_at_us);
-    s.reservations.emplace(e.reservation_id,
-                           ad_reservation_state{e.job_id, e.user_id, e.price_micros, e.reserved_at_us, e.expires_at_us});
+    s.reservations.emplace(e.reservation_id, ad_reservation_state{e.job_id, e.user_id, e.price_micros,
+                                                                  e.reserved_at_us, e.expires_at_us});
     s.reserved_micros += e.price_micros;
   }
   void operator()(const events::impression_recorded& e) {
