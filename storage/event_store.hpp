@@ -39,9 +39,10 @@ struct store_options {
   durability mode = durability::sync;
   /// Group commit, `sync` mode: the writer commits every append queued when it is free as one
   /// WriteBatch, and a syncer thread fsyncs the log behind it, one fsync for every batch written
-  /// meanwhile. Before an fsync the syncer lets the writer finish the appends it is writing, so
-  /// that one fsync acknowledges them too, but waits no longer than this (0: never waits).
-  /// Default: 1 ms.
+  /// meanwhile (starting as soon as a batch's log record is written, while RocksDB still indexes
+  /// the batch in memory). Before an fsync the syncer lets the writer finish the appends it is
+  /// writing, so that one fsync acknowledges them too, but waits no longer than this (0: never
+  /// waits). Default: 1 ms.
   std::chrono::microseconds group_commit_wait_max{1000};
   /// Most events committed in one group (one WriteBatch). Default: 8192.
   std::size_t group_commit_events_max = 8192;

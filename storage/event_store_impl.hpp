@@ -17,6 +17,7 @@
 #include "storage/database.hpp"
 #include "storage/event_store.hpp"
 #include "storage/fault_file_system.hpp"
+#include "storage/wal_file_system.hpp"
 
 namespace gpustream::storage {
 
@@ -53,10 +54,10 @@ class event_store::impl {
   impl(std::filesystem::path directory, store_options options)
       : directory_(std::move(directory)), options_(std::move(options)) {
     if (!options_.clock_us) options_.clock_us = system_clock_us;
-    if (options_.faults) {
-      env_ = rocksdb::NewCompositeEnv(
-          make_fault_file_system(rocksdb::FileSystem::Default(), options_.faults));
-    }
+    auto files = rocksdb::FileSystem::Default();
+    if (options_.faults) files = make_fault_file_system(std::move(files), options_.faults);
+    wal_progress_->flushed = [this] { wal_flushed(); };
+    env_ = rocksdb::NewCompositeEnv(make_wal_file_system(std::move(files), wal_progress_));
   }
 
   ~impl() {
@@ -72,6 +73,7 @@ class event_store::impl {
     }
     sync_cv_.notify_all();
     if (syncer_.joinable()) syncer_.join();
+    db_.reset();  // closes RocksDB while the members its log hook (wal_flushed) reads still exist
   }
 
   expected<void, error> start() {
@@ -149,11 +151,12 @@ class event_store::impl {
   };
 
   /// A committed group waiting for the syncer: its answers, given once the log is durable through
-  /// `durable_through`.
+  /// `durable_through`, which it is once an fsync that began after `wal_bytes` succeeded.
   struct written_group {
     std::vector<pending_append> items;
     std::vector<expected<append_result, error>> outcomes;
     std::uint64_t durable_through = 0;
+    std::uint64_t wal_bytes = 0;  // wal_progress::bytes once the group was written
   };
 
   /// Locks the database for reading. If a failed write left it closed, first asks the writer to
@@ -175,7 +178,11 @@ class event_store::impl {
   void writer_loop();
   void syncer_loop();
   void publish(std::uint64_t position);
-  void set_writer_idle(bool idle);
+  void set_wal_pending(bool pending);
+  void wal_flushed();
+  bool must_sync() const;
+  bool durable(const written_group& group) const;
+  void sync_wal(std::unique_lock<std::mutex>& lock);
   void lookup_first_ids(const std::vector<pending_append>& group, group_state& state);
   void deliver(written_group& group, const expected<void, error>& durable);
   void commit_group(std::vector<pending_append>& group);
@@ -192,11 +199,12 @@ class event_store::impl {
     return write;
   }
   expected<std::uint64_t, error> read_checkpoint(database& d, std::string_view name) const;
-  rocksdb::Env* env() const { return env_ ? env_.get() : rocksdb::Env::Default(); }
+  rocksdb::Env* env() const { return env_.get(); }
 
   std::filesystem::path directory_;
   store_options options_;
-  std::unique_ptr<rocksdb::Env> env_;  // set when faults are injected
+  std::shared_ptr<wal_progress> wal_progress_ = std::make_shared<wal_progress>();
+  std::unique_ptr<rocksdb::Env> env_;  // RocksDB's files, seen through wal_progress_ (and faults)
 
   // The database; readers hold the lock shared, the writer exclusively only to reopen it after a
   // failed write (so that the store's view equals what reached the disk).
@@ -210,15 +218,26 @@ class event_store::impl {
   bool stopping_ = false;
   std::thread writer_;
 
-  // The syncer (sync mode only): fsyncs the WAL behind the writer and answers its groups.
+  // The syncer (sync mode only): fsyncs the WAL behind the writer and answers its groups. The
+  // writer announces each group's log record as soon as RocksDB has written it (wal_flushed), so
+  // that the fsync overlaps the group's memtable inserts; the group itself follows when its write
+  // returns. Everything below is under sync_mutex_ unless atomic.
   std::mutex sync_mutex_;
   std::condition_variable sync_cv_;
   std::condition_variable sync_idle_cv_;
   std::deque<written_group> sync_queue_;
-  std::size_t sync_in_flight_ = 0;  // groups queued or being synced
+  std::size_t sync_in_flight_ = 0;  // groups queued or being answered
   bool sync_stopping_ = false;
   std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
-  bool writer_idle_ = false;              // the writer waits for appends (under sync_mutex_)
+  std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
+  bool wal_announced_ = false;  // a group's log record was written since the last fsync began
+  // Appends are queued or being staged whose log records are not written yet: worth waiting for
+  // (at most group_commit_wait_max) so that one fsync covers them too.
+  bool wal_pending_ = false;
+  std::uint64_t durable_wal_bytes_ = 0;  // the fsyncs so far cover wal_progress bytes up to here
+  std::optional<error> sync_error_;      // a failed fsync, until the writer has reopened the store
+  // The log is durable through this position. Written by the syncer, or by the writer while no
+  // group is in flight (recovery), so the syncer may read it without the lock.
   std::uint64_t synced_ = 0;
 
  public:
@@ -228,7 +247,7 @@ class event_store::impl {
   std::atomic<std::uint64_t> stat_syncs_{0};
   std::atomic<std::uint64_t> stat_written_events_{0};
 
- private:  // the log is durable through here; syncer's, or the writer's while idle
+ private:
   std::thread syncer_;
 
   std::atomic<std::uint64_t> last_position_{0};

@@ -92,7 +92,7 @@ std::vector<pending_append> event_store::impl::take_group() {
   std::vector<pending_append> group;
   std::unique_lock lock(queue_mutex_);
   if (queue_.empty() && !stopping_) {
-    set_writer_idle(true);  // lets the syncer fsync now rather than wait for this thread
+    set_wal_pending(false);  // lets the syncer fsync now rather than wait for this thread
     const auto woken = [&] { return stopping_ || !queue_.empty(); };
     if (reopen_needed_ || sync_failed_.load()) {
       // After a disk failure, retry the reopen now and then even without appends, so that reads
@@ -101,29 +101,46 @@ std::vector<pending_append> event_store::impl::take_group() {
     } else {
       queue_cv_.wait(lock, woken);
     }
-    set_writer_idle(false);
   }
   if (!queue_.empty() && queue_.front().task) {  // a task runs alone
     group.push_back(std::move(queue_.front()));
     queue_.pop_front();
-    return group;
+  } else {
+    std::size_t events = 0;
+    while (!queue_.empty() && !queue_.front().task &&
+           (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
+      events += queue_.front().event_count;
+      group.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
   }
-  std::size_t events = 0;
-  while (!queue_.empty() && !queue_.front().task &&
-         (group.empty() || events + queue_.front().event_count <= options_.group_commit_events_max)) {
-    events += queue_.front().event_count;
-    group.push_back(std::move(queue_.front()));
-    queue_.pop_front();
-  }
+  set_wal_pending(!queue_.empty() || (!group.empty() && !group.front().task));
   return group;
 }
 
-void event_store::impl::set_writer_idle(bool idle) {
+void event_store::impl::set_wal_pending(bool pending) {
   {
     std::lock_guard lock(sync_mutex_);
-    writer_idle_ = idle;
+    wal_pending_ = pending;
   }
-  if (idle) sync_cv_.notify_all();
+  if (!pending) sync_cv_.notify_one();
+}
+
+void event_store::impl::wal_flushed() {
+  // Runs inside the writer's db->Write: the group's log record is with the operating system and
+  // RocksDB goes on to insert it into the memtables. Nothing here may call into RocksDB.
+  if (!announce_wal_.load()) return;
+  bool more = false;
+  {
+    std::lock_guard lock(queue_mutex_);
+    more = !queue_.empty();
+  }
+  {
+    std::lock_guard lock(sync_mutex_);
+    wal_announced_ = true;
+    wal_pending_ = more;
+  }
+  sync_cv_.notify_one();
 }
 
 void event_store::impl::writer_loop() {
@@ -170,7 +187,14 @@ expected<void, error> event_store::impl::recover_if_needed() {
     last_position_.store(*last);
   }
   position_cv_.notify_all();
-  synced_ = *last;  // the syncer is idle; recovery flushed the replayed WAL into synced tables
+  {
+    // The syncer is idle; recovery flushed the replayed WAL into synced tables, so everything
+    // written so far is durable, and a failed fsync no longer taints what follows.
+    std::lock_guard sync_lock(sync_mutex_);
+    synced_ = *last;
+    durable_wal_bytes_ = wal_progress_->bytes.load();
+    sync_error_.reset();
+  }
   reopen_needed_ = false;
   sync_failed_.store(false);
   return {};
@@ -204,7 +228,9 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       rocksdb::WriteOptions write;
       write.sync = false;
       std::shared_lock lock(db_mutex_);
+      announce_wal_.store(options_.mode == durability::sync);  // see wal_flushed
       const auto status = db_->db->Write(write, &state.batch);
+      announce_wal_.store(false);
       if (status.ok()) {
         written = true;
         stat_written_events_.fetch_add(state.next_position - next_position_, std::memory_order_release);
@@ -246,7 +272,8 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   for (const auto& outcome : outcomes) {
     if (outcome) durable_through = std::max(durable_through, outcome->last_position);
   }
-  written_group done{std::move(group), std::move(outcomes), durable_through};
+  // Every byte of this group's log record was handed over before Write returned.
+  written_group done{std::move(group), std::move(outcomes), durable_through, wal_progress_->bytes.load()};
   if (options_.mode == durability::sync) {
     {
       std::lock_guard lock(sync_mutex_);
@@ -304,48 +331,68 @@ void event_store::impl::deliver(written_group& group, const expected<void, error
   }
 }
 
+bool event_store::impl::durable(const written_group& group) const {
+  return group.durable_through <= synced_ || group.wal_bytes <= durable_wal_bytes_;
+}
+
+bool event_store::impl::must_sync() const {
+  if (sync_error_) return false;  // nothing more is acknowledged until the writer has reopened
+  return wal_announced_ || (!sync_queue_.empty() && !durable(sync_queue_.front()));
+}
+
+void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
+  // Group commit: while the writer is still staging appends that arrived before now, wait for
+  // their log records (at most group_commit_wait_max), so that one fsync covers them too.
+  const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
+  sync_cv_.wait_until(lock, deadline, [&] { return !wal_pending_ || sync_stopping_; });
+  wal_announced_ = false;
+  const std::uint64_t covered = wal_progress_->bytes.load();  // all handed over before the fsync
+  lock.unlock();
+  rocksdb::Status status;
+  {
+    std::shared_lock db_lock(db_mutex_);
+    status = db_ ? db_->db->SyncWAL() : rocksdb::Status::IOError("the store is closed");
+  }
+  stat_syncs_.fetch_add(1, std::memory_order_relaxed);
+  lock.lock();
+  if (status.ok()) {
+    durable_wal_bytes_ = std::max(durable_wal_bytes_, covered);
+  } else {
+    // After a failed fsync the kernel may have dropped the unsynced pages: nothing written before
+    // the writer reopens the store is acknowledged, whatever later fsyncs say.
+    sync_error_ = translate(status, "syncing the event log");
+    sync_failed_.store(true);
+  }
+}
+
 void event_store::impl::syncer_loop() {
+  std::unique_lock lock(sync_mutex_);
   for (;;) {
-    std::deque<written_group> batch;
-    {
-      std::unique_lock lock(sync_mutex_);
-      sync_cv_.wait(lock, [&] { return sync_stopping_ || !sync_queue_.empty(); });
-      if (sync_queue_.empty()) return;  // stopping, and everything delivered
-      // Group commit: while the writer is still writing appends that arrived before now, wait for
-      // them (at most group_commit_wait_max), so that one fsync acknowledges them all.
-      const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
-      for (;;) {
-        std::move(sync_queue_.begin(), sync_queue_.end(), std::back_inserter(batch));
-        sync_queue_.clear();
-        if (writer_idle_ || sync_stopping_) break;
-        if (!sync_cv_.wait_until(lock, deadline, [&] {
-              return writer_idle_ || sync_stopping_ || !sync_queue_.empty();
-            })) {
-          break;
-        }
-      }
-    }
-    // One fsync makes every group written so far durable.
-    std::uint64_t through = 0;
-    for (const auto& g : batch) through = std::max(through, g.durable_through);
-    expected<void, error> durable;
-    if (through > synced_) {
-      std::shared_lock lock(db_mutex_);
-      const auto status = db_->db->SyncWAL();
-      stat_syncs_.fetch_add(1, std::memory_order_relaxed);
-      if (status.ok()) {
-        synced_ = through;
+    sync_cv_.wait(lock, [&] { return sync_stopping_ || wal_announced_ || !sync_queue_.empty(); });
+    if (sync_stopping_ && sync_queue_.empty()) return;  // the writer has stopped: nothing follows
+    if (must_sync()) sync_wal(lock);
+    if (sync_error_) wal_announced_ = false;  // no fsync until the writer has reopened the store
+    // Groups leave in order (each one's log record follows the previous one's): durable ones
+    // with their answers, others with the fsync's failure.
+    std::vector<written_group> ready;
+    std::vector<expected<void, error>> durability;
+    while (!sync_queue_.empty() && (durable(sync_queue_.front()) || sync_error_)) {
+      auto& group = sync_queue_.front();
+      if (durable(group)) {
+        synced_ = std::max(synced_, group.durable_through);
+        durability.emplace_back();
       } else {
-        durable = unexpected{translate(status, "syncing the event log")};
-        sync_failed_.store(true);
+        durability.emplace_back(unexpected{*sync_error_});
       }
+      ready.push_back(std::move(group));
+      sync_queue_.pop_front();
     }
-    if (durable) publish(synced_);
-    for (auto& g : batch) deliver(g, durable);
-    {
-      std::lock_guard lock(sync_mutex_);
-      sync_in_flight_ -= batch.size();
-    }
+    if (ready.empty()) continue;  // synced ahead of a group still being written: wait for it
+    lock.unlock();
+    publish(synced_);
+    for (std::size_t i = 0; i < ready.size(); ++i) deliver(ready[i], durability[i]);
+    lock.lock();
+    sync_in_flight_ -= ready.size();
     sync_idle_cv_.notify_all();
   }
 }

@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <barrier>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
 #include <future>
@@ -838,6 +840,82 @@ TEST(event_store_format, read_only_needs_an_existing_store_and_refuses_appends) 
   auto refused = reader->append(one_stream("s", any_version, 1, 3, 1));
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.error().code, errc::closed);
+}
+
+// ---- acknowledgements follow the fsyncs that cover them ----
+
+/// What a power cut would leave of `from` in `to`: each file cut to the bytes its fsyncs covered
+/// (`durable_bytes`, by file name); files never fsynced, or since renamed, are left out.
+void copy_durable(const std::filesystem::path& from, const std::filesystem::path& to,
+                  const std::map<std::string, std::uint64_t>& durable_bytes) {
+  std::filesystem::create_directories(to);
+  for (const auto& [name, bytes] : durable_bytes) {
+    if (!std::filesystem::exists(from / name)) continue;
+    std::ifstream in(from / name, std::ios::binary);
+    std::string content(bytes, '\0');
+    in.read(content.data(), static_cast<std::streamsize>(bytes));
+    EXPECT_EQ(in.gcount(), static_cast<std::streamsize>(bytes)) << name << " is shorter than its fsyncs";
+    std::ofstream(to / name, std::ios::binary).write(content.data(), in.gcount());
+  }
+}
+
+TEST(event_store_durability, every_acknowledged_append_is_in_what_the_fsyncs_covered) {
+  // The syncer starts an fsync as soon as a group's log record is written, before RocksDB has
+  // inserted the group into its memtables; an append may still be answered only once an fsync
+  // that began after its record was written has returned. Many appenders with one append in
+  // flight each (as actors append) make groups of every size; at every 8th acknowledgement the
+  // test copies what a power cut would leave at that moment, and each copy must hold the append.
+  temp_dir dir, copies;
+  auto faults = std::make_shared<fault_injector>();
+  std::mutex durable_mutex;
+  std::map<std::string, std::uint64_t> durable;  // by file name: what its fsyncs covered
+  faults->set_sync_observer([&](const std::string& path, std::uint64_t bytes) {
+    std::lock_guard lock(durable_mutex);
+    auto& covered = durable[std::filesystem::path(path).filename().string()];
+    covered = std::max(covered, bytes);
+  });
+  auto store = open_or_fail(dir.path(), with_faults(faults));
+  ASSERT_TRUE(store);
+  constexpr int appenders = 16, appends_each = 25;
+  // Touched only by the callbacks, which run one at a time on the store's syncer thread.
+  std::vector<std::uint64_t> checked_last_positions;
+  int acknowledged = 0, finished = 0;
+  std::promise<void> all_done;
+  std::function<void(int, int)> send = [&](int t, int k) {
+    const auto count = static_cast<std::size_t>(1 + k % 3);
+    const auto first_id = static_cast<std::uint64_t>(t * 1000 + k * 4);
+    store->append_async(one_stream("s-" + std::to_string(t), any_version, 7, first_id, count),
+                        [&, t, k](expected<append_result, error> r) {
+                          EXPECT_TRUE(r) << r.error().message;
+                          if (r && acknowledged++ % 8 == 0) {
+                            std::map<std::string, std::uint64_t> now;
+                            {
+                              std::lock_guard lock(durable_mutex);
+                              now = durable;
+                            }
+                            copy_durable(dir.path(),
+                                         copies.path() / std::to_string(checked_last_positions.size()), now);
+                            checked_last_positions.push_back(r->last_position);
+                          }
+                          if (k + 1 < appends_each) return send(t, k + 1);
+                          if (++finished == appenders) all_done.set_value();
+                        });
+  };
+  for (int t = 0; t < appenders; ++t) send(t, 0);
+  ASSERT_EQ(all_done.get_future().wait_for(60s), std::future_status::ready);
+  store.reset();
+  EXPECT_EQ(acknowledged, appenders * appends_each);
+  ASSERT_GE(checked_last_positions.size(), 40u);
+  for (std::size_t i = 0; i < checked_last_positions.size(); ++i) {
+    SCOPED_TRACE("copy " + std::to_string(i));
+    auto copy = open_or_fail(copies.path() / std::to_string(i));
+    ASSERT_TRUE(copy);
+    EXPECT_GE(copy->last_position(), checked_last_positions[i]) << "an acknowledged append was not durable";
+    auto record = copy->read_all(checked_last_positions[i], 1);
+    ASSERT_TRUE(record) << record.error().message;
+    ASSERT_EQ(record->size(), 1u);
+    EXPECT_EQ(record->front().position, checked_last_positions[i]);
+  }
 }
 
 // ---- durability faults through a RocksDB FileSystem wrapper ----

@@ -1,0 +1,98 @@
+#include "storage/wal_file_system.hpp"
+
+#include <string>
+#include <utility>
+
+namespace gpustream::storage {
+namespace {
+
+/// RocksDB names its write-ahead logs NNNNNN.log (its info log is "LOG", without the suffix).
+bool is_wal(const std::string& name) { return name.size() > 4 && name.ends_with(".log"); }
+
+class wal_file final : public rocksdb::FSWritableFileOwnerWrapper {
+ public:
+  wal_file(std::unique_ptr<rocksdb::FSWritableFile> file, std::shared_ptr<wal_progress> progress)
+      : FSWritableFileOwnerWrapper(std::move(file)), progress_(std::move(progress)) {}
+
+  // Every way of adding bytes is counted, so that the count never understates what an fsync must
+  // cover (RocksDB appends to logs with Append; the positioned forms are for direct I/O).
+  rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
+                           rocksdb::IODebugContext* dbg) override {
+    return counted(FSWritableFileOwnerWrapper::Append(data, options, dbg), data.size());
+  }
+  rocksdb::IOStatus Append(const rocksdb::Slice& data, const rocksdb::IOOptions& options,
+                           const rocksdb::DataVerificationInfo& info,
+                           rocksdb::IODebugContext* dbg) override {
+    return counted(FSWritableFileOwnerWrapper::Append(data, options, info, dbg), data.size());
+  }
+  rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, std::uint64_t offset,
+                                     const rocksdb::IOOptions& options,
+                                     rocksdb::IODebugContext* dbg) override {
+    return counted(FSWritableFileOwnerWrapper::PositionedAppend(data, offset, options, dbg), data.size());
+  }
+  rocksdb::IOStatus PositionedAppend(const rocksdb::Slice& data, std::uint64_t offset,
+                                     const rocksdb::IOOptions& options,
+                                     const rocksdb::DataVerificationInfo& info,
+                                     rocksdb::IODebugContext* dbg) override {
+    return counted(FSWritableFileOwnerWrapper::PositionedAppend(data, offset, options, info, dbg),
+                   data.size());
+  }
+  rocksdb::IOStatus Flush(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
+    auto status = FSWritableFileOwnerWrapper::Flush(options, dbg);
+    if (status.ok() && progress_->flushed) progress_->flushed();
+    return status;
+  }
+
+ private:
+  rocksdb::IOStatus counted(rocksdb::IOStatus status, std::size_t bytes) {
+    // Counted even when the append failed: some of it may have reached the file, and an
+    // overstated count only asks for a later fsync.
+    progress_->bytes.fetch_add(bytes);
+    return status;
+  }
+
+  std::shared_ptr<wal_progress> progress_;
+};
+
+class wal_file_system final : public rocksdb::FileSystemWrapper {
+ public:
+  wal_file_system(std::shared_ptr<rocksdb::FileSystem> base, std::shared_ptr<wal_progress> progress)
+      : FileSystemWrapper(std::move(base)), progress_(std::move(progress)) {}
+
+  const char* Name() const override { return "gpustream_wal_file_system"; }
+
+  rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
+                                    std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                    rocksdb::IODebugContext* dbg) override {
+    return wrap(target()->NewWritableFile(name, options, result, dbg), name, result);
+  }
+  rocksdb::IOStatus ReopenWritableFile(const std::string& name, const rocksdb::FileOptions& options,
+                                       std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                       rocksdb::IODebugContext* dbg) override {
+    return wrap(target()->ReopenWritableFile(name, options, result, dbg), name, result);
+  }
+  rocksdb::IOStatus ReuseWritableFile(const std::string& name, const std::string& old_name,
+                                      const rocksdb::FileOptions& options,
+                                      std::unique_ptr<rocksdb::FSWritableFile>* result,
+                                      rocksdb::IODebugContext* dbg) override {
+    return wrap(target()->ReuseWritableFile(name, old_name, options, result, dbg), name, result);
+  }
+
+ private:
+  rocksdb::IOStatus wrap(rocksdb::IOStatus status, const std::string& name,
+                         std::unique_ptr<rocksdb::FSWritableFile>* result) {
+    if (status.ok() && is_wal(name)) *result = std::make_unique<wal_file>(std::move(*result), progress_);
+    return status;
+  }
+
+  std::shared_ptr<wal_progress> progress_;
+};
+
+}  // namespace
+
+std::shared_ptr<rocksdb::FileSystem> make_wal_file_system(std::shared_ptr<rocksdb::FileSystem> base,
+                                                          std::shared_ptr<wal_progress> progress) {
+  return std::make_shared<wal_file_system>(std::move(base), std::move(progress));
+}
+
+}  // namespace gpustream::storage
