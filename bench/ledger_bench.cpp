@@ -39,9 +39,12 @@ domain::record_transfers settlement(std::uint64_t job) {
                         .user_id = "u" + std::to_string(job % users),
                         .provider_id = "p" + std::to_string(job % 16),
                         .premium = true,
+                        .outcome = domain::job_outcome::completed,
                         .price = {.input_micros_per_mtok = 100'000, .output_micros_per_mtok = 400'000},
+                        .quality = events::quality_tier::standard,
                         .prompt_tokens = 500,
-                        .completion_tokens = 200};
+                        .completion_tokens = 200,
+                        .ad = std::nullopt};
   auto settled = domain::settle_job(bill, domain::pricing_options{});
   if (!settled) std::abort();
   return std::move(settled.value().group);

@@ -71,6 +71,7 @@ enum class failure_reason : std::uint8_t {
   insufficient_funds,    ///< the prepaid balance cannot cover the maximum price
   upstream_error,        ///< the provider's backend returned an error that cannot be retried
   internal,              ///< a fault of the platform itself
+  quota_exceeded,        ///< a free user's daily token quota cannot cover the job
 };
 
 enum class cancelled_by : std::uint8_t {

@@ -75,6 +75,7 @@ enum FailureReason {
   insufficientFunds @4;    # the user's prepaid balance cannot cover the maximum price
   upstreamError @5;        # the provider's backend returned an error the platform cannot retry
   internal @6;             # a fault of the platform itself
+  quotaExceeded @7;        # a free user's daily token quota cannot cover the job
 }
 
 enum CancelledBy {

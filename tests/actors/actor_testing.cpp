@@ -2,7 +2,15 @@
 
 #include <caf/send.hpp>
 
+#include <cstdlib>
+#include <random>
+
 namespace gpustream::actors::testing {
+
+std::uint64_t seed_from_environment() {
+  if (const char* text = std::getenv("GPUSTREAM_SEED")) return std::strtoull(text, nullptr, 10);
+  return (std::uint64_t{std::random_device{}()} << 32) | std::random_device{}();
+}
 
 test_config::test_config() {
   set("scheduler.policy", caf::atom("testing"));

@@ -21,6 +21,9 @@
 
 namespace gpustream::actors::testing {
 
+/// The seed of a randomized test: GPUSTREAM_SEED when set, else a fresh random one.
+[[nodiscard]] std::uint64_t seed_from_environment();
+
 /// A config whose scheduler is CAF's test_coordinator: nothing runs until the test says so.
 class test_config : public caf::actor_system_config {
  public:

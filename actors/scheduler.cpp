@@ -1,0 +1,633 @@
+#include "actors/scheduler.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/stateful_actor.hpp>
+#include <caf/typed_event_based_actor.hpp>
+
+#include <map>
+#include <memory>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "actors/errors.hpp"
+#include "domain/scoring.hpp"
+
+namespace gpustream::actors {
+
+namespace {
+
+/// What the scheduler knows of a live job (queued or running) beyond what the queue holds.
+struct live_job {
+  job_request request;
+  std::int64_t hold_micros = 0;  ///< premium: the quote held against the user's balance
+  std::int32_t priority = 0;
+  std::string provider_id;       ///< running: the provider it is assigned to
+  domain::model_price price;     ///< running: that provider's price for the model
+  std::uint32_t attempt = 0;
+  std::uint32_t tokens_so_far = 0;
+  bool running = false;
+};
+
+struct scheduler_state {
+  // Declared so that the state is no aggregate (CAF would try to build it from the actor pointer).
+  scheduler_state() = default;
+
+  scheduler_options options;
+  scheduler_peers peers;
+  std::unique_ptr<domain::selection_index> index;
+  std::unique_ptr<domain::job_queue> queue;
+  std::map<std::string, provider_session> sessions;  ///< by provider id
+  std::map<std::string, live_job> jobs;              ///< by job id
+  std::map<std::string, std::int64_t> holds_micros;  ///< premium quotes held, by user id
+  /// Prices of the online offers of each model, to quote a premium job's worst case.
+  std::map<std::string, std::multiset<std::int64_t>> input_prices;
+  std::map<std::string, std::multiset<std::int64_t>> output_prices;
+  std::uint64_t passes = 0;
+  std::uint64_t side_effects_failed = 0;
+
+  static inline const char* name = "gpustream.scheduler";
+};
+
+using self_pointer = scheduler_actor::stateful_pointer<scheduler_state>;
+
+std::int64_t now_us(self_pointer self) { return self->state.options.clock_us(); }
+
+caf::error refusal(domain::errc code, std::string message) {
+  return make_error(domain::error{code, std::move(message)});
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prices of online offers.
+
+void add_prices(self_pointer self, const domain::provider_listing& listing) {
+  for (const auto& offer : listing.offers) {
+    self->state.input_prices[offer.model_name].insert(offer.input_price_micros_per_mtok);
+    self->state.output_prices[offer.model_name].insert(offer.output_price_micros_per_mtok);
+  }
+}
+
+void remove_prices(self_pointer self, const domain::online_provider& provider) {
+  auto erase_one = [](auto& book, const std::string& model, std::int64_t price) {
+    auto prices = book.find(model);
+    if (prices == book.end()) return;
+    if (auto at = prices->second.find(price); at != prices->second.end()) prices->second.erase(at);
+    if (prices->second.empty()) book.erase(prices);
+  };
+  for (const auto& offer : provider.offers) {
+    erase_one(self->state.input_prices, offer.model_name, offer.input_price_micros_per_mtok);
+    erase_one(self->state.output_prices, offer.model_name, offer.output_price_micros_per_mtok);
+  }
+}
+
+/// The most any online provider charges for the model: a premium job's quote is its worst case.
+domain::model_price worst_price(self_pointer self, const std::string& model) {
+  domain::model_price price;
+  if (auto in = self->state.input_prices.find(model); in != self->state.input_prices.end()) {
+    price.input_micros_per_mtok = *in->second.rbegin();
+  }
+  if (auto out = self->state.output_prices.find(model); out != self->state.output_prices.end()) {
+    price.output_micros_per_mtok = *out->second.rbegin();
+  }
+  return price;
+}
+
+domain::model_price offer_price(self_pointer self, const std::string& provider_id,
+                                const std::string& model) {
+  if (const auto* provider = self->state.index->find(provider_id)) {
+    for (const auto& offer : provider->offers) {
+      if (offer.model_name == model) {
+        return {offer.input_price_micros_per_mtok, offer.output_price_micros_per_mtok};
+      }
+    }
+  }
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ending jobs.
+
+/// Sends a command whose outcome the job does not wait for (scoring, free usage). Its failure
+/// (the aggregate's store failed) is counted, never hidden: scheduler_counts reports it.
+template <class Registry, class Command>
+void record_aside(self_pointer self, const Registry& registry, const std::string& id,
+                  Command command) {
+  self->request(registry, caf::infinite, id, std::move(command))
+      .then([](const command_reply&) {},
+            [self](caf::error&) { ++self->state.side_effects_failed; });
+}
+
+void release_hold(self_pointer self, const live_job& job) {
+  if (job.hold_micros == 0) return;
+  auto held = self->state.holds_micros.find(job.request.user_id);
+  if (held == self->state.holds_micros.end()) return;
+  held->second -= job.hold_micros;
+  if (held->second <= 0) self->state.holds_micros.erase(held);
+}
+
+/// Forgets a job that ended: its hold, its provider slot.
+void forget(self_pointer self, const std::string& job_id) {
+  auto found = self->state.jobs.find(job_id);
+  if (found == self->state.jobs.end()) return;
+  release_hold(self, found->second);
+  if (found->second.running) (void)self->state.index->job_finished(found->second.provider_id);
+  self->state.jobs.erase(found);
+}
+
+/// Records the job as failed (persisted), then forgets it. `done` gets the outcome.
+template <class Done>
+void fail_job(self_pointer self, const std::string& job_id, events::failure_reason reason,
+              std::string message, Done done) {
+  self->request(self->state.peers.jobs, caf::infinite, job_id,
+                domain::job::command{domain::fail_job{reason, std::move(message)}})
+      .then(
+          [self, job_id, done](const command_reply&) mutable {
+            forget(self, job_id);
+            done(job_ended{job_id, domain::job_status::failed, 0, 0});
+          },
+          [self, job_id, done](caf::error& failure) mutable {
+            forget(self, job_id);
+            done(failure);
+          });
+}
+
+void assign_pass(self_pointer self);
+
+/// Bills a job that ended with tokens (completed or cancelled), scores its provider and records
+/// free usage; then answers `reply` and forgets the job.
+void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
+            std::uint32_t completion_tokens, const domain::job_measure& measure,
+            caf::typed_response_promise<job_ended> reply) {
+  const auto& job = self->state.jobs.at(job_id);
+  domain::job_bill bill{.job_id = job_id,
+                        .user_id = job.request.user_id,
+                        .provider_id = job.provider_id,
+                        .premium = job.request.premium,
+                        .outcome = outcome,
+                        .price = job.price,
+                        .quality = job.request.quality,
+                        .prompt_tokens = job.request.prompt_tokens,
+                        .completion_tokens = completion_tokens,
+                        .ad = std::nullopt};
+  auto settled = domain::settle_job(bill, self->state.options.pricing);
+  if (!settled) {
+    forget(self, job_id);
+    reply.deliver(make_error(settled.error()));
+    return;
+  }
+  const job_ended ended{job_id,
+                        outcome == domain::job_outcome::completed ? domain::job_status::completed
+                                                                  : domain::job_status::cancelled,
+                        settled.value().gross_micros, settled.value().platform_fee_micros};
+  auto after_ledger = [self, job_id, outcome, measure, ended, reply]() mutable {
+    auto& job = self->state.jobs.at(job_id);
+    if (outcome == domain::job_outcome::completed) {
+      record_aside(self, self->state.peers.providers, job.provider_id,
+                   domain::provider::command{domain::provider::record_job_outcome{
+                       job_id, domain::job_fault::none, measure}});
+      const auto seconds = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
+      (void)self->state.index->record_speed(
+          job.provider_id, job.request.model, measure.ttft_us,
+          static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / seconds);
+    }
+    if (!job.request.premium) {
+      record_aside(self, self->state.peers.users, job.request.user_id,
+                   domain::user::command{domain::record_free_usage{
+                       job_id, job.request.prompt_tokens + measure.completion_tokens}});
+    }
+    forget(self, job_id);
+    reply.deliver(ended);
+    assign_pass(self);
+  };
+  if (settled.value().group.transfers.empty()) {
+    after_ledger();
+    return;
+  }
+  self->request(self->state.peers.ledger, caf::infinite,
+                domain::ledger::command{std::move(settled.value().group)})
+      .then([after_ledger](const command_reply&) mutable { after_ledger(); },
+            [self, job_id, reply](caf::error& failure) mutable {
+              forget(self, job_id);
+              reply.deliver(failure);
+            });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queueing and assigning.
+
+/// Persists the job as queued and puts it in the queue; answers `reply` either way.
+template <class Reply>
+void enqueue(self_pointer self, const std::string& job_id, Reply reply) {
+  auto& job = self->state.jobs.at(job_id);
+  const std::int64_t now = now_us(self);
+  const std::int64_t deadline = now + self->state.options.queue_wait_max.count();
+  self->request(self->state.peers.jobs, caf::infinite, job_id,
+                domain::job::command{domain::queue_job{job.priority, deadline}})
+      .then(
+          [self, job_id, deadline, now, reply](const command_reply&) mutable {
+            auto& job = self->state.jobs.at(job_id);
+            auto pushed = self->state.queue->push(
+                domain::queued_job{.job_id = job_id,
+                                   .model = job.request.model,
+                                   .quality = job.request.quality,
+                                   .priority = job.priority,
+                                   .queued_at_us = now,
+                                   .deadline_at_us = deadline,
+                                   .preferred_provider_id = {}},
+                *self->state.index, now);
+            if (!pushed) {
+              const auto reason = pushed.error().code == domain::errc::no_provider
+                                      ? events::failure_reason::no_provider
+                                      : events::failure_reason::internal;
+              auto error = make_error(pushed.error());
+              fail_job(self, job_id, reason, pushed.error().message,
+                       [reply, error](auto&&) mutable { reply(error); });
+              return;
+            }
+            reply(job_accepted{job_id, job.priority, deadline});
+            assign_pass(self);
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            forget(self, job_id);
+            reply(failure);
+          });
+}
+
+/// Hands an assigned job to its provider's session, or back to the queue if the session is gone.
+void offer(self_pointer self, const std::string& job_id) {
+  auto found = self->state.jobs.find(job_id);
+  if (found == self->state.jobs.end() || !found->second.running) return;
+  auto& job = found->second;
+  auto session = self->state.sessions.find(job.provider_id);
+  if (session == self->state.sessions.end()) return;  // offline: its jobs were handled there
+  self->send(session->second, offer_atom::value,
+             job_offer{job_id, job.request.model, job.request.quality, job.request.prompt_tokens,
+                       job.request.max_tokens, job.attempt, job.tokens_so_far});
+}
+
+void assign_pass(self_pointer self) {
+  auto& st = self->state;
+  // A pass makes at most assignments_per_pass_max assignments; a full one may leave more to do.
+  for (bool full = true; full && !st.queue->empty();) {
+    domain::assign_options how = st.options.assign;
+    how.random_seed = st.options.assign.random_seed + ++st.passes;
+    auto assignments = st.queue->pop_assignable(*st.index, how, now_us(self));
+    full = assignments.size() == st.options.queue.assignments_per_pass_max;
+    for (auto& a : assignments) {
+      auto& job = st.jobs.at(a.job.job_id);
+      job.running = true;
+      job.provider_id = a.provider_id;
+      job.price = offer_price(self, a.provider_id, job.request.model);
+      job.attempt += 1;
+      const std::string job_id = a.job.job_id;
+      self->request(st.peers.jobs, caf::infinite, job_id,
+                    domain::job::command{domain::assign_job{a.provider_id}})
+          .then([self, job_id](const command_reply&) { offer(self, job_id); },
+                [self, job_id](caf::error&) {
+                  // The job moved on meanwhile (cancelled) or its stream failed: free the slot.
+                  forget(self, job_id);
+                });
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submission.
+
+/// Records a refused job (submitted, then failed with `reason`) and answers `reply` with `error`.
+void refuse_job(self_pointer self, const std::string& job_id, events::failure_reason reason,
+                caf::error error, caf::typed_response_promise<job_accepted> reply) {
+  fail_job(self, job_id, reason, describe(error),
+           [reply, error](auto&&) mutable { reply.deliver(error); });
+}
+
+/// The funds or quota check passed: the job is submitted (already) and goes to the queue.
+void admit(self_pointer self, const std::string& job_id,
+           caf::typed_response_promise<job_accepted> reply) {
+  enqueue(self, job_id, [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); });
+}
+
+/// Checks the premium user's balance (minus what other jobs hold) against the job's quote.
+void check_funds(self_pointer self, const std::string& job_id,
+                 caf::typed_response_promise<job_accepted> reply) {
+  auto& job = self->state.jobs.at(job_id);
+  auto quote = domain::quote_max_micros(worst_price(self, job.request.model), job.request.quality,
+                                        job.request.prompt_tokens, job.request.max_tokens,
+                                        self->state.options.pricing);
+  if (!quote) {
+    refuse_job(self, job_id, events::failure_reason::insufficient_funds, make_error(quote.error()),
+               reply);
+    return;
+  }
+  const std::string account = domain::user_account(job.request.user_id);
+  self->request(self->state.peers.ledger, caf::infinite, ledger_aggregate::query{{account}})
+      .then(
+          [self, job_id, account, quote = quote.value(), reply](
+              const ledger_aggregate::answer& balances) mutable {
+            auto& job = self->state.jobs.at(job_id);
+            const std::int64_t held = self->state.holds_micros[job.request.user_id];
+            auto affordable =
+                domain::check_affordable(job_id, quote, balances.at(account) - held);
+            if (!affordable) {
+              refuse_job(self, job_id, events::failure_reason::insufficient_funds,
+                         make_error(affordable.error()), reply);
+              return;
+            }
+            job.hold_micros = quote;
+            self->state.holds_micros[job.request.user_id] += quote;
+            admit(self, job_id, reply);
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            refuse_job(self, job_id, events::failure_reason::internal, failure, reply);
+          });
+}
+
+/// Checks the free user's daily quota for the job's prompt and maximum completion.
+void check_quota(self_pointer self, const std::string& job_id,
+                 caf::typed_response_promise<job_accepted> reply) {
+  const auto& request = self->state.jobs.at(job_id).request;
+  self->request(self->state.peers.users, caf::infinite, request.user_id, state_atom::value)
+      .then(
+          [self, job_id, reply](const domain::user_state& user) mutable {
+            const auto& request = self->state.jobs.at(job_id).request;
+            auto admitted = domain::admit_free_job(
+                user, std::int64_t{request.prompt_tokens} + request.max_tokens, now_us(self),
+                self->state.options.users);
+            if (!admitted) {
+              refuse_job(self, job_id, events::failure_reason::quota_exceeded,
+                         make_error(admitted.error()), reply);
+              return;
+            }
+            admit(self, job_id, reply);
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            refuse_job(self, job_id, events::failure_reason::internal, failure, reply);
+          });
+}
+
+caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request& request) {
+  auto reply = self->make_response_promise<job_accepted>();
+  auto& st = self->state;
+  const std::string job_id = request.job_id;
+  if (st.jobs.contains(job_id)) {
+    reply.deliver(refusal(domain::errc::already_exists, "job " + job_id + " is already live"));
+    return reply;
+  }
+  const auto tier = domain::contribution_tier_for(request.contribution_score);
+  auto& job = st.jobs[job_id];
+  job.request = std::move(request);
+  job.priority = domain::priority_for(job.request.premium, tier, st.options.priority);
+  const auto& r = job.request;
+  self->request(st.peers.jobs, caf::infinite, job_id,
+                domain::job::command{domain::submit_job{r.job_id, r.user_id, r.model, r.quality,
+                                                        r.prompt_tokens, r.max_tokens,
+                                                        r.max_price_micros, r.premium,
+                                                        r.conversation_id}})
+      .then(
+          [self, job_id, reply](const command_reply&) mutable {
+            const auto& r = self->state.jobs.at(job_id).request;
+            if (!self->state.index->can_serve(r.model, r.quality)) {
+              refuse_job(self, job_id, events::failure_reason::no_provider,
+                         refusal(domain::errc::no_provider,
+                                 "no online provider serves model " + r.model + " at quality tier " +
+                                     std::to_string(static_cast<int>(r.quality))),
+                         reply);
+            } else if (r.premium) {
+              check_funds(self, job_id, reply);
+            } else {
+              check_quota(self, job_id, reply);
+            }
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            self->state.jobs.erase(job_id);  // nothing was recorded: the request was malformed
+            reply.deliver(failure);
+          });
+  return reply;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Providers.
+
+void on_online(self_pointer self, provider_online& online) {
+  auto& st = self->state;
+  const std::string id = online.listing.provider_id;
+  if (const auto* old = st.index->find(id)) remove_prices(self, *old);
+  auto listed = st.index->list(online.listing);
+  if (!listed) return;  // over a limit: the provider stays offline for routing
+  add_prices(self, online.listing);
+  st.sessions[id] = std::move(online.session);
+  assign_pass(self);
+}
+
+/// A running job lost its provider (gone, or failed): back to the queue while attempts remain.
+template <class Reply>
+void requeue_or_fail(self_pointer self, const std::string& job_id, events::reassign_reason reason,
+                     std::uint32_t tokens_so_far, Reply reply) {
+  auto& job = self->state.jobs.at(job_id);
+  const std::string from = job.provider_id;
+  (void)self->state.index->job_finished(from);
+  job.running = false;
+  job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
+  if (job.attempt >= domain::job_options{}.attempts_max) {
+    fail_job(self, job_id, events::failure_reason::all_providers_failed,
+             "every attempt failed (" + std::to_string(job.attempt) + " providers)",
+             [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
+    return;
+  }
+  self->request(self->state.peers.jobs, caf::infinite, job_id,
+                domain::job::command{domain::reassign_job{from, reason, job.tokens_so_far}})
+      .then(
+          [self, job_id, reply](const command_reply&) mutable {
+            enqueue(self, job_id, [job_id, reply](auto&& outcome) mutable {
+              if constexpr (std::is_same_v<std::decay_t<decltype(outcome)>, job_accepted>) {
+                reply(job_ended{job_id, domain::job_status::queued, 0, 0});
+              } else {
+                reply(std::forward<decltype(outcome)>(outcome));
+              }
+            });
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            forget(self, job_id);
+            reply(failure);
+          });
+}
+
+void on_offline(self_pointer self, const std::string& provider_id) {
+  auto& st = self->state;
+  if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
+  st.sessions.erase(provider_id);
+  std::vector<std::string> lost;
+  for (const auto& [id, job] : st.jobs) {
+    if (job.running && job.provider_id == provider_id) lost.push_back(id);
+  }
+  for (const auto& id : lost) {
+    record_aside(self, st.peers.providers, provider_id,
+                 domain::provider::command{domain::provider::record_job_outcome{
+                     id, domain::job_fault::provider, {}}});
+    requeue_or_fail(self, id, events::reassign_reason::provider_lost, 0, [](auto&&) {});
+  }
+  (void)st.index->unlist(provider_id);
+  for (auto& job : st.queue->take_unservable(*st.index)) {
+    fail_job(self, job.job_id, events::failure_reason::no_provider,
+             "the last online provider of model " + job.model + " went offline", [](auto&&) {});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reports from providers.
+
+bool is_running_on(self_pointer self, const std::string& job_id, const std::string& provider_id) {
+  auto found = self->state.jobs.find(job_id);
+  return found != self->state.jobs.end() && found->second.running &&
+         found->second.provider_id == provider_id;
+}
+
+caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& result) {
+  auto reply = self->make_response_promise<job_ended>();
+  if (!is_running_on(self, result.job_id, result.provider_id)) {
+    reply.deliver(refusal(domain::errc::invalid_state, "job " + result.job_id +
+                                                           " is not running on provider " +
+                                                           result.provider_id));
+    return reply;
+  }
+  const auto& job = self->state.jobs.at(result.job_id);
+  const domain::job_measure measure{job.request.prompt_tokens, result.completion_tokens,
+                                    result.provider_reported_tokens, result.ttft_us,
+                                    result.total_us};
+  self->request(self->state.peers.jobs, caf::infinite, result.job_id,
+                domain::job::command{domain::complete_job{result.provider_id,
+                                                          result.completion_tokens,
+                                                          result.provider_reported_tokens}})
+      .then(
+          [self, job_id = result.job_id, measure, reply](const command_reply&) mutable {
+            settle(self, job_id, domain::job_outcome::completed, measure.completion_tokens,
+                   measure, reply);
+          },
+          [self, job_id = result.job_id, reply](caf::error& failure) mutable {
+            forget(self, job_id);
+            reply.deliver(failure);
+          });
+  return reply;
+}
+
+caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure& failure) {
+  auto reply = self->make_response_promise<job_ended>();
+  if (!is_running_on(self, failure.job_id, failure.provider_id)) {
+    reply.deliver(refusal(domain::errc::invalid_state, "job " + failure.job_id +
+                                                           " is not running on provider " +
+                                                           failure.provider_id));
+    return reply;
+  }
+  // Only the provider's own faults count against it (the domain ignores the others).
+  record_aside(self, self->state.peers.providers, failure.provider_id,
+               domain::provider::command{
+                   domain::provider::record_job_outcome{failure.job_id, failure.fault, {}}});
+  auto answer = [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); };
+  if (failure.fault == domain::job_fault::provider) {
+    requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
+                    failure.tokens_so_far, answer);
+  } else {
+    fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);
+  }
+  return reply;
+}
+
+caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& cancel) {
+  auto reply = self->make_response_promise<job_ended>();
+  auto found = self->state.jobs.find(cancel.job_id);
+  if (found == self->state.jobs.end()) {
+    reply.deliver(refusal(domain::errc::not_found, "job " + cancel.job_id + " is not live"));
+    return reply;
+  }
+  const bool running = found->second.running;
+  if (!running) (void)self->state.queue->remove(cancel.job_id);
+  if (running) {
+    if (auto session = self->state.sessions.find(found->second.provider_id);
+        session != self->state.sessions.end()) {
+      self->send(session->second, cancel_atom::value, cancel.job_id);
+    }
+  }
+  const std::uint32_t tokens = running ? cancel.tokens_produced : 0;
+  self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
+                domain::job::command{domain::cancel_job{cancel.by, tokens}})
+      .then(
+          [self, job_id = cancel.job_id, running, tokens, reply](const command_reply&) mutable {
+            if (!running) {
+              forget(self, job_id);
+              reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
+              return;
+            }
+            domain::job_measure measure;
+            measure.completion_tokens = tokens;
+            settle(self, job_id, domain::job_outcome::cancelled, tokens, measure, reply);
+          },
+          [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {
+            forget(self, job_id);
+            reply.deliver(failure);
+          });
+  return reply;
+}
+
+void on_tick(self_pointer self) {
+  for (auto& job : self->state.queue->expire(now_us(self))) {
+    self->request(self->state.peers.jobs, caf::infinite, job.job_id,
+                  domain::job::command{domain::expire_job{}})
+        .then([self, id = job.job_id](const command_reply&) { forget(self, id); },
+              [self, id = job.job_id](caf::error&) { forget(self, id); });
+  }
+  assign_pass(self);
+}
+
+scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_peers peers,
+                                                  scheduler_options options) {
+  auto& st = self->state;
+  if (!options.clock_us) options.clock_us = system_clock_us;
+  st.index = std::make_unique<domain::selection_index>(options.selection);
+  st.queue = std::make_unique<domain::job_queue>(options.queue);
+  st.options = std::move(options);
+  st.peers = std::move(peers);
+  self->delayed_send(self, st.options.tick_interval, tick_atom::value);
+  return {
+      [self](job_request& request) { return submit(self, request); },
+      [self](online_atom, provider_online& online) { on_online(self, online); },
+      [self](offline_atom, const std::string& provider_id) { on_offline(self, provider_id); },
+      [self](load_atom, const std::string& provider_id, const domain::load_report& report) {
+        if (self->state.index->report_load(provider_id, report)) assign_pass(self);
+      },
+      [self](started_atom, const std::string& job_id, const std::string& provider_id)
+          -> caf::result<std::uint64_t> {
+        if (!is_running_on(self, job_id, provider_id)) {
+          return refusal(domain::errc::invalid_state,
+                         "job " + job_id + " is not running on provider " + provider_id);
+        }
+        auto reply = self->make_response_promise<std::uint64_t>();
+        self->request(self->state.peers.jobs, caf::infinite, job_id,
+                      domain::job::command{domain::start_job{provider_id}})
+            .then([reply](const command_reply& r) mutable { reply.deliver(r.version); },
+                  [reply](caf::error& failure) mutable { reply.deliver(failure); });
+        return reply;
+      },
+      [self](job_result& result) { return on_result(self, result); },
+      [self](job_failure& failure) { return on_failure(self, failure); },
+      [self](job_cancel& cancel) { return on_cancel(self, cancel); },
+      [self](count_atom) {
+        std::uint64_t running = 0;
+        for (const auto& [id, job] : self->state.jobs) running += job.running ? 1 : 0;
+        return scheduler_counts{self->state.queue->size(), running, self->state.index->size(),
+                                self->state.side_effects_failed};
+      },
+      [self](tick_atom) {
+        on_tick(self);
+        self->delayed_send(self, self->state.options.tick_interval, tick_atom::value);
+      },
+  };
+}
+
+}  // namespace
+
+scheduler_actor spawn_scheduler(caf::actor_system& system, scheduler_peers peers,
+                                scheduler_options options) {
+  return system.spawn(scheduler_behavior, std::move(peers), std::move(options));
+}
+
+}  // namespace gpustream::actors

@@ -1,0 +1,183 @@
+#pragma once
+/// The scheduler: the priority queue of jobs waiting for a provider, the index of online providers
+/// and the selection policy, and the job lifecycle across the aggregates. It is the only writer of
+/// job streams after submission, and the one that settles a finished job in the ledger.
+///
+/// A job's way: submit (refused at once, and recorded as failed, when no online provider serves
+/// its model and tier, a premium user's balance cannot cover its quote, or a free user's quota is
+/// used up) -> queued (bounded queue, deadline) -> assigned to the provider the policy picks, within
+/// its concurrency limit, and offered to its session -> started (first token) -> completed (ledger
+/// group, provider scored, free usage recorded) | failed | cancelled (tokens so far billed). A
+/// provider lost or failing before the end puts the job back in the queue (attempts bounded);
+/// queued jobs no provider can serve any more fail with no_provider; deadlines are enforced by a
+/// timer. Every step is persisted before the next is taken (persist, then apply).
+
+#include <caf/fwd.hpp>
+#include <caf/replies_to.hpp>
+#include <caf/typed_actor.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "actors/aggregates.hpp"
+#include "actors/atoms.hpp"
+#include "actors/ledger_actor.hpp"
+#include "actors/persistence.hpp"
+#include "domain/job.hpp"
+#include "domain/job_queue.hpp"
+#include "domain/pricing.hpp"
+#include "domain/priority.hpp"
+#include "domain/provider.hpp"
+#include "domain/selection.hpp"
+#include "domain/user.hpp"
+
+namespace gpustream::actors {
+
+using offer_atom = caf::atom_constant<caf::atom("offer")>;
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
+using online_atom = caf::atom_constant<caf::atom("online")>;
+using offline_atom = caf::atom_constant<caf::atom("offline")>;
+using load_atom = caf::atom_constant<caf::atom("load")>;
+using started_atom = caf::atom_constant<caf::atom("started")>;
+using tick_atom = caf::atom_constant<caf::atom("tick")>;
+
+/// A request to run a job, as the gateway makes it.
+struct job_request {
+  std::string job_id;
+  std::string user_id;
+  std::string model;
+  events::quality_tier quality = events::quality_tier::standard;
+  std::uint32_t prompt_tokens = 0;
+  std::uint32_t max_tokens = 0;
+  std::int64_t max_price_micros = 0;  ///< premium: the most the user agreed to pay; 0 free
+  bool premium = false;
+  std::string conversation_id;
+  /// The user's contribution score (from the providers they own), for the priority.
+  std::int64_t contribution_score = 0;
+};
+
+/// The answer to an accepted job request: it is queued (persisted) with this priority.
+struct job_accepted {
+  std::string job_id;
+  std::int32_t priority = 0;
+  std::int64_t deadline_at_us = 0;
+};
+
+/// Sent to a provider's session: run this job.
+struct job_offer {
+  std::string job_id;
+  std::string model;
+  events::quality_tier quality = events::quality_tier::standard;
+  std::uint32_t prompt_tokens = 0;
+  std::uint32_t max_tokens = 0;
+  std::uint32_t attempt = 0;
+  std::uint32_t tokens_so_far = 0;  ///< after a failover: completion tokens to continue from
+};
+
+/// The other end of a provider's link (the gateway's link session; a simulated provider in tests
+/// and benchmarks). It answers offers by reporting to the scheduler.
+using provider_session =
+    caf::typed_actor<caf::reacts_to<offer_atom, job_offer>, caf::reacts_to<cancel_atom, std::string>>;
+
+/// A provider came online (its connect and offers are already persisted by its aggregate).
+struct provider_online {
+  domain::provider_listing listing;
+  provider_session session;
+};
+
+/// A job's provider finished it.
+struct job_result {
+  std::string job_id;
+  std::string provider_id;
+  std::uint32_t completion_tokens = 0;         ///< the platform's own count
+  std::uint32_t provider_reported_tokens = 0;  ///< the backend's usage
+  std::int64_t ttft_us = 0;
+  std::int64_t total_us = 0;
+};
+
+/// A job's provider could not finish it.
+struct job_failure {
+  std::string job_id;
+  std::string provider_id;
+  domain::job_fault fault = domain::job_fault::provider;
+  std::uint32_t tokens_so_far = 0;
+  std::string message;
+};
+
+/// Stop a job (the client went away, or an operator).
+struct job_cancel {
+  std::string job_id;
+  events::cancelled_by by = events::cancelled_by::client;
+  std::uint32_t tokens_produced = 0;
+};
+
+/// How a job ended, for the one who reported it.
+struct job_ended {
+  std::string job_id;
+  domain::job_status status = domain::job_status::completed;
+  std::int64_t gross_micros = 0;         ///< billed
+  std::int64_t platform_fee_micros = 0;  ///< of which the platform keeps
+};
+
+/// What the scheduler holds now.
+struct scheduler_counts {
+  std::uint64_t queued = 0;
+  std::uint64_t running = 0;   ///< assigned or streaming
+  std::uint64_t providers_online = 0;
+  std::uint64_t side_effects_failed = 0;  ///< scoring or usage records whose append failed
+};
+
+struct scheduler_options {
+  domain::job_queue_options queue;
+  domain::selection_options selection;
+  domain::assign_options assign;
+  domain::pricing_options pricing;
+  domain::priority_options priority;
+  domain::user_options users;
+  /// How long a job may wait in the queue before it fails with deadline_exceeded. Default: 60 s.
+  std::chrono::microseconds queue_wait_max = std::chrono::seconds(60);
+  /// How often deadlines are enforced and a pass over the queue is made even without an event
+  /// that would start one. Default: 100 ms.
+  std::chrono::milliseconds tick_interval = std::chrono::milliseconds(100);
+  /// Source of `now`, microseconds since the Unix epoch. Default: the system clock.
+  std::function<std::int64_t()> clock_us;
+};
+
+/// The aggregate actors the scheduler drives; spawned by the runtime.
+struct scheduler_peers {
+  ledger_actor ledger;
+  user_registry users;
+  provider_registry providers;
+  job_registry jobs;
+};
+
+using scheduler_actor = caf::typed_actor<
+    caf::replies_to<job_request>::with<job_accepted>,
+    caf::reacts_to<online_atom, provider_online>,
+    caf::reacts_to<offline_atom, std::string>,
+    caf::reacts_to<load_atom, std::string, domain::load_report>,
+    caf::replies_to<started_atom, std::string, std::string>::with<std::uint64_t>,
+    caf::replies_to<job_result>::with<job_ended>,
+    caf::replies_to<job_failure>::with<job_ended>,
+    caf::replies_to<job_cancel>::with<job_ended>,
+    caf::replies_to<count_atom>::with<scheduler_counts>,
+    // Internal: the deadline and queue timer.
+    caf::reacts_to<tick_atom>>;
+
+[[nodiscard]] scheduler_actor spawn_scheduler(caf::actor_system& system, scheduler_peers peers,
+                                              scheduler_options options = {});
+
+}  // namespace gpustream::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_request)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_accepted)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_offer)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::provider_online)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_result)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_failure)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_cancel)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_ended)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::scheduler_counts)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::load_report)
