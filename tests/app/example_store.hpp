@@ -22,9 +22,11 @@ struct appended_contents {
   std::uint64_t last_position = 0;
 };
 
-/// Appends every example of tests/events/event_examples.hpp, encoded with events::encode_payload,
-/// to `store` in several appends (some touching several streams at once; some types twice), and
-/// returns what it appended. Fails the current test if an append fails. `store` must be empty.
+/// Appends a sound story made of the examples of tests/events/event_examples.hpp (copies whose ids
+/// and amounts are changed so that every domain invariant holds: `replay --verify` passes), encoded
+/// with events::encode_payload, to `store` in several appends (some touching several streams at
+/// once; every type at least once, some more often), and returns what it appended. Fails the
+/// current test if an append fails. `store` must be empty.
 [[nodiscard]] appended_contents fill_with_examples(storage::event_store& store);
 
 /// Creates a store in `directory`, fills it with fill_with_examples and closes it again.
