@@ -32,7 +32,7 @@ void runtime::stop() const {
   caf::anon_send_exit(store, reason);
 }
 
-runtime start_runtime(caf::actor_system& system, std::unique_ptr<storage::event_store> store,
+runtime start_runtime(caf::actor_system& system, std::shared_ptr<storage::event_store> store,
                       runtime_options options) {
   if (!options.persistence.clock_us) options.persistence.clock_us = system_clock_us;
   if (!options.scheduler.clock_us) options.scheduler.clock_us = options.persistence.clock_us;

@@ -40,7 +40,7 @@ struct runtime {
 /// Spawns the runtime on `store`. The scheduler and every aggregate actor share the clock of
 /// `options.persistence.clock_us` unless the scheduler's own is set.
 [[nodiscard]] runtime start_runtime(caf::actor_system& system,
-                                    std::unique_ptr<storage::event_store> store,
+                                    std::shared_ptr<storage::event_store> store,
                                     runtime_options options = {});
 
 }  // namespace gpustream::actors

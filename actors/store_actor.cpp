@@ -88,7 +88,6 @@ void deliver(store_pointer self, append_outcome& outcome) {
 store_actor::behavior_type store_behavior(store_pointer self,
                                           std::shared_ptr<storage::event_store> store,
                                           store_actor_options options) {
-  // Spawn arguments must be copyable, hence the shared_ptr; the state is its only owner after this.
   self->state.store = std::move(store);
   self->state.options = options;
   return {
@@ -112,10 +111,9 @@ store_actor::behavior_type store_behavior(store_pointer self,
 }  // namespace
 
 store_actor spawn_store_actor(caf::actor_system& system,
-                              std::unique_ptr<storage::event_store> store,
+                              std::shared_ptr<storage::event_store> store,
                               store_actor_options options) {
-  return system.spawn(store_behavior, std::shared_ptr<storage::event_store>(store.release()),
-                      options);
+  return system.spawn(store_behavior, std::move(store), options);
 }
 
 }  // namespace gpustream::actors

@@ -53,9 +53,10 @@ struct store_actor_options {
   bool wait_for_each_append = false;
 };
 
-/// Spawns the store actor, which owns `store` from then on and closes it when it exits.
+/// Spawns the store actor, which shares `store` from then on; the store closes once the actor
+/// has exited and every other owner (e.g. a health check reading last_position) let it go.
 [[nodiscard]] store_actor spawn_store_actor(caf::actor_system& system,
-                                            std::unique_ptr<storage::event_store> store,
+                                            std::shared_ptr<storage::event_store> store,
                                             store_actor_options options = {});
 
 }  // namespace gpustream::actors

@@ -48,8 +48,11 @@ int main(int argc, char** argv) {
       "replay", "read the whole log, check every record, print counts per event type and the rate");
   replay_cmd->add_option("--data", replay_data, "data directory of the event store")->capture_default_str();
   replay_cmd->add_flag("--verify", replay_verify,
-                       "also check that the stream and append id indexes agree with the log "
-                       "(the log itself is always checked: CRCs, gapless positions and versions, "
+                       "also rebuild every aggregate and check the domain's invariants (ledger "
+                       "sums to zero, no forbidden negative balance, campaigns within budget, "
+                       "payouts within earnings, transfer ids once, jobs live or terminal, "
+                       "snapshots equal to the log) and that the indexes agree with the log (the "
+                       "log itself is always checked: CRCs, gapless positions and versions, "
                        "decodable payloads); exit 1 naming the first problem");
   replay_cmd->add_flag("--json", replay_json, "print the report as JSON");
 

@@ -1,10 +1,14 @@
 #include "app/serve.hpp"
 
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
 #include <spdlog/spdlog.h>
 
 #include <csignal>
 #include <pthread.h>
 
+#include "actors/errors.hpp"
+#include "actors/runtime.hpp"
 #include "gateway/http_server.hpp"
 
 namespace gpustream::app {
@@ -62,15 +66,26 @@ int run_serve(const serve_options& options) {
 
   storage::store_options store_options;
   store_options.mode = options.mode;
-  auto store = storage::event_store::open(options.data, store_options);
-  if (!store) {
-    logger->error("cannot open the event store: {}", store.error().message);
+  auto opened = storage::event_store::open(options.data, store_options);
+  if (!opened) {
+    logger->error("cannot open the event store: {}", opened.error().message);
     return 1;
   }
+  std::shared_ptr<storage::event_store> store = std::move(opened.value());
+  // The actor runtime: store actor, aggregates, ledger and scheduler. Stopped before the system
+  // (whose destructor waits for every actor) goes out of scope.
+  caf::actor_system_config caf_config;
+  actors::add_error_categories(caf_config);
+  caf::actor_system system(caf_config);
+  const auto runtime = actors::start_runtime(system, store);
+  struct stop_at_exit {
+    const actors::runtime& r;
+    ~stop_at_exit() { r.stop(); }
+  } stopper{runtime};
   gateway::http_server_options http_options;
   http_options.host = address->host;
   http_options.port = address->port;
-  auto& store_ref = **store;
+  auto& store_ref = *store;
   auto server = gateway::http_server::start(
       http_options, [&store_ref](const gateway::http_request& r) { return route(r, store_ref); });
   if (!server) {

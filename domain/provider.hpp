@@ -136,18 +136,18 @@ static_assert(aggregate<provider>);
                                             std::int64_t now_us) noexcept;
 
 template <class Inspector>
-bool inspect(Inspector& f, provider::offer& x) {
+auto inspect(Inspector& f, provider::offer& x) {
   return f(x.model_name, x.context_length_tokens, x.quantisation, x.input_price_micros_per_mtok,
            x.output_price_micros_per_mtok, x.max_concurrency);
 }
 
 template <class Inspector>
-bool inspect(Inspector& f, provider::suspicion& x) {
+auto inspect(Inspector& f, provider::suspicion& x) {
   return f(x.unreasonably_fast_jobs, x.aborted_jobs, x.token_count_mismatches);
 }
 
 template <class Inspector>
-bool inspect(Inspector& f, provider::state& x) {
+auto inspect(Inspector& f, provider::state& x) {
   return f(x.exists, x.provider_id, x.owner_user_id, x.name, x.token_hash, x.created_at_us,
            x.online, x.connected_at_us, x.online_us_total, x.offers, x.score, x.level,
            x.jobs_succeeded, x.jobs_failed, x.fast_jobs, x.successes_in_a_row, x.achievements,
