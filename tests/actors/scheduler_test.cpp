@@ -18,6 +18,8 @@
 
 #include "domain/ledger.hpp"
 #include "domain/selection.hpp"
+#include "domain/verifier.hpp"
+#include "events/codec.hpp"
 #include "tests/actors/actor_testing.hpp"
 
 namespace gpustream::actors {
@@ -131,6 +133,34 @@ class scheduler_test : public testing::deterministic_fixture {
     auto c = ask<scheduler_counts>(rt_.scheduler, count_atom::value);
     EXPECT_TRUE(c);
     return c ? c.value() : scheduler_counts{};
+  }
+
+  /// Feeds the whole log (the store must be closed) to the domain verifier; fails the test with
+  /// the first violation.
+  std::unique_ptr<domain::domain_verifier> verify_log() {
+    storage::store_options options;
+    options.read_only = true;
+    auto store = storage::event_store::open(directory_.path(), options);
+    EXPECT_TRUE(store) << store.error().message;
+    if (!store) return nullptr;
+    auto verifier = std::make_unique<domain::domain_verifier>();
+    std::string problem;
+    auto scanned = store.value()->scan(1, [&](const events::record_view& r)
+                                              -> expected<void, storage::error> {
+      auto event = events::decode_payload(r.type, r.payload);
+      if (!event) return unexpected{storage::error{storage::errc::corruption, event.error().message}};
+      auto applied = verifier->apply(r.stream, r.version, r.position, event.value());
+      if (!applied) {
+        problem = domain::describe(applied.error());
+        return unexpected{storage::error{storage::errc::corruption, problem}};
+      }
+      return {};
+    });
+    EXPECT_TRUE(scanned) << scanned.error().message;
+    auto finished = verifier->finish();
+    EXPECT_TRUE(finished) << domain::describe(finished.error());
+    if (!scanned || !finished) return nullptr;
+    return verifier;
   }
 
   static domain::errc refusal_code(const caf::error& e) {
@@ -361,6 +391,26 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
         << id << " is stuck in " << domain::to_string(job(id).status);
   }
   EXPECT_EQ(counts().side_effects_failed, 0u);
+
+  // Live state equals the state rebuilt from the log, and the log passes every domain check.
+  auto live_ledger = ask<domain::ledger::state>(rt_.ledger, state_atom::value);
+  ASSERT_TRUE(live_ledger);
+  std::map<std::string, domain::provider::state> live_providers;
+  for (int p = 0; p < next_provider; ++p) {
+    const std::string id = "p" + std::to_string(p);
+    auto state = ask<domain::provider::state>(rt_.providers, id, state_atom::value);
+    ASSERT_TRUE(state);
+    live_providers[id] = state.value();
+  }
+  close_store();
+  const auto rebuilt = verify_log();
+  ASSERT_TRUE(rebuilt);
+  const auto* ledger = std::get<const domain::ledger::state*>(rebuilt->state_of("ledger"));
+  EXPECT_EQ(*ledger, live_ledger.value());
+  for (const auto& [id, state] : live_providers) {
+    EXPECT_EQ(*std::get<const domain::provider::state*>(rebuilt->state_of("provider-" + id)), state)
+        << id;
+  }
 }
 
 }  // namespace
