@@ -27,6 +27,9 @@ struct live_job {
   std::uint32_t attempt = 0;
   std::uint32_t tokens_so_far = 0;
   bool running = false;
+  std::string avoided_provider_id;  ///< the provider the last attempt failed on
+  bool started = false;             ///< running: the first token arrived
+  std::int64_t assigned_at_us = 0;  ///< running: when the current attempt was assigned
 };
 
 struct scheduler_state {
@@ -233,7 +236,8 @@ void enqueue(self_pointer self, const std::string& job_id, Reply reply) {
                                    .priority = job.priority,
                                    .queued_at_us = now,
                                    .deadline_at_us = deadline,
-                                   .preferred_provider_id = {}},
+                                   .preferred_provider_id = {},
+                                   .avoided_provider_id = job.avoided_provider_id},
                 *self->state.index, now);
             if (!pushed) {
               const auto reason = pushed.error().code == domain::errc::no_provider
@@ -276,6 +280,8 @@ void assign_pass(self_pointer self) {
     for (auto& a : assignments) {
       auto& job = st.jobs.at(a.job.job_id);
       job.running = true;
+      job.started = false;
+      job.assigned_at_us = now_us(self);
       job.provider_id = a.provider_id;
       job.price = offer_price(self, a.provider_id, job.request.model);
       job.attempt += 1;
@@ -427,6 +433,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   const std::string from = job.provider_id;
   (void)self->state.index->job_finished(from);
   job.running = false;
+  job.avoided_provider_id = from;
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
   if (job.attempt >= domain::job_options{}.attempts_max) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
@@ -568,7 +575,31 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   return reply;
 }
 
+/// Jobs offered to a provider that has not produced a first token in time go to another one: a
+/// provider that never answers must not hold a job forever.
+void reassign_stalled(self_pointer self) {
+  const std::int64_t now = now_us(self);
+  const std::int64_t wait_max = self->state.options.first_token_wait_max.count();
+  std::vector<std::pair<std::string, std::string>> stalled;  // job, provider
+  for (const auto& [id, job] : self->state.jobs) {
+    if (job.running && !job.started && now - job.assigned_at_us > wait_max) {
+      stalled.emplace_back(id, job.provider_id);
+    }
+  }
+  for (const auto& [job_id, provider_id] : stalled) {
+    if (auto session = self->state.sessions.find(provider_id);
+        session != self->state.sessions.end()) {
+      self->send(session->second, cancel_atom::value, job_id);
+    }
+    record_aside(self, self->state.peers.providers, provider_id,
+                 domain::provider::command{domain::provider::record_job_outcome{
+                     job_id, domain::job_fault::provider, {}}});
+    requeue_or_fail(self, job_id, events::reassign_reason::provider_stalled, 0, [](auto&&) {});
+  }
+}
+
 void on_tick(self_pointer self) {
+  reassign_stalled(self);
   for (auto& job : self->state.queue->expire(now_us(self))) {
     self->request(self->state.peers.jobs, caf::infinite, job.job_id,
                   domain::job::command{domain::expire_job{}})
@@ -601,6 +632,7 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
                          "job " + job_id + " is not running on provider " + provider_id);
         }
         auto reply = self->make_response_promise<std::uint64_t>();
+        self->state.jobs.at(job_id).started = true;
         self->request(self->state.peers.jobs, caf::infinite, job_id,
                       domain::job::command{domain::start_job{provider_id}})
             .then([reply](const command_reply& r) mutable { reply.deliver(r.version); },

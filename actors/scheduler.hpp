@@ -9,8 +9,9 @@
 /// its concurrency limit, and offered to its session -> started (first token) -> completed (ledger
 /// group, provider scored, free usage recorded) | failed | cancelled (tokens so far billed). A
 /// provider lost or failing before the end puts the job back in the queue (attempts bounded);
-/// queued jobs no provider can serve any more fail with no_provider; deadlines are enforced by a
-/// timer. Every step is persisted before the next is taken (persist, then apply).
+/// queued jobs no provider can serve any more fail with no_provider; a job offered to a provider
+/// that sends no first token within first_token_wait_max goes to another; queue deadlines and
+/// stalls are enforced by a timer. Every step is persisted before the next is taken (persist, then apply).
 
 #include <caf/fwd.hpp>
 #include <caf/replies_to.hpp>
@@ -138,6 +139,9 @@ struct scheduler_options {
   domain::user_options users;
   /// How long a job may wait in the queue before it fails with deadline_exceeded. Default: 60 s.
   std::chrono::microseconds queue_wait_max = std::chrono::seconds(60);
+  /// How long an assigned job may wait for its first token before it goes to another provider
+  /// (the provider counts as having failed it). Default: 30 s.
+  std::chrono::microseconds first_token_wait_max = std::chrono::seconds(30);
   /// How often deadlines are enforced and a pass over the queue is made even without an event
   /// that would start one. Default: 100 ms.
   std::chrono::milliseconds tick_interval = std::chrono::milliseconds(100);

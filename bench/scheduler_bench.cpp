@@ -265,7 +265,7 @@ void queue_pass(benchmark::State& state) {
       queued_job j{"job-" + std::to_string(i), model_name(popular_model(f.rng)),
                    static_cast<events::quality_tier>(f.rng() % 4),
                    priority_for(f.rng() % 5 == 0, static_cast<contribution_tier>(f.rng() % 7)),
-                   now, now + 60'000'000, ""};
+                   now, now + 60'000'000, "", ""};
       (void)queue.push(std::move(j), f.index, now);  // an unservable job is simply left out
     }
     state.ResumeTiming();

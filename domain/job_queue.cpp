@@ -130,9 +130,13 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     heads.erase(heads.begin());
     const auto job = jobs_.find(order);
     const auto& waiting = job->second;
-    const auto chosen = index.select({waiting.model, waiting.quality, how.policy,
-                                      mix(how.random_seed, draws++),
-                                      waiting.preferred_provider_id, {}});
+    const std::uint64_t draw = mix(how.random_seed, draws++);
+    auto chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
+                                waiting.preferred_provider_id, waiting.avoided_provider_id});
+    if (!chosen && !waiting.avoided_provider_id.empty()) {
+      chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
+                             waiting.preferred_provider_id, {}});
+    }
     // No candidate for the group's best job is none for the whole group: it waits for the
     // next pass, and the other groups go on.
     if (!chosen) continue;

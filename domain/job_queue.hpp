@@ -36,6 +36,9 @@ struct queued_job {
   std::int64_t queued_at_us = 0;       ///< when the job first entered the queue (age)
   std::int64_t deadline_at_us = 0;     ///< when it fails with deadline_exceeded if still queued
   std::string preferred_provider_id;   ///< sticky session; empty for none
+  /// The provider the job last failed on: chosen again only when no other provider can take the
+  /// job now (so a group's best job finding no candidate still means none for the group).
+  std::string avoided_provider_id;
 
   bool operator==(const queued_job&) const = default;
 };

@@ -285,6 +285,27 @@ TEST_F(scheduler_test, a_provider_lost_mid_job_hands_it_to_another_and_the_last_
   EXPECT_EQ(counts().queued + counts().running, 0u);
 }
 
+TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_to_another) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_EQ((*offers_)["p1"].size(), 1u);
+  bring_online("p2", "llama-8b", 1);
+  *clock_.now_us += 29'000'000;
+  sched_.clock().advance_time(std::chrono::seconds(1));
+  run();
+  EXPECT_EQ(job("j1").provider_id, "p1") << "29 s is within first_token_wait_max";
+  *clock_.now_us += 2'000'000;
+  sched_.clock().advance_time(std::chrono::seconds(1));
+  run();
+  EXPECT_EQ(job("j1").provider_id, "p2");
+  EXPECT_EQ(job("j1").attempt, 2u);
+  ASSERT_EQ((*offers_)["p2"].size(), 1u);
+  auto p1 = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(p1);
+  EXPECT_EQ(p1.value().counters.aborted_jobs, 1u) << "the stall counts against p1";
+}
+
 TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   bring_online("p1", "llama-8b", 1);
   create_user("alice", events::user_tier::premium, 50'000'000);
@@ -350,7 +371,10 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
           if (offers.empty()) continue;
           const auto offer = offers.front();
           offers.erase(offers.begin());
-          if (random() % 4 == 0) {
+          const auto answer = random() % 8;
+          if (answer == 0) {
+            continue;  // the provider never answers: the stall timeout must take the job back
+          } else if (answer < 3) {
             (void)ask<job_ended>(rt_.scheduler,
                                  job_failure{offer.job_id, provider, domain::job_fault::provider, 0, "x"});
           } else {
@@ -376,11 +400,12 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
   // Drain: providers answer everything, time passes every deadline.
   for (int round = 0; round < 20; ++round) {
     for (auto& [provider, offers] : *offers_) {
-      for (const auto& offer : offers) {
+      // Answering runs the system, which may offer more jobs: take the current ones out first.
+      const auto pending = std::exchange(offers, {});
+      for (const auto& offer : pending) {
         (void)ask<std::uint64_t>(rt_.scheduler, started_atom::value, offer.job_id, provider);
         (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500});
       }
-      offers.clear();
     }
     *clock_.now_us += 31'000'000;
     sched_.clock().advance_time(std::chrono::seconds(1));

@@ -26,7 +26,8 @@ void add_provider(selection_index& index, const std::string& id, const std::stri
 
 queued_job job(std::string id, std::string model = "m", std::int32_t priority = 0,
                std::int64_t queued_at = t0, quality_tier quality = quality_tier::low) {
-  return {std::move(id), std::move(model), quality, priority, queued_at, queued_at + 60 * second_us, ""};
+  return {std::move(id), std::move(model), quality, priority, queued_at, queued_at + 60 * second_us, "",
+          ""};
 }
 
 std::vector<std::string> ids(const std::vector<assignment>& assigned) {
@@ -220,6 +221,27 @@ TEST(job_queue, a_sticky_job_goes_to_its_provider) {
   const auto assigned = queue.pop_assignable(index, {}, t0);
   ASSERT_EQ(assigned.size(), 1u);
   EXPECT_EQ(assigned[0].provider_id, "b");
+}
+
+TEST(job_queue, a_job_avoids_the_provider_it_failed_on_unless_it_is_the_only_one) {
+  selection_index index;
+  add_provider(index, "a", "m", 1);
+  add_provider(index, "b", "m", 1);
+  job_queue queue;
+  auto retried = job("r");
+  retried.avoided_provider_id = "a";  // a would win the tie on id
+  ASSERT_TRUE(queue.push(retried, index, t0));
+  auto assigned = queue.pop_assignable(index, {}, t0);
+  ASSERT_EQ(assigned.size(), 1u);
+  EXPECT_EQ(assigned[0].provider_id, "b");
+
+  ASSERT_TRUE(index.unlist("b"));
+  auto again = job("s");
+  again.avoided_provider_id = "a";
+  ASSERT_TRUE(queue.push(again, index, t0));
+  assigned = queue.pop_assignable(index, {}, t0);
+  ASSERT_EQ(assigned.size(), 1u) << "the only provider left takes it rather than none";
+  EXPECT_EQ(assigned[0].provider_id, "a");
 }
 
 // ---------------------------------------------------------------------------------------------
