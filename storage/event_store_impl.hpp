@@ -178,7 +178,7 @@ class event_store::impl {
   void writer_loop();
   void syncer_loop();
   void publish(std::uint64_t position);
-  void set_wal_pending(bool pending);
+  void set_writer_staging(bool staging);
   void wal_flushed();
   bool must_sync() const;
   bool durable(const written_group& group) const;
@@ -214,6 +214,7 @@ class event_store::impl {
   std::mutex queue_mutex_;
   std::condition_variable queue_cv_;
   std::deque<pending_append> queue_;
+  std::atomic<std::size_t> queued_appends_{0};  // appends in queue_, read by the syncer
   std::size_t queued_events_ = 0;
   bool stopping_ = false;
   std::thread writer_;
@@ -231,9 +232,7 @@ class event_store::impl {
   std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
   std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
   bool wal_announced_ = false;  // a group's log record was written since the last fsync began
-  // Appends are queued or being staged whose log records are not written yet: worth waiting for
-  // (at most group_commit_wait_max) so that one fsync covers them too.
-  bool wal_pending_ = false;
+  bool writer_staging_ = false;  // the writer took appends whose log record is not written yet
   std::uint64_t durable_wal_bytes_ = 0;  // the fsyncs so far cover wal_progress bytes up to here
   std::optional<error> sync_error_;      // a failed fsync, until the writer has reopened the store
   // The log is durable through this position. Written by the syncer, or by the writer while no

@@ -59,6 +59,7 @@ void event_store::impl::append_async(std::vector<stream_append> request, append_
     }
     queued_events_ += count;
     queue_.push_back(pending_append{std::move(request), std::move(done), count, {}});
+    queued_appends_.fetch_add(1);
   }
   queue_cv_.notify_one();
 }
@@ -92,7 +93,7 @@ std::vector<pending_append> event_store::impl::take_group() {
   std::vector<pending_append> group;
   std::unique_lock lock(queue_mutex_);
   if (queue_.empty() && !stopping_) {
-    set_wal_pending(false);  // lets the syncer fsync now rather than wait for this thread
+    set_writer_staging(false);  // lets the syncer fsync now rather than wait for this thread
     const auto woken = [&] { return stopping_ || !queue_.empty(); };
     if (reopen_needed_ || sync_failed_.load()) {
       // After a disk failure, retry the reopen now and then even without appends, so that reads
@@ -113,32 +114,28 @@ std::vector<pending_append> event_store::impl::take_group() {
       group.push_back(std::move(queue_.front()));
       queue_.pop_front();
     }
+    queued_appends_.fetch_sub(group.size());
   }
-  set_wal_pending(!queue_.empty() || (!group.empty() && !group.front().task));
+  set_writer_staging(!group.empty() && !group.front().task);
   return group;
 }
 
-void event_store::impl::set_wal_pending(bool pending) {
+void event_store::impl::set_writer_staging(bool staging) {
   {
     std::lock_guard lock(sync_mutex_);
-    wal_pending_ = pending;
+    writer_staging_ = staging;
   }
-  if (!pending) sync_cv_.notify_one();
+  if (!staging) sync_cv_.notify_one();
 }
 
 void event_store::impl::wal_flushed() {
   // Runs inside the writer's db->Write: the group's log record is with the operating system and
   // RocksDB goes on to insert it into the memtables. Nothing here may call into RocksDB.
   if (!announce_wal_.load()) return;
-  bool more = false;
-  {
-    std::lock_guard lock(queue_mutex_);
-    more = !queue_.empty();
-  }
   {
     std::lock_guard lock(sync_mutex_);
     wal_announced_ = true;
-    wal_pending_ = more;
+    writer_staging_ = false;
   }
   sync_cv_.notify_one();
 }
@@ -279,6 +276,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       std::lock_guard lock(sync_mutex_);
       sync_queue_.push_back(std::move(done));
       ++sync_in_flight_;
+      writer_staging_ = false;  // also when nothing was written (and wal_flushed did not run)
     }
     sync_cv_.notify_one();
     return;
@@ -341,10 +339,13 @@ bool event_store::impl::must_sync() const {
 }
 
 void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
-  // Group commit: while the writer is still staging appends that arrived before now, wait for
-  // their log records (at most group_commit_wait_max), so that one fsync covers them too.
+  // Group commit: while appends that arrived before now are queued or being staged, wait for
+  // their log records (at most group_commit_wait_max), so that one fsync covers them too. Only
+  // the writer makes this predicate true (it takes the queue, then announces), and it notifies.
   const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
-  sync_cv_.wait_until(lock, deadline, [&] { return !wal_pending_ || sync_stopping_; });
+  sync_cv_.wait_until(lock, deadline, [&] {
+    return sync_stopping_ || (!writer_staging_ && queued_appends_.load() == 0);
+  });
   wal_announced_ = false;
   const std::uint64_t covered = wal_progress_->bytes.load();  // all handed over before the fsync
   lock.unlock();
