@@ -3,19 +3,15 @@
 #include <algorithm>
 #include <utility>
 
+#include "domain/time.hpp"
+
 namespace gpustream::domain {
 
 namespace {
 
-constexpr std::int64_t us_per_day = 86'400'000'000;
 constexpr std::int64_t seconds_per_day = 86'400;
 
 using events_list = std::vector<events::event>;
-
-std::int64_t utc_day(std::int64_t at_us) noexcept {
-  // Floor division, so that instants before the epoch do not share day 0 with those after it.
-  return at_us >= 0 ? at_us / us_per_day : -((-at_us + us_per_day - 1) / us_per_day);
-}
 
 /// floor(value * numerator / denominator) for non-negative arguments, without overflowing where
 /// value * numerator would: value = q * denominator + r.
