@@ -11,12 +11,11 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/scoped_actor.hpp>
 
-#include <filesystem>
-#include <random>
 #include <string>
 
 #include "actors/errors.hpp"
 #include "actors/ledger_actor.hpp"
+#include "bench/actor_bench_support.hpp"
 #include "domain/pricing.hpp"
 
 namespace {
@@ -24,13 +23,6 @@ namespace {
 using namespace gpustream;
 
 using done_atom = caf::atom_constant<caf::atom("done")>;
-
-struct scratch_dir {
-  std::filesystem::path path = std::filesystem::temp_directory_path() /
-                               ("gpustream-ledger-bench-" + std::to_string(std::random_device{}()));
-  scratch_dir() { std::filesystem::remove_all(path); }
-  ~scratch_dir() { std::filesystem::remove_all(path); }
-};
 
 constexpr int users = 64;
 
@@ -69,30 +61,23 @@ caf::behavior driver(caf::event_based_actor* self, actors::ledger_actor ledger, 
                 (*send_one)();
               }
             },
-            [=](caf::error& failure) {
-              std::fprintf(stderr, "settlement refused: %s\n", actors::describe(failure).c_str());
-              std::abort();
-            });
+            bench::must("settlement"));
   };
   for (std::uint64_t i = 0; i < window; ++i) (*send_one)();
   return {[](done_atom) {}};
 }
 
 void ledger_transfers(benchmark::State& state) {
-  scratch_dir dir;
-  caf::actor_system_config config;
-  actors::add_error_categories(config);
-  caf::actor_system system(config);
-  auto store = storage::event_store::open(dir.path, {});  // sync durability
-  if (!store) std::abort();
-  auto store_actor = actors::spawn_store_actor(system, std::move(store.value()));
+  bench::actor_bench_setup setup("ledger-bench");
+  auto& system = setup.system;
+  auto store_actor = actors::spawn_store_actor(system, setup.store);
   auto ledger = actors::spawn_ledger_actor(system, store_actor);
   caf::scoped_actor self(system);
   for (int u = 0; u < users; ++u) {
     auto deposit = domain::user_deposit("seed-" + std::to_string(u), "u" + std::to_string(u),
                                         1'000'000'000'000);
     self->request(ledger, caf::infinite, domain::ledger::command{deposit})
-        .receive([](const actors::command_reply&) {}, [](caf::error&) { std::abort(); });
+        .receive([](const actors::command_reply&) {}, bench::must("deposit"));
   }
   const auto jobs = static_cast<std::uint64_t>(state.range(0));
   const auto window = static_cast<std::uint64_t>(state.range(1));

@@ -13,13 +13,11 @@
 #include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 
-#include <cstdio>
-#include <filesystem>
-#include <random>
 #include <string>
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
+#include "bench/actor_bench_support.hpp"
 #include "domain/ledger.hpp"
 #include "domain/selection.hpp"
 
@@ -34,18 +32,8 @@ constexpr int users = 64;
 constexpr int providers = 32;
 constexpr std::uint32_t slots_per_provider = 16;
 
-struct scratch_dir {
-  std::filesystem::path path =
-      std::filesystem::temp_directory_path() /
-      ("gpustream-lifecycle-bench-" + std::to_string(std::random_device{}()));
-  scratch_dir() { std::filesystem::remove_all(path); }
-  ~scratch_dir() { std::filesystem::remove_all(path); }
-};
-
-[[noreturn]] void die(const char* what, const caf::error& failure) {
-  std::fprintf(stderr, "%s: %s\n", what, actors::describe(failure).c_str());
-  std::abort();
-}
+using bench::die;
+using bench::must;
 
 /// A provider that starts and finishes every job it is offered at once, and tells `counter` when
 /// the scheduler has settled it.
@@ -110,17 +98,10 @@ caf::behavior driver(caf::event_based_actor* self, actors::scheduler_actor sched
 }
 
 void job_lifecycle(benchmark::State& state) {
-  scratch_dir dir;
-  caf::actor_system_config config;
-  actors::add_error_categories(config);
-  caf::actor_system system(config);
-  auto store = storage::event_store::open(dir.path, {});  // sync durability
-  if (!store) std::abort();
-  auto rt = actors::start_runtime(system, std::move(store.value()));
+  bench::actor_bench_setup setup("lifecycle-bench");
+  auto& system = setup.system;
+  auto rt = actors::start_runtime(system, setup.store);
   caf::scoped_actor self(system);
-  auto must = [](const char* what) {
-    return [what](caf::error& failure) { die(what, failure); };
-  };
   for (int u = 0; u < users; ++u) {
     const std::string id = "u" + std::to_string(u);
     self->request(rt.users, caf::infinite, id,
