@@ -45,3 +45,4 @@ inline constexpr std::string_view ledger_stream = "ledger";
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ledger_aggregate::query)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::ledger::command)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<gpustream::domain::ledger::command>)

@@ -3,6 +3,8 @@
 /// its events are appended through the store actor, and only once the store has acknowledged them
 /// are they applied to the state and the reply sent (persist, then apply).
 ///
+/// - A list of commands is decided together, all or none, and appended in one batch (e.g. a job
+///   submitted and queued at once).
 /// - Commands arriving while the actor recovers or waits for an append are stashed (bounded by
 ///   stash_commands_max) and handled in order; the next append carries every stashed command's
 ///   events (up to the batch limits), each decided against the state including the earlier ones.
@@ -58,6 +60,8 @@ template <class A>
 struct aggregate_interface {
   using type =
       caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
+                       typename caf::replies_to<std::vector<typename A::command>>::template with<
+                           command_reply>,
                        typename caf::replies_to<state_atom>::template with<typename A::state>,
                        caf::reacts_to<passivate_atom>>;
 };
@@ -66,6 +70,8 @@ template <has_query A>
 struct aggregate_interface<A> {
   using type =
       caf::typed_actor<typename caf::replies_to<typename A::command>::template with<command_reply>,
+                       typename caf::replies_to<std::vector<typename A::command>>::template with<
+                           command_reply>,
                        typename caf::replies_to<state_atom>::template with<typename A::state>,
                        caf::reacts_to<passivate_atom>,
                        typename caf::replies_to<typename A::query>::template with<typename A::answer>>;
@@ -85,7 +91,7 @@ struct persistent_state {
 
   struct waiting {
     promise reply;
-    typename A::command command;
+    std::vector<typename A::command> commands;  ///< decided together: all or none
   };
   /// A decided command whose answer waits for the append it is part of.
   struct decided {
@@ -152,6 +158,25 @@ void maybe_snapshot(persistent_pointer<A> self) {
 template <domain::aggregate A>
 void dispatch(persistent_pointer<A> self);
 
+/// The events of `commands` decided one after another against `working`, all or none: the first
+/// refusal refuses them all.
+template <domain::aggregate A>
+domain::decision decide_all(const typename A::state& working,
+                            const std::vector<typename A::command>& commands, std::int64_t now_us) {
+  if (commands.size() == 1) return A::decide(working, commands.front(), now_us);
+  auto trial = working;
+  std::vector<events::event> decided;
+  for (const auto& command : commands) {
+    auto outcome = A::decide(trial, command, now_us);
+    if (!outcome) return outcome;
+    for (auto& event : outcome.value()) {
+      trial = A::evolve(std::move(trial), event);
+      decided.push_back(std::move(event));
+    }
+  }
+  return decided;
+}
+
 /// The append of the current batch was acknowledged: apply, answer, go on.
 template <domain::aggregate A>
 void on_appended(persistent_pointer<A> self) {
@@ -182,7 +207,7 @@ void dispatch(persistent_pointer<A> self) {
     std::vector<events::event> batch;
     const std::int64_t now_us = st.options.clock_us();
     while (!st.stash.empty() && st.in_flight.size() < st.options.commands_per_append_max) {
-      auto outcome = A::decide(st.working, st.stash.front().command, now_us);
+      auto outcome = decide_all<A>(st.working, st.stash.front().commands, now_us);
       if (outcome && batch.size() + outcome.value().size() > st.options.events_per_append_max &&
           !batch.empty()) {
         break;  // this command opens the next batch
@@ -273,10 +298,15 @@ typename aggregate_actor<A>::behavior_type persistent_behavior(
   if (!options.clock_us) options.clock_us = system_clock_us;
   st.options = std::move(options);
   detail::recover<A>(self, true);
-  auto on_command = [self](typename A::command& command)
+  auto on_commands = [self](std::vector<typename A::command>& commands)
       -> caf::typed_response_promise<command_reply> {
     auto& st = self->state;
     auto reply = self->template make_response_promise<command_reply>();
+    if (commands.empty()) {
+      reply.deliver(make_error(domain::error{domain::errc::invalid_argument,
+                                             "an empty list of commands for stream " + st.stream}));
+      return reply;
+    }
     if (st.stash.size() >= st.options.stash_commands_max) {
       reply.deliver(make_error(domain::error{
           domain::errc::limit_exceeded,
@@ -284,9 +314,14 @@ typename aggregate_actor<A>::behavior_type persistent_behavior(
               " commands waiting, the most allowed (stash_commands_max); retry later"}));
       return reply;
     }
-    st.stash.push_back({reply, std::move(command)});
+    st.stash.push_back({reply, std::move(commands)});
     detail::dispatch<A>(self);
     return reply;
+  };
+  auto on_command = [on_commands](typename A::command& command) mutable {
+    std::vector<typename A::command> one;
+    one.push_back(std::move(command));
+    return on_commands(one);
   };
   auto on_state = [self](state_atom) {
     auto reply = self->template make_response_promise<typename A::state>();
@@ -316,9 +351,9 @@ typename aggregate_actor<A>::behavior_type persistent_behavior(
       });
       return reply;
     };
-    return {on_command, on_state, on_passivate, on_query};
+    return {on_command, on_commands, on_state, on_passivate, on_query};
   } else {
-    return {on_command, on_state, on_passivate};
+    return {on_command, on_commands, on_state, on_passivate};
   }
 }
 

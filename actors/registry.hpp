@@ -24,6 +24,8 @@ namespace gpustream::actors {
 template <domain::aggregate A>
 using registry_actor = caf::typed_actor<
     typename caf::replies_to<std::string, typename A::command>::template with<command_reply>,
+    typename caf::replies_to<std::string, std::vector<typename A::command>>::template with<
+        command_reply>,
     typename caf::replies_to<std::string, state_atom>::template with<typename A::state>,
     typename caf::replies_to<count_atom>::template with<std::size_t>,
     // Internal: the periodic check for idle actors.
@@ -51,7 +53,7 @@ struct registry_state {
 
   struct held_command {
     caf::typed_response_promise<command_reply> reply;
-    typename A::command command;
+    std::vector<typename A::command> commands;
   };
   struct entry {
     aggregate_actor<A> actor;
@@ -116,7 +118,7 @@ void on_down(registry_pointer<A> self, const caf::down_msg& msg) {
   auto held = std::move(e->second.held);
   auto held_queries = std::move(e->second.held_queries);
   auto& successor = spawn_entry<A>(self, id);
-  for (auto& h : held) h.reply.delegate(successor.actor, std::move(h.command));
+  for (auto& h : held) h.reply.delegate(successor.actor, std::move(h.commands));
   for (auto& q : held_queries) q.delegate(successor.actor, state_atom::value);
 }
 
@@ -135,27 +137,33 @@ typename registry_actor<A>::behavior_type registry_behavior(detail::registry_poi
     self->quit(msg.reason);
   });
   self->delayed_send(self, self->state.options.idle_check_interval, idle_atom::value);
+  auto on_commands = [self](const std::string& id, std::vector<typename A::command>& commands)
+      -> caf::typed_response_promise<command_reply> {
+    auto& st = self->state;
+    auto reply = self->template make_response_promise<command_reply>();
+    auto found = st.live.find(id);
+    auto& e = found != st.live.end() ? found->second : detail::spawn_entry<A>(self, id);
+    if (!e.stopping) {
+      e.last_used = self->clock().now();
+      return reply.delegate(e.actor, std::move(commands));
+    }
+    if (e.held.size() >= st.options.held_commands_max) {
+      reply.deliver(make_error(domain::error{
+          domain::errc::limit_exceeded,
+          "stream " + st.options.stream_prefix + id + " is restarting and already holds " +
+              std::to_string(e.held.size()) + " commands (held_commands_max); retry later"}));
+      return reply;
+    }
+    e.held.push_back({reply, std::move(commands)});
+    return reply;
+  };
   return {
-      [self](const std::string& id, typename A::command& command)
-          -> caf::typed_response_promise<command_reply> {
-        auto& st = self->state;
-        auto reply = self->template make_response_promise<command_reply>();
-        auto found = st.live.find(id);
-        auto& e = found != st.live.end() ? found->second : detail::spawn_entry<A>(self, id);
-        if (!e.stopping) {
-          e.last_used = self->clock().now();
-          return reply.delegate(e.actor, std::move(command));
-        }
-        if (e.held.size() >= st.options.held_commands_max) {
-          reply.deliver(make_error(domain::error{
-              domain::errc::limit_exceeded,
-              "stream " + st.options.stream_prefix + id + " is restarting and already holds " +
-                  std::to_string(e.held.size()) + " commands (held_commands_max); retry later"}));
-          return reply;
-        }
-        e.held.push_back({reply, std::move(command)});
-        return reply;
+      [on_commands](const std::string& id, typename A::command& command) mutable {
+        std::vector<typename A::command> one;
+        one.push_back(std::move(command));
+        return on_commands(id, one);
       },
+      on_commands,
       [self](const std::string& id, state_atom) -> caf::typed_response_promise<typename A::state> {
         auto& st = self->state;
         auto reply = self->template make_response_promise<typename A::state>();

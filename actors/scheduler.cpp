@@ -218,14 +218,23 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
 // ---------------------------------------------------------------------------------------------
 // Queueing and assigning.
 
-/// Persists the job as queued and puts it in the queue; answers `reply` either way.
+domain::job::command submit_command(const job_request& r) {
+  return domain::submit_job{r.job_id,           r.user_id,    r.model,
+                            r.quality,          r.prompt_tokens, r.max_tokens,
+                            r.max_price_micros, r.premium,    r.conversation_id};
+}
+
+/// Persists the job as queued (and first as submitted, when `submitting`: one append for both)
+/// and puts it in the queue; answers `reply` either way.
 template <class Reply>
-void enqueue(self_pointer self, const std::string& job_id, Reply reply) {
+void enqueue(self_pointer self, const std::string& job_id, bool submitting, Reply reply) {
   auto& job = self->state.jobs.at(job_id);
   const std::int64_t now = now_us(self);
   const std::int64_t deadline = now + self->state.options.queue_wait_max.count();
-  self->request(self->state.peers.jobs, caf::infinite, job_id,
-                domain::job::command{domain::queue_job{job.priority, deadline}})
+  std::vector<domain::job::command> commands;
+  if (submitting) commands.push_back(submit_command(job.request));
+  commands.push_back(domain::queue_job{job.priority, deadline});
+  self->request(self->state.peers.jobs, caf::infinite, job_id, std::move(commands))
       .then(
           [self, job_id, deadline, now, reply](const command_reply&) mutable {
             auto& job = self->state.jobs.at(job_id);
@@ -300,17 +309,30 @@ void assign_pass(self_pointer self) {
 // ---------------------------------------------------------------------------------------------
 // Submission.
 
-/// Records a refused job (submitted, then failed with `reason`) and answers `reply` with `error`.
+/// Records a refused job (submitted and failed with `reason`, in one append) and answers `reply`
+/// with `error`; a malformed request is refused as such, with nothing recorded.
 void refuse_job(self_pointer self, const std::string& job_id, events::failure_reason reason,
                 caf::error error, caf::typed_response_promise<job_accepted> reply) {
-  fail_job(self, job_id, reason, describe(error),
-           [reply, error](auto&&) mutable { reply.deliver(error); });
+  std::vector<domain::job::command> commands{
+      submit_command(self->state.jobs.at(job_id).request),
+      domain::fail_job{reason, describe(error)}};
+  self->request(self->state.peers.jobs, caf::infinite, job_id, std::move(commands))
+      .then(
+          [self, job_id, error, reply](const command_reply&) mutable {
+            forget(self, job_id);
+            reply.deliver(error);
+          },
+          [self, job_id, reply](caf::error& failure) mutable {
+            forget(self, job_id);
+            reply.deliver(failure);
+          });
 }
 
-/// The funds or quota check passed: the job is submitted (already) and goes to the queue.
+/// The checks passed: the job is submitted and queued.
 void admit(self_pointer self, const std::string& job_id,
            caf::typed_response_promise<job_accepted> reply) {
-  enqueue(self, job_id, [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); });
+  enqueue(self, job_id, true,
+          [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); });
 }
 
 /// Checks the premium user's balance (minus what other jobs hold) against the job's quote.
@@ -383,31 +405,20 @@ caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request&
   auto& job = st.jobs[job_id];
   job.request = std::move(request);
   job.priority = domain::priority_for(job.request.premium, tier, st.options.priority);
+  // Checks first, then the job is recorded with its outcome in one append: submitted and queued,
+  // or submitted and failed with the reason it was refused.
   const auto& r = job.request;
-  self->request(st.peers.jobs, caf::infinite, job_id,
-                domain::job::command{domain::submit_job{r.job_id, r.user_id, r.model, r.quality,
-                                                        r.prompt_tokens, r.max_tokens,
-                                                        r.max_price_micros, r.premium,
-                                                        r.conversation_id}})
-      .then(
-          [self, job_id, reply](const command_reply&) mutable {
-            const auto& r = self->state.jobs.at(job_id).request;
-            if (!self->state.index->can_serve(r.model, r.quality)) {
-              refuse_job(self, job_id, events::failure_reason::no_provider,
-                         refusal(domain::errc::no_provider,
-                                 "no online provider serves model " + r.model + " at quality tier " +
-                                     std::to_string(static_cast<int>(r.quality))),
-                         reply);
-            } else if (r.premium) {
-              check_funds(self, job_id, reply);
-            } else {
-              check_quota(self, job_id, reply);
-            }
-          },
-          [self, job_id, reply](caf::error& failure) mutable {
-            self->state.jobs.erase(job_id);  // nothing was recorded: the request was malformed
-            reply.deliver(failure);
-          });
+  if (!st.index->can_serve(r.model, r.quality)) {
+    refuse_job(self, job_id, events::failure_reason::no_provider,
+               refusal(domain::errc::no_provider, "no online provider serves model " + r.model +
+                                                      " at quality tier " +
+                                                      std::to_string(static_cast<int>(r.quality))),
+               reply);
+  } else if (r.premium) {
+    check_funds(self, job_id, reply);
+  } else {
+    check_quota(self, job_id, reply);
+  }
   return reply;
 }
 
@@ -445,7 +456,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
                 domain::job::command{domain::reassign_job{from, reason, job.tokens_so_far}})
       .then(
           [self, job_id, reply](const command_reply&) mutable {
-            enqueue(self, job_id, [job_id, reply](auto&& outcome) mutable {
+            enqueue(self, job_id, false, [job_id, reply](auto&& outcome) mutable {
               if constexpr (std::is_same_v<std::decay_t<decltype(outcome)>, job_accepted>) {
                 reply(job_ended{job_id, domain::job_status::queued, 0, 0});
               } else {

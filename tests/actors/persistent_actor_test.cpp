@@ -89,6 +89,26 @@ TEST_F(persistent_actor_test, commands_during_recovery_are_stashed_and_batched_i
   EXPECT_EQ(r4.value().version, 2u);
 }
 
+TEST_F(persistent_actor_test, a_list_of_commands_is_decided_together_all_or_none) {
+  auto actor = spawn_wallet();
+  auto both = ask<command_reply>(actor, std::vector<wallet::command>{credit("d1", 1), credit("d2", 2)});
+  ASSERT_TRUE(both) << describe(both.error());
+  EXPECT_EQ(both.value().version, 2u);
+  EXPECT_EQ(both.value().events.size(), 2u);
+
+  auto refused = ask<command_reply>(actor, std::vector<wallet::command>{credit("d3", 3), credit("d4", -4)});
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(domain_error_of(refused.error())->code, domain::errc::invalid_argument);
+  auto empty = ask<command_reply>(actor, std::vector<wallet::command>{});
+  ASSERT_FALSE(empty);
+  EXPECT_EQ(domain_error_of(empty.error())->code, domain::errc::invalid_argument);
+
+  auto state = ask<wallet::state>(actor, state_atom::value);
+  ASSERT_TRUE(state);
+  EXPECT_EQ(state.value().balance_micros, 3) << "d3 was refused with d4";
+  EXPECT_FALSE(state.value().deposit_ids.contains("d3"));
+}
+
 TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
   persistence_options options;
   options.stash_commands_max = 2;

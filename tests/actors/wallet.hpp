@@ -57,3 +57,4 @@ static_assert(domain::aggregate<wallet>);
 }  // namespace gpustream::actors::testing
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::testing::wallet::command)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<gpustream::actors::testing::wallet::command>)
