@@ -19,6 +19,11 @@ bool same_append(const std::vector<stream_append>& a, const std::vector<stream_a
   });
 }
 
+/// Set while this thread runs acknowledgement callbacks: appends they send wake the writer once,
+/// after the last callback, so that they form one group instead of a first group of whichever
+/// were queued when the writer woke and a second of the stragglers.
+thread_local bool answering = false;
+
 error reused_id(const events::event_id& id) {
   return make_error(errc::event_id_conflict,
                     "event id " + id.to_string() +
@@ -61,7 +66,7 @@ void event_store::impl::append_async(std::vector<stream_append> request, append_
     queue_.push_back(pending_append{std::move(request), std::move(done), count, {}});
     queued_appends_.fetch_add(1);
   }
-  queue_cv_.notify_one();
+  if (!answering) queue_cv_.notify_one();
 }
 
 expected<void, error> event_store::impl::run_on_writer(const std::function<rocksdb::Status()>& write,
@@ -391,7 +396,10 @@ void event_store::impl::syncer_loop() {
     if (ready.empty()) continue;  // synced ahead of a group still being written: wait for it
     lock.unlock();
     publish(synced_);
+    answering = true;
     for (std::size_t i = 0; i < ready.size(); ++i) deliver(ready[i], durability[i]);
+    answering = false;
+    queue_cv_.notify_one();  // for the appends the callbacks sent
     lock.lock();
     sync_in_flight_ -= ready.size();
     sync_idle_cv_.notify_all();
