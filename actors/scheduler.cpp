@@ -401,6 +401,12 @@ caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request&
     reply.deliver(refusal(domain::errc::already_exists, "job " + job_id + " is already live"));
     return reply;
   }
+  if (st.jobs.size() >= st.options.jobs_live_max) {
+    reply.deliver(refusal(domain::errc::limit_exceeded,
+                          "the scheduler holds " + std::to_string(st.jobs.size()) +
+                              " live jobs, the most allowed (jobs_live_max); retry later"));
+    return reply;
+  }
   const auto tier = domain::contribution_tier_for(request.contribution_score);
   auto& job = st.jobs[job_id];
   job.request = std::move(request);

@@ -137,6 +137,9 @@ struct scheduler_options {
   domain::pricing_options pricing;
   domain::priority_options priority;
   domain::user_options users;
+  /// Most jobs the scheduler holds at once (being checked, queued or running); one more is refused
+  /// with limit_exceeded before anything is recorded. Default: 100,000.
+  std::size_t jobs_live_max = 100'000;
   /// How long a job may wait in the queue before it fails with deadline_exceeded. Default: 60 s.
   std::chrono::microseconds queue_wait_max = std::chrono::seconds(60);
   /// How long an assigned job may wait for its first token before it goes to another provider

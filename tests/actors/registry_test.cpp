@@ -57,6 +57,9 @@ TEST_F(registry_test, spawns_one_actor_per_stream_on_demand) {
   EXPECT_EQ(second.value().version, 2u);
   ASSERT_TRUE(ask<command_reply>(registry, std::string("b"), credit("d1", 5)));
   EXPECT_EQ(live(registry), 2u);
+  auto listed = ask<command_reply>(registry, std::string("a"),
+                                   std::vector<wallet::command>{credit("d3", 0), credit("d4", 4)});
+  ASSERT_FALSE(listed) << "a list is decided all or none";
   auto a = ask<wallet::state>(registry, std::string("a"), state_atom::value);
   auto b = ask<wallet::state>(registry, std::string("b"), state_atom::value);
   ASSERT_TRUE(a);

@@ -39,7 +39,9 @@ provider_session::behavior_type session_behavior(provider_session::pointer,
 
 class scheduler_test : public testing::deterministic_fixture {
  protected:
-  scheduler_test() {
+  scheduler_test() : scheduler_test(100'000) {}
+
+  explicit scheduler_test(std::size_t jobs_live_max) {
     auto store = storage::event_store::open(directory_.path(), buffered());
     EXPECT_TRUE(store) << store.error().message;
     runtime_options options;
@@ -48,6 +50,7 @@ class scheduler_test : public testing::deterministic_fixture {
     options.scheduler.queue_wait_max = std::chrono::seconds(30);
     options.scheduler.tick_interval = std::chrono::seconds(1);
     options.scheduler.users.free_tokens_per_day = 10'000;
+    options.scheduler.jobs_live_max = jobs_live_max;
     rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
     for (const caf::actor& a : {caf::actor_cast<caf::actor>(rt_.scheduler),
                                 caf::actor_cast<caf::actor>(rt_.users),
@@ -317,6 +320,27 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(ended.value().status, domain::job_status::cancelled);
   EXPECT_EQ(ended.value().gross_micros, 1100);  // 1000 prompt + 100 produced
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100);
+}
+
+class small_scheduler_test : public scheduler_test {
+ protected:
+  small_scheduler_test() : scheduler_test(2) {}
+};
+
+TEST_F(small_scheduler_test, jobs_live_max_is_a_limit) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j3", "bob", false));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::limit_exceeded);
+  EXPECT_EQ(job("j3").status, domain::job_status::none) << "nothing recorded for a refused request";
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"),
+                                 std::string("p1")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 100, 500}));
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "bob", false)))
+      << "room again once a job ended";
 }
 
 /// Random steps through the runtime; after each, the ledger's full invariants hold and the
