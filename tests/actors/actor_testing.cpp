@@ -38,7 +38,8 @@ void deterministic_fixture::open_store() {
 void deterministic_fixture::open_store(storage::store_options options) {
   auto store = storage::event_store::open(directory_.path(), std::move(options));
   ASSERT_TRUE(store) << store.error().message;
-  store_ = spawn_store_actor(system_, std::move(store.value()), {.wait_for_each_append = true});
+  store_ptr_ = std::move(store.value());
+  store_ = spawn_store_actor(system_, store_ptr_, {.wait_for_each_append = true});
 }
 
 void deterministic_fixture::close_store() {
@@ -46,6 +47,7 @@ void deterministic_fixture::close_store() {
   self_->send_exit(store_, caf::exit_reason::user_shutdown);
   run();
   store_ = nullptr;
+  store_ptr_.reset();
 }
 
 }  // namespace gpustream::actors::testing

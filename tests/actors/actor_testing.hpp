@@ -89,6 +89,8 @@ class deterministic_fixture : public ::testing::Test {
   caf::scheduler::test_coordinator& sched_;
   caf::scoped_actor self_;
   store_actor store_;
+  /// The store the store actor owns, shared so that tests can read its statistics.
+  std::shared_ptr<storage::event_store> store_ptr_;
   std::vector<caf::actor> to_stop_;
 };
 

@@ -109,6 +109,34 @@ TEST_F(persistent_actor_test, a_list_of_commands_is_decided_together_all_or_none
   EXPECT_FALSE(state.value().deposit_ids.contains("d3"));
 }
 
+TEST_F(persistent_actor_test, commands_per_append_max_and_events_per_append_max_split_batches) {
+  persistence_options options;
+  options.commands_per_append_max = 2;
+  auto by_commands = spawn_wallet(options);
+  const auto appends_before = store_ptr_->stats().grouped_appends;
+  std::vector<decltype(self_->request(by_commands, caf::infinite, credit("x", 1)))> replies;
+  for (int i = 0; i < 5; ++i) {
+    replies.push_back(self_->request(by_commands, caf::infinite, credit("d" + std::to_string(i), 1)));
+  }
+  run();
+  for (auto& reply : replies) EXPECT_TRUE(collect<command_reply>(reply));
+  EXPECT_EQ(store_ptr_->stats().grouped_appends - appends_before, 3u) << "5 commands, 2 per append";
+
+  persistence_options small_batches;
+  small_batches.events_per_append_max = 3;
+  small_batches.clock_us = clock_.function();
+  auto by_events =
+      system_.spawn(persistent_behavior<wallet>, std::string("wallet-2"), store_, small_batches);
+  const auto before = store_ptr_->stats().grouped_appends;
+  replies.clear();
+  for (int i = 0; i < 5; ++i) {
+    replies.push_back(self_->request(by_events, caf::infinite, credit("e" + std::to_string(i), 1)));
+  }
+  run();
+  for (auto& reply : replies) EXPECT_TRUE(collect<command_reply>(reply));
+  EXPECT_EQ(store_ptr_->stats().grouped_appends - before, 2u) << "5 events, at most 3 per append";
+}
+
 TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
   persistence_options options;
   options.stash_commands_max = 2;
