@@ -56,7 +56,7 @@ class event_store::impl {
     if (!options_.clock_us) options_.clock_us = system_clock_us;
     auto files = rocksdb::FileSystem::Default();
     if (options_.faults) files = make_fault_file_system(std::move(files), options_.faults);
-    wal_progress_->flushed = [this] { wal_flushed(); };
+    wal_progress_->flushed = [this] { return wal_flushed(); };
     env_ = rocksdb::NewCompositeEnv(make_wal_file_system(std::move(files), wal_progress_));
   }
 
@@ -179,7 +179,7 @@ class event_store::impl {
   void syncer_loop();
   void publish(std::uint64_t position);
   void set_writer_staging(bool staging);
-  void wal_flushed();
+  bool wal_flushed();
   bool must_sync() const;
   bool durable(const written_group& group) const;
   void sync_wal(std::unique_lock<std::mutex>& lock);

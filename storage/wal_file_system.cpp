@@ -39,7 +39,13 @@ class wal_file final : public rocksdb::FSWritableFileOwnerWrapper {
   }
   rocksdb::IOStatus Flush(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     auto status = FSWritableFileOwnerWrapper::Flush(options, dbg);
-    if (status.ok() && progress_->flushed) progress_->flushed();
+    if (status.ok() && progress_->flushed && progress_->flushed()) {
+      // The fsync starts on another thread a little later (a thread wake-up costs tens of
+      // microseconds on a virtual machine): starting the writeback here lets the disk begin
+      // meanwhile. Only a hint (sync_file_range); durability still comes from the fsync.
+      (void)FSWritableFileOwnerWrapper::RangeSync(writeback_from_, file_bytes_ - writeback_from_, options, dbg);
+      writeback_from_ = file_bytes_ - file_bytes_ % page_bytes;  // the last page fills up later
+    }
     return status;
   }
 
@@ -48,10 +54,14 @@ class wal_file final : public rocksdb::FSWritableFileOwnerWrapper {
     // Counted even when the append failed: some of it may have reached the file, and an
     // overstated count only asks for a later fsync.
     progress_->bytes.fetch_add(bytes);
+    file_bytes_ += bytes;
     return status;
   }
 
+  static constexpr std::uint64_t page_bytes = 4096;
   std::shared_ptr<wal_progress> progress_;
+  std::uint64_t file_bytes_ = 0;      // appended to this file (RocksDB writes a log from one thread)
+  std::uint64_t writeback_from_ = 0;  // bytes before this were handed to writeback already
 };
 
 class wal_file_system final : public rocksdb::FileSystemWrapper {

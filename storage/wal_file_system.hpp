@@ -18,8 +18,9 @@ struct wal_progress {
   /// an fsync of the log begins is durable once that fsync succeeds.
   std::atomic<std::uint64_t> bytes{0};
   /// Runs on the writing thread each time RocksDB has flushed its buffered log bytes to a log
-  /// file (at the end of every logged write). Set before the database opens.
-  std::function<void()> flushed;
+  /// file (at the end of every logged write); returns whether an fsync of the log will follow, in
+  /// which case the file starts writing those bytes back at once. Set before the database opens.
+  std::function<bool()> flushed;
 };
 
 /// Wraps `base`: write-ahead log files (RocksDB's "*.log") report to `progress`; other files are

@@ -133,16 +133,17 @@ void event_store::impl::set_writer_staging(bool staging) {
   if (!staging) sync_cv_.notify_one();
 }
 
-void event_store::impl::wal_flushed() {
+bool event_store::impl::wal_flushed() {
   // Runs inside the writer's db->Write: the group's log record is with the operating system and
   // RocksDB goes on to insert it into the memtables. Nothing here may call into RocksDB.
-  if (!announce_wal_.load()) return;
+  if (!announce_wal_.load()) return false;
   {
     std::lock_guard lock(sync_mutex_);
     wal_announced_ = true;
     writer_staging_ = false;
   }
   sync_cv_.notify_one();
+  return true;
 }
 
 void event_store::impl::writer_loop() {
