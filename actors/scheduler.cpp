@@ -29,6 +29,8 @@ struct live_job {
   bool running = false;
   std::string avoided_provider_id;  ///< the provider the last attempt failed on
   bool started = false;             ///< running: the first token arrived
+  /// Completion or cancellation is being recorded: no other report or loss applies to it any more.
+  bool ending = false;
   std::int64_t assigned_at_us = 0;  ///< running: when the current attempt was assigned
 };
 
@@ -188,10 +190,10 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
       record_aside(self, self->state.peers.providers, job.provider_id,
                    domain::provider::command{domain::provider::record_job_outcome{
                        job_id, domain::job_fault::none, measure}});
-      const auto seconds = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
+      const auto streaming_us = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
       (void)self->state.index->record_speed(
           job.provider_id, job.request.model, measure.ttft_us,
-          static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / seconds);
+          static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / streaming_us);
     }
     if (!job.request.premium) {
       record_aside(self, self->state.peers.users, job.request.user_id,
@@ -269,7 +271,7 @@ void enqueue(self_pointer self, const std::string& job_id, bool submitting, Repl
 /// Hands an assigned job to its provider's session, or back to the queue if the session is gone.
 void offer(self_pointer self, const std::string& job_id) {
   auto found = self->state.jobs.find(job_id);
-  if (found == self->state.jobs.end() || !found->second.running) return;
+  if (found == self->state.jobs.end() || !found->second.running || found->second.ending) return;
   auto& job = found->second;
   auto session = self->state.sessions.find(job.provider_id);
   if (session == self->state.sessions.end()) return;  // offline: its jobs were handled there
@@ -482,7 +484,7 @@ void on_offline(self_pointer self, const std::string& provider_id) {
   st.sessions.erase(provider_id);
   std::vector<std::string> lost;
   for (const auto& [id, job] : st.jobs) {
-    if (job.running && job.provider_id == provider_id) lost.push_back(id);
+    if (job.running && !job.ending && job.provider_id == provider_id) lost.push_back(id);
   }
   for (const auto& id : lost) {
     record_aside(self, st.peers.providers, provider_id,
@@ -502,7 +504,7 @@ void on_offline(self_pointer self, const std::string& provider_id) {
 
 bool is_running_on(self_pointer self, const std::string& job_id, const std::string& provider_id) {
   auto found = self->state.jobs.find(job_id);
-  return found != self->state.jobs.end() && found->second.running &&
+  return found != self->state.jobs.end() && found->second.running && !found->second.ending &&
          found->second.provider_id == provider_id;
 }
 
@@ -514,7 +516,8 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
                                                            result.provider_id));
     return reply;
   }
-  const auto& job = self->state.jobs.at(result.job_id);
+  auto& job = self->state.jobs.at(result.job_id);
+  job.ending = true;
   const domain::job_measure measure{job.request.prompt_tokens, result.completion_tokens,
                                     result.provider_reported_tokens, result.ttft_us,
                                     result.total_us};
@@ -563,8 +566,20 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     reply.deliver(refusal(domain::errc::not_found, "job " + cancel.job_id + " is not live"));
     return reply;
   }
+  if (found->second.ending) {
+    reply.deliver(refusal(domain::errc::invalid_state,
+                          "job " + cancel.job_id + " is already ending"));
+    return reply;
+  }
   const bool running = found->second.running;
-  if (!running) (void)self->state.queue->remove(cancel.job_id);
+  if (!running && !self->state.queue->remove(cancel.job_id)) {
+    // Neither running nor queued: its checks or its (re)queueing are being recorded, which
+    // takes one append; the continuation of that step still needs the job.
+    reply.deliver(refusal(domain::errc::invalid_state,
+                          "job " + cancel.job_id + " is being queued; retry the cancel"));
+    return reply;
+  }
+  found->second.ending = true;
   if (running) {
     if (auto session = self->state.sessions.find(found->second.provider_id);
         session != self->state.sessions.end()) {
@@ -599,7 +614,7 @@ void reassign_stalled(self_pointer self) {
   const std::int64_t wait_max = self->state.options.first_token_wait_max.count();
   std::vector<std::pair<std::string, std::string>> stalled;  // job, provider
   for (const auto& [id, job] : self->state.jobs) {
-    if (job.running && !job.started && now - job.assigned_at_us > wait_max) {
+    if (job.running && !job.started && !job.ending && now - job.assigned_at_us > wait_max) {
       stalled.emplace_back(id, job.provider_id);
     }
   }

@@ -343,6 +343,29 @@ TEST_F(small_scheduler_test, jobs_live_max_is_a_limit) {
       << "room again once a job ended";
 }
 
+TEST_F(scheduler_test, reports_about_an_ending_job_are_refused_and_a_lost_provider_does_not_touch_it) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"),
+                                 std::string("p1")));
+  // The result and the provider's loss arrive together: the completion wins, the loss is ignored.
+  auto ended = self_->request(rt_.scheduler, caf::infinite,
+                              job_result{"j1", "p1", 100, 100, 1000, 5000});
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+  auto late = self_->request(rt_.scheduler, caf::infinite,
+                             job_failure{"j1", "p1", domain::job_fault::provider, 0, "late"});
+  run();
+  auto completed = collect<job_ended>(ended);
+  ASSERT_TRUE(completed) << describe(completed.error());
+  EXPECT_EQ(completed.value().status, domain::job_status::completed);
+  auto refused = collect<job_ended>(late);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::invalid_state);
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+  EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100);
+}
+
 /// Random steps through the runtime; after each, the ledger's full invariants hold and the
 /// scheduler's counts agree with the jobs' own states; in the end, once providers answer every
 /// offer and deadlines pass, no job is left live.
@@ -364,7 +387,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
     return *it;
   };
   for (int step = 0; step < 300; ++step) {
-    switch (random() % 7) {
+    switch (random() % 8) {
       case 0:
         if (online.size() < 4) {
           const std::string id = "p" + std::to_string(next_provider++);
@@ -390,7 +413,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
         break;
       }
       case 4:
-      case 5:  // every provider answers its oldest unanswered offer: done, or failed
+      case 5:  // every provider answers its oldest unanswered offer: done, failed, or never
         for (auto& [provider, offers] : *offers_) {
           if (offers.empty()) continue;
           const auto offer = offers.front();
@@ -405,6 +428,12 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
             (void)ask<std::uint64_t>(rt_.scheduler, started_atom::value, offer.job_id, provider);
             (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500});
           }
+        }
+        break;
+      case 6:  // a client goes away (refusals are fine: the job may have ended or be in transit)
+        if (!submitted.empty()) {
+          (void)ask<job_ended>(rt_.scheduler,
+                               job_cancel{pick(submitted), events::cancelled_by::client, 5});
         }
         break;
       default:
