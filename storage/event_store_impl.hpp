@@ -10,9 +10,11 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "storage/database.hpp"
 #include "storage/event_store.hpp"
