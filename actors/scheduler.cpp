@@ -454,6 +454,8 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   job.running = false;
   job.avoided_provider_id = from;
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
+  // The job aggregate's own limit (its actors decide with the default options): one attempt more
+  // would be refused there.
   if (job.attempt >= domain::job_options{}.attempts_max) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
              "every attempt failed (" + std::to_string(job.attempt) + " providers)",
@@ -645,6 +647,10 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
                                                   scheduler_options options) {
   auto& st = self->state;
   if (!options.clock_us) options.clock_us = system_clock_us;
+  // Which provider level may serve a quality tier is the pricing rule's; selection applies it.
+  for (std::size_t tier = 0; tier < options.pricing.tiers.size(); ++tier) {
+    options.selection.quality_level_min[tier] = options.pricing.tiers[tier].level_min;
+  }
   st.index = std::make_unique<domain::selection_index>(options.selection);
   st.queue = std::make_unique<domain::job_queue>(options.queue);
   st.options = std::move(options);

@@ -132,6 +132,7 @@ struct scheduler_counts {
 
 struct scheduler_options {
   domain::job_queue_options queue;
+  /// Its quality_level_min is taken from `pricing` (one rule for who may serve a tier).
   domain::selection_options selection;
   domain::assign_options assign;
   domain::pricing_options pricing;
