@@ -217,6 +217,18 @@ TEST_F(scheduler_test, a_job_no_provider_can_serve_is_rejected_at_once_and_recor
   EXPECT_EQ(state.failure, events::failure_reason::no_provider);
 }
 
+TEST_F(scheduler_test, a_tier_above_every_online_provider_level_is_rejected) {
+  bring_online("p1", "llama-8b", 2);  // a new provider: Bronze, below ultra's Gold minimum
+  create_user("bob", events::user_tier::free, 0);
+  auto ultra = request("j1", "bob", false);
+  ultra.quality = events::quality_tier::ultra;
+  auto refused = ask<job_accepted>(rt_.scheduler, ultra);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)))
+      << "standard (Bronze) is served";
+}
+
 TEST_F(scheduler_test, a_premium_job_beyond_the_balance_is_refused_before_it_runs) {
   bring_online("p1", "llama-8b", 2);
   create_user("carol", events::user_tier::premium, 1000);  // quote: 1500 tokens x 1 USD/Mtok
