@@ -14,5 +14,13 @@ using state_atom = caf::atom_constant<caf::atom("state")>;
 using idle_atom = caf::atom_constant<caf::atom("idle")>;
 using passivate_atom = caf::atom_constant<caf::atom("passivate")>;
 using count_atom = caf::atom_constant<caf::atom("count")>;
+// The scheduler and the provider sessions.
+using offer_atom = caf::atom_constant<caf::atom("offer")>;
+using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
+using online_atom = caf::atom_constant<caf::atom("online")>;
+using offline_atom = caf::atom_constant<caf::atom("offline")>;
+using load_atom = caf::atom_constant<caf::atom("load")>;
+using started_atom = caf::atom_constant<caf::atom("started")>;
+using tick_atom = caf::atom_constant<caf::atom("tick")>;
 
 }  // namespace gpustream::actors

@@ -36,14 +36,6 @@
 
 namespace gpustream::actors {
 
-using offer_atom = caf::atom_constant<caf::atom("offer")>;
-using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
-using online_atom = caf::atom_constant<caf::atom("online")>;
-using offline_atom = caf::atom_constant<caf::atom("offline")>;
-using load_atom = caf::atom_constant<caf::atom("load")>;
-using started_atom = caf::atom_constant<caf::atom("started")>;
-using tick_atom = caf::atom_constant<caf::atom("tick")>;
-
 /// A request to run a job, as the gateway makes it.
 struct job_request {
   std::string job_id;
