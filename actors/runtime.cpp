@@ -10,11 +10,11 @@ namespace {
 template <class A>
 registry_actor<A> spawn_registry(caf::actor_system& system, const store_actor& store,
                                  std::string prefix, const runtime_options& options) {
-  registry_options registry{.stream_prefix = std::move(prefix),
-                            .persistence = options.persistence,
-                            .idle_max = options.idle_max,
-                            .idle_check_interval = options.idle_max / 6,
-                            .held_commands_max = 1024};
+  registry_options registry;  // held_commands_max keeps its default
+  registry.stream_prefix = std::move(prefix);
+  registry.persistence = options.persistence;
+  registry.idle_max = options.idle_max;
+  registry.idle_check_interval = options.idle_max / 6;
   return system.spawn(registry_behavior<A>, store, std::move(registry));
 }
 
