@@ -40,6 +40,9 @@ int main(int argc, char** argv) {
               {"sync", gpustream::storage::durability::sync},
               {"buffered", gpustream::storage::durability::buffered}},
           CLI::ignore_case));
+  serve_cmd->add_option("--admin-token", serve.admin_token,
+                        "Bearer token of the admin API under /admin (stored only as its SHA-256)")
+      ->envname("GPUSTREAM_ADMIN_TOKEN");
 
   std::string replay_data = "data";
   bool replay_json = false;

@@ -15,6 +15,9 @@ struct serve_options {
   std::string http = "127.0.0.1:8080";
   /// Default: sync.
   storage::durability mode = storage::durability::sync;
+  /// Bearer token of the admin API; empty: the admin API answers 503 to everyone. Also from
+  /// GPUSTREAM_ADMIN_TOKEN.
+  std::string admin_token;
 };
 
 /// Runs until a termination signal; returns the process exit code.
