@@ -87,7 +87,9 @@ int run_serve(const serve_options& options) {
   http_options.port = address->port;
   auto& store_ref = *store;
   auto server = gateway::http_server::start(
-      http_options, [&store_ref](const gateway::http_request& r) { return route(r, store_ref); });
+      http_options, [&store_ref](gateway::http_request r, std::shared_ptr<gateway::http_reply> reply) {
+        reply->send(route(r, store_ref));
+      });
   if (!server) {
     logger->error("{}", server.error());
     return 1;

@@ -1,12 +1,16 @@
 #include "gateway/http_server.hpp"
 
-#include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/basic_resolver.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/websocket.hpp>
 
 #include <atomic>
+#include <deque>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -16,38 +20,284 @@ namespace {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
+namespace websocket = beast::websocket;
 using tcp = asio::ip::tcp;
 
-http::response<http::string_body> to_beast(const http_response& r, unsigned version, bool keep_alive) {
-  http::response<http::string_body> out{static_cast<http::status>(r.status), version};
-  out.set(http::field::server, "gpustream");
-  out.set(http::field::content_type, r.content_type);
-  out.keep_alive(keep_alive);
-  out.body() = r.body;
-  out.prepare_payload();
+/// One unit of connections_max, held by whichever session owns the socket.
+class connection_slot {
+ public:
+  explicit connection_slot(std::atomic<std::size_t>& open) : open_(&open) {}
+  connection_slot(connection_slot&& other) noexcept : open_(std::exchange(other.open_, nullptr)) {}
+  connection_slot& operator=(connection_slot&&) = delete;
+  ~connection_slot() {
+    if (open_ != nullptr) open_->fetch_sub(1);
+  }
+
+ private:
+  std::atomic<std::size_t>* open_;
+};
+
+/// Header values come partly from outside (an advertiser's URL): a CR or LF would split the header.
+std::string header_safe(std::string_view value) {
+  std::string out(value);
+  for (auto& c : out) {
+    if (c == '\r' || c == '\n') c = ' ';
+  }
   return out;
 }
 
-http_response json_error(unsigned status, std::string_view message) {
-  return {status, "application/json",
-          std::string(R"({"error":{"message":")") + std::string(message) + R"(","type":"invalid_request_error"}})"};
+std::string status_line_and_headers(unsigned status, std::string_view content_type,
+                                    const http_headers& headers, bool keep_alive) {
+  std::string out = "HTTP/1.1 " + std::to_string(status) + " ";
+  out += http::obsolete_reason(static_cast<http::status>(status));
+  out += "\r\nServer: gpustream\r\nContent-Type: ";
+  out += header_safe(content_type);
+  out += "\r\n";
+  for (const auto& [name, value] : headers) {
+    out += header_safe(name) + ": " + header_safe(value) + "\r\n";
+  }
+  if (!keep_alive) out += "Connection: close\r\n";
+  return out;
 }
 
-/// One client connection: reads requests in turn, answers each through the handler.
+std::string serialize(const http_response& response, bool keep_alive) {
+  std::string out = status_line_and_headers(response.status, response.content_type, response.headers, keep_alive);
+  out += "Content-Length: " + std::to_string(response.body.size()) + "\r\n\r\n";
+  out += response.body;
+  return out;
+}
+
+http_response json_error(unsigned status, std::string_view message, std::string_view type) {
+  return {status, "application/json",
+          std::string(R"({"error":{"message":")") + std::string(message) + R"(","type":")" +
+              std::string(type) + R"(","param":null,"code":null}})",
+          {}};
+}
+
+http_request to_request(http::request<http::string_body>&& message, const tcp::socket& socket) {
+  http_request request;
+  request.method = std::string(message.method_string());
+  request.target = std::string(message.target());
+  for (const auto& field : message) {
+    std::string name(field.name_string());
+    for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    request.headers.emplace(std::move(name), std::string(field.value()));
+  }
+  request.body = std::move(message.body());
+  beast::error_code ec;
+  const auto remote = socket.remote_endpoint(ec);
+  if (!ec) request.remote_address = remote.address().to_string();
+  return request;
+}
+
+/// A WebSocket connection after the handshake: one read loop, a bounded queue of outgoing
+/// messages, everything on the connection's strand.
+class websocket_session : public websocket_connection,
+                          public std::enable_shared_from_this<websocket_session> {
+ public:
+  websocket_session(beast::tcp_stream stream, connection_slot slot, const http_server_options& options)
+      : ws_(std::move(stream)), slot_(std::move(slot)), options_(options) {}
+
+  void accept(http::request<http::string_body> request, std::function<void(std::shared_ptr<websocket_connection>)> on_open) {
+    ws_.binary(true);
+    ws_.read_message_max(options_.websocket_message_bytes_max);
+    auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
+    timeouts.idle_timeout = std::chrono::seconds(60);  // pings keep a live peer; a dead one is dropped
+    timeouts.keep_alive_pings = true;
+    ws_.set_option(timeouts);
+    auto owned = std::make_shared<http::request<http::string_body>>(std::move(request));
+    ws_.async_accept(*owned, [self = shared_from_this(), owned, on_open = std::move(on_open)](beast::error_code ec) {
+      if (ec) return;  // handshake failed: the peer is gone, nothing was opened
+      on_open(self);
+    });
+  }
+
+  void start(std::function<void(std::string_view)> on_message, std::function<void(std::string)> on_closed) override {
+    asio::post(ws_.get_executor(), [self = shared_from_this(), on_message = std::move(on_message),
+                                    on_closed = std::move(on_closed)]() mutable {
+      self->on_message_ = std::move(on_message);
+      self->on_closed_ = std::move(on_closed);
+      self->read();
+    });
+  }
+
+  void send(std::string message) override {
+    asio::post(ws_.get_executor(), [self = shared_from_this(), message = std::move(message)]() mutable {
+      if (self->closing_) return;
+      self->queued_bytes_ += message.size();
+      if (self->queued_bytes_ > self->options_.websocket_send_queue_bytes_max) {
+        return self->begin_close(websocket::close_code::policy_error, "send queue full: peer too slow");
+      }
+      self->queue_.push_back(std::move(message));
+      self->write_next();
+    });
+  }
+
+  void close(std::uint16_t code, std::string reason) override {
+    asio::post(ws_.get_executor(), [self = shared_from_this(), code, reason = std::move(reason)] {
+      self->begin_close(static_cast<websocket::close_code>(code), reason);
+    });
+  }
+
+ private:
+  void read() {
+    ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      if (ec) return self->closed(ec);
+      const auto data = self->buffer_.cdata();
+      self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+      self->buffer_.consume(self->buffer_.size());
+      self->read();
+    });
+  }
+
+  void write_next() {
+    if (writing_) return;
+    if (queue_.empty()) {
+      if (close_pending_) send_close();
+      return;
+    }
+    writing_ = true;
+    ws_.async_write(asio::buffer(queue_.front()), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      self->writing_ = false;
+      self->queued_bytes_ -= self->queue_.front().size();
+      self->queue_.pop_front();
+      if (ec) return self->closed(ec);
+      self->write_next();
+    });
+  }
+
+  void begin_close(websocket::close_code code, std::string_view reason) {
+    if (closing_) return;
+    closing_ = true;
+    close_reason_ = websocket::close_reason(code, reason.substr(0, 123));
+    local_reason_ = std::string(reason);
+    // One write at a time: a queued message goes out before the close frame.
+    close_pending_ = true;
+    queue_.clear();
+    queued_bytes_ = 0;
+    if (!writing_) send_close();
+  }
+
+  void send_close() {
+    close_pending_ = false;
+    ws_.async_close(close_reason_, [self = shared_from_this()](beast::error_code ec) {
+      if (ec) self->closed(ec);  // otherwise the read loop sees the peer's close frame
+    });
+  }
+
+  void closed(beast::error_code ec) {
+    if (reported_) return;
+    reported_ = true;
+    std::string reason = local_reason_;
+    if (reason.empty()) {
+      reason = ec == websocket::error::closed ? "peer closed: " + std::string(ws_.reason().reason.c_str())
+                                              : ec.message();
+    }
+    // Dropping the callbacks breaks the cycle with whoever they capture (usually the owner of this
+    // connection).
+    auto on_closed = std::move(on_closed_);
+    on_message_ = nullptr;
+    on_closed_ = nullptr;
+    if (on_closed) on_closed(std::move(reason));
+  }
+
+  websocket::stream<beast::tcp_stream> ws_;
+  connection_slot slot_;
+  const http_server_options& options_;
+  beast::flat_buffer buffer_;
+  std::deque<std::string> queue_;
+  std::size_t queued_bytes_ = 0;
+  bool writing_ = false;
+  bool closing_ = false;
+  bool close_pending_ = false;
+  bool reported_ = false;
+  websocket::close_reason close_reason_;
+  std::string local_reason_;
+  std::function<void(std::string_view)> on_message_;
+  std::function<void(std::string)> on_closed_;
+};
+
+class session;
+
+/// The reply handed to a handler: forwards to its session, tagged with the request it answers.
+class reply_handle final : public http_reply {
+ public:
+  reply_handle(std::shared_ptr<session> owner, std::uint64_t request) : owner_(std::move(owner)), request_(request) {}
+  void send(http_response response) override;
+  void start_stream(unsigned status, std::string content_type, http_headers headers) override;
+  void write(std::string data) override;
+  void finish() override;
+  void on_close(std::function<void()> callback) override;
+
+ private:
+  std::shared_ptr<session> owner_;
+  std::uint64_t request_;
+};
+
+/// One client connection: reads requests in turn; while one is answered it watches the socket so
+/// that a client going away is noticed at once (and the handler told), not at the next write.
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(tcp::socket socket, const http_server_options& options, const http_handler& handler,
-          std::atomic<std::size_t>& open)
-      : stream_(std::move(socket)), options_(options), handler_(handler), open_(open) {}
-  ~session() { open_.fetch_sub(1); }
+  session(tcp::socket socket, connection_slot slot, const http_server_options& options,
+          const http_handler& handler, const websocket_handler& upgrade)
+      : stream_(std::move(socket)), slot_(std::move(slot)), options_(options), handler_(handler), upgrade_(upgrade) {}
 
   void start() { read(); }
 
   void reject_busy() {
-    write(to_beast(json_error(503, "too many open connections; retry later"), 11, false), false);
+    keep_alive_ = false;
+    queue(serialize(json_error(503, "too many open connections; retry later", "server_error"), false));
+    complete_ = true;
+    write_next();
   }
 
+  // Called on the strand through reply_handle.
+  void send(std::uint64_t request, http_response response) {
+    if (!answering(request) || started_) return;
+    started_ = true;
+    complete_ = true;
+    queue(serialize(response, keep_alive_));
+    write_next();
+  }
+
+  void start_stream(std::uint64_t request, unsigned status, std::string content_type, http_headers headers) {
+    if (!answering(request) || started_) return;
+    started_ = true;
+    headers.emplace_back("Cache-Control", "no-cache");
+    headers.emplace_back("Transfer-Encoding", "chunked");
+    queue(status_line_and_headers(status, content_type, headers, keep_alive_) + "\r\n");
+    write_next();
+  }
+
+  void write(std::uint64_t request, std::string data) {
+    if (!answering(request) || !started_ || complete_ || data.empty()) return;
+    char size[20];
+    const int n = std::snprintf(size, sizeof size, "%zx\r\n", data.size());
+    pending_.append(size, static_cast<std::size_t>(n));
+    pending_ += data;
+    pending_ += "\r\n";
+    if (pending_.size() > options_.stream_buffer_bytes_max) return gone();  // a client that does not read
+    write_next();
+  }
+
+  void finish(std::uint64_t request) {
+    if (!answering(request) || !started_ || complete_) return;
+    complete_ = true;
+    queue("0\r\n\r\n");
+    write_next();
+  }
+
+  void on_close(std::uint64_t request, std::function<void()> callback) {
+    if (request != request_) return;
+    if (gone_) return callback();
+    close_callbacks_.push_back(std::move(callback));
+  }
+
+  asio::any_io_executor executor() { return stream_.get_executor(); }
+
  private:
+  bool answering(std::uint64_t request) const { return request == request_ && !gone_; }
+
   void read() {
     parser_.emplace();
     parser_->header_limit(static_cast<std::uint32_t>(options_.header_bytes_max));
@@ -58,62 +308,165 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void on_read(beast::error_code ec) {
-    if (ec == http::error::end_of_stream || ec == beast::error::timeout) return close();
-    if (ec == http::error::header_limit) {
-      return write(to_beast(json_error(431, "request headers exceed header_bytes_max"), 11, false), false);
-    }
-    if (ec == http::error::body_limit) {
-      return write(to_beast(json_error(413, "request body exceeds body_bytes_max"), 11, false), false);
-    }
-    if (ec) return close();
+    if (ec == http::error::header_limit) return refuse(json_error(431, "request headers exceed header_bytes_max", "invalid_request_error"));
+    if (ec == http::error::body_limit) return refuse(json_error(413, "request body exceeds body_bytes_max", "invalid_request_error"));
+    if (ec) return gone();
     auto& message = parser_->get();
-    http_request request;
-    request.method = std::string(message.method_string());
-    request.target = std::string(message.target());
-    for (const auto& field : message) {
-      std::string name(field.name_string());
-      for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-      request.headers.emplace(std::move(name), std::string(field.value()));
-    }
-    request.body = std::move(message.body());
-    http_response response;
+    if (upgrade_ && websocket::is_upgrade(message)) return on_upgrade(parser_->release());
+    keep_alive_ = message.keep_alive();
+    auto request = to_request(std::move(message), stream_.socket());
+    ++request_;
+    started_ = false;
+    complete_ = false;
+    close_callbacks_.clear();
+    stream_.expires_never();  // the handler may take its time; the watch notices a client leaving
+    watch();
     try {
-      response = handler_(request);
-    } catch (const std::exception& e) {  // process edge: a handler bug must not kill the server
-      response = json_error(500, "internal error");
+      handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), request_));
+    } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
+      send(request_, json_error(500, "internal error", "server_error"));
     }
-    const bool keep_alive = message.keep_alive();
-    write(to_beast(response, message.version(), keep_alive), keep_alive);
   }
 
-  void write(http::response<http::string_body> response, bool keep_alive) {
-    auto owned = std::make_shared<http::response<http::string_body>>(std::move(response));
-    http::async_write(stream_, *owned,
-                      [self = shared_from_this(), owned, keep_alive](beast::error_code ec, std::size_t) {
-                        if (ec || !keep_alive) return self->close();
-                        self->read();
-                      });
+  void on_upgrade(http::request<http::string_body> message) {
+    auto decision = upgrade_(to_request(http::request<http::string_body>(message), stream_.socket()));
+    if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused));
+    auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_);
+    ws->accept(std::move(message), std::move(std::get<websocket_accept>(decision).on_open));
   }
 
-  void close() {
+  void refuse(http_response response) {
+    keep_alive_ = false;
+    ++request_;
+    started_ = true;
+    complete_ = true;
+    queue(serialize(response, false));
+    write_next();
+  }
+
+  /// Reads while an answer is pending: end of stream means the client went away; bytes (a
+  /// pipelined request) stay in the buffer for the next parse.
+  void watch() {
+    watching_ = true;
+    stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+      self->watching_ = false;
+      if (ec == asio::error::operation_aborted && self->read_next_) {
+        self->read_next_ = false;
+        return self->read();
+      }
+      if (ec) return self->gone();
+      self->buffer_.commit(n);
+      if (self->read_next_) {
+        self->read_next_ = false;
+        return self->read();
+      }
+      if (self->buffer_.size() < self->options_.header_bytes_max) self->watch();
+    });
+  }
+
+  void queue(std::string bytes) { pending_ += bytes; }
+
+  void write_next() {
+    if (writing_ || gone_) return;
+    if (pending_.empty()) {
+      if (complete_) next_request();
+      return;
+    }
+    writing_ = true;
+    in_flight_.swap(pending_);
+    pending_.clear();
+    asio::async_write(stream_, asio::buffer(in_flight_), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      self->writing_ = false;
+      self->in_flight_.clear();
+      if (ec) return self->gone();
+      self->write_next();
+    });
+  }
+
+  void next_request() {
+    complete_ = false;
+    started_ = false;
+    ++request_;  // late calls on the old reply are ignored
+    close_callbacks_.clear();
+    if (!keep_alive_) {
+      beast::error_code ec;
+      stream_.socket().shutdown(tcp::socket::shutdown_send, ec);  // the peer may be gone already
+      return;
+    }
+    if (watching_) {
+      read_next_ = true;
+      beast::error_code ec;
+      stream_.socket().cancel(ec);  // the watch ends and starts the next read
+      return;
+    }
+    read();
+  }
+
+  void gone() {
+    if (gone_) return;
+    gone_ = true;
+    auto callbacks = std::move(close_callbacks_);
+    close_callbacks_.clear();
+    for (auto& callback : callbacks) callback();
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);  // peer may be gone already
+    stream_.socket().close(ec);
   }
 
   beast::tcp_stream stream_;
+  connection_slot slot_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   const http_server_options& options_;
   const http_handler& handler_;
-  std::atomic<std::size_t>& open_;
+  const websocket_handler& upgrade_;
+  std::uint64_t request_ = 0;  ///< the request being answered; replies for others are ignored
+  bool keep_alive_ = true;
+  bool started_ = false;   ///< the answer's first bytes are queued
+  bool complete_ = false;  ///< the answer's last bytes are queued
+  bool writing_ = false;
+  bool watching_ = false;
+  bool read_next_ = false;
+  bool gone_ = false;
+  std::string pending_;    ///< bytes queued behind the write in flight
+  std::string in_flight_;
+  std::vector<std::function<void()>> close_callbacks_;
 };
+
+void reply_handle::send(http_response response) {
+  asio::post(owner_->executor(), [owner = owner_, request = request_, response = std::move(response)]() mutable {
+    owner->send(request, std::move(response));
+  });
+}
+
+void reply_handle::start_stream(unsigned status, std::string content_type, http_headers headers) {
+  asio::post(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
+                                  headers = std::move(headers)]() mutable {
+    owner->start_stream(request, status, std::move(content_type), std::move(headers));
+  });
+}
+
+void reply_handle::write(std::string data) {
+  asio::post(owner_->executor(), [owner = owner_, request = request_, data = std::move(data)]() mutable {
+    owner->write(request, std::move(data));
+  });
+}
+
+void reply_handle::finish() {
+  asio::post(owner_->executor(), [owner = owner_, request = request_] { owner->finish(request); });
+}
+
+void reply_handle::on_close(std::function<void()> callback) {
+  asio::post(owner_->executor(), [owner = owner_, request = request_, callback = std::move(callback)]() mutable {
+    owner->on_close(request, std::move(callback));
+  });
+}
 
 }  // namespace
 
 class http_server::impl {
  public:
-  impl(http_server_options options, http_handler handler)
-      : options_(std::move(options)), handler_(std::move(handler)), acceptor_(io_) {}
+  impl(http_server_options options, http_handler handler, websocket_handler upgrade)
+      : options_(std::move(options)), handler_(std::move(handler)), upgrade_(std::move(upgrade)), acceptor_(io_) {}
 
   ~impl() {
     io_.stop();
@@ -145,6 +498,7 @@ class http_server::impl {
   }
 
   std::uint16_t port() const noexcept { return port_; }
+  std::size_t open() const noexcept { return open_.load(); }
 
  private:
   void accept() {
@@ -153,8 +507,9 @@ class http_server::impl {
         if (ec != asio::error::operation_aborted) accept();
         return;
       }
+      (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
-      auto s = std::make_shared<session>(std::move(socket), options_, handler_, open_);
+      auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_);
       if (now_open > options_.connections_max) s->reject_busy();
       else s->start();
       accept();
@@ -164,6 +519,7 @@ class http_server::impl {
   // Declared before io_: sessions destroyed with io_ still refer to these.
   http_server_options options_;
   http_handler handler_;
+  websocket_handler upgrade_;
   std::atomic<std::size_t> open_{0};
   asio::io_context io_;
   tcp::acceptor acceptor_;
@@ -172,8 +528,9 @@ class http_server::impl {
 };
 
 expected<std::unique_ptr<http_server>, std::string> http_server::start(http_server_options options,
-                                                                       http_handler handler) {
-  auto state = std::make_unique<impl>(std::move(options), std::move(handler));
+                                                                       http_handler handler,
+                                                                       websocket_handler upgrade) {
+  auto state = std::make_unique<impl>(std::move(options), std::move(handler), std::move(upgrade));
   if (auto started = state->start(); !started) return unexpected{started.error()};
   return std::unique_ptr<http_server>(new http_server(std::move(state)));
 }
@@ -181,5 +538,6 @@ expected<std::unique_ptr<http_server>, std::string> http_server::start(http_serv
 http_server::http_server(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 http_server::~http_server() = default;
 std::uint16_t http_server::port() const noexcept { return impl_->port(); }
+std::size_t http_server::connections_open() const noexcept { return impl_->open(); }
 
 }  // namespace gpustream::gateway

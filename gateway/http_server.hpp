@@ -1,7 +1,7 @@
 #pragma once
-/// A small HTTP/1.1 server on Boost.Beast: keep-alive, bounded headers and bodies, a bounded number
-/// of open connections, idle timeouts. Requests are handed to one handler function. Beast stays
-/// behind this header.
+/// The HTTP/1.1 and WebSocket server on Boost.Beast: keep-alive, bounded headers and bodies, a
+/// bounded number of open connections, idle timeouts, asynchronous handlers that answer whole or
+/// stream (SSE), and WebSocket upgrades. Beast stays behind this header.
 
 #include <chrono>
 #include <cstdint>
@@ -9,25 +9,90 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
 
 #include "base/expected.hpp"
 
 namespace gpustream::gateway {
+
+using http_headers = std::vector<std::pair<std::string, std::string>>;
 
 struct http_request {
   std::string method;  ///< "GET", "POST", …
   std::string target;  ///< path and query, e.g. "/healthz"
   std::map<std::string, std::string> headers;  ///< lower-case names
   std::string body;
+  std::string remote_address;  ///< the peer's IP address, for logs and limits
+
+  /// The path without the query.
+  [[nodiscard]] std::string_view path() const noexcept {
+    return std::string_view(target).substr(0, target.find('?'));
+  }
+  /// A header's value, or "" when absent. `name` is lower-case.
+  [[nodiscard]] std::string_view header(const std::string& name) const {
+    const auto it = headers.find(name);
+    return it == headers.end() ? std::string_view{} : std::string_view(it->second);
+  }
 };
 
 struct http_response {
   unsigned status = 200;
   std::string content_type = "application/json";
   std::string body;
+  http_headers headers;  ///< extra headers, e.g. Retry-After, Location, CORS
 };
 
-using http_handler = std::function<http_response(const http_request&)>;
+/// The answering side of one request. Thread-safe: every call is carried to the connection's own
+/// strand, so handlers may answer from any thread, later. Exactly one of send() or
+/// start_stream()…finish() should be used; calls after the answer is complete or after the client
+/// went away are ignored.
+class http_reply {
+ public:
+  virtual ~http_reply() = default;
+  /// Sends a whole response.
+  virtual void send(http_response response) = 0;
+  /// Starts a streamed (chunked) response, e.g. `text/event-stream` for SSE.
+  virtual void start_stream(unsigned status, std::string content_type, http_headers headers) = 0;
+  /// Queues one piece of a streamed response. Pieces queued while a write is in flight go out
+  /// together. A client that lets more than stream_buffer_bytes_max pile up is disconnected.
+  virtual void write(std::string data) = 0;
+  /// Ends a streamed response; the connection then serves its next request.
+  virtual void finish() = 0;
+  /// Calls `callback` once, on the connection's strand, if the client goes away before the answer
+  /// is complete (at once when it already has).
+  virtual void on_close(std::function<void()> callback) = 0;
+};
+
+using http_handler = std::function<void(http_request, std::shared_ptr<http_reply>)>;
+
+/// One open WebSocket connection (binary messages). Thread-safe like http_reply.
+class websocket_connection {
+ public:
+  virtual ~websocket_connection() = default;
+  /// Starts reading. Messages arrive one at a time on the connection's strand; `on_closed` is
+  /// called once with the reason when the connection ends, from either side.
+  virtual void start(std::function<void(std::string_view message)> on_message,
+                     std::function<void(std::string reason)> on_closed) = 0;
+  /// Queues a binary message. A peer that lets more than websocket_send_queue_bytes_max pile up
+  /// is disconnected (close code 1008).
+  virtual void send(std::string message) = 0;
+  /// Closes with a WebSocket close code (1000 normal, 1002 protocol error, 1008 policy, 1009 too
+  /// big) and a reason (at most 123 bytes are sent).
+  virtual void close(std::uint16_t code, std::string reason) = 0;
+};
+
+/// The server accepted an upgrade: on_open runs on the connection's strand once the handshake
+/// is done.
+struct websocket_accept {
+  std::function<void(std::shared_ptr<websocket_connection>)> on_open;
+};
+
+/// What to do with an upgrade request: refuse it with an HTTP response, or accept it.
+using websocket_decision = std::variant<http_response, websocket_accept>;
+using websocket_handler = std::function<websocket_decision(const http_request&)>;
 
 struct http_server_options {
   /// Address to listen on. Default: 127.0.0.1 (loopback only).
@@ -40,23 +105,32 @@ struct http_server_options {
   std::size_t header_bytes_max = 16 * 1024;
   /// Largest request body, bytes; larger gets 413. Default: 1 MiB.
   std::size_t body_bytes_max = 1024 * 1024;
-  /// Most open connections; more are closed at once after a 503. Default: 1024.
-  std::size_t connections_max = 1024;
+  /// Most open connections (WebSocket ones included); more get a 503 and are closed. Default: 10,000.
+  std::size_t connections_max = 10'000;
   /// A connection with no complete request for this long is closed. Default: 30 s.
   std::chrono::seconds idle_timeout{30};
+  /// Most bytes of a streamed response waiting for a slow client. Default: 4 MiB.
+  std::size_t stream_buffer_bytes_max = 4 * 1024 * 1024;
+  /// Largest WebSocket message received; larger closes the connection with 1009. Default: 1 MiB.
+  std::size_t websocket_message_bytes_max = 1024 * 1024;
+  /// Most bytes queued for a WebSocket peer. Default: 16 MiB.
+  std::size_t websocket_send_queue_bytes_max = 16 * 1024 * 1024;
 };
 
 class http_server {
  public:
   /// Binds and starts serving on background threads. Fails with a message naming the address.
+  /// Without a websocket handler, upgrade requests are treated as plain requests.
   [[nodiscard]] static expected<std::unique_ptr<http_server>, std::string> start(
-      http_server_options options, http_handler handler);
+      http_server_options options, http_handler handler, websocket_handler upgrade = {});
   ~http_server();  ///< stops accepting, closes connections, joins the threads
   http_server(const http_server&) = delete;
   http_server& operator=(const http_server&) = delete;
 
   /// The port actually bound (useful with port 0).
   [[nodiscard]] std::uint16_t port() const noexcept;
+  /// Connections open now (HTTP and WebSocket).
+  [[nodiscard]] std::size_t connections_open() const noexcept;
 
   class impl;
 

@@ -58,8 +58,8 @@ const std::string healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
 
 std::unique_ptr<http_server> start(http_server_options options) {
   options.port = 0;
-  auto server = http_server::start(options, [](const http_request&) {
-    return http_response{200, "text/plain", "ok"};
+  auto server = http_server::start(options, [](const http_request&, std::shared_ptr<http_reply> reply) {
+    reply->send(http_response{200, "text/plain", "ok", {}});
   });
   EXPECT_TRUE(server.has_value()) << (server ? "" : server.error());
   return server ? std::move(server).value() : nullptr;
