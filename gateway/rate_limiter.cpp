@@ -1,0 +1,49 @@
+#include "gateway/rate_limiter.hpp"
+
+#include <algorithm>
+
+#include "base/ensure.hpp"
+
+namespace gpustream::gateway {
+
+rate_limiter::rate_limiter(rate_limiter_options options) : options_(options) {
+  GPUSTREAM_ENSURE(options_.requests_per_minute >= 1);
+  GPUSTREAM_ENSURE(options_.burst >= 1);
+  GPUSTREAM_ENSURE(options_.keys_max >= 1);
+  interval_ = std::chrono::duration_cast<clock::duration>(std::chrono::minutes(1)) / options_.requests_per_minute;
+  tolerance_ = interval_ * (options_.burst - 1);
+}
+
+rate_decision rate_limiter::check(std::string_view key, clock::time_point now) {
+  std::lock_guard lock(mutex_);
+  auto found = index_.find(key);
+  if (found == index_.end()) {
+    if (entries_.size() >= options_.keys_max) {
+      // The least recently used key goes; it is also the one most likely to have refilled.
+      index_.erase(entries_.front().key);
+      entries_.pop_front();
+    }
+    entries_.push_back(entry{std::string(key), now});
+    found = index_.emplace(entries_.back().key, std::prev(entries_.end())).first;
+  } else {
+    entries_.splice(entries_.end(), entries_, found->second);
+  }
+  entry& bucket = *found->second;
+  // A bucket full before now has simply been idle: it holds `burst` tokens, no more.
+  const clock::time_point start = std::max(bucket.full_at, now);
+  if (start - now > tolerance_) {
+    // Refused: the next token arrives when full_at - tolerance is reached.
+    const clock::duration wait = start - tolerance_ - now;
+    const auto seconds = std::chrono::ceil<std::chrono::seconds>(wait).count();
+    return rate_decision{false, static_cast<std::uint32_t>(std::max<std::int64_t>(seconds, 1))};
+  }
+  bucket.full_at = start + interval_;
+  return rate_decision{true, 0};
+}
+
+std::size_t rate_limiter::keys() const {
+  std::lock_guard lock(mutex_);
+  return entries_.size();
+}
+
+}  // namespace gpustream::gateway
