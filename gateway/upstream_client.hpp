@@ -85,8 +85,8 @@ enum class upstream_error_kind {
 
 struct upstream_error {
   upstream_error_kind kind = upstream_error_kind::protocol;
-  /// What went wrong, for logs and for the user; for kind http_status it carries the message
-  /// from the backend's OpenAI error body when there is one. Never contains prompt text.
+  /// What went wrong, for logs and for the user; for kind http_status and backend it carries the
+  /// backend's own message (from its OpenAI error body, at most 500 bytes) when there is one.
   std::string message;
   /// The HTTP status when kind is http_status, otherwise 0.
   unsigned http_status = 0;
@@ -138,10 +138,12 @@ class upstream_sse_parser {
       std::string_view bytes, const std::function<bool(std::string_view data)>& on_event);
 
  private:
-  bool line_complete(const std::function<bool(std::string_view)>& on_event);
+  // Handles one complete line; false when on_event asked to stop.
+  bool take_line(std::string_view line, const std::function<bool(std::string_view)>& on_event);
+  [[nodiscard]] bool within_limit(std::size_t pending_bytes);
 
   std::size_t event_bytes_max_;
-  std::string line_;   // the line being read, without its end
+  std::string line_;   // the start of a line whose end has not arrived yet
   std::string data_;   // the data of the event being read
   bool has_data_ = false;
   bool after_cr_ = false;  // the last byte was "\r": a "\n" right after it ends nothing

@@ -1,0 +1,691 @@
+/// The OpenAI-compatible upstream client against the real test upstream (tests/upstream), run as
+/// a child process, and its SSE parser on its own.
+
+#include "gateway/upstream_client.hpp"
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+#include <gtest/gtest.h>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <future>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace gpustream::gateway {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+using namespace std::chrono_literals;
+
+/// How long any test waits for something that should happen within milliseconds.
+constexpr auto generous = 10s;
+
+/// The test upstream as a child process on a free loopback port; SIGTERM when destroyed.
+class upstream_process {
+ public:
+  static std::unique_ptr<upstream_process> start(std::vector<std::string> arguments,
+                                                 std::string listen = "127.0.0.1:0") {
+    auto process = std::unique_ptr<upstream_process>(new upstream_process);
+    if (!process->spawn(std::move(arguments), std::move(listen))) return nullptr;
+    return process;
+  }
+
+  ~upstream_process() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+    }
+    if (out_ >= 0) ::close(out_);
+  }
+
+  std::uint16_t port() const { return port_; }
+  std::string base_url() const { return "http://127.0.0.1:" + std::to_string(port_) + "/v1"; }
+
+  /// GET /stats, synchronously.
+  json::object stats() const {
+    asio::io_context io;
+    tcp::socket socket(io);
+    socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port_));
+    http::request<http::string_body> request{http::verb::get, "/stats", 11};
+    request.set(http::field::host, "127.0.0.1");
+    request.keep_alive(false);
+    http::write(socket, request);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> response;
+    http::read(socket, buffer, response);
+    return json::parse(response.body()).as_object();
+  }
+
+  std::int64_t stat(const char* name) const { return stats().at(name).to_number<std::int64_t>(); }
+
+  /// Waits until a /stats counter reaches `value`; how long it took, or nullopt past the deadline.
+  std::optional<std::chrono::milliseconds> wait_stat(const char* name, std::int64_t value) const {
+    const auto start = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() - start < generous) {
+      if (stat(name) == value) {
+        return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start);
+      }
+      std::this_thread::yield();  // polling a real counter, not waiting for time to pass
+    }
+    return std::nullopt;
+  }
+
+ private:
+  upstream_process() = default;
+
+  bool spawn(std::vector<std::string> arguments, std::string listen) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return false;
+    std::vector<std::string> all{GPUSTREAM_TEST_UPSTREAM, "--listen", listen, "--threads", "2"};
+    all.insert(all.end(), arguments.begin(), arguments.end());
+    std::vector<char*> argv;
+    for (auto& argument : all) argv.push_back(argument.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+    const int spawned = ::posix_spawn(&pid_, GPUSTREAM_TEST_UPSTREAM, &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(fds[1]);
+    out_ = fds[0];
+    if (spawned != 0) {
+      pid_ = -1;
+      return false;
+    }
+    return read_port();
+  }
+
+  bool read_port() {
+    std::string line;
+    const auto deadline = std::chrono::steady_clock::now() + generous;
+    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+      pollfd ready{out_, POLLIN, 0};
+      if (::poll(&ready, 1, 100) <= 0) continue;
+      char piece[256];
+      const auto got = ::read(out_, piece, sizeof piece);
+      if (got <= 0) return false;
+      line.append(piece, static_cast<std::size_t>(got));
+    }
+    const auto colon = line.rfind(':');
+    if (!line.starts_with("listening ") || colon == std::string::npos) return false;
+    port_ = static_cast<std::uint16_t>(std::stoul(line.substr(colon + 1)));
+    return port_ != 0;
+  }
+
+  pid_t pid_ = -1;
+  int out_ = -1;
+  std::uint16_t port_ = 0;
+};
+
+/// An io_context run by background threads for the test's lifetime.
+class io_threads {
+ public:
+  explicit io_threads(int count = 2) : work_(asio::make_work_guard(io_)) {
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this] { io_.run(); });
+  }
+  ~io_threads() {
+    work_.reset();
+    io_.stop();
+    for (auto& thread : threads_) thread.join();
+  }
+  asio::io_context& io() { return io_; }
+
+ private:
+  asio::io_context io_;
+  asio::executor_work_guard<asio::io_context::executor_type> work_;
+  std::vector<std::thread> threads_;
+};
+
+/// Everything one stream reported, with waits on it.
+class stream_log {
+ public:
+  upstream_stream_handlers handlers() {
+    return {[this](std::string_view text) { record([&] { deltas_.emplace_back(text); }); },
+            [this](std::string finish_reason, std::optional<upstream_usage> usage) {
+              record([&] {
+                ++finals_;
+                finish_reason_ = std::move(finish_reason);
+                usage_ = usage;
+              });
+            },
+            [this](upstream_error error) {
+              record([&] {
+                ++finals_;
+                error_ = std::move(error);
+              });
+            }};
+  }
+
+  bool wait_final() {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, generous, [this] { return finals_ > 0; });
+  }
+  bool wait_deltas(std::size_t count) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, generous, [&] { return deltas_.size() >= count; });
+  }
+
+  std::vector<std::string> deltas() const {
+    std::lock_guard lock(mutex_);
+    return deltas_;
+  }
+  int finals() const {
+    std::lock_guard lock(mutex_);
+    return finals_;
+  }
+  std::optional<std::string> finish_reason() const {
+    std::lock_guard lock(mutex_);
+    return finish_reason_;
+  }
+  std::optional<upstream_usage> usage() const {
+    std::lock_guard lock(mutex_);
+    return usage_;
+  }
+  std::optional<upstream_error> error() const {
+    std::lock_guard lock(mutex_);
+    return error_;
+  }
+
+ private:
+  // Notifies under the lock: the waiter may destroy the log as soon as it wakes.
+  template <class F>
+  void record(F change) {
+    std::lock_guard lock(mutex_);
+    change();
+    changed_.notify_all();
+  }
+
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<std::string> deltas_;
+  int finals_ = 0;
+  std::optional<std::string> finish_reason_;
+  std::optional<upstream_usage> usage_;
+  std::optional<upstream_error> error_;
+};
+
+std::vector<std::string> expected_tokens(int count) {
+  std::vector<std::string> tokens;
+  for (int i = 0; i < count; ++i) tokens.push_back("tok" + std::to_string(i) + " ");
+  return tokens;
+}
+
+std::string chat_body(std::optional<int> max_tokens = std::nullopt, bool stream = true,
+                      std::string model = "test-model") {
+  json::object body{{"model", model},
+                    {"messages", json::array{json::object{{"role", "system"}, {"content", "be brief"}},
+                                             json::object{{"role", "user"}, {"content", "say three words"}}}},
+                    {"stream", stream},
+                    {"stream_options", json::object{{"include_usage", true}}}};
+  if (max_tokens) body["max_tokens"] = *max_tokens;
+  return json::serialize(body);
+}
+
+constexpr std::uint32_t chat_body_prompt_words = 5;  // "be brief" + "say three words"
+
+/// Options with one field set, the rest at their defaults.
+template <class Field, class Value>
+upstream_options options_with(Field upstream_options::*field, Value value) {
+  upstream_options options;
+  options.*field = value;
+  return options;
+}
+
+upstream_client make_client(asio::io_context& io, const upstream_process& upstream,
+                            upstream_options options = {}) {
+  options.base_url = upstream.base_url();
+  auto client = upstream_client::create(io, std::move(options));
+  GPUSTREAM_ENSURE(client.has_value());
+  return std::move(client).value();
+}
+
+// ---- the SSE parser alone
+
+std::vector<std::string> parse_in_pieces(std::string_view input, const std::vector<std::size_t>& cuts,
+                                         std::size_t event_bytes_max = 1024) {
+  upstream_sse_parser parser(event_bytes_max);
+  std::vector<std::string> events;
+  std::size_t at = 0;
+  auto pieces = cuts;
+  pieces.push_back(input.size());
+  for (const auto cut : pieces) {
+    const auto fed = parser.feed(input.substr(at, cut - at), [&](std::string_view data) {
+      events.emplace_back(data);
+      return true;
+    });
+    EXPECT_TRUE(fed.has_value());
+    at = cut;
+  }
+  return events;
+}
+
+TEST(UpstreamSseParser, EventsComeOutWhereverTheBytesAreSplit) {
+  const std::string input =
+      ": keep-alive comment\n"
+      "data: {\"a\":1}\n\n"
+      "event: message\r\nid: 7\r\ndata: first line\r\ndata:second line\r\n\r\n"
+      "data: cr only\r\rdata\n\n"
+      "retry: 10\n"
+      "data: [DONE]\n\n";
+  const std::vector<std::string> expected{"{\"a\":1}", "first line\nsecond line", "cr only", "", "[DONE]"};
+  EXPECT_EQ(parse_in_pieces(input, {}), expected);
+  for (std::size_t cut = 1; cut < input.size(); ++cut) {
+    EXPECT_EQ(parse_in_pieces(input, {cut}), expected) << "split at byte " << cut;
+  }
+  std::vector<std::size_t> every_byte;
+  for (std::size_t cut = 1; cut < input.size(); ++cut) every_byte.push_back(cut);
+  EXPECT_EQ(parse_in_pieces(input, every_byte), expected);
+}
+
+TEST(UpstreamSseParser, CrLfSplitAcrossReadsEndsOneLineOnly) {
+  // "\r" at the end of one read and "\n" at the start of the next are one line end, so the
+  // event ends at the blank line after them, not earlier.
+  EXPECT_EQ(parse_in_pieces("data: a\r\ndata: b\r\n\r\n", {8}), (std::vector<std::string>{"a\nb"}));
+}
+
+TEST(UpstreamSseParser, AnEventOverTheLimitFailsAndStaysFailed) {
+  upstream_sse_parser parser(16);
+  int events = 0;
+  const auto count = [&](std::string_view) {
+    ++events;
+    return true;
+  };
+  EXPECT_TRUE(parser.feed("data: 0123456789\n\n", count).has_value());
+  EXPECT_EQ(events, 1);
+  EXPECT_FALSE(parser.feed("data: 0123456789\ndata: 0123456789\n\n", count).has_value());
+  EXPECT_FALSE(parser.feed("data: x\n\n", count).has_value());
+  EXPECT_EQ(events, 1);
+
+  upstream_sse_parser unterminated(16);
+  EXPECT_FALSE(unterminated.feed(": a comment line that never ends and never ends", count).has_value());
+}
+
+TEST(UpstreamSseParser, StopsWhenTheConsumerSaysSo) {
+  upstream_sse_parser parser(1024);
+  std::vector<std::string> events;
+  const auto fed = parser.feed("data: a\n\ndata: b\n\n", [&](std::string_view data) {
+    events.emplace_back(data);
+    return false;
+  });
+  EXPECT_TRUE(fed.has_value());
+  EXPECT_EQ(events, std::vector<std::string>{"a"});
+}
+
+// ---- the client against the test upstream
+
+TEST(UpstreamClient, RejectsBaseUrlsItCannotUse) {
+  asio::io_context io;
+  for (const char* url : {"https://api.example.com/v1", "http:///v1", "http://host:0/v1", "http://host:99999",
+                          "http://user:secret@host/v1", "ftp://host", "http://host/v1?x=1"}) {
+    upstream_options options;
+    options.base_url = url;
+    auto client = upstream_client::create(io, options);
+    EXPECT_FALSE(client.has_value()) << url;
+  }
+  for (const char* url : {"http://localhost:1234/v1", "http://127.0.0.1:11434/v1/", "http://[::1]:8000/v1",
+                          "http://backend"}) {
+    upstream_options options;
+    options.base_url = url;
+    auto client = upstream_client::create(io, options);
+    EXPECT_TRUE(client.has_value()) << url;
+  }
+}
+
+TEST(UpstreamClient, ListsModelsWithTheirContextLength) {
+  auto upstream = upstream_process::start({"--models", "alpha,beta-7b", "--context-length", "8192"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  std::promise<expected<std::vector<upstream_model>, upstream_error>> listed;
+  client.list_models([&](auto models) { listed.set_value(std::move(models)); });
+  auto result = listed.get_future();
+  ASSERT_EQ(result.wait_for(generous), std::future_status::ready);
+  const auto models = result.get();
+  ASSERT_TRUE(models.has_value()) << models.error().message;
+  ASSERT_EQ(models->size(), 2u);
+  EXPECT_EQ((*models)[0].id, "alpha");
+  EXPECT_EQ((*models)[1].id, "beta-7b");
+  EXPECT_EQ((*models)[0].context_length_tokens, 8192u);
+  EXPECT_EQ((*models)[1].context_length_tokens, 8192u);
+}
+
+TEST(UpstreamClient, StreamsChatDeltasInOrderThenUsage) {
+  auto upstream = upstream_process::start({"--tokens", "7", "--token-interval-us", "200"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(7));
+  EXPECT_EQ(log.finish_reason(), "stop");
+  ASSERT_TRUE(log.usage());
+  EXPECT_EQ(log.usage()->completion_tokens, 7u);
+  EXPECT_EQ(log.usage()->prompt_tokens, chat_body_prompt_words);
+  EXPECT_EQ(log.finals(), 1);
+  EXPECT_TRUE(upstream->wait_stat("completed", 1));  // counted when the last write completes
+}
+
+TEST(UpstreamClient, StreamsTextCompletionsCutByMaxTokens) {
+  auto upstream = upstream_process::start({"--tokens", "50"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log log;
+  const std::string body =
+      R"({"model":"test-model","prompt":"once upon a time","max_tokens":4,"stream":true,"stream_options":{"include_usage":true}})";
+  auto request = client.stream("/completions", body, log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(4));
+  EXPECT_EQ(log.finish_reason(), "length");
+  ASSERT_TRUE(log.usage());
+  EXPECT_EQ(log.usage()->prompt_tokens, 4u);
+  EXPECT_EQ(log.usage()->completion_tokens, 4u);
+}
+
+TEST(UpstreamClient, ReportsUsageAsTheBackendSentIt) {
+  struct mode_case {
+    const char* mode;
+    std::optional<upstream_usage> usage;
+  };
+  for (const auto& [mode, usage] : {mode_case{"none", std::nullopt}, mode_case{"zero", upstream_usage{0, 0}},
+                                    mode_case{"cumulative", upstream_usage{chat_body_prompt_words, 5}}}) {
+    auto upstream = upstream_process::start({"--tokens", "5", "--usage", mode});
+    ASSERT_TRUE(upstream);
+    io_threads threads;
+    auto client = make_client(threads.io(), *upstream);
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+    ASSERT_TRUE(log.wait_final()) << mode;
+    ASSERT_FALSE(log.error()) << mode << ": " << log.error()->message;
+    EXPECT_EQ(log.deltas().size(), 5u) << mode;
+    ASSERT_EQ(log.usage().has_value(), usage.has_value()) << mode;
+    if (usage) {
+      EXPECT_EQ(log.usage()->prompt_tokens, usage->prompt_tokens) << mode;
+      EXPECT_EQ(log.usage()->completion_tokens, usage->completion_tokens) << mode;
+    }
+  }
+}
+
+TEST(UpstreamClient, AcceptsAWholeJsonAnswerInsteadOfAStream) {
+  auto upstream = upstream_process::start({"--tokens", "3"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(std::nullopt, false), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), std::vector<std::string>{"tok0 tok1 tok2 "});
+  EXPECT_EQ(log.finish_reason(), "stop");
+  ASSERT_TRUE(log.usage());
+  EXPECT_EQ(log.usage()->completion_tokens, 3u);
+}
+
+TEST(UpstreamClient, AnErrorStatusCarriesTheBackendsMessage) {
+  {
+    auto upstream = upstream_process::start({"--fail-status", "503"});
+    ASSERT_TRUE(upstream);
+    io_threads threads;
+    auto client = make_client(threads.io(), *upstream);
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_TRUE(log.error());
+    EXPECT_EQ(log.error()->kind, upstream_error_kind::http_status);
+    EXPECT_EQ(log.error()->http_status, 503u);
+    EXPECT_NE(log.error()->message.find("configured to fail every completion with HTTP 503"), std::string::npos)
+        << log.error()->message;
+    EXPECT_TRUE(log.error()->upstream_fault);
+    EXPECT_TRUE(log.deltas().empty());
+  }
+  {
+    auto upstream = upstream_process::start({});
+    ASSERT_TRUE(upstream);
+    io_threads threads;
+    auto client = make_client(threads.io(), *upstream);
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(std::nullopt, true, "no-such-model"), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_TRUE(log.error());
+    EXPECT_EQ(log.error()->http_status, 404u);
+    EXPECT_NE(log.error()->message.find("The model `no-such-model` does not exist"), std::string::npos)
+        << log.error()->message;
+    EXPECT_FALSE(log.error()->upstream_fault) << "the request named a model the backend lacks";
+  }
+}
+
+TEST(UpstreamClient, TooManyConcurrentStreamsIsTheBackendsOverload) {
+  auto upstream = upstream_process::start({"--max-concurrent", "1", "--tokens", "100000", "--token-interval-us", "1000"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log first;
+  auto running = client.stream("/chat/completions", chat_body(), first.handlers());
+  ASSERT_TRUE(first.wait_deltas(1));
+  stream_log second;
+  auto refused = client.stream("/chat/completions", chat_body(), second.handlers());
+  ASSERT_TRUE(second.wait_final());
+  ASSERT_TRUE(second.error());
+  EXPECT_EQ(second.error()->http_status, 429u);
+  EXPECT_TRUE(second.error()->upstream_fault);
+  running->cancel();
+  EXPECT_EQ(first.finals(), 0);
+}
+
+TEST(UpstreamClient, AStreamCutMidwayIsAnErrorNotADone) {
+  auto upstream = upstream_process::start({"--tokens", "10", "--drop-after-tokens", "3"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error()) << "finish_reason " << log.finish_reason().value_or("(none)");
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::dropped) << log.error()->message;
+  EXPECT_TRUE(log.error()->upstream_fault);
+  EXPECT_EQ(log.deltas(), expected_tokens(3));
+  EXPECT_EQ(log.finals(), 1);
+}
+
+TEST(UpstreamClient, CancelClosesTheUpstreamRequestAtOnce) {
+  auto upstream = upstream_process::start({"--tokens", "100000", "--token-interval-us", "1000"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_deltas(2));
+  request->cancel();
+  const auto deltas_at_cancel = log.deltas().size();
+  const auto took = upstream->wait_stat("cancelled", 1);
+  ASSERT_TRUE(took) << "the upstream never saw the cancellation";
+  std::cout << "upstream counted the cancellation after " << took->count() << " ms\n";
+  EXPECT_LT(*took, 1000ms);
+  EXPECT_EQ(upstream->stat("active"), 0);
+  EXPECT_EQ(log.deltas().size(), deltas_at_cancel) << "a delta came after cancel() returned";
+  EXPECT_EQ(log.finals(), 0);
+  request->cancel();  // twice is harmless
+}
+
+TEST(UpstreamClient, CancelFromInsideADeltaCallbackStopsEverything) {
+  auto upstream = upstream_process::start({"--tokens", "100000"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  std::mutex mutex;
+  std::condition_variable cancelled;
+  std::shared_ptr<upstream_request> request;
+  int deltas = 0;
+  int finals = 0;
+  std::unique_lock lock(mutex);
+  request = client.stream("/chat/completions", chat_body(),
+                          {[&](std::string_view) {
+                             std::lock_guard inner(mutex);
+                             if (++deltas == 3) {
+                               request->cancel();
+                               cancelled.notify_all();
+                             }
+                           },
+                           [&](std::string, std::optional<upstream_usage>) { ++finals; },
+                           [&](upstream_error) { ++finals; }});
+  ASSERT_TRUE(cancelled.wait_for(lock, generous, [&] { return deltas >= 3; }));
+  lock.unlock();
+  ASSERT_TRUE(upstream->wait_stat("cancelled", 1));
+  lock.lock();
+  EXPECT_EQ(deltas, 3);
+  EXPECT_EQ(finals, 0);
+}
+
+TEST(UpstreamClient, AResponseOverItsLimitFails) {
+  auto upstream = upstream_process::start({"--tokens", "1000"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream, options_with(&upstream_options::response_bytes_max, std::size_t{4096}));
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::too_large) << log.error()->message;
+  EXPECT_NE(log.error()->message.find("response_bytes_max"), std::string::npos) << log.error()->message;
+  EXPECT_LT(log.deltas().size(), 1000u);
+}
+
+TEST(UpstreamClient, AnEventOverItsLimitFails) {
+  auto upstream = upstream_process::start({"--tokens", "5"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream, options_with(&upstream_options::event_bytes_max, std::size_t{64}));
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::too_large) << log.error()->message;
+  EXPECT_NE(log.error()->message.find("event_bytes_max"), std::string::npos) << log.error()->message;
+}
+
+TEST(UpstreamClient, SilenceLongerThanTheIdleTimeoutFails) {
+  auto upstream = upstream_process::start({"--first-token-ms", "60000"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream, options_with(&upstream_options::idle_timeout, std::chrono::milliseconds(300)));
+  stream_log log;
+  const auto start = std::chrono::steady_clock::now();
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::timeout) << log.error()->message;
+  EXPECT_GE(took, 300ms);
+  EXPECT_LT(took, 5s);
+  EXPECT_TRUE(upstream->wait_stat("cancelled", 1)) << "the timed-out request was not closed";
+}
+
+TEST(UpstreamClient, ConnectionRefusedIsAClearError) {
+  std::uint16_t port = 0;
+  {
+    asio::io_context io;
+    tcp::acceptor closed(io, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    port = closed.local_endpoint().port();
+  }  // nothing listens there any more
+  io_threads threads;
+  const std::string base = "http://127.0.0.1:" + std::to_string(port) + "/v1";
+  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, base));
+  ASSERT_TRUE(client.has_value());
+  stream_log log;
+  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::connect);
+  EXPECT_NE(log.error()->message.find("127.0.0.1:" + std::to_string(port)), std::string::npos) << log.error()->message;
+  EXPECT_NE(log.error()->message.find("refused"), std::string::npos) << log.error()->message;
+  EXPECT_TRUE(log.error()->upstream_fault);
+
+  std::promise<bool> listed;
+  client->list_models([&](auto models) { listed.set_value(!models && models.error().kind == upstream_error_kind::connect); });
+  auto failed = listed.get_future();
+  ASSERT_EQ(failed.wait_for(generous), std::future_status::ready);
+  EXPECT_TRUE(failed.get());
+}
+
+TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
+  auto upstream = upstream_process::start({"--tokens", "3"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  for (int i = 0; i < 3; ++i) {
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_FALSE(log.error()) << log.error()->message;
+    EXPECT_EQ(log.deltas(), expected_tokens(3));
+  }
+  EXPECT_EQ(upstream->stat("connections"), 2) << "three streams on one kept connection, plus /stats itself";
+
+  // The backend restarts on the same port: the kept connection is dead, the next request must
+  // notice before any answer byte and go again on a fresh connection.
+  const std::string listen = "127.0.0.1:" + std::to_string(upstream->port());
+  upstream.reset();
+  upstream = upstream_process::start({"--tokens", "2"}, listen);
+  ASSERT_TRUE(upstream);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(2));
+}
+
+TEST(UpstreamClient, ManyConcurrentStreamsEachGetTheirOwnAnswer) {
+  constexpr int streams = 64;
+  auto upstream = upstream_process::start({"--tokens", "20", "--token-interval-us", "500"});
+  ASSERT_TRUE(upstream);
+  io_threads threads(2);
+  auto client = make_client(threads.io(), *upstream);
+  std::vector<std::unique_ptr<stream_log>> logs;
+  std::vector<std::shared_ptr<upstream_request>> requests;
+  for (int i = 0; i < streams; ++i) {
+    logs.push_back(std::make_unique<stream_log>());
+    requests.push_back(client.stream("/chat/completions", chat_body(10 + i % 10), logs.back()->handlers()));
+  }
+  for (int i = 0; i < streams; ++i) {
+    ASSERT_TRUE(logs[i]->wait_final()) << "stream " << i;
+    ASSERT_FALSE(logs[i]->error()) << "stream " << i << ": " << logs[i]->error()->message;
+    EXPECT_EQ(logs[i]->deltas(), expected_tokens(10 + i % 10)) << "stream " << i;
+    ASSERT_TRUE(logs[i]->usage());
+    EXPECT_EQ(logs[i]->usage()->completion_tokens, static_cast<std::uint32_t>(10 + i % 10));
+  }
+  EXPECT_TRUE(upstream->wait_stat("completed", streams));
+}
+
+}  // namespace
+}  // namespace gpustream::gateway

@@ -1,0 +1,723 @@
+/// gpustream_test_upstream: a small deterministic OpenAI-compatible server for tests and
+/// benchmarks. It answers `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
+/// (streamed and not) with the text "tok0 tok1 …", one token per SSE chunk, at a configured pace,
+/// and can fail, drop mid-stream, refuse beyond a concurrency limit and report usage the ways real
+/// servers do. `GET /stats` counts requests and cancellations. See README.md beside this file.
+///
+/// Built for speed as much as for tests, because benchmarks compare going through gpustream with
+/// coming here directly: several I/O threads, one strand per connection, asio timers for pacing,
+/// reused per-connection buffers, responses written as raw HTTP/1.1 chunks.
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/parser.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+#include <CLI/CLI.hpp>
+
+#include <array>
+#include <atomic>
+#include <charconv>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <ctime>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+using steady = std::chrono::steady_clock;
+
+/// Largest request header block and body accepted, bytes.
+constexpr std::uint32_t request_header_bytes_max = 64 * 1024;
+constexpr std::uint64_t request_body_bytes_max = 8 * 1024 * 1024;
+/// Most bytes a client may send while its answer is still being written (pipelining); more
+/// closes the connection.
+constexpr std::size_t pipelined_bytes_max = 64 * 1024;
+/// Bytes read at once while watching a connection for the client going away.
+constexpr std::size_t watch_read_bytes = 4096;
+/// Deepest JSON nesting accepted in a request.
+constexpr std::size_t json_depth_max = 64;
+
+enum class usage_mode { correct, zero, cumulative, none };
+
+struct settings {
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 0;
+  std::vector<std::string> models{"test-model"};
+  std::uint32_t context_length = 4096;
+  std::uint32_t tokens = 16;
+  std::uint32_t first_token_ms = 0;
+  std::uint32_t token_interval_us = 0;
+  unsigned fail_status = 0;                       // 0: answer normally
+  std::optional<std::uint32_t> drop_after_tokens;  // close mid-stream after this many tokens
+  usage_mode usage = usage_mode::correct;
+  std::uint32_t max_concurrent = 0;  // 0: no limit
+  std::uint32_t connections_max = 20000;
+  unsigned threads = 1;
+};
+
+struct counters {
+  std::atomic<std::uint64_t> requests{0};   // completion requests received
+  std::atomic<std::int64_t> active{0};      // completions being answered now
+  std::atomic<std::uint64_t> cancelled{0};  // client closed before the answer was complete
+  std::atomic<std::uint64_t> completed{0};  // answers written to their end
+  std::atomic<std::uint64_t> rejected{0};   // 429 for --max-concurrent
+  std::atomic<std::uint64_t> dropped{0};    // closed on purpose by --drop-after-tokens
+  std::atomic<std::int64_t> connections{0};
+};
+
+std::string_view reason_phrase(unsigned status) {
+  return http::obsolete_reason(static_cast<http::status>(status));
+}
+
+std::string_view error_type(unsigned status) {
+  switch (status) {
+    case 400: return "invalid_request_error";
+    case 401: return "authentication_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 429: return "rate_limit_error";
+    default: return status >= 500 ? "server_error" : "invalid_request_error";
+  }
+}
+
+std::string error_body(unsigned status, std::string_view message, std::string_view code = {}) {
+  json::object error;
+  error["message"] = message;
+  error["type"] = error_type(status);
+  error["param"] = nullptr;
+  if (code.empty()) {
+    error["code"] = nullptr;
+  } else {
+    error["code"] = code;
+  }
+  return json::serialize(json::object{{"error", std::move(error)}});
+}
+
+std::uint32_t count_words(std::string_view text) {
+  std::uint32_t words = 0;
+  bool in_word = false;
+  for (const char c : text) {
+    const bool space = c == ' ' || c == '\n' || c == '\t' || c == '\r';
+    if (!space && !in_word) ++words;
+    in_word = !space;
+  }
+  return words;
+}
+
+/// prompt_tokens as this server reports them: whitespace-separated words in the messages'
+/// contents (strings or text parts) or in the prompt (a string or strings).
+std::uint32_t prompt_words(const json::object& request) {
+  std::uint32_t words = 0;
+  const auto count_value = [&words](const json::value& value) {
+    if (value.is_string()) words += count_words(value.get_string());
+    if (!value.is_array()) return;
+    for (const auto& part : value.get_array()) {
+      if (part.is_string()) words += count_words(part.get_string());
+      if (const auto* object = part.if_object()) {
+        if (const auto* text = object->if_contains("text"); text && text->is_string()) {
+          words += count_words(text->get_string());
+        }
+      }
+    }
+  };
+  if (const auto* messages = request.if_contains("messages"); messages && messages->is_array()) {
+    for (const auto& message : messages->get_array()) {
+      if (const auto* object = message.if_object()) {
+        if (const auto* content = object->if_contains("content")) count_value(*content);
+      }
+    }
+  }
+  if (const auto* prompt = request.if_contains("prompt")) count_value(*prompt);
+  return words;
+}
+
+std::optional<std::uint64_t> non_negative(const json::value* value) {
+  if (value == nullptr) return std::nullopt;
+  if (value->is_int64() && value->get_int64() >= 0) return static_cast<std::uint64_t>(value->get_int64());
+  if (value->is_uint64()) return value->get_uint64();
+  return std::nullopt;
+}
+
+void append_number(std::string& out, std::uint64_t value) {
+  std::array<char, 24> digits;
+  const auto [end, ec] = std::to_chars(digits.data(), digits.data() + digits.size(), value);
+  (void)ec;  // 24 digits always hold a 64-bit number
+  out.append(digits.data(), end);
+}
+
+std::string models_body(const settings& config) {
+  json::array data;
+  for (const auto& id : config.models) {
+    data.push_back(json::object{{"id", id},
+                                {"object", "model"},
+                                {"created", 0},
+                                {"owned_by", "gpustream-test"},
+                                {"context_length", config.context_length}});
+  }
+  return json::serialize(json::object{{"object", "list"}, {"data", std::move(data)}});
+}
+
+enum class completion_kind { chat, text };
+
+/// One completion being answered: what it asked for and how far the answer got.
+struct answer_plan {
+  completion_kind kind = completion_kind::chat;
+  bool stream = false;
+  bool include_usage = false;
+  std::uint32_t tokens = 0;  // tokens in the answer
+  std::uint32_t prompt_tokens = 0;
+  std::string finish_reason;
+  std::string id;      // "chatcmpl-<n>" or "cmpl-<n>", n counting requests
+  std::string model;
+  std::string prefix;  // `data: {"id":…,"choices":[` shared by every chunk of the answer
+};
+
+/// One client connection: reads requests in turn; answers each, streaming when asked to.
+class session : public std::enable_shared_from_this<session> {
+ public:
+  session(tcp::socket socket, const settings& config, counters& stats, const std::string& models)
+      : socket_(std::move(socket)), timer_(socket_.get_executor()), config_(config), stats_(stats), models_(models) {
+    stats_.connections.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~session() { stats_.connections.fetch_sub(1, std::memory_order_relaxed); }
+
+  void start() {
+    beast::error_code ignored;
+    socket_.set_option(tcp::no_delay(true), ignored);  // tokens are small writes: no Nagle delay
+    read_request();
+  }
+
+ private:
+  void read_request() {
+    parser_.emplace();
+    parser_->header_limit(request_header_bytes_max);
+    parser_->body_limit(request_body_bytes_max);
+    http::async_read(socket_, buffer_, *parser_,
+                     [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_request(ec); });
+  }
+
+  void on_request(beast::error_code ec) {
+    if (ec == http::error::body_limit) return answer(413, error_body(413, "request body too large"), false);
+    if (ec == http::error::header_limit) return answer(431, error_body(431, "request headers too large"), false);
+    if (ec) return close();
+    auto& request = parser_->get();
+    keep_alive_ = request.keep_alive();
+    std::string_view path = request.target();
+    path = path.substr(0, path.find('?'));
+    const bool get = request.method() == http::verb::get;
+    const bool post = request.method() == http::verb::post;
+    if (path == "/v1/models" && get) return answer(200, models_, keep_alive_);
+    if (path == "/stats" && get) return answer(200, stats_body(), keep_alive_);
+    if (path == "/v1/chat/completions" && post) return completion(completion_kind::chat, request.body());
+    if (path == "/v1/completions" && post) return completion(completion_kind::text, request.body());
+    if (path == "/v1/models" || path == "/stats" || path == "/v1/chat/completions" || path == "/v1/completions") {
+      return answer(405, error_body(405, "method not allowed"), keep_alive_);
+    }
+    answer(404, error_body(404, "unknown path " + std::string(path.substr(0, 200))), keep_alive_);
+  }
+
+  std::string stats_body() const {
+    return json::serialize(json::object{{"requests", stats_.requests.load()},
+                                        {"active", stats_.active.load()},
+                                        {"cancelled", stats_.cancelled.load()},
+                                        {"completed", stats_.completed.load()},
+                                        {"rejected", stats_.rejected.load()},
+                                        {"dropped", stats_.dropped.load()},
+                                        {"connections", stats_.connections.load()}});
+  }
+
+  // ---- whole answers
+
+  /// Writes a whole response; `then_next` reads the next request afterwards, else closes.
+  void answer(unsigned status, std::string body, bool then_next, std::string_view extra_headers = {}) {
+    head_.clear();
+    head_.append("HTTP/1.1 ");
+    append_number(head_, status);
+    head_.append(" ").append(reason_phrase(status));
+    head_.append("\r\nContent-Type: application/json\r\nContent-Length: ");
+    append_number(head_, body.size());
+    head_.append("\r\n").append(extra_headers);
+    if (!then_next) head_.append("Connection: close\r\n");
+    head_.append("\r\n");
+    body_ = std::move(body);
+    const std::array<asio::const_buffer, 2> pieces{asio::buffer(head_), asio::buffer(body_)};
+    asio::async_write(socket_, pieces, [self = shared_from_this(), then_next](beast::error_code ec, std::size_t) {
+      if (ec || !then_next) return self->finish_connection();
+      self->read_request();
+    });
+  }
+
+  void answer_error(unsigned status, std::string_view message, std::string_view code = {},
+                    std::string_view extra_headers = {}) {
+    answer(status, error_body(status, message, code), keep_alive_, extra_headers);
+  }
+
+  // ---- completions
+
+  void completion(completion_kind kind, std::string_view body) {
+    const auto number = stats_.requests.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (config_.fail_status != 0) {
+      return answer_error(config_.fail_status, "test upstream: configured to fail every completion with HTTP " +
+                                                   std::to_string(config_.fail_status));
+    }
+    boost::system::error_code ec;
+    json::parse_options options;
+    options.max_depth = json_depth_max;
+    const json::value value = json::parse(body, ec, {}, options);
+    if (ec || !value.is_object()) return answer_error(400, "request body is not a JSON object");
+    const auto& request = value.get_object();
+    const auto* model = request.if_contains("model");
+    if (model == nullptr || !model->is_string()) return answer_error(400, "you must provide a model parameter");
+    const std::string_view model_id = model->get_string();
+    if (std::find(config_.models.begin(), config_.models.end(), model_id) == config_.models.end()) {
+      return answer_error(404, "The model `" + std::string(model_id.substr(0, 200)) + "` does not exist",
+                          "model_not_found");
+    }
+    const char* needed = kind == completion_kind::chat ? "messages" : "prompt";
+    if (!request.contains(needed)) return answer_error(400, std::string("you must provide ") + needed);
+    const auto now_active = stats_.active.fetch_add(1) + 1;
+    if (config_.max_concurrent != 0 && now_active > static_cast<std::int64_t>(config_.max_concurrent)) {
+      stats_.active.fetch_sub(1);
+      stats_.rejected.fetch_add(1, std::memory_order_relaxed);
+      return answer_error(429, "test upstream: more than " + std::to_string(config_.max_concurrent) +
+                                   " concurrent completions", {}, "Retry-After: 1\r\n");
+    }
+    plan(kind, request, model_id, number);
+    live_ = true;
+    start_ = steady::now();
+    watch();
+    if (plan_.stream) return write_stream_head();
+    wait_until(start_ + first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0),
+               [self = shared_from_this()] { self->write_whole_completion(); });
+  }
+
+  void plan(completion_kind kind, const json::object& request, std::string_view model, std::uint64_t number) {
+    plan_.kind = kind;
+    const auto* stream = request.if_contains("stream");
+    plan_.stream = stream != nullptr && stream->is_bool() && stream->get_bool();
+    plan_.include_usage = false;
+    if (const auto* stream_options = request.if_contains("stream_options"); stream_options && stream_options->is_object()) {
+      const auto* include = stream_options->get_object().if_contains("include_usage");
+      plan_.include_usage = include != nullptr && include->is_bool() && include->get_bool();
+    }
+    auto max_tokens = non_negative(request.if_contains("max_tokens"));
+    if (!max_tokens) max_tokens = non_negative(request.if_contains("max_completion_tokens"));
+    plan_.tokens = config_.tokens;
+    plan_.finish_reason = "stop";
+    if (max_tokens && *max_tokens < config_.tokens) {
+      plan_.tokens = static_cast<std::uint32_t>(*max_tokens);
+      plan_.finish_reason = "length";
+    }
+    plan_.prompt_tokens = prompt_words(request);
+    sent_ = 0;
+    const bool chat = kind == completion_kind::chat;
+    plan_.id.assign(chat ? "chatcmpl-" : "cmpl-");
+    append_number(plan_.id, number);
+    plan_.model.assign(model);
+    plan_.prefix.assign(R"(data: {"id":")").append(plan_.id);
+    plan_.prefix.append(chat ? R"(","object":"chat.completion.chunk","created":)" : R"(","object":"text_completion","created":)");
+    append_number(plan_.prefix, static_cast<std::uint64_t>(std::time(nullptr)));
+    plan_.prefix.append(R"(,"model":)").append(json::serialize(json::string(model))).append(R"(,"choices":[)");
+  }
+
+  std::chrono::microseconds first_token_delay() const { return std::chrono::milliseconds(config_.first_token_ms); }
+  std::chrono::microseconds token_interval() const { return std::chrono::microseconds(config_.token_interval_us); }
+
+  template <class Step>
+  void wait_until(steady::time_point when, Step step) {
+    if (when <= steady::now()) return step();
+    timer_.expires_at(when);
+    timer_.async_wait([self = shared_from_this(), step = std::move(step)](beast::error_code ec) {
+      if (ec || !self->live_) return;
+      step();
+    });
+  }
+
+  // ---- streamed answers: one HTTP chunk per write, one token per SSE event
+
+  void write_stream_head() {
+    head_.assign("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                 "Transfer-Encoding: chunked\r\n");
+    if (!keep_alive_) head_.append("Connection: close\r\n");
+    head_.append("\r\n");
+    asio::async_write(socket_, asio::buffer(head_),
+                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_stream_written(ec); });
+  }
+
+  void on_stream_written(beast::error_code ec) {
+    if (!live_) return;
+    if (ec) return client_gone();
+    if (stream_over_) return end_answer();
+    const auto next = sent_ < plan_.tokens ? start_ + first_token_delay() + token_interval() * sent_ : steady::now();
+    wait_until(next, [self = shared_from_this()] { self->write_stream_step(); });
+  }
+
+  void write_stream_step() {
+    const auto& drop = config_.drop_after_tokens;
+    if (drop && sent_ >= std::min(*drop, plan_.tokens)) return drop_connection();
+    payload_.clear();
+    if (sent_ < plan_.tokens) {
+      if (sent_ == 0 && plan_.kind == completion_kind::chat) append_event(R"({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}])", 0);
+      append_token_event();
+      ++sent_;
+    }
+    // With --drop-after-tokens the answer never finishes: the connection closes instead.
+    stream_over_ = sent_ == plan_.tokens && !drop;
+    if (stream_over_) append_finish();
+    chunk_size_.clear();
+    append_hex(chunk_size_, payload_.size());
+    chunk_size_.append("\r\n");
+    const std::string_view tail = stream_over_ ? "\r\n0\r\n\r\n" : "\r\n";
+    const std::array<asio::const_buffer, 3> pieces{asio::buffer(chunk_size_), asio::buffer(payload_),
+                                                   asio::buffer(tail.data(), tail.size())};
+    asio::async_write(socket_, pieces,
+                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_stream_written(ec); });
+  }
+
+  static void append_hex(std::string& out, std::size_t value) {
+    std::array<char, 20> digits;
+    const auto [end, ec] = std::to_chars(digits.data(), digits.data() + digits.size(), value, 16);
+    (void)ec;  // 20 hex digits always hold a size_t
+    out.append(digits.data(), end);
+  }
+
+  void append_token_event() {
+    std::array<char, 40> token;
+    char* end = std::copy_n("tok", 3, token.data());
+    end = std::to_chars(end, token.data() + token.size(), sent_).ptr;
+    *end++ = ' ';
+    const std::string_view text(token.data(), static_cast<std::size_t>(end - token.data()));
+    payload_.append(plan_.prefix);
+    payload_.append(plan_.kind == completion_kind::chat ? R"({"index":0,"delta":{"content":")" : R"({"index":0,"text":")");
+    payload_.append(text);
+    payload_.append(plan_.kind == completion_kind::chat ? R"("},"logprobs":null,"finish_reason":null}])"
+                                                        : R"(","logprobs":null,"finish_reason":null}])");
+    append_chunk_usage(sent_ + 1);
+    payload_.append("}\n\n");
+  }
+
+  /// `choices` (already closed) plus the usage member and the end of the event.
+  void append_event(std::string_view choices, std::uint32_t completion_tokens) {
+    payload_.append(plan_.prefix).append(choices);
+    append_chunk_usage(completion_tokens);
+    payload_.append("}\n\n");
+  }
+
+  /// Per-chunk usage: null as OpenAI sends it when usage was asked for, or the running totals in
+  /// the cumulative mode some servers have.
+  void append_chunk_usage(std::uint32_t completion_tokens) {
+    if (!plan_.include_usage || config_.usage == usage_mode::none) return;
+    if (config_.usage != usage_mode::cumulative) {
+      payload_.append(R"(,"usage":null)");
+      return;
+    }
+    append_usage_member(plan_.prompt_tokens, completion_tokens);
+  }
+
+  void append_usage_member(std::uint32_t prompt_tokens, std::uint32_t completion_tokens) {
+    payload_.append(R"(,"usage":{"prompt_tokens":)");
+    append_number(payload_, prompt_tokens);
+    payload_.append(R"(,"completion_tokens":)");
+    append_number(payload_, completion_tokens);
+    payload_.append(R"(,"total_tokens":)");
+    append_number(payload_, std::uint64_t{prompt_tokens} + completion_tokens);
+    payload_.append("}");
+  }
+
+  void append_finish() {
+    std::string choices = plan_.kind == completion_kind::chat ? R"({"index":0,"delta":{},"logprobs":null,"finish_reason":")"
+                                                              : R"({"index":0,"text":"","logprobs":null,"finish_reason":")";
+    choices.append(plan_.finish_reason).append("\"}]");
+    append_event(choices, plan_.tokens);
+    if (plan_.include_usage && config_.usage != usage_mode::none) {
+      payload_.append(plan_.prefix).append("]");
+      const bool zero = config_.usage == usage_mode::zero;
+      append_usage_member(zero ? 0 : plan_.prompt_tokens, zero ? 0 : plan_.tokens);
+      payload_.append("}\n\n");
+    }
+    payload_.append("data: [DONE]\n\n");
+  }
+
+  // ---- non-streamed answers
+
+  void write_whole_completion() {
+    if (config_.drop_after_tokens) return drop_connection();
+    json::object out;
+    const bool chat = plan_.kind == completion_kind::chat;
+    std::string text;
+    for (std::uint32_t i = 0; i < plan_.tokens; ++i) text.append("tok").append(std::to_string(i)).append(" ");
+    json::object choice{{"index", 0}, {"logprobs", nullptr}, {"finish_reason", plan_.finish_reason}};
+    if (chat) {
+      choice["message"] = json::object{{"role", "assistant"}, {"content", text}};
+    } else {
+      choice["text"] = text;
+    }
+    out["id"] = plan_.id;
+    out["object"] = chat ? "chat.completion" : "text_completion";
+    out["created"] = static_cast<std::uint64_t>(std::time(nullptr));
+    out["model"] = plan_.model;
+    out["choices"] = json::array{std::move(choice)};
+    if (config_.usage != usage_mode::none) {
+      const bool zero = config_.usage == usage_mode::zero;
+      const std::uint32_t prompt = zero ? 0 : plan_.prompt_tokens;
+      const std::uint32_t completion = zero ? 0 : plan_.tokens;
+      out["usage"] = json::object{{"prompt_tokens", prompt},
+                                  {"completion_tokens", completion},
+                                  {"total_tokens", std::uint64_t{prompt} + completion}};
+    }
+    stream_over_ = true;
+    head_.assign("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ");
+    body_ = json::serialize(out);
+    append_number(head_, body_.size());
+    head_.append(keep_alive_ ? "\r\n\r\n" : "\r\nConnection: close\r\n\r\n");
+    const std::array<asio::const_buffer, 2> pieces{asio::buffer(head_), asio::buffer(body_)};
+    asio::async_write(socket_, pieces,
+                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_stream_written(ec); });
+  }
+
+  // ---- the end of an answer
+
+  /// While an answer is being written, a read stays pending so that a client going away is seen
+  /// at once, even between tokens. Bytes that arrive belong to the next request.
+  void watch() {
+    watching_ = true;
+    socket_.async_read_some(buffer_.prepare(watch_read_bytes),
+                            [self = shared_from_this()](beast::error_code ec, std::size_t bytes) {
+                              self->on_watch(ec, bytes);
+                            });
+  }
+
+  void on_watch(beast::error_code ec, std::size_t bytes) {
+    watching_ = false;
+    if (!ec) buffer_.commit(bytes);
+    if (live_) {
+      if (ec) return client_gone();
+      if (buffer_.size() > pipelined_bytes_max) return close();
+      return watch();
+    }
+    // The answer is over: end_answer() cancelled this read, or the next request began.
+    if (!socket_.is_open()) return;
+    if (ec && ec != asio::error::operation_aborted) return close();
+    read_request();
+  }
+
+  void client_gone() {
+    live_ = false;
+    stats_.active.fetch_sub(1);
+    stats_.cancelled.fetch_add(1);
+    close();
+  }
+
+  void drop_connection() {
+    live_ = false;
+    stats_.active.fetch_sub(1);
+    stats_.dropped.fetch_add(1);
+    close();
+  }
+
+  void end_answer() {
+    live_ = false;
+    stream_over_ = false;
+    stats_.active.fetch_sub(1);
+    stats_.completed.fetch_add(1);
+    if (!keep_alive_) return finish_connection();
+    if (!watching_) return read_request();
+    // The next request may already sit in buffer_ (read by the watch before this write's
+    // completion ran): stop the watch; its handler reads the next request either way.
+    beast::error_code ignored;
+    socket_.cancel(ignored);
+  }
+
+  void finish_connection() {
+    beast::error_code ignored;
+    socket_.shutdown(tcp::socket::shutdown_send, ignored);  // the client may be gone already
+    if (!watching_) close();
+  }
+
+  void close() {
+    live_ = false;
+    timer_.cancel();
+    beast::error_code ignored;
+    socket_.close(ignored);
+  }
+
+  tcp::socket socket_;
+  asio::steady_timer timer_;
+  const settings& config_;
+  counters& stats_;
+  const std::string& models_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  bool keep_alive_ = true;
+
+  answer_plan plan_;
+  steady::time_point start_;
+  std::uint32_t sent_ = 0;
+  bool live_ = false;         // an answer is being written and counts as active
+  bool stream_over_ = false;  // the last write of the answer is on its way
+  bool watching_ = false;
+
+  std::string head_;        // reused between answers so a busy connection allocates little
+  std::string body_;
+  std::string payload_;
+  std::string chunk_size_;
+};
+
+class server {
+ public:
+  explicit server(settings config)
+      : config_(std::move(config)),
+        models_(models_body(config_)),
+        io_(static_cast<int>(config_.threads)),
+        acceptor_(io_),
+        retry_timer_(io_),
+        signals_(io_, SIGINT, SIGTERM) {}
+
+  bool listen() {
+    beast::error_code ec;
+    const auto address = asio::ip::make_address(config_.host, ec);
+    if (ec) {
+      std::cerr << "gpustream_test_upstream: bad host " << config_.host << "\n";
+      return false;
+    }
+    const tcp::endpoint endpoint(address, config_.port);
+    acceptor_.open(endpoint.protocol(), ec);
+    if (!ec) acceptor_.set_option(asio::socket_base::reuse_address(true), ec);
+    if (!ec) acceptor_.bind(endpoint, ec);
+    if (!ec) acceptor_.listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) {
+      std::cerr << "gpustream_test_upstream: cannot listen on " << config_.host << ":" << config_.port << ": "
+                << ec.message() << "\n";
+      return false;
+    }
+    return true;
+  }
+
+  void run() {
+    const auto bound = acceptor_.local_endpoint();
+    std::cout << "listening " << bound.address().to_string() << ":" << bound.port() << std::endl;
+    signals_.async_wait([this](beast::error_code, int) { io_.stop(); });
+    accept();
+    std::vector<std::thread> threads;
+    for (unsigned i = 1; i < config_.threads; ++i) threads.emplace_back([this] { io_.run(); });
+    io_.run();
+    for (auto& thread : threads) thread.join();
+  }
+
+ private:
+  void accept() {
+    acceptor_.async_accept(asio::make_strand(io_), [this](beast::error_code ec, tcp::socket socket) {
+      if (ec) {
+        // Out of descriptors, say: wait a moment instead of spinning on the error.
+        std::cerr << "gpustream_test_upstream: accept failed: " << ec.message() << "\n";
+        retry_timer_.expires_after(std::chrono::milliseconds(50));
+        retry_timer_.async_wait([this](beast::error_code) { accept(); });
+        return;
+      }
+      if (stats_.connections.load() < static_cast<std::int64_t>(config_.connections_max)) {
+        std::make_shared<session>(std::move(socket), config_, stats_, models_)->start();
+      }  // else the socket closes here
+      accept();
+    });
+  }
+
+  settings config_;
+  counters stats_;
+  std::string models_;
+  asio::io_context io_;
+  tcp::acceptor acceptor_;
+  asio::steady_timer retry_timer_;
+  asio::signal_set signals_;
+};
+
+std::optional<settings> parse_arguments(int argc, char** argv) {
+  settings config;
+  CLI::App app{"Deterministic OpenAI-compatible server for gpustream's tests and benchmarks"};
+  std::string listen = "127.0.0.1:0";
+  std::string models = "test-model";
+  std::string usage = "correct";
+  unsigned fail_status = 0;
+  std::uint32_t drop_after = 0;
+  config.threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  app.add_option("--listen", listen, "HOST:PORT to listen on; port 0 picks a free one")->capture_default_str();
+  app.add_option("--models", models, "comma-separated model ids")->capture_default_str();
+  app.add_option("--context-length", config.context_length, "context_length reported per model")->capture_default_str();
+  app.add_option("--tokens", config.tokens, "tokens per answer (fewer when max_tokens is smaller)")->capture_default_str();
+  app.add_option("--first-token-ms", config.first_token_ms, "delay before the first token")->capture_default_str();
+  app.add_option("--token-interval-us", config.token_interval_us, "delay between tokens; 0 = as fast as possible")
+      ->capture_default_str();
+  app.add_option("--fail-status", fail_status, "answer every completion with this HTTP status")
+      ->check(CLI::Range(400u, 599u));
+  auto* drop = app.add_option("--drop-after-tokens", drop_after,
+                              "close the connection after this many tokens, before the answer ends");
+  app.add_option("--usage", usage, "usage reporting: correct, zero, cumulative or none")
+      ->check(CLI::IsMember({"correct", "zero", "cumulative", "none"}))
+      ->capture_default_str();
+  app.add_option("--max-concurrent", config.max_concurrent, "answer 429 beyond this many concurrent completions; 0 = no limit")
+      ->capture_default_str();
+  app.add_option("--connections-max", config.connections_max, "most open connections")->capture_default_str();
+  app.add_option("--threads", config.threads, "I/O threads")->check(CLI::Range(1u, 64u))->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {  // process edge
+    std::exit(app.exit(e));
+  }
+  const auto colon = listen.rfind(':');
+  unsigned port = 0;
+  const char* port_end = listen.data() + listen.size();
+  if (colon == std::string::npos ||
+      std::from_chars(listen.data() + colon + 1, port_end, port).ptr != port_end || port > 65535) {
+    std::cerr << "gpustream_test_upstream: --listen wants HOST:PORT, got " << listen << "\n";
+    return std::nullopt;
+  }
+  config.host = listen.substr(0, colon);
+  config.port = static_cast<std::uint16_t>(port);
+  config.models.clear();
+  for (std::size_t start = 0; start <= models.size();) {
+    const auto comma = std::min(models.find(',', start), models.size());
+    if (comma > start) config.models.push_back(models.substr(start, comma - start));
+    start = comma + 1;
+  }
+  if (config.models.empty()) {
+    std::cerr << "gpustream_test_upstream: --models names no model\n";
+    return std::nullopt;
+  }
+  config.fail_status = fail_status;
+  if (drop->count() > 0) config.drop_after_tokens = drop_after;
+  config.usage = usage == "zero"         ? usage_mode::zero
+                 : usage == "cumulative" ? usage_mode::cumulative
+                 : usage == "none"       ? usage_mode::none
+                                         : usage_mode::correct;
+  return config;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  auto config = parse_arguments(argc, argv);
+  if (!config) return 2;
+  server upstream(std::move(*config));
+  if (!upstream.listen()) return 1;
+  upstream.run();
+  return 0;
+}
