@@ -54,6 +54,9 @@ constexpr std::uint64_t request_body_bytes_max = 8 * 1024 * 1024;
 constexpr std::size_t pipelined_bytes_max = 64 * 1024;
 /// Bytes read at once while watching a connection for the client going away.
 constexpr std::size_t watch_read_bytes = 4096;
+/// Most tokens sent in one write when several are due at once (always with --token-interval-us 0,
+/// or when the server fell behind its pace).
+constexpr std::uint32_t tokens_per_write_max = 64;
 /// Deepest JSON nesting accepted in a request.
 constexpr std::size_t json_depth_max = 64;
 
@@ -368,16 +371,26 @@ class session : public std::enable_shared_from_this<session> {
     if (!live_) return;
     if (ec) return client_gone();
     if (stream_over_) return end_answer();
-    const auto next = sent_ < plan_.tokens ? start_ + first_token_delay() + token_interval() * sent_ : steady::now();
+    const auto next = sent_ < plan_.tokens ? token_due(sent_) : steady::now();
     wait_until(next, [self = shared_from_this()] { self->write_stream_step(); });
   }
 
+  steady::time_point token_due(std::uint32_t index) const {
+    return start_ + first_token_delay() + token_interval() * index;
+  }
+
+  /// Writes every token that is due by now (one when the pace is kept), each as its own event.
   void write_stream_step() {
     const auto& drop = config_.drop_after_tokens;
-    if (drop && sent_ >= std::min(*drop, plan_.tokens)) return drop_connection();
+    const std::uint32_t last = drop ? std::min(*drop, plan_.tokens) : plan_.tokens;
+    if (drop && sent_ >= last) return drop_connection();
     payload_.clear();
-    if (sent_ < plan_.tokens) {
-      if (sent_ == 0 && plan_.kind == completion_kind::chat) append_event(R"({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}])", 0);
+    const auto now = steady::now();
+    for (std::uint32_t batch = 0; sent_ < last && batch < tokens_per_write_max; ++batch) {
+      if (batch > 0 && token_due(sent_) > now) break;
+      if (sent_ == 0 && plan_.kind == completion_kind::chat) {
+        append_event(R"({"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}])", 0);
+      }
       append_token_event();
       ++sent_;
     }
