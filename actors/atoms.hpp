@@ -22,5 +22,13 @@ using offline_atom = caf::atom_constant<caf::atom("offline")>;
 using load_atom = caf::atom_constant<caf::atom("load")>;
 using started_atom = caf::atom_constant<caf::atom("started")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
+// The ad server.
+using served_atom = caf::atom_constant<caf::atom("served")>;
+using release_atom = caf::atom_constant<caf::atom("release")>;
+using click_atom = caf::atom_constant<caf::atom("click")>;
+// The payout runner.
+using run_atom = caf::atom_constant<caf::atom("run")>;
+using settle_atom = caf::atom_constant<caf::atom("settle")>;
+using fail_atom = caf::atom_constant<caf::atom("fail")>;
 
 }  // namespace gpustream::actors

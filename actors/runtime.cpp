@@ -22,6 +22,8 @@ registry_actor<A> spawn_registry(caf::actor_system& system, const store_actor& s
 
 void runtime::stop() const {
   const auto reason = caf::exit_reason::user_shutdown;
+  caf::anon_send_exit(ad_server, reason);
+  caf::anon_send_exit(payout_runner, reason);
   caf::anon_send_exit(scheduler, reason);
   caf::anon_send_exit(users, reason);
   caf::anon_send_exit(providers, reason);
@@ -36,6 +38,8 @@ runtime start_runtime(caf::actor_system& system, std::shared_ptr<storage::event_
                       runtime_options options) {
   if (!options.persistence.clock_us) options.persistence.clock_us = system_clock_us;
   if (!options.scheduler.clock_us) options.scheduler.clock_us = options.persistence.clock_us;
+  if (!options.ads.clock_us) options.ads.clock_us = options.persistence.clock_us;
+  if (!options.payouts.clock_us) options.payouts.clock_us = options.persistence.clock_us;
   runtime r;
   r.store = spawn_store_actor(system, std::move(store), options.store);
   r.ledger = spawn_ledger_actor(system, r.store, options.persistence);
@@ -46,6 +50,8 @@ runtime start_runtime(caf::actor_system& system, std::shared_ptr<storage::event_
   r.payouts = spawn_registry<domain::payout>(system, r.store, "payout-", options);
   r.scheduler = spawn_scheduler(system, {r.ledger, r.users, r.providers, r.jobs},
                                 std::move(options.scheduler));
+  r.ad_server = spawn_ad_server(system, {r.campaigns, r.ledger}, std::move(options.ads));
+  r.payout_runner = spawn_payout_runner(system, {r.ledger, r.payouts}, std::move(options.payouts));
   return r;
 }
 

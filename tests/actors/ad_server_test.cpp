@@ -1,0 +1,492 @@
+// The ad server on the whole runtime under test_coordinator: campaign creation escrows the budget
+// once however often it is retried or wherever it was interrupted; pick -> reserve -> served ->
+// charge settled in the ledger; budgets never exceeded over a seeded random walk; frequency caps;
+// release and expiry; clicks, also after a restart on the same store; and the domain verifier
+// over the log at the end.
+
+#include "actors/ad_server.hpp"
+
+#include <caf/send.hpp>
+
+#include <gtest/gtest.h>
+
+#include <iostream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "actors/runtime.hpp"
+#include "domain/ledger.hpp"
+#include "domain/pricing.hpp"
+#include "domain/time.hpp"
+#include "domain/verifier.hpp"
+#include "events/codec.hpp"
+#include "tests/actors/actor_testing.hpp"
+
+namespace gpustream::actors {
+namespace {
+
+class ad_server_test : public testing::deterministic_fixture {
+ protected:
+  ad_server_test() { start(); }
+  ~ad_server_test() override { stop(); }
+
+  /// A runtime on the store in directory_ (reopened after a stop).
+  void start(std::vector<std::string> campaign_ids = {}) {
+    storage::store_options store_options;
+    store_options.mode = storage::durability::buffered;
+    auto store = storage::event_store::open(directory_.path(), store_options);
+    ASSERT_TRUE(store) << store.error().message;
+    runtime_options options;
+    options.store.wait_for_each_append = true;
+    options.persistence.clock_us = clock_.function();
+    options.ads.campaign_ids = std::move(campaign_ids);
+    options.payouts.run_interval = std::chrono::milliseconds(0);
+    rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
+    running_ = true;
+    run();
+  }
+
+  /// Stops every actor of the runtime; the store closes with its actor.
+  void stop() {
+    if (!running_) return;
+    rt_.stop();
+    run();
+    running_ = false;
+  }
+
+  static domain::create_campaign campaign(const std::string& id, std::vector<std::string> keywords,
+                                          std::int64_t budget_micros = 1'000'000,
+                                          std::uint32_t frequency_cap = 3) {
+    return domain::create_campaign{id,
+                                   "Acme",
+                                   "Title " + id,
+                                   "Text of " + id,
+                                   "https://" + id + ".example/landing",
+                                   std::move(keywords),
+                                   {},
+                                   2'000'000,  // 2 USD CPM: 2,000 micro-USD per impression at most
+                                   budget_micros,
+                                   budget_micros,
+                                   frequency_cap};
+  }
+
+  std::string create(const domain::create_campaign& c) {
+    auto id = ask<std::string>(rt_.ad_server, c);
+    EXPECT_TRUE(id) << describe(id.error());
+    return id ? id.value() : std::string{};
+  }
+
+  std::optional<served_ad> pick(const std::string& job_id, const std::string& user_id,
+                                const std::string& prompt) {
+    auto picked = ask<ad_pick>(rt_.ad_server, ad_request{job_id, user_id, prompt});
+    EXPECT_TRUE(picked) << describe(picked.error());
+    return picked ? picked.value().ad : std::nullopt;
+  }
+
+  std::int64_t balance(const std::string& account) {
+    auto balances = ask<ledger_aggregate::answer>(rt_.ledger, ledger_aggregate::query{{account}});
+    EXPECT_TRUE(balances);
+    return balances ? balances.value().at(account) : -1;
+  }
+
+  domain::campaign_state campaign_state(const std::string& id) {
+    auto state = ask<domain::campaign_state>(rt_.campaigns, id, state_atom::value);
+    EXPECT_TRUE(state) << describe(state.error());
+    return state ? state.value() : domain::campaign_state{};
+  }
+
+  /// Sends a pick without running the system, so that several are decided on the same cache.
+  using pick_handle =
+      caf::response_handle<caf::blocking_actor,
+                           caf::response_type_t<ad_server_actor::signatures, ad_request>, true>;
+  pick_handle send_pick(ad_request request) {
+    return self_->request(rt_.ad_server, caf::infinite, std::move(request));
+  }
+
+  ad_server_counts counts() {
+    auto c = ask<ad_server_counts>(rt_.ad_server, count_atom::value);
+    EXPECT_TRUE(c);
+    return c ? c.value() : ad_server_counts{};
+  }
+
+  /// Settles a free job that carried `charge` in the ledger, as the scheduler does: the ad spend
+  /// is a transfer of the job's group.
+  void settle(const std::string& job_id, const domain::ad_charge& charge) {
+    domain::job_bill bill{.job_id = job_id,
+                          .user_id = "free-user",
+                          .provider_id = "p1",
+                          .premium = false,
+                          .outcome = domain::job_outcome::completed,
+                          .price = {},
+                          .quality = events::quality_tier::standard,
+                          .prompt_tokens = 10,
+                          .completion_tokens = 10,
+                          .ad = charge};
+    auto settled = domain::settle_job(bill, {});
+    ASSERT_TRUE(settled) << settled.error().message;
+    ASSERT_EQ(settled.value().group.transfers.size(), 1u);
+    auto recorded = ask<command_reply>(rt_.ledger, domain::ledger::command{settled.value().group});
+    ASSERT_TRUE(recorded) << describe(recorded.error());
+  }
+
+  static domain::errc refusal_code(const caf::error& e) {
+    auto d = domain_error_of(e);
+    EXPECT_TRUE(d) << describe(e);
+    return d ? d->code : domain::errc::invalid_argument;
+  }
+
+  /// Stops the runtime and feeds the whole log to the domain verifier; fails the test with the
+  /// first violation.
+  void verify_log() {
+    stop();
+    storage::store_options options;
+    options.read_only = true;
+    auto store = storage::event_store::open(directory_.path(), options);
+    ASSERT_TRUE(store) << store.error().message;
+    domain::domain_verifier verifier;
+    auto scanned = store.value()->scan(1, [&](const events::record_view& r)
+                                              -> expected<void, storage::error> {
+      auto event = events::decode_payload(r.type, r.payload);
+      if (!event) return unexpected{storage::error{storage::errc::corruption, event.error().message}};
+      auto applied = verifier.apply(r.stream, r.version, r.position, event.value());
+      if (!applied) {
+        return unexpected{storage::error{storage::errc::corruption, domain::describe(applied.error())}};
+      }
+      return {};
+    });
+    ASSERT_TRUE(scanned) << scanned.error().message;
+    auto finished = verifier.finish();
+    ASSERT_TRUE(finished) << domain::describe(finished.error());
+    EXPECT_GT(finished.value().campaigns, 0u);
+  }
+
+  testing::manual_clock clock_;
+  runtime rt_;
+  bool running_ = false;
+};
+
+TEST_F(ad_server_test, creating_a_campaign_escrows_its_budget_once_however_often_it_is_sent) {
+  const auto c1 = campaign("c1", {"rust"}, 5'000'000);
+  EXPECT_EQ(create(c1), "c1");
+  EXPECT_EQ(balance("campaign-c1"), 5'000'000);
+  EXPECT_EQ(balance("external"), -5'000'000);
+  auto state = campaign_state("c1");
+  EXPECT_EQ(state.funded_micros, 5'000'000);
+  EXPECT_EQ(state.budget_micros, 5'000'000);
+
+  // The same command again: nothing moves, nothing is appended.
+  EXPECT_EQ(create(c1), "c1");
+  EXPECT_EQ(balance("campaign-c1"), 5'000'000);
+  EXPECT_EQ(campaign_state("c1"), state);
+
+  // Other settings under the same id: refused before any money moves.
+  auto other = c1;
+  other.budget_micros = 9'000'000;
+  other.daily_budget_micros = 9'000'000;
+  auto refused = ask<std::string>(rt_.ad_server, other);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::already_exists);
+  EXPECT_EQ(balance("campaign-c1"), 5'000'000);
+
+  // Invalid campaigns and ids are refused before anything is recorded.
+  auto bad_url = campaign("c2", {"rust"});
+  bad_url.url = "ftp://nowhere";
+  auto invalid = ask<std::string>(rt_.ad_server, bad_url);
+  ASSERT_FALSE(invalid);
+  EXPECT_EQ(refusal_code(invalid.error()), domain::errc::invalid_argument);
+  auto dotted = ask<std::string>(rt_.ad_server, campaign("c.3", {"rust"}));
+  ASSERT_FALSE(dotted);
+  EXPECT_EQ(refusal_code(dotted.error()), domain::errc::invalid_argument);
+  EXPECT_EQ(balance("campaign-c2"), 0);
+  EXPECT_FALSE(campaign_state("c2").created);
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_creation_interrupted_after_any_step_is_completed_by_sending_it_again) {
+  // Interrupted after step 1: the campaign exists, nothing is funded.
+  const auto a = campaign("after-create", {"rust"}, 3'000'000);
+  ASSERT_TRUE(ask<command_reply>(rt_.campaigns, a.campaign_id, domain::campaign::command{a}));
+  // Interrupted after step 2: the campaign exists and the ledger holds its escrow.
+  const auto b = campaign("after-deposit", {"rust"}, 4'000'000);
+  ASSERT_TRUE(ask<command_reply>(rt_.campaigns, b.campaign_id, domain::campaign::command{b}));
+  ASSERT_TRUE(ask<command_reply>(
+      rt_.ledger, domain::ledger::command{domain::campaign_deposit(
+                      "campaign-after-deposit/budget", "after-deposit", 4'000'000)}));
+  EXPECT_EQ(campaign_state("after-deposit").funded_micros, 0);
+
+  EXPECT_EQ(create(a), "after-create");
+  EXPECT_EQ(create(b), "after-deposit");
+  EXPECT_EQ(balance("campaign-after-create"), 3'000'000);
+  EXPECT_EQ(balance("campaign-after-deposit"), 4'000'000);  // not deposited twice
+  EXPECT_EQ(balance("external"), -7'000'000);
+  EXPECT_EQ(campaign_state("after-create").funded_micros, 3'000'000);
+  EXPECT_EQ(campaign_state("after-deposit").funded_micros, 4'000'000);
+  // Both take part in auctions now.
+  EXPECT_EQ(counts().campaigns, 2u);
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_picked_ad_is_reserved_served_and_charged_through_the_job_settlement) {
+  create(campaign("c1", {"rust"}));
+  auto ad = pick("j1", "u1", "How do I learn Rust quickly?");
+  ASSERT_TRUE(ad);
+  EXPECT_EQ(ad->impression_id, "c1.j1");
+  EXPECT_EQ(ad->campaign_id, "c1");
+  EXPECT_EQ(ad->title, "Title c1");
+  EXPECT_EQ(ad->text, "Text of c1");
+  EXPECT_EQ(ad->url, "https://c1.example/landing");
+  // Alone in the auction: it pays the floor, 0.10 USD CPM = 100 micro-USD per impression.
+  EXPECT_EQ(ad->price_micros, 100);
+  EXPECT_EQ(campaign_state("c1").reserved_micros, 100);
+
+  auto charge = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id);
+  ASSERT_TRUE(charge) << describe(charge.error());
+  EXPECT_EQ(charge.value().impression_id, "c1.j1");
+  EXPECT_EQ(charge.value().campaign_id, "c1");
+  EXPECT_EQ(charge.value().price_micros, 100);
+  // Served again (a retried report): the same charge, recorded once.
+  auto again = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id);
+  ASSERT_TRUE(again) << describe(again.error());
+  EXPECT_EQ(again.value().price_micros, 100);
+  auto state = campaign_state("c1");
+  EXPECT_EQ(state.spent_micros, 100);
+  EXPECT_EQ(state.reserved_micros, 0);
+  EXPECT_EQ(state.impressions_total, 1u);
+
+  settle("j1", charge.value());
+  EXPECT_EQ(balance("campaign-c1"), 1'000'000 - 100);
+  EXPECT_EQ(balance("platform"), 100);
+
+  // A prompt matching no campaign gets no ad; a second campaign makes it a real auction.
+  EXPECT_FALSE(pick("j2", "u1", "tell me about the weather"));
+  create(campaign("c2", {"rust", "cargo"}));
+  auto second = pick("j3", "u2", "rust cargo build fails");
+  ASSERT_TRUE(second);
+  EXPECT_EQ(second->campaign_id, "c2");  // relevance 6 x 2 USD beats 3 x 2 USD
+  // Second price: c1's effective bid 3 * 2,000,000 over c2's relevance 6 = 1,000,000 CPM.
+  EXPECT_EQ(second->price_micros, 1'000);
+  const auto c = counts();
+  EXPECT_EQ(c.picks, 3u);
+  EXPECT_EQ(c.ads, 2u);
+  EXPECT_EQ(c.impressions, 1u);
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_user_sees_a_campaign_at_most_its_frequency_cap_per_day) {
+  create(campaign("c1", {"gpu"}, 1'000'000, 2));
+  // Reservations count as impressions: two held ads reach the cap before either is served.
+  auto first = pick("j1", "u1", "which gpu");
+  auto second = pick("j2", "u1", "which gpu");
+  ASSERT_TRUE(first);
+  ASSERT_TRUE(second);
+  EXPECT_FALSE(pick("j3", "u1", "which gpu"));
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, first->impression_id));
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, second->impression_id));
+  EXPECT_FALSE(pick("j4", "u1", "which gpu"));
+  EXPECT_TRUE(pick("j5", "u2", "which gpu"));  // another user
+  // The next UTC day the cap starts again.
+  *clock_.now_us += domain::us_per_day;
+  EXPECT_TRUE(pick("j6", "u1", "which gpu"));
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_released_or_expired_reservation_gives_its_budget_back_and_cannot_be_served) {
+  create(campaign("c1", {"gpu"}));
+  auto ad = pick("j1", "u1", "gpu prices");
+  ASSERT_TRUE(ad);
+  auto released = ask<bool>(rt_.ad_server, release_atom::value, ad->impression_id,
+                            std::string("the answer failed"));
+  ASSERT_TRUE(released) << describe(released.error());
+  EXPECT_TRUE(released.value());
+  auto twice = ask<bool>(rt_.ad_server, release_atom::value, ad->impression_id,
+                         std::string("the answer failed"));
+  ASSERT_TRUE(twice) << describe(twice.error());
+  EXPECT_FALSE(twice.value());
+  EXPECT_EQ(campaign_state("c1").reserved_micros, 0);
+  auto late = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id);
+  ASSERT_FALSE(late);
+  EXPECT_EQ(refusal_code(late.error()), domain::errc::not_found);
+
+  // Neither served nor released: the timer gives it back once its time is up.
+  auto forgotten = pick("j2", "u1", "gpu prices");
+  ASSERT_TRUE(forgotten);
+  EXPECT_EQ(campaign_state("c1").reserved_micros, forgotten->price_micros);
+  *clock_.now_us += std::chrono::microseconds(std::chrono::minutes(2)).count();
+  sched_.clock().advance_time(std::chrono::seconds(10));
+  run();
+  EXPECT_EQ(campaign_state("c1").reserved_micros, 0);
+  EXPECT_EQ(counts().expired, 1u);
+  auto expired = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, forgotten->impression_id);
+  ASSERT_FALSE(expired);
+  // The cache followed: the ad server's view shows no reservation either.
+  auto cached = ask<domain::campaign_state>(rt_.ad_server, state_atom::value, std::string("c1"));
+  ASSERT_TRUE(cached);
+  EXPECT_EQ(cached.value(), campaign_state("c1"));
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
+  create(campaign("c1", {"gpu"}));
+  auto ad = pick("j1", "u1", "gpu");
+  ASSERT_TRUE(ad);
+  // Not served yet: no impression to click.
+  auto early = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  ASSERT_FALSE(early);
+  EXPECT_EQ(refusal_code(early.error()), domain::errc::not_found);
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  for (int i = 0; i < 2; ++i) {
+    auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+    ASSERT_TRUE(url) << describe(url.error());
+    EXPECT_EQ(url.value(), "https://c1.example/landing");
+  }
+  EXPECT_EQ(campaign_state("c1").clicks_total, 1u);
+  EXPECT_EQ(counts().clicks, 1u);
+  for (const std::string unknown : {"c1.nothing", "nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1"}) {
+    auto url = ask<std::string>(rt_.ad_server, click_atom::value, unknown);
+    ASSERT_FALSE(url) << unknown;
+    EXPECT_EQ(refusal_code(url.error()), domain::errc::not_found) << unknown;
+  }
+  verify_log();
+}
+
+TEST_F(ad_server_test, after_a_restart_on_the_same_store_clicks_still_find_their_campaign) {
+  create(campaign("c1", {"gpu"}));
+  create(campaign("c2", {"rust"}));
+  auto ad = pick("j1", "u1", "gpu");
+  ASSERT_TRUE(ad);
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  auto held = pick("j2", "u2", "rust");
+  ASSERT_TRUE(held);
+  stop();
+
+  // Without the campaign ids: nothing takes part in auctions, but clicks find their campaign.
+  start();
+  EXPECT_EQ(counts().campaigns, 0u);
+  auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  ASSERT_TRUE(url) << describe(url.error());
+  EXPECT_EQ(url.value(), "https://c1.example/landing");
+  stop();
+
+  // With them (as found in the log): auctions run at once, and a reservation made before the
+  // restart is still served.
+  start({"c1", "c2", "never-created"});
+  EXPECT_EQ(counts().campaigns, 2u);
+  EXPECT_TRUE(pick("j3", "u3", "gpu"));
+  auto charge = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, held->impression_id);
+  ASSERT_TRUE(charge) << describe(charge.error());
+  EXPECT_EQ(charge.value().price_micros, held->price_micros);
+  auto loaded = ask<std::size_t>(rt_.ad_server, load_atom::value, std::vector<std::string>{"c1", "x"});
+  ASSERT_TRUE(loaded);
+  EXPECT_EQ(loaded.value(), 1u);
+  verify_log();
+}
+
+TEST_F(ad_server_test, budgets_are_never_exceeded_over_a_seeded_walk_of_picks) {
+  const auto seed = testing::seed_from_environment();
+  std::cout << "GPUSTREAM_SEED=" << seed << "\n";
+  SCOPED_TRACE("GPUSTREAM_SEED=" + std::to_string(seed));
+  std::mt19937_64 random(seed);
+  // Small budgets (a few impressions at the bid) so that the walk runs them out.
+  const std::vector<std::string> ids = {"c1", "c2", "c3"};
+  create(campaign("c1", {"gpu", "cuda"}, 12'000, 3));
+  create(campaign("c2", {"gpu"}, 9'000, 2));
+  create(campaign("c3", {"rust"}, 20'000, 5));
+  const std::vector<std::string> prompts = {"gpu", "cuda gpu", "rust", "rust gpu", "nothing"};
+  std::map<std::string, std::int64_t> charged;  // by campaign, from the served replies
+  int served_count = 0;
+  for (int step = 0; step < 400; ++step) {
+    // Sometimes several picks at once, decided against the same cache: the campaigns' own
+    // decisions then refuse what the budget no longer pays for.
+    const int burst = random() % 5 == 0 ? 3 : 1;
+    std::vector<pick_handle> handles;
+    std::vector<std::string> jobs;
+    for (int i = 0; i < burst; ++i) {
+      jobs.push_back("j" + std::to_string(step) + "-" + std::to_string(i));
+      handles.push_back(send_pick(ad_request{jobs.back(), "u" + std::to_string(random() % 6),
+                                             prompts[random() % prompts.size()]}));
+    }
+    run();
+    for (std::size_t i = 0; i < handles.size(); ++i) {
+      auto picked = collect<ad_pick>(handles[i]);
+      ASSERT_TRUE(picked) << describe(picked.error());
+      if (!picked.value().ad) continue;
+      const auto& ad = *picked.value().ad;
+      const auto what = random() % 10;
+      if (what < 7) {
+        auto charge = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad.impression_id);
+        ASSERT_TRUE(charge) << describe(charge.error());
+        settle(jobs[i], charge.value());
+        charged[charge.value().campaign_id] += charge.value().price_micros;
+        ++served_count;
+      } else if (what < 9) {
+        ASSERT_TRUE(ask<bool>(rt_.ad_server, release_atom::value, ad.impression_id,
+                              std::string("not shown")));
+      }  // else: left to expire
+    }
+    if (random() % 8 == 0) {
+      *clock_.now_us += static_cast<std::int64_t>(random() % 200'000'000);
+      sched_.clock().advance_time(std::chrono::seconds(10));
+      run();
+    }
+    for (const auto& id : ids) {
+      const auto state = campaign_state(id);
+      ASSERT_LE(state.spent_micros + state.reserved_micros, state.budget_micros) << id;
+      ASSERT_GE(balance("campaign-" + id), 0) << id;
+      ASSERT_EQ(balance("campaign-" + id), state.budget_micros - charged[id]) << id;
+    }
+  }
+  EXPECT_GT(served_count, 10);
+  int exhausted = 0;
+  for (const auto& id : ids) exhausted += campaign_state(id).exhausted ? 1 : 0;
+  EXPECT_GT(exhausted, 0) << "the walk never ran a budget out; it tests too little";
+  verify_log();
+}
+
+TEST_F(ad_server_test, concurrent_picks_get_ads_only_while_the_budget_pays_for_them) {
+  // Two impressions' worth of budget at a bid equal to the floor (100 micro-USD each).
+  auto tight = campaign("c1", {"gpu"}, 200, 1);
+  tight.cpm_bid_micros = 100'000;
+  create(tight);
+  std::vector<pick_handle> handles;
+  for (int i = 0; i < 5; ++i) {
+    handles.push_back(
+        send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu"}));
+  }
+  run();  // all five auctions ran on the same cache, before any reservation came back
+  int ads = 0;
+  for (auto& handle : handles) {
+    auto picked = collect<ad_pick>(handle);
+    ASSERT_TRUE(picked) << describe(picked.error());
+    ads += picked.value().ad ? 1 : 0;
+  }
+  EXPECT_EQ(ads, 2);
+  EXPECT_EQ(counts().reservations_refused, 3u);
+  const auto state = campaign_state("c1");
+  EXPECT_EQ(state.reserved_micros, 200);
+  // The refusals refreshed the cache: it agrees with the campaign, and the next pick gets nothing.
+  auto cached = ask<domain::campaign_state>(rt_.ad_server, state_atom::value, std::string("c1"));
+  ASSERT_TRUE(cached);
+  EXPECT_EQ(cached.value(), state);
+  EXPECT_FALSE(pick("j9", "u9", "gpu"));
+  EXPECT_EQ(counts().reservations_refused, 3u);
+  verify_log();
+}
+
+TEST(impression_ids, name_their_campaign_and_fit_the_id_limit) {
+  EXPECT_EQ(impression_id_of("c1", "job-7", 128), "c1.job-7");
+  EXPECT_EQ(campaign_of_impression("c1.job-7"), "c1");
+  EXPECT_EQ(campaign_of_impression("c1.job.with.dots"), "c1");
+  EXPECT_EQ(campaign_of_impression("nodot"), "");
+  const std::string long_job(200, 'x');
+  const auto id = impression_id_of("campaign", long_job, 128);
+  EXPECT_LE(id.size(), 128u);
+  EXPECT_EQ(campaign_of_impression(id), "campaign");
+  EXPECT_EQ(id, impression_id_of("campaign", long_job, 128));
+  EXPECT_NE(id, impression_id_of("campaign", long_job + "y", 128));
+}
+
+}  // namespace
+}  // namespace gpustream::actors
