@@ -139,16 +139,27 @@ void forget(self_pointer self, const std::string& job_id) {
   self->state.jobs.erase(found);
 }
 
-/// Records the job as failed (persisted), then forgets it. `done` gets the outcome.
+/// Tells the job's watcher, if it has one, how the job ended.
+void notify_watcher(self_pointer self, const std::string& job_id, const job_ended& ended) {
+  auto found = self->state.jobs.find(job_id);
+  if (found != self->state.jobs.end() && found->second.request.watcher) {
+    self->send(found->second.request.watcher, ended);
+  }
+}
+
+/// Records the job as failed (persisted), then forgets it. `done` gets the outcome; so does the
+/// job's watcher.
 template <class Done>
 void fail_job(self_pointer self, const std::string& job_id, events::failure_reason reason,
               std::string message, Done done) {
   self->request(self->state.peers.jobs, caf::infinite, job_id,
-                domain::job::command{domain::fail_job{reason, std::move(message)}})
+                domain::job::command{domain::fail_job{reason, message}})
       .then(
-          [self, job_id, done](const command_reply&) mutable {
+          [self, job_id, message, done](const command_reply&) mutable {
+            job_ended ended{job_id, domain::job_status::failed, 0, 0, message};
+            notify_watcher(self, job_id, ended);
             forget(self, job_id);
-            done(job_ended{job_id, domain::job_status::failed, 0, 0});
+            done(std::move(ended));
           },
           [self, job_id, done](caf::error& failure) mutable {
             forget(self, job_id);
@@ -162,7 +173,7 @@ void assign_pass(self_pointer self);
 /// free usage; then answers `reply` and forgets the job.
 void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
             std::uint32_t completion_tokens, const domain::job_measure& measure,
-            caf::typed_response_promise<job_ended> reply) {
+            std::optional<domain::ad_charge> ad, caf::typed_response_promise<job_ended> reply) {
   const auto& job = self->state.jobs.at(job_id);
   domain::job_bill bill{.job_id = job_id,
                         .user_id = job.request.user_id,
@@ -173,7 +184,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
                         .quality = job.request.quality,
                         .prompt_tokens = job.request.prompt_tokens,
                         .completion_tokens = completion_tokens,
-                        .ad = std::nullopt};
+                        .ad = std::move(ad)};
   auto settled = domain::settle_job(bill, self->state.options.pricing);
   if (!settled) {
     forget(self, job_id);
@@ -528,9 +539,9 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
                                                           result.completion_tokens,
                                                           result.provider_reported_tokens}})
       .then(
-          [self, job_id = result.job_id, measure, reply](const command_reply&) mutable {
+          [self, job_id = result.job_id, measure, ad = result.ad, reply](const command_reply&) mutable {
             settle(self, job_id, domain::job_outcome::completed, measure.completion_tokens,
-                   measure, reply);
+                   measure, std::move(ad), reply);
           },
           [self, job_id = result.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);
@@ -600,7 +611,8 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
             }
             domain::job_measure measure;
             measure.completion_tokens = tokens;
-            settle(self, job_id, domain::job_outcome::cancelled, tokens, measure, reply);
+            settle(self, job_id, domain::job_outcome::cancelled, tokens, measure, std::nullopt,
+                   reply);
           },
           [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);
@@ -637,8 +649,14 @@ void on_tick(self_pointer self) {
   for (auto& job : self->state.queue->expire(now_us(self))) {
     self->request(self->state.peers.jobs, caf::infinite, job.job_id,
                   domain::job::command{domain::expire_job{}})
-        .then([self, id = job.job_id](const command_reply&) { forget(self, id); },
-              [self, id = job.job_id](caf::error&) { forget(self, id); });
+        .then(
+            [self, id = job.job_id](const command_reply&) {
+              notify_watcher(self, id,
+                             job_ended{id, domain::job_status::failed, 0, 0,
+                                       "no provider took the job before its queue deadline"});
+              forget(self, id);
+            },
+            [self, id = job.job_id](caf::error&) { forget(self, id); });
   }
   assign_pass(self);
 }

@@ -20,6 +20,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 
 #include "actors/aggregates.hpp"
@@ -36,6 +37,12 @@
 
 namespace gpustream::actors {
 
+struct job_ended;
+
+/// Told how a job ended when the scheduler ends it on its own (no provider left, every attempt
+/// failed, queue deadline passed), so that whoever waits for the answer can stop waiting.
+using job_watcher = caf::typed_actor<caf::reacts_to<job_ended>>;
+
 /// A request to run a job, as the gateway makes it.
 struct job_request {
   std::string job_id;
@@ -49,6 +56,8 @@ struct job_request {
   std::string conversation_id;
   /// The user's contribution score (from the providers they own), for the priority.
   std::int64_t contribution_score = 0;
+  /// Optional: told when the scheduler fails or expires the job by itself.
+  job_watcher watcher{};
 };
 
 /// The answer to an accepted job request: it is queued (persisted) with this priority.
@@ -88,6 +97,9 @@ struct job_result {
   std::uint32_t provider_reported_tokens = 0;  ///< the backend's usage
   std::int64_t ttft_us = 0;
   std::int64_t total_us = 0;
+  /// Free tier: the ad served with the answer (its impression already recorded by the campaign);
+  /// its price moves in the job's settlement group.
+  std::optional<domain::ad_charge> ad{};
 };
 
 /// A job's provider could not finish it.
@@ -112,6 +124,7 @@ struct job_ended {
   domain::job_status status = domain::job_status::completed;
   std::int64_t gross_micros = 0;         ///< billed
   std::int64_t platform_fee_micros = 0;  ///< of which the platform keeps
+  std::string detail{};                  ///< failed: why, in words a user can act on
 };
 
 /// What the scheduler holds now.
