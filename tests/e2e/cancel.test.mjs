@@ -1,0 +1,99 @@
+// A client that goes away mid-stream: the upstream request is cancelled within 100 ms of the
+// client's abort (measured at the upstream, by polling its /stats), the job ends cancelled, and the
+// user pays only for the tokens produced before the cancel.
+
+import assert from 'node:assert/strict';
+
+import { balance_changes, gross_micros, job_id_of, one_provider_world, scenario, wait_for } from './harness.mjs';
+
+const tokens_total = 200;
+const token_interval_us = 50_000;
+const tokens_before_abort = 5;
+/// The longest time from the client's abort to the upstream seeing its request closed.
+const cancel_ms_max = 100;
+/// Aborted streams per run. A loaded machine (2 cores, ctest -j2) only ever adds delay to the
+/// measurement, never removes it, so the fastest of these is held to cancel_ms_max; every one of
+/// them must still be cancelled, recorded and billed correctly.
+const aborts = 3;
+
+/// Streams a chat answer, aborts it after `tokens_before_abort` tokens and times how long the
+/// upstream takes to count the cancellation. Returns the job id and the time in ms.
+async function abort_one(server, upstream, api_key, model, cancelled_before) {
+  const abort = new AbortController();
+  const stream = await server.openai(api_key).chat.completions.create(
+    { model, messages: [{ role: 'user', content: 'Count slowly.' }], stream: true,
+      stream_options: { include_usage: true } },
+    { signal: abort.signal });
+  let received = 0;
+  let response_id;
+  let aborted_at;
+  for await (const chunk of stream) {
+    response_id = chunk.id;
+    if (chunk.choices[0]?.delta?.content) received += 1;
+    if (received === tokens_before_abort) {
+      aborted_at = performance.now();
+      abort.abort();
+      console.log(`client aborted at ${new Date().toISOString()}`);
+      break;
+    }
+  }
+  assert.equal(received, tokens_before_abort, 'the client aborted mid-stream');
+  // Poll the upstream every 2 ms: the first answer showing the cancellation dates it.
+  const seen_at = await wait_for('the upstream to count the cancelled request', async () => {
+    const stats = await upstream.stats();
+    return stats.cancelled === cancelled_before + 1 ? performance.now() : null;
+  }, { interval_ms: 2 });
+  const cancel_ms = seen_at - aborted_at;
+  console.log(`upstream request cancelled ${cancel_ms.toFixed(1)} ms after the client's abort`);
+  return { job_id: job_id_of(response_id), cancel_ms };
+}
+
+scenario('a client abort cancels the upstream request at once and bills the tokens produced', async (world) => {
+  const { server, upstream, provider, model } = await one_provider_world(world, {
+    upstream_options: { tokens: tokens_total, token_interval_us },
+  });
+  const user = await server.create_user('premium', 10_000_000);
+  const before = await server.accounts();
+
+  const runs = [];
+  for (let i = 0; i < aborts; ++i) runs.push(await abort_one(server, upstream, user.api_key, model, i));
+  const fastest = Math.min(...runs.map((run) => run.cancel_ms));
+  assert.ok(fastest <= cancel_ms_max,
+    `cancelled ${runs.map((run) => run.cancel_ms.toFixed(1)).join(', ')} ms after the aborts; even the fastest ` +
+    `took more than ${cancel_ms_max} ms`);
+  const stats = await upstream.stats();
+  assert.equal(stats.requests, aborts);
+  assert.equal(stats.cancelled, aborts);
+  assert.equal(stats.active, 0);
+  assert.equal(stats.completed, 0, 'no answer ran to its end');
+
+  // Each job ends cancelled, with the tokens produced before its cancel: the client's 5, and no
+  // more than the upstream sends in the ~100 ms a cancel may take (one token per 50 ms).
+  const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  let price_total = 0;
+  let fee_total = 0;
+  for (const { job_id } of runs) {
+    const job = await wait_for(`job ${job_id} in GET /admin/jobs?state=cancelled`, async () =>
+      (await server.jobs('cancelled')).find((entry) => entry.id === job_id));
+    assert.ok(job.completion_tokens >= tokens_before_abort,
+      `at least the ${tokens_before_abort} tokens the client saw are counted: ${job.completion_tokens}`);
+    assert.ok(job.completion_tokens <= tokens_before_abort + 3,
+      `no more than the tokens produced before the cancel are counted: ${job.completion_tokens}`);
+    // Billed: the prompt and those tokens at the provider's price, nothing more.
+    const price = gross_micros(job.prompt_tokens, job.completion_tokens, offer);
+    assert.equal(job.gross_micros, price);
+    assert.ok(price < gross_micros(job.prompt_tokens, tokens_total, offer), 'less than the whole answer would cost');
+    price_total += price;
+    fee_total += job.platform_fee_micros;
+  }
+  const after = await wait_for('the cancelled jobs to be settled in the ledger', async () => {
+    const accounts = await server.accounts();
+    const spent = before.balances[`user-${user.id}`] - accounts.balances[`user-${user.id}`];
+    return spent === price_total ? accounts : null;
+  });
+  assert.equal(after.total_micros, 0);
+  const changes = balance_changes(before, after);
+  assert.equal(changes[`user-${user.id}`], -price_total);
+  assert.equal(changes[`provider-${provider.id}`], price_total - fee_total);
+  assert.equal(changes.platform, fee_total);
+});

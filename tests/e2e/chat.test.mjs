@@ -1,0 +1,128 @@
+// Chat and completions through the official OpenAI SDK and curl, served by a real provider agent
+// in front of the deterministic test upstream: the text is the upstream's tokens exactly, usage
+// comes in the last chunk and counts them, the models list shows the model with its context length.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+
+import { gross_micros, job_id_of, one_provider_world, scenario, upstream_text } from './harness.mjs';
+
+const tokens = 12;
+const context_length = 4096;
+
+scenario('chat and completions through the OpenAI SDK and curl', async (world) => {
+  // The upstream refuses a third concurrent stream: the agent's probe finds that out and
+  // advertises 2, although its --max-concurrency says 8. (2 ms per token, so that the probe's
+  // streams overlap.)
+  const { server, provider, model } = await one_provider_world(world, {
+    upstream_options: { tokens, context_length, max_concurrent: 2, token_interval_us: 2000 },
+    provider_args: ['--max-concurrency', '8'],
+    probe: true,
+  });
+  const advertised = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  assert.equal(advertised.max_concurrency, 2, 'the probe found the concurrency the backend sustains');
+  const user = await server.create_user('premium', 10_000_000);
+  const client = server.openai(user.api_key);
+
+  // The models list, as the SDK reads it.
+  const models = [];
+  for await (const entry of client.models.list()) models.push(entry);
+  const listed = models.find((entry) => entry.id === model);
+  assert.ok(listed, `GET /v1/models lists ${model}: ${JSON.stringify(models)}`);
+  assert.equal(listed.context_length, context_length);
+  assert.equal(listed.x_gpustream.providers_online, 1);
+
+  // Streamed chat with usage in the last chunk.
+  const messages = [{ role: 'user', content: 'Say something deterministic.' }];
+  const stream = await client.chat.completions.create({
+    model, messages, stream: true, stream_options: { include_usage: true },
+  });
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  assert.ok(chunks.length >= tokens + 1, `one chunk per token at least, got ${chunks.length}`);
+  const streamed_text = chunks.map((chunk) => chunk.choices[0]?.delta?.content ?? '').join('');
+  assert.equal(streamed_text, upstream_text(tokens));
+  const last = chunks.at(-1);
+  assert.ok(last.usage, 'usage is in the last chunk');
+  assert.equal(last.usage.completion_tokens, tokens);
+  assert.ok(last.usage.prompt_tokens > 0, 'prompt tokens are counted');
+  assert.equal(last.usage.total_tokens, last.usage.prompt_tokens + tokens);
+  for (const chunk of chunks.slice(0, -1)) assert.ok(!chunk.usage, 'usage only in the last chunk');
+  assert.equal(last.x_gpustream.provider_id, provider.id);
+  assert.equal(last.x_gpustream.failover, 0);
+  assert.equal(last.x_gpustream.ad, undefined, 'premium answers carry no ad');
+  const finish = chunks.map((chunk) => chunk.choices[0]?.finish_reason).filter(Boolean);
+  assert.deepEqual(finish, ['stop']);
+  assert.ok(chunks.every((chunk) => chunk.id === chunks[0].id), 'one id for every chunk of an answer');
+  assert.ok(chunks.every((chunk) => chunk.model === model));
+
+  // Non-streamed chat.
+  const whole = await client.chat.completions.create({ model, messages });
+  assert.equal(whole.object, 'chat.completion');
+  assert.equal(whole.choices[0].message.role, 'assistant');
+  assert.equal(whole.choices[0].message.content, upstream_text(tokens));
+  assert.equal(whole.choices[0].finish_reason, 'stop');
+  assert.equal(whole.usage.completion_tokens, tokens);
+  assert.equal(whole.x_gpustream.provider_id, provider.id);
+
+  // max_tokens shorter than the answer: cut, and said so.
+  const cut = await client.chat.completions.create({ model, messages, max_tokens: 5 });
+  assert.equal(cut.choices[0].message.content, upstream_text(5));
+  assert.equal(cut.choices[0].finish_reason, 'length');
+  assert.equal(cut.usage.completion_tokens, 5);
+
+  // /v1/completions, streamed and not.
+  const completion = await client.completions.create({ model, prompt: 'Once upon a time', max_tokens: 8 });
+  assert.equal(completion.object, 'text_completion');
+  assert.equal(completion.choices[0].text, upstream_text(8));
+  assert.equal(completion.usage.completion_tokens, 8);
+  const completion_stream = await client.completions.create({
+    model, prompt: 'Once upon a time', stream: true, stream_options: { include_usage: true },
+  });
+  const completion_chunks = [];
+  for await (const chunk of completion_stream) completion_chunks.push(chunk);
+  assert.equal(completion_chunks.map((chunk) => chunk.choices[0]?.text ?? '').join(''), upstream_text(tokens));
+  assert.equal(completion_chunks.at(-1).usage.completion_tokens, tokens);
+
+  // The money: each answer billed to the premium user at the provider's price, nothing else moved.
+  const answered = [last.id, whole.id, cut.id, completion.id, completion_chunks.at(-1).id].map(job_id_of);
+  const billed = await server.wait_jobs(answered, 'completed');
+  const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  assert.ok(offer, 'the provider advertises the model with its prices');
+  for (const job of billed) {
+    assert.equal(job.gross_micros, gross_micros(job.prompt_tokens, job.completion_tokens, offer), `price of ${job.id}`);
+  }
+  const accounts = await server.accounts();
+  assert.equal(accounts.total_micros, 0, 'the ledger sums to zero');
+  const spent = billed.reduce((sum, job) => sum + job.gross_micros, 0);
+  assert.ok(spent > 0, 'the answers cost something');
+  assert.equal(accounts.balances[`user-${user.id}`], 10_000_000 - spent);
+});
+
+scenario('curl streams a chat answer as server-sent events', async (world) => {
+  const { server, model } = await one_provider_world(world, { upstream_options: { tokens } });
+  const user = await server.create_user('premium', 10_000_000);
+  const body = JSON.stringify({
+    model, stream: true, stream_options: { include_usage: true },
+    messages: [{ role: 'user', content: 'Hello from curl' }],
+  });
+  const curl = spawn('curl', ['-sS', '-N', '--max-time', '60', '-H', `Authorization: Bearer ${user.api_key}`,
+    '-H', 'Content-Type: application/json', '-d', body, '-w', '\nHTTP %{http_code} %{content_type}\n',
+    `${server.base_url}/v1/chat/completions`]);
+  let output = '';
+  let errors = '';
+  curl.stdout.setEncoding('utf8').on('data', (text) => { output += text; });
+  curl.stderr.setEncoding('utf8').on('data', (text) => { errors += text; });
+  const code = await new Promise((resolve) => curl.on('close', resolve));
+  assert.equal(code, 0, `curl failed: ${errors}`);
+  const status = output.match(/\nHTTP (\d+) (\S+)\n$/);
+  assert.ok(status, `curl wrote its status line: ${output}`);
+  assert.equal(status[1], '200');
+  assert.match(status[2], /^text\/event-stream/);
+  const lines = output.slice(0, status.index).split('\n').filter((line) => line.length > 0);
+  assert.ok(lines.every((line) => line.startsWith('data: ')), `only data lines: ${lines.join('|')}`);
+  assert.equal(lines.at(-1), 'data: [DONE]');
+  const chunks = lines.slice(0, -1).map((line) => JSON.parse(line.slice(6)));
+  assert.equal(chunks.map((chunk) => chunk.choices[0]?.delta?.content ?? '').join(''), upstream_text(tokens));
+  assert.equal(chunks.at(-1).usage.completion_tokens, tokens);
+});

@@ -1,0 +1,131 @@
+// Providers failing under a live answer: an upstream that drops mid-stream hands the answer to
+// another provider, which continues it (x_gpustream.failover); an agent killed with SIGKILL before
+// the first token is replaced silently; with nobody left the stream ends with an in-band error.
+
+import assert from 'node:assert/strict';
+
+import { OpenAI, job_id_of, read_sse, scenario, upstream_text, wait_for } from './harness.mjs';
+
+const model = 'e2e-model';
+const tokens = 16;
+const drop_after = 5;
+
+async function stream_chat(server, api_key) {
+  const stream = await server.openai(api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'Tell me a long story.' }], stream: true,
+    stream_options: { include_usage: true },
+  });
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  return chunks;
+}
+
+const text_of = (chunks) => chunks.map((chunk) => chunk.choices[0]?.delta?.content ?? '').join('');
+
+scenario('an upstream dropping mid-stream fails over to another provider that continues the answer', async (world) => {
+  const server = await world.serve();
+  // A drops its stream after 5 tokens; B answers normally. A is cheaper, so with both idle and
+  // equally healthy the default policy gives A the job first (domain/selection.hpp: ties by price).
+  const upstream_a = await world.upstream({ models: model, tokens, drop_after_tokens: drop_after }, 'upstream-a');
+  const upstream_b = await world.upstream({ models: model, tokens }, 'upstream-b');
+  const provider_a = await server.create_provider('provider-a');
+  const provider_b = await server.create_provider('provider-b');
+  world.provider(server, provider_a.token, upstream_a, { name: 'provider-a', args: ['--price-per-mtok', '1000000'] });
+  world.provider(server, provider_b.token, upstream_b, { name: 'provider-b', args: ['--price-per-mtok', '3000000'] });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 2);
+
+  const chunks = await stream_chat(server, user.api_key);
+  const text = text_of(chunks);
+  // B continues after A's 5 tokens, with them as the assistant prefix; the test upstream always
+  // answers from tok0, so the continuation is B's whole answer but for the tokens already sent.
+  assert.ok(text.startsWith(upstream_text(drop_after)), `A's tokens first: ${JSON.stringify(text)}`);
+  const continuation = text.slice(upstream_text(drop_after).length);
+  assert.ok(continuation.length > 0, 'B continued the answer');
+  assert.ok(upstream_text(tokens).startsWith(continuation), `B's tokens follow, in order: ${JSON.stringify(continuation)}`);
+  const last = chunks.at(-1);
+  assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason).at(-1).choices[0].finish_reason, 'stop');
+  assert.ok(last.x_gpustream.failover >= 1, `x_gpustream.failover counts the change: ${JSON.stringify(last.x_gpustream)}`);
+  assert.equal(last.x_gpustream.provider_id, provider_b.id, 'B finished the answer');
+  const counted = [...text.matchAll(/tok\d+ /g)].length;
+  assert.equal(last.usage.completion_tokens, counted, 'usage counts every token the client got');
+  assert.equal((await upstream_a.stats()).dropped, 1);
+  assert.equal((await upstream_b.stats()).completed, 1);
+  const job = await wait_for('the job completed', async () =>
+    (await server.jobs('completed')).find((entry) => entry.id === job_id_of(last.id)));
+  assert.equal(job.provider_id, provider_b.id);
+  assert.equal((await server.accounts()).total_micros, 0);
+});
+
+scenario('a provider killed before its first token is replaced without the client noticing', async (world) => {
+  const server = await world.serve();
+  const slow = await world.upstream({ models: model, tokens, first_token_ms: 2000 }, 'upstream-slow');
+  const quick = await world.upstream({ models: model, tokens }, 'upstream-quick');
+  const provider_a = await server.create_provider('provider-a');
+  const provider_b = await server.create_provider('provider-b');
+  const agent_a = world.provider(server, provider_a.token, slow, { name: 'provider-a' });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 1);
+
+  // Only A is online: it takes the job and waits 2 s for its first token.
+  const answer = stream_chat(server, user.api_key);
+  answer.catch(() => {});  // awaited below; this keeps an early rejection from going unhandled
+  await wait_for('the job to reach A\'s upstream', async () => (await slow.stats()).active === 1);
+  // B comes online, then A is killed with SIGKILL before its first token.
+  world.provider(server, provider_b.token, quick, { name: 'provider-b' });
+  await server.wait_model(user.api_key, model, 2);
+  await agent_a.stop('SIGKILL');
+
+  const chunks = await answer;
+  assert.equal(text_of(chunks), upstream_text(tokens), 'the whole answer, from B');
+  const last = chunks.at(-1);
+  assert.equal(last.x_gpustream.provider_id, provider_b.id);
+  assert.equal(last.x_gpustream.failover, 0, 'no token came from A, so nothing was continued');
+  assert.equal(last.usage.completion_tokens, tokens);
+  await server.wait_provider_offline(provider_a.id);
+  assert.equal((await quick.stats()).completed, 1);
+});
+
+scenario('with no provider left, a stream that breaks ends with an in-band error', async (world) => {
+  const server = await world.serve();
+  const upstream = await world.upstream({ models: model, tokens, drop_after_tokens: drop_after });
+  const provider = await server.create_provider('only-provider');
+  world.provider(server, provider.token, upstream, { name: 'only-provider' });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 1);
+  const body = {
+    model, messages: [{ role: 'user', content: 'Tell me a long story.' }], stream: true,
+    stream_options: { include_usage: true },
+  };
+
+  // As raw SSE: the tokens so far, then a chunk with finish_reason "error" and an error object.
+  const response = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(response.status, 200, 'the stream had begun when the provider failed');
+  const events = await read_sse(response);
+  assert.equal(events.at(-1), '[DONE]');
+  const chunks = events.slice(0, -1);
+  const error_chunk = chunks.at(-1);
+  assert.equal(error_chunk.choices[0].finish_reason, 'error');
+  assert.ok(error_chunk.error?.message, `an error object says why: ${JSON.stringify(error_chunk)}`);
+  assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason === 'error').length, 1);
+  // The provider the job failed on is not given it again (ARCHITECTURE.md: "continue on another
+  // provider"; domain/selection.hpp: excluded_provider_id), so the text is its 5 tokens only.
+  assert.equal(text_of(chunks), upstream_text(drop_after), 'no retry on the provider that failed the job');
+  assert.equal((await upstream.stats()).requests, 1, 'one request reached the failing upstream');
+  const job_id = job_id_of(error_chunk.id);
+  const job = await wait_for(`job ${job_id} failed`, async () =>
+    (await server.jobs('failed')).find((entry) => entry.id === job_id));
+  assert.equal(job.gross_micros, 0, 'a failed job bills nothing');
+
+  // Through the SDK the same error surfaces as an APIError while iterating.
+  let text = '';
+  await assert.rejects(async () => {
+    const stream = await server.openai(user.api_key).chat.completions.create(body);
+    for await (const chunk of stream) text += chunk.choices[0]?.delta?.content ?? '';
+  }, (error) => {
+    assert.ok(error instanceof OpenAI.APIError, `an APIError, got ${error}`);
+    return true;
+  });
+  assert.equal(text, upstream_text(drop_after));
+  assert.equal((await server.accounts()).total_micros, 0);
+});

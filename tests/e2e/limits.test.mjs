@@ -1,0 +1,115 @@
+// Limits as a client meets them, through the OpenAI SDK and plain HTTP: the per-key rate limit
+// (429 + Retry-After), a prompt over the model's context length (400 naming both numbers), a body
+// over 1 MiB (413), JSON nested too deep (400), a bad API key (401) and an unknown model (404).
+
+import assert from 'node:assert/strict';
+
+import { OpenAI, one_provider_world, scenario } from './harness.mjs';
+
+const context_length = 64;
+
+scenario('limits answer in OpenAI\'s error shape', async (world) => {
+  const { server, model } = await one_provider_world(world, {
+    serve_args: ['--rate-per-minute', '60', '--rate-burst', '2'],
+    upstream_options: { tokens: 4, context_length },
+  });
+  // Each check has its own user, so that the rate limit of one key does not blur the others.
+  const new_key = async () => (await server.create_user('premium', 1_000_000)).api_key;
+  const chat = { model, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4 };
+
+  // Rate limit: a burst of 2, then 429 with Retry-After, in OpenAI's shape.
+  const limited = server.user_client(await new_key());
+  for (let i = 0; i < 2; ++i) {
+    const response = await limited.request('POST', '/v1/chat/completions', { body: chat });
+    assert.equal(response.status, 200, `request ${i} of the burst: ${await response.clone().text()}`);
+    await response.text();
+  }
+  const refused = await limited.request('POST', '/v1/chat/completions', { body: chat });
+  assert.equal(refused.status, 429);
+  const retry_after = Number(refused.headers.get('retry-after'));
+  assert.ok(Number.isInteger(retry_after) && retry_after >= 1 && retry_after <= 60,
+    `Retry-After is whole seconds: ${refused.headers.get('retry-after')}`);
+  const refusal = (await refused.json()).error;
+  assert.equal(refusal.type, 'rate_limit_error');
+  assert.equal(refusal.code, 'rate_limit_exceeded');
+  // The SDK sees the same refusal as a RateLimitError.
+  const sdk_limited = server.openai(limited.token);
+  await assert.rejects(sdk_limited.chat.completions.create(chat), (error) => {
+    assert.ok(error instanceof OpenAI.RateLimitError, `a RateLimitError, got ${error}`);
+    assert.equal(error.status, 429);
+    return true;
+  });
+  // Another key is not limited by the first one's burst.
+  const other = await server.user_client(await new_key()).request('POST', '/v1/chat/completions', { body: chat });
+  assert.equal(other.status, 200);
+  await other.text();
+
+  // Context overflow: a clear 400 naming the model's context length and the request's size.
+  const long_prompt = 'word '.repeat(200);
+  await assert.rejects(
+    server.openai(await new_key()).chat.completions.create({ model, messages: [{ role: 'user', content: long_prompt }] }),
+    (error) => {
+      assert.ok(error instanceof OpenAI.BadRequestError, `a BadRequestError, got ${error}`);
+      assert.equal(error.status, 400);
+      assert.equal(error.code, 'context_length_exceeded');
+      const limit = error.message.match(/maximum context length is (\d+) tokens/);
+      assert.ok(limit, `the message names the context length: ${error.message}`);
+      assert.equal(Number(limit[1]), context_length);
+      const asked = [...error.message.matchAll(/(\d+) tokens/g)].map((match) => Number(match[1]));
+      assert.ok(asked.some((count) => count > context_length), `the message names the prompt's size: ${error.message}`);
+      return true;
+    });
+  // max_tokens beyond the context: refused the same way, naming the total.
+  const overflowing = server.user_client(await new_key());
+  const over = await overflowing.request('POST', '/v1/chat/completions', { body: { ...chat, max_tokens: 1000 } });
+  assert.equal(over.status, 400);
+  const over_error = (await over.json()).error;
+  assert.equal(over_error.code, 'context_length_exceeded');
+  assert.match(over_error.message, new RegExp(`maximum context length is ${context_length} tokens`));
+  assert.match(over_error.message, /1000/);
+
+  // Body over 1 MiB: 413, whatever the content.
+  const big = server.user_client(await new_key());
+  const padding = 'x'.repeat(1024 * 1024 + 16);
+  const too_large = await big.request('POST', '/v1/chat/completions', {
+    body: JSON.stringify({ ...chat, messages: [{ role: 'user', content: padding }] }),
+    headers: { 'content-type': 'application/json' },
+  });
+  assert.equal(too_large.status, 413);
+  await too_large.text();
+
+  // JSON nested deeper than 32 levels: 400 in OpenAI's shape.
+  const deep = server.user_client(await new_key());
+  const nested = `{"model":"${model}","messages":[{"role":"user","content":"hi"}],"metadata":${'['.repeat(40)}${']'.repeat(40)}}`;
+  const too_deep = await deep.request('POST', '/v1/chat/completions', {
+    body: nested, headers: { 'content-type': 'application/json' },
+  });
+  assert.equal(too_deep.status, 400);
+  const deep_error = (await too_deep.json()).error;
+  assert.equal(deep_error.type, 'invalid_request_error');
+  assert.match(deep_error.message, /32/);
+
+  // A bad API key: 401, as an AuthenticationError; no key at all: 401 too.
+  await assert.rejects(server.openai('sk-not-a-real-key').chat.completions.create(chat), (error) => {
+    assert.ok(error instanceof OpenAI.AuthenticationError, `an AuthenticationError, got ${error}`);
+    assert.equal(error.status, 401);
+    assert.equal(error.type, 'authentication_error');
+    return true;
+  });
+  await assert.rejects(server.openai('sk-not-a-real-key').models.list(), OpenAI.AuthenticationError);
+  const anonymous = await fetch(`${server.base_url}/v1/chat/completions`, {
+    method: 'POST', body: JSON.stringify(chat), headers: { 'content-type': 'application/json' },
+  });
+  assert.equal(anonymous.status, 401);
+  assert.equal((await anonymous.json()).error.type, 'authentication_error');
+
+  // An unknown model: 404 model_not_found.
+  await assert.rejects(
+    server.openai(await new_key()).chat.completions.create({ ...chat, model: 'no-such-model' }), (error) => {
+      assert.ok(error instanceof OpenAI.NotFoundError, `a NotFoundError, got ${error}`);
+      assert.equal(error.status, 404);
+      assert.equal(error.code, 'model_not_found');
+      assert.match(error.message, /no-such-model/);
+      return true;
+    });
+});
