@@ -1,0 +1,171 @@
+#pragma once
+/// The provider link's frames as plain C++ values: one struct per member of the `Frame` union in
+/// gateway/link.capnp, field for field. `frame` is the variant of all of them, in the union's order
+/// (the variant index is the union tag on the wire, so only ever append).
+///
+/// Agent -> server: hello (first frame, exactly once), heartbeat, delta, done, job_error.
+/// Server -> agent: welcome (answer to hello), offer, cancel.
+///
+/// This header includes no Cap'n Proto header; gateway/link_codec.hpp does the wire work.
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "events/event.hpp"
+
+namespace gpustream::gateway::link {
+
+/// Which endpoint the backend request goes to.
+enum class job_kind : std::uint8_t {
+  chat,        ///< POST {base}/chat/completions
+  completion,  ///< POST {base}/completions
+};
+
+// -------------------------------------------------------------------------------------------------
+// agent -> server
+
+/// The agent's introduction: what it runs and what it offers. Sent once, first.
+struct hello {
+  std::string agent_version;
+  events::backend_kind backend = events::backend_kind::openai;
+  std::string backend_url;  ///< openai: the backend's base URL; builtin: the model file
+  std::vector<events::gpu_info> gpus;
+  std::vector<events::model_offer> models;
+  std::uint32_t max_concurrency = 0;  ///< jobs the agent runs at once, over all models
+
+  bool operator==(const hello&) const = default;
+};
+
+/// The agent's health, every heartbeat_interval_ms of the welcome.
+struct heartbeat {
+  std::uint32_t active_jobs = 0;
+  std::uint32_t queued_jobs = 0;
+  std::uint32_t load_percent = 0;    ///< active jobs over max concurrency, 0..100
+  std::uint32_t health_percent = 0;  ///< share of recent jobs that ended without a backend fault
+  std::uint64_t tokens_per_second_milli = 0;  ///< recent output rate, thousandths of a token/s
+
+  bool operator==(const heartbeat&) const = default;
+};
+
+/// A piece of a job's answer; the pieces of one job arrive in order.
+struct delta {
+  std::string job_id;
+  std::string text;
+
+  bool operator==(const delta&) const = default;
+};
+
+/// A job finished normally.
+struct done {
+  std::string job_id;
+  std::string finish_reason;  ///< the backend's, e.g. "stop", "length"
+  /// The agent's own count: one token per streamed content chunk (the OpenAI streaming convention).
+  std::uint32_t completion_tokens_counted = 0;
+  /// The backend's reported usage; 0 when it sent none. May be cumulative or zero on some servers.
+  std::uint32_t prompt_tokens_reported = 0;
+  std::uint32_t completion_tokens_reported = 0;
+  std::int64_t ttft_us = 0;   ///< offer received -> first content chunk
+  std::int64_t total_us = 0;  ///< offer received -> end of the stream
+
+  bool operator==(const done&) const = default;
+};
+
+/// A job failed (or was refused) on the agent's side.
+struct job_error {
+  std::string job_id;
+  std::uint32_t tokens_so_far = 0;  ///< content chunks already sent as deltas
+  std::string message;              ///< for an operator; never prompt text
+  bool upstream_fault = false;      ///< the backend failed, rather than the agent or the request
+
+  bool operator==(const job_error&) const = default;
+};
+
+// -------------------------------------------------------------------------------------------------
+// server -> agent
+
+/// The server's answer to hello.
+struct welcome {
+  std::string provider_id;
+  std::uint32_t heartbeat_interval_ms = 0;
+
+  bool operator==(const welcome&) const = default;
+};
+
+/// A job for the agent. request_json is the OpenAI request body to send to the backend as is.
+struct offer {
+  std::string job_id;
+  job_kind kind = job_kind::chat;
+  std::string request_json;
+
+  bool operator==(const offer&) const = default;
+};
+
+/// Stop a job at once: the agent closes the backend request.
+struct cancel {
+  std::string job_id;
+
+  bool operator==(const cancel&) const = default;
+};
+
+/// One link message. The alternatives' order is the wire's union order: only ever append.
+using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, offer, cancel>;
+
+/// The frame's type name for logs, e.g. "hello", "job_error".
+[[nodiscard]] std::string_view frame_name(const frame& f) noexcept;
+
+// -------------------------------------------------------------------------------------------------
+// Limits and errors
+
+/// Bounds on what decode accepts (and validate checks). Everything that comes off the link is
+/// untrusted; these keep one peer from making the other allocate or work without bound.
+struct codec_limits {
+  /// Largest frame, bytes; bigger is decode_errc::too_large (WebSocket close 1009). Default: 1 MiB.
+  std::size_t frame_bytes_max = std::size_t{1} << 20;
+  /// Most 8-byte words Cap'n Proto may traverse in one frame (a crafted message can point at the
+  /// same words many times). Default: 4 Mi words (32 MiB of traversal for a 1 MiB frame).
+  std::uint64_t traversal_words_max = std::uint64_t{4} << 20;
+  /// Longest job id, bytes. Default: 128.
+  std::size_t job_id_bytes_max = 128;
+  /// Longest delta text, bytes. Default: 64 KiB.
+  std::size_t text_bytes_max = 64 * 1024;
+  /// Longest offer request_json, bytes. Default: 1 MiB.
+  std::size_t request_json_bytes_max = std::size_t{1} << 20;
+  /// Most models in a hello. Default: 64.
+  std::size_t models_max = 64;
+  /// Most GPUs in a hello. Default: 16.
+  std::size_t gpus_max = 16;
+  /// Longest name-like string (model, GPU, quantisation, agent version, provider id, finish reason),
+  /// bytes. Default: 200.
+  std::size_t name_bytes_max = 200;
+  /// Longest URL (hello's backend_url), bytes. Default: 2048.
+  std::size_t url_bytes_max = 2048;
+  /// Longest job_error message, bytes. Default: 4 KiB.
+  std::size_t message_bytes_max = 4 * 1024;
+};
+
+/// The closed set of reasons a frame is refused.
+enum class decode_errc : std::uint8_t {
+  too_large,      ///< more bytes than frame_bytes_max
+  malformed,      ///< not a valid Cap'n Proto `Frame` (truncated, garbage, over the traversal limit)
+  unknown_frame,  ///< a union member this build does not know (a newer peer)
+  over_limit,     ///< a field over its codec_limits bound (string length, list size)
+  invalid_field,  ///< a field with a value the protocol forbids (unknown enumerant, bad UTF-8,
+                  ///< empty job id)
+};
+
+struct decode_error {
+  decode_errc code = decode_errc::malformed;
+  /// What went wrong, for a person: names the frame, the field and the sizes involved.
+  std::string message;
+};
+
+/// The WebSocket close code a server or agent sends when a frame fails to decode: 1009 (message too
+/// big) for too_large, 1002 (protocol error) for malformed and unknown_frame, 1008 (policy
+/// violation) for over_limit and invalid_field.
+[[nodiscard]] std::uint16_t websocket_close_code(decode_errc code) noexcept;
+
+}  // namespace gpustream::gateway::link

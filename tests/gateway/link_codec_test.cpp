@@ -1,0 +1,364 @@
+// The provider link codec: every frame survives a round trip, every limit is enforced with a clear
+// error, and garbage, truncated, oversize or randomly mutated input is refused without crashing.
+#include "gateway/link_codec.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace gpustream::gateway::link {
+namespace {
+
+events::gpu_info example_gpu() {
+  return {.name = "NVIDIA GeForce RTX 4090",
+          .memory_bytes = 25'757'220'864,
+          .compute_capability_major = 8,
+          .compute_capability_minor = 9};
+}
+
+events::model_offer example_model(std::string name) {
+  return {.model_name = std::move(name),
+          .context_length_tokens = 131'072,
+          .quantisation = "Q4_K_M",
+          .input_price_micros_per_mtok = 150'000,
+          .output_price_micros_per_mtok = 600'000,
+          .max_concurrency = 4};
+}
+
+hello example_hello() {
+  return {.agent_version = "gpustream 0.1.0",
+          .backend = events::backend_kind::openai,
+          .backend_url = "http://127.0.0.1:1234/v1",
+          .gpus = {example_gpu(), example_gpu()},
+          .models = {example_model("llama-3.1-8b-instruct"), example_model("qwen2.5-7b")},
+          .max_concurrency = 8};
+}
+
+/// One example of every frame type, in the variant's order.
+std::vector<frame> every_frame() {
+  return {
+      example_hello(),
+      heartbeat{.active_jobs = 3,
+                .queued_jobs = 1,
+                .load_percent = 75,
+                .health_percent = 99,
+                .tokens_per_second_milli = 123'456'789},
+      delta{.job_id = "job-42", .text = "Grüße, 世界 🙂"},
+      done{.job_id = "job-42",
+           .finish_reason = "stop",
+           .completion_tokens_counted = 64,
+           .prompt_tokens_reported = 12,
+           .completion_tokens_reported = 64,
+           .ttft_us = 8'500,
+           .total_us = -1},
+      job_error{.job_id = "job-43",
+                .tokens_so_far = 7,
+                .message = "backend answered 503",
+                .upstream_fault = true},
+      welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 5'000},
+      offer{.job_id = "job-44",
+            .kind = job_kind::completion,
+            .request_json = R"({"model":"m","prompt":"hi","stream":true})"},
+      cancel{.job_id = "job-44"},
+  };
+}
+
+template <class T>
+T with_job_id(std::string id) {
+  T f;
+  f.job_id = std::move(id);
+  return f;
+}
+
+frame round_trip(const frame& f, const codec_limits& limits = {}) {
+  const auto bytes = encode(f);
+  auto decoded = decode(bytes, limits);
+  if (!decoded) {
+    ADD_FAILURE() << frame_name(f) << ": " << decoded.error().message;
+    return f;
+  }
+  return *decoded;
+}
+
+decode_error decode_failure(const frame& f, const codec_limits& limits = {}) {
+  const auto bytes = encode(f);
+  auto decoded = decode(bytes, limits);
+  if (decoded) {
+    ADD_FAILURE() << frame_name(f) << " decoded although it should not";
+    return {};
+  }
+  return decoded.error();
+}
+
+TEST(link_codec, every_frame_round_trips) {
+  const auto frames = every_frame();
+  ASSERT_EQ(frames.size(), std::variant_size_v<frame>);
+  for (std::size_t i = 0; i < frames.size(); ++i) {
+    ASSERT_EQ(frames[i].index(), i) << "every_frame() must list the frames in the variant's order";
+    EXPECT_EQ(round_trip(frames[i]), frames[i]) << frame_name(frames[i]);
+  }
+}
+
+TEST(link_codec, empty_and_default_frames_round_trip) {
+  for (const frame& f : {frame{hello{}}, frame{heartbeat{}}, frame{welcome{}}}) {
+    EXPECT_EQ(round_trip(f), f) << frame_name(f);
+  }
+}
+
+TEST(link_codec, frame_names_are_the_wire_names) {
+  EXPECT_EQ(frame_name(frame{job_error{}}), "job_error");
+  EXPECT_EQ(frame_name(frame{cancel{}}), "cancel");
+}
+
+TEST(link_codec, unaligned_input_decodes) {
+  for (std::size_t text_bytes : {10u, 20'000u}) {  // below and above the stack copy's size
+    const frame f = delta{.job_id = "j", .text = std::string(text_bytes, 'x')};
+    const auto bytes = encode(f);
+    std::vector<std::uint8_t> shifted(bytes.size() + 1);
+    std::copy(bytes.begin(), bytes.end(), shifted.begin() + 1);
+    auto decoded = decode(std::span(shifted).subspan(1), {});
+    ASSERT_TRUE(decoded) << decoded.error().message;
+    EXPECT_EQ(*decoded, f);
+  }
+}
+
+TEST(link_codec, largest_allowed_fields_round_trip) {
+  const codec_limits limits;
+  frame big_delta = delta{.job_id = std::string(limits.job_id_bytes_max, 'j'),
+                          .text = std::string(limits.text_bytes_max, 'a')};
+  EXPECT_EQ(round_trip(big_delta), big_delta);
+  hello full = example_hello();
+  full.gpus.assign(limits.gpus_max, example_gpu());
+  full.models.clear();
+  for (std::size_t i = 0; i < limits.models_max; ++i) {
+    full.models.push_back(example_model(std::string(limits.name_bytes_max - 4, 'm') +
+                                        std::to_string(1000 + i)));
+  }
+  EXPECT_EQ(round_trip(full), frame{full});
+}
+
+// --- limits -----------------------------------------------------------------------------------
+
+TEST(link_codec, oversize_frame_is_too_large_and_maps_to_1009) {
+  codec_limits limits;
+  limits.frame_bytes_max = 256;
+  const auto error = decode_failure(delta{.job_id = "j", .text = std::string(300, 'a')}, limits);
+  EXPECT_EQ(error.code, decode_errc::too_large);
+  EXPECT_NE(error.message.find("256"), std::string::npos) << error.message;
+  EXPECT_EQ(websocket_close_code(error.code), 1009);
+}
+
+TEST(link_codec, traversal_limit_is_enforced) {
+  codec_limits limits;
+  limits.traversal_words_max = 8;
+  const auto error = decode_failure(example_hello(), limits);
+  EXPECT_EQ(error.code, decode_errc::malformed);
+  EXPECT_EQ(websocket_close_code(error.code), 1002);
+}
+
+TEST(link_codec, job_ids_are_bounded_and_non_empty) {
+  const codec_limits limits;
+  const std::string long_id(limits.job_id_bytes_max + 1, 'j');
+  for (const frame& f : {frame{with_job_id<delta>(long_id)}, frame{with_job_id<done>(long_id)},
+                         frame{with_job_id<job_error>(long_id)}, frame{with_job_id<offer>(long_id)},
+                         frame{with_job_id<cancel>(long_id)}}) {
+    const auto error = decode_failure(f);
+    EXPECT_EQ(error.code, decode_errc::over_limit) << frame_name(f);
+    EXPECT_NE(error.message.find("job_id"), std::string::npos) << error.message;
+    EXPECT_NE(error.message.find("129 bytes"), std::string::npos) << error.message;
+    EXPECT_EQ(websocket_close_code(error.code), 1008);
+  }
+  for (const frame& f : {frame{delta{}}, frame{done{}}, frame{job_error{}}, frame{offer{}},
+                         frame{cancel{}}}) {
+    const auto error = decode_failure(f);
+    EXPECT_EQ(error.code, decode_errc::invalid_field) << frame_name(f);
+    EXPECT_NE(error.message.find("empty job id"), std::string::npos) << error.message;
+  }
+}
+
+TEST(link_codec, delta_text_is_bounded) {
+  const codec_limits limits;
+  const auto error =
+      decode_failure(delta{.job_id = "j", .text = std::string(limits.text_bytes_max + 1, 'a')});
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("delta.text"), std::string::npos) << error.message;
+}
+
+TEST(link_codec, request_json_is_bounded) {
+  codec_limits limits;
+  limits.request_json_bytes_max = 100;
+  const auto error = decode_failure(offer{.job_id = "j", .request_json = std::string(101, ' ')}, limits);
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("offer.request_json"), std::string::npos) << error.message;
+  // The default admits a body just under the frame limit.
+  const frame big = offer{.job_id = "j", .request_json = std::string((1 << 20) - 1024, ' ')};
+  EXPECT_EQ(round_trip(big), big);
+}
+
+TEST(link_codec, hello_lists_are_bounded) {
+  const codec_limits limits;
+  hello too_many_models = example_hello();
+  too_many_models.models.assign(limits.models_max + 1, example_model("m"));
+  auto error = decode_failure(too_many_models);
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("65 models"), std::string::npos) << error.message;
+
+  hello too_many_gpus = example_hello();
+  too_many_gpus.gpus.assign(limits.gpus_max + 1, example_gpu());
+  error = decode_failure(too_many_gpus);
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("17 GPUs"), std::string::npos) << error.message;
+}
+
+TEST(link_codec, names_and_urls_are_bounded) {
+  const codec_limits limits;
+  const std::string long_name(limits.name_bytes_max + 1, 'n');
+  std::vector<std::pair<frame, std::string>> cases;
+  hello h = example_hello();
+  h.agent_version = long_name;
+  cases.emplace_back(h, "hello.agent_version");
+  h = example_hello();
+  h.gpus[1].name = long_name;
+  cases.emplace_back(h, "hello.gpus.name");
+  h = example_hello();
+  h.models[1].model_name = long_name;
+  cases.emplace_back(h, "hello.models.model_name");
+  h = example_hello();
+  h.models[0].quantisation = long_name;
+  cases.emplace_back(h, "hello.models.quantisation");
+  h = example_hello();
+  h.backend_url = std::string(limits.url_bytes_max + 1, 'u');
+  cases.emplace_back(h, "hello.backend_url");
+  cases.emplace_back(welcome{.provider_id = long_name}, "welcome.provider_id");
+  cases.emplace_back(done{.job_id = "j", .finish_reason = long_name}, "done.finish_reason");
+  cases.emplace_back(
+      job_error{.job_id = "j", .message = std::string(limits.message_bytes_max + 1, 'e')},
+      "job_error.message");
+  for (const auto& [f, field] : cases) {
+    const auto error = decode_failure(f);
+    EXPECT_EQ(error.code, decode_errc::over_limit) << field;
+    EXPECT_NE(error.message.find(field), std::string::npos) << error.message;
+  }
+}
+
+TEST(link_codec, invalid_fields_are_refused) {
+  const std::string bad_utf8_samples[] = {"\xff", "a\xc3", "\xc0\xaf", "\xed\xa0\x80",
+                                          "\xf4\x90\x80\x80", "\xe0\x80\x80"};
+  for (const auto& bad : bad_utf8_samples) {
+    const auto error = decode_failure(delta{.job_id = "j", .text = "ok " + bad});
+    EXPECT_EQ(error.code, decode_errc::invalid_field);
+    EXPECT_NE(error.message.find("UTF-8"), std::string::npos) << error.message;
+  }
+  hello unknown_backend = example_hello();
+  unknown_backend.backend = static_cast<events::backend_kind>(9);
+  auto error = decode_failure(unknown_backend);
+  EXPECT_EQ(error.code, decode_errc::invalid_field);
+  EXPECT_NE(error.message.find("backend"), std::string::npos) << error.message;
+
+  error = decode_failure(offer{.job_id = "j", .kind = static_cast<job_kind>(5), .request_json = "{}"});
+  EXPECT_EQ(error.code, decode_errc::invalid_field);
+  EXPECT_NE(error.message.find("offer.kind"), std::string::npos) << error.message;
+
+  hello unnamed_model = example_hello();
+  unnamed_model.models[0].model_name.clear();
+  error = decode_failure(unnamed_model);
+  EXPECT_EQ(error.code, decode_errc::invalid_field);
+}
+
+TEST(link_codec, validate_checks_frames_built_in_memory) {
+  EXPECT_TRUE(validate(every_frame()[2], {}));
+  const auto result = validate(delta{.job_id = "j", .text = "\xff"}, {});
+  ASSERT_FALSE(result);
+  EXPECT_EQ(result.error().code, decode_errc::invalid_field);
+}
+
+// --- garbage ----------------------------------------------------------------------------------
+
+TEST(link_codec, unknown_frame_type_is_refused) {
+  auto bytes = encode(cancel{.job_id = "j"});
+  // Single segment: 8 bytes of segment table, the root pointer, then Frame's data word whose first
+  // 16 bits are the union tag (cancel = 7). Check the layout before patching it.
+  ASSERT_GE(bytes.size(), 24u);
+  ASSERT_EQ(bytes[16], 7);
+  ASSERT_EQ(bytes[17], 0);
+  bytes[16] = 42;
+  const auto decoded = decode(bytes, {});
+  ASSERT_FALSE(decoded);
+  EXPECT_EQ(decoded.error().code, decode_errc::unknown_frame);
+  EXPECT_NE(decoded.error().message.find("42"), std::string::npos) << decoded.error().message;
+  EXPECT_EQ(websocket_close_code(decoded.error().code), 1002);
+}
+
+TEST(link_codec, garbage_is_malformed) {
+  const std::vector<std::vector<std::uint8_t>> samples = {
+      {},
+      {1, 2, 3},
+      std::vector<std::uint8_t>(8, 0),
+      std::vector<std::uint8_t>(16, 0xff),
+      std::vector<std::uint8_t>(64, 0xab),
+  };
+  for (const auto& sample : samples) {
+    const auto decoded = decode(sample, {});
+    ASSERT_FALSE(decoded) << sample.size() << " bytes";
+    EXPECT_EQ(decoded.error().code, decode_errc::malformed) << decoded.error().message;
+    EXPECT_FALSE(decoded.error().message.empty());
+  }
+}
+
+TEST(link_codec, every_truncation_and_trailing_bytes_are_refused) {
+  for (const frame& f : every_frame()) {
+    const auto bytes = encode(f);
+    for (std::size_t size = 0; size < bytes.size(); ++size) {
+      const auto decoded = decode(std::span(bytes).first(size), {});
+      ASSERT_FALSE(decoded) << frame_name(f) << " truncated to " << size << " bytes";
+      EXPECT_EQ(decoded.error().code, decode_errc::malformed);
+    }
+    auto longer = bytes;
+    longer.resize(bytes.size() + 8, 0);
+    const auto decoded = decode(longer, {});
+    ASSERT_FALSE(decoded) << frame_name(f) << " with a trailing word";
+    EXPECT_NE(decoded.error().message.find("after the frame"), std::string::npos);
+  }
+}
+
+/// Seeded fuzzing: random bytes and random mutations of valid frames never crash the decoder, and
+/// whatever it accepts is valid and survives another round trip unchanged.
+TEST(link_codec, random_bytes_and_mutations_never_crash) {
+  std::uint64_t seed = std::random_device{}();
+  if (const char* fixed = std::getenv("GPUSTREAM_TEST_SEED")) seed = std::strtoull(fixed, nullptr, 10);
+  std::printf("link_codec fuzz seed: %llu (set GPUSTREAM_TEST_SEED to replay)\n",
+              static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  const auto frames = every_frame();
+  std::size_t accepted = 0;
+  for (int round = 0; round < 20'000; ++round) {
+    std::vector<std::uint8_t> bytes;
+    if (round % 4 == 0) {
+      bytes.resize(8 * (rng() % 32));
+      for (auto& b : bytes) b = static_cast<std::uint8_t>(rng());
+    } else {
+      bytes = encode(frames[rng() % frames.size()]);
+      const int flips = 1 + static_cast<int>(rng() % 4);
+      for (int i = 0; i < flips; ++i) bytes[rng() % bytes.size()] = static_cast<std::uint8_t>(rng());
+    }
+    const auto decoded = decode(bytes, {});
+    if (!decoded) {
+      ASSERT_FALSE(decoded.error().message.empty()) << "seed " << seed << " round " << round;
+      continue;
+    }
+    ++accepted;
+    ASSERT_TRUE(validate(*decoded, {})) << "seed " << seed << " round " << round;
+    const auto again = decode(encode(*decoded), {});
+    ASSERT_TRUE(again) << "seed " << seed << " round " << round;
+    ASSERT_EQ(*again, *decoded) << "seed " << seed << " round " << round;
+  }
+  std::printf("link_codec fuzz: %zu of 20000 inputs decoded\n", accepted);
+}
+
+}  // namespace
+}  // namespace gpustream::gateway::link
