@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <map>
 
+#include "app/provider.hpp"
 #include "app/replay.hpp"
 #include "app/serve.hpp"
 
@@ -44,6 +45,32 @@ int main(int argc, char** argv) {
                         "Bearer token of the admin API under /admin (stored only as its SHA-256)")
       ->envname("GPUSTREAM_ADMIN_TOKEN");
 
+  gpustream::app::provider_options provider;
+  bool provider_no_probe = false;
+  auto* provider_cmd = cli.add_subcommand(
+      "provider", "run a provider agent: serve jobs from an OpenAI-compatible backend over an "
+                  "outbound link to the coordinator");
+  provider_cmd->add_option("--coordinator", provider.coordinator,
+                           "the coordinator, ws://HOST:PORT (path /v1/providers/link by default)")
+      ->required();
+  provider_cmd->add_option("--token", provider.token,
+                           "provider token from POST /admin/providers (never logged)")
+      ->envname("GPUSTREAM_PROVIDER_TOKEN");
+  provider_cmd->add_option("--backend", provider.backend,
+                           "openai=URL: the base of an OpenAI-compatible API, e.g. "
+                           "openai=http://127.0.0.1:1234/v1 (LM Studio), :11434/v1 (Ollama)")
+      ->required();
+  provider_cmd->add_option("--name", provider.name, "this agent's name in logs and its User-Agent")
+      ->capture_default_str();
+  provider_cmd->add_option("--price-per-mtok", provider.price_per_mtok_micros,
+                           "price of input and output tokens, micro-USD per million tokens")
+      ->capture_default_str();
+  provider_cmd->add_option("--max-concurrency", provider.max_concurrency,
+                           "most jobs at once; the backend probe may find it sustains fewer")
+      ->capture_default_str();
+  provider_cmd->add_flag("--no-probe", provider_no_probe,
+                         "advertise --max-concurrency as is, without probing the backend");
+
   std::string replay_data = "data";
   bool replay_json = false;
   bool replay_verify = false;
@@ -65,5 +92,9 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %n %v");
   if (*serve_cmd) return gpustream::app::run_serve(serve);
   if (*replay_cmd) return run_replay(replay_data, replay_verify, replay_json);
+  if (*provider_cmd) {
+    provider.probe = !provider_no_probe;
+    return gpustream::app::run_provider(provider);
+  }
   return 2;
 }

@@ -1,0 +1,716 @@
+#include "app/provider.hpp"
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+#include <spdlog/fmt/fmt.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <csignal>
+#include <deque>
+#include <map>
+#include <optional>
+#include <random>
+#include <utility>
+
+#include "gateway/link_codec.hpp"
+#include "kernels/gpu_probe.hpp"
+
+#ifndef GPUSTREAM_VERSION
+#define GPUSTREAM_VERSION "unknown"
+#endif
+
+namespace gpustream::app {
+
+namespace asio = boost::asio;
+namespace link = gateway::link;
+using steady = std::chrono::steady_clock;
+
+// -------------------------------------------------------------------------------------------------
+// Pure parts.
+
+probe_step next_probe_step(const std::vector<probe_level>& measured, std::uint32_t max_concurrency,
+                           std::chrono::microseconds measurable_min) {
+  const std::uint32_t top = std::max<std::uint32_t>(max_concurrency, 1);
+  if (measured.empty()) {
+    return top == 1 ? probe_step{.done = true, .sustained = 1} : probe_step{.next_concurrency = 1};
+  }
+  const auto& last = measured.back();
+  const std::uint32_t before = measured.size() >= 2 ? measured[measured.size() - 2].concurrency : 0;
+  if (last.failed) return {.done = true, .sustained = std::max<std::uint32_t>(before, 1)};
+  if (measured.size() >= 2) {
+    const auto& previous = measured[measured.size() - 2];
+    const bool measurable = previous.duration >= measurable_min && last.duration >= measurable_min;
+    if (measurable && !(last.tokens_per_second > 1.10 * previous.tokens_per_second)) {
+      return {.done = true, .sustained = before};
+    }
+  }
+  if (last.concurrency >= top) return {.done = true, .sustained = top};
+  const std::uint32_t doubled =
+      last.concurrency > top / 2 ? top : std::min<std::uint32_t>(last.concurrency * 2, top);
+  return {.next_concurrency = doubled};
+}
+
+std::vector<std::string_view> split_utf8(std::string_view text, std::size_t bytes_max) {
+  std::vector<std::string_view> pieces;
+  const std::size_t step = std::max<std::size_t>(bytes_max, 1);
+  while (!text.empty()) {
+    std::size_t cut = std::min(step, text.size());
+    // Back up over continuation bytes (10xxxxxx) so that the cut falls before a sequence's start.
+    while (cut < text.size() && cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) {
+      --cut;
+    }
+    if (cut == 0) {  // one sequence longer than bytes_max: send it whole
+      cut = 1;
+      while (cut < text.size() && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) ++cut;
+    }
+    pieces.push_back(text.substr(0, cut));
+    text.remove_prefix(cut);
+  }
+  return pieces;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Options.
+
+namespace {
+
+/// Most concurrent jobs an agent may be configured for.
+constexpr std::uint32_t provider_concurrency_max = 4096;
+/// Longest --name kept (it goes into the User-Agent and logs).
+constexpr std::size_t provider_name_bytes_max = 64;
+/// The link's path on the coordinator.
+constexpr std::string_view link_path = "/v1/providers/link";
+/// Marks the probe's requests (OpenAI's optional end-user field), so that a backend's own logs or
+/// counters can tell them from real jobs.
+constexpr std::string_view probe_user = "gpustream-concurrency-probe";
+
+/// The URL with any "user:password@" replaced by "***@": for logs and for the hello.
+std::string without_credentials(std::string_view url) {
+  const auto scheme = url.find("://");
+  const auto start = scheme == std::string_view::npos ? 0 : scheme + 3;
+  const auto end = std::min(url.find_first_of("/?#", start), url.size());
+  const auto at = url.substr(start, end - start).rfind('@');
+  if (at == std::string_view::npos) return std::string(url);
+  return std::string(url.substr(0, start)) + "***@" + std::string(url.substr(start + at + 1));
+}
+
+std::string printable(std::string_view text, std::size_t bytes_max) {
+  std::string out;
+  for (char c : text.substr(0, bytes_max)) out.push_back(c >= 0x20 && c < 0x7f ? c : '_');
+  return out;
+}
+
+}  // namespace
+
+expected<provider_options, std::string> resolve_provider_options(provider_options options) {
+  constexpr std::string_view openai_prefix = "openai=";
+  if (options.backend.rfind("builtin=", 0) == 0) {
+    return unexpected{std::string(
+        "--backend builtin=… is not available in this build yet; use --backend openai=URL")};
+  }
+  if (options.backend.rfind(openai_prefix, 0) != 0 || options.backend.size() == openai_prefix.size()) {
+    return unexpected{"--backend must be openai=URL (e.g. openai=http://127.0.0.1:1234/v1), got \"" +
+                      printable(options.backend, 200) + "\""};
+  }
+  options.upstream.base_url = options.backend.substr(openai_prefix.size());
+  auto url = gateway::parse_ws_url(options.coordinator);
+  if (!url) return unexpected{"--coordinator: " + url.error()};
+  if (url->target == "/") {
+    while (!options.coordinator.empty() && options.coordinator.back() == '/') options.coordinator.pop_back();
+    options.coordinator += link_path;
+  }
+  if (options.token.empty()) {
+    return unexpected{std::string("no provider token: pass --token or set GPUSTREAM_PROVIDER_TOKEN")};
+  }
+  if (options.max_concurrency == 0 || options.max_concurrency > provider_concurrency_max) {
+    return unexpected{"--max-concurrency must be from 1 to " + std::to_string(provider_concurrency_max)};
+  }
+  if (options.price_per_mtok_micros < 0) {
+    return unexpected{std::string("--price-per-mtok must not be negative")};
+  }
+  if (options.probe_tokens == 0) return unexpected{std::string("probe_tokens must be at least 1")};
+  options.name = printable(options.name.empty() ? "provider" : options.name, provider_name_bytes_max);
+  options.link.url = options.coordinator;
+  options.link.bearer_token = options.token;
+  options.link.user_agent = "gpustream-provider/" GPUSTREAM_VERSION " (" + options.name + ")";
+  return options;
+}
+
+// -------------------------------------------------------------------------------------------------
+// The agent.
+
+class provider_agent::impl : public std::enable_shared_from_this<impl> {
+ public:
+  impl(asio::io_context& io, provider_options options, gateway::upstream_client upstream,
+       std::function<void(int)> on_exit)
+      : io_(io),
+        options_(std::move(options)),
+        upstream_(std::move(upstream)),
+        on_exit_(std::move(on_exit)),
+        log_(spdlog::default_logger()->clone("provider")),
+        timer_(io),
+        heartbeat_timer_(io),
+        rng_(std::random_device{}()),
+        heartbeat_interval_(options_.heartbeat_interval_default) {}
+
+  void start() {
+    GPUSTREAM_ENSURE(phase_ == phase::idle);
+    log_->info("starting name={} version={} backend={} coordinator={} max_concurrency={}",
+               options_.name, GPUSTREAM_VERSION, without_credentials(options_.upstream.base_url),
+               without_credentials(options_.coordinator),
+               options_.max_concurrency);
+    find_gpus();
+    list_models();
+  }
+
+  void stop() {
+    if (phase_ == phase::stopped) return;
+    phase_ = phase::stopped;
+    timer_.cancel();
+    heartbeat_timer_.cancel();
+    cancel_probe();
+    cancel_all_jobs("the agent is stopping");
+    if (link_) link_->stop();
+  }
+
+ private:
+  enum class phase { idle, listing, probing, linked, stopped };
+
+  struct job {
+    std::shared_ptr<gateway::upstream_request> request;
+    std::uint32_t tokens = 0;
+    steady::time_point started;
+    std::optional<steady::time_point> first_token;
+  };
+
+  struct probe_run {
+    std::uint32_t concurrency = 0;
+    std::uint32_t pending = 0;
+    std::uint64_t tokens = 0;
+    bool failed = false;
+    bool finished = false;
+    std::string failure;
+    steady::time_point started;
+    std::vector<std::shared_ptr<gateway::upstream_request>> requests;
+  };
+
+  // --- start-up: GPUs, models, probe ------------------------------------------------------------
+
+  void find_gpus() {
+    auto found = kernels::probe_gpus();
+    if (!found) {
+      log_->info("no GPU advertised: {}", found.error().message);
+      return;
+    }
+    for (const auto& gpu : *found) {
+      log_->info("gpu name=\"{}\" memory_bytes={} compute_capability={}.{}", gpu.name,
+                 gpu.memory_bytes, gpu.compute_capability_major, gpu.compute_capability_minor);
+      gpus_.push_back({.name = gpu.name,
+                       .memory_bytes = gpu.memory_bytes,
+                       .compute_capability_major = gpu.compute_capability_major,
+                       .compute_capability_minor = gpu.compute_capability_minor});
+    }
+  }
+
+  void list_models() {
+    phase_ = phase::listing;
+    upstream_.list_models([self = shared_from_this()](auto result) {
+      asio::post(self->io_, [self, result = std::move(result)]() mutable {
+        self->on_models(std::move(result));
+      });
+    });
+  }
+
+  void on_models(expected<std::vector<gateway::upstream_model>, gateway::upstream_error> result) {
+    if (phase_ != phase::listing) return;
+    if (result && !result->empty()) {
+      models_ = std::move(*result);
+      if (models_.size() > options_.link.limits.models_max) {
+        log_->warn("the backend lists {} models; advertising the first {}", models_.size(),
+                   options_.link.limits.models_max);
+        models_.resize(options_.link.limits.models_max);
+      }
+      for (const auto& model : models_) {
+        log_->info("model id={} context_length_tokens={}", model.id, model.context_length_tokens);
+      }
+      attempt_ = 0;
+      start_probe();
+      return;
+    }
+    const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
+    if (result) {
+      log_->warn("the backend at {} lists no model; asking again in {} ms",
+                 without_credentials(options_.upstream.base_url), wait.count());
+    } else {
+      log_->warn("listing the backend's models failed ({}: {}); trying again in {} ms",
+                 gateway::to_string(result.error().kind), result.error().message, wait.count());
+    }
+    after(wait, [this] { list_models(); });
+  }
+
+  /// Runs `f` after `wait` unless the agent stops first.
+  void after(std::chrono::milliseconds wait, std::function<void()> f) {
+    timer_.expires_after(wait);
+    timer_.async_wait([self = shared_from_this(), f = std::move(f)](boost::system::error_code ec) {
+      if (!ec && self->phase_ != phase::stopped) f();
+    });
+  }
+
+  void start_probe() {
+    phase_ = phase::probing;
+    if (!options_.probe) {
+      concurrency_ = options_.max_concurrency;
+      log_->info("concurrency probe off; advertising max_concurrency={}", concurrency_);
+      connect_link();
+      return;
+    }
+    probe_next();
+  }
+
+  void probe_next() {
+    const auto step = next_probe_step(measured_, options_.max_concurrency,
+                                      options_.probe_measurable_min);
+    if (step.done) {
+      finish_probe(step.sustained);
+      return;
+    }
+    auto run = std::make_shared<probe_run>();
+    run->concurrency = step.next_concurrency;
+    run->pending = step.next_concurrency;
+    run->started = steady::now();
+    probe_ = run;
+    const std::string body = probe_body();
+    for (std::uint32_t i = 0; i < run->concurrency; ++i) {
+      std::weak_ptr<impl> weak = shared_from_this();
+      auto on_end = [weak, run](std::optional<std::string> failure) {
+        if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
+      };
+      run->requests.push_back(upstream_.stream(
+          "/chat/completions", body,
+          {.on_delta = [run](std::string_view) { ++run->tokens; },
+           .on_done = [on_end](std::string, std::optional<gateway::upstream_usage>) { on_end({}); },
+           .on_error =
+               [on_end](gateway::upstream_error error) {
+                 on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message);
+               }}));
+    }
+    after(options_.probe_level_timeout, [this, run] {
+      on_probe_request_end(run, "level of " + std::to_string(run->concurrency) + " took longer than " +
+                                    std::to_string(options_.probe_level_timeout.count()) + " ms");
+    });
+  }
+
+  std::string probe_body() const {
+    // A chat model if the backend lists one first: embedding models cannot answer.
+    const auto chat = std::find_if(models_.begin(), models_.end(), [](const auto& model) {
+      return model.id.find("embed") == std::string::npos;
+    });
+    const auto& model = chat != models_.end() ? *chat : models_.front();
+    boost::json::object body{
+        {"model", model.id},
+        {"messages", boost::json::array{boost::json::object{
+                         {"role", "user"}, {"content", "Count from 1 to 100, separated by spaces."}}}},
+        {"max_tokens", options_.probe_tokens},
+        {"temperature", 0},
+        {"stream", true},
+        {"user", probe_user}};
+    return boost::json::serialize(body);
+  }
+
+  void on_probe_request_end(const std::shared_ptr<probe_run>& run, std::optional<std::string> failure) {
+    if (run->finished || run != probe_ || phase_ != phase::probing) return;
+    if (failure) {
+      run->failed = true;
+      run->failure = std::move(*failure);
+    } else {
+      --run->pending;
+    }
+    if (!run->failed && run->pending > 0) return;
+    run->finished = true;
+    timer_.cancel();
+    for (const auto& request : run->requests) request->cancel();
+    run->requests.clear();  // the requests' handlers hold `run`: break the cycle
+    const auto duration =
+        std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - run->started);
+    const double seconds = std::max(std::chrono::duration<double>(duration).count(), 1e-6);
+    measured_.push_back({.concurrency = run->concurrency,
+                         .failed = run->failed,
+                         .tokens_per_second = static_cast<double>(run->tokens) / seconds,
+                         .duration = duration});
+    if (run->failed) {
+      log_->info("probe level={} failed: {}", run->concurrency, run->failure);
+    } else {
+      log_->info("probe level={} tokens_per_second={:.1f} duration_ms={:.1f}", run->concurrency,
+                 measured_.back().tokens_per_second, seconds * 1000.0);
+    }
+    probe_next();
+  }
+
+  void finish_probe(std::uint32_t sustained) {
+    probe_.reset();
+    std::string levels;
+    for (const auto& level : measured_) {
+      levels += (levels.empty() ? "" : ", ") + std::to_string(level.concurrency) + ":" +
+                (level.failed ? std::string("failed")
+                              : fmt::format("{:.1f}tok/s", level.tokens_per_second));
+    }
+    if (!measured_.empty() && measured_.front().failed) {
+      // Not even one stream worked: the probe says nothing about concurrency (a model that must
+      // be loaded first, a backend hiccup). Jobs will show what the backend can do.
+      concurrency_ = options_.max_concurrency;
+      log_->warn("concurrency probe inconclusive (a single stream failed, see above); advertising "
+                 "max_concurrency={}",
+                 concurrency_);
+    } else {
+      concurrency_ = std::min(options_.max_concurrency, sustained);
+      log_->info("concurrency probe levels=[{}] sustained={} flag={} advertised={}", levels,
+                 sustained, options_.max_concurrency, concurrency_);
+    }
+    connect_link();
+  }
+
+  void cancel_probe() {
+    if (!probe_) return;
+    probe_->finished = true;
+    for (const auto& request : probe_->requests) request->cancel();
+    probe_->requests.clear();
+    probe_.reset();
+  }
+
+  // --- the link ---------------------------------------------------------------------------------
+
+  void connect_link() {
+    phase_ = phase::linked;
+    std::weak_ptr<impl> weak = shared_from_this();
+    auto created = gateway::link_client::create(
+        io_, options_.link,
+        {.on_connected = [weak] { if (auto self = weak.lock()) self->on_connected(); },
+         .on_frame = [weak](link::frame f) { if (auto self = weak.lock()) self->on_frame(std::move(f)); },
+         .on_disconnected =
+             [weak](const gateway::link_disconnect& d) { if (auto self = weak.lock()) self->on_disconnected(d); }});
+    // The options were checked by resolve_provider_options, so this cannot fail.
+    GPUSTREAM_ENSURE(created.has_value());
+    link_ = std::move(*created);
+    link_->start();
+  }
+
+  link::hello make_hello() const {
+    link::hello hello{.agent_version = "gpustream " GPUSTREAM_VERSION,
+                      .backend = events::backend_kind::openai,
+                      .backend_url = without_credentials(options_.upstream.base_url),
+                      .gpus = gpus_,
+                      .models = {},
+                      .max_concurrency = concurrency_};
+    if (hello.gpus.size() > options_.link.limits.gpus_max) hello.gpus.resize(options_.link.limits.gpus_max);
+    for (const auto& model : models_) {
+      hello.models.push_back({.model_name = model.id,
+                              .context_length_tokens = model.context_length_tokens,
+                              .quantisation = "",
+                              .input_price_micros_per_mtok = options_.price_per_mtok_micros,
+                              .output_price_micros_per_mtok = options_.price_per_mtok_micros,
+                              .max_concurrency = concurrency_});
+    }
+    return hello;
+  }
+
+  void on_connected() {
+    const auto hello = make_hello();
+    if (auto valid = link::validate(hello, options_.link.limits); !valid) {
+      // A model name or URL over the link's limits: the coordinator would close the link.
+      log_->error("cannot say hello: {}", valid.error().message);
+      link_->drop(1008, "hello over the link's limits");
+      return;
+    }
+    log_->info("link up; hello models={} gpus={} max_concurrency={}", hello.models.size(),
+               hello.gpus.size(), hello.max_concurrency);
+    send(hello);
+  }
+
+  void on_disconnected(const gateway::link_disconnect& d) {
+    heartbeat_timer_.cancel();
+    cancel_all_jobs("the link to the coordinator went down");
+    if (d.kind == gateway::link_disconnect_kind::rejected &&
+        (d.http_status == 401 || d.http_status == 403)) {
+      log_->error("{}; check --token (or GPUSTREAM_PROVIDER_TOKEN). Giving up.", d.message);
+      stop();
+      if (on_exit_) on_exit_(1);
+      return;
+    }
+    log_->warn("link down kind={} was_connected={} retry_in_ms={}: {}", gateway::to_string(d.kind),
+               d.was_connected, d.retry_in.count(), d.message);
+  }
+
+  void on_frame(link::frame f) {
+    if (auto* offer = std::get_if<link::offer>(&f)) {
+      on_offer(std::move(*offer));
+    } else if (const auto* cancel = std::get_if<link::cancel>(&f)) {
+      on_cancel(*cancel);
+    } else if (const auto* welcome = std::get_if<link::welcome>(&f)) {
+      on_welcome(*welcome);
+    } else {
+      // Frames of the agent's own direction coming back: the coordinator is confused.
+      log_->warn("unexpected {} frame from the coordinator; closing the link", link::frame_name(f));
+      link_->drop(1008, "unexpected frame for an agent");
+    }
+  }
+
+  void on_welcome(const link::welcome& welcome) {
+    heartbeat_interval_ = std::clamp(std::chrono::milliseconds(welcome.heartbeat_interval_ms),
+                                     options_.heartbeat_interval_min, options_.heartbeat_interval_max);
+    log_->info("welcome provider_id={} heartbeat_interval_ms={}", welcome.provider_id,
+               heartbeat_interval_.count());
+    last_heartbeat_ = steady::now();
+    tokens_since_heartbeat_ = 0;
+    schedule_heartbeat();
+  }
+
+  void schedule_heartbeat() {
+    heartbeat_timer_.expires_after(heartbeat_interval_);
+    heartbeat_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      if (ec || self->phase_ != phase::linked || !self->link_->connected()) return;
+      self->send_heartbeat();
+      self->schedule_heartbeat();
+    });
+  }
+
+  void send_heartbeat() {
+    const auto now = steady::now();
+    const double seconds = std::max(std::chrono::duration<double>(now - last_heartbeat_).count(), 1e-3);
+    const auto active = static_cast<std::uint32_t>(jobs_.size());
+    std::uint32_t healthy = 0;
+    for (bool ok : outcomes_) healthy += ok ? 1 : 0;
+    send(link::heartbeat{
+        .active_jobs = active,
+        .queued_jobs = 0,  // the agent queues nothing: offers beyond its concurrency are refused
+        .load_percent = std::min<std::uint32_t>(100, active * 100 / std::max<std::uint32_t>(concurrency_, 1)),
+        .health_percent = outcomes_.empty()
+                              ? 100
+                              : static_cast<std::uint32_t>(healthy * 100 / outcomes_.size()),
+        .tokens_per_second_milli =
+            static_cast<std::uint64_t>(static_cast<double>(tokens_since_heartbeat_) * 1000.0 / seconds)});
+    last_heartbeat_ = now;
+    tokens_since_heartbeat_ = 0;
+  }
+
+  /// Sends a frame; a full queue means the coordinator stopped reading, so the link is dropped
+  /// (and every job with it) rather than losing a piece of some answer.
+  bool send(const link::frame& f) {
+    auto sent = link_->send(f);
+    if (sent) return true;
+    if (sent.error().code == gateway::link_send_errc::queue_full) {
+      log_->error("dropping the link: {}", sent.error().message);
+      link_->drop(1008, "agent send queue full");
+    } else if (sent.error().code == gateway::link_send_errc::frame_too_large) {
+      log_->error("a {} frame is too large for the link: {}", link::frame_name(f), sent.error().message);
+    }
+    return false;
+  }
+
+  // --- jobs -------------------------------------------------------------------------------------
+
+  void on_offer(link::offer offer) {
+    if (jobs_.contains(offer.job_id)) {
+      refuse(offer.job_id, "job " + offer.job_id + " is already running here");
+      return;
+    }
+    if (jobs_.size() >= concurrency_) {
+      log_->warn("refusing job={}: {} of {} slots busy", offer.job_id, jobs_.size(), concurrency_);
+      refuse(offer.job_id, "the provider is at capacity (" + std::to_string(concurrency_) + " jobs)");
+      return;
+    }
+    const std::string_view path =
+        offer.kind == link::job_kind::chat ? "/chat/completions" : "/completions";
+    log_->info("job={} started kind={}", offer.job_id, path);
+    auto& running = jobs_[offer.job_id];
+    running.started = steady::now();
+    std::weak_ptr<impl> weak = shared_from_this();
+    const std::string id = offer.job_id;
+    running.request = upstream_.stream(
+        path, std::move(offer.request_json),
+        {.on_delta = [weak, id](std::string_view text) { if (auto self = weak.lock()) self->on_delta(id, text); },
+         .on_done =
+             [weak, id](std::string finish_reason, std::optional<gateway::upstream_usage> usage) {
+               if (auto self = weak.lock()) self->on_done(id, std::move(finish_reason), usage);
+             },
+         .on_error =
+             [weak, id](gateway::upstream_error error) {
+               if (auto self = weak.lock()) self->on_error(id, std::move(error));
+             }});
+  }
+
+  void refuse(const std::string& job_id, std::string message) {
+    send(link::job_error{.job_id = job_id, .tokens_so_far = 0, .message = std::move(message),
+                         .upstream_fault = false});
+  }
+
+  void on_delta(const std::string& job_id, std::string_view text) {
+    const auto found = jobs_.find(job_id);
+    if (found == jobs_.end()) return;
+    auto& running = found->second;
+    if (!running.first_token) running.first_token = steady::now();
+    ++running.tokens;  // one token per content chunk: the OpenAI streaming convention
+    ++tokens_since_heartbeat_;
+    for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
+      link::delta frame{.job_id = job_id, .text = std::string(piece)};
+      if (auto valid = link::validate(frame, options_.link.limits); !valid) {
+        fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message, true);
+        return;
+      }
+      if (!send(frame)) return;  // the link is down or being dropped: the job goes with it
+    }
+  }
+
+  void on_done(const std::string& job_id, std::string finish_reason,
+               std::optional<gateway::upstream_usage> usage) {
+    const auto found = jobs_.find(job_id);
+    if (found == jobs_.end()) return;
+    const job running = std::move(found->second);
+    jobs_.erase(found);
+    record_outcome(true);
+    const auto now = steady::now();
+    const auto micros = [&](steady::time_point t) {
+      return std::chrono::duration_cast<std::chrono::microseconds>(t - running.started).count();
+    };
+    const auto pieces = split_utf8(finish_reason, options_.link.limits.name_bytes_max);
+    link::done done{.job_id = job_id,
+                    .finish_reason = pieces.empty() ? std::string() : std::string(pieces.front()),
+                    .completion_tokens_counted = running.tokens,
+                    .prompt_tokens_reported = usage ? usage->prompt_tokens : 0,
+                    .completion_tokens_reported = usage ? usage->completion_tokens : 0,
+                    .ttft_us = running.first_token ? micros(*running.first_token) : micros(now),
+                    .total_us = micros(now)};
+    if (!link::validate(done, options_.link.limits)) done.finish_reason = "stop";
+    log_->info("job={} done finish_reason={} tokens_counted={} tokens_reported={} ttft_ms={} total_ms={}",
+               job_id, printable(done.finish_reason, 40), done.completion_tokens_counted,
+               done.completion_tokens_reported, done.ttft_us / 1000, done.total_us / 1000);
+    send(done);
+  }
+
+  void on_error(const std::string& job_id, gateway::upstream_error error) {
+    if (!jobs_.contains(job_id)) return;
+    fail_job(job_id,
+             "backend " + std::string(gateway::to_string(error.kind)) +
+                 (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
+                 ": " + error.message,
+             error.upstream_fault);
+  }
+
+  void fail_job(const std::string& job_id, std::string message, bool upstream_fault) {
+    const auto found = jobs_.find(job_id);
+    if (found == jobs_.end()) return;
+    const auto tokens = found->second.tokens;
+    found->second.request->cancel();  // no-op when the request already ended
+    jobs_.erase(found);
+    if (upstream_fault) record_outcome(false);
+    // The message may carry the backend's own words, never the prompt: the upstream client keeps
+    // only the backend's error message.
+    const auto pieces = split_utf8(message, options_.link.limits.message_bytes_max);
+    message = pieces.empty() ? std::string() : std::string(pieces.front());
+    log_->warn("job={} failed tokens_so_far={} upstream_fault={}: {}", job_id, tokens, upstream_fault,
+               message);
+    send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
+                         .upstream_fault = upstream_fault});
+  }
+
+  void on_cancel(const link::cancel& cancel) {
+    const auto found = jobs_.find(cancel.job_id);
+    if (found == jobs_.end()) return;  // already ended: its done or error is on its way
+    found->second.request->cancel();
+    log_->info("job={} cancelled by the coordinator tokens_so_far={}", cancel.job_id,
+               found->second.tokens);
+    jobs_.erase(found);
+  }
+
+  void cancel_all_jobs(std::string_view why) {
+    if (jobs_.empty()) return;
+    log_->warn("cancelling {} running job(s): {}", jobs_.size(), why);
+    for (auto& [id, running] : jobs_) running.request->cancel();
+    jobs_.clear();
+  }
+
+  void record_outcome(bool ok) {
+    outcomes_.push_back(ok);
+    while (outcomes_.size() > options_.health_window_jobs_max) outcomes_.pop_front();
+  }
+
+  asio::io_context& io_;
+  provider_options options_;
+  gateway::upstream_client upstream_;
+  std::function<void(int)> on_exit_;
+  std::shared_ptr<spdlog::logger> log_;
+  asio::steady_timer timer_;  // model listing retries and the probe's level timeout
+  asio::steady_timer heartbeat_timer_;
+  std::mt19937_64 rng_;
+  phase phase_ = phase::idle;
+  std::uint32_t attempt_ = 0;
+  std::vector<events::gpu_info> gpus_;
+  std::vector<gateway::upstream_model> models_;
+  std::vector<probe_level> measured_;
+  std::shared_ptr<probe_run> probe_;
+  std::uint32_t concurrency_ = 1;
+  std::unique_ptr<gateway::link_client> link_;
+  std::map<std::string, job> jobs_;
+  std::deque<bool> outcomes_;  // recent jobs: false when the backend failed
+  std::chrono::milliseconds heartbeat_interval_;
+  steady::time_point last_heartbeat_{};
+  std::uint64_t tokens_since_heartbeat_ = 0;
+};
+
+expected<std::unique_ptr<provider_agent>, std::string> provider_agent::create(
+    asio::io_context& io, provider_options options, std::function<void(int)> on_exit) {
+  auto upstream = gateway::upstream_client::create(io, options.upstream);
+  if (!upstream) return unexpected{"--backend: " + upstream.error()};
+  auto state = std::make_shared<impl>(io, std::move(options), std::move(*upstream), std::move(on_exit));
+  return std::unique_ptr<provider_agent>(new provider_agent(std::move(state)));
+}
+
+provider_agent::provider_agent(std::shared_ptr<impl> state) : impl_(std::move(state)) {}
+
+provider_agent::~provider_agent() { impl_->stop(); }
+
+void provider_agent::start() { impl_->start(); }
+
+void provider_agent::stop() { impl_->stop(); }
+
+// -------------------------------------------------------------------------------------------------
+// The subcommand.
+
+int run_provider(const provider_options& given) {
+  auto options = resolve_provider_options(given);
+  if (!options) {
+    spdlog::error("provider: {}", options.error());
+    return 1;
+  }
+  // One thread runs everything (link, backend requests, timers): forwarding tokens is light work,
+  // and one thread needs no locks.
+  asio::io_context io(1);
+  int exit_code = 0;
+  auto agent = provider_agent::create(io, std::move(*options), [&](int code) {
+    exit_code = code;
+    io.stop();
+  });
+  if (!agent) {
+    spdlog::error("provider: {}", agent.error());
+    return 1;
+  }
+  asio::signal_set signals(io, SIGINT, SIGTERM);
+  asio::steady_timer grace(io);
+  signals.async_wait([&](boost::system::error_code ec, int signal) {
+    if (ec) return;
+    spdlog::info("provider: stopping on signal {}", signal);
+    (*agent)->stop();
+    // Closing handshakes get a moment; idle backend connections would otherwise keep run() busy.
+    grace.expires_after(std::chrono::seconds(1));
+    grace.async_wait([&](boost::system::error_code) { io.stop(); });
+  });
+  (*agent)->start();
+  io.run();
+  return exit_code;
+}
+
+}  // namespace gpustream::app

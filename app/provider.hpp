@@ -1,0 +1,131 @@
+#pragma once
+/// `gpustream provider`: the agent a GPU owner runs next to an OpenAI-compatible server (LM Studio,
+/// Ollama, llama.cpp server, vLLM). It lists the backend's models, probes how many streams the
+/// backend really sustains, connects out to the coordinator's provider link (no open port), says
+/// hello, sends heartbeats, runs the jobs it is offered against the backend and streams the answers
+/// back, counting tokens itself. Reconnects with backoff; a lost link cancels every running job.
+///
+/// Logs never carry the token or any prompt or answer text.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "base/expected.hpp"
+#include "gateway/link_client.hpp"
+#include "gateway/upstream_client.hpp"
+
+namespace gpustream::app {
+
+struct provider_options {
+  /// The coordinator, "ws://HOST:PORT"; "/v1/providers/link" is added when the URL names no path.
+  /// Required.
+  std::string coordinator;
+  /// The provider token from POST /admin/providers (also GPUSTREAM_PROVIDER_TOKEN). Never logged.
+  /// Required.
+  std::string token;
+  /// The backend, "openai=URL" with URL the base of an OpenAI-compatible API, e.g.
+  /// "openai=http://127.0.0.1:1234/v1". Required.
+  std::string backend;
+  /// This agent's name in logs and in its User-Agent. Default: "provider".
+  std::string name = "provider";
+  /// Price of input and of output tokens, micro-USD per million tokens. Default: 0.
+  std::int64_t price_per_mtok_micros = 0;
+  /// Most jobs at once; the probe may find the backend sustains fewer. Default: 8.
+  std::uint32_t max_concurrency = 8;
+  /// Probe the backend's concurrency before saying hello (off: advertise max_concurrency as is).
+  /// Default: on.
+  bool probe = true;
+  /// Tokens asked of each probe request (max_tokens). Default: 16.
+  std::uint32_t probe_tokens = 16;
+  /// Longest one probe level may take; a level that runs over counts as failed. Default: 60 s.
+  std::chrono::milliseconds probe_level_timeout{60'000};
+  /// Shortest level whose throughput is compared with the next (see next_probe_step). Default:
+  /// 50 ms.
+  std::chrono::milliseconds probe_measurable_min{50};
+  /// Heartbeat interval used until the coordinator's welcome names one, and bounds on what it may
+  /// name (a smaller or larger value is clamped). Defaults: 1 s, 50 ms, 60 s.
+  std::chrono::milliseconds heartbeat_interval_default{1000};
+  std::chrono::milliseconds heartbeat_interval_min{50};
+  std::chrono::milliseconds heartbeat_interval_max{60'000};
+  /// Recent job outcomes the health percentage is computed over. Default: 50.
+  std::size_t health_window_jobs_max = 50;
+  /// The link client's options (url, token and user agent are filled in from the fields above).
+  gateway::link_client_options link;
+  /// The backend client's options (base_url is filled in from `backend`).
+  gateway::upstream_options upstream;
+};
+
+/// Runs the agent until SIGINT or SIGTERM; returns the process exit code (1 when the options are
+/// unusable or the coordinator refuses the token).
+[[nodiscard]] int run_provider(const provider_options& options);
+
+// -------------------------------------------------------------------------------------------------
+// The agent itself, for run_provider and for tests that drive it on their own io_context.
+
+/// Checks and completes options: the backend flag, the coordinator URL (with its default path),
+/// non-empty token, non-zero concurrency. Returns the options ready for provider_agent.
+[[nodiscard]] expected<provider_options, std::string> resolve_provider_options(provider_options options);
+
+class provider_agent {
+ public:
+  /// Builds the agent on `io` from resolved options (see resolve_provider_options). `on_exit` is
+  /// called once, on the io_context, if the agent gives up by itself (the coordinator refused the
+  /// token): with the exit code for the process.
+  [[nodiscard]] static expected<std::unique_ptr<provider_agent>, std::string> create(
+      boost::asio::io_context& io, provider_options options, std::function<void(int)> on_exit);
+  ~provider_agent();  ///< stop()
+  provider_agent(const provider_agent&) = delete;
+  provider_agent& operator=(const provider_agent&) = delete;
+
+  /// Lists the models, probes, then connects. Call once, on the io_context's thread.
+  void start();
+
+  /// Cancels every job, closes the link. Idempotent; on the io_context's thread.
+  void stop();
+
+  class impl;
+
+ private:
+  explicit provider_agent(std::shared_ptr<impl> state);
+  std::shared_ptr<impl> impl_;
+};
+
+// -------------------------------------------------------------------------------------------------
+// Pure parts, exposed for their tests.
+
+/// One measured level of the concurrency probe.
+struct probe_level {
+  std::uint32_t concurrency = 0;
+  bool failed = false;               ///< a request failed, was refused (429/503) or timed out
+  double tokens_per_second = 0.0;    ///< all streams together
+  std::chrono::microseconds duration{0};  ///< first request sent -> last stream ended
+};
+
+/// What the probe does next, given the levels measured so far (in order 1, 2, 4, …).
+struct probe_step {
+  bool done = false;
+  std::uint32_t next_concurrency = 0;  ///< the next level to measure when !done
+  std::uint32_t sustained = 0;         ///< when done: the concurrency the backend sustains
+};
+
+/// The probe's rule: levels double (the last one is max_concurrency itself); it stops at the first
+/// level that fails or whose throughput is not more than 10% above the level before, and then
+/// the backend sustains the level before it (at least 1); when every level up to max_concurrency
+/// passes, max_concurrency. Throughput is compared only when both levels lasted at least
+/// `measurable_min`: a backend that answers in microseconds (a test server) shows scheduling noise,
+/// not capacity, and such levels count as improving.
+[[nodiscard]] probe_step next_probe_step(const std::vector<probe_level>& measured,
+                                         std::uint32_t max_concurrency,
+                                         std::chrono::microseconds measurable_min);
+
+/// Splits text into pieces of at most `bytes_max` bytes, never inside a UTF-8 sequence (a
+/// sequence longer than bytes_max, impossible for bytes_max ≥ 4, goes whole).
+[[nodiscard]] std::vector<std::string_view> split_utf8(std::string_view text, std::size_t bytes_max);
+
+}  // namespace gpustream::app

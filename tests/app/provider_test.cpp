@@ -1,0 +1,625 @@
+// The provider agent: its pure rules (the concurrency probe's steps, UTF-8 splitting, option
+// checks) and the whole agent in process, between a coordinator written inside the test (a Beast
+// WebSocket server speaking link frames) and the real test upstream run as a child process.
+#include "app/provider.hpp"
+
+#include <gtest/gtest.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+#include <boost/beast/websocket/stream.hpp>
+#include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
+#include <boost/json/value.hpp>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gateway/link_codec.hpp"
+
+extern char** environ;
+
+namespace gpustream::app {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+namespace websocket = beast::websocket;
+namespace link = gateway::link;
+using tcp = asio::ip::tcp;
+using namespace std::chrono_literals;
+
+/// Generous: the waits end on real events long before; hitting it fails the test.
+constexpr auto wait_deadline = 20s;
+
+// --- pure parts ---------------------------------------------------------------------------------
+
+constexpr std::chrono::microseconds measurable = 50ms;
+
+/// A level that lasted long enough to be compared.
+probe_level level(std::uint32_t concurrency, double tokens_per_second, bool failed = false) {
+  return {.concurrency = concurrency,
+          .failed = failed,
+          .tokens_per_second = tokens_per_second,
+          .duration = 200ms};
+}
+
+TEST(next_probe_step, doubles_up_to_the_flag_and_ends_on_it) {
+  std::vector<probe_level> measured;
+  std::vector<std::uint32_t> levels;
+  for (;;) {
+    const auto step = next_probe_step(measured, 6, measurable);
+    if (step.done) {
+      EXPECT_EQ(step.sustained, 6u);
+      break;
+    }
+    levels.push_back(step.next_concurrency);
+    measured.push_back(level(step.next_concurrency, 100.0 * step.next_concurrency));
+  }
+  EXPECT_EQ(levels, (std::vector<std::uint32_t>{1, 2, 4, 6}));
+}
+
+TEST(next_probe_step, stops_before_a_failed_level) {
+  const std::vector<probe_level> measured = {level(1, 100), level(2, 200), level(4, 0, true)};
+  const auto step = next_probe_step(measured, 8, measurable);
+  EXPECT_TRUE(step.done);
+  EXPECT_EQ(step.sustained, 2u);
+}
+
+TEST(next_probe_step, stops_when_throughput_gains_ten_percent_or_less) {
+  auto step = next_probe_step({level(1, 100), level(2, 180), level(4, 198)}, 16, measurable);
+  EXPECT_TRUE(step.done);
+  EXPECT_EQ(step.sustained, 2u) << "198 is 10% above 180, not more";
+  step = next_probe_step({level(1, 100), level(2, 180), level(4, 199)}, 16, measurable);
+  EXPECT_FALSE(step.done);
+  EXPECT_EQ(step.next_concurrency, 8u);
+}
+
+TEST(next_probe_step, levels_too_short_to_measure_count_as_improving) {
+  auto quick = level(4, 150);
+  quick.duration = 2ms;
+  auto step = next_probe_step({level(1, 100), level(2, 180), quick}, 16, measurable);
+  EXPECT_FALSE(step.done) << "a 2 ms level says nothing about the backend's capacity";
+  EXPECT_EQ(step.next_concurrency, 8u);
+  auto failed_quick = level(8, 0, true);
+  failed_quick.duration = 1ms;
+  step = next_probe_step({level(1, 100), level(2, 180), quick, failed_quick}, 16, measurable);
+  EXPECT_TRUE(step.done) << "a failure counts however short";
+  EXPECT_EQ(step.sustained, 4u);
+}
+
+TEST(next_probe_step, a_flag_of_one_needs_no_probe_and_a_failed_first_level_says_one) {
+  auto step = next_probe_step({}, 1, measurable);
+  EXPECT_TRUE(step.done);
+  EXPECT_EQ(step.sustained, 1u);
+  step = next_probe_step({level(1, 0, true)}, 8, measurable);
+  EXPECT_TRUE(step.done);
+  EXPECT_EQ(step.sustained, 1u);
+}
+
+TEST(split_utf8, cuts_only_between_characters) {
+  const std::string text = "aé世🙂b";  // 1 + 2 + 3 + 4 + 1 bytes
+  for (std::size_t bytes_max = 4; bytes_max <= text.size() + 1; ++bytes_max) {
+    std::string joined;
+    for (const auto piece : split_utf8(text, bytes_max)) {
+      EXPECT_LE(piece.size(), bytes_max);
+      EXPECT_NE(static_cast<unsigned char>(piece.front()) & 0xC0, 0x80) << "starts mid-character";
+      joined += piece;
+    }
+    EXPECT_EQ(joined, text);
+  }
+  EXPECT_TRUE(split_utf8("", 10).empty());
+  EXPECT_EQ(split_utf8("🙂", 2).size(), 1u) << "a character longer than the limit goes whole";
+}
+
+TEST(resolve_provider_options, completes_and_checks_the_flags) {
+  provider_options options;
+  options.coordinator = "ws://127.0.0.1:8080";
+  options.token = "t";
+  options.backend = "openai=http://127.0.0.1:1234/v1";
+  options.name = "rig\n1";
+  auto resolved = resolve_provider_options(options);
+  ASSERT_TRUE(resolved) << resolved.error();
+  EXPECT_EQ(resolved->link.url, "ws://127.0.0.1:8080/v1/providers/link");
+  EXPECT_EQ(resolved->upstream.base_url, "http://127.0.0.1:1234/v1");
+  EXPECT_EQ(resolved->link.bearer_token, "t");
+  EXPECT_NE(resolved->link.user_agent.find("rig_1"), std::string::npos) << resolved->link.user_agent;
+
+  options.coordinator = "ws://h:1/custom/path";
+  resolved = resolve_provider_options(options);
+  ASSERT_TRUE(resolved) << resolved.error();
+  EXPECT_EQ(resolved->link.url, "ws://h:1/custom/path");
+
+  auto broken = options;
+  broken.backend = "http://127.0.0.1:1234/v1";
+  EXPECT_FALSE(resolve_provider_options(broken));
+  broken = options;
+  broken.backend = "builtin=model.gguf";
+  EXPECT_FALSE(resolve_provider_options(broken));
+  broken = options;
+  broken.token.clear();
+  const auto no_token = resolve_provider_options(broken);
+  ASSERT_FALSE(no_token);
+  EXPECT_NE(no_token.error().find("GPUSTREAM_PROVIDER_TOKEN"), std::string::npos);
+  broken = options;
+  broken.max_concurrency = 0;
+  EXPECT_FALSE(resolve_provider_options(broken));
+  broken = options;
+  broken.coordinator = "http://h:1";
+  EXPECT_FALSE(resolve_provider_options(broken));
+  broken = options;
+  broken.price_per_mtok_micros = -1;
+  EXPECT_FALSE(resolve_provider_options(broken));
+}
+
+// --- the test upstream as a child process -------------------------------------------------------
+
+class upstream_process {
+ public:
+  explicit upstream_process(std::vector<std::string> arguments) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) return;
+    std::vector<std::string> all{GPUSTREAM_TEST_UPSTREAM, "--listen", "127.0.0.1:0", "--threads", "2"};
+    all.insert(all.end(), arguments.begin(), arguments.end());
+    std::vector<char*> argv;
+    for (auto& argument : all) argv.push_back(argument.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+    const int spawned =
+        ::posix_spawn(&pid_, GPUSTREAM_TEST_UPSTREAM, &actions, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(fds[1]);
+    out_ = fds[0];
+    if (spawned != 0) {
+      pid_ = -1;
+      return;
+    }
+    read_port();
+  }
+
+  ~upstream_process() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGTERM);
+      int status = 0;
+      ::waitpid(pid_, &status, 0);
+    }
+    if (out_ >= 0) ::close(out_);
+  }
+
+  [[nodiscard]] bool ready() const { return port_ != 0; }
+  [[nodiscard]] std::string base_url() const {
+    return "http://127.0.0.1:" + std::to_string(port_) + "/v1";
+  }
+
+  /// One counter of GET /stats.
+  [[nodiscard]] std::int64_t stat(const char* name) const {
+    asio::io_context io;
+    tcp::socket socket(io);
+    socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port_));
+    http::request<http::string_body> request{http::verb::get, "/stats", 11};
+    request.set(http::field::host, "127.0.0.1");
+    request.keep_alive(false);
+    http::write(socket, request);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> response;
+    http::read(socket, buffer, response);
+    return json::parse(response.body()).as_object().at(name).to_number<std::int64_t>();
+  }
+
+  /// Polls a /stats counter (a real counter, not the passing of time) until it reaches `value`.
+  [[nodiscard]] bool wait_stat(const char* name, std::int64_t value) const {
+    const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (stat(name) == value) return true;
+      std::this_thread::yield();
+    }
+    return false;
+  }
+
+ private:
+  void read_port() {
+    std::string line;
+    const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+    while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+      pollfd ready{out_, POLLIN, 0};
+      if (::poll(&ready, 1, 100) <= 0) continue;
+      char piece[256];
+      const auto got = ::read(out_, piece, sizeof piece);
+      if (got <= 0) return;
+      line.append(piece, static_cast<std::size_t>(got));
+    }
+    const auto colon = line.rfind(':');
+    if (!line.starts_with("listening ") || colon == std::string::npos) return;
+    port_ = static_cast<std::uint16_t>(std::stoul(line.substr(colon + 1)));
+  }
+
+  pid_t pid_ = -1;
+  int out_ = -1;
+  std::uint16_t port_ = 0;
+};
+
+// --- a coordinator inside the test --------------------------------------------------------------
+
+/// Accepts agents on 127.0.0.1, records what they send, lets the test send frames to the latest
+/// connection or drop it. With `refuse_status` set, answers every upgrade with that status.
+class fake_coordinator {
+ public:
+  struct received {
+    int connection = 0;
+    link::frame frame;
+  };
+
+  explicit fake_coordinator(unsigned refuse_status = 0) : refuse_status_(refuse_status) {
+    acceptor_.open(tcp::v4());
+    acceptor_.set_option(tcp::acceptor::reuse_address(true));
+    acceptor_.bind({asio::ip::make_address("127.0.0.1"), 0});
+    acceptor_.listen();
+    asio::co_spawn(io_, accept_loop(), asio::detached);
+    thread_ = std::thread([this] { io_.run(); });
+  }
+
+  ~fake_coordinator() {
+    io_.stop();
+    thread_.join();
+  }
+
+  [[nodiscard]] std::string url() const {
+    return "ws://127.0.0.1:" + std::to_string(acceptor_.local_endpoint().port());
+  }
+
+  /// Sends `f` to the latest connection and waits until it is written.
+  void send(const link::frame& f) {
+    auto bytes = std::make_shared<std::vector<std::uint8_t>>(link::encode(f));
+    std::promise<boost::system::error_code> written;
+    asio::post(io_, [&] {
+      current_->async_write(asio::buffer(*bytes), [&, bytes](boost::system::error_code ec, std::size_t) {
+        written.set_value(ec);
+      });
+    });
+    const auto ec = written.get_future().get();
+    ASSERT_FALSE(ec) << ec.message();
+  }
+
+  /// Closes the latest connection abruptly, as a crashed coordinator would.
+  void drop() {
+    std::promise<void> done;
+    asio::post(io_, [&] {
+      boost::system::error_code ignored;
+      current_->next_layer().close(ignored);
+      done.set_value();
+    });
+    done.get_future().get();
+  }
+
+  [[nodiscard]] bool wait_until(const std::function<bool()>& predicate) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, wait_deadline, predicate);
+  }
+
+  /// Frames of type T received so far, on any connection.
+  template <class T>
+  std::vector<T> all() {
+    std::lock_guard lock(mutex_);
+    std::vector<T> found;
+    for (const auto& r : received_) {
+      if (const auto* f = std::get_if<T>(&r.frame)) found.push_back(*f);
+    }
+    return found;
+  }
+
+  template <class T>
+  std::size_t count() {
+    return all<T>().size();
+  }
+
+  /// Must be called with the lock held (inside wait_until's predicate) or after the waits.
+  template <class T>
+  std::size_t count_locked() const {
+    std::size_t n = 0;
+    for (const auto& r : received_) n += std::holds_alternative<T>(r.frame) ? 1 : 0;
+    return n;
+  }
+
+  std::vector<std::string> authorizations() {
+    std::lock_guard lock(mutex_);
+    return authorizations_;
+  }
+
+  std::vector<std::string> user_agents() {
+    std::lock_guard lock(mutex_);
+    return user_agents_;
+  }
+
+ private:
+  asio::awaitable<void> accept_loop() {
+    for (int n = 0;; ++n) {
+      auto socket = co_await acceptor_.async_accept(asio::use_awaitable);
+      asio::co_spawn(io_, session(std::move(socket), n), asio::detached);
+    }
+  }
+
+  asio::awaitable<void> session(tcp::socket socket, int n) {
+    boost::system::error_code ec;
+    beast::flat_buffer buffer;
+    http::request<http::string_body> request;
+    co_await http::async_read(socket, buffer, request, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) co_return;
+    record([&] {
+      authorizations_.emplace_back(request[http::field::authorization]);
+      user_agents_.emplace_back(request[http::field::user_agent]);
+    });
+    if (refuse_status_ != 0) {
+      http::response<http::string_body> refusal(static_cast<http::status>(refuse_status_), 11);
+      refusal.body() = R"({"error":{"message":"unknown provider token","type":"authentication_error"}})";
+      refusal.prepare_payload();
+      co_await http::async_write(socket, refusal, asio::redirect_error(asio::use_awaitable, ec));
+      co_return;
+    }
+    auto ws = std::make_shared<websocket::stream<tcp::socket>>(std::move(socket));
+    co_await ws->async_accept(request, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) co_return;
+    ws->binary(true);
+    current_ = ws;
+    for (;;) {
+      beast::flat_buffer message;
+      co_await ws->async_read(message, asio::redirect_error(asio::use_awaitable, ec));
+      if (ec) co_return;
+      const auto data = message.cdata();
+      auto decoded = link::decode({static_cast<const std::uint8_t*>(data.data()), data.size()}, {});
+      if (!decoded) {
+        ADD_FAILURE() << "the agent sent a bad frame: " << decoded.error().message;
+        co_return;
+      }
+      record([&] { received_.push_back({n, std::move(*decoded)}); });
+    }
+  }
+
+  template <class F>
+  void record(F&& f) {
+    {
+      std::lock_guard lock(mutex_);
+      f();
+    }
+    changed_.notify_all();
+  }
+
+  unsigned refuse_status_;
+  asio::io_context io_;
+  tcp::acceptor acceptor_{io_};
+  std::shared_ptr<websocket::stream<tcp::socket>> current_;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<received> received_;
+  std::vector<std::string> authorizations_;
+  std::vector<std::string> user_agents_;
+};
+
+/// The agent on its own io thread.
+class agent_runner {
+ public:
+  explicit agent_runner(provider_options options) : thread_([this] { io_.run(); }) {
+    auto resolved = resolve_provider_options(std::move(options));
+    EXPECT_TRUE(resolved) << (resolved ? "" : resolved.error());
+    if (!resolved) return;
+    on_io([&] {
+      auto created = provider_agent::create(io_, std::move(*resolved), [this](int code) {
+        std::lock_guard lock(mutex_);
+        exit_code_ = code;
+        exited_.notify_all();
+      });
+      EXPECT_TRUE(created);
+      if (!created) return;
+      agent_ = std::move(*created);
+      agent_->start();
+    });
+  }
+
+  ~agent_runner() {
+    on_io([this] { agent_.reset(); });
+    work_.reset();
+    io_.stop();
+    thread_.join();
+  }
+
+  std::optional<int> wait_exit() {
+    std::unique_lock lock(mutex_);
+    exited_.wait_for(lock, wait_deadline, [this] { return exit_code_.has_value(); });
+    return exit_code_;
+  }
+
+ private:
+  template <class F>
+  void on_io(F&& f) {
+    std::promise<void> done;
+    asio::post(io_, [&] {
+      f();
+      done.set_value();
+    });
+    done.get_future().get();
+  }
+
+  asio::io_context io_{1};
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_{io_.get_executor()};
+  std::unique_ptr<provider_agent> agent_;
+  std::mutex mutex_;
+  std::condition_variable exited_;
+  std::optional<int> exit_code_;
+  std::thread thread_;
+};
+
+provider_options agent_options(const fake_coordinator& coordinator, const upstream_process& upstream) {
+  provider_options options;
+  options.coordinator = coordinator.url();
+  options.token = "provider-secret";
+  options.backend = "openai=" + upstream.base_url();
+  options.name = "rig-7";
+  options.price_per_mtok_micros = 1'500'000;
+  options.link.backoff.delay_initial = 20ms;
+  options.link.backoff.delay_max = 100ms;
+  return options;
+}
+
+std::string chat_request(const std::string& model) {
+  return json::serialize(json::object{
+      {"model", model},
+      {"messages", json::array{json::object{{"role", "user"}, {"content", "hi"}}}},
+      {"stream", true},
+      {"stream_options", json::object{{"include_usage", true}}}});
+}
+
+// --- the agent end to end -----------------------------------------------------------------------
+
+TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
+  // 2 ms per token: two streams really do twice the work of one, and a third is refused (429).
+  upstream_process upstream({"--models", "m1,m2", "--context-length", "8192", "--tokens", "5",
+                             "--token-interval-us", "2000", "--max-concurrent", "2"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 4;
+  options.probe_tokens = 5;
+  agent_runner agent(options);
+
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(coordinator.authorizations().front(), "Bearer provider-secret");
+  EXPECT_NE(coordinator.user_agents().front().find("rig-7"), std::string::npos);
+  const auto hello = coordinator.all<link::hello>().front();
+  EXPECT_EQ(hello.backend, events::backend_kind::openai);
+  EXPECT_EQ(hello.backend_url, upstream.base_url());
+  EXPECT_EQ(hello.max_concurrency, 2u) << "the probe met the upstream's limit of 2";
+  ASSERT_EQ(hello.models.size(), 2u);
+  EXPECT_EQ(hello.models[0].model_name, "m1");
+  EXPECT_EQ(hello.models[1].model_name, "m2");
+  for (const auto& model : hello.models) {
+    EXPECT_EQ(model.context_length_tokens, 8192u);
+    EXPECT_EQ(model.input_price_micros_per_mtok, 1'500'000);
+    EXPECT_EQ(model.output_price_micros_per_mtok, 1'500'000);
+  }
+
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::heartbeat>() >= 2; }));
+  EXPECT_EQ(coordinator.all<link::heartbeat>().front().active_jobs, 0u);
+  EXPECT_EQ(coordinator.all<link::heartbeat>().front().health_percent, 100u);
+
+  const auto requests_before = upstream.stat("requests");
+  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1")});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
+  std::string text;
+  for (const auto& d : coordinator.all<link::delta>()) {
+    EXPECT_EQ(d.job_id, "job-1");
+    text += d.text;
+  }
+  EXPECT_EQ(text, "tok0 tok1 tok2 tok3 tok4 ");
+  const auto done = coordinator.all<link::done>().front();
+  EXPECT_EQ(done.job_id, "job-1");
+  EXPECT_EQ(done.finish_reason, "stop");
+  EXPECT_EQ(done.completion_tokens_counted, 5u);
+  EXPECT_EQ(done.completion_tokens_reported, 5u);
+  EXPECT_GT(done.prompt_tokens_reported, 0u);
+  EXPECT_GT(done.ttft_us, 0);
+  EXPECT_LE(done.ttft_us, done.total_us);
+  EXPECT_EQ(upstream.stat("requests"), requests_before + 1);
+}
+
+TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss_then_reconnects) {
+  // Slow answers, so that jobs are still running when the test acts on them.
+  upstream_process upstream({"--models", "m1", "--tokens", "1000", "--token-interval-us", "20000"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 2;
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 2u);
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+
+  for (const char* id : {"job-1", "job-2", "job-3"}) {
+    coordinator.send(link::offer{.job_id = id, .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1")});
+  }
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  const auto refused = coordinator.all<link::job_error>().front();
+  EXPECT_EQ(refused.job_id, "job-3");
+  EXPECT_FALSE(refused.upstream_fault);
+  EXPECT_NE(refused.message.find("capacity"), std::string::npos) << refused.message;
+  ASSERT_TRUE(upstream.wait_stat("active", 2));
+
+  coordinator.send(link::cancel{.job_id = "job-1"});
+  EXPECT_TRUE(upstream.wait_stat("cancelled", 1));
+
+  coordinator.drop();  // job-2 goes with the link
+  EXPECT_TRUE(upstream.wait_stat("cancelled", 2));
+  EXPECT_TRUE(upstream.wait_stat("active", 0));
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 2; }))
+      << "the agent reconnects and says hello again";
+  EXPECT_EQ(coordinator.count<link::done>(), 0u);
+}
+
+TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
+  upstream_process upstream({"--models", "m1", "--fail-status", "503"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
+  coordinator.send(link::offer{.job_id = "job-9", .kind = link::job_kind::completion,
+                               .request_json = R"({"model":"m1","prompt":"hi","stream":true})"});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  const auto failed = coordinator.all<link::job_error>().front();
+  EXPECT_EQ(failed.job_id, "job-9");
+  EXPECT_TRUE(failed.upstream_fault);
+  EXPECT_EQ(failed.tokens_so_far, 0u);
+  EXPECT_NE(failed.message.find("503"), std::string::npos) << failed.message;
+  // The next heartbeats show the failure in the health figure.
+  const auto heartbeats_before = coordinator.count<link::heartbeat>();
+  ASSERT_TRUE(coordinator.wait_until(
+      [&] { return coordinator.count_locked<link::heartbeat>() >= heartbeats_before + 1; }));
+  EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 0u);
+}
+
+TEST(provider_agent, a_refused_token_ends_the_agent_with_exit_code_1) {
+  upstream_process upstream({"--models", "m1"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator(401);
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  EXPECT_EQ(agent.wait_exit(), 1);
+  EXPECT_EQ(coordinator.authorizations().size(), 1u) << "no retry after a refused token";
+}
+
+}  // namespace
+}  // namespace gpustream::app
