@@ -1,0 +1,802 @@
+#include "gateway/admin_api.hpp"
+
+#include <boost/json.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <spdlog/logger.h>
+#include <spdlog/spdlog.h>
+
+#include <array>
+#include <charconv>
+#include <limits>
+#include <map>
+#include <utility>
+
+#include "actors/errors.hpp"
+#include "actors/runtime.hpp"
+#include "domain/job.hpp"
+#include "domain/ledger.hpp"
+#include "gateway/directory.hpp"
+#include "gateway/openai_api.hpp"
+#include "gateway/provider_api.hpp"
+#include "gateway/secrets.hpp"
+
+namespace gpustream::gateway {
+
+namespace {
+
+namespace json = boost::json;
+using reply_function = std::function<void(http_response)>;
+
+/// Most query parameters read from one target; more are ignored.
+constexpr std::size_t query_params_max = 16;
+
+std::int64_t system_now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// -- Responses. ---------------------------------------------------------------------------------
+
+http_response error_response(unsigned status, std::string message, std::string param = {}) {
+  http_response response;
+  response.status = status;
+  response.body = error_body(make_api_error(status, std::move(message), std::move(param)));
+  if (status == 401) response.headers.emplace_back("WWW-Authenticate", "Bearer");
+  return response;
+}
+
+http_response json_response(unsigned status, const json::value& body) {
+  http_response response;
+  response.status = status;
+  response.body = json::serialize(body);
+  return response;
+}
+
+/// The answer to a refused or failed actor request, `what` naming what was being done.
+http_response failure_response(const caf::error& failure, std::string_view what,
+                               std::chrono::milliseconds timeout) {
+  const std::string doing(what);
+  if (const auto refused = actors::domain_error_of(failure)) {
+    switch (refused->code) {
+      case domain::errc::invalid_argument:
+        return error_response(400, doing + " was refused: " + refused->message);
+      case domain::errc::not_found:
+        return error_response(404, doing + " was refused: " + refused->message);
+      case domain::errc::already_exists:
+      case domain::errc::invalid_state:
+      case domain::errc::insufficient_funds:
+        return error_response(409, doing + " was refused: " + refused->message);
+      default:
+        return error_response(503, doing + " failed: " + refused->message);
+    }
+  }
+  if (failure == caf::make_error(caf::sec::request_timeout)) {
+    return error_response(503, doing + " took longer than " + std::to_string(timeout.count()) +
+                                   " ms (request_timeout); the platform is overloaded or stopping");
+  }
+  if (actors::storage_error_of(failure)) {
+    return error_response(503, doing + " could not be stored: " + actors::describe(failure));
+  }
+  return error_response(500, doing + " failed: " + actors::describe(failure));
+}
+
+// -- Reading requests. --------------------------------------------------------------------------
+
+/// A failed validation: the response to send.
+using invalid = unexpected<http_response>;
+
+template <class T>
+using checked = expected<T, http_response>;
+
+checked<json::object> parse_object(std::string_view body, std::size_t depth_max) {
+  json::parse_options options;
+  options.max_depth = depth_max;
+  boost::system::error_code ec;
+  auto parsed = json::parse(body, ec, json::storage_ptr(), options);
+  if (ec) {
+    return invalid{error_response(400, "the body is not valid JSON (at most " +
+                                           std::to_string(depth_max) +
+                                           " levels deep): " + ec.message())};
+  }
+  if (!parsed.is_object()) return invalid{error_response(400, "the body must be a JSON object")};
+  return std::move(parsed.as_object());
+}
+
+checked<std::optional<std::string>> optional_string(const json::object& body, std::string_view name,
+                                                    std::size_t bytes_max) {
+  const auto* found = body.if_contains(name);
+  if (found == nullptr || found->is_null()) return std::optional<std::string>{};
+  if (!found->is_string()) {
+    return invalid{error_response(400, std::string(name) + " must be a string", std::string(name))};
+  }
+  const auto& text = found->get_string();
+  if (text.size() > bytes_max) {
+    return invalid{error_response(400,
+                                  std::string(name) + " is " + std::to_string(text.size()) +
+                                      " bytes long; at most " + std::to_string(bytes_max) +
+                                      " are allowed",
+                                  std::string(name))};
+  }
+  return std::optional<std::string>{std::string(text)};
+}
+
+checked<std::string> required_string(const json::object& body, std::string_view name,
+                                     std::size_t bytes_max) {
+  auto text = optional_string(body, name, bytes_max);
+  if (!text) return invalid{std::move(text).error()};
+  if (!text->has_value() || (*text)->empty()) {
+    return invalid{error_response(400, std::string(name) + " is required (a non-empty string)",
+                                  std::string(name))};
+  }
+  return std::move(**text);
+}
+
+checked<std::optional<std::int64_t>> optional_integer(const json::object& body,
+                                                      std::string_view name, std::int64_t min,
+                                                      std::int64_t max) {
+  const auto* found = body.if_contains(name);
+  if (found == nullptr || found->is_null()) return std::optional<std::int64_t>{};
+  std::optional<std::int64_t> value;
+  if (found->is_int64()) value = found->get_int64();
+  if (found->is_uint64() &&
+      found->get_uint64() <= static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+    value = static_cast<std::int64_t>(found->get_uint64());
+  }
+  if (!value || *value < min || *value > max) {
+    return invalid{error_response(400,
+                                  std::string(name) + " must be an integer from " +
+                                      std::to_string(min) + " to " + std::to_string(max),
+                                  std::string(name))};
+  }
+  return value;
+}
+
+checked<std::int64_t> required_integer(const json::object& body, std::string_view name,
+                                       std::int64_t min, std::int64_t max) {
+  auto value = optional_integer(body, name, min, max);
+  if (!value) return invalid{std::move(value).error()};
+  if (!value->has_value()) {
+    return invalid{error_response(400, std::string(name) + " is required (an integer)",
+                                  std::string(name))};
+  }
+  return **value;
+}
+
+checked<std::vector<std::string>> string_list(const json::object& body, std::string_view name,
+                                              std::size_t count_max, std::size_t bytes_max) {
+  std::vector<std::string> out;
+  const auto* found = body.if_contains(name);
+  if (found == nullptr || found->is_null()) return out;
+  const auto* list = found->if_array();
+  if (list == nullptr || list->size() > count_max) {
+    return invalid{error_response(400,
+                                  std::string(name) + " must be an array of at most " +
+                                      std::to_string(count_max) + " strings",
+                                  std::string(name))};
+  }
+  for (const auto& item : *list) {
+    if (!item.is_string() || item.get_string().size() > bytes_max) {
+      return invalid{error_response(400,
+                                    std::string(name) + " must hold strings of at most " +
+                                        std::to_string(bytes_max) + " bytes",
+                                    std::string(name))};
+    }
+    out.emplace_back(item.get_string());
+  }
+  return out;
+}
+
+int hex_value(char c) noexcept {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+std::string percent_decode(std::string_view text) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '+') {
+      out += ' ';
+    } else if (text[i] == '%' && i + 2 < text.size() && hex_value(text[i + 1]) >= 0 &&
+               hex_value(text[i + 2]) >= 0) {
+      out += static_cast<char>(hex_value(text[i + 1]) * 16 + hex_value(text[i + 2]));
+      i += 2;
+    } else {
+      out += text[i];
+    }
+  }
+  return out;
+}
+
+/// The query parameters of `target` (the first of each name wins).
+std::map<std::string, std::string> query_params(std::string_view target) {
+  std::map<std::string, std::string> out;
+  const auto start = target.find('?');
+  if (start == std::string_view::npos) return out;
+  auto query = target.substr(start + 1);
+  while (!query.empty() && out.size() < query_params_max) {
+    const auto end = query.find('&');
+    const auto pair = query.substr(0, end);
+    const auto equals = pair.find('=');
+    auto name = percent_decode(pair.substr(0, equals));
+    auto value = equals == std::string_view::npos ? std::string() : percent_decode(pair.substr(equals + 1));
+    if (!name.empty()) out.emplace(std::move(name), std::move(value));
+    if (end == std::string_view::npos) break;
+    query.remove_prefix(end + 1);
+  }
+  return out;
+}
+
+checked<std::size_t> limit_param(const std::map<std::string, std::string>& params,
+                                 std::size_t default_limit, std::size_t max) {
+  const auto found = params.find("limit");
+  if (found == params.end()) return std::min(default_limit, max);
+  std::size_t value = 0;
+  const auto& text = found->second;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size() || value == 0 || value > max) {
+    return invalid{error_response(
+        400, "limit must be an integer from 1 to " + std::to_string(max), "limit")};
+  }
+  return value;
+}
+
+std::optional<domain::job_status> job_status_named(std::string_view name) {
+  static constexpr std::array states{domain::job_status::submitted, domain::job_status::queued,
+                                     domain::job_status::assigned,  domain::job_status::streaming,
+                                     domain::job_status::completed, domain::job_status::failed,
+                                     domain::job_status::cancelled};
+  for (const auto state : states) {
+    if (domain::to_string(state) == name) return state;
+  }
+  return std::nullopt;
+}
+
+std::string_view tier_name(events::user_tier tier) noexcept {
+  return tier == events::user_tier::premium ? "premium" : "free";
+}
+
+std::string_view failure_name(events::failure_reason reason) noexcept {
+  using r = events::failure_reason;
+  switch (reason) {
+    case r::no_provider: return "no_provider";
+    case r::deadline_exceeded: return "deadline_exceeded";
+    case r::all_providers_failed: return "all_providers_failed";
+    case r::prompt_too_long: return "prompt_too_long";
+    case r::insufficient_funds: return "insufficient_funds";
+    case r::upstream_error: return "upstream_error";
+    case r::internal: return "internal";
+    case r::quota_exceeded: return "quota_exceeded";
+  }
+  return "unknown";
+}
+
+json::object job_json(const job_entry& j) {
+  json::object out{{"id", j.job_id},
+                   {"user_id", j.user_id},
+                   {"model", j.model},
+                   {"state", domain::to_string(j.status)},
+                   {"premium", j.premium},
+                   {"attempt", j.attempt},
+                   {"prompt_tokens", j.prompt_tokens},
+                   {"max_tokens", j.max_tokens},
+                   {"completion_tokens", j.completion_tokens},
+                   {"submitted_at_us", j.submitted_at_us},
+                   {"gross_micros", j.gross_micros},
+                   {"platform_fee_micros", j.platform_fee_micros},
+                   {"ad_micros", j.ad_micros}};
+  out["provider_id"] = j.provider_id.empty() ? json::value(nullptr) : json::value(j.provider_id);
+  out["finished_at_us"] = j.finished_at_us == 0 ? json::value(nullptr) : json::value(j.finished_at_us);
+  if (j.status == domain::job_status::failed) out["failure_reason"] = failure_name(j.failure);
+  return out;
+}
+
+json::object live_json(const provider_live_state& live) {
+  return {{"active_jobs", live.active_jobs},
+          {"queued_jobs", live.queued_jobs},
+          {"load_percent", live.load_percent},
+          {"health_percent", live.health_percent},
+          {"tokens_per_second_milli", live.tokens_per_second_milli}};
+}
+
+/// The deposit id of a user's initial credit; with it, a repeated deposit is applied once.
+std::string initial_deposit_id(std::string_view user_id) {
+  return "initial-" + std::string(user_id);
+}
+
+}  // namespace
+
+// -------------------------------------------------------------------------------------------------
+
+class admin_api::impl : public std::enable_shared_from_this<impl> {
+ public:
+  impl(caf::actor_system& system, admin_peers peers, std::shared_ptr<directory> directory,
+       admin_api_options options)
+      : system_(system),
+        peers_(std::move(peers)),
+        directory_(std::move(directory)),
+        options_(std::move(options)),
+        token_configured_(!options_.admin_token.empty()),
+        token_digest_(sha256(options_.admin_token)),
+        log_(spdlog::default_logger()->clone("admin")) {
+    GPUSTREAM_ENSURE(directory_ != nullptr);
+    GPUSTREAM_ENSURE(options_.list_limit_max > 0);
+    options_.admin_token.clear();  // only the digest is kept
+    if (!options_.clock_us) options_.clock_us = system_now_us;
+  }
+
+  void handle(const http_request& request, reply_function reply) {
+    if (auto refused = authenticate(request)) {
+      reply(std::move(*refused));
+      return;
+    }
+    route(request, std::move(reply));
+  }
+
+ private:
+  std::optional<http_response> authenticate(const http_request& request) const {
+    if (!token_configured_) {
+      return error_response(503,
+                            "the admin API is disabled: no admin token is configured; start "
+                            "`gpustream serve` with --admin-token TOKEN or set "
+                            "GPUSTREAM_ADMIN_TOKEN");
+    }
+    const auto token = bearer_token(request.header("authorization"));
+    if (token.empty()) {
+      return error_response(401, "missing admin token: send Authorization: Bearer <admin token>");
+    }
+    if (!secret_matches(token, token_digest_)) return error_response(401, "wrong admin token");
+    return std::nullopt;
+  }
+
+  void route(const http_request& request, reply_function reply) {
+    const auto path = request.path();
+    const auto& method = request.method;
+    const bool get = method == "GET";
+    const bool post = method == "POST";
+    if (path == "/admin/users") {
+      if (post) return create_user(request, std::move(reply));
+      return not_allowed(request, "POST", std::move(reply));
+    }
+    if (path == "/admin/providers") {
+      if (get) return list_providers(request, std::move(reply));
+      if (post) return create_provider(request, std::move(reply));
+      return not_allowed(request, "GET, POST", std::move(reply));
+    }
+    if (path == "/admin/campaigns") {
+      if (post) return create_campaign(request, std::move(reply));
+      return not_allowed(request, "POST", std::move(reply));
+    }
+    if (path == "/admin/jobs") {
+      if (get) return list_jobs(request, std::move(reply));
+      return not_allowed(request, "GET", std::move(reply));
+    }
+    if (path == "/admin/accounts") {
+      if (get) return list_accounts(request, std::move(reply));
+      return not_allowed(request, "GET", std::move(reply));
+    }
+    if (path == "/admin/payouts/run") {
+      if (post) return run_payouts(std::move(reply));
+      return not_allowed(request, "POST", std::move(reply));
+    }
+    reply(error_response(404, "no such admin endpoint: " + std::string(path)));
+  }
+
+  static void not_allowed(const http_request& request, std::string_view allowed,
+                          reply_function reply) {
+    auto response = error_response(405, std::string(request.path()) + " answers " +
+                                            std::string(allowed) + " only, not " + request.method);
+    response.headers.emplace_back("Allow", std::string(allowed));
+    reply(std::move(response));
+  }
+
+  caf::timespan timeout() const { return options_.request_timeout; }
+
+  // -- POST /admin/users ------------------------------------------------------------------------
+
+  void create_user(const http_request& request, reply_function reply) {
+    auto body = parse_object(request.body, options_.json_depth_max);
+    if (!body) return reply(std::move(body).error());
+    auto tier_text = optional_string(*body, "tier", 16);
+    if (!tier_text) return reply(std::move(tier_text).error());
+    auto tier = events::user_tier::free;
+    if (tier_text->has_value() && **tier_text == "premium") {
+      tier = events::user_tier::premium;
+    } else if (tier_text->has_value() && **tier_text != "free") {
+      return reply(error_response(400, "tier must be \"free\" or \"premium\"", "tier"));
+    }
+    auto credit = optional_integer(*body, "credit_micros", 0, options_.credit_micros_max);
+    if (!credit) return reply(std::move(credit).error());
+    auto display_name = optional_string(*body, "display_name", options_.name_bytes_max);
+    if (!display_name) return reply(std::move(display_name).error());
+
+    auto user_id = new_id("u_");
+    auto key_id = new_id("k_");
+    auto key = new_api_key();
+    if (!user_id || !key_id || !key) {
+      log_->error("making a user's id or key failed: {}",
+                  !user_id ? user_id.error().message
+                           : (!key_id ? key_id.error().message : key.error().message));
+      return reply(error_response(503, "the server could not make a secret; try again"));
+    }
+    std::vector<domain::user::command> commands{
+        domain::create_user{*user_id, display_name->value_or(""), tier},
+        domain::issue_api_key{*key_id, sha256(*key), "issued by the admin API"}};
+    user_created created{*user_id, *key_id, std::move(*key), tier, credit->value_or(0)};
+    auto self = shared_from_this();
+    system_.spawn([self, commands = std::move(commands), created = std::move(created),
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
+    });
+  }
+
+  struct user_created {
+    std::string user_id;
+    std::string key_id;
+    std::string api_key;
+    events::user_tier tier = events::user_tier::free;
+    std::int64_t credit_micros = 0;
+  };
+
+  void create_user_with(caf::event_based_actor* actor, std::vector<domain::user::command> commands,
+                        user_created created, reply_function reply) {
+    auto self = shared_from_this();
+    const auto user_id = created.user_id;
+    actor->request(peers_.users, timeout(), user_id, std::move(commands))
+        .then(
+            [self, actor, created, reply](actors::command_reply& done) mutable {
+              self->directory_->apply_committed("user-" + created.user_id, done.version,
+                                                done.events);
+              self->log_->info("created user {} tier={} key_id={}", created.user_id,
+                               tier_name(created.tier), created.key_id);
+              if (created.credit_micros == 0) {
+                reply(user_answer(created));
+                return;
+              }
+              self->deposit(actor, std::move(created), std::move(reply));
+            },
+            [self, reply](caf::error& failure) {
+              reply(failure_response(failure, "creating the user", self->options_.request_timeout));
+            });
+  }
+
+  /// The initial credit: the ledger moves the money in (external -> user-<id>), then the user's
+  /// stream records the deposit. Both are idempotent under the deposit id.
+  void deposit(caf::event_based_actor* actor, user_created created, reply_function reply) {
+    auto self = shared_from_this();
+    const auto deposit_id = initial_deposit_id(created.user_id);
+    domain::ledger::command transfer =
+        domain::user_deposit(deposit_id, created.user_id, created.credit_micros);
+    actor->request(peers_.ledger, timeout(), std::move(transfer))
+        .then(
+            [self, actor, created, deposit_id, reply](actors::command_reply&) mutable {
+              domain::user::command credit = domain::credit_user{deposit_id, created.credit_micros};
+              const auto user_id = created.user_id;
+              actor->request(self->peers_.users, self->timeout(), user_id, std::move(credit))
+                  .then(
+                      [self, created, reply](actors::command_reply& done) {
+                        self->directory_->apply_committed("user-" + created.user_id, done.version,
+                                                          done.events);
+                        self->log_->info("credited user {} with {} micro-USD", created.user_id,
+                                         created.credit_micros);
+                        reply(user_answer(created));
+                      },
+                      [self, created, reply](caf::error& failure) {
+                        reply(failure_response(failure,
+                                               "recording the credit of user " + created.user_id +
+                                                   " (the ledger has the money; the user exists)",
+                                               self->options_.request_timeout));
+                      });
+            },
+            [self, created, reply](caf::error& failure) {
+              reply(failure_response(failure,
+                                     "moving the credit of user " + created.user_id +
+                                         " into the ledger (the user exists without credit)",
+                                     self->options_.request_timeout));
+            });
+  }
+
+  static http_response user_answer(const user_created& created) {
+    return json_response(201, json::object{{"id", created.user_id},
+                                           {"api_key", created.api_key},
+                                           {"key_id", created.key_id},
+                                           {"tier", tier_name(created.tier)},
+                                           {"credit_micros", created.credit_micros}});
+  }
+
+  // -- POST /admin/providers --------------------------------------------------------------------
+
+  struct provider_created {
+    std::string provider_id;
+    std::string owner_user_id;
+    std::string name;
+    std::string token;
+    bool new_owner = false;
+  };
+
+  void create_provider(const http_request& request, reply_function reply) {
+    auto body = parse_object(request.body, options_.json_depth_max);
+    if (!body) return reply(std::move(body).error());
+    auto name = required_string(*body, "name", options_.name_bytes_max);
+    if (!name) return reply(std::move(name).error());
+    auto owner = optional_string(*body, "owner_user_id", options_.name_bytes_max);
+    if (!owner) return reply(std::move(owner).error());
+    if (owner->has_value() && !directory_->user(**owner)) {
+      return reply(error_response(400, "owner_user_id names no user: " + **owner, "owner_user_id"));
+    }
+    auto provider_id = new_id("p_");
+    auto token = new_provider_token();
+    auto owner_id = owner->has_value() ? expected<std::string, secret_error>(**owner) : new_id("u_");
+    if (!provider_id || !token || !owner_id) {
+      log_->error("making a provider's id or token failed");
+      return reply(error_response(503, "the server could not make a secret; try again"));
+    }
+    provider_created created{*provider_id, *owner_id, std::move(*name), std::move(*token),
+                             !owner->has_value()};
+    auto self = shared_from_this();
+    system_.spawn([self, created = std::move(created),
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      if (created.new_owner) {
+        self->create_owner(actor, std::move(created), std::move(reply));
+      } else {
+        self->create_provider_with(actor, std::move(created), std::move(reply));
+      }
+    });
+  }
+
+  /// A provider needs an owner (whose contribution its score becomes): a free user without keys.
+  void create_owner(caf::event_based_actor* actor, provider_created created, reply_function reply) {
+    auto self = shared_from_this();
+    domain::user::command create = domain::create_user{created.owner_user_id, created.name,
+                                                       events::user_tier::free};
+    const auto owner_id = created.owner_user_id;
+    actor->request(peers_.users, timeout(), owner_id, std::move(create))
+        .then(
+            [self, actor, created, reply](actors::command_reply& done) mutable {
+              self->directory_->apply_committed("user-" + created.owner_user_id, done.version,
+                                                done.events);
+              self->create_provider_with(actor, std::move(created), std::move(reply));
+            },
+            [self, reply](caf::error& failure) {
+              reply(failure_response(failure, "creating the provider's owner",
+                                     self->options_.request_timeout));
+            });
+  }
+
+  void create_provider_with(caf::event_based_actor* actor, provider_created created,
+                            reply_function reply) {
+    auto self = shared_from_this();
+    domain::provider::command create =
+        domain::provider::create{created.provider_id, created.owner_user_id, created.name,
+                                 sha256(created.token)};
+    const auto provider_id = created.provider_id;
+    actor->request(peers_.providers, timeout(), provider_id, std::move(create))
+        .then(
+            [self, created, reply](actors::command_reply& done) {
+              self->directory_->apply_committed("provider-" + created.provider_id, done.version,
+                                                done.events);
+              self->log_->info("created provider {} owner={}", created.provider_id,
+                               created.owner_user_id);
+              reply(json_response(201, json::object{{"id", created.provider_id},
+                                                    {"token", created.token},
+                                                    {"owner_user_id", created.owner_user_id},
+                                                    {"name", created.name}}));
+            },
+            [self, reply](caf::error& failure) {
+              reply(failure_response(failure, "creating the provider",
+                                     self->options_.request_timeout));
+            });
+  }
+
+  // -- POST /admin/campaigns --------------------------------------------------------------------
+
+  checked<domain::create_campaign> parse_campaign(const json::object& body) const {
+    constexpr std::size_t text_bytes_max = 4096;
+    constexpr std::int64_t money_max = std::numeric_limits<std::int64_t>::max();
+    domain::create_campaign c;
+    for (auto [field, name] : {std::pair{&c.advertiser, "advertiser"}, std::pair{&c.title, "title"},
+                               std::pair{&c.text, "text"}, std::pair{&c.url, "url"}}) {
+      auto value = required_string(body, name, text_bytes_max);
+      if (!value) return invalid{std::move(value).error()};
+      *field = std::move(*value);
+    }
+    for (auto [field, name] :
+         {std::pair{&c.keywords, "keywords"}, std::pair{&c.categories, "categories"}}) {
+      auto value = string_list(body, name, options_.campaign_words_max, options_.name_bytes_max);
+      if (!value) return invalid{std::move(value).error()};
+      *field = std::move(*value);
+    }
+    auto bid = required_integer(body, "cpm_bid_micros", 1, money_max);
+    if (!bid) return invalid{std::move(bid).error()};
+    auto budget = required_integer(body, "budget_micros", 1, money_max);
+    if (!budget) return invalid{std::move(budget).error()};
+    auto daily = optional_integer(body, "daily_budget_micros", 1, money_max);
+    if (!daily) return invalid{std::move(daily).error()};
+    auto cap = optional_integer(body, "frequency_cap_per_day", 0,
+                                std::numeric_limits<std::uint32_t>::max());
+    if (!cap) return invalid{std::move(cap).error()};
+    c.cpm_bid_micros = *bid;
+    c.budget_micros = *budget;
+    c.daily_budget_micros = daily->value_or(*budget);
+    if (cap->has_value()) c.frequency_cap_per_day = static_cast<std::uint32_t>(**cap);
+    return c;
+  }
+
+  void create_campaign(const http_request& request, reply_function reply) {
+    auto body = parse_object(request.body, options_.json_depth_max);
+    if (!body) return reply(std::move(body).error());
+    auto campaign = parse_campaign(*body);
+    if (!campaign) return reply(std::move(campaign).error());
+    auto id = new_id("c_");
+    if (!id) {
+      log_->error("making a campaign id failed: {}", id.error().message);
+      return reply(error_response(503, "the server could not make an id; try again"));
+    }
+    campaign->campaign_id = std::move(*id);
+    auto self = shared_from_this();
+    system_.spawn([self, campaign = std::move(*campaign),
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      actor->request(self->peers_.ads, self->timeout(), std::move(campaign))
+          .then(
+              [self, reply](std::string& campaign_id) {
+                self->log_->info("created campaign {}", campaign_id);
+                reply(json_response(201, json::object{{"id", campaign_id}}));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "creating the campaign",
+                                       self->options_.request_timeout));
+              });
+    });
+  }
+
+  // -- Listings ---------------------------------------------------------------------------------
+
+  void list_providers(const http_request& request, reply_function reply) const {
+    const auto params = query_params(request.target);
+    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
+    if (!limit) return reply(std::move(limit).error());
+    const auto now_us = options_.clock_us();
+    std::string body = "{\"object\":\"list\",\"data\":[";
+    bool first = true;
+    for (const auto& p : directory_->providers(*limit)) {
+      if (!first) body += ',';
+      first = false;
+      auto one = provider_json(p, now_us);
+      std::optional<provider_live_state> live;
+      if (options_.live_state && p.online) live = options_.live_state(p.provider_id);
+      if (live) {
+        // provider_json is one object: open it again to add what the link reports now.
+        GPUSTREAM_ENSURE(!one.empty() && one.back() == '}');
+        one.pop_back();
+        one += ",\"live\":" + json::serialize(live_json(*live)) + "}";
+      }
+      body += one;
+    }
+    body += "]}";
+    http_response response;
+    response.body = std::move(body);
+    reply(std::move(response));
+  }
+
+  void list_jobs(const http_request& request, reply_function reply) const {
+    const auto params = query_params(request.target);
+    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
+    if (!limit) return reply(std::move(limit).error());
+    std::optional<domain::job_status> state;
+    if (const auto found = params.find("state"); found != params.end()) {
+      state = job_status_named(found->second);
+      if (!state) {
+        return reply(error_response(400,
+                                    "state must be one of submitted, queued, assigned, streaming, "
+                                    "completed, failed, cancelled",
+                                    "state"));
+      }
+    }
+    json::array data;
+    for (const auto& j : directory_->jobs(state, *limit)) data.emplace_back(job_json(j));
+    reply(json_response(200, json::object{{"object", "list"}, {"data", std::move(data)}}));
+  }
+
+  void list_accounts(const http_request& request, reply_function reply) {
+    const auto params = query_params(request.target);
+    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
+    if (!limit) return reply(std::move(limit).error());
+    std::string prefix;
+    if (const auto found = params.find("prefix"); found != params.end()) prefix = found->second;
+    auto self = shared_from_this();
+    system_.spawn([self, prefix = std::move(prefix), limit = *limit,
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      actor->request(self->peers_.ledger, self->timeout(), actors::ledger_aggregate::query{})
+          .then(
+              [prefix, limit, reply](actors::ledger_aggregate::answer& balances) {
+                reply(accounts_answer(balances, prefix, limit));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "reading the ledger",
+                                       self->options_.request_timeout));
+              });
+    });
+  }
+
+  static http_response accounts_answer(const actors::ledger_aggregate::answer& balances,
+                                       std::string_view prefix, std::size_t limit) {
+    json::array data;
+    std::int64_t total = 0;
+    bool has_more = false;
+    for (const auto& [account, balance] : balances) {
+      total += balance;
+      if (!std::string_view(account).starts_with(prefix)) continue;
+      if (data.size() >= limit) {
+        has_more = true;
+        continue;
+      }
+      data.emplace_back(json::object{{"account", account}, {"balance_micros", balance}});
+    }
+    return json_response(200, json::object{{"object", "list"},
+                                           {"data", std::move(data)},
+                                           {"has_more", has_more},
+                                           {"total_micros", total}});
+  }
+
+  // -- POST /admin/payouts/run ------------------------------------------------------------------
+
+  void run_payouts(reply_function reply) {
+    auto self = shared_from_this();
+    system_.spawn([self, reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      actor->request(self->peers_.payouts, self->timeout(), actors::run_atom::value)
+          .then(
+              [self, reply](actors::payout_report& report) {
+                self->log_->info("payout run: {} payouts, {} problems", report.payouts.size(),
+                                 report.problems.size());
+                reply(json_response(200, report_json(report)));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "running the payouts",
+                                       self->options_.request_timeout));
+              });
+    });
+  }
+
+  static json::object report_json(const actors::payout_report& report) {
+    json::array payouts;
+    for (const auto& p : report.payouts) {
+      payouts.emplace_back(json::object{{"id", p.payout_id},
+                                        {"provider_id", p.provider_id},
+                                        {"amount_micros", p.amount_micros},
+                                        {"status", payout_status_name(p.status)},
+                                        {"reconciled", p.reconciled}});
+    }
+    json::array problems;
+    for (const auto& problem : report.problems) problems.emplace_back(problem);
+    return {{"payouts", std::move(payouts)}, {"problems", std::move(problems)}};
+  }
+
+  caf::actor_system& system_;
+  admin_peers peers_;
+  std::shared_ptr<directory> directory_;
+  admin_api_options options_;
+  bool token_configured_;
+  events::sha256_digest token_digest_;
+  std::shared_ptr<spdlog::logger> log_;
+};
+
+admin_peers admin_peers_of(const actors::runtime& runtime) {
+  return {runtime.users, runtime.providers, runtime.ledger, runtime.ad_server,
+          runtime.payout_runner};
+}
+
+admin_api::admin_api(caf::actor_system& system, admin_peers peers,
+                     std::shared_ptr<directory> directory, admin_api_options options)
+    : impl_(std::make_shared<impl>(system, std::move(peers), std::move(directory),
+                                   std::move(options))) {}
+
+admin_api::~admin_api() = default;
+
+void admin_api::handle(const http_request& request, std::function<void(http_response)> reply) const {
+  impl_->handle(request, std::move(reply));
+}
+
+}  // namespace gpustream::gateway

@@ -1,0 +1,625 @@
+// The admin API and the provider's own page on the real actor runtime (a temporary buffered store,
+// a real actor system): every endpoint, authentication, validation, read-your-writes of new keys
+// and tokens, request timeouts, and the directory rebuilt after a restart equal to the live one.
+#include <boost/json.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <future>
+#include <string>
+#include <vector>
+
+#include "actors/ad_server.hpp"
+#include "actors/errors.hpp"
+#include "actors/payout_runner.hpp"
+#include "actors/runtime.hpp"
+#include "events/codec.hpp"
+#include "gateway/admin_api.hpp"
+#include "gateway/directory.hpp"
+#include "gateway/provider_api.hpp"
+#include "gateway/secrets.hpp"
+#include "storage/event_store.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+namespace json = boost::json;
+using namespace std::chrono_literals;
+
+/// Generous: only a broken handler comes near it.
+constexpr auto wait_max = 30s;
+const std::string admin_token = "admin-secret-for-tests";
+
+class temp_dir {
+ public:
+  temp_dir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "admin_api_test_XXXXXX").string();
+    GPUSTREAM_ENSURE(::mkdtemp(pattern.data()) != nullptr);
+    path_ = pattern;
+  }
+  ~temp_dir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct test_config : caf::actor_system_config {
+  test_config() { actors::add_error_categories(*this); }
+};
+
+/// A ledger that takes every request and never answers: for the timeout path.
+actors::ledger_actor::behavior_type silent_ledger(actors::ledger_actor::pointer self) {
+  return {
+      [self](domain::ledger::command&) { return self->make_response_promise<actors::command_reply>(); },
+      [self](std::vector<domain::ledger::command>&) {
+        return self->make_response_promise<actors::command_reply>();
+      },
+      [self](actors::state_atom) { return self->make_response_promise<domain::ledger::state>(); },
+      [](actors::passivate_atom) {},
+      [self](actors::ledger_aggregate::query&) {
+        return self->make_response_promise<actors::ledger_aggregate::answer>();
+      },
+  };
+}
+
+class admin_api_test : public ::testing::Test {
+ protected:
+  admin_api_test() : system_(config_) { start(); }
+
+  ~admin_api_test() override {
+    stop();
+    EXPECT_EQ(replies_.load(), requests_.load()) << "every request is answered exactly once";
+  }
+
+  void start(admin_api_options options = {}) {
+    storage::store_options store_options;
+    store_options.mode = storage::durability::buffered;
+    auto opened = storage::event_store::open(dir_.path(), store_options);
+    GPUSTREAM_ENSURE(opened.has_value());
+    store_ = std::move(*opened);
+    actors::runtime_options runtime_options;
+    runtime_options.payouts.run_interval = 0ms;  // only when asked
+    runtime_ = actors::start_runtime(system_, store_, runtime_options);
+    auto directory_opened = directory::open(store_);
+    GPUSTREAM_ENSURE(directory_opened.has_value());
+    directory_ = std::move(*directory_opened);
+    if (options.admin_token.empty()) options.admin_token = admin_token;
+    make_api(std::move(options));
+    provider_api_ = std::make_unique<provider_api>(directory_);
+  }
+
+  void make_api(admin_api_options options, std::optional<actors::ledger_actor> ledger = {}) {
+    auto peers = admin_peers_of(runtime_);
+    if (ledger) peers.ledger = *ledger;
+    api_ = std::make_unique<admin_api>(system_, std::move(peers), directory_, std::move(options));
+  }
+
+  void stop() {
+    api_.reset();
+    provider_api_.reset();
+    runtime_.stop();
+    for (const auto& extra : extra_actors_) caf::anon_send_exit(extra, caf::exit_reason::user_shutdown);
+    system_.await_all_actors_done();
+    directory_.reset();
+    store_.reset();
+  }
+
+  /// Sends a request to the admin API and waits for its answer.
+  http_response call(const std::string& method, const std::string& target,
+                     const std::string& body = "",
+                     std::optional<std::string> authorization = "Bearer " + admin_token) {
+    http_request request;
+    request.method = method;
+    request.target = target;
+    request.body = body;
+    if (authorization) request.headers["authorization"] = *authorization;
+    return answer_of([&](auto reply) { api_->handle(request, std::move(reply)); });
+  }
+
+  /// GET /v1/providers/me (or `method`) with a provider token.
+  http_response me(std::optional<std::string> token, const std::string& method = "GET",
+                   const std::string& target = "/v1/providers/me") {
+    http_request request;
+    request.method = method;
+    request.target = target;
+    if (token) request.headers["authorization"] = "Bearer " + *token;
+    return answer_of([&](auto reply) { provider_api_->handle(request, std::move(reply)); });
+  }
+
+  template <class Handle>
+  http_response answer_of(Handle handle) {
+    ++requests_;
+    auto promise = std::make_shared<std::promise<http_response>>();
+    auto answered = std::make_shared<std::atomic<bool>>(false);
+    auto future = promise->get_future();
+    handle([this, promise, answered](http_response response) {
+      ++replies_;
+      if (!answered->exchange(true)) promise->set_value(std::move(response));
+    });
+    if (future.wait_for(wait_max) != std::future_status::ready) {
+      ADD_FAILURE() << "no answer within " << wait_max.count() << " s";
+      return {};
+    }
+    return future.get();
+  }
+
+  /// Waits until the directory has applied everything in the log.
+  void catch_up() {
+    ASSERT_TRUE(directory_->wait_for_position(store_->last_position(), wait_max));
+  }
+
+  template <class T, class Dest, class... Ts>
+  T ask(const Dest& dest, Ts&&... xs) {
+    caf::scoped_actor self{system_};
+    T result{};
+    self->request(dest, caf::timespan{wait_max}, std::forward<Ts>(xs)...)
+        .receive([&](T& value) { result = std::move(value); },
+                 [&](caf::error& failure) { ADD_FAILURE() << actors::describe(failure); });
+    return result;
+  }
+
+  /// A user made through the API: (id, api key).
+  std::pair<std::string, std::string> make_user(const std::string& body) {
+    const auto response = call("POST", "/admin/users", body);
+    EXPECT_EQ(response.status, 201u) << response.body;
+    const auto answer = json::parse(response.body).as_object();
+    return {std::string(answer.at("id").as_string()), std::string(answer.at("api_key").as_string())};
+  }
+
+  /// A provider made through the API: (id, token, owner).
+  std::tuple<std::string, std::string, std::string> make_provider(const std::string& body) {
+    const auto response = call("POST", "/admin/providers", body);
+    EXPECT_EQ(response.status, 201u) << response.body;
+    const auto answer = json::parse(response.body).as_object();
+    return {std::string(answer.at("id").as_string()), std::string(answer.at("token").as_string()),
+            std::string(answer.at("owner_user_id").as_string())};
+  }
+
+  temp_dir dir_;
+  test_config config_;
+  caf::actor_system system_;
+  std::shared_ptr<storage::event_store> store_;
+  actors::runtime runtime_;
+  std::vector<caf::actor> extra_actors_;
+  std::shared_ptr<directory> directory_;
+  std::unique_ptr<admin_api> api_;
+  std::unique_ptr<provider_api> provider_api_;
+  std::atomic<int> requests_{0};
+  std::atomic<int> replies_{0};
+};
+
+json::object error_of(const http_response& response) {
+  return json::parse(response.body).as_object().at("error").as_object();
+}
+
+bool has_header(const http_response& response, std::string_view name, std::string_view value) {
+  for (const auto& [n, v] : response.headers) {
+    if (n == name && v == value) return true;
+  }
+  return false;
+}
+
+/// Expects a 400 whose `param` names `field`.
+void expect_invalid(const http_response& response, std::string_view field) {
+  EXPECT_EQ(response.status, 400u) << response.body;
+  if (response.status != 400) return;
+  const auto error = error_of(response);
+  EXPECT_EQ(error.at("type").as_string(), "invalid_request_error");
+  EXPECT_EQ(error.at("param"), json::value(field)) << response.body;
+}
+
+// -- Authentication and routing. ------------------------------------------------------------------
+
+TEST_F(admin_api_test, without_a_configured_token_every_admin_request_is_503_saying_how_to_set_one) {
+  admin_api_options options;  // no token
+  make_api(options);
+  for (const auto& [method, target] : {std::pair{"POST", "/admin/users"}, std::pair{"GET", "/admin/jobs"}}) {
+    const auto response = call(method, target, "{}");
+    EXPECT_EQ(response.status, 503u);
+    const auto error = error_of(response);
+    EXPECT_NE(std::string(error.at("message").as_string()).find("--admin-token"), std::string::npos);
+    EXPECT_EQ(error.at("type").as_string(), "server_error");
+  }
+}
+
+TEST_F(admin_api_test, a_missing_or_wrong_admin_token_is_401) {
+  for (const std::optional<std::string>& authorization :
+       {std::optional<std::string>{}, std::optional<std::string>{"Bearer wrong"},
+        std::optional<std::string>{"Bearer " + admin_token + "x"},
+        std::optional<std::string>{"Basic " + admin_token}, std::optional<std::string>{"Bearer "}}) {
+    const auto response = call("GET", "/admin/providers", "", authorization);
+    EXPECT_EQ(response.status, 401u) << authorization.value_or("(none)");
+    EXPECT_EQ(error_of(response).at("type").as_string(), "authentication_error");
+    EXPECT_TRUE(has_header(response, "WWW-Authenticate", "Bearer"));
+  }
+  // Nothing was created by the refused requests.
+  EXPECT_EQ(call("POST", "/admin/users", "{}", "Bearer nope").status, 401u);
+  EXPECT_EQ(directory_->counts().users, 0u);
+}
+
+TEST_F(admin_api_test, unknown_paths_are_404_and_wrong_methods_405_with_allow) {
+  EXPECT_EQ(call("GET", "/admin/nothing").status, 404u);
+  EXPECT_EQ(call("GET", "/admin").status, 404u);
+  const auto users = call("GET", "/admin/users");
+  EXPECT_EQ(users.status, 405u);
+  EXPECT_TRUE(has_header(users, "Allow", "POST"));
+  const auto providers = call("DELETE", "/admin/providers");
+  EXPECT_EQ(providers.status, 405u);
+  EXPECT_TRUE(has_header(providers, "Allow", "GET, POST"));
+  EXPECT_TRUE(has_header(call("POST", "/admin/jobs"), "Allow", "GET"));
+  EXPECT_TRUE(has_header(call("POST", "/admin/accounts"), "Allow", "GET"));
+  EXPECT_TRUE(has_header(call("GET", "/admin/payouts/run"), "Allow", "POST"));
+  EXPECT_TRUE(has_header(call("GET", "/admin/campaigns"), "Allow", "POST"));
+}
+
+// -- Users. ---------------------------------------------------------------------------------------
+
+TEST_F(admin_api_test, a_new_users_key_works_the_moment_the_request_returns_and_its_credit_is_in_the_ledger) {
+  const auto response = call("POST", "/admin/users", R"({"tier":"premium","credit_micros":5000000})");
+  ASSERT_EQ(response.status, 201u) << response.body;
+  const auto answer = json::parse(response.body).as_object();
+  const std::string id(answer.at("id").as_string());
+  const std::string key(answer.at("api_key").as_string());
+  EXPECT_EQ(id.substr(0, 2), "u_");
+  EXPECT_EQ(key.substr(0, 4), "gsk_");
+  EXPECT_EQ(key.size(), 47u);
+  EXPECT_EQ(answer.at("tier").as_string(), "premium");
+  EXPECT_EQ(answer.at("credit_micros").as_int64(), 5000000);
+
+  // No waiting for the subscription: read-your-writes.
+  EXPECT_EQ(directory_->user_by_api_key(key), (user_entry{id, events::user_tier::premium}));
+
+  const auto accounts = call("GET", "/admin/accounts");
+  ASSERT_EQ(accounts.status, 200u) << accounts.body;
+  const auto listed = json::parse(accounts.body).as_object();
+  EXPECT_EQ(listed.at("total_micros").as_int64(), 0) << "balances sum to zero";
+  bool found = false;
+  for (const auto& row : listed.at("data").as_array()) {
+    if (row.at("account").as_string() == "user-" + id) {
+      found = true;
+      EXPECT_EQ(row.at("balance_micros").as_int64(), 5000000);
+    }
+  }
+  EXPECT_TRUE(found) << accounts.body;
+
+  // The user's stream records the deposit, and the key is stored only as its digest.
+  const auto user = ask<domain::user_state>(runtime_.users, id, actors::state_atom::value);
+  EXPECT_EQ(user.deposits.size(), 1u);
+  EXPECT_EQ(user.tier, events::user_tier::premium);
+  auto log = store_->read_all(1, 10'000);
+  ASSERT_TRUE(log.has_value());
+  bool digest_stored = false;
+  for (const auto& r : *log) {
+    EXPECT_EQ(r.payload.find(key), std::string::npos) << "the secret key reached the log";
+    EXPECT_EQ(r.payload.find(key.substr(4)), std::string::npos) << "the secret key reached the log";
+    auto event = events::decode_payload(r.type, {reinterpret_cast<const std::byte*>(r.payload.data()),
+                                                 r.payload.size()});
+    ASSERT_TRUE(event.has_value());
+    if (const auto* issued = std::get_if<events::api_key_issued>(&*event)) {
+      digest_stored = issued->key_hash == sha256(key);
+    }
+  }
+  EXPECT_TRUE(digest_stored);
+}
+
+TEST_F(admin_api_test, a_free_user_without_credit_moves_no_money) {
+  const auto [id, key] = make_user(R"({"tier":"free"})");
+  EXPECT_EQ(directory_->user_by_api_key(key), (user_entry{id, events::user_tier::free}));
+  const auto [other, other_key] = make_user("{}");  // free is the default
+  EXPECT_EQ(directory_->user(other)->tier, events::user_tier::free);
+  const auto accounts = json::parse(call("GET", "/admin/accounts").body).as_object();
+  EXPECT_TRUE(accounts.at("data").as_array().empty());
+}
+
+TEST_F(admin_api_test, user_fields_are_validated_by_name) {
+  expect_invalid(call("POST", "/admin/users", R"({"tier":"gold"})"), "tier");
+  expect_invalid(call("POST", "/admin/users", R"({"tier":1})"), "tier");
+  expect_invalid(call("POST", "/admin/users", R"({"credit_micros":-1})"), "credit_micros");
+  expect_invalid(call("POST", "/admin/users", R"({"credit_micros":1.5})"), "credit_micros");
+  expect_invalid(call("POST", "/admin/users", R"({"credit_micros":"100"})"), "credit_micros");
+  expect_invalid(call("POST", "/admin/users", R"({"credit_micros":100000000001})"), "credit_micros");
+  expect_invalid(call("POST", "/admin/users", R"({"display_name":7})"), "display_name");
+  expect_invalid(call("POST", "/admin/users", R"({"display_name":")" + std::string(201, 'x') + "\"}"),
+                 "display_name");
+  for (const std::string body : {"", "not json", "[1,2]", R"({"a":[[[[[[[[[1]]]]]]]]]})"}) {
+    const auto response = call("POST", "/admin/users", body);
+    EXPECT_EQ(response.status, 400u) << body;
+    EXPECT_EQ(error_of(response).at("type").as_string(), "invalid_request_error");
+  }
+  EXPECT_EQ(directory_->counts().users, 0u) << "nothing is created by an invalid request";
+}
+
+// -- Providers and their own page. ------------------------------------------------------------------
+
+TEST_F(admin_api_test, a_new_providers_token_works_at_once_with_or_without_an_owner) {
+  const auto [id, token, owner] = make_provider(R"({"name":"rig one"})");
+  EXPECT_EQ(id.substr(0, 2), "p_");
+  EXPECT_EQ(token.substr(0, 4), "gsp_");
+  EXPECT_EQ(token.size(), 47u);
+  const auto found = directory_->provider_by_token(token);
+  ASSERT_TRUE(found.has_value());
+  EXPECT_EQ(found->provider_id, id);
+  EXPECT_EQ(found->name, "rig one");
+  EXPECT_TRUE(directory_->user(owner).has_value()) << "a provider without owner gets a new one";
+
+  const auto [user, key] = make_user("{}");
+  const auto [second, second_token, second_owner] =
+      make_provider(R"({"name":"rig two","owner_user_id":")" + user + "\"}");
+  EXPECT_EQ(second_owner, user);
+  EXPECT_EQ(directory_->provider_by_token(second_token)->owner_user_id, user);
+
+  expect_invalid(call("POST", "/admin/providers", R"({"name":"x","owner_user_id":"u_nobody"})"),
+                 "owner_user_id");
+  expect_invalid(call("POST", "/admin/providers", R"({})"), "name");
+  expect_invalid(call("POST", "/admin/providers", R"({"name":""})"), "name");
+  expect_invalid(call("POST", "/admin/providers", R"({"name":["x"]})"), "name");
+  expect_invalid(call("POST", "/admin/providers", R"({"name":")" + std::string(201, 'n') + "\"}"), "name");
+  EXPECT_EQ(directory_->counts().providers, 2u);
+}
+
+TEST_F(admin_api_test, providers_are_listed_with_their_live_state_when_wired) {
+  const auto [first, first_token, first_owner] = make_provider(R"({"name":"a"})");
+  const auto [second, second_token, second_owner] = make_provider(R"({"name":"b"})");
+  admin_api_options options;
+  options.admin_token = admin_token;
+  options.live_state = [id = first](const std::string& provider_id) -> std::optional<provider_live_state> {
+    if (provider_id != id) return std::nullopt;
+    return provider_live_state{1, 2, 42, 90, 12'500};
+  };
+  make_api(options);
+  // The first provider goes online (its link's hello, as the link session would send it).
+  domain::provider::command connect = domain::provider::connect{{}, events::backend_kind::openai,
+                                                                "http://127.0.0.1:1234/v1", "test"};
+  (void)ask<actors::command_reply>(runtime_.providers, first, std::move(connect));
+  catch_up();
+
+  const auto response = call("GET", "/admin/providers");
+  ASSERT_EQ(response.status, 200u) << response.body;
+  const auto data = json::parse(response.body).as_object().at("data").as_array();
+  ASSERT_EQ(data.size(), 2u);
+  for (const auto& row : data) {
+    const auto& p = row.as_object();
+    if (p.at("id").as_string() == first) {
+      EXPECT_EQ(p.at("status").as_string(), "online");
+      EXPECT_EQ(p.at("live").at("load_percent").as_int64(), 42);
+      EXPECT_EQ(p.at("live").at("tokens_per_second_milli").as_int64(), 12'500);
+    } else {
+      EXPECT_EQ(p.at("id").as_string(), second);
+      EXPECT_EQ(p.at("status").as_string(), "offline");
+      EXPECT_FALSE(p.contains("live"));
+    }
+    EXPECT_EQ(p.at("level").as_string(), "Bronze");
+    EXPECT_FALSE(p.contains("token"));
+  }
+  EXPECT_EQ(json::parse(call("GET", "/admin/providers?limit=1").body).at("data").as_array().size(), 1u);
+  expect_invalid(call("GET", "/admin/providers?limit=0"), "limit");
+  expect_invalid(call("GET", "/admin/providers?limit=abc"), "limit");
+  expect_invalid(call("GET", "/admin/providers?limit=1001"), "limit");
+}
+
+TEST_F(admin_api_test, the_provider_page_shows_earnings_and_the_payouts_a_run_requested) {
+  const auto [user, key] = make_user(R"({"tier":"premium","credit_micros":30000000})");
+  const auto [provider, token, owner] = make_provider(R"({"name":"rig"})");
+
+  auto page = me(token);
+  ASSERT_EQ(page.status, 200u) << page.body;
+  auto body = json::parse(page.body).as_object();
+  EXPECT_EQ(body.at("id").as_string(), provider);
+  EXPECT_EQ(body.at("status").as_string(), "offline");
+  EXPECT_EQ(body.at("level").as_string(), "Bronze");
+  EXPECT_EQ(body.at("earnings").at("balance_micros").as_int64(), 0);
+  EXPECT_TRUE(body.at("payouts").as_array().empty());
+  EXPECT_EQ(page.body.find(token), std::string::npos);
+
+  // A premium job's settlement pays the provider 20 USD minus a 2 USD fee.
+  domain::ledger::command settle = domain::record_transfers{
+      "job-j1",
+      {{"job-j1/usage", "user-" + user, "provider-" + provider, 20'000'000,
+        events::transfer_kind::usage, "j1"},
+       {"job-j1/platform_fee", "provider-" + provider, "platform", 2'000'000,
+        events::transfer_kind::platform_fee, "j1"}}};
+  (void)ask<actors::command_reply>(runtime_.ledger, std::move(settle));
+
+  // 18 USD is over the 10 USD threshold: the run requests a payout of all of it.
+  const auto run = call("POST", "/admin/payouts/run");
+  ASSERT_EQ(run.status, 200u) << run.body;
+  const auto report = json::parse(run.body).as_object();
+  ASSERT_EQ(report.at("payouts").as_array().size(), 1u) << run.body;
+  const auto& payout = report.at("payouts").as_array()[0].as_object();
+  EXPECT_EQ(payout.at("provider_id").as_string(), provider);
+  EXPECT_EQ(payout.at("amount_micros").as_int64(), 18'000'000);
+  EXPECT_EQ(payout.at("status").as_string(), "requested");
+  EXPECT_TRUE(report.at("problems").as_array().empty());
+
+  catch_up();
+  page = me(token);
+  ASSERT_EQ(page.status, 200u);
+  body = json::parse(page.body).as_object();
+  EXPECT_EQ(body.at("earnings").at("earned_micros").as_int64(), 18'000'000);
+  EXPECT_EQ(body.at("earnings").at("paid_out_micros").as_int64(), 18'000'000);
+  EXPECT_EQ(body.at("earnings").at("balance_micros").as_int64(), 0);
+  ASSERT_EQ(body.at("payouts").as_array().size(), 1u);
+  EXPECT_EQ(body.at("payouts").as_array()[0].at("status").as_string(), "requested");
+  EXPECT_EQ(body.at("payouts").as_array()[0].at("amount_micros").as_int64(), 18'000'000);
+
+  // A second run finds nothing due.
+  const auto again = json::parse(call("POST", "/admin/payouts/run").body).as_object();
+  EXPECT_TRUE(again.at("payouts").as_array().empty());
+}
+
+TEST_F(admin_api_test, the_provider_page_refuses_bad_tokens_methods_and_paths) {
+  const auto [provider, token, owner] = make_provider(R"({"name":"rig"})");
+  for (const std::optional<std::string>& bad : {std::optional<std::string>{},
+                                                std::optional<std::string>{"gsp_wrong"},
+                                                std::optional<std::string>{admin_token}}) {
+    const auto response = me(bad);
+    EXPECT_EQ(response.status, 401u);
+    EXPECT_EQ(error_of(response).at("type").as_string(), "authentication_error");
+  }
+  EXPECT_EQ(me(token, "POST").status, 405u);
+  EXPECT_EQ(me(token, "GET", "/v1/providers/you").status, 404u);
+  EXPECT_EQ(me(token).status, 200u);
+}
+
+// -- Campaigns. -----------------------------------------------------------------------------------
+
+TEST_F(admin_api_test, a_campaign_is_created_through_the_ad_server_with_its_budget_in_escrow) {
+  const auto response = call("POST", "/admin/campaigns", R"({
+      "advertiser":"acme","title":"Fast GPUs","text":"Rent one today","url":"https://acme.example",
+      "keywords":["gpu","cuda"],"categories":["hardware"],"cpm_bid_micros":2000000,
+      "budget_micros":50000000,"daily_budget_micros":10000000,"frequency_cap_per_day":3})");
+  ASSERT_EQ(response.status, 201u) << response.body;
+  const std::string id(json::parse(response.body).at("id").as_string());
+  EXPECT_EQ(id.substr(0, 2), "c_");
+  const auto accounts =
+      json::parse(call("GET", "/admin/accounts?prefix=campaign-").body).as_object();
+  ASSERT_EQ(accounts.at("data").as_array().size(), 1u);
+  EXPECT_EQ(accounts.at("data").as_array()[0].at("account").as_string(), "campaign-" + id);
+  EXPECT_EQ(accounts.at("data").as_array()[0].at("balance_micros").as_int64(), 50'000'000);
+  catch_up();
+  EXPECT_TRUE(directory_->has_campaign(id));
+}
+
+TEST_F(admin_api_test, campaign_fields_are_validated_by_name_and_by_the_campaigns_rules) {
+  const std::string valid_tail =
+      R"("text":"t","url":"https://a.example","cpm_bid_micros":2000000,"budget_micros":5000000})";
+  expect_invalid(call("POST", "/admin/campaigns", R"({"advertiser":"a",)" + valid_tail), "title");
+  expect_invalid(call("POST", "/admin/campaigns", R"({"title":"t",)" + valid_tail), "advertiser");
+  expect_invalid(call("POST", "/admin/campaigns",
+                      R"({"advertiser":"a","title":"t","keywords":"gpu",)" + valid_tail),
+                 "keywords");
+  expect_invalid(call("POST", "/admin/campaigns",
+                      R"({"advertiser":"a","title":"t","categories":[1],)" + valid_tail),
+                 "categories");
+  expect_invalid(call("POST", "/admin/campaigns",
+                      R"({"advertiser":"a","title":"t","text":"t","url":"u","cpm_bid_micros":"1","budget_micros":5})"),
+                 "cpm_bid_micros");
+  expect_invalid(call("POST", "/admin/campaigns",
+                      R"({"advertiser":"a","title":"t","text":"t","url":"u","cpm_bid_micros":2000000})"),
+                 "budget_micros");
+  // Well-formed, but the campaign's own rules refuse it: a daily budget above the whole budget.
+  const auto refused = call("POST", "/admin/campaigns",
+                            R"({"advertiser":"a","title":"t","daily_budget_micros":9000000,)" +
+                                valid_tail);
+  EXPECT_EQ(refused.status, 400u) << refused.body;
+  EXPECT_NE(refused.body.find("daily"), std::string::npos) << refused.body;
+  const auto accounts = json::parse(call("GET", "/admin/accounts").body).as_object();
+  EXPECT_TRUE(accounts.at("data").as_array().empty()) << "no money moved for a refused campaign";
+}
+
+// -- Jobs and accounts. ---------------------------------------------------------------------------
+
+TEST_F(admin_api_test, jobs_are_listed_newest_first_optionally_in_one_state) {
+  const auto now_us = actors::system_clock_us();
+  for (const auto* id : {"j1", "j2", "j3"}) {
+    std::vector<domain::job::command> commands{
+        domain::submit_job{id, "u", "llama", events::quality_tier::standard, 10, 20, 0, false, ""},
+        domain::queue_job{0, now_us + 60'000'000}};
+    (void)ask<actors::command_reply>(runtime_.jobs, std::string(id), std::move(commands));
+  }
+  domain::job::command fail = domain::fail_job{events::failure_reason::no_provider, "none online"};
+  (void)ask<actors::command_reply>(runtime_.jobs, std::string("j2"), std::move(fail));
+  catch_up();
+
+  auto ids = [&](const std::string& target) {
+    const auto response = call("GET", target);
+    EXPECT_EQ(response.status, 200u) << response.body;
+    std::vector<std::string> out;
+    const auto listed = json::parse(response.body);
+    for (const auto& j : listed.at("data").as_array()) {
+      out.emplace_back(j.at("id").as_string());
+    }
+    return out;
+  };
+  EXPECT_EQ(ids("/admin/jobs"), (std::vector<std::string>{"j3", "j2", "j1"}));
+  EXPECT_EQ(ids("/admin/jobs?state=queued"), (std::vector<std::string>{"j3", "j1"}));
+  EXPECT_EQ(ids("/admin/jobs?state=queued&limit=1"), (std::vector<std::string>{"j3"}));
+  EXPECT_EQ(ids("/admin/jobs?state=failed"), (std::vector<std::string>{"j2"}));
+  EXPECT_TRUE(ids("/admin/jobs?state=streaming").empty());
+  const auto failed = json::parse(call("GET", "/admin/jobs?state=failed").body);
+  EXPECT_EQ(failed.at("data").as_array()[0].at("failure_reason").as_string(), "no_provider");
+  EXPECT_EQ(failed.at("data").as_array()[0].at("state").as_string(), "failed");
+  expect_invalid(call("GET", "/admin/jobs?state=running"), "state");
+  expect_invalid(call("GET", "/admin/jobs?limit=-1"), "limit");
+}
+
+TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
+  (void)make_user(R"({"credit_micros":100})");
+  (void)make_user(R"({"credit_micros":200})");
+  const auto all = json::parse(call("GET", "/admin/accounts").body).as_object();
+  EXPECT_EQ(all.at("data").as_array().size(), 3u);  // external and two users
+  EXPECT_EQ(all.at("total_micros").as_int64(), 0);
+  const auto users = json::parse(call("GET", "/admin/accounts?prefix=user-&limit=1").body).as_object();
+  EXPECT_EQ(users.at("data").as_array().size(), 1u);
+  EXPECT_TRUE(users.at("has_more").as_bool());
+  const auto external = json::parse(call("GET", "/admin/accounts?prefix=external").body).as_object();
+  ASSERT_EQ(external.at("data").as_array().size(), 1u);
+  EXPECT_EQ(external.at("data").as_array()[0].at("balance_micros").as_int64(), -300);
+}
+
+TEST_F(admin_api_test, an_actor_that_does_not_answer_gives_a_503_after_the_request_timeout) {
+  auto silent = system_.spawn(silent_ledger);
+  extra_actors_.push_back(caf::actor_cast<caf::actor>(silent));
+  admin_api_options options;
+  options.admin_token = admin_token;
+  options.request_timeout = 200ms;
+  make_api(options, silent);
+  const auto start = std::chrono::steady_clock::now();
+  const auto response = call("GET", "/admin/accounts");
+  EXPECT_EQ(response.status, 503u) << response.body;
+  EXPECT_NE(response.body.find("request_timeout"), std::string::npos) << response.body;
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 200ms);
+}
+
+// -- Restart. -------------------------------------------------------------------------------------
+
+TEST_F(admin_api_test, after_a_restart_the_rebuilt_directory_equals_the_live_one) {
+  const auto [user, key] = make_user(R"({"tier":"premium","credit_micros":40000000})");
+  const auto [provider, token, owner] = make_provider(R"({"name":"rig","owner_user_id":")" + user + "\"}");
+  (void)make_provider(R"({"name":"solo"})");
+  const auto campaign = call("POST", "/admin/campaigns",
+                             R"({"advertiser":"a","title":"t","text":"t","url":"https://a.example",
+                                 "keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":5000000})");
+  ASSERT_EQ(campaign.status, 201u) << campaign.body;
+  domain::ledger::command settle = domain::record_transfers{
+      "job-j1",
+      {{"job-j1/usage", "user-" + user, "provider-" + provider, 15'000'000,
+        events::transfer_kind::usage, "j1"}}};
+  (void)ask<actors::command_reply>(runtime_.ledger, std::move(settle));
+  ASSERT_EQ(call("POST", "/admin/payouts/run").status, 200u);
+  std::vector<domain::job::command> job{
+      domain::submit_job{"j1", user, "llama", events::quality_tier::standard, 10, 20, 0, true, ""},
+      domain::queue_job{0, actors::system_clock_us() + 60'000'000}};
+  (void)ask<actors::command_reply>(runtime_.jobs, std::string("j1"), std::move(job));
+  catch_up();
+  const auto live = directory_->contents();
+  EXPECT_EQ(live.users.size(), 2u);  // the user and the owner made for "solo"
+  EXPECT_EQ(live.providers.size(), 2u);
+  EXPECT_EQ(live.payouts.size(), 1u);
+  EXPECT_EQ(live.jobs.size(), 1u);
+  EXPECT_EQ(live.campaigns.size(), 1u);
+
+  stop();
+  start();
+  EXPECT_EQ(directory_->contents(), live);
+  EXPECT_EQ(directory_->user_by_api_key(key), (user_entry{user, events::user_tier::premium}));
+  EXPECT_EQ(directory_->provider_by_token(token)->provider_id, provider);
+  EXPECT_EQ(directory_->contribution_score(user), 0);
+}
+
+}  // namespace
+}  // namespace gpustream::gateway
