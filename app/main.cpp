@@ -44,6 +44,18 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--admin-token", serve.admin_token,
                         "Bearer token of the admin API under /admin (stored only as its SHA-256)")
       ->envname("GPUSTREAM_ADMIN_TOKEN");
+  serve_cmd->add_option("--rate-per-minute", serve.rate_per_minute,
+                        "requests per minute allowed per API key (429 with Retry-After beyond)")
+      ->capture_default_str();
+  serve_cmd->add_option("--rate-burst", serve.rate_burst, "requests per API key allowed at once")
+      ->capture_default_str();
+  serve_cmd->add_option("--cors-origin", serve.cors_origins,
+                        "an origin allowed to call the API from a browser (repeatable)");
+  serve_cmd->add_option("--heartbeat-ms", serve.heartbeat_ms,
+                        "provider heartbeat interval; a link silent for 3 intervals is stale")
+      ->capture_default_str();
+  serve_cmd->add_option("--public-url", serve.public_url,
+                        "the address clients reach this node at, for click URLs (default: http://HOST:PORT)");
 
   gpustream::app::provider_options provider;
   bool provider_no_probe = false;

@@ -9,7 +9,7 @@
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
-#include "gateway/http_server.hpp"
+#include "gateway/node.hpp"
 
 namespace gpustream::app {
 namespace {
@@ -35,17 +35,6 @@ expected<host_port, std::string> parse_host_port(const std::string& text) {
   }
   if (port > 65535) return unexpected{"--http port must be 0 to 65535, not '" + port_text + "'"};
   return host_port{text.substr(0, colon), static_cast<std::uint16_t>(port)};
-}
-
-gateway::http_response route(const gateway::http_request& request, const storage::event_store& store) {
-  const auto path = request.target.substr(0, request.target.find('?'));
-  if (path == "/healthz") {
-    if (request.method != "GET") return {405, "application/json", R"({"error":{"message":"use GET"}})"};
-    return {200, "application/json",
-            R"({"status":"ok","last_position":)" + std::to_string(store.last_position()) + "}"};
-  }
-  return {404, "application/json",
-          R"({"error":{"message":"no such endpoint","type":"invalid_request_error"}})"};
 }
 
 }  // namespace
@@ -82,22 +71,28 @@ int run_serve(const serve_options& options) {
     const actors::runtime& r;
     ~stop_at_exit() { r.stop(); }
   } stopper{runtime};
-  gateway::http_server_options http_options;
-  http_options.host = address->host;
-  http_options.port = address->port;
-  auto& store_ref = *store;
-  auto server = gateway::http_server::start(
-      http_options, [&store_ref](gateway::http_request r, std::shared_ptr<gateway::http_reply> reply) {
-        reply->send(route(r, store_ref));
-      });
-  if (!server) {
-    logger->error("{}", server.error());
+  gateway::node_options node_options;
+  node_options.http.host = address->host;
+  node_options.http.port = address->port;
+  node_options.http.threads = options.http_threads;
+  node_options.admin_token = options.admin_token;
+  node_options.public_url = options.public_url;
+  node_options.rate.requests_per_minute = options.rate_per_minute;
+  node_options.rate.burst = options.rate_burst;
+  node_options.cors_origins = options.cors_origins;
+  node_options.link.heartbeat_interval = std::chrono::milliseconds(options.heartbeat_ms);
+  node_options.link.stale_after = 3 * node_options.link.heartbeat_interval;
+  auto node = gateway::node::start(system, runtime, store, std::move(node_options));
+  if (!node) {
+    logger->error("{}", node.error());
     return 1;
   }
-  logger->info("listening http={}:{} data={} durability={} last_position={}", address->host,
-               (*server)->port(), options.data.string(),
-               options.mode == storage::durability::sync ? "sync" : "buffered",
-               store_ref.last_position());
+  if (options.admin_token.empty()) {
+    logger->warn("no admin token: the admin API answers 503 (set --admin-token or GPUSTREAM_ADMIN_TOKEN)");
+  }
+  logger->info("listening http={}:{} data={} durability={} last_position={}", address->host, (*node)->port(),
+               options.data.string(), options.mode == storage::durability::sync ? "sync" : "buffered",
+               store->last_position());
   int signal = 0;
   sigwait(&signals, &signal);
   logger->info("stopping signal={}", signal);

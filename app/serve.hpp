@@ -2,7 +2,9 @@
 /// `gpustream serve`: opens the embedded event store and serves HTTP until SIGINT or SIGTERM.
 
 #include <filesystem>
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "storage/event_store.hpp"
 
@@ -18,6 +20,17 @@ struct serve_options {
   /// Bearer token of the admin API; empty: the admin API answers 503 to everyone. Also from
   /// GPUSTREAM_ADMIN_TOKEN.
   std::string admin_token;
+  /// Requests per minute per API key, and the burst. Default: 600 and 100.
+  std::uint32_t rate_per_minute = 600;
+  std::uint32_t rate_burst = 100;
+  /// Origins allowed to call the API from a browser. Default: none.
+  std::vector<std::string> cors_origins;
+  /// Provider heartbeat interval, ms; a link silent for 3 intervals is stale. Default: 1000.
+  std::uint32_t heartbeat_ms = 1000;
+  /// The address clients reach this node at (click URLs). Default: http://HOST:PORT.
+  std::string public_url;
+  /// Threads running the HTTP/WebSocket I/O. Default: 2.
+  std::size_t http_threads = 2;
 };
 
 /// Runs until a termination signal; returns the process exit code.

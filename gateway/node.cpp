@@ -1,0 +1,387 @@
+#include "gateway/node.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/errors.hpp"
+#include "actors/runtime.hpp"
+#include "gateway/actor_bridge.hpp"
+#include "gateway/admin_api.hpp"
+#include "gateway/cors.hpp"
+#include "gateway/directory.hpp"
+#include "gateway/metrics.hpp"
+#include "gateway/provider_api.hpp"
+#include "gateway/secrets.hpp"
+#include "storage/event_store.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+http_response api_error_response(const api_error& error) {
+  http_headers headers;
+  return {error.status, "application/json", error_body(error), std::move(headers)};
+}
+
+/// The ad server actor behind the relay's ad_source.
+class actor_ad_source final : public ad_source {
+ public:
+  actor_ad_source(actor_bridge& bridge, actors::ad_server_actor ads) : bridge_(bridge), ads_(std::move(ads)) {}
+
+  /// Set once the server's address is known, before the first request can pick an ad.
+  void set_click_base(std::string base) {
+    std::lock_guard lock(mutex_);
+    click_base_ = std::move(base);
+  }
+
+  void pick(std::string job_id, std::string user_id, std::string prompt_text,
+            std::function<void(std::optional<ad_info>)> done) override {
+    bridge_.run([this, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
+                 done = std::move(done)](caf::event_based_actor* actor) mutable {
+      actor->request(ads_, caf::infinite, std::move(request))
+          .then(
+              [this, done](const actors::ad_pick& pick) {
+                if (!pick.ad) return done(std::nullopt);
+                const auto& ad = *pick.ad;
+                done(ad_info{ad.impression_id, ad.campaign_id, ad.title, ad.text, click_base() + ad.impression_id});
+              },
+              [done](caf::error& failure) {
+                spdlog::warn("ads: no ad picked: {}", actors::describe(failure));
+                done(std::nullopt);
+              });
+    });
+  }
+
+  void served(std::string impression_id, std::function<void(std::optional<domain::ad_charge>)> done) override {
+    bridge_.run([this, impression_id = std::move(impression_id), done = std::move(done)](caf::event_based_actor* actor) {
+      actor->request(ads_, caf::infinite, actors::served_atom::value, impression_id)
+          .then([done](const domain::ad_charge& charge) { done(charge); },
+                [done, impression_id](caf::error& failure) {
+                  spdlog::warn("ads: impression={} not recorded, ad not shown: {}", impression_id,
+                               actors::describe(failure));
+                  done(std::nullopt);
+                });
+    });
+  }
+
+  void release(std::string impression_id, std::string reason) override {
+    bridge_.run([this, impression_id = std::move(impression_id), reason = std::move(reason)](caf::event_based_actor* actor) {
+      actor->request(ads_, caf::infinite, actors::release_atom::value, impression_id, reason)
+          .then([](bool) {},
+                [impression_id](caf::error& failure) {
+                  // The reservation expires by itself; nothing is lost.
+                  spdlog::debug("ads: release of impression={} failed: {}", impression_id, actors::describe(failure));
+                });
+    });
+  }
+
+ private:
+  std::string click_base() const {
+    std::lock_guard lock(mutex_);
+    return click_base_;
+  }
+
+  actor_bridge& bridge_;
+  actors::ad_server_actor ads_;
+  mutable std::mutex mutex_;
+  std::string click_base_;  ///< e.g. "http://127.0.0.1:8080/a/c/"
+};
+
+/// Counts a request's answer by endpoint and status as it goes out, and adds the headers every
+/// answer to it carries (CORS).
+class counted_reply final : public http_reply {
+ public:
+  counted_reply(std::shared_ptr<http_reply> inner, counter_family& requests, std::string endpoint, http_headers extra)
+      : inner_(std::move(inner)), requests_(requests), endpoint_(std::move(endpoint)), extra_(std::move(extra)) {}
+  void send(http_response response) override {
+    count(response.status);
+    response.headers.insert(response.headers.end(), extra_.begin(), extra_.end());
+    inner_->send(std::move(response));
+  }
+  void start_stream(unsigned status, std::string content_type, http_headers headers) override {
+    count(status);
+    headers.insert(headers.end(), extra_.begin(), extra_.end());
+    inner_->start_stream(status, std::move(content_type), std::move(headers));
+  }
+  void write(std::string data) override { inner_->write(std::move(data)); }
+  void finish() override { inner_->finish(); }
+  void on_close(std::function<void()> callback) override { inner_->on_close(std::move(callback)); }
+
+ private:
+  void count(unsigned status) {
+    const auto code = std::to_string(status);
+    requests_.with({endpoint_, code}).increment();
+  }
+  std::shared_ptr<http_reply> inner_;
+  counter_family& requests_;
+  std::string endpoint_;
+  http_headers extra_;
+};
+
+}  // namespace
+
+class node::impl {
+ public:
+  impl(caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<directory> who,
+       node_options options)
+      : system_(system), runtime_(runtime), directory_(std::move(who)), options_(std::move(options)),
+        bridge_(system, options_.bridge_actors), limiter_(options_.rate) {
+    cors_.allowed_origins = options_.cors_origins;
+    register_metrics();
+  }
+
+  ~impl() {
+    server_.reset();  // no new requests, no link frames
+    refresh_stop_ = true;
+  }
+
+  expected<void, std::string> start() {
+    // The server must exist before the click URL is known (port 0 picks one): the relay and links
+    // are built first, the server last, and requests only arrive once it runs.
+    ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server);
+    if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + "/a/c/");
+    relay_options relaying = options_.relay;
+    relaying.observer.first_token = [this](std::chrono::microseconds ttft) {
+      ttft_->get().observe(static_cast<double>(ttft.count()) / 1e6);
+    };
+    relaying.observer.completion_tokens = [this](std::uint32_t tokens) { tokens_->get().increment(tokens); };
+    relaying.observer.job_ended = [this](domain::job_status status) {
+      jobs_ended_->with({domain::to_string(status)}).increment();
+    };
+    relay_ = std::make_unique<relay>(system_, bridge_, runtime_.scheduler, ads_.get(), std::move(relaying));
+    links_ = std::make_unique<provider_links>(system_, bridge_, runtime_, *directory_, *relay_, options_.link);
+    admin_api_options admin;
+    admin.admin_token = options_.admin_token;
+    admin_ = std::make_unique<admin_api>(system_, admin_peers_of(runtime_), directory_, std::move(admin));
+    provider_api_ = std::make_unique<provider_api>(directory_);
+    auto server = http_server::start(
+        options_.http, [this](http_request r, std::shared_ptr<http_reply> reply) { route(std::move(r), std::move(reply)); },
+        [this](const http_request& r) -> websocket_decision {
+          if (r.path() != "/v1/providers/link") {
+            return http_response{404, "application/json", error_body(make_api_error(404, "no WebSocket endpoint at this path")), {}};
+          }
+          return links_->upgrade(r);
+        });
+    if (!server) return unexpected{server.error()};
+    server_ = std::move(server.value());
+    if (options_.public_url.empty()) {
+      ads_->set_click_base("http://" + options_.http.host + ":" + std::to_string(server_->port()) + "/a/c/");
+    }
+    load_campaigns();
+    refresh_gauges();
+    return {};
+  }
+
+  std::uint16_t port() const noexcept { return server_ ? server_->port() : 0; }
+
+ private:
+  void register_metrics() {
+    requests_ = &metrics_.add_counter("gpustream_http_requests_total", "HTTP requests answered, by endpoint and status",
+                                      {"endpoint", "status"});
+    tokens_ = &metrics_.add_counter("gpustream_completion_tokens_total", "Completion tokens relayed to clients");
+    jobs_ended_ = &metrics_.add_counter("gpustream_jobs_ended_total", "Jobs ended on this node, by status", {"status"});
+    ttft_ = &metrics_.add_histogram("gpustream_time_to_first_token_seconds",
+                                    "From receiving a completion request to its first token", ttft_buckets_seconds);
+    queued_ = &metrics_.add_gauge("gpustream_queue_depth", "Jobs waiting for a provider (scheduler)");
+    running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
+    metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
+                                [this] { return static_cast<double>(links_ ? links_->online() : 0); });
+    metrics_.add_gauge_callback("gpustream_live_jobs", "Requests in flight on this node",
+                                [this] { return static_cast<double>(relay_ ? relay_->live_jobs() : 0); });
+    metrics_.add_gauge_callback("gpustream_http_connections_open", "Open HTTP and WebSocket connections",
+                                [this] { return static_cast<double>(server_ ? server_->connections_open() : 0); });
+  }
+
+  /// The scheduler's counts, once a second, for the queue gauges (a scrape must not wait on actors).
+  void refresh_gauges() {
+    if (refresh_stop_) return;
+    bridge_.run_later(std::chrono::milliseconds(1000), [this](caf::event_based_actor* actor) {
+      if (refresh_stop_) return;
+      actor->request(runtime_.scheduler, caf::infinite, actors::count_atom::value)
+          .then(
+              [this](const actors::scheduler_counts& counts) {
+                queued_->get().set(static_cast<double>(counts.queued));
+                running_->get().set(static_cast<double>(counts.running));
+                refresh_gauges();
+              },
+              [this](caf::error&) { refresh_gauges(); });
+    });
+  }
+
+  void load_campaigns() {
+    std::vector<std::string> ids;
+    for (const auto& c : directory_->campaigns(std::numeric_limits<std::size_t>::max())) ids.push_back(c.campaign_id);
+    if (ids.empty()) return;
+    bridge_.run([this, ids = std::move(ids)](caf::event_based_actor* actor) {
+      actor->request(runtime_.ad_server, caf::infinite, actors::load_atom::value, ids)
+          .then([](std::size_t loaded) { spdlog::info("ads: campaigns loaded={}", loaded); },
+                [](caf::error& failure) { spdlog::error("ads: campaigns not loaded: {}", actors::describe(failure)); });
+    });
+  }
+
+  void route(http_request request, std::shared_ptr<http_reply> raw) {
+    const std::string path(request.path());
+    const std::string endpoint = endpoint_of(path);
+    // Browsers may call the client API (/v1/...) from the configured origins only.
+    cors_answer cors;
+    if (path.starts_with("/v1/") && !request.header("origin").empty()) {
+      cors = evaluate_cors(cors_, request.header("origin"), request.method,
+                           request.header("access-control-request-method"),
+                           request.header("access-control-request-headers"));
+    }
+    auto reply = std::make_shared<counted_reply>(std::move(raw), *requests_, endpoint, std::move(cors.headers));
+    auto whole = [reply](http_response r) { reply->send(std::move(r)); };
+    if (cors.preflight) return whole({204, "text/plain", "", {}});
+    if (path == "/v1/chat/completions" || path == "/v1/completions") return completion(std::move(request), reply);
+    if (path == "/healthz") return whole({200, "application/json", R"({"status":"ok"})", {}});
+    if (path == "/metrics") return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
+    if (path == "/v1/models") return models(request, reply);
+    if (path.starts_with("/v1/models/")) return model(request, reply, path.substr(11));
+    if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
+    if (path.starts_with("/admin/")) return admin_->handle(request, whole);
+    if (path.starts_with("/a/c/")) return click(path.substr(5), reply);
+    whole(api_error_response(make_api_error(404, "no endpoint " + request.method + " " + path)));
+  }
+
+  static std::string endpoint_of(const std::string& path) {
+    for (const char* known : {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/providers/me", "/healthz",
+                              "/metrics"}) {
+      if (path == known) return known;
+    }
+    if (path.starts_with("/v1/models/")) return "/v1/models/{id}";
+    if (path.starts_with("/admin/")) return "/admin";
+    if (path.starts_with("/a/c/")) return "/a/c";
+    return "other";
+  }
+
+  void models(const http_request& request, const std::shared_ptr<http_reply>& reply) {
+    if (request.method != "GET") return reply->send(api_error_response(make_api_error(405, "use GET")));
+    if (!authenticate(request, *reply)) return;
+    const auto listing = relay_->models();
+    reply->send({200, "application/json", models_json(listing), {}});
+  }
+
+  void model(const http_request& request, const std::shared_ptr<http_reply>& reply, const std::string& id) {
+    if (request.method != "GET") return reply->send(api_error_response(make_api_error(405, "use GET")));
+    if (!authenticate(request, *reply)) return;
+    for (const auto& m : relay_->models()) {
+      if (m.id == id) return reply->send({200, "application/json", model_json(m), {}});
+    }
+    reply->send(api_error_response(
+        make_api_error(404, "The model '" + id + "' does not exist or no provider serves it now", "model", "model_not_found")));
+  }
+
+  /// The user of the request's API key, or an answer (401) already sent.
+  std::optional<user_entry> authenticate(const http_request& request, http_reply& reply) {
+    const auto key = bearer_token(request.header("authorization"));
+    if (key.empty()) {
+      reply.send(api_error_response(make_api_error(
+          401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", {}, "missing_api_key")));
+      return std::nullopt;
+    }
+    auto user = directory_->user_by_api_key(key);
+    if (!user) reply.send(api_error_response(make_api_error(401, "Incorrect API key provided.", {}, "invalid_api_key")));
+    return user;
+  }
+
+  void completion(http_request request, const std::shared_ptr<http_reply>& reply) {
+    if (request.method != "POST") return reply->send(api_error_response(make_api_error(405, "use POST")));
+    auto user = authenticate(request, *reply);
+    if (!user) return;
+    const auto rate = limiter_.check(user->user_id, rate_limiter::clock::now());
+    if (!rate.allowed) {
+      auto response = api_error_response(make_api_error(
+          429, "Rate limit reached for this API key: " + std::to_string(options_.rate.requests_per_minute) +
+                   " requests per minute. Retry after " + std::to_string(rate.retry_after_seconds) + " s.",
+          {}, "rate_limit_exceeded"));
+      response.headers.emplace_back("Retry-After", std::to_string(rate.retry_after_seconds));
+      return reply->send(std::move(response));
+    }
+    const bool chat = request.path() == "/v1/chat/completions";
+    auto parsed = chat ? parse_chat_request(request.body, options_.api) : parse_completion_request(request.body, options_.api);
+    if (!parsed) return reply->send(api_error_response(parsed.error()));
+    auto& body = parsed.value();
+    const auto context = relay_->context_length(body.model);
+    if (!context) {
+      return reply->send(api_error_response(make_api_error(
+          404, "The model '" + body.model + "' does not exist or no provider serves it now; GET /v1/models lists those served",
+          "model", "model_not_found")));
+    }
+    if (auto fits = check_context(body, *context); !fits) return reply->send(api_error_response(fits.error()));
+    // The provider link carries the request in one frame; a quarter of it stays free for the
+    // answer so far, which a failover appends.
+    const auto link_bytes_max = options_.link.limits.request_json_bytes_max;
+    if (const auto size = upstream_body(body).size(); size > link_bytes_max / 4 * 3) {
+      return reply->send(api_error_response(make_api_error(
+          413, "the request is " + std::to_string(size) + " bytes as sent to a provider; at most " +
+                   std::to_string(link_bytes_max / 4 * 3) + " are accepted",
+          "messages", "request_too_large")));
+    }
+    auto job_id = new_id("j_", 16);
+    if (!job_id) return reply->send(api_error_response(make_api_error(500, "no job id: " + job_id.error().message)));
+    relay_job job;
+    job.job_id = std::move(job_id.value());
+    job.user_id = user->user_id;
+    job.premium = user->tier == events::user_tier::premium;
+    job.contribution_score = directory_->contribution_score(user->user_id);
+    job.prompt_tokens = estimate_prompt_tokens(body);
+    const std::uint32_t left = *context > job.prompt_tokens ? *context - job.prompt_tokens : 1;
+    job.completion_budget = body.max_tokens.value_or(left);
+    job.request = std::move(body);
+    job.reply = reply;
+    relay_->submit(std::move(job));
+  }
+
+  void click(const std::string& impression_id, const std::shared_ptr<http_reply>& reply) {
+    bridge_.run([this, impression_id, reply](caf::event_based_actor* actor) {
+      actor->request(runtime_.ad_server, caf::infinite, actors::click_atom::value, impression_id)
+          .then([reply](const std::string& url) { reply->send({302, "text/plain", "", {{"Location", url}}}); },
+                [reply, impression_id](caf::error& failure) {
+                  const auto refusal = actors::domain_error_of(failure);
+                  const unsigned status = refusal && refusal->code == domain::errc::not_found ? 404 : 400;
+                  reply->send(api_error_response(
+                      make_api_error(status, "no ad impression '" + impression_id + "': " + actors::describe(failure))));
+                });
+    });
+  }
+
+  caf::actor_system& system_;
+  const actors::runtime& runtime_;
+  std::shared_ptr<directory> directory_;
+  node_options options_;
+  actor_bridge bridge_;
+  rate_limiter limiter_;
+  cors_policy cors_;
+  metrics_registry metrics_;
+  counter_family* requests_ = nullptr;
+  counter_family* tokens_ = nullptr;
+  counter_family* jobs_ended_ = nullptr;
+  histogram_family* ttft_ = nullptr;
+  gauge_family* queued_ = nullptr;
+  gauge_family* running_ = nullptr;
+  std::atomic<bool> refresh_stop_{false};
+  std::unique_ptr<actor_ad_source> ads_;
+  std::unique_ptr<relay> relay_;
+  std::unique_ptr<provider_links> links_;
+  std::unique_ptr<admin_api> admin_;
+  std::unique_ptr<provider_api> provider_api_;
+  std::unique_ptr<http_server> server_;  ///< last: destroyed first
+};
+
+expected<std::unique_ptr<node>, std::string> node::start(caf::actor_system& system, const actors::runtime& runtime,
+                                                         std::shared_ptr<storage::event_store> store,
+                                                         node_options options) {
+  auto who = directory::open(std::move(store));
+  if (!who) return unexpected{"cannot read the directory from the event log: " + who.error().message};
+  auto state = std::make_unique<impl>(system, runtime, std::shared_ptr<directory>(std::move(who.value())),
+                                      std::move(options));
+  if (auto started = state->start(); !started) return unexpected{started.error()};
+  return std::unique_ptr<node>(new node(std::move(state)));
+}
+
+node::node(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
+node::~node() = default;
+std::uint16_t node::port() const noexcept { return impl_->port(); }
+
+}  // namespace gpustream::gateway

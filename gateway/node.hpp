@@ -1,0 +1,70 @@
+#pragma once
+/// The gateway of one node: the HTTP/WebSocket server and everything behind its routes: the
+/// OpenAI-compatible API, the provider link, the admin API, the provider's own page, ad clicks,
+/// metrics. app/ starts it beside the actor runtime. Heavy headers stay in node.cpp.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/expected.hpp"
+#include "gateway/http_server.hpp"
+#include "gateway/openai_api.hpp"
+#include "gateway/provider_link.hpp"
+#include "gateway/rate_limiter.hpp"
+#include "gateway/relay.hpp"
+
+namespace caf {
+class actor_system;
+}
+
+namespace gpustream::actors {
+struct runtime;
+}
+
+namespace gpustream::storage {
+class event_store;
+}
+
+namespace gpustream::gateway {
+
+struct node_options {
+  http_server_options http;
+  /// The admin API's bearer token; empty: the admin API answers 503.
+  std::string admin_token;
+  /// The address clients reach this node at, for click-tracking URLs, e.g. "http://127.0.0.1:8080".
+  /// Default: "http://" + http.host + ":" + the bound port.
+  std::string public_url;
+  api_limits api;
+  /// Per API key. Default: 600 requests per minute, bursts of 100.
+  rate_limiter_options rate{600, 100, 100'000};
+  /// Origins allowed to call the API from a browser (CORS). Default: none.
+  std::vector<std::string> cors_origins;
+  provider_link_options link;
+  relay_options relay;
+  /// Actors carrying requests from Beast's threads into the actor system. Default: 2.
+  std::size_t bridge_actors = 2;
+};
+
+class node {
+ public:
+  /// Opens the directory on `store`, starts the gateway's parts and the server. `system` and
+  /// `runtime` must outlive the node.
+  [[nodiscard]] static expected<std::unique_ptr<node>, std::string> start(
+      caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<storage::event_store> store,
+      node_options options);
+  ~node();  ///< stops the server first, then the parts behind it
+  node(const node&) = delete;
+  node& operator=(const node&) = delete;
+
+  [[nodiscard]] std::uint16_t port() const noexcept;
+
+  class impl;
+
+ private:
+  explicit node(std::unique_ptr<impl> state);
+  std::unique_ptr<impl> impl_;
+};
+
+}  // namespace gpustream::gateway

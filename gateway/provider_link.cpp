@@ -1,0 +1,322 @@
+#include "gateway/provider_link.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <spdlog/spdlog.h>
+
+#include <atomic>
+#include <map>
+#include <mutex>
+
+#include "actors/errors.hpp"
+#include "domain/selection.hpp"
+#include "gateway/actor_bridge.hpp"
+#include "gateway/directory.hpp"
+#include "gateway/link_codec.hpp"
+#include "gateway/relay.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+using steady = std::chrono::steady_clock;
+
+/// The link's actor: what the scheduler talks to (offers, cancels), plus the staleness timer.
+using link_actor = caf::typed_actor<caf::reacts_to<actors::offer_atom, actors::job_offer>,
+                                    caf::reacts_to<actors::cancel_atom, std::string>,
+                                    caf::reacts_to<actors::tick_atom>>;
+
+std::string bearer_token(const http_request& request) {
+  const auto value = request.header("authorization");
+  constexpr std::string_view prefix = "Bearer ";
+  if (value.size() <= prefix.size() || value.substr(0, prefix.size()) != prefix) return {};
+  return std::string(value.substr(prefix.size()));
+}
+
+http_response unauthorized(std::string_view message) {
+  return {401, "application/json",
+          R"({"error":{"message":")" + std::string(message) +
+              R"(","type":"authentication_error","param":null,"code":"invalid_provider_token"}})",
+          {{"WWW-Authenticate", "Bearer"}}};
+}
+
+}  // namespace
+
+/// One provider's open link.
+class link_session : public std::enable_shared_from_this<link_session> {
+ public:
+  link_session(std::shared_ptr<provider_links::impl> owner, std::shared_ptr<websocket_connection> connection,
+               std::string provider_id)
+      : owner_(std::move(owner)), connection_(std::move(connection)), provider_id_(std::move(provider_id)) {}
+
+  void start();
+  /// A newer link of the same provider took over: this one ends without touching the provider's
+  /// state (the newer link's hello already recorded the replacement).
+  void retire();
+
+  const std::string& provider_id() const { return provider_id_; }
+
+ private:
+  friend class provider_links::impl;
+  void on_message(std::string_view bytes);
+  void on_closed(std::string reason);
+  void on_hello(const link::hello& hello);
+  void close(std::uint16_t code, std::string reason);
+  void send(const link::frame& f) {
+    auto bytes = link::encode(f);
+    connection_->send(std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+  }
+  void touch() {
+    last_frame_ns_.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  std::shared_ptr<provider_links::impl> owner_;
+  std::shared_ptr<websocket_connection> connection_;
+  const std::string provider_id_;
+  // Read on the connection's strand only.
+  bool hello_seen_ = false;
+  // Shared with the link actor and the owner.
+  std::atomic<bool> online_{false};
+  std::atomic<bool> retired_{false};
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> stale_{false};          ///< closed for missing heartbeats
+  std::atomic<bool> protocol_error_{false}; ///< closed for a frame the protocol forbids
+  std::atomic<std::int64_t> last_frame_ns_{steady::now().time_since_epoch().count()};
+  link_actor actor_;
+};
+
+class provider_links::impl : public std::enable_shared_from_this<impl> {
+ public:
+  impl(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime, directory& who,
+       relay& answers, provider_link_options options)
+      : system_(system), bridge_(bridge), runtime_(runtime), directory_(who), relay_(answers),
+        options_(std::move(options)) {
+    if (!options_.clock_us) options_.clock_us = actors::system_clock_us;
+  }
+
+  websocket_decision upgrade(const http_request& request) {
+    const auto token = bearer_token(request);
+    if (token.empty()) return unauthorized("send the provider token as 'Authorization: Bearer <token>'");
+    const auto provider = directory_.provider_by_token(token);
+    if (!provider) return unauthorized("unknown provider token");
+    auto self = shared_from_this();
+    return websocket_accept{[self, provider_id = provider->provider_id](std::shared_ptr<websocket_connection> c) {
+      auto session = std::make_shared<link_session>(self, std::move(c), provider_id);
+      session->start();
+    }};
+  }
+
+  std::size_t online() const {
+    std::lock_guard lock(mutex_);
+    return links_.size();
+  }
+
+  /// Makes `session` its provider's link; returns the one it replaces, if any.
+  std::shared_ptr<link_session> adopt(const std::shared_ptr<link_session>& session) {
+    std::lock_guard lock(mutex_);
+    auto& slot = links_[session->provider_id()];
+    auto previous = slot.lock();
+    slot = session;
+    return previous;
+  }
+
+  /// Forgets `session` if it is still its provider's link; true when it was.
+  bool release(const link_session* session) {
+    std::lock_guard lock(mutex_);
+    const auto it = links_.find(session->provider_id());
+    if (it == links_.end() || it->second.lock().get() != session) return false;
+    links_.erase(it);
+    return true;
+  }
+
+  /// Every link actor alive (hello or not), so that stopping the node stops them all: a link
+  /// whose connection is dropped by the server's shutdown never sees on_closed.
+  void track(const link_session* session, link_actor actor) {
+    std::lock_guard lock(mutex_);
+    actors_[session] = std::move(actor);
+  }
+  void untrack(const link_session* session) {
+    std::lock_guard lock(mutex_);
+    actors_.erase(session);
+  }
+  void stop_all() {
+    std::lock_guard lock(mutex_);
+    for (auto& [session, actor] : actors_) caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
+    actors_.clear();
+  }
+
+  caf::actor_system& system_;
+  actor_bridge& bridge_;
+  const actors::runtime& runtime_;
+  directory& directory_;
+  relay& relay_;
+  provider_link_options options_;
+  mutable std::mutex mutex_;
+  std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
+  std::map<const link_session*, link_actor> actors_;
+};
+
+void link_session::start() {
+  auto self = shared_from_this();
+  std::weak_ptr<link_session> weak = self;
+  const auto interval = owner_->options_.heartbeat_interval;
+  actor_ = owner_->system_.spawn([weak, interval](link_actor::pointer actor) -> link_actor::behavior_type {
+    actor->delayed_send(actor, interval, actors::tick_atom::value);
+    return {
+        [weak](actors::offer_atom, const actors::job_offer& offer) {
+          auto session = weak.lock();
+          if (!session || session->closed_) return;
+          if (auto frame = session->owner_->relay_.take_offer(session->provider_id_, offer)) {
+            session->send(std::move(*frame));
+          }
+        },
+        [weak](actors::cancel_atom, const std::string& job_id) {
+          if (auto session = weak.lock(); session && !session->closed_) session->send(link::cancel{job_id});
+        },
+        [weak, actor, interval](actors::tick_atom) {
+          auto session = weak.lock();
+          if (!session || session->closed_) return;
+          const auto silent = steady::now().time_since_epoch() -
+                              steady::duration(session->last_frame_ns_.load(std::memory_order_relaxed));
+          if (silent > session->owner_->options_.stale_after) {
+            session->stale_ = true;
+            session->close(1008, "no heartbeat for " +
+                                     std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()) +
+                                     " ms: the link is stale");
+            return;
+          }
+          actor->delayed_send(actor, interval, actors::tick_atom::value);
+        },
+    };
+  });
+  owner_->track(this, actor_);
+  connection_->start([self](std::string_view bytes) { self->on_message(bytes); },
+                     [self](std::string reason) { self->on_closed(std::move(reason)); });
+}
+
+void link_session::on_message(std::string_view bytes) {
+  if (closed_) return;
+  touch();
+  const std::span<const std::uint8_t> view(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
+  auto decoded = link::decode(view, owner_->options_.limits);
+  if (!decoded) {
+    protocol_error_ = true;
+    return close(link::websocket_close_code(decoded.error().code), decoded.error().message);
+  }
+  auto& frame = decoded.value();
+  if (auto* hello = std::get_if<link::hello>(&frame)) {
+    if (hello_seen_) {
+      protocol_error_ = true;
+      return close(1008, "hello may be sent only once per link");
+    }
+    hello_seen_ = true;
+    return on_hello(*hello);
+  }
+  if (!hello_seen_) {
+    protocol_error_ = true;
+    return close(1008, std::string("the first frame must be hello, not ") + std::string(link::frame_name(frame)));
+  }
+  auto& relay = owner_->relay_;
+  std::visit(
+      [&](auto& f) {
+        using F = std::decay_t<decltype(f)>;
+        if constexpr (std::is_same_v<F, link::heartbeat>) {
+          if (!online_) return;
+          caf::anon_send(owner_->runtime_.scheduler, actors::load_atom::value, provider_id_,
+                         domain::load_report{f.load_percent, f.health_percent});
+        } else if constexpr (std::is_same_v<F, link::delta>) {
+          relay.delta(provider_id_, std::move(f));
+        } else if constexpr (std::is_same_v<F, link::done>) {
+          relay.done(provider_id_, f);
+        } else if constexpr (std::is_same_v<F, link::job_error>) {
+          relay.failed(provider_id_, f);
+        } else {
+          protocol_error_ = true;
+          close(1008, std::string("an agent may not send ") + std::string(link::frame_name(frame)));
+        }
+      },
+      frame);
+}
+
+void link_session::on_hello(const link::hello& hello) {
+  if (auto previous = owner_->adopt(shared_from_this())) previous->retire();
+  std::vector<domain::provider::command> commands;
+  commands.push_back(domain::provider::connect{hello.gpus, hello.backend, hello.backend_url, hello.agent_version});
+  commands.push_back(domain::provider::advertise{hello.models});
+  auto self = shared_from_this();
+  auto owner = owner_;
+  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = hello.models,
+                                           gpus = hello.gpus.size()](
+                                              caf::event_based_actor* actor) mutable {
+    actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, std::move(commands))
+        .then(
+            [self, owner, actor, models, gpus](const actors::command_reply&) {
+              actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
+                  .then(
+                      [self, owner, actor, models, gpus](const domain::provider::state& state) {
+                        if (self->closed_ || self->retired_) return;
+                        owner->relay_.provider_online({self->provider_id_, models});
+                        actor->send(owner->runtime_.scheduler, actors::online_atom::value,
+                                    actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
+                                                            actors::provider_session{self->actor_}});
+                        self->online_ = true;
+                        self->send(link::welcome{self->provider_id_,
+                                                 static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count())});
+                        spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
+                                     models.size(), gpus, static_cast<int>(state.level));
+                      },
+                      [self](caf::error& failure) { self->close(1011, "provider state unavailable: " + actors::describe(failure)); });
+            },
+            [self](caf::error& failure) {
+              // e.g. suspended: the domain's message says until when.
+              self->close(1008, actors::describe(failure));
+            });
+  });
+}
+
+void link_session::close(std::uint16_t code, std::string reason) {
+  spdlog::warn("link: closing provider={} code={} reason={}", provider_id_, code, reason);
+  connection_->close(code, std::move(reason));
+}
+
+void link_session::retire() {
+  retired_ = true;
+  close(1000, "replaced by a newer link of the same provider");
+}
+
+void link_session::on_closed(std::string reason) {
+  if (closed_.exchange(true)) return;
+  caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
+  owner_->untrack(this);
+  if (retired_ || !hello_seen_) return;
+  const bool current = owner_->release(this);
+  spdlog::info("link: provider={} offline reason={}", provider_id_, reason);
+  if (current) owner_->relay_.link_lost(provider_id_);  // jobs back to the scheduler, then offline
+  const auto why = stale_            ? events::disconnect_reason::heartbeat_missed
+                   : protocol_error_ ? events::disconnect_reason::protocol_error
+                                     : events::disconnect_reason::connection_lost;
+  auto owner = owner_;
+  const std::string provider_id = provider_id_;
+  if (current) {
+    owner_->bridge_.run_keyed(provider_id, [owner, provider_id, why, reason](caf::event_based_actor* actor) {
+      actor->request(owner->runtime_.providers, caf::infinite, provider_id,
+                     domain::provider::command{domain::provider::disconnect{why, reason.substr(0, 200)}})
+          .then([](const actors::command_reply&) {},
+                [provider_id](caf::error& failure) {
+                  spdlog::warn("link: disconnect of provider={} not recorded: {}", provider_id, actors::describe(failure));
+                });
+    });
+  }
+}
+
+provider_links::provider_links(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime,
+                               directory& who, relay& answers, provider_link_options options)
+    : impl_(std::make_shared<impl>(system, bridge, runtime, who, answers, std::move(options))) {}
+
+provider_links::~provider_links() { impl_->stop_all(); }
+
+websocket_decision provider_links::upgrade(const http_request& request) { return impl_->upgrade(request); }
+std::size_t provider_links::online() const noexcept { return impl_->online(); }
+
+}  // namespace gpustream::gateway

@@ -1,0 +1,53 @@
+#pragma once
+/// The server side of the provider link (WebSocket `GET /v1/providers/link`). The agent
+/// authenticates with its token on the upgrade; then hello -> the provider's connect and offers
+/// are persisted, the scheduler lists it, welcome goes back; heartbeats report load and keep the
+/// link fresh (a link without one for stale_after is closed and its jobs reassigned); offers and
+/// cancels go out; deltas, done and errors come in and go to the relay. A frame that does not
+/// decode closes that link only, with a logged reason. Include only in .cpp files (CAF).
+
+#include <chrono>
+#include <memory>
+
+#include "actors/runtime.hpp"
+#include "gateway/http_server.hpp"
+#include "gateway/link_frames.hpp"
+
+namespace gpustream::gateway {
+
+class actor_bridge;
+class directory;
+class relay;
+
+struct provider_link_options {
+  link::codec_limits limits;
+  /// How often agents send heartbeats (told to them in the welcome). Default: 1 s.
+  std::chrono::milliseconds heartbeat_interval{1000};
+  /// A link with no heartbeat (or other frame) for this long is stale: closed, its jobs
+  /// reassigned. Default: 3 heartbeat intervals.
+  std::chrono::milliseconds stale_after{3000};
+  /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
+  std::function<std::int64_t()> clock_us;
+};
+
+class provider_links {
+ public:
+  provider_links(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime,
+                 directory& who, relay& answers, provider_link_options options = {});
+  ~provider_links();
+  provider_links(const provider_links&) = delete;
+  provider_links& operator=(const provider_links&) = delete;
+
+  /// Decides on an upgrade to /v1/providers/link: 401 without a known provider token.
+  [[nodiscard]] websocket_decision upgrade(const http_request& request);
+
+  /// Links open now (hello received).
+  [[nodiscard]] std::size_t online() const noexcept;
+
+  class impl;
+
+ private:
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace gpustream::gateway

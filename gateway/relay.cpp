@@ -1,0 +1,546 @@
+#include "gateway/relay.hpp"
+
+#include <caf/actor_system.hpp>
+#include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
+#include <caf/typed_event_based_actor.hpp>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+
+#include "actors/errors.hpp"
+#include "gateway/actor_bridge.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+using clock = std::chrono::steady_clock;
+
+/// Where a live job is in its life on this node.
+enum class phase : std::uint8_t {
+  submitting,  ///< asked the scheduler, no answer yet
+  running,     ///< accepted: waiting for or receiving the answer
+  finishing,   ///< the provider is done: ad and settlement under way
+  ended,       ///< the client got its last byte (or left)
+};
+
+struct live_job {
+  std::mutex mutex;
+  relay_job job;
+  response_meta meta;
+  phase state = phase::submitting;
+  bool stream_started = false;  ///< the stream's headers went out
+  std::string text;             ///< the answer so far, over every attempt
+  std::uint32_t tokens = 0;     ///< content pieces so far: the platform's own count
+  std::string provider_id;      ///< the provider of the current attempt
+  bool attempt_started = false; ///< the current attempt produced a token
+  std::uint32_t failovers = 0;  ///< attempts that continued an answer begun elsewhere
+  std::optional<ad_info> ad;
+  clock::time_point received_at = clock::now();
+  bool first_token_seen = false;
+};
+
+std::int64_t unix_seconds() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+/// A refusal from the scheduler, as the client sees it.
+api_error refusal_of(const caf::error& failure) {
+  const auto domain_failure = actors::domain_error_of(failure);
+  if (!domain_failure) {
+    return make_api_error(500, "the job could not be recorded: " + actors::describe(failure));
+  }
+  switch (domain_failure->code) {
+    case domain::errc::no_provider:
+      return make_api_error(503, domain_failure->message, "model", "no_provider");
+    case domain::errc::insufficient_funds:
+      return make_api_error(402, domain_failure->message, {}, "insufficient_funds");
+    case domain::errc::quota_exceeded:
+      return make_api_error(429, domain_failure->message, {}, "insufficient_quota");
+    case domain::errc::limit_exceeded:
+      return make_api_error(429, domain_failure->message, {}, "server_busy");
+    case domain::errc::invalid_argument:
+      return make_api_error(400, domain_failure->message);
+    default:
+      return make_api_error(500, domain_failure->message);
+  }
+}
+
+}  // namespace
+
+class relay::impl : public std::enable_shared_from_this<impl> {
+ public:
+  impl(caf::actor_system& system, actor_bridge& bridge, actors::scheduler_actor scheduler, ad_source* ads,
+       relay_options options)
+      : system_(system), bridge_(bridge), scheduler_(std::move(scheduler)), ads_(ads), options_(std::move(options)) {}
+
+  void start() {
+    std::weak_ptr<impl> weak = shared_from_this();
+    watcher_ = system_.spawn([weak](actors::job_watcher::pointer) -> actors::job_watcher::behavior_type {
+      return {[weak](const actors::job_ended& ended) {
+        if (auto self = weak.lock()) self->ended_by_scheduler(ended);
+      }};
+    });
+  }
+
+  void stop() { caf::anon_send_exit(watcher_, caf::exit_reason::user_shutdown); }
+
+  // -- API ----------------------------------------------------------------------------------
+
+  void submit(relay_job job) {
+    auto live = std::make_shared<live_job>();
+    const std::string id = job.job_id;
+    {
+      std::lock_guard lock(table_mutex_);
+      if (jobs_.size() >= options_.live_jobs_max) {
+        const auto error = make_api_error(429, "this node holds " + std::to_string(jobs_.size()) +
+                                                   " live jobs, the most allowed (live_jobs_max); retry later",
+                                          {}, "server_busy");
+        job.reply->send({429, "application/json", error_body(error), {{"Retry-After", "1"}}});
+        return;
+      }
+      jobs_.emplace(id, live);
+    }
+    live->meta = response_meta{job.request.kind, id, job.request.model, unix_seconds()};
+    actors::job_request request;
+    request.job_id = id;
+    request.user_id = job.user_id;
+    request.model = job.request.model;
+    request.quality = job.request.extension.quality.value_or(events::quality_tier::standard);
+    request.prompt_tokens = job.prompt_tokens;
+    request.max_tokens = job.completion_budget;
+    request.max_price_micros = job.request.extension.max_price_micros.value_or(0);
+    request.premium = job.premium;
+    request.conversation_id = job.request.extension.conversation_id;
+    request.contribution_score = job.contribution_score;
+    request.watcher = watcher_;
+    const bool wants_ad = !job.premium && ads_ != nullptr;
+    std::string prompt_text = wants_ad ? prompt_of(job.request) : std::string{};
+    const std::string user_id = job.user_id;
+    live->job = std::move(job);
+    std::weak_ptr<impl> weak = shared_from_this();
+    live->job.reply->on_close([weak, id] {
+      if (auto self = weak.lock()) self->client_gone(id);
+    });
+    auto self = shared_from_this();
+    bridge_.run([self, id, request = std::move(request)](caf::event_based_actor* actor) mutable {
+      actor->request(self->scheduler_, caf::infinite, std::move(request))
+          .then([self, id](const actors::job_accepted&) { self->accepted(id); },
+                [self, id](caf::error& failure) { self->finish_error(id, refusal_of(failure)); });
+    });
+    if (wants_ad) {
+      ads_->pick(id, user_id, std::move(prompt_text),
+                 [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
+    }
+  }
+
+  std::vector<model_listing> models() const {
+    std::map<std::string, model_listing> by_name;
+    std::lock_guard lock(providers_mutex_);
+    for (const auto& [provider_id, offers] : providers_) {
+      for (const auto& offer : offers) {
+        auto [it, fresh] = by_name.try_emplace(offer.model_name);
+        auto& m = it->second;
+        const auto price = offer.output_price_micros_per_mtok;
+        if (fresh) {
+          m.id = offer.model_name;
+          m.created_s = unix_seconds();
+          m.context_length = offer.context_length_tokens;
+          m.price_per_mtok_min_micros = price;
+          m.price_per_mtok_max_micros = price;
+        }
+        m.context_length = std::min(m.context_length, offer.context_length_tokens);
+        m.price_per_mtok_min_micros = std::min(m.price_per_mtok_min_micros, price);
+        m.price_per_mtok_max_micros = std::max(m.price_per_mtok_max_micros, price);
+        m.providers_online += 1;
+      }
+    }
+    std::vector<model_listing> out;
+    for (auto& [name, m] : by_name) out.push_back(std::move(m));
+    return out;
+  }
+
+  std::optional<std::uint32_t> context_length(const std::string& model) const {
+    std::optional<std::uint32_t> smallest;
+    std::lock_guard lock(providers_mutex_);
+    for (const auto& [provider_id, offers] : providers_) {
+      for (const auto& offer : offers) {
+        if (offer.model_name != model) continue;
+        smallest = std::min(smallest.value_or(offer.context_length_tokens), offer.context_length_tokens);
+      }
+    }
+    return smallest;
+  }
+
+  std::size_t live_jobs() const {
+    std::lock_guard lock(table_mutex_);
+    return jobs_.size();
+  }
+
+  // -- Links --------------------------------------------------------------------------------
+
+  void provider_online(online_offers offers) {
+    std::lock_guard lock(providers_mutex_);
+    providers_[offers.provider_id] = std::move(offers.models);
+  }
+
+  void provider_offline(const std::string& provider_id) {
+    std::lock_guard lock(providers_mutex_);
+    providers_.erase(provider_id);
+  }
+
+  std::optional<link::offer> take_offer(const std::string& provider_id, const actors::job_offer& offer) {
+    auto live = find(offer.job_id);
+    if (!live) return std::nullopt;
+    std::lock_guard lock(live->mutex);
+    if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
+    if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
+    live->provider_id = provider_id;
+    live->attempt_started = false;
+    const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
+    return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens)};
+  }
+
+  void delta(const std::string& provider_id, link::delta d) {
+    auto live = find(d.job_id);
+    if (!live) return;
+    bool report_started = false;
+    {
+      std::lock_guard lock(live->mutex);
+      if (!is_current(*live, provider_id)) return;
+      if (!live->attempt_started) {
+        live->attempt_started = true;
+        report_started = true;
+      }
+      if (!live->first_token_seen) {
+        live->first_token_seen = true;
+        if (options_.observer.first_token) {
+          options_.observer.first_token(
+              std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - live->received_at));
+        }
+      }
+      start_stream(*live);
+      live->tokens += 1;
+      const bool first = live->text.empty();
+      live->text += d.text;
+      if (live->job.request.stream) live->job.reply->write(sse_event(chunk_json(live->meta, d.text, first)));
+    }
+    if (report_started) send_started(provider_id, d.job_id);
+  }
+
+  /// Tells the scheduler the attempt produced its first token (the job streams).
+  void send_started(const std::string& provider_id, const std::string& job_id) {
+    auto self = shared_from_this();
+    bridge_.run_keyed(provider_id, [self, job_id, provider_id](caf::event_based_actor* actor) {
+      actor->request(self->scheduler_, caf::infinite, actors::started_atom::value, job_id, provider_id)
+          .then([](std::uint64_t) {},
+                [job_id](caf::error& failure) {
+                  // The job moved on meanwhile (cancelled, reassigned): its end is reported there.
+                  spdlog::debug("relay: start of job={} not recorded: {}", job_id, actors::describe(failure));
+                });
+    });
+  }
+
+  void done(const std::string& provider_id, const link::done& d) {
+    auto live = find(d.job_id);
+    if (!live) return;
+    actors::job_result result;
+    std::optional<std::string> impression;
+    std::string finish_reason = d.finish_reason.empty() ? "stop" : d.finish_reason;
+    {
+      std::lock_guard lock(live->mutex);
+      if (!is_current(*live, provider_id)) return;
+      if (!live->attempt_started) {  // an empty answer: it still started before it ended
+        live->attempt_started = true;
+        send_started(provider_id, d.job_id);
+      }
+      live->state = phase::finishing;
+      result.job_id = d.job_id;
+      result.provider_id = provider_id;
+      result.completion_tokens = live->tokens;
+      result.provider_reported_tokens = d.completion_tokens_reported;
+      result.ttft_us = d.ttft_us;
+      result.total_us = d.total_us;
+      if (live->ad) impression = live->ad->impression_id;
+    }
+    auto self = shared_from_this();
+    if (!impression) return report_result(std::move(result), std::move(finish_reason), false);
+    ads_->served(*impression, [self, result = std::move(result), finish_reason](
+                                  std::optional<domain::ad_charge> charge) mutable {
+      const bool shown = charge.has_value();
+      result.ad = std::move(charge);
+      self->report_result(std::move(result), std::move(finish_reason), shown);
+    });
+  }
+
+  void failed(const std::string& provider_id, const link::job_error& e) {
+    auto live = find(e.job_id);
+    if (!live) return;
+    std::uint32_t tokens = 0;
+    {
+      std::lock_guard lock(live->mutex);
+      if (!is_current(*live, provider_id)) return;
+      tokens = live->tokens;
+    }
+    auto self = shared_from_this();
+    bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message](
+                                       caf::event_based_actor* actor) {
+      self->report_failure(actor, job_id, provider_id, tokens, message);
+    });
+  }
+
+  void link_lost(const std::string& provider_id) {
+    provider_offline(provider_id);
+    std::vector<std::pair<std::string, std::uint32_t>> lost;  // job, tokens so far
+    {
+      std::lock_guard table(table_mutex_);
+      for (const auto& [id, live] : jobs_) {
+        std::lock_guard lock(live->mutex);
+        if (is_current(*live, provider_id)) lost.emplace_back(id, live->tokens);
+      }
+    }
+    auto self = shared_from_this();
+    // One task, so the scheduler sees every job's failure before the provider's going offline.
+    bridge_.run_keyed(provider_id, [self, provider_id, lost = std::move(lost)](caf::event_based_actor* actor) {
+      for (const auto& [job_id, tokens] : lost) {
+        self->report_failure(actor, job_id, provider_id, tokens, "the provider's link was lost");
+      }
+      actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
+    });
+  }
+
+ private:
+  std::shared_ptr<live_job> find(const std::string& id) const {
+    std::lock_guard lock(table_mutex_);
+    const auto it = jobs_.find(id);
+    return it == jobs_.end() ? nullptr : it->second;
+  }
+
+  void forget(const std::string& id) {
+    std::lock_guard lock(table_mutex_);
+    jobs_.erase(id);
+  }
+
+  static bool is_current(const live_job& live, const std::string& provider_id) {
+    return (live.state == phase::running || live.state == phase::submitting) && live.provider_id == provider_id;
+  }
+
+  static std::string prompt_of(const completion_request& request) {
+    if (request.kind == request_kind::completion) return request.prompt;
+    std::string text;
+    for (const auto& m : request.messages) {
+      if (m.role == "user") text += m.content + "\n";
+    }
+    return text;
+  }
+
+  /// Streams go out with their headers as soon as the job is accepted (or its first token
+  /// arrives, whichever is first): the client sees the answer begin.
+  static void start_stream(live_job& live) {
+    if (!live.job.request.stream || live.stream_started) return;
+    live.stream_started = true;
+    live.job.reply->start_stream(200, "text/event-stream", {});
+  }
+
+  void accepted(const std::string& id) {
+    auto live = find(id);
+    if (!live) return;
+    std::lock_guard lock(live->mutex);
+    if (live->state == phase::submitting) live->state = phase::running;
+    if (live->state == phase::running) start_stream(*live);
+  }
+
+  void ad_picked(const std::string& id, std::optional<ad_info> ad) {
+    if (!ad) return;
+    auto live = find(id);
+    if (live) {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::submitting || live->state == phase::running) {
+        live->ad = std::move(ad);
+        return;
+      }
+    }
+    ads_->release(ad->impression_id, "the answer ended before the ad was picked");
+  }
+
+  void report_failure(caf::event_based_actor* actor, const std::string& job_id, const std::string& provider_id,
+                      std::uint32_t tokens, const std::string& message) {
+    auto self = shared_from_this();
+    actor->request(scheduler_, caf::infinite,
+                   actors::job_failure{job_id, provider_id, domain::job_fault::provider, tokens, message})
+        .then(
+            [self, job_id](const actors::job_ended& ended) {
+              if (ended.status == domain::job_status::failed) {
+                self->finish_error(job_id, make_api_error(502, "no provider could finish the answer: " + ended.detail,
+                                                          {}, "provider_failed"));
+              }
+              // queued: another provider gets it; the relay continues from the answer so far.
+            },
+            [job_id](caf::error& failure) {
+              // Not running there any more (the scheduler already moved it on): nothing to do.
+              spdlog::debug("relay: failure of job={} not recorded: {}", job_id, actors::describe(failure));
+            });
+  }
+
+  void report_result(actors::job_result result, std::string finish_reason, bool ad_shown) {
+    auto self = shared_from_this();
+    if (!ad_shown) {
+      if (auto live = find(result.job_id)) {
+        std::lock_guard lock(live->mutex);
+        live->ad.reset();
+      }
+    }
+    // Keyed by provider: the result reaches the scheduler after the job's start report.
+    const std::string provider_id = result.provider_id;
+    bridge_.run_keyed(provider_id, [self, result = std::move(result), finish_reason](caf::event_based_actor* actor) mutable {
+      const std::string job_id = result.job_id;
+      actor->request(self->scheduler_, caf::infinite, std::move(result))
+          .then([self, job_id, finish_reason](const actors::job_ended& ended) {
+                  self->finish_ok(job_id, ended, finish_reason);
+                },
+                [self, job_id](caf::error& failure) {
+                  self->finish_error(job_id, make_api_error(500, "the answer could not be settled: " +
+                                                                     actors::describe(failure)));
+                });
+    });
+  }
+
+  void finish_ok(const std::string& id, const actors::job_ended& ended, const std::string& finish_reason) {
+    auto live = find(id);
+    if (!live) return;
+    {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::ended) return;
+      live->state = phase::ended;
+      const token_usage usage{live->job.prompt_tokens, live->tokens};
+      response_extension extension{live->provider_id, live->job.request.extension.quality, live->failovers, live->ad};
+      auto& reply = *live->job.reply;
+      if (live->job.request.stream) {
+        start_stream(*live);
+        std::string tail;
+        if (live->ad) tail += sse_event(ad_chunk_json(live->meta, *live->ad));
+        if (live->job.request.include_usage) {
+          tail += sse_event(final_chunk_json(live->meta, finish_reason));
+          tail += sse_event(usage_chunk_json(live->meta, usage, extension));
+        } else {
+          tail += sse_event(final_chunk_json(live->meta, finish_reason, usage, extension));
+        }
+        tail += sse_done;
+        reply.write(std::move(tail));
+        reply.finish();
+      } else {
+        reply.send({200, "application/json", response_json(live->meta, live->text, finish_reason, usage, extension), {}});
+      }
+      if (options_.observer.completion_tokens) options_.observer.completion_tokens(live->tokens);
+    }
+    if (options_.observer.job_ended) options_.observer.job_ended(ended.status);
+    forget(id);
+  }
+
+  void finish_error(const std::string& id, const api_error& error) {
+    auto live = find(id);
+    if (!live) return;
+    std::optional<std::string> unshown_ad;
+    {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::ended) return;
+      live->state = phase::ended;
+      if (live->ad) unshown_ad = live->ad->impression_id;
+      auto& reply = *live->job.reply;
+      if (live->stream_started) {
+        reply.write(sse_event(error_chunk_json(live->meta, error)) + std::string(sse_done));
+        reply.finish();
+      } else {
+        http_headers headers;
+        if (error.status == 429) headers.emplace_back("Retry-After", "1");
+        reply.send({error.status, "application/json", error_body(error), std::move(headers)});
+      }
+    }
+    if (unshown_ad) ads_->release(*unshown_ad, "the answer failed");
+    if (options_.observer.job_ended) options_.observer.job_ended(domain::job_status::failed);
+    forget(id);
+  }
+
+  void ended_by_scheduler(const actors::job_ended& ended) {
+    if (ended.status != domain::job_status::failed) return;
+    finish_error(ended.job_id, make_api_error(503, ended.detail, {}, "no_provider"));
+  }
+
+  void client_gone(const std::string& id) {
+    auto live = find(id);
+    if (!live) return;
+    std::uint32_t tokens = 0;
+    std::optional<std::string> unshown_ad;
+    {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::ended) return;
+      live->state = phase::ended;
+      tokens = live->tokens;
+      if (live->ad) unshown_ad = live->ad->impression_id;
+    }
+    forget(id);
+    if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
+    if (options_.observer.job_ended) options_.observer.job_ended(domain::job_status::cancelled);
+    cancel(id, tokens, 0);
+  }
+
+  /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
+  /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
+  void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
+    auto self = shared_from_this();
+    bridge_.run([self, id, tokens, attempt](caf::event_based_actor* actor) {
+      actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::client, tokens})
+          .then([](const actors::job_ended&) {},
+                [self, id, tokens, attempt](caf::error& failure) {
+                  const auto refusal = actors::domain_error_of(failure);
+                  const bool retry = refusal && refusal->code == domain::errc::invalid_state &&
+                                     attempt + 1 < self->options_.cancel_retries_max;
+                  if (!retry) {
+                    spdlog::debug("relay: cancel of job={} not recorded: {}", id, actors::describe(failure));
+                    return;
+                  }
+                  self->bridge_.run_later(self->options_.cancel_retry_wait, [self, id, tokens, attempt](caf::event_based_actor*) {
+                    self->cancel(id, tokens, attempt + 1);
+                  });
+                });
+    });
+  }
+
+  caf::actor_system& system_;
+  actor_bridge& bridge_;
+  actors::scheduler_actor scheduler_;
+  ad_source* ads_;
+  relay_options options_;
+  actors::job_watcher watcher_;
+  mutable std::mutex table_mutex_;
+  std::map<std::string, std::shared_ptr<live_job>> jobs_;  ///< by job id
+  mutable std::mutex providers_mutex_;
+  std::map<std::string, std::vector<events::model_offer>> providers_;  ///< online, by provider id
+};
+
+relay::relay(caf::actor_system& system, actor_bridge& bridge, actors::scheduler_actor scheduler, ad_source* ads,
+             relay_options options)
+    : impl_(std::make_shared<impl>(system, bridge, std::move(scheduler), ads, std::move(options))) {
+  impl_->start();
+}
+
+relay::~relay() { impl_->stop(); }
+
+void relay::submit(relay_job job) { impl_->submit(std::move(job)); }
+std::vector<model_listing> relay::models() const { return impl_->models(); }
+std::optional<std::uint32_t> relay::context_length(const std::string& model) const {
+  return impl_->context_length(model);
+}
+std::size_t relay::live_jobs() const { return impl_->live_jobs(); }
+void relay::provider_online(online_offers offers) { impl_->provider_online(std::move(offers)); }
+void relay::provider_offline(const std::string& provider_id) { impl_->provider_offline(provider_id); }
+std::optional<link::offer> relay::take_offer(const std::string& provider_id, const actors::job_offer& offer) {
+  return impl_->take_offer(provider_id, offer);
+}
+void relay::delta(const std::string& provider_id, link::delta d) { impl_->delta(provider_id, std::move(d)); }
+void relay::done(const std::string& provider_id, const link::done& d) { impl_->done(provider_id, d); }
+void relay::failed(const std::string& provider_id, const link::job_error& e) { impl_->failed(provider_id, e); }
+void relay::link_lost(const std::string& provider_id) { impl_->link_lost(provider_id); }
+
+}  // namespace gpustream::gateway

@@ -1,0 +1,125 @@
+#pragma once
+/// The relay carries one answer from a provider's link to the client that asked for it. It holds
+/// the live jobs of this node: the client's request (prompts never reach the log: the relay keeps
+/// them in memory only while the job is live), its reply stream, the answer so far (for a failover
+/// after the first token) and its ad. The scheduler decides who serves a job; the relay moves the
+/// words and reports what happened to the scheduler, which persists it and bills it.
+///
+/// Threads: API handlers (Beast), link sessions (Beast), and actor continuations (CAF) all call
+/// in; each live job has its own mutex, the table another. Include only in .cpp files (CAF).
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "actors/scheduler.hpp"
+#include "gateway/http_server.hpp"
+#include "gateway/link_frames.hpp"
+#include "gateway/openai_api.hpp"
+
+namespace gpustream::gateway {
+
+class actor_bridge;
+
+/// Where free-tier answers get their ad (the ad server actor in production). Callbacks may run
+/// on any thread.
+class ad_source {
+ public:
+  virtual ~ad_source() = default;
+  /// Picks and reserves an ad for the job, or none.
+  virtual void pick(std::string job_id, std::string user_id, std::string prompt_text,
+                    std::function<void(std::optional<ad_info>)> done) = 0;
+  /// The ad went out with the answer: records the impression and gives its charge, or none when
+  /// it could not be recorded (then the ad must not be shown).
+  virtual void served(std::string impression_id,
+                      std::function<void(std::optional<domain::ad_charge>)> done) = 0;
+  /// The reserved ad will not be shown.
+  virtual void release(std::string impression_id, std::string reason) = 0;
+};
+
+/// What the relay reports for metrics. Every member may be empty.
+struct relay_observer {
+  std::function<void(std::chrono::microseconds ttft)> first_token;
+  std::function<void(std::uint32_t tokens)> completion_tokens;
+  std::function<void(domain::job_status)> job_ended;
+};
+
+struct relay_options {
+  /// Most live jobs (waiting, streaming, finishing) on this node; one more gets a 429-style
+  /// refusal before anything is recorded. Default: 100,000.
+  std::size_t live_jobs_max = 100'000;
+  /// How often a client's cancel is retried while the scheduler is still recording the job's
+  /// queueing, and the wait between tries. Default: 100 tries, 5 ms apart.
+  std::uint32_t cancel_retries_max = 100;
+  std::chrono::milliseconds cancel_retry_wait{5};
+  relay_observer observer;
+};
+
+/// A provider as a link session announces it: what it serves, for /v1/models and context checks.
+struct online_offers {
+  std::string provider_id;
+  std::vector<events::model_offer> models;
+};
+
+/// A job as the API hands it over: who asks, what, and where the answer goes.
+struct relay_job {
+  std::string job_id;
+  std::string user_id;
+  bool premium = false;
+  std::int64_t contribution_score = 0;
+  completion_request request;
+  std::uint32_t prompt_tokens = 0;  ///< estimated; what the job is billed for its prompt
+  /// The most completion tokens the job may produce: max_tokens, or what the context leaves.
+  std::uint32_t completion_budget = 0;
+  std::shared_ptr<http_reply> reply;
+};
+
+class relay {
+ public:
+  relay(caf::actor_system& system, actor_bridge& bridge, actors::scheduler_actor scheduler,
+        ad_source* ads, relay_options options = {});
+  ~relay();
+  relay(const relay&) = delete;
+  relay& operator=(const relay&) = delete;
+
+  // -- From the API. --------------------------------------------------------------------------
+
+  /// Submits the job to the scheduler and answers the client when it ends (streamed or whole).
+  void submit(relay_job job);
+
+  /// Models served by online providers, with context length (the smallest among them, so that
+  /// any provider chosen can take a request that fits) and price range.
+  [[nodiscard]] std::vector<model_listing> models() const;
+  /// The context length a request for `model` must fit, or nothing when no online provider serves it.
+  [[nodiscard]] std::optional<std::uint32_t> context_length(const std::string& model) const;
+  /// Live jobs now.
+  [[nodiscard]] std::size_t live_jobs() const;
+
+  // -- From the provider links. ---------------------------------------------------------------
+
+  void provider_online(online_offers offers);
+  void provider_offline(const std::string& provider_id);
+  /// The scheduler offered `job_id` to `provider_id`: the frame to send, or nothing when the job
+  /// is no longer live here (it was cancelled meanwhile).
+  [[nodiscard]] std::optional<link::offer> take_offer(const std::string& provider_id,
+                                                      const actors::job_offer& offer);
+  void delta(const std::string& provider_id, link::delta d);
+  void done(const std::string& provider_id, const link::done& d);
+  void failed(const std::string& provider_id, const link::job_error& e);
+  /// The link of `provider_id` is gone: its jobs go back to the scheduler (continuing elsewhere
+  /// with the answer so far); then the scheduler is told the provider is offline.
+  void link_lost(const std::string& provider_id);
+
+  class impl;
+
+ private:
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace gpustream::gateway

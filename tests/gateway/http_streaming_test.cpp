@@ -1,0 +1,258 @@
+// The HTTP server's asynchronous side: answers given later from another thread, streamed
+// (chunked) answers, a client going away noticed while an answer is pending, WebSocket upgrades
+// refused or accepted, and the WebSocket message limit.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/websocket.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <future>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "gateway/http_server.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+using namespace std::chrono_literals;
+
+/// A raw client socket, closed on scope exit.
+class client {
+ public:
+  explicit client(std::uint16_t port) : fd_(::socket(AF_INET, SOCK_STREAM, 0)) {
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    connected_ = ::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0;
+  }
+  ~client() { close(); }
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  [[nodiscard]] bool connected() const { return connected_; }
+  void send(const std::string& text) {
+    ASSERT_EQ(::write(fd_, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  }
+  /// Reads until `needle` has arrived, the peer closes, or `wait_max` passes.
+  std::string read_until(const std::string& needle, std::chrono::milliseconds wait_max) {
+    const auto deadline = std::chrono::steady_clock::now() + wait_max;
+    while (received_.find(needle) == std::string::npos) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) break;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
+      char buffer[4096];
+      const auto n = ::read(fd_, buffer, sizeof buffer);
+      if (n <= 0) break;
+      received_.append(buffer, static_cast<std::size_t>(n));
+    }
+    return received_;
+  }
+
+ private:
+  int fd_;
+  bool connected_ = false;
+  std::string received_;
+};
+
+const std::string post = "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+
+/// Something a test waits for, with a deadline that fails it rather than hanging.
+class signal {
+ public:
+  void raise() {
+    std::lock_guard lock(mutex_);
+    raised_ = true;
+    changed_.notify_all();
+  }
+  [[nodiscard]] bool wait(std::chrono::milliseconds wait_max) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, wait_max, [&] { return raised_; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool raised_ = false;
+};
+
+std::unique_ptr<http_server> start(http_handler handler, websocket_handler upgrade = {},
+                                   http_server_options options = {}) {
+  options.port = 0;
+  auto server = http_server::start(options, std::move(handler), std::move(upgrade));
+  EXPECT_TRUE(server.has_value()) << (server ? "" : server.error());
+  return server ? std::move(server).value() : nullptr;
+}
+
+TEST(http_streaming, an_answer_sent_later_from_another_thread_arrives) {
+  std::promise<std::shared_ptr<http_reply>> pending;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send(post);
+  auto future = pending.get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  std::thread([reply = future.get()] { reply->send({201, "application/json", R"({"late":true})", {{"X-Extra", "1"}}}); })
+      .join();
+  const auto text = c.read_until(R"({"late":true})", 10s);
+  EXPECT_NE(text.find("HTTP/1.1 201"), std::string::npos) << text;
+  EXPECT_NE(text.find("X-Extra: 1"), std::string::npos) << text;
+}
+
+TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_serves_the_next_request) {
+  std::promise<std::shared_ptr<http_reply>> pending;
+  int requests = 0;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) {
+    if (++requests == 1) return pending.set_value(reply);
+    reply->send({200, "text/plain", "second", {}});
+  });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send(post);
+  auto future = pending.get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  auto reply = future.get();
+  reply->start_stream(200, "text/event-stream", {});
+  reply->write("data: one\n\n");
+  // The first piece arrives before the answer ends: the client sees tokens as they come.
+  const auto first = c.read_until("data: one", 10s);
+  EXPECT_NE(first.find("Transfer-Encoding: chunked"), std::string::npos) << first;
+  EXPECT_NE(first.find("b\r\ndata: one\n\n\r\n"), std::string::npos) << first;
+  reply->write("data: two\n\n");
+  reply->finish();
+  const auto all = c.read_until("0\r\n\r\n", 10s);
+  EXPECT_NE(all.find("data: two"), std::string::npos) << all;
+  c.send(post);
+  EXPECT_NE(c.read_until("second", 10s).find("second"), std::string::npos);
+}
+
+TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noticed_at_once) {
+  signal closed;
+  std::promise<std::shared_ptr<http_reply>> pending;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) {
+    reply->on_close([&] { closed.raise(); });
+    reply->start_stream(200, "text/event-stream", {});
+    pending.set_value(reply);
+  });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send(post);
+  auto future = pending.get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  (void)c.read_until("\r\n\r\n", 10s);
+  const auto left_at = std::chrono::steady_clock::now();
+  c.close();
+  ASSERT_TRUE(closed.wait(10s)) << "the handler was never told";
+  // Noticed by the read that watches the socket, not at the next write.
+  EXPECT_LT(std::chrono::steady_clock::now() - left_at, 100ms);
+  future.get()->write("data: late\n\n");  // ignored: nobody to write to
+}
+
+TEST(http_streaming, a_refused_upgrade_gets_the_handlers_answer) {
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [](const http_request&) -> websocket_decision {
+                        return http_response{401, "application/json", R"({"error":"no"})", {}};
+                      });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  const auto text = c.read_until(R"({"error":"no"})", 10s);
+  EXPECT_NE(text.find("HTTP/1.1 401"), std::string::npos) << text;
+}
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace websocket = beast::websocket;
+
+/// A blocking Beast WebSocket client.
+struct ws_client {
+  asio::io_context io;
+  websocket::stream<asio::ip::tcp::socket> ws{io};
+
+  explicit ws_client(std::uint16_t port) {
+    asio::ip::tcp::endpoint endpoint(asio::ip::make_address("127.0.0.1"), port);
+    ws.next_layer().connect(endpoint);
+    ws.handshake("127.0.0.1", "/ws");
+    ws.binary(true);
+  }
+};
+
+TEST(http_streaming, an_accepted_websocket_exchanges_binary_messages_both_ways) {
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [](const http_request& request) -> websocket_decision {
+                        EXPECT_EQ(request.path(), "/ws");
+                        return websocket_accept{[](std::shared_ptr<websocket_connection> c) {
+                          c->start([c](std::string_view m) { c->send("echo:" + std::string(m)); },
+                                   [](std::string) {});
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  const std::string message("\x00\x01hello", 7);
+  client.ws.write(asio::buffer(message));
+  beast::flat_buffer buffer;
+  client.ws.read(buffer);
+  EXPECT_EQ(beast::buffers_to_string(buffer.data()), "echo:" + message);
+  EXPECT_EQ(server->connections_open(), 1u);
+}
+
+TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_with_1009) {
+  http_server_options options;
+  options.websocket_message_bytes_max = 1024;
+  signal closed;
+  std::string reason;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start([](std::string_view) {}, [&](std::string why) {
+                            reason = std::move(why);
+                            closed.raise();
+                          });
+                        }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  client.ws.write(asio::buffer(std::string(4096, 'x')));
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  client.ws.read(buffer, ec);
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(client.ws.reason().code, websocket::close_code::too_big);
+  ASSERT_TRUE(closed.wait(10s));
+  EXPECT_FALSE(reason.empty());
+}
+
+TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [](const http_request&) -> websocket_decision {
+                        return websocket_accept{[](std::shared_ptr<websocket_connection> c) {
+                          c->start([c](std::string_view) { c->close(1008, "hello first"); }, [](std::string) {});
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  client.ws.write(asio::buffer(std::string("not hello")));
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  client.ws.read(buffer, ec);
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(client.ws.reason().code, websocket::close_code::policy_error);
+  EXPECT_EQ(std::string(client.ws.reason().reason.c_str()), "hello first");
+}
+
+}  // namespace
+}  // namespace gpustream::gateway
