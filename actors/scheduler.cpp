@@ -465,6 +465,16 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   job.running = false;
   job.avoided_provider_id = from;
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
+  // An answer begun on a provider continues on another one only: the one it failed on is not
+  // asked again, and with no other provider for the model nothing is left.
+  if ((job.started || job.tokens_so_far > 0) &&
+      !self->state.index->can_serve(job.request.model, job.request.quality, from)) {
+    fail_job(self, job_id, events::failure_reason::all_providers_failed,
+             "the answer broke off on provider " + from + " and no other provider serves model " +
+                 job.request.model,
+             [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
+    return;
+  }
   // The job aggregate's own limit (its actors decide with the default options): one attempt more
   // would be refused there.
   if (job.attempt >= domain::job_options{}.attempts_max) {

@@ -422,14 +422,22 @@ std::optional<std::string_view> selection_index::select(const selection_request&
   return std::string_view(chosen->provider.provider_id);
 }
 
-bool selection_index::can_serve(std::string_view model, events::quality_tier quality) const {
+bool selection_index::can_serve(std::string_view model, events::quality_tier quality,
+                                std::string_view excluded_provider_id) const {
   const auto bucket = models_.find(model);
   const auto level_min = level_min_for(quality, options_);
   if (bucket == models_.end() || !level_min) return false;
+  std::size_t candidates = 0;
   for (std::size_t level = *level_min; level < level_count; ++level) {
-    if (bucket->second.levels[level].unsuspended > 0) return true;
+    candidates += bucket->second.levels[level].unsuspended;
   }
-  return false;
+  if (const auto* excluded = excluded_provider_id.empty() ? nullptr : find(excluded_provider_id)) {
+    const bool counted = !excluded->suspended && static_cast<std::size_t>(excluded->level) >= *level_min &&
+                         std::any_of(excluded->offers.begin(), excluded->offers.end(),
+                                     [&](const online_offer& o) { return o.model_name == model; });
+    if (counted) candidates -= 1;
+  }
+  return candidates > 0;
 }
 
 const online_provider* selection_index::find(std::string_view provider_id) const {

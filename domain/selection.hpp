@@ -182,7 +182,8 @@ class selection_index {
   [[nodiscard]] std::optional<std::string_view> select(const selection_request& request) const;
   /// Whether any listed, unsuspended provider serves the model at the tier, busy or not: when
   /// false a job for it would wait for nothing and must be rejected.
-  [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality) const;
+  [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
+                               std::string_view excluded_provider_id = {}) const;
 
   [[nodiscard]] const online_provider* find(std::string_view provider_id) const;
   /// Ids of every listed provider, in id order.

@@ -321,6 +321,34 @@ TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_t
   EXPECT_EQ(p1.value().counters.aborted_jobs, 1u) << "the stall counts against p1";
 }
 
+TEST_F(scheduler_test, an_answer_broken_off_continues_on_another_provider_never_on_the_same_one) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  // Alone, the provider the answer broke off on is not asked again: nothing is left.
+  auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::provider, 5, "dropped"});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_NE(ended.value().detail.find("no other provider"), std::string::npos) << ended.value().detail;
+  EXPECT_EQ((*offers_)["p1"].size(), 1u);
+  EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
+
+  // With another provider online, it goes there, with the tokens so far.
+  bring_online("p2", "llama-8b", 1);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
+  const std::string first = job("j2").provider_id;
+  const std::string second = first == "p1" ? "p2" : "p1";
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), first));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j2", first, domain::job_fault::provider, 5, "dropped"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  EXPECT_EQ(moved.value().status, domain::job_status::queued);
+  run();
+  EXPECT_EQ(job("j2").provider_id, second);
+  ASSERT_FALSE((*offers_)[second].empty());
+  EXPECT_EQ((*offers_)[second].back().tokens_so_far, 5u);
+}
+
 TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   bring_online("p1", "llama-8b", 1);
   create_user("alice", events::user_tier::premium, 50'000'000);
