@@ -123,9 +123,10 @@ class counted_reply final : public http_reply {
 
 class node::impl {
  public:
-  impl(caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<directory> who,
-       node_options options)
-      : system_(system), runtime_(runtime), directory_(std::move(who)), options_(std::move(options)),
+  impl(caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<storage::event_store> store,
+       std::shared_ptr<directory> who, node_options options)
+      : system_(system), runtime_(runtime), store_(std::move(store)), directory_(std::move(who)),
+        options_(std::move(options)),
         bridge_(system, options_.bridge_actors), limiter_(options_.rate) {
     cors_.allowed_origins = options_.cors_origins;
     register_metrics();
@@ -234,14 +235,18 @@ class node::impl {
     auto whole = [reply](http_response r) { reply->send(std::move(r)); };
     if (cors.preflight) return whole({204, "text/plain", "", {}});
     if (path == "/v1/chat/completions" || path == "/v1/completions") return completion(std::move(request), reply);
-    if (path == "/healthz") return whole({200, "application/json", R"({"status":"ok"})", {}});
+    if (path == "/healthz") {
+      if (request.method != "GET") return whole(api_error_response(make_api_error(405, "use GET")));
+      return whole({200, "application/json",
+                    R"({"status":"ok","last_position":)" + std::to_string(store_->last_position()) + "}", {}});
+    }
     if (path == "/metrics") return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
     if (path == "/v1/models") return models(request, reply);
     if (path.starts_with("/v1/models/")) return model(request, reply, path.substr(11));
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
     if (path.starts_with("/a/c/")) return click(path.substr(5), reply);
-    whole(api_error_response(make_api_error(404, "no endpoint " + request.method + " " + path)));
+    whole(api_error_response(make_api_error(404, "no such endpoint: " + request.method + " " + path)));
   }
 
   static std::string endpoint_of(const std::string& path) {
@@ -348,6 +353,7 @@ class node::impl {
 
   caf::actor_system& system_;
   const actors::runtime& runtime_;
+  std::shared_ptr<storage::event_store> store_;
   std::shared_ptr<directory> directory_;
   node_options options_;
   actor_bridge bridge_;
@@ -372,10 +378,10 @@ class node::impl {
 expected<std::unique_ptr<node>, std::string> node::start(caf::actor_system& system, const actors::runtime& runtime,
                                                          std::shared_ptr<storage::event_store> store,
                                                          node_options options) {
-  auto who = directory::open(std::move(store));
+  auto who = directory::open(store);
   if (!who) return unexpected{"cannot read the directory from the event log: " + who.error().message};
-  auto state = std::make_unique<impl>(system, runtime, std::shared_ptr<directory>(std::move(who.value())),
-                                      std::move(options));
+  auto state = std::make_unique<impl>(system, runtime, std::move(store),
+                                      std::shared_ptr<directory>(std::move(who.value())), std::move(options));
   if (auto started = state->start(); !started) return unexpected{started.error()};
   return std::unique_ptr<node>(new node(std::move(state)));
 }

@@ -230,10 +230,14 @@ TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_wi
   beast::flat_buffer buffer;
   beast::error_code ec;
   client.ws.read(buffer, ec);
-  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
-  EXPECT_EQ(client.ws.reason().code, websocket::close_code::too_big);
+  ASSERT_TRUE(ec) << "the connection stayed open";
+  // The close frame (1009) races with the rest of the client's message: when the server's close
+  // arrives first the client sees it, else its socket is reset. Either way the server gave up.
+  if (ec == websocket::error::closed) {
+    EXPECT_EQ(client.ws.reason().code, websocket::close_code::too_big);
+  }
   ASSERT_TRUE(closed.wait(10s));
-  EXPECT_FALSE(reason.empty());
+  EXPECT_NE(reason.find("limit"), std::string::npos) << reason;
 }
 
 TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
