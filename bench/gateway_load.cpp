@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +41,8 @@
 #include <string_view>
 #include <thread>
 #include <vector>
+
+#include <sys/resource.h>
 
 namespace {
 
@@ -70,23 +73,24 @@ constexpr std::size_t json_depth_max = 64;
 /// Idle streams being connected at once, so the listener's backlog never overflows.
 constexpr std::size_t idle_opening_max = 256;
 
+/// The command line; each flag's help in main() says the same. Defaults as written.
 struct options {
-  std::string url;
-  std::string key;
-  std::uint32_t concurrency = 1;
-  double duration_s = 10;
-  std::uint64_t requests = 0;  // 0: run for duration_s
-  double warmup_s = 1;
-  std::uint32_t tokens = 64;
-  std::string model = "test-model";
-  unsigned threads = 1;
-  bool check_text = true;
-  double timeout_s = 60;
-  std::uint64_t errors_max = 100;
-  std::uint32_t idle_streams = 0;
-  double hold_s = 10;
-  double open_timeout_s = 120;
-  int rss_pid = 0;
+  std::string url;                   ///< base URL, e.g. http://127.0.0.1:8080/v1; required
+  std::string key;                   ///< API key for Authorization: Bearer; none when empty
+  std::uint32_t concurrency = 1;     ///< streams kept busy at once, one keep-alive connection each
+  double duration_s = 10;            ///< measured seconds, after the warm-up
+  std::uint64_t requests = 0;        ///< this many requests instead of a duration; 0: by duration
+  double warmup_s = 1;               ///< seconds run but not measured (duration runs only)
+  std::uint32_t tokens = 64;         ///< max_tokens asked for, and content chunks expected
+  std::string model = "test-model";  ///< model id asked for
+  unsigned threads = 1;              ///< I/O threads running the connections
+  bool check_text = true;            ///< compare the text with the test upstream's "tok0 tok1 …"
+  double timeout_s = 60;             ///< longest one request may take before it is an error
+  std::uint64_t errors_max = 100;    ///< the run stops after this many errors
+  std::uint32_t idle_streams = 0;    ///< idle-streams mode when non-zero: streams to open
+  double hold_s = 10;                ///< seconds the idle streams stay open
+  double open_timeout_s = 120;       ///< longest wait for every idle stream's answer head
+  int rss_pid = 0;                   ///< process whose VmRSS the idle mode reads; 0: none
 };
 
 /// What every connection shares and never changes during a run.
@@ -513,7 +517,14 @@ std::optional<std::uint64_t> rss_kib(int pid) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));  // "VmRSS:   12345 kB"
+    if (!line.starts_with("VmRSS:")) continue;  // "VmRSS:   12345 kB"
+    const auto digits = line.find_first_of("0123456789");
+    std::uint64_t kib = 0;
+    if (digits == std::string::npos ||
+        std::from_chars(line.data() + digits, line.data() + line.size(), kib).ec != std::errc{}) {
+      return std::nullopt;
+    }
+    return kib;
   }
   return std::nullopt;
 }
@@ -753,6 +764,15 @@ std::int64_t percentile(std::vector<std::int64_t>& values, double fraction) {
   return values[rank - 1];
 }
 
+/// CPU seconds (user + system) this process has used, so a run shows what the generator itself
+/// took from the machine's cores.
+double own_cpu_s() {
+  rusage usage{};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) return 0;
+  const auto seconds = [](const timeval& t) { return static_cast<double>(t.tv_sec) + static_cast<double>(t.tv_usec) / 1e6; };
+  return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+}
+
 /// Merges the connections' results, prints them, and says whether the run was clean.
 bool report(const std::vector<std::unique_ptr<load_connection>>& connections, const run_state& state,
             const options& config) {
@@ -801,11 +821,11 @@ bool report(const std::vector<std::unique_ptr<load_connection>>& connections, co
               static_cast<long long>(ttft_p50), static_cast<long long>(ttft_p99), static_cast<long long>(total_p50),
               static_cast<long long>(total_p99), rate);
   std::printf("RESULT concurrency=%u completions=%llu measured=%zu errors=%llu ttft_p50_us=%lld ttft_p99_us=%lld "
-              "total_p50_us=%lld total_p99_us=%lld completions_per_s=%.1f\n",
+              "total_p50_us=%lld total_p99_us=%lld completions_per_s=%.1f cpu_s=%.2f\n",
               config.concurrency, static_cast<unsigned long long>(all.completed), all.samples.size(),
               static_cast<unsigned long long>(errors), static_cast<long long>(ttft_p50),
               static_cast<long long>(ttft_p99), static_cast<long long>(total_p50), static_cast<long long>(total_p99),
-              rate);
+              rate, own_cpu_s());
   return errors == 0 && !all.samples.empty();
 }
 

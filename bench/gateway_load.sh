@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Gateway load figures (issue 4): the same streamed chat completions sent by bench/gateway_load
+# straight to the test upstream and through `gpustream serve` + `gpustream provider` to it, at
+# 1, 64 and 256 concurrent streams, then the RSS of `serve` with 5,000 idle streams open.
+# Builds nothing: run ./scripts/build first.
+#
+#   bench/gateway_load.sh [BUILD_DIR]        (default: build)
+#
+# Settings (environment): DURATION_S (10) measured seconds per run after WARMUP_S (2);
+# CONCURRENCIES ("1 64 256"; empty: none); TOKENS (64) per answer; TOKEN_INTERVAL_US (1500) between
+# the upstream's tokens, about 670 tokens/s per stream: the platform suspends a provider whose jobs
+# run faster than 1,000 tokens/s per stream (domain/scoring.hpp, plausible_tokens_per_second_max),
+# so 0 (as fast as possible) gets the benchmark's provider suspended for 24 h after a few jobs;
+# IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
+# (1); DURABILITY (sync; buffered shows what the fsyncs cost).
+# Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
+set -euo pipefail
+
+build=$(cd "${1:-build}" && pwd)
+duration_s=${DURATION_S:-10}
+warmup_s=${WARMUP_S:-2}
+concurrencies=${CONCURRENCIES-1 64 256}
+tokens=${TOKENS:-64}
+token_interval_us=${TOKEN_INTERVAL_US:-1500}
+idle_streams=${IDLE_STREAMS:-5000}
+hold_s=${HOLD_S:-10}
+generator_threads=${GENERATOR_THREADS:-1}
+durability=${DURABILITY:-sync}
+# The idle upstream's first token comes long after the hold ends, so its streams stay idle.
+idle_first_token_ms=600000
+
+gpustream=$build/app/gpustream
+upstream_bin=$build/tests/upstream/gpustream_test_upstream
+generator=$build/bench/gateway_load
+for binary in "$gpustream" "$upstream_bin" "$generator"; do
+  [ -x "$binary" ] || { echo "error: $binary is missing; build first (./scripts/build)" >&2; exit 2; }
+done
+
+# Every process holds one descriptor per stream (the generator, serve, the agent, the upstream).
+files_needed=$((idle_streams + 1024))
+if ! ulimit -n "$files_needed" 2>/dev/null; then
+  echo "error: cannot raise the open-files limit to $files_needed for $idle_streams idle streams" \
+       "(soft $(ulimit -Sn), hard $(ulimit -Hn)); raise the hard limit or set IDLE_STREAMS lower" >&2
+  exit 2
+fi
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/gpustream-gateway-load.XXXXXX")
+pids=()   # every process started here, and its name for messages
+names=()
+ok=0
+track() {  # track PID NAME
+  pids+=("$1")
+  names+=("$2")
+}
+alive() {  # alive PID: the process exists and is not a zombie
+  local state
+  state=$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+# Stops every process started here: SIGTERM, up to 10 s to exit, then SIGKILL. A process that
+# ignores SIGTERM or dies of something else on the way out is a bug worth seeing: said out loud.
+cleanup() {
+  local n pid i status
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for n in "${!pids[@]}"; do
+    pid=${pids[n]}
+    for ((i = 0; i < 100; i++)); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then
+      echo "warning: ${names[n]} (pid $pid) did not exit within 10 s of SIGTERM; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      continue
+    fi
+    status=0
+    wait "$pid" 2>/dev/null || status=$?
+    if [ "$status" != 0 ] && [ "$status" != 143 ]; then
+      echo "warning: ${names[n]} (pid $pid) exited with status $status after SIGTERM" >&2
+    fi
+  done
+  if [ "$ok" = 1 ] && [ -z "${KEEP_LOGS:-}" ]; then
+    rm -rf "$work"
+  else
+    echo "logs kept in $work" >&2
+  fi
+}
+trap cleanup EXIT
+
+fail() {
+  echo "error: $*" >&2
+  exit 1
+}
+
+# wait_for_line FILE REGEX SECONDS PID: polls FILE until a line matches, the process ends, or time is up.
+wait_for_line() {
+  local file=$1 pattern=$2 seconds=$3 pid=$4 i
+  for ((i = 0; i < seconds * 10; i++)); do
+    grep -qE "$pattern" "$file" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -n 20 "$file" >&2; fail "process $pid ended before printing /$pattern/"; }
+    sleep 0.1
+  done
+  tail -n 20 "$file" >&2
+  fail "no /$pattern/ in $file within $seconds s"
+}
+
+# start_upstream NAME MODEL FIRST_TOKEN_MS: starts a test upstream, sets upstream_port.
+start_upstream() {
+  local name=$1 model=$2 first_token_ms=$3
+  "$upstream_bin" --listen 127.0.0.1:0 --models "$model" --tokens "$tokens" \
+    --first-token-ms "$first_token_ms" --token-interval-us "$token_interval_us" \
+    > "$work/$name.out" 2> "$work/$name.err" &
+  upstream_pid=$!
+  track "$upstream_pid" "test upstream $name"
+  wait_for_line "$work/$name.out" '^listening ' 10 "$upstream_pid"
+  upstream_port=$(sed -n 's/^listening .*:\([0-9]*\)$/\1/p' "$work/$name.out")
+}
+
+# admin PATH JSON: POST to the admin API, prints the answer; fails on a non-2xx status.
+admin() {
+  curl -sS --fail-with-body -H "Authorization: Bearer $admin_token" -H 'Content-Type: application/json' \
+    -d "$2" "http://127.0.0.1:$serve_port$1" || fail "POST $1 $2 failed"
+}
+
+json_string() {  # json_string FIELD: the string value of FIELD in the JSON object on stdin
+  sed -n "s/.*\"$1\":\"\([^\"]*\)\".*/\1/p"
+}
+
+# start_provider NAME UPSTREAM_PORT MAX_CONCURRENCY: creates a provider and starts its agent.
+# --no-probe: the agent admits exactly MAX_CONCURRENCY jobs, so every run sees the same node. Its
+# probe would measure the test upstream sharing these cores with everything else and advertise
+# whatever it found, and for the idle upstream would get no answer within any level.
+start_provider() {
+  local name=$1 port=$2 concurrency=$3 answer token
+  answer=$(admin /admin/providers "{\"name\":\"$name\"}")
+  token=$(json_string token <<< "$answer")
+  [ -n "$token" ] || fail "POST /admin/providers answered without a token: $answer"
+  GPUSTREAM_PROVIDER_TOKEN=$token "$gpustream" provider --coordinator "ws://127.0.0.1:$serve_port" \
+    --backend "openai=http://127.0.0.1:$port/v1" --name "$name" --max-concurrency "$concurrency" --no-probe \
+    > "$work/$name.out" 2> "$work/$name.log" &
+  provider_pid=$!
+  track "$provider_pid" "gpustream provider $name"
+}
+
+# wait_for_model MODEL PID: until GET /v1/models through the gateway lists MODEL.
+wait_for_model() {
+  local model=$1 pid=$2 i
+  for ((i = 0; i < 300; i++)); do
+    curl -sS -H "Authorization: Bearer $api_key" "http://127.0.0.1:$serve_port/v1/models" 2>/dev/null |
+      grep -q "\"id\":\"$model\"" && return 0
+    kill -0 "$pid" 2>/dev/null || { tail -n 20 "$work"/*.log >&2; fail "the provider agent for $model ended"; }
+    sleep 0.1
+  done
+  tail -n 20 "$work"/*.log >&2
+  fail "GET /v1/models did not list $model within 30 s"
+}
+
+cpu_ticks() {  # cpu_ticks PID: user + system CPU time the process has used, in clock ticks
+  awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+clock_ticks=$(getconf CLK_TCK)
+
+field() {  # field NAME LINE: the value of NAME=… in a RESULT line
+  sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<< "$2"
+}
+
+# load NAME URL KEY CONCURRENCY: runs the generator, prints its RESULT line; fails on any error.
+load() {
+  local name=$1 url=$2 key=$3 concurrency=$4 log=$work/load-$1-$4.txt
+  if ! "$generator" --url "$url" ${key:+--key "$key"} --concurrency "$concurrency" --duration-s "$duration_s" \
+      --warmup-s "$warmup_s" --tokens "$tokens" --model bench-model --threads "$generator_threads" > "$log" 2>&1; then
+    cat "$log" >&2
+    fail "the $name run at concurrency $concurrency had errors (above); the figures do not count"
+  fi
+  sed 's/^/    /' "$log" >&2
+  grep '^RESULT ' "$log"
+}
+
+echo "gateway load: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at start; $durability durability;" \
+     "$tokens tokens per answer, token interval ${token_interval_us} us, ${duration_s} s per run after ${warmup_s} s warm-up"
+
+start_upstream upstream bench-model 0
+direct_port=$upstream_port
+direct_pid=$upstream_pid
+
+admin_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+GPUSTREAM_ADMIN_TOKEN=$admin_token "$gpustream" serve --data "$work/data" --http 127.0.0.1:0 --durability "$durability" \
+  --rate-per-minute 100000000 --rate-burst 1000000 > "$work/serve.out" 2> "$work/serve.log" &
+serve_pid=$!
+track "$serve_pid" "gpustream serve"
+wait_for_line "$work/serve.log" 'listening http=' 30 "$serve_pid"
+serve_port=$(sed -n 's/.*listening http=[^ ]*:\([0-9]*\) .*/\1/p' "$work/serve.log" | head -n 1)
+[ -n "$serve_port" ] || fail "no port in serve's 'listening' line: $(grep 'listening http=' "$work/serve.log")"
+
+user=$(admin /admin/users '{"tier":"premium","credit_micros":100000000000}')
+api_key=$(json_string api_key <<< "$user")
+[ -n "$api_key" ] || fail "POST /admin/users answered without an api_key: $user"
+
+start_provider bench-provider "$direct_port" 256
+agent_pid=$provider_pid
+wait_for_model bench-model "$agent_pid"
+
+# measure_concurrency C: one direct and one gateway run at C streams; appends their lines to summary.
+measure_concurrency() {
+  local c=$1 direct gateway direct_upstream_ticks serve_before agent_before upstream_before
+  local serve_lines_before agent_lines_before cost line
+  echo "concurrency $c: direct" >&2
+  upstream_before=$(cpu_ticks "$direct_pid")
+  direct=$(load direct "http://127.0.0.1:$direct_port/v1" "" "$c")
+  direct_upstream_ticks=$(($(cpu_ticks "$direct_pid") - upstream_before))
+  echo "concurrency $c: through the gateway" >&2
+  serve_before=$(cpu_ticks "$serve_pid") agent_before=$(cpu_ticks "$agent_pid") upstream_before=$(cpu_ticks "$direct_pid")
+  serve_lines_before=$(wc -l < "$work/serve.log") agent_lines_before=$(wc -l < "$work/bench-provider.log")
+  gateway=$(load gateway "http://127.0.0.1:$serve_port/v1" "$api_key" "$c")
+  # Where the cores went: CPU time per completion of each process (warm-up included on both sides).
+  cost=$(awk -v hz="$clock_ticks" -v dn="$(field completions "$direct")" -v gn="$(field completions "$gateway")" \
+    -v du="$direct_upstream_ticks" -v dg="$(field cpu_s "$direct")" -v gg="$(field cpu_s "$gateway")" \
+    -v s="$(($(cpu_ticks "$serve_pid") - serve_before))" -v a="$(($(cpu_ticks "$agent_pid") - agent_before))" \
+    -v u="$(($(cpu_ticks "$direct_pid") - upstream_before))" \
+    -v sl="$(($(wc -l < "$work/serve.log") - serve_lines_before))" \
+    -v al="$(($(wc -l < "$work/bench-provider.log") - agent_lines_before))" 'BEGIN {
+      us = 1e6 / hz
+      format = "       CPU us per completion: direct: upstream %.0f, generator %.0f | gateway: serve %.0f, agent %.0f,"
+      format = format " upstream %.0f, generator %.0f | log lines per completion: serve %.1f, agent %.1f"
+      printf format, du * us / dn, dg * 1e6 / dn, s * us / gn, a * us / gn, u * us / gn, gg * 1e6 / gn, sl / gn, al / gn
+    }')
+  line=$(awk -v c="$c" \
+    -v dt50="$(field ttft_p50_us "$direct")" -v dt99="$(field ttft_p99_us "$direct")" \
+    -v gt50="$(field ttft_p50_us "$gateway")" -v gt99="$(field ttft_p99_us "$gateway")" \
+    -v dl50="$(field total_p50_us "$direct")" -v dl99="$(field total_p99_us "$direct")" \
+    -v gl50="$(field total_p50_us "$gateway")" -v gl99="$(field total_p99_us "$gateway")" \
+    -v dr="$(field completions_per_s "$direct")" -v gr="$(field completions_per_s "$gateway")" 'BEGIN {
+      format = "C=%-4d added TTFT p50 %.2f ms, p99 %.2f ms | added total p50 %.2f ms, p99 %.2f ms"
+      format = format " | throughput %.2fx (gateway %.0f/s, direct %.0f/s)"
+      printf format, c, (gt50 - dt50) / 1000, (gt99 - dt99) / 1000, (gl50 - dl50) / 1000, (gl99 - dl99) / 1000,
+             (dr > 0 ? gr / dr : 0), gr, dr
+      if (c == 64) printf " | goal at 64 (sync): added TTFT p50 <= 1 ms (%s), p99 <= 5 ms (%s)",
+                          (gt50 - dt50 <= 1000 ? "met" : "NOT met"), (gt99 - dt99 <= 5000 ? "met" : "NOT met")
+    }')
+  summary+=("$line" "$cost")
+  best_rate=$(awk -v a="$best_rate" -v b="$(field completions_per_s "$gateway")" 'BEGIN { print (b > a ? b : a) }')
+  echo "$line"
+  echo "$cost"
+}
+
+# measure_idle: idle streams through a second upstream whose first token comes after the hold,
+# served by agents that together take all of them at once, so every stream is assigned to a
+# provider and waiting, none queued. One provider may offer a model for at most 256 concurrent
+# jobs (domain/provider.hpp, offer_concurrency_max), so 5,000 streams take 20 agents. Appends its
+# line to summary.
+measure_idle() {
+  local idle_port idle_agents i idle_log idle generator_pid upstream_active active
+  local idle_agent_pids=()
+  start_upstream idle-upstream idle-model "$idle_first_token_ms"
+  idle_port=$upstream_port
+  idle_agents=$(((idle_streams + 255) / 256))
+  for ((i = 1; i <= idle_agents; i++)); do
+    start_provider "idle-provider-$i" "$idle_port" $(((idle_streams + idle_agents - 1) / idle_agents))
+    idle_agent_pids+=("$provider_pid")
+  done
+  wait_for_model idle-model "$provider_pid"
+  # The model is listed once one agent is online; wait until every agent's log shows its welcome.
+  for ((i = 1; i <= idle_agents; i++)); do
+    wait_for_line "$work/idle-provider-$i.log" 'welcome provider_id=' 30 "${idle_agent_pids[i - 1]}"
+  done
+  echo "idle streams: $idle_streams through the gateway, held $hold_s s" >&2
+  idle_log=$work/idle.txt
+  "$generator" --url "http://127.0.0.1:$serve_port/v1" --key "$api_key" --model idle-model \
+    --idle-streams "$idle_streams" --hold-s "$hold_s" --rss-pid "$serve_pid" > "$idle_log" 2>&1 &
+  generator_pid=$!
+  # While they are held, the upstream says how many reached it: every stream assigned, none queued.
+  wait_for_line "$idle_log" '^idle: .* open after ' 120 "$generator_pid"
+  # (The most seen over half the hold: offers may still be on their way when the streams opened.)
+  upstream_active=0
+  for ((i = 0; i < hold_s * 5; i++)); do
+    active=$(curl -sS "http://127.0.0.1:$idle_port/stats" | sed -n 's/.*"active":\([0-9]*\).*/\1/p')
+    [ "${active:-0}" -gt "$upstream_active" ] && upstream_active=$active
+    [ "$upstream_active" -ge "$idle_streams" ] && break
+    sleep 0.1
+  done
+  if ! wait "$generator_pid"; then
+    cat "$idle_log" >&2
+    fail "the idle-streams run failed (above)"
+  fi
+  sed 's/^/    /' "$idle_log" >&2
+  idle=$(grep '^IDLE ' "$idle_log")
+  summary+=("$(awk -v n="$(field streams "$idle")" -v before="$(field rss_before_kib "$idle")" \
+    -v open="$(field rss_open_kib "$idle")" -v held="$(field rss_held_kib "$idle")" \
+    -v per="$(field kib_per_stream "$idle")" -v active="$upstream_active" 'BEGIN {
+      format = "idle streams %d (%d of them waiting at the upstream): serve VmRSS %d KiB before, %d KiB open,"
+      format = format " %d KiB after the hold: %.1f KiB per open idle stream (goal <= 64 KiB: %s)"
+      printf format, n, active, before, open, held, per, (per <= 64 ? "met" : "NOT met") }')")
+}
+
+summary=()
+best_rate=0
+for c in $concurrencies; do measure_concurrency "$c"; done
+if [ -n "$concurrencies" ]; then
+  summary+=("$(awk -v r="$best_rate" 'BEGIN {
+    printf "best gateway throughput %.0f completions/s (goal >= 1,000 through one node: %s)", r, (r >= 1000 ? "met" : "NOT met") }')")
+fi
+if [ "$idle_streams" -gt 0 ]; then measure_idle; fi
+
+echo
+echo "== gateway load, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $durability durability," \
+     "token interval $token_interval_us us, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end =="
+for line in "${summary[@]}"; do echo "$line"; done
+ok=1
