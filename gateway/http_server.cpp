@@ -99,6 +99,9 @@ class websocket_session : public websocket_connection,
       : ws_(std::move(stream)), slot_(std::move(slot)), options_(options) {}
 
   void accept(http::request<http::string_body> request, std::function<void(std::shared_ptr<websocket_connection>)> on_open) {
+    // The HTTP read deadline of the upgrade request must not end the WebSocket: its own
+    // timeouts (below) take over.
+    beast::get_lowest_layer(ws_).expires_never();
     ws_.binary(true);
     ws_.read_message_max(options_.websocket_message_bytes_max);
     auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
