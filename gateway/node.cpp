@@ -20,8 +20,7 @@ namespace gpustream::gateway {
 namespace {
 
 http_response api_error_response(const api_error& error) {
-  http_headers headers;
-  return {error.status, "application/json", error_body(error), std::move(headers)};
+  return {error.status, "application/json", error_body(error), {}};
 }
 
 /// The ad server actor behind the relay's ad_source.

@@ -16,6 +16,7 @@
 #include "gateway/directory.hpp"
 #include "gateway/link_codec.hpp"
 #include "gateway/relay.hpp"
+#include "gateway/secrets.hpp"
 
 namespace gpustream::gateway {
 namespace {
@@ -26,13 +27,6 @@ using steady = std::chrono::steady_clock;
 using link_actor = caf::typed_actor<caf::reacts_to<actors::offer_atom, actors::job_offer>,
                                     caf::reacts_to<actors::cancel_atom, std::string>,
                                     caf::reacts_to<actors::tick_atom>>;
-
-std::string bearer_token(const http_request& request) {
-  const auto value = request.header("authorization");
-  constexpr std::string_view prefix = "Bearer ";
-  if (value.size() <= prefix.size() || value.substr(0, prefix.size()) != prefix) return {};
-  return std::string(value.substr(prefix.size()));
-}
 
 http_response unauthorized(std::string_view message) {
   return {401, "application/json",
@@ -96,7 +90,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   }
 
   websocket_decision upgrade(const http_request& request) {
-    const auto token = bearer_token(request);
+    const auto token = bearer_token(request.header("authorization"));
     if (token.empty()) return unauthorized("send the provider token as 'Authorization: Bearer <token>'");
     const auto provider = directory_.provider_by_token(token);
     if (!provider) return unauthorized("unknown provider token");
