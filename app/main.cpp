@@ -56,6 +56,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve_cmd->add_option("--public-url", serve.public_url,
                         "the address clients reach this node at, for click URLs (default: http://HOST:PORT)");
+  serve_cmd->add_option("--http-threads", serve.http_threads, "threads running the HTTP/WebSocket I/O")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
 
   gpustream::app::provider_options provider;
   bool provider_no_probe = false;

@@ -4,7 +4,9 @@
 #include <caf/actor_system_config.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <csignal>
+#include <thread>
 #include <pthread.h>
 
 #include "actors/errors.hpp"
@@ -65,6 +67,15 @@ int run_serve(const serve_options& options) {
   // (whose destructor waits for every actor) goes out of scope.
   caf::actor_system_config caf_config;
   actors::add_error_categories(caf_config);
+  // An idle work-stealing worker spins briefly, then (by CAF's default) polls 500 times with a
+  // 50 us sleep between polls before it waits on its condition variable: about 12,000 wake-ups a
+  // second per worker whatever the load, taking cores the HTTP thread, the store's writer and the
+  // providers' agents need. Without the polling phase a worker waits on its condition variable
+  // right after the spin, and work sent from outside the actor system (Beast's threads, the
+  // store) wakes it at once.
+  caf_config.set("work-stealing.moderate-poll-attempts", 0);
+  // CAF starts at least 4 workers whatever the machine; more workers than cores only add polling.
+  caf_config.set("scheduler.max-threads", std::max(1u, std::thread::hardware_concurrency()));
   caf::actor_system system(caf_config);
   const auto runtime = actors::start_runtime(system, store);
   struct stop_at_exit {

@@ -183,7 +183,7 @@ direct_pid=$upstream_pid
 
 admin_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 GPUSTREAM_ADMIN_TOKEN=$admin_token "$gpustream" serve --data "$work/data" --http 127.0.0.1:0 --durability "$durability" \
-  --rate-per-minute 100000000 --rate-burst 1000000 > "$work/serve.out" 2> "$work/serve.log" &
+  --rate-per-minute 100000000 --rate-burst 1000000 ${SERVE_ARGS:-} > "$work/serve.out" 2> "$work/serve.log" &
 serve_pid=$!
 track "$serve_pid" "gpustream serve"
 wait_for_line "$work/serve.log" 'listening http=' 30 "$serve_pid"
