@@ -701,9 +701,34 @@ std::string ad_text(const ad_info& ad) {
 }
 
 std::string chunk_json(const response_meta& meta, std::string_view text, bool first) {
-  json::object chunk = chunk_head(meta);
-  chunk["choices"] = json::array{chunk_choice(meta, text, first, nullptr)};
-  return json::serialize(chunk);
+  // One of these goes out per token: written directly rather than built as a json::object (a
+  // handful of allocations per token), with the same keys, order and escaping as chunk_head() and
+  // chunk_choice() give (a test compares the two).
+  const bool chat = meta.kind == request_kind::chat;
+  std::string out;
+  out.reserve(160 + meta.job_id.size() + meta.model.size() + text.size());
+  out += R"({"id":)";
+  out += json::serialize(json::string_view(response_id(meta)));
+  out += chat ? R"(,"object":"chat.completion.chunk","created":)" : R"(,"object":"text_completion","created":)";
+  out += std::to_string(meta.created_s);
+  out += R"(,"model":)";
+  out += json::serialize(json::string_view(meta.model));
+  out += R"(,"choices":[{"index":0,)";
+  if (chat) {
+    out += R"("delta":{)";
+    if (first) out += R"("role":"assistant")";
+    if (!text.empty() || first) {
+      if (first) out += ',';
+      out += R"("content":)";
+      out += json::serialize(json::string_view(text.data(), text.size()));
+    }
+    out += '}';
+  } else {
+    out += R"("text":)";
+    out += json::serialize(json::string_view(text.data(), text.size()));
+  }
+  out += R"(,"logprobs":null,"finish_reason":null}]})";
+  return out;
 }
 
 std::string ad_chunk_json(const response_meta& meta, const ad_info& ad) {

@@ -524,6 +524,34 @@ TEST(openai_api, chat_chunks_have_openais_exact_shape) {
             R"("choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]})");
 }
 
+TEST(openai_api, chunks_escape_whatever_the_model_and_the_text_hold) {
+  // The per-token chunk is written by hand, not through json::object: every awkward character in
+  // the text, the model name and the id must still come back intact through a JSON parser.
+  const std::vector<std::string> texts = {"", "plain", "say \"hi\"", "back\\slash", "line\nbreak\r\t",
+                                          std::string("nul\0byte", 8), "\x01\x1f control", "caf\xc3\xa9 \xe2\x82\xac",
+                                          "</script>"};
+  const response_meta odd_chat{request_kind::chat, "j\"3", "model \"x\"\n", 1700000002};
+  const response_meta odd_completion{request_kind::completion, "j4\\", "m\x02", 1700000003};
+  for (const auto& text : texts) {
+    for (const bool first : {true, false}) {
+      const auto chat_chunk = json::parse(chunk_json(odd_chat, text, first)).as_object();
+      EXPECT_EQ(chat_chunk.at("id"), "chatcmpl-j\"3");
+      EXPECT_EQ(chat_chunk.at("model"), "model \"x\"\n");
+      const auto& delta = chat_chunk.at("choices").as_array().at(0).at("delta").as_object();
+      EXPECT_EQ(delta.contains("role"), first);
+      if (!text.empty() || first) {
+        EXPECT_EQ(delta.at("content").as_string(), text) << "chat, first=" << first;
+      } else {
+        EXPECT_TRUE(delta.empty());
+      }
+      const auto completion_chunk = json::parse(chunk_json(odd_completion, text, first)).as_object();
+      EXPECT_EQ(completion_chunk.at("id"), "cmpl-j4\\");
+      EXPECT_EQ(completion_chunk.at("model"), "m\x02");
+      EXPECT_EQ(completion_chunk.at("choices").as_array().at(0).at("text").as_string(), text);
+    }
+  }
+}
+
 TEST(openai_api, completion_chunks_have_openais_exact_shape) {
   EXPECT_EQ(chunk_json(completion_meta, " time", true),
             R"({"id":"cmpl-j2","object":"text_completion","created":1700000001,"model":"gpt2",)"
