@@ -460,10 +460,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void on_welcome(const link::welcome& welcome) {
+    link_->batch_deltas(welcome.delta_batches);
     heartbeat_interval_ = std::clamp(std::chrono::milliseconds(welcome.heartbeat_interval_ms),
                                      options_.heartbeat_interval_min, options_.heartbeat_interval_max);
-    log_->info("welcome provider_id={} heartbeat_interval_ms={}", welcome.provider_id,
-               heartbeat_interval_.count());
+    log_->info("welcome provider_id={} heartbeat_interval_ms={} delta_batches={}", welcome.provider_id,
+               heartbeat_interval_.count(), welcome.delta_batches);
     last_heartbeat_ = steady::now();
     tokens_since_heartbeat_ = 0;
     schedule_heartbeat();
@@ -525,7 +526,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
     const std::string_view path =
         offer.kind == link::job_kind::chat ? "/chat/completions" : "/completions";
-    log_->info("job={} started kind={}", offer.job_id, path);
+    log_->debug("job={} started kind={}", offer.job_id, path);
     auto& running = jobs_[offer.job_id];
     running.started = steady::now();
     std::weak_ptr<impl> weak = shared_from_this();

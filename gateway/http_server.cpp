@@ -1,5 +1,7 @@
 #include "gateway/http_server.hpp"
 
+#include "gateway/idle_watch.hpp"
+
 #include <boost/asio/ip/basic_resolver.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -96,7 +98,8 @@ class websocket_session : public websocket_connection,
                           public std::enable_shared_from_this<websocket_session> {
  public:
   websocket_session(beast::tcp_stream stream, connection_slot slot, const http_server_options& options)
-      : ws_(std::move(stream)), slot_(std::move(slot)), options_(options) {}
+      : ws_(std::move(stream)), slot_(std::move(slot)), options_(options),
+        idle_(ws_.get_executor(), options.websocket_idle_timeout) {}
 
   void accept(http::request<http::string_body> request, std::function<void(std::shared_ptr<websocket_connection>)> on_open) {
     // The HTTP read deadline of the upgrade request must not end the WebSocket: its own
@@ -104,13 +107,17 @@ class websocket_session : public websocket_connection,
     beast::get_lowest_layer(ws_).expires_never();
     ws_.binary(true);
     ws_.read_message_max(options_.websocket_message_bytes_max);
+    // Beast bounds the handshake; a silent peer afterwards is noticed by idle_ (see idle_watch.hpp).
     auto timeouts = websocket::stream_base::timeout::suggested(beast::role_type::server);
-    timeouts.idle_timeout = std::chrono::seconds(60);  // pings keep a live peer; a dead one is dropped
-    timeouts.keep_alive_pings = true;
+    timeouts.idle_timeout = websocket::stream_base::none();
+    timeouts.keep_alive_pings = false;
     ws_.set_option(timeouts);
+    ws_.control_callback([this](websocket::frame_type, beast::string_view) { idle_.heard(); });
     auto owned = std::make_shared<http::request<http::string_body>>(std::move(request));
     ws_.async_accept(*owned, [self = shared_from_this(), owned, on_open = std::move(on_open)](beast::error_code ec) {
       if (ec) return;  // handshake failed: the peer is gone, nothing was opened
+      self->idle_.heard();
+      self->watch_idle();
       on_open(self);
     });
   }
@@ -146,10 +153,38 @@ class websocket_session : public websocket_connection,
   void read() {
     ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) return self->closed(ec);
+      self->idle_.heard();
       const auto data = self->buffer_.cdata();
       self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
       self->buffer_.consume(self->buffer_.size());
       self->read();
+    });
+  }
+
+  /// Pings a peer silent for half the idle timeout; drops one silent for all of it (a dead peer
+  /// would not complete a closing handshake, so the socket is closed at once).
+  void watch_idle() {
+    idle_.wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->reported_) return;
+      switch (self->idle_.check()) {
+        case idle_watch::verdict::fine:
+          break;
+        case idle_watch::verdict::ping:
+          if (self->pinging_) break;  // one ping at a time: the last one is stuck behind a write
+          self->pinging_ = true;
+          self->ws_.async_ping({}, [self](beast::error_code) { self->pinging_ = false; });
+          break;
+        case idle_watch::verdict::silent: {
+          if (self->local_reason_.empty()) {
+            self->local_reason_ = "nothing received for " + std::to_string(self->idle_.idle_timeout().count()) +
+                                  " ms: the peer is gone";
+          }
+          beast::error_code ignored;
+          beast::get_lowest_layer(self->ws_).socket().close(ignored);  // the read loop reports it
+          return;
+        }
+      }
+      self->watch_idle();
     });
   }
 
@@ -198,6 +233,7 @@ class websocket_session : public websocket_connection,
     }
     // Dropping the callbacks breaks the cycle with whoever they capture (usually the owner of this
     // connection).
+    idle_.cancel();
     auto on_closed = std::move(on_closed_);
     on_message_ = nullptr;
     on_closed_ = nullptr;
@@ -214,10 +250,12 @@ class websocket_session : public websocket_connection,
   bool closing_ = false;
   bool close_pending_ = false;
   bool reported_ = false;
+  bool pinging_ = false;
   websocket::close_reason close_reason_;
   std::string local_reason_;
   std::function<void(std::string_view)> on_message_;
   std::function<void(std::string)> on_closed_;
+  idle_watch idle_;  ///< declared after ws_, whose executor it runs on
 };
 
 class session;

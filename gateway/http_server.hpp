@@ -115,6 +115,9 @@ struct http_server_options {
   std::size_t websocket_message_bytes_max = 1024 * 1024;
   /// Most bytes queued for a WebSocket peer. Default: 16 MiB.
   std::size_t websocket_send_queue_bytes_max = 16 * 1024 * 1024;
+  /// A WebSocket peer silent for half this long is pinged; silent for this long, it is dropped.
+  /// Default: 60 s.
+  std::chrono::milliseconds websocket_idle_timeout{60'000};
 };
 
 class http_server {

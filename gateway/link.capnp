@@ -90,6 +90,7 @@ struct JobError {
 struct Welcome {
   providerId @0 :Text;
   heartbeatIntervalMs @1 :UInt32;
+  deltaBatches @2 :Bool;   # the server takes `deltas` frames; an agent sends none to one that does not
 }
 
 struct Offer {
@@ -102,6 +103,12 @@ struct Cancel {
   jobId @0 :Text;
 }
 
+# agent -> server, sent only to a server whose welcome set deltaBatches: the deltas that piled up
+# while the agent's previous write was in flight, in the order they were produced, in one message.
+struct Deltas {
+  items @0 :List(Delta);
+}
+
 struct Frame {
   union {
     hello @0 :Hello;
@@ -112,5 +119,6 @@ struct Frame {
     welcome @5 :Welcome;
     offer @6 :Offer;
     cancel @7 :Cancel;
+    deltas @8 :Deltas;
   }
 }

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "gateway/idle_watch.hpp"
 #include "gateway/link_codec.hpp"
 
 namespace gpustream::gateway {
@@ -143,16 +144,21 @@ using ws_stream = websocket::stream<beast::tcp_stream>;
 /// One connection attempt and, once it succeeded, the connection. Handlers hold it by shared_ptr,
 /// so a connection being torn down stays valid until its last handler has run.
 struct connection {
-  connection(asio::io_context& io, std::uint64_t generation)
-      : ws(io), deadline(io), generation(generation) {}
+  connection(asio::io_context& io, std::uint64_t generation, std::chrono::milliseconds idle_timeout)
+      : ws(io), deadline(io), idle(io.get_executor(), idle_timeout), generation(generation) {}
 
   ws_stream ws;
   asio::steady_timer deadline;  // bounds resolve + connect + upgrade
+  idle_watch idle;              // once up: pings a silent coordinator, gives up a gone one
   beast::flat_buffer buffer;
   websocket::response_type response;  // the server's answer to the upgrade
   std::deque<std::vector<std::uint8_t>> queue;
-  std::size_t queued_bytes = 0;
+  std::size_t queued_bytes = 0;  // the queue's bytes and the open batch's estimate
+  bool batch_deltas = false;
+  std::vector<link::delta> batch;  // deltas held behind the queue while a write is in flight
+  std::size_t batch_bytes = 0;     // their encoded size, estimated from above
   bool writing = false;
+  bool pinging = false;
   std::chrono::steady_clock::time_point up_since{};
   std::uint64_t generation;
 };
@@ -210,6 +216,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     resolver_.cancel();
     if (auto conn = std::exchange(conn_, nullptr)) {
       conn->deadline.cancel();
+      conn->idle.cancel();
       if (was_connected) {
         close_gracefully(conn, websocket::close_code::going_away, "agent stopping");
       } else {
@@ -223,26 +230,12 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
       return unexpected{link_send_error{link_send_errc::not_connected,
                                         "the link to the coordinator is not up"}};
     }
-    auto bytes = link::encode(f);
-    if (bytes.size() > options_.limits.frame_bytes_max) {
-      return unexpected{link_send_error{
-          link_send_errc::frame_too_large,
-          std::string(link::frame_name(f)) + " frame of " + std::to_string(bytes.size()) +
-              " bytes exceeds the frame limit of " +
-              std::to_string(options_.limits.frame_bytes_max)}};
-    }
     auto& conn = *conn_;
-    if (conn.queued_bytes + bytes.size() > options_.send_queue_bytes_max) {
-      return unexpected{link_send_error{
-          link_send_errc::queue_full,
-          "the send queue holds " + std::to_string(conn.queued_bytes) + " bytes; " +
-              std::to_string(bytes.size()) + " more would exceed its limit of " +
-              std::to_string(options_.send_queue_bytes_max)}};
+    if (const auto* d = std::get_if<link::delta>(&f); d != nullptr && conn.batch_deltas && conn.writing) {
+      return hold(conn, *d);
     }
-    conn.queued_bytes += bytes.size();
-    conn.queue.push_back(std::move(bytes));
-    if (!conn.writing) write(conn_);
-    return {};
+    close_batch(conn);  // whatever is held goes before this frame
+    return enqueue(conn, f);
   }
 
   void drop(std::uint16_t close_code, std::string reason) {
@@ -254,12 +247,78 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
                                          .close_code = close_code});
   }
 
+  void batch_deltas(bool enabled) noexcept {
+    if (conn_) conn_->batch_deltas = enabled;
+  }
+
   bool connected() const noexcept { return state_ == state::connected; }
   std::size_t queued_bytes() const noexcept { return conn_ ? conn_->queued_bytes : 0; }
 
  private:
   enum class state { idle, connecting, connected, waiting, stopped };
   using connection_ptr = std::shared_ptr<connection>;
+
+  /// An upper bound of the bytes `d` adds to a `deltas` frame: its list element (two pointers),
+  /// its two texts, each NUL-terminated and padded to whole words, and a landing pad (at most two
+  /// words) for each text, should it start a new segment of the message.
+  static std::size_t batch_item_bytes(const link::delta& d) {
+    const auto padded = [](std::size_t n) { return (n + 1 + 7) / 8 * 8; };
+    return 16 + padded(d.job_id.size()) + padded(d.text.size()) + 2 * 16;
+  }
+
+  /// An upper bound of a `deltas` frame's bytes besides its items: the segment table (a few dozen
+  /// segments at most: Cap'n Proto grows them geometrically), the root pointer, Frame, Deltas and
+  /// the list's pointer.
+  static constexpr std::size_t batch_frame_bytes = 256;
+
+  expected<void, link_send_error> hold(connection& conn, const link::delta& d) {
+    const std::size_t item_bytes = batch_item_bytes(d);
+    if (batch_frame_bytes + item_bytes > options_.limits.frame_bytes_max) return enqueue(conn, d);  // refused there
+    if (conn.batch.size() == options_.limits.batch_deltas_max ||
+        batch_frame_bytes + conn.batch_bytes + item_bytes > options_.limits.frame_bytes_max) {
+      close_batch(conn);
+    }
+    if (conn.queued_bytes + item_bytes > options_.send_queue_bytes_max) return queue_full(conn, item_bytes);
+    conn.batch.push_back(d);
+    conn.batch_bytes += item_bytes;
+    conn.queued_bytes += item_bytes;
+    return {};
+  }
+
+  /// Moves the held deltas, if any, to the queue as one frame (a lone delta as itself).
+  void close_batch(connection& conn) {
+    if (conn.batch.empty()) return;
+    auto bytes = conn.batch.size() == 1 ? link::encode(conn.batch.front())
+                                        : link::encode(link::deltas{std::move(conn.batch)});
+    GPUSTREAM_ENSURE(bytes.size() <= batch_frame_bytes + conn.batch_bytes);
+    conn.queued_bytes = conn.queued_bytes - conn.batch_bytes + bytes.size();
+    conn.batch.clear();
+    conn.batch_bytes = 0;
+    conn.queue.push_back(std::move(bytes));
+  }
+
+  expected<void, link_send_error> queue_full(const connection& conn, std::size_t more) const {
+    return unexpected{link_send_error{
+        link_send_errc::queue_full,
+        "the send queue holds " + std::to_string(conn.queued_bytes) + " bytes; " + std::to_string(more) +
+            " more would exceed its limit of " + std::to_string(options_.send_queue_bytes_max)}};
+  }
+
+  expected<void, link_send_error> enqueue(connection& conn, const link::frame& f) {
+    auto bytes = link::encode(f);
+    if (bytes.size() > options_.limits.frame_bytes_max) {
+      return unexpected{link_send_error{
+          link_send_errc::frame_too_large,
+          std::string(link::frame_name(f)) + " frame of " + std::to_string(bytes.size()) +
+              " bytes exceeds the frame limit of " +
+              std::to_string(options_.limits.frame_bytes_max)}};
+    }
+    if (conn.queued_bytes + bytes.size() > options_.send_queue_bytes_max) return queue_full(conn, bytes.size());
+    conn.queued_bytes += bytes.size();
+    conn.queue.push_back(std::move(bytes));
+    if (!conn.writing) write(conn_);
+    return {};
+  }
 
   /// A handler of an older attempt, or one that runs after stop(), does nothing.
   bool stale(const connection& conn) const noexcept {
@@ -268,7 +327,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
 
   void connect() {
     state_ = state::connecting;
-    auto conn = std::make_shared<connection>(io_, ++generation_);
+    auto conn = std::make_shared<connection>(io_, ++generation_, options_.idle_timeout);
     conn_ = conn;
     conn->deadline.expires_after(options_.connect_timeout);
     conn->deadline.async_wait([self = shared_from_this(), conn](boost::system::error_code ec) {
@@ -304,11 +363,14 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     }
     // Deltas are small and latency matters more than packet count.
     beast::get_lowest_layer(conn->ws).socket().set_option(tcp::no_delay(true), ec);
+    // Beast bounds the handshake; once up, conn->idle watches for silence (see idle_watch.hpp).
     websocket::stream_base::timeout timeouts{};
     timeouts.handshake_timeout = options_.connect_timeout;
-    timeouts.idle_timeout = options_.idle_timeout;
-    timeouts.keep_alive_pings = true;
+    timeouts.idle_timeout = websocket::stream_base::none();
+    timeouts.keep_alive_pings = false;
     conn->ws.set_option(timeouts);
+    connection* raw = conn.get();  // the stream is a member of the connection: it cannot outlive it
+    conn->ws.control_callback([raw](websocket::frame_type, beast::string_view) { raw->idle.heard(); });
     conn->ws.set_option(websocket::stream_base::decorator(
         [authorization = "Bearer " + options_.bearer_token,
          agent = options_.user_agent](websocket::request_type& request) {
@@ -343,6 +405,8 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     conn->response = {};
     state_ = state::connected;
     conn->up_since = std::chrono::steady_clock::now();
+    conn->idle.heard();
+    watch_idle(conn);
     read(conn);
     callbacks_.on_connected();
   }
@@ -360,6 +424,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
       on_read_failed(conn, ec);
       return;
     }
+    conn->idle.heard();
     if (conn->ws.got_text()) {
       protocol_failure(conn, websocket::close_code::bad_payload,
                        "the coordinator sent a text message; the link carries binary frames only");
@@ -403,13 +468,33 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
                                .close_code = websocket::close_code::too_big});
       return;
     }
-    std::string message = ec == beast::error::timeout
-                              ? "nothing received from the coordinator for " +
-                                    std::to_string(options_.idle_timeout.count()) + " ms"
-                              : "the connection to the coordinator broke: " + ec.message();
     close_socket(*conn);
     end_connection(conn, link_disconnect{.kind = link_disconnect_kind::connection_lost,
-                                         .message = std::move(message)});
+                                         .message = "the connection to the coordinator broke: " + ec.message()});
+  }
+
+  /// Pings a coordinator silent for half the idle timeout; gives up one silent for all of it.
+  void watch_idle(const connection_ptr& conn) {
+    conn->idle.wait([self = shared_from_this(), conn](boost::system::error_code ec) {
+      if (ec || self->stale(*conn)) return;
+      switch (conn->idle.check()) {
+        case idle_watch::verdict::fine:
+          break;
+        case idle_watch::verdict::ping:
+          if (conn->pinging) break;  // one ping at a time: the last one is stuck behind a write
+          conn->pinging = true;
+          conn->ws.async_ping({}, [conn](boost::system::error_code) { conn->pinging = false; });
+          break;
+        case idle_watch::verdict::silent:
+          self->close_socket(*conn);
+          self->end_connection(conn, link_disconnect{
+                                         .kind = link_disconnect_kind::connection_lost,
+                                         .message = "nothing received from the coordinator for " +
+                                                    std::to_string(self->options_.idle_timeout.count()) + " ms"});
+          return;
+      }
+      self->watch_idle(conn);
+    });
   }
 
   void protocol_failure(const connection_ptr& conn, std::uint16_t close_code, std::string message) {
@@ -439,6 +524,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     }
     conn->queued_bytes -= conn->queue.front().size();
     conn->queue.pop_front();
+    if (conn->queue.empty()) close_batch(*conn);  // what was held while this write was in flight
     if (!conn->queue.empty()) write(conn);
   }
 
@@ -455,7 +541,10 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     report.was_connected = state_ == state::connected;
     ++generation_;  // every handler of `conn` is stale from here on
     conn->deadline.cancel();
+    conn->idle.cancel();
     conn->queue.clear();
+    conn->batch.clear();
+    conn->batch_bytes = 0;
     conn->queued_bytes = 0;
     conn_.reset();
     if (report.was_connected &&
@@ -529,6 +618,8 @@ void link_client::start() { impl_->start(); }
 void link_client::stop() { impl_->stop(); }
 
 expected<void, link_send_error> link_client::send(const link::frame& f) { return impl_->send(f); }
+
+void link_client::batch_deltas(bool enabled) noexcept { impl_->batch_deltas(enabled); }
 
 void link_client::drop(std::uint16_t close_code, std::string reason) {
   impl_->drop(close_code, std::move(reason));

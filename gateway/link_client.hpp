@@ -155,6 +155,13 @@ class link_client {
   /// exceed send_queue_bytes_max or when the frame exceeds limits.frame_bytes_max.
   [[nodiscard]] expected<void, link_send_error> send(const link::frame& f);
 
+  /// With batching on, deltas sent while a write is in flight are held and go out together, as
+  /// one `deltas` frame, when it completes (any other frame sent meanwhile goes after them, so the
+  /// order is kept): a busy link then costs one write per batch instead of one per token. Turn it
+  /// on only for a server whose welcome says it takes `deltas` frames; every new connection starts
+  /// with it off.
+  void batch_deltas(bool enabled) noexcept;
+
   /// Closes the current connection with WebSocket close `close_code` and `reason`, reports it as
   /// link_disconnect_kind::dropped and reconnects after the backoff. For an owner that sees the
   /// peer break the protocol, or its queue overflow. No effect when no connection is up.

@@ -28,6 +28,11 @@ capnp::Text::Reader to_wire(const std::string& text) { return {text.data(), text
 
 decode_error failure(decode_errc code, std::string message) { return {code, std::move(message)}; }
 
+decode_error too_many_deltas(std::size_t count, const codec_limits& limits) {
+  return failure(decode_errc::over_limit, "deltas.items: " + std::to_string(count) + " deltas, more than the " +
+                                              std::to_string(limits.batch_deltas_max) + " allowed");
+}
+
 schema::BackendKind to_wire(events::backend_kind kind) {
   static_assert(static_cast<unsigned>(schema::BackendKind::BUILTIN) ==
                 static_cast<unsigned>(events::backend_kind::builtin));
@@ -85,10 +90,16 @@ void write(schema::Frame::Builder root, const heartbeat& f) {
   b.setTokensPerSecondMilli(f.tokens_per_second_milli);
 }
 
-void write(schema::Frame::Builder root, const delta& f) {
-  auto b = root.initDelta();
+void write(schema::Delta::Builder b, const delta& f) {
   b.setJobId(to_wire(f.job_id));
   b.setText(to_wire(f.text));
+}
+
+void write(schema::Frame::Builder root, const delta& f) { write(root.initDelta(), f); }
+
+void write(schema::Frame::Builder root, const deltas& f) {
+  auto items = root.initDeltas().initItems(static_cast<unsigned>(f.items.size()));
+  for (unsigned i = 0; i < f.items.size(); ++i) write(items[i], f.items[i]);
 }
 
 void write(schema::Frame::Builder root, const done& f) {
@@ -114,6 +125,7 @@ void write(schema::Frame::Builder root, const welcome& f) {
   auto b = root.initWelcome();
   b.setProviderId(to_wire(f.provider_id));
   b.setHeartbeatIntervalMs(f.heartbeat_interval_ms);
+  b.setDeltaBatches(f.delta_batches);
 }
 
 void write(schema::Frame::Builder root, const offer& f) {
@@ -180,6 +192,19 @@ read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
   return frame{std::move(f)};
 }
 
+delta read_delta(schema::Delta::Reader r) {
+  return delta{.job_id = to_std(r.getJobId()), .text = to_std(r.getText())};
+}
+
+read_result read_deltas(schema::Deltas::Reader r, const codec_limits& limits) {
+  const auto items = r.getItems();
+  if (items.size() > limits.batch_deltas_max) return unexpected{too_many_deltas(items.size(), limits)};
+  deltas f;
+  f.items.reserve(items.size());
+  for (const auto item : items) f.items.push_back(read_delta(item));
+  return frame{std::move(f)};
+}
+
 read_result read_offer(schema::Offer::Reader r) {
   const auto kind = static_cast<std::uint16_t>(r.getKind());
   if (kind > static_cast<std::uint16_t>(job_kind::completion)) {
@@ -203,10 +228,10 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
                              .health_percent = r.getHealthPercent(),
                              .tokens_per_second_milli = r.getTokensPerSecondMilli()}};
     }
-    case schema::Frame::DELTA: {
-      const auto r = root.getDelta();
-      return frame{delta{.job_id = to_std(r.getJobId()), .text = to_std(r.getText())}};
-    }
+    case schema::Frame::DELTA:
+      return frame{read_delta(root.getDelta())};
+    case schema::Frame::DELTAS:
+      return read_deltas(root.getDeltas(), limits);
     case schema::Frame::DONE: {
       const auto r = root.getDone();
       return frame{done{.job_id = to_std(r.getJobId()),
@@ -227,7 +252,8 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
     case schema::Frame::WELCOME: {
       const auto r = root.getWelcome();
       return frame{welcome{.provider_id = to_std(r.getProviderId()),
-                           .heartbeat_interval_ms = r.getHeartbeatIntervalMs()}};
+                           .heartbeat_interval_ms = r.getHeartbeatIntervalMs(),
+                           .delta_batches = r.getDeltaBatches()}};
     }
     case schema::Frame::OFFER:
       return read_offer(root.getOffer());
@@ -370,6 +396,15 @@ expected<void, decode_error> check(const delta& f, const codec_limits& limits) {
                        [&] { return check_text("delta.text", f.text, limits.text_bytes_max); });
 }
 
+expected<void, decode_error> check(const deltas& f, const codec_limits& limits) {
+  if (f.items.empty()) return unexpected{failure(decode_errc::invalid_field, "deltas.items: empty")};
+  if (f.items.size() > limits.batch_deltas_max) return unexpected{too_many_deltas(f.items.size(), limits)};
+  for (const auto& item : f.items) {
+    if (auto r = check(item, limits); !r) return r;
+  }
+  return {};
+}
+
 expected<void, decode_error> check(const done& f, const codec_limits& limits) {
   return first_failure(
       [&] { return check_job_id("done.job_id", f.job_id, limits); },
@@ -408,7 +443,7 @@ constexpr unsigned encode_first_segment_words = 128;
 
 std::string_view frame_name(const frame& f) noexcept {
   static constexpr std::array<std::string_view, std::variant_size_v<frame>> names = {
-      "hello", "heartbeat", "delta", "done", "job_error", "welcome", "offer", "cancel"};
+      "hello", "heartbeat", "delta", "done", "job_error", "welcome", "offer", "cancel", "deltas"};
   return names[f.index()];
 }
 

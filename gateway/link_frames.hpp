@@ -91,6 +91,9 @@ struct job_error {
 struct welcome {
   std::string provider_id;
   std::uint32_t heartbeat_interval_ms = 0;
+  /// The server takes `deltas` frames. An older server does not: the agent then sends each delta
+  /// on its own.
+  bool delta_batches = false;
 
   bool operator==(const welcome&) const = default;
 };
@@ -111,8 +114,17 @@ struct cancel {
   bool operator==(const cancel&) const = default;
 };
 
+/// agent -> server: several deltas (of one or more jobs) in one message, in the order they were
+/// produced. An agent batches the deltas that pile up while its previous write is in flight, so
+/// that a busy link costs one write and one read per batch instead of per token.
+struct deltas {
+  std::vector<delta> items;
+
+  bool operator==(const deltas&) const = default;
+};
+
 /// One link message. The alternatives' order is the wire's union order: only ever append.
-using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, offer, cancel>;
+using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, offer, cancel, deltas>;
 
 /// The frame's type name for logs, e.g. "hello", "job_error".
 [[nodiscard]] std::string_view frame_name(const frame& f) noexcept;
@@ -145,6 +157,8 @@ struct codec_limits {
   std::size_t url_bytes_max = 2048;
   /// Longest job_error message, bytes. Default: 4 KiB.
   std::size_t message_bytes_max = 4 * 1024;
+  /// Most deltas in one `deltas` frame. Default: 4096.
+  std::size_t batch_deltas_max = 4096;
 };
 
 /// The closed set of reasons a frame is refused.

@@ -221,6 +221,8 @@ void link_session::on_message(std::string_view bytes) {
                          domain::load_report{f.load_percent, f.health_percent});
         } else if constexpr (std::is_same_v<F, link::delta>) {
           relay.delta(provider_id_, std::move(f));
+        } else if constexpr (std::is_same_v<F, link::deltas>) {
+          for (auto& item : f.items) relay.delta(provider_id_, std::move(item));
         } else if constexpr (std::is_same_v<F, link::done>) {
           relay.done(provider_id_, f);
         } else if constexpr (std::is_same_v<F, link::job_error>) {
@@ -256,7 +258,8 @@ void link_session::on_hello(const link::hello& hello) {
                                                             actors::provider_session{self->actor_}});
                         self->online_ = true;
                         self->send(link::welcome{self->provider_id_,
-                                                 static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count())});
+                                                 static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
+                                                 true});
                         spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
                                      models.size(), gpus, static_cast<int>(state.level));
                       },

@@ -1,6 +1,7 @@
 // The HTTP server's asynchronous side: answers given later from another thread, streamed
 // (chunked) answers, a client going away noticed while an answer is pending, WebSocket upgrades
-// refused or accepted, and the WebSocket message limit.
+// refused or accepted, the WebSocket message limit, and WebSocket keep-alive: a quiet peer that
+// answers pings stays, a silent one is dropped.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -12,6 +13,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/websocket.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <future>
@@ -256,6 +258,63 @@ TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
   EXPECT_EQ(ec, websocket::error::closed) << ec.message();
   EXPECT_EQ(client.ws.reason().code, websocket::close_code::policy_error);
   EXPECT_EQ(std::string(client.ws.reason().reason.c_str()), "hello first");
+}
+
+TEST(http_streaming, a_quiet_websocket_peer_that_answers_pings_stays_open) {
+  http_server_options options;
+  options.websocket_idle_timeout = 400ms;
+  std::promise<std::shared_ptr<websocket_connection>> opened;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start([](std::string_view) {}, [](std::string) {});
+                          opened.set_value(c);
+                        }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  auto connection = opened.get_future().get();
+  // The client sends nothing; its reads answer the server's pings. Three pings (one per half idle
+  // timeout) mean the connection outlived the idle timeout because of them.
+  std::atomic<int> pings{0};
+  client.ws.control_callback([&](websocket::frame_type kind, beast::string_view) {
+    if (kind == websocket::frame_type::ping && ++pings == 3) connection->send("still here");
+  });
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  client.ws.read(buffer, ec);
+  ASSERT_FALSE(ec) << ec.message();
+  EXPECT_EQ(beast::buffers_to_string(buffer.data()), "still here");
+  EXPECT_GE(pings.load(), 3);
+}
+
+TEST(http_streaming, a_silent_websocket_peer_is_dropped_after_the_idle_timeout) {
+  http_server_options options;
+  options.websocket_idle_timeout = 400ms;
+  signal closed;
+  std::string reason;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start([](std::string_view) {}, [&](std::string why) {
+                            reason = std::move(why);
+                            closed.raise();
+                          });
+                        }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  // A peer that completes the upgrade and then never reads again: it answers no ping.
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  const auto upgraded_at = std::chrono::steady_clock::now();
+  peer.send("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  ASSERT_NE(peer.read_until("\r\n\r\n", 10'000ms).find("101"), std::string::npos);
+  ASSERT_TRUE(closed.wait(10s));
+  EXPECT_GE(std::chrono::steady_clock::now() - upgraded_at, options.websocket_idle_timeout);
+  EXPECT_NE(reason.find("nothing received for 400 ms"), std::string::npos) << reason;
 }
 
 }  // namespace

@@ -471,6 +471,107 @@ TEST(link_client, send_is_refused_when_down_when_too_large_and_when_the_queue_is
   EXPECT_EQ(down.error().code, link_send_errc::not_connected);
 }
 
+/// Collects every message the client sends: its size and its frame.
+struct recorded_messages {
+  journal notes;
+  std::vector<std::size_t> sizes;
+  std::vector<link::frame> frames;
+
+  /// The deltas and other frames in the order sent, batches taken apart.
+  std::vector<link::frame> flattened() {
+    return notes.read([&] {
+      std::vector<link::frame> out;
+      for (const auto& f : frames) {
+        if (const auto* batch = std::get_if<link::deltas>(&f)) {
+          for (const auto& item : batch->items) out.emplace_back(item);
+        } else {
+          out.push_back(f);
+        }
+      }
+      return out;
+    });
+  }
+};
+
+test_ws_server::session record_into(recorded_messages& record) {
+  return [&record](tcp::socket socket, int) -> asio::awaitable<void> {
+    websocket::stream<tcp::socket> ws(std::move(socket));
+    co_await accept(ws);
+    beast::flat_buffer buffer;
+    for (;;) {
+      co_await ws.async_read(buffer, asio::use_awaitable);
+      const auto data = buffer.cdata();
+      auto decoded = link::decode({static_cast<const std::uint8_t*>(data.data()), data.size()}, {});
+      const std::size_t size = data.size();
+      buffer.consume(buffer.size());
+      record.notes.update([&] {
+        record.sizes.push_back(size);
+        if (decoded) record.frames.push_back(std::move(*decoded));
+      });
+    }
+  };
+}
+
+TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
+  recorded_messages record;
+  test_ws_server server(record_into(record));
+  client_fixture fixture;
+  std::vector<link::frame> sent;
+  fixture.start(options_for(server.url()), [&](link_client& client) {
+    client.batch_deltas(true);
+    // All within one callback: the first frame's write is in flight until it returns.
+    for (int i = 0; i < 100; ++i) sent.emplace_back(link::delta{.job_id = "j" + std::to_string(i % 3), .text = "t" + std::to_string(i)});
+    sent.emplace_back(link::done{.job_id = "j0", .finish_reason = "stop"});
+    for (int i = 100; i < 150; ++i) sent.emplace_back(link::delta{.job_id = "j1", .text = "t" + std::to_string(i)});
+    for (const auto& f : sent) ASSERT_TRUE(client.send(f));
+  });
+  ASSERT_TRUE(record.notes.wait_until([&] { return record.frames.size() == 4; }));
+  // The first delta as itself (nothing was in flight), the 99 held behind it as one batch, closed
+  // by the done frame that follows them, and the 50 after it as one more batch.
+  EXPECT_EQ(link::frame_name(record.frames[0]), "delta");
+  EXPECT_EQ(link::frame_name(record.frames[1]), "deltas");
+  EXPECT_EQ(std::get<link::deltas>(record.frames[1]).items.size(), 99u);
+  EXPECT_EQ(link::frame_name(record.frames[2]), "done");
+  EXPECT_EQ(std::get<link::deltas>(record.frames[3]).items.size(), 50u);
+  EXPECT_EQ(record.flattened(), sent);
+  EXPECT_EQ(fixture.on_io([&] { return fixture.client().queued_bytes(); }), 0u);
+}
+
+TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
+  recorded_messages record;
+  test_ws_server server(record_into(record));
+  client_fixture fixture;
+  auto options = options_for(server.url());
+  options.limits.frame_bytes_max = 4096;
+  options.limits.batch_deltas_max = 5;
+  std::vector<link::frame> sent;
+  fixture.start(options, [&](link_client& client) {
+    client.batch_deltas(true);
+    for (int i = 0; i < 40; ++i) {
+      const std::size_t text_bytes = i < 20 ? 900 : 10;  // big ones split by bytes, small ones by count
+      sent.emplace_back(link::delta{.job_id = "job", .text = std::string(text_bytes, static_cast<char>('a' + i % 26))});
+      ASSERT_TRUE(client.send(sent.back()));
+    }
+  });
+  ASSERT_TRUE(record.notes.wait_until([&] {
+    std::size_t items = 0;
+    for (const auto& f : record.frames) {
+      items += std::holds_alternative<link::deltas>(f) ? std::get<link::deltas>(f).items.size() : 1;
+    }
+    return items == sent.size();
+  }));
+  EXPECT_EQ(record.flattened(), sent);
+  record.notes.read([&] {
+    for (std::size_t i = 0; i < record.sizes.size(); ++i) EXPECT_LE(record.sizes[i], 4096u) << "message " << i;
+    for (const auto& f : record.frames) {
+      if (const auto* batch = std::get_if<link::deltas>(&f)) EXPECT_LE(batch->items.size(), 5u);
+    }
+    EXPECT_GT(record.frames.size(), 8u);   // 39 held deltas cannot go in fewer than 8 batches of 5
+    EXPECT_LT(record.frames.size(), 40u);  // but they were batched
+    return 0;
+  });
+}
+
 TEST(link_client, drop_closes_with_the_given_code_and_reconnects) {
   journal server_notes;
   std::vector<std::uint16_t> close_codes;

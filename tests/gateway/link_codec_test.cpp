@@ -60,11 +60,13 @@ std::vector<frame> every_frame() {
                 .tokens_so_far = 7,
                 .message = "backend answered 503",
                 .upstream_fault = true},
-      welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 5'000},
+      welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 5'000, .delta_batches = true},
       offer{.job_id = "job-44",
             .kind = job_kind::completion,
             .request_json = R"({"model":"m","prompt":"hi","stream":true})"},
       cancel{.job_id = "job-44"},
+      deltas{.items = {delta{.job_id = "job-42", .text = "Grüße"}, delta{.job_id = "job-45", .text = ""},
+                       delta{.job_id = "job-42", .text = ", 世界 🙂"}}},
   };
 }
 
@@ -185,6 +187,31 @@ TEST(link_codec, delta_text_is_bounded) {
   const codec_limits limits;
   const auto error =
       decode_failure(delta{.job_id = "j", .text = std::string(limits.text_bytes_max + 1, 'a')});
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("delta.text"), std::string::npos) << error.message;
+}
+
+TEST(link_codec, delta_batches_are_bounded_non_empty_and_checked_item_by_item) {
+  codec_limits limits;
+  limits.batch_deltas_max = 3;
+  deltas batch;
+  for (int i = 0; i < 3; ++i) batch.items.push_back(delta{.job_id = "j" + std::to_string(i), .text = "x"});
+  EXPECT_EQ(round_trip(batch, limits), frame{batch});
+
+  batch.items.push_back(delta{.job_id = "j3", .text = "x"});
+  auto error = decode_failure(batch, limits);
+  EXPECT_EQ(error.code, decode_errc::over_limit);
+  EXPECT_NE(error.message.find("4 deltas, more than the 3 allowed"), std::string::npos) << error.message;
+
+  error = decode_failure(deltas{}, limits);
+  EXPECT_EQ(error.code, decode_errc::invalid_field);
+  EXPECT_NE(error.message.find("deltas.items: empty"), std::string::npos) << error.message;
+
+  const deltas bad_item{.items = {delta{.job_id = "j", .text = "ok"}, delta{.job_id = "", .text = "x"}}};
+  error = decode_failure(bad_item, limits);
+  EXPECT_EQ(error.code, decode_errc::invalid_field);
+  const deltas long_item{.items = {delta{.job_id = "j", .text = std::string(limits.text_bytes_max + 1, 'a')}}};
+  error = decode_failure(long_item, limits);
   EXPECT_EQ(error.code, decode_errc::over_limit);
   EXPECT_NE(error.message.find("delta.text"), std::string::npos) << error.message;
 }
