@@ -237,40 +237,60 @@ domain::job::command submit_command(const job_request& r) {
                             r.max_price_micros, r.premium,    r.conversation_id};
 }
 
-/// Persists the job as queued (and first as submitted, when `submitting`: one append for both)
-/// and puts it in the queue; answers `reply` either way.
+/// Puts the job in the queue, due by `deadline`.
+expected<void, domain::error> push_queued(self_pointer self, const std::string& job_id, std::int64_t now,
+                                 std::int64_t deadline) {
+  const auto& job = self->state.jobs.at(job_id);
+  return self->state.queue->push(domain::queued_job{.job_id = job_id,
+                                                    .model = job.request.model,
+                                                    .quality = job.request.quality,
+                                                    .priority = job.priority,
+                                                    .queued_at_us = now,
+                                                    .deadline_at_us = deadline,
+                                                    .preferred_provider_id = {},
+                                                    .avoided_provider_id = job.avoided_provider_id},
+                                 *self->state.index, now);
+}
+
+events::failure_reason failure_reason_of(const domain::error& refusal) {
+  return refusal.code == domain::errc::no_provider ? events::failure_reason::no_provider
+                                                   : events::failure_reason::internal;
+}
+
+/// Takes back a job whose submission or assignment could not be recorded: out of the queue, or
+/// its offer cancelled at its provider; then forgotten. A job already ending (cancelled) is left to
+/// its ending, which forgets it.
+void withdraw(self_pointer self, const std::string& job_id) {
+  auto found = self->state.jobs.find(job_id);
+  if (found == self->state.jobs.end() || found->second.ending) return;
+  if (found->second.running) {
+    if (auto session = self->state.sessions.find(found->second.provider_id);
+        session != self->state.sessions.end()) {
+      self->send(session->second, cancel_atom::value, job_id);
+    }
+  } else {
+    (void)self->state.queue->remove(job_id);
+  }
+  forget(self, job_id);
+}
+
+/// Persists a job going back to the queue as queued and puts it there; answers `reply` either way.
 template <class Reply>
-void enqueue(self_pointer self, const std::string& job_id, bool submitting, Reply reply) {
+void enqueue(self_pointer self, const std::string& job_id, Reply reply) {
   auto& job = self->state.jobs.at(job_id);
   const std::int64_t now = now_us(self);
   const std::int64_t deadline = now + self->state.options.queue_wait_max.count();
-  std::vector<domain::job::command> commands;
-  if (submitting) commands.push_back(submit_command(job.request));
-  commands.push_back(domain::queue_job{job.priority, deadline});
-  self->request(self->state.peers.jobs, caf::infinite, job_id, std::move(commands))
+  self->request(self->state.peers.jobs, caf::infinite, job_id,
+                domain::job::command{domain::queue_job{job.priority, deadline}})
       .then(
           [self, job_id, deadline, now, reply](const command_reply&) mutable {
-            auto& job = self->state.jobs.at(job_id);
-            auto pushed = self->state.queue->push(
-                domain::queued_job{.job_id = job_id,
-                                   .model = job.request.model,
-                                   .quality = job.request.quality,
-                                   .priority = job.priority,
-                                   .queued_at_us = now,
-                                   .deadline_at_us = deadline,
-                                   .preferred_provider_id = {},
-                                   .avoided_provider_id = job.avoided_provider_id},
-                *self->state.index, now);
-            if (!pushed) {
-              const auto reason = pushed.error().code == domain::errc::no_provider
-                                      ? events::failure_reason::no_provider
-                                      : events::failure_reason::internal;
+            if (auto pushed = push_queued(self, job_id, now, deadline); !pushed) {
               auto error = make_error(pushed.error());
-              fail_job(self, job_id, reason, pushed.error().message,
+              fail_job(self, job_id, failure_reason_of(pushed.error()), pushed.error().message,
                        [reply, error](auto&&) mutable { reply(error); });
               return;
             }
-            reply(job_accepted{job_id, job.priority, deadline});
+            reply(job_accepted{job_id, self->state.jobs.at(job_id).priority, deadline});
             assign_pass(self);
           },
           [self, job_id, reply](caf::error& failure) mutable {
@@ -291,6 +311,22 @@ void offer(self_pointer self, const std::string& job_id) {
                        job.request.max_tokens, job.attempt, job.tokens_so_far});
 }
 
+/// The assignment of attempt `attempt` could not be recorded (the job's stream failed). Unless the
+/// job moved on meanwhile (cancelled, reassigned, ended), the offer already made is withdrawn and
+/// the job ends failed for its client.
+void assignment_failed(self_pointer self, const std::string& job_id, std::uint32_t attempt,
+                       const caf::error& failure) {
+  auto found = self->state.jobs.find(job_id);
+  if (found == self->state.jobs.end() || found->second.attempt != attempt || !found->second.running ||
+      found->second.ending) {
+    return;
+  }
+  notify_watcher(self, job_id,
+                 job_ended{job_id, domain::job_status::failed, 0, 0,
+                           "the job's assignment could not be recorded: " + describe(failure)});
+  withdraw(self, job_id);
+}
+
 void assign_pass(self_pointer self) {
   auto& st = self->state;
   // A pass makes at most assignments_per_pass_max assignments; a full one may leave more to do.
@@ -308,13 +344,15 @@ void assign_pass(self_pointer self) {
       job.price = offer_price(self, a.provider_id, job.request.model);
       job.attempt += 1;
       const std::string job_id = a.job.job_id;
+      const std::uint32_t attempt = job.attempt;
       self->request(st.peers.jobs, caf::infinite, job_id,
                     domain::job::command{domain::assign_job{a.provider_id}})
-          .then([self, job_id](const command_reply&) { offer(self, job_id); },
-                [self, job_id](caf::error&) {
-                  // The job moved on meanwhile (cancelled) or its stream failed: free the slot.
-                  forget(self, job_id);
-                });
+          .then([](const command_reply&) {},
+                [self, job_id, attempt](caf::error& failure) { assignment_failed(self, job_id, attempt, failure); });
+      // The provider starts while the assignment is being persisted: the first token does not wait
+      // for an fsync. Everything the job records later (its start, result or cancel) goes to the
+      // same job actor after the assignment and is appended after it; nothing is billed before.
+      offer(self, job_id);
     }
   }
 }
@@ -341,11 +379,30 @@ void refuse_job(self_pointer self, const std::string& job_id, events::failure_re
           });
 }
 
-/// The checks passed: the job is submitted and queued.
+/// The checks passed: the job goes into the queue at once, and may be offered to a provider,
+/// while it is recorded as submitted and queued (one append): the first token does not wait for
+/// an fsync. Every later command for the job reaches its actor after this one and is appended
+/// after it (its assignment, start, end); nothing is billed before its end is recorded. If the
+/// submission cannot be recorded, the job is withdrawn and the client refused.
 void admit(self_pointer self, const std::string& job_id,
            caf::typed_response_promise<job_accepted> reply) {
-  enqueue(self, job_id, true,
-          [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); });
+  auto& job = self->state.jobs.at(job_id);
+  const std::int64_t now = now_us(self);
+  const std::int64_t deadline = now + self->state.options.queue_wait_max.count();
+  if (auto pushed = push_queued(self, job_id, now, deadline); !pushed) {
+    refuse_job(self, job_id, failure_reason_of(pushed.error()), make_error(pushed.error()), reply);
+    return;
+  }
+  const job_accepted accepted{job_id, job.priority, deadline};
+  std::vector<domain::job::command> commands{submit_command(job.request),
+                                             domain::queue_job{job.priority, deadline}};
+  self->request(self->state.peers.jobs, caf::infinite, job_id, std::move(commands))
+      .then([reply, accepted](const command_reply&) mutable { reply.deliver(accepted); },
+            [self, job_id, reply](caf::error& failure) mutable {
+              withdraw(self, job_id);
+              reply.deliver(failure);
+            });
+  assign_pass(self);
 }
 
 /// Checks the premium user's balance (minus what other jobs hold) against the job's quote.
@@ -487,7 +544,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
                 domain::job::command{domain::reassign_job{from, reason, job.tokens_so_far}})
       .then(
           [self, job_id, reply](const command_reply&) mutable {
-            enqueue(self, job_id, false, [job_id, reply](auto&& outcome) mutable {
+            enqueue(self, job_id, [job_id, reply](auto&& outcome) mutable {
               if constexpr (std::is_same_v<std::decay_t<decltype(outcome)>, job_accepted>) {
                 reply(job_ended{job_id, domain::job_status::queued, 0, 0});
               } else {

@@ -20,6 +20,7 @@
 #include "domain/selection.hpp"
 #include "domain/verifier.hpp"
 #include "events/codec.hpp"
+#include "storage/fault_injector.hpp"
 #include "tests/actors/actor_testing.hpp"
 
 namespace gpustream::actors {
@@ -28,12 +29,18 @@ namespace {
 /// Offers received by simulated provider sessions, by provider id.
 using offer_log = std::map<std::string, std::vector<job_offer>>;
 
+/// Cancels received by simulated provider sessions: job ids by provider id.
+using cancel_log = std::map<std::string, std::vector<std::string>>;
+
 provider_session::behavior_type session_behavior(provider_session::pointer,
                                                  std::shared_ptr<offer_log> log,
+                                                 std::shared_ptr<cancel_log> cancels,
                                                  std::string provider_id) {
   return {
       [log, provider_id](offer_atom, const job_offer& offer) { (*log)[provider_id].push_back(offer); },
-      [](cancel_atom, const std::string&) {},
+      [cancels, provider_id](cancel_atom, const std::string& job_id) {
+        (*cancels)[provider_id].push_back(job_id);
+      },
   };
 }
 
@@ -41,8 +48,8 @@ class scheduler_test : public testing::deterministic_fixture {
  protected:
   scheduler_test() : scheduler_test(100'000) {}
 
-  explicit scheduler_test(std::size_t jobs_live_max) {
-    auto store = storage::event_store::open(directory_.path(), buffered());
+  explicit scheduler_test(std::size_t jobs_live_max, storage::store_options store_options = buffered()) {
+    auto store = storage::event_store::open(directory_.path(), std::move(store_options));
     EXPECT_TRUE(store) << store.error().message;
     runtime_options options;
     options.store.wait_for_each_append = true;
@@ -90,7 +97,7 @@ class scheduler_test : public testing::deterministic_fixture {
                 {events::model_offer{model, 8192, "Q4_K_M", price, price, slots}}}});
     auto state = ask<domain::provider::state>(rt_.providers, id, state_atom::value);
     ASSERT_TRUE(state);
-    auto session = system_.spawn(session_behavior, offers_, id);
+    auto session = system_.spawn(session_behavior, offers_, cancels_, id);
     stop_at_teardown(session);
     self_->send(rt_.scheduler, online_atom::value,
                 provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
@@ -174,6 +181,7 @@ class scheduler_test : public testing::deterministic_fixture {
 
   testing::manual_clock clock_;
   std::shared_ptr<offer_log> offers_ = std::make_shared<offer_log>();
+  std::shared_ptr<cancel_log> cancels_ = std::make_shared<cancel_log>();
   runtime rt_;
 };
 
@@ -360,6 +368,44 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(ended.value().status, domain::job_status::cancelled);
   EXPECT_EQ(ended.value().gross_micros, 1100);  // 1000 prompt + 100 produced
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100);
+}
+
+/// With `sync` durability and a store whose fsyncs can be made to fail.
+class failing_store_scheduler_test : public scheduler_test {
+ protected:
+  failing_store_scheduler_test() : scheduler_test(100'000, with_faults(faults_)) {}
+
+  static storage::store_options with_faults(const std::shared_ptr<storage::fault_injector>& faults) {
+    storage::store_options options;
+    options.mode = storage::durability::sync;
+    options.faults = faults;
+    return options;
+  }
+
+  // Static: the base class opens the store before this class's members exist.
+  static inline std::shared_ptr<storage::fault_injector> faults_ = std::make_shared<storage::fault_injector>();
+};
+
+TEST_F(failing_store_scheduler_test, a_job_is_offered_while_it_is_recorded_and_withdrawn_if_that_fails) {
+  faults_->set_fail_sync(false);
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  // The offer goes out before the job's submission is durable; the submission's fsync fails.
+  faults_->set_fail_sync(true);
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j1", "alice", true));
+  ASSERT_FALSE(refused);
+  EXPECT_TRUE(storage_error_of(refused.error())) << describe(refused.error());
+  ASSERT_EQ((*offers_)["p1"].size(), 1u);
+  EXPECT_EQ((*offers_)["p1"][0].job_id, "j1");
+  EXPECT_EQ((*cancels_)["p1"], std::vector<std::string>{"j1"}) << "the offer is withdrawn";
+  EXPECT_EQ(counts().running, 0u);
+  EXPECT_EQ(counts().queued, 0u);
+  // The provider's only slot is free again: the next job runs there once the store works.
+  faults_->set_fail_sync(false);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
+  ASSERT_EQ((*offers_)["p1"].size(), 2u);
+  EXPECT_EQ((*offers_)["p1"][1].job_id, "j2");
+  EXPECT_EQ(job("j2").status, domain::job_status::assigned);
 }
 
 class small_scheduler_test : public scheduler_test {
