@@ -23,7 +23,7 @@ class actor_bridge {
   /// Spawns `actors_max` bridge actors in `system` (tasks are spread over them in turn, so one
   /// busy actor does not serialise the gateway). Default: 2.
   explicit actor_bridge(caf::actor_system& system, std::size_t actors_max = 2);
-  /// Stops the bridge actors; tasks still queued are dropped, continuations pending are not run.
+  /// Stops the bridge actors (see stop()).
   ~actor_bridge();
   actor_bridge(const actor_bridge&) = delete;
   actor_bridge& operator=(const actor_bridge&) = delete;
@@ -37,9 +37,20 @@ class actor_bridge {
   /// Runs `t` inside one of the bridge's actors after `delay`.
   void run_later(std::chrono::milliseconds delay, task t);
 
+  /// Stops the bridge's actors and waits until they are gone: once it returns, no task or
+  /// continuation runs any more (those still queued or pending are dropped, as are tasks handed
+  /// over later), so whatever they refer to may be destroyed. Idempotent.
+  void stop();
+
  private:
+  caf::actor_system& system_;
   std::vector<caf::actor> actors_;
   std::atomic<std::size_t> next_{0};
 };
+
+/// Tells `actors` to exit and waits until every one of them is gone (at most `wait_max`, then
+/// logs those still running). For shutdowns: once it returns, none of them runs a handler again.
+void stop_and_wait(caf::actor_system& system, const std::vector<caf::actor>& actors,
+                   std::chrono::milliseconds wait_max = std::chrono::seconds(10));
 
 }  // namespace gpustream::gateway

@@ -125,19 +125,27 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Every link actor alive (hello or not), so that stopping the node stops them all: a link
-  /// whose connection is dropped by the server's shutdown never sees on_closed.
-  void track(const link_session* session, link_actor actor) {
+  /// whose connection is dropped by the server's shutdown never sees on_closed. False once
+  /// stopped: the caller then stops `actor` itself.
+  [[nodiscard]] bool track(const link_session* session, link_actor actor) {
     std::lock_guard lock(mutex_);
+    if (stopped_) return false;
     actors_[session] = std::move(actor);
+    return true;
   }
   void untrack(const link_session* session) {
     std::lock_guard lock(mutex_);
     actors_.erase(session);
   }
-  void stop_all() {
-    std::lock_guard lock(mutex_);
-    for (auto& [session, actor] : actors_) caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
-    actors_.clear();
+  void stop() {
+    std::vector<caf::actor> running;
+    {
+      std::lock_guard lock(mutex_);
+      stopped_ = true;
+      for (auto& [session, actor] : actors_) running.push_back(caf::actor_cast<caf::actor>(actor));
+      actors_.clear();
+    }
+    stop_and_wait(system_, running);
   }
 
   caf::actor_system& system_;
@@ -149,6 +157,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   mutable std::mutex mutex_;
   std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
   std::map<const link_session*, link_actor> actors_;
+  bool stopped_ = false;
 };
 
 void link_session::start() {
@@ -184,7 +193,12 @@ void link_session::start() {
         },
     };
   });
-  owner_->track(this, actor_);
+  if (!owner_->track(this, actor_)) {
+    caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
+    closed_ = true;
+    connection_->close(1001, "the server is stopping");
+    return;
+  }
   connection_->start([self](std::string_view bytes) { self->on_message(bytes); },
                      [self](std::string reason) { self->on_closed(std::move(reason)); });
 }
@@ -311,7 +325,8 @@ provider_links::provider_links(caf::actor_system& system, actor_bridge& bridge, 
                                directory& who, relay& answers, provider_link_options options)
     : impl_(std::make_shared<impl>(system, bridge, runtime, who, answers, std::move(options))) {}
 
-provider_links::~provider_links() { impl_->stop_all(); }
+provider_links::~provider_links() { impl_->stop(); }
+void provider_links::stop() { impl_->stop(); }
 
 websocket_decision provider_links::upgrade(const http_request& request) { return impl_->upgrade(request); }
 std::size_t provider_links::online() const noexcept { return impl_->online(); }

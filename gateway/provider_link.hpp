@@ -34,6 +34,7 @@ class provider_links {
  public:
   provider_links(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime,
                  directory& who, relay& answers, provider_link_options options = {});
+  /// Stops (see stop()).
   ~provider_links();
   provider_links(const provider_links&) = delete;
   provider_links& operator=(const provider_links&) = delete;
@@ -43,6 +44,11 @@ class provider_links {
 
   /// Links open now (hello received).
   [[nodiscard]] std::size_t online() const noexcept;
+
+  /// Stops every link's actor and waits until they are gone: no offer, cancel or staleness
+  /// check runs from then on, and links opened later are closed at once (1001). Their
+  /// connections stay with the server, which must outlive this call. Idempotent.
+  void stop();
 
   class impl;
 

@@ -84,7 +84,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
-  void stop() { caf::anon_send_exit(watcher_, caf::exit_reason::user_shutdown); }
+  void stop() {
+    stop_and_wait(system_, {caf::actor_cast<caf::actor>(watcher_)});
+    // The live jobs' replies hold their connections: they must go while the server still runs.
+    std::map<std::string, std::shared_ptr<live_job>> dropped;
+    {
+      std::lock_guard lock(table_mutex_);
+      dropped.swap(jobs_);
+    }
+  }
 
   // -- API ----------------------------------------------------------------------------------
 
@@ -542,5 +550,6 @@ void relay::delta(const std::string& provider_id, link::delta d) { impl_->delta(
 void relay::done(const std::string& provider_id, const link::done& d) { impl_->done(provider_id, d); }
 void relay::failed(const std::string& provider_id, const link::job_error& e) { impl_->failed(provider_id, e); }
 void relay::link_lost(const std::string& provider_id) { impl_->link_lost(provider_id); }
+void relay::stop() { impl_->stop(); }
 
 }  // namespace gpustream::gateway

@@ -84,6 +84,7 @@ class relay {
  public:
   relay(caf::actor_system& system, actor_bridge& bridge, actors::scheduler_actor scheduler,
         ad_source* ads, relay_options options = {});
+  /// Stops (see stop()).
   ~relay();
   relay(const relay&) = delete;
   relay& operator=(const relay&) = delete;
@@ -115,6 +116,12 @@ class relay {
   /// The link of `provider_id` is gone: its jobs go back to the scheduler (continuing elsewhere
   /// with the answer so far); then the scheduler is told the provider is offline.
   void link_lost(const std::string& provider_id);
+
+  /// Stops the relay's watcher and waits until it is gone (the scheduler's reports of jobs it
+  /// ended are dropped from then on), then lets go of the live jobs and their replies, whose
+  /// connections belong to the server: call it while the server runs. The bridge's actors, which
+  /// run the relay's continuations, must be stopped first (actor_bridge::stop). Idempotent.
+  void stop();
 
   class impl;
 
