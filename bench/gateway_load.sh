@@ -12,7 +12,8 @@
 # run faster than 1,000 tokens/s per stream (domain/scoring.hpp, plausible_tokens_per_second_max),
 # so 0 (as fast as possible) gets the benchmark's provider suspended for 24 h after a few jobs;
 # IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
-# (1); DURABILITY (sync; buffered shows what the fsyncs cost).
+# (1); DURABILITY (sync; buffered shows what the fsyncs cost); SERVE_ARGS: more flags for `gpustream serve`
+# (e.g. "--http-threads 1").
 # Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
 set -euo pipefail
 
