@@ -59,6 +59,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--http-threads", serve.http_threads, "threads running the HTTP/WebSocket I/O")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
+  serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
+                        "most live jobs this node holds; one more is refused with 429 server_busy")
+      ->check(CLI::Range(1, 100'000'000))
+      ->capture_default_str();
 
   gpustream::app::provider_options provider;
   bool provider_no_probe = false;

@@ -86,6 +86,7 @@ int run_serve(const serve_options& options) {
   node_options.http.host = address->host;
   node_options.http.port = address->port;
   node_options.http.threads = options.http_threads;
+  node_options.relay.live_jobs_max = options.live_jobs_max;
   node_options.admin_token = options.admin_token;
   node_options.public_url = options.public_url;
   node_options.rate.requests_per_minute = options.rate_per_minute;

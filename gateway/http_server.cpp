@@ -170,9 +170,7 @@ class websocket_session : public websocket_connection,
         case idle_watch::verdict::fine:
           break;
         case idle_watch::verdict::ping:
-          if (self->pinging_) break;  // one ping at a time: the last one is stuck behind a write
-          self->pinging_ = true;
-          self->ws_.async_ping({}, [self](beast::error_code) { self->pinging_ = false; });
+          self->idle_.ping(self->ws_, self);
           break;
         case idle_watch::verdict::silent: {
           if (self->local_reason_.empty()) {
@@ -250,7 +248,6 @@ class websocket_session : public websocket_connection,
   bool closing_ = false;
   bool close_pending_ = false;
   bool reported_ = false;
-  bool pinging_ = false;
   websocket::close_reason close_reason_;
   std::string local_reason_;
   std::function<void(std::string_view)> on_message_;

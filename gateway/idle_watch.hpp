@@ -46,11 +46,22 @@ class idle_watch {
 
   void cancel() { timer_.cancel(); }
 
+  /// Pings through `ws`, unless the last ping is still on its way (stuck behind a write): one at
+  /// a time. `owner` (a shared_ptr to whatever holds this watch and `ws`) keeps both alive until
+  /// the ping completes; its failure shows in the owner's read loop.
+  template <class WebSocket, class Owner>
+  void ping(WebSocket& ws, Owner owner) {
+    if (pinging_) return;
+    pinging_ = true;
+    ws.async_ping({}, [this, owner = std::move(owner)](const auto&) { pinging_ = false; });
+  }
+
  private:
   using clock = std::chrono::steady_clock;
   boost::asio::steady_timer timer_;
   std::chrono::milliseconds idle_timeout_;
   clock::time_point last_heard_ = clock::now();
+  bool pinging_ = false;
 };
 
 }  // namespace gpustream::gateway

@@ -158,7 +158,6 @@ struct connection {
   std::vector<link::delta> batch;  // deltas held behind the queue while a write is in flight
   std::size_t batch_bytes = 0;     // their encoded size, estimated from above
   bool writing = false;
-  bool pinging = false;
   std::chrono::steady_clock::time_point up_since{};
   std::uint64_t generation;
 };
@@ -481,9 +480,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
         case idle_watch::verdict::fine:
           break;
         case idle_watch::verdict::ping:
-          if (conn->pinging) break;  // one ping at a time: the last one is stuck behind a write
-          conn->pinging = true;
-          conn->ws.async_ping({}, [conn](boost::system::error_code) { conn->pinging = false; });
+          conn->idle.ping(conn->ws, conn);
           break;
         case idle_watch::verdict::silent:
           self->close_socket(*conn);

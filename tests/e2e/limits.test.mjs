@@ -1,10 +1,11 @@
 // Limits as a client meets them, through the OpenAI SDK and plain HTTP: the per-key rate limit
 // (429 + Retry-After), a prompt over the model's context length (400 naming both numbers), a body
-// over 1 MiB (413), JSON nested too deep (400), a bad API key (401) and an unknown model (404).
+// over 1 MiB (413), JSON nested too deep (400), a bad API key (401), an unknown model (404), the
+// node's live jobs (429 server_busy) and a request too big for the provider link (413).
 
 import assert from 'node:assert/strict';
 
-import { OpenAI, one_provider_world, scenario } from './harness.mjs';
+import { OpenAI, one_provider_world, scenario, wait_for } from './harness.mjs';
 
 const context_length = 64;
 
@@ -112,4 +113,48 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
       assert.match(error.message, /no-such-model/);
       return true;
     });
+});
+
+scenario('a node at --live-jobs-max answers 429 server_busy; a request too big for the provider link 413', async (world) => {
+  // The upstream's first token comes long after the scenario, so a job stays live until its
+  // client leaves; its context is large, so only the link's frame bounds the request.
+  const { server, model } = await one_provider_world(world, {
+    serve_args: ['--live-jobs-max', '1'],
+    upstream_options: { tokens: 4, first_token_ms: 600_000, context_length: 10_000_000 },
+  });
+  const client = server.user_client((await server.create_user('premium', 1_000_000)).api_key);
+  const chat = { model, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4, stream: true };
+
+  // One live job: its stream has begun (headers) and waits for the first token.
+  const first = new AbortController();
+  const held = await client.request('POST', '/v1/chat/completions', { body: chat, signal: first.signal });
+  assert.equal(held.status, 200);
+
+  const refused = await client.request('POST', '/v1/chat/completions', { body: chat });
+  assert.equal(refused.status, 429);
+  assert.equal(refused.headers.get('retry-after'), '1');
+  const refusal = (await refused.json()).error;
+  assert.equal(refusal.code, 'server_busy');
+  assert.match(refusal.message, /live_jobs_max/);
+
+  // The client leaving frees the place.
+  first.abort();
+  await wait_for('the node to take a job again', async () => {
+    const controller = new AbortController();
+    const next = await client.request('POST', '/v1/chat/completions', { body: chat, signal: controller.signal });
+    controller.abort();
+    return next.status === 200;
+  });
+
+  // The request goes to a provider in one link frame (1 MiB), a quarter of which stays free for
+  // a failover's answer so far. JSON writes a control character as six bytes: 150,000 of them are
+  // within the prompt limit (512 KiB of text) and the body limit (1 MiB), but the request as sent
+  // to the provider (about 900,000 bytes) is not.
+  const big = await client.request('POST', '/v1/chat/completions', {
+    body: { ...chat, stream: false, messages: [{ role: 'user', content: '\u0001'.repeat(150_000) }] },
+  });
+  assert.equal(big.status, 413);
+  const too_big = (await big.json()).error;
+  assert.equal(too_big.code, 'request_too_large');
+  assert.match(too_big.message, /at most 786432 are accepted/);
 });

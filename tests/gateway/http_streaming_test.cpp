@@ -211,21 +211,27 @@ TEST(http_streaming, an_accepted_websocket_exchanges_binary_messages_both_ways) 
   EXPECT_EQ(server->connections_open(), 1u);
 }
 
+/// A server that accepts every WebSocket and ignores its messages; when one ends, `reason` is set
+/// and `closed` raised.
+std::unique_ptr<http_server> start_noting_close(http_server_options options, signal& closed, std::string& reason) {
+  return start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+               [&](const http_request&) -> websocket_decision {
+                 return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                   c->start([](std::string_view) {}, [&](std::string why) {
+                     reason = std::move(why);
+                     closed.raise();
+                   });
+                 }};
+               },
+               options);
+}
+
 TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_with_1009) {
   http_server_options options;
   options.websocket_message_bytes_max = 1024;
   signal closed;
   std::string reason;
-  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
-                      [&](const http_request&) -> websocket_decision {
-                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
-                          c->start([](std::string_view) {}, [&](std::string why) {
-                            reason = std::move(why);
-                            closed.raise();
-                          });
-                        }};
-                      },
-                      options);
+  auto server = start_noting_close(options, closed, reason);
   ASSERT_TRUE(server);
   ws_client client(server->port());
   client.ws.write(asio::buffer(std::string(4096, 'x')));
@@ -294,16 +300,7 @@ TEST(http_streaming, a_silent_websocket_peer_is_dropped_after_the_idle_timeout) 
   options.websocket_idle_timeout = 400ms;
   signal closed;
   std::string reason;
-  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
-                      [&](const http_request&) -> websocket_decision {
-                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
-                          c->start([](std::string_view) {}, [&](std::string why) {
-                            reason = std::move(why);
-                            closed.raise();
-                          });
-                        }};
-                      },
-                      options);
+  auto server = start_noting_close(options, closed, reason);
   ASSERT_TRUE(server);
   // A peer that completes the upgrade and then never reads again: it answers no ping.
   client peer(server->port());
