@@ -36,6 +36,13 @@ struct live_job {
   bool attempt_started = false; ///< the current attempt produced a token
   std::uint32_t failovers = 0;  ///< attempts that continued an answer begun elsewhere
   std::optional<ad_info> ad;
+  bool ad_pending = false;  ///< a free-tier job's ad is being picked
+  /// The provider finished while the ad was still being picked: the result, reported once it is.
+  struct finished {
+    actors::job_result result;
+    std::string finish_reason;
+  };
+  std::optional<finished> waiting_for_ad;
   clock::time_point received_at = clock::now();
   bool first_token_seen = false;
 };
@@ -127,6 +134,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::string prompt_text = wants_ad ? prompt_of(job.request) : std::string{};
     const std::string user_id = job.user_id;
     live->job = std::move(job);
+    live->ad_pending = wants_ad;
     std::weak_ptr<impl> weak = shared_from_this();
     live->job.reply->on_close([weak, id] {
       if (auto self = weak.lock()) self->client_gone(id);
@@ -270,11 +278,21 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       result.provider_reported_tokens = d.completion_tokens_reported;
       result.ttft_us = d.ttft_us;
       result.total_us = d.total_us;
+      if (live->ad_pending) {  // a quick answer: its ad comes with ad_picked
+        live->waiting_for_ad = live_job::finished{std::move(result), std::move(finish_reason)};
+        return;
+      }
       if (live->ad) impression = live->ad->impression_id;
     }
+    finish_with_ad(std::move(result), std::move(finish_reason), std::move(impression));
+  }
+
+  /// Reports the provider's result, first recording the ad's impression (and its charge) when
+  /// there is one to show.
+  void finish_with_ad(actors::job_result result, std::string finish_reason, std::optional<std::string> impression) {
     auto self = shared_from_this();
     if (!impression) return report_result(std::move(result), std::move(finish_reason), false);
-    ads_->served(*impression, [self, result = std::move(result), finish_reason](
+    ads_->served(*impression, [self, result = std::move(result), finish_reason = std::move(finish_reason)](
                                   std::optional<domain::ad_charge> charge) mutable {
       const bool shown = charge.has_value();
       result.ad = std::move(charge);
@@ -359,17 +377,28 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (live->state == phase::running) start_stream(*live);
   }
 
+  /// The ad picked for a free-tier job, or none. An answer that finished meanwhile was waiting
+  /// for it and goes on now.
   void ad_picked(const std::string& id, std::optional<ad_info> ad) {
-    if (!ad) return;
-    auto live = find(id);
-    if (live) {
+    bool kept = false;
+    std::optional<live_job::finished> resumed;
+    std::optional<std::string> impression;
+    if (auto live = find(id)) {
       std::lock_guard lock(live->mutex);
-      if (live->state == phase::submitting || live->state == phase::running) {
-        live->ad = std::move(ad);
-        return;
+      live->ad_pending = false;
+      const bool waiting = live->state == phase::finishing && live->waiting_for_ad.has_value();
+      if (ad && (live->state == phase::submitting || live->state == phase::running || waiting)) {
+        live->ad = *ad;
+        kept = true;
+      }
+      if (waiting) {
+        resumed = std::move(live->waiting_for_ad);
+        live->waiting_for_ad.reset();
+        if (live->ad) impression = live->ad->impression_id;
       }
     }
-    ads_->release(ad->impression_id, "the answer ended before the ad was picked");
+    if (ad && !kept) ads_->release(ad->impression_id, "the answer ended before the ad was picked");
+    if (resumed) finish_with_ad(std::move(resumed->result), std::move(resumed->finish_reason), std::move(impression));
   }
 
   void report_failure(caf::event_based_actor* actor, const std::string& job_id, const std::string& provider_id,
