@@ -7,6 +7,8 @@
 #include <cstring>
 #include <limits>
 
+#include "base/text.hpp"
+
 namespace gpustream::gateway {
 namespace json = boost::json;
 
@@ -808,7 +810,7 @@ std::string model_json(const model_listing& model) {
 
 std::string sse_event(std::string_view json_text) {
   // A raw line break would end the SSE field early and corrupt the stream: a caller's bug.
-  GPUSTREAM_ENSURE(json_text.find_first_of("\r\n") == std::string_view::npos);
+  GPUSTREAM_ENSURE(find_line_break(json_text) == std::string_view::npos);
   std::string event;
   event.reserve(json_text.size() + 8);
   event += "data: ";

@@ -26,6 +26,8 @@
 #include <limits>
 #include <mutex>
 
+#include "base/text.hpp"
+
 namespace gpustream::gateway {
 namespace {
 
@@ -259,7 +261,7 @@ expected<void, std::string> upstream_sse_parser::feed(
   if (after_cr_ && bytes.front() == '\n') at = 1;  // the "\n" of a "\r\n" split across reads
   after_cr_ = false;
   while (at < bytes.size()) {
-    const auto end = bytes.find_first_of("\r\n", at);
+    const auto end = find_line_break(bytes, at);
     if (end == std::string_view::npos) {
       if (!within_limit(line_.size() + bytes.size() - at)) return too_big();
       line_.append(bytes.substr(at));
