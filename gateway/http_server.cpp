@@ -280,7 +280,12 @@ class session : public std::enable_shared_from_this<session> {
           const http_handler& handler, const websocket_handler& upgrade)
       : stream_(std::move(socket)), slot_(std::move(slot)), options_(options), handler_(handler), upgrade_(upgrade) {}
 
-  void start() { read(); }
+  void start() {
+    beast::error_code ec;
+    stream_.socket().non_blocking(true, ec);
+    direct_writes_ = !ec;  // write_next's direct writes must never block the I/O thread
+    read();
+  }
 
   void reject_busy() {
     keep_alive_ = false;
@@ -410,6 +415,19 @@ class session : public std::enable_shared_from_this<session> {
       if (complete_) next_request();
       return;
     }
+    // Most pieces (a token's SSE event) fit in the socket's send buffer: written at once, they
+    // cost one system call and no reactor operation or completion handler.
+    if (direct_writes_) {
+      beast::error_code ec;
+      const std::size_t sent = stream_.socket().write_some(asio::buffer(pending_), ec);
+      if (ec && ec != asio::error::would_block && ec != asio::error::try_again) return gone();
+      if (sent == pending_.size()) {
+        pending_.clear();
+        if (complete_) next_request();
+        return;
+      }
+      pending_.erase(0, sent);  // the rest waits until the socket takes more
+    }
     writing_ = true;
     in_flight_.swap(pending_);
     pending_.clear();
@@ -462,6 +480,7 @@ class session : public std::enable_shared_from_this<session> {
   bool started_ = false;   ///< the answer's first bytes are queued
   bool complete_ = false;  ///< the answer's last bytes are queued
   bool writing_ = false;
+  bool direct_writes_ = false;  ///< the socket is non-blocking: write_next tries a write at once
   bool watching_ = false;
   bool read_next_ = false;
   bool gone_ = false;
