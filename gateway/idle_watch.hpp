@@ -1,9 +1,11 @@
 #pragma once
-/// Notices a silent WebSocket peer with one timer per connection that fires every half idle
+/// Notices a silent WebSocket peer with one timer per connection that fires every quarter idle
 /// timeout, instead of Beast's own idle timeout, which re-arms its timer on every message read
 /// (a timer operation, usually a timerfd_settime, per streamed token). The owner calls heard()
 /// whenever anything arrives (a message, a ping or a pong: cheap, no system call) and, each time
-/// the timer fires, asks check() what to do: nothing, ping, or give the peer up.
+/// the timer fires, asks check() what to do: nothing, ping, or give the peer up. Checking every
+/// quarter leaves a peer that answers the ping (sent after half the timeout) a quarter of the
+/// timeout for its pong before the next check.
 /// Include only in .cpp files that already use Asio.
 
 #include <boost/asio/any_io_executor.hpp>
@@ -37,10 +39,10 @@ class idle_watch {
 
   [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return idle_timeout_; }
 
-  /// Calls `handler(error_code)` half an idle timeout from now (operation_aborted after cancel()).
+  /// Calls `handler(error_code)` a quarter idle timeout from now (operation_aborted after cancel()).
   template <class Handler>
   void wait(Handler&& handler) {
-    timer_.expires_after(idle_timeout_ / 2);
+    timer_.expires_after(idle_timeout_ / 4);
     timer_.async_wait(std::forward<Handler>(handler));
   }
 

@@ -525,6 +525,8 @@ TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
     for (int i = 100; i < 150; ++i) sent.emplace_back(link::delta{.job_id = "j1", .text = "t" + std::to_string(i)});
     for (const auto& f : sent) ASSERT_TRUE(client.send(f));
   });
+  ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
+  fixture.on_io([] {});  // the on_connected callback, which sent them all, has finished
   ASSERT_TRUE(record.notes.wait_until([&] { return record.frames.size() == 4; }));
   // The first delta as itself (nothing was in flight), the 99 held behind it as one batch, closed
   // by the done frame that follows them, and the 50 after it as one more batch.
@@ -553,23 +555,50 @@ TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
       ASSERT_TRUE(client.send(sent.back()));
     }
   });
+  ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
+  fixture.on_io([] {});  // the on_connected callback, which sends them all, has finished
+  ASSERT_EQ(sent.size(), 40u);
   ASSERT_TRUE(record.notes.wait_until([&] {
     std::size_t items = 0;
     for (const auto& f : record.frames) {
       items += std::holds_alternative<link::deltas>(f) ? std::get<link::deltas>(f).items.size() : 1;
     }
-    return items == sent.size();
+    return items == 40;
   }));
   EXPECT_EQ(record.flattened(), sent);
   record.notes.read([&] {
     for (std::size_t i = 0; i < record.sizes.size(); ++i) EXPECT_LE(record.sizes[i], 4096u) << "message " << i;
     for (const auto& f : record.frames) {
-      if (const auto* batch = std::get_if<link::deltas>(&f)) EXPECT_LE(batch->items.size(), 5u);
+      if (const auto* batch = std::get_if<link::deltas>(&f)) {
+        EXPECT_LE(batch->items.size(), 5u);
+      }
     }
     EXPECT_GT(record.frames.size(), 8u);   // 39 held deltas cannot go in fewer than 8 batches of 5
     EXPECT_LT(record.frames.size(), 40u);  // but they were batched
     return 0;
   });
+}
+
+TEST(link_client, a_coordinator_that_answers_no_ping_counts_as_lost_after_the_idle_timeout) {
+  // The server completes the upgrade and then reads nothing more: it answers no ping.
+  test_ws_server server([&](tcp::socket socket, int) -> asio::awaitable<void> {
+    websocket::stream<tcp::socket> ws(std::move(socket));
+    co_await accept(ws);
+    asio::steady_timer forever(ws.get_executor());
+    forever.expires_after(std::chrono::hours(1));
+    co_await forever.async_wait(asio::use_awaitable);
+  });
+  client_fixture fixture;
+  auto options = options_for(server.url());
+  options.idle_timeout = 400ms;
+  const auto started = std::chrono::steady_clock::now();
+  fixture.start(options);
+  ASSERT_TRUE(fixture.notes.wait_until([&] { return !fixture.disconnects.empty(); }));
+  const auto lost = fixture.notes.read([&] { return fixture.disconnects.front(); });
+  EXPECT_GE(std::chrono::steady_clock::now() - started, options.idle_timeout);
+  EXPECT_TRUE(lost.was_connected);
+  EXPECT_EQ(lost.kind, link_disconnect_kind::connection_lost);
+  EXPECT_NE(lost.message.find("nothing received from the coordinator for 400 ms"), std::string::npos) << lost.message;
 }
 
 TEST(link_client, drop_closes_with_the_given_code_and_reconnects) {
