@@ -12,8 +12,9 @@
 # run faster than 1,000 tokens/s per stream (domain/scoring.hpp, plausible_tokens_per_second_max),
 # so 0 (as fast as possible) gets the benchmark's provider suspended for 24 h after a few jobs;
 # IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
-# (1); DURABILITY (sync; buffered shows what the fsyncs cost); SERVE_ARGS: more flags for `gpustream serve`
-# (e.g. "--http-threads 1").
+# (1); DURABILITY (sync; buffered shows what the fsyncs cost); PRICE_PER_MTOK (1000000 micro-USD per
+# million tokens, so that every completion is billed in the ledger as in production; 0: free);
+# SERVE_ARGS: more flags for `gpustream serve` (e.g. "--http-threads 1").
 # Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
 set -euo pipefail
 
@@ -27,6 +28,7 @@ idle_streams=${IDLE_STREAMS:-5000}
 hold_s=${HOLD_S:-10}
 generator_threads=${GENERATOR_THREADS:-1}
 durability=${DURABILITY:-sync}
+price_per_mtok=${PRICE_PER_MTOK:-1000000}
 # The idle upstream's first token comes long after the hold ends, so its streams stay idle.
 idle_first_token_ms=600000
 
@@ -135,7 +137,7 @@ start_provider() {
   token=$(json_string token <<< "$answer")
   [ -n "$token" ] || fail "POST /admin/providers answered without a token: $answer"
   GPUSTREAM_PROVIDER_TOKEN=$token "$gpustream" provider --coordinator "ws://127.0.0.1:$serve_port" \
-    --backend "openai=http://127.0.0.1:$port/v1" --name "$name" --max-concurrency "$concurrency" --no-probe \
+    --backend "openai=http://127.0.0.1:$port/v1" --name "$name" --max-concurrency "$concurrency" --no-probe --price-per-mtok "$price_per_mtok" \
     > "$work/$name.out" 2> "$work/$name.log" &
   provider_pid=$!
   track "$provider_pid" "gpustream provider $name"
