@@ -250,7 +250,10 @@ void link_session::on_message(std::string_view bytes) {
 }
 
 void link_session::on_hello(const link::hello& hello) {
-  if (auto previous = owner_->adopt(shared_from_this())) previous->retire();
+  if (auto previous = owner_->adopt(shared_from_this())) {
+    previous->retire();
+    owner_->relay_.link_replaced(provider_id_);  // before this hello's task: same bridge key
+  }
   std::vector<domain::provider::command> commands;
   commands.push_back(domain::provider::connect{hello.gpus, hello.backend, hello.backend_url, hello.agent_version});
   commands.push_back(domain::provider::advertise{hello.models});

@@ -318,6 +318,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void link_lost(const std::string& provider_id) {
     provider_offline(provider_id);
+    jobs_lost(provider_id, "the provider's link was lost", true);
+  }
+
+  void link_replaced(const std::string& provider_id) {
+    jobs_lost(provider_id, "the provider reconnected: the jobs of its old link were dropped by its agent", false);
+  }
+
+  /// Reports every job running on `provider_id` as failed there (each continues elsewhere with
+  /// the answer so far, or fails), then, when `offline`, the provider as offline.
+  void jobs_lost(const std::string& provider_id, const std::string& why, bool offline) {
     std::vector<std::pair<std::string, std::uint32_t>> lost;  // job, tokens so far
     {
       std::lock_guard table(table_mutex_);
@@ -327,12 +337,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
     }
     auto self = shared_from_this();
-    // One task, so the scheduler sees every job's failure before the provider's going offline.
-    bridge_.run_keyed(provider_id, [self, provider_id, lost = std::move(lost)](caf::event_based_actor* actor) {
-      for (const auto& [job_id, tokens] : lost) {
-        self->report_failure(actor, job_id, provider_id, tokens, "the provider's link was lost");
-      }
-      actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
+    // One task, so the scheduler sees every job's failure before the provider's going offline
+    // (or, for a replaced link, before the new link's hello lists it again: same key).
+    bridge_.run_keyed(provider_id, [self, provider_id, why, offline, lost = std::move(lost)](caf::event_based_actor* actor) {
+      for (const auto& [job_id, tokens] : lost) self->report_failure(actor, job_id, provider_id, tokens, why);
+      if (offline) actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
     });
   }
 
@@ -579,6 +588,7 @@ void relay::delta(const std::string& provider_id, link::delta d) { impl_->delta(
 void relay::done(const std::string& provider_id, const link::done& d) { impl_->done(provider_id, d); }
 void relay::failed(const std::string& provider_id, const link::job_error& e) { impl_->failed(provider_id, e); }
 void relay::link_lost(const std::string& provider_id) { impl_->link_lost(provider_id); }
+void relay::link_replaced(const std::string& provider_id) { impl_->link_replaced(provider_id); }
 void relay::stop() { impl_->stop(); }
 
 }  // namespace gpustream::gateway

@@ -116,6 +116,10 @@ class relay {
   /// The link of `provider_id` is gone: its jobs go back to the scheduler (continuing elsewhere
   /// with the answer so far); then the scheduler is told the provider is offline.
   void link_lost(const std::string& provider_id);
+  /// A newer link of `provider_id` took over from an older one (the agent reconnected): the jobs
+  /// of the old link, which the agent dropped with it, go back to the scheduler as in link_lost;
+  /// the provider stays online. Call before the new link's hello is processed.
+  void link_replaced(const std::string& provider_id);
 
   /// Stops the relay's watcher and waits until it is gone (the scheduler's reports of jobs it
   /// ended are dropped from then on), then lets go of the live jobs and their replies, whose

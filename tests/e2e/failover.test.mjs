@@ -129,3 +129,31 @@ scenario('with no provider left, a stream that breaks ends with an in-band error
   assert.equal(text, upstream_text(drop_after));
   assert.equal((await server.accounts()).total_micros, 0);
 });
+
+scenario('an answer on a link replaced by a newer link of the same provider ends instead of hanging', async (world) => {
+  // An agent whose connection died unnoticed links again with the same token; its old link is
+  // closed as replaced, and the jobs the agent dropped with it must not wait forever.
+  const server = await world.serve();
+  const upstream = await world.upstream({ models: model, tokens: 500, token_interval_us: 10_000 });
+  const provider = await server.create_provider('provider');
+  world.provider(server, provider.token, upstream, { name: 'agent-1' });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model);
+  const body = { model, messages: [{ role: 'user', content: 'Tell me a long story.' }], stream: true };
+  const response = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(response.status, 200);
+  await wait_for('the answer to be streaming', async () => (await upstream.stats()).active === 1);
+
+  world.provider(server, provider.token, upstream, { name: 'agent-2' });
+  const events = await read_sse(response);
+  assert.equal(events.at(-1), '[DONE]');
+  const error_chunk = events.at(-2);
+  assert.equal(error_chunk.choices[0].finish_reason, 'error', `the answer ends with an error: ${JSON.stringify(error_chunk)}`);
+  // The answer broke off on this provider, and an answer is never continued on the provider it
+  // broke on: with no other provider the job fails, billing nothing.
+  assert.match(error_chunk.error.message, /no other provider serves model/);
+  const job_id = job_id_of(error_chunk.id);
+  const job = await wait_for(`job ${job_id} failed`, async () =>
+    (await server.jobs('failed')).find((entry) => entry.id === job_id));
+  assert.equal(job.gross_micros, 0);
+});
