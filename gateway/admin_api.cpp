@@ -3,6 +3,7 @@
 #include <boost/json.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/send.hpp>
 #include <spdlog/logger.h>
 #include <spdlog/spdlog.h>
 
@@ -10,12 +11,15 @@
 #include <charconv>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <utility>
+#include <vector>
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
+#include "gateway/actor_bridge.hpp"
 #include "gateway/directory.hpp"
 #include "gateway/openai_api.hpp"
 #include "gateway/provider_api.hpp"
@@ -427,7 +431,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
         domain::issue_api_key{*key_id, sha256(*key), "issued by the admin API"}};
     user_created created{*user_id, *key_id, std::move(*key), tier, credit->value_or(0)};
     auto self = shared_from_this();
-    system_.spawn([self, commands = std::move(commands), created = std::move(created),
+    spawn_request([self, commands = std::move(commands), created = std::move(created),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
     });
@@ -537,7 +541,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     provider_created created{*provider_id, *owner_id, std::move(*name), std::move(*token),
                              !owner->has_value()};
     auto self = shared_from_this();
-    system_.spawn([self, created = std::move(created),
+    spawn_request([self, created = std::move(created),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       if (created.new_owner) {
         self->create_owner(actor, std::move(created), std::move(reply));
@@ -637,7 +641,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     }
     campaign->campaign_id = std::move(*id);
     auto self = shared_from_this();
-    system_.spawn([self, campaign = std::move(*campaign),
+    spawn_request([self, campaign = std::move(*campaign),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.ads, self->timeout(), std::move(campaign))
           .then(
@@ -707,7 +711,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     std::string prefix;
     if (const auto found = params.find("prefix"); found != params.end()) prefix = found->second;
     auto self = shared_from_this();
-    system_.spawn([self, prefix = std::move(prefix), limit = *limit,
+    spawn_request([self, prefix = std::move(prefix), limit = *limit,
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.ledger, self->timeout(), actors::ledger_aggregate::query{})
           .then(
@@ -745,7 +749,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
 
   void run_payouts(reply_function reply) {
     auto self = shared_from_this();
-    system_.spawn([self, reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+    spawn_request([self, reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.payouts, self->timeout(), actors::run_atom::value)
           .then(
               [self, reply](actors::payout_report& report) {
@@ -774,7 +778,46 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     return {{"payouts", std::move(payouts)}, {"problems", std::move(problems)}};
   }
 
+  /// Spawns the actor that answers one request (it ends once its requests are answered),
+  /// tracked so that stop() can wait for it.
+  template <class Body>
+  void spawn_request(Body body) {
+    auto actor = system_.spawn(std::move(body));
+    const auto id = actor.id();
+    {
+      std::lock_guard lock(running_mutex_);
+      if (stopped_) {
+        caf::anon_send_exit(actor, caf::exit_reason::user_shutdown);
+        return;
+      }
+      running_.emplace(id, actor);
+    }
+    std::weak_ptr<impl> weak = shared_from_this();
+    actor->attach_functor([weak, id] {  // at once if it has ended already
+      if (auto self = weak.lock()) {
+        std::lock_guard lock(self->running_mutex_);
+        self->running_.erase(id);
+      }
+    });
+  }
+
+ public:
+  void stop() {
+    std::vector<caf::actor> running;
+    {
+      std::lock_guard lock(running_mutex_);
+      stopped_ = true;
+      for (auto& [id, actor] : running_) running.push_back(actor);
+      running_.clear();
+    }
+    stop_and_wait(system_, running);
+  }
+
+ private:
   caf::actor_system& system_;
+  std::mutex running_mutex_;
+  std::map<caf::actor_id, caf::actor> running_;  ///< request actors not yet ended
+  bool stopped_ = false;
   admin_peers peers_;
   std::shared_ptr<directory> directory_;
   admin_api_options options_;
@@ -793,7 +836,9 @@ admin_api::admin_api(caf::actor_system& system, admin_peers peers,
     : impl_(std::make_shared<impl>(system, std::move(peers), std::move(directory),
                                    std::move(options))) {}
 
-admin_api::~admin_api() = default;
+admin_api::~admin_api() { impl_->stop(); }
+
+void admin_api::stop() { impl_->stop(); }
 
 void admin_api::handle(const http_request& request, std::function<void(http_response)> reply) const {
   impl_->handle(request, std::move(reply));

@@ -107,6 +107,7 @@ class admin_api {
   /// `system` must outlive every request handled (their actors run in it).
   admin_api(caf::actor_system& system, admin_peers peers, std::shared_ptr<directory> directory,
             admin_api_options options);
+  /// Stops (see stop()).
   ~admin_api();
   admin_api(const admin_api&) = delete;
   admin_api& operator=(const admin_api&) = delete;
@@ -114,6 +115,11 @@ class admin_api {
   /// Answers one request under /admin/. Calls `reply` exactly once: before returning when no actor
   /// is involved, else later from an actor's thread.
   void handle(const http_request& request, std::function<void(http_response)> reply) const;
+
+  /// Stops the actors of requests still being answered and waits until they are gone (their
+  /// replies are not sent); requests handled later are dropped the same way. For a node
+  /// stopping: call it while the server runs. Idempotent.
+  void stop();
 
   class impl;
 
