@@ -59,6 +59,9 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--http-threads", serve.http_threads, "threads running the HTTP/WebSocket I/O")
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
+  serve_cmd->add_option("--actor-threads", serve.actor_threads, "threads running the actors (0: one per core)")
+      ->check(CLI::Range(0, 256))
+      ->capture_default_str();
   serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
                         "most live jobs this node holds; one more is refused with 429 server_busy")
       ->check(CLI::Range(1, 100'000'000))

@@ -75,7 +75,9 @@ int run_serve(const serve_options& options) {
   // store) wakes it at once.
   caf_config.set("work-stealing.moderate-poll-attempts", 0);
   // CAF starts at least 4 workers whatever the machine; more workers than cores only add polling.
-  caf_config.set("scheduler.max-threads", std::max(1u, std::thread::hardware_concurrency()));
+  caf_config.set("scheduler.max-threads",
+                 options.actor_threads > 0 ? options.actor_threads
+                                           : std::size_t{std::max(1u, std::thread::hardware_concurrency())});
   caf::actor_system system(caf_config);
   const auto runtime = actors::start_runtime(system, store);
   struct stop_at_exit {

@@ -31,6 +31,8 @@ struct serve_options {
   std::string public_url;
   /// Threads running the HTTP/WebSocket I/O. Default: 2.
   std::size_t http_threads = 2;
+  /// Threads running the actor system's workers; 0: one per core. Default: 0.
+  std::size_t actor_threads = 0;
   /// Most live jobs (waiting, streaming or finishing) this node holds; one more is refused with
   /// 429 server_busy. Default: 100,000.
   std::size_t live_jobs_max = 100'000;
