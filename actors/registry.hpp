@@ -28,6 +28,9 @@ using registry_actor = caf::typed_actor<
         command_reply>,
     typename caf::replies_to<std::string, state_atom>::template with<typename A::state>,
     typename caf::replies_to<count_atom>::template with<std::size_t>,
+    // Passivates the actor of an id now (e.g. its aggregate reached a final state): it stops once
+    // nothing is stashed or in flight; a later command or query spawns a successor.
+    caf::reacts_to<passivate_atom, std::string>,
     // Internal: the periodic check for idle actors.
     caf::reacts_to<idle_atom>>;
 
@@ -91,14 +94,18 @@ typename registry_state<A>::entry& spawn_entry(registry_pointer<A> self, const s
 }
 
 template <domain::aggregate A>
+void passivate(registry_pointer<A> self, typename registry_state<A>::entry& e) {
+  if (e.stopping) return;
+  e.stopping = true;
+  self->send(e.actor, passivate_atom::value);
+}
+
+template <domain::aggregate A>
 void passivate_idle(registry_pointer<A> self) {
   auto& st = self->state;
   const auto now = self->clock().now();
   for (auto& [id, e] : st.live) {
-    if (!e.stopping && now - e.last_used >= st.options.idle_max) {
-      e.stopping = true;
-      self->send(e.actor, passivate_atom::value);
-    }
+    if (now - e.last_used >= st.options.idle_max) passivate<A>(self, e);
   }
 }
 
@@ -185,6 +192,10 @@ typename registry_actor<A>::behavior_type registry_behavior(detail::registry_poi
         return reply.delegate(e.actor, state_atom::value);
       },
       [self](count_atom) { return self->state.live.size(); },
+      [self](passivate_atom, const std::string& id) {
+        auto found = self->state.live.find(id);
+        if (found != self->state.live.end()) detail::passivate<A>(self, found->second);
+      },
       [self](idle_atom) {
         detail::passivate_idle<A>(self);
         self->delayed_send(self, self->state.options.idle_check_interval, idle_atom::value);

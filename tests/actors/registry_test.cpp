@@ -86,6 +86,21 @@ TEST_F(registry_test, passivates_idle_actors_and_recovers_them_on_the_next_comma
   EXPECT_EQ(state.value().balance_micros, 3);
 }
 
+TEST_F(registry_test, an_actor_passivated_by_id_stops_at_once_and_its_stream_goes_on_later) {
+  auto registry = spawn_registry();
+  ASSERT_TRUE(ask<command_reply>(registry, std::string("a"), credit("d1", 1)));
+  ASSERT_TRUE(ask<command_reply>(registry, std::string("b"), credit("d1", 1)));
+  EXPECT_EQ(live(registry), 2u);
+  self_->send(registry, passivate_atom::value, std::string("a"));
+  self_->send(registry, passivate_atom::value, std::string("nobody"));  // no actor: nothing happens
+  run();
+  EXPECT_EQ(live(registry), 1u) << "a stopped without waiting for idle_max; b is untouched";
+  auto again = ask<command_reply>(registry, std::string("a"), credit("d2", 2));
+  ASSERT_TRUE(again) << describe(again.error());
+  EXPECT_EQ(again.value().version, 2u) << "the successor recovered the stream";
+  EXPECT_EQ(live(registry), 2u);
+}
+
 TEST_F(registry_test, commands_for_a_stopping_actor_wait_for_its_successor) {
   auto registry = spawn_registry(/*held_commands_max=*/1);
   ASSERT_TRUE(ask<command_reply>(registry, std::string("a"), credit("d1", 1)));

@@ -199,6 +199,9 @@ TEST_F(scheduler_test, a_premium_job_runs_its_whole_lifecycle_and_settles_in_the
   EXPECT_EQ(job("j1").status, domain::job_status::streaming);
   auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 200'000, 4'000'000});
   ASSERT_TRUE(ended) << describe(ended.error());
+  const auto job_actors = ask<std::size_t>(rt_.jobs, count_atom::value);
+  ASSERT_TRUE(job_actors);
+  EXPECT_EQ(job_actors.value(), 0u) << "the ended job's actor stops at once, not after idle_max";
   // 1000 prompt + 400 completion tokens at 1 USD per Mtok, standard tier (100%): 1400 micros.
   EXPECT_EQ(ended.value().gross_micros, 1400);
   EXPECT_EQ(ended.value().platform_fee_micros, 140);
