@@ -511,7 +511,19 @@ void on_online(self_pointer self, provider_online& online) {
   auto listed = st.index->list(online.listing);
   if (!listed) return;  // over a limit: the provider stays offline for routing
   add_prices(self, online.listing);
+  const bool relinked = st.sessions.contains(id);
   st.sessions[id] = std::move(online.session);
+  if (relinked) {
+    // A newer link of a listed provider (its agent linked again): offers made to the old link
+    // were lost with it, so the jobs still waiting there for their first token are offered on the
+    // new one rather than waiting first_token_wait_max. (Those the old link had taken were
+    // reported lost by the gateway before this.)
+    std::vector<std::string> waiting;
+    for (const auto& [job_id, job] : st.jobs) {
+      if (job.running && !job.started && !job.ending && job.provider_id == id) waiting.push_back(job_id);
+    }
+    for (const auto& job_id : waiting) offer(self, job_id);
+  }
   assign_pass(self);
 }
 

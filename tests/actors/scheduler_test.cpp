@@ -411,6 +411,31 @@ TEST_F(failing_store_scheduler_test, a_job_is_offered_while_it_is_recorded_and_w
   EXPECT_EQ(job("j2").status, domain::job_status::assigned);
 }
 
+TEST_F(scheduler_test, a_provider_linking_again_gets_the_offers_its_old_link_lost) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_EQ((*offers_)["p1"].size(), 1u);
+  // The agent links again (a new session for the same provider, as a new link's hello gives)
+  // before j1 started: the offer to the old link may have died with it, so j1 is offered again.
+  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(state);
+  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p1"));
+  stop_at_teardown(session);
+  self_->send(rt_.scheduler, online_atom::value,
+              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+  run();
+  ASSERT_EQ((*offers_)["p1"].size(), 2u);
+  EXPECT_EQ((*offers_)["p1"][1].job_id, "j1");
+  EXPECT_EQ((*offers_)["p1"][1].attempt, (*offers_)["p1"][0].attempt) << "the same attempt, offered again";
+  // A started job is not offered again.
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  self_->send(rt_.scheduler, online_atom::value,
+              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+  run();
+  EXPECT_EQ((*offers_)["p1"].size(), 2u);
+}
+
 class small_scheduler_test : public scheduler_test {
  protected:
   small_scheduler_test() : scheduler_test(2) {}
