@@ -260,6 +260,13 @@ events::failure_reason failure_reason_of(const domain::error& refusal) {
                                                    : events::failure_reason::internal;
 }
 
+/// Tells `provider_id`'s session, if it is online, to stop working on `job_id`.
+void cancel_at_provider(self_pointer self, const std::string& provider_id, const std::string& job_id) {
+  if (auto session = self->state.sessions.find(provider_id); session != self->state.sessions.end()) {
+    self->send(session->second, cancel_atom::value, job_id);
+  }
+}
+
 /// Takes back a job whose submission or assignment could not be recorded: out of the queue, or
 /// its offer cancelled at its provider; then forgotten. A job already ending (cancelled) is left to
 /// its ending, which forgets it.
@@ -267,10 +274,7 @@ void withdraw(self_pointer self, const std::string& job_id) {
   auto found = self->state.jobs.find(job_id);
   if (found == self->state.jobs.end() || found->second.ending) return;
   if (found->second.running) {
-    if (auto session = self->state.sessions.find(found->second.provider_id);
-        session != self->state.sessions.end()) {
-      self->send(session->second, cancel_atom::value, job_id);
-    }
+    cancel_at_provider(self, found->second.provider_id, job_id);
   } else {
     (void)self->state.queue->remove(job_id);
   }
@@ -518,11 +522,9 @@ void on_online(self_pointer self, provider_online& online) {
     // were lost with it, so the jobs still waiting there for their first token are offered on the
     // new one rather than waiting first_token_wait_max. (Those the old link had taken were
     // reported lost by the gateway before this.)
-    std::vector<std::string> waiting;
     for (const auto& [job_id, job] : st.jobs) {
-      if (job.running && !job.started && !job.ending && job.provider_id == id) waiting.push_back(job_id);
+      if (job.running && !job.started && !job.ending && job.provider_id == id) offer(self, job_id);
     }
-    for (const auto& job_id : waiting) offer(self, job_id);
   }
   assign_pass(self);
 }
@@ -675,12 +677,7 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     return reply;
   }
   found->second.ending = true;
-  if (running) {
-    if (auto session = self->state.sessions.find(found->second.provider_id);
-        session != self->state.sessions.end()) {
-      self->send(session->second, cancel_atom::value, cancel.job_id);
-    }
-  }
+  if (running) cancel_at_provider(self, found->second.provider_id, cancel.job_id);
   const std::uint32_t tokens = running ? cancel.tokens_produced : 0;
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{cancel.by, tokens}})
@@ -715,10 +712,7 @@ void reassign_stalled(self_pointer self) {
     }
   }
   for (const auto& [job_id, provider_id] : stalled) {
-    if (auto session = self->state.sessions.find(provider_id);
-        session != self->state.sessions.end()) {
-      self->send(session->second, cancel_atom::value, job_id);
-    }
+    cancel_at_provider(self, provider_id, job_id);
     record_aside(self, self->state.peers.providers, provider_id,
                  domain::provider::command{domain::provider::record_job_outcome{
                      job_id, domain::job_fault::provider, {}}});
