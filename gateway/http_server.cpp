@@ -164,25 +164,14 @@ class websocket_session : public websocket_connection,
   /// Pings a peer silent for half the idle timeout; drops one silent for all of it (a dead peer
   /// would not complete a closing handshake, so the socket is closed at once).
   void watch_idle() {
-    idle_.wait([self = shared_from_this()](beast::error_code ec) {
-      if (ec || self->reported_) return;
-      switch (self->idle_.check()) {
-        case idle_watch::verdict::fine:
-          break;
-        case idle_watch::verdict::ping:
-          self->idle_.ping(self->ws_, self);
-          break;
-        case idle_watch::verdict::silent: {
-          if (self->local_reason_.empty()) {
-            self->local_reason_ = "nothing received for " + std::to_string(self->idle_.idle_timeout().count()) +
-                                  " ms: the peer is gone";
-          }
-          beast::error_code ignored;
-          beast::get_lowest_layer(self->ws_).socket().close(ignored);  // the read loop reports it
-          return;
-        }
+    auto self = shared_from_this();
+    idle_.watch(ws_, self, [self] { return self->reported_; }, [self] {
+      if (self->local_reason_.empty()) {
+        self->local_reason_ =
+            "nothing received for " + std::to_string(self->idle_.idle_timeout().count()) + " ms: the peer is gone";
       }
-      self->watch_idle();
+      beast::error_code ignored;
+      beast::get_lowest_layer(self->ws_).socket().close(ignored);  // the read loop reports it
     });
   }
 

@@ -2,10 +2,9 @@
 /// Notices a silent WebSocket peer with one timer per connection that fires every quarter idle
 /// timeout, instead of Beast's own idle timeout, which re-arms its timer on every message read
 /// (a timer operation, usually a timerfd_settime, per streamed token). The owner calls heard()
-/// whenever anything arrives (a message, a ping or a pong: cheap, no system call) and, each time
-/// the timer fires, asks check() what to do: nothing, ping, or give the peer up. Checking every
-/// quarter leaves a peer that answers the ping (sent after half the timeout) a quarter of the
-/// timeout for its pong before the next check.
+/// whenever anything arrives (a message, a ping or a pong: cheap, no system call) and starts
+/// watch() once the connection is up. Checking every quarter leaves a peer that answers the ping
+/// (sent after half the timeout) a quarter of the timeout for its pong before the next check.
 /// Include only in .cpp files that already use Asio.
 
 #include <boost/asio/any_io_executor.hpp>
@@ -39,24 +38,33 @@ class idle_watch {
 
   [[nodiscard]] std::chrono::milliseconds idle_timeout() const noexcept { return idle_timeout_; }
 
-  /// Calls `handler(error_code)` a quarter idle timeout from now (operation_aborted after cancel()).
-  template <class Handler>
-  void wait(Handler&& handler) {
+  /// Every quarter idle timeout until cancel() or `ended()`: pings through `ws` a peer silent for
+  /// half the timeout (one ping at a time: the last may be stuck behind a write; its failure shows
+  /// in the owner's read loop), and calls `on_silent()`, which ends the watch, for one silent for
+  /// all of it. `owner` (a shared_ptr to whatever holds this watch and `ws`) keeps both alive.
+  template <class WebSocket, class Owner, class Ended, class OnSilent>
+  void watch(WebSocket& ws, Owner owner, Ended ended, OnSilent on_silent) {
     timer_.expires_after(idle_timeout_ / 4);
-    timer_.async_wait(std::forward<Handler>(handler));
+    timer_.async_wait([this, &ws, owner = std::move(owner), ended = std::move(ended),
+                       on_silent = std::move(on_silent)](const boost::system::error_code& ec) mutable {
+      if (ec || ended()) return;
+      switch (check()) {
+        case verdict::fine:
+          break;
+        case verdict::ping:
+          if (!pinging_) {
+            pinging_ = true;
+            ws.async_ping({}, [this, owner](const auto&) { pinging_ = false; });
+          }
+          break;
+        case verdict::silent:
+          return on_silent();
+      }
+      watch(ws, std::move(owner), std::move(ended), std::move(on_silent));
+    });
   }
 
   void cancel() { timer_.cancel(); }
-
-  /// Pings through `ws`, unless the last ping is still on its way (stuck behind a write): one at
-  /// a time. `owner` (a shared_ptr to whatever holds this watch and `ws`) keeps both alive until
-  /// the ping completes; its failure shows in the owner's read loop.
-  template <class WebSocket, class Owner>
-  void ping(WebSocket& ws, Owner owner) {
-    if (pinging_) return;
-    pinging_ = true;
-    ws.async_ping({}, [this, owner = std::move(owner)](const auto&) { pinging_ = false; });
-  }
 
  private:
   using clock = std::chrono::steady_clock;

@@ -474,23 +474,13 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
 
   /// Pings a coordinator silent for half the idle timeout; gives up one silent for all of it.
   void watch_idle(const connection_ptr& conn) {
-    conn->idle.wait([self = shared_from_this(), conn](boost::system::error_code ec) {
-      if (ec || self->stale(*conn)) return;
-      switch (conn->idle.check()) {
-        case idle_watch::verdict::fine:
-          break;
-        case idle_watch::verdict::ping:
-          conn->idle.ping(conn->ws, conn);
-          break;
-        case idle_watch::verdict::silent:
-          self->close_socket(*conn);
-          self->end_connection(conn, link_disconnect{
-                                         .kind = link_disconnect_kind::connection_lost,
-                                         .message = "nothing received from the coordinator for " +
-                                                    std::to_string(self->options_.idle_timeout.count()) + " ms"});
-          return;
-      }
-      self->watch_idle(conn);
+    auto self = shared_from_this();
+    conn->idle.watch(conn->ws, conn, [self, conn] { return self->stale(*conn); }, [self, conn] {
+      self->close_socket(*conn);
+      self->end_connection(conn, link_disconnect{.kind = link_disconnect_kind::connection_lost,
+                                                 .message = "nothing received from the coordinator for " +
+                                                            std::to_string(self->options_.idle_timeout.count()) +
+                                                            " ms"});
     });
   }
 
