@@ -272,7 +272,12 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
 
   expected<void, link_send_error> hold(connection& conn, const link::delta& d) {
     const std::size_t item_bytes = batch_item_bytes(d);
-    if (batch_frame_bytes + item_bytes > options_.limits.frame_bytes_max) return enqueue(conn, d);  // refused there
+    if (batch_frame_bytes + item_bytes > options_.limits.frame_bytes_max) {
+      // Too big to hold in a batch: it goes on its own (or is refused as too large), after the
+      // deltas already held.
+      close_batch(conn);
+      return enqueue(conn, d);
+    }
     if (conn.batch.size() == options_.limits.batch_deltas_max ||
         batch_frame_bytes + conn.batch_bytes + item_bytes > options_.limits.frame_bytes_max) {
       close_batch(conn);

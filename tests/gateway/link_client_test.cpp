@@ -477,6 +477,13 @@ struct recorded_messages {
   std::vector<std::size_t> sizes;
   std::vector<link::frame> frames;
 
+  /// Frames received, a batch counting as its deltas. Call under notes.
+  std::size_t items() const {
+    std::size_t n = 0;
+    for (const auto& f : frames) n += std::holds_alternative<link::deltas>(f) ? std::get<link::deltas>(f).items.size() : 1;
+    return n;
+  }
+
   /// The deltas and other frames in the order sent, batches taken apart.
   std::vector<link::frame> flattened() {
     return notes.read([&] {
@@ -565,13 +572,7 @@ TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
   ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
   fixture.on_io([] {});  // the on_connected callback, which sends them all, has finished
   ASSERT_EQ(sent.size(), 40u);
-  ASSERT_TRUE(record.notes.wait_until([&] {
-    std::size_t items = 0;
-    for (const auto& f : record.frames) {
-      items += std::holds_alternative<link::deltas>(f) ? std::get<link::deltas>(f).items.size() : 1;
-    }
-    return items == 40;
-  }));
+  ASSERT_TRUE(record.notes.wait_until([&] { return record.items() == 40; }));
   EXPECT_EQ(record.flattened(), sent);
   record.notes.read([&] {
     for (std::size_t i = 0; i < record.sizes.size(); ++i) EXPECT_LE(record.sizes[i], 4096u) << "message " << i;
@@ -584,6 +585,27 @@ TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
     EXPECT_LT(record.frames.size(), 40u);  // but they were batched
     return 0;
   });
+}
+
+TEST(link_client, a_delta_too_big_to_hold_in_a_batch_goes_after_those_held) {
+  recorded_messages record;
+  test_ws_server server(record_into(record));
+  client_fixture fixture;
+  auto options = options_for(server.url());
+  options.limits.frame_bytes_max = 4096;
+  std::vector<link::frame> sent;
+  fixture.start(options, [&](link_client& client) {
+    client.batch_deltas(true);
+    sent.emplace_back(link::delta{.job_id = "j", .text = "first"});             // written at once
+    sent.emplace_back(link::delta{.job_id = "j", .text = "held"});              // held behind it
+    sent.emplace_back(link::delta{.job_id = "j", .text = std::string(3900, 'x')});  // fits a frame, not a batch
+    sent.emplace_back(link::delta{.job_id = "j", .text = "last"});
+    for (const auto& f : sent) ASSERT_TRUE(client.send(f));
+  });
+  ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
+  fixture.on_io([] {});  // the on_connected callback, which sent them all, has finished
+  ASSERT_TRUE(record.notes.wait_until([&] { return record.items() == 4; }));
+  EXPECT_EQ(record.flattened(), sent);
 }
 
 TEST(link_client, a_coordinator_that_answers_no_ping_counts_as_lost_after_the_idle_timeout) {
