@@ -422,6 +422,19 @@ TEST(cli_serve_errors, a_port_out_of_range_exits_2_naming_the_option) {
       << run.out << run.err;
 }
 
+TEST(cli_serve_errors, thread_counts_and_the_live_jobs_limit_out_of_range_are_refused_naming_the_range) {
+  temp_dir dir;
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--http-threads", "0"}, {"--http-threads", "65"}, {"--actor-threads", "257"}, {"--live-jobs-max", "0"}};
+  for (const auto& [flag, value] : cases) {
+    const auto run = run_gpustream({"serve", "--data", (dir.path() / "data").string(), flag, value});
+    EXPECT_NE(run.exit_code, 0) << flag << " " << value;
+    EXPECT_NE((run.out + run.err).find(flag + ": Value " + value + " not in range"), std::string::npos)
+        << run.out << run.err;
+    EXPECT_FALSE(std::filesystem::exists(dir.path() / "data")) << "nothing opened for " << flag;
+  }
+}
+
 TEST(cli_serve_errors, a_data_directory_holding_a_foreign_file_exits_1_and_keeps_it) {
   temp_dir dir;
   const auto foreign = dir.path() / "thesis.tex";
