@@ -133,9 +133,8 @@ class node::impl {
 
   ~impl() {
     // First everything that calls into the server from actor threads (answers, link frames, admin
-    // answers), and
-    // everything that calls back into the parts below: once these are gone, nothing but the
-    // server's own threads touches them. Then the server, whose threads still call in until then.
+    // answers) and back into the parts below: once these are gone, nothing but the server's own
+    // threads touches them. Then the server, whose threads still call in until then.
     refresh_stop_ = true;
     bridge_.stop();
     if (links_) links_->stop();

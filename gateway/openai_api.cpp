@@ -705,7 +705,7 @@ std::string ad_text(const ad_info& ad) {
 std::string chunk_json(const response_meta& meta, std::string_view text, bool first) {
   // One of these goes out per token: written directly rather than built as a json::object (a
   // handful of allocations per token), with the same keys, order and escaping as chunk_head() and
-  // chunk_choice() give (a test compares the two).
+  // chunk_choice() give (tests check the exact bytes, and parse awkward texts back).
   const bool chat = meta.kind == request_kind::chat;
   std::string out;
   out.reserve(160 + meta.job_id.size() + meta.model.size() + text.size());
