@@ -519,30 +519,22 @@ test_ws_server::session record_into(recorded_messages& record) {
   };
 }
 
-TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
-  recorded_messages record;
+/// Connects with `limits` to a server recording every message, turns batching on and sends
+/// `frames` from the on_connected callback, so that all but the first are sent while a write is
+/// in flight; returns once the server has them all and the client's queue has drained.
+void send_while_writing(recorded_messages& record, const link::codec_limits& limits,
+                        const std::vector<link::frame>& frames) {
   test_ws_server server(record_into(record));
   client_fixture fixture;
-  std::vector<link::frame> sent;
-  fixture.start(options_for(server.url()), [&](link_client& client) {
+  auto options = options_for(server.url());
+  options.limits = limits;
+  fixture.start(options, [&](link_client& client) {
     client.batch_deltas(true);
-    // All within one callback: the first frame's write is in flight until it returns.
-    for (int i = 0; i < 100; ++i) sent.emplace_back(link::delta{.job_id = "j" + std::to_string(i % 3), .text = "t" + std::to_string(i)});
-    sent.emplace_back(link::done{.job_id = "j0", .finish_reason = "stop"});
-    for (int i = 100; i < 150; ++i) sent.emplace_back(link::delta{.job_id = "j1", .text = "t" + std::to_string(i)});
-    for (const auto& f : sent) ASSERT_TRUE(client.send(f));
+    for (const auto& f : frames) ASSERT_TRUE(client.send(f));
   });
   ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
   fixture.on_io([] {});  // the on_connected callback, which sent them all, has finished
-  ASSERT_TRUE(record.notes.wait_until([&] { return record.frames.size() == 4; }));
-  // The first delta as itself (nothing was in flight), the 99 held behind it as one batch, closed
-  // by the done frame that follows them, and the 50 after it as one more batch.
-  EXPECT_EQ(link::frame_name(record.frames[0]), "delta");
-  EXPECT_EQ(link::frame_name(record.frames[1]), "deltas");
-  EXPECT_EQ(std::get<link::deltas>(record.frames[1]).items.size(), 99u);
-  EXPECT_EQ(link::frame_name(record.frames[2]), "done");
-  EXPECT_EQ(std::get<link::deltas>(record.frames[3]).items.size(), 50u);
-  EXPECT_EQ(record.flattened(), sent);
+  ASSERT_TRUE(record.notes.wait_until([&] { return record.items() == frames.size(); }));
   // The last write's completion may run after the server has read it: the queue drains then.
   const auto drained_by = std::chrono::steady_clock::now() + wait_deadline;
   std::size_t queued = 0;
@@ -553,58 +545,57 @@ TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
   EXPECT_EQ(queued, 0u);
 }
 
-TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
-  recorded_messages record;
-  test_ws_server server(record_into(record));
-  client_fixture fixture;
-  auto options = options_for(server.url());
-  options.limits.frame_bytes_max = 4096;
-  options.limits.batch_deltas_max = 5;
+TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
   std::vector<link::frame> sent;
-  fixture.start(options, [&](link_client& client) {
-    client.batch_deltas(true);
-    for (int i = 0; i < 40; ++i) {
-      const std::size_t text_bytes = i < 20 ? 900 : 10;  // big ones split by bytes, small ones by count
-      sent.emplace_back(link::delta{.job_id = "job", .text = std::string(text_bytes, static_cast<char>('a' + i % 26))});
-      ASSERT_TRUE(client.send(sent.back()));
-    }
-  });
-  ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
-  fixture.on_io([] {});  // the on_connected callback, which sends them all, has finished
-  ASSERT_EQ(sent.size(), 40u);
-  ASSERT_TRUE(record.notes.wait_until([&] { return record.items() == 40; }));
+  for (int i = 0; i < 100; ++i) sent.emplace_back(link::delta{.job_id = "j" + std::to_string(i % 3), .text = "t" + std::to_string(i)});
+  sent.emplace_back(link::done{.job_id = "j0", .finish_reason = "stop"});
+  for (int i = 100; i < 150; ++i) sent.emplace_back(link::delta{.job_id = "j1", .text = "t" + std::to_string(i)});
+  recorded_messages record;
+  ASSERT_NO_FATAL_FAILURE(send_while_writing(record, {}, sent));
+  // The first delta as itself (nothing was in flight), the 99 held behind it as one batch, closed
+  // by the done frame that follows them, and the 50 after it as one more batch.
+  ASSERT_EQ(record.frames.size(), 4u);
+  EXPECT_EQ(link::frame_name(record.frames[0]), "delta");
+  EXPECT_EQ(link::frame_name(record.frames[1]), "deltas");
+  EXPECT_EQ(std::get<link::deltas>(record.frames[1]).items.size(), 99u);
+  EXPECT_EQ(link::frame_name(record.frames[2]), "done");
+  EXPECT_EQ(std::get<link::deltas>(record.frames[3]).items.size(), 50u);
   EXPECT_EQ(record.flattened(), sent);
-  record.notes.read([&] {
-    for (std::size_t i = 0; i < record.sizes.size(); ++i) EXPECT_LE(record.sizes[i], 4096u) << "message " << i;
-    for (const auto& f : record.frames) {
-      if (const auto* batch = std::get_if<link::deltas>(&f)) {
-        EXPECT_LE(batch->items.size(), 5u);
-      }
+}
+
+TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
+  link::codec_limits limits;
+  limits.frame_bytes_max = 4096;
+  limits.batch_deltas_max = 5;
+  std::vector<link::frame> sent;
+  for (int i = 0; i < 40; ++i) {
+    const std::size_t text_bytes = i < 20 ? 900 : 10;  // big ones split by bytes, small ones by count
+    sent.emplace_back(link::delta{.job_id = "job", .text = std::string(text_bytes, static_cast<char>('a' + i % 26))});
+  }
+  recorded_messages record;
+  ASSERT_NO_FATAL_FAILURE(send_while_writing(record, limits, sent));
+  EXPECT_EQ(record.flattened(), sent);
+  for (std::size_t i = 0; i < record.sizes.size(); ++i) EXPECT_LE(record.sizes[i], 4096u) << "message " << i;
+  for (const auto& f : record.frames) {
+    if (const auto* batch = std::get_if<link::deltas>(&f)) {
+      EXPECT_LE(batch->items.size(), 5u);
     }
-    EXPECT_GT(record.frames.size(), 8u);   // 39 held deltas cannot go in fewer than 8 batches of 5
-    EXPECT_LT(record.frames.size(), 40u);  // but they were batched
-    return 0;
-  });
+  }
+  EXPECT_GT(record.frames.size(), 8u);   // 39 held deltas cannot go in fewer than 8 batches of 5
+  EXPECT_LT(record.frames.size(), 40u);  // but they were batched
 }
 
 TEST(link_client, a_delta_too_big_to_hold_in_a_batch_goes_after_those_held) {
+  link::codec_limits limits;
+  limits.frame_bytes_max = 4096;
+  const std::vector<link::frame> sent = {
+      link::delta{.job_id = "j", .text = "first"},                 // written at once
+      link::delta{.job_id = "j", .text = "held"},                  // held behind it
+      link::delta{.job_id = "j", .text = std::string(3900, 'x')},  // fits a frame, not a batch
+      link::delta{.job_id = "j", .text = "last"},
+  };
   recorded_messages record;
-  test_ws_server server(record_into(record));
-  client_fixture fixture;
-  auto options = options_for(server.url());
-  options.limits.frame_bytes_max = 4096;
-  std::vector<link::frame> sent;
-  fixture.start(options, [&](link_client& client) {
-    client.batch_deltas(true);
-    sent.emplace_back(link::delta{.job_id = "j", .text = "first"});             // written at once
-    sent.emplace_back(link::delta{.job_id = "j", .text = "held"});              // held behind it
-    sent.emplace_back(link::delta{.job_id = "j", .text = std::string(3900, 'x')});  // fits a frame, not a batch
-    sent.emplace_back(link::delta{.job_id = "j", .text = "last"});
-    for (const auto& f : sent) ASSERT_TRUE(client.send(f));
-  });
-  ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
-  fixture.on_io([] {});  // the on_connected callback, which sent them all, has finished
-  ASSERT_TRUE(record.notes.wait_until([&] { return record.items() == 4; }));
+  ASSERT_NO_FATAL_FAILURE(send_while_writing(record, limits, sent));
   EXPECT_EQ(record.flattened(), sent);
 }
 
