@@ -266,8 +266,13 @@ class reply_handle final : public http_reply {
 class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, connection_slot slot, const http_server_options& options,
-          const http_handler& handler, const websocket_handler& upgrade)
-      : stream_(std::move(socket)), slot_(std::move(slot)), options_(options), handler_(handler), upgrade_(upgrade) {}
+          const http_handler& handler, const websocket_handler& upgrade, std::atomic<std::uint64_t>& writes)
+      : stream_(std::move(socket)),
+        slot_(std::move(slot)),
+        options_(options),
+        handler_(handler),
+        upgrade_(upgrade),
+        writes_(writes) {}
 
   void start() {
     beast::error_code ec;
@@ -309,7 +314,7 @@ class session : public std::enable_shared_from_this<session> {
     pending_ += data;
     pending_ += "\r\n";
     if (pending_.size() > options_.stream_buffer_bytes_max) return gone();  // a client that does not read
-    write_next();
+    flush_soon();
   }
 
   void finish(std::uint64_t request) {
@@ -398,6 +403,18 @@ class session : public std::enable_shared_from_this<session> {
 
   void queue(std::string bytes) { pending_ += bytes; }
 
+  /// Writes the queued pieces once the handlers already queued for this connection have run. A
+  /// busy server then sends the tokens that reached it together in one system call (fewer, larger
+  /// segments for both ends); an idle one pays one trip through the I/O queue.
+  void flush_soon() {
+    if (flush_queued_) return;
+    flush_queued_ = true;
+    asio::post(stream_.get_executor(), [self = shared_from_this()] {
+      self->flush_queued_ = false;
+      self->write_next();
+    });
+  }
+
   void write_next() {
     if (writing_ || gone_) return;
     if (pending_.empty()) {
@@ -406,6 +423,7 @@ class session : public std::enable_shared_from_this<session> {
     }
     // Most pieces (a token's SSE event) fit in the socket's send buffer: written at once, they
     // cost one system call and no reactor operation or completion handler.
+    writes_.fetch_add(1, std::memory_order_relaxed);
     if (direct_writes_) {
       beast::error_code ec;
       const std::size_t sent = stream_.socket().write_some(asio::buffer(pending_), ec);
@@ -464,6 +482,7 @@ class session : public std::enable_shared_from_this<session> {
   const http_server_options& options_;
   const http_handler& handler_;
   const websocket_handler& upgrade_;
+  std::atomic<std::uint64_t>& writes_;  ///< the server's count of writes to clients
   std::uint64_t request_ = 0;  ///< the request being answered; replies for others are ignored
   bool keep_alive_ = true;
   bool started_ = false;   ///< the answer's first bytes are queued
@@ -473,6 +492,7 @@ class session : public std::enable_shared_from_this<session> {
   bool watching_ = false;
   bool read_next_ = false;
   bool gone_ = false;
+  bool flush_queued_ = false;  ///< a flush_soon is queued
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
   std::vector<std::function<void()>> close_callbacks_;
@@ -545,6 +565,7 @@ class http_server::impl {
 
   std::uint16_t port() const noexcept { return port_; }
   std::size_t open() const noexcept { return open_.load(); }
+  std::uint64_t writes() const noexcept { return writes_.load(std::memory_order_relaxed); }
 
  private:
   void accept() {
@@ -555,7 +576,8 @@ class http_server::impl {
       }
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
-      auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_);
+      auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,
+                                         writes_);
       if (now_open > options_.connections_max) s->reject_busy();
       else s->start();
       accept();
@@ -567,6 +589,7 @@ class http_server::impl {
   http_handler handler_;
   websocket_handler upgrade_;
   std::atomic<std::size_t> open_{0};
+  std::atomic<std::uint64_t> writes_{0};
   asio::io_context io_;
   tcp::acceptor acceptor_;
   std::vector<std::thread> threads_;
@@ -585,5 +608,6 @@ http_server::http_server(std::unique_ptr<impl> state) : impl_(std::move(state)) 
 http_server::~http_server() = default;
 std::uint16_t http_server::port() const noexcept { return impl_->port(); }
 std::size_t http_server::connections_open() const noexcept { return impl_->open(); }
+std::uint64_t http_server::writes() const noexcept { return impl_->writes(); }
 
 }  // namespace gpustream::gateway

@@ -56,8 +56,10 @@ class http_reply {
   virtual void send(http_response response) = 0;
   /// Starts a streamed (chunked) response, e.g. `text/event-stream` for SSE.
   virtual void start_stream(unsigned status, std::string content_type, http_headers headers) = 0;
-  /// Queues one piece of a streamed response. Pieces queued while a write is in flight go out
-  /// together. A client that lets more than stream_buffer_bytes_max pile up is disconnected.
+  /// Queues one piece of a streamed response. It is written once the connection has run the calls
+  /// already queued for it, together with every piece queued meanwhile: a busy server sends fewer,
+  /// larger writes, an idle one each piece on its own. A client that lets more than
+  /// stream_buffer_bytes_max pile up is disconnected.
   virtual void write(std::string data) = 0;
   /// Ends a streamed response; the connection then serves its next request.
   virtual void finish() = 0;
@@ -134,6 +136,9 @@ class http_server {
   [[nodiscard]] std::uint16_t port() const noexcept;
   /// Connections open now (HTTP and WebSocket).
   [[nodiscard]] std::size_t connections_open() const noexcept;
+  /// Writes that sent HTTP answers to clients since start (WebSocket messages not counted). Streamed
+  /// pieces that reach a connection before it gets round to writing share one write.
+  [[nodiscard]] std::uint64_t writes() const noexcept;
 
   class impl;
 

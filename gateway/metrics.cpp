@@ -230,19 +230,21 @@ template class metric_family<histogram>;
 // metrics_registry
 
 struct metrics_registry::entry {
-  struct callback_gauge {
+  /// A series without labels whose value is read at each scrape.
+  struct callback_metric {
     std::string name;
     std::string help;
+    std::string_view type;  ///< "gauge" or "counter"
     std::function<double()> sample;
   };
   std::variant<std::unique_ptr<counter_family>, std::unique_ptr<gauge_family>, std::unique_ptr<histogram_family>,
-               callback_gauge>
+               callback_metric>
       metric;
 
   [[nodiscard]] std::string_view name() const {
     return std::visit(
         [](const auto& value) -> std::string_view {
-          if constexpr (std::is_same_v<std::decay_t<decltype(value)>, callback_gauge>) {
+          if constexpr (std::is_same_v<std::decay_t<decltype(value)>, callback_metric>) {
             return value.name;
           } else {
             return value->name();
@@ -291,11 +293,20 @@ gauge_family& metrics_registry::add_gauge(std::string name, std::string help, st
 }
 
 void metrics_registry::add_gauge_callback(std::string name, std::string help, std::function<double()> sample) {
+  add_callback(std::move(name), std::move(help), "gauge", std::move(sample));
+}
+
+void metrics_registry::add_counter_callback(std::string name, std::string help, std::function<double()> sample) {
+  add_callback(std::move(name), std::move(help), "counter", std::move(sample));
+}
+
+void metrics_registry::add_callback(std::string name, std::string help, std::string_view type,
+                                    std::function<double()> sample) {
   GPUSTREAM_ENSURE(sample != nullptr);
   std::lock_guard lock(mutex_);
   check_new_name(name, {}, false);
-  entries_.push_back(
-      std::make_unique<entry>(entry{entry::callback_gauge{std::move(name), std::move(help), std::move(sample)}}));
+  entries_.push_back(std::make_unique<entry>(
+      entry{entry::callback_metric{std::move(name), std::move(help), type, std::move(sample)}}));
 }
 
 histogram_family& metrics_registry::add_histogram(std::string name, std::string help,
@@ -321,8 +332,8 @@ std::string metrics_registry::scrape() const {
   for (const auto& item : entries_) {
     std::visit(
         [&out](const auto& value) {
-          if constexpr (std::is_same_v<std::decay_t<decltype(value)>, entry::callback_gauge>) {
-            append_header(out, value.name, value.help, "gauge");
+          if constexpr (std::is_same_v<std::decay_t<decltype(value)>, entry::callback_metric>) {
+            append_header(out, value.name, value.help, value.type);
             out += value.name;
             out += ' ';
             append_number(out, value.sample());

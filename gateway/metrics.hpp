@@ -129,6 +129,8 @@ class metrics_registry {
   /// A gauge without labels whose value is `sample()` at each scrape. `sample` runs on the
   /// scraping thread under the registry's lock: it must be quick and must not use the registry.
   void add_gauge_callback(std::string name, std::string help, std::function<double()> sample);
+  /// The same for a counter: `sample()` must never decrease.
+  void add_counter_callback(std::string name, std::string help, std::function<double()> sample);
   [[nodiscard]] histogram_family& add_histogram(std::string name, std::string help,
                                                 std::span<const double> upper_bounds,
                                                 std::vector<std::string> label_names = {});
@@ -139,6 +141,7 @@ class metrics_registry {
 
  private:
   struct entry;
+  void add_callback(std::string name, std::string help, std::string_view type, std::function<double()> sample);
   void check_new_name(const std::string& name, const std::vector<std::string>& label_names, bool histogram) const;
 
   metrics_options options_;

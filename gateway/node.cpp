@@ -198,6 +198,9 @@ class node::impl {
                                 [this] { return static_cast<double>(relay_ ? relay_->live_jobs() : 0); });
     metrics_.add_gauge_callback("gpustream_http_connections_open", "Open HTTP and WebSocket connections",
                                 [this] { return static_cast<double>(server_ ? server_->connections_open() : 0); });
+    metrics_.add_counter_callback("gpustream_http_writes_total",
+                                  "Writes that sent HTTP answers to clients (tokens that arrive together share one)",
+                                  [this] { return static_cast<double>(server_ ? server_->writes() : 0); });
   }
 
   /// The scheduler's counts, once a second, for the queue gauges (a scrape must not wait on actors).

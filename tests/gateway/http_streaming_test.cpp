@@ -1,7 +1,7 @@
 // The HTTP server's asynchronous side: answers given later from another thread, streamed
-// (chunked) answers, a client going away noticed while an answer is pending, WebSocket upgrades
-// refused or accepted, the WebSocket message limit, and WebSocket keep-alive: a quiet peer that
-// answers pings stays, a silent one is dropped.
+// (chunked) answers and their pieces sharing writes, a client going away noticed while an answer
+// is pending, WebSocket upgrades refused or accepted, the WebSocket message limit, and WebSocket
+// keep-alive: a quiet peer that answers pings stays, a silent one is dropped.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -138,6 +138,27 @@ TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_ser
   EXPECT_NE(all.find("data: two"), std::string::npos) << all;
   c.send(post);
   EXPECT_NE(c.read_until("second", 10s).find("second"), std::string::npos);
+}
+
+TEST(http_streaming, pieces_queued_before_the_connection_writes_go_out_in_one_write) {
+  // The handler runs on the connection's strand, so the header block and every piece are queued
+  // before any of them is written: the headers take one write, all ten pieces the next.
+  constexpr int pieces = 10;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) {
+    reply->start_stream(200, "text/event-stream", {});
+    for (int i = 0; i < pieces; ++i) reply->write("data: " + std::to_string(i) + "\n\n");
+    reply->finish();
+  });
+  ASSERT_TRUE(server);
+  const auto before = server->writes();
+  client c(server->port());
+  c.send(post);
+  const auto text = c.read_until("0\r\n\r\n", 10s);
+  for (int i = 0; i < pieces; ++i) {
+    EXPECT_NE(text.find("data: " + std::to_string(i) + "\n\n"), std::string::npos) << i << "\n" << text;
+  }
+  EXPECT_LT(text.find("data: 0"), text.find("data: 9")) << "in order";
+  EXPECT_EQ(server->writes() - before, 2u) << "one write for the headers, one for the pieces and the end";
 }
 
 TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noticed_at_once) {

@@ -74,6 +74,18 @@ TEST(metrics, gauge_callbacks_are_sampled_at_each_scrape) {
   EXPECT_NE(registry.scrape().find("gpustream_providers_online 0.25\n"), std::string::npos);
 }
 
+TEST(metrics, counter_callbacks_are_sampled_at_each_scrape_and_typed_as_counters) {
+  metrics_registry registry;
+  double writes = 12;
+  registry.add_counter_callback("gpustream_http_writes_total", "Writes to clients.", [&] { return writes; });
+  EXPECT_EQ(registry.scrape(),
+            "# HELP gpustream_http_writes_total Writes to clients.\n"
+            "# TYPE gpustream_http_writes_total counter\n"
+            "gpustream_http_writes_total 12\n");
+  writes = 40;
+  EXPECT_NE(registry.scrape().find("gpustream_http_writes_total 40\n"), std::string::npos);
+}
+
 TEST(metrics, special_float_values_use_prometheus_spelling) {
   metrics_registry registry;
   auto& value = registry.add_gauge("g", "h");
