@@ -44,7 +44,7 @@ struct hello {
 struct heartbeat {
   std::uint32_t active_jobs = 0;
   std::uint32_t queued_jobs = 0;
-  std::uint32_t load_percent = 0;    ///< active jobs over max concurrency, 0..100
+  std::uint32_t load_percent = 0;    ///< active jobs over max concurrency, 0..100 (shown to admins)
   std::uint32_t health_percent = 0;  ///< share of recent jobs that ended without a backend fault
   std::uint64_t tokens_per_second_milli = 0;  ///< recent output rate, thousandths of a token/s
 

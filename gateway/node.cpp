@@ -160,6 +160,12 @@ class node::impl {
     links_ = std::make_unique<provider_links>(system_, bridge_, runtime_, *directory_, *relay_, options_.link);
     admin_api_options admin;
     admin.admin_token = options_.admin_token;
+    admin.live_state = [this](const std::string& provider_id) -> std::optional<provider_live_state> {
+      const auto beat = links_ ? links_->last_heartbeat(provider_id) : std::nullopt;
+      if (!beat) return std::nullopt;
+      return provider_live_state{beat->active_jobs, beat->queued_jobs, beat->load_percent, beat->health_percent,
+                                 beat->tokens_per_second_milli};
+    };
     admin_ = std::make_unique<admin_api>(system_, admin_peers_of(runtime_), directory_, std::move(admin));
     provider_api_ = std::make_unique<provider_api>(directory_);
     auto server = http_server::start(

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include "actors/errors.hpp"
 #include "domain/selection.hpp"
@@ -50,6 +51,11 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void retire();
 
   const std::string& provider_id() const { return provider_id_; }
+  /// The latest heartbeat, none before the first.
+  std::optional<link::heartbeat> last_heartbeat() const {
+    std::lock_guard lock(heartbeat_mutex_);
+    return heartbeat_;
+  }
 
  private:
   friend class provider_links::impl;
@@ -78,6 +84,8 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::atomic<bool> protocol_error_{false}; ///< closed for a frame the protocol forbids
   std::atomic<std::int64_t> last_frame_ns_{steady::now().time_since_epoch().count()};
   link_actor actor_;
+  mutable std::mutex heartbeat_mutex_;
+  std::optional<link::heartbeat> heartbeat_;  ///< guarded by heartbeat_mutex_
 };
 
 class provider_links::impl : public std::enable_shared_from_this<impl> {
@@ -104,6 +112,16 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   std::size_t online() const {
     std::lock_guard lock(mutex_);
     return links_.size();
+  }
+
+  std::optional<link::heartbeat> last_heartbeat(const std::string& provider_id) const {
+    std::shared_ptr<link_session> session;
+    {
+      std::lock_guard lock(mutex_);
+      const auto it = links_.find(provider_id);
+      if (it != links_.end()) session = it->second.lock();
+    }
+    return session ? session->last_heartbeat() : std::nullopt;
   }
 
   /// Makes `session` its provider's link; returns the one it replaces, if any.
@@ -231,8 +249,16 @@ void link_session::on_message(std::string_view bytes) {
         using F = std::decay_t<decltype(f)>;
         if constexpr (std::is_same_v<F, link::heartbeat>) {
           if (!online_) return;
+          {
+            std::lock_guard lock(heartbeat_mutex_);
+            heartbeat_ = f;
+          }
+          // The frame's load is the share of the agent's slots in use. The scheduler counts the
+          // jobs it placed itself, and more freshly; read as the GPU's load (what the selection
+          // index's load means) it would shut the provider out at 80 % of its slots until a later
+          // heartbeat. The link has no measure of the GPU's own load, so none is passed on.
           caf::anon_send(owner_->runtime_.scheduler, actors::load_atom::value, provider_id_,
-                         domain::load_report{f.load_percent, f.health_percent});
+                         domain::load_report{.load_percent = 0, .health_percent = f.health_percent});
         } else if constexpr (std::is_same_v<F, link::delta>) {
           relay.delta(provider_id_, std::move(f));
         } else if constexpr (std::is_same_v<F, link::deltas>) {
@@ -333,5 +359,8 @@ void provider_links::stop() { impl_->stop(); }
 
 websocket_decision provider_links::upgrade(const http_request& request) { return impl_->upgrade(request); }
 std::size_t provider_links::online() const noexcept { return impl_->online(); }
+std::optional<link::heartbeat> provider_links::last_heartbeat(const std::string& provider_id) const {
+  return impl_->last_heartbeat(provider_id);
+}
 
 }  // namespace gpustream::gateway

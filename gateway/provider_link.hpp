@@ -8,6 +8,8 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
+#include <string>
 
 #include "actors/runtime.hpp"
 #include "gateway/http_server.hpp"
@@ -44,6 +46,9 @@ class provider_links {
 
   /// Links open now (hello received).
   [[nodiscard]] std::size_t online() const noexcept;
+  /// The latest heartbeat on `provider_id`'s current link; none while it has no link or has not
+  /// sent one yet.
+  [[nodiscard]] std::optional<link::heartbeat> last_heartbeat(const std::string& provider_id) const;
 
   /// Stops every link's actor and waits until they are gone: no offer, cancel or staleness
   /// check runs from then on, and links opened later are closed at once (1001). Their

@@ -1,0 +1,62 @@
+// A provider's free slots are used at once: a queued request goes to a provider as soon as one of
+// its jobs ends, even when the provider's last heartbeat said all its slots were busy. (The
+// heartbeat's load is the agent's own count of busy slots, which the scheduler keeps itself and
+// more freshly; taken as the GPU's load it used to shut out a provider at 80 % until the load of a
+// later heartbeat fell below that.)
+
+import assert from 'node:assert/strict';
+
+import { one_provider_world, scenario, wait_for } from './harness.mjs';
+
+const slots = 5;
+/// Long answers: 300 tokens 20 ms apart, about 6 s, so that they are still streaming when the
+/// queued request is served, unless it waits for them.
+const tokens_total = 300;
+const token_interval_us = 20_000;
+
+/// Starts a streamed answer and reads it in the background; `state.first_token` resolves at its
+/// first token, `state.done` when it ends (or rejects with the abort).
+function start_stream(client, model, abort) {
+  const state = { ended: false };
+  let first_token;
+  state.first_token = new Promise((resolve) => { first_token = resolve; });
+  state.done = (async () => {
+    const stream = await client.chat.completions.create(
+      { model, messages: [{ role: 'user', content: 'Count.' }], stream: true },
+      abort ? { signal: abort.signal } : {});
+    for await (const chunk of stream) {
+      if (chunk.choices[0]?.delta?.content) first_token();
+    }
+    state.ended = true;
+  })();
+  return state;
+}
+
+scenario('a queued request takes a slot as soon as one frees, whatever the last heartbeat said', async (world) => {
+  const { server, provider, model } = await one_provider_world(world, {
+    upstream_options: { tokens: tokens_total, token_interval_us },
+    provider_args: ['--max-concurrency', String(slots)],
+  });
+  const user = await server.create_user('premium', 100_000_000);
+  const client = server.openai(user.api_key);
+
+  const abort = new AbortController();
+  const first = start_stream(client, model, abort);
+  const others = [];
+  for (let i = 1; i < slots; ++i) others.push(start_stream(client, model));
+  await Promise.all([first, ...others].map((s) => s.first_token));
+
+  // A heartbeat has reported every slot busy.
+  await wait_for('a heartbeat reporting all slots busy', async () => {
+    const entry = await server.provider_entry(provider.id);
+    return entry?.live?.active_jobs === slots && entry.live.load_percent === 100 ? entry : null;
+  });
+
+  const queued = start_stream(client, model);
+  abort.abort();
+  await first.done.catch(() => {});  // the abort ends it
+  await queued.first_token;
+  assert.deepEqual(others.map((s) => s.ended), others.map(() => false),
+    'the queued request got its first token while the other answers were still streaming');
+  await Promise.all([queued.done, ...others.map((s) => s.done)]);
+});
