@@ -7,6 +7,7 @@
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
+#include "gateway/actor_ad_source.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/admin_api.hpp"
 #include "gateway/cors.hpp"
@@ -22,70 +23,6 @@ namespace {
 http_response api_error_response(const api_error& error) {
   return {error.status, "application/json", error_body(error), {}};
 }
-
-/// The ad server actor behind the relay's ad_source.
-class actor_ad_source final : public ad_source {
- public:
-  actor_ad_source(actor_bridge& bridge, actors::ad_server_actor ads) : bridge_(bridge), ads_(std::move(ads)) {}
-
-  /// Set once the server's address is known, before the first request can pick an ad.
-  void set_click_base(std::string base) {
-    std::lock_guard lock(mutex_);
-    click_base_ = std::move(base);
-  }
-
-  void pick(std::string job_id, std::string user_id, std::string prompt_text,
-            std::function<void(std::optional<ad_info>)> done) override {
-    bridge_.run([this, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
-                 done = std::move(done)](caf::event_based_actor* actor) mutable {
-      actor->request(ads_, caf::infinite, std::move(request))
-          .then(
-              [this, done](const actors::ad_pick& pick) {
-                if (!pick.ad) return done(std::nullopt);
-                const auto& ad = *pick.ad;
-                done(ad_info{ad.impression_id, ad.campaign_id, ad.title, ad.text, click_base() + ad.impression_id});
-              },
-              [done](caf::error& failure) {
-                spdlog::warn("ads: no ad picked: {}", actors::describe(failure));
-                done(std::nullopt);
-              });
-    });
-  }
-
-  void served(std::string impression_id, std::function<void(std::optional<domain::ad_charge>)> done) override {
-    bridge_.run([this, impression_id = std::move(impression_id), done = std::move(done)](caf::event_based_actor* actor) {
-      actor->request(ads_, caf::infinite, actors::served_atom::value, impression_id)
-          .then([done](const domain::ad_charge& charge) { done(charge); },
-                [done, impression_id](caf::error& failure) {
-                  spdlog::warn("ads: impression={} not recorded, ad not shown: {}", impression_id,
-                               actors::describe(failure));
-                  done(std::nullopt);
-                });
-    });
-  }
-
-  void release(std::string impression_id, std::string reason) override {
-    bridge_.run([this, impression_id = std::move(impression_id), reason = std::move(reason)](caf::event_based_actor* actor) {
-      actor->request(ads_, caf::infinite, actors::release_atom::value, impression_id, reason)
-          .then([](bool) {},
-                [impression_id](caf::error& failure) {
-                  // The reservation expires by itself; nothing is lost.
-                  spdlog::debug("ads: release of impression={} failed: {}", impression_id, actors::describe(failure));
-                });
-    });
-  }
-
- private:
-  std::string click_base() const {
-    std::lock_guard lock(mutex_);
-    return click_base_;
-  }
-
-  actor_bridge& bridge_;
-  actors::ad_server_actor ads_;
-  mutable std::mutex mutex_;
-  std::string click_base_;  ///< e.g. "http://127.0.0.1:8080/a/c/"
-};
 
 /// Counts a request's answer by endpoint and status as it goes out, and adds the headers every
 /// answer to it carries (CORS).
@@ -146,7 +83,7 @@ class node::impl {
   expected<void, std::string> start() {
     // The server must exist before the click URL is known (port 0 picks one): the relay and links
     // are built first, the server last, and requests only arrive once it runs.
-    ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server);
+    ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
     if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + "/a/c/");
     relay_options relaying = options_.relay;
     relaying.observer.first_token = [this](std::chrono::microseconds ttft) {

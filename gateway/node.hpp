@@ -3,6 +3,7 @@
 /// OpenAI-compatible API, the provider link, the admin API, the provider's own page, ad clicks,
 /// metrics. app/ starts it beside the actor runtime. Heavy headers stay in node.cpp.
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -43,6 +44,9 @@ struct node_options {
   std::vector<std::string> cors_origins;
   provider_link_options link;
   relay_options relay;
+  /// Longest wait for the ad server to pick a free-tier answer's ad; past it the answer goes
+  /// without one (see actor_ad_source_options::pick_wait_max). Default: 1 s.
+  std::chrono::milliseconds ad_pick_wait_max{1000};
   /// Actors carrying requests from Beast's threads into the actor system. Default: 2.
   std::size_t bridge_actors = 2;
 };

@@ -1,0 +1,67 @@
+#include "gateway/actor_ad_source.hpp"
+
+#include <caf/event_based_actor.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/errors.hpp"
+#include "gateway/actor_bridge.hpp"
+
+namespace gpustream::gateway {
+
+actor_ad_source::actor_ad_source(actor_bridge& bridge, actors::ad_server_actor ads, actor_ad_source_options options)
+    : bridge_(bridge), ads_(std::move(ads)), options_(options) {}
+
+void actor_ad_source::set_click_base(std::string base) {
+  std::lock_guard lock(mutex_);
+  click_base_ = std::move(base);
+}
+
+std::string actor_ad_source::click_base() const {
+  std::lock_guard lock(mutex_);
+  return click_base_;
+}
+
+void actor_ad_source::pick(std::string job_id, std::string user_id, std::string prompt_text,
+                           std::function<void(std::optional<ad_info>)> done) {
+  bridge_.run([this, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
+               done = std::move(done)](caf::event_based_actor* actor) mutable {
+    actor->request(ads_, options_.pick_wait_max, std::move(request))
+        .then(
+            [this, done](const actors::ad_pick& pick) {
+              if (!pick.ad) return done(std::nullopt);
+              const auto& ad = *pick.ad;
+              done(ad_info{ad.impression_id, ad.campaign_id, ad.title, ad.text, click_base() + ad.impression_id});
+            },
+            [done](caf::error& failure) {
+              spdlog::warn("ads: no ad picked: {}", actors::describe(failure));
+              done(std::nullopt);
+            });
+  });
+}
+
+void actor_ad_source::served(std::string impression_id, std::function<void(std::optional<domain::ad_charge>)> done) {
+  // No bound here: the impression and its charge are being recorded, and an ad whose charge may
+  // yet be recorded must not be dropped from the answer. The wait is an append's, like any other.
+  bridge_.run([this, impression_id = std::move(impression_id), done = std::move(done)](caf::event_based_actor* actor) {
+    actor->request(ads_, caf::infinite, actors::served_atom::value, impression_id)
+        .then([done](const domain::ad_charge& charge) { done(charge); },
+              [done, impression_id](caf::error& failure) {
+                spdlog::warn("ads: impression={} not recorded, ad not shown: {}", impression_id,
+                             actors::describe(failure));
+                done(std::nullopt);
+              });
+  });
+}
+
+void actor_ad_source::release(std::string impression_id, std::string reason) {
+  bridge_.run([this, impression_id = std::move(impression_id), reason = std::move(reason)](caf::event_based_actor* actor) {
+    actor->request(ads_, caf::infinite, actors::release_atom::value, impression_id, reason)
+        .then([](bool) {},
+              [impression_id](caf::error& failure) {
+                // The reservation expires by itself; nothing is lost.
+                spdlog::debug("ads: release of impression={} failed: {}", impression_id, actors::describe(failure));
+              });
+  });
+}
+
+}  // namespace gpustream::gateway
