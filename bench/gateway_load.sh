@@ -14,7 +14,9 @@
 # IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
 # (1); DURABILITY (sync; buffered shows what the fsyncs cost); PRICE_PER_MTOK (1000000 micro-USD per
 # million tokens, so that every completion is billed in the ledger as in production; 0: free);
-# SERVE_ARGS: more flags for `gpustream serve` (e.g. "--http-threads 1").
+# SERVE_ARGS: more flags for `gpustream serve` (e.g. "--http-threads 1"); REPEAT (1): runs per
+# concurrency (direct, then gateway, each time). The goals are judged on the median over the runs:
+# on a shared 2-core machine one run's figures move by 10-20 %.
 # Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
 set -euo pipefail
 
@@ -29,6 +31,8 @@ hold_s=${HOLD_S:-10}
 generator_threads=${GENERATOR_THREADS:-1}
 durability=${DURABILITY:-sync}
 price_per_mtok=${PRICE_PER_MTOK:-1000000}
+repeat=${REPEAT:-1}
+[[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "error: REPEAT must be a whole number >= 1, not '$repeat'" >&2; exit 2; }
 # The idle upstream's first token comes long after the hold ends, so its streams stay idle.
 idle_first_token_ms=600000
 
@@ -239,7 +243,9 @@ measure_concurrency() {
                           (gt50 - dt50 <= 1000 ? "met" : "NOT met"), (gt99 - dt99 <= 5000 ? "met" : "NOT met")
     }')
   summary+=("$line" "$cost")
-  best_rate=$(awk -v a="$best_rate" -v b="$(field completions_per_s "$gateway")" 'BEGIN { print (b > a ? b : a) }')
+  rates[$c]+=" $(field completions_per_s "$gateway")"
+  added_p50_ms[$c]+=" $(awk -v g="$(field ttft_p50_us "$gateway")" -v d="$(field ttft_p50_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
+  added_p99_ms[$c]+=" $(awk -v g="$(field ttft_p99_us "$gateway")" -v d="$(field ttft_p99_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
   echo "$line"
   echo "$cost"
 }
@@ -293,12 +299,31 @@ measure_idle() {
       printf format, n, active, before, open, held, per, (per <= 64 ? "met" : "NOT met") }')")
 }
 
+median() {  # median VALUES...: the median of the numbers given
+  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+
 summary=()
-best_rate=0
-for c in $concurrencies; do measure_concurrency "$c"; done
+declare -A rates added_p50_ms added_p99_ms  # by concurrency: one value per run
+for c in $concurrencies; do
+  for ((run = 1; run <= repeat; run++)); do measure_concurrency "$c"; done
+done
 if [ -n "$concurrencies" ]; then
-  summary+=("$(awk -v r="$best_rate" 'BEGIN {
-    printf "best gateway throughput %.0f completions/s (goal >= 1,000 through one node: %s)", r, (r >= 1000 ? "met" : "NOT met") }')")
+  best_rate=0
+  best_c=0
+  for c in $concurrencies; do
+    # shellcheck disable=SC2086  # word splitting of the run values is wanted
+    rate=$(median ${rates[$c]})
+    # shellcheck disable=SC2086
+    summary+=("$(awk -v c="$c" -v n="$repeat" -v r="$rate" -v p50="$(median ${added_p50_ms[$c]})" \
+      -v p99="$(median ${added_p99_ms[$c]})" -v all="${rates[$c]# }" 'BEGIN {
+        printf "C=%-4d median of %d run(s): gateway %.0f completions/s (runs: %s), added TTFT p50 %.2f ms, p99 %.2f ms", c, n, r, all, p50, p99
+        if (c == 64) printf " (goal <= 1 ms and <= 5 ms: %s)", (p50 <= 1 && p99 <= 5 ? "met" : "NOT met")
+      }')")
+    if awk -v a="$rate" -v b="$best_rate" 'BEGIN { exit !(a > b) }'; then best_rate=$rate best_c=$c; fi
+  done
+  summary+=("$(awk -v r="$best_rate" -v c="$best_c" 'BEGIN {
+    printf "best median gateway throughput %.0f completions/s, at C=%d (goal >= 1,000 through one node: %s)", r, c, (r >= 1000 ? "met" : "NOT met") }')")
 fi
 if [ "$idle_streams" -gt 0 ]; then measure_idle; fi
 
