@@ -20,6 +20,7 @@ namespace gpustream::storage {
 namespace {
 
 using namespace std::chrono_literals;
+using testing::block_bytes_read_by;
 using testing::flip_byte_of_record;
 using testing::flip_stored_byte;
 using testing::make_event;
@@ -584,6 +585,36 @@ TEST(event_store_snapshot, a_snapshot_beyond_the_stream_is_refused_and_none_is_e
   auto none = store->load_snapshot("other");
   ASSERT_TRUE(none);
   EXPECT_FALSE(none->has_value());
+}
+
+TEST(event_store_snapshot, looking_for_a_snapshot_that_does_not_exist_reads_no_large_snapshot) {
+  // Most actors have no snapshot; one large snapshot (the ledger's grows with the ledger) must not
+  // be read to find that out. Random bytes, from a fixed seed, so that compression cannot shrink it.
+  constexpr std::size_t big_bytes = 4u << 20;
+  std::mt19937_64 rng(20261203);
+  std::string big(big_bytes, '\0');
+  for (auto& c : big) c = static_cast<char>(rng());
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path(), buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("ledger", no_stream, 1, 1, 1)));
+    ASSERT_TRUE(store->save_snapshot("ledger", 1, big));
+  }
+  auto store = open_or_fail(dir.path());  // reopening writes the recovered memtables to table files
+  ASSERT_TRUE(store);
+  const auto read = block_bytes_read_by([&] {
+    for (const char* stream : {"job-1", "job-2", "user-1", "provider-1", "m", "zzz"}) {
+      auto none = store->load_snapshot(stream);
+      ASSERT_TRUE(none) << stream;
+      EXPECT_FALSE(none->has_value()) << stream;
+    }
+  });
+  EXPECT_LT(read, 64u * 1024) << "six misses read " << read << " bytes of blocks";
+  auto loaded = store->load_snapshot("ledger");
+  ASSERT_TRUE(loaded);
+  ASSERT_TRUE(loaded->has_value());
+  EXPECT_EQ((*loaded)->state, big);
 }
 
 // ---- projections: output and checkpoint in one batch ----

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 #include <rocksdb/db.h>
+#include <rocksdb/perf_context.h>
+#include <rocksdb/perf_level.h>
 
 #include <functional>
 
@@ -122,6 +124,16 @@ std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir, stor
     return nullptr;
   }
   return std::move(store).value();
+}
+
+std::uint64_t block_bytes_read_by(const std::function<void()>& work) {
+  const auto level = rocksdb::GetPerfLevel();
+  rocksdb::SetPerfLevel(rocksdb::PerfLevel::kEnableCount);
+  rocksdb::get_perf_context()->Reset();
+  work();
+  const std::uint64_t bytes = rocksdb::get_perf_context()->block_read_byte;
+  rocksdb::SetPerfLevel(level);
+  return bytes;
 }
 
 }  // namespace gpustream::storage::testing

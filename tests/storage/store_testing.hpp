@@ -2,6 +2,7 @@
 /// Helpers shared by the storage tests: temporary store directories and event builders.
 
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,10 @@ void flip_stored_byte(const std::filesystem::path& dir, const std::string& famil
 void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset);
 /// Deletes the first key of `family` (e.g. "dedup", "events"): damage only index checks can see.
 void delete_first_entry(const std::filesystem::path& dir, const std::string& family);
+
+/// Bytes of table-file blocks that RocksDB read (from disk or the OS cache, before the block
+/// cache) while `work` ran on this thread.
+[[nodiscard]] std::uint64_t block_bytes_read_by(const std::function<void()>& work);
 
 /// Opens a store or fails the current test with the store's message.
 [[nodiscard]] std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir,
