@@ -16,7 +16,10 @@
 # million tokens, so that every completion is billed in the ledger as in production; 0: free);
 # SERVE_ARGS: more flags for `gpustream serve` (e.g. "--http-threads 1"); REPEAT (1): runs per
 # concurrency (direct, then gateway, each time). The goals are judged on the median over the runs:
-# on a shared 2-core machine one run's figures move by 10-20 %.
+# on a shared 2-core machine one run's figures move by 10-20 %. TRACE_S (0: off): during each
+# gateway run, every TRACE_S seconds, the jobs `serve` has ended so far (its /metrics), the rate
+# since the last line and `serve`'s VmRSS; with a long DURATION_S this shows whether the rate holds
+# and how memory grows with the jobs done (e.g. DURATION_S=150 TRACE_S=10 CONCURRENCIES=256).
 # Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
 set -euo pipefail
 
@@ -32,6 +35,8 @@ generator_threads=${GENERATOR_THREADS:-1}
 durability=${DURABILITY:-sync}
 price_per_mtok=${PRICE_PER_MTOK:-1000000}
 repeat=${REPEAT:-1}
+trace_s=${TRACE_S:-0}
+[[ "$trace_s" =~ ^[0-9]+$ ]] || { echo "error: TRACE_S must be a whole number of seconds, not '$trace_s'" >&2; exit 2; }
 [[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "error: REPEAT must be a whole number >= 1, not '$repeat'" >&2; exit 2; }
 # The idle upstream's first token comes long after the hold ends, so its streams stay idle.
 idle_first_token_ms=600000
@@ -205,6 +210,20 @@ start_provider bench-provider "$direct_port" 256
 agent_pid=$provider_pid
 wait_for_model bench-model "$agent_pid"
 
+# trace_serve: every trace_s seconds until killed, one line on stderr: seconds since it started,
+# jobs ended in `serve` (all statuses, from /metrics), their rate since the previous line, VmRSS.
+trace_serve() {
+  local start=$SECONDS last_jobs=0 last_t=0 jobs rss t
+  while sleep "$trace_s"; do
+    jobs=$(curl -sS "http://127.0.0.1:$serve_port/metrics" | awk '/^gpustream_jobs_ended_total/ { n += $2 } END { print n + 0 }')
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$serve_pid/status")
+    t=$((SECONDS - start))
+    awk -v t="$t" -v j="$jobs" -v lj="$last_jobs" -v lt="$last_t" -v rss="$rss" 'BEGIN {
+      printf "    trace: t=%d s jobs_ended=%d rate=%.0f/s serve_rss=%d KiB\n", t, j, (t > lt ? (j - lj) / (t - lt) : 0), rss }' >&2
+    last_jobs=$jobs last_t=$t
+  done
+}
+
 # measure_concurrency C: one direct and one gateway run at C streams; appends their lines to summary.
 measure_concurrency() {
   local c=$1 direct gateway direct_upstream_ticks serve_before agent_before upstream_before
@@ -216,7 +235,13 @@ measure_concurrency() {
   echo "concurrency $c: through the gateway" >&2
   serve_before=$(cpu_ticks "$serve_pid") agent_before=$(cpu_ticks "$agent_pid") upstream_before=$(cpu_ticks "$direct_pid")
   serve_lines_before=$(wc -l < "$work/serve.log") agent_lines_before=$(wc -l < "$work/bench-provider.log")
+  local tracer=
+  if [ "$trace_s" -gt 0 ]; then
+    trace_serve &
+    tracer=$!
+  fi
   gateway=$(load gateway "http://127.0.0.1:$serve_port/v1" "$api_key" "$c")
+  if [ -n "$tracer" ]; then kill "$tracer" 2>/dev/null || true; wait "$tracer" 2>/dev/null || true; fi
   # Where the cores went: CPU time per completion of each process (warm-up included on both sides).
   cost=$(awk -v hz="$clock_ticks" -v dn="$(field completions "$direct")" -v gn="$(field completions "$gateway")" \
     -v du="$direct_upstream_ticks" -v dg="$(field cpu_s "$direct")" -v gg="$(field cpu_s "$gateway")" \
