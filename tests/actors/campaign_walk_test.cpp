@@ -35,14 +35,23 @@ class campaign_walk_test : public testing::deterministic_fixture {
   testing::manual_clock clock_;
 };
 
+/// An accepted reservation: its id and the price it holds.
+struct held_reservation {
+  std::string id;
+  std::int64_t price_micros = 0;
+};
+
 /// A random command; reservations get fresh ids (an id is never reused), and the commands that
 /// name one pick among the latest few accepted, so that most of them find it still held.
+/// Impressions are priced within the reservation's price three times in four (a uniform price
+/// was over it half the time, and one seed in a few hundred recorded no impression at all).
 domain::campaign::command random_command(std::mt19937_64& random, int step, std::int64_t now_us,
-                                         const std::vector<std::string>& reserved) {
-  const auto reservation = [&]() -> std::string {
-    if (reserved.empty()) return "r0";
+                                         const std::vector<held_reservation>& reserved) {
+  const auto pick = [&]() -> held_reservation {
+    if (reserved.empty()) return {"r0", 2'000};
     return reserved[reserved.size() - 1 - random() % std::min<std::size_t>(reserved.size(), 3)];
   };
+  const auto reservation = [&] { return pick().id; };
   switch (random() % 9) {
     case 0:
       return domain::create_campaign{"c1", "Acme", "Rust", "Learn Rust", "https://acme.example",
@@ -60,8 +69,12 @@ domain::campaign::command random_command(std::mt19937_64& random, int step, std:
                                 "u" + std::to_string(random() % 40),
                                 static_cast<std::int64_t>(random() % 2'100),  // bid: 2,000 each
                                 now_us + 1 + static_cast<std::int64_t>(random() % 300'000'000)};
-    case 6:
-      return domain::record_impression{reservation(), static_cast<std::int64_t>(random() % 2'100)};
+    case 6: {
+      const auto held = pick();
+      const auto price = random() % 4 ? 1 + static_cast<std::int64_t>(random() % held.price_micros)
+                                      : static_cast<std::int64_t>(random() % 2'100);
+      return domain::record_impression{held.id, price};
+    }
     case 7:
       return domain::release_ad_reservation{reservation(), "not served"};
     default:
@@ -78,7 +91,7 @@ TEST_F(campaign_walk_test, the_actor_answers_and_holds_what_the_pure_fold_does) 
   auto registry = spawn_registry();
   domain::campaign::state model;
   int passivations = 0;
-  std::vector<std::string> reserved;  ///< ids of accepted reservations, oldest first
+  std::vector<held_reservation> reserved;  ///< accepted reservations, oldest first
   std::map<std::size_t, int> appended_by_type;  ///< event type -> count, to see the walk went far
   for (int step = 0; step < 400; ++step) {
     if (random() % 25 == 0) {
@@ -98,7 +111,7 @@ TEST_F(campaign_walk_test, the_actor_answers_and_holds_what_the_pure_fold_does) 
       EXPECT_EQ(reply.value().events, expected.value()) << "step " << step;
       for (const auto& event : expected.value()) {
         ++appended_by_type[event.index()];
-        if (const auto* r = std::get_if<events::ad_reserved>(&event)) reserved.push_back(r->reservation_id);
+        if (const auto* r = std::get_if<events::ad_reserved>(&event)) reserved.push_back({r->reservation_id, r->price_micros});
         model = domain::campaign::evolve(std::move(model), event);
       }
     } else {
