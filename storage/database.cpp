@@ -127,7 +127,8 @@ error translate(const rocksdb::Status& status, std::string_view what) {
 }
 
 expected<std::unique_ptr<database>, error> open_database(const std::filesystem::path& directory,
-                                                         rocksdb::Env* env, bool read_only) {
+                                                         rocksdb::Env* env, bool read_only,
+                                                         std::size_t memtable_bytes_max) {
   std::error_code ec;
   if (read_only && !std::filesystem::exists(directory / "CURRENT", ec)) {
     return unexpected{make_error(errc::invalid_argument,
@@ -153,6 +154,7 @@ expected<std::unique_ptr<database>, error> open_database(const std::filesystem::
   // Flushes and compactions sync their files every MiB as they go rather than in one burst at the
   // end, which would queue the WAL fsyncs of acknowledged appends behind it.
   db_options.bytes_per_sync = 1u << 20;
+  db_options.db_write_buffer_size = memtable_bytes_max;
 
   std::vector<std::string> existing;
   (void)rocksdb::DB::ListColumnFamilies(db_options, directory.string(), &existing);  // none if new

@@ -70,9 +70,10 @@ struct database {
 };
 
 /// Opens (creating unless read-only) the database in `directory` with every column family,
-/// refusing a directory of other files and a store of another format version.
+/// refusing a directory of other files and a store of another format version. The memtables of
+/// all column families together hold at most `memtable_bytes_max` (0: RocksDB's per-family bound).
 [[nodiscard]] expected<std::unique_ptr<database>, error> open_database(
-    const std::filesystem::path& directory, rocksdb::Env* env, bool read_only);
+    const std::filesystem::path& directory, rocksdb::Env* env, bool read_only, std::size_t memtable_bytes_max);
 
 /// Global position of the last event in the log (0 when empty).
 [[nodiscard]] expected<std::uint64_t, error> read_last_position(database& d);

@@ -60,6 +60,12 @@ struct store_options {
   /// Most stream heads the writer caches; the cache is dropped when it would grow past this.
   /// Default: 1,000,000.
   std::size_t head_cache_streams_max = 1'000'000;
+  /// Most bytes of memtables, all column families together: the appends RocksDB holds in memory
+  /// (they are in the write-ahead log too) until it writes them to a table file. Past it the
+  /// largest memtable is written out, so that `serve`'s memory does not grow with the log by up to
+  /// 64 MiB for each of the six column families (RocksDB's own bound; 0 leaves only that). Default:
+  /// 128 MiB.
+  std::size_t memtable_bytes_max = 128u << 20;
   /// Source of `recorded_at_us`. Default: the system clock.
   std::function<std::int64_t()> clock_us;
   /// Open for reading only (replay, analytics): no appends, no lock on the directory, so it works

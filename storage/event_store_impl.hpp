@@ -79,7 +79,7 @@ class event_store::impl {
   }
 
   expected<void, error> start() {
-    auto opened = open_database(directory_, env(), options_.read_only);
+    auto opened = open_database(directory_, env(), options_.read_only, options_.memtable_bytes_max);
     if (!opened) return unexpected{opened.error()};
     db_ = std::move(opened).value();
     auto last = read_last_position(*db_);

@@ -177,7 +177,7 @@ expected<void, error> event_store::impl::recover_if_needed() {
                                  "reads to finish; retry unchanged")};
   }
   db_.reset();
-  auto opened = open_database(directory_, env(), false);
+  auto opened = open_database(directory_, env(), false, options_.memtable_bytes_max);
   if (!opened) return unexpected{opened.error()};
   db_ = std::move(opened).value();
   auto last = read_last_position(*db_);

@@ -617,6 +617,40 @@ TEST(event_store_snapshot, looking_for_a_snapshot_that_does_not_exist_reads_no_l
   EXPECT_EQ((*loaded)->state, big);
 }
 
+// ---- memory ----
+
+TEST(event_store_memory, memtables_past_memtable_bytes_max_are_written_to_table_files) {
+  // 8 MiB of events against a 1 MiB bound: RocksDB must write memtables out while the store is
+  // open (without the bound each column family holds 64 MiB before it does).
+  temp_dir dir;
+  store_options options = buffered();
+  options.memtable_bytes_max = 1u << 20;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  const std::string payload(4096, 'p');
+  std::uint64_t n = 1;
+  for (int append = 0; append < 20; ++append) {
+    std::vector<new_event> events;
+    for (int i = 0; i < 100; ++i) events.push_back(make_event(make_id(3, n++), payload));
+    std::vector<stream_append> request{{"s-" + std::to_string(append), no_stream, std::move(events)}};
+    ASSERT_TRUE(store->append(std::move(request)));
+  }
+  auto table_files = [&] {
+    std::size_t count = 0;
+    for (const auto& entry : std::filesystem::directory_iterator(dir.path())) {
+      count += entry.path().extension() == ".sst" ? 1 : 0;
+    }
+    return count;
+  };
+  // Flushes run in the background: wait for one, with a deadline.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (table_files() == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  EXPECT_GT(table_files(), 0u) << "no memtable was written out within 10 s";
+  auto all = store->read_all(1, 100000);
+  ASSERT_TRUE(all);
+  EXPECT_EQ(all->size(), 2000u) << "every event still reads back";
+}
+
 // ---- projections: output and checkpoint in one batch ----
 
 TEST(event_store_projection, output_and_checkpoint_commit_together_exactly_once) {
