@@ -387,6 +387,7 @@ class session : public std::enable_shared_from_this<session> {
     watching_ = true;
     stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
       self->watching_ = false;
+      if (self->lingering_) return self->start_drain();
       if (ec == asio::error::operation_aborted && self->read_next_) {
         self->read_next_ = false;
         return self->read();
@@ -451,11 +452,7 @@ class session : public std::enable_shared_from_this<session> {
     started_ = false;
     ++request_;  // late calls on the old reply are ignored
     close_callbacks_.clear();
-    if (!keep_alive_) {
-      beast::error_code ec;
-      stream_.socket().shutdown(tcp::socket::shutdown_send, ec);  // the peer may be gone already
-      return;
-    }
+    if (!keep_alive_) return linger();
     if (watching_) {
       read_next_ = true;
       beast::error_code ec;
@@ -463,6 +460,35 @@ class session : public std::enable_shared_from_this<session> {
       return;
     }
     read();
+  }
+
+  /// Closes after the last answer without resetting the connection: closing a socket with unread
+  /// bytes makes the kernel send a reset, which can destroy the answer before the client reads it
+  /// (a 413 sent while the client is still writing its body). So the write side is shut, and
+  /// what the client still sends is read and dropped until it closes too or linger_timeout passes.
+  void linger() {
+    lingering_ = true;
+    beast::error_code ec;
+    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);  // the peer may be gone already
+    if (ec) return gone();
+    buffer_.clear();
+    if (watching_) {
+      stream_.socket().cancel(ec);  // the watch ends and starts the drain
+      return;
+    }
+    start_drain();
+  }
+
+  void start_drain() {
+    stream_.expires_after(options_.linger_timeout);  // with no read pending, so that reads get it
+    drain();
+  }
+
+  void drain() {
+    stream_.async_read_some(buffer_.prepare(16 * 1024), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      if (ec) return self->gone();  // the client closed, or linger_timeout passed
+      self->drain();
+    });
   }
 
   void gone() {
@@ -491,6 +517,7 @@ class session : public std::enable_shared_from_this<session> {
   bool direct_writes_ = false;  ///< the socket is non-blocking: write_next tries a write at once
   bool watching_ = false;
   bool read_next_ = false;
+  bool lingering_ = false;  ///< the last answer is sent; reads are dropped until the client closes
   bool gone_ = false;
   bool flush_queued_ = false;  ///< a flush_soon is queued
   std::string pending_;    ///< bytes queued behind the write in flight

@@ -111,6 +111,10 @@ struct http_server_options {
   std::size_t connections_max = 10'000;
   /// A connection with no complete request for this long is closed. Default: 30 s.
   std::chrono::seconds idle_timeout{30};
+  /// After an answer that ends the connection (a refused request, `Connection: close`), what the
+  /// client still sends is read and dropped for at most this long, so that the answer is not lost
+  /// to a connection reset. Default: 5 s.
+  std::chrono::milliseconds linger_timeout{5'000};
   /// Most bytes of a streamed response waiting for a slow client. Default: 4 MiB.
   std::size_t stream_buffer_bytes_max = 4 * 1024 * 1024;
   /// Largest WebSocket message received; larger closes the connection with 1009. Default: 1 MiB.

@@ -1,5 +1,5 @@
-// The HTTP server's own limits: open connections and idle connections (headers and bodies are
-// covered end to end in tests/app/cli_test.cpp).
+// The HTTP server's own limits: open connections, idle connections and lingering after the last
+// answer (headers and bodies are covered end to end in tests/app/cli_test.cpp).
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <string>
 
@@ -30,6 +32,7 @@ class client {
   client& operator=(const client&) = delete;
 
   [[nodiscard]] bool connected() const { return connected_; }
+  [[nodiscard]] int fd() const { return fd_; }
   void send(const std::string& text) { ASSERT_EQ(::write(fd_, text.data(), text.size()), static_cast<ssize_t>(text.size())); }
 
   /// Reads until the server closes the connection or `wait_max` passes; returns what arrived and
@@ -97,6 +100,62 @@ TEST(http_server, an_idle_connection_is_closed_after_idle_timeout) {
   EXPECT_TRUE(closed) << "still open after 10 s";
   EXPECT_TRUE(reply.empty());
   EXPECT_GE(std::chrono::steady_clock::now() - started, std::chrono::milliseconds(900));
+}
+
+TEST(http_server, a_refused_body_can_still_be_sent_and_the_answer_is_not_reset) {
+  // The 413 goes out as soon as the headers announce too big a body; a client still writing it
+  // must be able to finish (its bytes are read and dropped) rather than meet a reset.
+  http_server_options options;
+  options.body_bytes_max = 1024;
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client sender(server->port());
+  ASSERT_TRUE(sender.connected());
+  const std::size_t body_bytes = 4 * 1024 * 1024;
+  sender.send("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: " + std::to_string(body_bytes) + "\r\n\r\n");
+  // The server closes its side after the answer: read both first, then send the body.
+  const auto [reply, closed] = sender.read_until_closed(std::chrono::seconds(5));
+  EXPECT_NE(reply.find("413"), std::string::npos) << reply;
+  ASSERT_TRUE(closed) << "the server's side stays open after a 413";
+  const std::string chunk(64 * 1024, 'b');
+  std::size_t sent = 0;
+  int error = 0;
+  while (sent < body_bytes) {
+    const auto n = ::send(sender.fd(), chunk.data(), chunk.size(), MSG_NOSIGNAL);
+    if (n < 0) {
+      error = errno;
+      break;
+    }
+    sent += static_cast<std::size_t>(n);
+  }
+  EXPECT_EQ(sent, body_bytes) << "the body was cut off by " << std::strerror(error);
+}
+
+TEST(http_server, a_client_that_never_closes_is_closed_after_linger_timeout) {
+  http_server_options options;
+  options.linger_timeout = std::chrono::milliseconds(300);
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client lingerer(server->port());
+  ASSERT_TRUE(lingerer.connected());
+  lingerer.send("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  const auto [reply, closed] = lingerer.read_until_closed(std::chrono::seconds(5));
+  EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;
+  ASSERT_TRUE(closed);
+  // The client keeps its side open and sends nothing: after linger_timeout the server closes the
+  // socket, and a write then meets a reset.
+  const auto started = std::chrono::steady_clock::now();
+  const auto deadline = started + std::chrono::seconds(10);
+  int error = 0;
+  while (error == 0 && std::chrono::steady_clock::now() < deadline) {
+    if (::send(lingerer.fd(), "x", 1, MSG_NOSIGNAL) < 0) error = errno;
+    if (error == 0) {
+      pollfd p{lingerer.fd(), POLLERR, 0};
+      ::poll(&p, 1, 50);  // waits for the reset, 50 ms at a time
+    }
+  }
+  EXPECT_TRUE(error == EPIPE || error == ECONNRESET) << "still open after 10 s: " << std::strerror(error);
+  EXPECT_GE(std::chrono::steady_clock::now() - started, std::chrono::milliseconds(250));
 }
 
 TEST(http_server, localhost_resolves) {
