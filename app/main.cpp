@@ -62,6 +62,11 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--actor-threads", serve.actor_threads, "threads running the actors (0: one per core)")
       ->check(CLI::Range(0, 256))
       ->capture_default_str();
+  serve_cmd->add_option("--stream-flush-ms", serve.stream_flush_ms,
+                        "a streamed answer's first token is written at once, later ones together at "
+                        "most once per this many ms (0: each at once)")
+      ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
   serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
                         "most live jobs this node holds; one more is refused with 429 server_busy")
       ->check(CLI::Range(1, 100'000'000))

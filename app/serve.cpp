@@ -88,6 +88,7 @@ int run_serve(const serve_options& options) {
   node_options.http.host = address->host;
   node_options.http.port = address->port;
   node_options.http.threads = options.http_threads;
+  node_options.http.stream_flush_interval = std::chrono::milliseconds(options.stream_flush_ms);
   node_options.relay.live_jobs_max = options.live_jobs_max;
   node_options.admin_token = options.admin_token;
   node_options.public_url = options.public_url;

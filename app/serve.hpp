@@ -33,6 +33,9 @@ struct serve_options {
   std::size_t http_threads = 2;
   /// Threads running the actor system's workers; 0: one per core. Default: 0.
   std::size_t actor_threads = 0;
+  /// A streamed answer's first token is written at once, later ones together at most once per
+  /// this many ms; 0: each at once. Default: 5.
+  std::uint32_t stream_flush_ms = 5;
   /// Most live jobs (waiting, streaming or finishing) this node holds; one more is refused with
   /// 429 server_busy. Default: 100,000.
   std::size_t live_jobs_max = 100'000;

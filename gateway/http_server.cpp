@@ -5,6 +5,7 @@
 #include <boost/asio/ip/basic_resolver.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -24,6 +25,7 @@ namespace beast = boost::beast;
 namespace http = beast::http;
 namespace websocket = beast::websocket;
 using tcp = asio::ip::tcp;
+using steady = std::chrono::steady_clock;
 
 /// One unit of connections_max, held by whichever session owns the socket.
 class connection_slot {
@@ -314,7 +316,21 @@ class session : public std::enable_shared_from_this<session> {
     pending_ += data;
     pending_ += "\r\n";
     if (pending_.size() > options_.stream_buffer_bytes_max) return gone();  // a client that does not read
-    flush_soon();
+    if (!piece_written_ || options_.stream_flush_interval.count() == 0) {
+      piece_written_ = true;  // the answer's first piece (its first token) goes at once
+      return flush_soon();
+    }
+    // Later pieces go at most once per stream_flush_interval: a fast stream costs a bounded
+    // number of writes (and of reads at the client), whatever its token rate.
+    const auto due = last_write_ + options_.stream_flush_interval;
+    if (steady::now() >= due) return flush_soon();
+    if (flush_timer_armed_) return;
+    flush_timer_armed_ = true;
+    flush_timer_.expires_at(due);
+    flush_timer_.async_wait([self = shared_from_this()](beast::error_code) {
+      self->flush_timer_armed_ = false;
+      self->write_next();
+    });
   }
 
   void finish(std::uint64_t request) {
@@ -422,6 +438,7 @@ class session : public std::enable_shared_from_this<session> {
       if (complete_) next_request();
       return;
     }
+    last_write_ = steady::now();
     // Most pieces (a token's SSE event) fit in the socket's send buffer: written at once, they
     // cost one system call and no reactor operation or completion handler.
     writes_.fetch_add(1, std::memory_order_relaxed);
@@ -450,6 +467,7 @@ class session : public std::enable_shared_from_this<session> {
   void next_request() {
     complete_ = false;
     started_ = false;
+    piece_written_ = false;
     ++request_;  // late calls on the old reply are ignored
     close_callbacks_.clear();
     if (!keep_alive_) return linger();
@@ -497,6 +515,7 @@ class session : public std::enable_shared_from_this<session> {
     auto callbacks = std::move(close_callbacks_);
     close_callbacks_.clear();
     for (auto& callback : callbacks) callback();
+    flush_timer_.cancel();
     beast::error_code ec;
     stream_.socket().close(ec);
   }
@@ -520,6 +539,10 @@ class session : public std::enable_shared_from_this<session> {
   bool lingering_ = false;  ///< the last answer is sent; reads are dropped until the client closes
   bool gone_ = false;
   bool flush_queued_ = false;  ///< a flush_soon is queued
+  bool piece_written_ = false;  ///< the streamed answer's first piece is queued (later ones may wait)
+  bool flush_timer_armed_ = false;
+  steady::time_point last_write_{};  ///< when bytes last went to the socket
+  asio::steady_timer flush_timer_{stream_.get_executor()};  ///< writes the pieces held for stream_flush_interval
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
   std::vector<std::function<void()>> close_callbacks_;

@@ -115,6 +115,9 @@ struct http_server_options {
   /// client still sends is read and dropped for at most this long, so that the answer is not lost
   /// to a connection reset. Default: 5 s.
   std::chrono::milliseconds linger_timeout{5'000};
+  /// A streamed answer's first piece is written at once; later ones are written at most once per
+  /// this interval, together (0: each at once). Bounds the writes a fast stream costs. Default: 5 ms.
+  std::chrono::microseconds stream_flush_interval{5'000};
   /// Most bytes of a streamed response waiting for a slow client. Default: 4 MiB.
   std::size_t stream_buffer_bytes_max = 4 * 1024 * 1024;
   /// Largest WebSocket message received; larger closes the connection with 1009. Default: 1 MiB.

@@ -1,5 +1,6 @@
 // The HTTP server's asynchronous side: answers given later from another thread, streamed
-// (chunked) answers and their pieces sharing writes, a client going away noticed while an answer
+// (chunked) answers and their pieces sharing writes (held for stream_flush_interval after the
+// first), a client going away noticed while an answer
 // is pending, WebSocket upgrades refused or accepted, the WebSocket message limit, and WebSocket
 // keep-alive: a quiet peer that answers pings stays, a silent one is dropped.
 #include <gtest/gtest.h>
@@ -159,6 +160,61 @@ TEST(http_streaming, pieces_queued_before_the_connection_writes_go_out_in_one_wr
   }
   EXPECT_LT(text.find("data: 0"), text.find("data: 9")) << "in order";
   EXPECT_EQ(server->writes() - before, 2u) << "one write for the headers, one for the pieces and the end";
+}
+
+/// Starts a server whose first request's reply is handed to the test; the client has sent it.
+struct held_answer {
+  std::unique_ptr<http_server> server;
+  std::unique_ptr<client> c;
+  std::shared_ptr<http_reply> reply;
+};
+
+held_answer hold_an_answer(http_server_options options) {
+  held_answer held;
+  auto pending = std::make_shared<std::promise<std::shared_ptr<http_reply>>>();
+  held.server = start([pending](http_request, std::shared_ptr<http_reply> reply) { pending->set_value(reply); }, {},
+                      options);
+  if (!held.server) return held;
+  held.c = std::make_unique<client>(held.server->port());
+  held.c->send(post);
+  auto future = pending->get_future();
+  if (future.wait_for(10s) == std::future_status::ready) held.reply = future.get();
+  return held;
+}
+
+TEST(http_streaming, later_pieces_wait_for_stream_flush_interval_and_go_out_together) {
+  http_server_options options;
+  options.stream_flush_interval = 1s;
+  auto held = hold_an_answer(options);
+  ASSERT_TRUE(held.reply);
+  held.reply->start_stream(200, "text/event-stream", {});
+  const auto started = std::chrono::steady_clock::now();
+  held.reply->write("data: one\n\n");
+  // The first piece is not held (the headers' write just happened: it would wait a second).
+  ASSERT_NE(held.c->read_until("data: one", 10s).find("data: one"), std::string::npos);
+  EXPECT_LT(std::chrono::steady_clock::now() - started, 900ms) << "the first piece waited for the interval";
+  const auto writes_before = held.server->writes();
+  held.reply->write("data: two\n\n");
+  held.reply->write("data: three\n\n");
+  const auto text = held.c->read_until("data: three", 10s);
+  ASSERT_NE(text.find("data: two\n\n\r\nd\r\ndata: three"), std::string::npos) << text;
+  EXPECT_GE(std::chrono::steady_clock::now() - started, 900ms) << "a later piece did not wait";
+  EXPECT_EQ(held.server->writes() - writes_before, 1u) << "the held pieces share one write";
+}
+
+TEST(http_streaming, finishing_an_answer_writes_its_held_pieces_at_once) {
+  http_server_options options;
+  options.stream_flush_interval = 60s;
+  auto held = hold_an_answer(options);
+  ASSERT_TRUE(held.reply);
+  held.reply->start_stream(200, "text/event-stream", {});
+  held.reply->write("data: one\n\n");
+  ASSERT_NE(held.c->read_until("data: one", 10s).find("data: one"), std::string::npos);
+  held.reply->write("data: two\n\n");
+  held.reply->finish();
+  // Within 10 s, not after the 60 s interval.
+  const auto text = held.c->read_until("0\r\n\r\n", 10s);
+  EXPECT_NE(text.find("data: two\n\n\r\n0\r\n\r\n"), std::string::npos) << text;
 }
 
 TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noticed_at_once) {
