@@ -9,7 +9,9 @@
 ///                           "cpm_bid_micros","budget_micros","daily_budget_micros",
 ///                           "frequency_cap_per_day"} -> 201 {"id"}
 ///   GET  /admin/providers?limit=N          providers from the directory (+ live load if wired)
-///   GET  /admin/jobs?state=S&limit=N       jobs, newest first, optionally in one state
+///   GET  /admin/jobs?state=S&limit=N       jobs, newest first, optionally in one state; a job's
+///                                          money (gross, fee, ad) fills in when its ledger group
+///                                          is recorded, a moment after its end
 ///   GET  /admin/accounts?prefix=P&limit=N  ledger balances, by account name
 ///   POST /admin/payouts/run                runs the automatic payouts now; returns the report
 ///                                          {"payouts":[{"id","provider_id","amount_micros",

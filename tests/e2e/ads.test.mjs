@@ -91,11 +91,11 @@ scenario('free answers carry one ad, premium answers none, and the money adds up
   // The money. Per job (from /admin/jobs): the free ones paid by the subsidy, the premium ones by
   // the user; the provider earns gross - fee, the platform the fee and the ad's price, the
   // campaign's escrow pays the ad.
+  const ids = [last.id, whole.id, premium_chunks.at(-1).id, premium_whole.id].map(job_id_of);
+  const jobs = await server.billed_jobs(ids);
   const after = await server.accounts();
   assert.equal(after.total_micros, 0, 'all balances sum to zero');
   assert.equal(Object.values(after.balances).reduce((sum, balance) => sum + balance, 0), 0);
-  const ids = [last.id, whole.id, premium_chunks.at(-1).id, premium_whole.id].map(job_id_of);
-  const jobs = await server.wait_jobs(ids, 'completed');
   const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
   let subsidy = 0, user = 0, provider_net = 0, platform = 0, ads = 0;
   for (const [index, job] of jobs.entries()) {

@@ -86,7 +86,7 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
 
   // The money: each answer billed to the premium user at the provider's price, nothing else moved.
   const answered = [last.id, whole.id, cut.id, completion.id, completion_chunks.at(-1).id].map(job_id_of);
-  const billed = await server.wait_jobs(answered, 'completed');
+  const billed = await server.billed_jobs(answered);
   const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
   assert.ok(offer, 'the provider advertises the model with its prices');
   for (const job of billed) {

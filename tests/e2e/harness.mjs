@@ -258,12 +258,20 @@ export class serve_process {
 
   /// Waits until every job of `job_ids` is listed in `state` and returns them in that order. The
   /// admin listing is a projection of the log: it may trail the client's answer by a moment.
-  async wait_jobs(job_ids, state) {
+  /// Waits until every job is listed in `state` and `ready(job)` holds for each (the money of a
+  /// job shows once its ledger group is recorded, a moment after the job's end: billed_jobs).
+  async wait_jobs(job_ids, state, ready = () => true) {
     return wait_for(`jobs ${job_ids.join(', ')} in GET /admin/jobs?state=${state}`, async () => {
       const listed = await this.jobs(state);
       const found = job_ids.map((id) => listed.find((job) => job.id === id));
-      return found.every(Boolean) ? found : null;
+      return found.every((job) => job && ready(job)) ? found : null;
     });
+  }
+
+  /// Completed jobs with their money recorded: for jobs that cost something (a priced provider),
+  /// and, for free-tier ones, whose ad was paid for.
+  async billed_jobs(job_ids) {
+    return this.wait_jobs(job_ids, 'completed', (job) => job.gross_micros > 0 && (job.premium || job.ad_micros > 0));
   }
 
   async provider_entry(provider_id) {
