@@ -1,5 +1,7 @@
 #include "storage/fault_file_system.hpp"
 
+#include "storage/wrapping_file_system.hpp"
+
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -95,23 +97,13 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
   std::atomic<std::uint64_t> written_{0};
 };
 
-class fault_file_system final : public rocksdb::FileSystemWrapper {
+class fault_file_system final : public wrapping_file_system {
  public:
   fault_file_system(std::shared_ptr<rocksdb::FileSystem> base, std::shared_ptr<fault_injector> faults)
-      : FileSystemWrapper(std::move(base)), faults_(std::move(faults)) {}
+      : wrapping_file_system(std::move(base)), faults_(std::move(faults)) {}
 
   const char* Name() const override { return "gpustream_fault_file_system"; }
 
-  rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
-                                    std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                    rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->NewWritableFile(name, options, result, dbg), name, result);
-  }
-  rocksdb::IOStatus ReopenWritableFile(const std::string& name, const rocksdb::FileOptions& options,
-                                       std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                       rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReopenWritableFile(name, options, result, dbg), name, result);
-  }
   rocksdb::IOStatus RenameFile(const std::string& from, const std::string& to,
                                const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     auto status = target()->RenameFile(from, to, options, dbg);
@@ -120,21 +112,12 @@ class fault_file_system final : public rocksdb::FileSystemWrapper {
     }
     return status;
   }
-  rocksdb::IOStatus ReuseWritableFile(const std::string& name, const std::string& old_name,
-                                      const rocksdb::FileOptions& options,
-                                      std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                      rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReuseWritableFile(name, old_name, options, result, dbg), name, result);
-  }
 
  private:
-  rocksdb::IOStatus wrap(rocksdb::IOStatus status, const std::string& name,
-                         std::unique_ptr<rocksdb::FSWritableFile>* result) {
-    if (!status.ok()) return status;
+  void wrap(const std::string& name, std::unique_ptr<rocksdb::FSWritableFile>& file) override {
     std::uint64_t size = 0;  // a reopened file keeps what it had
     (void)target()->GetFileSize(name, rocksdb::IOOptions(), &size, nullptr);  // 0 if unknown
-    *result = std::make_unique<faulty_file>(std::move(*result), faults_, name, lengths_, size);
-    return status;
+    file = std::make_unique<faulty_file>(std::move(file), faults_, name, lengths_, size);
   }
 
   std::shared_ptr<fault_injector> faults_;

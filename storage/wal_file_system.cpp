@@ -1,5 +1,7 @@
 #include "storage/wal_file_system.hpp"
 
+#include "storage/wrapping_file_system.hpp"
+
 #include <string>
 #include <utility>
 
@@ -64,35 +66,16 @@ class wal_file final : public rocksdb::FSWritableFileOwnerWrapper {
   std::uint64_t writeback_from_ = 0;  // bytes before this were handed to writeback already
 };
 
-class wal_file_system final : public rocksdb::FileSystemWrapper {
+class wal_file_system final : public wrapping_file_system {
  public:
   wal_file_system(std::shared_ptr<rocksdb::FileSystem> base, std::shared_ptr<wal_progress> progress)
-      : FileSystemWrapper(std::move(base)), progress_(std::move(progress)) {}
+      : wrapping_file_system(std::move(base)), progress_(std::move(progress)) {}
 
   const char* Name() const override { return "gpustream_wal_file_system"; }
 
-  rocksdb::IOStatus NewWritableFile(const std::string& name, const rocksdb::FileOptions& options,
-                                    std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                    rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->NewWritableFile(name, options, result, dbg), name, result);
-  }
-  rocksdb::IOStatus ReopenWritableFile(const std::string& name, const rocksdb::FileOptions& options,
-                                       std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                       rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReopenWritableFile(name, options, result, dbg), name, result);
-  }
-  rocksdb::IOStatus ReuseWritableFile(const std::string& name, const std::string& old_name,
-                                      const rocksdb::FileOptions& options,
-                                      std::unique_ptr<rocksdb::FSWritableFile>* result,
-                                      rocksdb::IODebugContext* dbg) override {
-    return wrap(target()->ReuseWritableFile(name, old_name, options, result, dbg), name, result);
-  }
-
  private:
-  rocksdb::IOStatus wrap(rocksdb::IOStatus status, const std::string& name,
-                         std::unique_ptr<rocksdb::FSWritableFile>* result) {
-    if (status.ok() && is_wal(name)) *result = std::make_unique<wal_file>(std::move(*result), progress_);
-    return status;
+  void wrap(const std::string& name, std::unique_ptr<rocksdb::FSWritableFile>& file) override {
+    if (is_wal(name)) file = std::make_unique<wal_file>(std::move(file), progress_);
   }
 
   std::shared_ptr<wal_progress> progress_;
