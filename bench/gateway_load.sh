@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Gateway load figures (issue 4): the same streamed chat completions sent by bench/gateway_load
 # straight to the test upstream and through `gpustream serve` + `gpustream provider` to it, at
-# 1, 64 and 256 concurrent streams, then the RSS of `serve` with 5,000 idle streams open.
+# 1, 64 and 256 concurrent streams, then the RSS of `serve` with 5,000 idle streams open. Each
+# gateway run also shows where its first tokens waited: `serve`'s own histograms (from the request,
+# and from the offer to the provider, to the first token), and the CPU each process used.
 # Builds nothing: run ./scripts/build first.
 #
 #   bench/gateway_load.sh [BUILD_DIR]        (default: build)
@@ -224,6 +226,37 @@ trace_serve() {
   done
 }
 
+# histograms: `serve`'s time-to-first-token and offer-to-first-token bucket counts from /metrics,
+# one "NAME LE COUNT" line per bucket.
+histograms() {
+  curl -sS "http://127.0.0.1:$serve_port/metrics" | sed -n \
+    's/^gpustream_\(time_to_first_token\|offer_to_first_token\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
+}
+
+# split_line BEFORE AFTER: the p50 and p90 of each histogram over the jobs between two scrapes,
+# interpolated within buckets as Prometheus' histogram_quantile does.
+split_line() {
+  awk 'NR == FNR { before[$1 " " $2] = $3; next }
+    { name[++n] = $1; le[n] = $2; count[n] = $3 - before[$1 " " $2] }
+    function quantile(which, q,   i, total, rank, lower, below) {
+      for (i = 1; i <= n; i++) if (name[i] == which && le[i] == "+Inf") total = count[i]
+      if (total == 0) return -1
+      rank = q * total; lower = 0; below = 0
+      for (i = 1; i <= n; i++) {
+        if (name[i] != which) continue
+        if (le[i] == "+Inf") return lower * 1000
+        if (count[i] >= rank) return (lower + (le[i] - lower) * (rank - below) / (count[i] - below)) * 1000
+        lower = le[i]; below = count[i]
+      }
+    }
+    END {
+      printf "       serve'"'"'s own histograms: request to first token p50 %.2f ms, p90 %.2f ms | offer to first token",
+             quantile("time_to_first_token", 0.5), quantile("time_to_first_token", 0.9)
+      printf " (the provider'"'"'s round trip) p50 %.2f ms, p90 %.2f ms", quantile("offer_to_first_token", 0.5),
+             quantile("offer_to_first_token", 0.9)
+    }' <(printf '%s\n' "$1") <(printf '%s\n' "$2")
+}
+
 # measure_concurrency C: one direct and one gateway run at C streams; appends their lines to summary.
 measure_concurrency() {
   local c=$1 direct gateway direct_upstream_ticks serve_before agent_before upstream_before
@@ -240,7 +273,10 @@ measure_concurrency() {
     trace_serve &
     tracer=$!
   fi
+  local histograms_before split
+  histograms_before=$(histograms)
   gateway=$(load gateway "http://127.0.0.1:$serve_port/v1" "$api_key" "$c")
+  split=$(split_line "$histograms_before" "$(histograms)")
   if [ -n "$tracer" ]; then kill "$tracer" 2>/dev/null || true; wait "$tracer" 2>/dev/null || true; fi
   # Where the cores went: CPU time per completion of each process (warm-up included on both sides).
   cost=$(awk -v hz="$clock_ticks" -v dn="$(field completions "$direct")" -v gn="$(field completions "$gateway")" \
@@ -267,12 +303,13 @@ measure_concurrency() {
       if (c == 64) printf " | goal at 64 (sync): added TTFT p50 <= 1 ms (%s), p99 <= 5 ms (%s)",
                           (gt50 - dt50 <= 1000 ? "met" : "NOT met"), (gt99 - dt99 <= 5000 ? "met" : "NOT met")
     }')
-  summary+=("$line" "$cost")
+  summary+=("$line" "$cost" "$split")
   rates[$c]+=" $(field completions_per_s "$gateway")"
   added_p50_ms[$c]+=" $(awk -v g="$(field ttft_p50_us "$gateway")" -v d="$(field ttft_p50_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
   added_p99_ms[$c]+=" $(awk -v g="$(field ttft_p99_us "$gateway")" -v d="$(field ttft_p99_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
   echo "$line"
   echo "$cost"
+  echo "$split"
 }
 
 # measure_idle: idle streams through a second upstream whose first token comes after the hold,

@@ -11,15 +11,19 @@ namespace gpustream::gateway {
 
 namespace {
 
-/// Prometheus float text: "+Inf", "-Inf", "NaN", or the shortest text that reads back exactly.
+/// Prometheus float text: "+Inf", "-Inf", "NaN", or the shortest text that reads back exactly,
+/// in plain decimals between 1e-6 and 1e15 (bucket bounds read "0.0005", not "5e-04").
 void append_number(std::string& out, double value) {
   if (std::isnan(value)) {
     out += "NaN";
   } else if (std::isinf(value)) {
     out += value > 0 ? "+Inf" : "-Inf";
   } else {
-    std::array<char, 32> text{};
-    const auto written = std::to_chars(text.data(), text.data() + text.size(), value);
+    std::array<char, 64> text{};
+    const double magnitude = std::fabs(value);
+    const auto format = magnitude == 0 || (magnitude >= 1e-6 && magnitude < 1e15) ? std::chars_format::fixed
+                                                                                  : std::chars_format::general;
+    const auto written = std::to_chars(text.data(), text.data() + text.size(), value, format);
     out.append(text.data(), written.ptr);
   }
 }

@@ -19,9 +19,10 @@
 
 namespace gpustream::gateway {
 
-/// Upper bounds for time-to-first-token histograms, seconds (1 ms … 10 s).
-inline constexpr std::array<double, 13> ttft_buckets_seconds{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                                                             0.25,  0.5,    1,     2.5,  5,     10};
+/// Upper bounds for time-to-first-token histograms, seconds (250 µs … 10 s: what the gateway adds
+/// is a fraction of a millisecond when idle).
+inline constexpr std::array<double, 15> ttft_buckets_seconds{0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                                             0.1,     0.25,   0.5,   1,      2.5,   5,    10};
 
 /// A count that only goes up.
 class counter {

@@ -86,8 +86,9 @@ class node::impl {
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
     if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + "/a/c/");
     relay_options relaying = options_.relay;
-    relaying.observer.first_token = [this](std::chrono::microseconds ttft) {
+    relaying.observer.first_token = [this](std::chrono::microseconds ttft, std::chrono::microseconds since_offer) {
       ttft_->get().observe(static_cast<double>(ttft.count()) / 1e6);
+      offer_to_first_token_->get().observe(static_cast<double>(since_offer.count()) / 1e6);
     };
     relaying.observer.completion_tokens = [this](std::uint32_t tokens) { tokens_->get().increment(tokens); };
     relaying.observer.job_ended = [this](domain::job_status status) {
@@ -133,6 +134,10 @@ class node::impl {
     jobs_ended_ = &metrics_.add_counter("gpustream_jobs_ended_total", "Jobs ended on this node, by status", {"status"});
     ttft_ = &metrics_.add_histogram("gpustream_time_to_first_token_seconds",
                                     "From receiving a completion request to its first token", ttft_buckets_seconds);
+    offer_to_first_token_ = &metrics_.add_histogram(
+        "gpustream_offer_to_first_token_seconds",
+        "From offering a job to a provider to its first token (the link both ways, the agent, its backend)",
+        ttft_buckets_seconds);
     queued_ = &metrics_.add_gauge("gpustream_queue_depth", "Jobs waiting for a provider (scheduler)");
     running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
     metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
@@ -316,6 +321,7 @@ class node::impl {
   counter_family* tokens_ = nullptr;
   counter_family* jobs_ended_ = nullptr;
   histogram_family* ttft_ = nullptr;
+  histogram_family* offer_to_first_token_ = nullptr;
   gauge_family* queued_ = nullptr;
   gauge_family* running_ = nullptr;
   std::atomic<bool> refresh_stop_{false};

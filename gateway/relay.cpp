@@ -44,6 +44,7 @@ struct live_job {
   };
   std::optional<finished> waiting_for_ad;
   clock::time_point received_at = clock::now();
+  clock::time_point offered_at{};  ///< when its latest offer went to a provider
   bool first_token_seen = false;
 };
 
@@ -213,6 +214,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
     if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
     live->provider_id = provider_id;
+    live->offered_at = clock::now();
     live->attempt_started = false;
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
     return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens)};
@@ -232,8 +234,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (!live->first_token_seen) {
         live->first_token_seen = true;
         if (options_.observer.first_token) {
-          options_.observer.first_token(
-              std::chrono::duration_cast<std::chrono::microseconds>(clock::now() - live->received_at));
+          const auto now = clock::now();
+          options_.observer.first_token(std::chrono::duration_cast<std::chrono::microseconds>(now - live->received_at),
+                                        std::chrono::duration_cast<std::chrono::microseconds>(now - live->offered_at));
         }
       }
       start_stream(*live);

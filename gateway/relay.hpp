@@ -45,7 +45,9 @@ class ad_source {
 
 /// What the relay reports for metrics. Every member may be empty.
 struct relay_observer {
-  std::function<void(std::chrono::microseconds ttft)> first_token;
+  /// An answer's first token: the time since its request arrived, and since its (latest) offer to
+  /// a provider went out (the provider's round trip: the link both ways, the agent, its backend).
+  std::function<void(std::chrono::microseconds ttft, std::chrono::microseconds since_offer)> first_token;
   std::function<void(std::uint32_t tokens)> completion_tokens;
   std::function<void(domain::job_status)> job_ended;
 };

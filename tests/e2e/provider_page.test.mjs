@@ -75,6 +75,17 @@ scenario('the provider page shows earnings and /metrics counts the traffic', asy
   // The upstream waits 20 ms before its first token: the 10 ms bucket cannot hold it.
   const small = buckets.filter((s) => { const le = s.labels.match(/le="([^"]+)"/)[1]; return le !== '+Inf' && Number(le) < 0.02; });
   assert.ok(small.every((s) => s.value === 0), `no first token faster than the upstream's 20 ms: ${JSON.stringify(small)}`);
+  // The provider's share of it, from the offer: also at least the upstream's 20 ms, and no more
+  // than the whole.
+  const offer_count = find('gpustream_offer_to_first_token_seconds_count');
+  assert.equal(offer_count.length, 1);
+  assert.equal(offer_count[0].value, 1, 'one first token observed from its offer');
+  const offer_small = find('gpustream_offer_to_first_token_seconds_bucket')
+    .filter((s) => { const le = s.labels.match(/le="([^"]+)"/)[1]; return le !== '+Inf' && Number(le) < 0.02; });
+  assert.ok(offer_small.length > 0 && offer_small.every((s) => s.value === 0), `offer to first token under 20 ms: ${JSON.stringify(offer_small)}`);
+  const offer_sum = find('gpustream_offer_to_first_token_seconds_sum')[0].value;
+  const ttft_sum = find('gpustream_time_to_first_token_seconds_sum')[0].value;
+  assert.ok(offer_sum >= 0.02 && offer_sum <= ttft_sum, `offer to first token ${offer_sum} s within the TTFT ${ttft_sum} s`);
   const online = find('gpustream_providers_online');
   assert.equal(online.length, 1);
   assert.equal(online[0].value, 1);

@@ -97,14 +97,20 @@ TEST(metrics, special_float_values_use_prometheus_spelling) {
   EXPECT_NE(registry.scrape().find("g NaN\n"), std::string::npos);
   value.get().set(1e-7);
   EXPECT_NE(registry.scrape().find("g 1e-07\n"), std::string::npos);
+  value.get().set(0.0005);  // plain decimals between 1e-6 and 1e15
+  EXPECT_NE(registry.scrape().find("g 0.0005\n"), std::string::npos);
+  value.get().set(123456.25);
+  EXPECT_NE(registry.scrape().find("g 123456.25\n"), std::string::npos);
+  value.get().set(2e15);
+  EXPECT_NE(registry.scrape().find("g 2e+15\n"), std::string::npos);
 }
 
 TEST(metrics, ttft_histogram_renders_cumulative_buckets_sum_and_count_exactly) {
   metrics_registry registry;
   auto& ttft = registry.add_histogram("gpustream_ttft_seconds", "Time to first token.", ttft_buckets_seconds);
   auto& series = ttft.get();
-  series.observe(0.0005);                                    // ≤ 0.001
-  series.observe(0.001);                                     // bounds are inclusive: still ≤ 0.001
+  series.observe(0.0005);                                    // ≤ 0.0005
+  series.observe(0.001);                                     // bounds are inclusive: ≤ 0.001
   series.observe(0.003);                                     // ≤ 0.005
   series.observe(0.75);                                      // ≤ 1
   series.observe(42);                                        // only +Inf
@@ -112,6 +118,8 @@ TEST(metrics, ttft_histogram_renders_cumulative_buckets_sum_and_count_exactly) {
   EXPECT_EQ(registry.scrape(),
             "# HELP gpustream_ttft_seconds Time to first token.\n"
             "# TYPE gpustream_ttft_seconds histogram\n"
+            "gpustream_ttft_seconds_bucket{le=\"0.00025\"} 0\n"
+            "gpustream_ttft_seconds_bucket{le=\"0.0005\"} 1\n"
             "gpustream_ttft_seconds_bucket{le=\"0.001\"} 2\n"
             "gpustream_ttft_seconds_bucket{le=\"0.0025\"} 2\n"
             "gpustream_ttft_seconds_bucket{le=\"0.005\"} 3\n"
