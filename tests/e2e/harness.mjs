@@ -256,10 +256,9 @@ export class serve_process {
     return (await this.admin.get(`/admin/jobs${query}`)).data;
   }
 
-  /// Waits until every job of `job_ids` is listed in `state` and returns them in that order. The
-  /// admin listing is a projection of the log: it may trail the client's answer by a moment.
-  /// Waits until every job is listed in `state` and `ready(job)` holds for each (the money of a
-  /// job shows once its ledger group is recorded, a moment after the job's end: billed_jobs).
+  /// Waits until every job of `job_ids` is listed in `state` with `ready(job)` true, and returns
+  /// them in that order. The admin listing is a projection of the log: it may trail the client's
+  /// answer by a moment, and a job's money trails its end (billed_jobs waits for it).
   async wait_jobs(job_ids, state, ready = () => true) {
     return wait_for(`jobs ${job_ids.join(', ')} in GET /admin/jobs?state=${state}`, async () => {
       const listed = await this.jobs(state);

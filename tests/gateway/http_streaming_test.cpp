@@ -1,8 +1,8 @@
 // The HTTP server's asynchronous side: answers given later from another thread, streamed
 // (chunked) answers and their pieces sharing writes (held for stream_flush_interval after the
-// first), a client going away noticed while an answer
-// is pending, WebSocket upgrades refused or accepted, the WebSocket message limit, and WebSocket
-// keep-alive: a quiet peer that answers pings stays, a silent one is dropped.
+// first), a client going away noticed while an answer is pending, WebSocket upgrades refused or
+// accepted, the WebSocket message limit, and WebSocket keep-alive: a quiet peer that answers
+// pings stays, a silent one is dropped.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -182,16 +182,21 @@ held_answer hold_an_answer(http_server_options options) {
   return held;
 }
 
+/// Starts the held answer's stream and writes its first piece; true once the client has it.
+bool first_piece_arrives(held_answer& held) {
+  held.reply->start_stream(200, "text/event-stream", {});
+  held.reply->write("data: one\n\n");
+  return held.c->read_until("data: one", 10s).find("data: one") != std::string::npos;
+}
+
 TEST(http_streaming, later_pieces_wait_for_stream_flush_interval_and_go_out_together) {
   http_server_options options;
   options.stream_flush_interval = 1s;
   auto held = hold_an_answer(options);
   ASSERT_TRUE(held.reply);
-  held.reply->start_stream(200, "text/event-stream", {});
   const auto started = std::chrono::steady_clock::now();
-  held.reply->write("data: one\n\n");
+  ASSERT_TRUE(first_piece_arrives(held));
   // The first piece is not held (the headers' write just happened: it would wait a second).
-  ASSERT_NE(held.c->read_until("data: one", 10s).find("data: one"), std::string::npos);
   EXPECT_LT(std::chrono::steady_clock::now() - started, 900ms) << "the first piece waited for the interval";
   const auto writes_before = held.server->writes();
   held.reply->write("data: two\n\n");
@@ -207,9 +212,7 @@ TEST(http_streaming, finishing_an_answer_writes_its_held_pieces_at_once) {
   options.stream_flush_interval = 60s;
   auto held = hold_an_answer(options);
   ASSERT_TRUE(held.reply);
-  held.reply->start_stream(200, "text/event-stream", {});
-  held.reply->write("data: one\n\n");
-  ASSERT_NE(held.c->read_until("data: one", 10s).find("data: one"), std::string::npos);
+  ASSERT_TRUE(first_piece_arrives(held));
   held.reply->write("data: two\n\n");
   held.reply->finish();
   // Within 10 s, not after the 60 s interval.
