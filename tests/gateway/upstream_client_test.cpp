@@ -168,7 +168,12 @@ class io_threads {
 class stream_log {
  public:
   upstream_stream_handlers handlers() {
-    return {[this](std::string_view text) { record([&] { deltas_.emplace_back(text); }); },
+    return {[this](std::string_view text) {
+              record([&] {
+                deltas_.emplace_back(text);
+                delta_times_.push_back(std::chrono::steady_clock::now());
+              });
+            },
             [this](std::string finish_reason, std::optional<upstream_usage> usage) {
               record([&] {
                 ++finals_;
@@ -196,6 +201,11 @@ class stream_log {
   std::vector<std::string> deltas() const {
     std::lock_guard lock(mutex_);
     return deltas_;
+  }
+  /// When each delta arrived.
+  std::vector<std::chrono::steady_clock::time_point> delta_times() const {
+    std::lock_guard lock(mutex_);
+    return delta_times_;
   }
   int finals() const {
     std::lock_guard lock(mutex_);
@@ -226,6 +236,7 @@ class stream_log {
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<std::string> deltas_;
+  std::vector<std::chrono::steady_clock::time_point> delta_times_;
   int finals_ = 0;
   std::optional<std::string> finish_reason_;
   std::optional<upstream_usage> usage_;
@@ -685,6 +696,41 @@ TEST(UpstreamClient, ManyConcurrentStreamsEachGetTheirOwnAnswer) {
     EXPECT_EQ(logs[i]->usage()->completion_tokens, static_cast<std::uint32_t>(10 + i % 10));
   }
   EXPECT_TRUE(upstream->wait_stat("completed", streams));
+}
+
+// With --decode-steps the test upstream sends every answer's later tokens at the ticks of one
+// shared clock, as a server decoding its answers in one batch: an answer started half an interval
+// after another gets its later tokens together with the other's, not half an interval apart.
+TEST(UpstreamClient, DecodeStepsSendEveryAnswersLaterTokensOnOneClock) {
+  constexpr auto interval = 300ms;
+  auto upstream = upstream_process::start(
+      {"--tokens", "4", "--token-interval-us", std::to_string(std::chrono::microseconds(interval).count()), "--decode-steps"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  stream_log first;
+  auto a = client.stream("/chat/completions", chat_body(), first.handlers());
+  ASSERT_TRUE(first.wait_deltas(1));
+  // Only sets the second answer's start apart from the first's; the check below holds for any
+  // offset, and without the shared clock fails for offsets away from a whole interval.
+  std::this_thread::sleep_for(interval / 2);
+  stream_log second;
+  auto b = client.stream("/chat/completions", chat_body(), second.handlers());
+  ASSERT_TRUE(first.wait_final() && second.wait_final());
+  ASSERT_FALSE(first.error() || second.error());
+  const auto a_times = first.delta_times();
+  const auto b_times = second.delta_times();
+  ASSERT_EQ(a_times.size(), 4u);
+  ASSERT_EQ(b_times.size(), 4u);
+  // The second answer's token 1 leaves at a tick at least an interval after its start, by which
+  // time the first answer is at its token 2 or 3: the two arrive together.
+  auto nearest = interval;
+  for (std::size_t i = 1; i < a_times.size(); ++i) {
+    const auto apart = b_times[1] > a_times[i] ? b_times[1] - a_times[i] : a_times[i] - b_times[1];
+    nearest = std::min(nearest, std::chrono::duration_cast<std::chrono::milliseconds>(apart));
+  }
+  EXPECT_LT(nearest, interval / 4) << "the second answer's token 1 is " << nearest.count()
+                                   << " ms from the first answer's nearest later token";
 }
 
 }  // namespace

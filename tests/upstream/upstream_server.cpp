@@ -70,6 +70,12 @@ struct settings {
   std::uint32_t tokens = 16;
   std::uint32_t first_token_ms = 0;
   std::uint32_t token_interval_us = 0;
+  /// With a token interval: an answer's later tokens go at the ticks of one clock shared by all
+  /// answers (one tick per interval), as a server decoding its answers together in one batch
+  /// (vLLM, llama.cpp server's slots) emits them; without it each answer keeps its own pace.
+  bool decode_steps = false;
+  /// The shared clock's epoch: ticks are at decode_epoch + k * token_interval.
+  steady::time_point decode_epoch = steady::now();
   unsigned fail_status = 0;                       // 0: answer normally
   std::optional<std::uint32_t> drop_after_tokens;  // close mid-stream after this many tokens
   usage_mode usage = usage_mode::correct;
@@ -376,7 +382,12 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   steady::time_point token_due(std::uint32_t index) const {
-    return start_ + first_token_delay() + token_interval() * index;
+    const auto due = start_ + first_token_delay() + token_interval() * index;
+    if (!config_.decode_steps || index == 0 || config_.token_interval_us == 0) return due;
+    // The first tick of the shared decode clock at or after `due`.
+    const auto interval = token_interval();
+    const auto since_epoch = due - config_.decode_epoch;
+    return config_.decode_epoch + ((since_epoch + interval - steady::duration(1)) / interval) * interval;
   }
 
   /// Writes every token that is due by now (one when the pace is kept), each as its own event.
@@ -679,6 +690,9 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
   app.add_option("--first-token-ms", config.first_token_ms, "delay before the first token")->capture_default_str();
   app.add_option("--token-interval-us", config.token_interval_us, "delay between tokens; 0 = as fast as possible")
       ->capture_default_str();
+  app.add_flag("--decode-steps", config.decode_steps,
+               "later tokens of all answers go at the ticks of one shared clock (one per token interval), "
+               "as from a server decoding its answers in one batch");
   app.add_option("--fail-status", fail_status, "answer every completion with this HTTP status")
       ->check(CLI::Range(400u, 599u));
   auto* drop = app.add_option("--drop-after-tokens", drop_after,
