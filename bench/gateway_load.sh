@@ -13,6 +13,8 @@
 # the upstream's tokens, about 670 tokens/s per stream: the platform suspends a provider whose jobs
 # run faster than 1,000 tokens/s per stream (domain/scoring.hpp, plausible_tokens_per_second_max),
 # so 0 (as fast as possible) gets the benchmark's provider suspended for 24 h after a few jobs;
+# DECODE_STEPS (0; 1: the upstream sends every answer's later tokens at the ticks of one shared clock,
+# as a server decoding its answers in one batch does, instead of each answer on its own pace);
 # IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
 # (1); DURABILITY (sync; buffered shows what the fsyncs cost); PRICE_PER_MTOK (1000000 micro-USD per
 # million tokens, so that every completion is billed in the ledger as in production; 0: free);
@@ -31,6 +33,8 @@ warmup_s=${WARMUP_S:-2}
 concurrencies=${CONCURRENCIES-1 64 256}
 tokens=${TOKENS:-64}
 token_interval_us=${TOKEN_INTERVAL_US:-1500}
+decode_steps=${DECODE_STEPS:-0}
+[[ "$decode_steps" =~ ^[01]$ ]] || { echo "error: DECODE_STEPS must be 0 or 1, not '$decode_steps'" >&2; exit 2; }
 idle_streams=${IDLE_STREAMS:-5000}
 hold_s=${HOLD_S:-10}
 generator_threads=${GENERATOR_THREADS:-1}
@@ -121,6 +125,7 @@ start_upstream() {
   local name=$1 model=$2 first_token_ms=$3
   "$upstream_bin" --listen 127.0.0.1:0 --models "$model" --tokens "$tokens" \
     --first-token-ms "$first_token_ms" --token-interval-us "$token_interval_us" \
+    $([ "$decode_steps" = 1 ] && echo --decode-steps) \
     > "$work/$name.out" 2> "$work/$name.err" &
   upstream_pid=$!
   track "$upstream_pid" "test upstream $name"
@@ -189,7 +194,7 @@ load() {
 }
 
 echo "gateway load: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at start; $durability durability;" \
-     "$tokens tokens per answer, token interval ${token_interval_us} us, ${duration_s} s per run after ${warmup_s} s warm-up"
+     "$tokens tokens per answer, token interval ${token_interval_us} us$([ "$decode_steps" = 1 ] && echo ' on a shared decode clock'), ${duration_s} s per run after ${warmup_s} s warm-up"
 
 start_upstream upstream bench-model 0
 direct_port=$upstream_port
@@ -233,6 +238,13 @@ histograms() {
     's/^gpustream_\(time_to_first_token\|offer_to_first_token\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
 }
 
+# store_counts: `serve`'s event store counters from /metrics, "groups appends syncs".
+store_counts() {
+  curl -sS "http://127.0.0.1:$serve_port/metrics" | awk '
+    /^gpustream_store_groups_total / { g = $2 } /^gpustream_store_appends_total / { a = $2 }
+    /^gpustream_store_syncs_total / { s = $2 } END { print g + 0, a + 0, s + 0 }'
+}
+
 # split_line BEFORE AFTER: the p50 and p90 of each histogram over the jobs between two scrapes,
 # interpolated within buckets as Prometheus' histogram_quantile does.
 split_line() {
@@ -273,10 +285,12 @@ measure_concurrency() {
     trace_serve &
     tracer=$!
   fi
-  local histograms_before split
+  local histograms_before split store_before store_after
   histograms_before=$(histograms)
+  store_before=$(store_counts)
   gateway=$(load gateway "http://127.0.0.1:$serve_port/v1" "$api_key" "$c")
   split=$(split_line "$histograms_before" "$(histograms)")
+  store_after=$(store_counts)
   if [ -n "$tracer" ]; then kill "$tracer" 2>/dev/null || true; wait "$tracer" 2>/dev/null || true; fi
   # Where the cores went: CPU time per completion of each process (warm-up included on both sides).
   cost=$(awk -v hz="$clock_ticks" -v dn="$(field completions "$direct")" -v gn="$(field completions "$gateway")" \
@@ -284,11 +298,16 @@ measure_concurrency() {
     -v s="$(($(cpu_ticks "$serve_pid") - serve_before))" -v a="$(($(cpu_ticks "$agent_pid") - agent_before))" \
     -v u="$(($(cpu_ticks "$direct_pid") - upstream_before))" \
     -v sl="$(($(wc -l < "$work/serve.log") - serve_lines_before))" \
-    -v al="$(($(wc -l < "$work/bench-provider.log") - agent_lines_before))" 'BEGIN {
+    -v al="$(($(wc -l < "$work/bench-provider.log") - agent_lines_before))" \
+    -v store="$store_before $store_after" 'BEGIN {
       us = 1e6 / hz
       format = "       CPU us per completion: direct: upstream %.0f, generator %.0f | gateway: serve %.0f, agent %.0f,"
       format = format " upstream %.0f, generator %.0f | log lines per completion: serve %.1f, agent %.1f"
       printf format, du * us / dn, dg * 1e6 / dn, s * us / gn, a * us / gn, u * us / gn, gg * 1e6 / gn, sl / gn, al / gn
+      split(store, k, " ")  # groups, appends, syncs before; then after
+      groups = k[4] - k[1]
+      printf " | store: %.1f appends per group, %.1f groups and %.1f fsyncs per completion",
+             (groups > 0 ? (k[5] - k[2]) / groups : 0), groups / gn, (k[6] - k[3]) / gn
     }')
   line=$(awk -v c="$c" \
     -v dt50="$(field ttft_p50_us "$direct")" -v dt99="$(field ttft_p99_us "$direct")" \
@@ -391,6 +410,6 @@ if [ "$idle_streams" -gt 0 ]; then measure_idle; fi
 
 echo
 echo "== gateway load, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $durability durability," \
-     "token interval $token_interval_us us, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end =="
+     "token interval $token_interval_us us$([ "$decode_steps" = 1 ] && echo ' on a shared decode clock'), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end =="
 for line in "${summary[@]}"; do echo "$line"; done
 ok=1

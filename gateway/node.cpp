@@ -149,6 +149,15 @@ class node::impl {
     metrics_.add_counter_callback("gpustream_http_writes_total",
                                   "Writes that sent HTTP answers to clients (tokens that arrive together share one)",
                                   [this] { return static_cast<double>(server_ ? server_->writes() : 0); });
+    // The event store's group commit: appends per group and fsyncs per group say what durability costs.
+    metrics_.add_counter_callback("gpustream_store_groups_total", "Append groups the event store committed",
+                                  [this] { return static_cast<double>(store_->stats().groups); });
+    metrics_.add_counter_callback("gpustream_store_appends_total", "Appends committed in those groups",
+                                  [this] { return static_cast<double>(store_->stats().grouped_appends); });
+    metrics_.add_counter_callback("gpustream_store_events_written_total", "Events written to the event log",
+                                  [this] { return static_cast<double>(store_->stats().written_events); });
+    metrics_.add_counter_callback("gpustream_store_syncs_total", "Event log fsyncs (sync durability)",
+                                  [this] { return static_cast<double>(store_->stats().syncs); });
   }
 
   /// The scheduler's counts, once a second, for the queue gauges (a scrape must not wait on actors).

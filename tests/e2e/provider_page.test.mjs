@@ -91,4 +91,10 @@ scenario('the provider page shows earnings and /metrics counts the traffic', asy
   assert.equal(online[0].value, 1);
   const completion_tokens = find('gpustream_completion_tokens_total');
   assert.equal(completion_tokens[0]?.value, tokens);
+  // The event store's group commit: the job's events and its settlement were appended, each
+  // append in a group, and (sync durability) made durable by fsyncs.
+  const store = (name) => find(`gpustream_store_${name}_total`)[0]?.value;
+  assert.ok(store('groups') > 0 && store('appends') >= store('groups'), `groups ${store('groups')}, appends ${store('appends')}`);
+  assert.ok(store('events_written') >= store('appends'), `events ${store('events_written')}, appends ${store('appends')}`);
+  assert.ok(store('syncs') > 0, `syncs ${store('syncs')}`);
 });
