@@ -305,7 +305,7 @@ class session : public std::enable_shared_from_this<session> {
     headers.emplace_back("Cache-Control", "no-cache");
     headers.emplace_back("Transfer-Encoding", "chunked");
     queue(status_line_and_headers(status, content_type, headers, keep_alive_) + "\r\n");
-    write_next();
+    flush_soon();  // or sooner, with the first piece when that follows at once
   }
 
   void write(std::uint64_t request, std::string data) {
@@ -316,9 +316,13 @@ class session : public std::enable_shared_from_this<session> {
     pending_ += data;
     pending_ += "\r\n";
     if (pending_.size() > options_.stream_buffer_bytes_max) return gone();  // a client that does not read
-    if (!piece_written_ || options_.stream_flush_interval.count() == 0) {
-      piece_written_ = true;  // the answer's first piece (its first token) goes at once
-      return flush_soon();
+    if (options_.stream_flush_interval.count() == 0) return flush_soon();
+    if (!piece_written_) {
+      // The answer's first piece (its first token) is written now, not after the handlers queued
+      // for this connection: on a busy server that trip through the I/O queue is most of the
+      // time the token spends in `serve`.
+      piece_written_ = true;
+      return write_next();
     }
     // Later pieces go at most once per stream_flush_interval: a fast stream costs a bounded
     // number of writes (and of reads at the client), whatever its token rate.
