@@ -2,10 +2,9 @@
 
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/connect.hpp>
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/asio/dispatch.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
@@ -387,15 +386,18 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
         body_(std::move(body)),
         sse_(client_->options().event_bytes_max) {}
 
+  // Called on one of the io_context's threads (the agent takes offers on its only one), the
+  // request is written now rather than after the handlers already queued: begin() only starts
+  // operations, and no callback of the request runs before start_* returns.
   void start_stream(upstream_stream_handlers handlers) {
     handlers_ = std::move(handlers);
-    asio::post(strand_, [self = shared_from_this()] { self->begin(); });
+    asio::dispatch(strand_, [self = shared_from_this()] { self->begin(); });
   }
 
   void start_whole(whole_handler done) {
     whole_done_ = std::move(done);
     answer_ = answer::whole;
-    asio::post(strand_, [self = shared_from_this()] { self->begin(); });
+    asio::dispatch(strand_, [self = shared_from_this()] { self->begin(); });
   }
 
   void cancel() {
