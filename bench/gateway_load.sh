@@ -13,8 +13,10 @@
 # the upstream's tokens, about 670 tokens/s per stream: the platform suspends a provider whose jobs
 # run faster than 1,000 tokens/s per stream (domain/scoring.hpp, plausible_tokens_per_second_max),
 # so 0 (as fast as possible) gets the benchmark's provider suspended for 24 h after a few jobs;
-# DECODE_STEPS (0; 1: the upstream sends every answer's later tokens at the ticks of one shared clock,
-# as a server decoding its answers in one batch does, instead of each answer on its own pace);
+# DECODE_STEPS (1: the upstream sends every answer's later tokens at the ticks of one shared clock,
+# as LM Studio, Ollama, llama.cpp server and vLLM do, decoding their concurrent answers as one batch
+# with one token per answer per step; 0: each answer on its own pace from its start, which costs the
+# upstream a timer per token and spreads its writes, and was the only mode before 2026-12-04);
 # IDLE_STREAMS (5000; 0: skip); HOLD_S (10) seconds the idle streams stay open; GENERATOR_THREADS
 # (1); DURABILITY (sync; buffered shows what the fsyncs cost); PRICE_PER_MTOK (1000000 micro-USD per
 # million tokens, so that every completion is billed in the ledger as in production; 0: free);
@@ -33,7 +35,7 @@ warmup_s=${WARMUP_S:-2}
 concurrencies=${CONCURRENCIES-1 64 256}
 tokens=${TOKENS:-64}
 token_interval_us=${TOKEN_INTERVAL_US:-1500}
-decode_steps=${DECODE_STEPS:-0}
+decode_steps=${DECODE_STEPS:-1}
 [[ "$decode_steps" =~ ^[01]$ ]] || { echo "error: DECODE_STEPS must be 0 or 1, not '$decode_steps'" >&2; exit 2; }
 idle_streams=${IDLE_STREAMS:-5000}
 hold_s=${HOLD_S:-10}
