@@ -67,6 +67,11 @@ int main(int argc, char** argv) {
                         "most once per this many ms (0: each at once)")
       ->check(CLI::Range(0, 1000))
       ->capture_default_str();
+  serve_cmd->add_option("--sync-interval-us", serve.sync_interval_us,
+                        "sync durability under load: fsyncs of the event log at most one per this many "
+                        "microseconds on average, after a few back to back (0: each at once)")
+      ->check(CLI::Range(0, 1'000'000))
+      ->capture_default_str();
   serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
                         "most live jobs this node holds; one more is refused with 429 server_busy")
       ->check(CLI::Range(1, 100'000'000))

@@ -57,6 +57,7 @@ int run_serve(const serve_options& options) {
 
   storage::store_options store_options;
   store_options.mode = options.mode;
+  store_options.sync_interval = std::chrono::microseconds(options.sync_interval_us);
   auto opened = storage::event_store::open(options.data, store_options);
   if (!opened) {
     logger->error("cannot open the event store: {}", opened.error().message);

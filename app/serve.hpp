@@ -36,6 +36,10 @@ struct serve_options {
   /// A streamed answer's first token is written at once, later ones together at most once per
   /// this many ms; 0: each at once. Default: 5.
   std::uint32_t stream_flush_ms = 5;
+  /// `sync` durability under load: fsyncs of the event log at most one per this many µs on
+  /// average, after a few back to back (store_options::sync_interval); 0: each at once.
+  /// Default: 3000.
+  std::uint32_t sync_interval_us = 3000;
   /// Most live jobs (waiting, streaming or finishing) this node holds; one more is refused with
   /// 429 server_busy. Default: 100,000.
   std::size_t live_jobs_max = 100'000;

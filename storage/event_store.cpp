@@ -264,6 +264,12 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
 
 expected<std::unique_ptr<event_store>, error> event_store::open(const std::filesystem::path& directory,
                                                                 store_options options) {
+  if (options.sync_burst == 0) {
+    return unexpected{make_error(errc::invalid_argument, "sync_burst must be at least 1 (fsyncs allowed back to back)")};
+  }
+  if (options.sync_interval.count() < 0) {
+    return unexpected{make_error(errc::invalid_argument, "sync_interval must not be negative (0: every fsync at once)")};
+  }
   auto state = std::make_unique<impl>(directory, std::move(options));
   if (auto started = state->start(); !started) return unexpected{started.error()};
   return std::unique_ptr<event_store>(new event_store(std::move(state)));

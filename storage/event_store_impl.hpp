@@ -233,6 +233,8 @@ class event_store::impl {
   bool sync_stopping_ = false;
   std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
   std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
+  // When the next fsync would be due if fsyncs went exactly one per sync_interval (syncer only).
+  std::chrono::steady_clock::time_point next_sync_due_{};
   bool wal_announced_ = false;  // a group's log record was written since the last fsync began
   bool writer_staging_ = false;  // the writer took appends whose log record is not written yet
   std::uint64_t durable_wal_bytes_ = 0;  // the fsyncs so far cover wal_progress bytes up to here

@@ -1,6 +1,7 @@
 // The event store's guarantees, one test (or a few) per guarantee of ARCHITECTURE.md "The event log".
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <barrier>
 #include <filesystem>
 #include <fstream>
@@ -981,6 +982,55 @@ TEST(event_store_durability, every_acknowledged_append_is_in_what_the_fsyncs_cov
     ASSERT_EQ(record->size(), 1u);
     EXPECT_EQ(record->front().position, checked_last_positions[i]);
   }
+}
+
+TEST(event_store_durability, fsyncs_under_load_are_spaced_by_sync_interval_after_a_burst) {
+  // sync_burst fsyncs start at once, then one per sync_interval: five appends, each waiting for
+  // its acknowledgement (its own fsync), take at least three intervals.
+  temp_dir dir;
+  store_options options;
+  options.sync_interval = 100ms;
+  options.sync_burst = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  const auto syncs_before = store->stats().syncs;
+  const auto started = std::chrono::steady_clock::now();
+  for (std::uint64_t k = 0; k < 5; ++k) {
+    ASSERT_TRUE(store->append(one_stream("s", k == 0 ? no_stream : k, 1, 1 + k, 1)));
+  }
+  const auto took = std::chrono::steady_clock::now() - started;
+  EXPECT_EQ(store->stats().syncs - syncs_before, 5u) << "one fsync per append waited for";
+  EXPECT_GE(took, 3 * options.sync_interval - 5ms) << "two at once, then one per interval";
+
+  // Appends sent while an fsync waits its turn are acknowledged by that fsync.
+  constexpr int waiting = 30;
+  const auto syncs_between = store->stats().syncs;
+  std::atomic<int> acknowledged{0};
+  std::promise<void> all;
+  for (int i = 0; i < waiting; ++i) {
+    store->append_async(one_stream("w-" + std::to_string(i), no_stream, 2, 100 + static_cast<std::uint64_t>(i), 1),
+                        [&](expected<append_result, error> r) {
+                          EXPECT_TRUE(r) << r.error().message;
+                          if (++acknowledged == waiting) all.set_value();
+                        });
+  }
+  ASSERT_EQ(all.get_future().wait_for(10s), std::future_status::ready);
+  EXPECT_LE(store->stats().syncs - syncs_between, 3u) << "the waiting appends shared their fsyncs";
+}
+
+TEST(event_store_limits, a_sync_burst_of_zero_is_refused_naming_the_option) {
+  temp_dir dir;
+  store_options options;
+  options.sync_burst = 0;
+  auto opened = event_store::open(dir.path(), options);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, errc::invalid_argument);
+  EXPECT_NE(opened.error().message.find("sync_burst"), std::string::npos) << opened.error().message;
+  options.sync_burst = 1;
+  options.sync_interval = std::chrono::microseconds(-1);
+  opened = event_store::open(dir.path(), options);
+  ASSERT_FALSE(opened);
+  EXPECT_NE(opened.error().message.find("sync_interval"), std::string::npos) << opened.error().message;
 }
 
 // ---- durability faults through a RocksDB FileSystem wrapper ----
