@@ -345,9 +345,6 @@ bool event_store::impl::must_sync() const {
 }
 
 void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
-  // Group commit: while appends that arrived before now are queued or being staged, wait for
-  // their log records (at most group_commit_wait_max), so that one fsync covers them too. Only
-  // the writer makes this predicate true (it takes the queue, then announces), and it notifies.
   // Spacing (generic cell rate algorithm): sync_burst fsyncs may start at once, then one per
   // sync_interval. The appends written while this waits are acknowledged by this fsync too.
   if (options_.sync_interval.count() > 0) {
@@ -355,6 +352,9 @@ void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
     sync_cv_.wait_until(lock, earliest, [&] { return sync_stopping_; });
     next_sync_due_ = std::max(next_sync_due_, std::chrono::steady_clock::now()) + options_.sync_interval;
   }
+  // Group commit: while appends that arrived before now are queued or being staged, wait for
+  // their log records (at most group_commit_wait_max), so that one fsync covers them too. Only
+  // the writer makes this predicate true (it takes the queue, then announces), and it notifies.
   const auto deadline = std::chrono::steady_clock::now() + options_.group_commit_wait_max;
   sync_cv_.wait_until(lock, deadline, [&] {
     return sync_stopping_ || (!writer_staging_ && queued_appends_.load() == 0);
