@@ -49,11 +49,8 @@ struct store_options {
   /// rather than one per group. `sync_burst` fsyncs may follow one another at once (a quiet store
   /// fsyncs at once, and the few appends of one request do not wait); beyond that an fsync waits
   /// until this long after the one before. Acknowledgements then wait up to this long more; what
-  /// an acknowledgement promises does not change. On the 2-core build machine, at 64 streams
-  /// through the gateway, 3 ms took the fsyncs from 2.0–2.3 to 0.5 per completion, `serve`'s CPU
-  /// per completion down 11 % and the added time to first token (p50) from 1.20–1.87 to
-  /// 0.91–1.12 ms; a stream's end (usage, [DONE]), which waits for its job's records, came 6 ms
-  /// later (docs/performance.md). 0: every fsync at once. Default: 3 ms.
+  /// an acknowledgement promises does not change. What it saves and costs through the gateway is
+  /// measured in docs/performance.md ("Fourth session"). 0: every fsync at once. Default: 3 ms.
   std::chrono::microseconds sync_interval{3000};
   /// fsyncs allowed back to back before `sync_interval` applies; at least 1. Default: 4.
   std::uint32_t sync_burst = 4;

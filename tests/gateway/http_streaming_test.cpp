@@ -163,6 +163,30 @@ TEST(http_streaming, pieces_queued_before_the_connection_writes_go_out_in_one_wr
   EXPECT_EQ(server->writes() - before, 2u) << "one write for the headers and the first piece, one for the rest";
 }
 
+TEST(http_streaming, the_headers_and_a_first_piece_queued_with_them_share_one_write) {
+  // Queued on the connection's strand together (as the relay does at an answer's first token),
+  // the header block waits for the first piece, which is written at once and takes it along.
+  http_server_options options;
+  options.stream_flush_interval = 60s;  // nothing else is written until the end
+  std::promise<std::shared_ptr<http_reply>> kept;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        reply->start_stream(200, "text/event-stream", {});
+        reply->write("data: one\n\n");
+        kept.set_value(reply);
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  const auto before = server->writes();
+  client c(server->port());
+  c.send(post);
+  ASSERT_NE(c.read_until("data: one", 10s).find("data: one"), std::string::npos);
+  EXPECT_EQ(server->writes() - before, 1u) << "the headers and the first piece went out in separate writes";
+  auto reply = kept.get_future().get();
+  reply->finish();
+  EXPECT_NE(c.read_until("0\r\n\r\n", 10s).find("0\r\n\r\n"), std::string::npos);
+}
+
 /// Starts a server whose first request's reply is handed to the test; the client has sent it.
 struct held_answer {
   std::unique_ptr<http_server> server;
