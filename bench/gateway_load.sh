@@ -37,6 +37,8 @@ tokens=${TOKENS:-64}
 token_interval_us=${TOKEN_INTERVAL_US:-1500}
 decode_steps=${DECODE_STEPS:-1}
 [[ "$decode_steps" =~ ^[01]$ ]] || { echo "error: DECODE_STEPS must be 0 or 1, not '$decode_steps'" >&2; exit 2; }
+decode_flag= decode_note=
+if [ "$decode_steps" = 1 ]; then decode_flag=--decode-steps decode_note=' on a shared decode clock'; fi
 idle_streams=${IDLE_STREAMS:-5000}
 hold_s=${HOLD_S:-10}
 generator_threads=${GENERATOR_THREADS:-1}
@@ -127,7 +129,7 @@ start_upstream() {
   local name=$1 model=$2 first_token_ms=$3
   "$upstream_bin" --listen 127.0.0.1:0 --models "$model" --tokens "$tokens" \
     --first-token-ms "$first_token_ms" --token-interval-us "$token_interval_us" \
-    $([ "$decode_steps" = 1 ] && echo --decode-steps) \
+    ${decode_flag:+"$decode_flag"} \
     > "$work/$name.out" 2> "$work/$name.err" &
   upstream_pid=$!
   track "$upstream_pid" "test upstream $name"
@@ -196,7 +198,7 @@ load() {
 }
 
 echo "gateway load: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) at start; $durability durability;" \
-     "$tokens tokens per answer, token interval ${token_interval_us} us$([ "$decode_steps" = 1 ] && echo ' on a shared decode clock'), ${duration_s} s per run after ${warmup_s} s warm-up"
+     "$tokens tokens per answer, token interval ${token_interval_us} us$decode_note, ${duration_s} s per run after ${warmup_s} s warm-up"
 
 start_upstream upstream bench-model 0
 direct_port=$upstream_port
@@ -233,18 +235,21 @@ trace_serve() {
   done
 }
 
-# histograms: `serve`'s time-to-first-token and offer-to-first-token bucket counts from /metrics,
-# one "NAME LE COUNT" line per bucket.
-histograms() {
-  curl -sS "http://127.0.0.1:$serve_port/metrics" | sed -n \
-    's/^gpustream_\(time_to_first_token\|offer_to_first_token\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
+# scrape: `serve`'s /metrics text.
+scrape() {
+  curl -sS "http://127.0.0.1:$serve_port/metrics"
 }
 
-# store_counts: `serve`'s event store counters from /metrics, "groups appends syncs".
+# histograms: from a scrape on stdin, `serve`'s time-to-first-token and offer-to-first-token bucket
+# counts, one "NAME LE COUNT" line per bucket.
+histograms() {
+  sed -n 's/^gpustream_\(time_to_first_token\|offer_to_first_token\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
+}
+
+# store_counts: from a scrape on stdin, the event store's counters, "groups appends syncs".
 store_counts() {
-  curl -sS "http://127.0.0.1:$serve_port/metrics" | awk '
-    /^gpustream_store_groups_total / { g = $2 } /^gpustream_store_appends_total / { a = $2 }
-    /^gpustream_store_syncs_total / { s = $2 } END { print g + 0, a + 0, s + 0 }'
+  awk '/^gpustream_store_groups_total / { g = $2 } /^gpustream_store_appends_total / { a = $2 }
+       /^gpustream_store_syncs_total / { s = $2 } END { print g + 0, a + 0, s + 0 }'
 }
 
 # split_line BEFORE AFTER: the p50 and p90 of each histogram over the jobs between two scrapes,
@@ -287,12 +292,11 @@ measure_concurrency() {
     trace_serve &
     tracer=$!
   fi
-  local histograms_before split store_before store_after
-  histograms_before=$(histograms)
-  store_before=$(store_counts)
+  local metrics_before metrics_after split
+  metrics_before=$(scrape)
   gateway=$(load gateway "http://127.0.0.1:$serve_port/v1" "$api_key" "$c")
-  split=$(split_line "$histograms_before" "$(histograms)")
-  store_after=$(store_counts)
+  metrics_after=$(scrape)
+  split=$(split_line "$(histograms <<< "$metrics_before")" "$(histograms <<< "$metrics_after")")
   if [ -n "$tracer" ]; then kill "$tracer" 2>/dev/null || true; wait "$tracer" 2>/dev/null || true; fi
   # Where the cores went: CPU time per completion of each process (warm-up included on both sides).
   cost=$(awk -v hz="$clock_ticks" -v dn="$(field completions "$direct")" -v gn="$(field completions "$gateway")" \
@@ -301,7 +305,7 @@ measure_concurrency() {
     -v u="$(($(cpu_ticks "$direct_pid") - upstream_before))" \
     -v sl="$(($(wc -l < "$work/serve.log") - serve_lines_before))" \
     -v al="$(($(wc -l < "$work/bench-provider.log") - agent_lines_before))" \
-    -v store="$store_before $store_after" 'BEGIN {
+    -v store="$(store_counts <<< "$metrics_before") $(store_counts <<< "$metrics_after")" 'BEGIN {
       us = 1e6 / hz
       format = "       CPU us per completion: direct: upstream %.0f, generator %.0f | gateway: serve %.0f, agent %.0f,"
       format = format " upstream %.0f, generator %.0f | log lines per completion: serve %.1f, agent %.1f"
@@ -412,6 +416,6 @@ if [ "$idle_streams" -gt 0 ]; then measure_idle; fi
 
 echo
 echo "== gateway load, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $durability durability," \
-     "token interval $token_interval_us us$([ "$decode_steps" = 1 ] && echo ' on a shared decode clock'), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end =="
+     "token interval $token_interval_us us$decode_note, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end =="
 for line in "${summary[@]}"; do echo "$line"; done
 ok=1
