@@ -2,6 +2,7 @@
 
 #include "gateway/idle_watch.hpp"
 
+#include <boost/asio/dispatch.hpp>
 #include <boost/asio/ip/basic_resolver.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
@@ -516,9 +517,14 @@ class session : public std::enable_shared_from_this<session> {
   void gone() {
     if (gone_) return;
     gone_ = true;
-    auto callbacks = std::move(close_callbacks_);
-    close_callbacks_.clear();
-    for (auto& callback : callbacks) callback();
+    // Posted, not called: gone() may run inside a dispatched write whose caller holds a lock that
+    // the callbacks take.
+    if (!close_callbacks_.empty()) {
+      asio::post(stream_.get_executor(), [callbacks = std::move(close_callbacks_)] {
+        for (const auto& callback : callbacks) callback();
+      });
+      close_callbacks_.clear();
+    }
     flush_timer_.cancel();
     beast::error_code ec;
     stream_.socket().close(ec);
@@ -558,21 +564,26 @@ void reply_handle::send(http_response response) {
   });
 }
 
+// start_stream, write and finish run at once when the caller is an I/O thread and the connection
+// is not busy on another (a link's delta for a client on the same thread): a token then costs no
+// trip through the I/O queue and wakes no other thread. Otherwise they queue behind what the
+// connection has queued, in order. Nothing they run calls back into the caller (gone() posts the
+// close callbacks), so a caller may hold its own lock.
 void reply_handle::start_stream(unsigned status, std::string content_type, http_headers headers) {
-  asio::post(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
-                                  headers = std::move(headers)]() mutable {
+  asio::dispatch(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
+                                      headers = std::move(headers)]() mutable {
     owner->start_stream(request, status, std::move(content_type), std::move(headers));
   });
 }
 
 void reply_handle::write(std::string data) {
-  asio::post(owner_->executor(), [owner = owner_, request = request_, data = std::move(data)]() mutable {
+  asio::dispatch(owner_->executor(), [owner = owner_, request = request_, data = std::move(data)]() mutable {
     owner->write(request, std::move(data));
   });
 }
 
 void reply_handle::finish() {
-  asio::post(owner_->executor(), [owner = owner_, request = request_] { owner->finish(request); });
+  asio::dispatch(owner_->executor(), [owner = owner_, request = request_] { owner->finish(request); });
 }
 
 void reply_handle::on_close(std::function<void()> callback) {

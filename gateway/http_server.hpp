@@ -59,12 +59,15 @@ class http_reply {
   /// Queues one piece of a streamed response. It is written once the connection has run the calls
   /// already queued for it, together with every piece queued meanwhile: a busy server sends fewer,
   /// larger writes, an idle one each piece on its own. A client that lets more than
-  /// stream_buffer_bytes_max pile up is disconnected.
+  /// stream_buffer_bytes_max pile up is disconnected. Called on one of the server's I/O threads
+  /// (a provider link's delta) while the connection is idle, it runs before returning, with no
+  /// trip through the I/O queue; so do start_stream and finish.
   virtual void write(std::string data) = 0;
   /// Ends a streamed response; the connection then serves its next request.
   virtual void finish() = 0;
   /// Calls `callback` once, on the connection's strand, if the client goes away before the answer
-  /// is complete (at once when it already has).
+  /// is complete (at once when it already has); never inside a call on this reply, so a caller
+  /// may hold a lock that the callback takes.
   virtual void on_close(std::function<void()> callback) = 0;
 };
 
