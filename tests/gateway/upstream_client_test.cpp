@@ -7,6 +7,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 #include <boost/beast/core/flat_buffer.hpp>
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/string_body.hpp>
@@ -526,6 +527,111 @@ TEST(UpstreamClient, AStreamCutMidwayIsAnErrorNotADone) {
   EXPECT_EQ(log.error()->kind, upstream_error_kind::dropped) << log.error()->message;
   EXPECT_TRUE(log.error()->upstream_fault);
   EXPECT_EQ(log.deltas(), expected_tokens(3));
+  EXPECT_EQ(log.finals(), 1);
+}
+
+/// A one-shot HTTP server on loopback, for answers the test upstream does not give: reads one
+/// request, writes `first` in one piece, then, once `go_on` is set (or after `generous`), `rest`,
+/// and closes.
+class one_shot_server {
+ public:
+  explicit one_shot_server(std::string first, std::string rest = {})
+      : acceptor_(io_, tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0)),
+        thread_([this, first = std::move(first), rest = std::move(rest)] { serve(first, rest); }) {}
+  ~one_shot_server() { thread_.join(); }  // the test's client connects, so accept returns
+  std::string base_url() const { return "http://127.0.0.1:" + std::to_string(acceptor_.local_endpoint().port()) + "/v1"; }
+  void go_on() { go_on_.set_value(); }
+
+ private:
+  void serve(const std::string& first, const std::string& rest) {
+    boost::system::error_code ec;
+    tcp::socket socket(io_);
+    acceptor_.accept(socket, ec);
+    if (ec) return;
+    beast::flat_buffer buffer;
+    http::request<http::string_body> request;
+    http::read(socket, buffer, request, ec);
+    if (ec) return;
+    asio::write(socket, asio::buffer(first), ec);
+    if (!rest.empty()) {
+      (void)go_on_.get_future().wait_for(generous);
+      asio::write(socket, asio::buffer(rest), ec);
+    }
+    socket.shutdown(tcp::socket::shutdown_send, ec);
+    char drain[256];
+    while (!ec) socket.read_some(asio::buffer(drain), ec);  // until the client closes too
+  }
+
+  asio::io_context io_;
+  tcp::acceptor acceptor_;
+  std::promise<void> go_on_;
+  std::thread thread_;
+};
+
+std::string chat_event(int token) {
+  return R"(data: {"choices":[{"index":0,"delta":{"content":"tok)" + std::to_string(token) +
+         R"( "},"finish_reason":null}]})" "\n\n";
+}
+
+const std::string stop_event = R"(data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]})" "\n\n";
+
+TEST(UpstreamClient, EventsThatCameWithTheHeaderAreDeliveredAtOnce) {
+  // The header's read brings the first event along; it must not wait for more bytes.
+  const std::string head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  one_shot_server server(head + chat_event(0), chat_event(1) + stop_event);
+  io_threads threads;
+  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
+  ASSERT_TRUE(client.has_value());
+  stream_log log;
+  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  const bool first_came = log.wait_deltas(1);
+  server.go_on();
+  ASSERT_TRUE(first_came) << "the first event waited for the rest of the answer";
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(2));
+  EXPECT_EQ(log.finish_reason(), "stop");
+}
+
+TEST(UpstreamClient, AStreamSentWithItsHeaderAndEndedByClosingIsReadWhole) {
+  // Some servers send no length and no chunks: the body ends when the connection does. Here the
+  // whole answer (over 16 KiB of events) comes in one write with the header, so the client
+  // parses more than one of its 4 KiB body pieces from what one read brought.
+  constexpr int tokens = 300;
+  std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  for (int i = 0; i < tokens; ++i) answer += chat_event(i);
+  answer += stop_event;
+  ASSERT_GT(answer.size(), 16u * 1024);
+  one_shot_server server(answer);
+  io_threads threads;
+  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
+  ASSERT_TRUE(client.has_value());
+  stream_log log;
+  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(tokens));
+  EXPECT_EQ(log.finish_reason(), "stop");
+  EXPECT_EQ(log.finals(), 1);
+}
+
+TEST(UpstreamClient, AStreamEndedByClosingBeforeItsFinishIsDropped) {
+  std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+  const std::string event = chat_event(0);
+  char size[16];
+  std::snprintf(size, sizeof size, "%zx\r\n", event.size());
+  answer += size + event + "\r\n";
+  answer += "40\r\ndata: {\"cho";  // a chunk cut short
+  one_shot_server server(answer);
+  io_threads threads;
+  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
+  ASSERT_TRUE(client.has_value());
+  stream_log log;
+  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::dropped) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(1));
   EXPECT_EQ(log.finals(), 1);
 }
 
