@@ -568,6 +568,17 @@ class one_shot_server {
   std::thread thread_;
 };
 
+/// A chat stream from `server`, on the test's own I/O threads.
+struct one_shot_stream {
+  explicit one_shot_stream(const one_shot_server& server)
+      : client(upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url())).value()),
+        request(client.stream("/chat/completions", chat_body(), log.handlers())) {}
+  io_threads threads;
+  upstream_client client;
+  stream_log log;
+  std::shared_ptr<upstream_request> request;
+};
+
 std::string chat_event(int token) {
   return R"(data: {"choices":[{"index":0,"delta":{"content":"tok)" + std::to_string(token) +
          R"( "},"finish_reason":null}]})" "\n\n";
@@ -579,11 +590,8 @@ TEST(UpstreamClient, EventsThatCameWithTheHeaderAreDeliveredAtOnce) {
   // The header's read brings the first event along; it must not wait for more bytes.
   const std::string head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
   one_shot_server server(head + chat_event(0), chat_event(1) + stop_event);
-  io_threads threads;
-  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
-  ASSERT_TRUE(client.has_value());
-  stream_log log;
-  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
   const bool first_came = log.wait_deltas(1);
   server.go_on();
   ASSERT_TRUE(first_came) << "the first event waited for the rest of the answer";
@@ -603,11 +611,8 @@ TEST(UpstreamClient, AStreamSentWithItsHeaderAndEndedByClosingIsReadWhole) {
   answer += stop_event;
   ASSERT_GT(answer.size(), 16u * 1024);
   one_shot_server server(answer);
-  io_threads threads;
-  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
-  ASSERT_TRUE(client.has_value());
-  stream_log log;
-  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
   ASSERT_TRUE(log.wait_final());
   ASSERT_FALSE(log.error()) << log.error()->message;
   EXPECT_EQ(log.deltas(), expected_tokens(tokens));
@@ -623,11 +628,8 @@ TEST(UpstreamClient, AStreamEndedByClosingBeforeItsFinishIsDropped) {
   answer += size + event + "\r\n";
   answer += "40\r\ndata: {\"cho";  // a chunk cut short
   one_shot_server server(answer);
-  io_threads threads;
-  auto client = upstream_client::create(threads.io(), options_with(&upstream_options::base_url, server.base_url()));
-  ASSERT_TRUE(client.has_value());
-  stream_log log;
-  auto request = client->stream("/chat/completions", chat_body(), log.handlers());
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
   ASSERT_TRUE(log.wait_final());
   ASSERT_TRUE(log.error());
   EXPECT_EQ(log.error()->kind, upstream_error_kind::dropped) << log.error()->message;
