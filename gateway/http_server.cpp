@@ -379,10 +379,13 @@ class session : public std::enable_shared_from_this<session> {
     close_callbacks_.clear();
     stream_.expires_never();  // the handler may take its time; the watch notices a client leaving
     watch();
+    // The handler may answer before it returns (a streamed answer's calls run at once on this
+    // thread), and the connection then moves on to its next request: a late 500 names this one.
+    const std::uint64_t answered = request_;
     try {
-      handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), request_));
+      handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), answered));
     } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
-      send(request_, json_error(500, "internal error", "server_error"));
+      send(answered, json_error(500, "internal error", "server_error"));
     }
   }
 
@@ -564,11 +567,8 @@ void reply_handle::send(http_response response) {
   });
 }
 
-// start_stream, write and finish run at once when the caller is an I/O thread and the connection
-// is not busy on another (a link's delta for a client on the same thread): a token then costs no
-// trip through the I/O queue and wakes no other thread. Otherwise they queue behind what the
-// connection has queued, in order. Nothing they run calls back into the caller (gone() posts the
-// close callbacks), so a caller may hold its own lock.
+// The streaming calls (one per token) are dispatched, not posted: see http_reply::write. A whole
+// answer (send) is one call per request and stays posted.
 void reply_handle::start_stream(unsigned status, std::string content_type, http_headers headers) {
   asio::dispatch(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
                                       headers = std::move(headers)]() mutable {

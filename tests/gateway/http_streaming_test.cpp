@@ -267,6 +267,29 @@ TEST(http_streaming, a_client_dropped_by_a_write_is_reported_after_the_write_ret
   EXPECT_FALSE(reported.get()) << "the close callback ran inside write()";
 }
 
+TEST(http_streaming, a_handler_that_throws_after_answering_does_not_answer_the_next_request) {
+  // A streamed answer given inside the handler is complete before the handler returns; the 500
+  // for the handler's exception then belongs to nobody, and the next request gets its own answer.
+  std::atomic<int> requests{0};
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) {
+    if (requests++ == 0) {
+      reply->start_stream(200, "text/event-stream", {});
+      reply->write("data: one\n\n");
+      reply->finish();
+      throw std::runtime_error("a handler bug after its answer");
+    }
+    reply->send({200, "text/plain", "second", {}});
+  });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send(post);
+  ASSERT_NE(c.read_until("0\r\n\r\n", 10s).find("0\r\n\r\n"), std::string::npos);
+  c.send(post);
+  const auto text = c.read_until("second", 10s);
+  EXPECT_NE(text.find("second"), std::string::npos) << text;
+  EXPECT_EQ(text.find("500"), std::string::npos) << "a 500 went out for a request already answered:\n" << text;
+}
+
 /// Starts a server whose first request's reply is handed to the test; the client has sent it.
 struct held_answer {
   std::unique_ptr<http_server> server;
