@@ -187,43 +187,62 @@ TEST(http_streaming, the_headers_and_a_first_piece_queued_with_them_share_one_wr
   EXPECT_NE(c.read_until("0\r\n\r\n", 10s).find("0\r\n\r\n"), std::string::npos);
 }
 
-TEST(http_streaming, a_piece_written_from_an_io_thread_goes_out_before_write_returns) {
-  // As a provider link's delta reaches a client on another connection: the write runs on the
-  // calling I/O thread at once, with no trip through the I/O queue (the server's write count has
-  // moved before write() returns).
-  http_server_options options;
-  options.threads = 1;
-  std::promise<std::shared_ptr<http_reply>> first;
-  std::promise<std::uint64_t> writes_inside;
-  std::atomic<int> requests{0};
+/// A server on one I/O thread whose first request's answer starts streaming (after `begin` ran on
+/// it) and is kept; each later request's handler calls `from_other` with it on that I/O thread, as
+/// a provider link's delta reaches a client, then answers "ok". The first client has the headers.
+struct streaming_and_other {
+  streaming_and_other(http_server_options options, std::function<void(http_reply&)> begin,
+                      std::function<void(http_reply& streaming)> from_other) {
+    options.threads = 1;  // the handlers run one after the other
+    server = start(
+        [this, begin = std::move(begin), from_other = std::move(from_other)](http_request, std::shared_ptr<http_reply> reply) {
+          if (!streaming) {
+            begin(*reply);
+            reply->start_stream(200, "text/event-stream", {});
+            streaming = reply;
+            return;
+          }
+          from_other(*streaming);
+          reply->send({200, "text/plain", "ok", {}});
+        },
+        {}, options);
+    if (!server) return;
+    first = std::make_unique<client>(server->port());
+    first->send(post);
+    started = first->read_until("text/event-stream", 10s).find("text/event-stream") != std::string::npos;
+  }
+  /// Sends the other request, whose handler calls from_other.
+  void call_from_other() {
+    other = std::make_unique<client>(server->port());
+    other->send(post);
+  }
+
   std::unique_ptr<http_server> server;
-  std::shared_ptr<http_reply> streaming;
-  server = start(
-      [&](http_request, std::shared_ptr<http_reply> reply) {
-        if (requests++ == 0) {
-          reply->start_stream(200, "text/event-stream", {});
-          streaming = reply;
-          first.set_value(reply);
-          return;
-        }
-        const auto before = server->writes();
-        streaming->write("data: first\n\n");  // an answer's first piece is not held
-        writes_inside.set_value(server->writes() - before);
-        reply->send({200, "text/plain", "ok", {}});
-      },
-      {}, options);
-  ASSERT_TRUE(server);
-  client a(server->port());
-  a.send(post);
-  ASSERT_NE(a.read_until("text/event-stream", 10s).find("text/event-stream"), std::string::npos);
-  client b(server->port());
-  b.send(post);
+  std::shared_ptr<http_reply> streaming;  ///< set on the I/O thread before the headers go out
+  std::unique_ptr<client> first;
+  std::unique_ptr<client> other;
+  bool started = false;
+};
+
+TEST(http_streaming, a_piece_written_from_an_io_thread_goes_out_before_write_returns) {
+  // The write runs on the calling I/O thread at once, with no trip through the I/O queue: the
+  // server's write count has moved before write() returns.
+  std::promise<std::uint64_t> writes_inside;
+  http_server* server = nullptr;
+  streaming_and_other s({}, [](http_reply&) {}, [&](http_reply& streaming) {
+    const auto before = server->writes();
+    streaming.write("data: first\n\n");  // an answer's first piece is not held
+    writes_inside.set_value(server->writes() - before);
+  });
+  ASSERT_TRUE(s.started);
+  server = s.server.get();
+  s.call_from_other();
   auto inside = writes_inside.get_future();
   ASSERT_EQ(inside.wait_for(10s), std::future_status::ready);
   EXPECT_EQ(inside.get(), 1u) << "the piece waited for the I/O queue";
-  EXPECT_NE(a.read_until("data: first", 10s).find("data: first"), std::string::npos);
-  first.get_future().get()->finish();
-  EXPECT_NE(a.read_until("0\r\n\r\n", 10s).find("0\r\n\r\n"), std::string::npos);
+  EXPECT_NE(s.first->read_until("data: first", 10s).find("data: first"), std::string::npos);
+  s.streaming->finish();
+  EXPECT_NE(s.first->read_until("0\r\n\r\n", 10s).find("0\r\n\r\n"), std::string::npos);
 }
 
 TEST(http_streaming, a_client_dropped_by_a_write_is_reported_after_the_write_returns) {
@@ -231,37 +250,20 @@ TEST(http_streaming, a_client_dropped_by_a_write_is_reported_after_the_write_ret
   // once on the caller's thread; the close callback must not run inside it, where the caller may
   // hold a lock the callback takes (the relay's job lock).
   http_server_options options;
-  options.threads = 1;
   options.stream_buffer_bytes_max = 1024;
-  options.stream_flush_interval = 60s;  // later pieces are held, so the buffer fills
-  std::promise<void> first_ready;
+  options.stream_flush_interval = 60s;  // pieces after the first are held, so the buffer fills
   std::promise<bool> callback_inside_write;
-  std::atomic<int> requests{0};
-  std::shared_ptr<http_reply> streaming;
   bool in_write = false;  // only touched on the server's one I/O thread
-  auto server = start(
-      [&](http_request, std::shared_ptr<http_reply> reply) {
-        if (requests++ == 0) {
-          reply->on_close([&] { callback_inside_write.set_value(in_write); });
-          reply->start_stream(200, "text/event-stream", {});
-          reply->write("data: first\n\n");
-          streaming = reply;
-          first_ready.set_value();
-          return;
-        }
+  streaming_and_other s(
+      options, [&](http_reply& reply) { reply.on_close([&] { callback_inside_write.set_value(in_write); }); },
+      [&](http_reply& streaming) {
         in_write = true;
-        streaming->write(std::string(2048, 'x'));
+        streaming.write("data: first\n\n");
+        streaming.write(std::string(2048, 'x'));
         in_write = false;
-        reply->send({200, "text/plain", "ok", {}});
-      },
-      {}, options);
-  ASSERT_TRUE(server);
-  client a(server->port());
-  a.send(post);
-  ASSERT_NE(a.read_until("data: first", 10s).find("data: first"), std::string::npos);
-  first_ready.get_future().get();
-  client b(server->port());
-  b.send(post);
+      });
+  ASSERT_TRUE(s.started);
+  s.call_from_other();
   auto reported = callback_inside_write.get_future();
   ASSERT_EQ(reported.wait_for(10s), std::future_status::ready) << "the client's drop was not reported";
   EXPECT_FALSE(reported.get()) << "the close callback ran inside write()";
