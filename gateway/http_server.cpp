@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <deque>
+#include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -249,6 +250,27 @@ class websocket_session : public websocket_connection,
 
 class session;
 
+/// The server's flush tick. The streamed pieces that connections hold back (see
+/// stream_flush_interval) are all written when one timer fires, rather than each connection
+/// arming a timer of its own: on a busy server that is one timer and one wake-up per interval
+/// instead of one per stream. Thread-safe.
+class flush_clock {
+ public:
+  flush_clock(asio::io_context& io, std::chrono::microseconds interval) : timer_(io), interval_(interval) {}
+
+  /// Writes `held`'s pieces at the next tick, at most one interval from now.
+  void hold(std::shared_ptr<session> held);
+
+ private:
+  void tick();
+
+  std::mutex mutex_;
+  asio::steady_timer timer_;  ///< armed under mutex_
+  std::chrono::microseconds interval_;
+  std::vector<std::shared_ptr<session>> held_;  ///< under mutex_
+  bool armed_ = false;                          ///< under mutex_
+};
+
 /// The reply handed to a handler: forwards to its session, tagged with the request it answers.
 class reply_handle final : public http_reply {
  public:
@@ -269,13 +291,15 @@ class reply_handle final : public http_reply {
 class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, connection_slot slot, const http_server_options& options,
-          const http_handler& handler, const websocket_handler& upgrade, std::atomic<std::uint64_t>& writes)
+          const http_handler& handler, const websocket_handler& upgrade, std::atomic<std::uint64_t>& writes,
+          flush_clock& clock)
       : stream_(std::move(socket)),
         slot_(std::move(slot)),
         options_(options),
         handler_(handler),
         upgrade_(upgrade),
-        writes_(writes) {}
+        writes_(writes),
+        clock_(clock) {}
 
   void start() {
     beast::error_code ec;
@@ -327,15 +351,16 @@ class session : public std::enable_shared_from_this<session> {
     }
     // Later pieces go at most once per stream_flush_interval: a fast stream costs a bounded
     // number of writes (and of reads at the client), whatever its token rate.
-    const auto due = last_write_ + options_.stream_flush_interval;
-    if (steady::now() >= due) return flush_soon();
-    if (flush_timer_armed_) return;
-    flush_timer_armed_ = true;
-    flush_timer_.expires_at(due);
-    flush_timer_.async_wait([self = shared_from_this()](beast::error_code) {
-      self->flush_timer_armed_ = false;
-      self->write_next();
-    });
+    if (steady::now() >= last_write_ + options_.stream_flush_interval) return flush_soon();
+    if (held_) return;
+    held_ = true;
+    clock_.hold(shared_from_this());
+  }
+
+  /// The flush clock's tick, on the strand: the pieces held back go out now.
+  void flush_held() {
+    held_ = false;
+    write_next();
   }
 
   void finish(std::uint64_t request) {
@@ -528,7 +553,6 @@ class session : public std::enable_shared_from_this<session> {
       });
       close_callbacks_.clear();
     }
-    flush_timer_.cancel();
     beast::error_code ec;
     stream_.socket().close(ec);
   }
@@ -553,13 +577,36 @@ class session : public std::enable_shared_from_this<session> {
   bool gone_ = false;
   bool flush_queued_ = false;  ///< a flush_soon is queued
   bool piece_written_ = false;  ///< the streamed answer's first piece is queued (later ones may wait)
-  bool flush_timer_armed_ = false;
+  bool held_ = false;  ///< pieces wait for the flush clock's next tick
   steady::time_point last_write_{};  ///< when bytes last went to the socket
-  asio::steady_timer flush_timer_{stream_.get_executor()};  ///< writes the pieces held for stream_flush_interval
+  flush_clock& clock_;  ///< the server's, which writes the pieces held for stream_flush_interval
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
   std::vector<std::function<void()>> close_callbacks_;
 };
+
+void flush_clock::hold(std::shared_ptr<session> held) {
+  std::lock_guard lock(mutex_);
+  held_.push_back(std::move(held));
+  if (armed_) return;
+  armed_ = true;
+  timer_.expires_after(interval_);
+  timer_.async_wait([this](beast::error_code ec) {
+    if (!ec) tick();  // otherwise the server is stopping
+  });
+}
+
+void flush_clock::tick() {
+  std::vector<std::shared_ptr<session>> due;
+  {
+    std::lock_guard lock(mutex_);
+    armed_ = false;
+    due.swap(held_);
+  }
+  for (auto& held : due) {
+    asio::dispatch(held->executor(), [held] { held->flush_held(); });
+  }
+}
 
 void reply_handle::send(http_response response) {
   asio::post(owner_->executor(), [owner = owner_, request = request_, response = std::move(response)]() mutable {
@@ -642,7 +689,7 @@ class http_server::impl {
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
       auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,
-                                         writes_);
+                                         writes_, clock_);
       if (now_open > options_.connections_max) s->reject_busy();
       else s->start();
       accept();
@@ -656,6 +703,7 @@ class http_server::impl {
   std::atomic<std::size_t> open_{0};
   std::atomic<std::uint64_t> writes_{0};
   asio::io_context io_;
+  flush_clock clock_{io_, options_.stream_flush_interval};  ///< holds connections: destroyed before io_
   tcp::acceptor acceptor_;
   std::vector<std::thread> threads_;
   std::uint16_t port_ = 0;

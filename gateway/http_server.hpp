@@ -119,7 +119,8 @@ struct http_server_options {
   /// to a connection reset. Default: 5 s.
   std::chrono::milliseconds linger_timeout{5'000};
   /// A streamed answer's first piece is written at once; later ones are written at most once per
-  /// this interval, together (0: each at once). Bounds the writes a fast stream costs. Default: 5 ms.
+  /// this interval, together (0: each at once), on one clock shared by all connections, so a piece
+  /// waits at most this long. Bounds the writes a fast stream costs. Default: 5 ms.
   std::chrono::microseconds stream_flush_interval{5'000};
   /// Most bytes of a streamed response waiting for a slow client. Default: 4 MiB.
   std::size_t stream_buffer_bytes_max = 4 * 1024 * 1024;

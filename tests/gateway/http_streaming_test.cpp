@@ -21,6 +21,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "gateway/http_server.hpp"
 
@@ -292,6 +293,38 @@ TEST(http_streaming, a_handler_that_throws_after_answering_does_not_answer_the_n
   EXPECT_EQ(text.find("500"), std::string::npos) << "a 500 went out for a request already answered:\n" << text;
 }
 
+TEST(http_streaming, a_call_from_another_thread_is_not_overtaken_by_a_later_one_from_the_io_thread) {
+  // The relay starts a stream from an actor thread (the job was accepted) and may write its first
+  // token from the connection's own I/O thread (the link's delta) before the start has run there:
+  // the piece must still follow the headers, not be dropped as written before the stream began.
+  http_server_options options;
+  options.threads = 1;
+  std::shared_ptr<http_reply> held;  // only touched on the server's one I/O thread
+  std::promise<void> holding;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        if (!held) {
+          held = reply;
+          holding.set_value();
+          return;
+        }
+        // Queued for the I/O thread, which is busy here until this handler returns.
+        std::thread([&] { held->start_stream(200, "text/event-stream", {}); }).join();
+        held->write("data: first\n\n");
+        reply->send({200, "text/plain", "ok", {}});
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  client first(server->port());
+  first.send(post);
+  ASSERT_EQ(holding.get_future().wait_for(10s), std::future_status::ready);
+  client other(server->port());
+  other.send(post);
+  const auto text = first.read_until("data: first", 10s);
+  EXPECT_NE(text.find("text/event-stream"), std::string::npos) << text;
+  EXPECT_NE(text.find("data: first"), std::string::npos) << "the piece written after the start was lost:\n" << text;
+}
+
 /// Starts a server whose first request's reply is handed to the test; the client has sent it.
 struct held_answer {
   std::unique_ptr<http_server> server;
@@ -335,6 +368,45 @@ TEST(http_streaming, later_pieces_wait_for_stream_flush_interval_and_go_out_toge
   ASSERT_NE(text.find("data: two\n\n\r\nd\r\ndata: three"), std::string::npos) << text;
   EXPECT_GE(std::chrono::steady_clock::now() - started, 900ms) << "a later piece did not wait";
   EXPECT_EQ(held.server->writes() - writes_before, 1u) << "the held pieces share one write";
+}
+
+TEST(http_streaming, the_pieces_held_by_several_answers_go_out_on_one_tick) {
+  // One flush clock serves every connection: each answer's held pieces go out when it ticks,
+  // in one write per answer.
+  http_server_options options;
+  options.stream_flush_interval = 1s;
+  std::mutex mutex;
+  std::vector<std::shared_ptr<http_reply>> replies;
+  std::promise<void> both;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        std::lock_guard lock(mutex);
+        replies.push_back(reply);
+        if (replies.size() == 2) both.set_value();
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  client a(server->port());
+  client b(server->port());
+  a.send(post);
+  b.send(post);
+  ASSERT_EQ(both.get_future().wait_for(10s), std::future_status::ready);
+  for (auto& reply : replies) {
+    reply->start_stream(200, "text/event-stream", {});
+    reply->write("data: one\n\n");
+  }
+  ASSERT_NE(a.read_until("data: one", 10s).find("data: one"), std::string::npos);
+  ASSERT_NE(b.read_until("data: one", 10s).find("data: one"), std::string::npos);
+  const auto held_at = std::chrono::steady_clock::now();
+  const auto writes_before = server->writes();
+  for (auto& reply : replies) {
+    reply->write("data: two\n\n");
+    reply->write("data: three\n\n");
+  }
+  EXPECT_NE(a.read_until("data: three", 10s).find("data: two\n\n\r\nd\r\ndata: three"), std::string::npos);
+  EXPECT_NE(b.read_until("data: three", 10s).find("data: two\n\n\r\nd\r\ndata: three"), std::string::npos);
+  EXPECT_GE(std::chrono::steady_clock::now() - held_at, 900ms) << "the held pieces did not wait for the tick";
+  EXPECT_EQ(server->writes() - writes_before, 2u) << "one write per answer";
 }
 
 TEST(http_streaming, finishing_an_answer_writes_its_held_pieces_at_once) {
