@@ -3,7 +3,8 @@
 # straight to the test upstream and through `gpustream serve` + `gpustream provider` to it, at
 # 1, 64 and 256 concurrent streams, then the RSS of `serve` with 5,000 idle streams open. Each
 # gateway run also shows where its first tokens waited: `serve`'s own histograms (from the request,
-# and from the offer to the provider, to the first token), and the CPU each process used.
+# and from the offer to the provider, to the first token; and the agent's own time from the offer
+# to its backend's first token, as its done frames report it), and the CPU each process used.
 # Builds nothing: run ./scripts/build first.
 #
 #   bench/gateway_load.sh [BUILD_DIR]        (default: build)
@@ -240,10 +241,10 @@ scrape() {
   curl -sS "http://127.0.0.1:$serve_port/metrics"
 }
 
-# histograms: from a scrape on stdin, `serve`'s time-to-first-token and offer-to-first-token bucket
-# counts, one "NAME LE COUNT" line per bucket.
+# histograms: from a scrape on stdin, `serve`'s time-to-first-token, offer-to-first-token and
+# provider-reported time-to-first-token bucket counts, one "NAME LE COUNT" line per bucket.
 histograms() {
-  sed -n 's/^gpustream_\(time_to_first_token\|offer_to_first_token\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
+  sed -n 's/^gpustream_\(time_to_first_token\|offer_to_first_token\|provider_ttft\)_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1 \2 \3/p'
 }
 
 # store_counts: from a scrape on stdin, the event store's counters, "groups appends syncs".
@@ -273,6 +274,8 @@ split_line() {
              quantile("time_to_first_token", 0.5), quantile("time_to_first_token", 0.9)
       printf " (the provider'"'"'s round trip) p50 %.2f ms, p90 %.2f ms", quantile("offer_to_first_token", 0.5),
              quantile("offer_to_first_token", 0.9)
+      printf " | the agent'"'"'s own (offer received to its backend'"'"'s first token) p50 %.2f ms, p90 %.2f ms",
+             quantile("provider_ttft", 0.5), quantile("provider_ttft", 0.9)
     }' <(printf '%s\n' "$1") <(printf '%s\n' "$2")
 }
 

@@ -90,6 +90,9 @@ class node::impl {
       ttft_->get().observe(static_cast<double>(ttft.count()) / 1e6);
       offer_to_first_token_->get().observe(static_cast<double>(since_offer.count()) / 1e6);
     };
+    relaying.observer.provider_ttft = [this](std::chrono::microseconds ttft) {
+      provider_ttft_->get().observe(static_cast<double>(ttft.count()) / 1e6);
+    };
     relaying.observer.completion_tokens = [this](std::uint32_t tokens) { tokens_->get().increment(tokens); };
     relaying.observer.job_ended = [this](domain::job_status status) {
       jobs_ended_->with({domain::to_string(status)}).increment();
@@ -137,6 +140,11 @@ class node::impl {
     offer_to_first_token_ = &metrics_.add_histogram(
         "gpustream_offer_to_first_token_seconds",
         "From offering a job to a provider to its first token (the link both ways, the agent, its backend)",
+        ttft_buckets_seconds);
+    provider_ttft_ = &metrics_.add_histogram(
+        "gpustream_provider_ttft_seconds",
+        "Time to first token as the provider's agent reports it (from receiving the offer to its backend's first "
+        "token), for answers that completed",
         ttft_buckets_seconds);
     queued_ = &metrics_.add_gauge("gpustream_queue_depth", "Jobs waiting for a provider (scheduler)");
     running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
@@ -331,6 +339,7 @@ class node::impl {
   counter_family* jobs_ended_ = nullptr;
   histogram_family* ttft_ = nullptr;
   histogram_family* offer_to_first_token_ = nullptr;
+  histogram_family* provider_ttft_ = nullptr;
   gauge_family* queued_ = nullptr;
   gauge_family* running_ = nullptr;
   std::atomic<bool> refresh_stop_{false};

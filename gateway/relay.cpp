@@ -281,6 +281,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       result.provider_reported_tokens = d.completion_tokens_reported;
       result.ttft_us = d.ttft_us;
       result.total_us = d.total_us;
+      if (options_.observer.provider_ttft) options_.observer.provider_ttft(std::chrono::microseconds(d.ttft_us));
       if (live->ad_pending) {  // a quick answer: its ad comes with ad_picked
         live->waiting_for_ad = live_job::finished{std::move(result), std::move(finish_reason)};
         return;

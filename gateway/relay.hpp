@@ -48,6 +48,10 @@ struct relay_observer {
   /// An answer's first token: the time since its request arrived, and since its (latest) offer to
   /// a provider went out (the provider's round trip: the link both ways, the agent, its backend).
   std::function<void(std::chrono::microseconds ttft, std::chrono::microseconds since_offer)> first_token;
+  /// An answer's time to first token as its provider's agent measured and reported it (from
+  /// receiving the offer to its backend's first token): the part of since_offer spent in the
+  /// agent and its backend rather than on the link.
+  std::function<void(std::chrono::microseconds)> provider_ttft;
   std::function<void(std::uint32_t tokens)> completion_tokens;
   std::function<void(domain::job_status)> job_ended;
 };

@@ -86,6 +86,14 @@ scenario('the provider page shows earnings and /metrics counts the traffic', asy
   const offer_sum = find('gpustream_offer_to_first_token_seconds_sum')[0].value;
   const ttft_sum = find('gpustream_time_to_first_token_seconds_sum')[0].value;
   assert.ok(offer_sum >= 0.02 && offer_sum <= ttft_sum, `offer to first token ${offer_sum} s within the TTFT ${ttft_sum} s`);
+  // The agent's own measure of it (offer received to its backend's first token), as its done
+  // frame reported it: at least the upstream's 20 ms, and no more than the round trip around it.
+  const provider_count = find('gpustream_provider_ttft_seconds_count');
+  assert.equal(provider_count.length, 1);
+  assert.equal(provider_count[0].value, 1, 'one provider-reported first token');
+  const provider_sum = find('gpustream_provider_ttft_seconds_sum')[0].value;
+  assert.ok(provider_sum >= 0.02 && provider_sum <= offer_sum,
+    `the agent's TTFT ${provider_sum} s within the offer's round trip ${offer_sum} s`);
   const online = find('gpustream_providers_online');
   assert.equal(online.length, 1);
   assert.equal(online[0].value, 1);
