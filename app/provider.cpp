@@ -500,14 +500,18 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
 
   /// Sends a frame; a full queue means the coordinator stopped reading, so the link is dropped
   /// (and every job with it) rather than losing a piece of some answer.
-  bool send(const link::frame& f) {
-    auto sent = link_->send(f);
-    if (sent) return true;
-    if (sent.error().code == gateway::link_send_errc::queue_full) {
-      log_->error("dropping the link: {}", sent.error().message);
+  bool send(const link::frame& f) { return sent(link_->send(f), link::frame_name(f)); }
+
+  /// Sends a job's first delta, which may overtake other jobs' later ones (link_client::send_first).
+  bool send_first(const link::delta& d) { return sent(link_->send_first(d), "delta"); }
+
+  bool sent(const expected<void, gateway::link_send_error>& result, std::string_view frame_name) {
+    if (result) return true;
+    if (result.error().code == gateway::link_send_errc::queue_full) {
+      log_->error("dropping the link: {}", result.error().message);
       link_->drop(1008, "agent send queue full");
-    } else if (sent.error().code == gateway::link_send_errc::frame_too_large) {
-      log_->error("a {} frame is too large for the link: {}", link::frame_name(f), sent.error().message);
+    } else if (result.error().code == gateway::link_send_errc::frame_too_large) {
+      log_->error("a {} frame is too large for the link: {}", frame_name, result.error().message);
     }
     return false;
   }
@@ -553,7 +557,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto found = jobs_.find(job_id);
     if (found == jobs_.end()) return;
     auto& running = found->second;
-    if (!running.first_token) running.first_token = steady::now();
+    bool first = !running.first_token;
+    if (first) running.first_token = steady::now();
     ++running.tokens;  // one token per content chunk: the OpenAI streaming convention
     ++tokens_since_heartbeat_;
     for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
@@ -562,7 +567,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message, true);
         return;
       }
-      if (!send(frame)) return;  // the link is down or being dropped: the job goes with it
+      // The first token's first piece may overtake other jobs' later tokens held for the link.
+      const bool ok = std::exchange(first, false) ? send_first(frame) : send(frame);
+      if (!ok) return;  // the link is down or being dropped: the job goes with it
     }
   }
 

@@ -156,6 +156,7 @@ struct connection {
   std::size_t queued_bytes = 0;  // the queue's bytes and the open batch's estimate
   bool batch_deltas = false;
   std::vector<link::delta> batch;  // deltas held behind the queue while a write is in flight
+  std::size_t batch_firsts = 0;    // the jobs' first deltas at the batch's front (send_first)
   std::size_t batch_bytes = 0;     // their encoded size, estimated from above
   bool writing = false;
   std::chrono::steady_clock::time_point up_since{};
@@ -224,14 +225,14 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     }
   }
 
-  expected<void, link_send_error> send(const link::frame& f) {
+  expected<void, link_send_error> send(const link::frame& f, bool first_of_job = false) {
     if (state_ != state::connected) {
       return unexpected{link_send_error{link_send_errc::not_connected,
                                         "the link to the coordinator is not up"}};
     }
     auto& conn = *conn_;
     if (const auto* d = std::get_if<link::delta>(&f); d != nullptr && conn.batch_deltas && conn.writing) {
-      return hold(conn, *d);
+      return hold(conn, *d, first_of_job);
     }
     close_batch(conn);  // whatever is held goes before this frame
     return enqueue(conn, f);
@@ -270,7 +271,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
   /// the list's pointer.
   static constexpr std::size_t batch_frame_bytes = 256;
 
-  expected<void, link_send_error> hold(connection& conn, const link::delta& d) {
+  expected<void, link_send_error> hold(connection& conn, const link::delta& d, bool first_of_job) {
     const std::size_t item_bytes = batch_item_bytes(d);
     if (batch_frame_bytes + item_bytes > options_.limits.frame_bytes_max) {
       // Too big to hold in a batch: it goes on its own (or is refused as too large), after the
@@ -283,7 +284,14 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
       close_batch(conn);
     }
     if (conn.queued_bytes + item_bytes > options_.send_queue_bytes_max) return queue_full(conn, item_bytes);
-    conn.batch.push_back(d);
+    if (first_of_job) {
+      // Ahead of the later deltas held with it, behind the first ones held before it. No delta of
+      // its job can be among those it passes: it is its job's first.
+      conn.batch.insert(conn.batch.begin() + static_cast<std::ptrdiff_t>(conn.batch_firsts), d);
+      ++conn.batch_firsts;
+    } else {
+      conn.batch.push_back(d);
+    }
     conn.batch_bytes += item_bytes;
     conn.queued_bytes += item_bytes;
     return {};
@@ -297,6 +305,7 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     GPUSTREAM_ENSURE(bytes.size() <= batch_frame_bytes + conn.batch_bytes);
     conn.queued_bytes = conn.queued_bytes - conn.batch_bytes + bytes.size();
     conn.batch.clear();
+    conn.batch_firsts = 0;
     conn.batch_bytes = 0;
     conn.queue.push_back(std::move(bytes));
   }
@@ -610,6 +619,8 @@ void link_client::start() { impl_->start(); }
 void link_client::stop() { impl_->stop(); }
 
 expected<void, link_send_error> link_client::send(const link::frame& f) { return impl_->send(f); }
+
+expected<void, link_send_error> link_client::send_first(const link::delta& d) { return impl_->send(d, true); }
 
 void link_client::batch_deltas(bool enabled) noexcept { impl_->batch_deltas(enabled); }
 

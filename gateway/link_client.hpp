@@ -155,6 +155,12 @@ class link_client {
   /// exceed send_queue_bytes_max or when the frame exceeds limits.frame_bytes_max.
   [[nodiscard]] expected<void, link_send_error> send(const link::frame& f);
 
+  /// Sends a job's first delta (the first piece of its first token) as send() does, except that
+  /// when it is held in a batch it goes ahead of the later deltas held with it (behind the first
+  /// deltas held before it): of all the tokens in a batch, a first one is what a client waits for
+  /// most. Each job's own order is kept, since no delta of the job can be held before its first.
+  [[nodiscard]] expected<void, link_send_error> send_first(const link::delta& d);
+
   /// With batching on, deltas sent while a write is in flight are held and go out together, as
   /// one `deltas` frame, when it completes (any other frame sent meanwhile goes after them, so the
   /// order is kept): a busy link then costs one write per batch instead of one per token. Turn it

@@ -29,6 +29,7 @@
 #include <future>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -520,17 +521,24 @@ test_ws_server::session record_into(recorded_messages& record) {
 }
 
 /// Connects with `limits` to a server recording every message, turns batching on and sends
-/// `frames` from the on_connected callback, so that all but the first are sent while a write is
-/// in flight; returns once the server has them all and the client's queue has drained.
+/// `frames` from the on_connected callback (those at `firsts` as jobs' first deltas, with
+/// send_first), so that all but the first are sent while a write is in flight; returns once the
+/// server has them all and the client's queue has drained.
 void send_while_writing(recorded_messages& record, const link::codec_limits& limits,
-                        const std::vector<link::frame>& frames) {
+                        const std::vector<link::frame>& frames, const std::set<std::size_t>& firsts = {}) {
   test_ws_server server(record_into(record));
   client_fixture fixture;
   auto options = options_for(server.url());
   options.limits = limits;
   fixture.start(options, [&](link_client& client) {
     client.batch_deltas(true);
-    for (const auto& f : frames) ASSERT_TRUE(client.send(f));
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+      if (firsts.contains(i)) {
+        ASSERT_TRUE(client.send_first(std::get<link::delta>(frames[i])));
+      } else {
+        ASSERT_TRUE(client.send(frames[i]));
+      }
+    }
   });
   ASSERT_TRUE(fixture.notes.wait_until([&] { return fixture.connects == 1; }));
   fixture.on_io([] {});  // the on_connected callback, which sent them all, has finished
@@ -561,6 +569,24 @@ TEST(link_client, deltas_sent_during_a_write_go_out_together_in_order) {
   EXPECT_EQ(link::frame_name(record.frames[2]), "done");
   EXPECT_EQ(std::get<link::deltas>(record.frames[3]).items.size(), 50u);
   EXPECT_EQ(record.flattened(), sent);
+}
+
+TEST(link_client, a_jobs_first_delta_goes_ahead_of_the_later_deltas_held_with_it) {
+  const std::vector<link::frame> sent = {
+      link::delta{.job_id = "a", .text = "a0"},     // written at once
+      link::delta{.job_id = "a", .text = "a1"},     // held
+      link::delta{.job_id = "b", .text = "b0"},     // b's first: ahead of a1
+      link::delta{.job_id = "a", .text = "a2"},     // held, after a1
+      link::delta{.job_id = "c", .text = "c0"},     // c's first: ahead of a1, after b0
+      link::delta{.job_id = "b", .text = "b1"},     // held, last
+      link::done{.job_id = "a", .finish_reason = "stop"},  // after everything held
+  };
+  recorded_messages record;
+  ASSERT_NO_FATAL_FAILURE(send_while_writing(record, {}, sent, {2, 4}));
+  const std::vector<link::frame> expected = {sent[0], sent[2], sent[4], sent[1], sent[3], sent[5], sent[6]};
+  EXPECT_EQ(record.flattened(), expected);
+  ASSERT_EQ(record.frames.size(), 3u);
+  EXPECT_EQ(std::get<link::deltas>(record.frames[1]).items.size(), 5u);
 }
 
 TEST(link_client, a_batch_never_exceeds_the_frame_limit_or_the_batch_limit) {
