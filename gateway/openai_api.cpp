@@ -654,10 +654,17 @@ std::string upstream_body(const completion_request& request, std::string_view co
       const std::string_view role = message.role == "developer" ? "system" : std::string_view(message.role);
       messages.push_back(json::object{{"role", role}, {"content", message.content}});
     }
-    if (!continuation_prefix.empty()) {
-      messages.push_back(json::object{{"role", "assistant"}, {"content", continuation_prefix}});
-    }
+    const bool continuing = !continuation_prefix.empty();
+    if (continuing) messages.push_back(json::object{{"role", "assistant"}, {"content", continuation_prefix}});
     body["messages"] = std::move(messages);
+    if (continuing) {
+      // vLLM opens a new assistant turn after a trailing assistant message unless told to continue
+      // it, and refuses continue_final_message together with its default add_generation_prompt.
+      // llama.cpp server and Ollama continue a trailing assistant message by themselves and, like
+      // LM Studio, ignore fields they do not know.
+      body["continue_final_message"] = true;
+      body["add_generation_prompt"] = false;
+    }
   } else {
     std::string prompt = request.prompt;
     prompt += continuation_prefix;

@@ -138,8 +138,10 @@ struct api_error {
 /// Never carries `user` or `x_gpustream`. A "developer" message goes as "system", which every
 /// OpenAI-compatible server understands.
 /// Continuing after a failover: a non-empty `continuation_prefix` (the answer so far) is appended
-/// as a trailing assistant message (chat) or to the prompt (completion), so the new provider
-/// carries on from it, and max_tokens shrinks by `continuation_tokens` (at least 1 remains).
+/// as a trailing assistant message (chat, with vLLM's "continue_final_message": true and
+/// "add_generation_prompt": false, without which vLLM starts a new turn) or to the prompt
+/// (completion), so the new provider carries on from it, and max_tokens shrinks by
+/// `continuation_tokens` (at least 1 remains).
 [[nodiscard]] std::string upstream_body(const completion_request& request, std::string_view continuation_prefix = {},
                                         std::uint32_t continuation_tokens = 0);
 

@@ -51,6 +51,7 @@ scenario('an upstream dropping mid-stream fails over to another provider that co
   assert.equal(last.usage.completion_tokens, counted, 'usage counts every token the client got');
   assert.equal((await upstream_a.stats()).dropped, 1);
   assert.equal((await upstream_b.stats()).completed, 1);
+  assert.equal((await upstream_b.stats()).continued, 1, 'B was asked to continue the assistant prefix (vLLM\'s continue_final_message)');
   const job = await wait_for('the job completed', async () =>
     (await server.jobs('completed')).find((entry) => entry.id === job_id_of(last.id)));
   assert.equal(job.provider_id, provider_b.id);

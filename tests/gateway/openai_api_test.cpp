@@ -488,6 +488,11 @@ TEST(openai_api, upstream_body_continues_a_chat_after_failover) {
   EXPECT_EQ(body.at("messages"), json::parse(R"([{"role":"user","content":"Hi"},
                                                    {"role":"assistant","content":"The answer so far"}])"));
   EXPECT_EQ(body.at("max_tokens"), 70);
+  EXPECT_EQ(body.at("continue_final_message"), true) << "vLLM continues the assistant message only when told";
+  EXPECT_EQ(body.at("add_generation_prompt"), false) << "vLLM refuses it with continue_final_message";
+  // A first attempt asks for neither.
+  EXPECT_FALSE(parsed(upstream_body(request)).contains("continue_final_message"));
+  EXPECT_FALSE(parsed(upstream_body(request)).contains("add_generation_prompt"));
   // More tokens produced than asked for (counts differ between agents): at least one remains.
   EXPECT_EQ(parsed(upstream_body(request, "x", 100)).at("max_tokens"), 1);
   EXPECT_EQ(parsed(upstream_body(request, "x", 500)).at("max_tokens"), 1);

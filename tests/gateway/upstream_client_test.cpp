@@ -33,6 +33,8 @@
 #include <thread>
 #include <vector>
 
+#include "gateway/openai_api.hpp"
+
 extern char** environ;
 
 namespace gpustream::gateway {
@@ -495,6 +497,48 @@ TEST(UpstreamClient, AnErrorStatusCarriesTheBackendsMessage) {
         << log.error()->message;
     EXPECT_FALSE(log.error()->upstream_fault) << "the request named a model the backend lacks";
   }
+}
+
+TEST(UpstreamClient, AFailoverContinuationFollowsVllmsRulesForATrailingAssistantMessage) {
+  auto upstream = upstream_process::start({"--tokens", "3"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  // The body the gateway sends a provider that continues an answer begun elsewhere.
+  auto request = parse_chat_request(chat_body(10), api_limits{});
+  ASSERT_TRUE(request.has_value());
+  {
+    stream_log log;
+    auto call = client.stream("/chat/completions", upstream_body(*request, "tok0 ", 1), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_FALSE(log.error()) << log.error()->message;
+    EXPECT_EQ(log.deltas(), expected_tokens(3));
+    EXPECT_EQ(upstream->stat("continued"), 1);
+  }
+  // What vLLM refuses: continue_final_message with its default add_generation_prompt (true), or
+  // without an assistant message last.
+  const auto refused = [&](json::object body, std::string_view reason) {
+    stream_log log;
+    auto call = client.stream("/chat/completions", json::serialize(body), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_TRUE(log.error());
+    EXPECT_EQ(log.error()->http_status, 400u);
+    EXPECT_NE(log.error()->message.find(reason), std::string::npos) << log.error()->message;
+  };
+  json::object continuing = json::parse(upstream_body(*request, "tok0 ", 1)).as_object();
+  continuing.erase("add_generation_prompt");
+  refused(continuing, "Cannot set both `continue_final_message` and `add_generation_prompt`");
+  json::object user_last = json::parse(chat_body(10)).as_object();
+  user_last["continue_final_message"] = true;
+  user_last["add_generation_prompt"] = false;
+  refused(user_last, "needs the final message to be from the assistant");
+  EXPECT_EQ(upstream->stat("continued"), 1) << "refused requests are not counted";
+  // A first attempt asks for no continuation.
+  stream_log first;
+  auto call = client.stream("/chat/completions", upstream_body(*request), first.handlers());
+  ASSERT_TRUE(first.wait_final());
+  ASSERT_FALSE(first.error()) << first.error()->message;
+  EXPECT_EQ(upstream->stat("continued"), 1);
 }
 
 TEST(UpstreamClient, TooManyConcurrentStreamsIsTheBackendsOverload) {

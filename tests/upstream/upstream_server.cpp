@@ -91,6 +91,7 @@ struct counters {
   std::atomic<std::uint64_t> completed{0};  // answers written to their end
   std::atomic<std::uint64_t> rejected{0};   // 429 for --max-concurrent
   std::atomic<std::uint64_t> dropped{0};    // closed on purpose by --drop-after-tokens
+  std::atomic<std::uint64_t> continued{0};  // chats asked to continue their trailing assistant message
   std::atomic<std::int64_t> connections{0};
 };
 
@@ -252,6 +253,7 @@ class session : public std::enable_shared_from_this<session> {
                                         {"completed", stats_.completed.load()},
                                         {"rejected", stats_.rejected.load()},
                                         {"dropped", stats_.dropped.load()},
+                                        {"continued", stats_.continued.load()},
                                         {"connections", stats_.connections.load()}});
   }
 
@@ -304,6 +306,11 @@ class session : public std::enable_shared_from_this<session> {
     }
     const char* needed = kind == completion_kind::chat ? "messages" : "prompt";
     if (!request.contains(needed)) return answer_error(400, std::string("you must provide ") + needed);
+    if (kind == completion_kind::chat) {
+      const auto continuing = check_continuation(request);
+      if (!continuing.refusal.empty()) return answer_error(400, continuing.refusal);
+      if (continuing.asked) stats_.continued.fetch_add(1, std::memory_order_relaxed);
+    }
     const auto now_active = stats_.active.fetch_add(1) + 1;
     if (config_.max_concurrent != 0 && now_active > static_cast<std::int64_t>(config_.max_concurrent)) {
       stats_.active.fetch_sub(1);
@@ -318,6 +325,32 @@ class session : public std::enable_shared_from_this<session> {
     if (plan_.stream) return write_stream_head();
     wait_until(start_ + first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0),
                [self = shared_from_this()] { self->write_whole_completion(); });
+  }
+
+  struct continuation {
+    bool asked = false;   ///< "continue_final_message": true
+    std::string refusal;  ///< why vLLM would refuse the request; empty when it would not
+  };
+
+  /// vLLM's rules for continuing a chat's trailing assistant message: "continue_final_message"
+  /// needs "add_generation_prompt" false (its default is true) and an assistant message last.
+  static continuation check_continuation(const json::object& request) {
+    const auto flag = [&](std::string_view name, bool absent) {
+      const auto* value = request.if_contains(name);
+      return value != nullptr && value->is_bool() ? value->get_bool() : absent;
+    };
+    if (!flag("continue_final_message", false)) return {};
+    if (flag("add_generation_prompt", true)) {
+      return {true, "Cannot set both `continue_final_message` and `add_generation_prompt` to True."};
+    }
+    const auto& messages = request.at("messages");
+    const bool assistant_last = messages.is_array() && !messages.get_array().empty() &&
+                                messages.get_array().back().is_object() && [&] {
+                                  const auto* role = messages.get_array().back().get_object().if_contains("role");
+                                  return role != nullptr && role->is_string() && role->get_string() == "assistant";
+                                }();
+    if (!assistant_last) return {true, "continue_final_message needs the final message to be from the assistant"};
+    return {true, {}};
   }
 
   void plan(completion_kind kind, const json::object& request, std::string_view model, std::uint64_t number) {
