@@ -17,14 +17,21 @@
 
 namespace gpustream::actors {
 
-/// domain::ledger with what the shell asks of it: a balance query and the per-group check.
+/// domain::ledger with what the shell asks of it: a query and the per-group check.
 struct ledger_aggregate : domain::ledger {
-  /// Balances of these accounts (0 for an account that never moved money); all accounts when
-  /// empty.
+  /// Balances and transfers, without a copy of the whole ledger (which keeps every transfer).
   struct query {
+    /// These accounts' balances (0 for an account that never moved money). When empty, every
+    /// account whose name starts with `account_prefix` ("": all of them).
     std::vector<std::string> accounts;
+    std::string account_prefix;
+    /// Also the transfers whose id starts with this (e.g. "payout-"); none when empty.
+    std::string transfer_prefix;
   };
-  using answer = std::map<std::string, std::int64_t>;
+  struct answer {
+    std::map<std::string, std::int64_t> balances;
+    std::map<std::string, applied_transfer> transfers;
+  };
 
   [[nodiscard]] static answer respond(const state& current, const query& q);
   [[nodiscard]] static domain::invariant_check check_applied(const state& current,
@@ -44,5 +51,6 @@ inline constexpr std::string_view ledger_stream = "ledger";
 }  // namespace gpustream::actors
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ledger_aggregate::query)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ledger_aggregate::answer)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::ledger::command)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::vector<gpustream::domain::ledger::command>)

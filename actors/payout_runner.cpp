@@ -157,20 +157,23 @@ struct run_context {
 
 using context_pointer = std::shared_ptr<run_context>;
 
-std::vector<provider_plan> plan_providers(const domain::ledger::state& ledger) {
+/// The ledger's part of a run: the providers' balances and every payout transfer.
+ledger_aggregate::query run_query() {
+  return ledger_aggregate::query{.accounts = {},
+                                 .account_prefix = std::string(domain::provider_account_prefix),
+                                 .transfer_prefix = "payout-"};  // "payout-<id>/<step>" (domain/payout.hpp)
+}
+
+std::vector<provider_plan> plan_providers(const ledger_aggregate::answer& ledger) {
   std::map<std::string, provider_plan> plans;
-  const std::string provider_prefix = "provider-";
-  for (auto it = ledger.balances_micros.lower_bound(provider_prefix);
-       it != ledger.balances_micros.end() && it->first.starts_with(provider_prefix); ++it) {
-    auto& plan = plans[it->first.substr(provider_prefix.size())];
-    plan.balance_micros = it->second;
+  for (const auto& [account, balance] : ledger.balances) {
+    auto owner = domain::classify_account(account);
+    if (!owner || owner.value().kind != domain::account_kind::provider) continue;
+    plans[std::string(owner.value().owner_id)].balance_micros = balance;
   }
-  // Payout transfer ids are "payout-<id>/<step>" (domain/payout.hpp).
-  const std::string payout_prefix = "payout-";
-  for (auto it = ledger.transfers.lower_bound(payout_prefix);
-       it != ledger.transfers.end() && it->first.starts_with(payout_prefix); ++it) {
-    if (!it->first.ends_with("/request")) continue;
-    auto account = domain::classify_account(it->second.debit_account);
+  for (const auto& [id, transfer] : ledger.transfers) {
+    if (!id.ends_with("/request")) continue;
+    auto account = domain::classify_account(transfer.debit_account);
     if (!account || account.value().kind != domain::account_kind::provider) continue;
     ++plans[std::string(account.value().owner_id)].requests;
   }
@@ -373,9 +376,9 @@ void run(self_pointer self, std::function<void(payout_report)> done) {
   auto ctx = std::make_shared<run_context>();
   ctx->now_us = now_us(self);
   ctx->done = std::move(done);
-  self->request(self->state.peers.ledger, caf::infinite, state_atom::value)
+  self->request(self->state.peers.ledger, caf::infinite, run_query())
       .then(
-          [self, ctx](const domain::ledger::state& ledger) mutable {
+          [self, ctx](const ledger_aggregate::answer& ledger) mutable {
             ctx->plans = plan_providers(ledger);
             next_provider(self, std::move(ctx));
           },

@@ -428,11 +428,11 @@ void check_funds(self_pointer self, const std::string& job_id,
   self->request(self->state.peers.ledger, caf::infinite, ledger_aggregate::query{{account}})
       .then(
           [self, job_id, account, quote = quote.value(), reply](
-              const ledger_aggregate::answer& balances) mutable {
+              const ledger_aggregate::answer& ledger) mutable {
             auto& job = self->state.jobs.at(job_id);
             const std::int64_t held = self->state.holds_micros[job.request.user_id];
             auto affordable =
-                domain::check_affordable(job_id, quote, balances.at(account) - held);
+                domain::check_affordable(job_id, quote, ledger.balances.at(account) - held);
             if (!affordable) {
               refuse_job(self, job_id, events::failure_reason::insufficient_funds,
                          make_error(affordable.error()), reply);

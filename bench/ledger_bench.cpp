@@ -1,6 +1,7 @@
 // Ledger transfers through the ledger actor, store in `sync` mode, every invariant checked after
 // every group (the actor's per-group check; the full check once at the end). Each command settles
 // one premium job: user -> provider (usage) and provider -> platform (platform fee), 2 transfers.
+// Also what a payout run reads from a large ledger (ledger_payout_read).
 //
 //   ./build/bench/ledger_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 
@@ -11,6 +12,7 @@
 #include <caf/event_based_actor.hpp>
 #include <caf/scoped_actor.hpp>
 
+#include <chrono>
 #include <string>
 
 #include "actors/errors.hpp"
@@ -67,18 +69,23 @@ caf::behavior driver(caf::event_based_actor* self, actors::ledger_actor ledger, 
   return {[](done_atom) {}};
 }
 
-void ledger_transfers(benchmark::State& state) {
-  bench::actor_bench_setup setup("ledger-bench");
-  auto& system = setup.system;
-  auto store_actor = actors::spawn_store_actor(system, setup.store);
-  auto ledger = actors::spawn_ledger_actor(system, store_actor);
-  caf::scoped_actor self(system);
+/// Gives every user enough money for any number of settlements.
+void fund_users(caf::scoped_actor& self, const actors::ledger_actor& ledger) {
   for (int u = 0; u < users; ++u) {
     auto deposit = domain::user_deposit("seed-" + std::to_string(u), "u" + std::to_string(u),
                                         1'000'000'000'000);
     self->request(ledger, caf::infinite, domain::ledger::command{deposit})
         .receive([](const actors::command_reply&) {}, bench::must("deposit"));
   }
+}
+
+void ledger_transfers(benchmark::State& state) {
+  bench::actor_bench_setup setup("ledger-bench");
+  auto& system = setup.system;
+  auto store_actor = actors::spawn_store_actor(system, setup.store);
+  auto ledger = actors::spawn_ledger_actor(system, store_actor);
+  caf::scoped_actor self(system);
+  fund_users(self, ledger);
   const auto jobs = static_cast<std::uint64_t>(state.range(0));
   const auto window = static_cast<std::uint64_t>(state.range(1));
   std::uint64_t first = 0;
@@ -104,6 +111,49 @@ BENCHMARK(ledger_transfers)
     ->ArgNames({"jobs", "in_flight"})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+
+/// What a payout run reads from a ledger of `jobs` settled jobs: the providers' balances and the
+/// payout transfers (the query the payout runner sends), against the whole state it read before
+/// (a copy of every transfer), timed in the same run on the same ledger. Counters: the query's
+/// time and the whole state's time per read, and their ratio.
+void ledger_payout_read(benchmark::State& state) {
+  bench::actor_bench_setup setup("ledger-bench");
+  auto& system = setup.system;
+  auto store_actor = actors::spawn_store_actor(system, setup.store);
+  auto ledger = actors::spawn_ledger_actor(system, store_actor);
+  caf::scoped_actor self(system);
+  fund_users(self, ledger);
+  system.spawn(driver, ledger, 0, static_cast<std::uint64_t>(state.range(0)), 256, caf::actor{self});
+  self->receive([](done_atom) {});
+  const actors::ledger_aggregate::query run_query{.account_prefix = "provider-", .transfer_prefix = "payout-"};
+  using clock = std::chrono::steady_clock;
+  clock::duration queried{};
+  clock::duration whole{};
+  for (auto _ : state) {
+    const auto start = clock::now();
+    self->request(ledger, caf::infinite, run_query)
+        .receive(
+            [&](const actors::ledger_aggregate::answer& answer) {
+              if (answer.balances.size() != 16) state.SkipWithError("expected 16 providers");
+            },
+            bench::must("query"));
+    const auto middle = clock::now();
+    self->request(ledger, caf::infinite, actors::state_atom::value)
+        .receive([&](const domain::ledger::state& whole_state) { benchmark::DoNotOptimize(whole_state); },
+                 bench::must("state"));
+    queried += middle - start;
+    whole += clock::now() - middle;
+  }
+  const auto per_read_us = [&](clock::duration total) {
+    return std::chrono::duration<double, std::micro>(total).count() / static_cast<double>(state.iterations());
+  };
+  state.counters["query_us"] = per_read_us(queried);
+  state.counters["whole_state_us"] = per_read_us(whole);
+  state.counters["whole_over_query"] = per_read_us(whole) / per_read_us(queried);
+  self->send_exit(ledger, caf::exit_reason::user_shutdown);
+  self->send_exit(store_actor, caf::exit_reason::user_shutdown);
+}
+BENCHMARK(ledger_payout_read)->Arg(100'000)->ArgName("jobs")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 

@@ -12,7 +12,6 @@ namespace {
 using events::transfer_kind;
 
 constexpr std::string_view user_prefix = "user-";
-constexpr std::string_view provider_prefix = "provider-";
 constexpr std::string_view campaign_prefix = "campaign-";
 
 std::string micros(std::int64_t amount) { return std::to_string(amount) + " micro-USD"; }
@@ -217,8 +216,8 @@ expected<void, error> check_balances(const ledger::state& state, const record_tr
 
 /// The provider totals a transfer changes, by its route (see provider_totals).
 void count_for_providers(ledger::state& state, const events::transfer_recorded& t) {
-  const bool debit_is_provider = t.debit_account.starts_with(provider_prefix);
-  const bool credit_is_provider = t.credit_account.starts_with(provider_prefix);
+  const bool debit_is_provider = t.debit_account.starts_with(provider_account_prefix);
+  const bool credit_is_provider = t.credit_account.starts_with(provider_account_prefix);
   if (credit_is_provider) {
     auto& totals = state.providers[t.credit_account];
     if (t.kind == transfer_kind::payout) {
@@ -267,7 +266,7 @@ expected<account_info, error> classify_account(std::string_view name) {
   if (name == payouts_in_flight_account) return account_info{account_kind::payouts_in_flight, {}};
   const std::pair<std::string_view, account_kind> owned[] = {
       {user_prefix, account_kind::user},
-      {provider_prefix, account_kind::provider},
+      {provider_account_prefix, account_kind::provider},
       {campaign_prefix, account_kind::campaign},
   };
   for (const auto& [prefix, kind] : owned) {
@@ -290,7 +289,7 @@ std::string user_account(std::string_view user_id) {
 }
 
 std::string provider_account(std::string_view provider_id) {
-  return std::string(provider_prefix) + std::string(provider_id);
+  return std::string(provider_account_prefix) + std::string(provider_id);
 }
 
 std::string campaign_account(std::string_view campaign_id) {

@@ -62,6 +62,8 @@ inline constexpr std::string_view platform_account = "platform";
 inline constexpr std::string_view subsidy_account = "subsidy";
 inline constexpr std::string_view external_account = "external";
 inline constexpr std::string_view payouts_in_flight_account = "payouts_in_flight";
+/// provider_account(id) is this prefix + id.
+inline constexpr std::string_view provider_account_prefix = "provider-";
 
 /// What an account name means.
 struct account_info {

@@ -715,8 +715,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.ledger, self->timeout(), actors::ledger_aggregate::query{})
           .then(
-              [prefix, limit, reply](actors::ledger_aggregate::answer& balances) {
-                reply(accounts_answer(balances, prefix, limit));
+              [prefix, limit, reply](actors::ledger_aggregate::answer& ledger) {
+                reply(accounts_answer(ledger.balances, prefix, limit));
               },
               [self, reply](caf::error& failure) {
                 reply(failure_response(failure, "reading the ledger",
@@ -725,7 +725,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
-  static http_response accounts_answer(const actors::ledger_aggregate::answer& balances,
+  static http_response accounts_answer(const std::map<std::string, std::int64_t>& balances,
                                        std::string_view prefix, std::size_t limit) {
     json::array data;
     std::int64_t total = 0;
