@@ -69,29 +69,43 @@ caf::behavior driver(caf::event_based_actor* self, actors::ledger_actor ledger, 
   return {[](done_atom) {}};
 }
 
-/// Gives every user enough money for any number of settlements.
-void fund_users(caf::scoped_actor& self, const actors::ledger_actor& ledger) {
-  for (int u = 0; u < users; ++u) {
-    auto deposit = domain::user_deposit("seed-" + std::to_string(u), "u" + std::to_string(u),
-                                        1'000'000'000'000);
-    self->request(ledger, caf::infinite, domain::ledger::command{deposit})
-        .receive([](const actors::command_reply&) {}, bench::must("deposit"));
+/// A store, its actor and a ledger actor whose users have enough money for any number of
+/// settlements; the actors stop with it.
+struct funded_ledger {
+  funded_ledger() {
+    for (int u = 0; u < users; ++u) {
+      auto deposit = domain::user_deposit("seed-" + std::to_string(u), "u" + std::to_string(u),
+                                          1'000'000'000'000);
+      self->request(ledger, caf::infinite, domain::ledger::command{deposit})
+          .receive([](const actors::command_reply&) {}, bench::must("deposit"));
+    }
   }
-}
+  ~funded_ledger() {
+    self->send_exit(ledger, caf::exit_reason::user_shutdown);
+    self->send_exit(store, caf::exit_reason::user_shutdown);
+  }
+
+  /// Settles jobs first .. first + total - 1, `window` at a time, and waits for all of them.
+  void settle(std::uint64_t first, std::uint64_t total, std::uint64_t window) {
+    setup.system.spawn(driver, ledger, first, total, window, caf::actor{self});
+    self->receive([](done_atom) {});
+  }
+
+  bench::actor_bench_setup setup{"ledger-bench"};
+  actors::store_actor store = actors::spawn_store_actor(setup.system, setup.store);
+  actors::ledger_actor ledger = actors::spawn_ledger_actor(setup.system, store);
+  caf::scoped_actor self{setup.system};
+};
 
 void ledger_transfers(benchmark::State& state) {
-  bench::actor_bench_setup setup("ledger-bench");
-  auto& system = setup.system;
-  auto store_actor = actors::spawn_store_actor(system, setup.store);
-  auto ledger = actors::spawn_ledger_actor(system, store_actor);
-  caf::scoped_actor self(system);
-  fund_users(self, ledger);
+  funded_ledger world;
+  auto& ledger = world.ledger;
+  auto& self = world.self;
   const auto jobs = static_cast<std::uint64_t>(state.range(0));
   const auto window = static_cast<std::uint64_t>(state.range(1));
   std::uint64_t first = 0;
   for (auto _ : state) {
-    system.spawn(driver, ledger, first, jobs, window, caf::actor{self});
-    self->receive([](done_atom) {});
+    world.settle(first, jobs, window);
     first += jobs;
   }
   // The full check, once: every balance sums to zero and none is negative where it must not be.
@@ -103,8 +117,6 @@ void ledger_transfers(benchmark::State& state) {
           [&](caf::error&) { state.SkipWithError("state query failed"); });
   state.counters["transfers_per_s"] = benchmark::Counter(
       static_cast<double>(2 * jobs * state.iterations()), benchmark::Counter::kIsRate);
-  self->send_exit(ledger, caf::exit_reason::user_shutdown);
-  self->send_exit(store_actor, caf::exit_reason::user_shutdown);
 }
 BENCHMARK(ledger_transfers)
     ->Args({20'000, 256})
@@ -117,14 +129,10 @@ BENCHMARK(ledger_transfers)
 /// (a copy of every transfer), timed in the same run on the same ledger. Counters: the query's
 /// time and the whole state's time per read, and their ratio.
 void ledger_payout_read(benchmark::State& state) {
-  bench::actor_bench_setup setup("ledger-bench");
-  auto& system = setup.system;
-  auto store_actor = actors::spawn_store_actor(system, setup.store);
-  auto ledger = actors::spawn_ledger_actor(system, store_actor);
-  caf::scoped_actor self(system);
-  fund_users(self, ledger);
-  system.spawn(driver, ledger, 0, static_cast<std::uint64_t>(state.range(0)), 256, caf::actor{self});
-  self->receive([](done_atom) {});
+  funded_ledger world;
+  auto& ledger = world.ledger;
+  auto& self = world.self;
+  world.settle(0, static_cast<std::uint64_t>(state.range(0)), 256);
   const actors::ledger_aggregate::query run_query{.account_prefix = "provider-", .transfer_prefix = "payout-"};
   using clock = std::chrono::steady_clock;
   clock::duration queried{};
@@ -150,8 +158,6 @@ void ledger_payout_read(benchmark::State& state) {
   state.counters["query_us"] = per_read_us(queried);
   state.counters["whole_state_us"] = per_read_us(whole);
   state.counters["whole_over_query"] = per_read_us(whole) / per_read_us(queried);
-  self->send_exit(ledger, caf::exit_reason::user_shutdown);
-  self->send_exit(store_actor, caf::exit_reason::user_shutdown);
 }
 BENCHMARK(ledger_payout_read)->Arg(100'000)->ArgName("jobs")->Unit(benchmark::kMillisecond)->UseRealTime();
 
