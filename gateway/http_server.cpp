@@ -80,7 +80,14 @@ http_response json_error(unsigned status, std::string_view message, std::string_
           {}};
 }
 
-http_request to_request(http::request<http::string_body>&& message, const tcp::socket& socket) {
+/// The peer's address, or empty when the socket has none (it was closed meanwhile).
+std::string remote_address_of(const tcp::socket& socket) {
+  beast::error_code ec;
+  const auto remote = socket.remote_endpoint(ec);
+  return ec ? std::string() : remote.address().to_string();
+}
+
+http_request to_request(http::request<http::string_body>&& message, std::string_view remote_address) {
   http_request request;
   request.method = std::string(message.method_string());
   request.target = std::string(message.target());
@@ -90,9 +97,7 @@ http_request to_request(http::request<http::string_body>&& message, const tcp::s
     request.headers.emplace(std::move(name), std::string(field.value()));
   }
   request.body = std::move(message.body());
-  beast::error_code ec;
-  const auto remote = socket.remote_endpoint(ec);
-  if (!ec) request.remote_address = remote.address().to_string();
+  request.remote_address = remote_address;
   return request;
 }
 
@@ -302,6 +307,7 @@ class session : public std::enable_shared_from_this<session> {
         clock_(clock) {}
 
   void start() {
+    remote_address_ = remote_address_of(stream_.socket());  // once per connection, not per request
     beast::error_code ec;
     stream_.socket().non_blocking(true, ec);
     direct_writes_ = !ec;  // write_next's direct writes must never block the I/O thread
@@ -397,7 +403,7 @@ class session : public std::enable_shared_from_this<session> {
     auto& message = parser_->get();
     if (upgrade_ && websocket::is_upgrade(message)) return on_upgrade(parser_->release());
     keep_alive_ = message.keep_alive();
-    auto request = to_request(std::move(message), stream_.socket());
+    auto request = to_request(std::move(message), remote_address_);
     ++request_;
     started_ = false;
     complete_ = false;
@@ -415,7 +421,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void on_upgrade(http::request<http::string_body> message) {
-    auto decision = upgrade_(to_request(http::request<http::string_body>(message), stream_.socket()));
+    auto decision = upgrade_(to_request(http::request<http::string_body>(message), remote_address_));
     if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused));
     auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_);
     ws->accept(std::move(message), std::move(std::get<websocket_accept>(decision).on_open));
@@ -580,6 +586,7 @@ class session : public std::enable_shared_from_this<session> {
   bool held_ = false;  ///< pieces wait for the flush clock's next tick
   steady::time_point last_write_{};  ///< when bytes last went to the socket
   flush_clock& clock_;  ///< the server's, which writes the pieces held for stream_flush_interval
+  std::string remote_address_;  ///< the peer's, read once when the connection starts
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
   std::vector<std::function<void()>> close_callbacks_;

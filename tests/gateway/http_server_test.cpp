@@ -1,5 +1,5 @@
 // The HTTP server's own limits: open connections, idle connections and lingering after the last
-// answer (headers and bodies are covered end to end in tests/app/cli_test.cpp).
+// answer (headers and bodies are covered end to end in tests/app/cli_test.cpp); the peer's address.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -86,6 +86,29 @@ TEST(http_server, connections_beyond_connections_max_get_503_and_are_closed) {
   const auto [reply, closed] = third.read_until_closed(std::chrono::seconds(5));
   EXPECT_NE(reply.find("503"), std::string::npos) << reply;
   EXPECT_TRUE(closed);
+}
+
+TEST(http_server, every_request_on_a_connection_carries_the_peers_address) {
+  http_server_options options;
+  options.port = 0;
+  auto server = http_server::start(options, [](const http_request& request, std::shared_ptr<http_reply> reply) {
+    reply->send(http_response{200, "text/plain", "from " + request.remote_address + ";", {}});
+  });
+  ASSERT_TRUE(server.has_value()) << server.error();
+  client peer(server.value()->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send(healthz + healthz);  // two requests on one connection
+  const std::string expected = "from 127.0.0.1;";
+  const auto answered = [&](const std::string& text) {
+    const auto first = text.find(expected);
+    return first != std::string::npos && text.find(expected, first + 1) != std::string::npos;
+  };
+  std::string replies;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!answered(replies) && std::chrono::steady_clock::now() < deadline) {
+    replies += peer.read_until_closed(std::chrono::milliseconds(50)).first;  // what arrived by then
+  }
+  EXPECT_TRUE(answered(replies)) << replies;
 }
 
 TEST(http_server, an_idle_connection_is_closed_after_idle_timeout) {
