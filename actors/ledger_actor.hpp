@@ -23,10 +23,10 @@ struct ledger_aggregate : domain::ledger {
   struct query {
     /// These accounts' balances (0 for an account that never moved money). When empty, every
     /// account whose name starts with `account_prefix` ("": all of them).
-    std::vector<std::string> accounts;
-    std::string account_prefix;
+    std::vector<std::string> accounts{};
+    std::string account_prefix{};
     /// Also the transfers whose id starts with this (e.g. "payout-"); none when empty.
-    std::string transfer_prefix;
+    std::string transfer_prefix{};
   };
   struct answer {
     std::map<std::string, std::int64_t> balances;

@@ -425,7 +425,7 @@ void check_funds(self_pointer self, const std::string& job_id,
     return;
   }
   const std::string account = domain::user_account(job.request.user_id);
-  self->request(self->state.peers.ledger, caf::infinite, ledger_aggregate::query{{account}})
+  self->request(self->state.peers.ledger, caf::infinite, ledger_aggregate::query{.accounts = {account}})
       .then(
           [self, job_id, account, quote = quote.value(), reply](
               const ledger_aggregate::answer& ledger) mutable {

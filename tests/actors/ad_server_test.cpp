@@ -87,7 +87,7 @@ class ad_server_test : public testing::deterministic_fixture {
   }
 
   std::int64_t balance(const std::string& account) {
-    auto balances = ask<ledger_aggregate::answer>(rt_.ledger, ledger_aggregate::query{{account}});
+    auto balances = ask<ledger_aggregate::answer>(rt_.ledger, ledger_aggregate::query{.accounts = {account}});
     EXPECT_TRUE(balances);
     return balances ? balances.value().balances.at(account) : -1;
   }

@@ -12,7 +12,11 @@ namespace gpustream::actors {
 namespace {
 
 domain::ledger::applied_transfer moved(std::string debit, std::string credit, std::int64_t amount) {
-  return {.debit_account = std::move(debit), .credit_account = std::move(credit), .amount_micros = amount};
+  domain::ledger::applied_transfer transfer;
+  transfer.debit_account = std::move(debit);
+  transfer.credit_account = std::move(credit);
+  transfer.amount_micros = amount;
+  return transfer;
 }
 
 domain::ledger::state example_ledger() {
