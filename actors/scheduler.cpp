@@ -678,12 +678,15 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   }
   found->second.ending = true;
   if (running) cancel_at_provider(self, found->second.provider_id, cancel.job_id);
-  const std::uint32_t tokens = running ? cancel.tokens_produced : 0;
+  // What the client got is billed, also when the job waits in the queue again after a failover
+  // (the job's record refuses fewer tokens than it holds so far); the provider and price are
+  // those of its last attempt.
+  const std::uint32_t tokens = std::max(cancel.tokens_produced, found->second.tokens_so_far);
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{cancel.by, tokens}})
       .then(
-          [self, job_id = cancel.job_id, running, tokens, reply](const command_reply&) mutable {
-            if (!running) {
+          [self, job_id = cancel.job_id, tokens, reply](const command_reply&) mutable {
+            if (tokens == 0) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               return;

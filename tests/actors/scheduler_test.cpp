@@ -373,6 +373,39 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100);
 }
 
+TEST_F(scheduler_test, a_job_cancelled_while_queued_after_a_failover_bills_the_tokens_its_client_got) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  // j0 takes one provider, j1 the other; j1 breaks off there after 5 tokens, and its provider
+  // goes offline: j1 waits in the queue, the only other provider being busy.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  const std::string first = job("j1").provider_id;
+  ASSERT_NE(first, job("j0").provider_id);
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 5, "dropped"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  self_->send(rt_.scheduler, offline_atom::value, first);
+  run();
+  ASSERT_EQ(job("j1").status, domain::job_status::queued);
+  ASSERT_EQ(job("j1").tokens_so_far, 5u);
+  const std::int64_t before = balance("user-alice");
+
+  // The client walks away: the 5 tokens it got are recorded and billed to the provider that
+  // produced them.
+  auto ended = ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 5});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::cancelled);
+  EXPECT_EQ(ended.value().gross_micros, 1005);  // 1000 prompt + 5 produced
+  EXPECT_EQ(job("j1").status, domain::job_status::cancelled);
+  EXPECT_EQ(job("j1").completion_tokens, 5u);
+  EXPECT_EQ(balance("user-alice"), before - 1005);
+  EXPECT_GT(balance("provider-" + first), 0);
+  EXPECT_EQ(counts().queued, 0u);
+  EXPECT_EQ(counts().running, 1u) << "only j0 is left";
+}
+
 /// With `sync` durability and a store whose fsyncs can be made to fail.
 class failing_store_scheduler_test : public scheduler_test {
  protected:
