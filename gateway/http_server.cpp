@@ -440,6 +440,7 @@ class session : public std::enable_shared_from_this<session> {
   /// pipelined request) stay in the buffer for the next parse.
   void watch() {
     watching_ = true;
+    stream_.expires_never();  // not a write's deadline, which is set while no read is pending
     stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
       self->watching_ = false;
       if (self->lingering_) return self->start_drain();
@@ -495,6 +496,9 @@ class session : public std::enable_shared_from_this<session> {
     writing_ = true;
     in_flight_.swap(pending_);
     pending_.clear();
+    // A client that stops reading must not hold its connection for ever: the write fails (and
+    // the connection closes) when the client takes nothing for idle_timeout.
+    stream_.expires_after(options_.idle_timeout);
     asio::async_write(stream_, asio::buffer(in_flight_), [self = shared_from_this()](beast::error_code ec, std::size_t) {
       self->writing_ = false;
       self->in_flight_.clear();

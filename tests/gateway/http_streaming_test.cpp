@@ -444,6 +444,40 @@ TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noti
   future.get()->write("data: late\n\n");  // ignored: nobody to write to
 }
 
+TEST(http_streaming, a_client_that_stops_reading_is_closed_after_the_idle_timeout) {
+  http_server_options options;
+  options.idle_timeout = 1s;
+  options.stream_buffer_bytes_max = 64u << 20;  // so that only the write's deadline can end it
+  signal closed;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        reply->on_close([&] { closed.raise(); });
+        reply->start_stream(200, "text/event-stream", {});
+        // Far more than the kernel's socket buffers hold (a few MiB at most).
+        for (int i = 0; i < 3000; ++i) reply->write(std::string(8000, 'x'));
+        reply->finish();
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  // A client with a small receive buffer that sends its request and then never reads.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  const int small = 4096;
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(server->port());
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  const auto sent_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  const bool dropped = closed.wait(20s);
+  const auto waited = std::chrono::steady_clock::now() - sent_at;
+  ::close(fd);
+  ASSERT_TRUE(dropped) << "a client that never reads held its connection for 20 s";
+  EXPECT_GE(waited, options.idle_timeout) << "closed before its write's deadline";
+}
+
 TEST(http_streaming, a_refused_upgrade_gets_the_handlers_answer) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
                       [](const http_request&) -> websocket_decision {
