@@ -142,6 +142,13 @@ void forget(self_pointer self, const std::string& job_id) {
   self->send(self->state.peers.jobs, passivate_atom::value, job_id);
 }
 
+/// `tokens` as the job's record takes them: never more than its max_tokens, the most it was
+/// quoted and admitted for. The relay counts the content chunks the client got, and a backend may
+/// send more chunks than tokens, or ignore max_tokens; the client is then billed the maximum.
+std::uint32_t within_budget(const live_job& job, std::uint32_t tokens) {
+  return std::min(tokens, job.request.max_tokens);
+}
+
 /// Tells the job's watcher, if it has one, how the job ended.
 void notify_watcher(self_pointer self, const std::string& job_id, const job_ended& ended) {
   auto found = self->state.jobs.find(job_id);
@@ -615,12 +622,12 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   }
   auto& job = self->state.jobs.at(result.job_id);
   job.ending = true;
-  const domain::job_measure measure{job.request.prompt_tokens, result.completion_tokens,
+  const std::uint32_t tokens = within_budget(job, result.completion_tokens);
+  const domain::job_measure measure{job.request.prompt_tokens, tokens,
                                     result.provider_reported_tokens, result.ttft_us,
                                     result.total_us};
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,
-                domain::job::command{domain::complete_job{result.provider_id,
-                                                          result.completion_tokens,
+                domain::job::command{domain::complete_job{result.provider_id, tokens,
                                                           result.provider_reported_tokens}})
       .then(
           [self, job_id = result.job_id, measure, ad = result.ad, reply](const command_reply&) mutable {
@@ -649,7 +656,7 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
   auto answer = [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); };
   if (failure.fault == domain::job_fault::provider) {
     requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
-                    failure.tokens_so_far, answer);
+                    within_budget(self->state.jobs.at(failure.job_id), failure.tokens_so_far), answer);
   } else {
     fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);
   }
@@ -681,7 +688,8 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   // What the client got is billed, also when the job waits in the queue again after a failover
   // (the job's record refuses fewer tokens than it holds so far); the provider and price are
   // those of its last attempt.
-  const std::uint32_t tokens = std::max(cancel.tokens_produced, found->second.tokens_so_far);
+  const std::uint32_t tokens =
+      within_budget(found->second, std::max(cancel.tokens_produced, found->second.tokens_so_far));
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{cancel.by, tokens}})
       .then(

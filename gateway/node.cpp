@@ -307,6 +307,10 @@ class node::impl {
     job.prompt_tokens = estimate_prompt_tokens(body);
     const std::uint32_t left = *context > job.prompt_tokens ? *context - job.prompt_tokens : 1;
     job.completion_budget = body.max_tokens.value_or(left);
+    // The provider is asked for no more than the job is recorded and quoted with: a backend left
+    // to its own limit (its context, counted its own way) may answer past the budget, and such a
+    // job could neither complete nor be billed.
+    body.max_tokens = job.completion_budget;
     job.request = std::move(body);
     job.reply = reply;
     relay_->submit(std::move(job));

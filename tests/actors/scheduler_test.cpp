@@ -217,6 +217,20 @@ TEST_F(scheduler_test, a_premium_job_runs_its_whole_lifecycle_and_settles_in_the
   EXPECT_EQ(c.side_effects_failed, 0u);
 }
 
+TEST_F(scheduler_test, an_answer_counted_past_max_tokens_completes_and_is_billed_the_maximum) {
+  bring_online("p1", "llama-8b", 2);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // max_tokens 500
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  // The relay counted 520 chunks (a backend that ignored max_tokens, or split tokens).
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 520, 500, 200'000, 4'000'000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::completed);
+  EXPECT_EQ(ended.value().gross_micros, 1500);  // 1000 prompt + 500, not 520
+  EXPECT_EQ(job("j1").completion_tokens, 500u);
+  EXPECT_EQ(balance("user-alice"), 50'000'000 - 1500);
+}
+
 TEST_F(scheduler_test, a_job_no_provider_can_serve_is_rejected_at_once_and_recorded) {
   bring_online("p1", "llama-8b", 2);
   create_user("bob", events::user_tier::free, 0);

@@ -5,7 +5,7 @@
 
 import assert from 'node:assert/strict';
 
-import { OpenAI, one_provider_world, scenario, wait_for } from './harness.mjs';
+import { OpenAI, job_id_of, one_provider_world, scenario, wait_for } from './harness.mjs';
 
 const context_length = 64;
 
@@ -113,6 +113,25 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
       assert.match(error.message, /no-such-model/);
       return true;
     });
+});
+
+scenario('an answer without max_tokens is held to the budget the job was quoted for', async (world) => {
+  // The backend would answer 200 tokens, more than the model's context leaves after the prompt.
+  const { server, model } = await one_provider_world(world, {
+    upstream_options: { tokens: 200, context_length },
+  });
+  const user = await server.create_user('premium', 1_000_000);
+  const answer = await server.openai(user.api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'hi' }],
+  });
+  const budget = answer.usage.completion_tokens;
+  assert.ok(budget > 0 && budget < context_length, `the budget is what the context leaves: ${budget}`);
+  assert.equal(answer.choices[0].finish_reason, 'length');
+  assert.equal([...answer.choices[0].message.content.matchAll(/tok\d+ /g)].length, budget);
+  const job = await wait_for('the job completed', async () =>
+    (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
+  assert.equal(job.completion_tokens, budget);
+  assert.equal(job.max_tokens, budget, 'the provider was asked for the budget the job was recorded with');
 });
 
 scenario('a node at --live-jobs-max answers 429 server_busy; a request too big for the provider link 413', async (world) => {
