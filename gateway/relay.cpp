@@ -141,7 +141,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (auto self = weak.lock()) self->client_gone(id);
     });
     auto self = shared_from_this();
-    bridge_.run([self, id, request = std::move(request)](caf::event_based_actor* actor) mutable {
+    // Keyed by the job: a cancel (also keyed) reaches the scheduler after the submission.
+    bridge_.run_keyed(id, [self, id, request = std::move(request)](caf::event_based_actor* actor) mutable {
       actor->request(self->scheduler_, caf::infinite, std::move(request))
           .then([self, id](const actors::job_accepted&) { self->accepted(id); },
                 [self, id](caf::error& failure) { self->finish_error(id, refusal_of(failure)); });
@@ -209,7 +210,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   std::optional<link::offer> take_offer(const std::string& provider_id, const actors::job_offer& offer) {
     auto live = find(offer.job_id);
-    if (!live) return std::nullopt;
+    if (!live) {
+      // Nobody waits for it here any more (the client left, or its answer ended in an error):
+      // the scheduler stops the job at once rather than wait for a first token that never comes
+      // and blame the provider for it.
+      cancel(offer.job_id, 0, 0);
+      return std::nullopt;
+    }
     std::lock_guard lock(live->mutex);
     if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
     if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
@@ -539,7 +546,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
   void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
     auto self = shared_from_this();
-    bridge_.run([self, id, tokens, attempt](caf::event_based_actor* actor) {
+    bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {
       actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::client, tokens})
           .then([](const actors::job_ended&) {},
                 [self, id, tokens, attempt](caf::error& failure) {

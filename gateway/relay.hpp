@@ -113,7 +113,8 @@ class relay {
   void provider_online(online_offers offers);
   void provider_offline(const std::string& provider_id);
   /// The scheduler offered `job_id` to `provider_id`: the frame to send, or nothing when the job
-  /// is no longer live here (it was cancelled meanwhile).
+  /// is no longer live here (its client left, or its answer ended meanwhile); the scheduler is
+  /// then asked to cancel it.
   [[nodiscard]] std::optional<link::offer> take_offer(const std::string& provider_id,
                                                       const actors::job_offer& offer);
   void delta(const std::string& provider_id, link::delta d);
