@@ -48,7 +48,8 @@ struct http_response {
 /// The answering side of one request. Thread-safe: every call is carried to the connection's own
 /// strand, so handlers may answer from any thread, later. Exactly one of send() or
 /// start_stream()…finish() should be used; calls after the answer is complete or after the client
-/// went away are ignored.
+/// went away are ignored. A reply holds its connection, which belongs to the server: every reply
+/// must be let go of before the server is destroyed.
 class http_reply {
  public:
   virtual ~http_reply() = default;

@@ -98,6 +98,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::map<std::string, std::shared_ptr<live_job>> dropped;
     {
       std::lock_guard lock(table_mutex_);
+      stopped_ = true;  // a request still arriving must not leave a reply behind
       dropped.swap(jobs_);
     }
   }
@@ -109,6 +110,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     const std::string id = job.job_id;
     {
       std::lock_guard lock(table_mutex_);
+      if (stopped_) {
+        const auto error = make_api_error(503, "this node is shutting down; retry on another", {}, "server_shutting_down");
+        job.reply->send({503, "application/json", error_body(error), {{"Retry-After", "1"}}});
+        return;
+      }
       if (jobs_.size() >= options_.live_jobs_max) {
         const auto error = make_api_error(429, "this node holds " + std::to_string(jobs_.size()) +
                                                    " live jobs, the most allowed (live_jobs_max); retry later",
@@ -572,6 +578,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   actors::job_watcher watcher_;
   mutable std::mutex table_mutex_;
   std::map<std::string, std::shared_ptr<live_job>> jobs_;  ///< by job id
+  bool stopped_ = false;  ///< under table_mutex_: stop() has let go of the replies
   mutable std::mutex providers_mutex_;
   std::map<std::string, std::vector<events::model_offer>> providers_;  ///< online, by provider id
 };

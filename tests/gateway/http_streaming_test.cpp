@@ -299,9 +299,10 @@ TEST(http_streaming, a_call_from_another_thread_is_not_overtaken_by_a_later_one_
   // the piece must still follow the headers, not be dropped as written before the stream began.
   http_server_options options;
   options.threads = 1;
-  std::shared_ptr<http_reply> held;  // only touched on the server's one I/O thread
+  std::unique_ptr<http_server> server;  // declared first, destroyed last: replies must go before it
+  std::shared_ptr<http_reply> held;     // only touched on the server's one I/O thread
   std::promise<void> holding;
-  auto server = start(
+  server = start(
       [&](http_request, std::shared_ptr<http_reply> reply) {
         if (!held) {
           held = reply;
@@ -375,10 +376,11 @@ TEST(http_streaming, the_pieces_held_by_several_answers_go_out_on_one_tick) {
   // in one write per answer.
   http_server_options options;
   options.stream_flush_interval = 1s;
+  std::unique_ptr<http_server> server;  // declared first, destroyed last: replies must go before it
   std::mutex mutex;
   std::vector<std::shared_ptr<http_reply>> replies;
   std::promise<void> both;
-  auto server = start(
+  server = start(
       [&](http_request, std::shared_ptr<http_reply> reply) {
         std::lock_guard lock(mutex);
         replies.push_back(reply);

@@ -1,5 +1,5 @@
 // The relay against a stand-in scheduler that records what it is told: what happens to an offer
-// for a job nobody waits for any more.
+// for a job nobody waits for any more, and to a request that arrives after the relay stopped.
 
 #include "gateway/relay.hpp"
 
@@ -88,6 +88,42 @@ TEST(relay, an_offer_for_a_job_nobody_waits_for_is_declined_and_the_job_cancelle
 
   bridge.stop();
   relay.stop();
+  caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+}
+
+/// A reply that records what it was sent.
+class recorded_reply final : public http_reply {
+ public:
+  void send(http_response response) override { sent.push_back(std::move(response)); }
+  void start_stream(unsigned, std::string, http_headers) override { ++streams; }
+  void write(std::string) override {}
+  void finish() override {}
+  void on_close(std::function<void()>) override {}
+
+  std::vector<http_response> sent;
+  int streams = 0;
+};
+
+TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
+  test_config config;
+  caf::actor_system system(config);
+  auto scheduler = system.spawn(recording_scheduler, std::make_shared<cancel_log>());
+  actor_bridge bridge(system);
+  relay relay(system, bridge, scheduler, nullptr);
+  bridge.stop();
+  relay.stop();  // the node stops the relay while its server still takes requests
+
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "j-late";
+  job.completion_budget = 10;
+  job.reply = reply;
+  relay.submit(std::move(job));
+  ASSERT_EQ(reply->sent.size(), 1u);
+  EXPECT_EQ(reply->sent.front().status, 503u);
+  EXPECT_NE(reply->sent.front().body.find("shutting down"), std::string::npos) << reply->sent.front().body;
+  EXPECT_EQ(relay.live_jobs(), 0u);
+  EXPECT_EQ(reply.use_count(), 1) << "the relay kept the reply, which would outlive the server";
   caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
 }
 
