@@ -157,6 +157,15 @@ void notify_watcher(self_pointer self, const std::string& job_id, const job_ende
   }
 }
 
+/// Lets go of a job whose next step could not be recorded (`failure`): its watcher is told it
+/// failed, so that its client gets an error rather than wait for an answer that will not come.
+void drop_unrecorded(self_pointer self, const std::string& job_id, const caf::error& failure) {
+  notify_watcher(self, job_id,
+                 job_ended{job_id, domain::job_status::failed, 0, 0,
+                           "the job could not be recorded: " + describe(failure)});
+  forget(self, job_id);
+}
+
 /// Records the job as failed (persisted), then forgets it. `done` gets the outcome; so does the
 /// job's watcher.
 template <class Done>
@@ -172,7 +181,7 @@ void fail_job(self_pointer self, const std::string& job_id, events::failure_reas
             done(std::move(ended));
           },
           [self, job_id, done](caf::error& failure) mutable {
-            forget(self, job_id);
+            drop_unrecorded(self, job_id, failure);
             done(failure);
           });
 }
@@ -308,7 +317,7 @@ void enqueue(self_pointer self, const std::string& job_id, Reply reply) {
             assign_pass(self);
           },
           [self, job_id, reply](caf::error& failure) mutable {
-            forget(self, job_id);
+            drop_unrecorded(self, job_id, failure);
             reply(failure);
           });
 }
@@ -577,7 +586,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
             });
           },
           [self, job_id, reply](caf::error& failure) mutable {
-            forget(self, job_id);
+            drop_unrecorded(self, job_id, failure);
             reply(failure);
           });
 }
@@ -743,7 +752,7 @@ void on_tick(self_pointer self) {
                                        "no provider took the job before its queue deadline"});
               forget(self, id);
             },
-            [self, id = job.job_id](caf::error&) { forget(self, id); });
+            [self, id = job.job_id](caf::error& failure) { drop_unrecorded(self, id, failure); });
   }
   assign_pass(self);
 }

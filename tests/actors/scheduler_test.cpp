@@ -458,6 +458,35 @@ TEST_F(failing_store_scheduler_test, a_job_is_offered_while_it_is_recorded_and_w
   EXPECT_EQ(job("j2").status, domain::job_status::assigned);
 }
 
+TEST_F(failing_store_scheduler_test, a_job_whose_failover_cannot_be_recorded_is_reported_failed_to_its_watcher) {
+  faults_->set_fail_sync(false);
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  auto told = std::make_shared<std::vector<job_ended>>();
+  auto watcher = system_.spawn([told](job_watcher::pointer) -> job_watcher::behavior_type {
+    return {[told](const job_ended& ended) { told->push_back(ended); }};
+  });
+  stop_at_teardown(watcher);
+  auto asked = request("j1", "alice", true);
+  asked.watcher = watcher;
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, asked));
+  const std::string first = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
+  // The answer breaks off, and moving the job to the other provider cannot be recorded.
+  faults_->set_fail_sync(true);
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 5, "dropped"});
+  ASSERT_FALSE(moved);
+  EXPECT_TRUE(storage_error_of(moved.error())) << describe(moved.error());
+  run();
+  ASSERT_EQ(told->size(), 1u) << "the client's side was never told, and would wait for ever";
+  EXPECT_EQ(told->front().job_id, "j1");
+  EXPECT_EQ(told->front().status, domain::job_status::failed);
+  EXPECT_NE(told->front().detail.find("could not be recorded"), std::string::npos) << told->front().detail;
+  EXPECT_EQ(counts().running + counts().queued, 0u);
+  faults_->set_fail_sync(false);
+}
+
 TEST_F(scheduler_test, a_provider_linking_again_gets_the_offers_its_old_link_lost) {
   bring_online("p1", "llama-8b", 1);
   create_user("alice", events::user_tier::premium, 50'000'000);
