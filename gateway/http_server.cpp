@@ -346,7 +346,8 @@ class session : public std::enable_shared_from_this<session> {
     pending_.append(size, static_cast<std::size_t>(n));
     pending_ += data;
     pending_ += "\r\n";
-    if (pending_.size() > options_.stream_buffer_bytes_max) return gone();  // a client that does not read
+    // A client that does not read: what waits for it, queued or being written, is bounded.
+    if (pending_.size() + in_flight_.size() > options_.stream_buffer_bytes_max) return gone();
     if (options_.stream_flush_interval.count() == 0) return flush_soon();
     if (!piece_written_) {
       // The answer's first piece (its first token) is written now, not after the handlers queued
