@@ -7,6 +7,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <map>
+#include <set>
 
 #include "actors/errors.hpp"
 #include "gateway/actor_bridge.hpp"
@@ -46,6 +48,7 @@ struct live_job {
   clock::time_point received_at = clock::now();
   clock::time_point offered_at{};  ///< when its latest offer went to a provider
   bool first_token_seen = false;
+  bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
 };
 
 std::int64_t unix_seconds() {
@@ -346,20 +349,37 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// the answer so far, or fails), then, when `offline`, the provider as offline.
   void jobs_lost(const std::string& provider_id, const std::string& why, bool offline) {
     std::vector<std::pair<std::string, std::uint32_t>> lost;  // job, tokens so far
+    bool defer_offline = false;
     {
+      // offline_mutex_ first: a finishing job's result is either counted as sent here, and goes
+      // to the scheduler before the offline notice, or awaited (result_sent).
+      std::lock_guard waiting(offline_mutex_);
       std::lock_guard table(table_mutex_);
       for (const auto& [id, live] : jobs_) {
         std::lock_guard lock(live->mutex);
         if (is_current(*live, provider_id)) lost.emplace_back(id, live->tokens);
+        if (offline && live->state == phase::finishing && live->provider_id == provider_id && !live->result_sent) {
+          offline_after_[provider_id].insert(id);
+          defer_offline = true;
+        }
       }
     }
     auto self = shared_from_this();
     // One task, so the scheduler sees every job's failure before the provider's going offline
-    // (or, for a replaced link, before the new link's hello lists it again: same key).
-    bridge_.run_keyed(provider_id, [self, provider_id, why, offline, lost = std::move(lost)](caf::event_based_actor* actor) {
+    // (or, for a replaced link, before the new link's hello lists it again: same key). A job the
+    // provider finished, whose result still waits for its ad, is no failure: the offline notice
+    // waits for its result (at most offline_wait_max), or the scheduler would hand the finished
+    // job to another provider.
+    bridge_.run_keyed(provider_id, [self, provider_id, why, offline, defer_offline, lost = std::move(lost)](
+                                       caf::event_based_actor* actor) {
       for (const auto& [job_id, tokens] : lost) self->report_failure(actor, job_id, provider_id, tokens, why);
-      if (offline) actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
+      if (offline && !defer_offline) actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
     });
+    if (defer_offline) {
+      bridge_.run_later(options_.offline_wait_max, [self, provider_id](caf::event_based_actor*) {
+        self->send_deferred_offline(provider_id, std::nullopt);
+      });
+    }
   }
 
  private:
@@ -372,6 +392,28 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void forget(const std::string& id) {
     std::lock_guard lock(table_mutex_);
     jobs_.erase(id);
+  }
+
+  /// `job_id`'s result is on its way to the scheduler (nothing: offline_wait_max passed): once no
+  /// finishing job of `provider_id` is awaited, the scheduler is told the provider is offline,
+  /// after those results (same key), unless the provider linked again meanwhile.
+  void send_deferred_offline(const std::string& provider_id, const std::optional<std::string>& job_id) {
+    {
+      std::lock_guard lock(offline_mutex_);
+      const auto awaited = offline_after_.find(provider_id);
+      if (awaited == offline_after_.end()) return;
+      if (job_id) awaited->second.erase(*job_id);
+      if (job_id && !awaited->second.empty()) return;
+      offline_after_.erase(awaited);
+    }
+    {
+      std::lock_guard lock(providers_mutex_);
+      if (providers_.contains(provider_id)) return;  // a new link of the provider is online
+    }
+    auto self = shared_from_this();
+    bridge_.run_keyed(provider_id, [self, provider_id](caf::event_based_actor* actor) {
+      actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
+    });
   }
 
   static bool is_current(const live_job& live, const std::string& provider_id) {
@@ -454,8 +496,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->ad.reset();
       }
     }
-    // Keyed by provider: the result reaches the scheduler after the job's start report.
+    // Keyed by provider: the result reaches the scheduler after the job's start report, and
+    // before the provider's offline notice if its link is lost meanwhile (see jobs_lost).
     const std::string provider_id = result.provider_id;
+    const std::string job_id = result.job_id;
     bridge_.run_keyed(provider_id, [self, result = std::move(result), finish_reason](caf::event_based_actor* actor) mutable {
       const std::string job_id = result.job_id;
       actor->request(self->scheduler_, caf::infinite, std::move(result))
@@ -467,6 +511,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                                                                      actors::describe(failure)));
                 });
     });
+    if (auto live = find(job_id)) {
+      std::lock_guard lock(live->mutex);
+      live->result_sent = true;  // after the task above: an offline notice sent now follows it
+    }
+    send_deferred_offline(provider_id, job_id);
   }
 
   void finish_ok(const std::string& id, const actors::job_ended& ended, const std::string& finish_reason) {
@@ -579,6 +628,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   mutable std::mutex table_mutex_;
   std::map<std::string, std::shared_ptr<live_job>> jobs_;  ///< by job id
   bool stopped_ = false;  ///< under table_mutex_: stop() has let go of the replies
+  /// Taken before table_mutex_. Providers whose link was lost while jobs they finished waited for
+  /// their ads: their offline notice waits for those jobs' results, by provider id.
+  std::mutex offline_mutex_;
+  std::map<std::string, std::set<std::string>> offline_after_;
   mutable std::mutex providers_mutex_;
   std::map<std::string, std::vector<events::model_offer>> providers_;  ///< online, by provider id
 };

@@ -64,6 +64,9 @@ struct relay_options {
   /// queueing, and the wait between tries. Default: 100 tries, 5 ms apart.
   std::uint32_t cancel_retries_max = 100;
   std::chrono::milliseconds cancel_retry_wait{5};
+  /// When a provider's link is lost while answers it finished wait for their ads, the most its
+  /// offline notice waits for their results, which must reach the scheduler first. Default: 2 s.
+  std::chrono::milliseconds offline_wait_max{2'000};
   relay_observer observer;
 };
 

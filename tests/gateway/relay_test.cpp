@@ -1,5 +1,6 @@
 // The relay against a stand-in scheduler that records what it is told: what happens to an offer
-// for a job nobody waits for any more, and to a request that arrives after the relay stopped.
+// for a job nobody waits for any more, to a request that arrives after the relay stopped, and to
+// the offline notice of a provider whose finished answer still waits for its ad.
 
 #include "gateway/relay.hpp"
 
@@ -9,10 +10,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "actors/errors.hpp"
@@ -27,43 +30,55 @@ struct test_config : caf::actor_system_config {
   test_config() { actors::add_error_categories(*this); }
 };
 
-/// The cancels a stand-in scheduler received.
-class cancel_log {
+/// What a stand-in scheduler was told, in order ("request j1", "started j1", "result j1",
+/// "cancel j1 0", "offline p1").
+class scheduler_log {
  public:
-  void add(actors::job_cancel cancel) {
+  void add(std::string what) {
     std::lock_guard lock(mutex_);
-    cancels_.push_back(std::move(cancel));
+    events_.push_back(std::move(what));
     changed_.notify_all();
   }
-  /// The first cancel, once one arrived (or nothing after `wait_max`).
-  std::optional<actors::job_cancel> first(std::chrono::milliseconds wait_max) {
+  /// True once `what` was told (false after `wait_max`).
+  bool wait_for(const std::string& what, std::chrono::milliseconds wait_max) {
     std::unique_lock lock(mutex_);
-    if (!changed_.wait_for(lock, wait_max, [&] { return !cancels_.empty(); })) return std::nullopt;
-    return cancels_.front();
+    return changed_.wait_for(lock, wait_max, [&] { return std::find(events_.begin(), events_.end(), what) != events_.end(); });
+  }
+  std::vector<std::string> events() {
+    std::lock_guard lock(mutex_);
+    return events_;
   }
 
  private:
   std::mutex mutex_;
   std::condition_variable changed_;
-  std::vector<actors::job_cancel> cancels_;
+  std::vector<std::string> events_;
 };
 
-/// Answers cancels as a scheduler would and records them; refuses everything else.
+/// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
-                                                           std::shared_ptr<cancel_log> log) {
-  const auto refused = [] { return caf::make_error(caf::sec::unexpected_message); };
+                                                           std::shared_ptr<scheduler_log> log) {
   return {
-      [refused](actors::job_request&) -> caf::result<actors::job_accepted> { return refused(); },
-      [](actors::online_atom, actors::provider_online&) {},
-      [](actors::offline_atom, std::string&) {},
-      [](actors::load_atom, std::string&, domain::load_report&) {},
-      [refused](actors::started_atom, std::string&, std::string&) -> caf::result<std::uint64_t> {
-        return refused();
+      [log](actors::job_request& request) -> caf::result<actors::job_accepted> {
+        log->add("request " + request.job_id);
+        return actors::job_accepted{request.job_id, 0, 0};
       },
-      [refused](actors::job_result&) -> caf::result<actors::job_ended> { return refused(); },
-      [refused](actors::job_failure&) -> caf::result<actors::job_ended> { return refused(); },
+      [](actors::online_atom, actors::provider_online&) {},
+      [log](actors::offline_atom, std::string& provider_id) { log->add("offline " + provider_id); },
+      [](actors::load_atom, std::string&, domain::load_report&) {},
+      [log](actors::started_atom, std::string& job_id, std::string&) -> caf::result<std::uint64_t> {
+        log->add("started " + job_id);
+        return std::uint64_t{1};
+      },
+      [log](actors::job_result& result) -> caf::result<actors::job_ended> {
+        log->add("result " + result.job_id);
+        return actors::job_ended{result.job_id, domain::job_status::completed, 0, 0};
+      },
+      [](actors::job_failure&) -> caf::result<actors::job_ended> {
+        return caf::make_error(caf::sec::unexpected_message);
+      },
       [log](actors::job_cancel& cancel) -> caf::result<actors::job_ended> {
-        log->add(cancel);
+        log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
       [](actors::count_atom) { return actors::scheduler_counts{}; },
@@ -71,24 +86,29 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
   };
 }
 
-TEST(relay, an_offer_for_a_job_nobody_waits_for_is_declined_and_the_job_cancelled) {
+/// A relay with its actor system, bridge and stand-in scheduler; stopped in order at the end.
+struct relay_world {
+  explicit relay_world(ad_source* ads = nullptr, relay_options options = {})
+      : scheduler(system.spawn(recording_scheduler, log)), relay(system, bridge, scheduler, ads, std::move(options)) {}
+  ~relay_world() {
+    bridge.stop();
+    relay.stop();
+    caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+  }
+
   test_config config;
-  caf::actor_system system(config);
-  auto log = std::make_shared<cancel_log>();
-  auto scheduler = system.spawn(recording_scheduler, log);
-  actor_bridge bridge(system);
-  relay relay(system, bridge, scheduler, nullptr);
+  caf::actor_system system{config};
+  std::shared_ptr<scheduler_log> log = std::make_shared<scheduler_log>();
+  actors::scheduler_actor scheduler;
+  actor_bridge bridge{system};
+  gateway::relay relay;
+};
 
+TEST(relay, an_offer_for_a_job_nobody_waits_for_is_declined_and_the_job_cancelled) {
+  relay_world world;
   const actors::job_offer offer{.job_id = "j-gone", .model = "m", .prompt_tokens = 10, .max_tokens = 20};
-  EXPECT_FALSE(relay.take_offer("p1", offer)) << "no frame for a job that is not live here";
-  const auto cancel = log->first(10s);
-  ASSERT_TRUE(cancel) << "the scheduler was not asked to stop the job";
-  EXPECT_EQ(cancel->job_id, "j-gone");
-  EXPECT_EQ(cancel->tokens_produced, 0u);
-
-  bridge.stop();
-  relay.stop();
-  caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+  EXPECT_FALSE(world.relay.take_offer("p1", offer)) << "no frame for a job that is not live here";
+  EXPECT_TRUE(world.log->wait_for("cancel j-gone 0", 10s)) << "the scheduler was not asked to stop the job";
 }
 
 /// A reply that records what it was sent.
@@ -105,26 +125,100 @@ class recorded_reply final : public http_reply {
 };
 
 TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
-  test_config config;
-  caf::actor_system system(config);
-  auto scheduler = system.spawn(recording_scheduler, std::make_shared<cancel_log>());
-  actor_bridge bridge(system);
-  relay relay(system, bridge, scheduler, nullptr);
-  bridge.stop();
-  relay.stop();  // the node stops the relay while its server still takes requests
+  relay_world world;
+  world.bridge.stop();
+  world.relay.stop();  // the node stops the relay while its server still takes requests
 
   auto reply = std::make_shared<recorded_reply>();
   relay_job job;
   job.job_id = "j-late";
   job.completion_budget = 10;
   job.reply = reply;
-  relay.submit(std::move(job));
+  world.relay.submit(std::move(job));
   ASSERT_EQ(reply->sent.size(), 1u);
   EXPECT_EQ(reply->sent.front().status, 503u);
   EXPECT_NE(reply->sent.front().body.find("shutting down"), std::string::npos) << reply->sent.front().body;
-  EXPECT_EQ(relay.live_jobs(), 0u);
+  EXPECT_EQ(world.relay.live_jobs(), 0u);
   EXPECT_EQ(reply.use_count(), 1) << "the relay kept the reply, which would outlive the server";
-  caf::anon_send_exit(scheduler, caf::exit_reason::user_shutdown);
+}
+
+/// Picks one ad for every job at once, and holds the recording of its impression until told.
+class held_ads final : public ad_source {
+ public:
+  void pick(std::string, std::string, std::string, std::function<void(std::optional<ad_info>)> done) override {
+    done(ad_info{.impression_id = "imp-1", .campaign_id = "c1", .title = "T", .text = "X", .click_url = "/a/c/imp-1"});
+  }
+  void served(std::string, std::function<void(std::optional<domain::ad_charge>)> done) override {
+    std::lock_guard lock(mutex_);
+    held_ = std::move(done);
+  }
+  void release(std::string, std::string) override {}
+  /// Lets the held recording finish (with no charge) and returns whether there was one.
+  bool finish_served() {
+    std::function<void(std::optional<domain::ad_charge>)> done;
+    {
+      std::lock_guard lock(mutex_);
+      done = std::move(held_);
+    }
+    if (!done) return false;
+    done(std::nullopt);
+    return true;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::function<void(std::optional<domain::ad_charge>)> held_;
+};
+
+/// A free-tier job that provider p1 finished; its result waits for its ad's impression.
+void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
+  relay_job job;
+  job.job_id = "j1";
+  job.user_id = "u1";
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "hi"}};
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.provider_online({"p1", {}});
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  ASSERT_TRUE(world.log->wait_for("started j1", 10s));
+}
+
+TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_result_before_going_offline) {
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  finish_a_free_job_on_p1(world, reply);
+  world.relay.link_lost("p1");
+  // The impression is recorded after the link went: the result still comes first, so that the
+  // scheduler does not hand the finished job to another provider.
+  ASSERT_TRUE(ads.finish_served());
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  const auto events = world.log->events();
+  const auto result = std::find(events.begin(), events.end(), "result j1");
+  const auto offline = std::find(events.begin(), events.end(), "offline p1");
+  ASSERT_NE(result, events.end()) << "no result";
+  EXPECT_LT(result, offline) << "the scheduler heard of the provider going offline before the job's result";
+}
+
+TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
+  held_ads ads;
+  relay_options options;
+  options.offline_wait_max = 200ms;
+  relay_world world(&ads, options);
+  auto reply = std::make_shared<recorded_reply>();
+  finish_a_free_job_on_p1(world, reply);
+  const auto lost_at = std::chrono::steady_clock::now();
+  world.relay.link_lost("p1");
+  // The impression is never recorded: the provider still goes offline, once the wait is over.
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  EXPECT_GE(std::chrono::steady_clock::now() - lost_at, options.offline_wait_max);
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end());
 }
 
 }  // namespace
