@@ -193,7 +193,12 @@ void link_session::start() {
           }
         },
         [weak](actors::cancel_atom, const std::string& job_id) {
-          if (auto session = weak.lock(); session && !session->closed_) session->send(link::cancel{job_id});
+          auto session = weak.lock();
+          if (!session || session->closed_) return;
+          // The job is taken away from this provider (its client left, or it gave no first token
+          // in time and goes to another one): what the agent still sends for it is not relayed.
+          session->owner_->relay_.revoke(session->provider_id_, job_id);
+          session->send(link::cancel{job_id});
         },
         [weak, actor, interval](actors::tick_atom) {
           auto session = weak.lock();
@@ -222,7 +227,7 @@ void link_session::start() {
 }
 
 void link_session::on_message(std::string_view bytes) {
-  if (closed_) return;
+  if (closed_ || retired_) return;  // a replaced link's jobs were handed back with link_replaced
   touch();
   const std::span<const std::uint8_t> view(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
   auto decoded = link::decode(view, owner_->options_.limits);

@@ -236,6 +236,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens)};
   }
 
+  void revoke(const std::string& provider_id, const std::string& job_id) {
+    auto live = find(job_id);
+    if (!live) return;
+    std::lock_guard lock(live->mutex);
+    if (is_current(*live, provider_id)) live->provider_id.clear();  // current again at its next offer
+  }
+
   void delta(const std::string& provider_id, link::delta d) {
     auto live = find(d.job_id);
     if (!live) return;
@@ -655,6 +662,7 @@ void relay::provider_offline(const std::string& provider_id) { impl_->provider_o
 std::optional<link::offer> relay::take_offer(const std::string& provider_id, const actors::job_offer& offer) {
   return impl_->take_offer(provider_id, offer);
 }
+void relay::revoke(const std::string& provider_id, const std::string& job_id) { impl_->revoke(provider_id, job_id); }
 void relay::delta(const std::string& provider_id, link::delta d) { impl_->delta(provider_id, std::move(d)); }
 void relay::done(const std::string& provider_id, const link::done& d) { impl_->done(provider_id, d); }
 void relay::failed(const std::string& provider_id, const link::job_error& e) { impl_->failed(provider_id, e); }

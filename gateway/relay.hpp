@@ -120,6 +120,9 @@ class relay {
   /// then asked to cancel it.
   [[nodiscard]] std::optional<link::offer> take_offer(const std::string& provider_id,
                                                       const actors::job_offer& offer);
+  /// The scheduler took `job_id` away from `provider_id` (and cancels it there): that provider's
+  /// later deltas, done or error for it are ignored until the job is offered to it again.
+  void revoke(const std::string& provider_id, const std::string& job_id);
   void delta(const std::string& provider_id, link::delta d);
   void done(const std::string& provider_id, const link::done& d);
   void failed(const std::string& provider_id, const link::job_error& e);

@@ -221,5 +221,32 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end());
 }
 
+TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "j1";
+  job.user_id = "u1";
+  job.premium = true;
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "hi"}};
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
+  world.relay.delta("p1", link::delta{"j1", "early "});
+  // The scheduler takes the job from p1 (it cancels it there): what p1 still sends is dropped.
+  world.relay.revoke("p1", "j1");
+  world.relay.delta("p1", link::delta{"j1", "late "});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});  // not the job's end
+  // The next provider continues from what the client got, which has no late token in it.
+  const auto offer = world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10});
+  ASSERT_TRUE(offer);
+  EXPECT_NE(offer->request_json.find("early "), std::string::npos) << offer->request_json;
+  EXPECT_EQ(offer->request_json.find("late "), std::string::npos) << offer->request_json;
+}
+
 }  // namespace
 }  // namespace gpustream::gateway
