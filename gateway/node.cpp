@@ -306,11 +306,10 @@ class node::impl {
     job.contribution_score = directory_->contribution_score(user->user_id);
     job.prompt_tokens = estimate_prompt_tokens(body);
     const std::uint32_t left = *context > job.prompt_tokens ? *context - job.prompt_tokens : 1;
+    // Without the client's max_tokens the backend keeps its own limit: a budget from our estimate
+    // of the prompt could exceed what its context really leaves (vLLM refuses such a request).
+    // An answer past the budget is billed at the budget (the scheduler clamps it).
     job.completion_budget = body.max_tokens.value_or(left);
-    // The provider is asked for no more than the job is recorded and quoted with: a backend left
-    // to its own limit (its context, counted its own way) may answer past the budget, and such a
-    // job could neither complete nor be billed.
-    body.max_tokens = job.completion_budget;
     job.request = std::move(body);
     job.reply = reply;
     relay_->submit(std::move(job));
