@@ -357,16 +357,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void jobs_lost(const std::string& provider_id, const std::string& why, bool offline) {
     std::vector<std::pair<std::string, std::uint32_t>> lost;  // job, tokens so far
     bool defer_offline = false;
+    // Held until the task below is queued: a finishing job's result is either counted as sent
+    // here (result_sent) or awaited, and an offline notice sent for it follows this task.
+    std::lock_guard waiting(offline_mutex_);
     {
-      // offline_mutex_ first: a finishing job's result is either counted as sent here, and goes
-      // to the scheduler before the offline notice, or awaited (result_sent).
-      std::lock_guard waiting(offline_mutex_);
       std::lock_guard table(table_mutex_);
       for (const auto& [id, live] : jobs_) {
         std::lock_guard lock(live->mutex);
         if (is_current(*live, provider_id)) lost.emplace_back(id, live->tokens);
         if (offline && live->state == phase::finishing && live->provider_id == provider_id && !live->result_sent) {
-          offline_after_[provider_id].insert(id);
+          offline_after_[provider_id].jobs.insert(id);
           defer_offline = true;
         }
       }
@@ -383,8 +383,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (offline && !defer_offline) actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
     });
     if (defer_offline) {
-      bridge_.run_later(options_.offline_wait_max, [self, provider_id](caf::event_based_actor*) {
-        self->send_deferred_offline(provider_id, std::nullopt);
+      const std::uint64_t generation = offline_after_[provider_id].generation = ++offline_generation_;
+      bridge_.run_later(options_.offline_wait_max, [self, provider_id, generation](caf::event_based_actor*) {
+        self->send_deferred_offline(provider_id, std::nullopt, generation);
       });
     }
   }
@@ -401,24 +402,29 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     jobs_.erase(id);
   }
 
-  /// `job_id`'s result is on its way to the scheduler (nothing: offline_wait_max passed): once no
-  /// finishing job of `provider_id` is awaited, the scheduler is told the provider is offline,
-  /// after those results (same key), unless the provider linked again meanwhile.
-  void send_deferred_offline(const std::string& provider_id, const std::optional<std::string>& job_id) {
-    {
-      std::lock_guard lock(offline_mutex_);
-      const auto awaited = offline_after_.find(provider_id);
-      if (awaited == offline_after_.end()) return;
-      if (job_id) awaited->second.erase(*job_id);
-      if (job_id && !awaited->second.empty()) return;
-      offline_after_.erase(awaited);
+  /// `job_id`'s result is on its way to the scheduler, or (no job) the deferral of `generation`
+  /// reached offline_wait_max: once no finishing job of `provider_id` is awaited, the scheduler is
+  /// told the provider is offline, after those results (same key), unless the provider linked
+  /// again by then.
+  void send_deferred_offline(const std::string& provider_id, const std::optional<std::string>& job_id,
+                             std::uint64_t generation = 0) {
+    std::lock_guard lock(offline_mutex_);
+    const auto awaited = offline_after_.find(provider_id);
+    if (awaited == offline_after_.end()) return;
+    if (job_id) {
+      awaited->second.jobs.erase(*job_id);
+      if (!awaited->second.jobs.empty()) return;
+    } else if (awaited->second.generation != generation) {
+      return;  // the timer of an earlier deferral, which a later loss of the link took over
     }
-    {
-      std::lock_guard lock(providers_mutex_);
-      if (providers_.contains(provider_id)) return;  // a new link of the provider is online
-    }
+    offline_after_.erase(awaited);
     auto self = shared_from_this();
     bridge_.run_keyed(provider_id, [self, provider_id](caf::event_based_actor* actor) {
+      {
+        // Checked here, in order with the online report of a new link (same key).
+        std::lock_guard online(self->providers_mutex_);
+        if (self->providers_.contains(provider_id)) return;
+      }
       actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
     });
   }
@@ -638,7 +644,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// Taken before table_mutex_. Providers whose link was lost while jobs they finished waited for
   /// their ads: their offline notice waits for those jobs' results, by provider id.
   std::mutex offline_mutex_;
-  std::map<std::string, std::set<std::string>> offline_after_;
+  struct awaited_results {
+    std::set<std::string> jobs;    ///< finishing jobs whose results are not sent yet
+    std::uint64_t generation = 0;  ///< of the latest deferral, which its timer must match
+  };
+  std::map<std::string, awaited_results> offline_after_;
+  std::uint64_t offline_generation_ = 0;  ///< under offline_mutex_
   mutable std::mutex providers_mutex_;
   std::map<std::string, std::vector<events::model_offer>> providers_;  ///< online, by provider id
 };
