@@ -174,8 +174,8 @@ void fail_job(self_pointer self, const std::string& job_id, events::failure_reas
   self->request(self->state.peers.jobs, caf::infinite, job_id,
                 domain::job::command{domain::fail_job{reason, message}})
       .then(
-          [self, job_id, message, done](const command_reply&) mutable {
-            job_ended ended{job_id, domain::job_status::failed, 0, 0, message};
+          [self, job_id, message, reason, done](const command_reply&) mutable {
+            job_ended ended{job_id, domain::job_status::failed, 0, 0, message, reason};
             notify_watcher(self, job_id, ended);
             forget(self, job_id);
             done(std::move(ended));
@@ -749,7 +749,8 @@ void on_tick(self_pointer self) {
             [self, id = job.job_id](const command_reply&) {
               notify_watcher(self, id,
                              job_ended{id, domain::job_status::failed, 0, 0,
-                                       "no provider took the job before its queue deadline"});
+                                       "no provider took the job before its queue deadline",
+                                       events::failure_reason::deadline_exceeded});
               forget(self, id);
             },
             [self, id = job.job_id](caf::error& failure) { drop_unrecorded(self, id, failure); });

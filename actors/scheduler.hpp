@@ -125,6 +125,8 @@ struct job_ended {
   std::int64_t gross_micros = 0;         ///< billed
   std::int64_t platform_fee_micros = 0;  ///< of which the platform keeps
   std::string detail{};                  ///< failed: why, in words a user can act on
+  /// failed: why, as the job's record has it (internal when it could not be recorded).
+  events::failure_reason failure = events::failure_reason::internal;
 };
 
 /// What the scheduler holds now.

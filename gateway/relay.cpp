@@ -589,7 +589,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void ended_by_scheduler(const actors::job_ended& ended) {
     if (ended.status != domain::job_status::failed) return;
-    finish_error(ended.job_id, make_api_error(503, ended.detail, {}, "no_provider"));
+    switch (ended.failure) {
+      case events::failure_reason::no_provider:
+      case events::failure_reason::deadline_exceeded:
+        return finish_error(ended.job_id, make_api_error(503, ended.detail, {}, "no_provider"));
+      case events::failure_reason::all_providers_failed:
+      case events::failure_reason::upstream_error:
+        return finish_error(ended.job_id, make_api_error(502, ended.detail, {}, "provider_failed"));
+      default:  // the platform's own fault, e.g. a job that could not be recorded
+        return finish_error(ended.job_id, make_api_error(500, ended.detail, {}, "server_error"));
+    }
   }
 
   void client_gone(const std::string& id) {

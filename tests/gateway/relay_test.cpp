@@ -48,11 +48,20 @@ class scheduler_log {
     std::lock_guard lock(mutex_);
     return events_;
   }
+  void set_watcher(actors::job_watcher watcher) {
+    std::lock_guard lock(mutex_);
+    watcher_ = std::move(watcher);
+  }
+  actors::job_watcher watcher() {
+    std::lock_guard lock(mutex_);
+    return watcher_;
+  }
 
  private:
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<std::string> events_;
+  actors::job_watcher watcher_;
 };
 
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
@@ -60,6 +69,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
                                                            std::shared_ptr<scheduler_log> log) {
   return {
       [log](actors::job_request& request) -> caf::result<actors::job_accepted> {
+        log->set_watcher(request.watcher);
         log->add("request " + request.job_id);
         return actors::job_accepted{request.job_id, 0, 0};
       },
@@ -111,17 +121,30 @@ TEST(relay, an_offer_for_a_job_nobody_waits_for_is_declined_and_the_job_cancelle
   EXPECT_TRUE(world.log->wait_for("cancel j-gone 0", 10s)) << "the scheduler was not asked to stop the job";
 }
 
-/// A reply that records what it was sent.
+/// A reply that records what it was sent (from any thread).
 class recorded_reply final : public http_reply {
  public:
-  void send(http_response response) override { sent.push_back(std::move(response)); }
-  void start_stream(unsigned, std::string, http_headers) override { ++streams; }
+  void send(http_response response) override {
+    std::lock_guard lock(mutex_);
+    sent_.push_back(std::move(response));
+    changed_.notify_all();
+  }
+  void start_stream(unsigned, std::string, http_headers) override {}
   void write(std::string) override {}
   void finish() override {}
   void on_close(std::function<void()>) override {}
 
-  std::vector<http_response> sent;
-  int streams = 0;
+  /// The whole answers sent so far, once there is one (none after `wait_max`).
+  std::vector<http_response> sent(std::chrono::milliseconds wait_max = 0ms) {
+    std::unique_lock lock(mutex_);
+    changed_.wait_for(lock, wait_max, [&] { return !sent_.empty(); });
+    return sent_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<http_response> sent_;
 };
 
 TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
@@ -135,9 +158,10 @@ TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
   job.completion_budget = 10;
   job.reply = reply;
   world.relay.submit(std::move(job));
-  ASSERT_EQ(reply->sent.size(), 1u);
-  EXPECT_EQ(reply->sent.front().status, 503u);
-  EXPECT_NE(reply->sent.front().body.find("shutting down"), std::string::npos) << reply->sent.front().body;
+  const auto sent = reply->sent();
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 503u);
+  EXPECT_NE(sent.front().body.find("shutting down"), std::string::npos) << sent.front().body;
   EXPECT_EQ(world.relay.live_jobs(), 0u);
   EXPECT_EQ(reply.use_count(), 1) << "the relay kept the reply, which would outlive the server";
 }
@@ -246,6 +270,38 @@ TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
   ASSERT_TRUE(offer);
   EXPECT_NE(offer->request_json.find("early "), std::string::npos) << offer->request_json;
   EXPECT_EQ(offer->request_json.find("late "), std::string::npos) << offer->request_json;
+}
+
+TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
+  struct failure_case {
+    events::failure_reason reason;
+    unsigned status;
+    const char* code;
+  };
+  for (const auto& [reason, status, code] :
+       {failure_case{events::failure_reason::no_provider, 503, "no_provider"},
+        failure_case{events::failure_reason::all_providers_failed, 502, "provider_failed"},
+        failure_case{events::failure_reason::internal, 500, "server_error"}}) {
+    relay_world world;
+    auto reply = std::make_shared<recorded_reply>();
+    relay_job job;
+    job.job_id = "j1";
+    job.user_id = "u1";
+    job.premium = true;
+    job.request.model = "m";
+    job.request.messages = {chat_message{"user", "hi"}};
+    job.completion_budget = 10;
+    job.reply = reply;
+    world.relay.submit(std::move(job));
+    ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+    caf::anon_send(world.log->watcher(),
+                   actors::job_ended{"j1", domain::job_status::failed, 0, 0, "why it failed", reason});
+    const auto sent = reply->sent(10s);
+    ASSERT_EQ(sent.size(), 1u) << code;
+    EXPECT_EQ(sent.front().status, status) << code;
+    EXPECT_NE(sent.front().body.find(code), std::string::npos) << sent.front().body;
+    EXPECT_NE(sent.front().body.find("why it failed"), std::string::npos) << sent.front().body;
+  }
 }
 
 }  // namespace
