@@ -702,8 +702,8 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{cancel.by, tokens}})
       .then(
-          [self, job_id = cancel.job_id, tokens, reply](const command_reply&) mutable {
-            if (tokens == 0) {
+          [self, job_id = cancel.job_id, running, tokens, reply](const command_reply&) mutable {
+            if (!running && tokens == 0) {  // never ran, or its attempts produced nothing
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               return;

@@ -385,6 +385,15 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(ended.value().status, domain::job_status::cancelled);
   EXPECT_EQ(ended.value().gross_micros, 1100);  // 1000 prompt + 100 produced
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100);
+
+  // Cancelled before its first token, a running job still bills its prompt.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p1")));
+  auto early = ask<job_ended>(rt_.scheduler, job_cancel{"j2", events::cancelled_by::client, 0});
+  ASSERT_TRUE(early) << describe(early.error());
+  EXPECT_EQ(early.value().status, domain::job_status::cancelled);
+  EXPECT_EQ(early.value().gross_micros, 1000);
+  EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100 - 1000);
 }
 
 TEST_F(scheduler_test, a_job_cancelled_while_queued_after_a_failover_bills_the_tokens_its_client_got) {
