@@ -503,11 +503,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void report_result(actors::job_result result, std::string finish_reason, bool ad_shown) {
     auto self = shared_from_this();
-    if (!ad_shown) {
-      if (auto live = find(result.job_id)) {
-        std::lock_guard lock(live->mutex);
-        live->ad.reset();
-      }
+    const auto live = find(result.job_id);
+    if (live && !ad_shown) {
+      std::lock_guard lock(live->mutex);
+      live->ad.reset();
     }
     // Keyed by provider: the result reaches the scheduler after the job's start report, and
     // before the provider's offline notice if its link is lost meanwhile (see jobs_lost).
@@ -524,7 +523,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                                                                      actors::describe(failure)));
                 });
     });
-    if (auto live = find(job_id)) {
+    if (live) {
       std::lock_guard lock(live->mutex);
       live->result_sent = true;  // after the task above: an offline notice sent now follows it
     }

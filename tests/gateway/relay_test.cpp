@@ -194,19 +194,26 @@ class held_ads final : public ad_source {
   std::function<void(std::optional<domain::ad_charge>)> held_;
 };
 
-/// A free-tier job that provider p1 finished; its result waits for its ad's impression.
-void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
+/// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
+/// waits until the scheduler has it.
+void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium) {
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
+  job.premium = premium;
   job.request.model = "m";
   job.request.messages = {chat_message{"user", "hi"}};
   job.prompt_tokens = 1;
   job.completion_budget = 10;
   job.reply = reply;
-  world.relay.provider_online({"p1", {}});
   world.relay.submit(std::move(job));
   ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+}
+
+/// A free-tier job that provider p1 finished; its result waits for its ad's impression.
+void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
+  world.relay.provider_online({"p1", {}});
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false));
   ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
   ASSERT_TRUE(world.log->wait_for("started j1", 10s));
@@ -216,7 +223,7 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   held_ads ads;
   relay_world world(&ads);
   auto reply = std::make_shared<recorded_reply>();
-  finish_a_free_job_on_p1(world, reply);
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   world.relay.link_lost("p1");
   // The impression is recorded after the link went: the result still comes first, so that the
   // scheduler does not hand the finished job to another provider.
@@ -235,7 +242,7 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
   options.offline_wait_max = 200ms;
   relay_world world(&ads, options);
   auto reply = std::make_shared<recorded_reply>();
-  finish_a_free_job_on_p1(world, reply);
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   const auto lost_at = std::chrono::steady_clock::now();
   world.relay.link_lost("p1");
   // The impression is never recorded: the provider still goes offline, once the wait is over.
@@ -248,17 +255,7 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
 TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
-  relay_job job;
-  job.job_id = "j1";
-  job.user_id = "u1";
-  job.premium = true;
-  job.request.model = "m";
-  job.request.messages = {chat_message{"user", "hi"}};
-  job.prompt_tokens = 1;
-  job.completion_budget = 10;
-  job.reply = reply;
-  world.relay.submit(std::move(job));
-  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
   ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
   world.relay.delta("p1", link::delta{"j1", "early "});
   // The scheduler takes the job from p1 (it cancels it there): what p1 still sends is dropped.
@@ -284,16 +281,7 @@ TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
         failure_case{events::failure_reason::internal, 500, "server_error"}}) {
     relay_world world;
     auto reply = std::make_shared<recorded_reply>();
-    relay_job job;
-    job.job_id = "j1";
-    job.user_id = "u1";
-    job.premium = true;
-    job.request.model = "m";
-    job.request.messages = {chat_message{"user", "hi"}};
-    job.completion_budget = 10;
-    job.reply = reply;
-    world.relay.submit(std::move(job));
-    ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+    ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
     caf::anon_send(world.log->watcher(),
                    actors::job_ended{"j1", domain::job_status::failed, 0, 0, "why it failed", reason});
     const auto sent = reply->sent(10s);
