@@ -183,6 +183,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
 
   struct job {
     std::shared_ptr<gateway::upstream_request> request;
+    std::uint32_t attempt = 0;  ///< the offer's, echoed in every frame about the job
     std::uint32_t tokens = 0;
     steady::time_point started;
     std::optional<steady::time_point> first_token;
@@ -520,12 +521,12 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
 
   void on_offer(link::offer offer) {
     if (jobs_.contains(offer.job_id)) {
-      refuse(offer.job_id, "job " + offer.job_id + " is already running here");
+      refuse(offer, "job " + offer.job_id + " is already running here");
       return;
     }
     if (jobs_.size() >= concurrency_) {
       log_->warn("refusing job={}: {} of {} slots busy", offer.job_id, jobs_.size(), concurrency_);
-      refuse(offer.job_id, "the provider is at capacity (" + std::to_string(concurrency_) + " jobs)");
+      refuse(offer, "the provider is at capacity (" + std::to_string(concurrency_) + " jobs)");
       return;
     }
     const std::string_view path =
@@ -533,28 +534,40 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->debug("job={} started kind={}", offer.job_id, path);
     auto& running = jobs_[offer.job_id];
     running.started = steady::now();
+    running.attempt = offer.attempt;
     std::weak_ptr<impl> weak = shared_from_this();
     const std::string id = offer.job_id;
+    const std::uint32_t attempt = offer.attempt;
     running.request = upstream_.stream(
         path, std::move(offer.request_json),
-        {.on_delta = [weak, id](std::string_view text) { if (auto self = weak.lock()) self->on_delta(id, text); },
+        {.on_delta =
+             [weak, id, attempt](std::string_view text) {
+               if (auto self = weak.lock()) self->on_delta(id, attempt, text);
+             },
          .on_done =
-             [weak, id](std::string finish_reason, std::optional<gateway::upstream_usage> usage) {
-               if (auto self = weak.lock()) self->on_done(id, std::move(finish_reason), usage);
+             [weak, id, attempt](std::string finish_reason, std::optional<gateway::upstream_usage> usage) {
+               if (auto self = weak.lock()) self->on_done(id, attempt, std::move(finish_reason), usage);
              },
          .on_error =
-             [weak, id](gateway::upstream_error error) {
-               if (auto self = weak.lock()) self->on_error(id, std::move(error));
+             [weak, id, attempt](gateway::upstream_error error) {
+               if (auto self = weak.lock()) self->on_error(id, attempt, std::move(error));
              }});
   }
 
-  void refuse(const std::string& job_id, std::string message) {
-    send(link::job_error{.job_id = job_id, .tokens_so_far = 0, .message = std::move(message),
-                         .upstream_fault = false});
+  void refuse(const link::offer& offer, std::string message) {
+    send(link::job_error{.job_id = offer.job_id, .tokens_so_far = 0, .message = std::move(message),
+                         .upstream_fault = false, .attempt = offer.attempt});
   }
 
-  void on_delta(const std::string& job_id, std::string_view text) {
+  /// The job `job_id` running here for `attempt`, or jobs_.end() (it ended, or a later offer of
+  /// the same job runs now: what the earlier attempt's request still reports is not the job's).
+  auto find_job(const std::string& job_id, std::uint32_t attempt) {
     const auto found = jobs_.find(job_id);
+    return found != jobs_.end() && found->second.attempt == attempt ? found : jobs_.end();
+  }
+
+  void on_delta(const std::string& job_id, std::uint32_t attempt, std::string_view text) {
+    const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
     auto& running = found->second;
     bool first = !running.first_token;
@@ -562,7 +575,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     ++running.tokens;  // one token per content chunk: the OpenAI streaming convention
     ++tokens_since_heartbeat_;
     for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
-      link::delta frame{.job_id = job_id, .text = std::string(piece)};
+      link::delta frame{.job_id = job_id, .text = std::string(piece), .attempt = attempt};
       if (auto valid = link::validate(frame, options_.link.limits); !valid) {
         fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message, true);
         return;
@@ -573,9 +586,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
   }
 
-  void on_done(const std::string& job_id, std::string finish_reason,
+  void on_done(const std::string& job_id, std::uint32_t attempt, std::string finish_reason,
                std::optional<gateway::upstream_usage> usage) {
-    const auto found = jobs_.find(job_id);
+    const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
     const job running = std::move(found->second);
     jobs_.erase(found);
@@ -591,7 +604,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                     .prompt_tokens_reported = usage ? usage->prompt_tokens : 0,
                     .completion_tokens_reported = usage ? usage->completion_tokens : 0,
                     .ttft_us = running.first_token ? micros(*running.first_token) : micros(now),
-                    .total_us = micros(now)};
+                    .total_us = micros(now),
+                    .attempt = attempt};
     if (!link::validate(done, options_.link.limits)) done.finish_reason = "stop";
     log_->info("job={} done finish_reason={} tokens_counted={} tokens_reported={} ttft_ms={} total_ms={}",
                job_id, printable(done.finish_reason, 40), done.completion_tokens_counted,
@@ -599,8 +613,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     send(done);
   }
 
-  void on_error(const std::string& job_id, gateway::upstream_error error) {
-    if (!jobs_.contains(job_id)) return;
+  void on_error(const std::string& job_id, std::uint32_t attempt, gateway::upstream_error error) {
+    if (find_job(job_id, attempt) == jobs_.end()) return;
     fail_job(job_id,
              "backend " + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
@@ -612,6 +626,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto found = jobs_.find(job_id);
     if (found == jobs_.end()) return;
     const auto tokens = found->second.tokens;
+    const auto attempt = found->second.attempt;
     found->second.request->cancel();  // no-op when the request already ended
     jobs_.erase(found);
     if (upstream_fault) record_outcome(false);
@@ -622,7 +637,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->warn("job={} failed tokens_so_far={} upstream_fault={}: {}", job_id, tokens, upstream_fault,
                message);
     send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
-                         .upstream_fault = upstream_fault});
+                         .upstream_fault = upstream_fault, .attempt = attempt});
   }
 
   void on_cancel(const link::cancel& cancel) {

@@ -63,9 +63,14 @@ struct Heartbeat {
   tokensPerSecondMilli @4 :UInt64;
 }
 
+# `attempt` on Delta, Done and JobError echoes the attempt of the Offer they answer. A job taken from
+# a provider may be offered to it again (a new attempt); what the agent still sends for the old
+# one is then told apart and dropped. 0: an agent from before the field, whose frames count as the
+# current attempt's.
 struct Delta {
   jobId @0 :Text;
   text @1 :Text;
+  attempt @2 :UInt32;
 }
 
 struct Done {
@@ -76,6 +81,7 @@ struct Done {
   completionTokensReported @4 :UInt32;
   ttftUs @5 :Int64;
   totalUs @6 :Int64;
+  attempt @7 :UInt32;
 }
 
 struct JobError {
@@ -83,6 +89,7 @@ struct JobError {
   tokensSoFar @1 :UInt32;
   message @2 :Text;
   upstreamFault @3 :Bool;
+  attempt @4 :UInt32;
 }
 
 # server -> agent -------------------------------------------------------------------------------
@@ -97,6 +104,7 @@ struct Offer {
   jobId @0 :Text;
   kind @1 :JobKind;
   requestJson @2 :Text;    # the OpenAI request body to send to the backend as is
+  attempt @3 :UInt32;      # the job's attempt, from 1: the agent's frames for the job echo it
 }
 
 struct Cancel {

@@ -93,6 +93,7 @@ void write(schema::Frame::Builder root, const heartbeat& f) {
 void write(schema::Delta::Builder b, const delta& f) {
   b.setJobId(to_wire(f.job_id));
   b.setText(to_wire(f.text));
+  b.setAttempt(f.attempt);
 }
 
 void write(schema::Frame::Builder root, const delta& f) { write(root.initDelta(), f); }
@@ -111,6 +112,7 @@ void write(schema::Frame::Builder root, const done& f) {
   b.setCompletionTokensReported(f.completion_tokens_reported);
   b.setTtftUs(f.ttft_us);
   b.setTotalUs(f.total_us);
+  b.setAttempt(f.attempt);
 }
 
 void write(schema::Frame::Builder root, const job_error& f) {
@@ -119,6 +121,7 @@ void write(schema::Frame::Builder root, const job_error& f) {
   b.setTokensSoFar(f.tokens_so_far);
   b.setMessage(to_wire(f.message));
   b.setUpstreamFault(f.upstream_fault);
+  b.setAttempt(f.attempt);
 }
 
 void write(schema::Frame::Builder root, const welcome& f) {
@@ -133,6 +136,7 @@ void write(schema::Frame::Builder root, const offer& f) {
   b.setJobId(to_wire(f.job_id));
   b.setKind(to_wire(f.kind));
   b.setRequestJson(to_wire(f.request_json));
+  b.setAttempt(f.attempt);
 }
 
 void write(schema::Frame::Builder root, const cancel& f) { root.initCancel().setJobId(to_wire(f.job_id)); }
@@ -193,7 +197,7 @@ read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
 }
 
 delta read_delta(schema::Delta::Reader r) {
-  return delta{.job_id = to_std(r.getJobId()), .text = to_std(r.getText())};
+  return delta{.job_id = to_std(r.getJobId()), .text = to_std(r.getText()), .attempt = r.getAttempt()};
 }
 
 read_result read_deltas(schema::Deltas::Reader r, const codec_limits& limits) {
@@ -213,7 +217,8 @@ read_result read_offer(schema::Offer::Reader r) {
   }
   return frame{offer{.job_id = to_std(r.getJobId()),
                      .kind = static_cast<job_kind>(kind),
-                     .request_json = to_std(r.getRequestJson())}};
+                     .request_json = to_std(r.getRequestJson()),
+                     .attempt = r.getAttempt()}};
 }
 
 read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
@@ -240,14 +245,16 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
                         .prompt_tokens_reported = r.getPromptTokensReported(),
                         .completion_tokens_reported = r.getCompletionTokensReported(),
                         .ttft_us = r.getTtftUs(),
-                        .total_us = r.getTotalUs()}};
+                        .total_us = r.getTotalUs(),
+                        .attempt = r.getAttempt()}};
     }
     case schema::Frame::JOB_ERROR: {
       const auto r = root.getJobError();
       return frame{job_error{.job_id = to_std(r.getJobId()),
                              .tokens_so_far = r.getTokensSoFar(),
                              .message = to_std(r.getMessage()),
-                             .upstream_fault = r.getUpstreamFault()}};
+                             .upstream_fault = r.getUpstreamFault(),
+                             .attempt = r.getAttempt()}};
     }
     case schema::Frame::WELCOME: {
       const auto r = root.getWelcome();

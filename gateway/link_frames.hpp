@@ -55,6 +55,7 @@ struct heartbeat {
 struct delta {
   std::string job_id;
   std::string text;
+  std::uint32_t attempt = 0;  ///< the offer's attempt, echoed; 0: an agent that sends none
 
   bool operator==(const delta&) const = default;
 };
@@ -70,6 +71,7 @@ struct done {
   std::uint32_t completion_tokens_reported = 0;
   std::int64_t ttft_us = 0;   ///< offer received -> first content chunk
   std::int64_t total_us = 0;  ///< offer received -> end of the stream
+  std::uint32_t attempt = 0;  ///< the offer's attempt, echoed; 0: an agent that sends none
 
   bool operator==(const done&) const = default;
 };
@@ -80,6 +82,7 @@ struct job_error {
   std::uint32_t tokens_so_far = 0;  ///< content chunks already sent as deltas
   std::string message;              ///< for an operator; never prompt text
   bool upstream_fault = false;      ///< the backend failed, rather than the agent or the request
+  std::uint32_t attempt = 0;        ///< the offer's attempt, echoed; 0: an agent that sends none
 
   bool operator==(const job_error&) const = default;
 };
@@ -103,6 +106,9 @@ struct offer {
   std::string job_id;
   job_kind kind = job_kind::chat;
   std::string request_json;
+  /// The job's attempt, from 1. The agent's delta, done and job_error for it carry the same
+  /// number, so that a job offered again to the same provider is not mixed with its earlier attempt.
+  std::uint32_t attempt = 0;
 
   bool operator==(const offer&) const = default;
 };

@@ -35,6 +35,7 @@ struct live_job {
   std::string text;             ///< the answer so far, over every attempt
   std::uint32_t tokens = 0;     ///< content pieces so far: the platform's own count
   std::string provider_id;      ///< the provider of the current attempt
+  std::uint32_t attempt = 0;    ///< the current attempt's number, from its offer
   bool attempt_started = false; ///< the current attempt produced a token
   std::uint32_t failovers = 0;  ///< attempts that continued an answer begun elsewhere
   std::optional<ad_info> ad;
@@ -230,10 +231,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
     if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
     live->provider_id = provider_id;
+    live->attempt = offer.attempt;
     live->offered_at = clock::now();
     live->attempt_started = false;
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
-    return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens)};
+    return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens), offer.attempt};
   }
 
   void revoke(const std::string& provider_id, const std::string& job_id) {
@@ -249,7 +251,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     bool report_started = false;
     {
       std::lock_guard lock(live->mutex);
-      if (!is_current(*live, provider_id)) return;
+      if (!is_current(*live, provider_id, d.attempt)) return;
       if (!live->attempt_started) {
         live->attempt_started = true;
         report_started = true;
@@ -292,7 +294,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::string finish_reason = d.finish_reason.empty() ? "stop" : d.finish_reason;
     {
       std::lock_guard lock(live->mutex);
-      if (!is_current(*live, provider_id)) return;
+      if (!is_current(*live, provider_id, d.attempt)) return;
       if (!live->attempt_started) {  // an empty answer: it still started before it ended
         live->attempt_started = true;
         send_started(provider_id, d.job_id);
@@ -333,7 +335,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::uint32_t tokens = 0;
     {
       std::lock_guard lock(live->mutex);
-      if (!is_current(*live, provider_id)) return;
+      if (!is_current(*live, provider_id, e.attempt)) return;
       tokens = live->tokens;
     }
     auto self = shared_from_this();
@@ -429,8 +431,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
-  static bool is_current(const live_job& live, const std::string& provider_id) {
-    return (live.state == phase::running || live.state == phase::submitting) && live.provider_id == provider_id;
+  /// The job runs its current attempt on `provider_id`, and `attempt` is that attempt (0: any,
+  /// from an agent that does not echo attempts). A provider the job was taken from and offered
+  /// again may still send frames of its earlier attempt: they are not the current one's.
+  static bool is_current(const live_job& live, const std::string& provider_id, std::uint32_t attempt = 0) {
+    return (live.state == phase::running || live.state == phase::submitting) && live.provider_id == provider_id &&
+           (attempt == 0 || attempt == live.attempt);
   }
 
   static std::string prompt_of(const completion_request& request) {

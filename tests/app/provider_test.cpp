@@ -328,6 +328,12 @@ class fake_coordinator {
   template <class T>
   std::vector<T> all() {
     std::lock_guard lock(mutex_);
+    return all_locked<T>();
+  }
+
+  /// all(), with the lock held (inside wait_until's predicate).
+  template <class T>
+  std::vector<T> all_locked() const {
     std::vector<T> found;
     for (const auto& r : received_) {
       if (const auto* f = std::get_if<T>(&r.frame)) found.push_back(*f);
@@ -532,17 +538,19 @@ TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
 
   const auto requests_before = upstream.stat("requests");
   coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
-                               .request_json = chat_request("m1")});
+                               .request_json = chat_request("m1"), .attempt = 3});
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
   std::string text;
   for (const auto& d : coordinator.all<link::delta>()) {
     EXPECT_EQ(d.job_id, "job-1");
+    EXPECT_EQ(d.attempt, 3u) << "every frame about a job echoes its offer's attempt";
     text += d.text;
   }
   EXPECT_EQ(text, "tok0 tok1 tok2 tok3 tok4 ");
   const auto done = coordinator.all<link::done>().front();
   EXPECT_EQ(done.job_id, "job-1");
   EXPECT_EQ(done.finish_reason, "stop");
+  EXPECT_EQ(done.attempt, 3u);
   EXPECT_EQ(done.completion_tokens_counted, 5u);
   EXPECT_EQ(done.completion_tokens_reported, 5u);
   EXPECT_GT(done.prompt_tokens_reported, 0u);
@@ -566,20 +574,37 @@ TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss
 
   for (const char* id : {"job-1", "job-2", "job-3"}) {
     coordinator.send(link::offer{.job_id = id, .kind = link::job_kind::chat,
-                                 .request_json = chat_request("m1")});
+                                 .request_json = chat_request("m1"), .attempt = 1});
   }
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
   const auto refused = coordinator.all<link::job_error>().front();
   EXPECT_EQ(refused.job_id, "job-3");
+  EXPECT_EQ(refused.attempt, 1u);
   EXPECT_FALSE(refused.upstream_fault);
   EXPECT_NE(refused.message.find("capacity"), std::string::npos) << refused.message;
   ASSERT_TRUE(upstream.wait_stat("active", 2));
 
   coordinator.send(link::cancel{.job_id = "job-1"});
   EXPECT_TRUE(upstream.wait_stat("cancelled", 1));
+  // The coordinator offers job-1 again (its next attempt): the agent takes it, and what it sends
+  // from then on carries the new attempt.
+  const auto deltas_before = coordinator.count<link::delta>();
+  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 2});
+  ASSERT_TRUE(coordinator.wait_until([&] {
+    const auto deltas = coordinator.all_locked<link::delta>();
+    return std::any_of(deltas.begin() + static_cast<std::ptrdiff_t>(deltas_before), deltas.end(),
+                       [](const link::delta& d) { return d.job_id == "job-1" && d.attempt == 2; });
+  }));
+  EXPECT_EQ(coordinator.count<link::job_error>(), 1u) << "the new attempt was not refused";
+  for (const auto& d : coordinator.all<link::delta>()) {
+    if (d.job_id == "job-2") {
+      EXPECT_EQ(d.attempt, 1u);
+    }
+  }
 
-  coordinator.drop();  // job-2 goes with the link
-  EXPECT_TRUE(upstream.wait_stat("cancelled", 2));
+  coordinator.drop();  // job-2 and job-1's second attempt go with the link
+  EXPECT_TRUE(upstream.wait_stat("cancelled", 3));
   EXPECT_TRUE(upstream.wait_stat("active", 0));
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 2; }))
       << "the agent reconnects and says hello again";

@@ -269,6 +269,34 @@ TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
   EXPECT_EQ(offer->request_json.find("late "), std::string::npos) << offer->request_json;
 }
 
+TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_the_new_attempt) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  const auto first = world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1});
+  ASSERT_TRUE(first);
+  EXPECT_EQ(first->attempt, 1u);
+  world.relay.delta("p1", link::delta{"j1", "old ", 1});
+  // Taken from p1 and, p1 being the only provider of the model, offered to it again.
+  world.relay.revoke("p1", "j1");
+  const auto second = world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2});
+  ASSERT_TRUE(second);
+  EXPECT_EQ(second->attempt, 2u);
+  // What p1 sent for the first attempt before it saw the cancel arrives after the new offer.
+  world.relay.delta("p1", link::delta{"j1", "stale ", 1});
+  world.relay.failed("p1", link::job_error{.job_id = "j1", .message = "cancelled", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  world.relay.delta("p1", link::delta{"j1", "new", 2});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 200u) << sent.front().body;
+  EXPECT_NE(sent.front().body.find(R"("content":"old new")"), std::string::npos) << sent.front().body;
+  EXPECT_EQ(sent.front().body.find("stale"), std::string::npos) << sent.front().body;
+  const auto events = world.log->events();
+  EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << "one result, the second attempt's";
+}
+
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   struct failure_case {
     events::failure_reason reason;
