@@ -19,6 +19,7 @@ using offer_atom = caf::atom_constant<caf::atom("offer")>;
 using cancel_atom = caf::atom_constant<caf::atom("cancel")>;
 using online_atom = caf::atom_constant<caf::atom("online")>;
 using offline_atom = caf::atom_constant<caf::atom("offline")>;
+using link_lost_atom = caf::atom_constant<caf::atom("linklost")>;
 using load_atom = caf::atom_constant<caf::atom("load")>;
 using started_atom = caf::atom_constant<caf::atom("started")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;

@@ -591,6 +591,30 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
           });
 }
 
+/// Puts a running job back in the queue (or fails it) because its provider is gone, counting it
+/// against the provider.
+void provider_lost(self_pointer self, const std::string& provider_id, const std::string& job_id) {
+  record_aside(self, self->state.peers.providers, provider_id,
+               domain::provider::command{domain::provider::record_job_outcome{
+                   job_id, domain::job_fault::provider, {}}});
+  requeue_or_fail(self, job_id, events::reassign_reason::provider_lost, 0, [](auto&&) {});
+}
+
+/// The provider's link is gone, and the gateway holds its offline notice back until the results
+/// of answers it finished arrive (at most a moment). Meanwhile it gets no new job, and the jobs
+/// offered to it that never started (those offers died with the link) go to another provider at
+/// once instead of waiting for the notice. Started jobs wait for it: their results are on the way.
+void on_link_lost(self_pointer self, const std::string& provider_id) {
+  auto& st = self->state;
+  if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
+  (void)st.index->unlist(provider_id);
+  std::vector<std::string> lost;
+  for (const auto& [id, job] : st.jobs) {
+    if (job.running && !job.started && !job.ending && job.provider_id == provider_id) lost.push_back(id);
+  }
+  for (const auto& id : lost) provider_lost(self, provider_id, id);
+}
+
 void on_offline(self_pointer self, const std::string& provider_id) {
   auto& st = self->state;
   if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
@@ -599,12 +623,7 @@ void on_offline(self_pointer self, const std::string& provider_id) {
   for (const auto& [id, job] : st.jobs) {
     if (job.running && !job.ending && job.provider_id == provider_id) lost.push_back(id);
   }
-  for (const auto& id : lost) {
-    record_aside(self, st.peers.providers, provider_id,
-                 domain::provider::command{domain::provider::record_job_outcome{
-                     id, domain::job_fault::provider, {}}});
-    requeue_or_fail(self, id, events::reassign_reason::provider_lost, 0, [](auto&&) {});
-  }
+  for (const auto& id : lost) provider_lost(self, provider_id, id);
   (void)st.index->unlist(provider_id);
   for (auto& job : st.queue->take_unservable(*st.index)) {
     fail_job(self, job.job_id, events::failure_reason::no_provider,
@@ -775,6 +794,7 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
       [self](job_request& request) { return submit(self, request); },
       [self](online_atom, provider_online& online) { on_online(self, online); },
       [self](offline_atom, const std::string& provider_id) { on_offline(self, provider_id); },
+      [self](link_lost_atom, const std::string& provider_id) { on_link_lost(self, provider_id); },
       [self](load_atom, const std::string& provider_id, const domain::load_report& report) {
         if (self->state.index->report_load(provider_id, report)) assign_pass(self);
       },

@@ -172,6 +172,9 @@ using scheduler_actor = caf::typed_actor<
     caf::replies_to<job_request>::with<job_accepted>,
     caf::reacts_to<online_atom, provider_online>,
     caf::reacts_to<offline_atom, std::string>,
+    // The provider's link is gone but its offline notice waits for the results of answers it
+    // finished: no new job goes to it, and its jobs that never started move on at once.
+    caf::reacts_to<link_lost_atom, std::string>,
     caf::reacts_to<load_atom, std::string, domain::load_report>,
     caf::replies_to<started_atom, std::string, std::string>::with<std::uint64_t>,
     caf::replies_to<job_result>::with<job_ended>,

@@ -325,6 +325,36 @@ TEST_F(scheduler_test, a_provider_lost_mid_job_hands_it_to_another_and_the_last_
   EXPECT_EQ(counts().queued + counts().running, 0u);
 }
 
+TEST_F(scheduler_test, a_provider_whose_link_is_lost_gets_no_new_job_and_its_unstarted_ones_move_on_before_it_goes_offline) {
+  bring_online("p1", "llama-8b", 2);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
+  ASSERT_EQ((*offers_)["p1"].size(), 2u);
+  // j1's answer is done (its result waits for its ad); j2's offer died with the link.
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  bring_online("p2", "llama-8b", 2);
+  self_->send(rt_.scheduler, link_lost_atom::value, std::string("p1"));
+  run();
+  ASSERT_EQ((*offers_)["p2"].size(), 1u) << "j2 moves on without waiting for the offline notice";
+  EXPECT_EQ((*offers_)["p2"][0].job_id, "j2");
+  EXPECT_EQ((*offers_)["p2"][0].attempt, 2u);
+  EXPECT_EQ(job("j1").provider_id, "p1") << "a started job waits for its result";
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true)));
+  EXPECT_EQ((*offers_)["p1"].size(), 2u) << "no new job for a link that is gone";
+  ASSERT_EQ((*offers_)["p2"].size(), 2u);
+  EXPECT_EQ((*offers_)["p2"][1].job_id, "j3");
+  // j1's result arrives, then the offline notice: j1 completes on p1 and nothing else moves.
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::completed);
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+  EXPECT_EQ((*offers_)["p2"].size(), 2u);
+  EXPECT_EQ(counts().running, 2u);
+}
+
 TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_to_another) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);
@@ -597,6 +627,10 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
       case 1:
         if (!online.empty()) {
           const std::string id = pick(online);
+          if (random() % 2 == 0) {  // the link went first, its offline notice held back a moment
+            self_->send(rt_.scheduler, link_lost_atom::value, id);
+            run();
+          }
           self_->send(rt_.scheduler, offline_atom::value, id);
           run();
           online.erase(id);

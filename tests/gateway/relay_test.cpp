@@ -75,6 +75,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       },
       [](actors::online_atom, actors::provider_online&) {},
       [log](actors::offline_atom, std::string& provider_id) { log->add("offline " + provider_id); },
+      [log](actors::link_lost_atom, std::string& provider_id) { log->add("link lost " + provider_id); },
       [](actors::load_atom, std::string&, domain::load_report&) {},
       [log](actors::started_atom, std::string& job_id, std::string&) -> caf::result<std::uint64_t> {
         log->add("started " + job_id);
@@ -225,6 +226,9 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   world.relay.link_lost("p1");
+  // The scheduler hears at once that the link is gone (no new job goes there), while the offline
+  // notice waits for the result.
+  ASSERT_TRUE(world.log->wait_for("link lost p1", 10s));
   // The impression is recorded after the link went: the result still comes first, so that the
   // scheduler does not hand the finished job to another provider.
   ASSERT_TRUE(ads.finish_served());
@@ -234,6 +238,7 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   const auto offline = std::find(events.begin(), events.end(), "offline p1");
   ASSERT_NE(result, events.end()) << "no result";
   EXPECT_LT(result, offline) << "the scheduler heard of the provider going offline before the job's result";
+  EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), result);
 }
 
 TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
