@@ -497,15 +497,25 @@ class session : public std::enable_shared_from_this<session> {
     writing_ = true;
     in_flight_.swap(pending_);
     pending_.clear();
-    // A client that stops reading must not hold its connection for ever: the write fails (and
-    // the connection closes) when the client takes nothing for idle_timeout.
+    write_in_flight(0);
+  }
+
+  /// Writes in_flight_ from `offset` on, then what is pending by then. A client that stops
+  /// reading must not hold its connection for ever: the write fails (and the connection closes)
+  /// when the client takes nothing for idle_timeout. The deadline is set again for every piece the
+  /// socket takes, so a slow client that keeps reading is not cut in the middle of a long write.
+  void write_in_flight(std::size_t offset) {
     stream_.expires_after(options_.idle_timeout);
-    asio::async_write(stream_, asio::buffer(in_flight_), [self = shared_from_this()](beast::error_code ec, std::size_t) {
-      self->writing_ = false;
-      self->in_flight_.clear();
-      if (ec) return self->gone();
-      self->write_next();
-    });
+    stream_.async_write_some(asio::buffer(in_flight_) + offset,
+                             [self = shared_from_this(), offset](beast::error_code ec, std::size_t written) {
+                               if (!ec && offset + written < self->in_flight_.size()) {
+                                 return self->write_in_flight(offset + written);
+                               }
+                               self->writing_ = false;
+                               self->in_flight_.clear();
+                               if (ec) return self->gone();
+                               self->write_next();
+                             });
   }
 
   void next_request() {

@@ -114,8 +114,9 @@ struct http_server_options {
   /// Most open connections (WebSocket ones included); more get a 503 and are closed. Default: 10,000.
   std::size_t connections_max = 10'000;
   /// A connection with no complete request for this long is closed, and so is one whose client
-  /// has not taken a pending write (a whole answer, or the pieces of a streamed one that the
-  /// socket's buffers could not hold) within this long. Default: 30 s.
+  /// takes none of a pending write (a whole answer, or the pieces of a streamed one that the
+  /// socket's buffers could not hold) for this long; a client that keeps taking some is not cut,
+  /// however long the write lasts. Default: 30 s.
   std::chrono::seconds idle_timeout{30};
   /// After an answer that ends the connection (a refused request, `Connection: close`), what the
   /// client still sends is read and dropped for at most this long, so that the answer is not lost

@@ -480,6 +480,56 @@ TEST(http_streaming, a_client_that_stops_reading_is_closed_after_the_idle_timeou
   EXPECT_GE(waited, options.idle_timeout) << "closed before its write's deadline";
 }
 
+TEST(http_streaming, a_slow_client_that_keeps_reading_is_not_cut_by_the_write_deadline) {
+  http_server_options options;
+  options.idle_timeout = 1s;
+  options.stream_buffer_bytes_max = 64u << 20;
+  constexpr int pieces = 4000;
+  constexpr std::size_t piece_bytes = 8000;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        reply->start_stream(200, "text/event-stream", {});
+        // 32 MB, written at once: far more than the kernel's socket buffers hold, so one write
+        // of the rest lasts as long as the client takes to read it.
+        for (int i = 0; i < pieces; ++i) reply->write(std::string(piece_bytes, 'x'));
+        reply->finish();
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  const int receive_buffer = 64 * 1024;
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer), 0);
+  const timeval read_wait{.tv_sec = 10, .tv_usec = 0};  // a stuck server fails the test, not hangs it
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &read_wait, sizeof read_wait), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(server->port());
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  // Reads 64 KiB at a time with a pause of 5 ms after each (at most about 13 MB/s): the answer
+  // takes well over idle_timeout to read, while no pause comes near it.
+  std::vector<char> chunk(64 * 1024);
+  std::string tail;
+  std::size_t received = 0;
+  const auto started = std::chrono::steady_clock::now();
+  for (;;) {
+    const ssize_t n = ::recv(fd, chunk.data(), chunk.size(), 0);
+    if (n <= 0) break;
+    received += static_cast<std::size_t>(n);
+    tail = (tail + std::string(chunk.data(), static_cast<std::size_t>(n)));
+    tail.erase(0, tail.size() > 16 ? tail.size() - 16 : 0);
+    if (tail.ends_with("\r\n0\r\n\r\n")) break;  // the last chunk: the whole answer is in
+    std::this_thread::sleep_for(5ms);
+  }
+  const auto took = std::chrono::steady_clock::now() - started;
+  ::close(fd);
+  EXPECT_TRUE(tail.ends_with("\r\n0\r\n\r\n")) << "cut after " << received << " bytes";
+  EXPECT_GE(received, pieces * piece_bytes);
+  EXPECT_GT(took, options.idle_timeout) << "the answer was read faster than the deadline: the test proves nothing";
+}
+
 TEST(http_streaming, a_refused_upgrade_gets_the_handlers_answer) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
                       [](const http_request&) -> websocket_decision {
