@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -101,13 +102,37 @@ http_request to_request(http::request<http::string_body>&& message, std::string_
   return request;
 }
 
+class websocket_session;
+
+/// The server's open WebSocket connections. Their callbacks usually capture whoever owns the
+/// connection, which holds the connection: a cycle that only the connection's end breaks. A
+/// server that goes away while connections are open breaks it here. Thread-safe.
+class websocket_registry {
+ public:
+  void add(const std::shared_ptr<websocket_session>& ws) {
+    std::lock_guard lock(mutex_);
+    open_[ws.get()] = ws;
+  }
+  void remove(const websocket_session* ws) {
+    std::lock_guard lock(mutex_);
+    open_.erase(ws);
+  }
+  /// Drops the callbacks of every connection still open. Only once the I/O threads are gone.
+  void release_all();
+
+ private:
+  std::mutex mutex_;
+  std::map<const websocket_session*, std::weak_ptr<websocket_session>> open_;
+};
+
 /// A WebSocket connection after the handshake: one read loop, a bounded queue of outgoing
 /// messages, everything on the connection's strand.
 class websocket_session : public websocket_connection,
                           public std::enable_shared_from_this<websocket_session> {
  public:
-  websocket_session(beast::tcp_stream stream, connection_slot slot, const http_server_options& options)
-      : ws_(std::move(stream)), slot_(std::move(slot)), options_(options),
+  websocket_session(beast::tcp_stream stream, connection_slot slot, const http_server_options& options,
+                    websocket_registry& registry)
+      : ws_(std::move(stream)), slot_(std::move(slot)), options_(options), registry_(registry),
         idle_(ws_.get_executor(), options.websocket_idle_timeout) {}
 
   void accept(http::request<http::string_body> request, std::function<void(std::shared_ptr<websocket_connection>)> on_open) {
@@ -125,6 +150,7 @@ class websocket_session : public websocket_connection,
     auto owned = std::make_shared<http::request<http::string_body>>(std::move(request));
     ws_.async_accept(*owned, [self = shared_from_this(), owned, on_open = std::move(on_open)](beast::error_code ec) {
       if (ec) return;  // handshake failed: the peer is gone, nothing was opened
+      self->registry_.add(self);
       self->idle_.heard();
       self->watch_idle();
       on_open(self);
@@ -156,6 +182,12 @@ class websocket_session : public websocket_connection,
     asio::post(ws_.get_executor(), [self = shared_from_this(), code, reason = std::move(reason)] {
       self->begin_close(static_cast<websocket::close_code>(code), reason);
     });
+  }
+
+  /// The server is gone (its I/O threads too): drops the callbacks without calling them.
+  void release() {
+    on_message_ = nullptr;
+    on_closed_ = nullptr;
   }
 
  private:
@@ -230,6 +262,7 @@ class websocket_session : public websocket_connection,
     // Dropping the callbacks breaks the cycle with whoever they capture (usually the owner of this
     // connection).
     idle_.cancel();
+    registry_.remove(this);
     auto on_closed = std::move(on_closed_);
     on_message_ = nullptr;
     on_closed_ = nullptr;
@@ -239,6 +272,7 @@ class websocket_session : public websocket_connection,
   websocket::stream<beast::tcp_stream> ws_;
   connection_slot slot_;
   const http_server_options& options_;
+  websocket_registry& registry_;
   beast::flat_buffer buffer_;
   std::deque<std::string> queue_;
   std::size_t queued_bytes_ = 0;
@@ -252,6 +286,18 @@ class websocket_session : public websocket_connection,
   std::function<void(std::string)> on_closed_;
   idle_watch idle_;  ///< declared after ws_, whose executor it runs on
 };
+
+void websocket_registry::release_all() {
+  std::vector<std::shared_ptr<websocket_session>> still_open;
+  {
+    std::lock_guard lock(mutex_);
+    for (auto& [key, weak] : open_) {
+      if (auto ws = weak.lock()) still_open.push_back(std::move(ws));
+    }
+    open_.clear();
+  }
+  for (auto& ws : still_open) ws->release();  // outside the lock: the callbacks' owners may go
+}
 
 class session;
 
@@ -297,14 +343,15 @@ class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, connection_slot slot, const http_server_options& options,
           const http_handler& handler, const websocket_handler& upgrade, std::atomic<std::uint64_t>& writes,
-          flush_clock& clock)
+          flush_clock& clock, websocket_registry& websockets)
       : stream_(std::move(socket)),
         slot_(std::move(slot)),
         options_(options),
         handler_(handler),
         upgrade_(upgrade),
         writes_(writes),
-        clock_(clock) {}
+        clock_(clock),
+        websockets_(websockets) {}
 
   void start() {
     remote_address_ = remote_address_of(stream_.socket());  // once per connection, not per request
@@ -424,7 +471,7 @@ class session : public std::enable_shared_from_this<session> {
   void on_upgrade(http::request<http::string_body> message) {
     auto decision = upgrade_(to_request(http::request<http::string_body>(message), remote_address_));
     if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused));
-    auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_);
+    auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_, websockets_);
     ws->accept(std::move(message), std::move(std::get<websocket_accept>(decision).on_open));
   }
 
@@ -601,6 +648,7 @@ class session : public std::enable_shared_from_this<session> {
   bool held_ = false;  ///< pieces wait for the flush clock's next tick
   steady::time_point last_write_{};  ///< when bytes last went to the socket
   flush_clock& clock_;  ///< the server's, which writes the pieces held for stream_flush_interval
+  websocket_registry& websockets_;
   std::string remote_address_;  ///< the peer's, read once when the connection starts
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
@@ -671,6 +719,7 @@ class http_server::impl {
   ~impl() {
     io_.stop();
     for (auto& t : threads_) t.join();
+    websockets_.release_all();
   }
 
   expected<void, std::string> start() {
@@ -711,7 +760,7 @@ class http_server::impl {
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
       auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,
-                                         writes_, clock_);
+                                         writes_, clock_, websockets_);
       if (now_open > options_.connections_max) s->reject_busy();
       else s->start();
       accept();
@@ -724,6 +773,7 @@ class http_server::impl {
   websocket_handler upgrade_;
   std::atomic<std::size_t> open_{0};
   std::atomic<std::uint64_t> writes_{0};
+  websocket_registry websockets_;
   asio::io_context io_;
   flush_clock clock_{io_, options_.stream_flush_interval};  ///< holds connections: destroyed before io_
   tcp::acceptor acceptor_;

@@ -579,6 +579,30 @@ TEST(http_streaming, an_accepted_websocket_exchanges_binary_messages_both_ways) 
   EXPECT_EQ(server->connections_open(), 1u);
 }
 
+TEST(http_streaming, a_websocket_still_open_when_the_server_goes_is_freed_with_it) {
+  std::weak_ptr<websocket_connection> watched;
+  signal opened;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          watched = c;
+                          // The callback holds its connection, as a link's owner does: a cycle
+                          // that only the connection's end breaks.
+                          c->start([c](std::string_view m) { c->send(std::string(m)); }, [](std::string) {});
+                          opened.raise();
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  ASSERT_TRUE(opened.wait(10s));
+  client.ws.write(asio::buffer(std::string("ping")));  // the answer shows the callbacks are in place
+  beast::flat_buffer buffer;
+  client.ws.read(buffer);
+  ASSERT_EQ(beast::buffers_to_string(buffer.data()), "ping");
+  server.reset();  // the client is still connected
+  EXPECT_TRUE(watched.expired()) << "the connection outlived its server";
+}
+
 /// A server that accepts every WebSocket and ignores its messages; when one ends, `reason` is set
 /// and `closed` raised.
 std::unique_ptr<http_server> start_noting_close(http_server_options options, signal& closed, std::string& reason) {
