@@ -394,7 +394,7 @@ class session : public std::enable_shared_from_this<session> {
     pending_ += data;
     pending_ += "\r\n";
     // A client that does not read: what waits for it, queued or being written, is bounded.
-    if (pending_.size() + in_flight_.size() > options_.stream_buffer_bytes_max) return gone();
+    if (pending_.size() + in_flight_.size() - in_flight_sent_ > options_.stream_buffer_bytes_max) return gone();
     if (options_.stream_flush_interval.count() == 0) return flush_soon();
     if (!piece_written_) {
       // The answer's first piece (its first token) is written now, not after the handlers queued
@@ -543,23 +543,27 @@ class session : public std::enable_shared_from_this<session> {
     }
     writing_ = true;
     in_flight_.swap(pending_);
+    in_flight_sent_ = 0;
     pending_.clear();
-    write_in_flight(0);
+    write_in_flight();
   }
 
-  /// Writes in_flight_ from `offset` on, then what is pending by then. A client that stops
-  /// reading must not hold its connection for ever: the write fails (and the connection closes)
-  /// when the client takes nothing for idle_timeout. The deadline is set again for every piece the
-  /// socket takes, so a slow client that keeps reading is not cut in the middle of a long write.
-  void write_in_flight(std::size_t offset) {
+  /// Writes the rest of in_flight_, then what is pending by then. A client that stops reading
+  /// must not hold its connection for ever: the write fails (and the connection closes) when the
+  /// client takes nothing for idle_timeout. The deadline is set again for every piece the socket
+  /// takes (as nginx's send_timeout), so a slow client that keeps reading is not cut in the middle
+  /// of a long write; connections_max bounds how many such clients there can be.
+  void write_in_flight() {
     stream_.expires_after(options_.idle_timeout);
-    stream_.async_write_some(asio::buffer(in_flight_) + offset,
-                             [self = shared_from_this(), offset](beast::error_code ec, std::size_t written) {
-                               if (!ec && offset + written < self->in_flight_.size()) {
-                                 return self->write_in_flight(offset + written);
+    stream_.async_write_some(asio::buffer(in_flight_) + in_flight_sent_,
+                             [self = shared_from_this()](beast::error_code ec, std::size_t written) {
+                               self->in_flight_sent_ += written;
+                               if (!ec && self->in_flight_sent_ < self->in_flight_.size()) {
+                                 return self->write_in_flight();
                                }
                                self->writing_ = false;
                                self->in_flight_.clear();
+                               self->in_flight_sent_ = 0;
                                if (ec) return self->gone();
                                self->write_next();
                              });
@@ -652,6 +656,7 @@ class session : public std::enable_shared_from_this<session> {
   std::string remote_address_;  ///< the peer's, read once when the connection starts
   std::string pending_;    ///< bytes queued behind the write in flight
   std::string in_flight_;
+  std::size_t in_flight_sent_ = 0;  ///< bytes of in_flight_ the socket took so far
   std::vector<std::function<void()>> close_callbacks_;
 };
 

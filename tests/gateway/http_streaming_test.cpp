@@ -530,6 +530,61 @@ TEST(http_streaming, a_slow_client_that_keeps_reading_is_not_cut_by_the_write_de
   EXPECT_GT(took, options.idle_timeout) << "the answer was read faster than the deadline: the test proves nothing";
 }
 
+TEST(http_streaming, the_stream_buffer_limit_counts_only_what_the_client_has_not_taken) {
+  constexpr std::size_t mib = 1u << 20;
+  constexpr std::size_t piece_bytes = 8000;
+  http_server_options options;
+  options.stream_buffer_bytes_max = 12 * mib;
+  std::promise<std::shared_ptr<http_reply>> answering;
+  auto server = start(
+      [&](http_request, std::shared_ptr<http_reply> reply) {
+        reply->start_stream(200, "text/event-stream", {});
+        // 11 MiB at once: the socket takes at most its buffer (4 MiB here), and one write of the
+        // rest (at least 6.8 MiB) lasts while the client reads.
+        for (std::size_t sent = 0; sent < 11 * mib; sent += piece_bytes) reply->write(std::string(piece_bytes, 'a'));
+        answering.set_value(reply);
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  const int receive_buffer = 64 * 1024;
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer), 0);
+  const timeval read_wait{.tv_sec = 10, .tv_usec = 0};
+  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &read_wait, sizeof read_wait), 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(server->port());
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  std::vector<char> chunk(64 * 1024);
+  std::string tail;
+  std::size_t received = 0;
+  const auto read_until = [&](auto done) {
+    while (!done()) {
+      const ssize_t n = ::recv(fd, chunk.data(), chunk.size(), 0);
+      if (n <= 0) return;
+      received += static_cast<std::size_t>(n);
+      tail = tail + std::string(chunk.data(), static_cast<std::size_t>(n));
+      tail.erase(0, tail.size() > 16 ? tail.size() - 16 : 0);
+    }
+  };
+  read_until([&] { return received >= 6 * mib; });
+  auto reply = answering.get_future().get();
+  // 6 MiB more while the write of the first part is still under way: the client has taken at
+  // least 6 MiB of it, so at most 5 MiB of it wait besides these 6, under the 12 MiB limit (the
+  // first part's whole write and these 6 MiB would be over it).
+  for (std::size_t sent = 0; sent < 6 * mib; sent += piece_bytes) reply->write(std::string(piece_bytes, 'b'));
+  reply->finish();
+  const std::string last_chunk = "\r\n0\r\n\r\n";
+  read_until([&] { return tail.ends_with(last_chunk); });
+  reply.reset();
+  ::close(fd);
+  EXPECT_TRUE(tail.ends_with(last_chunk)) << "cut after " << received << " bytes";
+  EXPECT_GE(received, 17 * mib);
+}
+
 TEST(http_streaming, a_refused_upgrade_gets_the_handlers_answer) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
                       [](const http_request&) -> websocket_decision {
