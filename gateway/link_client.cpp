@@ -258,12 +258,13 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
   enum class state { idle, connecting, connected, waiting, stopped };
   using connection_ptr = std::shared_ptr<connection>;
 
-  /// An upper bound of the bytes `d` adds to a `deltas` frame: its list element (two pointers),
-  /// its two texts, each NUL-terminated and padded to whole words, and a landing pad (at most two
-  /// words) for each text, should it start a new segment of the message.
+  /// An upper bound of the bytes `d` adds to a `deltas` frame: its list element (a data word for
+  /// the attempt and two pointers), its two texts, each NUL-terminated and padded to whole words,
+  /// and a landing pad (at most two words) for each text, should it start a new segment of the
+  /// message.
   static std::size_t batch_item_bytes(const link::delta& d) {
     const auto padded = [](std::size_t n) { return (n + 1 + 7) / 8 * 8; };
-    return 16 + padded(d.job_id.size()) + padded(d.text.size()) + 2 * 16;
+    return 24 + padded(d.job_id.size()) + padded(d.text.size()) + 2 * 16;
   }
 
   /// An upper bound of a `deltas` frame's bytes besides its items: the segment table (a few dozen

@@ -229,6 +229,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     }
     std::lock_guard lock(live->mutex);
     if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
+    // An offer of an earlier attempt that reached its provider's session after a later one
+    // reached another's (the sessions are not ordered against each other): the job is no longer
+    // that provider's.
+    if (offer.attempt != 0 && offer.attempt < live->attempt) return std::nullopt;
     if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
     live->provider_id = provider_id;
     live->attempt = offer.attempt;

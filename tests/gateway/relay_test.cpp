@@ -302,6 +302,21 @@ TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_th
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << "one result, the second attempt's";
 }
 
+TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  // Attempt 1 went to p1 and attempt 2 to p2; p2's session happens to take its offer first.
+  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
+  EXPECT_FALSE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1}));
+  // The job stays p2's.
+  world.relay.delta("p2", link::delta{"j1", "answer", 2});
+  world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_NE(sent.front().body.find(R"("content":"answer")"), std::string::npos) << sent.front().body;
+}
+
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   struct failure_case {
     events::failure_reason reason;
