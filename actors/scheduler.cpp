@@ -604,10 +604,10 @@ void provider_lost(self_pointer self, const std::string& provider_id, const std:
 /// of answers it finished arrive (at most a moment). Meanwhile it gets no new job, and the jobs
 /// offered to it that never started (those offers died with the link) go to another provider at
 /// once instead of waiting for the notice. Started jobs wait for it: their results are on the way.
+/// It stays listed (its slots, measures and health kept) in case a new link lists it again first.
 void on_link_lost(self_pointer self, const std::string& provider_id) {
   auto& st = self->state;
-  if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
-  (void)st.index->unlist(provider_id);
+  if (!st.index->mark_unreachable(provider_id)) return;
   std::vector<std::string> lost;
   for (const auto& [id, job] : st.jobs) {
     if (job.running && !job.started && !job.ending && job.provider_id == provider_id) lost.push_back(id);

@@ -80,7 +80,7 @@ provider_listing listing_for(const provider::state& state, std::int64_t now_us) 
 }
 
 bool accepts_work(const online_provider& p, const selection_options& options) noexcept {
-  return !p.suspended && p.load_percent < options.health.overloaded_from_percent &&
+  return !p.suspended && !p.unreachable && p.load_percent < options.health.overloaded_from_percent &&
          p.active_jobs < p.concurrency_max;
 }
 
@@ -264,6 +264,7 @@ expected<void, error> selection_index::list(const provider_listing& listing) {
   p.level = listing.level;
   p.score = listing.score;
   p.suspended = listing.suspended;
+  p.unreachable = false;  // listed by a link
   attach_offers(e);
   admit(e);
   return {};
@@ -275,6 +276,13 @@ bool selection_index::unlist(std::string_view provider_id) {
   withdraw(it->second);
   detach_offers(it->second);
   providers_.erase(it);
+  return true;
+}
+
+bool selection_index::mark_unreachable(std::string_view provider_id) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [](online_provider& p) { p.unreachable = true; });
   return true;
 }
 

@@ -131,6 +131,9 @@ struct online_provider {
   events::provider_level level = events::provider_level::bronze;
   std::int64_t score = 0;
   bool suspended = false;
+  /// Its link is gone and its offline notice not in yet: it takes no new job (see
+  /// selection_index::mark_unreachable).
+  bool unreachable = false;
   std::uint32_t load_percent = 0;
   std::uint32_t health_percent = 100;
   std::uint32_t active_jobs = 0;
@@ -140,7 +143,7 @@ struct online_provider {
 
 // The rules the index applies, exposed so that tests and tools can apply them by hand.
 
-/// Whether the provider takes a new job now: not suspended, not overloaded, a free slot.
+/// Whether the provider takes a new job now: not suspended, reachable, not overloaded, a free slot.
 [[nodiscard]] bool accepts_work(const online_provider& p, const selection_options& options) noexcept;
 /// Idle for qmesh: no job running and a light load.
 [[nodiscard]] bool is_idle(const online_provider& p, const selection_options& options) noexcept;
@@ -167,6 +170,10 @@ class selection_index {
   [[nodiscard]] expected<void, error> list(const provider_listing& listing);
   /// Removes a provider that went offline. False when it was not listed.
   bool unlist(std::string_view provider_id);
+  /// The provider's link is gone ahead of its going offline (results of its finished jobs are
+  /// still on their way): it takes no new job, and keeps its running jobs, measures and health
+  /// until it is unlisted, or listed again by a new link. False when it is not listed.
+  bool mark_unreachable(std::string_view provider_id);
   /// A heartbeat. False when the provider is not listed.
   bool report_load(std::string_view provider_id, const load_report& report);
   /// The scheduler assigned a job to the provider (takes a slot). False when not listed.

@@ -355,6 +355,32 @@ TEST_F(scheduler_test, a_provider_whose_link_is_lost_gets_no_new_job_and_its_uns
   EXPECT_EQ(counts().running, 2u);
 }
 
+TEST_F(scheduler_test, a_provider_linking_again_while_its_lost_link_waits_for_a_result_keeps_that_job_counted) {
+  bring_online("p1", "llama-8b", 2);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  self_->send(rt_.scheduler, link_lost_atom::value, std::string("p1"));
+  run();
+  // The agent links again before j1's result arrives: p1 has one free slot of two, not two.
+  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(state);
+  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p1"));
+  stop_at_teardown(session);
+  self_->send(rt_.scheduler, online_atom::value,
+              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+  run();
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true)));
+  ASSERT_EQ((*offers_)["p1"].size(), 2u) << "j2 takes the free slot; j3 waits for j1's";
+  EXPECT_EQ((*offers_)["p1"][1].job_id, "j2");
+  EXPECT_EQ(counts().queued, 1u);
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  ASSERT_EQ((*offers_)["p1"].size(), 3u) << "j1's slot, freed, goes to j3";
+  EXPECT_EQ((*offers_)["p1"][2].job_id, "j3");
+}
+
 TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_to_another) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);

@@ -128,6 +128,29 @@ TEST(selection, overloaded_suspended_full_and_underlevelled_providers_are_no_can
   EXPECT_EQ(pick(index, unknown), "<none>");
 }
 
+TEST(selection, an_unreachable_provider_takes_no_job_and_keeps_its_slots_until_listed_again) {
+  selection_index index;
+  add(index, "p", 5'000, 2, 90);
+  ASSERT_TRUE(index.record_speed("p", model, 200'000, 40));
+  EXPECT_EQ(pick(index, request_for()), "p");
+  ASSERT_TRUE(index.mark_unreachable("p"));
+  EXPECT_FALSE(index.mark_unreachable("nobody"));
+  EXPECT_EQ(pick(index, request_for()), "<none>");
+  EXPECT_FALSE(accepts_work(*index.find("p"), index.options()));
+  EXPECT_TRUE(index.can_serve(model, quality_tier::low)) << "it may link again in a moment";
+  // Its agent links again: listed anew, it takes work, with its two running jobs still counted
+  // (their results may arrive later) and what was measured about it kept.
+  ASSERT_TRUE(index.list(listing("p", 5'000, {offer_of(std::string(model))})));
+  EXPECT_EQ(pick(index, request_for()), "p");
+  const auto* p = index.find("p");
+  EXPECT_EQ(p->active_jobs, 2u);
+  EXPECT_EQ(p->health_percent, 90u);
+  ASSERT_EQ(p->offers.size(), 1u);
+  EXPECT_TRUE(p->offers[0].measured);
+  EXPECT_TRUE(index.job_finished("p"));
+  EXPECT_EQ(index.find("p")->active_jobs, 1u);
+}
+
 TEST(selection, cheapest_orders_by_input_plus_output_price) {
   selection_index index;
   ASSERT_TRUE(index.list(listing("A", 0, {offer_of(std::string(model), 4, 100, 500)})));
@@ -443,7 +466,7 @@ TEST(selection, the_index_agrees_with_a_plain_scan_under_random_changes) {
                                  static_cast<std::int64_t>(below(5) * 100'000),
                                  static_cast<std::int64_t>(below(6) * 10));
         break;
-      default: break;
+      default: (void)index.mark_unreachable(id); break;  // may not be listed
     }
     selection_request r;
     r.model = models[below(models.size())];
