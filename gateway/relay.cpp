@@ -233,7 +233,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     // reached another's (the sessions are not ordered against each other): the job is no longer
     // that provider's.
     if (offer.attempt != 0 && offer.attempt < live->attempt) return std::nullopt;
-    if (!live->text.empty()) live->failovers += 1;  // continuing an answer begun elsewhere
+    // Continuing an answer begun elsewhere; the same attempt offered again on a provider's new
+    // link is no new failover.
+    if (!live->text.empty() && (offer.attempt == 0 || offer.attempt != live->attempt)) live->failovers += 1;
     live->provider_id = provider_id;
     live->attempt = offer.attempt;
     live->offered_at = clock::now();

@@ -298,8 +298,28 @@ TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_th
   EXPECT_EQ(sent.front().status, 200u) << sent.front().body;
   EXPECT_NE(sent.front().body.find(R"("content":"old new")"), std::string::npos) << sent.front().body;
   EXPECT_EQ(sent.front().body.find("stale"), std::string::npos) << sent.front().body;
+  EXPECT_NE(sent.front().body.find(R"("failover":1)"), std::string::npos) << sent.front().body;
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << "one result, the second attempt's";
+}
+
+TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1}));
+  world.relay.delta("p1", link::delta{"j1", "half ", 1});
+  world.relay.revoke("p1", "j1");
+  // Attempt 2 goes to p2, whose link is replaced before a token: the scheduler offers attempt 2
+  // again, on the new link. One failover, not two.
+  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
+  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
+  world.relay.delta("p2", link::delta{"j1", "whole", 2});
+  world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_NE(sent.front().body.find(R"("content":"half whole")"), std::string::npos) << sent.front().body;
+  EXPECT_NE(sent.front().body.find(R"("failover":1)"), std::string::npos) << sent.front().body;
 }
 
 TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
