@@ -187,14 +187,19 @@ void link_session::start() {
     return {
         [weak](actors::offer_atom, const actors::job_offer& offer) {
           auto session = weak.lock();
-          if (!session || session->closed_) return;
+          // A replaced link takes no offer: the relay would make the job the provider's on a
+          // socket that is closing (and count a second start when the scheduler offers it again
+          // on the new link, as it does for the jobs of a link that linked again).
+          if (!session || session->closed_ || session->retired_) return;
           if (auto frame = session->owner_->relay_.take_offer(session->provider_id_, offer)) {
             session->send(std::move(*frame));
           }
         },
         [weak](actors::cancel_atom, const std::string& job_id) {
           auto session = weak.lock();
-          if (!session || session->closed_) return;
+          // A replaced link's frames are ignored already; revoking here could take the job from
+          // the provider's new link.
+          if (!session || session->closed_ || session->retired_) return;
           // The job is taken away from this provider (its client left, or it gave no first token
           // in time and goes to another one): what the agent still sends for it is not relayed.
           session->owner_->relay_.revoke(session->provider_id_, job_id);
