@@ -95,6 +95,11 @@ class scheduler_test : public testing::deterministic_fixture {
     command(rt_.providers, id,
             domain::provider::command{domain::provider::advertise{
                 {events::model_offer{model, 8192, "Q4_K_M", price, price, slots}}}});
+    link_again(id);
+  }
+
+  /// The provider's agent links (again): a new session, listed with the provider's current state.
+  void link_again(const std::string& id) {
     auto state = ask<domain::provider::state>(rt_.providers, id, state_atom::value);
     ASSERT_TRUE(state);
     auto session = system_.spawn(session_behavior, offers_, cancels_, id);
@@ -363,13 +368,7 @@ TEST_F(scheduler_test, a_provider_linking_again_while_its_lost_link_waits_for_a_
   self_->send(rt_.scheduler, link_lost_atom::value, std::string("p1"));
   run();
   // The agent links again before j1's result arrives: p1 has one free slot of two, not two.
-  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
-  ASSERT_TRUE(state);
-  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p1"));
-  stop_at_teardown(session);
-  self_->send(rt_.scheduler, online_atom::value,
-              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
-  run();
+  ASSERT_NO_FATAL_FAILURE(link_again("p1"));
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true)));
   ASSERT_EQ((*offers_)["p1"].size(), 2u) << "j2 takes the free slot; j3 waits for j1's";
@@ -559,21 +558,13 @@ TEST_F(scheduler_test, a_provider_linking_again_gets_the_offers_its_old_link_los
   ASSERT_EQ((*offers_)["p1"].size(), 1u);
   // The agent links again (a new session for the same provider, as a new link's hello gives)
   // before j1 started: the offer to the old link may have died with it, so j1 is offered again.
-  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
-  ASSERT_TRUE(state);
-  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p1"));
-  stop_at_teardown(session);
-  self_->send(rt_.scheduler, online_atom::value,
-              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
-  run();
+  ASSERT_NO_FATAL_FAILURE(link_again("p1"));
   ASSERT_EQ((*offers_)["p1"].size(), 2u);
   EXPECT_EQ((*offers_)["p1"][1].job_id, "j1");
   EXPECT_EQ((*offers_)["p1"][1].attempt, (*offers_)["p1"][0].attempt) << "the same attempt, offered again";
   // A started job is not offered again.
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
-  self_->send(rt_.scheduler, online_atom::value,
-              provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
-  run();
+  ASSERT_NO_FATAL_FAILURE(link_again("p1"));
   EXPECT_EQ((*offers_)["p1"].size(), 2u);
 }
 

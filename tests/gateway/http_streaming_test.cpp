@@ -20,6 +20,7 @@
 #include <future>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -446,6 +447,61 @@ TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noti
   future.get()->write("data: late\n\n");  // ignored: nobody to write to
 }
 
+/// A client that sends `post` on a socket with a small receive buffer, then reads the answer at
+/// its own pace (or never), keeping only the bytes' count and the last few, where a chunked
+/// answer's end shows.
+class raw_reader {
+ public:
+  raw_reader() = default;
+  raw_reader(const raw_reader&) = delete;
+  raw_reader& operator=(const raw_reader&) = delete;
+  ~raw_reader() { close(); }
+
+  void open(std::uint16_t port, int receive_buffer_bytes) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    ASSERT_GE(fd_, 0);
+    ASSERT_EQ(::setsockopt(fd_, SOL_SOCKET, SO_RCVBUF, &receive_buffer_bytes, sizeof receive_buffer_bytes), 0);
+    const timeval read_wait{.tv_sec = 10, .tv_usec = 0};  // a stuck server fails the test, not hangs it
+    ASSERT_EQ(::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &read_wait, sizeof read_wait), 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
+    ASSERT_EQ(::write(fd_, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  }
+
+  /// Reads until `done()` holds or the connection ends, pausing `pause` after each read.
+  template <class Done>
+  void read_until(Done done, std::chrono::milliseconds pause = 0ms) {
+    std::vector<char> chunk(64 * 1024);
+    while (!done()) {
+      const ssize_t n = ::recv(fd_, chunk.data(), chunk.size(), 0);
+      if (n <= 0) return;
+      received_ += static_cast<std::size_t>(n);
+      tail_ += std::string_view(chunk.data(), static_cast<std::size_t>(n));
+      tail_.erase(0, tail_.size() > 16 ? tail_.size() - 16 : 0);
+      if (pause.count() > 0) std::this_thread::sleep_for(pause);
+    }
+  }
+  /// Reads the whole answer: until its last chunk, or the connection's end.
+  void read_answer(std::chrono::milliseconds pause = 0ms) {
+    read_until([&] { return answer_complete(); }, pause);
+  }
+
+  [[nodiscard]] bool answer_complete() const { return tail_.ends_with("\r\n0\r\n\r\n"); }
+  [[nodiscard]] std::size_t received() const { return received_; }
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_ = -1;
+  std::size_t received_ = 0;
+  std::string tail_;
+};
+
 TEST(http_streaming, a_client_that_stops_reading_is_closed_after_the_idle_timeout) {
   http_server_options options;
   options.idle_timeout = 1s;
@@ -462,20 +518,12 @@ TEST(http_streaming, a_client_that_stops_reading_is_closed_after_the_idle_timeou
       {}, options);
   ASSERT_TRUE(server);
   // A client with a small receive buffer that sends its request and then never reads.
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  const int small = 4096;
-  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(server->port());
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
   const auto sent_at = std::chrono::steady_clock::now();
-  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  raw_reader reader;
+  ASSERT_NO_FATAL_FAILURE(reader.open(server->port(), 4096));
   const bool dropped = closed.wait(20s);
   const auto waited = std::chrono::steady_clock::now() - sent_at;
-  ::close(fd);
+  reader.close();
   ASSERT_TRUE(dropped) << "a client that never reads held its connection for 20 s";
   EXPECT_GE(waited, options.idle_timeout) << "closed before its write's deadline";
 }
@@ -496,37 +544,15 @@ TEST(http_streaming, a_slow_client_that_keeps_reading_is_not_cut_by_the_write_de
       },
       {}, options);
   ASSERT_TRUE(server);
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  const int receive_buffer = 64 * 1024;
-  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer), 0);
-  const timeval read_wait{.tv_sec = 10, .tv_usec = 0};  // a stuck server fails the test, not hangs it
-  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &read_wait, sizeof read_wait), 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(server->port());
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
-  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
+  raw_reader reader;
+  ASSERT_NO_FATAL_FAILURE(reader.open(server->port(), 64 * 1024));
   // Reads 64 KiB at a time with a pause of 5 ms after each (at most about 13 MB/s): the answer
   // takes well over idle_timeout to read, while no pause comes near it.
-  std::vector<char> chunk(64 * 1024);
-  std::string tail;
-  std::size_t received = 0;
   const auto started = std::chrono::steady_clock::now();
-  for (;;) {
-    const ssize_t n = ::recv(fd, chunk.data(), chunk.size(), 0);
-    if (n <= 0) break;
-    received += static_cast<std::size_t>(n);
-    tail = (tail + std::string(chunk.data(), static_cast<std::size_t>(n)));
-    tail.erase(0, tail.size() > 16 ? tail.size() - 16 : 0);
-    if (tail.ends_with("\r\n0\r\n\r\n")) break;  // the last chunk: the whole answer is in
-    std::this_thread::sleep_for(5ms);
-  }
+  reader.read_answer(5ms);
   const auto took = std::chrono::steady_clock::now() - started;
-  ::close(fd);
-  EXPECT_TRUE(tail.ends_with("\r\n0\r\n\r\n")) << "cut after " << received << " bytes";
-  EXPECT_GE(received, pieces * piece_bytes);
+  EXPECT_TRUE(reader.answer_complete()) << "cut after " << reader.received() << " bytes";
+  EXPECT_GE(reader.received(), pieces * piece_bytes);
   EXPECT_GT(took, options.idle_timeout) << "the answer was read faster than the deadline: the test proves nothing";
 }
 
@@ -546,43 +572,19 @@ TEST(http_streaming, the_stream_buffer_limit_counts_only_what_the_client_has_not
       },
       {}, options);
   ASSERT_TRUE(server);
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  const int receive_buffer = 64 * 1024;
-  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &receive_buffer, sizeof receive_buffer), 0);
-  const timeval read_wait{.tv_sec = 10, .tv_usec = 0};
-  ASSERT_EQ(::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &read_wait, sizeof read_wait), 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(server->port());
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address), 0);
-  ASSERT_EQ(::write(fd, post.data(), post.size()), static_cast<ssize_t>(post.size()));
-  std::vector<char> chunk(64 * 1024);
-  std::string tail;
-  std::size_t received = 0;
-  const auto read_until = [&](auto done) {
-    while (!done()) {
-      const ssize_t n = ::recv(fd, chunk.data(), chunk.size(), 0);
-      if (n <= 0) return;
-      received += static_cast<std::size_t>(n);
-      tail = tail + std::string(chunk.data(), static_cast<std::size_t>(n));
-      tail.erase(0, tail.size() > 16 ? tail.size() - 16 : 0);
-    }
-  };
-  read_until([&] { return received >= 6 * mib; });
+  raw_reader reader;
+  ASSERT_NO_FATAL_FAILURE(reader.open(server->port(), 64 * 1024));
+  reader.read_until([&] { return reader.received() >= 6 * mib; });
   auto reply = answering.get_future().get();
   // 6 MiB more while the write of the first part is still under way: the client has taken at
   // least 6 MiB of it, so at most 5 MiB of it wait besides these 6, under the 12 MiB limit (the
   // first part's whole write and these 6 MiB would be over it).
   for (std::size_t sent = 0; sent < 6 * mib; sent += piece_bytes) reply->write(std::string(piece_bytes, 'b'));
   reply->finish();
-  const std::string last_chunk = "\r\n0\r\n\r\n";
-  read_until([&] { return tail.ends_with(last_chunk); });
+  reader.read_answer();
   reply.reset();
-  ::close(fd);
-  EXPECT_TRUE(tail.ends_with(last_chunk)) << "cut after " << received << " bytes";
-  EXPECT_GE(received, 17 * mib);
+  EXPECT_TRUE(reader.answer_complete()) << "cut after " << reader.received() << " bytes";
+  EXPECT_GE(reader.received(), 17 * mib);
 }
 
 TEST(http_streaming, a_refused_upgrade_gets_the_handlers_answer) {

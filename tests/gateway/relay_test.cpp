@@ -195,6 +195,11 @@ class held_ads final : public ad_source {
   std::function<void(std::optional<domain::ad_charge>)> held_;
 };
 
+/// Job j1's offer of `attempt` (0: none given).
+actors::job_offer j1_offer(std::uint32_t attempt = 0) {
+  return {.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = attempt};
+}
+
 /// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
 /// waits until the scheduler has it.
 void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium) {
@@ -215,7 +220,7 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
 void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
   world.relay.provider_online({"p1", {}});
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false));
-  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
   ASSERT_TRUE(world.log->wait_for("started j1", 10s));
 }
@@ -261,14 +266,14 @@ TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
-  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10}));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
   world.relay.delta("p1", link::delta{"j1", "early "});
   // The scheduler takes the job from p1 (it cancels it there): what p1 still sends is dropped.
   world.relay.revoke("p1", "j1");
   world.relay.delta("p1", link::delta{"j1", "late "});
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});  // not the job's end
   // The next provider continues from what the client got, which has no late token in it.
-  const auto offer = world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10});
+  const auto offer = world.relay.take_offer("p2", j1_offer());
   ASSERT_TRUE(offer);
   EXPECT_NE(offer->request_json.find("early "), std::string::npos) << offer->request_json;
   EXPECT_EQ(offer->request_json.find("late "), std::string::npos) << offer->request_json;
@@ -278,13 +283,13 @@ TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_th
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
-  const auto first = world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1});
+  const auto first = world.relay.take_offer("p1", j1_offer(1));
   ASSERT_TRUE(first);
   EXPECT_EQ(first->attempt, 1u);
   world.relay.delta("p1", link::delta{"j1", "old ", 1});
   // Taken from p1 and, p1 being the only provider of the model, offered to it again.
   world.relay.revoke("p1", "j1");
-  const auto second = world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2});
+  const auto second = world.relay.take_offer("p1", j1_offer(2));
   ASSERT_TRUE(second);
   EXPECT_EQ(second->attempt, 2u);
   // What p1 sent for the first attempt before it saw the cancel arrives after the new offer.
@@ -307,13 +312,13 @@ TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
-  ASSERT_TRUE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1}));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   world.relay.delta("p1", link::delta{"j1", "half ", 1});
   world.relay.revoke("p1", "j1");
   // Attempt 2 goes to p2, whose link is replaced before a token: the scheduler offers attempt 2
   // again, on the new link. One failover, not two.
-  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
-  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
   world.relay.delta("p2", link::delta{"j1", "whole", 2});
   world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
   const auto sent = reply->sent(10s);
@@ -327,8 +332,8 @@ TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
   // Attempt 1 went to p1 and attempt 2 to p2; p2's session happens to take its offer first.
-  ASSERT_TRUE(world.relay.take_offer("p2", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 2}));
-  EXPECT_FALSE(world.relay.take_offer("p1", actors::job_offer{.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = 1}));
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
+  EXPECT_FALSE(world.relay.take_offer("p1", j1_offer(1)));
   // The job stays p2's.
   world.relay.delta("p2", link::delta{"j1", "answer", 2});
   world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
