@@ -3,22 +3,23 @@
 #include <caf/actor_system.hpp>
 
 namespace gpustream::actors {
+namespace {
+
+/// Copies the entries of `from` whose key starts with `prefix` into `to`.
+template <class From, class To>
+void copy_prefixed(const From& from, std::string_view prefix, To& to) {
+  for (auto it = from.lower_bound(prefix); it != from.end() && it->first.starts_with(prefix); ++it) {
+    to.emplace_hint(to.end(), it->first, it->second);
+  }
+}
+
+}  // namespace
 
 ledger_aggregate::answer ledger_aggregate::respond(const state& current, const query& q) {
   answer out;
-  if (q.accounts.empty()) {
-    for (auto it = current.balances_micros.lower_bound(q.account_prefix);
-         it != current.balances_micros.end() && it->first.starts_with(q.account_prefix); ++it) {
-      out.balances.emplace_hint(out.balances.end(), it->first, it->second);
-    }
-  }
+  if (q.accounts.empty()) copy_prefixed(current.balances_micros, q.account_prefix, out.balances);
   for (const auto& account : q.accounts) out.balances[account] = domain::balance_micros(current, account);
-  if (!q.transfer_prefix.empty()) {
-    for (auto it = current.transfers.lower_bound(q.transfer_prefix);
-         it != current.transfers.end() && it->first.starts_with(q.transfer_prefix); ++it) {
-      out.transfers.emplace_hint(out.transfers.end(), it->first, it->second);
-    }
-  }
+  if (!q.transfer_prefix.empty()) copy_prefixed(current.transfers, q.transfer_prefix, out.transfers);
   return out;
 }
 

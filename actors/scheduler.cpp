@@ -524,6 +524,18 @@ caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request&
 // ---------------------------------------------------------------------------------------------
 // Providers.
 
+/// The jobs running on `provider_id` and not ending; only those without a first token yet when
+/// `unstarted_only`.
+std::vector<std::string> jobs_running_on(self_pointer self, const std::string& provider_id, bool unstarted_only) {
+  std::vector<std::string> found;
+  for (const auto& [id, job] : self->state.jobs) {
+    if (job.running && !job.ending && job.provider_id == provider_id && !(unstarted_only && job.started)) {
+      found.push_back(id);
+    }
+  }
+  return found;
+}
+
 void on_online(self_pointer self, provider_online& online) {
   auto& st = self->state;
   const std::string id = online.listing.provider_id;
@@ -538,9 +550,7 @@ void on_online(self_pointer self, provider_online& online) {
     // were lost with it, so the jobs still waiting there for their first token are offered on the
     // new one rather than waiting first_token_wait_max. (Those the old link had taken were
     // reported lost by the gateway before this.)
-    for (const auto& [job_id, job] : st.jobs) {
-      if (job.running && !job.started && !job.ending && job.provider_id == id) offer(self, job_id);
-    }
+    for (const auto& job_id : jobs_running_on(self, id, true)) offer(self, job_id);
   }
   assign_pass(self);
 }
@@ -606,24 +616,15 @@ void provider_lost(self_pointer self, const std::string& provider_id, const std:
 /// once instead of waiting for the notice. Started jobs wait for it: their results are on the way.
 /// It stays listed (its slots, measures and health kept) in case a new link lists it again first.
 void on_link_lost(self_pointer self, const std::string& provider_id) {
-  auto& st = self->state;
-  if (!st.index->mark_unreachable(provider_id)) return;
-  std::vector<std::string> lost;
-  for (const auto& [id, job] : st.jobs) {
-    if (job.running && !job.started && !job.ending && job.provider_id == provider_id) lost.push_back(id);
-  }
-  for (const auto& id : lost) provider_lost(self, provider_id, id);
+  if (!self->state.index->mark_unreachable(provider_id)) return;
+  for (const auto& id : jobs_running_on(self, provider_id, true)) provider_lost(self, provider_id, id);
 }
 
 void on_offline(self_pointer self, const std::string& provider_id) {
   auto& st = self->state;
   if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
   st.sessions.erase(provider_id);
-  std::vector<std::string> lost;
-  for (const auto& [id, job] : st.jobs) {
-    if (job.running && !job.ending && job.provider_id == provider_id) lost.push_back(id);
-  }
-  for (const auto& id : lost) provider_lost(self, provider_id, id);
+  for (const auto& id : jobs_running_on(self, provider_id, false)) provider_lost(self, provider_id, id);
   (void)st.index->unlist(provider_id);
   for (auto& job : st.queue->take_unservable(*st.index)) {
     fail_job(self, job.job_id, events::failure_reason::no_provider,

@@ -70,6 +70,9 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void touch() {
     last_frame_ns_.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
   }
+  /// Closed, or replaced by a newer link of the same provider (whose jobs were handed back with
+  /// link_replaced): it takes no offer and relays nothing.
+  bool done_with() const { return closed_ || retired_; }
 
   std::shared_ptr<provider_links::impl> owner_;
   std::shared_ptr<websocket_connection> connection_;
@@ -190,7 +193,7 @@ void link_session::start() {
           // A replaced link takes no offer: the relay would make the job the provider's on a
           // socket that is closing (and count a second start when the scheduler offers it again
           // on the new link, as it does for the jobs of a link that linked again).
-          if (!session || session->closed_ || session->retired_) return;
+          if (!session || session->done_with()) return;
           if (auto frame = session->owner_->relay_.take_offer(session->provider_id_, offer)) {
             session->send(std::move(*frame));
           }
@@ -199,7 +202,7 @@ void link_session::start() {
           auto session = weak.lock();
           // A replaced link's frames are ignored already; revoking here could take the job from
           // the provider's new link.
-          if (!session || session->closed_ || session->retired_) return;
+          if (!session || session->done_with()) return;
           // The job is taken away from this provider (its client left, or it gave no first token
           // in time and goes to another one): what the agent still sends for it is not relayed.
           session->owner_->relay_.revoke(session->provider_id_, job_id);
@@ -232,7 +235,7 @@ void link_session::start() {
 }
 
 void link_session::on_message(std::string_view bytes) {
-  if (closed_ || retired_) return;  // a replaced link's jobs were handed back with link_replaced
+  if (done_with()) return;
   touch();
   const std::span<const std::uint8_t> view(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size());
   auto decoded = link::decode(view, owner_->options_.limits);
@@ -304,7 +307,7 @@ void link_session::on_hello(const link::hello& hello) {
               actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
                   .then(
                       [self, owner, actor, models, gpus](const domain::provider::state& state) {
-                        if (self->closed_ || self->retired_) return;
+                        if (self->done_with()) return;
                         owner->relay_.provider_online({self->provider_id_, models});
                         actor->send(owner->runtime_.scheduler, actors::online_atom::value,
                                     actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
