@@ -216,6 +216,15 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
   ASSERT_TRUE(world.log->wait_for("request j1", 10s));
 }
 
+/// The body of the one whole answer `reply` got (within 10 s), which must be a 200.
+std::string answered_body(recorded_reply& reply) {
+  const auto sent = reply.sent(10s);
+  EXPECT_EQ(sent.size(), 1u);
+  if (sent.size() != 1) return {};
+  EXPECT_EQ(sent.front().status, 200u) << sent.front().body;
+  return sent.front().body;
+}
+
 /// A free-tier job that provider p1 finished; its result waits for its ad's impression.
 void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
   world.relay.provider_online({"p1", {}});
@@ -298,12 +307,10 @@ TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_th
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
   world.relay.delta("p1", link::delta{"j1", "new", 2});
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
-  const auto sent = reply->sent(10s);
-  ASSERT_EQ(sent.size(), 1u);
-  EXPECT_EQ(sent.front().status, 200u) << sent.front().body;
-  EXPECT_NE(sent.front().body.find(R"("content":"old new")"), std::string::npos) << sent.front().body;
-  EXPECT_EQ(sent.front().body.find("stale"), std::string::npos) << sent.front().body;
-  EXPECT_NE(sent.front().body.find(R"("failover":1)"), std::string::npos) << sent.front().body;
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("content":"old new")"), std::string::npos) << body;
+  EXPECT_EQ(body.find("stale"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << body;
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << "one result, the second attempt's";
 }
@@ -321,10 +328,9 @@ TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {
   ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
   world.relay.delta("p2", link::delta{"j1", "whole", 2});
   world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
-  const auto sent = reply->sent(10s);
-  ASSERT_EQ(sent.size(), 1u);
-  EXPECT_NE(sent.front().body.find(R"("content":"half whole")"), std::string::npos) << sent.front().body;
-  EXPECT_NE(sent.front().body.find(R"("failover":1)"), std::string::npos) << sent.front().body;
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("content":"half whole")"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << body;
 }
 
 TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
@@ -337,9 +343,8 @@ TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   // The job stays p2's.
   world.relay.delta("p2", link::delta{"j1", "answer", 2});
   world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
-  const auto sent = reply->sent(10s);
-  ASSERT_EQ(sent.size(), 1u);
-  EXPECT_NE(sent.front().body.find(R"("content":"answer")"), std::string::npos) << sent.front().body;
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("content":"answer")"), std::string::npos) << body;
 }
 
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
