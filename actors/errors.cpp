@@ -26,6 +26,7 @@ std::string_view storage_code_name(storage::errc code) {
     case storage::errc::incompatible_format: return "incompatible_format";
     case storage::errc::overloaded: return "overloaded";
     case storage::errc::closed: return "closed";
+    case storage::errc::key_taken: return "key_taken";
   }
   return "unknown";
 }

@@ -18,6 +18,7 @@ enum class errc {
   incompatible_format,     ///< the data directory was written by another store format version
   overloaded,              ///< too many appends queued; retry later
   closed,                  ///< the store is shutting down
+  key_taken,               ///< a unique key the append claims was claimed by an earlier append
 };
 
 struct error {

@@ -63,6 +63,10 @@ struct store_options {
   std::size_t append_events_max = 4096;
   /// Largest encoded payload of one event, bytes. Default: 1 MiB.
   std::size_t payload_bytes_max = 1u << 20;
+  /// Longest unique key an append may claim, bytes (stream_append::unique_keys). Default: 512.
+  std::size_t unique_key_bytes_max = 512;
+  /// Most unique keys one append may claim, all its streams together. Default: 8192.
+  std::size_t unique_keys_per_append_max = 8192;
   /// Longest stream id, bytes (printable ASCII, no spaces). Default: 200.
   std::size_t stream_id_bytes_max = 200;
   /// Most records one read returns, whatever the caller asks. Default: 65536.
@@ -102,6 +106,10 @@ struct stream_append {
   std::string stream;
   std::uint64_t expected_version = any_version;
   std::vector<new_event> events;
+  /// Keys this append claims for good, across the whole store (e.g. "ledger/transfer/<id>"): an
+  /// append naming a key that an earlier one claimed is refused with key_taken and writes nothing.
+  /// A retry of the same append (its first event's id) is answered as before and claims nothing.
+  std::vector<std::string> unique_keys{};
 };
 
 /// Where one stream's events of an append landed.
@@ -202,10 +210,11 @@ class event_store {
     std::uint64_t streams = 0;  ///< streams in the stream index
     std::uint64_t runs = 0;     ///< stream index entries, together covering every record once
     std::uint64_t appends = 0;  ///< id index entries, together covering every record once
+    std::uint64_t unique_keys = 0;  ///< keys claimed, each naming a recorded position
   };
   /// Checks that the stream index and the append id index agree with the log: every record is
   /// reachable from its stream and version and belongs to exactly one append, which is found
-  /// through its first event's id; nothing else is indexed.
+  /// through its first event's id; every claimed unique key names a recorded position.
   /// The first disagreement is reported as corruption. Reads everything: for `replay --verify`.
   [[nodiscard]] expected<index_report, error> verify_indexes() const;
 

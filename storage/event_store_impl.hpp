@@ -149,6 +149,8 @@ class event_store::impl {
     std::string stream_key;                // one `events` key
     std::vector<std::string_view> streams;  // validate: the append's streams
     std::vector<events::event_id> ids;      // validate: the append's event ids
+    std::vector<std::string_view> keys;     // validate: the append's unique keys, sorted
+    std::unordered_map<std::string_view, std::uint64_t> claimed;  // keys claimed earlier in the group
     std::uint64_t next_position = 0;
   };
 
@@ -192,6 +194,11 @@ class event_store::impl {
   staged stage(const std::vector<stream_append>& request, std::size_t index, group_state& group,
                const std::vector<pending_append>& pending);
   expected<void, error> validate(const std::vector<stream_append>& request, group_state& group) const;
+  /// The append's unique keys are within the limits and distinct (into group.keys, sorted).
+  expected<void, error> validate_unique_keys(const std::vector<stream_append>& request,
+                                             group_state& group) const;
+  /// None of group.keys was claimed before, in the store or earlier in the group (key_taken).
+  expected<void, error> check_keys_free(group_state& group) const;
   expected<std::uint64_t, error> head_of(std::string_view stream, const group_state& group);
   expected<append_result, error> stored_result(const std::vector<stream_append>& request,
                                                std::uint64_t first_position, std::uint64_t count);

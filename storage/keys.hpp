@@ -6,6 +6,10 @@
 ///                (one entry per run: the consecutive events one append gave one stream)
 ///   dedup        id of an append's first event (16 bytes, big-endian)
 ///                                                  -> big-endian first position ‖ event count
+///                also: 16 zero bytes ‖ a unique key an append claimed
+///                                                  -> big-endian position of the claiming stream's
+///                                                     first event (event ids are never all zero,
+///                                                     so the two kinds cannot meet)
 ///   checkpoints  projection name                   -> big-endian position
 ///   projections  projection name ‖ 0x00 ‖ key      -> value
 ///   snapshots    stream                            -> big-endian version ‖ state ‖ CRC32C (LE)
@@ -116,6 +120,18 @@ inline std::optional<stream_run> parse_run(std::string_view stream, std::string_
 }
 
 inline be128 dedup_key(const events::event_id& id) { return be64_pair(id.high, id.low); }
+
+/// The `dedup` key of a claimed unique key.
+inline std::string unique_key(std::string_view key) {
+  std::string out(16, '\0');
+  out.append(key);
+  return out;
+}
+
+/// Whether a `dedup` key is a claimed unique key (else it is an append's first event id).
+inline bool is_unique_key(std::string_view stored) {
+  return stored.size() > 16 && stored.find_first_not_of('\0') >= 16;
+}
 
 inline std::string projection_key(std::string_view name, std::string_view key) {
   std::string out;

@@ -92,6 +92,14 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
   for (appends->SeekToFirst(); appends->Valid(); appends->Next()) {
     const auto key = appends->key().ToStringView();
     const auto value = appends->value().ToStringView();
+    if (keys::is_unique_key(key)) {
+      if (value.size() != 8) return broken("unique key entry is malformed");
+      const auto position = keys::load_be64(value);
+      if (position > last) continue;  // not acknowledged yet
+      if (position == 0) return broken("a unique key names position 0");
+      ++report.unique_keys;
+      continue;
+    }
     if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
     const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
     const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));

@@ -24,6 +24,16 @@ bool same_append(const std::vector<stream_append>& a, const std::vector<stream_a
 /// were queued when the writer woke and a second of the stragglers.
 thread_local bool answering = false;
 
+/// At most the first 200 bytes of a caller's key, unprintable bytes as '?', for messages.
+std::string printable(std::string_view key) {
+  std::string out(key.substr(0, 200));
+  for (auto& c : out) {
+    if (c < ' ' || c >= 0x7F) c = '?';
+  }
+  if (key.size() > 200) out += "...";
+  return out;
+}
+
 error reused_id(const events::event_id& id) {
   return make_error(errc::event_id_conflict,
                     "event id " + id.to_string() +
@@ -445,6 +455,7 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
       }
     }
   }
+  if (auto keys = validate_unique_keys(request, group); !keys) return keys;
   std::sort(streams.begin(), streams.end());
   if (auto twice = std::adjacent_find(streams.begin(), streams.end()); twice != streams.end()) {
     return unexpected{make_error(errc::invalid_argument,
@@ -456,6 +467,58 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
                                  "event id " + twice->to_string() + " appears twice in one append")};
   }
   return {};  // the event count was checked against the limits before the append was queued
+}
+
+expected<void, error> event_store::impl::validate_unique_keys(const std::vector<stream_append>& request,
+                                                              group_state& group) const {
+  auto& keys = group.keys;
+  keys.clear();
+  for (const auto& s : request) {
+    for (const auto& key : s.unique_keys) {
+      if (key.empty() || key.size() > options_.unique_key_bytes_max) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "unique key '" + printable(key) + "' of " + std::to_string(key.size()) +
+                                         " bytes: a key must be 1 to " +
+                                         std::to_string(options_.unique_key_bytes_max) +
+                                         " bytes (unique_key_bytes_max)")};
+      }
+      keys.push_back(key);
+    }
+  }
+  if (keys.size() > options_.unique_keys_per_append_max) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "append claims " + std::to_string(keys.size()) +
+                                     " unique keys, more than unique_keys_per_append_max " +
+                                     std::to_string(options_.unique_keys_per_append_max))};
+  }
+  std::sort(keys.begin(), keys.end());
+  if (auto twice = std::adjacent_find(keys.begin(), keys.end()); twice != keys.end()) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "unique key '" + printable(*twice) + "' is claimed twice in one append")};
+  }
+  return {};
+}
+
+expected<void, error> event_store::impl::check_keys_free(group_state& group) const {
+  for (const auto key : group.keys) {
+    std::uint64_t position = 0;
+    if (auto claimed = group.claimed.find(key); claimed != group.claimed.end()) {
+      position = claimed->second;
+    } else {
+      std::string stored;
+      std::shared_lock lock(db_mutex_);
+      const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup), slice(keys::unique_key(key)), &stored);
+      if (status.IsNotFound()) continue;
+      if (!status.ok()) return unexpected{translate(status, "checking the append's unique keys")};
+      if (stored.size() != 8) return unexpected{make_error(errc::corruption, "unique key entry is not 8 bytes")};
+      position = keys::load_be64(stored);
+    }
+    return unexpected{make_error(errc::key_taken,
+                                 "unique key '" + printable(key) +
+                                     "' was claimed by an earlier append (its events begin at position " +
+                                     std::to_string(position) + "); a key is claimed only once")};
+  }
+  return {};
 }
 
 expected<std::uint64_t, error> event_store::impl::head_of(std::string_view stream,
@@ -515,6 +578,7 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
                                  std::to_string(s.expected_version)));
     }
   }
+  if (auto free = check_keys_free(group); !free) return fail(free.error());
   const std::int64_t now = options_.clock_us();
   decision.result.first_position = group.next_position;
   for (std::size_t k = 0; k < request.size(); ++k) {
@@ -524,6 +588,10 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     keys::assign_stream_key(group.stream_key, s.stream, version + 1);
     group.batch.Put(db_->cf(cf_events), slice(group.stream_key),
                     slice(keys::run_value(group.next_position, s.events.size())));
+    for (const auto& key : s.unique_keys) {
+      group.batch.Put(db_->cf(cf_dedup), slice(keys::unique_key(key)), slice(keys::be64_bytes(group.next_position)));
+      group.claimed.emplace(key, group.next_position);
+    }
     for (const auto& e : s.events) {
       ++version;
       const std::uint64_t position = group.next_position++;

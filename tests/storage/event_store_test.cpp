@@ -353,6 +353,91 @@ TEST_F(tck_reads, read_all_is_bounded_and_ordered) {
 
 // ---- limits ----
 
+/// `request` claiming `keys` (on its first stream).
+std::vector<stream_append> claiming(std::vector<stream_append> request, std::vector<std::string> keys) {
+  request.front().unique_keys = std::move(keys);
+  return request;
+}
+
+TEST(event_store_unique_keys, a_claimed_key_is_refused_to_every_later_append_even_after_reopening) {
+  temp_dir dir;
+  const auto first = claiming(one_stream("ledger", no_stream, 1, 1, 2), {"t/1", "g/1"});
+  append_result first_result;
+  {
+    auto store = open_or_fail(dir.path());
+    ASSERT_TRUE(store);
+    auto a = store->append(first);
+    ASSERT_TRUE(a) << a.error().message;
+    first_result = *a;
+    auto taken = store->append(claiming(one_stream("other", no_stream, 2, 1, 1), {"t/9", "g/1"}));
+    ASSERT_FALSE(taken);
+    EXPECT_EQ(taken.error().code, errc::key_taken);
+    EXPECT_NE(taken.error().message.find("'g/1'"), std::string::npos) << taken.error().message;
+    EXPECT_NE(taken.error().message.find("position 1"), std::string::npos) << taken.error().message;
+    EXPECT_EQ(store->last_position(), 2u) << "the refused append wrote nothing";
+    // Its other key was not claimed by the refusal.
+    ASSERT_TRUE(store->append(claiming(one_stream("other", no_stream, 3, 1, 1), {"t/9"})));
+    // The same append again is a retry: answered as the first time, not refused for its own keys.
+    auto retry = store->append(first);
+    ASSERT_TRUE(retry) << retry.error().message;
+    EXPECT_EQ(*retry, first_result);
+  }
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  auto after_reopen = store->append(claiming(one_stream("ledger", any_version, 4, 1, 1), {"t/1"}));
+  ASSERT_FALSE(after_reopen);
+  EXPECT_EQ(after_reopen.error().code, errc::key_taken);
+  EXPECT_EQ(store->last_position(), 3u);
+  auto report = store->verify_indexes();
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->unique_keys, 3u);
+  EXPECT_EQ(report->appends, 2u);
+}
+
+TEST(event_store_unique_keys, of_two_appends_claiming_one_key_in_one_group_only_the_first_is_written) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  int shared_groups = 0;
+  for (std::uint64_t attempt = 0; attempt < 50 && shared_groups == 0; ++attempt) {
+    const std::string key = "k/" + std::to_string(attempt);
+    const auto groups_before = store->stats().groups;
+    const auto last_before = store->last_position();
+    std::promise<expected<append_result, error>> a, b;
+    store->append_async(claiming(one_stream("a" + std::to_string(attempt), no_stream, 5, attempt * 10 + 1, 1), {key}),
+                        [&](auto r) { a.set_value(std::move(r)); });
+    store->append_async(claiming(one_stream("b" + std::to_string(attempt), no_stream, 6, attempt * 10 + 1, 1), {key}),
+                        [&](auto r) { b.set_value(std::move(r)); });
+    auto ra = a.get_future().get();
+    auto rb = b.get_future().get();
+    ASSERT_TRUE(ra) << ra.error().message;
+    ASSERT_FALSE(rb);
+    EXPECT_EQ(rb.error().code, errc::key_taken);
+    EXPECT_EQ(store->last_position(), last_before + 1);
+    if (store->stats().groups == groups_before + 1) ++shared_groups;
+  }
+  EXPECT_EQ(shared_groups, 1) << "the two appends never shared a group in 50 attempts";
+}
+
+TEST(event_store_limits, unique_keys_are_bounded_in_size_and_number_and_distinct) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.unique_key_bytes_max = 4;
+  options.unique_keys_per_append_max = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  auto code = [&](std::vector<std::string> keys) {
+    auto result = store->append(claiming(one_stream("s", any_version, 1, 1, 1), std::move(keys)));
+    return result ? std::optional<errc>{} : std::optional<errc>{result.error().code};
+  };
+  EXPECT_EQ(code({"abcde"}), errc::invalid_argument);           // unique_key_bytes_max
+  EXPECT_EQ(code({""}), errc::invalid_argument);                // empty
+  EXPECT_EQ(code({"a", "b", "c"}), errc::invalid_argument);     // unique_keys_per_append_max
+  EXPECT_EQ(code({"a", "a"}), errc::invalid_argument);          // one key twice
+  EXPECT_EQ(store->last_position(), 0u);
+  EXPECT_EQ(code({"abcd", "b"}), std::nullopt);  // at the limits: accepted
+}
+
 TEST(event_store_limits, every_named_limit_is_enforced) {
   temp_dir dir;
   store_options options = buffered();
