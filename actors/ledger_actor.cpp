@@ -2,6 +2,8 @@
 
 #include <caf/actor_system.hpp>
 
+#include <algorithm>
+
 namespace gpustream::actors {
 namespace {
 
@@ -21,6 +23,27 @@ ledger_aggregate::answer ledger_aggregate::respond(const state& current, const q
   for (const auto& account : q.accounts) out.balances[account] = domain::balance_micros(current, account);
   if (!q.transfer_prefix.empty()) copy_prefixed(current.transfers, q.transfer_prefix, out.transfers);
   return out;
+}
+
+std::vector<std::string> ledger_aggregate::unique_keys(std::span<const events::event> events) {
+  std::vector<std::string> keys;
+  keys.reserve(events.size() + 1);
+  std::string_view last_group;
+  for (const auto& event : events) {
+    const auto* t = std::get_if<events::transfer_recorded>(&event);
+    if (t == nullptr) continue;
+    keys.push_back("ledger/transfer/" + t->transfer_id);
+    if (t->linked_group_id != last_group) {  // a group's transfers are consecutive
+      keys.push_back("ledger/group/" + t->linked_group_id);
+      last_group = t->linked_group_id;
+    }
+  }
+  // Decide never lets two groups of one batch share an id; were it to, the store would refuse the
+  // append as malformed and stop the ledger, so such a key is claimed once here and the store
+  // finds it taken on the batch's second try, one command at a time.
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  return keys;
 }
 
 ledger_actor spawn_ledger_actor(caf::actor_system& system, store_actor store,

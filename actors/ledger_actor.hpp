@@ -3,6 +3,12 @@
 /// shell. Every group it applies is checked against the ledger's invariants (touched accounts and
 /// the running total) before its requester hears back; a violation stops the process, since it
 /// can only be a bug in the rules. Besides commands and the whole state, it answers balances.
+///
+/// Its state keeps only the recent transfers of jobs (ledger_recent_transfers_max), so that its
+/// memory does not grow with every job billed. Each append claims its transfer ids and group ids
+/// in the event store for good ("ledger/transfer/<id>", "ledger/group/<id>"): a command that would
+/// apply a transfer id or reuse a group id from beyond the window is refused with the store's
+/// key_taken error naming it, so a transfer id is still applied at most once, ever.
 
 #include <caf/fwd.hpp>
 
@@ -34,6 +40,8 @@ struct ledger_aggregate : domain::ledger {
   };
 
   [[nodiscard]] static answer respond(const state& current, const query& q);
+  /// The keys an append of these events claims: each transfer id and each group id.
+  [[nodiscard]] static std::vector<std::string> unique_keys(std::span<const events::event> events);
   [[nodiscard]] static domain::invariant_check check_applied(const state& current,
                                                              std::span<const events::event> group) {
     return domain::check_group_applied(current, group);

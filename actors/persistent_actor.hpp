@@ -56,6 +56,16 @@ concept has_applied_check = requires(const typename A::state& s, std::span<const
   { A::check_applied(s, e).has_value() } -> std::convertible_to<bool>;
 };
 
+/// An aggregate may claim keys in the store for good with the events of each append (e.g. the
+/// ledger's transfer ids): `static std::vector<std::string> unique_keys(std::span<const
+/// events::event>)`. An append refused because a key was claimed before (key_taken) writes nothing;
+/// its commands are decided again one per append, so that only the one claiming a taken key is
+/// refused (with the store's error naming the key).
+template <class A>
+concept has_unique_keys = requires(std::span<const events::event> e) {
+  { A::unique_keys(e) } -> std::same_as<std::vector<std::string>>;
+};
+
 template <class A>
 struct aggregate_interface {
   using type =
@@ -97,6 +107,7 @@ struct persistent_state {
   struct decided {
     promise reply;
     domain::decision outcome;
+    std::vector<typename A::command> commands;  ///< to decide again if the append is refused
   };
 
   std::string stream;
@@ -109,6 +120,9 @@ struct persistent_state {
   bool recovering = true;
   bool appending = false;
   bool passivating = false;
+  /// After an append refused for a taken unique key: how many of the stash's first commands are
+  /// still to be decided and appended one at a time.
+  std::size_t alone = 0;
   std::deque<waiting> stash;
   std::vector<decided> in_flight;
   /// Queries that arrived during recovery, answered once it ends (with the error if it fails).
@@ -199,6 +213,26 @@ void on_appended(persistent_pointer<A> self) {
   dispatch<A>(self);
 }
 
+/// The append of the current batch was refused because it claimed a key claimed before: nothing
+/// of it was written. A batch of one command is refused with the store's error; a larger one is
+/// decided again, one command per append, so that only the command claiming the key is refused.
+template <domain::aggregate A>
+void on_key_taken(persistent_pointer<A> self, const caf::error& failure) {
+  auto& st = self->state;
+  st.working = st.state;
+  st.appending = false;
+  if (st.in_flight.size() == 1) {
+    st.in_flight.front().reply.deliver(failure);
+  } else {
+    for (auto d = st.in_flight.rbegin(); d != st.in_flight.rend(); ++d) {
+      st.stash.push_front({std::move(d->reply), std::move(d->commands)});
+    }
+    st.alone = st.in_flight.size();
+  }
+  st.in_flight.clear();
+  dispatch<A>(self);
+}
+
 /// Decides stashed commands into one batch and appends it; repeats while nothing needs appending.
 template <domain::aggregate A>
 void dispatch(persistent_pointer<A> self) {
@@ -206,7 +240,8 @@ void dispatch(persistent_pointer<A> self) {
   while (!st.recovering && !st.appending && !st.stash.empty()) {
     std::vector<events::event> batch;
     const std::int64_t now_us = st.options.clock_us();
-    while (!st.stash.empty() && st.in_flight.size() < st.options.commands_per_append_max) {
+    const std::size_t commands_max = st.alone > 0 ? 1 : st.options.commands_per_append_max;
+    while (!st.stash.empty() && st.in_flight.size() < commands_max) {
       auto outcome = decide_all<A>(st.working, st.stash.front().commands, now_us);
       if (outcome && batch.size() + outcome.value().size() > st.options.events_per_append_max &&
           !batch.empty()) {
@@ -218,8 +253,10 @@ void dispatch(persistent_pointer<A> self) {
           batch.push_back(event);
         }
       }
-      st.in_flight.push_back({std::move(st.stash.front().reply), std::move(outcome)});
+      st.in_flight.push_back({std::move(st.stash.front().reply), std::move(outcome),
+                              std::move(st.stash.front().commands)});
       st.stash.pop_front();
+      if (st.alone > 0) --st.alone;
     }
     if (batch.empty()) {
       on_appended<A>(self);  // only refusals and no-ops: nothing to persist
@@ -228,9 +265,16 @@ void dispatch(persistent_pointer<A> self) {
     st.appending = true;
     // Expected version: the acknowledged one, which only this actor moves.
     append_request request{{make_stream_append(st.stream, st.version, batch)}};
+    if constexpr (has_unique_keys<A>) request.streams.front().unique_keys = A::unique_keys(batch);
     self->request(st.store, caf::infinite, append_atom::value, std::move(request))
         .then([self](const storage::append_result&) { on_appended<A>(self); },
-              [self](caf::error& failure) { fail_everything<A>(self, failure); });
+              [self](caf::error& failure) {
+                if constexpr (has_unique_keys<A>) {
+                  const auto refused = storage_error_of(failure);
+                  if (refused && refused->code == storage::errc::key_taken) return on_key_taken<A>(self, failure);
+                }
+                fail_everything<A>(self, failure);
+              });
   }
   if (st.passivating && !st.appending && st.stash.empty() && !st.recovering) self->quit();
 }

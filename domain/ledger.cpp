@@ -338,6 +338,41 @@ record_transfers campaign_deposit(std::string_view deposit_id, std::string_view 
 // ---------------------------------------------------------------------------------------------
 // The aggregate.
 
+namespace {
+
+/// Deposits and payouts are kept for good; transfers of jobs only while recent.
+bool kept_for_good(events::transfer_kind kind) {
+  return kind == events::transfer_kind::deposit || kind == events::transfer_kind::payout;
+}
+
+/// Adds `t` to the window of recent groups, then forgets the oldest groups of jobs while the
+/// window holds more than recent_transfers_max transfers of jobs. The group being applied (the
+/// newest) is never forgotten, so a group is dropped whole.
+void remember_recent(ledger::state& s, const events::transfer_recorded& t) {
+  if (s.recent.empty() || s.recent.back().group_id != t.linked_group_id) {
+    s.recent.push_back(ledger::recent_group{t.linked_group_id, {}, false});
+  }
+  auto& group = s.recent.back();
+  group.transfer_ids.push_back(t.transfer_id);
+  if (kept_for_good(t.kind) && !group.kept) {
+    group.kept = true;
+    s.recent_transfers -= group.transfer_ids.size() - 1;  // those before it were counted as a job's
+  } else if (!group.kept) {
+    ++s.recent_transfers;
+  }
+  while (s.recent_transfers > s.recent_transfers_max && s.recent.size() > 1) {
+    auto& oldest = s.recent.front();
+    if (!oldest.kept) {
+      for (const auto& id : oldest.transfer_ids) s.transfers.erase(id);
+      s.group_sizes.erase(oldest.group_id);
+      s.recent_transfers -= oldest.transfer_ids.size();
+    }
+    s.recent.pop_front();
+  }
+}
+
+}  // namespace
+
 std::int64_t balance_micros(const ledger::state& state, std::string_view account) {
   const auto found = state.balances_micros.find(account);
   return found == state.balances_micros.end() ? 0 : found->second;
@@ -368,6 +403,7 @@ ledger::state ledger::evolve(state current, const events::event& event) {
                                              t->kind, t->reference, t->linked_group_id});
   ++current.group_sizes[t->linked_group_id];
   count_for_providers(current, *t);
+  if (current.recent_transfers_max > 0) remember_recent(current, *t);
   return current;
 }
 
@@ -522,17 +558,36 @@ invariant_check check_ledger(const ledger::state& state) {
 // ---------------------------------------------------------------------------------------------
 // The verifier.
 
+invariant_check ledger_history::check(const events::transfer_recorded& recorded,
+                                      std::string_view current_group) const {
+  if (const auto found = group_of_.find(recorded.transfer_id); found != group_of_.end()) {
+    return violation("transfer " + quoted(recorded.transfer_id) + " is applied twice: first in group " +
+                     quoted(found->second.group_id) + " (" + micros(found->second.amount_micros) +
+                     "), again in group " + quoted(recorded.linked_group_id) + " (" +
+                     micros(recorded.amount_micros) + ")");
+  }
+  if (recorded.linked_group_id != current_group && groups_.contains(recorded.linked_group_id)) {
+    return violation("group " + quoted(recorded.linked_group_id) +
+                     " appears again after other groups (at transfer " +
+                     quoted(recorded.transfer_id) + "); a group is applied all at once");
+  }
+  return {};
+}
+
+void ledger_history::add(const events::transfer_recorded& recorded) {
+  group_of_.emplace(recorded.transfer_id, applied{recorded.linked_group_id, recorded.amount_micros});
+  groups_.insert(recorded.linked_group_id);
+  if (recorded.kind == events::transfer_kind::ad_spend) ad_spend_[recorded.debit_account] += recorded.amount_micros;
+}
+
 invariant_check ledger_verifier::apply(const events::transfer_recorded& recorded) {
   if (recorded.linked_group_id != group_id_) {
     if (auto ended = end_group(); !ended) return ended;
-    if (state_.group_sizes.contains(recorded.linked_group_id)) {
-      return violation("group " + quoted(recorded.linked_group_id) +
-                       " appears again after other groups (at transfer " +
-                       quoted(recorded.transfer_id) + "); a group is applied all at once");
-    }
-    group_id_ = recorded.linked_group_id;
   }
+  if (auto ok = history_.check(recorded, group_id_); !ok) return ok;
+  group_id_ = recorded.linked_group_id;
   if (auto ok = check_transfer_applicable(state_, recorded); !ok) return ok;
+  history_.add(recorded);
   state_ = ledger::evolve(std::move(state_), events::event{recorded});
   touched_.push_back(recorded.debit_account);
   touched_.push_back(recorded.credit_account);

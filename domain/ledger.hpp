@@ -20,11 +20,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
+#include <unordered_set>
 #include <variant>
 #include <vector>
 
@@ -44,6 +47,14 @@ inline constexpr std::size_t transfers_per_group_max = 16;
 /// Longest transfer id, group id, reference or account name, in bytes. Ids are stored with every
 /// transfer for idempotency, so they must stay short.
 inline constexpr std::size_t ledger_id_length_max = 256;
+
+/// How many of the most recent transfers of jobs (usage, platform fees, free-tier subsidies, ad
+/// spend) the ledger keeps in memory to compare a retried command with; older ones are forgotten,
+/// so that the ledger's memory does not grow with every job ever billed. Deposits and payouts are
+/// kept for good (a payout run reconciles with them; they grow with users, campaigns and payouts,
+/// not with jobs). Applying a transfer id at most once does not depend on this window: the actor
+/// claims every transfer and group id in the event store for good (actors/ledger_actor.hpp).
+inline constexpr std::size_t ledger_recent_transfers_max = 16'384;
 
 // ---------------------------------------------------------------------------------------------
 // Accounts.
@@ -159,13 +170,29 @@ struct ledger {
     bool operator==(const provider_totals&) const = default;
   };
 
+  /// A group in the window of recent transfers, oldest first.
+  struct recent_group {
+    std::string group_id;
+    std::vector<std::string> transfer_ids;
+    bool kept = false;  ///< holds a deposit or payout: kept for good, never forgotten
+
+    bool operator==(const recent_group&) const = default;
+  };
+
   struct state {
     /// Every account that ever moved money; an account never touched has balance 0.
     std::map<std::string, std::int64_t, std::less<>> balances_micros;
-    /// Every applied transfer by id.
+    /// Applied transfers by id: every deposit and payout, and the recent transfers of jobs.
     std::map<std::string, applied_transfer, std::less<>> transfers;
-    /// Every applied group id and how many transfers it holds.
+    /// The ids of the groups in `transfers` and how many transfers each holds.
     std::map<std::string, std::uint32_t, std::less<>> group_sizes;
+    /// The groups applied since the oldest recent transfer of a job still held, in order; a job's
+    /// group is forgotten (its transfers and its size) once more than recent_transfers_max
+    /// transfers of jobs came after it.
+    std::deque<recent_group> recent;
+    std::size_t recent_transfers = 0;  ///< transfers of jobs in `recent`
+    /// 0 keeps every transfer (replay --verify, which checks the whole log).
+    std::size_t recent_transfers_max = ledger_recent_transfers_max;
     /// Per provider account name.
     std::map<std::string, provider_totals, std::less<>> providers;
     /// Sum of all balances, kept up to date change by change so that the per-group check does not
@@ -177,11 +204,13 @@ struct ledger {
 
   using command = std::variant<record_transfers>;
 
-  static constexpr std::uint32_t snapshot_version = 1;
+  /// 2: the window of recent transfers of jobs (version 1 kept every transfer).
+  static constexpr std::uint32_t snapshot_version = 2;
 
   /// Applies a transfer_recorded; any other event, a transfer id already applied, or a transfer
   /// that cannot apply (amount <= 0, same account twice, a balance overflow) leaves the state as
-  /// it is. Accounts are not classified here: the verifier reports bad names.
+  /// it is. Accounts are not classified here: the verifier reports bad names. Then forgets the
+  /// oldest groups of jobs beyond the window (recent_transfers_max).
   [[nodiscard]] static state evolve(state current, const events::event& event);
 
   /// The transfer_recorded events (one per transfer, linked_group_id = group_id, recorded_at_us =
@@ -198,13 +227,19 @@ auto inspect(Inspector& f, ledger::applied_transfer& x) {
 }
 
 template <class Inspector>
+auto inspect(Inspector& f, ledger::recent_group& x) {
+  return f(x.group_id, x.transfer_ids, x.kept);
+}
+
+template <class Inspector>
 auto inspect(Inspector& f, ledger::provider_totals& x) {
   return f(x.earned_micros, x.paid_out_micros);
 }
 
 template <class Inspector>
 auto inspect(Inspector& f, ledger::state& x) {
-  return f(x.balances_micros, x.transfers, x.group_sizes, x.providers, x.balance_total_micros);
+  return f(x.balances_micros, x.transfers, x.group_sizes, x.providers, x.balance_total_micros,
+           x.recent, x.recent_transfers, x.recent_transfers_max);
 }
 
 /// The balance of `account`; 0 for an account that never moved money.
@@ -240,6 +275,34 @@ using invariant_check = expected<void, invariant_violation>;
 /// recorded group size matches its transfers.
 [[nodiscard]] invariant_check check_ledger(const ledger::state& state);
 
+/// What checking a whole log needs beyond the ledger's state, which forgets old transfers of jobs:
+/// every transfer id and group id applied so far (and where), and each campaign's ad spend. Its
+/// memory grows with the log: it is for replay --verify and tests, not for the live ledger.
+class ledger_history {
+ public:
+  /// Why `recorded` cannot come next: its transfer id was applied before, or its group (which is
+  /// not the group being applied) was.
+  [[nodiscard]] invariant_check check(const events::transfer_recorded& recorded,
+                                      std::string_view current_group) const;
+  void add(const events::transfer_recorded& recorded);
+
+  [[nodiscard]] std::size_t transfers() const noexcept { return group_of_.size(); }
+  [[nodiscard]] std::size_t groups() const noexcept { return groups_.size(); }
+  /// Ad spend moved out of each campaign account so far.
+  [[nodiscard]] const std::map<std::string, std::int64_t, std::less<>>& ad_spend() const noexcept {
+    return ad_spend_;
+  }
+
+ private:
+  struct applied {
+    std::string group_id;
+    std::int64_t amount_micros = 0;
+  };
+  std::unordered_map<std::string, applied> group_of_;  ///< by transfer id
+  std::unordered_set<std::string> groups_;
+  std::map<std::string, std::int64_t, std::less<>> ad_spend_;
+};
+
 /// Rebuilds a ledger from its log, one transfer_recorded at a time, checking every invariant on the
 /// way: each transfer before it is applied, the touched accounts whenever a group ends (the
 /// linked_group_id changes), and everything at the end. Stops at the first violation. Pure: the
@@ -261,6 +324,7 @@ class ledger_verifier {
   [[nodiscard]] invariant_check end_group();
 
   ledger::state state_;
+  ledger_history history_;
   std::string group_id_;
   std::vector<std::string> touched_;
   std::uint64_t transfers_applied_ = 0;

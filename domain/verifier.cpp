@@ -398,16 +398,15 @@ void domain_verifier::release_ended_job() {
 domain_verifier::result domain_verifier::apply_transfer(const where& at, const events::transfer_recorded& recorded) {
   if (recorded.linked_group_id != ledger_group_id_) {
     if (auto ended = end_ledger_group(); !ended) return ended;
-    if (ledger_.state.group_sizes.contains(recorded.linked_group_id)) {
-      return fail(invariant::ledger, at,
-                  "group " + quoted(recorded.linked_group_id) + " appears again after other groups (at transfer " +
-                      quoted(recorded.transfer_id) + "); a group is applied all at once");
-    }
-    ledger_group_id_ = recorded.linked_group_id;
   }
+  if (auto ok = ledger_history_.check(recorded, ledger_group_id_); !ok) {
+    return fail(invariant::ledger, at, ok.error().message);
+  }
+  ledger_group_id_ = recorded.linked_group_id;
   if (auto ok = check_transfer_applicable(ledger_.state, recorded); !ok) {
     return fail(invariant::ledger, at, ok.error().message);
   }
+  ledger_history_.add(recorded);
   ledger_.state = ledger::evolve(std::move(ledger_.state), events::event{recorded});
   ledger_.version = at.version;
   ledger_.position = at.position;
@@ -436,11 +435,7 @@ domain_verifier::result domain_verifier::fail(invariant broken, const where& at,
 // The end.
 
 domain_verifier::result domain_verifier::check_campaign_spend_in_ledger() const {
-  std::map<std::string_view, std::int64_t> spent;  // by campaign account
-  for (const auto& [id, t] : ledger_.state.transfers) {
-    if (t.kind == events::transfer_kind::ad_spend) spent[t.debit_account] += t.amount_micros;
-  }
-  for (const auto& [account, amount] : spent) {
+  for (const auto& [account, amount] : ledger_history_.ad_spend()) {
     // Campaign accounts and campaign streams share their names: "campaign-<id>".
     const auto campaign = campaigns_.find(account);
     const std::int64_t budget = campaign == campaigns_.end() ? 0 : campaign->second.state.budget_micros;
@@ -500,8 +495,8 @@ expected<verify_counts, verify_violation> domain_verifier::finish() {
     counts.payouts_settled += entry.state.status == payout_status::settled ? 1 : 0;
     counts.payouts_failed += entry.state.status == payout_status::failed ? 1 : 0;
   }
-  counts.ledger_transfers = ledger_.state.transfers.size();
-  counts.ledger_groups = ledger_.state.group_sizes.size();
+  counts.ledger_transfers = ledger_history_.transfers();
+  counts.ledger_groups = ledger_history_.groups();
   counts.ledger_accounts = ledger_.state.balances_micros.size();
   return counts;
 }

@@ -182,6 +182,7 @@ class domain_verifier {
   streams<campaign_state> campaigns_;
   streams<payout::state> payouts_;
   tracked<ledger::state> ledger_;
+  ledger_history ledger_history_;              ///< every transfer id and group of the log
   std::string ledger_group_id_;                ///< the group being applied
   std::vector<std::string> ledger_touched_;    ///< accounts the current group moved money of
   std::uint64_t last_position_ = 0;

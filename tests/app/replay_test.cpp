@@ -473,7 +473,7 @@ TEST(replay_verify, a_ledger_snapshot_that_disagrees_with_the_log_is_named) {
     position = records->front().position;
   }
   ASSERT_FALSE(::testing::Test::HasFailure());
-  expect_verify_fails(dir.path(), "live_state", "ledger", 3, position, {"field 1 of 5"});
+  expect_verify_fails(dir.path(), "live_state", "ledger", 3, position, {"field 1 of 8"});
 }
 
 TEST(replay_verify, a_snapshot_that_does_not_decode_is_named) {

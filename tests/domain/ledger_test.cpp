@@ -483,6 +483,105 @@ TEST(ledger_verifier, a_log_written_by_decide_verifies_and_rebuilds_the_state) {
   EXPECT_EQ(verifier.transfers_applied(), 4u);
 }
 
+// ---------------------------------------------------------------------------------------------
+// The window of recent transfers of jobs.
+
+/// A job's settlement: the user pays the provider, the provider pays the platform's fee.
+record_transfers job_settlement(const std::string& job) {
+  return record_transfers{job, {make_transfer(job + "/usage", "user-u", "provider-p", 10, transfer_kind::usage),
+                                make_transfer(job + "/fee", "provider-p", "platform", 2, transfer_kind::platform_fee)}};
+}
+
+TEST(ledger_window, the_oldest_groups_of_jobs_are_forgotten_whole_and_deposits_and_payouts_are_kept) {
+  book b;
+  b.state.recent_transfers_max = 4;
+  ASSERT_TRUE(b.run(one_transfer("deposit-1", "external", "user-u", 1'000, transfer_kind::deposit)));
+  for (const std::string job : {"job-1", "job-2", "job-3"}) ASSERT_TRUE(b.run(job_settlement(job)));
+  ASSERT_TRUE(b.run(one_transfer("payout-1/request", "provider-p", "payouts_in_flight", 5, transfer_kind::payout)));
+  ASSERT_TRUE(b.run(job_settlement("job-4")));
+
+  // job-1 and job-2 went (4 transfers of jobs after each); the deposit and the payout stay.
+  for (const std::string gone : {"job-1/usage", "job-1/fee", "job-2/usage", "job-2/fee"}) {
+    EXPECT_FALSE(b.state.transfers.contains(gone)) << gone;
+  }
+  for (const std::string kept : {"deposit-1", "payout-1/request", "job-3/usage", "job-3/fee", "job-4/usage", "job-4/fee"}) {
+    EXPECT_TRUE(b.state.transfers.contains(kept)) << kept;
+  }
+  EXPECT_FALSE(b.state.group_sizes.contains("job-1"));
+  EXPECT_FALSE(b.state.group_sizes.contains("job-2"));
+  EXPECT_EQ(b.state.recent_transfers, 4u);
+  // Forgetting moves no money: balances, provider totals and every invariant are as before.
+  EXPECT_EQ(b.balance("user-u"), 1'000 - 4 * 10);
+  EXPECT_EQ(b.balance("provider-p"), 4 * 8 - 5);
+  EXPECT_EQ(b.balance("platform"), 4 * 2);
+  EXPECT_TRUE(check_ledger(b.state).has_value()) << check_ledger(b.state).error().message;
+
+  // Within the window a retry is still recognised: nothing to do.
+  auto retry = b.run(job_settlement("job-4"));
+  ASSERT_TRUE(retry);
+  EXPECT_TRUE(retry->empty());
+  // Beyond it, decide no longer knows job-1: the ledger actor's claim of every transfer id in the
+  // event store refuses it (ledger_actor_test), not this state.
+  auto forgotten = ledger::decide(b.state, job_settlement("job-1"), b.now_us);
+  ASSERT_TRUE(forgotten);
+  EXPECT_EQ(forgotten->size(), 2u);
+
+  // The log folded again forgets the same groups: live state == replay.
+  ledger::state rebuilt;
+  rebuilt.recent_transfers_max = 4;
+  for (const auto& e : b.log) rebuilt = ledger::evolve(std::move(rebuilt), e);
+  EXPECT_EQ(rebuilt, b.state);
+}
+
+TEST(ledger_window, memory_stays_bounded_however_many_jobs_are_billed) {
+  book b;
+  b.state.recent_transfers_max = 100;
+  ASSERT_TRUE(b.run(one_transfer("deposit-1", "external", "user-u", 1'000'000'000, transfer_kind::deposit)));
+  for (int i = 0; i < 20'000; ++i) {
+    ASSERT_TRUE(b.run(job_settlement("job-" + std::to_string(i))));
+    ASSERT_LE(b.state.recent_transfers, 100u);
+    ASSERT_LE(b.state.transfers.size(), 100u + 1);  // the window and the deposit
+    ASSERT_LE(b.state.recent.size(), 50u + 1);
+    ASSERT_LE(b.state.group_sizes.size(), 50u + 1);  // the window's groups and the deposit's
+  }
+  EXPECT_EQ(b.balance("platform"), 20'000 * 2);
+  EXPECT_TRUE(check_ledger(b.state).has_value());
+}
+
+TEST(ledger_window, a_group_larger_than_the_window_is_kept_until_the_next_one) {
+  book b;
+  b.state.recent_transfers_max = 1;
+  ASSERT_TRUE(b.run(one_transfer("deposit-1", "external", "user-u", 1'000, transfer_kind::deposit)));
+  ASSERT_TRUE(b.run(job_settlement("job-1")));
+  EXPECT_EQ(b.state.group_sizes.at("job-1"), 2u) << "the newest group is never split";
+  ASSERT_TRUE(b.run(job_settlement("job-2")));
+  EXPECT_FALSE(b.state.group_sizes.contains("job-1"));
+  EXPECT_EQ(b.state.group_sizes.at("job-2"), 2u);
+  EXPECT_TRUE(check_ledger(b.state).has_value());
+}
+
+TEST(ledger_verifier, finds_a_transfer_id_applied_twice_however_far_apart) {
+  // The live ledger forgets old transfers of jobs; the verifier of a whole log does not.
+  ledger_verifier verifier;
+  const auto deposit = std::get<transfer_recorded>(
+      ledger::decide({}, one_transfer("deposit-1", "external", "user-u", 1'000'000, transfer_kind::deposit), 1)->front());
+  ASSERT_TRUE(verifier.apply(deposit));
+  auto recorded = [](const std::string& id, const std::string& group) {
+    return transfer_recorded{id, "user-u", "provider-p", 10, transfer_kind::usage, "ref", group, 2};
+  };
+  ASSERT_TRUE(verifier.apply(recorded("job-0/usage", "job-0")));
+  for (std::size_t i = 1; i < ledger_recent_transfers_max + 10; ++i) {
+    ASSERT_TRUE(verifier.apply(recorded("job-" + std::to_string(i) + "/usage", "job-" + std::to_string(i))));
+  }
+  EXPECT_FALSE(verifier.state().transfers.contains("job-0/usage")) << "forgotten by the state";
+  auto again = verifier.apply(recorded("job-0/usage", "job-again"));
+  ASSERT_FALSE(again);
+  EXPECT_TRUE(contains(again.error().message, "applied twice")) << again.error().message;
+  auto group_again = verifier.apply(recorded("job-new/usage", "job-1"));
+  ASSERT_FALSE(group_again);
+  EXPECT_TRUE(contains(group_again.error().message, "appears again")) << group_again.error().message;
+}
+
 TEST(ledger_verifier, reports_a_transfer_id_applied_twice) {
   ledger_verifier verifier;
   ASSERT_TRUE(verifier.apply(recorded("t1", "external", "user-u", 5, transfer_kind::deposit, "g1"))
