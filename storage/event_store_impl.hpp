@@ -151,6 +151,8 @@ class event_store::impl {
     std::vector<events::event_id> ids;      // validate: the append's event ids
     std::vector<std::string_view> keys;     // validate: the append's unique keys, sorted
     std::unordered_map<std::string_view, std::uint64_t> claimed;  // keys claimed earlier in the group
+    // What the store holds for the group's unique keys, looked up at once: only the taken ones.
+    std::unordered_map<std::string, expected<std::uint64_t, error>> taken;
     std::uint64_t next_position = 0;
   };
 
@@ -197,6 +199,8 @@ class event_store::impl {
   /// The append's unique keys are within the limits and distinct (into group.keys, sorted).
   expected<void, error> validate_unique_keys(const std::vector<stream_append>& request,
                                              group_state& group) const;
+  /// Looks up every unique key the group's appends claim (into state.taken).
+  void lookup_unique_keys(const std::vector<pending_append>& group, group_state& state);
   /// None of group.keys was claimed before, in the store or earlier in the group (key_taken).
   expected<void, error> check_keys_free(group_state& group) const;
   expected<std::uint64_t, error> head_of(std::string_view stream, const group_state& group);

@@ -232,6 +232,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   if (recovered) {
     state.next_position = next_position_;
     lookup_first_ids(group, state);
+    lookup_unique_keys(group, state);
     for (std::size_t i = 0; i < group.size(); ++i) {
       decisions.push_back(stage(group[i].request, i, state, group));
     }
@@ -317,6 +318,36 @@ void event_store::impl::lookup_first_ids(const std::vector<pending_append>& grou
   std::shared_lock lock(db_mutex_);
   db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
                     state.stored.data(), state.stored_status.data());
+}
+
+void event_store::impl::lookup_unique_keys(const std::vector<pending_append>& group, group_state& state) {
+  state.taken.clear();
+  std::vector<std::string> keys;
+  for (const auto& item : group) {
+    for (const auto& s : item.request) {
+      for (const auto& key : s.unique_keys) keys.push_back(keys::unique_key(key));
+    }
+  }
+  if (keys.empty()) return;
+  std::vector<rocksdb::Slice> slices(keys.begin(), keys.end());
+  std::vector<rocksdb::PinnableSlice> values(keys.size());
+  std::vector<rocksdb::Status> statuses(keys.size());
+  {
+    std::shared_lock lock(db_mutex_);
+    db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
+                      values.data(), statuses.data());
+  }
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (statuses[i].IsNotFound()) continue;
+    auto& entry = state.taken[keys[i].substr(16)];
+    if (!statuses[i].ok()) {
+      entry = unexpected{translate(statuses[i], "checking the append's unique keys")};
+    } else if (values[i].size() != 8) {
+      entry = unexpected{make_error(errc::corruption, "unique key entry is not 8 bytes")};
+    } else {
+      entry = keys::load_be64(values[i].ToStringView());
+    }
+  }
 }
 
 void event_store::impl::publish(std::uint64_t position) {
@@ -504,14 +535,11 @@ expected<void, error> event_store::impl::check_keys_free(group_state& group) con
     std::uint64_t position = 0;
     if (auto claimed = group.claimed.find(key); claimed != group.claimed.end()) {
       position = claimed->second;
+    } else if (auto taken = group.taken.find(std::string(key)); taken != group.taken.end()) {
+      if (!taken->second) return unexpected{taken->second.error()};
+      position = *taken->second;
     } else {
-      std::string stored;
-      std::shared_lock lock(db_mutex_);
-      const auto status = db_->db->Get(rocksdb::ReadOptions(), db_->cf(cf_dedup), slice(keys::unique_key(key)), &stored);
-      if (status.IsNotFound()) continue;
-      if (!status.ok()) return unexpected{translate(status, "checking the append's unique keys")};
-      if (stored.size() != 8) return unexpected{make_error(errc::corruption, "unique key entry is not 8 bytes")};
-      position = keys::load_be64(stored);
+      continue;
     }
     return unexpected{make_error(errc::key_taken,
                                  "unique key '" + printable(key) +
