@@ -238,29 +238,44 @@ TEST(event_store, retry_after_reopen_returns_the_first_result) {
   EXPECT_EQ(*retry, first);
 }
 
+using append_outcome = expected<append_result, error>;
+
+/// Sends the two appends `make(attempt)` returns back to back and hands their outcomes and the
+/// last position before them to `check`. Two appends sent so usually share a group: repeats
+/// (at most 50 times) until they did, so that the in-group path is the one checked.
+template <class Make, class Check>
+void until_two_share_a_group(event_store& store, Make make, Check check) {
+  for (std::uint64_t attempt = 0; attempt < 50; ++attempt) {
+    auto [first, second] = make(attempt);
+    const auto groups_before = store.stats().groups;
+    const auto last_before = store.last_position();
+    std::promise<append_outcome> a, b;
+    store.append_async(std::move(first), [&](auto r) { a.set_value(std::move(r)); });
+    store.append_async(std::move(second), [&](auto r) { b.set_value(std::move(r)); });
+    auto ra = a.get_future().get();
+    auto rb = b.get_future().get();
+    check(ra, rb, last_before);
+    if (::testing::Test::HasFatalFailure() || store.stats().groups == groups_before + 1) return;
+  }
+  ADD_FAILURE() << "the two appends never shared a group in 50 attempts";
+}
+
 TEST(event_store, concurrent_duplicates_in_one_group_get_the_same_result) {
   temp_dir dir;
   auto store = open_or_fail(dir.path());
   ASSERT_TRUE(store);
-  // Two appends sent back to back usually share a group; repeat (bounded) until they did, so that
-  // the in-group path is the one checked, then check it.
-  int shared_groups = 0;
-  for (std::uint64_t attempt = 0; attempt < 50 && shared_groups == 0; ++attempt) {
-    const auto request = one_stream("job-" + std::to_string(attempt), no_stream, 3, attempt * 10, 2);
-    const auto groups_before = store->stats().groups;
-    const auto last_before = store->last_position();
-    std::promise<expected<append_result, error>> a, b;
-    store->append_async(request, [&](auto r) { a.set_value(std::move(r)); });
-    store->append_async(request, [&](auto r) { b.set_value(std::move(r)); });
-    auto ra = a.get_future().get();
-    auto rb = b.get_future().get();
-    ASSERT_TRUE(ra);
-    ASSERT_TRUE(rb) << rb.error().message;
-    EXPECT_EQ(*ra, *rb);
-    EXPECT_EQ(store->last_position(), last_before + 2);  // written once
-    if (store->stats().groups == groups_before + 1) ++shared_groups;
-  }
-  EXPECT_EQ(shared_groups, 1) << "the two appends never shared a group in 50 attempts";
+  until_two_share_a_group(
+      *store,
+      [](std::uint64_t attempt) {
+        const auto request = one_stream("job-" + std::to_string(attempt), no_stream, 3, attempt * 10, 2);
+        return std::pair{request, request};
+      },
+      [&](const append_outcome& ra, const append_outcome& rb, std::uint64_t last_before) {
+        ASSERT_TRUE(ra);
+        ASSERT_TRUE(rb) << rb.error().message;
+        EXPECT_EQ(*ra, *rb);
+        EXPECT_EQ(store->last_position(), last_before + 2);  // written once
+      });
 }
 
 TEST(event_store, reusing_an_appends_first_id_for_anything_else_is_a_conflict) {
@@ -398,25 +413,19 @@ TEST(event_store_unique_keys, of_two_appends_claiming_one_key_in_one_group_only_
   temp_dir dir;
   auto store = open_or_fail(dir.path());
   ASSERT_TRUE(store);
-  int shared_groups = 0;
-  for (std::uint64_t attempt = 0; attempt < 50 && shared_groups == 0; ++attempt) {
-    const std::string key = "k/" + std::to_string(attempt);
-    const auto groups_before = store->stats().groups;
-    const auto last_before = store->last_position();
-    std::promise<expected<append_result, error>> a, b;
-    store->append_async(claiming(one_stream("a" + std::to_string(attempt), no_stream, 5, attempt * 10 + 1, 1), {key}),
-                        [&](auto r) { a.set_value(std::move(r)); });
-    store->append_async(claiming(one_stream("b" + std::to_string(attempt), no_stream, 6, attempt * 10 + 1, 1), {key}),
-                        [&](auto r) { b.set_value(std::move(r)); });
-    auto ra = a.get_future().get();
-    auto rb = b.get_future().get();
-    ASSERT_TRUE(ra) << ra.error().message;
-    ASSERT_FALSE(rb);
-    EXPECT_EQ(rb.error().code, errc::key_taken);
-    EXPECT_EQ(store->last_position(), last_before + 1);
-    if (store->stats().groups == groups_before + 1) ++shared_groups;
-  }
-  EXPECT_EQ(shared_groups, 1) << "the two appends never shared a group in 50 attempts";
+  until_two_share_a_group(
+      *store,
+      [](std::uint64_t attempt) {
+        const std::string key = "k/" + std::to_string(attempt);
+        return std::pair{claiming(one_stream("a" + std::to_string(attempt), no_stream, 5, attempt * 10 + 1, 1), {key}),
+                         claiming(one_stream("b" + std::to_string(attempt), no_stream, 6, attempt * 10 + 1, 1), {key})};
+      },
+      [&](const append_outcome& ra, const append_outcome& rb, std::uint64_t last_before) {
+        ASSERT_TRUE(ra) << ra.error().message;
+        ASSERT_FALSE(rb);
+        EXPECT_EQ(rb.error().code, errc::key_taken);
+        EXPECT_EQ(store->last_position(), last_before + 1);
+      });
 }
 
 TEST(event_store_limits, unique_keys_are_bounded_in_size_and_number_and_distinct) {
