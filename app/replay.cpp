@@ -275,6 +275,7 @@ expected<replay_report, replay_problem> replay_store(const std::filesystem::path
     report.indexes_verified = true;
     report.index_runs = indexes->runs;
     report.index_appends = indexes->appends;
+    report.index_unique_keys = indexes->unique_keys;
   }
   return report;
 }
@@ -348,9 +349,10 @@ std::string format_text(const replay_report& report) {
   out += line;
   if (report.domain_verified) out += format_aggregates(report);
   if (report.indexes_verified) {
-    std::snprintf(line, sizeof line, "indexes verified: %llu stream runs, %llu appends\n",
+    std::snprintf(line, sizeof line, "indexes verified: %llu stream runs, %llu appends, %llu unique keys\n",
                   static_cast<unsigned long long>(report.index_runs),
-                  static_cast<unsigned long long>(report.index_appends));
+                  static_cast<unsigned long long>(report.index_appends),
+                  static_cast<unsigned long long>(report.index_unique_keys));
     out += line;
   }
   return out;
@@ -379,6 +381,7 @@ std::string format_json(const replay_report& report) {
     out["indexes_verified"] = true;
     out["index_runs"] = report.index_runs;
     out["index_appends"] = report.index_appends;
+    out["index_unique_keys"] = report.index_unique_keys;
   }
   return boost::json::serialize(out) + "\n";
 }

@@ -29,6 +29,7 @@ struct replay_report {
   bool indexes_verified = false;  ///< --verify also checked the stream and append id indexes
   std::uint64_t index_runs = 0;     ///< stream index entries checked
   std::uint64_t index_appends = 0;  ///< append id index entries checked
+  std::uint64_t index_unique_keys = 0;  ///< claimed unique keys checked (the ledger's transfer and group ids)
   bool domain_verified = false;  ///< --verify also rebuilt every aggregate and checked its invariants
   domain::verify_counts aggregates{};  ///< what the log rebuilt into (with domain_verified)
   std::uint64_t snapshots_compared = 0;  ///< snapshots found equal to the state rebuilt at their version

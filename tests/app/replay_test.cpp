@@ -65,6 +65,10 @@ TEST(replay_store, verify_checks_both_indexes_of_a_healthy_store) {
   EXPECT_GE(report->index_appends, 1u);
   EXPECT_LE(report->index_appends, report->index_runs);
   EXPECT_NE(format_text(*report).find("indexes verified"), std::string::npos);
+  // The examples are appended straight to the store, claiming no key (the store's own tests count
+  // claimed keys; the ledger actor's appends claim them).
+  EXPECT_EQ(report->index_unique_keys, 0u);
+  EXPECT_NE(format_text(*report).find(", 0 unique keys"), std::string::npos) << format_text(*report);
 }
 
 TEST(replay_store, verify_finds_a_lost_index_entry_that_plain_replay_cannot_see) {
