@@ -2,8 +2,6 @@
 
 #include <caf/actor_system.hpp>
 
-#include <algorithm>
-
 namespace gpustream::actors {
 namespace {
 
@@ -38,12 +36,7 @@ std::vector<std::string> ledger_aggregate::unique_keys(std::span<const events::e
       last_group = t->linked_group_id;
     }
   }
-  // Decide never lets two groups of one batch share an id; were it to, the store would refuse the
-  // append as malformed and stop the ledger, so such a key is claimed once here and the store
-  // finds it taken on the batch's second try, one command at a time.
-  std::sort(keys.begin(), keys.end());
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
-  return keys;
+  return keys;  // distinct: decide refuses a transfer or group id already in the working state
 }
 
 ledger_actor spawn_ledger_actor(caf::actor_system& system, store_actor store,

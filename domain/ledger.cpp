@@ -403,7 +403,7 @@ ledger::state ledger::evolve(state current, const events::event& event) {
                                              t->kind, t->reference, t->linked_group_id});
   ++current.group_sizes[t->linked_group_id];
   count_for_providers(current, *t);
-  if (current.recent_transfers_max > 0) remember_recent(current, *t);
+  remember_recent(current, *t);
   return current;
 }
 

@@ -191,7 +191,8 @@ struct ledger {
     /// transfers of jobs came after it.
     std::deque<recent_group> recent;
     std::size_t recent_transfers = 0;  ///< transfers of jobs in `recent`
-    /// 0 keeps every transfer (replay --verify, which checks the whole log).
+    /// The window's size; tests make it small. Whole-log checks keep what they need themselves
+    /// (ledger_history).
     std::size_t recent_transfers_max = ledger_recent_transfers_max;
     /// Per provider account name.
     std::map<std::string, provider_totals, std::less<>> providers;

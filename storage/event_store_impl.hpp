@@ -152,7 +152,8 @@ class event_store::impl {
     std::vector<std::string_view> keys;     // validate: the append's unique keys, sorted
     std::unordered_map<std::string_view, std::uint64_t> claimed;  // keys claimed earlier in the group
     // What the store holds for the group's unique keys, looked up at once: only the taken ones.
-    std::unordered_map<std::string, expected<std::uint64_t, error>> taken;
+    // Keyed by the claiming request's own key string.
+    std::unordered_map<std::string_view, expected<std::uint64_t, error>> taken;
     std::uint64_t next_position = 0;
   };
 

@@ -121,16 +121,19 @@ inline std::optional<stream_run> parse_run(std::string_view stream, std::string_
 
 inline be128 dedup_key(const events::event_id& id) { return be64_pair(id.high, id.low); }
 
+/// What precedes a claimed unique key in `dedup`: 16 zero bytes, which no event id is.
+inline constexpr std::string_view unique_key_prefix{"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 16};
+
 /// The `dedup` key of a claimed unique key.
 inline std::string unique_key(std::string_view key) {
-  std::string out(16, '\0');
+  std::string out(unique_key_prefix);
   out.append(key);
   return out;
 }
 
 /// Whether a `dedup` key is a claimed unique key (else it is an append's first event id).
 inline bool is_unique_key(std::string_view stored) {
-  return stored.size() > 16 && stored.find_first_not_of('\0') >= 16;
+  return stored.size() > unique_key_prefix.size() && stored.starts_with(unique_key_prefix);
 }
 
 inline std::string projection_key(std::string_view name, std::string_view key) {

@@ -2,6 +2,7 @@
 // WriteBatch per group), the syncer thread (group fsync, acknowledgements) and recovery after a
 // failed write.
 #include <algorithm>
+#include <array>
 #include <future>
 
 #include "storage/event_store_impl.hpp"
@@ -322,10 +323,14 @@ void event_store::impl::lookup_first_ids(const std::vector<pending_append>& grou
 
 void event_store::impl::lookup_unique_keys(const std::vector<pending_append>& group, group_state& state) {
   state.taken.clear();
-  std::vector<std::string> keys;
+  std::vector<std::string_view> claimed;  // as the requests name them
+  std::vector<std::string> keys;          // as the id index stores them
   for (const auto& item : group) {
     for (const auto& s : item.request) {
-      for (const auto& key : s.unique_keys) keys.push_back(keys::unique_key(key));
+      for (const auto& key : s.unique_keys) {
+        claimed.push_back(key);
+        keys.push_back(keys::unique_key(key));
+      }
     }
   }
   if (keys.empty()) return;
@@ -339,7 +344,7 @@ void event_store::impl::lookup_unique_keys(const std::vector<pending_append>& gr
   }
   for (std::size_t i = 0; i < keys.size(); ++i) {
     if (statuses[i].IsNotFound()) continue;
-    auto& entry = state.taken[keys[i].substr(16)];
+    auto& entry = state.taken[claimed[i]];
     if (!statuses[i].ok()) {
       entry = unexpected{translate(statuses[i], "checking the append's unique keys")};
     } else if (values[i].size() != 8) {
@@ -535,7 +540,7 @@ expected<void, error> event_store::impl::check_keys_free(group_state& group) con
     std::uint64_t position = 0;
     if (auto claimed = group.claimed.find(key); claimed != group.claimed.end()) {
       position = claimed->second;
-    } else if (auto taken = group.taken.find(std::string(key)); taken != group.taken.end()) {
+    } else if (auto taken = group.taken.find(key); taken != group.taken.end()) {
       if (!taken->second) return unexpected{taken->second.error()};
       position = *taken->second;
     } else {
@@ -616,8 +621,11 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     keys::assign_stream_key(group.stream_key, s.stream, version + 1);
     group.batch.Put(db_->cf(cf_events), slice(group.stream_key),
                     slice(keys::run_value(group.next_position, s.events.size())));
+    const auto position = keys::be64_bytes(group.next_position);
     for (const auto& key : s.unique_keys) {
-      group.batch.Put(db_->cf(cf_dedup), slice(keys::unique_key(key)), slice(keys::be64_bytes(group.next_position)));
+      const std::array<rocksdb::Slice, 2> parts{slice(keys::unique_key_prefix), slice(key)};
+      const rocksdb::Slice value = slice(position);
+      group.batch.Put(db_->cf(cf_dedup), rocksdb::SliceParts(parts.data(), 2), rocksdb::SliceParts(&value, 1));
       group.claimed.emplace(key, group.next_position);
     }
     for (const auto& e : s.events) {
