@@ -1,6 +1,7 @@
 #include "gateway/http_server.hpp"
 
 #include "gateway/idle_watch.hpp"
+#include "gateway/write_buffer.hpp"
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/ip/basic_resolver.hpp>
@@ -394,7 +395,7 @@ class session : public std::enable_shared_from_this<session> {
     pending_ += data;
     pending_ += "\r\n";
     // A client that does not read: what waits for it, queued or being written, is bounded.
-    if (pending_.size() + in_flight_.size() - in_flight_sent_ > options_.stream_buffer_bytes_max) return gone();
+    if (pending_.size() + in_flight_.untaken() > options_.stream_buffer_bytes_max) return gone();
     if (options_.stream_flush_interval.count() == 0) return flush_soon();
     if (!piece_written_) {
       // The answer's first piece (its first token) is written now, not after the handlers queued
@@ -542,9 +543,8 @@ class session : public std::enable_shared_from_this<session> {
       pending_.erase(0, sent);  // the rest waits until the socket takes more
     }
     writing_ = true;
-    in_flight_.swap(pending_);
-    in_flight_sent_ = 0;
-    pending_.clear();
+    in_flight_.start(std::move(pending_));
+    pending_.clear();  // a new buffer: the write's (perhaps large) one goes with the write
     write_in_flight();
   }
 
@@ -555,15 +555,13 @@ class session : public std::enable_shared_from_this<session> {
   /// of a long write; connections_max bounds how many such clients there can be.
   void write_in_flight() {
     stream_.expires_after(options_.idle_timeout);
-    stream_.async_write_some(asio::buffer(in_flight_) + in_flight_sent_,
+    const auto rest = in_flight_.rest();
+    stream_.async_write_some(asio::buffer(rest.data(), rest.size()),
                              [self = shared_from_this()](beast::error_code ec, std::size_t written) {
-                               self->in_flight_sent_ += written;
-                               if (!ec && self->in_flight_sent_ < self->in_flight_.size()) {
-                                 return self->write_in_flight();
-                               }
+                               self->in_flight_.took(written);
+                               if (!ec && !self->in_flight_.done()) return self->write_in_flight();
                                self->writing_ = false;
                                self->in_flight_.clear();
-                               self->in_flight_sent_ = 0;
                                if (ec) return self->gone();
                                self->write_next();
                              });
@@ -655,8 +653,7 @@ class session : public std::enable_shared_from_this<session> {
   websocket_registry& websockets_;
   std::string remote_address_;  ///< the peer's, read once when the connection starts
   std::string pending_;    ///< bytes queued behind the write in flight
-  std::string in_flight_;
-  std::size_t in_flight_sent_ = 0;  ///< bytes of in_flight_ the socket took so far
+  write_buffer in_flight_;  ///< the write the socket takes in pieces, if any
   std::vector<std::function<void()>> close_callbacks_;
 };
 
