@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "base/ensure.hpp"
+#include "events/capnp_values.hpp"
 #include "events/schema/events.capnp.h"
 
 namespace gpustream::events {
@@ -36,10 +37,8 @@ constexpr event_type type_number_v =
 // ---------------------------------------------------------------------------------------------
 // Text, Data and digests.
 
-std::string to_std(capnp::Text::Reader text) { return std::string(text.begin(), text.size()); }
-
-/// std::string keeps a NUL after its last character, which capnp::Text requires.
-capnp::Text::Reader to_wire(const std::string& text) { return {text.data(), text.size()}; }
+using capnp_values::to_std;
+using capnp_values::to_wire;
 
 capnp::Data::Reader to_wire(const sha256_digest& digest) { return {digest.data(), digest.size()}; }
 
@@ -100,37 +99,10 @@ E from_wire(typename enum_mirror<E>::wire value) {
 // ---------------------------------------------------------------------------------------------
 // Nested value structs.
 
-void write(schema::GpuInfo::Builder b, const gpu_info& v) {
-  b.setName(to_wire(v.name));
-  b.setMemoryBytes(v.memory_bytes);
-  b.setComputeCapabilityMajor(v.compute_capability_major);
-  b.setComputeCapabilityMinor(v.compute_capability_minor);
-}
-
-gpu_info read(schema::GpuInfo::Reader r) {
-  return {.name = to_std(r.getName()),
-          .memory_bytes = r.getMemoryBytes(),
-          .compute_capability_major = r.getComputeCapabilityMajor(),
-          .compute_capability_minor = r.getComputeCapabilityMinor()};
-}
-
-void write(schema::ModelOffer::Builder b, const model_offer& v) {
-  b.setModelName(to_wire(v.model_name));
-  b.setContextLengthTokens(v.context_length_tokens);
-  b.setQuantisation(to_wire(v.quantisation));
-  b.setInputPriceMicrosPerMtok(v.input_price_micros_per_mtok);
-  b.setOutputPriceMicrosPerMtok(v.output_price_micros_per_mtok);
-  b.setMaxConcurrency(v.max_concurrency);
-}
-
-model_offer read(schema::ModelOffer::Reader r) {
-  return {.model_name = to_std(r.getModelName()),
-          .context_length_tokens = r.getContextLengthTokens(),
-          .quantisation = to_std(r.getQuantisation()),
-          .input_price_micros_per_mtok = r.getInputPriceMicrosPerMtok(),
-          .output_price_micros_per_mtok = r.getOutputPriceMicrosPerMtok(),
-          .max_concurrency = r.getMaxConcurrency()};
-}
+void write(schema::GpuInfo::Builder b, const gpu_info& v) { capnp_values::write_gpu_info(b, v); }
+gpu_info read(schema::GpuInfo::Reader r) { return capnp_values::read_gpu_info(r); }
+void write(schema::ModelOffer::Builder b, const model_offer& v) { capnp_values::write_model_offer(b, v); }
+model_offer read(schema::ModelOffer::Reader r) { return capnp_values::read_model_offer(r); }
 
 void write(schema::SuspicionCounters::Builder b, const suspicion_counters& v) {
   b.setUnreasonablyFastJobs(v.unreasonably_fast_jobs);

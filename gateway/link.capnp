@@ -10,7 +10,8 @@
 # closes the link with a clear reason rather than guessing.
 #
 # The link deliberately has its own copies of GpuInfo/ModelOffer instead of importing the event
-# schema: the stored format and the wire protocol evolve on different schedules.
+# schema: the stored format and the wire protocol evolve on different schedules. While they agree
+# field by field, events/capnp_values.hpp converts both.
 #
 # Units: durations in microseconds (`...Us`) or milliseconds (`...Ms`); prices in micro-USD per
 # million tokens (`...MicrosPerMtok`); token rates in thousandths of a token per second (`...Milli`).

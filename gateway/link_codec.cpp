@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "base/ensure.hpp"
+#include "events/capnp_values.hpp"
 #include "gateway/link.capnp.h"
 
 namespace gpustream::gateway::link {
@@ -21,10 +22,8 @@ namespace {
 // -------------------------------------------------------------------------------------------------
 // Text and enums.
 
-std::string to_std(capnp::Text::Reader text) { return std::string(text.begin(), text.size()); }
-
-/// std::string keeps a NUL after its last character, which capnp::Text requires.
-capnp::Text::Reader to_wire(const std::string& text) { return {text.data(), text.size()}; }
+using events::capnp_values::to_std;
+using events::capnp_values::to_wire;
 
 decode_error failure(decode_errc code, std::string message) { return {code, std::move(message)}; }
 
@@ -48,20 +47,9 @@ schema::JobKind to_wire(job_kind kind) {
 // -------------------------------------------------------------------------------------------------
 // Writing.
 
-void write(schema::GpuInfo::Builder b, const events::gpu_info& v) {
-  b.setName(to_wire(v.name));
-  b.setMemoryBytes(v.memory_bytes);
-  b.setComputeCapabilityMajor(v.compute_capability_major);
-  b.setComputeCapabilityMinor(v.compute_capability_minor);
-}
-
+void write(schema::GpuInfo::Builder b, const events::gpu_info& v) { events::capnp_values::write_gpu_info(b, v); }
 void write(schema::ModelOffer::Builder b, const events::model_offer& v) {
-  b.setModelName(to_wire(v.model_name));
-  b.setContextLengthTokens(v.context_length_tokens);
-  b.setQuantisation(to_wire(v.quantisation));
-  b.setInputPriceMicrosPerMtok(v.input_price_micros_per_mtok);
-  b.setOutputPriceMicrosPerMtok(v.output_price_micros_per_mtok);
-  b.setMaxConcurrency(v.max_concurrency);
+  events::capnp_values::write_model_offer(b, v);
 }
 
 unsigned list_size(std::size_t size) {
@@ -147,21 +135,8 @@ void write(schema::Frame::Builder root, const cancel& f) { root.initCancel().set
 
 using read_result = expected<frame, decode_error>;
 
-events::gpu_info read(schema::GpuInfo::Reader r) {
-  return {.name = to_std(r.getName()),
-          .memory_bytes = r.getMemoryBytes(),
-          .compute_capability_major = r.getComputeCapabilityMajor(),
-          .compute_capability_minor = r.getComputeCapabilityMinor()};
-}
-
-events::model_offer read(schema::ModelOffer::Reader r) {
-  return {.model_name = to_std(r.getModelName()),
-          .context_length_tokens = r.getContextLengthTokens(),
-          .quantisation = to_std(r.getQuantisation()),
-          .input_price_micros_per_mtok = r.getInputPriceMicrosPerMtok(),
-          .output_price_micros_per_mtok = r.getOutputPriceMicrosPerMtok(),
-          .max_concurrency = r.getMaxConcurrency()};
-}
+events::gpu_info read(schema::GpuInfo::Reader r) { return events::capnp_values::read_gpu_info(r); }
+events::model_offer read(schema::ModelOffer::Reader r) { return events::capnp_values::read_model_offer(r); }
 
 read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
   const auto gpus = r.getGpus();
