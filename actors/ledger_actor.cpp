@@ -36,7 +36,12 @@ std::vector<std::string> ledger_aggregate::unique_keys(std::span<const events::e
       last_group = t->linked_group_id;
     }
   }
-  return keys;  // distinct: decide refuses a transfer or group id already in the working state
+  // Distinct: decide refuses a transfer or group id already in the working state, and a batch
+  // (at most events_per_append_max events) is far smaller than the window that state keeps
+  // (ledger_recent_transfers_max). Were one larger, an id could leave the window within the
+  // batch and come again; the store then refuses the whole append for naming a key twice, so
+  // still nothing is applied twice.
+  return keys;
 }
 
 ledger_actor spawn_ledger_actor(caf::actor_system& system, store_actor store,

@@ -391,11 +391,15 @@ class session : public std::enable_shared_from_this<session> {
     if (!answering(request) || !started_ || complete_ || data.empty()) return;
     char size[20];
     const int n = std::snprintf(size, sizeof size, "%zx\r\n", data.size());
+    const std::size_t queued = pending_.size() + static_cast<std::size_t>(n) + data.size() + 2;
+    // A client that does not read: what waits for it, queued or being written, is bounded, and
+    // so is the queue's buffer.
+    const auto limit = options_.stream_buffer_bytes_max;
+    if (queued + in_flight_.untaken() > limit) return gone();
+    if (queued > pending_.capacity()) grow_queue(pending_, queued, limit);
     pending_.append(size, static_cast<std::size_t>(n));
     pending_ += data;
     pending_ += "\r\n";
-    // A client that does not read: what waits for it, queued or being written, is bounded.
-    if (pending_.size() + in_flight_.untaken() > options_.stream_buffer_bytes_max) return gone();
     if (options_.stream_flush_interval.count() == 0) return flush_soon();
     if (!piece_written_) {
       // The answer's first piece (its first token) is written now, not after the handlers queued
@@ -543,8 +547,7 @@ class session : public std::enable_shared_from_this<session> {
       pending_.erase(0, sent);  // the rest waits until the socket takes more
     }
     writing_ = true;
-    in_flight_.start(std::move(pending_));
-    pending_.clear();  // a new buffer: the write's (perhaps large) one goes with the write
+    in_flight_.start(std::move(pending_));  // pending_ starts again empty, without a buffer
     write_in_flight();
   }
 
@@ -558,8 +561,10 @@ class session : public std::enable_shared_from_this<session> {
     const auto rest = in_flight_.rest();
     stream_.async_write_some(asio::buffer(rest.data(), rest.size()),
                              [self = shared_from_this()](beast::error_code ec, std::size_t written) {
-                               self->in_flight_.took(written);
-                               if (!ec && !self->in_flight_.done()) return self->write_in_flight();
+                               if (!ec && written < self->in_flight_.untaken()) {
+                                 self->in_flight_.took(written);
+                                 return self->write_in_flight();
+                               }
                                self->writing_ = false;
                                self->in_flight_.clear();
                                if (ec) return self->gone();

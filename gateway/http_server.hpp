@@ -127,9 +127,9 @@ struct http_server_options {
   /// waits at most this long. Bounds the writes a fast stream costs. Default: 5 ms.
   std::chrono::microseconds stream_flush_interval{5'000};
   /// Most bytes of a streamed response waiting for a slow client (queued, or in a write the
-  /// socket has not taken yet); more closes the connection. What the socket took of a write is
-  /// let go while the write lasts (see write_buffer.hpp), so the memory a slow client holds stays
-  /// within about 8/7 of this. Default: 4 MiB.
+  /// socket has not taken yet); more closes the connection. The queue's buffer grows no larger, and
+  /// a write in flight lets go of what the socket took as it goes (write_buffer.hpp), so a slow
+  /// client holds at most about 8/7 of this in memory, not nearly twice it. Default: 4 MiB.
   std::size_t stream_buffer_bytes_max = 4 * 1024 * 1024;
   /// Largest WebSocket message received; larger closes the connection with 1009. Default: 1 MiB.
   std::size_t websocket_message_bytes_max = 1024 * 1024;

@@ -621,10 +621,10 @@ event_store::impl::staged event_store::impl::stage(const std::vector<stream_appe
     keys::assign_stream_key(group.stream_key, s.stream, version + 1);
     group.batch.Put(db_->cf(cf_events), slice(group.stream_key),
                     slice(keys::run_value(group.next_position, s.events.size())));
-    const auto position = keys::be64_bytes(group.next_position);
+    const auto position_bytes = keys::be64_bytes(group.next_position);
     for (const auto& key : s.unique_keys) {
       const std::array<rocksdb::Slice, 2> parts{slice(keys::unique_key_prefix), slice(key)};
-      const rocksdb::Slice value = slice(position);
+      const rocksdb::Slice value = slice(position_bytes);
       group.batch.Put(db_->cf(cf_dedup), rocksdb::SliceParts(parts.data(), 2), rocksdb::SliceParts(&value, 1));
       group.claimed.emplace(key, group.next_position);
     }
