@@ -396,7 +396,8 @@ class session : public std::enable_shared_from_this<session> {
     // so is the queue's buffer.
     const auto limit = options_.stream_buffer_bytes_max;
     if (queued + in_flight_.untaken() > limit) return gone();
-    if (queued > pending_.capacity()) grow_queue(pending_, queued, limit);
+    // Below half the limit the queue grows as strings do (doubling stays under it).
+    if (queued > pending_.capacity() && 2 * pending_.capacity() > limit) grow_queue(pending_, queued, limit);
     pending_.append(size, static_cast<std::size_t>(n));
     pending_ += data;
     pending_ += "\r\n";
