@@ -140,8 +140,9 @@ class event_store::impl {
     rocksdb::WriteBatch batch;
     std::unordered_map<std::string_view, std::uint64_t> heads;
     std::unordered_map<events::event_id, std::size_t, id_hash> appends;  // first id -> index in group
-    // What the id index holds for each append's first event id, looked up for the whole group at
-    // once (an empty request is looked up under a nil id and refused by validation).
+    // What the id index holds for each append's first event id (the first group.size() entries),
+    // then for each unique key the appends claim, looked up for the whole group at once (an empty
+    // request is looked up under a nil id and refused by validation).
     std::vector<rocksdb::PinnableSlice> stored;
     std::vector<rocksdb::Status> stored_status;
     // Reused for every append of the group, so that staging one allocates (almost) nothing.
@@ -190,7 +191,9 @@ class event_store::impl {
   bool must_sync() const;
   bool durable(const written_group& group) const;
   void sync_wal(std::unique_lock<std::mutex>& lock);
-  void lookup_first_ids(const std::vector<pending_append>& group, group_state& state);
+  /// Looks up, in one read of the id index, each append's first event id (state.stored) and every
+  /// unique key the appends claim (the taken ones into state.taken).
+  void lookup_group(const std::vector<pending_append>& group, group_state& state);
   void deliver(written_group& group, const expected<void, error>& durable);
   void commit_group(std::vector<pending_append>& group);
   expected<void, error> recover_if_needed();
@@ -200,8 +203,6 @@ class event_store::impl {
   /// The append's unique keys are within the limits and distinct (into group.keys, sorted).
   expected<void, error> validate_unique_keys(const std::vector<stream_append>& request,
                                              group_state& group) const;
-  /// Looks up every unique key the group's appends claim (into state.taken).
-  void lookup_unique_keys(const std::vector<pending_append>& group, group_state& state);
   /// None of group.keys was claimed before, in the store or earlier in the group (key_taken).
   expected<void, error> check_keys_free(group_state& group) const;
   expected<std::uint64_t, error> head_of(std::string_view stream, const group_state& group);

@@ -232,8 +232,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   std::optional<error> write_failed;
   if (recovered) {
     state.next_position = next_position_;
-    lookup_first_ids(group, state);
-    lookup_unique_keys(group, state);
+    lookup_group(group, state);
     for (std::size_t i = 0; i < group.size(); ++i) {
       decisions.push_back(stage(group[i].request, i, state, group));
     }
@@ -303,54 +302,47 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   deliver(done, {});
 }
 
-void event_store::impl::lookup_first_ids(const std::vector<pending_append>& group, group_state& state) {
+void event_store::impl::lookup_group(const std::vector<pending_append>& group, group_state& state) {
+  // One MultiGet for both: the first event id of each append (state.stored[i] for append i), then
+  // every unique key the appends claim.
   std::vector<keys::be128> id_keys;
   id_keys.reserve(group.size());
+  std::vector<std::string_view> claimed;  // as the requests name them
+  std::vector<std::string> unique_keys;   // as the id index stores them
   for (const auto& item : group) {
     const auto& r = item.request;
     const bool has_event = !r.empty() && !r.front().events.empty();
     id_keys.push_back(keys::dedup_key(has_event ? r.front().events.front().id : events::event_id{}));
-  }
-  std::vector<rocksdb::Slice> slices;
-  slices.reserve(id_keys.size());
-  for (const auto& key : id_keys) slices.push_back(slice(key));
-  state.stored = std::vector<rocksdb::PinnableSlice>(slices.size());
-  state.stored_status.assign(slices.size(), rocksdb::Status());
-  std::shared_lock lock(db_mutex_);
-  db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
-                    state.stored.data(), state.stored_status.data());
-}
-
-void event_store::impl::lookup_unique_keys(const std::vector<pending_append>& group, group_state& state) {
-  state.taken.clear();
-  std::vector<std::string_view> claimed;  // as the requests name them
-  std::vector<std::string> keys;          // as the id index stores them
-  for (const auto& item : group) {
-    for (const auto& s : item.request) {
+    for (const auto& s : r) {
       for (const auto& key : s.unique_keys) {
         claimed.push_back(key);
-        keys.push_back(keys::unique_key(key));
+        unique_keys.push_back(keys::unique_key(key));
       }
     }
   }
-  if (keys.empty()) return;
-  std::vector<rocksdb::Slice> slices(keys.begin(), keys.end());
-  std::vector<rocksdb::PinnableSlice> values(keys.size());
-  std::vector<rocksdb::Status> statuses(keys.size());
+  std::vector<rocksdb::Slice> slices;
+  slices.reserve(id_keys.size() + unique_keys.size());
+  for (const auto& key : id_keys) slices.push_back(slice(key));
+  for (const auto& key : unique_keys) slices.push_back(slice(key));
+  state.stored = std::vector<rocksdb::PinnableSlice>(slices.size());
+  state.stored_status.assign(slices.size(), rocksdb::Status());
   {
     std::shared_lock lock(db_mutex_);
     db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(),
-                      values.data(), statuses.data());
+                      state.stored.data(), state.stored_status.data());
   }
-  for (std::size_t i = 0; i < keys.size(); ++i) {
-    if (statuses[i].IsNotFound()) continue;
+  state.taken.clear();
+  for (std::size_t i = 0; i < claimed.size(); ++i) {
+    const auto& status = state.stored_status[group.size() + i];
+    if (status.IsNotFound()) continue;
+    const auto value = state.stored[group.size() + i].ToStringView();
     auto& entry = state.taken[claimed[i]];
-    if (!statuses[i].ok()) {
-      entry = unexpected{translate(statuses[i], "checking the append's unique keys")};
-    } else if (values[i].size() != 8) {
+    if (!status.ok()) {
+      entry = unexpected{translate(status, "checking the append's unique keys")};
+    } else if (value.size() != 8) {
       entry = unexpected{make_error(errc::corruption, "unique key entry is not 8 bytes")};
     } else {
-      entry = keys::load_be64(values[i].ToStringView());
+      entry = keys::load_be64(value);
     }
   }
 }
