@@ -27,6 +27,9 @@
 # gateway run, every TRACE_S seconds, the jobs `serve` has ended so far (its /metrics), the rate
 # since the last line and `serve`'s VmRSS; with a long DURATION_S this shows whether the rate holds
 # and how memory grows with the jobs done (e.g. DURATION_S=150 TRACE_S=10 CONCURRENCIES=256).
+# FLOOR (0; 1: after each gateway run, a third run through two bare TCP relays chained in front of
+# the same upstream, bench/relay_floor: what any two extra processes on the way cost on these cores
+# before any gateway work; its figures are printed, not judged).
 # Logs stay in the temporary folder it names when something fails (or always, with KEEP_LOGS=1).
 set -euo pipefail
 
@@ -46,6 +49,8 @@ generator_threads=${GENERATOR_THREADS:-1}
 durability=${DURABILITY:-sync}
 price_per_mtok=${PRICE_PER_MTOK:-1000000}
 repeat=${REPEAT:-1}
+floor=${FLOOR:-0}
+[[ "$floor" =~ ^[01]$ ]] || { echo "error: FLOOR must be 0 or 1, not '$floor'" >&2; exit 2; }
 trace_s=${TRACE_S:-0}
 [[ "$trace_s" =~ ^[0-9]+$ ]] || { echo "error: TRACE_S must be a whole number of seconds, not '$trace_s'" >&2; exit 2; }
 [[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "error: REPEAT must be a whole number >= 1, not '$repeat'" >&2; exit 2; }
@@ -55,7 +60,8 @@ idle_first_token_ms=600000
 gpustream=$build/app/gpustream
 upstream_bin=$build/tests/upstream/gpustream_test_upstream
 generator=$build/bench/gateway_load
-for binary in "$gpustream" "$upstream_bin" "$generator"; do
+relay_bin=$build/bench/relay_floor
+for binary in "$gpustream" "$upstream_bin" "$generator" "$relay_bin"; do
   [ -x "$binary" ] || { echo "error: $binary is missing; build first (./scripts/build)" >&2; exit 2; }
 done
 
@@ -205,6 +211,21 @@ start_upstream upstream bench-model 0
 direct_port=$upstream_port
 direct_pid=$upstream_pid
 
+# start_relay NAME TARGET_PORT: starts a bare relay to TARGET_PORT, sets relay_port and relay_pid.
+start_relay() {
+  "$relay_bin" --listen 0 --to "$2" > "$work/$1.out" 2> "$work/$1.err" &
+  relay_pid=$!
+  track "$relay_pid" "$1"
+  wait_for_line "$work/$1.out" '^listening ' 10 "$relay_pid"
+  relay_port=$(sed -n 's/^listening .*:\([0-9]*\)$/\1/p' "$work/$1.out")
+}
+if [ "$floor" = 1 ]; then  # client -> relay A ("serve") -> relay B ("the agent") -> upstream
+  start_relay relay-b "$direct_port"
+  relay_b_pid=$relay_pid
+  start_relay relay-a "$relay_port"
+  relay_a_pid=$relay_pid floor_port=$relay_port
+fi
+
 admin_token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
 GPUSTREAM_ADMIN_TOKEN=$admin_token "$gpustream" serve --data "$work/data" --http 127.0.0.1:0 --durability "$durability" \
   --rate-per-minute 100000000 --rate-burst 1000000 ${SERVE_ARGS:-} > "$work/serve.out" 2> "$work/serve.log" &
@@ -338,6 +359,31 @@ measure_concurrency() {
   echo "$line"
   echo "$cost"
   echo "$split"
+  [ "$floor" = 1 ] && measure_floor "$c" "$direct"
+  return 0
+}
+
+# measure_floor C DIRECT_RESULT: one run at C streams through the two bare relays; prints its line
+# (and appends it to summary): TTFT added to the direct run's and the relays' CPU per completion.
+measure_floor() {
+  local c=$1 direct=$2 relayed a_before b_before u_before line
+  echo "concurrency $c: through two bare relays" >&2
+  a_before=$(cpu_ticks "$relay_a_pid") b_before=$(cpu_ticks "$relay_b_pid") u_before=$(cpu_ticks "$direct_pid")
+  relayed=$(load floor "http://127.0.0.1:$floor_port/v1" "" "$c")
+  line=$(awk -v c="$c" -v hz="$clock_ticks" -v n="$(field completions "$relayed")" \
+    -v a="$(($(cpu_ticks "$relay_a_pid") - a_before))" -v b="$(($(cpu_ticks "$relay_b_pid") - b_before))" \
+    -v u="$(($(cpu_ticks "$direct_pid") - u_before))" -v g="$(field cpu_s "$relayed")" \
+    -v dt50="$(field ttft_p50_us "$direct")" -v dt99="$(field ttft_p99_us "$direct")" \
+    -v rt50="$(field ttft_p50_us "$relayed")" -v rt99="$(field ttft_p99_us "$relayed")" \
+    -v rate="$(field completions_per_s "$relayed")" 'BEGIN {
+      us = 1e6 / hz
+      printf "C=%-4d floor, two bare relays: added TTFT p50 %.2f ms, p99 %.2f ms | %.0f/s", c,
+             (rt50 - dt50) / 1000, (rt99 - dt99) / 1000, rate
+      printf " | CPU us per completion: relays %.0f and %.0f, upstream %.0f, generator %.0f",
+             a * us / n, b * us / n, u * us / n, g * 1e6 / n
+    }')
+  summary+=("$line")
+  echo "$line"
 }
 
 # measure_idle: idle streams through a second upstream whose first token comes after the hold,
