@@ -122,6 +122,14 @@ void record_aside(self_pointer self, const Registry& registry, const std::string
             [self](caf::error&) { ++self->state.side_effects_failed; });
 }
 
+/// Tells the provider's actor how a job it ran ended (`fault` none: finished, with `measure`); the
+/// provider's score counts only its own faults.
+void record_outcome(self_pointer self, const std::string& provider_id, const std::string& job_id,
+                    domain::job_fault fault, const domain::job_measure& measure = {}) {
+  record_aside(self, self->state.peers.providers, provider_id,
+               domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure}});
+}
+
 void release_hold(self_pointer self, const live_job& job) {
   if (job.hold_micros == 0) return;
   auto held = self->state.holds_micros.find(job.request.user_id);
@@ -217,9 +225,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
   auto after_ledger = [self, job_id, outcome, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
-      record_aside(self, self->state.peers.providers, job.provider_id,
-                   domain::provider::command{domain::provider::record_job_outcome{
-                       job_id, domain::job_fault::none, measure}});
+      record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure);
       const auto streaming_us = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
       (void)self->state.index->record_speed(
           job.provider_id, job.request.model, measure.ttft_us,
@@ -604,9 +610,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
 /// Puts a running job back in the queue (or fails it) because its provider is gone, counting it
 /// against the provider.
 void provider_lost(self_pointer self, const std::string& provider_id, const std::string& job_id) {
-  record_aside(self, self->state.peers.providers, provider_id,
-               domain::provider::command{domain::provider::record_job_outcome{
-                   job_id, domain::job_fault::provider, {}}});
+  record_outcome(self, provider_id, job_id, domain::job_fault::provider);
   requeue_or_fail(self, job_id, events::reassign_reason::provider_lost, 0, [](auto&&) {});
 }
 
@@ -679,9 +683,7 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
     return reply;
   }
   // Only the provider's own faults count against it (the domain ignores the others).
-  record_aside(self, self->state.peers.providers, failure.provider_id,
-               domain::provider::command{
-                   domain::provider::record_job_outcome{failure.job_id, failure.fault, {}}});
+  record_outcome(self, failure.provider_id, failure.job_id, failure.fault);
   auto answer = [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); };
   if (failure.fault == domain::job_fault::provider) {
     requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
@@ -753,9 +755,7 @@ void reassign_stalled(self_pointer self) {
   }
   for (const auto& [job_id, provider_id] : stalled) {
     cancel_at_provider(self, provider_id, job_id);
-    record_aside(self, self->state.peers.providers, provider_id,
-                 domain::provider::command{domain::provider::record_job_outcome{
-                     job_id, domain::job_fault::provider, {}}});
+    record_outcome(self, provider_id, job_id, domain::job_fault::provider);
     requeue_or_fail(self, job_id, events::reassign_reason::provider_stalled, 0, [](auto&&) {});
   }
 }
