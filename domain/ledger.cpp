@@ -596,6 +596,7 @@ invariant_check ledger_verifier::apply(const events::transfer_recorded& recorded
 }
 
 invariant_check ledger_verifier::end_group() {
+  if (touched_.empty()) return {};
   auto checked = check_accounts(state_, touched_);
   if (!checked) {
     return violation("after group " + quoted(group_id_) + ": " + checked.error().message);

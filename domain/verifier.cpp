@@ -260,7 +260,7 @@ domain_verifier::result domain_verifier::route(const stream_name& name, const wh
     case stream_kind::campaign: return apply_campaign(at, event);
     case stream_kind::payout: return apply_payout(at, event);
     case stream_kind::ledger: {
-      if (auto ok = check_order(ledger_.version, at); !ok) return ok;
+      if (auto ok = check_order(ledger_version_, at); !ok) return ok;
       return apply_transfer(at, std::get<events::transfer_recorded>(event));
     }
   }
@@ -392,36 +392,23 @@ void domain_verifier::release_ended_job() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The ledger. Folded here with the ledger's own checks rather than through ledger_verifier, so that
-// a violation found when a group ends is reported at that group's last transfer.
+// The ledger, through ledger_verifier. A group's end is checked here before the next group's first
+// transfer is applied, so that a violation found then is reported at the group's last transfer.
 
 domain_verifier::result domain_verifier::apply_transfer(const where& at, const events::transfer_recorded& recorded) {
-  if (recorded.linked_group_id != ledger_group_id_) {
+  if (recorded.linked_group_id != ledger_.group_id()) {
     if (auto ended = end_ledger_group(); !ended) return ended;
   }
-  if (auto ok = ledger_history_.check(recorded, ledger_group_id_); !ok) {
-    return fail(invariant::ledger, at, ok.error().message);
-  }
-  ledger_group_id_ = recorded.linked_group_id;
-  if (auto ok = check_transfer_applicable(ledger_.state, recorded); !ok) {
-    return fail(invariant::ledger, at, ok.error().message);
-  }
-  ledger_history_.add(recorded);
-  ledger_.state = ledger::evolve(std::move(ledger_.state), events::event{recorded});
-  ledger_.version = at.version;
-  ledger_.position = at.position;
-  ledger_touched_.push_back(recorded.debit_account);
-  ledger_touched_.push_back(recorded.credit_account);
+  if (auto ok = ledger_.apply(recorded); !ok) return fail(invariant::ledger, at, ok.error().message);
+  ledger_version_ = at.version;
+  ledger_position_ = at.position;
   return {};
 }
 
 domain_verifier::result domain_verifier::end_ledger_group() {
-  if (ledger_touched_.empty()) return {};
-  if (auto checked = check_accounts(ledger_.state, ledger_touched_); !checked) {
-    return fail(invariant::ledger, where{"ledger", ledger_.version, ledger_.position},
-                "after group " + quoted(ledger_group_id_) + ": " + checked.error().message);
+  if (auto ended = ledger_.end_group(); !ended) {
+    return fail(invariant::ledger, where{"ledger", ledger_version_, ledger_position_}, ended.error().message);
   }
-  ledger_touched_.clear();
   return {};
 }
 
@@ -435,12 +422,12 @@ domain_verifier::result domain_verifier::fail(invariant broken, const where& at,
 // The end.
 
 domain_verifier::result domain_verifier::check_campaign_spend_in_ledger() const {
-  for (const auto& [account, amount] : ledger_history_.ad_spend()) {
+  for (const auto& [account, amount] : ledger_.history().ad_spend()) {
     // Campaign accounts and campaign streams share their names: "campaign-<id>".
     const auto campaign = campaigns_.find(account);
     const std::int64_t budget = campaign == campaigns_.end() ? 0 : campaign->second.state.budget_micros;
     if (amount <= budget) continue;
-    const where at = campaign == campaigns_.end() ? where{"ledger", ledger_.version, ledger_.position}
+    const where at = campaign == campaigns_.end() ? where{"ledger", ledger_version_, ledger_position_}
                                                   : where{account, campaign->second.version, campaign->second.position};
     return unexpected{verify_violation{
         invariant::campaign_budget, std::string(at.stream), at.version, at.position,
@@ -452,12 +439,12 @@ domain_verifier::result domain_verifier::check_campaign_spend_in_ledger() const 
 
 domain_verifier::result domain_verifier::finish_checks() {
   if (auto ended = end_ledger_group(); !ended) return ended;
-  const where ledger_end{"ledger", ledger_.version, ledger_.position};
-  if (auto ok = check_ledger(ledger_.state); !ok) return fail(invariant::ledger, ledger_end, ok.error().message);
+  const where ledger_end{"ledger", ledger_version_, ledger_position_};
+  if (auto ok = check_ledger(ledger_.state()); !ok) return fail(invariant::ledger, ledger_end, ok.error().message);
   std::vector<payout::state> payouts;
   payouts.reserve(payouts_.size());
   for (const auto& [stream, entry] : payouts_) payouts.push_back(entry.state);
-  if (auto ok = check_payouts_against_ledger(ledger_.state, payouts); !ok)
+  if (auto ok = check_payouts_against_ledger(ledger_.state(), payouts); !ok)
     return fail(invariant::payouts_match_ledger, ledger_end, ok.error().message);
   for (const auto& [stream, entry] : campaigns_) {
     if (auto broken = check(entry.state); !broken.empty())
@@ -495,9 +482,9 @@ expected<verify_counts, verify_violation> domain_verifier::finish() {
     counts.payouts_settled += entry.state.status == payout_status::settled ? 1 : 0;
     counts.payouts_failed += entry.state.status == payout_status::failed ? 1 : 0;
   }
-  counts.ledger_transfers = ledger_history_.transfers();
-  counts.ledger_groups = ledger_history_.groups();
-  counts.ledger_accounts = ledger_.state.balances_micros.size();
+  counts.ledger_transfers = ledger_.history().transfers();
+  counts.ledger_groups = ledger_.history().groups();
+  counts.ledger_accounts = ledger_.state().balances_micros.size();
   return counts;
 }
 
@@ -528,7 +515,7 @@ domain_verifier::state_view domain_verifier::state_of(std::string_view stream) c
       if (auto* s = find(payouts_)) return s;
       break;
     case stream_kind::ledger:
-      if (ledger_.version > 0) return &ledger_.state;
+      if (ledger_version_ > 0) return &ledger_.state();
       break;
   }
   return std::monostate{};
@@ -547,7 +534,7 @@ std::uint64_t domain_verifier::version_of(std::string_view stream) const {
     case stream_kind::job: return std::max(find(jobs_), find(ended_jobs_));
     case stream_kind::campaign: return find(campaigns_);
     case stream_kind::payout: return find(payouts_);
-    case stream_kind::ledger: return ledger_.version;
+    case stream_kind::ledger: return ledger_version_;
   }
   return 0;
 }

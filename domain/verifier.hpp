@@ -181,10 +181,9 @@ class domain_verifier {
   std::string job_to_release_;  ///< a job that ended at the last apply, reduced at the next one
   streams<campaign_state> campaigns_;
   streams<payout::state> payouts_;
-  tracked<ledger::state> ledger_;
-  ledger_history ledger_history_;              ///< every transfer id and group of the log
-  std::string ledger_group_id_;                ///< the group being applied
-  std::vector<std::string> ledger_touched_;    ///< accounts the current group moved money of
+  ledger_verifier ledger_;              ///< the ledger's own checks, state and history
+  std::uint64_t ledger_version_ = 0;   ///< of the last transfer applied
+  std::uint64_t ledger_position_ = 0;
   std::uint64_t last_position_ = 0;
   std::uint64_t events_ = 0;
   bool failed_ = false;
