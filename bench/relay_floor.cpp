@@ -1,6 +1,6 @@
 // The floor under any gateway of this shape on this machine: a TCP relay that does nothing but
 // copy bytes between a client and a target, one thread, epoll, no parsing, no allocation per
-// message. bench/relay_floor.sh chains two of them (as `serve` and the provider agent are two
+// message. `FLOOR=1 bench/gateway_load.sh` chains two of them (as `serve` and the provider agent are two
 // processes on the way) between bench/gateway_load and the test upstream: what that chain adds
 // to the time to first token is what two extra processes on these cores cost before any of
 // gpustream's own work.
@@ -46,10 +46,12 @@ sockaddr_in loopback(std::uint16_t port) {
 }
 
 /// One direction of a relayed connection: bytes read from `from` that `to` has not taken yet.
+/// Each socket is the `from` of one direction, which keeps what epoll watches on it.
 struct pipe_end {
   int from = -1;
   int to = -1;
   std::string pending;  // empty in the usual case: a write takes all that was read
+  std::uint32_t from_events = EPOLLIN;  // what epoll watches on `from` now
 };
 
 struct connection {
@@ -118,14 +120,12 @@ class relay {
       set_nonblocking_nodelay(client);
       set_nonblocking_nodelay(target);
       auto c = std::make_shared<connection>();
-      c->up = {.from = client, .to = target, .pending = {}};
-      c->down = {.from = target, .to = client, .pending = {}};
+      c->up = {.from = client, .to = target, .pending = {}, .from_events = EPOLLIN};
+      c->down = {.from = target, .to = client, .pending = {}, .from_events = EPOLLIN};
       by_fd_[client] = c;
       by_fd_[target] = c;
       add(client, EPOLLIN);
       add(target, EPOLLIN);
-      interest_[client] = EPOLLIN;
-      interest_[target] = EPOLLIN;
     }
   }
 
@@ -134,21 +134,20 @@ class relay {
     pipe_end& writing_to = c->up.to == fd ? c->up : c->down;  // the direction this fd receives
     if ((events & EPOLLOUT) && !flush(writing_to)) return drop(*c);
     if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !pump(reading)) return drop(*c);
-    watch(*c, c->up.from);
-    watch(*c, c->up.to);
+    watch(c->up, c->down);
+    watch(c->down, c->up);
   }
 
   /// Level-triggered interest: read a side only while what it sent last is all passed on (so a
   /// slow reader stops its writer instead of spinning here), and wait to write while some is held.
-  void watch(const connection& c, int fd) {
-    const pipe_end& reading = c.up.from == fd ? c.up : c.down;
-    const pipe_end& writing_to = c.up.to == fd ? c.up : c.down;
+  /// `reading`'s socket is `writing_to`'s destination.
+  void watch(pipe_end& reading, const pipe_end& writing_to) {
     const std::uint32_t events = (reading.pending.empty() ? EPOLLIN : 0u) |
                                  (writing_to.pending.empty() ? 0u : EPOLLOUT);
-    if (interest_[fd] == events) return;
-    interest_[fd] = events;
-    epoll_event e{.events = events, .data = {.fd = fd}};
-    epoll_ctl(epoll_, EPOLL_CTL_MOD, fd, &e);
+    if (reading.from_events == events) return;
+    reading.from_events = events;
+    epoll_event e{.events = events, .data = {.fd = reading.from}};
+    epoll_ctl(epoll_, EPOLL_CTL_MOD, reading.from, &e);
   }
 
   /// Reads what `p.from` has and writes it to `p.to`; false when the connection is done for.
@@ -184,8 +183,6 @@ class relay {
     }
     const int a = c.up.from;
     const int b = c.up.to;
-    interest_.erase(a);
-    interest_.erase(b);
     by_fd_.erase(a);  // may destroy c
     by_fd_.erase(b);
   }
@@ -194,7 +191,6 @@ class relay {
   int listener_ = -1;
   std::uint16_t target_port_;
   std::unordered_map<int, std::shared_ptr<connection>> by_fd_;
-  std::unordered_map<int, std::uint32_t> interest_;  // what epoll watches on each fd now
   char buffer_[64 * 1024];
 };
 
