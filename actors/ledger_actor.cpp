@@ -26,15 +26,9 @@ ledger_aggregate::answer ledger_aggregate::respond(const state& current, const q
 std::vector<std::string> ledger_aggregate::unique_keys(std::span<const events::event> events) {
   std::vector<std::string> keys;
   keys.reserve(events.size() + 1);
-  std::string_view last_group;
+  ledger_key_namer name_keys;
   for (const auto& event : events) {
-    const auto* t = std::get_if<events::transfer_recorded>(&event);
-    if (t == nullptr) continue;
-    keys.push_back("ledger/transfer/" + t->transfer_id);
-    if (t->linked_group_id != last_group) {  // a group's transfers are consecutive
-      keys.push_back("ledger/group/" + t->linked_group_id);
-      last_group = t->linked_group_id;
-    }
+    name_keys(event, [&](std::string key) { keys.push_back(std::move(key)); });
   }
   // Distinct: decide refuses a transfer or group id already in the working state, and a batch
   // (at most events_per_append_max events) is far smaller than the window that state keeps

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/ledger_claims.hpp"
 #include "actors/persistent_actor.hpp"
 #include "domain/ledger.hpp"
 
@@ -49,9 +50,6 @@ struct ledger_aggregate : domain::ledger {
 };
 
 using ledger_actor = aggregate_actor<ledger_aggregate>;
-
-/// The stream of the ledger.
-inline constexpr std::string_view ledger_stream = "ledger";
 
 [[nodiscard]] ledger_actor spawn_ledger_actor(caf::actor_system& system, store_actor store,
                                               persistence_options options = {});

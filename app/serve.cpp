@@ -6,10 +6,13 @@
 
 #include <algorithm>
 #include <csignal>
+#include <optional>
+#include <span>
 #include <thread>
 #include <pthread.h>
 
 #include "actors/errors.hpp"
+#include "actors/ledger_claims.hpp"
 #include "actors/runtime.hpp"
 #include "gateway/node.hpp"
 
@@ -58,7 +61,22 @@ int run_serve(const serve_options& options) {
   storage::store_options store_options;
   store_options.mode = options.mode;
   store_options.sync_interval = std::chrono::microseconds(options.sync_interval_us);
+  // A store from before appends claimed keys: its ledger's transfer and group ids are claimed
+  // before anything is served, so that none can be applied again once the window forgets it.
+  std::optional<std::uint64_t> upgrade_claims;  // set once an upgrade starts
+  store_options.format_1_claims = [&](const storage::event_store& store, const storage::claim_sink& claim) {
+    logger->info("upgrading the event store from format 1: claiming the ledger's transfer and group ids");
+    upgrade_claims = 0;
+    return actors::claim_ledger_keys(store, [&](std::span<const storage::claimed_key> keys) {
+      *upgrade_claims += keys.size();
+      return claim(keys);
+    });
+  };
   auto opened = storage::event_store::open(options.data, store_options);
+  if (opened && upgrade_claims) {
+    logger->info("event store upgraded to format {}: {} keys claimed", storage::store_format_version,
+                 *upgrade_claims);
+  }
   if (!opened) {
     logger->error("cannot open the event store: {}", opened.error().message);
     return 1;

@@ -96,6 +96,7 @@ expected<void, error> check_format(database& d, const std::filesystem::path& dir
     const auto put = d.db->Put(write, d.cf(cf_default), slice(keys::format_version_key),
                                slice(keys::be64(store_format_version)));
     if (!put.ok()) return unexpected{translate(put, "writing the store format version")};
+    d.format_version = store_format_version;
     return {};
   }
   if (!status.ok()) return unexpected{translate(status, "reading the store format version")};
@@ -104,16 +105,17 @@ expected<void, error> check_format(database& d, const std::filesystem::path& dir
                                                        " is not 8 bytes")};
   }
   const auto found = keys::load_be64(value);
-  if (found != store_format_version) {
+  if (found < store_format_version_min || found > store_format_version) {
     const char* advice = found > store_format_version
                              ? "; it was written by a newer gpustream: run that version or newer"
-                             : "; it was written by an older gpustream and needs a migration";
+                             : "; it was written by a gpustream too old for this one to upgrade";
     return unexpected{make_error(
         errc::incompatible_format,
         "data directory " + directory.string() + " has store format version " +
             std::to_string(found) + ", but this gpustream reads and writes format version " +
             std::to_string(store_format_version) + advice)};
   }
+  d.format_version = static_cast<std::uint32_t>(found);
   return {};
 }
 

@@ -56,6 +56,8 @@ inline std::span<const std::byte> bytes_of(const rocksdb::Slice& s) {
 struct database {
   std::unique_ptr<rocksdb::DB> db;
   std::vector<rocksdb::ColumnFamilyHandle*> handles;  // indexed by `column`
+  /// The format the directory holds (store_format_version_min to store_format_version).
+  std::uint32_t format_version = 0;
 
   rocksdb::ColumnFamilyHandle* cf(column c) const { return handles[c]; }
 
@@ -70,7 +72,8 @@ struct database {
 };
 
 /// Opens (creating unless read-only) the database in `directory` with every column family,
-/// refusing a directory of other files and a store of another format version. The memtables of
+/// refusing a directory of other files and a store of a format this build neither reads nor
+/// upgrades (database::format_version says which it holds). The memtables of
 /// all column families together hold at most `memtable_bytes_max` (0: RocksDB's per-family bound).
 [[nodiscard]] expected<std::unique_ptr<database>, error> open_database(
     const std::filesystem::path& directory, rocksdb::Env* env, bool read_only, std::size_t memtable_bytes_max);

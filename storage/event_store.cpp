@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <future>
 
+#include "base/ensure.hpp"
 #include "events/crc32c.hpp"
 #include "storage/event_store_impl.hpp"
 #include "storage/keys.hpp"
@@ -260,6 +261,59 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
   if (!status.ok()) return unexpected{translate(status, "reading projection " + std::string(name))};
   return std::optional<std::string>{std::move(value)};
 }
+expected<void, error> event_store::impl::upgrade(const event_store& store) {
+  if (options_.read_only || db_->format_version == store_format_version) return {};
+  GPUSTREAM_ENSURE(db_->format_version == 1);  // the only older format check_format lets through
+  if (!options_.format_1_claims) {
+    return unexpected{make_error(
+        errc::incompatible_format,
+        "data directory " + directory_.string() + " has store format version 1, written before " +
+            "appends claimed keys; this gpustream writes format version " +
+            std::to_string(store_format_version) +
+            ": open it with `gpustream serve`, which upgrades it, or read-only")};
+  }
+  const std::uint64_t last = last_position();
+  const auto claim = [&](std::span<const claimed_key> claims) -> expected<void, error> {
+    for (const auto& c : claims) {
+      if (c.key.empty() || c.key.size() > options_.unique_key_bytes_max) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "upgrading the store: a claimed key of " + std::to_string(c.key.size()) +
+                                         " bytes (1 to unique_key_bytes_max " +
+                                         std::to_string(options_.unique_key_bytes_max) + ")")};
+      }
+      if (c.position == 0 || c.position > last) {
+        return unexpected{make_error(errc::invalid_argument,
+                                     "upgrading the store: key " + c.key + " claimed at position " +
+                                         std::to_string(c.position) + ", but the log holds 1 to " +
+                                         std::to_string(last))};
+      }
+    }
+    return run_on_writer(
+        [&] {
+          rocksdb::WriteBatch batch;
+          for (const auto& c : claims) {
+            const auto value = keys::be64_bytes(c.position);
+            batch.Put(db_->cf(cf_dedup), slice(keys::unique_key(c.key)), slice(value));
+          }
+          return db_->db->Write(rocksdb::WriteOptions(), &batch);  // synced with the version below
+        },
+        "claiming keys while upgrading the store format");
+  };
+  if (auto claimed = options_.format_1_claims(store, claim); !claimed) return claimed;
+  auto written = run_on_writer(
+      [&] {
+        rocksdb::WriteOptions synced;
+        synced.sync = true;
+        return db_->db->Put(synced, db_->cf(cf_default), slice(keys::format_version_key),
+                            slice(keys::be64(store_format_version)));
+      },
+      "writing the upgraded store format version");
+  if (!written) return written;
+  std::shared_lock lock(db_mutex_);
+  if (db_) db_->format_version = store_format_version;
+  return {};
+}
+
 // ---- event_store: the public face forwards to impl ----
 
 expected<std::unique_ptr<event_store>, error> event_store::open(const std::filesystem::path& directory,
@@ -272,7 +326,9 @@ expected<std::unique_ptr<event_store>, error> event_store::open(const std::files
   }
   auto state = std::make_unique<impl>(directory, std::move(options));
   if (auto started = state->start(); !started) return unexpected{started.error()};
-  return std::unique_ptr<event_store>(new event_store(std::move(state)));
+  std::unique_ptr<event_store> store(new event_store(std::move(state)));
+  if (auto upgraded = store->impl_->upgrade(*store); !upgraded) return unexpected{upgraded.error()};
+  return store;
 }
 
 event_store::event_store(std::unique_ptr<impl> state) : impl_(std::move(state)) {}

@@ -26,8 +26,28 @@ namespace gpustream::storage {
 
 class fault_injector;
 
-/// The on-disk format this build writes and reads. Bump only with a migration.
-inline constexpr std::uint32_t store_format_version = 1;
+/// The on-disk format this build writes. Bump only with a migration (event_store::open runs them).
+///   1: the log and its indexes.
+///   2: also every key an append claims (stream_append::unique_keys), for the whole log: a format 1
+///      store holds appends written before any were claimed (store_options::format_1_claims).
+inline constexpr std::uint32_t store_format_version = 2;
+/// The oldest format this build reads (as it is, read-only) and upgrades (for writing).
+inline constexpr std::uint32_t store_format_version_min = 1;
+
+class event_store;
+
+/// A key an append claims (stream_append::unique_keys) and the global position of the event that
+/// claims it.
+struct claimed_key {
+  std::string key;
+  std::uint64_t position = 0;
+};
+/// Takes claims a chunk at a time (bounding what a caller holds); fails when the store cannot
+/// write them or a claim is invalid (an empty or too long key, a position the log does not hold).
+using claim_sink = std::function<expected<void, error>(std::span<const claimed_key>)>;
+/// Reads an open store and passes to `sink` every key its appends would claim had they been
+/// written today.
+using claim_source = std::function<expected<void, error>(const event_store&, const claim_sink& sink)>;
 
 enum class durability {
   sync,      ///< an append is acknowledged only after its WAL bytes are fsynced
@@ -85,6 +105,12 @@ struct store_options {
   /// Open for reading only (replay, analytics): no appends, no lock on the directory, so it works
   /// beside a running `serve`. The store must exist. Default: false.
   bool read_only = false;
+  /// Upgrades a store of format 1 opened for writing, whose appends claimed no keys: open calls it,
+  /// writes what it passes on as claimed, then the current format version (synced), and only then
+  /// returns. A failure leaves the store at format 1, upgraded again from the start at its next
+  /// open. Unset: such a store is refused with incompatible_format. A read-only open reads a
+  /// format 1 store as it is. Default: unset (`gpustream serve` sets the ledger's claims).
+  claim_source format_1_claims;
   /// Test hook: fail the underlying files' writes or syncs. Default: none.
   std::shared_ptr<fault_injector> faults;
 };
@@ -141,8 +167,6 @@ struct projection_write {
   bool erase = false;  ///< delete `key` instead of writing it
 };
 
-class event_store;
-
 /// A catch-up subscription: yields every event after a starting position, in order, with no gap and
 /// no duplicate between history and live appends. Owned by the caller; must not outlive the store.
 class subscription {
@@ -163,9 +187,10 @@ class subscription {
 
 class event_store {
  public:
-  /// Opens (creating if needed) the store in `directory`. Fails with incompatible_format, naming both
-  /// versions, if the directory was written by another format version, and with invalid_argument if
-  /// it holds something that is not an event store.
+  /// Opens (creating if needed) the store in `directory`, upgrading an older format for writing
+  /// (store_options::format_1_claims). Fails with incompatible_format, naming both versions, if the
+  /// directory was written by a newer format version or by an older one it cannot upgrade, and
+  /// with invalid_argument if it holds something that is not an event store.
   [[nodiscard]] static expected<std::unique_ptr<event_store>, error> open(
       const std::filesystem::path& directory, store_options options = {});
 

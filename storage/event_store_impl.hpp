@@ -109,6 +109,10 @@ class event_store::impl {
   expected<void, error> run_on_writer(const std::function<rocksdb::Status()>& write,
                                       std::string_view what);
 
+  /// Brings a store of an older format to store_format_version (store_options::format_1_claims);
+  /// nothing to do for a current or read-only store. `store` is the store this impl serves.
+  expected<void, error> upgrade(const event_store& store);
+
   expected<std::vector<events::record>, error> read_stream(std::string_view stream,
                                                            std::uint64_t from, std::uint64_t to,
                                                            std::size_t max) const;

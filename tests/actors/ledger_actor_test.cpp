@@ -1,16 +1,22 @@
 // The ledger actor's query: the balances and transfers asked for, never a copy of the whole
 // ledger (a payout run asks for the providers' balances and the payout transfers only); and a
-// transfer id applied at most once even after the ledger's window has forgotten it.
+// transfer id applied at most once even after the ledger's window has forgotten it, also in a
+// store written before appends claimed keys (upgraded when opened).
 
 #include "actors/ledger_actor.hpp"
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <map>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "actors/ledger_claims.hpp"
 #include "actors/persistent_actor.hpp"
+#include "events/codec.hpp"
 #include "tests/actors/actor_testing.hpp"
 
 namespace gpustream::actors {
@@ -138,6 +144,118 @@ TEST_F(ledger_window_test, a_job_settled_again_after_the_window_forgot_it_is_ref
   auto retried = ask<command_reply>(ledger_, settlement("job-new-2"));
   ASSERT_TRUE(retried) << describe(retried.error());
   EXPECT_TRUE(retried->events.empty());
+}
+
+// ---- a store written before appends claimed keys, upgraded when opened
+
+/// The ledger's events for `commands`, decided by the ledger's rules, appended as a build before
+/// claimed keys did (no key claimed), in appends of at most `per_append` events; then the store
+/// is marked format 1. Returns each event's global position.
+std::vector<std::uint64_t> write_unclaimed_ledger(const std::filesystem::path& dir,
+                                                  const std::vector<ledger::command>& commands,
+                                                  std::size_t per_append) {
+  std::vector<std::uint64_t> positions;
+  {
+    storage::store_options options;
+    options.mode = storage::durability::buffered;
+    auto store = storage::testing::open_or_fail(dir, options);
+    EXPECT_TRUE(store);
+    if (!store) return positions;
+    ledger::state state;
+    std::vector<storage::new_event> pending;
+    const auto flush = [&] {
+      std::vector<storage::stream_append> request(1);
+      request.front().stream = std::string(ledger_stream);
+      request.front().events = std::move(pending);
+      pending.clear();
+      auto appended = store->append(std::move(request));
+      ASSERT_TRUE(appended) << appended.error().message;
+      for (auto p = appended->first_position; p <= appended->last_position; ++p) positions.push_back(p);
+    };
+    for (const auto& command : commands) {
+      auto decided = ledger::decide(state, command, 1'700'000'000'000'000);
+      EXPECT_TRUE(decided) << decided.error().message;
+      if (!decided) return positions;
+      for (const auto& event : *decided) {
+        state = ledger::evolve(std::move(state), event);
+        pending.push_back({storage::testing::make_id(77, positions.size() + pending.size() + 1),
+                           events::type_of(event), events::encode_payload(event)});
+      }
+      if (pending.size() >= per_append) flush();
+    }
+    if (!pending.empty()) flush();
+  }
+  storage::testing::raw_put(dir, "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
+  return positions;
+}
+
+/// Every claim `source` passes on, in order, and into how many chunks.
+struct claims_seen {
+  std::vector<std::pair<std::string, std::uint64_t>> claims;
+  std::size_t chunks = 0;
+};
+
+TEST(claim_ledger_keys, names_each_transfer_and_each_group_once_at_the_position_of_its_transfer) {
+  storage::testing::temp_dir dir;
+  const auto deposit = domain::user_deposit("d1", "u", 1'000);
+  const auto positions = write_unclaimed_ledger(dir.path(), {deposit, settlement("job-1"), settlement("job-2")}, 2);
+  ASSERT_FALSE(HasFailure());
+  ASSERT_EQ(positions, (std::vector<std::uint64_t>{1, 2, 3, 4, 5}));
+  storage::store_options options;
+  options.mode = storage::durability::buffered;
+  options.read_events_max = 2;  // three reads' worth
+  claims_seen seen;
+  options.format_1_claims = [&](const storage::event_store& store, const storage::claim_sink& claim) {
+    return claim_ledger_keys(store, [&](std::span<const storage::claimed_key> keys) {
+      ++seen.chunks;
+      for (const auto& k : keys) seen.claims.emplace_back(k.key, k.position);
+      return claim(keys);
+    });
+  };
+  auto store = storage::testing::open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  ASSERT_EQ(deposit.transfers.size(), 1u);
+  EXPECT_EQ(seen.claims, (std::vector<std::pair<std::string, std::uint64_t>>{
+                             {"ledger/transfer/" + deposit.transfers.front().transfer_id, 1},
+                             {"ledger/group/" + deposit.group_id, 1},
+                             {"ledger/transfer/job-1/usage", 2},
+                             {"ledger/group/job-1", 2},
+                             {"ledger/transfer/job-1/fee", 3},
+                             {"ledger/transfer/job-2/usage", 4},
+                             {"ledger/group/job-2", 4},
+                             {"ledger/transfer/job-2/fee", 5}}));
+  EXPECT_EQ(seen.chunks, 3u);
+}
+
+class ledger_upgrade_test : public testing::deterministic_fixture {};
+
+TEST_F(ledger_upgrade_test, a_job_settled_before_claims_is_refused_again_after_the_window_forgot_it) {
+  std::vector<ledger::command> history{ledger::command{domain::user_deposit("d1", "u", 1'000'000'000)}};
+  const std::size_t jobs = domain::ledger_recent_transfers_max / 2 + 1;  // two transfers each
+  for (std::size_t i = 0; i < jobs; ++i) history.push_back(settlement("job-" + std::to_string(i)));
+  (void)write_unclaimed_ledger(directory_.path(), history, 4'000);
+  ASSERT_FALSE(HasFailure());
+
+  storage::store_options options;
+  options.mode = storage::durability::buffered;
+  options.format_1_claims = claim_ledger_keys;
+  open_store(std::move(options));
+  ASSERT_FALSE(HasFailure());
+  auto ledger_actor = stop_at_teardown(spawn_ledger_actor(system_, store_));
+  auto state = ask<ledger::state>(ledger_actor, state_atom::value);
+  ASSERT_TRUE(state);
+  ASSERT_FALSE(state->transfers.contains("job-0/usage")) << "the window should have forgotten job-0";
+
+  auto again = ask<command_reply>(ledger_actor, settlement("job-0"));
+  ASSERT_FALSE(again) << "settled twice";
+  ASSERT_TRUE(storage_error_of(again.error())) << describe(again.error());
+  EXPECT_EQ(storage_error_of(again.error())->code, storage::errc::key_taken);
+  auto fresh = ask<command_reply>(ledger_actor, settlement("job-new"));
+  ASSERT_TRUE(fresh) << describe(fresh.error());
+  EXPECT_EQ(fresh->events.size(), 2u);
+  auto balances = ask<ledger_aggregate::answer>(ledger_actor, ledger_aggregate::query{.accounts = {"platform"}});
+  ASSERT_TRUE(balances);
+  EXPECT_EQ(balances->balances.at("platform"), static_cast<std::int64_t>(jobs + 1) * 2);
 }
 
 }  // namespace

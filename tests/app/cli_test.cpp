@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "events/event.hpp"
 #include "tests/app/example_store.hpp"
 #include "tests/storage/store_testing.hpp"
 
@@ -576,6 +577,48 @@ TEST_F(cli_serve, replay_runs_beside_it) {
   const auto json = boost::json::parse(run.out).as_object();
   EXPECT_EQ(boost::json::value_to<std::uint64_t>(json.at("events")), contents_.events);
   EXPECT_EQ(curl(port(), "/healthz").status, 200) << "serve stopped answering during a replay";
+}
+
+/// `replay --data DIR --verify --json`'s count of claimed unique keys; fails the test on an error.
+std::uint64_t verified_unique_keys(const std::filesystem::path& data) {
+  const auto run = run_gpustream({"replay", "--data", data.string(), "--verify", "--json"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  if (run.exit_code != 0) return 0;
+  return boost::json::value_to<std::uint64_t>(boost::json::parse(run.out).as_object().at("index_unique_keys"));
+}
+
+TEST(cli_serve_upgrade, a_store_of_format_1_is_upgraded_claiming_the_ledgers_ids_and_still_verifies) {
+  temp_dir dir;
+  const auto contents = make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  const auto transfers = contents.events_per_type.at(events::type_of(events::event{events::transfer_recorded{}}));
+  ASSERT_GT(transfers, 0u);
+  // As a build before claimed keys left it (the example's appends claimed none).
+  storage::testing::raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  EXPECT_EQ(verified_unique_keys(dir.path()), 0u) << "replay reads a format 1 store as it is";
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_TRUE(serve.child->started()) << std::strerror(errno);
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  const std::string upgraded = "event store upgraded to format 2: ";
+  const auto at = serve.child->err().find(upgraded);
+  ASSERT_NE(at, std::string::npos) << serve.child->output();
+  const auto claimed = std::stoull(serve.child->err().substr(at + upgraded.size()));
+  // One key per transfer, and one per group (a group holds one or more of them).
+  EXPECT_GT(claimed, transfers);
+  EXPECT_LE(claimed, 2 * transfers);
+  EXPECT_EQ(curl(serve.port, "/healthz").status, 200);
+  serve.child->send_signal(SIGTERM);
+  const auto code = serve.child->wait_exit();
+  ASSERT_TRUE(code.has_value()) << serve.child->output();
+  EXPECT_EQ(*code, 0) << serve.child->output();
+
+  EXPECT_EQ(verified_unique_keys(dir.path()), claimed) << "every claim names a recorded position";
+  // Upgraded once: the next start finds format 2 and claims nothing more.
+  auto again = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(again.port, 0) << again.child->output();
+  EXPECT_EQ(again.child->err().find("upgrad"), std::string::npos) << again.child->output();
 }
 
 TEST(cli_serve_port, listens_on_the_port_it_is_given) {

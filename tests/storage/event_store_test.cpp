@@ -965,14 +965,133 @@ TEST(event_store_format, a_newer_format_is_refused_naming_both_versions) {
     auto store = open_or_fail(dir.path());
     ASSERT_TRUE(store);
   }
-  raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x02", 8), "from_the_future");
+  raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x03", 8), "from_the_future");
   ASSERT_FALSE(HasFailure());
   auto store = event_store::open(dir.path());
   ASSERT_FALSE(store);
   EXPECT_EQ(store.error().code, errc::incompatible_format);
+  EXPECT_NE(store.error().message.find("format version 3"), std::string::npos) << store.error().message;
   EXPECT_NE(store.error().message.find("format version 2"), std::string::npos) << store.error().message;
-  EXPECT_NE(store.error().message.find("format version 1"), std::string::npos) << store.error().message;
   EXPECT_NE(store.error().message.find("newer gpustream"), std::string::npos) << store.error().message;
+}
+
+/// A store as a format 1 build left it: three events on stream "s", no key claimed.
+void write_format_1_store(const std::filesystem::path& dir) {
+  {
+    auto store = open_or_fail(dir, buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 3)));
+  }
+  raw_put(dir, "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
+}
+
+/// Options whose format 1 upgrade passes on `chunks` one after the other, then `last` (success by
+/// default); `calls` counts the upgrade's runs.
+store_options upgrading(std::vector<std::vector<claimed_key>> chunks, std::shared_ptr<int> calls,
+                        expected<void, error> last = {}) {
+  store_options options = buffered();
+  options.format_1_claims = [chunks = std::move(chunks), calls, last](const event_store& store,
+                                                                      const claim_sink& claim) {
+    ++*calls;
+    EXPECT_EQ(store.last_position(), 3u) << "the source reads the store being upgraded";
+    for (const auto& chunk : chunks) {
+      if (auto written = claim(chunk); !written) return written;
+    }
+    return last;
+  };
+  return options;
+}
+
+/// Whether an append to a new stream claiming `key` is refused because it is taken.
+bool key_is_taken(event_store& store, const std::string& key, std::uint64_t tag) {
+  auto result = store.append(claiming(one_stream("probe-" + std::to_string(tag), no_stream, tag, 1, 1), {key}));
+  if (result) return false;
+  EXPECT_EQ(result.error().code, errc::key_taken) << result.error().message;
+  return true;
+}
+
+TEST(event_store_format, a_format_1_store_opened_for_writing_is_upgraded_claiming_what_its_source_names) {
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  auto calls = std::make_shared<int>(0);
+  {
+    auto store = open_or_fail(dir.path(), upgrading({{{"t/1", 1}, {"g/1", 1}}, {{"t/3", 3}}}, calls));
+    ASSERT_TRUE(store);
+    EXPECT_EQ(*calls, 1);
+    EXPECT_EQ(read_everything(*store).size(), 3u) << "the log is as it was";
+    EXPECT_TRUE(key_is_taken(*store, "t/1", 10));
+    EXPECT_TRUE(key_is_taken(*store, "g/1", 11));
+    EXPECT_TRUE(key_is_taken(*store, "t/3", 12));
+    EXPECT_FALSE(key_is_taken(*store, "t/2", 13)) << "only what the source named is claimed";
+    EXPECT_EQ(store->last_position(), 4u);
+  }
+  // Now of the current format: opened again, the upgrade does not run, and the claims hold.
+  auto store = open_or_fail(dir.path(), upgrading({}, calls));
+  ASSERT_TRUE(store);
+  EXPECT_EQ(*calls, 1);
+  EXPECT_TRUE(key_is_taken(*store, "t/1", 14));
+  EXPECT_TRUE(key_is_taken(*store, "t/2", 15));
+  auto report = store->verify_indexes();
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->unique_keys, 4u);
+  EXPECT_EQ(report->events, 4u);
+}
+
+TEST(event_store_format, a_format_1_store_is_refused_for_writing_without_an_upgrade_but_read_as_it_is) {
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  auto refused = event_store::open(dir.path(), buffered());
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, errc::incompatible_format);
+  EXPECT_NE(refused.error().message.find("format version 1"), std::string::npos) << refused.error().message;
+  EXPECT_NE(refused.error().message.find("gpustream serve"), std::string::npos) << refused.error().message;
+  store_options read_only;
+  read_only.read_only = true;
+  auto reader = open_or_fail(dir.path(), read_only);
+  ASSERT_TRUE(reader);
+  EXPECT_EQ(read_everything(*reader).size(), 3u);
+  auto report = reader->verify_indexes();
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->unique_keys, 0u);
+}
+
+TEST(event_store_format, a_failed_upgrade_leaves_format_1_and_runs_again_from_the_start_at_the_next_open) {
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  auto calls = std::make_shared<int>(0);
+  auto failed = event_store::open(
+      dir.path(), upgrading({{{"t/1", 1}}}, calls, unexpected{error{errc::corruption, "ledger event 2 is garbage"}}));
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().code, errc::corruption);
+  EXPECT_EQ(failed.error().message, "ledger event 2 is garbage");
+  auto still_format_1 = event_store::open(dir.path(), buffered());
+  ASSERT_FALSE(still_format_1);
+  EXPECT_EQ(still_format_1.error().code, errc::incompatible_format);
+  auto store = open_or_fail(dir.path(), upgrading({{{"t/1", 1}, {"t/2", 2}}}, calls));
+  ASSERT_TRUE(store);
+  EXPECT_EQ(*calls, 2);
+  EXPECT_TRUE(key_is_taken(*store, "t/2", 20));
+}
+
+TEST(event_store_format, an_upgrade_claim_must_name_a_valid_key_and_a_recorded_position) {
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  auto calls = std::make_shared<int>(0);
+  const auto refusal = [&](claimed_key bad) {
+    auto options = upgrading({{bad}}, calls);
+    options.unique_key_bytes_max = 8;
+    auto store = event_store::open(dir.path(), options);
+    return store ? std::string("accepted") : store.error().message;
+  };
+  EXPECT_NE(refusal({"t/1", 0}).find("position 0, but the log holds 1 to 3"), std::string::npos) << refusal({"t/1", 0});
+  EXPECT_NE(refusal({"t/1", 4}).find("position 4"), std::string::npos) << refusal({"t/1", 4});
+  EXPECT_NE(refusal({"", 1}).find("0 bytes"), std::string::npos) << refusal({"", 1});
+  EXPECT_NE(refusal({"123456789", 1}).find("9 bytes"), std::string::npos) << refusal({"123456789", 1});
+  EXPECT_EQ(refusal({"12345678", 3}), "accepted");  // at the limits
 }
 
 TEST(event_store_format, a_directory_of_other_files_is_refused) {
