@@ -261,6 +261,7 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
   if (!status.ok()) return unexpected{translate(status, "reading projection " + std::string(name))};
   return std::optional<std::string>{std::move(value)};
 }
+
 expected<void, error> event_store::impl::upgrade(const event_store& store) {
   if (options_.read_only || db_->format_version == store_format_version) return {};
   GPUSTREAM_ENSURE(db_->format_version == 1);  // the only older format check_format lets through
