@@ -105,9 +105,10 @@ http_request to_request(http::request<http::string_body>&& message, std::string_
 
 class websocket_session;
 
-/// The server's open WebSocket connections. Their callbacks usually capture whoever owns the
-/// connection, which holds the connection: a cycle that only the connection's end breaks. A
-/// server that goes away while connections are open breaks it here. Thread-safe.
+/// The server's started WebSocket connections, until they end. Their callbacks (set when a
+/// connection starts) usually capture whoever owns the connection, which holds the connection: a
+/// cycle that only the connection's end breaks. A server that goes away while connections are
+/// open breaks it here. A connection never started holds no callbacks and is not kept. Thread-safe.
 class websocket_registry {
  public:
   void add(const std::shared_ptr<websocket_session>& ws) {
@@ -117,6 +118,10 @@ class websocket_registry {
   void remove(const websocket_session* ws) {
     std::lock_guard lock(mutex_);
     open_.erase(ws);
+  }
+  std::size_t size() {
+    std::lock_guard lock(mutex_);
+    return open_.size();
   }
   /// Drops the callbacks of every connection still open. Only once the I/O threads are gone.
   void release_all();
@@ -151,7 +156,6 @@ class websocket_session : public websocket_connection,
     auto owned = std::make_shared<http::request<http::string_body>>(std::move(request));
     ws_.async_accept(*owned, [self = shared_from_this(), owned, on_open = std::move(on_open)](beast::error_code ec) {
       if (ec) return;  // handshake failed: the peer is gone, nothing was opened
-      self->registry_.add(self);
       self->idle_.heard();
       self->watch_idle();
       on_open(self);
@@ -163,6 +167,7 @@ class websocket_session : public websocket_connection,
                                     on_closed = std::move(on_closed)]() mutable {
       self->on_message_ = std::move(on_message);
       self->on_closed_ = std::move(on_closed);
+      self->registry_.add(self);
       self->read();
     });
   }
@@ -756,6 +761,7 @@ class http_server::impl {
 
   std::uint16_t port() const noexcept { return port_; }
   std::size_t open() const noexcept { return open_.load(); }
+  std::size_t websockets_started() { return websockets_.size(); }
   std::uint64_t writes() const noexcept { return writes_.load(std::memory_order_relaxed); }
 
  private:
@@ -801,6 +807,7 @@ http_server::http_server(std::unique_ptr<impl> state) : impl_(std::move(state)) 
 http_server::~http_server() = default;
 std::uint16_t http_server::port() const noexcept { return impl_->port(); }
 std::size_t http_server::connections_open() const noexcept { return impl_->open(); }
+std::size_t http_server::websockets_started() const { return impl_->websockets_started(); }
 std::uint64_t http_server::writes() const noexcept { return impl_->writes(); }
 
 }  // namespace gpustream::gateway

@@ -154,6 +154,8 @@ class http_server {
   [[nodiscard]] std::uint16_t port() const noexcept;
   /// Connections open now (HTTP and WebSocket).
   [[nodiscard]] std::size_t connections_open() const noexcept;
+  /// WebSocket connections started and not yet ended (each holds its owner's callbacks).
+  [[nodiscard]] std::size_t websockets_started() const;
   /// Writes that sent HTTP answers to clients since start (WebSocket messages not counted). Streamed
   /// pieces that reach a connection before it gets round to writing share one write.
   [[nodiscard]] std::uint64_t writes() const noexcept;

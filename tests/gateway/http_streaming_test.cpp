@@ -675,6 +675,43 @@ std::unique_ptr<http_server> start_noting_close(http_server_options options, sig
                options);
 }
 
+TEST(http_streaming, a_websocket_is_tracked_from_its_start_to_its_end_and_one_never_started_not_at_all) {
+  http_server_options options;
+  options.websocket_idle_timeout = 400ms;
+  std::promise<std::shared_ptr<websocket_connection>> accepted;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        // As a provider link being stopped does: the connection is never started.
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) { accepted.set_value(c); }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  std::weak_ptr<websocket_connection> unstarted = accepted.get_future().get();
+  EXPECT_EQ(server->websockets_started(), 0u);
+  // Silent for the idle timeout (nothing reads on either side), it is closed and freed.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (!unstarted.expired() && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  ASSERT_TRUE(unstarted.expired()) << "a connection never started outlived its idle timeout";
+  EXPECT_EQ(server->websockets_started(), 0u) << "a connection never started left an entry behind";
+
+  // A started one is tracked until it ends.
+  signal closed;
+  std::string reason;
+  auto noting = start_noting_close({}, closed, reason);
+  ASSERT_TRUE(noting);
+  {
+    ws_client started(noting->port());
+    started.ws.write(asio::buffer(std::string("hello")));  // read once it has started
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    while (noting->websockets_started() == 0 && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    EXPECT_EQ(noting->websockets_started(), 1u);
+    started.ws.close(websocket::close_code::normal);
+  }
+  ASSERT_TRUE(closed.wait(10s));
+  EXPECT_EQ(noting->websockets_started(), 0u);
+}
+
 TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_with_1009) {
   http_server_options options;
   options.websocket_message_bytes_max = 1024;
