@@ -106,9 +106,11 @@ expected<void, error> check_format(database& d, const std::filesystem::path& dir
   }
   const auto found = keys::load_be64(value);
   if (found < store_format_version_min || found > store_format_version) {
-    const char* advice = found > store_format_version
-                             ? "; it was written by a newer gpustream: run that version or newer"
-                             : "; it was written by a gpustream too old for this one to upgrade";
+    const std::string advice =
+        found > store_format_version
+            ? "; it was written by a newer gpustream: run that version or newer"
+            : "; it was written by a gpustream too old for this one to upgrade (it upgrades format " +
+                  std::to_string(store_format_version_min) + " and newer)";
     return unexpected{make_error(
         errc::incompatible_format,
         "data directory " + directory.string() + " has store format version " +

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <future>
+#include <utility>
 
 #include "base/ensure.hpp"
 #include "events/crc32c.hpp"
@@ -263,9 +264,12 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
 }
 
 expected<void, error> event_store::impl::upgrade(const event_store& store) {
+  // Only open calls this, before anyone else has the store: db_ is not shared yet.
   if (options_.read_only || db_->format_version == store_format_version) return {};
   GPUSTREAM_ENSURE(db_->format_version == 1);  // the only older format check_format lets through
-  if (!options_.format_1_claims) {
+  // The source is called here only; dropping it lets go of whatever it captured.
+  const auto source = std::exchange(options_.format_1_claims, nullptr);
+  if (!source) {
     return unexpected{make_error(
         errc::incompatible_format,
         "data directory " + directory_.string() + " has store format version 1, written before " +
@@ -273,20 +277,31 @@ expected<void, error> event_store::impl::upgrade(const event_store& store) {
             std::to_string(store_format_version) +
             ": open it with `gpustream serve`, which upgrades it, or read-only")};
   }
+  auto upgraded = upgrade_from_1(store, source);
+  if (upgraded) return upgraded;
+  return unexpected{make_error(
+      upgraded.error().code,
+      "upgrading the event store in " + directory_.string() + " from format 1 to " +
+          std::to_string(store_format_version) + ": " + upgraded.error().message +
+          " (the log is unchanged and the upgrade runs again at the next open, unless its last write "
+          "reached the disk anyway; `gpustream replay --data " + directory_.string() +
+          " --verify` reads the store as it is)")};
+}
+
+expected<void, error> event_store::impl::upgrade_from_1(const event_store& store, const claim_source& source) {
   const std::uint64_t last = last_position();
   const auto claim = [&](std::span<const claimed_key> claims) -> expected<void, error> {
     for (const auto& c : claims) {
       if (c.key.empty() || c.key.size() > options_.unique_key_bytes_max) {
         return unexpected{make_error(errc::invalid_argument,
-                                     "upgrading the store: a claimed key of " + std::to_string(c.key.size()) +
+                                     "a claimed key of " + std::to_string(c.key.size()) +
                                          " bytes (1 to unique_key_bytes_max " +
                                          std::to_string(options_.unique_key_bytes_max) + ")")};
       }
       if (c.position == 0 || c.position > last) {
         return unexpected{make_error(errc::invalid_argument,
-                                     "upgrading the store: key " + c.key + " claimed at position " +
-                                         std::to_string(c.position) + ", but the log holds 1 to " +
-                                         std::to_string(last))};
+                                     "key " + c.key + " claimed at position " + std::to_string(c.position) +
+                                         ", but the log holds 1 to " + std::to_string(last))};
       }
     }
     return run_on_writer(
@@ -298,21 +313,17 @@ expected<void, error> event_store::impl::upgrade(const event_store& store) {
           }
           return db_->db->Write(rocksdb::WriteOptions(), &batch);  // synced with the version below
         },
-        "claiming keys while upgrading the store format");
+        "claiming keys");
   };
-  if (auto claimed = options_.format_1_claims(store, claim); !claimed) return claimed;
-  auto written = run_on_writer(
+  if (auto claimed = source(store, claim); !claimed) return claimed;
+  return run_on_writer(
       [&] {
-        rocksdb::WriteOptions synced;
+        rocksdb::WriteOptions synced;  // also syncs the claims' log records before it
         synced.sync = true;
         return db_->db->Put(synced, db_->cf(cf_default), slice(keys::format_version_key),
                             slice(keys::be64(store_format_version)));
       },
-      "writing the upgraded store format version");
-  if (!written) return written;
-  std::shared_lock lock(db_mutex_);
-  if (db_) db_->format_version = store_format_version;
-  return {};
+      "writing the new format version");
 }
 
 // ---- event_store: the public face forwards to impl ----

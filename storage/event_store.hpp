@@ -36,8 +36,8 @@ inline constexpr std::uint32_t store_format_version_min = 1;
 
 class event_store;
 
-/// A key an append claims (stream_append::unique_keys) and the global position of the event that
-/// claims it.
+/// A key an append claims (stream_append::unique_keys) and a global position of the append that
+/// claims it: an append stores where its events begin; an upgrade, the event that claims the key.
 struct claimed_key {
   std::string key;
   std::uint64_t position = 0;
@@ -107,8 +107,8 @@ struct store_options {
   bool read_only = false;
   /// Upgrades a store of format 1 opened for writing, whose appends claimed no keys: open calls it,
   /// writes what it passes on as claimed, then the current format version (synced), and only then
-  /// returns. A failure leaves the store at format 1, upgraded again from the start at its next
-  /// open. Unset: such a store is refused with incompatible_format. A read-only open reads a
+  /// returns. After a failure the next open runs the upgrade again from the start (claims are
+  /// idempotent), unless the version's write reached the disk anyway: it comes after the claims. Unset: such a store is refused with incompatible_format. A read-only open reads a
   /// format 1 store as it is. Default: unset (`gpustream serve` sets the ledger's claims).
   claim_source format_1_claims;
   /// Test hook: fail the underlying files' writes or syncs. Default: none.

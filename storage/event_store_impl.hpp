@@ -112,6 +112,8 @@ class event_store::impl {
   /// Brings a store of an older format to store_format_version (store_options::format_1_claims);
   /// nothing to do for a current or read-only store. `store` is the store this impl serves.
   expected<void, error> upgrade(const event_store& store);
+  /// upgrade's work for format 1: what `source` names claimed, then the version written, synced.
+  expected<void, error> upgrade_from_1(const event_store& store, const claim_source& source);
 
   expected<std::vector<events::record>, error> read_stream(std::string_view stream,
                                                            std::uint64_t from, std::uint64_t to,
