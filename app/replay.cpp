@@ -5,13 +5,16 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/binary_deserializer.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <unordered_map>
 
+#include "actors/ledger_claims.hpp"
 #include "actors/persistence.hpp"
 #include "domain/verifier.hpp"
 #include "events/codec.hpp"
@@ -241,6 +244,42 @@ class log_checker {
   std::unordered_map<std::string, std::uint64_t, stream_hash, std::equal_to<>> versions_;
 };
 
+/// --verify's check that every key the ledger's transfers claim is claimed in the store (format 2
+/// on): without its claim, a transfer id from beyond the ledger's window could be applied again.
+/// Returns how many keys it checked.
+expected<std::uint64_t, replay_problem> check_ledger_claims(const storage::event_store& store) {
+  std::uint64_t checked = 0;
+  std::optional<replay_problem> missing;
+  const auto check = [&](std::span<const storage::claimed_key> claims) -> expected<void, storage::error> {
+    const std::size_t chunk_max = store.options().read_events_max;
+    for (std::size_t first = 0; first < claims.size(); first += chunk_max) {
+      const auto chunk = claims.subspan(first, std::min(chunk_max, claims.size() - first));
+      std::vector<std::string> keys;
+      keys.reserve(chunk.size());
+      for (const auto& c : chunk) keys.push_back(c.key);
+      auto claimed = store.claimed(keys);
+      if (!claimed) return unexpected{claimed.error()};
+      for (std::size_t i = 0; i < chunk.size(); ++i) {
+        if ((*claimed)[i]) continue;
+        missing = replay_problem{chunk[i].position,
+                                 "the ledger's key '" + chunk[i].key + "' (its transfer is at position " +
+                                     std::to_string(chunk[i].position) +
+                                     ") is not claimed in the store's id index: once the ledger's window "
+                                     "forgets it, a retry could apply it again",
+                                 std::string(actors::ledger_stream)};
+        return unexpected{storage::error{storage::errc::corruption, missing->message}};
+      }
+      checked += chunk.size();
+    }
+    return {};
+  };
+  if (auto done = actors::claim_ledger_keys(store, check); !done) {
+    if (missing) return unexpected{*missing};
+    return unexpected{replay_problem{0, done.error().message}};
+  }
+  return checked;
+}
+
 }  // namespace
 
 expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data, bool verify) {
@@ -276,6 +315,12 @@ expected<replay_report, replay_problem> replay_store(const std::filesystem::path
     report.index_runs = indexes->runs;
     report.index_appends = indexes->appends;
     report.index_unique_keys = indexes->unique_keys;
+    // A format 1 store predates claimed keys: `serve` claims them when it upgrades it.
+    if ((*store)->format_version() >= 2) {
+      auto claims = check_ledger_claims(**store);
+      if (!claims) return unexpected{claims.error()};
+      report.ledger_keys_claimed = *claims;
+    }
   }
   return report;
 }
@@ -349,10 +394,13 @@ std::string format_text(const replay_report& report) {
   out += line;
   if (report.domain_verified) out += format_aggregates(report);
   if (report.indexes_verified) {
-    std::snprintf(line, sizeof line, "indexes verified: %llu stream runs, %llu appends, %llu unique keys\n",
+    std::snprintf(line, sizeof line,
+                  "indexes verified: %llu stream runs, %llu appends, %llu unique keys "
+                  "(%llu of them the ledger's, each found claimed)\n",
                   static_cast<unsigned long long>(report.index_runs),
                   static_cast<unsigned long long>(report.index_appends),
-                  static_cast<unsigned long long>(report.index_unique_keys));
+                  static_cast<unsigned long long>(report.index_unique_keys),
+                  static_cast<unsigned long long>(report.ledger_keys_claimed));
     out += line;
   }
   return out;
@@ -382,6 +430,7 @@ std::string format_json(const replay_report& report) {
     out["index_runs"] = report.index_runs;
     out["index_appends"] = report.index_appends;
     out["index_unique_keys"] = report.index_unique_keys;
+    out["ledger_keys_claimed"] = report.ledger_keys_claimed;
   }
   return boost::json::serialize(out) + "\n";
 }

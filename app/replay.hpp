@@ -30,6 +30,9 @@ struct replay_report {
   std::uint64_t index_runs = 0;     ///< stream index entries checked
   std::uint64_t index_appends = 0;  ///< append id index entries checked
   std::uint64_t index_unique_keys = 0;  ///< claimed unique keys checked (the ledger's transfer and group ids)
+  /// The ledger's transfer and group ids found claimed, one each (0 for a format 1 store, which
+  /// predates claims).
+  std::uint64_t ledger_keys_claimed = 0;
   bool domain_verified = false;  ///< --verify also rebuilt every aggregate and checked its invariants
   domain::verify_counts aggregates{};  ///< what the log rebuilt into (with domain_verified)
   std::uint64_t snapshots_compared = 0;  ///< snapshots found equal to the state rebuilt at their version

@@ -278,7 +278,10 @@ expected<void, error> event_store::impl::upgrade(const event_store& store) {
             ": open it with `gpustream serve`, which upgrades it, or read-only")};
   }
   auto upgraded = upgrade_from_1(store, source);
-  if (upgraded) return upgraded;
+  if (upgraded) {
+    format_version_.store(store_format_version);
+    return upgraded;
+  }
   return unexpected{make_error(
       upgraded.error().code,
       "upgrading the event store in " + directory_.string() + " from format 1 to " +
@@ -324,6 +327,35 @@ expected<void, error> event_store::impl::upgrade_from_1(const event_store& store
                             slice(keys::be64(store_format_version)));
       },
       "writing the new format version");
+}
+
+expected<std::vector<bool>, error> event_store::impl::claimed(std::span<const std::string> keys) const {
+  if (keys.size() > options_.read_events_max) {
+    return unexpected{make_error(errc::invalid_argument,
+                                 "asked whether " + std::to_string(keys.size()) +
+                                     " keys are claimed, more than read_events_max " +
+                                     std::to_string(options_.read_events_max))};
+  }
+  std::vector<std::string> stored;
+  stored.reserve(keys.size());
+  for (const auto& key : keys) stored.push_back(keys::unique_key(key));
+  std::vector<rocksdb::Slice> slices;
+  slices.reserve(stored.size());
+  for (const auto& key : stored) slices.push_back(slice(key));
+  std::vector<rocksdb::PinnableSlice> values(slices.size());
+  std::vector<rocksdb::Status> statuses(slices.size());
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
+  db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), slices.size(), slices.data(), values.data(),
+                    statuses.data());
+  std::vector<bool> out(keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (!statuses[i].ok() && !statuses[i].IsNotFound()) {
+      return unexpected{translate(statuses[i], "reading the claimed keys")};
+    }
+    out[i] = statuses[i].ok();
+  }
+  return out;
 }
 
 // ---- event_store: the public face forwards to impl ----
@@ -389,6 +421,12 @@ expected<std::uint64_t, error> event_store::stream_version(std::string_view stre
 expected<event_store::index_report, error> event_store::verify_indexes() const {
   return impl_->verify_indexes();
 }
+
+expected<std::vector<bool>, error> event_store::claimed(std::span<const std::string> keys) const {
+  return impl_->claimed(keys);
+}
+
+std::uint32_t event_store::format_version() const noexcept { return impl_->format_version(); }
 
 std::uint64_t event_store::last_position() const noexcept { return impl_->last_position(); }
 

@@ -243,6 +243,13 @@ class event_store {
   /// The first disagreement is reported as corruption. Reads everything: for `replay --verify`.
   [[nodiscard]] expected<index_report, error> verify_indexes() const;
 
+  /// Whether each of `keys` has been claimed (stream_append::unique_keys, or a format upgrade), in
+  /// order: for `replay --verify`. More than read_events_max keys is invalid_argument.
+  [[nodiscard]] expected<std::vector<bool>, error> claimed(std::span<const std::string> keys) const;
+
+  /// The format of the directory: store_format_version, or an older one opened read-only.
+  [[nodiscard]] std::uint32_t format_version() const noexcept;
+
   /// The stream's current version; 0 for a stream with no events.
   [[nodiscard]] expected<std::uint64_t, error> stream_version(std::string_view stream) const;
 

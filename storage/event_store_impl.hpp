@@ -82,6 +82,7 @@ class event_store::impl {
     auto opened = open_database(directory_, env(), options_.read_only, options_.memtable_bytes_max);
     if (!opened) return unexpected{opened.error()};
     db_ = std::move(opened).value();
+    format_version_.store(db_->format_version);
     auto last = read_last_position(*db_);
     if (!last) return unexpected{last.error()};
     last_position_.store(*last);
@@ -121,6 +122,8 @@ class event_store::impl {
   expected<std::uint64_t, error> scan(std::uint64_t from, std::size_t max, const visitor& visit) const;
   expected<std::uint64_t, error> stream_version(std::string_view stream) const;
   expected<event_store::index_report, error> verify_indexes() const;
+  expected<std::vector<bool>, error> claimed(std::span<const std::string> keys) const;
+  std::uint32_t format_version() const noexcept { return format_version_.load(); }
 
   expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
                                       std::string_view state);
@@ -223,6 +226,7 @@ class event_store::impl {
   rocksdb::Env* env() const { return env_.get(); }
 
   std::filesystem::path directory_;
+  std::atomic<std::uint32_t> format_version_{0};  ///< the directory's, once open (or upgraded)
   store_options options_;
   std::shared_ptr<wal_progress> wal_progress_ = std::make_shared<wal_progress>();
   std::unique_ptr<rocksdb::Env> env_;  // RocksDB's files, seen through wal_progress_ (and faults)

@@ -589,11 +589,11 @@ std::uint64_t verified_unique_keys(const std::filesystem::path& data) {
 
 TEST(cli_serve_upgrade, a_store_of_format_1_is_upgraded_claiming_the_ledgers_ids_and_still_verifies) {
   temp_dir dir;
-  const auto contents = make_example_store(dir.path());
+  const auto contents = make_example_store(dir.path(), testing::ledger_claims::none);
   ASSERT_FALSE(::testing::Test::HasFailure());
   const auto transfers = contents.events_per_type.at(events::type_of(events::event{events::transfer_recorded{}}));
   ASSERT_GT(transfers, 0u);
-  // As a build before claimed keys left it (the example's appends claimed none).
+  // As a build before claimed keys left it.
   storage::testing::raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
   ASSERT_FALSE(::testing::Test::HasFailure());
   EXPECT_EQ(verified_unique_keys(dir.path()), 0u) << "replay reads a format 1 store as it is";

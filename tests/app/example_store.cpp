@@ -12,6 +12,7 @@
 #include <variant>
 #include <vector>
 
+#include "actors/ledger_claims.hpp"
 #include "events/codec.hpp"
 #include "tests/events/event_examples.hpp"
 #include "tests/storage/store_testing.hpp"
@@ -204,7 +205,7 @@ std::vector<example_append> example_appends() {
 
 }  // namespace
 
-appended_contents fill_with_examples(storage::event_store& store) {
+appended_contents fill_with_examples(storage::event_store& store, ledger_claims claims) {
   appended_contents contents;
   contents.events_per_type.assign(events::event_type_count, 0);
   std::map<std::string, std::uint64_t> versions;
@@ -213,6 +214,12 @@ appended_contents fill_with_examples(storage::event_store& store) {
     std::vector<storage::stream_append> request;
     for (const auto& part : append) {
       storage::stream_append one{part.stream, versions[part.stream], {}};
+      if (part.stream == actors::ledger_stream && claims == ledger_claims::as_the_ledger_does) {
+        actors::ledger_key_namer name_keys;
+        for (const auto& event : part.events) {
+          name_keys(event, [&](std::string key) { one.unique_keys.push_back(std::move(key)); });
+        }
+      }
       for (const auto& event : part.events) {
         const auto type = events::type_of(event);
         one.events.push_back(
@@ -236,10 +243,10 @@ appended_contents fill_with_examples(storage::event_store& store) {
   return contents;
 }
 
-appended_contents make_example_store(const std::filesystem::path& directory) {
+appended_contents make_example_store(const std::filesystem::path& directory, ledger_claims claims) {
   auto store = storage::testing::open_or_fail(directory);
   if (!store) return {};
-  return fill_with_examples(*store);
+  return fill_with_examples(*store, claims);
 }
 
 std::map<std::string, std::uint64_t> named_counts(const std::vector<std::uint64_t>& per_type) {

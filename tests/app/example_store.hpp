@@ -27,10 +27,16 @@ struct appended_contents {
 /// with events::encode_payload, to `store` in several appends (some touching several streams at
 /// once; every type at least once, some more often), and returns what it appended. Fails the
 /// current test if an append fails. `store` must be empty.
-[[nodiscard]] appended_contents fill_with_examples(storage::event_store& store);
+///
+/// The ledger's appends claim their transfer and group ids, as the ledger actor's do, unless
+/// `claims` is none: what a build before claimed keys wrote (a format 1 store).
+enum class ledger_claims { as_the_ledger_does, none };
+[[nodiscard]] appended_contents fill_with_examples(storage::event_store& store,
+                                                   ledger_claims claims = ledger_claims::as_the_ledger_does);
 
 /// Creates a store in `directory`, fills it with fill_with_examples and closes it again.
-[[nodiscard]] appended_contents make_example_store(const std::filesystem::path& directory);
+[[nodiscard]] appended_contents make_example_store(const std::filesystem::path& directory,
+                                                   ledger_claims claims = ledger_claims::as_the_ledger_does);
 
 /// Flips one bit of the byte at `offset` (taken modulo the record's size) of the stored record at
 /// global `position`, through raw RocksDB: the column family "global" maps the position as 8

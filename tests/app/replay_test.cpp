@@ -24,6 +24,7 @@ namespace {
 
 using storage::testing::make_id;
 using storage::testing::open_or_fail;
+using storage::testing::raw_put;
 using storage::testing::temp_dir;
 using testing::delete_first_index_entry;
 using testing::appended_contents;
@@ -65,17 +66,47 @@ TEST(replay_store, verify_checks_both_indexes_of_a_healthy_store) {
   EXPECT_GE(report->index_appends, 1u);
   EXPECT_LE(report->index_appends, report->index_runs);
   EXPECT_NE(format_text(*report).find("indexes verified"), std::string::npos);
-  // The examples are appended straight to the store, claiming no key (the store's own tests count
-  // claimed keys; the ledger actor's appends claim them).
+  // The ledger's appends claim its transfer and group ids, and they are all the keys there are.
+  EXPECT_GT(report->ledger_keys_claimed, contents.events_per_type.at(events::type_of(events::event{events::transfer_recorded{}})));
+  EXPECT_EQ(report->index_unique_keys, report->ledger_keys_claimed);
+  const auto keys = std::to_string(report->index_unique_keys);
+  EXPECT_NE(format_text(*report).find(", " + keys + " unique keys (" + keys + " of them the ledger's, each found claimed)"),
+            std::string::npos)
+      << format_text(*report);
+}
+
+TEST(replay_store, verify_finds_a_ledger_key_that_is_not_claimed) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  // Claimed keys sort first in the id index: this removes one of the ledger's.
+  delete_first_index_entry(dir.path(), "dedup");
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  auto verified = replay_store(dir.path(), true);
+  ASSERT_FALSE(verified);
+  EXPECT_NE(verified.error().message.find("the ledger's key 'ledger/"), std::string::npos) << verified.error().message;
+  EXPECT_NE(verified.error().message.find("is not claimed in the store's id index"), std::string::npos)
+      << verified.error().message;
+  EXPECT_GT(verified.error().position, 0u);
+  EXPECT_EQ(verified.error().stream, "ledger");
+}
+
+TEST(replay_store, verify_does_not_ask_a_format_1_store_for_claims) {
+  temp_dir dir;
+  (void)make_example_store(dir.path(), testing::ledger_claims::none);
+  raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto report = replay_store(dir.path(), true);
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->ledger_keys_claimed, 0u);
   EXPECT_EQ(report->index_unique_keys, 0u);
-  EXPECT_NE(format_text(*report).find(", 0 unique keys"), std::string::npos) << format_text(*report);
 }
 
 TEST(replay_store, verify_finds_a_lost_index_entry_that_plain_replay_cannot_see) {
   for (const std::string family : {"dedup", "events"}) {
     SCOPED_TRACE(family);
     temp_dir dir;
-    (void)make_example_store(dir.path());
+    // Without claimed keys, the first entry of the id index ("dedup") is an append's.
+    (void)make_example_store(dir.path(), testing::ledger_claims::none);
     delete_first_index_entry(dir.path(), family);
     ASSERT_FALSE(::testing::Test::HasFatalFailure());
     auto plain = replay_store(dir.path(), false);

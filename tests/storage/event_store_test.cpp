@@ -409,6 +409,25 @@ TEST(event_store_unique_keys, a_claimed_key_is_refused_to_every_later_append_eve
   EXPECT_EQ(report->appends, 2u);
 }
 
+TEST(event_store_unique_keys, claimed_says_which_keys_are_taken_at_most_read_events_max_at_a_time) {
+  temp_dir dir;
+  store_options options = buffered();
+  options.read_events_max = 2;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  EXPECT_EQ(store->format_version(), store_format_version);
+  ASSERT_TRUE(store->append(claiming(one_stream("ledger", no_stream, 1, 1, 1), {"t/1", "g/1"})));
+  const std::vector<std::string> asked{"g/1", "t/2"};
+  auto answer = store->claimed(asked);
+  ASSERT_TRUE(answer) << answer.error().message;
+  EXPECT_EQ(*answer, (std::vector<bool>{true, false}));
+  const std::vector<std::string> too_many{"t/1", "g/1", "t/2"};
+  auto refused = store->claimed(too_many);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, errc::invalid_argument);
+  EXPECT_NE(refused.error().message.find("read_events_max 2"), std::string::npos) << refused.error().message;
+}
+
 TEST(event_store_unique_keys, of_two_appends_claiming_one_key_in_one_group_only_the_first_is_written) {
   temp_dir dir;
   auto store = open_or_fail(dir.path());
@@ -1019,6 +1038,7 @@ TEST(event_store_format, a_format_1_store_opened_for_writing_is_upgraded_claimin
     auto store = open_or_fail(dir.path(), upgrading({{{"t/1", 1}, {"g/1", 1}}, {{"t/3", 3}}}, calls));
     ASSERT_TRUE(store);
     EXPECT_EQ(*calls, 1);
+    EXPECT_EQ(store->format_version(), 2u);
     EXPECT_EQ(read_everything(*store).size(), 3u) << "the log is as it was";
     EXPECT_TRUE(key_is_taken(*store, "t/1", 10));
     EXPECT_TRUE(key_is_taken(*store, "g/1", 11));
@@ -1051,6 +1071,7 @@ TEST(event_store_format, a_format_1_store_is_refused_for_writing_without_an_upgr
   read_only.read_only = true;
   auto reader = open_or_fail(dir.path(), read_only);
   ASSERT_TRUE(reader);
+  EXPECT_EQ(reader->format_version(), 1u);
   EXPECT_EQ(read_everything(*reader).size(), 3u);
   auto report = reader->verify_indexes();
   ASSERT_TRUE(report) << report.error().message;
