@@ -81,6 +81,16 @@ struct database {
 /// Global position of the last event in the log (0 when empty).
 [[nodiscard]] expected<std::uint64_t, error> read_last_position(database& d);
 
+/// At most the first 200 bytes of a caller's key, unprintable bytes as '?', for messages.
+inline std::string printable(std::string_view key) {
+  std::string out(key.substr(0, 200));
+  for (auto& c : out) {
+    if (c < ' ' || c >= 0x7F) c = '?';
+  }
+  if (key.size() > 200) out += "...";
+  return out;
+}
+
 /// Stream ids and projection names: 1 to bytes_max printable ASCII characters, no spaces.
 [[nodiscard]] bool valid_name(std::string_view name, std::size_t bytes_max);
 

@@ -264,9 +264,9 @@ expected<std::optional<std::string>, error> event_store::impl::read_projection(
 }
 
 expected<void, error> event_store::impl::upgrade(const event_store& store) {
-  // Only open calls this, before anyone else has the store: db_ is not shared yet.
-  if (options_.read_only || db_->format_version == store_format_version) return {};
-  GPUSTREAM_ENSURE(db_->format_version == 1);  // the only older format check_format lets through
+  // Only open calls this, before anyone else has the store.
+  if (options_.read_only || format_version() == store_format_version) return {};
+  GPUSTREAM_ENSURE(format_version() == 1);  // the only older format check_format lets through
   // The source is called here only; dropping it lets go of whatever it captured.
   const auto source = std::exchange(options_.format_1_claims, nullptr);
   if (!source) {
@@ -295,16 +295,12 @@ expected<void, error> event_store::impl::upgrade_from_1(const event_store& store
   const std::uint64_t last = last_position();
   const auto claim = [&](std::span<const claimed_key> claims) -> expected<void, error> {
     for (const auto& c : claims) {
-      if (c.key.empty() || c.key.size() > options_.unique_key_bytes_max) {
-        return unexpected{make_error(errc::invalid_argument,
-                                     "a claimed key of " + std::to_string(c.key.size()) +
-                                         " bytes (1 to unique_key_bytes_max " +
-                                         std::to_string(options_.unique_key_bytes_max) + ")")};
-      }
+      if (auto valid = validate_unique_key(c.key); !valid) return valid;
       if (c.position == 0 || c.position > last) {
         return unexpected{make_error(errc::invalid_argument,
-                                     "key " + c.key + " claimed at position " + std::to_string(c.position) +
-                                         ", but the log holds 1 to " + std::to_string(last))};
+                                     "unique key '" + printable(c.key) + "' claimed at position " +
+                                         std::to_string(c.position) + ", but the log holds 1 to " +
+                                         std::to_string(last))};
       }
     }
     return run_on_writer(

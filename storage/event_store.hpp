@@ -108,8 +108,9 @@ struct store_options {
   /// Upgrades a store of format 1 opened for writing, whose appends claimed no keys: open calls it,
   /// writes what it passes on as claimed, then the current format version (synced), and only then
   /// returns. After a failure the next open runs the upgrade again from the start (claims are
-  /// idempotent), unless the version's write reached the disk anyway: it comes after the claims. Unset: such a store is refused with incompatible_format. A read-only open reads a
-  /// format 1 store as it is. Default: unset (`gpustream serve` sets the ledger's claims).
+  /// idempotent), unless the version's write reached the disk anyway: it comes after the claims.
+  /// Unset: such a store is refused with incompatible_format. A read-only open reads a format 1
+  /// store as it is. Default: unset (`gpustream serve` sets the ledger's claims).
   claim_source format_1_claims;
   /// Test hook: fail the underlying files' writes or syncs. Default: none.
   std::shared_ptr<fault_injector> faults;

@@ -210,6 +210,8 @@ class event_store::impl {
                const std::vector<pending_append>& pending);
   expected<void, error> validate(const std::vector<stream_append>& request, group_state& group) const;
   /// The append's unique keys are within the limits and distinct (into group.keys, sorted).
+  /// One key an append (or an upgrade) claims: 1 to unique_key_bytes_max bytes.
+  expected<void, error> validate_unique_key(std::string_view key) const;
   expected<void, error> validate_unique_keys(const std::vector<stream_append>& request,
                                              group_state& group) const;
   /// None of group.keys was claimed before, in the store or earlier in the group (key_taken).

@@ -25,16 +25,6 @@ bool same_append(const std::vector<stream_append>& a, const std::vector<stream_a
 /// were queued when the writer woke and a second of the stragglers.
 thread_local bool answering = false;
 
-/// At most the first 200 bytes of a caller's key, unprintable bytes as '?', for messages.
-std::string printable(std::string_view key) {
-  std::string out(key.substr(0, 200));
-  for (auto& c : out) {
-    if (c < ' ' || c >= 0x7F) c = '?';
-  }
-  if (key.size() > 200) out += "...";
-  return out;
-}
-
 error reused_id(const events::event_id& id) {
   return make_error(errc::event_id_conflict,
                     "event id " + id.to_string() +
@@ -497,19 +487,21 @@ expected<void, error> event_store::impl::validate(const std::vector<stream_appen
   return {};  // the event count was checked against the limits before the append was queued
 }
 
+expected<void, error> event_store::impl::validate_unique_key(std::string_view key) const {
+  if (!key.empty() && key.size() <= options_.unique_key_bytes_max) return {};
+  return unexpected{make_error(errc::invalid_argument,
+                               "unique key '" + printable(key) + "' of " + std::to_string(key.size()) +
+                                   " bytes: a key must be 1 to " + std::to_string(options_.unique_key_bytes_max) +
+                                   " bytes (unique_key_bytes_max)")};
+}
+
 expected<void, error> event_store::impl::validate_unique_keys(const std::vector<stream_append>& request,
                                                               group_state& group) const {
   auto& keys = group.keys;
   keys.clear();
   for (const auto& s : request) {
     for (const auto& key : s.unique_keys) {
-      if (key.empty() || key.size() > options_.unique_key_bytes_max) {
-        return unexpected{make_error(errc::invalid_argument,
-                                     "unique key '" + printable(key) + "' of " + std::to_string(key.size()) +
-                                         " bytes: a key must be 1 to " +
-                                         std::to_string(options_.unique_key_bytes_max) +
-                                         " bytes (unique_key_bytes_max)")};
-      }
+      if (auto valid = validate_unique_key(key); !valid) return valid;
       keys.push_back(key);
     }
   }
