@@ -29,7 +29,7 @@ expected<void, storage::error> claim_ledger_keys(const storage::event_store& sto
       }
       name_keys(event.value(), [&](std::string key) { claims.push_back({std::move(key), r.position}); });
     }
-    if (auto written = claim(claims); !written) return written;
+    if (auto written = claim(claims); !written) return unexpected{written.error()};
     from = records->back().version + 1;
   }
 }

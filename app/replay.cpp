@@ -250,7 +250,7 @@ class log_checker {
 expected<std::uint64_t, replay_problem> check_ledger_claims(const storage::event_store& store) {
   std::uint64_t checked = 0;
   std::optional<replay_problem> missing;
-  const auto check = [&](std::span<const storage::claimed_key> claims) -> expected<void, storage::error> {
+  const auto check = [&](std::span<const storage::claimed_key> claims) -> expected<std::size_t, storage::error> {
     const std::size_t chunk_max = store.options().read_events_max;
     for (std::size_t first = 0; first < claims.size(); first += chunk_max) {
       const auto chunk = claims.subspan(first, std::min(chunk_max, claims.size() - first));
@@ -271,7 +271,7 @@ expected<std::uint64_t, replay_problem> check_ledger_claims(const storage::event
       }
       checked += chunk.size();
     }
-    return {};
+    return claims.size();
   };
   if (auto done = actors::claim_ledger_keys(store, check); !done) {
     if (missing) return unexpected{*missing};

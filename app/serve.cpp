@@ -63,19 +63,33 @@ int run_serve(const serve_options& options) {
   store_options.sync_interval = std::chrono::microseconds(options.sync_interval_us);
   // A store from before appends claimed keys: its ledger's transfer and group ids are claimed
   // before anything is served, so that none can be applied again once the window forgets it.
-  std::optional<std::uint64_t> upgrade_claims;  // set once an upgrade starts
+  struct upgrade_counts {
+    std::uint64_t claimed = 0;
+    std::uint64_t repeated = 0;  // named again after an earlier claim: applied more than once
+  };
+  std::optional<upgrade_counts> upgrade;  // set once an upgrade starts
   store_options.format_1_claims = [&](const storage::event_store& store, const storage::claim_sink& claim) {
     logger->info("upgrading the event store from format 1: claiming the ledger's transfer and group ids");
-    upgrade_claims = 0;
+    upgrade.emplace();
     return actors::claim_ledger_keys(store, [&](std::span<const storage::claimed_key> keys) {
-      *upgrade_claims += keys.size();
-      return claim(keys);
+      auto taken = claim(keys);
+      if (taken) {
+        upgrade->claimed += *taken;
+        upgrade->repeated += keys.size() - *taken;
+      }
+      return taken;
     });
   };
   auto opened = storage::event_store::open(options.data, store_options);
-  if (opened && upgrade_claims) {
+  if (opened && upgrade) {
     logger->info("event store upgraded to format {}: {} keys claimed", storage::store_format_version,
-                 *upgrade_claims);
+                 upgrade->claimed);
+    if (upgrade->repeated > 0) {
+      logger->warn("the ledger's stream names {} transfer or group ids again after their first use: "
+                   "each is claimed at its first use; `gpustream replay --data {} --verify` names the "
+                   "transfers applied twice",
+                   upgrade->repeated, options.data.string());
+    }
   }
   if (!opened) {
     logger->error("cannot open the event store: {}", opened.error().message);

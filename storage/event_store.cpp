@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <future>
+#include <map>
 #include <utility>
 
 #include "base/ensure.hpp"
@@ -293,9 +294,9 @@ expected<void, error> event_store::impl::upgrade(const event_store& store) {
 
 expected<void, error> event_store::impl::upgrade_from_1(const event_store& store, const claim_source& source) {
   const std::uint64_t last = last_position();
-  const auto claim = [&](std::span<const claimed_key> claims) -> expected<void, error> {
+  const auto claim = [&](std::span<const claimed_key> claims) -> expected<std::size_t, error> {
     for (const auto& c : claims) {
-      if (auto valid = validate_unique_key(c.key); !valid) return valid;
+      if (auto valid = validate_unique_key(c.key); !valid) return unexpected{valid.error()};
       if (c.position == 0 || c.position > last) {
         return unexpected{make_error(errc::invalid_argument,
                                      "unique key '" + printable(c.key) + "' claimed at position " +
@@ -303,16 +304,44 @@ expected<void, error> event_store::impl::upgrade_from_1(const event_store& store
                                          std::to_string(last))};
       }
     }
-    return run_on_writer(
+    // Each key's earliest claim holds, whether it came in this chunk, an earlier chunk or an
+    // earlier run of the upgrade (which claimed the same positions).
+    std::map<std::string, std::uint64_t> earliest;  // stored key -> position, for this chunk
+    for (const auto& c : claims) {
+      auto [it, added] = earliest.try_emplace(keys::unique_key(c.key), c.position);
+      if (!added) it->second = std::min(it->second, c.position);
+    }
+    std::size_t taken = 0;
+    auto written = run_on_writer(
         [&] {
+          std::vector<rocksdb::Slice> stored;
+          stored.reserve(earliest.size());
+          for (const auto& entry : earliest) stored.push_back(slice(entry.first));
+          std::vector<rocksdb::PinnableSlice> values(stored.size());
+          std::vector<rocksdb::Status> statuses(stored.size());
+          db_->db->MultiGet(rocksdb::ReadOptions(), db_->cf(cf_dedup), stored.size(), stored.data(),
+                            values.data(), statuses.data());
           rocksdb::WriteBatch batch;
-          for (const auto& c : claims) {
-            const auto value = keys::be64_bytes(c.position);
-            batch.Put(db_->cf(cf_dedup), slice(keys::unique_key(c.key)), slice(value));
+          std::size_t i = 0;
+          for (const auto& [key, position] : earliest) {
+            const auto& status = statuses[i];
+            const auto& value = values[i++];
+            if (status.ok() && value.size() != 8) {
+              return rocksdb::Status::Corruption("the id index holds a claim of " + std::to_string(value.size()) +
+                                                 " bytes for key '" +
+                                                 printable(std::string_view(key).substr(keys::unique_key_prefix.size())) + "'");
+            }
+            if (!status.ok() && !status.IsNotFound()) return status;
+            if (status.ok() && keys::load_be64(value.ToStringView()) < position) continue;
+            const auto bytes = keys::be64_bytes(position);
+            batch.Put(db_->cf(cf_dedup), slice(key), slice(bytes));
+            ++taken;
           }
           return db_->db->Write(rocksdb::WriteOptions(), &batch);  // synced with the version below
         },
         "claiming keys");
+    if (!written) return unexpected{written.error()};
+    return taken;
   };
   if (auto claimed = source(store, claim); !claimed) return claimed;
   return run_on_writer(

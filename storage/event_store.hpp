@@ -7,6 +7,7 @@
 /// RocksDB stays behind this header: nothing here includes it.
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -42,9 +43,12 @@ struct claimed_key {
   std::string key;
   std::uint64_t position = 0;
 };
-/// Takes claims a chunk at a time (bounding what a caller holds); fails when the store cannot
-/// write them or a claim is invalid (an empty or too long key, a position the log does not hold).
-using claim_sink = std::function<expected<void, error>(std::span<const claimed_key>)>;
+/// Takes claims a chunk at a time (bounding what a caller holds) and returns how many of them it
+/// took. A key already claimed at an earlier position keeps that claim and is not counted: a
+/// format 1 log may hold one transfer id applied twice, which the claims exist to prevent from
+/// then on. Fails when the store cannot write them or a claim is invalid (an empty or too long
+/// key, a position the log does not hold).
+using claim_sink = std::function<expected<std::size_t, error>(std::span<const claimed_key>)>;
 /// Reads an open store and passes to `sink` every key its appends would claim had they been
 /// written today.
 using claim_source = std::function<expected<void, error>(const event_store&, const claim_sink& sink)>;

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "events/codec.hpp"
 #include "events/event.hpp"
 #include "tests/app/example_store.hpp"
 #include "tests/storage/store_testing.hpp"
@@ -619,6 +620,52 @@ TEST(cli_serve_upgrade, a_store_of_format_1_is_upgraded_claiming_the_ledgers_ids
   auto again = start_serve(dir.path(), "127.0.0.1:0");
   ASSERT_NE(again.port, 0) << again.child->output();
   EXPECT_EQ(again.child->err().find("upgrad"), std::string::npos) << again.child->output();
+}
+
+TEST(cli_serve_upgrade, a_transfer_id_applied_twice_before_claims_is_claimed_once_and_named) {
+  // The same example store, its ledger claimed as the ledger does: the keys an upgrade claims.
+  temp_dir reference;
+  (void)make_example_store(reference.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  const auto ledger_keys = verified_unique_keys(reference.path());
+  ASSERT_GT(ledger_keys, 0u);
+
+  temp_dir dir;
+  (void)make_example_store(dir.path(), testing::ledger_claims::none);
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  {
+    // What the claims prevent from now on: job-1's usage applied again, in a group of its own.
+    storage::store_options options;
+    options.mode = storage::durability::buffered;
+    auto store = storage::event_store::open(dir.path(), options);
+    ASSERT_TRUE(store) << store.error().message;
+    const events::event again = events::transfer_recorded{
+        "job-1/usage", "user-ada", "provider-17", 4'000, events::transfer_kind::usage, "test", "job-1-again",
+        1'700'000'001'000'000};
+    storage::stream_append append{"ledger", storage::any_version, {}};
+    append.events.push_back({storage::testing::make_id(0x7e5, 1), events::type_of(again), events::encode_payload(again)});
+    auto appended = (*store)->append({std::move(append)});
+    ASSERT_TRUE(appended) << appended.error().message;
+  }
+  storage::testing::raw_put(dir.path(), "default", "format_version", std::string("\0\0\0\0\0\0\0\x01", 8));
+  ASSERT_FALSE(::testing::Test::HasFailure());
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  const std::string upgraded = "event store upgraded to format 2: ";
+  const auto at = serve.child->err().find(upgraded);
+  ASSERT_NE(at, std::string::npos) << serve.child->output();
+  // The repeated transfer id is claimed once; its new group id is one more key.
+  EXPECT_EQ(std::stoull(serve.child->err().substr(at + upgraded.size())), ledger_keys + 1) << serve.child->output();
+  EXPECT_NE(serve.child->err().find("names 1 transfer or group ids again after their first use"), std::string::npos)
+      << serve.child->output();
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+
+  const auto run = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
+  EXPECT_NE(run.err.find("\"job-1/usage\""), std::string::npos) << run.err;
+  EXPECT_NE(run.err.find("applied twice"), std::string::npos) << run.err;
 }
 
 TEST(cli_serve_port, listens_on_the_port_it_is_given) {

@@ -1014,7 +1014,9 @@ store_options upgrading(std::vector<std::vector<claimed_key>> chunks, std::share
     ++*calls;
     EXPECT_EQ(store.last_position(), 3u) << "the source reads the store being upgraded";
     for (const auto& chunk : chunks) {
-      if (auto written = claim(chunk); !written) return written;
+      auto taken = claim(chunk);
+      if (!taken) return expected<void, error>{unexpected{taken.error()}};
+      EXPECT_EQ(*taken, chunk.size()) << "no key named twice";
     }
     return last;
   };
@@ -1056,6 +1058,60 @@ TEST(event_store_format, a_format_1_store_opened_for_writing_is_upgraded_claimin
   ASSERT_TRUE(report) << report.error().message;
   EXPECT_EQ(report->unique_keys, 4u);
   EXPECT_EQ(report->events, 4u);
+}
+
+/// The position of the append that claims `key`, as a refused append names it.
+std::string claim_position(event_store& store, const std::string& key, std::uint64_t tag) {
+  auto result = store.append(claiming(one_stream("probe-" + std::to_string(tag), no_stream, tag, 1, 1), {key}));
+  if (result) return "not claimed";
+  const auto& message = result.error().message;
+  const auto at = message.find("at position ");
+  if (at == std::string::npos) return message;
+  return message.substr(at + 12, message.find(')', at) - at - 12);
+}
+
+TEST(event_store_format, a_key_named_again_keeps_its_earliest_claim_and_is_not_counted_again) {
+  // A format 1 ledger may have applied one transfer id twice (what the claims prevent from now
+  // on): its later uses, in the same chunk or a later one, leave the first claim as it is.
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  const std::vector<std::vector<claimed_key>> chunks{{{"t/1", 1}, {"g/1", 1}, {"t/1", 2}},
+                                                     {{"t/1", 3}, {"t/3", 3}}};
+  std::vector<std::size_t> taken;
+  store_options options = buffered();
+  options.format_1_claims = [&](const event_store&, const claim_sink& claim) -> expected<void, error> {
+    for (const auto& chunk : chunks) {
+      auto n = claim(chunk);
+      if (!n) return unexpected{n.error()};
+      taken.push_back(*n);
+    }
+    return {};
+  };
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  EXPECT_EQ(taken, (std::vector<std::size_t>{2, 1})) << "t/1 is claimed once, at position 1";
+  EXPECT_EQ(claim_position(*store, "t/1", 10), "1");
+  EXPECT_EQ(claim_position(*store, "g/1", 11), "1");
+  EXPECT_EQ(claim_position(*store, "t/3", 12), "3");
+  auto report = store->verify_indexes();
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->unique_keys, 3u);
+}
+
+TEST(event_store_format, an_upgrade_run_again_takes_the_claims_an_earlier_run_wrote) {
+  // The first run writes its first chunk and fails; the second names the same keys at the same
+  // positions and counts every one of them as its own.
+  temp_dir dir;
+  write_format_1_store(dir.path());
+  ASSERT_FALSE(HasFailure());
+  auto calls = std::make_shared<int>(0);
+  ASSERT_FALSE(event_store::open(dir.path(), upgrading({{{"t/1", 1}, {"t/2", 2}}}, calls,
+                                                       unexpected{error{errc::corruption, "garbage"}})));
+  auto store = open_or_fail(dir.path(), upgrading({{{"t/1", 1}, {"t/2", 2}}, {{"t/3", 3}}}, calls));
+  ASSERT_TRUE(store);
+  EXPECT_EQ(*calls, 2);
+  EXPECT_EQ(claim_position(*store, "t/2", 10), "2");
 }
 
 TEST(event_store_format, a_format_1_store_is_refused_for_writing_without_an_upgrade_but_read_as_it_is) {
