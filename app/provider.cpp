@@ -17,6 +17,7 @@
 #include <random>
 #include <utility>
 
+#include "app/open_files.hpp"
 #include "gateway/link_codec.hpp"
 #include "kernels/gpu_probe.hpp"
 
@@ -709,6 +710,7 @@ int run_provider(const provider_options& given) {
     spdlog::error("provider: {}", options.error());
     return 1;
   }
+  (void)raise_open_files_limit();  // a backend connection per concurrent job
   // One thread runs everything (link, backend requests, timers): forwarding tokens is light work,
   // and one thread needs no locks.
   asio::io_context io(1);

@@ -14,6 +14,7 @@
 #include "actors/errors.hpp"
 #include "actors/ledger_claims.hpp"
 #include "actors/runtime.hpp"
+#include "app/open_files.hpp"
 #include "gateway/node.hpp"
 
 namespace gpustream::app {
@@ -130,6 +131,18 @@ int run_serve(const serve_options& options) {
   node_options.cors_origins = options.cors_origins;
   node_options.link.heartbeat_interval = std::chrono::milliseconds(options.heartbeat_ms);
   node_options.link.stale_after = 3 * node_options.link.heartbeat_interval;
+  // One descriptor per connection: below what the gateway accepts, connections past the limit
+  // wait unanswered in the listen queue instead of getting its 503.
+  const std::uint64_t files = raise_open_files_limit();
+  const std::uint64_t files_wanted = node_options.http.connections_max + open_files_reserve;
+  if (files < files_wanted) {
+    logger->warn("the open-files limit is {} (its hard limit; `ulimit -Hn`): past about {} connections, "
+                 "new ones wait unanswered instead of getting a 503 at the gateway's own limit of {}; "
+                 "raise it to {} or more (`ulimit -n` in the shell that starts serve, LimitNOFILE= in a "
+                 "systemd unit)",
+                 files, files > open_files_reserve ? files - open_files_reserve : 0,
+                 node_options.http.connections_max, files_wanted);
+  }
   auto node = gateway::node::start(system, runtime, store, std::move(node_options));
   if (!node) {
     logger->error("{}", node.error());

@@ -13,7 +13,9 @@
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -767,10 +769,19 @@ class http_server::impl {
  private:
   void accept() {
     acceptor_.async_accept(asio::make_strand(io_), [this](beast::error_code ec, tcp::socket socket) {
+      if (ec == asio::error::operation_aborted) return;
       if (ec) {
-        if (ec != asio::error::operation_aborted) accept();
+        // Out of descriptors (EMFILE, ENFILE) or kernel memory: the connection stays in the listen
+        // queue, so accepting again at once would fail again, at once, at a full core. Wait until
+        // some connection may have closed, longer each time, as Go's net/http does.
+        accept_backoff_ = std::clamp(accept_backoff_ * 2, accept_backoff_min, accept_backoff_max);
+        accept_timer_.expires_after(accept_backoff_);
+        accept_timer_.async_wait([this](beast::error_code waited) {
+          if (!waited) accept();
+        });
         return;
       }
+      accept_backoff_ = {};
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
       auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,
@@ -791,6 +802,10 @@ class http_server::impl {
   asio::io_context io_;
   flush_clock clock_{io_, options_.stream_flush_interval};  ///< holds connections: destroyed before io_
   tcp::acceptor acceptor_;
+  // Between a failed accept and the next (one accept is pending at a time, so no lock).
+  static constexpr std::chrono::milliseconds accept_backoff_min{5}, accept_backoff_max{1'000};
+  std::chrono::milliseconds accept_backoff_{};
+  asio::steady_timer accept_timer_{io_};
   std::vector<std::thread> threads_;
   std::uint16_t port_ = 0;
 };

@@ -9,6 +9,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -84,7 +85,8 @@ class unique_fd {
 class child_process {
  public:
   /// Starts argv[0] (a path, not searched in PATH) with arguments argv[1..].
-  explicit child_process(const std::vector<std::string>& argv) {
+  /// With `open_files_max`, the child's soft and hard limits on open files are set to it.
+  explicit child_process(const std::vector<std::string>& argv, std::optional<rlim_t> open_files_max = {}) {
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
@@ -99,6 +101,10 @@ class child_process {
       ::dup2(null.get(), STDIN_FILENO);
       ::dup2(out_write.get(), STDOUT_FILENO);
       ::dup2(err_write.get(), STDERR_FILENO);
+      if (open_files_max) {
+        const rlimit limit{*open_files_max, *open_files_max};
+        ::setrlimit(RLIMIT_NOFILE, &limit);
+      }
       ::execv(args[0], args.data());
       constexpr char message[] = "exec failed\n";
       (void)!::write(STDERR_FILENO, message, sizeof message - 1);  // nothing else to do with a failure
@@ -471,10 +477,11 @@ struct running_serve {
   std::uint16_t port = 0;
 };
 
-running_serve start_serve(const std::filesystem::path& data, const std::string& http) {
+running_serve start_serve(const std::filesystem::path& data, const std::string& http,
+                          std::optional<rlim_t> open_files_max = {}) {
   running_serve serve;
   serve.child = std::make_unique<child_process>(
-      std::vector<std::string>{GPUSTREAM_BIN, "serve", "--data", data.string(), "--http", http});
+      std::vector<std::string>{GPUSTREAM_BIN, "serve", "--data", data.string(), "--http", http}, open_files_max);
   if (!serve.child->started()) return serve;
   // spdlog's default logger writes to stdout; look at both streams so a change of sink is harmless.
   (void)serve.child->read_until([&] {
@@ -666,6 +673,19 @@ TEST(cli_serve_upgrade, a_transfer_id_applied_twice_before_claims_is_claimed_onc
   EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
   EXPECT_NE(run.err.find("\"job-1/usage\""), std::string::npos) << run.err;
   EXPECT_NE(run.err.find("applied twice"), std::string::npos) << run.err;
+}
+
+TEST(cli_serve_limits, an_open_files_limit_below_the_gateways_connections_is_named_with_what_to_raise) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto serve = start_serve(dir.path(), "127.0.0.1:0", 2'048);
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  const auto& err = serve.child->err();
+  EXPECT_NE(err.find("the open-files limit is 2048"), std::string::npos) << err;
+  EXPECT_NE(err.find("past about 1024 connections"), std::string::npos) << err;
+  EXPECT_NE(err.find("raise it to 11024 or more"), std::string::npos) << err;
+  EXPECT_EQ(curl(serve.port, "/healthz").status, 200) << "it serves anyway";
 }
 
 TEST(cli_serve_port, listens_on_the_port_it_is_given) {

@@ -2,7 +2,9 @@
 // answer (headers and bodies are covered end to end in tests/app/cli_test.cpp); the peer's address.
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -10,7 +12,9 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <ctime>
 #include <string>
+#include <vector>
 
 #include "gateway/http_server.hpp"
 
@@ -86,6 +90,55 @@ TEST(http_server, connections_beyond_connections_max_get_503_and_are_closed) {
   const auto [reply, closed] = third.read_until_closed(std::chrono::seconds(5));
   EXPECT_NE(reply.find("503"), std::string::npos) << reply;
   EXPECT_TRUE(closed);
+}
+
+/// CPU time this process has used, all threads.
+std::chrono::nanoseconds process_cpu() {
+  timespec t{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return std::chrono::seconds(t.tv_sec) + std::chrono::nanoseconds(t.tv_nsec);
+}
+
+TEST(http_server, out_of_descriptors_it_waits_for_one_instead_of_spinning_and_then_serves) {
+  auto server = start({});
+  ASSERT_TRUE(server);
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  rlimit low = saved;
+  low.rlim_cur = std::min<rlim_t>(saved.rlim_cur, 1024);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  // Every descriptor taken but the client's: the server has none left to accept it with.
+  std::vector<int> taken;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) taken.push_back(fd);
+  ASSERT_EQ(errno, EMFILE);
+  ASSERT_FALSE(taken.empty());
+  ::close(taken.back());
+  taken.pop_back();
+  const auto release = [&] {
+    for (const int fd : taken) ::close(fd);
+    taken.clear();
+    ::setrlimit(RLIMIT_NOFILE, &saved);
+  };
+  client waiting(server->port());  // the kernel completes the handshake; the server cannot accept
+  EXPECT_TRUE(waiting.connected());
+  if (waiting.connected()) waiting.send(healthz);
+  const auto cpu_before = process_cpu();
+  const auto [early, closed_early] = waiting.read_until_closed(std::chrono::milliseconds(500));
+  const auto cpu_used = process_cpu() - cpu_before;
+  release();
+  EXPECT_TRUE(early.empty()) << early;
+  EXPECT_FALSE(closed_early);
+  // Retrying at once would take most of a core for the 500 ms; waiting takes next to nothing.
+  EXPECT_LT(cpu_used, std::chrono::milliseconds(100))
+      << "the accept loop spun: " << std::chrono::duration_cast<std::chrono::milliseconds>(cpu_used).count()
+      << " ms of CPU in 500 ms";
+  // Descriptors free again: the waiting connection is accepted and served (the wait is at most 1 s).
+  std::string reply;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (reply.find("200 OK") == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+    reply += waiting.read_until_closed(std::chrono::milliseconds(50)).first;  // what arrived by then
+  }
+  EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;
 }
 
 TEST(http_server, every_request_on_a_connection_carries_the_peers_address) {
