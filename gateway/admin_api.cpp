@@ -24,6 +24,7 @@
 #include "gateway/openai_api.hpp"
 #include "gateway/provider_api.hpp"
 #include "gateway/secrets.hpp"
+#include "gateway/url.hpp"
 
 namespace gpustream::gateway {
 
@@ -192,29 +193,6 @@ checked<std::vector<std::string>> string_list(const json::object& body, std::str
   return out;
 }
 
-int hex_value(char c) noexcept {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-
-std::string percent_decode(std::string_view text) {
-  std::string out;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    if (text[i] == '+') {
-      out += ' ';
-    } else if (text[i] == '%' && i + 2 < text.size() && hex_value(text[i + 1]) >= 0 &&
-               hex_value(text[i + 2]) >= 0) {
-      out += static_cast<char>(hex_value(text[i + 1]) * 16 + hex_value(text[i + 2]));
-      i += 2;
-    } else {
-      out += text[i];
-    }
-  }
-  return out;
-}
-
 /// The query parameters of `target` (the first of each name wins).
 std::map<std::string, std::string> query_params(std::string_view target) {
   std::map<std::string, std::string> out;
@@ -225,8 +203,8 @@ std::map<std::string, std::string> query_params(std::string_view target) {
     const auto end = query.find('&');
     const auto pair = query.substr(0, end);
     const auto equals = pair.find('=');
-    auto name = percent_decode(pair.substr(0, equals));
-    auto value = equals == std::string_view::npos ? std::string() : percent_decode(pair.substr(equals + 1));
+    auto name = percent_decode(pair.substr(0, equals), plus_sign::space);
+    auto value = equals == std::string_view::npos ? std::string() : percent_decode(pair.substr(equals + 1), plus_sign::space);
     if (!name.empty()) out.emplace(std::move(name), std::move(value));
     if (end == std::string_view::npos) break;
     query.remove_prefix(end + 1);

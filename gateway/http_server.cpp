@@ -70,11 +70,18 @@ std::string status_line_and_headers(unsigned status, std::string_view content_ty
   return out;
 }
 
-std::string serialize(const http_response& response, bool keep_alive) {
+/// The whole answer; without its body for a HEAD request, whose Content-Length is still the body's.
+std::string serialize(const http_response& response, bool keep_alive, bool head = false) {
   std::string out = status_line_and_headers(response.status, response.content_type, response.headers, keep_alive);
   out += "Content-Length: " + std::to_string(response.body.size()) + "\r\n\r\n";
-  out += response.body;
+  if (!head) out += response.body;
   return out;
+}
+
+/// Whether `ec` says the bytes were not an HTTP request (rather than the connection failing).
+bool is_malformed_request(const beast::error_code& ec) {
+  static const auto& category = http::make_error_code(http::error::bad_method).category();
+  return ec.category() == category && ec != http::error::end_of_stream && ec != http::error::partial_message;
 }
 
 http_response json_error(unsigned status, std::string_view message, std::string_view type) {
@@ -381,7 +388,7 @@ class session : public std::enable_shared_from_this<session> {
     if (!answering(request) || started_) return;
     started_ = true;
     complete_ = true;
-    queue(serialize(response, keep_alive_));
+    queue(serialize(response, keep_alive_, head_));
     write_next();
   }
 
@@ -389,7 +396,9 @@ class session : public std::enable_shared_from_this<session> {
     if (!answering(request) || started_) return;
     started_ = true;
     headers.emplace_back("Cache-Control", "no-cache");
-    headers.emplace_back("Transfer-Encoding", "chunked");
+    // HTTP/1.0 has no chunked encoding: the answer's end is the connection's.
+    if (chunked_) headers.emplace_back("Transfer-Encoding", "chunked");
+    else keep_alive_ = false;
     queue(status_line_and_headers(status, content_type, headers, keep_alive_) + "\r\n");
     flush_soon();  // or sooner, with the first piece when that follows at once
   }
@@ -397,7 +406,7 @@ class session : public std::enable_shared_from_this<session> {
   void write(std::uint64_t request, std::string data) {
     if (!answering(request) || !started_ || complete_ || data.empty()) return;
     char size[20];
-    const int n = std::snprintf(size, sizeof size, "%zx\r\n", data.size());
+    const int n = chunked_ ? std::snprintf(size, sizeof size, "%zx\r\n", data.size()) : 0;
     const std::size_t queued = pending_.size() + static_cast<std::size_t>(n) + data.size() + 2;
     // A client that does not read: what waits for it, queued or being written, is bounded, and
     // so is the queue's buffer.
@@ -407,7 +416,7 @@ class session : public std::enable_shared_from_this<session> {
     if (queued > pending_.capacity() && 2 * pending_.capacity() > limit) grow_queue(pending_, queued, limit);
     pending_.append(size, static_cast<std::size_t>(n));
     pending_ += data;
-    pending_ += "\r\n";
+    if (chunked_) pending_ += "\r\n";
     if (options_.stream_flush_interval.count() == 0) return flush_soon();
     if (!piece_written_) {
       // The answer's first piece (its first token) is written now, not after the handlers queued
@@ -433,7 +442,7 @@ class session : public std::enable_shared_from_this<session> {
   void finish(std::uint64_t request) {
     if (!answering(request) || !started_ || complete_) return;
     complete_ = true;
-    queue("0\r\n\r\n");
+    if (chunked_) queue("0\r\n\r\n");
     write_next();
   }
 
@@ -453,6 +462,21 @@ class session : public std::enable_shared_from_this<session> {
     parser_->header_limit(static_cast<std::uint32_t>(options_.header_bytes_max));
     parser_->body_limit(options_.body_bytes_max);
     stream_.expires_after(options_.idle_timeout);
+    http::async_read_header(stream_, buffer_, *parser_,
+                            [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_header(ec); });
+  }
+
+  void on_header(beast::error_code ec) {
+    if (ec || parser_->is_done()) return on_read(ec);
+    // A client that asks before sending its body (curl does above 1 KiB) gets the go-ahead now
+    // rather than waiting its own timeout (a second for curl). A body over body_bytes_max was
+    // refused with the header already. The previous answer is all written by now, so these few
+    // bytes fit the socket's buffer; if not, the client still sends after its timeout.
+    if (beast::iequals(parser_->get()[http::field::expect], "100-continue")) {
+      static constexpr std::string_view go_ahead = "HTTP/1.1 100 Continue\r\n\r\n";
+      beast::error_code ignored;
+      (void)stream_.socket().write_some(asio::buffer(go_ahead), ignored);
+    }
     http::async_read(stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
   }
@@ -460,10 +484,15 @@ class session : public std::enable_shared_from_this<session> {
   void on_read(beast::error_code ec) {
     if (ec == http::error::header_limit) return refuse(json_error(431, "request headers exceed header_bytes_max", "invalid_request_error"));
     if (ec == http::error::body_limit) return refuse(json_error(413, "request body exceeds body_bytes_max", "invalid_request_error"));
+    if (is_malformed_request(ec)) {
+      return refuse(json_error(400, "malformed HTTP request: " + ec.message(), "invalid_request_error"));
+    }
     if (ec) return gone();
     auto& message = parser_->get();
     if (upgrade_ && websocket::is_upgrade(message)) return on_upgrade(parser_->release());
     keep_alive_ = message.keep_alive();
+    head_ = message.method() == http::verb::head;
+    chunked_ = message.version() >= 11;
     auto request = to_request(std::move(message), remote_address_);
     ++request_;
     started_ = false;
@@ -650,6 +679,8 @@ class session : public std::enable_shared_from_this<session> {
   std::atomic<std::uint64_t>& writes_;  ///< the server's count of writes to clients
   std::uint64_t request_ = 0;  ///< the request being answered; replies for others are ignored
   bool keep_alive_ = true;
+  bool head_ = false;      ///< the request is a HEAD: its answer goes without a body
+  bool chunked_ = true;    ///< a streamed answer goes in chunks (HTTP/1.1); else until the close
   bool started_ = false;   ///< the answer's first bytes are queued
   bool complete_ = false;  ///< the answer's last bytes are queued
   bool writing_ = false;

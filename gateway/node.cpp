@@ -15,6 +15,7 @@
 #include "gateway/metrics.hpp"
 #include "gateway/provider_api.hpp"
 #include "gateway/secrets.hpp"
+#include "gateway/url.hpp"
 #include "storage/event_store.hpp"
 
 namespace gpustream::gateway {
@@ -210,13 +211,16 @@ class node::impl {
     if (cors.preflight) return whole({204, "text/plain", "", {}});
     if (path == "/v1/chat/completions" || path == "/v1/completions") return completion(std::move(request), reply);
     if (path == "/healthz") {
-      if (request.method != "GET") return whole(api_error_response(make_api_error(405, "use GET")));
+      if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
       return whole({200, "application/json",
                     R"({"status":"ok","last_position":)" + std::to_string(store_->last_position()) + "}", {}});
     }
-    if (path == "/metrics") return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
+    if (path == "/metrics") {
+      if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
+      return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
+    }
     if (path == "/v1/models") return models(request, reply);
-    if (path.starts_with("/v1/models/")) return model(request, reply, path.substr(11));
+    if (path.starts_with("/v1/models/")) return model(request, reply, percent_decode(path.substr(11)));
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
     if (path.starts_with("/a/c/")) return click(path.substr(5), reply);
@@ -234,15 +238,23 @@ class node::impl {
     return "other";
   }
 
+  /// 405, with the Allow header RFC 9110 asks for.
+  static http_response method_not_allowed(const http_request& request, std::string_view allowed) {
+    auto response = api_error_response(make_api_error(
+        405, std::string(request.path()) + " answers " + std::string(allowed) + " only, not " + request.method));
+    response.headers.emplace_back("Allow", std::string(allowed));
+    return response;
+  }
+
   void models(const http_request& request, const std::shared_ptr<http_reply>& reply) {
-    if (request.method != "GET") return reply->send(api_error_response(make_api_error(405, "use GET")));
+    if (request.method != "GET") return reply->send(method_not_allowed(request, "GET"));
     if (!authenticate(request, *reply)) return;
     const auto listing = relay_->models();
     reply->send({200, "application/json", models_json(listing), {}});
   }
 
   void model(const http_request& request, const std::shared_ptr<http_reply>& reply, const std::string& id) {
-    if (request.method != "GET") return reply->send(api_error_response(make_api_error(405, "use GET")));
+    if (request.method != "GET") return reply->send(method_not_allowed(request, "GET"));
     if (!authenticate(request, *reply)) return;
     for (const auto& m : relay_->models()) {
       if (m.id == id) return reply->send({200, "application/json", model_json(m), {}});
@@ -265,7 +277,7 @@ class node::impl {
   }
 
   void completion(http_request request, const std::shared_ptr<http_reply>& reply) {
-    if (request.method != "POST") return reply->send(api_error_response(make_api_error(405, "use POST")));
+    if (request.method != "POST") return reply->send(method_not_allowed(request, "POST"));
     auto user = authenticate(request, *reply);
     if (!user) return;
     const auto rate = limiter_.check(user->user_id, rate_limiter::clock::now());

@@ -528,10 +528,12 @@ TEST_F(cli_serve, an_unknown_path_is_404) {
   EXPECT_NE(reply.body.find("no such endpoint"), std::string::npos) << reply.body;
 }
 
-TEST_F(cli_serve, post_to_healthz_is_405) {
-  const auto reply = curl(port(), "/healthz", {"--request", "POST"});
-  EXPECT_EQ(reply.status, 405);
-  EXPECT_NE(reply.body.find("use GET"), std::string::npos) << reply.body;
+TEST_F(cli_serve, post_to_healthz_is_405_with_the_allowed_method) {
+  const auto reply = raw_exchange(port(), "POST /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                                          "Content-Length: 0\r\n\r\n");
+  EXPECT_EQ(status_of(reply), 405) << reply;
+  EXPECT_NE(reply.find("\r\nAllow: GET\r\n"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("/healthz answers GET only, not POST"), std::string::npos) << reply;
 }
 
 TEST_F(cli_serve, a_body_of_exactly_the_limit_is_read) {

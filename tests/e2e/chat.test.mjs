@@ -18,6 +18,7 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
     upstream_options: { tokens, context_length, max_concurrent: 2, token_interval_us: 2000 },
     provider_args: ['--max-concurrency', '8'],
     probe: true,
+    model: 'e2e-org/e2e-model',  // named as on Hugging Face: the SDK sends it as one encoded segment
   });
   const advertised = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
   assert.equal(advertised.max_concurrency, 2, 'the probe found the concurrency the backend sustains');
@@ -31,6 +32,9 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
   assert.ok(listed, `GET /v1/models lists ${model}: ${JSON.stringify(models)}`);
   assert.equal(listed.context_length, context_length);
   assert.equal(listed.x_gpustream.providers_online, 1);
+  const retrieved = await client.models.retrieve(model);  // GET /v1/models/e2e-org%2Fe2e-model
+  assert.equal(retrieved.id, model);
+  assert.equal(retrieved.context_length, context_length);
 
   // Streamed chat with usage in the last chunk.
   const messages = [{ role: 'user', content: 'Say something deterministic.' }];

@@ -72,6 +72,17 @@ std::unique_ptr<http_server> start(http_server_options options) {
   return server ? std::move(server).value() : nullptr;
 }
 
+/// Reads what `peer` receives until `done(text)` holds or 10 s pass.
+template <class Done>
+std::string read_until(client& peer, Done done) {
+  std::string text;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!done(text) && std::chrono::steady_clock::now() < deadline) {
+    text += peer.read_until_closed(std::chrono::milliseconds(50)).first;  // what arrived by then
+  }
+  return text;
+}
+
 TEST(http_server, connections_beyond_connections_max_get_503_and_are_closed) {
   http_server_options options;
   options.connections_max = 2;
@@ -133,12 +144,55 @@ TEST(http_server, out_of_descriptors_it_waits_for_one_instead_of_spinning_and_th
       << "the accept loop spun: " << std::chrono::duration_cast<std::chrono::milliseconds>(cpu_used).count()
       << " ms of CPU in 500 ms";
   // Descriptors free again: the waiting connection is accepted and served (the wait is at most 1 s).
-  std::string reply;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (reply.find("200 OK") == std::string::npos && std::chrono::steady_clock::now() < deadline) {
-    reply += waiting.read_until_closed(std::chrono::milliseconds(50)).first;  // what arrived by then
-  }
+  const auto reply = read_until(waiting, [](const std::string& t) { return t.find("200 OK") != std::string::npos; });
   EXPECT_NE(reply.find("200 OK"), std::string::npos) << reply;
+}
+
+TEST(http_server, a_head_request_is_answered_without_the_body_and_the_next_request_follows) {
+  auto server = start({});
+  ASSERT_TRUE(server);
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + healthz);
+  const auto text = read_until(peer, [](const std::string& t) { return t.find("\r\n\r\nok") != std::string::npos; });
+  // The HEAD's answer: its headers (Content-Length the body's), then at once the GET's answer.
+  ASSERT_TRUE(text.starts_with("HTTP/1.1 200 OK\r\n")) << text;
+  EXPECT_NE(text.find("Content-Length: 2\r\n\r\nHTTP/1.1 200 OK\r\n"), std::string::npos) << text;
+  EXPECT_TRUE(text.ends_with("\r\n\r\nok")) << text;
+}
+
+TEST(http_server, bytes_that_are_not_an_http_request_get_400_naming_the_fault) {
+  auto server = start({});
+  ASSERT_TRUE(server);
+  for (const std::string garbage : {"GARBAGE\r\n\r\n", "GET /healthz HTTP/1.1\r\nno colon here\r\n\r\n"}) {
+    client peer(server->port());
+    ASSERT_TRUE(peer.connected());
+    peer.send(garbage);
+    const auto [reply, closed] = peer.read_until_closed(std::chrono::seconds(10));
+    EXPECT_TRUE(reply.starts_with("HTTP/1.1 400 ")) << reply;
+    EXPECT_NE(reply.find("malformed HTTP request: "), std::string::npos) << reply;
+    EXPECT_TRUE(closed);
+  }
+}
+
+TEST(http_server, a_client_that_expects_100_continue_gets_it_before_sending_its_body) {
+  http_server_options options;
+  options.port = 0;
+  auto started = http_server::start(options, [](const http_request& request, std::shared_ptr<http_reply> reply) {
+    reply->send(http_response{200, "text/plain", "got " + request.body, {}});
+  });
+  ASSERT_TRUE(started) << started.error();
+  auto& server = *started;
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n");
+  // Without the go-ahead this waits out the 10 s: the server waits for the body, and so would we.
+  const auto go_ahead = read_until(peer, [](const std::string& t) { return t.find("\r\n\r\n") != std::string::npos; });
+  EXPECT_EQ(go_ahead, "HTTP/1.1 100 Continue\r\n\r\n");
+  peer.send("body");
+  const auto answer = read_until(peer, [](const std::string& t) { return t.find("got body") != std::string::npos; });
+  EXPECT_TRUE(answer.starts_with("HTTP/1.1 200 OK\r\n")) << answer;
+  EXPECT_NE(answer.find("got body"), std::string::npos) << answer;
 }
 
 TEST(http_server, every_request_on_a_connection_carries_the_peers_address) {
@@ -156,11 +210,7 @@ TEST(http_server, every_request_on_a_connection_carries_the_peers_address) {
     const auto first = text.find(expected);
     return first != std::string::npos && text.find(expected, first + 1) != std::string::npos;
   };
-  std::string replies;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!answered(replies) && std::chrono::steady_clock::now() < deadline) {
-    replies += peer.read_until_closed(std::chrono::milliseconds(50)).first;  // what arrived by then
-  }
+  const auto replies = read_until(peer, answered);
   EXPECT_TRUE(answered(replies)) << replies;
 }
 

@@ -143,6 +143,25 @@ TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_ser
   EXPECT_NE(c.read_until("second", 10s).find("second"), std::string::npos);
 }
 
+TEST(http_streaming, a_streamed_answer_to_http_1_0_goes_unchunked_and_ends_with_the_connection) {
+  std::promise<std::shared_ptr<http_reply>> pending;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  c.send("POST /x HTTP/1.0\r\nContent-Length: 0\r\n\r\n");
+  auto future = pending.get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  auto reply = future.get();
+  reply->start_stream(200, "text/event-stream", {});
+  reply->write("data: one\n\n");
+  reply->write("data: two\n\n");
+  reply->finish();
+  const auto all = c.read_until("the connection's end", 10s);  // read until it closes
+  EXPECT_EQ(all.find("Transfer-Encoding"), std::string::npos) << all;
+  EXPECT_NE(all.find("Connection: close"), std::string::npos) << all;
+  EXPECT_TRUE(all.ends_with("\r\n\r\ndata: one\n\ndata: two\n\n")) << all;
+}
+
 TEST(http_streaming, pieces_queued_before_the_connection_writes_go_out_in_one_write) {
   // The handler runs on the connection's strand, so the header block and every piece are queued
   // before the I/O queue writes any of them. The first piece is written at once, with the headers;
