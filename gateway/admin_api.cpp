@@ -7,8 +7,10 @@
 #include <spdlog/logger.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <array>
 #include <charconv>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -95,7 +97,16 @@ using invalid = unexpected<http_response>;
 template <class T>
 using checked = expected<T, http_response>;
 
-checked<json::object> parse_object(std::string_view body, std::size_t depth_max) {
+/// A field's name as an error message quotes it: at most 64 bytes.
+std::string printable_field(std::string_view name) {
+  return name.size() <= 64 ? std::string(name) : std::string(name.substr(0, 64)) + "...";
+}
+
+/// The body as a JSON object whose every field is one of `fields`: a misspelt field ("credit" for
+/// "credit_micros") is refused rather than read as absent, which would create a user without
+/// its credit.
+checked<json::object> parse_object(std::string_view body, std::size_t depth_max,
+                                   std::initializer_list<std::string_view> fields) {
   json::parse_options options;
   options.max_depth = depth_max;
   boost::system::error_code ec;
@@ -106,6 +117,14 @@ checked<json::object> parse_object(std::string_view body, std::size_t depth_max)
                                            " levels deep): " + ec.message())};
   }
   if (!parsed.is_object()) return invalid{error_response(400, "the body must be a JSON object")};
+  for (const auto& field : parsed.as_object()) {
+    if (std::find(fields.begin(), fields.end(), field.key()) != fields.end()) continue;
+    std::string known;
+    for (const auto name : fields) known += (known.empty() ? "" : ", ") + std::string(name);
+    return invalid{error_response(400,
+                                  "unknown field '" + printable_field(field.key()) + "'; the fields are: " + known,
+                                  printable_field(field.key()))};
+  }
   return std::move(parsed.as_object());
 }
 
@@ -380,7 +399,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   // -- POST /admin/users ------------------------------------------------------------------------
 
   void create_user(const http_request& request, reply_function reply) {
-    auto body = parse_object(request.body, options_.json_depth_max);
+    auto body = parse_object(request.body, options_.json_depth_max, {"tier", "credit_micros", "display_name"});
     if (!body) return reply(std::move(body).error());
     auto tier_text = optional_string(*body, "tier", 16);
     if (!tier_text) return reply(std::move(tier_text).error());
@@ -500,7 +519,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   };
 
   void create_provider(const http_request& request, reply_function reply) {
-    auto body = parse_object(request.body, options_.json_depth_max);
+    auto body = parse_object(request.body, options_.json_depth_max, {"name", "owner_user_id"});
     if (!body) return reply(std::move(body).error());
     auto name = required_string(*body, "name", options_.name_bytes_max);
     if (!name) return reply(std::move(name).error());
@@ -608,7 +627,9 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   void create_campaign(const http_request& request, reply_function reply) {
-    auto body = parse_object(request.body, options_.json_depth_max);
+    auto body = parse_object(request.body, options_.json_depth_max,
+                             {"advertiser", "title", "text", "url", "keywords", "categories", "cpm_bid_micros",
+                              "budget_micros", "daily_budget_micros", "frequency_cap_per_day"});
     if (!body) return reply(std::move(body).error());
     auto campaign = parse_campaign(*body);
     if (!campaign) return reply(std::move(campaign).error());

@@ -333,6 +333,12 @@ TEST_F(admin_api_test, user_fields_are_validated_by_name) {
   expect_invalid(call("POST", "/admin/users", R"({"credit_micros":"100"})"), "credit_micros");
   expect_invalid(call("POST", "/admin/users", R"({"credit_micros":100000000001})"), "credit_micros");
   expect_invalid(call("POST", "/admin/users", R"({"display_name":7})"), "display_name");
+  // A misspelt field is refused, not read as absent (a premium user without its credit).
+  const auto misspelt = call("POST", "/admin/users", R"({"tier":"premium","credit":5000000})");
+  expect_invalid(misspelt, "credit");
+  EXPECT_NE(misspelt.body.find("unknown field 'credit'; the fields are: tier, credit_micros, display_name"),
+            std::string::npos)
+      << misspelt.body;
   expect_invalid(call("POST", "/admin/users", R"({"display_name":")" + std::string(201, 'x') + "\"}"),
                  "display_name");
   for (const std::string body : {"", "not json", "[1,2]", R"({"a":[[[[[[[[[1]]]]]]]]]})"}) {
@@ -367,6 +373,7 @@ TEST_F(admin_api_test, a_new_providers_token_works_at_once_with_or_without_an_ow
   expect_invalid(call("POST", "/admin/providers", R"({})"), "name");
   expect_invalid(call("POST", "/admin/providers", R"({"name":""})"), "name");
   expect_invalid(call("POST", "/admin/providers", R"({"name":["x"]})"), "name");
+  expect_invalid(call("POST", "/admin/providers", R"({"name":"x","owner":"u_1"})"), "owner");
   expect_invalid(call("POST", "/admin/providers", R"({"name":")" + std::string(201, 'n') + "\"}"), "name");
   EXPECT_EQ(directory_->counts().providers, 2u);
 }
@@ -511,6 +518,8 @@ TEST_F(admin_api_test, campaign_fields_are_validated_by_name_and_by_the_campaign
   expect_invalid(call("POST", "/admin/campaigns",
                       R"({"advertiser":"a","title":"t","text":"t","url":"u","cpm_bid_micros":2000000})"),
                  "budget_micros");
+  expect_invalid(call("POST", "/admin/campaigns", R"({"advertiser":"a","title":"t","daily_budget":1,)" + valid_tail),
+                 "daily_budget");
   // Well-formed, but the campaign's own rules refuse it: a daily budget above the whole budget.
   const auto refused = call("POST", "/admin/campaigns",
                             R"({"advertiser":"a","title":"t","daily_budget_micros":9000000,)" +
