@@ -386,6 +386,13 @@ expected<request_extension, api_error> parse_extension(const json::object& body,
   return extension;
 }
 
+/// Whether an optional parameter's value asks for nothing: null, false, 0, {} or [].
+bool asks_for_nothing(const json::value& v) {
+  return v.is_null() || (v.is_bool() && !v.get_bool()) || (v.is_int64() && v.get_int64() == 0) ||
+         (v.is_uint64() && v.get_uint64() == 0) || (v.is_object() && v.get_object().empty()) ||
+         (v.is_array() && v.get_array().empty());
+}
+
 /// Parameters the gateway cannot honour are refused instead of silently dropped, so a client never
 /// believes it got (say) tool calls or three choices when it did not.
 expected<void, api_error> refuse_unsupported(const json::object& body, request_kind kind) {
@@ -403,6 +410,23 @@ expected<void, api_error> refuse_unsupported(const json::object& body, request_k
   if (const json::value* logprobs = field(body, "logprobs");
       logprobs != nullptr && !(logprobs->is_bool() && !logprobs->get_bool())) {
     return unexpected{unsupported("logprobs", "log probabilities are not supported.")};
+  }
+  // Whatever changes the answer and that the gateway does not pass on: refused unless it asks for
+  // nothing (null, false, 0, {} or []).
+  for (const auto& [name, reason] : {std::pair{"logit_bias", "token biases are not supported."},
+                                     std::pair{"top_logprobs", "log probabilities are not supported."},
+                                     std::pair{"reasoning_effort", "reasoning effort is not supported."},
+                                     std::pair{"audio", "audio output is not supported."},
+                                     std::pair{"prediction", "predicted outputs are not supported."},
+                                     std::pair{"web_search_options", "web search is not supported."}}) {
+    if (const json::value* asked = field(body, name); asked != nullptr && !asks_for_nothing(*asked)) {
+      return unexpected{unsupported(name, reason)};
+    }
+  }
+  if (const json::value* modalities = field(body, "modalities");
+      modalities != nullptr && !asks_for_nothing(*modalities) &&
+      *modalities != json::value(json::array{"text"})) {
+    return unexpected{unsupported("modalities", "only the text modality is supported.")};
   }
   if (const json::value* format = field(body, "response_format"); format != nullptr) {
     const json::value* type = format->is_object() ? field(format->get_object(), "type") : nullptr;

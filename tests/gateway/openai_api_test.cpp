@@ -166,6 +166,13 @@ TEST(openai_api, wrong_types_and_ranges_name_the_parameter) {
       {R"("tools":[{"type":"function","function":{"name":"f"}}])", "tools", "unsupported_parameter"},
       {R"("functions":[{"name":"f"}])", "functions", "unsupported_parameter"},
       {R"("logprobs":true)", "logprobs", "unsupported_parameter"},
+      {R"("logit_bias":{"50256":-100})", "logit_bias", "unsupported_parameter"},
+      {R"("top_logprobs":2)", "top_logprobs", "unsupported_parameter"},
+      {R"("reasoning_effort":"high")", "reasoning_effort", "unsupported_parameter"},
+      {R"("modalities":["text","audio"])", "modalities", "unsupported_parameter"},
+      {R"("audio":{"voice":"alloy","format":"wav"})", "audio", "unsupported_parameter"},
+      {R"("prediction":{"type":"content","content":"x"})", "prediction", "unsupported_parameter"},
+      {R"("web_search_options":{"search_context_size":"low"})", "web_search_options", "unsupported_parameter"},
       {R"("response_format":{"type":"json_object"})", "response_format", "unsupported_value"},
       {R"("x_gpustream":"high")", "x_gpustream", "invalid_type"},
       {R"("x_gpustream":{"quality":"premium"})", "x_gpustream.quality", "invalid_value"},
@@ -180,6 +187,13 @@ TEST(openai_api, wrong_types_and_ranges_name_the_parameter) {
     EXPECT_EQ(error.param, c.param) << c.extra;
     EXPECT_EQ(error.code, c.code) << c.extra;
     EXPECT_NE(error.message.find("'" + c.param), std::string::npos) << c.extra << ": " << error.message;
+  }
+}
+
+TEST(openai_api, parameters_that_ask_for_nothing_are_accepted) {
+  for (const std::string extra : {R"("logit_bias":{})", R"("logit_bias":null)", R"("top_logprobs":0)",
+                                  R"("modalities":["text"])", R"("audio":null)", R"("reasoning_effort":null)"}) {
+    EXPECT_EQ(chat(chat_body(extra)).model, "llama-3-8b") << extra;
   }
 }
 
