@@ -100,6 +100,9 @@ int main(int argc, char** argv) {
   provider_cmd->add_option("--max-concurrency", provider.max_concurrency,
                            "most jobs at once; the backend probe may find it sustains fewer")
       ->capture_default_str();
+  provider_cmd->add_option("--context-length", provider.context_length_tokens,
+                           "context window in tokens to advertise for every model (default: what the "
+                           "backend says; Ollama's num_ctx, LM Studio's loaded context, llama.cpp's n_ctx)");
   provider_cmd->add_flag("--no-probe", provider_no_probe,
                          "advertise --max-concurrency as is, without probing the backend");
 

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "app/open_files.hpp"
+#include "gateway/backend_context.hpp"
 #include "gateway/link_codec.hpp"
 #include "kernels/gpu_probe.hpp"
 
@@ -82,6 +83,8 @@ namespace {
 
 /// Most concurrent jobs an agent may be configured for.
 constexpr std::uint32_t provider_concurrency_max = 4096;
+/// Largest --context-length (the largest models' windows are 10 million tokens).
+constexpr std::uint32_t provider_context_tokens_max = 16'777'216;
 /// Longest --name kept (it goes into the User-Agent and logs).
 constexpr std::size_t provider_name_bytes_max = 64;
 /// The link's path on the coordinator.
@@ -135,6 +138,10 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
     return unexpected{std::string("--price-per-mtok must not be negative")};
   }
   if (options.probe_tokens == 0) return unexpected{std::string("probe_tokens must be at least 1")};
+  if (options.context_length_tokens > provider_context_tokens_max) {
+    return unexpected{"--context-length must be at most " + std::to_string(provider_context_tokens_max) +
+                      " tokens (0: what the backend says)"};
+  }
   options.name = printable(options.name.empty() ? "provider" : options.name, provider_name_bytes_max);
   options.link.url = options.coordinator;
   options.link.bearer_token = options.token;
@@ -231,28 +238,66 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void on_models(expected<std::vector<gateway::upstream_model>, gateway::upstream_error> result) {
     if (phase_ != phase::listing) return;
     if (result && !result->empty()) {
-      models_ = std::move(*result);
-      if (models_.size() > options_.link.limits.models_max) {
-        log_->warn("the backend lists {} models; advertising the first {}", models_.size(),
-                   options_.link.limits.models_max);
-        models_.resize(options_.link.limits.models_max);
-      }
-      for (const auto& model : models_) {
-        log_->info("model id={} context_length_tokens={}", model.id, model.context_length_tokens);
-      }
-      attempt_ = 0;
-      start_probe();
+      // Windows the list leaves out (LM Studio, Ollama) or overstates (llama.cpp server).
+      gateway::find_context_lengths(upstream_, std::move(*result), [self = shared_from_this()](auto models) {
+        asio::post(self->io_, [self, models = std::move(models)]() mutable { self->on_windows(std::move(models)); });
+      });
       return;
     }
     const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
+    const auto base = without_credentials(options_.upstream.base_url);
     if (result) {
-      log_->warn("the backend at {} lists no model; asking again in {} ms",
-                 without_credentials(options_.upstream.base_url), wait.count());
+      log_->warn("the backend at {} lists no model; asking again in {} ms", base, wait.count());
+    } else if (result.error().kind == gateway::upstream_error_kind::http_status && result.error().http_status == 404) {
+      log_->warn("GET {}/models answered 404: is the backend's URL right? OpenAI-compatible servers answer "
+                 "under /v1 (e.g. openai=http://127.0.0.1:1234/v1 for LM Studio, :11434/v1 for Ollama); "
+                 "asking again in {} ms",
+                 base, wait.count());
     } else {
-      log_->warn("listing the backend's models failed ({}: {}); trying again in {} ms",
+      log_->warn("listing the backend's models at {} failed ({}: {}); trying again in {} ms", base,
                  gateway::to_string(result.error().kind), result.error().message, wait.count());
     }
     after(wait, [this] { list_models(); });
+  }
+
+  /// The models with their windows: those the coordinator cannot take are left out, each named.
+  void on_windows(std::vector<gateway::upstream_model> found) {
+    if (phase_ != phase::listing) return;
+    models_.clear();
+    for (auto& model : found) {
+      if (options_.context_length_tokens != 0) model.context_length_tokens = options_.context_length_tokens;
+      if (model.id.size() > options_.link.limits.name_bytes_max) {
+        log_->warn("model id={}... is {} bytes long, over the link's {}: not advertised",
+                   printable(model.id, 64), model.id.size(), options_.link.limits.name_bytes_max);
+        continue;
+      }
+      if (model.context_length_tokens == 0) {
+        log_->warn("model id={}: the backend does not say its context window (asked /v1/models, /props, "
+                   "/api/v0/models, /api/show): not advertised; set it with --context-length",
+                   model.id);
+        continue;
+      }
+      if (model.context_is_trained) {
+        log_->info("model id={}: only the window it was trained with is known; a llama.cpp server started "
+                   "with a smaller -c serves less (--context-length says what it serves)",
+                   model.id);
+      }
+      log_->info("model id={} context_length_tokens={}", model.id, model.context_length_tokens);
+      models_.push_back(std::move(model));
+    }
+    if (models_.size() > options_.link.limits.models_max) {
+      log_->warn("the backend lists {} models; advertising the first {}", models_.size(),
+                 options_.link.limits.models_max);
+      models_.resize(options_.link.limits.models_max);
+    }
+    if (models_.empty()) {
+      const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
+      log_->warn("no model of the backend can be advertised; asking again in {} ms", wait.count());
+      after(wait, [this] { list_models(); });
+      return;
+    }
+    attempt_ = 0;
+    start_probe();
   }
 
   /// Runs `f` after `wait` unless the agent stops first.
@@ -292,10 +337,17 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       auto on_end = [weak, run](std::optional<std::string> failure) {
         if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
       };
+      // A reasoning model may spend every token thinking, which no content delta shows: the
+      // backend's usage then counts them (the larger of the two counts is taken).
+      auto deltas = std::make_shared<std::uint32_t>(0);
       run->requests.push_back(upstream_.stream(
           "/chat/completions", body,
-          {.on_delta = [run](std::string_view) { ++run->tokens; },
-           .on_done = [on_end](std::string, std::optional<gateway::upstream_usage>) { on_end({}); },
+          {.on_delta = [run, deltas](std::string_view) { ++run->tokens, ++*deltas; },
+           .on_done =
+               [run, deltas, on_end](std::string, std::optional<gateway::upstream_usage> usage) {
+                 if (usage && usage->completion_tokens > *deltas) run->tokens += usage->completion_tokens - *deltas;
+                 on_end({});
+               },
            .on_error =
                [on_end](gateway::upstream_error error) {
                  on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message);
@@ -320,6 +372,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         {"max_tokens", options_.probe_tokens},
         {"temperature", 0},
         {"stream", true},
+        {"stream_options", boost::json::object{{"include_usage", true}}},
         {"user", probe_user}};
     return boost::json::serialize(body);
   }
@@ -633,6 +686,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (upstream_fault) record_outcome(false);
     // The message may carry the backend's own words, never the prompt: the upstream client keeps
     // only the backend's error message.
+    message = link::utf8_repaired(message);  // a frame that is not UTF-8 would close the link
     const auto pieces = split_utf8(message, options_.link.limits.message_bytes_max);
     message = pieces.empty() ? std::string() : std::string(pieces.front());
     log_->warn("job={} failed tokens_so_far={} upstream_fault={}: {}", job_id, tokens, upstream_fault,

@@ -36,6 +36,10 @@ struct provider_options {
   std::string name = "provider";
   /// Price of input and of output tokens, micro-USD per million tokens. Default: 0.
   std::int64_t price_per_mtok_micros = 0;
+  /// The context window, in tokens, to advertise for every model instead of what the backend
+  /// says (e.g. for an Ollama server started with OLLAMA_CONTEXT_LENGTH, or a model whose window
+  /// the backend does not report); at most 16,777,216. Default: 0, the backend's.
+  std::uint32_t context_length_tokens = 0;
   /// Most jobs at once; the probe may find the backend sustains fewer. Default: 8.
   std::uint32_t max_concurrency = 8;
   /// Probe the backend's concurrency before saying hello (off: advertise max_concurrency as is).

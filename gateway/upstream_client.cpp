@@ -16,6 +16,7 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/json/monotonic_resource.hpp>
 #include <boost/json/parse.hpp>
+#include <boost/json/serialize.hpp>
 #include <boost/json/value.hpp>
 
 #include <algorithm>
@@ -192,15 +193,23 @@ std::optional<choice_view> first_choice(const json::object& object) {
   return std::nullopt;
 }
 
-std::uint32_t context_length_of(const json::object& model) {
+upstream_model model_entry(const json::object& model) {
+  upstream_model out;
+  if (const auto* id = model.if_contains("id"); id != nullptr && id->is_string()) out.id = id->get_string();
   for (const char* key : {"context_length", "max_model_len", "loaded_context_length", "max_context_length"}) {
-    if (const auto value = to_u32(model.if_contains(key)); value != 0) return value;
+    if (const auto value = to_u32(model.if_contains(key)); value != 0) {
+      out.context_length_tokens = value;
+      return out;
+    }
   }
   if (const auto* meta = model.if_contains("meta"); meta && meta->is_object()) {
-    return to_u32(meta->get_object().if_contains("n_ctx_train"));
+    out.context_length_tokens = to_u32(meta->get_object().if_contains("n_ctx_train"));
+    out.context_is_trained = out.context_length_tokens != 0;
   }
-  return 0;
+  return out;
 }
+
+}  // namespace
 
 expected<std::vector<upstream_model>, upstream_error> parse_models(std::string_view body, std::size_t models_max) {
   boost::system::error_code ec;
@@ -218,14 +227,12 @@ expected<std::vector<upstream_model>, upstream_error> parse_models(std::string_v
     if (models.size() == models_max) break;
     const auto* model = entry.if_object();
     if (model == nullptr) continue;
-    const auto* id = model->if_contains("id");
-    if (id == nullptr || !id->is_string() || id->get_string().empty()) continue;
-    models.push_back({std::string(id->get_string()), context_length_of(*model)});
+    auto parsed = model_entry(*model);
+    if (parsed.id.empty()) continue;
+    models.push_back(std::move(parsed));
   }
   return models;
 }
-
-}  // namespace
 
 std::string_view to_string(upstream_error_kind kind) noexcept {
   switch (kind) {
@@ -299,9 +306,17 @@ bool upstream_sse_parser::take_line(std::string_view line, const std::function<b
   if (line.front() == ':') return true;  // a comment, often a keep-alive
   const auto colon = line.find(':');
   const std::string_view field = line.substr(0, colon);
-  if (field != "data") return true;  // event, id, retry: nothing a completion needs
   std::string_view value = colon == std::string_view::npos ? std::string_view{} : line.substr(colon + 1);
   if (value.starts_with(' ')) value.remove_prefix(1);
+  if (field == "error") {
+    // llama.cpp server reports a failure mid-stream in a field of its own, `error: {"code":…,
+    // "message":…}`: read as the event `data: {"error":…}` that OpenAI's servers send.
+    if (!within_limit(value.size() + 16)) return true;  // feed() reports the failure
+    data_ = R"({"error":)" + (value.starts_with('{') ? std::string(value) : json::serialize(json::string(value))) + "}";
+    has_data_ = true;
+    return true;
+  }
+  if (field != "data") return true;  // event, id, retry: nothing a completion needs
   if (!within_limit(value.size() + 1)) return true;  // feed() reports the failure
   if (has_data_) data_.push_back('\n');
   data_.append(value);
@@ -330,10 +345,16 @@ class upstream_client::impl {
   const std::optional<tcp::endpoint>& endpoint() const noexcept { return endpoint_; }
   std::string where() const { return url_.host + ":" + url_.port; }
 
-  std::string request_head(std::string_view method, std::string_view path, std::size_t body_bytes) const {
+  /// The request's head for `path` under the base URL's path, or (from_root) under its root:
+  /// the base URL's path without a last "/v1", where LM Studio, Ollama and llama.cpp server
+  /// answer their own APIs.
+  std::string request_head(std::string_view method, std::string_view path, std::size_t body_bytes,
+                           bool from_root = false) const {
+    std::string_view base = url_.path;
+    if (from_root && base.ends_with("/v1")) base.remove_suffix(3);
     std::string head;
     head.reserve(256);
-    head.append(method).append(" ").append(url_.path).append(path).append(" HTTP/1.1\r\n");
+    head.append(method).append(" ").append(base).append(path).append(" HTTP/1.1\r\n");
     head.append(fixed_headers_);
     if (method == "POST") {
       head.append("Content-Type: application/json\r\nAccept: text/event-stream, application/json\r\n");
@@ -629,7 +650,14 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     }
     const auto& object = value.get_object();
     if (const auto* error = object.if_contains("error"); error && !error->is_null()) {
-      fail(make_error(upstream_error_kind::backend, "upstream reported an error mid-stream: " + error_text(*error)));
+      auto failure = make_error(upstream_error_kind::backend, "upstream reported an error mid-stream: " + error_text(*error));
+      // llama.cpp server says why with an HTTP-like code: a 4xx (a prompt over the context) is
+      // the request's fault, as the same status would be at the start.
+      if (const auto* fields = error->if_object()) {
+        const auto code = to_u32(fields->if_contains("code"));
+        if (code >= 400 && code < 500 && code != 408 && code != 429) failure.upstream_fault = false;
+      }
+      fail(std::move(failure));
       return false;
     }
     if (auto usage = read_usage(object)) usage_ = usage;
@@ -879,6 +907,15 @@ void upstream_client::list_models(
     if (!body) return done(unexpected(std::move(body).error()));
     done(parse_models(*body, models_max));
   });
+}
+
+void upstream_client::fetch_from_root(std::string_view path, std::optional<std::string> body,
+                                     std::function<void(expected<std::string, upstream_error>)> done) {
+  const std::string_view method = body ? "POST" : "GET";
+  std::string content = body ? std::move(*body) : std::string();
+  auto head = impl_->request_head(method, path, content.size(), /*from_root=*/true);
+  auto request = std::make_shared<upstream_request::impl>(impl_, std::move(head), std::move(content));
+  request->start_whole(std::move(done));
 }
 
 std::shared_ptr<upstream_request> upstream_client::stream(std::string_view path, std::string body,

@@ -59,8 +59,12 @@ struct upstream_model {
   std::string id;
   /// Context window in tokens, from the backend's `context_length`, `max_model_len` (vLLM),
   /// `max_context_length` / `loaded_context_length` (LM Studio) or `meta.n_ctx_train`
-  /// (llama.cpp server); 0 when the backend does not say.
+  /// (llama.cpp server); 0 when the backend does not say (LM Studio's and Ollama's /v1/models
+  /// do not: find_context_lengths asks their own APIs).
   std::uint32_t context_length_tokens = 0;
+  /// The context came from `meta.n_ctx_train`: what the model was trained with, which a
+  /// llama.cpp server serves only if started so (its /props says what it serves).
+  bool context_is_trained = false;
 };
 
 /// Token counts as the backend reported them (often 0 or cumulative on some servers: callers
@@ -94,6 +98,11 @@ struct upstream_error {
   /// and 429): then the request, not the provider, is at fault. True for everything else.
   bool upstream_fault = true;
 };
+
+/// The models of an OpenAI-style list ({"data":[{"id":…},…]}: /v1/models, or LM Studio's
+/// /api/v0/models), at most `models_max`, in its order; entries without an id are skipped.
+[[nodiscard]] expected<std::vector<upstream_model>, upstream_error> parse_models(std::string_view body,
+                                                                               std::size_t models_max);
 
 /// Callbacks of one streamed completion. Exactly one of on_done / on_error is called, once, and
 /// none of them after cancel() has returned.
@@ -160,6 +169,12 @@ class upstream_client {
   /// GET {base_url}/models and calls `done` once with the models in the backend's order, or an
   /// error.
   void list_models(std::function<void(expected<std::vector<upstream_model>, upstream_error>)> done);
+
+  /// GET (no body) or POST (a JSON body) `path` under the base URL's root, its path without a
+  /// last "/v1" (where LM Studio, Ollama and llama.cpp server answer their own APIs), and calls
+  /// `done` once with the whole answer's body or an error (http_status for any status but 200).
+  void fetch_from_root(std::string_view path, std::optional<std::string> body,
+                       std::function<void(expected<std::string, upstream_error>)> done);
 
   /// POST {base_url}{path} with the JSON `body` as is (path "/chat/completions" or
   /// "/completions"; the body should ask for `"stream": true`) and streams the answer through

@@ -504,6 +504,22 @@ std::string chat_request(const std::string& model) {
 
 // --- the agent end to end -----------------------------------------------------------------------
 
+TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backends_usage) {
+  // Every token is thinking (delta.reasoning_content), which no content delta shows: counted by
+  // deltas alone, each level would measure 0 tokens/s and the probe would settle on 1.
+  upstream_process upstream({"--context-length", "8192", "--tokens", "30", "--reasoning-tokens", "1000",
+                             "--token-interval-us", "2000", "--max-concurrent", "2"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 4;
+  options.probe_tokens = 30;  // 60 ms a level: twice the streams do twice the tokens, clearly
+  options.probe_measurable_min = std::chrono::milliseconds(1);  // every level's rate is compared
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 2u) << "the probe met the upstream's limit of 2";
+}
+
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
   // 2 ms per token: two streams really do twice the work of one, and a third is refused (429).
   upstream_process upstream({"--models", "m1,m2", "--context-length", "8192", "--tokens", "5",

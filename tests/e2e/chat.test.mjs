@@ -130,3 +130,27 @@ scenario('curl streams a chat answer as server-sent events', async (world) => {
   assert.equal(chunks.map((chunk) => chunk.choices[0]?.delta?.content ?? '').join(''), upstream_text(tokens));
   assert.equal(chunks.at(-1).usage.completion_tokens, tokens);
 });
+
+// Ollama's and LM Studio's /v1/models say nothing of a model's context window: the agent asks
+// their own APIs (Ollama's /api/show here), or takes --context-length, and goes online either way.
+scenario('backends that keep the context window out of /v1/models still go online with it', async (world) => {
+  const ollama = await one_provider_world(world, { upstream_options: { flavor: 'ollama', context_length: 8192 } });
+  const user = await ollama.server.create_user('premium', 10_000_000);
+  const from_show = await ollama.server.openai(user.api_key).models.retrieve(ollama.model);
+  assert.equal(from_show.context_length, 8192, "Ollama's num_ctx from /api/show");
+
+  const lm_studio = await one_provider_world(world, {
+    upstream_options: { flavor: 'lmstudio', context_length: 8192 },
+    provider_args: ['--context-length', '2048'],
+  });
+  const other = await lm_studio.server.create_user('premium', 10_000_000);
+  const client = lm_studio.server.openai(other.api_key);
+  const from_flag = await client.models.retrieve(lm_studio.model);
+  assert.equal(from_flag.context_length, 2048, '--context-length wins over what the backend says');
+  // The prompt is checked against the advertised window.
+  await assert.rejects(
+    client.chat.completions.create({
+      model: lm_studio.model, messages: [{ role: 'user', content: 'word '.repeat(3000) }], max_tokens: 10,
+    }),
+    (error) => error.status === 400 && /2048/.test(error.message));
+});

@@ -392,3 +392,21 @@ TEST(link_codec, random_bytes_and_mutations_never_crash) {
 
 }  // namespace
 }  // namespace gpustream::gateway::link
+
+namespace gpustream::gateway::link {
+namespace {
+
+TEST(link_codec, utf8_repaired_replaces_each_byte_that_starts_no_sequence_and_keeps_the_rest) {
+  EXPECT_EQ(utf8_repaired("plain ascii"), "plain ascii");
+  EXPECT_EQ(utf8_repaired("caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80"), "caf\xC3\xA9 \xE2\x82\xAC \xF0\x9F\x98\x80");
+  EXPECT_EQ(utf8_repaired("caf\xE9!"), "caf\xEF\xBF\xBD!") << "Latin-1";
+  EXPECT_EQ(utf8_repaired("cut \xC3"), "cut \xEF\xBF\xBD") << "a sequence cut at the end";
+  EXPECT_EQ(utf8_repaired("\xED\xA0\x80"), "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD") << "a surrogate";
+  EXPECT_EQ(utf8_repaired("\xC0\xAF"), "\xEF\xBF\xBD\xEF\xBF\xBD") << "overlong";
+  // What comes out passes the frame's own check.
+  job_error e{.job_id = "j", .tokens_so_far = 0, .message = utf8_repaired("caf\xE9 \xC3"), .upstream_fault = true, .attempt = 1};
+  EXPECT_TRUE(validate(frame{e}, codec_limits{}).has_value());
+}
+
+}  // namespace
+}  // namespace gpustream::gateway::link

@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "gateway/backend_context.hpp"
 #include "gateway/openai_api.hpp"
 
 extern char** environ;
@@ -391,6 +392,67 @@ TEST(UpstreamClient, ListsModelsWithTheirContextLength) {
   EXPECT_EQ((*models)[1].context_length_tokens, 8192u);
 }
 
+TEST(UpstreamClient, FindsTheServedContextWhereEachKindOfBackendTellsIt) {
+  // Each flavor tells its 8,192 tokens only its own way; llama.cpp's /v1/models also gives the
+  // trained 131,072, which must not be what is advertised.
+  for (const std::string flavor : {"openai", "ollama", "lmstudio", "llamacpp"}) {
+    auto upstream = upstream_process::start({"--models", "alpha,org/beta-7b", "--context-length", "8192", "--flavor", flavor});
+    ASSERT_TRUE(upstream) << flavor;
+    io_threads threads;
+    auto client = make_client(threads.io(), *upstream);
+    std::promise<std::vector<upstream_model>> found;
+    client.list_models([&](auto listed) {
+      if (!listed) return found.set_value({});
+      find_context_lengths(client, std::move(*listed), [&](auto models) { found.set_value(std::move(models)); });
+    });
+    auto result = found.get_future();
+    ASSERT_EQ(result.wait_for(generous), std::future_status::ready) << flavor;
+    const auto models = result.get();
+    ASSERT_EQ(models.size(), 2u) << flavor;
+    for (const auto& model : models) {
+      EXPECT_EQ(model.context_length_tokens, 8192u) << flavor << " " << model.id;
+      EXPECT_FALSE(model.context_is_trained) << flavor << " " << model.id;
+    }
+  }
+}
+
+TEST(UpstreamClient, AModelNoBackendAPIKnowsKeepsNoWindow) {
+  // LM Studio knows alpha (its loaded context, 4,096 by default), not a model it does not serve:
+  // that one is asked of every API in turn, each answering 404, and keeps none.
+  auto upstream = upstream_process::start({"--models", "alpha", "--flavor", "lmstudio"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream);
+  std::promise<std::vector<upstream_model>> found;
+  find_context_lengths(client, {{"alpha", 0}, {"not-served", 0}}, [&](auto models) { found.set_value(std::move(models)); });
+  auto result = found.get_future();
+  ASSERT_EQ(result.wait_for(generous), std::future_status::ready);
+  const auto models = result.get();
+  ASSERT_EQ(models.size(), 2u);
+  EXPECT_EQ(models[0].context_length_tokens, 4096u) << "LM Studio's loaded context";
+  EXPECT_EQ(models[1].context_length_tokens, 0u) << "a model no API knows keeps none";
+}
+
+TEST(BackendContext, LlamaCppPropsGiveTheWindowOneRequestMayUse) {
+  EXPECT_EQ(llama_cpp_served_context(R"({"default_generation_settings":{"n_ctx":4096},"total_slots":4})"), 4096u);
+  EXPECT_EQ(llama_cpp_served_context(R"({"default_generation_settings":{"n_ctx":0}})"), std::nullopt);
+  EXPECT_EQ(llama_cpp_served_context(R"({"default_generation_settings":{"n_ctx":-5}})"), std::nullopt);
+  EXPECT_EQ(llama_cpp_served_context(R"({"total_slots":4})"), std::nullopt);
+  EXPECT_EQ(llama_cpp_served_context("<html>not found</html>"), std::nullopt);
+}
+
+TEST(BackendContext, OllamaServesNumCtxOrItsDefaultAndNeverMoreThanTheModelsOwnWindow) {
+  const std::string info = R"("model_info":{"general.architecture":"qwen2","qwen2.context_length":32768})";
+  EXPECT_EQ(ollama_served_context(R"({"parameters":"num_ctx    16384\nstop \"x\"",)" + info + "}"), 16384u);
+  EXPECT_EQ(ollama_served_context(R"({"parameters":"stop \"x\"\nnum_ctx\t8192",)" + info + "}"), 8192u);
+  EXPECT_EQ(ollama_served_context(R"({"parameters":"num_ctx 65536",)" + info + "}"), 32768u) << "capped by the model";
+  EXPECT_EQ(ollama_served_context("{" + info + "}"), ollama_default_context_tokens) << "no num_ctx: the default";
+  EXPECT_EQ(ollama_served_context(R"({"model_info":{"general.architecture":"tiny","tiny.context_length":2048}})"), 2048u);
+  EXPECT_EQ(ollama_served_context(R"({"parameters":"num_ctx_extra 5"})"), ollama_default_context_tokens);
+  EXPECT_EQ(ollama_served_context(R"({"error":"model 'x' not found"})"), std::nullopt);
+  EXPECT_EQ(ollama_served_context("[1,2]"), std::nullopt);
+}
+
 TEST(UpstreamClient, StreamsChatDeltasInOrderThenUsage) {
   auto upstream = upstream_process::start({"--tokens", "7", "--token-interval-us", "200"});
   ASSERT_TRUE(upstream);
@@ -643,6 +705,24 @@ TEST(UpstreamClient, EventsThatCameWithTheHeaderAreDeliveredAtOnce) {
   ASSERT_FALSE(log.error()) << log.error()->message;
   EXPECT_EQ(log.deltas(), expected_tokens(2));
   EXPECT_EQ(log.finish_reason(), "stop");
+}
+
+TEST(UpstreamClient, AnErrorLineOfLlamaCppServerFailsTheStreamWithItsMessageAndFault) {
+  // llama.cpp server's mid-stream failure is an `error:` field, not a `data:` one. Its 400 is the
+  // request's fault (a prompt over the context); a 500 is the backend's.
+  const std::string head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  for (const auto& [code, upstream_fault] : {std::pair{400, false}, std::pair{500, true}}) {
+    one_shot_server server(head + chat_event(0) + R"(error: {"code":)" + std::to_string(code) +
+                           R"(,"message":"the request exceeds the available context size","type":"exceed_context_size_error"})" +
+                           "\n\n");
+    one_shot_stream exchange(server);
+    ASSERT_TRUE(exchange.log.wait_final()) << code;
+    ASSERT_TRUE(exchange.log.error()) << code;
+    EXPECT_EQ(exchange.log.error()->kind, upstream_error_kind::backend) << code;
+    EXPECT_NE(exchange.log.error()->message.find("the request exceeds the available context size"), std::string::npos)
+        << exchange.log.error()->message;
+    EXPECT_EQ(exchange.log.error()->upstream_fault, upstream_fault) << code;
+  }
 }
 
 TEST(UpstreamClient, AStreamSentWithItsHeaderAndEndedByClosingIsReadWhole) {

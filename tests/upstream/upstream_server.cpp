@@ -62,6 +62,15 @@ constexpr std::size_t json_depth_max = 64;
 
 enum class usage_mode { correct, zero, cumulative, none };
 
+/// Which server's way of telling its context window it imitates: in /v1/models (openai, as vLLM
+/// and OpenRouter do), or only in its own API: Ollama's POST /api/show, LM Studio's GET
+/// /api/v0/models, llama.cpp server's GET /props (whose /v1/models gives the larger window the
+/// model was trained with, meta.n_ctx_train).
+enum class flavor { openai, ollama, lmstudio, llamacpp };
+
+/// The window the models were trained with, where a flavor reports one besides the served one.
+constexpr std::uint32_t trained_context_length = 131'072;
+
 struct settings {
   std::string host = "127.0.0.1";
   std::uint16_t port = 0;
@@ -79,6 +88,10 @@ struct settings {
   unsigned fail_status = 0;                       // 0: answer normally
   std::optional<std::uint32_t> drop_after_tokens;  // close mid-stream after this many tokens
   usage_mode usage = usage_mode::correct;
+  flavor kind = flavor::openai;
+  /// A streamed chat answer's first tokens go in delta.reasoning_content, as a reasoning model's
+  /// server sends its thinking; usage counts them.
+  std::uint32_t reasoning_tokens = 0;
   std::uint32_t max_concurrent = 0;  // 0: no limit
   std::uint32_t connections_max = 20000;
   unsigned threads = 1;
@@ -178,13 +191,43 @@ void append_number(std::string& out, std::uint64_t value) {
 std::string models_body(const settings& config) {
   json::array data;
   for (const auto& id : config.models) {
-    data.push_back(json::object{{"id", id},
-                                {"object", "model"},
-                                {"created", 0},
-                                {"owned_by", "gpustream-test"},
-                                {"context_length", config.context_length}});
+    json::object model{{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "gpustream-test"}};
+    if (config.kind == flavor::openai) model["context_length"] = config.context_length;
+    if (config.kind == flavor::llamacpp) model["meta"] = json::object{{"n_ctx_train", trained_context_length}};
+    data.push_back(std::move(model));
   }
   return json::serialize(json::object{{"object", "list"}, {"data", std::move(data)}});
+}
+
+/// The flavor's own answer about context windows at `path`, or nothing (404).
+std::optional<std::string> own_api_body(const settings& config, std::string_view path, bool get,
+                                        std::string_view body) {
+  if (config.kind == flavor::llamacpp && path == "/props" && get) {
+    return json::serialize(json::object{{"default_generation_settings", json::object{{"n_ctx", config.context_length}}},
+                                        {"total_slots", 1}});
+  }
+  if (config.kind == flavor::lmstudio && path == "/api/v0/models" && get) {
+    json::array data;
+    for (const auto& id : config.models) {
+      data.push_back(json::object{{"id", id}, {"object", "model"}, {"state", "loaded"},
+                                  {"max_context_length", trained_context_length},
+                                  {"loaded_context_length", config.context_length}});
+    }
+    return json::serialize(json::object{{"object", "list"}, {"data", std::move(data)}});
+  }
+  if (config.kind == flavor::ollama && path == "/api/show" && !get) {
+    boost::system::error_code ec;
+    const auto request = json::parse(body, ec);
+    const auto* model = !ec && request.is_object() ? request.get_object().if_contains("model") : nullptr;
+    if (model == nullptr || !model->is_string() ||
+        std::find(config.models.begin(), config.models.end(), model->get_string()) == config.models.end()) {
+      return std::nullopt;
+    }
+    return json::serialize(json::object{
+        {"parameters", "num_ctx                        " + std::to_string(config.context_length) + "\nstop \"<|eot|>\""},
+        {"model_info", json::object{{"general.architecture", "llama"}, {"llama.context_length", trained_context_length}}}});
+  }
+  return std::nullopt;
 }
 
 enum class completion_kind { chat, text };
@@ -237,6 +280,7 @@ class session : public std::enable_shared_from_this<session> {
     const bool get = request.method() == http::verb::get;
     const bool post = request.method() == http::verb::post;
     if (path == "/v1/models" && get) return answer(200, models_, keep_alive_);
+    if (auto own = own_api_body(config_, path, get, request.body())) return answer(200, std::move(*own), keep_alive_);
     if (path == "/stats" && get) return answer(200, stats_body(), keep_alive_);
     if (path == "/v1/chat/completions" && post) return completion(completion_kind::chat, request.body());
     if (path == "/v1/completions" && post) return completion(completion_kind::text, request.body());
@@ -465,7 +509,9 @@ class session : public std::enable_shared_from_this<session> {
     *end++ = ' ';
     const std::string_view text(token.data(), static_cast<std::size_t>(end - token.data()));
     payload_.append(plan_.prefix);
-    payload_.append(plan_.kind == completion_kind::chat ? R"({"index":0,"delta":{"content":")" : R"({"index":0,"text":")");
+    if (plan_.kind == completion_kind::text) payload_.append(R"({"index":0,"text":")");
+    else if (sent_ < config_.reasoning_tokens) payload_.append(R"({"index":0,"delta":{"reasoning_content":")");
+    else payload_.append(R"({"index":0,"delta":{"content":")");
     payload_.append(text);
     payload_.append(plan_.kind == completion_kind::chat ? R"("},"logprobs":null,"finish_reason":null}])"
                                                         : R"(","logprobs":null,"finish_reason":null}])");
@@ -718,7 +764,16 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
   config.threads = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
   app.add_option("--listen", listen, "HOST:PORT to listen on; port 0 picks a free one")->capture_default_str();
   app.add_option("--models", models, "comma-separated model ids")->capture_default_str();
-  app.add_option("--context-length", config.context_length, "context_length reported per model")->capture_default_str();
+  app.add_option("--context-length", config.context_length, "context window served per model")->capture_default_str();
+  app.add_option("--reasoning-tokens", config.reasoning_tokens,
+                 "a streamed chat answer's first N tokens go in delta.reasoning_content")
+      ->capture_default_str();
+  std::string kind = "openai";
+  app.add_option("--flavor", kind,
+                 "where the window is told: openai (in /v1/models), ollama (POST /api/show), lmstudio "
+                 "(GET /api/v0/models) or llamacpp (GET /props; /v1/models gives the trained window)")
+      ->check(CLI::IsMember({"openai", "ollama", "lmstudio", "llamacpp"}))
+      ->capture_default_str();
   app.add_option("--tokens", config.tokens, "tokens per answer (fewer when max_tokens is smaller)")->capture_default_str();
   app.add_option("--first-token-ms", config.first_token_ms, "delay before the first token")->capture_default_str();
   app.add_option("--token-interval-us", config.token_interval_us, "delay between tokens; 0 = as fast as possible")
@@ -763,6 +818,8 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
     return std::nullopt;
   }
   config.fail_status = fail_status;
+  config.kind = kind == "ollama" ? flavor::ollama : kind == "lmstudio" ? flavor::lmstudio
+                : kind == "llamacpp" ? flavor::llamacpp : flavor::openai;
   if (drop->count() > 0) config.drop_after_tokens = drop_after;
   config.usage = usage == "zero"         ? usage_mode::zero
                  : usage == "cumulative" ? usage_mode::cumulative
