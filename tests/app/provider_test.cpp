@@ -176,6 +176,14 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   broken = options;
   broken.price_per_mtok_micros = -1;
   EXPECT_FALSE(resolve_provider_options(broken));
+  auto widest = options;
+  widest.context_length_tokens = 16'777'216;
+  EXPECT_TRUE(resolve_provider_options(widest));
+  broken = options;
+  broken.context_length_tokens = 16'777'217;
+  const auto too_wide = resolve_provider_options(broken);
+  ASSERT_FALSE(too_wide);
+  EXPECT_NE(too_wide.error().find("--context-length must be at most 16777216 tokens"), std::string::npos) << too_wide.error();
 }
 
 // --- the test upstream as a child process -------------------------------------------------------
