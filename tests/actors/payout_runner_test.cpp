@@ -31,7 +31,7 @@ class payout_runner_test : public testing::deterministic_fixture {
   payout_runner_test() = default;
   ~payout_runner_test() override { stop(); }
 
-  void start(bool settle_at_once = false) {
+  void start(bool settle_at_once = false, std::chrono::milliseconds run_interval = std::chrono::milliseconds(0)) {
     storage::store_options store_options;
     store_options.mode = storage::durability::buffered;
     auto store = storage::event_store::open(directory_.path(), store_options);
@@ -40,7 +40,7 @@ class payout_runner_test : public testing::deterministic_fixture {
     options.store.wait_for_each_append = true;
     options.persistence.clock_us = clock_.function();
     options.payouts.settle_at_once = settle_at_once;
-    options.payouts.run_interval = std::chrono::milliseconds(0);
+    options.payouts.run_interval = run_interval;
     rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
     running_ = true;
     run();
@@ -209,6 +209,23 @@ TEST_F(payout_runner_test, a_crash_between_the_ledger_movement_and_the_payout_ev
   EXPECT_TRUE(again.payouts.empty());
   EXPECT_TRUE(again.problems.empty());
   EXPECT_EQ(verify_log(), 2u);
+}
+
+TEST_F(payout_runner_test, a_runner_that_runs_by_itself_reconciles_a_crash_as_soon_as_it_starts) {
+  // Not an hour later: until then `replay --verify` would report the ledger's movement without
+  // its payout.
+  start();
+  earn("p1", 12 * usd);
+  const auto orphan = automatic_payout_id("p1", 1);
+  ASSERT_TRUE(ask<command_reply>(rt_.ledger, domain::ledger::command{domain::payout_request_transfers(
+                                                 orphan, "p1", 12 * usd)}));
+  stop();
+  start(false, std::chrono::hours(1));  // nobody asks for a run
+  const auto reconciled = payout(orphan);
+  EXPECT_EQ(reconciled.status, domain::payout_status::requested);
+  EXPECT_EQ(reconciled.amount_micros, 12 * usd);
+  EXPECT_TRUE(payouts_match_ledger({orphan}));
+  EXPECT_EQ(verify_log(), 1u);
 }
 
 TEST_F(payout_runner_test, a_ledger_refusal_appends_no_payout_event_and_is_reported) {
