@@ -707,6 +707,7 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     return reply;
   }
   const bool running = found->second.running;
+  const bool started = running && found->second.started;
   if (!running && !self->state.queue->remove(cancel.job_id)) {
     // Neither running nor queued: its checks or its (re)queueing are being recorded, which
     // takes one append; the continuation of that step still needs the job.
@@ -724,8 +725,11 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{cancel.by, tokens}})
       .then(
-          [self, job_id = cancel.job_id, running, tokens, reply](const command_reply&) mutable {
-            if (!running && tokens == 0) {  // never ran, or its attempts produced nothing
+          [self, job_id = cancel.job_id, started, tokens, reply](const command_reply&) mutable {
+            // Billed once its provider started (its first token came; a cancel may come before
+            // the token count does): a job that never ran, whose attempts produced nothing, or
+            // whose offer had not reached a provider when the client left, bills nothing.
+            if (!started && tokens == 0) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               return;

@@ -449,6 +449,17 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(early.value().status, domain::job_status::cancelled);
   EXPECT_EQ(early.value().gross_micros, 1000);
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100 - 1000);
+
+  // Cancelled once assigned but before its provider started (the client left before the offer
+  // reached it): no work was done, nothing is billed.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true)));
+  ASSERT_EQ(job("j3").status, domain::job_status::assigned);
+  auto unstarted = ask<job_ended>(rt_.scheduler, job_cancel{"j3", events::cancelled_by::client, 0});
+  ASSERT_TRUE(unstarted) << describe(unstarted.error());
+  EXPECT_EQ(unstarted.value().status, domain::job_status::cancelled);
+  EXPECT_EQ(unstarted.value().gross_micros, 0);
+  EXPECT_EQ(balance("user-alice"), 50'000'000 - 1100 - 1000);
+  EXPECT_EQ(balance("provider-p1"), 900 + 990) << "nothing more for p1";
 }
 
 TEST_F(scheduler_test, a_job_cancelled_while_queued_after_a_failover_bills_the_tokens_its_client_got) {
