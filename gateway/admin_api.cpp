@@ -442,6 +442,18 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     std::int64_t credit_micros = 0;
   };
 
+  /// A failure after the user and its key were recorded: the answer still carries both (`id`,
+  /// `api_key` beside `error`), since the key is shown only once and the user exists.
+  static http_response with_the_key(http_response failure, const user_created& created) {
+    boost::system::error_code ec;
+    auto body = json::parse(failure.body, ec);
+    if (ec || !body.is_object()) return failure;
+    body.as_object()["id"] = created.user_id;
+    body.as_object()["api_key"] = created.api_key;
+    failure.body = json::serialize(body);
+    return failure;
+  }
+
   void create_user_with(caf::event_based_actor* actor, std::vector<domain::user::command> commands,
                         user_created created, reply_function reply) {
     auto self = shared_from_this();
@@ -486,17 +498,19 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                         reply(user_answer(created));
                       },
                       [self, created, reply](caf::error& failure) {
-                        reply(failure_response(failure,
-                                               "recording the credit of user " + created.user_id +
-                                                   " (the ledger has the money; the user exists)",
-                                               self->options_.request_timeout));
+                        reply(with_the_key(failure_response(failure,
+                                                            "recording the credit of user " + created.user_id +
+                                                                " (the ledger has the money; the user exists)",
+                                                            self->options_.request_timeout),
+                                           created));
                       });
             },
             [self, created, reply](caf::error& failure) {
-              reply(failure_response(failure,
-                                     "moving the credit of user " + created.user_id +
-                                         " into the ledger (the user exists without credit)",
-                                     self->options_.request_timeout));
+              reply(with_the_key(failure_response(failure,
+                                                  "moving the credit of user " + created.user_id +
+                                                      " into the ledger (the user exists without credit)",
+                                                  self->options_.request_timeout),
+                                 created));
             });
   }
 

@@ -580,6 +580,25 @@ TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
   EXPECT_EQ(external.at("data").as_array()[0].at("balance_micros").as_int64(), -300);
 }
 
+TEST_F(admin_api_test, a_user_whose_credit_fails_after_it_was_created_gets_its_key_back_with_the_error) {
+  auto silent = system_.spawn(silent_ledger);
+  extra_actors_.push_back(caf::actor_cast<caf::actor>(silent));
+  admin_api_options options;
+  options.admin_token = admin_token;
+  options.request_timeout = 200ms;
+  make_api(options, silent);
+  const auto response = call("POST", "/admin/users", R"({"tier":"premium","credit_micros":5000000})");
+  EXPECT_EQ(response.status, 503u) << response.body;
+  const auto body = json::parse(response.body).as_object();
+  EXPECT_NE(body.at("error").at("message").as_string().find("the user exists without credit"), std::string::npos)
+      << response.body;
+  // The key is shown once: it comes back with the error, and it works.
+  const std::string key(body.at("api_key").as_string());
+  const auto user = directory_->user_by_api_key(key);
+  ASSERT_TRUE(user) << "the key in the answer is the user's";
+  EXPECT_EQ(user->user_id, body.at("id").as_string());
+}
+
 TEST_F(admin_api_test, an_actor_that_does_not_answer_gives_a_503_after_the_request_timeout) {
   auto silent = system_.spawn(silent_ledger);
   extra_actors_.push_back(caf::actor_cast<caf::actor>(silent));
