@@ -585,7 +585,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   // would be refused there.
   if (job.attempt >= domain::job_options{}.attempts_max) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
-             "every attempt failed (" + std::to_string(job.attempt) + " providers)",
+             "every attempt failed (" + std::to_string(job.attempt) + " attempts, the last on provider " + from + ")",
              [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
     return;
   }

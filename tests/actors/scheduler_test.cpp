@@ -401,6 +401,27 @@ TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_t
   EXPECT_EQ(p1.value().counters.aborted_jobs, 1u) << "the stall counts against p1";
 }
 
+TEST_F(scheduler_test, a_job_failing_before_its_first_token_on_every_attempt_fails_naming_attempts_not_providers) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  // Nothing produced: the one provider is asked again, up to the job's attempts.
+  const auto attempts = domain::job_options{}.attempts_max;
+  for (std::uint32_t i = 1; i < attempts; ++i) {
+    auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::provider, 0, "refused"});
+    ASSERT_TRUE(moved) << describe(moved.error());
+    ASSERT_EQ(moved.value().status, domain::job_status::queued) << i;
+  }
+  auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::provider, 0, "refused"});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_NE(ended.value().detail.find("every attempt failed (" + std::to_string(attempts) +
+                                      " attempts, the last on provider p1)"),
+            std::string::npos)
+      << ended.value().detail;
+  EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
+}
+
 TEST_F(scheduler_test, an_answer_broken_off_continues_on_another_provider_never_on_the_same_one) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);
