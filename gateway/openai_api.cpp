@@ -585,11 +585,11 @@ json::object chunk_choice(const response_meta& meta, std::string_view text, bool
 }  // namespace
 
 api_error make_api_error(unsigned status, std::string message, std::string param, std::string code) {
+  // OpenAI's own types: a wrong key (401) and an unknown model (404) are invalid requests, told
+  // apart by their code (invalid_api_key, model_not_found); a rate limit on requests is
+  // "requests" (code rate_limit_exceeded).
   std::string type = "invalid_request_error";
-  if (status == 401) type = "authentication_error";
-  if (status == 403) type = "permission_error";
-  if (status == 404) type = "not_found_error";
-  if (status == 429) type = "rate_limit_error";
+  if (status == 429) type = "requests";
   if (status >= 500) type = "server_error";
   return api_error{status, std::move(type), std::move(message), std::move(param), std::move(code)};
 }

@@ -94,9 +94,9 @@ struct api_error {
   std::string code;
 };
 
-/// An api_error whose `type` follows from the HTTP status: 400 invalid_request_error,
-/// 401 authentication_error, 403 permission_error, 404 not_found_error, 429 rate_limit_error,
-/// 5xx server_error (other 4xx: invalid_request_error).
+/// An api_error whose `type` follows from the HTTP status as OpenAI's API sets it: 429 "requests"
+/// (a limit on requests), 5xx server_error, every other 4xx (a wrong key, an unknown model)
+/// invalid_request_error; `code` tells them apart (invalid_api_key, model_not_found, …).
 [[nodiscard]] api_error make_api_error(unsigned status, std::string message, std::string param = {},
                                        std::string code = {});
 

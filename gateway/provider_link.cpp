@@ -32,7 +32,7 @@ using link_actor = caf::typed_actor<caf::reacts_to<actors::offer_atom, actors::j
 http_response unauthorized(std::string_view message) {
   return {401, "application/json",
           R"({"error":{"message":")" + std::string(message) +
-              R"(","type":"authentication_error","param":null,"code":"invalid_provider_token"}})",
+              R"(","type":"invalid_request_error","param":null,"code":"invalid_provider_token"}})",
           {{"WWW-Authenticate", "Bearer"}}};
 }
 

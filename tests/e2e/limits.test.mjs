@@ -31,7 +31,7 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
   assert.ok(Number.isInteger(retry_after) && retry_after >= 1 && retry_after <= 60,
     `Retry-After is whole seconds: ${refused.headers.get('retry-after')}`);
   const refusal = (await refused.json()).error;
-  assert.equal(refusal.type, 'rate_limit_error');
+  assert.equal(refusal.type, 'requests');
   assert.equal(refusal.code, 'rate_limit_exceeded');
   // The SDK sees the same refusal as a RateLimitError.
   const sdk_limited = server.openai(limited.token);
@@ -94,7 +94,7 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
   await assert.rejects(server.openai('sk-not-a-real-key').chat.completions.create(chat), (error) => {
     assert.ok(error instanceof OpenAI.AuthenticationError, `an AuthenticationError, got ${error}`);
     assert.equal(error.status, 401);
-    assert.equal(error.type, 'authentication_error');
+    assert.equal(error.type, 'invalid_request_error');
     return true;
   });
   await assert.rejects(server.openai('sk-not-a-real-key').models.list(), OpenAI.AuthenticationError);
@@ -102,7 +102,7 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
     method: 'POST', body: JSON.stringify(chat), headers: { 'content-type': 'application/json' },
   });
   assert.equal(anonymous.status, 401);
-  assert.equal((await anonymous.json()).error.type, 'authentication_error');
+  assert.equal((await anonymous.json()).error.type, 'invalid_request_error');
 
   // An unknown model: 404 model_not_found.
   await assert.rejects(

@@ -243,7 +243,7 @@ TEST_F(admin_api_test, a_missing_or_wrong_admin_token_is_401) {
         std::optional<std::string>{"Basic " + admin_token}, std::optional<std::string>{"Bearer "}}) {
     const auto response = call("GET", "/admin/providers", "", authorization);
     EXPECT_EQ(response.status, 401u) << authorization.value_or("(none)");
-    EXPECT_EQ(error_of(response).at("type").as_string(), "authentication_error");
+    EXPECT_EQ(error_of(response).at("type").as_string(), "invalid_request_error");
     EXPECT_TRUE(has_header(response, "WWW-Authenticate", "Bearer"));
   }
   // Nothing was created by the refused requests.
@@ -475,7 +475,7 @@ TEST_F(admin_api_test, the_provider_page_refuses_bad_tokens_methods_and_paths) {
                                                 std::optional<std::string>{admin_token}}) {
     const auto response = me(bad);
     EXPECT_EQ(response.status, 401u);
-    EXPECT_EQ(error_of(response).at("type").as_string(), "authentication_error");
+    EXPECT_EQ(error_of(response).at("type").as_string(), "invalid_request_error");
   }
   EXPECT_EQ(me(token, "POST").status, 405u);
   EXPECT_EQ(me(token, "GET", "/v1/providers/you").status, 404u);

@@ -374,13 +374,13 @@ TEST(openai_api, parses_completion_bodies) {
 TEST(openai_api, error_body_has_openais_shape_with_nulls_for_empty_fields) {
   EXPECT_EQ(
       error_body(make_api_error(401, "Incorrect API key provided.")),
-      R"({"error":{"message":"Incorrect API key provided.","type":"authentication_error","param":null,"code":null}})");
+      R"({"error":{"message":"Incorrect API key provided.","type":"invalid_request_error","param":null,"code":null}})");
   EXPECT_EQ(error_body(make_api_error(400, "bad", "max_tokens", "invalid_type")),
             R"({"error":{"message":"bad","type":"invalid_request_error","param":"max_tokens","code":"invalid_type"}})");
-  EXPECT_EQ(make_api_error(403, "x").type, "permission_error");
-  EXPECT_EQ(make_api_error(404, "x").type, "not_found_error");
+  EXPECT_EQ(make_api_error(403, "x").type, "invalid_request_error");
+  EXPECT_EQ(make_api_error(404, "x").type, "invalid_request_error");
   EXPECT_EQ(make_api_error(413, "x").type, "invalid_request_error");
-  EXPECT_EQ(make_api_error(429, "x").type, "rate_limit_error");
+  EXPECT_EQ(make_api_error(429, "x").type, "requests");
   EXPECT_EQ(make_api_error(503, "x").type, "server_error");
   EXPECT_EQ(make_api_error(503, "x").status, 503u);
 }
