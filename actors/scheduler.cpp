@@ -21,6 +21,9 @@ namespace {
 struct live_job {
   job_request request;
   std::int64_t hold_micros = 0;  ///< premium: the quote held against the user's balance
+  /// Free tier: the tokens (prompt + max_tokens) held against the user's daily quota until its
+  /// usage is recorded, so that jobs running at once cannot together pass the quota.
+  std::int64_t free_tokens_held = 0;
   std::int32_t priority = 0;
   std::string provider_id;       ///< running: the provider it is assigned to
   domain::model_price price;     ///< running: that provider's price for the model
@@ -45,6 +48,7 @@ struct scheduler_state {
   std::map<std::string, provider_session> sessions;  ///< by provider id
   std::map<std::string, live_job> jobs;              ///< by job id
   std::map<std::string, std::int64_t> holds_micros;  ///< premium quotes held, by user id
+  std::map<std::string, std::int64_t> free_tokens_held;  ///< free jobs' tokens held, by user id
   /// Prices of the online offers of each model, to quote a premium job's worst case.
   std::map<std::string, std::multiset<std::int64_t>> input_prices;
   std::map<std::string, std::multiset<std::int64_t>> output_prices;
@@ -130,12 +134,18 @@ void record_outcome(self_pointer self, const std::string& provider_id, const std
                domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure}});
 }
 
+/// Takes `amount` off `user_id`'s entry in `holds`, dropping it at zero.
+void release(std::map<std::string, std::int64_t>& holds, const std::string& user_id, std::int64_t amount) {
+  if (amount == 0) return;
+  auto held = holds.find(user_id);
+  if (held == holds.end()) return;
+  held->second -= amount;
+  if (held->second <= 0) holds.erase(held);
+}
+
 void release_hold(self_pointer self, const live_job& job) {
-  if (job.hold_micros == 0) return;
-  auto held = self->state.holds_micros.find(job.request.user_id);
-  if (held == self->state.holds_micros.end()) return;
-  held->second -= job.hold_micros;
-  if (held->second <= 0) self->state.holds_micros.erase(held);
+  release(self->state.holds_micros, job.request.user_id, job.hold_micros);
+  release(self->state.free_tokens_held, job.request.user_id, job.free_tokens_held);
 }
 
 /// Forgets a job that ended: its hold, its provider slot, and its actor, which the jobs registry
@@ -232,9 +242,19 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
           static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / streaming_us);
     }
     if (!job.request.premium) {
-      record_aside(self, self->state.peers.users, job.request.user_id,
-                   domain::user::command{domain::record_free_usage{
-                       job_id, job.request.prompt_tokens + measure.completion_tokens}});
+      // The job's hold on the quota lasts until its usage is recorded: a user's state answers
+      // what is recorded, so a job admitted in between must still see these tokens.
+      const std::string user_id = job.request.user_id;
+      self->request(self->state.peers.users, caf::infinite, user_id,
+                    domain::user::command{domain::record_free_usage{
+                        job_id, job.request.prompt_tokens + measure.completion_tokens}})
+          .then([self, user_id, held = job.free_tokens_held](
+                    const command_reply&) { release(self->state.free_tokens_held, user_id, held); },
+                [self, user_id, held = job.free_tokens_held](caf::error&) {
+                  ++self->state.side_effects_failed;
+                  release(self->state.free_tokens_held, user_id, held);
+                });
+      job.free_tokens_held = 0;  // released by the record's answer, not by forget
     }
     forget(self, job_id);
     reply.deliver(ended);
@@ -476,14 +496,20 @@ void check_quota(self_pointer self, const std::string& job_id,
   self->request(self->state.peers.users, caf::infinite, request.user_id, state_atom::value)
       .then(
           [self, job_id, reply](const domain::user_state& user) mutable {
-            const auto& request = self->state.jobs.at(job_id).request;
+            auto& job = self->state.jobs.at(job_id);
+            const std::int64_t requested = std::int64_t{job.request.prompt_tokens} + job.request.max_tokens;
+            const auto held = self->state.free_tokens_held.find(job.request.user_id);
             auto admitted = domain::admit_free_job(
-                user, std::int64_t{request.prompt_tokens} + request.max_tokens, now_us(self),
+                user, requested, held == self->state.free_tokens_held.end() ? 0 : held->second, now_us(self),
                 self->state.options.users);
             if (!admitted) {
               refuse_job(self, job_id, events::failure_reason::quota_exceeded,
                          make_error(admitted.error()), reply);
               return;
+            }
+            if (user.tier != events::user_tier::premium) {
+              job.free_tokens_held = requested;
+              self->state.free_tokens_held[job.request.user_id] += requested;
             }
             admit(self, job_id, reply);
           },

@@ -169,17 +169,19 @@ std::int64_t free_tokens_left(const user_state& s, std::int64_t now_us, const us
   return std::max<std::int64_t>(0, options.free_tokens_per_day - used);
 }
 
-expected<void, error> admit_free_job(const user_state& s, std::int64_t requested_tokens, std::int64_t now_us,
-                                     const user_options& options) {
+expected<void, error> admit_free_job(const user_state& s, std::int64_t requested_tokens, std::int64_t held_tokens,
+                                     std::int64_t now_us, const user_options& options) {
   if (!s.created) return refuse(errc::not_found, "no such user; create it first");
   if (requested_tokens <= 0)
     return refuse(errc::invalid_argument,
                   "a job must request at least one token, not " + std::to_string(requested_tokens));
   if (s.tier == events::user_tier::premium) return {};
   const std::int64_t used = s.usage_day == utc_day(now_us) ? s.free_tokens_today : 0;
-  if (used + requested_tokens > options.free_tokens_per_day)
+  const std::int64_t held = std::max<std::int64_t>(held_tokens, 0);
+  if (used + held + requested_tokens > options.free_tokens_per_day)
     return refuse(errc::quota_exceeded,
-                  "free tier: " + std::to_string(used) + " tokens used today + " + std::to_string(requested_tokens) +
+                  "free tier: " + std::to_string(used) + " tokens used today + " + std::to_string(held) +
+                      " held by jobs in progress + " + std::to_string(requested_tokens) +
                       " requested would exceed the daily quota of " + std::to_string(options.free_tokens_per_day) +
                       " tokens; ask for fewer tokens, wait for the next UTC day or upgrade to premium");
   return {};

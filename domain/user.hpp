@@ -145,11 +145,13 @@ static_assert(aggregate<user>);
                                             const user_options& options);
 
 /// Admits a job of `requested_tokens` (prompt + max_tokens) for the user: always for premium
-/// users; for free users only while the day's recorded usage plus the request stays within the
-/// quota (errc::quota_exceeded otherwise, naming used, requested and quota). Emits nothing: usage
-/// is recorded with record_free_usage once the job is done.
+/// users; for free users only while the day's recorded usage, plus `held_tokens` (what the
+/// user's jobs admitted and not yet recorded may still use), plus the request stays within the
+/// quota (errc::quota_exceeded otherwise, naming the numbers). Emits nothing: usage is recorded
+/// with record_free_usage once the job is done.
 [[nodiscard]] expected<void, error> admit_free_job(const user_state& s,
                                                    std::int64_t requested_tokens,
+                                                   std::int64_t held_tokens,
                                                    std::int64_t now_us,
                                                    const user_options& options);
 

@@ -295,6 +295,31 @@ TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
   EXPECT_EQ(balance("subsidy"), -9000);
 }
 
+TEST_F(scheduler_test, free_jobs_running_at_once_cannot_together_pass_the_daily_quota) {
+  // Each job may use 1,500 tokens (prompt and max_tokens) of 10,000: six are admitted at once,
+  // the seventh would pass the quota if they all used their maximum.
+  bring_online("p1", "llama-8b", 8);
+  create_user("erin", events::user_tier::free, 0);
+  for (int i = 0; i < 6; ++i) ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j" + std::to_string(i), "erin", false)));
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j6", "erin", false));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::quota_exceeded);
+  EXPECT_NE(describe(refused.error()).find("9000 held by jobs in progress"), std::string::npos)
+      << describe(refused.error());
+  // One ends having used 1,100 (1,000 prompt + 100): its hold of 1,500 gives way to that, and
+  // 10,000 - 1,100 - 5 x 1,500 = 1,400 is not enough for another 1,500.
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 100, 100, 1000, 2000}));
+  auto still = ask<job_accepted>(rt_.scheduler, request("j7", "erin", false));
+  ASSERT_FALSE(still);
+  EXPECT_NE(describe(still.error()).find("1100 tokens used today + 7500 held"), std::string::npos)
+      << describe(still.error());
+  // A job that ends with nothing used releases its hold: 10,000 - 1,100 - 4 x 1,500 = 2,900
+  // admits one more.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 0}));
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j8", "erin", false)));
+}
+
 TEST_F(scheduler_test, a_queued_job_fails_at_its_deadline_rather_than_waiting_forever) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);

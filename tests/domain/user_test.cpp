@@ -68,7 +68,7 @@ TEST(user, commands_before_creation_are_not_found) {
   user_state s;
   EXPECT_EQ(user::decide(s, change_user_tier{events::user_tier::premium}, t0).error().code, errc::not_found);
   EXPECT_EQ(user::decide(s, credit_user{"d1", 5}, t0).error().code, errc::not_found);
-  EXPECT_EQ(admit_free_job(s, 10, t0, {}).error().code, errc::not_found);
+  EXPECT_EQ(admit_free_job(s, 10, 0, t0, {}).error().code, errc::not_found);
 }
 
 TEST(user, issues_and_revokes_keys_storing_only_the_digest) {
@@ -154,14 +154,22 @@ TEST(user, free_quota_admits_up_to_the_limit_and_names_the_numbers) {
   o.free_tokens_per_day = 1'000;
   auto s = created();
   ASSERT_TRUE(run(s, record_free_usage{"j1", 600}, t0, o));
-  EXPECT_TRUE(admit_free_job(s, 400, t0 + 1, o));
-  auto refused = admit_free_job(s, 401, t0 + 1, o);
+  EXPECT_TRUE(admit_free_job(s, 400, 0, t0 + 1, o));
+  auto refused = admit_free_job(s, 401, 0, t0 + 1, o);
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.error().code, errc::quota_exceeded);
   for (const char* number : {"600", "401", "1000"})
     EXPECT_NE(refused.error().message.find(number), std::string::npos) << refused.error().message;
   EXPECT_EQ(free_tokens_left(s, t0, o), 400);
-  EXPECT_EQ(admit_free_job(s, 0, t0, o).error().code, errc::invalid_argument);
+  EXPECT_EQ(admit_free_job(s, 0, 0, t0, o).error().code, errc::invalid_argument);
+  // Jobs in progress hold what they may still use: 600 used + 300 held leaves room for 100.
+  EXPECT_TRUE(admit_free_job(s, 100, 300, t0 + 1, o));
+  auto held = admit_free_job(s, 101, 300, t0 + 1, o);
+  ASSERT_FALSE(held);
+  EXPECT_EQ(held.error().code, errc::quota_exceeded);
+  EXPECT_NE(held.error().message.find("600 tokens used today + 300 held by jobs in progress + 101 requested"),
+            std::string::npos)
+      << held.error().message;
 }
 
 TEST(user, quota_resets_on_the_next_utc_day) {
@@ -170,8 +178,8 @@ TEST(user, quota_resets_on_the_next_utc_day) {
   auto s = created();
   const std::int64_t midnight = (t0 / day_us + 1) * day_us;
   ASSERT_TRUE(run(s, record_free_usage{"j1", 1'000}, midnight - 1, o));
-  EXPECT_EQ(admit_free_job(s, 1, midnight - 1, o).error().code, errc::quota_exceeded);
-  EXPECT_TRUE(admit_free_job(s, 1'000, midnight, o));
+  EXPECT_EQ(admit_free_job(s, 1, 0, midnight - 1, o).error().code, errc::quota_exceeded);
+  EXPECT_TRUE(admit_free_job(s, 1'000, 0, midnight, o));
   ASSERT_TRUE(run(s, record_free_usage{"j2", 10}, midnight, o));
   EXPECT_EQ(s.free_tokens_today, 10);
   EXPECT_EQ(free_tokens_left(s, midnight, o), 990);
@@ -184,7 +192,7 @@ TEST(user, usage_over_the_quota_is_still_recorded_and_blocks_further_jobs) {
   ASSERT_TRUE(run(s, record_free_usage{"j1", 150}, t0, o));
   EXPECT_EQ(s.free_tokens_today, 150);
   EXPECT_EQ(free_tokens_left(s, t0, o), 0);
-  EXPECT_EQ(admit_free_job(s, 1, t0, o).error().code, errc::quota_exceeded);
+  EXPECT_EQ(admit_free_job(s, 1, 0, t0, o).error().code, errc::quota_exceeded);
 }
 
 TEST(user, usage_is_recorded_once_per_job) {
@@ -220,7 +228,7 @@ TEST(user, premium_users_have_no_quota) {
   user_options o;
   o.free_tokens_per_day = 10;
   auto s = created(events::user_tier::premium);
-  EXPECT_TRUE(admit_free_job(s, 1'000'000, t0, o));
+  EXPECT_TRUE(admit_free_job(s, 1'000'000, 0, t0, o));
 }
 
 TEST(user, evolve_ignores_events_of_other_users_and_aggregates) {
