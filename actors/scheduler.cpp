@@ -21,6 +21,9 @@ namespace {
 struct live_job {
   job_request request;
   std::int64_t hold_micros = 0;  ///< premium: the quote held against the user's balance
+  /// Premium: the most the job may cost, its hold: it goes only to providers whose price quotes it
+  /// at most this (job_queue), so its bill never passes what its user's balance holds for it.
+  std::optional<std::int64_t> cost_max_micros;
   /// Free tier: the tokens (prompt + max_tokens) held against the user's daily quota until its
   /// usage is recorded, so that jobs running at once cannot together pass the quota.
   std::int64_t free_tokens_held = 0;
@@ -293,7 +296,14 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .queued_at_us = now,
                                                     .deadline_at_us = deadline,
                                                     .preferred_provider_id = {},
-                                                    .avoided_provider_id = job.avoided_provider_id},
+                                                    .avoided_provider_id = job.avoided_provider_id,
+                                                    .cost_max_micros = job.cost_max_micros,
+                                                    .price_max_micros_per_mtok =
+                                                        job.request.max_price_micros > 0
+                                                            ? std::optional<std::int64_t>(job.request.max_price_micros)
+                                                            : std::nullopt,
+                                                    .prompt_tokens = job.request.prompt_tokens,
+                                                    .max_tokens = job.request.max_tokens},
                                  *self->state.index, now);
 }
 
@@ -458,9 +468,15 @@ void admit(self_pointer self, const std::string& job_id,
 void check_funds(self_pointer self, const std::string& job_id,
                  caf::typed_response_promise<job_accepted> reply) {
   auto& job = self->state.jobs.at(job_id);
-  auto quote = domain::quote_max_micros(worst_price(self, job.request.model), job.request.quality,
-                                        job.request.prompt_tokens, job.request.max_tokens,
-                                        self->state.options.pricing);
+  // The worst price the job may meet: the highest online, within the client's own limit
+  // (x_gpustream.max_price_micros), beyond which it goes to no provider.
+  auto price = worst_price(self, job.request.model);
+  if (const auto limit = job.request.max_price_micros; limit > 0) {
+    price.input_micros_per_mtok = std::min(price.input_micros_per_mtok, limit);
+    price.output_micros_per_mtok = std::min(price.output_micros_per_mtok, limit);
+  }
+  auto quote = domain::quote_max_micros(price, job.request.quality, job.request.prompt_tokens,
+                                        job.request.max_tokens, self->state.options.pricing);
   if (!quote) {
     refuse_job(self, job_id, events::failure_reason::insufficient_funds, make_error(quote.error()),
                reply);
@@ -481,6 +497,7 @@ void check_funds(self_pointer self, const std::string& job_id,
               return;
             }
             job.hold_micros = quote;
+            job.cost_max_micros = quote;
             self->state.holds_micros[job.request.user_id] += quote;
             admit(self, job_id, reply);
           },
@@ -817,7 +834,9 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
     options.selection.quality_level_min[tier] = options.pricing.tiers[tier].level_min;
   }
   st.index = std::make_unique<domain::selection_index>(options.selection);
-  st.queue = std::make_unique<domain::job_queue>(options.queue);
+  auto queue_options = options.queue;
+  queue_options.pricing = options.pricing;  // a capped job is quoted as it is billed
+  st.queue = std::make_unique<domain::job_queue>(queue_options);
   st.options = std::move(options);
   st.peers = std::move(peers);
   self->delayed_send(self, st.options.tick_interval, tick_atom::value);

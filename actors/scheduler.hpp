@@ -51,7 +51,9 @@ struct job_request {
   events::quality_tier quality = events::quality_tier::standard;
   std::uint32_t prompt_tokens = 0;
   std::uint32_t max_tokens = 0;
-  std::int64_t max_price_micros = 0;  ///< premium: the most the user agreed to pay; 0 free
+  /// The highest price per million tokens the client accepts (x_gpustream.max_price_micros):
+  /// the job goes to no provider above it; 0: any.
+  std::int64_t max_price_micros = 0;
   bool premium = false;
   std::string conversation_id;
   /// The user's contribution score (from the providers they own), for the priority.

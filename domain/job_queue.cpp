@@ -31,6 +31,13 @@ std::string job_problem(const queued_job& job, std::int64_t now_us,
     return which + " has a deadline (" + std::to_string(job.deadline_at_us) +
            " us) that is not after now (" + std::to_string(now_us) + " us)";
   }
+  if (job.cost_max_micros && *job.cost_max_micros < 0) {
+    return which + " has a negative cost cap (" + std::to_string(*job.cost_max_micros) + " micro-USD)";
+  }
+  if (job.price_max_micros_per_mtok && *job.price_max_micros_per_mtok < 0) {
+    return which + " has a negative price cap (" + std::to_string(*job.price_max_micros_per_mtok) +
+           " micro-USD per million tokens)";
+  }
   if (job.priority < 0 || job.priority > options.priority_ms_max) {
     return which + " has priority " + std::to_string(job.priority) + "; it must lie in 0.." +
            std::to_string(options.priority_ms_max);
@@ -56,12 +63,44 @@ std::string unservable_message(const queued_job& job, const selection_options& o
     message += " (needs a " + std::string(level_name(options.quality_level_min[tier])) +
                " provider or better)";
   }
+  if (job.price_max_micros_per_mtok) {
+    message += " priced at most " + std::to_string(*job.price_max_micros_per_mtok) +
+               " micro-USD per million tokens (x_gpustream.max_price_micros)";
+  }
+  if (job.cost_max_micros) {
+    message += " for at most " + std::to_string(*job.cost_max_micros) + " micro-USD (" +
+               std::to_string(job.prompt_tokens) + " prompt tokens and up to " + std::to_string(job.max_tokens) +
+               " completion tokens)";
+  }
+  if (job.cost_max_micros || job.price_max_micros_per_mtok) {
+    return message + "; allow a higher price, ask for fewer tokens, or try another model";
+  }
   return message + "; try another model or a lower quality tier";
 }
 
 }  // namespace
 
 job_queue::job_queue(job_queue_options options) : options_(options) {}
+
+job_queue::group_key job_queue::group_of(const queued_job& job) {
+  const std::int64_t price_max = job.price_max_micros_per_mtok.value_or(-1);
+  if (!job.cost_max_micros) return {job.model, job.quality, -1, price_max, 0, 0};
+  return {job.model, job.quality, *job.cost_max_micros, price_max, job.prompt_tokens, job.max_tokens};
+}
+
+offer_filter job_queue::affordable(const queued_job& job) const {
+  if (!job.cost_max_micros && !job.price_max_micros_per_mtok) return {};
+  return [this, cost_max = job.cost_max_micros, price_max = job.price_max_micros_per_mtok, quality = job.quality,
+          prompt = job.prompt_tokens, max_tokens = job.max_tokens](const online_offer& offer) {
+    if (price_max && (offer.input_price_micros_per_mtok > *price_max || offer.output_price_micros_per_mtok > *price_max)) {
+      return false;
+    }
+    if (!cost_max) return true;
+    const auto quote = quote_max_micros({offer.input_price_micros_per_mtok, offer.output_price_micros_per_mtok},
+                                        quality, prompt, max_tokens, options_.pricing);
+    return quote && *quote <= *cost_max;
+  };
+}
 
 expected<void, error> job_queue::push(queued_job job, const selection_index& index,
                                       std::int64_t now_us) {
@@ -77,7 +116,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
   if (by_id_.contains(job.job_id)) {
     return refuse(errc::already_exists, "job " + job.job_id + " is already queued");
   }
-  if (!index.can_serve(job.model, job.quality)) {
+  if (!index.can_serve(job.model, job.quality, {}, affordable(job))) {
     return refuse(errc::no_provider, unservable_message(job, index.options()));
   }
   if (jobs_.size() >= options_.jobs_queued_max) {
@@ -87,7 +126,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
   }
   const order_key order{service_at_us(job.priority, job.queued_at_us), arrivals_++};
   by_id_.emplace(job.job_id, order);
-  groups_[{job.model, job.quality}].insert(order);
+  groups_[group_of(job)].insert(order);
   by_deadline_.emplace(job.deadline_at_us, order);
   jobs_.emplace(order, std::move(job));
   return {};
@@ -96,7 +135,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
 void job_queue::erase(std::map<order_key, queued_job>::iterator it) {
   const auto& job = it->second;
   const auto order = it->first;
-  const auto group = groups_.find({job.model, job.quality});
+  const auto group = groups_.find(group_of(job));
   GPUSTREAM_ENSURE(group != groups_.end());
   const auto in_group = group->second.erase(order);
   if (group->second.empty()) groups_.erase(group);
@@ -131,11 +170,12 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     const auto job = jobs_.find(order);
     const auto& waiting = job->second;
     const std::uint64_t draw = mix(how.random_seed, draws++);
+    const auto within_cap = affordable(waiting);
     auto chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
-                                waiting.preferred_provider_id, waiting.avoided_provider_id});
+                                waiting.preferred_provider_id, waiting.avoided_provider_id, within_cap});
     if (!chosen && !waiting.avoided_provider_id.empty()) {
       chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
-                             waiting.preferred_provider_id, {}});
+                             waiting.preferred_provider_id, {}, within_cap});
     }
     // No candidate for the group's best job is none for the whole group: it waits for the
     // next pass, and the other groups go on.
@@ -164,7 +204,9 @@ std::vector<queued_job> job_queue::expire(std::int64_t now_us) {
 std::vector<queued_job> job_queue::take_unservable(const selection_index& index) {
   std::vector<order_key> orders;
   for (const auto& [key, members] : groups_) {
-    if (index.can_serve(key.first, key.second)) continue;
+    // Every job of a group has the same candidates: its first one speaks for all.
+    const auto& first = jobs_.at(*members.begin());
+    if (index.can_serve(std::get<0>(key), std::get<1>(key), {}, affordable(first))) continue;
     orders.insert(orders.end(), members.begin(), members.end());
   }
   std::sort(orders.begin(), orders.end());

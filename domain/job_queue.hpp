@@ -2,8 +2,8 @@
 /// The scheduler's queue of jobs waiting for a provider: bounded, ordered by priority and age
 /// (priority.hpp), every job with a deadline. Pure: time and random draws are parameters.
 ///
-/// How it never gets stuck: jobs are grouped by what they need (model, quality tier). All jobs of
-/// a group have the same candidates, so when the group's first job finds no provider, none of the
+/// How it never gets stuck: jobs are grouped by what they need (model, quality tier, and for a job
+/// with a price cap the cap and the tokens it quotes). All jobs of a group have the same candidates, so when the group's first job finds no provider, none of the
 /// group can, and a pass moves on to the other groups instead of waiting behind it. A pass visits
 /// the groups' first jobs in priority order and assigns until no group can be served (or
 /// `assignments_per_pass_max` is reached). So after a pass that returns fewer assignments than
@@ -15,14 +15,17 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "base/expected.hpp"
 #include "domain/aggregate.hpp"
+#include "domain/pricing.hpp"
 #include "domain/selection.hpp"
 #include "events/event.hpp"
 
@@ -39,6 +42,16 @@ struct queued_job {
   /// The provider the job last failed on: chosen again only when no other provider can take the
   /// job now (so a group's best job finding no candidate still means none for the group).
   std::string avoided_provider_id;
+  /// The most the job may cost, micro-USD (none: no cap): only a provider whose price quotes the job
+  /// (quote_max_micros of its prompt and max_tokens at the queue's pricing) at most this takes
+  /// it. A premium job's cap is the quote held against its user's balance, so that no provider
+  /// that came online later at a higher price bills more than was held.
+  std::optional<std::int64_t> cost_max_micros{};
+  /// The highest price per million tokens, input and output alike, the client accepts
+  /// (x_gpustream.max_price_micros; none: any).
+  std::optional<std::int64_t> price_max_micros_per_mtok{};
+  std::uint32_t prompt_tokens = 0;  ///< with a cap: what it quotes
+  std::uint32_t max_tokens = 0;     ///< with a cap: what it quotes
 
   bool operator==(const queued_job&) const = default;
 };
@@ -58,6 +71,8 @@ struct job_queue_options {
   std::int64_t deadline_us_max = 600'000'000;
   /// Largest priority (head start) accepted. Default: 600,000 ms (10 min).
   std::int32_t priority_ms_max = 600'000;
+  /// How a capped job's cost at a provider's price is quoted (queued_job::cost_max_micros).
+  pricing_options pricing{};
 };
 
 /// How pop_assignable chooses providers.
@@ -109,7 +124,14 @@ class job_queue {
  private:
   /// (service_at_us, arrival number): the queue's order; the arrival number breaks ties.
   using order_key = std::pair<std::int64_t, std::uint64_t>;
-  using group_key = std::pair<std::string, events::quality_tier>;
+  /// (model, quality, cost_max_micros, price_max_micros_per_mtok, prompt_tokens, max_tokens); -1
+  /// for a cap not set, and the tokens 0 without a cost cap.
+  using group_key =
+      std::tuple<std::string, events::quality_tier, std::int64_t, std::int64_t, std::uint32_t, std::uint32_t>;
+
+  [[nodiscard]] static group_key group_of(const queued_job& job);
+  /// The offers a job's cap admits; empty for a job without one.
+  [[nodiscard]] offer_filter affordable(const queued_job& job) const;
 
   void erase(std::map<order_key, queued_job>::iterator it);
 

@@ -334,15 +334,24 @@ bool selection_index::record_speed(std::string_view provider_id, std::string_vie
 // ---------------------------------------------------------------------------------------------
 // selection_index: choosing.
 
+bool selection_index::fits(const entry& e, const selection_request& request) {
+  if (e.provider.provider_id == request.excluded_provider_id) return false;
+  if (!request.affordable) return true;
+  const auto offer = std::find_if(e.provider.offers.begin(), e.provider.offers.end(),
+                                  [&](const online_offer& o) { return o.model_name == request.model; });
+  return offer != e.provider.offers.end() && request.affordable(*offer);
+}
+
 const selection_index::entry* selection_index::best_in(const model_bucket& bucket,
                                                        std::size_t level_min,
                                                        std::set<rank_key> level_group::*set,
-                                                       std::string_view excluded) const {
+                                                       const selection_request& request) const {
   const rank_key* best = nullptr;
   for (std::size_t level = level_min; level < level_count; ++level) {
-    // The front of each level's set, stepping over the excluded provider (at most once).
+    // The front of each level's set, stepping over the excluded provider (at most once) and,
+    // for a job with a price cap, over the offers above it.
     for (const auto& key : bucket.levels[level].*set) {
-      if (key.who->provider.provider_id == excluded) continue;
+      if (!fits(*key.who, request)) continue;
       if (best == nullptr || key < *best) best = &key;
       break;
     }
@@ -366,9 +375,7 @@ const selection_index::entry* selection_index::draw_two(const model_bucket& buck
     GPUSTREAM_ENSURE(false);
     return nullptr;
   };
-  const auto excluded = [&](const entry* e) {
-    return e->provider.provider_id == request.excluded_provider_id;
-  };
+  const auto excluded = [&](const entry* e) { return !fits(*e, request); };
   if (count == 0) return nullptr;
   if (count == 1) return excluded(at(0)) ? nullptr : at(0);
   // Two distinct positions from one draw: the second skips over the first.
@@ -377,6 +384,10 @@ const selection_index::entry* selection_index::draw_two(const model_bucket& buck
   if (second >= first) ++second;
   const entry* a = at(first);
   const entry* b = at(second);
+  // Neither drawn may take the job (a price cap): the cheapest that may, if any.
+  if (excluded(a) && excluded(b)) {
+    return request.affordable ? best_in(bucket, level_min, &level_group::cheap, request) : nullptr;
+  }
   if (excluded(a)) return b;
   if (excluded(b)) return a;
   const auto order = [](const entry* e) {
@@ -403,7 +414,8 @@ std::optional<std::string_view> selection_index::select(const selection_request&
   if (!request.preferred_provider_id.empty() &&
       request.preferred_provider_id != request.excluded_provider_id) {
     const auto preferred = providers_.find(request.preferred_provider_id);
-    if (preferred != providers_.end() && sticky_fits(preferred->second, bucket->second, *level_min)) {
+    if (preferred != providers_.end() && sticky_fits(preferred->second, bucket->second, *level_min) &&
+        fits(preferred->second, request)) {
       return std::string_view(preferred->first);
     }
   }
@@ -411,16 +423,16 @@ std::optional<std::string_view> selection_index::select(const selection_request&
   const auto& b = bucket->second;
   switch (request.policy) {
     case selection_policy::qmesh:
-      chosen = best_in(b, *level_min, &level_group::idle, request.excluded_provider_id);
+      chosen = best_in(b, *level_min, &level_group::idle, request);
       if (chosen == nullptr) {
-        chosen = best_in(b, *level_min, &level_group::busy, request.excluded_provider_id);
+        chosen = best_in(b, *level_min, &level_group::busy, request);
       }
       break;
     case selection_policy::cheapest:
-      chosen = best_in(b, *level_min, &level_group::cheap, request.excluded_provider_id);
+      chosen = best_in(b, *level_min, &level_group::cheap, request);
       break;
     case selection_policy::fastest:
-      chosen = best_in(b, *level_min, &level_group::fast, request.excluded_provider_id);
+      chosen = best_in(b, *level_min, &level_group::fast, request);
       break;
     case selection_policy::power_of_two:
       chosen = draw_two(b, *level_min, request);
@@ -446,6 +458,24 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
     if (counted) candidates -= 1;
   }
   return candidates > 0;
+}
+
+bool selection_index::can_serve(std::string_view model, events::quality_tier quality,
+                                std::string_view excluded_provider_id, const offer_filter& affordable) const {
+  if (!affordable) return can_serve(model, quality, excluded_provider_id);
+  const auto level_min = level_min_for(quality, options_);
+  if (!level_min || !models_.contains(model)) return false;
+  const selection_request request{.model = model,
+                                  .quality = quality,
+                                  .policy = selection_policy::qmesh,
+                                  .random_draw = 0,
+                                  .preferred_provider_id = {},
+                                  .excluded_provider_id = excluded_provider_id,
+                                  .affordable = affordable};
+  return std::any_of(providers_.begin(), providers_.end(), [&](const auto& listed) {
+    const auto& p = listed.second.provider;
+    return !p.suspended && level_index(p.level) >= *level_min && fits(listed.second, request);
+  });
 }
 
 const online_provider* selection_index::find(std::string_view provider_id) const {

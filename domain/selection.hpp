@@ -28,6 +28,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -105,6 +106,13 @@ struct selection_options {
   std::size_t offers_per_provider_max = 64;
 };
 
+/// One offer of an online provider, with its measured speed.
+struct online_offer;
+
+/// Whether a candidate's offer of the requested model is within what the job may cost (its price
+/// cap, see job_queue); empty: every offer is.
+using offer_filter = std::function<bool(const online_offer&)>;
+
 struct selection_request {
   std::string_view model;
   events::quality_tier quality = events::quality_tier::low;
@@ -112,6 +120,7 @@ struct selection_request {
   std::uint64_t random_draw = 0;           ///< power_of_two only: a uniformly random value
   std::string_view preferred_provider_id;  ///< sticky session; empty for none
   std::string_view excluded_provider_id;   ///< never chosen (a provider the job failed on)
+  offer_filter affordable{};               ///< only offers it accepts are chosen
 };
 
 /// One offer of an online provider, with its measured speed.
@@ -191,6 +200,10 @@ class selection_index {
   /// false a job for it would wait for nothing and must be rejected.
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
                                std::string_view excluded_provider_id = {}) const;
+  /// The same, counting only providers whose offer `affordable` accepts (a scan of every listed
+  /// provider; an empty filter counts as the plain can_serve).
+  [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
+                               std::string_view excluded_provider_id, const offer_filter& affordable) const;
 
   [[nodiscard]] const online_provider* find(std::string_view provider_id) const;
   /// Ids of every listed provider, in id order.
@@ -258,9 +271,11 @@ class selection_index {
   void detach_offers(entry& e);
   [[nodiscard]] level_group& group_of(const entry& e, std::size_t offer) const;
 
+  /// Whether `e` may take the request's job: not excluded, and its offer of the model affordable.
+  [[nodiscard]] static bool fits(const entry& e, const selection_request& request);
   [[nodiscard]] const entry* best_in(const model_bucket& bucket, std::size_t level_min,
                                      std::set<rank_key> level_group::*set,
-                                     std::string_view excluded) const;
+                                     const selection_request& request) const;
   [[nodiscard]] const entry* draw_two(const model_bucket& bucket, std::size_t level_min,
                                       const selection_request& request) const;
   [[nodiscard]] bool sticky_fits(const entry& e, const model_bucket& bucket,

@@ -278,6 +278,60 @@ TEST_F(scheduler_test, quotes_are_held_so_concurrent_premium_jobs_cannot_overspe
   EXPECT_EQ(refusal_code(second.error()), domain::errc::insufficient_funds);
 }
 
+TEST_F(scheduler_test, a_max_price_below_every_online_providers_is_refused_at_once_and_one_above_is_kept) {
+  // p1 asks 1 USD per million tokens, p2 3 USD.
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1, 3'000'000);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  auto low = request("j1", "dave", true);
+  low.max_price_micros = 999'999;
+  auto refused = ask<job_accepted>(rt_.scheduler, low);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
+  EXPECT_NE(describe(refused.error()).find("priced at most 999999 micro-USD per million tokens"), std::string::npos)
+      << describe(refused.error());
+  EXPECT_EQ(job("j1").failure, events::failure_reason::no_provider);
+  // At 1 USD: only p1, and its quote (1,000 + 500 tokens at 1 USD per million) is all that is held.
+  for (const std::string id : {"j2", "j3"}) {
+    auto capped = request(id, "dave", true);
+    capped.max_price_micros = 1'000'000;
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, capped)) << id;
+  }
+  EXPECT_EQ(job("j2").provider_id, "p1");
+  EXPECT_EQ(job("j3").status, domain::job_status::queued) << "p2 is above its max price, though free";
+  // A free user's job keeps to its max price too.
+  create_user("erin", events::user_tier::free, 0);
+  auto free_job = request("j4", "erin", false);
+  free_job.max_price_micros = 1'000'000;
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, free_job));
+  EXPECT_EQ(job("j4").status, domain::job_status::queued);
+}
+
+TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_not_get_the_job) {
+  // j1's hold is its quote at the prices online when it came, 1,500 micros: a provider asking ten
+  // times as much, online later, would bill it past what its user's balance holds for it.
+  bring_online("p1", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  ASSERT_EQ(job("j1").status, domain::job_status::queued) << "p1's one slot is j0's";
+  bring_online("p2", "llama-8b", 1, 10'000'000);
+  EXPECT_EQ(job("j1").status, domain::job_status::queued) << "p2 is above j1's hold";
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 500, 500, 1000, 2000}));
+  ASSERT_EQ(job("j1").status, domain::job_status::assigned);
+  EXPECT_EQ(job("j1").provider_id, "p1");
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 500, 500, 1000, 2000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().gross_micros, 1'500);
+  // A job that came after p2 was online is quoted at p2's price and may go there.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "dave", true)));
+  EXPECT_EQ(job("j2").status, domain::job_status::assigned);
+  EXPECT_EQ(job("j3").status, domain::job_status::assigned);
+}
+
 TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
   bring_online("p1", "llama-8b", 8);
   create_user("erin", events::user_tier::free, 0);

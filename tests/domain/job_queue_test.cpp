@@ -413,5 +413,46 @@ TEST(job_queue, no_job_is_ever_stuck) {
   EXPECT_GT(by_outcome["expired"], 0);
 }
 
+TEST(job_queue, a_capped_job_goes_only_to_a_provider_within_its_cap_and_holds_up_no_other_job) {
+  selection_index index;
+  // "dear" asks 1,000 micro-USD per million tokens in and out; "cheap" 100.
+  ASSERT_TRUE(index.list({"dear", level_for_score(0), 0, false, {{"m", 1'000, 1'000, 4}}}));
+  job_queue queue;
+  auto capped = job("capped");
+  capped.prompt_tokens = 600'000;
+  capped.max_tokens = 400'000;
+  const auto cheap_quote = quote_max_micros({100, 100}, quality_tier::low, 600'000, 400'000, pricing_options{});
+  ASSERT_TRUE(cheap_quote);
+  capped.cost_max_micros = *cheap_quote;
+  // Only "dear" online: nobody can serve it within its cap.
+  const auto refused = queue.push(capped, index, t0);
+  expect_refused(refused, errc::no_provider);
+  EXPECT_NE(refused.error().message.find("for at most " + std::to_string(*cheap_quote) + " micro-USD"), std::string::npos)
+      << refused.error().message;
+
+  // "cheap" online but busy: the capped job waits for it, and an uncapped one behind it takes "dear".
+  ASSERT_TRUE(index.list({"cheap", level_for_score(0), 0, false, {{"m", 100, 100, 1}}}));
+  ASSERT_TRUE(index.job_started("cheap"));
+  ASSERT_TRUE(queue.push(capped, index, t0));
+  ASSERT_TRUE(queue.push(job("plain", "m", 0, t0 + 1), index, t0 + 1));
+  auto assigned = queue.pop_assignable(index, {}, t0 + 2);
+  ASSERT_EQ(assigned.size(), 1u);
+  EXPECT_EQ(assigned[0].job.job_id, "plain");
+  EXPECT_EQ(assigned[0].provider_id, "dear");
+  ASSERT_TRUE(index.job_finished("cheap"));
+  assigned = queue.pop_assignable(index, {}, t0 + 3);
+  ASSERT_EQ(assigned.size(), 1u);
+  EXPECT_EQ(assigned[0].job.job_id, "capped");
+  EXPECT_EQ(assigned[0].provider_id, "cheap");
+
+  // The last provider within a queued job's cap goes: the job is taken out as unservable.
+  auto second = capped;
+  second.job_id = "capped-2";
+  ASSERT_TRUE(queue.push(second, index, t0 + 4));
+  ASSERT_TRUE(index.unlist("cheap"));
+  EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"capped-2"});
+  EXPECT_TRUE(queue.empty());
+}
+
 }  // namespace
 }  // namespace gpustream::domain
