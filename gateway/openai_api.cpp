@@ -819,11 +819,13 @@ std::string response_json(const response_meta& meta, std::string_view text, std:
 
 namespace {
 json::object model_object(const model_listing& model) {
+  // OpenAI's model object, and what gpustream adds under x_gpustream only.
   json::object object{{"id", model.id}, {"object", "model"}, {"created", model.created_s}, {"owned_by", "gpustream"}};
-  object["context_length"] = model.context_length == 0 ? json::value(nullptr) : json::value(model.context_length);
-  object["x_gpustream"] = {{"providers_online", model.providers_online},
-                           {"price_per_mtok_min_micros", model.price_per_mtok_min_micros},
-                           {"price_per_mtok_max_micros", model.price_per_mtok_max_micros}};
+  object["x_gpustream"] = {
+      {"context_length", model.context_length == 0 ? json::value(nullptr) : json::value(model.context_length)},
+      {"providers_online", model.providers_online},
+      {"price_per_mtok_min_micros", model.price_per_mtok_min_micros},
+      {"price_per_mtok_max_micros", model.price_per_mtok_max_micros}};
   return object;
 }
 }  // namespace

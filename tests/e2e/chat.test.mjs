@@ -30,11 +30,11 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
   for await (const entry of client.models.list()) models.push(entry);
   const listed = models.find((entry) => entry.id === model);
   assert.ok(listed, `GET /v1/models lists ${model}: ${JSON.stringify(models)}`);
-  assert.equal(listed.context_length, context_length);
+  assert.equal(listed.x_gpustream.context_length, context_length);
   assert.equal(listed.x_gpustream.providers_online, 1);
   const retrieved = await client.models.retrieve(model);  // GET /v1/models/e2e-org%2Fe2e-model
   assert.equal(retrieved.id, model);
-  assert.equal(retrieved.context_length, context_length);
+  assert.equal(retrieved.x_gpustream.context_length, context_length);
 
   // Streamed chat with usage in the last chunk.
   const messages = [{ role: 'user', content: 'Say something deterministic.' }];
@@ -137,7 +137,7 @@ scenario('backends that keep the context window out of /v1/models still go onlin
   const ollama = await one_provider_world(world, { upstream_options: { flavor: 'ollama', context_length: 8192 } });
   const user = await ollama.server.create_user('premium', 10_000_000);
   const from_show = await ollama.server.openai(user.api_key).models.retrieve(ollama.model);
-  assert.equal(from_show.context_length, 8192, "Ollama's num_ctx from /api/show");
+  assert.equal(from_show.x_gpustream.context_length, 8192, "Ollama's num_ctx from /api/show");
 
   const lm_studio = await one_provider_world(world, {
     upstream_options: { flavor: 'lmstudio', context_length: 8192 },
@@ -146,7 +146,7 @@ scenario('backends that keep the context window out of /v1/models still go onlin
   const other = await lm_studio.server.create_user('premium', 10_000_000);
   const client = lm_studio.server.openai(other.api_key);
   const from_flag = await client.models.retrieve(lm_studio.model);
-  assert.equal(from_flag.context_length, 2048, '--context-length wins over what the backend says');
+  assert.equal(from_flag.x_gpustream.context_length, 2048, '--context-length wins over what the backend says');
   // The prompt is checked against the advertised window.
   await assert.rejects(
     client.chat.completions.create({

@@ -652,14 +652,15 @@ TEST(openai_api, models_list_has_the_exact_shape) {
   EXPECT_EQ(
       models_json(models),
       R"({"object":"list","data":[)"
-      R"({"id":"llama-3-8b","object":"model","created":1700000000,"owned_by":"gpustream","context_length":8192,)"
-      R"("x_gpustream":{"providers_online":3,"price_per_mtok_min_micros":100000,"price_per_mtok_max_micros":250000}},)"
-      R"({"id":"gpt2","object":"model","created":1700000005,"owned_by":"gpustream","context_length":null,)"
-      R"("x_gpustream":{"providers_online":1,"price_per_mtok_min_micros":5,"price_per_mtok_max_micros":5}}]})");
+      R"({"id":"llama-3-8b","object":"model","created":1700000000,"owned_by":"gpustream",)"
+      R"("x_gpustream":{"context_length":8192,"providers_online":3,"price_per_mtok_min_micros":100000,)"
+      R"("price_per_mtok_max_micros":250000}},)"
+      R"({"id":"gpt2","object":"model","created":1700000005,"owned_by":"gpustream",)"
+      R"("x_gpustream":{"context_length":null,"providers_online":1,"price_per_mtok_min_micros":5,"price_per_mtok_max_micros":5}}]})");
   EXPECT_EQ(models_json({}), R"({"object":"list","data":[]})");
   EXPECT_EQ(model_json(models[1]),
-            R"({"id":"gpt2","object":"model","created":1700000005,"owned_by":"gpustream","context_length":null,)"
-            R"("x_gpustream":{"providers_online":1,"price_per_mtok_min_micros":5,"price_per_mtok_max_micros":5}})");
+            R"({"id":"gpt2","object":"model","created":1700000005,"owned_by":"gpustream",)"
+            R"("x_gpustream":{"context_length":null,"providers_online":1,"price_per_mtok_min_micros":5,"price_per_mtok_max_micros":5}})");
 }
 
 TEST(openai_api, sse_framing) {
