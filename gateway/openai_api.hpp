@@ -225,8 +225,8 @@ struct model_listing {
 /// `{"object":"list","data":[model_json(…)…]}`.
 [[nodiscard]] std::string models_json(std::span<const model_listing> models);
 
-/// One model: `{"id","object":"model","created","owned_by":"gpustream","context_length",
-/// "x_gpustream":{"providers_online","price_per_mtok_min_micros","price_per_mtok_max_micros"}}`
+/// One model: `{"id","object":"model","created","owned_by":"gpustream","x_gpustream":{"context_length",
+/// "providers_online","price_per_mtok_min_micros","price_per_mtok_max_micros"}}`
 /// (also the body of GET /v1/models/{id}).
 [[nodiscard]] std::string model_json(const model_listing& model);
 
