@@ -102,6 +102,8 @@ class admin_api_test : public ::testing::Test {
     provider_api_ = std::make_unique<provider_api>(directory_);
   }
 
+  void make_api_with_a_silent_ledger();
+
   void make_api(admin_api_options options, std::optional<actors::ledger_actor> ledger = {}) {
     auto peers = admin_peers_of(runtime_);
     if (ledger) peers.ledger = *ledger;
@@ -580,13 +582,18 @@ TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
   EXPECT_EQ(external.at("data").as_array()[0].at("balance_micros").as_int64(), -300);
 }
 
-TEST_F(admin_api_test, a_user_whose_credit_fails_after_it_was_created_gets_its_key_back_with_the_error) {
+/// The admin API in front of a ledger that never answers; requests time out after 200 ms.
+void admin_api_test::make_api_with_a_silent_ledger() {
   auto silent = system_.spawn(silent_ledger);
   extra_actors_.push_back(caf::actor_cast<caf::actor>(silent));
   admin_api_options options;
   options.admin_token = admin_token;
   options.request_timeout = 200ms;
   make_api(options, silent);
+}
+
+TEST_F(admin_api_test, a_user_whose_credit_fails_after_it_was_created_gets_its_key_back_with_the_error) {
+  make_api_with_a_silent_ledger();
   const auto response = call("POST", "/admin/users", R"({"tier":"premium","credit_micros":5000000})");
   EXPECT_EQ(response.status, 503u) << response.body;
   const auto body = json::parse(response.body).as_object();
@@ -600,12 +607,7 @@ TEST_F(admin_api_test, a_user_whose_credit_fails_after_it_was_created_gets_its_k
 }
 
 TEST_F(admin_api_test, an_actor_that_does_not_answer_gives_a_503_after_the_request_timeout) {
-  auto silent = system_.spawn(silent_ledger);
-  extra_actors_.push_back(caf::actor_cast<caf::actor>(silent));
-  admin_api_options options;
-  options.admin_token = admin_token;
-  options.request_timeout = 200ms;
-  make_api(options, silent);
+  make_api_with_a_silent_ledger();
   const auto start = std::chrono::steady_clock::now();
   const auto response = call("GET", "/admin/accounts");
   EXPECT_EQ(response.status, 503u) << response.body;
