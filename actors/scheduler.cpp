@@ -34,6 +34,8 @@ struct live_job {
   std::uint32_t tokens_so_far = 0;
   bool running = false;
   std::string avoided_provider_id;  ///< the provider the last attempt failed on
+  /// The attempts that produced tokens and failed over: each provider is paid its own tokens.
+  std::vector<domain::earlier_part> earlier;
   bool started = false;             ///< running: the first token arrived
   /// Completion or cancellation is being recorded: no other report or loss applies to it any more.
   bool ending = false;
@@ -224,7 +226,8 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
                         .quality = job.request.quality,
                         .prompt_tokens = job.request.prompt_tokens,
                         .completion_tokens = completion_tokens,
-                        .ad = std::move(ad)};
+                        .ad = std::move(ad),
+                        .earlier = job.earlier};
   auto settled = domain::settle_job(bill, self->state.options.pricing);
   if (!settled) {
     forget(self, job_id);
@@ -613,6 +616,10 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   (void)self->state.index->job_finished(from);
   job.running = false;
   job.avoided_provider_id = from;
+  // The tokens this attempt added are its provider's, at its price.
+  if (tokens_so_far > job.tokens_so_far) {
+    job.earlier.push_back({from, job.price, tokens_so_far - job.tokens_so_far});
+  }
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
   // An answer begun on a provider continues on another one only: the one it failed on is not
   // asked again, and with no other provider for the model nothing is left.

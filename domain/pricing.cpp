@@ -1,7 +1,9 @@
 #include "domain/pricing.hpp"
 
+#include <algorithm>
 #include <limits>
 #include <utility>
+#include <vector>
 
 #include "base/ensure.hpp"
 
@@ -48,27 +50,48 @@ std::pair<std::uint32_t, std::uint32_t> billed_tokens(const job_bill& bill) {
   return {bill.prompt_tokens, bill.completion_tokens};
 }
 
-/// The transfers of a settled job, zero amounts left out.
-record_transfers job_group(const job_bill& bill, const job_settlement& amounts) {
-  const std::string group_id = "job-" + bill.job_id;
-  const std::string provider = provider_account(bill.provider_id);
-  record_transfers group{group_id, {}};
-  if (amounts.gross_micros > 0) {
+/// One provider's part of a job's bill.
+struct provider_part {
+  std::string provider_id;
+  std::int64_t gross_micros = 0;
+  std::int64_t fee_micros = 0;
+};
+
+/// The transfers of one provider's part: paid by the user (premium) or the subsidy, less the
+/// platform's fee; `suffix` tells an earlier attempt's transfers apart ("" for the last one's).
+void add_part(record_transfers& group, const job_bill& bill, const provider_part& part, const std::string& suffix) {
+  const std::string& group_id = group.group_id;
+  const std::string provider = provider_account(part.provider_id);
+  if (part.gross_micros > 0) {
     if (bill.premium) {
-      group.transfers.push_back(transfer{group_id + "/usage", user_account(bill.user_id), provider,
-                                         amounts.gross_micros, transfer_kind::usage, bill.job_id});
+      group.transfers.push_back(transfer{group_id + "/usage" + suffix, user_account(bill.user_id), provider,
+                                         part.gross_micros, transfer_kind::usage, bill.job_id});
     } else {
-      group.transfers.push_back(transfer{group_id + "/free_tier_subsidy",
-                                         std::string(subsidy_account), provider,
-                                         amounts.gross_micros, transfer_kind::free_tier_subsidy,
-                                         bill.job_id});
+      group.transfers.push_back(transfer{group_id + "/free_tier_subsidy" + suffix, std::string(subsidy_account),
+                                         provider, part.gross_micros, transfer_kind::free_tier_subsidy, bill.job_id});
     }
   }
-  if (amounts.platform_fee_micros > 0) {
-    group.transfers.push_back(transfer{group_id + "/platform_fee", provider,
-                                       std::string(platform_account), amounts.platform_fee_micros,
-                                       transfer_kind::platform_fee, bill.job_id});
+  if (part.fee_micros > 0) {
+    group.transfers.push_back(transfer{group_id + "/platform_fee" + suffix, provider, std::string(platform_account),
+                                       part.fee_micros, transfer_kind::platform_fee, bill.job_id});
   }
+}
+
+/// The transfers of a settled job, zero amounts left out: the last attempt's provider, then the
+/// earlier ones', then the ad.
+record_transfers job_group(const job_bill& bill, const job_settlement& amounts,
+                           const std::vector<provider_part>& earlier) {
+  const std::string group_id = "job-" + bill.job_id;
+  record_transfers group{group_id, {}};
+  std::int64_t earlier_gross = 0;
+  std::int64_t earlier_fee = 0;
+  for (const auto& part : earlier) {
+    earlier_gross += part.gross_micros;
+    earlier_fee += part.fee_micros;
+  }
+  add_part(group, bill,
+           {bill.provider_id, amounts.gross_micros - earlier_gross, amounts.platform_fee_micros - earlier_fee}, "");
+  for (std::size_t n = 0; n < earlier.size(); ++n) add_part(group, bill, earlier[n], "/" + std::to_string(n + 1));
   if (amounts.ad_micros > 0) {
     group.transfers.push_back(transfer{group_id + "/ad_spend", campaign_account(bill.ad->campaign_id),
                                        std::string(platform_account), amounts.ad_micros,
@@ -174,16 +197,61 @@ std::int64_t platform_fee_micros(std::int64_t gross_micros, const pricing_option
 expected<job_settlement, error> settle_job(const job_bill& bill, const pricing_options& options) {
   if (auto valid = validate(options); !valid) return unexpected{valid.error()};
   if (auto valid = validate_bill(bill); !valid) return unexpected{valid.error()};
+  const auto rule = rule_of(options, bill.quality);
+  if (!rule) return unexpected{rule.error()};
   const auto [prompt, completion] = billed_tokens(bill);
-  const auto gross = cost_micros(bill.price, bill.quality, prompt, completion, options);
-  if (!gross) return unexpected{gross.error()};
+  // Each earlier attempt's tokens, never more than are billed in all.
+  std::vector<std::uint32_t> earlier_tokens;
+  std::uint32_t counted = 0;
+  for (const auto& part : bill.earlier) {
+    if (part.provider_id.empty()) {
+      return refuse(errc::invalid_argument, "an earlier attempt of job " + bill.job_id + " has no provider to pay");
+    }
+    if (part.price.output_micros_per_mtok < 0) {
+      return refuse(errc::invalid_argument, "an earlier attempt of job " + bill.job_id + " has a negative price");
+    }
+    earlier_tokens.push_back(std::min(part.completion_tokens, completion - counted));
+    counted += earlier_tokens.back();
+  }
+  // The last attempt: the prompt and the tokens after the earlier ones', at its price.
+  const auto last = cost_micros(bill.price, bill.quality, prompt, completion - counted, options);
+  if (!last) return unexpected{last.error()};
+  // The whole, rounded up once (as one provider's bill is); the earlier parts rounded down, the
+  // last attempt's part being the rest.
+  std::int64_t gross = *last;
+  std::vector<provider_part> earlier;
+  std::int64_t earlier_gross = 0;
+  if (!bill.earlier.empty()) {
+    __int128 exact = (__int128{prompt} * bill.price.input_micros_per_mtok +
+                      __int128{completion - counted} * bill.price.output_micros_per_mtok) *
+                     rule->multiplier_percent;
+    std::vector<__int128> parts;
+    for (std::size_t i = 0; i < bill.earlier.size(); ++i) {
+      parts.push_back(__int128{earlier_tokens[i]} * bill.earlier[i].price.output_micros_per_mtok *
+                      rule->multiplier_percent);
+      exact += parts.back();
+    }
+    const __int128 rounded_up = (exact + cost_divisor - 1) / cost_divisor;
+    if (rounded_up > std::numeric_limits<std::int64_t>::max()) {
+      return refuse(errc::limit_exceeded,
+                    "the price of job " + bill.job_id + " exceeds the largest amount the ledger holds");
+    }
+    gross = static_cast<std::int64_t>(rounded_up);
+    for (std::size_t i = 0; i < parts.size(); ++i) {
+      const auto share = static_cast<std::int64_t>(parts[i] / cost_divisor);  // <= gross: it fits
+      earlier.push_back({bill.earlier[i].provider_id, share, platform_fee_micros(share, options)});
+      earlier_gross += share;
+    }
+  }
+  GPUSTREAM_ENSURE(gross >= earlier_gross);  // the whole rounded up holds the parts rounded down
 
   job_settlement settlement;
-  settlement.gross_micros = *gross;
-  settlement.platform_fee_micros = platform_fee_micros(*gross, options);
-  settlement.provider_net_micros = *gross - settlement.platform_fee_micros;
+  settlement.gross_micros = gross;
+  settlement.platform_fee_micros = platform_fee_micros(gross - earlier_gross, options);
+  for (const auto& part : earlier) settlement.platform_fee_micros += part.fee_micros;
+  settlement.provider_net_micros = gross - settlement.platform_fee_micros;
   if (bill.ad && bill.outcome != job_outcome::failed) settlement.ad_micros = bill.ad->price_micros;
-  settlement.group = job_group(bill, settlement);
+  settlement.group = job_group(bill, settlement, earlier);
   return settlement;
 }
 

@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/expected.hpp"
 #include "domain/aggregate.hpp"
@@ -124,6 +125,17 @@ struct ad_charge {
   std::int64_t price_micros = 0;  ///< the impression's (second) price; >= 0
 };
 
+/// Completion tokens an earlier attempt of the job produced on another provider before the answer
+/// failed over (the rest of the answer continued from them): that provider is paid for them at
+/// its own price. The prompt is billed once, with the last attempt.
+struct earlier_part {
+  std::string provider_id;
+  model_price price;
+  std::uint32_t completion_tokens = 0;
+
+  bool operator==(const earlier_part&) const = default;
+};
+
 /// Everything settling one job needs.
 struct job_bill {
   std::string job_id;
@@ -136,20 +148,26 @@ struct job_bill {
   std::uint32_t prompt_tokens = 0;
   std::uint32_t completion_tokens = 0;  ///< for a cancelled job: events::job_cancelled::tokens_produced
   std::optional<ad_charge> ad;          ///< free tier only
+  /// The attempts before the last that produced tokens, in order; provider_id and price above
+  /// are the last attempt's, which is billed the prompt and the tokens after theirs.
+  std::vector<earlier_part> earlier{};
 };
 
 /// The amounts of a settled job and the ledger group that moves them.
 struct job_settlement {
   std::int64_t gross_micros = 0;         ///< paid by the user (premium) or the subsidy (free)
   std::int64_t platform_fee_micros = 0;  ///< kept by the platform
-  std::int64_t provider_net_micros = 0;  ///< gross - fee: what the provider earns
+  std::int64_t provider_net_micros = 0;  ///< gross - fee: what the providers earn
   std::int64_t ad_micros = 0;            ///< charged to the campaign
   /// Group "job-<id>". No transfers (a failed job, or only zero amounts) means nothing to record:
   /// do not send it to the ledger, which refuses an empty group.
   record_transfers group;
 };
 
-/// Prices a job and builds its ledger group (see the top of this file). Refuses (invalid_argument)
+/// Prices a job and builds its ledger group (see the top of this file). A job that failed over
+/// mid-answer pays each earlier provider its own tokens at its own price (rounded down, transfers
+/// "…/usage/<n>" or "…/free_tier_subsidy/<n>" and "…/platform_fee/<n>", n from 1), and the last
+/// one the rest: the whole is rounded up once, as one provider's bill is. Refuses (invalid_argument)
 /// an empty job or provider id, a premium job without a user id, an ad on a premium job, an ad
 /// without ids or with a negative price, and whatever cost_micros refuses. A failed job yields
 /// no transfers and no ad charge.

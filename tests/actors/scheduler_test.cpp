@@ -501,6 +501,30 @@ TEST_F(scheduler_test, a_job_failing_before_its_first_token_on_every_attempt_fai
   EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
 }
 
+TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tokens_at_its_own_price) {
+  bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
+  bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string first = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 100, "dropped"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  const std::string second = job("j1").provider_id;
+  ASSERT_NE(second, first);
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), second));
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  // The first provider's 100 tokens at its price; the second's prompt (1,000) and 50 tokens at its.
+  const auto price = [&](const std::string& id) -> std::int64_t { return id == "p1" ? 1 : 3; };
+  const std::int64_t first_gross = 100 * price(first);
+  const std::int64_t second_gross = (1000 + 50) * price(second);
+  EXPECT_EQ(ended.value().gross_micros, first_gross + second_gross);
+  EXPECT_EQ(balance("user-dave"), 50'000'000 - first_gross - second_gross);
+  EXPECT_EQ(balance("provider-" + first), first_gross - first_gross / 10);
+  EXPECT_EQ(balance("provider-" + second), second_gross - second_gross / 10);
+}
+
 TEST_F(scheduler_test, an_answer_broken_off_continues_on_another_provider_never_on_the_same_one) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);

@@ -277,6 +277,49 @@ TEST(pricing_settle, a_premium_job_pays_the_provider_from_the_user_and_the_fee_t
   EXPECT_EQ(s->group, expected);
 }
 
+TEST(pricing_settle, after_a_failover_each_provider_is_paid_its_own_tokens_at_its_own_price) {
+  auto bill = premium_bill();
+  // p0 produced the first 1,000 of the 1,500 tokens at 0.4 USD per million before it failed:
+  // 400. p1, the last, is billed the prompt (200) and the other 500 tokens (300) at its prices.
+  bill.earlier = {earlier_part{"p0", {50'000, 400'000}, 1000}};
+  const auto s = settle_job(bill, defaults);
+  ASSERT_TRUE(s.has_value()) << s.error().message;
+  EXPECT_EQ(s->gross_micros, 900);
+  EXPECT_EQ(s->platform_fee_micros, 90);
+  EXPECT_EQ(s->provider_net_micros, 810);
+  const record_transfers expected{
+      "job-42",
+      {transfer{"job-42/usage", "user-u1", "provider-p1", 500, transfer_kind::usage, "42"},
+       transfer{"job-42/platform_fee", "provider-p1", "platform", 50, transfer_kind::platform_fee, "42"},
+       transfer{"job-42/usage/1", "user-u1", "provider-p0", 400, transfer_kind::usage, "42"},
+       transfer{"job-42/platform_fee/1", "provider-p0", "platform", 40, transfer_kind::platform_fee, "42"}}};
+  EXPECT_EQ(s->group, expected);
+
+  // An earlier attempt never counts more tokens than are billed in all.
+  bill.earlier = {earlier_part{"p0", {50'000, 400'000}, 2000}};
+  const auto clamped = settle_job(bill, defaults);
+  ASSERT_TRUE(clamped.has_value()) << clamped.error().message;
+  EXPECT_EQ(clamped->gross_micros, 200 + 600);  // the prompt at p1's price, 1,500 tokens at p0's
+  bill.earlier = {earlier_part{"", {0, 1}, 1}};
+  EXPECT_FALSE(settle_job(bill, defaults).has_value()) << "an earlier attempt needs its provider";
+}
+
+TEST(pricing_settle, after_a_failover_the_whole_is_rounded_up_once_and_the_earlier_parts_down) {
+  // 1 prompt token and 3 completion tokens at 1 micro-USD per million: 4 millionths of a micro,
+  // rounded up to 1 as one provider's bill would be; p0's 3 millionths round down to nothing.
+  job_bill bill = premium_bill();
+  bill.price = {1, 1};
+  bill.prompt_tokens = 1;
+  bill.completion_tokens = 3;
+  bill.earlier = {earlier_part{"p0", {1, 1}, 3}};
+  const auto s = settle_job(bill, defaults);
+  ASSERT_TRUE(s.has_value()) << s.error().message;
+  EXPECT_EQ(s->gross_micros, 1);
+  const record_transfers expected{
+      "job-42", {transfer{"job-42/usage", "user-u1", "provider-p1", 1, transfer_kind::usage, "42"}}};
+  EXPECT_EQ(s->group, expected);
+}
+
 TEST(pricing_settle, a_free_job_is_paid_by_the_subsidy_and_its_ad_by_the_campaign) {
   auto bill = free_bill();
   bill.ad = ad_charge{"imp-9", "c7", 2500};
