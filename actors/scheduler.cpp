@@ -20,10 +20,10 @@ namespace {
 /// What the scheduler knows of a live job (queued or running) beyond what the queue holds.
 struct live_job {
   job_request request;
-  std::int64_t hold_micros = 0;  ///< premium: the quote held against the user's balance
-  /// Premium: the most the job may cost, its hold: it goes only to providers whose price quotes it
-  /// at most this (job_queue), so its bill never passes what its user's balance holds for it.
-  std::optional<std::int64_t> cost_max_micros;
+  /// Premium: the quote held against the user's balance, and the most the job may cost: it goes
+  /// only to providers whose price quotes it at most this (job_queue), so its bill never passes
+  /// what is held for it.
+  std::int64_t hold_micros = 0;
   /// Free tier: the tokens (prompt + max_tokens) held against the user's daily quota until its
   /// usage is recorded, so that jobs running at once cannot together pass the quota.
   std::int64_t free_tokens_held = 0;
@@ -300,7 +300,9 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .deadline_at_us = deadline,
                                                     .preferred_provider_id = {},
                                                     .avoided_provider_id = job.avoided_provider_id,
-                                                    .cost_max_micros = job.cost_max_micros,
+                                                    .cost_max_micros = job.request.premium
+                                                                           ? std::optional<std::int64_t>(job.hold_micros)
+                                                                           : std::nullopt,
                                                     .price_max_micros_per_mtok =
                                                         job.request.max_price_micros > 0
                                                             ? std::optional<std::int64_t>(job.request.max_price_micros)
@@ -500,7 +502,6 @@ void check_funds(self_pointer self, const std::string& job_id,
               return;
             }
             job.hold_micros = quote;
-            job.cost_max_micros = quote;
             self->state.holds_micros[job.request.user_id] += quote;
             admit(self, job_id, reply);
           },

@@ -50,6 +50,37 @@ std::pair<std::uint32_t, std::uint32_t> billed_tokens(const job_bill& bill) {
   return {bill.prompt_tokens, bill.completion_tokens};
 }
 
+/// Refuses a negative price, naming both of its numbers.
+expected<void, error> check_price(const model_price& price) {
+  if (price.input_micros_per_mtok >= 0 && price.output_micros_per_mtok >= 0) return {};
+  return refuse(errc::invalid_argument, "prices must not be negative (input " +
+                                            std::to_string(price.input_micros_per_mtok) + ", output " +
+                                            std::to_string(price.output_micros_per_mtok) +
+                                            " micro-USD per million tokens)");
+}
+
+/// (prompt × input price + completion × output price) × multiplier: a cost in units of
+/// 1/cost_divisor micro-USD. Tokens < 2^32, prices < 2^63 and the multiplier <= 10^4 < 2^14 keep
+/// it below 2^(32+63+1+14) = 2^110, and a bill's parts, whose tokens add up to one bill's, too.
+__int128 exact_cost(const model_price& price, std::uint32_t prompt_tokens, std::uint32_t completion_tokens,
+                    std::int64_t multiplier_percent) {
+  return (__int128{prompt_tokens} * price.input_micros_per_mtok +
+          __int128{completion_tokens} * price.output_micros_per_mtok) *
+         multiplier_percent;
+}
+
+/// `exact` rounded up to a micro, or limit_exceeded when the ledger cannot hold it.
+expected<std::int64_t, error> rounded_up_micros(__int128 exact, std::uint32_t prompt_tokens,
+                                                std::uint32_t completion_tokens) {
+  const __int128 rounded_up = (exact + cost_divisor - 1) / cost_divisor;
+  if (rounded_up > std::numeric_limits<std::int64_t>::max()) {
+    return refuse(errc::limit_exceeded,
+                  "the price of " + std::to_string(prompt_tokens) + " prompt and " + std::to_string(completion_tokens) +
+                      " completion tokens exceeds the largest amount the ledger holds");
+  }
+  return static_cast<std::int64_t>(rounded_up);
+}
+
 /// One provider's part of a job's bill.
 struct provider_part {
   std::string provider_id;
@@ -77,21 +108,15 @@ void add_part(record_transfers& group, const job_bill& bill, const provider_part
   }
 }
 
-/// The transfers of a settled job, zero amounts left out: the last attempt's provider, then the
-/// earlier ones', then the ad.
+/// The transfers of a settled job, zero amounts left out: each provider's part (the last
+/// attempt's first, then the earlier ones'), then the ad.
 record_transfers job_group(const job_bill& bill, const job_settlement& amounts,
-                           const std::vector<provider_part>& earlier) {
-  const std::string group_id = "job-" + bill.job_id;
-  record_transfers group{group_id, {}};
-  std::int64_t earlier_gross = 0;
-  std::int64_t earlier_fee = 0;
-  for (const auto& part : earlier) {
-    earlier_gross += part.gross_micros;
-    earlier_fee += part.fee_micros;
+                           const std::vector<provider_part>& parts) {
+  record_transfers group{"job-" + bill.job_id, {}};
+  const std::string& group_id = group.group_id;
+  for (std::size_t n = 0; n < parts.size(); ++n) {
+    add_part(group, bill, parts[n], n == 0 ? std::string() : "/" + std::to_string(n));
   }
-  add_part(group, bill,
-           {bill.provider_id, amounts.gross_micros - earlier_gross, amounts.platform_fee_micros - earlier_fee}, "");
-  for (std::size_t n = 0; n < earlier.size(); ++n) add_part(group, bill, earlier[n], "/" + std::to_string(n + 1));
   if (amounts.ad_micros > 0) {
     group.transfers.push_back(transfer{group_id + "/ad_spend", campaign_account(bill.ad->campaign_id),
                                        std::string(platform_account), amounts.ad_micros,
@@ -143,28 +168,11 @@ expected<std::int64_t, error> cost_micros(const model_price& price, quality_tier
                                           std::uint32_t prompt_tokens,
                                           std::uint32_t completion_tokens,
                                           const pricing_options& options) {
-  if (price.input_micros_per_mtok < 0 || price.output_micros_per_mtok < 0) {
-    return refuse(errc::invalid_argument,
-                  "prices must not be negative (input " +
-                      std::to_string(price.input_micros_per_mtok) + ", output " +
-                      std::to_string(price.output_micros_per_mtok) +
-                      " micro-USD per million tokens)");
-  }
+  if (auto valid = check_price(price); !valid) return unexpected{valid.error()};
   const auto rule = rule_of(options, tier);
   if (!rule) return unexpected{rule.error()};
-  // Bounds: tokens < 2^32, prices < 2^63 and the multiplier <= 10^4 < 2^14, so the product stays
-  // below 2^(32+63+1+14) = 2^110, well inside 128 bits.
-  const __int128 exact = (__int128{prompt_tokens} * price.input_micros_per_mtok +
-                          __int128{completion_tokens} * price.output_micros_per_mtok) *
-                         rule->multiplier_percent;
-  const __int128 rounded_up = (exact + cost_divisor - 1) / cost_divisor;
-  if (rounded_up > std::numeric_limits<std::int64_t>::max()) {
-    return refuse(errc::limit_exceeded,
-                  "the price of " + std::to_string(prompt_tokens) + " prompt and " +
-                      std::to_string(completion_tokens) +
-                      " completion tokens exceeds the largest amount the ledger holds");
-  }
-  return static_cast<std::int64_t>(rounded_up);
+  return rounded_up_micros(exact_cost(price, prompt_tokens, completion_tokens, rule->multiplier_percent),
+                           prompt_tokens, completion_tokens);
 }
 
 expected<std::int64_t, error> quote_max_micros(const model_price& price, quality_tier tier,
@@ -197,61 +205,45 @@ std::int64_t platform_fee_micros(std::int64_t gross_micros, const pricing_option
 expected<job_settlement, error> settle_job(const job_bill& bill, const pricing_options& options) {
   if (auto valid = validate(options); !valid) return unexpected{valid.error()};
   if (auto valid = validate_bill(bill); !valid) return unexpected{valid.error()};
+  if (auto valid = check_price(bill.price); !valid) return unexpected{valid.error()};
   const auto rule = rule_of(options, bill.quality);
   if (!rule) return unexpected{rule.error()};
   const auto [prompt, completion] = billed_tokens(bill);
-  // Each earlier attempt's tokens, never more than are billed in all.
-  std::vector<std::uint32_t> earlier_tokens;
+  // Each earlier attempt is paid its own tokens (never more than are billed in all) at its own
+  // price, rounded down; the whole is rounded up once, as one provider's bill is, and the last
+  // attempt's part, the prompt and the tokens after theirs, is the rest.
+  std::vector<__int128> earlier_exact;
   std::uint32_t counted = 0;
+  __int128 whole = 0;
   for (const auto& part : bill.earlier) {
     if (part.provider_id.empty()) {
       return refuse(errc::invalid_argument, "an earlier attempt of job " + bill.job_id + " has no provider to pay");
     }
-    if (part.price.output_micros_per_mtok < 0) {
-      return refuse(errc::invalid_argument, "an earlier attempt of job " + bill.job_id + " has a negative price");
-    }
-    earlier_tokens.push_back(std::min(part.completion_tokens, completion - counted));
-    counted += earlier_tokens.back();
+    if (auto valid = check_price(part.price); !valid) return unexpected{valid.error()};
+    const std::uint32_t tokens = std::min(part.completion_tokens, completion - counted);
+    counted += tokens;
+    earlier_exact.push_back(exact_cost(part.price, 0, tokens, rule->multiplier_percent));
+    whole += earlier_exact.back();
   }
-  // The last attempt: the prompt and the tokens after the earlier ones', at its price.
-  const auto last = cost_micros(bill.price, bill.quality, prompt, completion - counted, options);
-  if (!last) return unexpected{last.error()};
-  // The whole, rounded up once (as one provider's bill is); the earlier parts rounded down, the
-  // last attempt's part being the rest.
-  std::int64_t gross = *last;
-  std::vector<provider_part> earlier;
-  std::int64_t earlier_gross = 0;
-  if (!bill.earlier.empty()) {
-    __int128 exact = (__int128{prompt} * bill.price.input_micros_per_mtok +
-                      __int128{completion - counted} * bill.price.output_micros_per_mtok) *
-                     rule->multiplier_percent;
-    std::vector<__int128> parts;
-    for (std::size_t i = 0; i < bill.earlier.size(); ++i) {
-      parts.push_back(__int128{earlier_tokens[i]} * bill.earlier[i].price.output_micros_per_mtok *
-                      rule->multiplier_percent);
-      exact += parts.back();
-    }
-    const __int128 rounded_up = (exact + cost_divisor - 1) / cost_divisor;
-    if (rounded_up > std::numeric_limits<std::int64_t>::max()) {
-      return refuse(errc::limit_exceeded,
-                    "the price of job " + bill.job_id + " exceeds the largest amount the ledger holds");
-    }
-    gross = static_cast<std::int64_t>(rounded_up);
-    for (std::size_t i = 0; i < parts.size(); ++i) {
-      const auto share = static_cast<std::int64_t>(parts[i] / cost_divisor);  // <= gross: it fits
-      earlier.push_back({bill.earlier[i].provider_id, share, platform_fee_micros(share, options)});
-      earlier_gross += share;
-    }
-  }
-  GPUSTREAM_ENSURE(gross >= earlier_gross);  // the whole rounded up holds the parts rounded down
+  whole += exact_cost(bill.price, prompt, completion - counted, rule->multiplier_percent);
+  const auto gross = rounded_up_micros(whole, prompt, completion);
+  if (!gross) return unexpected{gross.error()};
 
+  std::vector<provider_part> parts{{bill.provider_id, *gross, 0}};  // the last attempt's: the rest
+  for (std::size_t i = 0; i < bill.earlier.size(); ++i) {
+    const auto share = static_cast<std::int64_t>(earlier_exact[i] / cost_divisor);  // <= gross: it fits
+    parts.push_back({bill.earlier[i].provider_id, share, 0});
+    parts.front().gross_micros -= share;
+  }
   job_settlement settlement;
-  settlement.gross_micros = gross;
-  settlement.platform_fee_micros = platform_fee_micros(gross - earlier_gross, options);
-  for (const auto& part : earlier) settlement.platform_fee_micros += part.fee_micros;
-  settlement.provider_net_micros = gross - settlement.platform_fee_micros;
+  settlement.gross_micros = *gross;
+  for (auto& part : parts) {
+    part.fee_micros = platform_fee_micros(part.gross_micros, options);
+    settlement.platform_fee_micros += part.fee_micros;
+  }
+  settlement.provider_net_micros = *gross - settlement.platform_fee_micros;
   if (bill.ad && bill.outcome != job_outcome::failed) settlement.ad_micros = bill.ad->price_micros;
-  settlement.group = job_group(bill, settlement, earlier);
+  settlement.group = job_group(bill, settlement, parts);
   return settlement;
 }
 

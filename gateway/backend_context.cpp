@@ -13,13 +13,10 @@ namespace {
 
 namespace json = boost::json;
 
-/// Bodies nested deeper than this are not the answers looked for.
-constexpr std::size_t json_depth_max = 32;
-
 std::optional<json::object> parse_object(std::string_view body) {
   boost::system::error_code ec;
   json::parse_options options;
-  options.max_depth = json_depth_max;
+  options.max_depth = backend_answer_depth_max;
   auto value = json::parse(body, ec, {}, options);
   if (ec || !value.is_object()) return std::nullopt;
   return std::move(value.as_object());

@@ -5,6 +5,7 @@
 /// -np slots). The coordinator checks every prompt against the window a provider advertises, so
 /// the agent advertises no model whose window it does not know.
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -14,6 +15,9 @@
 #include "gateway/upstream_client.hpp"
 
 namespace gpustream::gateway {
+
+/// Deepest JSON nesting read in these answers; a deeper body is not one of them (nothing found).
+inline constexpr std::size_t backend_answer_depth_max = 32;
 
 /// llama.cpp server's GET /props: default_generation_settings.n_ctx, the tokens one request may
 /// use; nothing when the body does not say.

@@ -407,7 +407,7 @@ class session : public std::enable_shared_from_this<session> {
     if (!answering(request) || !started_ || complete_ || data.empty()) return;
     char size[20];
     const int n = chunked_ ? std::snprintf(size, sizeof size, "%zx\r\n", data.size()) : 0;
-    const std::size_t queued = pending_.size() + static_cast<std::size_t>(n) + data.size() + 2;
+    const std::size_t queued = pending_.size() + static_cast<std::size_t>(n) + data.size() + (chunked_ ? 2 : 0);
     // A client that does not read: what waits for it, queued or being written, is bounded, and
     // so is the queue's buffer.
     const auto limit = options_.stream_buffer_bytes_max;

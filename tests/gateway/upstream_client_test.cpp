@@ -439,6 +439,13 @@ TEST(BackendContext, LlamaCppPropsGiveTheWindowOneRequestMayUse) {
   EXPECT_EQ(llama_cpp_served_context(R"({"default_generation_settings":{"n_ctx":-5}})"), std::nullopt);
   EXPECT_EQ(llama_cpp_served_context(R"({"total_slots":4})"), std::nullopt);
   EXPECT_EQ(llama_cpp_served_context("<html>not found</html>"), std::nullopt);
+  // Nested up to backend_answer_depth_max it is read; one level deeper it is not an answer.
+  const auto nested = [](std::size_t depth) {
+    return R"({"default_generation_settings":{"n_ctx":4096},"x":)" + std::string(depth - 1, '[') +
+           std::string(depth - 1, ']') + "}";
+  };
+  EXPECT_EQ(llama_cpp_served_context(nested(backend_answer_depth_max)), 4096u);
+  EXPECT_EQ(llama_cpp_served_context(nested(backend_answer_depth_max + 1)), std::nullopt);
 }
 
 TEST(BackendContext, OllamaServesNumCtxOrItsDefaultAndNeverMoreThanTheModelsOwnWindow) {
