@@ -211,24 +211,40 @@ void fail_job(self_pointer self, const std::string& job_id, events::failure_reas
 
 void assign_pass(self_pointer self);
 
-/// Bills a job that ended with tokens (completed or cancelled), scores its provider and records
-/// free usage; then answers `reply` and forgets the job.
-void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
-            std::uint32_t completion_tokens, const domain::job_measure& measure,
-            std::optional<domain::ad_charge> ad, caf::typed_response_promise<job_ended> reply) {
+/// What a job ending with `outcome` after `completion_tokens` owes: its ledger group, built before
+/// the end is recorded so that the end records it (events::ledger_bill) and a stop before the
+/// ledger's append leaves the bill in the log, for `serve` to settle when it starts again.
+expected<domain::job_settlement, domain::error> bill_of(self_pointer self, const std::string& job_id,
+                                                        domain::job_outcome outcome,
+                                                        std::uint32_t completion_tokens,
+                                                        std::optional<domain::ad_charge> ad) {
   const auto& job = self->state.jobs.at(job_id);
-  domain::job_bill bill{.job_id = job_id,
-                        .user_id = job.request.user_id,
-                        .provider_id = job.provider_id,
-                        .premium = job.request.premium,
-                        .outcome = outcome,
-                        .price = job.price,
-                        .quality = job.request.quality,
-                        .prompt_tokens = job.request.prompt_tokens,
-                        .completion_tokens = completion_tokens,
-                        .ad = std::move(ad),
-                        .earlier = job.earlier};
-  auto settled = domain::settle_job(bill, self->state.options.pricing);
+  return domain::settle_job(domain::job_bill{.job_id = job_id,
+                                             .user_id = job.request.user_id,
+                                             .provider_id = job.provider_id,
+                                             .premium = job.request.premium,
+                                             .outcome = outcome,
+                                             .price = job.price,
+                                             .quality = job.request.quality,
+                                             .prompt_tokens = job.request.prompt_tokens,
+                                             .completion_tokens = completion_tokens,
+                                             .ad = std::move(ad),
+                                             .earlier = job.earlier},
+                            self->state.options.pricing);
+}
+
+/// The bill as the job's end records it: none when nothing is owed, or when it could not be made
+/// (the end is recorded anyway, and its requester gets the error).
+events::ledger_bill recorded_bill(const expected<domain::job_settlement, domain::error>& settled) {
+  if (!settled || settled.value().group.transfers.empty()) return {};
+  return domain::to_bill(settled.value().group);
+}
+
+/// Moves the money of a job whose end (with `settled`'s bill) is recorded, scores its provider and
+/// records free usage; then answers `reply` and forgets the job.
+void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
+            expected<domain::job_settlement, domain::error> settled, const domain::job_measure& measure,
+            caf::typed_response_promise<job_ended> reply) {
   if (!settled) {
     forget(self, job_id);
     reply.deliver(make_error(settled.error()));
@@ -710,13 +726,14 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   const domain::job_measure measure{job.request.prompt_tokens, tokens,
                                     result.provider_reported_tokens, result.ttft_us,
                                     result.total_us};
+  auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, tokens, result.ad);
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,
                 domain::job::command{domain::complete_job{result.provider_id, tokens,
-                                                          result.provider_reported_tokens}})
+                                                          result.provider_reported_tokens,
+                                                          recorded_bill(settled)}})
       .then(
-          [self, job_id = result.job_id, measure, ad = result.ad, reply](const command_reply&) mutable {
-            settle(self, job_id, domain::job_outcome::completed, measure.completion_tokens,
-                   measure, std::move(ad), reply);
+          [self, job_id = result.job_id, measure, settled, reply](const command_reply&) mutable {
+            settle(self, job_id, domain::job_outcome::completed, std::move(settled), measure, reply);
           },
           [self, job_id = result.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);
@@ -773,22 +790,25 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   // those of its last attempt.
   const std::uint32_t tokens =
       within_budget(found->second, std::max(cancel.tokens_produced, found->second.tokens_so_far));
+  // Billed once its provider started (its first token came; a cancel may come before the token
+  // count does): a job that never ran, whose attempts produced nothing, or whose offer had not
+  // reached a provider when the client left, bills nothing.
+  const bool billed = started || tokens > 0;
+  std::optional<expected<domain::job_settlement, domain::error>> settled;
+  if (billed) settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, tokens, std::nullopt);
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
-                domain::job::command{domain::cancel_job{cancel.by, tokens}})
+                domain::job::command{domain::cancel_job{
+                    cancel.by, tokens, settled ? recorded_bill(*settled) : events::ledger_bill{}}})
       .then(
-          [self, job_id = cancel.job_id, started, tokens, reply](const command_reply&) mutable {
-            // Billed once its provider started (its first token came; a cancel may come before
-            // the token count does): a job that never ran, whose attempts produced nothing, or
-            // whose offer had not reached a provider when the client left, bills nothing.
-            if (!started && tokens == 0) {
+          [self, job_id = cancel.job_id, tokens, settled, reply](const command_reply&) mutable {
+            if (!settled) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               return;
             }
             domain::job_measure measure;
             measure.completion_tokens = tokens;
-            settle(self, job_id, domain::job_outcome::cancelled, tokens, measure, std::nullopt,
-                   reply);
+            settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), measure, reply);
           },
           [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);

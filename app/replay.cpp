@@ -349,6 +349,10 @@ std::string format_aggregates(const replay_report& report) {
          n(a.payouts_failed) + "\n";
   out += "ledger: " + n(a.ledger_transfers) + " transfers in " + n(a.ledger_groups) + " groups over " +
          n(a.ledger_accounts) + " accounts\n";
+  if (a.job_bills_unsettled > 0) {
+    out += "job bills not yet in the ledger: " + n(a.job_bills_unsettled) +
+           " (a stop came between a job's end and its ledger group; serve settles them when it starts)\n";
+  }
   out += "snapshots: " + n(report.snapshots_compared) + " equal to the log, " + n(report.snapshots_skipped) +
          " skipped (another snapshot_version)\n";
   return out;
@@ -370,6 +374,7 @@ boost::json::object aggregates_json(const replay_report& report) {
   out["ledger_transfers"] = a.ledger_transfers;
   out["ledger_groups"] = a.ledger_groups;
   out["ledger_accounts"] = a.ledger_accounts;
+  out["job_bills_unsettled"] = a.job_bills_unsettled;
   return out;
 }
 

@@ -119,7 +119,7 @@ decision on(const job_state& s, const complete_job& c, std::int64_t now_us, cons
     return unexpected{ok.error()};
   return events_list{events::job_completed{s.job_id, c.provider_id, s.prompt_tokens, c.completion_tokens,
                                            c.provider_reported_tokens, s.first_token_at_us - s.submitted_at_us,
-                                           now_us - s.submitted_at_us, now_us}};
+                                           now_us - s.submitted_at_us, now_us, c.bill}};
 }
 
 decision on(const job_state& s, const fail_job& c, std::int64_t now_us, const job_options& o) {
@@ -142,7 +142,7 @@ decision on(const job_state& s, const cancel_job& c, std::int64_t now_us, const 
   if (is_terminal(s.status)) return wrong_state(s, "cancel it");
   if (auto ok = check_range("tokens_produced", c.tokens_produced, s.tokens_so_far, s.max_tokens); !ok)
     return unexpected{ok.error()};
-  return events_list{events::job_cancelled{s.job_id, c.by, c.tokens_produced, now_us}};
+  return events_list{events::job_cancelled{s.job_id, c.by, c.tokens_produced, now_us, c.bill}};
 }
 
 decision on(const job_state& s, const expire_job&, std::int64_t now_us, const job_options&) {

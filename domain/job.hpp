@@ -155,6 +155,8 @@ struct complete_job {
   std::string provider_id;
   std::uint32_t completion_tokens = 0;  ///< the platform's count, prefix included
   std::uint32_t provider_reported_tokens = 0;
+  /// What the end owes the ledger (domain::to_bill of the job's settlement), recorded with it.
+  events::ledger_bill bill{};
 };
 
 /// Any live state -> failed. deadline_exceeded only for a queued job whose deadline has passed.
@@ -167,6 +169,8 @@ struct fail_job {
 struct cancel_job {
   events::cancelled_by by = events::cancelled_by::client;
   std::uint32_t tokens_produced = 0;
+  /// What the end owes the ledger, as complete_job's.
+  events::ledger_bill bill{};
 };
 
 /// The deadline timer: fails a queued job whose deadline has passed with deadline_exceeded; no

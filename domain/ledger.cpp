@@ -335,6 +335,26 @@ record_transfers campaign_deposit(std::string_view deposit_id, std::string_view 
   return deposit_into(deposit_id, campaign_account(campaign_id), amount_micros);
 }
 
+events::ledger_bill to_bill(const record_transfers& group) {
+  events::ledger_bill bill{.group_id = group.group_id, .transfers = {}};
+  bill.transfers.reserve(group.transfers.size());
+  for (const auto& t : group.transfers) {
+    bill.transfers.push_back({t.transfer_id, t.debit_account, t.credit_account, t.amount_micros, t.kind,
+                              t.reference});
+  }
+  return bill;
+}
+
+record_transfers from_bill(const events::ledger_bill& bill) {
+  record_transfers group{.group_id = bill.group_id, .transfers = {}};
+  group.transfers.reserve(bill.transfers.size());
+  for (const auto& t : bill.transfers) {
+    group.transfers.push_back({t.transfer_id, t.debit_account, t.credit_account, t.amount_micros, t.kind,
+                               t.reference});
+  }
+  return group;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The aggregate.
 

@@ -146,6 +146,11 @@ struct record_transfers {
                                                 std::string_view campaign_id,
                                                 std::int64_t amount_micros);
 
+/// A group as a job's end records it (events::ledger_bill), and back: the same transfers, in
+/// order, field for field, so that settling a recorded bill applies what was decided.
+[[nodiscard]] events::ledger_bill to_bill(const record_transfers& group);
+[[nodiscard]] record_transfers from_bill(const events::ledger_bill& bill);
+
 // ---------------------------------------------------------------------------------------------
 // The aggregate.
 

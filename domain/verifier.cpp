@@ -189,6 +189,7 @@ std::string_view to_string(invariant which) noexcept {
     case invariant::payout_lifecycle: return "payout_lifecycle";
     case invariant::ledger: return "ledger";
     case invariant::payouts_match_ledger: return "payouts_match_ledger";
+    case invariant::job_bill: return "job_bill";
     case invariant::live_state: return "live_state";
   }
   return "unknown";
@@ -339,6 +340,44 @@ domain_verifier::result domain_verifier::apply_job(const where& at, const events
   entry.position = at.position;
   if (auto broken = check(entry.state); !broken.empty()) return fail(invariant::job_consistency, at, joined(broken));
   if (is_terminal(entry.state.status)) job_to_release_ = std::string(at.stream);
+  return note_bill(at, event);
+}
+
+domain_verifier::result domain_verifier::note_bill(const where& at, const events::event& event) {
+  const events::ledger_bill* bill = nullptr;
+  if (const auto* completed = std::get_if<events::job_completed>(&event)) bill = &completed->bill;
+  if (const auto* cancelled = std::get_if<events::job_cancelled>(&event)) bill = &cancelled->bill;
+  if (bill == nullptr || bill->transfers.empty()) return {};
+  // Job streams and their groups share their names: "job-<id>".
+  if (bill->group_id != at.stream)
+    return fail(invariant::job_bill, at, "the job's bill names group " + quoted(bill->group_id) + ", not its own");
+  open_bill open{std::string(at.stream), at.version, at.position, {}, false};
+  for (const auto& t : bill->transfers) {
+    if (!open.left.emplace(t.transfer_id, t).second)
+      return fail(invariant::job_bill, at, "the job's bill names transfer " + quoted(t.transfer_id) + " twice");
+  }
+  open_bills_.insert_or_assign(bill->group_id, std::move(open));
+  return {};
+}
+
+domain_verifier::result domain_verifier::match_bill(const where& at, const events::transfer_recorded& recorded) {
+  const auto open = open_bills_.find(recorded.linked_group_id);
+  if (open == open_bills_.end()) return {};  // not a job's, or its end recorded no bill (older builds)
+  const auto billed = open->second.left.find(recorded.transfer_id);
+  if (billed == open->second.left.end())
+    return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " of group " +
+                                             quoted(recorded.linked_group_id) + " is not in the bill its job recorded");
+  const auto& b = billed->second;
+  if (b.debit_account != recorded.debit_account || b.credit_account != recorded.credit_account ||
+      b.amount_micros != recorded.amount_micros || b.kind != recorded.kind || b.reference != recorded.reference)
+    return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " moves " +
+                                             micros(recorded.amount_micros) + " from " + quoted(recorded.debit_account) +
+                                             " to " + quoted(recorded.credit_account) + "; its job's bill says " +
+                                             micros(b.amount_micros) + " from " + quoted(b.debit_account) + " to " +
+                                             quoted(b.credit_account));
+  open->second.left.erase(billed);
+  open->second.partly_applied = true;
+  if (open->second.left.empty()) open_bills_.erase(open);
   return {};
 }
 
@@ -402,7 +441,7 @@ domain_verifier::result domain_verifier::apply_transfer(const where& at, const e
   if (auto ok = ledger_.apply(recorded); !ok) return fail(invariant::ledger, at, ok.error().message);
   ledger_version_ = at.version;
   ledger_position_ = at.position;
-  return {};
+  return match_bill(at, recorded);
 }
 
 domain_verifier::result domain_verifier::end_ledger_group() {
@@ -455,6 +494,13 @@ domain_verifier::result domain_verifier::finish_checks() {
     violation_ = ok.error();
     return ok;
   }
+  for (const auto& [group_id, open] : open_bills_) {
+    // The ledger applies a group whole, so a group that took part of a bill lacks the rest.
+    if (open.partly_applied)
+      return fail(invariant::job_bill, where{open.job_stream, open.version, open.position},
+                  "the ledger's group " + quoted(group_id) + " lacks transfer " + quoted(open.left.begin()->first) +
+                      " of the job's bill");
+  }
   for (const auto& [stream, entry] : jobs_) {
     // apply refuses a job stream whose first event is not its submission, so none is left at
     // status none; this catches a bug in that reasoning rather than in the log.
@@ -476,6 +522,7 @@ expected<verify_counts, verify_violation> domain_verifier::finish() {
   counts.jobs = jobs_.size() + ended_jobs_.size();
   for (const auto& [stream, entry] : jobs_) ++counts.jobs_by_status[static_cast<std::size_t>(entry.state.status)];
   for (const auto& [stream, ended] : ended_jobs_) ++counts.jobs_by_status[static_cast<std::size_t>(ended.status)];
+  counts.job_bills_unsettled = open_bills_.size();
   counts.payouts = payouts_.size();
   for (const auto& [stream, entry] : payouts_) {
     counts.payouts_requested += entry.state.status == payout_status::requested ? 1 : 0;

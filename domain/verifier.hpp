@@ -14,7 +14,11 @@
 ///   - the ledger: no transfer id twice, each transfer applicable (positive, allowed route), after
 ///     every linked group the touched accounts within their rules (no forbidden negative balance,
 ///     no provider paid out more than it earned) and the running total zero; at the end the full
-///     check (all balances sum to zero), and every payout agrees with its ledger movements.
+///     check (all balances sum to zero), and every payout agrees with its ledger movements;
+///   - a job's bill (events::ledger_bill, recorded with its end) names the job's own group, and
+///     the ledger applies that group as the bill says, transfer for transfer, or not at all: a
+///     bill whose group the log does not hold yet (a stop between the two appends, settled when
+///     `serve` starts) is counted, not a violation.
 ///
 /// Pure: the caller reads the log (and snapshots) and feeds the events in. The states it rebuilds
 /// are the ones the actors hold, so the caller can compare them with the actors' snapshots
@@ -72,6 +76,7 @@ enum class invariant : std::uint8_t {
   payout_lifecycle,      ///< every payout event applies to the payout's state before it
   ledger,                ///< the ledger's rules: ids once, routes, balances, sums to zero
   payouts_match_ledger,  ///< domain::check_payouts_against_ledger at the end
+  job_bill,              ///< a job's bill names its group and the ledger applies it as recorded
   live_state,            ///< a snapshot equals the state rebuilt up to its version (the caller's)
 };
 
@@ -106,6 +111,8 @@ struct verify_counts {
   std::uint64_t ledger_transfers = 0;
   std::uint64_t ledger_groups = 0;
   std::uint64_t ledger_accounts = 0;
+  /// Jobs' bills whose ledger group the log does not hold (yet): `serve` settles them at start.
+  std::uint64_t job_bills_unsettled = 0;
 
   bool operator==(const verify_counts&) const = default;
 };
@@ -168,6 +175,8 @@ class domain_verifier {
   [[nodiscard]] result apply_campaign(const where& at, const events::event& event);
   [[nodiscard]] result apply_payout(const where& at, const events::event& event);
   [[nodiscard]] result apply_transfer(const where& at, const events::transfer_recorded& recorded);
+  [[nodiscard]] result note_bill(const where& at, const events::event& event);
+  [[nodiscard]] result match_bill(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result end_ledger_group();
   [[nodiscard]] result finish_checks();
   [[nodiscard]] result check_campaign_spend_in_ledger() const;
@@ -181,6 +190,15 @@ class domain_verifier {
   std::string job_to_release_;  ///< a job that ended at the last apply, reduced at the next one
   streams<campaign_state> campaigns_;
   streams<payout::state> payouts_;
+  /// A job's bill whose group the ledger has not applied whole yet.
+  struct open_bill {
+    std::string job_stream;
+    std::uint64_t version = 0;
+    std::uint64_t position = 0;
+    std::map<std::string, events::billed_transfer, std::less<>> left;  ///< by transfer id
+    bool partly_applied = false;
+  };
+  std::map<std::string, open_bill, std::less<>> open_bills_;  ///< by group id
   ledger_verifier ledger_;              ///< the ledger's own checks, state and history
   std::uint64_t ledger_version_ = 0;   ///< of the last transfer applied
   std::uint64_t ledger_position_ = 0;

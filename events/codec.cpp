@@ -116,6 +116,24 @@ suspicion_counters read(schema::SuspicionCounters::Reader r) {
           .token_count_mismatches = r.getTokenCountMismatches()};
 }
 
+void write(schema::BilledTransfer::Builder b, const billed_transfer& v) {
+  b.setTransferId(to_wire(v.transfer_id));
+  b.setDebitAccount(to_wire(v.debit_account));
+  b.setCreditAccount(to_wire(v.credit_account));
+  b.setAmountMicros(v.amount_micros);
+  b.setKind(to_wire(v.kind));
+  b.setReference(to_wire(v.reference));
+}
+
+billed_transfer read(schema::BilledTransfer::Reader r) {
+  return {.transfer_id = to_std(r.getTransferId()),
+          .debit_account = to_std(r.getDebitAccount()),
+          .credit_account = to_std(r.getCreditAccount()),
+          .amount_micros = r.getAmountMicros(),
+          .kind = from_wire<transfer_kind>(r.getKind()),
+          .reference = to_std(r.getReference())};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Lists (after the element overloads of write/read, which the templates must see).
 
@@ -419,6 +437,23 @@ job_reassigned read(schema::JobReassigned::Reader r) {
           .reassigned_at_us = r.getReassignedAtUs()};
 }
 
+/// A job end's bill: left out when nothing is owed, so an end without one has the shape it had
+/// before bills were recorded.
+template <class Builder>
+void write_bill(Builder b, const ledger_bill& bill) {
+  if (bill == ledger_bill{}) return;
+  auto written = b.initBill();
+  written.setGroupId(to_wire(bill.group_id));
+  write_list(written.initTransfers(list_size(bill.transfers.size())), bill.transfers);
+}
+
+template <class Reader>
+ledger_bill read_bill(Reader r) {
+  if (!r.hasBill()) return {};
+  return {.group_id = to_std(r.getBill().getGroupId()),
+          .transfers = read_list<billed_transfer>(r.getBill().getTransfers())};
+}
+
 void write(schema::JobCompleted::Builder b, const job_completed& e) {
   b.setJobId(to_wire(e.job_id));
   b.setProviderId(to_wire(e.provider_id));
@@ -428,6 +463,7 @@ void write(schema::JobCompleted::Builder b, const job_completed& e) {
   b.setTimeToFirstTokenUs(e.time_to_first_token_us);
   b.setTotalUs(e.total_us);
   b.setCompletedAtUs(e.completed_at_us);
+  write_bill(b, e.bill);
 }
 
 job_completed read(schema::JobCompleted::Reader r) {
@@ -438,7 +474,8 @@ job_completed read(schema::JobCompleted::Reader r) {
           .provider_reported_tokens = r.getProviderReportedTokens(),
           .time_to_first_token_us = r.getTimeToFirstTokenUs(),
           .total_us = r.getTotalUs(),
-          .completed_at_us = r.getCompletedAtUs()};
+          .completed_at_us = r.getCompletedAtUs(),
+          .bill = read_bill(r)};
 }
 
 void write(schema::JobFailed::Builder b, const job_failed& e) {
@@ -460,13 +497,15 @@ void write(schema::JobCancelled::Builder b, const job_cancelled& e) {
   b.setBy(to_wire(e.by));
   b.setTokensProduced(e.tokens_produced);
   b.setCancelledAtUs(e.cancelled_at_us);
+  write_bill(b, e.bill);
 }
 
 job_cancelled read(schema::JobCancelled::Reader r) {
   return {.job_id = to_std(r.getJobId()),
           .by = from_wire<cancelled_by>(r.getBy()),
           .tokens_produced = r.getTokensProduced(),
-          .cancelled_at_us = r.getCancelledAtUs()};
+          .cancelled_at_us = r.getCancelledAtUs(),
+          .bill = read_bill(r)};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -300,6 +300,29 @@ struct job_reassigned {
   bool operator==(const job_reassigned&) const = default;
 };
 
+/// One transfer of a job's bill: a domain::ledger transfer as the job's end records it.
+struct billed_transfer {
+  std::string transfer_id;
+  std::string debit_account;
+  std::string credit_account;
+  std::int64_t amount_micros = 0;
+  transfer_kind kind = transfer_kind::usage;
+  std::string reference;
+
+  bool operator==(const billed_transfer&) const = default;
+};
+
+/// What a job's end owes the ledger: exactly the linked group the ledger is asked to apply,
+/// recorded with the end (job_completed, job_cancelled) so that a stop between the job's append
+/// and the ledger's leaves the bill in the log, and `serve` settles it when it starts again. No
+/// transfers: nothing owed (also every end recorded before bills were).
+struct ledger_bill {
+  std::string group_id;
+  std::vector<billed_transfer> transfers;
+
+  bool operator==(const ledger_bill&) const = default;
+};
+
 struct job_completed {
   std::string job_id;
   std::string provider_id;
@@ -309,6 +332,7 @@ struct job_completed {
   std::int64_t time_to_first_token_us = 0;
   std::int64_t total_us = 0;
   std::int64_t completed_at_us = 0;
+  ledger_bill bill{};
 
   bool operator==(const job_completed&) const = default;
 };
@@ -327,6 +351,7 @@ struct job_cancelled {
   cancelled_by by = cancelled_by::client;
   std::uint32_t tokens_produced = 0;  ///< completion tokens generated before the cancel; billed
   std::int64_t cancelled_at_us = 0;
+  ledger_bill bill{};
 
   bool operator==(const job_cancelled&) const = default;
 };

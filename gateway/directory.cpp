@@ -320,10 +320,21 @@ class directory::impl {
     return out;
   }
 
+  std::vector<unsettled_bill> unsettled_bills(std::size_t max) const {
+    std::shared_lock lock(mutex_);
+    std::vector<unsettled_bill> out;
+    for (const auto& [group_id, bill] : unsettled_) {
+      if (out.size() >= max) break;
+      out.push_back(bill);
+    }
+    return out;
+  }
+
   directory_counts counts() const {
     directory_counts c;
     {
       std::shared_lock lock(mutex_);
+      c.unsettled_bills = unsettled_.size();
       c.users = users_.size();
       c.active_api_keys = keys_.size();
       for (const auto& [id, record] : providers_) {
@@ -357,6 +368,7 @@ class directory::impl {
     }
     for (const auto& [id, record] : campaigns_) out.campaigns.push_back(record.entry);
     for (const auto& [age, id] : jobs_by_age_) out.jobs.push_back(jobs_.at(id).entry);
+    for (const auto& [group_id, bill] : unsettled_) out.unsettled_bills.push_back(bill);
     return out;
   }
 
@@ -534,6 +546,7 @@ class directory::impl {
       }
     }
     apply_job_money(t);
+    if (!t.linked_group_id.empty()) unsettled_.erase(t.linked_group_id);
   }
 
   provider_money* money_of(std::string_view account) {
@@ -558,6 +571,21 @@ class directory::impl {
     }
   }
 
+  /// A job's end with a bill waits for its ledger group, which the log holds after it.
+  void note_bill(const events::event& e) {
+    const events::ledger_bill* bill = nullptr;
+    std::string_view job_id;
+    if (const auto* completed = std::get_if<events::job_completed>(&e)) {
+      bill = &completed->bill;
+      job_id = completed->job_id;
+    } else if (const auto* cancelled = std::get_if<events::job_cancelled>(&e)) {
+      bill = &cancelled->bill;
+      job_id = cancelled->job_id;
+    }
+    if (bill == nullptr || bill->transfers.empty()) return;
+    unsettled_.insert_or_assign(bill->group_id, unsettled_bill{std::string(job_id), *bill});
+  }
+
   // -- Jobs. -----------------------------------------------------------------------------------
 
   void apply_job(std::string_view id, std::uint64_t version, const events::event& e) {
@@ -569,11 +597,12 @@ class directory::impl {
       add_job(id, version, *submitted);
       return;
     }
+    // A forgotten job's events come once, in order, from the subscription: its bill still counts.
     const auto found = jobs_.find(std::string(id));
+    if (found != jobs_.end() && !advance(found->second.version, version)) return;
+    note_bill(e);
     if (found == jobs_.end()) return;  // forgotten
-    auto& record = found->second;
-    if (!advance(record.version, version)) return;
-    std::visit([&](const auto& event) { on_job_event(record, event); }, e);
+    std::visit([&](const auto& event) { on_job_event(found->second, event); }, e);
   }
 
   void add_job(std::string_view id, std::uint64_t version, const events::job_submitted& e) {
@@ -724,6 +753,7 @@ class directory::impl {
   std::uint64_t events_skipped_ = 0;
   std::uint64_t events_filled_ = 0;
   std::uint64_t ledger_version_ = 0;
+  std::map<std::string, unsettled_bill, std::less<>> unsettled_;  ///< by ledger group id
 
   mutable std::mutex position_mutex_;
   mutable std::condition_variable position_cv_;
@@ -780,6 +810,9 @@ std::vector<payout_entry> directory::payouts_of(std::string_view provider_id,
 }
 std::vector<campaign_entry> directory::campaigns(std::size_t max) const {
   return impl_->campaigns(max);
+}
+std::vector<unsettled_bill> directory::unsettled_bills(std::size_t max) const {
+  return impl_->unsettled_bills(max);
 }
 directory_counts directory::counts() const { return impl_->counts(); }
 directory_contents directory::contents() const { return impl_->contents(); }

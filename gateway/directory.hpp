@@ -12,6 +12,9 @@
 /// stream order: each stream's last applied version is kept, events at or below it are skipped,
 /// and a gap before handed-in events is first filled from the log.
 ///
+/// It also keeps the bills of jobs' ends until their ledger groups appear (unsettled_bills), so
+/// that `serve` can settle at start what a stop interrupted.
+///
 /// What it holds: every user (tier, unrevoked key digests), provider (domain::provider's fold,
 /// plus its money from the ledger and its newest payouts), campaign (id and names); and the
 /// newest jobs, at most jobs_max, forgetting the oldest finished jobs first. Users, providers and
@@ -141,6 +144,14 @@ struct campaign_entry {
   bool operator==(const campaign_entry&) const = default;
 };
 
+/// A bill recorded with a job's end (events::ledger_bill) whose ledger group the log does not show.
+struct unsettled_bill {
+  std::string job_id;
+  events::ledger_bill bill;
+
+  bool operator==(const unsettled_bill&) const = default;
+};
+
 struct directory_counts {
   std::uint64_t users = 0;
   std::uint64_t active_api_keys = 0;
@@ -152,6 +163,7 @@ struct directory_counts {
   std::uint64_t events_skipped = 0;  ///< events whose payload did not decode (newer build?)
   /// Events apply_committed read from the log to fill a gap before the events handed in.
   std::uint64_t events_filled = 0;
+  std::uint64_t unsettled_bills = 0;  ///< unsettled_bills(): ends whose ledger group is not seen
   std::uint64_t position = 0;        ///< global position the subscription has applied
 };
 
@@ -168,6 +180,7 @@ struct directory_contents {
   std::vector<payout_entry> payouts;  ///< by provider, oldest first
   std::vector<campaign_entry> campaigns;
   std::vector<job_entry> jobs;
+  std::vector<unsettled_bill> unsettled_bills;  ///< by group id
 
   bool operator==(const directory_contents&) const = default;
 };
@@ -214,6 +227,12 @@ class directory {
                                                      std::size_t max) const;
   /// Campaigns by id, at most `max`.
   [[nodiscard]] std::vector<campaign_entry> campaigns(std::size_t max) const;
+
+  /// Bills recorded with jobs' ends whose ledger groups the log does not show, by group id, at
+  /// most `max`. A job's end is appended before its group (actors/scheduler), so right after
+  /// open these are the bills a stop left between the two appends, or that the ledger refused;
+  /// while serving, also those being settled at that moment. Kept whatever jobs_max forgets.
+  [[nodiscard]] std::vector<unsettled_bill> unsettled_bills(std::size_t max) const;
 
   [[nodiscard]] directory_counts counts() const;
   [[nodiscard]] directory_contents contents() const;

@@ -2,11 +2,13 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
+#include "domain/ledger.hpp"
 #include "gateway/actor_ad_source.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/admin_api.hpp"
@@ -82,6 +84,7 @@ class node::impl {
   }
 
   expected<void, std::string> start() {
+    settle_unsettled_bills();
     // The server must exist before the click URL is known (port 0 picks one): the relay and links
     // are built first, the server last, and requests only arrive once it runs.
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
@@ -151,6 +154,10 @@ class node::impl {
     running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
     metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
                                 [this] { return static_cast<double>(links_ ? links_->online() : 0); });
+    metrics_.add_gauge_callback(
+        "gpustream_job_bills_unsettled",
+        "Jobs' bills the log holds without their ledger groups (settled at start; above 0 for long: refused)",
+        [this] { return static_cast<double>(directory_->counts().unsettled_bills); });
     metrics_.add_gauge_callback("gpustream_live_jobs", "Requests in flight on this node",
                                 [this] { return static_cast<double>(relay_ ? relay_->live_jobs() : 0); });
     metrics_.add_gauge_callback("gpustream_http_connections_open", "Open HTTP and WebSocket connections",
@@ -167,6 +174,32 @@ class node::impl {
                                   [this] { return static_cast<double>(store_->stats().written_events); });
     metrics_.add_counter_callback("gpustream_store_syncs_total", "Event log fsyncs (sync durability)",
                                   [this] { return static_cast<double>(store_->stats().syncs); });
+  }
+
+  /// Settles, before any request is served, the bills of jobs whose end the log holds without its
+  /// ledger group: a stop between the two appends (or a ledger that refused the group then). Each
+  /// goes to the ledger as recorded; the ledger applies a group at most once, so a bill settled
+  /// meanwhile changes nothing. One that is refused again stays unsettled (and counted in
+  /// gpustream_job_bills_unsettled) for the next start, its reason logged.
+  void settle_unsettled_bills() {
+    const auto bills = directory_->unsettled_bills(std::numeric_limits<std::size_t>::max());
+    if (bills.empty()) return;
+    spdlog::info("settling {} job bills that the log holds without their ledger groups", bills.size());
+    caf::scoped_actor self{system_};
+    std::size_t settled = 0;
+    for (const auto& unsettled : bills) {
+      std::int64_t amount = 0;
+      for (const auto& t : unsettled.bill.transfers) amount += t.amount_micros;
+      self->request(runtime_.ledger, options_.bills_settle_wait_max,
+                    domain::ledger::command{domain::from_bill(unsettled.bill)})
+          .receive([&](const actors::command_reply&) { ++settled; },
+                   [&](caf::error& failure) {
+                     spdlog::error("job {}'s bill ({} transfers moving {} micro-USD) is still unsettled: {}",
+                                   unsettled.job_id, unsettled.bill.transfers.size(), amount,
+                                   actors::describe(failure));
+                   });
+    }
+    spdlog::info("settled {} of {} job bills", settled, bills.size());
   }
 
   /// The scheduler's counts, once a second, for the queue gauges (a scrape must not wait on actors).

@@ -284,6 +284,7 @@ struct JobCompleted {
   timeToFirstTokenUs @5 :Int64;
   totalUs @6 :Int64;
   completedAtUs @7 :Int64;
+  bill @8 :LedgerBill;                 # the ledger group its end owes; absent before it was recorded
 }
 
 struct JobFailed {
@@ -298,6 +299,24 @@ struct JobCancelled {
   by @1 :CancelledBy;
   tokensProduced @2 :UInt32;           # completion tokens generated before the cancel; billed
   cancelledAtUs @3 :Int64;
+  bill @4 :LedgerBill;                 # the ledger group its end owes; absent before it was recorded
+}
+
+# What a job's end owes the ledger, recorded with the end (job_completed, job_cancelled) so that a
+# stop between the job's record and the ledger's can be settled later: exactly the linked group the
+# ledger is then asked to apply. No transfers: nothing owed.
+struct LedgerBill {
+  groupId @0 :Text;
+  transfers @1 :List(BilledTransfer);
+}
+
+struct BilledTransfer {
+  transferId @0 :Text;
+  debitAccount @1 :Text;
+  creditAccount @2 :Text;
+  amountMicros @3 :Int64;
+  kind @4 :TransferKind;
+  reference @5 :Text;
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,15 @@ std::vector<example_append> jobs(const std::vector<events::event>& ex) {
   submitted.job_id = queued.job_id = assigned.job_id = started.job_id = completed.job_id = "1";
   submitted.user_id = "ada";
   assigned.provider_id = started.provider_id = completed.provider_id = "17";
+  auto fee = transfer(ex, "job-1/fee", "provider-17", "platform", 123, events::transfer_kind::platform_fee);
+  auto usage = transfer(ex, "job-1/usage", "user-ada", "provider-17", 4'000, events::transfer_kind::usage);
+  usage.linked_group_id = fee.linked_group_id = "job-1";
+  // Its end records the bill that the ledger's group then applies (actors/scheduler).
+  completed.bill.group_id = "job-1";
+  for (const auto& t : {usage, fee}) {
+    completed.bill.transfers.push_back(
+        {t.transfer_id, t.debit_account, t.credit_account, t.amount_micros, t.kind, t.reference});
+  }
   one = {submitted, queued, assigned, started, completed};
 
   auto reassigned = example<events::job_reassigned>(ex);
@@ -112,9 +121,6 @@ std::vector<example_append> jobs(const std::vector<events::event>& ex) {
   submitted.job_id = queued.job_id = cancelled.job_id = "3";
   three = {submitted, queued, cancelled};
 
-  auto fee = transfer(ex, "job-1/fee", "provider-17", "platform", 123, events::transfer_kind::platform_fee);
-  auto usage = transfer(ex, "job-1/usage", "user-ada", "provider-17", 4'000, events::transfer_kind::usage);
-  usage.linked_group_id = fee.linked_group_id = "job-1";
   return {
       {{"job-1", one}, {"ledger", {usage, fee}}},
       {{"job-2", two}, {"job-3", three}},

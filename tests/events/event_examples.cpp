@@ -247,4 +247,35 @@ std::vector<event> event_examples() {
   return examples;
 }
 
+std::vector<evolved_example> evolved_examples() {
+  const ledger_bill bill{.group_id = "job-9001",
+                         .transfers = {{.transfer_id = "job-9001/usage",
+                                        .debit_account = "user-alice",
+                                        .credit_account = "provider-prov-17",
+                                        .amount_micros = 12'345,
+                                        .kind = transfer_kind::usage,
+                                        .reference = "job-9001"},
+                                       {.transfer_id = "job-9001/platform_fee",
+                                        .debit_account = "provider-prov-17",
+                                        .credit_account = "platform",
+                                        .amount_micros = 1'234,
+                                        .kind = transfer_kind::platform_fee,
+                                        .reference = "job-9001"}}};
+  ledger_bill cancelled_bill = bill;
+  cancelled_bill.group_id = "job-9004";
+  for (auto& t : cancelled_bill.transfers) {
+    t.transfer_id.replace(0, 8, "job-9004");
+    t.reference = "job-9004";
+    t.amount_micros /= 3;
+  }
+  cancelled_bill.transfers[0].debit_account = "subsidy";
+  cancelled_bill.transfers[0].kind = transfer_kind::free_tier_subsidy;
+  cancelled_bill.transfers[0].transfer_id = "job-9004/free_tier_subsidy";
+  auto completed = std::get<job_completed>(event_examples()[17]);
+  completed.bill = bill;
+  auto cancelled = std::get<job_cancelled>(event_examples()[19]);
+  cancelled.bill = cancelled_bill;
+  return {{"job_completed.bill", completed}, {"job_cancelled.bill", cancelled}};
+}
+
 }  // namespace gpustream::events

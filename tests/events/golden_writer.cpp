@@ -9,6 +9,8 @@
 #include <fstream>
 #include <string>
 #include <system_error>
+#include <utility>
+#include <vector>
 
 #include "events/codec.hpp"
 #include "events/event.hpp"
@@ -66,8 +68,19 @@ int main(int argc, char** argv) {
   int written = 0;
   int kept = 0;
   int failed = 0;
+  std::vector<std::pair<fs::path, event>> files;
   for (const event& example : event_examples()) {
-    const fs::path path = directory / (std::string(type_name(type_of(example))) + ".bin");
+    files.emplace_back(directory / (std::string(type_name(type_of(example))) + ".bin"), example);
+  }
+  fs::create_directories(directory / "evolved", error);
+  if (error) {
+    std::fprintf(stderr, "cannot create %s: %s\n", (directory / "evolved").c_str(), error.message().c_str());
+    return 1;
+  }
+  for (const auto& example : evolved_examples()) {
+    files.emplace_back(directory / "evolved" / (example.name + ".bin"), example.value);
+  }
+  for (const auto& [path, example] : files) {
     const std::string bytes = encode_payload(example);
     switch (write_if_absent(path, bytes)) {
       case write_outcome::written:
