@@ -351,7 +351,7 @@ domain_verifier::result domain_verifier::note_bill(const where& at, const events
   // Job streams and their groups share their names: "job-<id>".
   if (bill->group_id != at.stream)
     return fail(invariant::job_bill, at, "the job's bill names group " + quoted(bill->group_id) + ", not its own");
-  open_bill open{std::string(at.stream), at.version, at.position, {}, false};
+  open_bill open;
   for (const auto& t : bill->transfers) {
     if (!open.left.emplace(t.transfer_id, t).second)
       return fail(invariant::job_bill, at, "the job's bill names transfer " + quoted(t.transfer_id) + " twice");
@@ -377,7 +377,18 @@ domain_verifier::result domain_verifier::match_bill(const where& at, const event
                                              quoted(b.credit_account));
   open->second.left.erase(billed);
   open->second.partly_applied = true;
-  if (open->second.left.empty()) open_bills_.erase(open);
+  return {};
+}
+
+domain_verifier::result domain_verifier::close_bill(const std::string& group_id) {
+  const auto open = open_bills_.find(group_id);
+  if (open == open_bills_.end() || !open->second.partly_applied) return {};
+  // The ledger applies a group whole, so a group that took part of a bill lacks the rest.
+  if (!open->second.left.empty())
+    return fail(invariant::job_bill, where{"ledger", ledger_version_, ledger_position_},
+                "the ledger's group " + quoted(group_id) + " lacks transfer " +
+                    quoted(open->second.left.begin()->first) + " of its job's bill");
+  open_bills_.erase(open);
   return {};
 }
 
@@ -437,6 +448,7 @@ void domain_verifier::release_ended_job() {
 domain_verifier::result domain_verifier::apply_transfer(const where& at, const events::transfer_recorded& recorded) {
   if (recorded.linked_group_id != ledger_.group_id()) {
     if (auto ended = end_ledger_group(); !ended) return ended;
+    if (auto closed = close_bill(std::string(ledger_.group_id())); !closed) return closed;
   }
   if (auto ok = ledger_.apply(recorded); !ok) return fail(invariant::ledger, at, ok.error().message);
   ledger_version_ = at.version;
@@ -478,6 +490,7 @@ domain_verifier::result domain_verifier::check_campaign_spend_in_ledger() const 
 
 domain_verifier::result domain_verifier::finish_checks() {
   if (auto ended = end_ledger_group(); !ended) return ended;
+  if (auto closed = close_bill(std::string(ledger_.group_id())); !closed) return closed;
   const where ledger_end{"ledger", ledger_version_, ledger_position_};
   if (auto ok = check_ledger(ledger_.state()); !ok) return fail(invariant::ledger, ledger_end, ok.error().message);
   std::vector<payout::state> payouts;
@@ -493,13 +506,6 @@ domain_verifier::result domain_verifier::finish_checks() {
     failed_ = true;
     violation_ = ok.error();
     return ok;
-  }
-  for (const auto& [group_id, open] : open_bills_) {
-    // The ledger applies a group whole, so a group that took part of a bill lacks the rest.
-    if (open.partly_applied)
-      return fail(invariant::job_bill, where{open.job_stream, open.version, open.position},
-                  "the ledger's group " + quoted(group_id) + " lacks transfer " + quoted(open.left.begin()->first) +
-                      " of the job's bill");
   }
   for (const auto& [stream, entry] : jobs_) {
     // apply refuses a job stream whose first event is not its submission, so none is left at

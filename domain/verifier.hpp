@@ -177,6 +177,7 @@ class domain_verifier {
   [[nodiscard]] result apply_transfer(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result note_bill(const where& at, const events::event& event);
   [[nodiscard]] result match_bill(const where& at, const events::transfer_recorded& recorded);
+  [[nodiscard]] result close_bill(const std::string& group_id);
   [[nodiscard]] result end_ledger_group();
   [[nodiscard]] result finish_checks();
   [[nodiscard]] result check_campaign_spend_in_ledger() const;
@@ -190,11 +191,9 @@ class domain_verifier {
   std::string job_to_release_;  ///< a job that ended at the last apply, reduced at the next one
   streams<campaign_state> campaigns_;
   streams<payout::state> payouts_;
-  /// A job's bill whose group the ledger has not applied whole yet.
+  /// A job's bill whose group the ledger has not applied (yet), or is applying: closed when the
+  /// group ends.
   struct open_bill {
-    std::string job_stream;
-    std::uint64_t version = 0;
-    std::uint64_t position = 0;
     std::map<std::string, events::billed_transfer, std::less<>> left;  ///< by transfer id
     bool partly_applied = false;
   };

@@ -194,8 +194,9 @@ class node::impl {
                     domain::ledger::command{domain::from_bill(unsettled.bill)})
           .receive([&](const actors::command_reply&) { ++settled; },
                    [&](caf::error& failure) {
-                     spdlog::error("job {}'s bill ({} transfers moving {} micro-USD) is still unsettled: {}",
-                                   unsettled.job_id, unsettled.bill.transfers.size(), amount,
+                     const auto transfers = unsettled.bill.transfers.size();
+                     spdlog::error("job {}'s bill ({} micro-USD in {} transfer{}) is still unsettled: {}",
+                                   unsettled.job_id, amount, transfers, transfers == 1 ? "" : "s",
                                    actors::describe(failure));
                    });
     }

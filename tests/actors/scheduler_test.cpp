@@ -175,7 +175,28 @@ class scheduler_test : public testing::deterministic_fixture {
     auto finished = verifier->finish();
     EXPECT_TRUE(finished) << domain::describe(finished.error());
     if (!scanned || !finished) return nullptr;
+    verified_ = finished.value();
     return verifier;
+  }
+
+  /// The last event of job `id`'s stream (the store must be closed).
+  events::event last_job_event(const std::string& id) {
+    storage::store_options options;
+    options.read_only = true;
+    auto store = storage::event_store::open(directory_.path(), options);
+    EXPECT_TRUE(store) << store.error().message;
+    if (!store) return {};
+    const std::string stream = "job-" + id;
+    auto version = store.value()->stream_version(stream);
+    EXPECT_TRUE(version && version.value() > 0) << stream;
+    if (!version || version.value() == 0) return {};
+    auto records = store.value()->read_stream(stream, version.value(), version.value(), 1);
+    EXPECT_TRUE(records && records->size() == 1u) << stream;
+    if (!records || records->size() != 1u) return {};
+    const auto& r = records->front();
+    auto event = events::decode_payload(r.type, {reinterpret_cast<const std::byte*>(r.payload.data()), r.payload.size()});
+    EXPECT_TRUE(event) << event.error().message;
+    return event ? event.value() : events::event{};
   }
 
   static domain::errc refusal_code(const caf::error& e) {
@@ -185,6 +206,7 @@ class scheduler_test : public testing::deterministic_fixture {
   }
 
   testing::manual_clock clock_;
+  domain::verify_counts verified_;  ///< what the last verify_log counted
   std::shared_ptr<offer_log> offers_ = std::make_shared<offer_log>();
   std::shared_ptr<cancel_log> cancels_ = std::make_shared<cancel_log>();
   runtime rt_;
@@ -586,6 +608,49 @@ TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {
   EXPECT_EQ(balance("provider-p1"), 900 + 990) << "nothing more for p1";
 }
 
+TEST_F(scheduler_test, a_jobs_end_records_the_bill_its_ledger_group_then_applies) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 1000, 2000}));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p1")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j2", events::cancelled_by::client, 30}));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true)));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j3", events::cancelled_by::client, 0}));
+  auto transfers = ask<ledger_aggregate::answer>(rt_.ledger, ledger_aggregate::query{.transfer_prefix = "job-"});
+  ASSERT_TRUE(transfers);
+  close_store();
+
+  // Each bill is exactly the group the ledger applied: its transfers, ids, accounts and amounts.
+  auto expect_bill_applied = [&](const events::ledger_bill& bill, const std::string& group) {
+    EXPECT_EQ(bill.group_id, group);
+    std::size_t in_ledger = 0;
+    for (const auto& [id, applied] : transfers.value().transfers) in_ledger += applied.group_id == group;
+    EXPECT_EQ(bill.transfers.size(), in_ledger) << group;
+    for (const auto& t : bill.transfers) {
+      const auto applied = transfers.value().transfers.find(t.transfer_id);
+      ASSERT_NE(applied, transfers.value().transfers.end()) << t.transfer_id;
+      EXPECT_EQ(applied->second, (domain::ledger::applied_transfer{t.debit_account, t.credit_account,
+                                                                   t.amount_micros, t.kind, t.reference, group}));
+    }
+  };
+  const auto completed = std::get<events::job_completed>(last_job_event("j1"));
+  ASSERT_EQ(completed.bill.transfers.size(), 2u) << "usage and platform fee";
+  EXPECT_EQ(completed.bill.transfers[0].amount_micros, 1'400);  // 1,000 prompt + 400 tokens at 1 USD/Mtok
+  expect_bill_applied(completed.bill, "job-j1");
+  const auto cancelled = std::get<events::job_cancelled>(last_job_event("j2"));
+  ASSERT_EQ(cancelled.bill.transfers.size(), 2u) << "free-tier subsidy and platform fee";
+  EXPECT_EQ(cancelled.bill.transfers[0].kind, events::transfer_kind::free_tier_subsidy);
+  expect_bill_applied(cancelled.bill, "job-j2");
+  EXPECT_EQ(std::get<events::job_cancelled>(last_job_event("j3")).bill, events::ledger_bill{})
+      << "a job cancelled before its provider started owes nothing";
+  ASSERT_TRUE(verify_log());
+  EXPECT_EQ(verified_.job_bills_unsettled, 0u);
+}
+
 TEST_F(scheduler_test, a_job_cancelled_while_queued_after_a_failover_bills_the_tokens_its_client_got) {
   bring_online("p1", "llama-8b", 1);
   bring_online("p2", "llama-8b", 1);
@@ -868,6 +933,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
   close_store();
   const auto rebuilt = verify_log();
   ASSERT_TRUE(rebuilt);
+  EXPECT_EQ(verified_.job_bills_unsettled, 0u) << "every bill recorded with a job's end is in the ledger";
   const auto* ledger = std::get<const domain::ledger::state*>(rebuilt->state_of("ledger"));
   EXPECT_EQ(*ledger, live_ledger.value());
   for (const auto& [id, state] : live_providers) {

@@ -31,6 +31,7 @@
 #include "events/codec.hpp"
 #include "events/event.hpp"
 #include "tests/app/example_store.hpp"
+#include "tests/events/event_examples.hpp"
 #include "tests/storage/store_testing.hpp"
 
 namespace gpustream::app {
@@ -675,6 +676,84 @@ TEST(cli_serve_upgrade, a_transfer_id_applied_twice_before_claims_is_claimed_onc
   EXPECT_EQ(run.exit_code, 1) << run.out << run.err;
   EXPECT_NE(run.err.find("\"job-1/usage\""), std::string::npos) << run.err;
   EXPECT_NE(run.err.find("applied twice"), std::string::npos) << run.err;
+}
+
+/// Appends job `id` of `user_id`, completed on provider 17 with `bill` recorded and no ledger
+/// group: what a kill between the job's end and its ledger append leaves.
+void append_job_left_unsettled(const std::filesystem::path& data, const std::string& id, const std::string& user_id,
+                               events::ledger_bill bill) {
+  const auto ex = events::event_examples();
+  auto submitted = std::get<events::job_submitted>(ex[12]);
+  auto queued = std::get<events::job_queued>(ex[13]);
+  auto assigned = std::get<events::job_assigned>(ex[14]);
+  auto started = std::get<events::job_started>(ex[15]);
+  auto completed = std::get<events::job_completed>(ex[17]);
+  submitted.job_id = queued.job_id = assigned.job_id = started.job_id = completed.job_id = id;
+  submitted.user_id = user_id;
+  assigned.attempt = 1;
+  assigned.provider_id = started.provider_id = completed.provider_id = "17";
+  completed.bill = std::move(bill);
+  storage::store_options options;
+  options.mode = storage::durability::buffered;
+  auto store = storage::event_store::open(data, options);
+  ASSERT_TRUE(store) << store.error().message;
+  storage::stream_append append{"job-" + id, storage::no_stream, {}};
+  const std::vector<events::event> story{submitted, queued, assigned, started, completed};
+  for (std::size_t n = 0; n < story.size(); ++n) {
+    append.events.push_back({storage::testing::make_id(0xb111, std::stoull(id) * 100 + n), events::type_of(story[n]),
+                             events::encode_payload(story[n])});
+  }
+  auto appended = (*store)->append({std::move(append)});
+  ASSERT_TRUE(appended) << appended.error().message;
+}
+
+std::uint64_t unsettled_bills_verified(const std::filesystem::path& data) {
+  const auto run = run_gpustream({"replay", "--data", data.string(), "--verify", "--json"});
+  EXPECT_EQ(run.exit_code, 0) << run.err;
+  if (run.exit_code != 0) return ~std::uint64_t{0};
+  const auto report = boost::json::parse(run.out).as_object();
+  return boost::json::value_to<std::uint64_t>(report.at("aggregates").as_object().at("job_bills_unsettled"));
+}
+
+TEST(cli_serve_bills, a_bill_a_kill_left_without_its_ledger_group_is_settled_when_serve_starts) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  // Job 90 owes provider 17 a free-tier subsidy; job 91 owes more than ada has (25 USD), so the
+  // ledger refuses it: it stays unsettled, and the next start tries again.
+  append_job_left_unsettled(dir.path(), "90", "bob",
+                            {"job-90",
+                             {{"job-90/free_tier_subsidy", "subsidy", "provider-17", 3'000,
+                               events::transfer_kind::free_tier_subsidy, "90"},
+                              {"job-90/platform_fee", "provider-17", "platform", 300, events::transfer_kind::platform_fee,
+                               "90"}}});
+  append_job_left_unsettled(dir.path(), "91", "ada",
+                            {"job-91",
+                             {{"job-91/usage", "user-ada", "provider-17", 100'000'000, events::transfer_kind::usage,
+                               "91"}}});
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  EXPECT_EQ(unsettled_bills_verified(dir.path()), 2u) << "counted by --verify, not a violation";
+  const auto text = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_NE(text.out.find("job bills not yet in the ledger: 2"), std::string::npos) << text.out;
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  const auto& err = serve.child->err();
+  EXPECT_NE(err.find("settling 2 job bills"), std::string::npos) << err;
+  EXPECT_NE(err.find("settled 1 of 2 job bills"), std::string::npos) << err;
+  EXPECT_NE(err.find("job 91's bill (100000000 micro-USD in 1 transfer) is still unsettled"), std::string::npos)
+      << err;
+  EXPECT_NE(err.find("insufficient"), std::string::npos) << "the ledger's reason: " << err;
+  const auto metrics = curl(serve.port, "/metrics");
+  EXPECT_NE(metrics.body.find("\ngpustream_job_bills_unsettled 1\n"), std::string::npos) << metrics.body;
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+
+  EXPECT_EQ(unsettled_bills_verified(dir.path()), 1u) << "job 90's group is in the ledger, as its bill says";
+  auto again = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(again.port, 0) << again.child->output();
+  EXPECT_NE(again.child->err().find("settling 1 job bills"), std::string::npos) << again.child->output();
+  EXPECT_NE(again.child->err().find("settled 0 of 1 job bills"), std::string::npos) << again.child->output();
 }
 
 TEST(cli_serve_limits, an_open_files_limit_below_the_gateways_connections_is_named_with_what_to_raise) {

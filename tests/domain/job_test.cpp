@@ -68,6 +68,22 @@ TEST(job, full_lifecycle_emits_each_event_and_completion_times) {
   EXPECT_TRUE(check(s).empty());
 }
 
+TEST(job, an_end_records_the_bill_it_is_given) {
+  const events::ledger_bill bill{"job-j1",
+                                 {{"job-j1/usage", "user-u1", "provider-p1", 900, events::transfer_kind::usage, "j1"}}};
+  auto completing = streaming();
+  auto completed = run(completing, complete_job{"p1", 150, 151, bill}, t0 + 10 * second_us);
+  ASSERT_TRUE(completed);
+  ASSERT_EQ(completed->size(), 1u);
+  EXPECT_EQ(std::get<events::job_completed>(completed->front()).bill, bill);
+
+  auto cancelling = streaming();
+  auto cancelled = run(cancelling, cancel_job{events::cancelled_by::client, 20, bill}, t0 + 10 * second_us);
+  ASSERT_TRUE(cancelled);
+  ASSERT_EQ(cancelled->size(), 1u);
+  EXPECT_EQ(std::get<events::job_cancelled>(cancelled->front()).bill, bill);
+}
+
 TEST(job, submit_validates_ids_tokens_and_price) {
   job_options o;
   o.id_length_max = 8;

@@ -897,5 +897,19 @@ TEST(ledger_property, random_money_keeps_every_invariant_and_replays_to_the_same
   EXPECT_GT(world.refused(), steps / 20);
 }
 
+TEST(ledger_bill, a_group_recorded_as_a_bill_comes_back_the_same) {
+  const record_transfers group{
+      "job-7",
+      {transfer{"job-7/usage", "user-u1", "provider-p1", 1'234, events::transfer_kind::usage, "7"},
+       transfer{"job-7/platform_fee", "provider-p1", "platform", 123, events::transfer_kind::platform_fee, "7"},
+       transfer{"job-7/ad_spend", "campaign-c1", "platform", 45, events::transfer_kind::ad_spend, "imp-1"}}};
+  const auto bill = to_bill(group);
+  EXPECT_EQ(bill.group_id, "job-7");
+  ASSERT_EQ(bill.transfers.size(), 3u);
+  EXPECT_EQ(bill.transfers[2], (events::billed_transfer{"job-7/ad_spend", "campaign-c1", "platform", 45,
+                                                        events::transfer_kind::ad_spend, "imp-1"}));
+  EXPECT_EQ(from_bill(bill), group);
+}
+
 }  // namespace
 }  // namespace gpustream::domain

@@ -81,6 +81,26 @@ void add_users(event_log& log) {
   log.add("provider-p1", events::provider_connected{"p1", {}, events::backend_kind::openai, "http://x", "0.1", t0 + 6});
 }
 
+/// A bill as the scheduler records it with a job's end: the transfers of group `group`, as
+/// event_log::transfer writes them (reference "ref-<transfer id>").
+struct billed {
+  std::string id;
+  std::string debit;
+  std::string credit;
+  std::int64_t amount = 0;
+  transfer_kind kind = transfer_kind::usage;
+};
+events::ledger_bill bill_of(const std::string& group, const std::vector<billed>& transfers) {
+  events::ledger_bill bill{group, {}};
+  for (const auto& t : transfers) bill.transfers.push_back({t.id, t.debit, t.credit, t.amount, t.kind, "ref-" + t.id});
+  return bill;
+}
+
+events::ledger_bill j1_bill() {
+  return bill_of("job-j1", {{"job-j1/usage", "user-ada", "provider-p1", 4'000, transfer_kind::usage},
+                            {"job-j1/fee", "provider-p1", "platform", 400, transfer_kind::platform_fee}});
+}
+
 /// j1 completed and settled, j2 still queued, j3 failed.
 void add_jobs(event_log& log) {
   log.add("job-j1", events::job_submitted{"j1", "ada", "llama", events::quality_tier::standard, 100, 100, 5'000,
@@ -88,7 +108,7 @@ void add_jobs(event_log& log) {
   log.add("job-j1", events::job_queued{"j1", 5, t0 + 60 * second_us, t0 + 11});
   log.add("job-j1", events::job_assigned{"j1", "p1", 1, t0 + 12});
   log.add("job-j1", events::job_started{"j1", "p1", t0 + 13});
-  log.add("job-j1", events::job_completed{"j1", "p1", 100, 80, 80, 3, 10, t0 + 20});
+  log.add("job-j1", events::job_completed{"j1", "p1", 100, 80, 80, 3, 10, t0 + 20, j1_bill()});
   log.transfer("job-j1/usage", "user-ada", "provider-p1", 4'000, transfer_kind::usage, "job-j1");
   log.transfer("job-j1/fee", "provider-p1", "platform", 400, transfer_kind::platform_fee, "job-j1");
   log.add("job-j2", events::job_submitted{"j2", "bob", "llama", events::quality_tier::low, 10, 10, 0, false, "",
@@ -341,6 +361,74 @@ TEST(domain_verifier_job, a_streaming_job_without_a_first_token_is_named) {
   log.add("job-j5", events::job_assigned{"j5", "p1", 1, t0 + 52});
   const auto position = log.add("job-j5", events::job_started{"j5", "p1", 0});
   expect_violation(log, invariant::job_consistency, "job-j5", 4, position, {"\"j5\"", "no first token"});
+}
+
+/// Job `id` of ada's, completed on p1 with `bill` recorded; returns the completion's position.
+std::uint64_t add_billed_job(event_log& log, const std::string& id, events::ledger_bill bill) {
+  const std::string stream = "job-" + id;
+  log.add(stream, events::job_submitted{id, "ada", "llama", events::quality_tier::low, 10, 50, 0, true, "", t0 + 50});
+  log.add(stream, events::job_queued{id, 1, t0 + 60 * second_us, t0 + 51});
+  log.add(stream, events::job_assigned{id, "p1", 1, t0 + 52});
+  log.add(stream, events::job_started{id, "p1", t0 + 53});
+  return log.add(stream, events::job_completed{id, "p1", 10, 20, 20, 3, 10, t0 + 54, std::move(bill)});
+}
+
+events::ledger_bill j6_bill() {
+  return bill_of("job-j6", {{"job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage},
+                            {"job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee}});
+}
+
+TEST(domain_verifier_bill, a_bill_applied_as_recorded_passes_and_one_not_yet_applied_is_counted) {
+  auto log = sound_log();
+  add_billed_job(log, "j6", j6_bill());
+  log.transfer("job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage, "job-j6");
+  log.transfer("job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee, "job-j6");
+  auto settled = verify(log);
+  ASSERT_TRUE(settled) << describe(settled.error());
+  EXPECT_EQ(settled->job_bills_unsettled, 0u);
+
+  // A stop between the job's end and its ledger group: nothing is wrong yet, serve settles it.
+  auto stopped = sound_log();
+  add_billed_job(stopped, "j6", j6_bill());
+  auto pending = verify(stopped);
+  ASSERT_TRUE(pending) << describe(pending.error());
+  EXPECT_EQ(pending->job_bills_unsettled, 1u);
+}
+
+TEST(domain_verifier_bill, a_transfer_moving_another_amount_than_the_bill_is_named) {
+  auto log = sound_log();
+  add_billed_job(log, "j6", j6_bill());
+  const auto position = log.transfer("job-j6/usage", "user-ada", "provider-p1", 701, transfer_kind::usage, "job-j6");
+  const auto version = log.versions["ledger"];
+  log.transfer("job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee, "job-j6");
+  expect_violation(log, invariant::job_bill, "ledger", version, position, {"\"job-j6/usage\"", "701 micro-USD", "700 micro-USD"});
+}
+
+TEST(domain_verifier_bill, a_transfer_of_the_group_that_the_bill_does_not_name_is_refused) {
+  auto log = sound_log();
+  add_billed_job(log, "j6", j6_bill());
+  log.transfer("job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage, "job-j6");
+  log.transfer("job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee, "job-j6");
+  const auto position = log.transfer("job-j6/extra", "user-ada", "provider-p1", 5, transfer_kind::usage, "job-j6");
+  expect_violation(log, invariant::job_bill, "ledger", log.versions["ledger"], position,
+                   {"\"job-j6/extra\"", "not in the bill"});
+}
+
+TEST(domain_verifier_bill, a_group_that_applies_part_of_the_bill_is_named_at_the_end) {
+  auto log = sound_log();
+  add_billed_job(log, "j6", j6_bill());
+  const auto position = log.transfer("job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage, "job-j6");
+  const auto version = log.versions["ledger"];
+  log.transfer("deposit-dep-2", "external", "user-ada", 5, transfer_kind::deposit);  // the next group
+  expect_violation(log, invariant::job_bill, "ledger", version, position, {"\"job-j6\"", "lacks", "\"job-j6/fee\""});
+}
+
+TEST(domain_verifier_bill, a_bill_naming_another_jobs_group_is_refused) {
+  auto log = sound_log();
+  auto bill = j6_bill();
+  bill.group_id = "job-j1";
+  const auto completed = add_billed_job(log, "j6", bill);
+  expect_violation(log, invariant::job_bill, "job-j6", 5, completed, {"\"job-j1\"", "not its own"});
 }
 
 TEST(domain_verifier_stream, an_event_in_a_stream_of_another_kind_is_refused) {

@@ -257,6 +257,42 @@ TEST_F(directory_test, forgets_the_job_that_finished_longest_ago_first_then_the_
   EXPECT_EQ(d->counts().jobs, 4u);
 }
 
+TEST_F(directory_test, keeps_each_jobs_bill_until_its_ledger_group_appears_also_for_a_forgotten_job) {
+  auto bill = [](const std::string& job_id, std::int64_t amount) {
+    return events::ledger_bill{"job-" + job_id,
+                               {{"job-" + job_id + "/free_tier_subsidy", "subsidy", "provider-p1", amount,
+                                 events::transfer_kind::free_tier_subsidy, job_id}}};
+  };
+  auto cancel_with = [&](const std::string& job_id, events::ledger_bill b) {
+    append("job-" + job_id, {events::job_cancelled{job_id, events::cancelled_by::client, 3, 9, std::move(b)}});
+  };
+  // Before the directory opens: j1 settled, j2 not (a stop between the two appends), j3 owes nothing.
+  submit("j1");
+  cancel_with("j1", bill("j1", 100));
+  transfer("job-j1/free_tier_subsidy", "subsidy", "provider-p1", 100, events::transfer_kind::free_tier_subsidy, "job-j1");
+  submit("j2");
+  cancel_with("j2", bill("j2", 200));
+  submit("j3");
+  finish("j3", false);
+  auto d = open_directory({.jobs_max = 1});
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->unsettled_bills(10), (std::vector<unsettled_bill>{{"j2", bill("j2", 200)}}));
+  EXPECT_EQ(d->counts().unsettled_bills, 1u);
+  EXPECT_FALSE(d->job("j2").has_value()) << "forgotten (jobs_max 1), its bill kept";
+
+  // While following: a new bill, then the groups of both.
+  submit("j4");
+  cancel_with("j4", bill("j4", 400));
+  catch_up(*d);
+  EXPECT_EQ(d->unsettled_bills(10).size(), 2u);
+  EXPECT_EQ(d->unsettled_bills(1).size(), 1u) << "at most max";
+  transfer("job-j2/free_tier_subsidy", "subsidy", "provider-p1", 200, events::transfer_kind::free_tier_subsidy, "job-j2");
+  transfer("job-j4/free_tier_subsidy", "subsidy", "provider-p1", 400, events::transfer_kind::free_tier_subsidy, "job-j4");
+  catch_up(*d);
+  EXPECT_TRUE(d->unsettled_bills(10).empty());
+  EXPECT_EQ(d->counts().unsettled_bills, 0u);
+}
+
 TEST_F(directory_test, apply_committed_works_at_once_and_the_log_does_not_apply_it_twice) {
   auto d = open_directory();
   ASSERT_NE(d, nullptr);
