@@ -81,19 +81,11 @@ void add_users(event_log& log) {
   log.add("provider-p1", events::provider_connected{"p1", {}, events::backend_kind::openai, "http://x", "0.1", t0 + 6});
 }
 
-/// A bill as the scheduler records it with a job's end: the transfers of group `group`, as
-/// event_log::transfer writes them (reference "ref-<transfer id>").
-struct billed {
-  std::string id;
-  std::string debit;
-  std::string credit;
-  std::int64_t amount = 0;
-  transfer_kind kind = transfer_kind::usage;
-};
-events::ledger_bill bill_of(const std::string& group, const std::vector<billed>& transfers) {
-  events::ledger_bill bill{group, {}};
-  for (const auto& t : transfers) bill.transfers.push_back({t.id, t.debit, t.credit, t.amount, t.kind, "ref-" + t.id});
-  return bill;
+/// A bill as the scheduler records it with a job's end: the transfers of group `group`, with the
+/// reference event_log::transfer gives them ("ref-<transfer id>").
+events::ledger_bill bill_of(const std::string& group, std::vector<events::billed_transfer> transfers) {
+  for (auto& t : transfers) t.reference = "ref-" + t.transfer_id;
+  return events::ledger_bill{group, std::move(transfers)};
 }
 
 events::ledger_bill j1_bill() {
