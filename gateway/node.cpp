@@ -6,9 +6,14 @@
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
 
+#include <condition_variable>
+#include <mutex>
+
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
+#include "domain/job.hpp"
 #include "domain/ledger.hpp"
+#include "domain/provider.hpp"
 #include "gateway/actor_ad_source.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/admin_api.hpp"
@@ -22,6 +27,9 @@
 
 namespace gpustream::gateway {
 namespace {
+
+/// Why a job live when the server stopped failed (node::impl::fail_jobs_left_live).
+constexpr std::string_view stopped_while_live = "the server stopped while the job was live; nothing is billed";
 
 http_response api_error_response(const api_error& error) {
   return {error.status, "application/json", error_body(error), {}};
@@ -84,7 +92,7 @@ class node::impl {
   }
 
   expected<void, std::string> start() {
-    settle_unsettled_bills();
+    close_what_a_stop_left_open();
     // The server must exist before the click URL is known (port 0 picks one): the relay and links
     // are built first, the server last, and requests only arrive once it runs.
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
@@ -176,31 +184,117 @@ class node::impl {
                                   [this] { return static_cast<double>(store_->stats().syncs); });
   }
 
-  /// Settles, before any request is served, the bills of jobs whose end the log holds without its
-  /// ledger group: a stop between the two appends (or a ledger that refused the group then). Each
-  /// goes to the ledger as recorded; the ledger applies a group at most once, so a bill settled
-  /// meanwhile changes nothing. One that is refused again stays unsettled (and counted in
-  /// gpustream_job_bills_unsettled) for the next start, its reason logged.
+  // -- What a stop left open (node::start, before any request is served). ----------------------
+
+  /// Closes what the log says is open but a stop ended: bills without their ledger groups, jobs
+  /// that were live, providers that were online. Each step goes through the actor that owns the
+  /// aggregate, as at run time, so it is recorded and checked like any other.
+  void close_what_a_stop_left_open() {
+    settle_unsettled_bills();
+    fail_jobs_left_live();
+    take_offline_providers_left_online();
+  }
+
+  /// Runs `ask(actor, i, done)` for each i below `count`, all at once from one of the bridge's
+  /// actors (so that appends share the store's group commits), and waits until every one has
+  /// called done(succeeded). Returns how many succeeded. Each request must have a timeout.
+  template <class Ask>
+  std::size_t ask_all(std::size_t count, Ask ask) {
+    if (count == 0) return 0;
+    struct tally {
+      std::mutex mutex;
+      std::condition_variable all_done;
+      std::size_t left = 0;
+      std::size_t succeeded = 0;
+    };
+    auto counts = std::make_shared<tally>();
+    counts->left = count;
+    bridge_.run([counts, count, ask](caf::event_based_actor* actor) {
+      for (std::size_t i = 0; i < count; ++i) {
+        ask(actor, i, [counts](bool succeeded) {
+          std::lock_guard lock(counts->mutex);
+          counts->succeeded += succeeded ? 1 : 0;
+          if (--counts->left == 0) counts->all_done.notify_all();
+        });
+      }
+    });
+    std::unique_lock lock(counts->mutex);
+    counts->all_done.wait(lock, [&] { return counts->left == 0; });
+    return counts->succeeded;
+  }
+
+  /// Bills of jobs whose end the log holds without its ledger group (a stop between the two
+  /// appends, or a group the ledger refused then): each goes to the ledger as recorded. The ledger
+  /// applies a group at most once, so one settled meanwhile changes nothing. One refused again
+  /// stays unsettled (counted in gpustream_job_bills_unsettled) for the next start, its reason
+  /// logged.
   void settle_unsettled_bills() {
-    const auto bills = directory_->unsettled_bills(std::numeric_limits<std::size_t>::max());
-    if (bills.empty()) return;
-    spdlog::info("settling {} job bills that the log holds without their ledger groups", bills.size());
-    caf::scoped_actor self{system_};
-    std::size_t settled = 0;
-    for (const auto& unsettled : bills) {
-      std::int64_t amount = 0;
-      for (const auto& t : unsettled.bill.transfers) amount += t.amount_micros;
-      self->request(runtime_.ledger, options_.bills_settle_wait_max,
-                    domain::ledger::command{domain::from_bill(unsettled.bill)})
-          .receive([&](const actors::command_reply&) { ++settled; },
-                   [&](caf::error& failure) {
-                     const auto transfers = unsettled.bill.transfers.size();
-                     spdlog::error("job {}'s bill ({} micro-USD in {} transfer{}) is still unsettled: {}",
-                                   unsettled.job_id, amount, transfers, transfers == 1 ? "" : "s",
-                                   actors::describe(failure));
-                   });
+    auto bills = std::make_shared<const std::vector<unsettled_bill>>(
+        directory_->unsettled_bills(std::numeric_limits<std::size_t>::max()));
+    if (bills->empty()) return;
+    spdlog::info("settling {} job bills that the log holds without their ledger groups", bills->size());
+    const auto settled = ask_all(bills->size(), [this, bills](caf::event_based_actor* actor, std::size_t i, auto done) {
+      actor->request(runtime_.ledger, options_.left_open_wait_max, domain::ledger::command{domain::from_bill((*bills)[i].bill)})
+          .then([done](const actors::command_reply&) { done(true); },
+                [done, bills, i](caf::error& failure) {
+                  const auto& unsettled = (*bills)[i];
+                  std::int64_t amount = 0;
+                  for (const auto& t : unsettled.bill.transfers) amount += t.amount_micros;
+                  const auto transfers = unsettled.bill.transfers.size();
+                  spdlog::error("job {}'s bill ({} micro-USD in {} transfer{}) is still unsettled: {}",
+                                unsettled.job_id, amount, transfers, transfers == 1 ? "" : "s",
+                                actors::describe(failure));
+                  done(false);
+                });
+    });
+    spdlog::info("settled {} of {} job bills", settled, bills->size());
+  }
+
+  /// Jobs the log holds as live (submitted, queued, assigned, streaming): their clients'
+  /// connections and the scheduler's holds went with the process that stopped, and no one will
+  /// end them. They fail as the platform's fault, billing nothing (the rule for a failed job).
+  void fail_jobs_left_live() {
+    auto live = std::make_shared<std::vector<std::string>>();
+    for (const auto status : {domain::job_status::submitted, domain::job_status::queued, domain::job_status::assigned,
+                              domain::job_status::streaming}) {
+      for (const auto& job : directory_->jobs(status, std::numeric_limits<std::size_t>::max())) {
+        live->push_back(job.job_id);
+      }
     }
-    spdlog::info("settled {} of {} job bills", settled, bills.size());
+    if (live->empty()) return;
+    const auto failed = ask_all(live->size(), [this, live](caf::event_based_actor* actor, std::size_t i, auto done) {
+      actor->request(runtime_.jobs, options_.left_open_wait_max, (*live)[i],
+                     domain::job::command{domain::fail_job{events::failure_reason::internal, std::string(stopped_while_live)}})
+          .then([done](const actors::command_reply&) { done(true); },
+                [done, live, i](caf::error& failure) {
+                  spdlog::error("job {}, live when the server stopped, could not be failed: {}", (*live)[i],
+                                actors::describe(failure));
+                  done(false);
+                });
+    });
+    spdlog::info("failed {} of {} jobs that were live when the server stopped", failed, live->size());
+  }
+
+  /// Providers the log holds as online: their links went with the process that stopped. Their
+  /// agents reconnect on their own (with backoff), and each link records its provider online again.
+  void take_offline_providers_left_online() {
+    auto online = std::make_shared<std::vector<std::string>>();
+    for (const auto& p : directory_->providers(std::numeric_limits<std::size_t>::max())) {
+      if (p.online) online->push_back(p.provider_id);
+    }
+    if (online->empty()) return;
+    const auto offline = ask_all(online->size(), [this, online](caf::event_based_actor* actor, std::size_t i, auto done) {
+      actor->request(runtime_.providers, options_.left_open_wait_max, (*online)[i],
+                     domain::provider::command{domain::provider::disconnect{events::disconnect_reason::connection_lost,
+                                                                            "the server stopped"}})
+          .then([done](const actors::command_reply&) { done(true); },
+                [done, online, i](caf::error& failure) {
+                  spdlog::error("provider {}, online when the server stopped, could not be taken offline: {}",
+                                (*online)[i], actors::describe(failure));
+                  done(false);
+                });
+    });
+    spdlog::info("took {} of {} providers offline whose links ended when the server stopped", offline, online->size());
   }
 
   /// The scheduler's counts, once a second, for the queue gauges (a scrape must not wait on actors).

@@ -47,17 +47,19 @@ struct node_options {
   /// Longest wait for the ad server to pick a free-tier answer's ad; past it the answer goes
   /// without one (see actor_ad_source_options::pick_wait_max). Default: 1 s.
   std::chrono::milliseconds ad_pick_wait_max{1000};
-  /// Longest wait for the ledger to answer each bill settled at start (node::start). Default: 10 s.
-  std::chrono::milliseconds bills_settle_wait_max{10'000};
+  /// Longest wait for each step node::start takes to close what a stop left open (a bill
+  /// settled, a job failed, a provider taken offline). Default: 10 s.
+  std::chrono::milliseconds left_open_wait_max{10'000};
   /// Actors carrying requests from Beast's threads into the actor system. Default: 2.
   std::size_t bridge_actors = 2;
 };
 
 class node {
  public:
-  /// Opens the directory on `store`, settles the jobs' bills it finds without their ledger groups
-  /// (a stop between a job's end and its ledger append), starts the gateway's parts and the
-  /// server. `system` and `runtime` must outlive the node.
+  /// Opens the directory on `store`; closes what a stop left open in the log (settles the jobs'
+  /// bills it finds without their ledger groups, fails the jobs that were live, takes offline the
+  /// providers that were online); starts the gateway's parts and the server. `system` and
+  /// `runtime` must outlive the node.
   [[nodiscard]] static expected<std::unique_ptr<node>, std::string> start(
       caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<storage::event_store> store,
       node_options options);

@@ -678,10 +678,43 @@ TEST(cli_serve_upgrade, a_transfer_id_applied_twice_before_claims_is_claimed_onc
   EXPECT_NE(run.err.find("applied twice"), std::string::npos) << run.err;
 }
 
-/// Appends job `id` of `user_id`, completed on provider 17 with `bill` recorded and no ledger
-/// group: what a kill between the job's end and its ledger append leaves.
-void append_job_left_unsettled(const std::filesystem::path& data, const std::string& id, const std::string& user_id,
-                               events::ledger_bill bill) {
+/// Appends `story` to the new stream `stream` of the store in `data` (closed), in one append.
+void append_story(const std::filesystem::path& data, const std::string& stream, std::uint64_t expected_version,
+                  const std::vector<events::event>& story, std::uint64_t id_tag) {
+  storage::store_options options;
+  options.mode = storage::durability::buffered;
+  auto store = storage::event_store::open(data, options);
+  ASSERT_TRUE(store) << store.error().message;
+  storage::stream_append append{stream, expected_version, {}};
+  for (std::size_t n = 0; n < story.size(); ++n) {
+    append.events.push_back({storage::testing::make_id(id_tag, n), events::type_of(story[n]),
+                             events::encode_payload(story[n])});
+  }
+  auto appended = (*store)->append({std::move(append)});
+  ASSERT_TRUE(appended) << appended.error().message;
+}
+
+/// The last event of `stream` in the store in `data` (closed).
+std::optional<events::event> last_event(const std::filesystem::path& data, const std::string& stream) {
+  storage::store_options options;
+  options.read_only = true;
+  auto store = storage::event_store::open(data, options);
+  if (!store) return std::nullopt;
+  auto version = (*store)->stream_version(stream);
+  if (!version || *version == 0) return std::nullopt;
+  auto records = (*store)->read_stream(stream, *version, *version, 1);
+  if (!records || records->size() != 1) return std::nullopt;
+  const auto& r = records->front();
+  auto event = events::decode_payload(r.type, {reinterpret_cast<const std::byte*>(r.payload.data()), r.payload.size()});
+  if (!event) return std::nullopt;
+  return *event;
+}
+
+/// Job `id` of `user_id` on provider 17, from its submission to `last` (4: started, 5: completed
+/// with `bill` recorded and no ledger group, what a kill between the job's end and its ledger
+/// append leaves).
+std::vector<events::event> job_story(const std::string& id, const std::string& user_id, std::size_t last,
+                                     events::ledger_bill bill = {}) {
   const auto ex = events::event_examples();
   auto submitted = std::get<events::job_submitted>(ex[12]);
   auto queued = std::get<events::job_queued>(ex[13]);
@@ -693,18 +726,14 @@ void append_job_left_unsettled(const std::filesystem::path& data, const std::str
   assigned.attempt = 1;
   assigned.provider_id = started.provider_id = completed.provider_id = "17";
   completed.bill = std::move(bill);
-  storage::store_options options;
-  options.mode = storage::durability::buffered;
-  auto store = storage::event_store::open(data, options);
-  ASSERT_TRUE(store) << store.error().message;
-  storage::stream_append append{"job-" + id, storage::no_stream, {}};
-  const std::vector<events::event> story{submitted, queued, assigned, started, completed};
-  for (std::size_t n = 0; n < story.size(); ++n) {
-    append.events.push_back({storage::testing::make_id(0xb111, std::stoull(id) * 100 + n), events::type_of(story[n]),
-                             events::encode_payload(story[n])});
-  }
-  auto appended = (*store)->append({std::move(append)});
-  ASSERT_TRUE(appended) << appended.error().message;
+  std::vector<events::event> story{submitted, queued, assigned, started, completed};
+  story.resize(last);
+  return story;
+}
+
+void append_job_left_unsettled(const std::filesystem::path& data, const std::string& id, const std::string& user_id,
+                               events::ledger_bill bill) {
+  append_story(data, "job-" + id, storage::no_stream, job_story(id, user_id, 5, std::move(bill)), 0xb111'00 + std::stoull(id));
 }
 
 std::uint64_t unsettled_bills_verified(const std::filesystem::path& data) {
@@ -754,6 +783,41 @@ TEST(cli_serve_bills, a_bill_a_kill_left_without_its_ledger_group_is_settled_whe
   ASSERT_NE(again.port, 0) << again.child->output();
   EXPECT_NE(again.child->err().find("settling 1 job bills"), std::string::npos) << again.child->output();
   EXPECT_NE(again.child->err().find("settled 0 of 1 job bills"), std::string::npos) << again.child->output();
+}
+
+TEST(cli_serve_left_open, jobs_live_and_providers_online_when_a_kill_came_are_closed_when_serve_starts) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  // Job 92 was streaming on provider 17, linked again, when the server was killed.
+  append_story(dir.path(), "job-92", storage::no_stream, job_story("92", "bob", 4), 0xb192);
+  auto connected = std::get<events::provider_connected>(events::event_examples()[6]);
+  connected.provider_id = "17";
+  append_story(dir.path(), "provider-17", storage::any_version, {connected}, 0xb017);
+  ASSERT_FALSE(::testing::Test::HasFailure());
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  EXPECT_NE(serve.child->err().find("failed 1 of 1 jobs that were live when the server stopped"), std::string::npos)
+      << serve.child->output();
+  EXPECT_NE(serve.child->err().find("took 1 of 1 providers offline"), std::string::npos) << serve.child->output();
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+
+  const auto job = last_event(dir.path(), "job-92");
+  ASSERT_TRUE(job && std::holds_alternative<events::job_failed>(*job));
+  EXPECT_EQ(std::get<events::job_failed>(*job).reason, events::failure_reason::internal);
+  EXPECT_NE(std::get<events::job_failed>(*job).message.find("the server stopped"), std::string::npos);
+  const auto provider = last_event(dir.path(), "provider-17");
+  ASSERT_TRUE(provider && std::holds_alternative<events::provider_disconnected>(*provider));
+  EXPECT_EQ(std::get<events::provider_disconnected>(*provider).reason, events::disconnect_reason::connection_lost);
+  const auto verified = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(verified.exit_code, 0) << verified.out << verified.err;
+
+  // Nothing is left open: the next start closes nothing.
+  auto again = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(again.port, 0) << again.child->output();
+  EXPECT_EQ(again.child->err().find("when the server stopped"), std::string::npos) << again.child->output();
 }
 
 TEST(cli_serve_limits, an_open_files_limit_below_the_gateways_connections_is_named_with_what_to_raise) {
