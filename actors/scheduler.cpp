@@ -304,10 +304,19 @@ domain::job::command submit_command(const job_request& r) {
                             r.max_price_micros, r.premium,    r.conversation_id};
 }
 
-/// Puts the job in the queue, due by `deadline`.
+/// Puts the job in the queue, due by `deadline`. A premium job goes only to a provider whose quote
+/// for what is left of it (its prompt and the tokens it may still produce) fits what is left of its
+/// hold after the attempts before (domain::hold_left_micros): its whole bill stays within the hold.
 expected<void, domain::error> push_queued(self_pointer self, const std::string& job_id, std::int64_t now,
                                  std::int64_t deadline) {
   const auto& job = self->state.jobs.at(job_id);
+  std::optional<std::int64_t> cost_max;
+  if (job.request.premium) {
+    auto left = domain::hold_left_micros(job.hold_micros, job.earlier, job.request.quality,
+                                         self->state.options.pricing);
+    if (!left) return unexpected{left.error()};
+    cost_max = *left;
+  }
   return self->state.queue->push(domain::queued_job{.job_id = job_id,
                                                     .model = job.request.model,
                                                     .quality = job.request.quality,
@@ -316,15 +325,13 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .deadline_at_us = deadline,
                                                     .preferred_provider_id = {},
                                                     .avoided_provider_id = job.avoided_provider_id,
-                                                    .cost_max_micros = job.request.premium
-                                                                           ? std::optional<std::int64_t>(job.hold_micros)
-                                                                           : std::nullopt,
+                                                    .cost_max_micros = cost_max,
                                                     .price_max_micros_per_mtok =
                                                         job.request.max_price_micros > 0
                                                             ? std::optional<std::int64_t>(job.request.max_price_micros)
                                                             : std::nullopt,
                                                     .prompt_tokens = job.request.prompt_tokens,
-                                                    .max_tokens = job.request.max_tokens},
+                                                    .max_tokens = job.request.max_tokens - job.tokens_so_far},
                                  *self->state.index, now);
 }
 

@@ -44,8 +44,9 @@ struct queued_job {
   std::string avoided_provider_id;
   /// The most the job may cost, micro-USD (none: no cap): only a provider whose price quotes the job
   /// (quote_max_micros of its prompt and max_tokens at the queue's pricing) at most this takes
-  /// it. A premium job's cap is the quote held against its user's balance, so that no provider
-  /// that came online later at a higher price bills more than was held.
+  /// it. A premium job's cap is the quote held against its user's balance (after a failover,
+  /// what is left of it, with max_tokens what is left to produce), so that no provider that came
+  /// online later at a higher price bills more than was held.
   std::optional<std::int64_t> cost_max_micros{};
   /// The highest price per million tokens, input and output alike, the client accepts
   /// (x_gpustream.max_price_micros; none: any).

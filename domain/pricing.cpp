@@ -202,6 +202,22 @@ std::int64_t platform_fee_micros(std::int64_t gross_micros, const pricing_option
                                    platform_fee_bps_max);
 }
 
+expected<std::int64_t, error> hold_left_micros(std::int64_t hold_micros, const std::vector<earlier_part>& earlier,
+                                               quality_tier tier, const pricing_options& options) {
+  const auto rule = rule_of(options, tier);
+  if (!rule) return unexpected{rule.error()};
+  __int128 spent = 0;
+  std::uint32_t tokens = 0;
+  for (const auto& part : earlier) {
+    if (auto valid = check_price(part.price); !valid) return unexpected{valid.error()};
+    spent += exact_cost(part.price, 0, part.completion_tokens, rule->multiplier_percent);
+    tokens += part.completion_tokens;  // at most one job's max_tokens together
+  }
+  const auto spent_micros = rounded_up_micros(spent, 0, tokens);
+  if (!spent_micros) return unexpected{spent_micros.error()};
+  return std::max<std::int64_t>(hold_micros - *spent_micros, 0);
+}
+
 expected<job_settlement, error> settle_job(const job_bill& bill, const pricing_options& options) {
   if (auto valid = validate(options); !valid) return unexpected{valid.error()};
   if (auto valid = validate_bill(bill); !valid) return unexpected{valid.error()};

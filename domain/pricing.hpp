@@ -164,6 +164,16 @@ struct job_settlement {
   record_transfers group;
 };
 
+/// What is left of a premium job's hold for the rest of its answer after a failover: the hold less
+/// what its earlier attempts' tokens cost together (rounded up), never below 0. A provider whose
+/// quote for the prompt and the tokens still allowed (max_tokens less those produced) is at most
+/// this keeps the job's whole bill within its hold, since settle_job rounds the whole up once.
+/// Refuses what cost_micros refuses.
+[[nodiscard]] expected<std::int64_t, error> hold_left_micros(std::int64_t hold_micros,
+                                                             const std::vector<earlier_part>& earlier,
+                                                             events::quality_tier tier,
+                                                             const pricing_options& options);
+
 /// Prices a job and builds its ledger group (see the top of this file). A job that failed over
 /// mid-answer pays each earlier provider its own tokens at its own price (rounded down, transfers
 /// "…/usage/<n>" or "…/free_tier_subsidy/<n>" and "…/platform_fee/<n>", n from 1), and the last

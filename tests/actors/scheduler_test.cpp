@@ -87,6 +87,12 @@ class scheduler_test : public testing::deterministic_fixture {
   /// Creates, connects and lists a provider serving `model` at `price` per Mtok (in and out).
   void bring_online(const std::string& id, const std::string& model, std::uint32_t slots,
                     std::int64_t price = 1'000'000) {
+    bring_online(id, model, slots, price, price);
+  }
+
+  /// The same with its own input and output prices per Mtok.
+  void bring_online(const std::string& id, const std::string& model, std::uint32_t slots, std::int64_t input_price,
+                    std::int64_t output_price) {
     command(rt_.providers, id, domain::provider::command{domain::provider::create{
                                    id, "owner-" + id, "gpu box " + id, {}}});
     command(rt_.providers, id,
@@ -94,7 +100,7 @@ class scheduler_test : public testing::deterministic_fixture {
                                                                 "http://127.0.0.1:1234/v1", "t"}});
     command(rt_.providers, id,
             domain::provider::command{domain::provider::advertise{
-                {events::model_offer{model, 8192, "Q4_K_M", price, price, slots}}}});
+                {events::model_offer{model, 8192, "Q4_K_M", input_price, output_price, slots}}}});
     link_again(id);
   }
 
@@ -545,6 +551,29 @@ TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tok
   EXPECT_EQ(balance("user-dave"), 50'000'000 - first_gross - second_gross);
   EXPECT_EQ(balance("provider-" + first), first_gross - first_gross / 10);
   EXPECT_EQ(balance("provider-" + second), second_gross - second_gross / 10);
+}
+
+TEST_F(scheduler_test, after_a_failover_the_rest_goes_only_to_a_provider_whose_quote_fits_what_is_left_of_the_hold) {
+  // Alone at admission, p1 (1 USD per Mtok in, 3 out) sets the hold: 1,000 prompt + 500 tokens =
+  // 2,500 micro-USD, all of dave's balance.
+  bring_online("p1", "llama-8b", 1, 1'000'000, 3'000'000);
+  create_user("dave", events::user_tier::premium, 2'500);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  // Online since: p2 quotes the whole job at 1,400 (1.4 USD in, nothing out), p3 at 1,500 (1 and 1).
+  bring_online("p2", "llama-8b", 1, 1'400'000, 0);
+  bring_online("p3", "llama-8b", 1, 1'000'000, 1'000'000);
+  // p1 produced 400 tokens (1,200) and dropped: 1,300 are left, for the prompt and 100 tokens.
+  // p2 would bill 1,400 more (2,600 in all, past the hold); p3 bills 1,100.
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::provider, 400, "dropped"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  run();
+  ASSERT_EQ(job("j1").provider_id, "p3");
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p3")));
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p3", 500, 500, 1000, 2000});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().gross_micros, 1'200 + 1'100);
+  EXPECT_EQ(balance("user-dave"), 2'500 - 2'300);
 }
 
 TEST_F(scheduler_test, an_answer_broken_off_continues_on_another_provider_never_on_the_same_one) {

@@ -436,4 +436,18 @@ TEST(pricing_settle, the_ledger_applies_a_settlement_once_and_refuses_an_unfunde
 }
 
 }  // namespace
+TEST(pricing_hold_left, is_the_hold_less_the_earlier_tokens_cost_rounded_up_once_never_below_zero) {
+  const pricing_options options;  // standard tier: 100%
+  const std::vector<earlier_part> earlier{{"p1", {1'000'000, 3'000'000}, 400}, {"p2", {0, 333'333}, 3}};
+  // 400 x 3 + 3 x 0.333333 = 1,200.999999 micro-USD: 1,201 once rounded up.
+  auto left = hold_left_micros(2'500, earlier, events::quality_tier::standard, options);
+  ASSERT_TRUE(left) << left.error().message;
+  EXPECT_EQ(*left, 2'500 - 1'201);
+  EXPECT_EQ(hold_left_micros(2'500, {}, events::quality_tier::standard, options).value(), 2'500);
+  EXPECT_EQ(hold_left_micros(1'000, earlier, events::quality_tier::standard, options).value(), 0);
+  auto refused = hold_left_micros(2'500, {{"p1", {-1, 0}, 1}}, events::quality_tier::standard, options);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, errc::invalid_argument);
+}
+
 }  // namespace gpustream::domain

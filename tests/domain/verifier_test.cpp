@@ -89,8 +89,8 @@ events::ledger_bill bill_of(const std::string& group, std::vector<events::billed
 }
 
 events::ledger_bill j1_bill() {
-  return bill_of("job-j1", {{"job-j1/usage", "user-ada", "provider-p1", 4'000, transfer_kind::usage},
-                            {"job-j1/fee", "provider-p1", "platform", 400, transfer_kind::platform_fee}});
+  return bill_of("job-j1", {{"job-j1/usage", "user-ada", "provider-p1", 4'000, transfer_kind::usage, {}},
+                            {"job-j1/fee", "provider-p1", "platform", 400, transfer_kind::platform_fee, {}}});
 }
 
 /// j1 completed and settled, j2 still queued, j3 failed.
@@ -366,8 +366,8 @@ std::uint64_t add_billed_job(event_log& log, const std::string& id, events::ledg
 }
 
 events::ledger_bill j6_bill() {
-  return bill_of("job-j6", {{"job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage},
-                            {"job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee}});
+  return bill_of("job-j6", {{"job-j6/usage", "user-ada", "provider-p1", 700, transfer_kind::usage, {}},
+                            {"job-j6/fee", "provider-p1", "platform", 70, transfer_kind::platform_fee, {}}});
 }
 
 TEST(domain_verifier_bill, a_bill_applied_as_recorded_passes_and_one_not_yet_applied_is_counted) {
