@@ -516,10 +516,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
 
   void on_welcome(const link::welcome& welcome) {
     link_->batch_deltas(welcome.delta_batches);
+    reasoning_deltas_ = welcome.reasoning_deltas;
     heartbeat_interval_ = std::clamp(std::chrono::milliseconds(welcome.heartbeat_interval_ms),
                                      options_.heartbeat_interval_min, options_.heartbeat_interval_max);
-    log_->info("welcome provider_id={} heartbeat_interval_ms={} delta_batches={}", welcome.provider_id,
-               heartbeat_interval_.count(), welcome.delta_batches);
+    log_->info("welcome provider_id={} heartbeat_interval_ms={} delta_batches={} reasoning_deltas={}",
+               welcome.provider_id, heartbeat_interval_.count(), welcome.delta_batches, welcome.reasoning_deltas);
     last_heartbeat_ = steady::now();
     tokens_since_heartbeat_ = 0;
     schedule_heartbeat();
@@ -596,7 +597,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         path, std::move(offer.request_json),
         {.on_delta =
              [weak, id, attempt](std::string_view text) {
-               if (auto self = weak.lock()) self->on_delta(id, attempt, text);
+               if (auto self = weak.lock()) self->on_delta(id, attempt, text, false);
              },
          .on_done =
              [weak, id, attempt](std::string finish_reason, std::optional<gateway::upstream_usage> usage) {
@@ -605,6 +606,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
          .on_error =
              [weak, id, attempt](gateway::upstream_error error) {
                if (auto self = weak.lock()) self->on_error(id, attempt, std::move(error));
+             },
+         .on_reasoning =
+             [weak, id, attempt](std::string_view text) {
+               if (auto self = weak.lock()) self->on_delta(id, attempt, text, true);
              }});
   }
 
@@ -620,16 +625,19 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     return found != jobs_.end() && found->second.attempt == attempt ? found : jobs_.end();
   }
 
-  void on_delta(const std::string& job_id, std::uint32_t attempt, std::string_view text) {
+  /// A piece of the answer, or of a reasoning model's thinking (`reasoning`), which goes only to a
+  /// server that takes it (an older one would show it as the answer) and then counts as a token.
+  void on_delta(const std::string& job_id, std::uint32_t attempt, std::string_view text, bool reasoning) {
+    if (reasoning && !reasoning_deltas_) return;
     const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
     auto& running = found->second;
     bool first = !running.first_token;
     if (first) running.first_token = steady::now();
-    ++running.tokens;  // one token per content chunk: the OpenAI streaming convention
+    ++running.tokens;  // one token per chunk: the OpenAI streaming convention
     ++tokens_since_heartbeat_;
     for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
-      link::delta frame{.job_id = job_id, .text = std::string(piece), .attempt = attempt};
+      link::delta frame{.job_id = job_id, .text = std::string(piece), .attempt = attempt, .reasoning = reasoning};
       if (auto valid = link::validate(frame, options_.link.limits); !valid) {
         fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message, true);
         return;
@@ -737,6 +745,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::chrono::milliseconds heartbeat_interval_;
   steady::time_point last_heartbeat_{};
   std::uint64_t tokens_since_heartbeat_ = 0;
+  bool reasoning_deltas_ = false;  ///< the server's welcome: it takes deltas marked reasoning
 };
 
 expected<std::unique_ptr<provider_agent>, std::string> provider_agent::create(

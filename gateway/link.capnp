@@ -72,6 +72,7 @@ struct Delta {
   jobId @0 :Text;
   text @1 :Text;
   attempt @2 :UInt32;
+  reasoning @3 :Bool;      # a reasoning model's thinking, not its answer; only to a server whose welcome set reasoningDeltas
 }
 
 struct Done {
@@ -99,6 +100,7 @@ struct Welcome {
   providerId @0 :Text;
   heartbeatIntervalMs @1 :UInt32;
   deltaBatches @2 :Bool;   # the server takes `deltas` frames; an agent sends none to one that does not
+  reasoningDeltas @3 :Bool;  # the server takes deltas marked reasoning; an agent drops the thinking for one that does not
 }
 
 struct Offer {

@@ -82,6 +82,7 @@ void write(schema::Delta::Builder b, const delta& f) {
   b.setJobId(to_wire(f.job_id));
   b.setText(to_wire(f.text));
   b.setAttempt(f.attempt);
+  b.setReasoning(f.reasoning);
 }
 
 void write(schema::Frame::Builder root, const delta& f) { write(root.initDelta(), f); }
@@ -117,6 +118,7 @@ void write(schema::Frame::Builder root, const welcome& f) {
   b.setProviderId(to_wire(f.provider_id));
   b.setHeartbeatIntervalMs(f.heartbeat_interval_ms);
   b.setDeltaBatches(f.delta_batches);
+  b.setReasoningDeltas(f.reasoning_deltas);
 }
 
 void write(schema::Frame::Builder root, const offer& f) {
@@ -172,7 +174,10 @@ read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
 }
 
 delta read_delta(schema::Delta::Reader r) {
-  return delta{.job_id = to_std(r.getJobId()), .text = to_std(r.getText()), .attempt = r.getAttempt()};
+  return delta{.job_id = to_std(r.getJobId()),
+               .text = to_std(r.getText()),
+               .attempt = r.getAttempt(),
+               .reasoning = r.getReasoning()};
 }
 
 read_result read_deltas(schema::Deltas::Reader r, const codec_limits& limits) {
@@ -235,7 +240,8 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
       const auto r = root.getWelcome();
       return frame{welcome{.provider_id = to_std(r.getProviderId()),
                            .heartbeat_interval_ms = r.getHeartbeatIntervalMs(),
-                           .delta_batches = r.getDeltaBatches()}};
+                           .delta_batches = r.getDeltaBatches(),
+                           .reasoning_deltas = r.getReasoningDeltas()}};
     }
     case schema::Frame::OFFER:
       return read_offer(root.getOffer());

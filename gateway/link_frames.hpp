@@ -56,6 +56,9 @@ struct delta {
   std::string job_id;
   std::string text;
   std::uint32_t attempt = 0;  ///< the offer's attempt, echoed; 0: an agent that sends none
+  /// A reasoning model's thinking rather than its answer (sent only to a server whose welcome
+  /// set reasoning_deltas): the client gets it as reasoning_content, and it counts as a token.
+  bool reasoning = false;
 
   bool operator==(const delta&) const = default;
 };
@@ -97,6 +100,9 @@ struct welcome {
   /// The server takes `deltas` frames. An older server does not: the agent then sends each delta
   /// on its own.
   bool delta_batches = false;
+  /// The server takes deltas marked `reasoning`. An older server does not: the agent then drops
+  /// the thinking, which such a server would show as the answer.
+  bool reasoning_deltas = false;
 
   bool operator==(const welcome&) const = default;
 };

@@ -733,10 +733,12 @@ std::string ad_text(const ad_info& ad) {
   return "\n\nSponsored: " + ad.title + " \xE2\x80\x94 " + ad.text + "  " + ad.click_url;
 }
 
-std::string chunk_json(const response_meta& meta, std::string_view text, bool first) {
-  // One of these goes out per token: written directly rather than built as a json::object (a
-  // handful of allocations per token), with the same keys, order and escaping as chunk_head() and
-  // chunk_choice() give (tests check the exact bytes, and parse awkward texts back).
+namespace {
+/// A streamed piece in delta field `field` (chat) or text (completion). One of these goes out per
+/// token: written directly rather than built as a json::object (a handful of allocations per
+/// token), with the same keys, order and escaping as chunk_head() and chunk_choice() give (tests
+/// check the exact bytes, and parse awkward texts back).
+std::string delta_chunk_json(const response_meta& meta, std::string_view field, std::string_view text, bool first) {
   const bool chat = meta.kind == request_kind::chat;
   std::string out;
   out.reserve(160 + meta.job_id.size() + meta.model.size() + text.size());
@@ -752,7 +754,9 @@ std::string chunk_json(const response_meta& meta, std::string_view text, bool fi
     if (first) out += R"("role":"assistant")";
     if (!text.empty() || first) {
       if (first) out += ',';
-      out += R"("content":)";
+      out += '"';
+      out += field;
+      out += R"(":)";
       out += json::serialize(json::string_view(text.data(), text.size()));
     }
     out += '}';
@@ -762,6 +766,16 @@ std::string chunk_json(const response_meta& meta, std::string_view text, bool fi
   }
   out += R"(,"logprobs":null,"finish_reason":null}]})";
   return out;
+}
+}  // namespace
+
+std::string chunk_json(const response_meta& meta, std::string_view text, bool first) {
+  return delta_chunk_json(meta, "content", text, first);
+}
+
+std::string reasoning_chunk_json(const response_meta& meta, std::string_view text, bool first) {
+  GPUSTREAM_ENSURE(meta.kind == request_kind::chat);
+  return delta_chunk_json(meta, "reasoning_content", text, first);
 }
 
 std::string ad_chunk_json(const response_meta& meta, const ad_info& ad) {
@@ -795,13 +809,14 @@ std::string error_chunk_json(const response_meta& meta, const api_error& error) 
 }
 
 std::string response_json(const response_meta& meta, std::string_view text, std::string_view finish_reason,
-                          const token_usage& usage, const response_extension& extension) {
+                          const token_usage& usage, const response_extension& extension, std::string_view reasoning) {
   std::string content(text);
   if (extension.ad) content += ad_text(*extension.ad);
   const bool chat = meta.kind == request_kind::chat;
   json::object choice{{"index", 0}};
   if (chat) {
     choice["message"] = {{"role", "assistant"}, {"content", content}};
+    if (!reasoning.empty()) choice["message"].as_object()["reasoning_content"] = reasoning;
   } else {
     choice["text"] = content;
   }

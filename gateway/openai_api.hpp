@@ -185,6 +185,10 @@ struct response_extension {
 /// (role "assistant" too when `first`), completion "text_completion" with choices[0].text.
 [[nodiscard]] std::string chunk_json(const response_meta& meta, std::string_view text, bool first);
 
+/// A streamed piece of a reasoning model's thinking (chat only): choices[0].delta.reasoning_content,
+/// as llama.cpp server, vLLM and DeepSeek stream it (role "assistant" too when `first`).
+[[nodiscard]] std::string reasoning_chunk_json(const response_meta& meta, std::string_view text, bool first);
+
 /// The ad as its own content chunk (text from ad_text()).
 [[nodiscard]] std::string ad_chunk_json(const response_meta& meta, const ad_info& ad);
 
@@ -207,10 +211,11 @@ struct response_extension {
 
 /// A whole (non-streamed) answer: "chat.completion" with choices[0].message, or
 /// "text_completion" with choices[0].text; `usage` and `x_gpustream`. When extension.ad is set,
-/// ad_text() follows `text` in the content, as the stream's ad chunk does.
+/// ad_text() follows `text` in the content, as the stream's ad chunk does. A chat answer's
+/// thinking, when there was any, is message.reasoning_content.
 [[nodiscard]] std::string response_json(const response_meta& meta, std::string_view text,
                                         std::string_view finish_reason, const token_usage& usage,
-                                        const response_extension& extension);
+                                        const response_extension& extension, std::string_view reasoning = {});
 
 /// One model served by online providers, for GET /v1/models.
 struct model_listing {

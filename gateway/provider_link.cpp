@@ -313,9 +313,11 @@ void link_session::on_hello(const link::hello& hello) {
                                     actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
                                                             actors::provider_session{self->actor_}});
                         self->online_ = true;
-                        self->send(link::welcome{self->provider_id_,
-                                                 static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
-                                                 true});
+                        self->send(link::welcome{
+                            .provider_id = self->provider_id_,
+                            .heartbeat_interval_ms = static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
+                            .delta_batches = true,
+                            .reasoning_deltas = true});
                         spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
                                      models.size(), gpus, static_cast<int>(state.level));
                       },

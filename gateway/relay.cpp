@@ -33,7 +33,9 @@ struct live_job {
   phase state = phase::submitting;
   bool stream_started = false;  ///< the stream's headers went out
   std::string text;             ///< the answer so far, over every attempt
-  std::uint32_t tokens = 0;     ///< content pieces so far: the platform's own count
+  std::string reasoning;        ///< a reasoning model's thinking so far, for a whole chat answer
+  std::uint32_t tokens = 0;     ///< pieces so far (answer and thinking): the platform's own count
+  bool piece_sent = false;      ///< a piece went out (the first carries the assistant role)
   std::string provider_id;      ///< the provider of the current attempt
   std::uint32_t attempt = 0;    ///< the current attempt's number, from its offer
   bool attempt_started = false; ///< the current attempt produced a token
@@ -258,6 +260,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
+      // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed.
+      if (d.reasoning && live->job.request.kind != request_kind::chat) return;
       if (!live->attempt_started) {
         live->attempt_started = true;
         report_started = true;
@@ -272,9 +276,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
       start_stream(*live);
       live->tokens += 1;
-      const bool first = live->text.empty();
-      live->text += d.text;
-      if (live->job.request.stream) live->job.reply->write(sse_event(chunk_json(live->meta, d.text, first)));
+      const bool first = !std::exchange(live->piece_sent, true);
+      (d.reasoning ? live->reasoning : live->text) += d.text;
+      if (live->job.request.stream) {
+        live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
+                                                     : chunk_json(live->meta, d.text, first)));
+      }
     }
     if (report_started) send_started(provider_id, d.job_id);
   }
@@ -572,7 +579,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         reply.write(std::move(tail));
         reply.finish();
       } else {
-        reply.send({200, "application/json", response_json(live->meta, live->text, finish_reason, usage, extension), {}});
+        reply.send({200, "application/json", response_json(live->meta, live->text, finish_reason, usage, extension, live->reasoning), {}});
       }
       if (options_.observer.completion_tokens) options_.observer.completion_tokens(live->tokens);
     }

@@ -161,14 +161,17 @@ std::optional<upstream_usage> read_usage(const json::object& object) {
   return upstream_usage{to_u32(fields.if_contains("prompt_tokens")), to_u32(fields.if_contains("completion_tokens"))};
 }
 
-/// What one choice of a completion (chunk or whole) says: its text and finish_reason.
+/// What one choice of a completion (chunk or whole) says: its text, a reasoning model's thinking,
+/// and finish_reason.
 struct choice_view {
   std::string_view text;
+  std::string_view reasoning;
   const json::string* finish_reason = nullptr;
 };
 
 /// choices[] entry with index 0 (the only one asked for); `delta.content` (chat chunk),
-/// `message.content` (chat) or `text` (completions).
+/// `message.content` (chat) or `text` (completions); the thinking in `reasoning_content`
+/// (llama.cpp server, vLLM, LM Studio, DeepSeek) or `reasoning` (Ollama, newer vLLM) beside content.
 std::optional<choice_view> first_choice(const json::object& object) {
   const auto* choices = object.if_contains("choices");
   if (choices == nullptr || !choices->is_array()) return std::nullopt;
@@ -181,6 +184,13 @@ std::optional<choice_view> first_choice(const json::object& object) {
       if (const auto* part = choice->if_contains(holder); part && part->is_object()) {
         if (const auto* content = part->get_object().if_contains("content"); content && content->is_string()) {
           view.text = content->get_string();
+        }
+        for (const char* name : {"reasoning_content", "reasoning"}) {
+          const auto* thinking = part->get_object().if_contains(name);
+          if (thinking != nullptr && thinking->is_string() && !thinking->get_string().empty()) {
+            view.reasoning = thinking->get_string();
+            break;
+          }
         }
       }
     }
@@ -663,6 +673,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (auto usage = read_usage(object)) usage_ = usage;
     if (const auto choice = first_choice(object)) {
       if (choice->finish_reason != nullptr) finish_reason_ = *choice->finish_reason;
+      if (!choice->reasoning.empty()) deliver_reasoning(choice->reasoning);
       if (!choice->text.empty()) deliver_delta(choice->text);
     }
     return !stopped();
@@ -712,6 +723,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     usage_ = read_usage(object);
     if (choice->finish_reason != nullptr) finish_reason_ = *choice->finish_reason;
     recycle();
+    if (!choice->reasoning.empty()) deliver_reasoning(choice->reasoning);
     if (!choice->text.empty()) deliver_delta(choice->text);
     deliver_done();
   }
@@ -755,6 +767,12 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     std::lock_guard lock(callback_mutex_);
     if (cancelled_ || over_) return;
     if (handlers_.on_delta) handlers_.on_delta(text);
+  }
+
+  void deliver_reasoning(std::string_view text) {
+    std::lock_guard lock(callback_mutex_);
+    if (cancelled_ || over_) return;
+    if (handlers_.on_reasoning) handlers_.on_reasoning(text);
   }
 
   void deliver_done() {

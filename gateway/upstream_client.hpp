@@ -114,6 +114,10 @@ struct upstream_stream_handlers {
   /// finish_reason seen ("stop", "length", …; empty if none) and the last usage the backend sent.
   std::function<void(std::string finish_reason, std::optional<upstream_usage> usage)> on_done;
   std::function<void(upstream_error error)> on_error;
+  /// A piece of a reasoning model's thinking (choices[0].delta.reasoning_content, or .reasoning as
+  /// Ollama names it; message.* in a whole answer), in order with on_delta's pieces; empty pieces
+  /// are not reported. Unset: the thinking is dropped.
+  std::function<void(std::string_view text)> on_reasoning{};
 };
 
 /// A completion in flight.

@@ -659,6 +659,30 @@ TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
   EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 0u);
 }
 
+TEST(provider_agent, sends_a_reasoning_models_thinking_marked_only_to_a_server_that_takes_it) {
+  upstream_process upstream({"--models", "m1", "--context-length", "8192", "--tokens", "5", "--reasoning-tokens", "2"});
+  ASSERT_TRUE(upstream.ready());
+  for (const bool takes_reasoning : {true, false}) {
+    SCOPED_TRACE(takes_reasoning ? "a server that takes thinking" : "an older server");
+    fake_coordinator coordinator;
+    auto options = agent_options(coordinator, upstream);
+    options.probe = false;
+    agent_runner agent(options);
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+    coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000,
+                                   .delta_batches = false, .reasoning_deltas = takes_reasoning});
+    coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
+    std::string thinking, answer;
+    for (const auto& d : coordinator.all<link::delta>()) (d.reasoning ? thinking : answer) += d.text;
+    EXPECT_EQ(answer, "tok2 tok3 tok4 ");
+    // An older server would show the thinking as the answer: it gets none, and it is not counted.
+    EXPECT_EQ(thinking, takes_reasoning ? "tok0 tok1 " : "");
+    EXPECT_EQ(coordinator.all<link::done>().front().completion_tokens_counted, takes_reasoning ? 5u : 3u);
+  }
+}
+
 TEST(provider_agent, a_refused_token_ends_the_agent_with_exit_code_1) {
   upstream_process upstream({"--models", "m1"});
   ASSERT_TRUE(upstream.ready());

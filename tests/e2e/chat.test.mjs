@@ -154,3 +154,42 @@ scenario('backends that keep the context window out of /v1/models still go onlin
     }),
     (error) => error.status === 400 && /2048/.test(error.message));
 });
+
+// A reasoning model's thinking (delta.reasoning_content from llama.cpp server, vLLM, LM Studio;
+// delta.reasoning from Ollama) reaches the client apart from the answer, as those servers send it,
+// and is billed as the tokens it is.
+scenario("a reasoning model's thinking streams as reasoning_content and is billed", async (world) => {
+  const thinking = 3;
+  const { server, provider, model } = await one_provider_world(world, {
+    upstream_options: { tokens, reasoning_tokens: thinking },
+  });
+  const user = await server.create_user('premium', 10_000_000);
+  const client = server.openai(user.api_key);
+  const messages = [{ role: 'user', content: 'Think first.' }];
+
+  const stream = await client.chat.completions.create({
+    model, messages, stream: true, stream_options: { include_usage: true },
+  });
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  const delta_of = (chunk) => chunk.choices[0]?.delta ?? {};
+  assert.equal(chunks.map((chunk) => delta_of(chunk).reasoning_content ?? '').join(''), upstream_text(thinking));
+  assert.equal(chunks.map((chunk) => delta_of(chunk).content ?? '').join(''), upstream_text(tokens - thinking, thinking));
+  const first_content = chunks.findIndex((chunk) => delta_of(chunk).content);
+  const last_thought = chunks.findLastIndex((chunk) => delta_of(chunk).reasoning_content);
+  assert.ok(last_thought < first_content, 'the thinking comes before the answer');
+  assert.equal(delta_of(chunks[0]).role, 'assistant', 'the first chunk, a thought, carries the role');
+  assert.equal(chunks.at(-1).usage.completion_tokens, tokens, 'thinking and answer are counted together');
+
+  const whole = await client.chat.completions.create({ model, messages });
+  assert.equal(whole.choices[0].message.reasoning_content, upstream_text(thinking));
+  assert.equal(whole.choices[0].message.content, upstream_text(tokens - thinking, thinking));
+  assert.equal(whole.usage.completion_tokens, tokens);
+
+  const billed = await server.billed_jobs([chunks.at(-1).id, whole.id].map(job_id_of));
+  const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  for (const job of billed) {
+    assert.equal(job.completion_tokens, tokens, `${job.id} bills its thinking too`);
+    assert.equal(job.gross_micros, gross_micros(job.prompt_tokens, tokens, offer), `price of ${job.id}`);
+  }
+});

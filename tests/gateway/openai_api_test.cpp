@@ -543,6 +543,16 @@ TEST(openai_api, chat_chunks_have_openais_exact_shape) {
             R"("choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}]})");
 }
 
+TEST(openai_api, a_reasoning_models_thinking_streams_as_reasoning_content) {
+  EXPECT_EQ(reasoning_chunk_json(chat_meta, "6 \"times\" 7", true),
+            R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
+            R"("choices":[{"index":0,"delta":{"role":"assistant","reasoning_content":"6 \"times\" 7"},"logprobs":null,)"
+            R"("finish_reason":null}]})");
+  EXPECT_EQ(reasoning_chunk_json(chat_meta, "so", false),
+            R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
+            R"("choices":[{"index":0,"delta":{"reasoning_content":"so"},"logprobs":null,"finish_reason":null}]})");
+}
+
 TEST(openai_api, chunks_escape_whatever_the_model_and_the_text_hold) {
   // The per-token chunk is written by hand, not through json::object: every awkward character in
   // the text, the model name and the id must still come back intact through a JSON parser.
@@ -637,6 +647,17 @@ TEST(openai_api, whole_responses_have_openais_exact_shape) {
             R"("choices":[{"index":0,"text":" upon a time","logprobs":null,"finish_reason":"length"}],)"
             R"("usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7},)"
             R"("x_gpustream":{"provider_id":"prov-3","quality":"low","failover":0}})");
+}
+
+TEST(openai_api, a_whole_chat_answer_carries_its_thinking_as_reasoning_content) {
+  const response_extension plain{"prov-3", events::quality_tier::low, 0, std::nullopt};
+  const json::object body = parsed(response_json(chat_meta, "42", "stop", token_usage{9, 5}, plain, "6 times 7"));
+  const auto& message = body.at("choices").at(0).at("message").as_object();
+  EXPECT_EQ(message.at("content").as_string(), "42");
+  EXPECT_EQ(message.at("reasoning_content").as_string(), "6 times 7");
+  EXPECT_FALSE(parsed(response_json(chat_meta, "42", "stop", token_usage{9, 1}, plain))
+                   .at("choices").at(0).at("message").as_object().contains("reasoning_content"))
+      << "none without thinking";
 }
 
 TEST(openai_api, a_whole_free_tier_response_appends_the_ad_after_the_models_text) {

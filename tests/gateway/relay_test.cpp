@@ -82,6 +82,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         return std::uint64_t{1};
       },
       [log](actors::job_result& result) -> caf::result<actors::job_ended> {
+        log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         log->add("result " + result.job_id);
         return actors::job_ended{result.job_id, domain::job_status::completed, 0, 0};
       },
@@ -313,6 +314,46 @@ TEST(relay, a_job_offered_again_to_the_provider_it_was_taken_from_relays_only_th
   EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << body;
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << "one result, the second attempt's";
+}
+
+TEST(relay, a_reasoning_models_thinking_reaches_a_chat_client_apart_from_the_answer_and_counts) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "6 times ", .attempt = 1, .reasoning = true});
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "7", .attempt = 1, .reasoning = true});
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("content":"42","reasoning_content":"6 times 7")"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"("completion_tokens":3)"), std::string::npos) << body;
+  EXPECT_TRUE(world.log->wait_for("tokens j1 3", 10s)) << "the thinking is billed as the answer is";
+}
+
+TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_counted) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "j1";
+  job.user_id = "u1";
+  job.premium = true;
+  job.request.kind = request_kind::completion;
+  job.request.model = "m";
+  job.request.prompt = "once";
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "hmm", .attempt = 1, .reasoning = true});
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = " upon", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("text":" upon")"), std::string::npos) << body;
+  EXPECT_EQ(body.find("hmm"), std::string::npos) << body;
+  EXPECT_TRUE(world.log->wait_for("tokens j1 1", 10s));
 }
 
 TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {

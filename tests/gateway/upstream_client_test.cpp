@@ -175,6 +175,7 @@ class stream_log {
     return {[this](std::string_view text) {
               record([&] {
                 deltas_.emplace_back(text);
+                pieces_.push_back("content:" + std::string(text));
                 delta_times_.push_back(std::chrono::steady_clock::now());
               });
             },
@@ -190,7 +191,24 @@ class stream_log {
                 ++finals_;
                 error_ = std::move(error);
               });
+            },
+            [this](std::string_view text) {
+              record([&] {
+                reasoning_.emplace_back(text);
+                pieces_.push_back("reasoning:" + std::string(text));
+              });
             }};
+  }
+
+  /// The thinking pieces, in order.
+  std::vector<std::string> reasoning() const {
+    std::lock_guard lock(mutex_);
+    return reasoning_;
+  }
+  /// Thinking ("reasoning:…") and answer ("content:…") pieces as they came.
+  std::vector<std::string> pieces() const {
+    std::lock_guard lock(mutex_);
+    return pieces_;
   }
 
   bool wait_final() {
@@ -237,6 +255,8 @@ class stream_log {
     changed_.notify_all();
   }
 
+  std::vector<std::string> reasoning_;
+  std::vector<std::string> pieces_;
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<std::string> deltas_;
@@ -730,6 +750,30 @@ TEST(UpstreamClient, AnErrorLineOfLlamaCppServerFailsTheStreamWithItsMessageAndF
         << exchange.log.error()->message;
     EXPECT_EQ(exchange.log.error()->upstream_fault, upstream_fault) << code;
   }
+}
+
+TEST(UpstreamClient, AReasoningModelsThinkingComesApartFromItsAnswerUnderEitherName) {
+  // llama.cpp server, vLLM and LM Studio stream delta.reasoning_content; Ollama delta.reasoning.
+  const std::string head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  one_shot_server server(head + R"(data: {"choices":[{"index":0,"delta":{"reasoning_content":"hmm "},"finish_reason":null}]})" "\n\n" +
+                         R"(data: {"choices":[{"index":0,"delta":{"reasoning":"so "},"finish_reason":null}]})" "\n\n" +
+                         R"(data: {"choices":[{"index":0,"delta":{"content":"","reasoning_content":null},"finish_reason":null}]})" "\n\n" +
+                         chat_event(0) + stop_event + "data: [DONE]\n\n");
+  one_shot_stream exchange(server);
+  ASSERT_TRUE(exchange.log.wait_final());
+  ASSERT_FALSE(exchange.log.error()) << exchange.log.error()->message;
+  EXPECT_EQ(exchange.log.pieces(), (std::vector<std::string>{"reasoning:hmm ", "reasoning:so ", "content:tok0 "}));
+}
+
+TEST(UpstreamClient, AWholeAnswersThinkingComesBeforeItsText) {
+  const std::string body =
+      R"({"choices":[{"index":0,"message":{"role":"assistant","content":"42","reasoning_content":"6 times 7"},"finish_reason":"stop"}]})";
+  one_shot_server server("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " +
+                         std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body);
+  one_shot_stream exchange(server);
+  ASSERT_TRUE(exchange.log.wait_final());
+  ASSERT_FALSE(exchange.log.error()) << exchange.log.error()->message;
+  EXPECT_EQ(exchange.log.pieces(), (std::vector<std::string>{"reasoning:6 times 7", "content:42"}));
 }
 
 TEST(UpstreamClient, AStreamSentWithItsHeaderAndEndedByClosingIsReadWhole) {
