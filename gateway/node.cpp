@@ -6,7 +6,9 @@
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 
 #include "actors/errors.hpp"
@@ -30,6 +32,55 @@ namespace {
 
 /// Why a job live when the server stopped failed (node::impl::fail_jobs_left_live).
 constexpr std::string_view stopped_while_live = "the server stopped while the job was live; nothing is billed";
+
+/// Most requests node::impl::ask_all has in flight at once.
+constexpr std::size_t ask_in_flight_max = 256;
+
+/// How many of ask_all's requests are answered, and how many of them succeeded.
+class ask_tally {
+ public:
+  explicit ask_tally(std::size_t count) : left_(count) {}
+  void done(bool succeeded) {
+    std::lock_guard lock(mutex_);
+    succeeded_ += succeeded ? 1 : 0;
+    if (--left_ == 0) all_done_.notify_all();
+  }
+  /// Waits until every request is answered; how many succeeded.
+  std::size_t wait() {
+    std::unique_lock lock(mutex_);
+    all_done_.wait(lock, [&] { return left_ == 0; });
+    return succeeded_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_done_;
+  std::size_t left_;
+  std::size_t succeeded_ = 0;
+};
+
+/// ask_all's requests, sent in order by one actor: each answer sends the next one not yet sent.
+/// Kept alive by the answers it waits for.
+template <class Ask>
+class ask_chain : public std::enable_shared_from_this<ask_chain<Ask>> {
+ public:
+  ask_chain(caf::event_based_actor* actor, Ask ask, std::size_t count, std::shared_ptr<ask_tally> tally)
+      : actor_(actor), ask_(std::move(ask)), count_(count), tally_(std::move(tally)) {}
+  void send_next() {
+    if (next_ >= count_) return;
+    ask_(actor_, next_++, [self = this->shared_from_this()](bool succeeded) {
+      self->tally_->done(succeeded);
+      self->send_next();
+    });
+  }
+
+ private:
+  caf::event_based_actor* actor_;
+  Ask ask_;
+  std::size_t count_;
+  std::size_t next_ = 0;
+  std::shared_ptr<ask_tally> tally_;
+};
 
 http_response api_error_response(const api_error& error) {
   return {error.status, "application/json", error_body(error), {}};
@@ -195,32 +246,19 @@ class node::impl {
     take_offline_providers_left_online();
   }
 
-  /// Runs `ask(actor, i, done)` for each i below `count`, all at once from one of the bridge's
-  /// actors (so that appends share the store's group commits), and waits until every one has
-  /// called done(succeeded). Returns how many succeeded. Each request must have a timeout.
+  /// Runs `ask(actor, i, done)` for each i below `count` from one of the bridge's actors, at most
+  /// ask_in_flight_max at a time (so that appends share the store's group commits without
+  /// flooding it), and waits until every one has called done(succeeded). Returns how many
+  /// succeeded. Each request must have a timeout.
   template <class Ask>
   std::size_t ask_all(std::size_t count, Ask ask) {
     if (count == 0) return 0;
-    struct tally {
-      std::mutex mutex;
-      std::condition_variable all_done;
-      std::size_t left = 0;
-      std::size_t succeeded = 0;
-    };
-    auto counts = std::make_shared<tally>();
-    counts->left = count;
+    auto counts = std::make_shared<ask_tally>(count);
     bridge_.run([counts, count, ask](caf::event_based_actor* actor) {
-      for (std::size_t i = 0; i < count; ++i) {
-        ask(actor, i, [counts](bool succeeded) {
-          std::lock_guard lock(counts->mutex);
-          counts->succeeded += succeeded ? 1 : 0;
-          if (--counts->left == 0) counts->all_done.notify_all();
-        });
-      }
+      auto chain = std::make_shared<ask_chain<Ask>>(actor, ask, count, counts);
+      for (std::size_t i = 0; i < std::min(count, ask_in_flight_max); ++i) chain->send_next();
     });
-    std::unique_lock lock(counts->mutex);
-    counts->all_done.wait(lock, [&] { return counts->left == 0; });
-    return counts->succeeded;
+    return counts->wait();
   }
 
   /// Bills of jobs whose end the log holds without its ledger group (a stop between the two

@@ -678,20 +678,29 @@ TEST(cli_serve_upgrade, a_transfer_id_applied_twice_before_claims_is_claimed_onc
   EXPECT_NE(run.err.find("applied twice"), std::string::npos) << run.err;
 }
 
-/// Appends `story` to the new stream `stream` of the store in `data` (closed), in one append.
-void append_story(const std::filesystem::path& data, const std::string& stream, std::uint64_t expected_version,
-                  const std::vector<events::event>& story, std::uint64_t id_tag) {
+/// One stream's story for append_stories: appended at `expected_version`, its event ids tagged `id_tag`.
+struct story_part {
+  std::string stream;
+  std::uint64_t expected_version = storage::no_stream;
+  std::vector<events::event> story;
+  std::uint64_t id_tag = 0;
+};
+
+/// Appends each part, one append per part, to the store in `data` (closed).
+void append_stories(const std::filesystem::path& data, const std::vector<story_part>& parts) {
   storage::store_options options;
   options.mode = storage::durability::buffered;
   auto store = storage::event_store::open(data, options);
   ASSERT_TRUE(store) << store.error().message;
-  storage::stream_append append{stream, expected_version, {}};
-  for (std::size_t n = 0; n < story.size(); ++n) {
-    append.events.push_back({storage::testing::make_id(id_tag, n), events::type_of(story[n]),
-                             events::encode_payload(story[n])});
+  for (const auto& part : parts) {
+    storage::stream_append append{part.stream, part.expected_version, {}};
+    for (std::size_t n = 0; n < part.story.size(); ++n) {
+      append.events.push_back({storage::testing::make_id(part.id_tag, n), events::type_of(part.story[n]),
+                               events::encode_payload(part.story[n])});
+    }
+    auto appended = (*store)->append({std::move(append)});
+    ASSERT_TRUE(appended) << appended.error().message;
   }
-  auto appended = (*store)->append({std::move(append)});
-  ASSERT_TRUE(appended) << appended.error().message;
 }
 
 /// The last event of `stream` in the store in `data` (closed).
@@ -733,7 +742,7 @@ std::vector<events::event> job_story(const std::string& id, const std::string& u
 
 void append_job_left_unsettled(const std::filesystem::path& data, const std::string& id, const std::string& user_id,
                                events::ledger_bill bill) {
-  append_story(data, "job-" + id, storage::no_stream, job_story(id, user_id, 5, std::move(bill)), 0xb111'00 + std::stoull(id));
+  append_stories(data, {{"job-" + id, storage::no_stream, job_story(id, user_id, 5, std::move(bill)), 0xb111'00 + std::stoull(id)}});
 }
 
 std::uint64_t unsettled_bills_verified(const std::filesystem::path& data) {
@@ -789,22 +798,28 @@ TEST(cli_serve_left_open, jobs_live_and_providers_online_when_a_kill_came_are_cl
   temp_dir dir;
   (void)make_example_store(dir.path());
   ASSERT_FALSE(::testing::Test::HasFailure());
-  // Job 92 was streaming on provider 17, linked again, when the server was killed.
-  append_story(dir.path(), "job-92", storage::no_stream, job_story("92", "bob", 4), 0xb192);
+  // Jobs 100 to 399 were streaming on provider 17, linked again, when the server was killed:
+  // more than serve asks to fail at once (256).
+  std::vector<story_part> parts;
+  for (int id = 100; id < 400; ++id) {
+    parts.push_back({"job-" + std::to_string(id), storage::no_stream, job_story(std::to_string(id), "bob", 4),
+                     0xb1'0000u + static_cast<std::uint64_t>(id)});
+  }
   auto connected = std::get<events::provider_connected>(events::event_examples()[6]);
   connected.provider_id = "17";
-  append_story(dir.path(), "provider-17", storage::any_version, {connected}, 0xb017);
+  parts.push_back({"provider-17", storage::any_version, {connected}, 0xb017});
+  append_stories(dir.path(), parts);
   ASSERT_FALSE(::testing::Test::HasFailure());
 
   auto serve = start_serve(dir.path(), "127.0.0.1:0");
   ASSERT_NE(serve.port, 0) << serve.child->output();
-  EXPECT_NE(serve.child->err().find("failed 1 of 1 jobs that were live when the server stopped"), std::string::npos)
+  EXPECT_NE(serve.child->err().find("failed 300 of 300 jobs that were live when the server stopped"), std::string::npos)
       << serve.child->output();
   EXPECT_NE(serve.child->err().find("took 1 of 1 providers offline"), std::string::npos) << serve.child->output();
   serve.child->send_signal(SIGTERM);
   ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
 
-  const auto job = last_event(dir.path(), "job-92");
+  const auto job = last_event(dir.path(), "job-399");
   ASSERT_TRUE(job && std::holds_alternative<events::job_failed>(*job));
   EXPECT_EQ(std::get<events::job_failed>(*job).reason, events::failure_reason::internal);
   EXPECT_NE(std::get<events::job_failed>(*job).message.find("the server stopped"), std::string::npos);
