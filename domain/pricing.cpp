@@ -81,6 +81,24 @@ expected<std::int64_t, error> rounded_up_micros(__int128 exact, std::uint32_t pr
   return static_cast<std::int64_t>(rounded_up);
 }
 
+/// The exact cost of each earlier attempt's tokens at its own price (exact_cost), counting at most
+/// `tokens_max` tokens over all of them, in order; `counted` gets how many were. Refuses an
+/// earlier part without a provider or with a negative price.
+expected<std::vector<__int128>, error> earlier_costs(const std::vector<earlier_part>& earlier, std::uint32_t tokens_max,
+                                                     std::int64_t multiplier_percent, std::uint32_t& counted) {
+  std::vector<__int128> costs;
+  costs.reserve(earlier.size());
+  counted = 0;
+  for (const auto& part : earlier) {
+    if (part.provider_id.empty()) return refuse(errc::invalid_argument, "an earlier attempt has no provider to pay");
+    if (auto valid = check_price(part.price); !valid) return unexpected{valid.error()};
+    const std::uint32_t tokens = std::min(part.completion_tokens, tokens_max - counted);
+    counted += tokens;
+    costs.push_back(exact_cost(part.price, 0, tokens, multiplier_percent));
+  }
+  return costs;
+}
+
 /// One provider's part of a job's bill.
 struct provider_part {
   std::string provider_id;
@@ -206,13 +224,12 @@ expected<std::int64_t, error> hold_left_micros(std::int64_t hold_micros, const s
                                                quality_tier tier, const pricing_options& options) {
   const auto rule = rule_of(options, tier);
   if (!rule) return unexpected{rule.error()};
-  __int128 spent = 0;
   std::uint32_t tokens = 0;
-  for (const auto& part : earlier) {
-    if (auto valid = check_price(part.price); !valid) return unexpected{valid.error()};
-    spent += exact_cost(part.price, 0, part.completion_tokens, rule->multiplier_percent);
-    tokens += part.completion_tokens;  // at most one job's max_tokens together
-  }
+  const auto costs =
+      earlier_costs(earlier, std::numeric_limits<std::uint32_t>::max(), rule->multiplier_percent, tokens);
+  if (!costs) return unexpected{costs.error()};
+  __int128 spent = 0;
+  for (const auto cost : *costs) spent += cost;
   const auto spent_micros = rounded_up_micros(spent, 0, tokens);
   if (!spent_micros) return unexpected{spent_micros.error()};
   return std::max<std::int64_t>(hold_micros - *spent_micros, 0);
@@ -228,26 +245,17 @@ expected<job_settlement, error> settle_job(const job_bill& bill, const pricing_o
   // Each earlier attempt is paid its own tokens (never more than are billed in all) at its own
   // price, rounded down; the whole is rounded up once, as one provider's bill is, and the last
   // attempt's part, the prompt and the tokens after theirs, is the rest.
-  std::vector<__int128> earlier_exact;
   std::uint32_t counted = 0;
-  __int128 whole = 0;
-  for (const auto& part : bill.earlier) {
-    if (part.provider_id.empty()) {
-      return refuse(errc::invalid_argument, "an earlier attempt of job " + bill.job_id + " has no provider to pay");
-    }
-    if (auto valid = check_price(part.price); !valid) return unexpected{valid.error()};
-    const std::uint32_t tokens = std::min(part.completion_tokens, completion - counted);
-    counted += tokens;
-    earlier_exact.push_back(exact_cost(part.price, 0, tokens, rule->multiplier_percent));
-    whole += earlier_exact.back();
-  }
-  whole += exact_cost(bill.price, prompt, completion - counted, rule->multiplier_percent);
+  const auto earlier_exact = earlier_costs(bill.earlier, completion, rule->multiplier_percent, counted);
+  if (!earlier_exact) return refuse(earlier_exact.error().code, "job " + bill.job_id + ": " + earlier_exact.error().message);
+  __int128 whole = exact_cost(bill.price, prompt, completion - counted, rule->multiplier_percent);
+  for (const auto cost : *earlier_exact) whole += cost;
   const auto gross = rounded_up_micros(whole, prompt, completion);
   if (!gross) return unexpected{gross.error()};
 
   std::vector<provider_part> parts{{bill.provider_id, *gross, 0}};  // the last attempt's: the rest
   for (std::size_t i = 0; i < bill.earlier.size(); ++i) {
-    const auto share = static_cast<std::int64_t>(earlier_exact[i] / cost_divisor);  // <= gross: it fits
+    const auto share = static_cast<std::int64_t>((*earlier_exact)[i] / cost_divisor);  // <= gross: it fits
     parts.push_back({bill.earlier[i].provider_id, share, 0});
     parts.front().gross_micros -= share;
   }

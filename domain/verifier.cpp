@@ -344,9 +344,7 @@ domain_verifier::result domain_verifier::apply_job(const where& at, const events
 }
 
 domain_verifier::result domain_verifier::note_bill(const where& at, const events::event& event) {
-  const events::ledger_bill* bill = nullptr;
-  if (const auto* completed = std::get_if<events::job_completed>(&event)) bill = &completed->bill;
-  if (const auto* cancelled = std::get_if<events::job_cancelled>(&event)) bill = &cancelled->bill;
+  const auto* bill = events::bill_of(event);
   if (bill == nullptr || bill->transfers.empty()) return {};
   // Job streams and their groups share their names: "job-<id>".
   if (bill->group_id != at.stream)
@@ -368,8 +366,8 @@ domain_verifier::result domain_verifier::match_bill(const where& at, const event
     return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " of group " +
                                              quoted(recorded.linked_group_id) + " is not in the bill its job recorded");
   const auto& b = billed->second;
-  if (b.debit_account != recorded.debit_account || b.credit_account != recorded.credit_account ||
-      b.amount_micros != recorded.amount_micros || b.kind != recorded.kind || b.reference != recorded.reference)
+  if (b != events::billed_transfer{recorded.transfer_id, recorded.debit_account, recorded.credit_account,
+                                   recorded.amount_micros, recorded.kind, recorded.reference})
     return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " moves " +
                                              micros(recorded.amount_micros) + " from " + quoted(recorded.debit_account) +
                                              " to " + quoted(recorded.credit_account) + "; its job's bill says " +

@@ -37,4 +37,10 @@ std::string_view type_name(event_type type) noexcept {
   return type_names[type];
 }
 
+const ledger_bill* bill_of(const event& e) noexcept {
+  if (const auto* completed = std::get_if<job_completed>(&e)) return &completed->bill;
+  if (const auto* cancelled = std::get_if<job_cancelled>(&e)) return &cancelled->bill;
+  return nullptr;
+}
+
 }  // namespace gpustream::events

@@ -572,4 +572,8 @@ inline constexpr event_type event_type_count = std::variant_size_v<event>;
 /// The returned view points at static storage.
 [[nodiscard]] std::string_view type_name(event_type type) noexcept;
 
+/// The bill a job's end records (job_completed, job_cancelled); nullptr for any other event. It
+/// points into `e`.
+[[nodiscard]] const ledger_bill* bill_of(const event& e) noexcept;
+
 }  // namespace gpustream::events

@@ -572,16 +572,8 @@ class directory::impl {
   }
 
   /// A job's end with a bill waits for its ledger group, which the log holds after it.
-  void note_bill(const events::event& e) {
-    const events::ledger_bill* bill = nullptr;
-    std::string_view job_id;
-    if (const auto* completed = std::get_if<events::job_completed>(&e)) {
-      bill = &completed->bill;
-      job_id = completed->job_id;
-    } else if (const auto* cancelled = std::get_if<events::job_cancelled>(&e)) {
-      bill = &cancelled->bill;
-      job_id = cancelled->job_id;
-    }
+  void note_bill(std::string_view job_id, const events::event& e) {
+    const auto* bill = events::bill_of(e);
     if (bill == nullptr || bill->transfers.empty()) return;
     unsettled_.insert_or_assign(bill->group_id, unsettled_bill{std::string(job_id), *bill});
   }
@@ -600,7 +592,7 @@ class directory::impl {
     // A forgotten job's events come once, in order, from the subscription: its bill still counts.
     const auto found = jobs_.find(std::string(id));
     if (found != jobs_.end() && !advance(found->second.version, version)) return;
-    note_bill(e);
+    note_bill(id, e);
     if (found == jobs_.end()) return;  // forgotten
     std::visit([&](const auto& event) { on_job_event(found->second, event); }, e);
   }

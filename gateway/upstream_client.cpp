@@ -673,8 +673,8 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (auto usage = read_usage(object)) usage_ = usage;
     if (const auto choice = first_choice(object)) {
       if (choice->finish_reason != nullptr) finish_reason_ = *choice->finish_reason;
-      if (!choice->reasoning.empty()) deliver_reasoning(choice->reasoning);
-      if (!choice->text.empty()) deliver_delta(choice->text);
+      if (!choice->reasoning.empty()) deliver_piece(handlers_.on_reasoning, choice->reasoning);
+      if (!choice->text.empty()) deliver_piece(handlers_.on_delta, choice->text);
     }
     return !stopped();
   }
@@ -723,8 +723,8 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     usage_ = read_usage(object);
     if (choice->finish_reason != nullptr) finish_reason_ = *choice->finish_reason;
     recycle();
-    if (!choice->reasoning.empty()) deliver_reasoning(choice->reasoning);
-    if (!choice->text.empty()) deliver_delta(choice->text);
+    if (!choice->reasoning.empty()) deliver_piece(handlers_.on_reasoning, choice->reasoning);
+    if (!choice->text.empty()) deliver_piece(handlers_.on_delta, choice->text);
     deliver_done();
   }
 
@@ -763,16 +763,11 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
 
   // ---- callbacks: under callback_mutex_, never after cancel() or a final callback
 
-  void deliver_delta(std::string_view text) {
+  /// A piece of the answer (`on_delta`) or of the thinking (`on_reasoning`) to `handler`.
+  void deliver_piece(const std::function<void(std::string_view)>& handler, std::string_view text) {
     std::lock_guard lock(callback_mutex_);
     if (cancelled_ || over_) return;
-    if (handlers_.on_delta) handlers_.on_delta(text);
-  }
-
-  void deliver_reasoning(std::string_view text) {
-    std::lock_guard lock(callback_mutex_);
-    if (cancelled_ || over_) return;
-    if (handlers_.on_reasoning) handlers_.on_reasoning(text);
+    if (handler) handler(text);
   }
 
   void deliver_done() {

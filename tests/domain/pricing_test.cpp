@@ -436,6 +436,20 @@ TEST(pricing_settle, the_ledger_applies_a_settlement_once_and_refuses_an_unfunde
 }
 
 }  // namespace
+TEST(pricing_settle, an_earlier_attempt_without_a_provider_or_with_a_negative_price_is_refused_naming_the_job) {
+  auto bill = premium_bill();
+  bill.earlier = {earlier_part{"", {50'000, 400'000}, 10}};
+  const auto nobody = settle_job(bill, defaults);
+  ASSERT_FALSE(nobody);
+  EXPECT_EQ(nobody.error().code, errc::invalid_argument);
+  EXPECT_NE(nobody.error().message.find("job 42"), std::string::npos) << nobody.error().message;
+  EXPECT_NE(nobody.error().message.find("no provider to pay"), std::string::npos) << nobody.error().message;
+  bill.earlier = {earlier_part{"p0", {50'000, -1}, 10}};
+  const auto negative = settle_job(bill, defaults);
+  ASSERT_FALSE(negative);
+  EXPECT_NE(negative.error().message.find("must not be negative"), std::string::npos) << negative.error().message;
+}
+
 TEST(pricing_hold_left, is_the_hold_less_the_earlier_tokens_cost_rounded_up_once_never_below_zero) {
   const pricing_options options;  // standard tier: 100%
   const std::vector<earlier_part> earlier{{"p1", {1'000'000, 3'000'000}, 400}, {"p2", {0, 333'333}, 3}};
