@@ -68,6 +68,18 @@ void actor_bridge::run_keyed(std::string_view key, task t) {
   caf::anon_send(actors_[i], bridge_task{std::move(t)});
 }
 
+void detail::ask_tally::done(bool succeeded) {
+  std::lock_guard lock(mutex_);
+  succeeded_ += succeeded ? 1 : 0;
+  if (--left_ == 0) all_done_.notify_all();
+}
+
+std::size_t detail::ask_tally::wait() {
+  std::unique_lock lock(mutex_);
+  all_done_.wait(lock, [&] { return left_ == 0; });
+  return succeeded_;
+}
+
 void actor_bridge::run(task t) {
   const auto i = next_.fetch_add(1, std::memory_order_relaxed) % actors_.size();
   caf::anon_send(actors_[i], bridge_task{std::move(t)});

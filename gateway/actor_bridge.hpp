@@ -7,14 +7,60 @@
 
 #include <caf/fwd.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <string_view>
 #include <vector>
 
 namespace gpustream::gateway {
+
+namespace detail {
+
+/// How many of actor_bridge::ask_all's requests are answered, and how many of them succeeded.
+class ask_tally {
+ public:
+  explicit ask_tally(std::size_t count) : left_(count) {}
+  void done(bool succeeded);
+  /// Waits until every request is answered; how many succeeded.
+  std::size_t wait();
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_done_;
+  std::size_t left_;
+  std::size_t succeeded_ = 0;
+};
+
+/// ask_all's requests, made in order by one actor: each answer makes the next one not yet made.
+/// Kept alive by the answers it waits for.
+template <class Ask>
+class ask_chain : public std::enable_shared_from_this<ask_chain<Ask>> {
+ public:
+  ask_chain(caf::event_based_actor* actor, Ask ask, std::size_t count, std::shared_ptr<ask_tally> tally)
+      : actor_(actor), ask_(std::move(ask)), count_(count), tally_(std::move(tally)) {}
+  void ask_next() {
+    if (next_ >= count_) return;
+    ask_(actor_, next_++, [self = this->shared_from_this()](bool succeeded) {
+      self->tally_->done(succeeded);
+      self->ask_next();
+    });
+  }
+
+ private:
+  caf::event_based_actor* actor_;
+  Ask ask_;
+  std::size_t count_;
+  std::size_t next_ = 0;
+  std::shared_ptr<ask_tally> tally_;
+};
+
+}  // namespace detail
 
 class actor_bridge {
  public:
@@ -36,6 +82,23 @@ class actor_bridge {
   void run_keyed(std::string_view key, task t);
   /// Runs `t` inside one of the bridge's actors after `delay`.
   void run_later(std::chrono::milliseconds delay, task t);
+
+  /// Makes `count` requests from one of the bridge's actors and waits until every one is
+  /// answered: `ask(self, i, done)` makes request i (i from 0, in order) and, in its answer's
+  /// continuation, calls done(succeeded). At most `in_flight_max` (>= 1) are unanswered at once, so
+  /// that a burst of appends shares the store's group commits without flooding it. Returns how
+  /// many succeeded. Blocks the caller: not for an actor's or a server's thread; each request must
+  /// have a timeout, and the bridge must not stop meanwhile.
+  template <class Ask>
+  std::size_t ask_all(std::size_t count, std::size_t in_flight_max, Ask ask) {
+    if (count == 0) return 0;
+    auto tally = std::make_shared<detail::ask_tally>(count);
+    run([tally, count, in_flight_max, ask = std::move(ask)](caf::event_based_actor* self) {
+      auto chain = std::make_shared<detail::ask_chain<Ask>>(self, ask, count, tally);
+      for (std::size_t i = 0; i < std::min(count, std::max<std::size_t>(in_flight_max, 1)); ++i) chain->ask_next();
+    });
+    return tally->wait();
+  }
 
   /// Stops the bridge's actors and waits until they are gone: once it returns, no task or
   /// continuation runs any more (those still queued or pending are dropped, as are tasks handed

@@ -2,14 +2,9 @@
 
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
-#include <caf/scoped_actor.hpp>
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
 
-#include <algorithm>
-#include <condition_variable>
-#include <memory>
-#include <mutex>
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
@@ -33,54 +28,8 @@ namespace {
 /// Why a job live when the server stopped failed (node::impl::fail_jobs_left_live).
 constexpr std::string_view stopped_while_live = "the server stopped while the job was live; nothing is billed";
 
-/// Most requests node::impl::ask_all has in flight at once.
-constexpr std::size_t ask_in_flight_max = 256;
-
-/// How many of ask_all's requests are answered, and how many of them succeeded.
-class ask_tally {
- public:
-  explicit ask_tally(std::size_t count) : left_(count) {}
-  void done(bool succeeded) {
-    std::lock_guard lock(mutex_);
-    succeeded_ += succeeded ? 1 : 0;
-    if (--left_ == 0) all_done_.notify_all();
-  }
-  /// Waits until every request is answered; how many succeeded.
-  std::size_t wait() {
-    std::unique_lock lock(mutex_);
-    all_done_.wait(lock, [&] { return left_ == 0; });
-    return succeeded_;
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable all_done_;
-  std::size_t left_;
-  std::size_t succeeded_ = 0;
-};
-
-/// ask_all's requests, sent in order by one actor: each answer sends the next one not yet sent.
-/// Kept alive by the answers it waits for.
-template <class Ask>
-class ask_chain : public std::enable_shared_from_this<ask_chain<Ask>> {
- public:
-  ask_chain(caf::event_based_actor* actor, Ask ask, std::size_t count, std::shared_ptr<ask_tally> tally)
-      : actor_(actor), ask_(std::move(ask)), count_(count), tally_(std::move(tally)) {}
-  void send_next() {
-    if (next_ >= count_) return;
-    ask_(actor_, next_++, [self = this->shared_from_this()](bool succeeded) {
-      self->tally_->done(succeeded);
-      self->send_next();
-    });
-  }
-
- private:
-  caf::event_based_actor* actor_;
-  Ask ask_;
-  std::size_t count_;
-  std::size_t next_ = 0;
-  std::shared_ptr<ask_tally> tally_;
-};
+/// Most requests in flight at once while node::start closes what a stop left open.
+constexpr std::size_t left_open_in_flight_max = 256;
 
 http_response api_error_response(const api_error& error) {
   return {error.status, "application/json", error_body(error), {}};
@@ -246,21 +195,6 @@ class node::impl {
     take_offline_providers_left_online();
   }
 
-  /// Runs `ask(actor, i, done)` for each i below `count` from one of the bridge's actors, at most
-  /// ask_in_flight_max at a time (so that appends share the store's group commits without
-  /// flooding it), and waits until every one has called done(succeeded). Returns how many
-  /// succeeded. Each request must have a timeout.
-  template <class Ask>
-  std::size_t ask_all(std::size_t count, Ask ask) {
-    if (count == 0) return 0;
-    auto counts = std::make_shared<ask_tally>(count);
-    bridge_.run([counts, count, ask](caf::event_based_actor* actor) {
-      auto chain = std::make_shared<ask_chain<Ask>>(actor, ask, count, counts);
-      for (std::size_t i = 0; i < std::min(count, ask_in_flight_max); ++i) chain->send_next();
-    });
-    return counts->wait();
-  }
-
   /// Bills of jobs whose end the log holds without its ledger group (a stop between the two
   /// appends, or a group the ledger refused then): each goes to the ledger as recorded. The ledger
   /// applies a group at most once, so one settled meanwhile changes nothing. One refused again
@@ -271,7 +205,7 @@ class node::impl {
         directory_->unsettled_bills(std::numeric_limits<std::size_t>::max()));
     if (bills->empty()) return;
     spdlog::info("settling {} job bills that the log holds without their ledger groups", bills->size());
-    const auto settled = ask_all(bills->size(), [this, bills](caf::event_based_actor* actor, std::size_t i, auto done) {
+    const auto settled = bridge_.ask_all(bills->size(), left_open_in_flight_max, [this, bills](caf::event_based_actor* actor, std::size_t i, auto done) {
       actor->request(runtime_.ledger, options_.left_open_wait_max, domain::ledger::command{domain::from_bill((*bills)[i].bill)})
           .then([done](const actors::command_reply&) { done(true); },
                 [done, bills, i](caf::error& failure) {
@@ -300,7 +234,7 @@ class node::impl {
       }
     }
     if (live->empty()) return;
-    const auto failed = ask_all(live->size(), [this, live](caf::event_based_actor* actor, std::size_t i, auto done) {
+    const auto failed = bridge_.ask_all(live->size(), left_open_in_flight_max, [this, live](caf::event_based_actor* actor, std::size_t i, auto done) {
       actor->request(runtime_.jobs, options_.left_open_wait_max, (*live)[i],
                      domain::job::command{domain::fail_job{events::failure_reason::internal, std::string(stopped_while_live)}})
           .then([done](const actors::command_reply&) { done(true); },
@@ -321,7 +255,7 @@ class node::impl {
       if (p.online) online->push_back(p.provider_id);
     }
     if (online->empty()) return;
-    const auto offline = ask_all(online->size(), [this, online](caf::event_based_actor* actor, std::size_t i, auto done) {
+    const auto offline = bridge_.ask_all(online->size(), left_open_in_flight_max, [this, online](caf::event_based_actor* actor, std::size_t i, auto done) {
       actor->request(runtime_.providers, options_.left_open_wait_max, (*online)[i],
                      domain::provider::command{domain::provider::disconnect{events::disconnect_reason::connection_lost,
                                                                             "the server stopped"}})
