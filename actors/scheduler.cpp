@@ -240,11 +240,21 @@ events::ledger_bill recorded_bill(const expected<domain::job_settlement, domain:
   return domain::to_bill(settled.value().group);
 }
 
-/// Moves the money of a job whose end (with `settled`'s bill) is recorded, scores its provider and
-/// records free usage; then answers `reply` and forgets the job.
+/// What the end of a job settled as `settled` after `completion_tokens` counts against a free
+/// user's daily quota, recorded with the end like its bill: its prompt and completion; nothing for
+/// a premium job, or an end that could not be settled (which records no usage either).
+std::uint32_t recorded_free_tokens(const live_job& job,
+                                   const expected<domain::job_settlement, domain::error>& settled,
+                                   std::uint32_t completion_tokens) {
+  if (job.request.premium || !settled) return 0;
+  return job.request.prompt_tokens + completion_tokens;
+}
+
+/// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
+/// scores its provider and records the free usage; then answers `reply` and forgets the job.
 void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
-            expected<domain::job_settlement, domain::error> settled, const domain::job_measure& measure,
-            caf::typed_response_promise<job_ended> reply) {
+            expected<domain::job_settlement, domain::error> settled, std::uint32_t free_tokens,
+            const domain::job_measure& measure, caf::typed_response_promise<job_ended> reply) {
   if (!settled) {
     forget(self, job_id);
     reply.deliver(make_error(settled.error()));
@@ -254,7 +264,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
                         outcome == domain::job_outcome::completed ? domain::job_status::completed
                                                                   : domain::job_status::cancelled,
                         settled.value().gross_micros, settled.value().platform_fee_micros};
-  auto after_ledger = [self, job_id, outcome, measure, ended, reply]() mutable {
+  auto after_ledger = [self, job_id, outcome, free_tokens, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
       record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure);
@@ -263,13 +273,12 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
           job.provider_id, job.request.model, measure.ttft_us,
           static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / streaming_us);
     }
-    if (!job.request.premium) {
+    if (free_tokens > 0) {
       // The job's hold on the quota lasts until its usage is recorded: a user's state answers
       // what is recorded, so a job admitted in between must still see these tokens.
       const std::string user_id = job.request.user_id;
       self->request(self->state.peers.users, caf::infinite, user_id,
-                    domain::user::command{domain::record_free_usage{
-                        job_id, job.request.prompt_tokens + measure.completion_tokens}})
+                    domain::user::command{domain::record_free_usage{job_id, free_tokens}})
           .then([self, user_id, held = job.free_tokens_held](
                     const command_reply&) { release(self->state.free_tokens_held, user_id, held); },
                 [self, user_id, held = job.free_tokens_held](caf::error&) {
@@ -734,13 +743,15 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
                                     result.provider_reported_tokens, result.ttft_us,
                                     result.total_us};
   auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, tokens, result.ad);
+  const std::uint32_t free_tokens = recorded_free_tokens(job, settled, tokens);
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,
                 domain::job::command{domain::complete_job{result.provider_id, tokens,
                                                           result.provider_reported_tokens,
-                                                          recorded_bill(settled)}})
+                                                          recorded_bill(settled), free_tokens}})
       .then(
-          [self, job_id = result.job_id, measure, settled, reply](const command_reply&) mutable {
-            settle(self, job_id, domain::job_outcome::completed, std::move(settled), measure, reply);
+          [self, job_id = result.job_id, measure, settled, free_tokens, reply](const command_reply&) mutable {
+            settle(self, job_id, domain::job_outcome::completed, std::move(settled), free_tokens, measure,
+                   reply);
           },
           [self, job_id = result.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);
@@ -803,11 +814,12 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   const bool billed = started || tokens > 0;
   std::optional<expected<domain::job_settlement, domain::error>> settled;
   if (billed) settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, tokens, std::nullopt);
+  const std::uint32_t free_tokens = settled ? recorded_free_tokens(found->second, *settled, tokens) : 0;
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{
-                    cancel.by, tokens, settled ? recorded_bill(*settled) : events::ledger_bill{}}})
+                    cancel.by, tokens, settled ? recorded_bill(*settled) : events::ledger_bill{}, free_tokens}})
       .then(
-          [self, job_id = cancel.job_id, tokens, settled, reply](const command_reply&) mutable {
+          [self, job_id = cancel.job_id, tokens, settled, free_tokens, reply](const command_reply&) mutable {
             if (!settled) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
@@ -815,7 +827,8 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
             }
             domain::job_measure measure;
             measure.completion_tokens = tokens;
-            settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), measure, reply);
+            settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), free_tokens, measure,
+                   reply);
           },
           [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {
             forget(self, job_id);

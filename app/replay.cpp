@@ -353,6 +353,10 @@ std::string format_aggregates(const replay_report& report) {
     out += "job bills not yet in the ledger: " + n(a.job_bills_unsettled) +
            " (a stop came between a job's end and its ledger group; serve settles them when it starts)\n";
   }
+  if (a.free_usage_unrecorded > 0) {
+    out += "free jobs' usage not yet counted against their users' quotas: " + n(a.free_usage_unrecorded) +
+           " (a stop came between a job's end and its usage; serve records it when it starts)\n";
+  }
   out += "snapshots: " + n(report.snapshots_compared) + " equal to the log, " + n(report.snapshots_skipped) +
          " skipped (another snapshot_version)\n";
   return out;
@@ -375,6 +379,7 @@ boost::json::object aggregates_json(const replay_report& report) {
   out["ledger_groups"] = a.ledger_groups;
   out["ledger_accounts"] = a.ledger_accounts;
   out["job_bills_unsettled"] = a.job_bills_unsettled;
+  out["free_usage_unrecorded"] = a.free_usage_unrecorded;
   return out;
 }
 

@@ -109,6 +109,20 @@ decision on(const job_state& s, const reassign_job& c, std::int64_t now_us, cons
   return events_list{events::job_reassigned{s.job_id, c.from_provider_id, c.reason, c.tokens_so_far, now_us}};
 }
 
+/// An end counts nothing against the free quota, or (free tier only) its prompt and completion.
+expected<void, error> check_free_tokens(const job_state& s, std::uint32_t free_tokens,
+                                        std::uint32_t completion_tokens) {
+  if (free_tokens == 0) return {};
+  if (s.premium) return refuse(errc::invalid_argument, describe(s) + " is premium: it counts no free tokens, not " +
+                                                           std::to_string(free_tokens));
+  const std::uint64_t used = std::uint64_t{s.prompt_tokens} + completion_tokens;
+  if (free_tokens != used)
+    return refuse(errc::invalid_argument, describe(s) + " used " + std::to_string(used) +
+                                              " free tokens (prompt and completion), not " +
+                                              std::to_string(free_tokens));
+  return {};
+}
+
 decision on(const job_state& s, const complete_job& c, std::int64_t now_us, const job_options&) {
   if (s.status == job_status::completed && s.provider_id == c.provider_id &&
       s.completion_tokens == c.completion_tokens && s.provider_reported_tokens == c.provider_reported_tokens)
@@ -117,9 +131,10 @@ decision on(const job_state& s, const complete_job& c, std::int64_t now_us, cons
     return wrong_state(s, "complete it on provider " + quoted(c.provider_id));
   if (auto ok = check_range("completion_tokens", c.completion_tokens, s.tokens_so_far, s.max_tokens); !ok)
     return unexpected{ok.error()};
+  if (auto ok = check_free_tokens(s, c.free_tokens, c.completion_tokens); !ok) return unexpected{ok.error()};
   return events_list{events::job_completed{s.job_id, c.provider_id, s.prompt_tokens, c.completion_tokens,
                                            c.provider_reported_tokens, s.first_token_at_us - s.submitted_at_us,
-                                           now_us - s.submitted_at_us, now_us, c.bill}};
+                                           now_us - s.submitted_at_us, now_us, c.bill, c.free_tokens}};
 }
 
 decision on(const job_state& s, const fail_job& c, std::int64_t now_us, const job_options& o) {
@@ -142,7 +157,8 @@ decision on(const job_state& s, const cancel_job& c, std::int64_t now_us, const 
   if (is_terminal(s.status)) return wrong_state(s, "cancel it");
   if (auto ok = check_range("tokens_produced", c.tokens_produced, s.tokens_so_far, s.max_tokens); !ok)
     return unexpected{ok.error()};
-  return events_list{events::job_cancelled{s.job_id, c.by, c.tokens_produced, now_us, c.bill}};
+  if (auto ok = check_free_tokens(s, c.free_tokens, c.tokens_produced); !ok) return unexpected{ok.error()};
+  return events_list{events::job_cancelled{s.job_id, c.by, c.tokens_produced, now_us, c.bill, c.free_tokens}};
 }
 
 decision on(const job_state& s, const expire_job&, std::int64_t now_us, const job_options&) {

@@ -157,6 +157,9 @@ struct complete_job {
   std::uint32_t provider_reported_tokens = 0;
   /// What the end owes the ledger (domain::to_bill of the job's settlement), recorded with it.
   events::ledger_bill bill{};
+  /// What the end counts against a free user's daily quota: 0, or the prompt and completion
+  /// tokens (always 0 for a premium job). Recorded with it, like the bill.
+  std::uint32_t free_tokens = 0;
 };
 
 /// Any live state -> failed. deadline_exceeded only for a queued job whose deadline has passed.
@@ -169,8 +172,9 @@ struct fail_job {
 struct cancel_job {
   events::cancelled_by by = events::cancelled_by::client;
   std::uint32_t tokens_produced = 0;
-  /// What the end owes the ledger, as complete_job's.
+  /// What the end owes the ledger and the free quota, as complete_job's.
   events::ledger_bill bill{};
+  std::uint32_t free_tokens = 0;
 };
 
 /// The deadline timer: fails a queued job whose deadline has passed with deadline_exceeded; no

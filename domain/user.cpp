@@ -97,13 +97,17 @@ decision on(const user_state& s, const record_free_usage& c, std::int64_t now_us
   if (c.tokens == 0 || c.tokens > o.job_tokens_max)
     return refuse(errc::invalid_argument, "job usage of " + std::to_string(c.tokens) + " tokens is outside 1 .. " +
                                               std::to_string(o.job_tokens_max));
+  if (c.used_at_us < 0 || c.used_at_us > now_us)
+    return refuse(errc::invalid_argument, "usage of job " + quoted(c.job_id) + " at " + std::to_string(c.used_at_us) +
+                                              " us is outside 0 .. now (" + std::to_string(now_us) + " us)");
   if (auto it = s.recent_usage.find(c.job_id); it != s.recent_usage.end()) {
     if (it->second.tokens == c.tokens) return events_list{};
     return refuse(errc::already_exists, "job " + quoted(c.job_id) + " already recorded " +
                                             std::to_string(it->second.tokens) + " tokens, not " +
                                             std::to_string(c.tokens));
   }
-  return events_list{events::free_tokens_used{s.user_id, c.job_id, c.tokens, now_us}};
+  const std::int64_t used_at_us = c.used_at_us != 0 ? c.used_at_us : now_us;
+  return events_list{events::free_tokens_used{s.user_id, c.job_id, c.tokens, used_at_us}};
 }
 
 /// Counts usage against the day it happened; a new day starts from zero and forgets usage older

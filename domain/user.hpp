@@ -118,11 +118,14 @@ struct credit_user {
   std::int64_t amount_micros = 0;
 };
 
-/// Tokens a free job consumed (prompt + completion), counted against the day of `now_us`.
-/// Recorded even when it takes the day over the quota: the tokens were served.
+/// Tokens a free job consumed (prompt + completion), counted against the UTC day of `used_at_us`
+/// (0: of `now_us`). Recorded even when it takes the day over the quota: the tokens were served.
 struct record_free_usage {
   std::string job_id;
   std::uint32_t tokens = 0;
+  /// When the job ended, for usage recorded later than that (`serve` at start, for an end a stop
+  /// left without its usage). At most now. Default: 0, now.
+  std::int64_t used_at_us = 0;
 };
 
 struct user {

@@ -190,6 +190,7 @@ std::string_view to_string(invariant which) noexcept {
     case invariant::ledger: return "ledger";
     case invariant::payouts_match_ledger: return "payouts_match_ledger";
     case invariant::job_bill: return "job_bill";
+    case invariant::free_usage: return "free_usage";
     case invariant::live_state: return "live_state";
   }
   return "unknown";
@@ -301,6 +302,7 @@ domain_verifier::result domain_verifier::apply_user(const where& at, const event
   user.state = user::evolve(std::move(user.state), event);
   user.version = at.version;
   user.position = at.position;
+  if (const auto* used = std::get_if<events::free_tokens_used>(&event)) return match_free_usage(at, *used);
   return {};
 }
 
@@ -340,7 +342,36 @@ domain_verifier::result domain_verifier::apply_job(const where& at, const events
   entry.position = at.position;
   if (auto broken = check(entry.state); !broken.empty()) return fail(invariant::job_consistency, at, joined(broken));
   if (is_terminal(entry.state.status)) job_to_release_ = std::string(at.stream);
+  if (auto ok = note_free_usage(at, entry.state, event); !ok) return ok;
   return note_bill(at, event);
+}
+
+domain_verifier::result domain_verifier::note_free_usage(const where& at, const job_state& job,
+                                                         const events::event& event) {
+  const std::uint32_t tokens = events::free_tokens_of(event);
+  if (tokens == 0) return {};
+  if (job.premium)
+    return fail(invariant::free_usage, at, "premium job " + quoted(job.job_id) + " counts " + std::to_string(tokens) +
+                                               " free tokens; a premium job counts none");
+  const std::uint64_t used = std::uint64_t{job.prompt_tokens} + job.completion_tokens;
+  if (tokens != used)
+    return fail(invariant::free_usage, at, "job " + quoted(job.job_id) + " counts " + std::to_string(tokens) +
+                                               " free tokens; its prompt and completion are " + std::to_string(used));
+  open_usage_.insert_or_assign(job.job_id, open_usage{job.user_id, tokens});
+  return {};
+}
+
+domain_verifier::result domain_verifier::match_free_usage(const where& at, const events::free_tokens_used& used) {
+  const auto open = open_usage_.find(used.job_id);
+  if (open == open_usage_.end()) return {};  // its end recorded no free tokens (older builds)
+  if (open->second.user_id != used.user_id || open->second.tokens != used.tokens)
+    return fail(invariant::free_usage, at, "user " + quoted(used.user_id) + " records " +
+                                               std::to_string(used.tokens) + " free tokens of job " +
+                                               quoted(used.job_id) + "; its end counts " +
+                                               std::to_string(open->second.tokens) + " against user " +
+                                               quoted(open->second.user_id));
+  open_usage_.erase(open);
+  return {};
 }
 
 domain_verifier::result domain_verifier::note_bill(const where& at, const events::event& event) {
@@ -527,6 +558,7 @@ expected<verify_counts, verify_violation> domain_verifier::finish() {
   for (const auto& [stream, entry] : jobs_) ++counts.jobs_by_status[static_cast<std::size_t>(entry.state.status)];
   for (const auto& [stream, ended] : ended_jobs_) ++counts.jobs_by_status[static_cast<std::size_t>(ended.status)];
   counts.job_bills_unsettled = open_bills_.size();
+  counts.free_usage_unrecorded = open_usage_.size();
   counts.payouts = payouts_.size();
   for (const auto& [stream, entry] : payouts_) {
     counts.payouts_requested += entry.state.status == payout_status::requested ? 1 : 0;

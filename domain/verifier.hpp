@@ -18,7 +18,10 @@
 ///   - a job's bill (events::ledger_bill, recorded with its end) names the job's own group, and
 ///     the ledger applies that group as the bill says, transfer for transfer, or not at all: a
 ///     bill whose group the log does not hold yet (a stop between the two appends, settled when
-///     `serve` starts) is counted, not a violation.
+///     `serve` starts) is counted, not a violation;
+///   - a job's free tokens (recorded with its end) are its prompt and completion, only for a free
+///     job, and its user's stream records them as the end says, or not yet: usage the log does not
+///     hold yet (recorded when `serve` starts) is counted, not a violation.
 ///
 /// Pure: the caller reads the log (and snapshots) and feeds the events in. The states it rebuilds
 /// are the ones the actors hold, so the caller can compare them with the actors' snapshots
@@ -77,6 +80,7 @@ enum class invariant : std::uint8_t {
   ledger,                ///< the ledger's rules: ids once, routes, balances, sums to zero
   payouts_match_ledger,  ///< domain::check_payouts_against_ledger at the end
   job_bill,              ///< a job's bill names its group and the ledger applies it as recorded
+  free_usage,            ///< a job's free tokens are its own, recorded on its user's stream as its end says
   live_state,            ///< a snapshot equals the state rebuilt up to its version (the caller's)
 };
 
@@ -113,6 +117,8 @@ struct verify_counts {
   std::uint64_t ledger_accounts = 0;
   /// Jobs' bills whose ledger group the log does not hold (yet): `serve` settles them at start.
   std::uint64_t job_bills_unsettled = 0;
+  /// Free jobs' ends whose usage the user's stream does not hold (yet): `serve` records it at start.
+  std::uint64_t free_usage_unrecorded = 0;
 
   bool operator==(const verify_counts&) const = default;
 };
@@ -178,6 +184,8 @@ class domain_verifier {
   [[nodiscard]] result note_bill(const where& at, const events::event& event);
   [[nodiscard]] result match_bill(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result close_bill(const std::string& group_id);
+  [[nodiscard]] result note_free_usage(const where& at, const job_state& job, const events::event& event);
+  [[nodiscard]] result match_free_usage(const where& at, const events::free_tokens_used& used);
   [[nodiscard]] result end_ledger_group();
   [[nodiscard]] result finish_checks();
   [[nodiscard]] result check_campaign_spend_in_ledger() const;
@@ -198,6 +206,12 @@ class domain_verifier {
     bool partly_applied = false;
   };
   std::map<std::string, open_bill, std::less<>> open_bills_;  ///< by group id
+  /// A free job's end whose usage its user's stream does not hold yet.
+  struct open_usage {
+    std::string user_id;
+    std::uint32_t tokens = 0;
+  };
+  std::map<std::string, open_usage, std::less<>> open_usage_;  ///< by job id
   ledger_verifier ledger_;              ///< the ledger's own checks, state and history
   std::uint64_t ledger_version_ = 0;   ///< of the last transfer applied
   std::uint64_t ledger_position_ = 0;

@@ -464,6 +464,7 @@ void write(schema::JobCompleted::Builder b, const job_completed& e) {
   b.setTotalUs(e.total_us);
   b.setCompletedAtUs(e.completed_at_us);
   write_bill(b, e.bill);
+  b.setFreeTokens(e.free_tokens);
 }
 
 job_completed read(schema::JobCompleted::Reader r) {
@@ -475,7 +476,8 @@ job_completed read(schema::JobCompleted::Reader r) {
           .time_to_first_token_us = r.getTimeToFirstTokenUs(),
           .total_us = r.getTotalUs(),
           .completed_at_us = r.getCompletedAtUs(),
-          .bill = read_bill(r)};
+          .bill = read_bill(r),
+          .free_tokens = r.getFreeTokens()};
 }
 
 void write(schema::JobFailed::Builder b, const job_failed& e) {
@@ -498,6 +500,7 @@ void write(schema::JobCancelled::Builder b, const job_cancelled& e) {
   b.setTokensProduced(e.tokens_produced);
   b.setCancelledAtUs(e.cancelled_at_us);
   write_bill(b, e.bill);
+  b.setFreeTokens(e.free_tokens);
 }
 
 job_cancelled read(schema::JobCancelled::Reader r) {
@@ -505,7 +508,8 @@ job_cancelled read(schema::JobCancelled::Reader r) {
           .by = from_wire<cancelled_by>(r.getBy()),
           .tokens_produced = r.getTokensProduced(),
           .cancelled_at_us = r.getCancelledAtUs(),
-          .bill = read_bill(r)};
+          .bill = read_bill(r),
+          .free_tokens = r.getFreeTokens()};
 }
 
 // ---------------------------------------------------------------------------------------------

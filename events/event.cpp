@@ -43,4 +43,10 @@ const ledger_bill* bill_of(const event& e) noexcept {
   return nullptr;
 }
 
+std::uint32_t free_tokens_of(const event& e) noexcept {
+  if (const auto* completed = std::get_if<job_completed>(&e)) return completed->free_tokens;
+  if (const auto* cancelled = std::get_if<job_cancelled>(&e)) return cancelled->free_tokens;
+  return 0;
+}
+
 }  // namespace gpustream::events

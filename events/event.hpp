@@ -333,6 +333,10 @@ struct job_completed {
   std::int64_t total_us = 0;
   std::int64_t completed_at_us = 0;
   ledger_bill bill{};
+  /// Free tier: the tokens (prompt + completion) this end counts against the user's daily quota,
+  /// recorded after it as free_tokens_used on the user's stream; 0 for a premium job, an end that
+  /// settles nothing, and ends recorded before this field.
+  std::uint32_t free_tokens = 0;
 
   bool operator==(const job_completed&) const = default;
 };
@@ -352,6 +356,7 @@ struct job_cancelled {
   std::uint32_t tokens_produced = 0;  ///< completion tokens generated before the cancel; billed
   std::int64_t cancelled_at_us = 0;
   ledger_bill bill{};
+  std::uint32_t free_tokens = 0;  ///< as job_completed's
 
   bool operator==(const job_cancelled&) const = default;
 };
@@ -575,5 +580,9 @@ inline constexpr event_type event_type_count = std::variant_size_v<event>;
 /// The bill a job's end records (job_completed, job_cancelled); nullptr for any other event. It
 /// points into `e`.
 [[nodiscard]] const ledger_bill* bill_of(const event& e) noexcept;
+
+/// The free-tier tokens a job's end counts against its user's quota (job_completed,
+/// job_cancelled); 0 for any other event.
+[[nodiscard]] std::uint32_t free_tokens_of(const event& e) noexcept;
 
 }  // namespace gpustream::events

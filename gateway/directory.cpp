@@ -330,11 +330,22 @@ class directory::impl {
     return out;
   }
 
+  std::vector<unrecorded_usage> unrecorded_free_usage(std::size_t max) const {
+    std::shared_lock lock(mutex_);
+    std::vector<unrecorded_usage> out;
+    for (const auto& [job_id, usage] : unrecorded_usage_) {
+      if (out.size() >= max) break;
+      out.push_back(usage);
+    }
+    return out;
+  }
+
   directory_counts counts() const {
     directory_counts c;
     {
       std::shared_lock lock(mutex_);
       c.unsettled_bills = unsettled_.size();
+      c.unrecorded_free_usage = unrecorded_usage_.size();
       c.users = users_.size();
       c.active_api_keys = keys_.size();
       for (const auto& [id, record] : providers_) {
@@ -369,6 +380,7 @@ class directory::impl {
     for (const auto& [id, record] : campaigns_) out.campaigns.push_back(record.entry);
     for (const auto& [age, id] : jobs_by_age_) out.jobs.push_back(jobs_.at(id).entry);
     for (const auto& [group_id, bill] : unsettled_) out.unsettled_bills.push_back(bill);
+    for (const auto& [job_id, usage] : unrecorded_usage_) out.unrecorded_free_usage.push_back(usage);
     return out;
   }
 
@@ -455,6 +467,8 @@ class directory::impl {
       record.keys.erase(key);
     } else if (const auto* changed = std::get_if<events::user_tier_changed>(&e)) {
       record.tier = changed->tier;
+    } else if (const auto* used = std::get_if<events::free_tokens_used>(&e)) {
+      unrecorded_usage_.erase(used->job_id);
     }
   }
 
@@ -595,6 +609,15 @@ class directory::impl {
     note_bill(id, e);
     if (found == jobs_.end()) return;  // forgotten
     std::visit([&](const auto& event) { on_job_event(found->second, event); }, e);
+    note_free_usage(found->second.entry, e);
+  }
+
+  /// A job's end with free tokens waits for its usage, which the user's stream holds after it.
+  void note_free_usage(const job_entry& job, const events::event& e) {
+    const std::uint32_t tokens = events::free_tokens_of(e);
+    if (tokens == 0) return;
+    unrecorded_usage_.insert_or_assign(
+        job.job_id, unrecorded_usage{job.job_id, job.user_id, tokens, job.finished_at_us});
   }
 
   void add_job(std::string_view id, std::uint64_t version, const events::job_submitted& e) {
@@ -746,6 +769,7 @@ class directory::impl {
   std::uint64_t events_filled_ = 0;
   std::uint64_t ledger_version_ = 0;
   std::map<std::string, unsettled_bill, std::less<>> unsettled_;  ///< by ledger group id
+  std::map<std::string, unrecorded_usage, std::less<>> unrecorded_usage_;  ///< by job id
 
   mutable std::mutex position_mutex_;
   mutable std::condition_variable position_cv_;
@@ -805,6 +829,10 @@ std::vector<campaign_entry> directory::campaigns(std::size_t max) const {
 }
 std::vector<unsettled_bill> directory::unsettled_bills(std::size_t max) const {
   return impl_->unsettled_bills(max);
+}
+
+std::vector<unrecorded_usage> directory::unrecorded_free_usage(std::size_t max) const {
+  return impl_->unrecorded_free_usage(max);
 }
 directory_counts directory::counts() const { return impl_->counts(); }
 directory_contents directory::contents() const { return impl_->contents(); }

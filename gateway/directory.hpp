@@ -12,8 +12,9 @@
 /// stream order: each stream's last applied version is kept, events at or below it are skipped,
 /// and a gap before handed-in events is first filled from the log.
 ///
-/// It also keeps the bills of jobs' ends until their ledger groups appear (unsettled_bills), so
-/// that `serve` can settle at start what a stop interrupted.
+/// It also keeps the bills of jobs' ends until their ledger groups appear (unsettled_bills), and
+/// the free tokens of jobs' ends until their usage appears on the user's stream
+/// (unrecorded_free_usage), so that `serve` can settle and record at start what a stop interrupted.
 ///
 /// What it holds: every user (tier, unrevoked key digests), provider (domain::provider's fold,
 /// plus its money from the ledger and its newest payouts), campaign (id and names); and the
@@ -152,6 +153,17 @@ struct unsettled_bill {
   bool operator==(const unsettled_bill&) const = default;
 };
 
+/// The free tokens a job's end counts against its user's quota (events::job_completed::
+/// free_tokens) whose free_tokens_used the log does not show.
+struct unrecorded_usage {
+  std::string job_id;
+  std::string user_id;
+  std::uint32_t tokens = 0;
+  std::int64_t ended_at_us = 0;
+
+  bool operator==(const unrecorded_usage&) const = default;
+};
+
 struct directory_counts {
   std::uint64_t users = 0;
   std::uint64_t active_api_keys = 0;
@@ -164,6 +176,7 @@ struct directory_counts {
   /// Events apply_committed read from the log to fill a gap before the events handed in.
   std::uint64_t events_filled = 0;
   std::uint64_t unsettled_bills = 0;  ///< unsettled_bills(): ends whose ledger group is not seen
+  std::uint64_t unrecorded_free_usage = 0;  ///< unrecorded_free_usage(): ends whose usage is not seen
   std::uint64_t position = 0;        ///< global position the subscription has applied
 };
 
@@ -181,6 +194,7 @@ struct directory_contents {
   std::vector<campaign_entry> campaigns;
   std::vector<job_entry> jobs;
   std::vector<unsettled_bill> unsettled_bills;  ///< by group id
+  std::vector<unrecorded_usage> unrecorded_free_usage;  ///< by job id
 
   bool operator==(const directory_contents&) const = default;
 };
@@ -233,6 +247,11 @@ class directory {
   /// open these are the bills a stop left between the two appends, or that the ledger refused;
   /// while serving, also those being settled at that moment. Kept whatever jobs_max forgets.
   [[nodiscard]] std::vector<unsettled_bill> unsettled_bills(std::size_t max) const;
+
+  /// Free tokens recorded with jobs' ends whose usage the log does not show on the user's stream,
+  /// by job id, at most `max`: as unsettled_bills, the usage is recorded after the end. Only for
+  /// jobs the directory still holds when they end (it needs their user).
+  [[nodiscard]] std::vector<unrecorded_usage> unrecorded_free_usage(std::size_t max) const;
 
   [[nodiscard]] directory_counts counts() const;
   [[nodiscard]] directory_contents contents() const;

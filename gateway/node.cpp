@@ -11,6 +11,7 @@
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
 #include "domain/provider.hpp"
+#include "domain/user.hpp"
 #include "gateway/actor_ad_source.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/admin_api.hpp"
@@ -166,6 +167,10 @@ class node::impl {
         "gpustream_job_bills_unsettled",
         "Jobs' bills the log holds without their ledger groups (settled at start; above 0 for long: refused)",
         [this] { return static_cast<double>(directory_->counts().unsettled_bills); });
+    metrics_.add_gauge_callback(
+        "gpustream_free_usage_unrecorded",
+        "Free jobs' ends the log holds without their quota usage (recorded at start; above 0 for long: refused)",
+        [this] { return static_cast<double>(directory_->counts().unrecorded_free_usage); });
     metrics_.add_gauge_callback("gpustream_live_jobs", "Requests in flight on this node",
                                 [this] { return static_cast<double>(relay_ ? relay_->live_jobs() : 0); });
     metrics_.add_gauge_callback("gpustream_http_connections_open", "Open HTTP and WebSocket connections",
@@ -186,11 +191,13 @@ class node::impl {
 
   // -- What a stop left open (node::start, before any request is served). ----------------------
 
-  /// Closes what the log says is open but a stop ended: bills without their ledger groups, jobs
-  /// that were live, providers that were online. Each step goes through the actor that owns the
-  /// aggregate, as at run time, so it is recorded and checked like any other.
+  /// Closes what the log says is open but a stop ended: bills without their ledger groups, free
+  /// usage not counted against its user's quota, jobs that were live, providers that were online.
+  /// Each step goes through the actor that owns the aggregate, as at run time, so it is recorded
+  /// and checked like any other.
   void close_what_a_stop_left_open() {
     settle_unsettled_bills();
+    record_unrecorded_free_usage();
     fail_jobs_left_live();
     take_offline_providers_left_online();
   }
@@ -220,6 +227,29 @@ class node::impl {
                 });
     });
     spdlog::info("settled {} of {} job bills", settled, bills->size());
+  }
+
+  /// Free tokens of jobs whose end the log holds without their usage on the user's stream (a stop
+  /// between the two appends): each is recorded against the day the job ended. The user records a
+  /// job's usage at most once, so one recorded meanwhile changes nothing.
+  void record_unrecorded_free_usage() {
+    auto usage = std::make_shared<const std::vector<unrecorded_usage>>(
+        directory_->unrecorded_free_usage(std::numeric_limits<std::size_t>::max()));
+    if (usage->empty()) return;
+    const auto recorded = bridge_.ask_all(usage->size(), left_open_in_flight_max, [this, usage](caf::event_based_actor* actor, std::size_t i, auto done) {
+      const auto& u = (*usage)[i];
+      actor->request(runtime_.users, options_.left_open_wait_max, u.user_id,
+                     domain::user::command{domain::record_free_usage{u.job_id, u.tokens, u.ended_at_us}})
+          .then([done](const actors::command_reply&) { done(true); },
+                [done, usage, i](caf::error& failure) {
+                  const auto& u = (*usage)[i];
+                  spdlog::error("job {}'s {} free tokens could not be counted against user {}'s quota: {}", u.job_id,
+                                u.tokens, u.user_id, actors::describe(failure));
+                  done(false);
+                });
+    });
+    spdlog::info("counted {} of {} free jobs' tokens that the log holds without their usage", recorded,
+                 usage->size());
   }
 
   /// Jobs the log holds as live (submitted, queued, assigned, streaming): their clients'

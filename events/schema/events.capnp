@@ -285,6 +285,7 @@ struct JobCompleted {
   totalUs @6 :Int64;
   completedAtUs @7 :Int64;
   bill @8 :LedgerBill;                 # the ledger group its end owes; absent before it was recorded
+  freeTokens @9 :UInt32;               # free tier: tokens its end counts against the user's daily quota
 }
 
 struct JobFailed {
@@ -300,6 +301,7 @@ struct JobCancelled {
   tokensProduced @2 :UInt32;           # completion tokens generated before the cancel; billed
   cancelledAtUs @3 :Int64;
   bill @4 :LedgerBill;                 # the ledger group its end owes; absent before it was recorded
+  freeTokens @5 :UInt32;               # free tier: tokens its end counts against the user's daily quota
 }
 
 # What a job's end owes the ledger, recorded with the end (job_completed, job_cancelled) so that a

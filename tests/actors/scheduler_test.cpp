@@ -676,8 +676,13 @@ TEST_F(scheduler_test, a_jobs_end_records_the_bill_its_ledger_group_then_applies
   expect_bill_applied(cancelled.bill, "job-j2");
   EXPECT_EQ(std::get<events::job_cancelled>(last_job_event("j3")).bill, events::ledger_bill{})
       << "a job cancelled before its provider started owes nothing";
+  // The quota: what bob's end counts is his prompt and the tokens he got; premium ends count none.
+  EXPECT_EQ(completed.free_tokens, 0u);
+  EXPECT_EQ(cancelled.free_tokens, 1'000u + 30u);
+  EXPECT_EQ(std::get<events::job_cancelled>(last_job_event("j3")).free_tokens, 0u);
   ASSERT_TRUE(verify_log());
   EXPECT_EQ(verified_.job_bills_unsettled, 0u);
+  EXPECT_EQ(verified_.free_usage_unrecorded, 0u) << "bob's usage is recorded as his job's end counts it";
 }
 
 TEST_F(scheduler_test, a_job_cancelled_while_queued_after_a_failover_bills_the_tokens_its_client_got) {
@@ -963,6 +968,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
   const auto rebuilt = verify_log();
   ASSERT_TRUE(rebuilt);
   EXPECT_EQ(verified_.job_bills_unsettled, 0u) << "every bill recorded with a job's end is in the ledger";
+  EXPECT_EQ(verified_.free_usage_unrecorded, 0u) << "every free end's usage is on its user's stream";
   const auto* ledger = std::get<const domain::ledger::state*>(rebuilt->state_of("ledger"));
   EXPECT_EQ(*ledger, live_ledger.value());
   for (const auto& [id, state] : live_providers) {

@@ -794,6 +794,46 @@ TEST(cli_serve_bills, a_bill_a_kill_left_without_its_ledger_group_is_settled_whe
   EXPECT_NE(again.child->err().find("settled 0 of 1 job bills"), std::string::npos) << again.child->output();
 }
 
+TEST(cli_serve_free_usage, free_tokens_a_kill_left_uncounted_are_counted_when_serve_starts) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  // Bob's free job 92 completed (1,234 prompt and 480 completion tokens) and the server was
+  // killed before his usage was recorded: his quota would never see those tokens.
+  auto story = job_story("92", "bob", 5);
+  auto& submitted = std::get<events::job_submitted>(story[0]);
+  submitted.premium = false;
+  auto& completed = std::get<events::job_completed>(story[4]);
+  completed.free_tokens = submitted.prompt_tokens + completed.completion_tokens;
+  const auto ended_at_us = completed.completed_at_us;
+  append_stories(dir.path(), {{"job-92", storage::no_stream, story, 0xf7ee'92}});
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  const auto before = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(before.exit_code, 0) << before.out << before.err;
+  EXPECT_NE(before.out.find("free jobs' usage not yet counted against their users' quotas: 1"), std::string::npos)
+      << before.out;
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  EXPECT_NE(serve.child->err().find("counted 1 of 1 free jobs' tokens"), std::string::npos) << serve.child->output();
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+
+  const auto used = last_event(dir.path(), "user-bob");
+  ASSERT_TRUE(used && std::holds_alternative<events::free_tokens_used>(*used));
+  EXPECT_EQ(std::get<events::free_tokens_used>(*used), (events::free_tokens_used{"bob", "92", 1'714, ended_at_us}))
+      << "counted against the day the job ended";
+  const auto after = run_gpustream({"replay", "--data", dir.path().string(), "--verify", "--json"});
+  ASSERT_EQ(after.exit_code, 0) << after.out << after.err;
+  const auto report = boost::json::parse(after.out).as_object();
+  EXPECT_EQ(boost::json::value_to<std::uint64_t>(report.at("aggregates").as_object().at("free_usage_unrecorded")), 0u);
+
+  auto again = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(again.port, 0) << again.child->output();
+  EXPECT_EQ(again.child->err().find("free jobs' tokens"), std::string::npos) << "nothing left to count: "
+                                                                              << again.child->output();
+}
+
 TEST(cli_serve_left_open, jobs_live_and_providers_online_when_a_kill_came_are_closed_when_serve_starts) {
   temp_dir dir;
   (void)make_example_store(dir.path());

@@ -84,6 +84,39 @@ TEST(job, an_end_records_the_bill_it_is_given) {
   EXPECT_EQ(std::get<events::job_cancelled>(cancelled->front()).bill, bill);
 }
 
+TEST(job, an_end_records_its_free_tokens_which_are_its_prompt_and_completion) {
+  auto completing = streaming();
+  auto completed = run(completing, complete_job{"p1", 150, 151, {}, 250}, t0 + 10 * second_us);
+  ASSERT_TRUE(completed);
+  EXPECT_EQ(std::get<events::job_completed>(completed->front()).free_tokens, 250u);
+
+  auto cancelling = streaming();
+  auto cancelled = run(cancelling, cancel_job{events::cancelled_by::client, 20, {}, 120}, t0 + 10 * second_us);
+  ASSERT_TRUE(cancelled);
+  EXPECT_EQ(std::get<events::job_cancelled>(cancelled->front()).free_tokens, 120u);
+
+  auto other = streaming();
+  expect_refused(job::decide(other, complete_job{"p1", 150, 151, {}, 249}, t0 + 10 * second_us),
+                 errc::invalid_argument, "used 250 free tokens (prompt and completion), not 249");
+  expect_refused(job::decide(other, cancel_job{events::cancelled_by::client, 20, {}, 250}, t0 + 10 * second_us),
+                 errc::invalid_argument, "used 120 free tokens");
+}
+
+TEST(job, a_premium_end_counts_no_free_tokens) {
+  auto submission = a_submission();
+  submission.premium = true;
+  job_state s;
+  ASSERT_TRUE(run(s, submission, t0));
+  ASSERT_TRUE(run(s, queue_job{3, t0 + 60 * second_us}, t0));
+  ASSERT_TRUE(run(s, assign_job{"p1"}, t0 + second_us));
+  ASSERT_TRUE(run(s, start_job{"p1"}, t0 + 2 * second_us));
+  expect_refused(job::decide(s, complete_job{"p1", 150, 151, {}, 250}, t0 + 10 * second_us), errc::invalid_argument,
+                 "is premium: it counts no free tokens, not 250");
+  auto completed = run(s, complete_job{"p1", 150, 151}, t0 + 10 * second_us);
+  ASSERT_TRUE(completed);
+  EXPECT_EQ(std::get<events::job_completed>(completed->front()).free_tokens, 0u);
+}
+
 TEST(job, submit_validates_ids_tokens_and_price) {
   job_options o;
   o.id_length_max = 8;

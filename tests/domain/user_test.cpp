@@ -205,6 +205,31 @@ TEST(user, usage_is_recorded_once_per_job) {
   EXPECT_EQ(s.free_tokens_today, 50);
 }
 
+TEST(user, usage_recorded_late_counts_against_the_day_the_job_ended) {
+  user_options o;
+  o.free_tokens_per_day = 1'000;
+  auto s = created();
+  const std::int64_t midnight = (t0 / day_us + 1) * day_us;
+  // A job that ended before midnight, its usage recorded after it (serve's start after a stop).
+  auto d = run(s, record_free_usage{"j1", 700, midnight - 5}, midnight + 10, o);
+  ASSERT_TRUE(d);
+  EXPECT_EQ(std::get<events::free_tokens_used>(d->front()), (events::free_tokens_used{"u1", "j1", 700, midnight - 5}));
+  EXPECT_EQ(free_tokens_left(s, midnight + 10, o), 1'000) << "the new day starts from zero";
+  EXPECT_TRUE(run(s, record_free_usage{"j1", 700, midnight - 5}, midnight + 20, o)->empty()) << "once per job";
+  // One from today counts today.
+  ASSERT_TRUE(run(s, record_free_usage{"j2", 100, midnight + 1}, midnight + 30, o));
+  EXPECT_EQ(free_tokens_left(s, midnight + 30, o), 900);
+}
+
+TEST(user, usage_cannot_be_recorded_in_the_future) {
+  auto s = created();
+  const auto refused = user::decide(s, record_free_usage{"j1", 10, t0 + 1}, t0);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, errc::invalid_argument);
+  EXPECT_NE(refused.error().message.find("outside 0 .. now"), std::string::npos) << refused.error().message;
+  EXPECT_EQ(user::decide(s, record_free_usage{"j1", 10, -1}, t0).error().code, errc::invalid_argument);
+}
+
 TEST(user, usage_per_job_is_limited) {
   user_options o;
   o.job_tokens_max = 10;

@@ -423,6 +423,53 @@ TEST(domain_verifier_bill, a_bill_naming_another_jobs_group_is_refused) {
   expect_violation(log, invariant::job_bill, "job-j6", 5, completed, {"\"job-j1\"", "not its own"});
 }
 
+/// Job `id` of bob's (free tier), completed on p1 after 10 prompt and 20 completion tokens with
+/// `free_tokens` recorded; returns the completion's position.
+std::uint64_t add_free_job(event_log& log, const std::string& id, std::uint32_t free_tokens, bool premium = false) {
+  const std::string stream = "job-" + id;
+  log.add(stream, events::job_submitted{id, "bob", "llama", events::quality_tier::low, 10, 50, 0, premium, "", t0 + 50});
+  log.add(stream, events::job_queued{id, 1, t0 + 60 * second_us, t0 + 51});
+  log.add(stream, events::job_assigned{id, "p1", 1, t0 + 52});
+  log.add(stream, events::job_started{id, "p1", t0 + 53});
+  return log.add(stream, events::job_completed{id, "p1", 10, 20, 20, 3, 10, t0 + 54, {}, free_tokens});
+}
+
+TEST(domain_verifier_free_usage, usage_recorded_as_the_end_says_passes_and_usage_not_yet_recorded_is_counted) {
+  auto log = sound_log();
+  add_free_job(log, "j7", 30);
+  log.add("user-bob", events::free_tokens_used{"bob", "j7", 30, t0 + 55});
+  auto recorded = verify(log);
+  ASSERT_TRUE(recorded) << describe(recorded.error());
+  EXPECT_EQ(recorded->free_usage_unrecorded, 0u);
+
+  // A stop between the job's end and its usage: nothing is wrong yet, serve records it.
+  auto stopped = sound_log();
+  add_free_job(stopped, "j7", 30);
+  auto pending = verify(stopped);
+  ASSERT_TRUE(pending) << describe(pending.error());
+  EXPECT_EQ(pending->free_usage_unrecorded, 1u);
+}
+
+TEST(domain_verifier_free_usage, usage_of_other_tokens_than_the_end_counts_is_named) {
+  auto log = sound_log();
+  add_free_job(log, "j7", 30);
+  const auto position = log.add("user-bob", events::free_tokens_used{"bob", "j7", 31, t0 + 55});
+  expect_violation(log, invariant::free_usage, "user-bob", log.versions["user-bob"], position,
+                   {"31 free tokens of job \"j7\"", "its end counts 30"});
+}
+
+TEST(domain_verifier_free_usage, an_end_counting_other_tokens_than_its_prompt_and_completion_is_named) {
+  auto log = sound_log();
+  const auto position = add_free_job(log, "j7", 29);
+  expect_violation(log, invariant::free_usage, "job-j7", 5, position, {"counts 29 free tokens", "are 30"});
+}
+
+TEST(domain_verifier_free_usage, a_premium_end_counting_free_tokens_is_named) {
+  auto log = sound_log();
+  const auto position = add_free_job(log, "j7", 30, true);
+  expect_violation(log, invariant::free_usage, "job-j7", 5, position, {"premium job \"j7\"", "counts none"});
+}
+
 TEST(domain_verifier_stream, an_event_in_a_stream_of_another_kind_is_refused) {
   auto log = sound_log();
   const auto position = log.add("user-ada", events::job_submitted{"ada", "ada", "llama", events::quality_tier::low,

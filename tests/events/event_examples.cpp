@@ -275,7 +275,14 @@ std::vector<evolved_example> evolved_examples() {
   completed.bill = bill;
   auto cancelled = std::get<job_cancelled>(event_examples()[19]);
   cancelled.bill = cancelled_bill;
-  return {{"job_completed.bill", completed}, {"job_cancelled.bill", cancelled}};
+  auto completed_free = completed;
+  completed_free.free_tokens = completed.prompt_tokens + completed.completion_tokens;
+  auto cancelled_free = cancelled;
+  cancelled_free.free_tokens = 40 + cancelled.tokens_produced;
+  return {{"job_completed.bill", completed},
+          {"job_cancelled.bill", cancelled},
+          {"job_completed.free_tokens", completed_free},
+          {"job_cancelled.free_tokens", cancelled_free}};
 }
 
 }  // namespace gpustream::events

@@ -293,6 +293,42 @@ TEST_F(directory_test, keeps_each_jobs_bill_until_its_ledger_group_appears_also_
   EXPECT_EQ(d->counts().unsettled_bills, 0u);
 }
 
+TEST_F(directory_test, keeps_each_free_ends_tokens_until_its_usage_appears_on_the_users_stream) {
+  add_user("u");
+  auto cancel_counting = [&](const std::string& job_id, std::uint32_t free_tokens) {
+    append("job-" + job_id, {events::job_cancelled{job_id, events::cancelled_by::client, 3, 9, {}, free_tokens}});
+  };
+  auto used = [&](const std::string& job_id, std::uint32_t tokens) {
+    append("user-u", {events::free_tokens_used{"u", job_id, tokens, 10}});
+  };
+  // Before the directory opens: j1's usage recorded, j2's not (a stop between the two appends),
+  // j3 counts nothing (premium, or an end that settled nothing).
+  submit("j1");
+  cancel_counting("j1", 13);
+  used("j1", 13);
+  submit("j2");
+  cancel_counting("j2", 13);
+  submit("j3");
+  finish("j3", false);
+  auto d = open_directory();
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(d->unrecorded_free_usage(10), (std::vector<unrecorded_usage>{{"j2", "u", 13, 9}}));
+  EXPECT_EQ(d->counts().unrecorded_free_usage, 1u);
+
+  // While following: another end, then both usages.
+  submit("j4");
+  cancel_counting("j4", 13);
+  catch_up(*d);
+  EXPECT_EQ(d->unrecorded_free_usage(10).size(), 2u);
+  EXPECT_EQ(d->unrecorded_free_usage(1).size(), 1u) << "at most max";
+  used("j2", 13);
+  used("j4", 13);
+  catch_up(*d);
+  EXPECT_TRUE(d->unrecorded_free_usage(10).empty());
+  EXPECT_EQ(d->counts().unrecorded_free_usage, 0u);
+  EXPECT_TRUE(d->contents().unrecorded_free_usage.empty());
+}
+
 TEST_F(directory_test, apply_committed_works_at_once_and_the_log_does_not_apply_it_twice) {
   auto d = open_directory();
   ASSERT_NE(d, nullptr);
