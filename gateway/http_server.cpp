@@ -1,5 +1,6 @@
 #include "gateway/http_server.hpp"
 
+#include "base/ensure.hpp"
 #include "gateway/idle_watch.hpp"
 #include "gateway/write_buffer.hpp"
 
@@ -184,10 +185,10 @@ class websocket_session : public websocket_connection,
   void send(std::string message) override {
     asio::post(ws_.get_executor(), [self = shared_from_this(), message = std::move(message)]() mutable {
       if (self->closing_) return;
-      self->queued_bytes_ += message.size();
-      if (self->queued_bytes_ > self->options_.websocket_send_queue_bytes_max) {
+      if (self->queued_bytes_ + message.size() > self->options_.websocket_send_queue_bytes_max) {
         return self->begin_close(websocket::close_code::policy_error, "send queue full: peer too slow");
       }
+      self->queued_bytes_ += message.size();
       self->queue_.push_back(std::move(message));
       self->write_next();
     });
@@ -239,6 +240,7 @@ class websocket_session : public websocket_connection,
     }
     writing_ = true;
     ws_.async_write(asio::buffer(queue_.front()), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+      GPUSTREAM_ENSURE(!self->queue_.empty());  // the message just written stays queued until here
       self->writing_ = false;
       self->queued_bytes_ -= self->queue_.front().size();
       self->queue_.pop_front();
@@ -252,10 +254,14 @@ class websocket_session : public websocket_connection,
     closing_ = true;
     close_reason_ = websocket::close_reason(code, reason.substr(0, 123));
     local_reason_ = std::string(reason);
-    // One write at a time: a queued message goes out before the close frame.
+    // One write at a time: the message being written goes out whole before the close frame (its
+    // bytes stay queued until the write is done); those queued behind it are dropped.
     close_pending_ = true;
-    queue_.clear();
-    queued_bytes_ = 0;
+    const std::size_t in_flight = writing_ ? 1 : 0;
+    while (queue_.size() > in_flight) {
+      queued_bytes_ -= queue_.back().size();
+      queue_.pop_back();
+    }
     if (!writing_) send_close();
   }
 

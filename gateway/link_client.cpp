@@ -241,10 +241,10 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
   void drop(std::uint16_t close_code, std::string reason) {
     if (state_ != state::connected) return;
     auto conn = conn_;
-    close_gracefully(conn, close_code, reason);
     end_connection(conn, link_disconnect{.kind = link_disconnect_kind::dropped,
-                                         .message = std::move(reason),
+                                         .message = reason,
                                          .close_code = close_code});
+    close_gracefully(conn, close_code, reason);
   }
 
   void batch_deltas(bool enabled) noexcept {
@@ -383,6 +383,10 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     timeouts.idle_timeout = websocket::stream_base::none();
     timeouts.keep_alive_pings = false;
     conn->ws.set_option(timeouts);
+    // Each link frame goes out as one WebSocket frame (Beast would cut a big one into 4 KiB
+    // fragments and let a close frame in between): a drop's close waits for the frame being
+    // written, so the coordinator gets it whole.
+    conn->ws.auto_fragment(false);
     connection* raw = conn.get();  // the stream is a member of the connection: it cannot outlive it
     conn->ws.control_callback([raw](websocket::frame_type, beast::string_view) { raw->idle.heard(); });
     conn->ws.set_option(websocket::stream_base::decorator(
@@ -500,10 +504,10 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
   }
 
   void protocol_failure(const connection_ptr& conn, std::uint16_t close_code, std::string message) {
-    close_gracefully(conn, close_code, message);
     end_connection(conn, link_disconnect{.kind = link_disconnect_kind::protocol_error,
-                                         .message = std::move(message),
+                                         .message = message,
                                          .close_code = close_code});
+    close_gracefully(conn, close_code, message);
   }
 
   void write(const connection_ptr& conn) {
@@ -544,7 +548,9 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     ++generation_;  // every handler of `conn` is stale from here on
     conn->deadline.cancel();
     conn->idle.cancel();
-    conn->queue.clear();
+    // The frame being written stays until its write is done: the write reads it as it goes.
+    const std::size_t in_flight = conn->writing ? 1 : 0;
+    conn->queue.resize(std::min(conn->queue.size(), in_flight));
     conn->batch.clear();
     conn->batch_bytes = 0;
     conn->queued_bytes = 0;
@@ -566,14 +572,22 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
     callbacks_.on_disconnected(report);
   }
 
-  /// Sends a close frame and lets Beast finish the closing handshake (bounded by connect_timeout)
-  /// on its own; nothing of it is reported.
-  static void close_gracefully(const connection_ptr& conn, std::uint16_t code,
-                               std::string_view reason) {
+  /// Sends a close frame of an ended connection (after the frame being written, if any) and lets
+  /// Beast finish the closing handshake on its own; nothing of it is reported. A coordinator that
+  /// reads nothing would hold the close behind that write for ever, and Beast's own close timeout
+  /// only starts once the close frame is sent: the socket is closed after connect_timeout anyway.
+  void close_gracefully(const connection_ptr& conn, std::uint16_t code, std::string_view reason) {
     websocket::close_reason why(code);
     // A close frame's reason is at most 123 bytes.
     why.reason.assign(reason.data(), std::min<std::size_t>(reason.size(), why.reason.max_size()));
-    conn->ws.async_close(why, [conn](boost::system::error_code) { close_socket(*conn); });
+    conn->ws.async_close(why, [conn](boost::system::error_code) {
+      conn->deadline.cancel();
+      close_socket(*conn);
+    });
+    conn->deadline.expires_after(options_.connect_timeout);
+    conn->deadline.async_wait([conn](boost::system::error_code ec) {
+      if (!ec) close_socket(*conn);
+    });
   }
 
   static void close_socket(connection& conn) {

@@ -62,7 +62,11 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void on_message(std::string_view bytes);
   void on_closed(std::string reason);
   void on_hello(const link::hello& hello);
+  /// Ends the link now and asks the agent to close it with `code`.
   void close(std::uint16_t code, std::string reason);
+  /// The link is over (closed by the server, or by the peer or the network): its jobs go back to
+  /// the scheduler and the provider is recorded offline, once.
+  void end(std::string reason);
   void send(const link::frame& f) {
     auto bytes = link::encode(f);
     connection_->send(std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
@@ -77,8 +81,8 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::shared_ptr<provider_links::impl> owner_;
   std::shared_ptr<websocket_connection> connection_;
   const std::string provider_id_;
-  // Read on the connection's strand only.
-  bool hello_seen_ = false;
+  // Written on the connection's strand; read by end(), which may run on an actor's thread.
+  std::atomic<bool> hello_seen_{false};
   // Shared with the link actor and the owner.
   std::atomic<bool> online_{false};
   std::atomic<bool> retired_{false};
@@ -332,7 +336,10 @@ void link_session::on_hello(const link::hello& hello) {
 
 void link_session::close(std::uint16_t code, std::string reason) {
   spdlog::warn("link: closing provider={} code={} reason={}", provider_id_, code, reason);
-  connection_->close(code, std::move(reason));
+  connection_->close(code, reason);
+  // Not when the closing handshake ends: a stale agent never answers it (the socket would go only
+  // after Beast's close timeout or the idle watch), and its jobs must move on now.
+  end(std::move(reason));
 }
 
 void link_session::retire() {
@@ -340,7 +347,9 @@ void link_session::retire() {
   close(1000, "replaced by a newer link of the same provider");
 }
 
-void link_session::on_closed(std::string reason) {
+void link_session::on_closed(std::string reason) { end(std::move(reason)); }
+
+void link_session::end(std::string reason) {
   if (closed_.exchange(true)) return;
   caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
   owner_->untrack(this);

@@ -158,3 +158,35 @@ scenario('an answer on a link replaced by a newer link of the same provider ends
     (await server.jobs('failed')).find((entry) => entry.id === job_id));
   assert.equal(job.gross_micros, 0);
 });
+
+scenario('an agent that stops answering is stale after three heartbeats and its answer moves on at once', async (world) => {
+  // SIGSTOP: the agent's socket stays open but nothing answers, not even the server's close frame.
+  // Its jobs must not wait for a closing handshake that never ends (Beast gives up after 30 s).
+  const server = await world.serve({ args: ['--heartbeat-ms', '200'] });
+  const upstream_a = await world.upstream({ models: model, tokens: 200, token_interval_us: 20_000 }, 'upstream-a');
+  const upstream_b = await world.upstream({ models: model, tokens }, 'upstream-b');
+  const provider_a = await server.create_provider('provider-a');
+  const provider_b = await server.create_provider('provider-b');
+  // A is cheaper: with both idle it gets the job first (as in the first scenario).
+  const agent_a = world.provider(server, provider_a.token, upstream_a, { name: 'provider-a', args: ['--price-per-mtok', '1000000'] });
+  world.provider(server, provider_b.token, upstream_b, { name: 'provider-b', args: ['--price-per-mtok', '3000000'] });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 2);
+  const answer = stream_chat(server, user.api_key);
+  answer.catch(() => {});  // awaited below; this keeps an early rejection from going unhandled
+  await wait_for('the answer to be streaming from A', async () => (await upstream_a.stats()).active === 1);
+
+  agent_a.process.kill('SIGSTOP');
+  const stopped_at = performance.now();
+  const chunks = await answer;
+  const waited_ms = performance.now() - stopped_at;
+  const last = chunks.at(-1);
+  assert.equal(last.x_gpustream.provider_id, provider_b.id, `B finished the answer: ${JSON.stringify(last.x_gpustream)}`);
+  assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason).at(-1).choices[0].finish_reason, 'stop');
+  // Stale after 3 x 200 ms of silence; B's whole answer takes a few ms more. Far below the 30 s a
+  // closing handshake with a silent peer would take.
+  assert.ok(waited_ms < 10_000, `the answer moved on ${Math.round(waited_ms)} ms after the agent stopped`);
+  await server.wait_provider_offline(provider_a.id);
+  assert.equal((await upstream_b.stats()).completed, 1);
+  agent_a.process.kill('SIGCONT');
+});

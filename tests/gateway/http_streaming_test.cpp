@@ -771,6 +771,43 @@ TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
   EXPECT_EQ(std::string(client.ws.reason().reason.c_str()), "hello first");
 }
 
+TEST(http_streaming, a_websocket_closed_while_a_message_is_being_written_sends_that_message_whole_then_closes) {
+  // Larger than the loopback socket's buffers: the write is still in flight when the close comes.
+  const std::size_t big_bytes = 8 * 1024 * 1024;
+  auto pattern = [](std::size_t i) { return static_cast<char>('a' + (i * 7 + i / 4096) % 26); };
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start(
+                              [c, &pattern, big_bytes](std::string_view) {
+                                std::string big(big_bytes, '\0');
+                                for (std::size_t i = 0; i < big.size(); ++i) big[i] = pattern(i);
+                                c->send(std::move(big));
+                                c->send("queued behind it");
+                                c->close(1008, "closing with a write in flight");
+                              },
+                              [](std::string) {});
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  client.ws.read_message_max(2 * big_bytes);
+  client.ws.write(asio::buffer(std::string("go")));
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  client.ws.read(buffer, ec);
+  ASSERT_FALSE(ec) << "the message in flight is sent whole before the close: " << ec.message();
+  const std::string received = beast::buffers_to_string(buffer.data());
+  ASSERT_EQ(received.size(), big_bytes);
+  std::size_t wrong = 0;
+  for (std::size_t i = 0; i < received.size(); ++i) wrong += received[i] != pattern(i);
+  EXPECT_EQ(wrong, 0u) << "bytes of the message in flight that changed under the write";
+  buffer.consume(buffer.size());
+  client.ws.read(buffer, ec);
+  EXPECT_EQ(ec, websocket::error::closed) << "a message queued behind the close is dropped: " << ec.message();
+  EXPECT_EQ(client.ws.reason().code, websocket::close_code::policy_error);
+}
+
 TEST(http_streaming, a_quiet_websocket_peer_that_answers_pings_stays_open) {
   http_server_options options;
   // A pong has a quarter of this to arrive before the next check: generous for a loaded machine.

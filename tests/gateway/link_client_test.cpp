@@ -668,6 +668,53 @@ TEST(link_client, drop_closes_with_the_given_code_and_reconnects) {
   EXPECT_EQ(d.message, "send queue full");
 }
 
+TEST(link_client, a_drop_while_a_frame_is_being_written_sends_that_frame_whole_then_closes) {
+  // The frame is larger than the loopback socket's buffers and the server reads nothing until the
+  // client has dropped the link: the write is in flight when the drop comes.
+  const std::string text(8 * 1024 * 1024, 'x');
+  link::codec_limits limits;
+  limits.frame_bytes_max = limits.text_bytes_max = 2 * text.size();
+  journal server_notes;
+  bool dropped = false;
+  std::optional<link::frame> received;
+  std::uint16_t close_code = 0;
+  test_ws_server server([&](tcp::socket socket, int n) -> asio::awaitable<void> {
+    if (n > 0) co_return;  // the reconnect
+    websocket::stream<tcp::socket> ws(std::move(socket));
+    ws.read_message_max(limits.frame_bytes_max);
+    co_await accept(ws);
+    // Blocks this server's only thread, on purpose: nothing is read until the drop.
+    if (!server_notes.wait_until([&] { return dropped; })) co_return;
+    beast::flat_buffer buffer;
+    co_await ws.async_read(buffer, asio::use_awaitable);
+    const auto data = buffer.cdata();
+    auto decoded = link::decode({static_cast<const std::uint8_t*>(data.data()), data.size()}, limits);
+    buffer.consume(buffer.size());
+    const auto code = co_await read_until_closed(ws);
+    server_notes.update([&] {
+      if (decoded) received = std::move(*decoded);
+      close_code = code;
+    });
+  });
+  client_fixture fixture;
+  auto options = options_for(server.url());
+  options.limits = limits;
+  options.send_queue_bytes_max = 4 * text.size();
+  fixture.start(options, [&](link_client& client) {
+    if (dropped) return;
+    ASSERT_TRUE(client.send(link::delta{.job_id = "j", .text = text}));
+    ASSERT_TRUE(client.send(link::heartbeat{}));  // queued behind it: dropped with the link
+    client.drop(1008, "send queue full");
+    server_notes.update([&] { dropped = true; });
+  });
+  ASSERT_TRUE(server_notes.wait_until([&] { return close_code != 0; }));
+  const auto [frame, code] = server_notes.read([&] { return std::pair(received, close_code); });
+  EXPECT_EQ(code, 1008);
+  ASSERT_TRUE(frame.has_value()) << "the frame in flight arrived damaged";
+  ASSERT_TRUE(std::holds_alternative<link::delta>(*frame)) << link::frame_name(*frame);
+  EXPECT_TRUE(std::get<link::delta>(*frame).text == text) << "the frame in flight changed under the write";
+}
+
 TEST(link_client, nobody_listening_is_a_connect_failure_retried_with_growing_waits) {
   std::string url;
   {
