@@ -36,8 +36,10 @@ struct job_options {
   std::size_t id_length_max = 128;
   /// Largest prompt a job may carry, tokens. Default: 1,048,576.
   std::uint32_t prompt_tokens_max = 1'048'576;
-  /// Largest max_tokens (completion tokens) a job may ask for. Default: 32,768.
-  std::uint32_t max_tokens_max = 32'768;
+  /// Largest max_tokens (completion tokens) a job may ask for: the OpenAI API's bound
+  /// (gateway::api_options::max_tokens_max), which also caps the budget of a request without
+  /// max_tokens. Default: 131,072.
+  std::uint32_t max_tokens_max = 131'072;
   /// Largest max_price a job may carry, micro-USD. Default: 1,000 USD.
   std::int64_t max_price_micros_max = 1'000'000'000;
   /// Assignments (attempts) a job may have; the next one is refused and the job should be failed

@@ -450,8 +450,9 @@ class node::impl {
     const std::uint32_t left = *context > job.prompt_tokens ? *context - job.prompt_tokens : 1;
     // Without the client's max_tokens the backend keeps its own limit: a budget from our estimate
     // of the prompt could exceed what its context really leaves (vLLM refuses such a request).
-    // An answer past the budget is billed at the budget (the scheduler clamps it).
-    job.completion_budget = body.max_tokens.value_or(left);
+    // An answer past the budget is billed at the budget (the scheduler clamps it). A model whose
+    // context leaves more than the API's own bound on max_tokens gets that bound.
+    job.completion_budget = body.max_tokens.value_or(std::min(left, options_.api.max_tokens_max));
     job.request = std::move(body);
     job.reply = reply;
     relay_->submit(std::move(job));

@@ -5,7 +5,7 @@
 
 import assert from 'node:assert/strict';
 
-import { OpenAI, job_id_of, one_provider_world, scenario, wait_for } from './harness.mjs';
+import { OpenAI, job_id_of, one_provider_world, scenario, upstream_text, wait_for } from './harness.mjs';
 
 const context_length = 64;
 
@@ -130,6 +130,20 @@ scenario('an answer without max_tokens that runs past the job\'s budget complete
     (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
   assert.ok(job.max_tokens > 0 && job.max_tokens < context_length, `the budget is what the context leaves: ${job.max_tokens}`);
   assert.equal(job.completion_tokens, job.max_tokens, 'billed at the budget, not refused');
+});
+
+scenario('a request without max_tokens to a model with a large context gets the API\'s bound as its budget', async (world) => {
+  // 200,000 tokens of context leave more than any max_tokens the API accepts (131,072): the
+  // budget is that bound, not a refusal of a max_tokens the client never sent.
+  const { server, model } = await one_provider_world(world, { upstream_options: { tokens: 8, context_length: 200_000 } });
+  const user = await server.create_user('premium', 1_000_000);
+  const answer = await server.openai(user.api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'hi' }],
+  });
+  assert.equal(answer.choices[0].message.content, upstream_text(8));
+  const job = await wait_for('the job completed', async () =>
+    (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
+  assert.equal(job.max_tokens, 131_072);
 });
 
 scenario('a node at --live-jobs-max answers 429 server_busy; a request too big for the provider link 413', async (world) => {
