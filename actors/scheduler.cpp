@@ -741,7 +741,7 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   const std::uint32_t tokens = within_budget(job, result.completion_tokens);
   const domain::job_measure measure{job.request.prompt_tokens, tokens,
                                     result.provider_reported_tokens, result.ttft_us,
-                                    result.total_us};
+                                    result.total_us, result.attempt_tokens, result.attempt_bytes};
   auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, tokens, result.ad);
   const std::uint32_t free_tokens = recorded_free_tokens(job, settled, tokens);
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,

@@ -99,6 +99,10 @@ struct job_result {
   std::uint32_t provider_reported_tokens = 0;  ///< the backend's usage
   std::int64_t ttft_us = 0;
   std::int64_t total_us = 0;
+  /// Of completion_tokens, the pieces this provider's attempt sent and their text in bytes
+  /// (domain::job_measure).
+  std::uint32_t attempt_tokens = 0;
+  std::uint64_t attempt_bytes = 0;
   /// Free tier: the ad served with the answer (its impression already recorded by the campaign);
   /// its price moves in the job's settlement group.
   std::optional<domain::ad_charge> ad{};

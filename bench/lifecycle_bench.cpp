@@ -49,7 +49,7 @@ actors::provider_session::behavior_type instant_provider(actors::provider_sessio
                 [=](std::uint64_t) {
                   self->request(scheduler, caf::infinite,
                                 actors::job_result{offer.job_id, provider_id, 200, 200, 50'000,
-                                                   2'000'000})
+                                                   2'000'000, 200, 800})
                       .then([=](const actors::job_ended&) { caf::anon_send(counter, done_atom::value); },
                             [](caf::error& failure) { die("result refused", failure); });
                 },

@@ -310,8 +310,7 @@ decision decide_outcome(const provider::state& s, const provider::record_job_out
       if (too_fast) {
         record_suspicion(out, c.job_id, events::suspicion_kind::unreasonably_fast, now_us);
       }
-      if (!token_counts_match(c.measure.completion_tokens, c.measure.provider_reported_tokens,
-                              scoring)) {
+      if (!token_counts_match(c.measure, scoring)) {
         record_suspicion(out, c.job_id, events::suspicion_kind::token_count_mismatch, now_us);
       }
       break;

@@ -94,15 +94,15 @@ health_status health_for_load(std::uint32_t load_percent,
   return health_status::light;
 }
 
-bool token_counts_match(std::uint32_t platform_tokens, std::uint32_t provider_tokens,
-                        const scoring_options& options) noexcept {
-  const std::uint64_t difference = platform_tokens > provider_tokens
-                                       ? platform_tokens - provider_tokens
-                                       : provider_tokens - platform_tokens;
-  // Tokenisers of the same model family disagree by a few tokens; only a real gap is suspect.
-  const std::uint64_t by_percent =
-      static_cast<std::uint64_t>(platform_tokens) * options.token_mismatch_tolerance_percent / 100;
-  return difference <= std::max<std::uint64_t>(options.token_mismatch_tolerance_tokens, by_percent);
+bool token_counts_match(const job_measure& measure, const scoring_options& options) noexcept {
+  const std::uint64_t reported = measure.provider_reported_tokens;
+  if (reported == 0) return true;
+  const std::uint64_t pieces = measure.attempt_tokens;
+  const std::uint64_t tolerance = std::max<std::uint64_t>(
+      options.token_mismatch_tolerance_tokens, pieces * options.token_mismatch_tolerance_percent / 100);
+  const std::uint64_t low = pieces > tolerance ? pieces - tolerance : 0;
+  const std::uint64_t high = std::max(measure.attempt_bytes, pieces) + tolerance;
+  return reported >= low && reported <= high;
 }
 
 bool unreasonably_fast(const job_measure& measure, const scoring_options& options) noexcept {

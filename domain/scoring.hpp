@@ -24,6 +24,11 @@ struct job_measure {
   std::uint32_t provider_reported_tokens = 0;  ///< what the provider claimed it produced
   std::int64_t ttft_us = 0;                    ///< time to the first token
   std::int64_t total_us = 0;                   ///< time to the last token
+  /// Of completion_tokens, the pieces the provider that finished sent itself, and their text in
+  /// bytes: after a failover the earlier attempts' pieces are a prefix it was given, and its
+  /// backend's usage (provider_reported_tokens) counts only its own.
+  std::uint32_t attempt_tokens = 0;
+  std::uint64_t attempt_bytes = 0;
 };
 
 /// The points one job earns; their sum is added to the provider's score.
@@ -156,9 +161,13 @@ struct health_thresholds {
 [[nodiscard]] health_status health_for_load(std::uint32_t load_percent,
                                             const health_thresholds& thresholds = {}) noexcept;
 
-/// Whether the provider's token count agrees with the platform's within the tolerance.
-[[nodiscard]] bool token_counts_match(std::uint32_t platform_tokens, std::uint32_t provider_tokens,
-                                      const scoring_options& options) noexcept;
+/// Whether the tokens the provider reports for its attempt (its backend's usage) fit what the
+/// platform saw of that attempt: at least its pieces (each piece carries a token; fewer by the
+/// tolerance, since tokenisers of one family disagree by a few) and at most its text's bytes (a
+/// backend may send several tokens in one piece: vLLM under load, a held-back stop sequence or a
+/// split character; but a token is at least a byte), plus the tolerance. A report of 0 is none:
+/// many OpenAI-compatible servers stream no usage, and nothing contradicts the platform's count.
+[[nodiscard]] bool token_counts_match(const job_measure& measure, const scoring_options& options) noexcept;
 
 /// Whether a completed job was produced faster than plausible.
 [[nodiscard]] bool unreasonably_fast(const job_measure& measure,

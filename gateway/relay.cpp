@@ -35,6 +35,8 @@ struct live_job {
   std::string text;             ///< the answer so far, over every attempt
   std::string reasoning;        ///< a reasoning model's thinking so far, for a whole chat answer
   std::uint32_t tokens = 0;     ///< pieces so far (answer and thinking): the platform's own count
+  std::uint32_t attempt_tokens = 0;  ///< of those, the current attempt's
+  std::uint64_t attempt_bytes = 0;   ///< their text, bytes
   bool piece_sent = false;      ///< a piece went out (the first carries the assistant role)
   std::string provider_id;      ///< the provider of the current attempt
   std::uint32_t attempt = 0;    ///< the current attempt's number, from its offer
@@ -242,6 +244,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     live->attempt = offer.attempt;
     live->offered_at = clock::now();
     live->attempt_started = false;
+    live->attempt_tokens = 0;
+    live->attempt_bytes = 0;
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
     return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens), offer.attempt};
   }
@@ -260,6 +264,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
+      // What the backend generated, shown or not: its usage counts it.
+      live->attempt_bytes += d.text.size();
       // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed.
       if (d.reasoning && live->job.request.kind != request_kind::chat) return;
       if (!live->attempt_started) {
@@ -276,6 +282,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
       start_stream(*live);
       live->tokens += 1;
+      live->attempt_tokens += 1;
       const bool first = !std::exchange(live->piece_sent, true);
       (d.reasoning ? live->reasoning : live->text) += d.text;
       if (live->job.request.stream) {
@@ -317,6 +324,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       result.provider_id = provider_id;
       result.completion_tokens = live->tokens;
       result.provider_reported_tokens = d.completion_tokens_reported;
+      result.attempt_tokens = live->attempt_tokens;
+      result.attempt_bytes = live->attempt_bytes;
       result.ttft_us = d.ttft_us;
       result.total_us = d.total_us;
       if (options_.observer.provider_ttft) options_.observer.provider_ttft(std::chrono::microseconds(d.ttft_us));

@@ -230,7 +230,7 @@ TEST_F(scheduler_test, a_premium_job_runs_its_whole_lifecycle_and_settles_in_the
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"),
                                  std::string("p1")));
   EXPECT_EQ(job("j1").status, domain::job_status::streaming);
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 200'000, 4'000'000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 200'000, 4'000'000, 400, 400 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   const auto job_actors = ask<std::size_t>(rt_.jobs, count_atom::value);
   ASSERT_TRUE(job_actors);
@@ -256,7 +256,7 @@ TEST_F(scheduler_test, an_answer_counted_past_max_tokens_completes_and_is_billed
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // max_tokens 500
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
   // The relay counted 520 chunks (a backend that ignored max_tokens, or split tokens).
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 520, 500, 200'000, 4'000'000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 520, 500, 200'000, 4'000'000, 520, 520 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().status, domain::job_status::completed);
   EXPECT_EQ(ended.value().gross_micros, 1500);  // 1000 prompt + 500, not 520
@@ -346,11 +346,11 @@ TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_
   bring_online("p2", "llama-8b", 1, 10'000'000);
   EXPECT_EQ(job("j1").status, domain::job_status::queued) << "p2 is above j1's hold";
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 500, 500, 1000, 2000}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 500, 500, 1000, 2000, 500, 500 * 4}));
   ASSERT_EQ(job("j1").status, domain::job_status::assigned);
   EXPECT_EQ(job("j1").provider_id, "p1");
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 500, 500, 1000, 2000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 500, 500, 1000, 2000, 500, 500 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().gross_micros, 1'500);
   // A job that came after p2 was online is quoted at p2's price and may go there.
@@ -367,7 +367,7 @@ TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
     const std::string id = "j" + std::to_string(i);
     ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "erin", false)));
     ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
-    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 500, 500, 1000, 2000}));
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 500, 500, 1000, 2000, 500, 500 * 4}));
   }
   auto refused = ask<job_accepted>(rt_.scheduler, request("j6", "erin", false));
   ASSERT_FALSE(refused);
@@ -391,7 +391,7 @@ TEST_F(scheduler_test, free_jobs_running_at_once_cannot_together_pass_the_daily_
   // One ends having used 1,100 (1,000 prompt + 100): its hold of 1,500 gives way to that, and
   // 10,000 - 1,100 - 5 x 1,500 = 1,400 is not enough for another 1,500.
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 100, 100, 1000, 2000}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 100, 100, 1000, 2000, 100, 100 * 4}));
   auto still = ask<job_accepted>(rt_.scheduler, request("j7", "erin", false));
   ASSERT_FALSE(still);
   EXPECT_NE(describe(still.error()).find("1100 tokens used today + 7500 held"), std::string::npos)
@@ -457,7 +457,7 @@ TEST_F(scheduler_test, a_provider_whose_link_is_lost_gets_no_new_job_and_its_uns
   ASSERT_EQ((*offers_)["p2"].size(), 2u);
   EXPECT_EQ((*offers_)["p2"][1].job_id, "j3");
   // j1's result arrives, then the offline notice: j1 completes on p1 and nothing else moves.
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000, 100, 100 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().status, domain::job_status::completed);
   self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
@@ -481,7 +481,7 @@ TEST_F(scheduler_test, a_provider_linking_again_while_its_lost_link_waits_for_a_
   ASSERT_EQ((*offers_)["p1"].size(), 2u) << "j2 takes the free slot; j3 waits for j1's";
   EXPECT_EQ((*offers_)["p1"][1].job_id, "j2");
   EXPECT_EQ(counts().queued, 1u);
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 100, 100, 1000, 5000, 100, 100 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   ASSERT_EQ((*offers_)["p1"].size(), 3u) << "j1's slot, freed, goes to j3";
   EXPECT_EQ((*offers_)["p1"][2].job_id, "j3");
@@ -541,7 +541,7 @@ TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tok
   const std::string second = job("j1").provider_id;
   ASSERT_NE(second, first);
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), second));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2000, 150, 150 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   // The first provider's 100 tokens at its price; the second's prompt (1,000) and 50 tokens at its.
   const auto price = [&](const std::string& id) -> std::int64_t { return id == "p1" ? 1 : 3; };
@@ -570,7 +570,7 @@ TEST_F(scheduler_test, after_a_failover_the_rest_goes_only_to_a_provider_whose_q
   run();
   ASSERT_EQ(job("j1").provider_id, "p3");
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p3")));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p3", 500, 500, 1000, 2000});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p3", 500, 500, 1000, 2000, 500, 500 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().gross_micros, 1'200 + 1'100);
   EXPECT_EQ(balance("user-dave"), 2'500 - 2'300);
@@ -643,7 +643,7 @@ TEST_F(scheduler_test, a_jobs_end_records_the_bill_its_ledger_group_then_applies
   create_user("bob", events::user_tier::free, 0);
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 1000, 2000}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 1000, 2000, 400, 400 * 4}));
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p1")));
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j2", events::cancelled_by::client, 30}));
@@ -818,7 +818,7 @@ TEST_F(small_scheduler_test, jobs_live_max_is_a_limit) {
   EXPECT_EQ(job("j3").status, domain::job_status::none) << "nothing recorded for a refused request";
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"),
                                  std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 100, 500}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 100, 500, 10, 10 * 4}));
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "bob", false)))
       << "room again once a job ended";
 }
@@ -831,7 +831,7 @@ TEST_F(scheduler_test, reports_about_an_ending_job_are_refused_and_a_lost_provid
                                  std::string("p1")));
   // The result and the provider's loss arrive together: the completion wins, the loss is ignored.
   auto ended = self_->request(rt_.scheduler, caf::infinite,
-                              job_result{"j1", "p1", 100, 100, 1000, 5000});
+                              job_result{"j1", "p1", 100, 100, 1000, 5000, 100, 100 * 4});
   self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
   auto late = self_->request(rt_.scheduler, caf::infinite,
                              job_failure{"j1", "p1", domain::job_fault::provider, 0, "late"});
@@ -910,7 +910,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
                                  job_failure{offer.job_id, provider, domain::job_fault::provider, 0, "x"});
           } else {
             (void)ask<std::uint64_t>(rt_.scheduler, started_atom::value, offer.job_id, provider);
-            (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500});
+            (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500, 10, 10 * 4});
           }
         }
         break;
@@ -941,7 +941,7 @@ TEST_F(scheduler_test, random_walk_keeps_invariants_and_leaves_no_job_stuck) {
       const auto pending = std::exchange(offers, {});
       for (const auto& offer : pending) {
         (void)ask<std::uint64_t>(rt_.scheduler, started_atom::value, offer.job_id, provider);
-        (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500});
+        (void)ask<job_ended>(rt_.scheduler, job_result{offer.job_id, provider, 10, 10, 100, 500, 10, 10 * 4});
       }
     }
     *clock_.now_us += 31'000'000;

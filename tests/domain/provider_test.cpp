@@ -61,7 +61,7 @@ harness online_provider() {
 
 /// A clean job: 600 prompt tokens, 200 completion tokens at 100 tok/s.
 provider::record_job_outcome good_job(std::string id) {
-  return {std::move(id), job_fault::none, {600, 200, 200, 300'000, 2'300'000}};
+  return {std::move(id), job_fault::none, {600, 200, 200, 300'000, 2'300'000, 200, 800}};
 }
 
 template <class E>
@@ -274,7 +274,7 @@ TEST(provider, unreasonably_fast_jobs_max_suspends_and_such_jobs_earn_no_speed_p
   const provider_options options;
   auto h = online_provider();
   // 500 tokens in 0.1 s: 5,000 tok/s.
-  const provider::record_job_outcome too_fast{"f", job_fault::none, {100, 500, 500, 10, 100'010}};
+  const provider::record_job_outcome too_fast{"f", job_fault::none, {100, 500, 500, 10, 100'010, 500, 2'000}};
   for (std::uint32_t i = 0; i < options.scoring.unreasonably_fast_jobs_max; ++i) {
     h.ok(too_fast, t0);
   }
@@ -289,11 +289,25 @@ TEST(provider, unreasonably_fast_jobs_max_suspends_and_such_jobs_earn_no_speed_p
   EXPECT_EQ(of_type<events::provider_suspended>(h.log).size(), 1u);
 }
 
+TEST(provider, a_backend_that_reports_no_usage_or_several_tokens_per_piece_raises_no_suspicion) {
+  auto h = online_provider();
+  auto silent = good_job("silent");
+  silent.measure.provider_reported_tokens = 0;
+  auto merged = good_job("merged");
+  merged.measure.provider_reported_tokens = 600;  // 200 pieces of 800 bytes
+  for (int i = 0; i < 10; ++i) {
+    h.ok(silent, t0);
+    h.ok(merged, t0);
+  }
+  EXPECT_TRUE(of_type<events::suspicion_recorded>(h.log).empty());
+  EXPECT_TRUE(of_type<events::provider_suspended>(h.log).empty());
+}
+
 TEST(provider, token_count_mismatches_max_suspends) {
   const provider_options options;
   auto h = online_provider();
   auto lying = good_job("lie");
-  lying.measure.provider_reported_tokens = 400;  // we counted 200
+  lying.measure.provider_reported_tokens = 150;  // we counted 200 pieces: split to be paid more
   for (std::uint32_t i = 1; i < options.scoring.token_count_mismatches_max; ++i) h.ok(lying, t0);
   EXPECT_TRUE(of_type<events::provider_suspended>(h.log).empty());
   EXPECT_EQ(h.state.counters.token_count_mismatches, options.scoring.token_count_mismatches_max - 1);

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 
-import { gross_micros, job_id_of, one_provider_world, scenario, upstream_text } from './harness.mjs';
+import { gross_micros, job_id_of, one_provider_world, scenario, upstream_text, wait_for } from './harness.mjs';
 
 const tokens = 12;
 const context_length = 4096;
@@ -192,4 +192,23 @@ scenario("a reasoning model's thinking streams as reasoning_content and is bille
     assert.equal(job.completion_tokens, tokens, `${job.id} bills its thinking too`);
     assert.equal(job.gross_micros, gross_micros(job.prompt_tokens, tokens, offer), `price of ${job.id}`);
   }
+});
+
+scenario('a backend that streams no usage keeps its provider in good standing', async (world) => {
+  // Many OpenAI-compatible servers send no usage even when asked (stream_options.include_usage):
+  // the agent then reports none, and the platform's own count stands. It is no token-count
+  // mismatch, of which 5 would suspend the provider for a day.
+  const { server, model, provider } = await one_provider_world(world, { upstream_options: { tokens, usage: 'none' } });
+  const user = await server.create_user('premium', 10_000_000);
+  const client = server.openai(user.api_key);
+  for (let i = 0; i < 6; ++i) {
+    const answer = await client.chat.completions.create({ model, messages: [{ role: 'user', content: 'hi' }] });
+    assert.equal(answer.usage.completion_tokens, tokens, 'usage is the platform\'s count');
+  }
+  const entry = await wait_for('the six jobs scored', async () => {
+    const found = await server.provider_entry(provider.id);
+    return found && found.jobs.succeeded >= 6 ? found : null;
+  });
+  assert.equal(entry.status, 'online', JSON.stringify(entry));
+  assert.equal(entry.suspended_until_at_us, null);
 });
