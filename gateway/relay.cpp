@@ -72,8 +72,12 @@ api_error refusal_of(const caf::error& failure) {
       return make_api_error(503, domain_failure->message, "model", "no_provider");
     case domain::errc::insufficient_funds:
       return make_api_error(402, domain_failure->message, {}, "insufficient_funds");
-    case domain::errc::quota_exceeded:
-      return make_api_error(429, domain_failure->message, {}, "insufficient_quota");
+    case domain::errc::quota_exceeded: {
+      // OpenAI's own shape for a used-up quota; retrying does not help until the next UTC day.
+      auto error = make_api_error(429, domain_failure->message, {}, "insufficient_quota");
+      error.type = "insufficient_quota";
+      return error;
+    }
     case domain::errc::limit_exceeded:
       return make_api_error(429, domain_failure->message, {}, "server_busy");
     case domain::errc::invalid_argument:
@@ -611,7 +615,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         reply.finish();
       } else {
         http_headers headers;
-        if (error.status == 429) headers.emplace_back("Retry-After", "1");
+        if (error.code == "insufficient_quota") {
+          // The OpenAI SDKs retry a 429 (twice, by default) unless the server says not to.
+          headers.emplace_back("x-should-retry", "false");
+        } else if (error.status == 429) {
+          headers.emplace_back("Retry-After", "1");
+        }
         reply.send({error.status, "application/json", error_body(error), std::move(headers)});
       }
     }

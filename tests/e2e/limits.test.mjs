@@ -1,7 +1,8 @@
 // Limits as a client meets them, through the OpenAI SDK and plain HTTP: the per-key rate limit
 // (429 + Retry-After), a prompt over the model's context length (400 naming both numbers), a body
 // over 1 MiB (413), JSON nested too deep (400), a bad API key (401), an unknown model (404), the
-// node's live jobs (429 server_busy) and a request too big for the provider link (413).
+// node's live jobs (429 server_busy), a request too big for the provider link (413), a free user's
+// daily quota (429 insufficient_quota, not retried) and the budget of a request without max_tokens.
 
 import assert from 'node:assert/strict';
 
@@ -130,6 +131,36 @@ scenario('an answer without max_tokens that runs past the job\'s budget complete
     (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
   assert.ok(job.max_tokens > 0 && job.max_tokens < context_length, `the budget is what the context leaves: ${job.max_tokens}`);
   assert.equal(job.completion_tokens, job.max_tokens, 'billed at the budget, not refused');
+});
+
+scenario('a free user over the daily token quota gets 429 insufficient_quota, which the SDK does not retry', async (world) => {
+  // About 110,000 tokens of prompt (the node counts a token per 3 bytes) against the free tier's
+  // 100,000 a day.
+  const { server, model } = await one_provider_world(world, { upstream_options: { tokens: 4, context_length: 1_000_000 } });
+  const user = await server.create_user('free');
+  const body = { model, messages: [{ role: 'user', content: 'word '.repeat(66_000) }], max_tokens: 4 };
+  const refused = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(refused.status, 429);
+  assert.equal(refused.headers.get('x-should-retry'), 'false');
+  assert.equal(refused.headers.get('retry-after'), null, 'no retry helps before the next UTC day');
+  const error = (await refused.json()).error;
+  assert.equal(error.type, 'insufficient_quota');
+  assert.equal(error.code, 'insufficient_quota');
+  assert.match(error.message, /daily quota of 100000/);
+  // Through the SDK, with its default of 2 retries: a RateLimitError after one request, not three.
+  const refusals = async () => {
+    const text = await (await fetch(`${server.base_url}/metrics`)).text();
+    const line = text.split('\n').find((l) => l.startsWith('gpustream_http_requests_total{') &&
+      l.includes('endpoint="/v1/chat/completions"') && l.includes('status="429"'));
+    return line ? Number(line.split(' ').at(-1)) : 0;
+  };
+  const before = await refusals();
+  await assert.rejects(server.openai(user.api_key, { maxRetries: 2 }).chat.completions.create(body), (sdk_error) => {
+    assert.ok(sdk_error instanceof OpenAI.RateLimitError, `a RateLimitError, got ${sdk_error}`);
+    assert.equal(sdk_error.code, 'insufficient_quota');
+    return true;
+  });
+  assert.equal(await refusals() - before, 1, 'the SDK did not retry');
 });
 
 scenario('a request without max_tokens to a model with a large context gets the API\'s bound as its budget', async (world) => {
