@@ -87,6 +87,10 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::atomic<bool> online_{false};
   std::atomic<bool> retired_{false};
   std::atomic<bool> closed_{false};
+  /// Held while going online (on_hello's continuation) and while end() marks the link closed, so
+  /// that a link ending meanwhile is either seen there, or ends after it went online (its offline
+  /// notice then follows the online one: both go through the bridge under the provider's key).
+  std::mutex online_mutex_;
   std::atomic<bool> stale_{false};          ///< closed for missing heartbeats
   std::atomic<bool> protocol_error_{false}; ///< closed for a frame the protocol forbids
   std::atomic<std::int64_t> last_frame_ns_{steady::now().time_since_epoch().count()};
@@ -311,6 +315,7 @@ void link_session::on_hello(const link::hello& hello) {
               actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
                   .then(
                       [self, owner, actor, models, gpus](const domain::provider::state& state) {
+                        std::lock_guard online(self->online_mutex_);
                         if (self->done_with()) return;
                         owner->relay_.provider_online({self->provider_id_, models});
                         actor->send(owner->runtime_.scheduler, actors::online_atom::value,
@@ -350,7 +355,10 @@ void link_session::retire() {
 void link_session::on_closed(std::string reason) { end(std::move(reason)); }
 
 void link_session::end(std::string reason) {
-  if (closed_.exchange(true)) return;
+  {
+    std::lock_guard online(online_mutex_);
+    if (closed_.exchange(true)) return;
+  }
   caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
   owner_->untrack(this);
   if (retired_ || !hello_seen_) return;
