@@ -40,10 +40,9 @@ expected<void, error> check_range(std::string_view what, T value, T low, T high)
 }
 
 expected<void, error> validate(const submit_job& c, const job_options& o) {
-  for (auto [what, id] : {std::pair<std::string_view, std::string_view>{"job id", c.job_id},
-                          {"user id", c.user_id},
-                          {"model", c.model}})
+  for (auto [what, id] : {std::pair<std::string_view, std::string_view>{"job id", c.job_id}, {"user id", c.user_id}})
     if (auto ok = check_id(what, id, o.id_length_max); !ok) return ok;
+  if (auto ok = check_id("model", c.model, o.model_name_length_max); !ok) return ok;
   if (auto ok = check_id("conversation id", c.conversation_id, o.id_length_max, true); !ok) return ok;
   if (auto ok = check_range<std::uint32_t>("prompt_tokens", c.prompt_tokens, 1, o.prompt_tokens_max); !ok) return ok;
   if (auto ok = check_range<std::uint32_t>("max_tokens", c.max_tokens, 1, o.max_tokens_max); !ok) return ok;

@@ -32,8 +32,11 @@ namespace gpustream::domain {
 
 /// Limits of the job aggregate. The defaults are what production runs with.
 struct job_options {
-  /// Longest job, user, provider, model or conversation id, in bytes. Default: 128.
+  /// Longest job, user, provider or conversation id, in bytes. Default: 128.
   std::size_t id_length_max = 128;
+  /// Longest model name, in bytes: the provider link's bound on the names a provider offers.
+  /// Default: 200.
+  std::size_t model_name_length_max = 200;
   /// Largest prompt a job may carry, tokens. Default: 1,048,576.
   std::uint32_t prompt_tokens_max = 1'048'576;
   /// Largest max_tokens (completion tokens) a job may ask for: the OpenAI API's bound

@@ -375,12 +375,12 @@ expected<request_extension, api_error> parse_extension(const json::object& body,
                                 "x_gpustream.quality", "invalid_value")};
     }
   }
-  auto price = read_integer(object, "max_price_micros", "x_gpustream.max_price_micros", 0,
-                            std::numeric_limits<std::int64_t>::max());
+  // 0 is no price a job can be capped at (a job without a cap records 0): leave it out instead.
+  auto price = read_integer(object, "max_price_micros", "x_gpustream.max_price_micros", 1, limits.max_price_micros_max);
   if (!price) return unexpected{price.error()};
   extension.max_price_micros = *price;
   auto conversation =
-      read_string(object, "conversation_id", "x_gpustream.conversation_id", limits.identifier_bytes_max);
+      read_string(object, "conversation_id", "x_gpustream.conversation_id", limits.conversation_id_bytes_max);
   if (!conversation) return unexpected{conversation.error()};
   if (conversation->has_value()) extension.conversation_id = std::move(**conversation);
   return extension;

@@ -39,8 +39,14 @@ struct api_limits {
   std::size_t stop_sequence_bytes_max = 256;
   /// Longest model name, bytes (the provider link's name bound). Default: 200.
   std::size_t model_name_bytes_max = 200;
-  /// Longest `user` and `x_gpustream.conversation_id`, bytes. Default: 256.
+  /// Longest `user`, bytes. Default: 256.
   std::size_t identifier_bytes_max = 256;
+  /// Longest `x_gpustream.conversation_id`, bytes (the job's bound on ids,
+  /// domain::job_options::id_length_max). Default: 128.
+  std::size_t conversation_id_bytes_max = 128;
+  /// Largest `x_gpustream.max_price_micros` (the job's bound, domain::job_options::
+  /// max_price_micros_max); the least is 1 (leave it out for no cap). Default: 1,000 USD.
+  std::int64_t max_price_micros_max = 1'000'000'000;
   /// Largest `max_tokens` / `max_completion_tokens`. Default: 131072.
   std::uint32_t max_tokens_max = 131072;
 };

@@ -120,6 +120,7 @@ TEST(job, a_premium_end_counts_no_free_tokens) {
 TEST(job, submit_validates_ids_tokens_and_price) {
   job_options o;
   o.id_length_max = 8;
+  o.model_name_length_max = 12;
   o.prompt_tokens_max = 1'000;
   o.max_tokens_max = 500;
   o.max_price_micros_max = 10'000;
@@ -135,6 +136,8 @@ TEST(job, submit_validates_ids_tokens_and_price) {
   expect_refused(with([](submit_job& c) { c.model.clear(); }), errc::invalid_argument, "model");
   expect_refused(with([](submit_job& c) { c.job_id = "123456789"; }), errc::invalid_argument, "at most 8");
   expect_refused(with([](submit_job& c) { c.conversation_id = "123456789"; }), errc::invalid_argument, "conversation");
+  EXPECT_TRUE(with([](submit_job& c) { c.model = "llama-3.1-8b"; })) << "a model name has its own bound";
+  expect_refused(with([](submit_job& c) { c.model = "llama-3.1-70b"; }), errc::invalid_argument, "at most 12");
   expect_refused(with([](submit_job& c) { c.prompt_tokens = 0; }), errc::invalid_argument, "prompt_tokens is 0");
   expect_refused(with([](submit_job& c) { c.prompt_tokens = 1'001; }), errc::invalid_argument, "1 .. 1000");
   EXPECT_TRUE(with([](submit_job& c) { c.prompt_tokens = 1'000; }));

@@ -1,5 +1,6 @@
 // The OpenAI API shapes: request parsing and validation with bodies as the official SDKs send them,
 // limits, the context-length check, the upstream body, and the exact JSON of every response shape.
+#include "domain/job.hpp"
 #include "gateway/openai_api.hpp"
 
 #include <gtest/gtest.h>
@@ -177,6 +178,8 @@ TEST(openai_api, wrong_types_and_ranges_name_the_parameter) {
       {R"("x_gpustream":"high")", "x_gpustream", "invalid_type"},
       {R"("x_gpustream":{"quality":"premium"})", "x_gpustream.quality", "invalid_value"},
       {R"("x_gpustream":{"max_price_micros":-1})", "x_gpustream.max_price_micros", "integer_below_min_value"},
+      {R"("x_gpustream":{"max_price_micros":0})", "x_gpustream.max_price_micros", "integer_below_min_value"},
+      {R"("x_gpustream":{"max_price_micros":1000000001})", "x_gpustream.max_price_micros", "integer_above_max_value"},
       {R"("x_gpustream":{"max_price_micros":"5"})", "x_gpustream.max_price_micros", "invalid_type"},
       {R"("x_gpustream":{"conversation_id":[]})", "x_gpustream.conversation_id", "invalid_type"},
   };
@@ -210,7 +213,9 @@ TEST(openai_api, every_quality_tier_parses) {
             events::quality_tier::standard);
   EXPECT_EQ(chat(chat_body(R"("x_gpustream":{"quality":"high"})")).extension.quality, events::quality_tier::high);
   EXPECT_EQ(chat(chat_body(R"("x_gpustream":{"quality":"ultra"})")).extension.quality, events::quality_tier::ultra);
-  EXPECT_EQ(chat(chat_body(R"("x_gpustream":{"max_price_micros":0})")).extension.max_price_micros, 0);
+  EXPECT_EQ(chat(chat_body(R"("x_gpustream":{"max_price_micros":1})")).extension.max_price_micros, 1);
+  EXPECT_EQ(chat(chat_body(R"("x_gpustream":{"max_price_micros":1000000000})")).extension.max_price_micros,
+            1'000'000'000);
 }
 
 TEST(openai_api, refuses_bodies_missing_what_is_required) {
@@ -319,10 +324,21 @@ TEST(openai_api, message_and_prompt_bytes_are_bounded) {
   EXPECT_EQ(completion_error(R"({"model":"m","prompt":"0123456789A"})", small).param, "prompt");
 }
 
+TEST(openai_api, the_defaults_bound_what_a_job_accepts) {
+  // A request the API takes must not be refused later by the job's own bounds, naming no parameter.
+  const api_limits limits;
+  const domain::job_options job;
+  EXPECT_EQ(limits.conversation_id_bytes_max, job.id_length_max);
+  EXPECT_EQ(limits.max_price_micros_max, job.max_price_micros_max);
+  EXPECT_EQ(limits.max_tokens_max, job.max_tokens_max);
+  EXPECT_EQ(limits.model_name_bytes_max, job.model_name_length_max);
+}
+
 TEST(openai_api, names_and_identifiers_are_bounded) {
   api_limits small;
   small.model_name_bytes_max = 5;
   small.identifier_bytes_max = 3;
+  small.conversation_id_bytes_max = 3;
   small.stop_sequence_bytes_max = 2;
   small.stop_sequences_max = 1;
   EXPECT_EQ(chat_error(R"({"model":"abcdef","messages":[{"role":"user","content":"a"}]})", small).param, "model");
