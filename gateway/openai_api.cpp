@@ -778,8 +778,8 @@ std::string reasoning_chunk_json(const response_meta& meta, std::string_view tex
   return delta_chunk_json(meta, "reasoning_content", text, first);
 }
 
-std::string ad_chunk_json(const response_meta& meta, const ad_info& ad) {
-  return chunk_json(meta, ad_text(ad), false);
+std::string ad_chunk_json(const response_meta& meta, const ad_info& ad, bool first) {
+  return chunk_json(meta, ad_text(ad), first);
 }
 
 std::string final_chunk_json(const response_meta& meta, std::string_view finish_reason,

@@ -196,7 +196,7 @@ struct response_extension {
 [[nodiscard]] std::string reasoning_chunk_json(const response_meta& meta, std::string_view text, bool first);
 
 /// The ad as its own content chunk (text from ad_text()).
-[[nodiscard]] std::string ad_chunk_json(const response_meta& meta, const ad_info& ad);
+[[nodiscard]] std::string ad_chunk_json(const response_meta& meta, const ad_info& ad, bool first);
 
 /// The chunk that ends the choice: an empty delta (or text) and `finish_reason`. `usage` and
 /// `extension` are added when given. Pass them here when the client did not ask for a usage

@@ -581,7 +581,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (live->job.request.stream) {
         start_stream(*live);
         std::string tail;
-        if (live->ad) tail += sse_event(ad_chunk_json(live->meta, *live->ad));
+        // A chat stream's first chunk carries the assistant's role, also when the answer was empty.
+        const bool first = !std::exchange(live->piece_sent, true);
+        if (live->ad) {
+          tail += sse_event(ad_chunk_json(live->meta, *live->ad, first));
+        } else if (first && live->job.request.kind == request_kind::chat) {
+          tail += sse_event(chunk_json(live->meta, "", true));
+        }
         if (live->job.request.include_usage) {
           tail += sse_event(final_chunk_json(live->meta, finish_reason));
           tail += sse_event(usage_chunk_json(live->meta, usage, extension));

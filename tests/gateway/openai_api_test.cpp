@@ -610,11 +610,14 @@ const ad_info sample_ad{"imp-1", "camp-7", "GPU Cloud", "Rent an H100", "https:/
 
 TEST(openai_api, the_ad_is_its_own_content_chunk_with_the_documented_text) {
   EXPECT_EQ(ad_text(sample_ad), "\n\nSponsored: GPU Cloud \xE2\x80\x94 Rent an H100  https://gw.example/a/c/imp-1");
-  EXPECT_EQ(ad_chunk_json(chat_meta, sample_ad),
+  EXPECT_EQ(ad_chunk_json(chat_meta, sample_ad, false),
             R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
             R"("choices":[{"index":0,"delta":{"content":"\n\nSponsored: GPU Cloud )"
             "\xE2\x80\x94"
             R"( Rent an H100  https://gw.example/a/c/imp-1"},"logprobs":null,"finish_reason":null}]})");
+  // After an empty answer the ad is the first chunk, and carries the role.
+  EXPECT_NE(ad_chunk_json(chat_meta, sample_ad, true).find(R"("delta":{"role":"assistant","content":"\n\nSponsored)"),
+            std::string::npos);
 }
 
 TEST(openai_api, usage_chunk_and_extension_have_the_exact_shape) {

@@ -132,8 +132,15 @@ class recorded_reply final : public http_reply {
     changed_.notify_all();
   }
   void start_stream(unsigned, std::string, http_headers) override {}
-  void write(std::string) override {}
-  void finish() override {}
+  void write(std::string bytes) override {
+    std::lock_guard lock(mutex_);
+    streamed_ += bytes;
+  }
+  void finish() override {
+    std::lock_guard lock(mutex_);
+    finished_ = true;
+    changed_.notify_all();
+  }
   void on_close(std::function<void()>) override {}
 
   /// The whole answers sent so far, once there is one (none after `wait_max`).
@@ -143,10 +150,19 @@ class recorded_reply final : public http_reply {
     return sent_;
   }
 
+  /// What a streamed answer wrote, once it finished (empty if it did not within `wait_max`).
+  std::string streamed(std::chrono::milliseconds wait_max) {
+    std::unique_lock lock(mutex_);
+    if (!changed_.wait_for(lock, wait_max, [&] { return finished_; })) return {};
+    return streamed_;
+  }
+
  private:
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<http_response> sent_;
+  std::string streamed_;
+  bool finished_ = false;
 };
 
 TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
@@ -203,11 +219,12 @@ actors::job_offer j1_offer(std::uint32_t attempt = 0) {
 
 /// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
 /// waits until the scheduler has it.
-void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium) {
+void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false) {
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
   job.premium = premium;
+  job.request.stream = stream;
   job.request.model = "m";
   job.request.messages = {chat_message{"user", "hi"}};
   job.prompt_tokens = 1;
@@ -329,6 +346,22 @@ TEST(relay, a_reasoning_models_thinking_reaches_a_chat_client_apart_from_the_ans
   EXPECT_NE(body.find(R"("content":"42","reasoning_content":"6 times 7")"), std::string::npos) << body;
   EXPECT_NE(body.find(R"("completion_tokens":3)"), std::string::npos) << body;
   EXPECT_TRUE(world.log->wait_for("tokens j1 3", 10s)) << "the thinking is billed as the answer is";
+}
+
+TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
+  // OpenAI's chat streams always open with {"role":"assistant","content":""}; SDKs that build the
+  // message from the deltas take the role from there.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  const auto stream = reply->streamed(10s);
+  ASSERT_FALSE(stream.empty()) << "the stream did not finish";
+  const auto first = stream.substr(0, stream.find("\n\n"));
+  EXPECT_NE(first.find(R"("delta":{"role":"assistant","content":""})"), std::string::npos) << stream;
+  EXPECT_EQ(stream.find(R"("role")", first.size()), std::string::npos) << "the role comes once: " << stream;
+  EXPECT_NE(stream.find(R"("finish_reason":"stop")"), std::string::npos) << stream;
 }
 
 TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_counted) {
