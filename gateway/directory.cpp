@@ -111,6 +111,17 @@ constexpr std::size_t job_status_count = static_cast<std::size_t>(domain::job_st
 constexpr std::string_view provider_account_prefix = "provider-";
 constexpr std::string_view job_group_prefix = "job-";
 
+/// The values of `map`, in its order, at most `max`.
+template <class Map>
+std::vector<typename Map::mapped_type> first_values(const Map& map, std::size_t max) {
+  std::vector<typename Map::mapped_type> out;
+  for (const auto& [key, value] : map) {
+    if (out.size() >= max) break;
+    out.push_back(value);
+  }
+  return out;
+}
+
 }  // namespace
 
 class directory::impl {
@@ -322,22 +333,12 @@ class directory::impl {
 
   std::vector<unsettled_bill> unsettled_bills(std::size_t max) const {
     std::shared_lock lock(mutex_);
-    std::vector<unsettled_bill> out;
-    for (const auto& [group_id, bill] : unsettled_) {
-      if (out.size() >= max) break;
-      out.push_back(bill);
-    }
-    return out;
+    return first_values(unsettled_, max);
   }
 
   std::vector<unrecorded_usage> unrecorded_free_usage(std::size_t max) const {
     std::shared_lock lock(mutex_);
-    std::vector<unrecorded_usage> out;
-    for (const auto& [job_id, usage] : unrecorded_usage_) {
-      if (out.size() >= max) break;
-      out.push_back(usage);
-    }
-    return out;
+    return first_values(unrecorded_usage_, max);
   }
 
   directory_counts counts() const {
@@ -379,8 +380,8 @@ class directory::impl {
     }
     for (const auto& [id, record] : campaigns_) out.campaigns.push_back(record.entry);
     for (const auto& [age, id] : jobs_by_age_) out.jobs.push_back(jobs_.at(id).entry);
-    for (const auto& [group_id, bill] : unsettled_) out.unsettled_bills.push_back(bill);
-    for (const auto& [job_id, usage] : unrecorded_usage_) out.unrecorded_free_usage.push_back(usage);
+    out.unsettled_bills = first_values(unsettled_, unsettled_.size());
+    out.unrecorded_free_usage = first_values(unrecorded_usage_, unrecorded_usage_.size());
     return out;
   }
 

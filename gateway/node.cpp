@@ -5,7 +5,6 @@
 #include <caf/send.hpp>
 #include <spdlog/spdlog.h>
 
-
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
 #include "domain/job.hpp"

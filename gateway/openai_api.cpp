@@ -587,9 +587,9 @@ json::object chunk_choice(const response_meta& meta, std::string_view text, bool
 api_error make_api_error(unsigned status, std::string message, std::string param, std::string code) {
   // OpenAI's own types: a wrong key (401) and an unknown model (404) are invalid requests, told
   // apart by their code (invalid_api_key, model_not_found); a rate limit on requests is
-  // "requests" (code rate_limit_exceeded).
+  // "requests" (code rate_limit_exceeded), a used-up quota "insufficient_quota" (the same code).
   std::string type = "invalid_request_error";
-  if (status == 429) type = "requests";
+  if (status == 429) type = code == "insufficient_quota" ? "insufficient_quota" : "requests";
   if (status >= 500) type = "server_error";
   return api_error{status, std::move(type), std::move(message), std::move(param), std::move(code)};
 }

@@ -101,8 +101,9 @@ struct api_error {
 };
 
 /// An api_error whose `type` follows from the HTTP status as OpenAI's API sets it: 429 "requests"
-/// (a limit on requests), 5xx server_error, every other 4xx (a wrong key, an unknown model)
-/// invalid_request_error; `code` tells them apart (invalid_api_key, model_not_found, …).
+/// (a limit on requests) or, with code insufficient_quota, "insufficient_quota" (a used-up quota),
+/// 5xx server_error, every other 4xx (a wrong key, an unknown model) invalid_request_error; `code`
+/// tells them apart (invalid_api_key, model_not_found, …).
 [[nodiscard]] api_error make_api_error(unsigned status, std::string message, std::string param = {},
                                        std::string code = {});
 

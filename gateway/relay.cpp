@@ -72,12 +72,8 @@ api_error refusal_of(const caf::error& failure) {
       return make_api_error(503, domain_failure->message, "model", "no_provider");
     case domain::errc::insufficient_funds:
       return make_api_error(402, domain_failure->message, {}, "insufficient_funds");
-    case domain::errc::quota_exceeded: {
-      // OpenAI's own shape for a used-up quota; retrying does not help until the next UTC day.
-      auto error = make_api_error(429, domain_failure->message, {}, "insufficient_quota");
-      error.type = "insufficient_quota";
-      return error;
-    }
+    case domain::errc::quota_exceeded:
+      return make_api_error(429, domain_failure->message, {}, "insufficient_quota");
     case domain::errc::limit_exceeded:
       return make_api_error(429, domain_failure->message, {}, "server_busy");
     case domain::errc::invalid_argument:

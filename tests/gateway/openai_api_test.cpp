@@ -397,6 +397,7 @@ TEST(openai_api, error_body_has_openais_shape_with_nulls_for_empty_fields) {
   EXPECT_EQ(make_api_error(404, "x").type, "invalid_request_error");
   EXPECT_EQ(make_api_error(413, "x").type, "invalid_request_error");
   EXPECT_EQ(make_api_error(429, "x").type, "requests");
+  EXPECT_EQ(make_api_error(429, "x", {}, "insufficient_quota").type, "insufficient_quota");
   EXPECT_EQ(make_api_error(503, "x").type, "server_error");
   EXPECT_EQ(make_api_error(503, "x").status, 503u);
 }
