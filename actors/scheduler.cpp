@@ -32,6 +32,8 @@ struct live_job {
   domain::model_price price;     ///< running: that provider's price for the model
   std::uint32_t attempt = 0;
   std::uint32_t tokens_so_far = 0;
+  /// Attempts whose backend refused the request itself (job_fault::request).
+  std::uint32_t request_rejections = 0;
   bool running = false;
   std::string avoided_provider_id;  ///< the provider the last attempt failed on
   /// The attempts that produced tokens and failed over: each provider is paid its own tokens.
@@ -771,11 +773,26 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
   // Only the provider's own faults count against it (the domain ignores the others).
   record_outcome(self, failure.provider_id, failure.job_id, failure.fault);
   auto answer = [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); };
-  if (failure.fault == domain::job_fault::provider) {
-    requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
-                    within_budget(self->state.jobs.at(failure.job_id), failure.tokens_so_far), answer);
-  } else {
-    fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);
+  auto& job = self->state.jobs.at(failure.job_id);
+  switch (failure.fault) {
+    case domain::job_fault::request:
+      // A backend that refuses the request itself may be one with a quirk or a smaller context
+      // than it advertised; another one is asked, but a request refused again (or with nobody
+      // else to ask) is the client's to mend, with the backend's words.
+      if (++job.request_rejections >= self->state.options.request_rejections_max ||
+          !self->state.index->can_serve(job.request.model, job.request.quality, failure.provider_id)) {
+        fail_job(self, failure.job_id, events::failure_reason::upstream_error,
+                 "the provider's backend refused the request: " + failure.message, answer);
+        break;
+      }
+      [[fallthrough]];
+    case domain::job_fault::provider:
+    case domain::job_fault::declined:
+      requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
+                      within_budget(job, failure.tokens_so_far), answer);
+      break;
+    default:
+      fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);
   }
   return reply;
 }

@@ -159,6 +159,10 @@ struct scheduler_options {
   /// How long an assigned job may wait for its first token before it goes to another provider
   /// (the provider counts as having failed it). Default: 30 s.
   std::chrono::microseconds first_token_wait_max = std::chrono::seconds(30);
+  /// How many providers' backends may refuse a job's request itself (an HTTP 4xx) before the job
+  /// fails with upstream_error and the backend's message, instead of going to another provider.
+  /// Default: 2.
+  std::uint32_t request_rejections_max = 2;
   /// How often deadlines are enforced and a pass over the queue is made even without an event
   /// that would start one. Default: 100 ms.
   std::chrono::milliseconds tick_interval = std::chrono::milliseconds(100);

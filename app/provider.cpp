@@ -613,9 +613,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
              }});
   }
 
+  /// Declines an offer without asking the backend (neither fault flag: the provider did nothing
+  /// wrong, and another provider may take the job).
   void refuse(const link::offer& offer, std::string message) {
     send(link::job_error{.job_id = offer.job_id, .tokens_so_far = 0, .message = std::move(message),
-                         .upstream_fault = false, .attempt = offer.attempt});
+                         .upstream_fault = false, .attempt = offer.attempt, .request_rejected = false});
   }
 
   /// The job `job_id` running here for `attempt`, or jobs_.end() (it ended, or a later offer of
@@ -639,7 +641,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
       link::delta frame{.job_id = job_id, .text = std::string(piece), .attempt = attempt, .reasoning = reasoning};
       if (auto valid = link::validate(frame, options_.link.limits); !valid) {
-        fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message, true);
+        fail_job(job_id, "the backend sent text the link cannot carry: " + valid.error().message,
+                 failure_cause::backend);
         return;
       }
       // The first token's first piece may overtake other jobs' later tokens held for the link.
@@ -681,10 +684,15 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
              "backend " + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
                  ": " + error.message,
-             error.upstream_fault);
+             error.upstream_fault ? failure_cause::backend : failure_cause::request);
   }
 
-  void fail_job(const std::string& job_id, std::string message, bool upstream_fault) {
+  /// Why a running job failed: its backend failed (the provider's fault), or the backend refused
+  /// the request itself (an HTTP 4xx: the request's fault, as far as this backend can tell).
+  enum class failure_cause { backend, request };
+
+  void fail_job(const std::string& job_id, std::string message, failure_cause cause) {
+    const bool upstream_fault = cause == failure_cause::backend;
     const auto found = jobs_.find(job_id);
     if (found == jobs_.end()) return;
     const auto tokens = found->second.tokens;
@@ -700,7 +708,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->warn("job={} failed tokens_so_far={} upstream_fault={}: {}", job_id, tokens, upstream_fault,
                message);
     send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
-                         .upstream_fault = upstream_fault, .attempt = attempt});
+                         .upstream_fault = upstream_fault, .attempt = attempt,
+                         .request_rejected = !upstream_fault});
   }
 
   void on_cancel(const link::cancel& cancel) {

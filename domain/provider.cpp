@@ -297,6 +297,8 @@ decision decide_outcome(const provider::state& s, const provider::record_job_out
   switch (c.fault) {
     case job_fault::platform:
     case job_fault::client:
+    case job_fault::request:
+    case job_fault::declined:
       // Neither points nor suspicion: the provider did nothing wrong.
       return std::vector<event>{};
     case job_fault::provider:

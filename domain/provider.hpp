@@ -24,6 +24,8 @@ enum class job_fault : std::uint8_t {
   provider,  ///< the provider dropped, stalled or erred
   platform,  ///< the platform failed (never counts against the provider)
   client,    ///< the client cancelled or disconnected (never counts against the provider)
+  request,   ///< the provider's backend refused the request itself (never counts against the provider)
+  declined,  ///< the provider declined the offer without trying it, e.g. at capacity (never counts)
 };
 
 struct provider_options {

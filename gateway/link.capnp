@@ -90,8 +90,10 @@ struct JobError {
   jobId @0 :Text;
   tokensSoFar @1 :UInt32;
   message @2 :Text;
-  upstreamFault @3 :Bool;
+  upstreamFault @3 :Bool;    # the backend failed: counts against the provider
   attempt @4 :UInt32;
+  requestRejected @5 :Bool;  # the backend refused the request itself (an HTTP 4xx but 408 and 429)
+  # Neither flag: the agent declined the offer without asking its backend (at capacity, a duplicate).
 }
 
 # server -> agent -------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ void write(schema::Frame::Builder root, const job_error& f) {
   b.setMessage(to_wire(f.message));
   b.setUpstreamFault(f.upstream_fault);
   b.setAttempt(f.attempt);
+  b.setRequestRejected(f.request_rejected);
 }
 
 void write(schema::Frame::Builder root, const welcome& f) {
@@ -234,7 +235,8 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
                              .tokens_so_far = r.getTokensSoFar(),
                              .message = to_std(r.getMessage()),
                              .upstream_fault = r.getUpstreamFault(),
-                             .attempt = r.getAttempt()}};
+                             .attempt = r.getAttempt(),
+                             .request_rejected = r.getRequestRejected()}};
     }
     case schema::Frame::WELCOME: {
       const auto r = root.getWelcome();

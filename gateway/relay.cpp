@@ -361,10 +361,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       tokens = live->tokens;
     }
     auto self = shared_from_this();
-    bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message](
-                                       caf::event_based_actor* actor) {
-      self->report_failure(actor, job_id, provider_id, tokens, message);
+    bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message,
+                                    fault = fault_of(e, tokens)](caf::event_based_actor* actor) {
+      self->report_failure(actor, job_id, provider_id, tokens, message, fault);
     });
+  }
+
+  /// Whose fault the agent says a failure was. An offer is declined before anything is streamed:
+  /// a "decline" after tokens reached the client is the provider's failure.
+  static domain::job_fault fault_of(const link::job_error& e, std::uint32_t tokens_relayed) {
+    if (e.upstream_fault) return domain::job_fault::provider;
+    if (e.request_rejected) return domain::job_fault::request;
+    return tokens_relayed == 0 && e.tokens_so_far == 0 ? domain::job_fault::declined : domain::job_fault::provider;
   }
 
   void link_lost(const std::string& provider_id) {
@@ -403,7 +411,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     // job to another provider.
     bridge_.run_keyed(provider_id, [self, provider_id, why, offline, defer_offline, lost = std::move(lost)](
                                        caf::event_based_actor* actor) {
-      for (const auto& [job_id, tokens] : lost) self->report_failure(actor, job_id, provider_id, tokens, why);
+      for (const auto& [job_id, tokens] : lost) {
+        self->report_failure(actor, job_id, provider_id, tokens, why, domain::job_fault::provider);
+      }
       if (!offline) return;
       if (defer_offline) {
         // Not offline yet, but no new job may go to a link that is gone.
@@ -517,16 +527,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   }
 
   void report_failure(caf::event_based_actor* actor, const std::string& job_id, const std::string& provider_id,
-                      std::uint32_t tokens, const std::string& message) {
+                      std::uint32_t tokens, const std::string& message, domain::job_fault fault) {
     auto self = shared_from_this();
-    actor->request(scheduler_, caf::infinite,
-                   actors::job_failure{job_id, provider_id, domain::job_fault::provider, tokens, message})
+    actor->request(scheduler_, caf::infinite, actors::job_failure{job_id, provider_id, fault, tokens, message})
         .then(
-            [self, job_id](const actors::job_ended& ended) {
-              if (ended.status == domain::job_status::failed) {
-                self->finish_error(job_id, make_api_error(502, "no provider could finish the answer: " + ended.detail,
-                                                          {}, "provider_failed"));
-              }
+            [self](const actors::job_ended& ended) {
+              // Its watcher hears the same; whichever comes first ends the answer.
+              self->ended_by_scheduler(ended);
               // queued: another provider gets it; the relay continues from the answer so far.
             },
             [job_id](caf::error& failure) {
@@ -638,8 +645,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       case events::failure_reason::deadline_exceeded:
         return finish_error(ended.job_id, make_api_error(503, ended.detail, {}, "no_provider"));
       case events::failure_reason::all_providers_failed:
+        return finish_error(ended.job_id, make_api_error(502, "no provider could finish the answer: " + ended.detail,
+                                                         {}, "provider_failed"));
       case events::failure_reason::upstream_error:
-        return finish_error(ended.job_id, make_api_error(502, ended.detail, {}, "provider_failed"));
+        // The backends refused the request itself: the client's to mend, not to retry.
+        return finish_error(ended.job_id, make_api_error(400, ended.detail, {}, "upstream_rejected"));
       default:  // the platform's own fault, e.g. a job that could not be recorded
         return finish_error(ended.job_id, make_api_error(500, ended.detail, {}, "server_error"));
     }

@@ -529,6 +529,70 @@ TEST_F(scheduler_test, a_job_failing_before_its_first_token_on_every_attempt_fai
   EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
 }
 
+TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_counts_against_neither) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  const std::string first = job("j1").provider_id;
+  // One backend's 400 may be its own quirk: another provider is asked.
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::request, 0,
+                                                         "backend http_status 400: unknown field"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  ASSERT_EQ(moved.value().status, domain::job_status::queued);
+  run();
+  const std::string second = job("j1").provider_id;
+  ASSERT_NE(second, first);
+  // A second refusal: the request is the client's to mend.
+  auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", second, domain::job_fault::request, 0,
+                                                         "backend http_status 400: unknown field"});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_EQ(ended.value().failure, events::failure_reason::upstream_error);
+  EXPECT_NE(ended.value().detail.find("refused the request: backend http_status 400: unknown field"),
+            std::string::npos)
+      << ended.value().detail;
+  EXPECT_EQ(job("j1").failure, events::failure_reason::upstream_error);
+  EXPECT_EQ(job("j1").attempt, 2u);
+  run();
+  for (const char* id : {"p1", "p2"}) {
+    auto provider = ask<domain::provider::state>(rt_.providers, std::string(id), state_atom::value);
+    ASSERT_TRUE(provider);
+    EXPECT_EQ(provider.value().counters.aborted_jobs, 0u) << id;
+  }
+}
+
+TEST_F(scheduler_test, a_request_refused_by_the_only_backend_of_its_model_fails_at_once) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::request, 0,
+                                                         "backend http_status 400: bad grammar"});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_EQ(ended.value().failure, events::failure_reason::upstream_error);
+  EXPECT_EQ(job("j1").attempt, 1u) << "the same backend is not asked again";
+  EXPECT_EQ((*offers_)["p1"].size(), 1u);
+}
+
+TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_counting_against_it) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  const std::string first = job("j1").provider_id;
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::declined, 0,
+                                                         "the provider is at capacity (1 jobs)"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  EXPECT_EQ(moved.value().status, domain::job_status::queued);
+  run();
+  EXPECT_NE(job("j1").provider_id, first);
+  EXPECT_EQ(job("j1").attempt, 2u);
+  auto provider = ask<domain::provider::state>(rt_.providers, first, state_atom::value);
+  ASSERT_TRUE(provider);
+  EXPECT_EQ(provider.value().counters.aborted_jobs, 0u);
+}
+
 TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tokens_at_its_own_price) {
   bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
   bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD

@@ -605,6 +605,7 @@ TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss
   EXPECT_EQ(refused.job_id, "job-3");
   EXPECT_EQ(refused.attempt, 1u);
   EXPECT_FALSE(refused.upstream_fault);
+  EXPECT_FALSE(refused.request_rejected) << "declined: the request was never shown to the backend";
   EXPECT_NE(refused.message.find("capacity"), std::string::npos) << refused.message;
   ASSERT_TRUE(upstream.wait_stat("active", 2));
 
@@ -635,6 +636,30 @@ TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss
   EXPECT_EQ(coordinator.count<link::done>(), 0u);
 }
 
+TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
+  upstream_process upstream({"--models", "m1", "--fail-status", "400"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
+  coordinator.send(link::offer{.job_id = "job-8", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 1});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  const auto rejected = coordinator.all<link::job_error>().front();
+  EXPECT_EQ(rejected.job_id, "job-8");
+  EXPECT_FALSE(rejected.upstream_fault);
+  EXPECT_TRUE(rejected.request_rejected);
+  EXPECT_NE(rejected.message.find("400"), std::string::npos) << rejected.message;
+  // The backend's health is not blamed for the request.
+  const auto heartbeats_before = coordinator.count<link::heartbeat>();
+  ASSERT_TRUE(coordinator.wait_until(
+      [&] { return coordinator.count_locked<link::heartbeat>() >= heartbeats_before + 1; }));
+  EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 100u);
+}
+
 TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
   upstream_process upstream({"--models", "m1", "--fail-status", "503"});
   ASSERT_TRUE(upstream.ready());
@@ -650,6 +675,7 @@ TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
   const auto failed = coordinator.all<link::job_error>().front();
   EXPECT_EQ(failed.job_id, "job-9");
   EXPECT_TRUE(failed.upstream_fault);
+  EXPECT_FALSE(failed.request_rejected);
   EXPECT_EQ(failed.tokens_so_far, 0u);
   EXPECT_NE(failed.message.find("503"), std::string::npos) << failed.message;
   // The next heartbeats show the failure in the health figure.

@@ -213,11 +213,11 @@ TEST(provider, score_crossing_a_band_raises_the_level) {
   EXPECT_EQ(of_type<events::provider_scored>(h.log).back().level, provider_level::silver);
 }
 
-TEST(provider, platform_and_client_faults_never_count_against_the_provider) {
+TEST(provider, platform_client_request_and_declined_faults_never_count_against_the_provider) {
   auto h = online_provider();
   for (int i = 0; i < 3; ++i) h.ok(good_job("j" + std::to_string(i)), t0);
   const auto before = h.state;
-  for (auto fault : {job_fault::platform, job_fault::client}) {
+  for (auto fault : {job_fault::platform, job_fault::client, job_fault::request, job_fault::declined}) {
     // Even with numbers that would otherwise be suspect.
     const auto result = h.run(provider::record_job_outcome{"x", fault, {10, 500, 9, 0, 1}}, t0);
     ASSERT_TRUE(result.has_value());

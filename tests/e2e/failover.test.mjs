@@ -1,6 +1,7 @@
 // Providers failing under a live answer: an upstream that drops mid-stream hands the answer to
 // another provider, which continues it (x_gpustream.failover); an agent killed with SIGKILL before
-// the first token is replaced silently; with nobody left the stream ends with an in-band error.
+// the first token is replaced silently; with nobody left the stream ends with an in-band error; a
+// request the backends refuse (HTTP 400) gets their 400.
 
 import assert from 'node:assert/strict';
 
@@ -189,4 +190,47 @@ scenario('an agent that stops answering is stale after three heartbeats and its 
   await server.wait_provider_offline(provider_a.id);
   assert.equal((await upstream_b.stats()).completed, 1);
   agent_a.process.kill('SIGCONT');
+});
+
+scenario('a request one backend refuses goes to another; refused by two, the client gets their 400', async (world) => {
+  const server = await world.serve();
+  // A refuses every request with a 400 (as a backend does with a parameter it does not take); B
+  // answers. A is cheaper: with both idle it gets each job first (as in the first scenario).
+  const refusing_a = await world.upstream({ models: model, tokens, fail_status: 400 }, 'upstream-a');
+  const upstream_b = await world.upstream({ models: model, tokens }, 'upstream-b');
+  const provider_a = await server.create_provider('provider-a');
+  const provider_b = await server.create_provider('provider-b');
+  world.provider(server, provider_a.token, refusing_a, { name: 'provider-a', args: ['--price-per-mtok', '1000000'] });
+  const agent_b = world.provider(server, provider_b.token, upstream_b, { name: 'provider-b', args: ['--price-per-mtok', '3000000'] });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 2);
+
+  const chunks = await stream_chat(server, user.api_key);
+  assert.equal(text_of(chunks), upstream_text(tokens), 'B answered the request A refused');
+  assert.equal(chunks.at(-1).x_gpustream.provider_id, provider_b.id);
+  assert.equal((await refusing_a.stats()).requests, 1, 'A was asked first');
+
+  // B goes; C, refusing as A does, comes. A request both refuse is the client's to mend: a 400
+  // with the backend's words, which the SDK does not retry, after two backends were asked.
+  const refusing_c = await world.upstream({ models: model, tokens, fail_status: 400 }, 'upstream-c');
+  const provider_c = await server.create_provider('provider-c');
+  world.provider(server, provider_c.token, refusing_c, { name: 'provider-c', args: ['--price-per-mtok', '2000000'] });
+  await server.wait_model(user.api_key, model, 3);
+  await agent_b.stop('SIGKILL');
+  await server.wait_provider_offline(provider_b.id);
+  await assert.rejects(
+    server.openai(user.api_key).chat.completions.create({ model, messages: [{ role: 'user', content: 'Hello?' }] }),
+    (error) => {
+      assert.ok(error instanceof OpenAI.BadRequestError, `a BadRequestError, got ${error}`);
+      assert.equal(error.status, 400);
+      assert.equal(error.code, 'upstream_rejected');
+      assert.match(error.message, /backend refused the request: .*configured to fail every completion with HTTP 400/);
+      return true;
+    });
+  const asked = (await refusing_a.stats()).requests - 1 + (await refusing_c.stats()).requests;
+  assert.equal(asked, 2, 'two backends were asked, once each');
+  const failed = await wait_for('the job failed', async () =>
+    (await server.jobs('failed')).find((entry) => entry.failure_reason === 'upstream_error'));
+  assert.equal(failed.gross_micros, 0, `job ${failed.id} bills nothing`);
+  assert.equal((await server.accounts()).total_micros, 0);
 });

@@ -110,6 +110,15 @@ TEST(link_codec, every_frame_round_trips) {
   }
 }
 
+TEST(link_codec, a_job_error_says_which_of_three_causes_it_had) {
+  for (const auto& [upstream_fault, request_rejected] :
+       {std::pair{true, false}, std::pair{false, true}, std::pair{false, false}}) {
+    const frame f = job_error{.job_id = "job-43", .tokens_so_far = 0, .message = "backend http_status 400",
+                              .upstream_fault = upstream_fault, .attempt = 1, .request_rejected = request_rejected};
+    EXPECT_EQ(round_trip(f), f) << upstream_fault << request_rejected;
+  }
+}
+
 TEST(link_codec, empty_and_default_frames_round_trip) {
   for (const frame& f : {frame{hello{}}, frame{heartbeat{}}, frame{welcome{}}}) {
     EXPECT_EQ(round_trip(f), f) << frame_name(f);

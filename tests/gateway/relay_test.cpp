@@ -64,6 +64,18 @@ class scheduler_log {
   actors::job_watcher watcher_;
 };
 
+std::string fault_name(domain::job_fault fault) {
+  switch (fault) {
+    case domain::job_fault::none: return "none";
+    case domain::job_fault::provider: return "provider";
+    case domain::job_fault::platform: return "platform";
+    case domain::job_fault::client: return "client";
+    case domain::job_fault::request: return "request";
+    case domain::job_fault::declined: return "declined";
+  }
+  return "?";
+}
+
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
                                                            std::shared_ptr<scheduler_log> log) {
@@ -86,8 +98,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("result " + result.job_id);
         return actors::job_ended{result.job_id, domain::job_status::completed, 0, 0};
       },
-      [](actors::job_failure&) -> caf::result<actors::job_ended> {
-        return caf::make_error(caf::sec::unexpected_message);
+      [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {
+        log->add("failure " + failure.job_id + " " + failure.provider_id + " " + fault_name(failure.fault) + " " +
+                 std::to_string(failure.tokens_so_far));
+        return actors::job_ended{failure.job_id, domain::job_status::queued, 0, 0};  // another provider's turn
       },
       [log](actors::job_cancel& cancel) -> caf::result<actors::job_ended> {
         log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
@@ -421,6 +435,34 @@ TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   EXPECT_NE(body.find(R"("content":"answer")"), std::string::npos) << body;
 }
 
+TEST(relay, tells_the_scheduler_whose_fault_a_failure_reported_by_the_agent_was) {
+  struct failure_case {
+    link::job_error error;
+    bool tokens_first;  // a token reached the client before the error
+    const char* told;
+  };
+  for (const auto& [error, tokens_first, told] : {
+           // The backend failed: the provider's fault.
+           failure_case{{.job_id = "j1", .message = "backend 503", .upstream_fault = true, .attempt = 1}, false, "failure j1 p1 provider 0"},
+           // The backend refused the request itself (HTTP 400): nobody's fault yet.
+           failure_case{{.job_id = "j1", .message = "backend 400", .attempt = 1, .request_rejected = true}, false, "failure j1 p1 request 0"},
+           // The agent declined the offer (at capacity).
+           failure_case{{.job_id = "j1", .message = "at capacity", .attempt = 1}, false, "failure j1 p1 declined 0"},
+           // A "decline" after a token went out is a failure of the provider.
+           failure_case{{.job_id = "j1", .message = "at capacity", .attempt = 1}, true, "failure j1 p1 provider 1"},
+           failure_case{{.job_id = "j1", .tokens_so_far = 3, .message = "at capacity", .attempt = 1}, false, "failure j1 p1 provider 0"},
+       }) {
+    SCOPED_TRACE(told);
+    relay_world world;
+    auto reply = std::make_shared<recorded_reply>();
+    ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+    ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+    if (tokens_first) world.relay.delta("p1", link::delta{"j1", "tok ", 1});
+    world.relay.failed("p1", error);
+    EXPECT_TRUE(world.log->wait_for(told, 10s)) << testing::PrintToString(world.log->events());
+  }
+}
+
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   struct failure_case {
     events::failure_reason reason;
@@ -430,6 +472,7 @@ TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   for (const auto& [reason, status, code] :
        {failure_case{events::failure_reason::no_provider, 503, "no_provider"},
         failure_case{events::failure_reason::all_providers_failed, 502, "provider_failed"},
+        failure_case{events::failure_reason::upstream_error, 400, "upstream_rejected"},
         failure_case{events::failure_reason::internal, 500, "server_error"}}) {
     relay_world world;
     auto reply = std::make_shared<recorded_reply>();
