@@ -305,6 +305,13 @@ expected<void, std::string> upstream_sse_parser::feed(
   return {};
 }
 
+void upstream_sse_parser::finish(const std::function<bool(std::string_view data)>& on_event) {
+  if (failed_) return;
+  const std::string line = std::exchange(line_, {});
+  if (!line.empty() && !take_line(line, on_event)) return;
+  (void)take_line({}, on_event);  // the blank line that ends the event, if one is pending
+}
+
 bool upstream_sse_parser::take_line(std::string_view line, const std::function<bool(std::string_view)>& on_event) {
   if (line.empty()) {  // a blank line ends the event
     if (!has_data_) return true;
@@ -581,6 +588,12 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (done_seen_ && !over_) return finish_after_done(ec);
     if (ec) {
       if (over_) return close();  // the answer was complete ([DONE] came); only the tail was lost
+      if (use_ == body_use::events && !finish_reason_.empty()) {
+        // The finish chunk came, then the connection broke before the body's proper end (a
+        // server that closes without its last zero-length chunk): the answer is whole.
+        close();
+        return deliver_done();
+      }
       return fail(failure(ec, "reading the response"));
     }
     if (parser_->is_done()) return on_body_complete();
@@ -685,6 +698,12 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (stopped()) return recycle();
     switch (use_) {
       case body_use::events:
+        sse_.finish([this](std::string_view data) { return on_event(data); });
+        if (closed_) return;  // the last event reported an error
+        if (done_seen_) {
+          recycle();
+          return deliver_done();
+        }
         // Some servers end the body right after the finish chunk without [DONE]: that is complete.
         if (finish_reason_.empty()) {
           return fail(make_error(upstream_error_kind::dropped,

@@ -150,6 +150,12 @@ class upstream_sse_parser {
   [[nodiscard]] expected<void, std::string> feed(
       std::string_view bytes, const std::function<bool(std::string_view data)>& on_event);
 
+  /// The body ended: a last line or event whose line break or blank line never came is complete
+  /// with it (a server that ends its stream right after the last event's data), and goes to
+  /// on_event. Call only at a proper end of the body, never after a broken connection (the
+  /// event may be cut short). Nothing happens once the parser failed.
+  void finish(const std::function<bool(std::string_view data)>& on_event);
+
  private:
   // Handles one complete line; false when on_event asked to stop.
   bool take_line(std::string_view line, const std::function<bool(std::string_view)>& on_event);

@@ -363,6 +363,33 @@ TEST(UpstreamSseParser, AnEventOverTheLimitFailsAndStaysFailed) {
   EXPECT_FALSE(unterminated.feed(": a comment line that never ends and never ends", count).has_value());
 }
 
+TEST(UpstreamSseParser, TheBodysEndCompletesALastEventWhoseBlankLineNeverCame) {
+  for (const std::string tail : {"data: b", "data: b\n", "data: b\r\n", "data: b\r"}) {
+    upstream_sse_parser parser(1024);
+    std::vector<std::string> events;
+    const auto take = [&](std::string_view data) {
+      events.emplace_back(data);
+      return true;
+    };
+    ASSERT_TRUE(parser.feed("data: a\n\n" + tail, take).has_value());
+    EXPECT_EQ(events, std::vector<std::string>{"a"}) << "not before the body ends";
+    parser.finish(take);
+    EXPECT_EQ(events, (std::vector<std::string>{"a", "b"})) << testing::PrintToString(tail);
+    parser.finish(take);
+    EXPECT_EQ(events.size(), 2u) << "once";
+  }
+  // A finished event and a comment leave nothing pending.
+  upstream_sse_parser parser(1024);
+  int events = 0;
+  const auto count = [&](std::string_view) {
+    ++events;
+    return true;
+  };
+  ASSERT_TRUE(parser.feed("data: a\n\n: keep-alive", count).has_value());
+  parser.finish(count);
+  EXPECT_EQ(events, 1);
+}
+
 TEST(UpstreamSseParser, StopsWhenTheConsumerSaysSo) {
   upstream_sse_parser parser(1024);
   std::vector<std::string> events;
@@ -809,6 +836,39 @@ TEST(UpstreamClient, AStreamEndedByClosingBeforeItsFinishIsDropped) {
   ASSERT_TRUE(log.error());
   EXPECT_EQ(log.error()->kind, upstream_error_kind::dropped) << log.error()->message;
   EXPECT_EQ(log.deltas(), expected_tokens(1));
+  EXPECT_EQ(log.finals(), 1);
+}
+
+TEST(UpstreamClient, AStreamWhoseLastEventLacksItsBlankLineIsWhole) {
+  // The body ends (here with the connection, no length) right after the finish chunk's data line.
+  std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n";
+  answer += chat_event(0) + stop_event.substr(0, stop_event.size() - 2);
+  one_shot_server server(answer);
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(1));
+  EXPECT_EQ(log.finish_reason(), "stop");
+  EXPECT_EQ(log.finals(), 1);
+}
+
+TEST(UpstreamClient, AStreamClosedAfterItsFinishButBeforeItsLastChunkIsWhole) {
+  // Chunked, and the connection closes after the finish chunk without the zero-length chunk that
+  // ends the body: the answer is complete all the same (it was dropped before).
+  std::string answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+  for (const std::string& event : {chat_event(0), stop_event}) {
+    char size[16];
+    std::snprintf(size, sizeof size, "%zx\r\n", event.size());
+    answer += size + event + "\r\n";
+  }
+  one_shot_server server(answer);
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(1));
+  EXPECT_EQ(log.finish_reason(), "stop");
   EXPECT_EQ(log.finals(), 1);
 }
 
