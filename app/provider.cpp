@@ -655,6 +655,13 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                std::optional<gateway::upstream_usage> usage) {
     const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
+    if (finish_reason == "abort" || finish_reason == "error") {
+      // vLLM ends an answer its engine gave up on with "abort": cut short, not finished. As a
+      // failure it continues on another provider with the answer so far.
+      fail_job(job_id, "the backend ended the answer with finish_reason \"" + finish_reason + "\"",
+               failure_cause::backend);
+      return;
+    }
     const job running = std::move(found->second);
     jobs_.erase(found);
     record_outcome(true);

@@ -782,6 +782,16 @@ std::string ad_chunk_json(const response_meta& meta, const ad_info& ad, bool fir
   return chunk_json(meta, ad_text(ad), first);
 }
 
+std::string_view client_finish_reason(std::string_view backend) noexcept {
+  for (const std::string_view openai : {"stop", "length", "tool_calls", "content_filter", "function_call"}) {
+    if (backend == openai) return openai;
+  }
+  for (const std::string_view length : {"max_tokens", "model_length"}) {
+    if (backend == length) return "length";
+  }
+  return "stop";
+}
+
 std::string final_chunk_json(const response_meta& meta, std::string_view finish_reason,
                              const std::optional<token_usage>& usage,
                              const std::optional<response_extension>& extension) {

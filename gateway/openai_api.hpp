@@ -199,6 +199,13 @@ struct response_extension {
 /// The ad as its own content chunk (text from ad_text()).
 [[nodiscard]] std::string ad_chunk_json(const response_meta& meta, const ad_info& ad, bool first);
 
+/// The finish_reason a client gets for a backend's. OpenAI's own values pass ("stop", "length",
+/// "tool_calls", "content_filter", "function_call"); other servers' words for them are mapped
+/// ("eos", "eos_token", "stop_sequence", "end_turn" to "stop"; "max_tokens", "model_length" to
+/// "length"); anything else, or none, is "stop": SDKs with strict types (an enum of OpenAI's
+/// values) refuse a chunk with any other value, and "error" is the platform's own in-band error.
+[[nodiscard]] std::string_view client_finish_reason(std::string_view backend) noexcept;
+
 /// The chunk that ends the choice: an empty delta (or text) and `finish_reason`. `usage` and
 /// `extension` are added when given. Pass them here when the client did not ask for a usage
 /// chunk: usage then still arrives in the last chunk, without a chunk whose `choices` is empty,

@@ -311,7 +311,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (!live) return;
     actors::job_result result;
     std::optional<std::string> impression;
-    std::string finish_reason = d.finish_reason.empty() ? "stop" : d.finish_reason;
+    std::string finish_reason(client_finish_reason(d.finish_reason));
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;

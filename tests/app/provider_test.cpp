@@ -660,6 +660,26 @@ TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_a
   EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 100u);
 }
 
+TEST(provider_agent, an_answer_the_backend_aborted_is_a_failure_of_the_backend_not_a_done) {
+  // vLLM ends an answer its engine gave up on with finish_reason "abort".
+  upstream_process upstream({"--models", "m1", "--tokens", "4", "--finish-reason", "abort"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  coordinator.send(link::offer{.job_id = "job-7", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 1});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  const auto failed = coordinator.all<link::job_error>().front();
+  EXPECT_TRUE(failed.upstream_fault);
+  EXPECT_EQ(failed.tokens_so_far, 4u) << "the answer so far continues elsewhere";
+  EXPECT_NE(failed.message.find("abort"), std::string::npos) << failed.message;
+  EXPECT_EQ(coordinator.count<link::done>(), 0u);
+}
+
 TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
   upstream_process upstream({"--models", "m1", "--fail-status", "503"});
   ASSERT_TRUE(upstream.ready());

@@ -646,6 +646,17 @@ TEST(openai_api, final_chunk_can_carry_usage_and_extension) {
             R"("x_gpustream":{"provider_id":"prov-3","quality":null,"failover":0}})");
 }
 
+TEST(openai_api, a_backends_finish_reason_reaches_the_client_as_one_of_openais) {
+  for (const char* openai : {"stop", "length", "tool_calls", "content_filter", "function_call"}) {
+    EXPECT_EQ(client_finish_reason(openai), openai);
+  }
+  for (const char* other : {"max_tokens", "model_length"}) EXPECT_EQ(client_finish_reason(other), "length") << other;
+  // Other servers' ends, none at all, and the platform's own in-band "error" are a plain stop.
+  for (const char* other : {"", "eos", "eos_token", "stop_sequence", "end_turn", "error", "Stop", "abort"}) {
+    EXPECT_EQ(client_finish_reason(other), "stop") << other;
+  }
+}
+
 TEST(openai_api, the_in_band_stream_error_ends_the_choice_with_finish_reason_error) {
   const api_error error = make_api_error(503, "All providers for llama-3-8b failed.", "", "all_providers_failed");
   EXPECT_EQ(error_chunk_json(chat_meta, error),

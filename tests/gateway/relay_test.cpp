@@ -362,6 +362,20 @@ TEST(relay, a_reasoning_models_thinking_reaches_a_chat_client_apart_from_the_ans
   EXPECT_TRUE(world.log->wait_for("tokens j1 3", 10s)) << "the thinking is billed as the answer is";
 }
 
+TEST(relay, a_finish_reason_outside_openais_set_reaches_the_client_as_one_inside_it) {
+  for (const auto& [backend, client] : {std::pair{"eos_token", "stop"}, std::pair{"max_tokens", "length"},
+                                        std::pair{"error", "stop"}, std::pair{"length", "length"}}) {
+    relay_world world;
+    auto reply = std::make_shared<recorded_reply>();
+    ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+    ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+    world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
+    world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = backend, .attempt = 1});
+    const auto body = answered_body(*reply);
+    EXPECT_NE(body.find(std::string(R"("finish_reason":")") + client + '"'), std::string::npos) << backend << body;
+  }
+}
+
 TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
   // OpenAI's chat streams always open with {"role":"assistant","content":""}; SDKs that build the
   // message from the deltas take the role from there.

@@ -22,8 +22,10 @@
 #include <boost/json/value.hpp>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <charconv>
 #include <chrono>
 #include <cstdint>
@@ -93,6 +95,8 @@ struct settings {
   /// server sends its thinking; usage counts them.
   std::uint32_t reasoning_tokens = 0;
   std::uint32_t max_concurrent = 0;  // 0: no limit
+  /// The finish_reason of an answer max_tokens does not cut (other servers' words, e.g. "eos").
+  std::string finish_reason = "stop";
   std::uint32_t connections_max = 20000;
   unsigned threads = 1;
 };
@@ -409,7 +413,7 @@ class session : public std::enable_shared_from_this<session> {
     auto max_tokens = non_negative(request.if_contains("max_tokens"));
     if (!max_tokens) max_tokens = non_negative(request.if_contains("max_completion_tokens"));
     plan_.tokens = config_.tokens;
-    plan_.finish_reason = "stop";
+    plan_.finish_reason = config_.finish_reason;
     if (max_tokens && *max_tokens < config_.tokens) {
       plan_.tokens = static_cast<std::uint32_t>(*max_tokens);
       plan_.finish_reason = "length";
@@ -787,6 +791,14 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
                               "close the connection after this many tokens, before the answer ends");
   app.add_option("--usage", usage, "usage reporting: correct, zero, cumulative or none")
       ->check(CLI::IsMember({"correct", "zero", "cumulative", "none"}))
+      ->capture_default_str();
+  app.add_option("--finish-reason", config.finish_reason,
+                 "finish_reason of an answer that max_tokens does not cut (JSON-safe characters only)")
+      ->check([](const std::string& value) {
+        const bool plain = !value.empty() && value.size() <= 64 &&
+                           std::all_of(value.begin(), value.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+        return plain ? std::string() : std::string("letters, digits and _ only, 1 to 64 of them");
+      })
       ->capture_default_str();
   app.add_option("--max-concurrent", config.max_concurrent, "answer 429 beyond this many concurrent completions; 0 = no limit")
       ->capture_default_str();
