@@ -858,9 +858,12 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
 /// provider that never answers must not hold a job forever.
 void reassign_stalled(self_pointer self) {
   const std::int64_t now = now_us(self);
-  const std::int64_t wait_max = self->state.options.first_token_wait_max.count();
+  const auto& options = self->state.options;
   std::vector<std::pair<std::string, std::string>> stalled;  // job, provider
   for (const auto& [id, job] : self->state.jobs) {
+    const std::int64_t read = std::int64_t{job.request.prompt_tokens} + job.tokens_so_far;
+    const std::int64_t wait_max =
+        options.first_token_wait_max.count() + read * options.first_token_wait_per_prompt_token.count();
     if (job.running && !job.started && !job.ending && now - job.assigned_at_us > wait_max) {
       stalled.emplace_back(id, job.provider_id);
     }

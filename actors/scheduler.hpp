@@ -157,8 +157,14 @@ struct scheduler_options {
   /// How long a job may wait in the queue before it fails with deadline_exceeded. Default: 60 s.
   std::chrono::microseconds queue_wait_max = std::chrono::seconds(60);
   /// How long an assigned job may wait for its first token before it goes to another provider
-  /// (the provider counts as having failed it). Default: 30 s.
+  /// (the provider counts as having failed it), besides the time to read its prompt
+  /// (first_token_wait_per_prompt_token). Default: 30 s.
   std::chrono::microseconds first_token_wait_max = std::chrono::seconds(30);
+  /// The first token's wait grows by this much per prompt token (and, after a failover, per token
+  /// of the answer so far, which the next provider reads too): a long prompt on a slow GPU is not
+  /// taken away, and counted against its provider, while it is being read. Default: 1 ms, a
+  /// prefill of at least 1,000 tokens per second (a 100,000-token prompt may wait 130 s).
+  std::chrono::microseconds first_token_wait_per_prompt_token = std::chrono::milliseconds(1);
   /// How many providers' backends may refuse a job's request itself (an HTTP 4xx) before the job
   /// fails with upstream_error and the backend's message, instead of going to another provider.
   /// Default: 2.

@@ -3,6 +3,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <cstdio>
 #include <map>
 
@@ -105,6 +106,19 @@ int main(int argc, char** argv) {
                            "backend says; Ollama's num_ctx, LM Studio's loaded context, llama.cpp's n_ctx)");
   provider_cmd->add_flag("--no-probe", provider_no_probe,
                          "advertise --max-concurrency as is, without probing the backend");
+  auto provider_first_token_s = static_cast<unsigned>(
+      std::chrono::duration_cast<std::chrono::seconds>(provider.upstream.first_token_timeout).count());
+  auto provider_idle_s = static_cast<unsigned>(
+      std::chrono::duration_cast<std::chrono::seconds>(provider.upstream.idle_timeout).count());
+  provider_cmd->add_option("--backend-first-token-timeout-s", provider_first_token_s,
+                           "longest silence of the backend before an answer's first token (it reads "
+                           "the prompt first), seconds")
+      ->check(CLI::Range(1u, 86'400u))
+      ->capture_default_str();
+  provider_cmd->add_option("--backend-idle-timeout-s", provider_idle_s,
+                           "longest silence of the backend once an answer streams, seconds")
+      ->check(CLI::Range(1u, 86'400u))
+      ->capture_default_str();
 
   std::string replay_data = "data";
   bool replay_json = false;
@@ -129,6 +143,8 @@ int main(int argc, char** argv) {
   if (*replay_cmd) return run_replay(replay_data, replay_verify, replay_json);
   if (*provider_cmd) {
     provider.probe = !provider_no_probe;
+    provider.upstream.first_token_timeout = std::chrono::seconds(provider_first_token_s);
+    provider.upstream.idle_timeout = std::chrono::seconds(provider_idle_s);
     return gpustream::app::run_provider(provider);
   }
   return 2;

@@ -657,6 +657,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
 
   /// One SSE event's data; false stops the parser.
   bool on_event(std::string_view data) {
+    if (!std::exchange(event_seen_, true)) touch();  // from now on idle_timeout applies
     if (data == "[DONE]") {
       done_seen_ = true;
       return false;
@@ -757,7 +758,8 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     const std::string at = " (" + std::string(doing) + " from " + client_->where() + ")";
     if (timed_out_) {
       return make_error(upstream_error_kind::timeout,
-                        "no data from upstream for " + std::to_string(client_->options().idle_timeout.count()) + " ms" + at);
+                        "no data from upstream for " + std::to_string(silence_allowed_.count()) + " ms" +
+                            (answer_ == answer::stream && !event_seen_ ? " before the first event" : "") + at);
     }
     if (ec == http::error::body_limit) {
       return make_error(upstream_error_kind::too_large,
@@ -843,7 +845,12 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   // ---- deadlines: one timer, re-armed only when it fires early, so a busy stream costs no
   // timer operation per read
 
-  void touch() { set_deadline(steady::now() + client_->options().idle_timeout); }
+  void touch() {
+    const auto& options = client_->options();
+    // Until a streamed answer's first event the backend may be reading a long prompt in silence.
+    silence_allowed_ = answer_ == answer::stream && !event_seen_ ? options.first_token_timeout : options.idle_timeout;
+    set_deadline(steady::now() + silence_allowed_);
+  }
 
   void set_deadline(steady::time_point deadline) {
     deadline_ = deadline;
@@ -905,6 +912,8 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   bool retried_ = false;
   bool closed_ = false;
   bool done_seen_ = false;  // `data: [DONE]` arrived
+  bool event_seen_ = false;  // a streamed answer's first event arrived
+  std::chrono::milliseconds silence_allowed_{0};  // what the last touch() allowed
 
   // Callbacks run under this lock so that cancel() from another thread waits for one in
   // progress; recursive because a callback may cancel its own request.

@@ -38,9 +38,13 @@ struct upstream_options {
   /// Longest time to resolve the host and open the TCP connection. Default: 5 s.
   std::chrono::milliseconds connect_timeout{5000};
   /// Longest time without receiving a single byte while a response is awaited or streamed; then
-  /// the request fails (kind timeout). Covers a slow first token too, so it must exceed the
-  /// backend's worst time to first token. Default: 120 s.
+  /// the request fails (kind timeout). A streamed answer's wait for its first event has its own
+  /// bound, first_token_timeout. Default: 120 s.
   std::chrono::milliseconds idle_timeout{120'000};
+  /// Longest time without a byte before a streamed answer's first event: the backend reads the
+  /// whole prompt first, which for a long one on a slow GPU takes minutes (the coordinator
+  /// decides sooner whether to wait, and cancels). Default: 600 s.
+  std::chrono::milliseconds first_token_timeout{600'000};
   /// Largest response header block, bytes. Default: 64 KiB.
   std::size_t header_bytes_max = 64 * 1024;
   /// Largest response body, bytes (whole SSE stream, models list or error body). Default: 64 MiB.

@@ -493,11 +493,12 @@ TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_t
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
   ASSERT_EQ((*offers_)["p1"].size(), 1u);
   bring_online("p2", "llama-8b", 1);
-  *clock_.now_us += 29'000'000;
+  // 30 s, and 1 s to read the 1,000-token prompt.
+  *clock_.now_us += 30'900'000;
   sched_.clock().advance_time(std::chrono::seconds(1));
   run();
-  EXPECT_EQ(job("j1").provider_id, "p1") << "29 s is within first_token_wait_max";
-  *clock_.now_us += 2'000'000;
+  EXPECT_EQ(job("j1").provider_id, "p1") << "30.9 s is within first_token_wait_max and the prompt's reading";
+  *clock_.now_us += 200'000;
   sched_.clock().advance_time(std::chrono::seconds(1));
   run();
   EXPECT_EQ(job("j1").provider_id, "p2");
@@ -506,6 +507,28 @@ TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_t
   auto p1 = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
   ASSERT_TRUE(p1);
   EXPECT_EQ(p1.value().counters.aborted_jobs, 1u) << "the stall counts against p1";
+}
+
+TEST_F(scheduler_test, a_long_prompt_has_time_to_be_read_before_its_first_token_is_overdue) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  auto long_prompt = request("j1", "dave", true);
+  long_prompt.prompt_tokens = 100'000;
+  auto accepted = ask<job_accepted>(rt_.scheduler, long_prompt);
+  ASSERT_TRUE(accepted) << describe(accepted.error());
+  const std::string first = job("j1").provider_id;
+  // Far past the 30 s a short prompt gets, within the 130 s this one does (30 s + 1 ms a token).
+  *clock_.now_us += 129'000'000;
+  sched_.clock().advance_time(std::chrono::seconds(1));
+  run();
+  EXPECT_EQ(job("j1").provider_id, first);
+  EXPECT_EQ(job("j1").attempt, 1u);
+  *clock_.now_us += 2'000'000;
+  sched_.clock().advance_time(std::chrono::seconds(1));
+  run();
+  EXPECT_NE(job("j1").provider_id, first);
+  EXPECT_EQ(job("j1").attempt, 2u);
 }
 
 TEST_F(scheduler_test, a_job_failing_before_its_first_token_on_every_attempt_fails_naming_attempts_not_providers) {

@@ -948,11 +948,13 @@ TEST(UpstreamClient, AnEventOverItsLimitFails) {
   EXPECT_NE(log.error()->message.find("event_bytes_max"), std::string::npos) << log.error()->message;
 }
 
-TEST(UpstreamClient, SilenceLongerThanTheIdleTimeoutFails) {
+TEST(UpstreamClient, SilenceBeforeTheFirstEventLongerThanTheFirstTokenTimeoutFails) {
   auto upstream = upstream_process::start({"--first-token-ms", "60000"});
   ASSERT_TRUE(upstream);
   io_threads threads;
-  auto client = make_client(threads.io(), *upstream, options_with(&upstream_options::idle_timeout, std::chrono::milliseconds(300)));
+  auto options = options_with(&upstream_options::first_token_timeout, std::chrono::milliseconds(300));
+  options.idle_timeout = std::chrono::milliseconds(60'000);
+  auto client = make_client(threads.io(), *upstream, options);
   stream_log log;
   const auto start = std::chrono::steady_clock::now();
   auto request = client.stream("/chat/completions", chat_body(), log.handlers());
@@ -960,9 +962,39 @@ TEST(UpstreamClient, SilenceLongerThanTheIdleTimeoutFails) {
   const auto took = std::chrono::steady_clock::now() - start;
   ASSERT_TRUE(log.error());
   EXPECT_EQ(log.error()->kind, upstream_error_kind::timeout) << log.error()->message;
+  EXPECT_NE(log.error()->message.find("300 ms before the first event"), std::string::npos) << log.error()->message;
   EXPECT_GE(took, 300ms);
   EXPECT_LT(took, 5s);
   EXPECT_TRUE(upstream->wait_stat("cancelled", 1)) << "the timed-out request was not closed";
+}
+
+TEST(UpstreamClient, AFirstTokenSlowerThanTheIdleTimeoutIsAwaitedButSilenceAfterItIsNot) {
+  // A long prompt is read in silence: only first_token_timeout bounds that wait.
+  auto slow_start = upstream_process::start({"--first-token-ms", "700", "--tokens", "3"});
+  ASSERT_TRUE(slow_start);
+  io_threads threads;
+  auto options = options_with(&upstream_options::idle_timeout, std::chrono::milliseconds(200));
+  options.first_token_timeout = std::chrono::milliseconds(30'000);
+  auto client = make_client(threads.io(), *slow_start, options);
+  stream_log log;
+  auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_FALSE(log.error()) << log.error()->message;
+  EXPECT_EQ(log.deltas(), expected_tokens(3));
+
+  // After the first event, idle_timeout applies again: a stream that stalls mid-answer fails.
+  auto stalling = upstream_process::start({"--token-interval-us", "60000000", "--tokens", "3"});
+  ASSERT_TRUE(stalling);
+  auto stalled_client = make_client(threads.io(), *stalling, options);
+  stream_log stalled;
+  const auto start = std::chrono::steady_clock::now();
+  auto stalled_request = stalled_client.stream("/chat/completions", chat_body(), stalled.handlers());
+  ASSERT_TRUE(stalled.wait_final());
+  const auto took = std::chrono::steady_clock::now() - start;
+  ASSERT_TRUE(stalled.error());
+  EXPECT_EQ(stalled.error()->kind, upstream_error_kind::timeout) << stalled.error()->message;
+  EXPECT_NE(stalled.error()->message.find("for 200 ms ("), std::string::npos) << stalled.error()->message;
+  EXPECT_LT(took, 5s);
 }
 
 TEST(UpstreamClient, ConnectionRefusedIsAClearError) {
