@@ -322,6 +322,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
         options_(std::move(options)),
         token_configured_(!options_.admin_token.empty()),
         token_digest_(sha256(options_.admin_token)),
+        failed_auth_(options_.failed_auth),
         log_(spdlog::default_logger()->clone("admin")) {
     GPUSTREAM_ENSURE(directory_ != nullptr);
     GPUSTREAM_ENSURE(options_.list_limit_max > 0);
@@ -338,18 +339,29 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
  private:
-  std::optional<http_response> authenticate(const http_request& request) const {
+  std::optional<http_response> authenticate(const http_request& request) {
     if (!token_configured_) {
       return error_response(503,
                             "the admin API is disabled: no admin token is configured; start "
                             "`gpustream serve` with --admin-token TOKEN or set "
                             "GPUSTREAM_ADMIN_TOKEN");
     }
+    const auto now = rate_limiter::clock::now();
+    if (const auto throttled = failed_auth_.peek(request.remote_address, now); !throttled.allowed) {
+      auto response = error_response(429, "too many wrong admin tokens from " + request.remote_address +
+                                              "; retry after " + std::to_string(throttled.retry_after_seconds) + " s");
+      response.headers.emplace_back("Retry-After", std::to_string(throttled.retry_after_seconds));
+      return response;
+    }
     const auto token = bearer_token(request.header("authorization"));
     if (token.empty()) {
       return error_response(401, "missing admin token: send Authorization: Bearer <admin token>");
     }
-    if (!secret_matches(token, token_digest_)) return error_response(401, "wrong admin token");
+    if (!secret_matches(token, token_digest_)) {
+      (void)failed_auth_.check(request.remote_address, now);  // counted; the next peek refuses when due
+      log_->warn("wrong admin token from {} ({} request)", request.remote_address, request.method);
+      return error_response(401, "wrong admin token");
+    }
     return std::nullopt;
   }
 
@@ -836,6 +848,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   admin_api_options options_;
   bool token_configured_;
   events::sha256_digest token_digest_;
+  rate_limiter failed_auth_;  ///< wrong admin tokens, by remote address
   std::shared_ptr<spdlog::logger> log_;
 };
 

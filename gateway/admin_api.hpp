@@ -46,6 +46,7 @@
 #include "actors/ledger_actor.hpp"
 #include "actors/payout_runner.hpp"
 #include "gateway/http_server.hpp"
+#include "gateway/rate_limiter.hpp"
 
 namespace gpustream::actors {
 struct runtime;
@@ -82,6 +83,11 @@ struct admin_api_options {
   /// Longest wait for each answer from an actor; then the request is answered 503.
   /// Default: 10 s.
   std::chrono::milliseconds request_timeout{10'000};
+  /// Wrong admin tokens each remote address may send: `burst` at once, then `requests_per_minute`.
+  /// Beyond it every admin request from that address, right token or not, is answered 429 with
+  /// Retry-After, so the token cannot be guessed at network speed. Each wrong token is logged
+  /// with the address (never the token). Default: 10 at once, then 10 a minute; 10,000 addresses.
+  rate_limiter_options failed_auth{10, 10, 10'000};
   /// Rows of a listing when `limit` is not given. Default: 100.
   std::size_t list_limit_default = 100;
   /// Most rows of a listing (`limit` above it is a 400). Default: 1,000.

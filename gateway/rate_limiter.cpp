@@ -29,16 +29,26 @@ rate_decision rate_limiter::check(std::string_view key, clock::time_point now) {
     entries_.splice(entries_.end(), entries_, found->second);
   }
   entry& bucket = *found->second;
+  const rate_decision decision = judge(bucket.full_at, now);
   // A bucket full before now has simply been idle: it holds `burst` tokens, no more.
-  const clock::time_point start = std::max(bucket.full_at, now);
-  if (start - now > tolerance_) {
-    // Refused: the next token arrives when full_at - tolerance is reached.
-    const clock::duration wait = start - tolerance_ - now;
-    const auto seconds = std::chrono::ceil<std::chrono::seconds>(wait).count();
-    return rate_decision{false, static_cast<std::uint32_t>(std::max<std::int64_t>(seconds, 1))};
-  }
-  bucket.full_at = start + interval_;
-  return rate_decision{true, 0};
+  if (decision.allowed) bucket.full_at = std::max(bucket.full_at, now) + interval_;
+  return decision;
+}
+
+rate_decision rate_limiter::peek(std::string_view key, clock::time_point now) const {
+  std::lock_guard lock(mutex_);
+  const auto found = index_.find(key);
+  if (found == index_.end()) return rate_decision{true, 0};
+  return judge(found->second->full_at, now);
+}
+
+rate_decision rate_limiter::judge(clock::time_point full_at, clock::time_point now) const {
+  const clock::time_point start = std::max(full_at, now);
+  if (start - now <= tolerance_) return rate_decision{true, 0};
+  // Refused: the next token arrives when full_at - tolerance is reached.
+  const clock::duration wait = start - tolerance_ - now;
+  const auto seconds = std::chrono::ceil<std::chrono::seconds>(wait).count();
+  return rate_decision{false, static_cast<std::uint32_t>(std::max<std::int64_t>(seconds, 1))};
 }
 
 std::size_t rate_limiter::keys() const {

@@ -42,6 +42,9 @@ class rate_limiter {
   /// much; if it does, the request is judged at the key's latest time.
   [[nodiscard]] rate_decision check(std::string_view key, clock::time_point now);
 
+  /// What check() would answer for `key` at `now`, taking no token and tracking no new key.
+  [[nodiscard]] rate_decision peek(std::string_view key, clock::time_point now) const;
+
   /// Keys tracked now (≤ keys_max).
   [[nodiscard]] std::size_t keys() const;
 
@@ -55,6 +58,9 @@ class rate_limiter {
     clock::time_point full_at;
   };
   using lru_list = std::list<entry>;  // most recently used at the back
+
+  // The answer for a bucket full again at `full_at`: allowed, or refused with the wait.
+  [[nodiscard]] rate_decision judge(clock::time_point full_at, clock::time_point now) const;
 
   rate_limiter_options options_;
   clock::duration interval_;   // time to earn one token

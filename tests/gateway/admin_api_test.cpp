@@ -123,11 +123,13 @@ class admin_api_test : public ::testing::Test {
   /// Sends a request to the admin API and waits for its answer.
   http_response call(const std::string& method, const std::string& target,
                      const std::string& body = "",
-                     std::optional<std::string> authorization = "Bearer " + admin_token) {
+                     std::optional<std::string> authorization = "Bearer " + admin_token,
+                     const std::string& remote_address = "127.0.0.1") {
     http_request request;
     request.method = method;
     request.target = target;
     request.body = body;
+    request.remote_address = remote_address;
     if (authorization) request.headers["authorization"] = *authorization;
     return answer_of([&](auto reply) { api_->handle(request, std::move(reply)); });
   }
@@ -251,6 +253,28 @@ TEST_F(admin_api_test, a_missing_or_wrong_admin_token_is_401) {
   // Nothing was created by the refused requests.
   EXPECT_EQ(call("POST", "/admin/users", "{}", "Bearer nope").status, 401u);
   EXPECT_EQ(directory_->counts().users, 0u);
+}
+
+TEST_F(admin_api_test, an_address_sending_wrong_tokens_is_refused_even_the_right_one_for_a_while) {
+  admin_api_options options;
+  options.admin_token = admin_token;
+  options.failed_auth = {1, 3, 100};  // 3 wrong tokens at once, then one a minute
+  make_api(options);
+  const std::string guesser = "192.0.2.7";
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer guess" + std::to_string(i), guesser).status, 401u) << i;
+  }
+  // A missing token is no guess: it is not counted.
+  EXPECT_EQ(call("GET", "/admin/jobs", "", std::nullopt, "192.0.2.8").status, 401u);
+  for (const std::string& authorization : std::vector<std::string>{"Bearer guess3", "Bearer " + admin_token}) {
+    const auto refused = call("GET", "/admin/jobs", "", authorization, guesser);
+    EXPECT_EQ(refused.status, 429u) << authorization;
+    EXPECT_TRUE(has_header(refused, "Retry-After", "60")) << authorization;
+    EXPECT_NE(std::string(error_of(refused).at("message").as_string()).find("too many wrong admin tokens from 192.0.2.7"),
+              std::string::npos);
+  }
+  // Another address is not held back by the first one's guesses.
+  EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer " + admin_token, "192.0.2.8").status, 200u);
 }
 
 TEST_F(admin_api_test, unknown_paths_are_404_and_wrong_methods_405_with_allow) {

@@ -41,6 +41,20 @@ TEST(rate_limiter, a_burst_is_allowed_then_refused_with_retry_after) {
   EXPECT_EQ(again.retry_after_seconds, 10u);
 }
 
+TEST(rate_limiter, peek_answers_as_check_would_without_taking_a_token) {
+  auto limiter = make(6, 2);
+  EXPECT_TRUE(limiter.peek("bob", t0).allowed);
+  EXPECT_EQ(limiter.keys(), 0u) << "a peek tracks no key";
+  EXPECT_TRUE(limiter.check("bob", t0).allowed);
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(limiter.peek("bob", t0).allowed) << i;
+  EXPECT_TRUE(limiter.check("bob", t0).allowed) << "the peeks took nothing";
+  const auto refused = limiter.peek("bob", t0);
+  EXPECT_FALSE(refused.allowed);
+  EXPECT_EQ(refused.retry_after_seconds, 10u);
+  EXPECT_EQ(limiter.check("bob", t0 + 4s).retry_after_seconds, limiter.peek("bob", t0 + 4s).retry_after_seconds);
+  EXPECT_TRUE(limiter.peek("bob", t0 + 10s).allowed);
+}
+
 TEST(rate_limiter, retry_after_rounds_up_and_is_at_least_one_second) {
   auto limiter = make(7, 1);  // one token every 8.571… s
   EXPECT_TRUE(limiter.check("k", t0).allowed);
