@@ -4,6 +4,7 @@
 #include <caf/stateful_actor.hpp>
 #include <caf/typed_event_based_actor.hpp>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <set>
@@ -32,8 +33,8 @@ struct live_job {
   domain::model_price price;     ///< running: that provider's price for the model
   std::uint32_t attempt = 0;
   std::uint32_t tokens_so_far = 0;
-  /// Attempts whose backend refused the request itself (job_fault::request).
-  std::uint32_t request_rejections = 0;
+  /// The providers whose backend refused the request itself (job_fault::request), each once.
+  std::vector<std::string> rejected_by;
   bool running = false;
   std::string avoided_provider_id;  ///< the provider the last attempt failed on
   /// The attempts that produced tokens and failed over: each provider is paid its own tokens.
@@ -777,9 +778,14 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
   switch (failure.fault) {
     case domain::job_fault::request:
       // A backend that refuses the request itself may be one with a quirk or a smaller context
-      // than it advertised; another one is asked, but a request refused again (or with nobody
-      // else to ask) is the client's to mend, with the backend's words.
-      if (++job.request_rejections >= self->state.options.request_rejections_max ||
+      // than it advertised; another one is asked, but a request refused by another one too (or
+      // with nobody else to ask) is the client's to mend, with the backend's words. The same
+      // backend refusing again (the others were busy) tells nothing new: the job's attempts
+      // bound that.
+      if (std::find(job.rejected_by.begin(), job.rejected_by.end(), failure.provider_id) == job.rejected_by.end()) {
+        job.rejected_by.push_back(failure.provider_id);
+      }
+      if (job.rejected_by.size() >= self->state.options.request_rejections_max ||
           !self->state.index->can_serve(job.request.model, job.request.quality, failure.provider_id)) {
         fail_job(self, failure.job_id, events::failure_reason::upstream_error,
                  "the provider's backend refused the request: " + failure.message, answer);

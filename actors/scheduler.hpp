@@ -165,9 +165,9 @@ struct scheduler_options {
   /// taken away, and counted against its provider, while it is being read. Default: 1 ms, a
   /// prefill of at least 1,000 tokens per second (a 100,000-token prompt may wait 130 s).
   std::chrono::microseconds first_token_wait_per_prompt_token = std::chrono::milliseconds(1);
-  /// How many providers' backends may refuse a job's request itself (an HTTP 4xx) before the job
-  /// fails with upstream_error and the backend's message, instead of going to another provider.
-  /// Default: 2.
+  /// How many different providers' backends may refuse a job's request itself (an HTTP 400, 413
+  /// or 422) before the job fails with upstream_error and the backend's message, instead of
+  /// going to another provider. Default: 2.
   std::uint32_t request_rejections_max = 2;
   /// How often deadlines are enforced and a pass over the queue is made even without an event
   /// that would start one. Default: 100 ms.

@@ -695,7 +695,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Why a running job failed: its backend failed (the provider's fault), or the backend refused
-  /// the request itself (an HTTP 4xx: the request's fault, as far as this backend can tell).
+  /// the request itself (HTTP 400, 413 or 422: the request's fault, as far as this backend can tell).
   enum class failure_cause { backend, request };
 
   void fail_job(const std::string& job_id, std::string message, failure_cause cause) {

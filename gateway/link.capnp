@@ -92,7 +92,7 @@ struct JobError {
   message @2 :Text;
   upstreamFault @3 :Bool;    # the backend failed: counts against the provider
   attempt @4 :UInt32;
-  requestRejected @5 :Bool;  # the backend refused the request itself (an HTTP 4xx but 408 and 429)
+  requestRejected @5 :Bool;  # the backend refused the request itself (HTTP 400, 413 or 422)
   # Neither flag: the agent declined the offer without asking its backend (at capacity, a duplicate).
 }
 

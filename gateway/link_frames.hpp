@@ -86,7 +86,7 @@ struct job_error {
   std::string message;              ///< for an operator; never prompt text
   bool upstream_fault = false;      ///< the backend failed (the provider's fault)
   std::uint32_t attempt = 0;        ///< the offer's attempt, echoed; 0: an agent that sends none
-  /// The backend refused the request itself (an HTTP 4xx but 408 and 429): not the provider's
+  /// The backend refused the request itself (HTTP 400, 413 or 422): not the provider's
   /// fault, and perhaps no other backend takes it either. Neither this nor upstream_fault: the
   /// agent declined the offer without asking its backend (at capacity, a duplicate).
   bool request_rejected = false;

@@ -355,24 +355,28 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(e.job_id);
     if (!live) return;
     std::uint32_t tokens = 0;
+    std::uint32_t attempt_tokens = 0;
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, e.attempt)) return;
       tokens = live->tokens;
+      attempt_tokens = live->attempt_tokens;
     }
     auto self = shared_from_this();
     bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message,
-                                    fault = fault_of(e, tokens)](caf::event_based_actor* actor) {
+                                    fault = fault_of(e, attempt_tokens)](caf::event_based_actor* actor) {
       self->report_failure(actor, job_id, provider_id, tokens, message, fault);
     });
   }
 
-  /// Whose fault the agent says a failure was. An offer is declined before anything is streamed:
-  /// a "decline" after tokens reached the client is the provider's failure.
-  static domain::job_fault fault_of(const link::job_error& e, std::uint32_t tokens_relayed) {
+  /// Whose fault the agent says a failure was. An offer is declined before its attempt streamed
+  /// anything: a "decline" after this attempt's tokens reached the client is the provider's
+  /// failure (tokens of earlier attempts, on other providers, say nothing about this one).
+  static domain::job_fault fault_of(const link::job_error& e, std::uint32_t attempt_tokens_relayed) {
     if (e.upstream_fault) return domain::job_fault::provider;
     if (e.request_rejected) return domain::job_fault::request;
-    return tokens_relayed == 0 && e.tokens_so_far == 0 ? domain::job_fault::declined : domain::job_fault::provider;
+    return attempt_tokens_relayed == 0 && e.tokens_so_far == 0 ? domain::job_fault::declined
+                                                               : domain::job_fault::provider;
   }
 
   void link_lost(const std::string& provider_id) {

@@ -96,11 +96,15 @@ expected<parsed_url, std::string> parse_base_url(std::string_view url) {
   return parsed_url{std::string(host), std::string(port), std::string(path)};
 }
 
+/// Whether an HTTP status says the backend judged the request itself invalid: 400, 413 and 422.
+/// The other 4xx are the provider's own setup or state: 401 and 403 a key the backend wants, 404
+/// a model it advertised and no longer serves, 408 and 429 a timeout or an overload.
+bool request_refused(unsigned http_status) {
+  return http_status == 400 || http_status == 413 || http_status == 422;
+}
+
 upstream_error make_error(upstream_error_kind kind, std::string message, unsigned http_status = 0) {
-  // A 4xx means the backend judged the request itself invalid, except for a timeout or an
-  // overload, which are the backend's own state.
-  const bool request_at_fault = kind == upstream_error_kind::http_status && http_status >= 400 &&
-                                http_status < 500 && http_status != 408 && http_status != 429;
+  const bool request_at_fault = kind == upstream_error_kind::http_status && request_refused(http_status);
   return upstream_error{kind, std::move(message), http_status, !request_at_fault};
 }
 
@@ -305,11 +309,16 @@ expected<void, std::string> upstream_sse_parser::feed(
   return {};
 }
 
-void upstream_sse_parser::finish(const std::function<bool(std::string_view data)>& on_event) {
-  if (failed_) return;
+expected<void, std::string> upstream_sse_parser::finish(const std::function<bool(std::string_view data)>& on_event) {
   const std::string line = std::exchange(line_, {});
-  if (!line.empty() && !take_line(line, on_event)) return;
-  (void)take_line({}, on_event);  // the blank line that ends the event, if one is pending
+  // feed() already judged the pending line against the limit; take_line() would set failed_
+  // rather than dispatch an event over it.
+  const bool go_on = failed_ || line.empty() || take_line(line, on_event);
+  if (!failed_ && go_on) (void)take_line({}, on_event);  // the blank line that ends the event, if one is pending
+  if (failed_) {
+    return unexpected("an upstream event exceeds event_bytes_max (" + std::to_string(event_bytes_max_) + " bytes)");
+  }
+  return {};
 }
 
 bool upstream_sse_parser::take_line(std::string_view line, const std::function<bool(std::string_view)>& on_event) {
@@ -590,7 +599,9 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
       if (over_) return close();  // the answer was complete ([DONE] came); only the tail was lost
       if (use_ == body_use::events && !finish_reason_.empty()) {
         // The finish chunk came, then the connection broke before the body's proper end (a
-        // server that closes without its last zero-length chunk): the answer is whole.
+        // server that closes without its last zero-length chunk): the answer is whole. A usage
+        // event that was on its way is lost (a half-read event is never parsed): usage is then
+        // what came before, often none, which the token cross-check takes as nothing to check.
         close();
         return deliver_done();
       }
@@ -675,11 +686,10 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     const auto& object = value.get_object();
     if (const auto* error = object.if_contains("error"); error && !error->is_null()) {
       auto failure = make_error(upstream_error_kind::backend, "upstream reported an error mid-stream: " + error_text(*error));
-      // llama.cpp server says why with an HTTP-like code: a 4xx (a prompt over the context) is
+      // llama.cpp server says why with an HTTP-like code: a 400 (a prompt over the context) is
       // the request's fault, as the same status would be at the start.
       if (const auto* fields = error->if_object()) {
-        const auto code = to_u32(fields->if_contains("code"));
-        if (code >= 400 && code < 500 && code != 408 && code != 429) failure.upstream_fault = false;
+        if (request_refused(to_u32(fields->if_contains("code")))) failure.upstream_fault = false;
       }
       fail(std::move(failure));
       return false;
@@ -699,7 +709,9 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (stopped()) return recycle();
     switch (use_) {
       case body_use::events:
-        sse_.finish([this](std::string_view data) { return on_event(data); });
+        if (auto finished = sse_.finish([this](std::string_view data) { return on_event(data); }); !finished) {
+          return fail(make_error(upstream_error_kind::too_large, finished.error()));
+        }
         if (closed_) return;  // the last event reported an error
         if (done_seen_) {
           recycle();

@@ -98,8 +98,10 @@ struct upstream_error {
   std::string message;
   /// The HTTP status when kind is http_status, otherwise 0.
   unsigned http_status = 0;
-  /// False only when the backend rejected the request itself as invalid (a 4xx other than 408
-  /// and 429): then the request, not the provider, is at fault. True for everything else.
+  /// False only when the backend rejected the request itself as invalid (HTTP 400, 413 or 422,
+  /// at the start or as llama.cpp's mid-stream error code): then the request, not the provider,
+  /// is at fault. True for everything else (401 and 403: a key the backend wants; 404: a model
+  /// it no longer serves; 408, 429, 5xx, drops and timeouts).
   bool upstream_fault = true;
 };
 
@@ -157,8 +159,9 @@ class upstream_sse_parser {
   /// The body ended: a last line or event whose line break or blank line never came is complete
   /// with it (a server that ends its stream right after the last event's data), and goes to
   /// on_event. Call only at a proper end of the body, never after a broken connection (the
-  /// event may be cut short). Nothing happens once the parser failed.
-  void finish(const std::function<bool(std::string_view data)>& on_event);
+  /// event may be cut short). Fails as feed() does when that last event exceeds event_bytes_max,
+  /// and at once when the parser failed before.
+  [[nodiscard]] expected<void, std::string> finish(const std::function<bool(std::string_view data)>& on_event);
 
  private:
   // Handles one complete line; false when on_event asked to stop.

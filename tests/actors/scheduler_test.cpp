@@ -585,6 +585,36 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
   }
 }
 
+TEST_F(scheduler_test, a_request_refused_again_by_the_same_backend_waits_for_another_one) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  const std::string busy = job("j0").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), busy));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string refusing = job("j1").provider_id;
+  ASSERT_NE(refusing, busy);
+  // The other provider is busy: the job goes back to the one that refused, which refuses again.
+  for (std::uint32_t attempt = 1; attempt <= 2; ++attempt) {
+    auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", refusing, domain::job_fault::request, 0, "400"});
+    ASSERT_TRUE(moved) << describe(moved.error());
+    EXPECT_EQ(moved.value().status, domain::job_status::queued) << "one backend's word, twice, is still one";
+    run();
+    ASSERT_EQ(job("j1").provider_id, refusing) << attempt;
+  }
+  // Once the other provider is free, the job goes there; its refusal is the second backend's.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", refusing, domain::job_fault::request, 0, "400"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  run();
+  ASSERT_EQ(job("j1").provider_id, busy);
+  auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", busy, domain::job_fault::request, 0, "400"});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_EQ(ended.value().failure, events::failure_reason::upstream_error);
+}
+
 TEST_F(scheduler_test, a_request_refused_by_the_only_backend_of_its_model_fails_at_once) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);

@@ -477,6 +477,18 @@ TEST(relay, tells_the_scheduler_whose_fault_a_failure_reported_by_the_agent_was)
   }
 }
 
+TEST(relay, a_decline_after_a_failover_is_no_fault_of_the_provider_that_declined) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{"j1", "tok ", 1});
+  world.relay.revoke("p1", "j1");  // p1 dropped it; the answer so far goes to p2
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
+  world.relay.failed("p2", link::job_error{.job_id = "j1", .message = "at capacity", .attempt = 2});
+  EXPECT_TRUE(world.log->wait_for("failure j1 p2 declined 1", 10s)) << testing::PrintToString(world.log->events());
+}
+
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   struct failure_case {
     events::failure_reason reason;

@@ -373,11 +373,21 @@ TEST(UpstreamSseParser, TheBodysEndCompletesALastEventWhoseBlankLineNeverCame) {
     };
     ASSERT_TRUE(parser.feed("data: a\n\n" + tail, take).has_value());
     EXPECT_EQ(events, std::vector<std::string>{"a"}) << "not before the body ends";
-    parser.finish(take);
+    EXPECT_TRUE(parser.finish(take).has_value());
     EXPECT_EQ(events, (std::vector<std::string>{"a", "b"})) << testing::PrintToString(tail);
-    parser.finish(take);
+    EXPECT_TRUE(parser.finish(take).has_value());
     EXPECT_EQ(events.size(), 2u) << "once";
   }
+  // A parser that failed (a last line over the limit) stays failed at the end: nothing comes out.
+  upstream_sse_parser small(16);
+  std::vector<std::string> none;
+  const auto keep = [&](std::string_view data) {
+    none.emplace_back(data);
+    return true;
+  };
+  EXPECT_FALSE(small.feed("data: 0123456789abcdefgh", keep).has_value());
+  EXPECT_FALSE(small.finish(keep).has_value());
+  EXPECT_TRUE(none.empty());
   // A finished event and a comment leave nothing pending.
   upstream_sse_parser parser(1024);
   int events = 0;
@@ -386,7 +396,7 @@ TEST(UpstreamSseParser, TheBodysEndCompletesALastEventWhoseBlankLineNeverCame) {
     return true;
   };
   ASSERT_TRUE(parser.feed("data: a\n\n: keep-alive", count).has_value());
-  parser.finish(count);
+  EXPECT_TRUE(parser.finish(count).has_value());
   EXPECT_EQ(events, 1);
 }
 
@@ -611,7 +621,23 @@ TEST(UpstreamClient, AnErrorStatusCarriesTheBackendsMessage) {
     EXPECT_EQ(log.error()->http_status, 404u);
     EXPECT_NE(log.error()->message.find("The model `no-such-model` does not exist"), std::string::npos)
         << log.error()->message;
-    EXPECT_FALSE(log.error()->upstream_fault) << "the request named a model the backend lacks";
+    // The platform sends only models the provider advertised: one its backend lacks is the
+    // provider's fault (a model unloaded since), not the request's.
+    EXPECT_TRUE(log.error()->upstream_fault) << "the backend no longer serves a model it advertised";
+  }
+  for (const auto& [status, upstream_fault] : {std::pair{400u, false}, std::pair{413u, false}, std::pair{422u, false},
+                                               std::pair{401u, true}, std::pair{403u, true}, std::pair{408u, true},
+                                               std::pair{429u, true}}) {
+    auto upstream = upstream_process::start({"--fail-status", std::to_string(status)});
+    ASSERT_TRUE(upstream);
+    io_threads threads;
+    auto client = make_client(threads.io(), *upstream);
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+    ASSERT_TRUE(log.wait_final());
+    ASSERT_TRUE(log.error());
+    EXPECT_EQ(log.error()->http_status, status);
+    EXPECT_EQ(log.error()->upstream_fault, upstream_fault) << status << " refuses the request itself only as 400, 413, 422";
   }
 }
 
