@@ -334,6 +334,10 @@ class node::impl {
       cors = evaluate_cors(cors_, request.header("origin"), request.method,
                            request.header("access-control-request-method"),
                            request.header("access-control-request-headers"));
+    } else if (path.starts_with("/v1/") && !cors_.allowed_origins.empty()) {
+      // The answer would differ with an Origin: a shared cache must not hand this one to a
+      // browser's request, nor a browser's to this client.
+      cors.headers.emplace_back("Vary", "Origin");
     }
     auto reply = std::make_shared<counted_reply>(std::move(raw), *requests_, endpoint, std::move(cors.headers));
     auto whole = [reply](http_response r) { reply->send(std::move(r)); };
@@ -447,6 +451,9 @@ class node::impl {
     job.contribution_score = directory_->contribution_score(user->user_id);
     job.prompt_tokens = estimate_prompt_tokens(body);
     const std::uint32_t left = *context > job.prompt_tokens ? *context - job.prompt_tokens : 1;
+    if (!job.premium && !body.max_tokens && left > options_.free_max_tokens_default) {
+      body.max_tokens = options_.free_max_tokens_default;
+    }
     // Without the client's max_tokens the backend keeps its own limit: a budget from our estimate
     // of the prompt could exceed what its context really leaves (vLLM refuses such a request).
     // An answer past the budget is billed at the budget (the scheduler clamps it). A model whose

@@ -38,6 +38,12 @@ struct node_options {
   /// Default: "http://" + http.host + ":" + the bound port.
   std::string public_url;
   api_limits api;
+  /// max_tokens of a free user's request that names none (or what the model's context leaves,
+  /// when less), and sent to the backend so the answer ends there (finish_reason "length"): a
+  /// free answer's budget is held against the user's daily quota before it runs, and without a
+  /// bound the hold would be all the context leaves (up to 131,072 tokens, more than a day's
+  /// quota). Default: 4,096.
+  std::uint32_t free_max_tokens_default = 4096;
   /// Per API key. Default: 600 requests per minute, bursts of 100.
   rate_limiter_options rate{600, 100, 100'000};
   /// Origins allowed to call the API from a browser (CORS). Default: none.

@@ -177,6 +177,56 @@ scenario('a request without max_tokens to a model with a large context gets the 
   assert.equal(job.max_tokens, 131_072);
 });
 
+scenario('browsers may call the API from the configured origin only (CORS)', async (world) => {
+  const allowed = 'https://app.example';
+  const { server, model } = await one_provider_world(world, { serve_args: ['--cors-origin', allowed] });
+  const client = server.user_client((await server.create_user('premium', 1_000_000)).api_key);
+  const preflight = (origin) => client.request('OPTIONS', '/v1/chat/completions', {
+    token: null,
+    headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization,content-type' },
+  });
+
+  const ok = await preflight(allowed);
+  assert.equal(ok.status, 204);
+  assert.equal(ok.headers.get('access-control-allow-origin'), allowed);
+  assert.match(ok.headers.get('access-control-allow-headers'), /Authorization/);
+  assert.match(ok.headers.get('access-control-allow-methods'), /POST/);
+  const other = await preflight('https://elsewhere.example');
+  assert.equal(other.headers.get('access-control-allow-origin'), null, 'another origin is not allowed');
+
+  const chat = await client.request('POST', '/v1/chat/completions', {
+    headers: { origin: allowed }, body: { model, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4 },
+  });
+  assert.equal(chat.status, 200);
+  assert.equal(chat.headers.get('access-control-allow-origin'), allowed);
+  await chat.text();
+  const foreign = await client.request('GET', '/v1/models', { headers: { origin: 'https://elsewhere.example' } });
+  assert.equal(foreign.headers.get('access-control-allow-origin'), null);
+  assert.equal(foreign.headers.get('vary'), 'Origin');
+  // Without an Origin the answer still says it varies by one, for shared caches.
+  const plain = await client.request('GET', '/v1/models');
+  assert.equal(plain.status, 200);
+  assert.equal(plain.headers.get('vary'), 'Origin');
+});
+
+scenario('a free request without max_tokens gets the free default, not a hold of the whole context', async (world) => {
+  // Held against the day's quota (100,000 tokens) before it runs, the 131,072 a large context
+  // would leave was more than the quota: the request was refused with insufficient_quota.
+  const { server, model } = await one_provider_world(world, { upstream_options: { tokens: 5000, context_length: 200_000 } });
+  const user = await server.create_user('free', 0);
+  const answer = await server.openai(user.api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'hi' }],
+  });
+  // The backend was told: it stopped at 4,096 of its 5,000 tokens.
+  assert.equal(answer.choices[0].finish_reason, 'length');
+  assert.ok(answer.choices[0].message.content.startsWith(upstream_text(4096)));
+  assert.ok(!answer.choices[0].message.content.includes('tok4096 '), 'no token past the default');
+  const job = await wait_for('the job completed', async () =>
+    (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
+  assert.equal(job.max_tokens, 4096);
+  assert.equal(job.completion_tokens, 4096);
+});
+
 scenario('a node at --live-jobs-max answers 429 server_busy; a request too big for the provider link 413', async (world) => {
   // The upstream's first token comes long after the scenario, so a job stays live until its
   // client leaves; its context is large, so only the link's frame bounds the request.
