@@ -218,7 +218,7 @@ void assign_pass(self_pointer self);
 /// the end is recorded so that the end records it (events::ledger_bill) and a stop before the
 /// ledger's append leaves the bill in the log, for `serve` to settle when it starts again.
 expected<domain::job_settlement, domain::error> bill_of(self_pointer self, const std::string& job_id,
-                                                        domain::job_outcome outcome,
+                                                        domain::job_outcome outcome, std::uint32_t prompt_tokens,
                                                         std::uint32_t completion_tokens,
                                                         std::optional<domain::ad_charge> ad) {
   const auto& job = self->state.jobs.at(job_id);
@@ -229,7 +229,7 @@ expected<domain::job_settlement, domain::error> bill_of(self_pointer self, const
                                              .outcome = outcome,
                                              .price = job.price,
                                              .quality = job.request.quality,
-                                             .prompt_tokens = job.request.prompt_tokens,
+                                             .prompt_tokens = prompt_tokens,
                                              .completion_tokens = completion_tokens,
                                              .ad = std::move(ad),
                                              .earlier = job.earlier},
@@ -243,14 +243,23 @@ events::ledger_bill recorded_bill(const expected<domain::job_settlement, domain:
   return domain::to_bill(settled.value().group);
 }
 
-/// What the end of a job settled as `settled` after `completion_tokens` counts against a free
-/// user's daily quota, recorded with the end like its bill: its prompt and completion; nothing for
-/// a premium job, or an end that could not be settled (which records no usage either).
+/// What the end of a job settled as `settled` after `prompt_tokens` and `completion_tokens`
+/// counts against a free user's daily quota, recorded with the end like its bill: both; nothing
+/// for a premium job, or an end that could not be settled (which records no usage either).
 std::uint32_t recorded_free_tokens(const live_job& job,
                                    const expected<domain::job_settlement, domain::error>& settled,
-                                   std::uint32_t completion_tokens) {
+                                   std::uint32_t prompt_tokens, std::uint32_t completion_tokens) {
   if (job.request.premium || !settled) return 0;
-  return job.request.prompt_tokens + completion_tokens;
+  return prompt_tokens + completion_tokens;
+}
+
+/// The prompt tokens a completed job bills: the backend's own count when it reported one below
+/// the platform's estimate (which rounds up: a token per 3 bytes, while a tokenizer takes about
+/// 4 on English text), never more than the estimate the job was quoted and admitted with. A
+/// backend's count includes its chat template and, after a failover, the answer so far, so it
+/// only ever lowers the bill.
+std::uint32_t billed_prompt_tokens(const live_job& job, std::uint32_t reported) {
+  return reported == 0 ? job.request.prompt_tokens : std::min(reported, job.request.prompt_tokens);
 }
 
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
@@ -263,10 +272,11 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
     reply.deliver(make_error(settled.error()));
     return;
   }
-  const job_ended ended{job_id,
-                        outcome == domain::job_outcome::completed ? domain::job_status::completed
-                                                                  : domain::job_status::cancelled,
-                        settled.value().gross_micros, settled.value().platform_fee_micros};
+  job_ended ended{job_id,
+                  outcome == domain::job_outcome::completed ? domain::job_status::completed
+                                                            : domain::job_status::cancelled,
+                  settled.value().gross_micros, settled.value().platform_fee_micros};
+  ended.prompt_tokens = measure.prompt_tokens;
   auto after_ledger = [self, job_id, outcome, free_tokens, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
@@ -742,15 +752,15 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   auto& job = self->state.jobs.at(result.job_id);
   job.ending = true;
   const std::uint32_t tokens = within_budget(job, result.completion_tokens);
-  const domain::job_measure measure{job.request.prompt_tokens, tokens,
-                                    result.provider_reported_tokens, result.ttft_us,
+  const std::uint32_t prompt = billed_prompt_tokens(job, result.prompt_tokens_reported);
+  const domain::job_measure measure{prompt, tokens, result.provider_reported_tokens, result.ttft_us,
                                     result.total_us, result.attempt_tokens, result.attempt_bytes};
-  auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, tokens, result.ad);
-  const std::uint32_t free_tokens = recorded_free_tokens(job, settled, tokens);
+  auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, prompt, tokens, result.ad);
+  const std::uint32_t free_tokens = recorded_free_tokens(job, settled, prompt, tokens);
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,
                 domain::job::command{domain::complete_job{result.provider_id, tokens,
                                                           result.provider_reported_tokens,
-                                                          recorded_bill(settled), free_tokens}})
+                                                          recorded_bill(settled), free_tokens, prompt}})
       .then(
           [self, job_id = result.job_id, measure, settled, free_tokens, reply](const command_reply&) mutable {
             settle(self, job_id, domain::job_outcome::completed, std::move(settled), free_tokens, measure,
@@ -836,19 +846,21 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   // reached a provider when the client left, bills nothing.
   const bool billed = started || tokens > 0;
   std::optional<expected<domain::job_settlement, domain::error>> settled;
-  if (billed) settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, tokens, std::nullopt);
-  const std::uint32_t free_tokens = settled ? recorded_free_tokens(found->second, *settled, tokens) : 0;
+  const std::uint32_t prompt = found->second.request.prompt_tokens;  // no backend count: as estimated
+  if (billed) settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, prompt, tokens, std::nullopt);
+  const std::uint32_t free_tokens = settled ? recorded_free_tokens(found->second, *settled, prompt, tokens) : 0;
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{
                     cancel.by, tokens, settled ? recorded_bill(*settled) : events::ledger_bill{}, free_tokens}})
       .then(
-          [self, job_id = cancel.job_id, tokens, settled, free_tokens, reply](const command_reply&) mutable {
+          [self, job_id = cancel.job_id, prompt, tokens, settled, free_tokens, reply](const command_reply&) mutable {
             if (!settled) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               return;
             }
             domain::job_measure measure;
+            measure.prompt_tokens = prompt;
             measure.completion_tokens = tokens;
             settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), free_tokens, measure,
                    reply);

@@ -106,6 +106,9 @@ struct job_result {
   /// Free tier: the ad served with the answer (its impression already recorded by the campaign);
   /// its price moves in the job's settlement group.
   std::optional<domain::ad_charge> ad{};
+  /// The backend's count of the prompt (its usage.prompt_tokens); 0: none reported. It lowers the
+  /// prompt tokens billed, never raises them above the job's estimate.
+  std::uint32_t prompt_tokens_reported = 0;
 };
 
 /// A job's provider could not finish it.
@@ -133,6 +136,9 @@ struct job_ended {
   std::string detail{};                  ///< failed: why, in words a user can act on
   /// failed: why, as the job's record has it (internal when it could not be recorded).
   events::failure_reason failure = events::failure_reason::internal;
+  /// completed or cancelled with a bill: the prompt tokens billed (the client's usage.prompt_tokens);
+  /// 0 otherwise.
+  std::uint32_t prompt_tokens = 0;
 };
 
 /// What the scheduler holds now.

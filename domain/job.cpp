@@ -108,13 +108,14 @@ decision on(const job_state& s, const reassign_job& c, std::int64_t now_us, cons
   return events_list{events::job_reassigned{s.job_id, c.from_provider_id, c.reason, c.tokens_so_far, now_us}};
 }
 
-/// An end counts nothing against the free quota, or (free tier only) its prompt and completion.
-expected<void, error> check_free_tokens(const job_state& s, std::uint32_t free_tokens,
+/// An end counts nothing against the free quota, or (free tier only) its billed prompt and its
+/// completion.
+expected<void, error> check_free_tokens(const job_state& s, std::uint32_t free_tokens, std::uint32_t prompt_tokens,
                                         std::uint32_t completion_tokens) {
   if (free_tokens == 0) return {};
   if (s.premium) return refuse(errc::invalid_argument, describe(s) + " is premium: it counts no free tokens, not " +
                                                            std::to_string(free_tokens));
-  const std::uint64_t used = std::uint64_t{s.prompt_tokens} + completion_tokens;
+  const std::uint64_t used = std::uint64_t{prompt_tokens} + completion_tokens;
   if (free_tokens != used)
     return refuse(errc::invalid_argument, describe(s) + " used " + std::to_string(used) +
                                               " free tokens (prompt and completion), not " +
@@ -123,17 +124,23 @@ expected<void, error> check_free_tokens(const job_state& s, std::uint32_t free_t
 }
 
 decision on(const job_state& s, const complete_job& c, std::int64_t now_us, const job_options&) {
+  const std::uint32_t prompt_billed = c.prompt_tokens_billed != 0 ? c.prompt_tokens_billed : s.prompt_tokens;
   if (s.status == job_status::completed && s.provider_id == c.provider_id &&
-      s.completion_tokens == c.completion_tokens && s.provider_reported_tokens == c.provider_reported_tokens)
+      s.completion_tokens == c.completion_tokens && s.provider_reported_tokens == c.provider_reported_tokens &&
+      s.prompt_tokens_billed == prompt_billed)
     return events_list{};
   if (s.status != job_status::streaming || s.provider_id != c.provider_id)
     return wrong_state(s, "complete it on provider " + quoted(c.provider_id));
   if (auto ok = check_range("completion_tokens", c.completion_tokens, s.tokens_so_far, s.max_tokens); !ok)
     return unexpected{ok.error()};
-  if (auto ok = check_free_tokens(s, c.free_tokens, c.completion_tokens); !ok) return unexpected{ok.error()};
+  if (auto ok = check_range("prompt_tokens_billed", prompt_billed, 1u, s.prompt_tokens); !ok)
+    return unexpected{ok.error()};
+  if (auto ok = check_free_tokens(s, c.free_tokens, prompt_billed, c.completion_tokens); !ok)
+    return unexpected{ok.error()};
   return events_list{events::job_completed{s.job_id, c.provider_id, s.prompt_tokens, c.completion_tokens,
                                            c.provider_reported_tokens, s.first_token_at_us - s.submitted_at_us,
-                                           now_us - s.submitted_at_us, now_us, c.bill, c.free_tokens}};
+                                           now_us - s.submitted_at_us, now_us, c.bill, c.free_tokens,
+                                           prompt_billed}};
 }
 
 decision on(const job_state& s, const fail_job& c, std::int64_t now_us, const job_options& o) {
@@ -156,7 +163,8 @@ decision on(const job_state& s, const cancel_job& c, std::int64_t now_us, const 
   if (is_terminal(s.status)) return wrong_state(s, "cancel it");
   if (auto ok = check_range("tokens_produced", c.tokens_produced, s.tokens_so_far, s.max_tokens); !ok)
     return unexpected{ok.error()};
-  if (auto ok = check_free_tokens(s, c.free_tokens, c.tokens_produced); !ok) return unexpected{ok.error()};
+  if (auto ok = check_free_tokens(s, c.free_tokens, s.prompt_tokens, c.tokens_produced); !ok)
+    return unexpected{ok.error()};
   return events_list{events::job_cancelled{s.job_id, c.by, c.tokens_produced, now_us, c.bill, c.free_tokens}};
 }
 
@@ -223,6 +231,7 @@ struct lifecycle {
     s.status = job_status::completed;
     s.completion_tokens = e.completion_tokens;
     s.provider_reported_tokens = e.provider_reported_tokens;
+    s.prompt_tokens_billed = events::billed_prompt_tokens(e);
     s.finished_at_us = e.completed_at_us;
   }
   void operator()(const events::job_failed& e) {
@@ -237,6 +246,7 @@ struct lifecycle {
     s.status = job_status::cancelled;
     s.cancelled_by = e.by;
     s.completion_tokens = e.tokens_produced;
+    s.prompt_tokens_billed = s.prompt_tokens;  // a cancel bills the prompt as estimated
     s.finished_at_us = e.cancelled_at_us;
   }
   void operator()(const auto&) {}  // events of other aggregates
@@ -345,6 +355,10 @@ void check_status(const job_state& s, std::vector<std::string>& broken) {
   if (s.status == job_status::completed && s.completion_tokens < s.tokens_so_far)
     broken.push_back(job + std::to_string(s.completion_tokens) + " completion tokens, fewer than the " +
                      std::to_string(s.tokens_so_far) + " kept");
+  const bool ended = s.status == job_status::completed || s.status == job_status::cancelled;
+  if (ended && (s.prompt_tokens_billed == 0 || s.prompt_tokens_billed > s.prompt_tokens))
+    broken.push_back(job + "billed " + std::to_string(s.prompt_tokens_billed) + " prompt tokens of its " +
+                     std::to_string(s.prompt_tokens));
 }
 
 }  // namespace

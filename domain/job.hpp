@@ -99,6 +99,9 @@ struct job_state {
   // The end.
   std::uint32_t completion_tokens = 0;         ///< completed or cancelled: the tokens billed
   std::uint32_t provider_reported_tokens = 0;  ///< completed: what the provider claimed
+  /// completed: the prompt tokens its end billed (at most prompt_tokens); cancelled:
+  /// prompt_tokens (a cancel that bills anything bills the prompt as estimated)
+  std::uint32_t prompt_tokens_billed = 0;
   events::failure_reason failure = events::failure_reason::no_provider;  ///< failed: why
   std::string failure_message;
   events::cancelled_by cancelled_by = events::cancelled_by::client;  ///< cancelled: who
@@ -113,7 +116,7 @@ auto inspect(Inspector& f, job_state& x) {
            x.max_price_micros, x.premium, x.conversation_id, x.submitted_at_us, x.priority,
            x.deadline_at_us, x.queued_at_us, x.provider_id, x.attempt, x.providers_tried,
            x.reassignments, x.reassigned_from_provider_id, x.assigned_at_us, x.first_token_at_us,
-           x.tokens_so_far, x.completion_tokens, x.provider_reported_tokens, x.failure,
+           x.tokens_so_far, x.completion_tokens, x.provider_reported_tokens, x.prompt_tokens_billed, x.failure,
            x.failure_message, x.cancelled_by, x.finished_at_us);
 }
 
@@ -165,6 +168,9 @@ struct complete_job {
   /// What the end counts against a free user's daily quota: 0, or the prompt and completion
   /// tokens (always 0 for a premium job). Recorded with it, like the bill.
   std::uint32_t free_tokens = 0;
+  /// The prompt tokens billed: from 1 to the submitted prompt_tokens (the platform's estimate),
+  /// fewer when the backend counted fewer; 0: all of prompt_tokens.
+  std::uint32_t prompt_tokens_billed = 0;
 };
 
 /// Any live state -> failed. deadline_exceeded only for a queued job whose deadline has passed.
@@ -190,7 +196,7 @@ struct job {
   using state = job_state;
   using command = std::variant<submit_job, queue_job, assign_job, start_job, reassign_job,
                                complete_job, fail_job, cancel_job, expire_job>;
-  static constexpr std::uint32_t snapshot_version = 1;
+  static constexpr std::uint32_t snapshot_version = 2;  // 2: job_state.prompt_tokens_billed
 
   [[nodiscard]] static state evolve(state s, const events::event& e);
   [[nodiscard]] static decision decide(const state& s, const command& c, std::int64_t now_us);

@@ -353,10 +353,11 @@ domain_verifier::result domain_verifier::note_free_usage(const where& at, const 
   if (job.premium)
     return fail(invariant::free_usage, at, "premium job " + quoted(job.job_id) + " counts " + std::to_string(tokens) +
                                                " free tokens; a premium job counts none");
-  const std::uint64_t used = std::uint64_t{job.prompt_tokens} + job.completion_tokens;
+  const std::uint64_t used = std::uint64_t{job.prompt_tokens_billed} + job.completion_tokens;
   if (tokens != used)
     return fail(invariant::free_usage, at, "job " + quoted(job.job_id) + " counts " + std::to_string(tokens) +
-                                               " free tokens; its prompt and completion are " + std::to_string(used));
+                                               " free tokens; its billed prompt and completion are " +
+                                               std::to_string(used));
   open_usage_.insert_or_assign(job.job_id, open_usage{job.user_id, tokens});
   return {};
 }

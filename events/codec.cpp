@@ -465,6 +465,7 @@ void write(schema::JobCompleted::Builder b, const job_completed& e) {
   b.setCompletedAtUs(e.completed_at_us);
   write_bill(b, e.bill);
   b.setFreeTokens(e.free_tokens);
+  b.setPromptTokensBilled(e.prompt_tokens_billed);
 }
 
 job_completed read(schema::JobCompleted::Reader r) {
@@ -477,7 +478,8 @@ job_completed read(schema::JobCompleted::Reader r) {
           .total_us = r.getTotalUs(),
           .completed_at_us = r.getCompletedAtUs(),
           .bill = read_bill(r),
-          .free_tokens = r.getFreeTokens()};
+          .free_tokens = r.getFreeTokens(),
+          .prompt_tokens_billed = r.getPromptTokensBilled()};
 }
 
 void write(schema::JobFailed::Builder b, const job_failed& e) {

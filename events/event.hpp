@@ -337,9 +337,19 @@ struct job_completed {
   /// recorded after it as free_tokens_used on the user's stream; 0 for a premium job, an end that
   /// settles nothing, and ends recorded before this field.
   std::uint32_t free_tokens = 0;
+  /// The prompt tokens the bill and the free usage count: the backend's own count when it
+  /// reported one below prompt_tokens (the platform's estimate at submission). 0 in ends recorded
+  /// before this field, which counted prompt_tokens (see billed_prompt_tokens).
+  std::uint32_t prompt_tokens_billed = 0;
 
   bool operator==(const job_completed&) const = default;
 };
+
+/// The prompt tokens a completed job's end counted: prompt_tokens_billed, or prompt_tokens for an
+/// end recorded before that field.
+[[nodiscard]] inline std::uint32_t billed_prompt_tokens(const job_completed& e) noexcept {
+  return e.prompt_tokens_billed != 0 ? e.prompt_tokens_billed : e.prompt_tokens;
+}
 
 struct job_failed {
   std::string job_id;

@@ -291,6 +291,7 @@ json::object job_json(const job_entry& j) {
                    {"ad_micros", j.ad_micros}};
   out["provider_id"] = j.provider_id.empty() ? json::value(nullptr) : json::value(j.provider_id);
   out["finished_at_us"] = j.finished_at_us == 0 ? json::value(nullptr) : json::value(j.finished_at_us);
+  out["prompt_tokens_billed"] = j.prompt_tokens_billed == 0 ? json::value(nullptr) : json::value(j.prompt_tokens_billed);
   if (j.status == domain::job_status::failed) out["failure_reason"] = failure_name(j.failure);
   return out;
 }

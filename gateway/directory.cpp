@@ -690,6 +690,7 @@ class directory::impl {
   void on_job_event(job_record& r, const events::job_completed& e) {
     r.entry.provider_id = e.provider_id;
     r.entry.prompt_tokens = e.prompt_tokens;
+    r.entry.prompt_tokens_billed = events::billed_prompt_tokens(e);
     r.entry.completion_tokens = e.completion_tokens;
     set_status(r, domain::job_status::completed, e.completed_at_us);
   }
@@ -700,6 +701,7 @@ class directory::impl {
   }
   void on_job_event(job_record& r, const events::job_cancelled& e) {
     r.entry.completion_tokens = e.tokens_produced;
+    r.entry.prompt_tokens_billed = r.entry.prompt_tokens;  // a cancel bills the prompt as estimated
     set_status(r, domain::job_status::cancelled, e.cancelled_at_us);
   }
   template <class Other>

@@ -124,6 +124,9 @@ struct job_entry {
   std::uint32_t prompt_tokens = 0;
   std::uint32_t max_tokens = 0;
   std::uint32_t completion_tokens = 0;  ///< completed or cancelled: the tokens billed
+  /// completed or cancelled: the prompt tokens billed (the backend's count when below the
+  /// estimate prompt_tokens); 0 while live or failed
+  std::uint32_t prompt_tokens_billed = 0;
   events::failure_reason failure = events::failure_reason::no_provider;  ///< failed: why
   std::int64_t submitted_at_us = 0;
   std::int64_t finished_at_us = 0;  ///< 0 while live

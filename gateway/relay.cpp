@@ -324,6 +324,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       result.provider_id = provider_id;
       result.completion_tokens = live->tokens;
       result.provider_reported_tokens = d.completion_tokens_reported;
+      result.prompt_tokens_reported = d.prompt_tokens_reported;
       result.attempt_tokens = live->attempt_tokens;
       result.attempt_bytes = live->attempt_bytes;
       result.ttft_us = d.ttft_us;
@@ -582,7 +583,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
       live->state = phase::ended;
-      const token_usage usage{live->job.prompt_tokens, live->tokens};
+      // The prompt as billed: the backend's count when below the node's estimate.
+      const token_usage usage{ended.prompt_tokens != 0 ? ended.prompt_tokens : live->job.prompt_tokens, live->tokens};
       response_extension extension{live->provider_id, live->job.request.extension.quality, live->failovers, live->ad};
       auto& reply = *live->job.reply;
       if (live->job.request.stream) {

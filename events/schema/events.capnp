@@ -286,6 +286,7 @@ struct JobCompleted {
   completedAtUs @7 :Int64;
   bill @8 :LedgerBill;                 # the ledger group its end owes; absent before it was recorded
   freeTokens @9 :UInt32;               # free tier: tokens its end counts against the user's daily quota
+  promptTokensBilled @10 :UInt32;      # the prompt tokens billed: the backend's count when below promptTokens (the estimate); 0: promptTokens
 }
 
 struct JobFailed {

@@ -646,6 +646,27 @@ TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_co
   EXPECT_EQ(provider.value().counters.aborted_jobs, 0u);
 }
 
+TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
+  bring_online("p1", "llama-8b", 4);  // 1 USD per million tokens, in and out
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  // Each job's prompt was estimated at 1,000 tokens; the backend counted 800, 1,200, or nothing.
+  const std::vector<std::pair<std::uint32_t, std::uint32_t>> reported_billed{{800, 800}, {1'200, 1'000}, {0, 1'000}};
+  for (std::size_t i = 0; i < reported_billed.size(); ++i) {
+    const auto [reported, billed] = reported_billed[i];
+    const std::string id = "j" + std::to_string(i);
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "dave", true)));
+    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
+    job_result result{id, "p1", 50, 50, 1000, 2000, 50, 200};
+    result.prompt_tokens_reported = reported;
+    auto ended = ask<job_ended>(rt_.scheduler, result);
+    ASSERT_TRUE(ended) << describe(ended.error());
+    EXPECT_EQ(ended.value().gross_micros, billed + 50) << reported;
+    EXPECT_EQ(ended.value().prompt_tokens, billed) << reported;
+    EXPECT_EQ(job(id).prompt_tokens_billed, billed) << reported;
+    EXPECT_EQ(job(id).prompt_tokens, 1'000u) << "the estimate stays as submitted";
+  }
+}
+
 TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tokens_at_its_own_price) {
   bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
   bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD

@@ -62,7 +62,8 @@ TEST(job, full_lifecycle_emits_each_event_and_completion_times) {
   ASSERT_TRUE(d);
   ASSERT_EQ(d->size(), 1u);
   EXPECT_EQ(std::get<events::job_completed>(d->front()),
-            (events::job_completed{"j1", "p1", 100, 150, 151, 2 * second_us, 10 * second_us, t0 + 10 * second_us}));
+            (events::job_completed{"j1", "p1", 100, 150, 151, 2 * second_us, 10 * second_us, t0 + 10 * second_us, {}, 0,
+                                   100}));
   EXPECT_EQ(s.status, job_status::completed);
   EXPECT_TRUE(is_terminal(s.status));
   EXPECT_TRUE(check(s).empty());
@@ -100,6 +101,38 @@ TEST(job, an_end_records_its_free_tokens_which_are_its_prompt_and_completion) {
                  errc::invalid_argument, "used 250 free tokens (prompt and completion), not 249");
   expect_refused(job::decide(other, cancel_job{events::cancelled_by::client, 20, {}, 250}, t0 + 10 * second_us),
                  errc::invalid_argument, "used 120 free tokens");
+}
+
+TEST(job, a_completion_bills_the_backends_count_of_the_prompt_when_below_the_estimate) {
+  // The submission estimated 100 prompt tokens; the backend counted 80.
+  auto completing = streaming();
+  auto completed = run(completing, complete_job{"p1", 150, 151, {}, 230, 80}, t0 + 10 * second_us);
+  ASSERT_TRUE(completed);
+  const auto& end = std::get<events::job_completed>(completed->front());
+  EXPECT_EQ(end.prompt_tokens, 100u) << "the estimate stays as submitted";
+  EXPECT_EQ(end.prompt_tokens_billed, 80u);
+  EXPECT_EQ(completing.prompt_tokens_billed, 80u);
+  EXPECT_TRUE(check(completing).empty());
+
+  auto other = streaming();
+  expect_refused(job::decide(other, complete_job{"p1", 150, 151, {}, 250, 80}, t0 + 10 * second_us),
+                 errc::invalid_argument, "used 230 free tokens");
+  expect_refused(job::decide(other, complete_job{"p1", 150, 151, {}, 0, 101}, t0 + 10 * second_us),
+                 errc::invalid_argument, "prompt_tokens_billed is 101");
+  // None given: the estimate.
+  auto defaulted = run(other, complete_job{"p1", 150, 151}, t0 + 10 * second_us);
+  ASSERT_TRUE(defaulted);
+  EXPECT_EQ(std::get<events::job_completed>(defaulted->front()).prompt_tokens_billed, 100u);
+  EXPECT_EQ(other.prompt_tokens_billed, 100u);
+
+  // An end recorded before the field (0) billed the estimate.
+  auto old = streaming();
+  auto old_end = std::get<events::job_completed>(completed->front());
+  old_end.prompt_tokens_billed = 0;
+  old_end.free_tokens = 0;
+  old = job::evolve(old, old_end);
+  EXPECT_EQ(old.status, job_status::completed);
+  EXPECT_EQ(old.prompt_tokens_billed, 100u);
 }
 
 TEST(job, a_premium_end_counts_no_free_tokens) {

@@ -101,7 +101,7 @@ scenario('free answers carry one ad, premium answers none, and the money adds up
   for (const [index, job] of jobs.entries()) {
     const free = index < 2;
     assert.equal(job.premium, !free);
-    assert.equal(job.gross_micros, gross_micros(job.prompt_tokens, job.completion_tokens, offer));
+    assert.equal(job.gross_micros, gross_micros(job.prompt_tokens_billed, job.completion_tokens, offer));
     assert.equal(job.platform_fee_micros, platform_fee_micros(job.gross_micros));
     if (free) {
       assert.ok(job.ad_micros > 0, `the impression of ${job.id} has a price`);

@@ -80,9 +80,9 @@ scenario('a client abort cancels the upstream request at once and bills the toke
     assert.ok(job.completion_tokens <= tokens_before_abort + 3,
       `no more than the tokens produced before the cancel are counted: ${job.completion_tokens}`);
     // Billed: the prompt and those tokens at the provider's price, nothing more.
-    const price = gross_micros(job.prompt_tokens, job.completion_tokens, offer);
+    const price = gross_micros(job.prompt_tokens_billed, job.completion_tokens, offer);
     assert.equal(job.gross_micros, price);
-    assert.ok(price < gross_micros(job.prompt_tokens, tokens_total, offer), 'less than the whole answer would cost');
+    assert.ok(price < gross_micros(job.prompt_tokens_billed, tokens_total, offer), 'less than the whole answer would cost');
     price_total += price;
     fee_total += job.platform_fee_micros;
   }

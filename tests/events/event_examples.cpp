@@ -279,10 +279,14 @@ std::vector<evolved_example> evolved_examples() {
   completed_free.free_tokens = completed.prompt_tokens + completed.completion_tokens;
   auto cancelled_free = cancelled;
   cancelled_free.free_tokens = 40 + cancelled.tokens_produced;
+  auto completed_billed = completed_free;
+  completed_billed.prompt_tokens_billed = completed.prompt_tokens - 1;
+  completed_billed.free_tokens = completed_billed.prompt_tokens_billed + completed.completion_tokens;
   return {{"job_completed.bill", completed},
           {"job_cancelled.bill", cancelled},
           {"job_completed.free_tokens", completed_free},
-          {"job_cancelled.free_tokens", cancelled_free}};
+          {"job_cancelled.free_tokens", cancelled_free},
+          {"job_completed.prompt_tokens_billed", completed_billed}};
 }
 
 }  // namespace gpustream::events

@@ -96,7 +96,9 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       [log](actors::job_result& result) -> caf::result<actors::job_ended> {
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         log->add("result " + result.job_id);
-        return actors::job_ended{result.job_id, domain::job_status::completed, 0, 0};
+        actors::job_ended ended{result.job_id, domain::job_status::completed, 0, 0};
+        ended.prompt_tokens = result.prompt_tokens_reported;  // as if below the estimate
+        return ended;
       },
       [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {
         log->add("failure " + failure.job_id + " " + failure.provider_id + " " + fault_name(failure.fault) + " " +
@@ -374,6 +376,18 @@ TEST(relay, a_finish_reason_outside_openais_set_reaches_the_client_as_one_inside
     const auto body = answered_body(*reply);
     EXPECT_NE(body.find(std::string(R"("finish_reason":")") + client + '"'), std::string::npos) << backend << body;
   }
+}
+
+TEST(relay, the_clients_usage_counts_the_prompt_as_the_scheduler_billed_it) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
+  // The backend's count goes to the scheduler, whose answer names what was billed.
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = 7, .attempt = 1});
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":1)"), std::string::npos) << body;
 }
 
 TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
