@@ -636,24 +636,42 @@ TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss
   EXPECT_EQ(coordinator.count<link::done>(), 0u);
 }
 
-TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
-  upstream_process upstream({"--models", "m1", "--fail-status", "400"});
-  ASSERT_TRUE(upstream.ready());
+/// An agent without its probe in front of a test upstream started with `upstream_arguments`,
+/// welcomed by a fake coordinator (heartbeats every `heartbeat_ms`), that was sent one chat offer
+/// and answered it with a job_error (`failed`; `ready` is false when any step did not happen).
+struct agent_failing_one_offer {
+  agent_failing_one_offer(std::vector<std::string> upstream_arguments, std::uint32_t heartbeat_ms)
+      : upstream(std::move(upstream_arguments)), agent(without_probe(agent_options(coordinator, upstream))) {
+    ready = upstream.ready() &&
+            coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; });
+    if (!ready) return;
+    coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = heartbeat_ms});
+    coordinator.send(link::offer{.job_id = "job-8", .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ready = coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; });
+    if (ready) failed = coordinator.all<link::job_error>().front();
+  }
+  static provider_options without_probe(provider_options options) {
+    options.probe = false;
+    return options;
+  }
+
+  upstream_process upstream;
   fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
-  coordinator.send(link::offer{.job_id = "job-8", .kind = link::job_kind::chat,
-                               .request_json = chat_request("m1"), .attempt = 1});
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
-  const auto rejected = coordinator.all<link::job_error>().front();
-  EXPECT_EQ(rejected.job_id, "job-8");
-  EXPECT_FALSE(rejected.upstream_fault);
-  EXPECT_TRUE(rejected.request_rejected);
-  EXPECT_NE(rejected.message.find("400"), std::string::npos) << rejected.message;
+  agent_runner agent;
+  bool ready = false;
+  link::job_error failed;
+};
+
+TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
+  agent_failing_one_offer run({"--models", "m1", "--fail-status", "400"}, 50);
+  ASSERT_TRUE(run.ready);
+  EXPECT_EQ(run.failed.job_id, "job-8");
+  EXPECT_FALSE(run.failed.upstream_fault);
+  EXPECT_TRUE(run.failed.request_rejected);
+  EXPECT_NE(run.failed.message.find("400"), std::string::npos) << run.failed.message;
   // The backend's health is not blamed for the request.
+  auto& coordinator = run.coordinator;
   const auto heartbeats_before = coordinator.count<link::heartbeat>();
   ASSERT_TRUE(coordinator.wait_until(
       [&] { return coordinator.count_locked<link::heartbeat>() >= heartbeats_before + 1; }));
@@ -662,22 +680,12 @@ TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_a
 
 TEST(provider_agent, an_answer_the_backend_aborted_is_a_failure_of_the_backend_not_a_done) {
   // vLLM ends an answer its engine gave up on with finish_reason "abort".
-  upstream_process upstream({"--models", "m1", "--tokens", "4", "--finish-reason", "abort"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
-  coordinator.send(link::offer{.job_id = "job-7", .kind = link::job_kind::chat,
-                               .request_json = chat_request("m1"), .attempt = 1});
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
-  const auto failed = coordinator.all<link::job_error>().front();
-  EXPECT_TRUE(failed.upstream_fault);
-  EXPECT_EQ(failed.tokens_so_far, 4u) << "the answer so far continues elsewhere";
-  EXPECT_NE(failed.message.find("abort"), std::string::npos) << failed.message;
-  EXPECT_EQ(coordinator.count<link::done>(), 0u);
+  agent_failing_one_offer run({"--models", "m1", "--tokens", "4", "--finish-reason", "abort"}, 1000);
+  ASSERT_TRUE(run.ready);
+  EXPECT_TRUE(run.failed.upstream_fault);
+  EXPECT_EQ(run.failed.tokens_so_far, 4u) << "the answer so far continues elsewhere";
+  EXPECT_NE(run.failed.message.find("abort"), std::string::npos) << run.failed.message;
+  EXPECT_EQ(run.coordinator.count<link::done>(), 0u);
 }
 
 TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {

@@ -423,15 +423,18 @@ TEST(domain_verifier_bill, a_bill_naming_another_jobs_group_is_refused) {
   expect_violation(log, invariant::job_bill, "job-j6", 5, completed, {"\"job-j1\"", "not its own"});
 }
 
-/// Job `id` of bob's (free tier), completed on p1 after 10 prompt and 20 completion tokens with
-/// `free_tokens` recorded; returns the completion's position.
-std::uint64_t add_free_job(event_log& log, const std::string& id, std::uint32_t free_tokens, bool premium = false) {
+/// Job `id` of bob's (free tier), completed on p1 after 10 prompt (of which `prompt_tokens_billed`
+/// billed; 0: all) and 20 completion tokens with `free_tokens` recorded; returns the completion's
+/// position.
+std::uint64_t add_free_job(event_log& log, const std::string& id, std::uint32_t free_tokens, bool premium = false,
+                           std::uint32_t prompt_tokens_billed = 0) {
   const std::string stream = "job-" + id;
   log.add(stream, events::job_submitted{id, "bob", "llama", events::quality_tier::low, 10, 50, 0, premium, "", t0 + 50});
   log.add(stream, events::job_queued{id, 1, t0 + 60 * second_us, t0 + 51});
   log.add(stream, events::job_assigned{id, "p1", 1, t0 + 52});
   log.add(stream, events::job_started{id, "p1", t0 + 53});
-  return log.add(stream, events::job_completed{id, "p1", 10, 20, 20, 3, 10, t0 + 54, {}, free_tokens});
+  return log.add(stream, events::job_completed{id, "p1", 10, 20, 20, 3, 10, t0 + 54, {}, free_tokens,
+                                               prompt_tokens_billed});
 }
 
 TEST(domain_verifier_free_usage, usage_recorded_as_the_end_says_passes_and_usage_not_yet_recorded_is_counted) {
@@ -467,34 +470,20 @@ TEST(domain_verifier_free_usage, an_end_counting_other_tokens_than_its_prompt_an
 TEST(domain_verifier_free_usage, an_end_billing_the_backends_smaller_count_of_the_prompt_counts_that) {
   // Submitted with 10 prompt tokens (the estimate); the backend counted 7: 7 + 20 are counted.
   auto log = sound_log();
-  const std::string stream = "job-j8";
-  log.add(stream, events::job_submitted{"j8", "bob", "llama", events::quality_tier::low, 10, 50, 0, false, "", t0 + 50});
-  log.add(stream, events::job_queued{"j8", 1, t0 + 60 * second_us, t0 + 51});
-  log.add(stream, events::job_assigned{"j8", "p1", 1, t0 + 52});
-  log.add(stream, events::job_started{"j8", "p1", t0 + 53});
-  log.add(stream, events::job_completed{"j8", "p1", 10, 20, 20, 3, 10, t0 + 54, {}, 27, 7});
+  add_free_job(log, "j8", 27, false, 7);
   log.add("user-bob", events::free_tokens_used{"bob", "j8", 27, t0 + 55});
   auto verified = verify(log);
   ASSERT_TRUE(verified) << describe(verified.error());
 
   auto wrong = sound_log();
-  wrong.add(stream, events::job_submitted{"j8", "bob", "llama", events::quality_tier::low, 10, 50, 0, false, "", t0 + 50});
-  wrong.add(stream, events::job_queued{"j8", 1, t0 + 60 * second_us, t0 + 51});
-  wrong.add(stream, events::job_assigned{"j8", "p1", 1, t0 + 52});
-  wrong.add(stream, events::job_started{"j8", "p1", t0 + 53});
-  const auto position = wrong.add(stream, events::job_completed{"j8", "p1", 10, 20, 20, 3, 10, t0 + 54, {}, 30, 7});
-  expect_violation(wrong, invariant::free_usage, stream, 5, position, {"counts 30 free tokens", "are 27"});
+  const auto position = add_free_job(wrong, "j8", 30, false, 7);
+  expect_violation(wrong, invariant::free_usage, "job-j8", 5, position, {"counts 30 free tokens", "are 27"});
 }
 
 TEST(domain_verifier_free_usage, an_end_billing_more_of_the_prompt_than_was_estimated_is_named) {
   auto log = sound_log();
-  const std::string stream = "job-j9";
-  log.add(stream, events::job_submitted{"j9", "bob", "llama", events::quality_tier::low, 10, 50, 0, true, "", t0 + 50});
-  log.add(stream, events::job_queued{"j9", 1, t0 + 60 * second_us, t0 + 51});
-  log.add(stream, events::job_assigned{"j9", "p1", 1, t0 + 52});
-  log.add(stream, events::job_started{"j9", "p1", t0 + 53});
-  const auto position = log.add(stream, events::job_completed{"j9", "p1", 10, 20, 20, 3, 10, t0 + 54, {}, 0, 11});
-  expect_violation(log, invariant::job_consistency, stream, 5, position, {"billed 11 prompt tokens of its 10"});
+  const auto position = add_free_job(log, "j9", 0, true, 11);
+  expect_violation(log, invariant::job_consistency, "job-j9", 5, position, {"billed 11 prompt tokens of its 10"});
 }
 
 TEST(domain_verifier_free_usage, a_premium_end_counting_free_tokens_is_named) {
