@@ -257,16 +257,20 @@ std::uint32_t recorded_free_tokens(const live_job& job,
 /// the platform's estimate (which rounds up: a token per 3 bytes, while a tokenizer takes about
 /// 4 on English text), never more than the estimate the job was quoted and admitted with. A
 /// backend's count includes its chat template and, after a failover, the answer so far, so it
-/// only ever lowers the bill.
-std::uint32_t billed_prompt_tokens(const live_job& job, std::uint32_t reported) {
-  return reported == 0 ? job.request.prompt_tokens : std::min(reported, job.request.prompt_tokens);
+/// only ever lowers the bill; a count far below the estimate (under prompt_count_floor_percent
+/// of it) is taken as none: some backends leave out the tokens they found in their cache.
+std::uint32_t billed_prompt_tokens(const scheduler_options& options, const live_job& job, std::uint32_t reported) {
+  const std::uint64_t estimate = job.request.prompt_tokens;
+  if (std::uint64_t{reported} * 100 < estimate * options.prompt_count_floor_percent) return job.request.prompt_tokens;
+  return std::min(reported, job.request.prompt_tokens);
 }
 
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
 /// scores its provider and records the free usage; then answers `reply` and forgets the job.
 void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
-            expected<domain::job_settlement, domain::error> settled, std::uint32_t free_tokens,
-            const domain::job_measure& measure, caf::typed_response_promise<job_ended> reply) {
+            expected<domain::job_settlement, domain::error> settled, std::uint32_t prompt_tokens_billed,
+            std::uint32_t free_tokens, const domain::job_measure& measure,
+            caf::typed_response_promise<job_ended> reply) {
   if (!settled) {
     forget(self, job_id);
     reply.deliver(make_error(settled.error()));
@@ -276,7 +280,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
                   outcome == domain::job_outcome::completed ? domain::job_status::completed
                                                             : domain::job_status::cancelled,
                   settled.value().gross_micros, settled.value().platform_fee_micros};
-  ended.prompt_tokens = measure.prompt_tokens;
+  ended.prompt_tokens = prompt_tokens_billed;
   auto after_ledger = [self, job_id, outcome, free_tokens, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
@@ -752,9 +756,10 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   auto& job = self->state.jobs.at(result.job_id);
   job.ending = true;
   const std::uint32_t tokens = within_budget(job, result.completion_tokens);
-  const std::uint32_t prompt = billed_prompt_tokens(job, result.prompt_tokens_reported);
-  const domain::job_measure measure{prompt, tokens, result.provider_reported_tokens, result.ttft_us,
-                                    result.total_us, result.attempt_tokens, result.attempt_bytes};
+  const std::uint32_t prompt = billed_prompt_tokens(self->state.options, job, result.prompt_tokens_reported);
+  // Scored on the estimate: the same prompt earns every provider the same points.
+  const domain::job_measure measure{job.request.prompt_tokens, tokens, result.provider_reported_tokens,
+                                    result.ttft_us, result.total_us, result.attempt_tokens, result.attempt_bytes};
   auto settled = bill_of(self, result.job_id, domain::job_outcome::completed, prompt, tokens, result.ad);
   const std::uint32_t free_tokens = recorded_free_tokens(job, settled, prompt, tokens);
   self->request(self->state.peers.jobs, caf::infinite, result.job_id,
@@ -762,8 +767,8 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
                                                           result.provider_reported_tokens,
                                                           recorded_bill(settled), free_tokens, prompt}})
       .then(
-          [self, job_id = result.job_id, measure, settled, free_tokens, reply](const command_reply&) mutable {
-            settle(self, job_id, domain::job_outcome::completed, std::move(settled), free_tokens, measure,
+          [self, job_id = result.job_id, measure, prompt, settled, free_tokens, reply](const command_reply&) mutable {
+            settle(self, job_id, domain::job_outcome::completed, std::move(settled), prompt, free_tokens, measure,
                    reply);
           },
           [self, job_id = result.job_id, reply](caf::error& failure) mutable {
@@ -862,7 +867,7 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
             domain::job_measure measure;
             measure.prompt_tokens = prompt;
             measure.completion_tokens = tokens;
-            settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), free_tokens, measure,
+            settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), prompt, free_tokens, measure,
                    reply);
           },
           [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {

@@ -107,7 +107,8 @@ struct job_result {
   /// its price moves in the job's settlement group.
   std::optional<domain::ad_charge> ad{};
   /// The backend's count of the prompt (its usage.prompt_tokens); 0: none reported. It lowers the
-  /// prompt tokens billed, never raises them above the job's estimate.
+  /// prompt tokens billed, never raises them above the job's estimate (see
+  /// scheduler_options::prompt_count_floor_percent).
   std::uint32_t prompt_tokens_reported = 0;
 };
 
@@ -136,8 +137,8 @@ struct job_ended {
   std::string detail{};                  ///< failed: why, in words a user can act on
   /// failed: why, as the job's record has it (internal when it could not be recorded).
   events::failure_reason failure = events::failure_reason::internal;
-  /// completed or cancelled with a bill: the prompt tokens billed (the client's usage.prompt_tokens);
-  /// 0 otherwise.
+  /// completed or cancelled with a bill: the prompt tokens billed (the client's usage.prompt_tokens;
+  /// a cancel bills the estimate); 0 otherwise.
   std::uint32_t prompt_tokens = 0;
 };
 
@@ -175,6 +176,10 @@ struct scheduler_options {
   /// or 422) before the job fails with upstream_error and the backend's message, instead of
   /// going to another provider. Default: 2.
   std::uint32_t request_rejections_max = 2;
+  /// A backend's count of a prompt below this share of the node's estimate is taken as no count
+  /// (the estimate is billed): some backends leave out the tokens they found in their cache, and
+  /// no tokenizer takes 4 times the 3 bytes a token the estimate allows. Default: 25 %.
+  std::uint32_t prompt_count_floor_percent = 25;
   /// How often deadlines are enforced and a pass over the queue is made even without an event
   /// that would start one. Default: 100 ms.
   std::chrono::milliseconds tick_interval = std::chrono::milliseconds(100);

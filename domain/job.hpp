@@ -100,7 +100,8 @@ struct job_state {
   std::uint32_t completion_tokens = 0;         ///< completed or cancelled: the tokens billed
   std::uint32_t provider_reported_tokens = 0;  ///< completed: what the provider claimed
   /// completed: the prompt tokens its end billed (at most prompt_tokens); cancelled:
-  /// prompt_tokens (a cancel that bills anything bills the prompt as estimated)
+  /// prompt_tokens, what a cancel bills when it bills anything (one that came before the
+  /// provider started bills nothing at all)
   std::uint32_t prompt_tokens_billed = 0;
   events::failure_reason failure = events::failure_reason::no_provider;  ///< failed: why
   std::string failure_message;

@@ -649,8 +649,10 @@ TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_co
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
   bring_online("p1", "llama-8b", 4);  // 1 USD per million tokens, in and out
   create_user("dave", events::user_tier::premium, 50'000'000);
-  // Each job's prompt was estimated at 1,000 tokens; the backend counted 800, 1,200, or nothing.
-  const std::vector<std::pair<std::uint32_t, std::uint32_t>> reported_billed{{800, 800}, {1'200, 1'000}, {0, 1'000}};
+  // Each job's prompt was estimated at 1,000 tokens; the backend counted 800, 1,200, nothing, or
+  // less than a quarter of the estimate (a backend leaving out its cached tokens), which is no count.
+  const std::vector<std::pair<std::uint32_t, std::uint32_t>> reported_billed{
+      {800, 800}, {1'200, 1'000}, {0, 1'000}, {250, 250}, {249, 1'000}};
   for (std::size_t i = 0; i < reported_billed.size(); ++i) {
     const auto [reported, billed] = reported_billed[i];
     const std::string id = "j" + std::to_string(i);
@@ -665,6 +667,18 @@ TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_n
     EXPECT_EQ(job(id).prompt_tokens_billed, billed) << reported;
     EXPECT_EQ(job(id).prompt_tokens, 1'000u) << "the estimate stays as submitted";
   }
+  // A free job counts the same prompt against the quota as it bills.
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("free", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("free"), std::string("p1")));
+  job_result result{"free", "p1", 50, 50, 1000, 2000, 50, 200};
+  result.prompt_tokens_reported = 700;
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, result));
+  const auto end = std::get<events::job_completed>(last_job_event("free"));
+  EXPECT_EQ(end.prompt_tokens_billed, 700u);
+  EXPECT_EQ(end.free_tokens, 700u + 50u);
+  ASSERT_TRUE(verify_log());
+  EXPECT_EQ(verified_.free_usage_unrecorded, 0u) << "bob's usage is recorded as the end counts it";
 }
 
 TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tokens_at_its_own_price) {

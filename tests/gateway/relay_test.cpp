@@ -235,7 +235,8 @@ actors::job_offer j1_offer(std::uint32_t attempt = 0) {
 
 /// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
 /// waits until the scheduler has it.
-void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false) {
+void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false,
+               std::uint32_t prompt_tokens = 1) {
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
@@ -243,7 +244,7 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
   job.request.stream = stream;
   job.request.model = "m";
   job.request.messages = {chat_message{"user", "hi"}};
-  job.prompt_tokens = 1;
+  job.prompt_tokens = prompt_tokens;
   job.completion_budget = 10;
   job.reply = reply;
   world.relay.submit(std::move(job));
@@ -381,7 +382,7 @@ TEST(relay, a_finish_reason_outside_openais_set_reaches_the_client_as_one_inside
 TEST(relay, the_clients_usage_counts_the_prompt_as_the_scheduler_billed_it) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false, 20));  // estimated at 20
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
   // The backend's count goes to the scheduler, whose answer names what was billed.
