@@ -37,7 +37,7 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
   assert.equal(retrieved.x_gpustream.context_length, context_length);
 
   // Streamed chat with usage in the last chunk.
-  // 15 words, as the test upstream counts tokens; the node estimates 39 (89 bytes at 3 a token,
+  // 15 words, as the test upstream counts tokens; the node estimates 39 (88 bytes at 3 a token,
   // and 9 for the message and the request).
   const messages = [{ role: 'user', content: 'Say something deterministic about the weather, the sea and the mountains in a few words.' }];
   const stream = await client.chat.completions.create({
