@@ -260,9 +260,9 @@ std::uint32_t recorded_free_tokens(const live_job& job,
 /// only ever lowers the bill; a count far below the estimate (under prompt_count_floor_percent
 /// of it) is taken as none: some backends leave out the tokens they found in their cache.
 std::uint32_t billed_prompt_tokens(const scheduler_options& options, const live_job& job, std::uint32_t reported) {
-  const std::uint64_t estimate = job.request.prompt_tokens;
-  if (std::uint64_t{reported} * 100 < estimate * options.prompt_count_floor_percent) return job.request.prompt_tokens;
-  return std::min(reported, job.request.prompt_tokens);
+  const std::uint32_t estimate = job.request.prompt_tokens;
+  if (std::uint64_t{reported} * 100 < std::uint64_t{estimate} * options.prompt_count_floor_percent) return estimate;
+  return std::min(reported, estimate);
 }
 
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,

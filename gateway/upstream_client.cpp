@@ -309,16 +309,12 @@ expected<void, std::string> upstream_sse_parser::feed(
   return {};
 }
 
-expected<void, std::string> upstream_sse_parser::finish(const std::function<bool(std::string_view data)>& on_event) {
+void upstream_sse_parser::finish(const std::function<bool(std::string_view data)>& on_event) {
+  if (failed_) return;  // feed() reported it
+  // feed() already judged the pending line against the limit.
   const std::string line = std::exchange(line_, {});
-  // feed() already judged the pending line against the limit; take_line() would set failed_
-  // rather than dispatch an event over it.
-  const bool go_on = failed_ || line.empty() || take_line(line, on_event);
-  if (!failed_ && go_on) (void)take_line({}, on_event);  // the blank line that ends the event, if one is pending
-  if (failed_) {
-    return unexpected("an upstream event exceeds event_bytes_max (" + std::to_string(event_bytes_max_) + " bytes)");
-  }
-  return {};
+  if (!line.empty() && !take_line(line, on_event)) return;
+  (void)take_line({}, on_event);  // the blank line that ends the event, if one is pending
 }
 
 bool upstream_sse_parser::take_line(std::string_view line, const std::function<bool(std::string_view)>& on_event) {
@@ -709,9 +705,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (stopped()) return recycle();
     switch (use_) {
       case body_use::events:
-        if (auto finished = sse_.finish([this](std::string_view data) { return on_event(data); }); !finished) {
-          return fail(make_error(upstream_error_kind::too_large, finished.error()));
-        }
+        sse_.finish([this](std::string_view data) { return on_event(data); });
         if (closed_) return;  // the last event reported an error
         if (done_seen_) {
           recycle();
@@ -771,7 +765,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     if (timed_out_) {
       return make_error(upstream_error_kind::timeout,
                         "no data from upstream for " + std::to_string(silence_allowed_.count()) + " ms" +
-                            (answer_ == answer::stream && !event_seen_ ? " before the first event" : "") + at);
+                            (awaiting_first_event() ? " before the first event" : "") + at);
     }
     if (ec == http::error::body_limit) {
       return make_error(upstream_error_kind::too_large,
@@ -857,10 +851,12 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   // ---- deadlines: one timer, re-armed only when it fires early, so a busy stream costs no
   // timer operation per read
 
+  /// Until a streamed answer's first event the backend may be reading a long prompt in silence.
+  bool awaiting_first_event() const noexcept { return answer_ == answer::stream && !event_seen_; }
+
   void touch() {
     const auto& options = client_->options();
-    // Until a streamed answer's first event the backend may be reading a long prompt in silence.
-    silence_allowed_ = answer_ == answer::stream && !event_seen_ ? options.first_token_timeout : options.idle_timeout;
+    silence_allowed_ = awaiting_first_event() ? options.first_token_timeout : options.idle_timeout;
     set_deadline(steady::now() + silence_allowed_);
   }
 

@@ -159,9 +159,9 @@ class upstream_sse_parser {
   /// The body ended: a last line or event whose line break or blank line never came is complete
   /// with it (a server that ends its stream right after the last event's data), and goes to
   /// on_event. Call only at a proper end of the body, never after a broken connection (the
-  /// event may be cut short). Fails as feed() does when that last event exceeds event_bytes_max,
-  /// and at once when the parser failed before.
-  [[nodiscard]] expected<void, std::string> finish(const std::function<bool(std::string_view data)>& on_event);
+  /// event may be cut short). Nothing once the parser failed (feed() reported it); a pending line
+  /// was already judged against event_bytes_max by feed().
+  void finish(const std::function<bool(std::string_view data)>& on_event);
 
  private:
   // Handles one complete line; false when on_event asked to stop.
