@@ -80,8 +80,8 @@ provider_listing listing_for(const provider::state& state, std::int64_t now_us) 
 }
 
 bool accepts_work(const online_provider& p, const selection_options& options) noexcept {
-  return !p.suspended && !p.unreachable && p.load_percent < options.health.overloaded_from_percent &&
-         p.active_jobs < p.concurrency_max;
+  return !p.suspended && !p.unreachable && !p.declined &&
+         p.load_percent < options.health.overloaded_from_percent && p.active_jobs < p.concurrency_max;
 }
 
 bool is_idle(const online_provider& p, const selection_options& options) noexcept {
@@ -265,6 +265,7 @@ expected<void, error> selection_index::list(const provider_listing& listing) {
   p.score = listing.score;
   p.suspended = listing.suspended;
   p.unreachable = false;  // listed by a link
+  p.declined = false;     // a new link's hello says what it has
   attach_offers(e);
   admit(e);
   return {};
@@ -286,10 +287,18 @@ bool selection_index::mark_unreachable(std::string_view provider_id) {
   return true;
 }
 
+bool selection_index::mark_declined(std::string_view provider_id) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [](online_provider& p) { p.declined = true; });
+  return true;
+}
+
 bool selection_index::report_load(std::string_view provider_id, const load_report& report) {
   auto it = providers_.find(provider_id);
   if (it == providers_.end()) return false;
   change(it->second, [&](online_provider& p) {
+    p.declined = false;
     p.load_percent = percent(report.load_percent);
     p.health_percent = percent(report.health_percent);
   });
@@ -306,7 +315,10 @@ bool selection_index::job_started(std::string_view provider_id) {
 bool selection_index::job_finished(std::string_view provider_id) {
   auto it = providers_.find(provider_id);
   if (it == providers_.end() || it->second.provider.active_jobs == 0) return false;
-  change(it->second, [](online_provider& p) { --p.active_jobs; });
+  change(it->second, [](online_provider& p) {
+    --p.active_jobs;
+    p.declined = false;
+  });
   return true;
 }
 

@@ -143,6 +143,10 @@ struct online_provider {
   /// Its link is gone and its offline notice not in yet: it takes no new job (see
   /// selection_index::mark_unreachable).
   bool unreachable = false;
+  /// It declined an offer (its agent counts its slots full, or refuses work for a reason of its
+  /// own): no new job until it has news, a slot of its freed, a heartbeat or a new link (see
+  /// selection_index::mark_declined).
+  bool declined = false;
   std::uint32_t load_percent = 0;
   std::uint32_t health_percent = 100;
   std::uint32_t active_jobs = 0;
@@ -152,7 +156,8 @@ struct online_provider {
 
 // The rules the index applies, exposed so that tests and tools can apply them by hand.
 
-/// Whether the provider takes a new job now: not suspended, reachable, not overloaded, a free slot.
+/// Whether the provider takes a new job now: not suspended, reachable, not declining, not
+/// overloaded, a free slot.
 [[nodiscard]] bool accepts_work(const online_provider& p, const selection_options& options) noexcept;
 /// Idle for qmesh: no job running and a light load.
 [[nodiscard]] bool is_idle(const online_provider& p, const selection_options& options) noexcept;
@@ -183,11 +188,18 @@ class selection_index {
   /// still on their way): it takes no new job, and keeps its running jobs, measures and health
   /// until it is unlisted, or listed again by a new link. False when it is not listed.
   bool mark_unreachable(std::string_view provider_id);
-  /// A heartbeat. False when the provider is not listed.
+  /// The provider declined an offer without trying it (the job already went back to the queue and
+  /// its slot was freed): it takes no new job until one of its jobs ends, its next heartbeat, or
+  /// it is listed again, so that the jobs waiting are not offered to it one after another while
+  /// it is full (or refusing). False when it is not listed.
+  bool mark_declined(std::string_view provider_id);
+  /// A heartbeat (which also ends a provider's declining, see mark_declined). False when the
+  /// provider is not listed.
   bool report_load(std::string_view provider_id, const load_report& report);
   /// The scheduler assigned a job to the provider (takes a slot). False when not listed.
   bool job_started(std::string_view provider_id);
-  /// A job of the provider ended (frees a slot). False when not listed or no job was running.
+  /// A job of the provider ended (frees a slot, and ends its declining). False when not listed or
+  /// no job was running.
   bool job_finished(std::string_view provider_id);
   /// A speed sample of a completed job on one model. False when the offer is not listed.
   bool record_speed(std::string_view provider_id, std::string_view model, std::int64_t ttft_us,

@@ -646,6 +646,45 @@ TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_co
   EXPECT_EQ(provider.value().counters.aborted_jobs, 0u);
 }
 
+TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_while_the_job_waits_for_another) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  const std::string busy = job("j0").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), busy));
+  for (const std::string news : {"a heartbeat", "a job of the other one ending"}) {
+    SCOPED_TRACE(news);
+    const std::string job_id = news == "a heartbeat" ? "j1" : "j2";
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(job_id, "dave", true)));
+    const std::string declining = job(job_id).provider_id;
+    ASSERT_NE(declining, busy);
+    const std::size_t offered = (*offers_)[declining].size();
+    auto moved = ask<job_ended>(rt_.scheduler, job_failure{job_id, declining, domain::job_fault::declined, 0,
+                                                           "the provider is at capacity (1 jobs)"});
+    ASSERT_TRUE(moved) << describe(moved.error());
+    run();
+    // The other provider is busy: the job waits rather than go straight back to the one that
+    // declined it, spending its attempts there.
+    EXPECT_EQ(job(job_id).status, domain::job_status::queued);
+    EXPECT_EQ((*offers_)[declining].size(), offered);
+    EXPECT_EQ(counts().queued, 1u);
+    if (news == "a heartbeat") {
+      self_->send(rt_.scheduler, load_atom::value, declining, domain::load_report{0, 100});
+      run();
+      ASSERT_EQ(job(job_id).provider_id, declining) << "its heartbeat says it has room again";
+      EXPECT_EQ(job(job_id).attempt, 2u);
+      ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, job_id, declining));
+      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{job_id, declining, 10, 10, 1000, 2000, 10, 40}));
+    } else {
+      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+      run();
+      EXPECT_EQ(job(job_id).provider_id, busy) << "the first free slot";
+      EXPECT_EQ(job(job_id).attempt, 2u);
+    }
+  }
+}
+
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
   bring_online("p1", "llama-8b", 4);  // 1 USD per million tokens, in and out
   create_user("dave", events::user_tier::premium, 50'000'000);

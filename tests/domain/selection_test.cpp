@@ -151,6 +151,32 @@ TEST(selection, an_unreachable_provider_takes_no_job_and_keeps_its_slots_until_l
   EXPECT_EQ(index.find("p")->active_jobs, 1u);
 }
 
+TEST(selection, a_provider_that_declined_takes_no_job_until_a_slot_frees_a_heartbeat_comes_or_it_links_again) {
+  selection_index index;
+  add(index, "p", 5'000, 1, 90);
+  add(index, "q", 5'000, 4, 80);
+  const auto declined_then_back = [&](auto&& news, const char* what) {
+    ASSERT_TRUE(index.mark_declined("p"));
+    EXPECT_EQ(pick(index, request_for()), "q") << "p is full by its own word; q has a free slot";
+    EXPECT_FALSE(accepts_work(*index.find("p"), index.options()));
+    EXPECT_TRUE(index.can_serve(model, quality_tier::low, "q")) << "it may take work again in a moment";
+    news();
+    EXPECT_TRUE(accepts_work(*index.find("p"), index.options())) << what;
+  };
+  declined_then_back([&] { ASSERT_TRUE(index.job_finished("p")); }, "one of its jobs ended");
+  declined_then_back([&] { ASSERT_TRUE(index.report_load("p", {20, 90})); }, "a heartbeat");
+  declined_then_back([&] { ASSERT_TRUE(index.list(listing("p", 5'000, {offer_of(std::string(model))}))); },
+                     "a new link");
+  EXPECT_FALSE(index.mark_declined("nobody"));
+  // Another provider's news does not end it.
+  ASSERT_TRUE(index.mark_declined("p"));
+  ASSERT_TRUE(index.job_finished("q"));
+  ASSERT_TRUE(index.report_load("q", {20, 80}));
+  EXPECT_FALSE(accepts_work(*index.find("p"), index.options()));
+  ASSERT_TRUE(index.job_started("q"));
+  EXPECT_EQ(pick(index, request_for()), "q");
+}
+
 TEST(selection, cheapest_orders_by_input_plus_output_price) {
   selection_index index;
   ASSERT_TRUE(index.list(listing("A", 0, {offer_of(std::string(model), 4, 100, 500)})));
@@ -466,7 +492,7 @@ TEST(selection, the_index_agrees_with_a_plain_scan_under_random_changes) {
   selection_index index;
   for (int step = 0; step < 6'000; ++step) {
     const std::string id = "p" + std::to_string(below(60));
-    switch (below(8)) {
+    switch (below(9)) {
       case 0: {
         std::vector<listed_offer> offers;
         for (const auto& m : models) {
@@ -494,7 +520,8 @@ TEST(selection, the_index_agrees_with_a_plain_scan_under_random_changes) {
                                  static_cast<std::int64_t>(below(5) * 100'000),
                                  static_cast<std::int64_t>(below(6) * 10));
         break;
-      default: (void)index.mark_unreachable(id); break;  // may not be listed
+      case 7: (void)index.mark_unreachable(id); break;  // may not be listed
+      default: (void)index.mark_declined(id); break;     // may not be listed
     }
     selection_request r;
     r.model = models[below(models.size())];
