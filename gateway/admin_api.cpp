@@ -347,19 +347,24 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                             "`gpustream serve` with --admin-token TOKEN or set "
                             "GPUSTREAM_ADMIN_TOKEN");
     }
-    const auto now = rate_limiter::clock::now();
-    if (const auto throttled = failed_auth_.peek(request.remote_address, now); !throttled.allowed) {
+    const auto token = bearer_token(request.header("authorization"));
+    // Compared under the throttle's lock: concurrent guesses from one address are judged one after
+    // another, so none gets past a budget spent by the others.
+    bool wrong = false;
+    const auto throttled = failed_auth_.check_if(request.remote_address, rate_limiter::clock::now(), [&] {
+      wrong = !token.empty() && !secret_matches(token, token_digest_);
+      return wrong;
+    });
+    if (!throttled.allowed) {
       auto response = error_response(429, "too many wrong admin tokens from " + request.remote_address +
                                               "; retry after " + std::to_string(throttled.retry_after_seconds) + " s");
       response.headers.emplace_back("Retry-After", std::to_string(throttled.retry_after_seconds));
       return response;
     }
-    const auto token = bearer_token(request.header("authorization"));
     if (token.empty()) {
       return error_response(401, "missing admin token: send Authorization: Bearer <admin token>");
     }
-    if (!secret_matches(token, token_digest_)) {
-      (void)failed_auth_.check(request.remote_address, now);  // counted; the next peek refuses when due
+    if (wrong) {
       log_->warn("wrong admin token from {} ({} request)", request.remote_address, request.method);
       return error_response(401, "wrong admin token");
     }
@@ -368,9 +373,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
 
   void route(const http_request& request, reply_function reply) {
     const auto path = request.path();
-    const auto& method = request.method;
-    const bool get = method == "GET";
-    const bool post = method == "POST";
+    const bool get = request.reads();
+    const bool post = request.method == "POST";
     if (path == "/admin/users") {
       if (post) return create_user(request, std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
@@ -378,7 +382,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     if (path == "/admin/providers") {
       if (get) return list_providers(request, std::move(reply));
       if (post) return create_provider(request, std::move(reply));
-      return not_allowed(request, "GET, POST", std::move(reply));
+      return not_allowed(request, "GET, HEAD, POST", std::move(reply));
     }
     if (path == "/admin/campaigns") {
       if (post) return create_campaign(request, std::move(reply));
@@ -386,11 +390,11 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     }
     if (path == "/admin/jobs") {
       if (get) return list_jobs(request, std::move(reply));
-      return not_allowed(request, "GET", std::move(reply));
+      return not_allowed(request, "GET, HEAD", std::move(reply));
     }
     if (path == "/admin/accounts") {
       if (get) return list_accounts(request, std::move(reply));
-      return not_allowed(request, "GET", std::move(reply));
+      return not_allowed(request, "GET, HEAD", std::move(reply));
     }
     if (path == "/admin/payouts/run") {
       if (post) return run_payouts(std::move(reply));

@@ -16,6 +16,20 @@ rate_limiter::rate_limiter(rate_limiter_options options) : options_(options) {
 
 rate_decision rate_limiter::check(std::string_view key, clock::time_point now) {
   std::lock_guard lock(mutex_);
+  return take(key, now);
+}
+
+rate_decision rate_limiter::check_if(std::string_view key, clock::time_point now, const std::function<bool()>& costs) {
+  std::lock_guard lock(mutex_);
+  if (const auto found = index_.find(key); found != index_.end()) {
+    const rate_decision decision = judge(found->second->full_at, now);
+    if (!decision.allowed) return decision;
+  }
+  if (costs()) (void)take(key, now);  // allowed: the bucket was just judged to have a token
+  return rate_decision{true, 0};
+}
+
+rate_decision rate_limiter::take(std::string_view key, clock::time_point now) {
   auto found = index_.find(key);
   if (found == index_.end()) {
     if (entries_.size() >= options_.keys_max) {
@@ -33,13 +47,6 @@ rate_decision rate_limiter::check(std::string_view key, clock::time_point now) {
   // A bucket full before now has simply been idle: it holds `burst` tokens, no more.
   if (decision.allowed) bucket.full_at = std::max(bucket.full_at, now) + interval_;
   return decision;
-}
-
-rate_decision rate_limiter::peek(std::string_view key, clock::time_point now) const {
-  std::lock_guard lock(mutex_);
-  const auto found = index_.find(key);
-  if (found == index_.end()) return rate_decision{true, 0};
-  return judge(found->second->full_at, now);
 }
 
 rate_decision rate_limiter::judge(clock::time_point full_at, clock::time_point now) const {

@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <mutex>
 #include <string>
@@ -42,8 +43,13 @@ class rate_limiter {
   /// much; if it does, the request is judged at the key's latest time.
   [[nodiscard]] rate_decision check(std::string_view key, clock::time_point now);
 
-  /// What check() would answer for `key` at `now`, taking no token and tracking no new key.
-  [[nodiscard]] rate_decision peek(std::string_view key, clock::time_point now) const;
+  /// For a request that costs a token only after it has been looked at (a wrong password, not a
+  /// right one): refused, without calling `costs`, when `key`'s bucket is empty; otherwise calls
+  /// `costs()` and takes a token when it returns true. The limiter's lock is held throughout, so
+  /// concurrent callers are judged one after another: an empty bucket lets no further `costs`
+  /// through. A key whose requests cost nothing is not tracked. `costs` must not call the limiter.
+  [[nodiscard]] rate_decision check_if(std::string_view key, clock::time_point now,
+                                       const std::function<bool()>& costs);
 
   /// Keys tracked now (≤ keys_max).
   [[nodiscard]] std::size_t keys() const;
@@ -59,6 +65,8 @@ class rate_limiter {
   };
   using lru_list = std::list<entry>;  // most recently used at the back
 
+  // check() with the lock held.
+  [[nodiscard]] rate_decision take(std::string_view key, clock::time_point now);
   // The answer for a bucket full again at `full_at`: allowed, or refused with the wait.
   [[nodiscard]] rate_decision judge(clock::time_point full_at, clock::time_point now) const;
 

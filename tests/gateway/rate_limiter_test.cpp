@@ -41,18 +41,45 @@ TEST(rate_limiter, a_burst_is_allowed_then_refused_with_retry_after) {
   EXPECT_EQ(again.retry_after_seconds, 10u);
 }
 
-TEST(rate_limiter, peek_answers_as_check_would_without_taking_a_token) {
+TEST(rate_limiter, check_if_takes_a_token_only_for_what_costs_and_asks_nothing_once_empty) {
   auto limiter = make(6, 2);
-  EXPECT_TRUE(limiter.peek("bob", t0).allowed);
-  EXPECT_EQ(limiter.keys(), 0u) << "a peek tracks no key";
-  EXPECT_TRUE(limiter.check("bob", t0).allowed);
-  for (int i = 0; i < 5; ++i) EXPECT_TRUE(limiter.peek("bob", t0).allowed) << i;
-  EXPECT_TRUE(limiter.check("bob", t0).allowed) << "the peeks took nothing";
-  const auto refused = limiter.peek("bob", t0);
+  int asked = 0;
+  const auto free_of_cost = [&] { ++asked; return false; };
+  const auto costly = [&] { ++asked; return true; };
+  EXPECT_TRUE(limiter.check_if("bob", t0, free_of_cost).allowed);
+  EXPECT_EQ(limiter.keys(), 0u) << "a key whose requests cost nothing is not tracked";
+  EXPECT_TRUE(limiter.check_if("bob", t0, costly).allowed);
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(limiter.check_if("bob", t0, free_of_cost).allowed) << i;
+  EXPECT_TRUE(limiter.check_if("bob", t0, costly).allowed) << "the free requests took nothing";
+  EXPECT_EQ(asked, 8);
+  const auto refused = limiter.check_if("bob", t0, costly);
   EXPECT_FALSE(refused.allowed);
   EXPECT_EQ(refused.retry_after_seconds, 10u);
-  EXPECT_EQ(limiter.check("bob", t0 + 4s).retry_after_seconds, limiter.peek("bob", t0 + 4s).retry_after_seconds);
-  EXPECT_TRUE(limiter.peek("bob", t0 + 10s).allowed);
+  EXPECT_FALSE(limiter.check_if("bob", t0 + 4s, free_of_cost).allowed) << "an empty bucket refuses everyone";
+  EXPECT_EQ(asked, 8) << "an empty bucket asks nothing";
+  EXPECT_EQ(limiter.check("bob", t0 + 4s).retry_after_seconds, 6u);
+  EXPECT_TRUE(limiter.check_if("bob", t0 + 10s, costly).allowed);
+  EXPECT_EQ(asked, 9);
+}
+
+TEST(rate_limiter, concurrent_check_ifs_let_no_more_costly_requests_through_than_the_bucket_holds) {
+  // The admin API's wrong-token throttle: every thread guesses at once; the bucket's three tokens
+  // let exactly three guesses be looked at, however the threads interleave.
+  auto limiter = make(1, 3);
+  std::atomic<int> looked_at{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 50; ++i) {
+        (void)limiter.check_if("10.0.0.9", t0, [&] {
+          looked_at.fetch_add(1);
+          return true;
+        });
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(looked_at.load(), 3);
 }
 
 TEST(rate_limiter, retry_after_rounds_up_and_is_at_least_one_second) {
