@@ -27,6 +27,9 @@ struct http_request {
   std::string body;
   std::string remote_address;  ///< the peer's IP address, for logs and limits
 
+  /// A GET or a HEAD: a HEAD is answered as its GET would be, and the server leaves the body out
+  /// (RFC 9110 §9.3.2), so the endpoints that read answer both.
+  [[nodiscard]] bool reads() const noexcept { return method == "GET" || method == "HEAD"; }
   /// The path without the query.
   [[nodiscard]] std::string_view path() const noexcept {
     return std::string_view(target).substr(0, target.find('?'));

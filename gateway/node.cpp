@@ -344,19 +344,23 @@ class node::impl {
     if (cors.preflight) return whole({204, "text/plain", "", {}});
     if (path == "/v1/chat/completions" || path == "/v1/completions") return completion(std::move(request), reply);
     if (path == "/healthz") {
-      if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
+      if (!request.reads()) return whole(method_not_allowed(request, "GET, HEAD"));
       return whole({200, "application/json",
                     R"({"status":"ok","last_position":)" + std::to_string(store_->last_position()) + "}", {}});
     }
     if (path == "/metrics") {
-      if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
+      if (!request.reads()) return whole(method_not_allowed(request, "GET, HEAD"));
       return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
     }
     if (path == "/v1/models") return models(request, reply);
     if (path.starts_with("/v1/models/")) return model(request, reply, percent_decode(path.substr(11)));
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
-    if (path.starts_with("/a/c/")) return click(path.substr(5), reply);
+    if (path.starts_with("/a/c/")) {
+      // A click is recorded: only a browser following the link counts, not a link checker's HEAD.
+      if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
+      return click(path.substr(5), reply);
+    }
     whole(api_error_response(make_api_error(404, "no such endpoint: " + request.method + " " + path)));
   }
 
@@ -380,14 +384,14 @@ class node::impl {
   }
 
   void models(const http_request& request, const std::shared_ptr<http_reply>& reply) {
-    if (request.method != "GET") return reply->send(method_not_allowed(request, "GET"));
+    if (!request.reads()) return reply->send(method_not_allowed(request, "GET, HEAD"));
     if (!authenticate(request, *reply)) return;
     const auto listing = relay_->models();
     reply->send({200, "application/json", models_json(listing), {}});
   }
 
   void model(const http_request& request, const std::shared_ptr<http_reply>& reply, const std::string& id) {
-    if (request.method != "GET") return reply->send(method_not_allowed(request, "GET"));
+    if (!request.reads()) return reply->send(method_not_allowed(request, "GET, HEAD"));
     if (!authenticate(request, *reply)) return;
     for (const auto& m : relay_->models()) {
       if (m.id == id) return reply->send({200, "application/json", model_json(m), {}});

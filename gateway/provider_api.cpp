@@ -78,7 +78,7 @@ http_response error_response(unsigned status, std::string message) {
   response.status = status;
   response.body = error_body(make_api_error(status, std::move(message)));
   if (status == 401) response.headers.emplace_back("WWW-Authenticate", "Bearer");
-  if (status == 405) response.headers.emplace_back("Allow", "GET");
+  if (status == 405) response.headers.emplace_back("Allow", "GET, HEAD");
   return response;
 }
 
@@ -126,8 +126,8 @@ void provider_api::handle(const http_request& request,
     reply(error_response(404, "no such endpoint: " + std::string(request.path())));
     return;
   }
-  if (request.method != "GET") {
-    reply(error_response(405, "/v1/providers/me answers GET only"));
+  if (!request.reads()) {
+    reply(error_response(405, "/v1/providers/me answers GET and HEAD only, not " + request.method));
     return;
   }
   const auto token = bearer_token(request.header("authorization"));

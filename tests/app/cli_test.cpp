@@ -544,8 +544,30 @@ TEST_F(cli_serve, post_to_healthz_is_405_with_the_allowed_method) {
   const auto reply = raw_exchange(port(), "POST /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                                           "Content-Length: 0\r\n\r\n");
   EXPECT_EQ(status_of(reply), 405) << reply;
-  EXPECT_NE(reply.find("\r\nAllow: GET\r\n"), std::string::npos) << reply;
-  EXPECT_NE(reply.find("/healthz answers GET only, not POST"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("\r\nAllow: GET, HEAD\r\n"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("/healthz answers GET, HEAD only, not POST"), std::string::npos) << reply;
+}
+
+TEST_F(cli_serve, a_head_gets_the_get_answers_headers_and_no_body_and_a_click_link_only_answers_get) {
+  // Keep-alive: a body sent after a HEAD's headers would be read as the start of the next answer.
+  const auto reply = raw_exchange(port(), "HEAD /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                                          "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(status_of(reply), 200) << reply;
+  const auto second = reply.find("HTTP/1.1 ", 1);
+  ASSERT_NE(second, std::string::npos) << reply;
+  const std::string head = reply.substr(0, second);
+  const std::string after = reply.substr(second);
+  EXPECT_TRUE(head.ends_with("\r\n\r\n")) << "no body after the HEAD's headers: " << head;
+  EXPECT_EQ(status_of(after), 200) << after;
+  const auto length = [](const std::string& answer) {
+    const auto at = answer.find("Content-Length: ");
+    return at == std::string::npos ? std::string("none") : answer.substr(at + 16, answer.find("\r\n", at) - at - 16);
+  };
+  EXPECT_EQ(length(head), length(after)) << "the length its GET has";
+  EXPECT_NE(length(head), "0");
+  const auto click = raw_exchange(port(), "HEAD /a/c/imp_x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(status_of(click), 405) << "a link checker's HEAD records no click: " << click;
+  EXPECT_NE(click.find("\r\nAllow: GET\r\n"), std::string::npos) << click;
 }
 
 TEST_F(cli_serve, a_body_of_exactly_the_limit_is_read) {

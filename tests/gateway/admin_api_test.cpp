@@ -285,11 +285,23 @@ TEST_F(admin_api_test, unknown_paths_are_404_and_wrong_methods_405_with_allow) {
   EXPECT_TRUE(has_header(users, "Allow", "POST"));
   const auto providers = call("DELETE", "/admin/providers");
   EXPECT_EQ(providers.status, 405u);
-  EXPECT_TRUE(has_header(providers, "Allow", "GET, POST"));
-  EXPECT_TRUE(has_header(call("POST", "/admin/jobs"), "Allow", "GET"));
-  EXPECT_TRUE(has_header(call("POST", "/admin/accounts"), "Allow", "GET"));
+  EXPECT_TRUE(has_header(providers, "Allow", "GET, HEAD, POST"));
+  EXPECT_TRUE(has_header(call("POST", "/admin/jobs"), "Allow", "GET, HEAD"));
+  EXPECT_TRUE(has_header(call("POST", "/admin/accounts"), "Allow", "GET, HEAD"));
   EXPECT_TRUE(has_header(call("GET", "/admin/payouts/run"), "Allow", "POST"));
   EXPECT_TRUE(has_header(call("GET", "/admin/campaigns"), "Allow", "POST"));
+  EXPECT_EQ(call("HEAD", "/admin/payouts/run").status, 405u) << "a HEAD runs nothing";
+}
+
+TEST_F(admin_api_test, a_head_is_answered_as_its_get) {
+  for (const char* path : {"/admin/providers", "/admin/jobs", "/admin/accounts"}) {
+    const auto get = call("GET", path);
+    const auto head = call("HEAD", path);
+    EXPECT_EQ(get.status, 200u) << path;
+    EXPECT_EQ(head.status, 200u) << path;
+    EXPECT_EQ(head.body, get.body) << path << ": the HTTP server leaves the body out, with its length";
+  }
+  EXPECT_EQ(call("HEAD", "/admin/jobs", "", "Bearer wrong").status, 401u) << "a HEAD needs the token too";
 }
 
 // -- Users. ---------------------------------------------------------------------------------------
