@@ -281,6 +281,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
                                                             : domain::job_status::cancelled,
                   settled.value().gross_micros, settled.value().platform_fee_micros};
   ended.prompt_tokens = prompt_tokens_billed;
+  ended.completion_tokens = measure.completion_tokens;
   auto after_ledger = [self, job_id, outcome, free_tokens, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {

@@ -140,6 +140,9 @@ struct job_ended {
   /// completed or cancelled with a bill: the prompt tokens billed (the client's usage.prompt_tokens;
   /// a cancel bills the estimate); 0 otherwise.
   std::uint32_t prompt_tokens = 0;
+  /// completed or cancelled with a bill: the completion tokens billed (the client's
+  /// usage.completion_tokens: what it got, at most the job's max_tokens); 0 otherwise.
+  std::uint32_t completion_tokens = 0;
 };
 
 /// What the scheduler holds now.

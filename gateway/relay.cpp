@@ -583,8 +583,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
       live->state = phase::ended;
-      // The prompt as billed: the backend's count when below the node's estimate.
-      const token_usage usage{ended.prompt_tokens != 0 ? ended.prompt_tokens : live->job.prompt_tokens, live->tokens};
+      // The tokens as billed: the backend's count of the prompt when below the node's estimate, and
+      // the answer's pieces up to the job's budget (a backend may run past it; the rest is free).
+      const token_usage usage{ended.prompt_tokens, ended.completion_tokens};
       response_extension extension{live->provider_id, live->job.request.extension.quality, live->failovers, live->ad};
       auto& reply = *live->job.reply;
       if (live->job.request.stream) {

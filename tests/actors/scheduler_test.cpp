@@ -260,6 +260,8 @@ TEST_F(scheduler_test, an_answer_counted_past_max_tokens_completes_and_is_billed
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().status, domain::job_status::completed);
   EXPECT_EQ(ended.value().gross_micros, 1500);  // 1000 prompt + 500, not 520
+  EXPECT_EQ(ended.value().completion_tokens, 500u) << "the client's usage says what it is billed";
+  EXPECT_EQ(ended.value().prompt_tokens, 1000u);
   EXPECT_EQ(job("j1").completion_tokens, 500u);
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1500);
 }

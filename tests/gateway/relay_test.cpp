@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -79,8 +80,10 @@ std::string fault_name(domain::job_fault fault) {
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
                                                            std::shared_ptr<scheduler_log> log) {
+  auto budgets = std::make_shared<std::map<std::string, std::uint32_t>>();  // max_tokens by job
   return {
-      [log](actors::job_request& request) -> caf::result<actors::job_accepted> {
+      [log, budgets](actors::job_request& request) -> caf::result<actors::job_accepted> {
+        (*budgets)[request.job_id] = request.max_tokens;
         log->set_watcher(request.watcher);
         log->add("request " + request.job_id);
         return actors::job_accepted{request.job_id, 0, 0};
@@ -93,11 +96,12 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("started " + job_id);
         return std::uint64_t{1};
       },
-      [log](actors::job_result& result) -> caf::result<actors::job_ended> {
+      [log, budgets](actors::job_result& result) -> caf::result<actors::job_ended> {
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         log->add("result " + result.job_id);
         actors::job_ended ended{result.job_id, domain::job_status::completed, 0, 0};
         ended.prompt_tokens = result.prompt_tokens_reported;  // as if below the estimate
+        ended.completion_tokens = std::min(result.completion_tokens, (*budgets)[result.job_id]);  // as billed
         return ended;
       },
       [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {
@@ -389,6 +393,21 @@ TEST(relay, the_clients_usage_counts_the_prompt_as_the_scheduler_billed_it) {
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = 7, .attempt = 1});
   const auto body = answered_body(*reply);
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":1)"), std::string::npos) << body;
+}
+
+TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
+  // A backend that runs past the job's budget (it was sent no max_tokens): the client gets every
+  // piece, and its usage says what it pays for, as the scheduler billed it.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false, 20));  // a budget of 10
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (int i = 0; i < 12; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = 7, .attempt = 1});
+  const auto body = answered_body(*reply);
+  EXPECT_TRUE(world.log->wait_for("tokens j1 12", 10s)) << "the scheduler is told every piece";
+  EXPECT_NE(body.find(R"("content":"xxxxxxxxxxxx")"), std::string::npos) << body;
+  EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":10,"total_tokens":17)"), std::string::npos) << body;
 }
 
 TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
