@@ -198,6 +198,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   };
 
   struct probe_run {
+    bool warm_up = false;  ///< the unmeasured first request
     std::uint32_t concurrency = 0;
     std::uint32_t pending = 0;
     std::uint64_t tokens = 0;
@@ -326,9 +327,13 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       finish_probe(step.sustained);
       return;
     }
+    // A backend that loads its model on first use (LM Studio, Ollama) spends the load's time on
+    // its first request: one request goes first, unmeasured, lest level 1 look slow and the next
+    // level look faster than the backend really is with more streams.
     auto run = std::make_shared<probe_run>();
-    run->concurrency = step.next_concurrency;
-    run->pending = step.next_concurrency;
+    run->warm_up = !warmed_up_;
+    run->concurrency = run->warm_up ? 1 : step.next_concurrency;
+    run->pending = run->concurrency;
     run->started = steady::now();
     probe_ = run;
     const std::string body = probe_body();
@@ -393,6 +398,16 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto duration =
         std::chrono::duration_cast<std::chrono::microseconds>(steady::now() - run->started);
     const double seconds = std::max(std::chrono::duration<double>(duration).count(), 1e-6);
+    if (run->warm_up) {
+      warmed_up_ = true;
+      if (run->failed) {
+        log_->info("probe warm-up failed: {}", run->failure);
+      } else {
+        log_->info("probe warm-up duration_ms={:.1f}", seconds * 1000.0);
+      }
+      probe_next();
+      return;
+    }
     measured_.push_back({.concurrency = run->concurrency,
                          .failed = run->failed,
                          .tokens_per_second = static_cast<double>(run->tokens) / seconds,
@@ -753,6 +768,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::vector<events::gpu_info> gpus_;
   std::vector<gateway::upstream_model> models_;
   std::vector<probe_level> measured_;
+  bool warmed_up_ = false;  ///< the probe's unmeasured first request has run
   std::shared_ptr<probe_run> probe_;
   std::uint32_t concurrency_ = 1;
   std::unique_ptr<gateway::link_client> link_;

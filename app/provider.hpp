@@ -42,8 +42,9 @@ struct provider_options {
   std::uint32_t context_length_tokens = 0;
   /// Most jobs at once; the probe may find the backend sustains fewer. Default: 8.
   std::uint32_t max_concurrency = 8;
-  /// Probe the backend's concurrency before saying hello (off: advertise max_concurrency as is).
-  /// Default: on.
+  /// Probe the backend's concurrency before saying hello (off: advertise max_concurrency as is):
+  /// one unmeasured request first (a backend may load its model on first use), then levels of 1,
+  /// 2, 4 … streams (next_probe_step). Default: on.
   bool probe = true;
   /// Tokens asked of each probe request (max_tokens). Default: 16.
   std::uint32_t probe_tokens = 16;

@@ -528,6 +528,23 @@ TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backend
   EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 2u) << "the probe met the upstream's limit of 2";
 }
 
+TEST(provider_agent, the_probe_is_not_fooled_by_a_backend_loading_its_model_on_the_first_request) {
+  // One answer at a time (the others wait in line), and 300 ms to load the model first. Were the
+  // load counted in level 1, two streams would look 6 times faster than one, and the agent would
+  // advertise slots the backend does not have.
+  upstream_process upstream({"--context-length", "8192", "--tokens", "10", "--token-interval-us", "5000",
+                             "--load-ms", "300", "--parallel", "1"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 4;
+  options.probe_tokens = 10;  // 45 ms an answer
+  options.probe_measurable_min = std::chrono::milliseconds(1);  // every level's rate is compared
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 1u) << "two streams are no faster than one";
+}
+
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
   // 2 ms per token: two streams really do twice the work of one, and a third is refused (429).
   upstream_process upstream({"--models", "m1,m2", "--context-length", "8192", "--tokens", "5",

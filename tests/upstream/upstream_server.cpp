@@ -33,6 +33,7 @@
 #include <ctime>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -95,6 +96,12 @@ struct settings {
   /// server sends its thinking; usage counts them.
   std::uint32_t reasoning_tokens = 0;
   std::uint32_t max_concurrent = 0;  // 0: no limit
+  /// The model loads on the first completion: that one, and any that come while it loads, start
+  /// this long after it came (LM Studio and Ollama load a model on first use).
+  std::uint32_t load_ms = 0;
+  /// Most answers running at once; the others wait in line for a slot (Ollama's
+  /// OLLAMA_NUM_PARALLEL) rather than being refused (max_concurrent). 0: no limit.
+  std::uint32_t parallel = 0;
   /// The finish_reason of an answer max_tokens does not cut (other servers' words, e.g. "eos").
   std::string finish_reason = "stop";
   std::uint32_t connections_max = 20000;
@@ -234,6 +241,33 @@ std::optional<std::string> own_api_body(const settings& config, std::string_view
   return std::nullopt;
 }
 
+/// When answers start: after the model's load (settings::load_ms), in one of `parallel` slots.
+/// A slot is held for an answer's planned time, also when its client leaves early. Shared by all
+/// sessions; thread-safe.
+class engine_schedule {
+ public:
+  explicit engine_schedule(const settings& config)
+      : load_(std::chrono::milliseconds(config.load_ms)), free_at_(config.parallel) {}
+
+  /// When an answer that arrives at `now` and runs for `duration` once started may start.
+  steady::time_point start(steady::time_point now, steady::duration duration) {
+    std::lock_guard lock(mutex_);
+    if (!loaded_at_) loaded_at_ = now + load_;
+    steady::time_point at = std::max(now, *loaded_at_);
+    if (free_at_.empty()) return at;
+    const auto slot = std::min_element(free_at_.begin(), free_at_.end());
+    at = std::max(at, *slot);
+    *slot = at + duration;
+    return at;
+  }
+
+ private:
+  const steady::duration load_;
+  std::mutex mutex_;
+  std::optional<steady::time_point> loaded_at_;
+  std::vector<steady::time_point> free_at_;  ///< one per slot
+};
+
 enum class completion_kind { chat, text };
 
 /// One completion being answered: what it asked for and how far the answer got.
@@ -252,8 +286,14 @@ struct answer_plan {
 /// One client connection: reads requests in turn; answers each, streaming when asked to.
 class session : public std::enable_shared_from_this<session> {
  public:
-  session(tcp::socket socket, const settings& config, counters& stats, const std::string& models)
-      : socket_(std::move(socket)), timer_(socket_.get_executor()), config_(config), stats_(stats), models_(models) {
+  session(tcp::socket socket, const settings& config, counters& stats, engine_schedule& schedule,
+          const std::string& models)
+      : socket_(std::move(socket)),
+        timer_(socket_.get_executor()),
+        config_(config),
+        stats_(stats),
+        schedule_(schedule),
+        models_(models) {
     stats_.connections.fetch_add(1, std::memory_order_relaxed);
   }
   ~session() { stats_.connections.fetch_sub(1, std::memory_order_relaxed); }
@@ -368,7 +408,7 @@ class session : public std::enable_shared_from_this<session> {
     }
     plan(kind, request, model_id, number);
     live_ = true;
-    start_ = steady::now();
+    start_ = schedule_.start(steady::now(), first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0));
     watch();
     if (plan_.stream) return write_stream_head();
     wait_until(start_ + first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0),
@@ -672,6 +712,7 @@ class session : public std::enable_shared_from_this<session> {
   asio::steady_timer timer_;
   const settings& config_;
   counters& stats_;
+  engine_schedule& schedule_;
   const std::string& models_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
@@ -742,7 +783,7 @@ class server {
         return;
       }
       if (stats_.connections.load() < static_cast<std::int64_t>(config_.connections_max)) {
-        std::make_shared<session>(std::move(socket), config_, stats_, models_)->start();
+        std::make_shared<session>(std::move(socket), config_, stats_, schedule_, models_)->start();
       }  // else the socket closes here
       accept();
     });
@@ -750,6 +791,7 @@ class server {
 
   settings config_;
   counters stats_;
+  engine_schedule schedule_{config_};
   std::string models_;
   asio::io_context io_;
   tcp::acceptor acceptor_;
@@ -801,6 +843,10 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
       })
       ->capture_default_str();
   app.add_option("--max-concurrent", config.max_concurrent, "answer 429 beyond this many concurrent completions; 0 = no limit")
+      ->capture_default_str();
+  app.add_option("--load-ms", config.load_ms, "the first completion (and any during it) waits this long: a model loaded on first use")
+      ->capture_default_str();
+  app.add_option("--parallel", config.parallel, "most answers at once; the others wait in line for a slot; 0 = no limit")
       ->capture_default_str();
   app.add_option("--connections-max", config.connections_max, "most open connections")->capture_default_str();
   app.add_option("--threads", config.threads, "I/O threads")->check(CLI::Range(1u, 64u))->capture_default_str();
