@@ -89,12 +89,9 @@ class context_search : public std::enable_shared_from_this<context_search> {
     if (!any_unknown()) return finish();
     client_.fetch_from_root("/api/v0/models", std::nullopt, [self = shared_from_this()](auto body) {
       if (body) {
-        if (auto listed = parse_models(*body, self->client_.options().models_max)) {
-          for (auto& m : self->models_) {
-            if (!unknown(m)) continue;
-            const auto found = std::find_if(listed->begin(), listed->end(), [&](const auto& l) { return l.id == m.id; });
-            if (found != listed->end()) m.context_length_tokens = found->context_length_tokens;
-          }
+        for (auto& m : self->models_) {
+          if (!unknown(m)) continue;
+          if (const auto served = lm_studio_served_context(*body, m.id)) m.context_length_tokens = *served;
         }
       }
       self->ask_ollama(0);
@@ -132,6 +129,24 @@ std::optional<std::uint32_t> llama_cpp_served_context(std::string_view props_bod
   const auto* settings = props->if_contains("default_generation_settings");
   if (settings == nullptr || !settings->is_object()) return std::nullopt;
   return positive(settings->get_object().if_contains("n_ctx"));
+}
+
+std::optional<std::uint32_t> lm_studio_served_context(std::string_view models_body, std::string_view model_id) {
+  const auto list = parse_object(models_body);
+  const auto* data = list ? list->if_contains("data") : nullptr;
+  if (data == nullptr || !data->is_array()) return std::nullopt;
+  for (const auto& item : data->get_array()) {
+    const auto* entry = item.if_object();
+    if (entry == nullptr) continue;
+    const auto* id = entry->if_contains("id");
+    if (id == nullptr || !id->is_string() || id->get_string() != model_id) continue;
+    if (const auto loaded = positive(entry->if_contains("loaded_context_length"))) return loaded;
+    if (const auto trained = positive(entry->if_contains("max_context_length"))) {
+      return std::min(*trained, lm_studio_default_context_tokens);
+    }
+    return std::nullopt;
+  }
+  return std::nullopt;
 }
 
 std::optional<std::uint32_t> ollama_served_context(std::string_view show_body) {

@@ -505,6 +505,22 @@ TEST(BackendContext, LlamaCppPropsGiveTheWindowOneRequestMayUse) {
   EXPECT_EQ(llama_cpp_served_context(nested(backend_answer_depth_max + 1)), std::nullopt);
 }
 
+TEST(BackendContext, LmStudioServesALoadedModelsWindowAndLoadsAnotherWithItsDefault) {
+  const std::string body = R"({"object":"list","data":[)"
+                           R"({"id":"qwen-7b","state":"loaded","max_context_length":32768,"loaded_context_length":16384},)"
+                           R"({"id":"llama-8b","state":"not-loaded","max_context_length":131072},)"
+                           R"({"id":"tiny","state":"not-loaded","max_context_length":2048},)"
+                           R"({"id":"odd","state":"not-loaded"}]})";
+  EXPECT_EQ(lm_studio_served_context(body, "qwen-7b"), 16384u) << "loaded: its own window";
+  EXPECT_EQ(lm_studio_served_context(body, "llama-8b"), lm_studio_default_context_tokens)
+      << "loaded on first use with LM Studio's default, not the 131,072 it was trained with";
+  EXPECT_EQ(lm_studio_served_context(body, "tiny"), 2048u) << "never more than the model's own";
+  EXPECT_EQ(lm_studio_served_context(body, "odd"), std::nullopt);
+  EXPECT_EQ(lm_studio_served_context(body, "absent"), std::nullopt);
+  EXPECT_EQ(lm_studio_served_context(R"({"error":"Unexpected endpoint"})", "qwen-7b"), std::nullopt);
+  EXPECT_EQ(lm_studio_served_context("[1,2]", "qwen-7b"), std::nullopt);
+}
+
 TEST(BackendContext, OllamaServesNumCtxOrItsDefaultAndNeverMoreThanTheModelsOwnWindow) {
   const std::string info = R"("model_info":{"general.architecture":"qwen2","qwen2.context_length":32768})";
   EXPECT_EQ(ollama_served_context(R"({"parameters":"num_ctx    16384\nstop \"x\"",)" + info + "}"), 16384u);
