@@ -809,16 +809,16 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
       }
       [[fallthrough]];
     case domain::job_fault::provider:
-      requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
-                      within_budget(job, failure.tokens_so_far), answer);
-      break;
     case domain::job_fault::declined:
-      // Its agent counts its slots full (or refuses work for a reason of its own): the jobs
-      // waiting, this one first, go to others until it has news, rather than to it one after
-      // another, each spending an attempt.
       requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
                       within_budget(job, failure.tokens_so_far), answer);
-      (void)self->state.index->mark_declined(failure.provider_id);  // false: it went offline meanwhile
+      // A provider that declined counts its slots full (or refuses work for a reason of its own):
+      // the jobs waiting, this one first, go to others until it has news, rather than to it one
+      // after another, each spending an attempt. After requeue_or_fail, which freed the job's slot
+      // (a freed slot is news that ends the declining).
+      if (failure.fault == domain::job_fault::declined) {
+        (void)self->state.index->mark_declined(failure.provider_id);  // false: it went offline meanwhile
+      }
       break;
     default:
       fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);

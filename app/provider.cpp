@@ -358,9 +358,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                  on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message);
                }}));
     }
-    after(options_.probe_level_timeout, [this, run] {
-      on_probe_request_end(run, "level of " + std::to_string(run->concurrency) + " took longer than " +
-                                    std::to_string(options_.probe_level_timeout.count()) + " ms");
+    const auto limit = run->warm_up ? options_.probe_warm_up_timeout : options_.probe_level_timeout;
+    after(limit, [this, run, limit] {
+      on_probe_request_end(run, (run->warm_up ? std::string("the warm-up request")
+                                              : "level of " + std::to_string(run->concurrency)) +
+                                    " took longer than " + std::to_string(limit.count()) + " ms");
     });
   }
 

@@ -50,6 +50,9 @@ struct provider_options {
   std::uint32_t probe_tokens = 16;
   /// Longest one probe level may take; a level that runs over counts as failed. Default: 60 s.
   std::chrono::milliseconds probe_level_timeout{60'000};
+  /// Longest the probe's first, unmeasured request may take: a backend may load its model from
+  /// disk first. Default: 600 s (as the backend's first-token timeout).
+  std::chrono::milliseconds probe_warm_up_timeout{600'000};
   /// Shortest level whose throughput is compared with the next (see next_probe_step). Default:
   /// 50 ms.
   std::chrono::milliseconds probe_measurable_min{50};

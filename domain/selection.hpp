@@ -188,8 +188,8 @@ class selection_index {
   /// still on their way): it takes no new job, and keeps its running jobs, measures and health
   /// until it is unlisted, or listed again by a new link. False when it is not listed.
   bool mark_unreachable(std::string_view provider_id);
-  /// The provider declined an offer without trying it (the job already went back to the queue and
-  /// its slot was freed): it takes no new job until one of its jobs ends, its next heartbeat, or
+  /// The provider declined an offer without trying it (the job's slot already freed, so that this
+  /// comes after the job_finished of that job): it takes no new job until one of its jobs ends, its next heartbeat, or
   /// it is listed again, so that the jobs waiting are not offered to it one after another while
   /// it is full (or refusing). False when it is not listed.
   bool mark_declined(std::string_view provider_id);

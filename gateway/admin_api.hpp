@@ -20,7 +20,7 @@
 /// Every request needs `Authorization: Bearer <admin token>`, compared by SHA-256 digest in
 /// constant time: missing or wrong is 401; no token configured is 503 (saying how to set one).
 /// Errors are in OpenAI's shape; a bad field is a 400 naming it (`param`); unknown paths 404,
-/// wrong methods 405 (with Allow). Secrets (API keys, provider tokens) are returned once, stored
+/// wrong methods 405 (with Allow); a HEAD is answered as its GET, without the body. Secrets (API keys, provider tokens) are returned once, stored
 /// only as digests and never logged.
 ///
 /// Requests that need the actors spawn one short-lived actor each, which asks them

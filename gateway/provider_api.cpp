@@ -127,7 +127,7 @@ void provider_api::handle(const http_request& request,
     return;
   }
   if (!request.reads()) {
-    reply(error_response(405, "/v1/providers/me answers GET and HEAD only, not " + request.method));
+    reply(error_response(405, "/v1/providers/me answers GET, HEAD only, not " + request.method));
     return;
   }
   const auto token = bearer_token(request.header("authorization"));

@@ -1,5 +1,5 @@
 #pragma once
-/// The provider's own page: `GET /v1/providers/me` with `Authorization: Bearer <provider token>`
+/// The provider's own page: `GET /v1/providers/me` (or HEAD) with `Authorization: Bearer <provider token>`
 /// answers what the platform knows about that provider (status, level, score, jobs, achievements,
 /// the models it advertises), its earnings (ledger balance, total earned, total paid out) and its
 /// newest payouts, all from the directory. A missing or unknown token is a 401 in OpenAI's error
@@ -32,7 +32,7 @@ class provider_api {
   explicit provider_api(std::shared_ptr<const directory> directory,
                         provider_api_options options = {});
 
-  /// Answers GET /v1/providers/me (405 for another method, 404 for another path). Calls `reply`
+  /// Answers GET and HEAD /v1/providers/me (405 for another method, 404 for another path). Calls `reply`
   /// exactly once, before it returns.
   void handle(const http_request& request, std::function<void(http_response)> reply) const;
 

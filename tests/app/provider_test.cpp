@@ -530,19 +530,41 @@ TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backend
 
 TEST(provider_agent, the_probe_is_not_fooled_by_a_backend_loading_its_model_on_the_first_request) {
   // One answer at a time (the others wait in line), and 300 ms to load the model first. Were the
-  // load counted in level 1, two streams would look 6 times faster than one, and the agent would
+  // load counted in level 1, two streams would look 2.5 times faster than one, and the agent would
   // advertise slots the backend does not have.
-  upstream_process upstream({"--context-length", "8192", "--tokens", "10", "--token-interval-us", "5000",
+  upstream_process upstream({"--context-length", "8192", "--tokens", "40", "--token-interval-us", "5000",
                              "--load-ms", "300", "--parallel", "1"});
   ASSERT_TRUE(upstream.ready());
   fake_coordinator coordinator;
   auto options = agent_options(coordinator, upstream);
   options.max_concurrency = 4;
-  options.probe_tokens = 10;  // 45 ms an answer
+  options.probe_tokens = 40;  // 195 ms an answer: a request's own overhead is a small part of it
   options.probe_measurable_min = std::chrono::milliseconds(1);  // every level's rate is compared
   agent_runner agent(options);
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
   EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 1u) << "two streams are no faster than one";
+}
+
+TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_not_each_within_its_limit) {
+  // 2 s to load the model, then one answer at a time, 95 ms each. A level may take 1 s: one that
+  // waits for the load fails it, and a probe whose first level fails says nothing (the agent
+  // advertises its flag, 4); a warm-up that waits for the load lets every level be measured (1).
+  for (const auto& [warm_up_ms, advertised] : {std::pair{5'000, 1u}, std::pair{200, 4u}}) {
+    SCOPED_TRACE("probe_warm_up_timeout " + std::to_string(warm_up_ms) + " ms");
+    upstream_process upstream({"--context-length", "8192", "--tokens", "20", "--token-interval-us", "5000",
+                               "--load-ms", "2000", "--parallel", "1"});
+    ASSERT_TRUE(upstream.ready());
+    fake_coordinator coordinator;
+    auto options = agent_options(coordinator, upstream);
+    options.max_concurrency = 4;
+    options.probe_tokens = 20;
+    options.probe_measurable_min = std::chrono::milliseconds(1);
+    options.probe_level_timeout = std::chrono::milliseconds(1'000);
+    options.probe_warm_up_timeout = std::chrono::milliseconds(warm_up_ms);
+    agent_runner agent(options);
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+    EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, advertised);
+  }
 }
 
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {

@@ -80,10 +80,11 @@ std::string fault_name(domain::job_fault fault) {
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
                                                            std::shared_ptr<scheduler_log> log) {
-  auto budgets = std::make_shared<std::map<std::string, std::uint32_t>>();  // max_tokens by job
+  // What each job was admitted with (its prompt estimate and max_tokens), to bill as the scheduler does.
+  auto admitted = std::make_shared<std::map<std::string, actors::job_request>>();
   return {
-      [log, budgets](actors::job_request& request) -> caf::result<actors::job_accepted> {
-        (*budgets)[request.job_id] = request.max_tokens;
+      [log, admitted](actors::job_request& request) -> caf::result<actors::job_accepted> {
+        (*admitted)[request.job_id] = request;
         log->set_watcher(request.watcher);
         log->add("request " + request.job_id);
         return actors::job_accepted{request.job_id, 0, 0};
@@ -96,12 +97,15 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("started " + job_id);
         return std::uint64_t{1};
       },
-      [log, budgets](actors::job_result& result) -> caf::result<actors::job_ended> {
+      [log, admitted](actors::job_result& result) -> caf::result<actors::job_ended> {
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         log->add("result " + result.job_id);
+        const auto& job = (*admitted)[result.job_id];
         actors::job_ended ended{result.job_id, domain::job_status::completed, 0, 0};
-        ended.prompt_tokens = result.prompt_tokens_reported;  // as if below the estimate
-        ended.completion_tokens = std::min(result.completion_tokens, (*budgets)[result.job_id]);  // as billed
+        // Billed: the backend's count of the prompt when lower than the estimate, the answer up to max_tokens.
+        ended.prompt_tokens = result.prompt_tokens_reported != 0 ? std::min(result.prompt_tokens_reported, job.prompt_tokens)
+                                                                 : job.prompt_tokens;
+        ended.completion_tokens = std::min(result.completion_tokens, job.max_tokens);
         return ended;
       },
       [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {

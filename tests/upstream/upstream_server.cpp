@@ -408,11 +408,11 @@ class session : public std::enable_shared_from_this<session> {
     }
     plan(kind, request, model_id, number);
     live_ = true;
-    start_ = schedule_.start(steady::now(), first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0));
+    const auto answer_time = first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0);
+    start_ = schedule_.start(steady::now(), answer_time);
     watch();
     if (plan_.stream) return write_stream_head();
-    wait_until(start_ + first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0),
-               [self = shared_from_this()] { self->write_whole_completion(); });
+    wait_until(start_ + answer_time, [self = shared_from_this()] { self->write_whole_completion(); });
   }
 
   struct continuation {
