@@ -124,6 +124,18 @@ class scheduler_test : public testing::deterministic_fixture {
     }
   }
 
+  /// Providers p1 and p2 of one slot each, one of them running (started) job j0 of premium user
+  /// dave; returns its id, empty when that failed.
+  std::string two_providers_one_busy() {
+    bring_online("p1", "llama-8b", 1);
+    bring_online("p2", "llama-8b", 1);
+    create_user("dave", events::user_tier::premium, 50'000'000);
+    if (!ask<job_accepted>(rt_.scheduler, request("j0", "dave", true))) return {};
+    const std::string busy = job("j0").provider_id;
+    if (!ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), busy)) return {};
+    return busy;
+  }
+
   job_request request(const std::string& job_id, const std::string& user_id, bool premium,
                       const std::string& model = "llama-8b") {
     return job_request{.job_id = job_id,
@@ -588,12 +600,8 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
 }
 
 TEST_F(scheduler_test, a_request_refused_again_by_the_same_backend_waits_for_another_one) {
-  bring_online("p1", "llama-8b", 1);
-  bring_online("p2", "llama-8b", 1);
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
-  const std::string busy = job("j0").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), busy));
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
   const std::string refusing = job("j1").provider_id;
   ASSERT_NE(refusing, busy);
@@ -649,12 +657,8 @@ TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_co
 }
 
 TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_while_the_job_waits_for_another) {
-  bring_online("p1", "llama-8b", 1);
-  bring_online("p2", "llama-8b", 1);
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
-  const std::string busy = job("j0").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), busy));
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
   for (const std::string news : {"a heartbeat", "a job of the other one ending"}) {
     SCOPED_TRACE(news);
     const std::string job_id = news == "a heartbeat" ? "j1" : "j2";

@@ -512,37 +512,47 @@ std::string chat_request(const std::string& model) {
 
 // --- the agent end to end -----------------------------------------------------------------------
 
-TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backends_usage) {
-  // Every token is thinking (delta.reasoning_content), which no content delta shows: counted by
-  // deltas alone, each level would measure 0 tokens/s and the probe would settle on 1.
-  upstream_process upstream({"--context-length", "8192", "--tokens", "30", "--reasoning-tokens", "1000",
-                             "--token-interval-us", "2000", "--max-concurrent", "2"});
-  ASSERT_TRUE(upstream.ready());
+/// The max_concurrency an agent with a flag of 4 says hello with after probing a test upstream
+/// started with `upstream_arguments`, asking `probe_tokens` an answer and comparing every level's
+/// rate; `adjust` changes its options further. 0 when it never said hello.
+std::uint32_t advertised_after_probe(std::vector<std::string> upstream_arguments, std::uint32_t probe_tokens,
+                                     const std::function<void(provider_options&)>& adjust = {}) {
+  upstream_process upstream(std::move(upstream_arguments));
+  EXPECT_TRUE(upstream.ready());
+  if (!upstream.ready()) return 0;
   fake_coordinator coordinator;
   auto options = agent_options(coordinator, upstream);
   options.max_concurrency = 4;
-  options.probe_tokens = 30;  // 60 ms a level: twice the streams do twice the tokens, clearly
-  options.probe_measurable_min = std::chrono::milliseconds(1);  // every level's rate is compared
+  options.probe_tokens = probe_tokens;
+  options.probe_measurable_min = std::chrono::milliseconds(1);
+  if (adjust) adjust(options);
   agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 2u) << "the probe met the upstream's limit of 2";
+  const bool said_hello = coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; });
+  EXPECT_TRUE(said_hello);
+  return said_hello ? coordinator.all<link::hello>().front().max_concurrency : 0;
+}
+
+TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backends_usage) {
+  // Every token is thinking (delta.reasoning_content), which no content delta shows: counted by
+  // deltas alone, each level would measure 0 tokens/s and the probe would settle on 1. 60 ms a
+  // level: twice the streams do twice the tokens, clearly.
+  EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "30", "--reasoning-tokens", "1000",
+                                    "--token-interval-us", "2000", "--max-concurrent", "2"},
+                                   30),
+            2u)
+      << "the probe met the upstream's limit of 2";
 }
 
 TEST(provider_agent, the_probe_is_not_fooled_by_a_backend_loading_its_model_on_the_first_request) {
-  // One answer at a time (the others wait in line), and 300 ms to load the model first. Were the
-  // load counted in level 1, two streams would look 2.5 times faster than one, and the agent would
-  // advertise slots the backend does not have.
-  upstream_process upstream({"--context-length", "8192", "--tokens", "40", "--token-interval-us", "5000",
-                             "--load-ms", "300", "--parallel", "1"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.max_concurrency = 4;
-  options.probe_tokens = 40;  // 195 ms an answer: a request's own overhead is a small part of it
-  options.probe_measurable_min = std::chrono::milliseconds(1);  // every level's rate is compared
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 1u) << "two streams are no faster than one";
+  // One answer at a time (the others wait in line), 195 ms each (a request's own overhead is a
+  // small part of it), and 300 ms to load the model first. Were the load counted in level 1, two
+  // streams would look 2.5 times faster than one, and the agent would advertise slots the backend
+  // does not have.
+  EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "40", "--token-interval-us", "5000",
+                                    "--load-ms", "300", "--parallel", "1"},
+                                   40),
+            1u)
+      << "two streams are no faster than one";
 }
 
 TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_not_each_within_its_limit) {
@@ -550,20 +560,15 @@ TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_n
   // waits for the load fails it, and a probe whose first level fails says nothing (the agent
   // advertises its flag, 4); a warm-up that waits for the load lets every level be measured (1).
   for (const auto& [warm_up_ms, advertised] : {std::pair{5'000, 1u}, std::pair{200, 4u}}) {
-    SCOPED_TRACE("probe_warm_up_timeout " + std::to_string(warm_up_ms) + " ms");
-    upstream_process upstream({"--context-length", "8192", "--tokens", "20", "--token-interval-us", "5000",
-                               "--load-ms", "2000", "--parallel", "1"});
-    ASSERT_TRUE(upstream.ready());
-    fake_coordinator coordinator;
-    auto options = agent_options(coordinator, upstream);
-    options.max_concurrency = 4;
-    options.probe_tokens = 20;
-    options.probe_measurable_min = std::chrono::milliseconds(1);
-    options.probe_level_timeout = std::chrono::milliseconds(1'000);
-    options.probe_warm_up_timeout = std::chrono::milliseconds(warm_up_ms);
-    agent_runner agent(options);
-    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-    EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, advertised);
+    EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "20", "--token-interval-us", "5000",
+                                      "--load-ms", "2000", "--parallel", "1"},
+                                     20,
+                                     [warm_up_ms](provider_options& options) {
+                                       options.probe_level_timeout = std::chrono::milliseconds(1'000);
+                                       options.probe_warm_up_timeout = std::chrono::milliseconds(warm_up_ms);
+                                     }),
+              advertised)
+        << "probe_warm_up_timeout " << warm_up_ms << " ms";
   }
 }
 
