@@ -177,6 +177,20 @@ struct codec_limits {
   std::size_t batch_deltas_max = 4096;
 };
 
+/// Room an offer frame takes besides its request JSON (Cap'n Proto's framing and pointers, the job
+/// id of at most job_id_bytes_max bytes, padding), with a margin: a few hundred bytes in fact.
+inline constexpr std::size_t offer_frame_overhead_max = 4096;
+
+/// The largest request JSON an offer can carry under `limits`: within request_json_bytes_max, and
+/// with its frame within frame_bytes_max (a bigger frame would be refused by the agent, which
+/// closes the link).
+[[nodiscard]] constexpr std::size_t offer_request_bytes_max(const codec_limits& limits) noexcept {
+  const std::size_t frame_room = limits.frame_bytes_max > offer_frame_overhead_max
+                                     ? limits.frame_bytes_max - offer_frame_overhead_max
+                                     : 0;
+  return limits.request_json_bytes_max < frame_room ? limits.request_json_bytes_max : frame_room;
+}
+
 /// The closed set of reasons a frame is refused.
 enum class decode_errc : std::uint8_t {
   too_large,      ///< more bytes than frame_bytes_max

@@ -98,6 +98,7 @@ class node::impl {
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
     if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + "/a/c/");
     relay_options relaying = options_.relay;
+    relaying.offer_request_bytes_max = link::offer_request_bytes_max(options_.link.limits);
     relaying.observer.first_token = [this](std::chrono::microseconds ttft, std::chrono::microseconds since_offer) {
       ttft_->get().observe(static_cast<double>(ttft.count()) / 1e6);
       offer_to_first_token_->get().observe(static_cast<double>(since_offer.count()) / 1e6);

@@ -247,7 +247,23 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     live->attempt_tokens = 0;
     live->attempt_bytes = 0;
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
-    return link::offer{offer.job_id, kind, upstream_body(live->job.request, live->text, live->tokens), offer.attempt};
+    auto body = upstream_body(live->job.request, live->text, live->tokens);
+    if (body.size() > options_.offer_request_bytes_max) {
+      // Only a continuation grows past the bound (the API admits a request with room for an
+      // answer so far): it cannot go to any provider, whose agent would refuse the frame and drop
+      // its link. The job fails here, through no provider's fault.
+      auto self = shared_from_this();
+      bridge_.run_keyed(provider_id, [self, provider_id, job_id = offer.job_id, tokens = live->tokens,
+                                      message = "the answer broke off after " + std::to_string(live->tokens) +
+                                                " tokens, and with it the request is " + std::to_string(body.size()) +
+                                                " bytes, over the " + std::to_string(options_.offer_request_bytes_max) +
+                                                " a provider can be sent: it cannot be continued"](
+                                         caf::event_based_actor* actor) {
+        self->report_failure(actor, job_id, provider_id, tokens, message, domain::job_fault::platform);
+      });
+      return std::nullopt;
+    }
+    return link::offer{offer.job_id, kind, std::move(body), offer.attempt};
   }
 
   void revoke(const std::string& provider_id, const std::string& job_id) {

@@ -67,6 +67,11 @@ struct relay_options {
   /// When a provider's link is lost while answers it finished wait for their ads, the most its
   /// offline notice waits for their results, which must reach the scheduler first. Default: 2 s.
   std::chrono::milliseconds offline_wait_max{2'000};
+  /// Largest request JSON an offer may carry (the request with, after a failover, the answer so
+  /// far); the node sets it from its link limits (link::offer_request_bytes_max). A failover whose
+  /// continuation would be larger fails the job, through no provider's fault: no agent could take
+  /// the frame. Default: that of the default link limits, 1 MiB less 4 KiB.
+  std::size_t offer_request_bytes_max = link::offer_request_bytes_max(link::codec_limits{});
   relay_observer observer;
 };
 

@@ -527,6 +527,23 @@ TEST(relay, a_decline_after_a_failover_is_no_fault_of_the_provider_that_declined
   EXPECT_TRUE(world.log->wait_for("failure j1 p2 declined 1", 10s)) << testing::PrintToString(world.log->events());
 }
 
+TEST(relay, a_continuation_too_large_for_the_link_fails_the_job_instead_of_reaching_a_provider) {
+  // An agent refuses a frame over its limit and drops its link (every job on it lost): an answer
+  // so far that makes the failover's request too large goes to no provider.
+  relay_options options;
+  options.offer_request_bytes_max = 1'000;
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  const auto first = world.relay.take_offer("p1", j1_offer(1));
+  ASSERT_TRUE(first);
+  EXPECT_LT(first->request_json.size(), 1'000u);
+  for (int i = 0; i < 10; ++i) world.relay.delta("p1", link::delta{"j1", std::string(100, 'x'), 1});
+  world.relay.revoke("p1", "j1");  // p1 dropped it; the answer so far would go to p2
+  EXPECT_FALSE(world.relay.take_offer("p2", j1_offer(2))) << "no frame for p2";
+  EXPECT_TRUE(world.log->wait_for("failure j1 p2 platform 10", 10s)) << testing::PrintToString(world.log->events());
+}
+
 TEST(relay, a_job_the_scheduler_ended_gets_the_status_its_failure_calls_for) {
   struct failure_case {
     events::failure_reason reason;
