@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "app/open_files.hpp"
+#include "domain/provider.hpp"
 #include "gateway/backend_context.hpp"
 #include "gateway/link_codec.hpp"
 #include "kernels/gpu_probe.hpp"
@@ -81,8 +82,9 @@ std::vector<std::string_view> split_utf8(std::string_view text, std::size_t byte
 
 namespace {
 
-/// Most concurrent jobs an agent may be configured for.
-constexpr std::uint32_t provider_concurrency_max = 4096;
+/// Most concurrent jobs an agent may be configured for: what the coordinator takes for one model
+/// (a hello asking for more is refused, and the agent would link again and again in vain).
+constexpr std::uint32_t provider_concurrency_max = domain::provider_options{}.offer_concurrency_max;
 /// Largest --context-length (the largest models' windows are 10 million tokens).
 constexpr std::uint32_t provider_context_tokens_max = 16'777'216;
 /// Longest --name kept (it goes into the User-Agent and logs).
@@ -272,6 +274,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                    printable(model.id, 64), model.id.size(), options_.link.limits.name_bytes_max);
         continue;
       }
+      if (std::any_of(models_.begin(), models_.end(), [&](const auto& kept) { return kept.id == model.id; })) {
+        // The coordinator refuses a hello offering a model twice: the agent would never link.
+        log_->warn("model id={} is listed twice by the backend: advertised once", model.id);
+        continue;
+      }
       if (model.context_length_tokens == 0) {
         log_->warn("model id={}: the backend does not say its context window (asked /v1/models, /props, "
                    "/api/v0/models, /api/show): not advertised; set it with --context-length",
@@ -342,12 +349,13 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       auto on_end = [weak, run](std::optional<std::string> failure) {
         if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
       };
-      // A reasoning model may spend every token thinking, which no content delta shows: the
-      // backend's usage then counts them (the larger of the two counts is taken).
+      // A reasoning model may spend every token thinking: its pieces count as the answer's, and
+      // the backend's usage when it counts more (the larger of the two counts is taken).
       auto deltas = std::make_shared<std::uint32_t>(0);
+      const auto count = [run, deltas](std::string_view) { ++run->tokens, ++*deltas; };
       run->requests.push_back(upstream_.stream(
           "/chat/completions", body,
-          {.on_delta = [run, deltas](std::string_view) { ++run->tokens, ++*deltas; },
+          {.on_delta = count,
            .on_done =
                [run, deltas, on_end](std::string, std::optional<gateway::upstream_usage> usage) {
                  if (usage && usage->completion_tokens > *deltas) run->tokens += usage->completion_tokens - *deltas;
@@ -356,7 +364,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
            .on_error =
                [on_end](gateway::upstream_error error) {
                  on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message);
-               }}));
+               },
+           .on_reasoning = count}));
     }
     const auto limit = run->warm_up ? options_.probe_warm_up_timeout : options_.probe_level_timeout;
     after(limit, [this, run, limit] {

@@ -170,6 +170,13 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   broken = options;
   broken.max_concurrency = 0;
   EXPECT_FALSE(resolve_provider_options(broken));
+  auto most = options;
+  most.max_concurrency = 256;  // what the coordinator takes for one model
+  EXPECT_TRUE(resolve_provider_options(most));
+  broken.max_concurrency = 257;
+  const auto too_many = resolve_provider_options(broken);
+  ASSERT_FALSE(too_many);
+  EXPECT_NE(too_many.error().find("from 1 to 256"), std::string::npos) << too_many.error();
   broken = options;
   broken.coordinator = "http://h:1";
   EXPECT_FALSE(resolve_provider_options(broken));
@@ -532,15 +539,17 @@ std::uint32_t advertised_after_probe(std::vector<std::string> upstream_arguments
   return said_hello ? coordinator.all<link::hello>().front().max_concurrency : 0;
 }
 
-TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_by_the_backends_usage) {
+TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_with_or_without_the_backends_usage) {
   // Every token is thinking (delta.reasoning_content), which no content delta shows: counted by
-  // deltas alone, each level would measure 0 tokens/s and the probe would settle on 1. 60 ms a
+  // content alone, each level would measure 0 tokens/s and the probe would settle on 1. 60 ms a
   // level: twice the streams do twice the tokens, clearly.
-  EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "30", "--reasoning-tokens", "1000",
-                                    "--token-interval-us", "2000", "--max-concurrent", "2"},
-                                   30),
-            2u)
-      << "the probe met the upstream's limit of 2";
+  for (const char* usage : {"correct", "none"}) {
+    EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "30", "--reasoning-tokens", "1000",
+                                      "--token-interval-us", "2000", "--max-concurrent", "2", "--usage", usage},
+                                     30),
+              2u)
+        << "the probe met the upstream's limit of 2, with usage " << usage;
+  }
 }
 
 TEST(provider_agent, the_probe_is_not_fooled_by_a_backend_loading_its_model_on_the_first_request) {
@@ -570,6 +579,21 @@ TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_n
               advertised)
         << "probe_warm_up_timeout " << warm_up_ms << " ms";
   }
+}
+
+TEST(provider_agent, a_model_the_backend_lists_twice_is_advertised_once) {
+  // The coordinator refuses a hello that offers a model twice: the agent would link in vain forever.
+  upstream_process upstream({"--models", "m1,m2,m1", "--context-length", "8192"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  const auto hello = coordinator.all<link::hello>().front();
+  ASSERT_EQ(hello.models.size(), 2u);
+  EXPECT_EQ(hello.models[0].model_name, "m1");
+  EXPECT_EQ(hello.models[1].model_name, "m2");
 }
 
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
