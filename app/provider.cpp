@@ -91,6 +91,9 @@ constexpr std::uint32_t provider_context_tokens_max = 16'777'216;
 constexpr std::size_t provider_name_bytes_max = 64;
 /// The link's path on the coordinator.
 constexpr std::string_view link_path = "/v1/providers/link";
+/// Longest the agent waits for the frames it sent to go out before it closes its link to go
+/// offline (see backend_gone).
+constexpr std::chrono::milliseconds link_drain_wait_max{1'000};
 /// Marks the probe's requests (OpenAI's optional end-user field), so that a backend's own logs or
 /// counters can tell them from real jobs.
 constexpr std::string_view probe_user = "gpustream-concurrency-probe";
@@ -500,6 +503,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void on_connected() {
+    if (phase_ != phase::linked) return;  // going offline (see backend_gone): the link is about to stop
     const auto hello = make_hello();
     if (auto valid = link::validate(hello, options_.link.limits); !valid) {
       // A model name or URL over the link's limits: the coordinator would close the link.
@@ -601,6 +605,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   // --- jobs -------------------------------------------------------------------------------------
 
   void on_offer(link::offer offer) {
+    if (phase_ != phase::linked) {  // going offline: the backend does not answer
+      refuse(offer, "the provider's backend does not answer; the provider is going offline");
+      return;
+    }
     if (jobs_.contains(offer.job_id)) {
       refuse(offer, "job " + offer.job_id + " is already running here");
       return;
@@ -712,7 +720,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void on_error(const std::string& job_id, std::uint32_t attempt, gateway::upstream_error error) {
-    if (find_job(job_id, attempt) == jobs_.end()) return;
+    const auto found = find_job(job_id, attempt);
+    if (found == jobs_.end()) return;
+    if (error.kind == gateway::upstream_error_kind::connect && found->second.tokens == 0) {
+      return backend_gone(job_id, error.message);
+    }
     fail_job(job_id,
              "backend " + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
@@ -743,6 +755,42 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
                          .upstream_fault = upstream_fault, .attempt = attempt,
                          .request_rejected = !upstream_fault});
+  }
+
+  /// Nothing listens at the backend's address (LM Studio or Ollama quit, vLLM restarting): every
+  /// offer would fail the same way, each counted against this provider until it is suspended. The
+  /// job that found out goes back declined (no fault: its request never reached a backend), and
+  /// the agent goes offline, once that has been sent, until the backend lists its models again;
+  /// then it probes and links anew.
+  void backend_gone(const std::string& job_id, const std::string& why) {
+    const auto found = jobs_.find(job_id);
+    const std::uint32_t attempt = found->second.attempt;
+    jobs_.erase(found);
+    log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
+               without_credentials(options_.upstream.base_url), why);
+    send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
+                         .message = link::utf8_repaired("the provider's backend does not answer: " + why),
+                         .upstream_fault = false, .attempt = attempt, .request_rejected = false});
+    phase_ = phase::listing;  // no offer is taken meanwhile, and no heartbeat sent
+    heartbeat_timer_.cancel();
+    cancel_all_jobs("the backend does not answer");
+    close_link_when_sent(steady::now() + link_drain_wait_max);
+  }
+
+  /// Stops the link once what was sent on it has gone out (or at `deadline`), then lists the
+  /// backend's models again, after backoff.
+  void close_link_when_sent(steady::time_point deadline) {
+    if (link_ && link_->connected() && link_->queued_bytes() > 0 && steady::now() < deadline) {
+      after(std::chrono::milliseconds(10), [this, deadline] { close_link_when_sent(deadline); });
+      return;
+    }
+    if (link_) link_->stop();
+    link_.reset();
+    models_.clear();
+    measured_.clear();
+    warmed_up_ = false;
+    const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
+    after(wait, [this] { list_models(); });
   }
 
   void on_cancel(const link::cancel& cancel) {

@@ -197,10 +197,12 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
 
 class upstream_process {
  public:
-  explicit upstream_process(std::vector<std::string> arguments) {
+  /// Listens on 127.0.0.1:`port` (0: a free one).
+  explicit upstream_process(std::vector<std::string> arguments, std::uint16_t port = 0) {
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0) return;
-    std::vector<std::string> all{GPUSTREAM_TEST_UPSTREAM, "--listen", "127.0.0.1:0", "--threads", "2"};
+    std::vector<std::string> all{GPUSTREAM_TEST_UPSTREAM, "--listen", "127.0.0.1:" + std::to_string(port), "--threads",
+                                 "2"};
     all.insert(all.end(), arguments.begin(), arguments.end());
     std::vector<char*> argv;
     for (auto& argument : all) argv.push_back(argument.data());
@@ -230,6 +232,7 @@ class upstream_process {
   }
 
   [[nodiscard]] bool ready() const { return port_ != 0; }
+  [[nodiscard]] std::uint16_t port() const { return port_; }
   [[nodiscard]] std::string base_url() const {
     return "http://127.0.0.1:" + std::to_string(port_) + "/v1";
   }
@@ -369,6 +372,9 @@ class fake_coordinator {
     return n;
   }
 
+  /// Links that ended (closed by either side). With the lock held (inside wait_until's predicate).
+  [[nodiscard]] int closed_locked() const { return closed_; }
+
   std::vector<std::string> authorizations() {
     std::lock_guard lock(mutex_);
     return authorizations_;
@@ -412,7 +418,10 @@ class fake_coordinator {
     for (;;) {
       beast::flat_buffer message;
       co_await ws->async_read(message, asio::redirect_error(asio::use_awaitable, ec));
-      if (ec) co_return;
+      if (ec) {
+        record([&] { ++closed_; });
+        co_return;
+      }
       const auto data = message.cdata();
       auto decoded = link::decode({static_cast<const std::uint8_t*>(data.data()), data.size()}, {});
       if (!decoded) {
@@ -440,6 +449,7 @@ class fake_coordinator {
   std::mutex mutex_;
   std::condition_variable changed_;
   std::vector<received> received_;
+  int closed_ = 0;
   std::vector<std::string> authorizations_;
   std::vector<std::string> user_agents_;
 };
@@ -730,6 +740,36 @@ struct agent_failing_one_offer {
   bool ready = false;
   link::job_error failed;
 };
+
+TEST(provider_agent, a_backend_that_stops_answering_takes_the_provider_offline_until_it_is_back) {
+  // LM Studio quit: every offer would fail at once, each counted against the provider until it is
+  // suspended. The first goes back declined, and the agent leaves until the backend is back.
+  std::optional<upstream_process> upstream(std::in_place, std::vector<std::string>{"--models", "m1"});
+  ASSERT_TRUE(upstream->ready());
+  const auto port = upstream->port();
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, *upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  upstream.reset();  // nothing listens at the backend's address now
+  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 1});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  const auto declined = coordinator.all<link::job_error>().front();
+  EXPECT_EQ(declined.job_id, "job-1");
+  EXPECT_FALSE(declined.upstream_fault) << "its request never reached a backend";
+  EXPECT_FALSE(declined.request_rejected);
+  EXPECT_NE(declined.message.find("does not answer"), std::string::npos) << declined.message;
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.closed_locked() == 1; })) << "the agent went offline";
+  EXPECT_EQ(coordinator.count<link::hello>(), 1u);
+  // The backend is back at its address: the agent lists its models and links again.
+  upstream.emplace(std::vector<std::string>{"--models", "m1,m2"}, port);
+  ASSERT_TRUE(upstream->ready());
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 2; }));
+  EXPECT_EQ(coordinator.all<link::hello>().back().models.size(), 2u) << "what the backend serves now";
+}
 
 TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
   agent_failing_one_offer run({"--models", "m1", "--fail-status", "400"}, 50);
