@@ -168,6 +168,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         log_(spdlog::default_logger()->clone("provider")),
         timer_(io),
         heartbeat_timer_(io),
+        drain_timer_(io),
         rng_(std::random_device{}()),
         heartbeat_interval_(options_.heartbeat_interval_default) {}
 
@@ -181,11 +182,27 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     list_models();
   }
 
+  void drain(std::function<void()> drained) {
+    if (draining_ || phase_ == phase::stopped) return;
+    draining_ = true;
+    on_drained_ = std::move(drained);
+    log_->info("draining: no new job; {} running may finish within {} ms", jobs_.size(), options_.stop_drain_max.count());
+    drain_timer_.expires_after(options_.stop_drain_max);
+    drain_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      if (ec || !self->on_drained_) return;
+      self->log_->warn("drain took longer than {} ms; {} job(s) still running are cut off",
+                       self->options_.stop_drain_max.count(), self->jobs_.size());
+      std::exchange(self->on_drained_, {})();
+    });
+    check_drained();
+  }
+
   void stop() {
     if (phase_ == phase::stopped) return;
     phase_ = phase::stopped;
     timer_.cancel();
     heartbeat_timer_.cancel();
+    drain_timer_.cancel();
     cancel_probe();
     cancel_all_jobs("the agent is stopping");
     if (link_) link_->stop();
@@ -609,6 +626,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       refuse(offer, "the provider's backend does not answer; the provider is going offline");
       return;
     }
+    if (draining_) {
+      refuse(offer, "the provider is stopping");
+      return;
+    }
     if (jobs_.contains(offer.job_id)) {
       refuse(offer, "job " + offer.job_id + " is already running here");
       return;
@@ -698,6 +719,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
     const job running = std::move(found->second);
     jobs_.erase(found);
+    check_drained();
     record_outcome(true);
     const auto now = steady::now();
     const auto micros = [&](steady::time_point t) {
@@ -744,6 +766,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto attempt = found->second.attempt;
     found->second.request->cancel();  // no-op when the request already ended
     jobs_.erase(found);
+    check_drained();
     if (upstream_fault) record_outcome(false);
     // The message may carry the backend's own words, never the prompt: the upstream client keeps
     // only the backend's error message.
@@ -766,6 +789,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto found = jobs_.find(job_id);
     const std::uint32_t attempt = found->second.attempt;
     jobs_.erase(found);
+    check_drained();
     log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
                without_credentials(options_.upstream.base_url), why);
     send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
@@ -800,6 +824,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->info("job={} cancelled by the coordinator tokens_so_far={}", cancel.job_id,
                found->second.tokens);
     jobs_.erase(found);
+    check_drained();
   }
 
   void cancel_all_jobs(std::string_view why) {
@@ -807,6 +832,14 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->warn("cancelling {} running job(s): {}", jobs_.size(), why);
     for (auto& [id, running] : jobs_) running.request->cancel();
     jobs_.clear();
+    check_drained();
+  }
+
+  /// Calls the drain's callback, after the current handler, once no job runs.
+  void check_drained() {
+    if (!draining_ || !jobs_.empty() || !on_drained_) return;
+    drain_timer_.cancel();
+    asio::post(io_, std::exchange(on_drained_, {}));
   }
 
   void record_outcome(bool ok) {
@@ -821,11 +854,14 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::shared_ptr<spdlog::logger> log_;
   asio::steady_timer timer_;  // model listing retries and the probe's level timeout
   asio::steady_timer heartbeat_timer_;
+  asio::steady_timer drain_timer_;  // a drain's limit (stop_drain_max)
   std::mt19937_64 rng_;
   phase phase_ = phase::idle;
   std::uint32_t attempt_ = 0;
   std::vector<events::gpu_info> gpus_;
   std::vector<gateway::upstream_model> models_;
+  bool draining_ = false;
+  std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
   bool warmed_up_ = false;  ///< the probe's unmeasured first request has run
   std::shared_ptr<probe_run> probe_;
@@ -853,6 +889,8 @@ provider_agent::~provider_agent() { impl_->stop(); }
 
 void provider_agent::start() { impl_->start(); }
 
+void provider_agent::drain(std::function<void()> drained) { impl_->drain(std::move(drained)); }
+
 void provider_agent::stop() { impl_->stop(); }
 
 // -------------------------------------------------------------------------------------------------
@@ -879,13 +917,24 @@ int run_provider(const provider_options& given) {
   }
   asio::signal_set signals(io, SIGINT, SIGTERM);
   asio::steady_timer grace(io);
-  signals.async_wait([&](boost::system::error_code ec, int signal) {
-    if (ec) return;
-    spdlog::info("provider: stopping on signal {}", signal);
+  bool stopping = false;
+  const auto stop_now = [&] {
+    if (std::exchange(stopping, true)) return;
+    signals.cancel();
     (*agent)->stop();
     // Closing handshakes get a moment; idle backend connections would otherwise keep run() busy.
     grace.expires_after(std::chrono::seconds(1));
     grace.async_wait([&](boost::system::error_code) { io.stop(); });
+  };
+  // The first signal lets running answers finish (an answer cut off counts against the
+  // provider); a second one stops at once.
+  signals.async_wait([&](boost::system::error_code ec, int signal) {
+    if (ec) return;
+    spdlog::info("provider: stopping on signal {} once running answers finish (another signal stops at once)", signal);
+    signals.async_wait([&](boost::system::error_code again, int) {
+      if (!again) stop_now();
+    });
+    (*agent)->drain(stop_now);
   });
   (*agent)->start();
   io.run();

@@ -61,6 +61,9 @@ struct provider_options {
   std::chrono::milliseconds heartbeat_interval_default{1000};
   std::chrono::milliseconds heartbeat_interval_min{50};
   std::chrono::milliseconds heartbeat_interval_max{60'000};
+  /// How long a drain (a stop on SIGINT or SIGTERM) lets running answers finish before it cuts
+  /// them off (each cut answer counts against the provider). Default: 60 s.
+  std::chrono::milliseconds stop_drain_max{60'000};
   /// Recent job outcomes the health percentage is computed over. Default: 50.
   std::size_t health_window_jobs_max = 50;
   /// The link client's options (url, token and user agent are filled in from the fields above).
@@ -93,6 +96,11 @@ class provider_agent {
 
   /// Lists the models, probes, then connects. Call once, on the io_context's thread.
   void start();
+
+  /// Takes no new job (offers are declined: they go to other providers) and calls `drained` once,
+  /// on the io_context, when no job runs any more, or after stop_drain_max with jobs still running;
+  /// stop() then ends what is left. For a stop that lets answers finish. On the io_context's thread.
+  void drain(std::function<void()> drained);
 
   /// Cancels every job, closes the link. Idempotent; on the io_context's thread.
   void stop();

@@ -487,6 +487,11 @@ class agent_runner {
     return exit_code_;
   }
 
+  /// provider_agent::drain, on the agent's thread.
+  void drain(std::function<void()> drained) {
+    on_io([&] { agent_->drain(std::move(drained)); });
+  }
+
  private:
   template <class F>
   void on_io(F&& f) {
@@ -769,6 +774,47 @@ TEST(provider_agent, a_backend_that_stops_answering_takes_the_provider_offline_u
   ASSERT_TRUE(upstream->ready());
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 2; }));
   EXPECT_EQ(coordinator.all<link::hello>().back().models.size(), 2u) << "what the backend serves now";
+}
+
+TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish_within_its_limit) {
+  // A stop (SIGTERM) drains first: an answer cut off counts against the provider.
+  struct drain_case {
+    const char* tokens;                   // the running answer's, 5 ms apart
+    std::chrono::milliseconds drain_max;
+    bool finished;                        // the answer ended before the drain did
+  };
+  for (const auto& c : {drain_case{"40", 10'000ms, true}, drain_case{"2000", 50ms, false}}) {
+    SCOPED_TRACE(std::string("tokens ") + c.tokens);
+    upstream_process upstream({"--models", "m1", "--tokens", c.tokens, "--token-interval-us", "5000"});
+    ASSERT_TRUE(upstream.ready());
+    fake_coordinator coordinator;
+    auto options = agent_options(coordinator, upstream);
+    options.probe = false;
+    options.stop_drain_max = c.drain_max;
+    agent_runner agent(options);
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+    coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+    coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
+    std::promise<void> drained;
+    agent.drain([&] { drained.set_value(); });
+    coordinator.send(link::offer{.job_id = "job-2", .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+    const auto declined = coordinator.all<link::job_error>().front();
+    EXPECT_EQ(declined.job_id, "job-2");
+    EXPECT_FALSE(declined.upstream_fault) << "declined: it goes to another provider";
+    EXPECT_NE(declined.message.find("stopping"), std::string::npos) << declined.message;
+    ASSERT_EQ(drained.get_future().wait_for(wait_deadline), std::future_status::ready);
+    if (c.finished) {
+      EXPECT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
+      EXPECT_EQ(upstream.stat("completed"), 1);
+    } else {
+      EXPECT_EQ(upstream.stat("active"), 1) << "the limit passed with the answer still running";
+      EXPECT_EQ(coordinator.count<link::done>(), 0u);
+    }
+  }
 }
 
 TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
