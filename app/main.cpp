@@ -93,6 +93,9 @@ int main(int argc, char** argv) {
                            "openai=URL: the base of an OpenAI-compatible API, e.g. "
                            "openai=http://127.0.0.1:1234/v1 (LM Studio), :11434/v1 (Ollama)")
       ->required();
+  provider_cmd->add_option("--backend-api-key", provider.upstream.api_key,
+                           "sent to the backend as Authorization: Bearer KEY (vLLM's --api-key); never logged")
+      ->envname("GPUSTREAM_BACKEND_API_KEY");
   provider_cmd->add_option("--name", provider.name, "this agent's name in logs and its User-Agent")
       ->capture_default_str();
   provider_cmd->add_option("--price-per-mtok", provider.price_per_mtok_micros,

@@ -98,16 +98,6 @@ constexpr std::chrono::milliseconds link_drain_wait_max{1'000};
 /// counters can tell them from real jobs.
 constexpr std::string_view probe_user = "gpustream-concurrency-probe";
 
-/// The URL with any "user:password@" replaced by "***@": for logs and for the hello.
-std::string without_credentials(std::string_view url) {
-  const auto scheme = url.find("://");
-  const auto start = scheme == std::string_view::npos ? 0 : scheme + 3;
-  const auto end = std::min(url.find_first_of("/?#", start), url.size());
-  const auto at = url.substr(start, end - start).rfind('@');
-  if (at == std::string_view::npos) return std::string(url);
-  return std::string(url.substr(0, start)) + "***@" + std::string(url.substr(start + at + 1));
-}
-
 std::string printable(std::string_view text, std::size_t bytes_max) {
   std::string out;
   for (char c : text.substr(0, bytes_max)) out.push_back(c >= 0x20 && c < 0x7f ? c : '_');
@@ -175,8 +165,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void start() {
     GPUSTREAM_ENSURE(phase_ == phase::idle);
     log_->info("starting name={} version={} backend={} coordinator={} max_concurrency={}",
-               options_.name, GPUSTREAM_VERSION, without_credentials(options_.upstream.base_url),
-               without_credentials(options_.coordinator),
+               options_.name, GPUSTREAM_VERSION, gateway::redacted_url(options_.upstream.base_url),
+               gateway::redacted_url(options_.coordinator),
                options_.max_concurrency);
     find_gpus();
     list_models();
@@ -268,7 +258,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       return;
     }
     const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
-    const auto base = without_credentials(options_.upstream.base_url);
+    const auto base = gateway::redacted_url(options_.upstream.base_url);
     if (result) {
       log_->warn("the backend at {} lists no model; asking again in {} ms", base, wait.count());
     } else if (result.error().kind == gateway::upstream_error_kind::http_status && result.error().http_status == 404) {
@@ -503,7 +493,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   link::hello make_hello() const {
     link::hello hello{.agent_version = "gpustream " GPUSTREAM_VERSION,
                       .backend = events::backend_kind::openai,
-                      .backend_url = without_credentials(options_.upstream.base_url),
+                      .backend_url = gateway::redacted_url(options_.upstream.base_url),
                       .gpus = gpus_,
                       .models = {},
                       .max_concurrency = concurrency_};
@@ -791,7 +781,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     jobs_.erase(found);
     check_drained();
     log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
-               without_credentials(options_.upstream.base_url), why);
+               gateway::redacted_url(options_.upstream.base_url), why);
     send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
                          .message = link::utf8_repaired("the provider's backend does not answer: " + why),
                          .upstream_fault = false, .attempt = attempt, .request_rejected = false});

@@ -57,7 +57,7 @@ struct parsed_url {
 
 expected<parsed_url, std::string> parse_base_url(std::string_view url) {
   constexpr std::string_view scheme = "http://";
-  const std::string quoted = "\"" + std::string(url) + "\"";
+  const std::string quoted = "\"" + redacted_url(url) + "\"";
   if (!url.starts_with(scheme)) {
     return unexpected("upstream base_url must start with http:// (only plain HTTP is supported): " + quoted);
   }
@@ -70,7 +70,7 @@ expected<parsed_url, std::string> parse_base_url(std::string_view url) {
   }
   while (path.ends_with('/')) path.remove_suffix(1);
   if (authority.find('@') != std::string_view::npos) {
-    return unexpected("upstream base_url must not carry credentials (use api_key): " + quoted);
+    return unexpected("upstream base_url must not carry credentials (send a key as api_key: gpustream provider --backend-api-key): " + quoted);
   }
   std::string_view host = authority;
   std::string_view port = "80";
@@ -224,6 +224,19 @@ upstream_model model_entry(const json::object& model) {
 }
 
 }  // namespace
+
+std::string redacted_url(std::string_view url) {
+  const auto query = std::min(url.find_first_of("?#"), url.size());
+  std::string shown(url.substr(0, query));
+  const auto scheme = shown.find("://");
+  const auto start = scheme == std::string::npos ? 0 : scheme + 3;
+  const auto end = std::min(shown.find('/', start), shown.size());
+  if (const auto at = shown.substr(start, end - start).rfind('@'); at != std::string::npos) {
+    shown.replace(start, at + 1, "***@");
+  }
+  if (query < url.size()) shown += "?***";
+  return shown;
+}
 
 expected<std::vector<upstream_model>, upstream_error> parse_models(std::string_view body, std::size_t models_max) {
   boost::system::error_code ec;

@@ -105,6 +105,10 @@ struct upstream_error {
   bool upstream_fault = true;
 };
 
+/// A URL as logs, messages and the provider's hello may show it: "user:password@" becomes "***@"
+/// and a query or fragment "?***", either of which may carry a key.
+[[nodiscard]] std::string redacted_url(std::string_view url);
+
 /// The models of an OpenAI-style list ({"data":[{"id":…},…]}: /v1/models, or LM Studio's
 /// /api/v0/models), at most `models_max`, in its order; entries without an id are skipped.
 [[nodiscard]] expected<std::vector<upstream_model>, upstream_error> parse_models(std::string_view body,

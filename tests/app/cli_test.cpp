@@ -456,6 +456,16 @@ TEST(cli_provider_errors, backend_timeouts_out_of_range_are_refused_naming_the_r
   }
 }
 
+TEST(cli_provider_errors, a_backend_url_carrying_a_secret_is_refused_without_logging_it) {
+  for (const std::string backend : {"openai=http://user:s3cret@127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1?api-key=s3cret"}) {
+    const auto run = run_gpustream({"provider", "--coordinator", "ws://127.0.0.1:9", "--token", "t", "--backend", backend});
+    EXPECT_EQ(run.exit_code, 1) << backend;
+    const auto said = run.out + run.err;
+    EXPECT_NE(said.find("--backend: upstream base_url must not carry"), std::string::npos) << said;
+    EXPECT_EQ(said.find("s3cret"), std::string::npos) << said;
+  }
+}
+
 TEST(cli_serve_errors, a_data_directory_holding_a_foreign_file_exits_1_and_keeps_it) {
   temp_dir dir;
   const auto foreign = dir.path() / "thesis.tex";

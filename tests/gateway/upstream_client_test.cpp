@@ -416,11 +416,13 @@ TEST(UpstreamSseParser, StopsWhenTheConsumerSaysSo) {
 TEST(UpstreamClient, RejectsBaseUrlsItCannotUse) {
   asio::io_context io;
   for (const char* url : {"https://api.example.com/v1", "http:///v1", "http://host:0/v1", "http://host:99999",
-                          "http://user:secret@host/v1", "ftp://host", "http://host/v1?x=1"}) {
+                          "http://user:secret@host/v1", "ftp://host", "http://host/v1?api-key=secret",
+                          "http://host/v1#secret", "http://user:secret@host:0/v1"}) {
     upstream_options options;
     options.base_url = url;
     auto client = upstream_client::create(io, options);
-    EXPECT_FALSE(client.has_value()) << url;
+    ASSERT_FALSE(client.has_value()) << url;
+    EXPECT_EQ(client.error().find("secret"), std::string::npos) << "the message is logged: " << client.error();
   }
   for (const char* url : {"http://localhost:1234/v1", "http://127.0.0.1:11434/v1/", "http://[::1]:8000/v1",
                           "http://backend"}) {
@@ -429,6 +431,15 @@ TEST(UpstreamClient, RejectsBaseUrlsItCannotUse) {
     auto client = upstream_client::create(io, options);
     EXPECT_TRUE(client.has_value()) << url;
   }
+}
+
+TEST(UpstreamClient, RedactedUrlsShowNoCredentialsQueryOrFragment) {
+  EXPECT_EQ(redacted_url("http://127.0.0.1:1234/v1"), "http://127.0.0.1:1234/v1");
+  EXPECT_EQ(redacted_url("http://user:pw@host:8000/v1"), "http://***@host:8000/v1");
+  EXPECT_EQ(redacted_url("http://a@b@host/v1/x@y"), "http://***@host/v1/x@y") << "the last @ of the authority";
+  EXPECT_EQ(redacted_url("http://host/v1?api-key=k"), "http://host/v1?***");
+  EXPECT_EQ(redacted_url("ws://u:p@coordinator:8080/v1/providers/link#k"), "ws://***@coordinator:8080/v1/providers/link?***");
+  EXPECT_EQ(redacted_url("host/path@x"), "host/path@x") << "no authority to redact past the path";
 }
 
 TEST(UpstreamClient, ListsModelsWithTheirContextLength) {
@@ -447,6 +458,29 @@ TEST(UpstreamClient, ListsModelsWithTheirContextLength) {
   EXPECT_EQ((*models)[1].id, "beta-7b");
   EXPECT_EQ((*models)[0].context_length_tokens, 8192u);
   EXPECT_EQ((*models)[1].context_length_tokens, 8192u);
+}
+
+TEST(UpstreamClient, SendsTheApiKeyABackendAsksFor) {
+  auto upstream = upstream_process::start({"--models", "alpha", "--api-key", "k-123"});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  for (const std::string key : {"k-123", "", "wrong"}) {
+    upstream_options options;
+    options.api_key = key;
+    auto client = make_client(threads.io(), *upstream, options);
+    std::promise<expected<std::vector<upstream_model>, upstream_error>> listed;
+    client.list_models([&](auto models) { listed.set_value(std::move(models)); });
+    auto result = listed.get_future();
+    ASSERT_EQ(result.wait_for(generous), std::future_status::ready) << key;
+    const auto models = result.get();
+    if (key == "k-123") {
+      ASSERT_TRUE(models.has_value()) << models.error().message;
+      EXPECT_EQ(models->size(), 1u);
+    } else {
+      ASSERT_FALSE(models.has_value()) << key;
+      EXPECT_EQ(models.error().http_status, 401u) << key;
+    }
+  }
 }
 
 TEST(UpstreamClient, FindsTheServedContextWhereEachKindOfBackendTellsIt) {

@@ -106,6 +106,8 @@ struct settings {
   std::string finish_reason = "stop";
   std::uint32_t connections_max = 20000;
   unsigned threads = 1;
+  /// When set, every request needs "Authorization: Bearer <api_key>" (vLLM's --api-key); 401 without.
+  std::string api_key;
 };
 
 struct counters {
@@ -323,6 +325,9 @@ class session : public std::enable_shared_from_this<session> {
     path = path.substr(0, path.find('?'));
     const bool get = request.method() == http::verb::get;
     const bool post = request.method() == http::verb::post;
+    if (!config_.api_key.empty() && request[http::field::authorization] != "Bearer " + config_.api_key) {
+      return answer(401, error_body(401, "Unauthorized: a missing or wrong API key"), keep_alive_);
+    }
     if (path == "/v1/models" && get) return answer(200, models_, keep_alive_);
     if (auto own = own_api_body(config_, path, get, request.body())) return answer(200, std::move(*own), keep_alive_);
     if (path == "/stats" && get) return answer(200, stats_body(), keep_alive_);
@@ -848,6 +853,7 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--parallel", config.parallel, "most answers at once; the others wait in line for a slot; 0 = no limit")
       ->capture_default_str();
+  app.add_option("--api-key", config.api_key, "every request needs Authorization: Bearer KEY (401 without)");
   app.add_option("--connections-max", config.connections_max, "most open connections")->capture_default_str();
   app.add_option("--threads", config.threads, "I/O threads")->check(CLI::Range(1u, 64u))->capture_default_str();
   try {
