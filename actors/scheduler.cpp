@@ -756,6 +756,7 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
   }
   auto& job = self->state.jobs.at(result.job_id);
   job.ending = true;
+  if (result.cut) cancel_at_provider(self, result.provider_id, result.job_id);
   const std::uint32_t tokens = within_budget(job, result.completion_tokens);
   const std::uint32_t prompt = billed_prompt_tokens(self->state.options, job, result.prompt_tokens_reported);
   // Scored on the estimate: the same prompt earns every provider the same points.

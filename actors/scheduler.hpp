@@ -110,6 +110,9 @@ struct job_result {
   /// prompt tokens billed, never raises them above the job's estimate (see
   /// scheduler_options::prompt_count_floor_percent).
   std::uint32_t prompt_tokens_reported = 0;
+  /// The relay cut the answer off past its budget while the provider still streamed it: the
+  /// provider is told to stop.
+  bool cut = false;
 };
 
 /// A job's provider could not finish it.

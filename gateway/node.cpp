@@ -464,6 +464,7 @@ class node::impl {
     // An answer past the budget is billed at the budget (the scheduler clamps it). A model whose
     // context leaves more than the API's own bound on max_tokens gets that bound.
     job.completion_budget = body.max_tokens.value_or(std::min(left, options_.api.max_tokens_max));
+    job.answer_tokens_max = body.max_tokens.value_or(*context);
     job.request = std::move(body);
     job.reply = reply;
     relay_->submit(std::move(job));

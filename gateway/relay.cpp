@@ -52,6 +52,7 @@ struct live_job {
   std::optional<finished> waiting_for_ad;
   clock::time_point received_at = clock::now();
   clock::time_point offered_at{};  ///< when its latest offer went to a provider
+  clock::time_point attempt_first_at{};  ///< when the current attempt's first piece came
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
 };
@@ -277,6 +278,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(d.job_id);
     if (!live) return;
     bool report_started = false;
+    std::optional<ended_attempt> cut;
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
@@ -286,6 +288,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (d.reasoning && live->job.request.kind != request_kind::chat) return;
       if (!live->attempt_started) {
         live->attempt_started = true;
+        live->attempt_first_at = clock::now();
         report_started = true;
       }
       if (!live->first_token_seen) {
@@ -305,8 +308,59 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
                                                      : chunk_json(live->meta, d.text, first)));
       }
+      const auto answer_max = live->job.answer_tokens_max != 0 ? live->job.answer_tokens_max : live->job.completion_budget;
+      if (live->tokens >= overrun_limit(answer_max)) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
+    if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
+  }
+
+  /// The most pieces an answer of at most `tokens` tokens may have before it is cut off.
+  std::uint64_t overrun_limit(std::uint32_t tokens) const {
+    return std::uint64_t{tokens} +
+           std::max<std::uint64_t>(options_.overrun_pieces_min, std::uint64_t{tokens} * options_.overrun_percent / 100);
+  }
+
+  /// An attempt's end, ready for finish_with_ad.
+  struct ended_attempt {
+    actors::job_result result;
+    std::string finish_reason;
+    std::optional<std::string> impression;
+  };
+
+  /// With `live`'s lock held: its answer ran past overrun_limit (a backend that ignores max_tokens,
+  /// or never stops). It ends here as cut by its length, billed at its budget as any longer answer
+  /// is; the scheduler tells its provider to stop. Nothing when the answer waits for its ad first.
+  std::optional<ended_attempt> cut_off(live_job& live, const std::string& provider_id) {
+    const auto now = clock::now();
+    const auto micros = [&](clock::time_point t) {
+      return std::chrono::duration_cast<std::chrono::microseconds>(t - live.offered_at).count();
+    };
+    actors::job_result result;
+    result.cut = true;
+    result.ttft_us = micros(live.attempt_first_at);
+    result.total_us = micros(now);
+    return end_attempt(live, provider_id, std::move(result), "length");
+  }
+
+  /// With `live`'s lock held: the current attempt, of `provider_id`, ended with `result` (what
+  /// only the provider knows already in it) and `finish_reason`. The job is finishing; what
+  /// finish_with_ad needs, or nothing when the ad is still being picked (ad_picked finishes it).
+  std::optional<ended_attempt> end_attempt(live_job& live, const std::string& provider_id, actors::job_result result,
+                                           std::string finish_reason) {
+    live.state = phase::finishing;
+    result.job_id = live.job.job_id;
+    result.provider_id = provider_id;
+    result.completion_tokens = live.tokens;
+    result.attempt_tokens = live.attempt_tokens;
+    result.attempt_bytes = live.attempt_bytes;
+    if (live.ad_pending) {  // a quick answer: its ad comes with ad_picked
+      live.waiting_for_ad = live_job::finished{std::move(result), std::move(finish_reason)};
+      return std::nullopt;
+    }
+    std::optional<std::string> impression;
+    if (live.ad) impression = live.ad->impression_id;
+    return ended_attempt{std::move(result), std::move(finish_reason), std::move(impression)};
   }
 
   /// Tells the scheduler the attempt produced its first token (the job streams).
@@ -326,8 +380,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(d.job_id);
     if (!live) return;
     actors::job_result result;
-    std::optional<std::string> impression;
-    std::string finish_reason(client_finish_reason(d.finish_reason));
+    result.provider_reported_tokens = d.completion_tokens_reported;
+    result.prompt_tokens_reported = d.prompt_tokens_reported;
+    result.ttft_us = d.ttft_us;
+    result.total_us = d.total_us;
+    std::optional<ended_attempt> ended;
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
@@ -335,24 +392,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->attempt_started = true;
         send_started(provider_id, d.job_id);
       }
-      live->state = phase::finishing;
-      result.job_id = d.job_id;
-      result.provider_id = provider_id;
-      result.completion_tokens = live->tokens;
-      result.provider_reported_tokens = d.completion_tokens_reported;
-      result.prompt_tokens_reported = d.prompt_tokens_reported;
-      result.attempt_tokens = live->attempt_tokens;
-      result.attempt_bytes = live->attempt_bytes;
-      result.ttft_us = d.ttft_us;
-      result.total_us = d.total_us;
       if (options_.observer.provider_ttft) options_.observer.provider_ttft(std::chrono::microseconds(d.ttft_us));
-      if (live->ad_pending) {  // a quick answer: its ad comes with ad_picked
-        live->waiting_for_ad = live_job::finished{std::move(result), std::move(finish_reason)};
-        return;
-      }
-      if (live->ad) impression = live->ad->impression_id;
+      ended = end_attempt(*live, provider_id, std::move(result), std::string(client_finish_reason(d.finish_reason)));
     }
-    finish_with_ad(std::move(result), std::move(finish_reason), std::move(impression));
+    if (ended) finish_with_ad(std::move(ended->result), std::move(ended->finish_reason), std::move(ended->impression));
   }
 
   /// Reports the provider's result, first recording the ad's impression (and its charge) when

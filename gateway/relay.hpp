@@ -72,6 +72,13 @@ struct relay_options {
   /// continuation would be larger fails the job, through no provider's fault: no agent could take
   /// the frame. Default: that of the default link limits, 1 MiB less 4 KiB.
   std::size_t offer_request_bytes_max = link::offer_request_bytes_max(link::codec_limits{});
+  /// An answer is cut off (finish_reason "length", its provider told to stop) once its pieces pass
+  /// what its backend should produce (relay_job::answer_tokens_max) by this share of it, and by
+  /// at least overrun_pieces_min: a backend that ignores max_tokens, or never stops, neither runs
+  /// on unpaid (the bill stops at the budget) nor grows an answer without bound. The slack allows
+  /// for pieces that are not whole tokens. Defaults: 25 %, 16 pieces.
+  std::uint32_t overrun_percent = 25;
+  std::uint32_t overrun_pieces_min = 16;
   relay_observer observer;
 };
 
@@ -91,6 +98,11 @@ struct relay_job {
   std::uint32_t prompt_tokens = 0;  ///< estimated; what the job is billed for its prompt
   /// The most completion tokens the job may produce: max_tokens, or what the context leaves.
   std::uint32_t completion_budget = 0;
+  /// The most the backend should produce: the max_tokens it was sent, or else the model's context
+  /// window (its own bound; the budget, from the node's estimate of the prompt, may be less than
+  /// what the context really leaves). An answer past it (relay_options::overrun_percent) is cut
+  /// off. 0: the budget.
+  std::uint32_t answer_tokens_max = 0;
   std::shared_ptr<http_reply> reply;
 };
 

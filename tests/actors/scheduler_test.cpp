@@ -275,7 +275,20 @@ TEST_F(scheduler_test, an_answer_counted_past_max_tokens_completes_and_is_billed
   EXPECT_EQ(ended.value().completion_tokens, 500u) << "the client's usage says what it is billed";
   EXPECT_EQ(ended.value().prompt_tokens, 1000u);
   EXPECT_EQ(job("j1").completion_tokens, 500u);
+  EXPECT_TRUE((*cancels_)["p1"].empty()) << "the provider finished it";
   EXPECT_EQ(balance("user-alice"), 50'000'000 - 1500);
+  // An answer the relay cut off while its provider still streamed: the same bill, and the
+  // provider is told to stop.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p1")));
+  job_result cut{"j2", "p1", 641, 0, 200'000, 4'000'000, 641, 641};
+  cut.cut = true;
+  auto cut_ended = ask<job_ended>(rt_.scheduler, cut);
+  ASSERT_TRUE(cut_ended) << describe(cut_ended.error());
+  EXPECT_EQ(cut_ended.value().status, domain::job_status::completed);
+  EXPECT_EQ(cut_ended.value().gross_micros, 1500);
+  run();
+  EXPECT_EQ((*cancels_)["p1"], std::vector<std::string>{"j2"});
 }
 
 TEST_F(scheduler_test, a_job_no_provider_can_serve_is_rejected_at_once_and_recorded) {

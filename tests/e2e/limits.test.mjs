@@ -117,19 +117,21 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
 });
 
 scenario('an answer without max_tokens that runs past the job\'s budget completes and is billed the budget', async (world) => {
-  // The backend answers 200 tokens, more than the budget the job was recorded with (what the
-  // model's context leaves after the prompt, as the node estimates it).
+  // The backend answers 200 tokens, within its window of 256 but more than the budget the job
+  // was recorded with (what the window leaves after the prompt, as the node estimates it: a token
+  // per 3 bytes, more than a tokenizer counts).
+  const window = 256;
   const { server, model } = await one_provider_world(world, {
-    upstream_options: { tokens: 200, context_length },
+    upstream_options: { tokens: 200, context_length: window },
   });
   const user = await server.create_user('premium', 1_000_000);
   const answer = await server.openai(user.api_key).chat.completions.create({
-    model, messages: [{ role: 'user', content: 'hi' }],
+    model, messages: [{ role: 'user', content: 'word '.repeat(48) }],
   });
   assert.equal([...answer.choices[0].message.content.matchAll(/tok\d+ /g)].length, 200, 'the whole answer');
   const job = await wait_for('the job completed', async () =>
     (await server.jobs('completed')).find((entry) => entry.id === job_id_of(answer.id)));
-  assert.ok(job.max_tokens > 0 && job.max_tokens < context_length, `the budget is what the context leaves: ${job.max_tokens}`);
+  assert.ok(job.max_tokens > 0 && job.max_tokens < 200, `the budget is what the window leaves: ${job.max_tokens}`);
   assert.equal(job.completion_tokens, job.max_tokens, 'billed at the budget, not refused');
 });
 

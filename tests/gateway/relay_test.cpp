@@ -99,6 +99,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       },
       [log, admitted](actors::job_result& result) -> caf::result<actors::job_ended> {
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
+        if (result.cut) log->add("cut " + result.job_id);
         log->add("result " + result.job_id);
         const auto& job = (*admitted)[result.job_id];
         actors::job_ended ended{result.job_id, domain::job_status::completed, 0, 0};
@@ -412,6 +413,31 @@ TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
   EXPECT_TRUE(world.log->wait_for("tokens j1 12", 10s)) << "the scheduler is told every piece";
   EXPECT_NE(body.find(R"("content":"xxxxxxxxxxxx")"), std::string::npos) << body;
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":10,"total_tokens":17)"), std::string::npos) << body;
+}
+
+TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
+  // A backend that ignores max_tokens (or never stops): with a budget of 10, the answer ends at
+  // 10 + 16 pieces (the least slack), and the scheduler is told to stop its provider.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  const auto stream = reply->streamed(10s);
+  ASSERT_FALSE(stream.empty()) << "the stream did not finish";
+  std::size_t pieces = 0;
+  for (auto at = stream.find(R"("content":"x")"); at != std::string::npos; at = stream.find(R"("content":"x")", at + 1)) {
+    ++pieces;
+  }
+  EXPECT_EQ(pieces, 26u) << stream;
+  EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << stream;
+  EXPECT_NE(stream.find(R"("completion_tokens":10)"), std::string::npos) << "billed at its budget: " << stream;
+  EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
+  EXPECT_TRUE(world.log->wait_for("tokens j1 26", 10s));
+  // What the provider still sends is not the client's any more.
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  const auto events = world.log->events();
+  EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << testing::PrintToString(events);
 }
 
 TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
