@@ -726,17 +726,22 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (!live) return;
     std::uint32_t tokens = 0;
     std::optional<std::string> unshown_ad;
+    bool result_coming = false;
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
+      // Its provider finished and the result is on its way (its ad's impression being recorded,
+      // or the result itself): the job completes as the provider left it, and a cancel would only
+      // be refused (or race the result).
+      result_coming = live->state == phase::finishing && !live->waiting_for_ad;
       live->state = phase::ended;
       tokens = live->tokens;
-      if (live->ad) unshown_ad = live->ad->impression_id;
+      if (live->ad && !result_coming) unshown_ad = live->ad->impression_id;
     }
     forget(id);
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
     if (options_.observer.job_ended) options_.observer.job_ended(domain::job_status::cancelled);
-    cancel(id, tokens, 0);
+    if (!result_coming) cancel(id, tokens, 0);
   }
 
   /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the

@@ -166,7 +166,19 @@ class recorded_reply final : public http_reply {
     finished_ = true;
     changed_.notify_all();
   }
-  void on_close(std::function<void()>) override {}
+  void on_close(std::function<void()> closed) override {
+    std::lock_guard lock(mutex_);
+    closed_ = std::move(closed);
+  }
+  /// The client goes away: the callback the relay registered runs.
+  void close() {
+    std::function<void()> closed;
+    {
+      std::lock_guard lock(mutex_);
+      closed = std::move(closed_);
+    }
+    if (closed) closed();
+  }
 
   /// The whole answers sent so far, once there is one (none after `wait_max`).
   std::vector<http_response> sent(std::chrono::milliseconds wait_max = 0ms) {
@@ -188,6 +200,7 @@ class recorded_reply final : public http_reply {
   std::vector<http_response> sent_;
   std::string streamed_;
   bool finished_ = false;
+  std::function<void()> closed_;
 };
 
 TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
@@ -297,6 +310,20 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   ASSERT_NE(result, events.end()) << "no result";
   EXPECT_LT(result, offline) << "the scheduler heard of the provider going offline before the job's result";
   EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), result);
+}
+
+TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the_result_completes_the_job) {
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  reply->close();  // while the answer's ad is being recorded
+  ASSERT_TRUE(ads.finish_served());
+  ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
+            events.end())
+      << testing::PrintToString(events);
 }
 
 TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
