@@ -238,9 +238,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     // reached another's (the sessions are not ordered against each other): the job is no longer
     // that provider's.
     if (offer.attempt != 0 && offer.attempt < live->attempt) return std::nullopt;
-    // Continuing an answer begun elsewhere; the same attempt offered again on a provider's new
-    // link is no new failover.
-    if (!live->text.empty() && (offer.attempt == 0 || offer.attempt != live->attempt)) live->failovers += 1;
+    // Continuing an answer begun elsewhere (its text, or only its thinking, which the next
+    // provider starts over); the same attempt offered again on a provider's new link is no new
+    // failover.
+    if (live->tokens > 0 && (offer.attempt == 0 || offer.attempt != live->attempt)) live->failovers += 1;
     live->provider_id = provider_id;
     live->attempt = offer.attempt;
     live->offered_at = clock::now();

@@ -526,6 +526,20 @@ TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {
   EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << body;
 }
 
+TEST(relay, an_answer_broken_off_while_it_was_thinking_counts_its_failover) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "hmm", .attempt = 1, .reasoning = true});
+  world.relay.revoke("p1", "j1");
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
+  world.relay.delta("p2", link::delta{.job_id = "j1", .text = "42", .attempt = 2});
+  world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << "the client saw the thinking break off: " << body;
+}
+
 TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
