@@ -790,6 +790,9 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
   }
   // Only the provider's own faults count against it (the domain ignores the others).
   record_outcome(self, failure.provider_id, failure.job_id, failure.fault);
+  // One the gateway failed for it (silent mid-answer) may still run it: told to stop. An agent that
+  // reported its failure itself has let go of the job already.
+  if (failure.fault == domain::job_fault::provider) cancel_at_provider(self, failure.provider_id, failure.job_id);
   auto answer = [reply](auto&& outcome) mutable { reply.deliver(std::move(outcome)); };
   auto& job = self->state.jobs.at(failure.job_id);
   switch (failure.fault) {

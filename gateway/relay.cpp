@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <map>
 #include <set>
+#include <tuple>
 
 #include "actors/errors.hpp"
 #include "gateway/actor_bridge.hpp"
@@ -53,6 +54,7 @@ struct live_job {
   clock::time_point received_at = clock::now();
   clock::time_point offered_at{};  ///< when its latest offer went to a provider
   clock::time_point attempt_first_at{};  ///< when the current attempt's first piece came
+  clock::time_point last_piece_at{};     ///< when the current attempt's latest piece came
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
 };
@@ -99,6 +101,49 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         if (auto self = weak.lock()) self->ended_by_scheduler(ended);
       }};
     });
+    check_silence_later();
+  }
+
+  /// Every silence_check_interval until stop(): answers whose provider went silent after a piece
+  /// (relay_options::piece_silence_max) are failed there and continue elsewhere.
+  void check_silence_later() {
+    std::weak_ptr<impl> weak = shared_from_this();
+    bridge_.run_later(options_.silence_check_interval, [weak](caf::event_based_actor*) {
+      auto self = weak.lock();
+      if (!self) return;
+      {
+        std::lock_guard table(self->table_mutex_);
+        if (self->stopped_) return;
+      }
+      self->fail_silent();
+      self->check_silence_later();
+    });
+  }
+
+  void fail_silent() {
+    const auto now = clock::now();
+    std::vector<std::tuple<std::string, std::string, std::uint32_t>> silent;  // job, provider, tokens
+    {
+      std::lock_guard table(table_mutex_);
+      for (const auto& [id, live] : jobs_) {
+        std::lock_guard lock(live->mutex);
+        if (live->state != phase::running || !live->attempt_started || live->provider_id.empty() ||
+            now - live->last_piece_at <= options_.piece_silence_max) {
+          continue;
+        }
+        silent.emplace_back(id, live->provider_id, live->tokens);
+        live->provider_id.clear();  // what it may still send is not relayed; current again at its next offer
+      }
+    }
+    auto self = shared_from_this();
+    for (auto& [job_id, provider_id, tokens] : silent) {
+      const auto silence_s = std::chrono::duration_cast<std::chrono::seconds>(options_.piece_silence_max).count();
+      bridge_.run_keyed(provider_id, [self, job_id, provider_id, tokens, silence_s](caf::event_based_actor* actor) {
+        self->report_failure(actor, job_id, provider_id, tokens,
+                             "the provider sent nothing for " + std::to_string(silence_s) + " s in the middle of the answer",
+                             domain::job_fault::provider);
+      });
+    }
   }
 
   void stop() {
@@ -287,9 +332,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       live->attempt_bytes += d.text.size();
       // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed.
       if (d.reasoning && live->job.request.kind != request_kind::chat) return;
+      live->last_piece_at = clock::now();
       if (!live->attempt_started) {
         live->attempt_started = true;
-        live->attempt_first_at = clock::now();
+        live->attempt_first_at = live->last_piece_at;
         report_started = true;
       }
       if (!live->first_token_seen) {

@@ -79,6 +79,12 @@ struct relay_options {
   /// for pieces that are not whole tokens. Defaults: 25 %, 16 pieces.
   std::uint32_t overrun_percent = 25;
   std::uint32_t overrun_pieces_min = 16;
+  /// An answer whose provider sent a piece and then nothing for this long, its link alive, is
+  /// taken from it as failed (the provider's fault) and continues on another provider: an agent
+  /// fails a silent backend itself sooner (after 120 s by default), so only a broken agent gets
+  /// here. Checked every silence_check_interval. Defaults: 300 s, 1 s.
+  std::chrono::milliseconds piece_silence_max{300'000};
+  std::chrono::milliseconds silence_check_interval{1'000};
   relay_observer observer;
 };
 

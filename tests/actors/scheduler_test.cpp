@@ -812,6 +812,12 @@ TEST_F(scheduler_test, an_answer_broken_off_continues_on_another_provider_never_
   EXPECT_EQ(job("j2").provider_id, second);
   ASSERT_FALSE((*offers_)[second].empty());
   EXPECT_EQ((*offers_)[second].back().tokens_so_far, 5u);
+  // The provider it failed on is told to stop it (the gateway fails a provider gone silent
+  // mid-answer, which may still run it); declines and refusals need no such word.
+  ASSERT_FALSE((*cancels_)["p1"].empty());
+  EXPECT_EQ((*cancels_)["p1"].front(), "j1");
+  ASSERT_FALSE((*cancels_)[first].empty());
+  EXPECT_EQ((*cancels_)[first].back(), "j2");
 }
 
 TEST_F(scheduler_test, a_cancelled_job_bills_the_tokens_produced) {

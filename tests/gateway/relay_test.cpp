@@ -540,6 +540,28 @@ TEST(relay, an_answer_broken_off_while_it_was_thinking_counts_its_failover) {
   EXPECT_NE(body.find(R"("failover":1)"), std::string::npos) << "the client saw the thinking break off: " << body;
 }
 
+TEST(relay, a_provider_silent_in_the_middle_of_an_answer_loses_it_to_another) {
+  relay_options options;
+  options.piece_silence_max = 50ms;
+  options.silence_check_interval = 10ms;
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "half ", .attempt = 1});
+  // Then nothing, while p1's link lives: the job is reported failed there, once.
+  ASSERT_TRUE(world.log->wait_for("failure j1 p1 provider 1", 10s));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "late ", .attempt = 1});
+  ASSERT_TRUE(world.relay.take_offer("p2", j1_offer(2)));
+  world.relay.delta("p2", link::delta{.job_id = "j1", .text = "whole", .attempt = 2});
+  world.relay.done("p2", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  const auto stream = reply->streamed(10s);
+  EXPECT_EQ(stream.find("late"), std::string::npos) << "what the silent provider sent later is not relayed: " << stream;
+  EXPECT_NE(stream.find("whole"), std::string::npos) << stream;
+  const auto events = world.log->events();
+  EXPECT_EQ(std::count(events.begin(), events.end(), "failure j1 p1 provider 1"), 1) << testing::PrintToString(events);
+}
+
 TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
