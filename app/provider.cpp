@@ -568,7 +568,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     heartbeat_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
       if (ec || self->phase_ != phase::linked || !self->link_->connected()) return;
       self->send_heartbeat();
-      self->schedule_heartbeat();
+      // A full send queue drops the link in send_heartbeat: the next link's welcome starts anew.
+      if (self->link_->connected()) self->schedule_heartbeat();
     });
   }
 
