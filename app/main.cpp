@@ -118,9 +118,12 @@ int main(int argc, char** argv) {
                            "the prompt first), seconds")
       ->check(CLI::Range(1u, 86'400u))
       ->capture_default_str();
+  // Below the coordinator's own limit (relay_options::piece_silence_max, 300 s), which would take
+  // the answer away first and count it against the provider.
   provider_cmd->add_option("--backend-idle-timeout-s", provider_idle_s,
-                           "longest silence of the backend once an answer streams, seconds")
-      ->check(CLI::Range(1u, 86'400u))
+                           "longest silence of the backend once an answer streams, seconds (the "
+                           "coordinator takes an answer silent for 300 s from its provider)")
+      ->check(CLI::Range(1u, 240u))
       ->capture_default_str();
 
   std::string replay_data = "data";

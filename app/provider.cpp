@@ -114,7 +114,7 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
   }
   if (options.backend.rfind(openai_prefix, 0) != 0 || options.backend.size() == openai_prefix.size()) {
     return unexpected{"--backend must be openai=URL (e.g. openai=http://127.0.0.1:1234/v1), got \"" +
-                      printable(options.backend, 200) + "\""};
+                      printable(gateway::redacted_url(options.backend), 200) + "\""};
   }
   options.upstream.base_url = options.backend.substr(openai_prefix.size());
   auto url = gateway::parse_ws_url(options.coordinator);
@@ -735,7 +735,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void on_error(const std::string& job_id, std::uint32_t attempt, gateway::upstream_error error) {
     const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
-    if (error.kind == gateway::upstream_error_kind::connect && found->second.tokens == 0) {
+    if (error.kind == gateway::upstream_error_kind::connect && error.refused && found->second.tokens == 0) {
       return backend_gone(job_id, error.message);
     }
     fail_job(job_id,
@@ -771,7 +771,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                          .request_rejected = !upstream_fault});
   }
 
-  /// Nothing listens at the backend's address (LM Studio or Ollama quit, vLLM restarting): every
+  /// Nothing listens at the backend's address (LM Studio or Ollama quit, vLLM restarting; a
+  /// refused connection, not a timeout or a shortage of file descriptors here): every
   /// offer would fail the same way, each counted against this provider until it is suspended. The
   /// job that found out goes back declined (no fault: its request never reached a backend), and
   /// the agent goes offline, once that has been sent, until the backend lists its models again;
@@ -789,23 +790,26 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     phase_ = phase::listing;  // no offer is taken meanwhile, and no heartbeat sent
     heartbeat_timer_.cancel();
     cancel_all_jobs("the backend does not answer");
-    close_link_when_sent(steady::now() + link_drain_wait_max);
+    when_sent(timer_, steady::now() + link_drain_wait_max, [this] {
+      // Stops the link, then lists the backend's models again, after backoff.
+      if (link_) link_->stop();
+      link_.reset();
+      models_.clear();
+      measured_.clear();
+      warmed_up_ = false;
+      const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
+      after(wait, [this] { list_models(); });
+    });
   }
 
-  /// Stops the link once what was sent on it has gone out (or at `deadline`), then lists the
-  /// backend's models again, after backoff.
-  void close_link_when_sent(steady::time_point deadline) {
-    if (link_ && link_->connected() && link_->queued_bytes() > 0 && steady::now() < deadline) {
-      after(std::chrono::milliseconds(10), [this, deadline] { close_link_when_sent(deadline); });
-      return;
-    }
-    if (link_) link_->stop();
-    link_.reset();
-    models_.clear();
-    measured_.clear();
-    warmed_up_ = false;
-    const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
-    after(wait, [this] { list_models(); });
+  /// Calls `then` once the frames sent on the link have gone out (or the link is down, or at
+  /// `deadline`), checking every 10 ms with `timer`; never when the timer is cancelled (a stop).
+  void when_sent(asio::steady_timer& timer, steady::time_point deadline, std::function<void()> then) {
+    if (!link_ || !link_->connected() || link_->queued_bytes() == 0 || steady::now() >= deadline) return then();
+    timer.expires_after(std::chrono::milliseconds(10));
+    timer.async_wait([self = shared_from_this(), &timer, deadline, then = std::move(then)](boost::system::error_code ec) mutable {
+      if (!ec && self->phase_ != phase::stopped) self->when_sent(timer, deadline, std::move(then));
+    });
   }
 
   void on_cancel(const link::cancel& cancel) {
@@ -827,10 +831,13 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Calls the drain's callback, after the current handler, once no job runs.
+  /// Calls the drain's callback once no job runs and what was sent for the last ones (their done
+  /// frames) has gone out: the callback stops the link, which would drop frames still queued.
   void check_drained() {
     if (!draining_ || !jobs_.empty() || !on_drained_) return;
     drain_timer_.cancel();
-    asio::post(io_, std::exchange(on_drained_, {}));
+    when_sent(drain_timer_, steady::now() + link_drain_wait_max,
+              [this, drained = std::exchange(on_drained_, {})] { asio::post(io_, drained); });
   }
 
   void record_outcome(bool ok) {

@@ -19,6 +19,7 @@
 
 #include "gateway/idle_watch.hpp"
 #include "gateway/link_codec.hpp"
+#include "gateway/upstream_client.hpp"  // redacted_url
 
 namespace gpustream::gateway {
 
@@ -56,11 +57,11 @@ bool starts_with_ignoring_case(std::string_view text, std::string_view prefix) {
 expected<std::uint16_t, std::string> parse_port(std::string_view digits, std::string_view url) {
   if (digits.empty() || digits.size() > 5 ||
       !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return unexpected{"the port of " + std::string(url) + " is not a number from 1 to 65535"};
+    return unexpected{"the port of " + redacted_url(url) + " is not a number from 1 to 65535"};
   }
   const unsigned long value = std::stoul(std::string(digits));
   if (value == 0 || value > 65535) {
-    return unexpected{"the port of " + std::string(url) + " is not a number from 1 to 65535"};
+    return unexpected{"the port of " + redacted_url(url) + " is not a number from 1 to 65535"};
   }
   return static_cast<std::uint16_t>(value);
 }
@@ -73,7 +74,7 @@ expected<ws_url, std::string> parse_ws_url(std::string_view url) {
                                   "or a local TLS-terminating proxy")};
   }
   if (!starts_with_ignoring_case(url, "ws://")) {
-    return unexpected{"the coordinator URL must start with ws://, got \"" + std::string(url) + "\""};
+    return unexpected{"the coordinator URL must start with ws://, got \"" + redacted_url(url) + "\""};
   }
   const std::string_view rest = url.substr(5);
   const std::size_t authority_end = std::min(rest.find('/'), rest.find('?'));
@@ -90,24 +91,24 @@ expected<ws_url, std::string> parse_ws_url(std::string_view url) {
   if (!authority.empty() && authority.front() == '[') {
     const std::size_t close = authority.find(']');
     if (close == std::string_view::npos) {
-      return unexpected{"unbalanced [ in the host of " + std::string(url)};
+      return unexpected{"unbalanced [ in the host of " + redacted_url(url)};
     }
     parsed.host = std::string(authority.substr(1, close - 1));
     const std::string_view after = authority.substr(close + 1);
     if (!after.empty()) {
-      if (after.front() != ':') return unexpected{"unexpected text after ] in " + std::string(url)};
+      if (after.front() != ':') return unexpected{"unexpected text after ] in " + redacted_url(url)};
       port_digits = after.substr(1);
-      if (port_digits.empty()) return unexpected{"empty port in " + std::string(url)};
+      if (port_digits.empty()) return unexpected{"empty port in " + redacted_url(url)};
     }
   } else {
     const std::size_t colon = authority.rfind(':');
     parsed.host = std::string(authority.substr(0, colon));
     if (colon != std::string_view::npos) {
       port_digits = authority.substr(colon + 1);
-      if (port_digits.empty()) return unexpected{"empty port in " + std::string(url)};
+      if (port_digits.empty()) return unexpected{"empty port in " + redacted_url(url)};
     }
   }
-  if (parsed.host.empty()) return unexpected{"no host in " + std::string(url)};
+  if (parsed.host.empty()) return unexpected{"no host in " + redacted_url(url)};
   if (!port_digits.empty()) {
     auto port = parse_port(port_digits, url);
     if (!port) return unexpected{port.error()};

@@ -440,7 +440,7 @@ class node::impl {
     if (auto fits = check_context(body, *context); !fits) return reply->send(api_error_response(fits.error()));
     // The provider link carries the request in one frame; a quarter of it stays free for the
     // answer so far, which a failover appends.
-    const auto link_bytes_max = options_.link.limits.request_json_bytes_max;
+    const auto link_bytes_max = link::offer_request_bytes_max(options_.link.limits);
     if (const auto size = upstream_body(body).size(); size > link_bytes_max / 4 * 3) {
       return reply->send(api_error_response(make_api_error(
           413, "the request is " + std::to_string(size) + " bytes as sent to a provider; at most " +

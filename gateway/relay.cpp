@@ -355,8 +355,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
                                                      : chunk_json(live->meta, d.text, first)));
       }
+      // Per attempt: an attempt after a failover is asked for less, but one that broke off while
+      // thinking leaves its thinking behind, which the next provider starts over.
       const auto answer_max = live->job.answer_tokens_max != 0 ? live->job.answer_tokens_max : live->job.completion_budget;
-      if (live->tokens >= overrun_limit(answer_max)) cut = cut_off(*live, provider_id);
+      if (live->attempt_tokens >= overrun_limit(answer_max)) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
     if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
@@ -468,6 +470,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (!is_current(*live, provider_id, e.attempt)) return;
       tokens = live->tokens;
       attempt_tokens = live->attempt_tokens;
+      live->provider_id.clear();  // reported once; current again at its next offer
     }
     auto self = shared_from_this();
     bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message,
@@ -507,7 +510,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       std::lock_guard table(table_mutex_);
       for (const auto& [id, live] : jobs_) {
         std::lock_guard lock(live->mutex);
-        if (is_current(*live, provider_id)) lost.emplace_back(id, live->tokens);
+        if (is_current(*live, provider_id)) {
+          lost.emplace_back(id, live->tokens);
+          live->provider_id.clear();  // reported once; current again at its next offer
+        }
         if (offline && live->state == phase::finishing && live->provider_id == provider_id && !live->result_sent) {
           offline_after_[provider_id].jobs.insert(id);
           defer_offline = true;

@@ -512,7 +512,9 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
         return fail(make_error(upstream_error_kind::connect,
                                what + "timed out after " + std::to_string(client_->options().connect_timeout.count()) + " ms"));
       }
-      return fail(make_error(upstream_error_kind::connect, what + ec.message()));
+      auto error = make_error(upstream_error_kind::connect, what + ec.message());
+      error.refused = ec == asio::error::connection_refused;
+      return fail(std::move(error));
     }
     beast::error_code ignored;
     socket_.set_option(tcp::no_delay(true), ignored);  // tokens are small writes: no Nagle delay

@@ -103,6 +103,9 @@ struct upstream_error {
   /// is at fault. True for everything else (401 and 403: a key the backend wants; 404: a model
   /// it no longer serves; 408, 429, 5xx, drops and timeouts).
   bool upstream_fault = true;
+  /// kind connect: the backend's address refused the connection (nothing listens there: the
+  /// backend is not running), rather than a timeout, an unreachable host or a local shortage.
+  bool refused = false;
 };
 
 /// A URL as logs, messages and the provider's hello may show it: "user:password@" becomes "***@"

@@ -667,6 +667,7 @@ TEST_F(scheduler_test, an_offer_the_provider_declines_goes_to_another_without_co
   auto provider = ask<domain::provider::state>(rt_.providers, first, state_atom::value);
   ASSERT_TRUE(provider);
   EXPECT_EQ(provider.value().counters.aborted_jobs, 0u);
+  EXPECT_TRUE((*cancels_)[first].empty()) << "it never took the job: nothing to stop";
 }
 
 TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_while_the_job_waits_for_another) {

@@ -447,7 +447,7 @@ TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refus
 
 TEST(cli_provider_errors, backend_timeouts_out_of_range_are_refused_naming_the_range) {
   for (const auto& [flag, value] : std::vector<std::pair<std::string, std::string>>{
-           {"--backend-first-token-timeout-s", "0"}, {"--backend-idle-timeout-s", "86401"}}) {
+           {"--backend-first-token-timeout-s", "0"}, {"--backend-idle-timeout-s", "241"}}) {
     const auto run = run_gpustream({"provider", "--coordinator", "ws://127.0.0.1:9", "--token", "t",
                                     "--backend", "openai=http://127.0.0.1:9/v1", flag, value});
     EXPECT_NE(run.exit_code, 0) << flag << " " << value;

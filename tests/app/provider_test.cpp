@@ -487,9 +487,14 @@ class agent_runner {
     return exit_code_;
   }
 
-  /// provider_agent::drain, on the agent's thread.
-  void drain(std::function<void()> drained) {
-    on_io([&] { agent_->drain(std::move(drained)); });
+  /// provider_agent::drain, then stop() once drained, as run_provider does; then `drained`.
+  void drain_then_stop(std::function<void()> drained) {
+    on_io([&] {
+      agent_->drain([this, drained = std::move(drained)] {
+        agent_->stop();
+        drained();
+      });
+    });
   }
 
  private:
@@ -798,7 +803,7 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
                                  .request_json = chat_request("m1"), .attempt = 1});
     ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
     std::promise<void> drained;
-    agent.drain([&] { drained.set_value(); });
+    agent.drain_then_stop([&] { drained.set_value(); });
     coordinator.send(link::offer{.job_id = "job-2", .kind = link::job_kind::chat,
                                  .request_json = chat_request("m1"), .attempt = 1});
     ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
@@ -807,12 +812,14 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
     EXPECT_FALSE(declined.upstream_fault) << "declined: it goes to another provider";
     EXPECT_NE(declined.message.find("stopping"), std::string::npos) << declined.message;
     ASSERT_EQ(drained.get_future().wait_for(wait_deadline), std::future_status::ready);
+    // Stopped: the link is closed after what was sent on it went out.
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.closed_locked() == 1; }));
     if (c.finished) {
-      EXPECT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
+      EXPECT_EQ(coordinator.count<link::done>(), 1u) << "the last answer's done went out before the link closed";
       EXPECT_EQ(upstream.stat("completed"), 1);
     } else {
-      EXPECT_EQ(upstream.stat("active"), 1) << "the limit passed with the answer still running";
-      EXPECT_EQ(coordinator.count<link::done>(), 0u);
+      EXPECT_EQ(coordinator.count<link::done>(), 0u) << "the limit passed with the answer still running";
+      EXPECT_TRUE(upstream.wait_stat("cancelled", 1)) << "then the stop cut it off";
     }
   }
 }

@@ -260,8 +260,8 @@ scenario('a node at --live-jobs-max answers 429 server_busy; a request too big f
     return next.status === 200;
   });
 
-  // The request goes to a provider in one link frame (1 MiB), a quarter of which stays free for
-  // a failover's answer so far. JSON writes a control character as six bytes: 150,000 of them are
+  // The request goes to a provider in one link frame (1 MiB, of which 4 KiB are kept for the
+  // frame itself), a quarter of which stays free for a failover's answer so far. JSON writes a control character as six bytes: 150,000 of them are
   // within the prompt limit (512 KiB of text) and the body limit (1 MiB), but the request as sent
   // to the provider (about 900,000 bytes) is not.
   const big = await client.request('POST', '/v1/chat/completions', {
@@ -270,5 +270,5 @@ scenario('a node at --live-jobs-max answers 429 server_busy; a request too big f
   assert.equal(big.status, 413);
   const too_big = (await big.json()).error;
   assert.equal(too_big.code, 'request_too_large');
-  assert.match(too_big.message, /at most 786432 are accepted/);
+  assert.match(too_big.message, /at most 783360 are accepted/);
 });

@@ -815,6 +815,12 @@ TEST(parse_ws_url, refuses_what_it_cannot_use) {
   const auto tls = parse_ws_url("wss://h/");
   ASSERT_FALSE(tls);
   EXPECT_NE(tls.error().find("wss://"), std::string::npos);
+  // The message is logged: a key in the URL is not in it.
+  for (const char* secret : {"ws://h:0/link?token=s3cret", "http://h/?token=s3cret", "ws://u:s3cret@h:x/"}) {
+    const auto url = parse_ws_url(secret);
+    ASSERT_FALSE(url) << secret;
+    EXPECT_EQ(url.error().find("s3cret"), std::string::npos) << url.error();
+  }
 }
 
 TEST(link_client, create_checks_its_options) {

@@ -461,8 +461,11 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   EXPECT_NE(stream.find(R"("completion_tokens":10)"), std::string::npos) << "billed at its budget: " << stream;
   EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
   EXPECT_TRUE(world.log->wait_for("tokens j1 26", 10s));
-  // What the provider still sends is not the client's any more.
+  // What the provider still sends is not the client's any more. A report of it would reach the
+  // scheduler before p1's offline notice, which goes the same way.
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  world.relay.link_lost("p1");
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << testing::PrintToString(events);
 }
@@ -542,7 +545,7 @@ TEST(relay, an_answer_broken_off_while_it_was_thinking_counts_its_failover) {
 
 TEST(relay, a_provider_silent_in_the_middle_of_an_answer_loses_it_to_another) {
   relay_options options;
-  options.piece_silence_max = 50ms;
+  options.piece_silence_max = 300ms;  // far above a stall of the test's own thread
   options.silence_check_interval = 10ms;
   relay_world world(nullptr, options);
   auto reply = std::make_shared<recorded_reply>();

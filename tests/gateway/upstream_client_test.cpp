@@ -1089,6 +1089,7 @@ TEST(UpstreamClient, ConnectionRefusedIsAClearError) {
   EXPECT_NE(log.error()->message.find("127.0.0.1:" + std::to_string(port)), std::string::npos) << log.error()->message;
   EXPECT_NE(log.error()->message.find("refused"), std::string::npos) << log.error()->message;
   EXPECT_TRUE(log.error()->upstream_fault);
+  EXPECT_TRUE(log.error()->refused) << "the agent goes offline on it";
 
   std::promise<bool> listed;
   client->list_models([&](auto models) { listed.set_value(!models && models.error().kind == upstream_error_kind::connect); });
