@@ -793,7 +793,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     }
     forget(id);
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
-    if (options_.observer.job_ended) options_.observer.job_ended(domain::job_status::cancelled);
+    if (options_.observer.job_ended) {
+      // Its result completes it (the answer is no longer here to count it when it does).
+      options_.observer.job_ended(result_coming ? domain::job_status::completed : domain::job_status::cancelled);
+    }
     if (!result_coming) cancel(id, tokens, 0);
   }
 

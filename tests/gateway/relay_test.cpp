@@ -314,10 +314,14 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
 
 TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the_result_completes_the_job) {
   held_ads ads;
-  relay_world world(&ads);
+  std::vector<domain::job_status> counted;  // the metrics' jobs ended, by status
+  relay_options options;
+  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
+  relay_world world(&ads, options);
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   reply->close();  // while the answer's ad is being recorded
+  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
   ASSERT_TRUE(ads.finish_served());
   ASSERT_TRUE(world.log->wait_for("result j1", 10s));
   const auto events = world.log->events();
