@@ -710,7 +710,6 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
     const job running = std::move(found->second);
     jobs_.erase(found);
-    check_drained();
     record_outcome(true);
     const auto now = steady::now();
     const auto micros = [&](steady::time_point t) {
@@ -730,6 +729,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                job_id, printable(done.finish_reason, 40), done.completion_tokens_counted,
                done.completion_tokens_reported, done.ttft_us / 1000, done.total_us / 1000);
     send(done);
+    check_drained();  // after the done is queued: the drain's end waits for it to go out
   }
 
   void on_error(const std::string& job_id, std::uint32_t attempt, gateway::upstream_error error) {
@@ -757,7 +757,6 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto attempt = found->second.attempt;
     found->second.request->cancel();  // no-op when the request already ended
     jobs_.erase(found);
-    check_drained();
     if (upstream_fault) record_outcome(false);
     // The message may carry the backend's own words, never the prompt: the upstream client keeps
     // only the backend's error message.
@@ -769,6 +768,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
                          .upstream_fault = upstream_fault, .attempt = attempt,
                          .request_rejected = !upstream_fault});
+    check_drained();  // after the job_error is queued: the drain's end waits for it to go out
   }
 
   /// Nothing listens at the backend's address (LM Studio or Ollama quit, vLLM restarting; a
@@ -781,7 +781,6 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto found = jobs_.find(job_id);
     const std::uint32_t attempt = found->second.attempt;
     jobs_.erase(found);
-    check_drained();
     log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
                gateway::redacted_url(options_.upstream.base_url), why);
     send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
@@ -803,7 +802,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Calls `then` once the frames sent on the link have gone out (or the link is down, or at
-  /// `deadline`), checking every 10 ms with `timer`; never when the timer is cancelled (a stop).
+  /// `deadline`), checking every 10 ms with `timer`; never when the timer is cancelled (a stop),
+  /// or its wait replaced: `timer` must have no other user meanwhile (timer_ has none once the
+  /// agent is linked; drain_timer_ none once drained).
   void when_sent(asio::steady_timer& timer, steady::time_point deadline, std::function<void()> then) {
     if (!link_ || !link_->connected() || link_->queued_bytes() == 0 || steady::now() >= deadline) return then();
     timer.expires_after(std::chrono::milliseconds(10));
@@ -830,9 +831,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     check_drained();
   }
 
-  /// Calls the drain's callback, after the current handler, once no job runs.
-  /// Calls the drain's callback once no job runs and what was sent for the last ones (their done
-  /// frames) has gone out: the callback stops the link, which would drop frames still queued.
+  /// Calls the drain's callback, after the current handler, once no job runs and what was sent
+  /// for the last ones (their done frames) has gone out: the callback stops the link, which would
+  /// drop frames still queued.
   void check_drained() {
     if (!draining_ || !jobs_.empty() || !on_drained_) return;
     drain_timer_.cancel();

@@ -98,8 +98,10 @@ class provider_agent {
   void start();
 
   /// Takes no new job (offers are declined: they go to other providers) and calls `drained` once,
-  /// on the io_context, when no job runs any more, or after stop_drain_max with jobs still running;
-  /// stop() then ends what is left. For a stop that lets answers finish. On the io_context's thread.
+  /// on the io_context, when no job runs any more and what was sent for the last ones has gone out
+  /// (at most 1 s more), or after stop_drain_max with jobs still running; stop() then ends what is
+  /// left. A stop() before then means `drained` is never called. For a stop that lets answers
+  /// finish. On the io_context's thread.
   void drain(std::function<void()> drained);
 
   /// Cancels every job, closes the link. Idempotent; on the io_context's thread.

@@ -55,6 +55,9 @@ struct live_job {
   clock::time_point offered_at{};  ///< when its latest offer went to a provider
   clock::time_point attempt_first_at{};  ///< when the current attempt's first piece came
   clock::time_point last_piece_at{};     ///< when the current attempt's latest piece came
+  /// The most the current attempt's backend should produce: what was left of the answer's
+  /// bound when it was offered (the max_tokens it was sent, less the answer so far).
+  std::uint32_t attempt_tokens_max = 0;
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
 };
@@ -293,6 +296,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     live->attempt_started = false;
     live->attempt_tokens = 0;
     live->attempt_bytes = 0;
+    const std::uint32_t answer_max =
+        live->job.answer_tokens_max != 0 ? live->job.answer_tokens_max : live->job.completion_budget;
+    live->attempt_tokens_max = answer_max > live->tokens ? answer_max - live->tokens : 1;  // as upstream_body asks
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
     auto body = upstream_body(live->job.request, live->text, live->tokens);
     if (body.size() > options_.offer_request_bytes_max) {
@@ -355,10 +361,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
                                                      : chunk_json(live->meta, d.text, first)));
       }
-      // Per attempt: an attempt after a failover is asked for less, but one that broke off while
-      // thinking leaves its thinking behind, which the next provider starts over.
-      const auto answer_max = live->job.answer_tokens_max != 0 ? live->job.answer_tokens_max : live->job.completion_budget;
-      if (live->attempt_tokens >= overrun_limit(answer_max)) cut = cut_off(*live, provider_id);
+      // Per attempt, against what its backend was asked for: after a failover, what was left.
+      if (live->attempt_tokens >= overrun_limit(live->attempt_tokens_max)) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
     if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));

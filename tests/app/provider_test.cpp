@@ -788,7 +788,7 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
     std::chrono::milliseconds drain_max;
     bool finished;                        // the answer ended before the drain did
   };
-  for (const auto& c : {drain_case{"40", 10'000ms, true}, drain_case{"2000", 50ms, false}}) {
+  for (const auto& c : {drain_case{"40", 10'000ms, true}, drain_case{"2000", 1'000ms, false}}) {
     SCOPED_TRACE(std::string("tokens ") + c.tokens);
     upstream_process upstream({"--models", "m1", "--tokens", c.tokens, "--token-interval-us", "5000"});
     ASSERT_TRUE(upstream.ready());

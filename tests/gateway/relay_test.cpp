@@ -324,6 +324,9 @@ TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the
   EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
   ASSERT_TRUE(ads.finish_served());
   ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+  world.relay.link_lost("p1");  // a flush: the result's answer, if any, comes before its notice
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  EXPECT_EQ(counted.size(), 1u) << "counted once";
   const auto events = world.log->events();
   EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
             events.end())
@@ -474,6 +477,42 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << testing::PrintToString(events);
 }
 
+TEST(relay, after_a_failover_the_cut_counts_what_the_next_attempt_was_asked_for) {
+  // max_tokens 100: p1 sends 90 and breaks off; p2 is asked for the 10 left and ignores it. It is
+  // cut at 10 + 16 (the least slack) of its own, 116 in all, not at 90 + 125.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "j1";
+  job.user_id = "u1";
+  job.premium = true;
+  job.request.stream = true;
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "hi"}};
+  job.request.max_tokens = 100;
+  job.prompt_tokens = 1;
+  job.completion_budget = 100;
+  job.answer_tokens_max = 100;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (int i = 0; i < 90; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  world.relay.revoke("p1", "j1");
+  const auto second = world.relay.take_offer("p2", j1_offer(2));
+  ASSERT_TRUE(second);
+  EXPECT_NE(second->request_json.find(R"("max_tokens":10)"), std::string::npos) << second->request_json;
+  for (int i = 0; i < 40; ++i) world.relay.delta("p2", link::delta{.job_id = "j1", .text = "x", .attempt = 2});
+  const auto stream = reply->streamed(10s);
+  ASSERT_FALSE(stream.empty()) << "the stream did not finish";
+  std::size_t pieces = 0;
+  for (auto at = stream.find(R"("content":"x")"); at != std::string::npos; at = stream.find(R"("content":"x")", at + 1)) {
+    ++pieces;
+  }
+  EXPECT_EQ(pieces, 116u);
+  EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
+}
+
 TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
   // OpenAI's chat streams always open with {"role":"assistant","content":""}; SDKs that build the
   // message from the deltas take the role from there.
@@ -567,6 +606,20 @@ TEST(relay, a_provider_silent_in_the_middle_of_an_answer_loses_it_to_another) {
   EXPECT_NE(stream.find("whole"), std::string::npos) << stream;
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "failure j1 p1 provider 1"), 1) << testing::PrintToString(events);
+}
+
+TEST(relay, a_failure_is_reported_once_even_when_the_link_goes_after_it) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "half ", .attempt = 1});
+  world.relay.failed("p1", link::job_error{.job_id = "j1", .message = "dropped", .upstream_fault = true, .attempt = 1});
+  world.relay.link_lost("p1");
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  const auto events = world.log->events();
+  EXPECT_EQ(std::count_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("failure j1"); }), 1)
+      << testing::PrintToString(events);
 }
 
 TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
