@@ -16,7 +16,9 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "actors/errors.hpp"
@@ -257,8 +259,10 @@ actors::job_offer j1_offer(std::uint32_t attempt = 0) {
 
 /// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
 /// waits until the scheduler has it.
+/// Submits chat job j1 of user u1 ("hi"), with a budget of 10 tokens, or of the request's
+/// `max_tokens` when given (then also sent to the backend).
 void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false,
-               std::uint32_t prompt_tokens = 1) {
+               std::uint32_t prompt_tokens = 1, std::optional<std::uint32_t> max_tokens = std::nullopt) {
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
@@ -266,11 +270,20 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
   job.request.stream = stream;
   job.request.model = "m";
   job.request.messages = {chat_message{"user", "hi"}};
+  job.request.max_tokens = max_tokens;
   job.prompt_tokens = prompt_tokens;
-  job.completion_budget = 10;
+  job.completion_budget = max_tokens.value_or(10);
+  job.answer_tokens_max = max_tokens.value_or(0);
   job.reply = reply;
   world.relay.submit(std::move(job));
   ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+}
+
+/// How many times `needle` occurs in `text`.
+std::size_t occurrences(std::string_view text, std::string_view needle) {
+  std::size_t n = 0;
+  for (auto at = text.find(needle); at != std::string_view::npos; at = text.find(needle, at + 1)) ++n;
+  return n;
 }
 
 /// The body of the one whole answer `reply` got (within 10 s), which must be a 200.
@@ -459,10 +472,7 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
   const auto stream = reply->streamed(10s);
   ASSERT_FALSE(stream.empty()) << "the stream did not finish";
-  std::size_t pieces = 0;
-  for (auto at = stream.find(R"("content":"x")"); at != std::string::npos; at = stream.find(R"("content":"x")", at + 1)) {
-    ++pieces;
-  }
+  const auto pieces = occurrences(stream, R"("content":"x")");
   EXPECT_EQ(pieces, 26u) << stream;
   EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << stream;
   EXPECT_NE(stream.find(R"("completion_tokens":10)"), std::string::npos) << "billed at its budget: " << stream;
@@ -482,20 +492,7 @@ TEST(relay, after_a_failover_the_cut_counts_what_the_next_attempt_was_asked_for)
   // cut at 10 + 16 (the least slack) of its own, 116 in all, not at 90 + 125.
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
-  relay_job job;
-  job.job_id = "j1";
-  job.user_id = "u1";
-  job.premium = true;
-  job.request.stream = true;
-  job.request.model = "m";
-  job.request.messages = {chat_message{"user", "hi"}};
-  job.request.max_tokens = 100;
-  job.prompt_tokens = 1;
-  job.completion_budget = 100;
-  job.answer_tokens_max = 100;
-  job.reply = reply;
-  world.relay.submit(std::move(job));
-  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true, 1, 100));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   for (int i = 0; i < 90; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
   world.relay.revoke("p1", "j1");
@@ -505,10 +502,7 @@ TEST(relay, after_a_failover_the_cut_counts_what_the_next_attempt_was_asked_for)
   for (int i = 0; i < 40; ++i) world.relay.delta("p2", link::delta{.job_id = "j1", .text = "x", .attempt = 2});
   const auto stream = reply->streamed(10s);
   ASSERT_FALSE(stream.empty()) << "the stream did not finish";
-  std::size_t pieces = 0;
-  for (auto at = stream.find(R"("content":"x")"); at != std::string::npos; at = stream.find(R"("content":"x")", at + 1)) {
-    ++pieces;
-  }
+  const auto pieces = occurrences(stream, R"("content":"x")");
   EXPECT_EQ(pieces, 116u);
   EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
 }
