@@ -55,9 +55,6 @@ struct live_job {
   clock::time_point offered_at{};  ///< when its latest offer went to a provider
   clock::time_point attempt_first_at{};  ///< when the current attempt's first piece came
   clock::time_point last_piece_at{};     ///< when the current attempt's latest piece came
-  /// The most the current attempt's backend should produce: what was left of the answer's
-  /// bound when it was offered (the max_tokens it was sent, less the answer so far).
-  std::uint32_t attempt_tokens_max = 0;
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
 };
@@ -138,14 +135,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->provider_id.clear();  // what it may still send is not relayed; current again at its next offer
       }
     }
-    auto self = shared_from_this();
-    for (auto& [job_id, provider_id, tokens] : silent) {
-      const auto silence_s = std::chrono::duration_cast<std::chrono::seconds>(options_.piece_silence_max).count();
-      bridge_.run_keyed(provider_id, [self, job_id, provider_id, tokens, silence_s](caf::event_based_actor* actor) {
-        self->report_failure(actor, job_id, provider_id, tokens,
-                             "the provider sent nothing for " + std::to_string(silence_s) + " s in the middle of the answer",
-                             domain::job_fault::provider);
-      });
+    const auto silence_s = std::chrono::duration_cast<std::chrono::seconds>(options_.piece_silence_max).count();
+    for (const auto& [job_id, provider_id, tokens] : silent) {
+      report_failure_keyed(provider_id, job_id, tokens,
+                           "the provider sent nothing for " + std::to_string(silence_s) + " s in the middle of the answer",
+                           domain::job_fault::provider);
     }
   }
 
@@ -296,24 +290,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     live->attempt_started = false;
     live->attempt_tokens = 0;
     live->attempt_bytes = 0;
-    const std::uint32_t answer_max =
-        live->job.answer_tokens_max != 0 ? live->job.answer_tokens_max : live->job.completion_budget;
-    live->attempt_tokens_max = answer_max > live->tokens ? answer_max - live->tokens : 1;  // as upstream_body asks
     const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
     auto body = upstream_body(live->job.request, live->text, live->tokens);
     if (body.size() > options_.offer_request_bytes_max) {
       // Only a continuation grows past the bound (the API admits a request with room for an
       // answer so far): it cannot go to any provider, whose agent would refuse the frame and drop
       // its link. The job fails here, through no provider's fault.
-      auto self = shared_from_this();
-      bridge_.run_keyed(provider_id, [self, provider_id, job_id = offer.job_id, tokens = live->tokens,
-                                      message = "the answer broke off after " + std::to_string(live->tokens) +
-                                                " tokens, and with it the request is " + std::to_string(body.size()) +
-                                                " bytes, over the " + std::to_string(options_.offer_request_bytes_max) +
-                                                " a provider can be sent: it cannot be continued"](
-                                         caf::event_based_actor* actor) {
-        self->report_failure(actor, job_id, provider_id, tokens, message, domain::job_fault::platform);
-      });
+      report_failure_keyed(provider_id, offer.job_id, live->tokens,
+                           "the answer broke off after " + std::to_string(live->tokens) +
+                               " tokens, and with it the request is " + std::to_string(body.size()) + " bytes, over the " +
+                               std::to_string(options_.offer_request_bytes_max) +
+                               " a provider can be sent: it cannot be continued",
+                           domain::job_fault::platform);
       return std::nullopt;
     }
     return link::offer{offer.job_id, kind, std::move(body), offer.attempt};
@@ -361,11 +349,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
                                                      : chunk_json(live->meta, d.text, first)));
       }
-      // Per attempt, against what its backend was asked for: after a failover, what was left.
-      if (live->attempt_tokens >= overrun_limit(live->attempt_tokens_max)) cut = cut_off(*live, provider_id);
+      if (live->attempt_tokens >= overrun_limit(attempt_asked(*live))) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
     if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
+  }
+
+  /// The most the current attempt's backend should produce, as upstream_body asked it: the
+  /// answer's bound less the answer before this attempt (after a failover, what was left).
+  static std::uint32_t attempt_asked(const live_job& live) {
+    const std::uint32_t answer_max = live.job.answer_tokens_max != 0 ? live.job.answer_tokens_max : live.job.completion_budget;
+    const std::uint32_t before = live.tokens - live.attempt_tokens;
+    return answer_max > before ? answer_max - before : 1;
   }
 
   /// The most pieces an answer of at most `tokens` tokens may have before it is cut off.
@@ -476,11 +471,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       attempt_tokens = live->attempt_tokens;
       live->provider_id.clear();  // reported once; current again at its next offer
     }
-    auto self = shared_from_this();
-    bridge_.run_keyed(provider_id, [self, provider_id, job_id = e.job_id, tokens, message = e.message,
-                                    fault = fault_of(e, attempt_tokens)](caf::event_based_actor* actor) {
-      self->report_failure(actor, job_id, provider_id, tokens, message, fault);
-    });
+    report_failure_keyed(provider_id, e.job_id, tokens, e.message, fault_of(e, attempt_tokens));
   }
 
   /// Whose fault the agent says a failure was. An offer is declined before its attempt streamed
@@ -645,6 +636,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     }
     if (ad && !kept) ads_->release(ad->impression_id, "the answer ended before the ad was picked");
     if (resumed) finish_with_ad(std::move(resumed->result), std::move(resumed->finish_reason), std::move(impression));
+  }
+
+  /// report_failure, in order with the provider's other reports (keyed by provider).
+  void report_failure_keyed(const std::string& provider_id, const std::string& job_id, std::uint32_t tokens,
+                            std::string message, domain::job_fault fault) {
+    auto self = shared_from_this();
+    bridge_.run_keyed(provider_id, [self, provider_id, job_id, tokens, message = std::move(message),
+                                    fault](caf::event_based_actor* actor) {
+      self->report_failure(actor, job_id, provider_id, tokens, message, fault);
+    });
   }
 
   void report_failure(caf::event_based_actor* actor, const std::string& job_id, const std::string& provider_id,
