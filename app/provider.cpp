@@ -177,6 +177,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     draining_ = true;
     on_drained_ = std::move(drained);
     log_->info("draining: no new job; {} running may finish within {} ms", jobs_.size(), options_.stop_drain_max.count());
+    // Told at once, so that no offer is sent here meanwhile (each declined one costs its job an
+    // attempt); the heartbeats after it say the same.
+    if (phase_ == phase::linked && link_->connected()) send_heartbeat();
     drain_timer_.expires_after(options_.stop_drain_max);
     drain_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
       if (ec || !self->on_drained_) return;
@@ -587,7 +590,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                               ? 100
                               : static_cast<std::uint32_t>(healthy * 100 / outcomes_.size()),
         .tokens_per_second_milli =
-            static_cast<std::uint64_t>(static_cast<double>(tokens_since_heartbeat_) * 1000.0 / seconds)});
+            static_cast<std::uint64_t>(static_cast<double>(tokens_since_heartbeat_) * 1000.0 / seconds),
+        .draining = draining_});
     last_heartbeat_ = now;
     tokens_since_heartbeat_ = 0;
   }

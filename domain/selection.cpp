@@ -80,7 +80,7 @@ provider_listing listing_for(const provider::state& state, std::int64_t now_us) 
 }
 
 bool accepts_work(const online_provider& p, const selection_options& options) noexcept {
-  return !p.suspended && !p.unreachable && !p.declined &&
+  return !p.suspended && !p.unreachable && !p.declined && !p.draining &&
          p.load_percent < options.health.overloaded_from_percent && p.active_jobs < p.concurrency_max;
 }
 
@@ -266,6 +266,7 @@ expected<void, error> selection_index::list(const provider_listing& listing) {
   p.suspended = listing.suspended;
   p.unreachable = false;  // listed by a link
   p.declined = false;     // a new link's hello says what it has
+  p.draining = false;
   attach_offers(e);
   admit(e);
   return {};
@@ -299,6 +300,7 @@ bool selection_index::report_load(std::string_view provider_id, const load_repor
   if (it == providers_.end()) return false;
   change(it->second, [&](online_provider& p) {
     p.declined = false;
+    p.draining = report.draining;
     p.load_percent = percent(report.load_percent);
     p.health_percent = percent(report.health_percent);
   });

@@ -75,6 +75,8 @@ struct provider_listing {
 struct load_report {
   std::uint32_t load_percent = 0;     ///< how busy the provider's GPUs are
   std::uint32_t health_percent = 100; ///< the provider's overall health, 100 = perfect
+  /// It is stopping and takes no new job until it links again (see online_provider::draining).
+  bool draining = false;
 };
 
 struct selection_options {
@@ -147,6 +149,10 @@ struct online_provider {
   /// own): no new job until it has news, a slot of its freed, a heartbeat or a new link (see
   /// selection_index::mark_declined).
   bool declined = false;
+  /// Its agent is stopping (its heartbeat says so): it lets its running jobs finish and declines
+  /// every offer, so it takes no new job until a heartbeat says otherwise or it links again. Unlike
+  /// `declined`, a freed slot does not end this.
+  bool draining = false;
   std::uint32_t load_percent = 0;
   std::uint32_t health_percent = 100;
   std::uint32_t active_jobs = 0;
@@ -156,8 +162,8 @@ struct online_provider {
 
 // The rules the index applies, exposed so that tests and tools can apply them by hand.
 
-/// Whether the provider takes a new job now: not suspended, reachable, not declining, not
-/// overloaded, a free slot.
+/// Whether the provider takes a new job now: not suspended, reachable, not declining or
+/// draining, not overloaded, a free slot.
 [[nodiscard]] bool accepts_work(const online_provider& p, const selection_options& options) noexcept;
 /// Idle for qmesh: no job running and a light load.
 [[nodiscard]] bool is_idle(const online_provider& p, const selection_options& options) noexcept;
@@ -193,8 +199,8 @@ class selection_index {
   /// it is listed again, so that the jobs waiting are not offered to it one after another while
   /// it is full (or refusing). False when it is not listed.
   bool mark_declined(std::string_view provider_id);
-  /// A heartbeat (which also ends a provider's declining, see mark_declined). False when the
-  /// provider is not listed.
+  /// A heartbeat: it ends a provider's declining (see mark_declined) and says whether it drains.
+  /// False when the provider is not listed.
   bool report_load(std::string_view provider_id, const load_report& report);
   /// The scheduler assigned a job to the provider (takes a slot). False when not listed.
   bool job_started(std::string_view provider_id);

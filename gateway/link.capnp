@@ -62,6 +62,9 @@ struct Heartbeat {
   loadPercent @2 :UInt32;
   healthPercent @3 :UInt32;
   tokensPerSecondMilli @4 :UInt64;
+  # The agent is stopping: it declines every offer until it links again. False from an agent from
+  # before the field.
+  draining @5 :Bool;
 }
 
 # `attempt` on Delta, Done and JobError echoes the attempt of the Offer they answer. A job taken from

@@ -76,6 +76,7 @@ void write(schema::Frame::Builder root, const heartbeat& f) {
   b.setLoadPercent(f.load_percent);
   b.setHealthPercent(f.health_percent);
   b.setTokensPerSecondMilli(f.tokens_per_second_milli);
+  b.setDraining(f.draining);
 }
 
 void write(schema::Delta::Builder b, const delta& f) {
@@ -212,7 +213,8 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
                              .queued_jobs = r.getQueuedJobs(),
                              .load_percent = r.getLoadPercent(),
                              .health_percent = r.getHealthPercent(),
-                             .tokens_per_second_milli = r.getTokensPerSecondMilli()}};
+                             .tokens_per_second_milli = r.getTokensPerSecondMilli(),
+                             .draining = r.getDraining()}};
     }
     case schema::Frame::DELTA:
       return frame{read_delta(root.getDelta())};

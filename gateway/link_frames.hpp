@@ -47,6 +47,9 @@ struct heartbeat {
   std::uint32_t load_percent = 0;    ///< active jobs over max concurrency, 0..100 (shown to admins)
   std::uint32_t health_percent = 0;  ///< share of recent jobs that ended without a backend fault
   std::uint64_t tokens_per_second_milli = 0;  ///< recent output rate, thousandths of a token/s
+  /// The agent is stopping: it lets its running jobs finish and declines every offer until it
+  /// links again, so none should be sent (each would cost its job an attempt).
+  bool draining = false;
 
   bool operator==(const heartbeat&) const = default;
 };

@@ -279,7 +279,8 @@ void link_session::on_message(std::string_view bytes) {
           // index's load means) it would shut the provider out at 80 % of its slots until a later
           // heartbeat. The link has no measure of the GPU's own load, so none is passed on.
           caf::anon_send(owner_->runtime_.scheduler, actors::load_atom::value, provider_id_,
-                         domain::load_report{.load_percent = 0, .health_percent = f.health_percent});
+                         domain::load_report{.load_percent = 0, .health_percent = f.health_percent,
+                                             .draining = f.draining});
         } else if constexpr (std::is_same_v<F, link::delta>) {
           relay.delta(provider_id_, std::move(f));
         } else if constexpr (std::is_same_v<F, link::deltas>) {

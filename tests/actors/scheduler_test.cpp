@@ -705,6 +705,26 @@ TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_
   }
 }
 
+TEST_F(scheduler_test, a_draining_provider_gets_no_offer_while_its_jobs_finish_and_the_job_waits_for_another) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  const std::string draining = busy == "p1" ? "p2" : "p1";
+  domain::load_report stopping{.load_percent = 0, .health_percent = 100, .draining = true};
+  self_->send(rt_.scheduler, load_atom::value, draining, stopping);
+  run();
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  run();
+  // Its agent would decline every offer, each costing the job an attempt: the job waits.
+  EXPECT_EQ(job("j1").status, domain::job_status::queued);
+  EXPECT_TRUE((*offers_)[draining].empty());
+  // The busy one's slot frees: the job goes there, on its first attempt.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+  run();
+  EXPECT_EQ(job("j1").provider_id, busy);
+  EXPECT_EQ(job("j1").attempt, 1u);
+  EXPECT_TRUE((*offers_)[draining].empty());
+}
+
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
   bring_online("p1", "llama-8b", 4);  // 1 USD per million tokens, in and out
   create_user("dave", events::user_tier::premium, 50'000'000);

@@ -804,6 +804,12 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
     ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
     std::promise<void> drained;
     agent.drain_then_stop([&] { drained.set_value(); });
+    // The coordinator is told at once, before the next heartbeat is due, so that it sends no
+    // offer meanwhile.
+    ASSERT_TRUE(coordinator.wait_until([&] {
+      const auto beats = coordinator.all_locked<link::heartbeat>();
+      return std::any_of(beats.begin(), beats.end(), [](const link::heartbeat& h) { return h.draining; });
+    }));
     coordinator.send(link::offer{.job_id = "job-2", .kind = link::job_kind::chat,
                                  .request_json = chat_request("m1"), .attempt = 1});
     ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));

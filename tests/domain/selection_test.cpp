@@ -177,6 +177,25 @@ TEST(selection, a_provider_that_declined_takes_no_job_until_a_slot_frees_a_heart
   EXPECT_EQ(pick(index, request_for()), "q");
 }
 
+TEST(selection, a_draining_provider_takes_no_job_until_a_heartbeat_says_otherwise_or_it_links_again) {
+  selection_index index;
+  add(index, "p", 5'000, 1, 90);
+  add(index, "q", 5'000, 1, 80);
+  ASSERT_TRUE(index.report_load("p", {.load_percent = 20, .health_percent = 90, .draining = true}));
+  EXPECT_FALSE(accepts_work(*index.find("p"), index.options()));
+  EXPECT_EQ(pick(index, request_for()), "q");
+  // Unlike a decline, its jobs ending is no news: it still stops.
+  ASSERT_TRUE(index.job_finished("p"));
+  EXPECT_FALSE(accepts_work(*index.find("p"), index.options())) << "one of its jobs ended";
+  ASSERT_TRUE(index.report_load("p", {.load_percent = 20, .health_percent = 90, .draining = true}));
+  EXPECT_FALSE(accepts_work(*index.find("p"), index.options())) << "its next heartbeat says the same";
+  ASSERT_TRUE(index.report_load("p", {.load_percent = 20, .health_percent = 90}));
+  EXPECT_TRUE(accepts_work(*index.find("p"), index.options())) << "a heartbeat says it takes work again";
+  ASSERT_TRUE(index.report_load("p", {.load_percent = 20, .health_percent = 90, .draining = true}));
+  ASSERT_TRUE(index.list(listing("p", 5'000, {offer_of(std::string(model))})));
+  EXPECT_TRUE(accepts_work(*index.find("p"), index.options())) << "a new link";
+}
+
 TEST(selection, cheapest_orders_by_input_plus_output_price) {
   selection_index index;
   ASSERT_TRUE(index.list(listing("A", 0, {offer_of(std::string(model), 4, 100, 500)})));
@@ -510,7 +529,7 @@ TEST(selection, the_index_agrees_with_a_plain_scan_under_random_changes) {
       case 1: (void)index.unlist(id); break;  // may not be listed
       case 2:
         (void)index.report_load(id, {static_cast<std::uint32_t>(below(101)),
-                                     static_cast<std::uint32_t>(40 + below(4) * 20)});
+                                     static_cast<std::uint32_t>(40 + below(4) * 20), below(6) == 0});
         break;
       case 3:
       case 4: (void)index.job_started(id); break;
