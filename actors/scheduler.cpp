@@ -60,6 +60,9 @@ struct scheduler_state {
   /// Prices of the online offers of each model, to quote a premium job's worst case.
   std::map<std::string, std::multiset<std::int64_t>> input_prices;
   std::map<std::string, std::multiset<std::int64_t>> output_prices;
+  /// Online providers suspended while linked, by provider id: when each suspension ends (a
+  /// provider's hello is refused while it is suspended, so only these are lifted here).
+  std::map<std::string, std::int64_t> suspended_until_us;
   std::uint64_t passes = 0;
   std::uint64_t side_effects_failed = 0;
 
@@ -124,22 +127,49 @@ domain::model_price offer_price(self_pointer self, const std::string& provider_i
 // ---------------------------------------------------------------------------------------------
 // Ending jobs.
 
-/// Sends a command whose outcome the job does not wait for (scoring, free usage). Its failure
-/// (the aggregate's store failed) is counted, never hidden: scheduler_counts reports it.
-template <class Registry, class Command>
-void record_aside(self_pointer self, const Registry& registry, const std::string& id,
-                  Command command) {
-  self->request(registry, caf::infinite, id, std::move(command))
-      .then([](const command_reply&) {},
-            [self](caf::error&) { ++self->state.side_effects_failed; });
+void fail_unservable(self_pointer self, std::string_view what_happened);
+
+/// Routing follows what a job's outcome did to its provider: a new level or score, or a
+/// suspension, which keeps new jobs off it (its running ones go on) until the suspension ends.
+void apply_standing(self_pointer self, const std::string& provider_id, const std::vector<events::event>& recorded) {
+  auto& st = self->state;
+  bool suspended = false;
+  for (const auto& e : recorded) {
+    if (const auto* scored = std::get_if<events::provider_scored>(&e)) {
+      (void)st.index->rescore(provider_id, scored->level, scored->total_score);  // false: offline meanwhile
+    } else if (const auto* suspension = std::get_if<events::provider_suspended>(&e)) {
+      if (!st.index->set_suspended(provider_id, true)) continue;  // offline meanwhile
+      auto& until = st.suspended_until_us[provider_id];
+      until = std::max(until, suspension->suspended_until_at_us);
+      suspended = true;
+    }
+  }
+  if (suspended) fail_unservable(self, "was suspended");
 }
 
 /// Tells the provider's actor how a job it ran ended (`fault` none: finished, with `measure`); the
-/// provider's score counts only its own faults.
+/// provider's score counts only its own faults. The job does not wait for it; its failure (the
+/// aggregate's store failed) is counted, never hidden: scheduler_counts reports it.
 void record_outcome(self_pointer self, const std::string& provider_id, const std::string& job_id,
                     domain::job_fault fault, const domain::job_measure& measure = {}) {
-  record_aside(self, self->state.peers.providers, provider_id,
-               domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure}});
+  self->request(self->state.peers.providers, caf::infinite, provider_id,
+                domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure}})
+      .then([self, provider_id](const command_reply& r) { apply_standing(self, provider_id, r.events); },
+            [self](caf::error&) { ++self->state.side_effects_failed; });
+}
+
+/// Lifts the suspensions that have ended.
+void end_suspensions(self_pointer self) {
+  auto& st = self->state;
+  const std::int64_t now = now_us(self);
+  for (auto it = st.suspended_until_us.begin(); it != st.suspended_until_us.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    (void)st.index->set_suspended(it->first, false);
+    it = st.suspended_until_us.erase(it);
+  }
 }
 
 /// Takes `amount` off `user_id`'s entry in `holds`, dropping it at zero.
@@ -731,9 +761,16 @@ void on_offline(self_pointer self, const std::string& provider_id) {
   st.sessions.erase(provider_id);
   for (const auto& id : jobs_running_on(self, provider_id, false)) provider_lost(self, provider_id, id);
   (void)st.index->unlist(provider_id);
-  for (auto& job : st.queue->take_unservable(*st.index)) {
+  st.suspended_until_us.erase(provider_id);
+  fail_unservable(self, "went offline");
+}
+
+/// Fails the queued jobs no listed provider serves any more, after the last one of their model
+/// `what_happened` ("went offline").
+void fail_unservable(self_pointer self, std::string_view what_happened) {
+  for (auto& job : self->state.queue->take_unservable(*self->state.index)) {
     fail_job(self, job.job_id, events::failure_reason::no_provider,
-             "the last online provider of model " + job.model + " went offline", [](auto&&) {});
+             "the last online provider of model " + job.model + " " + std::string(what_happened), [](auto&&) {});
   }
 }
 
@@ -911,6 +948,7 @@ void reassign_stalled(self_pointer self) {
 }
 
 void on_tick(self_pointer self) {
+  end_suspensions(self);
   reassign_stalled(self);
   for (auto& job : self->state.queue->expire(now_us(self))) {
     self->request(self->state.peers.jobs, caf::infinite, job.job_id,

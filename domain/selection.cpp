@@ -307,6 +307,23 @@ bool selection_index::report_load(std::string_view provider_id, const load_repor
   return true;
 }
 
+bool selection_index::rescore(std::string_view provider_id, events::provider_level level, std::int64_t score) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [&](online_provider& p) {
+    p.level = level;
+    p.score = score;
+  });
+  return true;
+}
+
+bool selection_index::set_suspended(std::string_view provider_id, bool suspended) {
+  auto it = providers_.find(provider_id);
+  if (it == providers_.end()) return false;
+  change(it->second, [&](online_provider& p) { p.suspended = suspended; });
+  return true;
+}
+
 bool selection_index::job_started(std::string_view provider_id) {
   auto it = providers_.find(provider_id);
   if (it == providers_.end()) return false;

@@ -202,6 +202,12 @@ class selection_index {
   /// A heartbeat: it ends a provider's declining (see mark_declined) and says whether it drains.
   /// False when the provider is not listed.
   bool report_load(std::string_view provider_id, const load_report& report);
+  /// The provider's level and score after a job was scored (its link lists them once, at its
+  /// hello). False when it is not listed.
+  bool rescore(std::string_view provider_id, events::provider_level level, std::int64_t score);
+  /// The provider was suspended (it takes no new job; its running jobs go on), or its suspension
+  /// ended. False when it is not listed.
+  bool set_suspended(std::string_view provider_id, bool suspended);
   /// The scheduler assigned a job to the provider (takes a slot). False when not listed.
   bool job_started(std::string_view provider_id);
   /// A job of the provider ended (frees a slot, and ends its declining). False when not listed or

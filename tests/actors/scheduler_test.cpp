@@ -373,11 +373,11 @@ TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_
   bring_online("p2", "llama-8b", 1, 10'000'000);
   EXPECT_EQ(job("j1").status, domain::job_status::queued) << "p2 is above j1's hold";
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 500, 500, 1000, 2000, 500, 500 * 4}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 500, 500, 1000, 2'000'000, 500, 500 * 4}));
   ASSERT_EQ(job("j1").status, domain::job_status::assigned);
   EXPECT_EQ(job("j1").provider_id, "p1");
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 500, 500, 1000, 2000, 500, 500 * 4});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 500, 500, 1000, 2'000'000, 500, 500 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().gross_micros, 1'500);
   // A job that came after p2 was online is quoted at p2's price and may go there.
@@ -394,7 +394,7 @@ TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
     const std::string id = "j" + std::to_string(i);
     ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "erin", false)));
     ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
-    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 500, 500, 1000, 2000, 500, 500 * 4}));
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 500, 500, 1000, 2'000'000, 500, 500 * 4}));
   }
   auto refused = ask<job_accepted>(rt_.scheduler, request("j6", "erin", false));
   ASSERT_FALSE(refused);
@@ -418,7 +418,7 @@ TEST_F(scheduler_test, free_jobs_running_at_once_cannot_together_pass_the_daily_
   // One ends having used 1,100 (1,000 prompt + 100): its hold of 1,500 gives way to that, and
   // 10,000 - 1,100 - 5 x 1,500 = 1,400 is not enough for another 1,500.
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 100, 100, 1000, 2000, 100, 100 * 4}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 100, 100, 1000, 2'000'000, 100, 100 * 4}));
   auto still = ask<job_accepted>(rt_.scheduler, request("j7", "erin", false));
   ASSERT_FALSE(still);
   EXPECT_NE(describe(still.error()).find("1100 tokens used today + 7500 held"), std::string::npos)
@@ -627,7 +627,7 @@ TEST_F(scheduler_test, a_request_refused_again_by_the_same_backend_waits_for_ano
     ASSERT_EQ(job("j1").provider_id, refusing) << attempt;
   }
   // Once the other provider is free, the job goes there; its refusal is the second backend's.
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
   auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", refusing, domain::job_fault::request, 0, "400"});
   ASSERT_TRUE(moved) << describe(moved.error());
   run();
@@ -695,9 +695,9 @@ TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_
       ASSERT_EQ(job(job_id).provider_id, declining) << "its heartbeat says it has room again";
       EXPECT_EQ(job(job_id).attempt, 2u);
       ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, job_id, declining));
-      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{job_id, declining, 10, 10, 1000, 2000, 10, 40}));
+      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{job_id, declining, 10, 10, 1000, 2'000'000, 10, 40}));
     } else {
-      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+      ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
       run();
       EXPECT_EQ(job(job_id).provider_id, busy) << "the first free slot";
       EXPECT_EQ(job(job_id).attempt, 2u);
@@ -718,11 +718,42 @@ TEST_F(scheduler_test, a_draining_provider_gets_no_offer_while_its_jobs_finish_a
   EXPECT_EQ(job("j1").status, domain::job_status::queued);
   EXPECT_TRUE((*offers_)[draining].empty());
   // The busy one's slot frees: the job goes there, on its first attempt.
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2000, 10, 40}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
   run();
   EXPECT_EQ(job("j1").provider_id, busy);
   EXPECT_EQ(job("j1").attempt, 1u);
   EXPECT_TRUE((*offers_)[draining].empty());
+}
+
+TEST_F(scheduler_test, a_provider_suspended_while_linked_gets_no_new_job_until_its_suspension_ends) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  // Three answers of 100 tokens in a millisecond each: unreasonably fast, so it is suspended. Its
+  // link stays up (the fourth job, running, finishes there).
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("running", "dave", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("running"), std::string("p1")));
+  for (const std::string id : {"j1", "j2", "j3"}) {
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "dave", true)));
+    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 100, 100, 1'000, 2'000, 100, 400}));
+    run();
+  }
+  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(state);
+  ASSERT_TRUE(domain::is_suspended(state.value(), *clock_.now_us));
+  const std::size_t offered = (*offers_)["p1"].size();
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j4", "dave", true));
+  ASSERT_FALSE(refused) << "its only provider is suspended: refused at once rather than offered to it";
+  EXPECT_EQ((*offers_)["p1"].size(), offered);
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"running", "p1", 10, 10, 1'000, 2'000'000, 10, 40}));
+  // A day later it serves again, on the same link.
+  *clock_.now_us = state.value().suspended_until_at_us;
+  sched_.clock().advance_time(std::chrono::seconds(1));
+  run();
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j5", "dave", true)));
+  run();
+  ASSERT_EQ((*offers_)["p1"].size(), offered + 1);
+  EXPECT_EQ((*offers_)["p1"].back().job_id, "j5");
 }
 
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
@@ -737,7 +768,7 @@ TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_n
     const std::string id = "j" + std::to_string(i);
     ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "dave", true)));
     ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
-    job_result result{id, "p1", 50, 50, 1000, 2000, 50, 200};
+    job_result result{id, "p1", 50, 50, 1000, 2'000'000, 50, 200};
     result.prompt_tokens_reported = reported;
     auto ended = ask<job_ended>(rt_.scheduler, result);
     ASSERT_TRUE(ended) << describe(ended.error());
@@ -750,7 +781,7 @@ TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_n
   create_user("bob", events::user_tier::free, 0);
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("free", "bob", false)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("free"), std::string("p1")));
-  job_result result{"free", "p1", 50, 50, 1000, 2000, 50, 200};
+  job_result result{"free", "p1", 50, 50, 1000, 2'000'000, 50, 200};
   result.prompt_tokens_reported = 700;
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, result));
   const auto end = std::get<events::job_completed>(last_job_event("free"));
@@ -772,7 +803,7 @@ TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tok
   const std::string second = job("j1").provider_id;
   ASSERT_NE(second, first);
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), second));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2000, 150, 150 * 4});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2'000'000, 150, 150 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   // The first provider's 100 tokens at its price; the second's prompt (1,000) and 50 tokens at its.
   const auto price = [&](const std::string& id) -> std::int64_t { return id == "p1" ? 1 : 3; };
@@ -801,7 +832,7 @@ TEST_F(scheduler_test, after_a_failover_the_rest_goes_only_to_a_provider_whose_q
   run();
   ASSERT_EQ(job("j1").provider_id, "p3");
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p3")));
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p3", 500, 500, 1000, 2000, 500, 500 * 4});
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p3", 500, 500, 1000, 2'000'000, 500, 500 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().gross_micros, 1'200 + 1'100);
   EXPECT_EQ(balance("user-dave"), 2'500 - 2'300);
@@ -880,7 +911,7 @@ TEST_F(scheduler_test, a_jobs_end_records_the_bill_its_ledger_group_then_applies
   create_user("bob", events::user_tier::free, 0);
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 1000, 2000, 400, 400 * 4}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 400, 400, 1000, 2'000'000, 400, 400 * 4}));
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p1")));
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j2", events::cancelled_by::client, 30}));

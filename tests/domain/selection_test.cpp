@@ -196,6 +196,22 @@ TEST(selection, a_draining_provider_takes_no_job_until_a_heartbeat_says_otherwis
   EXPECT_TRUE(accepts_work(*index.find("p"), index.options())) << "a new link";
 }
 
+TEST(selection, a_provider_rescored_or_suspended_while_listed_is_routed_by_its_new_standing) {
+  selection_index index;
+  add(index, "p", 0, 0, 90);  // bronze: serves low and standard, not high (silver)
+  EXPECT_EQ(pick(index, request_for(selection_policy::qmesh, quality_tier::high)), "<none>");
+  ASSERT_TRUE(index.rescore("p", level_for_score(100), 100));
+  EXPECT_EQ(pick(index, request_for(selection_policy::qmesh, quality_tier::high)), "p");
+  EXPECT_TRUE(index.can_serve(model, quality_tier::high));
+  ASSERT_TRUE(index.set_suspended("p", true));
+  EXPECT_EQ(pick(index, request_for()), "<none>");
+  EXPECT_FALSE(index.can_serve(model, quality_tier::low)) << "a job for it would wait for nothing";
+  ASSERT_TRUE(index.set_suspended("p", false));
+  EXPECT_EQ(pick(index, request_for()), "p");
+  EXPECT_FALSE(index.rescore("nobody", level_for_score(0), 0));
+  EXPECT_FALSE(index.set_suspended("nobody", true));
+}
+
 TEST(selection, cheapest_orders_by_input_plus_output_price) {
   selection_index index;
   ASSERT_TRUE(index.list(listing("A", 0, {offer_of(std::string(model), 4, 100, 500)})));
