@@ -361,12 +361,23 @@ domain::job::command submit_command(const job_request& r) {
                             r.max_price_micros, r.premium,    r.conversation_id};
 }
 
+/// The highest price per million tokens of a provider the job may go to: the client's own limit,
+/// within the most the platform pays for a free job (true: that is the lower); none for no cap.
+std::pair<std::optional<std::int64_t>, bool> price_cap_of(self_pointer self, const job_request& request) {
+  const std::optional<std::int64_t> clients =
+      request.max_price_micros > 0 ? std::optional<std::int64_t>(request.max_price_micros) : std::nullopt;
+  const std::int64_t platforms = self->state.options.free_tier_price_micros_per_mtok_max;
+  if (request.premium || (clients && *clients <= platforms)) return {clients, false};
+  return {platforms, true};
+}
+
 /// Puts the job in the queue, due by `deadline`. A premium job goes only to a provider whose quote
 /// for what is left of it (its prompt and the tokens it may still produce) fits what is left of its
 /// hold after the attempts before (domain::hold_left_micros): its whole bill stays within the hold.
 expected<void, domain::error> push_queued(self_pointer self, const std::string& job_id, std::int64_t now,
                                  std::int64_t deadline) {
   const auto& job = self->state.jobs.at(job_id);
+  const auto [price_max, price_cap_is_platforms] = price_cap_of(self, job.request);
   std::optional<std::int64_t> cost_max;
   if (job.request.premium) {
     auto left = domain::hold_left_micros(job.hold_micros, job.earlier, job.request.quality,
@@ -383,10 +394,8 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .preferred_provider_id = {},
                                                     .avoided_provider_id = job.avoided_provider_id,
                                                     .cost_max_micros = cost_max,
-                                                    .price_max_micros_per_mtok =
-                                                        job.request.max_price_micros > 0
-                                                            ? std::optional<std::int64_t>(job.request.max_price_micros)
-                                                            : std::nullopt,
+                                                    .price_max_micros_per_mtok = price_max,
+                                                    .price_cap_is_platforms = price_cap_is_platforms,
                                                     .prompt_tokens = job.request.prompt_tokens,
                                                     .max_tokens = job.request.max_tokens - job.tokens_so_far},
                                  *self->state.index, now);

@@ -167,6 +167,10 @@ struct scheduler_options {
   /// Most jobs the scheduler holds at once (being checked, queued or running); one more is refused
   /// with limit_exceeded before anything is recorded. Default: 100,000.
   std::size_t jobs_live_max = 100'000;
+  /// Highest price per million tokens, input or output, of a provider a free job goes to: the
+  /// platform pays for free answers, and routing prefers an idle provider over a cheap one.
+  /// Default: 10 USD per million tokens.
+  std::int64_t free_tier_price_micros_per_mtok_max = 10'000'000;
   /// How long a job may wait in the queue before it fails with deadline_exceeded. Default: 60 s.
   std::chrono::microseconds queue_wait_max = std::chrono::seconds(60);
   /// How long an assigned job may wait for its first token before it goes to another provider

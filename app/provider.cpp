@@ -85,6 +85,8 @@ namespace {
 /// Most concurrent jobs an agent may be configured for: what the coordinator takes for one model
 /// (a hello asking for more is refused, and the agent would link again and again in vain).
 constexpr std::uint32_t provider_concurrency_max = domain::provider_options{}.offer_concurrency_max;
+/// The highest price the coordinator accepts for an offer.
+constexpr std::int64_t provider_price_micros_per_mtok_max = domain::provider_options{}.price_micros_per_mtok_max;
 /// Largest --context-length (the largest models' windows are 10 million tokens).
 constexpr std::uint32_t provider_context_tokens_max = 16'777'216;
 /// Longest --name kept (it goes into the User-Agent and logs).
@@ -129,8 +131,9 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
   if (options.max_concurrency == 0 || options.max_concurrency > provider_concurrency_max) {
     return unexpected{"--max-concurrency must be from 1 to " + std::to_string(provider_concurrency_max)};
   }
-  if (options.price_per_mtok_micros < 0) {
-    return unexpected{std::string("--price-per-mtok must not be negative")};
+  if (options.price_per_mtok_micros < 0 || options.price_per_mtok_micros > provider_price_micros_per_mtok_max) {
+    return unexpected{"--price-per-mtok must be from 0 to " + std::to_string(provider_price_micros_per_mtok_max) +
+                      " micro-USD per million tokens"};
   }
   if (options.probe_tokens == 0) return unexpected{std::string("probe_tokens must be at least 1")};
   if (options.context_length_tokens > provider_context_tokens_max) {

@@ -64,14 +64,15 @@ std::string unservable_message(const queued_job& job, const selection_options& o
                " provider or better)";
   }
   if (job.price_max_micros_per_mtok) {
-    message += " priced at most " + std::to_string(*job.price_max_micros_per_mtok) +
-               " micro-USD per million tokens (x_gpustream.max_price_micros)";
+    message += " priced at most " + std::to_string(*job.price_max_micros_per_mtok) + " micro-USD per million tokens" +
+               (job.price_cap_is_platforms ? " (the most the free tier pays)" : " (x_gpustream.max_price_micros)");
   }
   if (job.cost_max_micros) {
     message += " for at most " + std::to_string(*job.cost_max_micros) + " micro-USD (" +
                std::to_string(job.prompt_tokens) + " prompt tokens and up to " + std::to_string(job.max_tokens) +
                " completion tokens)";
   }
+  if (job.price_cap_is_platforms) return message + "; try another model";
   if (job.cost_max_micros || job.price_max_micros_per_mtok) {
     return message + "; allow a higher price, ask for fewer tokens, or try another model";
   }

@@ -48,9 +48,12 @@ struct queued_job {
   /// what is left of it, with max_tokens what is left to produce), so that no provider that came
   /// online later at a higher price bills more than was held.
   std::optional<std::int64_t> cost_max_micros{};
-  /// The highest price per million tokens, input and output alike, the client accepts
-  /// (x_gpustream.max_price_micros; none: any).
+  /// The highest price per million tokens, input and output alike, the job may go to: the
+  /// client's x_gpustream.max_price_micros, or for a free job the most the platform pays when
+  /// that is lower (see price_cap_is_platforms); none: any.
   std::optional<std::int64_t> price_max_micros_per_mtok{};
+  /// The price cap is the most the platform pays for a free job, not the client's own.
+  bool price_cap_is_platforms = false;
   std::uint32_t prompt_tokens = 0;  ///< with a cap: what it quotes
   std::uint32_t max_tokens = 0;     ///< with a cap: what it quotes
 

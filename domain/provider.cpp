@@ -213,6 +213,13 @@ decision decide_advertise(const provider::state& s, const provider::advertise& c
     if (auto problem = offer_problem(m); !problem.empty()) {
       return refuse(errc::invalid_argument, std::move(problem));
     }
+    if (std::max(m.input_price_micros_per_mtok, m.output_price_micros_per_mtok) > options.price_micros_per_mtok_max) {
+      return refuse(errc::limit_exceeded,
+                    "model " + m.model_name + " is priced at " + std::to_string(m.input_price_micros_per_mtok) +
+                        " in, " + std::to_string(m.output_price_micros_per_mtok) +
+                        " out (micro-USD per million tokens); at most " +
+                        std::to_string(options.price_micros_per_mtok_max) + " is allowed");
+    }
     if (m.max_concurrency > options.offer_concurrency_max) {
       return refuse(errc::limit_exceeded,
                     "model " + m.model_name + " asks for " + std::to_string(m.max_concurrency) +

@@ -34,6 +34,11 @@ struct provider_options {
   std::uint32_t models_advertised_max = 64;
   /// Most jobs one offer may serve at once. Default: 256.
   std::uint32_t offer_concurrency_max = 256;
+  /// Highest input or output price of an offer, micro-USD per million tokens. Routing prefers an
+  /// idle provider over a cheap one, and a premium job is quoted at the highest online price, so an
+  /// absurd price would be paid out of the free tier's subsidy or refuse every premium job of its
+  /// model. Default: 1,000 USD per million tokens (above any model's list price).
+  std::int64_t price_micros_per_mtok_max = 1'000'000'000;
 };
 
 struct provider {

@@ -362,6 +362,26 @@ TEST_F(scheduler_test, a_max_price_below_every_online_providers_is_refused_at_on
   EXPECT_EQ(job("j4").status, domain::job_status::queued);
 }
 
+TEST_F(scheduler_test, a_free_job_goes_only_to_a_provider_priced_within_what_the_free_tier_pays) {
+  const std::int64_t most = scheduler_options{}.free_tier_price_micros_per_mtok_max;
+  bring_online("dear", "llama-8b", 1, most + 1);
+  create_user("erin", events::user_tier::free, 0);
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j1", "erin", false));
+  ASSERT_FALSE(refused) << "the platform would pay it out of the free tier's subsidy";
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
+  EXPECT_NE(describe(refused.error()).find("priced at most 10000000 micro-USD per million tokens (the most the free tier pays)"),
+            std::string::npos)
+      << describe(refused.error());
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  auto premium = request("j2", "dave", true);
+  premium.max_price_micros = 0;  // any price
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, premium)) << "a premium client pays it";
+  EXPECT_EQ(job("j2").provider_id, "dear");
+  bring_online("at-most", "llama-8b", 1, most);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "erin", false)));
+  EXPECT_EQ(job("j3").provider_id, "at-most");
+}
+
 TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_not_get_the_job) {
   // j1's hold is its quote at the prices online when it came, 1,500 micros: a provider asking ten
   // times as much, online later, would bill it past what its user's balance holds for it.

@@ -183,6 +183,13 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   broken = options;
   broken.price_per_mtok_micros = -1;
   EXPECT_FALSE(resolve_provider_options(broken));
+  auto dearest = options;
+  dearest.price_per_mtok_micros = 1'000'000'000;  // what the coordinator takes
+  EXPECT_TRUE(resolve_provider_options(dearest));
+  broken.price_per_mtok_micros = 1'000'000'001;
+  const auto too_dear = resolve_provider_options(broken);
+  ASSERT_FALSE(too_dear);
+  EXPECT_NE(too_dear.error().find("--price-per-mtok must be from 0 to 1000000000"), std::string::npos) << too_dear.error();
   auto widest = options;
   widest.context_length_tokens = 16'777'216;
   EXPECT_TRUE(resolve_provider_options(widest));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <limits>
 
 namespace gpustream::domain {
 namespace {
@@ -172,6 +173,28 @@ TEST(provider, offer_concurrency_max_is_a_limit) {
   const auto result = h.run(provider::advertise{{offer("m", options.offer_concurrency_max + 1)}}, t0);
   ASSERT_FALSE(result.has_value());
   EXPECT_EQ(result.error().code, errc::limit_exceeded);
+}
+
+TEST(provider, price_micros_per_mtok_max_is_a_limit) {
+  const provider_options options;
+  const std::int64_t max = options.price_micros_per_mtok_max;
+  harness h;
+  h.ok(provider::create{"p1", "u1", "rig", digest(7)}, t0);
+  h.ok(provider::connect{}, t0);
+  auto priced = [](std::int64_t in, std::int64_t out) {
+    auto o = offer("m", 4);
+    o.input_price_micros_per_mtok = in;
+    o.output_price_micros_per_mtok = out;
+    return o;
+  };
+  h.ok(provider::advertise{{priced(max, max)}}, t0);
+  for (const auto& over : {priced(max + 1, 0), priced(0, max + 1),
+                           priced(std::numeric_limits<std::int64_t>::max(), 1)}) {
+    const auto result = h.run(provider::advertise{{over}}, t0);
+    ASSERT_FALSE(result.has_value());
+    EXPECT_EQ(result.error().code, errc::limit_exceeded);
+    EXPECT_NE(result.error().message.find("at most 1000000000"), std::string::npos) << result.error().message;
+  }
 }
 
 TEST(provider, disconnect_closes_the_session_once) {
