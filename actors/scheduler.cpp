@@ -396,6 +396,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .cost_max_micros = cost_max,
                                                     .price_max_micros_per_mtok = price_max,
                                                     .price_cap_is_platforms = price_cap_is_platforms,
+                                                    .context_tokens_min = job.request.context_tokens_min,
                                                     .prompt_tokens = job.request.prompt_tokens,
                                                     .max_tokens = job.request.max_tokens - job.tokens_so_far},
                                  *self->state.index, now);

@@ -60,6 +60,9 @@ struct job_request {
   std::int64_t contribution_score = 0;
   /// Optional: told when the scheduler fails or expires the job by itself.
   job_watcher watcher{};
+  /// The context window the job needs (its prompt and the client's max_tokens): it goes only to
+  /// a provider serving the model with at least this window. 0: any.
+  std::uint32_t context_tokens_min = 0;
 };
 
 /// The answer to an accepted job request: it is queued (persisted) with this priority.

@@ -72,10 +72,15 @@ std::string unservable_message(const queued_job& job, const selection_options& o
                std::to_string(job.prompt_tokens) + " prompt tokens and up to " + std::to_string(job.max_tokens) +
                " completion tokens)";
   }
+  if (job.context_tokens_min != 0) {
+    message += " with a context window of at least " + std::to_string(job.context_tokens_min) +
+               " tokens (the prompt and max_tokens)";
+  }
   if (job.price_cap_is_platforms) return message + "; try another model";
   if (job.cost_max_micros || job.price_max_micros_per_mtok) {
     return message + "; allow a higher price, ask for fewer tokens, or try another model";
   }
+  if (job.context_tokens_min != 0) return message + "; shorten the prompt or max_tokens, or try another model";
   return message + "; try another model or a lower quality tier";
 }
 
@@ -85,14 +90,17 @@ job_queue::job_queue(job_queue_options options) : options_(options) {}
 
 job_queue::group_key job_queue::group_of(const queued_job& job) {
   const std::int64_t price_max = job.price_max_micros_per_mtok.value_or(-1);
-  if (!job.cost_max_micros) return {job.model, job.quality, -1, price_max, 0, 0};
-  return {job.model, job.quality, *job.cost_max_micros, price_max, job.prompt_tokens, job.max_tokens};
+  if (!job.cost_max_micros) return {job.model, job.quality, -1, price_max, 0, 0, job.context_tokens_min};
+  return {job.model,        job.quality,    *job.cost_max_micros, price_max,
+          job.prompt_tokens, job.max_tokens, job.context_tokens_min};
 }
 
 offer_filter job_queue::affordable(const queued_job& job) const {
-  if (!job.cost_max_micros && !job.price_max_micros_per_mtok) return {};
+  if (!job.cost_max_micros && !job.price_max_micros_per_mtok && job.context_tokens_min == 0) return {};
   return [this, cost_max = job.cost_max_micros, price_max = job.price_max_micros_per_mtok, quality = job.quality,
-          prompt = job.prompt_tokens, max_tokens = job.max_tokens](const online_offer& offer) {
+          prompt = job.prompt_tokens, max_tokens = job.max_tokens,
+          window = job.context_tokens_min](const online_offer& offer) {
+    if (offer.context_length_tokens != 0 && offer.context_length_tokens < window) return false;
     if (price_max && (offer.input_price_micros_per_mtok > *price_max || offer.output_price_micros_per_mtok > *price_max)) {
       return false;
     }

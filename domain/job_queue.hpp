@@ -54,6 +54,9 @@ struct queued_job {
   std::optional<std::int64_t> price_max_micros_per_mtok{};
   /// The price cap is the most the platform pays for a free job, not the client's own.
   bool price_cap_is_platforms = false;
+  /// The context window the job needs, prompt and completion together: only an offer that
+  /// serves the model with at least this window (or an unknown one) takes it. 0: any.
+  std::uint32_t context_tokens_min = 0;
   std::uint32_t prompt_tokens = 0;  ///< with a cap: what it quotes
   std::uint32_t max_tokens = 0;     ///< with a cap: what it quotes
 
@@ -128,13 +131,13 @@ class job_queue {
  private:
   /// (service_at_us, arrival number): the queue's order; the arrival number breaks ties.
   using order_key = std::pair<std::int64_t, std::uint64_t>;
-  /// (model, quality, cost_max_micros, price_max_micros_per_mtok, prompt_tokens, max_tokens); -1
-  /// for a cap not set, and the tokens 0 without a cost cap.
-  using group_key =
-      std::tuple<std::string, events::quality_tier, std::int64_t, std::int64_t, std::uint32_t, std::uint32_t>;
+  /// (model, quality, cost_max_micros, price_max_micros_per_mtok, prompt_tokens, max_tokens,
+  /// context_tokens_min); -1 for a cap not set, and the tokens 0 without a cost cap.
+  using group_key = std::tuple<std::string, events::quality_tier, std::int64_t, std::int64_t, std::uint32_t,
+                               std::uint32_t, std::uint32_t>;
 
   [[nodiscard]] static group_key group_of(const queued_job& job);
-  /// The offers a job's cap admits; empty for a job without one.
+  /// The offers a job's caps and window admit; empty for a job without either.
   [[nodiscard]] offer_filter affordable(const queued_job& job) const;
 
   void erase(std::map<order_key, queued_job>::iterator it);

@@ -74,7 +74,8 @@ provider_listing listing_for(const provider::state& state, std::int64_t now_us) 
                            is_suspended(state, now_us), {}};
   for (const auto& offer : state.offers) {
     listing.offers.push_back({offer.model_name, offer.input_price_micros_per_mtok,
-                              offer.output_price_micros_per_mtok, offer.max_concurrency});
+                              offer.output_price_micros_per_mtok, offer.max_concurrency,
+                              offer.context_length_tokens});
   }
   return listing;
 }
@@ -184,14 +185,14 @@ void selection_index::unrank(entry& e) {
 void selection_index::withdraw(entry& e) {
   if (e.ranked) unrank(e);
   if (e.counted) {
-    for (std::size_t i = 0; i < e.places.size(); ++i) --group_of(e, i).unsuspended;
+    for (std::size_t i = 0; i < e.places.size(); ++i) group_of(e, i).unsuspended.erase(&e);
     e.counted = false;
   }
 }
 
 void selection_index::admit(entry& e) {
   if (e.provider.suspended) return;
-  for (std::size_t i = 0; i < e.places.size(); ++i) ++group_of(e, i).unsuspended;
+  for (std::size_t i = 0; i < e.places.size(); ++i) group_of(e, i).unsuspended.insert(&e);
   e.counted = true;
   if (accepts_work(e.provider, options_)) rank(e);
 }
@@ -249,7 +250,8 @@ expected<void, error> selection_index::list(const provider_listing& listing) {
   p.concurrency_max = 0;
   for (const auto& listed : listing.offers) {
     online_offer offer{listed.model_name, listed.input_price_micros_per_mtok,
-                       listed.output_price_micros_per_mtok, listed.max_concurrency};
+                       listed.output_price_micros_per_mtok, listed.max_concurrency,
+                       listed.context_length_tokens};
     // A model offered again keeps what was measured about it.
     for (const auto& old : p.offers) {
       if (old.model_name != listed.model_name) continue;
@@ -480,7 +482,7 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
   if (bucket == models_.end() || !level_min) return false;
   std::size_t candidates = 0;
   for (std::size_t level = *level_min; level < level_count; ++level) {
-    candidates += bucket->second.levels[level].unsuspended;
+    candidates += bucket->second.levels[level].unsuspended.size();
   }
   if (const auto* excluded = excluded_provider_id.empty() ? nullptr : find(excluded_provider_id)) {
     const bool counted = !excluded->suspended && static_cast<std::size_t>(excluded->level) >= *level_min &&
@@ -495,7 +497,8 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
                                 std::string_view excluded_provider_id, const offer_filter& affordable) const {
   if (!affordable) return can_serve(model, quality, excluded_provider_id);
   const auto level_min = level_min_for(quality, options_);
-  if (!level_min || !models_.contains(model)) return false;
+  const auto bucket = models_.find(model);
+  if (!level_min || bucket == models_.end()) return false;
   const selection_request request{.model = model,
                                   .quality = quality,
                                   .policy = selection_policy::qmesh,
@@ -503,10 +506,14 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
                                   .preferred_provider_id = {},
                                   .excluded_provider_id = excluded_provider_id,
                                   .affordable = affordable};
-  return std::any_of(providers_.begin(), providers_.end(), [&](const auto& listed) {
-    const auto& p = listed.second.provider;
-    return !p.suspended && level_index(p.level) >= *level_min && fits(listed.second, request);
-  });
+  // The model's providers only, stopping at the first that fits (most do).
+  for (std::size_t level = *level_min; level < level_count; ++level) {
+    const auto& candidates = bucket->second.levels[level].unsuspended;
+    if (std::any_of(candidates.begin(), candidates.end(), [&](const entry* e) { return fits(*e, request); })) {
+      return true;
+    }
+  }
+  return false;
 }
 
 const online_provider* selection_index::find(std::string_view provider_id) const {

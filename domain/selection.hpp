@@ -57,6 +57,9 @@ struct listed_offer {
   std::int64_t input_price_micros_per_mtok = 0;
   std::int64_t output_price_micros_per_mtok = 0;
   std::uint32_t max_concurrency = 0;
+  /// The window the provider serves the model with, prompt and completion together; 0: unknown
+  /// (no job's window is checked against it).
+  std::uint32_t context_length_tokens = 0;
 };
 
 /// What the provider aggregate tells the index about one provider.
@@ -131,6 +134,7 @@ struct online_offer {
   std::int64_t input_price_micros_per_mtok = 0;
   std::int64_t output_price_micros_per_mtok = 0;
   std::uint32_t max_concurrency = 0;
+  std::uint32_t context_length_tokens = 0;  ///< as listed_offer's
   bool measured = false;                 ///< false until the first speed sample
   std::int64_t ttft_ewma_us = 0;
   std::int64_t tokens_per_second_ewma = 0;
@@ -253,7 +257,8 @@ class selection_index {
     std::set<rank_key> cheap;   ///< (price, -availability)
     std::set<rank_key> fast;    ///< (estimated_us, price)
     std::vector<entry*> members;        ///< for random draws; order is arbitrary
-    std::uint32_t unsuspended = 0;      ///< listed and not suspended, accepting work or not
+    /// Listed and not suspended, accepting work or not (can_serve's candidates).
+    std::set<const entry*> unsuspended;
   };
 
   static constexpr std::size_t level_count = 7;
@@ -273,7 +278,7 @@ class selection_index {
     online_provider provider;
     std::vector<offer_place> places;  ///< one per offer, same order
     bool ranked = false;              ///< in its groups' sets (accepts work)
-    bool counted = false;             ///< in its groups' `unsuspended` counts
+    bool counted = false;             ///< in its groups' `unsuspended` sets
   };
 
   /// Where one offer of a provider sits in its group's sets.

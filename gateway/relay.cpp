@@ -188,6 +188,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     request.conversation_id = job.request.extension.conversation_id;
     request.contribution_score = job.contribution_score;
     request.watcher = watcher_;
+    // Without the client's max_tokens a backend answers within whatever its window leaves.
+    request.context_tokens_min = job.prompt_tokens + job.request.max_tokens.value_or(1);
     const bool wants_ad = !job.premium && ads_ != nullptr;
     std::string prompt_text = wants_ad ? prompt_of(job.request) : std::string{};
     const std::string user_id = job.user_id;
@@ -225,7 +227,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
           m.price_per_mtok_min_micros = price;
           m.price_per_mtok_max_micros = price;
         }
-        m.context_length = std::min(m.context_length, offer.context_length_tokens);
+        m.context_length = std::max(m.context_length, offer.context_length_tokens);
         m.price_per_mtok_min_micros = std::min(m.price_per_mtok_min_micros, price);
         m.price_per_mtok_max_micros = std::max(m.price_per_mtok_max_micros, price);
         m.providers_online += 1;
@@ -237,15 +239,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   }
 
   std::optional<std::uint32_t> context_length(const std::string& model) const {
-    std::optional<std::uint32_t> smallest;
+    std::optional<std::uint32_t> largest;
     std::lock_guard lock(providers_mutex_);
     for (const auto& [provider_id, offers] : providers_) {
       for (const auto& offer : offers) {
         if (offer.model_name != model) continue;
-        smallest = std::min(smallest.value_or(offer.context_length_tokens), offer.context_length_tokens);
+        largest = std::max(largest.value_or(0), offer.context_length_tokens);
       }
     }
-    return smallest;
+    return largest;
   }
 
   std::size_t live_jobs() const {

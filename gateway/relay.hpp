@@ -126,10 +126,11 @@ class relay {
   /// Submits the job to the scheduler and answers the client when it ends (streamed or whole).
   void submit(relay_job job);
 
-  /// Models served by online providers, with context length (the smallest among them, so that
-  /// any provider chosen can take a request that fits) and price range.
+  /// Models served by online providers, with context length (the largest among them: a request
+  /// goes only to a provider whose window holds it) and price range.
   [[nodiscard]] std::vector<model_listing> models() const;
-  /// The context length a request for `model` must fit, or nothing when no online provider serves it.
+  /// The context length a request for `model` must fit (the largest online; the scheduler sends
+  /// it to a provider whose own window holds it), or nothing when no online provider serves it.
   [[nodiscard]] std::optional<std::uint32_t> context_length(const std::string& model) const;
   /// Live jobs now.
   [[nodiscard]] std::size_t live_jobs() const;

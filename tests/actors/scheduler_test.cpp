@@ -382,6 +382,22 @@ TEST_F(scheduler_test, a_free_job_goes_only_to_a_provider_priced_within_what_the
   EXPECT_EQ(job("j3").provider_id, "at-most");
 }
 
+TEST_F(scheduler_test, a_job_goes_only_to_a_provider_whose_window_holds_it) {
+  bring_online("p1", "llama-8b", 1);  // an 8,192-token window
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  auto wide = request("j1", "dave", true);
+  wide.context_tokens_min = 8'193;
+  auto refused = ask<job_accepted>(rt_.scheduler, wide);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
+  EXPECT_NE(describe(refused.error()).find("with a context window of at least 8193 tokens"), std::string::npos)
+      << describe(refused.error());
+  auto fits = request("j2", "dave", true);
+  fits.context_tokens_min = 8'192;
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, fits));
+  EXPECT_EQ(job("j2").provider_id, "p1");
+}
+
 TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_not_get_the_job) {
   // j1's hold is its quote at the prices online when it came, 1,500 micros: a provider asking ten
   // times as much, online later, would bill it past what its user's balance holds for it.

@@ -3,11 +3,13 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstdlib>
 #include <iostream>
 #include <map>
 #include <random>
 #include <set>
+#include <tuple>
 
 #include "domain/priority.hpp"
 
@@ -265,6 +267,9 @@ struct simulation {
 
   std::uint64_t below(std::uint64_t n) { return rng() % n; }
 
+  /// A model's window as listed (0: unknown), or a job's need.
+  std::uint32_t window() { return std::array<std::uint32_t, 4>{0, 2'000, 8'000, 50'000}[below(4)]; }
+
   void leave(const std::string& job_id, const std::string& how) {
     ASSERT_TRUE(pushed.contains(job_id)) << job_id;
     ASSERT_TRUE(outcome.emplace(job_id, how).second) << job_id << " left twice";
@@ -276,7 +281,7 @@ struct simulation {
       case 0: {
         std::vector<listed_offer> offers;
         for (const auto& m : models) {
-          if (below(3) == 0) offers.push_back({m, 1, 1, 1 + static_cast<std::uint32_t>(below(3))});
+          if (below(3) == 0) offers.push_back({m, 1, 1, 1 + static_cast<std::uint32_t>(below(3)), window()});
         }
         const auto score = static_cast<std::int64_t>(below(3) * 400);
         ASSERT_TRUE(index.list({id, level_for_score(score), score, below(12) == 0, offers}));
@@ -303,6 +308,7 @@ struct simulation {
     j.queued_at_us = now - static_cast<std::int64_t>(below(3) * second_us);
     j.deadline_at_us = now + 1 + static_cast<std::int64_t>(below(30) * second_us);
     if (below(5) == 0) j.preferred_provider_id = "p" + std::to_string(below(12));
+    j.context_tokens_min = window();
     if (queue.push(j, index, now)) {
       arrival[j.job_id] = next_job;
       pushed.emplace(j.job_id, j);
@@ -324,7 +330,8 @@ struct simulation {
       const auto* p = index.find(id);
       if (!accepts_work(*p, index.options()) || p->level < level_min) continue;
       for (const auto& o : p->offers) {
-        if (o.model_name == j.model) return true;
+        const bool holds = o.context_length_tokens == 0 || o.context_length_tokens >= j.context_tokens_min;
+        if (o.model_name == j.model && holds) return true;
       }
     }
     return false;
@@ -341,10 +348,10 @@ struct simulation {
       taken.insert(a.job.job_id);
     }
     // In one group, nobody is assigned while an earlier job of the group is left waiting.
-    std::map<std::pair<std::string, quality_tier>, bool> skipped;
+    std::map<std::tuple<std::string, quality_tier, std::uint32_t>, bool> skipped;
     for (const auto& j : waiting_before) {
       if (j.deadline_at_us <= now) continue;
-      auto& group_skipped = skipped[{j.model, j.quality}];
+      auto& group_skipped = skipped[{j.model, j.quality, j.context_tokens_min}];
       if (taken.contains(j.job_id)) {
         ASSERT_FALSE(group_skipped) << j.job_id << " overtook a job of its own group";
       } else {
@@ -452,6 +459,43 @@ TEST(job_queue, a_capped_job_goes_only_to_a_provider_within_its_cap_and_holds_up
   ASSERT_TRUE(index.unlist("cheap"));
   EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"capped-2"});
   EXPECT_TRUE(queue.empty());
+}
+
+TEST(job_queue, a_job_goes_only_to_a_provider_whose_window_holds_its_prompt_and_max_tokens) {
+  selection_index index;
+  // "small" serves m with a 4,096-token window (LM Studio's default), "large" with 131,072, and
+  // "unknown" says nothing of its window.
+  ASSERT_TRUE(index.list({"small", level_for_score(0), 0, false, {{"m", 100, 100, 4, 4'096}}}));
+  job_queue queue;
+  auto wide = job("wide");
+  wide.context_tokens_min = 100'000;
+  const auto refused = queue.push(wide, index, t0);
+  expect_refused(refused, errc::no_provider);
+  EXPECT_NE(refused.error().message.find("with a context window of at least 100000 tokens"), std::string::npos)
+      << refused.error().message;
+  EXPECT_NE(refused.error().message.find("shorten the prompt or max_tokens"), std::string::npos) << refused.error().message;
+
+  ASSERT_TRUE(index.list({"large", level_for_score(0), 0, false, {{"m", 900, 900, 4, 131'072}}}));
+  ASSERT_TRUE(queue.push(wide, index, t0));
+  auto narrow = job("narrow", "m", 0, t0 + 1);
+  narrow.context_tokens_min = 4'096;  // just fits the small window
+  ASSERT_TRUE(queue.push(narrow, index, t0 + 1));
+  assign_options cheapest;
+  cheapest.policy = selection_policy::cheapest;
+  auto assigned = queue.pop_assignable(index, cheapest, t0 + 2);
+  ASSERT_EQ(assigned.size(), 2u);
+  EXPECT_EQ(assigned[0].job.job_id, "wide");
+  EXPECT_EQ(assigned[0].provider_id, "large") << "the cheaper one's window is too small";
+  EXPECT_EQ(assigned[1].provider_id, "small");
+
+  // A window nobody listed is not checked; the last provider whose window may hold a queued job
+  // going takes the job out as unservable.
+  ASSERT_TRUE(index.list({"unknown", level_for_score(0), 0, false, {{"m", 100, 100, 4, 0}}}));
+  auto huge = job("huge", "m", 0, t0 + 3);
+  huge.context_tokens_min = 1'000'000;
+  ASSERT_TRUE(queue.push(huge, index, t0 + 3));
+  ASSERT_TRUE(index.unlist("unknown"));
+  EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"huge"});
 }
 
 }  // namespace

@@ -88,6 +88,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       [log, admitted](actors::job_request& request) -> caf::result<actors::job_accepted> {
         (*admitted)[request.job_id] = request;
         log->set_watcher(request.watcher);
+        log->add("window " + request.job_id + " " + std::to_string(request.context_tokens_min));
         log->add("request " + request.job_id);
         return actors::job_accepted{request.job_id, 0, 0};
       },
@@ -277,6 +278,30 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
   job.reply = reply;
   world.relay.submit(std::move(job));
   ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+}
+
+TEST(relay, a_model_is_served_within_its_largest_window_and_a_job_asks_for_a_provider_whose_window_holds_it) {
+  relay_world world;
+  const auto offer = [](std::uint32_t window) {
+    return events::model_offer{.model_name = "m", .context_length_tokens = window, .quantisation = "Q4",
+                               .input_price_micros_per_mtok = 1, .output_price_micros_per_mtok = 1, .max_concurrency = 1};
+  };
+  world.relay.provider_online({"large", {offer(131'072)}});
+  world.relay.provider_online({"small", {offer(4'096)}});  // listed after: one provider cannot shrink the model
+  EXPECT_EQ(world.relay.context_length("m"), 131'072u);
+  const auto models = world.relay.models();
+  ASSERT_EQ(models.size(), 1u);
+  EXPECT_EQ(models[0].context_length, 131'072u);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false, 20, 100));
+  EXPECT_TRUE(world.log->wait_for("window j1 120", 10s)) << "its prompt and max_tokens";
+}
+
+TEST(relay, a_job_without_max_tokens_needs_a_window_with_room_for_one_token_past_its_prompt) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false, 20));
+  EXPECT_TRUE(world.log->wait_for("window j1 21", 10s));
 }
 
 /// How many times `needle` occurs in `text`.
