@@ -382,15 +382,22 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// or never stops). It ends here as cut by its length, billed at its budget as any longer answer
   /// is; the scheduler tells its provider to stop. Nothing when the answer waits for its ad first.
   std::optional<ended_attempt> cut_off(live_job& live, const std::string& provider_id) {
+    actors::job_result result;
+    result.cut = true;
+    time_attempt(live, result);
+    return end_attempt(live, provider_id, std::move(result), "length");
+  }
+
+  /// With `live`'s lock held: the attempt's times as the relay saw them, from its offer to its
+  /// first piece (to its end, for an empty answer) and to now. They score the provider and rank it
+  /// for `fastest`, so an agent's own figures, which it could make up, are not used.
+  static void time_attempt(const live_job& live, actors::job_result& result) {
     const auto now = clock::now();
     const auto micros = [&](clock::time_point t) {
       return std::chrono::duration_cast<std::chrono::microseconds>(t - live.offered_at).count();
     };
-    actors::job_result result;
-    result.cut = true;
-    result.ttft_us = micros(live.attempt_first_at);
+    result.ttft_us = micros(live.attempt_first_at >= live.offered_at ? live.attempt_first_at : now);
     result.total_us = micros(now);
-    return end_attempt(live, provider_id, std::move(result), "length");
   }
 
   /// With `live`'s lock held: the current attempt, of `provider_id`, ended with `result` (what
@@ -432,8 +439,6 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     actors::job_result result;
     result.provider_reported_tokens = d.completion_tokens_reported;
     result.prompt_tokens_reported = d.prompt_tokens_reported;
-    result.ttft_us = d.ttft_us;
-    result.total_us = d.total_us;
     std::optional<ended_attempt> ended;
     {
       std::lock_guard lock(live->mutex);
@@ -442,7 +447,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->attempt_started = true;
         send_started(provider_id, d.job_id);
       }
-      if (options_.observer.provider_ttft) options_.observer.provider_ttft(std::chrono::microseconds(d.ttft_us));
+      time_attempt(*live, result);
+      // The backend's own first-token time (the agent's figure, without the link), for the
+      // metrics: within what the relay saw.
+      if (options_.observer.provider_ttft) {
+        options_.observer.provider_ttft(std::chrono::microseconds(std::clamp<std::int64_t>(d.ttft_us, 0, result.ttft_us)));
+      }
       ended = end_attempt(*live, provider_id, std::move(result), std::string(client_finish_reason(d.finish_reason)));
     }
     if (ended) finish_with_ad(std::move(ended->result), std::move(ended->finish_reason), std::move(ended->impression));

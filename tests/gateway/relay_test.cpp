@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -103,6 +104,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       [log, admitted](actors::job_result& result) -> caf::result<actors::job_ended> {
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         if (result.cut) log->add("cut " + result.job_id);
+        log->add("timing " + result.job_id + " " + std::to_string(result.ttft_us) + " " + std::to_string(result.total_us));
         log->add("result " + result.job_id);
         const auto& job = (*admitted)[result.job_id];
         actors::job_ended ended{result.job_id, domain::job_status::completed, 0, 0};
@@ -485,6 +487,31 @@ TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
   EXPECT_TRUE(world.log->wait_for("tokens j1 12", 10s)) << "the scheduler is told every piece";
   EXPECT_NE(body.find(R"("content":"xxxxxxxxxxxx")"), std::string::npos) << body;
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":10,"total_tokens":17)"), std::string::npos) << body;
+}
+
+TEST(relay, an_attempt_is_timed_by_the_relays_clock_not_by_the_figures_its_agent_sends) {
+  // The times score the provider and rank it for `fastest`; an agent could make up its own (a
+  // negative first-token time made the outcome unrecordable, which dodged the suspicion counters).
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+  const auto before_offer = std::chrono::steady_clock::now();
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .ttft_us = -1'000'000, .total_us = 1, .attempt = 1});
+  (void)answered_body(*reply);
+  ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+  const auto bound_us =
+      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - before_offer).count();
+  const auto events = world.log->events();
+  const auto timing = std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("timing j1 "); });
+  ASSERT_NE(timing, events.end());
+  std::int64_t ttft_us = -1;
+  std::int64_t total_us = -1;
+  std::istringstream(timing->substr(std::string_view("timing j1 ").size())) >> ttft_us >> total_us;
+  EXPECT_GE(ttft_us, 0) << *timing;
+  EXPECT_GE(total_us, ttft_us) << *timing;
+  EXPECT_LE(total_us, bound_us) << *timing;
 }
 
 TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
