@@ -57,23 +57,31 @@ std::string header_safe(std::string_view value) {
   return out;
 }
 
+/// Whether the connection stays open after an answer, and how the answer says so: HTTP/1.1 keeps
+/// it by default, HTTP/1.0 only when the answer says keep-alive (or the client waits for the close).
+enum class connection_after : std::uint8_t { close, keep, keep_http10 };
+
+/// An answer with no body whatever its headers say (RFC 9110 8.6): no Content-Length or -Type.
+bool bodiless(unsigned status) { return status < 200 || status == 204 || status == 304; }
+
 std::string status_line_and_headers(unsigned status, std::string_view content_type,
-                                    const http_headers& headers, bool keep_alive) {
+                                    const http_headers& headers, connection_after connection) {
   std::string out = "HTTP/1.1 " + std::to_string(status) + " ";
   out += http::obsolete_reason(static_cast<http::status>(status));
-  out += "\r\nServer: gpustream\r\nContent-Type: ";
-  out += header_safe(content_type);
-  out += "\r\n";
+  out += "\r\nServer: gpustream\r\n";
+  if (!bodiless(status)) out += "Content-Type: " + header_safe(content_type) + "\r\n";
   for (const auto& [name, value] : headers) {
     out += header_safe(name) + ": " + header_safe(value) + "\r\n";
   }
-  if (!keep_alive) out += "Connection: close\r\n";
+  if (connection == connection_after::close) out += "Connection: close\r\n";
+  if (connection == connection_after::keep_http10) out += "Connection: keep-alive\r\n";
   return out;
 }
 
 /// The whole answer; without its body for a HEAD request, whose Content-Length is still the body's.
-std::string serialize(const http_response& response, bool keep_alive, bool head = false) {
-  std::string out = status_line_and_headers(response.status, response.content_type, response.headers, keep_alive);
+std::string serialize(const http_response& response, connection_after connection, bool head = false) {
+  std::string out = status_line_and_headers(response.status, response.content_type, response.headers, connection);
+  if (bodiless(response.status)) return out + "\r\n";
   out += "Content-Length: " + std::to_string(response.body.size()) + "\r\n\r\n";
   if (!head) out += response.body;
   return out;
@@ -99,7 +107,8 @@ std::string remote_address_of(const tcp::socket& socket) {
   return ec ? std::string() : remote.address().to_string();
 }
 
-http_request to_request(http::request<http::string_body>&& message, std::string_view remote_address) {
+/// The request without its body.
+http_request head_of(const http::request<http::string_body>& message, std::string_view remote_address) {
   http_request request;
   request.method = std::string(message.method_string());
   request.target = std::string(message.target());
@@ -108,8 +117,13 @@ http_request to_request(http::request<http::string_body>&& message, std::string_
     for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
     request.headers.emplace(std::move(name), std::string(field.value()));
   }
-  request.body = std::move(message.body());
   request.remote_address = remote_address;
+  return request;
+}
+
+http_request to_request(http::request<http::string_body>&& message, std::string_view remote_address) {
+  http_request request = head_of(message, remote_address);
+  request.body = std::move(message.body());
   return request;
 }
 
@@ -384,7 +398,9 @@ class session : public std::enable_shared_from_this<session> {
 
   void reject_busy() {
     keep_alive_ = false;
-    queue(serialize(json_error(503, "too many open connections; retry later", "server_error"), false));
+    auto busy = json_error(503, "too many open connections; retry later", "server_error");
+    if (options_.on_refusal) options_.on_refusal(nullptr, busy);
+    queue(serialize(busy, connection_after::close));
     complete_ = true;
     write_next();
   }
@@ -394,7 +410,7 @@ class session : public std::enable_shared_from_this<session> {
     if (!answering(request) || started_) return;
     started_ = true;
     complete_ = true;
-    queue(serialize(response, keep_alive_, head_));
+    queue(serialize(response, connection(), head_));
     write_next();
   }
 
@@ -405,7 +421,7 @@ class session : public std::enable_shared_from_this<session> {
     // HTTP/1.0 has no chunked encoding: the answer's end is the connection's.
     if (chunked_) headers.emplace_back("Transfer-Encoding", "chunked");
     else keep_alive_ = false;
-    queue(status_line_and_headers(status, content_type, headers, keep_alive_) + "\r\n");
+    queue(status_line_and_headers(status, content_type, headers, connection()) + "\r\n");
     flush_soon();  // or sooner, with the first piece when that follows at once
   }
 
@@ -488,10 +504,15 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void on_read(beast::error_code ec) {
-    if (ec == http::error::header_limit) return refuse(json_error(431, "request headers exceed header_bytes_max", "invalid_request_error"));
-    if (ec == http::error::body_limit) return refuse(json_error(413, "request body exceeds body_bytes_max", "invalid_request_error"));
+    if (ec == http::error::header_limit) {
+      return refuse(json_error(431, "request headers exceed header_bytes_max", "invalid_request_error"), nullptr);
+    }
+    if (ec == http::error::body_limit) {
+      const auto head = head_of(parser_->get(), remote_address_);  // its headers were read whole
+      return refuse(json_error(413, "request body exceeds body_bytes_max", "invalid_request_error"), &head);
+    }
     if (is_malformed_request(ec)) {
-      return refuse(json_error(400, "malformed HTTP request: " + ec.message(), "invalid_request_error"));
+      return refuse(json_error(400, "malformed HTTP request: " + ec.message(), "invalid_request_error"), nullptr);
     }
     if (ec) return gone();
     auto& message = parser_->get();
@@ -512,24 +533,35 @@ class session : public std::enable_shared_from_this<session> {
     try {
       handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), answered));
     } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
-      send(answered, json_error(500, "internal error", "server_error"));
+      auto failed = json_error(500, "internal error", "server_error");
+      if (options_.on_refusal) options_.on_refusal(nullptr, failed);
+      send(answered, std::move(failed));
     }
   }
 
   void on_upgrade(http::request<http::string_body> message) {
-    auto decision = upgrade_(to_request(http::request<http::string_body>(message), remote_address_));
-    if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused));
+    const auto head = head_of(message, remote_address_);
+    auto decision = upgrade_(head);
+    if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused), &head);
     auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_, websockets_);
     ws->accept(std::move(message), std::move(std::get<websocket_accept>(decision).on_open));
   }
 
-  void refuse(http_response response) {
+  /// Answers `response` and closes; `head` is the request's, when it was read.
+  void refuse(http_response response, const http_request* head) {
     keep_alive_ = false;
     ++request_;
     started_ = true;
     complete_ = true;
-    queue(serialize(response, false));
+    if (options_.on_refusal) options_.on_refusal(head, response);
+    queue(serialize(response, connection_after::close));
     write_next();
+  }
+
+  /// What becomes of the connection after the current answer.
+  connection_after connection() const {
+    if (!keep_alive_) return connection_after::close;
+    return chunked_ ? connection_after::keep : connection_after::keep_http10;  // chunked_: HTTP/1.1
   }
 
   /// Reads while an answer is pending: end of stream means the client went away; bytes (a

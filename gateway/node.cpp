@@ -16,6 +16,7 @@
 #include "gateway/admin_api.hpp"
 #include "gateway/cors.hpp"
 #include "gateway/directory.hpp"
+#include "gateway/link_codec.hpp"
 #include "gateway/metrics.hpp"
 #include "gateway/provider_api.hpp"
 #include "gateway/secrets.hpp"
@@ -122,8 +123,10 @@ class node::impl {
     };
     admin_ = std::make_unique<admin_api>(system_, admin_peers_of(runtime_), directory_, std::move(admin));
     provider_api_ = std::make_unique<provider_api>(directory_);
+    auto http = options_.http;
+    http.on_refusal = [this](const http_request* head, http_response& response) { refused(head, response); };
     auto server = http_server::start(
-        options_.http, [this](http_request r, std::shared_ptr<http_reply> reply) { route(std::move(r), std::move(reply)); },
+        std::move(http), [this](http_request r, std::shared_ptr<http_reply> reply) { route(std::move(r), std::move(reply)); },
         [this](const http_request& r) -> websocket_decision {
           if (r.path() != "/v1/providers/link") {
             return http_response{404, "application/json", error_body(make_api_error(404, "no WebSocket endpoint at this path")), {}};
@@ -326,11 +329,10 @@ class node::impl {
     });
   }
 
-  void route(http_request request, std::shared_ptr<http_reply> raw) {
-    const std::string path(request.path());
-    const std::string endpoint = endpoint_of(path);
-    // Browsers may call the client API (/v1/...) from the configured origins only.
+  /// Browsers may call the client API (/v1/...) from the configured origins only.
+  cors_answer cors_for(const http_request& request) const {
     cors_answer cors;
+    const std::string_view path = request.path();
     if (path.starts_with("/v1/") && !request.header("origin").empty()) {
       cors = evaluate_cors(cors_, request.header("origin"), request.method,
                            request.header("access-control-request-method"),
@@ -340,6 +342,23 @@ class node::impl {
       // browser's request, nor a browser's to this client.
       cors.headers.emplace_back("Vary", "Origin");
     }
+    return cors;
+  }
+
+  /// An answer the server made itself (see http_server_options::on_refusal): counted, and with
+  /// CORS headers as the handler's answers, so that a browser page reads a 413 as a 413.
+  void refused(const http_request* head, http_response& response) {
+    const std::string endpoint = head ? endpoint_of(std::string(head->path())) : "other";
+    requests_->with({endpoint, std::to_string(response.status)}).increment();
+    if (!head) return;
+    auto cors = cors_for(*head);
+    response.headers.insert(response.headers.end(), cors.headers.begin(), cors.headers.end());
+  }
+
+  void route(http_request request, std::shared_ptr<http_reply> raw) {
+    const std::string path(request.path());
+    const std::string endpoint = endpoint_of(path);
+    auto cors = cors_for(request);
     auto reply = std::make_shared<counted_reply>(std::move(raw), *requests_, endpoint, std::move(cors.headers));
     auto whole = [reply](http_response r) { reply->send(std::move(r)); };
     if (cors.preflight) return whole({204, "text/plain", "", {}});
@@ -354,7 +373,10 @@ class node::impl {
       return whole({200, "text/plain; version=0.0.4", metrics_.scrape(), {}});
     }
     if (path == "/v1/models") return models(request, reply);
-    if (path.starts_with("/v1/models/")) return model(request, reply, percent_decode(path.substr(11)));
+    // Percent-decoding may make bytes that are no UTF-8, which the 404 would echo into its JSON.
+    if (path.starts_with("/v1/models/")) {
+      return model(request, reply, link::utf8_repaired(percent_decode(path.substr(11))));
+    }
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
     if (path.starts_with("/a/c/")) {
@@ -476,9 +498,15 @@ class node::impl {
           .then([reply](const std::string& url) { reply->send({302, "text/plain", "", {{"Location", url}}}); },
                 [reply, impression_id](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
-                  const unsigned status = refusal && refusal->code == domain::errc::not_found ? 404 : 400;
-                  reply->send(api_error_response(
-                      make_api_error(status, "no ad impression '" + impression_id + "': " + actors::describe(failure))));
+                  if (!refusal) {  // the store or an actor failed: the server's fault, and its words stay here
+                    spdlog::error("ads: click on impression={} not recorded: {}", link::utf8_repaired(impression_id),
+                                  actors::describe(failure));
+                    reply->send(api_error_response(make_api_error(503, "the click could not be recorded; retry later")));
+                    return;
+                  }
+                  const unsigned status = refusal->code == domain::errc::not_found ? 404 : 400;
+                  reply->send(api_error_response(make_api_error(
+                      status, "no ad impression '" + link::utf8_repaired(impression_id) + "': " + refusal->message)));
                 });
     });
   }

@@ -316,7 +316,10 @@ expected<std::string, api_error> parse_prompt(const json::object& body, const ap
           invalid("Invalid 'prompt': token-id prompts are not supported; send text.", "prompt", "unsupported_value")};
     }
   }
-  if (!text->is_string()) return unexpected{invalid_type("prompt", "a string or an array of one string", *value)};
+  if (!text->is_string()) {
+    if (text != value) return unexpected{invalid_type("prompt[0]", "a string", *text)};
+    return unexpected{invalid_type("prompt", "a string or an array of one string", *value)};
+  }
   if (text->get_string().size() > bytes_max) return unexpected{too_long("prompt", bytes_max)};
   return std::string(text->get_string());
 }

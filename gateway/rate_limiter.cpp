@@ -9,6 +9,9 @@ namespace gpustream::gateway {
 rate_limiter::rate_limiter(rate_limiter_options options) : options_(options) {
   GPUSTREAM_ENSURE(options_.requests_per_minute >= 1);
   GPUSTREAM_ENSURE(options_.burst >= 1);
+  // The tolerance, (burst - 1) intervals of up to a minute each, must fit the clock's ticks.
+  GPUSTREAM_ENSURE(static_cast<clock::rep>(options_.burst - 1) <=
+                   clock::duration::max() / std::chrono::duration_cast<clock::duration>(std::chrono::minutes(1)));
   GPUSTREAM_ENSURE(options_.keys_max >= 1);
   interval_ = std::chrono::duration_cast<clock::duration>(std::chrono::minutes(1)) / options_.requests_per_minute;
   tolerance_ = interval_ * (options_.burst - 1);

@@ -209,6 +209,16 @@ scenario('browsers may call the API from the configured origin only (CORS)', asy
   const plain = await client.request('GET', '/v1/models');
   assert.equal(plain.status, 200);
   assert.equal(plain.headers.get('vary'), 'Origin');
+  // A body over the server's limit is refused by the server itself, still readable by the page
+  // (a 413 it can show, not an opaque network error its SDK retries) and counted.
+  const huge = await client.request('POST', '/v1/chat/completions', {
+    headers: { origin: allowed, 'content-type': 'application/json' }, body: 'x'.repeat(2 * 1024 * 1024),
+  });
+  assert.equal(huge.status, 413);
+  assert.equal(huge.headers.get('access-control-allow-origin'), allowed);
+  await huge.text();
+  const metrics = await (await fetch(`${server.base_url}/metrics`)).text();
+  assert.match(metrics, /gpustream_http_requests_total\{endpoint="\/v1\/chat\/completions",status="413"\} 1/);
 });
 
 scenario('a free request without max_tokens gets the free default, not a hold of the whole context', async (world) => {

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <ctime>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -255,6 +256,67 @@ TEST(http_server, a_refused_body_can_still_be_sent_and_the_answer_is_not_reset) 
     sent += static_cast<std::size_t>(n);
   }
   EXPECT_EQ(sent, body_bytes) << "the body was cut off by " << std::strerror(error);
+}
+
+TEST(http_server, an_http10_client_asking_for_keep_alive_is_told_the_connection_stays_open) {
+  // An HTTP/1.0 client that is not told reads until the close, which comes only after idle_timeout.
+  auto server = start({});
+  ASSERT_TRUE(server);
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send("GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+  const auto kept = read_until(peer, [](const std::string& t) { return t.ends_with("\r\n\r\nok"); });
+  EXPECT_NE(kept.find("\r\nConnection: keep-alive\r\n"), std::string::npos) << kept;
+  peer.send("GET /healthz HTTP/1.0\r\n\r\n");  // no keep-alive: closed after the answer
+  const auto [last, closed] = peer.read_until_closed(std::chrono::seconds(10));
+  EXPECT_NE(last.find("\r\nConnection: close\r\n"), std::string::npos) << last;
+  EXPECT_TRUE(closed);
+}
+
+TEST(http_server, a_no_content_answer_carries_no_content_length_or_type) {
+  http_server_options options;
+  options.port = 0;
+  auto server = http_server::start(options, [](const http_request&, std::shared_ptr<http_reply> reply) {
+    reply->send(http_response{204, "text/plain", "", {}});
+  });
+  ASSERT_TRUE(server) << server.error();
+  client peer(server.value()->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send(healthz + healthz);  // the second follows on the same connection
+  const auto both = read_until(peer, [](const std::string& t) {
+    const auto first = t.find("204 No Content");
+    return first != std::string::npos && t.find("\r\n\r\n", t.find("204 No Content", first + 1)) != std::string::npos;
+  });
+  EXPECT_EQ(both.find("Content-Length"), std::string::npos) << both;
+  EXPECT_EQ(both.find("Content-Type"), std::string::npos) << both;
+}
+
+TEST(http_server, an_answer_the_server_makes_itself_goes_through_on_refusal_with_the_request_head_when_read) {
+  http_server_options options;
+  options.body_bytes_max = 16;
+  options.connections_max = 1;
+  std::mutex mutex;
+  std::vector<std::string> refused;  // "<status> <origin or -> <body bytes seen>"
+  options.on_refusal = [&](const http_request* head, http_response& response) {
+    std::lock_guard lock(mutex);
+    refused.push_back(std::to_string(response.status) + " " + (head ? std::string(head->header("origin")) : "-") + " " +
+                      std::to_string(head ? head->body.size() : 0));
+    response.headers.emplace_back("X-Seen", "yes");
+  };
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client big(server->port());
+  ASSERT_TRUE(big.connected());
+  client second(server->port());  // the one slot is taken: refused as busy, with no head
+  ASSERT_TRUE(second.connected());
+  const auto [busy, busy_closed] = second.read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(busy.starts_with("HTTP/1.1 503 ")) << busy;
+  big.send("POST /x HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nContent-Length: 100\r\n\r\n");
+  const auto [reply, closed] = big.read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 413 ")) << reply;
+  EXPECT_NE(reply.find("\r\nX-Seen: yes\r\n"), std::string::npos) << reply;
+  std::lock_guard lock(mutex);
+  EXPECT_EQ(refused, (std::vector<std::string>{"503 - 0", "413 https://app.example 0"}));
 }
 
 TEST(http_server, a_client_that_never_closes_is_closed_after_linger_timeout) {

@@ -377,6 +377,11 @@ TEST(openai_api, parses_completion_bodies) {
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":[1,2,3]})").code, "unsupported_value");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":[[1,2]]})").code, "unsupported_value");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":7})").code, "invalid_type");
+  // The element of a one-prompt array is named, with what it is (not "got an array").
+  const auto element = completion_error(R"({"model":"gpt2","prompt":[{"a":1}]})");
+  EXPECT_EQ(element.code, "invalid_type");
+  EXPECT_EQ(element.param, "prompt[0]");
+  EXPECT_NE(element.message.find("object"), std::string::npos) << element.message;
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":"a","echo":true})").param, "echo");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":"a","suffix":"end"})").param, "suffix");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":"a","best_of":3})").param, "best_of");
