@@ -87,9 +87,13 @@ struct ad_server_options {
   /// must equal the rules the campaign aggregates decide with (domain::campaign_options{}), or
   /// winners would be refused: only the defaults are supported.
   domain::auction_options auction;
-  /// How long a picked ad's budget stays reserved when neither served nor released. At most
-  /// auction.campaign.reservation_ttl_us_max. Default: 2 min.
-  std::chrono::microseconds reservation_ttl = std::chrono::minutes(2);
+  /// How long a picked ad's budget stays reserved when neither served nor released. The ad is
+  /// picked when a free job is submitted and served when its answer ends, so this bounds the
+  /// queue wait and the answer together: an answer longer than that goes out without its ad. A
+  /// job that fails releases its ad at once; this only bounds what a crash leaves held. At most
+  /// auction.campaign.reservation_ttl_us_max. Default: 15 min (a 131,072-token answer at
+  /// 150 tokens/s).
+  std::chrono::microseconds reservation_ttl = std::chrono::minutes(15);
   /// How often expired reservations are released. Default: 10 s.
   std::chrono::milliseconds expire_interval = std::chrono::seconds(10);
   /// Most campaigns cached (and so taking part in auctions); creating or loading one more is

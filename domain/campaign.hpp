@@ -56,8 +56,8 @@ inline constexpr std::int64_t click_window_us = 7 * 86'400'000'000;
 
 /// Limits and pacing of campaigns. The defaults are what production runs with.
 struct campaign_options {
-  /// Longest a reservation may be held before expire_ad_reservations releases it. Default: 5 min.
-  std::int64_t reservation_ttl_us_max = 300'000'000;
+  /// Longest a reservation may be held before expire_ad_reservations releases it. Default: 30 min.
+  std::int64_t reservation_ttl_us_max = 1'800'000'000;
   /// Reservations one campaign may hold at once. Default: 1,000.
   std::size_t reservations_max = 1'000;
   /// Pacing burst, in thousandths of the daily budget (at least one impression at the bid).

@@ -314,7 +314,7 @@ TEST_F(ad_server_test, a_released_or_expired_reservation_gives_its_budget_back_a
   auto forgotten = pick("j2", "u1", "gpu prices");
   ASSERT_TRUE(forgotten);
   EXPECT_EQ(campaign_state("c1").reserved_micros, forgotten->price_micros);
-  *clock_.now_us += std::chrono::microseconds(std::chrono::minutes(2)).count();
+  *clock_.now_us += ad_server_options{}.reservation_ttl.count();
   sched_.clock().advance_time(std::chrono::seconds(10));
   run();
   EXPECT_EQ(campaign_state("c1").reserved_micros, 0);
@@ -326,6 +326,21 @@ TEST_F(ad_server_test, a_released_or_expired_reservation_gives_its_budget_back_a
   ASSERT_TRUE(cached);
   EXPECT_EQ(cached.value(), campaign_state("c1"));
   verify_log();
+}
+
+TEST_F(ad_server_test, an_ad_picked_for_a_long_answer_is_still_served_when_the_answer_ends) {
+  // Picked at submission, served at the end: a minute in the queue and ten minutes of answer
+  // (5,000 tokens at 8 tokens/s on a slow GPU) keep their ad.
+  create(campaign("c1", {"gpu"}));
+  auto ad = pick("j1", "u1", "gpu prices");
+  ASSERT_TRUE(ad);
+  *clock_.now_us += std::chrono::microseconds(std::chrono::minutes(11)).count();
+  sched_.clock().advance_time(std::chrono::seconds(10));
+  run();
+  auto charge = ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id);
+  ASSERT_TRUE(charge) << describe(charge.error());
+  EXPECT_EQ(charge.value().price_micros, ad->price_micros);
+  EXPECT_EQ(counts().expired, 0u);
 }
 
 TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
