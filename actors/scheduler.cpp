@@ -770,6 +770,11 @@ void on_offline(self_pointer self, const std::string& provider_id) {
   if (const auto* old = st.index->find(provider_id)) remove_prices(self, *old);
   st.sessions.erase(provider_id);
   for (const auto& id : jobs_running_on(self, provider_id, false)) provider_lost(self, provider_id, id);
+  // A job still ending there (its end being recorded) held a slot of this listing, which goes now:
+  // its end must not free a slot of the provider's next listing, whose jobs it would overrun.
+  for (auto& [id, job] : st.jobs) {
+    if (job.running && job.ending && job.provider_id == provider_id) job.running = false;
+  }
   (void)st.index->unlist(provider_id);
   st.suspended_until_us.erase(provider_id);
   fail_unservable(self, "went offline");

@@ -550,6 +550,32 @@ TEST_F(scheduler_test, a_provider_linking_again_while_its_lost_link_waits_for_a_
   EXPECT_EQ((*offers_)["p1"][2].job_id, "j3");
 }
 
+TEST_F(scheduler_test, a_job_ending_as_its_provider_goes_offline_and_links_again_frees_no_slot_of_the_new_link) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string other = job("j1").provider_id;
+  ASSERT_NE(other, busy);
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), other));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "dave", true)));
+  EXPECT_EQ(counts().queued, 2u) << "both providers are full";
+  // j1's result comes, and while its end is being recorded its provider's link drops and links
+  // again: j2 takes the new link's one slot, and j1's end then frees none of it.
+  auto state = ask<domain::provider::state>(rt_.providers, other, state_atom::value);
+  ASSERT_TRUE(state);
+  auto session = system_.spawn(session_behavior, offers_, cancels_, other);
+  stop_at_teardown(session);
+  self_->send(rt_.scheduler, job_result{"j1", other, 10, 10, 1'000, 2'000'000, 10, 40});
+  self_->send(rt_.scheduler, offline_atom::value, other);
+  self_->send(rt_.scheduler, online_atom::value, provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+  EXPECT_EQ(job("j2").provider_id, other);
+  EXPECT_EQ(job("j3").status, domain::job_status::queued) << "the provider has one slot, j2's";
+  EXPECT_EQ(counts().queued, 1u);
+}
+
 TEST_F(scheduler_test, a_provider_that_never_sends_a_first_token_loses_the_job_to_another) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);
