@@ -183,6 +183,11 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   directory& directory_;
   relay& relay_;
   provider_link_options options_;
+  /// Held from a link's adoption (its hello) or release (its end) until its provider's connect or
+  /// disconnect is queued, so that those follow in the order the links changed hands. Otherwise a
+  /// link ending just as its agent's next one says hello could record the provider offline after
+  /// the new link's connect.
+  std::mutex handover_mutex_;
   mutable std::mutex mutex_;
   std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
   std::map<const link_session*, link_actor> actors_;
@@ -221,11 +226,14 @@ void link_session::start() {
           if (!session || session->closed_) return;
           const auto silent = steady::now().time_since_epoch() -
                               steady::duration(session->last_frame_ns_.load(std::memory_order_relaxed));
-          if (silent > session->owner_->options_.stale_after) {
+          const auto& options = session->owner_->options_;
+          // Its hello being answered (which may wait for the store), the agent sends nothing.
+          const bool answering_hello = session->hello_seen_ && !session->online_;
+          if (silent > (answering_hello ? options.hello_answer_wait_max : options.stale_after)) {
             session->stale_ = true;
-            session->close(1008, "no heartbeat for " +
-                                     std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count()) +
-                                     " ms: the link is stale");
+            const auto silent_ms = std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count());
+            session->close(1008, answering_hello ? "the hello was not answered within " + silent_ms + " ms"
+                                                 : "no heartbeat for " + silent_ms + " ms: the link is stale");
             return;
           }
           actor->delayed_send(actor, interval, actors::tick_atom::value);
@@ -298,6 +306,7 @@ void link_session::on_message(std::string_view bytes) {
 }
 
 void link_session::on_hello(const link::hello& hello) {
+  std::lock_guard handover(owner_->handover_mutex_);
   if (auto previous = owner_->adopt(shared_from_this())) {
     previous->retire();
     owner_->relay_.link_replaced(provider_id_);  // before this hello's task: same bridge key
@@ -323,6 +332,7 @@ void link_session::on_hello(const link::hello& hello) {
                                     actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
                                                             actors::provider_session{self->actor_}});
                         self->online_ = true;
+                        self->touch();  // its heartbeats are due from the welcome on
                         self->send(link::welcome{
                             .provider_id = self->provider_id_,
                             .heartbeat_interval_ms = static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
@@ -363,6 +373,7 @@ void link_session::end(std::string reason) {
   caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
   owner_->untrack(this);
   if (retired_ || !hello_seen_) return;
+  std::lock_guard handover(owner_->handover_mutex_);
   const bool current = owner_->release(this);
   spdlog::info("link: provider={} offline reason={}", provider_id_, reason);
   if (current) owner_->relay_.link_lost(provider_id_);  // jobs back to the scheduler, then offline

@@ -28,6 +28,10 @@ struct provider_link_options {
   /// A link with no heartbeat (or other frame) for this long is stale: closed, its jobs
   /// reassigned. Default: 3 heartbeat intervals.
   std::chrono::milliseconds stale_after{3000};
+  /// Longest a link waits for its hello's answer (the provider's connect and offers recorded, then
+  /// the welcome) before it is closed: its agent sends no heartbeat before the welcome, so
+  /// stale_after does not apply yet. Default: 30 s.
+  std::chrono::milliseconds hello_answer_wait_max{30'000};
   /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
   std::function<std::int64_t()> clock_us;
 };
