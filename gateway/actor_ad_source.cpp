@@ -3,6 +3,9 @@
 #include <caf/event_based_actor.hpp>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
+#include <memory>
+
 #include "actors/errors.hpp"
 #include "gateway/actor_bridge.hpp"
 
@@ -23,19 +26,33 @@ std::string actor_ad_source::click_base() const {
 
 void actor_ad_source::pick(std::string job_id, std::string user_id, std::string prompt_text,
                            std::function<void(std::optional<ad_info>)> done) {
-  bridge_.run([this, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
-               done = std::move(done)](caf::event_based_actor* actor) mutable {
-    actor->request(ads_, options_.pick_wait_max, std::move(request))
+  // Whichever comes first, the pick or the end of the wait, answers; a pick after the wait has
+  // reserved its ad (and a place in the user's frequency cap) for nothing, and gives it back.
+  auto answered = std::make_shared<std::atomic<bool>>(false);
+  bridge_.run([this, answered, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
+               done](caf::event_based_actor* actor) mutable {
+    actor->request(ads_, caf::infinite, std::move(request))
         .then(
-            [this, done](const actors::ad_pick& pick) {
+            [this, answered, done](const actors::ad_pick& pick) {
+              if (answered->exchange(true)) {
+                if (pick.ad) release(pick.ad->impression_id, "picked after its answer stopped waiting for it");
+                return;
+              }
               if (!pick.ad) return done(std::nullopt);
               const auto& ad = *pick.ad;
               done(ad_info{ad.impression_id, ad.campaign_id, ad.title, ad.text, click_base() + ad.impression_id});
             },
-            [done](caf::error& failure) {
+            [answered, done](caf::error& failure) {
+              if (answered->exchange(true)) return;
               spdlog::warn("ads: no ad picked: {}", actors::describe(failure));
               done(std::nullopt);
             });
+  });
+  bridge_.run_later(options_.pick_wait_max, [answered, done = std::move(done), wait = options_.pick_wait_max](
+                                                caf::event_based_actor*) {
+    if (answered->exchange(true)) return;
+    spdlog::warn("ads: no ad picked within {} ms", wait.count());
+    done(std::nullopt);
   });
 }
 

@@ -18,8 +18,8 @@ class actor_bridge;
 struct actor_ad_source_options {
   /// Longest wait for the ad server's pick. Past it the answer goes without an ad: a free-tier
   /// answer that ends before its ad is picked waits for the pick, and must not wait for an ad
-  /// server that does not answer. A pick that comes later reserved its ad for nothing; the
-  /// reservation expires by itself (ad_server_options::reservation_ttl). Default: 1 s.
+  /// server that does not answer. A pick that comes later reserved its ad for nothing, and is
+  /// released. Default: 1 s.
   std::chrono::milliseconds pick_wait_max{1000};
 };
 
