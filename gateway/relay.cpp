@@ -388,16 +388,26 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     return end_attempt(live, provider_id, std::move(result), "length");
   }
 
-  /// With `live`'s lock held: the attempt's times as the relay saw them, from its offer to its
-  /// first piece (to its end, for an empty answer) and to now. They score the provider and rank it
-  /// for `fastest`, so an agent's own figures, which it could make up, are not used.
-  static void time_attempt(const live_job& live, actors::job_result& result) {
+  /// With `live`'s lock held: the attempt's times, which score the provider and rank it for
+  /// `fastest`. The first token's is the relay's own, from the offer to the first piece (to the
+  /// end, for an empty answer). The decoding's (total less first token) is the agent's figure when
+  /// it sends one, which its link's batching and bursts do not shorten, bounded by what the relay
+  /// saw from the offer to now: an agent cannot finish decoding before it got the offer.
+  static void time_attempt(const live_job& live, actors::job_result& result,
+                           std::optional<std::pair<std::int64_t, std::int64_t>> agent_ttft_total_us = std::nullopt) {
     const auto now = clock::now();
     const auto micros = [&](clock::time_point t) {
       return std::chrono::duration_cast<std::chrono::microseconds>(t - live.offered_at).count();
     };
+    const std::int64_t total = micros(now);
     result.ttft_us = micros(live.attempt_first_at >= live.offered_at ? live.attempt_first_at : now);
-    result.total_us = micros(now);
+    std::int64_t decoding = total - result.ttft_us;
+    if (agent_ttft_total_us && agent_ttft_total_us->second > 0) {
+      const auto [agent_ttft, agent_total] = *agent_ttft_total_us;
+      const std::int64_t agent_decoding = agent_total - std::clamp<std::int64_t>(agent_ttft, 0, agent_total);
+      decoding = std::min(agent_decoding, total);
+    }
+    result.total_us = result.ttft_us + decoding;
   }
 
   /// With `live`'s lock held: the current attempt, of `provider_id`, ended with `result` (what
@@ -447,7 +457,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->attempt_started = true;
         send_started(provider_id, d.job_id);
       }
-      time_attempt(*live, result);
+      time_attempt(*live, result, std::pair{d.ttft_us, d.total_us});
       // The backend's own first-token time (the agent's figure, without the link), for the
       // metrics: within what the relay saw.
       if (options_.observer.provider_ttft) {

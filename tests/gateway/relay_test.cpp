@@ -489,29 +489,45 @@ TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":10,"total_tokens":17)"), std::string::npos) << body;
 }
 
-TEST(relay, an_attempt_is_timed_by_the_relays_clock_not_by_the_figures_its_agent_sends) {
-  // The times score the provider and rank it for `fastest`; an agent could make up its own (a
-  // negative first-token time made the outcome unrecordable, which dodged the suspicion counters).
-  relay_world world;
-  auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
-  const auto before_offer = std::chrono::steady_clock::now();
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
-  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .ttft_us = -1'000'000, .total_us = 1, .attempt = 1});
-  (void)answered_body(*reply);
-  ASSERT_TRUE(world.log->wait_for("result j1", 10s));
-  const auto bound_us =
-      std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - before_offer).count();
-  const auto events = world.log->events();
-  const auto timing = std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("timing j1 "); });
-  ASSERT_NE(timing, events.end());
-  std::int64_t ttft_us = -1;
-  std::int64_t total_us = -1;
-  std::istringstream(timing->substr(std::string_view("timing j1 ").size())) >> ttft_us >> total_us;
-  EXPECT_GE(ttft_us, 0) << *timing;
-  EXPECT_GE(total_us, ttft_us) << *timing;
-  EXPECT_LE(total_us, bound_us) << *timing;
+TEST(relay, an_attempt_is_timed_from_the_offer_with_the_agents_decoding_time_bounded_by_what_the_relay_saw) {
+  // The times score the provider and rank it for `fastest`. The first token's is the relay's own;
+  // the decoding's is the agent's (the link's batching may bring a whole answer at once), within
+  // the time from the offer to the done. An agent could make its figures up: a negative first
+  // token time made the outcome unrecordable, which dodged the suspicion counters.
+  struct timing_case {
+    std::int64_t agent_ttft_us;
+    std::int64_t agent_total_us;
+    std::optional<std::int64_t> decoding_us;  // expected exactly; none: the relay's bound
+  };
+  for (const auto& c : {timing_case{-1'000'000, 1, 1}, timing_case{5, 5, 0}, timing_case{0, 10'000'000, std::nullopt}}) {
+    SCOPED_TRACE("agent " + std::to_string(c.agent_ttft_us) + " / " + std::to_string(c.agent_total_us));
+    relay_world world;
+    auto reply = std::make_shared<recorded_reply>();
+    ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true));
+    const auto before_offer = std::chrono::steady_clock::now();
+    ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+    world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+    world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .ttft_us = c.agent_ttft_us,
+                                      .total_us = c.agent_total_us, .attempt = 1});
+    (void)answered_body(*reply);
+    ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+    const auto bound_us =
+        std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - before_offer).count();
+    const auto events = world.log->events();
+    const auto timing =
+        std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("timing j1 "); });
+    ASSERT_NE(timing, events.end());
+    std::int64_t ttft_us = -1;
+    std::int64_t total_us = -1;
+    std::istringstream(timing->substr(std::string_view("timing j1 ").size())) >> ttft_us >> total_us;
+    EXPECT_GE(ttft_us, 0) << *timing;
+    EXPECT_LE(ttft_us, bound_us) << *timing;
+    if (c.decoding_us) {
+      EXPECT_EQ(total_us - ttft_us, *c.decoding_us) << *timing;
+    } else {
+      EXPECT_LE(total_us - ttft_us, bound_us) << "10 s claimed, bounded by the offer to the done: " << *timing;
+    }
+  }
 }
 
 TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
