@@ -60,8 +60,9 @@ struct scheduler_state {
   /// Prices of the online offers of each model, to quote a premium job's worst case.
   std::map<std::string, std::multiset<std::int64_t>> input_prices;
   std::map<std::string, std::multiset<std::int64_t>> output_prices;
-  /// Online providers suspended while linked, by provider id: when each suspension ends (a
-  /// provider's hello is refused while it is suspended, so only these are lifted here).
+  /// When each provider's suspension ends, by provider id, for those suspended until a time not
+  /// yet past: lifted by the tick. Kept while a provider is offline too, since a suspension may
+  /// be recorded between its links (its next listing then says so as well).
   std::map<std::string, std::int64_t> suspended_until_us;
   std::uint64_t passes = 0;
   std::uint64_t side_effects_failed = 0;
@@ -129,22 +130,24 @@ domain::model_price offer_price(self_pointer self, const std::string& provider_i
 
 void fail_unservable(self_pointer self, std::string_view what_happened);
 
-/// Routing follows what a job's outcome did to its provider: a new level or score, or a
-/// suspension, which keeps new jobs off it (its running ones go on) until the suspension ends.
+/// Routing follows what a job's outcome did to its provider: a new level or score (a lower level
+/// may leave queued jobs of a higher tier with nobody), or a suspension, which keeps new jobs off
+/// it (its running ones go on) until the suspension ends.
 void apply_standing(self_pointer self, const std::string& provider_id, const std::vector<events::event>& recorded) {
   auto& st = self->state;
-  bool suspended = false;
+  bool fewer_serve = false;
   for (const auto& e : recorded) {
     if (const auto* scored = std::get_if<events::provider_scored>(&e)) {
-      (void)st.index->rescore(provider_id, scored->level, scored->total_score);  // false: offline meanwhile
+      const auto* listed = st.index->find(provider_id);  // none: offline meanwhile
+      if (listed != nullptr && scored->level < listed->level) fewer_serve = true;
+      (void)st.index->rescore(provider_id, scored->level, scored->total_score);
     } else if (const auto* suspension = std::get_if<events::provider_suspended>(&e)) {
-      if (!st.index->set_suspended(provider_id, true)) continue;  // offline meanwhile
       auto& until = st.suspended_until_us[provider_id];
       until = std::max(until, suspension->suspended_until_at_us);
-      suspended = true;
+      fewer_serve |= st.index->set_suspended(provider_id, true);  // false: offline meanwhile
     }
   }
-  if (suspended) fail_unservable(self, "was suspended");
+  if (fewer_serve) fail_unservable(self, "was suspended or lost its level");
 }
 
 /// Tells the provider's actor how a job it ran ended (`fault` none: finished, with `measure`); the
@@ -167,7 +170,7 @@ void end_suspensions(self_pointer self) {
       ++it;
       continue;
     }
-    (void)st.index->set_suspended(it->first, false);
+    (void)st.index->set_suspended(it->first, false);  // false: offline, and listed anew when it links
     it = st.suspended_until_us.erase(it);
   }
 }
@@ -371,6 +374,14 @@ std::pair<std::optional<std::int64_t>, bool> price_cap_of(self_pointer self, con
   return {platforms, true};
 }
 
+/// The context window the job needs now: as asked, and after a failover at least the prompt, the
+/// answer so far (which its continuation carries) and one more token. 0: any.
+std::uint32_t window_of(const live_job& job) {
+  const std::uint32_t asked = job.request.context_tokens_min;
+  if (asked == 0) return 0;
+  return std::max(asked, job.request.prompt_tokens + job.tokens_so_far + 1);
+}
+
 /// Puts the job in the queue, due by `deadline`. A premium job goes only to a provider whose quote
 /// for what is left of it (its prompt and the tokens it may still produce) fits what is left of its
 /// hold after the attempts before (domain::hold_left_micros): its whole bill stays within the hold.
@@ -396,7 +407,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .cost_max_micros = cost_max,
                                                     .price_max_micros_per_mtok = price_max,
                                                     .price_cap_is_platforms = price_cap_is_platforms,
-                                                    .context_tokens_min = job.request.context_tokens_min,
+                                                    .context_tokens_min = window_of(job),
                                                     .prompt_tokens = job.request.prompt_tokens,
                                                     .max_tokens = job.request.max_tokens - job.tokens_so_far},
                                  *self->state.index, now);
@@ -685,6 +696,14 @@ void on_online(self_pointer self, provider_online& online) {
   if (const auto* old = st.index->find(id)) remove_prices(self, *old);
   auto listed = st.index->list(online.listing);
   if (!listed) return;  // over a limit: the provider stays offline for routing
+  // A suspension known here but recorded after the listing was read (or the reverse) holds.
+  auto& until = st.suspended_until_us[id];
+  until = std::max(until, online.listing.suspended_until_at_us);
+  if (until > now_us(self)) {
+    (void)st.index->set_suspended(id, true);
+  } else {
+    st.suspended_until_us.erase(id);
+  }
   add_prices(self, online.listing);
   const bool relinked = st.sessions.contains(id);
   st.sessions[id] = std::move(online.session);
@@ -776,7 +795,6 @@ void on_offline(self_pointer self, const std::string& provider_id) {
     if (job.running && job.ending && job.provider_id == provider_id) job.running = false;
   }
   (void)st.index->unlist(provider_id);
-  st.suspended_until_us.erase(provider_id);
   fail_unservable(self, "went offline");
 }
 

@@ -181,8 +181,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     on_drained_ = std::move(drained);
     log_->info("draining: no new job; {} running may finish within {} ms", jobs_.size(), options_.stop_drain_max.count());
     // Told at once, so that no offer is sent here meanwhile (each declined one costs its job an
-    // attempt); the heartbeats after it say the same.
-    if (phase_ == phase::linked && link_->connected()) send_heartbeat();
+    // attempt); the heartbeats after it say the same. Before its welcome a link's heartbeat is
+    // not read: on_welcome sends it then.
+    if (phase_ == phase::linked && welcomed_ && link_->connected()) send_heartbeat();
     drain_timer_.expires_after(options_.stop_drain_max);
     drain_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
       if (ec || !self->on_drained_) return;
@@ -483,6 +484,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
 
   void connect_link() {
     phase_ = phase::linked;
+    welcomed_ = false;
     std::weak_ptr<impl> weak = shared_from_this();
     auto created = gateway::link_client::create(
         io_, options_.link,
@@ -530,6 +532,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void on_disconnected(const gateway::link_disconnect& d) {
+    welcomed_ = false;
     heartbeat_timer_.cancel();
     cancel_all_jobs("the link to the coordinator went down");
     if (d.kind == gateway::link_disconnect_kind::rejected &&
@@ -566,7 +569,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                welcome.provider_id, heartbeat_interval_.count(), welcome.delta_batches, welcome.reasoning_deltas);
     last_heartbeat_ = steady::now();
     tokens_since_heartbeat_ = 0;
+    welcomed_ = true;
     schedule_heartbeat();
+    if (draining_) send_heartbeat();  // a link made while stopping: told at once, as drain() does
   }
 
   void schedule_heartbeat() {
@@ -867,6 +872,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::vector<events::gpu_info> gpus_;
   std::vector<gateway::upstream_model> models_;
   bool draining_ = false;
+  bool welcomed_ = false;  ///< the current link got its welcome (heartbeats are read from then on)
   std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
   bool warmed_up_ = false;  ///< the probe's unmeasured first request has run

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <limits>
 #include <optional>
+#include <set>
+#include <string_view>
+#include <utility>
 
 #include "domain/priority.hpp"
 
@@ -173,11 +176,15 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
   }
   std::vector<assignment> assigned;
   std::uint64_t draws = 0;
+  // A model and tier whose providers all are full (or declining) stay so for the rest of the pass,
+  // which only takes slots: their other groups (other caps, windows) are not tried one by one.
+  std::set<std::pair<std::string_view, events::quality_tier>> full;
   while (!heads.empty() && assigned.size() < options_.assignments_per_pass_max) {
     const auto [order, group] = *heads.begin();
     heads.erase(heads.begin());
     const auto job = jobs_.find(order);
     const auto& waiting = job->second;
+    if (full.contains({waiting.model, waiting.quality})) continue;
     const std::uint64_t draw = mix(how.random_seed, draws++);
     const auto within_cap = affordable(waiting);
     auto chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
@@ -188,7 +195,12 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     }
     // No candidate for the group's best job is none for the whole group: it waits for the
     // next pass, and the other groups go on.
-    if (!chosen) continue;
+    if (!chosen) {
+      if (!index.select({waiting.model, waiting.quality, how.policy, draw, {}, {}, {}})) {
+        full.emplace(waiting.model, waiting.quality);
+      }
+      continue;
+    }
     std::string provider_id(*chosen);
     const bool started = index.job_started(provider_id);
     GPUSTREAM_ENSURE(started);  // select() returned a listed provider

@@ -2,9 +2,11 @@
 /// The scheduler's queue of jobs waiting for a provider: bounded, ordered by priority and age
 /// (priority.hpp), every job with a deadline. Pure: time and random draws are parameters.
 ///
-/// How it never gets stuck: jobs are grouped by what they need (model, quality tier, and for a job
-/// with a price cap the cap and the tokens it quotes). All jobs of a group have the same candidates, so when the group's first job finds no provider, none of the
-/// group can, and a pass moves on to the other groups instead of waiting behind it. A pass visits
+/// How it never gets stuck: jobs are grouped by what they need (model, quality tier, price cap,
+/// context window, and for a job with a cost cap the tokens it quotes). All jobs of a group have
+/// the same candidates, so when the group's first job finds no provider, none of the group can,
+/// and a pass moves on to the other groups instead of waiting behind it; when no provider of the
+/// model and tier takes work at all, it skips their other groups too. A pass visits
 /// the groups' first jobs in priority order and assigns until no group can be served (or
 /// `assignments_per_pass_max` is reached). So after a pass that returns fewer assignments than
 /// the limit, no queued job has a provider that accepts work; and every job leaves the queue by

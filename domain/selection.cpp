@@ -71,7 +71,7 @@ std::optional<selection_policy> selection_policy_from(std::string_view name) noe
 
 provider_listing listing_for(const provider::state& state, std::int64_t now_us) {
   provider_listing listing{state.provider_id, state.level, state.score,
-                           is_suspended(state, now_us), {}};
+                           is_suspended(state, now_us), {}, state.suspended_until_at_us};
   for (const auto& offer : state.offers) {
     listing.offers.push_back({offer.model_name, offer.input_price_micros_per_mtok,
                               offer.output_price_micros_per_mtok, offer.max_concurrency,

@@ -69,6 +69,8 @@ struct provider_listing {
   std::int64_t score = 0;
   bool suspended = false;
   std::vector<listed_offer> offers;
+  /// When its latest suspension ends (0: never suspended), so that whoever lists it can lift it.
+  std::int64_t suspended_until_at_us = 0;
 };
 
 /// The listing of a provider's current state at `now_us` (suspended counts at that instant).
@@ -228,8 +230,8 @@ class selection_index {
   /// false a job for it would wait for nothing and must be rejected.
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
                                std::string_view excluded_provider_id = {}) const;
-  /// The same, counting only providers whose offer `affordable` accepts (a scan of every listed
-  /// provider; an empty filter counts as the plain can_serve).
+  /// The same, counting only providers whose offer `affordable` accepts (a scan of the model's
+  /// providers up to the first that fits; an empty filter counts as the plain can_serve).
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
                                std::string_view excluded_provider_id, const offer_filter& affordable) const;
 

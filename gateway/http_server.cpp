@@ -533,6 +533,7 @@ class session : public std::enable_shared_from_this<session> {
     try {
       handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), answered));
     } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
+      if (!answering(answered) || started_) return;  // it answered before it threw
       auto failed = json_error(500, "internal error", "server_error");
       if (options_.on_refusal) options_.on_refusal(nullptr, failed);
       send(answered, std::move(failed));

@@ -136,6 +136,33 @@ class scheduler_test : public testing::deterministic_fixture {
     return busy;
   }
 
+  /// Three answers of 100 tokens in a millisecond each on `provider_id` (one of dave's premium
+  /// jobs each): unreasonably fast, so it is suspended; when the suspension ends (0: it was not).
+  std::int64_t suspend_by_fast_answers(const std::string& provider_id) {
+    for (const std::string id : {"fast-1", "fast-2", "fast-3"}) {
+      if (!ask<job_accepted>(rt_.scheduler, request(id, "dave", true))) return 0;
+      if (!ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, provider_id)) return 0;
+      if (!ask<job_ended>(rt_.scheduler, job_result{id, provider_id, 100, 100, 1'000, 2'000, 100, 400})) return 0;
+      run();
+    }
+    auto state = ask<domain::provider::state>(rt_.providers, provider_id, state_atom::value);
+    if (!state || !domain::is_suspended(state.value(), *clock_.now_us)) return 0;
+    return state.value().suspended_until_at_us;
+  }
+
+  /// At `until` (a suspension's end) the scheduler's tick lifts it: job `job_id` of dave goes to
+  /// `provider_id`.
+  void expect_served_again_at(std::int64_t until, const std::string& provider_id, const std::string& job_id) {
+    *clock_.now_us = until;
+    sched_.clock().advance_time(std::chrono::seconds(1));
+    run();
+    const std::size_t offered = (*offers_)[provider_id].size();
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(job_id, "dave", true)));
+    run();
+    ASSERT_EQ((*offers_)[provider_id].size(), offered + 1);
+    EXPECT_EQ((*offers_)[provider_id].back().job_id, job_id);
+  }
+
   job_request request(const std::string& job_id, const std::string& user_id, bool premium,
                       const std::string& model = "llama-8b") {
     return job_request{.job_id = job_id,
@@ -396,6 +423,35 @@ TEST_F(scheduler_test, a_job_goes_only_to_a_provider_whose_window_holds_it) {
   fits.context_tokens_min = 8'192;
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, fits));
   EXPECT_EQ(job("j2").provider_id, "p1");
+}
+
+TEST_F(scheduler_test, a_job_continued_after_a_failover_needs_a_window_for_its_answer_so_far_too) {
+  bring_online("wide", "llama-8b", 1);  // an 8,192-token window
+  command(rt_.providers, "narrow", domain::provider::command{domain::provider::create{"narrow", "owner", "box", {}}});
+  command(rt_.providers, "narrow",
+          domain::provider::command{domain::provider::connect{{}, events::backend_kind::openai, "http://127.0.0.1:1234/v1", "t"}});
+  command(rt_.providers, "narrow",
+          domain::provider::command{domain::provider::advertise{
+              {events::model_offer{"llama-8b", 1'200, "Q4_K_M", 1'000'000, 1'000'000, 1}}}});
+  ASSERT_NO_FATAL_FAILURE(link_again("narrow"));
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  // Both idle and alike: j0 goes to the smaller id, j1 to the other.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  ASSERT_EQ(job("j0").provider_id, "narrow");
+  auto j1 = request("j1", "dave", true);
+  j1.context_tokens_min = 1'001;  // its 1,000-token prompt, and no max_tokens of the client's
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, j1));
+  ASSERT_EQ(job("j1").provider_id, "wide");
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("wide")));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("narrow")));
+  auto freed = ask<job_ended>(rt_.scheduler, job_result{"j0", "narrow", 10, 10, 1'000, 2'000'000, 10, 40});
+  ASSERT_TRUE(freed) << describe(freed.error());
+  // 400 tokens in, "wide" fails: the continuation carries 1,400 tokens, past the narrow window.
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", "wide", domain::job_fault::provider, 400, "backend died"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  run();
+  EXPECT_EQ(job("j1").provider_id, "wide") << "the narrow window, free and not the one it failed on, cannot hold it";
+  EXPECT_EQ(job("j1").attempt, 2u);
 }
 
 TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_not_get_the_job) {
@@ -790,32 +846,31 @@ TEST_F(scheduler_test, a_draining_provider_gets_no_offer_while_its_jobs_finish_a
 TEST_F(scheduler_test, a_provider_suspended_while_linked_gets_no_new_job_until_its_suspension_ends) {
   bring_online("p1", "llama-8b", 4);
   create_user("dave", events::user_tier::premium, 50'000'000);
-  // Three answers of 100 tokens in a millisecond each: unreasonably fast, so it is suspended. Its
-  // link stays up (the fourth job, running, finishes there).
+  // Its link stays up: the job running there when it is suspended finishes there.
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("running", "dave", true)));
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("running"), std::string("p1")));
-  for (const std::string id : {"j1", "j2", "j3"}) {
-    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(id, "dave", true)));
-    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, std::string("p1")));
-    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, "p1", 100, 100, 1'000, 2'000, 100, 400}));
-    run();
-  }
-  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
-  ASSERT_TRUE(state);
-  ASSERT_TRUE(domain::is_suspended(state.value(), *clock_.now_us));
+  const auto until = suspend_by_fast_answers("p1");
+  ASSERT_GT(until, 0);
   const std::size_t offered = (*offers_)["p1"].size();
   auto refused = ask<job_accepted>(rt_.scheduler, request("j4", "dave", true));
   ASSERT_FALSE(refused) << "its only provider is suspended: refused at once rather than offered to it";
   EXPECT_EQ((*offers_)["p1"].size(), offered);
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"running", "p1", 10, 10, 1'000, 2'000'000, 10, 40}));
-  // A day later it serves again, on the same link.
-  *clock_.now_us = state.value().suspended_until_at_us;
-  sched_.clock().advance_time(std::chrono::seconds(1));
+  ASSERT_NO_FATAL_FAILURE(expect_served_again_at(until, "p1", "j5"));
+}
+
+TEST_F(scheduler_test, a_provider_suspended_and_linked_again_before_its_suspension_ends_serves_again_once_it_does) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  const auto until = suspend_by_fast_answers("p1");
+  ASSERT_GT(until, 0);
+  // Its agent links again while it is suspended (the gateway refuses such a hello; the race of a
+  // suspension recorded between a hello's checks and its listing ends the same way).
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
   run();
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j5", "dave", true)));
-  run();
-  ASSERT_EQ((*offers_)["p1"].size(), offered + 1);
-  EXPECT_EQ((*offers_)["p1"].back().job_id, "j5");
+  ASSERT_NO_FATAL_FAILURE(link_again("p1"));
+  ASSERT_FALSE(ask<job_accepted>(rt_.scheduler, request("j4", "dave", true))) << "still suspended";
+  ASSERT_NO_FATAL_FAILURE(expect_served_again_at(until, "p1", "j5"));
 }
 
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
