@@ -184,17 +184,24 @@ void selection_index::unrank(entry& e) {
 
 void selection_index::withdraw(entry& e) {
   if (e.ranked) unrank(e);
-  if (e.counted) {
-    for (std::size_t i = 0; i < e.places.size(); ++i) group_of(e, i).unsuspended.erase(&e);
-    e.counted = false;
-  }
+  if (e.counted) uncount(e);
 }
 
 void selection_index::admit(entry& e) {
   if (e.provider.suspended) return;
-  for (std::size_t i = 0; i < e.places.size(); ++i) group_of(e, i).unsuspended.insert(&e);
-  e.counted = true;
+  if (!e.counted) count(e);
   if (accepts_work(e.provider, options_)) rank(e);
+}
+
+void selection_index::count(entry& e) {
+  e.counted_level = level_index(e.provider.level);
+  for (auto& place : e.places) place.bucket->second.levels[e.counted_level].unsuspended.insert(&e);
+  e.counted = true;
+}
+
+void selection_index::uncount(entry& e) {
+  for (auto& place : e.places) place.bucket->second.levels[e.counted_level].unsuspended.erase(&e);
+  e.counted = false;
 }
 
 void selection_index::attach_offers(entry& e) {
@@ -216,8 +223,10 @@ void selection_index::detach_offers(entry& e) {
 
 template <class Change>
 void selection_index::change(entry& e, Change&& apply) {
-  withdraw(e);
+  if (e.ranked) unrank(e);
   apply(e.provider);
+  // Most changes (a heartbeat, a job starting or ending) leave the provider counted where it was.
+  if (e.counted && (e.provider.suspended || level_index(e.provider.level) != e.counted_level)) uncount(e);
   admit(e);
 }
 

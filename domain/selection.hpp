@@ -281,6 +281,7 @@ class selection_index {
     std::vector<offer_place> places;  ///< one per offer, same order
     bool ranked = false;              ///< in its groups' sets (accepts work)
     bool counted = false;             ///< in its groups' `unsuspended` sets
+    std::size_t counted_level = 0;    ///< the level of those groups, when counted
   };
 
   /// Where one offer of a provider sits in its group's sets.
@@ -296,6 +297,9 @@ class selection_index {
   [[nodiscard]] offer_keys keys_of(const entry& e, std::size_t offer) const;
   void withdraw(entry& e);
   void admit(entry& e);
+  /// Into (out of) the `unsuspended` sets of its offers' groups at its level (at counted_level).
+  void count(entry& e);
+  void uncount(entry& e);
   void rank(entry& e);
   void unrank(entry& e);
   void attach_offers(entry& e);
