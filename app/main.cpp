@@ -47,7 +47,7 @@ int main(int argc, char** argv) {
       ->envname("GPUSTREAM_ADMIN_TOKEN");
   serve_cmd->add_option("--rate-per-minute", serve.rate_per_minute,
                         "requests per minute allowed per API key (429 with Retry-After beyond)")
-      ->check(CLI::Range(1u, 60'000'000u))
+      ->check(CLI::Range(1u, 1'000'000'000u))
       ->capture_default_str();
   serve_cmd->add_option("--rate-burst", serve.rate_burst, "requests per API key allowed at once")
       ->check(CLI::Range(1u, 1'000'000u))
