@@ -699,11 +699,9 @@ void on_online(self_pointer self, provider_online& online) {
   // A suspension known here but recorded after the listing was read (or the reverse) holds.
   auto& until = st.suspended_until_us[id];
   until = std::max(until, online.listing.suspended_until_at_us);
-  if (until > now_us(self)) {
-    (void)st.index->set_suspended(id, true);
-  } else {
-    st.suspended_until_us.erase(id);
-  }
+  const bool suspended = until > now_us(self);
+  (void)st.index->set_suspended(id, suspended);  // a listing read while suspended may be read after it ended
+  if (!suspended) st.suspended_until_us.erase(id);
   add_prices(self, online.listing);
   const bool relinked = st.sessions.contains(id);
   st.sessions[id] = std::move(online.session);

@@ -11,6 +11,11 @@
 
 namespace gpustream::gateway {
 
+/// How long a pick's answer is awaited after its answer stopped waiting for it, to release what it
+/// reserved; past it, the reservation expires by itself. Bounds the continuations a hung ad server
+/// leaves waiting.
+constexpr std::chrono::seconds late_pick_wait_max{60};
+
 actor_ad_source::actor_ad_source(actor_bridge& bridge, actors::ad_server_actor ads, actor_ad_source_options options)
     : bridge_(bridge), ads_(std::move(ads)), options_(options) {}
 
@@ -31,7 +36,8 @@ void actor_ad_source::pick(std::string job_id, std::string user_id, std::string 
   auto answered = std::make_shared<std::atomic<bool>>(false);
   bridge_.run([this, answered, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
                done](caf::event_based_actor* actor) mutable {
-    actor->request(ads_, caf::infinite, std::move(request))
+    const auto wait = std::max<std::chrono::milliseconds>(late_pick_wait_max, options_.pick_wait_max);
+    actor->request(ads_, wait, std::move(request))
         .then(
             [this, answered, done](const actors::ad_pick& pick) {
               if (answered->exchange(true)) {

@@ -391,8 +391,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// With `live`'s lock held: the attempt's times, which score the provider and rank it for
   /// `fastest`. The first token's is the relay's own, from the offer to the first piece (to the
   /// end, for an empty answer). The decoding's (total less first token) is the agent's figure when
-  /// it sends one, which its link's batching and bursts do not shorten, bounded by what the relay
-  /// saw from the offer to now: an agent cannot finish decoding before it got the offer.
+  /// it sends one, which its link's batching and bursts do not shorten, within what the relay saw:
+  /// at least the time from the first piece to now (batching only shortens that), at most the
+  /// time from the offer to now (an agent cannot finish decoding before it got the offer).
   static void time_attempt(const live_job& live, actors::job_result& result,
                            std::optional<std::pair<std::int64_t, std::int64_t>> agent_ttft_total_us = std::nullopt) {
     const auto now = clock::now();
@@ -405,7 +406,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (agent_ttft_total_us && agent_ttft_total_us->second > 0) {
       const auto [agent_ttft, agent_total] = *agent_ttft_total_us;
       const std::int64_t agent_decoding = agent_total - std::clamp<std::int64_t>(agent_ttft, 0, agent_total);
-      decoding = std::min(agent_decoding, total);
+      decoding = std::clamp(agent_decoding, decoding, total);
     }
     result.total_us = result.ttft_us + decoding;
   }

@@ -873,6 +873,29 @@ TEST_F(scheduler_test, a_provider_suspended_and_linked_again_before_its_suspensi
   ASSERT_NO_FATAL_FAILURE(expect_served_again_at(until, "p1", "j5"));
 }
 
+TEST_F(scheduler_test, a_listing_read_while_suspended_but_listed_after_the_suspension_ended_takes_work) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  const auto until = suspend_by_fast_answers("p1");
+  ASSERT_GT(until, 0);
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+  run();
+  auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(state);
+  const auto listing = domain::listing_for(state.value(), *clock_.now_us);
+  ASSERT_TRUE(listing.suspended);
+  // The listing reaches the scheduler only after the suspension ended (a busy mailbox).
+  *clock_.now_us = until;
+  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p1"));
+  stop_at_teardown(session);
+  self_->send(rt_.scheduler, online_atom::value, provider_online{listing, session});
+  run();
+  const std::size_t offered = (*offers_)["p1"].size();
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j5", "dave", true)));
+  run();
+  ASSERT_EQ((*offers_)["p1"].size(), offered + 1);
+}
+
 TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_never_above_the_estimate) {
   bring_online("p1", "llama-8b", 4);  // 1 USD per million tokens, in and out
   create_user("dave", events::user_tier::premium, 50'000'000);

@@ -492,14 +492,15 @@ TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
 TEST(relay, an_attempt_is_timed_from_the_offer_with_the_agents_decoding_time_bounded_by_what_the_relay_saw) {
   // The times score the provider and rank it for `fastest`. The first token's is the relay's own;
   // the decoding's is the agent's (the link's batching may bring a whole answer at once), within
-  // the time from the offer to the done. An agent could make its figures up: a negative first
-  // token time made the outcome unrecordable, which dodged the suspicion counters.
+  // what the relay saw: at least from the first piece to the done, at most from the offer to it.
+  // An agent could make its figures up: a negative first-token time made the outcome
+  // unrecordable, which dodged the suspicion counters.
+  constexpr std::int64_t gap_us = 2'000;  // kept between the first piece and the done
   struct timing_case {
     std::int64_t agent_ttft_us;
     std::int64_t agent_total_us;
-    std::optional<std::int64_t> decoding_us;  // expected exactly; none: the relay's bound
   };
-  for (const auto& c : {timing_case{-1'000'000, 1, 1}, timing_case{5, 5, 0}, timing_case{0, 10'000'000, std::nullopt}}) {
+  for (const auto& c : {timing_case{-1'000'000, 1}, timing_case{0, 10'000'000}}) {
     SCOPED_TRACE("agent " + std::to_string(c.agent_ttft_us) + " / " + std::to_string(c.agent_total_us));
     relay_world world;
     auto reply = std::make_shared<recorded_reply>();
@@ -507,6 +508,10 @@ TEST(relay, an_attempt_is_timed_from_the_offer_with_the_agents_decoding_time_bou
     const auto before_offer = std::chrono::steady_clock::now();
     ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
     world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+    // A wait on the clock, not on another thread: the relay sees at least this much decoding.
+    const auto gap_end = std::chrono::steady_clock::now() + std::chrono::microseconds(gap_us);
+    while (std::chrono::steady_clock::now() < gap_end) {
+    }
     world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .ttft_us = c.agent_ttft_us,
                                       .total_us = c.agent_total_us, .attempt = 1});
     (void)answered_body(*reply);
@@ -522,11 +527,8 @@ TEST(relay, an_attempt_is_timed_from_the_offer_with_the_agents_decoding_time_bou
     std::istringstream(timing->substr(std::string_view("timing j1 ").size())) >> ttft_us >> total_us;
     EXPECT_GE(ttft_us, 0) << *timing;
     EXPECT_LE(ttft_us, bound_us) << *timing;
-    if (c.decoding_us) {
-      EXPECT_EQ(total_us - ttft_us, *c.decoding_us) << *timing;
-    } else {
-      EXPECT_LE(total_us - ttft_us, bound_us) << "10 s claimed, bounded by the offer to the done: " << *timing;
-    }
+    EXPECT_GE(total_us - ttft_us, gap_us) << "1 us claimed, at least what the relay saw: " << *timing;
+    EXPECT_LE(total_us - ttft_us, bound_us) << "10 s claimed, at most the offer to the done: " << *timing;
   }
 }
 
