@@ -694,14 +694,20 @@ void on_online(self_pointer self, provider_online& online) {
   auto& st = self->state;
   const std::string id = online.listing.provider_id;
   if (const auto* old = st.index->find(id)) remove_prices(self, *old);
+  // A suspension known here but recorded after the listing was read holds; one the listing saw
+  // may have ended before it got here.
+  std::int64_t until = online.listing.suspended_until_at_us;
+  if (const auto known = st.suspended_until_us.find(id); known != st.suspended_until_us.end()) {
+    until = std::max(until, known->second);
+  }
+  online.listing.suspended = until > now_us(self);
+  if (online.listing.suspended) {
+    st.suspended_until_us[id] = until;
+  } else {
+    st.suspended_until_us.erase(id);
+  }
   auto listed = st.index->list(online.listing);
   if (!listed) return;  // over a limit: the provider stays offline for routing
-  // A suspension known here but recorded after the listing was read (or the reverse) holds.
-  auto& until = st.suspended_until_us[id];
-  until = std::max(until, online.listing.suspended_until_at_us);
-  const bool suspended = until > now_us(self);
-  (void)st.index->set_suspended(id, suspended);  // a listing read while suspended may be read after it ended
-  if (!suspended) st.suspended_until_us.erase(id);
   add_prices(self, online.listing);
   const bool relinked = st.sessions.contains(id);
   st.sessions[id] = std::move(online.session);

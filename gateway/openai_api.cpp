@@ -643,9 +643,15 @@ std::uint32_t estimate_prompt_tokens(const completion_request& request) {
   return static_cast<std::uint32_t>(std::min<std::uint64_t>(tokens, std::numeric_limits<std::uint32_t>::max()));
 }
 
+std::uint32_t context_tokens_needed(std::uint32_t prompt_tokens, std::optional<std::uint32_t> max_tokens) {
+  const std::uint64_t needed = std::uint64_t{prompt_tokens} + max_tokens.value_or(1);
+  return static_cast<std::uint32_t>(std::min<std::uint64_t>(needed, std::numeric_limits<std::uint32_t>::max()));
+}
+
 expected<void, api_error> check_context(const completion_request& request, std::uint32_t context_length_tokens) {
   if (context_length_tokens == 0) return {};
   const std::uint64_t prompt = estimate_prompt_tokens(request);
+  if (context_tokens_needed(static_cast<std::uint32_t>(prompt), request.max_tokens) <= context_length_tokens) return {};
   const bool chat = request.kind == request_kind::chat;
   const std::string what = chat ? "messages" : "prompt";
   const std::string head =
@@ -654,7 +660,6 @@ expected<void, api_error> check_context(const completion_request& request, std::
       " (The gateway estimates prompt tokens conservatively from the text's size, about 3 bytes per token.)";
   if (request.max_tokens) {
     const std::uint64_t total = prompt + *request.max_tokens;
-    if (total <= context_length_tokens) return {};
     return unexpected{invalid(head + "you requested " + std::to_string(total) + " tokens (" + std::to_string(prompt) +
                                   " in the " + what + ", " + std::to_string(*request.max_tokens) +
                                   " in the completion). Please reduce the "
@@ -662,7 +667,6 @@ expected<void, api_error> check_context(const completion_request& request, std::
                                   what + " or completion." + estimate_note,
                               what, "context_length_exceeded")};
   }
-  if (prompt + 1 <= context_length_tokens) return {};
   return unexpected{invalid(head + "your " + what + " resulted in " + std::to_string(prompt) +
                                 " tokens, which leaves no room for the completion. Please reduce the length "
                                 "of the " +

@@ -133,6 +133,11 @@ struct api_error {
 /// Saturates at UINT32_MAX.
 [[nodiscard]] std::uint32_t estimate_prompt_tokens(const completion_request& request);
 
+/// The context window a request needs, from its estimated prompt: with max_tokens, prompt +
+/// max_tokens; without it, the completion gets what remains, so prompt + 1. Saturates at
+/// UINT32_MAX.
+[[nodiscard]] std::uint32_t context_tokens_needed(std::uint32_t prompt_tokens, std::optional<std::uint32_t> max_tokens);
+
 /// Checks that the estimated prompt plus the completion budget fits the context length: with
 /// max_tokens, prompt + max_tokens; without it, the completion gets what remains, so at least one
 /// token must remain. A 400 with code "context_length_exceeded" and both numbers in the message.

@@ -188,8 +188,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     request.conversation_id = job.request.extension.conversation_id;
     request.contribution_score = job.contribution_score;
     request.watcher = watcher_;
-    // Without the client's max_tokens a backend answers within whatever its window leaves.
-    request.context_tokens_min = job.prompt_tokens + job.request.max_tokens.value_or(1);
+    request.context_tokens_min = context_tokens_needed(job.prompt_tokens, job.request.max_tokens);
     const bool wants_ad = !job.premium && ads_ != nullptr;
     std::string prompt_text = wants_ad ? prompt_of(job.request) : std::string{};
     const std::string user_id = job.user_id;

@@ -150,6 +150,17 @@ class scheduler_test : public testing::deterministic_fixture {
     return state.value().suspended_until_at_us;
   }
 
+  /// Provider p1 (4 slots) online, suspended by dave's fast answers, then offline; when its
+  /// suspension ends (0: it was not suspended).
+  std::int64_t p1_suspended_and_offline() {
+    bring_online("p1", "llama-8b", 4);
+    create_user("dave", events::user_tier::premium, 50'000'000);
+    const auto until = suspend_by_fast_answers("p1");
+    self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+    run();
+    return until;
+  }
+
   /// At `until` (a suspension's end) the scheduler's tick lifts it: job `job_id` of dave goes to
   /// `provider_id`.
   void expect_served_again_at(std::int64_t until, const std::string& provider_id, const std::string& job_id) {
@@ -860,26 +871,18 @@ TEST_F(scheduler_test, a_provider_suspended_while_linked_gets_no_new_job_until_i
 }
 
 TEST_F(scheduler_test, a_provider_suspended_and_linked_again_before_its_suspension_ends_serves_again_once_it_does) {
-  bring_online("p1", "llama-8b", 4);
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  const auto until = suspend_by_fast_answers("p1");
+  const auto until = p1_suspended_and_offline();
   ASSERT_GT(until, 0);
   // Its agent links again while it is suspended (the gateway refuses such a hello; the race of a
   // suspension recorded between a hello's checks and its listing ends the same way).
-  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
-  run();
   ASSERT_NO_FATAL_FAILURE(link_again("p1"));
   ASSERT_FALSE(ask<job_accepted>(rt_.scheduler, request("j4", "dave", true))) << "still suspended";
   ASSERT_NO_FATAL_FAILURE(expect_served_again_at(until, "p1", "j5"));
 }
 
 TEST_F(scheduler_test, a_listing_read_while_suspended_but_listed_after_the_suspension_ended_takes_work) {
-  bring_online("p1", "llama-8b", 4);
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  const auto until = suspend_by_fast_answers("p1");
+  const auto until = p1_suspended_and_offline();
   ASSERT_GT(until, 0);
-  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
-  run();
   auto state = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
   ASSERT_TRUE(state);
   const auto listing = domain::listing_for(state.value(), *clock_.now_us);
