@@ -172,25 +172,6 @@ void maybe_snapshot(persistent_pointer<A> self) {
 template <domain::aggregate A>
 void dispatch(persistent_pointer<A> self);
 
-/// The events of `commands` decided one after another against `working`, all or none: the first
-/// refusal refuses them all.
-template <domain::aggregate A>
-domain::decision decide_all(const typename A::state& working,
-                            const std::vector<typename A::command>& commands, std::int64_t now_us) {
-  if (commands.size() == 1) return A::decide(working, commands.front(), now_us);
-  auto trial = working;
-  std::vector<events::event> decided;
-  for (const auto& command : commands) {
-    auto outcome = A::decide(trial, command, now_us);
-    if (!outcome) return outcome;
-    for (auto& event : outcome.value()) {
-      trial = A::evolve(std::move(trial), event);
-      decided.push_back(std::move(event));
-    }
-  }
-  return decided;
-}
-
 /// The append of the current batch was acknowledged: apply, answer, go on.
 template <domain::aggregate A>
 void on_appended(persistent_pointer<A> self) {
@@ -242,7 +223,7 @@ void dispatch(persistent_pointer<A> self) {
     const std::int64_t now_us = st.options.clock_us();
     const std::size_t commands_max = st.alone > 0 ? 1 : st.options.commands_per_append_max;
     while (!st.stash.empty() && st.in_flight.size() < commands_max) {
-      auto outcome = decide_all<A>(st.working, st.stash.front().commands, now_us);
+      auto outcome = domain::decide_all<A>(st.working, st.stash.front().commands, now_us);
       if (outcome && batch.size() + outcome.value().size() > st.options.events_per_append_max &&
           !batch.empty()) {
         break;  // this command opens the next batch

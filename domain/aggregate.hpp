@@ -62,4 +62,24 @@ concept aggregate = requires(typename A::state s, const events::event& e,
   { A::snapshot_version } -> std::convertible_to<std::uint32_t>;
 };
 
+/// The events of `commands` decided one after another against `working`, all or none: the first
+/// refusal refuses them all. What an aggregate's actor appends for a list of commands; deciding it
+/// without appending tells whether the list would be accepted now.
+template <aggregate A>
+[[nodiscard]] decision decide_all(const typename A::state& working,
+                                  const std::vector<typename A::command>& commands, std::int64_t now_us) {
+  if (commands.size() == 1) return A::decide(working, commands.front(), now_us);
+  auto trial = working;
+  std::vector<events::event> decided;
+  for (const auto& command : commands) {
+    auto outcome = A::decide(trial, command, now_us);
+    if (!outcome) return outcome;
+    for (auto& event : outcome.value()) {
+      trial = A::evolve(std::move(trial), event);
+      decided.push_back(std::move(event));
+    }
+  }
+  return decided;
+}
+
 }  // namespace gpustream::domain

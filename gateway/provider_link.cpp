@@ -62,6 +62,10 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void on_message(std::string_view bytes);
   void on_closed(std::string reason);
   void on_hello(const link::hello& hello);
+  /// The checked hello makes this link its provider's: the link it replaces ends, and the hello's
+  /// commands are recorded before the link goes online.
+  void take_over(std::vector<domain::provider::command> commands, std::vector<events::model_offer> models,
+                 std::size_t gpus);
   /// Ends the link now and asks the agent to close it with `code`.
   void close(std::uint16_t code, std::string reason);
   /// The link is over (closed by the server, or by the peer or the network): its jobs go back to
@@ -306,19 +310,44 @@ void link_session::on_message(std::string_view bytes) {
 }
 
 void link_session::on_hello(const link::hello& hello) {
+  std::vector<domain::provider::command> commands;
+  commands.push_back(domain::provider::connect{hello.gpus, hello.backend, hello.backend_url, hello.agent_version});
+  commands.push_back(domain::provider::advertise{hello.models});
+  // The hello is checked against the provider's state before this link takes over: a hello that
+  // would be refused (a bad offer, a suspension) must not end the provider's link that works,
+  // which a second agent started with the same token would otherwise do at each of its retries.
+  auto self = shared_from_this();
+  auto owner = owner_;
+  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = hello.models,
+                                           gpus = hello.gpus.size()](caf::event_based_actor* actor) mutable {
+    actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
+        .then(
+            [self, owner, commands = std::move(commands), models = std::move(models),
+             gpus](const domain::provider::state& state) mutable {
+              if (auto refused = domain::decide_all<domain::provider>(state, commands, owner->options_.clock_us());
+                  !refused) {
+                return self->close(1008, refused.error().message);
+              }
+              self->take_over(std::move(commands), std::move(models), gpus);
+            },
+            [self](caf::error& failure) { self->close(1011, "provider state unavailable: " + actors::describe(failure)); });
+  });
+}
+
+void link_session::take_over(std::vector<domain::provider::command> commands, std::vector<events::model_offer> models,
+                             std::size_t gpus) {
   std::lock_guard handover(owner_->handover_mutex_);
+  // Ended while its hello was checked: it never became the provider's link, so its end recorded
+  // nothing, and nothing is to be undone.
+  if (closed_) return;
   if (auto previous = owner_->adopt(shared_from_this())) {
     previous->retire();
     owner_->relay_.link_replaced(provider_id_);  // before this hello's task: same bridge key
   }
-  std::vector<domain::provider::command> commands;
-  commands.push_back(domain::provider::connect{hello.gpus, hello.backend, hello.backend_url, hello.agent_version});
-  commands.push_back(domain::provider::advertise{hello.models});
   auto self = shared_from_this();
   auto owner = owner_;
-  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = hello.models,
-                                           gpus = hello.gpus.size()](
-                                              caf::event_based_actor* actor) mutable {
+  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = std::move(models),
+                                           gpus](caf::event_based_actor* actor) mutable {
     actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, std::move(commands))
         .then(
             [self, owner, actor, models, gpus](const actors::command_reply&) {
@@ -344,7 +373,8 @@ void link_session::on_hello(const link::hello& hello) {
                       [self](caf::error& failure) { self->close(1011, "provider state unavailable: " + actors::describe(failure)); });
             },
             [self](caf::error& failure) {
-              // e.g. suspended: the domain's message says until when.
+              // Refused although the check passed: the provider's state changed in between (e.g.
+              // it was suspended); the domain's message says why.
               self->close(1008, actors::describe(failure));
             });
   });
@@ -375,23 +405,22 @@ void link_session::end(std::string reason) {
   if (retired_ || !hello_seen_) return;
   std::lock_guard handover(owner_->handover_mutex_);
   const bool current = owner_->release(this);
+  if (!current) return;  // its hello was refused, or the link ended while the hello was checked
   spdlog::info("link: provider={} offline reason={}", provider_id_, reason);
-  if (current) owner_->relay_.link_lost(provider_id_);  // jobs back to the scheduler, then offline
+  owner_->relay_.link_lost(provider_id_);  // jobs back to the scheduler, then offline
   const auto why = stale_            ? events::disconnect_reason::heartbeat_missed
                    : protocol_error_ ? events::disconnect_reason::protocol_error
                                      : events::disconnect_reason::connection_lost;
   auto owner = owner_;
   const std::string provider_id = provider_id_;
-  if (current) {
-    owner_->bridge_.run_keyed(provider_id, [owner, provider_id, why, reason](caf::event_based_actor* actor) {
-      actor->request(owner->runtime_.providers, caf::infinite, provider_id,
-                     domain::provider::command{domain::provider::disconnect{why, reason.substr(0, 200)}})
-          .then([](const actors::command_reply&) {},
-                [provider_id](caf::error& failure) {
-                  spdlog::warn("link: disconnect of provider={} not recorded: {}", provider_id, actors::describe(failure));
-                });
-    });
-  }
+  owner_->bridge_.run_keyed(provider_id, [owner, provider_id, why, reason](caf::event_based_actor* actor) {
+    actor->request(owner->runtime_.providers, caf::infinite, provider_id,
+                   domain::provider::command{domain::provider::disconnect{why, reason.substr(0, 200)}})
+        .then([](const actors::command_reply&) {},
+              [provider_id](caf::error& failure) {
+                spdlog::warn("link: disconnect of provider={} not recorded: {}", provider_id, actors::describe(failure));
+              });
+  });
 }
 
 provider_links::provider_links(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime,

@@ -1,0 +1,303 @@
+// The server side of the provider link on a real node (a temporary buffered store, the real actor
+// runtime, the HTTP server on a loopback port): agents made of the link client say hello with the
+// same provider's token, and a chat request shows which link the provider's jobs go to.
+#include <boost/asio/connect.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http/read.hpp>
+#include <boost/beast/http/string_body.hpp>
+#include <boost/beast/http/write.hpp>
+#include <boost/json.hpp>
+#include <caf/actor_system.hpp>
+#include <caf/actor_system_config.hpp>
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "actors/errors.hpp"
+#include "actors/runtime.hpp"
+#include "base/ensure.hpp"
+#include "gateway/link_client.hpp"
+#include "gateway/node.hpp"
+#include "storage/event_store.hpp"
+
+namespace gpustream::gateway {
+namespace {
+
+namespace asio = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+namespace json = boost::json;
+using tcp = asio::ip::tcp;
+using namespace std::chrono_literals;
+
+/// Generous: the waits end on real events long before; hitting it fails the test.
+constexpr auto wait_deadline = 20s;
+const std::string admin_token = "admin-secret-for-tests";
+const std::string model = "m";
+
+class temp_dir {
+ public:
+  temp_dir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "provider_link_test_XXXXXX").string();
+    GPUSTREAM_ENSURE(::mkdtemp(pattern.data()) != nullptr);
+    path_ = pattern;
+  }
+  ~temp_dir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct test_config : caf::actor_system_config {
+  test_config() { actors::add_error_categories(*this); }
+};
+
+struct http_answer {
+  unsigned status = 0;
+  std::string body;
+};
+
+/// One request on its own connection, answered in full.
+http_answer call(std::uint16_t port, http::verb method, const std::string& target, const std::string& body,
+                 const std::string& bearer) {
+  asio::io_context io;
+  tcp::socket socket(io);
+  asio::connect(socket, tcp::resolver(io).resolve("127.0.0.1", std::to_string(port)));
+  http::request<http::string_body> request{method, target, 11};
+  request.set(http::field::host, "127.0.0.1");
+  request.set(http::field::authorization, "Bearer " + bearer);
+  request.set(http::field::content_type, "application/json");
+  request.body() = body;
+  request.prepare_payload();
+  http::write(socket, request);
+  beast::flat_buffer buffer;
+  http::response<http::string_body> response;
+  http::read(socket, buffer, response);
+  return {response.result_int(), response.body()};
+}
+
+link::hello hello_with(std::uint32_t context_length_tokens) {
+  return {.agent_version = "test",
+          .backend = events::backend_kind::openai,
+          .backend_url = "http://127.0.0.1:1/v1",
+          .gpus = {},
+          .models = {{.model_name = model,
+                      .context_length_tokens = context_length_tokens,
+                      .quantisation = "Q8_0",
+                      .input_price_micros_per_mtok = 1,
+                      .output_price_micros_per_mtok = 2,
+                      .max_concurrency = 1}},
+          .max_concurrency = 1};
+}
+
+/// An agent: a link client on its own io thread that says `hello` on connecting and answers each
+/// offer with `answer_text` in one delta and a done. It does not come back after a disconnect
+/// within a test (its backoff waits a minute), so every disconnect it records is one.
+class agent {
+ public:
+  agent(std::uint16_t port, const std::string& token, link::hello hello, std::string answer_text)
+      : hello_(std::move(hello)), answer_text_(std::move(answer_text)), thread_([this] { io_.run(); }) {
+    link_client_options options;
+    options.url = "ws://127.0.0.1:" + std::to_string(port) + "/v1/providers/link";
+    options.bearer_token = token;
+    options.backoff.delay_initial = 60s;
+    options.backoff.delay_max = 60s;
+    options.seed = 7;
+    on_io([&] {
+      auto created = link_client::create(io_, std::move(options),
+                                         {.on_connected = [this] { (void)client_->send(hello_); },
+                                          .on_frame = [this](link::frame f) { on_frame(std::move(f)); },
+                                          .on_disconnected = [this](const link_disconnect& d) {
+                                            update([&] { disconnects_.push_back(d); });
+                                          }});
+      GPUSTREAM_ENSURE(created.has_value());
+      client_ = std::move(*created);
+      client_->start();
+    });
+  }
+  ~agent() {
+    on_io([this] { client_.reset(); });
+    work_.reset();
+    thread_.join();
+  }
+  agent(const agent&) = delete;
+  agent& operator=(const agent&) = delete;
+
+  [[nodiscard]] bool wait_welcome() {
+    return wait_until([this] { return welcomed_; });
+  }
+  [[nodiscard]] std::optional<link_disconnect> wait_disconnect() {
+    if (!wait_until([this] { return !disconnects_.empty(); })) return std::nullopt;
+    std::lock_guard lock(mutex_);
+    return disconnects_.front();
+  }
+  [[nodiscard]] std::size_t disconnects() {
+    std::lock_guard lock(mutex_);
+    return disconnects_.size();
+  }
+  [[nodiscard]] std::size_t offers() {
+    std::lock_guard lock(mutex_);
+    return offers_;
+  }
+
+ private:
+  void on_frame(link::frame f) {
+    if (std::holds_alternative<link::welcome>(f)) update([this] { welcomed_ = true; });
+    const auto* offer = std::get_if<link::offer>(&f);
+    if (offer == nullptr) return;
+    update([this] { ++offers_; });
+    (void)client_->send(link::delta{.job_id = offer->job_id, .text = answer_text_, .attempt = offer->attempt});
+    (void)client_->send(link::done{.job_id = offer->job_id,
+                                   .finish_reason = "stop",
+                                   .completion_tokens_counted = 1,
+                                   .ttft_us = 100,
+                                   .total_us = 200,
+                                   .attempt = offer->attempt});
+  }
+  template <class F>
+  void on_io(F&& f) {
+    std::packaged_task<void()> task(std::forward<F>(f));
+    auto done = task.get_future();
+    asio::post(io_, [&task] { task(); });
+    done.get();
+  }
+  template <class F>
+  void update(F&& f) {
+    {
+      std::lock_guard lock(mutex_);
+      f();
+    }
+    changed_.notify_all();
+  }
+  [[nodiscard]] bool wait_until(const std::function<bool()>& predicate) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, wait_deadline, predicate);
+  }
+
+  const link::hello hello_;
+  const std::string answer_text_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  bool welcomed_ = false;                   ///< guarded by mutex_
+  std::size_t offers_ = 0;                  ///< guarded by mutex_
+  std::vector<link_disconnect> disconnects_;  ///< guarded by mutex_
+  asio::io_context io_;
+  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_{io_.get_executor()};
+  std::unique_ptr<link_client> client_;
+  std::thread thread_;
+};
+
+class provider_link_test : public ::testing::Test {
+ protected:
+  provider_link_test() : system_(config_) {
+    storage::store_options store_options;
+    store_options.mode = storage::durability::buffered;
+    auto opened = storage::event_store::open(dir_.path(), store_options);
+    GPUSTREAM_ENSURE(opened.has_value());
+    store_ = std::move(*opened);
+    runtime_ = actors::start_runtime(system_, store_);
+    node_options options;
+    options.http.host = "127.0.0.1";
+    options.http.port = 0;
+    options.admin_token = admin_token;
+    auto started = node::start(system_, runtime_, store_, std::move(options));
+    GPUSTREAM_ENSURE(started.has_value());
+    node_ = std::move(*started);
+    port_ = node_->port();
+  }
+  ~provider_link_test() override {
+    node_.reset();
+    runtime_.stop();
+    system_.await_all_actors_done();
+  }
+
+  /// A new provider's token.
+  std::string make_provider() {
+    const auto answer = call(port_, http::verb::post, "/admin/providers", R"({"name":"p"})", admin_token);
+    EXPECT_EQ(answer.status, 201u) << answer.body;
+    return std::string(json::parse(answer.body).at("token").as_string());
+  }
+  /// A new premium user's API key.
+  std::string make_user() {
+    const auto answer = call(port_, http::verb::post, "/admin/users",
+                             R"({"tier":"premium","credit_micros":10000000})", admin_token);
+    EXPECT_EQ(answer.status, 201u) << answer.body;
+    return std::string(json::parse(answer.body).at("api_key").as_string());
+  }
+  /// A chat completion's answer text, or the error body when it is refused.
+  std::string chat(const std::string& api_key) {
+    const auto answer = call(port_, http::verb::post, "/v1/chat/completions",
+                             R"({"model":")" + model + R"(","messages":[{"role":"user","content":"hi"}]})", api_key);
+    if (answer.status != 200) return "HTTP " + std::to_string(answer.status) + ": " + answer.body;
+    return std::string(json::parse(answer.body).at("choices").at(0).at("message").at("content").as_string());
+  }
+
+  temp_dir dir_;
+  test_config config_;
+  caf::actor_system system_;
+  std::shared_ptr<storage::event_store> store_;
+  actors::runtime runtime_;
+  std::unique_ptr<node> node_;
+  std::uint16_t port_ = 0;
+};
+
+TEST_F(provider_link_test, a_newer_link_of_the_same_provider_takes_over_its_jobs) {
+  const auto token = make_provider();
+  const auto api_key = make_user();
+  agent first(port_, token, hello_with(4096), "from the first link");
+  ASSERT_TRUE(first.wait_welcome());
+  EXPECT_EQ(chat(api_key), "from the first link");
+
+  agent second(port_, token, hello_with(4096), "from the second link");
+  ASSERT_TRUE(second.wait_welcome());
+  const auto replaced = first.wait_disconnect();
+  ASSERT_TRUE(replaced);
+  EXPECT_EQ(replaced->close_code, 1000);
+  EXPECT_NE(replaced->message.find("replaced by a newer link"), std::string::npos) << replaced->message;
+  EXPECT_EQ(chat(api_key), "from the second link");
+  EXPECT_EQ(first.offers(), 1u);
+}
+
+TEST_F(provider_link_test, a_hello_the_provider_would_refuse_leaves_its_working_link_in_place) {
+  // A second agent started with the same token but an offer the platform refuses (here a window
+  // of 0 tokens) used to take the link over before its hello was refused: the working link was
+  // closed, and the provider left with no link at all, at each of the second agent's retries.
+  const auto token = make_provider();
+  const auto api_key = make_user();
+  agent first(port_, token, hello_with(4096), "from the first link");
+  ASSERT_TRUE(first.wait_welcome());
+
+  agent refused(port_, token, hello_with(0), "never sent");
+  const auto closed = refused.wait_disconnect();
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->kind, link_disconnect_kind::closed_by_peer);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("context length of 0 tokens"), std::string::npos) << closed->message;
+
+  EXPECT_EQ(chat(api_key), "from the first link");
+  EXPECT_EQ(first.disconnects(), 0u);
+  EXPECT_EQ(refused.offers(), 0u);
+}
+
+}  // namespace
+}  // namespace gpustream::gateway
