@@ -224,6 +224,15 @@ void dispatch(persistent_pointer<A> self) {
     const std::size_t commands_max = st.alone > 0 ? 1 : st.options.commands_per_append_max;
     while (!st.stash.empty() && st.in_flight.size() < commands_max) {
       auto outcome = domain::decide_all<A>(st.working, st.stash.front().commands, now_us);
+      if (outcome && outcome.value().size() > st.options.events_per_append_max) {
+        // Alone in an append it would still pass the limit (and perhaps the store's, whose
+        // refusal would fail every command waiting with it): refused on its own.
+        outcome = domain::refuse(domain::errc::limit_exceeded,
+                                 "the commands for stream " + st.stream + " decide " +
+                                     std::to_string(outcome.value().size()) + " events; at most " +
+                                     std::to_string(st.options.events_per_append_max) +
+                                     " are appended at once (events_per_append_max)");
+      }
       if (outcome && batch.size() + outcome.value().size() > st.options.events_per_append_max &&
           !batch.empty()) {
         break;  // this command opens the next batch

@@ -609,6 +609,14 @@ invariant_check ledger_verifier::apply(const events::transfer_recorded& recorded
   if (auto ok = check_transfer_applicable(state_, recorded); !ok) return ok;
   history_.add(recorded);
   state_ = ledger::evolve(std::move(state_), events::event{recorded});
+  // Every prefix of a group is sound, as decide checks it (check_balances): an account that must
+  // not go negative may not dip below zero in the middle of a group and come back by its end.
+  const auto debit = balance_micros(state_, recorded.debit_account);
+  if (debit < 0 && !may_go_negative(classify_account(recorded.debit_account)->kind)) {
+    return violation("transfer " + quoted(recorded.transfer_id) + " of group " + quoted(recorded.linked_group_id) +
+                     " leaves account " + quoted(recorded.debit_account) + " holding " + micros(debit) +
+                     "; it must never go negative, not even within a group");
+  }
   touched_.push_back(recorded.debit_account);
   touched_.push_back(recorded.credit_account);
   ++transfers_applied_;

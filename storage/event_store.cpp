@@ -501,9 +501,15 @@ expected<std::vector<events::record>, error> subscription::next(std::size_t max,
   auto batch = store_->read_all(position_ + 1, max);
   if (!batch) return unexpected{batch.error()};
   if (!batch->empty()) {
-    // The log is gapless: a read from position_ + 1 must start there and stay contiguous.
-    GPUSTREAM_ENSURE(batch->front().position == position_ + 1);
-    GPUSTREAM_ENSURE(batch->back().position == position_ + batch->size());
+    // The log is gapless: a read from position_ + 1 must start there and stay contiguous. A gap
+    // is damage on disk (an operating error), which the follower reports rather than dies of.
+    if (batch->front().position != position_ + 1 || batch->back().position != position_ + batch->size()) {
+      return unexpected{make_error(errc::corruption,
+                                   "the log has a gap after position " + std::to_string(position_) +
+                                       ": a read from there gave positions " +
+                                       std::to_string(batch->front().position) + ".." +
+                                       std::to_string(batch->back().position))};
+    }
     position_ = batch->back().position;
   }
   return batch;

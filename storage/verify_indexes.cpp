@@ -15,6 +15,13 @@ std::uint64_t fingerprint(std::string_view stream, std::uint64_t version) {
   return std::hash<std::string_view>{}(stream) * 0x9E3779B97F4A7C15ull ^ (version + 0x632BE59BD9B4E019ull);
 }
 
+/// Whether `count` (> 0) positions from `first` reach past `last`, without the overflow of
+/// first + count - 1 (a corrupt entry may hold any numbers, and a wrapped sum would pass for an
+/// acknowledged run and be read out of bounds).
+bool ends_after(std::uint64_t first, std::uint64_t count, std::uint64_t last) {
+  return count - 1 > last || first > last - (count - 1);
+}
+
 }  // namespace
 
 expected<event_store::index_report, error> event_store::impl::verify_indexes() const {
@@ -65,7 +72,7 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     }
     const auto run = keys::parse_run(stream, key, index->value().ToStringView());
     if (!run) return unexpected{corrupt_index(stream)};
-    if (run->last_position() > last) continue;  // not acknowledged yet
+    if (run->count > 0 && ends_after(run->first_position, run->count, last)) continue;  // not acknowledged yet
     if (run->first_version != next_version || run->count == 0) {
       return broken("stream " + stream + " index jumps to version " + std::to_string(run->first_version) +
                     " where version " + std::to_string(next_version) + " was due");
@@ -103,7 +110,7 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
     const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
     const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));
-    if (first != 0 && count != 0 && first + count - 1 > last) continue;  // not acknowledged yet
+    if (first != 0 && count != 0 && ends_after(first, count, last)) continue;  // not acknowledged yet
     if (first == 0 || count == 0 || ids[first] != id) {
       return broken("id index entry of " + id.to_string() + " does not point at its first event");
     }

@@ -16,7 +16,9 @@ bool same_append(const std::vector<stream_append>& a, const std::vector<stream_a
   return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const auto& x, const auto& y) {
     return x.stream == y.stream &&
            std::equal(x.events.begin(), x.events.end(), y.events.begin(), y.events.end(),
-                      [](const auto& e, const auto& f) { return e.id == f.id; });
+                      [](const auto& e, const auto& f) {
+                        return e.id == f.id && e.type == f.type && e.payload == f.payload;
+                      });
   });
 }
 
@@ -100,7 +102,8 @@ std::vector<pending_append> event_store::impl::take_group() {
   std::unique_lock lock(queue_mutex_);
   if (queue_.empty() && !stopping_) {
     set_writer_staging(false);  // lets the syncer fsync now rather than wait for this thread
-    const auto woken = [&] { return stopping_ || !queue_.empty(); };
+    // A failed fsync wakes the writer too (see syncer_loop): it reopens the store at once.
+    const auto woken = [&] { return stopping_ || !queue_.empty() || sync_failed_.load(); };
     if (reopen_needed_ || sync_failed_.load()) {
       // After a disk failure, retry the reopen now and then even without appends, so that reads
       // come back by themselves once the disk does.
@@ -435,6 +438,12 @@ void event_store::impl::syncer_loop() {
     answering = true;
     for (std::size_t i = 0; i < ready.size(); ++i) deliver(ready[i], durability[i]);
     answering = false;
+    if (sync_failed_.load()) {
+      // The writer may have gone to sleep before the fsync failed, with nothing to append: it
+      // must wake to reopen the store, or reads stay behind until the next append. Taking its
+      // lock orders this wake-up after its check of sync_failed_.
+      std::lock_guard queue(queue_mutex_);
+    }
     queue_cv_.notify_one();  // for the appends the callbacks sent
     lock.lock();
     sync_in_flight_ -= ready.size();
@@ -654,7 +663,13 @@ expected<append_result, error> event_store::impl::stored_result(const std::vecto
       }
       auto r = decode_stored(it->value(), position, scratch);
       if (!r) return unexpected{r.error()};
-      if (r->id != e.id || r->stream != s.stream) return unexpected{reused_id(first_id)};
+      // Ids alone do not make a retry: an actor derives its events' ids from their stream and
+      // version, so an append it decided on a stale view of its stream (the log holds a write
+      // whose fsync failed) has the ids of what the log holds, with other events.
+      if (r->id != e.id || r->stream != s.stream || r->type != e.type ||
+          !std::ranges::equal(r->payload, std::as_bytes(std::span(e.payload)))) {
+        return unexpected{reused_id(first_id)};
+      }
       if (where.first_version == 0) where.first_version = r->version;
       where.last_version = r->version;
       it->Next();

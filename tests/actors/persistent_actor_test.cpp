@@ -137,6 +137,28 @@ TEST_F(persistent_actor_test, commands_per_append_max_and_events_per_append_max_
   EXPECT_EQ(store_ptr_->stats().grouped_appends - before, 2u) << "5 events, at most 3 per append";
 }
 
+TEST_F(persistent_actor_test, a_list_deciding_more_than_events_per_append_max_is_refused_alone) {
+  // Appended whole, it would pass the store's limit too, and the store's refusal would fail every
+  // command waiting with it and stop the actor.
+  persistence_options small_batches;
+  small_batches.events_per_append_max = 3;
+  small_batches.clock_us = clock_.function();
+  auto actor = system_.spawn(persistent_behavior<wallet>, std::string("wallet-3"), store_, small_batches);
+  auto too_many = self_->request(actor, caf::infinite,
+                                 std::vector<wallet::command>{credit("a", 1), credit("b", 1), credit("c", 1), credit("d", 1)});
+  auto next = self_->request(actor, caf::infinite, credit("e", 1));
+  run();
+  auto refused = collect<command_reply>(too_many);
+  ASSERT_FALSE(refused);
+  ASSERT_TRUE(domain_error_of(refused.error())) << describe(refused.error());
+  EXPECT_EQ(domain_error_of(refused.error())->code, domain::errc::limit_exceeded);
+  EXPECT_NE(domain_error_of(refused.error())->message.find("4 events"), std::string::npos)
+      << domain_error_of(refused.error())->message;
+  auto answered = collect<command_reply>(next);
+  ASSERT_TRUE(answered) << describe(answered.error());
+  EXPECT_EQ(answered.value().version, 1u) << "nothing of the refused list was appended";
+}
+
 TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
   persistence_options options;
   options.stash_commands_max = 2;
@@ -223,6 +245,46 @@ TEST_F(persistent_actor_fault_test, a_failed_append_stops_the_actor_and_answers_
   ASSERT_TRUE(state);
   EXPECT_TRUE(state.value().deposit_ids.contains("d1"));
   EXPECT_TRUE(state.value().deposit_ids.contains("d2"));
+}
+
+TEST_F(persistent_actor_fault_test, a_command_decided_anew_after_a_failed_append_never_claims_what_the_log_lacks) {
+  // The failed append (d2) may be in the log: its bytes reached the WAL. An actor recovering
+  // before the store reopened decides d3 at d2's version, with d2's event ids. The store used to
+  // answer that append as a retry of d2: the actor then held d3, which the log lacked.
+  auto faults = std::make_shared<storage::fault_injector>();
+  storage::store_options options;
+  options.faults = faults;
+  open_store(std::move(options));
+  testing::manual_clock clock;
+  auto spawn = [&] {
+    return system_.spawn(persistent_behavior<wallet>, std::string("wallet-1"), store_,
+                         persistence_options{.clock_us = clock.function()});
+  };
+  auto actor = spawn();
+  ASSERT_TRUE(ask<command_reply>(actor, wallet::command{wallet::credit{"d1", 1}}));
+  faults->set_fail_sync(true);
+  auto failed = self_->request(actor, caf::infinite, wallet::command{wallet::credit{"d2", 2}});
+  run();
+  ASSERT_FALSE(collect<command_reply>(failed));
+  faults->set_fail_sync(false);
+
+  auto revived = spawn();
+  auto decided = ask<command_reply>(revived, wallet::command{wallet::credit{"d3", 3}});
+  if (!decided) {
+    // Refused rather than mistaken for d2: the next actor recovers the log as it is.
+    ASSERT_TRUE(storage_error_of(decided.error())) << describe(decided.error());
+    EXPECT_EQ(storage_error_of(decided.error())->code, storage::errc::event_id_conflict);
+    revived = spawn();
+    decided = ask<command_reply>(revived, wallet::command{wallet::credit{"d3", 3}});
+  }
+  ASSERT_TRUE(decided) << describe(decided.error());
+  auto live = ask<wallet::state>(revived, state_atom::value);
+  auto replayed = ask<wallet::state>(spawn(), state_atom::value);
+  ASSERT_TRUE(live);
+  ASSERT_TRUE(replayed);
+  EXPECT_EQ(live.value(), replayed.value()) << "the actor's state is the log's";
+  EXPECT_TRUE(live.value().deposit_ids.contains("d1"));
+  EXPECT_TRUE(live.value().deposit_ids.contains("d3"));
 }
 
 }  // namespace

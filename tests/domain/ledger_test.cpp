@@ -582,6 +582,18 @@ TEST(ledger_verifier, finds_a_transfer_id_applied_twice_however_far_apart) {
   EXPECT_TRUE(contains(group_again.error().message, "appears again")) << group_again.error().message;
 }
 
+TEST(ledger_verifier, an_account_below_zero_within_a_group_is_a_violation_though_the_group_ends_sound) {
+  // decide refuses such a group (each transfer is checked in turn); the verifier agrees.
+  const record_transfers dipping{"g1", {make_transfer("spend", "user-u", "provider-p", 10, transfer_kind::usage),
+                                        make_transfer("fund", "external", "user-u", 10, transfer_kind::deposit)}};
+  ASSERT_FALSE(ledger::decide({}, dipping, 1).has_value());
+  ledger_verifier verifier;
+  const auto dipped = verifier.apply(recorded("spend", "user-u", "provider-p", 10, transfer_kind::usage, "g1"));
+  ASSERT_FALSE(dipped.has_value());
+  EXPECT_TRUE(contains(dipped.error().message, "\"user-u\" holding -10 micro-USD")) << dipped.error().message;
+  EXPECT_TRUE(contains(dipped.error().message, "not even within a group")) << dipped.error().message;
+}
+
 TEST(ledger_verifier, reports_a_transfer_id_applied_twice) {
   ledger_verifier verifier;
   ASSERT_TRUE(verifier.apply(recorded("t1", "external", "user-u", 5, transfer_kind::deposit, "g1"))
@@ -594,16 +606,14 @@ TEST(ledger_verifier, reports_a_transfer_id_applied_twice) {
   EXPECT_TRUE(contains(twice.error().message, "7 micro-USD"));
 }
 
-TEST(ledger_verifier, reports_a_negative_balance_when_its_group_ends) {
+TEST(ledger_verifier, reports_a_negative_balance_at_the_transfer_that_makes_it) {
   ledger_verifier verifier;
   ASSERT_TRUE(verifier.apply(recorded("t1", "external", "user-u", 5, transfer_kind::deposit, "g1"))
                   .has_value());
-  ASSERT_TRUE(verifier.apply(recorded("t2", "user-u", "provider-p", 8, transfer_kind::usage, "g2"))
-                  .has_value());
-  const auto end = verifier.finish();
-  ASSERT_FALSE(end.has_value());
-  EXPECT_TRUE(contains(end.error().message, "after group \"g2\""));
-  EXPECT_TRUE(contains(end.error().message, "\"user-u\" holds -3 micro-USD"));
+  const auto overdrawn = verifier.apply(recorded("t2", "user-u", "provider-p", 8, transfer_kind::usage, "g2"));
+  ASSERT_FALSE(overdrawn.has_value());
+  EXPECT_TRUE(contains(overdrawn.error().message, "transfer \"t2\" of group \"g2\""));
+  EXPECT_TRUE(contains(overdrawn.error().message, "\"user-u\" holding -3 micro-USD"));
 }
 
 TEST(ledger_verifier, reports_a_group_split_by_another_and_bad_transfers) {

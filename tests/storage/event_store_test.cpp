@@ -292,10 +292,56 @@ TEST(event_store, reusing_an_appends_first_id_for_anything_else_is_a_conflict) {
   EXPECT_EQ(code(one_stream("b", any_version, 1, 1, 2)), errc::event_id_conflict);  // another stream
   EXPECT_EQ(code({{"a", any_version, {make_event(make_id(1, 1), "x"), make_event(make_id(9, 9), "y")}}}),
             errc::event_id_conflict);  // same first id, another second event
+  // The same ids with other events: what an actor appends when it decided on a stale view of its
+  // stream, since it derives ids from the stream and the version.
+  EXPECT_EQ(code({{"a", any_version, {make_event(make_id(1, 1), "payload-1"), make_event(make_id(1, 2), "other")}}}),
+            errc::event_id_conflict);  // another payload
+  EXPECT_EQ(code({{"a", any_version, {make_event(make_id(1, 1), "payload-1", 2), make_event(make_id(1, 2), "payload-2")}}}),
+            errc::event_id_conflict);  // another type
   EXPECT_EQ(store->last_position(), 2u);
   auto whole = store->append(one_stream("a", no_stream, 1, 1, 2));  // the true retry still works
   ASSERT_TRUE(whole) << whole.error().message;
   EXPECT_EQ(whole->last_position, 2u);
+}
+
+TEST(event_store, a_concurrent_duplicate_with_other_events_is_refused) {
+  temp_dir dir;
+  auto store = open_or_fail(dir.path());
+  ASSERT_TRUE(store);
+  std::promise<expected<append_result, error>> a, b;
+  // Whether the writer takes both in one group (the second is compared with the first before
+  // either is written) or one after the other (with what the first wrote), the second is refused.
+  store->append_async(one_stream("s", no_stream, 4, 1, 1), [&](auto r) { a.set_value(std::move(r)); });
+  store->append_async({{"s", any_version, {make_event(make_id(4, 1), "other")}}},
+                      [&](auto r) { b.set_value(std::move(r)); });
+  auto ra = a.get_future().get();
+  auto rb = b.get_future().get();
+  ASSERT_TRUE(ra);
+  ASSERT_FALSE(rb);
+  EXPECT_EQ(rb.error().code, errc::event_id_conflict);
+  EXPECT_EQ(store->last_position(), 1u);
+}
+
+TEST(event_store, after_a_failed_fsync_the_idle_writer_reopens_the_store_without_waiting_for_an_append) {
+  // The failed append's bytes reached the WAL; reopening replays them, and reads (subscriptions,
+  // actors recovering) see the log as it is. A writer asleep when the fsync failed used to wait
+  // for the next append before reopening, and readers saw the log without that write meanwhile.
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  auto store = open_or_fail(dir.path(), with_faults(faults));
+  ASSERT_TRUE(store);
+  std::uint64_t last = 0;
+  for (std::uint64_t round = 1; round <= 20; ++round) {
+    ASSERT_TRUE(store->append(one_stream("s", any_version, round, 1, 1)));
+    ++last;
+    faults->set_fail_sync(true);
+    auto failed = store->append(one_stream("s", any_version, round, 2, 1));
+    faults->set_fail_sync(false);
+    ASSERT_FALSE(failed);
+    EXPECT_EQ(failed.error().code, errc::io_error);
+    ++last;
+    ASSERT_EQ(store->wait_for_append(last - 1, std::chrono::seconds(20)), last) << "round " << round;
+  }
 }
 
 TEST(event_store, a_conflicting_concurrent_duplicate_is_refused) {
@@ -616,6 +662,24 @@ TEST(event_store_subscription, no_gap_and_no_duplicate_while_appends_run) {
   auto after = subscription.next(10, 10ms);  // caught up: nothing more
   ASSERT_TRUE(after);
   EXPECT_TRUE(after->empty());
+}
+
+TEST(event_store_subscription, a_gap_in_the_log_is_reported_as_corruption_not_a_crash) {
+  // Damage on disk is an operating error: the directory's follower logs it and retries.
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path(), buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 3)));
+  }
+  testing::delete_first_entry(dir.path(), "global");  // position 1
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  auto subscription = store->subscribe(0);
+  auto batch = subscription.next(10, std::chrono::milliseconds(0));
+  ASSERT_FALSE(batch);
+  EXPECT_EQ(batch.error().code, errc::corruption);
+  EXPECT_NE(batch.error().message.find("gap after position 0"), std::string::npos) << batch.error().message;
 }
 
 TEST(event_store_subscription, starts_after_the_given_position) {
@@ -1058,6 +1122,28 @@ TEST(event_store_format, a_format_1_store_opened_for_writing_is_upgraded_claimin
   ASSERT_TRUE(report) << report.error().message;
   EXPECT_EQ(report->unique_keys, 4u);
   EXPECT_EQ(report->events, 4u);
+}
+
+TEST(event_store_verify, an_id_index_entry_whose_run_wraps_around_is_not_read_out_of_bounds) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path(), buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 3)));
+  }
+  auto be64 = [](std::uint64_t v) {
+    std::string out(8, '\0');
+    for (int i = 7; i >= 0; --i, v >>= 8) out[static_cast<std::size_t>(i)] = static_cast<char>(v & 0xff);
+    return out;
+  };
+  // First position 103, past the log's 3, and a count that brings first + count - 1 round to 2:
+  // a wrapped sum passed for an acknowledged run, whose first id was then read past the end.
+  raw_put(dir.path(), "dedup", std::string(16, '\x7f'), be64(103) + be64(~std::uint64_t{0} - 99));
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  auto report = store->verify_indexes();
+  ASSERT_TRUE(report) << report.error().message;
+  EXPECT_EQ(report->appends, 1u) << "the entry past the log is not one of its appends";
 }
 
 /// The position of the append that claims `key`, as a refused append names it.
