@@ -21,6 +21,7 @@
 #include "actors/runtime.hpp"
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
+#include "domain/payout.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/directory.hpp"
 #include "gateway/openai_api.hpp"
@@ -74,7 +75,10 @@ http_response failure_response(const caf::error& failure, std::string_view what,
       case domain::errc::already_exists:
       case domain::errc::invalid_state:
       case domain::errc::insufficient_funds:
+      case domain::errc::limit_exceeded:  // the message names the limit; no retry lifts it at once
         return error_response(409, doing + " was refused: " + refused->message);
+      case domain::errc::quota_exceeded:
+        return error_response(429, doing + " was refused: " + refused->message);
       default:
         return error_response(503, doing + " failed: " + refused->message);
     }
@@ -398,6 +402,14 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     }
     if (path == "/admin/payouts/run") {
       if (post) return run_payouts(std::move(reply));
+      return not_allowed(request, "POST", std::move(reply));
+    }
+    if (path == "/admin/payouts/last") {
+      if (get) return last_payout_run(std::move(reply));
+      return not_allowed(request, "GET, HEAD", std::move(reply));
+    }
+    if (auto step = payout_step_of(path)) {
+      if (post) return step_payout(request, std::move(step->first), step->second, std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
     }
     reply(error_response(404, "no such admin endpoint: " + std::string(path)));
@@ -794,15 +806,83 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
+  // -- GET /admin/payouts/last -----------------------------------------------------------------
+
+  /// The latest run's report, also of a run started by the timer, or of one asked for whose
+  /// answer came after the request's timeout.
+  void last_payout_run(reply_function reply) {
+    auto self = shared_from_this();
+    spawn_request([self, reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      actor->request(self->peers_.payouts, self->timeout(), actors::state_atom::value)
+          .then([reply](actors::payout_report& report) { reply(json_response(200, report_json(report))); },
+                [self, reply](caf::error& failure) {
+                  reply(failure_response(failure, "reading the last payout run", self->options_.request_timeout));
+                });
+    });
+  }
+
+  // -- POST /admin/payouts/<id>/settle, POST /admin/payouts/<id>/fail ---------------------------
+
+  enum class payout_step { settle, fail };
+
+  /// The payout id and step of /admin/payouts/<id>/settle or /admin/payouts/<id>/fail.
+  static std::optional<std::pair<std::string, payout_step>> payout_step_of(std::string_view path) {
+    constexpr std::string_view prefix = "/admin/payouts/";
+    if (!path.starts_with(prefix)) return std::nullopt;
+    const auto rest = path.substr(prefix.size());
+    const auto slash = rest.find('/');
+    if (slash == std::string_view::npos || slash == 0) return std::nullopt;
+    const auto step = rest.substr(slash + 1);
+    if (step == "settle") return std::pair{std::string(rest.substr(0, slash)), payout_step::settle};
+    if (step == "fail") return std::pair{std::string(rest.substr(0, slash)), payout_step::fail};
+    return std::nullopt;
+  }
+
+  /// The payment rail's word on a requested payout: settled (the money leaves to `external`) or
+  /// failed (it returns to the provider). Repeating a step with the same words changes nothing.
+  void step_payout(const http_request& request, std::string payout_id, payout_step step, reply_function reply) {
+    if (payout_id.size() > options_.name_bytes_max) {
+      return reply(error_response(400, "the payout id is " + std::to_string(payout_id.size()) + " bytes long; at most " +
+                                           std::to_string(options_.name_bytes_max) + " are allowed"));
+    }
+    const std::string_view field = step == payout_step::settle ? "external_reference" : "reason";
+    auto body = parse_object(request.body, options_.json_depth_max, {field});
+    if (!body) return reply(std::move(body).error());
+    auto words = required_string(*body, field, domain::payout_text_length_max);
+    if (!words) return reply(std::move(words).error());
+    auto self = shared_from_this();
+    spawn_request([self, payout_id = std::move(payout_id), words = std::move(*words), step,
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      auto on_entry = [self, reply, step](actors::payout_entry& entry) {
+        self->log_->info("payout {} {} provider={} amount_micros={}", entry.payout_id,
+                         step == payout_step::settle ? "settled" : "failed", entry.provider_id, entry.amount_micros);
+        reply(json_response(200, entry_json(entry)));
+      };
+      auto on_failure = [self, reply, step](caf::error& failure) {
+        reply(failure_response(failure, step == payout_step::settle ? "settling the payout" : "failing the payout",
+                               self->options_.request_timeout));
+      };
+      if (step == payout_step::settle) {
+        actor->request(self->peers_.payouts, self->timeout(), actors::settle_atom::value, std::move(payout_id), std::move(words))
+            .then(std::move(on_entry), std::move(on_failure));
+      } else {
+        actor->request(self->peers_.payouts, self->timeout(), actors::fail_atom::value, std::move(payout_id), std::move(words))
+            .then(std::move(on_entry), std::move(on_failure));
+      }
+    });
+  }
+
+  static json::object entry_json(const actors::payout_entry& p) {
+    return {{"id", p.payout_id},
+            {"provider_id", p.provider_id},
+            {"amount_micros", p.amount_micros},
+            {"status", payout_status_name(p.status)},
+            {"reconciled", p.reconciled}};
+  }
+
   static json::object report_json(const actors::payout_report& report) {
     json::array payouts;
-    for (const auto& p : report.payouts) {
-      payouts.emplace_back(json::object{{"id", p.payout_id},
-                                        {"provider_id", p.provider_id},
-                                        {"amount_micros", p.amount_micros},
-                                        {"status", payout_status_name(p.status)},
-                                        {"reconciled", p.reconciled}});
-    }
+    for (const auto& p : report.payouts) payouts.emplace_back(entry_json(p));
     json::array problems;
     for (const auto& problem : report.problems) problems.emplace_back(problem);
     return {{"payouts", std::move(payouts)}, {"problems", std::move(problems)}};

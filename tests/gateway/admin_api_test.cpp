@@ -506,6 +506,69 @@ TEST_F(admin_api_test, the_provider_page_shows_earnings_and_the_payouts_a_run_re
   EXPECT_TRUE(again.at("payouts").as_array().empty());
 }
 
+TEST_F(admin_api_test, a_requested_payout_is_settled_or_failed_by_the_payment_rails_word) {
+  // Without settle_at_once a payout stays requested, its money in payouts_in_flight, until the
+  // operator says what the payment did.
+  const auto [user, key] = make_user(R"({"tier":"premium","credit_micros":60000000})");
+  const auto [first, first_token, first_owner] = make_provider(R"({"name":"rig-1"})");
+  const auto [second, second_token, second_owner] = make_provider(R"({"name":"rig-2"})");
+  for (const auto& provider : {first, second}) {
+    domain::ledger::command earn = domain::record_transfers{
+        "job-" + provider, {{"job-" + provider + "/usage", "user-" + user, "provider-" + provider, 20'000'000,
+                             events::transfer_kind::usage, provider}}};
+    ASSERT_TRUE(ask<actors::command_reply>(runtime_.ledger, std::move(earn)).version > 0);
+  }
+  const auto run = call("POST", "/admin/payouts/run");
+  ASSERT_EQ(run.status, 200u) << run.body;
+  std::map<std::string, std::string> payout_of;
+  const auto report = json::parse(run.body);
+  for (const auto& p : report.at("payouts").as_array()) {
+    payout_of[std::string(p.at("provider_id").as_string())] = std::string(p.at("id").as_string());
+  }
+  ASSERT_EQ(payout_of.size(), 2u) << run.body;
+  const auto last = call("GET", "/admin/payouts/last");
+  ASSERT_EQ(last.status, 200u) << last.body;
+  EXPECT_EQ(json::parse(last.body), json::parse(run.body)) << "the last run's report, again";
+
+  auto balance = [&](const std::string& account) {
+    const auto listed = json::parse(call("GET", "/admin/accounts?prefix=" + account).body);
+    for (const auto& row : listed.at("data").as_array()) {
+      if (row.at("account").as_string() == account) return row.at("balance_micros").as_int64();
+    }
+    return std::int64_t{0};
+  };
+  EXPECT_EQ(balance("payouts_in_flight"), 40'000'000);
+
+  const auto settle_path = "/admin/payouts/" + payout_of[first] + "/settle";
+  const auto settled = call("POST", settle_path, R"({"external_reference":"wire-123"})");
+  ASSERT_EQ(settled.status, 200u) << settled.body;
+  EXPECT_EQ(json::parse(settled.body).at("status").as_string(), "settled");
+  EXPECT_EQ(json::parse(settled.body).at("amount_micros").as_int64(), 20'000'000);
+  EXPECT_EQ(call("POST", settle_path, R"({"external_reference":"wire-123"})").status, 200u) << "a repeat changes nothing";
+  const auto other_reference = call("POST", settle_path, R"({"external_reference":"wire-456"})");
+  EXPECT_EQ(other_reference.status, 409u) << other_reference.body;
+  EXPECT_EQ(call("POST", "/admin/payouts/" + payout_of[first] + "/fail", R"({"reason":"bounced"})").status, 409u)
+      << "a settled payout cannot fail";
+
+  const auto failed = call("POST", "/admin/payouts/" + payout_of[second] + "/fail", R"({"reason":"account closed"})");
+  ASSERT_EQ(failed.status, 200u) << failed.body;
+  EXPECT_EQ(json::parse(failed.body).at("status").as_string(), "failed");
+  EXPECT_EQ(balance("payouts_in_flight"), 0);
+  EXPECT_EQ(balance("provider-" + second), 20'000'000) << "a failed payout's money returns to its provider";
+  EXPECT_EQ(balance("provider-" + first), 0);
+  EXPECT_EQ(json::parse(call("GET", "/admin/accounts").body).at("total_micros").as_int64(), 0);
+
+  EXPECT_EQ(call("POST", "/admin/payouts/auto-nobody-1/settle", R"({"external_reference":"x"})").status, 404u);
+  expect_invalid(call("POST", settle_path, R"({})"), "external_reference");
+  expect_invalid(call("POST", settle_path, R"({"reason":"x"})"), "reason");
+  expect_invalid(call("POST", settle_path, R"({"external_reference":")" + std::string(300, 'r') + R"("})"),
+                 "external_reference");
+  EXPECT_TRUE(has_header(call("GET", settle_path), "Allow", "POST"));
+  EXPECT_TRUE(has_header(call("POST", "/admin/payouts/last"), "Allow", "GET, HEAD"));
+  EXPECT_EQ(call("POST", "/admin/payouts/" + payout_of[first] + "/refund", "{}").status, 404u);
+  EXPECT_EQ(call("POST", settle_path, R"({"external_reference":"wire-123"})", "Bearer wrong").status, 401u);
+}
+
 TEST_F(admin_api_test, the_provider_page_refuses_bad_tokens_methods_and_paths) {
   const auto [provider, token, owner] = make_provider(R"({"name":"rig"})");
   for (const std::optional<std::string>& bad : {std::optional<std::string>{},
