@@ -388,7 +388,15 @@ caf::result<std::string> click(self_pointer self, const std::string& impression_
               apply_reply(self, campaign_id, r);
               reply.deliver(url);
             },
-            [self, reply, campaign_id](caf::error& failure) mutable {
+            [self, reply, campaign_id, url = state.url](caf::error& failure) mutable {
+              // An impression the campaign does not count a click for (older than the click
+              // window, or never served): the person following an ad's link from an old answer
+              // still reaches the advertiser, and nothing is counted.
+              const auto refused = domain_error_of(failure);
+              if (refused && (refused->code == domain::errc::not_found || refused->code == domain::errc::invalid_state)) {
+                reply.deliver(url);
+                return;
+              }
               note_failure(self, campaign_id, failure);
               reply.deliver(failure);
             });

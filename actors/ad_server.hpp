@@ -131,8 +131,9 @@ using ad_server_actor = caf::typed_actor<
     /// (release, impression_id, reason): the ad was not shown (the answer failed, the client left);
     /// gives the reservation back. Replies false when it had already been released.
     caf::replies_to<release_atom, std::string, std::string>::with<bool>,
-    /// (click, impression_id): records the click (once per impression, within 7 days) and replies
-    /// the advertiser's URL for the redirect. Unknown impression: not_found.
+    /// (click, impression_id): records the click (once per impression, within 7 days of it) and
+    /// replies the advertiser's URL for the redirect; an impression of a campaign that counts no
+    /// click for it (older, or never served) gets the URL too. An id naming no campaign: not_found.
     caf::replies_to<click_atom, std::string>::with<std::string>,
     /// (load, campaign_ids): caches these campaigns (those not created yet are skipped); replies
     /// how many of them are cached afterwards.

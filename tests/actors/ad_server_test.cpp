@@ -347,10 +347,11 @@ TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
   create(campaign("c1", {"gpu"}));
   auto ad = pick("j1", "u1", "gpu");
   ASSERT_TRUE(ad);
-  // Not served yet: no impression to click.
+  // Not served yet: no impression to count, but the link still leads to the advertiser.
   auto early = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
-  ASSERT_FALSE(early);
-  EXPECT_EQ(refusal_code(early.error()), domain::errc::not_found);
+  ASSERT_TRUE(early) << describe(early.error());
+  EXPECT_EQ(early.value(), "https://c1.example/landing");
+  EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
   ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
   for (int i = 0; i < 2; ++i) {
     auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
@@ -359,11 +360,33 @@ TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
   }
   EXPECT_EQ(campaign_state("c1").clicks_total, 1u);
   EXPECT_EQ(counts().clicks, 1u);
-  for (const std::string unknown : {"c1.nothing", "nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1"}) {
+  auto uncounted = ask<std::string>(rt_.ad_server, click_atom::value, std::string("c1.nothing"));
+  ASSERT_TRUE(uncounted) << describe(uncounted.error());
+  EXPECT_EQ(uncounted.value(), "https://c1.example/landing");
+  EXPECT_EQ(campaign_state("c1").clicks_total, 1u) << "an impression the campaign never recorded counts nothing";
+  for (const std::string unknown : {"nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1"}) {
     auto url = ask<std::string>(rt_.ad_server, click_atom::value, unknown);
     ASSERT_FALSE(url) << unknown;
     EXPECT_EQ(refusal_code(url.error()), domain::errc::not_found) << unknown;
   }
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_click_older_than_the_click_window_is_redirected_and_not_counted) {
+  create(campaign("c1", {"gpu"}));
+  auto ad = pick("j1", "u1", "gpu");
+  ASSERT_TRUE(ad);
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  // Within the window's last day the impression is still remembered (invalid_state once past
+  // it); a day later it is forgotten (not_found): both lead to the advertiser, neither counts.
+  for (const std::int64_t later : {domain::click_window_us, domain::us_per_day}) {
+    *clock_.now_us += later;
+    auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+    ASSERT_TRUE(url) << describe(url.error());
+    EXPECT_EQ(url.value(), "https://c1.example/landing");
+  }
+  EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
+  EXPECT_EQ(counts().clicks, 0u);
   verify_log();
 }
 
