@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
                         "an origin allowed to call the API from a browser (repeatable)");
   serve_cmd->add_option("--heartbeat-ms", serve.heartbeat_ms,
                         "provider heartbeat interval; a link silent for 3 intervals is stale")
+      ->check(CLI::Range(50u, 60'000u))  // agents send none more often than every 50 ms
       ->capture_default_str();
   serve_cmd->add_option("--public-url", serve.public_url,
                         "the address clients reach this node at, for click URLs (default: http://HOST:PORT)");

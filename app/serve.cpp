@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cctype>
 #include <csignal>
 #include <optional>
 #include <span>
@@ -43,14 +44,74 @@ expected<host_port, std::string> parse_host_port(const std::string& text) {
   return host_port{text.substr(0, colon), static_cast<std::uint16_t>(port)};
 }
 
+std::string lowercase(std::string text) {
+  std::transform(text.begin(), text.end(), text.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return text;
+}
+
+/// The scheme ("http" or "https", lowercase) and what follows "://", or why `url` has none.
+expected<std::pair<std::string, std::string>, std::string> split_http_url(const std::string& url) {
+  const auto separator = url.find("://");
+  const auto scheme = separator == std::string::npos ? std::string{} : lowercase(url.substr(0, separator));
+  if (scheme != "http" && scheme != "https") return unexpected{std::string("it must begin with http:// or https://")};
+  const auto rest = url.substr(separator + 3);
+  if (rest.empty() || rest.front() == '/' || rest.front() == ':') return unexpected{std::string("it names no host")};
+  return std::pair{scheme, rest};
+}
+
 }  // namespace
 
-int run_serve(const serve_options& options) {
+/// --public-url as click URLs are made from it: http(s)://HOST[:PORT][/PATH], without the trailing
+/// slash that would make every click path begin with "//" (which the gateway does not route).
+expected<std::string, std::string> checked_public_url(const std::string& url) {
+  auto parts = split_http_url(url);
+  if (!parts) return unexpected{"--public-url '" + url + "': " + parts.error() + ", e.g. https://gpu.example.com"};
+  auto rest = parts->second;
+  while (rest.size() > 1 && rest.back() == '/') rest.pop_back();
+  return parts->first + "://" + rest;
+}
+
+/// A --cors-origin as browsers send Origin: scheme://host[:port], lowercase, no path. An origin
+/// written otherwise ("*", a trailing slash, capitals) would match no request.
+expected<std::string, std::string> checked_origin(const std::string& origin) {
+  auto parts = split_http_url(origin);
+  auto rest = parts ? parts->second : std::string{};
+  if (parts && rest.size() > 1 && rest.back() == '/') rest.pop_back();
+  if (!parts || rest.find_first_of("/?#*") != std::string::npos) {
+    return unexpected{"--cors-origin '" + origin + "': an origin is scheme://host[:port] as a browser sends it, "
+                      "e.g. https://app.example.com (no path, no wildcard)"};
+  }
+  return parts->first + "://" + lowercase(rest);
+}
+
+int run_serve(const serve_options& given) {
   auto logger = spdlog::default_logger()->clone("serve");
+  serve_options options = given;
   auto address = parse_host_port(options.http);
   if (!address) {
     logger->error("{}", address.error());
     return 2;
+  }
+  if (!options.public_url.empty()) {
+    auto url = checked_public_url(options.public_url);
+    if (!url) {
+      logger->error("{}", url.error());
+      return 2;
+    }
+    options.public_url = *url;
+  } else if (address->host == "0.0.0.0" || address->host == "::" || address->host == "[::]") {
+    logger->warn("--http {} listens on every address, and the ads' click URLs name it as it is, which no "
+                 "client can reach: set --public-url to the address clients use",
+                 options.http);
+  }
+  for (auto& origin : options.cors_origins) {
+    auto checked = checked_origin(origin);
+    if (!checked) {
+      logger->error("{}", checked.error());
+      return 2;
+    }
+    origin = *checked;
   }
   // Block the termination signals before any thread starts, so that only sigwait below sees them.
   sigset_t signals;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "base/expected.hpp"
 #include "storage/event_store.hpp"
 
 namespace gpustream::app {
@@ -44,6 +45,13 @@ struct serve_options {
   /// 429 server_busy. Default: 100,000.
   std::size_t live_jobs_max = 100'000;
 };
+
+/// --public-url as click URLs are made from it: http(s)://HOST[:PORT][/PATH] without trailing
+/// slashes; or why it cannot be one.
+[[nodiscard]] expected<std::string, std::string> checked_public_url(const std::string& url);
+/// A --cors-origin as browsers send Origin (scheme://host[:port], lowercase, no trailing slash);
+/// or why it can match no request ("*", a path).
+[[nodiscard]] expected<std::string, std::string> checked_origin(const std::string& origin);
 
 /// Runs until a termination signal; returns the process exit code.
 [[nodiscard]] int run_serve(const serve_options& options);

@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "app/serve.hpp"
 #include "events/codec.hpp"
 #include "events/event.hpp"
 #include "tests/app/example_store.hpp"
@@ -436,7 +437,7 @@ TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refus
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--http-threads", "0"}, {"--http-threads", "65"}, {"--actor-threads", "257"}, {"--live-jobs-max", "0"},
       {"--stream-flush-ms", "1001"}, {"--sync-interval-us", "1000001"}, {"--rate-per-minute", "0"},
-      {"--rate-burst", "0"}, {"--rate-burst", "1000001"}};
+      {"--rate-burst", "0"}, {"--rate-burst", "1000001"}, {"--heartbeat-ms", "49"}, {"--heartbeat-ms", "60001"}};
   for (const auto& [flag, value] : cases) {
     const auto run = run_gpustream({"serve", "--data", (dir.path() / "data").string(), flag, value});
     EXPECT_NE(run.exit_code, 0) << flag << " " << value;
@@ -444,6 +445,30 @@ TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refus
         << run.out << run.err;
     EXPECT_FALSE(std::filesystem::exists(dir.path() / "data")) << "nothing opened for " << flag;
   }
+}
+
+TEST(cli_serve_errors, a_public_url_or_cors_origin_that_could_not_work_exits_2_naming_it) {
+  temp_dir dir;
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--public-url", "gpu.example.com"}, {"--public-url", "ftp://gpu.example.com"}, {"--public-url", "https:///a"},
+      {"--cors-origin", "*"}, {"--cors-origin", "https://app.example.com/page"}, {"--cors-origin", "app.example.com"}};
+  for (const auto& [flag, value] : cases) {
+    const auto run = run_gpustream({"serve", "--data", (dir.path() / "data").string(), flag, value});
+    EXPECT_EQ(run.exit_code, 2) << flag << " " << value;
+    EXPECT_NE((run.out + run.err).find(flag + " '" + value + "'"), std::string::npos) << run.out << run.err;
+    EXPECT_FALSE(std::filesystem::exists(dir.path() / "data")) << "nothing opened for " << flag;
+  }
+}
+
+TEST(serve_options, a_public_url_loses_its_trailing_slashes_and_an_origin_is_written_as_browsers_send_it) {
+  // A trailing slash made every click URL's path begin with "//", which the gateway routes nowhere;
+  // an origin pasted from the address bar ("…/") or written in capitals matched no Origin header.
+  EXPECT_EQ(checked_public_url("https://gpu.example.com/").value(), "https://gpu.example.com");
+  EXPECT_EQ(checked_public_url("HTTP://gpu.example.com:8080/gs//").value(), "http://gpu.example.com:8080/gs");
+  EXPECT_EQ(checked_origin("https://App.Example.com/").value(), "https://app.example.com");
+  EXPECT_EQ(checked_origin("http://127.0.0.1:5173").value(), "http://127.0.0.1:5173");
+  EXPECT_FALSE(checked_origin("https://a.example.com/x"));
+  EXPECT_FALSE(checked_origin("https://*.example.com"));
 }
 
 TEST(cli_provider_errors, backend_timeouts_out_of_range_are_refused_naming_the_range) {
