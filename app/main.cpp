@@ -4,7 +4,9 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <map>
 
 #include "app/provider.hpp"
@@ -13,16 +15,28 @@
 
 namespace {
 
+/// Writes `text` to stdout; false when it did not all get there (a full disk behind a redirect).
+bool print(const std::string& text) {
+  return std::fputs(text.c_str(), stdout) >= 0 && std::fflush(stdout) == 0 && !std::ferror(stdout);
+}
+
 int run_replay(const std::string& data, bool verify, bool json) {
   auto report = gpustream::app::replay_store(data, verify);
   if (!report) {
-    std::fprintf(stderr, "replay: problem at position %llu: %s\n",
-                 static_cast<unsigned long long>(report.error().position),
-                 report.error().message.c_str());
+    const auto& problem = report.error();
+    if (problem.position == 0 && problem.stream.empty()) {
+      std::fprintf(stderr, "replay: %s\n", problem.message.c_str());  // not about one record
+    } else {
+      std::fprintf(stderr, "replay: problem at position %llu: %s\n",
+                   static_cast<unsigned long long>(problem.position), problem.message.c_str());
+    }
+    if (json) (void)print(gpustream::app::format_json(problem));  // exits 1 either way
     return 1;
   }
-  const auto text = json ? gpustream::app::format_json(*report) : gpustream::app::format_text(*report);
-  std::fputs(text.c_str(), stdout);
+  if (!print(json ? gpustream::app::format_json(*report) : gpustream::app::format_text(*report))) {
+    std::fprintf(stderr, "replay: the report could not be written to stdout: %s\n", std::strerror(errno));
+    return 1;
+  }
   return 0;
 }
 

@@ -423,6 +423,7 @@ std::string format_json(const replay_report& report) {
     types[events::type_name(static_cast<events::event_type>(type))] = report.events_per_type[type];
   }
   boost::json::object out;
+  out["ok"] = true;
   out["events"] = report.events;
   out["streams"] = report.streams;
   out["last_position"] = report.last_position;
@@ -442,6 +443,19 @@ std::string format_json(const replay_report& report) {
     out["index_unique_keys"] = report.index_unique_keys;
     out["ledger_keys_claimed"] = report.ledger_keys_claimed;
   }
+  return boost::json::serialize(out) + "\n";
+}
+
+std::string format_json(const replay_problem& problem) {
+  boost::json::object out;
+  out["ok"] = false;
+  out["message"] = problem.message;
+  out["position"] = problem.position;
+  if (!problem.stream.empty()) {
+    out["stream"] = problem.stream;
+    out["version"] = problem.version;
+  }
+  if (!problem.invariant.empty()) out["invariant"] = problem.invariant;
   return boost::json::serialize(out) + "\n";
 }
 

@@ -59,7 +59,10 @@ struct replay_problem {
 
 /// Human-readable report: counts per type, last position, rate; with --verify the aggregates.
 [[nodiscard]] std::string format_text(const replay_report& report);
-/// The same as a JSON object.
+/// The same as a JSON object, with "ok": true.
 [[nodiscard]] std::string format_json(const replay_report& report);
+/// A problem as a JSON object: "ok": false, the message and position, and the stream, version and
+/// invariant where they apply; for scripts reading `replay --json`.
+[[nodiscard]] std::string format_json(const replay_problem& problem);
 
 }  // namespace gpustream::app

@@ -403,12 +403,43 @@ TEST(cli_replay, a_corrupted_store_exits_1_naming_the_position) {
   EXPECT_EQ(run.out, "") << "a failed replay printed a report";
 }
 
+TEST(cli_replay, a_problem_with_json_is_a_json_object_on_stdout_for_scripts) {
+  temp_dir dir;
+  const auto contents = make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  ASSERT_NO_FATAL_FAILURE(testing::flip_byte_of_record(dir.path(), 23, 40));
+  const auto run = run_gpustream({"replay", "--data", dir.path().string(), "--json"});
+  EXPECT_EQ(run.exit_code, 1);
+  boost::system::error_code ec;
+  const auto parsed = boost::json::parse(run.out, ec);
+  ASSERT_FALSE(ec) << ec.message() << " in: " << run.out;
+  EXPECT_EQ(parsed.at("ok"), false);
+  EXPECT_EQ(parsed.at("position"), 23);
+  EXPECT_NE(std::string(parsed.at("message").as_string()).find("CRC32C"), std::string::npos) << run.out;
+  EXPECT_NE(run.err.find("problem at position 23:"), std::string::npos) << run.err;
+  const auto good_dir = temp_dir{};
+  (void)make_example_store(good_dir.path());
+  const auto good = run_gpustream({"replay", "--data", good_dir.path().string(), "--json"});
+  EXPECT_EQ(boost::json::parse(good.out).at("ok"), true) << good.out;
+}
+
+TEST(cli_replay, a_report_that_cannot_be_written_exits_1) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  ASSERT_TRUE(std::filesystem::exists("/dev/full"));
+  const auto run = run_to_end({"/bin/sh", "-c", std::string(GPUSTREAM_BIN) + " replay --data '" + dir.path().string() + "' > /dev/full"});
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_NE(run.err.find("the report could not be written"), std::string::npos) << run.err;
+}
+
 TEST(cli_replay, a_missing_directory_exits_1_saying_there_is_no_event_store) {
   temp_dir dir;
   const auto missing = dir.path() / "never-served";
   const auto run = run_gpustream({"replay", "--data", missing.string()});
   EXPECT_EQ(run.exit_code, 1);
   EXPECT_NE(run.err.find("no event store in " + missing.string()), std::string::npos) << run.err;
+  EXPECT_EQ(run.err.find("at position 0"), std::string::npos) << "not about a record: " << run.err;
   EXPECT_EQ(run.out, "");
 }
 
