@@ -5,10 +5,14 @@
 namespace gpustream::actors {
 namespace {
 
-/// Copies the entries of `from` whose key starts with `prefix` into `to`.
+/// Copies the entries of `from` whose key starts with `prefix` and comes after `after` into `to`,
+/// at most `count_max` of them (0: all).
 template <class From, class To>
-void copy_prefixed(const From& from, std::string_view prefix, To& to) {
-  for (auto it = from.lower_bound(prefix); it != from.end() && it->first.starts_with(prefix); ++it) {
+void copy_prefixed(const From& from, std::string_view prefix, To& to, std::string_view after = {},
+                   std::size_t count_max = 0) {
+  auto it = after > prefix ? from.upper_bound(after) : from.lower_bound(prefix);
+  for (; it != from.end() && it->first.starts_with(prefix); ++it) {
+    if (count_max != 0 && to.size() >= count_max) return;
     to.emplace_hint(to.end(), it->first, it->second);
   }
 }
@@ -17,7 +21,11 @@ void copy_prefixed(const From& from, std::string_view prefix, To& to) {
 
 ledger_aggregate::answer ledger_aggregate::respond(const state& current, const query& q) {
   answer out;
-  if (q.accounts.empty()) copy_prefixed(current.balances_micros, q.account_prefix, out.balances);
+  out.balance_total_micros = current.balance_total_micros;
+  if (q.accounts.empty()) {
+    const std::size_t count_max = q.accounts_max == 0 ? 0 : q.accounts_max + 1;
+    copy_prefixed(current.balances_micros, q.account_prefix, out.balances, q.accounts_after, count_max);
+  }
   for (const auto& account : q.accounts) out.balances[account] = domain::balance_micros(current, account);
   if (!q.transfer_prefix.empty()) copy_prefixed(current.transfers, q.transfer_prefix, out.transfers);
   return out;

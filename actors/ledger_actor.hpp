@@ -34,10 +34,19 @@ struct ledger_aggregate : domain::ledger {
     std::string account_prefix{};
     /// Also the transfers whose id starts with this (e.g. "payout-"); none when empty.
     std::string transfer_prefix{};
+    /// With account_prefix: only accounts named after this one (a listing's cursor); "": from
+    /// the first.
+    std::string accounts_after{};
+    /// With account_prefix: at most this many accounts, in name order, plus one more when there
+    /// are more (which tells the caller so); 0: all. The copy is made inside the ledger actor,
+    /// which bills every job: a listing asks for a page, not the ledger.
+    std::size_t accounts_max = 0;
   };
   struct answer {
     std::map<std::string, std::int64_t> balances;
     std::map<std::string, applied_transfer> transfers;
+    /// The sum of every balance (0 in a sound ledger), whatever the query selected.
+    std::int64_t balance_total_micros = 0;
   };
 
   [[nodiscard]] static answer respond(const state& current, const query& q);

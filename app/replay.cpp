@@ -450,7 +450,7 @@ std::string format_json(const replay_problem& problem) {
   boost::json::object out;
   out["ok"] = false;
   out["message"] = problem.message;
-  out["position"] = problem.position;
+  if (problem.position != 0 || !problem.stream.empty()) out["position"] = problem.position;  // else not about a record
   if (!problem.stream.empty()) {
     out["stream"] = problem.stream;
     out["version"] = problem.version;

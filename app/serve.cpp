@@ -68,6 +68,10 @@ expected<std::string, std::string> checked_public_url(const std::string& url) {
   auto parts = split_http_url(url);
   if (!parts) return unexpected{"--public-url '" + url + "': " + parts.error() + ", e.g. https://gpu.example.com"};
   auto rest = parts->second;
+  if (rest.find_first_of("?#") != std::string::npos) {
+    return unexpected{"--public-url '" + url + "': click URLs are made by appending /a/c/<id>, so it may hold no "
+                      "query or fragment"};
+  }
   while (rest.size() > 1 && rest.back() == '/') rest.pop_back();
   return parts->first + "://" + rest;
 }
@@ -82,7 +86,11 @@ expected<std::string, std::string> checked_origin(const std::string& origin) {
     return unexpected{"--cors-origin '" + origin + "': an origin is scheme://host[:port] as a browser sends it, "
                       "e.g. https://app.example.com (no path, no wildcard)"};
   }
-  return parts->first + "://" + lowercase(rest);
+  // A browser leaves the scheme's default port out of Origin.
+  rest = lowercase(rest);
+  const std::string default_port = parts->first == "https" ? ":443" : ":80";
+  if (rest.size() > default_port.size() && rest.ends_with(default_port)) rest.resize(rest.size() - default_port.size());
+  return parts->first + "://" + rest;
 }
 
 int run_serve(const serve_options& given) {

@@ -75,10 +75,13 @@ http_response failure_response(const caf::error& failure, std::string_view what,
       case domain::errc::already_exists:
       case domain::errc::invalid_state:
       case domain::errc::insufficient_funds:
-      case domain::errc::limit_exceeded:  // the message names the limit; no retry lifts it at once
         return error_response(409, doing + " was refused: " + refused->message);
-      case domain::errc::quota_exceeded:
-        return error_response(429, doing + " was refused: " + refused->message);
+      case domain::errc::limit_exceeded:  // a queue's limit (retry soon) or a fixed one: the message says which
+      case domain::errc::quota_exceeded: {
+        auto response = error_response(429, doing + " was refused: " + refused->message);
+        response.headers.emplace_back("Retry-After", "1");
+        return response;
+      }
       default:
         return error_response(503, doing + " failed: " + refused->message);
     }
@@ -705,9 +708,14 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
     if (!limit) return reply(std::move(limit).error());
     const auto now_us = options_.clock_us();
+    std::string after;
+    if (const auto found = params.find("after"); found != params.end()) after = found->second;
+    auto listed = directory_->providers(*limit + 1, after);
+    const bool has_more = listed.size() > *limit;
+    if (has_more) listed.pop_back();
     std::string body = "{\"object\":\"list\",\"data\":[";
     bool first = true;
-    for (const auto& p : directory_->providers(*limit)) {
+    for (const auto& p : listed) {
       if (!first) body += ',';
       first = false;
       auto one = provider_json(p, now_us);
@@ -721,7 +729,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       }
       body += one;
     }
-    body += "]}";
+    body += "],\"has_more\":" + std::string(has_more ? "true" : "false") + "}";
     http_response response;
     response.body = std::move(body);
     reply(std::move(response));
@@ -750,15 +758,16 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     const auto params = query_params(request.target);
     auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
     if (!limit) return reply(std::move(limit).error());
-    std::string prefix;
-    if (const auto found = params.find("prefix"); found != params.end()) prefix = found->second;
+    actors::ledger_aggregate::query query{.accounts_max = *limit};
+    if (const auto found = params.find("prefix"); found != params.end()) query.account_prefix = found->second;
+    if (const auto found = params.find("after"); found != params.end()) query.accounts_after = found->second;
     auto self = shared_from_this();
-    spawn_request([self, prefix = std::move(prefix), limit = *limit,
+    spawn_request([self, query = std::move(query), limit = *limit,
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
-      actor->request(self->peers_.ledger, self->timeout(), actors::ledger_aggregate::query{})
+      actor->request(self->peers_.ledger, self->timeout(), std::move(query))
           .then(
-              [prefix, limit, reply](actors::ledger_aggregate::answer& ledger) {
-                reply(accounts_answer(ledger.balances, prefix, limit));
+              [limit, reply](actors::ledger_aggregate::answer& ledger) {
+                reply(accounts_answer(ledger, limit));
               },
               [self, reply](caf::error& failure) {
                 reply(failure_response(failure, "reading the ledger",
@@ -767,24 +776,18 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
-  static http_response accounts_answer(const std::map<std::string, std::int64_t>& balances,
-                                       std::string_view prefix, std::size_t limit) {
+  /// A page of the ledger's accounts: the answer holds at most `limit` + 1 of them, the last
+  /// only to tell that there are more.
+  static http_response accounts_answer(const actors::ledger_aggregate::answer& ledger, std::size_t limit) {
     json::array data;
-    std::int64_t total = 0;
-    bool has_more = false;
-    for (const auto& [account, balance] : balances) {
-      total += balance;
-      if (!std::string_view(account).starts_with(prefix)) continue;
-      if (data.size() >= limit) {
-        has_more = true;
-        continue;
-      }
+    for (const auto& [account, balance] : ledger.balances) {
+      if (data.size() >= limit) break;
       data.emplace_back(json::object{{"account", account}, {"balance_micros", balance}});
     }
     return json_response(200, json::object{{"object", "list"},
                                            {"data", std::move(data)},
-                                           {"has_more", has_more},
-                                           {"total_micros", total}});
+                                           {"has_more", ledger.balances.size() > limit},
+                                           {"total_micros", ledger.balance_total_micros}});
   }
 
   // -- POST /admin/payouts/run ------------------------------------------------------------------

@@ -134,18 +134,17 @@ class directory::impl {
   // -- Building and following the log. ---------------------------------------------------------
 
   expected<void, storage::error> read_log() {
-    std::uint64_t next = 1;
+    // Through a subscription, which checks that the positions follow on: a gap (damage on disk)
+    // refuses the open rather than leaving out what the missing records held.
+    auto subscription = store_->subscribe(0);
     for (;;) {
-      auto chunk = store_->read_all(next, options_.read_events_max);
+      auto chunk = subscription.next(options_.read_events_max, std::chrono::milliseconds(0));
       if (!chunk) return unexpected{chunk.error()};
       if (chunk->empty()) break;
-      {
-        std::unique_lock lock(mutex_);
-        for (const auto& r : *chunk) apply_record(r);
-      }
-      next = chunk->back().position + 1;
+      std::unique_lock lock(mutex_);
+      for (const auto& r : *chunk) apply_record(r);
     }
-    set_position(next - 1);
+    set_position(subscription.position());
     return {};
   }
 
@@ -165,11 +164,26 @@ class directory::impl {
     while (!stop.stop_requested()) {
       auto batch = subscription.next(options_.read_events_max, options_.subscription_wait_max);
       if (!batch) {
-        log_->warn("reading the event log failed, retrying in {} ms: {}",
-                   options_.read_retry_wait.count(), batch.error().message);
+        const bool damaged = batch.error().code == storage::errc::corruption;
+        if (damaged && !read_problem()) {
+          log_->error("the event log is damaged, and the directory cannot read past position {}: {}; "
+                      "/healthz answers 503 until it can (run `gpustream replay --verify` on a copy)",
+                      subscription.position(), batch.error().message);
+        } else if (!damaged) {
+          log_->warn("reading the event log failed, retrying in {} ms: {}", options_.read_retry_wait.count(),
+                     batch.error().message);
+        }
+        {
+          std::lock_guard lock(problem_mutex_);
+          read_problem_ = batch.error().message;
+        }
         std::unique_lock lock(retry_mutex_);
         retry_cv_.wait_for(lock, stop, options_.read_retry_wait, [] { return false; });
         continue;
+      }
+      if (read_problem()) {
+        std::lock_guard lock(problem_mutex_);
+        read_problem_.reset();
       }
       if (batch->empty()) continue;
       {
@@ -214,6 +228,11 @@ class directory::impl {
   }
 
   // -- Position. -------------------------------------------------------------------------------
+
+  std::optional<std::string> read_problem() const {
+    std::lock_guard lock(problem_mutex_);
+    return read_problem_;
+  }
 
   std::uint64_t position() const {
     std::lock_guard lock(position_mutex_);
@@ -281,12 +300,11 @@ class directory::impl {
     return campaigns_.contains(campaign_id);
   }
 
-  std::vector<provider_entry> providers(std::size_t max) const {
+  std::vector<provider_entry> providers(std::size_t max, std::string_view after) const {
     std::shared_lock lock(mutex_);
     std::vector<provider_entry> out;
-    for (const auto& [id, record] : providers_) {
-      if (out.size() >= max) break;
-      if (auto entry = provider_locked(id)) out.push_back(std::move(*entry));
+    for (auto it = providers_.upper_bound(after); it != providers_.end() && out.size() < max; ++it) {
+      if (auto entry = provider_locked(it->first)) out.push_back(std::move(*entry));
     }
     return out;
   }
@@ -780,6 +798,8 @@ class directory::impl {
 
   std::mutex retry_mutex_;
   std::condition_variable_any retry_cv_;
+  mutable std::mutex problem_mutex_;
+  std::optional<std::string> read_problem_;  ///< guarded by problem_mutex_
   std::jthread thread_;  ///< last: stopped before anything it uses goes away
 };
 
@@ -816,8 +836,8 @@ std::optional<job_entry> directory::job(std::string_view job_id) const { return 
 bool directory::has_campaign(std::string_view campaign_id) const {
   return impl_->has_campaign(campaign_id);
 }
-std::vector<provider_entry> directory::providers(std::size_t max) const {
-  return impl_->providers(max);
+std::vector<provider_entry> directory::providers(std::size_t max, std::string_view after) const {
+  return impl_->providers(max, after);
 }
 std::vector<job_entry> directory::jobs(std::optional<domain::job_status> status,
                                        std::size_t max) const {
@@ -844,6 +864,8 @@ void directory::apply_committed(std::string_view stream, std::uint64_t version_a
   impl_->apply_committed(stream, version_after, events);
 }
 std::uint64_t directory::position() const { return impl_->position(); }
+std::optional<std::string> directory::read_problem() const { return impl_->read_problem(); }
+
 bool directory::wait_for_position(std::uint64_t target, std::chrono::milliseconds wait_max) const {
   return impl_->wait_for_position(target, wait_max);
 }

@@ -234,8 +234,8 @@ class directory {
   [[nodiscard]] std::optional<job_entry> job(std::string_view job_id) const;
   [[nodiscard]] bool has_campaign(std::string_view campaign_id) const;
 
-  /// Providers by id, at most `max`.
-  [[nodiscard]] std::vector<provider_entry> providers(std::size_t max) const;
+  /// Providers by id, those after `after` ("": from the first), at most `max`.
+  [[nodiscard]] std::vector<provider_entry> providers(std::size_t max, std::string_view after = {}) const;
   /// Jobs newest first (by submission), only those in `status` when given, at most `max`.
   [[nodiscard]] std::vector<job_entry> jobs(std::optional<domain::job_status> status,
                                             std::size_t max) const;
@@ -271,6 +271,10 @@ class directory {
 
   /// Global position of the last event the subscription has applied.
   [[nodiscard]] std::uint64_t position() const;
+
+  /// Why the subscription cannot read on (e.g. a gap in the log: damage that no retry mends),
+  /// while it cannot; none while it reads. New users, keys and providers are not known meanwhile.
+  [[nodiscard]] std::optional<std::string> read_problem() const;
 
   /// Waits until the subscription has applied every event up to `target` (a global position) or
   /// `wait_max` passes; true when it has.

@@ -1,5 +1,6 @@
 #include "gateway/node.hpp"
 
+#include <boost/json.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/send.hpp>
@@ -365,8 +366,15 @@ class node::impl {
     if (path == "/v1/chat/completions" || path == "/v1/completions") return completion(std::move(request), reply);
     if (path == "/healthz") {
       if (!request.reads()) return whole(method_not_allowed(request, "GET, HEAD"));
-      return whole({200, "application/json",
-                    R"({"status":"ok","last_position":)" + std::to_string(store_->last_position()) + "}", {}});
+      const auto position = std::to_string(store_->last_position());
+      if (const auto problem = directory_->read_problem()) {
+        return whole({503, "application/json",
+                      boost::json::serialize(boost::json::object{{"status", "degraded"},
+                                                                 {"last_position", store_->last_position()},
+                                                                 {"problem", link::utf8_repaired(*problem)}}),
+                      {}});
+      }
+      return whole({200, "application/json", R"({"status":"ok","last_position":)" + position + "}", {}});
     }
     if (path == "/metrics") {
       if (!request.reads()) return whole(method_not_allowed(request, "GET, HEAD"));

@@ -91,7 +91,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::atomic<bool> online_{false};
   std::atomic<bool> retired_{false};
   std::atomic<bool> closed_{false};
-  /// Held while going online (on_hello's continuation) and while end() marks the link closed, so
+  /// Held while going online (take_over's continuation) and while end() marks the link closed, so
   /// that a link ending meanwhile is either seen there, or ends after it went online (its offline
   /// notice then follows the online one: both go through the bridge under the provider's key).
   std::mutex online_mutex_;

@@ -58,20 +58,20 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
   }
   rocksdb::IOStatus Sync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     slow_down();
-    if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
+    if (faults_->fail_sync(path_)) return rocksdb::IOStatus::IOError("injected: fsync failed");
     const auto bytes = written_.load();  // what was appended before the sync began is durable after it
     return synced(FSWritableFileOwnerWrapper::Sync(options, dbg), bytes);
   }
   rocksdb::IOStatus Fsync(const rocksdb::IOOptions& options, rocksdb::IODebugContext* dbg) override {
     slow_down();
-    if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
+    if (faults_->fail_sync(path_)) return rocksdb::IOStatus::IOError("injected: fsync failed");
     const auto bytes = written_.load();
     return synced(FSWritableFileOwnerWrapper::Fsync(options, dbg), bytes);
   }
   rocksdb::IOStatus RangeSync(std::uint64_t offset, std::uint64_t bytes,
                               const rocksdb::IOOptions& options,
                               rocksdb::IODebugContext* dbg) override {
-    if (faults_->fail_sync()) return rocksdb::IOStatus::IOError("injected: fsync failed");
+    if (faults_->fail_sync(path_)) return rocksdb::IOStatus::IOError("injected: fsync failed");
     return FSWritableFileOwnerWrapper::RangeSync(offset, bytes, options, dbg);
   }
 

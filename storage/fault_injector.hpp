@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 
 namespace gpustream::storage {
 
@@ -15,6 +16,9 @@ class fault_injector {
  public:
   /// Every Sync/Fsync of a file fails with an I/O error while set.
   void set_fail_sync(bool on) noexcept { fail_sync_.store(on); }
+  /// Every Sync/Fsync of a write-ahead log file (RocksDB's *.log) fails with an I/O error while
+  /// set, and only those: a recovery that runs meanwhile writes its tables and MANIFEST soundly.
+  void set_fail_log_syncs(bool on) noexcept { fail_log_syncs_.store(on); }
   /// Every append to a file fails with "no space left on device" while set.
   void set_no_space(bool on) noexcept { no_space_.store(on); }
 
@@ -28,7 +32,10 @@ class fault_injector {
   void set_sync_observer(sync_observer observer) { observer_ = std::move(observer); }
   [[nodiscard]] const sync_observer& observer() const noexcept { return observer_; }
 
-  [[nodiscard]] bool fail_sync() const noexcept { return fail_sync_.load(); }
+  /// Whether a Sync/Fsync of the file at `path` fails now.
+  [[nodiscard]] bool fail_sync(std::string_view path) const noexcept {
+    return fail_sync_.load() || (fail_log_syncs_.load() && path.ends_with(".log"));
+  }
   [[nodiscard]] std::chrono::milliseconds sync_delay() const noexcept {
     return std::chrono::milliseconds(sync_delay_ms_.load());
   }
@@ -36,6 +43,7 @@ class fault_injector {
 
  private:
   std::atomic<bool> fail_sync_{false};
+  std::atomic<bool> fail_log_syncs_{false};
   std::atomic<bool> no_space_{false};
   std::atomic<std::int64_t> sync_delay_ms_{0};
   sync_observer observer_;

@@ -11,7 +11,8 @@
 namespace gpustream::storage {
 namespace {
 
-/// Whether two appends are the same: same streams, same event ids in the same order.
+/// Whether two appends are the same: same streams, and the same events (id, type and payload) in
+/// the same order.
 bool same_append(const std::vector<stream_append>& a, const std::vector<stream_append>& b) {
   return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const auto& x, const auto& y) {
     return x.stream == y.stream &&
@@ -30,7 +31,8 @@ thread_local bool answering = false;
 error reused_id(const events::event_id& id) {
   return make_error(errc::event_id_conflict,
                     "event id " + id.to_string() +
-                        " already begins another append (different streams, events or count); "
+                        " already begins another append (different streams, event ids, types or "
+                        "payloads, or count); "
                         "retry an append only whole and unchanged, and give new appends new ids");
 }
 

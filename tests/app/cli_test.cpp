@@ -498,6 +498,11 @@ TEST(serve_options, a_public_url_loses_its_trailing_slashes_and_an_origin_is_wri
   EXPECT_EQ(checked_public_url("HTTP://gpu.example.com:8080/gs//").value(), "http://gpu.example.com:8080/gs");
   EXPECT_EQ(checked_origin("https://App.Example.com/").value(), "https://app.example.com");
   EXPECT_EQ(checked_origin("http://127.0.0.1:5173").value(), "http://127.0.0.1:5173");
+  EXPECT_EQ(checked_origin("https://app.example.com:443").value(), "https://app.example.com");
+  EXPECT_EQ(checked_origin("http://app.example.com:80").value(), "http://app.example.com");
+  EXPECT_EQ(checked_origin("http://app.example.com:8080").value(), "http://app.example.com:8080");
+  EXPECT_FALSE(checked_public_url("https://gpu.example.com/?x=1"));
+  EXPECT_FALSE(checked_public_url("https://gpu.example.com#top"));
   EXPECT_FALSE(checked_origin("https://a.example.com/x"));
   EXPECT_FALSE(checked_origin("https://*.example.com"));
 }

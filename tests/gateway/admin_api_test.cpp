@@ -450,7 +450,14 @@ TEST_F(admin_api_test, providers_are_listed_with_their_live_state_when_wired) {
     EXPECT_EQ(p.at("level").as_string(), "Bronze");
     EXPECT_FALSE(p.contains("token"));
   }
-  EXPECT_EQ(json::parse(call("GET", "/admin/providers?limit=1").body).at("data").as_array().size(), 1u);
+  const auto page = json::parse(call("GET", "/admin/providers?limit=1").body);
+  ASSERT_EQ(page.at("data").as_array().size(), 1u);
+  EXPECT_TRUE(page.at("has_more").as_bool());
+  const std::string shown(page.at("data").as_array()[0].at("id").as_string());
+  const auto next = json::parse(call("GET", "/admin/providers?limit=1&after=" + shown).body);
+  ASSERT_EQ(next.at("data").as_array().size(), 1u);
+  EXPECT_NE(next.at("data").as_array()[0].at("id").as_string(), shown);
+  EXPECT_FALSE(next.at("has_more").as_bool());
   expect_invalid(call("GET", "/admin/providers?limit=0"), "limit");
   expect_invalid(call("GET", "/admin/providers?limit=abc"), "limit");
   expect_invalid(call("GET", "/admin/providers?limit=1001"), "limit");
@@ -676,6 +683,15 @@ TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
   const auto users = json::parse(call("GET", "/admin/accounts?prefix=user-&limit=1").body).as_object();
   EXPECT_EQ(users.at("data").as_array().size(), 1u);
   EXPECT_TRUE(users.at("has_more").as_bool());
+  // The next page starts after the last account of this one, and the last page says so.
+  const std::string last(users.at("data").as_array()[0].at("account").as_string());
+  const auto rest = json::parse(call("GET", "/admin/accounts?prefix=user-&limit=1&after=" + last).body).as_object();
+  ASSERT_EQ(rest.at("data").as_array().size(), 1u);
+  EXPECT_GT(std::string(rest.at("data").as_array()[0].at("account").as_string()), last);
+  EXPECT_FALSE(rest.at("has_more").as_bool());
+  EXPECT_EQ(rest.at("total_micros").as_int64(), 0) << "the whole ledger's sum, whatever the page";
+  const auto past = json::parse(call("GET", "/admin/accounts?prefix=user-&after=user-~").body).as_object();
+  EXPECT_TRUE(past.at("data").as_array().empty());
   const auto external = json::parse(call("GET", "/admin/accounts?prefix=external").body).as_object();
   ASSERT_EQ(external.at("data").as_array().size(), 1u);
   EXPECT_EQ(external.at("data").as_array()[0].at("balance_micros").as_int64(), -300);

@@ -15,6 +15,7 @@
 #include "gateway/directory.hpp"
 #include "gateway/secrets.hpp"
 #include "storage/event_store.hpp"
+#include "tests/storage/store_testing.hpp"
 
 namespace gpustream::gateway {
 namespace {
@@ -119,6 +120,19 @@ std::vector<std::string> ids_of(const std::vector<job_entry>& jobs) {
   std::vector<std::string> out;
   for (const auto& j : jobs) out.push_back(j.job_id);
   return out;
+}
+
+TEST_F(directory_test, a_log_with_a_gap_is_refused_at_open_instead_of_read_without_what_it_lost) {
+  add_user("u1");
+  add_key("u1", "k1", "gsk_one");
+  add_user("u2");
+  store_.reset();
+  storage::testing::delete_first_entry(dir_.path(), "global");  // position 1: u1's creation
+  open_store();
+  auto opened = directory::open(store_);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, storage::errc::corruption);
+  EXPECT_NE(opened.error().message.find("gap after position 0"), std::string::npos) << opened.error().message;
 }
 
 TEST_F(directory_test, builds_users_and_keys_from_the_log_and_follows_later_events) {

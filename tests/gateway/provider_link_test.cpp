@@ -220,6 +220,8 @@ class provider_link_test : public ::testing::Test {
     options.http.host = "127.0.0.1";
     options.http.port = 0;
     options.admin_token = admin_token;
+    // The test's agents send no heartbeats: no link may go stale however slow the machine.
+    options.link.stale_after = std::chrono::minutes(10);
     auto started = node::start(system_, runtime_, store_, std::move(options));
     GPUSTREAM_ENSURE(started.has_value());
     node_ = std::move(*started);
