@@ -79,7 +79,30 @@ domain::campaign_state* cached(self_pointer self, const std::string& campaign_id
   return &self->state.states[found->second.at];
 }
 
-/// Puts `state` into the cache, replacing what was there; false when the cache is full.
+/// A campaign that takes part in no auction any more and holds no reservation: its budget is spent.
+/// Served and clicked ads of it are still handled, by reading it from its aggregate.
+bool finished(const domain::campaign_state& state) { return state.exhausted && state.reservations.empty(); }
+
+/// Room for one more campaign in a full cache, made by dropping a finished one; false when none
+/// is finished. Campaigns ever created are not a limit: only those that can still spend are.
+bool make_room(self_pointer self) {
+  auto& st = self->state;
+  if (st.states.size() < st.options.campaigns_max) return true;
+  const auto done = std::find_if(st.states.begin(), st.states.end(), finished);
+  if (done == st.states.end()) return false;
+  const auto at = static_cast<std::size_t>(done - st.states.begin());
+  st.index.erase(done->campaign_id);
+  if (at + 1 != st.states.size()) {
+    st.states[at] = std::move(st.states.back());
+    st.index.at(st.states[at].campaign_id).at = at;
+  }
+  st.states.pop_back();
+  ++st.counts.evicted;
+  return true;
+}
+
+/// Puts `state` into the cache, replacing what was there; false when the cache is full of
+/// campaigns that can still spend.
 bool cache(self_pointer self, domain::campaign_state state, std::uint64_t version) {
   auto& st = self->state;
   if (auto found = st.index.find(state.campaign_id); found != st.index.end()) {
@@ -87,7 +110,7 @@ bool cache(self_pointer self, domain::campaign_state state, std::uint64_t versio
     found->second.version = version;
     return true;
   }
-  if (st.states.size() >= st.options.campaigns_max) return false;
+  if (!make_room(self)) return false;
   st.index.emplace(state.campaign_id, cache_entry{st.states.size(), version});
   st.states.push_back(std::move(state));
   return true;
@@ -219,10 +242,10 @@ caf::result<std::string> create(self_pointer self, domain::create_campaign& comm
   if (auto problem = campaign_id_problem(id, st.options.campaign_id_length_max); !problem.empty()) {
     return refusal(domain::errc::invalid_argument, std::move(problem));
   }
-  if (!cached(self, id) && st.states.size() >= st.options.campaigns_max) {
+  if (!cached(self, id) && !make_room(self)) {
     return refusal(domain::errc::limit_exceeded,
                    "the ad server holds " + std::to_string(st.states.size()) +
-                       " campaigns, the most allowed (campaigns_max)");
+                       " campaigns that can still spend, the most allowed (campaigns_max)");
   }
   auto reply = self->make_response_promise<std::string>();
   // (1) The creation event validates the campaign and claims the id before any money moves.
@@ -257,7 +280,7 @@ void load(self_pointer self, const std::vector<std::string>& ids,
     self->request(self->state.peers.campaigns, caf::infinite, id, state_atom::value)
         .then(
             [self, one_done](domain::campaign_state& state) {
-              one_done(state.created && cache(self, std::move(state), 0));
+              one_done(state.created && !finished(state) && cache(self, std::move(state), 0));
             },
             [self, one_done](caf::error&) {
               ++self->state.counts.failures;
@@ -450,11 +473,6 @@ ad_server_actor::behavior_type ad_server_behavior(self_pointer self, ad_server_p
       },
       [self](click_atom, const std::string& impression_id) { return click(self, impression_id); },
       [self](load_atom, const std::vector<std::string>& ids) -> caf::result<std::size_t> {
-        if (ids.size() > self->state.options.campaigns_max) {
-          return refusal(domain::errc::limit_exceeded,
-                         std::to_string(ids.size()) + " campaigns to load; the ad server holds at most " +
-                             std::to_string(self->state.options.campaigns_max) + " (campaigns_max)");
-        }
         auto reply = self->make_response_promise<std::size_t>();
         load(self, ids, [reply](std::size_t n) mutable { reply.deliver(n); });
         return reply;

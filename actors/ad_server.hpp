@@ -77,6 +77,7 @@ struct ad_server_counts {
   std::uint64_t expired = 0;               ///< reservations released by the expiry timer
   std::uint64_t refreshes = 0;             ///< cached states re-read from their aggregate
   std::uint64_t failures = 0;              ///< commands that failed other than by a refusal
+  std::uint64_t evicted = 0;               ///< finished campaigns dropped to make room for others
 };
 
 struct ad_server_options {
@@ -96,8 +97,9 @@ struct ad_server_options {
   std::chrono::microseconds reservation_ttl = std::chrono::minutes(15);
   /// How often expired reservations are released. Default: 10 s.
   std::chrono::milliseconds expire_interval = std::chrono::seconds(10);
-  /// Most campaigns cached (and so taking part in auctions); creating or loading one more is
-  /// refused with limit_exceeded. Default: 10,000.
+  /// Most campaigns cached (and so taking part in auctions). A finished campaign (its budget
+  /// spent, nothing reserved) makes room for a new one; with none finished, creating one more is
+  /// refused with limit_exceeded and loading one more leaves it out. Default: 10,000.
   std::size_t campaigns_max = 10'000;
   /// Longest campaign id, bytes, so that "<campaign_id>.<job_id>" fits the domain's id limit for
   /// common job ids. Default: 48.
@@ -135,8 +137,9 @@ using ad_server_actor = caf::typed_actor<
     /// replies the advertiser's URL for the redirect; an impression of a campaign that counts no
     /// click for it (older, or never served) gets the URL too. An id naming no campaign: not_found.
     caf::replies_to<click_atom, std::string>::with<std::string>,
-    /// (load, campaign_ids): caches these campaigns (those not created yet are skipped); replies
-    /// how many of them are cached afterwards.
+    /// (load, campaign_ids): caches these campaigns (those not created yet, and those finished,
+    /// their budget spent with nothing reserved, are skipped), as many as campaigns_max holds;
+    /// replies how many of them are cached afterwards.
     caf::replies_to<load_atom, std::vector<std::string>>::with<std::size_t>,
     caf::replies_to<count_atom>::with<ad_server_counts>,
     /// The cached state of one campaign (not_found when not cached), for tests and the admin API.

@@ -34,7 +34,7 @@ class ad_server_test : public testing::deterministic_fixture {
   ~ad_server_test() override { stop(); }
 
   /// A runtime on the store in directory_ (reopened after a stop).
-  void start(std::vector<std::string> campaign_ids = {}) {
+  void start(std::vector<std::string> campaign_ids = {}, std::size_t campaigns_max = ad_server_options{}.campaigns_max) {
     storage::store_options store_options;
     store_options.mode = storage::durability::buffered;
     auto store = storage::event_store::open(directory_.path(), store_options);
@@ -43,6 +43,7 @@ class ad_server_test : public testing::deterministic_fixture {
     options.store.wait_for_each_append = true;
     options.persistence.clock_us = clock_.function();
     options.ads.campaign_ids = std::move(campaign_ids);
+    options.ads.campaigns_max = campaigns_max;
     options.payouts.run_interval = std::chrono::milliseconds(0);
     rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
     running_ = true;
@@ -395,6 +396,43 @@ TEST_F(ad_server_test, a_click_older_than_the_click_window_is_redirected_and_not
   click_leads_to_the_advertiser();
   EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
   EXPECT_EQ(counts().clicks, 0u);
+  verify_log();
+}
+
+TEST_F(ad_server_test, a_finished_campaign_makes_room_for_a_new_one_in_a_full_cache) {
+  // Campaigns ever created are no limit, only those that can still spend: a busy platform would
+  // otherwise stop taking campaigns, and after a restart serve no ad at all.
+  stop();
+  start({}, 2);
+  create(campaign("c1", {"gpu"}, 2'000));  // one impression's price: finished once served
+  create(campaign("c2", {"cuda"}));
+  auto full = ask<std::string>(rt_.ad_server, campaign("c3", {"tensor"}));
+  ASSERT_FALSE(full);
+  EXPECT_EQ(refusal_code(full.error()), domain::errc::limit_exceeded);
+  auto ad = pick("j1", "u1", "gpu");
+  ASSERT_TRUE(ad);
+  ASSERT_EQ(ad->campaign_id, "c1");
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  EXPECT_TRUE(campaign_state("c1").exhausted);
+
+  create(campaign("c3", {"tensor"}));
+  EXPECT_EQ(counts().campaigns, 2u);
+  EXPECT_EQ(counts().evicted, 1u);
+  auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  ASSERT_TRUE(url) << describe(url.error());
+  EXPECT_EQ(url.value(), "https://c1.example/landing");
+  EXPECT_EQ(campaign_state("c1").clicks_total, 1u) << "a dropped campaign's clicks still count";
+  auto other = pick("j2", "u2", "tensor");
+  ASSERT_TRUE(other);
+  EXPECT_EQ(other->campaign_id, "c3");
+
+  // After a restart the finished one is not loaded, and the others fit.
+  stop();
+  start({"c1", "c2", "c3"}, 2);
+  EXPECT_EQ(counts().campaigns, 2u);
+  auto again = pick("j3", "u3", "cuda");
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->campaign_id, "c2");
   verify_log();
 }
 
