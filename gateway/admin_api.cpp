@@ -195,6 +195,28 @@ checked<std::int64_t> required_integer(const json::object& body, std::string_vie
   return **value;
 }
 
+/// Longest Idempotency-Key, bytes.
+constexpr std::size_t idempotency_key_bytes_max = 255;
+
+/// The id a create gives what it creates: with an `Idempotency-Key` header, one derived from it
+/// (and `kind`), so that a retried request (after a timeout whose work went on) names the same
+/// user, provider or campaign, and its creation and money are recorded once; otherwise a new one.
+checked<std::string> id_for(const http_request& request, std::string_view prefix, std::string_view kind) {
+  const auto key = request.header("idempotency-key");
+  if (key.empty()) {
+    auto fresh = new_id(prefix);
+    if (!fresh) return invalid{error_response(503, "the server could not make an id; try again")};
+    return std::move(*fresh);
+  }
+  if (key.size() > idempotency_key_bytes_max ||
+      !std::all_of(key.begin(), key.end(), [](unsigned char c) { return c > 0x20 && c < 0x7f; })) {
+    return invalid{error_response(400, "Idempotency-Key must be 1 to " + std::to_string(idempotency_key_bytes_max) +
+                                           " visible ASCII characters",
+                                  "Idempotency-Key")};
+  }
+  return derived_id(prefix, "gpustream/admin/" + std::string(kind) + "/" + std::string(key));
+}
+
 checked<std::vector<std::string>> string_list(const json::object& body, std::string_view name,
                                               std::size_t count_max, std::size_t bytes_max) {
   std::vector<std::string> out;
@@ -446,13 +468,14 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     auto display_name = optional_string(*body, "display_name", options_.name_bytes_max);
     if (!display_name) return reply(std::move(display_name).error());
 
-    auto user_id = new_id("u_");
+    auto user_id = id_for(request, "u_", "user");
+    if (!user_id) return reply(std::move(user_id).error());
+    // A retry with the same Idempotency-Key issues another key: the earlier attempt's was never
+    // shown (its answer was lost), so nobody holds it.
     auto key_id = new_id("k_");
     auto key = new_api_key();
-    if (!user_id || !key_id || !key) {
-      log_->error("making a user's id or key failed: {}",
-                  !user_id ? user_id.error().message
-                           : (!key_id ? key_id.error().message : key.error().message));
+    if (!key_id || !key) {
+      log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : key.error().message);
       return reply(error_response(503, "the server could not make a secret; try again"));
     }
     std::vector<domain::user::command> commands{
@@ -574,11 +597,15 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     if (owner->has_value() && !directory_->user(**owner)) {
       return reply(error_response(400, "owner_user_id names no user: " + **owner, "owner_user_id"));
     }
-    auto provider_id = new_id("p_");
+    // A retry with the same Idempotency-Key names the same provider: its token was shown once, in
+    // the first answer, so the retry is refused (409) rather than given another.
+    auto provider_id = id_for(request, "p_", "provider");
+    if (!provider_id) return reply(std::move(provider_id).error());
+    auto owner_id = owner->has_value() ? checked<std::string>(**owner) : id_for(request, "u_", "provider-owner");
+    if (!owner_id) return reply(std::move(owner_id).error());
     auto token = new_provider_token();
-    auto owner_id = owner->has_value() ? expected<std::string, secret_error>(**owner) : new_id("u_");
-    if (!provider_id || !token || !owner_id) {
-      log_->error("making a provider's id or token failed");
+    if (!token) {
+      log_->error("making a provider's token failed");
       return reply(error_response(503, "the server could not make a secret; try again"));
     }
     provider_created created{*provider_id, *owner_id, std::move(*name), std::move(*token),
@@ -679,11 +706,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     if (!body) return reply(std::move(body).error());
     auto campaign = parse_campaign(*body);
     if (!campaign) return reply(std::move(campaign).error());
-    auto id = new_id("c_");
-    if (!id) {
-      log_->error("making a campaign id failed: {}", id.error().message);
-      return reply(error_response(503, "the server could not make an id; try again"));
-    }
+    auto id = id_for(request, "c_", "campaign");
+    if (!id) return reply(std::move(id).error());
     campaign->campaign_id = std::move(*id);
     auto self = shared_from_this();
     spawn_request([self, campaign = std::move(*campaign),

@@ -91,6 +91,15 @@ expected<std::string, secret_error> new_id(std::string_view prefix, std::size_t 
   return id;
 }
 
+std::string derived_id(std::string_view prefix, std::string_view seed, std::size_t chars) {
+  static constexpr std::string_view alphabet = "abcdefghijklmnopqrstuvwxyz234567";
+  GPUSTREAM_ENSURE(chars <= events::sha256_digest{}.size());
+  const auto digest = sha256(seed);
+  std::string id(prefix);
+  for (std::size_t i = 0; i < chars; ++i) id += alphabet[digest[i] & 31];
+  return id;
+}
+
 events::sha256_digest sha256(std::string_view text) noexcept {
   events::sha256_digest digest{};
   SHA256(reinterpret_cast<const unsigned char*>(text.data()), text.size(), digest.data());

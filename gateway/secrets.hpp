@@ -55,6 +55,11 @@ struct secret_error {
 [[nodiscard]] expected<std::string, secret_error> new_id(std::string_view prefix,
                                                           std::size_t random_chars = id_random_chars);
 
+/// An id of new_id's form made from `seed` rather than at random: the same seed gives the same id
+/// (e.g. a retried request's Idempotency-Key). `prefix` + `chars` base32 characters of SHA-256(seed).
+[[nodiscard]] std::string derived_id(std::string_view prefix, std::string_view seed,
+                                     std::size_t chars = id_random_chars);
+
 /// The SHA-256 digest of `text` (libcrypto), the form in which secrets are stored.
 [[nodiscard]] events::sha256_digest sha256(std::string_view text) noexcept;
 

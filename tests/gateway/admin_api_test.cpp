@@ -134,6 +134,18 @@ class admin_api_test : public ::testing::Test {
     return answer_of([&](auto reply) { api_->handle(request, std::move(reply)); });
   }
 
+  /// A POST with an Idempotency-Key header.
+  http_response post_once(const std::string& target, const std::string& body, const std::string& idempotency_key) {
+    http_request request;
+    request.method = "POST";
+    request.target = target;
+    request.body = body;
+    request.remote_address = "127.0.0.1";
+    request.headers["authorization"] = "Bearer " + admin_token;
+    request.headers["idempotency-key"] = idempotency_key;
+    return answer_of([&](auto reply) { api_->handle(request, std::move(reply)); });
+  }
+
   /// GET /v1/providers/me (or `method`) with a provider token.
   http_response me(std::optional<std::string> token, const std::string& method = "GET",
                    const std::string& target = "/v1/providers/me") {
@@ -511,6 +523,53 @@ TEST_F(admin_api_test, the_provider_page_shows_earnings_and_the_payouts_a_run_re
   // A second run finds nothing due.
   const auto again = json::parse(call("POST", "/admin/payouts/run").body).as_object();
   EXPECT_TRUE(again.at("payouts").as_array().empty());
+}
+
+TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money_once) {
+  // A create whose answer timed out (503) went on; its retry must not make a second user with a
+  // second credit, or a second campaign with a second escrow.
+  const std::string user_body = R"({"tier":"premium","credit_micros":5000000})";
+  const auto first = post_once("/admin/users", user_body, "order-77");
+  ASSERT_EQ(first.status, 201u) << first.body;
+  const auto again = post_once("/admin/users", user_body, "order-77");
+  ASSERT_EQ(again.status, 201u) << again.body;
+  const auto user = json::parse(first.body).at("id").as_string();
+  EXPECT_EQ(json::parse(again.body).at("id").as_string(), user) << "the same user";
+  EXPECT_NE(json::parse(again.body).at("api_key"), json::parse(first.body).at("api_key"))
+      << "a new key: the first answer's may never have arrived";
+  const auto another = post_once("/admin/users", user_body, "order-78");
+  ASSERT_EQ(another.status, 201u) << another.body;
+  EXPECT_NE(json::parse(another.body).at("id").as_string(), user) << "another key, another user";
+  const auto other_body = post_once("/admin/users", R"({"tier":"free","credit_micros":5000000})", "order-77");
+  EXPECT_EQ(other_body.status, 409u) << "the key names another request: " << other_body.body;
+
+  const std::string campaign_body = R"({"advertiser":"acme","title":"T","text":"t","url":"https://a.example",
+      "keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":7000000})";
+  const auto campaign = post_once("/admin/campaigns", campaign_body, "io-1");
+  ASSERT_EQ(campaign.status, 201u) << campaign.body;
+  const auto campaign_again = post_once("/admin/campaigns", campaign_body, "io-1");
+  ASSERT_EQ(campaign_again.status, 201u) << campaign_again.body;
+  EXPECT_EQ(json::parse(campaign_again.body).at("id"), json::parse(campaign.body).at("id"));
+
+  auto balance = [&](const std::string& account) {
+    const auto listed = json::parse(call("GET", "/admin/accounts?prefix=" + account).body);
+    return listed.at("data").as_array().empty() ? std::int64_t{0}
+                                                 : listed.at("data").as_array()[0].at("balance_micros").as_int64();
+  };
+  EXPECT_EQ(balance("user-" + std::string(user)), 5'000'000) << "credited once";
+  EXPECT_EQ(balance("campaign-" + std::string(json::parse(campaign.body).at("id").as_string())), 7'000'000)
+      << "escrowed once";
+  EXPECT_EQ(balance("external"), -5'000'000 - 5'000'000 - 7'000'000) << "order-78's user, order-77's once, one campaign";
+
+  // A provider's token is shown once: a retry is refused rather than given another.
+  const auto provider = post_once("/admin/providers", R"({"name":"rig"})", "rig-1");
+  ASSERT_EQ(provider.status, 201u) << provider.body;
+  const auto provider_again = post_once("/admin/providers", R"({"name":"rig"})", "rig-1");
+  EXPECT_EQ(provider_again.status, 409u) << provider_again.body;
+  EXPECT_NE(provider_again.body.find(std::string(json::parse(provider.body).at("id").as_string())), std::string::npos);
+
+  expect_invalid(post_once("/admin/users", user_body, std::string(256, 'k')), "Idempotency-Key");
+  expect_invalid(post_once("/admin/users", user_body, "two words"), "Idempotency-Key");
 }
 
 TEST_F(admin_api_test, a_requested_payout_is_settled_or_failed_by_the_payment_rails_word) {
