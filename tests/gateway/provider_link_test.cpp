@@ -33,6 +33,7 @@
 #include "gateway/link_client.hpp"
 #include "gateway/node.hpp"
 #include "storage/event_store.hpp"
+#include "storage/fault_injector.hpp"
 
 namespace gpustream::gateway {
 namespace {
@@ -210,8 +211,9 @@ class agent {
 class provider_link_test : public ::testing::Test {
  protected:
   provider_link_test() : system_(config_) {
+    // `sync`, on files that consult faults_: a test can make the store's fsyncs slow.
     storage::store_options store_options;
-    store_options.mode = storage::durability::buffered;
+    store_options.faults = faults_;
     auto opened = storage::event_store::open(dir_.path(), store_options);
     GPUSTREAM_ENSURE(opened.has_value());
     store_ = std::move(*opened);
@@ -220,8 +222,11 @@ class provider_link_test : public ::testing::Test {
     options.http.host = "127.0.0.1";
     options.http.port = 0;
     options.admin_token = admin_token;
-    // The test's agents send no heartbeats: no link may go stale however slow the machine.
+    // The test's agents send no heartbeats: no link may go stale however slow the machine. A
+    // hello's answer may take a while on a loaded machine, but far less than this.
     options.link.stale_after = std::chrono::minutes(10);
+    options.link.hello_answer_wait_max = std::chrono::milliseconds(1500);
+    options.link.heartbeat_interval = std::chrono::milliseconds(100);  // the link's timer checks both
     auto started = node::start(system_, runtime_, store_, std::move(options));
     GPUSTREAM_ENSURE(started.has_value());
     node_ = std::move(*started);
@@ -255,6 +260,7 @@ class provider_link_test : public ::testing::Test {
   }
 
   temp_dir dir_;
+  std::shared_ptr<storage::fault_injector> faults_ = std::make_shared<storage::fault_injector>();
   test_config config_;
   caf::actor_system system_;
   std::shared_ptr<storage::event_store> store_;
@@ -299,6 +305,19 @@ TEST_F(provider_link_test, a_hello_the_provider_would_refuse_leaves_its_working_
   EXPECT_EQ(chat(api_key), "from the first link");
   EXPECT_EQ(first.disconnects(), 0u);
   EXPECT_EQ(refused.offers(), 0u);
+}
+
+TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer_wait_max_closes_the_link) {
+  // Its agent sends nothing until the welcome, so stale_after cannot end a link whose hello hangs
+  // (a store stuck in an fsync); this limit does.
+  const auto token = make_provider();
+  faults_->set_sync_delay(std::chrono::milliseconds(4000));
+  agent waiting(port_, token, hello_with(4096), "never sent");
+  const auto closed = waiting.wait_disconnect();
+  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
 }
 
 }  // namespace
