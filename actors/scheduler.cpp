@@ -32,6 +32,7 @@ struct live_job {
   std::string provider_id;       ///< running: the provider it is assigned to
   domain::model_price price;     ///< running: that provider's price for the model
   std::uint32_t attempt = 0;
+  std::uint32_t declines = 0;  ///< attempts whose offer was declined untried: they spend none
   std::uint32_t tokens_so_far = 0;
   /// The providers whose backend refused the request itself (job_fault::request), each once.
   std::vector<std::string> rejected_by;
@@ -745,11 +746,15 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
              [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
     return;
   }
-  // The job aggregate's own limit (its actors decide with the default options): one attempt more
-  // would be refused there.
-  if (job.attempt >= domain::job_options{}.attempts_max) {
+  // The job aggregate's own limits (its actors decide with the default options): one attempt more
+  // would be refused there. An offer declined untried spends no attempt, up to declines_max.
+  if (reason == events::reassign_reason::provider_declined) ++job.declines;
+  const domain::job_options limits{};
+  if (job.attempt - job.declines >= limits.attempts_max || job.declines >= limits.declines_max) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
-             "every attempt failed (" + std::to_string(job.attempt) + " attempts, the last on provider " + from + ")",
+             "every attempt failed (" + std::to_string(job.attempt - job.declines) + " attempts" +
+                 (job.declines > 0 ? " and " + std::to_string(job.declines) + " offers declined" : std::string()) +
+                 ", the last on provider " + from + ")",
              [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
     return;
   }
@@ -888,7 +893,9 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
       [[fallthrough]];
     case domain::job_fault::provider:
     case domain::job_fault::declined:
-      requeue_or_fail(self, failure.job_id, events::reassign_reason::provider_error,
+      requeue_or_fail(self, failure.job_id,
+                      failure.fault == domain::job_fault::declined ? events::reassign_reason::provider_declined
+                                                                   : events::reassign_reason::provider_error,
                       within_budget(job, failure.tokens_so_far), answer);
       // A provider that declined counts its slots full (or refuses work for a reason of its own):
       // the jobs waiting, this one first, go to others until it has news, rather than to it one

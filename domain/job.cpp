@@ -81,9 +81,12 @@ decision on(const job_state& s, const assign_job& c, std::int64_t now_us, const 
     return refuse(errc::invalid_state, describe(s) + " past its deadline " + std::to_string(s.deadline_at_us) +
                                            " us (now " + std::to_string(now_us) +
                                            " us); expire it or queue it with a new deadline");
-  if (s.attempt >= o.attempts_max)
-    return refuse(errc::limit_exceeded, "job " + quoted(s.job_id) + " has had " + std::to_string(s.attempt) +
+  if (s.attempt - s.declines >= o.attempts_max)
+    return refuse(errc::limit_exceeded, "job " + quoted(s.job_id) + " has had " + std::to_string(s.attempt - s.declines) +
                                             " attempts, the most allowed; fail it with all_providers_failed");
+  if (s.declines >= o.declines_max)
+    return refuse(errc::limit_exceeded, "job " + quoted(s.job_id) + " was declined " + std::to_string(s.declines) +
+                                            " times, the most allowed; fail it with all_providers_failed");
   return events_list{events::job_assigned{s.job_id, c.provider_id, s.attempt + 1, now_us}};
 }
 
@@ -101,6 +104,8 @@ decision on(const job_state& s, const reassign_job& c, std::int64_t now_us, cons
   const bool on_provider = s.status == job_status::assigned || s.status == job_status::streaming;
   if (!on_provider || s.provider_id != c.from_provider_id)
     return wrong_state(s, "reassign it away from provider " + quoted(c.from_provider_id));
+  if (c.reason == events::reassign_reason::provider_declined && s.status != job_status::assigned)
+    return refuse(errc::invalid_argument, describe(s) + ": an offer is declined untried, before its answer starts");
   // No token arrives between assignment and start, so an assigned job keeps exactly what it had.
   const std::uint32_t low = s.tokens_so_far;
   const std::uint32_t high = s.status == job_status::assigned ? s.tokens_so_far : s.max_tokens;
@@ -223,6 +228,7 @@ struct lifecycle {
     s.status = job_status::queued;
     s.provider_id.clear();
     s.reassignments += 1;
+    if (e.reason == events::reassign_reason::provider_declined) s.declines += 1;
     s.reassigned_from_provider_id = e.from_provider_id;
     s.tokens_so_far = e.tokens_so_far;
   }
@@ -312,6 +318,9 @@ void check_counts(const job_state& s, std::vector<std::string>& broken) {
   if (s.providers_tried.size() != s.attempt)
     broken.push_back(job + std::to_string(s.attempt) + " attempts but " + std::to_string(s.providers_tried.size()) +
                      " providers tried");
+  if (s.declines > s.reassignments)
+    broken.push_back(job + std::to_string(s.declines) + " declines exceed " + std::to_string(s.reassignments) +
+                     " reassignments");
   if (s.reassignments > s.attempt)
     broken.push_back(job + std::to_string(s.reassignments) + " reassignments exceed " + std::to_string(s.attempt) +
                      " attempts");

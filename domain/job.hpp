@@ -45,9 +45,12 @@ struct job_options {
   std::uint32_t max_tokens_max = 131'072;
   /// Largest max_price a job may carry, micro-USD. Default: 1,000 USD.
   std::int64_t max_price_micros_max = 1'000'000'000;
-  /// Assignments (attempts) a job may have; the next one is refused and the job should be failed
-  /// with all_providers_failed. Default: 5.
+  /// Assignments (attempts) a job may have, not counting offers its providers declined untried;
+  /// the next one is refused and the job should be failed with all_providers_failed. Default: 5.
   std::uint32_t attempts_max = 5;
+  /// Offers of a job its providers may decline untried (reassign_reason::provider_declined), which
+  /// spend no attempt; the next assignment after them is refused. Default: 32.
+  std::uint32_t declines_max = 32;
   /// Furthest a queue deadline may lie after the time it is set. Default: 10 minutes.
   std::int64_t queue_wait_us_max = 600'000'000;
   /// Longest failure message, in bytes. Default: 1,000.
@@ -92,6 +95,7 @@ struct job_state {
   std::uint32_t attempt = 0;                 ///< assignments so far; the current one's number
   std::vector<std::string> providers_tried;  ///< one per attempt, in order
   std::uint32_t reassignments = 0;
+  std::uint32_t declines = 0;                ///< reassignments of offers declined untried: spent no attempt
   std::string reassigned_from_provider_id;   ///< of the latest reassignment
   std::int64_t assigned_at_us = 0;           ///< of the current attempt
   std::int64_t first_token_at_us = 0;        ///< first token of the job (any attempt); 0 if none yet
@@ -116,7 +120,7 @@ auto inspect(Inspector& f, job_state& x) {
   return f(x.status, x.job_id, x.user_id, x.model, x.quality, x.prompt_tokens, x.max_tokens,
            x.max_price_micros, x.premium, x.conversation_id, x.submitted_at_us, x.priority,
            x.deadline_at_us, x.queued_at_us, x.provider_id, x.attempt, x.providers_tried,
-           x.reassignments, x.reassigned_from_provider_id, x.assigned_at_us, x.first_token_at_us,
+           x.reassignments, x.declines, x.reassigned_from_provider_id, x.assigned_at_us, x.first_token_at_us,
            x.tokens_so_far, x.completion_tokens, x.provider_reported_tokens, x.prompt_tokens_billed, x.failure,
            x.failure_message, x.cancelled_by, x.finished_at_us);
 }
@@ -197,7 +201,7 @@ struct job {
   using state = job_state;
   using command = std::variant<submit_job, queue_job, assign_job, start_job, reassign_job,
                                complete_job, fail_job, cancel_job, expire_job>;
-  static constexpr std::uint32_t snapshot_version = 2;  // 2: job_state.prompt_tokens_billed
+  static constexpr std::uint32_t snapshot_version = 3;  // 2: job_state.prompt_tokens_billed; 3: declines
 
   [[nodiscard]] static state evolve(state s, const events::event& e);
   [[nodiscard]] static decision decide(const state& s, const command& c, std::int64_t now_us);

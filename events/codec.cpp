@@ -73,7 +73,7 @@ GPUSTREAM_ENUM_MIRROR(disconnect_reason, DisconnectReason, protocol_error, PROTO
 GPUSTREAM_ENUM_MIRROR(provider_level, ProviderLevel, master, MASTER);
 GPUSTREAM_ENUM_MIRROR(achievement_kind, AchievementKind, hour_of_uptime, HOUR_OF_UPTIME);
 GPUSTREAM_ENUM_MIRROR(quality_tier, QualityTier, ultra, ULTRA);
-GPUSTREAM_ENUM_MIRROR(reassign_reason, ReassignReason, provider_error, PROVIDER_ERROR);
+GPUSTREAM_ENUM_MIRROR(reassign_reason, ReassignReason, provider_declined, PROVIDER_DECLINED);
 GPUSTREAM_ENUM_MIRROR(failure_reason, FailureReason, quota_exceeded, QUOTA_EXCEEDED);
 GPUSTREAM_ENUM_MIRROR(cancelled_by, CancelledBy, platform, PLATFORM);
 GPUSTREAM_ENUM_MIRROR(transfer_kind, TransferKind, payout, PAYOUT);

@@ -61,6 +61,9 @@ enum class reassign_reason : std::uint8_t {
   provider_lost,     ///< the provider's link went away
   provider_stalled,  ///< no token within the allowed time
   provider_error,    ///< the provider reported an error for this job
+  /// The provider declined the offer without trying it (its slots were full, or it was
+  /// stopping): the attempt does not count toward job_options::attempts_max.
+  provider_declined,
 };
 
 enum class failure_reason : std::uint8_t {

@@ -65,6 +65,7 @@ enum ReassignReason {
   providerLost @0;      # the provider's link went away
   providerStalled @1;   # no token within the allowed time
   providerError @2;     # the provider reported an error for this job
+  providerDeclined @3;  # the provider declined the offer untried (its slots were full): no attempt spent
 }
 
 enum FailureReason {

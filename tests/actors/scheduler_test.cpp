@@ -834,6 +834,31 @@ TEST_F(scheduler_test, a_provider_that_declined_gets_no_offer_until_it_has_news_
   }
 }
 
+TEST_F(scheduler_test, offers_declined_by_a_full_provider_spend_none_of_the_jobs_attempts) {
+  // One provider, one slot, declining (its agent's slots are full of work another coordinator
+  // or a probe gave it) more times than a job has attempts: each heartbeat offers the job again,
+  // and when it takes the job at last, the job runs rather than fail "every attempt failed".
+  bring_online("p1", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::uint32_t declines = domain::job_options{}.attempts_max + 2;
+  for (std::uint32_t i = 0; i < declines; ++i) {
+    ASSERT_EQ(job("j1").provider_id, "p1") << "offer " << i + 1;
+    auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::declined, 0,
+                                                           "the provider is at capacity (1 jobs)"});
+    ASSERT_TRUE(moved) << describe(moved.error());
+    run();
+    ASSERT_EQ(job("j1").status, domain::job_status::queued) << "offer " << i + 1;
+    self_->send(rt_.scheduler, load_atom::value, std::string("p1"), domain::load_report{0, 100});
+    run();
+  }
+  EXPECT_EQ(job("j1").attempt, declines + 1);
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  auto done = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 1000, 2'000'000, 10, 40});
+  ASSERT_TRUE(done) << describe(done.error());
+  EXPECT_EQ(done.value().status, domain::job_status::completed);
+}
+
 TEST_F(scheduler_test, a_draining_provider_gets_no_offer_while_its_jobs_finish_and_the_job_waits_for_another) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());

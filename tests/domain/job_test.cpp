@@ -340,6 +340,34 @@ TEST(job, attempts_are_limited) {
   EXPECT_TRUE(check(s).empty());
 }
 
+TEST(job, offers_declined_untried_spend_no_attempt_up_to_declines_max) {
+  // A provider whose slots are full declines the offer without trying it: the job waits for
+  // another, and its attempts stay for real failures.
+  job_options o;
+  o.attempts_max = 2;
+  o.declines_max = 3;
+  auto s = queued();
+  const auto declined = events::reassign_reason::provider_declined;
+  std::int64_t t = t0;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(run(s, assign_job{"p1"}, ++t, o));
+    ASSERT_TRUE(run(s, reassign_job{"p1", declined, 0}, ++t, o));
+  }
+  EXPECT_EQ(s.declines, 3u);
+  EXPECT_EQ(s.attempt, 3u);
+  expect_refused(job::decide(s, assign_job{"p2"}, ++t, o), errc::limit_exceeded, "declined 3 times");
+  o.declines_max = 32;
+  ASSERT_TRUE(run(s, assign_job{"p2"}, ++t, o)) << "three declines, no attempt spent";
+  ASSERT_TRUE(run(s, start_job{"p2"}, ++t, o));
+  expect_refused(job::decide(s, reassign_job{"p2", declined, 0}, ++t, o), errc::invalid_argument,
+                 "declined untried, before its answer starts");
+  ASSERT_TRUE(run(s, reassign_job{"p2", events::reassign_reason::provider_lost, 0}, ++t, o));
+  ASSERT_TRUE(run(s, assign_job{"p3"}, ++t, o));
+  ASSERT_TRUE(run(s, reassign_job{"p3", events::reassign_reason::provider_error, 0}, ++t, o));
+  expect_refused(job::decide(s, assign_job{"p4"}, ++t, o), errc::limit_exceeded, "2 attempts");
+  EXPECT_TRUE(check(s).empty());
+}
+
 TEST(job, completion_tokens_include_the_kept_prefix_and_stay_within_max_tokens) {
   auto s = streaming();
   ASSERT_TRUE(run(s, reassign_job{"p1", {}, 40}, t0 + 3 * second_us));
