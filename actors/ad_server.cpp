@@ -28,8 +28,9 @@ struct ad_server_state {
 
   ad_server_options options;
   ad_server_peers peers;
-  /// The cached campaigns, contiguous so that the auction runs over them as they are. Entries are
-  /// never removed (campaigns are never deleted), so positions stay valid.
+  /// The cached campaigns, contiguous so that the auction runs over them as they are. A finished
+  /// one may be swapped out for a new one (make_room), so a position or pointer is good only
+  /// within one handler.
   std::vector<domain::campaign_state> states;
   std::map<std::string, cache_entry> index;  ///< by campaign id
   ad_server_counts counts;
@@ -79,8 +80,13 @@ domain::campaign_state* cached(self_pointer self, const std::string& campaign_id
   return &self->state.states[found->second.at];
 }
 
+/// Campaign states read at once by load().
+constexpr std::size_t load_in_flight_max = 64;
+
 /// A campaign that takes part in no auction any more and holds no reservation: its budget is spent.
-/// Served and clicked ads of it are still handled, by reading it from its aggregate.
+/// Served and clicked ads of it are still handled, by reading it from its aggregate. Exhaustion
+/// is for good (no command funds a campaign past its budget again); a top-up, were one added,
+/// would have to cache the campaign again.
 bool finished(const domain::campaign_state& state) { return state.exhausted && state.reservations.empty(); }
 
 /// Room for one more campaign in a full cache, made by dropping a finished one; false when none
@@ -198,6 +204,10 @@ void fund_created(self_pointer self, const std::string& id,
           [self, id, reply](domain::campaign_state& state) mutable {
             const bool funded = state.funded_micros > 0;
             const std::int64_t amount = state.budget_micros;
+            if (funded && finished(state)) {  // a repeated create of a campaign that spent its budget
+              reply.deliver(id);
+              return;
+            }
             if (!cache(self, std::move(state), 0)) {
               reply.deliver(refusal(domain::errc::limit_exceeded,
                                     "campaign " + in_quotes(id) + " exists, but the ad server holds " +
@@ -242,12 +252,21 @@ caf::result<std::string> create(self_pointer self, domain::create_campaign& comm
   if (auto problem = campaign_id_problem(id, st.options.campaign_id_length_max); !problem.empty()) {
     return refusal(domain::errc::invalid_argument, std::move(problem));
   }
-  if (!cached(self, id) && !make_room(self)) {
-    return refusal(domain::errc::limit_exceeded,
-                   "the ad server holds " + std::to_string(st.states.size()) +
-                       " campaigns that can still spend, the most allowed (campaigns_max)");
-  }
   auto reply = self->make_response_promise<std::string>();
+  if (!cached(self, id) && !make_room(self)) {
+    // Full of campaigns that can still spend: only a repeated create (of a campaign that exists,
+    // e.g. finished and dropped from the cache) is answered.
+    self->request(st.peers.campaigns, caf::infinite, id, state_atom::value)
+        .then(
+            [self, id, reply](const domain::campaign_state& state) mutable {
+              if (state.created) return fund_created(self, id, reply);
+              reply.deliver(refusal(domain::errc::limit_exceeded,
+                                    "the ad server holds " + std::to_string(self->state.states.size()) +
+                                        " campaigns that can still spend, the most allowed (campaigns_max)"));
+            },
+            [reply](const caf::error& failure) mutable { reply.deliver(failure); });
+    return reply;
+  }
   // (1) The creation event validates the campaign and claims the id before any money moves.
   self->request(st.peers.campaigns, caf::infinite, id, domain::campaign::command{std::move(command)})
       .then([self, id, reply](const command_reply&) mutable { fund_created(self, id, reply); },
@@ -255,38 +274,51 @@ caf::result<std::string> create(self_pointer self, domain::create_campaign& comm
   return reply;
 }
 
-/// Caches the created campaigns among `ids`; `done` gets how many of them are cached afterwards.
-void load(self_pointer self, const std::vector<std::string>& ids,
-          std::function<void(std::size_t)> done) {
+/// Caches the created campaigns among `ids` that can still spend; `done` gets how many of them
+/// are cached afterwards. At most load_in_flight_max are read at once: each read wakes the
+/// campaign's actor, and a platform's campaigns ever created may be many.
+void load(self_pointer self, std::vector<std::string> ids, std::function<void(std::size_t)> done) {
   struct progress {
-    std::size_t waiting = 0;
+    std::vector<std::string> ids;
+    std::size_t next = 0;      ///< the next id to read
+    std::size_t answered = 0;  ///< reads answered (or skipped)
     std::size_t cached = 0;
     std::function<void(std::size_t)> done;
   };
-  auto p = std::make_shared<progress>(progress{ids.size(), 0, std::move(done)});
-  auto one_done = [p](bool is_cached) {
-    p->cached += is_cached ? 1 : 0;
-    if (--p->waiting == 0) p->done(p->cached);
-  };
-  if (ids.empty()) {
+  auto p = std::make_shared<progress>(progress{std::move(ids), 0, 0, 0, std::move(done)});
+  if (p->ids.empty()) {
     p->done(0);
     return;
   }
-  for (const auto& id : ids) {
-    if (!campaign_id_problem(id, self->state.options.campaign_id_length_max).empty()) {
-      one_done(false);
-      continue;
+  // Reads the next id; each answer reads one more, so that at most load_in_flight_max are out.
+  auto read_next = std::make_shared<std::function<void()>>();
+  *read_next = [self, p, weak = std::weak_ptr<std::function<void()>>(read_next)] {
+    auto again = weak.lock();
+    while (p->next < p->ids.size()) {
+      const auto& id = p->ids[p->next++];
+      if (!campaign_id_problem(id, self->state.options.campaign_id_length_max).empty()) {
+        ++p->answered;
+        continue;
+      }
+      auto one_done = [p, again](bool is_cached) {
+        p->cached += is_cached ? 1 : 0;
+        if (++p->answered == p->ids.size()) return p->done(p->cached);
+        (*again)();
+      };
+      self->request(self->state.peers.campaigns, caf::infinite, id, state_atom::value)
+          .then(
+              [self, one_done](domain::campaign_state& state) {
+                one_done(state.created && !finished(state) && cache(self, std::move(state), 0));
+              },
+              [self, one_done](caf::error&) {
+                ++self->state.counts.failures;
+                one_done(false);
+              });
+      return;
     }
-    self->request(self->state.peers.campaigns, caf::infinite, id, state_atom::value)
-        .then(
-            [self, one_done](domain::campaign_state& state) {
-              one_done(state.created && !finished(state) && cache(self, std::move(state), 0));
-            },
-            [self, one_done](caf::error&) {
-              ++self->state.counts.failures;
-              one_done(false);
-            });
-  }
+    if (p->answered == p->ids.size()) p->done(p->cached);  // the last ids were all skipped
+  };
+  for (std::size_t i = 0; i < load_in_flight_max && p->next < p->ids.size(); ++i) (*read_next)();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,17 +348,17 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
   domain::reserve_ad reserve{impression_id, request.job_id, request.user_id, choice->price_micros,
                              now + st.options.reservation_ttl.count()};
   auto reply = self->make_response_promise<ad_pick>();
+  // The ad's words as the auction saw them: the reply comes in another handler.
+  const auto* winner = cached(self, choice->campaign_id);
+  GPUSTREAM_ENSURE(winner != nullptr);  // the auction ran over the cache just now
+  served_ad ad{impression_id, choice->campaign_id, winner->title, winner->text, winner->url, choice->price_micros};
   self->request(st.peers.campaigns, caf::infinite, choice->campaign_id,
                 domain::campaign::command{std::move(reserve)})
       .then(
-          [self, reply, campaign_id = choice->campaign_id, impression_id,
-           price = choice->price_micros](const command_reply& r) mutable {
-            apply_reply(self, campaign_id, r);
+          [self, reply, ad = std::move(ad)](const command_reply& r) mutable {
+            apply_reply(self, ad.campaign_id, r);
             ++self->state.counts.ads;
-            const auto* state = cached(self, campaign_id);
-            GPUSTREAM_ENSURE(state != nullptr);  // the winner came from the cache, never emptied
-            reply.deliver(ad_pick{served_ad{impression_id, campaign_id, state->title, state->text,
-                                            state->url, price}});
+            reply.deliver(ad_pick{std::move(ad)});
           },
           [self, reply, campaign_id = choice->campaign_id](caf::error& failure) mutable {
             if (!domain_error_of(failure)) {

@@ -10,7 +10,7 @@ namespace {
 template <class From, class To>
 void copy_prefixed(const From& from, std::string_view prefix, To& to, std::string_view after = {},
                    std::size_t count_max = 0) {
-  auto it = after > prefix ? from.upper_bound(after) : from.lower_bound(prefix);
+  auto it = !after.empty() && after >= prefix ? from.upper_bound(after) : from.lower_bound(prefix);
   for (; it != from.end() && it->first.starts_with(prefix); ++it) {
     if (count_max != 0 && to.size() >= count_max) return;
     to.emplace_hint(to.end(), it->first, it->second);

@@ -64,7 +64,7 @@ std::optional<caf::error> enqueue(self_pointer self, std::function<void()> opera
   auto& st = self->state;
   if (st.waiting.size() >= st.options.operations_waiting_max) {
     return make_error(domain::error{
-        domain::errc::limit_exceeded,
+        domain::errc::busy,
         "the payout runner has " + std::to_string(st.waiting.size()) +
             " operations waiting, the most allowed (operations_waiting_max); retry later"});
   }

@@ -72,7 +72,7 @@ struct payout_runner_options {
   /// in the report's problems). Default: 1,000.
   std::size_t payouts_per_run_max = 1'000;
   /// Most runs, settles and fails waiting behind the one in progress; beyond it they are refused
-  /// with limit_exceeded. Default: 64.
+  /// with busy. Default: 64.
   std::size_t operations_waiting_max = 64;
   /// How often the runner runs by itself, the first time as soon as it starts (0: only when
   /// asked). A run reads the whole ledger state once. Default: 1 hour.

@@ -26,7 +26,7 @@ struct command_reply {
 
 struct persistence_options {
   /// Most commands waiting while the actor recovers or appends; beyond it a command is refused
-  /// with limit_exceeded (backpressure: CAF mailboxes themselves are unbounded). Default: 4096.
+  /// with busy (backpressure: CAF mailboxes themselves are unbounded). Default: 4096.
   std::size_t stash_commands_max = 4096;
   /// Most waiting commands decided into one append, so that a busy actor writes one batch per
   /// round trip to the store instead of one per command. Default: 512.

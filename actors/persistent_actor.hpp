@@ -343,7 +343,7 @@ typename aggregate_actor<A>::behavior_type persistent_behavior(
     }
     if (st.stash.size() >= st.options.stash_commands_max) {
       reply.deliver(make_error(domain::error{
-          domain::errc::limit_exceeded,
+          domain::errc::busy,
           "stream " + st.stream + " has " + std::to_string(st.stash.size()) +
               " commands waiting, the most allowed (stash_commands_max); retry later"}));
       return reply;

@@ -44,7 +44,7 @@ struct registry_options {
   /// How often idle actors are looked for. Default: 10 s.
   caf::timespan idle_check_interval = std::chrono::seconds(10);
   /// Most commands (and, separately, state queries) held for one stream while its previous actor
-  /// stops; beyond it they are refused with limit_exceeded. Default: 1024.
+  /// stops; beyond it they are refused with busy. Default: 1024.
   std::size_t held_commands_max = 1024;
 };
 
@@ -156,7 +156,7 @@ typename registry_actor<A>::behavior_type registry_behavior(detail::registry_poi
     }
     if (e.held.size() >= st.options.held_commands_max) {
       reply.deliver(make_error(domain::error{
-          domain::errc::limit_exceeded,
+          domain::errc::busy,
           "stream " + st.options.stream_prefix + id + " is restarting and already holds " +
               std::to_string(e.held.size()) + " commands (held_commands_max); retry later"}));
       return reply;
@@ -178,7 +178,7 @@ typename registry_actor<A>::behavior_type registry_behavior(detail::registry_poi
         if (found != st.live.end() && found->second.stopping) {
           if (found->second.held_queries.size() >= st.options.held_commands_max) {
             reply.deliver(make_error(domain::error{
-                domain::errc::limit_exceeded,
+                domain::errc::busy,
                 "stream " + st.options.stream_prefix + id + " is restarting and already holds " +
                     std::to_string(found->second.held_queries.size()) +
                     " queries (held_commands_max); retry later"}));

@@ -650,7 +650,7 @@ caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request&
     return reply;
   }
   if (st.jobs.size() >= st.options.jobs_live_max) {
-    reply.deliver(refusal(domain::errc::limit_exceeded,
+    reply.deliver(refusal(domain::errc::busy,
                           "the scheduler holds " + std::to_string(st.jobs.size()) +
                               " live jobs, the most allowed (jobs_live_max); retry later"));
     return reply;

@@ -168,7 +168,7 @@ struct scheduler_options {
   domain::priority_options priority;
   domain::user_options users;
   /// Most jobs the scheduler holds at once (being checked, queued or running); one more is refused
-  /// with limit_exceeded before anything is recorded. Default: 100,000.
+  /// with busy before anything is recorded. Default: 100,000.
   std::size_t jobs_live_max = 100'000;
   /// Highest price per million tokens, input or output, of a provider a free job goes to: the
   /// platform pays for free answers, and routing prefers an idle provider over a cheap one.

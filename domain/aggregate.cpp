@@ -13,6 +13,7 @@ std::string_view to_string(errc code) noexcept {
     case errc::limit_exceeded: return "limit_exceeded";
     case errc::no_provider: return "no_provider";
     case errc::suspended: return "suspended";
+    case errc::busy: return "busy";
   }
   return "unknown";
 }

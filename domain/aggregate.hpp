@@ -36,6 +36,7 @@ enum class errc {
   limit_exceeded,      ///< a named limit (queue length, budget, ...) would be exceeded
   no_provider,         ///< no online provider can serve the request
   suspended,           ///< the provider is suspended
+  busy,                ///< a queue or backlog is full now: the same command may pass shortly
 };
 
 [[nodiscard]] std::string_view to_string(errc code) noexcept;

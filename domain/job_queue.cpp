@@ -132,7 +132,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
     return refuse(errc::no_provider, unservable_message(job, index.options()));
   }
   if (jobs_.size() >= options_.jobs_queued_max) {
-    return refuse(errc::limit_exceeded,
+    return refuse(errc::busy,
                   "the queue holds " + std::to_string(jobs_.size()) + " jobs, its limit; job " +
                       job.job_id + " cannot wait, try again shortly");
   }

@@ -22,6 +22,7 @@
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
 #include "domain/payout.hpp"
+#include "domain/user.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/directory.hpp"
 #include "gateway/openai_api.hpp"
@@ -75,10 +76,15 @@ http_response failure_response(const caf::error& failure, std::string_view what,
       case domain::errc::already_exists:
       case domain::errc::invalid_state:
       case domain::errc::insufficient_funds:
+      case domain::errc::limit_exceeded:  // a fixed limit, which the message names: no retry passes it
         return error_response(409, doing + " was refused: " + refused->message);
-      case domain::errc::limit_exceeded:  // a queue's limit (retry soon) or a fixed one: the message says which
       case domain::errc::quota_exceeded: {
         auto response = error_response(429, doing + " was refused: " + refused->message);
+        response.headers.emplace_back("Retry-After", "60");
+        return response;
+      }
+      case domain::errc::busy: {  // a queue is full now
+        auto response = error_response(503, doing + " must wait: " + refused->message);
         response.headers.emplace_back("Retry-After", "1");
         return response;
       }
@@ -482,10 +488,34 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
         domain::create_user{*user_id, display_name->value_or(""), tier},
         domain::issue_api_key{*key_id, sha256(*key), "issued by the admin API"}};
     user_created created{*user_id, *key_id, std::move(*key), tier, credit->value_or(0)};
+    const bool retryable = !request.header("idempotency-key").empty();
     auto self = shared_from_this();
-    spawn_request([self, commands = std::move(commands), created = std::move(created),
+    spawn_request([self, commands = std::move(commands), created = std::move(created), retryable,
+                   display_name = display_name->value_or(""),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
-      self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
+      if (!retryable) return self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
+      // A retry is answered as its first attempt was (the same user, a new key, the credit once);
+      // the same key on another request is refused before any key is issued.
+      const auto user_id = created.user_id;
+      actor->request(self->peers_.users, self->timeout(), user_id, actors::state_atom::value)
+          .then(
+              [self, actor, commands = std::move(commands), created, display_name,
+               reply](const domain::user_state& state) mutable {
+                const auto deposit = state.deposits.find(initial_deposit_id(created.user_id));
+                const bool same = !state.created ||
+                                  (state.tier == created.tier && state.display_name == display_name &&
+                                   (deposit == state.deposits.end() || deposit->second == created.credit_micros));
+                if (!same) {
+                  return reply(error_response(409, "the Idempotency-Key names user " + created.user_id +
+                                                       ", made by a request with other details (tier, display_name "
+                                                       "or credit_micros); use a new key for a new request",
+                                              "Idempotency-Key"));
+                }
+                self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "reading the user", self->options_.request_timeout));
+              });
     });
   }
 

@@ -165,7 +165,8 @@ class directory::impl {
       auto batch = subscription.next(options_.read_events_max, options_.subscription_wait_max);
       if (!batch) {
         const bool damaged = batch.error().code == storage::errc::corruption;
-        if (damaged && !read_problem()) {
+        if (damaged && !damage_logged_) {
+          damage_logged_ = true;
           log_->error("the event log is damaged, and the directory cannot read past position {}: {}; "
                       "/healthz answers 503 until it can (run `gpustream replay --verify` on a copy)",
                       subscription.position(), batch.error().message);
@@ -185,6 +186,7 @@ class directory::impl {
         std::lock_guard lock(problem_mutex_);
         read_problem_.reset();
       }
+      damage_logged_ = false;
       if (batch->empty()) continue;
       {
         std::unique_lock lock(mutex_);
@@ -800,6 +802,7 @@ class directory::impl {
   std::condition_variable_any retry_cv_;
   mutable std::mutex problem_mutex_;
   std::optional<std::string> read_problem_;  ///< guarded by problem_mutex_
+  bool damage_logged_ = false;               ///< the follower's own: damage is logged once as an error
   std::jthread thread_;  ///< last: stopped before anything it uses goes away
 };
 

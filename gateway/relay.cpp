@@ -78,6 +78,7 @@ api_error refusal_of(const caf::error& failure) {
     case domain::errc::quota_exceeded:
       return make_api_error(429, domain_failure->message, {}, "insufficient_quota");
     case domain::errc::limit_exceeded:
+    case domain::errc::busy:
       return make_api_error(429, domain_failure->message, {}, "server_busy");
     case domain::errc::invalid_argument:
       return make_api_error(400, domain_failure->message);

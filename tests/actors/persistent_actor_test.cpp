@@ -159,7 +159,7 @@ TEST_F(persistent_actor_test, a_list_deciding_more_than_events_per_append_max_is
   EXPECT_EQ(answered.value().version, 1u) << "nothing of the refused list was appended";
 }
 
-TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
+TEST_F(persistent_actor_test, a_full_stash_refuses_as_busy) {
   persistence_options options;
   options.stash_commands_max = 2;
   auto actor = spawn_wallet(options);
@@ -172,7 +172,7 @@ TEST_F(persistent_actor_test, a_full_stash_refuses_with_limit_exceeded) {
   auto refused = collect<command_reply>(c);
   ASSERT_FALSE(refused);
   ASSERT_TRUE(domain_error_of(refused.error()));
-  EXPECT_EQ(domain_error_of(refused.error())->code, domain::errc::limit_exceeded);
+  EXPECT_EQ(domain_error_of(refused.error())->code, domain::errc::busy);
 }
 
 TEST_F(persistent_actor_test, recovers_from_snapshot_plus_tail_to_the_state_of_a_full_replay) {

@@ -117,7 +117,7 @@ TEST_F(registry_test, commands_for_a_stopping_actor_wait_for_its_successor) {
   auto over = collect<command_reply>(refused);
   ASSERT_FALSE(over);
   ASSERT_TRUE(domain_error_of(over.error()));
-  EXPECT_EQ(domain_error_of(over.error())->code, domain::errc::limit_exceeded);
+  EXPECT_EQ(domain_error_of(over.error())->code, domain::errc::busy);
   EXPECT_EQ(live(registry), 1u);
 }
 

@@ -1250,7 +1250,7 @@ TEST_F(small_scheduler_test, jobs_live_max_is_a_limit) {
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "bob", false)));
   auto refused = ask<job_accepted>(rt_.scheduler, request("j3", "bob", false));
   ASSERT_FALSE(refused);
-  EXPECT_EQ(refusal_code(refused.error()), domain::errc::limit_exceeded);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::busy);
   EXPECT_EQ(job("j3").status, domain::job_status::none) << "nothing recorded for a refused request";
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"),
                                  std::string("p1")));

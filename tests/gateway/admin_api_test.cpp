@@ -540,8 +540,11 @@ TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money
   const auto another = post_once("/admin/users", user_body, "order-78");
   ASSERT_EQ(another.status, 201u) << another.body;
   EXPECT_NE(json::parse(another.body).at("id").as_string(), user) << "another key, another user";
-  const auto other_body = post_once("/admin/users", R"({"tier":"free","credit_micros":5000000})", "order-77");
-  EXPECT_EQ(other_body.status, 409u) << "the key names another request: " << other_body.body;
+  for (const std::string other : {R"({"tier":"free","credit_micros":5000000})", R"({"tier":"premium","credit_micros":6000000})"}) {
+    const auto refused = post_once("/admin/users", other, "order-77");
+    EXPECT_EQ(refused.status, 409u) << "the key names another request: " << refused.body;
+    EXPECT_EQ(refused.body.find("api_key"), std::string::npos) << "no key for a refused request: " << refused.body;
+  }
 
   const std::string campaign_body = R"({"advertiser":"acme","title":"T","text":"t","url":"https://a.example",
       "keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":7000000})";
