@@ -425,6 +425,9 @@ TEST_F(ad_server_test, a_finished_campaign_makes_room_for_a_new_one_in_a_full_ca
   auto other = pick("j2", "u2", "tensor");
   ASSERT_TRUE(other);
   EXPECT_EQ(other->campaign_id, "c3");
+  // The finished one's create, repeated (a retried request), is answered though the cache is full.
+  EXPECT_EQ(create(campaign("c1", {"gpu"}, 2'000)), "c1");
+  EXPECT_EQ(counts().campaigns, 2u);
 
   // After a restart the finished one is not loaded, and the others fit.
   stop();

@@ -752,6 +752,9 @@ TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
   EXPECT_GT(std::string(rest.at("data").as_array()[0].at("account").as_string()), last);
   EXPECT_FALSE(rest.at("has_more").as_bool());
   EXPECT_EQ(rest.at("total_micros").as_int64(), 0) << "the whole ledger's sum, whatever the page";
+  // An account named as the prefix itself comes once, not again after itself.
+  const auto itself = json::parse(call("GET", "/admin/accounts?prefix=" + last + "&after=" + last).body).as_object();
+  EXPECT_TRUE(itself.at("data").as_array().empty()) << json::serialize(itself);
   const auto past = json::parse(call("GET", "/admin/accounts?prefix=user-&after=user-~").body).as_object();
   EXPECT_TRUE(past.at("data").as_array().empty());
   const auto external = json::parse(call("GET", "/admin/accounts?prefix=external").body).as_object();
