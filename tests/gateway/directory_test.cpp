@@ -25,24 +25,7 @@ using namespace std::chrono_literals;
 /// Generous: only a broken directory comes near it.
 constexpr auto wait_max = 30s;
 
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "directory_test_XXXXXX").string();
-    GPUSTREAM_ENSURE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using storage::testing::temp_dir;
 
 class directory_test : public ::testing::Test {
  protected:

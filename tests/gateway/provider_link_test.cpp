@@ -34,6 +34,7 @@
 #include "gateway/node.hpp"
 #include "storage/event_store.hpp"
 #include "storage/fault_injector.hpp"
+#include "tests/storage/store_testing.hpp"
 
 namespace gpustream::gateway {
 namespace {
@@ -50,24 +51,7 @@ constexpr auto wait_deadline = 20s;
 const std::string admin_token = "admin-secret-for-tests";
 const std::string model = "m";
 
-class temp_dir {
- public:
-  temp_dir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "provider_link_test_XXXXXX").string();
-    GPUSTREAM_ENSURE(::mkdtemp(pattern.data()) != nullptr);
-    path_ = pattern;
-  }
-  ~temp_dir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using storage::testing::temp_dir;
 
 struct test_config : caf::actor_system_config {
   test_config() { actors::add_error_categories(*this); }
