@@ -511,6 +511,14 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                                        "or credit_micros); use a new key for a new request",
                                               "Idempotency-Key"));
                 }
+                // The retry's key replaces those its earlier attempts issued: their answers were
+                // lost (or the retry would not be), so nobody should hold a key of this user but
+                // the one answered now.
+                for (const auto& [key_id, key] : state.api_keys) {
+                  if (key.revoked) continue;
+                  commands.insert(commands.end() - 1,
+                                  domain::revoke_api_key{key_id, "replaced by a retried request's key"});
+                }
                 self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
               },
               [self, reply](caf::error& failure) {

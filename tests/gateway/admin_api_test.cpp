@@ -537,6 +537,10 @@ TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money
   EXPECT_EQ(json::parse(again.body).at("id").as_string(), user) << "the same user";
   EXPECT_NE(json::parse(again.body).at("api_key"), json::parse(first.body).at("api_key"))
       << "a new key: the first answer's may never have arrived";
+  catch_up();
+  EXPECT_FALSE(directory_->user_by_api_key(std::string(json::parse(first.body).at("api_key").as_string())))
+      << "the retry's key replaces the earlier attempt's";
+  EXPECT_TRUE(directory_->user_by_api_key(std::string(json::parse(again.body).at("api_key").as_string())));
   const auto another = post_once("/admin/users", user_body, "order-78");
   ASSERT_EQ(another.status, 201u) << another.body;
   EXPECT_NE(json::parse(another.body).at("id").as_string(), user) << "another key, another user";
