@@ -153,7 +153,12 @@ void apply_reply(self_pointer self, const std::string& campaign_id, const comman
 /// A command to a campaign failed: a refusal means the cache misjudged the campaign, anything
 /// else (the store) is counted.
 void note_failure(self_pointer self, const std::string& campaign_id, const caf::error& failure) {
-  if (domain_error_of(failure)) {
+  const auto refused = domain_error_of(failure);
+  if (refused && refused->code == domain::errc::busy) {  // its stream is full now: no read on top
+    ++self->state.counts.failures;
+    return;
+  }
+  if (refused) {
     if (cached(self, campaign_id)) refresh(self, campaign_id);
   } else {
     ++self->state.counts.failures;
@@ -258,11 +263,17 @@ caf::result<std::string> create(self_pointer self, domain::create_campaign& comm
     // e.g. finished and dropped from the cache) is answered.
     self->request(st.peers.campaigns, caf::infinite, id, state_atom::value)
         .then(
-            [self, id, reply](const domain::campaign_state& state) mutable {
-              if (state.created) return fund_created(self, id, reply);
-              reply.deliver(refusal(domain::errc::limit_exceeded,
-                                    "the ad server holds " + std::to_string(self->state.states.size()) +
-                                        " campaigns that can still spend, the most allowed (campaigns_max)"));
+            [self, id, reply, command](const domain::campaign_state& state) mutable {
+              if (!state.created) {
+                reply.deliver(refusal(domain::errc::limit_exceeded,
+                                      "the ad server holds " + std::to_string(self->state.states.size()) +
+                                          " campaigns that can still spend, the most allowed (campaigns_max)"));
+                return;
+              }
+              // The command still decides: one with other settings is refused, a repeat changes nothing.
+              self->request(self->state.peers.campaigns, caf::infinite, id, domain::campaign::command{std::move(command)})
+                  .then([self, id, reply](const command_reply&) mutable { fund_created(self, id, reply); },
+                        [reply](const caf::error& failure) mutable { reply.deliver(failure); });
             },
             [reply](const caf::error& failure) mutable { reply.deliver(failure); });
     return reply;

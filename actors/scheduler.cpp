@@ -894,8 +894,10 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
     case domain::job_fault::provider:
     case domain::job_fault::declined:
       requeue_or_fail(self, failure.job_id,
-                      failure.fault == domain::job_fault::declined ? events::reassign_reason::provider_declined
-                                                                   : events::reassign_reason::provider_error,
+                      // Declined untried only before its answer started (the job's record refuses it after).
+                      failure.fault == domain::job_fault::declined && !job.started
+                          ? events::reassign_reason::provider_declined
+                          : events::reassign_reason::provider_error,
                       within_budget(job, failure.tokens_so_far), answer);
       // A provider that declined counts its slots full (or refuses work for a reason of its own):
       // the jobs waiting, this one first, go to others until it has news, rather than to it one

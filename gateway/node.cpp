@@ -510,6 +510,11 @@ class node::impl {
                     reply->send(api_error_response(make_api_error(503, "the click could not be recorded; retry later")));
                     return;
                   }
+                  if (refusal->code == domain::errc::busy) {
+                    auto busy = api_error_response(make_api_error(503, "the click could not be recorded now; retry shortly"));
+                    busy.headers.emplace_back("Retry-After", "1");
+                    return reply->send(std::move(busy));
+                  }
                   const unsigned status = refusal->code == domain::errc::not_found ? 404 : 400;
                   reply->send(api_error_response(make_api_error(
                       status, "no ad impression '" + link::utf8_repaired(impression_id) + "': " + refusal->message)));

@@ -428,6 +428,9 @@ TEST_F(ad_server_test, a_finished_campaign_makes_room_for_a_new_one_in_a_full_ca
   // The finished one's create, repeated (a retried request), is answered though the cache is full.
   EXPECT_EQ(create(campaign("c1", {"gpu"}, 2'000)), "c1");
   EXPECT_EQ(counts().campaigns, 2u);
+  auto changed = ask<std::string>(rt_.ad_server, campaign("c1", {"gpu"}, 4'000));
+  ASSERT_FALSE(changed) << "a create with other settings is refused, full cache or not";
+  EXPECT_EQ(refusal_code(changed.error()), domain::errc::already_exists);
 
   // After a restart the finished one is not loaded, and the others fit.
   stop();
