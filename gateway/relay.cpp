@@ -77,9 +77,10 @@ api_error refusal_of(const caf::error& failure) {
       return make_api_error(402, domain_failure->message, {}, "insufficient_funds");
     case domain::errc::quota_exceeded:
       return make_api_error(429, domain_failure->message, {}, "insufficient_quota");
-    case domain::errc::limit_exceeded:
-    case domain::errc::busy:
+    case domain::errc::busy:  // a queue is full now
       return make_api_error(429, domain_failure->message, {}, "server_busy");
+    case domain::errc::limit_exceeded:  // a fixed limit the request exceeds (e.g. a price past int64): no retry helps
+      return make_api_error(400, domain_failure->message, {}, "limit_exceeded");
     case domain::errc::invalid_argument:
       return make_api_error(400, domain_failure->message);
     default:

@@ -87,6 +87,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
   auto admitted = std::make_shared<std::map<std::string, actors::job_request>>();
   return {
       [log, admitted](actors::job_request& request) -> caf::result<actors::job_accepted> {
+        if (request.job_id.starts_with("refused-")) {  // refused as a full queue or a fixed limit
+          const auto code = request.job_id == "refused-busy" ? domain::errc::busy : domain::errc::limit_exceeded;
+          return actors::make_error(domain::error{code, "refused by the test's scheduler"});
+        }
         (*admitted)[request.job_id] = request;
         log->set_watcher(request.watcher);
         log->add("window " + request.job_id + " " + std::to_string(request.context_tokens_min));
@@ -225,6 +229,23 @@ TEST(relay, a_request_after_stop_is_refused_and_its_reply_not_kept) {
   EXPECT_NE(sent.front().body.find("shutting down"), std::string::npos) << sent.front().body;
   EXPECT_EQ(world.relay.live_jobs(), 0u);
   EXPECT_EQ(reply.use_count(), 1) << "the relay kept the reply, which would outlive the server";
+}
+
+TEST(relay, a_full_queue_is_429_server_busy_and_a_fixed_limit_400_which_no_retry_passes) {
+  relay_world world;
+  for (const auto& [job_id, status, code] : {std::tuple{"refused-busy", 429u, "server_busy"},
+                                             std::tuple{"refused-limit", 400u, "limit_exceeded"}}) {
+    auto reply = std::make_shared<recorded_reply>();
+    relay_job job;
+    job.job_id = job_id;
+    job.completion_budget = 10;
+    job.reply = reply;
+    world.relay.submit(std::move(job));
+    const auto sent = reply->sent(10s);
+    ASSERT_EQ(sent.size(), 1u) << job_id;
+    EXPECT_EQ(sent.front().status, status) << sent.front().body;
+    EXPECT_NE(sent.front().body.find(std::string("\"code\":\"") + code + "\""), std::string::npos) << sent.front().body;
+  }
 }
 
 /// Picks one ad for every job at once, and holds the recording of its impression until told.
