@@ -79,25 +79,26 @@ expected<std::string, secret_error> new_provider_token() {
   return prefixed_secret(provider_token_prefix);
 }
 
-expected<std::string, secret_error> new_id(std::string_view prefix, std::size_t random_chars) {
-  GPUSTREAM_ENSURE(random_chars <= id_random_chars_max);
+/// `prefix` + one lower-case base32 character (a-z, 2-7) per byte, from its low 5 bits: 256 is a
+/// multiple of 32, so uniform bytes give uniform characters.
+std::string base32_id(std::string_view prefix, std::span<const std::uint8_t> bytes) {
   static constexpr std::string_view alphabet = "abcdefghijklmnopqrstuvwxyz234567";
-  // One random byte per character, of which the low 5 bits are used: 256 is a multiple of 32,
-  // so every character is uniform.
-  auto bytes = random_bytes(random_chars);
-  if (!bytes) return unexpected{bytes.error()};
   std::string id(prefix);
-  for (const char b : *bytes) id += alphabet[static_cast<unsigned char>(b) & 31];
+  for (const std::uint8_t b : bytes) id += alphabet[b & 31];
   return id;
 }
 
+expected<std::string, secret_error> new_id(std::string_view prefix, std::size_t random_chars) {
+  GPUSTREAM_ENSURE(random_chars <= id_random_chars_max);
+  auto bytes = random_bytes(random_chars);
+  if (!bytes) return unexpected{bytes.error()};
+  return base32_id(prefix, std::span(reinterpret_cast<const std::uint8_t*>(bytes->data()), bytes->size()));
+}
+
 std::string derived_id(std::string_view prefix, std::string_view seed, std::size_t chars) {
-  static constexpr std::string_view alphabet = "abcdefghijklmnopqrstuvwxyz234567";
   GPUSTREAM_ENSURE(chars <= events::sha256_digest{}.size());
   const auto digest = sha256(seed);
-  std::string id(prefix);
-  for (std::size_t i = 0; i < chars; ++i) id += alphabet[digest[i] & 31];
-  return id;
+  return base32_id(prefix, std::span(digest).first(chars));
 }
 
 events::sha256_digest sha256(std::string_view text) noexcept {

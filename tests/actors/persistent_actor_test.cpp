@@ -206,13 +206,19 @@ TEST_F(persistent_actor_test, recovers_from_snapshot_plus_tail_to_the_state_of_a
   EXPECT_EQ(next.value().version, 8u) << "the recovered actor continues the stream";
 }
 
-class persistent_actor_fault_test : public testing::deterministic_fixture {};
+/// A store whose files consult faults_ (a failed fsync on demand).
+class persistent_actor_fault_test : public testing::deterministic_fixture {
+ protected:
+  persistent_actor_fault_test() {
+    storage::store_options options;
+    options.faults = faults_;
+    open_store(std::move(options));
+  }
+  std::shared_ptr<storage::fault_injector> faults_ = std::make_shared<storage::fault_injector>();
+};
 
 TEST_F(persistent_actor_fault_test, a_failed_append_stops_the_actor_and_answers_everyone) {
-  auto faults = std::make_shared<storage::fault_injector>();
-  storage::store_options options;
-  options.faults = faults;
-  open_store(std::move(options));
+  auto& faults = faults_;
   testing::manual_clock clock;
   auto actor = system_.spawn(persistent_behavior<wallet>, std::string("wallet-1"), store_,
                              persistence_options{.clock_us = clock.function()});
@@ -251,10 +257,7 @@ TEST_F(persistent_actor_fault_test, a_command_decided_anew_after_a_failed_append
   // The failed append (d2) may be in the log: its bytes reached the WAL. An actor recovering
   // before the store reopened decides d3 at d2's version, with d2's event ids. The store used to
   // answer that append as a retry of d2: the actor then held d3, which the log lacked.
-  auto faults = std::make_shared<storage::fault_injector>();
-  storage::store_options options;
-  options.faults = faults;
-  open_store(std::move(options));
+  auto& faults = faults_;
   testing::manual_clock clock;
   auto spawn = [&] {
     return system_.spawn(persistent_behavior<wallet>, std::string("wallet-1"), store_,

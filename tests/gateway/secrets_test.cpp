@@ -127,4 +127,13 @@ TEST(secrets, bearer_token_reads_the_credential_of_a_bearer_header_only) {
 }
 
 }  // namespace
+TEST(derived_id, the_same_seed_gives_the_same_id_of_new_ids_form) {
+  const auto id = derived_id("u_", "gpustream/admin/user/order-77");
+  EXPECT_EQ(id, derived_id("u_", "gpustream/admin/user/order-77"));
+  EXPECT_NE(id, derived_id("u_", "gpustream/admin/user/order-78"));
+  ASSERT_EQ(id.size(), 2 + id_random_chars);
+  EXPECT_EQ(id.substr(0, 2), "u_");
+  EXPECT_EQ(id.find_first_not_of("abcdefghijklmnopqrstuvwxyz234567", 2), std::string::npos) << id;
+}
+
 }  // namespace gpustream::gateway
