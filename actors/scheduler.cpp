@@ -38,6 +38,12 @@ struct live_job {
   std::vector<std::string> rejected_by;
   bool running = false;
   std::string avoided_provider_id;  ///< the provider the last attempt failed on
+  /// The answer began there: it waits for another provider when one could take it
+  /// (queued_job::avoided_strictly).
+  bool avoided_strictly = false;
+  /// When the job first entered the queue: its age in the queue's order, kept when it comes back
+  /// (its deadline is not: each wait in the queue is bounded by queue_wait_max on its own).
+  std::int64_t queued_first_at_us = 0;
   /// The attempts that produced tokens and failed over: each provider is paid its own tokens.
   std::vector<domain::earlier_part> earlier;
   bool started = false;             ///< running: the first token arrived
@@ -401,10 +407,12 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .model = job.request.model,
                                                     .quality = job.request.quality,
                                                     .priority = job.priority,
-                                                    .queued_at_us = now,
+                                                    .queued_at_us = job.queued_first_at_us,
                                                     .deadline_at_us = deadline,
                                                     .preferred_provider_id = {},
                                                     .avoided_provider_id = job.avoided_provider_id,
+                                                    .avoided_strictly = job.avoided_strictly,
+                                                    .returning = job.attempt > 0,
                                                     .cost_max_micros = cost_max,
                                                     .price_max_micros_per_mtok = price_max,
                                                     .price_cap_is_platforms = price_cap_is_platforms,
@@ -555,6 +563,7 @@ void admit(self_pointer self, const std::string& job_id,
   auto& job = self->state.jobs.at(job_id);
   const std::int64_t now = now_us(self);
   const std::int64_t deadline = now + self->state.options.queue_wait_max.count();
+  job.queued_first_at_us = now;
   if (auto pushed = push_queued(self, job_id, now, deadline); !pushed) {
     refuse_job(self, job_id, failure_reason_of(pushed.error()), make_error(pushed.error()), reply);
     return;
@@ -736,9 +745,11 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
     job.earlier.push_back({from, job.price, tokens_so_far - job.tokens_so_far});
   }
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
-  // An answer begun on a provider continues on another one only: the one it failed on is not
-  // asked again, and with no other provider for the model nothing is left.
-  if ((job.started || job.tokens_so_far > 0) &&
+  // An answer begun on a provider continues on another one: it waits for another that can take
+  // it rather than go back (unless none can), and with no other provider for the model nothing
+  // is left.
+  job.avoided_strictly = job.started || job.tokens_so_far > 0;
+  if (job.avoided_strictly &&
       !self->state.index->can_serve(job.request.model, job.request.quality, from)) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
              "the answer broke off on provider " + from + " and no other provider serves model " +

@@ -93,9 +93,12 @@ job_queue::job_queue(job_queue_options options) : options_(options) {}
 
 job_queue::group_key job_queue::group_of(const queued_job& job) {
   const std::int64_t price_max = job.price_max_micros_per_mtok.value_or(-1);
-  if (!job.cost_max_micros) return {job.model, job.quality, -1, price_max, 0, 0, job.context_tokens_min};
-  return {job.model,        job.quality,    *job.cost_max_micros, price_max,
-          job.prompt_tokens, job.max_tokens, job.context_tokens_min};
+  std::string avoided = job.avoided_strictly ? job.avoided_provider_id : std::string();
+  if (!job.cost_max_micros) {
+    return {job.model, job.quality, -1, price_max, 0, 0, job.context_tokens_min, std::move(avoided)};
+  }
+  return {job.model,         job.quality,    *job.cost_max_micros,     price_max,
+          job.prompt_tokens, job.max_tokens, job.context_tokens_min, std::move(avoided)};
 }
 
 offer_filter job_queue::affordable(const queued_job& job) const {
@@ -131,7 +134,7 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
   if (!index.can_serve(job.model, job.quality, {}, affordable(job))) {
     return refuse(errc::no_provider, unservable_message(job, index.options()));
   }
-  if (jobs_.size() >= options_.jobs_queued_max) {
+  if (jobs_.size() >= options_.jobs_queued_max && !job.returning) {
     return refuse(errc::busy,
                   "the queue holds " + std::to_string(jobs_.size()) + " jobs, its limit; job " +
                       job.job_id + " cannot wait, try again shortly");
@@ -189,7 +192,9 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     const auto within_cap = affordable(waiting);
     auto chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
                                 waiting.preferred_provider_id, waiting.avoided_provider_id, within_cap});
-    if (!chosen && !waiting.avoided_provider_id.empty()) {
+    if (!chosen && !waiting.avoided_provider_id.empty() &&
+        (!waiting.avoided_strictly ||
+         !index.can_serve(waiting.model, waiting.quality, waiting.avoided_provider_id, within_cap))) {
       chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
                              waiting.preferred_provider_id, {}, within_cap});
     }

@@ -42,8 +42,16 @@ struct queued_job {
   std::int64_t deadline_at_us = 0;     ///< when it fails with deadline_exceeded if still queued
   std::string preferred_provider_id;   ///< sticky session; empty for none
   /// The provider the job last failed on: chosen again only when no other provider can take the
-  /// job now (so a group's best job finding no candidate still means none for the group).
+  /// job now, or (avoided_strictly) at all. The groups keep a strictly avoided provider apart, so
+  /// a group's best job finding no candidate still means none for the group.
   std::string avoided_provider_id;
+  /// The answer began on avoided_provider_id and broke off there: while another provider could
+  /// take the job (busy or not), the job waits for one rather than go back to that one.
+  bool avoided_strictly = false;
+  /// A job admitted before, coming back (reassigned, declined untried, stalled): it is not refused
+  /// for a full queue, since it is counted among the scheduler's live jobs already; refusing it
+  /// would fail an answer under way for the sake of jobs that arrived after it.
+  bool returning = false;
   /// The most the job may cost, micro-USD (none: no cap): only a provider whose price quotes the job
   /// (quote_max_micros of its prompt and max_tokens at the queue's pricing) at most this takes
   /// it. A premium job's cap is the quote held against its user's balance (after a failover,
@@ -97,7 +105,7 @@ class job_queue {
   explicit job_queue(job_queue_options options = {});
 
   /// Queues a job. Refused: no_provider when no online provider can serve its model at its
-  /// quality (it would wait for nothing), limit_exceeded when the queue is full,
+  /// quality (it would wait for nothing), busy when the queue is full (a returning job excepted),
   /// invalid_argument for a malformed job (empty id or model, a deadline not after now or beyond
   /// deadline_us_max, a priority out of range, an arrival in the future), already_exists for a
   /// job id already queued.
@@ -134,9 +142,10 @@ class job_queue {
   /// (service_at_us, arrival number): the queue's order; the arrival number breaks ties.
   using order_key = std::pair<std::int64_t, std::uint64_t>;
   /// (model, quality, cost_max_micros, price_max_micros_per_mtok, prompt_tokens, max_tokens,
-  /// context_tokens_min); -1 for a cap not set, and the tokens 0 without a cost cap.
+  /// context_tokens_min, the provider avoided strictly); -1 for a cap not set, the tokens 0
+  /// without a cost cap, and the provider empty unless avoided_strictly.
   using group_key = std::tuple<std::string, events::quality_tier, std::int64_t, std::int64_t, std::uint32_t,
-                               std::uint32_t, std::uint32_t>;
+                               std::uint32_t, std::uint32_t, std::string>;
 
   [[nodiscard]] static group_key group_of(const queued_job& job);
   /// The offers a job's caps and window admit; empty for a job without either.

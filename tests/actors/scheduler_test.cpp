@@ -48,7 +48,8 @@ class scheduler_test : public testing::deterministic_fixture {
  protected:
   scheduler_test() : scheduler_test(100'000) {}
 
-  explicit scheduler_test(std::size_t jobs_live_max, storage::store_options store_options = buffered()) {
+  explicit scheduler_test(std::size_t jobs_live_max, storage::store_options store_options = buffered(),
+                          std::size_t jobs_queued_max = domain::job_queue_options{}.jobs_queued_max) {
     auto store = storage::event_store::open(directory_.path(), std::move(store_options));
     EXPECT_TRUE(store) << store.error().message;
     runtime_options options;
@@ -58,6 +59,7 @@ class scheduler_test : public testing::deterministic_fixture {
     options.scheduler.tick_interval = std::chrono::seconds(1);
     options.scheduler.users.free_tokens_per_day = 10'000;
     options.scheduler.jobs_live_max = jobs_live_max;
+    options.scheduler.queue.jobs_queued_max = jobs_queued_max;
     rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
     for (const caf::actor& a : {caf::actor_cast<caf::actor>(rt_.scheduler),
                                 caf::actor_cast<caf::actor>(rt_.users),
@@ -859,6 +861,62 @@ TEST_F(scheduler_test, offers_declined_by_a_full_provider_spend_none_of_the_jobs
   EXPECT_EQ(done.value().status, domain::job_status::completed);
 }
 
+TEST_F(scheduler_test, an_answer_that_broke_off_waits_for_another_provider_rather_than_going_back_to_its_own) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string broken = job("j1").provider_id;
+  ASSERT_NE(broken, busy);
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  run();
+  // Its slot is free at once, yet the answer it broke does not go back to it.
+  EXPECT_EQ((*offers_)[broken].size(), 1u);
+  EXPECT_EQ(job("j1").status, domain::job_status::queued);
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
+  run();
+  EXPECT_EQ(job("j1").provider_id, busy) << "it continues where a slot frees on another provider";
+  EXPECT_EQ(job("j1").attempt, 2u);
+  ASSERT_FALSE((*offers_)[busy].empty());
+  EXPECT_EQ((*offers_)[busy].back().tokens_so_far, 5u);
+}
+
+TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_to_its_provider_when_no_other_can_take_it_any_more) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string broken = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
+  run();
+  ASSERT_EQ(job("j1").status, domain::job_status::queued);
+  self_->send(rt_.scheduler, offline_atom::value, busy);
+  run();
+  EXPECT_EQ(job("j1").provider_id, broken) << "the other provider left: rather than fail, j1 goes back";
+  EXPECT_EQ((*offers_)[broken].size(), 2u);
+}
+
+TEST_F(scheduler_test, a_job_back_in_the_queue_keeps_its_place_before_jobs_that_came_after_it) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  ASSERT_EQ((*offers_)["p1"].size(), 1u);
+  *clock_.now_us += 10'000'000;
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
+  *clock_.now_us += 10'000'000;
+  // p1 declines j1 untried, then has room again: j1, queued first, goes first.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", "p1", domain::job_fault::declined, 0,
+                                                        "the provider is at capacity (1 jobs)"}));
+  run();
+  ASSERT_EQ(job("j1").status, domain::job_status::queued);
+  self_->send(rt_.scheduler, load_atom::value, std::string("p1"), domain::load_report{0, 100});
+  run();
+  ASSERT_EQ((*offers_)["p1"].size(), 2u);
+  EXPECT_EQ((*offers_)["p1"].back().job_id, "j1");
+  EXPECT_EQ(job("j2").status, domain::job_status::queued);
+}
+
 TEST_F(scheduler_test, a_draining_provider_gets_no_offer_while_its_jobs_finish_and_the_job_waits_for_another) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
@@ -1242,6 +1300,28 @@ class small_scheduler_test : public scheduler_test {
  protected:
   small_scheduler_test() : scheduler_test(2) {}
 };
+
+class one_queued_scheduler_test : public scheduler_test {
+ protected:
+  one_queued_scheduler_test() : scheduler_test(100'000, buffered(), 1) {}
+};
+
+TEST_F(one_queued_scheduler_test, a_full_queue_refuses_new_jobs_but_takes_back_an_answer_to_continue) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string broken = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j3", "dave", true));
+  ASSERT_FALSE(refused) << "jobs_queued_max is 1";
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::busy);
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::queued) << "admitted before: it continues, it is not failed";
+  EXPECT_EQ(job("j2").provider_id, broken) << "the freed slot goes to j2; j1 waits for another provider";
+}
 
 TEST_F(small_scheduler_test, jobs_live_max_is_a_limit) {
   bring_online("p1", "llama-8b", 1);

@@ -89,6 +89,10 @@ TEST(job_queue, jobs_queued_max_is_a_limit) {
   EXPECT_NE(refused.error().message.find("3 jobs"), std::string::npos) << refused.error().message;
   EXPECT_TRUE(queue.remove("a"));
   EXPECT_TRUE(queue.push(job("d"), index, t0));
+  auto back = job("e");
+  back.returning = true;
+  EXPECT_TRUE(queue.push(back, index, t0)) << "a job admitted before comes back past the limit";
+  EXPECT_EQ(queue.size(), 4u);
 }
 
 TEST(job_queue, a_job_nobody_can_serve_is_rejected_at_once) {
@@ -244,6 +248,27 @@ TEST(job_queue, a_job_avoids_the_provider_it_failed_on_unless_it_is_the_only_one
   assigned = queue.pop_assignable(index, {}, t0);
   ASSERT_EQ(assigned.size(), 1u) << "the only provider left takes it rather than none";
   EXPECT_EQ(assigned[0].provider_id, "a");
+}
+
+TEST(job_queue, an_answer_that_broke_off_waits_for_another_provider_and_holds_up_no_other_job) {
+  selection_index index;
+  add_provider(index, "a", "m", 1);
+  add_provider(index, "b", "m", 1);
+  ASSERT_TRUE(index.job_started("b"));
+  job_queue queue;
+  // Same model and caps as `fresh`, queued first: without its own group it would stop the pass.
+  auto broken = job("broken");
+  broken.avoided_provider_id = "a";
+  broken.avoided_strictly = true;
+  ASSERT_TRUE(queue.push(broken, index, t0));
+  ASSERT_TRUE(queue.push(job("fresh", "m", 0, t0 + 1), index, t0 + 1));
+  auto assigned = queue.pop_assignable(index, {}, t0 + 1);
+  ASSERT_EQ(ids(assigned), std::vector<std::string>{"fresh"}) << "broken waits for b, fresh takes a";
+  EXPECT_EQ(assigned[0].provider_id, "a");
+  ASSERT_TRUE(index.job_finished("b"));
+  assigned = queue.pop_assignable(index, {}, t0 + 2);
+  ASSERT_EQ(ids(assigned), std::vector<std::string>{"broken"});
+  EXPECT_EQ(assigned[0].provider_id, "b");
 }
 
 // ---------------------------------------------------------------------------------------------
