@@ -520,7 +520,7 @@ void assign_pass(self_pointer self) {
       const std::string job_id = a.job.job_id;
       const std::uint32_t attempt = job.attempt;
       self->request(st.peers.jobs, caf::infinite, job_id,
-                    domain::job::command{domain::assign_job{a.provider_id}})
+                    domain::job::command{domain::assign_job{a.provider_id, job.assigned_at_us}})
           .then([](const command_reply&) {},
                 [self, job_id, attempt](caf::error& failure) { assignment_failed(self, job_id, attempt, failure); });
       // The provider starts while the assignment is being persisted: the first token does not wait

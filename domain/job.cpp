@@ -77,9 +77,10 @@ decision on(const job_state& s, const assign_job& c, std::int64_t now_us, const 
   if (auto ok = check_id("provider id", c.provider_id, o.id_length_max); !ok) return unexpected{ok.error()};
   if (s.status == job_status::assigned && s.provider_id == c.provider_id) return events_list{};
   if (s.status != job_status::queued) return wrong_state(s, "assign it to " + quoted(c.provider_id));
-  if (now_us >= s.deadline_at_us)
+  const std::int64_t chosen_at_us = c.chosen_at_us != 0 ? c.chosen_at_us : now_us;
+  if (chosen_at_us >= s.deadline_at_us)
     return refuse(errc::invalid_state, describe(s) + " past its deadline " + std::to_string(s.deadline_at_us) +
-                                           " us (now " + std::to_string(now_us) +
+                                           " us (chosen at " + std::to_string(chosen_at_us) +
                                            " us); expire it or queue it with a new deadline");
   if (s.attempt - s.declines >= o.attempts_max)
     return refuse(errc::limit_exceeded, "job " + quoted(s.job_id) + " has had " + std::to_string(s.attempt - s.declines) +

@@ -149,6 +149,10 @@ struct queue_job {
 /// queued -> assigned: attempt + 1.
 struct assign_job {
   std::string provider_id;
+  /// When the scheduler took the job out of its queue for this provider (0: now). The queue
+  /// deadline bounds the wait until that choice, not until this command is decided after it: a
+  /// choice made just before the deadline is not refused for the moment it took to get here.
+  std::int64_t chosen_at_us = 0;
 };
 
 /// assigned -> streaming: the provider's first token arrived.

@@ -897,6 +897,38 @@ TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_to_its_provider_when_n
   EXPECT_EQ((*offers_)[broken].size(), 2u);
 }
 
+TEST_F(scheduler_test, a_job_given_a_provider_just_before_its_deadline_runs_though_recorded_after_it) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
+  ASSERT_EQ(job("j2").status, domain::job_status::queued);
+  const std::int64_t deadline = job("j2").deadline_at_us;
+  command(rt_.providers, "p2", domain::provider::command{domain::provider::create{"p2", "owner-p2", "gpu box p2", {}}});
+  command(rt_.providers, "p2",
+          domain::provider::command{domain::provider::connect{{}, events::backend_kind::openai,
+                                                              "http://127.0.0.1:1234/v1", "t"}});
+  command(rt_.providers, "p2",
+          domain::provider::command{domain::provider::advertise{
+              {events::model_offer{"llama-8b", 8192, "Q4_K_M", 1'000'000, 1'000'000, 1}}}});
+  auto state = ask<domain::provider::state>(rt_.providers, std::string("p2"), state_atom::value);
+  ASSERT_TRUE(state);
+  auto session = system_.spawn(session_behavior, offers_, cancels_, std::string("p2"));
+  stop_at_teardown(session);
+  run();
+  // p2 links a microsecond before j2's deadline: the scheduler gives it j2 then, and the job's
+  // actor records that a microsecond later, at the deadline.
+  *clock_.now_us = deadline - 1;
+  self_->send(rt_.scheduler, online_atom::value, provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+  ASSERT_TRUE(sched_.try_run_once());
+  *clock_.now_us = deadline;
+  run();
+  EXPECT_EQ(job("j2").status, domain::job_status::assigned);
+  EXPECT_EQ(job("j2").provider_id, "p2");
+  ASSERT_EQ((*offers_)["p2"].size(), 1u);
+  EXPECT_TRUE((*cancels_)["p2"].empty()) << "the offer stands";
+}
+
 TEST_F(scheduler_test, a_job_back_in_the_queue_keeps_its_place_before_jobs_that_came_after_it) {
   bring_online("p1", "llama-8b", 1);
   create_user("dave", events::user_tier::premium, 50'000'000);

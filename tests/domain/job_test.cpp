@@ -247,6 +247,17 @@ TEST(job, requeue_changes_priority_and_deadline) {
   EXPECT_EQ(s.deadline_at_us, t0 + 90 * second_us);
 }
 
+TEST(job, a_provider_chosen_before_the_deadline_is_recorded_after_it) {
+  auto s = queued();
+  const std::int64_t deadline = s.deadline_at_us;
+  expect_refused(job::decide(s, assign_job{"p1", deadline}, deadline - 1), errc::invalid_state, "past its deadline");
+  auto d = run(s, assign_job{"p1", deadline - 1}, deadline + 5);
+  ASSERT_TRUE(d);
+  ASSERT_EQ(d->size(), 1u);
+  EXPECT_EQ(s.status, job_status::assigned);
+  EXPECT_EQ(std::get<events::job_assigned>(d->front()).assigned_at_us, deadline + 5) << "recorded when decided";
+}
+
 TEST(job, queued_job_past_its_deadline_cannot_be_assigned_and_expires) {
   auto s = queued();
   const std::int64_t deadline = s.deadline_at_us;
