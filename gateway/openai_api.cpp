@@ -234,6 +234,13 @@ expected<std::string, api_error> parse_content(const json::value* content, const
   return text;
 }
 
+/// Whether an optional parameter's value asks for nothing: null, false, 0, {} or [].
+bool asks_for_nothing(const json::value& v) {
+  return v.is_null() || (v.is_bool() && !v.get_bool()) || (v.is_int64() && v.get_int64() == 0) ||
+         (v.is_uint64() && v.get_uint64() == 0) || (v.is_object() && v.get_object().empty()) ||
+         (v.is_array() && v.get_array().empty());
+}
+
 expected<chat_message, api_error> parse_message(const json::value& value, const std::string& param,
                                                 const api_limits& limits) {
   if (!value.is_object()) return unexpected{invalid_type(param, "an object", value)};
@@ -251,8 +258,13 @@ expected<chat_message, api_error> parse_message(const json::value& value, const 
                                   "(tools are not supported).",
                               param + ".role", "unsupported_value")};
   }
-  if (field(object, "tool_calls") != nullptr || field(object, "function_call") != nullptr) {
+  // An assistant message replayed from history by some frameworks carries "tool_calls": [] (or
+  // null): that asks for nothing.
+  if (const json::value* calls = field(object, "tool_calls"); calls != nullptr && !asks_for_nothing(*calls)) {
     return unexpected{unsupported(param + ".tool_calls", "tool calls are not supported.")};
+  }
+  if (const json::value* call = field(object, "function_call"); call != nullptr && !asks_for_nothing(*call)) {
+    return unexpected{unsupported(param + ".function_call", "function calls are not supported.")};
   }
   auto content = parse_content(field(object, "content"), param + ".content", limits);
   if (!content) return unexpected{content.error()};
@@ -387,13 +399,6 @@ expected<request_extension, api_error> parse_extension(const json::object& body,
   if (!conversation) return unexpected{conversation.error()};
   if (conversation->has_value()) extension.conversation_id = std::move(**conversation);
   return extension;
-}
-
-/// Whether an optional parameter's value asks for nothing: null, false, 0, {} or [].
-bool asks_for_nothing(const json::value& v) {
-  return v.is_null() || (v.is_bool() && !v.get_bool()) || (v.is_int64() && v.get_int64() == 0) ||
-         (v.is_uint64() && v.get_uint64() == 0) || (v.is_object() && v.get_object().empty()) ||
-         (v.is_array() && v.get_array().empty());
 }
 
 /// Parameters the gateway cannot honour are refused instead of silently dropped, so a client never
@@ -540,7 +545,7 @@ json::object usage_object(const token_usage& usage) {
 json::object extension_object(const response_extension& extension) {
   json::object object;
   object["provider_id"] = extension.provider_id;
-  object["quality"] = extension.quality ? json::value(quality_name(*extension.quality)) : json::value(nullptr);
+  object["quality"] = quality_name(extension.quality);
   object["failover"] = extension.failover;
   if (extension.ad) {
     const ad_info& ad = *extension.ad;
@@ -818,9 +823,10 @@ std::string usage_chunk_json(const response_meta& meta, const token_usage& usage
   return json::serialize(chunk);
 }
 
-std::string error_chunk_json(const response_meta& meta, const api_error& error) {
+std::string error_chunk_json(const response_meta& meta, const api_error& error, const token_usage& usage) {
   json::object chunk = chunk_head(meta);
   chunk["choices"] = json::array{chunk_choice(meta, {}, false, json::value("error"))};
+  chunk["usage"] = usage_object(usage);
   chunk["error"] = error_object(error);
   return json::serialize(chunk);
 }

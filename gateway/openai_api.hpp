@@ -182,7 +182,7 @@ struct ad_info {
 /// The response extension object `x_gpustream`.
 struct response_extension {
   std::string provider_id;  ///< the provider that produced the answer (the last one after a failover)
-  std::optional<events::quality_tier> quality;
+  events::quality_tier quality = events::quality_tier::standard;  ///< the tier the job ran at
   std::uint32_t failover = 0;  ///< how many times the job moved to another provider mid-answer
   std::optional<ad_info> ad;
 };
@@ -225,8 +225,10 @@ struct response_extension {
                                            const std::optional<response_extension>& extension = std::nullopt);
 
 /// The in-band error that ends a stream whose headers went out already: choices[0] with
-/// finish_reason "error", plus an "error" object shaped like error_body()'s.
-[[nodiscard]] std::string error_chunk_json(const response_meta& meta, const api_error& error);
+/// finish_reason "error", an "error" object shaped like error_body()'s, and `usage` (the last
+/// chunk of a stream carries it: what is billed, nothing for a failed job).
+[[nodiscard]] std::string error_chunk_json(const response_meta& meta, const api_error& error,
+                                           const token_usage& usage = {});
 
 /// A whole (non-streamed) answer: "chat.completion" with choices[0].message, or
 /// "text_completion" with choices[0].text; `usage` and `x_gpustream`. When extension.ad is set,

@@ -64,6 +64,11 @@ std::int64_t unix_seconds() {
       .count();
 }
 
+/// The quality tier a request runs at: the one it asks for, or standard.
+events::quality_tier job_quality(const completion_request& request) {
+  return request.extension.quality.value_or(events::quality_tier::standard);
+}
+
 /// A refusal from the scheduler, as the client sees it.
 api_error refusal_of(const caf::error& failure) {
   const auto domain_failure = actors::domain_error_of(failure);
@@ -182,7 +187,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     request.job_id = id;
     request.user_id = job.user_id;
     request.model = job.request.model;
-    request.quality = job.request.extension.quality.value_or(events::quality_tier::standard);
+    request.quality = job_quality(job.request);
     request.prompt_tokens = job.prompt_tokens;
     request.max_tokens = job.completion_budget;
     request.max_price_micros = job.request.extension.max_price_micros.value_or(0);
@@ -727,7 +732,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // The tokens as billed: the backend's count of the prompt when below the node's estimate, and
       // the answer's pieces up to the job's budget (a backend may run past it; the rest is free).
       const token_usage usage{ended.prompt_tokens, ended.completion_tokens};
-      response_extension extension{live->provider_id, live->job.request.extension.quality, live->failovers, live->ad};
+      response_extension extension{live->provider_id, job_quality(live->job.request), live->failovers, live->ad};
       auto& reply = *live->job.reply;
       if (live->job.request.stream) {
         start_stream(*live);
@@ -768,7 +773,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (live->ad) unshown_ad = live->ad->impression_id;
       auto& reply = *live->job.reply;
       if (live->stream_started) {
-        reply.write(sse_event(error_chunk_json(live->meta, error)) + std::string(sse_done));
+        // A failed job bills nothing: its usage says so.
+        reply.write(sse_event(error_chunk_json(live->meta, error, token_usage{0, 0})) + std::string(sse_done));
         reply.finish();
       } else {
         http_headers headers;

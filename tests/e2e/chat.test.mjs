@@ -71,6 +71,7 @@ scenario('chat and completions through the OpenAI SDK and curl', async (world) =
   assert.equal(whole.choices[0].finish_reason, 'stop');
   assert.equal(whole.usage.completion_tokens, tokens);
   assert.equal(whole.x_gpustream.provider_id, provider.id);
+  assert.equal(whole.x_gpustream.quality, 'standard', 'the tier the job ran at, which the request left out');
 
   // max_tokens shorter than the answer: cut, and said so.
   const cut = await client.chat.completions.create({ model, messages, max_tokens: 5 });

@@ -109,6 +109,8 @@ scenario('with no provider left, a stream that breaks ends with an in-band error
   const error_chunk = chunks.at(-1);
   assert.equal(error_chunk.choices[0].finish_reason, 'error');
   assert.ok(error_chunk.error?.message, `an error object says why: ${JSON.stringify(error_chunk)}`);
+  assert.deepEqual(error_chunk.usage, { prompt_tokens: 0, completion_tokens: 0, total_tokens: 0 },
+    'usage is in the last chunk: a failed job bills nothing');
   assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason === 'error').length, 1);
   // The provider the job failed on is not given it again (ARCHITECTURE.md: "continue on another
   // provider"; domain/selection.hpp: excluded_provider_id), so the text is its 5 tokens only.

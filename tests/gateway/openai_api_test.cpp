@@ -240,6 +240,16 @@ TEST(openai_api, refuses_bodies_missing_what_is_required) {
       "tool_calls":[{"id":"t","type":"function","function":{"name":"f","arguments":"{}"}}]}]})")
                 .param,
             "messages[0].tool_calls");
+  EXPECT_EQ(chat_error(R"({"model":"m","messages":[{"role":"assistant","content":"",
+      "function_call":{"name":"f","arguments":"{}"}}]})")
+                .param,
+            "messages[0].function_call");
+  // History replayed by some frameworks: an assistant message with no calls in it asks for nothing.
+  const auto replayed = chat(R"({"model":"m","messages":[{"role":"user","content":"a"},
+      {"role":"assistant","content":"b","tool_calls":[]},{"role":"assistant","content":"c","tool_calls":null,
+      "function_call":null},{"role":"user","content":"d"}]})");
+  ASSERT_EQ(replayed.messages.size(), 4u);
+  EXPECT_EQ(replayed.messages[1].content, "b");
 }
 
 TEST(openai_api, refuses_bodies_that_are_not_json_objects) {
@@ -643,12 +653,12 @@ TEST(openai_api, usage_chunk_and_extension_have_the_exact_shape) {
 }
 
 TEST(openai_api, final_chunk_can_carry_usage_and_extension) {
-  const response_extension extension{"prov-3", std::nullopt, 0, std::nullopt};
+  const response_extension extension{"prov-3", events::quality_tier::standard, 0, std::nullopt};
   EXPECT_EQ(final_chunk_json(chat_meta, "stop", token_usage{5, 6}, extension),
             R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
             R"("choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop"}],)"
             R"("usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11},)"
-            R"("x_gpustream":{"provider_id":"prov-3","quality":null,"failover":0}})");
+            R"("x_gpustream":{"provider_id":"prov-3","quality":"standard","failover":0}})");
 }
 
 TEST(openai_api, a_backends_finish_reason_reaches_the_client_as_one_of_openais) {
@@ -667,6 +677,7 @@ TEST(openai_api, the_in_band_stream_error_ends_the_choice_with_finish_reason_err
   EXPECT_EQ(error_chunk_json(chat_meta, error),
             R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
             R"("choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"error"}],)"
+            R"("usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0},)"
             R"("error":{"message":"All providers for llama-3-8b failed.","type":"server_error","param":null,)"
             R"("code":"all_providers_failed"}})");
 }
