@@ -119,6 +119,12 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
                       printable(gateway::redacted_url(options.backend), 200) + "\""};
   }
   options.upstream.base_url = options.backend.substr(openai_prefix.size());
+  // The hello names the backend (redacted): one longer than the link allows could never be sent.
+  if (const auto shown = gateway::redacted_url(options.upstream.base_url);
+      shown.size() > options.link.limits.url_bytes_max) {
+    return unexpected{"--backend URL is " + std::to_string(shown.size()) + " bytes long; at most " +
+                      std::to_string(options.link.limits.url_bytes_max) + " are allowed"};
+  }
   auto url = gateway::parse_ws_url(options.coordinator);
   if (!url) return unexpected{"--coordinator: " + url.error()};
   if (url->target == "/") {
@@ -239,7 +245,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     for (const auto& gpu : *found) {
       log_->info("gpu name=\"{}\" memory_bytes={} compute_capability={}.{}", gpu.name,
                  gpu.memory_bytes, gpu.compute_capability_major, gpu.compute_capability_minor);
-      gpus_.push_back({.name = gpu.name,
+      // A name past the link's limit would make every hello fail: it is cut (at a character's start).
+      const auto name = split_utf8(gpu.name, options_.link.limits.name_bytes_max);
+      gpus_.push_back({.name = name.empty() ? std::string() : std::string(name.front()),
                        .memory_bytes = gpu.memory_bytes,
                        .compute_capability_major = gpu.compute_capability_major,
                        .compute_capability_minor = gpu.compute_capability_minor});

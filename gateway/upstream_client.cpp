@@ -108,8 +108,48 @@ upstream_error make_error(upstream_error_kind kind, std::string message, unsigne
   return upstream_error{kind, std::move(message), http_status, !request_at_fault};
 }
 
+/// Pydantic's messages (vLLM, FastAPI) quote the value they refused after "input_value=", up to
+/// ", input_type=": that is the client's request, prompt and all, which the agent neither logs
+/// nor sends on. It is cut out.
+std::string without_input_values(std::string_view text) {
+  constexpr std::string_view marker = "input_value=";
+  constexpr std::string_view next = ", input_type=";
+  std::string out;
+  for (std::size_t at = text.find(marker); at != std::string_view::npos; at = text.find(marker)) {
+    out += text.substr(0, at + marker.size());
+    out += "(withheld)";
+    const std::size_t end = text.find(next, at);
+    text = end == std::string_view::npos ? std::string_view() : text.substr(end);
+  }
+  out += text;
+  return out;
+}
+
 std::string truncated(std::string_view text) {
-  return std::string(text.substr(0, error_message_bytes_max));
+  return without_input_values(text).substr(0, error_message_bytes_max);
+}
+
+/// FastAPI's validation errors: `"detail": [{"loc": [...], "msg": "...", "input": ...}]`. Each
+/// item's place and message, never its `input` (the client's request).
+std::string detail_list_text(const json::array& details) {
+  std::string text;
+  for (const auto& item : details) {
+    const auto* object = item.if_object();
+    if (object == nullptr) continue;
+    if (!text.empty()) text += "; ";
+    if (const auto* loc = object->if_contains("loc"); loc && loc->is_array()) {
+      std::string place;
+      for (const auto& part : loc->get_array()) {
+        if (!place.empty()) place += '.';
+        place += part.is_string() ? std::string(part.get_string()) : json::serialize(part);
+      }
+      if (!place.empty()) text += place + ": ";
+    }
+    const auto* message = object->if_contains("msg");
+    text += message && message->is_string() ? std::string(message->get_string()) : std::string("invalid");
+    if (text.size() >= error_message_bytes_max) break;
+  }
+  return text.empty() ? std::string("(no message)") : truncated(text);
 }
 
 /// The message inside an OpenAI-style `error` member: an object with `message`, or a string.
@@ -138,7 +178,12 @@ std::string error_body_message(std::string_view body) {
           return truncated(text->get_string());
         }
       }
+      if (const auto* details = object->if_contains("detail"); details && details->is_array()) {
+        return detail_list_text(details->get_array());
+      }
     }
+    // A JSON body of another shape may hold anything, the request included: not shown.
+    return "(a JSON body of " + std::to_string(body.size()) + " bytes, in a shape not known)";
   }
   std::string text = truncated(body);
   for (char& c : text) {
@@ -615,6 +660,13 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
         // what came before, often none, which the token cross-check takes as nothing to check.
         close();
         return deliver_done();
+      }
+      if (use_ == body_use::error) {
+        // The status said it already: an error answer cut short (or stalled) is that answer, with
+        // the message as far as it came. Reported as a broken connection, a refusal of the
+        // request itself (400, 413, 422) would count against the provider and fail over.
+        close();
+        return fail(status_error());
       }
       return fail(failure(ec, "reading the response"));
     }

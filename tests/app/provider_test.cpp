@@ -162,6 +162,18 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   broken = options;
   broken.backend = "builtin=model.gguf";
   EXPECT_FALSE(resolve_provider_options(broken));
+  // The hello names the backend: a URL past the link's limit could never be said, and the agent
+  // would link, fail its hello and link again for ever.
+  const std::size_t url_max = options.link.limits.url_bytes_max;
+  auto longest = options;
+  longest.backend = "openai=http://127.0.0.1:1234/";
+  longest.backend += std::string(url_max - (longest.backend.size() - 7), 'v');
+  EXPECT_TRUE(resolve_provider_options(longest)) << "a URL of url_bytes_max bytes";
+  broken = longest;
+  broken.backend += 'v';
+  const auto too_long = resolve_provider_options(broken);
+  ASSERT_FALSE(too_long);
+  EXPECT_NE(too_long.error().find(std::to_string(url_max + 1) + " bytes"), std::string::npos) << too_long.error();
   broken = options;
   broken.token.clear();
   const auto no_token = resolve_provider_options(broken);

@@ -915,6 +915,52 @@ TEST(UpstreamClient, AStreamEndedByClosingBeforeItsFinishIsDropped) {
   EXPECT_EQ(log.finals(), 1);
 }
 
+TEST(UpstreamClient, AnErrorAnswerCutShortKeepsItsStatusAndWhoseFaultItIs) {
+  // The backend refuses the request (400), promises 200 bytes of message and closes after 30.
+  one_shot_server server(
+      "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
+      "{\"error\":{\"message\":\"too long");
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
+  ASSERT_TRUE(log.wait_final());
+  ASSERT_TRUE(log.error());
+  EXPECT_EQ(log.error()->kind, upstream_error_kind::http_status) << log.error()->message;
+  EXPECT_EQ(log.error()->http_status, 400u);
+  EXPECT_FALSE(log.error()->upstream_fault) << "the request's fault, not the provider's";
+  EXPECT_NE(log.error()->message.find("HTTP 400"), std::string::npos) << log.error()->message;
+  EXPECT_EQ(log.finals(), 1);
+}
+
+/// The message of the error that `body`, answered with HTTP 422, gives.
+std::string message_of_422(const std::string& body) {
+  one_shot_server server("HTTP/1.1 422 Unprocessable Entity\r\nContent-Type: application/json\r\nContent-Length: " +
+                         std::to_string(body.size()) + "\r\n\r\n" + body);
+  one_shot_stream exchange(server);
+  auto& log = exchange.log;
+  EXPECT_TRUE(log.wait_final());
+  EXPECT_TRUE(log.error());
+  return log.error() ? log.error()->message : std::string();
+}
+
+TEST(UpstreamClient, AnErrorMessageNeverQuotesTheRequest) {
+  // FastAPI's validation errors: the place and message of each, not the input they quote.
+  const auto fastapi = message_of_422(
+      R"({"detail":[{"type":"missing","loc":["body","messages",0,"content"],"msg":"Field required",)"
+      R"("input":{"role":"user","content2":"SECRET-PROMPT-123"}}]})");
+  EXPECT_EQ(fastapi.find("SECRET"), std::string::npos) << fastapi;
+  EXPECT_NE(fastapi.find("body.messages.0.content: Field required"), std::string::npos) << fastapi;
+  // vLLM's (pydantic's) text quotes it after input_value=.
+  const auto vllm = message_of_422(
+      R"({"error":{"message":"1 validation error: messages.0 [type=value_error, input_value={'content': )"
+      R"('SECRET-PROMPT-123'}, input_type=dict]","type":"BadRequestError"}})");
+  EXPECT_EQ(vllm.find("SECRET"), std::string::npos) << vllm;
+  EXPECT_NE(vllm.find("input_value=(withheld), input_type=dict]"), std::string::npos) << vllm;
+  // A JSON body of a shape not known may hold anything: not shown.
+  const auto other = message_of_422(R"({"problem":{"echo":"SECRET-PROMPT-123"}})");
+  EXPECT_EQ(other.find("SECRET"), std::string::npos) << other;
+  EXPECT_NE(other.find("HTTP 422"), std::string::npos) << other;
+}
+
 TEST(UpstreamClient, AStreamWhoseEndIsIrregularAfterItsFinishIsWhole) {
   // Both were counted as dropped before, so the answer failed over and its provider was blamed.
   // 1. The body ends (with the connection, no length) right after the finish chunk's data line,
