@@ -60,6 +60,7 @@ struct scheduler_state {
   scheduler_peers peers;
   std::unique_ptr<domain::selection_index> index;
   std::unique_ptr<domain::job_queue> queue;
+  std::unique_ptr<domain::sticky_sessions> sticky;  ///< conversation -> provider its last answer completed on
   std::map<std::string, provider_session> sessions;  ///< by provider id
   std::map<std::string, live_job> jobs;              ///< by job id
   std::map<std::string, std::int64_t> holds_micros;  ///< premium quotes held, by user id
@@ -396,6 +397,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                  std::int64_t deadline) {
   const auto& job = self->state.jobs.at(job_id);
   const auto [price_max, price_cap_is_platforms] = price_cap_of(self, job.request);
+  const auto sticky = self->state.sticky->provider_for(job.request.conversation_id, now);
   std::optional<std::int64_t> cost_max;
   if (job.request.premium) {
     auto left = domain::hold_left_micros(job.hold_micros, job.earlier, job.request.quality,
@@ -409,7 +411,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .priority = job.priority,
                                                     .queued_at_us = job.queued_first_at_us,
                                                     .deadline_at_us = deadline,
-                                                    .preferred_provider_id = {},
+                                                    .preferred_provider_id = std::string(sticky.value_or("")),
                                                     .avoided_provider_id = job.avoided_provider_id,
                                                     .avoided_strictly = job.avoided_strictly,
                                                     .returning = job.attempt > 0,
@@ -859,7 +861,11 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
                                                           result.provider_reported_tokens,
                                                           recorded_bill(settled), free_tokens, prompt}})
       .then(
-          [self, job_id = result.job_id, measure, prompt, settled, free_tokens, reply](const command_reply&) mutable {
+          [self, job_id = result.job_id, provider_id = result.provider_id, measure, prompt, settled, free_tokens,
+           reply](const command_reply&) mutable {
+            if (const auto job = self->state.jobs.find(job_id); job != self->state.jobs.end()) {
+              self->state.sticky->remember(job->second.request.conversation_id, provider_id, now_us(self));
+            }
             settle(self, job_id, domain::job_outcome::completed, std::move(settled), prompt, free_tokens, measure,
                    reply);
           },
@@ -1035,6 +1041,7 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
   auto queue_options = options.queue;
   queue_options.pricing = options.pricing;  // a capped job is quoted as it is billed
   st.queue = std::make_unique<domain::job_queue>(queue_options);
+  st.sticky = std::make_unique<domain::sticky_sessions>(options.sticky);
   st.options = std::move(options);
   st.peers = std::move(peers);
   self->delayed_send(self, st.options.tick_interval, tick_atom::value);

@@ -167,6 +167,10 @@ struct scheduler_options {
   domain::pricing_options pricing;
   domain::priority_options priority;
   domain::user_options users;
+  /// Sticky sessions: a conversation's next job (x_gpustream.conversation_id) goes first to the
+  /// provider its last answer completed on, while that one is a candidate that takes work (its
+  /// prompt cache is warm there).
+  domain::sticky_options sticky;
   /// Most jobs the scheduler holds at once (being checked, queued or running); one more is refused
   /// with busy before anything is recorded. Default: 100,000.
   std::size_t jobs_live_max = 100'000;

@@ -929,6 +929,29 @@ TEST_F(scheduler_test, a_job_given_a_provider_just_before_its_deadline_runs_thou
   EXPECT_TRUE((*cancels_)["p2"].empty()) << "the offer stands";
 }
 
+TEST_F(scheduler_test, a_conversation_returns_to_the_provider_its_last_answer_completed_on) {
+  bring_online("p1", "llama-8b", 2);
+  bring_online("p2", "llama-8b", 2);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  ASSERT_EQ(job("j0").provider_id, "p1") << "both idle: the tie goes to the smaller id";
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
+  auto first_turn = request("j1", "dave", true);
+  first_turn.conversation_id = "conv-1";
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, first_turn));
+  ASSERT_EQ(job("j1").provider_id, "p2") << "the idle one";
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p2")));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p2", 10, 10, 1000, 2'000'000, 10, 40}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 10, 10, 1000, 2'000'000, 10, 40}));
+  // Both idle again: a job of no conversation goes to p1, the conversation's next turn to p2.
+  auto next_turn = request("j2", "dave", true);
+  next_turn.conversation_id = "conv-1";
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, next_turn));
+  EXPECT_EQ(job("j2").provider_id, "p2") << "where its prompt cache is";
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "dave", true)));
+  EXPECT_EQ(job("j3").provider_id, "p1");
+}
+
 TEST_F(scheduler_test, a_job_back_in_the_queue_keeps_its_place_before_jobs_that_came_after_it) {
   bring_online("p1", "llama-8b", 1);
   create_user("dave", events::user_tier::premium, 50'000'000);
