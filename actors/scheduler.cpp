@@ -390,6 +390,14 @@ std::uint32_t window_of(const live_job& job) {
   return std::max(asked, job.request.prompt_tokens + job.tokens_so_far + 1);
 }
 
+/// A conversation's key for sticky sessions: its id is the client's to choose, so it is the user's
+/// own (a common id such as "default" does not gather every user on one provider, nor does one
+/// user's id reach another's prompt cache). Empty for a job of no conversation.
+std::string sticky_key(const job_request& request) {
+  if (request.conversation_id.empty()) return {};
+  return request.user_id + '\n' + request.conversation_id;
+}
+
 /// Puts the job in the queue, due by `deadline`. A premium job goes only to a provider whose quote
 /// for what is left of it (its prompt and the tokens it may still produce) fits what is left of its
 /// hold after the attempts before (domain::hold_left_micros): its whole bill stays within the hold.
@@ -397,7 +405,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                  std::int64_t deadline) {
   const auto& job = self->state.jobs.at(job_id);
   const auto [price_max, price_cap_is_platforms] = price_cap_of(self, job.request);
-  const auto sticky = self->state.sticky->provider_for(job.request.conversation_id, now);
+  const auto sticky = self->state.sticky->provider_for(sticky_key(job.request), now);
   std::optional<std::int64_t> cost_max;
   if (job.request.premium) {
     auto left = domain::hold_left_micros(job.hold_micros, job.earlier, job.request.quality,
@@ -509,13 +517,16 @@ void assign_pass(self_pointer self) {
   for (bool full = true; full && !st.queue->empty();) {
     domain::assign_options how = st.options.assign;
     how.random_seed = st.options.assign.random_seed + ++st.passes;
-    auto assignments = st.queue->pop_assignable(*st.index, how, now_us(self));
+    // One time for the choice and for what records it (assign_job::chosen_at_us): the job's
+    // actor checks the deadline against the moment the queue let the job go.
+    const std::int64_t now = now_us(self);
+    auto assignments = st.queue->pop_assignable(*st.index, how, now);
     full = assignments.size() == st.options.queue.assignments_per_pass_max;
     for (auto& a : assignments) {
       auto& job = st.jobs.at(a.job.job_id);
       job.running = true;
       job.started = false;
-      job.assigned_at_us = now_us(self);
+      job.assigned_at_us = now;
       job.provider_id = a.provider_id;
       job.price = offer_price(self, a.provider_id, job.request.model);
       job.attempt += 1;
@@ -741,17 +752,22 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   const std::string from = job.provider_id;
   (void)self->state.index->job_finished(from);
   job.running = false;
-  job.avoided_provider_id = from;
+  // This attempt's answer began (and broke off) here: the job waits for another provider rather
+  // than come back. An attempt that produced nothing (declined, stalled, lost before its first
+  // token) is avoided only loosely, and not at all while an earlier break is avoided strictly.
+  const bool broke_here = job.started || tokens_so_far > job.tokens_so_far;
+  if (broke_here || !job.avoided_strictly) {
+    job.avoided_provider_id = from;
+    job.avoided_strictly = broke_here;
+  }
   // The tokens this attempt added are its provider's, at its price.
   if (tokens_so_far > job.tokens_so_far) {
     job.earlier.push_back({from, job.price, tokens_so_far - job.tokens_so_far});
   }
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
-  // An answer begun on a provider continues on another one: it waits for another that can take
-  // it rather than go back (unless none can), and with no other provider for the model nothing
-  // is left.
-  job.avoided_strictly = job.started || job.tokens_so_far > 0;
-  if (job.avoided_strictly &&
+  // An answer begun on a provider continues on another one, and with no other provider for the
+  // model nothing is left.
+  if ((job.started || job.tokens_so_far > 0) &&
       !self->state.index->can_serve(job.request.model, job.request.quality, from)) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
              "the answer broke off on provider " + from + " and no other provider serves model " +
@@ -827,6 +843,9 @@ void fail_unservable(self_pointer self, std::string_view what_happened) {
     fail_job(self, job.job_id, events::failure_reason::no_provider,
              "the last online provider of model " + job.model + " " + std::string(what_happened), [](auto&&) {});
   }
+  // A provider gone (or suspended) may leave an answer that broke off with no other provider that
+  // may take it: it goes back to its own now rather than at the next tick.
+  assign_pass(self);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -864,7 +883,7 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
           [self, job_id = result.job_id, provider_id = result.provider_id, measure, prompt, settled, free_tokens,
            reply](const command_reply&) mutable {
             if (const auto job = self->state.jobs.find(job_id); job != self->state.jobs.end()) {
-              self->state.sticky->remember(job->second.request.conversation_id, provider_id, now_us(self));
+              self->state.sticky->remember(sticky_key(job->second.request), provider_id, now_us(self));
             }
             settle(self, job_id, domain::job_outcome::completed, std::move(settled), prompt, free_tokens, measure,
                    reply);

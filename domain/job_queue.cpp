@@ -194,7 +194,7 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
                                 waiting.preferred_provider_id, waiting.avoided_provider_id, within_cap});
     if (!chosen && !waiting.avoided_provider_id.empty() &&
         (!waiting.avoided_strictly ||
-         !index.can_serve(waiting.model, waiting.quality, waiting.avoided_provider_id, within_cap))) {
+         !index.may_take_work(waiting.model, waiting.quality, waiting.avoided_provider_id, within_cap))) {
       chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
                              waiting.preferred_provider_id, {}, within_cap});
     }

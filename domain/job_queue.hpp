@@ -9,7 +9,9 @@
 /// model and tier takes work at all, it skips their other groups too. A pass visits
 /// the groups' first jobs in priority order and assigns until no group can be served (or
 /// `assignments_per_pass_max` is reached). So after a pass that returns fewer assignments than
-/// the limit, no queued job has a provider that accepts work; and every job leaves the queue by
+/// the limit, no queued job has a provider that accepts work, but for one whose answer broke off
+/// (avoided_strictly): it waits for another provider that may take work later, and takes its own
+/// only when there is none; and every job leaves the queue by
 /// assignment, expiry at its deadline, cancellation, or rejection when nobody can serve it.
 ///
 /// Iteration orders are those of std::map/std::set over (service time, arrival number) and
@@ -45,8 +47,9 @@ struct queued_job {
   /// job now, or (avoided_strictly) at all. The groups keep a strictly avoided provider apart, so
   /// a group's best job finding no candidate still means none for the group.
   std::string avoided_provider_id;
-  /// The answer began on avoided_provider_id and broke off there: while another provider could
-  /// take the job (busy or not), the job waits for one rather than go back to that one.
+  /// The answer began on avoided_provider_id and broke off there: while another provider may take
+  /// the job (busy or declining now; not draining or unreachable), the job waits for one rather
+  /// than go back to that one.
   bool avoided_strictly = false;
   /// A job admitted before, coming back (reassigned, declined untried, stalled): it is not refused
   /// for a full queue, since it is counted among the scheduler's live jobs already; refusing it
@@ -79,7 +82,8 @@ struct assignment {
 };
 
 struct job_queue_options {
-  /// Most jobs waiting at once; one more is refused with limit_exceeded. Default: 10,000.
+  /// Most jobs waiting at once; one more is refused with busy, but for a returning job (admitted
+  /// before: the scheduler's jobs_live_max bounds those). Default: 10,000.
   std::size_t jobs_queued_max = 10'000;
   /// Most assignments one pop_assignable call makes, so a pass is short; call again when it
   /// returns this many. Default: 1,024.

@@ -505,6 +505,17 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
 bool selection_index::can_serve(std::string_view model, events::quality_tier quality,
                                 std::string_view excluded_provider_id, const offer_filter& affordable) const {
   if (!affordable) return can_serve(model, quality, excluded_provider_id);
+  return any_fits(model, quality, excluded_provider_id, affordable, false);
+}
+
+bool selection_index::may_take_work(std::string_view model, events::quality_tier quality,
+                                    std::string_view excluded_provider_id, const offer_filter& affordable) const {
+  return any_fits(model, quality, excluded_provider_id, affordable, true);
+}
+
+bool selection_index::any_fits(std::string_view model, events::quality_tier quality,
+                               std::string_view excluded_provider_id, const offer_filter& affordable,
+                               bool taking_work_only) const {
   const auto level_min = level_min_for(quality, options_);
   const auto bucket = models_.find(model);
   if (!level_min || bucket == models_.end()) return false;
@@ -518,7 +529,10 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
   // The model's providers only, stopping at the first that fits (most do).
   for (std::size_t level = *level_min; level < level_count; ++level) {
     const auto& candidates = bucket->second.levels[level].unsuspended;
-    if (std::any_of(candidates.begin(), candidates.end(), [&](const entry* e) { return fits(*e, request); })) {
+    if (std::any_of(candidates.begin(), candidates.end(), [&](const entry* e) {
+          if (taking_work_only && (e->provider.draining || e->provider.unreachable)) return false;
+          return fits(*e, request);
+        })) {
       return true;
     }
   }

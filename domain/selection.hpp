@@ -234,6 +234,10 @@ class selection_index {
   /// providers up to the first that fits; an empty filter counts as the plain can_serve).
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
                                std::string_view excluded_provider_id, const offer_filter& affordable) const;
+  /// The same, leaving out providers that will take no new work on this link: draining ones and
+  /// those whose link is lost (a full or declining one may take work later).
+  [[nodiscard]] bool may_take_work(std::string_view model, events::quality_tier quality,
+                                   std::string_view excluded_provider_id, const offer_filter& affordable) const;
 
   [[nodiscard]] const online_provider* find(std::string_view provider_id) const;
   /// Ids of every listed provider, in id order.
@@ -243,6 +247,8 @@ class selection_index {
 
  private:
   struct entry;
+  [[nodiscard]] bool any_fits(std::string_view model, events::quality_tier quality, std::string_view excluded_provider_id,
+                              const offer_filter& affordable, bool taking_work_only) const;
 
   /// Orders candidates within one set; ties go to the smaller provider id.
   struct rank_key {

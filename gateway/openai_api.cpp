@@ -823,10 +823,11 @@ std::string usage_chunk_json(const response_meta& meta, const token_usage& usage
   return json::serialize(chunk);
 }
 
-std::string error_chunk_json(const response_meta& meta, const api_error& error, const token_usage& usage) {
+std::string error_chunk_json(const response_meta& meta, const api_error& error,
+                             const std::optional<token_usage>& usage) {
   json::object chunk = chunk_head(meta);
   chunk["choices"] = json::array{chunk_choice(meta, {}, false, json::value("error"))};
-  chunk["usage"] = usage_object(usage);
+  if (usage) chunk["usage"] = usage_object(*usage);
   chunk["error"] = error_object(error);
   return json::serialize(chunk);
 }

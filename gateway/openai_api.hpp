@@ -225,10 +225,10 @@ struct response_extension {
                                            const std::optional<response_extension>& extension = std::nullopt);
 
 /// The in-band error that ends a stream whose headers went out already: choices[0] with
-/// finish_reason "error", an "error" object shaped like error_body()'s, and `usage` (the last
-/// chunk of a stream carries it: what is billed, nothing for a failed job).
+/// finish_reason "error", an "error" object shaped like error_body()'s, and `usage` when given
+/// (the last chunk of a stream carries it: what is billed, nothing for a failed job).
 [[nodiscard]] std::string error_chunk_json(const response_meta& meta, const api_error& error,
-                                           const token_usage& usage = {});
+                                           const std::optional<token_usage>& usage = std::nullopt);
 
 /// A whole (non-streamed) answer: "chat.completion" with choices[0].message, or
 /// "text_completion" with choices[0].text; `usage` and `x_gpustream`. When extension.ad is set,

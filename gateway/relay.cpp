@@ -711,8 +711,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                   self->finish_ok(job_id, ended, finish_reason);
                 },
                 [self, job_id](caf::error& failure) {
-                  self->finish_error(job_id, make_api_error(500, "the answer could not be settled: " +
-                                                                     actors::describe(failure)));
+                  // Its end may be recorded, and settled at the next start: what is billed is not known.
+                  self->finish_error(job_id,
+                                     make_api_error(500, "the answer could not be settled: " + actors::describe(failure)),
+                                     std::nullopt);
                 });
     });
     if (live) {
@@ -762,7 +764,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     forget(id);
   }
 
-  void finish_error(const std::string& id, const api_error& error) {
+  /// Ends the answer with `error`. A stream's last chunk says what is billed (`billed`): nothing for
+  /// a failed job, unknown (left out) when its settlement's fate is open.
+  void finish_error(const std::string& id, const api_error& error,
+                    std::optional<token_usage> billed = token_usage{0, 0}) {
     auto live = find(id);
     if (!live) return;
     std::optional<std::string> unshown_ad;
@@ -773,8 +778,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (live->ad) unshown_ad = live->ad->impression_id;
       auto& reply = *live->job.reply;
       if (live->stream_started) {
-        // A failed job bills nothing: its usage says so.
-        reply.write(sse_event(error_chunk_json(live->meta, error, token_usage{0, 0})) + std::string(sse_done));
+        reply.write(sse_event(error_chunk_json(live->meta, error, billed)) + std::string(sse_done));
         reply.finish();
       } else {
         http_headers headers;

@@ -185,6 +185,12 @@ std::string error_body_message(std::string_view body) {
     // A JSON body of another shape may hold anything, the request included: not shown.
     return "(a JSON body of " + std::to_string(body.size()) + " bytes, in a shape not known)";
   }
+  // Nor one cut short (or kept only in part, past error_body_bytes_max): it may be a message
+  // quoting the request whose end never came.
+  if (const auto start = body.find_first_not_of(" \t\r\n");
+      start != std::string_view::npos && (body[start] == '{' || body[start] == '[')) {
+    return "(an incomplete JSON body of " + std::to_string(body.size()) + " bytes, not shown)";
+  }
   std::string text = truncated(body);
   for (char& c : text) {
     if (static_cast<unsigned char>(c) < 0x20) c = ' ';

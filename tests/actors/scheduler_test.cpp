@@ -138,6 +138,12 @@ class scheduler_test : public testing::deterministic_fixture {
     return busy;
   }
 
+  /// Job `id` starts on `provider_id` and completes there (10 tokens).
+  void complete(const std::string& id, const std::string& provider_id) {
+    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, id, provider_id));
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, provider_id, 10, 10, 1000, 2'000'000, 10, 40}));
+  }
+
   /// Three answers of 100 tokens in a millisecond each on `provider_id` (one of dave's premium
   /// jobs each): unreasonably fast, so it is suspended; when the suspension ends (0: it was not).
   std::int64_t suspend_by_fast_answers(const std::string& provider_id) {
@@ -882,6 +888,65 @@ TEST_F(scheduler_test, an_answer_that_broke_off_waits_for_another_provider_rathe
   EXPECT_EQ((*offers_)[busy].back().tokens_so_far, 5u);
 }
 
+TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does_not_go_back) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string broken = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
+  run();
+  ASSERT_EQ(job("j1").provider_id, busy);
+  // The other provider declines it untried: j1 waits for it rather than go back where it broke.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", busy, domain::job_fault::declined, 5,
+                                                        "the provider is at capacity (1 jobs)"}));
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::queued);
+  EXPECT_EQ((*offers_)[broken].size(), 1u);
+  self_->send(rt_.scheduler, load_atom::value, busy, domain::load_report{0, 100});
+  run();
+  EXPECT_EQ(job("j1").provider_id, busy);
+  EXPECT_EQ(job("j1").attempt, 3u);
+}
+
+TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_provider) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string broken = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  // The other one's agent is stopping: it finishes j0 and takes nothing new.
+  self_->send(rt_.scheduler, load_atom::value, busy,
+              domain::load_report{.load_percent = 0, .health_percent = 100, .draining = true});
+  run();
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
+  run();
+  EXPECT_EQ(job("j1").provider_id, broken) << "no other provider may take it: back rather than wait for nothing";
+  EXPECT_EQ(job("j1").attempt, 2u);
+}
+
+TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_when_the_other_provider_leaves_before_taking_it) {
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 2);
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "dave", true)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  ASSERT_EQ(job("j0").provider_id, "p1");
+  ASSERT_EQ(job("j1").provider_id, "p2");
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p2")));
+  // p1 is full with j0; j1 breaks off on p2 and waits for p1.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", "p2", domain::job_fault::provider, 5, "backend died"}));
+  run();
+  ASSERT_EQ(job("j1").status, domain::job_status::queued);
+  // j0 fails on p1 before its first token and p1 goes: with no other provider, j1 goes back to p2.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::provider, 0, "refused"}));
+  run();
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+  run();
+  EXPECT_EQ(job("j1").provider_id, "p2");
+}
+
 TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_to_its_provider_when_no_other_can_take_it_any_more) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
@@ -940,8 +1005,7 @@ TEST_F(scheduler_test, a_conversation_returns_to_the_provider_its_last_answer_co
   first_turn.conversation_id = "conv-1";
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, first_turn));
   ASSERT_EQ(job("j1").provider_id, "p2") << "the idle one";
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p2")));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j1", "p2", 10, 10, 1000, 2'000'000, 10, 40}));
+  ASSERT_NO_FATAL_FAILURE(complete("j1", "p2"));
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", "p1", 10, 10, 1000, 2'000'000, 10, 40}));
   // Both idle again: a job of no conversation goes to p1, the conversation's next turn to p2.
   auto next_turn = request("j2", "dave", true);
@@ -950,6 +1014,14 @@ TEST_F(scheduler_test, a_conversation_returns_to_the_provider_its_last_answer_co
   EXPECT_EQ(job("j2").provider_id, "p2") << "where its prompt cache is";
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "dave", true)));
   EXPECT_EQ(job("j3").provider_id, "p1");
+  // Another user's conversation of the same id is not theirs: it goes where routing sends it.
+  create_user("erin", events::user_tier::premium, 50'000'000);
+  ASSERT_NO_FATAL_FAILURE(complete("j2", "p2"));
+  ASSERT_NO_FATAL_FAILURE(complete("j3", "p1"));
+  auto same_id = request("j4", "erin", true);
+  same_id.conversation_id = "conv-1";
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, same_id));
+  EXPECT_EQ(job("j4").provider_id, "p1") << "both idle: the tie goes to the smaller id";
 }
 
 TEST_F(scheduler_test, a_job_back_in_the_queue_keeps_its_place_before_jobs_that_came_after_it) {

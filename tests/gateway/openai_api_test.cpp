@@ -674,7 +674,7 @@ TEST(openai_api, a_backends_finish_reason_reaches_the_client_as_one_of_openais) 
 
 TEST(openai_api, the_in_band_stream_error_ends_the_choice_with_finish_reason_error) {
   const api_error error = make_api_error(503, "All providers for llama-3-8b failed.", "", "all_providers_failed");
-  EXPECT_EQ(error_chunk_json(chat_meta, error),
+  EXPECT_EQ(error_chunk_json(chat_meta, error, token_usage{0, 0}),
             R"({"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"llama-3-8b",)"
             R"("choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"error"}],)"
             R"("usage":{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0},)"

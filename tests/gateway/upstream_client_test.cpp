@@ -928,6 +928,8 @@ TEST(UpstreamClient, AnErrorAnswerCutShortKeepsItsStatusAndWhoseFaultItIs) {
   EXPECT_EQ(log.error()->http_status, 400u);
   EXPECT_FALSE(log.error()->upstream_fault) << "the request's fault, not the provider's";
   EXPECT_NE(log.error()->message.find("HTTP 400"), std::string::npos) << log.error()->message;
+  EXPECT_EQ(log.error()->message.find("too long"), std::string::npos)
+      << "a JSON body cut short may be quoting the request: not shown. " << log.error()->message;
   EXPECT_EQ(log.finals(), 1);
 }
 
