@@ -302,7 +302,7 @@ struct simulation {
 
   void change_providers() {
     const std::string id = "p" + std::to_string(below(12));
-    switch (below(4)) {
+    switch (below(5)) {
       case 0: {
         std::vector<listed_offer> offers;
         for (const auto& m : models) {
@@ -317,6 +317,14 @@ struct simulation {
         std::erase_if(running, [&](const auto& r) { return r.second == id; });
         (void)index.unlist(id);
         for (const auto& j : queue.take_unservable(index)) leave(j.job_id, "unservable");
+        break;
+      case 2:
+        // Stopping (it takes nothing new), or its link lost while it stays listed.
+        if (below(2) == 0) {
+          (void)index.report_load(id, {static_cast<std::uint32_t>(below(100)), 90, true});
+        } else {
+          (void)index.mark_unreachable(id);
+        }
         break;
       default:
         (void)index.report_load(id, {static_cast<std::uint32_t>(below(100)), 90});
@@ -333,6 +341,10 @@ struct simulation {
     j.queued_at_us = now - static_cast<std::int64_t>(below(3) * second_us);
     j.deadline_at_us = now + 1 + static_cast<std::int64_t>(below(30) * second_us);
     if (below(5) == 0) j.preferred_provider_id = "p" + std::to_string(below(12));
+    if (below(4) == 0) {  // back from a failed attempt; half of them answers that broke off there
+      j.avoided_provider_id = "p" + std::to_string(below(12));
+      j.avoided_strictly = below(2) == 0;
+    }
     j.context_tokens_min = window();
     if (queue.push(j, index, now)) {
       arrival[j.job_id] = next_job;
@@ -348,18 +360,30 @@ struct simulation {
     }
   }
 
-  /// Whether any listed provider would take a job of this model and tier right now.
-  bool someone_free_for(const queued_job& j) const {
+  /// Whether provider `p` serves the job's model, tier and window (busy or not).
+  bool serves(const online_provider& p, const queued_job& j) const {
     const auto level_min = index.options().quality_level_min[static_cast<std::size_t>(j.quality)];
+    if (p.suspended || p.level < level_min) return false;
+    return std::any_of(p.offers.begin(), p.offers.end(), [&](const online_offer& o) {
+      return o.model_name == j.model && (o.context_length_tokens == 0 || o.context_length_tokens >= j.context_tokens_min);
+    });
+  }
+
+  /// Whether a listed provider would take the job right now: one it does not avoid; or the one it
+  /// avoids, loosely, or strictly when no other may take work later.
+  bool someone_free_for(const queued_job& j) const {
+    bool free_avoided = false;
+    bool other_may_take = false;
     for (auto id : index.provider_ids()) {
       const auto* p = index.find(id);
-      if (!accepts_work(*p, index.options()) || p->level < level_min) continue;
-      for (const auto& o : p->offers) {
-        const bool holds = o.context_length_tokens == 0 || o.context_length_tokens >= j.context_tokens_min;
-        if (o.model_name == j.model && holds) return true;
-      }
+      if (!serves(*p, j)) continue;
+      const bool avoided = id == j.avoided_provider_id;
+      if (!avoided && !p->draining && !p->unreachable) other_may_take = true;
+      if (!accepts_work(*p, index.options())) continue;
+      if (!avoided) return true;
+      free_avoided = true;
     }
-    return false;
+    return free_avoided && (!j.avoided_strictly || !other_may_take);
   }
 
   void pass() {
@@ -373,14 +397,24 @@ struct simulation {
       taken.insert(a.job.job_id);
     }
     // In one group, nobody is assigned while an earlier job of the group is left waiting.
-    std::map<std::tuple<std::string, quality_tier, std::uint32_t>, bool> skipped;
+    std::map<std::tuple<std::string, quality_tier, std::uint32_t, std::string>, bool> skipped;
     for (const auto& j : waiting_before) {
       if (j.deadline_at_us <= now) continue;
-      auto& group_skipped = skipped[{j.model, j.quality, j.context_tokens_min}];
+      auto& group_skipped =
+          skipped[{j.model, j.quality, j.context_tokens_min, j.avoided_strictly ? j.avoided_provider_id : ""}];
       if (taken.contains(j.job_id)) {
         ASSERT_FALSE(group_skipped) << j.job_id << " overtook a job of its own group";
       } else {
         group_skipped = true;
+      }
+    }
+    // An answer that broke off goes back where it broke only when no other provider may take it.
+    for (const auto& a : assigned) {
+      if (!a.job.avoided_strictly || a.provider_id != a.job.avoided_provider_id) continue;
+      for (auto id : index.provider_ids()) {
+        const auto* p = index.find(id);
+        ASSERT_FALSE(id != a.provider_id && serves(*p, a.job) && !p->draining && !p->unreachable)
+            << a.job.job_id << " went back to " << a.provider_id << " although " << id << " may take it";
       }
     }
     // A provider only receives jobs into free slots.
