@@ -566,7 +566,9 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   /// Reads while an answer is pending: end of stream means the client went away; bytes (a
-  /// pipelined request) stay in the buffer for the next parse.
+  /// pipelined request) stay in the buffer for the next parse, up to what one request may hold
+  /// (its header and body limits): past that the next parse refuses it anyway, and the watch
+  /// stops (a client leaving is then noticed at the answer's next write).
   void watch() {
     watching_ = true;
     stream_.expires_never();  // not a write's deadline, which is set while no read is pending
@@ -583,7 +585,7 @@ class session : public std::enable_shared_from_this<session> {
         self->read_next_ = false;
         return self->read();
       }
-      if (self->buffer_.size() < self->options_.header_bytes_max) self->watch();
+      if (self->buffer_.size() < self->options_.header_bytes_max + self->options_.body_bytes_max) self->watch();
     });
   }
 

@@ -466,6 +466,23 @@ TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noti
   future.get()->write("data: late\n\n");  // ignored: nobody to write to
 }
 
+TEST(http_streaming, a_client_that_pipelined_more_than_a_header_and_went_away_is_noticed) {
+  signal closed;
+  std::promise<std::shared_ptr<http_reply>> pending;
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) {
+    reply->on_close([&] { closed.raise(); });
+    pending.set_value(reply);  // no answer yet: a non-streamed one still being made
+  });
+  ASSERT_TRUE(server);
+  client c(server->port());
+  // The request, then bytes of a next one past header_bytes_max (16 KiB), then the client leaves.
+  c.send(post + "POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n\r\n" + std::string(20 * 1024, 'x'));
+  auto future = pending.get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  c.close();
+  ASSERT_TRUE(closed.wait(10s)) << "the handler was never told: its upstream work would go on";
+}
+
 /// A client that sends `post` on a socket with a small receive buffer, then reads the answer at
 /// its own pace (or never), keeping only the bytes' count and the last few, where a chunked
 /// answer's end shows.
