@@ -330,7 +330,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
       const auto streaming_us = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
       (void)self->state.index->record_speed(
           job.provider_id, job.request.model, measure.ttft_us,
-          static_cast<std::int64_t>(measure.completion_tokens) * 1'000'000 / streaming_us);
+          static_cast<std::int64_t>(measure.attempt_tokens) * 1'000'000 / streaming_us);
     }
     if (free_tokens > 0) {
       // The job's hold on the quota lasts until its usage is recorded: a user's state answers

@@ -13,8 +13,7 @@ static_assert(static_cast<int>(contribution_tier::master) ==
 std::uint64_t decode_tokens_per_second(const job_measure& measure) noexcept {
   // The first token's latency is the provider's queue and prefill, not its decode speed.
   const std::int64_t decode_us = std::max<std::int64_t>(1, measure.total_us - measure.ttft_us);
-  return static_cast<std::uint64_t>(measure.completion_tokens) * 1'000'000u /
-         static_cast<std::uint64_t>(decode_us);
+  return static_cast<std::uint64_t>(measure.attempt_tokens) * 1'000'000u / static_cast<std::uint64_t>(decode_us);
 }
 
 std::int32_t speed_points_for(std::uint64_t tokens_per_second,
@@ -28,7 +27,7 @@ std::int32_t speed_points_for(std::uint64_t tokens_per_second,
 job_points points_for_success(const job_measure& measure, bool plausible,
                               const scoring_options& options) noexcept {
   job_points points;
-  if (plausible) {
+  if (plausible && measure.attempt_tokens >= options.plausibility_completion_tokens_min) {
     points.speed_points = speed_points_for(decode_tokens_per_second(measure), options);
   }
   const auto per_point = std::max<std::uint32_t>(1, options.complexity_tokens_per_point);
@@ -36,7 +35,7 @@ job_points points_for_success(const job_measure& measure, bool plausible,
       std::min<std::uint32_t>(measure.prompt_tokens / per_point,
                               static_cast<std::uint32_t>(std::max(0, options.complexity_points_max))));
   points.success_points = options.success_points;
-  if (measure.completion_tokens >= options.long_answer_tokens_min) {
+  if (measure.attempt_tokens >= options.long_answer_tokens_min) {
     points.success_points += options.long_answer_points;
   }
   return points;
@@ -106,7 +105,7 @@ bool token_counts_match(const job_measure& measure, const scoring_options& optio
 }
 
 bool unreasonably_fast(const job_measure& measure, const scoring_options& options) noexcept {
-  if (measure.completion_tokens < options.plausibility_completion_tokens_min) return false;
+  if (measure.attempt_tokens < options.plausibility_completion_tokens_min) return false;
   return decode_tokens_per_second(measure) > options.plausible_tokens_per_second_max;
 }
 

@@ -98,16 +98,20 @@ struct scoring_options {
   std::int64_t suspension_us = 86'400'000'000;
 };
 
-/// Decode throughput of a job in whole tokens per second (rounded down): completion tokens over
-/// the time from the first to the last token, at least 1 us.
+/// Decode throughput of a job in whole tokens per second (rounded down): the finishing provider's
+/// own tokens (attempt_tokens: after a failover, the earlier attempts' were a prefix it was given,
+/// while its times count from its own offer) over the time from the first to the last token, at
+/// least 1 us.
 [[nodiscard]] std::uint64_t decode_tokens_per_second(const job_measure& measure) noexcept;
 
 /// Speed points for a throughput (0 when below every tier).
 [[nodiscard]] std::int32_t speed_points_for(std::uint64_t tokens_per_second,
                                             const scoring_options& options) noexcept;
 
-/// Points of a job completed without fault. `plausible` is false when the job was unreasonably
-/// fast: such a job earns no speed points (suspicion is recorded separately).
+/// Points of a job completed without fault, on what its provider produced itself. `plausible` is
+/// false when the job was unreasonably fast: such a job earns no speed points (suspicion is
+/// recorded separately); nor does one too short to judge (plausibility_completion_tokens_min),
+/// whose few tokens over a near-zero decode time would earn the most.
 [[nodiscard]] job_points points_for_success(const job_measure& measure, bool plausible,
                                             const scoring_options& options) noexcept;
 

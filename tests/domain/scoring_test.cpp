@@ -10,7 +10,7 @@ using events::provider_level;
 
 job_measure measure(std::uint32_t prompt, std::uint32_t completion, std::int64_t ttft_us,
                     std::int64_t total_us) {
-  return {prompt, completion, completion, ttft_us, total_us};
+  return {prompt, completion, completion, ttft_us, total_us, completion, std::uint64_t{completion} * 4};
 }
 
 TEST(scoring, decode_throughput_ignores_time_to_first_token) {
@@ -18,6 +18,29 @@ TEST(scoring, decode_throughput_ignores_time_to_first_token) {
   EXPECT_EQ(decode_tokens_per_second(measure(0, 100, 5'000'000, 7'000'000)), 50u);
   // A job whose last token came with the first is measured over 1 us, never divided by zero.
   EXPECT_EQ(decode_tokens_per_second(measure(0, 3, 1'000, 1'000)), 3'000'000u);
+}
+
+TEST(scoring, after_a_failover_the_finishing_provider_is_judged_on_its_own_tokens) {
+  const scoring_options options;
+  // 800 tokens came from the provider that failed; this one produced 40 in 0.5 s: 80 tok/s, not
+  // 840 / 0.5 s = 1,680 tok/s, which would be implausible.
+  job_measure continued = measure(500, 840, 1'000'000, 1'500'000);
+  continued.attempt_tokens = 40;
+  continued.attempt_bytes = 160;
+  EXPECT_EQ(decode_tokens_per_second(continued), 80u);
+  EXPECT_FALSE(unreasonably_fast(continued, options));
+  const auto points = points_for_success(continued, true, options);
+  EXPECT_EQ(points.speed_points, 4);
+  EXPECT_EQ(points.success_points, options.success_points) << "the long answer's bonus is not its own";
+}
+
+TEST(scoring, an_answer_too_short_to_judge_earns_no_speed_points) {
+  const scoring_options options;
+  // A few tokens over a near-zero decode time would otherwise earn the most.
+  const auto short_answer = measure(0, options.plausibility_completion_tokens_min - 1, 1'000, 1'001);
+  EXPECT_EQ(points_for_success(short_answer, true, options).speed_points, 0);
+  const auto judged = measure(0, options.plausibility_completion_tokens_min, 0, 1'000'000);
+  EXPECT_EQ(points_for_success(judged, true, options).speed_points, 3) << "32 tok/s";
 }
 
 TEST(scoring, faster_jobs_earn_more_speed_points) {
