@@ -71,6 +71,18 @@ expected<void, error> validate_texts(const create_campaign& c, const campaign_op
   if (auto ok = check_text("url", c.url, o.url_length_max); !ok) return ok;
   if (!c.url.starts_with("https://") && !c.url.starts_with("http://"))
     return refuse(errc::invalid_argument, "url " + quoted(c.url) + " must start with https:// or http://");
+  // The click's redirect sends it as the Location header: a space or control character would
+  // mangle it (a NUL makes browsers refuse the answer), and a URL without a host goes nowhere.
+  const auto bad = std::find_if(c.url.begin(), c.url.end(), [](char ch) {
+    const auto byte = static_cast<unsigned char>(ch);
+    return byte <= 0x20 || byte == 0x7f;
+  });
+  if (bad != c.url.end())
+    return refuse(errc::invalid_argument, "url has a space or control character at byte " +
+                                              std::to_string(bad - c.url.begin()) + "; percent-encode it");
+  const std::string_view rest = std::string_view(c.url).substr(c.url.starts_with("https://") ? 8 : 7);
+  if (rest.empty() || rest.find_first_of("/?#") == 0)
+    return refuse(errc::invalid_argument, "url " + quoted(c.url) + " names no host");
   return {};
 }
 

@@ -480,9 +480,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void finish_with_ad(actors::job_result result, std::string finish_reason, std::optional<std::string> impression) {
     auto self = shared_from_this();
     if (!impression) return report_result(std::move(result), std::move(finish_reason), false);
-    ads_->served(*impression, [self, result = std::move(result), finish_reason = std::move(finish_reason)](
-                                  std::optional<domain::ad_charge> charge) mutable {
+    ads_->served(*impression, [self, impression = *impression, result = std::move(result),
+                               finish_reason = std::move(finish_reason)](std::optional<domain::ad_charge> charge) mutable {
       const bool shown = charge.has_value();
+      // Not recorded: the answer goes without its ad, whose reservation (budget, pacing, the
+      // user's frequency cap) is given back now rather than when it expires.
+      if (!shown) self->ads_->release(impression, "its impression could not be recorded");
       result.ad = std::move(charge);
       self->report_result(std::move(result), std::move(finish_reason), shown);
     });
@@ -506,9 +509,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// Whose fault the agent says a failure was. An offer is declined before its attempt streamed
   /// anything: a "decline" after this attempt's tokens reached the client is the provider's
   /// failure (tokens of earlier attempts, on other providers, say nothing about this one).
+  /// A backend refuses a request (HTTP 400, 413, 422) before its answer begins: a "rejection" after
+  /// this attempt's tokens reached the client is the provider's failure too, or an agent could
+  /// abort answers without their counting against it.
   static domain::job_fault fault_of(const link::job_error& e, std::uint32_t attempt_tokens_relayed) {
     if (e.upstream_fault) return domain::job_fault::provider;
-    if (e.request_rejected) return domain::job_fault::request;
+    if (e.request_rejected) {
+      return attempt_tokens_relayed == 0 && e.tokens_so_far == 0 ? domain::job_fault::request
+                                                                 : domain::job_fault::provider;
+    }
     return attempt_tokens_relayed == 0 && e.tokens_so_far == 0 ? domain::job_fault::declined
                                                                : domain::job_fault::provider;
   }

@@ -88,6 +88,15 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.url = "https://acme.example/a/long/path"; }),
                  errc::invalid_argument, "url");
   expect_refused(with([](create_campaign& c) { c.url = "ftp://acme"; }), errc::invalid_argument, "https://");
+  // The click's redirect sends it as a header: no spaces or control characters, and a host.
+  expect_refused(with([](create_campaign& c) { c.url = "https://a.co\r\nSet-Cookie: x"; }),
+                 errc::invalid_argument, "control character at byte 12");
+  expect_refused(with([](create_campaign& c) { c.url = std::string("https://a.co\0", 13); }),
+                 errc::invalid_argument, "control character");
+  expect_refused(with([](create_campaign& c) { c.url = "https://a b.co"; }), errc::invalid_argument, "byte 9");
+  expect_refused(with([](create_campaign& c) { c.url = "http://"; }), errc::invalid_argument, "no host");
+  expect_refused(with([](create_campaign& c) { c.url = "https:///path"; }), errc::invalid_argument, "no host");
+  EXPECT_TRUE(with([](create_campaign& c) { c.url = "https://a.co/x?q=%20"; }));
   expect_refused(with([](create_campaign& c) { c.keywords = {"a", "b", "c", "d"}; }), errc::invalid_argument,
                  "4 keywords; at most 3");
   expect_refused(with([](create_campaign& c) { c.keywords = {"gpus!"}; }), errc::invalid_argument, "one word");

@@ -258,7 +258,14 @@ class held_ads final : public ad_source {
     std::lock_guard lock(mutex_);
     held_ = std::move(done);
   }
-  void release(std::string, std::string) override {}
+  void release(std::string impression_id, std::string) override {
+    std::lock_guard lock(mutex_);
+    released_.push_back(std::move(impression_id));
+  }
+  std::vector<std::string> released() {
+    std::lock_guard lock(mutex_);
+    return released_;
+  }
   /// Lets the held recording finish (with no charge) and returns whether there was one.
   bool finish_served() {
     std::function<void(std::optional<domain::ad_charge>)> done;
@@ -274,6 +281,7 @@ class held_ads final : public ad_source {
  private:
   std::mutex mutex_;
   std::function<void(std::optional<domain::ad_charge>)> held_;
+  std::vector<std::string> released_;
 };
 
 /// Job j1's offer of `attempt` (0: none given).
@@ -371,6 +379,18 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   ASSERT_NE(result, events.end()) << "no result";
   EXPECT_LT(result, offline) << "the scheduler heard of the provider going offline before the job's result";
   EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), result);
+}
+
+TEST(relay, an_ad_whose_impression_could_not_be_recorded_gives_its_reservation_back) {
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  EXPECT_TRUE(ads.released().empty());
+  ASSERT_TRUE(ads.finish_served());  // not recorded: the answer goes without it
+  ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+  // Its budget, pacing and the user's frequency cap are not held until the reservation expires.
+  EXPECT_EQ(ads.released(), std::vector<std::string>{"imp-1"});
 }
 
 TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the_result_completes_the_job) {
@@ -732,6 +752,8 @@ TEST(relay, tells_the_scheduler_whose_fault_a_failure_reported_by_the_agent_was)
            failure_case{{.job_id = "j1", .message = "backend 503", .upstream_fault = true, .attempt = 1}, false, "failure j1 p1 provider 0"},
            // The backend refused the request itself (HTTP 400): nobody's fault yet.
            failure_case{{.job_id = "j1", .message = "backend 400", .attempt = 1, .request_rejected = true}, false, "failure j1 p1 request 0"},
+           // ... which comes before an answer: after a token, a "rejection" is the provider's failure.
+           failure_case{{.job_id = "j1", .message = "backend 400", .attempt = 1, .request_rejected = true}, true, "failure j1 p1 provider 1"},
            // The agent declined the offer (at capacity).
            failure_case{{.job_id = "j1", .message = "at capacity", .attempt = 1}, false, "failure j1 p1 declined 0"},
            // A "decline" after a token went out is a failure of the provider.
