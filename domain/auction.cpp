@@ -91,10 +91,27 @@ bool is_word_byte(unsigned char byte) noexcept {
          byte >= 0x80;
 }
 
-bool category_matches(const std::set<std::string>& words, const std::string& category) {
-  if (words.contains(category)) return true;
-  return std::any_of(words.begin(), words.end(),
-                     [&](const std::string& word) { return category_of(word) == category; });
+/// The categories a prompt's words name: each word itself (a category named as a word) and the
+/// category the table gives it. Worked out once per auction: per campaign and category, a scan of
+/// every word of a long prompt would cost campaigns x categories x words lookups.
+std::set<std::string_view, std::less<>> prompt_categories(const std::set<std::string>& words) {
+  std::set<std::string_view, std::less<>> categories;
+  for (const auto& word : words) {
+    categories.insert(word);
+    if (const auto category = category_of(word); !category.empty()) categories.insert(category);
+  }
+  return categories;
+}
+
+std::int64_t relevance_of(const std::set<std::string>& words, const std::set<std::string_view, std::less<>>& categories,
+                          const campaign_state& campaign, const auction_options& options) {
+  // Keywords and categories are stored lowercase and without duplicates (create_campaign
+  // normalises them), so each counts once.
+  std::int64_t keywords = 0;
+  for (const auto& keyword : campaign.keywords) keywords += words.contains(keyword) ? 1 : 0;
+  std::int64_t matched = 0;
+  for (const auto& category : campaign.categories) matched += categories.contains(category) ? 1 : 0;
+  return options.keyword_weight * keywords + options.category_weight * matched;
 }
 
 struct bid {
@@ -113,9 +130,10 @@ bool ranks_before(const bid& a, const bid& b) {
 std::vector<bid> eligible_bids(std::span<const campaign_state> campaigns, const std::set<std::string>& words,
                                std::string_view user_id, std::int64_t now_us, const auction_options& options) {
   std::vector<bid> bids;
+  const auto categories = prompt_categories(words);
   for (const auto& campaign : campaigns) {
     if (!campaign.created || campaign.cpm_bid_micros < options.floor_cpm_micros) continue;
-    const std::int64_t score = relevance(words, campaign, options);
+    const std::int64_t score = relevance_of(words, categories, campaign, options);
     if (score <= 0) continue;
     const std::int64_t at_bid = impression_price_micros(campaign.cpm_bid_micros);
     if (!can_reserve(campaign, user_id, at_bid, now_us, options.campaign)) continue;
@@ -153,13 +171,7 @@ std::string_view category_of(std::string_view word) noexcept {
 
 std::int64_t relevance(const std::set<std::string>& words, const campaign_state& campaign,
                        const auction_options& options) {
-  // Keywords and categories are stored lowercase and without duplicates (create_campaign
-  // normalises them), so each counts once.
-  std::int64_t keywords = 0;
-  for (const auto& keyword : campaign.keywords) keywords += words.contains(keyword) ? 1 : 0;
-  std::int64_t categories = 0;
-  for (const auto& category : campaign.categories) categories += category_matches(words, category) ? 1 : 0;
-  return options.keyword_weight * keywords + options.category_weight * categories;
+  return relevance_of(words, prompt_categories(words), campaign, options);
 }
 
 std::optional<ad_choice> run_auction(std::span<const campaign_state> campaigns, std::string_view prompt,
