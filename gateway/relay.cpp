@@ -330,6 +330,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
+      // No text is no token (the agent sends no empty piece; one that did would bill nothing).
+      if (d.text.empty()) return;
       // What the backend generated, shown or not: its usage counts it.
       live->attempt_bytes += d.text.size();
       // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed.

@@ -741,6 +741,16 @@ TEST(relay, an_offer_of_an_earlier_attempt_that_arrives_late_is_declined) {
   EXPECT_NE(body.find(R"("content":"answer")"), std::string::npos) << body;
 }
 
+TEST(relay, an_empty_piece_is_no_token) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (const char* text : {"", "a", "", "", "b"}) world.relay.delta("p1", link::delta{"j1", text, 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  ASSERT_TRUE(world.log->wait_for("tokens j1 2", 10s)) << testing::PrintToString(world.log->events());
+}
+
 TEST(relay, tells_the_scheduler_whose_fault_a_failure_reported_by_the_agent_was) {
   struct failure_case {
     link::job_error error;
