@@ -756,14 +756,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto found = find_job(job_id, attempt);
     if (found == jobs_.end()) return;
     if (error.kind == gateway::upstream_error_kind::connect && error.refused && found->second.tokens == 0) {
-      return backend_gone(job_id, "does not answer", error.message);
-    }
-    // The backend no longer serves a model this agent advertised (unloaded in LM Studio or Ollama,
-    // a vLLM restarted with another): every offer for it would fail, counted against this
-    // provider, while the hello still names it. The models are listed again.
-    if (error.kind == gateway::upstream_error_kind::http_status && error.http_status == 404 &&
-        found->second.tokens == 0) {
-      return backend_gone(job_id, "no longer serves the model", error.message);
+      return backend_gone(job_id, error.message);
     }
     fail_job(job_id,
              "backend " + std::string(gateway::to_string(error.kind)) +
@@ -799,26 +792,23 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Nothing listens at the backend's address (LM Studio or Ollama quit, vLLM restarting; a
-  /// refused connection, not a timeout or a shortage of file descriptors here), or it no longer
-  /// serves a model the hello named (404): every such offer would fail the same way, each counted
-  /// against this provider until it is suspended. The job that found out goes back declined (no
-  /// fault: no backend tried it), the running ones are cut off (they continue elsewhere), and the
-  /// agent goes offline, once that has been sent, until the backend lists its models again; then
-  /// it probes and links anew with what the backend serves.
-  void backend_gone(const std::string& job_id, std::string_view what, const std::string& why) {
+  /// refused connection, not a timeout or a shortage of file descriptors here): every
+  /// offer would fail the same way, each counted against this provider until it is suspended. The
+  /// job that found out goes back declined (no fault: its request never reached a backend), and
+  /// the agent goes offline, once that has been sent, until the backend lists its models again;
+  /// then it probes and links anew.
+  void backend_gone(const std::string& job_id, const std::string& why) {
     const auto found = jobs_.find(job_id);
     const std::uint32_t attempt = found->second.attempt;
     jobs_.erase(found);
-    log_->warn("the backend at {} {} ({}); going offline until it lists its models again",
-               gateway::redacted_url(options_.upstream.base_url), what, why);
-    const std::string message = link::utf8_repaired("the provider's backend " + std::string(what) + ": " + why);
-    const auto pieces = split_utf8(message, options_.link.limits.message_bytes_max);
+    log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
+               gateway::redacted_url(options_.upstream.base_url), why);
     send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
-                         .message = pieces.empty() ? std::string() : std::string(pieces.front()),
+                         .message = link::utf8_repaired("the provider's backend does not answer: " + why),
                          .upstream_fault = false, .attempt = attempt, .request_rejected = false});
     phase_ = phase::listing;  // no offer is taken meanwhile, and no heartbeat sent
     heartbeat_timer_.cancel();
-    cancel_all_jobs("the backend " + std::string(what));
+    cancel_all_jobs("the backend does not answer");
     when_sent(timer_, steady::now() + link_drain_wait_max, [this] {
       // Stops the link, then lists the backend's models again, after backoff.
       if (link_) link_->stop();

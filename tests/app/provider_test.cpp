@@ -849,35 +849,6 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
   }
 }
 
-TEST(provider_agent, a_model_the_backend_no_longer_serves_is_dropped_from_a_new_hello) {
-  // The operator unloads m1 while the agent is linked: its next offer finds the backend answering
-  // 404, and the agent links again naming only what the backend still serves.
-  std::optional<upstream_process> upstream(std::in_place, std::vector<std::string>{"--models", "m1,m2"});
-  ASSERT_TRUE(upstream->ready());
-  const auto port = upstream->port();
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, *upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  ASSERT_EQ(coordinator.all<link::hello>().front().models.size(), 2u);
-  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
-  upstream.reset();
-  upstream.emplace(std::vector<std::string>{"--models", "m2"}, port);
-  ASSERT_TRUE(upstream->ready());
-  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
-                               .request_json = chat_request("m1"), .attempt = 1});
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
-  const auto declined = coordinator.all<link::job_error>().front();
-  EXPECT_FALSE(declined.upstream_fault) << "not counted against the provider";
-  EXPECT_FALSE(declined.request_rejected) << "another provider may serve the request";
-  EXPECT_NE(declined.message.find("no longer serves"), std::string::npos) << declined.message;
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 2; }));
-  const auto hello = coordinator.all<link::hello>().back();
-  ASSERT_EQ(hello.models.size(), 1u);
-  EXPECT_EQ(hello.models.front().model_name, "m2");
-}
-
 TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
   agent_failing_one_offer run({"--models", "m1", "--fail-status", "400"}, 50);
   ASSERT_TRUE(run.ready);
