@@ -327,10 +327,8 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
       record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure);
-      const auto streaming_us = std::max<std::int64_t>(measure.total_us - measure.ttft_us, 1);
-      (void)self->state.index->record_speed(
-          job.provider_id, job.request.model, measure.ttft_us,
-          static_cast<std::int64_t>(measure.attempt_tokens) * 1'000'000 / streaming_us);
+      (void)self->state.index->record_speed(job.provider_id, job.request.model, measure.ttft_us,
+                                            static_cast<std::int64_t>(domain::decode_tokens_per_second(measure)));
     }
     if (free_tokens > 0) {
       // The job's hold on the quota lasts until its usage is recorded: a user's state answers

@@ -80,8 +80,12 @@ expected<void, error> validate_texts(const create_campaign& c, const campaign_op
   if (bad != c.url.end())
     return refuse(errc::invalid_argument, "url has a space or control character at byte " +
                                               std::to_string(bad - c.url.begin()) + "; percent-encode it");
-  const std::string_view rest = std::string_view(c.url).substr(c.url.starts_with("https://") ? 8 : 7);
-  if (rest.empty() || rest.find_first_of("/?#") == 0)
+  // The host: what comes before the path, query or fragment, without user info or port.
+  std::string_view host = std::string_view(c.url).substr(c.url.starts_with("https://") ? 8 : 7);
+  host = host.substr(0, host.find_first_of("/?#"));
+  if (const auto at = host.rfind('@'); at != std::string_view::npos) host.remove_prefix(at + 1);
+  host = host.substr(0, host.starts_with('[') ? host.find(']') + 1 : host.rfind(':'));
+  if (host.empty() || host == "[]")
     return refuse(errc::invalid_argument, "url " + quoted(c.url) + " names no host");
   return {};
 }

@@ -13,7 +13,9 @@ static_assert(static_cast<int>(contribution_tier::master) ==
 std::uint64_t decode_tokens_per_second(const job_measure& measure) noexcept {
   // The first token's latency is the provider's queue and prefill, not its decode speed.
   const std::int64_t decode_us = std::max<std::int64_t>(1, measure.total_us - measure.ttft_us);
-  return static_cast<std::uint64_t>(measure.attempt_tokens) * 1'000'000u / static_cast<std::uint64_t>(decode_us);
+  // A backend that ran past max_tokens sent more pieces than the answer keeps.
+  const std::uint64_t tokens = std::min(measure.attempt_tokens, measure.completion_tokens);
+  return tokens * 1'000'000u / static_cast<std::uint64_t>(decode_us);
 }
 
 std::int32_t speed_points_for(std::uint64_t tokens_per_second,

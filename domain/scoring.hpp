@@ -63,7 +63,8 @@ struct scoring_options {
   std::int32_t complexity_points_max = 3;
   /// Points for a job completed without fault. Default: 2.
   std::int32_t success_points = 2;
-  /// Completion length from which a successful job earns `long_answer_points` more. Default: 100.
+  /// Length of the finishing provider's own part of the answer (job_measure::attempt_tokens) from
+  /// which a successful job earns `long_answer_points` more. Default: 100.
   std::uint32_t long_answer_tokens_min = 100;
   /// Extra success points for a long answer. Default: 1.
   std::int32_t long_answer_points = 1;
@@ -83,7 +84,9 @@ struct scoring_options {
   /// Decode throughput above which a job is implausible for one stream on any GPU we serve.
   /// Default: 1,000 tok/s.
   std::uint32_t plausible_tokens_per_second_max = 1'000;
-  /// Completions shorter than this are too short to judge throughput. Default: 32 tokens.
+  /// A provider's own part of an answer shorter than this is too short to judge throughput: it is
+  /// never found implausibly fast, and earns no speed points (nor counts as a fast job for the
+  /// achievements). Default: 32 tokens.
   std::uint32_t plausibility_completion_tokens_min = 32;
   /// Token counts match when they differ by at most this many tokens ... Default: 2.
   std::uint32_t token_mismatch_tolerance_tokens = 2;

@@ -566,9 +566,10 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   /// Reads while an answer is pending: end of stream means the client went away; bytes (a
-  /// pipelined request) stay in the buffer for the next parse, up to what one request may hold
-  /// (its header and body limits): past that the next parse refuses it anyway, and the watch
-  /// stops (a client leaving is then noticed at the answer's next write).
+  /// pipelined request) stay in the buffer for the next parse, up to header_bytes_max. Past that
+  /// they are dropped and the connection closes after this answer (a client resends pipelined
+  /// requests left unanswered), and the watch goes on: a client leaving is still noticed at once,
+  /// and a connection holds no more than a header's worth of what comes early.
   void watch() {
     watching_ = true;
     stream_.expires_never();  // not a write's deadline, which is set while no read is pending
@@ -585,7 +586,11 @@ class session : public std::enable_shared_from_this<session> {
         self->read_next_ = false;
         return self->read();
       }
-      if (self->buffer_.size() < self->options_.header_bytes_max + self->options_.body_bytes_max) self->watch();
+      if (self->buffer_.size() >= self->options_.header_bytes_max) {
+        self->keep_alive_ = false;
+        self->buffer_.consume(self->buffer_.size());
+      }
+      self->watch();
     });
   }
 

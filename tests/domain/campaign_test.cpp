@@ -95,7 +95,11 @@ TEST(campaign, create_validates_texts_and_words) {
                  errc::invalid_argument, "control character");
   expect_refused(with([](create_campaign& c) { c.url = "https://a b.co"; }), errc::invalid_argument, "byte 9");
   expect_refused(with([](create_campaign& c) { c.url = "http://"; }), errc::invalid_argument, "no host");
-  expect_refused(with([](create_campaign& c) { c.url = "https:///path"; }), errc::invalid_argument, "no host");
+  for (const char* hostless : {"https:///path", "https://@", "https://:443/", "https://u@:1/x", "https://?q"}) {
+    expect_refused(with([&](create_campaign& c) { c.url = hostless; }), errc::invalid_argument, "no host");
+  }
+  EXPECT_TRUE(with([](create_campaign& c) { c.url = "https://a.co:8443/x"; }));
+  EXPECT_TRUE(with([](create_campaign& c) { c.url = "http://[::1]:80/"; }));
   EXPECT_TRUE(with([](create_campaign& c) { c.url = "https://a.co/x?q=%20"; }));
   expect_refused(with([](create_campaign& c) { c.keywords = {"a", "b", "c", "d"}; }), errc::invalid_argument,
                  "4 keywords; at most 3");
