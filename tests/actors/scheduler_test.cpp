@@ -144,6 +144,16 @@ class scheduler_test : public testing::deterministic_fixture {
     ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{id, provider_id, 10, 10, 1000, 2'000'000, 10, 40}));
   }
 
+  /// Dave's premium job j1, started on the provider other than `busy` (see two_providers_one_busy);
+  /// returns that provider, empty when that failed.
+  std::string start_j1_beside(const std::string& busy) {
+    if (!ask<job_accepted>(rt_.scheduler, request("j1", "dave", true))) return {};
+    const std::string other = job("j1").provider_id;
+    if (other.empty() || other == busy) return {};
+    if (!ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), other)) return {};
+    return other;
+  }
+
   /// Three answers of 100 tokens in a millisecond each on `provider_id` (one of dave's premium
   /// jobs each): unreasonably fast, so it is suspended; when the suspension ends (0: it was not).
   std::int64_t suspend_by_fast_answers(const std::string& provider_id) {
@@ -628,10 +638,8 @@ TEST_F(scheduler_test, a_provider_linking_again_while_its_lost_link_waits_for_a_
 TEST_F(scheduler_test, a_job_ending_as_its_provider_goes_offline_and_links_again_frees_no_slot_of_the_new_link) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string other = job("j1").provider_id;
-  ASSERT_NE(other, busy);
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), other));
+  const std::string other = start_j1_beside(busy);
+  ASSERT_FALSE(other.empty());
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "dave", true)));
   EXPECT_EQ(counts().queued, 2u) << "both providers are full";
@@ -870,10 +878,8 @@ TEST_F(scheduler_test, offers_declined_by_a_full_provider_spend_none_of_the_jobs
 TEST_F(scheduler_test, an_answer_that_broke_off_waits_for_another_provider_rather_than_going_back_to_its_own) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string broken = job("j1").provider_id;
-  ASSERT_NE(broken, busy);
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
   auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"});
   ASSERT_TRUE(moved) << describe(moved.error());
   run();
@@ -891,9 +897,8 @@ TEST_F(scheduler_test, an_answer_that_broke_off_waits_for_another_provider_rathe
 TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does_not_go_back) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string broken = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
   run();
@@ -913,9 +918,8 @@ TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does
 TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_provider) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string broken = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
   // The other one's agent is stopping: it finishes j0 and takes nothing new.
   self_->send(rt_.scheduler, load_atom::value, busy,
               domain::load_report{.load_percent = 0, .health_percent = 100, .draining = true});
@@ -926,7 +930,7 @@ TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_pro
   EXPECT_EQ(job("j1").attempt, 2u);
 }
 
-TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_when_the_other_provider_leaves_before_taking_it) {
+TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_at_once_when_the_only_other_provider_leaves_idle) {
   bring_online("p1", "llama-8b", 1);
   bring_online("p2", "llama-8b", 2);
   create_user("dave", events::user_tier::premium, 50'000'000);
@@ -935,24 +939,27 @@ TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_when_the_other_provide
   ASSERT_EQ(job("j0").provider_id, "p1");
   ASSERT_EQ(job("j1").provider_id, "p2");
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p2")));
-  // p1 is full with j0; j1 breaks off on p2 and waits for p1.
+  // p1 declines j0, which goes to p2: p1 runs nothing and takes nothing until it has news.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::declined, 0,
+                                                        "the provider is at capacity (1 jobs)"}));
+  run();
+  ASSERT_EQ(job("j0").provider_id, "p2");
+  // j1 breaks off on p2 and waits for p1, which may take work later.
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", "p2", domain::job_fault::provider, 5, "backend died"}));
   run();
   ASSERT_EQ(job("j1").status, domain::job_status::queued);
-  // j0 fails on p1 before its first token and p1 goes: with no other provider, j1 goes back to p2.
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::provider, 0, "refused"}));
-  run();
+  // p1 goes, with no job of its own to requeue: j1 goes back to p2 now, not at the next tick.
   self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
   run();
   EXPECT_EQ(job("j1").provider_id, "p2");
+  EXPECT_EQ(job("j1").attempt, 2u);
 }
 
 TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_to_its_provider_when_no_other_can_take_it_any_more) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string broken = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
   run();
   ASSERT_EQ(job("j1").status, domain::job_status::queued);
@@ -1436,9 +1443,8 @@ class one_queued_scheduler_test : public scheduler_test {
 TEST_F(one_queued_scheduler_test, a_full_queue_refuses_new_jobs_but_takes_back_an_answer_to_continue) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string broken = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), broken));
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "dave", true)));
   auto refused = ask<job_accepted>(rt_.scheduler, request("j3", "dave", true));
   ASSERT_FALSE(refused) << "jobs_queued_max is 1";
