@@ -499,6 +499,16 @@ class node::impl {
   }
 
   void click(const std::string& impression_id, const std::shared_ptr<http_reply>& reply) {
+    // Anyone may follow a click URL, and each campaign id asked about wakes its campaign's actor
+    // (a store read, kept until idle): made-up ids are answered here. The directory follows the
+    // log within milliseconds of a campaign's creation, long before an ad of it can be clicked;
+    // while it cannot read on, the ad server decides.
+    const std::string_view campaign_id = actors::campaign_of_impression(impression_id);
+    if (!directory_->has_campaign(campaign_id) && !directory_->read_problem()) {
+      reply->send(api_error_response(make_api_error(
+          404, "no ad impression '" + link::utf8_repaired(impression_id) + "': it names no campaign")));
+      return;
+    }
     bridge_.run([this, impression_id, reply](caf::event_based_actor* actor) {
       actor->request(runtime_.ad_server, caf::infinite, actors::click_atom::value, impression_id)
           .then([reply](const std::string& url) { reply->send({302, "text/plain", "", {{"Location", url}}}); },

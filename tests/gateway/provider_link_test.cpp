@@ -13,6 +13,7 @@
 #include <boost/json.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
+#include <caf/scoped_actor.hpp>
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
@@ -27,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/atoms.hpp"
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
 #include "base/ensure.hpp"
@@ -302,6 +304,30 @@ TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {
+  // The click URL is open to anyone: each made-up campaign id used to start a campaign actor
+  // (a store read, kept until idle), without bound.
+  const auto created = call(port_, http::verb::post, "/admin/campaigns",
+                            R"({"advertiser":"acme","title":"T","text":"X","url":"https://acme.example",)"
+                            R"("keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":5000000})",
+                            admin_token);
+  ASSERT_EQ(created.status, 201u) << created.body;
+  caf::scoped_actor self(system_);
+  const auto live_campaigns = [&] {
+    std::size_t live = 0;
+    self->request(runtime_.campaigns, wait_deadline, actors::count_atom::value)
+        .receive([&](std::size_t n) { live = n; }, [&](caf::error& e) { ADD_FAILURE() << actors::describe(e); });
+    return live;
+  };
+  const auto before = live_campaigns();
+  for (const std::string made_up : {"made-up.j1", "made_up_2.j2", "no-dot"}) {
+    const auto click = call(port_, http::verb::get, "/a/c/" + made_up, "", "");
+    EXPECT_EQ(click.status, 404u) << made_up << ": " << click.body;
+    EXPECT_NE(click.body.find("names no campaign"), std::string::npos) << click.body;
+  }
+  EXPECT_EQ(live_campaigns(), before);
 }
 
 }  // namespace
