@@ -99,6 +99,72 @@ void append_payout_event(self_pointer self, const std::string& payout_id,
           });
 }
 
+/// The ledger's movements of one payout ("payout-<id>/request", "/settle", "/fail").
+ledger_aggregate::query movements_query(std::string_view payout_id) {
+  return ledger_aggregate::query{.accounts = {std::string(domain::payouts_in_flight_account)},
+                                 .account_prefix = {},
+                                 .transfer_prefix = domain::payout_stream(payout_id) + "/"};
+}
+
+/// Records the ledger movement of a settled or failed payout unless the ledger holds it already.
+void record_closing(self_pointer self, domain::payout::state closed, bool held, step_done done) {
+  if (held) {
+    done(entry_of(closed));
+    return;
+  }
+  auto movement = domain::closing_movement(closed);
+  self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{std::move(movement)})
+      .then([closed, done](const command_reply&) mutable { done(entry_of(closed)); },
+            [closed, done](caf::error& failure) mutable {
+              const bool settled = closed.status == domain::payout_status::settled;
+              done(unexpected{make_error(domain::error{
+                  domain::errc::invalid_state,
+                  "payout " + in_quotes(closed.payout_id) + " is recorded as " + (settled ? "settled" : "failed") +
+                      ", but its ledger movement was not recorded (" + describe(failure) +
+                      "); the next run completes it"})});
+            });
+}
+
+/// A settle or fail: the payout's event first, then its ledger movement (domain/payout.hpp).
+void close_step(self_pointer self, const std::string& payout_id, domain::payout::command command,
+                domain::payout::state before, std::vector<events::event> decided, step_done done) {
+  self->request(self->state.peers.ledger, caf::infinite, movements_query(payout_id))
+      .then(
+          [self, payout_id, command = std::move(command), before = std::move(before),
+           decided = std::move(decided), done](const ledger_aggregate::answer& ledger) mutable {
+            const bool settling = std::holds_alternative<domain::settle_payout>(command);
+            const auto held = [&](std::string_view step) {
+              return ledger.transfers.contains(domain::payout_stream(payout_id) + "/" + std::string(step));
+            };
+            if (held(settling ? "fail" : "settle")) {
+              // Left by a build that moved the money before recording the event, and crashed in
+              // between: the ledger decided this payout's ending already.
+              done(unexpected{make_error(domain::error{
+                  domain::errc::invalid_state,
+                  "payout " + in_quotes(payout_id) + " cannot be " + (settling ? "settled" : "failed") +
+                      ": the ledger already " +
+                      (settling ? "returned its money to the provider" : "paid its money out") +
+                      ", and its event is missing; send the same " + (settling ? "fail" : "settle") +
+                      " again to record it"})});
+              return;
+            }
+            const bool movement_held = held(settling ? "settle" : "fail");
+            if (decided.empty()) {  // closed before: its movement may still be missing
+              record_closing(self, std::move(before), movement_held, std::move(done));
+              return;
+            }
+            self->request(self->state.peers.payouts, caf::infinite, payout_id, std::move(command))
+                .then(
+                    [self, before = std::move(before), movement_held, done](const command_reply& reply) mutable {
+                      auto after = std::move(before);
+                      for (const auto& event : reply.events) after = domain::payout::evolve(std::move(after), event);
+                      record_closing(self, std::move(after), movement_held, std::move(done));
+                    },
+                    [done](caf::error& failure) mutable { done(unexpected{std::move(failure)}); });
+          },
+          [done](caf::error& failure) mutable { done(unexpected{std::move(failure)}); });
+}
+
 /// Carries out `command` on the payout in the order of domain/payout.hpp. The caller must hold
 /// the operation slot, so that nothing else decides against the same payout meanwhile.
 void step(self_pointer self, const std::string& payout_id, domain::payout::command command,
@@ -112,7 +178,12 @@ void step(self_pointer self, const std::string& payout_id, domain::payout::comma
               done(unexpected{make_error(decided.error())});
               return;
             }
-            if (decided.value().empty()) {  // done before: nothing left to move or record
+            if (!std::holds_alternative<domain::request_payout>(command)) {
+              close_step(self, payout_id, std::move(command), std::move(before), std::move(decided).value(),
+                         std::move(done));
+              return;
+            }
+            if (decided.value().empty()) {  // requested before: its movement came first
               done(entry_of(before));
               return;
             }
@@ -146,6 +217,10 @@ struct provider_plan {
 };
 
 struct run_context {
+  /// Payouts the ledger holds open (requested, neither settled nor failed there): a crash may
+  /// have left one closed on its stream without its movement.
+  std::vector<std::string> open;
+  std::size_t next_open = 0;
   std::vector<provider_plan> plans;
   std::size_t next = 0;
   std::int64_t now_us = 0;
@@ -196,7 +271,59 @@ std::vector<provider_plan> plan_providers(const ledger_aggregate::answer& ledger
   return out;
 }
 
+/// The payouts whose request the ledger moved and whose ending it did not.
+std::vector<std::string> open_payouts(const ledger_aggregate::answer& ledger) {
+  std::vector<std::string> open;
+  const std::string prefix = "payout-";
+  for (const auto& [id, transfer] : ledger.transfers) {
+    if (!id.starts_with(prefix) || !id.ends_with("/request")) continue;
+    const std::string stream = id.substr(0, id.size() - std::string_view("/request").size());
+    if (ledger.transfers.contains(stream + "/settle") || ledger.transfers.contains(stream + "/fail")) continue;
+    open.push_back(stream.substr(prefix.size()));
+  }
+  return open;
+}
+
 void next_provider(self_pointer self, context_pointer ctx);
+
+/// Records the ledger movement of each payout the ledger holds open but its stream closed (a
+/// crash came between the settle or fail event and its movement), then goes on with the providers.
+void next_open(self_pointer self, context_pointer ctx) {
+  if (ctx->next_open == ctx->open.size()) {
+    next_provider(self, std::move(ctx));
+    return;
+  }
+  const std::string payout_id = ctx->open[ctx->next_open++];
+  self->request(self->state.peers.payouts, caf::infinite, payout_id, state_atom::value)
+      .then(
+          [self, ctx, payout_id](domain::payout::state& state) mutable {
+            using domain::payout_status;
+            if (state.status != payout_status::settled && state.status != payout_status::failed) {
+              next_open(self, std::move(ctx));
+              return;
+            }
+            record_closing(self, std::move(state), false,
+                           [self, ctx](expected<payout_entry, caf::error> closed) mutable {
+                             if (!closed) {
+                               ctx->report.problems.push_back(describe(closed.error()));
+                             } else {
+                               closed.value().reconciled = true;
+                               for (auto& plan : ctx->plans) {
+                                 if (plan.latest_id != closed.value().payout_id) continue;
+                                 plan.latest_settled = closed.value().status == domain::payout_status::settled;
+                                 plan.latest_failed = closed.value().status == domain::payout_status::failed;
+                               }
+                               ctx->report.payouts.push_back(std::move(closed.value()));
+                             }
+                             next_open(self, std::move(ctx));
+                           });
+          },
+          [self, ctx, payout_id](caf::error& failure) mutable {
+            ctx->report.problems.push_back("payout " + in_quotes(payout_id) + " could not be read (" +
+                                           describe(failure) + ")");
+            next_open(self, std::move(ctx));
+          });
+}
 
 /// Requests (and, with settle_at_once, settles) the provider's next automatic payout when due,
 /// then goes on with the next provider. Returns false, having done nothing, when none is due: the
@@ -380,7 +507,8 @@ void run(self_pointer self, std::function<void(payout_report)> done) {
       .then(
           [self, ctx](const ledger_aggregate::answer& ledger) mutable {
             ctx->plans = plan_providers(ledger);
-            next_provider(self, std::move(ctx));
+            ctx->open = open_payouts(ledger);
+            next_open(self, std::move(ctx));
           },
           [self, ctx](caf::error& failure) mutable {
             ctx->report.problems.push_back("the ledger could not be read: " + describe(failure));

@@ -3,19 +3,23 @@
 /// (domain/payout.hpp), and carries out the later steps of a payout (settle, fail).
 ///
 /// Every step of a payout touches two streams, the ledger and the payout's own stream, so each is
-/// a small saga in the order domain/payout.hpp prescribes: decide the payout command against the
-/// payout's state, record the step's ledger group (the ledger is the authority on money: if it
-/// refuses, nothing is appended), then append the payout event. Both appends are idempotent (the
-/// ledger's transfer ids "payout-<id>/<step>", the payout aggregate's own rules), so a step that
-/// failed half-way is completed by repeating it. A crash between the two appends leaves a ledger
-/// movement without its payout event; the next run finds it and appends the event
-/// (reconciliation) before it considers new payouts.
+/// a small saga in the order domain/payout.hpp prescribes, after deciding the payout command
+/// against the payout's state:
+///   - request: the ledger group first (the ledger is the authority on the provider's money: if
+///     it refuses, nothing is appended), then the payout event. A crash between the two leaves a
+///     ledger movement without its payout event; the next run finds it and appends the event.
+///   - settle, fail: the payout event first (the payout's stream decides between the two), then
+///     the ledger group. A crash between the two leaves a closed payout open in the ledger; the
+///     next run finds every such payout and records its movement.
+/// Both appends are idempotent (the ledger's transfer ids "payout-<id>/<step>", the payout
+/// aggregate's own rules), so a step that failed half-way is completed by repeating it. Each run
+/// completes what a crash left (reconciliation) before it considers new payouts.
 ///
 /// Automatic payout ids are "auto-<provider_id>-<n>", n = 1 + the payout requests the ledger holds
 /// for the provider: the same ledger gives the same id, so two runs on the same ledger cannot pay
 /// twice, and a provider's latest payout is found without reading every payout. Only that latest
-/// payout can have lost its event: a run does not request a provider's next payout until it has
-/// checked (and if need be completed) the latest one.
+/// payout can have lost its request event: a run does not request a provider's next payout until
+/// it has checked (and if need be completed) the latest one.
 ///
 /// One operation at a time: a run, a settle or a fail waits for the one before it (bounded), so
 /// that two steps of one payout are never decided against the same state.
@@ -46,8 +50,9 @@ struct payout_entry {
   std::string provider_id;
   std::int64_t amount_micros = 0;
   domain::payout_status status = domain::payout_status::none;
-  /// Its event was missing although the ledger had moved its money (a crash between the two
-  /// appends); this run appended it.
+  /// A crash came between its two appends, and this run completed the step: it appended the
+  /// request's (or an at-once settlement's) missing event, or recorded the ledger movement of a
+  /// settle or fail whose event was recorded.
   bool reconciled = false;
 
   bool operator==(const payout_entry&) const = default;

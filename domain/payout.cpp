@@ -224,6 +224,14 @@ record_transfers payout_movement(const payout::state& before, const events::even
   return payout_fail_transfers(before.payout_id, before.provider_id, before.amount_micros);
 }
 
+record_transfers closing_movement(const payout::state& closed) {
+  if (closed.status == payout_status::settled) {
+    return payout_settle_transfers(closed.payout_id, closed.amount_micros);
+  }
+  GPUSTREAM_ENSURE(closed.status == payout_status::failed);
+  return payout_fail_transfers(closed.payout_id, closed.provider_id, closed.amount_micros);
+}
+
 namespace {
 
 invariant_check violation(std::string message) {

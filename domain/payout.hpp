@@ -7,10 +7,17 @@
 ///   settle:  payouts_in_flight -> external        ("payout-<id>/settle")
 ///   fail:    payouts_in_flight -> provider-<p>    ("payout-<id>/fail": the money returns)
 ///
-/// Intended order for the actor: decide the payout command (it needs the provider's ledger balance
-/// for a request), record the step's ledger group, then append the payout event. The ledger is the
-/// authority on money: if it refuses the request group (the balance moved meanwhile), append
-/// nothing. Retrying any step is safe: both the ledger group and the payout command are idempotent.
+/// Intended order for the actor:
+///   - request: decide (it needs the provider's ledger balance), record the ledger group, then
+///     append the payout event. The ledger is the authority on the provider's money: if it refuses
+///     the group (the balance moved meanwhile), append nothing.
+///   - settle or fail: append the payout event first, then record the ledger group. The payout's
+///     stream decides between the two, so a payout is never both settled and failed; the group
+///     cannot be refused (payouts_in_flight holds every open payout's amount). A crash between
+///     the two leaves a closed payout without its movement, which `closing_movement` completes.
+///     Before appending, check that the ledger holds no movement of the other ending (one left by
+///     a build that recorded the group first).
+/// Retrying any step is safe: both the ledger group and the payout command are idempotent.
 ///
 /// Automatic payouts: `automatic_payout_due` says when to request the whole balance on the
 /// provider's behalf; the caller keeps the time of the provider's last automatic payout.
@@ -125,6 +132,10 @@ auto inspect(Inspector& f, payout::state& x) {
 /// state before it is `before` (needed for the provider and amount of a settle or fail).
 [[nodiscard]] record_transfers payout_movement(const payout::state& before,
                                                const events::event& event);
+
+/// The ledger group of a settled or failed payout's ending (settle: on to external; fail: back to
+/// the provider), from its state after the event.
+[[nodiscard]] record_transfers closing_movement(const payout::state& closed);
 
 /// Cross-checks payouts with the ledger, for `gpustream replay --verify`: every payout moved its
 /// amount from its provider into payouts_in_flight; a settled one moved it on to external, a failed

@@ -326,6 +326,69 @@ TEST_F(payout_runner_test, settle_at_once_pays_out_and_completes_an_interrupted_
   EXPECT_EQ(verify_log(), 2u);
 }
 
+TEST_F(payout_runner_test, a_settle_or_fail_whose_ledger_movement_was_lost_is_completed_by_the_next_run) {
+  // Settle and fail record the payout's event first, then its movement: a crash in between
+  // leaves the payout closed on its stream and open in the ledger, for any payout of a provider,
+  // not only its latest one.
+  start();
+  earn("p1", 12 * usd);
+  earn("p2", 11 * usd);
+  ASSERT_EQ(run_payouts().payouts.size(), 2u);  // auto-p1-1, auto-p2-1: requested
+  *clock_.now_us += 24 * hour_us;
+  earn("p1", 10 * usd);
+  const auto second = run_payouts();
+  ASSERT_EQ(second.payouts.size(), 1u);
+  EXPECT_EQ(second.payouts[0].payout_id, "auto-p1-2");  // p1's latest; auto-p1-1 is older
+  // The events alone, as a crash would leave them.
+  ASSERT_TRUE(ask<command_reply>(rt_.payouts, std::string("auto-p1-1"),
+                                 domain::payout::command{domain::fail_payout{"auto-p1-1", "bounced"}}));
+  ASSERT_TRUE(ask<command_reply>(rt_.payouts, std::string("auto-p2-1"),
+                                 domain::payout::command{domain::settle_payout{"auto-p2-1", "bank-7"}}));
+  EXPECT_FALSE(payouts_match_ledger({"auto-p1-1", "auto-p1-2", "auto-p2-1"}));
+  stop();
+  start();
+
+  const auto report = run_payouts();
+  EXPECT_TRUE(report.problems.empty()) << report.problems.front();
+  ASSERT_EQ(report.payouts.size(), 2u);
+  EXPECT_EQ(report.payouts[0], (payout_entry{"auto-p1-1", "p1", 12 * usd, domain::payout_status::failed, true}));
+  EXPECT_EQ(report.payouts[1], (payout_entry{"auto-p2-1", "p2", 11 * usd, domain::payout_status::settled, true}));
+  EXPECT_EQ(balance("provider-p1"), 12 * usd);  // the failed payout's money came back
+  EXPECT_EQ(balance("payouts_in_flight"), 10 * usd);  // auto-p1-2 only
+  EXPECT_TRUE(payouts_match_ledger({"auto-p1-1", "auto-p1-2", "auto-p2-1"}));
+  EXPECT_TRUE(run_payouts().payouts.empty());
+  EXPECT_EQ(verify_log(), 3u);
+}
+
+TEST_F(payout_runner_test, a_payout_whose_money_the_ledger_returned_cannot_be_settled) {
+  // A build that moved the money first could crash after a fail's movement, before its event:
+  // a later settle would then pay out money that went back to the provider, taken from the other
+  // open payouts in payouts_in_flight.
+  start();
+  earn("p1", 12 * usd);
+  earn("p2", 11 * usd);
+  ASSERT_EQ(run_payouts().payouts.size(), 2u);
+  ASSERT_TRUE(ask<command_reply>(
+      rt_.ledger, domain::ledger::command{domain::payout_fail_transfers("auto-p1-1", "p1", 12 * usd)}));
+
+  auto settled = ask<payout_entry>(rt_.payout_runner, settle_atom::value, std::string("auto-p1-1"),
+                                   std::string("bank-1"));
+  ASSERT_FALSE(settled);
+  EXPECT_EQ(refusal_code(settled.error()), domain::errc::invalid_state);
+  EXPECT_NE(describe(settled.error()).find("send the same fail again"), std::string::npos)
+      << describe(settled.error());
+  EXPECT_EQ(payout("auto-p1-1").status, domain::payout_status::requested);
+  EXPECT_EQ(balance("payouts_in_flight"), 11 * usd);  // auto-p2-1's money is untouched
+
+  auto failed = ask<payout_entry>(rt_.payout_runner, fail_atom::value, std::string("auto-p1-1"),
+                                  std::string("bounced"));
+  ASSERT_TRUE(failed) << describe(failed.error());
+  EXPECT_EQ(failed.value().status, domain::payout_status::failed);
+  EXPECT_EQ(balance("provider-p1"), 12 * usd);  // returned once
+  EXPECT_TRUE(payouts_match_ledger({"auto-p1-1", "auto-p2-1"}));
+  EXPECT_EQ(verify_log(), 2u);
+}
+
 TEST_F(payout_runner_test, a_payout_with_neither_event_reaching_the_log_is_requested_normally) {
   start();
   earn("p1", 12 * usd);
