@@ -1,6 +1,7 @@
 // Ads end to end: a free user asking about a campaign's keyword gets exactly one "Sponsored:" chunk
 // after the model's unchanged text and x_gpustream.ad; a premium user never does; the click URL
-// redirects to the advertiser; the ledger shows the money moved and still sums to zero.
+// redirects to the advertiser and is recorded once; the ledger shows the money moved and still sums
+// to zero.
 
 import assert from 'node:assert/strict';
 
@@ -81,10 +82,14 @@ scenario('free answers carry one ad, premium answers none, and the money adds up
   assert.equal(premium_whole.choices[0].message.content, upstream_text(tokens));
   assert.equal(premium_whole.x_gpustream.ad, undefined);
 
-  // The click URL records the click and sends the browser to the advertiser.
-  const click = await fetch(ad.url, { redirect: 'manual' });
-  assert.equal(click.status, 302);
-  assert.equal(click.headers.get('location'), campaign_body.url);
+  // The click URL records the click and sends the browser to the advertiser; a second click of the
+  // same impression is sent there too, and not counted again (checked in the log below).
+  for (let i = 0; i < 2; ++i) {
+    const click = await fetch(ad.url, { redirect: 'manual' });
+    assert.equal(click.status, 302, `click ${i}`);
+    assert.equal(click.headers.get('location'), campaign_body.url);
+    await click.text();
+  }
   const unknown = await fetch(`${server.base_url}/a/c/no-such-impression`, { redirect: 'manual' });
   assert.equal(unknown.status, 404);
 
@@ -124,4 +129,16 @@ scenario('free answers carry one ad, premium answers none, and the money adds up
     [`user-${premium_user.id}`]: -user,
   };
   assert.deepEqual(changes, expected);
+
+  // The click was recorded, once. Neither the admin API nor /metrics counts clicks (the ad
+  // server's counts stay inside it), so the log tells: `gpustream replay` reads it once serve has
+  // stopped (SIGTERM: all it acknowledged is in the log). A 302 alone proves nothing: an
+  // impression the campaign does not know is sent to the advertiser too, uncounted.
+  await server.child.stop('SIGTERM', { timeout_ms: 10_000 });
+  assert.equal(server.child.exit_code, 0, 'serve exits with 0 on SIGTERM');
+  const replay = await world.run(['replay', '--data', server.data_dir, '--verify', '--json'], 'replay');
+  assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
+  const counts = JSON.parse(replay.stdout).events_per_type;
+  assert.equal(counts.impression_recorded, 2, `two free answers, two impressions: ${JSON.stringify(counts)}`);
+  assert.equal(counts.ad_clicked, 1, `one click recorded for two clicks of one impression: ${JSON.stringify(counts)}`);
 });

@@ -1,6 +1,7 @@
 // A client that goes away mid-stream: the upstream request is cancelled within 100 ms of the
-// client's abort (measured at the upstream, by polling its /stats), the job ends cancelled, and the
-// user pays only for the tokens produced before the cancel.
+// client's abort (measured at the upstream, by polling its /stats; the median of three aborts, each
+// within 1 s), the job ends cancelled, and the user pays only for the tokens produced before the
+// cancel.
 
 import assert from 'node:assert/strict';
 
@@ -9,11 +10,15 @@ import { balance_changes, gross_micros, job_id_of, one_provider_world, scenario,
 const tokens_total = 200;
 const token_interval_us = 50_000;
 const tokens_before_abort = 5;
-/// The longest time from the client's abort to the upstream seeing its request closed.
+/// The longest time from the client's abort to the upstream seeing its request closed, for the
+/// median of the aborts. A loaded machine (2 cores, ctest -j2) only ever adds delay to the
+/// measurement, never removes it: the median lets one of three meet a hiccup.
 const cancel_ms_max = 100;
-/// Aborted streams per run. A loaded machine (2 cores, ctest -j2) only ever adds delay to the
-/// measurement, never removes it, so the fastest of these is held to cancel_ms_max; every one of
-/// them must still be cancelled, recorded and billed correctly.
+/// The longest any single cancel may take, whatever the load: beyond it the cancel was not
+/// immediate but waited for something (a token, a timeout).
+const cancel_ms_hard_max = 1000;
+/// Aborted streams per run; every one must be cancelled within cancel_ms_hard_max, recorded and
+/// billed correctly.
 const aborts = 3;
 
 /// Streams a chat answer, aborts it after `tokens_before_abort` tokens and times how long the
@@ -39,10 +44,10 @@ async function abort_one(server, upstream, api_key, model, cancelled_before) {
   }
   assert.equal(received, tokens_before_abort, 'the client aborted mid-stream');
   // Poll the upstream every 2 ms: the first answer showing the cancellation dates it.
-  const seen_at = await wait_for('the upstream to count the cancelled request', async () => {
+  const seen_at = await wait_for(`the upstream to count the cancelled request (at most ${cancel_ms_hard_max} ms)`, async () => {
     const stats = await upstream.stats();
     return stats.cancelled === cancelled_before + 1 ? performance.now() : null;
-  }, { interval_ms: 2 });
+  }, { interval_ms: 2, timeout_ms: cancel_ms_hard_max });
   const cancel_ms = seen_at - aborted_at;
   console.log(`upstream request cancelled ${cancel_ms.toFixed(1)} ms after the client's abort`);
   return { job_id: job_id_of(response_id), cancel_ms };
@@ -57,10 +62,14 @@ scenario('a client abort cancels the upstream request at once and bills the toke
 
   const runs = [];
   for (let i = 0; i < aborts; ++i) runs.push(await abort_one(server, upstream, user.api_key, model, i));
-  const fastest = Math.min(...runs.map((run) => run.cancel_ms));
-  assert.ok(fastest <= cancel_ms_max,
-    `cancelled ${runs.map((run) => run.cancel_ms.toFixed(1)).join(', ')} ms after the aborts; even the fastest ` +
-    `took more than ${cancel_ms_max} ms`);
+  const figures = runs.map((run) => run.cancel_ms.toFixed(1)).join(', ');
+  console.log(`upstream requests cancelled ${figures} ms after the client's aborts`);
+  for (const run of runs) {
+    assert.ok(run.cancel_ms <= cancel_ms_hard_max, `cancelled ${figures} ms after the aborts: one took more than ${cancel_ms_hard_max} ms`);
+  }
+  const median = runs.map((run) => run.cancel_ms).sort((a, b) => a - b)[Math.floor(aborts / 2)];
+  assert.ok(median <= cancel_ms_max,
+    `cancelled ${figures} ms after the aborts: the median, ${median.toFixed(1)} ms, is more than ${cancel_ms_max} ms`);
   const stats = await upstream.stats();
   assert.equal(stats.requests, aborts);
   assert.equal(stats.cancelled, aborts);
@@ -68,17 +77,19 @@ scenario('a client abort cancels the upstream request at once and bills the toke
   assert.equal(stats.completed, 0, 'no answer ran to its end');
 
   // Each job ends cancelled, with the tokens produced before its cancel: the client's 5, and no
-  // more than the upstream sends in the ~100 ms a cancel may take (one token per 50 ms).
+  // more than the upstream sends in the time its cancel took (one token per 50 ms; 3 for 100 ms).
   const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
   let price_total = 0;
   let fee_total = 0;
-  for (const { job_id } of runs) {
+  for (const { job_id, cancel_ms } of runs) {
+    const produced_max = tokens_before_abort + 1 + Math.ceil(cancel_ms / (token_interval_us / 1000));
     const job = await wait_for(`job ${job_id} in GET /admin/jobs?state=cancelled`, async () =>
       (await server.jobs('cancelled')).find((entry) => entry.id === job_id));
     assert.ok(job.completion_tokens >= tokens_before_abort,
       `at least the ${tokens_before_abort} tokens the client saw are counted: ${job.completion_tokens}`);
-    assert.ok(job.completion_tokens <= tokens_before_abort + 3,
-      `no more than the tokens produced before the cancel are counted: ${job.completion_tokens}`);
+    assert.ok(job.completion_tokens <= produced_max,
+      `no more than the tokens produced in the ${cancel_ms.toFixed(1)} ms before the cancel are counted: ` +
+      `${job.completion_tokens} > ${produced_max}`);
     // Billed: the prompt and those tokens at the provider's price, nothing more.
     const price = gross_micros(job.prompt_tokens_billed, job.completion_tokens, offer);
     assert.equal(job.gross_micros, price);

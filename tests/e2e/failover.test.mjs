@@ -1,11 +1,14 @@
-// Providers failing under a live answer: an upstream that drops mid-stream hands the answer to
-// another provider, which continues it (x_gpustream.failover); an agent killed with SIGKILL before
-// the first token is replaced silently; with nobody left the stream ends with an in-band error; a
-// request the backends refuse (HTTP 400) gets their 400.
+// Providers failing under a live answer: an upstream that drops mid-stream, or an agent killed with
+// SIGKILL mid-answer, hands the answer to another provider, which continues it from the tokens
+// already sent (x_gpustream.failover), each provider paid its own tokens; an agent killed with
+// SIGKILL before the first token is replaced silently; with nobody left the stream ends with an
+// in-band error; a request the backends refuse (HTTP 400) gets their 400.
 
 import assert from 'node:assert/strict';
 
-import { OpenAI, job_id_of, read_sse, scenario, upstream_text, wait_for } from './harness.mjs';
+import {
+  OpenAI, balance_changes, job_id_of, platform_fee_micros, read_sse, scenario, upstream_text, wait_for,
+} from './harness.mjs';
 
 const model = 'e2e-model';
 const tokens = 16;
@@ -23,45 +26,84 @@ async function stream_chat(server, api_key) {
 
 const text_of = (chunks) => chunks.map((chunk) => chunk.choices[0]?.delta?.content ?? '').join('');
 
+/// A provider's offer of `model` (its prices), from GET /admin/providers.
+async function offer_of(server, provider_id) {
+  const offer = (await server.provider_entry(provider_id))?.models.find((m) => m.model === model);
+  assert.ok(offer, `provider ${provider_id} offers ${model}`);
+  return offer;
+}
+
+/// Checks the bill of a premium job that provider `a` began with `a_tokens` tokens and provider
+/// `b` finished, all `tokens` of it, against domain/pricing.hpp's settle_job: A is paid its tokens
+/// at its own output price (rounded down), B the prompt and the rest at its prices, the whole is
+/// rounded up once, and each part pays the platform its fee (rounded down). The ledger, from
+/// `before` (a snapshot taken before the answer), moved exactly that.
+async function check_failover_bill(server, job_id, { user, before, a, b, a_tokens }) {
+  const [job] = await server.billed_jobs([job_id]);
+  assert.equal(job.provider_id, b.provider.id, 'the job is recorded as finished by B');
+  assert.equal(job.completion_tokens, tokens, 'every token is billed, once');
+  const divisor = 1_000_000n * 100n;  // micro-USD per million tokens, times the standard tier's 100 %
+  const a_exact = BigInt(a_tokens) * BigInt(a.offer.output_price_micros_per_mtok) * 100n;
+  const b_exact = (BigInt(job.prompt_tokens_billed) * BigInt(b.offer.input_price_micros_per_mtok) +
+                   BigInt(tokens - a_tokens) * BigInt(b.offer.output_price_micros_per_mtok)) * 100n;
+  const gross = Number((a_exact + b_exact + divisor - 1n) / divisor);
+  const a_gross = Number(a_exact / divisor);
+  const b_gross = gross - a_gross;
+  const a_fee = platform_fee_micros(a_gross);
+  const b_fee = platform_fee_micros(b_gross);
+  assert.equal(job.gross_micros, gross, `the price of ${job_id}: ${JSON.stringify(job)}`);
+  assert.equal(job.platform_fee_micros, a_fee + b_fee, `the fee of ${job_id}`);
+  const after = await server.accounts();
+  assert.equal(after.total_micros, 0);
+  const expected = Object.fromEntries(Object.entries({
+    [`user-${user.id}`]: -gross,
+    [`provider-${a.provider.id}`]: a_gross - a_fee,
+    [`provider-${b.provider.id}`]: b_gross - b_fee,
+    platform: a_fee + b_fee,
+  }).filter(([, change]) => change !== 0));
+  assert.deepEqual(balance_changes(before, after), expected, 'each provider paid its own tokens');
+  return job;
+}
+
 scenario('an upstream dropping mid-stream fails over to another provider that continues the answer', async (world) => {
   const server = await world.serve();
-  // A drops its stream after 5 tokens; B answers normally. A is cheaper, so with both idle and
-  // equally healthy the default policy gives A the job first (domain/selection.hpp: ties by price).
+  // A drops its stream after 5 tokens; B answers normally, and a continuation as a model continues
+  // its own text (--continuation resume: from tok<words of the prefix>). A is cheaper, so with
+  // both idle and equally healthy the default policy gives A the job first (domain/selection.hpp:
+  // ties by price).
   const upstream_a = await world.upstream({ models: model, tokens, drop_after_tokens: drop_after }, 'upstream-a');
-  const upstream_b = await world.upstream({ models: model, tokens }, 'upstream-b');
+  const upstream_b = await world.upstream({ models: model, tokens, continuation: 'resume' }, 'upstream-b');
   const provider_a = await server.create_provider('provider-a');
   const provider_b = await server.create_provider('provider-b');
   world.provider(server, provider_a.token, upstream_a, { name: 'provider-a', args: ['--price-per-mtok', '1000000'] });
   world.provider(server, provider_b.token, upstream_b, { name: 'provider-b', args: ['--price-per-mtok', '3000000'] });
   const user = await server.create_user('premium', 10_000_000);
   await server.wait_model(user.api_key, model, 2);
+  const a = { provider: provider_a, offer: await offer_of(server, provider_a.id) };
+  const b = { provider: provider_b, offer: await offer_of(server, provider_b.id) };
+  const before = await server.accounts();
 
   const chunks = await stream_chat(server, user.api_key);
-  const text = text_of(chunks);
-  // B continues after A's 5 tokens, with them as the assistant prefix; the test upstream always
-  // answers from tok0, so the continuation is B's whole answer but for the tokens already sent.
-  assert.ok(text.startsWith(upstream_text(drop_after)), `A's tokens first: ${JSON.stringify(text)}`);
-  const continuation = text.slice(upstream_text(drop_after).length);
-  assert.ok(continuation.length > 0, 'B continued the answer');
-  assert.ok(upstream_text(tokens).startsWith(continuation), `B's tokens follow, in order: ${JSON.stringify(continuation)}`);
+  // B continues after A's 5 tokens, given them as the assistant prefix: the client gets the whole
+  // answer once, in order, only if B was told exactly what A sent.
+  assert.equal(text_of(chunks), upstream_text(tokens), 'A\'s 5 tokens, then B\'s continuation of them');
+  const stats_b = await upstream_b.stats();
+  assert.equal(stats_b.continued, 1, 'B was asked to continue the assistant prefix (vLLM\'s continue_final_message)');
+  assert.equal(stats_b.last_continued_from, drop_after, 'the prefix B continued is the tokens A sent');
+  assert.equal(stats_b.completed, 1);
+  assert.equal((await upstream_a.stats()).dropped, 1);
   const last = chunks.at(-1);
   assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason).at(-1).choices[0].finish_reason, 'stop');
-  assert.ok(last.x_gpustream.failover >= 1, `x_gpustream.failover counts the change: ${JSON.stringify(last.x_gpustream)}`);
+  assert.equal(last.x_gpustream.failover, 1, `x_gpustream.failover counts the change: ${JSON.stringify(last.x_gpustream)}`);
   assert.equal(last.x_gpustream.provider_id, provider_b.id, 'B finished the answer');
-  const counted = [...text.matchAll(/tok\d+ /g)].length;
-  assert.equal(last.usage.completion_tokens, counted, 'usage counts every token the client got');
-  assert.equal((await upstream_a.stats()).dropped, 1);
-  assert.equal((await upstream_b.stats()).completed, 1);
-  assert.equal((await upstream_b.stats()).continued, 1, 'B was asked to continue the assistant prefix (vLLM\'s continue_final_message)');
-  const job = await wait_for('the job completed', async () =>
-    (await server.jobs('completed')).find((entry) => entry.id === job_id_of(last.id)));
-  assert.equal(job.provider_id, provider_b.id);
-  assert.equal((await server.accounts()).total_micros, 0);
+  assert.equal(last.usage.completion_tokens, tokens, 'usage counts every token the client got');
+  await check_failover_bill(server, job_id_of(last.id), { user, before, a, b, a_tokens: drop_after });
 });
 
 scenario('a provider killed before its first token is replaced without the client noticing', async (world) => {
   const server = await world.serve();
-  const slow = await world.upstream({ models: model, tokens, first_token_ms: 2000 }, 'upstream-slow');
+  // A's first token would come long after the scenario: the kill always comes first.
+  const slow = await world.upstream({ models: model, tokens, first_token_ms: 600_000 }, 'upstream-slow');
   const quick = await world.upstream({ models: model, tokens }, 'upstream-quick');
   const provider_a = await server.create_provider('provider-a');
   const provider_b = await server.create_provider('provider-b');
@@ -69,7 +111,7 @@ scenario('a provider killed before its first token is replaced without the clien
   const user = await server.create_user('premium', 10_000_000);
   await server.wait_model(user.api_key, model, 1);
 
-  // Only A is online: it takes the job and waits 2 s for its first token.
+  // Only A is online: it takes the job and waits for its first token.
   const answer = stream_chat(server, user.api_key);
   answer.catch(() => {});  // awaited below; this keeps an early rejection from going unhandled
   await wait_for('the job to reach A\'s upstream', async () => (await slow.stats()).active === 1);
@@ -86,6 +128,67 @@ scenario('a provider killed before its first token is replaced without the clien
   assert.equal(last.usage.completion_tokens, tokens);
   await server.wait_provider_offline(provider_a.id);
   assert.equal((await quick.stats()).completed, 1);
+});
+
+scenario('an agent killed with SIGKILL mid-answer is continued by another provider from the tokens sent', async (world) => {
+  const server = await world.serve();
+  // A paces its answer (a token per 200 ms, 3 s in all), so that the client sees some of it and A's
+  // agent is killed well before its end; B continues as a model continues its own text. A is
+  // cheaper: it gets the job first (as in the first scenario).
+  const kill_after = 4;
+  const upstream_a = await world.upstream({ models: model, tokens, token_interval_us: 200_000 }, 'upstream-a');
+  const upstream_b = await world.upstream({ models: model, tokens, continuation: 'resume' }, 'upstream-b');
+  const provider_a = await server.create_provider('provider-a');
+  const provider_b = await server.create_provider('provider-b');
+  const agent_a = world.provider(server, provider_a.token, upstream_a, { name: 'provider-a', args: ['--price-per-mtok', '1000000'] });
+  world.provider(server, provider_b.token, upstream_b, { name: 'provider-b', args: ['--price-per-mtok', '3000000'] });
+  const user = await server.create_user('premium', 10_000_000);
+  await server.wait_model(user.api_key, model, 2);
+  const a = { provider: provider_a, offer: await offer_of(server, provider_a.id) };
+  const b = { provider: provider_b, offer: await offer_of(server, provider_b.id) };
+  const before = await server.accounts();
+
+  const stream = await server.openai(user.api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'Tell me a long story.' }], stream: true,
+    stream_options: { include_usage: true },
+  });
+  const chunks = [];
+  let pieces = 0;
+  const reading = (async () => {
+    for await (const chunk of stream) {
+      chunks.push(chunk);
+      if (chunk.choices[0]?.delta?.content) pieces += 1;
+    }
+  })();
+  reading.catch(() => {});  // awaited below; this keeps an early rejection from going unhandled
+  await wait_for(`${kill_after} of A's tokens to reach the client`, () => pieces >= kill_after);
+  await agent_a.stop('SIGKILL');
+  await reading;
+
+  // The whole answer, once and in order: A's tokens, then B's continuation of exactly those.
+  assert.equal(text_of(chunks), upstream_text(tokens));
+  const stats_b = await upstream_b.stats();
+  assert.equal(stats_b.requests, 1);
+  assert.equal(stats_b.continued, 1, 'B was asked to continue the answer so far');
+  const a_tokens = stats_b.last_continued_from;
+  assert.ok(Number.isInteger(a_tokens) && a_tokens >= kill_after && a_tokens < tokens,
+    `B continued after the ${a_tokens} tokens A sent, at least the ${kill_after} the client saw before the kill`);
+  assert.equal(stats_b.completed, 1);
+  const last = chunks.at(-1);
+  assert.deepEqual(chunks.map((chunk) => chunk.choices[0]?.finish_reason).filter(Boolean), ['stop']);
+  assert.equal(last.x_gpustream.failover, 1, `one change of provider: ${JSON.stringify(last.x_gpustream)}`);
+  assert.equal(last.x_gpustream.provider_id, provider_b.id, 'B finished the answer');
+  // A's backend saw its client, the killed agent, go; the coordinator took A offline.
+  await wait_for('A\'s backend to see its request closed', async () => (await upstream_a.stats()).cancelled === 1);
+  assert.equal((await upstream_a.stats()).requests, 1);
+  await server.wait_provider_offline(provider_a.id);
+
+  const job = await check_failover_bill(server, job_id_of(last.id), { user, before, a, b, a_tokens });
+  assert.deepEqual(last.usage, {
+    prompt_tokens: job.prompt_tokens_billed,
+    completion_tokens: tokens,
+    total_tokens: job.prompt_tokens_billed + tokens,
+  }, 'usage is what is billed');
 });
 
 scenario('with no provider left, a stream that breaks ends with an in-band error', async (world) => {

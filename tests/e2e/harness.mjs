@@ -71,7 +71,11 @@ class child_process {
   constructor(name, command, args, env) {
     this.name = name;
     this.command_line = [command, ...args].join(' ');
+    /// The last output_lines_max lines, oldest first: lines[i] is line number
+    /// line_count - lines.length + i of all the lines printed.
     this.lines = [];
+    /// Lines printed so far, also those no longer kept: the number the next line will have.
+    this.line_count = 0;
     this.exited = false;
     this.exit_code = null;
     this.exit_signal = null;
@@ -118,19 +122,26 @@ class child_process {
 
   keep(which, line) {
     this.lines.push({ which, line });
+    this.line_count += 1;
     if (this.lines.length > output_lines_max) this.lines.shift();
     for (const waiter of this.line_waiters) waiter.check();
   }
 
-  /// Waits for an output line matching `pattern` (a RegExp) and returns its match; fails when the
-  /// process exits first or the deadline passes. Lines seen before the call count too.
+  /// Waits for an output line matching `pattern` (a RegExp) and returns its match, with the
+  /// line's number as `line_index`; fails when the process exits first or the deadline passes.
+  /// Lines from number `from_index` on count (numbers are absolute, as `line_count`, so they stay
+  /// valid when old lines are dropped), also those seen before the call.
   wait_line(pattern, { timeout_ms = deadline_ms, from_index = 0 } = {}) {
     return new Promise((resolve, reject) => {
       const waiter = {
         check: () => {
-          for (let i = from_index; i < this.lines.length; ++i) {
+          const first_kept = this.line_count - this.lines.length;
+          for (let i = Math.max(from_index - first_kept, 0); i < this.lines.length; ++i) {
             const match = this.lines[i].line.match(pattern);
-            if (match) return finish(() => resolve(match));
+            if (match) {
+              match.line_index = first_kept + i;
+              return finish(() => resolve(match));
+            }
           }
           if (this.exited) {
             finish(() => reject(new Error(`${this.name} exited (code ${this.exit_code}, signal ${this.exit_signal}) ` +
@@ -174,7 +185,7 @@ class child_process {
     const shown = this.lines.slice(-output_lines_printed_max);
     const status = this.exited ? `exited code=${this.exit_code} signal=${this.exit_signal}` : 'running';
     const head = `----- ${this.name} (${status}): ${this.command_line}\n`;
-    const skipped = this.lines.length > shown.length ? `  … ${this.lines.length - shown.length} earlier lines\n` : '';
+    const skipped = this.line_count > shown.length ? `  … ${this.line_count - shown.length} earlier lines\n` : '';
     return head + skipped + shown.map((entry) => `  [${entry.which}] ${entry.line}`).join('\n');
   }
 }
@@ -377,15 +388,29 @@ export class scenario_world {
     this.children = [];
     this.temp_dirs = [];
     this.admin_token = `admin-${randomBytes(12).toString('hex')}`;
+    /// Set when the cleanup begins: a scenario body still running after its overtime may start
+    /// nothing more, so no process or folder outlives the cleanup.
+    this.closed = false;
+  }
+
+  refuse_when_closed(what) {
+    if (this.closed) throw new Error(`scenario "${this.name}" has ended: ${what} refused`);
   }
 
   async temp_dir(label) {
+    this.refuse_when_closed(`a temporary folder (${label})`);
     const dir = await mkdtemp(join(tmpdir(), `gpustream-e2e-${label}-`));
     this.temp_dirs.push(dir);
+    if (this.closed) {
+      // Made while the cleanup ran: removed here, as the cleanup may have passed it by.
+      await rm(dir, { recursive: true, force: true });
+      this.refuse_when_closed(`a temporary folder (${label})`);
+    }
     return dir;
   }
 
   spawn(name, command, args, env = {}) {
+    this.refuse_when_closed(`starting ${name}`);
     const child = new child_process(name, command, args, env);
     this.children.push(child);
     return child;
@@ -421,11 +446,16 @@ export class scenario_world {
       { GPUSTREAM_PROVIDER_TOKEN: token });
   }
 
-  /// Runs a gpustream subcommand to its end; resolves to {code, signal, output}.
+  /// Runs a gpustream subcommand to its end; resolves to {code, signal, output, stdout}: output
+  /// is every line (logs go to stderr), stdout the command's own output.
   async run(args, name = 'gpustream') {
     const child = this.spawn(name, gpustream_bin, args);
     const { code, signal } = await child.exit_promise;
-    return { code, signal, output: child.lines.map((entry) => entry.line).join('\n') };
+    return {
+      code, signal,
+      output: child.lines.map((entry) => entry.line).join('\n'),
+      stdout: child.lines.filter((entry) => entry.which === 'stdout').map((entry) => entry.line).join('\n'),
+    };
   }
 
   report() {
@@ -433,6 +463,7 @@ export class scenario_world {
   }
 
   async cleanup(keep_files) {
+    this.closed = true;
     await Promise.all(this.children.map((child) => child.stop('SIGKILL')));
     if (keep_files) return;
     await Promise.all(this.temp_dirs.map((dir) => rm(dir, { recursive: true, force: true })));

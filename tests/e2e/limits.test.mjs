@@ -11,10 +11,13 @@ import { OpenAI, job_id_of, one_provider_world, scenario, upstream_text, wait_fo
 const context_length = 64;
 
 scenario('limits answer in OpenAI\'s error shape', async (world) => {
-  const { server, model } = await one_provider_world(world, {
-    serve_args: ['--rate-per-minute', '60', '--rate-burst', '2'],
+  // The smallest rate (--rate-per-minute takes 1 or more): a key's next token comes a minute after
+  // its burst, long after this scenario's checks, so the 429 cannot turn into a 200 on a slow run.
+  const { server, upstream, model } = await one_provider_world(world, {
+    serve_args: ['--rate-per-minute', '1', '--rate-burst', '2'],
     upstream_options: { tokens: 4, context_length },
   });
+  const upstream_requests = async () => (await upstream.stats()).requests;
   // Each check has its own user, so that the rate limit of one key does not blur the others.
   const new_key = async () => (await server.create_user('premium', 1_000_000)).api_key;
   const chat = { model, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4 };
@@ -26,6 +29,8 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
     assert.equal(response.status, 200, `request ${i} of the burst: ${await response.clone().text()}`);
     await response.text();
   }
+  const requests_before_refusal = await upstream_requests();
+  assert.equal(requests_before_refusal, 2, 'the burst reached the backend');
   const refused = await limited.request('POST', '/v1/chat/completions', { body: chat });
   assert.equal(refused.status, 429);
   const retry_after = Number(refused.headers.get('retry-after'));
@@ -41,12 +46,14 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
     assert.equal(error.status, 429);
     return true;
   });
+  assert.equal(await upstream_requests(), requests_before_refusal, 'a refused request never reaches the backend');
   // Another key is not limited by the first one's burst.
   const other = await server.user_client(await new_key()).request('POST', '/v1/chat/completions', { body: chat });
   assert.equal(other.status, 200);
   await other.text();
 
   // Context overflow: a clear 400 naming the model's context length and the request's size.
+  const requests_before_overflow = await upstream_requests();
   const long_prompt = 'word '.repeat(200);
   await assert.rejects(
     server.openai(await new_key()).chat.completions.create({ model, messages: [{ role: 'user', content: long_prompt }] }),
@@ -69,6 +76,7 @@ scenario('limits answer in OpenAI\'s error shape', async (world) => {
   assert.equal(over_error.code, 'context_length_exceeded');
   assert.match(over_error.message, new RegExp(`maximum context length is ${context_length} tokens`));
   assert.match(over_error.message, /1000/);
+  assert.equal(await upstream_requests(), requests_before_overflow, 'a request over the context never reaches the backend');
 
   // Body over 1 MiB: 413, whatever the content.
   const big = server.user_client(await new_key());

@@ -4,14 +4,19 @@
 
 import assert from 'node:assert/strict';
 
-import { job_id_of, one_provider_world, scenario, upstream_text, wait_for } from './harness.mjs';
+import {
+  balance_changes, gross_micros, job_id_of, one_provider_world, platform_fee_micros, scenario, upstream_text, wait_for,
+} from './harness.mjs';
 
 const tokens = 8;
 const jobs = 3;
+const credit_micros = 5_000_000;
 
 scenario('a server killed with SIGKILL restarts with no acknowledged money lost', async (world) => {
-  const { server, model } = await one_provider_world(world, { upstream_options: { tokens } });
-  const user = await server.create_user('premium', 5_000_000);
+  const { server, provider, model } = await one_provider_world(world, { upstream_options: { tokens } });
+  const user = await server.create_user('premium', credit_micros);
+  const initial = await server.accounts();
+  assert.equal(initial.balances[`user-${user.id}`], credit_micros);
   const client = server.openai(user.api_key);
   const job_ids = [];
   for (let i = 0; i < jobs; ++i) {
@@ -19,10 +24,26 @@ scenario('a server killed with SIGKILL restarts with no acknowledged money lost'
     assert.equal(answer.choices[0].message.content, upstream_text(tokens));
     job_ids.push(job_id_of(answer.id));
   }
+  // A job's money is recorded a moment after its answer: the snapshot waits for every answered
+  // job's, so that it is what the server acknowledged, and each is priced as domain/pricing.hpp says.
+  const billed = await server.billed_jobs(job_ids);
+  const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  let spent = 0;
+  let fees = 0;
+  for (const job of billed) {
+    assert.equal(job.completion_tokens, tokens, `${job.id} bills its tokens`);
+    assert.equal(job.gross_micros, gross_micros(job.prompt_tokens_billed, tokens, offer), `price of ${job.id}`);
+    assert.equal(job.platform_fee_micros, platform_fee_micros(job.gross_micros), `fee of ${job.id}`);
+    spent += job.gross_micros;
+    fees += job.platform_fee_micros;
+  }
   const before = await server.accounts();
   assert.equal(before.total_micros, 0);
-  assert.ok(before.balances[`user-${user.id}`] < 5_000_000, 'the jobs were paid for');
-  await server.wait_jobs(job_ids, 'completed');
+  assert.deepEqual(balance_changes(initial, before), {
+    [`user-${user.id}`]: -spent,
+    [`provider-${provider.id}`]: spent - fees,
+    platform: fees,
+  }, 'the ledger holds every answered job\'s money before the kill');
 
   await server.child.stop('SIGKILL');
   assert.equal(server.child.exit_signal, 'SIGKILL');
@@ -31,7 +52,10 @@ scenario('a server killed with SIGKILL restarts with no acknowledged money lost'
   const restarted = await world.serve({ data_dir: server.data_dir, http: `127.0.0.1:${server.port}`, name: 'serve-restarted' });
   const after = await restarted.accounts();
   assert.deepEqual(after, before, 'the ledger after the restart equals the acknowledged one');
-  await restarted.wait_jobs(job_ids, 'completed');
+  assert.equal(after.balances[`user-${user.id}`], credit_micros - spent, 'every answered job\'s charge survived');
+  const billed_again = await restarted.billed_jobs(job_ids);
+  assert.deepEqual(billed_again.map((job) => job.gross_micros), billed.map((job) => job.gross_micros),
+    'each job\'s bill survived the restart');
   const user_again = restarted.user_client(user.api_key);
   assert.ok((await user_again.get('/v1/models')).data, 'the API key still works');
 
@@ -54,14 +78,19 @@ scenario('replay --verify passes on a store whose server was killed mid-answer',
   const { server, model } = await one_provider_world(world, {
     upstream_options: { tokens: 400, token_interval_us: 5_000 },
   });
-  const user = await server.create_user('premium', 5_000_000);
+  const user = await server.create_user('premium', credit_micros);
+  const before = await server.accounts();
   const stream = await server.openai(user.api_key).chat.completions.create({
     model, messages: [{ role: 'user', content: 'a long answer' }], stream: true,
   });
   let received = 0;
+  let response_id;
   const reading = (async () => {
     try {
-      for await (const chunk of stream) if (chunk.choices[0]?.delta?.content) received += 1;
+      for await (const chunk of stream) {
+        response_id ??= chunk.id;
+        if (chunk.choices[0]?.delta?.content) received += 1;
+      }
     } catch {
       // The server dies under the stream: the SDK reports the broken connection.
     }
@@ -69,18 +98,33 @@ scenario('replay --verify passes on a store whose server was killed mid-answer',
   await wait_for('a few tokens to arrive', () => received >= 10);
   await server.child.stop('SIGKILL');
   await reading;
+  assert.ok(received < 400, `the answer was cut by the kill: ${received} tokens`);
   const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
   assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
+
+  // The job was live when the server died; the restart ends it (node.cpp, fail_jobs_left_live):
+  // failed as the platform's fault, billing nothing.
   const restarted = await world.serve({ data_dir: server.data_dir, name: 'serve-restarted' });
-  assert.equal((await restarted.accounts()).total_micros, 0);
+  const job_id = job_id_of(response_id);
+  const [job] = await restarted.wait_jobs([job_id], 'failed');
+  assert.equal(job.failure_reason, 'internal');
+  assert.equal(job.gross_micros, 0, 'a failed job bills nothing');
+  const after = await restarted.accounts();
+  assert.equal(after.total_micros, 0);
+  assert.equal(before.balances[`user-${user.id}`] - after.balances[`user-${user.id}`], job.gross_micros,
+    'the user paid what the job\'s record says it billed');
+  assert.deepEqual(balance_changes(before, after), {}, 'no money was lost or invented by the kill');
 });
 
 scenario('serve stops cleanly on SIGTERM while a provider is connected', async (world) => {
   const { server, agent } = await one_provider_world(world);
+  const lines_before_sigterm = agent.line_count;
   await server.child.stop('SIGTERM', { timeout_ms: 10_000 });
   assert.equal(server.child.exit_code, 0, 'serve exits with 0 on SIGTERM');
-  // The agent sees the coordinator go and keeps trying to come back.
-  await agent.wait_line(/link down/);
+  // The agent sees the coordinator go (a line printed after the SIGTERM), then tries to come back:
+  // a later attempt finds nothing listening, and the agent, still running, waits for the next.
+  const down = await agent.wait_line(/link down/, { from_index: lines_before_sigterm });
+  await agent.wait_line(/link down kind=connect_failed/, { from_index: down.line_index + 1 });
   assert.equal(agent.exited, false, 'the agent keeps running to reconnect');
   const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
   assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);

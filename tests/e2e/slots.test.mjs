@@ -15,20 +15,30 @@ const tokens_total = 300;
 const token_interval_us = 20_000;
 
 /// Starts a streamed answer and reads it in the background; `state.first_token` resolves at its
-/// first token, `state.done` when it ends (or rejects with the abort).
+/// first token and rejects when the stream fails or ends before one, `state.done` resolves when
+/// it ends (or rejects with the abort or the failure).
 function start_stream(client, model, abort) {
   const state = { ended: false };
-  let first_token;
-  state.first_token = new Promise((resolve) => { first_token = resolve; });
+  let token_arrived;
+  let no_token;
+  state.first_token = new Promise((resolve, reject) => {
+    token_arrived = resolve;
+    no_token = reject;
+  });
+  // Awaited where it matters; this keeps a failure nobody waits on from going unhandled.
+  state.first_token.catch(() => {});
   state.done = (async () => {
     const stream = await client.chat.completions.create(
       { model, messages: [{ role: 'user', content: 'Count.' }], stream: true },
       abort ? { signal: abort.signal } : {});
     for await (const chunk of stream) {
-      if (chunk.choices[0]?.delta?.content) first_token();
+      if (chunk.choices[0]?.delta?.content) token_arrived();
     }
     state.ended = true;
   })();
+  // Once settled, first_token ignores these: they matter only for a stream without a token.
+  state.done.then(() => no_token(new Error('the stream ended before its first token')),
+                  (error) => no_token(new Error(`the stream failed before its first token: ${error.message}`)));
   return state;
 }
 

@@ -582,7 +582,7 @@ TEST(UpstreamClient, StreamsChatDeltasInOrderThenUsage) {
   EXPECT_EQ(log.usage()->completion_tokens, 7u);
   EXPECT_EQ(log.usage()->prompt_tokens, chat_body_prompt_words);
   EXPECT_EQ(log.finals(), 1);
-  EXPECT_TRUE(upstream->wait_stat("completed", 1));  // counted when the last write completes
+  EXPECT_TRUE(upstream->wait_stat("completed", 1));  // counted when the last write is issued
 }
 
 TEST(UpstreamClient, StreamsTextCompletionsCutByMaxTokens) {

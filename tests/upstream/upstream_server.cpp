@@ -1,8 +1,9 @@
 /// gpustream_test_upstream: a small deterministic OpenAI-compatible server for tests and
 /// benchmarks. It answers `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 /// (streamed and not) with the text "tok0 tok1 …", one token per SSE chunk, at a configured pace,
-/// and can fail, drop mid-stream, refuse beyond a concurrency limit and report usage the ways real
-/// servers do. `GET /stats` counts requests and cancellations. See README.md beside this file.
+/// and can fail, drop mid-stream, refuse beyond a concurrency limit, continue an answer begun
+/// elsewhere and report usage the ways real servers do. `GET /stats` counts requests and
+/// cancellations. See README.md beside this file.
 ///
 /// Built for speed as much as for tests, because benchmarks compare going through gpustream with
 /// coming here directly: several I/O threads, one strand per connection, asio timers for pacing,
@@ -71,6 +72,12 @@ enum class usage_mode { correct, zero, cumulative, none };
 /// model was trained with, meta.n_ctx_train).
 enum class flavor { openai, ollama, lmstudio, llamacpp };
 
+/// What a chat continuing its trailing assistant message ("continue_final_message") answers:
+/// restart: the same answer as any other, from tok0; resume: the rest of the answer, as a model
+/// continuing its own text would, from tok<k> (k = the words of that assistant message) up to
+/// --tokens in all.
+enum class continuation_mode { restart, resume };
+
 /// The window the models were trained with, where a flavor reports one besides the served one.
 constexpr std::uint32_t trained_context_length = 131'072;
 
@@ -90,6 +97,7 @@ struct settings {
   steady::time_point decode_epoch = steady::now();
   unsigned fail_status = 0;                       // 0: answer normally
   std::optional<std::uint32_t> drop_after_tokens;  // close mid-stream after this many tokens
+  continuation_mode continuation = continuation_mode::restart;
   usage_mode usage = usage_mode::correct;
   flavor kind = flavor::openai;
   /// A streamed chat answer's first tokens go in delta.reasoning_content, as a reasoning model's
@@ -114,10 +122,13 @@ struct counters {
   std::atomic<std::uint64_t> requests{0};   // completion requests received
   std::atomic<std::int64_t> active{0};      // completions being answered now
   std::atomic<std::uint64_t> cancelled{0};  // client closed before the answer was complete
-  std::atomic<std::uint64_t> completed{0};  // answers written to their end
+  std::atomic<std::uint64_t> completed{0};  // answers whose last write was issued
   std::atomic<std::uint64_t> rejected{0};   // 429 for --max-concurrent
   std::atomic<std::uint64_t> dropped{0};    // closed on purpose by --drop-after-tokens
   std::atomic<std::uint64_t> continued{0};  // chats asked to continue their trailing assistant message
+  /// Words of the trailing assistant message of the last chat counted in `continued`; -1 before
+  /// the first.
+  std::atomic<std::int64_t> last_continued_from{-1};
   std::atomic<std::int64_t> connections{0};
 };
 
@@ -160,30 +171,35 @@ std::uint32_t count_words(std::string_view text) {
   return words;
 }
 
+/// Whitespace-separated words in a message's content or a prompt: a string, or an array of
+/// strings or text parts.
+std::uint32_t content_words(const json::value& value) {
+  if (value.is_string()) return count_words(value.get_string());
+  if (!value.is_array()) return 0;
+  std::uint32_t words = 0;
+  for (const auto& part : value.get_array()) {
+    if (part.is_string()) words += count_words(part.get_string());
+    if (const auto* object = part.if_object()) {
+      if (const auto* text = object->if_contains("text"); text && text->is_string()) {
+        words += count_words(text->get_string());
+      }
+    }
+  }
+  return words;
+}
+
 /// prompt_tokens as this server reports them: whitespace-separated words in the messages'
 /// contents (strings or text parts) or in the prompt (a string or strings).
 std::uint32_t prompt_words(const json::object& request) {
   std::uint32_t words = 0;
-  const auto count_value = [&words](const json::value& value) {
-    if (value.is_string()) words += count_words(value.get_string());
-    if (!value.is_array()) return;
-    for (const auto& part : value.get_array()) {
-      if (part.is_string()) words += count_words(part.get_string());
-      if (const auto* object = part.if_object()) {
-        if (const auto* text = object->if_contains("text"); text && text->is_string()) {
-          words += count_words(text->get_string());
-        }
-      }
-    }
-  };
   if (const auto* messages = request.if_contains("messages"); messages && messages->is_array()) {
     for (const auto& message : messages->get_array()) {
       if (const auto* object = message.if_object()) {
-        if (const auto* content = object->if_contains("content")) count_value(*content);
+        if (const auto* content = object->if_contains("content")) words += content_words(*content);
       }
     }
   }
-  if (const auto* prompt = request.if_contains("prompt")) count_value(*prompt);
+  if (const auto* prompt = request.if_contains("prompt")) words += content_words(*prompt);
   return words;
 }
 
@@ -280,6 +296,7 @@ struct answer_plan {
   bool stream = false;
   bool include_usage = false;
   std::uint32_t tokens = 0;  // tokens in the answer
+  std::uint32_t first_token = 0;  // the number of its first token: tok<first_token>
   std::uint32_t prompt_tokens = 0;
   std::string finish_reason;
   std::string id;      // "chatcmpl-<n>" or "cmpl-<n>", n counting requests
@@ -342,6 +359,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   std::string stats_body() const {
+    const auto continued_from = stats_.last_continued_from.load();
     return json::serialize(json::object{{"requests", stats_.requests.load()},
                                         {"active", stats_.active.load()},
                                         {"cancelled", stats_.cancelled.load()},
@@ -349,6 +367,8 @@ class session : public std::enable_shared_from_this<session> {
                                         {"rejected", stats_.rejected.load()},
                                         {"dropped", stats_.dropped.load()},
                                         {"continued", stats_.continued.load()},
+                                        {"last_continued_from", continued_from < 0 ? json::value(nullptr)
+                                                                                   : json::value(continued_from)},
                                         {"connections", stats_.connections.load()}});
   }
 
@@ -401,10 +421,15 @@ class session : public std::enable_shared_from_this<session> {
     }
     const char* needed = kind == completion_kind::chat ? "messages" : "prompt";
     if (!request.contains(needed)) return answer_error(400, std::string("you must provide ") + needed);
+    std::uint32_t first_token = 0;
     if (kind == completion_kind::chat) {
       const auto continuing = check_continuation(request);
       if (!continuing.refusal.empty()) return answer_error(400, continuing.refusal);
-      if (continuing.asked) stats_.continued.fetch_add(1, std::memory_order_relaxed);
+      if (continuing.asked) {
+        stats_.last_continued_from.store(continuing.prefix_tokens);
+        stats_.continued.fetch_add(1);
+        if (config_.continuation == continuation_mode::resume) first_token = continuing.prefix_tokens;
+      }
     }
     const auto now_active = stats_.active.fetch_add(1) + 1;
     if (config_.max_concurrent != 0 && now_active > static_cast<std::int64_t>(config_.max_concurrent)) {
@@ -413,7 +438,7 @@ class session : public std::enable_shared_from_this<session> {
       return answer_error(429, "test upstream: more than " + std::to_string(config_.max_concurrent) +
                                    " concurrent completions", {}, "Retry-After: 1\r\n");
     }
-    plan(kind, request, model_id, number);
+    plan(kind, request, model_id, number, first_token);
     live_ = true;
     const auto answer_time = first_token_delay() + token_interval() * (plan_.tokens > 0 ? plan_.tokens - 1 : 0);
     start_ = schedule_.start(steady::now(), answer_time);
@@ -425,6 +450,7 @@ class session : public std::enable_shared_from_this<session> {
   struct continuation {
     bool asked = false;   ///< "continue_final_message": true
     std::string refusal;  ///< why vLLM would refuse the request; empty when it would not
+    std::uint32_t prefix_tokens = 0;  ///< accepted: the words of the assistant message continued
   };
 
   /// vLLM's rules for continuing a chat's trailing assistant message: "continue_final_message"
@@ -445,10 +471,14 @@ class session : public std::enable_shared_from_this<session> {
                                   return role != nullptr && role->is_string() && role->get_string() == "assistant";
                                 }();
     if (!assistant_last) return {true, "continue_final_message needs the final message to be from the assistant"};
-    return {true, {}};
+    const auto* content = messages.get_array().back().get_object().if_contains("content");
+    return {true, {}, content != nullptr ? content_words(*content) : 0};
   }
 
-  void plan(completion_kind kind, const json::object& request, std::string_view model, std::uint64_t number) {
+  /// Plans the answer to request `number`: tok<first_token> up to tok<--tokens - 1>, fewer when
+  /// max_tokens is smaller.
+  void plan(completion_kind kind, const json::object& request, std::string_view model, std::uint64_t number,
+            std::uint32_t first_token) {
     plan_.kind = kind;
     const auto* stream = request.if_contains("stream");
     plan_.stream = stream != nullptr && stream->is_bool() && stream->get_bool();
@@ -459,9 +489,10 @@ class session : public std::enable_shared_from_this<session> {
     }
     auto max_tokens = non_negative(request.if_contains("max_tokens"));
     if (!max_tokens) max_tokens = non_negative(request.if_contains("max_completion_tokens"));
-    plan_.tokens = config_.tokens;
+    plan_.first_token = std::min(first_token, config_.tokens);
+    plan_.tokens = config_.tokens - plan_.first_token;
     plan_.finish_reason = config_.finish_reason;
-    if (max_tokens && *max_tokens < config_.tokens) {
+    if (max_tokens && *max_tokens < plan_.tokens) {
       plan_.tokens = static_cast<std::uint32_t>(*max_tokens);
       plan_.finish_reason = "length";
     }
@@ -534,8 +565,10 @@ class session : public std::enable_shared_from_this<session> {
       ++sent_;
     }
     // With --drop-after-tokens the answer never finishes: the connection closes instead.
-    stream_over_ = sent_ == plan_.tokens && !drop;
-    if (stream_over_) append_finish();
+    if (sent_ == plan_.tokens && !drop) {
+      append_finish();
+      count_completed();
+    }
     chunk_size_.clear();
     append_hex(chunk_size_, payload_.size());
     chunk_size_.append("\r\n");
@@ -556,12 +589,13 @@ class session : public std::enable_shared_from_this<session> {
   void append_token_event() {
     std::array<char, 40> token;
     char* end = std::copy_n("tok", 3, token.data());
-    end = std::to_chars(end, token.data() + token.size(), sent_).ptr;
+    const std::uint32_t number = plan_.first_token + sent_;
+    end = std::to_chars(end, token.data() + token.size(), number).ptr;
     *end++ = ' ';
     const std::string_view text(token.data(), static_cast<std::size_t>(end - token.data()));
     payload_.append(plan_.prefix);
     if (plan_.kind == completion_kind::text) payload_.append(R"({"index":0,"text":")");
-    else if (sent_ < config_.reasoning_tokens) payload_.append(R"({"index":0,"delta":{"reasoning_content":")");
+    else if (number < config_.reasoning_tokens) payload_.append(R"({"index":0,"delta":{"reasoning_content":")");
     else payload_.append(R"({"index":0,"delta":{"content":")");
     payload_.append(text);
     payload_.append(plan_.kind == completion_kind::chat ? R"("},"logprobs":null,"finish_reason":null}])"
@@ -619,7 +653,9 @@ class session : public std::enable_shared_from_this<session> {
     json::object out;
     const bool chat = plan_.kind == completion_kind::chat;
     std::string text;
-    for (std::uint32_t i = 0; i < plan_.tokens; ++i) text.append("tok").append(std::to_string(i)).append(" ");
+    for (std::uint32_t i = 0; i < plan_.tokens; ++i) {
+      text.append("tok").append(std::to_string(plan_.first_token + i)).append(" ");
+    }
     json::object choice{{"index", 0}, {"logprobs", nullptr}, {"finish_reason", plan_.finish_reason}};
     if (chat) {
       choice["message"] = json::object{{"role", "assistant"}, {"content", text}};
@@ -639,7 +675,7 @@ class session : public std::enable_shared_from_this<session> {
                                   {"completion_tokens", completion},
                                   {"total_tokens", std::uint64_t{prompt} + completion}};
     }
-    stream_over_ = true;
+    count_completed();
     head_.assign("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: ");
     body_ = json::serialize(out);
     append_number(head_, body_.size());
@@ -676,9 +712,13 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void client_gone() {
+    // A client leaving while the last write is on its way got its answer: counted completed.
+    if (!stream_over_) {
+      stats_.active.fetch_sub(1);
+      stats_.cancelled.fetch_add(1);
+    }
     live_ = false;
-    stats_.active.fetch_sub(1);
-    stats_.cancelled.fetch_add(1);
+    stream_over_ = false;
     close();
   }
 
@@ -689,11 +729,18 @@ class session : public std::enable_shared_from_this<session> {
     close();
   }
 
+  /// The answer's last write is being issued: it stops being active and counts as completed now,
+  /// not when the write is done, so that a client that has read the answer's end (a test reading
+  /// /stats after [DONE]) always finds it counted.
+  void count_completed() {
+    stream_over_ = true;
+    stats_.active.fetch_sub(1);
+    stats_.completed.fetch_add(1);
+  }
+
   void end_answer() {
     live_ = false;
     stream_over_ = false;
-    stats_.active.fetch_sub(1);
-    stats_.completed.fetch_add(1);
     if (!keep_alive_) return finish_connection();
     if (!watching_) return read_request();
     // The next request may already sit in buffer_ (read by the watch before this write's
@@ -729,7 +776,7 @@ class session : public std::enable_shared_from_this<session> {
   steady::time_point start_;
   std::uint32_t sent_ = 0;
   bool live_ = false;         // an answer is being written and counts as active
-  bool stream_over_ = false;  // the last write of the answer is on its way
+  bool stream_over_ = false;  // the last write of the answer is on its way (counted completed)
   bool watching_ = false;
 
   std::string head_;        // reused between answers so a busy connection allocates little
@@ -838,6 +885,12 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
       ->check(CLI::Range(400u, 599u));
   auto* drop = app.add_option("--drop-after-tokens", drop_after,
                               "close the connection after this many tokens, before the answer ends");
+  std::string continuation = "restart";
+  app.add_option("--continuation", continuation,
+                 "what a chat continuing its trailing assistant message (continue_final_message) answers: "
+                 "restart (from tok0) or resume (from tok<k>, k = that message's words, to --tokens in all)")
+      ->check(CLI::IsMember({"restart", "resume"}))
+      ->capture_default_str();
   app.add_option("--usage", usage, "usage reporting: correct, zero, cumulative or none")
       ->check(CLI::IsMember({"correct", "zero", "cumulative", "none"}))
       ->capture_default_str();
@@ -887,6 +940,7 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
   config.kind = kind == "ollama" ? flavor::ollama : kind == "lmstudio" ? flavor::lmstudio
                 : kind == "llamacpp" ? flavor::llamacpp : flavor::openai;
   if (drop->count() > 0) config.drop_after_tokens = drop_after;
+  config.continuation = continuation == "resume" ? continuation_mode::resume : continuation_mode::restart;
   config.usage = usage == "zero"         ? usage_mode::zero
                  : usage == "cumulative" ? usage_mode::cumulative
                  : usage == "none"       ? usage_mode::none
