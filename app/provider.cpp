@@ -87,8 +87,9 @@ namespace {
 constexpr std::uint32_t provider_concurrency_max = domain::provider_options{}.offer_concurrency_max;
 /// The highest price the coordinator accepts for an offer.
 constexpr std::int64_t provider_price_micros_per_mtok_max = domain::provider_options{}.price_micros_per_mtok_max;
-/// Largest --context-length (the largest models' windows are 10 million tokens).
-constexpr std::uint32_t provider_context_tokens_max = 16'777'216;
+/// Largest --context-length, and the most a backend's window is taken as: what the coordinator
+/// takes (the largest models' windows are 10 million tokens).
+constexpr std::uint32_t provider_context_tokens_max = domain::provider_options{}.context_length_tokens_max;
 /// Longest --name kept (it goes into the User-Agent and logs).
 constexpr std::size_t provider_name_bytes_max = 64;
 /// The link's path on the coordinator.
@@ -309,6 +310,12 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                    "/api/v0/models, /api/show): not advertised; set it with --context-length",
                    model.id);
         continue;
+      }
+      if (model.context_length_tokens > provider_context_tokens_max) {
+        // The coordinator would refuse the hello, and the agent link again in vain.
+        log_->warn("model id={}: the backend claims a window of {} tokens; advertised as {}", model.id,
+                   model.context_length_tokens, provider_context_tokens_max);
+        model.context_length_tokens = provider_context_tokens_max;
       }
       if (model.context_is_trained) {
         log_->info("model id={}: only the window it was trained with is known; a llama.cpp server started "

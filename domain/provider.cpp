@@ -220,6 +220,12 @@ decision decide_advertise(const provider::state& s, const provider::advertise& c
                         " out (micro-USD per million tokens); at most " +
                         std::to_string(options.price_micros_per_mtok_max) + " is allowed");
     }
+    if (m.context_length_tokens > options.context_length_tokens_max) {
+      return refuse(errc::limit_exceeded,
+                    "model " + m.model_name + " claims a context window of " +
+                        std::to_string(m.context_length_tokens) + " tokens; at most " +
+                        std::to_string(options.context_length_tokens_max) + " are allowed");
+    }
     if (m.max_concurrency > options.offer_concurrency_max) {
       return refuse(errc::limit_exceeded,
                     "model " + m.model_name + " asks for " + std::to_string(m.max_concurrency) +

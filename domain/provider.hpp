@@ -39,6 +39,10 @@ struct provider_options {
   /// absurd price would be paid out of the free tier's subsidy or refuse every premium job of its
   /// model. Default: 1,000 USD per million tokens (above any model's list price).
   std::int64_t price_micros_per_mtok_max = 1'000'000'000;
+  /// Largest context window an offer may claim, tokens. The gateway checks prompts against the
+  /// largest window online for the model and bounds answers by it, so one absurd claim would turn
+  /// the check off for everyone. Default: 16 Mi (the largest models' windows are 10 million).
+  std::uint32_t context_length_tokens_max = 16'777'216;
 };
 
 struct provider {

@@ -1,6 +1,7 @@
 #include "gateway/http_server.hpp"
 
 #include "base/ensure.hpp"
+#include "base/text.hpp"
 #include "gateway/idle_watch.hpp"
 #include "gateway/write_buffer.hpp"
 
@@ -266,7 +267,7 @@ class websocket_session : public websocket_connection,
   void begin_close(websocket::close_code code, std::string_view reason) {
     if (closing_) return;
     closing_ = true;
-    close_reason_ = websocket::close_reason(code, reason.substr(0, 123));
+    close_reason_ = websocket::close_reason(code, utf8_prefix(reason, 123));  // a close frame's reason is at most 123 bytes
     local_reason_ = std::string(reason);
     // One write at a time: the message being written goes out whole before the close frame (its
     // bytes stay queued until the write is done); those queued behind it are dropped.

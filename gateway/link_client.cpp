@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/text.hpp"
 #include "gateway/idle_watch.hpp"
 #include "gateway/link_codec.hpp"
 #include "gateway/upstream_client.hpp"  // redacted_url
@@ -580,7 +581,8 @@ class link_client::impl : public std::enable_shared_from_this<impl> {
   void close_gracefully(const connection_ptr& conn, std::uint16_t code, std::string_view reason) {
     websocket::close_reason why(code);
     // A close frame's reason is at most 123 bytes.
-    why.reason.assign(reason.data(), std::min<std::size_t>(reason.size(), why.reason.max_size()));
+    const auto kept = utf8_prefix(reason, why.reason.max_size());
+    why.reason.assign(kept.data(), kept.size());
     conn->ws.async_close(why, [conn](boost::system::error_code) {
       conn->deadline.cancel();
       close_socket(*conn);

@@ -144,6 +144,7 @@ class node::impl {
   }
 
   std::uint16_t port() const noexcept { return server_ ? server_->port() : 0; }
+  provider_link_counts link_counts() const noexcept { return links_ ? links_->counts() : provider_link_counts{}; }
 
  private:
   void register_metrics() {
@@ -166,6 +167,13 @@ class node::impl {
     running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
     metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
                                 [this] { return static_cast<double>(links_ ? links_->online() : 0); });
+    metrics_.add_counter_callback("gpustream_link_heartbeats_forwarded_total",
+                                  "Agents' heartbeats passed on to the scheduler",
+                                  [this] { return static_cast<double>(link_counts().heartbeats_forwarded); });
+    metrics_.add_counter_callback(
+        "gpustream_link_heartbeats_skipped_total",
+        "Agents' heartbeats kept but not passed on to the scheduler: nothing new, and sooner than half an interval",
+        [this] { return static_cast<double>(link_counts().heartbeats_skipped); });
     metrics_.add_gauge_callback(
         "gpustream_job_bills_unsettled",
         "Jobs' bills the log holds without their ledger groups (settled at start; above 0 for long: refused)",
@@ -572,5 +580,6 @@ expected<std::unique_ptr<node>, std::string> node::start(caf::actor_system& syst
 node::node(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 node::~node() = default;
 std::uint16_t node::port() const noexcept { return impl_->port(); }
+provider_link_counts node::link_counts() const noexcept { return impl_->link_counts(); }
 
 }  // namespace gpustream::gateway

@@ -74,6 +74,8 @@ class node {
   node& operator=(const node&) = delete;
 
   [[nodiscard]] std::uint16_t port() const noexcept;
+  /// What the provider links passed on (also in /metrics).
+  [[nodiscard]] provider_link_counts link_counts() const noexcept;
 
   class impl;
 

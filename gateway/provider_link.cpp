@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "actors/errors.hpp"
+#include "base/text.hpp"
 #include "domain/selection.hpp"
 #include "gateway/actor_bridge.hpp"
 #include "gateway/directory.hpp"
@@ -28,6 +29,15 @@ using steady = std::chrono::steady_clock;
 using link_actor = caf::typed_actor<caf::reacts_to<actors::offer_atom, actors::job_offer>,
                                     caf::reacts_to<actors::cancel_atom, std::string>,
                                     caf::reacts_to<actors::tick_atom>>;
+
+/// What an agent is told (and its disconnect records) when `failure` stopped its hello: a domain
+/// refusal's own words (a bad offer, a suspension). Anything else is the server's (a store's
+/// message names its files) and stays in the server's log.
+std::string hello_failure(const std::string& provider_id, const caf::error& failure) {
+  if (const auto refused = actors::domain_error_of(failure)) return refused->message;
+  spdlog::error("link: the hello of provider={} could not be answered: {}", provider_id, actors::describe(failure));
+  return "the server could not record the hello now; link again later";
+}
 
 http_response unauthorized(std::string_view message) {
   return {401, "application/json",
@@ -78,6 +88,11 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void touch() {
     last_frame_ns_.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
   }
+  /// Whether a heartbeat goes on to the scheduler: one that says something new (health, draining),
+  /// else at most one per half heartbeat interval. Every link shares the one scheduler, and each
+  /// report it takes starts an assignment pass: an agent sending heartbeats without pause must not
+  /// hold up everyone else's routing. On the connection's strand.
+  bool forward_heartbeat(const link::heartbeat& beat);
   /// Closed, or replaced by a newer link of the same provider (whose jobs were handed back with
   /// link_replaced): it takes no offer and relays nothing.
   bool done_with() const { return closed_ || retired_; }
@@ -101,6 +116,8 @@ class link_session : public std::enable_shared_from_this<link_session> {
   link_actor actor_;
   mutable std::mutex heartbeat_mutex_;
   std::optional<link::heartbeat> heartbeat_;  ///< guarded by heartbeat_mutex_
+  std::optional<link::heartbeat> forwarded_;  ///< the last one passed to the scheduler (strand only)
+  steady::time_point forwarded_at_;           ///< when (strand only)
 };
 
 class provider_links::impl : public std::enable_shared_from_this<impl> {
@@ -196,7 +213,23 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
   std::map<const link_session*, link_actor> actors_;
   bool stopped_ = false;
+  std::atomic<std::uint64_t> heartbeats_forwarded_{0};
+  std::atomic<std::uint64_t> heartbeats_skipped_{0};
 };
+
+bool link_session::forward_heartbeat(const link::heartbeat& beat) {
+  const auto now = steady::now();
+  const bool news = !forwarded_ || forwarded_->health_percent != beat.health_percent ||
+                    forwarded_->draining != beat.draining;
+  if (!news && now - forwarded_at_ < owner_->options_.heartbeat_interval / 2) {
+    owner_->heartbeats_skipped_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  forwarded_ = beat;
+  forwarded_at_ = now;
+  owner_->heartbeats_forwarded_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
 
 void link_session::start() {
   auto self = shared_from_this();
@@ -276,6 +309,12 @@ void link_session::on_message(std::string_view bytes) {
     protocol_error_ = true;
     return close(1008, std::string("the first frame must be hello, not ") + std::string(link::frame_name(frame)));
   }
+  if (!online_ && !std::holds_alternative<link::heartbeat>(frame)) {
+    // No offer goes out before the link is online: a frame about a job is another link's (a
+    // second agent with the same token whose hello is still being checked) or made up.
+    protocol_error_ = true;
+    return close(1008, std::string("no ") + std::string(link::frame_name(frame)) + " may come before the welcome");
+  }
   auto& relay = owner_->relay_;
   std::visit(
       [&](auto& f) {
@@ -286,6 +325,7 @@ void link_session::on_message(std::string_view bytes) {
             std::lock_guard lock(heartbeat_mutex_);
             heartbeat_ = f;
           }
+          if (!forward_heartbeat(f)) return;
           // The frame's load is the share of the agent's slots in use. The scheduler counts the
           // jobs it placed itself, and more freshly; read as the GPU's load (what the selection
           // index's load means) it would shut the provider out at 80 % of its slots until a later
@@ -330,7 +370,7 @@ void link_session::on_hello(const link::hello& hello) {
               }
               self->take_over(std::move(commands), std::move(models), gpus);
             },
-            [self](caf::error& failure) { self->close(1011, "provider state unavailable: " + actors::describe(failure)); });
+            [self](caf::error& failure) { self->close(1011, hello_failure(self->provider_id_, failure)); });
   });
 }
 
@@ -356,12 +396,14 @@ void link_session::take_over(std::vector<domain::provider::command> commands, st
                       [self, owner, actor, models, gpus](const domain::provider::state& state) {
                         std::lock_guard online(self->online_mutex_);
                         if (self->done_with()) return;
+                        // Online before the scheduler hears of it: its first offer may go out (and
+                        // be answered) before the welcome below.
+                        self->online_ = true;
+                        self->touch();  // its heartbeats are due from the welcome on
                         owner->relay_.provider_online({self->provider_id_, models});
                         actor->send(owner->runtime_.scheduler, actors::online_atom::value,
                                     actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
                                                             actors::provider_session{self->actor_}});
-                        self->online_ = true;
-                        self->touch();  // its heartbeats are due from the welcome on
                         self->send(link::welcome{
                             .provider_id = self->provider_id_,
                             .heartbeat_interval_ms = static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
@@ -370,12 +412,12 @@ void link_session::take_over(std::vector<domain::provider::command> commands, st
                         spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
                                      models.size(), gpus, static_cast<int>(state.level));
                       },
-                      [self](caf::error& failure) { self->close(1011, "provider state unavailable: " + actors::describe(failure)); });
+                      [self](caf::error& failure) { self->close(1011, hello_failure(self->provider_id_, failure)); });
             },
             [self](caf::error& failure) {
               // Refused although the check passed: the provider's state changed in between (e.g.
-              // it was suspended); the domain's message says why.
-              self->close(1008, actors::describe(failure));
+              // it was suspended); the domain's message says why. Or the store failed.
+              self->close(actors::domain_error_of(failure) ? 1008 : 1011, hello_failure(self->provider_id_, failure));
             });
   });
 }
@@ -415,7 +457,7 @@ void link_session::end(std::string reason) {
   const std::string provider_id = provider_id_;
   owner_->bridge_.run_keyed(provider_id, [owner, provider_id, why, reason](caf::event_based_actor* actor) {
     actor->request(owner->runtime_.providers, caf::infinite, provider_id,
-                   domain::provider::command{domain::provider::disconnect{why, reason.substr(0, 200)}})
+                   domain::provider::command{domain::provider::disconnect{why, std::string(utf8_prefix(reason, 200))}})
         .then([](const actors::command_reply&) {},
               [provider_id](caf::error& failure) {
                 spdlog::warn("link: disconnect of provider={} not recorded: {}", provider_id, actors::describe(failure));
@@ -432,6 +474,10 @@ void provider_links::stop() { impl_->stop(); }
 
 websocket_decision provider_links::upgrade(const http_request& request) { return impl_->upgrade(request); }
 std::size_t provider_links::online() const noexcept { return impl_->online(); }
+provider_link_counts provider_links::counts() const noexcept {
+  return {impl_->heartbeats_forwarded_.load(std::memory_order_relaxed),
+          impl_->heartbeats_skipped_.load(std::memory_order_relaxed)};
+}
 std::optional<link::heartbeat> provider_links::last_heartbeat(const std::string& provider_id) const {
   return impl_->last_heartbeat(provider_id);
 }

@@ -36,6 +36,12 @@ struct provider_link_options {
   std::function<std::int64_t()> clock_us;
 };
 
+/// What the links passed on, for tests and operators.
+struct provider_link_counts {
+  std::uint64_t heartbeats_forwarded = 0;  ///< passed on to the scheduler
+  std::uint64_t heartbeats_skipped = 0;    ///< kept (as the link's latest) but not passed on: nothing new, too soon
+};
+
 class provider_links {
  public:
   provider_links(caf::actor_system& system, actor_bridge& bridge, const actors::runtime& runtime,
@@ -50,6 +56,7 @@ class provider_links {
 
   /// Links open now (hello received).
   [[nodiscard]] std::size_t online() const noexcept;
+  [[nodiscard]] provider_link_counts counts() const noexcept;
   /// The latest heartbeat on `provider_id`'s current link; none while it has no link or has not
   /// sent one yet.
   [[nodiscard]] std::optional<link::heartbeat> last_heartbeat(const std::string& provider_id) const;

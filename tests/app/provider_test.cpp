@@ -39,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include "domain/provider.hpp"
 #include "gateway/link_codec.hpp"
 
 extern char** environ;
@@ -633,6 +634,20 @@ TEST(provider_agent, a_model_the_backend_lists_twice_is_advertised_once) {
   ASSERT_EQ(hello.models.size(), 2u);
   EXPECT_EQ(hello.models[0].model_name, "m1");
   EXPECT_EQ(hello.models[1].model_name, "m2");
+}
+
+TEST(provider_agent, a_window_over_what_the_coordinator_takes_is_advertised_as_its_largest) {
+  // The coordinator refuses an offer claiming more: the agent would link in vain forever.
+  upstream_process upstream({"--models", "m1", "--context-length", "20000000"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  const auto hello = coordinator.all<link::hello>().front();
+  ASSERT_EQ(hello.models.size(), 1u);
+  EXPECT_EQ(hello.models[0].context_length_tokens, domain::provider_options{}.context_length_tokens_max);
 }
 
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {

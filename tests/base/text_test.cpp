@@ -1,5 +1,6 @@
 // find_line_break: the first CR or LF at or after a position, or npos; the same answers as
-// std::string_view::find_first_of("\r\n"), which it replaces on streaming paths.
+// std::string_view::find_first_of("\r\n"), which it replaces on streaming paths. utf8_prefix: a cut
+// that never splits a character.
 #include "base/text.hpp"
 
 #include <gtest/gtest.h>
@@ -21,6 +22,24 @@ TEST(find_line_break, finds_cr_or_lf_from_a_position_like_find_first_of) {
     }
   }
   static_assert(find_line_break("ab\ncd") == 2);
+}
+
+TEST(utf8_prefix, never_ends_inside_a_character) {
+  using namespace std::string_view_literals;
+  EXPECT_EQ(utf8_prefix("abc"sv, 5), "abc");
+  EXPECT_EQ(utf8_prefix("abc"sv, 2), "ab");
+  const std::string_view word = "a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80";  // a, é (2 bytes), € (3), 😀 (4)
+  EXPECT_EQ(utf8_prefix(word, 1), "a");
+  EXPECT_EQ(utf8_prefix(word, 2), "a");                 // inside é
+  EXPECT_EQ(utf8_prefix(word, 3), "a\xC3\xA9");
+  EXPECT_EQ(utf8_prefix(word, 4), "a\xC3\xA9");         // inside €
+  EXPECT_EQ(utf8_prefix(word, 5), "a\xC3\xA9");
+  EXPECT_EQ(utf8_prefix(word, 6), "a\xC3\xA9\xE2\x82\xAC");
+  for (std::size_t max = 7; max < 10; ++max) {
+    EXPECT_EQ(utf8_prefix(word, max), "a\xC3\xA9\xE2\x82\xAC") << max;  // inside 😀
+  }
+  EXPECT_EQ(utf8_prefix(word, 10), word);
+  EXPECT_EQ(utf8_prefix(word, 0), "");
 }
 
 }  // namespace

@@ -175,6 +175,25 @@ TEST(provider, offer_concurrency_max_is_a_limit) {
   EXPECT_EQ(result.error().code, errc::limit_exceeded);
 }
 
+TEST(provider, context_length_tokens_max_is_a_limit) {
+  // The gateway checks prompts against the largest window online for a model: one absurd claim
+  // would let every oversized prompt through to the providers.
+  const provider_options options;
+  harness h;
+  h.ok(provider::create{"p1", "u1", "rig", digest(7)}, t0);
+  h.ok(provider::connect{}, t0);
+  auto windowed = [](std::uint32_t tokens) {
+    auto o = offer("m");
+    o.context_length_tokens = tokens;
+    return o;
+  };
+  h.ok(provider::advertise{{windowed(options.context_length_tokens_max)}}, t0);
+  const auto result = h.run(provider::advertise{{windowed(options.context_length_tokens_max + 1)}}, t0);
+  ASSERT_FALSE(result.has_value());
+  EXPECT_EQ(result.error().code, errc::limit_exceeded);
+  EXPECT_NE(result.error().message.find("16777217 tokens"), std::string::npos) << result.error().message;
+}
+
 TEST(provider, price_micros_per_mtok_max_is_a_limit) {
   const provider_options options;
   const std::int64_t max = options.price_micros_per_mtok_max;

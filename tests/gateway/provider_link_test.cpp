@@ -112,7 +112,10 @@ class agent {
     options.seed = 7;
     on_io([&] {
       auto created = link_client::create(io_, std::move(options),
-                                         {.on_connected = [this] { (void)client_->send(hello_); },
+                                         {.on_connected = [this] {
+                                            (void)client_->send(hello_);
+                                            update([this] { ++connects_; });
+                                          },
                                           .on_frame = [this](link::frame f) { on_frame(std::move(f)); },
                                           .on_disconnected = [this](const link_disconnect& d) {
                                             update([&] { disconnects_.push_back(d); });
@@ -132,6 +135,16 @@ class agent {
 
   [[nodiscard]] bool wait_welcome() {
     return wait_until([this] { return welcomed_; });
+  }
+  /// Until its hello went out.
+  [[nodiscard]] bool wait_connected() {
+    return wait_until([this] { return connects_ > 0; });
+  }
+  /// Sends `f` on the link now; false when the link could not take it.
+  bool send(link::frame f) {
+    bool sent = false;
+    on_io([&] { sent = client_->send(std::move(f)).has_value(); });
+    return sent;
   }
   [[nodiscard]] std::optional<link_disconnect> wait_disconnect() {
     if (!wait_until([this] { return !disconnects_.empty(); })) return std::nullopt;
@@ -186,6 +199,7 @@ class agent {
   std::mutex mutex_;
   std::condition_variable changed_;
   bool welcomed_ = false;                   ///< guarded by mutex_
+  std::size_t connects_ = 0;                ///< guarded by mutex_
   std::size_t offers_ = 0;                  ///< guarded by mutex_
   std::vector<link_disconnect> disconnects_;  ///< guarded by mutex_
   asio::io_context io_;
@@ -304,6 +318,71 @@ TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, heartbeats_sent_without_pause_reach_the_scheduler_only_when_new_or_due) {
+  // Every link shares the one scheduler, and each report it takes starts an assignment pass.
+  const auto token = make_provider();
+  agent flooding(port_, token, hello_with(4096), "unused");
+  ASSERT_TRUE(flooding.wait_welcome());
+  const auto before = node_->link_counts();
+  const auto received = [&](std::uint64_t n) {
+    const auto c = node_->link_counts();
+    return c.heartbeats_forwarded + c.heartbeats_skipped - before.heartbeats_forwarded - before.heartbeats_skipped >= n;
+  };
+  const auto wait_received = [&](std::uint64_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+    while (!received(n) && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+    return received(n);
+  };
+  constexpr std::uint64_t flood = 2000;
+  const auto started = std::chrono::steady_clock::now();
+  for (std::uint64_t i = 0; i < flood; ++i) {
+    ASSERT_TRUE(flooding.send(link::heartbeat{.active_jobs = 0, .health_percent = 100}));
+  }
+  ASSERT_TRUE(wait_received(flood));
+  const auto elapsed = std::chrono::steady_clock::now() - started;
+  // One per half interval (50 ms here) at most, plus the first.
+  const auto due = static_cast<std::uint64_t>(elapsed / std::chrono::milliseconds(50)) + 2;
+  const auto forwarded = node_->link_counts().heartbeats_forwarded - before.heartbeats_forwarded;
+  EXPECT_LE(forwarded, due) << "in " << std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count() << " ms";
+  EXPECT_GE(forwarded, 1u);
+
+  // A heartbeat that says something new goes on at once.
+  const auto news_before = node_->link_counts();
+  for (std::uint32_t i = 0; i < 10; ++i) {
+    ASSERT_TRUE(flooding.send(link::heartbeat{.health_percent = i % 2 == 0 ? 90u : 91u}));
+  }
+  ASSERT_TRUE(wait_received(flood + 10));
+  EXPECT_EQ(node_->link_counts().heartbeats_forwarded - news_before.heartbeats_forwarded, 10u);
+}
+
+TEST_F(provider_link_test, a_frame_about_a_job_before_the_welcome_closes_that_link) {
+  // A second agent with the same token, its hello still being checked, must not reach the jobs
+  // of the provider's working link.
+  const auto token = make_provider();
+  faults_->set_sync_delay(std::chrono::milliseconds(800));  // holds the hello's answer
+  agent early(port_, token, hello_with(4096), "unused");
+  ASSERT_TRUE(early.wait_connected());
+  ASSERT_TRUE(early.send(link::delta{.job_id = "j-of-another-link", .text = "injected", .attempt = 1}));
+  const auto closed = early.wait_disconnect();
+  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("no delta may come before the welcome"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, a_hello_the_store_fails_to_record_is_closed_without_the_stores_words) {
+  const auto token = make_provider();
+  faults_->set_fail_sync(true);
+  agent failing(port_, token, hello_with(4096), "unused");
+  const auto closed = failing.wait_disconnect();
+  faults_->set_fail_sync(false);
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1011);
+  EXPECT_NE(closed->message.find("could not record the hello"), std::string::npos) << closed->message;
+  EXPECT_EQ(closed->message.find(dir_.path().string()), std::string::npos) << closed->message;
+  EXPECT_EQ(closed->message.find("storage"), std::string::npos) << closed->message;
 }
 
 TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {
