@@ -392,7 +392,20 @@ domain_verifier::result domain_verifier::note_bill(const where& at, const events
 
 domain_verifier::result domain_verifier::match_bill(const where& at, const events::transfer_recorded& recorded) {
   const auto open = open_bills_.find(recorded.linked_group_id);
-  if (open == open_bills_.end()) return {};  // not a job's, or its end recorded no bill (older builds)
+  if (open == open_bills_.end()) {
+    // Not a job's, or its end recorded no bill (older builds, or nothing to bill). A failed job
+    // bills nothing, whatever the build: a group of its name moved money it must not have.
+    const auto ended = ended_jobs_.find(recorded.linked_group_id);
+    const auto live = jobs_.find(recorded.linked_group_id);
+    const bool failed = (ended != ended_jobs_.end() && ended->second.status == job_status::failed) ||
+                        (live != jobs_.end() && live->second.state.status == job_status::failed);
+    if (failed)
+      return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " of group " +
+                                               quoted(recorded.linked_group_id) + " moves " +
+                                               micros(recorded.amount_micros) +
+                                               " for a job that failed; a failed job bills nothing");
+    return {};
+  }
   const auto billed = open->second.left.find(recorded.transfer_id);
   if (billed == open->second.left.end())
     return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " of group " +

@@ -415,6 +415,18 @@ TEST(domain_verifier_bill, a_group_that_applies_part_of_the_bill_is_named_at_the
   expect_violation(log, invariant::job_bill, "ledger", version, position, {"\"job-j6\"", "lacks", "\"job-j6/fee\""});
 }
 
+TEST(domain_verifier_bill, a_group_moving_money_for_a_job_that_failed_is_named) {
+  auto log = sound_log();
+  log.add("job-j7", events::job_submitted{"j7", "ada", "llama", events::quality_tier::low, 10, 50, 0, true, "",
+                                          t0 + 50});
+  log.add("job-j7", events::job_queued{"j7", 1, t0 + 60 * second_us, t0 + 51});
+  log.add("job-j7", events::job_failed{"j7", events::failure_reason::no_provider, "nobody", t0 + 52});
+  ASSERT_TRUE(verify(log));
+  const auto position = log.transfer("job-j7/usage", "user-ada", "provider-p1", 700, transfer_kind::usage, "job-j7");
+  expect_violation(log, invariant::job_bill, "ledger", log.versions["ledger"], position,
+                   {"\"job-j7/usage\"", "job that failed", "bills nothing"});
+}
+
 TEST(domain_verifier_bill, a_bill_naming_another_jobs_group_is_refused) {
   auto log = sound_log();
   auto bill = j6_bill();
