@@ -727,10 +727,18 @@ void on_online(self_pointer self, provider_online& online) {
   } else {
     st.suspended_until_us.erase(id);
   }
-  auto listed = st.index->list(online.listing);
+  // The same link listing other models (its agent's backend loaded or unloaded one), or a link.
+  const auto known = st.sessions.find(id);
+  const bool same_link = known != st.sessions.end() && known->second == online.session;
+  const bool relinked = known != st.sessions.end() && !same_link;
+  auto listed = st.index->list(online.listing, same_link);
   if (!listed) return;  // over a limit: the provider stays offline for routing
   add_prices(self, online.listing);
-  const bool relinked = st.sessions.contains(id);
+  if (same_link) {
+    // A model it stopped offering may leave queued jobs with nobody; its running jobs go on.
+    fail_unservable(self, "stopped offering it");
+    return;
+  }
   st.sessions[id] = std::move(online.session);
   if (relinked) {
     // A newer link of a listed provider (its agent linked again): offers made to the old link

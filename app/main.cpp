@@ -142,6 +142,13 @@ int main(int argc, char** argv) {
                            "coordinator takes an answer silent for 300 s from its provider)")
       ->check(CLI::Range(1u, 240u))
       ->capture_default_str();
+  auto provider_models_refresh_s = static_cast<unsigned>(
+      std::chrono::duration_cast<std::chrono::seconds>(provider.models_refresh_interval).count());
+  provider_cmd->add_option("--models-refresh-s", provider_models_refresh_s,
+                           "while linked, list the backend's models again this often and advertise them "
+                           "when they changed (a model loaded or unloaded); 0: never, seconds")
+      ->check(CLI::Range(0u, 86'400u))
+      ->capture_default_str();
 
   std::string replay_data = "data";
   bool replay_json = false;
@@ -168,6 +175,7 @@ int main(int argc, char** argv) {
     provider.probe = !provider_no_probe;
     provider.upstream.first_token_timeout = std::chrono::seconds(provider_first_token_s);
     provider.upstream.idle_timeout = std::chrono::seconds(provider_idle_s);
+    provider.models_refresh_interval = std::chrono::seconds(provider_models_refresh_s);
     return gpustream::app::run_provider(provider);
   }
   return 2;

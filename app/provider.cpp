@@ -169,6 +169,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         timer_(io),
         heartbeat_timer_(io),
         drain_timer_(io),
+        refresh_timer_(io),
         rng_(std::random_device{}()),
         heartbeat_interval_(options_.heartbeat_interval_default) {}
 
@@ -207,6 +208,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     timer_.cancel();
     heartbeat_timer_.cancel();
     drain_timer_.cancel();
+    refresh_timer_.cancel();
     cancel_probe();
     cancel_all_jobs("the agent is stopping");
     if (link_) link_->stop();
@@ -292,44 +294,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   /// The models with their windows: those the coordinator cannot take are left out, each named.
   void on_windows(std::vector<gateway::upstream_model> found) {
     if (phase_ != phase::listing) return;
-    models_.clear();
-    for (auto& model : found) {
-      if (options_.context_length_tokens != 0) model.context_length_tokens = options_.context_length_tokens;
-      if (model.id.size() > options_.link.limits.name_bytes_max) {
-        log_->warn("model id={}... is {} bytes long, over the link's {}: not advertised",
-                   printable(model.id, 64), model.id.size(), options_.link.limits.name_bytes_max);
-        continue;
-      }
-      if (std::any_of(models_.begin(), models_.end(), [&](const auto& kept) { return kept.id == model.id; })) {
-        // The coordinator refuses a hello offering a model twice: the agent would never link.
-        log_->warn("model id={} is listed twice by the backend: advertised once", model.id);
-        continue;
-      }
-      if (model.context_length_tokens == 0) {
-        log_->warn("model id={}: the backend does not say its context window (asked /v1/models, /props, "
-                   "/api/v0/models, /api/show): not advertised; set it with --context-length",
-                   model.id);
-        continue;
-      }
-      if (model.context_length_tokens > provider_context_tokens_max) {
-        // The coordinator would refuse the hello, and the agent link again in vain.
-        log_->warn("model id={}: the backend claims a window of {} tokens; advertised as {}", model.id,
-                   model.context_length_tokens, provider_context_tokens_max);
-        model.context_length_tokens = provider_context_tokens_max;
-      }
-      if (model.context_is_trained) {
-        log_->info("model id={}: only the window it was trained with is known; a llama.cpp server started "
-                   "with a smaller -c serves less (--context-length says what it serves)",
-                   model.id);
-      }
-      log_->info("model id={} context_length_tokens={}", model.id, model.context_length_tokens);
-      models_.push_back(std::move(model));
-    }
-    if (models_.size() > options_.link.limits.models_max) {
-      log_->warn("the backend lists {} models; advertising the first {}", models_.size(),
-                 options_.link.limits.models_max);
-      models_.resize(options_.link.limits.models_max);
-    }
+    models_ = usable_models(std::move(found), true);
     if (models_.empty()) {
       const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
       log_->warn("no model of the backend can be advertised; asking again in {} ms", wait.count());
@@ -338,6 +303,58 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
     attempt_ = 0;
     start_probe();
+  }
+
+  /// Of the backend's models, those the coordinator can take (at most models_max), in its order;
+  /// `report`: each left out, changed or kept is logged (at start-up; a refresh logs only changes).
+  std::vector<gateway::upstream_model> usable_models(std::vector<gateway::upstream_model> found, bool report) {
+    std::vector<gateway::upstream_model> usable;
+    for (auto& model : found) {
+      if (options_.context_length_tokens != 0) model.context_length_tokens = options_.context_length_tokens;
+      if (model.id.size() > options_.link.limits.name_bytes_max) {
+        if (report) {
+          log_->warn("model id={}... is {} bytes long, over the link's {}: not advertised", printable(model.id, 64),
+                     model.id.size(), options_.link.limits.name_bytes_max);
+        }
+        continue;
+      }
+      if (std::any_of(usable.begin(), usable.end(), [&](const auto& kept) { return kept.id == model.id; })) {
+        // The coordinator refuses a hello offering a model twice: the agent would never link.
+        if (report) log_->warn("model id={} is listed twice by the backend: advertised once", model.id);
+        continue;
+      }
+      if (model.context_length_tokens == 0) {
+        if (report) {
+          log_->warn("model id={}: the backend does not say its context window (asked /v1/models, /props, "
+                     "/api/v0/models, /api/show): not advertised; set it with --context-length",
+                     model.id);
+        }
+        continue;
+      }
+      if (model.context_length_tokens > provider_context_tokens_max) {
+        // The coordinator would refuse the hello, and the agent link again in vain.
+        if (report) {
+          log_->warn("model id={}: the backend claims a window of {} tokens; advertised as {}", model.id,
+                     model.context_length_tokens, provider_context_tokens_max);
+        }
+        model.context_length_tokens = provider_context_tokens_max;
+      }
+      if (report && model.context_is_trained) {
+        log_->info("model id={}: only the window it was trained with is known; a llama.cpp server started "
+                   "with a smaller -c serves less (--context-length says what it serves)",
+                   model.id);
+      }
+      if (report) log_->info("model id={} context_length_tokens={}", model.id, model.context_length_tokens);
+      usable.push_back(std::move(model));
+    }
+    if (usable.size() > options_.link.limits.models_max) {
+      if (report) {
+        log_->warn("the backend lists {} models; advertising the first {}", usable.size(),
+                   options_.link.limits.models_max);
+      }
+      usable.resize(options_.link.limits.models_max);
+    }
+    return usable;
   }
 
   /// Runs `f` after `wait` unless the agent stops first.
@@ -518,18 +535,93 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                       .backend = events::backend_kind::openai,
                       .backend_url = gateway::redacted_url(options_.upstream.base_url),
                       .gpus = gpus_,
-                      .models = {},
+                      .models = offers(),
                       .max_concurrency = concurrency_};
     if (hello.gpus.size() > options_.link.limits.gpus_max) hello.gpus.resize(options_.link.limits.gpus_max);
-    for (const auto& model : models_) {
-      hello.models.push_back({.model_name = model.id,
-                              .context_length_tokens = model.context_length_tokens,
-                              .quantisation = "",
-                              .input_price_micros_per_mtok = options_.price_per_mtok_micros,
-                              .output_price_micros_per_mtok = options_.price_per_mtok_micros,
-                              .max_concurrency = concurrency_});
-    }
     return hello;
+  }
+
+  /// What the agent offers: each of the backend's usable models at its price and concurrency.
+  std::vector<events::model_offer> offers() const {
+    std::vector<events::model_offer> out;
+    for (const auto& model : models_) {
+      out.push_back({.model_name = model.id,
+                     .context_length_tokens = model.context_length_tokens,
+                     .quantisation = "",
+                     .input_price_micros_per_mtok = options_.price_per_mtok_micros,
+                     .output_price_micros_per_mtok = options_.price_per_mtok_micros,
+                     .max_concurrency = concurrency_});
+    }
+    return out;
+  }
+
+  // --- the backend's models while linked ----------------------------------------------------------
+
+  /// Lists the backend's models again in `wait`, unless a listing is due sooner already.
+  void schedule_refresh(std::chrono::milliseconds wait) {
+    if (!model_updates_ || options_.models_refresh_interval.count() == 0) return;
+    const auto due = steady::now() + wait;
+    if (refresh_scheduled_ && refresh_due_ <= due) return;
+    refresh_scheduled_ = true;
+    refresh_due_ = due;
+    refresh_timer_.expires_at(due);  // cancels the wait for a later one
+    refresh_timer_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+      if (ec) return;
+      self->refresh_scheduled_ = false;
+      self->refresh_models();
+    });
+  }
+
+  /// A job's 404 says its model may be gone: its listing comes at once, or models_refresh_min
+  /// after the last one.
+  void refresh_soon() {
+    const auto since = std::chrono::duration_cast<std::chrono::milliseconds>(steady::now() - last_listing_);
+    schedule_refresh(std::max(options_.models_refresh_min - since, std::chrono::milliseconds(0)));
+  }
+
+  void refresh_models() {
+    // A link not welcomed yet is refreshed from its welcome; a draining agent takes no new work.
+    if (phase_ != phase::linked || !welcomed_ || draining_ || listing_models_) return;
+    listing_models_ = true;
+    last_listing_ = steady::now();
+    upstream_.list_models([self = shared_from_this()](auto result) {
+      asio::post(self->io_, [self, result = std::move(result)]() mutable { self->on_refreshed(std::move(result)); });
+    });
+  }
+
+  void on_refreshed(expected<std::vector<gateway::upstream_model>, gateway::upstream_error> result) {
+    if (!result) {
+      // The jobs' own errors tell whether the backend is gone; what it offers stays as it was.
+      listing_models_ = false;
+      log_->warn("listing the backend's models again failed ({}: {}); asking again in {} ms",
+                 gateway::to_string(result.error().kind), result.error().message,
+                 options_.models_refresh_interval.count());
+      schedule_refresh(options_.models_refresh_interval);
+      return;
+    }
+    gateway::find_context_lengths(upstream_, std::move(*result), [self = shared_from_this()](auto models) {
+      asio::post(self->io_, [self, models = std::move(models)]() mutable { self->on_rewindowed(std::move(models)); });
+    });
+  }
+
+  void on_rewindowed(std::vector<gateway::upstream_model> found) {
+    listing_models_ = false;
+    if (phase_ != phase::linked) return;  // gone offline meanwhile: its own listing decides
+    auto usable = usable_models(std::move(found), false);
+    schedule_refresh(options_.models_refresh_interval);
+    const auto same = [](const gateway::upstream_model& a, const gateway::upstream_model& b) {
+      return a.id == b.id && a.context_length_tokens == b.context_length_tokens;
+    };
+    if (std::equal(usable.begin(), usable.end(), models_.begin(), models_.end(), same)) return;
+    const auto names = [](const std::vector<gateway::upstream_model>& models) {
+      std::string out;
+      for (const auto& model : models) out += (out.empty() ? "" : ",") + model.id;
+      return out.empty() ? std::string("none") : out;
+    };
+    log_->info("the backend's models changed: now {} (before: {})", names(usable), names(models_));
+    models_ = std::move(usable);
+    // Not linked now: the next hello says it.
+    if (welcomed_ && link_->connected()) send(link::advertise{offers()});
   }
 
   void on_connected() {
@@ -549,6 +641,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void on_disconnected(const gateway::link_disconnect& d) {
     welcomed_ = false;
     heartbeat_timer_.cancel();
+    refresh_timer_.cancel();
+    refresh_scheduled_ = false;
     cancel_all_jobs("the link to the coordinator went down");
     if (d.kind == gateway::link_disconnect_kind::rejected &&
         (d.http_status == 401 || d.http_status == 403)) {
@@ -580,13 +674,16 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     reasoning_deltas_ = welcome.reasoning_deltas;
     heartbeat_interval_ = std::clamp(std::chrono::milliseconds(welcome.heartbeat_interval_ms),
                                      options_.heartbeat_interval_min, options_.heartbeat_interval_max);
-    log_->info("welcome provider_id={} heartbeat_interval_ms={} delta_batches={} reasoning_deltas={}",
-               welcome.provider_id, heartbeat_interval_.count(), welcome.delta_batches, welcome.reasoning_deltas);
+    model_updates_ = welcome.model_updates;
+    log_->info("welcome provider_id={} heartbeat_interval_ms={} delta_batches={} reasoning_deltas={} model_updates={}",
+               welcome.provider_id, heartbeat_interval_.count(), welcome.delta_batches, welcome.reasoning_deltas,
+               welcome.model_updates);
     last_heartbeat_ = steady::now();
     tokens_since_heartbeat_ = 0;
     welcomed_ = true;
     schedule_heartbeat();
     if (draining_) send_heartbeat();  // a link made while stopping: told at once, as drain() does
+    schedule_refresh(options_.models_refresh_interval);
   }
 
   void schedule_heartbeat() {
@@ -765,6 +862,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (error.kind == gateway::upstream_error_kind::connect && error.refused && found->second.tokens == 0) {
       return backend_gone(job_id, error.message);
     }
+    if (error.http_status == 404) refresh_soon();  // its model may be gone: the coordinator should know
     fail_job(job_id,
              "backend " + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
@@ -881,6 +979,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   asio::steady_timer timer_;  // model listing retries and the probe's level timeout
   asio::steady_timer heartbeat_timer_;
   asio::steady_timer drain_timer_;  // a drain's limit (stop_drain_max)
+  asio::steady_timer refresh_timer_;  // the next listing of the backend's models while linked
   std::mt19937_64 rng_;
   phase phase_ = phase::idle;
   std::uint32_t attempt_ = 0;
@@ -900,6 +999,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   steady::time_point last_heartbeat_{};
   std::uint64_t tokens_since_heartbeat_ = 0;
   bool reasoning_deltas_ = false;  ///< the server's welcome: it takes deltas marked reasoning
+  bool model_updates_ = false;     ///< the server's welcome: it takes advertise frames
+  bool refresh_scheduled_ = false;  ///< refresh_timer_ waits for refresh_due_
+  steady::time_point refresh_due_{};
+  bool listing_models_ = false;  ///< a refresh's listing is under way
+  steady::time_point last_listing_{};
 };
 
 expected<std::unique_ptr<provider_agent>, std::string> provider_agent::create(

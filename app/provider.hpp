@@ -64,6 +64,13 @@ struct provider_options {
   /// How long a drain (a stop on SIGINT or SIGTERM) lets running answers finish before it cuts
   /// them off (each cut answer counts against the provider). Default: 60 s.
   std::chrono::milliseconds stop_drain_max{60'000};
+  /// While linked (to a coordinator that takes model updates), how often the agent lists the
+  /// backend's models again and advertises them when they changed: a model loaded or unloaded in
+  /// LM Studio or Ollama. 0: never. Default: 30 s.
+  std::chrono::milliseconds models_refresh_interval{30'000};
+  /// A job the backend answers with 404 (its model may be gone) lists them at once, but not
+  /// sooner than this after the last listing. Default: 5 s.
+  std::chrono::milliseconds models_refresh_min{5'000};
   /// Recent job outcomes the health percentage is computed over. Default: 50.
   std::size_t health_window_jobs_max = 50;
   /// The link client's options (url, token and user agent are filled in from the fields above).

@@ -230,7 +230,7 @@ void selection_index::change(entry& e, Change&& apply) {
   admit(e);
 }
 
-expected<void, error> selection_index::list(const provider_listing& listing) {
+expected<void, error> selection_index::list(const provider_listing& listing, bool same_link) {
   if (listing.offers.size() > options_.offers_per_provider_max) {
     return refuse(errc::limit_exceeded,
                   "provider " + listing.provider_id + " lists " +
@@ -275,9 +275,11 @@ expected<void, error> selection_index::list(const provider_listing& listing) {
   p.level = listing.level;
   p.score = listing.score;
   p.suspended = listing.suspended;
-  p.unreachable = false;  // listed by a link
-  p.declined = false;     // a new link's hello says what it has
-  p.draining = false;
+  if (!same_link) {
+    p.unreachable = false;  // listed by a link
+    p.declined = false;     // a new link's hello says what it has
+    p.draining = false;
+  }
   attach_offers(e);
   admit(e);
   return {};

@@ -192,8 +192,10 @@ class selection_index {
   selection_index& operator=(const selection_index&) = delete;
 
   /// Adds a provider that came online, or updates one already listed (its load, health, running
-  /// jobs and the speed of models it still offers are kept).
-  [[nodiscard]] expected<void, error> list(const provider_listing& listing);
+  /// jobs and the speed of models it still offers are kept). `same_link`: the listing comes over
+  /// the link that listed it before (its agent offers other models), so what that link said
+  /// (declining, draining) holds; otherwise a new link starts afresh.
+  [[nodiscard]] expected<void, error> list(const provider_listing& listing, bool same_link = false);
   /// Removes a provider that went offline. False when it was not listed.
   bool unlist(std::string_view provider_id);
   /// The provider's link is gone ahead of its going offline (results of its finished jobs are

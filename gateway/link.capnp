@@ -106,6 +106,7 @@ struct Welcome {
   heartbeatIntervalMs @1 :UInt32;
   deltaBatches @2 :Bool;   # the server takes `deltas` frames; an agent sends none to one that does not
   reasoningDeltas @3 :Bool;  # the server takes deltas marked reasoning; an agent drops the thinking for one that does not
+  modelUpdates @4 :Bool;     # the server takes `advertise` frames; an agent sends none to one that does not
 }
 
 struct Offer {
@@ -125,6 +126,13 @@ struct Deltas {
   items @0 :List(Delta);
 }
 
+# agent -> server, sent only to a server whose welcome set modelUpdates: the models the agent
+# offers now, in place of those of its hello (or of its last advertise), e.g. after its backend
+# loaded or unloaded one. The same limits as the hello's models apply.
+struct Advertise {
+  models @0 :List(ModelOffer);
+}
+
 struct Frame {
   union {
     hello @0 :Hello;
@@ -136,5 +144,6 @@ struct Frame {
     offer @6 :Offer;
     cancel @7 :Cancel;
     deltas @8 :Deltas;
+    advertise @9 :Advertise;
   }
 }

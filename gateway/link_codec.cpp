@@ -121,6 +121,7 @@ void write(schema::Frame::Builder root, const welcome& f) {
   b.setHeartbeatIntervalMs(f.heartbeat_interval_ms);
   b.setDeltaBatches(f.delta_batches);
   b.setReasoningDeltas(f.reasoning_deltas);
+  b.setModelUpdates(f.model_updates);
 }
 
 void write(schema::Frame::Builder root, const offer& f) {
@@ -133,6 +134,11 @@ void write(schema::Frame::Builder root, const offer& f) {
 
 void write(schema::Frame::Builder root, const cancel& f) { root.initCancel().setJobId(to_wire(f.job_id)); }
 
+void write(schema::Frame::Builder root, const advertise& f) {
+  auto models = root.initAdvertise().initModels(list_size(f.models.size()));
+  for (unsigned i = 0; i < f.models.size(); ++i) write(models[i], f.models[i]);
+}
+
 // -------------------------------------------------------------------------------------------------
 // Reading. Structure errors throw kj::Exception (caught in decode_words); list sizes and enumerants
 // are checked here, before anything big is copied; string checks are validate()'s.
@@ -141,6 +147,11 @@ using read_result = expected<frame, decode_error>;
 
 events::gpu_info read(schema::GpuInfo::Reader r) { return events::capnp_values::read_gpu_info(r); }
 events::model_offer read(schema::ModelOffer::Reader r) { return events::capnp_values::read_model_offer(r); }
+
+decode_error too_many_models(std::string_view field, std::size_t count, const codec_limits& limits) {
+  return failure(decode_errc::over_limit, std::string(field) + ": " + std::to_string(count) + " models, more than the " +
+                                              std::to_string(limits.models_max) + " allowed");
+}
 
 read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
   const auto gpus = r.getGpus();
@@ -151,12 +162,7 @@ read_result read_hello(schema::Hello::Reader r, const codec_limits& limits) {
                                   " allowed")};
   }
   const auto models = r.getModels();
-  if (models.size() > limits.models_max) {
-    return unexpected{failure(decode_errc::over_limit,
-                              "hello.models: " + std::to_string(models.size()) +
-                                  " models, more than the " + std::to_string(limits.models_max) +
-                                  " allowed")};
-  }
+  if (models.size() > limits.models_max) return unexpected{too_many_models("hello.models", models.size(), limits)};
   const auto backend = static_cast<std::uint16_t>(r.getBackend());
   if (backend > static_cast<std::uint16_t>(events::backend_kind::builtin)) {
     return unexpected{failure(decode_errc::invalid_field,
@@ -188,6 +194,15 @@ read_result read_deltas(schema::Deltas::Reader r, const codec_limits& limits) {
   deltas f;
   f.items.reserve(items.size());
   for (const auto item : items) f.items.push_back(read_delta(item));
+  return frame{std::move(f)};
+}
+
+read_result read_advertise(schema::Advertise::Reader r, const codec_limits& limits) {
+  const auto models = r.getModels();
+  if (models.size() > limits.models_max) return unexpected{too_many_models("advertise.models", models.size(), limits)};
+  advertise f;
+  f.models.reserve(models.size());
+  for (auto model : models) f.models.push_back(read(model));
   return frame{std::move(f)};
 }
 
@@ -245,12 +260,15 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
       return frame{welcome{.provider_id = to_std(r.getProviderId()),
                            .heartbeat_interval_ms = r.getHeartbeatIntervalMs(),
                            .delta_batches = r.getDeltaBatches(),
-                           .reasoning_deltas = r.getReasoningDeltas()}};
+                           .reasoning_deltas = r.getReasoningDeltas(),
+                           .model_updates = r.getModelUpdates()}};
     }
     case schema::Frame::OFFER:
       return read_offer(root.getOffer());
     case schema::Frame::CANCEL:
       return frame{cancel{.job_id = to_std(root.getCancel().getJobId())}};
+    case schema::Frame::ADVERTISE:
+      return read_advertise(root.getAdvertise(), limits);
   }
   return unexpected{failure(
       decode_errc::unknown_frame,
@@ -352,6 +370,20 @@ expected<void, decode_error> first_failure(Checks&&... checks) {
   return result;
 }
 
+/// The names of offered models (`field`: "hello.models", "advertise.models").
+expected<void, decode_error> check_models(std::string_view field, const std::vector<events::model_offer>& models,
+                                          const codec_limits& limits) {
+  const std::string name_field = std::string(field) + ".model_name";
+  for (const auto& model : models) {
+    if (auto r = check_text(name_field, model.model_name, limits.name_bytes_max); !r) return r;
+    if (model.model_name.empty()) return unexpected{failure(decode_errc::invalid_field, name_field + ": empty")};
+    if (auto r = check_text(std::string(field) + ".quantisation", model.quantisation, limits.name_bytes_max); !r) {
+      return r;
+    }
+  }
+  return {};
+}
+
 expected<void, decode_error> check(const hello& f, const codec_limits& limits) {
   if (f.gpus.size() > limits.gpus_max) {
     return unexpected{failure(decode_errc::over_limit,
@@ -359,30 +391,20 @@ expected<void, decode_error> check(const hello& f, const codec_limits& limits) {
                                   " GPUs, more than the " + std::to_string(limits.gpus_max) +
                                   " allowed")};
   }
-  if (f.models.size() > limits.models_max) {
-    return unexpected{failure(decode_errc::over_limit,
-                              "hello.models: " + std::to_string(f.models.size()) +
-                                  " models, more than the " + std::to_string(limits.models_max) +
-                                  " allowed")};
-  }
+  if (f.models.size() > limits.models_max) return unexpected{too_many_models("hello.models", f.models.size(), limits)};
   if (auto r = check_text("hello.agent_version", f.agent_version, limits.name_bytes_max); !r) return r;
   if (auto r = check_text("hello.backend_url", f.backend_url, limits.url_bytes_max); !r) return r;
   for (const auto& gpu : f.gpus) {
     if (auto r = check_text("hello.gpus.name", gpu.name, limits.name_bytes_max); !r) return r;
   }
-  for (const auto& model : f.models) {
-    if (auto r = check_text("hello.models.model_name", model.model_name, limits.name_bytes_max); !r) {
-      return r;
-    }
-    if (model.model_name.empty()) {
-      return unexpected{failure(decode_errc::invalid_field, "hello.models.model_name: empty")};
-    }
-    if (auto r = check_text("hello.models.quantisation", model.quantisation, limits.name_bytes_max);
-        !r) {
-      return r;
-    }
+  return check_models("hello.models", f.models, limits);
+}
+
+expected<void, decode_error> check(const advertise& f, const codec_limits& limits) {
+  if (f.models.size() > limits.models_max) {
+    return unexpected{too_many_models("advertise.models", f.models.size(), limits)};
   }
-  return {};
+  return check_models("advertise.models", f.models, limits);
 }
 
 expected<void, decode_error> check(const heartbeat&, const codec_limits&) { return {}; }
@@ -439,7 +461,7 @@ constexpr unsigned encode_first_segment_words = 128;
 
 std::string_view frame_name(const frame& f) noexcept {
   static constexpr std::array<std::string_view, std::variant_size_v<frame>> names = {
-      "hello", "heartbeat", "delta", "done", "job_error", "welcome", "offer", "cancel", "deltas"};
+      "hello", "heartbeat", "delta", "done", "job_error", "welcome", "offer", "cancel", "deltas", "advertise"};
   return names[f.index()];
 }
 

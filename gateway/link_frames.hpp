@@ -3,7 +3,8 @@
 /// gateway/link.capnp, field for field. `frame` is the variant of all of them, in the union's order
 /// (the variant index is the union tag on the wire, so only ever append).
 ///
-/// Agent -> server: hello (first frame, exactly once), heartbeat, delta, done, job_error.
+/// Agent -> server: hello (first frame, exactly once), heartbeat, delta, done, job_error, deltas,
+/// advertise.
 /// Server -> agent: welcome (answer to hello), offer, cancel.
 ///
 /// This header includes no Cap'n Proto header; gateway/link_codec.hpp does the wire work.
@@ -110,6 +111,9 @@ struct welcome {
   /// The server takes deltas marked `reasoning`. An older server does not: the agent then drops
   /// the thinking, which such a server would show as the answer.
   bool reasoning_deltas = false;
+  /// The server takes `advertise` frames. An older server does not: the agent then keeps the
+  /// models of its hello until it links again.
+  bool model_updates = false;
 
   bool operator==(const welcome&) const = default;
 };
@@ -142,8 +146,17 @@ struct deltas {
   bool operator==(const deltas&) const = default;
 };
 
+/// agent -> server, only to a server whose welcome set model_updates: the models the agent offers
+/// now, in place of those it offered before (its backend loaded or unloaded one). Jobs already
+/// running on a model no longer offered go on.
+struct advertise {
+  std::vector<events::model_offer> models;
+
+  bool operator==(const advertise&) const = default;
+};
+
 /// One link message. The alternatives' order is the wire's union order: only ever append.
-using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, offer, cancel, deltas>;
+using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, offer, cancel, deltas, advertise>;
 
 /// The frame's type name for logs, e.g. "hello", "job_error".
 [[nodiscard]] std::string_view frame_name(const frame& f) noexcept;
@@ -165,7 +178,7 @@ struct codec_limits {
   std::size_t text_bytes_max = 64 * 1024;
   /// Longest offer request_json, bytes. Default: 1 MiB.
   std::size_t request_json_bytes_max = std::size_t{1} << 20;
-  /// Most models in a hello. Default: 64.
+  /// Most models in a hello or an advertise. Default: 64.
   std::size_t models_max = 64;
   /// Most GPUs in a hello. Default: 16.
   std::size_t gpus_max = 16;

@@ -30,13 +30,13 @@ using link_actor = caf::typed_actor<caf::reacts_to<actors::offer_atom, actors::j
                                     caf::reacts_to<actors::cancel_atom, std::string>,
                                     caf::reacts_to<actors::tick_atom>>;
 
-/// What an agent is told (and its disconnect records) when `failure` stopped its hello: a domain
-/// refusal's own words (a bad offer, a suspension). Anything else is the server's (a store's
-/// message names its files) and stays in the server's log.
-std::string hello_failure(const std::string& provider_id, const caf::error& failure) {
+/// What an agent is told (and its disconnect records) when `failure` stopped its `frame` (a hello,
+/// an advertise): a domain refusal's own words (a bad offer, a suspension). Anything else is the
+/// server's (a store's message names its files) and stays in the server's log.
+std::string link_failure(const std::string& provider_id, std::string_view frame, const caf::error& failure) {
   if (const auto refused = actors::domain_error_of(failure)) return refused->message;
-  spdlog::error("link: the hello of provider={} could not be answered: {}", provider_id, actors::describe(failure));
-  return "the server could not record the hello now; link again later";
+  spdlog::error("link: the {} of provider={} could not be answered: {}", frame, provider_id, actors::describe(failure));
+  return "the server could not record the " + std::string(frame) + " now; link again later";
 }
 
 http_response unauthorized(std::string_view message) {
@@ -72,6 +72,9 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void on_message(std::string_view bytes);
   void on_closed(std::string reason);
   void on_hello(const link::hello& hello);
+  /// The agent offers other models now: recorded, then the gateway and the scheduler list them
+  /// in place of the old ones (this link's jobs go on).
+  void on_advertise(std::vector<events::model_offer> models);
   /// The checked hello makes this link its provider's: the link it replaces ends, and the hello's
   /// commands are recorded before the link goes online.
   void take_over(std::vector<domain::provider::command> commands, std::vector<events::model_offer> models,
@@ -341,6 +344,8 @@ void link_session::on_message(std::string_view bytes) {
           relay.done(provider_id_, f);
         } else if constexpr (std::is_same_v<F, link::job_error>) {
           relay.failed(provider_id_, f);
+        } else if constexpr (std::is_same_v<F, link::advertise>) {
+          on_advertise(std::move(f.models));
         } else {
           protocol_error_ = true;
           close(1008, std::string("an agent may not send ") + std::string(link::frame_name(frame)));
@@ -370,7 +375,39 @@ void link_session::on_hello(const link::hello& hello) {
               }
               self->take_over(std::move(commands), std::move(models), gpus);
             },
-            [self](caf::error& failure) { self->close(1011, hello_failure(self->provider_id_, failure)); });
+            [self](caf::error& failure) { self->close(1011, link_failure(self->provider_id_, "hello", failure)); });
+  });
+}
+
+void link_session::on_advertise(std::vector<events::model_offer> models) {
+  auto self = shared_from_this();
+  auto owner = owner_;
+  owner_->bridge_.run_keyed(provider_id_, [self, owner, models = std::move(models)](caf::event_based_actor* actor) mutable {
+    // Replaced meanwhile: the newer link's hello says what the provider offers.
+    if (self->done_with()) return;
+    const std::size_t offered = models.size();
+    actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_,
+                   domain::provider::command{domain::provider::advertise{models}})
+        .then(
+            [self, owner, actor, models = std::move(models), offered](const actors::command_reply&) mutable {
+              actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
+                  .then(
+                      [self, owner, actor, models = std::move(models), offered](const domain::provider::state& state) {
+                        std::lock_guard online(self->online_mutex_);
+                        if (self->done_with()) return;
+                        owner->relay_.provider_online({self->provider_id_, models});
+                        actor->send(owner->runtime_.scheduler, actors::online_atom::value,
+                                    actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
+                                                            actors::provider_session{self->actor_}});
+                        spdlog::info("link: provider={} now offers models={}", self->provider_id_, offered);
+                      },
+                      [self](caf::error& failure) { self->close(1011, link_failure(self->provider_id_, "advertise", failure)); });
+            },
+            [self](caf::error& failure) {
+              // A refused offer (over a limit, a model twice) or the store: as for a hello.
+              self->protocol_error_ = actors::domain_error_of(failure).has_value();
+              self->close(self->protocol_error_ ? 1008 : 1011, link_failure(self->provider_id_, "advertise", failure));
+            });
   });
 }
 
@@ -408,16 +445,17 @@ void link_session::take_over(std::vector<domain::provider::command> commands, st
                             .provider_id = self->provider_id_,
                             .heartbeat_interval_ms = static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
                             .delta_batches = true,
-                            .reasoning_deltas = true});
+                            .reasoning_deltas = true,
+                            .model_updates = true});
                         spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
                                      models.size(), gpus, static_cast<int>(state.level));
                       },
-                      [self](caf::error& failure) { self->close(1011, hello_failure(self->provider_id_, failure)); });
+                      [self](caf::error& failure) { self->close(1011, link_failure(self->provider_id_, "hello", failure)); });
             },
             [self](caf::error& failure) {
               // Refused although the check passed: the provider's state changed in between (e.g.
               // it was suspended); the domain's message says why. Or the store failed.
-              self->close(actors::domain_error_of(failure) ? 1008 : 1011, hello_failure(self->provider_id_, failure));
+              self->close(actors::domain_error_of(failure) ? 1008 : 1011, link_failure(self->provider_id_, "hello", failure));
             });
   });
 }

@@ -112,8 +112,19 @@ class scheduler_test : public testing::deterministic_fixture {
     ASSERT_TRUE(state);
     auto session = system_.spawn(session_behavior, offers_, cancels_, id);
     stop_at_teardown(session);
+    sessions_[id] = session;
     self_->send(rt_.scheduler, online_atom::value,
                 provider_online{domain::listing_for(state.value(), *clock_.now_us), session});
+    run();
+  }
+
+  /// The provider's agent offers `models` now, over the link it has.
+  void advertise_again(const std::string& id, std::vector<events::model_offer> models) {
+    command(rt_.providers, id, domain::provider::command{domain::provider::advertise{std::move(models)}});
+    auto state = ask<domain::provider::state>(rt_.providers, id, state_atom::value);
+    ASSERT_TRUE(state);
+    self_->send(rt_.scheduler, online_atom::value,
+                provider_online{domain::listing_for(state.value(), *clock_.now_us), sessions_.at(id)});
     run();
   }
 
@@ -125,6 +136,8 @@ class scheduler_test : public testing::deterministic_fixture {
       ASSERT_TRUE(deposit) << describe(deposit.error());
     }
   }
+
+  std::map<std::string, provider_session> sessions_;  ///< each provider's latest link, by id
 
   /// Providers p1 and p2 of one slot each, one of them running (started) job j0 of premium user
   /// dave; returns its id, empty when that failed.
@@ -1411,6 +1424,30 @@ TEST_F(failing_store_scheduler_test, a_job_whose_failover_cannot_be_recorded_is_
   EXPECT_NE(told->front().detail.find("could not be recorded"), std::string::npos) << told->front().detail;
   EXPECT_EQ(counts().running + counts().queued, 0u);
   faults_->set_fail_sync(false);
+}
+
+TEST_F(scheduler_test, a_link_offering_other_models_keeps_its_jobs_and_fails_those_queued_for_a_model_left_unserved) {
+  // The agent's backend unloaded one model and loaded another, and its link says so.
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // on p1's one slot
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "alice", true)));  // behind it
+  ASSERT_EQ((*offers_)["p1"].size(), 1u);
+  ASSERT_EQ(counts().queued, 1u);
+
+  advertise_again("p1", {events::model_offer{"qwen-7b", 8192, "Q4_K_M", 1'000'000, 1'000'000, 2}});
+  EXPECT_EQ((*offers_)["p1"].size(), 1u) << "j1's offer is not sent again on the link that has it";
+  EXPECT_EQ(job("j1").status, domain::job_status::assigned);
+  EXPECT_EQ(job("j2").status, domain::job_status::failed);
+  EXPECT_EQ(job("j2").failure, events::failure_reason::no_provider);
+  EXPECT_EQ(counts().queued, 0u);
+
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true, "qwen-7b")));
+  ASSERT_EQ((*offers_)["p1"].size(), 2u) << "the new model is served at once, in the slot left";
+  EXPECT_EQ((*offers_)["p1"][1].job_id, "j3");
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j4", "alice", true));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
 }
 
 TEST_F(scheduler_test, a_provider_linking_again_gets_the_offers_its_old_link_lost) {

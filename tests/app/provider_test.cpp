@@ -257,18 +257,15 @@ class upstream_process {
     return "http://127.0.0.1:" + std::to_string(port_) + "/v1";
   }
 
+  /// The models it serves from now on (POST /control/models): a backend loading or unloading one.
+  void serve_models(const std::string& ids) const {
+    const auto response = exchange(http::verb::post, "/control/models", ids);
+    EXPECT_EQ(response.result_int(), 200u) << response.body();
+  }
+
   /// One counter of GET /stats.
   [[nodiscard]] std::int64_t stat(const char* name) const {
-    asio::io_context io;
-    tcp::socket socket(io);
-    socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port_));
-    http::request<http::string_body> request{http::verb::get, "/stats", 11};
-    request.set(http::field::host, "127.0.0.1");
-    request.keep_alive(false);
-    http::write(socket, request);
-    beast::flat_buffer buffer;
-    http::response<http::string_body> response;
-    http::read(socket, buffer, response);
+    const auto response = exchange(http::verb::get, "/stats", "");
     return json::parse(response.body()).as_object().at(name).to_number<std::int64_t>();
   }
 
@@ -283,6 +280,25 @@ class upstream_process {
   }
 
  private:
+  /// One request on its own connection, answered in full.
+  http::response<http::string_body> exchange(http::verb method, const char* target, const std::string& body) const {
+    asio::io_context io;
+    tcp::socket socket(io);
+    socket.connect(tcp::endpoint(asio::ip::make_address("127.0.0.1"), port_));
+    http::request<http::string_body> request{method, target, 11};
+    request.set(http::field::host, "127.0.0.1");
+    request.keep_alive(false);
+    if (!body.empty()) {
+      request.body() = body;
+      request.prepare_payload();
+    }
+    http::write(socket, request);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> response;
+    http::read(socket, buffer, response);
+    return response;
+  }
+
   void read_port() {
     std::string line;
     const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
@@ -648,6 +664,61 @@ TEST(provider_agent, a_window_over_what_the_coordinator_takes_is_advertised_as_i
   const auto hello = coordinator.all<link::hello>().front();
   ASSERT_EQ(hello.models.size(), 1u);
   EXPECT_EQ(hello.models[0].context_length_tokens, domain::provider_options{}.context_length_tokens_max);
+}
+
+/// The model names of an offer list, comma-separated.
+std::string names_of(const std::vector<events::model_offer>& models) {
+  std::string out;
+  for (const auto& m : models) out += (out.empty() ? "" : ",") + m.model_name;
+  return out;
+}
+
+TEST(provider_agent, a_model_the_backend_loads_or_unloads_is_advertised_on_the_live_link) {
+  upstream_process upstream({"--models", "m1,m2", "--context-length", "8192"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  options.models_refresh_interval = 50ms;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(names_of(coordinator.all<link::hello>().front().models), "m1,m2");
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000, .model_updates = true});
+
+  upstream.serve_models("m2,m3");
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::advertise>() == 1; }));
+  const auto advertised = coordinator.all<link::advertise>().front();
+  EXPECT_EQ(names_of(advertised.models), "m2,m3");
+  for (const auto& m : advertised.models) {
+    EXPECT_EQ(m.context_length_tokens, 8192u);
+    EXPECT_EQ(m.output_price_micros_per_mtok, 1'500'000);
+    EXPECT_EQ(m.max_concurrency, options.max_concurrency);
+  }
+  EXPECT_EQ(coordinator.count_locked<link::hello>(), 1u) << "the link goes on";
+}
+
+TEST(provider_agent, a_job_the_backend_answers_404_lists_its_models_at_once) {
+  // The periodic listing is ten minutes away: only the 404 can bring the advertise in time.
+  upstream_process upstream({"--models", "m1,m2", "--context-length", "8192"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  options.models_refresh_interval = std::chrono::minutes(10);
+  options.models_refresh_min = 0ms;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000, .model_updates = true});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::heartbeat>() >= 1; }));
+
+  upstream.serve_models("m2");
+  coordinator.send(link::offer{.job_id = "j1", .kind = link::job_kind::chat, .request_json = chat_request("m1"),
+                               .attempt = 1});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::advertise>() == 1; }));
+  EXPECT_EQ(names_of(coordinator.all<link::advertise>().front().models), "m2");
+  const auto errors = coordinator.all<link::job_error>();
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_NE(errors.front().message.find("404"), std::string::npos) << errors.front().message;
 }
 
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {

@@ -63,7 +63,11 @@ std::vector<frame> every_frame() {
                 .message = "backend answered 503",
                 .upstream_fault = true,
                 .attempt = 3},
-      welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 5'000, .delta_batches = true, .reasoning_deltas = true},
+      welcome{.provider_id = "prov-1",
+              .heartbeat_interval_ms = 5'000,
+              .delta_batches = true,
+              .reasoning_deltas = true,
+              .model_updates = true},
       offer{.job_id = "job-44",
             .kind = job_kind::completion,
             .request_json = R"({"model":"m","prompt":"hi","stream":true})",
@@ -72,6 +76,7 @@ std::vector<frame> every_frame() {
       deltas{.items = {delta{.job_id = "job-42", .text = "Grüße", .attempt = 1}, delta{.job_id = "job-45", .text = ""},
                        delta{.job_id = "job-43", .text = "hmm", .attempt = 3, .reasoning = true},
                        delta{.job_id = "job-42", .text = ", 世界 🙂"}}},
+      advertise{.models = {example_model("qwen2.5-7b"), example_model("mistral-7b")}},
   };
 }
 
@@ -121,7 +126,7 @@ TEST(link_codec, a_job_error_says_which_of_three_causes_it_had) {
 }
 
 TEST(link_codec, empty_and_default_frames_round_trip) {
-  for (const frame& f : {frame{hello{}}, frame{heartbeat{}}, frame{welcome{}}}) {
+  for (const frame& f : {frame{hello{}}, frame{heartbeat{}}, frame{welcome{}}, frame{advertise{}}}) {
     EXPECT_EQ(round_trip(f), f) << frame_name(f);
   }
 }
@@ -276,6 +281,9 @@ TEST(link_codec, names_and_urls_are_bounded) {
   h.backend_url = std::string(limits.url_bytes_max + 1, 'u');
   cases.emplace_back(h, "hello.backend_url");
   cases.emplace_back(welcome{.provider_id = long_name}, "welcome.provider_id");
+  cases.emplace_back(advertise{.models = {example_model(long_name)}}, "advertise.models.model_name");
+  cases.emplace_back(advertise{.models = std::vector<events::model_offer>(limits.models_max + 1, example_model("m"))},
+                     "advertise.models: 65 models");
   cases.emplace_back(done{.job_id = "j", .finish_reason = long_name}, "done.finish_reason");
   cases.emplace_back(
       job_error{.job_id = "j", .message = std::string(limits.message_bytes_max + 1, 'e')},

@@ -252,9 +252,9 @@ class provider_link_test : public ::testing::Test {
     return std::string(json::parse(answer.body).at("api_key").as_string());
   }
   /// A chat completion's answer text, or the error body when it is refused.
-  std::string chat(const std::string& api_key) {
+  std::string chat(const std::string& api_key, const std::string& model_name = model) {
     const auto answer = call(port_, http::verb::post, "/v1/chat/completions",
-                             R"({"model":")" + model + R"(","messages":[{"role":"user","content":"hi"}]})", api_key);
+                             R"({"model":")" + model_name + R"(","messages":[{"role":"user","content":"hi"}]})", api_key);
     if (answer.status != 200) return "HTTP " + std::to_string(answer.status) + ": " + answer.body;
     return std::string(json::parse(answer.body).at("choices").at(0).at("message").at("content").as_string());
   }
@@ -383,6 +383,42 @@ TEST_F(provider_link_test, a_hello_the_store_fails_to_record_is_closed_without_t
   EXPECT_NE(closed->message.find("could not record the hello"), std::string::npos) << closed->message;
   EXPECT_EQ(closed->message.find(dir_.path().string()), std::string::npos) << closed->message;
   EXPECT_EQ(closed->message.find("storage"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, an_advertise_on_a_live_link_replaces_the_models_it_serves) {
+  // Its backend unloaded one model and loaded another: the link goes on, with the new offer.
+  const auto token = make_provider();
+  const auto api_key = make_user();
+  agent serving(port_, token, hello_with(4096), "answered");
+  ASSERT_TRUE(serving.wait_welcome());
+  ASSERT_EQ(chat(api_key), "answered");
+  auto offer = hello_with(4096).models.front();
+  offer.model_name = "m2";
+  ASSERT_TRUE(serving.send(link::advertise{.models = {offer}}));
+  // Recorded, then listed: poll the models list (no fixed wait).
+  const auto models_listed = [&] {
+    return std::string(json::serialize(json::parse(call(port_, http::verb::get, "/v1/models", "", api_key).body)));
+  };
+  const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+  while (models_listed().find(R"("id":"m2")") == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const auto listed = models_listed();
+  EXPECT_NE(listed.find(R"("id":"m2")"), std::string::npos) << listed;
+  EXPECT_EQ(listed.find(R"("id":"m")"), std::string::npos) << listed;
+  EXPECT_EQ(chat(api_key, "m2"), "answered");
+  const auto gone = chat(api_key, "m");
+  EXPECT_NE(gone.find("HTTP 404"), std::string::npos) << gone;
+  EXPECT_EQ(serving.disconnects(), 0u);
+  EXPECT_EQ(serving.offers(), 2u);
+
+  // An offer the platform refuses closes the link, as at a hello.
+  offer.context_length_tokens = 0;
+  ASSERT_TRUE(serving.send(link::advertise{.models = {offer}}));
+  const auto closed = serving.wait_disconnect();
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("context length of 0 tokens"), std::string::npos) << closed->message;
 }
 
 TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {

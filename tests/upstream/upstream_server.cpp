@@ -217,9 +217,20 @@ void append_number(std::string& out, std::uint64_t value) {
   out.append(digits.data(), end);
 }
 
-std::string models_body(const settings& config) {
+/// `list`'s comma-separated model ids, in order, empty ones left out.
+std::vector<std::string> split_models(std::string_view list) {
+  std::vector<std::string> ids;
+  for (std::size_t start = 0; start <= list.size();) {
+    const auto comma = std::min(list.find(',', start), list.size());
+    if (comma > start) ids.emplace_back(list.substr(start, comma - start));
+    start = comma + 1;
+  }
+  return ids;
+}
+
+std::string models_body(const settings& config, const std::vector<std::string>& ids) {
   json::array data;
-  for (const auto& id : config.models) {
+  for (const auto& id : ids) {
     json::object model{{"id", id}, {"object", "model"}, {"created", 0}, {"owned_by", "gpustream-test"}};
     if (config.kind == flavor::openai) model["context_length"] = config.context_length;
     if (config.kind == flavor::llamacpp) model["meta"] = json::object{{"n_ctx_train", trained_context_length}};
@@ -229,15 +240,15 @@ std::string models_body(const settings& config) {
 }
 
 /// The flavor's own answer about context windows at `path`, or nothing (404).
-std::optional<std::string> own_api_body(const settings& config, std::string_view path, bool get,
-                                        std::string_view body) {
+std::optional<std::string> own_api_body(const settings& config, const std::vector<std::string>& ids,
+                                        std::string_view path, bool get, std::string_view body) {
   if (config.kind == flavor::llamacpp && path == "/props" && get) {
     return json::serialize(json::object{{"default_generation_settings", json::object{{"n_ctx", config.context_length}}},
                                         {"total_slots", 1}});
   }
   if (config.kind == flavor::lmstudio && path == "/api/v0/models" && get) {
     json::array data;
-    for (const auto& id : config.models) {
+    for (const auto& id : ids) {
       data.push_back(json::object{{"id", id}, {"object", "model"}, {"state", "loaded"},
                                   {"max_context_length", trained_context_length},
                                   {"loaded_context_length", config.context_length}});
@@ -249,7 +260,7 @@ std::optional<std::string> own_api_body(const settings& config, std::string_view
     const auto request = json::parse(body, ec);
     const auto* model = !ec && request.is_object() ? request.get_object().if_contains("model") : nullptr;
     if (model == nullptr || !model->is_string() ||
-        std::find(config.models.begin(), config.models.end(), model->get_string()) == config.models.end()) {
+        std::find(ids.begin(), ids.end(), model->get_string()) == ids.end()) {
       return std::nullopt;
     }
     return json::serialize(json::object{
@@ -304,11 +315,38 @@ struct answer_plan {
   std::string prefix;  // `data: {"id":…,"choices":[` shared by every chunk of the answer
 };
 
+/// The models served now: --models at start, changed by POST /control/models (a backend loading
+/// or unloading one). Shared by every connection's thread.
+class live_models {
+ public:
+  struct snapshot {
+    std::vector<std::string> ids;
+    std::string body;  ///< GET /v1/models
+  };
+  live_models(const settings& config, std::vector<std::string> ids) : config_(config) { set(std::move(ids)); }
+  std::shared_ptr<const snapshot> get() const {
+    std::lock_guard lock(mutex_);
+    return current_;
+  }
+  void set(std::vector<std::string> ids) {
+    auto next = std::make_shared<snapshot>();
+    next->body = models_body(config_, ids);
+    next->ids = std::move(ids);
+    std::lock_guard lock(mutex_);
+    current_ = std::move(next);
+  }
+
+ private:
+  const settings& config_;
+  mutable std::mutex mutex_;
+  std::shared_ptr<const snapshot> current_;
+};
+
 /// One client connection: reads requests in turn; answers each, streaming when asked to.
 class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, const settings& config, counters& stats, engine_schedule& schedule,
-          const std::string& models)
+          live_models& models)
       : socket_(std::move(socket)),
         timer_(socket_.get_executor()),
         config_(config),
@@ -347,8 +385,17 @@ class session : public std::enable_shared_from_this<session> {
     if (!config_.api_key.empty() && request[http::field::authorization] != "Bearer " + config_.api_key) {
       return answer(401, error_body(401, "Unauthorized: a missing or wrong API key"), keep_alive_);
     }
-    if (path == "/v1/models" && get) return answer(200, models_, keep_alive_);
-    if (auto own = own_api_body(config_, path, get, request.body())) return answer(200, std::move(*own), keep_alive_);
+    const auto models = models_.get();
+    if (path == "/v1/models" && get) return answer(200, models->body, keep_alive_);
+    if (path == "/control/models" && post) {
+      auto ids = split_models(request.body());
+      if (ids.empty()) return answer(400, error_body(400, "name at least one model, comma-separated"), keep_alive_);
+      models_.set(std::move(ids));
+      return answer(200, models_.get()->body, keep_alive_);
+    }
+    if (auto own = own_api_body(config_, models->ids, path, get, request.body())) {
+      return answer(200, std::move(*own), keep_alive_);
+    }
     if (path == "/stats" && get) return answer(200, stats_body(), keep_alive_);
     if (path == "/v1/chat/completions" && post) return completion(completion_kind::chat, request.body());
     if (path == "/v1/completions" && post) return completion(completion_kind::text, request.body());
@@ -415,7 +462,8 @@ class session : public std::enable_shared_from_this<session> {
     const auto* model = request.if_contains("model");
     if (model == nullptr || !model->is_string()) return answer_error(400, "you must provide a model parameter");
     const std::string_view model_id = model->get_string();
-    if (std::find(config_.models.begin(), config_.models.end(), model_id) == config_.models.end()) {
+    const auto models = models_.get();
+    if (std::find(models->ids.begin(), models->ids.end(), model_id) == models->ids.end()) {
       return answer_error(404, "The model `" + std::string(model_id.substr(0, 200)) + "` does not exist",
                           "model_not_found");
     }
@@ -767,7 +815,7 @@ class session : public std::enable_shared_from_this<session> {
   const settings& config_;
   counters& stats_;
   engine_schedule& schedule_;
-  const std::string& models_;
+  live_models& models_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   bool keep_alive_ = true;
@@ -789,7 +837,7 @@ class server {
  public:
   explicit server(settings config)
       : config_(std::move(config)),
-        models_(models_body(config_)),
+        models_(config_, config_.models),
         io_(static_cast<int>(config_.threads)),
         acceptor_(io_),
         retry_timer_(io_),
@@ -846,7 +894,7 @@ class server {
   settings config_;
   counters stats_;
   engine_schedule schedule_{config_};
-  std::string models_;
+  live_models models_;
   asio::io_context io_;
   tcp::acceptor acceptor_;
   asio::steady_timer retry_timer_;
@@ -926,12 +974,7 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
   }
   config.host = listen.substr(0, colon);
   config.port = static_cast<std::uint16_t>(port);
-  config.models.clear();
-  for (std::size_t start = 0; start <= models.size();) {
-    const auto comma = std::min(models.find(',', start), models.size());
-    if (comma > start) config.models.push_back(models.substr(start, comma - start));
-    start = comma + 1;
-  }
+  config.models = split_models(models);
   if (config.models.empty()) {
     std::cerr << "gpustream_test_upstream: --models names no model\n";
     return std::nullopt;
