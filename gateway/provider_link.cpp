@@ -137,6 +137,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
     if (token.empty()) return unauthorized("send the provider token as 'Authorization: Bearer <token>'");
     const auto provider = directory_.provider_by_token(token);
     if (!provider) return unauthorized("unknown provider token");
+    if (links_of(provider->provider_id) >= options_.links_per_provider_max) return too_many_links();
     auto self = shared_from_this();
     return websocket_accept{[self, provider_id = provider->provider_id](std::shared_ptr<websocket_connection> c) {
       auto session = std::make_shared<link_session>(self, std::move(c), provider_id);
@@ -177,18 +178,39 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
     return true;
   }
 
-  /// Every link actor alive (hello or not), so that stopping the node stops them all: a link
-  /// whose connection is dropped by the server's shutdown never sees on_closed. False once
-  /// stopped: the caller then stops `actor` itself.
-  [[nodiscard]] bool track(const link_session* session, link_actor actor) {
+  http_response too_many_links() const {
+    return {429, "application/json",
+            R"({"error":{"message":"this provider has )" + std::to_string(options_.links_per_provider_max) +
+                R"( links open, the most allowed; close one or retry later","type":"rate_limit_error","param":null,"code":"too_many_links"}})",
+            {{"Retry-After", "5"}}};
+  }
+
+  /// The provider's links open now, hello or not.
+  std::size_t links_of(const std::string& provider_id) const {
     std::lock_guard lock(mutex_);
-    if (stopped_) return false;
+    const auto found = per_provider_.find(provider_id);
+    return found == per_provider_.end() ? 0 : found->second;
+  }
+
+  enum class tracking { tracked, stopped, too_many };
+  /// Every link actor alive (hello or not), so that stopping the node stops them all: a link
+  /// whose connection is dropped by the server's shutdown never sees on_closed. Not tracked once
+  /// stopped, nor past links_per_provider_max (links that raced past the upgrade's check): the
+  /// caller then stops `actor` itself.
+  [[nodiscard]] tracking track(const link_session* session, link_actor actor) {
+    std::lock_guard lock(mutex_);
+    if (stopped_) return tracking::stopped;
+    auto& open = per_provider_[session->provider_id()];
+    if (open >= options_.links_per_provider_max) return tracking::too_many;
+    ++open;
     actors_[session] = std::move(actor);
-    return true;
+    return tracking::tracked;
   }
   void untrack(const link_session* session) {
     std::lock_guard lock(mutex_);
-    actors_.erase(session);
+    if (actors_.erase(session) == 0) return;
+    const auto open = per_provider_.find(session->provider_id());
+    if (open != per_provider_.end() && --open->second == 0) per_provider_.erase(open);
   }
   void stop() {
     std::vector<caf::actor> running;
@@ -197,6 +219,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
       stopped_ = true;
       for (auto& [session, actor] : actors_) running.push_back(caf::actor_cast<caf::actor>(actor));
       actors_.clear();
+      per_provider_.clear();
     }
     stop_and_wait(system_, running);
   }
@@ -215,6 +238,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   mutable std::mutex mutex_;
   std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
   std::map<const link_session*, link_actor> actors_;
+  std::map<std::string, std::size_t> per_provider_;  ///< links tracked, by provider id
   bool stopped_ = false;
   std::atomic<std::uint64_t> heartbeats_forwarded_{0};
   std::atomic<std::uint64_t> heartbeats_skipped_{0};
@@ -280,10 +304,15 @@ void link_session::start() {
         },
     };
   });
-  if (!owner_->track(this, actor_)) {
+  if (const auto tracked = owner_->track(this, actor_); tracked != provider_links::impl::tracking::tracked) {
     caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
     closed_ = true;
-    connection_->close(1001, "the server is stopping");
+    if (tracked == provider_links::impl::tracking::stopped) {
+      connection_->close(1001, "the server is stopping");
+    } else {
+      connection_->close(1008, "this provider has " + std::to_string(owner_->options_.links_per_provider_max) +
+                                   " links open, the most allowed");
+    }
     return;
   }
   connection_->start([self](std::string_view bytes) { self->on_message(bytes); },

@@ -32,6 +32,11 @@ struct provider_link_options {
   /// the welcome) before it is closed: its agent sends no heartbeat before the welcome, so
   /// stale_after does not apply yet. Default: 30 s.
   std::chrono::milliseconds hello_answer_wait_max{30'000};
+  /// Most links one provider may have open at once (a link that replaces another overlaps it for a
+  /// moment; one not yet past its hello lives up to stale_after). More are refused (429 on the
+  /// upgrade, or closed with 1008 when they raced past it), so that one token cannot use up the
+  /// server's connections. Default: 4.
+  std::size_t links_per_provider_max = 4;
   /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
   std::function<std::int64_t()> clock_us;
 };

@@ -102,7 +102,9 @@ link::hello hello_with(std::uint32_t context_length_tokens) {
 /// within a test (its backoff waits a minute), so every disconnect it records is one.
 class agent {
  public:
-  agent(std::uint16_t port, const std::string& token, link::hello hello, std::string answer_text)
+  /// `say_hello` false: it links and says nothing (a link not yet past its hello).
+  agent(std::uint16_t port, const std::string& token, link::hello hello, std::string answer_text,
+        bool say_hello = true)
       : hello_(std::move(hello)), answer_text_(std::move(answer_text)), thread_([this] { io_.run(); }) {
     link_client_options options;
     options.url = "ws://127.0.0.1:" + std::to_string(port) + "/v1/providers/link";
@@ -112,8 +114,8 @@ class agent {
     options.seed = 7;
     on_io([&] {
       auto created = link_client::create(io_, std::move(options),
-                                         {.on_connected = [this] {
-                                            (void)client_->send(hello_);
+                                         {.on_connected = [this, say_hello] {
+                                            if (say_hello) (void)client_->send(hello_);
                                             update([this] { ++connects_; });
                                           },
                                           .on_frame = [this](link::frame f) { on_frame(std::move(f)); },
@@ -135,6 +137,12 @@ class agent {
 
   [[nodiscard]] bool wait_welcome() {
     return wait_until([this] { return welcomed_; });
+  }
+  /// Until it is welcomed or its link ends; whether it was welcomed.
+  [[nodiscard]] bool wait_welcome_or_disconnect() {
+    (void)wait_until([this] { return welcomed_ || !disconnects_.empty(); });
+    std::lock_guard lock(mutex_);
+    return welcomed_;
   }
   /// Until its hello went out.
   [[nodiscard]] bool wait_connected() {
@@ -419,6 +427,35 @@ TEST_F(provider_link_test, an_advertise_on_a_live_link_replaces_the_models_it_se
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("context length of 0 tokens"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, links_past_links_per_provider_max_are_refused_and_others_are_not) {
+  const auto token = make_provider();
+  std::vector<std::unique_ptr<agent>> silent;
+  for (int i = 0; i < 4; ++i) {  // links_per_provider_max: each one links and says nothing
+    silent.push_back(std::make_unique<agent>(port_, token, hello_with(4096), "unused", false));
+    ASSERT_TRUE(silent.back()->wait_connected());
+  }
+  agent fifth(port_, token, hello_with(4096), "unused");
+  const auto refused = fifth.wait_disconnect();
+  ASSERT_TRUE(refused);
+  EXPECT_EQ(refused->kind, link_disconnect_kind::rejected);
+  EXPECT_EQ(refused->http_status, 429);
+  EXPECT_EQ(fifth.offers(), 0u);
+
+  // Another provider's links are not counted with these.
+  agent other(port_, make_provider(), hello_with(4096), "from the other provider");
+  ASSERT_TRUE(other.wait_welcome());
+  // One of the four gone, the provider may link again (once the server has seen it go: a link
+  // refused before that is tried anew).
+  silent.pop_back();
+  const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+  bool welcomed = false;
+  while (!welcomed && std::chrono::steady_clock::now() < deadline) {
+    agent again(port_, token, hello_with(4096), "answered");
+    welcomed = again.wait_welcome_or_disconnect();
+  }
+  EXPECT_TRUE(welcomed);
 }
 
 TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {
