@@ -1,6 +1,7 @@
 #pragma once
 /// The ledger actor: the one aggregate of stream "ledger" (domain/ledger.hpp) in the persistence
-/// shell. Every group it applies is checked against the ledger's invariants (touched accounts and
+/// shell, behind a keeper that starts it again (recovering from the log) for the next message
+/// once a failed append stopped it. Every group it applies is checked against the ledger's invariants (touched accounts and
 /// the running total) before its requester hears back; a violation stops the process, since it
 /// can only be a bug in the rules. Besides commands and the whole state, it answers balances.
 ///

@@ -74,6 +74,19 @@ struct scheduler_state {
   std::map<std::string, std::int64_t> suspended_until_us;
   std::uint64_t passes = 0;
   std::uint64_t side_effects_failed = 0;
+  /// A job's bill whose ledger group the store failed to take (the job's end, with the bill, is
+  /// recorded). Its premium hold stays in holds_micros until the ledger takes or refuses the group:
+  /// released at once, it would let new jobs spend what the bill needs, and the bill could be
+  /// refused for good when serve settles it at its next start.
+  struct unsettled_group {
+    std::string user_id;
+    std::int64_t hold_micros = 0;
+    domain::record_transfers group;
+    std::int64_t retry_at_us = 0;
+    std::int64_t wait_us = 0;
+    bool in_flight = false;
+  };
+  std::map<std::string, unsettled_group> unsettled;  ///< by job id
 
   static inline const char* name = "gpustream.scheduler";
 };
@@ -306,6 +319,53 @@ std::uint32_t billed_prompt_tokens(const scheduler_options& options, const live_
   return std::min(reported, estimate);
 }
 
+/// Whether the ledger refused a group for good (a domain refusal other than busy), rather than
+/// failed to take it now (the store).
+bool refused_for_good(const caf::error& failure) {
+  const auto refused = domain_error_of(failure);
+  return refused && refused->code != domain::errc::busy;
+}
+
+constexpr std::int64_t settle_retry_first_us = 1'000'000;
+constexpr std::int64_t settle_retry_max_us = 60'000'000;
+
+/// The ledger did not take job `job_id`'s group now: it is retried (see unsettled_group), the
+/// job's premium hold moving with it. A refusal for good is left to the job's forget.
+void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group,
+                    const caf::error& failure) {
+  if (refused_for_good(failure)) return;
+  auto& job = self->state.jobs.at(job_id);
+  self->state.unsettled[job_id] = {job.request.user_id, job.hold_micros, std::move(group),
+                                   now_us(self) + settle_retry_first_us, settle_retry_first_us, false};
+  job.hold_micros = 0;  // held on by the retry, not released by forget
+}
+
+/// Offers each unsettled group that is due to the ledger again.
+void retry_unsettled(self_pointer self) {
+  const std::int64_t now = now_us(self);
+  for (auto& [job_id, entry] : self->state.unsettled) {
+    if (entry.in_flight || entry.retry_at_us > now) continue;
+    entry.in_flight = true;
+    auto settled = [self, job_id = job_id](bool applied, const caf::error* failure) {
+      auto found = self->state.unsettled.find(job_id);
+      if (found == self->state.unsettled.end()) return;
+      auto& e = found->second;
+      if (!applied && !refused_for_good(*failure)) {
+        e.in_flight = false;
+        e.wait_us = std::min(e.wait_us * 2, settle_retry_max_us);
+        e.retry_at_us = now_us(self) + e.wait_us;
+        return;
+      }
+      if (!applied) ++self->state.side_effects_failed;  // refused for good: serve's start reports it
+      release(self->state.holds_micros, e.user_id, e.hold_micros);
+      self->state.unsettled.erase(found);
+    };
+    self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{entry.group})
+        .then([settled](const command_reply&) mutable { settled(true, nullptr); },
+              [settled](caf::error& failure) mutable { settled(false, &failure); });
+  }
+}
+
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
 /// scores its provider and records the free usage; then answers `reply` and forgets the job.
 void settle(self_pointer self, const std::string& job_id, domain::job_outcome outcome,
@@ -352,10 +412,10 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
     after_ledger();
     return;
   }
-  self->request(self->state.peers.ledger, caf::infinite,
-                domain::ledger::command{std::move(settled.value().group)})
+  self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{settled.value().group})
       .then([after_ledger](const command_reply&) mutable { after_ledger(); },
-            [self, job_id, reply](caf::error& failure) mutable {
+            [self, job_id, reply, group = std::move(settled.value().group)](caf::error& failure) mutable {
+              keep_unsettled(self, job_id, std::move(group), failure);
               forget(self, job_id);
               reply.deliver(failure);
             });
@@ -1099,10 +1159,11 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
         std::uint64_t running = 0;
         for (const auto& [id, job] : self->state.jobs) running += job.running ? 1 : 0;
         return scheduler_counts{self->state.queue->size(), running, self->state.index->size(),
-                                self->state.side_effects_failed};
+                                self->state.side_effects_failed, self->state.unsettled.size()};
       },
       [self](tick_atom) {
         on_tick(self);
+        retry_unsettled(self);
         self->delayed_send(self, self->state.options.tick_interval, tick_atom::value);
       },
   };

@@ -157,6 +157,9 @@ struct scheduler_counts {
   std::uint64_t running = 0;   ///< assigned or streaming
   std::uint64_t providers_online = 0;
   std::uint64_t side_effects_failed = 0;  ///< scoring or usage records whose append failed
+  /// Jobs' bills whose ledger group the store failed to take: retried, with their premium holds
+  /// kept, until the ledger takes or refuses them.
+  std::uint64_t settlements_retrying = 0;
 };
 
 struct scheduler_options {

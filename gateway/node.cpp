@@ -165,6 +165,9 @@ class node::impl {
         ttft_buckets_seconds);
     queued_ = &metrics_.add_gauge("gpustream_queue_depth", "Jobs waiting for a provider (scheduler)");
     running_ = &metrics_.add_gauge("gpustream_jobs_running", "Jobs assigned or streaming (scheduler)");
+    bills_retrying_ = &metrics_.add_gauge(
+        "gpustream_job_bills_retrying",
+        "Jobs' bills whose ledger group the store failed to take, retried with their holds kept (scheduler)");
     metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
                                 [this] { return static_cast<double>(links_ ? links_->online() : 0); });
     metrics_.add_counter_callback("gpustream_link_heartbeats_forwarded_total",
@@ -320,6 +323,7 @@ class node::impl {
               [this](const actors::scheduler_counts& counts) {
                 queued_->get().set(static_cast<double>(counts.queued));
                 running_->get().set(static_cast<double>(counts.running));
+                bills_retrying_->get().set(static_cast<double>(counts.settlements_retrying));
                 refresh_gauges();
               },
               [this](caf::error&) { refresh_gauges(); });
@@ -557,6 +561,7 @@ class node::impl {
   histogram_family* provider_ttft_ = nullptr;
   gauge_family* queued_ = nullptr;
   gauge_family* running_ = nullptr;
+  gauge_family* bills_retrying_ = nullptr;
   std::atomic<bool> refresh_stop_{false};
   std::unique_ptr<actor_ad_source> ads_;
   std::unique_ptr<relay> relay_;

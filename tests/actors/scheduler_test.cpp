@@ -1426,6 +1426,67 @@ TEST_F(failing_store_scheduler_test, a_job_whose_failover_cannot_be_recorded_is_
   faults_->set_fail_sync(false);
 }
 
+/// With `sync` durability and a store whose fsyncs start failing right after the one that made the
+/// next append durable (fail_after_next_sync).
+class arming_store_scheduler_test : public scheduler_test {
+ protected:
+  arming_store_scheduler_test() : scheduler_test(100'000, with_faults()) {}
+  ~arming_store_scheduler_test() override { faults_->set_fail_sync(false); }
+
+  static storage::store_options with_faults() {
+    faults_ = std::make_shared<storage::fault_injector>();
+    faults_->set_sync_observer([](const std::string& path, std::uint64_t) {
+      if (path.ends_with(".log") && fail_after_next_sync_.exchange(false)) faults_->set_fail_sync(true);
+    });
+    storage::store_options options;
+    options.mode = storage::durability::sync;
+    options.faults = faults_;
+    return options;
+  }
+
+  // Static: the base class opens the store before this class's members exist.
+  static inline std::shared_ptr<storage::fault_injector> faults_;
+  static inline std::atomic<bool> fail_after_next_sync_{false};
+};
+
+TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hold_and_is_recorded_by_a_later_tick) {
+  // The job's end (with its bill) is recorded, its ledger group is not. Releasing the premium
+  // hold then would let new jobs spend what the bill needs: the bill could be refused for good.
+  bring_online("p1", "llama-8b", 4);
+  // One job's hold (1000 prompt + 500 answer tokens at 1 USD per Mtok: 1500) fits, two do not.
+  create_user("alice", events::user_tier::premium, 2'600);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_fail_sync(false);
+  ASSERT_FALSE(ended);
+  EXPECT_TRUE(storage_error_of(ended.error())) << describe(ended.error());
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+  EXPECT_EQ(counts().settlements_retrying, 1u);
+  // A failed fsync leaves the write's fate open: the ledger, started again from the log, may
+  // already hold the group. Either way the hold stays until the ledger answers for it.
+  const auto balance_now = balance("user-alice");
+  EXPECT_TRUE(balance_now == 2'600 || balance_now == 2'600 - 1'010) << balance_now;
+
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
+  ASSERT_FALSE(refused) << "j1's hold is kept while its bill is retried";
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
+
+  // A tick a second later offers the group again, and the store takes it. (The ledger started
+  // again may first meet the failed append's record, if it read the log before the store reopened:
+  // that try fails too, and the next one, after twice the wait, is taken.)
+  std::int64_t wait_s = 1;
+  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
+    *clock_.now_us += wait_s * 1'000'000;
+    sched_.clock().advance_time(std::chrono::seconds(wait_s));
+    run();
+  }
+  EXPECT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(balance("user-alice"), 2'600 - 1'010);  // 1000 prompt + 10 answer tokens
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
+}
+
 TEST_F(scheduler_test, a_link_offering_other_models_keeps_its_jobs_and_fails_those_queued_for_a_model_left_unserved) {
   // The agent's backend unloaded one model and loaded another, and its link says so.
   bring_online("p1", "llama-8b", 1);
