@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <utility>
 
 #include "actors/errors.hpp"
@@ -26,6 +27,11 @@ struct runner_state {
   bool busy = false;                         ///< an operation is in progress
   std::deque<std::function<void()>> waiting;  ///< operations behind it, in arrival order
   payout_report last_report;
+  /// Every payout open in the ledger was checked against its stream (the first run does it: a
+  /// crash may have come between a settle or fail and its movement). Later runs check only those
+  /// whose movement failed in this process.
+  bool open_checked = false;
+  std::set<std::string> close_failed;  ///< payouts closed on their stream whose movement failed
 
   static inline const char* name = "gpustream.payout_runner";
 };
@@ -112,17 +118,28 @@ void record_closing(self_pointer self, domain::payout::state closed, bool held, 
     done(entry_of(closed));
     return;
   }
+  if (closed.status != domain::payout_status::settled && closed.status != domain::payout_status::failed) {
+    // Its stream did not close it after all (another writer decided first): nothing to move.
+    done(unexpected{make_error(domain::error{
+        domain::errc::invalid_state, "payout " + in_quotes(closed.payout_id) + " changed meanwhile; send it again"})});
+    return;
+  }
   auto movement = domain::closing_movement(closed);
   self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{std::move(movement)})
-      .then([closed, done](const command_reply&) mutable { done(entry_of(closed)); },
-            [closed, done](caf::error& failure) mutable {
-              const bool settled = closed.status == domain::payout_status::settled;
-              done(unexpected{make_error(domain::error{
-                  domain::errc::invalid_state,
-                  "payout " + in_quotes(closed.payout_id) + " is recorded as " + (settled ? "settled" : "failed") +
-                      ", but its ledger movement was not recorded (" + describe(failure) +
-                      "); the next run completes it"})});
-            });
+      .then(
+          [self, closed, done](const command_reply&) mutable {
+            self->state.close_failed.erase(closed.payout_id);
+            done(entry_of(closed));
+          },
+          [self, closed, done](caf::error& failure) mutable {
+            self->state.close_failed.insert(closed.payout_id);
+            const bool settled = closed.status == domain::payout_status::settled;
+            done(unexpected{make_error(domain::error{
+                domain::errc::invalid_state,
+                "payout " + in_quotes(closed.payout_id) + " is recorded as " + (settled ? "settled" : "failed") +
+                    ", but its ledger movement was not recorded (" + describe(failure) +
+                    "); the next run completes it"})});
+          });
 }
 
 /// A settle or fail: the payout's event first, then its ledger movement (domain/payout.hpp).
@@ -290,6 +307,7 @@ void next_provider(self_pointer self, context_pointer ctx);
 /// crash came between the settle or fail event and its movement), then goes on with the providers.
 void next_open(self_pointer self, context_pointer ctx) {
   if (ctx->next_open == ctx->open.size()) {
+    self->state.open_checked = true;
     next_provider(self, std::move(ctx));
     return;
   }
@@ -508,6 +526,9 @@ void run(self_pointer self, std::function<void(payout_report)> done) {
           [self, ctx](const ledger_aggregate::answer& ledger) mutable {
             ctx->plans = plan_providers(ledger);
             ctx->open = open_payouts(ledger);
+            if (self->state.open_checked) {
+              std::erase_if(ctx->open, [self](const std::string& id) { return !self->state.close_failed.contains(id); });
+            }
             next_open(self, std::move(ctx));
           },
           [self, ctx](caf::error& failure) mutable {

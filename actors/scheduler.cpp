@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <utility>
 #include <vector>
@@ -774,7 +775,9 @@ std::vector<std::string> jobs_running_on(self_pointer self, const std::string& p
 void on_online(self_pointer self, provider_online& online) {
   auto& st = self->state;
   const std::string id = online.listing.provider_id;
-  if (const auto* old = st.index->find(id)) remove_prices(self, *old);
+  // Its old prices go only once the new listing is taken: a refused one leaves the old in place.
+  std::optional<domain::online_provider> before;
+  if (const auto* old = st.index->find(id)) before = *old;
   // A suspension known here but recorded after the listing was read holds; one the listing saw
   // may have ended before it got here.
   std::int64_t until = online.listing.suspended_until_at_us;
@@ -792,7 +795,8 @@ void on_online(self_pointer self, provider_online& online) {
   const bool same_link = known != st.sessions.end() && known->second == online.session;
   const bool relinked = known != st.sessions.end() && !same_link;
   auto listed = st.index->list(online.listing, same_link);
-  if (!listed) return;  // over a limit: the provider stays offline for routing
+  if (!listed) return;  // over a limit: as it was (offline for routing, or its old listing)
+  if (before) remove_prices(self, *before);
   add_prices(self, online.listing);
   if (same_link) {
     // A model it stopped offering may leave queued jobs with nobody; its running jobs go on.

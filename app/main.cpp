@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
   replay_cmd->add_flag("--verify", replay_verify,
                        "also rebuild every aggregate and check the domain's invariants (ledger "
                        "sums to zero, no forbidden negative balance, campaigns within budget, "
-                       "payouts within earnings, transfer ids once, jobs live or terminal, "
+                       "payouts within earnings, transfer ids once, jobs live or terminal, no money moved for a failed job, "
                        "snapshots equal to the log) and that the indexes agree with the log (the "
                        "log itself is always checked: CRCs, gapless positions and versions, "
                        "decodable payloads); exit 1 naming the first problem");

@@ -590,6 +590,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void on_refreshed(expected<std::vector<gateway::upstream_model>, gateway::upstream_error> result) {
+    if (phase_ != phase::linked) {  // stopped, or gone offline: its own listing decides
+      listing_models_ = false;
+      return;
+    }
     if (!result) {
       // The jobs' own errors tell whether the backend is gone; what it offers stays as it was.
       listing_models_ = false;
@@ -607,8 +611,21 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void on_rewindowed(std::vector<gateway::upstream_model> found) {
     listing_models_ = false;
     if (phase_ != phase::linked) return;  // gone offline meanwhile: its own listing decides
-    auto usable = usable_models(std::move(found), false);
     schedule_refresh(options_.models_refresh_interval);
+    // A window the backend's own API did not tell this time (a lookup that timed out) is the one
+    // told before, not a reason to withdraw a model that serves.
+    bool all_unknown = !found.empty();
+    for (auto& model : found) {
+      const auto known = std::find_if(models_.begin(), models_.end(), [&](const auto& m) { return m.id == model.id; });
+      const bool unknown = model.context_length_tokens == 0 || model.context_is_trained;
+      if (unknown && known != models_.end() && !known->context_is_trained) {
+        model.context_length_tokens = known->context_length_tokens;
+        model.context_is_trained = false;
+      }
+      all_unknown = all_unknown && model.context_length_tokens == 0;
+    }
+    if (all_unknown) return;  // no window found at all this time: nothing is known to have changed
+    auto usable = usable_models(std::move(found), false);
     const auto same = [](const gateway::upstream_model& a, const gateway::upstream_model& b) {
       return a.id == b.id && a.context_length_tokens == b.context_length_tokens;
     };
@@ -620,8 +637,17 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     };
     log_->info("the backend's models changed: now {} (before: {})", names(usable), names(models_));
     models_ = std::move(usable);
-    // Not linked now: the next hello says it.
-    if (welcomed_ && link_->connected()) send(link::advertise{offers()});
+    tell_models();
+  }
+
+  /// Sends the models offered now when the current link was told others (in its hello or last
+  /// advertise). Not welcomed yet: on_welcome tells it; not linked: the next hello does.
+  void tell_models() {
+    if (!welcomed_ || !model_updates_ || !link_->connected()) return;
+    auto now = offers();
+    if (now == told_) return;
+    told_ = now;
+    send(link::advertise{std::move(now)});
   }
 
   void on_connected() {
@@ -635,6 +661,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     }
     log_->info("link up; hello models={} gpus={} max_concurrency={}", hello.models.size(),
                hello.gpus.size(), hello.max_concurrency);
+    told_ = hello.models;
     send(hello);
   }
 
@@ -683,6 +710,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     welcomed_ = true;
     schedule_heartbeat();
     if (draining_) send_heartbeat();  // a link made while stopping: told at once, as drain() does
+    tell_models();  // a listing that ended between the hello and the welcome
     schedule_refresh(options_.models_refresh_interval);
   }
 
@@ -1000,6 +1028,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::uint64_t tokens_since_heartbeat_ = 0;
   bool reasoning_deltas_ = false;  ///< the server's welcome: it takes deltas marked reasoning
   bool model_updates_ = false;     ///< the server's welcome: it takes advertise frames
+  std::vector<events::model_offer> told_;  ///< what the current link was told it offers
   bool refresh_scheduled_ = false;  ///< refresh_timer_ waits for refresh_due_
   steady::time_point refresh_due_{};
   bool listing_models_ = false;  ///< a refresh's listing is under way

@@ -120,6 +120,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   mutable std::mutex heartbeat_mutex_;
   std::optional<link::heartbeat> heartbeat_;  ///< guarded by heartbeat_mutex_
   std::optional<link::heartbeat> forwarded_;  ///< the last one passed to the scheduler (strand only)
+  std::optional<steady::time_point> advertised_at_;  ///< the last advertise frame (strand only)
   steady::time_point forwarded_at_;           ///< when (strand only)
 };
 
@@ -374,6 +375,13 @@ void link_session::on_message(std::string_view bytes) {
         } else if constexpr (std::is_same_v<F, link::job_error>) {
           relay.failed(provider_id_, f);
         } else if constexpr (std::is_same_v<F, link::advertise>) {
+          const auto now = steady::now();
+          if (advertised_at_ && now - *advertised_at_ < owner_->options_.advertise_interval_min) {
+            protocol_error_ = true;
+            return close(1008, "advertise frames may come at most every " +
+                                   std::to_string(owner_->options_.advertise_interval_min.count()) + " ms");
+          }
+          advertised_at_ = now;
           on_advertise(std::move(f.models));
         } else {
           protocol_error_ = true;
@@ -418,7 +426,8 @@ void link_session::on_advertise(std::vector<events::model_offer> models) {
     actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_,
                    domain::provider::command{domain::provider::advertise{models}})
         .then(
-            [self, owner, actor, models = std::move(models), offered](const actors::command_reply&) mutable {
+            [self, owner, actor, models = std::move(models), offered](const actors::command_reply& r) mutable {
+              if (r.events.empty()) return;  // the offers it has already: nothing to relist
               actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
                   .then(
                       [self, owner, actor, models = std::move(models), offered](const domain::provider::state& state) {

@@ -37,6 +37,10 @@ struct provider_link_options {
   /// upgrade, or closed with 1008 when they raced past it), so that one token cannot use up the
   /// server's connections. Default: 4.
   std::size_t links_per_provider_max = 4;
+  /// Shortest time between two advertise frames on one link; a sooner one closes the link (1008).
+  /// Each is recorded and relists the provider with the scheduler that every link shares; an agent
+  /// sends one when its backend's models changed, found at most every few seconds. Default: 1 s.
+  std::chrono::milliseconds advertise_interval_min{1000};
   /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
   std::function<std::int64_t()> clock_us;
 };

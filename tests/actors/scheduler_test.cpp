@@ -1511,6 +1511,20 @@ TEST_F(scheduler_test, a_link_offering_other_models_keeps_its_jobs_and_fails_tho
   EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
 }
 
+TEST_F(scheduler_test, a_draining_link_offering_other_models_still_takes_no_new_job) {
+  // What the link said (draining) holds over a listing that comes over the same link.
+  bring_online("p1", "llama-8b", 2);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  self_->send(rt_.scheduler, load_atom::value, std::string("p1"),
+              domain::load_report{.load_percent = 0, .health_percent = 100, .draining = true});
+  run();
+  advertise_again("p1", {events::model_offer{"llama-8b", 8192, "Q4_K_M", 1'000'000, 1'000'000, 2},
+                         events::model_offer{"qwen-7b", 8192, "Q4_K_M", 1'000'000, 1'000'000, 2}});
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  EXPECT_TRUE((*offers_)["p1"].empty()) << "a draining provider takes no new job";
+  EXPECT_EQ(counts().queued, 1u);
+}
+
 TEST_F(scheduler_test, a_provider_linking_again_gets_the_offers_its_old_link_lost) {
   bring_online("p1", "llama-8b", 1);
   create_user("alice", events::user_tier::premium, 50'000'000);

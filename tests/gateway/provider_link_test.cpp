@@ -218,7 +218,10 @@ class agent {
 
 class provider_link_test : public ::testing::Test {
  protected:
-  provider_link_test() : system_(config_) {
+  /// `advertise_interval_min`: the tests send advertise frames back to back, except the one about
+  /// their pace.
+  explicit provider_link_test(std::chrono::milliseconds advertise_interval_min = std::chrono::milliseconds(0))
+      : system_(config_) {
     // `sync`, on files that consult faults_: a test can make the store's fsyncs slow.
     storage::store_options store_options;
     store_options.faults = faults_;
@@ -235,6 +238,7 @@ class provider_link_test : public ::testing::Test {
     options.link.stale_after = std::chrono::minutes(10);
     options.link.hello_answer_wait_max = std::chrono::milliseconds(1500);
     options.link.heartbeat_interval = std::chrono::milliseconds(100);  // the link's timer checks both
+    options.link.advertise_interval_min = advertise_interval_min;
     auto started = node::start(system_, runtime_, store_, std::move(options));
     GPUSTREAM_ENSURE(started.has_value());
     node_ = std::move(*started);
@@ -456,6 +460,26 @@ TEST_F(provider_link_test, links_past_links_per_provider_max_are_refused_and_oth
     welcomed = again.wait_welcome_or_disconnect();
   }
   EXPECT_TRUE(welcomed);
+}
+
+class paced_provider_link_test : public provider_link_test {
+ protected:
+  paced_provider_link_test() : provider_link_test(std::chrono::minutes(1)) {}
+};
+
+TEST_F(paced_provider_link_test, advertise_frames_sooner_than_advertise_interval_min_close_the_link) {
+  // Each one is recorded and relists the provider with the scheduler every link shares.
+  const auto token = make_provider();
+  agent eager(port_, token, hello_with(4096), "unused");
+  ASSERT_TRUE(eager.wait_welcome());
+  auto offer = hello_with(4096).models.front();
+  offer.model_name = "m2";
+  ASSERT_TRUE(eager.send(link::advertise{.models = {offer}}));
+  ASSERT_TRUE(eager.send(link::advertise{.models = {offer}}));
+  const auto closed = eager.wait_disconnect();
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("at most every 60000 ms"), std::string::npos) << closed->message;
 }
 
 TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {
