@@ -69,7 +69,8 @@ const ledger_actor& current(keeper_pointer self) {
   if (!st.inner) {
     st.inner = self->home_system().spawn(persistent_behavior<ledger_aggregate>, std::string(ledger_stream),
                                          st.store, st.options);
-    self->monitor(st.inner);
+    // Its down message overtakes the messages queued here meanwhile: those go to the next one.
+    self->monitor<caf::message_priority::high>(st.inner);
   }
   return st.inner;
 }

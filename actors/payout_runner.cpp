@@ -31,7 +31,9 @@ struct runner_state {
   /// crash may have come between a settle or fail and its movement). Later runs check only those
   /// whose movement failed in this process.
   bool open_checked = false;
-  std::set<std::string> close_failed;  ///< payouts closed on their stream whose movement failed
+  /// Payouts whose settle or fail may be half done in this process (its movement, its event's
+  /// append or its stream's read failed): the next run looks at them again.
+  std::set<std::string> close_failed;
 
   static inline const char* name = "gpustream.payout_runner";
 };
@@ -177,7 +179,11 @@ void close_step(self_pointer self, const std::string& payout_id, domain::payout:
                       for (const auto& event : reply.events) after = domain::payout::evolve(std::move(after), event);
                       record_closing(self, std::move(after), movement_held, std::move(done));
                     },
-                    [done](caf::error& failure) mutable { done(unexpected{std::move(failure)}); });
+                    [self, payout_id, done](caf::error& failure) mutable {
+                      // The event's fate may be open (a failed fsync): the next run looks.
+                      self->state.close_failed.insert(payout_id);
+                      done(unexpected{std::move(failure)});
+                    });
           },
           [done](caf::error& failure) mutable { done(unexpected{std::move(failure)}); });
 }
@@ -317,6 +323,7 @@ void next_open(self_pointer self, context_pointer ctx) {
           [self, ctx, payout_id](domain::payout::state& state) mutable {
             using domain::payout_status;
             if (state.status != payout_status::settled && state.status != payout_status::failed) {
+              self->state.close_failed.erase(payout_id);  // still open on its stream too: whole
               next_open(self, std::move(ctx));
               return;
             }
@@ -337,6 +344,7 @@ void next_open(self_pointer self, context_pointer ctx) {
                            });
           },
           [self, ctx, payout_id](caf::error& failure) mutable {
+            self->state.close_failed.insert(payout_id);  // looked at again by the next run
             ctx->report.problems.push_back("payout " + in_quotes(payout_id) + " could not be read (" +
                                            describe(failure) + ")");
             next_open(self, std::move(ctx));

@@ -320,11 +320,29 @@ std::uint32_t billed_prompt_tokens(const scheduler_options& options, const live_
   return std::min(reported, estimate);
 }
 
-/// Whether the ledger refused a group for good (a domain refusal other than busy), rather than
-/// failed to take it now (the store).
-bool refused_for_good(const caf::error& failure) {
-  const auto refused = domain_error_of(failure);
-  return refused && refused->code != domain::errc::busy;
+/// Whether the ledger is done with a group it did not take now: refused for good (a domain
+/// refusal other than busy; a store that cannot be written as it is), or found its ids claimed
+/// (key_taken: an earlier try was written after all, and the ledger's window forgot it since).
+/// Anything else (the disk, a full queue, a ledger starting again) may pass on a later try.
+bool settled_otherwise(const caf::error& failure) {
+  if (const auto refused = domain_error_of(failure)) return refused->code != domain::errc::busy;
+  const auto stored = storage_error_of(failure);
+  if (!stored) return false;  // the ledger stopped (request_receiver_down): its keeper starts it again
+  switch (stored->code) {
+    case storage::errc::io_error:
+    case storage::errc::no_space:
+    case storage::errc::overloaded:
+    case storage::errc::event_id_conflict:  // a ledger that read the log before the store reopened
+    case storage::errc::wrong_expected_version:
+      return false;
+    case storage::errc::key_taken:
+    case storage::errc::invalid_argument:
+    case storage::errc::corruption:
+    case storage::errc::incompatible_format:
+    case storage::errc::closed:
+      return true;
+  }
+  return true;
 }
 
 constexpr std::int64_t settle_retry_first_us = 1'000'000;
@@ -334,7 +352,7 @@ constexpr std::int64_t settle_retry_max_us = 60'000'000;
 /// job's premium hold moving with it. A refusal for good is left to the job's forget.
 void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group,
                     const caf::error& failure) {
-  if (refused_for_good(failure)) return;
+  if (settled_otherwise(failure)) return;
   auto& job = self->state.jobs.at(job_id);
   self->state.unsettled[job_id] = {job.request.user_id, job.hold_micros, std::move(group),
                                    now_us(self) + settle_retry_first_us, settle_retry_first_us, false};
@@ -351,13 +369,15 @@ void retry_unsettled(self_pointer self) {
       auto found = self->state.unsettled.find(job_id);
       if (found == self->state.unsettled.end()) return;
       auto& e = found->second;
-      if (!applied && !refused_for_good(*failure)) {
+      if (!applied && !settled_otherwise(*failure)) {
         e.in_flight = false;
         e.wait_us = std::min(e.wait_us * 2, settle_retry_max_us);
         e.retry_at_us = now_us(self) + e.wait_us;
         return;
       }
-      if (!applied) ++self->state.side_effects_failed;  // refused for good: serve's start reports it
+      // Refused for good: counted (serve's start finds the bill without its group and reports it).
+      const auto stored = applied ? std::nullopt : storage_error_of(*failure);
+      if (!applied && !(stored && stored->code == storage::errc::key_taken)) ++self->state.side_effects_failed;
       release(self->state.holds_micros, e.user_id, e.hold_micros);
       self->state.unsettled.erase(found);
     };

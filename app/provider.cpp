@@ -92,6 +92,9 @@ constexpr std::int64_t provider_price_micros_per_mtok_max = domain::provider_opt
 constexpr std::uint32_t provider_context_tokens_max = domain::provider_options{}.context_length_tokens_max;
 /// Longest --name kept (it goes into the User-Agent and logs).
 constexpr std::size_t provider_name_bytes_max = 64;
+/// Shortest time between two advertise frames of the agent: twice the coordinator's default
+/// minimum (provider_link_options::advertise_interval_min), for frames that the network bunches.
+constexpr std::chrono::milliseconds advertise_spacing{2'000};
 /// The link's path on the coordinator.
 constexpr std::string_view link_path = "/v1/providers/link";
 /// Longest the agent waits for the frames it sent to go out before it closes its link to go
@@ -613,8 +616,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (phase_ != phase::linked) return;  // gone offline meanwhile: its own listing decides
     schedule_refresh(options_.models_refresh_interval);
     // A window the backend's own API did not tell this time (a lookup that timed out) is the one
-    // told before, not a reason to withdraw a model that serves.
-    bool all_unknown = !found.empty();
+    // told before, not a reason to withdraw a model that serves. A model no longer listed goes.
     for (auto& model : found) {
       const auto known = std::find_if(models_.begin(), models_.end(), [&](const auto& m) { return m.id == model.id; });
       const bool unknown = model.context_length_tokens == 0 || model.context_is_trained;
@@ -622,14 +624,15 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         model.context_length_tokens = known->context_length_tokens;
         model.context_is_trained = false;
       }
-      all_unknown = all_unknown && model.context_length_tokens == 0;
     }
-    if (all_unknown) return;  // no window found at all this time: nothing is known to have changed
     auto usable = usable_models(std::move(found), false);
     const auto same = [](const gateway::upstream_model& a, const gateway::upstream_model& b) {
       return a.id == b.id && a.context_length_tokens == b.context_length_tokens;
     };
-    if (std::equal(usable.begin(), usable.end(), models_.begin(), models_.end(), same)) return;
+    if (std::equal(usable.begin(), usable.end(), models_.begin(), models_.end(), same)) {
+      tell_models();  // one held back by advertise_spacing goes now
+      return;
+    }
     const auto names = [](const std::vector<gateway::upstream_model>& models) {
       std::string out;
       for (const auto& model : models) out += (out.empty() ? "" : ",") + model.id;
@@ -646,7 +649,15 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (!welcomed_ || !model_updates_ || !link_->connected()) return;
     auto now = offers();
     if (now == told_) return;
+    // The coordinator closes a link whose advertise frames come closer than a second apart.
+    const auto since = steady::now() - last_advertise_;
+    if (since < advertise_spacing) {
+      schedule_refresh(std::chrono::duration_cast<std::chrono::milliseconds>(advertise_spacing - since) +
+                       std::chrono::milliseconds(1));
+      return;
+    }
     told_ = now;
+    last_advertise_ = steady::now();
     send(link::advertise{std::move(now)});
   }
 
@@ -1029,6 +1040,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   bool reasoning_deltas_ = false;  ///< the server's welcome: it takes deltas marked reasoning
   bool model_updates_ = false;     ///< the server's welcome: it takes advertise frames
   std::vector<events::model_offer> told_;  ///< what the current link was told it offers
+  steady::time_point last_advertise_{};     ///< when it was last told (advertise_spacing)
   bool refresh_scheduled_ = false;  ///< refresh_timer_ waits for refresh_due_
   steady::time_point refresh_due_{};
   bool listing_models_ = false;  ///< a refresh's listing is under way

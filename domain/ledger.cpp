@@ -605,6 +605,16 @@ invariant_check ledger_verifier::apply(const events::transfer_recorded& recorded
     if (auto ended = end_group(); !ended) return ended;
   }
   if (auto ok = history_.check(recorded, group_id_); !ok) return ok;
+  // The limits decide applies to a command (validate_command): a log that breaks them was not
+  // written by decide.
+  if (recorded.linked_group_id.size() > ledger_id_length_max) {
+    return violation("group id of " + std::to_string(recorded.linked_group_id.size()) +
+                     " bytes exceeds ledger_id_length_max (" + std::to_string(ledger_id_length_max) + ")");
+  }
+  if (recorded.linked_group_id == group_id_ && touched_.size() / 2 >= transfers_per_group_max) {
+    return violation("group " + quoted(group_id_) + " has more than " + std::to_string(transfers_per_group_max) +
+                     " transfers (transfers_per_group_max)");
+  }
   group_id_ = recorded.linked_group_id;
   if (auto ok = check_transfer_applicable(state_, recorded); !ok) return ok;
   history_.add(recorded);

@@ -594,6 +594,23 @@ TEST(ledger_verifier, an_account_below_zero_within_a_group_is_a_violation_though
   EXPECT_TRUE(contains(dipped.error().message, "not even within a group")) << dipped.error().message;
 }
 
+TEST(ledger_verifier, a_group_over_the_limits_decide_applies_is_a_violation) {
+  ledger_verifier verifier;
+  ASSERT_TRUE(verifier.apply(recorded("d", "external", "user-u", 1'000, transfer_kind::deposit, "g0")));
+  for (std::size_t i = 0; i < transfers_per_group_max; ++i) {
+    ASSERT_TRUE(verifier.apply(recorded("t" + std::to_string(i), "user-u", "provider-p", 1, transfer_kind::usage, "g1")));
+  }
+  const auto one_more = verifier.apply(recorded("t-extra", "user-u", "provider-p", 1, transfer_kind::usage, "g1"));
+  ASSERT_FALSE(one_more.has_value());
+  EXPECT_TRUE(contains(one_more.error().message, "more than 16 transfers")) << one_more.error().message;
+
+  ledger_verifier other;
+  const std::string long_group(ledger_id_length_max + 1, 'g');
+  const auto long_id = other.apply(recorded("d", "external", "user-u", 5, transfer_kind::deposit, long_group));
+  ASSERT_FALSE(long_id.has_value());
+  EXPECT_TRUE(contains(long_id.error().message, "257 bytes")) << long_id.error().message;
+}
+
 TEST(ledger_verifier, reports_a_transfer_id_applied_twice) {
   ledger_verifier verifier;
   ASSERT_TRUE(verifier.apply(recorded("t1", "external", "user-u", 5, transfer_kind::deposit, "g1"))
