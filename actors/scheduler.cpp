@@ -83,6 +83,12 @@ struct scheduler_state {
     std::string user_id;
     std::int64_t hold_micros = 0;
     domain::record_transfers group;
+    /// What the settlement does once the ledger took the group: the provider's score (a completed
+    /// job) and the free tokens counted against the user's quota.
+    std::string provider_id;
+    bool completed = false;
+    domain::job_measure measure;
+    std::uint32_t free_tokens = 0;
     std::int64_t retry_at_us = 0;
     std::int64_t wait_us = 0;
     bool in_flight = false;
@@ -350,13 +356,31 @@ constexpr std::int64_t settle_retry_max_us = 60'000'000;
 
 /// The ledger did not take job `job_id`'s group now: it is retried (see unsettled_group), the
 /// job's premium hold moving with it. A refusal for good is left to the job's forget.
-void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group,
-                    const caf::error& failure) {
+void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group, bool completed,
+                    const domain::job_measure& measure, std::uint32_t free_tokens, const caf::error& failure) {
   if (settled_otherwise(failure)) return;
   auto& job = self->state.jobs.at(job_id);
-  self->state.unsettled[job_id] = {job.request.user_id, job.hold_micros, std::move(group),
-                                   now_us(self) + settle_retry_first_us, settle_retry_first_us, false};
+  self->state.unsettled[job_id] = {.user_id = job.request.user_id,
+                                   .hold_micros = job.hold_micros,
+                                   .group = std::move(group),
+                                   .provider_id = job.provider_id,
+                                   .completed = completed,
+                                   .measure = measure,
+                                   .free_tokens = free_tokens,
+                                   .retry_at_us = now_us(self) + settle_retry_first_us,
+                                   .wait_us = settle_retry_first_us,
+                                   .in_flight = false};
   job.hold_micros = 0;  // held on by the retry, not released by forget
+}
+
+/// What settle does after the ledger took a group, for a group a retry got taken: the provider's
+/// score and the user's free usage (whose quota hold went with the job).
+void after_retried(self_pointer self, const std::string& job_id, const scheduler_state::unsettled_group& e) {
+  if (e.completed) record_outcome(self, e.provider_id, job_id, domain::job_fault::none, e.measure);
+  if (e.free_tokens == 0) return;
+  self->request(self->state.peers.users, caf::infinite, e.user_id,
+                domain::user::command{domain::record_free_usage{job_id, e.free_tokens}})
+      .then([](const command_reply&) {}, [self](caf::error&) { ++self->state.side_effects_failed; });
 }
 
 /// Offers each unsettled group that is due to the ledger again.
@@ -377,7 +401,12 @@ void retry_unsettled(self_pointer self) {
       }
       // Refused for good: counted (serve's start finds the bill without its group and reports it).
       const auto stored = applied ? std::nullopt : storage_error_of(*failure);
-      if (!applied && !(stored && stored->code == storage::errc::key_taken)) ++self->state.side_effects_failed;
+      const bool written = applied || (stored && stored->code == storage::errc::key_taken);
+      if (written) {
+        after_retried(self, job_id, e);
+      } else {
+        ++self->state.side_effects_failed;
+      }
       release(self->state.holds_micros, e.user_id, e.hold_micros);
       self->state.unsettled.erase(found);
     };
@@ -435,8 +464,10 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
   }
   self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{settled.value().group})
       .then([after_ledger](const command_reply&) mutable { after_ledger(); },
-            [self, job_id, reply, group = std::move(settled.value().group)](caf::error& failure) mutable {
-              keep_unsettled(self, job_id, std::move(group), failure);
+            [self, job_id, reply, outcome, measure, free_tokens,
+             group = std::move(settled.value().group)](caf::error& failure) mutable {
+              keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
+                             free_tokens, failure);
               forget(self, job_id);
               reply.deliver(failure);
             });

@@ -1469,6 +1469,12 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   const auto balance_now = balance("user-alice");
   EXPECT_TRUE(balance_now == 2'600 || balance_now == 2'600 - 1'010) << balance_now;
 
+  const auto succeeded = [&] {
+    auto provider = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+    EXPECT_TRUE(provider);
+    return provider ? provider->jobs_succeeded : 0u;
+  };
+  EXPECT_EQ(succeeded(), 0u) << "scored once the bill is in";
   auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
   ASSERT_FALSE(refused) << "j1's hold is kept while its bill is retried";
   EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
@@ -1484,6 +1490,7 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   }
   EXPECT_EQ(counts().settlements_retrying, 0u);
   EXPECT_EQ(balance("user-alice"), 2'600 - 1'010);  // 1000 prompt + 10 answer tokens
+  EXPECT_EQ(succeeded(), 1u) << "the provider is scored once its bill is in";
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
 }
 
