@@ -1494,6 +1494,32 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
 }
 
+TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tokens_against_the_quota) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_fail_sync(false);
+  ASSERT_FALSE(ended);
+  ASSERT_EQ(counts().settlements_retrying, 1u);
+  const auto free_today = [&] {
+    auto user = ask<domain::user_state>(rt_.users, std::string("bob"), state_atom::value);
+    EXPECT_TRUE(user);
+    return user ? user->free_tokens_today : -1;
+  };
+  EXPECT_EQ(free_today(), 0) << "recorded once the bill is in";
+  std::int64_t wait_s = 1;
+  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
+    *clock_.now_us += wait_s * 1'000'000;
+    sched_.clock().advance_time(std::chrono::seconds(wait_s));
+    run();
+  }
+  ASSERT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(free_today(), 1'010) << "the prompt and the answer's tokens, as a settled free job counts them";
+}
+
 TEST_F(scheduler_test, a_link_offering_other_models_keeps_its_jobs_and_fails_those_queued_for_a_model_left_unserved) {
   // The agent's backend unloaded one model and loaded another, and its link says so.
   bring_online("p1", "llama-8b", 1);
