@@ -723,8 +723,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                 },
                 [self, job_id](caf::error& failure) {
                   // Its end may be recorded, and settled at the next start: what is billed is not known.
+                  // A refusal's words are the client's; the store's (they name its files) stay here.
+                  const auto refused = actors::domain_error_of(failure);
+                  if (!refused) spdlog::error("relay: job={} not settled: {}", job_id, actors::describe(failure));
                   self->finish_error(job_id,
-                                     make_api_error(500, "the answer could not be settled: " + actors::describe(failure)),
+                                     make_api_error(500, "the answer could not be settled" +
+                                                             (refused ? ": " + refused->message : std::string())),
                                      std::nullopt);
                 });
     });

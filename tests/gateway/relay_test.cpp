@@ -80,6 +80,9 @@ std::string fault_name(domain::job_fault fault) {
   return "?";
 }
 
+/// A result reporting this prompt count is answered with a store failure.
+constexpr std::uint32_t store_failing_prompt_tokens = 4242;
+
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
                                                            std::shared_ptr<scheduler_log> log) {
@@ -106,6 +109,9 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         return std::uint64_t{1};
       },
       [log, admitted](actors::job_result& result) -> caf::result<actors::job_ended> {
+        if (result.prompt_tokens_reported == store_failing_prompt_tokens) {  // the ledger's store failed
+          return actors::make_error(storage::error{storage::errc::io_error, "fsync of /srv/gpustream/data/000042.log"});
+        }
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         if (result.cut) log->add("cut " + result.job_id);
         log->add("timing " + result.job_id + " " + std::to_string(result.ttft_us) + " " + std::to_string(result.total_us));
@@ -513,6 +519,21 @@ TEST(relay, the_clients_usage_counts_the_prompt_as_the_scheduler_billed_it) {
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = 7, .attempt = 1});
   const auto body = answered_body(*reply);
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":1)"), std::string::npos) << body;
+}
+
+TEST(relay, an_answer_the_store_fails_to_settle_ends_in_an_error_without_the_stores_words_or_usage) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop",
+                                    .prompt_tokens_reported = store_failing_prompt_tokens, .attempt = 1});
+  const auto body = reply->streamed(10s);
+  EXPECT_NE(body.find(R"("finish_reason":"error")"), std::string::npos) << body;
+  EXPECT_NE(body.find("the answer could not be settled"), std::string::npos) << body;
+  EXPECT_EQ(body.find("/srv/gpustream"), std::string::npos) << body;
+  EXPECT_EQ(body.find(R"("usage")"), std::string::npos) << "what is billed is not known: " << body;
 }
 
 TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
