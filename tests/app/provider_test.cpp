@@ -637,33 +637,47 @@ TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_n
   }
 }
 
+/// An agent that does not probe, on a test upstream started with `upstream_arguments`, linked to
+/// a fake coordinator; `adjust` changes its options first.
+struct unprobed_agent {
+  explicit unprobed_agent(std::vector<std::string> upstream_arguments,
+                          const std::function<void(provider_options&)>& adjust = {})
+      : upstream(std::move(upstream_arguments)) {
+    EXPECT_TRUE(upstream.ready());
+    options = agent_options(coordinator, upstream);
+    options.probe = false;
+    if (adjust) adjust(options);
+    agent.emplace(options);
+  }
+  /// Its hello, once it came (none: a failure is recorded).
+  [[nodiscard]] std::optional<link::hello> hello() {
+    if (!coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; })) return std::nullopt;
+    return coordinator.all<link::hello>().front();
+  }
+
+  upstream_process upstream;
+  fake_coordinator coordinator;
+  provider_options options;
+  std::optional<agent_runner> agent;
+};
+
 TEST(provider_agent, a_model_the_backend_lists_twice_is_advertised_once) {
   // The coordinator refuses a hello that offers a model twice: the agent would link in vain forever.
-  upstream_process upstream({"--models", "m1,m2,m1", "--context-length", "8192"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  const auto hello = coordinator.all<link::hello>().front();
-  ASSERT_EQ(hello.models.size(), 2u);
-  EXPECT_EQ(hello.models[0].model_name, "m1");
-  EXPECT_EQ(hello.models[1].model_name, "m2");
+  unprobed_agent world({"--models", "m1,m2,m1", "--context-length", "8192"});
+  const auto hello = world.hello();
+  ASSERT_TRUE(hello);
+  ASSERT_EQ(hello->models.size(), 2u);
+  EXPECT_EQ(hello->models[0].model_name, "m1");
+  EXPECT_EQ(hello->models[1].model_name, "m2");
 }
 
 TEST(provider_agent, a_window_over_what_the_coordinator_takes_is_advertised_as_its_largest) {
   // The coordinator refuses an offer claiming more: the agent would link in vain forever.
-  upstream_process upstream({"--models", "m1", "--context-length", "20000000"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  const auto hello = coordinator.all<link::hello>().front();
-  ASSERT_EQ(hello.models.size(), 1u);
-  EXPECT_EQ(hello.models[0].context_length_tokens, domain::provider_options{}.context_length_tokens_max);
+  unprobed_agent world({"--models", "m1", "--context-length", "20000000"});
+  const auto hello = world.hello();
+  ASSERT_TRUE(hello);
+  ASSERT_EQ(hello->models.size(), 1u);
+  EXPECT_EQ(hello->models[0].context_length_tokens, domain::provider_options{}.context_length_tokens_max);
 }
 
 /// The model names of an offer list, comma-separated.
@@ -674,44 +688,38 @@ std::string names_of(const std::vector<events::model_offer>& models) {
 }
 
 TEST(provider_agent, a_model_the_backend_loads_or_unloads_is_advertised_on_the_live_link) {
-  upstream_process upstream({"--models", "m1,m2", "--context-length", "8192"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  options.models_refresh_interval = 50ms;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  EXPECT_EQ(names_of(coordinator.all<link::hello>().front().models), "m1,m2");
+  unprobed_agent world({"--models", "m1,m2", "--context-length", "8192"},
+                       [](provider_options& options) { options.models_refresh_interval = 50ms; });
+  auto& coordinator = world.coordinator;
+  const auto hello = world.hello();
+  ASSERT_TRUE(hello);
+  EXPECT_EQ(names_of(hello->models), "m1,m2");
   coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000, .model_updates = true});
 
-  upstream.serve_models("m2,m3");
+  world.upstream.serve_models("m2,m3");
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::advertise>() == 1; }));
   const auto advertised = coordinator.all<link::advertise>().front();
   EXPECT_EQ(names_of(advertised.models), "m2,m3");
   for (const auto& m : advertised.models) {
     EXPECT_EQ(m.context_length_tokens, 8192u);
     EXPECT_EQ(m.output_price_micros_per_mtok, 1'500'000);
-    EXPECT_EQ(m.max_concurrency, options.max_concurrency);
+    EXPECT_EQ(m.max_concurrency, world.options.max_concurrency);
   }
   EXPECT_EQ(coordinator.count_locked<link::hello>(), 1u) << "the link goes on";
 }
 
 TEST(provider_agent, a_job_the_backend_answers_404_lists_its_models_at_once) {
   // The periodic listing is ten minutes away: only the 404 can bring the advertise in time.
-  upstream_process upstream({"--models", "m1,m2", "--context-length", "8192"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  options.models_refresh_interval = std::chrono::minutes(10);
-  options.models_refresh_min = 0ms;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  unprobed_agent world({"--models", "m1,m2", "--context-length", "8192"}, [](provider_options& options) {
+    options.models_refresh_interval = std::chrono::minutes(10);
+    options.models_refresh_min = 0ms;
+  });
+  auto& coordinator = world.coordinator;
+  ASSERT_TRUE(world.hello());
   coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000, .model_updates = true});
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::heartbeat>() >= 1; }));
 
-  upstream.serve_models("m2");
+  world.upstream.serve_models("m2");
   coordinator.send(link::offer{.job_id = "j1", .kind = link::job_kind::chat, .request_json = chat_request("m1"),
                                .attempt = 1});
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::advertise>() == 1; }));
