@@ -280,7 +280,7 @@ read_result read_root(schema::Frame::Reader root, const codec_limits& limits) {
 read_result decode_words(kj::ArrayPtr<const capnp::word> words, const codec_limits& limits) {
   try {
     capnp::ReaderOptions options;
-    options.traversalLimitInWords = limits.traversal_words_max;
+    options.traversalLimitInWords = limits.traversal_per_frame_word * words.size();
     capnp::FlatArrayMessageReader reader(words, options);
     if (reader.getEnd() != words.end()) {
       const auto trailing = static_cast<std::size_t>(words.end() - reader.getEnd());

@@ -169,9 +169,10 @@ using frame = std::variant<hello, heartbeat, delta, done, job_error, welcome, of
 struct codec_limits {
   /// Largest frame, bytes; bigger is decode_errc::too_large (WebSocket close 1009). Default: 1 MiB.
   std::size_t frame_bytes_max = std::size_t{1} << 20;
-  /// Most 8-byte words Cap'n Proto may traverse in one frame (a crafted message can point at the
-  /// same words many times). Default: 4 Mi words (32 MiB of traversal for a 1 MiB frame).
-  std::uint64_t traversal_words_max = std::uint64_t{4} << 20;
+  /// Most 8-byte words Cap'n Proto may traverse in one frame, per word of the frame. A frame read
+  /// once traverses each of its words at most once; a crafted one can point many pointers at the
+  /// same words and decode to many times its size. Default: 2.
+  std::uint64_t traversal_per_frame_word = 2;
   /// Longest job id, bytes. Default: 128.
   std::size_t job_id_bytes_max = 128;
   /// Longest delta text, bytes. Default: 64 KiB.

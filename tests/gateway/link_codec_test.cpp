@@ -2,11 +2,17 @@
 // error, and garbage, truncated, oversize or randomly mutated input is refused without crashing.
 #include "gateway/link_codec.hpp"
 
+#include "gateway/link.capnp.h"
+
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -174,12 +180,58 @@ TEST(link_codec, oversize_frame_is_too_large_and_maps_to_1009) {
   EXPECT_EQ(websocket_close_code(error.code), 1009);
 }
 
-TEST(link_codec, traversal_limit_is_enforced) {
-  codec_limits limits;
-  limits.traversal_words_max = 8;
-  const auto error = decode_failure(example_hello(), limits);
-  EXPECT_EQ(error.code, decode_errc::malformed);
-  EXPECT_EQ(websocket_close_code(error.code), 1002);
+TEST(link_codec, a_frame_whose_pointers_share_one_text_cannot_decode_to_many_times_its_size) {
+  // A crafted `deltas` frame: the first item's text is 60 KiB, every other item's text pointer is
+  // patched to point at that same text. Cap'n Proto allows it (the pointers are valid); a decoder
+  // bounded only by an absolute traversal limit would turn these ~80 KiB into ~24 MiB of strings.
+  constexpr unsigned items = 400;
+  constexpr std::size_t text_bytes = 60 * 1024;
+  capnp::MallocMessageBuilder message(1u << 14);  // one segment: pointers stay within it
+  auto list = message.initRoot<schema::Frame>().initDeltas().initItems(items);
+  const std::string text(text_bytes, 'a');
+  for (unsigned i = 0; i < items; ++i) {
+    list[i].setJobId("j");
+    list[i].setText(i == 0 ? text : "");
+  }
+  ASSERT_EQ(message.getSegmentsForOutput().size(), 1u);
+  auto words = capnp::messageToFlatArray(message);
+  const auto as_bytes = [&words] {
+    const auto raw = words.asBytes();
+    return std::vector<std::uint8_t>(raw.begin(), raw.end());
+  };
+  ASSERT_TRUE(decode(as_bytes(), {})) << "the frame before patching decodes";
+
+  // Word 0 is the segment table; the segment's words follow.
+  capnp::word* segment = words.begin() + 1;
+  const std::size_t segment_words = words.size() - 1;
+  const auto* text_at = reinterpret_cast<const capnp::word*>(list[0].getText().begin());
+  const auto* segment_start = message.getSegmentsForOutput()[0].begin();
+  const auto text_word = static_cast<std::int64_t>(text_at - segment_start);
+  std::size_t patched = 0;
+  for (std::size_t index = 0; index < segment_words; ++index) {
+    std::uint64_t word = 0;
+    std::memcpy(&word, &segment[index], sizeof word);
+    // A list pointer (kind 1) of bytes (element size 2) holding one element: an empty text's NUL.
+    const bool empty_text = (word & 3u) == 1 && ((word >> 32) & 7u) == 2 && (word >> 35) == 1;
+    if (!empty_text) continue;
+    const std::int64_t offset = text_word - static_cast<std::int64_t>(index + 1);
+    const std::uint64_t shared = 1u | (static_cast<std::uint64_t>(offset & 0x3fffffff) << 2) |
+                                 (std::uint64_t{2} << 32) |
+                                 (static_cast<std::uint64_t>(text_bytes + 1) << 35);
+    std::memcpy(&segment[index], &shared, sizeof shared);
+    ++patched;
+  }
+  ASSERT_EQ(patched, items - 1);
+  const auto bytes = as_bytes();
+  ASSERT_LT(bytes.size(), 100u * 1024);
+
+  const auto decoded = decode(bytes, {});
+  ASSERT_FALSE(decoded) << "decoded " << std::get<deltas>(*decoded).items.size() << " deltas of "
+                        << std::get<deltas>(*decoded).items.back().text.size() << " bytes from "
+                        << bytes.size() << " bytes";
+  EXPECT_EQ(decoded.error().code, decode_errc::malformed);
+  EXPECT_NE(decoded.error().message.find("traversal"), std::string::npos) << decoded.error().message;
+  EXPECT_EQ(websocket_close_code(decoded.error().code), 1002);
 }
 
 TEST(link_codec, job_ids_are_bounded_and_non_empty) {
