@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "app/open_files.hpp"
+#include "base/text.hpp"
 #include "domain/provider.hpp"
 #include "gateway/backend_context.hpp"
 #include "gateway/link_codec.hpp"
@@ -924,7 +925,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (upstream_fault) record_outcome(false);
     // The message may carry the backend's own words, never the prompt: the upstream client keeps
     // only the backend's error message.
-    message = link::utf8_repaired(message);  // a frame that is not UTF-8 would close the link
+    message = utf8_repaired(message);  // a frame that is not UTF-8 would close the link
     const auto pieces = split_utf8(message, options_.link.limits.message_bytes_max);
     message = pieces.empty() ? std::string() : std::string(pieces.front());
     log_->warn("job={} failed tokens_so_far={} upstream_fault={}: {}", job_id, tokens, upstream_fault,
@@ -948,7 +949,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->warn("the backend at {} does not answer ({}); going offline until it lists its models again",
                gateway::redacted_url(options_.upstream.base_url), why);
     send(link::job_error{.job_id = job_id, .tokens_so_far = 0,
-                         .message = link::utf8_repaired("the provider's backend does not answer: " + why),
+                         .message = utf8_repaired("the provider's backend does not answer: " + why),
                          .upstream_fault = false, .attempt = attempt, .request_rejected = false});
     phase_ = phase::listing;  // no offer is taken meanwhile, and no heartbeat sent
     heartbeat_timer_.cancel();

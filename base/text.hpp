@@ -1,7 +1,9 @@
 #pragma once
-/// Text scans used on hot paths (every streamed token passes through them), and a UTF-8-safe cut.
+/// Text scans used on hot paths (every streamed token passes through them), a UTF-8-safe cut, and
+/// UTF-8 checks and repair for text from outside.
 
 #include <cstddef>
+#include <string>
 #include <string_view>
 
 namespace gpustream {
@@ -25,5 +27,14 @@ namespace gpustream {
   for (int steps = 0; cut > 0 && steps < 3 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80; ++steps) --cut;
   return text.substr(0, cut);
 }
+
+/// Whether `text` is well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above
+/// U+10FFFF). Text that ends up in JSON answers or WebSocket frames must be.
+[[nodiscard]] bool valid_utf8(std::string_view text) noexcept;
+
+/// `text` with each byte that starts no well-formed UTF-8 sequence replaced by U+FFFD, as text from
+/// outside (a backend's Latin-1 error message, a request path, a cut inside a character) must be
+/// before it goes into JSON or a frame.
+[[nodiscard]] std::string utf8_repaired(std::string_view text);
 
 }  // namespace gpustream

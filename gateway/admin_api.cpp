@@ -19,6 +19,7 @@
 
 #include "actors/errors.hpp"
 #include "actors/runtime.hpp"
+#include "base/text.hpp"
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
 #include "domain/payout.hpp"
@@ -110,9 +111,9 @@ using invalid = unexpected<http_response>;
 template <class T>
 using checked = expected<T, http_response>;
 
-/// A field's name as an error message quotes it: at most 64 bytes.
+/// A field's name as an error message quotes it: at most 64 bytes, cut at a character's start.
 std::string printable_field(std::string_view name) {
-  return name.size() <= 64 ? std::string(name) : std::string(name.substr(0, 64)) + "...";
+  return name.size() <= 64 ? std::string(name) : std::string(utf8_prefix(name, 64)) + "...";
 }
 
 /// The body as a JSON object whose every field is one of `fields`: a misspelt field ("credit" for

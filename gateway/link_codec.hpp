@@ -31,9 +31,4 @@ namespace gpustream::gateway::link {
 /// ids), for a frame built in memory. The agent uses it before sending what a backend gave it.
 [[nodiscard]] expected<void, decode_error> validate(const frame& f, const codec_limits& limits);
 
-/// `text` with each byte that starts no well-formed UTF-8 sequence replaced by U+FFFD, as a
-/// backend's error message (Latin-1 from a proxy, or cut inside a character) must be before it
-/// goes into a frame.
-[[nodiscard]] std::string utf8_repaired(std::string_view text);
-
 }  // namespace gpustream::gateway::link

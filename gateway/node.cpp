@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/errors.hpp"
+#include "base/text.hpp"
 #include "actors/runtime.hpp"
 #include "domain/job.hpp"
 #include "domain/ledger.hpp"
@@ -393,7 +394,7 @@ class node::impl {
     if (path == "/v1/models") return models(request, reply);
     // Percent-decoding may make bytes that are no UTF-8, which the 404 would echo into its JSON.
     if (path.starts_with("/v1/models/")) {
-      return model(request, reply, link::utf8_repaired(percent_decode(path.substr(11))));
+      return model(request, reply, utf8_repaired(percent_decode(path.substr(11))));
     }
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
@@ -518,7 +519,7 @@ class node::impl {
     const std::string_view campaign_id = actors::campaign_of_impression(impression_id);
     if (!directory_->has_campaign(campaign_id) && !directory_->read_problem()) {
       reply->send(api_error_response(make_api_error(
-          404, "no ad impression '" + link::utf8_repaired(impression_id) + "': it names no campaign")));
+          404, "no ad impression '" + utf8_repaired(impression_id) + "': it names no campaign")));
       return;
     }
     bridge_.run([this, impression_id, reply](caf::event_based_actor* actor) {
@@ -527,7 +528,7 @@ class node::impl {
                 [reply, impression_id](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
                   if (!refusal) {  // the store or an actor failed: the server's fault, and its words stay here
-                    spdlog::error("ads: click on impression={} not recorded: {}", link::utf8_repaired(impression_id),
+                    spdlog::error("ads: click on impression={} not recorded: {}", utf8_repaired(impression_id),
                                   actors::describe(failure));
                     reply->send(api_error_response(make_api_error(503, "the click could not be recorded; retry later")));
                     return;
@@ -539,7 +540,7 @@ class node::impl {
                   }
                   const unsigned status = refusal->code == domain::errc::not_found ? 404 : 400;
                   reply->send(api_error_response(make_api_error(
-                      status, "no ad impression '" + link::utf8_repaired(impression_id) + "': " + refusal->message)));
+                      status, "no ad impression '" + utf8_repaired(impression_id) + "': " + refusal->message)));
                 });
     });
   }

@@ -599,6 +599,10 @@ api_error make_api_error(unsigned status, std::string message, std::string param
   std::string type = "invalid_request_error";
   if (status == 429) type = code == "insufficient_quota" ? "insufficient_quota" : "requests";
   if (status >= 500) type = "server_error";
+  // Messages quote what came from outside (a request path, a field's name, a backend's words):
+  // the JSON answer must be UTF-8 all the same, or strict clients cannot read the error at all.
+  if (!valid_utf8(message)) message = utf8_repaired(message);
+  if (!valid_utf8(param)) param = utf8_repaired(param);
   return api_error{status, std::move(type), std::move(message), std::move(param), std::move(code)};
 }
 

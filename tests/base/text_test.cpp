@@ -42,5 +42,15 @@ TEST(utf8_prefix, never_ends_inside_a_character) {
   EXPECT_EQ(utf8_prefix(word, 0), "");
 }
 
+TEST(valid_utf8, takes_well_formed_text_and_refuses_the_rest) {
+  EXPECT_TRUE(valid_utf8(""));
+  EXPECT_TRUE(valid_utf8("a\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80"));
+  EXPECT_FALSE(valid_utf8("caf\xE9")) << "Latin-1";
+  EXPECT_FALSE(valid_utf8("\xC3")) << "cut";
+  EXPECT_FALSE(valid_utf8("\xED\xA0\x80")) << "a surrogate";
+  EXPECT_FALSE(valid_utf8("\xC0\xAF")) << "overlong";
+  EXPECT_FALSE(valid_utf8("\xF4\x90\x80\x80")) << "above U+10FFFF";
+}
+
 }  // namespace
 }  // namespace gpustream

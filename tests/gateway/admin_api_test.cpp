@@ -21,6 +21,7 @@
 #include "actors/errors.hpp"
 #include "actors/payout_runner.hpp"
 #include "actors/runtime.hpp"
+#include "base/text.hpp"
 #include "events/codec.hpp"
 #include "gateway/admin_api.hpp"
 #include "gateway/directory.hpp"
@@ -391,6 +392,12 @@ TEST_F(admin_api_test, user_fields_are_validated_by_name) {
       << misspelt.body;
   expect_invalid(call("POST", "/admin/users", R"({"display_name":")" + std::string(201, 'x') + "\"}"),
                  "display_name");
+  // A long field name is cut at a character's start: the 64th byte is inside the 'é'.
+  const auto long_name = call("POST", "/admin/users", "{\"" + std::string(63, 'a') + "\xC3\xA9\":1}");
+  EXPECT_EQ(long_name.status, 400u);
+  EXPECT_TRUE(valid_utf8(long_name.body)) << long_name.body;
+  EXPECT_NE(long_name.body.find("unknown field '" + std::string(63, 'a') + "...'"), std::string::npos)
+      << long_name.body;
   for (const std::string body : {"", "not json", "[1,2]", R"({"a":[[[[[[[[[1]]]]]]]]]})"}) {
     const auto response = call("POST", "/admin/users", body);
     EXPECT_EQ(response.status, 400u) << body;

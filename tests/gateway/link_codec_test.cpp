@@ -2,6 +2,7 @@
 // error, and garbage, truncated, oversize or randomly mutated input is refused without crashing.
 #include "gateway/link_codec.hpp"
 
+#include "base/text.hpp"
 #include "gateway/link.capnp.h"
 
 #include <capnp/message.h>

@@ -3,6 +3,8 @@
 #include "domain/job.hpp"
 #include "gateway/openai_api.hpp"
 
+#include "base/text.hpp"
+
 #include <gtest/gtest.h>
 
 #include <boost/json.hpp>
@@ -415,6 +417,14 @@ TEST(openai_api, error_body_has_openais_shape_with_nulls_for_empty_fields) {
   EXPECT_EQ(make_api_error(429, "x", {}, "insufficient_quota").type, "insufficient_quota");
   EXPECT_EQ(make_api_error(503, "x").type, "server_error");
   EXPECT_EQ(make_api_error(503, "x").status, 503u);
+}
+
+TEST(openai_api, an_error_quoting_bytes_that_are_not_utf8_is_utf8_all_the_same) {
+  // A request path or a backend's message in Latin-1: the JSON answer stays readable.
+  const auto error = make_api_error(404, "no such endpoint: GET /caf\xE9", "caf\xE9");
+  EXPECT_EQ(error.message, "no such endpoint: GET /caf\xEF\xBF\xBD");
+  EXPECT_EQ(error.param, "caf\xEF\xBF\xBD");
+  EXPECT_TRUE(valid_utf8(error_body(error)));
 }
 
 // ----------------------------------------------------------------------------------------------
