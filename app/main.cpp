@@ -3,11 +3,13 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <array>
 #include <chrono>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <map>
+#include <string>
+#include <string_view>
 
 #include "app/provider.hpp"
 #include "app/replay.hpp"
@@ -40,6 +42,51 @@ int run_replay(const std::string& data, bool verify, bool json) {
   return 0;
 }
 
+/// The options whose values are secrets: never echoed, and hidden from the process list.
+constexpr std::array<std::string_view, 3> secret_options = {"--admin-token", "--token", "--backend-api-key"};
+
+/// Overwrites the values of the secret options in argv, which /proc/PID/cmdline (ps) shows every
+/// local user for the life of the process. Takes both `--token VALUE` and `--token=VALUE`.
+void hide_secret_values(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view argument = argv[i];
+    for (const auto option : secret_options) {
+      char* value = nullptr;
+      if (argument == option && i + 1 < argc) {
+        value = argv[++i];
+      } else if (argument.size() > option.size() && argument.starts_with(option) && argument[option.size()] == '=') {
+        value = argv[i] + option.size() + 1;
+      }
+      if (value != nullptr) std::memset(value, 'x', std::strlen(value));
+      if (value != nullptr) break;
+    }
+  }
+}
+
+/// A usage error's exit: 2, its message on stderr (--help and --version: their text, exit 0).
+/// Unexpected arguments are named by their options only: a misspelt `--admin-tokn s3cret` would
+/// otherwise print the secret that followed it.
+int usage_error(const CLI::App& cli, const CLI::ParseError& problem) {
+  if (problem.get_exit_code() == 0) return cli.exit(problem);
+  if (dynamic_cast<const CLI::ExtrasError*>(&problem) != nullptr) {
+    std::string named;
+    std::size_t values = 0;
+    for (const auto& argument : cli.remaining(true)) {
+      if (!argument.starts_with('-')) {
+        ++values;
+        continue;
+      }
+      named += (named.empty() ? "" : ", ") + argument.substr(0, argument.find('='));
+    }
+    std::fprintf(stderr, "gpustream: unexpected arguments: %s%s%zu value%s not shown (one may be a secret); see "
+                 "`gpustream --help` or `gpustream COMMAND --help`\n",
+                 named.c_str(), named.empty() ? "" : ", and ", values, values == 1 ? "" : "s");
+    return 2;
+  }
+  (void)cli.exit(problem);
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -50,12 +97,11 @@ int main(int argc, char** argv) {
   auto* serve_cmd = cli.add_subcommand("serve", "run a node: embedded event store and HTTP gateway");
   serve_cmd->add_option("--data", serve.data, "data directory of the event store")->capture_default_str();
   serve_cmd->add_option("--http", serve.http, "HOST:PORT to listen on")->capture_default_str();
-  serve_cmd->add_option("--durability", serve.mode, "sync (fsync before acknowledging) or buffered")
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, gpustream::storage::durability>{
-              {"sync", gpustream::storage::durability::sync},
-              {"buffered", gpustream::storage::durability::buffered}},
-          CLI::ignore_case));
+  // By name only: CLI11's enum transformer also takes the enumerators' numbers ("1": buffered).
+  std::string durability = "sync";
+  serve_cmd->add_option("--durability", durability, "sync (fsync before acknowledging) or buffered")
+      ->check(CLI::IsMember({"sync", "buffered"}, CLI::ignore_case))
+      ->capture_default_str();
   serve_cmd->add_option("--admin-token", serve.admin_token,
                         "Bearer token of the admin API under /admin (stored only as its SHA-256)")
       ->envname("GPUSTREAM_ADMIN_TOKEN");
@@ -165,7 +211,14 @@ int main(int argc, char** argv) {
                        "decodable payloads); exit 1 naming the first problem");
   replay_cmd->add_flag("--json", replay_json, "print the report as JSON");
 
-  CLI11_PARSE(cli, argc, argv);
+  try {
+    cli.parse(argc, argv);
+  } catch (const CLI::ParseError& problem) {
+    return usage_error(cli, problem);
+  }
+  hide_secret_values(argc, argv);
+  serve.mode = durability == "buffered" ? gpustream::storage::durability::buffered
+                                        : gpustream::storage::durability::sync;
   // Logs go to stderr, like every diagnostic; stdout carries only command output (replay's report).
   spdlog::set_default_logger(spdlog::stderr_color_mt("gpustream"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %n %v");

@@ -27,10 +27,28 @@ struct host_port {
 };
 
 expected<host_port, std::string> parse_host_port(const std::string& text) {
-  const auto colon = text.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) {
-    return unexpected{"--http must be HOST:PORT, e.g. 127.0.0.1:8080, not '" + text + "'"};
+  const auto not_host_port = [&text] {
+    return unexpected{"--http must be HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080, not '" + text + "'"};
+  };
+  // An IPv6 address goes in brackets ([::1]:8080), as in a URL: unbracketed, its colons leave the
+  // port unclear and the click URLs made from it would be no URLs.
+  std::string host;
+  std::size_t colon = 0;
+  if (text.starts_with('[')) {
+    const auto close = text.find(']');
+    if (close == std::string::npos || close == 1 || close + 1 >= text.size() || text[close + 1] != ':') {
+      return not_host_port();
+    }
+    host = text.substr(1, close - 1);
+    colon = close + 1;
+  } else {
+    colon = text.find(':');
+    if (colon == std::string::npos || colon == 0 || text.find(':', colon + 1) != std::string::npos) {
+      return not_host_port();
+    }
+    host = text.substr(0, colon);
   }
+  if (colon + 1 == text.size()) return not_host_port();
   const std::string port_text = text.substr(colon + 1);
   unsigned long port = 0;
   try {
@@ -41,7 +59,7 @@ expected<host_port, std::string> parse_host_port(const std::string& text) {
     port = 70000;
   }
   if (port > 65535) return unexpected{"--http port must be 0 to 65535, not '" + port_text + "'"};
-  return host_port{text.substr(0, colon), static_cast<std::uint16_t>(port)};
+  return host_port{std::move(host), static_cast<std::uint16_t>(port)};
 }
 
 std::string lowercase(std::string text) {
@@ -93,9 +111,33 @@ expected<std::string, std::string> checked_origin(const std::string& origin) {
   return parts->first + "://" + rest;
 }
 
+expected<void, std::string> checked_admin_token(std::string_view token) {
+  if (token.empty()) return {};  // no admin API
+  // Never quote the token: these messages go to the log.
+  for (std::size_t i = 0; i < token.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(token[i]);
+    if (byte < 0x21 || byte > 0x7E) {
+      return unexpected{"--admin-token (or GPUSTREAM_ADMIN_TOKEN) must be printable ASCII without spaces: byte " +
+                        std::to_string(i + 1) + " of " + std::to_string(token.size()) +
+                        " is a space, a control character or not ASCII (an env file's trailing space or "
+                        "newline?); no client could send it"};
+    }
+  }
+  if (token.size() < admin_token_bytes_min) {
+    return unexpected{"--admin-token (or GPUSTREAM_ADMIN_TOKEN) must be at least " +
+                      std::to_string(admin_token_bytes_min) + " characters, not " + std::to_string(token.size()) +
+                      ", so that it cannot be guessed; make one with `openssl rand -hex 16`"};
+  }
+  return {};
+}
+
 int run_serve(const serve_options& given) {
   auto logger = spdlog::default_logger()->clone("serve");
   serve_options options = given;
+  if (auto token = checked_admin_token(options.admin_token); !token) {
+    logger->error("{}", token.error());
+    return 2;
+  }
   auto address = parse_host_port(options.http);
   if (!address) {
     logger->error("{}", address.error());
@@ -108,7 +150,7 @@ int run_serve(const serve_options& given) {
       return 2;
     }
     options.public_url = *url;
-  } else if (address->host == "0.0.0.0" || address->host == "::" || address->host == "[::]") {
+  } else if (address->host == "0.0.0.0" || address->host == "::") {
     logger->warn("--http {} listens on every address, and the ads' click URLs name it as it is, which no "
                  "client can reach: set --public-url to the address clients use",
                  options.http);
@@ -200,17 +242,18 @@ int run_serve(const serve_options& given) {
   node_options.cors_origins = options.cors_origins;
   node_options.link.heartbeat_interval = std::chrono::milliseconds(options.heartbeat_ms);
   node_options.link.stale_after = 3 * node_options.link.heartbeat_interval;
-  // One descriptor per connection: below what the gateway accepts, connections past the limit
-  // wait unanswered in the listen queue instead of getting its 503.
+  // One descriptor per connection, from the same limit as the event store's files: the gateway
+  // takes no more connections than leave the store its reserve (past them, a 503), or enough open
+  // connections would make the store's next file fail to open, and every append with it.
   const std::uint64_t files = raise_open_files_limit();
   const std::uint64_t files_wanted = node_options.http.connections_max + open_files_reserve;
   if (files < files_wanted) {
-    logger->warn("the open-files limit is {} (its hard limit; `ulimit -Hn`): past about {} connections, "
-                 "new ones wait unanswered instead of getting a 503 at the gateway's own limit of {}; "
-                 "raise it to {} or more (`ulimit -n` in the shell that starts serve, LimitNOFILE= in a "
-                 "systemd unit)",
-                 files, files > open_files_reserve ? files - open_files_reserve : 0,
-                 node_options.http.connections_max, files_wanted);
+    const std::uint64_t connections = files > open_files_reserve ? files - open_files_reserve : 1;
+    logger->warn("the open-files limit is {} (its hard limit; `ulimit -Hn`): the gateway takes at most {} "
+                 "connections instead of {}, leaving {} files to the event store; raise it to {} or more "
+                 "(`ulimit -n` in the shell that starts serve, LimitNOFILE= in a systemd unit)",
+                 files, connections, node_options.http.connections_max, open_files_reserve, files_wanted);
+    node_options.http.connections_max = static_cast<std::size_t>(connections);
   }
   auto node = gateway::node::start(system, runtime, store, std::move(node_options));
   if (!node) {

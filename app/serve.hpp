@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/expected.hpp"
@@ -52,6 +53,14 @@ struct serve_options {
 /// A --cors-origin as browsers send Origin (scheme://host[:port], lowercase, no trailing slash);
 /// or why it can match no request ("*", a path).
 [[nodiscard]] expected<std::string, std::string> checked_origin(const std::string& origin);
+
+/// Shortest admin token serve takes: one that cannot be guessed.
+inline constexpr std::size_t admin_token_bytes_min = 16;
+
+/// Whether `token` can be the admin API's token: empty (no admin API), or at least
+/// admin_token_bytes_min printable ASCII characters without spaces (a client sends no other).
+/// The reason never quotes the token.
+[[nodiscard]] expected<void, std::string> checked_admin_token(std::string_view token);
 
 /// Runs until a termination signal; returns the process exit code.
 [[nodiscard]] int run_serve(const serve_options& options);

@@ -137,7 +137,9 @@ class node::impl {
     if (!server) return unexpected{server.error()};
     server_ = std::move(server.value());
     if (options_.public_url.empty()) {
-      ads_->set_click_base("http://" + options_.http.host + ":" + std::to_string(server_->port()) + "/a/c/");
+      const bool ipv6 = options_.http.host.find(':') != std::string::npos;
+      const std::string host = ipv6 ? "[" + options_.http.host + "]" : options_.http.host;
+      ads_->set_click_base("http://" + host + ":" + std::to_string(server_->port()) + "/a/c/");
     }
     load_campaigns();
     refresh_gauges();
