@@ -7,9 +7,13 @@
 #include <spdlog/logger.h>
 #include <spdlog/spdlog.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <algorithm>
 #include <array>
 #include <charconv>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <map>
@@ -110,6 +114,22 @@ using invalid = unexpected<http_response>;
 
 template <class T>
 using checked = expected<T, http_response>;
+
+/// Who the wrong-token throttle counts guesses of, for a peer's address: an IPv4 address as it is
+/// (also written IPv4-mapped), an IPv6 address by its /64, which one host usually holds whole:
+/// counted by address, each of its 2^64 addresses would bring a fresh budget of guesses.
+std::string guesser_of(const std::string& address) {
+  in6_addr v6{};
+  if (::inet_pton(AF_INET6, address.c_str(), &v6) != 1) return address;
+  char text[INET6_ADDRSTRLEN] = {};
+  if (IN6_IS_ADDR_V4MAPPED(&v6)) {
+    if (::inet_ntop(AF_INET, &v6.s6_addr[12], text, sizeof text) == nullptr) return address;
+    return text;
+  }
+  std::memset(&v6.s6_addr[8], 0, 8);
+  if (::inet_ntop(AF_INET6, &v6, text, sizeof text) == nullptr) return address;
+  return std::string(text) + "/64";
+}
 
 /// A field's name as an error message quotes it: at most 64 bytes, cut at a character's start.
 std::string printable_field(std::string_view name) {
@@ -387,12 +407,13 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     // Compared under the throttle's lock: concurrent guesses from one address are judged one after
     // another, so none gets past a budget spent by the others.
     bool wrong = false;
-    const auto throttled = failed_auth_.check_if(request.remote_address, rate_limiter::clock::now(), [&] {
+    const std::string guesser = guesser_of(request.remote_address);
+    const auto throttled = failed_auth_.check_if(guesser, rate_limiter::clock::now(), [&] {
       wrong = !token.empty() && !secret_matches(token, token_digest_);
       return wrong;
     });
     if (!throttled.allowed) {
-      auto response = error_response(429, "too many wrong admin tokens from " + request.remote_address +
+      auto response = error_response(429, "too many wrong admin tokens from " + guesser +
                                               "; retry after " + std::to_string(throttled.retry_after_seconds) + " s");
       response.headers.emplace_back("Retry-After", std::to_string(throttled.retry_after_seconds));
       return response;

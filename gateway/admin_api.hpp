@@ -85,8 +85,9 @@ struct admin_api_options {
   std::chrono::milliseconds request_timeout{10'000};
   /// Wrong admin tokens each remote address may send: `burst` at once, then `requests_per_minute`.
   /// Beyond it every admin request from that address, right token or not, is answered 429 with
-  /// Retry-After, so the token cannot be guessed at network speed. Each wrong token is logged
-  /// with the address (never the token). Behind a proxy every client shares the proxy's address,
+  /// Retry-After, so the token cannot be guessed at network speed. An IPv6 address counts by its
+  /// /64 (one host's whole range), an IPv4-mapped one as its IPv4 address. Each wrong token is
+  /// logged with the address (never the token). Behind a proxy every client shares the proxy's address,
   /// so one client's wrong tokens hold the others back too. Default: 10 at once, then 10 a minute
   /// (one every 6 s); 10,000 addresses.
   rate_limiter_options failed_auth{10, 10, 10'000};

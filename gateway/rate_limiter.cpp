@@ -26,7 +26,12 @@ rate_decision rate_limiter::check_if(std::string_view key, clock::time_point now
   std::lock_guard lock(mutex_);
   if (const auto found = index_.find(key); found != index_.end()) {
     const rate_decision decision = judge(found->second->full_at, now);
-    if (!decision.allowed) return decision;
+    if (!decision.allowed) {
+      // Still in use: a key refused again and again must not age out (and so come back with a
+      // fresh budget) while other keys come and go.
+      entries_.splice(entries_.end(), entries_, found->second);
+      return decision;
+    }
   }
   if (costs()) (void)take(key, now);  // allowed: the bucket was just judged to have a token
   return rate_decision{true, 0};

@@ -47,7 +47,8 @@ class rate_limiter {
   /// right one): refused, without calling `costs`, when `key`'s bucket is empty; otherwise calls
   /// `costs()` and takes a token when it returns true. The limiter's lock is held throughout, so
   /// concurrent callers are judged one after another: an empty bucket lets no further `costs`
-  /// through. A key whose requests cost nothing is not tracked. `costs` must not call the limiter.
+  /// through. A key whose requests cost nothing is not tracked; a refused key counts as recently
+  /// used (it keeps its empty bucket rather than be forgotten). `costs` must not call the limiter.
   [[nodiscard]] rate_decision check_if(std::string_view key, clock::time_point now,
                                        const std::function<bool()>& costs);
 

@@ -290,6 +290,31 @@ TEST_F(admin_api_test, an_address_sending_wrong_tokens_is_refused_even_the_right
   EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer " + admin_token, "192.0.2.8").status, 200u);
 }
 
+TEST_F(admin_api_test, an_ipv6_guesser_is_counted_by_its_64_and_an_ipv4_mapped_one_as_its_ipv4_address) {
+  // A host holds a whole /64: counted by address, each of its addresses brought fresh guesses.
+  admin_api_options options;
+  options.admin_token = admin_token;
+  options.failed_auth = {1, 3, 100};
+  make_api(options);
+  for (int i = 0; i < 3; ++i) {
+    const auto address = "2001:db8:0:1::" + std::to_string(i + 1);
+    EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer guess" + std::to_string(i), address).status, 401u) << address;
+  }
+  const auto refused = call("GET", "/admin/jobs", "", "Bearer guess3", "2001:db8:0:1:ffff::9");
+  EXPECT_EQ(refused.status, 429u);
+  EXPECT_NE(std::string(error_of(refused).at("message").as_string()).find("from 2001:db8:0:1::/64"),
+            std::string::npos)
+      << refused.body;
+  EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer " + admin_token, "2001:db8:0:2::1").status, 200u)
+      << "the next /64 is another host";
+
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer guess" + std::to_string(i), "192.0.2.9").status, 401u) << i;
+  }
+  EXPECT_EQ(call("GET", "/admin/jobs", "", "Bearer guess", "::ffff:192.0.2.9").status, 429u)
+      << "the same IPv4 address written IPv4-mapped";
+}
+
 TEST_F(admin_api_test, unknown_paths_are_404_and_wrong_methods_405_with_allow) {
   EXPECT_EQ(call("GET", "/admin/nothing").status, 404u);
   EXPECT_EQ(call("GET", "/admin").status, 404u);

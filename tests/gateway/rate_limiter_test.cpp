@@ -148,6 +148,20 @@ TEST(rate_limiter, keys_max_bounds_tracked_keys_and_forgets_the_least_recently_u
   EXPECT_TRUE(many.check("key-0", t0).allowed);
 }
 
+TEST(rate_limiter, a_key_check_if_keeps_refusing_is_not_forgotten_while_others_come_and_go) {
+  // A guesser refused again and again would otherwise age out behind new keys and come back
+  // with a fresh budget.
+  auto limiter = make(60, 1, 2);
+  const auto costly = [] { return true; };
+  EXPECT_TRUE(limiter.check_if("guesser", t0, costly).allowed);
+  EXPECT_TRUE(limiter.check_if("b", t0, costly).allowed);
+  EXPECT_FALSE(limiter.check_if("guesser", t0, costly).allowed);  // refused: now the most recent
+  EXPECT_TRUE(limiter.check_if("c", t0, costly).allowed);          // evicts b, not the guesser
+  EXPECT_FALSE(limiter.check_if("guesser", t0, costly).allowed) << "still refused";
+  EXPECT_TRUE(limiter.check_if("d", t0, costly).allowed);          // evicts c
+  EXPECT_FALSE(limiter.check_if("guesser", t0, costly).allowed) << "still refused";
+}
+
 TEST(rate_limiter, concurrent_callers_share_one_bucket_exactly) {
   auto limiter = make(60, 50);
   std::atomic<int> allowed{0};
