@@ -219,6 +219,18 @@ decision on(const campaign_state& s, const release_ad_reservation& c, std::int64
   return events_list{events::ad_reservation_released{c.reservation_id, s.campaign_id, c.reason, now_us}};
 }
 
+decision on(const campaign_state& s, const void_impression& c, std::int64_t now_us, const campaign_options& o) {
+  if (auto ok = check_text("void reason", c.reason, o.text_length_max, true); !ok) return unexpected{ok.error()};
+  if (s.released.contains(c.impression_id)) return events_list{};  // voided (or never served) before
+  auto it = s.impressions.find(c.impression_id);
+  if (it == s.impressions.end())
+    return refuse(errc::not_found, "campaign " + quoted(s.campaign_id) + " recorded no impression " +
+                                       quoted(c.impression_id) + " in the last 7 days");
+  if (it->second.clicked)
+    return refuse(errc::invalid_state, "impression " + quoted(c.impression_id) + " was clicked: it reached its user");
+  return events_list{events::impression_voided{c.impression_id, s.campaign_id, c.reason, now_us}};
+}
+
 decision on(const campaign_state& s, const expire_ad_reservations&, std::int64_t now_us, const campaign_options&) {
   events_list out;
   for (const auto& [id, r] : s.reservations)
@@ -319,6 +331,24 @@ struct ads {
     s.reserved_micros -= it->second.price_micros;
     s.reservations.erase(it);
     s.released.emplace(e.reservation_id, e.released_at_us);
+  }
+  void operator()(const events::impression_voided& e) {
+    if (auto found = s.impressions.find(e.impression_id); found == s.impressions.end() || found->second.clicked) return;
+    roll_day(s, e.voided_at_us);
+    auto it = s.impressions.find(e.impression_id);
+    if (it == s.impressions.end()) return;  // older than the click window: forgotten by the new day
+    const impression_state& impression = it->second;
+    s.spent_micros -= impression.price_micros;
+    s.impressions_total -= 1;
+    if (utc_day(impression.recorded_at_us) == s.day) {
+      s.spent_today_micros -= impression.price_micros;
+      if (auto count = s.impressions_today.find(impression.user_id); count != s.impressions_today.end()) {
+        if (--count->second == 0) s.impressions_today.erase(count);
+      }
+    }
+    s.impressions.erase(it);
+    s.released.emplace(e.impression_id, e.voided_at_us);  // served no more: never recorded again
+    if (s.exhausted && spendable_micros(s) - s.spent_micros >= bid_price(s)) s.exhausted = false;
   }
   void operator()(const events::ad_clicked& e) {
     auto it = s.impressions.find(e.impression_id);

@@ -9,7 +9,9 @@
 ///     (ad_reserved), `record_impression` turns the hold into spend once it is served
 ///     (impression_recorded, impression id = reservation id, price <= the price held), and
 ///     `release_ad_reservation` / `expire_ad_reservations` give it back when it is not
-///     (ad_reservation_released). spent + reserved never exceeds spendable.
+///     (ad_reservation_released). spent + reserved never exceeds spendable. `void_impression`
+///     takes a recorded impression back when its answer was not settled with it (nobody paid for
+///     it): its spend, its count and the user's frequency cap that day (impression_voided).
 ///   - One impression at the bid costs impression_price_micros(cpm_bid_micros). When what is left
 ///     (spendable - spent) cannot pay for one more, the impression that spent it also emits
 ///     campaign_exhausted. Funding that makes room for an impression again ends the exhaustion
@@ -212,6 +214,14 @@ struct release_ad_reservation {
   std::string reason;
 };
 
+/// A recorded impression whose answer was not settled with it (the scheduler refused the result,
+/// the client left before it completed): nobody paid for it, so its spend is taken back
+/// (impression_voided). A clicked impression stays: it reached its user.
+struct void_impression {
+  std::string impression_id;
+  std::string reason;
+};
+
 /// Releases every reservation whose expires_at_us is at or before now (reason "expired").
 struct expire_ad_reservations {};
 
@@ -223,7 +233,7 @@ struct campaign {
   using state = campaign_state;
   using command = std::variant<create_campaign, fund_campaign, pause_campaign, resume_campaign,
                                reserve_ad, record_impression, release_ad_reservation,
-                               expire_ad_reservations, click_ad>;
+                               expire_ad_reservations, click_ad, void_impression>;
   static constexpr std::uint32_t snapshot_version = 1;
 
   [[nodiscard]] static state evolve(state s, const events::event& e);

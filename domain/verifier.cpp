@@ -14,7 +14,7 @@ std::string micros(std::int64_t amount) { return std::to_string(amount) + " micr
 
 /// The stream kind of each event type, by type number. A new event type must be given its kind
 /// here: the static_assert below stops the build until it is.
-constexpr std::array<stream_kind, 35> kind_by_type = {
+constexpr std::array<stream_kind, 36> kind_by_type = {
     stream_kind::user,     stream_kind::user,     stream_kind::user,     stream_kind::user,
     stream_kind::user,                                                                   // 0-4
     stream_kind::provider, stream_kind::provider, stream_kind::provider, stream_kind::provider,
@@ -28,6 +28,7 @@ constexpr std::array<stream_kind, 35> kind_by_type = {
     stream_kind::campaign, stream_kind::campaign,                                        // 31-32
     stream_kind::provider,                                                               // 33
     stream_kind::user,                                                                   // 34
+    stream_kind::campaign,                                                               // 35
 };
 static_assert(kind_by_type.size() == events::event_type_count,
               "every event type needs its stream kind in kind_by_type");
@@ -113,6 +114,12 @@ std::string ad_event_problem(const campaign_state& s, const events::event& event
   } else if (const auto* released = std::get_if<events::ad_reservation_released>(&event)) {
     if (!s.reservations.contains(released->reservation_id))
       return "reservation " + quoted(released->reservation_id) + " is not outstanding";
+  } else if (const auto* voided = std::get_if<events::impression_voided>(&event)) {
+    const auto impression = s.impressions.find(voided->impression_id);
+    if (impression == s.impressions.end())
+      return "voided impression " + quoted(voided->impression_id) + " is unknown or older than the click window";
+    if (impression->second.clicked)
+      return "voided impression " + quoted(voided->impression_id) + " was clicked";
   } else if (const auto* clicked = std::get_if<events::ad_clicked>(&event)) {
     const auto impression = s.impressions.find(clicked->impression_id);
     if (impression == s.impressions.end())

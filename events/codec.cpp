@@ -727,6 +727,20 @@ ad_reservation_released read(schema::AdReservationReleased::Reader r) {
           .released_at_us = r.getReleasedAtUs()};
 }
 
+void write(schema::ImpressionVoided::Builder b, const impression_voided& e) {
+  b.setImpressionId(to_wire(e.impression_id));
+  b.setCampaignId(to_wire(e.campaign_id));
+  b.setReason(to_wire(e.reason));
+  b.setVoidedAtUs(e.voided_at_us);
+}
+
+impression_voided read(schema::ImpressionVoided::Reader r) {
+  return {.impression_id = to_std(r.getImpressionId()),
+          .campaign_id = to_std(r.getCampaignId()),
+          .reason = to_std(r.getReason()),
+          .voided_at_us = r.getVoidedAtUs()};
+}
+
 void write(schema::SuspicionRecorded::Builder b, const suspicion_recorded& e) {
   b.setProviderId(to_wire(e.provider_id));
   b.setJobId(to_wire(e.job_id));
@@ -808,6 +822,7 @@ GPUSTREAM_UNION_MEMBER(ad_reserved, AdReserved, AD_RESERVED);
 GPUSTREAM_UNION_MEMBER(ad_reservation_released, AdReservationReleased, AD_RESERVATION_RELEASED);
 GPUSTREAM_UNION_MEMBER(suspicion_recorded, SuspicionRecorded, SUSPICION_RECORDED);
 GPUSTREAM_UNION_MEMBER(free_tokens_used, FreeTokensUsed, FREE_TOKENS_USED);
+GPUSTREAM_UNION_MEMBER(impression_voided, ImpressionVoided, IMPRESSION_VOIDED);
 
 #undef GPUSTREAM_UNION_MEMBER
 

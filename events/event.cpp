@@ -20,7 +20,7 @@ constexpr std::array<std::string_view, event_type_count> type_names = {
     "campaign_exhausted",    "impression_recorded",  "ad_clicked",
     "transfer_recorded",     "payout_requested",     "payout_settled",
     "payout_failed",         "ad_reserved",          "ad_reservation_released",
-    "suspicion_recorded",    "free_tokens_used",
+    "suspicion_recorded",    "free_tokens_used",     "impression_voided",
 };
 
 static_assert(type_names.back() != std::string_view{}, "a type name is missing");

@@ -436,6 +436,19 @@ struct impression_recorded {
   bool operator==(const impression_recorded&) const = default;
 };
 
+/// A recorded impression taken back: its answer was not settled with it (the scheduler refused the
+/// result, or the client left before the answer completed), so nobody paid for it and it may not
+/// have been seen. Its price goes back to what the campaign can spend, and the user's frequency
+/// cap that day is given back; a click on it no longer counts.
+struct impression_voided {
+  std::string impression_id;
+  std::string campaign_id;
+  std::string reason;
+  std::int64_t voided_at_us = 0;
+
+  bool operator==(const impression_voided&) const = default;
+};
+
 struct ad_clicked {
   std::string impression_id;
   std::string campaign_id;
@@ -575,7 +588,8 @@ using event = std::variant<user_created,          // 0
                            ad_reserved,           // 31
                            ad_reservation_released,  // 32
                            suspicion_recorded,    // 33
-                           free_tokens_used>;     // 34
+                           free_tokens_used,      // 34
+                           impression_voided>;    // 35
 
 /// An event's type number: the variant index, the capnp union ordinal and the envelope's `type`.
 using event_type = std::uint16_t;

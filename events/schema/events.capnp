@@ -389,6 +389,13 @@ struct AdReserved {
   expiresAtUs @6 :Int64;               # released automatically if not served by then
 }
 
+struct ImpressionVoided {
+  impressionId @0 :Text;
+  campaignId @1 :Text;
+  reason @2 :Text;                     # why: the answer was not settled with it, the client left
+  voidedAtUs @3 :Int64;
+}
+
 struct AdReservationReleased {
   reservationId @0 :Text;
   campaignId @1 :Text;
@@ -474,5 +481,6 @@ struct Event {
     adReservationReleased @32 :AdReservationReleased;
     suspicionRecorded @33 :SuspicionRecorded;
     freeTokensUsed @34 :FreeTokensUsed;
+    impressionVoided @35 :ImpressionVoided;
   }
 }

@@ -128,7 +128,8 @@ std::vector<example_append> jobs(const std::vector<events::event>& ex) {
 }
 
 /// Campaign 1 is funded with one impression's worth (2,500 at a CPM of 2.5 USD), serves one
-/// impression of 2,250 (after a reservation released unserved) and is exhausted.
+/// impression of 2,250 (after a reservation released unserved, and an impression voided because its
+/// answer was not settled) and is exhausted.
 std::vector<example_append> campaign(const std::vector<events::event>& ex) {
   auto created = example<events::campaign_created>(ex);
   auto funded = example<events::campaign_funded>(ex);
@@ -141,6 +142,13 @@ std::vector<example_append> campaign(const std::vector<events::event>& ex) {
   auto impression = example<events::impression_recorded>(ex);
   reserved.reservation_id = impression.impression_id;
   reserved.job_id = impression.job_id;
+  auto voided = example<events::impression_voided>(ex);
+  voided.impression_id = "imp-79";
+  auto voided_reservation = example<events::ad_reserved>(ex);
+  voided_reservation.reservation_id = voided.impression_id;
+  auto voided_impression = example<events::impression_recorded>(ex);
+  voided_impression.impression_id = voided.impression_id;
+  voided_reservation.campaign_id = voided_impression.campaign_id = voided.campaign_id = "1";
   auto clicked = example<events::ad_clicked>(ex);
   auto exhausted = example<events::campaign_exhausted>(ex);
   exhausted.spent_micros = impression.price_micros;
@@ -151,7 +159,8 @@ std::vector<example_append> campaign(const std::vector<events::event>& ex) {
       {{"campaign-1", {created, funded}},
        {"ledger", {transfer(ex, "campaign-1/funded-2", "external", "campaign-1", funded.amount_micros,
                             events::transfer_kind::deposit)}}},
-      {{"campaign-1", {paused, resumed, released_reservation, released, reserved, impression, clicked, exhausted}},
+      {{"campaign-1", {paused, resumed, released_reservation, released, voided_reservation, voided_impression, voided,
+                       reserved, impression, clicked, exhausted}},
        {"ledger", {transfer(ex, impression.impression_id, "campaign-1", "platform", impression.price_micros,
                             events::transfer_kind::ad_spend)}}},
   };

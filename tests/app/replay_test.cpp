@@ -399,7 +399,7 @@ TEST(replay_verify, a_campaign_reserving_beyond_its_funding_is_named_with_the_am
       dir.path(), "campaign-1",
       {events::ad_reserved{"imp-99", "1", "job-9", "bob", 2'500, 1'700'000'001'000'000, 1'700'000'002'000'000}});
   ASSERT_FALSE(::testing::Test::HasFailure());
-  expect_verify_fails(dir.path(), "campaign_budget", "campaign-1", 11, position,
+  expect_verify_fails(dir.path(), "campaign_budget", "campaign-1", 14, position,
                       {"spent 2250 micro-USD", "reserved 2500 micro-USD", "funded 2500 micro-USD"});
 }
 

@@ -273,6 +273,55 @@ TEST(campaign, release_gives_the_hold_back_once) {
   expect_refused(campaign::decide(s, release_ad_reservation{"r2", ""}, noon + 5), errc::invalid_state, "spent");
 }
 
+TEST(campaign, a_voided_impression_gives_back_its_spend_count_and_frequency_cap_and_takes_no_click) {
+  auto s = funded(5'000);
+  ASSERT_TRUE(run(s, reservation("r1", "u1"), noon));
+  ASSERT_TRUE(run(s, record_impression{"r1", 1'500}, noon + 1));
+  ASSERT_TRUE(run(s, reservation("r2", "u1"), noon + 2));
+  ASSERT_TRUE(run(s, record_impression{"r2", 2'000}, noon + 3));
+  ASSERT_TRUE(s.exhausted) << "1500 left cannot pay 2000";
+  auto d = run(s, void_impression{"r2", "the answer was not settled"}, noon + 4);
+  ASSERT_TRUE(d);
+  ASSERT_EQ(d->size(), 1u);
+  EXPECT_EQ(std::get<events::impression_voided>(d->front()),
+            (events::impression_voided{"r2", "c1", "the answer was not settled", noon + 4}));
+  EXPECT_EQ(s.spent_micros, 1'500);
+  EXPECT_EQ(s.spent_today_micros, 1'500);
+  EXPECT_EQ(s.impressions_total, 1u);
+  EXPECT_EQ(s.impressions_today.at("u1"), 1u);
+  EXPECT_FALSE(s.impressions.contains("r2"));
+  EXPECT_FALSE(s.exhausted) << "3500 left pay for one more impression";
+  EXPECT_TRUE(check(s).empty()) << check(s).front();
+  // Once only; never recorded, clicked or reserved again.
+  EXPECT_TRUE(run(s, void_impression{"r2", "again"}, noon + 5)->empty());
+  expect_refused(campaign::decide(s, record_impression{"r2", 2'000}, noon + 5), errc::invalid_state, "released");
+  expect_refused(campaign::decide(s, click_ad{"r2"}, noon + 5), errc::not_found, "no impression");
+  expect_refused(campaign::decide(s, reservation("r2", "u1"), noon + 5), errc::invalid_state, "released");
+  // A clicked impression reached its user; an unknown one has nothing to give back.
+  ASSERT_TRUE(run(s, click_ad{"r1"}, noon + 6));
+  expect_refused(campaign::decide(s, void_impression{"r1", "late"}, noon + 7), errc::invalid_state, "clicked");
+  expect_refused(campaign::decide(s, void_impression{"r9", "late"}, noon + 7), errc::not_found, "r9");
+  expect_refused(campaign::decide(s, void_impression{"r1", std::string(10'000, 'x')}, noon + 7),
+                 errc::invalid_argument, "void reason");
+  // A reservation voided before it was served is released already: nothing to give back.
+  ASSERT_TRUE(run(s, reservation("r3", "u2"), noon + 8));
+  ASSERT_TRUE(run(s, release_ad_reservation{"r3", "not served"}, noon + 9));
+  EXPECT_TRUE(run(s, void_impression{"r3", "late"}, noon + 10)->empty());
+}
+
+TEST(campaign, an_impression_voided_on_a_later_day_leaves_that_days_counters_alone) {
+  auto s = funded(5'000);
+  ASSERT_TRUE(run(s, reservation("r1", "u1", 2'000, midnight + day_us - 10), midnight + day_us - 100));
+  ASSERT_TRUE(run(s, record_impression{"r1", 2'000}, midnight + day_us - 50));
+  ASSERT_TRUE(run(s, reservation("r2", "u1", 2'000, midnight + day_us + 100), midnight + day_us + 1));
+  ASSERT_TRUE(run(s, record_impression{"r2", 1'000}, midnight + day_us + 2));
+  ASSERT_TRUE(run(s, void_impression{"r1", "not settled"}, midnight + day_us + 3));
+  EXPECT_EQ(s.spent_micros, 1'000);
+  EXPECT_EQ(s.spent_today_micros, 1'000) << "today's spend is r2's alone";
+  EXPECT_EQ(s.impressions_today.at("u1"), 1u);
+  EXPECT_TRUE(check(s).empty()) << check(s).front();
+}
+
 TEST(campaign, expire_releases_only_reservations_that_are_due) {
   auto s = funded();
   ASSERT_TRUE(run(s, reservation("r1", "u1", 2'000, noon + 10), noon));
@@ -467,7 +516,8 @@ struct walker {
       }
       case 7: return release_ad_reservation{some_id(s), "not served"};
       case 8: return expire_ad_reservations{};
-      case 9: return click_ad{some_id(s)};
+      case 9: return below(2) == 0 ? campaign::command{click_ad{some_id(s)}}
+                                   : campaign::command{void_impression{some_id(s), "not settled"}};
       case 10: return fund_campaign{1 + below(fund_max)};
       default:
         if (below(2) == 0) return pause_campaign{"operator"};

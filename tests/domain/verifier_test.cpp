@@ -308,6 +308,33 @@ TEST(domain_verifier_campaign, an_impression_without_a_reservation_does_not_appl
   expect_violation(log, invariant::aggregate_lifecycle, "campaign-c1", 6, position, {"\"r7\"", "no outstanding"});
 }
 
+TEST(domain_verifier_campaign, a_void_of_a_clicked_or_unknown_impression_does_not_apply) {
+  {
+    auto log = sound_log();
+    const auto position = log.add("campaign-c1", events::impression_voided{"r1", "c1", "not settled", t0 + 40});
+    expect_violation(log, invariant::aggregate_lifecycle, "campaign-c1", 6, position, {"\"r1\"", "was clicked"});
+  }
+  {
+    auto log = sound_log();
+    const auto position = log.add("campaign-c1", events::impression_voided{"r7", "c1", "not settled", t0 + 40});
+    expect_violation(log, invariant::aggregate_lifecycle, "campaign-c1", 6, position, {"\"r7\"", "unknown"});
+  }
+  {
+    // A served, unclicked impression voided passes, and gives its spend back.
+    auto log = sound_log();
+    log.add("campaign-c1", events::ad_reserved{"r2", "c1", "j2", "bob", 2'000, t0 + 40, t0 + 60 * second_us});
+    log.add("campaign-c1", events::impression_recorded{"r2", "c1", "j2", "bob", 1'500, t0 + 41});
+    log.add("campaign-c1", events::impression_voided{"r2", "c1", "not settled", t0 + 42});
+    domain_verifier verifier;
+    for (const auto& e : log.entries) ASSERT_TRUE(verifier.apply(e.stream, e.version, e.position, e.event));
+    const auto* state = std::get<const campaign_state*>(verifier.state_of("campaign-c1"));
+    EXPECT_EQ(state->spent_micros, 1'800);
+    EXPECT_EQ(state->impressions_total, 1u);
+    const auto counts = verifier.finish();
+    EXPECT_TRUE(counts) << describe(counts.error());
+  }
+}
+
 TEST(domain_verifier_job, an_event_after_a_terminal_state_is_refused) {
   auto log = sound_log();
   const auto position = log.add("job-j3", events::job_cancelled{"j3", events::cancelled_by::client, 0, t0 + 50});

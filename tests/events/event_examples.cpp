@@ -233,6 +233,10 @@ std::vector<event> appended_examples() {
                        .job_id = "job-9005",
                        .tokens = 1'234,
                        .used_at_us = 1'700'000'000'000'035},
+      impression_voided{.impression_id = "imp-77",
+                        .campaign_id = "camp-3",
+                        .reason = "the answer was not settled: job job-9004 is no longer running on prov-17",
+                        .voided_at_us = 1'700'000'000'000'036},
   };
 }
 
