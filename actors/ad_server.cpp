@@ -440,6 +440,25 @@ caf::result<bool> release(self_pointer self, const std::string& impression_id, s
   return reply;
 }
 
+caf::result<bool> unserved(self_pointer self, const std::string& impression_id, std::string reason) {
+  auto campaign_id = campaign_of(self, impression_id);
+  if (!campaign_id) return campaign_id.error();
+  auto reply = self->make_response_promise<bool>();
+  self->request(self->state.peers.campaigns, caf::infinite, *campaign_id,
+                domain::campaign::command{domain::void_impression{impression_id, std::move(reason)}})
+      .then(
+          [self, reply, campaign_id = *campaign_id](const command_reply& r) mutable {
+            apply_reply(self, campaign_id, r);
+            if (!r.events.empty()) ++self->state.counts.voided;
+            reply.deliver(!r.events.empty());
+          },
+          [self, reply, campaign_id = *campaign_id](caf::error& failure) mutable {
+            note_failure(self, campaign_id, failure);
+            reply.deliver(failure);
+          });
+  return reply;
+}
+
 caf::result<std::string> click(self_pointer self, const std::string& impression_id) {
   auto campaign_id = campaign_of(self, impression_id);
   if (!campaign_id) return campaign_id.error();
@@ -513,6 +532,9 @@ ad_server_actor::behavior_type ad_server_behavior(self_pointer self, ad_server_p
       [self](served_atom, const std::string& impression_id) { return served(self, impression_id); },
       [self](release_atom, const std::string& impression_id, std::string& reason) {
         return release(self, impression_id, std::move(reason));
+      },
+      [self](unserved_atom, const std::string& impression_id, std::string& reason) {
+        return unserved(self, impression_id, std::move(reason));
       },
       [self](click_atom, const std::string& impression_id) { return click(self, impression_id); },
       [self](load_atom, const std::vector<std::string>& ids) -> caf::result<std::size_t> {

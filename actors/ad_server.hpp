@@ -73,6 +73,7 @@ struct ad_server_counts {
   std::uint64_t reservations_refused = 0;  ///< an auction winner refused the reservation
   std::uint64_t impressions = 0;           ///< served and recorded
   std::uint64_t releases = 0;              ///< reservations released on request
+  std::uint64_t voided = 0;                ///< recorded impressions taken back (not settled)
   std::uint64_t clicks = 0;                ///< clicks recorded (repeats not counted)
   std::uint64_t expired = 0;               ///< reservations released by the expiry timer
   std::uint64_t refreshes = 0;             ///< cached states re-read from their aggregate
@@ -133,6 +134,9 @@ using ad_server_actor = caf::typed_actor<
     /// (release, impression_id, reason): the ad was not shown (the answer failed, the client left);
     /// gives the reservation back. Replies false when it had already been released.
     caf::replies_to<release_atom, std::string, std::string>::with<bool>,
+    /// (unserved, impression_id, reason): the recorded impression did not go out with a settled
+    /// answer; takes it back (void_impression). Replies false when there was nothing to take back.
+    caf::replies_to<unserved_atom, std::string, std::string>::with<bool>,
     /// (click, impression_id): records the click (once per impression, within 7 days of it) and
     /// replies the advertiser's URL for the redirect; an impression of a campaign that counts no
     /// click for it (older, or never served) gets the URL too. An id naming no campaign: not_found.

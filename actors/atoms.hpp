@@ -27,6 +27,7 @@ using tick_atom = caf::atom_constant<caf::atom("tick")>;
 using served_atom = caf::atom_constant<caf::atom("served")>;
 using release_atom = caf::atom_constant<caf::atom("release")>;
 using click_atom = caf::atom_constant<caf::atom("click")>;
+using unserved_atom = caf::atom_constant<caf::atom("unserved")>;
 // The payout runner.
 using run_atom = caf::atom_constant<caf::atom("run")>;
 using settle_atom = caf::atom_constant<caf::atom("settle")>;

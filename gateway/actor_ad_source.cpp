@@ -87,4 +87,17 @@ void actor_ad_source::release(std::string impression_id, std::string reason) {
   });
 }
 
+void actor_ad_source::unserved(std::string impression_id, std::string reason) {
+  bridge_.run([this, impression_id = std::move(impression_id), reason = std::move(reason)](caf::event_based_actor* actor) {
+    actor->request(ads_, caf::infinite, actors::unserved_atom::value, impression_id, reason)
+        .then([](bool) {},
+              [impression_id](caf::error& failure) {
+                // The campaign keeps the spend of an ad nobody paid for: its advertiser gets one
+                // impression less for the money.
+                spdlog::warn("ads: impression={} not taken back after its answer went unsettled: {}", impression_id,
+                             actors::describe(failure));
+              });
+  });
+}
+
 }  // namespace gpustream::gateway

@@ -36,6 +36,7 @@ class actor_ad_source final : public ad_source {
             std::function<void(std::optional<ad_info>)> done) override;
   void served(std::string impression_id, std::function<void(std::optional<domain::ad_charge>)> done) override;
   void release(std::string impression_id, std::string reason) override;
+  void unserved(std::string impression_id, std::string reason) override;
 
  private:
   std::string click_base() const;

@@ -484,10 +484,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (!impression) return report_result(std::move(result), std::move(finish_reason), false);
     ads_->served(*impression, [self, impression = *impression, result = std::move(result),
                                finish_reason = std::move(finish_reason)](std::optional<domain::ad_charge> charge) mutable {
-      const bool shown = charge.has_value();
+      bool shown = charge.has_value();
       // Not recorded: the answer goes without its ad, whose reservation (budget, pacing, the
       // user's frequency cap) is given back now rather than when it expires.
       if (!shown) self->ads_->release(impression, "its impression could not be recorded");
+      // Recorded, but its client left meanwhile: nobody will see it, so nobody pays for it.
+      if (shown && !self->answering(result.job_id)) {
+        shown = false;
+        charge.reset();
+        self->ads_->unserved(impression, "the client left before the answer completed");
+      }
       result.ad = std::move(charge);
       self->report_result(std::move(result), std::move(finish_reason), shown);
     });
@@ -587,6 +593,14 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::lock_guard lock(table_mutex_);
     const auto it = jobs_.find(id);
     return it == jobs_.end() ? nullptr : it->second;
+  }
+
+  /// Whether job `id`'s client still waits for its answer (it has not left, the job has not ended).
+  bool answering(const std::string& id) const {
+    const auto live = find(id);
+    if (!live) return false;
+    std::lock_guard lock(live->mutex);
+    return live->state != phase::ended;
   }
 
   void forget(const std::string& id) {
@@ -717,15 +731,20 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     const std::string job_id = result.job_id;
     bridge_.run_keyed(provider_id, [self, result = std::move(result), finish_reason](caf::event_based_actor* actor) mutable {
       const std::string job_id = result.job_id;
+      std::optional<std::string> charged;  // the recorded impression the settlement would pay for
+      if (result.ad) charged = result.ad->impression_id;
       actor->request(self->scheduler_, caf::infinite, std::move(result))
           .then([self, job_id, finish_reason](const actors::job_ended& ended) {
                   self->finish_ok(job_id, ended, finish_reason);
                 },
-                [self, job_id](caf::error& failure) {
+                [self, job_id, charged](caf::error& failure) {
                   // Its end may be recorded, and settled at the next start: what is billed is not known.
                   // A refusal's words are the client's; the store's (they name its files) stay here.
                   const auto refused = actors::domain_error_of(failure);
                   if (!refused) spdlog::error("relay: job={} not settled: {}", job_id, actors::describe(failure));
+                  // Refused: nothing was recorded, the ad's impression included, and nobody pays
+                  // for it (the answer goes as an error, without the ad).
+                  if (refused && charged) self->ads_->unserved(*charged, "the answer was not settled: " + refused->message);
                   self->finish_error(job_id,
                                      make_api_error(500, "the answer could not be settled" +
                                                              (refused ? ": " + refused->message : std::string())),

@@ -41,6 +41,9 @@ class ad_source {
                       std::function<void(std::optional<domain::ad_charge>)> done) = 0;
   /// The reserved ad will not be shown.
   virtual void release(std::string impression_id, std::string reason) = 0;
+  /// The impression served() recorded did not go out with a settled answer (the scheduler refused
+  /// the result, the client left before it completed): nobody pays for it, so it is taken back.
+  virtual void unserved(std::string impression_id, std::string reason) = 0;
 };
 
 /// What the relay reports for metrics. Every member may be empty.

@@ -329,6 +329,32 @@ TEST_F(ad_server_test, a_released_or_expired_reservation_gives_its_budget_back_a
   verify_log();
 }
 
+TEST_F(ad_server_test, an_impression_whose_answer_went_unsettled_is_taken_back_once) {
+  create(campaign("c1", {"gpu"}, 1'000'000, 1));
+  auto ad = pick("j1", "u1", "gpu prices");
+  ASSERT_TRUE(ad);
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  EXPECT_EQ(campaign_state("c1").spent_micros, ad->price_micros);
+  EXPECT_FALSE(pick("j2", "u1", "gpu prices")) << "its frequency cap of 1 is reached";
+  auto voided = ask<bool>(rt_.ad_server, unserved_atom::value, ad->impression_id, std::string("the client left"));
+  ASSERT_TRUE(voided) << describe(voided.error());
+  EXPECT_TRUE(voided.value());
+  auto twice = ask<bool>(rt_.ad_server, unserved_atom::value, ad->impression_id, std::string("the client left"));
+  ASSERT_TRUE(twice) << describe(twice.error());
+  EXPECT_FALSE(twice.value());
+  const auto state = campaign_state("c1");
+  EXPECT_EQ(state.spent_micros, 0);
+  EXPECT_EQ(state.impressions_total, 0u);
+  EXPECT_EQ(counts().voided, 1u);
+  EXPECT_TRUE(pick("j2", "u1", "gpu prices")) << "the cache knows the user saw nothing";
+  // Not served again, not clicked.
+  EXPECT_FALSE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  auto click = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  ASSERT_TRUE(click) << "the redirect still works";
+  EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
+  verify_log();
+}
+
 TEST_F(ad_server_test, an_ad_picked_for_a_long_answer_is_still_served_when_the_answer_ends) {
   // Picked at submission, served at the end: a minute in the queue and ten minutes of answer
   // (5,000 tokens at 8 tokens/s on a slow GPU) keep their ad.

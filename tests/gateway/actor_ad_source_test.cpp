@@ -41,6 +41,7 @@ actors::ad_server_actor::behavior_type fake_ad_server(actors::ad_server_actor::p
       },
       [self](actors::served_atom, std::string&) { return self->make_response_promise<domain::ad_charge>(); },
       [self](actors::release_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
+      [self](actors::unserved_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
       [self](actors::click_atom, std::string&) { return self->make_response_promise<std::string>(); },
       [self](actors::load_atom, std::vector<std::string>&) { return self->make_response_promise<std::size_t>(); },
       [self](actors::count_atom) { return self->make_response_promise<actors::ad_server_counts>(); },
@@ -117,6 +118,7 @@ actors::ad_server_actor::behavior_type late_ad_server(actors::ad_server_actor::p
         log->changed.notify_all();
         return true;
       },
+      [self](actors::unserved_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
       [self](actors::click_atom, std::string&) { return self->make_response_promise<std::string>(); },
       [self](actors::load_atom, std::vector<std::string>&) { return self->make_response_promise<std::size_t>(); },
       [self](actors::count_atom) { return self->make_response_promise<actors::ad_server_counts>(); },

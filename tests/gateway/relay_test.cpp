@@ -82,6 +82,8 @@ std::string fault_name(domain::job_fault fault) {
 
 /// A result reporting this prompt count is answered with a store failure.
 constexpr std::uint32_t store_failing_prompt_tokens = 4242;
+/// A result reporting this prompt count is refused (the job moved on to another provider).
+constexpr std::uint32_t refused_prompt_tokens = 4343;
 
 /// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
 actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
@@ -112,6 +114,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         if (result.prompt_tokens_reported == store_failing_prompt_tokens) {  // the ledger's store failed
           return actors::make_error(storage::error{storage::errc::io_error, "fsync of /srv/gpustream/data/000042.log"});
         }
+        if (result.prompt_tokens_reported == refused_prompt_tokens) {
+          return actors::make_error(domain::error{domain::errc::invalid_state, "job is no longer running on p1"});
+        }
+        if (result.ad) log->add("ad " + result.job_id + " " + result.ad->impression_id);
         log->add("tokens " + result.job_id + " " + std::to_string(result.completion_tokens));
         if (result.cut) log->add("cut " + result.job_id);
         log->add("timing " + result.job_id + " " + std::to_string(result.ttft_us) + " " + std::to_string(result.total_us));
@@ -268,19 +274,28 @@ class held_ads final : public ad_source {
     std::lock_guard lock(mutex_);
     released_.push_back(std::move(impression_id));
   }
+  void unserved(std::string impression_id, std::string reason) override {
+    std::lock_guard lock(mutex_);
+    unserved_.push_back(impression_id + ": " + reason);
+  }
   std::vector<std::string> released() {
     std::lock_guard lock(mutex_);
     return released_;
   }
-  /// Lets the held recording finish (with no charge) and returns whether there was one.
-  bool finish_served() {
+  std::vector<std::string> unserved() {
+    std::lock_guard lock(mutex_);
+    return unserved_;
+  }
+  /// Lets the held recording finish, with `charge` (none: not recorded), and returns whether there
+  /// was one.
+  bool finish_served(std::optional<domain::ad_charge> charge = std::nullopt) {
     std::function<void(std::optional<domain::ad_charge>)> done;
     {
       std::lock_guard lock(mutex_);
       done = std::move(held_);
     }
     if (!done) return false;
-    done(std::nullopt);
+    done(std::move(charge));
     return true;
   }
 
@@ -288,7 +303,11 @@ class held_ads final : public ad_source {
   std::mutex mutex_;
   std::function<void(std::optional<domain::ad_charge>)> held_;
   std::vector<std::string> released_;
+  std::vector<std::string> unserved_;
 };
+
+/// The charge of held_ads' ad once recorded.
+const domain::ad_charge imp_1_charge{.impression_id = "imp-1", .campaign_id = "c1", .price_micros = 2'000};
 
 /// Job j1's offer of `attempt` (0: none given).
 actors::job_offer j1_offer(std::uint32_t attempt = 0) {
@@ -358,12 +377,70 @@ std::string answered_body(recorded_reply& reply) {
 }
 
 /// A free-tier job that provider p1 finished; its result waits for its ad's impression.
-void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
+void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
+                             std::uint32_t prompt_tokens_reported = 0) {
   world.relay.provider_online({"p1", {}});
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = prompt_tokens_reported});
   ASSERT_TRUE(world.log->wait_for("started j1", 10s));
+}
+
+TEST(relay, a_recorded_ad_goes_out_with_the_settled_answer_and_is_not_taken_back) {
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  ASSERT_TRUE(world.log->wait_for("ad j1 imp-1", 10s)) << "the settlement pays for the ad";
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 200u);
+  EXPECT_NE(sent.front().body.find("Sponsored"), std::string::npos) << sent.front().body;
+  EXPECT_TRUE(ads.unserved().empty());
+}
+
+TEST(relay, an_ad_recorded_after_its_client_left_is_taken_back_and_not_billed) {
+  // The client leaves while the impression is being recorded (an fsync under sync durability):
+  // the result must not carry the ad's charge, and the campaign gets its spend back.
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  reply->close();
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  ASSERT_TRUE(world.log->wait_for("result j1", 10s)) << "the provider's work still completes the job";
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find(events.begin(), events.end(), "ad j1 imp-1"), events.end()) << testing::PrintToString(events);
+  EXPECT_EQ(ads.unserved(), std::vector<std::string>{"imp-1: the client left before the answer completed"});
+  EXPECT_TRUE(ads.released().empty()) << "recorded, so taken back rather than released";
+}
+
+TEST(relay, an_ad_whose_answer_the_scheduler_refuses_to_settle_is_taken_back) {
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply, refused_prompt_tokens));
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 500u) << sent.front().body;
+  EXPECT_EQ(sent.front().body.find("Sponsored"), std::string::npos) << "no ad in an error";
+  EXPECT_EQ(ads.unserved(),
+            std::vector<std::string>{"imp-1: the answer was not settled: job is no longer running on p1"});
+}
+
+TEST(relay, an_ad_whose_settlement_the_store_failed_is_kept_for_the_next_start_to_settle) {
+  // The end may be recorded (and settled with its ad at the next start): nothing is taken back.
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply, store_failing_prompt_tokens));
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 500u) << sent.front().body;
+  EXPECT_TRUE(ads.unserved().empty());
 }
 
 TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_result_before_going_offline) {
