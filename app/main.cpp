@@ -141,6 +141,13 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 100'000'000))
       ->capture_default_str();
 
+  serve_cmd->add_option("--drain-s", serve.drain_s,
+                        "on SIGINT or SIGTERM, live answers may finish for up to this many seconds; those "
+                        "still running are then cut short, billed for what was produced (a second signal "
+                        "stops at once)")
+      ->check(CLI::Range(0u, 3'600u))
+      ->capture_default_str();
+
   gpustream::app::provider_options provider;
   bool provider_no_probe = false;
   auto* provider_cmd = cli.add_subcommand(

@@ -268,7 +268,14 @@ int run_serve(const serve_options& given) {
                store->last_position());
   int signal = 0;
   sigwait(&signals, &signal);
-  logger->info("stopping signal={}", signal);
+  // A second signal stops the process at once (its default action, here in this thread): what
+  // was acknowledged is in the log already, and the next start closes what is left open.
+  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  logger->info("stopping signal={}: live answers may finish for up to {} s (a second signal stops at once)", signal,
+               options.drain_s);
+  const auto cut = (*node)->drain(std::chrono::seconds(options.drain_s));
+  logger->info("stopped{}", cut == 0 ? std::string() : ": " + std::to_string(cut) +
+                                                           " answers cut short, each billed for what its provider produced");
   return 0;
 }
 

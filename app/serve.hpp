@@ -45,6 +45,9 @@ struct serve_options {
   /// Most live jobs (waiting, streaming or finishing) this node holds; one more is refused with
   /// 429 server_busy. Default: 100,000.
   std::size_t live_jobs_max = 100'000;
+  /// On SIGINT or SIGTERM, live answers may finish for up to this many seconds; those still running
+  /// then are cut short, billed for what their providers produced. Default: 30.
+  std::uint32_t drain_s = 30;
 };
 
 /// --public-url as click URLs are made from it: http(s)://HOST[:PORT][/PATH] without trailing

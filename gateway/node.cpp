@@ -93,6 +93,12 @@ class node::impl {
     server_.reset();  // no new requests, no link frames
   }
 
+  std::size_t drain(std::chrono::milliseconds wait_max) {
+    // The cancels of the answers cut short are appends: a few ms each, also under sync.
+    constexpr std::chrono::milliseconds cancels_wait_max{5'000};
+    return relay_ ? relay_->drain(wait_max, cancels_wait_max) : 0;
+  }
+
   expected<void, std::string> start() {
     close_what_a_stop_left_open();
     // The server must exist before the click URL is known (port 0 picks one): the relay and links
@@ -589,5 +595,6 @@ node::node(std::unique_ptr<impl> state) : impl_(std::move(state)) {}
 node::~node() = default;
 std::uint16_t node::port() const noexcept { return impl_->port(); }
 provider_link_counts node::link_counts() const noexcept { return impl_->link_counts(); }
+std::size_t node::drain(std::chrono::milliseconds wait_max) { return impl_->drain(wait_max); }
 
 }  // namespace gpustream::gateway

@@ -74,6 +74,10 @@ class node {
   node& operator=(const node&) = delete;
 
   [[nodiscard]] std::uint16_t port() const noexcept;
+  /// Before a stop: takes no more completions (503), lets the live answers finish for up to
+  /// `wait_max`, then cuts short those still running, billing what their providers produced
+  /// (relay::drain). Returns how many it cut short.
+  std::size_t drain(std::chrono::milliseconds wait_max);
   /// What the provider links passed on (also in /metrics).
   [[nodiscard]] provider_link_counts link_counts() const noexcept;
 

@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <map>
 #include <set>
 #include <tuple>
@@ -32,6 +33,7 @@ struct live_job {
   relay_job job;
   response_meta meta;
   phase state = phase::submitting;
+  bool cut_short = false;       ///< a stopping node cut it short: nothing more from its provider
   bool stream_started = false;  ///< the stream's headers went out
   std::string text;             ///< the answer so far, over every attempt
   std::string reasoning;        ///< a reasoning model's thinking so far, for a whole chat answer
@@ -161,6 +163,21 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     }
   }
 
+  std::size_t drain(std::chrono::milliseconds wait_max, std::chrono::milliseconds cancel_wait_max) {
+    std::vector<std::string> left;
+    {
+      std::unique_lock lock(table_mutex_);
+      draining_ = true;
+      drained_.wait_for(lock, wait_max, [&] { return jobs_.empty(); });
+      for (const auto& [id, live] : jobs_) left.push_back(id);
+    }
+    std::size_t cut = 0;
+    for (const auto& id : left) cut += cut_short(id) ? 1 : 0;
+    std::unique_lock lock(table_mutex_);
+    drained_.wait_for(lock, cancel_wait_max, [&] { return jobs_.empty(); });
+    return cut;
+  }
+
   // -- API ----------------------------------------------------------------------------------
 
   void submit(relay_job job) {
@@ -168,7 +185,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     const std::string id = job.job_id;
     {
       std::lock_guard lock(table_mutex_);
-      if (stopped_) {
+      if (stopped_ || draining_) {
         const auto error = make_api_error(503, "this node is shutting down; retry on another", {}, "server_shutting_down");
         job.reply->send({503, "application/json", error_body(error), {{"Retry-After", "1"}}});
         return;
@@ -606,6 +623,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void forget(const std::string& id) {
     std::lock_guard lock(table_mutex_);
     jobs_.erase(id);
+    if (jobs_.empty()) drained_.notify_all();
   }
 
   /// `job_id`'s result is on its way to the scheduler, or (no job) the deferral of `generation`
@@ -639,8 +657,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// from an agent that does not echo attempts). A provider the job was taken from and offered
   /// again may still send frames of its earlier attempt: they are not the current one's.
   static bool is_current(const live_job& live, const std::string& provider_id, std::uint32_t attempt = 0) {
-    return (live.state == phase::running || live.state == phase::submitting) && live.provider_id == provider_id &&
-           (attempt == 0 || attempt == live.attempt);
+    return (live.state == phase::running || live.state == phase::submitting) && !live.cut_short &&
+           live.provider_id == provider_id && (attempt == 0 || attempt == live.attempt);
   }
 
   static std::string prompt_of(const completion_request& request) {
@@ -873,6 +891,38 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (!result_coming) cancel(id, tokens, 0);
   }
 
+  /// Cuts job `id` short for a stopping node, unless its provider already finished (its result is
+  /// on its way and ends it): the scheduler cancels it with the tokens relayed so far, then the
+  /// client gets the error with the usage billed. Returns whether it cut the job.
+  bool cut_short(const std::string& id) {
+    auto live = find(id);
+    if (!live) return false;
+    std::uint32_t tokens = 0;
+    {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::ended || live->state == phase::finishing) return false;
+      live->cut_short = true;  // what its provider sends from now on is neither relayed nor billed
+      tokens = live->tokens;
+    }
+    auto self = shared_from_this();
+    bridge_.run_keyed(id, [self, id, tokens](caf::event_based_actor* actor) {
+      const auto error = make_api_error(
+          503, "this node is stopping: the answer was cut short after " + std::to_string(tokens) + " tokens, which are billed; retry on another",
+          {}, "server_shutting_down");
+      actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::platform, tokens})
+          .then(
+              [self, id, error](const actors::job_ended& ended) {
+                self->finish_error(id, error, token_usage{ended.prompt_tokens, ended.completion_tokens});
+              },
+              [self, id, error](caf::error& failure) {
+                // Ended meanwhile (its result came), or not recorded: the client still gets its end.
+                spdlog::warn("relay: job={} not cancelled for the stop: {}", id, actors::describe(failure));
+                self->finish_error(id, error, std::nullopt);
+              });
+    });
+    return true;
+  }
+
   /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
   /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
   void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
@@ -904,6 +954,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   mutable std::mutex table_mutex_;
   std::map<std::string, std::shared_ptr<live_job>> jobs_;  ///< by job id
   bool stopped_ = false;  ///< under table_mutex_: stop() has let go of the replies
+  bool draining_ = false;  ///< under table_mutex_: drain() refuses new jobs
+  std::condition_variable drained_;  ///< with table_mutex_: notified when jobs_ becomes empty
   /// Taken before table_mutex_. Providers whose link was lost while jobs they finished waited for
   /// their ads: their offline notice waits for those jobs' results, by provider id.
   std::mutex offline_mutex_;
@@ -942,6 +994,10 @@ void relay::done(const std::string& provider_id, const link::done& d) { impl_->d
 void relay::failed(const std::string& provider_id, const link::job_error& e) { impl_->failed(provider_id, e); }
 void relay::link_lost(const std::string& provider_id) { impl_->link_lost(provider_id); }
 void relay::link_replaced(const std::string& provider_id) { impl_->link_replaced(provider_id); }
+std::size_t relay::drain(std::chrono::milliseconds wait_max, std::chrono::milliseconds cancel_wait_max) {
+  return impl_->drain(wait_max, cancel_wait_max);
+}
+
 void relay::stop() { impl_->stop(); }
 
 }  // namespace gpustream::gateway

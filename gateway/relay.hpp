@@ -161,6 +161,14 @@ class relay {
   /// the provider stays online. Call before the new link's hello is processed.
   void link_replaced(const std::string& provider_id);
 
+  /// For a node about to stop: takes no more jobs (503 server_shutting_down), waits up to
+  /// `wait_max` for the live ones to end, then cuts short those still answering: the scheduler
+  /// cancels each (billing what its provider produced, as for a client that left) and its client
+  /// gets an error (in-band, with the usage billed, once its stream started). Waits up to
+  /// `cancel_wait_max` more for those to be recorded. Returns how many answers it cut short.
+  /// Call before stop(), while the bridge and the server run.
+  std::size_t drain(std::chrono::milliseconds wait_max, std::chrono::milliseconds cancel_wait_max);
+
   /// Stops the relay's watcher and waits until it is gone (the scheduler's reports of jobs it
   /// ended are dropped from then on), then lets go of the live jobs and their replies, whose
   /// connections belong to the server: call it while the server runs. The bridge's actors, which

@@ -5,7 +5,8 @@
 import assert from 'node:assert/strict';
 
 import {
-  balance_changes, gross_micros, job_id_of, one_provider_world, platform_fee_micros, scenario, upstream_text, wait_for,
+  balance_changes, gross_micros, job_id_of, one_provider_world, platform_fee_micros, read_sse, scenario, upstream_text,
+  wait_for,
 } from './harness.mjs';
 
 const tokens = 8;
@@ -126,6 +127,51 @@ scenario('serve stops cleanly on SIGTERM while a provider is connected', async (
   const down = await agent.wait_line(/link down/, { from_index: lines_before_sigterm });
   await agent.wait_line(/link down kind=connect_failed/, { from_index: down.line_index + 1 });
   assert.equal(agent.exited, false, 'the agent keeps running to reconnect');
+  const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
+  assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
+});
+
+scenario('on SIGTERM serve lets answers finish for --drain-s, then cuts them short billing what was sent', async (world) => {
+  // 2,000 tokens 5 ms apart: 10 s, longer than the 1 s the node lets it run once told to stop.
+  const { server, provider, model } = await one_provider_world(world, {
+    serve_args: ['--drain-s', '1'], upstream_options: { tokens: 2_000, token_interval_us: 5_000 },
+  });
+  const user = await server.create_user('premium', credit_micros);
+  const before = await server.accounts();
+  const offer = (await server.provider_entry(provider.id)).models.find((m) => m.model === model);
+  const body = {
+    model, messages: [{ role: 'user', content: 'a long answer' }], stream: true, stream_options: { include_usage: true },
+  };
+  const response = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(response.status, 200, 'the answer streams');
+  const stopped_at = Date.now();
+  const [events] = await Promise.all([read_sse(response), server.child.stop('SIGTERM', { timeout_ms: 15_000 })]);
+  assert.equal(server.child.exit_code, 0, 'serve exits with 0');
+  const stop_ms = Date.now() - stopped_at;
+  assert.ok(stop_ms < 8_000, `it stopped after its 1 s wait, not at the answer's end: ${stop_ms} ms`);
+
+  assert.equal(events.at(-1), '[DONE]');
+  const chunks = events.slice(0, -1);
+  const last = chunks.at(-1);
+  assert.equal(last.choices[0].finish_reason, 'error', JSON.stringify(last));
+  assert.equal(last.error?.code, 'server_shutting_down', JSON.stringify(last));
+  const received = chunks.filter((chunk) => chunk.choices[0]?.delta?.content).length;
+  assert.ok(received > 0 && received < 2_000, `cut short: ${received} tokens`);
+  assert.equal(last.usage?.completion_tokens, received, 'the usage billed is what the client got');
+  console.log(`SIGTERM mid-answer: ${received} tokens relayed and billed; serve stopped in ${stop_ms} ms`);
+
+  // The job is cancelled (not failed) and billed for those tokens, and nothing else moved.
+  const restarted = await world.serve({ data_dir: server.data_dir, name: 'serve-restarted' });
+  const [job] = await restarted.wait_jobs([job_id_of(last.id)], 'cancelled', (j) => j.gross_micros > 0);
+  assert.equal(job.completion_tokens, received);
+  assert.equal(job.gross_micros, gross_micros(job.prompt_tokens_billed, received, offer));
+  const after = await restarted.accounts();
+  assert.deepEqual(balance_changes(before, after), {
+    [`user-${user.id}`]: -job.gross_micros,
+    [`provider-${provider.id}`]: job.gross_micros - job.platform_fee_micros,
+    platform: job.platform_fee_micros,
+  });
+  await restarted.child.stop('SIGTERM', { timeout_ms: 15_000 });
   const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
   assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
 });

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -511,6 +512,59 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
   EXPECT_GE(std::chrono::steady_clock::now() - lost_at, options.offline_wait_max);
   const auto events = world.log->events();
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end());
+}
+
+TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_tokens_and_refuses_new_jobs) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  world.relay.delta("p1", link::delta{"j1", " there"});
+  EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+  EXPECT_TRUE(world.log->wait_for("cancel j1 2", 10s)) << testing::PrintToString(world.log->events());
+  // What the provider still sends is neither relayed nor billed.
+  world.relay.delta("p1", link::delta{"j1", " late"});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  const auto body = reply->streamed(10s);
+  EXPECT_NE(body.find("Hello"), std::string::npos) << body;
+  EXPECT_NE(body.find("\"finish_reason\":\"error\""), std::string::npos) << body;
+  EXPECT_NE(body.find("cut short after 2 tokens"), std::string::npos) << body;
+  EXPECT_NE(body.find("\"usage\""), std::string::npos) << "the usage billed: " << body;
+  EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
+  EXPECT_EQ(body.find("late"), std::string::npos) << body;
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
+  // No new job while the node stops.
+  auto late = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "j2";
+  job.user_id = "u1";
+  job.request.model = "m";
+  job.reply = late;
+  world.relay.submit(std::move(job));
+  const auto sent = late->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 503u);
+  EXPECT_NE(sent.front().body.find("server_shutting_down"), std::string::npos) << sent.front().body;
+}
+
+TEST(relay, a_drain_lets_an_answer_that_ends_within_its_wait_complete) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  auto draining = std::async(std::launch::async, [&] { return world.relay.drain(60s, 10s); });
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  ASSERT_EQ(draining.wait_for(10s), std::future_status::ready) << "the drain ends once the last answer did";
+  EXPECT_EQ(draining.get(), 0u);
+  EXPECT_TRUE(world.log->wait_for("result j1", 10s));
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
+            events.end());
+  const auto body = reply->streamed(10s);
+  EXPECT_NE(body.find("\"finish_reason\":\"stop\""), std::string::npos) << body;
 }
 
 TEST(relay, a_provider_the_job_was_taken_from_is_not_relayed_any_more) {
