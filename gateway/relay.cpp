@@ -818,8 +818,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   /// Ends the answer with `error`. A stream's last chunk says what is billed (`billed`): nothing for
   /// a failed job, unknown (left out) when its settlement's fate is open.
+  /// Ends job `id`'s answer with `error` (in-band once its stream started, with `billed` as its
+  /// usage), counted in the metrics as `counted`.
   void finish_error(const std::string& id, const api_error& error,
-                    std::optional<token_usage> billed = token_usage{0, 0}) {
+                    std::optional<token_usage> billed = token_usage{0, 0},
+                    domain::job_status counted = domain::job_status::failed) {
     auto live = find(id);
     if (!live) return;
     std::optional<std::string> unshown_ad;
@@ -844,7 +847,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
     }
     if (unshown_ad) ads_->release(*unshown_ad, "the answer failed");
-    if (options_.observer.job_ended) options_.observer.job_ended(domain::job_status::failed);
+    if (options_.observer.job_ended) options_.observer.job_ended(counted);
     forget(id);
   }
 
@@ -912,7 +915,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::platform, tokens})
           .then(
               [self, id, error](const actors::job_ended& ended) {
-                self->finish_error(id, error, token_usage{ended.prompt_tokens, ended.completion_tokens});
+                self->finish_error(id, error, token_usage{ended.prompt_tokens, ended.completion_tokens},
+                                   domain::job_status::cancelled);
               },
               [self, id, error](caf::error& failure) {
                 // Ended meanwhile (its result came), or not recorded: the client still gets its end.

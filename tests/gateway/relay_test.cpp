@@ -515,7 +515,10 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
 }
 
 TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_tokens_and_refuses_new_jobs) {
-  relay_world world;
+  std::vector<domain::job_status> counted;  // the metrics' jobs ended, by status
+  relay_options options;
+  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
+  relay_world world(nullptr, options);
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
@@ -533,6 +536,7 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(body.find("\"usage\""), std::string::npos) << "the usage billed: " << body;
   EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
   EXPECT_EQ(body.find("late"), std::string::npos) << body;
+  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::cancelled});
   const auto events = world.log->events();
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
   // No new job while the node stops.
