@@ -33,6 +33,10 @@ struct ad_server_state {
   /// within one handler.
   std::vector<domain::campaign_state> states;
   std::map<std::string, cache_entry> index;  ///< by campaign id
+  /// Campaigns load found holding reservations but could not cache (the cache was full), with
+  /// the latest of their reservations' expiries: the timer expires them too, or they would hold
+  /// their budget, pacing and frequency caps for good (no pick serves or releases them).
+  std::map<std::string, std::int64_t> uncached_holding;
   ad_server_counts counts;
 
   static inline const char* name = "gpustream.ad_server";
@@ -319,7 +323,12 @@ void load(self_pointer self, std::vector<std::string> ids, std::function<void(st
       self->request(self->state.peers.campaigns, caf::infinite, id, state_atom::value)
           .then(
               [self, one_done](domain::campaign_state& state) {
-                one_done(state.created && !finished(state) && cache(self, std::move(state), 0));
+                std::int64_t held_until = 0;
+                for (const auto& [id, r] : state.reservations) held_until = std::max(held_until, r.expires_at_us);
+                const std::string campaign_id = state.campaign_id;
+                const bool cached = state.created && !finished(state) && cache(self, std::move(state), 0);
+                if (!cached && held_until != 0) self->state.uncached_holding[campaign_id] = held_until;
+                one_done(cached);
               },
               [self, one_done](caf::error&) {
                 ++self->state.counts.failures;
@@ -491,9 +500,24 @@ caf::result<std::string> click(self_pointer self, const std::string& impression_
   return reply;
 }
 
-/// Releases the expired reservations of every cached campaign that holds one.
+/// Releases the expired reservations of every cached campaign that holds one, and of those load
+/// left out of the cache once all theirs are due.
 void expire(self_pointer self) {
   const std::int64_t now = now_us(self);
+  for (auto it = self->state.uncached_holding.begin(); it != self->state.uncached_holding.end();) {
+    if (it->second > now || self->state.index.contains(it->first)) {
+      it = it->second > now ? std::next(it) : self->state.uncached_holding.erase(it);
+      continue;
+    }
+    self->request(self->state.peers.campaigns, caf::infinite, it->first,
+                  domain::campaign::command{domain::expire_ad_reservations{}})
+        .then([self](const command_reply& r) { self->state.counts.expired += r.events.size(); },
+              [self, id = it->first](caf::error& failure) {
+                note_failure(self, id, failure);
+                self->state.uncached_holding.emplace(id, now_us(self));  // again at the next tick
+              });
+    it = self->state.uncached_holding.erase(it);
+  }
   for (const auto& state : self->state.states) {
     const bool any = std::any_of(state.reservations.begin(), state.reservations.end(),
                                  [now](const auto& r) { return r.second.expires_at_us <= now; });

@@ -501,6 +501,27 @@ TEST_F(ad_server_test, after_a_restart_on_the_same_store_clicks_still_find_their
   verify_log();
 }
 
+TEST_F(ad_server_test, reservations_of_a_campaign_a_full_cache_left_out_after_a_restart_still_expire) {
+  stop();
+  start({}, 2);
+  create(campaign("c1", {"gpu"}));
+  create(campaign("c2", {"rust"}));
+  auto held = pick("j1", "u1", "gpu");  // never served nor released: the node stops
+  ASSERT_TRUE(held);
+  EXPECT_EQ(campaign_state("c1").reserved_micros, held->price_micros);
+  stop();
+
+  // Room for one: c2 is cached, c1 is not, and no pick will ever serve or release its hold.
+  start({"c2", "c1"}, 1);
+  EXPECT_EQ(counts().campaigns, 1u);
+  *clock_.now_us += ad_server_options{}.reservation_ttl.count();
+  sched_.clock().advance_time(std::chrono::seconds(10));
+  run();
+  EXPECT_EQ(campaign_state("c1").reserved_micros, 0) << "its budget, pacing and the user's cap are free again";
+  EXPECT_EQ(counts().expired, 1u);
+  verify_log();
+}
+
 TEST_F(ad_server_test, budgets_are_never_exceeded_over_a_seeded_walk_of_picks) {
   const auto seed = testing::seed_from_environment();
   std::cout << "GPUSTREAM_SEED=" << seed << "\n";
