@@ -150,7 +150,16 @@ void apply_reply(self_pointer self, const std::string& campaign_id, const comman
     return;
   }
   auto& state = self->state.states[entry.at];
-  for (const auto& event : reply.events) state = domain::campaign::evolve(std::move(state), event);
+  for (const auto& event : reply.events) {
+    // A pick's hold, which the cache took ahead of this reply: replaced by what the campaign recorded.
+    if (const auto* reserved = std::get_if<events::ad_reserved>(&event)) {
+      if (auto held = state.reservations.find(reserved->reservation_id); held != state.reservations.end()) {
+        state.reserved_micros -= held->second.price_micros;
+        state.reservations.erase(held);
+      }
+    }
+    state = domain::campaign::evolve(std::move(state), event);
+  }
   entry.version = reply.version;
 }
 
@@ -369,9 +378,18 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
                              now + st.options.reservation_ttl.count()};
   auto reply = self->make_response_promise<ad_pick>();
   // The ad's words as the auction saw them: the reply comes in another handler.
-  const auto* winner = cached(self, choice->campaign_id);
-  GPUSTREAM_ENSURE(winner != nullptr);  // the auction ran over the cache just now
-  served_ad ad{impression_id, choice->campaign_id, winner->title, winner->text, winner->url, choice->price_micros};
+  const auto entry = st.index.find(choice->campaign_id);
+  GPUSTREAM_ENSURE(entry != st.index.end());  // the auction ran over the cache just now
+  auto& winner = st.states[entry->second.at];
+  served_ad ad{impression_id, choice->campaign_id, winner.title, winner.text, winner.url, choice->price_micros};
+  // Held in the cache at once, as the campaign will hold it: the picks decided before its reply
+  // comes count it (budget, pacing, the user's cap) and go to the next bidder rather than be
+  // refused. Its reply applies the same event again, which changes nothing; a refusal or a
+  // failure re-reads the campaign.
+  winner = domain::campaign::evolve(std::move(winner),
+                                    events::ad_reserved{reserve.reservation_id, choice->campaign_id, reserve.job_id,
+                                                        reserve.user_id, reserve.price_micros, now,
+                                                        reserve.expires_at_us});
   self->request(st.peers.campaigns, caf::infinite, choice->campaign_id,
                 domain::campaign::command{std::move(reserve)})
       .then(
@@ -381,13 +399,13 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
             reply.deliver(ad_pick{std::move(ad)});
           },
           [self, reply, campaign_id = choice->campaign_id](caf::error& failure) mutable {
+            refresh(self, campaign_id);  // without the hold the cache took ahead of the reply
             if (!domain_error_of(failure)) {
               ++self->state.counts.failures;
               reply.deliver(failure);
               return;
             }
             ++self->state.counts.reservations_refused;
-            refresh(self, campaign_id);
             reply.deliver(ad_pick{});
           });
   return reply;

@@ -595,7 +595,7 @@ TEST_F(ad_server_test, concurrent_picks_get_ads_only_while_the_budget_pays_for_t
     handles.push_back(
         send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu"}));
   }
-  run();  // all five auctions ran on the same cache, before any reservation came back
+  run();  // all five auctions ran before any reservation came back
   int ads = 0;
   for (auto& handle : handles) {
     auto picked = collect<ad_pick>(handle);
@@ -603,15 +603,40 @@ TEST_F(ad_server_test, concurrent_picks_get_ads_only_while_the_budget_pays_for_t
     ads += picked.value().ad ? 1 : 0;
   }
   EXPECT_EQ(ads, 2);
-  EXPECT_EQ(counts().reservations_refused, 3u);
+  // The cache held each pick's reservation at once: the later picks saw the budget taken and
+  // asked the campaign for nothing it would refuse.
+  EXPECT_EQ(counts().reservations_refused, 0u);
   const auto state = campaign_state("c1");
   EXPECT_EQ(state.reserved_micros, 200);
-  // The refusals refreshed the cache: it agrees with the campaign, and the next pick gets nothing.
+  // The cache agrees with the campaign, and the next pick gets nothing.
   auto cached = ask<domain::campaign_state>(rt_.ad_server, state_atom::value, std::string("c1"));
   ASSERT_TRUE(cached);
   EXPECT_EQ(cached.value(), state);
   EXPECT_FALSE(pick("j9", "u9", "gpu"));
-  EXPECT_EQ(counts().reservations_refused, 3u);
+  EXPECT_EQ(counts().reservations_refused, 0u);
+  verify_log();
+}
+
+TEST_F(ad_server_test, concurrent_picks_past_the_winners_budget_go_to_the_next_bidder) {
+  // c1 bids more but pays for two impressions; c2 bids less with plenty: five picks at once get
+  // five ads, two of c1's and three of c2's, where the later picks were all refused by c1 before.
+  auto rich = campaign("c1", {"gpu"}, 3'500, 5);
+  create(rich);
+  auto other = campaign("c2", {"gpu"}, 1'000'000, 5);
+  other.cpm_bid_micros = 1'000'000;
+  create(other);
+  std::vector<pick_handle> handles;
+  for (int i = 0; i < 5; ++i) handles.push_back(send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu"}));
+  run();
+  std::map<std::string, int> by_campaign;
+  for (auto& handle : handles) {
+    auto picked = collect<ad_pick>(handle);
+    ASSERT_TRUE(picked) << describe(picked.error());
+    ASSERT_TRUE(picked.value().ad) << "every pick gets an ad";
+    by_campaign[picked.value().ad->campaign_id] += 1;
+  }
+  EXPECT_EQ(by_campaign, (std::map<std::string, int>{{"c1", 2}, {"c2", 3}}));
+  EXPECT_EQ(counts().reservations_refused, 0u);
   verify_log();
 }
 
