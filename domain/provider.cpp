@@ -84,6 +84,11 @@ struct evolver {
     s.level = level_for_score(0);
     return s;
   }
+  provider::state operator()(const events::provider_token_replaced& e) {
+    if (!mine(e.provider_id)) return s;
+    s.token_hash.assign(e.token_hash.begin(), e.token_hash.end());
+    return s;
+  }
   provider::state operator()(const events::provider_connected& e) {
     if (!mine(e.provider_id)) return s;
     s.online = true;
@@ -335,6 +340,13 @@ decision decide_outcome(const provider::state& s, const provider::record_job_out
   return std::move(out).take();
 }
 
+decision decide_replace_token(const provider::state& s, const provider::replace_token& c, std::int64_t now_us) {
+  if (std::equal(s.token_hash.begin(), s.token_hash.end(), c.token_hash.begin(), c.token_hash.end())) {
+    return std::vector<event>{};
+  }
+  return std::vector<event>{events::provider_token_replaced{s.provider_id, c.token_hash, now_us}};
+}
+
 decision decide_check_uptime(const provider::state& s, std::int64_t now_us,
                              const provider_options& options) {
   emitter out(s);
@@ -374,6 +386,8 @@ decision provider::decide(const state& current, const command& command, std::int
           return decide_disconnect(current, c, now_us, options);
         } else if constexpr (std::is_same_v<C, record_job_outcome>) {
           return decide_outcome(current, c, now_us, options);
+        } else if constexpr (std::is_same_v<C, replace_token>) {
+          return decide_replace_token(current, c, now_us);
         } else {
           return decide_check_uptime(current, now_us, options);
         }

@@ -124,9 +124,13 @@ struct provider {
   };
   /// A heartbeat tick: unlocks `hour_of_uptime` once the current connection is long enough.
   struct check_uptime {};
+  /// A new link token (the old one was lost or leaked); the same one again changes nothing.
+  struct replace_token {
+    events::sha256_digest token_hash{};
+  };
 
   using command = std::variant<create, connect, advertise, disconnect, record_job_outcome,
-                               check_uptime>;
+                               check_uptime, replace_token>;
 
   static constexpr std::uint32_t snapshot_version = 1;
 

@@ -14,7 +14,7 @@ std::string micros(std::int64_t amount) { return std::to_string(amount) + " micr
 
 /// The stream kind of each event type, by type number. A new event type must be given its kind
 /// here: the static_assert below stops the build until it is.
-constexpr std::array<stream_kind, 36> kind_by_type = {
+constexpr std::array<stream_kind, 37> kind_by_type = {
     stream_kind::user,     stream_kind::user,     stream_kind::user,     stream_kind::user,
     stream_kind::user,                                                                   // 0-4
     stream_kind::provider, stream_kind::provider, stream_kind::provider, stream_kind::provider,
@@ -29,6 +29,7 @@ constexpr std::array<stream_kind, 36> kind_by_type = {
     stream_kind::provider,                                                               // 33
     stream_kind::user,                                                                   // 34
     stream_kind::campaign,                                                               // 35
+    stream_kind::provider,                                                               // 36
 };
 static_assert(kind_by_type.size() == events::event_type_count,
               "every event type needs its stream kind in kind_by_type");

@@ -258,6 +258,18 @@ provider_created read(schema::ProviderCreated::Reader r) {
           .created_at_us = r.getCreatedAtUs()};
 }
 
+void write(schema::ProviderTokenReplaced::Builder b, const provider_token_replaced& e) {
+  b.setProviderId(to_wire(e.provider_id));
+  b.setTokenHash(to_wire(e.token_hash));
+  b.setReplacedAtUs(e.replaced_at_us);
+}
+
+provider_token_replaced read(schema::ProviderTokenReplaced::Reader r) {
+  return {.provider_id = to_std(r.getProviderId()),
+          .token_hash = digest_from_wire(r.getTokenHash()),
+          .replaced_at_us = r.getReplacedAtUs()};
+}
+
 void write(schema::ProviderConnected::Builder b, const provider_connected& e) {
   b.setProviderId(to_wire(e.provider_id));
   write_list(b.initGpus(list_size(e.gpus.size())), e.gpus);
@@ -823,6 +835,7 @@ GPUSTREAM_UNION_MEMBER(ad_reservation_released, AdReservationReleased, AD_RESERV
 GPUSTREAM_UNION_MEMBER(suspicion_recorded, SuspicionRecorded, SUSPICION_RECORDED);
 GPUSTREAM_UNION_MEMBER(free_tokens_used, FreeTokensUsed, FREE_TOKENS_USED);
 GPUSTREAM_UNION_MEMBER(impression_voided, ImpressionVoided, IMPRESSION_VOIDED);
+GPUSTREAM_UNION_MEMBER(provider_token_replaced, ProviderTokenReplaced, PROVIDER_TOKEN_REPLACED);
 
 #undef GPUSTREAM_UNION_MEMBER
 

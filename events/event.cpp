@@ -21,6 +21,7 @@ constexpr std::array<std::string_view, event_type_count> type_names = {
     "transfer_recorded",     "payout_requested",     "payout_settled",
     "payout_failed",         "ad_reserved",          "ad_reservation_released",
     "suspicion_recorded",    "free_tokens_used",     "impression_voided",
+    "provider_token_replaced",
 };
 
 static_assert(type_names.back() != std::string_view{}, "a type name is missing");

@@ -190,6 +190,16 @@ struct provider_created {
   bool operator==(const provider_created&) const = default;
 };
 
+/// The provider's link token was replaced (its operator lost it, or it leaked): links must use the
+/// new one from now on, and those open with the old one are closed.
+struct provider_token_replaced {
+  std::string provider_id;
+  sha256_digest token_hash{};  ///< SHA-256 of the new link token
+  std::int64_t replaced_at_us = 0;
+
+  bool operator==(const provider_token_replaced&) const = default;
+};
+
 struct provider_connected {
   std::string provider_id;
   std::vector<gpu_info> gpus;
@@ -589,7 +599,8 @@ using event = std::variant<user_created,          // 0
                            ad_reservation_released,  // 32
                            suspicion_recorded,    // 33
                            free_tokens_used,      // 34
-                           impression_voided>;    // 35
+                           impression_voided,     // 35
+                           provider_token_replaced>;  // 36
 
 /// An event's type number: the variant index, the capnp union ordinal and the envelope's `type`.
 using event_type = std::uint16_t;

@@ -465,6 +465,10 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       if (post) return step_payout(request, std::move(step->first), step->second, std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
     }
+    if (auto provider_id = token_provider_of(path)) {
+      if (post) return replace_provider_token(std::move(*provider_id), std::move(reply));
+      return not_allowed(request, "POST", std::move(reply));
+    }
     reply(error_response(404, "no such admin endpoint: " + std::string(path)));
   }
 
@@ -905,6 +909,49 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                 [self, reply](caf::error& failure) {
                   reply(failure_response(failure, "reading the last payout run", self->options_.request_timeout));
                 });
+    });
+  }
+
+  // -- POST /admin/providers/<id>/token --------------------------------------------------------
+
+  /// The provider id of /admin/providers/<id>/token.
+  static std::optional<std::string> token_provider_of(std::string_view path) {
+    constexpr std::string_view prefix = "/admin/providers/";
+    constexpr std::string_view suffix = "/token";
+    if (!path.starts_with(prefix) || !path.ends_with(suffix) || path.size() <= prefix.size() + suffix.size()) {
+      return std::nullopt;
+    }
+    const auto id = path.substr(prefix.size(), path.size() - prefix.size() - suffix.size());
+    if (id.find('/') != std::string_view::npos) return std::nullopt;
+    return std::string(id);
+  }
+
+  /// A new link token for a provider whose token was lost (a create whose answer never arrived)
+  /// or leaked: shown once, as at creation. The old one opens no link any more, and links open
+  /// with it are closed within a heartbeat interval. Each call makes another.
+  void replace_provider_token(std::string provider_id, reply_function reply) {
+    if (!directory_->provider(provider_id)) {
+      return reply(error_response(404, "no provider " + provider_id + "; create it with POST /admin/providers"));
+    }
+    auto token = new_provider_token();
+    if (!token) {
+      log_->error("making a provider's token failed");
+      return reply(error_response(503, "the server could not make a secret; try again"));
+    }
+    auto self = shared_from_this();
+    spawn_request([self, provider_id = std::move(provider_id), token = std::move(*token),
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      domain::provider::command replace = domain::provider::replace_token{sha256(token)};
+      actor->request(self->peers_.providers, self->timeout(), provider_id, std::move(replace))
+          .then(
+              [self, provider_id, token, reply](actors::command_reply& done) {
+                self->directory_->apply_committed("provider-" + provider_id, done.version, done.events);
+                self->log_->info("replaced the token of provider {}", provider_id);
+                reply(json_response(201, json::object{{"id", provider_id}, {"token", token}}));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "replacing the provider's token", self->options_.request_timeout));
+              });
     });
   }
 

@@ -266,6 +266,12 @@ class directory::impl {
     return provider_locked(id->second);
   }
 
+  bool token_is_of(const events::sha256_digest& token_hash, std::string_view provider_id) const {
+    std::shared_lock lock(mutex_);
+    const auto id = tokens_.find(token_hash);
+    return id != tokens_.end() && id->second == provider_id;
+  }
+
   std::int64_t contribution_score(std::string_view user_id) const {
     std::shared_lock lock(mutex_);
     const auto owned = owned_.find(user_id);
@@ -503,10 +509,20 @@ class directory::impl {
     auto& record = found->second;
     if (!advance(record.version, version)) return;
     const bool existed = record.state.exists;
+    const auto token_before = record.state.token_hash;
     record.state = domain::provider::evolve(std::move(record.state), e);
     if (created != nullptr && !existed && record.state.exists) {
       tokens_[created->token_hash] = found->first;
       owned_[created->owner_user_id].push_back(found->first);
+    }
+    if (const auto* replaced = std::get_if<events::provider_token_replaced>(&e);
+        replaced != nullptr && record.state.token_hash != token_before) {
+      events::sha256_digest old{};
+      if (token_before.size() == old.size()) {
+        std::copy(token_before.begin(), token_before.end(), old.begin());
+        tokens_.erase(old);  // the old token opens nothing any more
+      }
+      tokens_[replaced->token_hash] = found->first;
     }
   }
 
@@ -825,6 +841,9 @@ std::optional<user_entry> directory::user_by_api_key(std::string_view key) const
 }
 std::optional<provider_entry> directory::provider_by_token(std::string_view token) const {
   return impl_->provider_by_token(token);
+}
+bool directory::token_is_of(const events::sha256_digest& token_hash, std::string_view provider_id) const {
+  return impl_->token_is_of(token_hash, provider_id);
 }
 std::int64_t directory::contribution_score(std::string_view user_id) const {
   return impl_->contribution_score(user_id);

@@ -222,6 +222,8 @@ class directory {
 
   /// The provider a link token belongs to (by SHA-256 digest); nothing for an unknown token.
   [[nodiscard]] std::optional<provider_entry> provider_by_token(std::string_view token) const;
+  /// Whether the link token of SHA-256 `token_hash` is still `provider_id`'s (not replaced since).
+  [[nodiscard]] bool token_is_of(const events::sha256_digest& token_hash, std::string_view provider_id) const;
 
   /// The best score of the providers `user_id` owns (0 when none): the user's contribution, which
   /// orders their jobs in the queue.

@@ -52,8 +52,9 @@ http_response unauthorized(std::string_view message) {
 class link_session : public std::enable_shared_from_this<link_session> {
  public:
   link_session(std::shared_ptr<provider_links::impl> owner, std::shared_ptr<websocket_connection> connection,
-               std::string provider_id)
-      : owner_(std::move(owner)), connection_(std::move(connection)), provider_id_(std::move(provider_id)) {}
+               std::string provider_id, events::sha256_digest token_hash)
+      : owner_(std::move(owner)), connection_(std::move(connection)), provider_id_(std::move(provider_id)),
+        token_hash_(token_hash) {}
 
   void start();
   /// A newer link of the same provider took over: this one ends without touching the provider's
@@ -103,6 +104,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::shared_ptr<provider_links::impl> owner_;
   std::shared_ptr<websocket_connection> connection_;
   const std::string provider_id_;
+  const events::sha256_digest token_hash_;  ///< of the token the link opened with
   // Written on the connection's strand; read by end(), which may run on an actor's thread.
   std::atomic<bool> hello_seen_{false};
   // Shared with the link actor and the owner.
@@ -140,8 +142,9 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
     if (!provider) return unauthorized("unknown provider token");
     if (links_of(provider->provider_id) >= options_.links_per_provider_max) return too_many_links();
     auto self = shared_from_this();
-    return websocket_accept{[self, provider_id = provider->provider_id](std::shared_ptr<websocket_connection> c) {
-      auto session = std::make_shared<link_session>(self, std::move(c), provider_id);
+    return websocket_accept{[self, provider_id = provider->provider_id,
+                             token_hash = sha256(token)](std::shared_ptr<websocket_connection> c) {
+      auto session = std::make_shared<link_session>(self, std::move(c), provider_id, token_hash);
       session->start();
     }};
   }
@@ -299,6 +302,11 @@ void link_session::start() {
             const auto silent_ms = std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count());
             session->close(1008, answering_hello ? "the hello was not answered within " + silent_ms + " ms"
                                                  : "no heartbeat for " + silent_ms + " ms: the link is stale");
+            return;
+          }
+          // The token it opened with was replaced (lost, or leaked): it opens nothing any more.
+          if (!session->owner_->directory_.token_is_of(session->token_hash_, session->provider_id_)) {
+            session->close(1008, "this provider's token was replaced: link again with the new one");
             return;
           }
           actor->delayed_send(actor, interval, actors::tick_atom::value);

@@ -177,6 +177,12 @@ struct ProviderCreated {
   createdAtUs @4 :Int64;
 }
 
+struct ProviderTokenReplaced {
+  providerId @0 :Text;
+  tokenHash @1 :Data;                  # SHA-256 of the new link token (32 bytes)
+  replacedAtUs @2 :Int64;
+}
+
 struct ProviderConnected {
   providerId @0 :Text;
   gpus @1 :List(GpuInfo);
@@ -482,5 +488,6 @@ struct Event {
     suspicionRecorded @33 :SuspicionRecorded;
     freeTokensUsed @34 :FreeTokensUsed;
     impressionVoided @35 :ImpressionVoided;
+    providerTokenReplaced @36 :ProviderTokenReplaced;
   }
 }

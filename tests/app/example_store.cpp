@@ -79,12 +79,14 @@ std::vector<example_append> people(const std::vector<events::event>& ex) {
   achieved.provider_id = "17";
   auto suspicion = example<events::suspicion_recorded>(ex);
   suspicion.provider_id = "17";
+  auto token_replaced = example<events::provider_token_replaced>(ex);
+  token_replaced.provider_id = "17";
   return {
       {{"user-ada", {ada, issued, revoked, credited}},
        {"ledger", {transfer(ex, "deposit-" + credited.deposit_id, "external", "user-ada", credited.amount_micros,
                             events::transfer_kind::deposit)}}},
       {{"user-bob", {bob, used, upgraded}}, {"provider-17", {created, connected, advertised}}},
-      {{"provider-17", {disconnected, suspended, scored, achieved, suspicion}}},
+      {{"provider-17", {disconnected, suspended, scored, achieved, suspicion, token_replaced}}},
   };
 }
 

@@ -101,6 +101,26 @@ TEST(provider, create_is_idempotent_and_refuses_a_different_registration) {
   EXPECT_EQ(nameless.error().code, errc::invalid_argument);
 }
 
+TEST(provider, a_replaced_token_is_recorded_once_and_keeps_everything_else) {
+  auto h = online_provider();
+  const auto before = h.state;
+  h.ok(provider::replace_token{digest(9)}, t0 + second_us);
+  ASSERT_EQ(h.log.size(), 4u);
+  EXPECT_EQ(std::get<events::provider_token_replaced>(h.log.back()),
+            (events::provider_token_replaced{"p1", digest(9), t0 + second_us}));
+  EXPECT_EQ(h.state.token_hash, std::vector<std::uint8_t>(32, 9));
+  auto expected = before;
+  expected.token_hash = h.state.token_hash;
+  EXPECT_EQ(h.state, expected) << "online, offers and score stay";
+  const auto again = h.run(provider::replace_token{digest(9)}, t0 + 2 * second_us);
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(again->empty()) << "the same token again changes nothing";
+  harness none;
+  const auto missing = none.run(provider::replace_token{digest(9)}, t0);
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code, errc::not_found);
+}
+
 TEST(provider, commands_before_create_are_not_found) {
   harness h;
   const auto result = h.run(provider::connect{}, t0);

@@ -237,6 +237,9 @@ std::vector<event> appended_examples() {
                         .campaign_id = "camp-3",
                         .reason = "the answer was not settled: job job-9004 is no longer running on prov-17",
                         .voided_at_us = 1'700'000'000'000'036},
+      provider_token_replaced{.provider_id = "prov-17",
+                              .token_hash = digest_pattern(0x12, 7),
+                              .replaced_at_us = 1'700'000'000'000'037},
   };
 }
 

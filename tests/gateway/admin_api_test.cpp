@@ -460,6 +460,28 @@ TEST_F(admin_api_test, a_new_providers_token_works_at_once_with_or_without_an_ow
   EXPECT_EQ(directory_->counts().providers, 2u);
 }
 
+TEST_F(admin_api_test, a_providers_token_is_replaced_and_only_the_new_one_opens_its_link) {
+  const auto created = call("POST", "/admin/providers", R"({"name":"rig-1"})");
+  ASSERT_EQ(created.status, 201u) << created.body;
+  const auto first = json::parse(created.body).as_object();
+  const std::string id(first.at("id").as_string());
+  const std::string old_token(first.at("token").as_string());
+  const auto replaced = call("POST", "/admin/providers/" + id + "/token", "");
+  ASSERT_EQ(replaced.status, 201u) << replaced.body;
+  const auto answer = json::parse(replaced.body).as_object();
+  EXPECT_EQ(answer.at("id").as_string(), id);
+  const std::string new_token(answer.at("token").as_string());
+  EXPECT_NE(new_token, old_token);
+  ASSERT_TRUE(directory_->provider_by_token(new_token));
+  EXPECT_EQ(directory_->provider_by_token(new_token)->provider_id, id);
+  EXPECT_FALSE(directory_->provider_by_token(old_token)) << "the old token opens nothing";
+  EXPECT_TRUE(directory_->token_is_of(sha256(new_token), id));
+  EXPECT_FALSE(directory_->token_is_of(sha256(old_token), id));
+  EXPECT_EQ(call("POST", "/admin/providers/p_nobody/token", "").status, 404u);
+  EXPECT_EQ(call("GET", "/admin/providers/" + id + "/token", "").status, 405u);
+  EXPECT_EQ(call("POST", "/admin/providers/" + id + "/x/token", "").status, 404u);
+}
+
 TEST_F(admin_api_test, providers_are_listed_with_their_live_state_when_wired) {
   const auto [first, first_token, first_owner] = make_provider(R"({"name":"a"})");
   const auto [second, second_token, second_owner] = make_provider(R"({"name":"b"})");

@@ -203,7 +203,7 @@ TEST(link_codec, a_frame_whose_pointers_share_one_text_cannot_decode_to_many_tim
   ASSERT_TRUE(decode(as_bytes(), {})) << "the frame before patching decodes";
 
   // Word 0 is the segment table; the segment's words follow.
-  capnp::word* segment = words.begin() + 1;
+  auto* segment = reinterpret_cast<unsigned char*>(words.begin() + 1);
   const std::size_t segment_words = words.size() - 1;
   const auto* text_at = reinterpret_cast<const capnp::word*>(list[0].getText().begin());
   const auto* segment_start = message.getSegmentsForOutput()[0].begin();
@@ -211,7 +211,7 @@ TEST(link_codec, a_frame_whose_pointers_share_one_text_cannot_decode_to_many_tim
   std::size_t patched = 0;
   for (std::size_t index = 0; index < segment_words; ++index) {
     std::uint64_t word = 0;
-    std::memcpy(&word, &segment[index], sizeof word);
+    std::memcpy(&word, segment + index * sizeof word, sizeof word);
     // A list pointer (kind 1) of bytes (element size 2) holding one element: an empty text's NUL.
     const bool empty_text = (word & 3u) == 1 && ((word >> 32) & 7u) == 2 && (word >> 35) == 1;
     if (!empty_text) continue;
@@ -219,7 +219,7 @@ TEST(link_codec, a_frame_whose_pointers_share_one_text_cannot_decode_to_many_tim
     const std::uint64_t shared = 1u | (static_cast<std::uint64_t>(offset & 0x3fffffff) << 2) |
                                  (std::uint64_t{2} << 32) |
                                  (static_cast<std::uint64_t>(text_bytes + 1) << 35);
-    std::memcpy(&segment[index], &shared, sizeof shared);
+    std::memcpy(segment + index * sizeof shared, &shared, sizeof shared);
     ++patched;
   }
   ASSERT_EQ(patched, items - 1);

@@ -369,6 +369,30 @@ TEST_F(provider_link_test, heartbeats_sent_without_pause_reach_the_scheduler_onl
   EXPECT_EQ(node_->link_counts().heartbeats_forwarded - news_before.heartbeats_forwarded, 10u);
 }
 
+TEST_F(provider_link_test, a_link_open_with_a_token_since_replaced_is_closed_and_the_new_token_links) {
+  const auto created = call(port_, http::verb::post, "/admin/providers", R"({"name":"p"})", admin_token);
+  ASSERT_EQ(created.status, 201u) << created.body;
+  const auto provider = json::parse(created.body);
+  const std::string id(provider.at("id").as_string());
+  const std::string old_token(provider.at("token").as_string());
+  const auto api_key = make_user();
+  agent leaked(port_, old_token, hello_with(4096), "from the old token");
+  ASSERT_TRUE(leaked.wait_welcome());
+  EXPECT_EQ(chat(api_key), "from the old token");
+
+  const auto replaced = call(port_, http::verb::post, "/admin/providers/" + id + "/token", "", admin_token);
+  ASSERT_EQ(replaced.status, 201u) << replaced.body;
+  const std::string new_token(json::parse(replaced.body).at("token").as_string());
+  const auto closed = leaked.wait_disconnect();
+  ASSERT_TRUE(closed) << "the link of the old token stays open";
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("this provider's token was replaced"), std::string::npos) << closed->message;
+
+  agent renewed(port_, new_token, hello_with(4096), "from the new token");
+  ASSERT_TRUE(renewed.wait_welcome());
+  EXPECT_EQ(chat(api_key), "from the new token");
+}
+
 TEST_F(provider_link_test, a_frame_about_a_job_before_the_welcome_closes_that_link) {
   // A second agent with the same token, its hello still being checked, must not reach the jobs
   // of the provider's working link.
