@@ -88,9 +88,10 @@ domain::campaign_state* cached(self_pointer self, const std::string& campaign_id
 constexpr std::size_t load_in_flight_max = 64;
 
 /// A campaign that takes part in no auction any more and holds no reservation: its budget is spent.
-/// Served and clicked ads of it are still handled, by reading it from its aggregate. Exhaustion
-/// is for good (no command funds a campaign past its budget again); a top-up, were one added,
-/// would have to cache the campaign again.
+/// Served and clicked ads of it are still handled, by reading it from its aggregate. No command
+/// funds a campaign past its budget again, but an impression taken back (void_impression) can end
+/// its exhaustion: a campaign dropped from the cache before that takes part in auctions again only
+/// after the next start loads it (a top-up, were one added, would need the same).
 bool finished(const domain::campaign_state& state) { return state.exhausted && state.reservations.empty(); }
 
 /// Room for one more campaign in a full cache, made by dropping a finished one; false when none
@@ -398,8 +399,18 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
             ++self->state.counts.ads;
             reply.deliver(ad_pick{std::move(ad)});
           },
-          [self, reply, campaign_id = choice->campaign_id](caf::error& failure) mutable {
-            refresh(self, campaign_id);  // without the hold the cache took ahead of the reply
+          [self, reply, campaign_id = choice->campaign_id,
+           reservation_id = impression_id](caf::error& failure) mutable {
+            // Without the hold the cache took ahead of the reply: dropped here (the campaign holds
+            // nothing), and the campaign read again, should the cache have misjudged it.
+            if (const auto entry = self->state.index.find(campaign_id); entry != self->state.index.end()) {
+              auto& state = self->state.states[entry->second.at];
+              if (const auto held = state.reservations.find(reservation_id); held != state.reservations.end()) {
+                state.reserved_micros -= held->second.price_micros;
+                state.reservations.erase(held);
+              }
+            }
+            refresh(self, campaign_id);
             if (!domain_error_of(failure)) {
               ++self->state.counts.failures;
               reply.deliver(failure);

@@ -469,6 +469,15 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
               keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
                              free_tokens, failure);
               forget(self, job_id);
+              // The job's end, with its bill, is recorded already: a ledger's refusal (busy, a
+              // group it holds) must not read as a refusal of the result, after which nothing
+              // would be recorded (the relay takes back the ad's impression on one).
+              if (domain_error_of(failure)) {
+                reply.deliver(caf::make_error(caf::sec::runtime_error,
+                                              "the job's end is recorded; the ledger did not take its bill: " +
+                                                  describe(failure)));
+                return;
+              }
               reply.deliver(failure);
             });
 }

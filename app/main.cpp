@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
   // By name only: CLI11's enum transformer also takes the enumerators' numbers ("1": buffered).
   std::string durability = "sync";
   serve_cmd->add_option("--durability", durability, "sync (fsync before acknowledging) or buffered")
-      ->check(CLI::IsMember({"sync", "buffered"}, CLI::ignore_case))
+      ->transform(CLI::IsMember({"sync", "buffered"}, CLI::ignore_case))  // "BUFFERED" -> "buffered"
       ->capture_default_str();
   serve_cmd->add_option("--admin-token", serve.admin_token,
                         "Bearer token of the admin API under /admin (stored only as its SHA-256)")

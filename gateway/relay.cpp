@@ -762,7 +762,14 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                   if (!refused) spdlog::error("relay: job={} not settled: {}", job_id, actors::describe(failure));
                   // Refused: nothing was recorded, the ad's impression included, and nobody pays
                   // for it (the answer goes as an error, without the ad).
-                  if (refused && charged) self->ads_->unserved(*charged, "the answer was not settled: " + refused->message);
+                  if (charged) {
+                    // Recorded: finish_error must not release it (the campaign would refuse).
+                    if (const auto live = self->find(job_id)) {
+                      std::lock_guard lock(live->mutex);
+                      live->ad.reset();
+                    }
+                    if (refused) self->ads_->unserved(*charged, "the answer was not settled: " + refused->message);
+                  }
                   self->finish_error(job_id,
                                      make_api_error(500, "the answer could not be settled" +
                                                              (refused ? ": " + refused->message : std::string())),
@@ -816,10 +823,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     forget(id);
   }
 
-  /// Ends the answer with `error`. A stream's last chunk says what is billed (`billed`): nothing for
-  /// a failed job, unknown (left out) when its settlement's fate is open.
-  /// Ends job `id`'s answer with `error` (in-band once its stream started, with `billed` as its
-  /// usage), counted in the metrics as `counted`.
+  /// Ends job `id`'s answer with `error` (in-band once its stream started), counted in the metrics
+  /// as `counted`. A stream's last chunk says what is billed (`billed`): nothing for a failed job,
+  /// what a cancel billed, unknown (left out) when its settlement's fate is open.
   void finish_error(const std::string& id, const api_error& error,
                     std::optional<token_usage> billed = token_usage{0, 0},
                     domain::job_status counted = domain::job_status::failed) {
@@ -907,24 +913,42 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       live->cut_short = true;  // what its provider sends from now on is neither relayed nor billed
       tokens = live->tokens;
     }
+    cancel_for_stop(id, tokens, 0);
+    return true;
+  }
+
+  /// cut_short's cancel, tried again (as a client's cancel is) while the scheduler is still
+  /// recording the job's queueing; then the client gets its end.
+  void cancel_for_stop(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
     auto self = shared_from_this();
-    bridge_.run_keyed(id, [self, id, tokens](caf::event_based_actor* actor) {
-      const auto error = make_api_error(
-          503, "this node is stopping: the answer was cut short after " + std::to_string(tokens) + " tokens, which are billed; retry on another",
-          {}, "server_shutting_down");
+    bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {
       actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::platform, tokens})
           .then(
-              [self, id, error](const actors::job_ended& ended) {
-                self->finish_error(id, error, token_usage{ended.prompt_tokens, ended.completion_tokens},
+              [self, id, tokens](const actors::job_ended& ended) {
+                self->finish_error(id, stopping_error(tokens), token_usage{ended.prompt_tokens, ended.completion_tokens},
                                    domain::job_status::cancelled);
               },
-              [self, id, error](caf::error& failure) {
+              [self, id, tokens, attempt](caf::error& failure) {
+                const auto refusal = actors::domain_error_of(failure);
+                if (refusal && refusal->code == domain::errc::invalid_state &&
+                    attempt + 1 < self->options_.cancel_retries_max) {
+                  self->bridge_.run_later(self->options_.cancel_retry_wait,
+                                          [self, id, tokens, attempt](caf::event_based_actor*) {
+                                            self->cancel_for_stop(id, tokens, attempt + 1);
+                                          });
+                  return;
+                }
                 // Ended meanwhile (its result came), or not recorded: the client still gets its end.
                 spdlog::warn("relay: job={} not cancelled for the stop: {}", id, actors::describe(failure));
-                self->finish_error(id, error, std::nullopt);
+                self->finish_error(id, stopping_error(tokens), std::nullopt);
               });
     });
-    return true;
+  }
+
+  static api_error stopping_error(std::uint32_t tokens) {
+    return make_api_error(503, "this node is stopping: the answer was cut short after " + std::to_string(tokens) +
+                                   " tokens, which are billed; retry on another",
+                          {}, "server_shutting_down");
   }
 
   /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the

@@ -1494,6 +1494,25 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
 }
 
+TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_recorded_is_no_refusal_of_the_result) {
+  // A domain refusal of a result tells the relay nothing was recorded (it then takes back the
+  // answer's ad impression). Once the job's end, with its bill, is recorded, a ledger's refusal
+  // of the bill must not read as one.
+  bring_online("p1", "llama-8b", 4);
+  create_user("alice", events::user_tier::premium, 2'600);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  // Her money goes elsewhere meanwhile: the bill no longer fits her balance.
+  const domain::record_transfers away{
+      "away", {{"away", "user-alice", "provider-p1", 2'500, events::transfer_kind::usage, "test"}}};
+  ASSERT_TRUE(ask<command_reply>(rt_.ledger, domain::ledger::command{away}));
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  ASSERT_FALSE(ended);
+  EXPECT_FALSE(domain_error_of(ended.error())) << describe(ended.error());
+  EXPECT_NE(describe(ended.error()).find("insufficient_funds"), std::string::npos) << describe(ended.error());
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+}
+
 TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tokens_against_the_quota) {
   bring_online("p1", "llama-8b", 4);
   create_user("bob", events::user_tier::free, 0);

@@ -1099,6 +1099,15 @@ TEST(cli_serve_secrets, the_admin_tokens_value_is_not_in_the_process_list) {
   EXPECT_EQ(status_of(reply), 200) << reply;
 }
 
+TEST(cli_serve_port, durability_is_taken_in_any_case) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto serve = start_serve(dir.path(), "127.0.0.1:0", {}, {"--durability", "BUFFERED"});
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  EXPECT_NE(serve.child->err().find("durability=buffered"), std::string::npos) << serve.child->err();
+}
+
 TEST(cli_serve_port, listens_on_an_ipv6_address_in_brackets) {
   {
     unique_fd probe(::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0));

@@ -16,6 +16,7 @@
 #include <future>
 #include <map>
 #include <memory>
+#include <set>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -136,7 +137,14 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
                  std::to_string(failure.tokens_so_far));
         return actors::job_ended{failure.job_id, domain::job_status::queued, 0, 0};  // another provider's turn
       },
-      [log](actors::job_cancel& cancel) -> caf::result<actors::job_ended> {
+      [log, platform_cancels = std::make_shared<std::set<std::string>>()](
+          actors::job_cancel& cancel) -> caf::result<actors::job_ended> {
+        // A stopping node's first cancel of a job is refused as the scheduler does while it still
+        // records the job's queueing: the relay must try again.
+        if (cancel.by == events::cancelled_by::platform && platform_cancels->insert(cancel.job_id).second) {
+          log->add("cancel refused " + cancel.job_id);
+          return actors::make_error(domain::error{domain::errc::invalid_state, "job is being queued; retry the cancel"});
+        }
         log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
@@ -429,6 +437,8 @@ TEST(relay, an_ad_whose_answer_the_scheduler_refuses_to_settle_is_taken_back) {
   EXPECT_EQ(sent.front().body.find("Sponsored"), std::string::npos) << "no ad in an error";
   EXPECT_EQ(ads.unserved(),
             std::vector<std::string>{"imp-1: the answer was not settled: job is no longer running on p1"});
+  EXPECT_EQ(world.relay.drain(0ms, 10s), 0u);  // returns once the job is forgotten, after any release
+  EXPECT_TRUE(ads.released().empty()) << "taken back, not released (the campaign would refuse that)";
 }
 
 TEST(relay, an_ad_whose_settlement_the_store_failed_is_kept_for_the_next_start_to_settle) {
@@ -442,6 +452,8 @@ TEST(relay, an_ad_whose_settlement_the_store_failed_is_kept_for_the_next_start_t
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_EQ(sent.front().status, 500u) << sent.front().body;
   EXPECT_TRUE(ads.unserved().empty());
+  EXPECT_EQ(world.relay.drain(0ms, 10s), 0u);  // returns once the job is forgotten, after any release
+  EXPECT_TRUE(ads.released().empty()) << "recorded: nothing to release";
 }
 
 TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_result_before_going_offline) {
@@ -525,7 +537,8 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   world.relay.delta("p1", link::delta{"j1", "Hello"});
   world.relay.delta("p1", link::delta{"j1", " there"});
   EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
-  EXPECT_TRUE(world.log->wait_for("cancel j1 2", 10s)) << testing::PrintToString(world.log->events());
+  EXPECT_TRUE(world.log->wait_for("cancel refused j1", 10s)) << testing::PrintToString(world.log->events());
+  EXPECT_TRUE(world.log->wait_for("cancel j1 2", 10s)) << "tried again: " << testing::PrintToString(world.log->events());
   // What the provider still sends is neither relayed nor billed.
   world.relay.delta("p1", link::delta{"j1", " late"});
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
