@@ -14,4 +14,12 @@ std::uint64_t raise_open_files_limit();
 /// threads' event descriptors, a provider agent's backend connections on the same machine.
 inline constexpr std::uint64_t open_files_reserve = 1'024;
 
+/// The connections the gateway may hold under an open-files limit of `files`, leaving the rest
+/// to the store: `files` less open_files_reserve, or less a quarter of `files` when the limit is
+/// too low for the whole reserve (1,024 files: 768 connections, 256 kept).
+[[nodiscard]] constexpr std::uint64_t connections_within(std::uint64_t files) noexcept {
+  const std::uint64_t kept = files / 4 < open_files_reserve ? files / 4 : open_files_reserve;
+  return files > kept ? files - kept : 1;
+}
+
 }  // namespace gpustream::app

@@ -248,11 +248,11 @@ int run_serve(const serve_options& given) {
   const std::uint64_t files = raise_open_files_limit();
   const std::uint64_t files_wanted = node_options.http.connections_max + open_files_reserve;
   if (files < files_wanted) {
-    const std::uint64_t connections = files > open_files_reserve ? files - open_files_reserve : 1;
+    const std::uint64_t connections = connections_within(files);
     logger->warn("the open-files limit is {} (its hard limit; `ulimit -Hn`): the gateway takes at most {} "
                  "connections instead of {}, leaving {} files to the event store; raise it to {} or more "
                  "(`ulimit -n` in the shell that starts serve, LimitNOFILE= in a systemd unit)",
-                 files, connections, node_options.http.connections_max, open_files_reserve, files_wanted);
+                 files, connections, node_options.http.connections_max, files - connections, files_wanted);
     node_options.http.connections_max = static_cast<std::size_t>(connections);
   }
   auto node = gateway::node::start(system, runtime, store, std::move(node_options));

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "app/open_files.hpp"
 #include "app/serve.hpp"
 #include "events/codec.hpp"
 #include "events/event.hpp"
@@ -552,6 +553,14 @@ TEST(cli_serve_errors, an_ipv6_address_goes_in_brackets) {
   }
 }
 
+TEST(serve_options, connections_leave_the_store_its_reserve_or_a_quarter_of_a_low_limit) {
+  EXPECT_EQ(connections_within(1'024), 768u);
+  EXPECT_EQ(connections_within(2'048), 1'536u);
+  EXPECT_EQ(connections_within(8'192), 7'168u);
+  EXPECT_EQ(connections_within(1'048'576), 1'047'552u);
+  EXPECT_EQ(connections_within(1), 1u);
+}
+
 TEST(serve_options, a_public_url_loses_its_trailing_slashes_and_an_origin_is_written_as_browsers_send_it) {
   // A trailing slash made every click URL's path begin with "//", which the gateway routes nowhere;
   // an origin pasted from the address bar ("…/") or written in capitals matched no Origin header.
@@ -1050,23 +1059,27 @@ TEST(cli_serve_limits, an_open_files_limit_below_the_gateways_connections_is_nam
   ASSERT_NE(serve.port, 0) << serve.child->output();
   const auto& err = serve.child->err();
   EXPECT_NE(err.find("the open-files limit is 2048"), std::string::npos) << err;
-  EXPECT_NE(err.find("the gateway takes at most 1024 connections instead of 10000"), std::string::npos) << err;
+  EXPECT_NE(err.find("the gateway takes at most 1536 connections instead of 10000, leaving 512 files"),
+            std::string::npos)
+      << err;
   EXPECT_NE(err.find("raise it to 11024 or more"), std::string::npos) << err;
   EXPECT_EQ(curl(serve.port, "/healthz").status, 200) << "it serves anyway";
 }
 
 TEST(cli_serve_limits, connections_past_what_the_open_files_limit_leaves_the_store_get_503) {
-  // 1,100 files: 1,024 stay for the event store, 76 for connections. Without the cap, the
-  // gateway's own limit (10,000) let connections take the store's files: its next file to open
-  // (a log roll, a flush) failed, and every append with it.
+  // 256 files: a quarter (64) stays for the event store, 192 for connections. Without the cap,
+  // the gateway's own limit (10,000) let connections take the store's files: its next file to
+  // open (a log roll, a flush) failed, and every append with it.
   temp_dir dir;
   (void)make_example_store(dir.path());
   ASSERT_FALSE(::testing::Test::HasFailure());
-  auto serve = start_serve(dir.path(), "127.0.0.1:0", 1'100);
+  auto serve = start_serve(dir.path(), "127.0.0.1:0", 256);
   ASSERT_NE(serve.port, 0) << serve.child->output();
-  EXPECT_NE(serve.child->err().find("takes at most 76 connections"), std::string::npos) << serve.child->err();
+  EXPECT_NE(serve.child->err().find("takes at most 192 connections instead of 10000, leaving 64 files"),
+            std::string::npos)
+      << serve.child->err();
   std::vector<unique_fd> idle;
-  for (int i = 0; i < 76; ++i) {
+  for (int i = 0; i < 192; ++i) {
     unique_fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
     sockaddr_in address{};
     address.sin_family = AF_INET;
@@ -1075,7 +1088,7 @@ TEST(cli_serve_limits, connections_past_what_the_open_files_limit_leaves_the_sto
     ASSERT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&address), sizeof address), 0) << std::strerror(errno);
     idle.push_back(std::move(fd));
   }
-  // Accepted in order: the 77th is accepted after the 76 are open.
+  // Accepted in order: the 193rd is accepted after the 192 are open.
   const auto reply = raw_exchange(serve.port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
   EXPECT_EQ(status_of(reply), 503) << reply;
   EXPECT_NE(reply.find("too many open connections"), std::string::npos) << reply;
