@@ -119,6 +119,7 @@ struct evolver {
     if (!mine(e.provider_id)) return s;
     s.counters = {e.counters.unreasonably_fast_jobs, e.counters.aborted_jobs,
                   e.counters.token_count_mismatches};
+    s.jobs_at_suspicion = s.jobs_succeeded + s.jobs_failed;
     return s;
   }
   provider::state operator()(const events::provider_suspended& e) {
@@ -269,8 +270,11 @@ void unlock_job_achievements(emitter& out, std::int64_t now_us, const scoring_op
 }
 
 void record_suspicion(emitter& out, const std::string& job_id, events::suspicion_kind kind,
-                      std::int64_t now_us) {
-  auto counters = counters_of(out.state().counters);
+                      std::int64_t now_us, const scoring_options& options) {
+  const auto& s = out.state();
+  // Far enough from the previous suspicion: counting starts again.
+  const bool apart = s.jobs_succeeded + s.jobs_failed - s.jobs_at_suspicion >= options.suspicion_window_jobs;
+  auto counters = apart ? events::suspicion_counters{} : counters_of(s.counters);
   switch (kind) {
     case events::suspicion_kind::unreasonably_fast: ++counters.unreasonably_fast_jobs; break;
     case events::suspicion_kind::aborted: ++counters.aborted_jobs; break;
@@ -321,17 +325,17 @@ decision decide_outcome(const provider::state& s, const provider::record_job_out
       return std::vector<event>{};
     case job_fault::provider:
       emit_scored(out, c.job_id, points_for_provider_fault(scoring), now_us);
-      record_suspicion(out, c.job_id, events::suspicion_kind::aborted, now_us);
+      record_suspicion(out, c.job_id, events::suspicion_kind::aborted, now_us, scoring);
       break;
     case job_fault::none: {
       const bool too_fast = unreasonably_fast(c.measure, scoring);
       emit_scored(out, c.job_id, points_for_success(c.measure, !too_fast, scoring), now_us);
       unlock_job_achievements(out, now_us, scoring);
       if (too_fast) {
-        record_suspicion(out, c.job_id, events::suspicion_kind::unreasonably_fast, now_us);
+        record_suspicion(out, c.job_id, events::suspicion_kind::unreasonably_fast, now_us, scoring);
       }
       if (!token_counts_match(c.measure, scoring)) {
-        record_suspicion(out, c.job_id, events::suspicion_kind::token_count_mismatch, now_us);
+        record_suspicion(out, c.job_id, events::suspicion_kind::token_count_mismatch, now_us, scoring);
       }
       break;
     }

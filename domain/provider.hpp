@@ -88,6 +88,8 @@ struct provider {
     std::set<events::achievement_kind> achievements;
 
     suspicion counters;                    ///< restart at 0 after each suspension
+    /// Jobs ended (succeeded + failed) when the latest suspicion was recorded.
+    std::uint64_t jobs_at_suspicion = 0;
     std::uint32_t suspensions = 0;
     std::int64_t suspended_until_at_us = 0;
 
@@ -132,7 +134,7 @@ struct provider {
   using command = std::variant<create, connect, advertise, disconnect, record_job_outcome,
                                check_uptime, replace_token>;
 
-  static constexpr std::uint32_t snapshot_version = 1;
+  static constexpr std::uint32_t snapshot_version = 2;  // 2: jobs_at_suspicion
 
   [[nodiscard]] static state evolve(state current, const events::event& event);
   [[nodiscard]] static decision decide(const state& current, const command& command,
@@ -166,7 +168,7 @@ auto inspect(Inspector& f, provider::state& x) {
   return f(x.exists, x.provider_id, x.owner_user_id, x.name, x.token_hash, x.created_at_us,
            x.online, x.connected_at_us, x.online_us_total, x.offers, x.score, x.level,
            x.jobs_succeeded, x.jobs_failed, x.fast_jobs, x.successes_in_a_row, x.achievements,
-           x.counters, x.suspensions, x.suspended_until_at_us);
+           x.counters, x.jobs_at_suspicion, x.suspensions, x.suspended_until_at_us);
 }
 
 }  // namespace gpustream::domain

@@ -93,10 +93,15 @@ struct scoring_options {
   /// ... or by at most this percentage of the platform's count, whichever is larger. Default: 5.
   std::uint32_t token_mismatch_tolerance_percent = 5;
   /// Counter values at which a provider is suspended. Defaults: 3 unreasonably fast jobs,
-  /// 10 aborted jobs, 5 token-count mismatches. Counters restart at 0 after a suspension.
+  /// 10 aborted jobs, 5 token-count mismatches. Counters restart at 0 after a suspension, and at a
+  /// suspicion that comes suspicion_window_jobs or more jobs after the previous one.
   std::uint32_t unreasonably_fast_jobs_max = 3;
   std::uint32_t aborted_jobs_max = 10;
   std::uint32_t token_count_mismatches_max = 5;
+  /// Suspicions count toward a suspension only while they come fewer than this many jobs apart:
+  /// a rare burst of pieces among thousands of honest answers is a loaded network or node, while a
+  /// provider that cheats does so job after job. Default: 1,000.
+  std::uint64_t suspicion_window_jobs = 1'000;
   /// How long a suspension lasts. Default: 24 h.
   std::int64_t suspension_us = 86'400'000'000;
 };

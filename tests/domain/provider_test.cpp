@@ -351,6 +351,33 @@ TEST(provider, unreasonably_fast_jobs_max_suspends_and_such_jobs_earn_no_speed_p
   EXPECT_EQ(of_type<events::provider_suspended>(h.log).size(), 1u);
 }
 
+TEST(provider, suspicions_far_apart_count_from_zero_again_and_close_ones_still_suspend) {
+  // A rare burst of pieces among thousands of honest answers (a loaded node or network) must not
+  // add up to a suspension over a provider's lifetime; a cheat job after job still does.
+  provider_options options;
+  options.scoring.suspicion_window_jobs = 50;
+  auto h = online_provider();
+  const provider::record_job_outcome too_fast{"f", job_fault::none, {100, 500, 500, 10, 100'010, 500, 2'000}};
+  for (std::uint32_t round = 0; round < 2 * options.scoring.unreasonably_fast_jobs_max; ++round) {
+    h.ok(too_fast, t0, options);
+    for (int i = 0; i < 50; ++i) h.ok(good_job("g" + std::to_string(i)), t0, options);
+  }
+  for (const auto& suspicion : of_type<events::suspicion_recorded>(h.log)) {
+    EXPECT_EQ(suspicion.counters.unreasonably_fast_jobs, 1u) << "each one far from the last";
+  }
+  EXPECT_TRUE(of_type<events::provider_suspended>(h.log).empty());
+  // Close together (49 jobs apart): they count up and suspend.
+  for (std::uint32_t i = 0; i < options.scoring.unreasonably_fast_jobs_max; ++i) {
+    h.ok(too_fast, t0, options);
+    for (int j = 0; j < 48; ++j) h.ok(good_job("c" + std::to_string(j)), t0, options);
+  }
+  EXPECT_EQ(of_type<events::provider_suspended>(h.log).size(), 1u);
+  // Replaying the log gives the same state (what evolve derives from the events).
+  provider::state replayed;
+  for (const auto& e : h.log) replayed = provider::evolve(std::move(replayed), e);
+  EXPECT_EQ(replayed.jobs_at_suspicion, h.state.jobs_at_suspicion);
+}
+
 TEST(provider, a_backend_that_reports_no_usage_or_several_tokens_per_piece_raises_no_suspicion) {
   auto h = online_provider();
   auto silent = good_job("silent");
