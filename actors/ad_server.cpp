@@ -142,6 +142,15 @@ void refresh(self_pointer self, const std::string& campaign_id) {
 /// Applies what a command to `campaign_id` appended to its cached state. Replies of one campaign
 /// arrive in the order its actor appended them, so the events follow on from the cached version;
 /// a gap means another writer, and the state is read again.
+/// Takes reservation `id` out of a cached state (a hold the cache took ahead of the campaign's
+/// reply), if it is there.
+void drop_held(domain::campaign_state& state, const std::string& id) {
+  const auto held = state.reservations.find(id);
+  if (held == state.reservations.end()) return;
+  state.reserved_micros -= held->second.price_micros;
+  state.reservations.erase(held);
+}
+
 void apply_reply(self_pointer self, const std::string& campaign_id, const command_reply& reply) {
   auto found = self->state.index.find(campaign_id);
   if (found == self->state.index.end()) return;
@@ -153,12 +162,7 @@ void apply_reply(self_pointer self, const std::string& campaign_id, const comman
   auto& state = self->state.states[entry.at];
   for (const auto& event : reply.events) {
     // A pick's hold, which the cache took ahead of this reply: replaced by what the campaign recorded.
-    if (const auto* reserved = std::get_if<events::ad_reserved>(&event)) {
-      if (auto held = state.reservations.find(reserved->reservation_id); held != state.reservations.end()) {
-        state.reserved_micros -= held->second.price_micros;
-        state.reservations.erase(held);
-      }
-    }
+    if (const auto* reserved = std::get_if<events::ad_reserved>(&event)) drop_held(state, reserved->reservation_id);
     state = domain::campaign::evolve(std::move(state), event);
   }
   entry.version = reply.version;
@@ -404,11 +408,7 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
             // Without the hold the cache took ahead of the reply: dropped here (the campaign holds
             // nothing), and the campaign read again, should the cache have misjudged it.
             if (const auto entry = self->state.index.find(campaign_id); entry != self->state.index.end()) {
-              auto& state = self->state.states[entry->second.at];
-              if (const auto held = state.reservations.find(reservation_id); held != state.reservations.end()) {
-                state.reserved_micros -= held->second.price_micros;
-                state.reservations.erase(held);
-              }
+              drop_held(self->state.states[entry->second.at], reservation_id);
             }
             refresh(self, campaign_id);
             if (!domain_error_of(failure)) {
@@ -534,8 +534,12 @@ caf::result<std::string> click(self_pointer self, const std::string& impression_
 void expire(self_pointer self) {
   const std::int64_t now = now_us(self);
   for (auto it = self->state.uncached_holding.begin(); it != self->state.uncached_holding.end();) {
-    if (it->second > now || self->state.index.contains(it->first)) {
-      it = it->second > now ? std::next(it) : self->state.uncached_holding.erase(it);
+    if (self->state.index.contains(it->first)) {  // cached since: expired with the others below
+      it = self->state.uncached_holding.erase(it);
+      continue;
+    }
+    if (it->second > now) {
+      ++it;
       continue;
     }
     self->request(self->state.peers.campaigns, caf::infinite, it->first,

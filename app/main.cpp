@@ -57,8 +57,10 @@ void hide_secret_values(int argc, char** argv) {
       } else if (argument.size() > option.size() && argument.starts_with(option) && argument[option.size()] == '=') {
         value = argv[i] + option.size() + 1;
       }
-      if (value != nullptr) std::memset(value, 'x', std::strlen(value));
-      if (value != nullptr) break;
+      if (value != nullptr) {
+        std::memset(value, 'x', std::strlen(value));
+        break;
+      }
     }
   }
 }
