@@ -1444,6 +1444,15 @@ class arming_store_scheduler_test : public scheduler_test {
     return options;
   }
 
+  /// Provider p1 online with 4 slots of llama-8b, `user` created with `deposit_micros`, and its
+  /// job j1 started on p1.
+  void start_j1_on_p1(const std::string& user, events::user_tier tier, std::int64_t deposit_micros) {
+    bring_online("p1", "llama-8b", 4);
+    create_user(user, tier, deposit_micros);
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", user, tier == events::user_tier::premium)));
+    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  }
+
   // Static: the base class opens the store before this class's members exist.
   static inline std::shared_ptr<storage::fault_injector> faults_;
   static inline std::atomic<bool> fail_after_next_sync_{false};
@@ -1452,11 +1461,8 @@ class arming_store_scheduler_test : public scheduler_test {
 TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hold_and_is_recorded_by_a_later_tick) {
   // The job's end (with its bill) is recorded, its ledger group is not. Releasing the premium
   // hold then would let new jobs spend what the bill needs: the bill could be refused for good.
-  bring_online("p1", "llama-8b", 4);
   // One job's hold (1000 prompt + 500 answer tokens at 1 USD per Mtok: 1500) fits, two do not.
-  create_user("alice", events::user_tier::premium, 2'600);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
   fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
   auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
   faults_->set_fail_sync(false);
@@ -1498,10 +1504,7 @@ TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_r
   // A domain refusal of a result tells the relay nothing was recorded (it then takes back the
   // answer's ad impression). Once the job's end, with its bill, is recorded, a ledger's refusal
   // of the bill must not read as one.
-  bring_online("p1", "llama-8b", 4);
-  create_user("alice", events::user_tier::premium, 2'600);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
   // Her money goes elsewhere meanwhile: the bill no longer fits her balance.
   const domain::record_transfers away{
       "away", {{"away", "user-alice", "provider-p1", 2'500, events::transfer_kind::usage, "test"}}};
@@ -1514,10 +1517,7 @@ TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_r
 }
 
 TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tokens_against_the_quota) {
-  bring_online("p1", "llama-8b", 4);
-  create_user("bob", events::user_tier::free, 0);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("bob", events::user_tier::free, 0));
   fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
   auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
   faults_->set_fail_sync(false);
