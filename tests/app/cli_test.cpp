@@ -471,7 +471,8 @@ TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refus
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"--http-threads", "0"}, {"--http-threads", "65"}, {"--actor-threads", "257"}, {"--live-jobs-max", "0"},
       {"--stream-flush-ms", "1001"}, {"--sync-interval-us", "1000001"}, {"--rate-per-minute", "0"},
-      {"--rate-burst", "0"}, {"--rate-burst", "1000001"}, {"--heartbeat-ms", "49"}, {"--heartbeat-ms", "60001"}};
+      {"--rate-burst", "0"}, {"--rate-burst", "1000001"}, {"--heartbeat-ms", "49"}, {"--heartbeat-ms", "60001"},
+      {"--drain-s", "3601"}};
   for (const auto& [flag, value] : cases) {
     const auto run = run_gpustream({"serve", "--data", (dir.path() / "data").string(), flag, value});
     EXPECT_NE(run.exit_code, 0) << flag << " " << value;
