@@ -10,12 +10,24 @@ static_assert(static_cast<int>(contribution_tier::bronze) ==
 static_assert(static_cast<int>(contribution_tier::master) ==
               static_cast<int>(events::provider_level::master));
 
+namespace {
+
+/// The finishing provider's own tokens over `us` (at least 1 us). A backend that ran past
+/// max_tokens sent more pieces than the answer keeps.
+std::uint64_t own_tokens_per_second(const job_measure& measure, std::int64_t us) noexcept {
+  const std::uint64_t tokens = std::min(measure.attempt_tokens, measure.completion_tokens);
+  return tokens * 1'000'000u / static_cast<std::uint64_t>(std::max<std::int64_t>(1, us));
+}
+
+}  // namespace
+
 std::uint64_t decode_tokens_per_second(const job_measure& measure) noexcept {
   // The first token's latency is the provider's queue and prefill, not its decode speed.
-  const std::int64_t decode_us = std::max<std::int64_t>(1, measure.total_us - measure.ttft_us);
-  // A backend that ran past max_tokens sent more pieces than the answer keeps.
-  const std::uint64_t tokens = std::min(measure.attempt_tokens, measure.completion_tokens);
-  return tokens * 1'000'000u / static_cast<std::uint64_t>(decode_us);
+  return own_tokens_per_second(measure, measure.total_us - measure.ttft_us);
+}
+
+std::uint64_t attempt_tokens_per_second(const job_measure& measure) noexcept {
+  return own_tokens_per_second(measure, measure.total_us);
 }
 
 std::int32_t speed_points_for(std::uint64_t tokens_per_second,
@@ -108,7 +120,7 @@ bool token_counts_match(const job_measure& measure, const scoring_options& optio
 
 bool unreasonably_fast(const job_measure& measure, const scoring_options& options) noexcept {
   if (measure.attempt_tokens < options.plausibility_completion_tokens_min) return false;
-  return decode_tokens_per_second(measure) > options.plausible_tokens_per_second_max;
+  return attempt_tokens_per_second(measure) > options.plausible_tokens_per_second_max;
 }
 
 bool reaches_suspension(const events::suspicion_counters& counters,

@@ -81,8 +81,9 @@ struct scoring_options {
   /// Length of one uninterrupted connection that unlocks `hour_of_uptime`. Default: 1 h.
   std::int64_t uptime_for_achievement_us = 3'600'000'000;
 
-  /// Decode throughput above which a job is implausible for one stream on any GPU we serve.
-  /// Default: 1,000 tok/s.
+  /// Throughput above which a job is implausible for one stream on any GPU we serve, judged over
+  /// the whole attempt (attempt_tokens_per_second): a provider that makes its answer up sends it
+  /// at once. Default: 1,000 tok/s.
   std::uint32_t plausible_tokens_per_second_max = 1'000;
   /// A provider's own part of an answer shorter than this is too short to judge throughput: it is
   /// never found implausibly fast, and earns no speed points (nor counts as a fast job for the
@@ -111,6 +112,15 @@ struct scoring_options {
 /// while its times count from its own offer) over the time from the first to the last token, at
 /// least 1 us.
 [[nodiscard]] std::uint64_t decode_tokens_per_second(const job_measure& measure) noexcept;
+
+/// Throughput of the finishing provider's whole attempt in whole tokens per second (rounded
+/// down): its own tokens over the time from its offer to the last token, at least 1 us. Unlike the
+/// decode throughput, nothing the platform does can raise it: a node or agent too busy to read the
+/// pieces as they come sees the first token late and the rest in a burst, which shortens the
+/// decode it sees but only lengthens the attempt. A provider that holds a made-up answer back and
+/// then sends it at once is still found out, unless it waits a token's worth of the plausible
+/// maximum (1 ms at the default) per token, which is then no faster than a real GPU.
+[[nodiscard]] std::uint64_t attempt_tokens_per_second(const job_measure& measure) noexcept;
 
 /// Speed points for a throughput (0 when below every tier).
 [[nodiscard]] std::int32_t speed_points_for(std::uint64_t tokens_per_second,
@@ -181,7 +191,8 @@ struct health_thresholds {
 /// many OpenAI-compatible servers stream no usage, and nothing contradicts the platform's count.
 [[nodiscard]] bool token_counts_match(const job_measure& measure, const scoring_options& options) noexcept;
 
-/// Whether a completed job was produced faster than plausible.
+/// Whether a completed job was produced faster than plausible: attempt_tokens_per_second above
+/// plausible_tokens_per_second_max, for an answer long enough to judge.
 [[nodiscard]] bool unreasonably_fast(const job_measure& measure,
                                      const scoring_options& options) noexcept;
 

@@ -96,6 +96,7 @@ class node::impl {
   std::size_t drain(std::chrono::milliseconds wait_max) {
     // The cancels of the answers cut short are appends: a few ms each, also under sync.
     constexpr std::chrono::milliseconds cancels_wait_max{5'000};
+    draining_ = true;
     return relay_ ? relay_->drain(wait_max, cancels_wait_max) : 0;
   }
 
@@ -387,6 +388,12 @@ class node::impl {
     if (path == "/healthz") {
       if (!request.reads()) return whole(method_not_allowed(request, "GET, HEAD"));
       const auto position = std::to_string(store_->last_position());
+      if (draining_) {  // a load balancer sends new work elsewhere
+        return whole({503, "application/json",
+                      R"({"status":"draining","last_position":)" + position +
+                          R"(,"problem":"the node is stopping: live answers finish, new ones are refused"})",
+                      {}});
+      }
       if (directory_->read_problem()) {  // its words (file names) go to the log, not to anyone who asks
         return whole({503, "application/json",
                       R"({"status":"degraded","last_position":)" + position +
@@ -572,6 +579,7 @@ class node::impl {
   gauge_family* running_ = nullptr;
   gauge_family* bills_retrying_ = nullptr;
   std::atomic<bool> refresh_stop_{false};
+  std::atomic<bool> draining_{false};  ///< drain() has begun: /healthz answers 503
   std::unique_ptr<actor_ad_source> ads_;
   std::unique_ptr<relay> relay_;
   std::unique_ptr<provider_links> links_;

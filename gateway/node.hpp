@@ -74,7 +74,7 @@ class node {
   node& operator=(const node&) = delete;
 
   [[nodiscard]] std::uint16_t port() const noexcept;
-  /// Before a stop: takes no more completions (503), lets the live answers finish for up to
+  /// Before a stop: takes no more completions (503; /healthz answers 503 "draining"), lets the live answers finish for up to
   /// `wait_max`, then cuts short those still running, billing what their providers produced
   /// (relay::drain). Returns how many it cut short.
   std::size_t drain(std::chrono::milliseconds wait_max);

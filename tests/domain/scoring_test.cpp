@@ -190,6 +190,21 @@ TEST(scoring, only_long_enough_implausibly_fast_completions_are_suspect) {
   EXPECT_TRUE(unreasonably_fast(measure(0, 1'001, 0, 1'000'000), options));
 }
 
+TEST(scoring, a_burst_of_pieces_after_a_late_first_token_is_not_implausible) {
+  const scoring_options options;
+  // A node too busy to read its links sees an honest 64-token answer (670 tok/s, 95 ms) only when
+  // it gets to it: the first piece 60 ms after the offer, the other 63 in the next 10 ms. Its
+  // decode looks like 6,400 tok/s, but the whole attempt took 70 ms at least: 914 tok/s.
+  const auto burst = measure(0, 64, 60'000, 70'000);
+  EXPECT_EQ(decode_tokens_per_second(burst), 6'400u);
+  EXPECT_EQ(attempt_tokens_per_second(burst), 914u);
+  EXPECT_FALSE(unreasonably_fast(burst, options));
+  // A made-up answer held back for 10 ms and then sent at once is still found out.
+  EXPECT_TRUE(unreasonably_fast(measure(0, 64, 10'000, 10'050), options));
+  // Waiting 1 ms per token is no faster than the plausible maximum.
+  EXPECT_FALSE(unreasonably_fast(measure(0, 64, 64'000, 64'050), options));
+}
+
 TEST(scoring, each_counter_suspends_at_its_threshold) {
   const scoring_options options;
   EXPECT_FALSE(reaches_suspension({2, 9, 4}, options));

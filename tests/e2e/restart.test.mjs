@@ -132,9 +132,9 @@ scenario('serve stops cleanly on SIGTERM while a provider is connected', async (
 });
 
 scenario('on SIGTERM serve lets answers finish for --drain-s, then cuts them short billing what was sent', async (world) => {
-  // 2,000 tokens 5 ms apart: 10 s, longer than the 1 s the node lets it run once told to stop.
+  // 2,000 tokens 5 ms apart: 10 s, longer than the 2 s the node lets it run once told to stop.
   const { server, provider, model } = await one_provider_world(world, {
-    serve_args: ['--drain-s', '1'], upstream_options: { tokens: 2_000, token_interval_us: 5_000 },
+    serve_args: ['--drain-s', '2'], upstream_options: { tokens: 2_000, token_interval_us: 5_000 },
   });
   const user = await server.create_user('premium', credit_micros);
   const before = await server.accounts();
@@ -145,10 +145,22 @@ scenario('on SIGTERM serve lets answers finish for --drain-s, then cuts them sho
   const response = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
   assert.equal(response.status, 200, 'the answer streams');
   const stopped_at = Date.now();
-  const [events] = await Promise.all([read_sse(response), server.child.stop('SIGTERM', { timeout_ms: 15_000 })]);
+  const reading = read_sse(response);
+  const stopping = server.child.stop('SIGTERM', { timeout_ms: 15_000 });
+  // While the answer may finish, a load balancer's health check sees the node going, and a new
+  // completion is refused with a reason.
+  const health = await wait_for('/healthz answering 503 while serve drains', async () => {
+    const answer = await fetch(`${server.base_url}/healthz`);
+    return answer.status === 503 ? answer.json() : null;
+  });
+  assert.equal(health.status, 'draining', JSON.stringify(health));
+  const refused = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(refused.status, 503);
+  assert.equal((await refused.json()).error?.code, 'server_shutting_down');
+  const [events] = await Promise.all([reading, stopping]);
   assert.equal(server.child.exit_code, 0, 'serve exits with 0');
   const stop_ms = Date.now() - stopped_at;
-  assert.ok(stop_ms < 8_000, `it stopped after its 1 s wait, not at the answer's end: ${stop_ms} ms`);
+  assert.ok(stop_ms < 8_000, `it stopped after its 2 s wait, not at the answer's end: ${stop_ms} ms`);
 
   assert.equal(events.at(-1), '[DONE]');
   const chunks = events.slice(0, -1);
