@@ -10,12 +10,15 @@
 #include <boost/beast/http/read.hpp>
 #include <boost/beast/http/string_body.hpp>
 #include <boost/beast/http/write.hpp>
+#include <boost/beast/websocket/stream.hpp>
 #include <boost/json.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/actor_system_config.hpp>
 #include <caf/scoped_actor.hpp>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -33,6 +36,7 @@
 #include "actors/runtime.hpp"
 #include "base/ensure.hpp"
 #include "gateway/link_client.hpp"
+#include "gateway/link_codec.hpp"
 #include "gateway/node.hpp"
 #include "storage/event_store.hpp"
 #include "storage/fault_injector.hpp"
@@ -44,6 +48,7 @@ namespace {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
+namespace websocket = beast::websocket;
 namespace json = boost::json;
 using tcp = asio::ip::tcp;
 using namespace std::chrono_literals;
@@ -214,6 +219,50 @@ class agent {
   std::optional<asio::executor_work_guard<asio::io_context::executor_type>> work_{io_.get_executor()};
   std::unique_ptr<link_client> client_;
   std::thread thread_;
+};
+
+/// A bare WebSocket on the link, authenticated with `token`: its messages go out exactly as
+/// given, so a test can send bytes no link client would. Its reads give up after the deadline.
+class raw_link {
+ public:
+  raw_link(std::uint16_t port, const std::string& token) : ws_(io_) {
+    asio::connect(ws_.next_layer(), tcp::resolver(io_).resolve("127.0.0.1", std::to_string(port)));
+    const timeval limit{.tv_sec = std::chrono::duration_cast<std::chrono::seconds>(wait_deadline).count(), .tv_usec = 0};
+    ::setsockopt(ws_.next_layer().native_handle(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    ws_.set_option(websocket::stream_base::decorator(
+        [token](websocket::request_type& request) { request.set(http::field::authorization, "Bearer " + token); }));
+    ws_.handshake("127.0.0.1", "/v1/providers/link");
+    ws_.binary(true);
+  }
+  void send(const link::frame& frame) { send_bytes(link::encode(frame)); }
+  void send_bytes(const std::vector<std::uint8_t>& bytes) { ws_.write(asio::buffer(bytes)); }
+  /// Reads until the server's welcome; false when the link ended first.
+  [[nodiscard]] bool wait_welcome() {
+    for (;;) {
+      beast::flat_buffer buffer;
+      beast::error_code ec;
+      ws_.read(buffer, ec);
+      if (ec) return false;
+      const auto* data = static_cast<const std::uint8_t*>(buffer.data().data());
+      auto frame = link::decode({data, buffer.size()}, {});
+      if (frame && std::holds_alternative<link::welcome>(*frame)) return true;
+    }
+  }
+  /// Reads until the server closes the link; its close frame's code and reason (code 0 when the
+  /// link ended otherwise, or the deadline passed).
+  [[nodiscard]] websocket::close_reason wait_closed() {
+    for (;;) {
+      beast::flat_buffer buffer;
+      beast::error_code ec;
+      ws_.read(buffer, ec);
+      if (ec == websocket::error::closed) return ws_.reason();
+      if (ec) return {};
+    }
+  }
+
+ private:
+  asio::io_context io_;
+  websocket::stream<tcp::socket> ws_;
 };
 
 class provider_link_test : public ::testing::Test {
@@ -406,6 +455,44 @@ TEST_F(provider_link_test, a_frame_about_a_job_before_the_welcome_closes_that_li
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("no delta may come before the welcome"), std::string::npos) << closed->message;
+}
+
+TEST_F(provider_link_test, a_malformed_frame_closes_its_own_link_naming_why_and_harms_no_other) {
+  const auto api_key = make_user();
+  agent good(port_, make_provider(), hello_with(4096), "from the good link");
+  ASSERT_TRUE(good.wait_welcome());
+  raw_link bad(port_, make_provider());
+  bad.send(hello_with(4096));
+  ASSERT_TRUE(bad.wait_welcome());
+  const std::string garbage = "this is no Cap'n Proto message at all";
+  bad.send_bytes({garbage.begin(), garbage.end()});
+  const auto closed = bad.wait_closed();
+  EXPECT_EQ(closed.code, 1002) << closed.reason;
+  EXPECT_FALSE(closed.reason.empty());
+  // The other provider's link goes on and serves.
+  EXPECT_EQ(chat(api_key), "from the good link");
+  EXPECT_EQ(good.disconnects(), 0u);
+}
+
+TEST_F(provider_link_test, a_second_hello_or_a_frame_only_the_server_sends_closes_the_link) {
+  struct case_t {
+    link::frame frame;
+    std::string reason;
+  };
+  const std::vector<case_t> cases{
+      {hello_with(4096), "hello may be sent only once per link"},
+      {link::offer{.job_id = "j", .request_json = "{}", .attempt = 1}, "an agent may not send offer"},
+      {link::cancel{.job_id = "j"}, "an agent may not send cancel"},
+  };
+  for (const auto& c : cases) {
+    agent sender(port_, make_provider(), hello_with(4096), "unused");
+    ASSERT_TRUE(sender.wait_welcome());
+    ASSERT_TRUE(sender.send(c.frame));
+    const auto closed = sender.wait_disconnect();
+    ASSERT_TRUE(closed) << c.reason;
+    EXPECT_EQ(closed->close_code, 1008);
+    EXPECT_NE(closed->message.find(c.reason), std::string::npos) << closed->message;
+  }
 }
 
 TEST_F(provider_link_test, a_hello_the_store_fails_to_record_is_closed_without_the_stores_words) {
