@@ -89,6 +89,9 @@ struct scheduler_state {
     bool completed = false;
     domain::job_measure measure;
     std::uint32_t free_tokens = 0;
+    /// The job's hold on the user's free quota: kept until its usage is recorded, as on the
+    /// first try, so that jobs admitted meanwhile still see these tokens.
+    std::int64_t free_tokens_held = 0;
     std::int64_t retry_at_us = 0;
     std::int64_t wait_us = 0;
     bool in_flight = false;
@@ -354,8 +357,24 @@ bool settled_otherwise(const caf::error& failure) {
 constexpr std::int64_t settle_retry_first_us = 1'000'000;
 constexpr std::int64_t settle_retry_max_us = 60'000'000;
 
+/// Records `free_tokens` of job `job_id` against `user_id`'s daily quota (none: nothing to
+/// record), then releases the job's `held` tokens: a user's state answers what is recorded, so a
+/// job admitted in between must still see them.
+void record_free_usage(self_pointer self, const std::string& user_id, const std::string& job_id,
+                       std::uint32_t free_tokens, std::int64_t held) {
+  if (free_tokens == 0) return release(self->state.free_tokens_held, user_id, held);
+  self->request(self->state.peers.users, caf::infinite, user_id,
+                domain::user::command{domain::record_free_usage{job_id, free_tokens}})
+      .then([self, user_id, held](const command_reply&) { release(self->state.free_tokens_held, user_id, held); },
+            [self, user_id, held](caf::error&) {
+              ++self->state.side_effects_failed;
+              release(self->state.free_tokens_held, user_id, held);
+            });
+}
+
 /// The ledger did not take job `job_id`'s group now: it is retried (see unsettled_group), the
-/// job's premium hold moving with it. A refusal for good is left to the job's forget.
+/// job's premium hold and free quota hold moving with it. A refusal for good is left to the
+/// job's forget.
 void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group, bool completed,
                     const domain::job_measure& measure, std::uint32_t free_tokens, const caf::error& failure) {
   if (settled_otherwise(failure)) return;
@@ -367,20 +386,19 @@ void keep_unsettled(self_pointer self, const std::string& job_id, domain::record
                                    .completed = completed,
                                    .measure = measure,
                                    .free_tokens = free_tokens,
+                                   .free_tokens_held = job.free_tokens_held,
                                    .retry_at_us = now_us(self) + settle_retry_first_us,
                                    .wait_us = settle_retry_first_us,
                                    .in_flight = false};
   job.hold_micros = 0;  // held on by the retry, not released by forget
+  job.free_tokens_held = 0;
 }
 
 /// What settle does after the ledger took a group, for a group a retry got taken: the provider's
-/// score and the user's free usage (whose quota hold went with the job).
+/// score and the user's free usage, which then releases the quota hold.
 void after_retried(self_pointer self, const std::string& job_id, const scheduler_state::unsettled_group& e) {
   if (e.completed) record_outcome(self, e.provider_id, job_id, domain::job_fault::none, e.measure);
-  if (e.free_tokens == 0) return;
-  self->request(self->state.peers.users, caf::infinite, e.user_id,
-                domain::user::command{domain::record_free_usage{job_id, e.free_tokens}})
-      .then([](const command_reply&) {}, [self](caf::error&) { ++self->state.side_effects_failed; });
+  record_free_usage(self, e.user_id, job_id, e.free_tokens, e.free_tokens_held);
 }
 
 /// Offers each unsettled group that is due to the ledger again.
@@ -406,6 +424,7 @@ void retry_unsettled(self_pointer self) {
         after_retried(self, job_id, e);
       } else {
         ++self->state.side_effects_failed;
+        release(self->state.free_tokens_held, e.user_id, e.free_tokens_held);
       }
       release(self->state.holds_micros, e.user_id, e.hold_micros);
       self->state.unsettled.erase(found);
@@ -440,20 +459,8 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
       (void)self->state.index->record_speed(job.provider_id, job.request.model, measure.ttft_us,
                                             static_cast<std::int64_t>(domain::decode_tokens_per_second(measure)));
     }
-    if (free_tokens > 0) {
-      // The job's hold on the quota lasts until its usage is recorded: a user's state answers
-      // what is recorded, so a job admitted in between must still see these tokens.
-      const std::string user_id = job.request.user_id;
-      self->request(self->state.peers.users, caf::infinite, user_id,
-                    domain::user::command{domain::record_free_usage{job_id, free_tokens}})
-          .then([self, user_id, held = job.free_tokens_held](
-                    const command_reply&) { release(self->state.free_tokens_held, user_id, held); },
-                [self, user_id, held = job.free_tokens_held](caf::error&) {
-                  ++self->state.side_effects_failed;
-                  release(self->state.free_tokens_held, user_id, held);
-                });
-      job.free_tokens_held = 0;  // released by the record's answer, not by forget
-    }
+    // The hold is released by the record's answer, not by forget.
+    record_free_usage(self, job.request.user_id, job_id, free_tokens, std::exchange(job.free_tokens_held, 0));
     forget(self, job_id);
     reply.deliver(ended);
     assign_pass(self);

@@ -1539,6 +1539,36 @@ TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tok
   EXPECT_EQ(free_today(), 1'010) << "the prompt and the answer's tokens, as a settled free job counts them";
 }
 
+TEST_F(arming_store_scheduler_test, a_free_bill_being_retried_keeps_its_quota_hold_until_the_usage_is_recorded) {
+  // Each free job holds 1,500 tokens (1,000 prompt + 500 max_tokens) of the day's 10,000.
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("bob", events::user_tier::free, 0));
+  fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_fail_sync(false);
+  ASSERT_FALSE(ended);
+  ASSERT_EQ(counts().settlements_retrying, 1u);
+  // While j1's bill waits, its 1,500 stay held: five more jobs fit beside it, a sixth does not.
+  const auto admit = [&](int from, int to) {
+    for (int i = from; i < to; ++i) {
+      if (!ask<job_accepted>(rt_.scheduler, request("j" + std::to_string(i), "bob", false))) return i - from;
+    }
+    return to - from;
+  };
+  EXPECT_EQ(admit(2, 8), 5) << "j1's hold was released before its usage was recorded";
+  for (int i = 2; i < 7; ++i) {
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j" + std::to_string(i), events::cancelled_by::client, 0}));
+  }
+  std::int64_t wait_s = 1;
+  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
+    *clock_.now_us += wait_s * 1'000'000;
+    sched_.clock().advance_time(std::chrono::seconds(wait_s));
+    run();
+  }
+  ASSERT_EQ(counts().settlements_retrying, 0u);
+  // Recorded, the 1,010 used replace the hold: 10,000 - 1,010 leaves room for five jobs again.
+  EXPECT_EQ(admit(8, 14), 5) << "j1's hold outlived its recorded usage";
+}
+
 TEST_F(scheduler_test, a_link_offering_other_models_keeps_its_jobs_and_fails_those_queued_for_a_model_left_unserved) {
   // The agent's backend unloaded one model and loaded another, and its link says so.
   bring_online("p1", "llama-8b", 1);
