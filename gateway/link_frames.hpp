@@ -36,7 +36,9 @@ struct hello {
   std::string backend_url;  ///< openai: the backend's base URL; builtin: the model file
   std::vector<events::gpu_info> gpus;
   std::vector<events::model_offer> models;
-  std::uint32_t max_concurrency = 0;  ///< jobs the agent runs at once, over all models
+  /// Jobs the agent runs at once, over all models: the server caps each model's max_concurrency
+  /// (here and in later advertise frames) to it. 0: no cap but the models' own.
+  std::uint32_t max_concurrency = 0;
 
   bool operator==(const hello&) const = default;
 };

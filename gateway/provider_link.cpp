@@ -73,6 +73,9 @@ class link_session : public std::enable_shared_from_this<link_session> {
   void on_message(std::string_view bytes);
   void on_closed(std::string reason);
   void on_hello(const link::hello& hello);
+  /// `models` with none allowing more jobs at once than the hello's max_concurrency (over all
+  /// models): the scheduler gives a provider at most its largest offer's.
+  std::vector<events::model_offer> within_concurrency(std::vector<events::model_offer> models) const;
   /// The agent offers other models now: recorded, then the gateway and the scheduler list them
   /// in place of the old ones (this link's jobs go on).
   void on_advertise(std::vector<events::model_offer> models);
@@ -107,6 +110,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   const events::sha256_digest token_hash_;  ///< of the token the link opened with
   // Written on the connection's strand; read by end(), which may run on an actor's thread.
   std::atomic<bool> hello_seen_{false};
+  std::uint32_t concurrency_max_ = 0;  ///< the hello's max_concurrency (0: none); on the strand
   // Shared with the link actor and the owner.
   std::atomic<bool> online_{false};
   std::atomic<bool> retired_{false};
@@ -390,7 +394,7 @@ void link_session::on_message(std::string_view bytes) {
                                    std::to_string(owner_->options_.advertise_interval_min.count()) + " ms");
           }
           advertised_at_ = now;
-          on_advertise(std::move(f.models));
+          on_advertise(within_concurrency(std::move(f.models)));
         } else {
           protocol_error_ = true;
           close(1008, std::string("an agent may not send ") + std::string(link::frame_name(frame)));
@@ -399,16 +403,24 @@ void link_session::on_message(std::string_view bytes) {
       frame);
 }
 
+std::vector<events::model_offer> link_session::within_concurrency(std::vector<events::model_offer> models) const {
+  if (concurrency_max_ == 0) return models;
+  for (auto& offer : models) offer.max_concurrency = std::min(offer.max_concurrency, concurrency_max_);
+  return models;
+}
+
 void link_session::on_hello(const link::hello& hello) {
+  concurrency_max_ = hello.max_concurrency;
+  auto offers = within_concurrency(hello.models);
   std::vector<domain::provider::command> commands;
   commands.push_back(domain::provider::connect{hello.gpus, hello.backend, hello.backend_url, hello.agent_version});
-  commands.push_back(domain::provider::advertise{hello.models});
+  commands.push_back(domain::provider::advertise{offers});
   // The hello is checked against the provider's state before this link takes over: a hello that
   // would be refused (a bad offer, a suspension) must not end the provider's link that works,
   // which a second agent started with the same token would otherwise do at each of its retries.
   auto self = shared_from_this();
   auto owner = owner_;
-  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = hello.models,
+  owner_->bridge_.run_keyed(provider_id_, [self, owner, commands = std::move(commands), models = std::move(offers),
                                            gpus = hello.gpus.size()](caf::event_based_actor* actor) mutable {
     actor->request(owner->runtime_.providers, caf::infinite, self->provider_id_, actors::state_atom::value)
         .then(

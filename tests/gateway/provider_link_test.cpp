@@ -544,6 +544,39 @@ TEST_F(provider_link_test, an_advertise_on_a_live_link_replaces_the_models_it_se
   EXPECT_NE(closed->message.find("context length of 0 tokens"), std::string::npos) << closed->message;
 }
 
+TEST_F(provider_link_test, no_model_is_offered_more_jobs_at_once_than_the_hellos_max_concurrency) {
+  // The scheduler gives a provider at most its largest offer's max_concurrency; an agent running
+  // 2 jobs at once over all its models must not be sent 8 because one model says 8.
+  const auto token = make_provider();
+  auto hello = hello_with(4096);
+  hello.max_concurrency = 2;
+  hello.models.front().max_concurrency = 8;
+  agent capped(port_, token, hello, "unused");
+  ASSERT_TRUE(capped.wait_welcome());
+  const auto offered = [&] {
+    const auto me = json::parse(call(port_, http::verb::get, "/v1/providers/me", "", token).body);
+    std::vector<std::pair<std::string, std::int64_t>> out;
+    for (const auto& m : me.at("models").as_array()) {
+      out.emplace_back(std::string(m.at("model").as_string()), m.at("max_concurrency").to_number<std::int64_t>());
+    }
+    return out;
+  };
+  using offers = std::vector<std::pair<std::string, std::int64_t>>;
+  EXPECT_EQ(offered(), (offers{{model, 2}}));
+  // So is a later advertise; a model asking for fewer keeps its own.
+  auto more = hello.models.front();
+  more.model_name = "m2";
+  auto fewer = hello.models.front();
+  fewer.model_name = "m3";
+  fewer.max_concurrency = 1;
+  ASSERT_TRUE(capped.send(link::advertise{.models = {more, fewer}}));
+  const auto deadline = std::chrono::steady_clock::now() + wait_deadline;
+  while (offered().size() != 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(offered(), (offers{{"m2", 2}, {"m3", 1}}));
+}
+
 TEST_F(provider_link_test, links_past_links_per_provider_max_are_refused_and_others_are_not) {
   const auto token = make_provider();
   std::vector<std::unique_ptr<agent>> silent;
