@@ -14,9 +14,10 @@ namespace json = boost::json;
 
 namespace {
 
-/// Longest `role` and `x_gpustream.quality` read before they are compared with the known values,
-/// so an error message never echoes a huge string.
+/// Longest `role`, content part `type` and `x_gpustream.quality` read before they are compared
+/// with the known values, so an error message never echoes a huge string.
 constexpr std::size_t role_bytes_max = 32;
+constexpr std::size_t part_type_bytes_max = 32;
 constexpr std::size_t quality_bytes_max = 32;
 
 // ---------------------------------------------------------------------------------------------
@@ -184,12 +185,13 @@ expected<std::string, api_error> parse_model(const json::object& body, const api
 expected<std::string, api_error> parse_content_part(const json::value& part, const std::string& param) {
   if (!part.is_object()) return unexpected{invalid_type(param, "an object", part)};
   const json::object& object = part.get_object();
-  const json::value* type = field(object, "type");
-  if (type == nullptr || !type->is_string()) {
+  auto type = read_string(object, "type", param + ".type", part_type_bytes_max);
+  if (!type) return unexpected{type.error()};
+  if (!type->has_value()) {
     return unexpected{
-        invalid("Missing or invalid '" + param + ".type': expected a string.", param + ".type", "invalid_type")};
+        invalid("Missing required parameter: '" + param + ".type'.", param + ".type", "missing_required_parameter")};
   }
-  const json::string& name = type->get_string();
+  const std::string& name = **type;
   if (name == "image_url" || name == "input_image") {
     return unexpected{
         invalid("Image inputs are not supported: models on gpustream take text only. Send "
@@ -695,7 +697,18 @@ std::string upstream_body(const completion_request& request, std::string_view co
       messages.push_back(json::object{{"role", role}, {"content", message.content}});
     }
     const bool continuing = !continuation_prefix.empty();
-    if (continuing) messages.push_back(json::object{{"role", "assistant"}, {"content", continuation_prefix}});
+    if (continuing) {
+      // The answer so far continues the client's own trailing assistant message (a prefill such as
+      // "Sure:") when there is one: two assistant turns in a row are refused by chat templates
+      // that want the roles to alternate (Gemma's), and read as a closed turn by the others.
+      const bool prefilled = !request.messages.empty() && request.messages.back().role == "assistant";
+      if (prefilled) {
+        auto& content = messages.back().as_object()["content"].as_string();
+        content.append(continuation_prefix);
+      } else {
+        messages.push_back(json::object{{"role", "assistant"}, {"content", continuation_prefix}});
+      }
+    }
     body["messages"] = std::move(messages);
     if (continuing) {
       // vLLM opens a new assistant turn after a trailing assistant message unless told to continue

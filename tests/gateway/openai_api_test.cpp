@@ -131,6 +131,13 @@ TEST(openai_api, flattens_text_parts_and_refuses_images_clearly) {
             "messages[0].content[0].text");
   EXPECT_EQ(chat_error(R"({"model":"m","messages":[{"role":"user","content":["plain"]}]})").param,
             "messages[0].content[0]");
+  // A part's type is compared only once short enough: the error never echoes a huge one.
+  const auto huge = chat_error(R"({"model":"m","messages":[{"role":"user","content":[{"type":")" +
+                               std::string(100'000, 'x') + R"("}]}]})");
+  EXPECT_EQ(huge.param, "messages[0].content[0].type");
+  EXPECT_LT(huge.message.size(), 200u) << huge.message.size();
+  EXPECT_EQ(chat_error(R"({"model":"m","messages":[{"role":"user","content":[{"text":"no type"}]}]})").code,
+            "missing_required_parameter");
 }
 
 TEST(openai_api, max_completion_tokens_is_accepted_and_wins_over_max_tokens) {
@@ -554,6 +561,18 @@ TEST(openai_api, upstream_body_continues_a_chat_after_failover) {
   EXPECT_EQ(parsed(upstream_body(request, "x", 500)).at("max_tokens"), 1);
   // Without max_tokens the backend decides; nothing is invented.
   EXPECT_FALSE(parsed(upstream_body(chat(chat_body("")), "x", 5)).contains("max_tokens"));
+}
+
+TEST(openai_api, upstream_body_continues_the_clients_own_trailing_assistant_message) {
+  // A prefill: the answer so far continues it, never as a second assistant turn in a row.
+  const auto request = chat(R"({"model":"m","messages":[{"role":"user","content":"Count"},
+                                                       {"role":"assistant","content":"Sure:"}]})");
+  const json::object body = parsed(upstream_body(request, " 1, 2", 2));
+  EXPECT_EQ(body.at("messages"), json::parse(R"([{"role":"user","content":"Count"},
+                                                   {"role":"assistant","content":"Sure: 1, 2"}])"));
+  EXPECT_EQ(body.at("continue_final_message"), true);
+  // The first attempt sends the client's messages as they are.
+  EXPECT_EQ(parsed(upstream_body(request)).at("messages").as_array().back().at("content"), "Sure:");
 }
 
 TEST(openai_api, upstream_body_continues_a_completion_by_extending_the_prompt) {
