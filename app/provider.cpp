@@ -902,7 +902,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (error.kind == gateway::upstream_error_kind::connect && error.refused && found->second.tokens == 0) {
       return backend_gone(job_id, error.message);
     }
-    if (error.http_status == 404) refresh_soon();  // its model may be gone: the coordinator should know
+    // Its model may be gone (404), or unloaded (a 400 or 422 that blames it, as LM Studio's "No
+    // models loaded"): the coordinator should know.
+    const bool model_refused = error.upstream_fault && (error.http_status == 400 || error.http_status == 422);
+    if (error.http_status == 404 || model_refused) refresh_soon();
     fail_job(job_id,
              "backend " + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +

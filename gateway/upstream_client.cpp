@@ -108,6 +108,31 @@ upstream_error make_error(upstream_error_kind kind, std::string message, unsigne
   return upstream_error{kind, std::move(message), http_status, !request_at_fault};
 }
 
+/// Whether a refusal's body (a 400, 413 or 422) blames the model rather than the request: its
+/// OpenAI error names `"param":"model"` (LM Studio's "No models loaded" once its model was
+/// unloaded), or says LM Studio's "Failed to load model" (e.g. out of memory). The agent asks its
+/// backend only for models it advertised, so that is the provider's state, not the client's fault.
+bool blames_the_model(std::string_view body) {
+  boost::system::error_code ec;
+  json::parse_options options;
+  options.max_depth = json_depth_max;
+  const json::value value = json::parse(body, ec, {}, options);
+  if (ec || !value.is_object()) return false;
+  const auto* error = value.get_object().if_contains("error");
+  if (error == nullptr) return false;
+  const json::string* message = nullptr;
+  if (error->is_string()) message = &error->get_string();
+  if (const auto* object = error->if_object()) {
+    if (const auto* param = object->if_contains("param"); param && param->is_string() && param->get_string() == "model") {
+      return true;
+    }
+    if (const auto* text = object->if_contains("message"); text && text->is_string()) message = &text->get_string();
+  }
+  if (message == nullptr) return false;
+  const std::string_view text(message->data(), message->size());
+  return text.starts_with("No models loaded") || text.starts_with("Failed to load model");
+}
+
 /// Pydantic's messages (vLLM, FastAPI) quote the value they refused after "input_value=", up to
 /// ", input_type=": that is the client's request, prompt and all, which the agent neither logs
 /// nor sends on. It is cut out.
@@ -828,9 +853,11 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   }
 
   upstream_error status_error() const {
-    return make_error(upstream_error_kind::http_status,
-                      "upstream answered HTTP " + std::to_string(status_) + ": " + error_body_message(collected_),
-                      status_);
+    auto error = make_error(upstream_error_kind::http_status,
+                            "upstream answered HTTP " + std::to_string(status_) + ": " + error_body_message(collected_),
+                            status_);
+    if (!error.upstream_fault && blames_the_model(collected_)) error.upstream_fault = true;
+    return error;
   }
 
   upstream_error failure(beast::error_code ec, std::string_view doing) const {

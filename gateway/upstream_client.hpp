@@ -101,7 +101,8 @@ struct upstream_error {
   /// False only when the backend rejected the request itself as invalid (HTTP 400, 413 or 422,
   /// at the start or as llama.cpp's mid-stream error code): then the request, not the provider,
   /// is at fault. True for everything else (401 and 403: a key the backend wants; 404: a model
-  /// it no longer serves; 408, 429, 5xx, drops and timeouts).
+  /// it no longer serves; a 400-422 whose error names the model, as LM Studio's "No models
+  /// loaded"; 408, 429, 5xx, drops and timeouts).
   bool upstream_fault = true;
   /// kind connect: the backend's address refused the connection (nothing listens there: the
   /// backend is not running), rather than a timeout, an unreachable host or a local shortage.

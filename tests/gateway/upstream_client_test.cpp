@@ -915,6 +915,32 @@ TEST(UpstreamClient, AStreamEndedByClosingBeforeItsFinishIsDropped) {
   EXPECT_EQ(log.finals(), 1);
 }
 
+TEST(UpstreamClient, ARefusalThatBlamesTheModelIsTheProvidersFault) {
+  // LM Studio answers 400 once its model was unloaded (or failed to load): the agent asked for a
+  // model it advertised, so the provider's state is at fault, not the client's request.
+  const std::vector<std::string> bodies{
+      R"({"error":{"message":"No models loaded. Please load a model in the developer page or use the `lms load` command.","type":"invalid_request_error","param":"model"}})",
+      R"({"error":"Failed to load model \"qwen\". Error: out of memory"})",
+  };
+  for (const auto& body : bodies) {
+    one_shot_server server("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: " +
+                           std::to_string(body.size()) + "\r\n\r\n" + body);
+    one_shot_stream exchange(server);
+    ASSERT_TRUE(exchange.log.wait_final());
+    ASSERT_TRUE(exchange.log.error());
+    EXPECT_EQ(exchange.log.error()->http_status, 400u);
+    EXPECT_TRUE(exchange.log.error()->upstream_fault) << body;
+  }
+  // A 400 about another parameter stays the request's fault.
+  const std::string other = R"({"error":{"message":"max_tokens is too large","type":"invalid_request_error","param":"max_tokens"}})";
+  one_shot_server server("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: " +
+                         std::to_string(other.size()) + "\r\n\r\n" + other);
+  one_shot_stream exchange(server);
+  ASSERT_TRUE(exchange.log.wait_final());
+  ASSERT_TRUE(exchange.log.error());
+  EXPECT_FALSE(exchange.log.error()->upstream_fault);
+}
+
 TEST(UpstreamClient, AnErrorAnswerCutShortKeepsItsStatusAndWhoseFaultItIs) {
   // The backend refuses the request (400), promises 200 bytes of message and closes after 30.
   one_shot_server server(
