@@ -214,6 +214,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     drain_timer_.cancel();
     refresh_timer_.cancel();
     cancel_probe();
+    // A drain under way ends here without calling its `drained` (provider.hpp): its owner may be
+    // gone. Ending the jobs below would otherwise find the drain done.
+    on_drained_ = {};
     cancel_all_jobs("the agent is stopping");
     if (link_) link_->stop();
   }

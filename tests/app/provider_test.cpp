@@ -523,6 +523,15 @@ class agent_runner {
     return exit_code_;
   }
 
+  void drain(std::function<void()> drained) {
+    on_io([&] { agent_->drain(std::move(drained)); });
+  }
+  /// provider_agent::stop; then runs what it posted to the io thread (which runs in order).
+  void stop() {
+    on_io([this] { agent_->stop(); });
+    on_io([] {});
+  }
+
   /// provider_agent::drain, then stop() once drained, as run_provider does; then `drained`.
   void drain_then_stop(std::function<void()> drained) {
     on_io([&] {
@@ -941,6 +950,31 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
       EXPECT_TRUE(upstream.wait_stat("cancelled", 1)) << "then the stop cut it off";
     }
   }
+}
+
+TEST(provider_agent, a_stop_during_a_drain_never_calls_drained) {
+  // Its owner may be gone by then (provider.hpp: a stop() before the drain ends means `drained`
+  // is never called).
+  upstream_process upstream({"--models", "m1", "--tokens", "2000", "--token-interval-us", "5000"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 1});
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
+  std::atomic<bool> drained{false};
+  agent.drain([&] { drained = true; });
+  ASSERT_TRUE(coordinator.wait_until([&] {
+    const auto beats = coordinator.all_locked<link::heartbeat>();
+    return std::any_of(beats.begin(), beats.end(), [](const link::heartbeat& h) { return h.draining; });
+  }));
+  agent.stop();
+  EXPECT_FALSE(drained) << "the stop ended the running answer, and with it the drain";
+  EXPECT_TRUE(upstream.wait_stat("cancelled", 1)) << "the running answer was cut off";
 }
 
 TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {
