@@ -786,6 +786,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void finish_ok(const std::string& id, const actors::job_ended& ended, const std::string& finish_reason) {
     auto live = find(id);
     if (!live) return;
+    std::uint32_t tokens_sent = 0;
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
@@ -817,11 +818,21 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       } else {
         reply.send({200, "application/json", response_json(live->meta, live->text, finish_reason, usage, extension, live->reasoning), {}});
       }
-      if (options_.observer.completion_tokens) options_.observer.completion_tokens(live->tokens);
+      tokens_sent = live->tokens;
     }
-    if (options_.observer.job_ended) options_.observer.job_ended(ended.status);
+    count_end(tokens_sent, ended.status);
     forget(id);
   }
+
+  /// The metrics of a job that ended: the completion tokens its client got, and how it ended.
+  void count_end(std::uint32_t tokens_sent, domain::job_status status) {
+    if (tokens_sent > 0 && options_.observer.completion_tokens) options_.observer.completion_tokens(tokens_sent);
+    if (options_.observer.job_ended) options_.observer.job_ended(status);
+  }
+
+  /// With `live`'s lock held, as its answer ends short of its result: the tokens its client got,
+  /// a stream's pieces sent so far (a whole answer's client gets none).
+  static std::uint32_t tokens_streamed(const live_job& live) { return live.job.request.stream ? live.tokens : 0; }
 
   /// Ends job `id`'s answer with `error` (in-band once its stream started), counted in the metrics
   /// as `counted`. A stream's last chunk says what is billed (`billed`): nothing for a failed job,
@@ -832,10 +843,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(id);
     if (!live) return;
     std::optional<std::string> unshown_ad;
+    std::uint32_t tokens_sent = 0;
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
       live->state = phase::ended;
+      tokens_sent = tokens_streamed(*live);
       if (live->ad) unshown_ad = live->ad->impression_id;
       auto& reply = *live->job.reply;
       if (live->stream_started) {
@@ -853,7 +866,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
     }
     if (unshown_ad) ads_->release(*unshown_ad, "the answer failed");
-    if (options_.observer.job_ended) options_.observer.job_ended(counted);
+    count_end(tokens_sent, counted);
     forget(id);
   }
 
@@ -878,6 +891,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(id);
     if (!live) return;
     std::uint32_t tokens = 0;
+    std::uint32_t tokens_sent = 0;
     std::optional<std::string> unshown_ad;
     bool result_coming = false;
     {
@@ -889,14 +903,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       result_coming = live->state == phase::finishing && !live->waiting_for_ad;
       live->state = phase::ended;
       tokens = live->tokens;
+      tokens_sent = tokens_streamed(*live);
       if (live->ad && !result_coming) unshown_ad = live->ad->impression_id;
     }
     forget(id);
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
-    if (options_.observer.job_ended) {
-      // Its result completes it (the answer is no longer here to count it when it does).
-      options_.observer.job_ended(result_coming ? domain::job_status::completed : domain::job_status::cancelled);
-    }
+    // Its result completes it (the answer is no longer here to count it when it does).
+    count_end(tokens_sent, result_coming ? domain::job_status::completed : domain::job_status::cancelled);
     if (!result_coming) cancel(id, tokens, 0);
   }
 

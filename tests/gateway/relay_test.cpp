@@ -510,6 +510,23 @@ TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the
       << testing::PrintToString(events);
 }
 
+TEST(relay, a_client_leaving_mid_stream_counts_the_tokens_it_got_and_a_cancelled_job) {
+  std::vector<domain::job_status> counted;
+  std::uint32_t tokens_counted = 0;
+  relay_options options;
+  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
+  options.observer.completion_tokens = [&](std::uint32_t tokens) { tokens_counted += tokens; };
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  for (const char* piece : {"one", " two", " three"}) world.relay.delta("p1", link::delta{"j1", piece});
+  reply->close();
+  ASSERT_TRUE(world.log->wait_for("cancel j1 3", 10s)) << testing::PrintToString(world.log->events());
+  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(tokens_counted, 3u);
+}
+
 TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
   held_ads ads;
   relay_options options;
@@ -528,8 +545,10 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
 
 TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_tokens_and_refuses_new_jobs) {
   std::vector<domain::job_status> counted;  // the metrics' jobs ended, by status
+  std::uint32_t tokens_counted = 0;         // and their completion tokens sent
   relay_options options;
   options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
+  options.observer.completion_tokens = [&](std::uint32_t tokens) { tokens_counted += tokens; };
   relay_world world(nullptr, options);
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
@@ -550,6 +569,7 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
   EXPECT_EQ(body.find("late"), std::string::npos) << body;
   EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(tokens_counted, 2u) << "the tokens the client got count in the metrics";
   const auto events = world.log->events();
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
   // No new job while the node stops.
