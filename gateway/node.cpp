@@ -90,6 +90,7 @@ class node::impl {
     if (links_) links_->stop();
     if (relay_) relay_->stop();
     if (admin_) admin_->stop();
+    serving_ = nullptr;
     server_.reset();  // no new requests, no link frames
   }
 
@@ -143,6 +144,7 @@ class node::impl {
         });
     if (!server) return unexpected{server.error()};
     server_ = std::move(server.value());
+    serving_ = server_.get();
     if (options_.public_url.empty()) {
       const bool ipv6 = options_.http.host.find(':') != std::string::npos;
       const std::string host = ipv6 ? "[" + options_.http.host + "]" : options_.http.host;
@@ -198,10 +200,16 @@ class node::impl {
     metrics_.add_gauge_callback("gpustream_live_jobs", "Requests in flight on this node",
                                 [this] { return static_cast<double>(relay_ ? relay_->live_jobs() : 0); });
     metrics_.add_gauge_callback("gpustream_http_connections_open", "Open HTTP and WebSocket connections",
-                                [this] { return static_cast<double>(server_ ? server_->connections_open() : 0); });
+                                [this] {
+                                  const http_server* server = serving_;
+                                  return static_cast<double>(server ? server->connections_open() : 0);
+                                });
     metrics_.add_counter_callback("gpustream_http_writes_total",
                                   "Writes that sent HTTP answers to clients (tokens that arrive together share one)",
-                                  [this] { return static_cast<double>(server_ ? server_->writes() : 0); });
+                                  [this] {
+                                    const http_server* server = serving_;
+                                    return static_cast<double>(server ? server->writes() : 0);
+                                  });
     // The event store's group commit: appends per group and fsyncs per group say what durability costs.
     metrics_.add_counter_callback("gpustream_store_groups_total", "Append groups the event store committed",
                                   [this] { return static_cast<double>(store_->stats().groups); });
@@ -585,6 +593,9 @@ class node::impl {
   std::unique_ptr<provider_links> links_;
   std::unique_ptr<admin_api> admin_;
   std::unique_ptr<provider_api> provider_api_;
+  /// server_ for its own threads' scrapes, which may run while start() sets it and stop() resets
+  /// it: the unique_ptr itself is not read there. Declared before server_, it outlives it.
+  std::atomic<const http_server*> serving_{nullptr};
   std::unique_ptr<http_server> server_;  ///< last: destroyed first
 };
 
