@@ -180,7 +180,7 @@ class node::impl {
     bills_retrying_ = &metrics_.add_gauge(
         "gpustream_job_bills_retrying",
         "Jobs' bills whose ledger group the store failed to take, retried with their holds kept (scheduler)");
-    metrics_.add_gauge_callback("gpustream_providers_online", "Providers with an open link to this node",
+    metrics_.add_gauge_callback("gpustream_providers_online", "Providers linked to this node and online (their hello recorded)",
                                 [this] { return static_cast<double>(links_ ? links_->online() : 0); });
     metrics_.add_counter_callback("gpustream_link_heartbeats_forwarded_total",
                                   "Agents' heartbeats passed on to the scheduler",

@@ -153,9 +153,14 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
     }};
   }
 
+  /// Links whose hello is recorded (a link adopted while its hello is still recorded is not
+  /// online yet, nor ever when that fails).
   std::size_t online() const {
     std::lock_guard lock(mutex_);
-    return links_.size();
+    return static_cast<std::size_t>(std::count_if(links_.begin(), links_.end(), [](const auto& entry) {
+      const auto session = entry.second.lock();
+      return session && session->online_.load();
+    }));
   }
 
   std::optional<link::heartbeat> last_heartbeat(const std::string& provider_id) const {

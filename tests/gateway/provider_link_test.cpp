@@ -495,6 +495,33 @@ TEST_F(provider_link_test, a_second_hello_or_a_frame_only_the_server_sends_close
   }
 }
 
+TEST_F(provider_link_test, a_link_counts_as_online_in_the_metrics_only_once_its_hello_is_recorded) {
+  const auto online_in_metrics = [&] {
+    const auto body = call(port_, http::verb::get, "/metrics", "", "").body;
+    const std::string name = "\ngpustream_providers_online ";
+    const auto at = body.find(name);
+    return at == std::string::npos ? -1 : std::stoi(body.substr(at + name.size()));
+  };
+  // The hello's recording takes 800 ms and then fails: the link, adopted meanwhile, never goes
+  // online, and every scrape until it closes says 0.
+  const auto token = make_provider();
+  faults_->set_sync_delay(std::chrono::milliseconds(800));
+  faults_->set_fail_sync(true);
+  agent failing(port_, token, hello_with(4096), "unused");
+  ASSERT_TRUE(failing.wait_connected());
+  int scrapes = 0;
+  while (failing.disconnects() == 0) {
+    ASSERT_EQ(online_in_metrics(), 0) << "after " << scrapes << " scrapes";
+    ++scrapes;
+  }
+  faults_->set_fail_sync(false);
+  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  EXPECT_GT(scrapes, 0);
+  agent linked(port_, token, hello_with(4096), "unused");
+  ASSERT_TRUE(linked.wait_welcome());
+  EXPECT_EQ(online_in_metrics(), 1);
+}
+
 TEST_F(provider_link_test, a_hello_the_store_fails_to_record_is_closed_without_the_stores_words) {
   const auto token = make_provider();
   faults_->set_fail_sync(true);
