@@ -198,6 +198,11 @@ class event_store::impl {
   void set_writer_staging(bool staging);
   bool wal_flushed();
   bool must_sync() const;
+  /// On the writer thread: a write of its own failed with `failure`. The log may lack what it
+  /// wrote, and RocksDB refuses any later fsync of it (Debian's build, with assertions, aborts on
+  /// one): as after a failed fsync, the appends waiting for one get the failure, no fsync runs,
+  /// and the writer reopens the store.
+  void write_failed(const error& failure);
   bool durable(const written_group& group) const;
   void sync_wal(std::unique_lock<std::mutex>& lock);
   /// Looks up, in one read of the id index, each append's first event id (state.stored) and every

@@ -83,8 +83,9 @@ expected<void, error> event_store::impl::run_on_writer(const std::function<rocks
     std::shared_lock lock(db_mutex_);
     const auto status = write();
     if (status.ok()) return promise.set_value({});
-    reopen_needed_ = true;
-    promise.set_value(unexpected{translate(status, what)});
+    auto failure = translate(status, what);
+    write_failed(failure);
+    promise.set_value(unexpected{std::move(failure)});
   };
   {
     std::unique_lock lock(queue_mutex_);
@@ -224,7 +225,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
   state.appends.reserve(group.size());
   auto recovered = recover_if_needed();
   bool written = false;
-  std::optional<error> write_failed;
+  std::optional<error> write_failure;
   if (recovered) {
     state.next_position = next_position_;
     lookup_group(group, state);
@@ -244,8 +245,8 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
         written = true;
         stat_written_events_.fetch_add(state.next_position - next_position_, std::memory_order_release);
       } else {
-        write_failed = translate(status, "appending to the event store");
-        reopen_needed_ = true;
+        write_failure = translate(status, "appending to the event store");
+        write_failed(*write_failure);
       }
     }
   }
@@ -269,8 +270,8 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       outcomes.push_back(outcomes[*decisions[i].same_as]);
     } else if (decisions[i].outcome) {
       outcomes.push_back(std::move(*decisions[i].outcome));  // decided without writing
-    } else if (write_failed) {
-      outcomes.push_back(unexpected{*write_failed});
+    } else if (write_failure) {
+      outcomes.push_back(unexpected{*write_failure});
     } else {
       outcomes.push_back(std::move(decisions[i].result));
     }
@@ -372,6 +373,16 @@ bool event_store::impl::durable(const written_group& group) const {
   return group.durable_through <= synced_ || group.wal_bytes <= durable_wal_bytes_;
 }
 
+void event_store::impl::write_failed(const error& failure) {
+  reopen_needed_ = true;
+  {
+    std::lock_guard lock(sync_mutex_);
+    if (!sync_error_) sync_error_ = failure;
+    sync_failed_.store(true);
+  }
+  sync_cv_.notify_all();
+}
+
 bool event_store::impl::must_sync() const {
   if (sync_error_) return false;  // nothing more is acknowledged until the writer has reopened
   return wal_announced_ || (!sync_queue_.empty() && !durable(sync_queue_.front()));
@@ -393,6 +404,7 @@ void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
     return sync_stopping_ || (!writer_staging_ && queued_appends_.load() == 0);
   });
   wal_announced_ = false;
+  if (sync_error_) return;  // a write failed meanwhile: no fsync of that log (see write_failed)
   const std::uint64_t covered = wal_progress_->bytes.load();  // all handed over before the fsync
   lock.unlock();
   rocksdb::Status status;

@@ -346,6 +346,36 @@ TEST(event_store, after_a_failed_fsync_the_idle_writer_reopens_the_store_without
   }
 }
 
+TEST(event_store, a_write_failing_while_an_append_waits_for_its_fsync_fails_that_append_and_the_store_goes_on) {
+  // After a failed write RocksDB refuses (with this build's assertions: aborts on) any fsync of
+  // that log: the append waiting for its fsync must get the failure instead, and the store reopen.
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  store_options options = with_faults(faults);
+  options.sync_interval = 300ms;  // one fsync at once, then one per 300 ms: the next append waits
+  options.sync_burst = 1;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 1)));
+  std::promise<expected<append_result, error>> waiting;
+  store->append_async(one_stream("t", no_stream, 1, 2, 1), [&](auto r) { waiting.set_value(std::move(r)); });
+  faults->set_fail_log_syncs(true);
+  const auto snapshot = store->save_snapshot("s", 1, "state");  // a synced write of its own
+  faults->set_fail_log_syncs(false);
+  ASSERT_FALSE(snapshot);
+  EXPECT_EQ(snapshot.error().code, errc::io_error);
+  auto answer = waiting.get_future();
+  ASSERT_EQ(answer.wait_for(10s), std::future_status::ready);
+  const auto waited = answer.get();
+  if (!waited) {
+    EXPECT_EQ(waited.error().code, errc::io_error) << waited.error().message;
+  }
+  // The store reopens and takes appends again.
+  const auto after = store->append(one_stream("u", no_stream, 1, 3, 1));
+  ASSERT_TRUE(after) << after.error().message;
+  EXPECT_EQ(store->read_stream("u", 1, 1, 10)->size(), 1u);
+}
+
 TEST(event_store, a_conflicting_concurrent_duplicate_is_refused) {
   temp_dir dir;
   auto store = open_or_fail(dir.path());
