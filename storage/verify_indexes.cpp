@@ -27,9 +27,11 @@ bool ends_after(std::uint64_t first, std::uint64_t count, std::uint64_t last) {
 expected<event_store::index_report, error> event_store::impl::verify_indexes() const {
   auto lock = read_lock();
   if (!lock) return unexpected{lock.error()};
-  // Everything acknowledged before the snapshot is in it; what it holds beyond `last` is being
-  // appended right now, and is left out rather than reported.
+  // Everything acknowledged before the snapshot is in it; what a live store holds beyond `last`
+  // is being appended right now, and is left out rather than reported. A read-only store's `last`
+  // is its last record: an index entry beyond it names records the log lost.
   const auto last = last_position_.load();
+  const bool appending = !options_.read_only;
   const rocksdb::Snapshot* snapshot = db_->db->GetSnapshot();
   const std::unique_ptr<const rocksdb::Snapshot, std::function<void(const rocksdb::Snapshot*)>> release(
       snapshot, [this](const rocksdb::Snapshot* s) { db_->db->ReleaseSnapshot(s); });
@@ -40,6 +42,10 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
   std::vector<events::event_id> ids(last + 1);               // by position
   std::vector<bool> covered(last + 1, false);
   auto broken = [](std::string message) { return unexpected{make_error(errc::corruption, std::move(message))}; };
+  const auto beyond_the_log = [&](std::string what) {
+    return broken(what + " names a position past the log's last record " + std::to_string(last) +
+                  ": the log lost records its indexes hold");
+  };
 
   // Every record: remember what it is.
   std::vector<std::uint64_t> scratch;
@@ -72,7 +78,10 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     }
     const auto run = keys::parse_run(stream, key, index->value().ToStringView());
     if (!run) return unexpected{corrupt_index(stream)};
-    if (run->count > 0 && ends_after(run->first_position, run->count, last)) continue;  // not acknowledged yet
+    if (run->count > 0 && ends_after(run->first_position, run->count, last)) {
+      if (!appending) return beyond_the_log("stream " + stream + "'s index");
+      continue;  // not acknowledged yet
+    }
     if (run->first_version != next_version || run->count == 0) {
       return broken("stream " + stream + " index jumps to version " + std::to_string(run->first_version) +
                     " where version " + std::to_string(next_version) + " was due");
@@ -102,7 +111,10 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     if (keys::is_unique_key(key)) {
       if (value.size() != 8) return broken("unique key entry is malformed");
       const auto position = keys::load_be64(value);
-      if (position > last) continue;  // not acknowledged yet
+      if (position > last) {
+        if (!appending) return beyond_the_log("a unique key");
+        continue;  // not acknowledged yet
+      }
       if (position == 0) return broken("a unique key names position 0");
       ++report.unique_keys;
       continue;
@@ -110,7 +122,10 @@ expected<event_store::index_report, error> event_store::impl::verify_indexes() c
     if (key.size() != 16 || value.size() != 16) return broken("id index entry is malformed");
     const events::event_id id{keys::load_be64(key), keys::load_be64(key.substr(8))};
     const auto first = keys::load_be64(value), count = keys::load_be64(value.substr(8));
-    if (first != 0 && count != 0 && ends_after(first, count, last)) continue;  // not acknowledged yet
+    if (first != 0 && count != 0 && ends_after(first, count, last)) {
+      if (!appending) return beyond_the_log("the id index entry of " + id.to_string());
+      continue;  // not acknowledged yet
+    }
     if (first == 0 || count == 0 || ids[first] != id) {
       return broken("id index entry of " + id.to_string() + " does not point at its first event");
     }

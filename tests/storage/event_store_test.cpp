@@ -1180,6 +1180,29 @@ TEST(event_store_verify, an_id_index_entry_whose_run_wraps_around_is_not_read_ou
   EXPECT_EQ(report->appends, 1u) << "the entry past the log is not one of its appends";
 }
 
+TEST(event_store_verify, a_read_only_store_whose_last_record_is_lost_fails_on_the_indexes_that_still_name_it) {
+  // replay --verify reads a store opened read-only: nothing is being appended there, so an index
+  // entry past its last record is damage (a live store would write the stream's next version
+  // after a gap, and the key stays claimed for an event that is gone).
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path(), buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("a", no_stream, 1, 1, 4)));
+    ASSERT_TRUE(store->append(claiming(one_stream("b", no_stream, 2, 1, 1), {"ledger/transfer/T5"})));
+  }
+  testing::delete_last_entry(dir.path(), "global");  // position 5; its index entries and claim stay
+  store_options read_only;
+  read_only.read_only = true;
+  auto reader = open_or_fail(dir.path(), read_only);
+  ASSERT_TRUE(reader);
+  EXPECT_EQ(reader->last_position(), 4u);
+  auto report = reader->verify_indexes();
+  ASSERT_FALSE(report) << "passed with " << report->events << " events";
+  EXPECT_EQ(report.error().code, errc::corruption);
+  EXPECT_NE(report.error().message.find("past the log's last record 4"), std::string::npos) << report.error().message;
+}
+
 /// The position of the append that claims `key`, as a refused append names it.
 std::string claim_position(event_store& store, const std::string& key, std::uint64_t tag) {
   auto result = store.append(claiming(one_stream("probe-" + std::to_string(tag), no_stream, tag, 1, 1), {key}));

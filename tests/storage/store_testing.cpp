@@ -106,15 +106,31 @@ void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t positio
   flip_stored_byte(dir, "global", be64_key(position), offset);
 }
 
-void delete_first_entry(const std::filesystem::path& dir, const std::string& family) {
+namespace {
+
+void delete_entry(const std::filesystem::path& dir, const std::string& family, bool last) {
   with_raw_store(dir, "", [&](rocksdb::DB& db, const auto& cf) {
     auto* handle = cf(family);
     if (!handle) return;
     std::unique_ptr<rocksdb::Iterator> it(db.NewIterator(rocksdb::ReadOptions(), handle));
-    it->SeekToFirst();
+    if (last) {
+      it->SeekToLast();
+    } else {
+      it->SeekToFirst();
+    }
     ASSERT_TRUE(it->Valid()) << family << " is empty";
     ASSERT_TRUE(db.Delete(rocksdb::WriteOptions(), handle, it->key()).ok());
   });
+}
+
+}  // namespace
+
+void delete_first_entry(const std::filesystem::path& dir, const std::string& family) {
+  delete_entry(dir, family, false);
+}
+
+void delete_last_entry(const std::filesystem::path& dir, const std::string& family) {
+  delete_entry(dir, family, true);
 }
 
 std::unique_ptr<event_store> open_or_fail(const std::filesystem::path& dir, store_options options) {

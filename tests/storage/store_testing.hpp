@@ -45,6 +45,8 @@ void flip_stored_byte(const std::filesystem::path& dir, const std::string& famil
 void flip_byte_of_record(const std::filesystem::path& dir, std::uint64_t position, std::size_t offset);
 /// Deletes the first key of `family` (e.g. "dedup", "events"): damage only index checks can see.
 void delete_first_entry(const std::filesystem::path& dir, const std::string& family);
+/// Deletes the last key of `family` (e.g. "global": the log's last record, its indexes kept).
+void delete_last_entry(const std::filesystem::path& dir, const std::string& family);
 
 /// Bytes of table-file blocks that RocksDB read (from disk or the OS cache, before the block
 /// cache) while `work` ran on this thread.
