@@ -81,6 +81,21 @@ class domain_pass {
           "the snapshot is of version " + std::to_string(snapshot.version) + " but the log holds only " +
               std::to_string(version) + " events of the stream"})};
     }
+    // A snapshot of a stream the log holds no event of was never met by the scan: an actor of
+    // that stream would start from a state the log lacks.
+    std::optional<std::string> orphan;
+    auto listed = store_.for_each_snapshot_stream([&](std::string_view stream) {
+      if (verifier_.version_of(stream) == 0) orphan = std::string(stream);
+      return !orphan;
+    });
+    if (!listed) {
+      return unexpected{replay_problem{0, "the snapshots cannot be listed: " + listed.error().message, {}}};
+    }
+    if (orphan) {
+      return unexpected{problem_of(domain::verify_violation{
+          domain::invariant::live_state, *orphan, 0, 0,
+          "the stream has a snapshot but the log holds no event of it"})};
+    }
     auto counts = verifier_.finish();
     if (!counts) return unexpected{problem_of(counts.error())};
     report.domain_verified = true;

@@ -191,6 +191,18 @@ expected<std::optional<snapshot>, error> event_store::impl::load_snapshot(std::s
   return std::optional<snapshot>{snapshot{keys::load_be64(body), std::string(body.substr(8))}};
 }
 
+expected<void, error> event_store::impl::for_each_snapshot_stream(
+    const std::function<bool(std::string_view)>& visit) const {
+  auto lock = read_lock();
+  if (!lock) return unexpected{lock.error()};
+  std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_snapshots)));
+  for (it->SeekToFirst(); it->Valid(); it->Next()) {
+    if (!visit(it->key().ToStringView())) return {};
+  }
+  if (!it->status().ok()) return unexpected{translate(it->status(), "listing snapshots")};
+  return {};
+}
+
 expected<std::uint64_t, error> event_store::impl::read_checkpoint(database& d,
                                                                   std::string_view name) const {
   std::string value;
@@ -467,6 +479,10 @@ expected<void, error> event_store::save_snapshot(std::string_view stream, std::u
 
 expected<std::optional<snapshot>, error> event_store::load_snapshot(std::string_view stream) const {
   return impl_->load_snapshot(stream);
+}
+
+expected<void, error> event_store::for_each_snapshot_stream(const std::function<bool(std::string_view)>& visit) const {
+  return impl_->for_each_snapshot_stream(visit);
 }
 
 expected<void, error> event_store::commit_projection(std::string_view name,

@@ -273,6 +273,9 @@ class event_store {
                                                     std::string_view state);
   /// The latest snapshot of `stream`, if any. A corrupt snapshot is reported, never returned.
   [[nodiscard]] expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
+  /// Calls `visit` with the name of every stream that has a snapshot, in key order, until it
+  /// returns false (for a verifier: a snapshot of a stream the log lacks).
+  [[nodiscard]] expected<void, error> for_each_snapshot_stream(const std::function<bool(std::string_view)>& visit) const;
 
   /// Writes a projection's output and its new checkpoint in one atomic batch, only if the stored
   /// checkpoint still equals `expected_checkpoint` (so output is applied exactly once).

@@ -128,6 +128,7 @@ class event_store::impl {
   expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
                                       std::string_view state);
   expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
+  expected<void, error> for_each_snapshot_stream(const std::function<bool(std::string_view)>& visit) const;
   expected<void, error> commit_projection(std::string_view name, std::uint64_t expected_checkpoint,
                                           std::uint64_t new_checkpoint,
                                           std::span<const projection_write> writes);

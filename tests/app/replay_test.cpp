@@ -15,6 +15,7 @@
 #include "domain/ledger.hpp"
 #include "domain/user.hpp"
 #include "events/codec.hpp"
+#include "events/crc32c.hpp"
 #include "tests/app/example_store.hpp"
 #include "tests/events/event_examples.hpp"
 #include "tests/storage/store_testing.hpp"
@@ -115,6 +116,24 @@ TEST(replay_store, verify_finds_a_lost_index_entry_that_plain_replay_cannot_see)
     ASSERT_FALSE(verified);
     EXPECT_FALSE(verified.error().message.empty());
   }
+}
+
+TEST(replay_store, verify_finds_a_snapshot_of_a_stream_the_log_holds_no_event_of) {
+  temp_dir dir;
+  (void)make_example_store(dir.path(), testing::ledger_claims::none);
+  // A well-formed snapshot (version 3, its CRC32C right) of a user the log never created.
+  std::string body(8, '\0');
+  body[7] = 3;
+  body += "state";
+  const auto crc = events::crc32c(std::as_bytes(std::span(body.data(), body.size())));
+  std::string value = body;
+  for (int i = 0; i < 4; ++i) value += static_cast<char>((crc >> (8 * i)) & 0xff);
+  raw_put(dir.path(), "snapshots", "user-ghost", value);
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  auto verified = replay_store(dir.path(), true);
+  ASSERT_FALSE(verified);
+  EXPECT_EQ(verified.error().stream, "user-ghost");
+  EXPECT_NE(verified.error().message.find("holds no event of it"), std::string::npos) << verified.error().message;
 }
 
 TEST(replay_store, an_empty_store_replays_to_zero) {
