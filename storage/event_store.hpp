@@ -83,6 +83,10 @@ struct store_options {
   /// Most events accepted but not yet answered (queued, being written, or waiting for the fsync);
   /// beyond it appends fail with `overloaded`. Default: 65536.
   std::size_t append_queue_events_max = 65536;
+  /// Most bytes those appends may hold meanwhile (their payloads, stream ids and unique keys, and
+  /// a small fixed cost per append, stream, event and key); beyond it appends fail with
+  /// `overloaded`. Default: 256 MiB.
+  std::size_t append_queue_bytes_max = 256u << 20;
   /// Most events in one append call. Default: 4096.
   std::size_t append_events_max = 4096;
   /// Largest encoded payload of one event, bytes. Default: 1 MiB.

@@ -47,6 +47,7 @@ struct pending_append {
   std::vector<stream_append> request;
   event_store::append_callback done;
   std::size_t event_count = 0;
+  std::size_t queued_bytes = 0;  ///< what it counts against append_queue_bytes_max
   /// Set for a task: runs on the writer thread with the outcome of recovery (if one was needed).
   std::function<void(expected<void, error>)> task;
 };
@@ -249,6 +250,7 @@ class event_store::impl {
   std::deque<pending_append> queue_;
   std::atomic<std::size_t> queued_appends_{0};  // appends in queue_, read by the syncer
   std::size_t queued_events_ = 0;
+  std::size_t queued_bytes_ = 0;  ///< under queue_mutex_, as queued_events_
   bool stopping_ = false;
   std::thread writer_;
 

@@ -38,9 +38,26 @@ error reused_id(const events::event_id& id) {
 
 }  // namespace
 
+namespace {
+
+/// What an append holds in memory until it is answered, for append_queue_bytes_max.
+std::size_t queued_bytes_of(const std::vector<stream_append>& request) {
+  constexpr std::size_t per_append = 128, per_stream = 64, per_event = 64, per_key = 32;
+  std::size_t bytes = per_append;
+  for (const auto& s : request) {
+    bytes += per_stream + s.stream.size();
+    for (const auto& e : s.events) bytes += per_event + e.payload.size();
+    for (const auto& key : s.unique_keys) bytes += per_key + key.size();
+  }
+  return bytes;
+}
+
+}  // namespace
+
 void event_store::impl::append_async(std::vector<stream_append> request, append_callback done) {
   std::size_t count = 0;
   for (const auto& s : request) count += s.events.size();
+  const std::size_t bytes = queued_bytes_of(request);
   {
     std::unique_lock lock(queue_mutex_);
     if (stopping_ || options_.read_only) {
@@ -59,16 +76,25 @@ void event_store::impl::append_async(std::vector<stream_append> request, append_
               std::to_string(options_.append_queue_events_max))});
       return;
     }
-    if (queued_events_ + count > options_.append_queue_events_max) {
+    if (bytes > options_.append_queue_bytes_max) {
+      lock.unlock();  // can never fit: not a reason to retry
+      done(unexpected{make_error(errc::invalid_argument, "append of " + std::to_string(bytes) +
+                                                             " bytes exceeds append_queue_bytes_max " +
+                                                             std::to_string(options_.append_queue_bytes_max))});
+      return;
+    }
+    if (queued_events_ + count > options_.append_queue_events_max ||
+        queued_bytes_ + bytes > options_.append_queue_bytes_max) {
       lock.unlock();
       done(unexpected{make_error(
           errc::overloaded, "the store is full of unacknowledged appends (append_queue_events_max " +
-                                std::to_string(options_.append_queue_events_max) +
-                                " events); retry later")});
+                                std::to_string(options_.append_queue_events_max) + " events, append_queue_bytes_max " +
+                                std::to_string(options_.append_queue_bytes_max) + " bytes); retry later")});
       return;
     }
     queued_events_ += count;
-    queue_.push_back(pending_append{std::move(request), std::move(done), count, {}});
+    queued_bytes_ += bytes;
+    queue_.push_back(pending_append{std::move(request), std::move(done), count, bytes, {}});
     queued_appends_.fetch_add(1);
   }
   if (!answering) queue_cv_.notify_one();
@@ -353,13 +379,17 @@ void event_store::impl::publish(std::uint64_t position) {
 }
 
 void event_store::impl::deliver(written_group& group, const expected<void, error>& durable) {
-  std::size_t events = 0;
-  for (const auto& item : group.items) events += item.event_count;
+  std::size_t events = 0, bytes = 0;
+  for (const auto& item : group.items) {
+    events += item.event_count;
+    bytes += item.queued_bytes;
+  }
   {
-    // Appends count against append_queue_events_max until they are answered, so that a stalled
-    // disk pushes back on producers instead of piling up requests in memory.
+    // Appends count against append_queue_events_max and _bytes_max until they are answered, so
+    // that a stalled disk pushes back on producers instead of piling up requests in memory.
     std::lock_guard lock(queue_mutex_);
     queued_events_ -= events;
+    queued_bytes_ -= bytes;
   }
   for (std::size_t i = 0; i < group.items.size(); ++i) {
     auto& outcome = group.outcomes[i];

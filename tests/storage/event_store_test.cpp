@@ -596,6 +596,38 @@ TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_limit_answer_ov
   EXPECT_TRUE(store->append(one_stream("t", no_stream, 1, 10, 2)));  // room again
 }
 
+TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_bytes_answer_overloaded) {
+  // A few events may hold megabytes (payloads up to 1 MiB each, thousands of claimed keys): the
+  // queue is bounded in bytes too, not only in events.
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  store_options options = with_faults(faults);
+  options.append_queue_bytes_max = 64 * 1024;
+  auto store = open_or_fail(dir.path(), options);
+  ASSERT_TRUE(store);
+  const auto one_big = [](std::string stream, std::uint64_t tag, std::size_t bytes) {
+    return std::vector<stream_append>{{std::move(stream), no_stream, {make_event(make_id(tag, 1), std::string(bytes, 'x'))}}};
+  };
+  faults->set_sync_delay(std::chrono::milliseconds(300));  // a slow disk holds the first append
+  std::promise<expected<append_result, error>> first;
+  store->append_async(one_big("s", 1, 40'000), [&](auto r) { first.set_value(std::move(r)); });
+  auto second = store->append(one_big("t", 2, 40'000));  // 80 KB > 64 KiB
+  ASSERT_FALSE(second);
+  EXPECT_EQ(second.error().code, errc::overloaded);
+  EXPECT_NE(second.error().message.find("append_queue_bytes_max"), std::string::npos) << second.error().message;
+  auto too_big = store->append(one_big("u", 3, 70'000));  // can never fit
+  ASSERT_FALSE(too_big);
+  EXPECT_EQ(too_big.error().code, errc::invalid_argument);
+  auto many_keys = one_stream("v", no_stream, 4, 1, 1);  // one event, 8,000 keys: 8,000 x 48 bytes
+  for (int k = 0; k < 8'000; ++k) many_keys.front().unique_keys.push_back("key/" + std::string(12, 'k') + std::to_string(k));
+  auto keyed = store->append(std::move(many_keys));
+  ASSERT_FALSE(keyed);
+  EXPECT_EQ(keyed.error().code, errc::invalid_argument);
+  ASSERT_TRUE(first.get_future().get());
+  faults->set_sync_delay(std::chrono::milliseconds(0));
+  EXPECT_TRUE(store->append(one_big("t", 2, 40'000)));  // room again
+}
+
 TEST(event_store, readers_see_nothing_that_is_not_acknowledged) {
   temp_dir dir;
   auto faults = std::make_shared<fault_injector>();
