@@ -185,9 +185,10 @@ void apply_standing(self_pointer self, const std::string& provider_id, const std
 /// provider's score counts only its own faults. The job does not wait for it; its failure (the
 /// aggregate's store failed) is counted, never hidden: scheduler_counts reports it.
 void record_outcome(self_pointer self, const std::string& provider_id, const std::string& job_id,
-                    domain::job_fault fault, const domain::job_measure& measure = {}) {
+                    domain::job_fault fault, const domain::job_measure& measure = {},
+                    const std::string& requested_by = {}) {
   self->request(self->state.peers.providers, caf::infinite, provider_id,
-                domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure}})
+                domain::provider::command{domain::provider::record_job_outcome{job_id, fault, measure, requested_by}})
       .then([self, provider_id](const command_reply& r) { apply_standing(self, provider_id, r.events); },
             [self](caf::error&) { ++self->state.side_effects_failed; });
 }
@@ -397,7 +398,7 @@ void keep_unsettled(self_pointer self, const std::string& job_id, domain::record
 /// What settle does after the ledger took a group, for a group a retry got taken: the provider's
 /// score and the user's free usage, which then releases the quota hold.
 void after_retried(self_pointer self, const std::string& job_id, const scheduler_state::unsettled_group& e) {
-  if (e.completed) record_outcome(self, e.provider_id, job_id, domain::job_fault::none, e.measure);
+  if (e.completed) record_outcome(self, e.provider_id, job_id, domain::job_fault::none, e.measure, e.user_id);
   record_free_usage(self, e.user_id, job_id, e.free_tokens, e.free_tokens_held);
 }
 
@@ -455,7 +456,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
   auto after_ledger = [self, job_id, outcome, free_tokens, measure, ended, reply]() mutable {
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
-      record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure);
+      record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure, job.request.user_id);
       (void)self->state.index->record_speed(job.provider_id, job.request.model, measure.ttft_us,
                                             static_cast<std::int64_t>(domain::decode_tokens_per_second(measure)));
     }

@@ -329,8 +329,11 @@ decision decide_outcome(const provider::state& s, const provider::record_job_out
       break;
     case job_fault::none: {
       const bool too_fast = unreasonably_fast(c.measure, scoring);
-      emit_scored(out, c.job_id, points_for_success(c.measure, !too_fast, scoring), now_us);
-      unlock_job_achievements(out, now_us, scoring);
+      const bool own_owners = !c.requested_by.empty() && c.requested_by == s.owner_user_id;
+      if (!own_owners) {
+        emit_scored(out, c.job_id, points_for_success(c.measure, !too_fast, scoring), now_us);
+        unlock_job_achievements(out, now_us, scoring);
+      }
       if (too_fast) {
         record_suspicion(out, c.job_id, events::suspicion_kind::unreasonably_fast, now_us, scoring);
       }

@@ -123,6 +123,11 @@ struct provider {
     std::string job_id;
     job_fault fault = job_fault::none;
     job_measure measure;
+    /// The user whose job it was (empty: not known). A job of the provider's own owner earns no
+    /// points and counts toward no achievement: an owner sending work to their own GPU would
+    /// otherwise buy their way up the levels, and with them queue priority. Its faults and
+    /// suspicions count as any job's.
+    std::string requested_by{};
   };
   /// A heartbeat tick: unlocks `hour_of_uptime` once the current connection is long enough.
   struct check_uptime {};

@@ -521,6 +521,27 @@ TEST_F(scheduler_test, a_provider_online_after_admission_at_a_higher_price_does_
   EXPECT_EQ(job("j3").status, domain::job_status::assigned);
 }
 
+TEST_F(scheduler_test, a_job_of_the_providers_own_owner_earns_it_no_points) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("owner-p1", events::user_tier::premium, 50'000'000);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  const auto score = [&] {
+    auto provider = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+    EXPECT_TRUE(provider);
+    return provider ? provider->score : -1;
+  };
+  for (const auto& [job, user] : {std::pair{"j1", "owner-p1"}, std::pair{"j2", "alice"}}) {
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request(job, user, true)));
+    ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string(job), std::string("p1")));
+    ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{job, "p1", 100, 100, 200'000, 2'200'000, 100, 400}));
+    run();
+    if (std::string(job) == "j1") {
+      EXPECT_EQ(score(), 0) << "its owner's own job";
+    }
+  }
+  EXPECT_GT(score(), 0) << "another user's job";
+}
+
 TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
   bring_online("p1", "llama-8b", 8);
   create_user("erin", events::user_tier::free, 0);

@@ -332,6 +332,29 @@ TEST(provider, aborted_jobs_max_suspends_and_a_suspended_provider_cannot_connect
   EXPECT_TRUE(h.state.online);
 }
 
+TEST(provider, jobs_of_its_own_owner_earn_no_points_nor_achievements_and_are_still_checked) {
+  // An owner sending work to their own GPU must not buy their way up the levels (and with them
+  // queue priority); a cheat on their own jobs is still a cheat.
+  auto h = online_provider();  // owned by u1
+  h.log.clear();
+  auto own = good_job("own");
+  own.requested_by = "u1";
+  for (int i = 0; i < 12; ++i) h.ok(own, t0 + second_us);
+  EXPECT_TRUE(of_type<events::provider_scored>(h.log).empty());
+  EXPECT_TRUE(of_type<events::achievement_unlocked>(h.log).empty()) << "ten fast jobs, none of them counted";
+  EXPECT_EQ(h.state.score, 0);
+  auto made_up = own;  // 500 tokens in 0.1 s
+  made_up.measure = {100, 500, 500, 10, 100'010, 500, 2'000};
+  h.ok(made_up, t0 + second_us);
+  EXPECT_EQ(of_type<events::suspicion_recorded>(h.log).size(), 1u);
+  // Another user's job is scored as ever.
+  auto theirs = good_job("theirs");
+  theirs.requested_by = "u2";
+  h.ok(theirs, t0 + second_us);
+  EXPECT_EQ(of_type<events::provider_scored>(h.log).size(), 1u);
+  EXPECT_EQ(h.state.score, 9);
+}
+
 TEST(provider, unreasonably_fast_jobs_max_suspends_and_such_jobs_earn_no_speed_points) {
   const provider_options options;
   auto h = online_provider();
