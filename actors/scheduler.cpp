@@ -457,8 +457,11 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
     auto& job = self->state.jobs.at(job_id);
     if (outcome == domain::job_outcome::completed) {
       record_outcome(self, job.provider_id, job_id, domain::job_fault::none, measure, job.request.user_id);
+      // Its speed as the provider aggregate scores it (with the default scoring options it runs
+      // on): a burst of pieces ranks no faster than its whole attempt.
+      const auto speed = domain::credible_tokens_per_second(measure, domain::scoring_options{});
       (void)self->state.index->record_speed(job.provider_id, job.request.model, measure.ttft_us,
-                                            static_cast<std::int64_t>(domain::decode_tokens_per_second(measure)));
+                                            static_cast<std::int64_t>(speed));
     }
     // The hold is released by the record's answer, not by forget.
     record_free_usage(self, job.request.user_id, job_id, free_tokens, std::exchange(job.free_tokens_held, 0));

@@ -30,6 +30,11 @@ std::uint64_t attempt_tokens_per_second(const job_measure& measure) noexcept {
   return own_tokens_per_second(measure, measure.total_us);
 }
 
+std::uint64_t credible_tokens_per_second(const job_measure& measure, const scoring_options& options) noexcept {
+  const std::uint64_t decode = decode_tokens_per_second(measure);
+  return decode <= options.plausible_tokens_per_second_max ? decode : attempt_tokens_per_second(measure);
+}
+
 std::int32_t speed_points_for(std::uint64_t tokens_per_second,
                               const scoring_options& options) noexcept {
   for (const auto& tier : options.speed_tiers) {
@@ -42,7 +47,7 @@ job_points points_for_success(const job_measure& measure, bool plausible,
                               const scoring_options& options) noexcept {
   job_points points;
   if (plausible && measure.attempt_tokens >= options.plausibility_completion_tokens_min) {
-    points.speed_points = speed_points_for(decode_tokens_per_second(measure), options);
+    points.speed_points = speed_points_for(credible_tokens_per_second(measure, options), options);
   }
   const auto per_point = std::max<std::uint32_t>(1, options.complexity_tokens_per_point);
   points.complexity_points = static_cast<std::int32_t>(

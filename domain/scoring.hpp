@@ -122,14 +122,23 @@ struct scoring_options {
 /// maximum (1 ms at the default) per token, which is then no faster than a real GPU.
 [[nodiscard]] std::uint64_t attempt_tokens_per_second(const job_measure& measure) noexcept;
 
+/// The decode throughput as far as it is credible: decode_tokens_per_second, unless that is
+/// above plausible_tokens_per_second_max (the pieces came in a burst: held back by a busy node or
+/// agent, or by a provider making its answer look fast), then attempt_tokens_per_second. Speed
+/// points and the `fastest` ranking use it, so that a burst earns no more than the whole attempt
+/// shows.
+[[nodiscard]] std::uint64_t credible_tokens_per_second(const job_measure& measure,
+                                                       const scoring_options& options) noexcept;
+
 /// Speed points for a throughput (0 when below every tier).
 [[nodiscard]] std::int32_t speed_points_for(std::uint64_t tokens_per_second,
                                             const scoring_options& options) noexcept;
 
-/// Points of a job completed without fault, on what its provider produced itself. `plausible` is
-/// false when the job was unreasonably fast: such a job earns no speed points (suspicion is
-/// recorded separately); nor does one too short to judge (plausibility_completion_tokens_min),
-/// whose few tokens over a near-zero decode time would earn the most.
+/// Points of a job completed without fault, on what its provider produced itself, its speed by
+/// credible_tokens_per_second. `plausible` is false when the job was unreasonably fast: such a
+/// job earns no speed points (suspicion is recorded separately); nor does one too short to judge
+/// (plausibility_completion_tokens_min), whose few tokens over a near-zero decode time would earn
+/// the most.
 [[nodiscard]] job_points points_for_success(const job_measure& measure, bool plausible,
                                             const scoring_options& options) noexcept;
 

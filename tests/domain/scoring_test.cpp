@@ -205,6 +205,20 @@ TEST(scoring, a_burst_of_pieces_after_a_late_first_token_is_not_implausible) {
   EXPECT_FALSE(unreasonably_fast(measure(0, 64, 64'000, 64'050), options));
 }
 
+TEST(scoring, a_burst_earns_the_speed_points_of_its_whole_attempt_not_of_its_decode) {
+  const scoring_options options;
+  // 64 tokens held back for a second, then sent in 10 ms: not implausible over the attempt
+  // (63 tok/s), but its decode (6,400 tok/s) would earn the top tier and rank it fastest.
+  const auto held_back = measure(0, 64, 1'000'000, 1'010'000);
+  EXPECT_FALSE(unreasonably_fast(held_back, options));
+  EXPECT_EQ(credible_tokens_per_second(held_back, options), 63u);
+  EXPECT_EQ(points_for_success(held_back, true, options).speed_points, 4) << "50-99 tok/s";
+  // A decode within the plausible maximum counts as it is.
+  const auto steady = measure(0, 64, 1'000'000, 1'640'000);
+  EXPECT_EQ(credible_tokens_per_second(steady, options), 100u);
+  EXPECT_EQ(points_for_success(steady, true, options).speed_points, 5);
+}
+
 TEST(scoring, each_counter_suspends_at_its_threshold) {
   const scoring_options options;
   EXPECT_FALSE(reaches_suspension({2, 9, 4}, options));
