@@ -23,7 +23,8 @@ struct store_state {
   std::shared_ptr<storage::event_store> store;
   store_actor_options options;
   /// Appends handed to the store and not yet answered, by ticket. Bounded by the store itself:
-  /// beyond its append_queue_events_max it refuses appends with `overloaded`.
+  /// beyond its append_queue_events_max or append_queue_bytes_max it refuses appends with
+  /// `overloaded`.
   std::map<std::uint64_t, caf::typed_response_promise<storage::append_result>> pending;
   std::uint64_t next_ticket = 1;
 

@@ -1008,8 +1008,14 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   void check_drained() {
     if (!draining_ || !jobs_.empty() || !on_drained_) return;
     drain_timer_.cancel();
+    // Posted: a stop() that runs before it (a second signal) means it is never called.
     when_sent(drain_timer_, steady::now() + link_drain_wait_max,
-              [this, drained = std::exchange(on_drained_, {})] { asio::post(io_, drained); });
+              [this, drained = std::exchange(on_drained_, {})] {
+                asio::post(io_, [self = weak_from_this(), drained] {
+                  const auto agent = self.lock();
+                  if (agent && agent->phase_ != phase::stopped) drained();
+                });
+              });
   }
 
   void record_outcome(bool ok) {

@@ -593,8 +593,9 @@ class node::impl {
   std::unique_ptr<provider_links> links_;
   std::unique_ptr<admin_api> admin_;
   std::unique_ptr<provider_api> provider_api_;
-  /// server_ for its own threads' scrapes, which may run while start() sets it and stop() resets
-  /// it: the unique_ptr itself is not read there. Declared before server_, it outlives it.
+  /// server_ for its own threads' scrapes, which may run while start() sets it and the
+  /// destructor resets it: the unique_ptr itself is not read there. Declared before server_, it
+  /// outlives it.
   std::atomic<const http_server*> serving_{nullptr};
   std::unique_ptr<http_server> server_;  ///< last: destroyed first
 };

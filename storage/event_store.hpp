@@ -85,7 +85,8 @@ struct store_options {
   std::size_t append_queue_events_max = 65536;
   /// Most bytes those appends may hold meanwhile (their payloads, stream ids and unique keys, and
   /// a small fixed cost per append, stream, event and key); beyond it appends fail with
-  /// `overloaded`. Default: 256 MiB.
+  /// `overloaded`, and one larger than it alone with `invalid_argument`, also when within
+  /// append_events_max and payload_bytes_max. Default: 256 MiB.
   std::size_t append_queue_bytes_max = 256u << 20;
   /// Most events in one append call. Default: 4096.
   std::size_t append_events_max = 4096;

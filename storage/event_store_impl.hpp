@@ -200,11 +200,13 @@ class event_store::impl {
   void set_writer_staging(bool staging);
   bool wal_flushed();
   bool must_sync() const;
-  /// On the writer thread: a write of its own failed with `failure`. The log may lack what it
-  /// wrote, and RocksDB refuses any later fsync of it (Debian's build, with assertions, aborts on
-  /// one): as after a failed fsync, the appends waiting for one get the failure, no fsync runs,
-  /// and the writer reopens the store.
-  void write_failed(const error& failure);
+  /// On the writer thread, around each write of its own (an append group, a task's write): the
+  /// syncer runs no fsync while one is under way. When it failed (`failure`), the log may lack
+  /// what it wrote, and RocksDB refuses any later fsync of it (Debian's build, with assertions,
+  /// aborts on one): as after a failed fsync, the appends waiting for one get the failure, no
+  /// fsync runs, and the writer reopens the store.
+  void begin_write();
+  void end_write(const error* failure);
   bool durable(const written_group& group) const;
   void sync_wal(std::unique_lock<std::mutex>& lock);
   /// Looks up, in one read of the id index, each append's first event id (state.stored) and every
@@ -264,14 +266,15 @@ class event_store::impl {
   std::deque<written_group> sync_queue_;
   std::size_t sync_in_flight_ = 0;  // groups queued or being answered
   bool sync_stopping_ = false;
-  std::atomic<bool> sync_failed_{false};  // set by the syncer, read by the writer
+  std::atomic<bool> sync_failed_{false};  // set by the syncer (or end_write), read by the writer
+  std::size_t writes_running_ = 0;        // the writer's writes under way (see begin_write)
   std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
   // When the next fsync would be due if fsyncs went exactly one per sync_interval (syncer only).
   std::chrono::steady_clock::time_point next_sync_due_{};
   bool wal_announced_ = false;  // a group's log record was written since the last fsync began
   bool writer_staging_ = false;  // the writer took appends whose log record is not written yet
   std::uint64_t durable_wal_bytes_ = 0;  // the fsyncs so far cover wal_progress bytes up to here
-  std::optional<error> sync_error_;      // a failed fsync, until the writer has reopened the store
+  std::optional<error> sync_error_;      // a failed fsync or write, until the writer has reopened the store
   // The log is durable through this position. Written by the syncer, or by the writer while no
   // group is in flight (recovery), so the syncer may read it without the lock.
   std::uint64_t synced_ = 0;

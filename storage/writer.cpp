@@ -107,10 +107,14 @@ expected<void, error> event_store::impl::run_on_writer(const std::function<rocks
   item.task = [&](expected<void, error> ready) {
     if (!ready) return promise.set_value(std::move(ready));
     std::shared_lock lock(db_mutex_);
+    begin_write();
     const auto status = write();
-    if (status.ok()) return promise.set_value({});
+    if (status.ok()) {
+      end_write(nullptr);
+      return promise.set_value({});
+    }
     auto failure = translate(status, what);
-    write_failed(failure);
+    end_write(&failure);
     promise.set_value(unexpected{std::move(failure)});
   };
   {
@@ -265,14 +269,16 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
       write.sync = false;
       std::shared_lock lock(db_mutex_);
       announce_wal_.store(options_.mode == durability::sync);  // see wal_flushed
+      begin_write();
       const auto status = db_->db->Write(write, &state.batch);
       announce_wal_.store(false);
       if (status.ok()) {
+        end_write(nullptr);
         written = true;
         stat_written_events_.fetch_add(state.next_position - next_position_, std::memory_order_release);
       } else {
         write_failure = translate(status, "appending to the event store");
-        write_failed(*write_failure);
+        end_write(&*write_failure);
       }
     }
   }
@@ -403,12 +409,20 @@ bool event_store::impl::durable(const written_group& group) const {
   return group.durable_through <= synced_ || group.wal_bytes <= durable_wal_bytes_;
 }
 
-void event_store::impl::write_failed(const error& failure) {
-  reopen_needed_ = true;
+void event_store::impl::begin_write() {
+  std::lock_guard lock(sync_mutex_);
+  ++writes_running_;
+}
+
+void event_store::impl::end_write(const error* failure) {
+  if (failure) reopen_needed_ = true;
   {
     std::lock_guard lock(sync_mutex_);
-    if (!sync_error_) sync_error_ = failure;
-    sync_failed_.store(true);
+    --writes_running_;
+    if (failure) {
+      if (!sync_error_) sync_error_ = *failure;
+      sync_failed_.store(true);
+    }
   }
   sync_cv_.notify_all();
 }
@@ -423,7 +437,7 @@ void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
   // sync_interval. The appends written while this waits are acknowledged by this fsync too.
   if (options_.sync_interval.count() > 0) {
     const auto earliest = next_sync_due_ - options_.sync_interval * (options_.sync_burst - 1);
-    sync_cv_.wait_until(lock, earliest, [&] { return sync_stopping_; });
+    sync_cv_.wait_until(lock, earliest, [&] { return sync_stopping_ || sync_error_.has_value(); });
     next_sync_due_ = std::max(next_sync_due_, std::chrono::steady_clock::now()) + options_.sync_interval;
   }
   // Group commit: while appends that arrived before now are queued or being staged, wait for
@@ -433,8 +447,10 @@ void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
   sync_cv_.wait_until(lock, deadline, [&] {
     return sync_stopping_ || (!writer_staging_ && queued_appends_.load() == 0);
   });
+  // A write under way may yet fail, after which RocksDB refuses an fsync of its log: wait for it.
+  sync_cv_.wait(lock, [&] { return sync_stopping_ || writes_running_ == 0; });
   wal_announced_ = false;
-  if (sync_error_) return;  // a write failed meanwhile: no fsync of that log (see write_failed)
+  if (sync_error_) return;  // a write failed meanwhile: no fsync of that log (see end_write)
   const std::uint64_t covered = wal_progress_->bytes.load();  // all handed over before the fsync
   lock.unlock();
   rocksdb::Status status;

@@ -526,6 +526,15 @@ class agent_runner {
   void drain(std::function<void()> drained) {
     on_io([&] { agent_->drain(std::move(drained)); });
   }
+  /// provider_agent::drain and, in the same handler, stop (a second signal at once); then runs
+  /// what they posted.
+  void drain_and_stop(std::function<void()> drained) {
+    on_io([&] {
+      agent_->drain(std::move(drained));
+      agent_->stop();
+    });
+    on_io([] {});
+  }
   /// provider_agent::stop; then runs what it posted to the io thread (which runs in order).
   void stop() {
     on_io([this] { agent_->stop(); });
@@ -975,6 +984,19 @@ TEST(provider_agent, a_stop_during_a_drain_never_calls_drained) {
   agent.stop();
   EXPECT_FALSE(drained) << "the stop ended the running answer, and with it the drain";
   EXPECT_TRUE(upstream.wait_stat("cancelled", 1)) << "the running answer was cut off";
+}
+
+TEST(provider_agent, a_stop_right_after_a_drain_that_ended_at_once_never_calls_drained) {
+  // Nothing to wait for (no job, no link yet): the drain's end is posted, and the stop comes first.
+  upstream_process upstream({"--models", "m1"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  std::atomic<bool> drained{false};
+  agent.drain_and_stop([&] { drained = true; });
+  EXPECT_FALSE(drained);
 }
 
 TEST(provider_agent, a_request_the_backend_refuses_is_reported_as_rejected_not_as_a_fault) {

@@ -359,6 +359,7 @@ TEST(event_store, a_write_failing_while_an_append_waits_for_its_fsync_fails_that
   ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 1)));
   std::promise<expected<append_result, error>> waiting;
   store->append_async(one_stream("t", no_stream, 1, 2, 1), [&](auto r) { waiting.set_value(std::move(r)); });
+  const auto syncs_before = store->stats().syncs;
   faults->set_fail_log_syncs(true);
   const auto snapshot = store->save_snapshot("s", 1, "state");  // a synced write of its own
   faults->set_fail_log_syncs(false);
@@ -367,9 +368,9 @@ TEST(event_store, a_write_failing_while_an_append_waits_for_its_fsync_fails_that
   auto answer = waiting.get_future();
   ASSERT_EQ(answer.wait_for(10s), std::future_status::ready);
   const auto waited = answer.get();
-  if (!waited) {
-    EXPECT_EQ(waited.error().code, errc::io_error) << waited.error().message;
-  }
+  ASSERT_FALSE(waited) << "acknowledged without an fsync of its log";
+  EXPECT_EQ(waited.error().code, errc::io_error) << waited.error().message;
+  EXPECT_EQ(store->stats().syncs, syncs_before) << "no fsync of the log after its failed write";
   // The store reopens and takes appends again.
   const auto after = store->append(one_stream("u", no_stream, 1, 3, 1));
   ASSERT_TRUE(after) << after.error().message;
