@@ -1474,6 +1474,16 @@ class arming_store_scheduler_test : public scheduler_test {
     ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
   }
 
+  /// Lets the retry ticks offer the unsettled bills to the ledger again: after a second, then two.
+  void retry_settlements() {
+    std::int64_t wait_s = 1;
+    for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
+      *clock_.now_us += wait_s * 1'000'000;
+      sched_.clock().advance_time(std::chrono::seconds(wait_s));
+      run();
+    }
+  }
+
   // Static: the base class opens the store before this class's members exist.
   static inline std::shared_ptr<storage::fault_injector> faults_;
   static inline std::atomic<bool> fail_after_next_sync_{false};
@@ -1509,12 +1519,7 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   // A tick a second later offers the group again, and the store takes it. (The ledger started
   // again may first meet the failed append's record, if it read the log before the store reopened:
   // that try fails too, and the next one, after twice the wait, is taken.)
-  std::int64_t wait_s = 1;
-  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
-    *clock_.now_us += wait_s * 1'000'000;
-    sched_.clock().advance_time(std::chrono::seconds(wait_s));
-    run();
-  }
+  retry_settlements();
   EXPECT_EQ(counts().settlements_retrying, 0u);
   EXPECT_EQ(balance("user-alice"), 2'600 - 1'010);  // 1000 prompt + 10 answer tokens
   EXPECT_EQ(succeeded(), 1u) << "the provider is scored once its bill is in";
@@ -1550,12 +1555,7 @@ TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tok
     return user ? user->free_tokens_today : -1;
   };
   EXPECT_EQ(free_today(), 0) << "recorded once the bill is in";
-  std::int64_t wait_s = 1;
-  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
-    *clock_.now_us += wait_s * 1'000'000;
-    sched_.clock().advance_time(std::chrono::seconds(wait_s));
-    run();
-  }
+  retry_settlements();
   ASSERT_EQ(counts().settlements_retrying, 0u);
   EXPECT_EQ(free_today(), 1'010) << "the prompt and the answer's tokens, as a settled free job counts them";
 }
@@ -1579,12 +1579,7 @@ TEST_F(arming_store_scheduler_test, a_free_bill_being_retried_keeps_its_quota_ho
   for (int i = 2; i < 7; ++i) {
     ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j" + std::to_string(i), events::cancelled_by::client, 0}));
   }
-  std::int64_t wait_s = 1;
-  for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
-    *clock_.now_us += wait_s * 1'000'000;
-    sched_.clock().advance_time(std::chrono::seconds(wait_s));
-    run();
-  }
+  retry_settlements();
   ASSERT_EQ(counts().settlements_retrying, 0u);
   // Recorded, the 1,010 used replace the hold: 10,000 - 1,010 leaves room for five jobs again.
   EXPECT_EQ(admit(8, 14), 5) << "j1's hold outlived its recorded usage";
