@@ -55,17 +55,27 @@ class counted_reply final : public http_reply {
   }
   void write(std::string data) override { inner_->write(std::move(data)); }
   void finish() override { inner_->finish(); }
-  void on_close(std::function<void()> callback) override { inner_->on_close(std::move(callback)); }
+  void on_close(std::function<void()> callback) override {
+    // A client that leaves before its answer started is counted once, as 499 (nginx's "client
+    // closed request"): a slow answer's clients giving up must show in the requests metric.
+    inner_->on_close([counted = counted_, &requests = requests_, endpoint = endpoint_, callback = std::move(callback)] {
+      if (!counted->exchange(true)) requests.with({endpoint, "499"}).increment();
+      if (callback) callback();
+    });
+  }
 
  private:
   void count(unsigned status) {
-    const auto code = std::to_string(status);
-    requests_.with({endpoint_, code}).increment();
+    if (counted_->exchange(true)) return;
+    requests_.with({endpoint_, std::to_string(status)}).increment();
   }
   std::shared_ptr<http_reply> inner_;
   counter_family& requests_;
   std::string endpoint_;
   http_headers extra_;
+  /// Counted already (its answer began, or its client left): shared with the close callback,
+  /// which may run on another thread and after this reply is gone.
+  std::shared_ptr<std::atomic<bool>> counted_ = std::make_shared<std::atomic<bool>>(false);
 };
 
 }  // namespace

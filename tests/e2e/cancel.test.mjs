@@ -110,3 +110,24 @@ scenario('a client abort cancels the upstream request at once and bills the toke
   assert.equal(changes[`provider-${provider.id}`], price_total - fee_total);
   assert.equal(changes.platform, fee_total);
 });
+
+scenario('a client that leaves before its whole answer is counted in the requests metric as 499', async (world) => {
+  const { server, upstream, model } = await one_provider_world(world, {
+    upstream_options: { tokens: tokens_total, token_interval_us },
+  });
+  const user = await server.create_user('premium', 10_000_000);
+  const abort = new AbortController();
+  const body = { model, messages: [{ role: 'user', content: 'Count slowly.' }] };  // not streamed
+  const answer = server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body, signal: abort.signal });
+  await wait_for('the answer under way at the upstream', async () => (await upstream.stats()).active === 1);
+  abort.abort();
+  await assert.rejects(answer, { name: 'AbortError' });
+  const counted = /^gpustream_http_requests_total\{endpoint="\/v1\/chat\/completions",status="499"\} 1$/m;
+  const metrics = await wait_for('the request counted as 499', async () => {
+    const text = await (await fetch(`${server.base_url}/metrics`)).text();
+    return counted.test(text) ? text : null;
+  });
+  assert.doesNotMatch(metrics, /^gpustream_http_requests_total\{endpoint="\/v1\/chat\/completions",status="200"\}/m,
+    'its answer never started');
+  await wait_for('the upstream request cancelled', async () => (await upstream.stats()).cancelled === 1);
+});
