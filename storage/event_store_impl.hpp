@@ -268,6 +268,7 @@ class event_store::impl {
   bool sync_stopping_ = false;
   std::atomic<bool> sync_failed_{false};  // set by the syncer (or end_write), read by the writer
   std::size_t writes_running_ = 0;        // the writer's writes under way (see begin_write)
+  bool sync_waits_for_writes_ = false;    // the syncer waits for writes_running_ to reach 0
   std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
   // When the next fsync would be due if fsyncs went exactly one per sync_interval (syncer only).
   std::chrono::steady_clock::time_point next_sync_due_{};

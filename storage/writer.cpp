@@ -416,6 +416,7 @@ void event_store::impl::begin_write() {
 
 void event_store::impl::end_write(const error* failure) {
   if (failure) reopen_needed_ = true;
+  bool wake = failure != nullptr;
   {
     std::lock_guard lock(sync_mutex_);
     --writes_running_;
@@ -423,8 +424,11 @@ void event_store::impl::end_write(const error* failure) {
       if (!sync_error_) sync_error_ = *failure;
       sync_failed_.store(true);
     }
+    // Only a syncer waiting for this write is woken: a wake-up per write would cost the syncer a
+    // context switch per append group for nothing.
+    wake = wake || (writes_running_ == 0 && sync_waits_for_writes_);
   }
-  sync_cv_.notify_all();
+  if (wake) sync_cv_.notify_all();
 }
 
 bool event_store::impl::must_sync() const {
@@ -448,7 +452,9 @@ void event_store::impl::sync_wal(std::unique_lock<std::mutex>& lock) {
     return sync_stopping_ || (!writer_staging_ && queued_appends_.load() == 0);
   });
   // A write under way may yet fail, after which RocksDB refuses an fsync of its log: wait for it.
+  sync_waits_for_writes_ = true;
   sync_cv_.wait(lock, [&] { return sync_stopping_ || writes_running_ == 0; });
+  sync_waits_for_writes_ = false;
   wal_announced_ = false;
   if (sync_error_) return;  // a write failed meanwhile: no fsync of that log (see end_write)
   const std::uint64_t covered = wal_progress_->bytes.load();  // all handed over before the fsync
