@@ -1474,6 +1474,16 @@ class arming_store_scheduler_test : public scheduler_test {
     ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
   }
 
+  /// j1 ends (1,000 prompt and 10 answer tokens): its end is recorded, its ledger group's fsync
+  /// fails, and the bill waits for a retry.
+  void end_j1_leaving_its_bill_unsettled() {
+    fail_after_next_sync_ = true;
+    auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+    faults_->set_fail_sync(false);
+    ASSERT_FALSE(ended);
+    ASSERT_EQ(counts().settlements_retrying, 1u);
+  }
+
   /// Lets the retry ticks offer the unsettled bills to the ledger again: after a second, then two.
   void retry_settlements() {
     std::int64_t wait_s = 1;
@@ -1544,11 +1554,7 @@ TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_r
 
 TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tokens_against_the_quota) {
   ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("bob", events::user_tier::free, 0));
-  fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
-  faults_->set_fail_sync(false);
-  ASSERT_FALSE(ended);
-  ASSERT_EQ(counts().settlements_retrying, 1u);
+  ASSERT_NO_FATAL_FAILURE(end_j1_leaving_its_bill_unsettled());
   const auto free_today = [&] {
     auto user = ask<domain::user_state>(rt_.users, std::string("bob"), state_atom::value);
     EXPECT_TRUE(user);
@@ -1563,11 +1569,7 @@ TEST_F(arming_store_scheduler_test, a_free_bill_taken_on_a_retry_records_the_tok
 TEST_F(arming_store_scheduler_test, a_free_bill_being_retried_keeps_its_quota_hold_until_the_usage_is_recorded) {
   // Each free job holds 1,500 tokens (1,000 prompt + 500 max_tokens) of the day's 10,000.
   ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("bob", events::user_tier::free, 0));
-  fail_after_next_sync_ = true;  // the job's end is durable; the ledger group's fsync fails
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
-  faults_->set_fail_sync(false);
-  ASSERT_FALSE(ended);
-  ASSERT_EQ(counts().settlements_retrying, 1u);
+  ASSERT_NO_FATAL_FAILURE(end_j1_leaving_its_bill_unsettled());
   // While j1's bill waits, its 1,500 stay held: five more jobs fit beside it, a sixth does not.
   const auto admit = [&](int from, int to) {
     for (int i = from; i < to; ++i) {

@@ -591,6 +591,24 @@ std::string chat_request(const std::string& model) {
       {"stream_options", json::object{{"include_usage", true}}}});
 }
 
+/// Waits for the agent's hello, welcomes it (heartbeats every second), offers it job-1 (a chat on
+/// m1) and waits for the answer's first delta; false when one of them does not come.
+bool welcome_and_stream_job_1(fake_coordinator& coordinator) {
+  if (!coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; })) return false;
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                               .request_json = chat_request("m1"), .attempt = 1});
+  return coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; });
+}
+
+/// Waits for a heartbeat that says the agent drains; false when none comes.
+bool wait_draining_heartbeat(fake_coordinator& coordinator) {
+  return coordinator.wait_until([&] {
+    const auto beats = coordinator.all_locked<link::heartbeat>();
+    return std::any_of(beats.begin(), beats.end(), [](const link::heartbeat& h) { return h.draining; });
+  });
+}
+
 // --- the agent end to end -----------------------------------------------------------------------
 
 /// The max_concurrency an agent with a flag of 4 says hello with after probing a test upstream
@@ -928,19 +946,12 @@ TEST(provider_agent, a_drain_declines_new_offers_and_lets_running_answers_finish
     options.probe = false;
     options.stop_drain_max = c.drain_max;
     agent_runner agent(options);
-    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-    coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
-    coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
-                                 .request_json = chat_request("m1"), .attempt = 1});
-    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
+    ASSERT_TRUE(welcome_and_stream_job_1(coordinator));
     std::promise<void> drained;
     agent.drain_then_stop([&] { drained.set_value(); });
     // The coordinator is told at once, before the next heartbeat is due, so that it sends no
     // offer meanwhile.
-    ASSERT_TRUE(coordinator.wait_until([&] {
-      const auto beats = coordinator.all_locked<link::heartbeat>();
-      return std::any_of(beats.begin(), beats.end(), [](const link::heartbeat& h) { return h.draining; });
-    }));
+    ASSERT_TRUE(wait_draining_heartbeat(coordinator));
     coordinator.send(link::offer{.job_id = "job-2", .kind = link::job_kind::chat,
                                  .request_json = chat_request("m1"), .attempt = 1});
     ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
@@ -970,17 +981,10 @@ TEST(provider_agent, a_stop_during_a_drain_never_calls_drained) {
   auto options = agent_options(coordinator, upstream);
   options.probe = false;
   agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
-  coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
-                               .request_json = chat_request("m1"), .attempt = 1});
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
+  ASSERT_TRUE(welcome_and_stream_job_1(coordinator));
   std::atomic<bool> drained{false};
   agent.drain([&] { drained = true; });
-  ASSERT_TRUE(coordinator.wait_until([&] {
-    const auto beats = coordinator.all_locked<link::heartbeat>();
-    return std::any_of(beats.begin(), beats.end(), [](const link::heartbeat& h) { return h.draining; });
-  }));
+  ASSERT_TRUE(wait_draining_heartbeat(coordinator));
   agent.stop();
   EXPECT_FALSE(drained) << "the stop ended the running answer, and with it the drain";
   EXPECT_TRUE(upstream.wait_stat("cancelled", 1)) << "the running answer was cut off";

@@ -386,6 +386,20 @@ std::string answered_body(recorded_reply& reply) {
 }
 
 /// A free-tier job that provider p1 finished; its result waits for its ad's impression.
+/// What the relay told its metrics observer: the jobs ended, by status, and the completion tokens
+/// their clients got. Its options() observe into it, so it must outlive the relay.
+struct metrics_seen {
+  std::vector<domain::job_status> statuses;
+  std::uint32_t tokens = 0;
+
+  relay_options options() {
+    relay_options out;
+    out.observer.job_ended = [this](domain::job_status status) { statuses.push_back(status); };
+    out.observer.completion_tokens = [this](std::uint32_t count) { tokens += count; };
+    return out;
+  }
+};
+
 void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
                              std::uint32_t prompt_tokens_reported = 0) {
   world.relay.provider_online({"p1", {}});
@@ -491,19 +505,17 @@ TEST(relay, an_ad_whose_impression_could_not_be_recorded_gives_its_reservation_b
 
 TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the_result_completes_the_job) {
   held_ads ads;
-  std::vector<domain::job_status> counted;  // the metrics' jobs ended, by status
-  relay_options options;
-  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
-  relay_world world(&ads, options);
+  metrics_seen seen;
+  relay_world world(&ads, seen.options());
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   reply->close();  // while the answer's ad is being recorded
-  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
+  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
   ASSERT_TRUE(ads.finish_served());
   ASSERT_TRUE(world.log->wait_for("result j1", 10s));
   world.relay.link_lost("p1");  // a flush: the result's answer, if any, comes before its notice
   ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
-  EXPECT_EQ(counted.size(), 1u) << "counted once";
+  EXPECT_EQ(seen.statuses.size(), 1u) << "counted once";
   const auto events = world.log->events();
   EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
             events.end())
@@ -511,20 +523,16 @@ TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the
 }
 
 TEST(relay, a_client_leaving_mid_stream_counts_the_tokens_it_got_and_a_cancelled_job) {
-  std::vector<domain::job_status> counted;
-  std::uint32_t tokens_counted = 0;
-  relay_options options;
-  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
-  options.observer.completion_tokens = [&](std::uint32_t tokens) { tokens_counted += tokens; };
-  relay_world world(nullptr, options);
+  metrics_seen seen;
+  relay_world world(nullptr, seen.options());
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
   for (const char* piece : {"one", " two", " three"}) world.relay.delta("p1", link::delta{"j1", piece});
   reply->close();
   ASSERT_TRUE(world.log->wait_for("cancel j1 3", 10s)) << testing::PrintToString(world.log->events());
-  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::cancelled});
-  EXPECT_EQ(tokens_counted, 3u);
+  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(seen.tokens, 3u);
 }
 
 TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
@@ -544,12 +552,8 @@ TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_
 }
 
 TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_tokens_and_refuses_new_jobs) {
-  std::vector<domain::job_status> counted;  // the metrics' jobs ended, by status
-  std::uint32_t tokens_counted = 0;         // and their completion tokens sent
-  relay_options options;
-  options.observer.job_ended = [&](domain::job_status status) { counted.push_back(status); };
-  options.observer.completion_tokens = [&](std::uint32_t tokens) { tokens_counted += tokens; };
-  relay_world world(nullptr, options);
+  metrics_seen seen;
+  relay_world world(nullptr, seen.options());
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
@@ -568,8 +572,8 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(body.find("\"usage\""), std::string::npos) << "the usage billed: " << body;
   EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
   EXPECT_EQ(body.find("late"), std::string::npos) << body;
-  EXPECT_EQ(counted, std::vector<domain::job_status>{domain::job_status::cancelled});
-  EXPECT_EQ(tokens_counted, 2u) << "the tokens the client got count in the metrics";
+  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(seen.tokens, 2u) << "the tokens the client got count in the metrics";
   const auto events = world.log->events();
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
   // No new job while the node stops.
