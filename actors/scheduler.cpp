@@ -558,7 +558,8 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .price_cap_is_platforms = price_cap_is_platforms,
                                                     .context_tokens_min = window_of(job),
                                                     .prompt_tokens = job.request.prompt_tokens,
-                                                    .max_tokens = job.request.max_tokens - job.tokens_so_far},
+                                                    .max_tokens = job.request.max_tokens - job.tokens_so_far,
+                                                    .owner_excluded = job.request.premium ? "" : job.request.user_id},
                                  *self->state.index, now);
 }
 

@@ -95,17 +95,23 @@ job_queue::group_key job_queue::group_of(const queued_job& job) {
   const std::int64_t price_max = job.price_max_micros_per_mtok.value_or(-1);
   std::string avoided = job.avoided_strictly ? job.avoided_provider_id : std::string();
   if (!job.cost_max_micros) {
-    return {job.model, job.quality, -1, price_max, 0, 0, job.context_tokens_min, std::move(avoided)};
+    return {job.model, job.quality, -1, price_max, 0, 0, job.context_tokens_min, std::move(avoided),
+            job.owner_excluded};
   }
   return {job.model,         job.quality,    *job.cost_max_micros,     price_max,
-          job.prompt_tokens, job.max_tokens, job.context_tokens_min, std::move(avoided)};
+          job.prompt_tokens, job.max_tokens, job.context_tokens_min, std::move(avoided),
+          job.owner_excluded};
 }
 
-offer_filter job_queue::affordable(const queued_job& job) const {
-  if (!job.cost_max_micros && !job.price_max_micros_per_mtok && job.context_tokens_min == 0) return {};
+candidate_filter job_queue::admits(const queued_job& job) const {
+  if (!job.cost_max_micros && !job.price_max_micros_per_mtok && job.context_tokens_min == 0 &&
+      job.owner_excluded.empty()) {
+    return {};
+  }
   return [this, cost_max = job.cost_max_micros, price_max = job.price_max_micros_per_mtok, quality = job.quality,
-          prompt = job.prompt_tokens, max_tokens = job.max_tokens,
-          window = job.context_tokens_min](const online_offer& offer) {
+          prompt = job.prompt_tokens, max_tokens = job.max_tokens, window = job.context_tokens_min,
+          owner_excluded = job.owner_excluded](const online_provider& provider, const online_offer& offer) {
+    if (!owner_excluded.empty() && provider.owner_user_id == owner_excluded) return false;
     if (offer.context_length_tokens != 0 && offer.context_length_tokens < window) return false;
     if (price_max && (offer.input_price_micros_per_mtok > *price_max || offer.output_price_micros_per_mtok > *price_max)) {
       return false;
@@ -131,7 +137,18 @@ expected<void, error> job_queue::push(queued_job job, const selection_index& ind
   if (by_id_.contains(job.job_id)) {
     return refuse(errc::already_exists, "job " + job.job_id + " is already queued");
   }
-  if (!index.can_serve(job.model, job.quality, {}, affordable(job))) {
+  if (!index.can_serve(job.model, job.quality, {}, admits(job))) {
+    if (!job.owner_excluded.empty()) {
+      auto anyones = job;
+      anyones.owner_excluded.clear();
+      if (index.can_serve(job.model, job.quality, {}, admits(anyones))) {
+        return refuse(errc::no_provider,
+                      "the only online providers that could serve job " + job.job_id + " (model " + job.model +
+                          ") are owned by its user " + job.owner_excluded +
+                          ", and the free tier does not pay a user's own GPU; use a premium key, or try "
+                          "another model");
+      }
+    }
     return refuse(errc::no_provider, unservable_message(job, index.options()));
   }
   if (jobs_.size() >= options_.jobs_queued_max && !job.returning) {
@@ -189,14 +206,14 @@ std::vector<assignment> job_queue::pop_assignable(selection_index& index, const 
     const auto& waiting = job->second;
     if (full.contains({waiting.model, waiting.quality})) continue;
     const std::uint64_t draw = mix(how.random_seed, draws++);
-    const auto within_cap = affordable(waiting);
+    const auto admitted = admits(waiting);
     auto chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
-                                waiting.preferred_provider_id, waiting.avoided_provider_id, within_cap});
+                                waiting.preferred_provider_id, waiting.avoided_provider_id, admitted});
     if (!chosen && !waiting.avoided_provider_id.empty() &&
         (!waiting.avoided_strictly ||
-         !index.may_take_work(waiting.model, waiting.quality, waiting.avoided_provider_id, within_cap))) {
+         !index.may_take_work(waiting.model, waiting.quality, waiting.avoided_provider_id, admitted))) {
       chosen = index.select({waiting.model, waiting.quality, how.policy, draw,
-                             waiting.preferred_provider_id, {}, within_cap});
+                             waiting.preferred_provider_id, {}, admitted});
     }
     // No candidate for the group's best job is none for the whole group: it waits for the
     // next pass, and the other groups go on.
@@ -232,7 +249,7 @@ std::vector<queued_job> job_queue::take_unservable(const selection_index& index)
   for (const auto& [key, members] : groups_) {
     // Every job of a group has the same candidates: its first one speaks for all.
     const auto& first = jobs_.at(*members.begin());
-    if (index.can_serve(std::get<0>(key), std::get<1>(key), {}, affordable(first))) continue;
+    if (index.can_serve(std::get<0>(key), std::get<1>(key), {}, admits(first))) continue;
     orders.insert(orders.end(), members.begin(), members.end());
   }
   std::sort(orders.begin(), orders.end());

@@ -72,6 +72,10 @@ struct queued_job {
   std::uint32_t context_tokens_min = 0;
   std::uint32_t prompt_tokens = 0;  ///< with a cap: what it quotes
   std::uint32_t max_tokens = 0;     ///< with a cap: what it quotes
+  /// A free job's user: no provider this user owns takes it, since the platform's subsidy would
+  /// pay the user's own GPU for the user's own work. Empty (a premium job, which its user pays
+  /// for): any owner's.
+  std::string owner_excluded{};
 
   bool operator==(const queued_job&) const = default;
 };
@@ -146,14 +150,14 @@ class job_queue {
   /// (service_at_us, arrival number): the queue's order; the arrival number breaks ties.
   using order_key = std::pair<std::int64_t, std::uint64_t>;
   /// (model, quality, cost_max_micros, price_max_micros_per_mtok, prompt_tokens, max_tokens,
-  /// context_tokens_min, the provider avoided strictly); -1 for a cap not set, the tokens 0
-  /// without a cost cap, and the provider empty unless avoided_strictly.
+  /// context_tokens_min, the provider avoided strictly, owner_excluded); -1 for a cap not set, the
+  /// tokens 0 without a cost cap, and the provider empty unless avoided_strictly.
   using group_key = std::tuple<std::string, events::quality_tier, std::int64_t, std::int64_t, std::uint32_t,
-                               std::uint32_t, std::uint32_t, std::string>;
+                               std::uint32_t, std::uint32_t, std::string, std::string>;
 
   [[nodiscard]] static group_key group_of(const queued_job& job);
-  /// The offers a job's caps and window admit; empty for a job without either.
-  [[nodiscard]] offer_filter affordable(const queued_job& job) const;
+  /// The candidates a job's caps, window and owner_excluded admit; empty for a job without any.
+  [[nodiscard]] candidate_filter admits(const queued_job& job) const;
 
   void erase(std::map<order_key, queued_job>::iterator it);
 

@@ -71,7 +71,8 @@ std::optional<selection_policy> selection_policy_from(std::string_view name) noe
 
 provider_listing listing_for(const provider::state& state, std::int64_t now_us) {
   provider_listing listing{state.provider_id, state.level, state.score,
-                           is_suspended(state, now_us), {}, state.suspended_until_at_us};
+                           is_suspended(state, now_us), {}, state.suspended_until_at_us,
+                           state.owner_user_id};
   for (const auto& offer : state.offers) {
     listing.offers.push_back({offer.model_name, offer.input_price_micros_per_mtok,
                               offer.output_price_micros_per_mtok, offer.max_concurrency,
@@ -275,6 +276,7 @@ expected<void, error> selection_index::list(const provider_listing& listing, boo
   p.level = listing.level;
   p.score = listing.score;
   p.suspended = listing.suspended;
+  p.owner_user_id = listing.owner_user_id;
   if (!same_link) {
     p.unreachable = false;  // listed by a link
     p.declined = false;     // a new link's hello says what it has
@@ -380,10 +382,10 @@ bool selection_index::record_speed(std::string_view provider_id, std::string_vie
 
 bool selection_index::fits(const entry& e, const selection_request& request) {
   if (e.provider.provider_id == request.excluded_provider_id) return false;
-  if (!request.affordable) return true;
+  if (!request.admits) return true;
   const auto offer = std::find_if(e.provider.offers.begin(), e.provider.offers.end(),
                                   [&](const online_offer& o) { return o.model_name == request.model; });
-  return offer != e.provider.offers.end() && request.affordable(*offer);
+  return offer != e.provider.offers.end() && request.admits(e.provider, *offer);
 }
 
 const selection_index::entry* selection_index::best_in(const model_bucket& bucket,
@@ -393,7 +395,7 @@ const selection_index::entry* selection_index::best_in(const model_bucket& bucke
   const rank_key* best = nullptr;
   for (std::size_t level = level_min; level < level_count; ++level) {
     // The front of each level's set, stepping over the excluded provider (at most once) and,
-    // for a job with a price cap, over the offers above it.
+    // for a job with a filter (a price cap, a window, an owner left out), over those it refuses.
     for (const auto& key : bucket.levels[level].*set) {
       if (!fits(*key.who, request)) continue;
       if (best == nullptr || key < *best) best = &key;
@@ -428,9 +430,9 @@ const selection_index::entry* selection_index::draw_two(const model_bucket& buck
   if (second >= first) ++second;
   const entry* a = at(first);
   const entry* b = at(second);
-  // Neither drawn may take the job (a price cap): the cheapest that may, if any.
+  // Neither drawn may take the job (its filter refuses both): the cheapest that may, if any.
   if (excluded(a) && excluded(b)) {
-    return request.affordable ? best_in(bucket, level_min, &level_group::cheap, request) : nullptr;
+    return request.admits ? best_in(bucket, level_min, &level_group::cheap, request) : nullptr;
   }
   if (excluded(a)) return b;
   if (excluded(b)) return a;
@@ -505,18 +507,18 @@ bool selection_index::can_serve(std::string_view model, events::quality_tier qua
 }
 
 bool selection_index::can_serve(std::string_view model, events::quality_tier quality,
-                                std::string_view excluded_provider_id, const offer_filter& affordable) const {
-  if (!affordable) return can_serve(model, quality, excluded_provider_id);
-  return any_fits(model, quality, excluded_provider_id, affordable, false);
+                                std::string_view excluded_provider_id, const candidate_filter& admits) const {
+  if (!admits) return can_serve(model, quality, excluded_provider_id);
+  return any_fits(model, quality, excluded_provider_id, admits, false);
 }
 
 bool selection_index::may_take_work(std::string_view model, events::quality_tier quality,
-                                    std::string_view excluded_provider_id, const offer_filter& affordable) const {
-  return any_fits(model, quality, excluded_provider_id, affordable, true);
+                                    std::string_view excluded_provider_id, const candidate_filter& admits) const {
+  return any_fits(model, quality, excluded_provider_id, admits, true);
 }
 
 bool selection_index::any_fits(std::string_view model, events::quality_tier quality,
-                               std::string_view excluded_provider_id, const offer_filter& affordable,
+                               std::string_view excluded_provider_id, const candidate_filter& admits,
                                bool taking_work_only) const {
   const auto level_min = level_min_for(quality, options_);
   const auto bucket = models_.find(model);
@@ -527,7 +529,7 @@ bool selection_index::any_fits(std::string_view model, events::quality_tier qual
                                   .random_draw = 0,
                                   .preferred_provider_id = {},
                                   .excluded_provider_id = excluded_provider_id,
-                                  .affordable = affordable};
+                                  .admits = admits};
   // The model's providers only, stopping at the first that fits (most do).
   for (std::size_t level = *level_min; level < level_count; ++level) {
     const auto& candidates = bucket->second.levels[level].unsuspended;

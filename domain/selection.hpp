@@ -71,6 +71,8 @@ struct provider_listing {
   std::vector<listed_offer> offers;
   /// When its latest suspension ends (0: never suspended), so that whoever lists it can lift it.
   std::int64_t suspended_until_at_us = 0;
+  /// The user who registered it (its GPU's owner).
+  std::string owner_user_id{};
 };
 
 /// The listing of a provider's current state at `now_us` (suspended counts at that instant).
@@ -115,10 +117,12 @@ struct selection_options {
 
 /// One offer of an online provider, with its measured speed.
 struct online_offer;
+struct online_provider;
 
-/// Whether a candidate's offer of the requested model is within what the job may cost (its price
-/// cap, see job_queue); empty: every offer is.
-using offer_filter = std::function<bool(const online_offer&)>;
+/// Whether a candidate may take the job, given the candidate and its offer of the requested model:
+/// the offer within what the job may cost (its price cap) and its window, the provider not one the
+/// job's free user owns (see job_queue); empty: every candidate may.
+using candidate_filter = std::function<bool(const online_provider&, const online_offer&)>;
 
 struct selection_request {
   std::string_view model;
@@ -127,7 +131,7 @@ struct selection_request {
   std::uint64_t random_draw = 0;           ///< power_of_two only: a uniformly random value
   std::string_view preferred_provider_id;  ///< sticky session; empty for none
   std::string_view excluded_provider_id;   ///< never chosen (a provider the job failed on)
-  offer_filter affordable{};               ///< only offers it accepts are chosen
+  candidate_filter admits{};               ///< only candidates it accepts are chosen
 };
 
 /// One offer of an online provider, with its measured speed.
@@ -145,6 +149,7 @@ struct online_offer {
 /// One online provider as the index sees it.
 struct online_provider {
   std::string provider_id;
+  std::string owner_user_id;  ///< as provider_listing's
   events::provider_level level = events::provider_level::bronze;
   std::int64_t score = 0;
   bool suspended = false;
@@ -232,14 +237,14 @@ class selection_index {
   /// false a job for it would wait for nothing and must be rejected.
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
                                std::string_view excluded_provider_id = {}) const;
-  /// The same, counting only providers whose offer `affordable` accepts (a scan of the model's
+  /// The same, counting only providers that `admits` accepts (a scan of the model's
   /// providers up to the first that fits; an empty filter counts as the plain can_serve).
   [[nodiscard]] bool can_serve(std::string_view model, events::quality_tier quality,
-                               std::string_view excluded_provider_id, const offer_filter& affordable) const;
+                               std::string_view excluded_provider_id, const candidate_filter& admits) const;
   /// The same, leaving out providers that will take no new work on this link: draining ones and
   /// those whose link is lost (a full or declining one may take work later).
   [[nodiscard]] bool may_take_work(std::string_view model, events::quality_tier quality,
-                                   std::string_view excluded_provider_id, const offer_filter& affordable) const;
+                                   std::string_view excluded_provider_id, const candidate_filter& admits) const;
 
   [[nodiscard]] const online_provider* find(std::string_view provider_id) const;
   /// Ids of every listed provider, in id order.
@@ -250,7 +255,7 @@ class selection_index {
  private:
   struct entry;
   [[nodiscard]] bool any_fits(std::string_view model, events::quality_tier quality, std::string_view excluded_provider_id,
-                              const offer_filter& affordable, bool taking_work_only) const;
+                              const candidate_filter& admits, bool taking_work_only) const;
 
   /// Orders candidates within one set; ties go to the smaller provider id.
   struct rank_key {
@@ -314,7 +319,7 @@ class selection_index {
   void detach_offers(entry& e);
   [[nodiscard]] level_group& group_of(const entry& e, std::size_t offer) const;
 
-  /// Whether `e` may take the request's job: not excluded, and its offer of the model affordable.
+  /// Whether `e` may take the request's job: not excluded, and accepted by the request's filter.
   [[nodiscard]] static bool fits(const entry& e, const selection_request& request);
   [[nodiscard]] const entry* best_in(const model_bucket& bucket, std::size_t level_min,
                                      std::set<rank_key> level_group::*set,

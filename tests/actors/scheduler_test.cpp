@@ -542,6 +542,34 @@ TEST_F(scheduler_test, a_job_of_the_providers_own_owner_earns_it_no_points) {
   EXPECT_GT(score(), 0) << "another user's job";
 }
 
+TEST_F(scheduler_test, a_free_job_never_goes_to_a_provider_its_user_owns) {
+  // The subsidy pays for free jobs: a free user's job on their own GPU would pay them for nothing.
+  bring_online("p1", "llama-8b", 4);
+  create_user("owner-p1", events::user_tier::free, 0);
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j1", "owner-p1", false));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::no_provider);
+  EXPECT_NE(describe(refused.error()).find("owned by its user owner-p1"), std::string::npos)
+      << describe(refused.error());
+  EXPECT_EQ(job("j1").failure, events::failure_reason::no_provider);
+
+  // With another provider online, the job goes there although p1 (idle, first by id) is the
+  // policy's choice for anyone else's job.
+  bring_online("p2", "llama-8b", 4);
+  create_user("erin", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j2", "owner-p1", false)));
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "erin", false)));
+  run();
+  EXPECT_EQ(job("j2").provider_id, "p2");
+  EXPECT_EQ(job("j3").provider_id, "p1");
+
+  // Its provider lost before the first token, the job is not moved to its user's own.
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p2"));
+  run();
+  EXPECT_EQ(job("j2").status, domain::job_status::failed);
+  EXPECT_EQ(job("j2").failure, events::failure_reason::no_provider);
+}
+
 TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
   bring_online("p1", "llama-8b", 8);
   create_user("erin", events::user_tier::free, 0);

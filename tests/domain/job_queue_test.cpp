@@ -557,5 +557,55 @@ TEST(job_queue, a_job_goes_only_to_a_provider_whose_window_holds_its_prompt_and_
   EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"huge"});
 }
 
+TEST(job_queue, a_free_job_never_goes_to_a_provider_its_user_owns_and_holds_up_no_other_job) {
+  selection_index index;
+  provider_listing own{"own", level_for_score(0), 0, false, {{"m", 100, 100, 4}}};
+  own.owner_user_id = "olga";
+  ASSERT_TRUE(index.list(own));
+  job_queue queue;
+  auto olgas = job("olgas");
+  olgas.owner_excluded = "olga";
+  const auto refused = queue.push(olgas, index, t0);
+  expect_refused(refused, errc::no_provider);
+  EXPECT_NE(refused.error().message.find("owned by its user olga"), std::string::npos) << refused.error().message;
+  EXPECT_NE(refused.error().message.find("use a premium key"), std::string::npos) << refused.error().message;
+
+  // Another provider online but busy: olga's job waits for it in every policy, and another
+  // user's job behind it takes olga's idle one.
+  ASSERT_TRUE(index.list({"other", level_for_score(0), 0, false, {{"m", 100, 100, 1}}}));
+  ASSERT_TRUE(index.job_started("other"));
+  for (const auto policy : {selection_policy::qmesh, selection_policy::cheapest, selection_policy::fastest,
+                            selection_policy::power_of_two}) {
+    SCOPED_TRACE(to_string(policy));
+    assign_options how;
+    how.policy = policy;
+    ASSERT_TRUE(queue.push(olgas, index, t0));
+    ASSERT_TRUE(queue.push(job("bobs", "m", 0, t0 + 1), index, t0 + 1));
+    auto assigned = queue.pop_assignable(index, how, t0 + 2);
+    ASSERT_EQ(assigned.size(), 1u);
+    EXPECT_EQ(assigned[0].job.job_id, "bobs");
+    EXPECT_EQ(assigned[0].provider_id, "own");
+    ASSERT_TRUE(index.job_finished("other"));
+    assigned = queue.pop_assignable(index, how, t0 + 3);
+    ASSERT_EQ(assigned.size(), 1u);
+    EXPECT_EQ(assigned[0].job.job_id, "olgas");
+    EXPECT_EQ(assigned[0].provider_id, "other");
+    ASSERT_TRUE(index.job_finished("own"));
+  }
+
+  // The other provider leaving takes olga's queued job out as unservable.
+  ASSERT_TRUE(index.job_finished("other"));
+  ASSERT_TRUE(index.job_started("other"));
+  ASSERT_TRUE(queue.push(olgas, index, t0 + 4));
+  ASSERT_TRUE(index.unlist("other"));
+  EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"olgas"});
+  // A job without the exclusion (a premium job of hers) may go to her own provider.
+  olgas.owner_excluded.clear();
+  ASSERT_TRUE(queue.push(olgas, index, t0 + 5));
+  const auto assigned = queue.pop_assignable(index, {}, t0 + 6);
+  ASSERT_EQ(assigned.size(), 1u);
+  EXPECT_EQ(assigned[0].provider_id, "own");
+}
+
 }  // namespace
 }  // namespace gpustream::domain

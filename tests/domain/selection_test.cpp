@@ -362,27 +362,27 @@ TEST(selection, a_price_filter_steps_over_the_offers_above_it_in_every_policy) {
   add(index, "cheap", 1'000, 3, 60, 20, 200);  // busy and less healthy, but cheap
   add(index, "dear", 1'000, 0, 100, 20, 900);  // idle and healthiest: qmesh's first choice
   ASSERT_EQ(pick(index, request_for()), "dear");
-  const offer_filter within = [](const online_offer& o) { return o.output_price_micros_per_mtok <= 500; };
-  const offer_filter nothing = [](const online_offer&) { return false; };
+  const candidate_filter within = [](const online_provider&, const online_offer& o) { return o.output_price_micros_per_mtok <= 500; };
+  const candidate_filter nothing = [](const online_provider&, const online_offer&) { return false; };
   for (const auto policy : {selection_policy::qmesh, selection_policy::cheapest, selection_policy::fastest,
                             selection_policy::power_of_two}) {
     for (std::uint64_t draw = 0; draw < 4; ++draw) {
       auto r = request_for(policy);
       r.random_draw = draw;
-      r.affordable = within;
+      r.admits = within;
       EXPECT_EQ(pick(index, r), "cheap") << to_string(policy) << " draw " << draw;
-      r.affordable = nothing;
+      r.admits = nothing;
       EXPECT_EQ(pick(index, r), "<none>") << to_string(policy) << " draw " << draw;
     }
   }
   auto sticky = request_for();
   sticky.preferred_provider_id = "dear";
-  sticky.affordable = within;
+  sticky.admits = within;
   EXPECT_EQ(pick(index, sticky), "cheap") << "a sticky provider above the filter is not kept";
   EXPECT_TRUE(index.can_serve(model, quality_tier::low, {}, within));
   EXPECT_FALSE(index.can_serve(model, quality_tier::low, "cheap", within)) << "the only one within it excluded";
   EXPECT_FALSE(index.can_serve(model, quality_tier::low, {}, nothing));
-  EXPECT_TRUE(index.can_serve(model, quality_tier::low, {}, offer_filter{})) << "an empty filter admits every offer";
+  EXPECT_TRUE(index.can_serve(model, quality_tier::low, {}, candidate_filter{})) << "an empty filter admits every offer";
 }
 
 TEST(sticky_sessions, remember_and_forget_after_idle_time) {
