@@ -382,6 +382,7 @@ class session : public std::enable_shared_from_this<session> {
           flush_clock& clock, websocket_registry& websockets)
       : stream_(std::move(socket)),
         slot_(std::move(slot)),
+        buffer_(options.header_bytes_max + watch_read_bytes),
         options_(options),
         handler_(handler),
         upgrade_(upgrade),
@@ -508,6 +509,15 @@ class session : public std::enable_shared_from_this<session> {
     if (ec == http::error::header_limit) {
       return refuse(json_error(431, "request headers exceed header_bytes_max", "invalid_request_error"), nullptr);
     }
+    if (ec == http::error::buffer_overflow) {
+      // Beast bounds neither a chunk's size line nor the trailer: the buffer's bound does.
+      const auto head = head_of(parser_->get(), remote_address_);  // its headers were read whole
+      return refuse(json_error(431,
+                               "a chunk size line or the trailer of the chunked request body exceeds "
+                               "header_bytes_max (" + std::to_string(options_.header_bytes_max) + " bytes)",
+                               "invalid_request_error"),
+                    &head);
+    }
     if (ec == http::error::body_limit) {
       const auto head = head_of(parser_->get(), remote_address_);  // its headers were read whole
       return refuse(json_error(413, "request body exceeds body_bytes_max", "invalid_request_error"), &head);
@@ -574,7 +584,7 @@ class session : public std::enable_shared_from_this<session> {
   void watch() {
     watching_ = true;
     stream_.expires_never();  // not a write's deadline, which is set while no read is pending
-    stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
+    stream_.async_read_some(buffer_.prepare(watch_read_bytes), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
       self->watching_ = false;
       if (self->lingering_) return self->start_drain();
       if (ec == asio::error::operation_aborted && self->read_next_) {
@@ -695,7 +705,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void drain() {
-    stream_.async_read_some(buffer_.prepare(16 * 1024), [self = shared_from_this()](beast::error_code ec, std::size_t) {
+    stream_.async_read_some(buffer_.prepare(watch_read_bytes), [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) return self->gone();  // the client closed, or linger_timeout passed
       self->drain();
     });
@@ -716,8 +726,13 @@ class session : public std::enable_shared_from_this<session> {
     stream_.socket().close(ec);
   }
 
+  /// Most bytes one read of the watch (or the drain after the last answer) takes.
+  static constexpr std::size_t watch_read_bytes = 4096;
+
   beast::tcp_stream stream_;
   connection_slot slot_;
+  /// What was read and not parsed yet: at most a header block and one read of the watch. Beast's
+  /// parser bounds the header block itself, but not a chunked body's size lines or trailer.
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   const http_server_options& options_;

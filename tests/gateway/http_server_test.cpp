@@ -258,6 +258,38 @@ TEST(http_server, a_refused_body_can_still_be_sent_and_the_answer_is_not_reset) 
   EXPECT_EQ(sent, body_bytes) << "the body was cut off by " << std::strerror(error);
 }
 
+TEST(http_server, a_chunked_body_whose_size_line_or_trailer_never_ends_gets_431_not_unbounded_memory) {
+  // Beast's parser bounds the header block and the body's declared sizes, but not a chunk's size
+  // line nor the trailer: without a bound of the server's own, the server buffers all it is sent.
+  http_server_options options;
+  options.header_bytes_max = 1024;
+  options.body_bytes_max = 1024;
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  for (const std::string endless : {"1;", "0\r\nX-Trailer: "}) {
+    SCOPED_TRACE(endless);
+    client sender(server->port());
+    ASSERT_TRUE(sender.connected());
+    sender.send("POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + endless);
+    // 2 MiB with no line end, sent until the server stops taking them (it answers and closes).
+    const std::string chunk(64 * 1024, 'a');
+    for (std::size_t sent = 0; sent < 2 * 1024 * 1024;) {
+      const auto n = ::send(sender.fd(), chunk.data(), chunk.size(), MSG_NOSIGNAL);
+      if (n < 0) break;
+      sent += static_cast<std::size_t>(n);
+    }
+    const auto [reply, closed] = sender.read_until_closed(std::chrono::seconds(5));
+    EXPECT_TRUE(reply.starts_with("HTTP/1.1 431 ")) << reply;
+    EXPECT_NE(reply.find("exceeds header_bytes_max (1024 bytes)"), std::string::npos) << reply;
+    EXPECT_TRUE(closed);
+  }
+  // The server goes on serving.
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send(healthz);
+  EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
+}
+
 TEST(http_server, an_http10_client_asking_for_keep_alive_is_told_the_connection_stays_open) {
   // An HTTP/1.0 client that is not told reads until the close, which comes only after idle_timeout.
   auto server = start({});
