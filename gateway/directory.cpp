@@ -538,7 +538,24 @@ class directory::impl {
     if (created != nullptr) {
       record.entry = {created->campaign_id, created->advertiser, created->title,
                       created->created_at_us};
+    } else if (const auto* shown = std::get_if<events::impression_recorded>(&e)) {
+      const auto job = jobs_.find(shown->job_id);
+      if (job == jobs_.end() || job->second.finished != 0) return;
+      forget_impression(job->second);
+      job->second.entry.impression_id = shown->impression_id;
+      live_impressions_.insert_or_assign(shown->impression_id, shown->job_id);
+    } else if (const auto* voided = std::get_if<events::impression_voided>(&e)) {
+      const auto shown = live_impressions_.find(voided->impression_id);
+      if (shown == live_impressions_.end()) return;
+      forget_impression(jobs_.at(shown->second));
     }
+  }
+
+  /// The job's impression is settled or taken back: no longer the live job's to settle.
+  void forget_impression(job_record& job) {
+    if (job.entry.impression_id.empty()) return;
+    live_impressions_.erase(job.entry.impression_id);
+    job.entry.impression_id.clear();
   }
 
   void apply_payout(std::string_view id, std::uint64_t version, const events::event& e) {
@@ -691,6 +708,7 @@ class directory::impl {
     const auto job = jobs_.find(id->second);
     GPUSTREAM_ENSURE(job != jobs_.end());
     by_status_[static_cast<std::size_t>(job->second.entry.status)].erase(age);
+    forget_impression(job->second);
     jobs_.erase(job);
     jobs_by_age_.erase(id);
     ++jobs_forgotten_;
@@ -701,6 +719,7 @@ class directory::impl {
     by_status_[static_cast<std::size_t>(status)].insert(record.age);
     record.entry.status = status;
     if (domain::is_terminal(status) && record.finished == 0) {
+      forget_impression(record);
       record.finished = ++job_finished_;
       record.entry.finished_at_us = at_us;
       finished_.emplace(record.finished, record.age);
@@ -798,6 +817,8 @@ class directory::impl {
   std::map<std::string, std::deque<std::string>, std::less<>> payouts_by_provider_;  ///< newest last
   std::map<std::string, campaign_record, std::less<>> campaigns_;
   std::unordered_map<std::string, job_record> jobs_;
+  /// Impression id -> job id, for live jobs' impressions (job_entry::impression_id).
+  std::unordered_map<std::string, std::string> live_impressions_;
   std::map<std::uint64_t, std::string> jobs_by_age_;  ///< age -> job id
   std::map<std::uint64_t, std::uint64_t> finished_;   ///< finishing order -> age
   std::array<std::set<std::uint64_t>, job_status_count> by_status_;  ///< ages per status

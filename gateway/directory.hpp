@@ -134,6 +134,9 @@ struct job_entry {
   std::int64_t gross_micros = 0;         ///< paid by the user (premium) or the subsidy (free)
   std::int64_t platform_fee_micros = 0;  ///< of which the platform keeps
   std::int64_t ad_micros = 0;            ///< charged to the campaign whose ad was served
+  /// While live: the ad impression recorded for its answer and not taken back, which only its
+  /// end settles (empty: none). Its end clears it: the bill pays the ad, or it was taken back.
+  std::string impression_id;
 
   bool operator==(const job_entry&) const = default;
 };

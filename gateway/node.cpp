@@ -296,25 +296,40 @@ class node::impl {
 
   /// Jobs the log holds as live (submitted, queued, assigned, streaming): their clients'
   /// connections and the scheduler's holds went with the process that stopped, and no one will
-  /// end them. They fail as the platform's fault, billing nothing (the rule for a failed job).
+  /// end them. They fail as the platform's fault, billing nothing (the rule for a failed job),
+  /// and an ad impression recorded for one is taken back: no bill will pay for it.
   void fail_jobs_left_live() {
-    auto live = std::make_shared<std::vector<std::string>>();
+    auto live = std::make_shared<std::vector<gateway::job_entry>>();
     for (const auto status : {domain::job_status::submitted, domain::job_status::queued, domain::job_status::assigned,
                               domain::job_status::streaming}) {
-      for (const auto& job : directory_->jobs(status, std::numeric_limits<std::size_t>::max())) {
-        live->push_back(job.job_id);
-      }
+      auto jobs = directory_->jobs(status, std::numeric_limits<std::size_t>::max());
+      live->insert(live->end(), std::make_move_iterator(jobs.begin()), std::make_move_iterator(jobs.end()));
     }
     if (live->empty()) return;
     const auto failed = bridge_.ask_all(live->size(), left_open_in_flight_max, [this, live](caf::event_based_actor* actor, std::size_t i, auto done) {
-      actor->request(runtime_.jobs, options_.left_open_wait_max, (*live)[i],
+      const auto& job = (*live)[i];
+      actor->request(runtime_.jobs, options_.left_open_wait_max, job.job_id,
                      domain::job::command{domain::fail_job{events::failure_reason::internal, std::string(stopped_while_live)}})
-          .then([done](const actors::command_reply&) { done(true); },
-                [done, live, i](caf::error& failure) {
-                  spdlog::error("job {}, live when the server stopped, could not be failed: {}", (*live)[i],
-                                actors::describe(failure));
-                  done(false);
-                });
+          .then(
+              [this, actor, done, live, i](const actors::command_reply&) {
+                const auto& job = (*live)[i];
+                if (job.impression_id.empty()) return done(true);
+                actor->request(runtime_.ad_server, options_.left_open_wait_max, actors::unserved_atom::value,
+                               job.impression_id, std::string(stopped_while_live))
+                    .then([done](bool) { done(true); },
+                          [done, live, i](caf::error& failure) {
+                            const auto& job = (*live)[i];
+                            spdlog::error("ad impression {} of job {}, live when the server stopped, could not be "
+                                          "taken back: {}",
+                                          job.impression_id, job.job_id, actors::describe(failure));
+                            done(false);
+                          });
+              },
+              [done, live, i](caf::error& failure) {
+                spdlog::error("job {}, live when the server stopped, could not be failed: {}", (*live)[i].job_id,
+                              actors::describe(failure));
+                done(false);
+              });
     });
     spdlog::info("failed {} of {} jobs that were live when the server stopped", failed, live->size());
   }

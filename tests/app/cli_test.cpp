@@ -1011,6 +1011,52 @@ TEST(cli_serve_free_usage, free_tokens_a_kill_left_uncounted_are_counted_when_se
                                                                               << again.child->output();
 }
 
+/// The example of type T among events::event_examples().
+template <class T>
+T example_of() {
+  for (const auto& e : events::event_examples()) {
+    if (const auto* found = std::get_if<T>(&e)) return *found;
+  }
+  ADD_FAILURE() << "no example of the type";
+  return {};
+}
+
+TEST(cli_serve_left_open, an_ad_impression_of_a_job_left_live_is_taken_back_when_serve_starts) {
+  // Job 100, streaming when the server was killed, had its ad's impression recorded (the relay
+  // records it as the answer ends, before the job's end and bill): no bill will ever pay for it.
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  auto created = example_of<events::campaign_created>();
+  auto funded = example_of<events::campaign_funded>();
+  auto reserved = example_of<events::ad_reserved>();
+  auto shown = example_of<events::impression_recorded>();
+  created.campaign_id = funded.campaign_id = reserved.campaign_id = shown.campaign_id = "2";
+  funded.amount_micros = created.budget_micros;
+  reserved.reservation_id = shown.impression_id = "2.100";
+  reserved.job_id = shown.job_id = "100";
+  reserved.user_id = shown.user_id = "bob";
+  reserved.price_micros = shown.price_micros = created.cpm_bid_micros / 1'000;
+  reserved.expires_at_us = std::numeric_limits<std::int64_t>::max();
+  append_stories(dir.path(), {{"job-100", storage::no_stream, job_story("100", "bob", 4), 0xb1'0100u},
+                              {"campaign-2", storage::no_stream, {created, funded, reserved, shown}, 0xc2'0000u}});
+  ASSERT_FALSE(::testing::Test::HasFailure());
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  EXPECT_NE(serve.child->err().find("failed 1 of 1 jobs that were live when the server stopped"), std::string::npos)
+      << serve.child->output();
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+
+  const auto job = last_event(dir.path(), "job-100");
+  ASSERT_TRUE(job && std::holds_alternative<events::job_failed>(*job));
+  const auto campaign = last_event(dir.path(), "campaign-2");
+  ASSERT_TRUE(campaign && std::holds_alternative<events::impression_voided>(*campaign)) << serve.child->output();
+  EXPECT_EQ(std::get<events::impression_voided>(*campaign).impression_id, "2.100");
+  EXPECT_NE(std::get<events::impression_voided>(*campaign).reason.find("the server stopped"), std::string::npos);
+}
+
 TEST(cli_serve_left_open, jobs_live_and_providers_online_when_a_kill_came_are_closed_when_serve_starts) {
   temp_dir dir;
   (void)make_example_store(dir.path());
