@@ -15,10 +15,11 @@ namespace gpustream::storage {
 
 expected<std::shared_lock<std::shared_timed_mutex>, error> event_store::impl::read_lock() const {
   std::shared_lock lock(db_mutex_);
-  if (db_) return lock;
+  if (db_ && !reopen_needed_.load() && !sync_failed_.load()) return lock;
   lock.unlock();
   if (options_.read_only) return unexpected{make_error(errc::io_error, "the store is closed")};
-  // Asking the writer to recover changes nothing a reader can observe but availability.
+  // The writer reopens first (a failed write the WAL holds becomes part of the log): a read before
+  // would show a log that lacks it, and the next append would contradict what was read.
   auto reopened = const_cast<impl*>(this)->run_on_writer([] { return rocksdb::Status::OK(); },
                                                          "reopening the event store");
   if (!reopened) return unexpected{reopened.error()};

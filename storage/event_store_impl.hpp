@@ -266,7 +266,7 @@ class event_store::impl {
   std::deque<written_group> sync_queue_;
   std::size_t sync_in_flight_ = 0;  // groups queued or being answered
   bool sync_stopping_ = false;
-  std::atomic<bool> sync_failed_{false};  // set by the syncer (or end_write), read by the writer
+  std::atomic<bool> sync_failed_{false};  // set by the syncer (or end_write), read by the writer and readers
   std::size_t writes_running_ = 0;        // the writer's writes under way (see begin_write)
   bool sync_waits_for_writes_ = false;    // the syncer waits for writes_running_ to reach 0
   std::atomic<bool> announce_wal_{false};  // the writer is writing an append group (sync mode)
@@ -293,11 +293,15 @@ class event_store::impl {
   std::atomic<std::uint64_t> last_position_{0};
   mutable std::mutex position_mutex_;
   mutable std::condition_variable position_cv_;
+  /// The store must reopen (a write or an fsync failed). Only the writer thread sets and clears
+  /// it; readers that see it (or sync_failed_) go through the writer first (read_lock): the
+  /// failed write may be in the WAL, which the reopen replays, and an actor recovering from the
+  /// log without it would decide on a past that the log is about to contradict.
+  std::atomic<bool> reopen_needed_{false};
 
   // Writer thread only.
   std::uint64_t next_position_ = 1;
   std::unordered_map<std::string, std::uint64_t, string_hash, std::equal_to<>> heads_;
-  bool reopen_needed_ = false;
 };
 
 }  // namespace gpustream::storage

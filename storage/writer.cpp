@@ -200,8 +200,12 @@ void event_store::impl::writer_loop() {
 }
 
 expected<void, error> event_store::impl::recover_if_needed() {
-  if (sync_failed_.exchange(false)) reopen_needed_ = true;
-  if (!reopen_needed_) return {};
+  // Set before sync_failed_ is cleared, so that a reader always sees one of them until the reopen.
+  if (sync_failed_.load()) {
+    reopen_needed_.store(true);
+    sync_failed_.store(false);
+  }
+  if (!reopen_needed_.load()) return {};
   {
     // Reopen only once every group already written has been answered.
     std::unique_lock idle(sync_mutex_);
@@ -235,7 +239,7 @@ expected<void, error> event_store::impl::recover_if_needed() {
     durable_wal_bytes_ = wal_progress_->bytes.load();
     sync_error_.reset();
   }
-  reopen_needed_ = false;
+  reopen_needed_.store(false);
   sync_failed_.store(false);
   return {};
 }
@@ -415,7 +419,7 @@ void event_store::impl::begin_write() {
 }
 
 void event_store::impl::end_write(const error* failure) {
-  if (failure) reopen_needed_ = true;
+  if (failure) reopen_needed_.store(true);
   bool wake = failure != nullptr;
   {
     std::lock_guard lock(sync_mutex_);

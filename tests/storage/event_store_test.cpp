@@ -346,6 +346,30 @@ TEST(event_store, after_a_failed_fsync_the_idle_writer_reopens_the_store_without
   }
 }
 
+TEST(event_store, no_read_shows_the_log_without_a_failed_write_that_the_reopen_will_replay) {
+  // An actor whose append failed stops; the next one recovers from the log. Read before the
+  // store has reopened, the log lacked the failed write that the reopen then replays from the
+  // WAL, and the new actor decided on a version the log was about to contradict.
+  temp_dir dir;
+  auto faults = std::make_shared<fault_injector>();
+  auto store = open_or_fail(dir.path(), with_faults(faults));
+  ASSERT_TRUE(store);
+  ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 1)));
+  faults->set_fail_sync(true);  // every fsync fails: the reopen too, until it is lifted
+  ASSERT_FALSE(store->append(one_stream("s", 1, 2, 1, 1)));
+  const auto during = store->read_stream("s", 1, 10, 10);
+  ASSERT_FALSE(during) << "read " << during->size() << " events of a log the failed write may still join";
+  EXPECT_EQ(during.error().code, errc::io_error) << during.error().message;
+  EXPECT_FALSE(store->stream_version("s")) << "the version of a log the failed write may still join";
+  faults->set_fail_sync(false);
+  const auto after = store->read_stream("s", 1, 10, 10);
+  ASSERT_TRUE(after) << after.error().message;
+  EXPECT_EQ(after->size(), 2u) << "the failed write reached the WAL, and the reopen replayed it";
+  const auto version = store->stream_version("s");
+  ASSERT_TRUE(version) << version.error().message;
+  EXPECT_EQ(*version, 2u);
+}
+
 TEST(event_store, a_write_failing_while_an_append_waits_for_its_fsync_fails_that_append_and_the_store_goes_on) {
   // After a failed write RocksDB refuses (with this build's assertions: aborts on) any fsync of
   // that log: the append waiting for its fsync must get the failure instead, and the store reopen.
