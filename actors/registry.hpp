@@ -84,7 +84,9 @@ typename registry_state<A>::entry& spawn_entry(registry_pointer<A> self, const s
   auto& st = self->state;
   auto actor = self->system().spawn(persistent_behavior<A>, st.options.stream_prefix + id, st.store,
                                     st.options.persistence);
-  self->monitor(actor);
+  // Urgent: a command that arrives while the actor stops must not be handed to it after it stopped
+  // (it would fail with request_receiver_down) but wait for, or go to, its successor.
+  self->template monitor<caf::message_priority::high>(actor);
   st.ids[actor.address()] = id;
   auto& e = st.live[id];
   e.actor = std::move(actor);

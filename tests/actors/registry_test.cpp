@@ -8,6 +8,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
+#include "storage/fault_injector.hpp"
 #include "tests/actors/actor_testing.hpp"
 #include "tests/actors/wallet.hpp"
 
@@ -110,6 +113,8 @@ TEST_F(registry_test, commands_for_a_stopping_actor_wait_for_its_successor) {
   sched_.run_once();
   auto held = self_->request(registry, caf::infinite, std::string("a"), credit("d2", 2));
   auto refused = self_->request(registry, caf::infinite, std::string("a"), credit("d3", 3));
+  ASSERT_TRUE(sched_.prioritize(registry));
+  sched_.run_once();  // both come while the actor stops
   run();
   auto answer = collect<command_reply>(held);
   ASSERT_TRUE(answer) << describe(answer.error());
@@ -119,6 +124,50 @@ TEST_F(registry_test, commands_for_a_stopping_actor_wait_for_its_successor) {
   ASSERT_TRUE(domain_error_of(over.error()));
   EXPECT_EQ(domain_error_of(over.error())->code, domain::errc::busy);
   EXPECT_EQ(live(registry), 1u);
+}
+
+class registry_fault_test : public registry_test {
+ protected:
+  registry_fault_test() {
+    close_store();  // the one registry_test opened: this one fails on demand
+    storage::store_options options;
+    options.faults = faults_;
+    open_store(std::move(options));
+  }
+
+  /// Runs every actor but `skipped` until only it has work left.
+  void run_all_but(const caf::actor_addr& skipped) {
+    auto* left_out = dynamic_cast<caf::resumable*>(caf::actor_cast<caf::abstract_actor*>(skipped));
+    for (;;) {
+      const auto other = std::find_if(sched_.jobs.begin(), sched_.jobs.end(),
+                                      [&](caf::resumable* job) { return job != left_out; });
+      if (other == sched_.jobs.end()) return;
+      std::iter_swap(sched_.jobs.begin(), other);
+      sched_.run_once();
+    }
+  }
+
+  std::shared_ptr<storage::fault_injector> faults_ = std::make_shared<storage::fault_injector>();
+};
+
+TEST_F(registry_fault_test, a_command_waiting_at_the_registry_when_its_actor_stopped_goes_to_its_successor) {
+  // The actor stops after a failed append while a command for it waits in the registry's mailbox:
+  // the registry learns of the stop first, rather than hand that command to a stopped actor (a
+  // provider's heartbeat failing its link, a job's command failing) after it.
+  auto registry = spawn_registry();
+  ASSERT_TRUE(ask<command_reply>(registry, std::string("a"), credit("d1", 1)));
+  faults_->set_fail_sync(true);
+  auto failed = self_->request(registry, caf::infinite, std::string("a"), credit("d2", 2));
+  ASSERT_TRUE(sched_.prioritize(registry));
+  sched_.run_once();  // d2 goes to the actor
+  auto waiting = self_->request(registry, caf::infinite, std::string("a"), credit("d3", 3));
+  run_all_but(registry.address());  // d2's append fails and the actor stops
+  faults_->set_fail_sync(false);
+  run();
+  ASSERT_FALSE(collect<command_reply>(failed));
+  auto answer = collect<command_reply>(waiting);
+  ASSERT_TRUE(answer) << describe(answer.error());
+  EXPECT_EQ(answer.value().version, 3u) << "d3 follows d2, which the reopened log holds";
 }
 
 }  // namespace
