@@ -275,6 +275,13 @@ caf::result<std::string> create(self_pointer self, domain::create_campaign& comm
   if (auto problem = campaign_id_problem(id, st.options.campaign_id_length_max); !problem.empty()) {
     return refusal(domain::errc::invalid_argument, std::move(problem));
   }
+  // Below the floor it would never win an auction, and its escrowed budget would never be spent.
+  if (const auto floor = st.options.auction.floor_cpm_micros; command.cpm_bid_micros < floor) {
+    return refusal(domain::errc::invalid_argument,
+                   "cpm_bid_micros " + std::to_string(command.cpm_bid_micros) + " is below the auction's floor of " +
+                       std::to_string(floor) + " micro-USD per thousand impressions; the campaign would never be "
+                       "shown. Bid at least " + std::to_string(floor));
+  }
   auto reply = self->make_response_promise<std::string>();
   if (!cached(self, id) && !make_room(self)) {
     // Full of campaigns that can still spend: only a repeated create (of a campaign that exists,

@@ -63,11 +63,32 @@ expected<std::vector<std::string>, error> normalise_words(std::string_view what,
   return result;
 }
 
+/// The byte at which `text` has its first control character (C0, DEL, or C1 in UTF-8), or npos.
+std::size_t control_character_at(std::string_view text) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    if (byte < 0x20 || byte == 0x7f) return i;
+    if (byte == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) <= 0x9f) return i;
+  }
+  return std::string_view::npos;
+}
+
+/// A text shown to users after the "Sponsored:" label, on its line: a line break would let it pass
+/// for the model's own words, a terminal escape could erase the label.
+expected<void, error> check_shown_text(std::string_view what, std::string_view text, std::size_t length_max) {
+  if (auto ok = check_text(what, text, length_max); !ok) return ok;
+  if (const auto at = control_character_at(text); at != std::string_view::npos) {
+    return refuse(errc::invalid_argument, std::string(what) + " has a line break or other control character at byte " +
+                                              std::to_string(at) + "; an ad is shown on one line after its label");
+  }
+  return {};
+}
+
 expected<void, error> validate_texts(const create_campaign& c, const campaign_options& o) {
   if (auto ok = check_text("campaign id", c.campaign_id, o.id_length_max); !ok) return ok;
   if (auto ok = check_text("advertiser", c.advertiser, o.id_length_max); !ok) return ok;
-  if (auto ok = check_text("title", c.title, o.title_length_max); !ok) return ok;
-  if (auto ok = check_text("ad text", c.text, o.text_length_max); !ok) return ok;
+  if (auto ok = check_shown_text("title", c.title, o.title_length_max); !ok) return ok;
+  if (auto ok = check_shown_text("ad text", c.text, o.text_length_max); !ok) return ok;
   if (auto ok = check_text("url", c.url, o.url_length_max); !ok) return ok;
   if (!c.url.starts_with("https://") && !c.url.starts_with("http://"))
     return refuse(errc::invalid_argument, "url " + quoted(c.url) + " must start with https:// or http://");

@@ -204,6 +204,16 @@ TEST_F(ad_server_test, creating_a_campaign_escrows_its_budget_once_however_often
   EXPECT_EQ(refusal_code(dotted.error()), domain::errc::invalid_argument);
   EXPECT_EQ(balance("campaign-c2"), 0);
   EXPECT_FALSE(campaign_state("c2").created);
+  // A bid below the auction's floor would never be shown while its budget sat in escrow.
+  auto below_floor = campaign("c4", {"rust"});
+  below_floor.cpm_bid_micros = domain::auction_options{}.floor_cpm_micros - 1;
+  auto never_shown = ask<std::string>(rt_.ad_server, below_floor);
+  ASSERT_FALSE(never_shown);
+  EXPECT_EQ(refusal_code(never_shown.error()), domain::errc::invalid_argument);
+  EXPECT_NE(describe(never_shown.error()).find("below the auction's floor of 100000"), std::string::npos)
+      << describe(never_shown.error());
+  EXPECT_EQ(balance("campaign-c4"), 0);
+  EXPECT_FALSE(campaign_state("c4").created);
   verify_log();
 }
 

@@ -83,6 +83,13 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.advertiser = "123456789"; }), errc::invalid_argument, "at most 8");
   expect_refused(with([](create_campaign& c) { c.title = "0123456789"; }), errc::invalid_argument, "title");
   expect_refused(with([](create_campaign& c) { c.text.clear(); }), errc::invalid_argument, "ad text is empty");
+  // Shown on one line after "Sponsored:": no line break to pass for the model's words, no escape.
+  expect_refused(with([](create_campaign& c) { c.title = "a\nb"; }), errc::invalid_argument,
+                 "title has a line break or other control character at byte 1");
+  expect_refused(with([](create_campaign& c) { c.text = "Buy X.\x1b[2J"; }), errc::invalid_argument,
+                 "ad text has a line break or other control character at byte 6");
+  expect_refused(with([](create_campaign& c) { c.text = "C1 \xc2\x9b"; }), errc::invalid_argument, "at byte 3");
+  EXPECT_TRUE(with([](create_campaign& c) { c.text = "caf\xc3\xa9 \xc2\xa0ok"; })) << "other UTF-8 is fine";
   expect_refused(with([](create_campaign& c) { c.text = std::string(31, 'x'); }), errc::invalid_argument,
                  "ad text is 31 bytes long; at most 30");
   expect_refused(with([](create_campaign& c) { c.url = "https://acme.example/a/long/path"; }),
