@@ -837,9 +837,21 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                     "state"));
       }
     }
+    std::string after;
+    if (const auto found = params.find("after"); found != params.end()) after = found->second;
+    auto listed = directory_->jobs(state, *limit + 1, after);
+    if (!listed) {
+      return reply(error_response(400,
+                                  "after names job " + after +
+                                      ", which this node does not list (never seen, or forgotten among the "
+                                      "oldest finished jobs); list again from the newest",
+                                  "after"));
+    }
+    const bool has_more = listed->size() > *limit;
+    if (has_more) listed->pop_back();
     json::array data;
-    for (const auto& j : directory_->jobs(state, *limit)) data.emplace_back(job_json(j));
-    reply(json_response(200, json::object{{"object", "list"}, {"data", std::move(data)}}));
+    for (const auto& j : *listed) data.emplace_back(job_json(j));
+    reply(json_response(200, json::object{{"object", "list"}, {"data", std::move(data)}, {"has_more", has_more}}));
   }
 
   void list_accounts(const http_request& request, reply_function reply) {

@@ -317,8 +317,15 @@ class directory::impl {
     return out;
   }
 
-  std::vector<job_entry> jobs(std::optional<domain::job_status> status, std::size_t max) const {
+  std::optional<std::vector<job_entry>> jobs(std::optional<domain::job_status> status, std::size_t max,
+                                             std::string_view after) const {
     std::shared_lock lock(mutex_);
+    std::uint64_t older_than = std::numeric_limits<std::uint64_t>::max();
+    if (!after.empty()) {
+      const auto found = jobs_.find(std::string(after));
+      if (found == jobs_.end()) return std::nullopt;
+      older_than = found->second.age;
+    }
     std::vector<job_entry> out;
     auto take = [&](std::uint64_t age) {
       const auto id = jobs_by_age_.find(age);
@@ -327,9 +334,13 @@ class directory::impl {
     };
     if (status) {
       const auto& ages = by_status_[static_cast<std::size_t>(*status)];
-      for (auto it = ages.rbegin(); it != ages.rend() && out.size() < max; ++it) take(*it);
+      for (auto it = std::make_reverse_iterator(ages.lower_bound(older_than)); it != ages.rend() && out.size() < max;
+           ++it) {
+        take(*it);
+      }
     } else {
-      for (auto it = jobs_by_age_.rbegin(); it != jobs_by_age_.rend() && out.size() < max; ++it) {
+      for (auto it = std::make_reverse_iterator(jobs_by_age_.lower_bound(older_than));
+           it != jobs_by_age_.rend() && out.size() < max; ++it) {
         take(it->first);
       }
     }
@@ -884,7 +895,11 @@ std::vector<provider_entry> directory::providers(std::size_t max, std::string_vi
 }
 std::vector<job_entry> directory::jobs(std::optional<domain::job_status> status,
                                        std::size_t max) const {
-  return impl_->jobs(status, max);
+  return impl_->jobs(status, max, {}).value();
+}
+std::optional<std::vector<job_entry>> directory::jobs(std::optional<domain::job_status> status, std::size_t max,
+                                                      std::string_view after) const {
+  return impl_->jobs(status, max, after);
 }
 std::vector<payout_entry> directory::payouts_of(std::string_view provider_id,
                                                 std::size_t max) const {

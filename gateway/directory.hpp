@@ -244,6 +244,10 @@ class directory {
   /// Jobs newest first (by submission), only those in `status` when given, at most `max`.
   [[nodiscard]] std::vector<job_entry> jobs(std::optional<domain::job_status> status,
                                             std::size_t max) const;
+  /// The same, from the job submitted before job `after` on; nothing when the directory does not
+  /// hold `after` (never seen, or forgotten: see directory_options::jobs_max).
+  [[nodiscard]] std::optional<std::vector<job_entry>> jobs(std::optional<domain::job_status> status,
+                                                           std::size_t max, std::string_view after) const;
   /// The provider's payouts, newest first, at most `max` (and at most payouts_per_provider_max).
   [[nodiscard]] std::vector<payout_entry> payouts_of(std::string_view provider_id,
                                                      std::size_t max) const;

@@ -785,6 +785,13 @@ TEST_F(admin_api_test, jobs_are_listed_newest_first_optionally_in_one_state) {
   EXPECT_EQ(ids("/admin/jobs"), (std::vector<std::string>{"j3", "j2", "j1"}));
   EXPECT_EQ(ids("/admin/jobs?state=queued"), (std::vector<std::string>{"j3", "j1"}));
   EXPECT_EQ(ids("/admin/jobs?state=queued&limit=1"), (std::vector<std::string>{"j3"}));
+  // Paged newest first: has_more says whether older ones follow, `after` the last one seen.
+  EXPECT_TRUE(json::parse(call("GET", "/admin/jobs?limit=2").body).at("has_more").as_bool());
+  EXPECT_EQ(ids("/admin/jobs?limit=2&after=j2"), (std::vector<std::string>{"j1"}));
+  EXPECT_FALSE(json::parse(call("GET", "/admin/jobs?limit=2&after=j2").body).at("has_more").as_bool());
+  EXPECT_EQ(ids("/admin/jobs?state=queued&after=j3"), (std::vector<std::string>{"j1"}));
+  EXPECT_FALSE(json::parse(call("GET", "/admin/jobs?limit=3").body).at("has_more").as_bool());
+  expect_invalid(call("GET", "/admin/jobs?after=j9"), "after");
   EXPECT_EQ(ids("/admin/jobs?state=failed"), (std::vector<std::string>{"j2"}));
   EXPECT_TRUE(ids("/admin/jobs?state=streaming").empty());
   const auto failed = json::parse(call("GET", "/admin/jobs?state=failed").body);
