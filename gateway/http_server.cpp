@@ -401,6 +401,7 @@ class session : public std::enable_shared_from_this<session> {
   void reject_busy() {
     keep_alive_ = false;
     auto busy = json_error(503, "too many open connections; retry later", "server_error");
+    busy.headers.emplace_back("Retry-After", "1");  // clients that honour it back off
     if (options_.on_refusal) options_.on_refusal(nullptr, busy);
     queue(serialize(busy, connection_after::close));
     complete_ = true;

@@ -101,6 +101,7 @@ TEST(http_server, connections_beyond_connections_max_get_503_and_are_closed) {
   ASSERT_TRUE(third.connected());
   const auto [reply, closed] = third.read_until_closed(std::chrono::seconds(5));
   EXPECT_NE(reply.find("503"), std::string::npos) << reply;
+  EXPECT_NE(reply.find("\r\nRetry-After: 1\r\n"), std::string::npos) << reply;
   EXPECT_TRUE(closed);
 }
 
