@@ -227,15 +227,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     bridge_.run_keyed(id, [self, id, request = std::move(request)](caf::event_based_actor* actor) mutable {
       actor->request(self->scheduler_, caf::infinite, std::move(request))
           .then([self, id](const actors::job_accepted&) { self->accepted(id); },
-                [self, id](caf::error& failure) {
-                  // Refused unrecorded (busy: the scheduler holds too many jobs; already live), no
-                  // job ended: only the request's 429 counts it.
-                  const auto refused = actors::domain_error_of(failure);
-                  const bool recorded = !refused || (refused->code != domain::errc::busy &&
-                                                     refused->code != domain::errc::already_exists);
-                  self->finish_error(id, refusal_of(failure), token_usage{0, 0},
-                                     recorded ? std::optional(domain::job_status::failed) : std::nullopt);
-                });
+                [self, id](caf::error& failure) { self->finish_error(id, refusal_of(failure)); });
     });
     if (wants_ad) {
       ads_->pick(id, user_id, std::move(prompt_text),
@@ -845,10 +837,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// Ends job `id`'s answer with `error` (in-band once its stream started), counted in the metrics
   /// as `counted`. A stream's last chunk says what is billed (`billed`): nothing for a failed job,
   /// what a cancel billed, unknown (left out) when its settlement's fate is open.
-  /// Ends the answer with `error`; the job counts as ended `counted` (nothing: no job was recorded).
   void finish_error(const std::string& id, const api_error& error,
                     std::optional<token_usage> billed = token_usage{0, 0},
-                    std::optional<domain::job_status> counted = domain::job_status::failed) {
+                    domain::job_status counted = domain::job_status::failed) {
     auto live = find(id);
     if (!live) return;
     std::optional<std::string> unshown_ad;
@@ -875,7 +866,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
     }
     if (unshown_ad) ads_->release(*unshown_ad, "the answer failed");
-    if (counted) count_end(tokens_sent, *counted);
+    count_end(tokens_sent, counted);
     forget(id);
   }
 
