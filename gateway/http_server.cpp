@@ -583,6 +583,12 @@ class session : public std::enable_shared_from_this<session> {
   /// requests left unanswered), and the watch goes on: a client leaving is still noticed at once,
   /// and a connection holds no more than a header's worth of what comes early.
   void watch() {
+    // Up to a header block and one read may have come behind the request (see buffer_): past a
+    // header block's worth it is dropped now, so that this read fits the buffer's bound.
+    if (buffer_.size() >= options_.header_bytes_max) {
+      keep_alive_ = false;
+      buffer_.consume(buffer_.size());
+    }
     watching_ = true;
     stream_.expires_never();  // not a write's deadline, which is set while no read is pending
     stream_.async_read_some(buffer_.prepare(watch_read_bytes), [self = shared_from_this()](beast::error_code ec, std::size_t n) {
@@ -597,10 +603,6 @@ class session : public std::enable_shared_from_this<session> {
       if (self->read_next_) {
         self->read_next_ = false;
         return self->read();
-      }
-      if (self->buffer_.size() >= self->options_.header_bytes_max) {
-        self->keep_alive_ = false;
-        self->buffer_.consume(self->buffer_.size());
       }
       self->watch();
     });

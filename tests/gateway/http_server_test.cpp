@@ -291,6 +291,33 @@ TEST(http_server, a_chunked_body_whose_size_line_or_trailer_never_ends_gets_431_
   EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
 }
 
+TEST(http_server, bytes_past_header_bytes_max_sent_behind_a_request_are_dropped_and_the_server_goes_on) {
+  // What comes behind a request while it is answered is kept for the next one, up to a header
+  // block's worth; more is dropped and the connection closes after the answer.
+  http_server_options options;
+  options.header_bytes_max = 1024;
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  {
+    client pipeliner(server->port());
+    ASSERT_TRUE(pipeliner.connected());
+    // A body first grows the read buffer to its bound, so that one read can take a request and
+    // most of a header block's worth behind it.
+    const std::string body(5000, 'b');
+    pipeliner.send("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + body);
+    EXPECT_NE(read_until(pipeliner, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"),
+              std::string::npos);
+    pipeliner.send(healthz + std::string(4000, 'x'));
+    const auto [reply, closed] = pipeliner.read_until_closed(std::chrono::seconds(5));
+    EXPECT_TRUE(reply.starts_with("HTTP/1.1 200 ")) << reply;
+    EXPECT_TRUE(closed);
+  }
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send(healthz);
+  EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
+}
+
 TEST(http_server, an_http10_client_asking_for_keep_alive_is_told_the_connection_stays_open) {
   // An HTTP/1.0 client that is not told reads until the close, which comes only after idle_timeout.
   auto server = start({});
