@@ -307,29 +307,38 @@ class node::impl {
     }
     if (live->empty()) return;
     const auto failed = bridge_.ask_all(live->size(), left_open_in_flight_max, [this, live](caf::event_based_actor* actor, std::size_t i, auto done) {
+      // Its impression first: a job failed before its impression is taken back would not be
+      // found live again at the next start, should taking it back fail now.
+      auto fail_job = [this, actor, done, live, i] {
+        actor->request(runtime_.jobs, options_.left_open_wait_max, (*live)[i].job_id,
+                       domain::job::command{domain::fail_job{events::failure_reason::internal, std::string(stopped_while_live)}})
+            .then([done](const actors::command_reply&) { done(true); },
+                  [done, live, i](caf::error& failure) {
+                    spdlog::error("job {}, live when the server stopped, could not be failed: {}", (*live)[i].job_id,
+                                  actors::describe(failure));
+                    done(false);
+                  });
+      };
       const auto& job = (*live)[i];
-      actor->request(runtime_.jobs, options_.left_open_wait_max, job.job_id,
-                     domain::job::command{domain::fail_job{events::failure_reason::internal, std::string(stopped_while_live)}})
-          .then(
-              [this, actor, done, live, i](const actors::command_reply&) {
-                const auto& job = (*live)[i];
-                if (job.impression_id.empty()) return done(true);
-                actor->request(runtime_.ad_server, options_.left_open_wait_max, actors::unserved_atom::value,
-                               job.impression_id, std::string(stopped_while_live))
-                    .then([done](bool) { done(true); },
-                          [done, live, i](caf::error& failure) {
-                            const auto& job = (*live)[i];
-                            spdlog::error("ad impression {} of job {}, live when the server stopped, could not be "
-                                          "taken back: {}",
-                                          job.impression_id, job.job_id, actors::describe(failure));
-                            done(false);
-                          });
-              },
-              [done, live, i](caf::error& failure) {
-                spdlog::error("job {}, live when the server stopped, could not be failed: {}", (*live)[i].job_id,
-                              actors::describe(failure));
-                done(false);
-              });
+      if (job.impression_id.empty()) return fail_job();
+      actor->request(runtime_.ad_server, options_.left_open_wait_max, actors::unserved_atom::value, job.impression_id,
+                     std::string(stopped_while_live))
+          .then([fail_job](bool) { fail_job(); },
+                [fail_job, done, live, i](caf::error& failure) {
+                  const auto& job = (*live)[i];
+                  // Clicked (its ad was seen) or past the campaign's memory: it stays recorded,
+                  // with no bill to pay for it.
+                  const auto refused = actors::domain_error_of(failure);
+                  if (refused && (refused->code == domain::errc::invalid_state || refused->code == domain::errc::not_found)) {
+                    spdlog::warn("ad impression {} of job {}, live when the server stopped, stays recorded: {}",
+                                 job.impression_id, job.job_id, refused->message);
+                    return fail_job();
+                  }
+                  spdlog::error("ad impression {} of job {}, live when the server stopped, could not be taken "
+                                "back (the next start tries again): {}",
+                                job.impression_id, job.job_id, actors::describe(failure));
+                  done(false);
+                });
     });
     spdlog::info("failed {} of {} jobs that were live when the server stopped", failed, live->size());
   }

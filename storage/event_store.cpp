@@ -15,7 +15,10 @@ namespace gpustream::storage {
 
 expected<std::shared_lock<std::shared_timed_mutex>, error> event_store::impl::read_lock() const {
   std::shared_lock lock(db_mutex_);
-  if (db_ && !reopen_needed_.load() && !sync_failed_.load()) return lock;
+  // sync_failed_ first: the writer sets reopen_needed_ before it clears sync_failed_ (see
+  // recover_if_needed), so one of the two is seen set until the reopen is done.
+  const bool failed = sync_failed_.load();
+  if (db_ && !failed && !reopen_needed_.load()) return lock;
   lock.unlock();
   if (options_.read_only) return unexpected{make_error(errc::io_error, "the store is closed")};
   // The writer reopens first (a failed write the WAL holds becomes part of the log): a read before
