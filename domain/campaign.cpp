@@ -63,12 +63,17 @@ expected<std::vector<std::string>, error> normalise_words(std::string_view what,
   return result;
 }
 
-/// The byte at which `text` has its first control character (C0, DEL, or C1 in UTF-8), or npos.
+/// The byte at which `text` (UTF-8) has its first control character, or npos: C0, DEL, C1, the
+/// line and paragraph separators (U+2028, U+2029), and the bidirectional embeddings, overrides
+/// and isolates (U+202A..U+202E, U+2066..U+2069), which reorder the text around them.
 std::size_t control_character_at(std::string_view text) {
+  const auto at = [&](std::size_t i) { return i < text.size() ? static_cast<unsigned char>(text[i]) : 0u; };
   for (std::size_t i = 0; i < text.size(); ++i) {
-    const auto byte = static_cast<unsigned char>(text[i]);
+    const auto byte = at(i);
     if (byte < 0x20 || byte == 0x7f) return i;
-    if (byte == 0xc2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) <= 0x9f) return i;
+    if (byte == 0xc2 && at(i + 1) >= 0x80 && at(i + 1) <= 0x9f) return i;
+    if (byte == 0xe2 && at(i + 1) == 0x80 && at(i + 2) >= 0xa8 && at(i + 2) <= 0xae) return i;
+    if (byte == 0xe2 && at(i + 1) == 0x81 && at(i + 2) >= 0xa6 && at(i + 2) <= 0xa9) return i;
   }
   return std::string_view::npos;
 }

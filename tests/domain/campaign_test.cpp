@@ -89,7 +89,11 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.text = "Buy X.\x1b[2J"; }), errc::invalid_argument,
                  "ad text has a line break or other control character at byte 6");
   expect_refused(with([](create_campaign& c) { c.text = "C1 \xc2\x9b"; }), errc::invalid_argument, "at byte 3");
-  EXPECT_TRUE(with([](create_campaign& c) { c.text = "caf\xc3\xa9 \xc2\xa0ok"; })) << "other UTF-8 is fine";
+  expect_refused(with([](create_campaign& c) { c.text = "line\xe2\x80\xa8sep"; }), errc::invalid_argument, "at byte 4");
+  expect_refused(with([](create_campaign& c) { c.text = "RLO \xe2\x80\xae"; }), errc::invalid_argument, "at byte 4");
+  expect_refused(with([](create_campaign& c) { c.title = "FSI\xe2\x81\xa8"; }), errc::invalid_argument, "at byte 3");
+  EXPECT_TRUE(with([](create_campaign& c) { c.text = "caf\xc3\xa9 \xc2\xa0ok \xe2\x80\x94 \xe2\x81\xb0"; }))
+      << "other UTF-8 is fine";
   expect_refused(with([](create_campaign& c) { c.text = std::string(31, 'x'); }), errc::invalid_argument,
                  "ad text is 31 bytes long; at most 30");
   expect_refused(with([](create_campaign& c) { c.url = "https://acme.example/a/long/path"; }),
