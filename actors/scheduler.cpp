@@ -520,6 +520,19 @@ std::uint32_t window_of(const live_job& job) {
   return std::max(asked, job.request.prompt_tokens + job.tokens_so_far + 1);
 }
 
+/// Whether an online provider other than `excluded` serves the job's model at its tier and may
+/// take it: for a free job, not one its user owns (see domain::queued_job::owner_excluded).
+bool others_serve(self_pointer self, const live_job& job, const std::string& excluded) {
+  const auto& r = job.request;
+  domain::candidate_filter not_owned;
+  if (!r.premium) {
+    not_owned = [&user = r.user_id](const domain::online_provider& p, const domain::online_offer&) {
+      return p.owner_user_id != user;
+    };
+  }
+  return self->state.index->can_serve(r.model, r.quality, excluded, not_owned);
+}
+
 /// A conversation's key for sticky sessions: its id is the client's to choose, so it is the user's
 /// own (a common id such as "default" does not gather every user on one provider, nor does one
 /// user's id reach another's prompt cache). Empty for a job of no conversation.
@@ -909,8 +922,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
   // An answer begun on a provider continues on another one, and with no other provider for the
   // model nothing is left.
-  if ((job.started || job.tokens_so_far > 0) &&
-      !self->state.index->can_serve(job.request.model, job.request.quality, from)) {
+  if ((job.started || job.tokens_so_far > 0) && !others_serve(self, job, from)) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
              "the answer broke off on provider " + from + " and no other provider serves model " +
                  job.request.model,
@@ -1063,7 +1075,7 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
         job.rejected_by.push_back(failure.provider_id);
       }
       if (job.rejected_by.size() >= self->state.options.request_rejections_max ||
-          !self->state.index->can_serve(job.request.model, job.request.quality, failure.provider_id)) {
+          !others_serve(self, job, failure.provider_id)) {
         fail_job(self, failure.job_id, events::failure_reason::upstream_error,
                  "the provider's backend refused the request: " + failure.message, answer);
         break;

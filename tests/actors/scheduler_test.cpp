@@ -563,11 +563,18 @@ TEST_F(scheduler_test, a_free_job_never_goes_to_a_provider_its_user_owns) {
   EXPECT_EQ(job("j2").provider_id, "p2");
   EXPECT_EQ(job("j3").provider_id, "p1");
 
-  // Its provider lost before the first token, the job is not moved to its user's own.
+  // Their provider lost, neither of olga's jobs moves to her own: the one begun (j2) broke off
+  // with no other provider left, the other (j4) has none to go to.
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j4", "owner-p1", false)));
+  run();
+  EXPECT_EQ(job("j4").provider_id, "p2");
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j2"), std::string("p2")));
   self_->send(rt_.scheduler, offline_atom::value, std::string("p2"));
   run();
   EXPECT_EQ(job("j2").status, domain::job_status::failed);
-  EXPECT_EQ(job("j2").failure, events::failure_reason::no_provider);
+  EXPECT_EQ(job("j2").failure, events::failure_reason::all_providers_failed);
+  EXPECT_EQ(job("j4").status, domain::job_status::failed);
+  EXPECT_EQ(job("j4").failure, events::failure_reason::no_provider);
 }
 
 TEST_F(scheduler_test, a_free_user_over_the_daily_quota_is_refused) {
