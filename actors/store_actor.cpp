@@ -15,6 +15,13 @@ namespace gpustream::actors {
 
 namespace {
 
+/// Serves the store actor's reads and snapshot writes, so that a long recovery (a ledger's tail)
+/// or a snapshot's synced write does not hold up the acknowledgements of appends behind it. One
+/// actor, in the order the store actor forwards: a snapshot saved before a recovery of its
+/// stream is seen by it.
+using store_reader = caf::typed_actor<caf::replies_to<recover_atom, std::string, bool>::with<recovery>,
+                                      caf::reacts_to<snapshot_atom, std::string, std::uint64_t, std::string>>;
+
 struct store_state {
   // Declared so that the state is no aggregate: CAF would otherwise try to build it from the
   // actor pointer (C++20 aggregates accept parenthesised initialisation).
@@ -22,6 +29,7 @@ struct store_state {
 
   std::shared_ptr<storage::event_store> store;
   store_actor_options options;
+  store_reader reader;  ///< linked: it exits with this actor
   /// Appends handed to the store and not yet answered, by ticket. Bounded by the store itself:
   /// beyond its append_queue_events_max or append_queue_bytes_max it refuses appends with
   /// `overloaded`.
@@ -86,24 +94,35 @@ void deliver(store_pointer self, append_outcome& outcome) {
   self->state.pending.erase(pending);
 }
 
+store_reader::behavior_type reader_behavior(std::shared_ptr<storage::event_store> store) {
+  return {
+      [store](recover_atom, const std::string& stream, bool use_snapshot) -> caf::result<recovery> {
+        auto result = read_recovery(*store, stream, use_snapshot);
+        if (!result) return make_error(result.error());
+        return std::move(result.value());
+      },
+      [store](snapshot_atom, const std::string& stream, std::uint64_t version, const std::string& state) {
+        // Snapshots are only an optimisation: a failed save costs a longer recovery, no data.
+        (void)store->save_snapshot(stream, version, state);
+      },
+  };
+}
+
 store_actor::behavior_type store_behavior(store_pointer self,
                                           std::shared_ptr<storage::event_store> store,
                                           store_actor_options options) {
   self->state.store = std::move(store);
   self->state.options = options;
+  self->state.reader = self->spawn<caf::linked>(reader_behavior, self->state.store);
   return {
       [self](append_atom, append_request& request) {
         return append(self, std::move(request));
       },
-      [self](recover_atom, const std::string& stream, bool use_snapshot) -> caf::result<recovery> {
-        auto result = read_recovery(*self->state.store, stream, use_snapshot);
-        if (!result) return make_error(result.error());
-        return std::move(result.value());
+      [self](recover_atom, std::string& stream, bool use_snapshot) {
+        return self->delegate(self->state.reader, recover_atom::value, std::move(stream), use_snapshot);
       },
-      [self](snapshot_atom, const std::string& stream, std::uint64_t version,
-             const std::string& state) {
-        // Snapshots are only an optimisation: a failed save costs a longer recovery, no data.
-        (void)self->state.store->save_snapshot(stream, version, state);
+      [self](snapshot_atom, std::string& stream, std::uint64_t version, std::string& state) {
+        self->send(self->state.reader, snapshot_atom::value, std::move(stream), version, std::move(state));
       },
       [self](appended_atom, append_outcome& outcome) { deliver(self, outcome); },
   };

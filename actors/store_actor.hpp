@@ -1,7 +1,8 @@
 #pragma once
 /// The store actor owns the event store. Aggregate actors send it their appends; it hands them to
 /// the store's group commit without waiting (appends of many actors share one fsync) and answers
-/// each once the store has acknowledged it. It also serves recovery reads and snapshot writes.
+/// each once the store has acknowledged it. It also serves recovery reads and snapshot writes,
+/// through an actor of its own, so that they never hold up the acknowledgements.
 
 #include <caf/fwd.hpp>
 #include <caf/replies_to.hpp>

@@ -15,6 +15,7 @@
 #include "storage/fault_injector.hpp"
 #include "tests/actors/actor_testing.hpp"
 #include "tests/actors/wallet.hpp"
+#include "tests/storage/store_testing.hpp"
 
 namespace gpustream::actors {
 namespace {
@@ -39,6 +40,26 @@ class persistent_actor_test : public testing::deterministic_fixture {
 
   testing::manual_clock clock_;
 };
+
+TEST_F(persistent_actor_test, a_recovery_read_does_not_hold_up_the_store_actors_appends) {
+  // A long recovery (a ledger's tail) used to run inside the store actor, and every append
+  // acknowledged meanwhile waited behind it.
+  ASSERT_TRUE(ask<command_reply>(spawn_wallet(), credit("d1", 1)));
+  auto recovering = self_->request(store_, caf::infinite, recover_atom::value, std::string("wallet-1"), false);
+  auto appending = self_->request(store_, caf::infinite, append_atom::value,
+                                 append_request{storage::testing::one_stream("other", storage::no_stream, 9, 1, 1)});
+  for (int message = 0; message < 2; ++message) {  // the store actor alone: it hands the read on and appends
+    ASSERT_TRUE(sched_.prioritize(store_));
+    sched_.run_once();
+  }
+  auto appended = collect<storage::append_result>(appending);
+  ASSERT_TRUE(appended) << describe(appended.error());
+  EXPECT_TRUE(self_->mailbox().empty()) << "the recovery was read by the store actor itself";
+  run();
+  auto recovered = collect<recovery>(recovering);
+  ASSERT_TRUE(recovered) << describe(recovered.error());
+  EXPECT_EQ(recovered.value().tail.size(), 1u);
+}
 
 TEST_F(persistent_actor_test, applies_and_answers_only_after_the_store_acknowledges) {
   auto actor = spawn_wallet();
