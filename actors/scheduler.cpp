@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "actors/errors.hpp"
+#include "base/text.hpp"
 #include "domain/scoring.hpp"
 
 namespace gpustream::actors {
@@ -262,6 +263,12 @@ void drop_unrecorded(self_pointer self, const std::string& job_id, const caf::er
 template <class Done>
 void fail_job(self_pointer self, const std::string& job_id, events::failure_reason reason,
               std::string message, Done done) {
+  // A backend's error may be longer than the job's record takes (4 KiB on the link, 1,000 bytes
+  // recorded): the record would refuse the whole end, and the job would never end.
+  if (const auto max = domain::job_options{}.message_length_max; message.size() > max) {
+    static constexpr std::string_view cut = " …";
+    message = std::string(utf8_prefix(message, max - cut.size())) + std::string(cut);
+  }
   self->request(self->state.peers.jobs, caf::infinite, job_id,
                 domain::job::command{domain::fail_job{reason, message}})
       .then(

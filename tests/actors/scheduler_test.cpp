@@ -807,11 +807,15 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
   run();
   const std::string second = job("j1").provider_id;
   ASSERT_NE(second, first);
-  // A second refusal: the request is the client's to mend.
+  // A second refusal: the request is the client's to mend. Its words may be longer than a job's
+  // record takes (the link carries 4 KiB): they are cut, not the end refused.
   auto ended = ask<job_ended>(rt_.scheduler, job_failure{"j1", second, domain::job_fault::request, 0,
-                                                         "backend http_status 400: unknown field"});
+                                                         "backend http_status 400: unknown field " +
+                                                             std::string(1'200, 'x')});
   ASSERT_TRUE(ended) << describe(ended.error());
   EXPECT_EQ(ended.value().status, domain::job_status::failed);
+  EXPECT_LE(ended.value().detail.size(), domain::job_options{}.message_length_max);
+  EXPECT_TRUE(ended.value().detail.ends_with("x …")) << ended.value().detail;
   EXPECT_EQ(ended.value().failure, events::failure_reason::upstream_error);
   EXPECT_NE(ended.value().detail.find("refused the request: backend http_status 400: unknown field"),
             std::string::npos)
