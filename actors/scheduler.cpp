@@ -1083,6 +1083,7 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
       }
       if (job.rejected_by.size() >= self->state.options.request_rejections_max ||
           !others_serve(self, job, failure.provider_id)) {
+        job.ending = true;  // its provider lost meanwhile is no fault of the provider's for this job
         fail_job(self, failure.job_id, events::failure_reason::upstream_error,
                  "the provider's backend refused the request: " + failure.message, answer);
         break;
@@ -1105,6 +1106,7 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
       }
       break;
     default:
+      job.ending = true;
       fail_job(self, failure.job_id, events::failure_reason::internal, failure.message, answer);
   }
   return reply;

@@ -830,6 +830,26 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
   }
 }
 
+TEST_F(scheduler_test, a_provider_lost_while_a_refused_request_fails_counts_no_fault_against_it) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_EQ(job("j1").provider_id, "p1");
+  // The link reports the backend's refusal and is lost right after: both come before the job's
+  // end is recorded.
+  auto ended = self_->request(rt_.scheduler, caf::infinite,
+                              job_failure{"j1", "p1", domain::job_fault::request, 0, "backend http_status 400: bad"});
+  self_->send(rt_.scheduler, offline_atom::value, std::string("p1"));
+  run();
+  auto answer = collect<job_ended>(ended);
+  ASSERT_TRUE(answer) << describe(answer.error());
+  EXPECT_EQ(answer.value().failure, events::failure_reason::upstream_error);
+  EXPECT_EQ(job("j1").failure, events::failure_reason::upstream_error);
+  auto provider = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(provider);
+  EXPECT_EQ(provider.value().counters.aborted_jobs, 0u) << "the client's bad request is not the provider's fault";
+}
+
 TEST_F(scheduler_test, a_request_refused_again_by_the_same_backend_waits_for_another_one) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
