@@ -292,20 +292,28 @@ void assign_pass(self_pointer self);
 expected<domain::job_settlement, domain::error> bill_of(self_pointer self, const std::string& job_id,
                                                         domain::job_outcome outcome, std::uint32_t prompt_tokens,
                                                         std::uint32_t completion_tokens,
-                                                        std::optional<domain::ad_charge> ad) {
+                                                        std::optional<domain::ad_charge> ad,
+                                                        bool attempt_started = true) {
   const auto& job = self->state.jobs.at(job_id);
-  return domain::settle_job(domain::job_bill{.job_id = job_id,
-                                             .user_id = job.request.user_id,
-                                             .provider_id = job.provider_id,
-                                             .premium = job.request.premium,
-                                             .outcome = outcome,
-                                             .price = job.price,
-                                             .quality = job.request.quality,
-                                             .prompt_tokens = prompt_tokens,
-                                             .completion_tokens = completion_tokens,
-                                             .ad = std::move(ad),
-                                             .earlier = job.earlier},
-                            self->state.options.pricing);
+  domain::job_bill bill{.job_id = job_id,
+                        .user_id = job.request.user_id,
+                        .provider_id = job.provider_id,
+                        .premium = job.request.premium,
+                        .outcome = outcome,
+                        .price = job.price,
+                        .quality = job.request.quality,
+                        .prompt_tokens = prompt_tokens,
+                        .completion_tokens = completion_tokens,
+                        .ad = std::move(ad),
+                        .earlier = job.earlier};
+  if (!attempt_started && !bill.earlier.empty()) {
+    // The attempt under way (or waiting to be offered) had not begun its answer: the prompt and
+    // the last tokens are the last provider's that produced any, at its price.
+    bill.provider_id = bill.earlier.back().provider_id;
+    bill.price = bill.earlier.back().price;
+    bill.earlier.pop_back();
+  }
+  return domain::settle_job(bill, self->state.options.pricing);
 }
 
 /// The bill as the job's end records it: none when nothing is owed, or when it could not be made
@@ -1137,7 +1145,7 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   if (running) cancel_at_provider(self, found->second.provider_id, cancel.job_id);
   // What the client got is billed, also when the job waits in the queue again after a failover
   // (the job's record refuses fewer tokens than it holds so far); the provider and price are
-  // those of its last attempt.
+  // those of its last attempt that began its answer.
   const std::uint32_t tokens =
       within_budget(found->second, std::max(cancel.tokens_produced, found->second.tokens_so_far));
   // Billed once its provider started (its first token came; a cancel may come before the token
@@ -1146,7 +1154,9 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
   const bool billed = started || tokens > 0;
   std::optional<expected<domain::job_settlement, domain::error>> settled;
   const std::uint32_t prompt = found->second.request.prompt_tokens;  // no backend count: as estimated
-  if (billed) settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, prompt, tokens, std::nullopt);
+  if (billed) {
+    settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, prompt, tokens, std::nullopt, started);
+  }
   const std::uint32_t free_tokens = settled ? recorded_free_tokens(found->second, *settled, prompt, tokens) : 0;
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{

@@ -1268,6 +1268,28 @@ TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tok
   EXPECT_EQ(balance("provider-" + second), second_gross - second_gross / 10);
 }
 
+TEST_F(scheduler_test, a_cancel_after_a_failover_before_the_next_answer_began_pays_the_provider_that_produced) {
+  bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
+  bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD
+  create_user("dave", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
+  const std::string first = job("j1").provider_id;
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
+  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 100, "dropped"});
+  ASSERT_TRUE(moved) << describe(moved.error());
+  const std::string second = job("j1").provider_id;
+  ASSERT_NE(second, first);
+  // Offered to the second, which has not sent a first token when the client leaves with 100.
+  auto ended = ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 100});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  const std::int64_t price = first == "p1" ? 1 : 3;
+  const std::int64_t gross = (1000 + 100) * price;  // the prompt and the 100 tokens, at the first's price
+  EXPECT_EQ(ended.value().gross_micros, gross);
+  EXPECT_EQ(balance("user-dave"), 50'000'000 - gross);
+  EXPECT_EQ(balance("provider-" + first), gross - gross / 10);
+  EXPECT_EQ(balance("provider-" + second), 0) << "it never began the answer";
+}
+
 TEST_F(scheduler_test, after_a_failover_the_rest_goes_only_to_a_provider_whose_quote_fits_what_is_left_of_the_hold) {
   // Alone at admission, p1 (1 USD per Mtok in, 3 out) sets the hold: 1,000 prompt + 500 tokens =
   // 2,500 micro-USD, all of dave's balance.
