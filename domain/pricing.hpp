@@ -10,7 +10,9 @@
 ///   gross = ceil((prompt * input_price + completion * output_price) * multiplier_percent
 ///                / (1'000'000 * 100))
 /// and the platform fee is rounded DOWN: fee = floor(gross * fee_bps / 10'000), so any rounding
-/// micro goes to the provider, never to the platform. provider_net = gross - fee.
+/// micro goes to the provider, never to the platform. provider_net = gross - fee. After a failover
+/// each provider's part of the gross is its own, and the fee is taken (and rounded down) part by
+/// part, so the fees may add up to a few micros less than that of the whole gross.
 ///
 /// Who pays (job_settlement, one linked ledger group "job-<id>"):
 ///   premium: user-<u> -> provider-<p> (usage, gross), provider-<p> -> platform (platform_fee)
