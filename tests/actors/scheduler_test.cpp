@@ -139,6 +139,21 @@ class scheduler_test : public testing::deterministic_fixture {
 
   std::map<std::string, provider_session> sessions_;  ///< each provider's latest link, by id
 
+  /// p1 (1 USD per million tokens) and p2 (3 USD) online, dave's premium job j1 produced 100 tokens
+  /// on the first it went to and was offered to the other; (first, second), empty when that failed.
+  std::pair<std::string, std::string> j1_failed_over_after_100_tokens() {
+    bring_online("p1", "llama-8b", 1);
+    bring_online("p2", "llama-8b", 1, 3'000'000);
+    create_user("dave", events::user_tier::premium, 50'000'000);
+    if (!ask<job_accepted>(rt_.scheduler, request("j1", "dave", true))) return {};
+    const std::string first = job("j1").provider_id;
+    if (!ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first)) return {};
+    if (!ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 100, "dropped"})) return {};
+    const std::string second = job("j1").provider_id;
+    if (second == first) return {};
+    return {first, second};
+  }
+
   /// Providers p1 and p2 of one slot each, one of them running (started) job j0 of premium user
   /// dave; returns its id, empty when that failed.
   std::string two_providers_one_busy() {
@@ -1245,16 +1260,8 @@ TEST_F(scheduler_test, a_completion_bills_the_prompt_as_the_backend_counted_it_n
 }
 
 TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tokens_at_its_own_price) {
-  bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
-  bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string first = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
-  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 100, "dropped"});
-  ASSERT_TRUE(moved) << describe(moved.error());
-  const std::string second = job("j1").provider_id;
-  ASSERT_NE(second, first);
+  const auto [first, second] = j1_failed_over_after_100_tokens();
+  ASSERT_FALSE(first.empty());
   ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), second));
   auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", second, 150, 150, 1000, 2'000'000, 150, 150 * 4});
   ASSERT_TRUE(ended) << describe(ended.error());
@@ -1269,16 +1276,8 @@ TEST_F(scheduler_test, an_answer_that_failed_over_pays_each_provider_its_own_tok
 }
 
 TEST_F(scheduler_test, a_cancel_after_a_failover_before_the_next_answer_began_pays_the_provider_that_produced) {
-  bring_online("p1", "llama-8b", 1);             // 1 USD per million tokens
-  bring_online("p2", "llama-8b", 1, 3'000'000);  // 3 USD
-  create_user("dave", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "dave", true)));
-  const std::string first = job("j1").provider_id;
-  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), first));
-  auto moved = ask<job_ended>(rt_.scheduler, job_failure{"j1", first, domain::job_fault::provider, 100, "dropped"});
-  ASSERT_TRUE(moved) << describe(moved.error());
-  const std::string second = job("j1").provider_id;
-  ASSERT_NE(second, first);
+  const auto [first, second] = j1_failed_over_after_100_tokens();
+  ASSERT_FALSE(first.empty());
   // Offered to the second, which has not sent a first token when the client leaves with 100.
   auto ended = ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 100});
   ASSERT_TRUE(ended) << describe(ended.error());

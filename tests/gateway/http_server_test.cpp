@@ -259,6 +259,14 @@ TEST(http_server, a_refused_body_can_still_be_sent_and_the_answer_is_not_reset) 
   EXPECT_EQ(sent, body_bytes) << "the body was cut off by " << std::strerror(error);
 }
 
+/// A new connection to the server on `port` is served: what came before harmed nothing else.
+void expect_still_served(std::uint16_t port) {
+  client peer(port);
+  ASSERT_TRUE(peer.connected());
+  peer.send(healthz);
+  EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
+}
+
 TEST(http_server, a_chunked_body_whose_size_line_or_trailer_never_ends_gets_431_not_unbounded_memory) {
   // Beast's parser bounds the header block and the body's declared sizes, but not a chunk's size
   // line nor the trailer: without a bound of the server's own, the server buffers all it is sent.
@@ -284,11 +292,7 @@ TEST(http_server, a_chunked_body_whose_size_line_or_trailer_never_ends_gets_431_
     EXPECT_NE(reply.find("exceeds header_bytes_max (1024 bytes)"), std::string::npos) << reply;
     EXPECT_TRUE(closed);
   }
-  // The server goes on serving.
-  client peer(server->port());
-  ASSERT_TRUE(peer.connected());
-  peer.send(healthz);
-  EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
+  expect_still_served(server->port());
 }
 
 TEST(http_server, bytes_past_header_bytes_max_sent_behind_a_request_are_dropped_and_the_server_goes_on) {
@@ -312,10 +316,7 @@ TEST(http_server, bytes_past_header_bytes_max_sent_behind_a_request_are_dropped_
     EXPECT_TRUE(reply.starts_with("HTTP/1.1 200 ")) << reply;
     EXPECT_TRUE(closed);
   }
-  client peer(server->port());
-  ASSERT_TRUE(peer.connected());
-  peer.send(healthz);
-  EXPECT_NE(read_until(peer, [](const std::string& t) { return t.ends_with("ok"); }).find("200 OK"), std::string::npos);
+  expect_still_served(server->port());
 }
 
 TEST(http_server, an_http10_client_asking_for_keep_alive_is_told_the_connection_stays_open) {
