@@ -753,7 +753,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     if (!budget) return invalid{std::move(budget).error()};
     auto daily = optional_integer(body, "daily_budget_micros", 1, money_max);
     if (!daily) return invalid{std::move(daily).error()};
-    auto cap = optional_integer(body, "frequency_cap_per_day", 0,
+    auto cap = optional_integer(body, "frequency_cap_per_day", 1,  // 0 would never show the ad
                                 std::numeric_limits<std::uint32_t>::max());
     if (!cap) return invalid{std::move(cap).error()};
     c.cpm_bid_micros = *bid;

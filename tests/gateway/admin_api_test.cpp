@@ -748,6 +748,9 @@ TEST_F(admin_api_test, campaign_fields_are_validated_by_name_and_by_the_campaign
                  "budget_micros");
   expect_invalid(call("POST", "/admin/campaigns", R"({"advertiser":"a","title":"t","daily_budget":1,)" + valid_tail),
                  "daily_budget");
+  expect_invalid(call("POST", "/admin/campaigns",
+                      R"({"advertiser":"a","title":"t","frequency_cap_per_day":0,)" + valid_tail),
+                 "frequency_cap_per_day");
   // Well-formed, but the campaign's own rules refuse it: a daily budget above the whole budget.
   const auto refused = call("POST", "/admin/campaigns",
                             R"({"advertiser":"a","title":"t","daily_budget_micros":9000000,)" +
