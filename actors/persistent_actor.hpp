@@ -269,8 +269,9 @@ void dispatch(persistent_pointer<A> self) {
   if (st.passivating && !st.appending && st.stash.empty() && !st.recovering) self->quit();
 }
 
-/// Applies the recovered snapshot (if it decodes) and tail. Returns false when the snapshot was
-/// written by another snapshot_version: the caller then recovers without it.
+/// Applies one part of the recovery: the snapshot (if it decodes) and events. Returns false when
+/// the snapshot was written by another snapshot_version: the caller then recovers without it.
+/// The recovery ends with its complete part.
 template <domain::aggregate A>
 expected<bool, caf::error> apply_recovery(persistent_pointer<A> self, recovery& r) {
   auto& st = self->state;
@@ -293,6 +294,7 @@ expected<bool, caf::error> apply_recovery(persistent_pointer<A> self, recovery& 
     st.state = A::evolve(std::move(st.state), event.value());
     st.version = record.version;
   }
+  if (!r.complete) return true;
   st.working = st.state;
   st.recovering = false;
   for (auto& waiter : st.recovery_waiters) waiter(nullptr);
@@ -300,10 +302,12 @@ expected<bool, caf::error> apply_recovery(persistent_pointer<A> self, recovery& 
   return true;
 }
 
+/// Recovers the actor's state: the snapshot (when `use_snapshot`) and the events after it, or
+/// (after_version > 0) goes on with the events after after_version.
 template <domain::aggregate A>
-void recover(persistent_pointer<A> self, bool use_snapshot) {
+void recover(persistent_pointer<A> self, bool use_snapshot, std::uint64_t after_version = 0) {
   auto& st = self->state;
-  self->request(st.store, caf::infinite, recover_atom::value, st.stream, use_snapshot)
+  self->request(st.store, caf::infinite, recover_atom::value, st.stream, use_snapshot, after_version)
       .then(
           [self](recovery& r) {
             auto applied = apply_recovery<A>(self, r);
@@ -311,7 +315,10 @@ void recover(persistent_pointer<A> self, bool use_snapshot) {
               fail_everything<A>(self, applied.error());
             } else if (!applied.value()) {
               self->state.state = typename A::state{};
+              self->state.version = 0;
               recover<A>(self, false);
+            } else if (!r.complete) {
+              recover<A>(self, false, self->state.version);
             } else {
               dispatch<A>(self);
             }

@@ -19,7 +19,7 @@ namespace {
 /// or a snapshot's synced write does not hold up the acknowledgements of appends behind it. One
 /// actor, in the order the store actor forwards: a snapshot saved before a recovery of its
 /// stream is seen by it.
-using store_reader = caf::typed_actor<caf::replies_to<recover_atom, std::string, bool>::with<recovery>,
+using store_reader = caf::typed_actor<caf::replies_to<recover_atom, std::string, bool, std::uint64_t>::with<recovery>,
                                       caf::reacts_to<snapshot_atom, std::string, std::uint64_t, std::string>>;
 
 struct store_state {
@@ -41,27 +41,25 @@ struct store_state {
 
 using store_pointer = store_actor::stateful_pointer<store_state>;
 
-expected<recovery, storage::error> read_recovery(const storage::event_store& store,
-                                                 const std::string& stream, bool use_snapshot) {
+/// One part of a recovery: a stream's whole tail may be long (a ledger's), so it goes over in
+/// parts of at most read_events_max events, and is never held in memory whole.
+expected<recovery, storage::error> read_recovery(const storage::event_store& store, const std::string& stream,
+                                                 bool use_snapshot, std::uint64_t after_version) {
   recovery result;
-  auto snapshot = use_snapshot ? store.load_snapshot(stream)
-                               : expected<std::optional<storage::snapshot>, storage::error>{};
-  if (!snapshot) return unexpected{snapshot.error()};
-  if (snapshot.value()) {
-    result.has_snapshot = true;
-    result.snapshot = std::move(*snapshot.value());
+  if (use_snapshot && after_version == 0) {
+    auto snapshot = store.load_snapshot(stream);
+    if (!snapshot) return unexpected{snapshot.error()};
+    if (snapshot.value()) {
+      result.has_snapshot = true;
+      result.snapshot = std::move(*snapshot.value());
+      after_version = result.snapshot.version;
+    }
   }
-  // Read the tail in chunks: one read returns at most the store's read_events_max.
-  std::uint64_t from = result.has_snapshot ? result.snapshot.version + 1 : 1;
   const std::size_t chunk = store.options().read_events_max;
-  for (;;) {
-    auto events = store.read_stream(stream, from, ~std::uint64_t{0}, chunk);
-    if (!events) return unexpected{events.error()};
-    const std::size_t count = events.value().size();
-    for (auto& record : events.value()) result.tail.push_back(std::move(record));
-    if (count < chunk) break;
-    from = result.tail.back().version + 1;
-  }
+  auto events = store.read_stream(stream, after_version + 1, ~std::uint64_t{0}, chunk);
+  if (!events) return unexpected{events.error()};
+  result.tail = std::move(events).value();
+  result.complete = result.tail.size() < chunk;
   return result;
 }
 
@@ -96,8 +94,9 @@ void deliver(store_pointer self, append_outcome& outcome) {
 
 store_reader::behavior_type reader_behavior(std::shared_ptr<storage::event_store> store) {
   return {
-      [store](recover_atom, const std::string& stream, bool use_snapshot) -> caf::result<recovery> {
-        auto result = read_recovery(*store, stream, use_snapshot);
+      [store](recover_atom, const std::string& stream, bool use_snapshot,
+              std::uint64_t after_version) -> caf::result<recovery> {
+        auto result = read_recovery(*store, stream, use_snapshot, after_version);
         if (!result) return make_error(result.error());
         return std::move(result.value());
       },
@@ -118,8 +117,9 @@ store_actor::behavior_type store_behavior(store_pointer self,
       [self](append_atom, append_request& request) {
         return append(self, std::move(request));
       },
-      [self](recover_atom, std::string& stream, bool use_snapshot) {
-        return self->delegate(self->state.reader, recover_atom::value, std::move(stream), use_snapshot);
+      [self](recover_atom, std::string& stream, bool use_snapshot, std::uint64_t after_version) {
+        return self->delegate(self->state.reader, recover_atom::value, std::move(stream), use_snapshot,
+                              after_version);
       },
       [self](snapshot_atom, std::string& stream, std::uint64_t version, std::string& state) {
         self->send(self->state.reader, snapshot_atom::value, std::move(stream), version, std::move(state));

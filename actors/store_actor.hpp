@@ -24,12 +24,14 @@ struct append_request {
   std::vector<storage::stream_append> streams;
 };
 
-/// What an aggregate actor needs to come back to life: its latest snapshot (if any) and every
-/// event after it.
+/// What an aggregate actor needs to come back to life: its latest snapshot (if any) and the events
+/// after it, at most the store's read_events_max at a time.
 struct recovery {
   bool has_snapshot = false;
   storage::snapshot snapshot;        ///< valid when has_snapshot
-  std::vector<events::record> tail;  ///< events after the snapshot's version, in order
+  std::vector<events::record> tail;  ///< events after the snapshot's version (or the asked one), in order
+  /// False: more events follow; the actor asks again after the last one's version.
+  bool complete = true;
 };
 
 /// The outcome of one append, passed from the store's thread back into the actor.
@@ -40,8 +42,9 @@ struct append_outcome {
 
 using store_actor = caf::typed_actor<
     caf::replies_to<append_atom, append_request>::with<storage::append_result>,
-    // With `false`, the snapshot is left out and the tail starts at version 1.
-    caf::replies_to<recover_atom, std::string, bool>::with<recovery>,
+    // (stream, use_snapshot, after_version): with after_version 0, the snapshot (unless
+    // use_snapshot is false) and the events after it; otherwise the events after after_version.
+    caf::replies_to<recover_atom, std::string, bool, std::uint64_t>::with<recovery>,
     caf::reacts_to<snapshot_atom, std::string, std::uint64_t, std::string>,
     // Internal: the store's completion callback reports back through the mailbox, because a
     // response promise must only be fulfilled on the actor's own thread.

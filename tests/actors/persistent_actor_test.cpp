@@ -45,7 +45,8 @@ TEST_F(persistent_actor_test, a_recovery_read_does_not_hold_up_the_store_actors_
   // A long recovery (a ledger's tail) used to run inside the store actor, and every append
   // acknowledged meanwhile waited behind it.
   ASSERT_TRUE(ask<command_reply>(spawn_wallet(), credit("d1", 1)));
-  auto recovering = self_->request(store_, caf::infinite, recover_atom::value, std::string("wallet-1"), false);
+  auto recovering =
+      self_->request(store_, caf::infinite, recover_atom::value, std::string("wallet-1"), false, std::uint64_t{0});
   auto appending = self_->request(store_, caf::infinite, append_atom::value,
                                  append_request{storage::testing::one_stream("other", storage::no_stream, 9, 1, 1)});
   for (int message = 0; message < 2; ++message) {  // the store actor alone: it hands the read on and appends
@@ -59,6 +60,41 @@ TEST_F(persistent_actor_test, a_recovery_read_does_not_hold_up_the_store_actors_
   auto recovered = collect<recovery>(recovering);
   ASSERT_TRUE(recovered) << describe(recovered.error());
   EXPECT_EQ(recovered.value().tail.size(), 1u);
+}
+
+class persistent_actor_small_reads_test : public persistent_actor_test {
+ protected:
+  persistent_actor_small_reads_test() {
+    close_store();
+    storage::store_options options;
+    options.mode = storage::durability::buffered;
+    options.read_events_max = 4;
+    open_store(std::move(options));
+  }
+};
+
+TEST_F(persistent_actor_small_reads_test, a_long_tail_is_recovered_in_parts_of_at_most_read_events_max) {
+  // A ledger without a usable snapshot (a new snapshot_version) recovers its whole history: it
+  // used to come over in one message, all of it in memory at once.
+  auto writer = spawn_wallet();
+  for (int i = 1; i <= 10; ++i) ASSERT_TRUE(ask<command_reply>(writer, credit("d" + std::to_string(i), i)));
+  std::vector<std::pair<std::size_t, bool>> parts;  // (events, complete)
+  for (std::uint64_t after = 0;;) {
+    auto part = ask<recovery>(store_, recover_atom::value, std::string("wallet-1"), false, after);
+    ASSERT_TRUE(part) << describe(part.error());
+    parts.emplace_back(part.value().tail.size(), part.value().complete);
+    if (part.value().complete) break;
+    after = part.value().tail.back().version;
+  }
+  EXPECT_EQ(parts, (std::vector<std::pair<std::size_t, bool>>{{4, false}, {4, false}, {2, true}}));
+  auto revived = spawn_wallet(persistence_options{.snapshot_every_events = 0});
+  auto state = ask<wallet::state>(revived, state_atom::value);
+  ASSERT_TRUE(state) << describe(state.error());
+  EXPECT_EQ(state.value().balance_micros, 55);
+  EXPECT_EQ(state.value().deposit_ids.size(), 10u);
+  auto more = ask<command_reply>(revived, credit("d11", 11));
+  ASSERT_TRUE(more) << describe(more.error());
+  EXPECT_EQ(more.value().version, 11u) << "it goes on from the last part's version";
 }
 
 TEST_F(persistent_actor_test, applies_and_answers_only_after_the_store_acknowledges) {
