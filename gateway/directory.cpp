@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <iterator>
 #include <array>
 #include <condition_variable>
 #include <cstring>
@@ -215,14 +216,23 @@ class directory::impl {
     // meanwhile is skipped by version.
     const std::uint64_t gap = first - 1 - last;
     if (gap > options_.gap_events_max) return;  // the subscription will bring all of them
-    auto missing = store_->read_stream(stream, last + 1, first - 1, gap);
-    if (!missing) {
-      log_->warn("reading {} events of stream {} failed; the subscription will bring them: {}", gap,
-                 stream, missing.error().message);
-      return;
+    // In parts: the store reads at most its own read_events_max, and a part of the gap left
+    // unread would be skipped for good (these events' versions pass it).
+    std::vector<events::record> missing;
+    for (std::uint64_t from = last + 1; from < first;) {
+      auto part = store_->read_stream(stream, from, first - 1, first - from);
+      if (!part) {
+        log_->warn("reading {} events of stream {} failed; the subscription will bring them: {}", gap,
+                   stream, part.error().message);
+        return;
+      }
+      if (part->empty()) break;
+      from = part->back().version + 1;
+      std::move(part->begin(), part->end(), std::back_inserter(missing));
     }
+    if (missing.size() != gap) return;  // not all in the log yet: the subscription brings them
     std::unique_lock lock(mutex_);
-    for (const auto& r : *missing) {
+    for (const auto& r : missing) {
       if (r.version > version_of(stream)) ++events_filled_;
       apply_record(r);
     }

@@ -31,9 +31,11 @@ class directory_test : public ::testing::Test {
  protected:
   directory_test() { open_store(); }
 
-  void open_store() {
+  void open_store(std::size_t read_events_max = storage::store_options{}.read_events_max) {
+    store_.reset();
     storage::store_options options;
     options.mode = storage::durability::buffered;
+    options.read_events_max = read_events_max;
     auto opened = storage::event_store::open(dir_.path(), options);
     GPUSTREAM_ENSURE(opened.has_value());
     store_ = std::move(*opened);
@@ -378,6 +380,28 @@ TEST_F(directory_test, apply_committed_reads_missing_earlier_events_from_the_log
   EXPECT_EQ(d->counts().active_api_keys, 200u);
   EXPECT_EQ(d->counts().users, 100u);
   std::cout << "events read to fill gaps: " << d->counts().events_filled << " of 200\n";
+}
+
+TEST_F(directory_test, apply_committed_fills_a_gap_longer_than_the_stores_read_events_max) {
+  open_store(/*read_events_max=*/2);
+  auto d = open_directory();
+  ASSERT_NE(d, nullptr);
+  // Versions 1 to 4 in the log, version 5 handed in: a gap of up to 4, read 2 at a time.
+  for (int i = 0; i < 100; ++i) {
+    const auto id = "a" + std::to_string(i);
+    add_user(id);
+    append("user-" + id, {events::api_key_issued{id, "k1", sha256("gsk_1" + id), "", 2},
+                          events::api_key_issued{id, "k2", sha256("gsk_2" + id), "", 2},
+                          events::api_key_issued{id, "k3", sha256("gsk_3" + id), "", 2}});
+    const std::vector<events::event> fifth{events::api_key_issued{id, "k4", sha256("gsk_4" + id), "", 3}};
+    d->apply_committed("user-" + id, 5, fifth);
+    ASSERT_TRUE(d->user_by_api_key("gsk_3" + id).has_value()) << i;
+    ASSERT_TRUE(d->user_by_api_key("gsk_4" + id).has_value()) << i;
+    append("user-" + id, fifth);
+  }
+  catch_up(*d);
+  EXPECT_EQ(d->counts().active_api_keys, 400u) << "no key was skipped";
+  std::cout << "events read to fill gaps: " << d->counts().events_filled << " of 400\n";
 }
 
 TEST_F(directory_test, apply_committed_leaves_a_gap_longer_than_gap_events_max_to_the_subscription) {
