@@ -87,7 +87,9 @@ TEST_F(persistent_actor_small_reads_test, a_long_tail_is_recovered_in_parts_of_a
     after = part.value().tail.back().version;
   }
   EXPECT_EQ(parts, (std::vector<std::pair<std::size_t, bool>>{{4, false}, {4, false}, {2, true}}));
-  auto revived = spawn_wallet(persistence_options{.snapshot_every_events = 0});
+  persistence_options no_snapshots;
+  no_snapshots.snapshot_every_events = 0;
+  auto revived = spawn_wallet(no_snapshots);
   auto state = ask<wallet::state>(revived, state_atom::value);
   ASSERT_TRUE(state) << describe(state.error());
   EXPECT_EQ(state.value().balance_micros, 55);
