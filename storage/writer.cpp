@@ -36,10 +36,6 @@ error reused_id(const events::event_id& id) {
                         "retry an append only whole and unchanged, and give new appends new ids");
 }
 
-}  // namespace
-
-namespace {
-
 /// What an append holds in memory until it is answered, for append_queue_bytes_max.
 std::size_t queued_bytes_of(const std::vector<stream_append>& request) {
   constexpr std::size_t per_append = 128, per_stream = 64, per_event = 64, per_key = 32;
