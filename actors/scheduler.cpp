@@ -535,14 +535,18 @@ std::uint32_t window_of(const live_job& job) {
   return std::max(asked, job.request.prompt_tokens + job.tokens_so_far + 1);
 }
 
+/// The user whose providers the job may not go to (domain::queued_job::owner_excluded): a free
+/// job's own, since the subsidy would pay them for their own work; none for a premium job.
+std::string owner_excluded(const job_request& request) { return request.premium ? std::string() : request.user_id; }
+
 /// Whether an online provider other than `excluded` serves the job's model at its tier and may
-/// take it: for a free job, not one its user owns (see domain::queued_job::owner_excluded).
+/// take it (not one of owner_excluded's).
 bool others_serve(self_pointer self, const live_job& job, const std::string& excluded) {
   const auto& r = job.request;
   domain::candidate_filter not_owned;
-  if (!r.premium) {
-    not_owned = [&user = r.user_id](const domain::online_provider& p, const domain::online_offer&) {
-      return p.owner_user_id != user;
+  if (auto owner = owner_excluded(r); !owner.empty()) {
+    not_owned = [owner = std::move(owner)](const domain::online_provider& p, const domain::online_offer&) {
+      return p.owner_user_id != owner;
     };
   }
   return self->state.index->can_serve(r.model, r.quality, excluded, not_owned);
@@ -587,7 +591,7 @@ expected<void, domain::error> push_queued(self_pointer self, const std::string& 
                                                     .context_tokens_min = window_of(job),
                                                     .prompt_tokens = job.request.prompt_tokens,
                                                     .max_tokens = job.request.max_tokens - job.tokens_so_far,
-                                                    .owner_excluded = job.request.premium ? "" : job.request.user_id},
+                                                    .owner_excluded = owner_excluded(job.request)},
                                  *self->state.index, now);
 }
 
