@@ -517,9 +517,9 @@ TEST_F(provider_link_test, a_link_counts_as_online_in_the_metrics_only_once_its_
   faults_->set_fail_sync(false);
   faults_->set_sync_delay(std::chrono::milliseconds(0));
   EXPECT_GT(scrapes, 0);
-  // Another provider (the failed one's actor may refuse its next hello once, decided before the
-  // store reopened) counts once online.
-  agent linked(port_, make_provider(), hello_with(4096), "unused");
+  // The same provider links again and counts once online: its actor recovers the log as the
+  // reopened store holds it (it used to refuse this hello once, decided before the reopen).
+  agent linked(port_, token, hello_with(4096), "unused");
   ASSERT_TRUE(linked.wait_welcome());
   EXPECT_EQ(online_in_metrics(), 1);
 }
