@@ -142,8 +142,9 @@ class directory::impl {
       auto chunk = subscription.next(options_.read_events_max, std::chrono::milliseconds(0));
       if (!chunk) return unexpected{chunk.error()};
       if (chunk->empty()) break;
+      const auto decoded = decode(*chunk);
       std::unique_lock lock(mutex_);
-      for (const auto& r : *chunk) apply_record(r);
+      apply_decoded(decoded);
     }
     set_position(subscription.position());
     return {};
@@ -189,9 +190,10 @@ class directory::impl {
       }
       damage_logged_ = false;
       if (batch->empty()) continue;
+      const auto decoded = decode(*batch);
       {
         std::unique_lock lock(mutex_);
-        for (const auto& r : *batch) apply_record(r);
+        apply_decoded(decoded);
       }
       set_position(batch->back().position);
     }
@@ -231,11 +233,12 @@ class directory::impl {
       std::move(part->begin(), part->end(), std::back_inserter(missing));
     }
     if (missing.size() != gap) return;  // not all in the log yet: the subscription brings them
+    const auto decoded = decode(missing);
     std::unique_lock lock(mutex_);
-    for (const auto& r : missing) {
+    for (const auto& r : decoded) {
       if (r.version > version_of(stream)) ++events_filled_;
-      apply_record(r);
     }
+    apply_decoded(decoded);
     apply_events(stream, first, events);
   }
 
@@ -435,18 +438,43 @@ class directory::impl {
  private:
   // -- Applying (callers hold mutex_ exclusively). --------------------------------------------
 
-  void apply_record(const events::record& r) {
-    const auto* bytes = reinterpret_cast<const std::byte*>(r.payload.data());
-    auto decoded = events::decode_payload(r.type, {bytes, r.payload.size()});
-    if (!decoded) {
-      // A newer build's event, most likely: the directory cannot know what it means, and the
-      // aggregates that own the stream are the authority anyway.
-      ++events_skipped_;
-      log_->warn("skipping event {} of stream {} (type {}): it does not decode", r.version, r.stream,
-                 r.type);
-      return;
+  /// A record with its event decoded (none: it does not decode). Records are decoded before the
+  /// lock is taken, so that lookups wait only for the applying.
+  struct decoded_record {
+    std::string_view stream;  ///< the record's
+    std::uint64_t version = 0;
+    std::optional<events::event> event;
+  };
+
+  /// `records`' events, decoded; they must outlive the result.
+  std::vector<decoded_record> decode(std::span<const events::record> records) const {
+    std::vector<decoded_record> out;
+    out.reserve(records.size());
+    for (const auto& r : records) {
+      const auto* bytes = reinterpret_cast<const std::byte*>(r.payload.data());
+      auto decoded = events::decode_payload(r.type, {bytes, r.payload.size()});
+      if (!decoded) {
+        // A newer build's event, most likely: the directory cannot know what it means, and the
+        // aggregates that own the stream are the authority anyway.
+        log_->warn("skipping event {} of stream {} (type {}): it does not decode", r.version, r.stream,
+                   r.type);
+        out.push_back({r.stream, r.version, std::nullopt});
+        continue;
+      }
+      out.push_back({r.stream, r.version, std::move(*decoded)});
     }
-    apply(r.stream, r.version, *decoded);
+    return out;
+  }
+
+  /// With the lock held.
+  void apply_decoded(std::span<const decoded_record> records) {
+    for (const auto& r : records) {
+      if (r.event) {
+        apply(r.stream, r.version, *r.event);
+      } else {
+        ++events_skipped_;
+      }
+    }
   }
 
   void apply_events(std::string_view stream, std::uint64_t first,
