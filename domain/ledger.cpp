@@ -133,7 +133,18 @@ expected<applied_part, error> compare_with_applied(const ledger::state& state,
     }
     if (first_applied == nullptr) first_applied = &t;
   }
-  if (first_new == nullptr) return applied_part::all;
+  const auto group = state.group_sizes.find(command.group_id);
+  if (first_new == nullptr) {
+    // All of it is applied: as the whole group, not as a part of a larger one (a retry that left
+    // a transfer out would read as carried out while the ledger moved more).
+    if (group != state.group_sizes.end() && group->second != command.transfers.size()) {
+      return refuse(errc::already_exists, "group " + quoted(command.group_id) + " was applied with " +
+                                              std::to_string(group->second) + " transfers, not the " +
+                                              std::to_string(command.transfers.size()) +
+                                              " this command lists");
+    }
+    return applied_part::all;
+  }
   if (first_applied != nullptr) {
     return refuse(errc::invalid_state, "group " + quoted(command.group_id) +
                                            " is partly applied: transfer " +
@@ -141,7 +152,6 @@ expected<applied_part, error> compare_with_applied(const ledger::state& state,
                                            " is, transfer " + quoted(first_new->transfer_id) +
                                            " is not; a group applies all or nothing");
   }
-  const auto group = state.group_sizes.find(command.group_id);
   if (group != state.group_sizes.end()) {
     return refuse(errc::already_exists,
                   "group id " + quoted(command.group_id) + " was already used by " +

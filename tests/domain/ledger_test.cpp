@@ -199,6 +199,22 @@ TEST(ledger_decide, a_partly_applied_group_is_invalid_state) {
   EXPECT_EQ(b.balance("user-u1"), 100);
 }
 
+TEST(ledger_decide, a_retry_listing_part_of_an_applied_group_is_already_exists) {
+  // Applied with two transfers; a retry that lists only the first would read as carried out while
+  // the ledger moved the second as well.
+  book b;
+  auto whole = user_deposit("d1", "u1", 100);
+  whole.transfers.push_back(make_transfer("deposit-d1/extra", "external", "user-u1", 5, transfer_kind::deposit));
+  whole.transfers.back().reference = "d1";
+  ASSERT_TRUE(b.run(whole).has_value());
+  expect_refused(b.run(user_deposit("d1", "u1", 100)), errc::already_exists,
+                 {"\"deposit-d1\"", "applied with 2 transfers", "not the 1"});
+  const auto again = b.run(whole);
+  ASSERT_TRUE(again.has_value()) << again.error().message;
+  EXPECT_TRUE(again->empty());
+  EXPECT_EQ(b.balance("user-u1"), 105);
+}
+
 TEST(ledger_decide, a_reused_group_id_is_already_exists) {
   book b;
   ASSERT_TRUE(b.run(user_deposit("d1", "u1", 100)).has_value());
