@@ -543,7 +543,7 @@ class node::impl {
       return reply->send(api_error_response(make_api_error(
           413, "the request is " + std::to_string(size) + " bytes as sent to a provider; at most " +
                    std::to_string(link_bytes_max / 4 * 3) + " are accepted",
-          "messages", "request_too_large")));
+          body.kind == request_kind::chat ? "messages" : "prompt", "request_too_large")));
     }
     auto job_id = new_id("j_", 16);
     if (!job_id) return reply->send(api_error_response(make_api_error(500, "no job id: " + job_id.error().message)));

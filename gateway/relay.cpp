@@ -36,7 +36,7 @@ struct live_job {
   bool cut_short = false;       ///< a stopping node cut it short: nothing more from its provider
   bool stream_started = false;  ///< the stream's headers went out
   std::string text;             ///< the answer so far, over every attempt
-  std::string reasoning;        ///< a reasoning model's thinking so far, for a whole chat answer
+  std::string reasoning;        ///< a reasoning model's thinking so far, for a whole chat answer (none kept for a stream)
   std::uint32_t tokens = 0;     ///< pieces so far (answer and thinking): the platform's own count
   std::uint32_t attempt_tokens = 0;  ///< of those, the current attempt's
   std::uint64_t attempt_bytes = 0;   ///< their text, bytes
@@ -183,22 +183,6 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void submit(relay_job job) {
     auto live = std::make_shared<live_job>();
     const std::string id = job.job_id;
-    {
-      std::lock_guard lock(table_mutex_);
-      if (stopped_ || draining_) {
-        const auto error = make_api_error(503, "this node is shutting down; retry on another", {}, "server_shutting_down");
-        job.reply->send({503, "application/json", error_body(error), {{"Retry-After", "1"}}});
-        return;
-      }
-      if (jobs_.size() >= options_.live_jobs_max) {
-        const auto error = make_api_error(429, "this node holds " + std::to_string(jobs_.size()) +
-                                                   " live jobs, the most allowed (live_jobs_max); retry later",
-                                          {}, "server_busy");
-        job.reply->send({429, "application/json", error_body(error), {{"Retry-After", "1"}}});
-        return;
-      }
-      jobs_.emplace(id, live);
-    }
     live->meta = response_meta{job.request.kind, id, job.request.model, unix_seconds()};
     actors::job_request request;
     request.job_id = id;
@@ -218,6 +202,23 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     const std::string user_id = job.user_id;
     live->job = std::move(job);
     live->ad_pending = wants_ad;
+    // Whole before it is in the table, where a drain or a link's loss may find it.
+    {
+      std::lock_guard lock(table_mutex_);
+      const auto refuse = [&](const api_error& error) {
+        live->job.reply->send({error.status, "application/json", error_body(error), {{"Retry-After", "1"}}});
+      };
+      if (stopped_ || draining_) {
+        return refuse(make_api_error(503, "this node is shutting down; retry on another", {}, "server_shutting_down"));
+      }
+      if (jobs_.size() >= options_.live_jobs_max) {
+        return refuse(make_api_error(429,
+                                     "this node holds " + std::to_string(jobs_.size()) +
+                                         " live jobs, the most allowed (live_jobs_max); retry later",
+                                     {}, "server_busy"));
+      }
+      jobs_.emplace(id, live);
+    }
     std::weak_ptr<impl> weak = shared_from_this();
     live->job.reply->on_close([weak, id] {
       if (auto self = weak.lock()) self->client_gone(id);
@@ -371,12 +372,19 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       live->tokens += 1;
       live->attempt_tokens += 1;
       const bool first = !std::exchange(live->piece_sent, true);
-      (d.reasoning ? live->reasoning : live->text) += d.text;
+      if (!d.reasoning) {
+        live->text += d.text;
+      } else if (!live->job.request.stream) {
+        live->reasoning += d.text;  // a stream's thinking is sent, not kept: no failover carries it
+      }
       if (live->job.request.stream) {
         live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
                                                      : chunk_json(live->meta, d.text, first)));
       }
-      if (live->attempt_tokens >= overrun_limit(attempt_asked(*live))) cut = cut_off(*live, provider_id);
+      const std::uint64_t pieces_max = overrun_limit(attempt_asked(*live));
+      const std::uint64_t bytes_max =
+          std::min<std::uint64_t>(pieces_max * options_.piece_bytes_average_max, options_.answer_bytes_max);
+      if (live->attempt_tokens >= pieces_max || live->attempt_bytes > bytes_max) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
     if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
@@ -682,8 +690,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(id);
     if (!live) return;
     std::lock_guard lock(live->mutex);
+    // A stream's head waits for its first piece: until then a refusal (a backend's 400, no
+    // provider left) is an HTTP error, as for a whole answer, not an error chunk after a 200.
     if (live->state == phase::submitting) live->state = phase::running;
-    if (live->state == phase::running) start_stream(*live);
   }
 
   /// The ad picked for a free-tier job, or none. An answer that finished meanwhile was waiting

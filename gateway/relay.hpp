@@ -82,6 +82,13 @@ struct relay_options {
   /// for pieces that are not whole tokens. Defaults: 25 %, 16 pieces.
   std::uint32_t overrun_percent = 25;
   std::uint32_t overrun_pieces_min = 16;
+  /// An answer is cut off the same way once its attempt's bytes (thinking included) pass its
+  /// piece limit times piece_bytes_average_max, or answer_bytes_max: a piece is a token or a few,
+  /// and an agent sending huge pieces (up to 64 KiB each on the link) neither bills few tokens for
+  /// much text nor fills the node's memory, whatever context window its model claims.
+  /// Defaults: 128 bytes a piece on average, 4 MiB.
+  std::uint32_t piece_bytes_average_max = 128;
+  std::size_t answer_bytes_max = 4 * 1024 * 1024;
   /// An answer whose provider sent a piece and then nothing for this long, its link alive, is
   /// taken from it as failed (the provider's fault) and continues on another provider: an agent
   /// fails a silent backend itself sooner (after 120 s by default), so only a broken agent gets

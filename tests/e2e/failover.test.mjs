@@ -337,5 +337,15 @@ scenario('a request one backend refuses goes to another; refused by two, the cli
   const failed = await wait_for('the job failed', async () =>
     (await server.jobs('failed')).find((entry) => entry.failure_reason === 'upstream_error'));
   assert.equal(failed.gross_micros, 0, `job ${failed.id} bills nothing`);
+
+  // Streamed, the same: refused before any token, the refusal is the HTTP answer (a stream's head
+  // waits for its first piece), not an error chunk after a 200.
+  await assert.rejects(
+    server.openai(user.api_key).chat.completions.create({ model, messages: [{ role: 'user', content: 'Hello?' }], stream: true }),
+    (error) => {
+      assert.ok(error instanceof OpenAI.BadRequestError, `a BadRequestError, got ${error}`);
+      assert.equal(error.code, 'upstream_rejected');
+      return true;
+    });
   assert.equal((await server.accounts()).total_micros, 0);
 });

@@ -248,16 +248,17 @@ scenario('a free request without max_tokens gets the free default, not a hold of
 });
 
 scenario('a node at --live-jobs-max answers 429 server_busy; a request too big for the provider link 413', async (world) => {
-  // The upstream's first token comes long after the scenario, so a job stays live until its
-  // client leaves; its context is large, so only the link's frame bounds the request.
+  // The upstream's second token comes long after the scenario, so a job stays live until its
+  // client leaves (a stream's head goes out with its first token); its context is large, so only
+  // the link's frame bounds the request.
   const { server, model } = await one_provider_world(world, {
     serve_args: ['--live-jobs-max', '1'],
-    upstream_options: { tokens: 4, first_token_ms: 600_000, context_length: 10_000_000 },
+    upstream_options: { tokens: 4, token_interval_us: 600_000_000, context_length: 10_000_000 },
   });
   const client = server.user_client((await server.create_user('premium', 1_000_000)).api_key);
   const chat = { model, messages: [{ role: 'user', content: 'hi' }], max_tokens: 4, stream: true };
 
-  // One live job: its stream has begun (headers) and waits for the first token.
+  // One live job: its stream has begun (its first token) and waits for the second.
   const first = new AbortController();
   const held = await client.request('POST', '/v1/chat/completions', { body: chat, signal: first.signal });
   assert.equal(held.status, 200);
