@@ -226,8 +226,13 @@ class websocket_session : public websocket_connection,
     ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) return self->closed(ec);
       self->idle_.heard();
+      if (self->reported_ || !self->on_message_) return;  // over already (a failed write), or released
       const auto data = self->buffer_.cdata();
-      self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+      try {
+        self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+      } catch (const std::exception& e) {  // process edge: a handler bug ends this link, not the server
+        self->begin_close(websocket::close_code::internal_error, std::string("the server failed on a message: ") + e.what());
+      }
       self->buffer_.consume(self->buffer_.size());
       self->read();
     });

@@ -770,6 +770,33 @@ TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_wi
   EXPECT_NE(reason.find("limit"), std::string::npos) << reason;
 }
 
+TEST(http_streaming, a_websocket_handler_that_throws_closes_its_connection_with_1011_and_nothing_else) {
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "up", {}}); },
+                      [](const http_request&) -> websocket_decision {
+                        return websocket_accept{[](std::shared_ptr<websocket_connection> c) {
+                          c->start([](std::string_view m) {
+                            if (m == "throw") throw std::runtime_error("a bug");
+                          }, [](std::string) {});
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client failing(server->port());
+  failing.ws.write(asio::buffer(std::string("throw")));
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  failing.ws.read(buffer, ec);
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(failing.ws.reason().code, websocket::close_code::internal_error);
+  EXPECT_NE(std::string(failing.ws.reason().reason.c_str()).find("a bug"), std::string::npos);
+  // The server goes on: another WebSocket, and plain HTTP.
+  ws_client other(server->port());
+  other.ws.write(asio::buffer(std::string("fine")));
+  client c(server->port());
+  c.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const auto text = c.read_until("up", 10s);
+  EXPECT_NE(text.find("HTTP/1.1 200"), std::string::npos) << text;
+}
+
 TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
                       [](const http_request&) -> websocket_decision {
