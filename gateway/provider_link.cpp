@@ -122,6 +122,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::atomic<bool> stale_{false};          ///< closed for missing heartbeats
   std::atomic<bool> protocol_error_{false}; ///< closed for a frame the protocol forbids
   std::atomic<std::int64_t> last_frame_ns_{steady::now().time_since_epoch().count()};
+  std::atomic<std::int64_t> hello_at_ns_{0};  ///< when the hello came, on the steady clock
   link_actor actor_;
   mutable std::mutex heartbeat_mutex_;
   std::optional<link::heartbeat> heartbeat_;  ///< guarded by heartbeat_mutex_
@@ -301,11 +302,13 @@ void link_session::start() {
         [weak, actor, interval](actors::tick_atom) {
           auto session = weak.lock();
           if (!session || session->closed_) return;
-          const auto silent = steady::now().time_since_epoch() -
-                              steady::duration(session->last_frame_ns_.load(std::memory_order_relaxed));
           const auto& options = session->owner_->options_;
-          // Its hello being answered (which may wait for the store), the agent sends nothing.
+          // Its hello being answered (which may wait for the store), the agent need send nothing;
+          // that wait counts from the hello, whatever the agent sends meanwhile.
           const bool answering_hello = session->hello_seen_ && !session->online_;
+          const auto& since = answering_hello ? session->hello_at_ns_ : session->last_frame_ns_;
+          const auto silent =
+              steady::now().time_since_epoch() - steady::duration(since.load(std::memory_order_relaxed));
           if (silent > (answering_hello ? options.hello_answer_wait_max : options.stale_after)) {
             session->stale_ = true;
             const auto silent_ms = std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(silent).count());
@@ -352,6 +355,7 @@ void link_session::on_message(std::string_view bytes) {
       protocol_error_ = true;
       return close(1008, "hello may be sent only once per link");
     }
+    hello_at_ns_.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
     hello_seen_ = true;
     return on_hello(*hello);
   }
@@ -496,20 +500,20 @@ void link_session::take_over(std::vector<domain::provider::command> commands, st
                       [self, owner, actor, models, gpus](const domain::provider::state& state) {
                         std::lock_guard online(self->online_mutex_);
                         if (self->done_with()) return;
-                        // Online before the scheduler hears of it: its first offer may go out (and
-                        // be answered) before the welcome below.
+                        // Online, and welcomed, before the scheduler hears of it: its first offer
+                        // goes out after the welcome, which tells the agent how to answer it.
                         self->online_ = true;
                         self->touch();  // its heartbeats are due from the welcome on
-                        owner->relay_.provider_online({self->provider_id_, models});
-                        actor->send(owner->runtime_.scheduler, actors::online_atom::value,
-                                    actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
-                                                            actors::provider_session{self->actor_}});
                         self->send(link::welcome{
                             .provider_id = self->provider_id_,
                             .heartbeat_interval_ms = static_cast<std::uint32_t>(owner->options_.heartbeat_interval.count()),
                             .delta_batches = true,
                             .reasoning_deltas = true,
                             .model_updates = true});
+                        owner->relay_.provider_online({self->provider_id_, models});
+                        actor->send(owner->runtime_.scheduler, actors::online_atom::value,
+                                    actors::provider_online{domain::listing_for(state, owner->options_.clock_us()),
+                                                            actors::provider_session{self->actor_}});
                         spdlog::info("link: provider={} online models={} gpus={} level={}", self->provider_id_,
                                      models.size(), gpus, static_cast<int>(state.level));
                       },

@@ -381,6 +381,25 @@ TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer
   EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
 }
 
+TEST_F(provider_link_test, heartbeats_do_not_stretch_the_wait_for_a_hellos_answer) {
+  // hello_answer_wait_max (1.5 s here) counts from the hello: heartbeats sent meanwhile, taken but
+  // not passed on, do not keep open a link whose hello hangs (here 6 s, in the store's fsync).
+  const auto token = make_provider();
+  faults_->set_sync_delay(std::chrono::milliseconds(6000));
+  agent waiting(port_, token, hello_with(4096), "never sent");
+  ASSERT_TRUE(waiting.wait_connected());
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (waiting.disconnects() == 0 && std::chrono::steady_clock::now() < deadline) {
+    waiting.send(link::heartbeat{});
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // an agent's pace, faster than any
+  }
+  const auto closed = waiting.wait_disconnect();
+  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
+}
+
 TEST_F(provider_link_test, heartbeats_sent_without_pause_reach_the_scheduler_only_when_new_or_due) {
   // Every link shares the one scheduler, and each report it takes starts an assignment pass.
   const auto token = make_provider();
