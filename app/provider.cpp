@@ -406,15 +406,19 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
       };
       // A reasoning model may spend every token thinking: its pieces count as the answer's, and
-      // the backend's usage when it counts more (the larger of the two counts is taken).
+      // the backend's usage when it counts more (the larger of the two counts is taken), within
+      // the probe_tokens asked for (a backend whose usage adds up every answer so far would make
+      // each level look faster than the last).
       auto deltas = std::make_shared<std::uint32_t>(0);
       const auto count = [run, deltas](std::string_view) { ++run->tokens, ++*deltas; };
       run->requests.push_back(upstream_.stream(
           "/chat/completions", body,
           {.on_delta = count,
            .on_done =
-               [run, deltas, on_end](std::string, std::optional<gateway::upstream_usage> usage) {
-                 if (usage && usage->completion_tokens > *deltas) run->tokens += usage->completion_tokens - *deltas;
+               [run, deltas, on_end, asked = options_.probe_tokens](std::string,
+                                                                   std::optional<gateway::upstream_usage> usage) {
+                 const std::uint32_t reported = usage ? std::min(usage->completion_tokens, asked) : 0;
+                 if (reported > *deltas) run->tokens += reported - *deltas;
                  on_end({});
                },
            .on_error =

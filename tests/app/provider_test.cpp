@@ -644,6 +644,17 @@ TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_with_or_withou
   }
 }
 
+TEST(provider_agent, the_probe_is_not_fooled_by_a_backends_usage_that_adds_up_every_answer_so_far) {
+  // One answer at a time, each one's usage reporting every token answered so far (the warm-up's
+  // too): taken as it is, a level of 2 would seem several times faster than a level of 1. Counted
+  // within the probe_tokens asked for, two streams are no faster than one.
+  EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "40", "--token-interval-us", "5000",
+                                    "--parallel", "1", "--usage", "lifetime"},
+                                   40),
+            1u)
+      << "two streams are no faster than one";
+}
+
 TEST(provider_agent, the_probe_is_not_fooled_by_a_backend_loading_its_model_on_the_first_request) {
   // One answer at a time (the others wait in line), 195 ms each (a request's own overhead is a
   // small part of it), and 300 ms to load the model first. Were the load counted in level 1, two

@@ -64,7 +64,9 @@ constexpr std::uint32_t tokens_per_write_max = 64;
 /// Deepest JSON nesting accepted in a request.
 constexpr std::size_t json_depth_max = 64;
 
-enum class usage_mode { correct, zero, cumulative, none };
+/// lifetime: the final usage counts the completion tokens of every answer so far, this one's
+/// included (a server whose counter never resets).
+enum class usage_mode { correct, zero, cumulative, lifetime, none };
 
 /// Which server's way of telling its context window it imitates: in /v1/models (openai, as vLLM
 /// and OpenRouter do), or only in its own API: Ollama's POST /api/show, LM Studio's GET
@@ -120,6 +122,7 @@ struct settings {
 
 struct counters {
   std::atomic<std::uint64_t> requests{0};   // completion requests received
+  std::atomic<std::uint64_t> tokens_answered{0};  // completion tokens of every answer (--usage lifetime)
   std::atomic<std::int64_t> active{0};      // completions being answered now
   std::atomic<std::uint64_t> cancelled{0};  // client closed before the answer was complete
   std::atomic<std::uint64_t> completed{0};  // answers whose last write was issued
@@ -688,10 +691,17 @@ class session : public std::enable_shared_from_this<session> {
     if (plan_.include_usage && config_.usage != usage_mode::none) {
       payload_.append(plan_.prefix).append("]");
       const bool zero = config_.usage == usage_mode::zero;
-      append_usage_member(zero ? 0 : plan_.prompt_tokens, zero ? 0 : plan_.tokens);
+      append_usage_member(zero ? 0 : plan_.prompt_tokens, zero ? 0 : completion_tokens_reported());
       payload_.append("}\n\n");
     }
     payload_.append("data: [DONE]\n\n");
+  }
+
+  /// The completion tokens the final usage reports, zero aside.
+  std::uint32_t completion_tokens_reported() {
+    if (config_.usage != usage_mode::lifetime) return plan_.tokens;
+    const auto total = stats_.tokens_answered.fetch_add(plan_.tokens) + plan_.tokens;
+    return static_cast<std::uint32_t>(std::min<std::uint64_t>(total, UINT32_MAX));
   }
 
   // ---- non-streamed answers
@@ -718,7 +728,7 @@ class session : public std::enable_shared_from_this<session> {
     if (config_.usage != usage_mode::none) {
       const bool zero = config_.usage == usage_mode::zero;
       const std::uint32_t prompt = zero ? 0 : plan_.prompt_tokens;
-      const std::uint32_t completion = zero ? 0 : plan_.tokens;
+      const std::uint32_t completion = zero ? 0 : completion_tokens_reported();
       out["usage"] = json::object{{"prompt_tokens", prompt},
                                   {"completion_tokens", completion},
                                   {"total_tokens", std::uint64_t{prompt} + completion}};
@@ -939,8 +949,8 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
                  "restart (from tok0) or resume (from tok<k>, k = that message's words, to --tokens in all)")
       ->check(CLI::IsMember({"restart", "resume"}))
       ->capture_default_str();
-  app.add_option("--usage", usage, "usage reporting: correct, zero, cumulative or none")
-      ->check(CLI::IsMember({"correct", "zero", "cumulative", "none"}))
+  app.add_option("--usage", usage, "usage reporting: correct, zero, cumulative, lifetime or none")
+      ->check(CLI::IsMember({"correct", "zero", "cumulative", "lifetime", "none"}))
       ->capture_default_str();
   app.add_option("--finish-reason", config.finish_reason,
                  "finish_reason of an answer that max_tokens does not cut (JSON-safe characters only)")
@@ -986,6 +996,7 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
   config.continuation = continuation == "resume" ? continuation_mode::resume : continuation_mode::restart;
   config.usage = usage == "zero"         ? usage_mode::zero
                  : usage == "cumulative" ? usage_mode::cumulative
+                 : usage == "lifetime"   ? usage_mode::lifetime
                  : usage == "none"       ? usage_mode::none
                                          : usage_mode::correct;
   return config;
