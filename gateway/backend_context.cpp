@@ -89,9 +89,10 @@ class context_search : public std::enable_shared_from_this<context_search> {
     if (!any_unknown()) return finish();
     client_.fetch_from_root("/api/v0/models", std::nullopt, [self = shared_from_this()](auto body) {
       if (body) {
+        const auto windows = lm_studio_served_contexts(*body);
         for (auto& m : self->models_) {
-          if (!unknown(m)) continue;
-          if (const auto served = lm_studio_served_context(*body, m.id)) m.context_length_tokens = *served;
+          const auto found = windows.find(m.id);
+          if (unknown(m) && found != windows.end()) m.context_length_tokens = found->second;
         }
       }
       self->ask_ollama(0);
@@ -131,22 +132,25 @@ std::optional<std::uint32_t> llama_cpp_served_context(std::string_view props_bod
   return positive(settings->get_object().if_contains("n_ctx"));
 }
 
-std::optional<std::uint32_t> lm_studio_served_context(std::string_view models_body, std::string_view model_id) {
+std::map<std::string, std::uint32_t, std::less<>> lm_studio_served_contexts(std::string_view models_body) {
+  std::map<std::string, std::uint32_t, std::less<>> windows;
   const auto list = parse_object(models_body);
   const auto* data = list ? list->if_contains("data") : nullptr;
-  if (data == nullptr || !data->is_array()) return std::nullopt;
+  if (data == nullptr || !data->is_array()) return windows;
   for (const auto& item : data->get_array()) {
     const auto* entry = item.if_object();
     if (entry == nullptr) continue;
     const auto* id = entry->if_contains("id");
-    if (id == nullptr || !id->is_string() || id->get_string() != model_id) continue;
-    if (const auto loaded = positive(entry->if_contains("loaded_context_length"))) return loaded;
-    if (const auto trained = positive(entry->if_contains("max_context_length"))) {
-      return std::min(*trained, lm_studio_default_context_tokens);
+    if (id == nullptr || !id->is_string()) continue;
+    std::optional<std::uint32_t> served = positive(entry->if_contains("loaded_context_length"));
+    if (!served) {
+      if (const auto trained = positive(entry->if_contains("max_context_length"))) {
+        served = std::min(*trained, lm_studio_default_context_tokens);
+      }
     }
-    return std::nullopt;
+    if (served) windows.try_emplace(std::string(id->get_string()), *served);
   }
-  return std::nullopt;
+  return windows;
 }
 
 std::optional<std::uint32_t> ollama_served_context(std::string_view show_body) {

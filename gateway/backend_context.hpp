@@ -8,7 +8,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -41,17 +43,17 @@ inline constexpr std::uint32_t ollama_default_context_tokens = 4'096;
 /// says what a changed default is.
 inline constexpr std::uint32_t lm_studio_default_context_tokens = 4'096;
 
-/// The window LM Studio serves `model_id` with, from its GET /api/v0/models: the entry's
-/// loaded_context_length when the model is loaded; otherwise it will be loaded on first use, with
-/// lm_studio_default_context_tokens, at most the model's own max_context_length (advertising that
-/// one, up to 131,072 for common models, would let through prompts the loaded model cannot take).
-/// Nothing when the body is no such list or the entry says neither.
-[[nodiscard]] std::optional<std::uint32_t> lm_studio_served_context(std::string_view models_body,
-                                                                    std::string_view model_id);
+/// The windows LM Studio serves its models with, by model id, from its GET /api/v0/models (read
+/// once for all of them): an entry's loaded_context_length when the model is loaded; otherwise it
+/// will be loaded on first use, with lm_studio_default_context_tokens, at most the model's own
+/// max_context_length (advertising that one, up to 131,072 for common models, would let through
+/// prompts the loaded model cannot take). An entry that says neither is left out; none when the
+/// body is no such list.
+[[nodiscard]] std::map<std::string, std::uint32_t, std::less<>> lm_studio_served_contexts(std::string_view models_body);
 
 /// Fills in the window of every model whose /v1/models entry has none, or only the trained one:
 /// asks llama.cpp server's /props (one window for all), then LM Studio's /api/v0/models
-/// (lm_studio_served_context), then Ollama's /api/show, one model at a
+/// (lm_studio_served_contexts), then Ollama's /api/show, one model at a
 /// time, each only while some model still lacks a window. A backend without such an endpoint
 /// answers an error, which is passed over. Models left without a window keep 0; one whose only
 /// window is the trained one keeps it. Calls `done` once, on the client's io_context.

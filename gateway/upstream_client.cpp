@@ -602,7 +602,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     parser_.emplace();
     parser_->header_limit(static_cast<std::uint32_t>(
         std::min<std::size_t>(client_->options().header_bytes_max, std::numeric_limits<std::uint32_t>::max())));
-    parser_->body_limit(client_->options().response_bytes_max);
+    parser_->body_limit(body_bytes_max().second);
     buffer_.clear();
     const std::array<asio::const_buffer, 2> pieces{asio::buffer(head_), asio::buffer(body_)};
     asio::async_write(socket_, pieces, on_strand([self = shared_from_this()](beast::error_code ec, std::size_t) {
@@ -868,9 +868,9 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
                             (awaiting_first_event() ? " before the first event" : "") + at);
     }
     if (ec == http::error::body_limit) {
-      return make_error(upstream_error_kind::too_large,
-                        "upstream response exceeds response_bytes_max (" +
-                            std::to_string(client_->options().response_bytes_max) + " bytes)" + at);
+      const auto [name, limit] = body_bytes_max();
+      return make_error(upstream_error_kind::too_large, "upstream response exceeds " + std::string(name) + " (" +
+                                                            std::to_string(limit) + " bytes)" + at);
     }
     if (ec == http::error::header_limit || ec == http::error::buffer_overflow) {
       return make_error(upstream_error_kind::too_large,
@@ -950,6 +950,13 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
 
   // ---- deadlines: one timer, re-armed only when it fires early, so a busy stream costs no
   // timer operation per read
+
+  /// The largest body this request takes, and the option that sets it.
+  std::pair<std::string_view, std::size_t> body_bytes_max() const {
+    const auto& options = client_->options();
+    if (answer_ == answer::whole) return {"list_bytes_max", options.list_bytes_max};
+    return {"response_bytes_max", options.response_bytes_max};
+  }
 
   /// Until a streamed answer's first event the backend may be reading a long prompt in silence.
   bool awaiting_first_event() const noexcept { return answer_ == answer::stream && !event_seen_; }

@@ -47,8 +47,12 @@ struct upstream_options {
   std::chrono::milliseconds first_token_timeout{600'000};
   /// Largest response header block, bytes. Default: 64 KiB.
   std::size_t header_bytes_max = 64 * 1024;
-  /// Largest response body, bytes (whole SSE stream, models list or error body). Default: 64 MiB.
+  /// Largest response body to a completion, bytes (its whole SSE stream, or its error body).
+  /// Default: 64 MiB.
   std::size_t response_bytes_max = 64 * 1024 * 1024;
+  /// Largest body of a list or a model's details (/models, /props, /api/show ...), read whole and
+  /// parsed at once. Default: 4 MiB.
+  std::size_t list_bytes_max = 4 * 1024 * 1024;
   /// Largest single SSE event (all its `data:` lines together), bytes. Default: 1 MiB.
   std::size_t event_bytes_max = 1024 * 1024;
   /// Most models kept from a models list; the rest are dropped. Default: 1024.

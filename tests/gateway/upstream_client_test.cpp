@@ -545,14 +545,14 @@ TEST(BackendContext, LmStudioServesALoadedModelsWindowAndLoadsAnotherWithItsDefa
                            R"({"id":"llama-8b","state":"not-loaded","max_context_length":131072},)"
                            R"({"id":"tiny","state":"not-loaded","max_context_length":2048},)"
                            R"({"id":"odd","state":"not-loaded"}]})";
-  EXPECT_EQ(lm_studio_served_context(body, "qwen-7b"), 16384u) << "loaded: its own window";
-  EXPECT_EQ(lm_studio_served_context(body, "llama-8b"), lm_studio_default_context_tokens)
+  const auto windows = lm_studio_served_contexts(body);
+  EXPECT_EQ(windows.at("qwen-7b"), 16384u) << "loaded: its own window";
+  EXPECT_EQ(windows.at("llama-8b"), lm_studio_default_context_tokens)
       << "loaded on first use with LM Studio's default, not the 131,072 it was trained with";
-  EXPECT_EQ(lm_studio_served_context(body, "tiny"), 2048u) << "never more than the model's own";
-  EXPECT_EQ(lm_studio_served_context(body, "odd"), std::nullopt);
-  EXPECT_EQ(lm_studio_served_context(body, "absent"), std::nullopt);
-  EXPECT_EQ(lm_studio_served_context(R"({"error":"Unexpected endpoint"})", "qwen-7b"), std::nullopt);
-  EXPECT_EQ(lm_studio_served_context("[1,2]", "qwen-7b"), std::nullopt);
+  EXPECT_EQ(windows.at("tiny"), 2048u) << "never more than the model's own";
+  EXPECT_EQ(windows.size(), 3u) << "odd says neither window";
+  EXPECT_TRUE(lm_studio_served_contexts(R"({"error":"Unexpected endpoint"})").empty());
+  EXPECT_TRUE(lm_studio_served_contexts("[1,2]").empty());
 }
 
 TEST(BackendContext, OllamaServesNumCtxOrItsDefaultAndNeverMoreThanTheModelsOwnWindow) {
@@ -1077,6 +1077,25 @@ TEST(UpstreamClient, AResponseOverItsLimitFails) {
   EXPECT_EQ(log.error()->kind, upstream_error_kind::too_large) << log.error()->message;
   EXPECT_NE(log.error()->message.find("response_bytes_max"), std::string::npos) << log.error()->message;
   EXPECT_LT(log.deltas().size(), 1000u);
+}
+
+TEST(UpstreamClient, AModelsListOverListBytesMaxFails) {
+  // 100 models: a list of some 7 KB, over a list_bytes_max of 4 KiB though well within
+  // response_bytes_max (64 MiB), which bounds only a completion's answer.
+  std::string models;
+  for (int i = 0; i < 100; ++i) models += (i == 0 ? "" : ",") + std::string("model-") + std::to_string(i);
+  auto upstream = upstream_process::start({"--models", models});
+  ASSERT_TRUE(upstream);
+  io_threads threads;
+  auto client = make_client(threads.io(), *upstream, options_with(&upstream_options::list_bytes_max, std::size_t{4096}));
+  std::promise<expected<std::vector<upstream_model>, upstream_error>> listed;
+  client.list_models([&](auto models) { listed.set_value(std::move(models)); });
+  auto result = listed.get_future();
+  ASSERT_EQ(result.wait_for(generous), std::future_status::ready);
+  const auto got = result.get();
+  ASSERT_FALSE(got.has_value()) << got->size() << " models listed";
+  EXPECT_EQ(got.error().kind, upstream_error_kind::too_large) << got.error().message;
+  EXPECT_NE(got.error().message.find("list_bytes_max (4096 bytes)"), std::string::npos) << got.error().message;
 }
 
 TEST(UpstreamClient, AnEventOverItsLimitFails) {
