@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "base/ensure.hpp"
+#include "domain/job.hpp"
 
 namespace gpustream::domain {
 namespace {
@@ -234,6 +235,11 @@ expected<std::int64_t, error> hold_left_micros(std::int64_t hold_micros, const s
   if (!spent_micros) return unexpected{spent_micros.error()};
   return std::max<std::int64_t>(hold_micros - *spent_micros, 0);
 }
+
+// A bill holds two transfers per attempt that produced tokens (its pay and the fee) and one for
+// the ad, in one ledger group: as many attempts as a job may have must fit, or such a bill would be
+// refused for good.
+static_assert(2 * job_options{}.attempts_max + 1 <= transfers_per_group_max);
 
 expected<job_settlement, error> settle_job(const job_bill& bill, const pricing_options& options) {
   if (auto valid = validate(options); !valid) return unexpected{valid.error()};

@@ -351,7 +351,7 @@ domain_verifier::result domain_verifier::apply_job(const where& at, const events
   if (auto broken = check(entry.state); !broken.empty()) return fail(invariant::job_consistency, at, joined(broken));
   if (is_terminal(entry.state.status)) job_to_release_ = std::string(at.stream);
   if (auto ok = note_free_usage(at, entry.state, event); !ok) return ok;
-  return note_bill(at, event);
+  return note_bill(at, entry.state, event);
 }
 
 domain_verifier::result domain_verifier::note_free_usage(const where& at, const job_state& job,
@@ -383,7 +383,44 @@ domain_verifier::result domain_verifier::match_free_usage(const where& at, const
   return {};
 }
 
-domain_verifier::result domain_verifier::note_bill(const where& at, const events::event& event) {
+namespace {
+
+/// Why transfer `t` of a bill does not belong in the bill of `job`, or "": its pay comes from the
+/// job's own user (premium) or the subsidy (free), goes to a provider the job ran on, which pays
+/// the fee from it; an ad is paid for a free job only.
+std::string bill_transfer_problem(const job_state& job, const events::billed_transfer& t) {
+  const auto tried = [&](std::string_view account) {
+    return std::any_of(job.providers_tried.begin(), job.providers_tried.end(),
+                       [&](const std::string& p) { return account == provider_account(p); });
+  };
+  const std::string which = "the bill's transfer " + quoted(t.transfer_id) + " ";
+  switch (t.kind) {
+    case events::transfer_kind::usage:
+      if (!job.premium) return which + "charges a user for a free job, which the subsidy pays";
+      if (t.debit_account != user_account(job.user_id))
+        return which + "charges " + quoted(t.debit_account) + ", not the job's user " + quoted(job.user_id);
+      if (!tried(t.credit_account)) return which + "pays " + quoted(t.credit_account) + ", which the job never ran on";
+      return {};
+    case events::transfer_kind::free_tier_subsidy:
+      if (job.premium) return which + "pays a premium job from the subsidy, which its user pays";
+      if (!tried(t.credit_account)) return which + "pays " + quoted(t.credit_account) + ", which the job never ran on";
+      return {};
+    case events::transfer_kind::platform_fee:
+      if (!tried(t.debit_account))
+        return which + "takes a fee from " + quoted(t.debit_account) + ", which the job never ran on";
+      return {};
+    case events::transfer_kind::ad_spend:
+      if (job.premium) return which + "pays an ad on a premium job; premium users never see ads";
+      return {};
+    case events::transfer_kind::deposit: return which + "is a deposit, which no job's bill holds";
+    case events::transfer_kind::payout: return which + "is a payout, which no job's bill holds";
+  }
+  return which + "has an unknown kind";
+}
+
+}  // namespace
+
+domain_verifier::result domain_verifier::note_bill(const where& at, const job_state& job, const events::event& event) {
   const auto* bill = events::bill_of(event);
   if (bill == nullptr || bill->transfers.empty()) return {};
   // Job streams and their groups share their names: "job-<id>".
@@ -391,6 +428,7 @@ domain_verifier::result domain_verifier::note_bill(const where& at, const events
     return fail(invariant::job_bill, at, "the job's bill names group " + quoted(bill->group_id) + ", not its own");
   open_bill open;
   for (const auto& t : bill->transfers) {
+    if (auto problem = bill_transfer_problem(job, t); !problem.empty()) return fail(invariant::job_bill, at, problem);
     if (!open.left.emplace(t.transfer_id, t).second)
       return fail(invariant::job_bill, at, "the job's bill names transfer " + quoted(t.transfer_id) + " twice");
   }
@@ -412,6 +450,14 @@ domain_verifier::result domain_verifier::match_bill(const where& at, const event
                                                quoted(recorded.linked_group_id) + " moves " +
                                                micros(recorded.amount_micros) +
                                                " for a job that failed; a failed job bills nothing");
+    // A provider is paid for a job (and its fee taken) only in the group of a job that ended.
+    const bool job_kind = recorded.kind == events::transfer_kind::usage ||
+                          recorded.kind == events::transfer_kind::free_tier_subsidy ||
+                          recorded.kind == events::transfer_kind::platform_fee;
+    const bool ended_job = ended != ended_jobs_.end() || (live != jobs_.end() && is_terminal(live->second.state.status));
+    if (job_kind && !ended_job)
+      return fail(invariant::job_bill, at, "transfer " + quoted(recorded.transfer_id) + " pays for a job, but its group " +
+                                               quoted(recorded.linked_group_id) + " is no job that ended");
     return {};
   }
   const auto billed = open->second.left.find(recorded.transfer_id);

@@ -15,7 +15,10 @@
 ///     every linked group the touched accounts within their rules (no forbidden negative balance,
 ///     no provider paid out more than it earned) and the running total zero; at the end the full
 ///     check (all balances sum to zero), and every payout agrees with its ledger movements;
-///   - a job's bill (events::ledger_bill, recorded with its end) names the job's own group, and
+///   - a job's bill (events::ledger_bill, recorded with its end) fits the job: a premium job's
+///     user or a free job's subsidy pays providers the job ran on, which pay the fee; an ad only
+///     on a free job; no deposit or payout;
+///   - a job's bill names the job's own group, and
 ///     the ledger applies that group as the bill says, transfer for transfer, or not at all: a
 ///     bill whose group the log does not hold yet (a stop between the two appends, settled when
 ///     `serve` starts) is counted, not a violation;
@@ -181,7 +184,7 @@ class domain_verifier {
   [[nodiscard]] result apply_campaign(const where& at, const events::event& event);
   [[nodiscard]] result apply_payout(const where& at, const events::event& event);
   [[nodiscard]] result apply_transfer(const where& at, const events::transfer_recorded& recorded);
-  [[nodiscard]] result note_bill(const where& at, const events::event& event);
+  [[nodiscard]] result note_bill(const where& at, const job_state& job, const events::event& event);
   [[nodiscard]] result match_bill(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result close_bill(const std::string& group_id);
   [[nodiscard]] result note_free_usage(const where& at, const job_state& job, const events::event& event);

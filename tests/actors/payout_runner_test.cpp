@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "actors/runtime.hpp"
+#include "domain/job.hpp"
 #include "domain/ledger.hpp"
 #include "domain/payout.hpp"
 #include "domain/verifier.hpp"
@@ -53,11 +54,21 @@ class payout_runner_test : public testing::deterministic_fixture {
     running_ = false;
   }
 
-  /// Credits `amount` of usage to the provider, paid from a user's deposit.
+  /// Credits `amount` of usage to the provider, paid from a user's deposit for a job the
+  /// provider ran (a provider is paid only in the group of a job that ended).
   void earn(const std::string& provider_id, std::int64_t amount) {
     const auto n = std::to_string(++earnings_);
     ASSERT_TRUE(ask<command_reply>(
         rt_.ledger, domain::ledger::command{domain::user_deposit("d" + n, "payer", amount)}));
+    for (auto command : std::vector<domain::job::command>{
+             domain::submit_job{.job_id = n, .user_id = "payer", .model = "m", .prompt_tokens = 1, .max_tokens = 1,
+                                .premium = true},
+             domain::queue_job{.deadline_at_us = clock_.function()() + 60'000'000},
+             domain::assign_job{.provider_id = provider_id},
+             domain::start_job{.provider_id = provider_id},
+             domain::complete_job{.provider_id = provider_id, .completion_tokens = 1, .provider_reported_tokens = 1}}) {
+      ASSERT_TRUE(ask<command_reply>(rt_.jobs, n, std::move(command)));
+    }
     domain::record_transfers usage{
         "job-" + n,
         {domain::transfer{"job-" + n + "/usage", domain::user_account("payer"),

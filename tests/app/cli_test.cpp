@@ -909,6 +909,10 @@ std::vector<events::event> job_story(const std::string& id, const std::string& u
   auto completed = std::get<events::job_completed>(ex[17]);
   submitted.job_id = queued.job_id = assigned.job_id = started.job_id = completed.job_id = id;
   submitted.user_id = user_id;
+  // A bill paid from the subsidy is a free job's.
+  submitted.premium = std::none_of(bill.transfers.begin(), bill.transfers.end(), [](const auto& t) {
+    return t.kind == events::transfer_kind::free_tier_subsidy;
+  });
   assigned.attempt = 1;
   assigned.provider_id = started.provider_id = completed.provider_id = "17";
   completed.bill = std::move(bill);
