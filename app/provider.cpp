@@ -697,6 +697,14 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       if (on_exit_) on_exit_(1);
       return;
     }
+    if (d.kind == gateway::link_disconnect_kind::closed_by_peer && d.close_code == link::close_code_replaced) {
+      log_->error("{}: another agent linked with this provider's token, and two agents cannot share one (each "
+                  "would drop the other's jobs); give each GPU server its own provider and token. Giving up.",
+                  d.message);
+      stop();
+      if (on_exit_) on_exit_(1);
+      return;
+    }
     log_->warn("link down kind={} was_connected={} retry_in_ms={}: {}", gateway::to_string(d.kind),
                d.was_connected, d.retry_in.count(), d.message);
   }

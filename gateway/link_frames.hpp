@@ -231,4 +231,9 @@ struct decode_error {
 /// violation) for over_limit and invalid_field.
 [[nodiscard]] std::uint16_t websocket_close_code(decode_errc code) noexcept;
 
+/// The WebSocket close code of a link replaced by a newer one of the same provider: another agent
+/// linked with its token. The replaced agent does not link again, or the two would take turns,
+/// each dropping the other's jobs.
+inline constexpr std::uint16_t close_code_replaced = 4001;
+
 }  // namespace gpustream::gateway::link

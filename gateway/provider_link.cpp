@@ -537,7 +537,7 @@ void link_session::close(std::uint16_t code, std::string reason) {
 
 void link_session::retire() {
   retired_ = true;
-  close(1000, "replaced by a newer link of the same provider");
+  close(link::close_code_replaced, "replaced by a newer link of the same provider");
 }
 
 void link_session::on_closed(std::string reason) { end(std::move(reason)); }

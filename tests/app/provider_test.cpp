@@ -362,6 +362,15 @@ class fake_coordinator {
     ASSERT_FALSE(ec) << ec.message();
   }
 
+  /// Closes the latest connection with `code` and `reason`, and waits until the close is sent.
+  void close(std::uint16_t code, const std::string& reason) {
+    std::promise<void> done;
+    asio::post(io_, [&] {
+      current_->async_close(websocket::close_reason(static_cast<websocket::close_code>(code), reason), [&](boost::system::error_code) { done.set_value(); });
+    });
+    done.get_future().get();
+  }
+
   /// Closes the latest connection abruptly, as a crashed coordinator would.
   void drop() {
     std::promise<void> done;
@@ -1086,6 +1095,20 @@ TEST(provider_agent, sends_a_reasoning_models_thinking_marked_only_to_a_server_t
     EXPECT_EQ(thinking, takes_reasoning ? "tok0 tok1 " : "");
     EXPECT_EQ(coordinator.all<link::done>().front().completion_tokens_counted, takes_reasoning ? 5u : 3u);
   }
+}
+
+TEST(provider_agent, a_link_replaced_by_another_agent_with_its_token_ends_the_agent_with_exit_code_1) {
+  upstream_process upstream({"--models", "m1"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  coordinator.close(link::close_code_replaced, "replaced by a newer link of the same provider");
+  EXPECT_EQ(agent.wait_exit(), 1);
+  EXPECT_EQ(coordinator.authorizations().size(), 1u) << "it does not link again";
 }
 
 TEST(provider_agent, a_refused_token_ends_the_agent_with_exit_code_1) {

@@ -243,7 +243,7 @@ scenario('an answer on a link replaced by a newer link of the same provider ends
   const server = await world.serve();
   const upstream = await world.upstream({ models: model, tokens: 500, token_interval_us: 10_000 });
   const provider = await server.create_provider('provider');
-  world.provider(server, provider.token, upstream, { name: 'agent-1' });
+  const agent_1 = world.provider(server, provider.token, upstream, { name: 'agent-1' });
   const user = await server.create_user('premium', 10_000_000);
   await server.wait_model(user.api_key, model);
   const body = { model, messages: [{ role: 'user', content: 'Tell me a long story.' }], stream: true };
@@ -263,6 +263,11 @@ scenario('an answer on a link replaced by a newer link of the same provider ends
   const job = await wait_for(`job ${job_id} failed`, async () =>
     (await server.jobs('failed')).find((entry) => entry.id === job_id));
   assert.equal(job.gross_micros, 0);
+  // Here agent-1 is alive, a second agent with the same token: it gives up rather than take the
+  // link back, which the two would do in turns for good.
+  await agent_1.wait_line(/another agent linked with this provider's token/);
+  const { code } = await agent_1.exit_promise;
+  assert.equal(code, 1);
 });
 
 scenario('an agent that stops answering is stale after three heartbeats and its answer moves on at once', async (world) => {

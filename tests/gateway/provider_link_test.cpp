@@ -341,7 +341,7 @@ TEST_F(provider_link_test, a_newer_link_of_the_same_provider_takes_over_its_jobs
   ASSERT_TRUE(second.wait_welcome());
   const auto replaced = first.wait_disconnect();
   ASSERT_TRUE(replaced);
-  EXPECT_EQ(replaced->close_code, 1000);
+  EXPECT_EQ(replaced->close_code, link::close_code_replaced);
   EXPECT_NE(replaced->message.find("replaced by a newer link"), std::string::npos) << replaced->message;
   EXPECT_EQ(chat(api_key), "from the second link");
   EXPECT_EQ(first.offers(), 1u);
