@@ -243,6 +243,25 @@ bool asks_for_nothing(const json::value& v) {
          (v.is_array() && v.get_array().empty());
 }
 
+/// `content` without the ad that ends it, when it ends with one in ad_text()'s shape: one line
+/// (an ad holds no line break) "Sponsored: <title> — <text>  <click URL>", the URL one of ours.
+void drop_ad(std::string& content) {
+  constexpr std::string_view head = "\n\nSponsored: ";
+  const auto at = content.rfind(head);
+  if (at == std::string::npos) return;
+  const std::string_view tail = std::string_view(content).substr(at + head.size());
+  const auto dash = tail.find(" \xE2\x80\x94 ");
+  const auto gap = tail.rfind("  ");
+  if (tail.find('\n') != std::string_view::npos || dash == std::string_view::npos || gap == std::string_view::npos ||
+      gap < dash) {
+    return;
+  }
+  const std::string_view url = tail.substr(gap + 2);
+  const auto click = url.find("/a/c/");
+  if (click == std::string_view::npos || click + 5 == url.size() || url.find(' ') != std::string_view::npos) return;
+  content.erase(at);
+}
+
 expected<chat_message, api_error> parse_message(const json::value& value, const std::string& param,
                                                 const api_limits& limits) {
   if (!value.is_object()) return unexpected{invalid_type(param, "an object", value)};
@@ -273,6 +292,7 @@ expected<chat_message, api_error> parse_message(const json::value& value, const 
   if (content->size() > limits.message_bytes_max) {
     return unexpected{too_long(param + ".content", limits.message_bytes_max)};
   }
+  if (name == "assistant") drop_ad(*content);
   return chat_message{std::move(**role), std::move(*content)};
 }
 

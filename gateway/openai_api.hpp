@@ -112,7 +112,9 @@ struct api_error {
 
 /// Parses a /v1/chat/completions body. Unknown top-level fields are ignored (SDKs send many);
 /// fields the gateway cannot honour (tools, n > 1, logprobs, non-text content, response formats
-/// other than text) are a 400 rather than silently dropped.
+/// other than text) are a 400 rather than silently dropped. An assistant message that ends with
+/// an ad of this platform (ad_text(), as a client keeps a free-tier answer in its history) loses
+/// it: the ad is not the model's words, and neither goes back to a model nor counts as prompt.
 [[nodiscard]] expected<completion_request, api_error> parse_chat_request(std::string_view body,
                                                                          const api_limits& limits);
 

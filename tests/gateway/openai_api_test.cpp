@@ -101,6 +101,26 @@ TEST(openai_api, parses_a_plain_chat_body_as_the_node_sdk_sends_it_with_nulls_an
   EXPECT_FALSE(request.extension.max_price_micros.has_value());
 }
 
+TEST(openai_api, an_ad_ending_an_assistant_message_from_history_is_dropped) {
+  // The free-tier answer as a client keeps it: the model's text, then ad_text().
+  const std::string ad = "\\n\\nSponsored: Acme \u2014 Widgets that last  http://gw.example/a/c/imp_42";
+  const auto history = [&](const std::string& role, const std::string& content) {
+    return chat(R"({"model":"m","messages":[{"role":")" + role + R"(","content":")" + content +
+                R"("},{"role":"user","content":"and then?"}]})");
+  };
+  EXPECT_EQ(history("assistant", "Once upon a time." + ad).messages.front().content, "Once upon a time.");
+  EXPECT_EQ(history("assistant", ad).messages.front().content, "");
+  // What is not an ad of ours, or not the model's, stays as it is.
+  EXPECT_EQ(history("user", "Once upon a time." + ad).messages.front().content,
+            "Once upon a time.\n\nSponsored: Acme \u2014 Widgets that last  http://gw.example/a/c/imp_42");
+  for (const std::string kept : {"A.\\n\\nSponsored: Acme \u2014 Widgets  http://gw.example/elsewhere",
+                                 "A.\\n\\nSponsored: Acme \u2014 Widgets  http://gw.example/a/c/imp_42\\nmore",
+                                 "A.\\n\\nSponsored: Acme, Widgets  http://gw.example/a/c/imp_42"}) {
+    const auto parsed = history("assistant", kept).messages.front().content;
+    EXPECT_NE(parsed.find("Sponsored"), std::string::npos) << kept;
+  }
+}
+
 TEST(openai_api, include_usage_counts_only_when_streaming) {
   EXPECT_FALSE(chat(chat_body(R"("stream":false,"stream_options":{"include_usage":true})")).include_usage);
   EXPECT_FALSE(chat(chat_body(R"("stream":true,"stream_options":{"include_usage":false})")).include_usage);
