@@ -847,9 +847,28 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     usage_ = read_usage(object);
     if (choice->finish_reason != nullptr) finish_reason_ = *choice->finish_reason;
     recycle();
-    if (!choice->reasoning.empty()) deliver_piece(handlers_.on_reasoning, choice->reasoning);
-    if (!choice->text.empty()) deliver_piece(handlers_.on_delta, choice->text);
+    // One piece per token, as a stream's: whoever counts pieces counts the answer's tokens.
+    const std::size_t thinking = choice->reasoning.size();
+    const std::size_t bytes = thinking + choice->text.size();
+    const std::size_t tokens = usage_ && usage_->completion_tokens > 0 ? usage_->completion_tokens : (bytes + 3) / 4;
+    const std::size_t thinking_tokens = bytes == 0 ? 0 : static_cast<std::size_t>(std::uint64_t{tokens} * thinking / bytes);
+    deliver_pieces(handlers_.on_reasoning, choice->reasoning, thinking_tokens);
+    deliver_pieces(handlers_.on_delta, choice->text, tokens - thinking_tokens);
     deliver_done();
+  }
+
+  /// `text` in `count` pieces of about equal size (at least one, at most one per byte), each
+  /// ending on a UTF-8 character's boundary.
+  void deliver_pieces(const std::function<void(std::string_view)>& handler, std::string_view text, std::size_t count) {
+    if (text.empty()) return;
+    count = std::clamp<std::size_t>(count, 1, text.size());
+    std::size_t from = 0;
+    for (std::size_t i = 1; i <= count && from < text.size(); ++i) {
+      std::size_t to = i == count ? text.size() : std::max(from + 1, text.size() * i / count);
+      while (to < text.size() && (static_cast<unsigned char>(text[to]) & 0xC0) == 0x80) ++to;
+      deliver_piece(handler, text.substr(from, to - from));
+      from = to;
+    }
   }
 
   upstream_error status_error() const {

@@ -636,7 +636,7 @@ TEST(UpstreamClient, AcceptsAWholeJsonAnswerInsteadOfAStream) {
   auto request = client.stream("/chat/completions", chat_body(std::nullopt, false), log.handlers());
   ASSERT_TRUE(log.wait_final());
   ASSERT_FALSE(log.error()) << log.error()->message;
-  EXPECT_EQ(log.deltas(), std::vector<std::string>{"tok0 tok1 tok2 "});
+  EXPECT_EQ(log.deltas(), (std::vector<std::string>{"tok0 ", "tok1 ", "tok2 "})) << "one piece per token its usage counts";
   EXPECT_EQ(log.finish_reason(), "stop");
   ASSERT_TRUE(log.usage());
   EXPECT_EQ(log.usage()->completion_tokens, 3u);
@@ -876,7 +876,38 @@ TEST(UpstreamClient, AWholeAnswersThinkingComesBeforeItsText) {
   one_shot_stream exchange(server);
   ASSERT_TRUE(exchange.log.wait_final());
   ASSERT_FALSE(exchange.log.error()) << exchange.log.error()->message;
-  EXPECT_EQ(exchange.log.pieces(), (std::vector<std::string>{"reasoning:6 times 7", "content:42"}));
+  // 11 bytes and no usage: 3 tokens, 2 of them the thinking's (its share of the bytes).
+  EXPECT_EQ(exchange.log.pieces(), (std::vector<std::string>{"reasoning:6 ti", "reasoning:mes 7", "content:42"}));
+}
+
+TEST(UpstreamClient, AWholeAnswerComesInOnePiecePerTokenItsUsageCounts) {
+  // A backend that ignored "stream": true: its answer is handed over as a stream's would be, one
+  // piece per token (the agent and the coordinator count pieces), never splitting a character.
+  const auto pieces_of = [](const std::string& content, const std::string& usage) {
+    const std::string body = R"({"choices":[{"index":0,"message":{"role":"assistant","content":")" + content +
+                             R"("},"finish_reason":"stop"}])" + usage + "}";
+    one_shot_server server("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: " +
+                           std::to_string(body.size()) + "\r\nConnection: close\r\n\r\n" + body);
+    one_shot_stream exchange(server);
+    EXPECT_TRUE(exchange.log.wait_final());
+    EXPECT_FALSE(exchange.log.error());
+    return exchange.log.deltas();
+  };
+  const auto joined = [](const std::vector<std::string>& pieces) {
+    std::string all;
+    for (const auto& p : pieces) all += p;
+    return all;
+  };
+  const std::string text = "The answer is forty-two.";  // 24 bytes
+  const auto counted = pieces_of(text, R"(,"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11})");
+  EXPECT_EQ(counted.size(), 6u);
+  EXPECT_EQ(joined(counted), text);
+  EXPECT_EQ(pieces_of(text, "").size(), 6u) << "no usage: a token per 4 bytes";
+  EXPECT_EQ(pieces_of(text, R"(,"usage":{"prompt_tokens":5,"completion_tokens":1000,"total_tokens":1005})").size(), 24u)
+      << "at most one piece per byte";
+  const std::string accents = "\u00e9\u00e9\u00e9";  // three 2-byte characters
+  const auto split = pieces_of(accents, R"(,"usage":{"prompt_tokens":1,"completion_tokens":6,"total_tokens":7})");
+  EXPECT_EQ(split, (std::vector<std::string>{"\u00e9", "\u00e9", "\u00e9"})) << "no character cut";
 }
 
 TEST(UpstreamClient, AStreamSentWithItsHeaderAndEndedByClosingIsReadWhole) {
