@@ -792,39 +792,30 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
 }
 
 TEST(relay, an_answer_of_huge_pieces_is_cut_off_by_its_bytes) {
-  // An agent may send up to 64 KiB a piece. With a budget of 10 the answer may have 26 pieces and
-  // 26 × 128 = 3,328 bytes: pieces of 1,000 bytes end it at the fourth, not at the 26th (26 KB),
-  // and an answer's memory is bounded by its budget whatever the agent sends.
-  relay_world world;
-  auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
-  const std::string piece(1000, 'y');
-  for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = piece, .attempt = 1});
-  const auto stream = reply->streamed(10s);
-  ASSERT_FALSE(stream.empty()) << "the stream did not finish";
-  EXPECT_EQ(occurrences(stream, piece), 4u);
-  EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << stream;
-  EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
-  EXPECT_TRUE(world.log->wait_for("tokens j1 4", 10s));
-}
-
-TEST(relay, an_answer_is_cut_off_at_answer_bytes_max_whatever_its_budget) {
-  // A budget of 100,000 tokens would allow 125,000 pieces of 128 bytes (16 MB); answer_bytes_max
-  // (here 10,000) holds whatever window a provider claims for its model.
-  relay_options options;
-  options.answer_bytes_max = 10'000;
-  relay_world world(nullptr, options);
-  auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true, 1, 100'000));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
-  const std::string piece(1000, 'y');
-  for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = piece, .attempt = 1});
-  const auto stream = reply->streamed(10s);
-  ASSERT_FALSE(stream.empty()) << "the stream did not finish";
-  EXPECT_EQ(occurrences(stream, piece), 11u);
-  EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << stream;
-  EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
+  // An agent may send up to 64 KiB a piece. Pieces of 1,000 bytes end the answer:
+  // - with a budget of 10 (26 pieces at most, 26 × 128 = 3,328 bytes) at the fourth, not the 26th;
+  // - with a budget of 100,000 (125,000 pieces of 128 bytes, 16 MB) at answer_bytes_max, here
+  //   10,000, whatever window a provider claims for its model.
+  struct cut_case {
+    std::uint32_t budget;
+    std::size_t pieces;
+  };
+  for (const auto [budget, pieces] : {cut_case{10, 4}, cut_case{100'000, 11}}) {
+    relay_options options;
+    options.answer_bytes_max = 10'000;
+    relay_world world(nullptr, options);
+    auto reply = std::make_shared<recorded_reply>();
+    ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true, 1, budget));
+    ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+    const std::string piece(1000, 'y');
+    for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = piece, .attempt = 1});
+    const auto stream = reply->streamed(10s);
+    ASSERT_FALSE(stream.empty()) << "the stream did not finish";
+    EXPECT_EQ(occurrences(stream, piece), pieces) << budget;
+    EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << stream;
+    EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
+    EXPECT_TRUE(world.log->wait_for("tokens j1 " + std::to_string(pieces), 10s));
+  }
 }
 
 TEST(relay, after_a_failover_the_cut_counts_what_the_next_attempt_was_asked_for) {
