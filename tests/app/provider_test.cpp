@@ -1090,29 +1090,24 @@ TEST(provider_agent, sends_a_reasoning_models_thinking_marked_only_to_a_server_t
   }
 }
 
-TEST(provider_agent, a_link_replaced_by_another_agent_with_its_token_ends_the_agent_with_exit_code_1) {
-  upstream_process upstream({"--models", "m1"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator;
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
-  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
-  coordinator.close(link::close_code_replaced, "replaced by a newer link of the same provider");
-  EXPECT_EQ(agent.wait_exit(), 1);
-  EXPECT_EQ(coordinator.authorizations().size(), 1u) << "it does not link again";
-}
-
-TEST(provider_agent, a_refused_token_ends_the_agent_with_exit_code_1) {
-  upstream_process upstream({"--models", "m1"});
-  ASSERT_TRUE(upstream.ready());
-  fake_coordinator coordinator(401);
-  auto options = agent_options(coordinator, upstream);
-  options.probe = false;
-  agent_runner agent(options);
-  EXPECT_EQ(agent.wait_exit(), 1);
-  EXPECT_EQ(coordinator.authorizations().size(), 1u) << "no retry after a refused token";
+TEST(provider_agent, a_refused_token_or_a_link_another_agent_took_over_ends_the_agent_with_exit_code_1) {
+  // Neither is mended by linking again: a refused token stays refused, and two agents sharing a
+  // token would take the link from each other in turns.
+  for (const bool refused : {true, false}) {
+    upstream_process upstream({"--models", "m1"});
+    ASSERT_TRUE(upstream.ready());
+    fake_coordinator coordinator(refused ? 401 : 0);
+    auto options = agent_options(coordinator, upstream);
+    options.probe = false;
+    agent_runner agent(options);
+    if (!refused) {
+      ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+      coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+      coordinator.close(link::close_code_replaced, "replaced by a newer link of the same provider");
+    }
+    EXPECT_EQ(agent.wait_exit(), 1) << refused;
+    EXPECT_EQ(coordinator.authorizations().size(), 1u) << "it does not link again: " << refused;
+  }
 }
 
 }  // namespace
