@@ -54,8 +54,9 @@ floor=${FLOOR:-0}
 trace_s=${TRACE_S:-0}
 [[ "$trace_s" =~ ^[0-9]+$ ]] || { echo "error: TRACE_S must be a whole number of seconds, not '$trace_s'" >&2; exit 2; }
 [[ "$repeat" =~ ^[1-9][0-9]*$ ]] || { echo "error: REPEAT must be a whole number >= 1, not '$repeat'" >&2; exit 2; }
-# The idle upstream's first token comes long after the hold ends, so its streams stay idle.
-idle_first_token_ms=600000
+# The idle upstream's first token comes at once (a stream's head goes out with it) and its second
+# long after the hold ends, so its streams stay open and idle.
+idle_token_interval_us=600000000
 
 gpustream=$build/app/gpustream
 upstream_bin=$build/tests/upstream/gpustream_test_upstream
@@ -65,8 +66,10 @@ for binary in "$gpustream" "$upstream_bin" "$generator" "$relay_bin"; do
   [ -x "$binary" ] || { echo "error: $binary is missing; build first (./scripts/build)" >&2; exit 2; }
 done
 
-# Every process holds one descriptor per stream (the generator, serve, the agent, the upstream).
-files_needed=$((idle_streams + 1024))
+# Every process holds one descriptor per stream (the generator, serve, the agent, the upstream);
+# serve keeps 1,024 of its files for the event store, and its connections include the agents'
+# links (one per 256 idle streams, and the bench's own).
+files_needed=$((idle_streams + 1024 + 64))
 if ! ulimit -n "$files_needed" 2>/dev/null; then
   echo "error: cannot raise the open-files limit to $files_needed for $idle_streams idle streams" \
        "(soft $(ulimit -Sn), hard $(ulimit -Hn)); raise the hard limit or set IDLE_STREAMS lower" >&2
@@ -131,11 +134,12 @@ wait_for_line() {
   fail "no /$pattern/ in $file within $seconds s"
 }
 
-# start_upstream NAME MODEL FIRST_TOKEN_MS: starts a test upstream, sets upstream_port.
+# start_upstream NAME MODEL FIRST_TOKEN_MS [TOKEN_INTERVAL_US]: starts a test upstream, sets
+# upstream_port.
 start_upstream() {
-  local name=$1 model=$2 first_token_ms=$3
+  local name=$1 model=$2 first_token_ms=$3 interval_us=${4:-$token_interval_us}
   "$upstream_bin" --listen 127.0.0.1:0 --models "$model" --tokens "$tokens" \
-    --first-token-ms "$first_token_ms" --token-interval-us "$token_interval_us" \
+    --first-token-ms "$first_token_ms" --token-interval-us "$interval_us" \
     ${decode_flag:+"$decode_flag"} \
     > "$work/$name.out" 2> "$work/$name.err" &
   upstream_pid=$!
@@ -386,7 +390,7 @@ measure_floor() {
   echo "$line"
 }
 
-# measure_idle: idle streams through a second upstream whose first token comes after the hold,
+# measure_idle: idle streams through a second upstream whose second token comes after the hold,
 # served by agents that together take all of them at once, so every stream is assigned to a
 # provider and waiting, none queued. One provider may offer a model for at most 256 concurrent
 # jobs (domain/provider.hpp, offer_concurrency_max), so 5,000 streams take 20 agents. Appends its
@@ -394,7 +398,7 @@ measure_floor() {
 measure_idle() {
   local idle_port idle_agents i idle_log idle generator_pid upstream_active active
   local idle_agent_pids=()
-  start_upstream idle-upstream idle-model "$idle_first_token_ms"
+  start_upstream idle-upstream idle-model 0 "$idle_token_interval_us"
   idle_port=$upstream_port
   idle_agents=$(((idle_streams + 255) / 256))
   for ((i = 1; i <= idle_agents; i++)); do
