@@ -406,11 +406,14 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
       };
       // A reasoning model may spend every token thinking: its pieces count as the answer's, and
-      // the backend's usage when it counts more (the larger of the two counts is taken), within
-      // the probe_tokens asked for (a backend whose usage adds up every answer so far would make
-      // each level look faster than the last).
+      // the backend's usage when it counts more (the larger of the two counts is taken), either
+      // within the probe_tokens asked for (a backend whose usage adds up every answer so far, or
+      // that ignores max_tokens, would make each level look faster than the last).
       auto deltas = std::make_shared<std::uint32_t>(0);
-      const auto count = [run, deltas](std::string_view) { ++run->tokens, ++*deltas; };
+      const auto count = [run, deltas, asked = options_.probe_tokens](std::string_view) {
+        if (*deltas < asked) ++run->tokens;
+        ++*deltas;
+      };
       run->requests.push_back(upstream_.stream(
           "/chat/completions", body,
           {.on_delta = count,

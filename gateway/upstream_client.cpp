@@ -850,7 +850,10 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     // One piece per token, as a stream's: whoever counts pieces counts the answer's tokens.
     const std::size_t thinking = choice->reasoning.size();
     const std::size_t bytes = thinking + choice->text.size();
-    const std::size_t tokens = usage_ && usage_->completion_tokens > 0 ? usage_->completion_tokens : (bytes + 3) / 4;
+    // Its usage when plausible (at most a token per two bytes: not a count added up over answers),
+    // else an estimate.
+    const bool plausible = usage_ && usage_->completion_tokens > 0 && usage_->completion_tokens <= (bytes + 1) / 2;
+    const std::size_t tokens = plausible ? usage_->completion_tokens : (bytes + 3) / 4;
     const std::size_t thinking_tokens = bytes == 0 ? 0 : static_cast<std::size_t>(std::uint64_t{tokens} * thinking / bytes);
     deliver_pieces(handlers_.on_reasoning, choice->reasoning, thinking_tokens);
     deliver_pieces(handlers_.on_delta, choice->text, tokens - thinking_tokens);

@@ -128,8 +128,8 @@ struct upstream_stream_handlers {
   /// A piece of the answer (choices[0].delta.content or choices[0].text), in order; empty pieces
   /// are not reported. The view is valid only during the call. A backend that answers whole (it
   /// ignored "stream": true) has its text handed over in one piece per token, as a stream's would
-  /// be: as many pieces as its usage counts (its bytes / 4 without one), at most one per byte,
-  /// each ending on a UTF-8 character's boundary.
+  /// be: as many pieces as its usage counts when that is plausible (at most one per two bytes),
+  /// else its bytes / 4, each ending on a UTF-8 character's boundary.
   std::function<void(std::string_view text)> on_delta;
   /// The stream finished (`data: [DONE]`, or a clean end after a finish_reason): the last
   /// finish_reason seen ("stop", "length", …; empty if none) and the last usage the backend sent.
