@@ -227,9 +227,11 @@ class websocket_session : public websocket_connection,
       if (ec) return self->closed(ec);
       self->idle_.heard();
       if (self->reported_ || !self->on_message_) return;  // over already (a failed write), or released
+      // Closing: what the peer still sends is read (the closing handshake needs the read loop) and
+      // dropped.
       const auto data = self->buffer_.cdata();
       try {
-        self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+        if (!self->closing_) self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
       } catch (const std::exception& e) {  // process edge: a handler bug ends this link, not the server
         self->begin_close(websocket::close_code::internal_error, std::string("the server failed on a message: ") + e.what());
       }

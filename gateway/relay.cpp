@@ -678,8 +678,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     return text;
   }
 
-  /// Streams go out with their headers as soon as the job is accepted (or its first token
-  /// arrives, whichever is first): the client sees the answer begin.
+  /// A stream's head goes out with its first piece (or its end, for an empty answer): a refusal
+  /// before it is an HTTP error, and the first token is the head's company, not a write of its own.
   static void start_stream(live_job& live) {
     if (!live.job.request.stream || live.stream_started) return;
     live.stream_started = true;
