@@ -289,5 +289,13 @@ scenario('a node at --live-jobs-max answers 429 server_busy; a request too big f
   assert.equal(big.status, 413);
   const too_big = (await big.json()).error;
   assert.equal(too_big.code, 'request_too_large');
+  assert.equal(too_big.param, 'messages');
   assert.match(too_big.message, /at most 783360 are accepted/);
+  const big_completion = await client.request('POST', '/v1/completions', {
+    body: { model, prompt: '\u0001'.repeat(150_000), max_tokens: 4 },
+  });
+  assert.equal(big_completion.status, 413);
+  const completion_too_big = (await big_completion.json()).error;
+  assert.equal(completion_too_big.code, 'request_too_large');
+  assert.equal(completion_too_big.param, 'prompt');
 });
