@@ -62,7 +62,7 @@ class payout_runner_test : public testing::deterministic_fixture {
         rt_.ledger, domain::ledger::command{domain::user_deposit("d" + n, "payer", amount)}));
     for (auto command : std::vector<domain::job::command>{
              domain::submit_job{.job_id = n, .user_id = "payer", .model = "m", .prompt_tokens = 1, .max_tokens = 1,
-                                .premium = true},
+                                .premium = true, .conversation_id = {}},
              domain::queue_job{.deadline_at_us = clock_.function()() + 60'000'000},
              domain::assign_job{.provider_id = provider_id},
              domain::start_job{.provider_id = provider_id},
