@@ -352,34 +352,36 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (d.text.empty()) return;
       // What the backend generated, shown or not: its usage counts it.
       live->attempt_bytes += d.text.size();
-      // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed.
-      if (d.reasoning && live->job.request.kind != request_kind::chat) return;
-      live->last_piece_at = clock::now();
-      if (!live->attempt_started) {
-        live->attempt_started = true;
-        live->attempt_first_at = live->last_piece_at;
-        report_started = true;
-      }
-      if (!live->first_token_seen) {
-        live->first_token_seen = true;
-        if (options_.observer.first_token) {
-          const auto now = clock::now();
-          options_.observer.first_token(std::chrono::duration_cast<std::chrono::microseconds>(now - live->received_at),
-                                        std::chrono::duration_cast<std::chrono::microseconds>(now - live->offered_at));
+      // A completion (no chat) has nowhere to put thinking: it is neither shown nor billed, but its
+      // bytes count against the answer's bound (a backend that thinks for ever is cut off too).
+      if (!d.reasoning || live->job.request.kind == request_kind::chat) {
+        live->last_piece_at = clock::now();
+        if (!live->attempt_started) {
+          live->attempt_started = true;
+          live->attempt_first_at = live->last_piece_at;
+          report_started = true;
         }
-      }
-      start_stream(*live);
-      live->tokens += 1;
-      live->attempt_tokens += 1;
-      const bool first = !std::exchange(live->piece_sent, true);
-      if (!d.reasoning) {
-        live->text += d.text;
-      } else if (!live->job.request.stream) {
-        live->reasoning += d.text;  // a stream's thinking is sent, not kept: no failover carries it
-      }
-      if (live->job.request.stream) {
-        live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
-                                                     : chunk_json(live->meta, d.text, first)));
+        if (!live->first_token_seen) {
+          live->first_token_seen = true;
+          if (options_.observer.first_token) {
+            const auto now = clock::now();
+            options_.observer.first_token(std::chrono::duration_cast<std::chrono::microseconds>(now - live->received_at),
+                                          std::chrono::duration_cast<std::chrono::microseconds>(now - live->offered_at));
+          }
+        }
+        start_stream(*live);
+        live->tokens += 1;
+        live->attempt_tokens += 1;
+        const bool first = !std::exchange(live->piece_sent, true);
+        if (!d.reasoning) {
+          live->text += d.text;
+        } else if (!live->job.request.stream) {
+          live->reasoning += d.text;  // a stream's thinking is sent, not kept: no failover carries it
+        }
+        if (live->job.request.stream) {
+          live->job.reply->write(sse_event(d.reasoning ? reasoning_chunk_json(live->meta, d.text, first)
+                                                       : chunk_json(live->meta, d.text, first)));
+        }
       }
       const std::uint64_t pieces_max = overrun_limit(attempt_asked(*live));
       const std::uint64_t bytes_max =

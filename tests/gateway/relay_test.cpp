@@ -854,9 +854,8 @@ TEST(relay, an_empty_streamed_answer_still_opens_with_the_assistants_role) {
   EXPECT_NE(stream.find(R"("finish_reason":"stop")"), std::string::npos) << stream;
 }
 
-TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_counted) {
-  relay_world world;
-  auto reply = std::make_shared<recorded_reply>();
+/// Submits j1, a premium user's completion (no chat) with a budget of 10.
+void submit_completion_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply) {
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
@@ -869,6 +868,12 @@ TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_co
   job.reply = reply;
   world.relay.submit(std::move(job));
   ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+}
+
+TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_counted) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_completion_j1(world, reply));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   world.relay.delta("p1", link::delta{.job_id = "j1", .text = "hmm", .attempt = 1, .reasoning = true});
   world.relay.delta("p1", link::delta{.job_id = "j1", .text = " upon", .attempt = 1});
@@ -877,6 +882,22 @@ TEST(relay, a_completion_has_no_place_for_thinking_so_it_is_neither_shown_nor_co
   EXPECT_NE(body.find(R"("text":" upon")"), std::string::npos) << body;
   EXPECT_EQ(body.find("hmm"), std::string::npos) << body;
   EXPECT_TRUE(world.log->wait_for("tokens j1 1", 10s));
+}
+
+TEST(relay, a_completion_whose_backend_thinks_for_ever_is_cut_off_by_its_bytes) {
+  // Thinking a completion neither shows nor counts still bounds the answer: with a budget of 10
+  // (3,328 bytes), 1,000-byte pieces of it end the answer at the fourth.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_completion_j1(world, reply));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (int i = 0; i < 40; ++i) {
+    world.relay.delta("p1", link::delta{.job_id = "j1", .text = std::string(1000, 'h'), .attempt = 1, .reasoning = true});
+  }
+  const auto body = answered_body(*reply);
+  EXPECT_NE(body.find(R"("finish_reason":"length")"), std::string::npos) << body;
+  EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
+  EXPECT_TRUE(world.log->wait_for("tokens j1 0", 10s));
 }
 
 TEST(relay, the_same_attempt_offered_again_on_a_new_link_is_no_new_failover) {
