@@ -20,6 +20,7 @@
 #include <chrono>
 #include <deque>
 #include <map>
+#include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <thread>
@@ -344,6 +345,32 @@ void websocket_registry::release_all() {
 
 class session;
 
+/// Calls on replies that are on their way to their connections' executors, and writes under way:
+/// a stopping server lets them finish (for a while) before its I/O threads go, so that an
+/// answer's last bytes, given just before the stop (a drain's cut), are not dropped unsent.
+class pending_calls {
+ public:
+  void begin() noexcept { count_.fetch_add(1); }
+  void end() {
+    if (count_.fetch_sub(1) == 1 && waiting_.load()) {
+      std::lock_guard lock(mutex_);
+      none_left_.notify_all();
+    }
+  }
+  /// Waits until none is left, at most `wait_max`; false when some still are.
+  bool wait_none(std::chrono::milliseconds wait_max) {
+    waiting_.store(true);
+    std::unique_lock lock(mutex_);
+    return none_left_.wait_for(lock, wait_max, [this] { return count_.load() == 0; });
+  }
+
+ private:
+  std::atomic<std::size_t> count_{0};
+  std::atomic<bool> waiting_{false};
+  std::mutex mutex_;
+  std::condition_variable none_left_;
+};
+
 /// The server's flush tick. The streamed pieces that connections hold back (see
 /// stream_flush_interval) are all written when one timer fires, rather than each connection
 /// arming a timer of its own: on a busy server that is one timer and one wake-up per interval
@@ -386,7 +413,7 @@ class session : public std::enable_shared_from_this<session> {
  public:
   session(tcp::socket socket, connection_slot slot, const http_server_options& options,
           const http_handler& handler, const websocket_handler& upgrade, std::atomic<std::uint64_t>& writes,
-          flush_clock& clock, websocket_registry& websockets)
+          flush_clock& clock, websocket_registry& websockets, pending_calls& calls)
       : stream_(std::move(socket)),
         slot_(std::move(slot)),
         buffer_(options.header_bytes_max + watch_read_bytes),
@@ -395,7 +422,8 @@ class session : public std::enable_shared_from_this<session> {
         upgrade_(upgrade),
         writes_(writes),
         clock_(clock),
-        websockets_(websockets) {}
+        websockets_(websockets),
+        calls_(calls) {}
 
   void start() {
     remote_address_ = remote_address_of(stream_.socket());  // once per connection, not per request
@@ -485,6 +513,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   asio::any_io_executor executor() { return stream_.get_executor(); }
+  pending_calls& calls() { return calls_; }
 
  private:
   bool answering(std::uint64_t request) const { return request == request_ && !gone_; }
@@ -651,6 +680,7 @@ class session : public std::enable_shared_from_this<session> {
       pending_.erase(0, sent);  // the rest waits until the socket takes more
     }
     writing_ = true;
+    calls_.begin();  // ended when the write is
     in_flight_.start(std::move(pending_));  // pending_ starts again empty, without a buffer
     write_in_flight();
   }
@@ -671,8 +701,12 @@ class session : public std::enable_shared_from_this<session> {
                                }
                                self->writing_ = false;
                                self->in_flight_.clear();
-                               if (ec) return self->gone();
-                               self->write_next();
+                               if (ec) {
+                                 self->gone();
+                               } else {
+                                 self->write_next();
+                               }
+                               self->calls_.end();
                              });
   }
 
@@ -767,6 +801,7 @@ class session : public std::enable_shared_from_this<session> {
   steady::time_point last_write_{};  ///< when bytes last went to the socket
   flush_clock& clock_;  ///< the server's, which writes the pieces held for stream_flush_interval
   websocket_registry& websockets_;
+  pending_calls& calls_;  ///< the server's; also counts this session's write under way
   std::string remote_address_;  ///< the peer's, read once when the connection starts
   std::string pending_;    ///< bytes queued behind the write in flight
   write_buffer in_flight_;  ///< the write the socket takes in pieces, if any
@@ -797,28 +832,38 @@ void flush_clock::tick() {
 }
 
 void reply_handle::send(http_response response) {
+  owner_->calls().begin();
   asio::post(owner_->executor(), [owner = owner_, request = request_, response = std::move(response)]() mutable {
     owner->send(request, std::move(response));
+    owner->calls().end();
   });
 }
 
 // The streaming calls (one per token) are dispatched, not posted: see http_reply::write. A whole
 // answer (send) is one call per request and stays posted.
 void reply_handle::start_stream(unsigned status, std::string content_type, http_headers headers) {
+  owner_->calls().begin();
   asio::dispatch(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
                                       headers = std::move(headers)]() mutable {
     owner->start_stream(request, status, std::move(content_type), std::move(headers));
+    owner->calls().end();
   });
 }
 
 void reply_handle::write(std::string data) {
+  owner_->calls().begin();
   asio::dispatch(owner_->executor(), [owner = owner_, request = request_, data = std::move(data)]() mutable {
     owner->write(request, std::move(data));
+    owner->calls().end();
   });
 }
 
 void reply_handle::finish() {
-  asio::dispatch(owner_->executor(), [owner = owner_, request = request_] { owner->finish(request); });
+  owner_->calls().begin();
+  asio::dispatch(owner_->executor(), [owner = owner_, request = request_] {
+    owner->finish(request);
+    owner->calls().end();
+  });
 }
 
 void reply_handle::on_close(std::function<void()> callback) {
@@ -835,6 +880,9 @@ class http_server::impl {
       : options_(std::move(options)), handler_(std::move(handler)), upgrade_(std::move(upgrade)), acceptor_(io_) {}
 
   ~impl() {
+    // What handlers gave their replies just before the stop goes out first (a drain's last
+    // chunks): for at most stop_writes_wait_max, since a client that reads nothing holds its write.
+    (void)calls_.wait_none(options_.stop_writes_wait_max);
     io_.stop();
     for (auto& t : threads_) t.join();
     websockets_.release_all();
@@ -888,7 +936,7 @@ class http_server::impl {
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
       auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,
-                                         writes_, clock_, websockets_);
+                                         writes_, clock_, websockets_, calls_);
       if (now_open > options_.connections_max) s->reject_busy();
       else s->start();
       accept();
@@ -902,6 +950,7 @@ class http_server::impl {
   std::atomic<std::size_t> open_{0};
   std::atomic<std::uint64_t> writes_{0};
   websocket_registry websockets_;
+  pending_calls calls_;
   asio::io_context io_;
   flush_clock clock_{io_, options_.stream_flush_interval};  ///< holds connections: destroyed before io_
   tcp::acceptor acceptor_;

@@ -125,6 +125,9 @@ struct http_server_options {
   /// client still sends is read and dropped for at most this long, so that the answer is not lost
   /// to a connection reset. Default: 5 s.
   std::chrono::milliseconds linger_timeout{5'000};
+  /// When the server stops, what handlers handed to their replies before (and the writes under
+  /// way) may go out for at most this long before the connections are dropped. Default: 1 s.
+  std::chrono::milliseconds stop_writes_wait_max{1'000};
   /// A streamed answer's first piece is written at once; later ones are written at most once per
   /// this interval, together (0: each at once), on one clock shared by all connections, so a piece
   /// waits at most this long. Bounds the writes a fast stream costs. Default: 5 ms.

@@ -116,6 +116,32 @@ TEST(http_streaming, an_answer_sent_later_from_another_thread_arrives) {
   EXPECT_NE(text.find("X-Extra: 1"), std::string::npos) << text;
 }
 
+TEST(http_streaming, a_streams_last_bytes_given_just_before_the_server_stops_go_out) {
+  // A drain cuts an answer short and the node stops its server at once: the last chunk and the
+  // stream's end, handed to the connection from another thread, must not be dropped with the I/O
+  // threads' queue. Each round stops the server right after; without the wait for them, some
+  // round loses its end.
+  for (int round = 0; round < 20; ++round) {
+    std::promise<std::shared_ptr<http_reply>> pending;
+    http_server_options options;
+    options.threads = 1;
+    auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); }, {}, options);
+    ASSERT_TRUE(server);
+    client c(server->port());
+    c.send(post);
+    auto future = pending.get_future();
+    ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+    auto reply = future.get();
+    reply->start_stream(200, "text/event-stream", {});
+    reply->write("data: cut short\n\n");
+    reply->finish();
+    server.reset();
+    const auto text = c.read_until("0\r\n\r\n", 10s);
+    EXPECT_NE(text.find("data: cut short"), std::string::npos) << "round " << round << ": " << text;
+    ASSERT_NE(text.find("0\r\n\r\n"), std::string::npos) << "round " << round << ": the stream's end was lost: " << text;
+  }
+}
+
 TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_serves_the_next_request) {
   std::promise<std::shared_ptr<http_reply>> pending;
   int requests = 0;
