@@ -345,9 +345,11 @@ void websocket_registry::release_all() {
 
 class session;
 
-/// Calls on replies that are on their way to their connections' executors, and writes under way:
-/// a stopping server lets them finish (for a while) before its I/O threads go, so that an
-/// answer's last bytes, given just before the stop (a drain's cut), are not dropped unsent.
+/// The calls that end answers (send, finish) on their way to their connections' strands, and
+/// writes under way: a stopping server lets them finish (for a while) before its I/O threads go,
+/// so that an answer's last bytes, given just before the stop (a drain's cut), are not dropped
+/// unsent. A stream's pieces are not counted (no cost per token): each strand runs its calls in
+/// order, so those before a counted finish have run when it has.
 class pending_calls {
  public:
   void begin() noexcept { count_.fetch_add(1); }
@@ -842,19 +844,15 @@ void reply_handle::send(http_response response) {
 // The streaming calls (one per token) are dispatched, not posted: see http_reply::write. A whole
 // answer (send) is one call per request and stays posted.
 void reply_handle::start_stream(unsigned status, std::string content_type, http_headers headers) {
-  owner_->calls().begin();
   asio::dispatch(owner_->executor(), [owner = owner_, request = request_, status, content_type = std::move(content_type),
                                       headers = std::move(headers)]() mutable {
     owner->start_stream(request, status, std::move(content_type), std::move(headers));
-    owner->calls().end();
   });
 }
 
 void reply_handle::write(std::string data) {
-  owner_->calls().begin();
   asio::dispatch(owner_->executor(), [owner = owner_, request = request_, data = std::move(data)]() mutable {
     owner->write(request, std::move(data));
-    owner->calls().end();
   });
 }
 
