@@ -116,7 +116,7 @@ class node::impl {
     // The server must exist before the click URL is known (port 0 picks one): the relay and links
     // are built first, the server last, and requests only arrive once it runs.
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
-    if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + "/a/c/");
+    if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + std::string(click_path));
     relay_options relaying = options_.relay;
     relaying.offer_request_bytes_max = link::offer_request_bytes_max(options_.link.limits);
     relaying.observer.first_token = [this](std::chrono::microseconds ttft, std::chrono::microseconds since_offer) {
@@ -158,7 +158,7 @@ class node::impl {
     if (options_.public_url.empty()) {
       const bool ipv6 = options_.http.host.find(':') != std::string::npos;
       const std::string host = ipv6 ? "[" + options_.http.host + "]" : options_.http.host;
-      ads_->set_click_base("http://" + host + ":" + std::to_string(server_->port()) + "/a/c/");
+      ads_->set_click_base("http://" + host + ":" + std::to_string(server_->port()) + std::string(click_path));
     }
     load_campaigns();
     refresh_gauges();
@@ -455,7 +455,7 @@ class node::impl {
     }
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
-    if (path.starts_with("/a/c/")) {
+    if (path.starts_with(click_path)) {
       // A click is recorded: only a browser following the link counts, not a link checker's HEAD.
       if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
       return click(path.substr(5), reply);
@@ -470,7 +470,7 @@ class node::impl {
     }
     if (path.starts_with("/v1/models/")) return "/v1/models/{id}";
     if (path.starts_with("/admin/")) return "/admin";
-    if (path.starts_with("/a/c/")) return "/a/c";
+    if (path.starts_with(click_path)) return "/a/c";
     return "other";
   }
 

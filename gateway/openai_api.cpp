@@ -243,22 +243,30 @@ bool asks_for_nothing(const json::value& v) {
          (v.is_array() && v.get_array().empty());
 }
 
+// ad_text()'s parts: "<head><title><dash><text><gap><click URL>". The dash is U+2014 EM DASH,
+// spelled as UTF-8 bytes so the source's encoding cannot change it.
+constexpr std::string_view ad_head = "\n\nSponsored: ";
+constexpr std::string_view ad_dash = " \xE2\x80\x94 ";
+constexpr std::string_view ad_gap = "  ";
+
 /// `content` without the ad that ends it, when it ends with one in ad_text()'s shape: one line
 /// (an ad holds no line break) "Sponsored: <title> — <text>  <click URL>", the URL one of ours.
 void drop_ad(std::string& content) {
-  constexpr std::string_view head = "\n\nSponsored: ";
-  const auto at = content.rfind(head);
+  const auto at = content.rfind(ad_head);
   if (at == std::string::npos) return;
-  const std::string_view tail = std::string_view(content).substr(at + head.size());
-  const auto dash = tail.find(" \xE2\x80\x94 ");
-  const auto gap = tail.rfind("  ");
+  const std::string_view tail = std::string_view(content).substr(at + ad_head.size());
+  const auto dash = tail.find(ad_dash);
+  const auto gap = tail.rfind(ad_gap);
   if (tail.find('\n') != std::string_view::npos || dash == std::string_view::npos || gap == std::string_view::npos ||
       gap < dash) {
     return;
   }
-  const std::string_view url = tail.substr(gap + 2);
-  const auto click = url.find("/a/c/");
-  if (click == std::string_view::npos || click + 5 == url.size() || url.find(' ') != std::string_view::npos) return;
+  const std::string_view url = tail.substr(gap + ad_gap.size());
+  const auto click = url.find(click_path);
+  if (click == std::string_view::npos || click + click_path.size() == url.size() ||
+      url.find(' ') != std::string_view::npos) {
+    return;
+  }
   content.erase(at);
 }
 
@@ -778,8 +786,7 @@ std::string_view quality_name(events::quality_tier tier) noexcept {
 }
 
 std::string ad_text(const ad_info& ad) {
-  // U+2014 EM DASH, spelled as UTF-8 bytes so the source's encoding cannot change it.
-  return "\n\nSponsored: " + ad.title + " \xE2\x80\x94 " + ad.text + "  " + ad.click_url;
+  return std::string(ad_head) + ad.title + std::string(ad_dash) + ad.text + std::string(ad_gap) + ad.click_url;
 }
 
 namespace {

@@ -192,6 +192,9 @@ struct response_extension {
 /// "low", "standard", "high" or "ultra".
 [[nodiscard]] std::string_view quality_name(events::quality_tier tier) noexcept;
 
+/// The path under which an ad's click URL names its impression: "<base>/a/c/<impression id>".
+inline constexpr std::string_view click_path = "/a/c/";
+
 /// The ad's content text: "\n\nSponsored: <title> — <text>  <click url>".
 [[nodiscard]] std::string ad_text(const ad_info& ad);
 
