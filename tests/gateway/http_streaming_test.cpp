@@ -101,15 +101,22 @@ std::unique_ptr<http_server> start(http_handler handler, websocket_handler upgra
   return server ? std::move(server).value() : nullptr;
 }
 
+/// Sends `post` on `c` and returns the reply its handler handed to `pending`; none within 10 s.
+std::shared_ptr<http_reply> reply_to_post(client& c, std::promise<std::shared_ptr<http_reply>>& pending) {
+  c.send(post);
+  auto future = pending.get_future();
+  if (future.wait_for(10s) != std::future_status::ready) return nullptr;
+  return future.get();
+}
+
 TEST(http_streaming, an_answer_sent_later_from_another_thread_arrives) {
   std::promise<std::shared_ptr<http_reply>> pending;
   auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); });
   ASSERT_TRUE(server);
   client c(server->port());
-  c.send(post);
-  auto future = pending.get_future();
-  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
-  std::thread([reply = future.get()] { reply->send({201, "application/json", R"({"late":true})", {{"X-Extra", "1"}}}); })
+  auto reply = reply_to_post(c, pending);
+  ASSERT_TRUE(reply);
+  std::thread([reply] { reply->send({201, "application/json", R"({"late":true})", {{"X-Extra", "1"}}}); })
       .join();
   const auto text = c.read_until(R"({"late":true})", 10s);
   EXPECT_NE(text.find("HTTP/1.1 201"), std::string::npos) << text;
@@ -128,10 +135,8 @@ TEST(http_streaming, a_streams_last_bytes_given_just_before_the_server_stops_go_
     auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); }, {}, options);
     ASSERT_TRUE(server);
     client c(server->port());
-    c.send(post);
-    auto future = pending.get_future();
-    ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
-    auto reply = future.get();
+    auto reply = reply_to_post(c, pending);
+    ASSERT_TRUE(reply);
     reply->start_stream(200, "text/event-stream", {});
     reply->write("data: cut short\n\n");
     reply->finish();
@@ -151,10 +156,8 @@ TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_ser
   });
   ASSERT_TRUE(server);
   client c(server->port());
-  c.send(post);
-  auto future = pending.get_future();
-  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
-  auto reply = future.get();
+  auto reply = reply_to_post(c, pending);
+  ASSERT_TRUE(reply);
   reply->start_stream(200, "text/event-stream", {});
   reply->write("data: one\n\n");
   // The first piece arrives before the answer ends: the client sees tokens as they come.
