@@ -697,7 +697,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         (d.http_status == 401 || d.http_status == 403)) {
       log_->error("{}; check --token (or GPUSTREAM_PROVIDER_TOKEN). Giving up.", d.message);
       stop();
-      if (on_exit_) on_exit_(1);
+      if (on_exit_) on_exit_(exit_turned_away);
       return;
     }
     if (d.kind == gateway::link_disconnect_kind::closed_by_peer && d.close_code == link::close_code_replaced) {
@@ -705,7 +705,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                   "would drop the other's jobs); give each GPU server its own provider and token. Giving up.",
                   d.message);
       stop();
-      if (on_exit_) on_exit_(1);
+      if (on_exit_) on_exit_(exit_turned_away);
       return;
     }
     log_->warn("link down kind={} was_connected={} retry_in_ms={}: {}", gateway::to_string(d.kind),

@@ -79,8 +79,13 @@ struct provider_options {
   gateway::upstream_options upstream;
 };
 
-/// Runs the agent until SIGINT or SIGTERM; returns the process exit code (1 when the options are
-/// unusable or the coordinator refuses the token).
+/// The agent's exit code when the coordinator turned it away for good: its token refused, or its
+/// link taken over by another agent with the same token. Starting it again does not help, so a
+/// supervisor should not (systemd: `RestartPreventExitStatus=3`).
+inline constexpr int exit_turned_away = 3;
+
+/// Runs the agent until SIGINT or SIGTERM; returns the process exit code: 0 once stopped by a
+/// signal, 1 when the options are unusable, exit_turned_away when the coordinator turned it away.
 [[nodiscard]] int run_provider(const provider_options& options);
 
 // -------------------------------------------------------------------------------------------------
@@ -93,8 +98,8 @@ struct provider_options {
 class provider_agent {
  public:
   /// Builds the agent on `io` from resolved options (see resolve_provider_options). `on_exit` is
-  /// called once, on the io_context, if the agent gives up by itself (the coordinator refused the
-  /// token): with the exit code for the process.
+  /// called once, on the io_context, if the agent gives up by itself (the coordinator turned it
+  /// away): with the exit code for the process (exit_turned_away).
   [[nodiscard]] static expected<std::unique_ptr<provider_agent>, std::string> create(
       boost::asio::io_context& io, provider_options options, std::function<void(int)> on_exit);
   ~provider_agent();  ///< stop()

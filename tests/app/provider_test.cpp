@@ -1090,7 +1090,7 @@ TEST(provider_agent, sends_a_reasoning_models_thinking_marked_only_to_a_server_t
   }
 }
 
-TEST(provider_agent, a_refused_token_or_a_link_another_agent_took_over_ends_the_agent_with_exit_code_1) {
+TEST(provider_agent, a_refused_token_or_a_link_another_agent_took_over_ends_the_agent_with_exit_code_3) {
   // Neither is mended by linking again: a refused token stays refused, and two agents sharing a
   // token would take the link from each other in turns.
   for (const bool refused : {true, false}) {
@@ -1105,7 +1105,7 @@ TEST(provider_agent, a_refused_token_or_a_link_another_agent_took_over_ends_the_
       coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
       coordinator.close(link::close_code_replaced, "replaced by a newer link of the same provider");
     }
-    EXPECT_EQ(agent.wait_exit(), 1) << refused;
+    EXPECT_EQ(agent.wait_exit(), exit_turned_away) << refused;
     EXPECT_EQ(coordinator.authorizations().size(), 1u) << "it does not link again: " << refused;
   }
 }

@@ -267,7 +267,7 @@ scenario('an answer on a link replaced by a newer link of the same provider ends
   // link back, which the two would do in turns for good.
   await agent_1.wait_line(/another agent linked with this provider's token/);
   const { code } = await agent_1.exit_promise;
-  assert.equal(code, 1);
+  assert.equal(code, 3, 'turned away for good: a code a supervisor can be told not to restart on');
 });
 
 scenario('an agent that stops answering is stale after three heartbeats and its answer moves on at once', async (world) => {
