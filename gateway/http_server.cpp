@@ -580,12 +580,19 @@ class session : public std::enable_shared_from_this<session> {
     // The handler may answer before it returns (a streamed answer's calls run at once on this
     // thread), and the connection then moves on to its next request: a late 500 names this one.
     const std::uint64_t answered = request_;
+    // The handler takes the request: a 500 for its exception keeps what on_refusal needs to count
+    // it and give it the headers of its path and origin (CORS), as the handler's own answers get.
+    http_request thrown_head{.method = request.method, .target = request.target, .headers = {}, .body = {},
+                             .remote_address = request.remote_address};
+    if (const auto origin = request.headers.find("origin"); origin != request.headers.end()) {
+      thrown_head.headers.emplace(*origin);
+    }
     try {
       handler_(std::move(request), std::make_shared<reply_handle>(shared_from_this(), answered));
     } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
       if (!answering(answered) || started_) return;  // it answered before it threw
       auto failed = json_error(500, "internal error", "server_error");
-      if (options_.on_refusal) options_.on_refusal(nullptr, failed);
+      if (options_.on_refusal) options_.on_refusal(&thrown_head, failed);
       send(answered, std::move(failed));
     }
   }

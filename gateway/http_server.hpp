@@ -146,7 +146,8 @@ struct http_server_options {
   std::chrono::milliseconds websocket_idle_timeout{60'000};
   /// Called on each answer the server makes itself (a request over a limit or malformed, too
   /// many connections, an upgrade refused, a handler that threw) before it goes out, with the
-  /// request's head when it was read (its body left out) and otherwise null: to count it and add
+  /// request's head when it was read (its body left out; of a handler that threw, only its method,
+  /// target, Origin and remote address) and otherwise null: to count it and add
   /// the headers every answer carries (CORS), as the handler's own answers get. Default: none.
   std::function<void(const http_request* head, http_response& response)> on_refusal;
 };

@@ -64,11 +64,13 @@ class client {
 
 const std::string healthz = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
 
-std::unique_ptr<http_server> start(http_server_options options) {
+std::unique_ptr<http_server> start(
+    http_server_options options,
+    http_handler handler = [](const http_request&, std::shared_ptr<http_reply> reply) {
+      reply->send(http_response{200, "text/plain", "ok", {}});
+    }) {
   options.port = 0;
-  auto server = http_server::start(options, [](const http_request&, std::shared_ptr<http_reply> reply) {
-    reply->send(http_response{200, "text/plain", "ok", {}});
-  });
+  auto server = http_server::start(options, std::move(handler));
   EXPECT_TRUE(server.has_value()) << (server ? "" : server.error());
   return server ? std::move(server).value() : nullptr;
 }
@@ -364,7 +366,9 @@ TEST(http_server, an_answer_the_server_makes_itself_goes_through_on_refusal_with
                       std::to_string(head ? head->body.size() : 0));
     response.headers.emplace_back("X-Seen", "yes");
   };
-  auto server = start(options);
+  auto server = start(options, [](http_request request, std::shared_ptr<http_reply>) {
+    throw std::runtime_error("a handler bug before answering " + request.target);
+  });
   ASSERT_TRUE(server);
   client big(server->port());
   ASSERT_TRUE(big.connected());
@@ -372,12 +376,17 @@ TEST(http_server, an_answer_the_server_makes_itself_goes_through_on_refusal_with
   ASSERT_TRUE(second.connected());
   const auto [busy, busy_closed] = second.read_until_closed(std::chrono::seconds(10));
   EXPECT_TRUE(busy.starts_with("HTTP/1.1 503 ")) << busy;
+  // A handler that throws: its 500 has the head too, so that it gets its CORS headers.
+  big.send("GET /x HTTP/1.1\r\nHost: x\r\nOrigin: https://throw.example\r\n\r\n");
+  const auto thrown = read_until(big, [](const std::string& t) { return t.find("internal error") != std::string::npos; });
+  EXPECT_TRUE(thrown.starts_with("HTTP/1.1 500 ")) << thrown;
+  EXPECT_NE(thrown.find("\r\nX-Seen: yes\r\n"), std::string::npos) << thrown;
   big.send("POST /x HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\nContent-Length: 100\r\n\r\n");
   const auto [reply, closed] = big.read_until_closed(std::chrono::seconds(10));
   EXPECT_TRUE(reply.starts_with("HTTP/1.1 413 ")) << reply;
   EXPECT_NE(reply.find("\r\nX-Seen: yes\r\n"), std::string::npos) << reply;
   std::lock_guard lock(mutex);
-  EXPECT_EQ(refused, (std::vector<std::string>{"503 - 0", "413 https://app.example 0"}));
+  EXPECT_EQ(refused, (std::vector<std::string>{"503 - 0", "500 https://throw.example 0", "413 https://app.example 0"}));
 }
 
 TEST(http_server, a_client_that_never_closes_is_closed_after_linger_timeout) {
