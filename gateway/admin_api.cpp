@@ -1,6 +1,7 @@
 #include "gateway/admin_api.hpp"
 
 #include <boost/json.hpp>
+#include <boost/json/basic_parser_impl.hpp>
 #include <caf/actor_system.hpp>
 #include <caf/event_based_actor.hpp>
 #include <caf/send.hpp>
@@ -18,6 +19,8 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <set>
 #include <utility>
 #include <vector>
 
@@ -136,9 +139,70 @@ std::string printable_field(std::string_view name) {
   return name.size() <= 64 ? std::string(name) : std::string(utf8_prefix(name, 64)) + "...";
 }
 
+/// A basic_parser handler that notes the first key an object holds twice (boost::json::parse
+/// keeps the last of them, silently).
+class repeated_key_finder {
+ public:
+  static constexpr std::size_t max_array_size = -1;
+  static constexpr std::size_t max_object_size = -1;
+  static constexpr std::size_t max_string_size = -1;
+  static constexpr std::size_t max_key_size = -1;
+
+  bool on_document_begin(boost::system::error_code&) { return true; }
+  bool on_document_end(boost::system::error_code&) { return true; }
+  bool on_array_begin(boost::system::error_code&) { return true; }
+  bool on_array_end(std::size_t, boost::system::error_code&) { return true; }
+  bool on_object_begin(boost::system::error_code&) {
+    keys_.emplace_back();
+    return true;
+  }
+  bool on_object_end(std::size_t, boost::system::error_code&) {
+    keys_.pop_back();
+    return true;
+  }
+  bool on_string_part(json::string_view, std::size_t, boost::system::error_code&) { return true; }
+  bool on_string(json::string_view, std::size_t, boost::system::error_code&) { return true; }
+  bool on_key_part(json::string_view part, std::size_t, boost::system::error_code&) {
+    key_.append(part.data(), part.size());
+    return true;
+  }
+  bool on_key(json::string_view last, std::size_t, boost::system::error_code& ec) {
+    key_.append(last.data(), last.size());
+    if (!keys_.back().insert(key_).second) {
+      repeated = std::move(key_);
+      ec = json::error::extra_data;  // stops the parse: one repeated key is enough to refuse
+      return false;
+    }
+    key_.clear();
+    return true;
+  }
+  bool on_number_part(json::string_view, boost::system::error_code&) { return true; }
+  bool on_int64(std::int64_t, json::string_view, boost::system::error_code&) { return true; }
+  bool on_uint64(std::uint64_t, json::string_view, boost::system::error_code&) { return true; }
+  bool on_double(double, json::string_view, boost::system::error_code&) { return true; }
+  bool on_bool(bool, boost::system::error_code&) { return true; }
+  bool on_null(boost::system::error_code&) { return true; }
+  bool on_comment_part(json::string_view, boost::system::error_code&) { return true; }
+  bool on_comment(json::string_view, boost::system::error_code&) { return true; }
+
+  std::optional<std::string> repeated;
+
+ private:
+  std::vector<std::set<std::string, std::less<>>> keys_;  ///< the keys so far of each open object
+  std::string key_;
+};
+
+/// The first key that an object of `body`, JSON that parses, holds twice.
+std::optional<std::string> repeated_key(std::string_view body, const json::parse_options& options) {
+  json::basic_parser<repeated_key_finder> parser(options);
+  boost::system::error_code ec;
+  (void)parser.write_some(false, body.data(), body.size(), ec);
+  return std::move(parser.handler().repeated);
+}
+
 /// The body as a JSON object whose every field is one of `fields`: a misspelt field ("credit" for
 /// "credit_micros") is refused rather than read as absent, which would create a user without
-/// its credit.
+/// its credit. A field given twice is refused too: JSON parsers disagree on which one counts.
 checked<json::object> parse_object(std::string_view body, std::size_t depth_max,
                                    std::initializer_list<std::string_view> fields) {
   json::parse_options options;
@@ -151,6 +215,10 @@ checked<json::object> parse_object(std::string_view body, std::size_t depth_max,
                                            " levels deep): " + ec.message())};
   }
   if (!parsed.is_object()) return invalid{error_response(400, "the body must be a JSON object")};
+  if (const auto repeated = repeated_key(body, options)) {
+    return invalid{error_response(400, "field '" + printable_field(*repeated) + "' is given twice; give each field once",
+                                  printable_field(*repeated))};
+  }
   for (const auto& field : parsed.as_object()) {
     if (std::find(fields.begin(), fields.end(), field.key()) != fields.end()) continue;
     std::string known;

@@ -417,6 +417,20 @@ TEST_F(admin_api_test, user_fields_are_validated_by_name) {
       << misspelt.body;
   expect_invalid(call("POST", "/admin/users", R"({"display_name":")" + std::string(201, 'x') + "\"}"),
                  "display_name");
+  // A field given twice is refused: a reader of the body may take the first, the parser the last.
+  const auto twice = call("POST", "/admin/users", R"({"tier":"free","credit_micros":0,"credit_micros":100000000})");
+  expect_invalid(twice, "credit_micros");
+  EXPECT_NE(twice.body.find("field 'credit_micros' is given twice; give each field once"), std::string::npos)
+      << twice.body;
+  // Also escaped alike, or in two parts of a long key.
+  expect_invalid(call("POST", "/admin/users", R"({"tier":"free","t\u0069er":"premium"})"), "tier");
+  // Keys of different objects may repeat.
+  EXPECT_EQ(call("POST", "/admin/campaigns",
+                 R"({"advertiser":"a","title":"t","text":"x","url":"https://a.example","keywords":["k"],)"
+                 R"("categories":[],"cpm_bid_micros":1000,"budget_micros":1000000,"daily_budget_micros":1000000,)"
+                 R"("frequency_cap_per_day":3,"keywords":["again"]})")
+                .status,
+            400u);
   // A long field name is cut at a character's start: the 64th byte is inside the 'é'.
   const auto long_name = call("POST", "/admin/users", "{\"" + std::string(63, 'a') + "\xC3\xA9\":1}");
   EXPECT_EQ(long_name.status, 400u);
