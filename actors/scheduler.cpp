@@ -940,10 +940,13 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   }
   job.tokens_so_far = std::max(job.tokens_so_far, tokens_so_far);
   // An answer begun on a provider continues on another one, and with no other provider for the
-  // model nothing is left.
-  if ((job.started || job.tokens_so_far > 0) && !others_serve(self, job, from)) {
+  // model nothing is left. It broke off on the provider avoided strictly: this attempt's, or an
+  // earlier one's when this one produced nothing (its provider, which declined or was lost before
+  // a first token, may still take it).
+  const std::string broken_on = job.avoided_strictly ? job.avoided_provider_id : from;
+  if ((job.started || job.tokens_so_far > 0) && !others_serve(self, job, broken_on)) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
-             "the answer broke off on provider " + from + " and no other provider serves model " +
+             "the answer broke off on provider " + broken_on + " and no other provider serves model " +
                  job.request.model,
              [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
     return;

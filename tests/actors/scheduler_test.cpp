@@ -1023,6 +1023,31 @@ TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does
   EXPECT_EQ(job("j1").attempt, 3u);
 }
 
+TEST_F(scheduler_test, an_answer_continued_on_the_last_provider_waits_when_that_one_declines_it) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
+  run();
+  ASSERT_EQ(job("j1").provider_id, busy);
+  // The provider it broke off on leaves; the one left declines the offer untried (it is full):
+  // the answer did not break off there, and it may take it once it has room.
+  self_->send(rt_.scheduler, offline_atom::value, broken);
+  run();
+  auto declined = ask<job_ended>(rt_.scheduler, job_failure{"j1", busy, domain::job_fault::declined, 5,
+                                                            "the provider is at capacity (1 jobs)"});
+  ASSERT_TRUE(declined) << describe(declined.error());
+  EXPECT_EQ(declined.value().status, domain::job_status::queued) << declined.value().detail;
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::queued);
+  self_->send(rt_.scheduler, load_atom::value, busy, domain::load_report{0, 100});
+  run();
+  EXPECT_EQ(job("j1").provider_id, busy);
+  EXPECT_EQ(job("j1").attempt, 3u);
+}
+
 TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_provider) {
   const std::string busy = two_providers_one_busy();
   ASSERT_FALSE(busy.empty());
