@@ -1140,7 +1140,10 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     return reply;
   }
   const bool running = found->second.running;
-  const bool started = running && found->second.started;
+  // The attempt under way began its answer: its first token was reported, or the client got more
+  // tokens than the attempts before produced (the relay's cancel may overtake its `started`).
+  const bool started =
+      running && (found->second.started || cancel.tokens_produced > found->second.tokens_so_far);
   if (!running && !self->state.queue->remove(cancel.job_id)) {
     // Neither running nor queued: its checks or its (re)queueing are being recorded, which
     // takes one append; the continuation of that step still needs the job.

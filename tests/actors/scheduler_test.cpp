@@ -1314,6 +1314,20 @@ TEST_F(scheduler_test, a_cancel_after_a_failover_before_the_next_answer_began_pa
   EXPECT_EQ(balance("provider-" + second), 0) << "it never began the answer";
 }
 
+TEST_F(scheduler_test, a_cancel_that_overtakes_the_next_answers_start_pays_that_provider_its_tokens) {
+  const auto [first, second] = j1_failed_over_after_100_tokens();
+  ASSERT_FALSE(first.empty());
+  // The client got 150 tokens, 50 of them from the second, whose `started` is still on its way.
+  auto ended = ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 150});
+  ASSERT_TRUE(ended) << describe(ended.error());
+  const auto price = [&](const std::string& id) -> std::int64_t { return id == "p1" ? 1 : 3; };
+  const std::int64_t first_gross = 100 * price(first);
+  const std::int64_t second_gross = (1000 + 50) * price(second);
+  EXPECT_EQ(ended.value().gross_micros, first_gross + second_gross);
+  EXPECT_EQ(balance("provider-" + first), first_gross - first_gross / 10);
+  EXPECT_EQ(balance("provider-" + second), second_gross - second_gross / 10);
+}
+
 TEST_F(scheduler_test, after_a_failover_the_rest_goes_only_to_a_provider_whose_quote_fits_what_is_left_of_the_hold) {
   // Alone at admission, p1 (1 USD per Mtok in, 3 out) sets the hold: 1,000 prompt + 500 tokens =
   // 2,500 micro-USD, all of dave's balance.
