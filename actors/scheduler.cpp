@@ -780,7 +780,8 @@ void check_funds(self_pointer self, const std::string& job_id,
           [self, job_id, account, quote = quote.value(), reply](
               const ledger_aggregate::answer& ledger) mutable {
             auto& job = self->state.jobs.at(job_id);
-            const std::int64_t held = self->state.holds_micros[job.request.user_id];
+            const auto holding = self->state.holds_micros.find(job.request.user_id);
+            const std::int64_t held = holding == self->state.holds_micros.end() ? 0 : holding->second;
             auto affordable =
                 domain::check_affordable(job_id, quote, ledger.balances.at(account) - held);
             if (!affordable) {
@@ -1276,7 +1277,8 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
         std::uint64_t running = 0;
         for (const auto& [id, job] : self->state.jobs) running += job.running ? 1 : 0;
         return scheduler_counts{self->state.queue->size(), running, self->state.index->size(),
-                                self->state.side_effects_failed, self->state.unsettled.size()};
+                                self->state.side_effects_failed, self->state.unsettled.size(),
+                                self->state.holds_micros.size()};
       },
       [self](tick_atom) {
         on_tick(self);

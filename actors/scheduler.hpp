@@ -160,6 +160,7 @@ struct scheduler_counts {
   /// Jobs' bills whose ledger group the store failed to take: retried, with their premium holds
   /// kept, until the ledger takes or refuses them.
   std::uint64_t settlements_retrying = 0;
+  std::uint64_t users_holding = 0;  ///< premium users with quotes held for their live jobs
 };
 
 struct scheduler_options {

@@ -406,6 +406,7 @@ TEST_F(scheduler_test, a_premium_job_beyond_the_balance_is_refused_before_it_run
   EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
   EXPECT_EQ(job("j1").failure, events::failure_reason::insufficient_funds);
   EXPECT_TRUE((*offers_)["p1"].empty());
+  EXPECT_EQ(counts().users_holding, 0u) << "a refused job leaves no hold behind, not even an empty one";
 }
 
 TEST_F(scheduler_test, quotes_are_held_so_concurrent_premium_jobs_cannot_overspend) {
@@ -415,6 +416,7 @@ TEST_F(scheduler_test, quotes_are_held_so_concurrent_premium_jobs_cannot_overspe
   auto second = ask<job_accepted>(rt_.scheduler, request("j2", "dave", true));
   ASSERT_FALSE(second);
   EXPECT_EQ(refusal_code(second.error()), domain::errc::insufficient_funds);
+  EXPECT_EQ(counts().users_holding, 1u);
 }
 
 TEST_F(scheduler_test, a_max_price_below_every_online_providers_is_refused_at_once_and_one_above_is_kept) {
