@@ -78,13 +78,29 @@ std::size_t control_character_at(std::string_view text) {
   return std::string_view::npos;
 }
 
+/// The byte at which `text` has its first piece of markup that a client rendering Markdown or HTML
+/// would turn into something other than words, or npos: a link or image (`[`, `]`), a tag (`<`,
+/// `>`), code (a backtick), or an address it would link by itself ("://", "www.").
+std::size_t markup_at(std::string_view text) {
+  std::size_t at = text.find_first_of("[]<>`");
+  for (const std::string_view address : {"://", "www."}) at = std::min(at, text.find(address));
+  return at;
+}
+
 /// A text shown to users after the "Sponsored:" label, on its line: a line break would let it pass
-/// for the model's own words, a terminal escape could erase the label.
+/// for the model's own words, a terminal escape could erase the label. It is plain words: an image
+/// would load from the advertiser's server wherever the answer is shown, and a link of its own
+/// would lead past the click URL, the ad's one link.
 expected<void, error> check_shown_text(std::string_view what, std::string_view text, std::size_t length_max) {
   if (auto ok = check_text(what, text, length_max); !ok) return ok;
   if (const auto at = control_character_at(text); at != std::string_view::npos) {
     return refuse(errc::invalid_argument, std::string(what) + " has a line break or other control character at byte " +
                                               std::to_string(at) + "; an ad is shown on one line after its label");
+  }
+  if (const auto at = markup_at(text); at != std::string_view::npos) {
+    return refuse(errc::invalid_argument,
+                  std::string(what) + " has markup or a web address at byte " + std::to_string(at) +
+                      " (no [ ] < > ` :// or www.); an ad is plain words, and its one link is its url");
   }
   return {};
 }

@@ -94,6 +94,17 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.title = "FSI\xe2\x81\xa8"; }), errc::invalid_argument, "at byte 3");
   EXPECT_TRUE(with([](create_campaign& c) { c.text = "caf\xc3\xa9 \xc2\xa0ok \xe2\x80\x94 \xe2\x81\xb0"; }))
       << "other UTF-8 is fine";
+  // Plain words: a client rendering Markdown or HTML must not load an image from the advertiser,
+  // nor show a link that leads past the click URL.
+  expect_refused(with([](create_campaign& c) { c.text = "Fast ![](x)"; }), errc::invalid_argument,
+                 "ad text has markup or a web address at byte 6");
+  expect_refused(with([](create_campaign& c) { c.title = "[Go](y)"; }), errc::invalid_argument, "title has markup");
+  expect_refused(with([](create_campaign& c) { c.text = "<img src=x>"; }), errc::invalid_argument, "at byte 0");
+  expect_refused(with([](create_campaign& c) { c.text = "a `code`"; }), errc::invalid_argument, "at byte 2");
+  expect_refused(with([](create_campaign& c) { c.text = "see https://x"; }), errc::invalid_argument, "at byte 9");
+  expect_refused(with([](create_campaign& c) { c.text = "at www.acme.co"; }), errc::invalid_argument, "at byte 3");
+  EXPECT_TRUE(with([](create_campaign& c) { c.text = "Save 20%! *Fast* (#1) & more"; }))
+      << "punctuation that renders as words is fine";
   expect_refused(with([](create_campaign& c) { c.text = std::string(31, 'x'); }), errc::invalid_argument,
                  "ad text is 31 bytes long; at most 30");
   expect_refused(with([](create_campaign& c) { c.url = "https://acme.example/a/long/path"; }),
