@@ -456,11 +456,25 @@ class node::impl {
     if (path == "/v1/providers/me") return provider_api_->handle(request, whole);
     if (path.starts_with("/admin/")) return admin_->handle(request, whole);
     if (path.starts_with(click_path)) {
-      // A click is recorded: only a browser following the link counts, not a link checker's HEAD.
+      // A click is recorded: only a browser following the link counts, not a link checker's HEAD,
+      // nor a browser fetching it ahead of a click that may never come.
       if (request.method != "GET") return whole(method_not_allowed(request, "GET"));
+      if (prefetch(request)) {
+        return whole(api_error_response(make_api_error(
+            503, "an ad's click link is not prefetched: it records a click when followed")));
+      }
       return click(path.substr(5), reply);
     }
     whole(api_error_response(make_api_error(404, "no such endpoint: " + request.method + " " + path)));
+  }
+
+  /// A request a browser makes ahead of a navigation that may not follow (a link hovered, a page's
+  /// speculation rules, rel=prefetch): `Sec-Purpose: prefetch`, or the older `Purpose: prefetch`.
+  static bool prefetch(const http_request& request) {
+    for (const char* name : {"sec-purpose", "purpose", "x-purpose", "x-moz"}) {
+      if (request.header(name).find("prefetch") != std::string_view::npos) return true;
+    }
+    return false;
   }
 
   static std::string endpoint_of(const std::string& path) {
