@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
       ->transform(CLI::IsMember({"sync", "buffered"}, CLI::ignore_case))  // "BUFFERED" -> "buffered"
       ->capture_default_str();
   serve_cmd->add_option("--admin-token", serve.admin_token,
-                        "Bearer token of the admin API under /admin (stored only as its SHA-256)")
+                        "Bearer token of the admin API under /admin (the admin API keeps only its SHA-256; never logged)")
       ->envname("GPUSTREAM_ADMIN_TOKEN");
   serve_cmd->add_option("--rate-per-minute", serve.rate_per_minute,
                         "requests per minute allowed per API key (429 with Retry-After beyond)")

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <csignal>
 #include <optional>
 #include <span>
@@ -50,15 +51,12 @@ expected<host_port, std::string> parse_host_port(const std::string& text) {
   }
   if (colon + 1 == text.size()) return not_host_port();
   const std::string port_text = text.substr(colon + 1);
+  // Decimal digits only: no sign or space, which a looser parse would take ("+80", " 80", "-0").
   unsigned long port = 0;
-  try {
-    std::size_t used = 0;
-    port = std::stoul(port_text, &used);
-    if (used != port_text.size()) port = 70000;
-  } catch (const std::exception&) {
-    port = 70000;
+  const auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (ec != std::errc{} || end != port_text.data() + port_text.size() || port > 65535) {
+    return unexpected{"--http port must be 0 to 65535, not '" + port_text + "'"};
   }
-  if (port > 65535) return unexpected{"--http port must be 0 to 65535, not '" + port_text + "'"};
   return host_port{std::move(host), static_cast<std::uint16_t>(port)};
 }
 

@@ -133,7 +133,7 @@ class node::impl {
     relay_ = std::make_unique<relay>(system_, bridge_, runtime_.scheduler, ads_.get(), std::move(relaying));
     links_ = std::make_unique<provider_links>(system_, bridge_, runtime_, *directory_, *relay_, options_.link);
     admin_api_options admin;
-    admin.admin_token = options_.admin_token;
+    admin.admin_token = std::exchange(options_.admin_token, {});  // the admin API keeps its digest only
     admin.live_state = [this](const std::string& provider_id) -> std::optional<provider_live_state> {
       const auto beat = links_ ? links_->last_heartbeat(provider_id) : std::nullopt;
       if (!beat) return std::nullopt;

@@ -457,13 +457,15 @@ TEST(cli_serve_errors, http_that_is_not_host_port_exits_2_naming_the_option) {
   EXPECT_FALSE(std::filesystem::exists(data)) << "serve created a store before checking its options";
 }
 
-TEST(cli_serve_errors, a_port_out_of_range_exits_2_naming_the_option) {
+TEST(cli_serve_errors, a_port_out_of_range_or_not_decimal_digits_exits_2_naming_the_option) {
   temp_dir dir;
-  const auto run =
-      run_gpustream({"serve", "--data", (dir.path() / "data").string(), "--http", "127.0.0.1:65536"});
-  EXPECT_EQ(run.exit_code, 2);
-  EXPECT_NE((run.out + run.err).find("--http port must be 0 to 65535"), std::string::npos)
-      << run.out << run.err;
+  for (const std::string port : {"65536", "+8080", " 8080", "-0", "80x", "0x50", "99999999999999999999999"}) {
+    const auto run =
+        run_gpustream({"serve", "--data", (dir.path() / "data").string(), "--http", "127.0.0.1:" + port});
+    EXPECT_EQ(run.exit_code, 2) << port;
+    EXPECT_NE((run.out + run.err).find("--http port must be 0 to 65535, not '" + port + "'"), std::string::npos)
+        << run.out << run.err;
+  }
 }
 
 TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refused_naming_the_range) {
