@@ -46,7 +46,8 @@ struct live_job {
   bool attempt_started = false; ///< the current attempt produced a token
   std::uint32_t failovers = 0;  ///< attempts that continued an answer begun elsewhere
   std::optional<ad_info> ad;
-  bool ad_pending = false;  ///< a free-tier job's ad is being picked
+  /// A free-tier job's ad is to be picked (once the scheduler accepts the job) or being picked.
+  bool ad_pending = false;
   /// The provider finished while the ad was still being picked: the result, reported once it is.
   struct finished {
     actors::job_result result;
@@ -198,8 +199,6 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     request.watcher = watcher_;
     request.context_tokens_min = context_tokens_needed(job.prompt_tokens, job.request.max_tokens);
     const bool wants_ad = !job.premium && ads_ != nullptr;
-    std::string prompt_text = wants_ad ? prompt_of(job.request) : std::string{};
-    const std::string user_id = job.user_id;
     live->job = std::move(job);
     live->ad_pending = wants_ad;
     // Whole before it is in the table, where a drain or a link's loss may find it.
@@ -230,10 +229,6 @@ class relay::impl : public std::enable_shared_from_this<impl> {
           .then([self, id](const actors::job_accepted&) { self->accepted(id); },
                 [self, id](caf::error& failure) { self->finish_error(id, refusal_of(failure)); });
     });
-    if (wants_ad) {
-      ads_->pick(id, user_id, std::move(prompt_text),
-                 [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
-    }
   }
 
   std::vector<model_listing> models() const {
@@ -691,10 +686,24 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void accepted(const std::string& id) {
     auto live = find(id);
     if (!live) return;
-    std::lock_guard lock(live->mutex);
-    // A stream's head waits for its first piece: until then a refusal (a backend's 400, no
-    // provider left) is an HTTP error, as for a whole answer, not an error chunk after a 200.
-    if (live->state == phase::submitting) live->state = phase::running;
+    std::string user_id;
+    std::string prompt_text;
+    {
+      std::lock_guard lock(live->mutex);
+      if (live->state == phase::ended) return;
+      // A stream's head waits for its first piece: until then a refusal (a backend's 400, no
+      // provider left) is an HTTP error, as for a whole answer, not an error chunk after a 200.
+      if (live->state == phase::submitting) live->state = phase::running;
+      if (!live->ad_pending) return;
+      user_id = live->job.user_id;
+      prompt_text = prompt_of(live->job.request);
+    }
+    // Its ad is picked once the job is accepted, still long before the answer ends: a request the
+    // scheduler refuses (a free user past the day's quota, whose SDK retries the 429) reserves no
+    // ad, which would be released at once and remembered by its campaign for the click window.
+    auto self = shared_from_this();
+    ads_->pick(id, user_id, std::move(prompt_text),
+               [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
   }
 
   /// The ad picked for a free-tier job, or none. An answer that finished meanwhile was waiting

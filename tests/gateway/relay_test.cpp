@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <future>
@@ -273,6 +274,7 @@ TEST(relay, a_full_queue_is_429_server_busy_and_a_fixed_limit_400_which_no_retry
 class held_ads final : public ad_source {
  public:
   void pick(std::string, std::string, std::string, std::function<void(std::optional<ad_info>)> done) override {
+    ++picks;
     done(ad_info{.impression_id = "imp-1", .campaign_id = "c1", .title = "T", .text = "X", .click_url = "/a/c/imp-1"});
   }
   void served(std::string, std::function<void(std::optional<domain::ad_charge>)> done) override {
@@ -291,6 +293,7 @@ class held_ads final : public ad_source {
     std::lock_guard lock(mutex_);
     return released_;
   }
+  std::atomic<int> picks{0};
   std::vector<std::string> unserved() {
     std::lock_guard lock(mutex_);
     return unserved_;
@@ -421,6 +424,30 @@ TEST(relay, a_recorded_ad_goes_out_with_the_settled_answer_and_is_not_taken_back
   EXPECT_EQ(sent.front().status, 200u);
   EXPECT_NE(sent.front().body.find("Sponsored"), std::string::npos) << sent.front().body;
   EXPECT_TRUE(ads.unserved().empty());
+}
+
+TEST(relay, a_free_job_the_scheduler_refuses_reserves_no_ad) {
+  // A free user past the day's quota whose SDK retries the 429: no ad reserved and released for
+  // each try, which its campaign would remember for the click window.
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "refused-busy";
+  job.user_id = "u1";
+  job.premium = false;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 429u) << sent.front().body;
+  EXPECT_EQ(ads.picks, 0);
+  EXPECT_TRUE(ads.released().empty());
+  // An accepted one gets its ad.
+  auto accepted = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, accepted));
+  EXPECT_EQ(ads.picks, 1);
 }
 
 TEST(relay, an_ad_recorded_after_its_client_left_is_taken_back_and_not_billed) {
