@@ -791,9 +791,18 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                                     {"owner_user_id", created.owner_user_id},
                                                     {"name", created.name}}));
             },
-            [self, reply](caf::error& failure) {
-              reply(failure_response(failure, "creating the provider",
-                                     self->options_.request_timeout));
+            [self, provider_id, reply](caf::error& failure) {
+              auto response = failure_response(failure, "creating the provider", self->options_.request_timeout);
+              const auto refused = actors::domain_error_of(failure);
+              if (refused && refused->code == domain::errc::already_exists) {
+                // A retry (its Idempotency-Key names this provider): the token went out once, with
+                // the first answer, which may have been lost on the way.
+                response = error_response(
+                    409, "provider " + provider_id + " was created by an earlier request with this Idempotency-Key, "
+                         "and its token shown once, in that request's answer; if it was lost, get a new token with "
+                         "POST /admin/providers/" + provider_id + "/token");
+              }
+              reply(std::move(response));
             });
   }
 

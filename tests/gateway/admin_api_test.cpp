@@ -641,7 +641,10 @@ TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money
   ASSERT_EQ(provider.status, 201u) << provider.body;
   const auto provider_again = post_once("/admin/providers", R"({"name":"rig"})", "rig-1");
   EXPECT_EQ(provider_again.status, 409u) << provider_again.body;
-  EXPECT_NE(provider_again.body.find(std::string(json::parse(provider.body).at("id").as_string())), std::string::npos);
+  const std::string provider_id(json::parse(provider.body).at("id").as_string());
+  EXPECT_NE(provider_again.body.find("get a new token with POST /admin/providers/" + provider_id + "/token"),
+            std::string::npos)
+      << provider_again.body;
 
   expect_invalid(post_once("/admin/users", user_body, std::string(256, 'k')), "Idempotency-Key");
   expect_invalid(post_once("/admin/users", user_body, "two words"), "Idempotency-Key");
