@@ -576,9 +576,16 @@ payout_runner_actor::behavior_type payout_runner_behavior(self_pointer self,
   self->monitor(st.peers.ledger);
   self->monitor(st.peers.payouts);
   self->set_down_handler([self](caf::down_msg& msg) { self->quit(msg.reason); });
-  // The first run is at once: it completes a step that a crash interrupted (a ledger movement
-  // without its payout event, which `replay --verify` reports until then), then pays what is due.
-  if (st.options.run_interval.count() > 0) self->send(self, tick_atom::value);
+  // The first run completes a step that a crash interrupted (a ledger movement without its payout
+  // event, which `replay --verify` reports until then), then pays what is due: at once, unless the
+  // owner asks for it itself.
+  if (st.options.run_interval.count() > 0) {
+    if (st.options.first_run_at_once) {
+      self->send(self, tick_atom::value);
+    } else {
+      self->delayed_send(self, st.options.run_interval, tick_atom::value);
+    }
+  }
   return {
       [self](run_atom) -> caf::result<payout_report> {
         auto reply = self->make_response_promise<payout_report>();

@@ -79,9 +79,13 @@ struct payout_runner_options {
   /// Most runs, settles and fails waiting behind the one in progress; beyond it they are refused
   /// with busy. Default: 64.
   std::size_t operations_waiting_max = 64;
-  /// How often the runner runs by itself, the first time as soon as it starts (0: only when
-  /// asked). A run reads the whole ledger state once. Default: 1 hour.
+  /// How often the runner runs by itself (0: only when asked). A run reads the whole ledger state
+  /// once. Default: 1 hour.
   std::chrono::milliseconds run_interval = std::chrono::hours(1);
+  /// With run_interval: its first run is as soon as it starts, to complete what a crash left half
+  /// done; otherwise after run_interval, for an owner that asks for the first run itself (the
+  /// gateway's node, before it serves). Default: true.
+  bool first_run_at_once = true;
   /// Source of `now`, microseconds since the Unix epoch. Default: the system clock.
   std::function<std::int64_t()> clock_us;
 };

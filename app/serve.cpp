@@ -222,7 +222,9 @@ int run_serve(const serve_options& given) {
                  options.actor_threads > 0 ? options.actor_threads
                                            : std::size_t{std::max(1u, std::thread::hardware_concurrency())});
   caf::actor_system system(caf_config);
-  const auto runtime = actors::start_runtime(system, store);
+  actors::runtime_options runtime_options;
+  runtime_options.payouts.first_run_at_once = false;  // the node's start runs it, before serving
+  const auto runtime = actors::start_runtime(system, store, std::move(runtime_options));
   struct stop_at_exit {
     const actors::runtime& r;
     ~stop_at_exit() { r.stop(); }

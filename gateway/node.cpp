@@ -234,14 +234,42 @@ class node::impl {
   // -- What a stop left open (node::start, before any request is served). ----------------------
 
   /// Closes what the log says is open but a stop ended: bills without their ledger groups, free
-  /// usage not counted against its user's quota, jobs that were live, providers that were online.
-  /// Each step goes through the actor that owns the aggregate, as at run time, so it is recorded
-  /// and checked like any other.
+  /// usage not counted against its user's quota, jobs that were live, providers that were online,
+  /// payouts half done. Each step goes through the actor that owns the aggregate, as at run time,
+  /// so it is recorded and checked like any other.
   void close_what_a_stop_left_open() {
     settle_unsettled_bills();
     record_unrecorded_free_usage();
     fail_jobs_left_live();
     take_offline_providers_left_online();
+    complete_payouts_half_done();
+  }
+
+  /// Payouts a stop cut between their ledger movement and their event (which `replay --verify`
+  /// reports until then): the payout runner's first run completes them, and pays what is due. It
+  /// runs here, before a request is served, so that a stop soon after this start leaves none (the
+  /// runner then runs every hour; serve's does not run by itself at once). A run that takes
+  /// longer than left_open_wait_max goes on meanwhile.
+  void complete_payouts_half_done() {
+    auto completed = std::make_shared<std::size_t>(0);
+    const auto ran = bridge_.ask_all(1, 1, [this, completed](caf::event_based_actor* actor, std::size_t, auto done) {
+      actor->request(runtime_.payout_runner, options_.left_open_wait_max, actors::run_atom::value)
+          .then(
+              [done, completed](const actors::payout_report& report) {
+                for (const auto& payout : report.payouts) *completed += payout.reconciled ? 1 : 0;
+                for (const auto& problem : report.problems) spdlog::error("payouts: {}", problem);
+                done(true);
+              },
+              [done](caf::error& failure) {
+                spdlog::error("payouts: the run completing those a stop left half done did not answer (it goes on "
+                              "meanwhile): {}",
+                              actors::describe(failure));
+                done(false);
+              });
+    });
+    if (ran == 1 && *completed > 0) {
+      spdlog::info("completed {} payouts that the server stopped half done", *completed);
+    }
   }
 
   /// Bills of jobs whose end the log holds without its ledger group (a stop between the two

@@ -29,6 +29,7 @@
 #include <string>
 #include <vector>
 
+#include "actors/ledger_claims.hpp"
 #include "app/open_files.hpp"
 #include "app/serve.hpp"
 #include "events/codec.hpp"
@@ -873,9 +874,13 @@ void append_stories(const std::filesystem::path& data, const std::vector<story_p
   ASSERT_TRUE(store) << store.error().message;
   for (const auto& part : parts) {
     storage::stream_append append{part.stream, part.expected_version, {}};
+    actors::ledger_key_namer claim;  // the ledger's appends claim their ids, as the ledger actor's do
     for (std::size_t n = 0; n < part.story.size(); ++n) {
       append.events.push_back({storage::testing::make_id(part.id_tag, n), events::type_of(part.story[n]),
                                events::encode_payload(part.story[n])});
+      if (part.stream == actors::ledger_stream) {
+        claim(part.story[n], [&](std::string key) { append.unique_keys.push_back(std::move(key)); });
+      }
     }
     auto appended = (*store)->append({std::move(append)});
     ASSERT_TRUE(appended) << appended.error().message;
@@ -1102,6 +1107,34 @@ TEST(cli_serve_left_open, jobs_live_and_providers_online_when_a_kill_came_are_cl
   auto again = start_serve(dir.path(), "127.0.0.1:0");
   ASSERT_NE(again.port, 0) << again.child->output();
   EXPECT_EQ(again.child->err().find("when the server stopped"), std::string::npos) << again.child->output();
+}
+
+TEST(cli_serve_left_open, a_payout_a_kill_left_half_done_is_completed_before_serve_serves) {
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  // Provider 17's third payout (its 877 micro-USD left): the ledger moved the money, and the kill
+  // came before the payout's event.
+  const events::transfer_recorded moved{"payout-auto-17-3/request", "provider-17", "payouts_in_flight", 877,
+                                        events::transfer_kind::payout, "auto-17-3", "payout-auto-17-3/request",
+                                        1'700'000'002'000'000};
+  append_stories(dir.path(), {{std::string(actors::ledger_stream), storage::any_version, {moved}, 0xba17}});
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  const auto before = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  ASSERT_EQ(before.exit_code, 1) << "the movement without its payout is a violation until completed:\n" << before.out;
+
+  auto serve = start_serve(dir.path(), "127.0.0.1:0");
+  ASSERT_NE(serve.port, 0) << serve.child->output();
+  // Before serving: a stop right after this start leaves nothing half done.
+  EXPECT_NE(serve.child->err().find("completed 1 payouts that the server stopped half done"), std::string::npos)
+      << serve.child->output();
+  serve.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve.child->wait_exit().has_value()) << serve.child->output();
+  const auto payout = last_event(dir.path(), "payout-auto-17-3");
+  ASSERT_TRUE(payout && std::holds_alternative<events::payout_requested>(*payout));
+  EXPECT_EQ(std::get<events::payout_requested>(*payout).amount_micros, 877);
+  const auto verified = run_gpustream({"replay", "--data", dir.path().string(), "--verify"});
+  EXPECT_EQ(verified.exit_code, 0) << verified.out << verified.err;
 }
 
 TEST(cli_serve_limits, an_open_files_limit_below_the_gateways_connections_is_named_with_what_to_raise) {
