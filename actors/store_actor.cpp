@@ -48,8 +48,10 @@ expected<recovery, storage::error> read_recovery(const storage::event_store& sto
   recovery result;
   if (use_snapshot && after_version == 0) {
     auto snapshot = store.load_snapshot(stream);
-    if (!snapshot) return unexpected{snapshot.error()};
-    if (snapshot.value()) {
+    // A snapshot only saves reading: one that fails its check is read past, and the stream
+    // replayed whole (`replay --verify` names it; the actor's next snapshot replaces it).
+    if (!snapshot && snapshot.error().code != storage::errc::corruption) return unexpected{snapshot.error()};
+    if (snapshot && snapshot.value()) {
       result.has_snapshot = true;
       result.snapshot = std::move(*snapshot.value());
       after_version = result.snapshot.version;

@@ -265,6 +265,26 @@ TEST_F(persistent_actor_test, recovers_from_snapshot_plus_tail_to_the_state_of_a
   EXPECT_EQ(next.value().version, 8u) << "the recovered actor continues the stream";
 }
 
+TEST_F(persistent_actor_test, a_snapshot_that_fails_its_check_is_read_past_and_the_stream_replayed_whole) {
+  persistence_options options;
+  options.snapshot_every_events = 3;
+  auto actor = spawn_wallet(options);
+  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(ask<command_reply>(actor, credit("d" + std::to_string(i), i)));
+  self_->send_exit(actor, caf::exit_reason::user_shutdown);
+  run();
+  close_store();
+  storage::testing::raw_put(directory_.path(), "snapshots", "wallet-1", std::string(20, '\x5a'));  // no CRC holds
+  ASSERT_FALSE(HasFailure());
+  open_store();
+  auto recovered_actor = spawn_wallet();
+  auto recovered = ask<wallet::state>(recovered_actor, state_atom::value);
+  ASSERT_TRUE(recovered) << describe(recovered.error());
+  EXPECT_EQ(recovered.value().balance_micros, 10);
+  auto next = ask<command_reply>(recovered_actor, credit("d5", 5));
+  ASSERT_TRUE(next) << describe(next.error());
+  EXPECT_EQ(next.value().version, 5u);
+}
+
 /// A store whose files consult faults_ (a failed fsync on demand).
 class persistent_actor_fault_test : public testing::deterministic_fixture {
  protected:
