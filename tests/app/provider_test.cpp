@@ -654,31 +654,32 @@ TEST(provider_agent, the_probe_counts_a_reasoning_models_thinking_with_or_withou
 }
 
 TEST(provider_agent, the_probe_is_not_fooled_by_a_models_load_or_by_a_usage_adding_up_every_answer) {
-  // One answer at a time (the others wait in line), 195 ms each (a request's own overhead is a
-  // small part of it), and:
+  // One answer at a time (the others wait in line), about 1 s each (a request's own overhead is
+  // a small part of it, and so is a loaded machine's stall next to the probe's 10 %), and:
   // - 300 ms to load the model first. Were the load counted in level 1, two streams would look
-  //   2.5 times faster than one, and the agent would advertise slots the backend does not have;
+  //   1.3 times faster than one, and the agent would advertise slots the backend does not have;
   // - each answer's usage reporting every token answered so far (the warm-up's too): taken as it
   //   is, a level of 2 would seem several times faster than a level of 1. It counts within the
   //   probe_tokens asked for.
   for (const auto& quirk : {std::vector<std::string>{"--load-ms", "300"}, std::vector<std::string>{"--usage", "lifetime"}}) {
-    std::vector<std::string> arguments{"--context-length", "8192", "--tokens", "40", "--token-interval-us", "5000",
+    std::vector<std::string> arguments{"--context-length", "8192", "--tokens", "100", "--token-interval-us", "10000",
                                        "--parallel", "1"};
     arguments.insert(arguments.end(), quirk.begin(), quirk.end());
-    EXPECT_EQ(advertised_after_probe(arguments, 40), 1u) << "two streams are no faster than one, with " << quirk[0];
+    EXPECT_EQ(advertised_after_probe(arguments, 100), 1u) << "two streams are no faster than one, with " << quirk[0];
   }
 }
 
 TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_not_each_within_its_limit) {
-  // 2 s to load the model, then one answer at a time, 95 ms each. A level may take 1 s: one that
-  // waits for the load fails it, and a probe whose first level fails says nothing (the agent
-  // advertises its flag, 4); a warm-up that waits for the load lets every level be measured (1).
+  // 2 s to load the model, then one answer at a time, 500 ms each (a loaded machine's stall is
+  // small next to it). A level may take 1.6 s: one that waits for the load fails it, and a probe
+  // whose first level fails says nothing (the agent advertises its flag, 4); a warm-up that waits
+  // for the load lets every level be measured (1; two answers one after the other take 1 s).
   for (const auto& [warm_up_ms, advertised] : {std::pair{5'000, 1u}, std::pair{200, 4u}}) {
-    EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "20", "--token-interval-us", "5000",
+    EXPECT_EQ(advertised_after_probe({"--context-length", "8192", "--tokens", "100", "--token-interval-us", "5000",
                                       "--load-ms", "2000", "--parallel", "1"},
-                                     20,
+                                     100,
                                      [warm_up_ms](provider_options& options) {
-                                       options.probe_level_timeout = std::chrono::milliseconds(1'000);
+                                       options.probe_level_timeout = std::chrono::milliseconds(1'600);
                                        options.probe_warm_up_timeout = std::chrono::milliseconds(warm_up_ms);
                                      }),
               advertised)
