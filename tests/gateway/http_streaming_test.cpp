@@ -407,10 +407,10 @@ TEST(http_streaming, later_pieces_wait_for_stream_flush_interval_and_go_out_toge
   options.stream_flush_interval = 1s;
   auto held = hold_an_answer(options);
   ASSERT_TRUE(held.reply);
+  // The first piece is not held (finishing_an_answer_writes_its_held_pieces_at_once shows it
+  // under a 60 s interval, with no wall-clock bound).
   const auto started = std::chrono::steady_clock::now();
   ASSERT_TRUE(first_piece_arrives(held));
-  // The first piece is not held (the headers' write just happened: it would wait a second).
-  EXPECT_LT(std::chrono::steady_clock::now() - started, 900ms) << "the first piece waited for the interval";
   const auto writes_before = held.server->writes();
   held.reply->write("data: two\n\n");
   held.reply->write("data: three\n\n");
@@ -487,11 +487,10 @@ TEST(http_streaming, a_client_that_goes_away_while_its_answer_is_pending_is_noti
   auto future = pending.get_future();
   ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
   (void)c.read_until("\r\n\r\n", 10s);
-  const auto left_at = std::chrono::steady_clock::now();
   c.close();
+  // Noticed by the read that watches the socket: nothing is written before this wait ends, and
+  // no timeout runs while a handler holds the answer.
   ASSERT_TRUE(closed.wait(10s)) << "the handler was never told";
-  // Noticed by the read that watches the socket, not at the next write.
-  EXPECT_LT(std::chrono::steady_clock::now() - left_at, 100ms);
   future.get()->write("data: late\n\n");  // ignored: nobody to write to
 }
 
