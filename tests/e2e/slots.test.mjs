@@ -9,10 +9,11 @@ import assert from 'node:assert/strict';
 import { one_provider_world, scenario, wait_for } from './harness.mjs';
 
 const slots = 5;
-/// Long answers: 300 tokens 20 ms apart, about 6 s, so that they are still streaming when the
-/// queued request is served, unless it waits for them.
-const tokens_total = 300;
-const token_interval_us = 20_000;
+/// Answers that never end by themselves: their first token at once, the next one 10 minutes
+/// later. They are still streaming when the queued request is served, unless it waits for them
+/// (and then it fails: the scenario ends first), and are cut off at the end.
+const tokens_total = 4;
+const token_interval_us = 600_000_000;
 
 /// Starts a streamed answer and reads it in the background; `state.first_token` resolves at its
 /// first token and rejects when the stream fails or ends before one, `state.done` resolves when
@@ -53,7 +54,11 @@ scenario('a queued request takes a slot as soon as one frees, whatever the last 
   const abort = new AbortController();
   const first = start_stream(client, model, abort);
   const others = [];
-  for (let i = 1; i < slots; ++i) others.push(start_stream(client, model));
+  const aborts = [];
+  for (let i = 1; i < slots; ++i) {
+    aborts.push(new AbortController());
+    others.push(start_stream(client, model, aborts.at(-1)));
+  }
   await Promise.all([first, ...others].map((s) => s.first_token));
 
   // A heartbeat has reported every slot busy.
@@ -62,11 +67,13 @@ scenario('a queued request takes a slot as soon as one frees, whatever the last 
     return entry?.live?.active_jobs === slots && entry.live.load_percent === 100 ? entry : null;
   });
 
-  const queued = start_stream(client, model);
+  aborts.push(new AbortController());
+  const queued = start_stream(client, model, aborts.at(-1));
   abort.abort();
   await first.done.catch(() => {});  // the abort ends it
   await queued.first_token;
   assert.deepEqual(others.map((s) => s.ended), others.map(() => false),
     'the queued request got its first token while the other answers were still streaming');
-  await Promise.all([queued.done, ...others.map((s) => s.done)]);
+  for (const a of aborts) a.abort();
+  await Promise.all([queued.done, ...others.map((s) => s.done)].map((done) => done.catch(() => {})));
 });
