@@ -89,6 +89,7 @@ class faulty_file final : public rocksdb::FSWritableFileOwnerWrapper {
   }
   void slow_down() const {
     if (const auto delay = faults_->sync_delay(); delay.count() > 0) std::this_thread::sleep_for(delay);
+    faults_->wait_while_held();
   }
 
   std::shared_ptr<fault_injector> faults_;

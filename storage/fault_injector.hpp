@@ -5,8 +5,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <string_view>
 
@@ -24,6 +26,38 @@ class fault_injector {
 
   /// Every Sync/Fsync of a file takes this much longer while set: a slow disk. Default: none.
   void set_sync_delay(std::chrono::milliseconds delay) noexcept { sync_delay_ms_.store(delay.count()); }
+
+  /// Every Sync/Fsync of a file waits, from hold_syncs() until release_syncs(): a disk stuck for
+  /// exactly as long as a test needs, whatever the machine's speed.
+  void hold_syncs() {
+    std::lock_guard lock(hold_mutex_);
+    held_ = true;
+  }
+  void release_syncs() {
+    {
+      std::lock_guard lock(hold_mutex_);
+      held_ = false;
+    }
+    released_.notify_all();
+  }
+  /// hold_syncs() for a scope: released at its end, also when a test's assertion leaves early.
+  class held_syncs {
+   public:
+    explicit held_syncs(fault_injector& faults) : faults_(faults) { faults_.hold_syncs(); }
+    ~held_syncs() { faults_.release_syncs(); }
+    held_syncs(const held_syncs&) = delete;
+    held_syncs& operator=(const held_syncs&) = delete;
+
+   private:
+    fault_injector& faults_;
+  };
+  [[nodiscard]] held_syncs hold_syncs_in_scope() { return held_syncs(*this); }
+
+  /// Returns once syncs are not held (at once when they are not).
+  void wait_while_held() {
+    std::unique_lock lock(hold_mutex_);
+    released_.wait(lock, [this] { return !held_; });
+  }
 
   /// Called after every successful Sync/Fsync (and rename of a synced file) with the file's path
   /// and how many of its bytes are now durable: lets a test simulate a power cut by cutting files
@@ -46,6 +80,9 @@ class fault_injector {
   std::atomic<bool> fail_log_syncs_{false};
   std::atomic<bool> no_space_{false};
   std::atomic<std::int64_t> sync_delay_ms_{0};
+  std::mutex hold_mutex_;
+  std::condition_variable released_;
+  bool held_ = false;
   sync_observer observer_;
 };
 

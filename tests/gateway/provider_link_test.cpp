@@ -372,10 +372,12 @@ TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer
   // Its agent sends nothing until the welcome, so stale_after cannot end a link whose hello hangs
   // (a store stuck in an fsync); this limit does.
   const auto token = make_provider();
-  faults_->set_sync_delay(std::chrono::milliseconds(4000));
-  agent waiting(port_, token, hello_with(4096), "never sent");
-  const auto closed = waiting.wait_disconnect();
-  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  std::optional<link_disconnect> closed;
+  {
+    const auto held = faults_->hold_syncs_in_scope();  // until the link is closed
+    agent waiting(port_, token, hello_with(4096), "never sent");
+    closed = waiting.wait_disconnect();
+  }
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
@@ -383,18 +385,21 @@ TEST_F(provider_link_test, a_hello_the_store_does_not_answer_within_hello_answer
 
 TEST_F(provider_link_test, heartbeats_do_not_stretch_the_wait_for_a_hellos_answer) {
   // hello_answer_wait_max (1.5 s here) counts from the hello: heartbeats sent meanwhile, taken but
-  // not passed on, do not keep open a link whose hello hangs (here 6 s, in the store's fsync).
+  // not passed on, do not keep open a link whose hello hangs (here in the store's fsync, until
+  // the link is closed).
   const auto token = make_provider();
-  faults_->set_sync_delay(std::chrono::milliseconds(6000));
-  agent waiting(port_, token, hello_with(4096), "never sent");
-  ASSERT_TRUE(waiting.wait_connected());
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-  while (waiting.disconnects() == 0 && std::chrono::steady_clock::now() < deadline) {
-    waiting.send(link::heartbeat{});
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));  // an agent's pace, faster than any
+  std::optional<link_disconnect> closed;
+  {
+    const auto held = faults_->hold_syncs_in_scope();
+    agent waiting(port_, token, hello_with(4096), "never sent");
+    ASSERT_TRUE(waiting.wait_connected());
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (waiting.disconnects() == 0 && std::chrono::steady_clock::now() < deadline) {
+      waiting.send(link::heartbeat{});
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));  // an agent's pace, faster than any
+    }
+    closed = waiting.wait_disconnect();
   }
-  const auto closed = waiting.wait_disconnect();
-  faults_->set_sync_delay(std::chrono::milliseconds(0));
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("the hello was not answered within"), std::string::npos) << closed->message;
@@ -465,12 +470,14 @@ TEST_F(provider_link_test, a_frame_about_a_job_before_the_welcome_closes_that_li
   // A second agent with the same token, its hello still being checked, must not reach the jobs
   // of the provider's working link.
   const auto token = make_provider();
-  faults_->set_sync_delay(std::chrono::milliseconds(800));  // holds the hello's answer
-  agent early(port_, token, hello_with(4096), "unused");
-  ASSERT_TRUE(early.wait_connected());
-  ASSERT_TRUE(early.send(link::delta{.job_id = "j-of-another-link", .text = "injected", .attempt = 1}));
-  const auto closed = early.wait_disconnect();
-  faults_->set_sync_delay(std::chrono::milliseconds(0));
+  std::optional<link_disconnect> closed;
+  {
+    const auto held = faults_->hold_syncs_in_scope();  // holds the hello's answer
+    agent early(port_, token, hello_with(4096), "unused");
+    ASSERT_TRUE(early.wait_connected());
+    ASSERT_TRUE(early.send(link::delta{.job_id = "j-of-another-link", .text = "injected", .attempt = 1}));
+    closed = early.wait_disconnect();
+  }
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("no delta may come before the welcome"), std::string::npos) << closed->message;
@@ -521,21 +528,23 @@ TEST_F(provider_link_test, a_link_counts_as_online_in_the_metrics_only_once_its_
     const auto at = body.find(name);
     return at == std::string::npos ? -1 : std::stoi(body.substr(at + name.size()));
   };
-  // The hello's recording takes 800 ms and then fails: the link, adopted meanwhile, never goes
+  // The hello's recording hangs in its fsync, then fails: the link, adopted meanwhile, never goes
   // online, and every scrape until it closes says 0.
   const auto token = make_provider();
-  faults_->set_sync_delay(std::chrono::milliseconds(800));
   faults_->set_fail_sync(true);
-  agent failing(port_, token, hello_with(4096), "unused");
-  ASSERT_TRUE(failing.wait_connected());
   int scrapes = 0;
-  while (failing.disconnects() == 0) {
-    ASSERT_EQ(online_in_metrics(), 0) << "after " << scrapes << " scrapes";
-    ++scrapes;
+  {
+    const auto held = faults_->hold_syncs_in_scope();
+    agent failing(port_, token, hello_with(4096), "unused");
+    ASSERT_TRUE(failing.wait_connected());
+    for (; scrapes < 3; ++scrapes) ASSERT_EQ(online_in_metrics(), 0) << "after " << scrapes << " scrapes";
+    faults_->release_syncs();  // the fsync fails now
+    while (failing.disconnects() == 0) {
+      ASSERT_EQ(online_in_metrics(), 0) << "after " << scrapes << " scrapes";
+      ++scrapes;
+    }
   }
   faults_->set_fail_sync(false);
-  faults_->set_sync_delay(std::chrono::milliseconds(0));
-  EXPECT_GT(scrapes, 0);
   // The same provider links again and counts once online: its actor recovers the log as the
   // reopened store holds it (it used to refuse this hello once, decided before the reopen).
   agent linked(port_, token, hello_with(4096), "unused");

@@ -607,17 +607,18 @@ TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_limit_answer_ov
   options.append_queue_events_max = 4;
   auto store = open_or_fail(dir.path(), options);
   ASSERT_TRUE(store);
-  faults->set_sync_delay(std::chrono::milliseconds(300));  // a slow disk holds the first append
   std::promise<expected<append_result, error>> first;
-  store->append_async(one_stream("s", no_stream, 1, 1, 3), [&](auto r) { first.set_value(std::move(r)); });
-  auto second = store->append(one_stream("t", no_stream, 1, 10, 2));  // 3 + 2 > 4
-  ASSERT_FALSE(second);
-  EXPECT_EQ(second.error().code, errc::overloaded);
-  auto too_big = store->append(one_stream("u", no_stream, 1, 20, 5));  // can never fit
-  ASSERT_FALSE(too_big);
-  EXPECT_EQ(too_big.error().code, errc::invalid_argument);
+  {
+    const auto held = faults->hold_syncs_in_scope();  // a stuck disk holds the first append
+    store->append_async(one_stream("s", no_stream, 1, 1, 3), [&](auto r) { first.set_value(std::move(r)); });
+    auto second = store->append(one_stream("t", no_stream, 1, 10, 2));  // 3 + 2 > 4
+    ASSERT_FALSE(second);
+    EXPECT_EQ(second.error().code, errc::overloaded);
+    auto too_big = store->append(one_stream("u", no_stream, 1, 20, 5));  // can never fit
+    ASSERT_FALSE(too_big);
+    EXPECT_EQ(too_big.error().code, errc::invalid_argument);
+  }
   ASSERT_TRUE(first.get_future().get());
-  faults->set_sync_delay(std::chrono::milliseconds(0));
   EXPECT_TRUE(store->append(one_stream("t", no_stream, 1, 10, 2)));  // room again
 }
 
@@ -633,23 +634,24 @@ TEST(event_store_limits, unacknowledged_appends_beyond_the_queue_bytes_answer_ov
   const auto one_big = [](std::string stream, std::uint64_t tag, std::size_t bytes) {
     return std::vector<stream_append>{{std::move(stream), no_stream, {make_event(make_id(tag, 1), std::string(bytes, 'x'))}}};
   };
-  faults->set_sync_delay(std::chrono::milliseconds(300));  // a slow disk holds the first append
   std::promise<expected<append_result, error>> first;
-  store->append_async(one_big("s", 1, 40'000), [&](auto r) { first.set_value(std::move(r)); });
-  auto second = store->append(one_big("t", 2, 40'000));  // 80 KB > 64 KiB
-  ASSERT_FALSE(second);
-  EXPECT_EQ(second.error().code, errc::overloaded);
-  EXPECT_NE(second.error().message.find("append_queue_bytes_max"), std::string::npos) << second.error().message;
-  auto too_big = store->append(one_big("u", 3, 70'000));  // can never fit
-  ASSERT_FALSE(too_big);
-  EXPECT_EQ(too_big.error().code, errc::invalid_argument);
-  auto many_keys = one_stream("v", no_stream, 4, 1, 1);  // one event, 8,000 keys: 8,000 x 48 bytes
-  for (int k = 0; k < 8'000; ++k) many_keys.front().unique_keys.push_back("key/" + std::string(12, 'k') + std::to_string(k));
-  auto keyed = store->append(std::move(many_keys));
-  ASSERT_FALSE(keyed);
-  EXPECT_EQ(keyed.error().code, errc::invalid_argument);
+  {
+    const auto held = faults->hold_syncs_in_scope();  // a stuck disk holds the first append
+    store->append_async(one_big("s", 1, 40'000), [&](auto r) { first.set_value(std::move(r)); });
+    auto second = store->append(one_big("t", 2, 40'000));  // 80 KB > 64 KiB
+    ASSERT_FALSE(second);
+    EXPECT_EQ(second.error().code, errc::overloaded);
+    EXPECT_NE(second.error().message.find("append_queue_bytes_max"), std::string::npos) << second.error().message;
+    auto too_big = store->append(one_big("u", 3, 70'000));  // can never fit
+    ASSERT_FALSE(too_big);
+    EXPECT_EQ(too_big.error().code, errc::invalid_argument);
+    auto many_keys = one_stream("v", no_stream, 4, 1, 1);  // one event, 8,000 keys: 8,000 x 48 bytes
+    for (int k = 0; k < 8'000; ++k) many_keys.front().unique_keys.push_back("key/" + std::string(12, 'k') + std::to_string(k));
+    auto keyed = store->append(std::move(many_keys));
+    ASSERT_FALSE(keyed);
+    EXPECT_EQ(keyed.error().code, errc::invalid_argument);
+  }
   ASSERT_TRUE(first.get_future().get());
-  faults->set_sync_delay(std::chrono::milliseconds(0));
   EXPECT_TRUE(store->append(one_big("t", 2, 40'000)));  // room again
 }
 
@@ -659,19 +661,21 @@ TEST(event_store, readers_see_nothing_that_is_not_acknowledged) {
   auto store = open_or_fail(dir.path(), with_faults(faults));
   ASSERT_TRUE(store);
   ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 2)));
-  faults->set_sync_delay(std::chrono::milliseconds(300));  // written, then waiting for its fsync
   std::promise<expected<append_result, error>> pending;
-  store->append_async(one_stream("s", 2, 1, 3, 3), [&](auto r) { pending.set_value(std::move(r)); });
-  store->append_async(one_stream("t", no_stream, 1, 10, 1), [](auto) {});
-  // Wait until both are in RocksDB (written, visible to a raw reader) but not yet fsynced.
-  for (int spins = 0; store->stats().written_events < 6 && spins < 10'000'000; ++spins) std::this_thread::yield();
-  ASSERT_EQ(store->stats().written_events, 6u);
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_EQ(store->last_position(), 2u);
-    EXPECT_EQ(read_everything(*store).size(), 2u);
-    EXPECT_EQ(store->read_stream("s", 1, any_version, 100)->size(), 2u);
-    EXPECT_EQ(*store->stream_version("s"), 2u);
-    EXPECT_EQ(*store->stream_version("t"), 0u);
+  {
+    const auto held = faults->hold_syncs_in_scope();  // written, then waiting for its fsync
+    store->append_async(one_stream("s", 2, 1, 3, 3), [&](auto r) { pending.set_value(std::move(r)); });
+    store->append_async(one_stream("t", no_stream, 1, 10, 1), [](auto) {});
+    // Wait until both are in RocksDB (written, visible to a raw reader) but not yet fsynced.
+    for (int spins = 0; store->stats().written_events < 6 && spins < 10'000'000; ++spins) std::this_thread::yield();
+    ASSERT_EQ(store->stats().written_events, 6u);
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(store->last_position(), 2u);
+      EXPECT_EQ(read_everything(*store).size(), 2u);
+      EXPECT_EQ(store->read_stream("s", 1, any_version, 100)->size(), 2u);
+      EXPECT_EQ(*store->stream_version("s"), 2u);
+      EXPECT_EQ(*store->stream_version("t"), 0u);
+    }
   }
   ASSERT_TRUE(pending.get_future().get());
   EXPECT_EQ(*store->stream_version("s"), 5u);
