@@ -66,19 +66,21 @@ void operation_done(self_pointer self) {
   start_next(self);
 }
 
-/// Queues `operation`, which must call operation_done once it has finished; refuses it when
-/// operations_waiting_max are waiting already.
-std::optional<caf::error> enqueue(self_pointer self, std::function<void()> operation) {
-  auto& st = self->state;
-  if (st.waiting.size() >= st.options.operations_waiting_max) {
-    return make_error(domain::error{
-        domain::errc::busy,
-        "the payout runner has " + std::to_string(st.waiting.size()) +
-            " operations waiting, the most allowed (operations_waiting_max); retry later"});
-  }
-  st.waiting.push_back(std::move(operation));
+/// The refusal of one more operation when operations_waiting_max are waiting already. Checked
+/// before the request's response promise is made: once made, a handler's returned error would
+/// not reach the requester.
+std::optional<caf::error> line_full(self_pointer self) {
+  const auto& st = self->state;
+  if (st.waiting.size() < st.options.operations_waiting_max) return std::nullopt;
+  return make_error(domain::error{
+      domain::errc::busy, "the payout runner has " + std::to_string(st.waiting.size()) +
+                              " operations waiting, the most allowed (operations_waiting_max); retry later"});
+}
+
+/// Queues `operation`, which must call operation_done once it has finished (line_full first).
+void enqueue(self_pointer self, std::function<void()> operation) {
+  self->state.waiting.push_back(std::move(operation));
   start_next(self);
-  return std::nullopt;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -548,9 +550,9 @@ void run(self_pointer self, std::function<void(payout_report)> done) {
 /// A settle or fail in the operation slot.
 caf::result<payout_entry> enqueue_step(self_pointer self, std::string payout_id,
                                        domain::payout::command command) {
+  if (auto full = line_full(self)) return *full;
   auto reply = self->make_response_promise<payout_entry>();
-  auto refused = enqueue(self, [self, reply, payout_id = std::move(payout_id),
-                                command = std::move(command)]() mutable {
+  enqueue(self, [self, reply, payout_id = std::move(payout_id), command = std::move(command)]() mutable {
     step(self, payout_id, std::move(command),
          [self, reply](expected<payout_entry, caf::error> outcome) mutable {
            if (outcome) {
@@ -561,7 +563,6 @@ caf::result<payout_entry> enqueue_step(self_pointer self, std::string payout_id,
            operation_done(self);
          });
   });
-  if (refused) return *refused;
   return reply;
 }
 
@@ -588,11 +589,11 @@ payout_runner_actor::behavior_type payout_runner_behavior(self_pointer self,
   }
   return {
       [self](run_atom) -> caf::result<payout_report> {
+        if (auto full = line_full(self)) return *full;
         auto reply = self->make_response_promise<payout_report>();
-        auto refused = enqueue(self, [self, reply]() mutable {
+        enqueue(self, [self, reply]() mutable {
           run(self, [reply](payout_report report) mutable { reply.deliver(std::move(report)); });
         });
-        if (refused) return *refused;
         return reply;
       },
       [self](settle_atom, std::string& payout_id, std::string& external_reference) {
@@ -606,7 +607,7 @@ payout_runner_actor::behavior_type payout_runner_behavior(self_pointer self,
       [self](state_atom) { return self->state.last_report; },
       [self](tick_atom) {
         // A timer run behind a full queue is skipped: the next tick tries again.
-        (void)enqueue(self, [self] { run(self, [](payout_report) {}); });
+        if (!line_full(self)) enqueue(self, [self] { run(self, [](payout_report) {}); });
         self->delayed_send(self, self->state.options.run_interval, tick_atom::value);
       },
   };

@@ -32,7 +32,8 @@ class payout_runner_test : public testing::deterministic_fixture {
   payout_runner_test() = default;
   ~payout_runner_test() override { stop(); }
 
-  void start(bool settle_at_once = false, std::chrono::milliseconds run_interval = std::chrono::milliseconds(0)) {
+  void start(bool settle_at_once = false, std::chrono::milliseconds run_interval = std::chrono::milliseconds(0),
+             const std::function<void(payout_runner_options&)>& adjust = {}) {
     storage::store_options store_options;
     store_options.mode = storage::durability::buffered;
     auto store = storage::event_store::open(directory_.path(), store_options);
@@ -42,6 +43,7 @@ class payout_runner_test : public testing::deterministic_fixture {
     options.persistence.clock_us = clock_.function();
     options.payouts.settle_at_once = settle_at_once;
     options.payouts.run_interval = run_interval;
+    if (adjust) adjust(options.payouts);
     rt_ = start_runtime(system_, std::move(store.value()), std::move(options));
     running_ = true;
     run();
@@ -165,6 +167,46 @@ TEST_F(payout_runner_test, a_run_pays_exactly_the_providers_at_or_above_the_thre
   ASSERT_TRUE(last);
   EXPECT_EQ(last.value().payouts, report.payouts);
   EXPECT_EQ(verify_log(), 2u);
+}
+
+TEST_F(payout_runner_test, a_run_requests_at_most_payouts_per_run_max_and_leaves_the_rest_for_the_next) {
+  start(false, std::chrono::milliseconds(0), [](payout_runner_options& o) { o.payouts_per_run_max = 2; });
+  earn("p1", 12 * usd);
+  earn("p2", 11 * usd);
+  earn("p3", 10 * usd);
+  const auto first = run_payouts();
+  EXPECT_EQ(first.payouts.size(), 2u);
+  ASSERT_EQ(first.problems.size(), 1u);
+  EXPECT_EQ(first.problems.front(),
+            "1 more providers are due; they are left for the next run (2 payouts per run at most)");
+  const auto second = run_payouts();
+  EXPECT_TRUE(second.problems.empty()) << second.problems.front();
+  ASSERT_EQ(second.payouts.size(), 1u);
+  EXPECT_EQ(second.payouts.front().provider_id, "p3");
+  EXPECT_EQ(balance("payouts_in_flight"), 33 * usd);
+  EXPECT_EQ(verify_log(), 3u);
+}
+
+TEST_F(payout_runner_test, operations_beyond_operations_waiting_max_are_refused_as_busy) {
+  start(false, std::chrono::milliseconds(0), [](payout_runner_options& o) { o.operations_waiting_max = 1; });
+  earn("p1", 12 * usd);
+  // Three runs at once: one runs, one waits, the third finds the line full, and is told so (a
+  // refusal once lost: the requester waited for good).
+  auto a = self_->request(rt_.payout_runner, caf::infinite, run_atom::value);
+  auto b = self_->request(rt_.payout_runner, caf::infinite, run_atom::value);
+  auto c = self_->request(rt_.payout_runner, caf::infinite, run_atom::value);
+  run();
+  std::vector<expected<payout_report, caf::error>> replies;
+  for (auto* handle : {&a, &b, &c}) replies.push_back(collect<payout_report>(*handle));
+  const auto refused = std::count_if(replies.begin(), replies.end(), [](const auto& r) { return !r; });
+  ASSERT_EQ(refused, 1) << "one of three refused";
+  for (const auto& r : replies) {
+    if (r) continue;
+    EXPECT_EQ(refusal_code(r.error()), domain::errc::busy);
+    EXPECT_NE(describe(r.error()).find("(operations_waiting_max); retry later"), std::string::npos) << describe(r.error());
+  }
+  EXPECT_FALSE(replies[2]) << "the third, with one running and one waiting";
+  EXPECT_EQ(balance("provider-p1"), 0) << "paid once by the runs that ran";
 }
 
 TEST_F(payout_runner_test, running_again_pays_nothing_twice_and_keeps_the_minimum_interval) {
