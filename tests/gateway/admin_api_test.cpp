@@ -593,6 +593,24 @@ TEST_F(admin_api_test, the_provider_page_shows_earnings_and_the_payouts_a_run_re
   EXPECT_TRUE(again.at("payouts").as_array().empty());
 }
 
+TEST_F(admin_api_test, the_provider_page_lists_the_newest_payouts_up_to_payouts_listed_max) {
+  const auto [provider, token, owner] = make_provider(R"({"name":"rig"})");
+  // Three payouts on the provider's streams (the page reads them; no money needs to move here).
+  for (int n = 1; n <= 3; ++n) {
+    domain::payout::command request = domain::request_payout{"pay-" + std::to_string(n), provider, n * 1'000'000, false,
+                                                              10'000'000};
+    EXPECT_EQ(ask<actors::command_reply>(runtime_.payouts, "pay-" + std::to_string(n), std::move(request)).version, 1u);
+  }
+  catch_up();
+  provider_api_ = std::make_unique<provider_api>(directory_, provider_api_options{.payouts_listed_max = 2, .clock_us = {}});
+  const auto page = me(token);
+  ASSERT_EQ(page.status, 200u) << page.body;
+  const auto payouts = json::parse(page.body).at("payouts").as_array();
+  ASSERT_EQ(payouts.size(), 2u) << page.body;
+  EXPECT_EQ(payouts[0].at("amount_micros").as_int64(), 3'000'000) << "newest first";
+  EXPECT_EQ(payouts[1].at("amount_micros").as_int64(), 2'000'000);
+}
+
 TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money_once) {
   // A create whose answer timed out (503) went on; its retry must not make a second user with a
   // second credit, or a second campaign with a second escrow.
@@ -757,6 +775,21 @@ TEST_F(admin_api_test, campaign_fields_are_validated_by_name_and_by_the_campaign
   expect_invalid(call("POST", "/admin/campaigns",
                       R"({"advertiser":"a","title":"t","categories":[1],)" + valid_tail),
                  "categories");
+  // campaign_words_max (100) bounds what is read at all; the campaign's own rules allow fewer.
+  const auto words = [](int n) {
+    std::string list = "[";
+    for (int i = 0; i < n; ++i) list += (i > 0 ? ",\"w" : "\"w") + std::to_string(i) + "\"";
+    return list + "]";
+  };
+  const auto too_many = call("POST", "/admin/campaigns", R"({"advertiser":"a","title":"t","keywords":)" + words(101) +
+                                                             "," + valid_tail);
+  expect_invalid(too_many, "keywords");
+  EXPECT_NE(too_many.body.find("keywords must be an array of at most 100 strings"), std::string::npos) << too_many.body;
+  const auto past_the_rules = call("POST", "/admin/campaigns",
+                                   R"({"advertiser":"a","title":"t","keywords":)" + words(100) + "," + valid_tail);
+  EXPECT_EQ(past_the_rules.status, 400u) << past_the_rules.body;
+  EXPECT_EQ(past_the_rules.body.find("at most 100 strings"), std::string::npos) << past_the_rules.body;
+  EXPECT_NE(past_the_rules.body.find("50"), std::string::npos) << "the campaign's keywords_max: " << past_the_rules.body;
   expect_invalid(call("POST", "/admin/campaigns",
                       R"({"advertiser":"a","title":"t","text":"t","url":"u","cpm_bid_micros":"1","budget_micros":5})"),
                  "cpm_bid_micros");
