@@ -202,6 +202,13 @@ TEST_F(ad_server_test, creating_a_campaign_escrows_its_budget_once_however_often
   auto dotted = ask<std::string>(rt_.ad_server, campaign("c.3", {"rust"}));
   ASSERT_FALSE(dotted);
   EXPECT_EQ(refusal_code(dotted.error()), domain::errc::invalid_argument);
+  // campaign_id_length_max (48): an id is part of every impression id.
+  auto long_id = ask<std::string>(rt_.ad_server, campaign(std::string(49, 'c'), {"rust"}));
+  ASSERT_FALSE(long_id);
+  EXPECT_EQ(refusal_code(long_id.error()), domain::errc::invalid_argument);
+  EXPECT_NE(describe(long_id.error()).find("is 49 bytes long; at most 48 are allowed"), std::string::npos)
+      << describe(long_id.error());
+  EXPECT_TRUE(ask<std::string>(rt_.ad_server, campaign(std::string(48, 'c'), {"rust"}))) << "at the limit";
   EXPECT_EQ(balance("campaign-c2"), 0);
   EXPECT_FALSE(campaign_state("c2").created);
   // A bid below the auction's floor would never be shown while its budget sat in escrow.
@@ -402,7 +409,8 @@ TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
   ASSERT_TRUE(uncounted) << describe(uncounted.error());
   EXPECT_EQ(uncounted.value(), "https://c1.example/landing");
   EXPECT_EQ(campaign_state("c1").clicks_total, 1u) << "an impression the campaign never recorded counts nothing";
-  for (const std::string unknown : {"nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1"}) {
+  for (const std::string& unknown : std::vector<std::string>{"nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1",
+                                                              std::string(49, 'c') + ".j1"}) {
     auto url = ask<std::string>(rt_.ad_server, click_atom::value, unknown);
     ASSERT_FALSE(url) << unknown;
     EXPECT_EQ(refusal_code(url.error()), domain::errc::not_found) << unknown;
