@@ -617,6 +617,24 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(sent.front().body.find("server_shutting_down"), std::string::npos) << sent.front().body;
 }
 
+TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_without_a_usage) {
+  relay_options options;
+  options.cancel_retries_max = 1;  // the scheduler's first refusal is the last try
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+  const auto body = reply->streamed(10s);
+  EXPECT_NE(body.find("\"finish_reason\":\"error\""), std::string::npos) << body;
+  EXPECT_NE(body.find("cut short after 1 tokens"), std::string::npos) << body;
+  EXPECT_EQ(body.find("\"usage\""), std::string::npos) << "what was billed is unknown, so not said: " << body;
+  const auto events = world.log->events();
+  EXPECT_EQ(std::count(events.begin(), events.end(), "cancel refused j1"), 1) << testing::PrintToString(events);
+  EXPECT_EQ(std::find(events.begin(), events.end(), "cancel j1 1"), events.end()) << "not tried again";
+}
+
 TEST(relay, a_drain_lets_an_answer_that_ends_within_its_wait_complete) {
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
