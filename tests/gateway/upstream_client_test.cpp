@@ -1251,6 +1251,40 @@ TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
   EXPECT_EQ(log.deltas(), expected_tokens(2));
 }
 
+TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
+  // Runs `batches` of `together` streams at once, one batch after the other, and returns how many
+  // connections stay open once they ended (those the client keeps idle): `expected`, or what is
+  // open when that is not reached within the wait, negated and less 1.
+  const auto kept_after = [](std::size_t idle_max, int batches, int together, std::int64_t expected) -> std::int64_t {
+    auto upstream = upstream_process::start({"--tokens", "3", "--token-interval-us", "50000"});
+    EXPECT_TRUE(upstream);
+    if (!upstream) return -1;
+    io_threads threads;
+    upstream_options options;
+    options.idle_connections_max = idle_max;
+    auto client = make_client(threads.io(), *upstream, options);
+    for (int b = 0; b < batches; ++b) {
+      std::vector<std::unique_ptr<stream_log>> logs;
+      std::vector<std::shared_ptr<upstream_request>> requests;
+      for (int i = 0; i < together; ++i) {
+        logs.push_back(std::make_unique<stream_log>());
+        requests.push_back(client.stream("/chat/completions", chat_body(), logs.back()->handlers()));
+      }
+      for (auto& log : logs) {
+        EXPECT_TRUE(log->wait_final());
+        EXPECT_FALSE(log->error());
+      }
+    }
+    // The upstream counts open connections, /stats' own among them; one the client does not keep
+    // is closed once its answer ended.
+    if (!upstream->wait_stat("connections", expected + 1)) return std::int64_t{-1} - upstream->stat("connections");
+    return expected;
+  };
+  EXPECT_EQ(kept_after(0, 2, 1, 0), 0) << "idle_connections_max 0: none kept";
+  EXPECT_EQ(kept_after(1, 2, 2, 1), 1) << "idle_connections_max 1: of two at once, one kept";
+  EXPECT_EQ(kept_after(2, 2, 2, 2), 2) << "idle_connections_max 2: both kept";
+}
+
 TEST(UpstreamClient, ManyConcurrentStreamsEachGetTheirOwnAnswer) {
   constexpr int streams = 64;
   auto upstream = upstream_process::start({"--tokens", "20", "--token-interval-us", "500"});
