@@ -798,6 +798,44 @@ TEST(http_streaming, a_websocket_message_over_the_limit_closes_the_connection_wi
   EXPECT_NE(reason.find("limit"), std::string::npos) << reason;
 }
 
+TEST(http_streaming, sends_past_websocket_send_queue_bytes_max_close_the_connection_with_1008) {
+  // A peer that does not keep up: the handler's messages pile up past the limit (posted at once,
+  // they are all queued before the first write can end).
+  http_server_options options;
+  options.websocket_send_queue_bytes_max = 64 * 1024;
+  signal closed;
+  std::string reason;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start(
+                              [c](std::string_view) {
+                                for (int i = 0; i < 100; ++i) c->send(std::string(4096, 'm'));  // 400 KiB
+                              },
+                              [&](std::string why) {
+                                reason = std::move(why);
+                                closed.raise();
+                              });
+                        }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  ws_client client(server->port());
+  client.ws.write(asio::buffer(std::string("flood")));
+  std::size_t received = 0;
+  beast::error_code ec;
+  while (!ec) {
+    beast::flat_buffer buffer;
+    client.ws.read(buffer, ec);
+    if (!ec) received += buffer.size();
+  }
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(client.ws.reason().code, websocket::close_code::policy_error);
+  EXPECT_LE(received, 64u * 1024) << "at most the queue's bytes went out";
+  ASSERT_TRUE(closed.wait(10s));
+  EXPECT_NE(reason.find("send queue full"), std::string::npos) << reason;
+}
+
 TEST(http_streaming, a_websocket_handler_that_throws_closes_its_connection_with_1011_and_nothing_else) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "up", {}}); },
                       [](const http_request&) -> websocket_decision {
