@@ -429,6 +429,23 @@ TEST(provider, token_count_mismatches_max_suspends) {
   EXPECT_EQ(suspended[0].counters.token_count_mismatches, options.scoring.token_count_mismatches_max);
 }
 
+TEST(provider, a_job_counts_as_fast_from_fast_job_speed_points_min) {
+  // Counted while replaying provider_scored: the constant decides what the log means.
+  auto h = online_provider();
+  const auto scored = [&](std::int32_t speed_points) {
+    events::provider_scored e;
+    e.provider_id = h.state.provider_id;
+    e.job_id = "j" + std::to_string(speed_points);
+    e.speed_points = speed_points;
+    h.state = provider::evolve(std::move(h.state), e);
+  };
+  const auto before = h.state.fast_jobs;
+  scored(fast_job_speed_points_min - 1);
+  EXPECT_EQ(h.state.fast_jobs, before);
+  scored(fast_job_speed_points_min);
+  EXPECT_EQ(h.state.fast_jobs, before + 1);
+}
+
 TEST(provider, achievements_unlock_once_at_their_thresholds) {
   auto h = online_provider();
   const auto unlocked = [&](achievement_kind kind) { return h.state.achievements.contains(kind); };
