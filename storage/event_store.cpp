@@ -510,7 +510,8 @@ const store_options& event_store::options() const noexcept { return impl_->optio
 event_store::statistics event_store::stats() const noexcept {
   return {impl_->stat_groups_.load(), impl_->stat_grouped_appends_.load(),
           impl_->stat_group_events_max_.load(), impl_->stat_syncs_.load(),
-          impl_->stat_written_events_.load(std::memory_order_acquire)};
+          impl_->stat_written_events_.load(std::memory_order_acquire),
+          impl_->stat_cached_heads_.load(std::memory_order_relaxed)};
 }
 
 // ---- subscription ----

@@ -301,6 +301,7 @@ class event_store {
     std::uint64_t group_events_max = 0;   ///< most events in one group
     std::uint64_t syncs = 0;              ///< WAL fsyncs by the syncer (`sync` mode)
     std::uint64_t written_events = 0;     ///< events written to the log, acknowledged or not yet
+    std::uint64_t cached_heads = 0;       ///< streams whose head the writer holds (head_cache_streams_max)
   };
   [[nodiscard]] statistics stats() const noexcept;
 

@@ -286,6 +286,7 @@ class event_store::impl {
   std::atomic<std::uint64_t> stat_group_events_max_{0};
   std::atomic<std::uint64_t> stat_syncs_{0};
   std::atomic<std::uint64_t> stat_written_events_{0};
+  std::atomic<std::uint64_t> stat_cached_heads_{0};
 
  private:
   std::thread syncer_;

@@ -291,6 +291,7 @@ void event_store::impl::commit_group(std::vector<pending_append>& group) {
         heads_.emplace(std::string(stream), head);
       }
     }
+    stat_cached_heads_.store(heads_.size(), std::memory_order_relaxed);
     next_position_ = state.next_position;
   }
   std::vector<expected<append_result, error>> outcomes;

@@ -716,8 +716,15 @@ TEST(event_store_limits, a_tiny_head_cache_still_gives_correct_versions) {
     ASSERT_TRUE(r) << r.error().message;
     versions[stream] += 1;
     EXPECT_EQ(r->streams.front().last_version, versions[stream]);
+    EXPECT_LE(store->stats().cached_heads, 2u) << "after append " << i;
   }
   for (const auto& [stream, version] : versions) EXPECT_EQ(*store->stream_version(stream), version);
+  // The same appends with room for every stream's head keep all five.
+  temp_dir roomy_dir;
+  auto roomy = open_or_fail(roomy_dir.path(), buffered());
+  ASSERT_TRUE(roomy);
+  for (std::uint64_t i = 0; i < 5; ++i) ASSERT_TRUE(roomy->append(one_stream("s-" + std::to_string(i), no_stream, 3, i, 1)));
+  EXPECT_EQ(roomy->stats().cached_heads, 5u);
 }
 
 // ---- catch-up subscriptions ----
