@@ -147,6 +147,27 @@ TEST(http_streaming, a_streams_last_bytes_given_just_before_the_server_stops_go_
   }
 }
 
+TEST(http_streaming, a_stopping_server_waits_at_most_stop_writes_wait_max_for_a_client_that_reads_nothing) {
+  std::promise<std::shared_ptr<http_reply>> pending;
+  http_server_options options;
+  options.stop_writes_wait_max = 300ms;
+  options.stream_buffer_bytes_max = 64 * 1024 * 1024;  // the answer below is no slow client's to drop
+  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); }, {}, options);
+  ASSERT_TRUE(server);
+  client c(server->port());
+  auto reply = reply_to_post(c, pending);
+  ASSERT_TRUE(reply);
+  reply->start_stream(200, "text/event-stream", {});
+  // More than the sockets' buffers hold: the write stays under way while the client reads nothing.
+  for (int i = 0; i < 32; ++i) reply->write(std::string(1024 * 1024, 'x'));
+  reply->finish();
+  reply.reset();
+  const auto stopping_at = std::chrono::steady_clock::now();
+  auto stopped = std::async(std::launch::async, [&] { server.reset(); });
+  ASSERT_EQ(stopped.wait_for(10s), std::future_status::ready) << "the stop waited for the client for good";
+  EXPECT_GE(std::chrono::steady_clock::now() - stopping_at, 300ms) << "the write under way was given its time";
+}
+
 TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_serves_the_next_request) {
   std::promise<std::shared_ptr<http_reply>> pending;
   int requests = 0;
