@@ -46,8 +46,10 @@ struct live_job {
   bool attempt_started = false; ///< the current attempt produced a token
   std::uint32_t failovers = 0;  ///< attempts that continued an answer begun elsewhere
   std::optional<ad_info> ad;
-  /// A free-tier job's ad is to be picked (once the scheduler accepts the job) or being picked.
+  /// A free-tier job's ad is to be picked, or being picked: it starts once the scheduler has
+  /// accepted the job or offered it, whichever comes first (ad_pick_started).
   bool ad_pending = false;
+  bool ad_pick_started = false;
   /// The provider finished while the ad was still being picked: the result, reported once it is.
   struct finished {
     actors::job_result result;
@@ -295,30 +297,61 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       cancel(offer.job_id, 0, 0);
       return std::nullopt;
     }
-    std::lock_guard lock(live->mutex);
-    if (live->state != phase::submitting && live->state != phase::running) return std::nullopt;
+    std::optional<ad_pick> pick;
+    auto made = offer_of(*live, provider_id, offer, pick);
+    if (pick) start_ad_pick(offer.job_id, std::move(*pick));
+    return made;
+  }
+
+  /// What an ad's pick needs of its job.
+  struct ad_pick {
+    std::string user_id;
+    std::string prompt_text;
+  };
+
+  /// With `live`'s lock held: the job's ad pick, to start once the lock is let go, unless it
+  /// started before or the job wants none.
+  static std::optional<ad_pick> claim_ad_pick(live_job& live) {
+    if (!live.ad_pending || live.ad_pick_started) return std::nullopt;
+    live.ad_pick_started = true;
+    return ad_pick{live.job.user_id, prompt_of(live.job.request)};
+  }
+
+  void start_ad_pick(const std::string& id, ad_pick pick) {
+    auto self = shared_from_this();
+    ads_->pick(id, std::move(pick.user_id), std::move(pick.prompt_text),
+               [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
+  }
+
+  /// take_offer's offer frame for a live job, or none; `pick` gets its ad's pick when the offer
+  /// is the first sign that the scheduler took the job.
+  std::optional<link::offer> offer_of(live_job& live, const std::string& provider_id,
+                                      const actors::job_offer& offer, std::optional<ad_pick>& pick) {
+    std::lock_guard lock(live.mutex);
+    if (live.state != phase::submitting && live.state != phase::running) return std::nullopt;
     // An offer of an earlier attempt that reached its provider's session after a later one
     // reached another's (the sessions are not ordered against each other): the job is no longer
     // that provider's.
-    if (offer.attempt != 0 && offer.attempt < live->attempt) return std::nullopt;
+    if (offer.attempt != 0 && offer.attempt < live.attempt) return std::nullopt;
+    pick = claim_ad_pick(live);
     // Continuing an answer begun elsewhere (its text, or only its thinking, which the next
     // provider starts over); the same attempt offered again on a provider's new link is no new
     // failover.
-    if (live->tokens > 0 && (offer.attempt == 0 || offer.attempt != live->attempt)) live->failovers += 1;
-    live->provider_id = provider_id;
-    live->attempt = offer.attempt;
-    live->offered_at = clock::now();
-    live->attempt_started = false;
-    live->attempt_tokens = 0;
-    live->attempt_bytes = 0;
-    const auto kind = live->job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
-    auto body = upstream_body(live->job.request, live->text, live->tokens);
+    if (live.tokens > 0 && (offer.attempt == 0 || offer.attempt != live.attempt)) live.failovers += 1;
+    live.provider_id = provider_id;
+    live.attempt = offer.attempt;
+    live.offered_at = clock::now();
+    live.attempt_started = false;
+    live.attempt_tokens = 0;
+    live.attempt_bytes = 0;
+    const auto kind = live.job.request.kind == request_kind::chat ? link::job_kind::chat : link::job_kind::completion;
+    auto body = upstream_body(live.job.request, live.text, live.tokens);
     if (body.size() > options_.offer_request_bytes_max) {
       // Only a continuation grows past the bound (the API admits a request with room for an
       // answer so far): it cannot go to any provider, whose agent would refuse the frame and drop
       // its link. The job fails here, through no provider's fault.
-      report_failure_keyed(provider_id, offer.job_id, live->tokens,
-                           "the answer broke off after " + std::to_string(live->tokens) +
+      report_failure_keyed(provider_id, offer.job_id, live.tokens,
+                           "the answer broke off after " + std::to_string(live.tokens) +
                                " tokens, and with it the request is " + std::to_string(body.size()) + " bytes, over the " +
                                std::to_string(options_.offer_request_bytes_max) +
                                " a provider can be sent: it cannot be continued",
@@ -686,24 +719,20 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void accepted(const std::string& id) {
     auto live = find(id);
     if (!live) return;
-    std::string user_id;
-    std::string prompt_text;
+    std::optional<ad_pick> pick;
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
       // A stream's head waits for its first piece: until then a refusal (a backend's 400, no
       // provider left) is an HTTP error, as for a whole answer, not an error chunk after a 200.
       if (live->state == phase::submitting) live->state = phase::running;
-      if (!live->ad_pending) return;
-      user_id = live->job.user_id;
-      prompt_text = prompt_of(live->job.request);
+      pick = claim_ad_pick(*live);
     }
-    // Its ad is picked once the job is accepted, still long before the answer ends: a request the
-    // scheduler refuses (a free user past the day's quota, whose SDK retries the 429) reserves no
-    // ad, which would be released at once and remembered by its campaign for the click window.
-    auto self = shared_from_this();
-    ads_->pick(id, user_id, std::move(prompt_text),
-               [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
+    // Its ad is picked once the scheduler took the job (accepted, or offered it first: the offer
+    // goes out while the job is recorded), long before the answer ends: a request the scheduler
+    // refuses (a free user past the day's quota, whose SDK retries the 429) reserves no ad, which
+    // would be released at once and remembered by its campaign for the click window.
+    if (pick) start_ad_pick(id, std::move(*pick));
   }
 
   /// The ad picked for a free-tier job, or none. An answer that finished meanwhile was waiting

@@ -88,13 +88,17 @@ constexpr std::uint32_t store_failing_prompt_tokens = 4242;
 /// A result reporting this prompt count is refused (the job moved on to another provider).
 constexpr std::uint32_t refused_prompt_tokens = 4343;
 
-/// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them.
-actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer,
+/// Accepts jobs, their starts, results and cancels as a scheduler would, and logs them. A job
+/// whose id begins with "held-" is accepted only at the next tick (its accept overtaken by its
+/// offer, which the scheduler makes while it records the job).
+actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_actor::pointer self,
                                                            std::shared_ptr<scheduler_log> log) {
   // What each job was admitted with (its prompt estimate and max_tokens), to bill as the scheduler does.
   auto admitted = std::make_shared<std::map<std::string, actors::job_request>>();
+  using accept_promise = caf::typed_response_promise<actors::job_accepted>;
+  auto held = std::make_shared<std::vector<std::pair<std::string, accept_promise>>>();
   return {
-      [log, admitted](actors::job_request& request) -> caf::result<actors::job_accepted> {
+      [self, log, admitted, held](actors::job_request& request) -> caf::result<actors::job_accepted> {
         if (request.job_id.starts_with("refused-")) {  // refused as a full queue or a fixed limit
           const auto code = request.job_id == "refused-busy" ? domain::errc::busy : domain::errc::limit_exceeded;
           return actors::make_error(domain::error{code, "refused by the test's scheduler"});
@@ -103,6 +107,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->set_watcher(request.watcher);
         log->add("window " + request.job_id + " " + std::to_string(request.context_tokens_min));
         log->add("request " + request.job_id);
+        if (request.job_id.starts_with("held-")) {
+          held->emplace_back(request.job_id, self->make_response_promise<actors::job_accepted>());
+          return held->back().second;
+        }
         return actors::job_accepted{request.job_id, 0, 0};
       },
       [](actors::online_atom, actors::provider_online&) {},
@@ -150,7 +158,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
       [](actors::count_atom) { return actors::scheduler_counts{}; },
-      [](actors::tick_atom) {},
+      [held](actors::tick_atom) {
+        for (auto& [job_id, promise] : *held) promise.deliver(actors::job_accepted{job_id, 0, 0});
+        held->clear();
+      },
   };
 }
 
@@ -448,6 +459,35 @@ TEST(relay, a_free_job_the_scheduler_refuses_reserves_no_ad) {
   auto accepted = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, accepted));
   EXPECT_EQ(ads.picks, 1);
+}
+
+TEST(relay, a_free_jobs_ad_is_picked_at_its_offer_when_that_comes_before_the_accept) {
+  // The scheduler offers a job while it records it, and accepts it after: a quick answer must not
+  // wait for the accept (an fsync) before its ad is even picked.
+  held_ads ads;
+  relay_world world(&ads);
+  world.relay.provider_online({"p1", {}});
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "held-j1";
+  job.user_id = "u1";
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "hi"}};
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request held-j1", 10s));
+  EXPECT_EQ(ads.picks, 0) << "no ad before the scheduler took the job";
+  ASSERT_TRUE(world.relay.take_offer("p1", {.job_id = "held-j1", .model = "m", .max_tokens = 10}));
+  EXPECT_EQ(ads.picks, 1) << "picked at the offer";
+  world.relay.delta("p1", link::delta{"held-j1", "Hello"});
+  world.relay.done("p1", link::done{.job_id = "held-j1", .finish_reason = "stop"});
+  ASSERT_TRUE(ads.finish_served(imp_1_charge)) << "the impression is recorded as the answer ends";
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u) << "the answer waited for the scheduler's accept";
+  EXPECT_NE(sent.front().body.find("Sponsored"), std::string::npos) << sent.front().body;
+  caf::anon_send(world.scheduler, actors::tick_atom::value);  // the accept, late: no second pick
 }
 
 TEST(relay, an_ad_recorded_after_its_client_left_is_taken_back_and_not_billed) {
