@@ -790,7 +790,7 @@ void check_funds(self_pointer self, const std::string& job_id,
               return;
             }
             job.hold_micros = quote;
-            self->state.holds_micros[job.request.user_id] += quote;
+            if (quote > 0) self->state.holds_micros[job.request.user_id] += quote;  // release() drops 0
             admit(self, job_id, reply);
           },
           [self, job_id, reply](caf::error& failure) mutable {

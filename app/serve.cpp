@@ -11,6 +11,7 @@
 #include <optional>
 #include <span>
 #include <thread>
+#include <utility>
 #include <pthread.h>
 
 #include "actors/errors.hpp"
@@ -235,7 +236,7 @@ int run_serve(const serve_options& given) {
   node_options.http.threads = options.http_threads;
   node_options.http.stream_flush_interval = std::chrono::milliseconds(options.stream_flush_ms);
   node_options.relay.live_jobs_max = options.live_jobs_max;
-  node_options.admin_token = options.admin_token;
+  node_options.admin_token = std::exchange(options.admin_token, {});
   node_options.public_url = options.public_url;
   node_options.rate.requests_per_minute = options.rate_per_minute;
   node_options.rate.burst = options.rate_burst;

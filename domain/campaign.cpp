@@ -80,9 +80,10 @@ std::size_t control_character_at(std::string_view text) {
 
 /// The byte at which `text` has its first piece of markup that a client rendering Markdown or HTML
 /// would turn into something other than words, or npos: a link or image (`[`, `]`), a tag (`<`,
-/// `>`), code (a backtick), or an address it would link by itself ("://", "www.").
+/// `>`), code (a backtick), or an address it would link by itself ("://", "www.", an e-mail's
+/// "@").
 std::size_t markup_at(std::string_view text) {
-  std::size_t at = text.find_first_of("[]<>`");
+  std::size_t at = text.find_first_of("[]<>`@");
   for (const std::string_view address : {"://", "www."}) at = std::min(at, text.find(address));
   return at;
 }
@@ -100,7 +101,7 @@ expected<void, error> check_shown_text(std::string_view what, std::string_view t
   if (const auto at = markup_at(text); at != std::string_view::npos) {
     return refuse(errc::invalid_argument,
                   std::string(what) + " has markup or a web address at byte " + std::to_string(at) +
-                      " (no [ ] < > ` :// or www.); an ad is plain words, and its one link is its url");
+                      " (no [ ] < > ` @ :// or www.); an ad is plain words, and its one link is its url");
   }
   return {};
 }

@@ -221,6 +221,7 @@ expected<void, error> event_store::impl::recover_if_needed() {
   if (!last) return unexpected{last.error()};
   // A failed write may still have reached the WAL; reopening replayed it, so continue from there.
   heads_.clear();
+  stat_cached_heads_.store(0, std::memory_order_relaxed);
   next_position_ = *last + 1;
   {
     std::lock_guard position_lock(position_mutex_);

@@ -103,6 +103,7 @@ TEST(campaign, create_validates_texts_and_words) {
   expect_refused(with([](create_campaign& c) { c.text = "a `code`"; }), errc::invalid_argument, "at byte 2");
   expect_refused(with([](create_campaign& c) { c.text = "see https://x"; }), errc::invalid_argument, "at byte 9");
   expect_refused(with([](create_campaign& c) { c.text = "at www.acme.co"; }), errc::invalid_argument, "at byte 3");
+  expect_refused(with([](create_campaign& c) { c.text = "mail a@acme.co"; }), errc::invalid_argument, "at byte 6");
   EXPECT_TRUE(with([](create_campaign& c) { c.text = "Save 20%! *Fast* (#1) & more"; }))
       << "punctuation that renders as words is fine";
   expect_refused(with([](create_campaign& c) { c.text = std::string(31, 'x'); }), errc::invalid_argument,

@@ -422,15 +422,19 @@ TEST_F(admin_api_test, user_fields_are_validated_by_name) {
   expect_invalid(twice, "credit_micros");
   EXPECT_NE(twice.body.find("field 'credit_micros' is given twice; give each field once"), std::string::npos)
       << twice.body;
-  // Also escaped alike, or in two parts of a long key.
+  // Also spelt differently (escaped), and in a campaign's body.
   expect_invalid(call("POST", "/admin/users", R"({"tier":"free","t\u0069er":"premium"})"), "tier");
-  // Keys of different objects may repeat.
-  EXPECT_EQ(call("POST", "/admin/campaigns",
-                 R"({"advertiser":"a","title":"t","text":"x","url":"https://a.example","keywords":["k"],)"
-                 R"("categories":[],"cpm_bid_micros":1000,"budget_micros":1000000,"daily_budget_micros":1000000,)"
-                 R"("frequency_cap_per_day":3,"keywords":["again"]})")
-                .status,
-            400u);
+  const auto keywords_twice =
+      call("POST", "/admin/campaigns",
+           R"({"advertiser":"a","title":"t","text":"x","url":"https://a.example","keywords":["k"],)"
+           R"("categories":[],"cpm_bid_micros":1000,"budget_micros":1000000,"daily_budget_micros":1000000,)"
+           R"("frequency_cap_per_day":3,"keywords":["again"]})");
+  expect_invalid(keywords_twice, "keywords");
+  EXPECT_NE(keywords_twice.body.find("given twice"), std::string::npos) << keywords_twice.body;
+  // Keys of different objects may repeat: refused for the field's type, not as given twice.
+  const auto nested = call("POST", "/admin/users", R"({"tier":{"x":1},"display_name":{"x":1}})");
+  EXPECT_EQ(nested.status, 400u) << nested.body;
+  EXPECT_EQ(nested.body.find("given twice"), std::string::npos) << nested.body;
   // A long field name is cut at a character's start: the 64th byte is inside the 'é'.
   const auto long_name = call("POST", "/admin/users", "{\"" + std::string(63, 'a') + "\xC3\xA9\":1}");
   EXPECT_EQ(long_name.status, 400u);
