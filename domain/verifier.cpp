@@ -420,6 +420,25 @@ std::string bill_transfer_problem(const job_state& job, const events::billed_tra
 
 }  // namespace
 
+std::string domain_verifier::ad_spend_problem(const job_state& job, const events::billed_transfer& t) const {
+  if (t.kind != events::transfer_kind::ad_spend) return {};
+  // The ad was served (its impression recorded) before the answer ended and the bill was made.
+  const std::string which = "the bill's ad transfer " + quoted(t.transfer_id) + " ";
+  const auto campaign = campaigns_.find(t.debit_account);  // campaign accounts and streams: "campaign-<id>"
+  if (campaign == campaigns_.end()) return which + "is paid by " + quoted(t.debit_account) + ", which is no campaign";
+  const auto impression = campaign->second.state.impressions.find(t.reference);
+  if (impression == campaign->second.state.impressions.end())
+    return which + "pays for impression " + quoted(t.reference) + ", which " + quoted(t.debit_account) +
+           " has not recorded (or took back)";
+  if (impression->second.job_id != job.job_id)
+    return which + "pays for impression " + quoted(t.reference) + " of job " + quoted(impression->second.job_id) +
+           ", not of this job";
+  if (impression->second.price_micros != t.amount_micros)
+    return which + "moves " + micros(t.amount_micros) + " for impression " + quoted(t.reference) + ", recorded at " +
+           micros(impression->second.price_micros);
+  return {};
+}
+
 domain_verifier::result domain_verifier::note_bill(const where& at, const job_state& job, const events::event& event) {
   const auto* bill = events::bill_of(event);
   if (bill == nullptr || bill->transfers.empty()) return {};
@@ -429,6 +448,7 @@ domain_verifier::result domain_verifier::note_bill(const where& at, const job_st
   open_bill open;
   for (const auto& t : bill->transfers) {
     if (auto problem = bill_transfer_problem(job, t); !problem.empty()) return fail(invariant::job_bill, at, problem);
+    if (auto problem = ad_spend_problem(job, t); !problem.empty()) return fail(invariant::job_bill, at, problem);
     if (!open.left.emplace(t.transfer_id, t).second)
       return fail(invariant::job_bill, at, "the job's bill names transfer " + quoted(t.transfer_id) + " twice");
   }

@@ -185,6 +185,9 @@ class domain_verifier {
   [[nodiscard]] result apply_payout(const where& at, const events::event& event);
   [[nodiscard]] result apply_transfer(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result note_bill(const where& at, const job_state& job, const events::event& event);
+  /// What is wrong with a bill's ad spend `t` (none for another kind): it must pay, at its price,
+  /// for an impression of this job that its campaign recorded.
+  [[nodiscard]] std::string ad_spend_problem(const job_state& job, const events::billed_transfer& t) const;
   [[nodiscard]] result match_bill(const where& at, const events::transfer_recorded& recorded);
   [[nodiscard]] result close_bill(const std::string& group_id);
   [[nodiscard]] result note_free_usage(const where& at, const job_state& job, const events::event& event);

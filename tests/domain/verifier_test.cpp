@@ -498,6 +498,48 @@ TEST(domain_verifier_bill, a_bill_that_does_not_fit_its_job_is_named) {
   }
 }
 
+TEST(domain_verifier_bill, an_ad_billed_must_be_an_impression_of_its_job_recorded_at_its_price) {
+  // j8, bob's free job on p1, was shown campaign c1's impression r8 (1,500 micro-USD) as it ended.
+  const auto free_job_with_ad = [](event_log& log, const events::billed_transfer& ad) {
+    log.add("campaign-c1", events::ad_reserved{"r8", "c1", "j8", "bob", 2'000, t0 + 45, t0 + 60 * second_us});
+    log.add("campaign-c1", events::impression_recorded{"r8", "c1", "j8", "bob", 1'500, t0 + 46});
+    const std::string stream = "job-j8";
+    log.add(stream, events::job_submitted{"j8", "bob", "llama", events::quality_tier::low, 10, 50, 0, false, "", t0 + 50});
+    log.add(stream, events::job_queued{"j8", 1, t0 + 60 * second_us, t0 + 51});
+    log.add(stream, events::job_assigned{"j8", "p1", 1, t0 + 52});
+    log.add(stream, events::job_started{"j8", "p1", t0 + 53});
+    const events::ledger_bill bill{"job-j8",
+                                   {{"job-j8/subsidy", "subsidy", "provider-p1", 30, transfer_kind::free_tier_subsidy, "j8"},
+                                    {"job-j8/fee", "provider-p1", "platform", 3, transfer_kind::platform_fee, "j8"},
+                                    ad}};
+    return log.add(stream, events::job_completed{"j8", "p1", 10, 20, 20, 3, 10, t0 + 54, bill});
+  };
+  {
+    auto log = sound_log();
+    free_job_with_ad(log, {"job-j8/ad_spend", "campaign-c1", "platform", 1'500, transfer_kind::ad_spend, "r8"});
+    auto verified = verify(log);
+    ASSERT_TRUE(verified) << describe(verified.error());
+  }
+  struct bad_case {
+    events::billed_transfer ad;
+    std::vector<std::string> words;
+  };
+  const std::vector<bad_case> cases{
+      {{"job-j8/ad_spend", "campaign-c1", "platform", 1'500, transfer_kind::ad_spend, "r9"},
+       {"impression \"r9\"", "has not recorded"}},
+      {{"job-j8/ad_spend", "campaign-c1", "platform", 1'800, transfer_kind::ad_spend, "r1"},
+       {"impression \"r1\" of job \"j2\"", "not of this job"}},
+      {{"job-j8/ad_spend", "campaign-c1", "platform", 1'600, transfer_kind::ad_spend, "r8"},
+       {"1600 micro-USD", "recorded at 1500 micro-USD"}},
+      {{"job-j8/ad_spend", "campaign-c2", "platform", 1'500, transfer_kind::ad_spend, "r8"}, {"no campaign"}},
+  };
+  for (const auto& c : cases) {
+    auto log = sound_log();
+    const auto completed = free_job_with_ad(log, c.ad);
+    expect_violation(log, invariant::job_bill, "job-j8", 5, completed, c.words);
+  }
+}
+
 /// Job `id` of bob's (free tier), completed on p1 after 10 prompt (of which `prompt_tokens_billed`
 /// billed; 0: all) and 20 completion tokens with `free_tokens` recorded; returns the completion's
 /// position.
