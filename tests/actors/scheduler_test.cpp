@@ -182,6 +182,19 @@ class scheduler_test : public testing::deterministic_fixture {
     return other;
   }
 
+  /// j1 broke off after 5 tokens on one of two providers and went to the other once its slot
+  /// freed: returns (the one it broke off on, the one it continues on), empty when that failed.
+  std::pair<std::string, std::string> j1_continued_on_the_other() {
+    const std::string busy = two_providers_one_busy();
+    const std::string broken = busy.empty() ? std::string() : start_j1_beside(busy);
+    if (broken.empty()) return {};
+    if (!ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"})) return {};
+    if (!ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40})) return {};
+    run();
+    if (job("j1").provider_id != busy) return {};
+    return {broken, busy};
+  }
+
   /// Three answers of 100 tokens in a millisecond each on `provider_id` (one of dave's premium
   /// jobs each): unreasonably fast, so it is suspended; when the suspension ends (0: it was not).
   std::int64_t suspend_by_fast_answers(const std::string& provider_id) {
@@ -1005,14 +1018,8 @@ TEST_F(scheduler_test, an_answer_that_broke_off_waits_for_another_provider_rathe
 }
 
 TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does_not_go_back) {
-  const std::string busy = two_providers_one_busy();
-  ASSERT_FALSE(busy.empty());
-  const std::string broken = start_j1_beside(busy);
+  const auto [broken, busy] = j1_continued_on_the_other();
   ASSERT_FALSE(broken.empty());
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
-  run();
-  ASSERT_EQ(job("j1").provider_id, busy);
   // The other provider declines it untried: j1 waits for it rather than go back where it broke.
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", busy, domain::job_fault::declined, 5,
                                                         "the provider is at capacity (1 jobs)"}));
@@ -1026,14 +1033,8 @@ TEST_F(scheduler_test, an_answer_that_broke_off_and_was_then_declined_still_does
 }
 
 TEST_F(scheduler_test, an_answer_continued_on_the_last_provider_waits_when_that_one_declines_it) {
-  const std::string busy = two_providers_one_busy();
-  ASSERT_FALSE(busy.empty());
-  const std::string broken = start_j1_beside(busy);
+  const auto [broken, busy] = j1_continued_on_the_other();
   ASSERT_FALSE(broken.empty());
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
-  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_result{"j0", busy, 10, 10, 1000, 2'000'000, 10, 40}));
-  run();
-  ASSERT_EQ(job("j1").provider_id, busy);
   // The provider it broke off on leaves; the one left declines the offer untried (it is full):
   // the answer did not break off there, and it may take it once it has room.
   self_->send(rt_.scheduler, offline_atom::value, broken);

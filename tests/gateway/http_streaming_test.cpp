@@ -123,47 +123,59 @@ TEST(http_streaming, an_answer_sent_later_from_another_thread_arrives) {
   EXPECT_NE(text.find("X-Extra: 1"), std::string::npos) << text;
 }
 
+struct held_answer {
+  std::unique_ptr<http_server> server;
+  std::unique_ptr<client> c;
+  std::shared_ptr<http_reply> reply;
+};
+
+held_answer hold_an_answer(http_server_options options) {
+  held_answer held;
+  auto pending = std::make_shared<std::promise<std::shared_ptr<http_reply>>>();
+  held.server = start([pending](http_request, std::shared_ptr<http_reply> reply) { pending->set_value(reply); }, {},
+                      options);
+  if (!held.server) return held;
+  held.c = std::make_unique<client>(held.server->port());
+  held.c->send(post);
+  auto future = pending->get_future();
+  if (future.wait_for(10s) == std::future_status::ready) held.reply = future.get();
+  return held;
+}
+
 TEST(http_streaming, a_streams_last_bytes_given_just_before_the_server_stops_go_out) {
   // A drain cuts an answer short and the node stops its server at once: the last chunk and the
   // stream's end, handed to the connection from another thread, must not be dropped with the I/O
   // threads' queue. Each round stops the server right after; without the wait for them, some
   // round loses its end.
   for (int round = 0; round < 20; ++round) {
-    std::promise<std::shared_ptr<http_reply>> pending;
     http_server_options options;
     options.threads = 1;
-    auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); }, {}, options);
-    ASSERT_TRUE(server);
-    client c(server->port());
-    auto reply = reply_to_post(c, pending);
-    ASSERT_TRUE(reply);
-    reply->start_stream(200, "text/event-stream", {});
-    reply->write("data: cut short\n\n");
-    reply->finish();
-    server.reset();
-    const auto text = c.read_until("0\r\n\r\n", 10s);
+    auto held = hold_an_answer(options);
+    ASSERT_TRUE(held.reply);
+    held.reply->start_stream(200, "text/event-stream", {});
+    held.reply->write("data: cut short\n\n");
+    held.reply->finish();
+    held.reply.reset();
+    held.server.reset();
+    const auto text = held.c->read_until("0\r\n\r\n", 10s);
     EXPECT_NE(text.find("data: cut short"), std::string::npos) << "round " << round << ": " << text;
     ASSERT_NE(text.find("0\r\n\r\n"), std::string::npos) << "round " << round << ": the stream's end was lost: " << text;
   }
 }
 
 TEST(http_streaming, a_stopping_server_waits_at_most_stop_writes_wait_max_for_a_client_that_reads_nothing) {
-  std::promise<std::shared_ptr<http_reply>> pending;
   http_server_options options;
   options.stop_writes_wait_max = 300ms;
   options.stream_buffer_bytes_max = 64 * 1024 * 1024;  // the answer below is no slow client's to drop
-  auto server = start([&](http_request, std::shared_ptr<http_reply> reply) { pending.set_value(reply); }, {}, options);
-  ASSERT_TRUE(server);
-  client c(server->port());
-  auto reply = reply_to_post(c, pending);
-  ASSERT_TRUE(reply);
-  reply->start_stream(200, "text/event-stream", {});
+  auto held = hold_an_answer(options);
+  ASSERT_TRUE(held.reply);
+  held.reply->start_stream(200, "text/event-stream", {});
   // More than the sockets' buffers hold: the write stays under way while the client reads nothing.
-  for (int i = 0; i < 32; ++i) reply->write(std::string(1024 * 1024, 'x'));
-  reply->finish();
-  reply.reset();
+  for (int i = 0; i < 32; ++i) held.reply->write(std::string(1024 * 1024, 'x'));
+  held.reply->finish();
+  held.reply.reset();
   const auto stopping_at = std::chrono::steady_clock::now();
-  auto stopped = std::async(std::launch::async, [&] { server.reset(); });
+  auto stopped = std::async(std::launch::async, [&] { held.server.reset(); });
   ASSERT_EQ(stopped.wait_for(10s), std::future_status::ready) << "the stop waited for the client for good";
   EXPECT_GE(std::chrono::steady_clock::now() - stopping_at, 300ms) << "the write under way was given its time";
 }
@@ -397,25 +409,6 @@ TEST(http_streaming, a_call_from_another_thread_is_not_overtaken_by_a_later_one_
 }
 
 /// Starts a server whose first request's reply is handed to the test; the client has sent it.
-struct held_answer {
-  std::unique_ptr<http_server> server;
-  std::unique_ptr<client> c;
-  std::shared_ptr<http_reply> reply;
-};
-
-held_answer hold_an_answer(http_server_options options) {
-  held_answer held;
-  auto pending = std::make_shared<std::promise<std::shared_ptr<http_reply>>>();
-  held.server = start([pending](http_request, std::shared_ptr<http_reply> reply) { pending->set_value(reply); }, {},
-                      options);
-  if (!held.server) return held;
-  held.c = std::make_unique<client>(held.server->port());
-  held.c->send(post);
-  auto future = pending->get_future();
-  if (future.wait_for(10s) == std::future_status::ready) held.reply = future.get();
-  return held;
-}
-
 /// Starts the held answer's stream and writes its first piece; true once the client has it.
 bool first_piece_arrives(held_answer& held) {
   held.reply->start_stream(200, "text/event-stream", {});
