@@ -236,6 +236,7 @@ int run_serve(const serve_options& given) {
   node_options.http.threads = options.http_threads;
   node_options.http.stream_flush_interval = std::chrono::milliseconds(options.stream_flush_ms);
   node_options.relay.live_jobs_max = options.live_jobs_max;
+  const bool admin_api = !options.admin_token.empty();
   node_options.admin_token = std::exchange(options.admin_token, {});
   node_options.public_url = options.public_url;
   node_options.rate.requests_per_minute = options.rate_per_minute;
@@ -261,7 +262,7 @@ int run_serve(const serve_options& given) {
     logger->error("{}", node.error());
     return 1;
   }
-  if (options.admin_token.empty()) {
+  if (!admin_api) {
     logger->warn("no admin token: the admin API answers 503 (set --admin-token or GPUSTREAM_ADMIN_TOKEN)");
   }
   logger->info("listening http={}:{} data={} durability={} last_position={}", address->host, (*node)->port(),

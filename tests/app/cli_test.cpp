@@ -1192,6 +1192,7 @@ TEST(cli_serve_secrets, the_admin_tokens_value_is_not_in_the_process_list) {
   const std::string cmdline((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   EXPECT_NE(cmdline.find("--admin-token"), std::string::npos) << cmdline;
   EXPECT_EQ(cmdline.find("s3cret"), std::string::npos) << cmdline;
+  EXPECT_EQ(serve.child->err().find("no admin token"), std::string::npos) << serve.child->err();
   // The token still works: the admin API answers a request bearing it.
   const auto reply = raw_exchange(serve.port, "GET /admin/providers HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " +
                                                   token + "\r\nConnection: close\r\n\r\n");
@@ -1205,6 +1206,7 @@ TEST(cli_serve_port, durability_is_taken_in_any_case) {
   auto serve = start_serve(dir.path(), "127.0.0.1:0", {}, {"--durability", "BUFFERED"});
   ASSERT_NE(serve.port, 0) << serve.child->output();
   EXPECT_NE(serve.child->err().find("durability=buffered"), std::string::npos) << serve.child->err();
+  EXPECT_NE(serve.child->err().find("no admin token"), std::string::npos) << "started without one: " << serve.child->err();
 }
 
 TEST(cli_serve_port, listens_on_an_ipv6_address_in_brackets) {

@@ -485,9 +485,9 @@ TEST(relay, a_free_jobs_ad_is_picked_at_its_offer_when_that_comes_before_the_acc
   world.relay.done("p1", link::done{.job_id = "held-j1", .finish_reason = "stop"});
   ASSERT_TRUE(ads.finish_served(imp_1_charge)) << "the impression is recorded as the answer ends";
   const auto sent = reply->sent(10s);
-  ASSERT_EQ(sent.size(), 1u) << "the answer waited for the scheduler's accept";
+  ASSERT_EQ(sent.size(), 1u) << "no answer: it is still waiting for its ad, whose pick waits for the accept";
   EXPECT_NE(sent.front().body.find("Sponsored"), std::string::npos) << sent.front().body;
-  caf::anon_send(world.scheduler, actors::tick_atom::value);  // the accept, late: no second pick
+  caf::anon_send(world.scheduler, actors::tick_atom::value);  // the accept, late, for a job already gone
 }
 
 TEST(relay, an_ad_recorded_after_its_client_left_is_taken_back_and_not_billed) {
