@@ -310,9 +310,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   };
 
   /// With `live`'s lock held: the job's ad pick, to start once the lock is let go, unless it
-  /// started before or the job wants none.
+  /// started before, the job wants none, or a stopping node cut it short (it shows no ad).
   static std::optional<ad_pick> claim_ad_pick(live_job& live) {
-    if (!live.ad_pending || live.ad_pick_started) return std::nullopt;
+    if (!live.ad_pending || live.ad_pick_started || live.cut_short) return std::nullopt;
     live.ad_pick_started = true;
     return ad_pick{live.job.user_id, prompt_of(live.job.request)};
   }
