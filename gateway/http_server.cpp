@@ -581,9 +581,10 @@ class session : public std::enable_shared_from_this<session> {
     // thread), and the connection then moves on to its next request: a late 500 names this one.
     const std::uint64_t answered = request_;
     // The handler takes the request: a 500 for its exception keeps what on_refusal needs to count
-    // it and give it the headers of its path and origin (CORS), as the handler's own answers get.
+    // it and give it the headers of its path and origin (CORS), as the handler's own answers get
+    // (the remote address is the connection's, set only if it is needed).
     http_request thrown_head{.method = request.method, .target = request.target, .headers = {}, .body = {},
-                             .remote_address = request.remote_address};
+                             .remote_address = {}};
     if (const auto origin = request.headers.find("origin"); origin != request.headers.end()) {
       thrown_head.headers.emplace(*origin);
     }
@@ -592,6 +593,7 @@ class session : public std::enable_shared_from_this<session> {
     } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
       if (!answering(answered) || started_) return;  // it answered before it threw
       auto failed = json_error(500, "internal error", "server_error");
+      thrown_head.remote_address = remote_address_;
       if (options_.on_refusal) options_.on_refusal(&thrown_head, failed);
       send(answered, std::move(failed));
     }

@@ -491,7 +491,7 @@ class node::impl {
         return whole(api_error_response(make_api_error(
             503, "an ad's click link is not prefetched: it records a click when followed")));
       }
-      return click(path.substr(5), reply);
+      return click(path.substr(click_path.size()), reply);
     }
     whole(api_error_response(make_api_error(404, "no such endpoint: " + request.method + " " + path)));
   }

@@ -1253,8 +1253,8 @@ TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
 
 TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
   // Runs `batches` of `together` streams at once, one batch after the other, and returns how many
-  // connections stay open once they ended (those the client keeps idle): `expected`, or what is
-  // open when that is not reached within the wait, negated and less 1.
+  // connections stay open once they ended (those the client keeps idle), waiting a while for
+  // `expected` (a connection not kept is closed a moment after its answer).
   const auto kept_after = [](std::size_t idle_max, int batches, int together, std::int64_t expected) -> std::int64_t {
     auto upstream = upstream_process::start({"--tokens", "3", "--token-interval-us", "50000"});
     EXPECT_TRUE(upstream);
@@ -1277,8 +1277,8 @@ TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
     }
     // The upstream counts open connections, /stats' own among them; one the client does not keep
     // is closed once its answer ended.
-    if (!upstream->wait_stat("connections", expected + 1)) return std::int64_t{-1} - upstream->stat("connections");
-    return expected;
+    if (upstream->wait_stat("connections", expected + 1)) return expected;
+    return upstream->stat("connections") - 1;
   };
   EXPECT_EQ(kept_after(0, 2, 1, 0), 0) << "idle_connections_max 0: none kept";
   EXPECT_EQ(kept_after(1, 2, 2, 1), 1) << "idle_connections_max 1: of two at once, one kept";
