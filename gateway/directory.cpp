@@ -544,7 +544,7 @@ class directory::impl {
     } else if (const auto* changed = std::get_if<events::user_tier_changed>(&e)) {
       record.tier = changed->tier;
     } else if (const auto* used = std::get_if<events::free_tokens_used>(&e)) {
-      unrecorded_usage_.erase(used->job_id);
+      if (unrecorded_usage_.erase(used->job_id) == 0) note_usage_ahead(used->job_id);
     }
   }
 
@@ -719,8 +719,20 @@ class directory::impl {
   void note_free_usage(const job_entry& job, const events::event& e) {
     const std::uint32_t tokens = events::free_tokens_of(e);
     if (tokens == 0) return;
+    if (usage_ahead_.erase(job.job_id) > 0) return;  // its usage came first
     unrecorded_usage_.insert_or_assign(
         job.job_id, unrecorded_usage{job.job_id, job.user_id, tokens, job.finished_at_us});
+  }
+
+  /// A usage whose job's end has not been applied: a gap fill of the user's stream brought it
+  /// ahead of the subscription (or its job is unknown here). Bounded by usage_ahead_max.
+  void note_usage_ahead(const std::string& job_id) {
+    if (options_.usage_ahead_max == 0 || !usage_ahead_.insert(job_id).second) return;
+    usage_ahead_order_.push_back(job_id);
+    while (usage_ahead_order_.size() > options_.usage_ahead_max) {
+      usage_ahead_.erase(usage_ahead_order_.front());
+      usage_ahead_order_.pop_front();
+    }
   }
 
   void add_job(std::string_view id, std::uint64_t version, const events::job_submitted& e) {
@@ -879,6 +891,8 @@ class directory::impl {
   std::uint64_t ledger_version_ = 0;
   std::map<std::string, unsettled_bill, std::less<>> unsettled_;  ///< by ledger group id
   std::map<std::string, unrecorded_usage, std::less<>> unrecorded_usage_;  ///< by job id
+  std::set<std::string, std::less<>> usage_ahead_;  ///< job ids: see note_usage_ahead
+  std::deque<std::string> usage_ahead_order_;       ///< the same, oldest first
 
   mutable std::mutex position_mutex_;
   mutable std::condition_variable position_cv_;

@@ -64,6 +64,10 @@ struct directory_options {
   /// a larger gap is left to the subscription (the events then show up a little later).
   /// Default: 4096.
   std::size_t gap_events_max = 4096;
+  /// Most free-token usages remembered that were applied before their job's end (a gap fill of
+  /// the user's stream can bring them first): the end then waits for no usage. Beyond it the
+  /// oldest is forgotten, and its job's end would count as unrecorded until a restart. Default: 4096.
+  std::size_t usage_ahead_max = 4096;
 };
 
 /// Who an API key belongs to.

@@ -328,6 +328,36 @@ TEST_F(directory_test, keeps_each_free_ends_tokens_until_its_usage_appears_on_th
   EXPECT_TRUE(d->contents().unrecorded_free_usage.empty());
 }
 
+TEST_F(directory_test, a_usage_applied_before_its_jobs_end_leaves_nothing_unrecorded) {
+  // An admin write's gap fill of a user's stream can bring the user's usage before the
+  // subscription reaches the job's end (the log holds the end first).
+  auto d = open_directory({.usage_ahead_max = 2});
+  ASSERT_NE(d, nullptr);
+  add_user("u");
+  catch_up(*d);
+  const auto end_of = [](const std::string& job_id) {
+    return std::vector<events::event>{
+        events::job_submitted{job_id, "u", "llama", events::quality_tier::standard, 10, 20, 0, false, "", 5},
+        events::job_queued{job_id, 0, 1'000'000, 5},
+        events::job_cancelled{job_id, events::cancelled_by::client, 3, 9, {}, 13}};
+  };
+  std::uint64_t user_version = 1;
+  for (const std::string job_id : {"j1", "j2", "j3"}) {
+    const std::vector<events::event> used{events::free_tokens_used{"u", job_id, 13, 10}};
+    d->apply_committed("user-u", ++user_version, used);
+  }
+  // j1's early usage is forgotten (at most 2 are kept): its end counts as unrecorded.
+  for (const std::string job_id : {"j1", "j2", "j3"}) d->apply_committed("job-" + job_id, 3, end_of(job_id));
+  EXPECT_EQ(d->unrecorded_free_usage(10), (std::vector<unrecorded_usage>{{"j1", "u", 13, 9}}));
+  // The log brings the same events afterwards, in its own order: nothing changes.
+  for (const std::string job_id : {"j1", "j2", "j3"}) append("job-" + job_id, end_of(job_id));
+  for (const std::string job_id : {"j1", "j2", "j3"}) {
+    append("user-u", {events::free_tokens_used{"u", job_id, 13, 10}});
+  }
+  catch_up(*d);
+  EXPECT_EQ(d->counts().unrecorded_free_usage, 1u);
+}
+
 TEST_F(directory_test, apply_committed_works_at_once_and_the_log_does_not_apply_it_twice) {
   auto d = open_directory();
   ASSERT_NE(d, nullptr);
