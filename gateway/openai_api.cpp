@@ -138,12 +138,18 @@ field_result<double> read_number(const json::object& object, std::string_view na
   if (!value->is_number()) return unexpected{invalid_type(param, "a number", *value)};
   json::error_code ec;
   const double number = value->to_number<double>(ec);
-  // Written so that NaN fails too (the parser never produces one, but the check stays honest).
-  if (ec || !(number >= minimum && number <= maximum)) {
-    const std::string p(param);
-    return unexpected{invalid("Invalid '" + p + "': expected a value between " + format_bound(minimum) + " and " +
-                                  format_bound(maximum) + ".",
-                              p, "invalid_value")};
+  // In OpenAI's words and codes. Written so that NaN fails too (the parser never produces one,
+  // but the check stays honest).
+  const std::string p(param);
+  if (ec || !(number >= minimum)) {
+    return unexpected{invalid("Invalid '" + p + "': decimal below minimum value. Expected a value >= " +
+                                  format_bound(minimum) + ", but got " + format_bound(number) + " instead.",
+                              p, "decimal_below_min_value")};
+  }
+  if (!(number <= maximum)) {
+    return unexpected{invalid("Invalid '" + p + "': decimal above maximum value. Expected a value <= " +
+                                  format_bound(maximum) + ", but got " + format_bound(number) + " instead.",
+                              p, "decimal_above_max_value")};
   }
   return std::optional<double>{number};
 }
@@ -347,16 +353,16 @@ expected<std::string, api_error> parse_prompt(const json::object& body, const ap
   const json::value* text = value;
   if (value->is_array()) {
     const json::array& array = value->get_array();
+    if (!array.empty() && (array[0].is_number() || array[0].is_array())) {
+      return unexpected{
+          invalid("Invalid 'prompt': token-id prompts are not supported; send text.", "prompt", "unsupported_value")};
+    }
     if (array.size() != 1) {
       return unexpected{invalid("Invalid 'prompt': exactly one prompt per request is supported, but got " +
                                     std::to_string(array.size()) + ".",
                                 "prompt", "unsupported_value")};
     }
     text = &array[0];
-    if (text->is_number() || text->is_array()) {
-      return unexpected{
-          invalid("Invalid 'prompt': token-id prompts are not supported; send text.", "prompt", "unsupported_value")};
-    }
   }
   if (!text->is_string()) {
     if (text != value) return unexpected{invalid_type("prompt[0]", "a string", *text)};
@@ -440,6 +446,12 @@ expected<void, api_error> refuse_unsupported(const json::object& body, request_k
   if (const json::value* tools = field(body, "tools");
       tools != nullptr && !(tools->is_array() && tools->get_array().empty())) {
     return unexpected{unsupported("tools", "tools are not supported.")};
+  }
+  // A tool call asked for, by name or by "required", cannot be honoured without tools.
+  if (const json::value* choice = field(body, "tool_choice");
+      choice != nullptr && !choice->is_null() && !(choice->is_string() && (choice->get_string() == "none" ||
+                                                                           choice->get_string() == "auto"))) {
+    return unexpected{unsupported("tool_choice", "tools are not supported, so only \"none\" or \"auto\" is.")};
   }
   if (const json::value* functions = field(body, "functions");
       functions != nullptr && !(functions->is_array() && functions->get_array().empty())) {

@@ -83,7 +83,7 @@ TEST(openai_api, parses_a_plain_chat_body_as_the_node_sdk_sends_it_with_nulls_an
   // openai-node sends what the caller set; callers and frameworks add fields we do not use.
   const auto request = chat(R"({"model":"qwen2.5-7b-instruct","messages":[{"role":"developer","content":"Be brief."},
     {"role":"user","content":"2+2?","name":"alice"}],"temperature":null,"top_p":1,"n":1,"store":false,
-    "metadata":{"k":"v"},"service_tier":"auto","parallel_tool_calls":null,"tools":[],"logprobs":false,
+    "metadata":{"k":"v"},"service_tier":"auto","parallel_tool_calls":null,"tools":[],"tool_choice":"auto","logprobs":false,
     "presence_penalty":0,"frequency_penalty":-0.5,"response_format":{"type":"text"},"stream_options":null})");
   EXPECT_EQ(request.model, "qwen2.5-7b-instruct");
   ASSERT_EQ(request.messages.size(), 2u);
@@ -95,6 +95,11 @@ TEST(openai_api, parses_a_plain_chat_body_as_the_node_sdk_sends_it_with_nulls_an
   EXPECT_EQ(request.top_p, 1.0);
   EXPECT_EQ(request.presence_penalty, 0.0);
   EXPECT_EQ(request.frequency_penalty, -0.5);
+  for (const std::string choice : {R"("none")", "null"}) {
+    EXPECT_TRUE(parse_chat_request(R"({"model":"m","messages":[{"role":"user","content":"a"}],"tool_choice":)" +
+                                   choice + "}", limits))
+        << choice;
+  }
   EXPECT_FALSE(request.seed.has_value());
   EXPECT_TRUE(request.stop.empty());
   EXPECT_FALSE(request.extension.quality.has_value());
@@ -179,12 +184,12 @@ TEST(openai_api, wrong_types_and_ranges_name_the_parameter) {
       {R"("max_tokens":"100")", "max_tokens", "invalid_type"},
       {R"("max_tokens":10.5)", "max_tokens", "invalid_type"},
       {R"("max_completion_tokens":-1)", "max_completion_tokens", "integer_below_min_value"},
-      {R"("temperature":2.5)", "temperature", "invalid_value"},
-      {R"("temperature":-0.1)", "temperature", "invalid_value"},
+      {R"("temperature":2.5)", "temperature", "decimal_above_max_value"},
+      {R"("temperature":-0.1)", "temperature", "decimal_below_min_value"},
       {R"("temperature":"hot")", "temperature", "invalid_type"},
-      {R"("top_p":1.01)", "top_p", "invalid_value"},
-      {R"("presence_penalty":3)", "presence_penalty", "invalid_value"},
-      {R"("frequency_penalty":-2.5)", "frequency_penalty", "invalid_value"},
+      {R"("top_p":1.01)", "top_p", "decimal_above_max_value"},
+      {R"("presence_penalty":3)", "presence_penalty", "decimal_above_max_value"},
+      {R"("frequency_penalty":-2.5)", "frequency_penalty", "decimal_below_min_value"},
       {R"("seed":1.5)", "seed", "invalid_type"},
       {R"("seed":9223372036854775808)", "seed", "integer_above_max_value"},
       {R"("stop":5)", "stop", "invalid_type"},
@@ -195,6 +200,8 @@ TEST(openai_api, wrong_types_and_ranges_name_the_parameter) {
       {R"("n":0)", "n", "integer_below_min_value"},
       {R"("tools":[{"type":"function","function":{"name":"f"}}])", "tools", "unsupported_parameter"},
       {R"("functions":[{"name":"f"}])", "functions", "unsupported_parameter"},
+      {R"("tools":[],"tool_choice":"required")", "tool_choice", "unsupported_parameter"},
+      {R"("tool_choice":{"type":"function","function":{"name":"f"}})", "tool_choice", "unsupported_parameter"},
       {R"("logprobs":true)", "logprobs", "unsupported_parameter"},
       {R"("logit_bias":{"50256":-100})", "logit_bias", "unsupported_parameter"},
       {R"("top_logprobs":2)", "top_logprobs", "unsupported_parameter"},
@@ -361,6 +368,14 @@ TEST(openai_api, message_and_prompt_bytes_are_bounded) {
   EXPECT_EQ(chat_error(parts, few_parts).code, "array_above_max_length");
 
   EXPECT_EQ(completion_error(R"({"model":"m","prompt":"0123456789A"})", small).param, "prompt");
+  // The prompt's own limit, below the message's.
+  api_limits small_prompt;
+  small_prompt.message_bytes_max = 15;
+  small_prompt.prompt_bytes_max = 10;
+  EXPECT_TRUE(parse_completion_request(R"({"model":"m","prompt":"0123456789"})", small_prompt).has_value());
+  const auto long_prompt = completion_error(R"({"model":"m","prompt":"0123456789A"})", small_prompt);
+  EXPECT_EQ(long_prompt.param, "prompt");
+  EXPECT_EQ(long_prompt.code, "string_above_max_length");
 }
 
 TEST(openai_api, the_defaults_bound_what_a_job_accepts) {
@@ -413,8 +428,12 @@ TEST(openai_api, parses_completion_bodies) {
   EXPECT_EQ(completion_error(R"({"model":"gpt2"})").code, "missing_required_parameter");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":["a","b"]})").code, "unsupported_value");
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":[]})").code, "unsupported_value");
-  EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":[1,2,3]})").code, "unsupported_value");
-  EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":[[1,2]]})").code, "unsupported_value");
+  for (const std::string token_ids : {R"([1,2,3])", R"([50256])", R"([[1,2]])", R"([[1],[2]])"}) {
+    const auto refused = completion_error(R"({"model":"gpt2","prompt":)" + token_ids + "}");
+    EXPECT_EQ(refused.code, "unsupported_value") << token_ids;
+    EXPECT_NE(refused.message.find("token-id prompts are not supported"), std::string::npos)
+        << token_ids << ": " << refused.message;
+  }
   EXPECT_EQ(completion_error(R"({"model":"gpt2","prompt":7})").code, "invalid_type");
   // The element of a one-prompt array is named, with what it is (not "got an array").
   const auto element = completion_error(R"({"model":"gpt2","prompt":[{"a":1}]})");
