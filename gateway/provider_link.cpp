@@ -260,9 +260,14 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
 
 bool link_session::forward_heartbeat(const link::heartbeat& beat) {
   const auto now = steady::now();
-  const bool news = !forwarded_ || forwarded_->health_percent != beat.health_percent ||
-                    forwarded_->draining != beat.draining;
-  if (!news && now - forwarded_at_ < owner_->options_.heartbeat_interval / 2) {
+  // Health as the scheduler reads it (at most 100): 100 and 101 are no news.
+  const auto health = [](const link::heartbeat& b) { return std::min<std::uint32_t>(b.health_percent, 100); };
+  const bool news = !forwarded_ || health(*forwarded_) != health(beat) || forwarded_->draining != beat.draining;
+  // News goes on at once, yet not more often than 8 times an interval: an agent flipping its
+  // health in every frame must not drive the scheduler. News held back goes with a later frame
+  // (it stays news until forwarded); an agent sends one every interval.
+  const auto wait_min = news ? owner_->options_.heartbeat_interval / 8 : owner_->options_.heartbeat_interval / 2;
+  if (forwarded_ && now - forwarded_at_ < wait_min) {
     owner_->heartbeats_skipped_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
