@@ -942,14 +942,20 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::uint32_t tokens = 0;
     std::uint32_t tokens_sent = 0;
     std::optional<std::string> unshown_ad;
+    std::optional<live_job::finished> unreported;  // a finished answer that waited for its ad's pick
     bool result_coming = false;
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
-      // Its provider finished and the result is on its way (its ad's impression being recorded,
-      // or the result itself): the job completes as the provider left it, and a cancel would only
-      // be refused (or race the result).
-      result_coming = live->state == phase::finishing && !live->waiting_for_ad;
+      // Its provider finished: the job completes as the provider left it, and a cancel would only
+      // be refused (or race the result). The result is on its way (its ad's impression being
+      // recorded, or the result itself), or waits for the ad's pick: it goes now, without one
+      // (the pick, when it comes, finds no job and gives the ad back).
+      result_coming = live->state == phase::finishing;
+      if (live->waiting_for_ad) {
+        unreported = std::move(live->waiting_for_ad);
+        live->waiting_for_ad.reset();
+      }
       live->state = phase::ended;
       tokens = live->tokens;
       tokens_sent = tokens_streamed(*live);
@@ -959,6 +965,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
     // Its result completes it (the answer is no longer here to count it when it does).
     count_end(tokens_sent, result_coming ? domain::job_status::completed : domain::job_status::cancelled);
+    if (unreported) report_result(std::move(unreported->result), std::move(unreported->finish_reason), false);
     if (!result_coming) cancel(id, tokens, 0);
   }
 

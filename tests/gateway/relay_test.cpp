@@ -284,9 +284,28 @@ TEST(relay, a_full_queue_is_429_server_busy_and_a_fixed_limit_400_which_no_retry
 /// Picks one ad for every job at once, and holds the recording of its impression until told.
 class held_ads final : public ad_source {
  public:
+  /// With `hold_picks`, a pick waits for finish_pick.
+  explicit held_ads(bool hold_picks = false) : hold_picks_(hold_picks) {}
+
   void pick(std::string, std::string, std::string, std::function<void(std::optional<ad_info>)> done) override {
     ++picks;
-    done(ad_info{.impression_id = "imp-1", .campaign_id = "c1", .title = "T", .text = "X", .click_url = "/a/c/imp-1"});
+    if (hold_picks_) {
+      std::lock_guard lock(mutex_);
+      held_pick_ = std::move(done);
+      return;
+    }
+    done(imp_1());
+  }
+  /// Lets the held pick finish with the ad imp-1; returns whether there was one.
+  bool finish_pick() {
+    std::function<void(std::optional<ad_info>)> done;
+    {
+      std::lock_guard lock(mutex_);
+      done = std::move(held_pick_);
+    }
+    if (!done) return false;
+    done(imp_1());
+    return true;
   }
   void served(std::string, std::function<void(std::optional<domain::ad_charge>)> done) override {
     std::lock_guard lock(mutex_);
@@ -323,7 +342,13 @@ class held_ads final : public ad_source {
   }
 
  private:
+  static ad_info imp_1() {
+    return ad_info{.impression_id = "imp-1", .campaign_id = "c1", .title = "T", .text = "X", .click_url = "/a/c/imp-1"};
+  }
+
+  const bool hold_picks_;
   std::mutex mutex_;
+  std::function<void(std::optional<ad_info>)> held_pick_;
   std::function<void(std::optional<domain::ad_charge>)> held_;
   std::vector<std::string> released_;
   std::vector<std::string> unserved_;
@@ -587,6 +612,30 @@ TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the
   EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
             events.end())
       << testing::PrintToString(events);
+}
+
+TEST(relay, a_client_leaving_while_a_finished_answer_waits_for_its_ad_pick_completes_the_job) {
+  // A quick answer ends before its ad is picked; its client leaves then. The provider finished the
+  // work: the job completes without the ad (no cancel), as it does a moment later.
+  held_ads ads(/*hold_picks=*/true);
+  metrics_seen seen;
+  relay_world world(&ads, seen.options());
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  EXPECT_EQ(ads.picks, 1);
+  reply->close();
+  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::completed});
+  ASSERT_TRUE(world.log->wait_for("result j1", 10s)) << testing::PrintToString(world.log->events());
+  ASSERT_TRUE(ads.finish_pick());
+  EXPECT_EQ(ads.released(), std::vector<std::string>{"imp-1"}) << "picked too late: given back";
+  world.relay.link_lost("p1");  // a flush: whatever the relay told the scheduler comes before this
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
+            events.end())
+      << testing::PrintToString(events);
+  EXPECT_EQ(std::find(events.begin(), events.end(), "ad j1 imp-1"), events.end()) << testing::PrintToString(events);
+  EXPECT_EQ(seen.statuses.size(), 1u) << "counted once";
 }
 
 TEST(relay, a_client_leaving_mid_stream_counts_the_tokens_it_got_and_a_cancelled_job) {
