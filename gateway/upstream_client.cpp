@@ -646,6 +646,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     status_ = header.result_int();
     if (status_ != 200) {
       use_ = body_use::error;
+      touch();  // idle_timeout from now on
     } else if (answer_ == answer::whole) {
       use_ = body_use::collect;
     } else {
@@ -654,6 +655,7 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
         use_ = body_use::events;
       } else if (type.find("json") != std::string_view::npos) {
         use_ = body_use::completion;
+        touch();
       } else {
         return fail(make_error(upstream_error_kind::protocol,
                                "upstream answered 200 with content type \"" + truncated(type) +
@@ -780,10 +782,16 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     const auto& object = value.get_object();
     if (const auto* error = object.if_contains("error"); error && !error->is_null()) {
       auto failure = make_error(upstream_error_kind::backend, "upstream reported an error mid-stream: " + error_text(*error));
-      // llama.cpp server says why with an HTTP-like code: a 400 (a prompt over the context) is
-      // the request's fault, as the same status would be at the start.
+      // llama.cpp server says why with an HTTP-like code and its own type: a 400 of type
+      // invalid_request_error or exceed_context_size_error (a prompt over the context) is the
+      // request's fault, as the same status would be at the start. vLLM sends whatever failed in
+      // its engine (out of memory, a crash) as a 400 "BadRequestError": the backend's fault.
       if (const auto* fields = error->if_object()) {
-        if (request_refused(to_u32(fields->if_contains("code")))) failure.upstream_fault = false;
+        const auto* type = fields->if_contains("type");
+        const bool request_type = type != nullptr && type->is_string() &&
+                                  (type->get_string() == "invalid_request_error" ||
+                                   type->get_string() == "exceed_context_size_error");
+        if (request_type && request_refused(to_u32(fields->if_contains("code")))) failure.upstream_fault = false;
       }
       fail(std::move(failure));
       return false;
@@ -981,7 +989,10 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   }
 
   /// Until a streamed answer's first event the backend may be reading a long prompt in silence.
-  bool awaiting_first_event() const noexcept { return answer_ == answer::stream && !event_seen_; }
+  /// Not so an error answer or a whole JSON answer, whose header came once the body was ready.
+  bool awaiting_first_event() const noexcept {
+    return answer_ == answer::stream && use_ == body_use::events && !event_seen_;
+  }
 
   void touch() {
     const auto& options = client_->options();

@@ -853,6 +853,14 @@ TEST(UpstreamClient, AnErrorLineOfLlamaCppServerFailsTheStreamWithItsMessageAndF
         << exchange.log.error()->message;
     EXPECT_EQ(exchange.log.error()->upstream_fault, upstream_fault) << code;
   }
+  // vLLM sends an engine's failure mid-stream as a 400 of its own type: the backend's fault.
+  one_shot_server vllm(head + chat_event(0) +
+                       R"(data: {"error":{"object":"error","message":"CUDA out of memory","type":"BadRequestError","param":null,"code":400}})" +
+                       "\n\n");
+  one_shot_stream exchange(vllm);
+  ASSERT_TRUE(exchange.log.wait_final());
+  ASSERT_TRUE(exchange.log.error());
+  EXPECT_TRUE(exchange.log.error()->upstream_fault) << exchange.log.error()->message;
 }
 
 TEST(UpstreamClient, AReasoningModelsThinkingComesApartFromItsAnswerUnderEitherName) {
@@ -1178,6 +1186,26 @@ TEST(UpstreamClient, SilenceLongerThanTheTimeoutThatAppliesFailsNamingIt) {
     if (c.close_seen) {
       EXPECT_TRUE(upstream->wait_stat("cancelled", 1)) << "the timed-out request was not closed";
     }
+  }
+}
+
+TEST(UpstreamClient, AnErrorAnswerThatStallsIsBoundByTheIdleTimeoutNotTheFirstTokens) {
+  // The status came with the header: what stalls after it is no prompt being read.
+  for (const std::string head : {"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n",
+                                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"}) {
+    SCOPED_TRACE(head);
+    one_shot_server server(head + "Content-Length: 200\r\n\r\n{\"error\":{\"message\":\"loading", "never");
+    io_threads threads;
+    auto options = options_with(&upstream_options::base_url, server.base_url());
+    options.first_token_timeout = std::chrono::milliseconds(60'000);
+    options.idle_timeout = std::chrono::milliseconds(300);
+    auto client = upstream_client::create(threads.io(), options).value();
+    stream_log log;
+    auto request = client.stream("/chat/completions", chat_body(), log.handlers());
+    const bool ended = log.wait_final();  // at most 10 s
+    server.go_on();
+    ASSERT_TRUE(ended) << "no end within 10 s: first_token_timeout (60 s) applied";
+    ASSERT_TRUE(log.error());
   }
 }
 
