@@ -20,6 +20,7 @@
 #include "app/open_files.hpp"
 #include "base/text.hpp"
 #include "domain/provider.hpp"
+#include "domain/scoring.hpp"
 #include "gateway/backend_context.hpp"
 #include "gateway/link_codec.hpp"
 #include "kernels/gpu_probe.hpp"
@@ -228,6 +229,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     std::shared_ptr<gateway::upstream_request> request;
     std::uint32_t attempt = 0;  ///< the offer's, echoed in every frame about the job
     std::uint32_t tokens = 0;
+    std::uint64_t bytes = 0;  ///< of the pieces sent, as the coordinator counts them
     steady::time_point started;
     std::optional<steady::time_point> first_token;
   };
@@ -865,6 +867,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     bool first = !running.first_token;
     if (first) running.first_token = steady::now();
     ++running.tokens;  // one token per chunk: the OpenAI streaming convention
+    running.bytes += text.size();
     ++tokens_since_heartbeat_;
     for (const auto piece : split_utf8(text, options_.link.limits.text_bytes_max)) {
       link::delta frame{.job_id = job_id, .text = std::string(piece), .attempt = attempt, .reasoning = reasoning};
@@ -898,11 +901,24 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       return std::chrono::duration_cast<std::chrono::microseconds>(t - running.started).count();
     };
     const auto pieces = split_utf8(finish_reason, options_.link.limits.name_bytes_max);
+    // The backend's count of the answer, cross-checked against the pieces counted here as the
+    // coordinator checks it: a backend whose usage adds up answers (or says 1 for every answer)
+    // would get an honest provider suspended for mismatched counts. Such a count goes as unknown.
+    std::uint32_t reported = usage ? usage->completion_tokens : 0;
+    if (reported != 0 &&
+        !domain::token_counts_match(
+            {.provider_reported_tokens = reported, .attempt_tokens = running.tokens, .attempt_bytes = running.bytes},
+            domain::scoring_options{})) {
+      log_->warn("job={} the backend's usage says {} completion tokens for {} pieces ({} bytes): sent as unknown "
+                 "(does it add up usage over answers?)",
+                 job_id, reported, running.tokens, running.bytes);
+      reported = 0;
+    }
     link::done done{.job_id = job_id,
                     .finish_reason = pieces.empty() ? std::string() : std::string(pieces.front()),
                     .completion_tokens_counted = running.tokens,
                     .prompt_tokens_reported = usage ? usage->prompt_tokens : 0,
-                    .completion_tokens_reported = usage ? usage->completion_tokens : 0,
+                    .completion_tokens_reported = reported,
                     .ttft_us = running.first_token ? micros(*running.first_token) : micros(now),
                     .total_us = micros(now),
                     .attempt = attempt};

@@ -834,6 +834,30 @@ TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
   EXPECT_EQ(upstream.stat("requests"), requests_before + 1);
 }
 
+TEST(provider_agent, a_backend_usage_that_adds_up_answers_goes_as_unknown_not_as_a_mismatch) {
+  // The coordinator suspends a provider whose reported counts keep missing the pieces it relayed.
+  upstream_process upstream({"--models", "m1", "--tokens", "5", "--usage", "lifetime"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 1;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
+  // Each answer is 5 pieces of 5 bytes: a count up to 27 passes the coordinator's check (the
+  // bytes and 2 tokens more). The eighth answer's lifetime count is 40.
+  for (std::uint32_t job = 1; job <= 8; ++job) {
+    coordinator.send(link::offer{.job_id = "job-" + std::to_string(job), .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == job; })) << job;
+  }
+  const auto dones = coordinator.all<link::done>();
+  for (const auto& done : dones) EXPECT_EQ(done.completion_tokens_counted, 5u) << done.job_id;
+  EXPECT_EQ(dones.front().completion_tokens_reported, 5u) << "a count that matches goes on";
+  EXPECT_EQ(dones.back().completion_tokens_reported, 0u) << "a count of every answer so far went on";
+  EXPECT_GT(dones.back().prompt_tokens_reported, 0u);
+}
+
 TEST(provider_agent, refuses_beyond_capacity_cancels_on_request_and_on_link_loss_then_reconnects) {
   // Slow answers, so that jobs are still running when the test acts on them.
   upstream_process upstream({"--models", "m1", "--tokens", "1000", "--token-interval-us", "20000"});
