@@ -3,6 +3,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cerrno>
@@ -89,6 +90,19 @@ int usage_error(const CLI::App& cli, const CLI::ParseError& problem) {
   return 2;
 }
 
+/// A count or an amount written in decimal digits only. CLI11 reads numbers with base 0, where
+/// "010" is 8 and "0x10" is 16, and takes signs and spaces: a price of "0250000" would go out as
+/// 86,016 micro-USD.
+const CLI::Validator decimal_digits(
+    [](std::string& text) -> std::string {
+      const bool digits = !text.empty() && std::all_of(text.begin(), text.end(), [](unsigned char c) {
+        return c >= '0' && c <= '9';
+      });
+      if (digits && (text.size() == 1 || text.front() != '0')) return {};
+      return "must be written in decimal digits, without a sign or a leading 0, not '" + text + "'";
+    },
+    "DIGITS");
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -109,37 +123,45 @@ int main(int argc, char** argv) {
       ->envname("GPUSTREAM_ADMIN_TOKEN");
   serve_cmd->add_option("--rate-per-minute", serve.rate_per_minute,
                         "requests per minute allowed per API key (429 with Retry-After beyond)")
+      ->check(decimal_digits)
       ->check(CLI::Range(1u, 1'000'000'000u))
       ->capture_default_str();
   serve_cmd->add_option("--rate-burst", serve.rate_burst, "requests per API key allowed at once")
+      ->check(decimal_digits)
       ->check(CLI::Range(1u, 1'000'000u))
       ->capture_default_str();
   serve_cmd->add_option("--cors-origin", serve.cors_origins,
                         "an origin allowed to call the API from a browser (repeatable)");
   serve_cmd->add_option("--heartbeat-ms", serve.heartbeat_ms,
                         "provider heartbeat interval; a link silent for 3 intervals is stale")
+      ->check(decimal_digits)
       ->check(CLI::Range(50u, 60'000u))  // agents send none more often than every 50 ms
       ->capture_default_str();
   serve_cmd->add_option("--public-url", serve.public_url,
                         "the address clients reach this node at, for click URLs (default: http://HOST:PORT)");
   serve_cmd->add_option("--http-threads", serve.http_threads, "threads running the HTTP/WebSocket I/O")
+      ->check(decimal_digits)
       ->check(CLI::Range(1, 64))
       ->capture_default_str();
   serve_cmd->add_option("--actor-threads", serve.actor_threads, "threads running the actors (0: one per core)")
+      ->check(decimal_digits)
       ->check(CLI::Range(0, 256))
       ->capture_default_str();
   serve_cmd->add_option("--stream-flush-ms", serve.stream_flush_ms,
                         "a streamed answer's first token is written at once, later ones together at "
                         "most once per this many ms (0: each at once)")
+      ->check(decimal_digits)
       ->check(CLI::Range(0, 1000))
       ->capture_default_str();
   serve_cmd->add_option("--sync-interval-us", serve.sync_interval_us,
                         "sync durability under load: fsyncs of the event log at most one per this many "
                         "microseconds on average, after a few back to back (0: each at once)")
+      ->check(decimal_digits)
       ->check(CLI::Range(0, 1'000'000))
       ->capture_default_str();
   serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
                         "most live jobs this node holds; one more is refused with 429 server_busy")
+      ->check(decimal_digits)
       ->check(CLI::Range(1, 100'000'000))
       ->capture_default_str();
 
@@ -147,6 +169,7 @@ int main(int argc, char** argv) {
                         "on SIGINT or SIGTERM, live answers may finish for up to this many seconds; those "
                         "still running are then cut short, billed for what was produced (a second signal "
                         "stops at once)")
+      ->check(decimal_digits)
       ->check(CLI::Range(0u, 3'600u))
       ->capture_default_str();
 
@@ -172,13 +195,16 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   provider_cmd->add_option("--price-per-mtok", provider.price_per_mtok_micros,
                            "price of input and output tokens, micro-USD per million tokens")
+      ->check(decimal_digits)
       ->capture_default_str();
   provider_cmd->add_option("--max-concurrency", provider.max_concurrency,
                            "most jobs at once; the backend probe may find it sustains fewer")
+      ->check(decimal_digits)
       ->capture_default_str();
   provider_cmd->add_option("--context-length", provider.context_length_tokens,
                            "context window in tokens to advertise for every model (default: what the "
-                           "backend says; Ollama's num_ctx, LM Studio's loaded context, llama.cpp's n_ctx)");
+                           "backend says; Ollama's num_ctx, LM Studio's loaded context, llama.cpp's n_ctx)")
+      ->check(decimal_digits);
   provider_cmd->add_flag("--no-probe", provider_no_probe,
                          "advertise --max-concurrency as is, without probing the backend");
   auto provider_first_token_s = static_cast<unsigned>(
@@ -188,6 +214,7 @@ int main(int argc, char** argv) {
   provider_cmd->add_option("--backend-first-token-timeout-s", provider_first_token_s,
                            "longest silence of the backend before an answer's first token (it reads "
                            "the prompt first), seconds")
+      ->check(decimal_digits)
       ->check(CLI::Range(1u, 86'400u))
       ->capture_default_str();
   // Below the coordinator's own limit (relay_options::piece_silence_max, 300 s), which would take
@@ -195,6 +222,7 @@ int main(int argc, char** argv) {
   provider_cmd->add_option("--backend-idle-timeout-s", provider_idle_s,
                            "longest silence of the backend once an answer streams, seconds (the "
                            "coordinator takes an answer silent for 300 s from its provider)")
+      ->check(decimal_digits)
       ->check(CLI::Range(1u, 240u))
       ->capture_default_str();
   auto provider_models_refresh_s = static_cast<unsigned>(
@@ -202,6 +230,7 @@ int main(int argc, char** argv) {
   provider_cmd->add_option("--models-refresh-s", provider_models_refresh_s,
                            "while linked, list the backend's models again this often and advertise them "
                            "when they changed (a model loaded or unloaded); 0: never, seconds")
+      ->check(decimal_digits)
       ->check(CLI::Range(0u, 86'400u))
       ->capture_default_str();
 

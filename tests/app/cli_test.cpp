@@ -592,6 +592,23 @@ TEST(cli_provider_errors, backend_timeouts_out_of_range_are_refused_naming_the_r
   }
 }
 
+TEST(cli_errors, counts_and_amounts_must_be_decimal_digits) {
+  // CLI11 alone would read "010" as 8 and "0x10" as 16, and take "+5" and " 5".
+  for (const std::string value : {"010", "0x10", "+5", " 5", "-1", "5 ", "1e3", ""}) {
+    const auto provider = run_gpustream({"provider", "--coordinator", "ws://127.0.0.1:9", "--token", "t", "--backend",
+                                         "openai=http://127.0.0.1:9/v1", "--price-per-mtok", value});
+    EXPECT_EQ(provider.exit_code, 2) << "'" << value << "'";
+    EXPECT_NE((provider.out + provider.err).find("--price-per-mtok: must be written in decimal digits, without a sign or a leading 0, not '" + value + "'"),
+              std::string::npos)
+        << provider.out << provider.err;
+  }
+  temp_dir dir;
+  const auto serve = run_gpustream({"serve", "--data", (dir.path() / "data").string(), "--drain-s", "010"});
+  EXPECT_EQ(serve.exit_code, 2);
+  EXPECT_NE((serve.out + serve.err).find("--drain-s: must be written in decimal digits"), std::string::npos)
+      << serve.out << serve.err;
+}
+
 TEST(cli_provider_errors, a_backend_url_carrying_a_secret_is_refused_without_logging_it) {
   for (const std::string backend : {"openai=http://user:s3cret@127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1?api-key=s3cret"}) {
     const auto run = run_gpustream({"provider", "--coordinator", "ws://127.0.0.1:9", "--token", "t", "--backend", backend});
