@@ -229,6 +229,12 @@ class recorded_reply final : public http_reply {
     return sent_;
   }
 
+  /// What a streamed answer wrote so far.
+  std::string written() {
+    std::lock_guard lock(mutex_);
+    return streamed_;
+  }
+
   /// What a streamed answer wrote, once it finished (empty if it did not within `wait_max`).
   std::string streamed(std::chrono::milliseconds wait_max) {
     std::unique_lock lock(mutex_);
@@ -678,20 +684,14 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
   EXPECT_TRUE(world.log->wait_for("cancel refused j1", 10s)) << testing::PrintToString(world.log->events());
   EXPECT_TRUE(world.log->wait_for("cancel j1 2", 10s)) << "tried again: " << testing::PrintToString(world.log->events());
-  // What the provider still sends is neither relayed nor billed.
-  world.relay.delta("p1", link::delta{"j1", " late"});
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
   const auto body = reply->streamed(10s);
   EXPECT_NE(body.find("Hello"), std::string::npos) << body;
   EXPECT_NE(body.find("\"finish_reason\":\"error\""), std::string::npos) << body;
   EXPECT_NE(body.find("cut short after 2 tokens"), std::string::npos) << body;
   EXPECT_NE(body.find("\"usage\""), std::string::npos) << "the usage billed: " << body;
   EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
-  EXPECT_EQ(body.find("late"), std::string::npos) << body;
   EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::cancelled});
   EXPECT_EQ(seen.tokens, 2u) << "the tokens the client got count in the metrics";
-  const auto events = world.log->events();
-  EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
   // No new job while the node stops.
   auto late = std::make_shared<recorded_reply>();
   relay_job job;
@@ -704,6 +704,28 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_EQ(sent.front().status, 503u);
   EXPECT_NE(sent.front().body.find("server_shutting_down"), std::string::npos) << sent.front().body;
+}
+
+TEST(relay, what_the_provider_sends_after_a_drain_cut_its_answer_is_neither_relayed_nor_taken_as_its_end) {
+  relay_options options;
+  options.cancel_retry_wait = std::chrono::hours(1);  // the cut's cancel, refused once, waits
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  EXPECT_EQ(world.relay.drain(50ms, 0ms), 1u);
+  ASSERT_TRUE(world.log->wait_for("cancel refused j1", 10s)) << testing::PrintToString(world.log->events());
+  // The job is still live, its cancel to be tried again: its provider's late piece and end come.
+  world.relay.delta("p1", link::delta{"j1", " late"});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  EXPECT_NE(reply->written().find("Hello"), std::string::npos) << reply->written();
+  EXPECT_EQ(reply->written().find("late"), std::string::npos) << reply->written();
+  // The end was not taken as the answer's (a finishing job's client leaving sends no cancel).
+  reply->close();
+  EXPECT_TRUE(world.log->wait_for("cancel j1 1", 10s)) << testing::PrintToString(world.log->events());
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
 }
 
 TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_without_a_usage) {
@@ -908,6 +930,9 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  // What the provider still sends is not the client's any more: its end, while the cut answer
+  // is being settled, is not a second result.
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
   const auto stream = reply->streamed(10s);
   ASSERT_FALSE(stream.empty()) << "the stream did not finish";
   const auto pieces = occurrences(stream, R"("content":"x")");
@@ -916,9 +941,8 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   EXPECT_NE(stream.find(R"("completion_tokens":10)"), std::string::npos) << "billed at its budget: " << stream;
   EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
   EXPECT_TRUE(world.log->wait_for("tokens j1 26", 10s));
-  // What the provider still sends is not the client's any more. A report of it would reach the
-  // scheduler before p1's offline notice, which goes the same way.
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 1});
+  // A report of the late end would reach the scheduler before p1's offline notice, which goes the
+  // same way.
   world.relay.link_lost("p1");
   ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
   const auto events = world.log->events();
