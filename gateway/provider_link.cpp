@@ -199,6 +199,18 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
             {{"Retry-After", "5"}}};
   }
 
+  /// Whether the provider may say hello now (hello_interval_min after its previous one); if so,
+  /// this is its previous one from now on.
+  bool take_hello_turn(const std::string& provider_id) {
+    const auto now = steady::now();
+    std::lock_guard lock(mutex_);
+    auto [last, fresh] = last_hello_.try_emplace(provider_id, now);
+    if (fresh) return true;
+    if (now - last->second < options_.hello_interval_min) return false;
+    last->second = now;
+    return true;
+  }
+
   /// The provider's links open now, hello or not.
   std::size_t links_of(const std::string& provider_id) const {
     std::lock_guard lock(mutex_);
@@ -253,6 +265,7 @@ class provider_links::impl : public std::enable_shared_from_this<impl> {
   std::map<std::string, std::weak_ptr<link_session>> links_;  ///< the current link of each provider
   std::map<const link_session*, link_actor> actors_;
   std::map<std::string, std::size_t> per_provider_;  ///< links tracked, by provider id
+  std::map<std::string, steady::time_point> last_hello_;  ///< by provider id: see take_hello_turn
   bool stopped_ = false;
   std::atomic<std::uint64_t> heartbeats_forwarded_{0};
   std::atomic<std::uint64_t> heartbeats_skipped_{0};
@@ -362,6 +375,11 @@ void link_session::on_message(std::string_view bytes) {
     }
     hello_at_ns_.store(steady::now().time_since_epoch().count(), std::memory_order_relaxed);
     hello_seen_ = true;
+    if (!owner_->take_hello_turn(provider_id_)) {
+      return close(1008, "this provider said hello less than " +
+                             std::to_string(owner_->options_.hello_interval_min.count()) +
+                             " ms ago (hello_interval_min); link again later");
+    }
     return on_hello(*hello);
   }
   if (!hello_seen_) {

@@ -41,6 +41,12 @@ struct provider_link_options {
   /// Each is recorded and relists the provider with the scheduler that every link shares; an agent
   /// sends one when its backend's models changed, found at most every few seconds. Default: 1 s.
   std::chrono::milliseconds advertise_interval_min{1000};
+  /// Shortest time between two hellos of one provider, over all its links; a sooner one closes
+  /// its link (1008) and leaves the provider's other link alone. Each hello is recorded (connect,
+  /// and a replaced link's disconnect) and relists the provider with the scheduler: without it an
+  /// agent relinking in a loop would drive the store's fsyncs. Default: 250 ms, the agent's
+  /// first reconnect wait.
+  std::chrono::milliseconds hello_interval_min{250};
   /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
   std::function<std::int64_t()> clock_us;
 };

@@ -267,9 +267,10 @@ class raw_link {
 
 class provider_link_test : public ::testing::Test {
  protected:
-  /// `advertise_interval_min`: the tests send advertise frames back to back, except the one about
-  /// their pace.
-  explicit provider_link_test(std::chrono::milliseconds advertise_interval_min = std::chrono::milliseconds(0))
+  /// `advertise_interval_min`, `hello_interval_min`: the tests send advertise frames and hellos
+  /// back to back, except those about their pace.
+  explicit provider_link_test(std::chrono::milliseconds advertise_interval_min = std::chrono::milliseconds(0),
+                              std::chrono::milliseconds hello_interval_min = std::chrono::milliseconds(0))
       : system_(config_) {
     // `sync`, on files that consult faults_: a test can make the store's fsyncs slow.
     storage::store_options store_options;
@@ -288,6 +289,7 @@ class provider_link_test : public ::testing::Test {
     options.link.hello_answer_wait_max = std::chrono::milliseconds(1500);
     options.link.heartbeat_interval = std::chrono::milliseconds(100);  // the link's timer checks both
     options.link.advertise_interval_min = advertise_interval_min;
+    options.link.hello_interval_min = hello_interval_min;
     auto started = node::start(system_, runtime_, store_, std::move(options));
     GPUSTREAM_ENSURE(started.has_value());
     node_ = std::move(*started);
@@ -678,7 +680,7 @@ TEST_F(provider_link_test, links_past_links_per_provider_max_are_refused_and_oth
 
 class paced_provider_link_test : public provider_link_test {
  protected:
-  paced_provider_link_test() : provider_link_test(std::chrono::minutes(1)) {}
+  paced_provider_link_test() : provider_link_test(std::chrono::minutes(1), std::chrono::minutes(1)) {}
 };
 
 TEST_F(paced_provider_link_test, advertise_frames_sooner_than_advertise_interval_min_close_the_link) {
@@ -694,6 +696,21 @@ TEST_F(paced_provider_link_test, advertise_frames_sooner_than_advertise_interval
   ASSERT_TRUE(closed);
   EXPECT_EQ(closed->close_code, 1008);
   EXPECT_NE(closed->message.find("at most every 60000 ms"), std::string::npos) << closed->message;
+}
+
+TEST_F(paced_provider_link_test, a_hello_sooner_than_hello_interval_min_closes_its_link_and_not_the_providers_other) {
+  // Each hello is recorded and relists the provider: an agent must not relink in a loop.
+  const auto token = make_provider();
+  const auto api_key = make_user();
+  agent first(port_, token, hello_with(4096), "from the first link");
+  ASSERT_TRUE(first.wait_welcome());
+  agent second(port_, token, hello_with(4096), "from the second link");
+  const auto closed = second.wait_disconnect();
+  ASSERT_TRUE(closed);
+  EXPECT_EQ(closed->close_code, 1008);
+  EXPECT_NE(closed->message.find("less than 60000 ms ago (hello_interval_min)"), std::string::npos) << closed->message;
+  EXPECT_EQ(chat(api_key), "from the first link");
+  EXPECT_EQ(first.disconnects(), 0u);
 }
 
 TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_campaign_actor) {
