@@ -1273,6 +1273,9 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
       [self](job_result& result) { return on_result(self, result); },
       [self](job_failure& failure) { return on_failure(self, failure); },
       [self](job_cancel& cancel) { return on_cancel(self, cancel); },
+      [self](cancel_atom, const std::string& job_id, const std::string& provider_id) {
+        if (is_running_on(self, job_id, provider_id)) cancel_at_provider(self, provider_id, job_id);
+      },
       [self](count_atom) {
         std::uint64_t running = 0;
         for (const auto& [id, job] : self->state.jobs) running += job.running ? 1 : 0;

@@ -228,6 +228,9 @@ using scheduler_actor = caf::typed_actor<
     caf::replies_to<job_result>::with<job_ended>,
     caf::replies_to<job_failure>::with<job_ended>,
     caf::replies_to<job_cancel>::with<job_ended>,
+    // (job id, provider id): the provider's answer was cut off (it ran past what was asked): the
+    // provider is told to stop at once, while its result is still being settled.
+    caf::reacts_to<cancel_atom, std::string, std::string>,
     caf::replies_to<count_atom>::with<scheduler_counts>,
     // Internal: the deadline and queue timer.
     caf::reacts_to<tick_atom>>;

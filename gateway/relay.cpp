@@ -417,7 +417,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (live->attempt_tokens >= pieces_max || live->attempt_bytes > bytes_max) cut = cut_off(*live, provider_id);
     }
     if (report_started) send_started(provider_id, d.job_id);
-    if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
+    if (cut) {
+      // Its provider stops now, not once the ad is picked and the result settled: the backend
+      // would go on unpaid in one of its slots meanwhile. Keyed by provider: ahead of the result.
+      bridge_.run_keyed(provider_id, [self = shared_from_this(), job_id = d.job_id,
+                                      provider_id](caf::event_based_actor* actor) {
+        actor->send(self->scheduler_, actors::cancel_atom::value, job_id, provider_id);
+      });
+      finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
+    }
   }
 
   /// The most the current attempt's backend should produce, as upstream_body asked it: the

@@ -157,6 +157,9 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
+      [log](actors::cancel_atom, std::string& job_id, std::string& provider_id) {
+        log->add("stop " + job_id + " at " + provider_id);
+      },
       [](actors::count_atom) { return actors::scheduler_counts{}; },
       [held](actors::tick_atom) {
         for (auto& [job_id, promise] : *held) promise.deliver(actors::job_accepted{job_id, 0, 0});
@@ -941,6 +944,11 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   EXPECT_NE(stream.find(R"("completion_tokens":10)"), std::string::npos) << "billed at its budget: " << stream;
   EXPECT_TRUE(world.log->wait_for("cut j1", 10s));
   EXPECT_TRUE(world.log->wait_for("tokens j1 26", 10s));
+  // Its provider was told to stop at the cut, before the result was settled.
+  const auto told = world.log->events();
+  const auto stop = std::find(told.begin(), told.end(), "stop j1 at p1");
+  ASSERT_NE(stop, told.end()) << testing::PrintToString(told);
+  EXPECT_LT(stop, std::find(told.begin(), told.end(), "result j1")) << testing::PrintToString(told);
   // A report of the late end would reach the scheduler before p1's offline notice, which goes the
   // same way.
   world.relay.link_lost("p1");
