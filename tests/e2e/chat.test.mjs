@@ -3,7 +3,6 @@
 // comes in the last chunk and counts them, the models list shows the model with its context length.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 
 import { gross_micros, job_id_of, one_provider_world, scenario, upstream_text, wait_for } from './harness.mjs';
 
@@ -12,10 +11,10 @@ const context_length = 4096;
 
 scenario('chat and completions through the OpenAI SDK and curl', async (world) => {
   // The upstream refuses a third concurrent stream: the agent's probe finds that out and
-  // advertises 2, although its --max-concurrency says 8. (2 ms per token, so that the probe's
-  // streams overlap.)
+  // advertises 2, although its --max-concurrency says 8. (20 ms per token, so that the probe's
+  // streams overlap for about 240 ms, whatever a loaded machine's stalls.)
   const { server, provider, model } = await one_provider_world(world, {
-    upstream_options: { tokens, context_length, max_concurrent: 2, token_interval_us: 2000 },
+    upstream_options: { tokens, context_length, max_concurrent: 2, token_interval_us: 20_000 },
     provider_args: ['--max-concurrency', '8'],
     probe: true,
     model: 'e2e-org/e2e-model',  // named as on Hugging Face: the SDK sends it as one encoded segment
@@ -118,15 +117,14 @@ scenario('curl streams a chat answer as server-sent events', async (world) => {
     model, stream: true, stream_options: { include_usage: true },
     messages: [{ role: 'user', content: 'Hello from curl' }],
   });
-  const curl = spawn('curl', ['-sS', '-N', '--max-time', '60', '-H', `Authorization: Bearer ${user.api_key}`,
+  // Started by the world, which kills it when the scenario fails.
+  const curl = world.spawn('curl', 'curl', ['-sS', '-N', '--max-time', '60', '-H', `Authorization: Bearer ${user.api_key}`,
     '-H', 'Content-Type: application/json', '-d', body, '-w', '\nHTTP %{http_code} %{content_type}\n',
     `${server.base_url}/v1/chat/completions`]);
-  let output = '';
-  let errors = '';
-  curl.stdout.setEncoding('utf8').on('data', (text) => { output += text; });
-  curl.stderr.setEncoding('utf8').on('data', (text) => { errors += text; });
-  const code = await new Promise((resolve) => curl.on('close', resolve));
-  assert.equal(code, 0, `curl failed: ${errors}`);
+  const { code } = await curl.exit_promise;
+  const said = (which) => curl.lines.filter((entry) => entry.which === which).map((entry) => `${entry.line}\n`).join('');
+  assert.equal(code, 0, `curl failed: ${said('stderr')}`);
+  const output = said('stdout');
   const status = output.match(/\nHTTP (\d+) (\S+)\n$/);
   assert.ok(status, `curl wrote its status line: ${output}`);
   assert.equal(status[1], '200');

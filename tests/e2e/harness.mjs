@@ -7,7 +7,7 @@
 
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { constants as os_constants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as delay } from 'node:timers/promises';
@@ -39,11 +39,20 @@ function required_env(name) {
   return value;
 }
 
-// Every child of this process, so that none outlives it even when the runner is interrupted.
+// Every child of this process, so that none outlives it: at its exit, and when it is stopped by
+// a signal (ctest's timeout, a cancelled CI job), which 'exit' does not see. A SIGKILL of this
+// process still leaves them.
 const all_children = new Set();
-process.on('exit', () => {
+const kill_all_children = () => {
   for (const child of all_children) child.kill('SIGKILL');
-});
+};
+process.on('exit', kill_all_children);
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(signal, () => {
+    kill_all_children();
+    process.exit(128 + os_constants.signals[signal]);
+  });
+}
 
 /// Polls `condition` (sync or async) until it returns a truthy value, which is returned. Throws
 /// naming `what` once `timeout_ms` has passed. An exception thrown by `condition` counts as "not
@@ -83,7 +92,9 @@ class child_process {
     this.process = spawn(command, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
     all_children.add(this.process);
     this.exit_promise = new Promise((resolve) => {
-      this.process.on('exit', (code, signal) => {
+      // 'close', not 'exit': it comes once the output is read to its end too, so a line printed
+      // just before the exit is there for wait_line and run().
+      this.process.on('close', (code, signal) => {
         this.exited = true;
         this.exit_code = code;
         this.exit_signal = signal;

@@ -477,9 +477,20 @@ class session : public std::enable_shared_from_this<session> {
       const auto continuing = check_continuation(request);
       if (!continuing.refusal.empty()) return answer_error(400, continuing.refusal);
       if (continuing.asked) {
+        if (config_.continuation == continuation_mode::resume) {
+          // Resumed from the prefix's word count, which must then be this server's own words:
+          // a prefix of the right length but other text (reordered, another job's) is refused.
+          std::string expected;
+          for (std::uint32_t i = 0; i < continuing.prefix_tokens; ++i) expected += "tok" + std::to_string(i) + " ";
+          if (continuing.prefix_text != expected) {
+            return answer_error(400, "test upstream: the assistant prefix to continue is not \"tok0 ... tok" +
+                                         std::to_string(continuing.prefix_tokens) + "\" but \"" +
+                                         continuing.prefix_text.substr(0, 200) + "\"");
+          }
+          first_token = continuing.prefix_tokens;
+        }
         stats_.last_continued_from.store(continuing.prefix_tokens);
         stats_.continued.fetch_add(1);
-        if (config_.continuation == continuation_mode::resume) first_token = continuing.prefix_tokens;
       }
     }
     const auto now_active = stats_.active.fetch_add(1) + 1;
@@ -502,6 +513,7 @@ class session : public std::enable_shared_from_this<session> {
     bool asked = false;   ///< "continue_final_message": true
     std::string refusal;  ///< why vLLM would refuse the request; empty when it would not
     std::uint32_t prefix_tokens = 0;  ///< accepted: the words of the assistant message continued
+    std::string prefix_text = {};     ///< accepted: that message's content, when it is a string
   };
 
   /// vLLM's rules for continuing a chat's trailing assistant message: "continue_final_message"
@@ -523,7 +535,8 @@ class session : public std::enable_shared_from_this<session> {
                                 }();
     if (!assistant_last) return {true, "continue_final_message needs the final message to be from the assistant"};
     const auto* content = messages.get_array().back().get_object().if_contains("content");
-    return {true, {}, content != nullptr ? content_words(*content) : 0};
+    return {true, {}, content != nullptr ? content_words(*content) : 0,
+            content != nullptr && content->is_string() ? std::string(content->get_string()) : std::string()};
   }
 
   /// Plans the answer to request `number`: tok<first_token> up to tok<--tokens - 1>, fewer when
