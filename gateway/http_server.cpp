@@ -530,15 +530,33 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void on_header(beast::error_code ec) {
+    if (!ec) {
+      const auto& message = parser_->get();
+      // A body framed by a coding other than chunked last (or by any coding in HTTP/1.0) would be
+      // read as having none, and its bytes as the next request: a proxy in front that frames it
+      // otherwise would see another request than this server (RFC 9112 6.3: 400 and close).
+      if (message.find(http::field::transfer_encoding) != message.end() &&
+          (!parser_->chunked() || message.version() < 11)) {
+        return refuse(json_error(400,
+                                 "Transfer-Encoding must end with chunked, and only in HTTP/1.1; send the "
+                                 "body as it is with Content-Length, or chunked",
+                                 "invalid_request_error"),
+                      nullptr);
+      }
+      header_fields_ = static_cast<std::size_t>(std::distance(message.begin(), message.end()));
+    }
     if (ec || parser_->is_done()) return on_read(ec);
     // A client that asks before sending its body (curl does above 1 KiB) gets the go-ahead now
-    // rather than waiting its own timeout (a second for curl). A body over body_bytes_max was
-    // refused with the header already. The previous answer is all written by now, so these few
-    // bytes fit the socket's buffer; if not, the client still sends after its timeout.
-    if (beast::iequals(parser_->get()[http::field::expect], "100-continue")) {
+    // rather than waiting its own timeout (a second for curl); not in HTTP/1.0, which has no 100
+    // (RFC 9110 10.1.1). A body over body_bytes_max was refused with the header already. The
+    // previous answer is all written by now, so these few bytes fit the socket's buffer; if not,
+    // the client still sends after its timeout. Part of them would corrupt the answer: the
+    // connection closes then.
+    if (beast::iequals(parser_->get()[http::field::expect], "100-continue") && parser_->get().version() >= 11) {
       static constexpr std::string_view go_ahead = "HTTP/1.1 100 Continue\r\n\r\n";
       beast::error_code ignored;
-      (void)stream_.socket().write_some(asio::buffer(go_ahead), ignored);
+      const std::size_t written = stream_.socket().write_some(asio::buffer(go_ahead), ignored);
+      if (written > 0 && written < go_ahead.size()) return gone();
     }
     http::async_read(stream_, buffer_, *parser_,
                      [self = shared_from_this()](beast::error_code ec, std::size_t) { self->on_read(ec); });
@@ -566,6 +584,13 @@ class session : public std::enable_shared_from_this<session> {
     }
     if (ec) return gone();
     auto& message = parser_->get();
+    // A chunked body's trailer fields land among the headers, where they must not count as any
+    // (RFC 9110 6.5.1): a trailer could add an Authorization or Origin that a proxy in front never
+    // saw in the header block. No client of this API sends one.
+    if (static_cast<std::size_t>(std::distance(message.begin(), message.end())) != header_fields_) {
+      return refuse(json_error(400, "trailer fields after a chunked body are not accepted", "invalid_request_error"),
+                    nullptr);
+    }
     if (upgrade_ && websocket::is_upgrade(message)) return on_upgrade(parser_->release());
     keep_alive_ = message.keep_alive();
     head_ = message.method() == http::verb::head;
@@ -786,6 +811,7 @@ class session : public std::enable_shared_from_this<session> {
 
   beast::tcp_stream stream_;
   connection_slot slot_;
+  std::size_t header_fields_ = 0;  ///< the current request's header fields, without a trailer's
   /// What was read and not parsed yet: at most a header block and one read of the watch. Beast's
   /// parser bounds the header block itself, but not a chunked body's size lines or trailer.
   beast::flat_buffer buffer_;
