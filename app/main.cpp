@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <csignal>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -106,6 +107,9 @@ const CLI::Validator decimal_digits(
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A write to a closed pipe (the `| tee` of serve's log, ended by the same Ctrl-C) fails with
+  // EPIPE rather than kill the process before its drain.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App cli{"gpustream: a marketplace for GPU time, as an event-sourced actor runtime"};
   cli.require_subcommand(1);
 

@@ -16,6 +16,7 @@
 
 #include "actors/ledger_claims.hpp"
 #include "actors/persistence.hpp"
+#include "app/open_files.hpp"
 #include "domain/verifier.hpp"
 #include "events/codec.hpp"
 #include "events/event.hpp"
@@ -300,6 +301,7 @@ expected<std::uint64_t, replay_problem> check_ledger_claims(const storage::event
 expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data, bool verify) {
   storage::store_options options;
   options.read_only = true;
+  (void)raise_open_files_limit();  // the store keeps each of its table files open
   auto store = storage::event_store::open(data, options);
   if (!store) return unexpected{replay_problem{0, store.error().message}};
   const auto started = std::chrono::steady_clock::now();

@@ -163,11 +163,15 @@ int run_serve(const serve_options& given) {
     origin = *checked;
   }
   // Block the termination signals before any thread starts, so that only sigwait below sees them.
+  // A hang-up (the terminal that started serve closed) stops it the same way, after a drain.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // Before the store opens: it keeps each of its table files open, as many as the log has.
+  const std::uint64_t files = raise_open_files_limit();
 
   storage::store_options store_options;
   store_options.mode = options.mode;
@@ -247,7 +251,6 @@ int run_serve(const serve_options& given) {
   // One descriptor per connection, from the same limit as the event store's files: the gateway
   // takes no more connections than leave the store its reserve (past them, a 503), or enough open
   // connections would make the store's next file fail to open, and every append with it.
-  const std::uint64_t files = raise_open_files_limit();
   const std::uint64_t files_wanted = node_options.http.connections_max + open_files_reserve;
   if (files < files_wanted) {
     const std::uint64_t connections = connections_within(files);
@@ -276,8 +279,10 @@ int run_serve(const serve_options& given) {
   logger->info("stopping signal={}: live answers may finish for up to {} s (a second signal stops at once)", signal,
                options.drain_s);
   const auto cut = (*node)->drain(std::chrono::seconds(options.drain_s));
-  logger->info("stopped{}", cut == 0 ? std::string() : ": " + std::to_string(cut) +
-                                                           " answers cut short, each billed for what its provider produced");
+  logger->info("stopped{}", cut == 0 ? std::string()
+                                      : ": " + std::to_string(cut) +
+                                            " answers cut short, each billed for what its provider produced once "
+                                            "its end was recorded");
   return 0;
 }
 

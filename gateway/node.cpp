@@ -108,7 +108,14 @@ class node::impl {
     // The cancels of the answers cut short are appends: a few ms each, also under sync.
     constexpr std::chrono::milliseconds cancels_wait_max{5'000};
     draining_ = true;
-    return relay_ ? relay_->drain(wait_max, cancels_wait_max) : 0;
+    if (!relay_) return 0;
+    const std::size_t cut = relay_->drain(wait_max, cancels_wait_max);
+    if (const std::size_t left = relay_->live_jobs(); left > 0) {
+      spdlog::error("{} answers were still live {} s after they were cut short (their ends not recorded): the "
+                    "next start fails their jobs, and nothing is billed for them",
+                    left, std::chrono::duration_cast<std::chrono::seconds>(cancels_wait_max).count());
+    }
+    return cut;
   }
 
   expected<void, std::string> start() {

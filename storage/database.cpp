@@ -178,6 +178,12 @@ expected<std::unique_ptr<database>, error> open_database(const std::filesystem::
                                                &d->all_handles, &raw)
                 : rocksdb::DB::Open(db_options, directory.string(), descriptors, &d->all_handles, &raw);
   if (!status.ok()) {
+    // RocksDB says "While lock file: <dir>/LOCK: Resource temporarily unavailable".
+    if (status.IsIOError() && status.ToString().find("lock file") != std::string::npos) {
+      return unexpected{make_error(errc::io_error, "the event store in " + directory.string() +
+                                                       " is in use by another process (another `gpustream "
+                                                       "serve`?): stop it, or choose another --data")};
+    }
     return unexpected{translate(status, "opening the event store in " + directory.string())};
   }
   d->db.reset(raw);

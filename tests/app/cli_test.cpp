@@ -779,6 +779,25 @@ TEST_F(cli_serve, sigterm_stops_it_with_exit_code_0) {
   EXPECT_EQ(replay.exit_code, 0) << replay.err;
 }
 
+TEST_F(cli_serve, sighup_stops_it_after_a_drain_as_sigterm_does) {
+  // The terminal that started it closed: not a death without a drain.
+  serve_.child->send_signal(SIGHUP);
+  const auto code = serve_.child->wait_exit();
+  ASSERT_TRUE(code.has_value()) << "serve still runs after SIGHUP; " << serve_.child->output();
+  EXPECT_EQ(*code, 0) << serve_.child->output();
+  EXPECT_NE(serve_.child->err().find("stopping signal=" + std::to_string(SIGHUP)), std::string::npos)
+      << serve_.child->output();
+}
+
+TEST_F(cli_serve, a_second_serve_on_its_data_directory_is_refused_saying_why) {
+  const auto second = run_gpustream({"serve", "--data", dir_.path().string(), "--http", "127.0.0.1:0"});
+  EXPECT_EQ(second.exit_code, 1) << second.out << second.err;
+  EXPECT_NE((second.out + second.err).find("is in use by another process (another `gpustream serve`?)"),
+            std::string::npos)
+      << second.out << second.err;
+  EXPECT_EQ(curl(port(), "/healthz").status, 200) << "the first one stopped answering";
+}
+
 TEST_F(cli_serve, replay_runs_beside_it) {
   const auto run = run_gpustream({"replay", "--data", dir_.path().string(), "--json"});
   ASSERT_EQ(run.exit_code, 0) << run.err;
