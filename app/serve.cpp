@@ -8,6 +8,8 @@
 #include <cctype>
 #include <charconv>
 #include <csignal>
+#include <condition_variable>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <thread>
@@ -110,6 +112,78 @@ expected<std::string, std::string> checked_origin(const std::string& origin) {
   return parts->first + "://" + rest;
 }
 
+/// The signals that stop serve (SIGINT, SIGTERM, and SIGHUP: its terminal closed), blocked in
+/// every thread and taken by a thread of their own from the start: the first asks serve to stop,
+/// also while it still starts (it stops after the step under way), and a second one stops the
+/// process at once, by its default action, whatever serve is doing (a long start, a drain).
+class stop_signals {
+ public:
+  /// Call before any other thread starts: threads inherit the blocked set.
+  stop_signals() {
+    sigemptyset(&set_);
+    for (const int signal : {SIGINT, SIGTERM, SIGHUP, wake_signal}) sigaddset(&set_, signal);
+    pthread_sigmask(SIG_BLOCK, &set_, nullptr);
+    thread_ = std::thread([this] { watch(); });
+  }
+  ~stop_signals() {
+    {
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+    }
+    pthread_kill(thread_.native_handle(), wake_signal);
+    thread_.join();
+  }
+  stop_signals(const stop_signals&) = delete;
+  stop_signals& operator=(const stop_signals&) = delete;
+
+  /// The first stop signal, once one came.
+  [[nodiscard]] std::optional<int> received() const {
+    std::lock_guard lock(mutex_);
+    return first_;
+  }
+  /// Waits for the first stop signal and returns it.
+  int wait() {
+    std::unique_lock lock(mutex_);
+    came_.wait(lock, [this] { return first_.has_value(); });
+    return *first_;
+  }
+
+ private:
+  /// Wakes the thread for its end; never sent from outside.
+  static constexpr int wake_signal = SIGUSR1;
+
+  void watch() {
+    for (;;) {
+      int signal = 0;
+      if (sigwait(&set_, &signal) != 0) continue;
+      std::lock_guard lock(mutex_);
+      if (signal == wake_signal) {
+        if (closing_) return;
+        continue;
+      }
+      if (!first_) {
+        first_ = signal;
+        came_.notify_all();
+        continue;
+      }
+      // The second: its default action, here, now.
+      std::signal(signal, SIG_DFL);
+      sigset_t just_it;
+      sigemptyset(&just_it);
+      sigaddset(&just_it, signal);
+      pthread_sigmask(SIG_UNBLOCK, &just_it, nullptr);
+      raise(signal);
+    }
+  }
+
+  sigset_t set_{};
+  mutable std::mutex mutex_;
+  std::condition_variable came_;
+  std::optional<int> first_;
+  bool closing_ = false;
+  std::thread thread_;
+};
+
 expected<void, std::string> checked_admin_token(std::string_view token) {
   if (token.empty()) return {};  // no admin API
   // Never quote the token: these messages go to the log.
@@ -162,14 +236,12 @@ int run_serve(const serve_options& given) {
     }
     origin = *checked;
   }
-  // Block the termination signals before any thread starts, so that only sigwait below sees them.
-  // A hang-up (the terminal that started serve closed) stops it the same way, after a drain.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGHUP);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  stop_signals signals;  // before any other thread starts
+  const auto stopped_while_starting = [&](std::string_view step) {
+    const auto signal = signals.received();
+    if (signal) logger->info("stopping signal={} while starting, {}", *signal, step);
+    return signal.has_value();
+  };
   // Before the store opens: it keeps each of its table files open, as many as the log has.
   const std::uint64_t files = raise_open_files_limit();
 
@@ -211,6 +283,7 @@ int run_serve(const serve_options& given) {
     return 1;
   }
   std::shared_ptr<storage::event_store> store = std::move(opened.value());
+  if (stopped_while_starting("after opening the store")) return 0;
   // The actor runtime: store actor, aggregates, ledger and scheduler. Stopped before the system
   // (whose destructor waits for every actor) goes out of scope.
   caf::actor_system_config caf_config;
@@ -234,6 +307,7 @@ int run_serve(const serve_options& given) {
     const actors::runtime& r;
     ~stop_at_exit() { r.stop(); }
   } stopper{runtime};
+  if (stopped_while_starting("after starting the actors")) return 0;
   gateway::node_options node_options;
   node_options.http.host = address->host;
   node_options.http.port = address->port;
@@ -271,11 +345,9 @@ int run_serve(const serve_options& given) {
   logger->info("listening http={}:{} data={} durability={} last_position={}", address->host, (*node)->port(),
                options.data.string(), options.mode == storage::durability::sync ? "sync" : "buffered",
                store->last_position());
-  int signal = 0;
-  sigwait(&signals, &signal);
-  // A second signal stops the process at once (its default action, here in this thread): what
-  // was acknowledged is in the log already, and the next start closes what is left open.
-  pthread_sigmask(SIG_UNBLOCK, &signals, nullptr);
+  // A second signal stops the process at once: what was acknowledged is in the log already, and
+  // the next start closes what is left open.
+  const int signal = signals.wait();
   logger->info("stopping signal={}: live answers may finish for up to {} s (a second signal stops at once)", signal,
                options.drain_s);
   const auto cut = (*node)->drain(std::chrono::seconds(options.drain_s));

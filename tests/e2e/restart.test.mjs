@@ -187,3 +187,27 @@ scenario('on SIGTERM serve lets answers finish for --drain-s, then cuts them sho
   const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
   assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
 });
+
+scenario('a second SIGTERM while serve drains stops it at once, and the next start closes what it left', async (world) => {
+  const { server, model } = await one_provider_world(world, {
+    serve_args: ['--drain-s', '600'], upstream_options: { tokens: 2_000, token_interval_us: 5_000 },
+  });
+  const user = await server.create_user('premium', credit_micros);
+  const body = { model, messages: [{ role: 'user', content: 'a long answer' }], stream: true };
+  const response = await server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body });
+  assert.equal(response.status, 200, 'the answer streams');
+  const reading = read_sse(response).catch(() => null);  // cut off by the stop
+  server.child.process.kill('SIGTERM');
+  await wait_for('/healthz answering 503 while serve drains', async () =>
+    (await fetch(`${server.base_url}/healthz`)).status === 503);
+  const stopped_at = Date.now();
+  const { signal } = await server.child.stop('SIGTERM', { timeout_ms: 15_000 });
+  assert.equal(signal, 'SIGTERM', 'the second signal ended it by its default action');
+  console.log(`second SIGTERM: serve stopped in ${Date.now() - stopped_at} ms of its 600 s drain`);
+  await reading;
+  const restarted = await world.serve({ data_dir: server.data_dir, name: 'serve-restarted' });
+  await restarted.child.stop('SIGTERM', { timeout_ms: 15_000 });
+  assert.equal(restarted.child.exit_code, 0);
+  const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
+  assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
+});
