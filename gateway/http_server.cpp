@@ -165,7 +165,7 @@ class websocket_session : public websocket_connection,
   websocket_session(beast::tcp_stream stream, connection_slot slot, const http_server_options& options,
                     websocket_registry& registry)
       : ws_(std::move(stream)), slot_(std::move(slot)), options_(options), registry_(registry),
-        idle_(ws_.get_executor(), options.websocket_idle_timeout) {}
+        idle_(ws_.get_executor(), options.websocket_idle_timeout), close_timer_(ws_.get_executor()) {}
 
   void accept(http::request<http::string_body> request, std::function<void(std::shared_ptr<websocket_connection>)> on_open) {
     // The HTTP read deadline of the upgrade request must not end the WebSocket: its own
@@ -285,7 +285,15 @@ class websocket_session : public websocket_connection,
       queued_bytes_ -= queue_.back().size();
       queue_.pop_back();
     }
-    if (!writing_) send_close();
+    if (!writing_) return send_close();
+    close_timer_.expires_after(options_.websocket_close_wait_max);
+    close_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec || self->reported_ || !self->writing_) return;
+      self->local_reason_ += " (the peer took nothing for " +
+                             std::to_string(self->options_.websocket_close_wait_max.count()) + " ms: dropped)";
+      beast::error_code ignored;
+      beast::get_lowest_layer(self->ws_).socket().close(ignored);  // the read loop reports it
+    });
   }
 
   void send_close() {
@@ -306,6 +314,7 @@ class websocket_session : public websocket_connection,
     // Dropping the callbacks breaks the cycle with whoever they capture (usually the owner of this
     // connection).
     idle_.cancel();
+    close_timer_.cancel();
     registry_.remove(this);
     auto on_closed = std::move(on_closed_);
     on_message_ = nullptr;
@@ -329,6 +338,7 @@ class websocket_session : public websocket_connection,
   std::function<void(std::string_view)> on_message_;
   std::function<void(std::string)> on_closed_;
   idle_watch idle_;  ///< declared after ws_, whose executor it runs on
+  asio::steady_timer close_timer_;  ///< bounds a close waiting for a write (websocket_close_wait_max)
 };
 
 void websocket_registry::release_all() {

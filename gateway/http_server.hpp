@@ -144,6 +144,11 @@ struct http_server_options {
   /// A WebSocket peer silent for half this long is pinged; silent for this long, it is dropped.
   /// Default: 60 s.
   std::chrono::milliseconds websocket_idle_timeout{60'000};
+  /// Longest a WebSocket the server closes (its send queue full, a policy close) waits for the
+  /// message being written before its close frame can go: a peer that stops reading never lets it
+  /// end, and heartbeats it still sends keep it from going idle. Past it the connection is
+  /// dropped. Default: 10 s.
+  std::chrono::milliseconds websocket_close_wait_max{10'000};
   /// Called on each answer the server makes itself (a request over a limit or malformed, too
   /// many connections, an upgrade refused, a handler that threw) before it goes out, with the
   /// request's head when it was read (its body left out; of a handler that threw, only its method,

@@ -687,8 +687,14 @@ struct ws_client {
   asio::io_context io;
   websocket::stream<asio::ip::tcp::socket> ws{io};
 
-  explicit ws_client(std::uint16_t port) {
+  /// `receive_buffer_bytes` (0: the system's, which grows as the peer sends) is fixed before the
+  /// connection is made.
+  explicit ws_client(std::uint16_t port, int receive_buffer_bytes = 0) {
     asio::ip::tcp::endpoint endpoint(asio::ip::make_address("127.0.0.1"), port);
+    if (receive_buffer_bytes > 0) {
+      ws.next_layer().open(asio::ip::tcp::v4());
+      ws.next_layer().set_option(asio::socket_base::receive_buffer_size(receive_buffer_bytes));
+    }
     ws.next_layer().connect(endpoint);
     ws.handshake("127.0.0.1", "/ws");
     ws.binary(true);
@@ -855,6 +861,38 @@ TEST(http_streaming, sends_past_websocket_send_queue_bytes_max_close_the_connect
   EXPECT_LE(received, 64u * 1024) << "at most the queue's bytes went out";
   ASSERT_TRUE(closed.wait(10s));
   EXPECT_NE(reason.find("send queue full"), std::string::npos) << reason;
+}
+
+TEST(http_streaming, a_websocket_peer_that_reads_nothing_is_dropped_websocket_close_wait_max_after_its_queue_filled) {
+  // Its close frame waits behind a message the peer never takes: without a bound, the link would
+  // stay open (and counted) for good.
+  http_server_options options;
+  options.websocket_send_queue_bytes_max = 12u << 20;
+  options.websocket_close_wait_max = 200ms;
+  signal closed;
+  std::string reason;
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [&](const http_request&) -> websocket_decision {
+                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+                          c->start(
+                              [c](std::string_view) {
+                                // More than the sockets' buffers hold (the peer's is 64 KiB, the
+                                // server's at most 4 MiB), twice: the second fills the queue.
+                                for (int i = 0; i < 2; ++i) c->send(std::string(8u << 20, 'm'));
+                              },
+                              [&](std::string why) {
+                                reason = std::move(why);
+                                closed.raise();
+                              });
+                        }};
+                      },
+                      options);
+  ASSERT_TRUE(server);
+  ws_client client(server->port(), 64 * 1024);
+  client.ws.write(asio::buffer(std::string("flood")));  // and never reads
+  ASSERT_TRUE(closed.wait(10s)) << "the connection stayed open";
+  EXPECT_NE(reason.find("send queue full"), std::string::npos) << reason;
+  EXPECT_NE(reason.find("the peer took nothing for 200 ms"), std::string::npos) << reason;
 }
 
 TEST(http_streaming, a_websocket_handler_that_throws_closes_its_connection_with_1011_and_nothing_else) {
