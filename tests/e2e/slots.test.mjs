@@ -19,7 +19,7 @@ const token_interval_us = 600_000_000;
 /// first token and rejects when the stream fails or ends before one, `state.done` resolves when
 /// it ends (or rejects with the abort or the failure).
 function start_stream(client, model, abort) {
-  const state = { ended: false };
+  const state = { ended: false, settled: false };
   let token_arrived;
   let no_token;
   state.first_token = new Promise((resolve, reject) => {
@@ -37,14 +37,22 @@ function start_stream(client, model, abort) {
     }
     state.ended = true;
   })();
+  state.done.then(() => { state.settled = true; }, () => { state.settled = true; });
   // Once settled, first_token ignores these: they matter only for a stream without a token.
   state.done.then(() => no_token(new Error('the stream ended before its first token')),
                   (error) => no_token(new Error(`the stream failed before its first token: ${error.message}`)));
   return state;
 }
 
+/// Heartbeats 5 s apart: the queued request must not wait for the next one.
+const heartbeat_ms = 5_000;
+/// The longest from a slot freeing to the queued request's first token: far less than a heartbeat
+/// interval (it takes milliseconds), with room for a loaded machine.
+const first_token_ms_max = 2_500;
+
 scenario('a queued request takes a slot as soon as one frees, whatever the last heartbeat said', async (world) => {
-  const { server, provider, model } = await one_provider_world(world, {
+  const { server, upstream, provider, model } = await one_provider_world(world, {
+    serve_args: ['--heartbeat-ms', String(heartbeat_ms)],
     upstream_options: { tokens: tokens_total, token_interval_us },
     provider_args: ['--max-concurrency', String(slots)],
   });
@@ -69,10 +77,24 @@ scenario('a queued request takes a slot as soon as one frees, whatever the last 
 
   aborts.push(new AbortController());
   const queued = start_stream(client, model, aborts.at(-1));
+  // It waits in the scheduler's queue: the backend has only the five.
+  await wait_for('the sixth request queued', async () => {
+    const metrics = await (await fetch(`${server.base_url}/metrics`)).text();
+    return /^gpustream_queue_depth 1$/m.test(metrics);
+  });
+  assert.equal((await upstream.stats()).requests, slots, 'the sixth request did not reach the backend');
+  const aborted_at = performance.now();
   abort.abort();
   await first.done.catch(() => {});  // the abort ends it
   await queued.first_token;
-  assert.deepEqual(others.map((s) => s.ended), others.map(() => false),
+  const waited_ms = performance.now() - aborted_at;
+  console.log(`the queued request's first token came ${waited_ms.toFixed(1)} ms after a slot freed`);
+  assert.ok(waited_ms < first_token_ms_max,
+    `the queued request waited ${waited_ms.toFixed(1)} ms for the freed slot (heartbeats are ${heartbeat_ms} ms apart)`);
+  const stats = await upstream.stats();
+  assert.equal(stats.requests, slots + 1);
+  assert.equal(stats.active, slots, 'five answers at once, never six');
+  assert.deepEqual(others.map((s) => s.settled), others.map(() => false),
     'the queued request got its first token while the other answers were still streaming');
   for (const a of aborts) a.abort();
   await Promise.all([queued.done, ...others.map((s) => s.done)].map((done) => done.catch(() => {})));
