@@ -431,11 +431,26 @@ export class scenario_world {
   /// `http` a fixed address. Durability is the product's default, sync.
   async serve({ args = [], data_dir, http = '127.0.0.1:0', durability = 'sync', name = 'serve' } = {}) {
     const dir = data_dir ?? await this.temp_dir('data');
-    const child = this.spawn(name, gpustream_bin,
+    const start = () => this.spawn(name, gpustream_bin,
       ['serve', '--data', dir, '--http', http, '--durability', durability, ...args],
       { GPUSTREAM_ADMIN_TOKEN: this.admin_token });
-    const match = await child.wait_line(/listening http=127\.0\.0\.1:(\d+)/);
-    return new serve_process(child, Number(match[1]), dir, this.admin_token);
+    // A port given again (a restart) may be held for a moment by another process's connection
+    // from it (ports from :0 are ephemeral ones, also used for outgoing connections): tried again
+    // until deadline_ms.
+    const started_at = performance.now();
+    for (;;) {
+      const child = start();
+      try {
+        const match = await child.wait_line(/listening http=127\.0\.0\.1:(\d+)/);
+        return new serve_process(child, Number(match[1]), dir, this.admin_token);
+      } catch (error) {
+        await child.exit_promise;
+        const in_use = child.lines.some((entry) => /already in use/i.test(entry.line));
+        if (!in_use || http.endsWith(':0') || performance.now() - started_at > deadline_ms) throw error;
+        console.log(`${name}: ${http} is in use; trying again`);
+        await delay(poll_interval_ms);
+      }
+    }
   }
 
   /// Starts gpustream_test_upstream with its command-line `options` ({tokens: 12} → --tokens 12).
