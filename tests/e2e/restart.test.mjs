@@ -211,3 +211,29 @@ scenario('a second SIGTERM while serve drains stops it at once, and the next sta
   const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
   assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
 });
+
+scenario('what serve acknowledged right before a SIGKILL is there after the restart', async (world) => {
+  // No wait for the money to settle this time: the kill comes at once after the last answer.
+  const { server, model } = await one_provider_world(world, { upstream_options: { tokens } });
+  const user = await server.create_user('premium', credit_micros);
+  const answer = await server.openai(user.api_key).chat.completions.create({
+    model, messages: [{ role: 'user', content: 'just before the kill' }],
+  });
+  assert.equal(answer.choices[0].message.content, upstream_text(tokens));
+  const credited = await server.create_user('premium', 1_234_567);
+  await server.child.stop('SIGKILL');
+
+  const restarted = await world.serve({ data_dir: server.data_dir, name: 'serve-restarted' });
+  // The user created last, with its credit, and the answered job, billed (at the start, if its
+  // bill was not recorded before the kill).
+  const [job] = await restarted.billed_jobs([job_id_of(answer.id)]);
+  assert.equal(job.completion_tokens, tokens);
+  const accounts = await restarted.accounts();
+  assert.equal(accounts.balances[`user-${credited.id}`], 1_234_567, 'the acknowledged credit survived');
+  assert.equal(accounts.balances[`user-${user.id}`], credit_micros - job.gross_micros, 'the answer is billed once');
+  assert.equal(accounts.total_micros, 0);
+  assert.ok((await restarted.user_client(credited.api_key).get('/v1/models')).data, 'its API key works');
+  await restarted.child.stop('SIGTERM', { timeout_ms: 15_000 });
+  const replay = await world.run(['replay', '--data', server.data_dir, '--verify'], 'replay');
+  assert.equal(replay.code, 0, `replay --verify passes:\n${replay.output}`);
+});
