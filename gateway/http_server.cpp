@@ -369,15 +369,19 @@ class pending_calls {
       none_left_.notify_all();
     }
   }
-  /// Waits until none is left, at most `wait_max`; false when some still are.
+  /// Waits until none is left, at most `wait_max`; false when some still are. From now on the
+  /// server is stopping: it takes no new connection, and no new request reaches its handler.
   bool wait_none(std::chrono::milliseconds wait_max) {
+    stopping_.store(true);
     waiting_.store(true);
     std::unique_lock lock(mutex_);
     return none_left_.wait_for(lock, wait_max, [this] { return count_.load() == 0; });
   }
+  [[nodiscard]] bool stopping() const noexcept { return stopping_.load(std::memory_order_relaxed); }
 
  private:
   std::atomic<std::size_t> count_{0};
+  std::atomic<bool> stopping_{false};
   std::atomic<bool> waiting_{false};
   std::mutex mutex_;
   std::condition_variable none_left_;
@@ -593,6 +597,9 @@ class session : public std::enable_shared_from_this<session> {
       return refuse(json_error(400, "malformed HTTP request: " + ec.message(), "invalid_request_error"), nullptr);
     }
     if (ec) return gone();
+    if (calls_.stopping()) {  // its handler's parts may be stopped already
+      return refuse(json_error(503, "the server is stopping; retry on another", "server_error"), nullptr);
+    }
     auto& message = parser_->get();
     // A chunked body's trailer fields land among the headers, where they must not count as any
     // (RFC 9110 6.5.1): a trailer could add an Authorization or Origin that a proxy in front never
@@ -976,6 +983,7 @@ class http_server::impl {
         return;
       }
       accept_backoff_ = {};
+      if (calls_.stopping()) return;  // the socket closes here, and no accept is armed again
       (void)socket.set_option(tcp::no_delay(true), ec);  // tokens go out as they come
       const auto now_open = open_.fetch_add(1) + 1;
       auto s = std::make_shared<session>(std::move(socket), connection_slot(open_), options_, handler_, upgrade_,

@@ -180,6 +180,53 @@ TEST(http_streaming, a_stopping_server_waits_at_most_stop_writes_wait_max_for_a_
   EXPECT_GE(std::chrono::steady_clock::now() - stopping_at, 300ms) << "the write under way was given its time";
 }
 
+TEST(http_streaming, a_stopping_server_takes_no_new_connection_or_request_while_it_waits_for_a_write) {
+  // Its handler's parts (the node's relay, admin API) are stopped by then.
+  http_server_options options;
+  options.stop_writes_wait_max = 60s;  // until the client that reads nothing leaves, below
+  options.stream_buffer_bytes_max = 64 * 1024 * 1024;
+  auto pending = std::make_shared<std::promise<std::shared_ptr<http_reply>>>();
+  auto first = std::make_shared<std::atomic<bool>>(true);
+  auto server = start(
+      [pending, first](http_request, std::shared_ptr<http_reply> reply) {
+        if (first->exchange(false)) return pending->set_value(reply);
+        reply->send({200, "text/plain", "served", {}});
+      },
+      {}, options);
+  ASSERT_TRUE(server);
+  const auto port = server->port();
+  auto holder = std::make_unique<client>(port);
+  holder->send(post);
+  auto future = pending->get_future();
+  ASSERT_EQ(future.wait_for(10s), std::future_status::ready);
+  auto reply = future.get();
+  reply->start_stream(200, "text/event-stream", {});
+  for (int i = 0; i < 32; ++i) reply->write(std::string(1024 * 1024, 'x'));  // more than the sockets hold
+  reply->finish();
+  reply.reset();
+  client kept(port);  // open before the stop, its next request after it
+  kept.send(post);
+  ASSERT_NE(kept.read_until("served", 10s).find("served"), std::string::npos);
+
+  auto stopped = std::async(std::launch::async, [&] { server.reset(); });
+  // New connections until one is not served: before the stop each is, at once.
+  std::string answer = "served";
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (answer.find("served") != std::string::npos && std::chrono::steady_clock::now() < deadline) {
+    client late(port);
+    late.send(post);
+    answer = late.read_until("served", 1s);
+  }
+  EXPECT_EQ(answer.find("served"), std::string::npos) << "the stopping server went on serving new connections";
+  EXPECT_TRUE(answer.empty() || answer.starts_with("HTTP/1.1 503 ")) << answer;
+  kept.send(post);
+  const auto refused = kept.read_until("stopping", 10s);
+  EXPECT_NE(refused.find("HTTP/1.1 503 "), std::string::npos) << refused;
+  EXPECT_NE(refused.find("the server is stopping"), std::string::npos) << refused;
+  holder.reset();  // the write under way fails: the stop goes on
+  ASSERT_EQ(stopped.wait_for(10s), std::future_status::ready);
+}
+
 TEST(http_streaming, a_streamed_answer_goes_out_in_chunks_and_the_connection_serves_the_next_request) {
   std::promise<std::shared_ptr<http_reply>> pending;
   int requests = 0;
