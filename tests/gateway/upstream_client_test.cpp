@@ -1257,6 +1257,7 @@ TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
   ASSERT_TRUE(upstream);
   io_threads threads;
   auto client = make_client(threads.io(), *upstream);
+  const auto accepted_before = upstream->stat("connections_accepted");  // this /stats' own included
   for (int i = 0; i < 3; ++i) {
     stream_log log;
     auto request = client.stream("/chat/completions", chat_body(), log.handlers());
@@ -1264,7 +1265,8 @@ TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
     ASSERT_FALSE(log.error()) << log.error()->message;
     EXPECT_EQ(log.deltas(), expected_tokens(3));
   }
-  EXPECT_EQ(upstream->stat("connections"), 2) << "three streams on one kept connection, plus /stats itself";
+  EXPECT_EQ(upstream->stat("connections_accepted") - accepted_before, 2)
+      << "three streams on one kept connection, plus the second /stats' own";
 
   // The backend restarts on the same port: the kept connection is dead, the next request must
   // notice before any answer byte and go again on a fresh connection.
@@ -1282,7 +1284,8 @@ TEST(UpstreamClient, ReusesKeptAliveConnectionsAndRetriesAStaleOne) {
 TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
   // Runs `batches` of `together` streams at once, one batch after the other, and returns how many
   // connections stay open once they ended (those the client keeps idle), waiting a while for
-  // `expected` (a connection not kept is closed a moment after its answer).
+  // `expected` (a connection not kept is closed a moment after its answer). The last batch must
+  // open only the connections that were not kept.
   const auto kept_after = [](std::size_t idle_max, int batches, int together, std::int64_t expected) -> std::int64_t {
     auto upstream = upstream_process::start({"--tokens", "3", "--token-interval-us", "50000"});
     EXPECT_TRUE(upstream);
@@ -1291,7 +1294,9 @@ TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
     upstream_options options;
     options.idle_connections_max = idle_max;
     auto client = make_client(threads.io(), *upstream, options);
+    std::int64_t accepted_before_last = 0;
     for (int b = 0; b < batches; ++b) {
+      if (b + 1 == batches) accepted_before_last = upstream->stat("connections_accepted");
       std::vector<std::unique_ptr<stream_log>> logs;
       std::vector<std::shared_ptr<upstream_request>> requests;
       for (int i = 0; i < together; ++i) {
@@ -1303,6 +1308,9 @@ TEST(UpstreamClient, KeepsAtMostIdleConnectionsMaxConnectionsIdle) {
         EXPECT_FALSE(log->error());
       }
     }
+    const std::int64_t opened_by_last = upstream->stat("connections_accepted") - accepted_before_last - 1;
+    EXPECT_EQ(opened_by_last, together - std::min<std::int64_t>(static_cast<std::int64_t>(idle_max), together))
+        << "idle_connections_max " << idle_max << ": the last batch reuses the kept connections";
     // The upstream counts open connections, /stats' own among them; one the client does not keep
     // is closed once its answer ended.
     if (upstream->wait_stat("connections", expected + 1)) return expected;

@@ -132,7 +132,8 @@ struct counters {
   /// Words of the trailing assistant message of the last chat counted in `continued`; -1 before
   /// the first.
   std::atomic<std::int64_t> last_continued_from{-1};
-  std::atomic<std::int64_t> connections{0};
+  std::atomic<std::int64_t> connections{0};            // open now
+  std::atomic<std::uint64_t> connections_accepted{0};  // ever
 };
 
 std::string_view reason_phrase(unsigned status) {
@@ -357,6 +358,7 @@ class session : public std::enable_shared_from_this<session> {
         schedule_(schedule),
         models_(models) {
     stats_.connections.fetch_add(1, std::memory_order_relaxed);
+    stats_.connections_accepted.fetch_add(1, std::memory_order_relaxed);
   }
   ~session() { stats_.connections.fetch_sub(1, std::memory_order_relaxed); }
 
@@ -419,7 +421,8 @@ class session : public std::enable_shared_from_this<session> {
                                         {"continued", stats_.continued.load()},
                                         {"last_continued_from", continued_from < 0 ? json::value(nullptr)
                                                                                    : json::value(continued_from)},
-                                        {"connections", stats_.connections.load()}});
+                                        {"connections", stats_.connections.load()},
+                                        {"connections_accepted", stats_.connections_accepted.load()}});
   }
 
   // ---- whole answers
