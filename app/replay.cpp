@@ -13,6 +13,8 @@
 #include <optional>
 #include <span>
 #include <unordered_map>
+#include <fcntl.h>
+#include <unistd.h>
 
 #include "actors/ledger_claims.hpp"
 #include "actors/persistence.hpp"
@@ -298,7 +300,9 @@ expected<std::uint64_t, replay_problem> check_ledger_claims(const storage::event
 
 }  // namespace
 
-expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data, bool verify) {
+namespace {
+
+expected<replay_report, replay_problem> replay_opened(const std::filesystem::path& data, bool verify) {
   storage::store_options options;
   options.read_only = true;
   (void)raise_open_files_limit();  // the store keeps each of its table files open
@@ -340,6 +344,33 @@ expected<replay_report, replay_problem> replay_store(const std::filesystem::path
     }
   }
   return report;
+}
+
+}  // namespace
+
+bool store_in_use(const std::filesystem::path& data) {
+  const int fd = ::open((data / "LOCK").c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  struct flock lock {};
+  lock.l_type = F_WRLCK;
+  lock.l_whence = SEEK_SET;
+  const bool held = ::fcntl(fd, F_GETLK, &lock) == 0 && lock.l_type != F_UNLCK;
+  ::close(fd);
+  return held;
+}
+
+expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data, bool verify) {
+  auto replayed = replay_opened(data, verify);
+  // A writer's step of two appends (a payout's movement and its event, a bill and its group)
+  // reads as half done between them.
+  if (!replayed && !replayed.error().invariant.empty() && store_in_use(data)) {
+    auto problem = replayed.error();
+    problem.message +=
+        " (a process, `gpustream serve`?, has this store open: a step it has under way reads as half done; "
+        "run the check again, or with serve stopped)";
+    return unexpected{std::move(problem)};
+  }
+  return replayed;
 }
 
 namespace {

@@ -57,6 +57,10 @@ struct replay_problem {
 [[nodiscard]] expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data,
                                                                    bool verify = false);
 
+/// Whether another process (a running `serve`) holds the lock of the store in `data`; the lock
+/// of this process's own open store does not count.
+[[nodiscard]] bool store_in_use(const std::filesystem::path& data);
+
 /// Human-readable report: counts per type, last position, rate; with --verify the aggregates.
 [[nodiscard]] std::string format_text(const replay_report& report);
 /// The same as a JSON object, with "ok": true.

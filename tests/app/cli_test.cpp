@@ -31,6 +31,7 @@
 
 #include "actors/ledger_claims.hpp"
 #include "app/open_files.hpp"
+#include "app/replay.hpp"
 #include "app/serve.hpp"
 #include "events/codec.hpp"
 #include "events/event.hpp"
@@ -796,6 +797,14 @@ TEST_F(cli_serve, a_second_serve_on_its_data_directory_is_refused_saying_why) {
             std::string::npos)
       << second.out << second.err;
   EXPECT_EQ(curl(port(), "/healthz").status, 200) << "the first one stopped answering";
+}
+
+TEST_F(cli_serve, its_store_reads_as_in_use_until_it_stops) {
+  // replay --verify notes it with a broken invariant: serve's step under way reads as half done.
+  EXPECT_TRUE(store_in_use(dir_.path()));
+  serve_.child->send_signal(SIGTERM);
+  ASSERT_TRUE(serve_.child->wait_exit().has_value()) << serve_.child->output();
+  EXPECT_FALSE(store_in_use(dir_.path()));
 }
 
 TEST_F(cli_serve, replay_runs_beside_it) {
