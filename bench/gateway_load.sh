@@ -348,13 +348,15 @@ measure_concurrency() {
     -v gt50="$(field ttft_p50_us "$gateway")" -v gt99="$(field ttft_p99_us "$gateway")" \
     -v dl50="$(field total_p50_us "$direct")" -v dl99="$(field total_p99_us "$direct")" \
     -v gl50="$(field total_p50_us "$gateway")" -v gl99="$(field total_p99_us "$gateway")" \
-    -v dr="$(field completions_per_s "$direct")" -v gr="$(field completions_per_s "$gateway")" 'BEGIN {
+    -v dr="$(field completions_per_s "$direct")" -v gr="$(field completions_per_s "$gateway")" \
+    -v durability="$durability" 'BEGIN {
       format = "C=%-4d added TTFT p50 %.2f ms, p99 %.2f ms | added total p50 %.2f ms, p99 %.2f ms"
       format = format " | throughput %.2fx (gateway %.0f/s, direct %.0f/s)"
       printf format, c, (gt50 - dt50) / 1000, (gt99 - dt99) / 1000, (gl50 - dl50) / 1000, (gl99 - dl99) / 1000,
              (dr > 0 ? gr / dr : 0), gr, dr
-      if (c == 64) printf " | goal at 64 (sync): added TTFT p50 <= 1 ms (%s), p99 <= 5 ms (%s)",
+      if (c == 64 && durability == "sync") printf " | goal at 64 (sync): added TTFT p50 <= 1 ms (%s), p99 <= 5 ms (%s)",
                           (gt50 - dt50 <= 1000 ? "met" : "NOT met"), (gt99 - dt99 <= 5000 ? "met" : "NOT met")
+      else if (c == 64) printf " | goal at 64 is for sync durability: not judged"
     }')
   summary+=("$line" "$cost" "$split")
   rates[$c]+=" $(field completions_per_s "$gateway")"
@@ -437,6 +439,10 @@ measure_idle() {
       format = "idle streams %d (%d of them waiting at the upstream): serve VmRSS %d KiB before, %d KiB open,"
       format = format " %d KiB after the hold: %.1f KiB per open idle stream (goal <= 64 KiB: %s)"
       printf format, n, active, before, open, held, per, (per <= 64 ? "met" : "NOT met") }')")
+  if [ -n "${concurrencies// /}" ]; then
+    # Memory freed after the load runs is reused by the streams: the figure may be too low.
+    summary+=("       (measured after the load runs, on serve's grown heap: for the figure, run alone with CONCURRENCIES=\"\")")
+  fi
 }
 
 median() {  # median VALUES...: the median of the numbers given
@@ -456,9 +462,9 @@ if [ -n "$concurrencies" ]; then
     rate=$(median ${rates[$c]})
     # shellcheck disable=SC2086
     summary+=("$(awk -v c="$c" -v n="$repeat" -v r="$rate" -v p50="$(median ${added_p50_ms[$c]})" \
-      -v p99="$(median ${added_p99_ms[$c]})" -v all="${rates[$c]# }" 'BEGIN {
+      -v p99="$(median ${added_p99_ms[$c]})" -v all="${rates[$c]# }" -v durability="$durability" 'BEGIN {
         printf "C=%-4d median of %d run(s): gateway %.0f completions/s (runs: %s), added TTFT p50 %.2f ms, p99 %.2f ms", c, n, r, all, p50, p99
-        if (c == 64) printf " (goal <= 1 ms and <= 5 ms: %s)", (p50 <= 1 && p99 <= 5 ? "met" : "NOT met")
+        if (c == 64 && durability == "sync") printf " (goal <= 1 ms and <= 5 ms: %s)", (p50 <= 1 && p99 <= 5 ? "met" : "NOT met")
       }')")
     if awk -v a="$rate" -v b="$best_rate" 'BEGIN { exit !(a > b) }'; then best_rate=$rate best_c=$c; fi
   done
