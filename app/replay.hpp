@@ -57,8 +57,9 @@ struct replay_problem {
 [[nodiscard]] expected<replay_report, replay_problem> replay_store(const std::filesystem::path& data,
                                                                    bool verify = false);
 
-/// Whether another process (a running `serve`) holds the lock of the store in `data`; the lock
-/// of this process's own open store does not count.
+/// Whether another process (a running `serve`) holds the lock of the store in `data`. Never call
+/// it in a process that has the store open for writing: closing a descriptor of the lock file
+/// drops that process's own lock on it (POSIX record locks are per process).
 [[nodiscard]] bool store_in_use(const std::filesystem::path& data);
 
 /// Human-readable report: counts per type, last position, rate; with --verify the aggregates.

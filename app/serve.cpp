@@ -121,7 +121,10 @@ class stop_signals {
   /// Call before any other thread starts: threads inherit the blocked set.
   stop_signals() {
     sigemptyset(&set_);
-    for (const int signal : {SIGINT, SIGTERM, SIGHUP, wake_signal}) sigaddset(&set_, signal);
+    for (const int signal : {SIGINT, SIGTERM, wake_signal}) sigaddset(&set_, signal);
+    // Not under nohup, which ignores it: a blocked signal is taken by sigwait even when ignored.
+    struct sigaction hang_up {};
+    if (sigaction(SIGHUP, nullptr, &hang_up) == 0 && hang_up.sa_handler != SIG_IGN) sigaddset(&set_, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &set_, nullptr);
     thread_ = std::thread([this] { watch(); });
   }

@@ -111,8 +111,8 @@ class node::impl {
     if (!relay_) return 0;
     const std::size_t cut = relay_->drain(wait_max, cancels_wait_max);
     if (const std::size_t left = relay_->live_jobs(); left > 0) {
-      spdlog::error("{} answers were still live {} s after they were cut short (their ends not recorded): the "
-                    "next start fails their jobs, and nothing is billed for them",
+      spdlog::error("{} answers were still live {} s after the others were cut short (their ends may not be "
+                    "recorded): the next start fails a job whose end is not, and bills nothing for it",
                     left, std::chrono::duration_cast<std::chrono::seconds>(cancels_wait_max).count());
     }
     return cut;

@@ -129,6 +129,7 @@ class link_session : public std::enable_shared_from_this<link_session> {
   std::optional<link::heartbeat> forwarded_;  ///< the last one passed to the scheduler (strand only)
   std::optional<steady::time_point> advertised_at_;  ///< the last advertise frame (strand only)
   steady::time_point forwarded_at_;           ///< when (strand only)
+  steady::time_point draining_forwarded_at_;  ///< when the last change of `draining` was (strand only)
 };
 
 class provider_links::impl : public std::enable_shared_from_this<impl> {
@@ -275,15 +276,23 @@ bool link_session::forward_heartbeat(const link::heartbeat& beat) {
   const auto now = steady::now();
   // Health as the scheduler reads it (at most 100): 100 and 101 are no news.
   const auto health = [](const link::heartbeat& b) { return std::min<std::uint32_t>(b.health_percent, 100); };
-  const bool news = !forwarded_ || health(*forwarded_) != health(beat) || forwarded_->draining != beat.draining;
+  const bool draining_news = forwarded_ && forwarded_->draining != beat.draining;
+  const bool news = !forwarded_ || health(*forwarded_) != health(beat) || draining_news;
   // News goes on at once, yet not more often than 8 times an interval: an agent flipping its
   // health in every frame must not drive the scheduler. News held back goes with a later frame
-  // (it stays news until forwarded); an agent sends one every interval.
-  const auto wait_min = news ? owner_->options_.heartbeat_interval / 8 : owner_->options_.heartbeat_interval / 2;
+  // (it stays news until forwarded); an agent sends one every interval. A drain's start or end
+  // goes at once whatever health news went just before (offers to a draining agent are only
+  // declined), and is paced on its own the same way.
+  const auto news_wait = owner_->options_.heartbeat_interval / 8;
+  const bool drain_due = draining_news && now - draining_forwarded_at_ >= news_wait;
+  const auto wait_min = drain_due ? std::chrono::milliseconds(0)
+                        : news    ? news_wait
+                                  : owner_->options_.heartbeat_interval / 2;
   if (forwarded_ && now - forwarded_at_ < wait_min) {
     owner_->heartbeats_skipped_.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
+  if (draining_news) draining_forwarded_at_ = now;
   forwarded_ = beat;
   forwarded_at_ = now;
   owner_->heartbeats_forwarded_.fetch_add(1, std::memory_order_relaxed);

@@ -44,9 +44,9 @@ struct provider_link_options {
   /// Shortest time between two hellos of one provider, over all its links; a sooner one closes
   /// its link (1008) and leaves the provider's other link alone. Each hello is recorded (connect,
   /// and a replaced link's disconnect) and relists the provider with the scheduler: without it an
-  /// agent relinking in a loop would drive the store's fsyncs. Default: 250 ms, the agent's
-  /// first reconnect wait.
-  std::chrono::milliseconds hello_interval_min{250};
+  /// agent relinking in a loop would drive the store's fsyncs. Default: 100 ms, below the agent's
+  /// shortest reconnect wait (125 to 250 ms).
+  std::chrono::milliseconds hello_interval_min{100};
   /// Source of `now` for the provider's listing, microseconds since the Unix epoch.
   std::function<std::int64_t()> clock_us;
 };

@@ -372,7 +372,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto live = find(d.job_id);
     if (!live) return;
     bool report_started = false;
-    std::optional<ended_attempt> cut;
+    bool was_cut = false;
+    std::optional<ended_attempt> cut;  // none also when the cut answer waits for its ad's pick
     {
       std::lock_guard lock(live->mutex);
       if (!is_current(*live, provider_id, d.attempt)) return;
@@ -414,18 +415,21 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       const std::uint64_t pieces_max = overrun_limit(attempt_asked(*live));
       const std::uint64_t bytes_max =
           std::min<std::uint64_t>(pieces_max * options_.piece_bytes_average_max, options_.answer_bytes_max);
-      if (live->attempt_tokens >= pieces_max || live->attempt_bytes > bytes_max) cut = cut_off(*live, provider_id);
+      if (live->attempt_tokens >= pieces_max || live->attempt_bytes > bytes_max) {
+        cut = cut_off(*live, provider_id);
+        was_cut = true;
+      }
     }
     if (report_started) send_started(provider_id, d.job_id);
-    if (cut) {
+    if (was_cut) {
       // Its provider stops now, not once the ad is picked and the result settled: the backend
       // would go on unpaid in one of its slots meanwhile. Keyed by provider: ahead of the result.
       bridge_.run_keyed(provider_id, [self = shared_from_this(), job_id = d.job_id,
                                       provider_id](caf::event_based_actor* actor) {
         actor->send(self->scheduler_, actors::cancel_atom::value, job_id, provider_id);
       });
-      finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
     }
+    if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
   }
 
   /// The most the current attempt's backend should produce, as upstream_body asked it: the

@@ -790,6 +790,22 @@ TEST_F(cli_serve, sighup_stops_it_after_a_drain_as_sigterm_does) {
       << serve_.child->output();
 }
 
+TEST(cli_serve_signals, under_nohup_a_hang_up_is_ignored) {
+  // A blocked signal reaches sigwait even when ignored: serve must not block it then.
+  temp_dir dir;
+  (void)make_example_store(dir.path());
+  child_process serve({"/usr/bin/nohup", GPUSTREAM_BIN, "serve", "--data", dir.path().string(), "--http",
+                       "127.0.0.1:0"});
+  ASSERT_TRUE(serve.started());
+  ASSERT_TRUE(serve.read_until([&] { return listening_port(serve.err()) != 0; })) << serve.output();
+  serve.send_signal(SIGHUP);
+  serve.send_signal(SIGTERM);  // after it: a hang-up taken would have stopped it, and this killed it
+  const auto code = serve.wait_exit();
+  ASSERT_TRUE(code.has_value()) << serve.output();
+  EXPECT_EQ(*code, 0) << serve.output();
+  EXPECT_NE(serve.err().find("stopping signal=" + std::to_string(SIGTERM)), std::string::npos) << serve.output();
+}
+
 TEST_F(cli_serve, a_second_serve_on_its_data_directory_is_refused_saying_why) {
   const auto second = run_gpustream({"serve", "--data", dir_.path().string(), "--http", "127.0.0.1:0"});
   EXPECT_EQ(second.exit_code, 1) << second.out << second.err;

@@ -444,7 +444,7 @@ export class scenario_world {
         const match = await child.wait_line(/listening http=127\.0\.0\.1:(\d+)/);
         return new serve_process(child, Number(match[1]), dir, this.admin_token);
       } catch (error) {
-        await child.exit_promise;
+        if (!child.exited) throw error;  // no line in time: it may still run, and the world kills it
         const in_use = child.lines.some((entry) => /already in use/i.test(entry.line));
         if (!in_use || http.endsWith(':0') || performance.now() - started_at > deadline_ms) throw error;
         console.log(`${name}: ${http} is in use; trying again`);

@@ -455,6 +455,10 @@ TEST_F(provider_link_test, heartbeats_sent_without_pause_reach_the_scheduler_onl
   ASSERT_TRUE(flooding.send(link::heartbeat{.health_percent = 50}));
   ASSERT_TRUE(wait_received(2 * flood + 1));
   EXPECT_EQ(node_->link_counts().heartbeats_forwarded - last_before.heartbeats_forwarded, 1u);
+  // A drain's start goes on at once, also right after other news.
+  ASSERT_TRUE(flooding.send(link::heartbeat{.health_percent = 50, .draining = true}));
+  ASSERT_TRUE(wait_received(2 * flood + 2));
+  EXPECT_EQ(node_->link_counts().heartbeats_forwarded - last_before.heartbeats_forwarded, 2u);
 }
 
 TEST_F(provider_link_test, a_link_open_with_a_token_since_replaced_is_closed_and_the_new_token_links) {

@@ -957,6 +957,21 @@ TEST(relay, an_answer_running_past_its_budget_is_cut_off_as_by_its_length) {
   EXPECT_EQ(std::count(events.begin(), events.end(), "result j1"), 1) << testing::PrintToString(events);
 }
 
+TEST(relay, an_answer_cut_off_while_its_ad_is_still_being_picked_has_its_provider_told_to_stop_at_once) {
+  held_ads ads(/*hold_picks=*/true);
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, /*premium=*/false, /*stream=*/true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  for (int i = 0; i < 40; ++i) world.relay.delta("p1", link::delta{.job_id = "j1", .text = "x", .attempt = 1});
+  EXPECT_TRUE(world.log->wait_for("stop j1 at p1", 10s)) << "the stop waited for the ad: "
+                                                         << testing::PrintToString(world.log->events());
+  ASSERT_TRUE(ads.finish_pick());
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  const auto stream = reply->streamed(10s);
+  EXPECT_NE(stream.find(R"("finish_reason":"length")"), std::string::npos) << "the answer ends with its ad: " << stream;
+}
+
 TEST(relay, an_answer_of_huge_pieces_is_cut_off_by_its_bytes) {
   // An agent may send up to 64 KiB a piece. Pieces of 1,000 bytes end the answer:
   // - with a budget of 10 (26 pieces at most, 26 × 128 = 3,328 bytes) at the fourth, not the 26th;
