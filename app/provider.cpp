@@ -240,6 +240,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     std::uint32_t pending = 0;
     std::uint64_t tokens = 0;
     bool failed = false;
+    bool refused = false;  ///< a request of it was refused by the backend (4xx): its model, perhaps
     bool finished = false;
     std::string failure;
     steady::time_point started;
@@ -404,7 +405,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const std::string body = probe_body();
     for (std::uint32_t i = 0; i < run->concurrency; ++i) {
       std::weak_ptr<impl> weak = shared_from_this();
-      auto on_end = [weak, run](std::optional<std::string> failure) {
+      auto on_end = [weak, run](std::optional<std::string> failure, bool refused = false) {
+        if (refused) run->refused = true;
         if (auto self = weak.lock()) self->on_probe_request_end(run, std::move(failure));
       };
       // A reasoning model may spend every token thinking: its pieces count as the answer's, and
@@ -428,7 +430,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                },
            .on_error =
                [on_end](gateway::upstream_error error) {
-                 on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message);
+                 const bool refused = error.kind == gateway::upstream_error_kind::http_status &&
+                                      error.http_status >= 400 && error.http_status < 500 && error.http_status != 429;
+                 on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message, refused);
                },
            .on_reasoning = count}));
     }
@@ -440,14 +444,22 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
+  /// The models the probe may ask, in the order it tries them: those that do not look like
+  /// embedding models (which cannot answer a chat) first.
+  std::vector<std::string> probe_models() const {
+    std::vector<std::string> ids;
+    for (const bool embedding : {false, true}) {
+      for (const auto& model : models_) {
+        if ((model.id.find("embed") != std::string::npos) == embedding) ids.push_back(model.id);
+      }
+    }
+    return ids;
+  }
+
   std::string probe_body() const {
-    // A chat model if the backend lists one first: embedding models cannot answer.
-    const auto chat = std::find_if(models_.begin(), models_.end(), [](const auto& model) {
-      return model.id.find("embed") == std::string::npos;
-    });
-    const auto& model = chat != models_.end() ? *chat : models_.front();
+    const auto ids = probe_models();
     boost::json::object body{
-        {"model", model.id},
+        {"model", ids.at(std::min(probe_model_, ids.size() - 1))},
         {"messages", boost::json::array{boost::json::object{
                          {"role", "user"}, {"content", "Count from 1 to 100, separated by spaces."}}}},
         {"max_tokens", options_.probe_tokens},
@@ -484,6 +496,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       probe_next();
       return;
     }
+    last_level_refused_ = run->failed && run->refused;
     measured_.push_back({.concurrency = run->concurrency,
                          .failed = run->failed,
                          .tokens_per_second = static_cast<double>(run->tokens) / seconds,
@@ -504,6 +517,18 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       levels += (levels.empty() ? "" : ", ") + std::to_string(level.concurrency) + ":" +
                 (level.failed ? std::string("failed")
                               : fmt::format("{:.1f}tok/s", level.tokens_per_second));
+    }
+    if (!measured_.empty() && measured_.front().failed && last_level_refused_ &&
+        probe_model_ + 1 < probe_models().size()) {
+      // The backend refused the request itself, as it does for a model that cannot chat (an
+      // embedding model whose name does not say so): the probe starts again with the next model.
+      log_->info("probe: {} refused a chat; probing with {}", probe_models()[probe_model_],
+                 probe_models()[probe_model_ + 1]);
+      ++probe_model_;
+      measured_.clear();
+      warmed_up_ = false;
+      probe_next();
+      return;
     }
     if (!measured_.empty() && measured_.front().failed) {
       // Not even one stream worked: the probe says nothing about concurrency (a model that must
@@ -998,6 +1023,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       models_.clear();
       measured_.clear();
       warmed_up_ = false;
+      probe_model_ = 0;
       const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
       after(wait, [this] { list_models(); });
     });
@@ -1073,6 +1099,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
   bool warmed_up_ = false;  ///< the probe's unmeasured first request has run
+  std::size_t probe_model_ = 0;      ///< of probe_models(), the one the probe asks
+  bool last_level_refused_ = false;  ///< the last level measured failed on a refusal (4xx)
   std::shared_ptr<probe_run> probe_;
   std::uint32_t concurrency_ = 1;
   std::unique_ptr<gateway::link_client> link_;

@@ -687,6 +687,18 @@ TEST(provider_agent, the_probes_warm_up_may_take_a_models_load_and_a_level_may_n
   }
 }
 
+TEST(provider_agent, a_model_that_refuses_a_chat_is_passed_over_by_the_probe_not_trusted_to_the_flag) {
+  // An embedding model whose name does not say so, listed first (Ollama lists the newest first):
+  // its 400 says nothing of the backend's concurrency. The next model is probed: one answer at a
+  // time, about 1 s each (two one after the other take twice as long; a loaded machine's stall is
+  // small next to it).
+  EXPECT_EQ(advertised_after_probe({"--models", "bge-m3,m1", "--chatless-models", "bge-m3", "--context-length", "8192",
+                                    "--tokens", "100", "--token-interval-us", "10000", "--parallel", "1"},
+                                   100),
+            1u)
+      << "the agent advertised its flag (4): the probe stopped at the refusing model";
+}
+
 /// An agent that does not probe, on a test upstream started with `upstream_arguments`, linked to
 /// a fake coordinator; `adjust` changes its options first.
 struct unprobed_agent {

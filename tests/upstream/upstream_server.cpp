@@ -98,6 +98,7 @@ struct settings {
   /// The shared clock's epoch: ticks are at decode_epoch + k * token_interval.
   steady::time_point decode_epoch = steady::now();
   unsigned fail_status = 0;                       // 0: answer normally
+  std::vector<std::string> chatless_models;        // refused with 400 for a chat, as an embedding model is
   std::optional<std::uint32_t> drop_after_tokens;  // close mid-stream after this many tokens
   continuation_mode continuation = continuation_mode::restart;
   usage_mode usage = usage_mode::correct;
@@ -472,6 +473,10 @@ class session : public std::enable_shared_from_this<session> {
     if (std::find(models->ids.begin(), models->ids.end(), model_id) == models->ids.end()) {
       return answer_error(404, "The model `" + std::string(model_id.substr(0, 200)) + "` does not exist",
                           "model_not_found");
+    }
+    if (std::find(config_.chatless_models.begin(), config_.chatless_models.end(), model_id) !=
+        config_.chatless_models.end()) {
+      return answer_error(400, "\"" + std::string(model_id) + "\" does not support chat");
     }
     const char* needed = kind == completion_kind::chat ? "messages" : "prompt";
     if (!request.contains(needed)) return answer_error(400, std::string("you must provide ") + needed);
@@ -957,6 +962,9 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
                "as from a server decoding its answers in one batch");
   app.add_option("--fail-status", fail_status, "answer every completion with this HTTP status")
       ->check(CLI::Range(400u, 599u));
+  std::string chatless;
+  app.add_option("--chatless-models", chatless,
+                 "comma-separated model ids refused with 400 for a completion, as embedding models are");
   auto* drop = app.add_option("--drop-after-tokens", drop_after,
                               "close the connection after this many tokens, before the answer ends");
   std::string continuation = "restart";
@@ -1006,6 +1014,7 @@ std::optional<settings> parse_arguments(int argc, char** argv) {
     return std::nullopt;
   }
   config.fail_status = fail_status;
+  config.chatless_models = split_models(chatless);
   config.kind = kind == "ollama" ? flavor::ollama : kind == "lmstudio" ? flavor::lmstudio
                 : kind == "llamacpp" ? flavor::llamacpp : flavor::openai;
   if (drop->count() > 0) config.drop_after_tokens = drop_after;
