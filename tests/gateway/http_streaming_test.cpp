@@ -793,14 +793,21 @@ TEST(http_streaming, a_websocket_still_open_when_the_server_goes_is_freed_with_i
 
 /// A server that accepts every WebSocket and ignores its messages; when one ends, `reason` is set
 /// and `closed` raised.
-std::unique_ptr<http_server> start_noting_close(http_server_options options, signal& closed, std::string& reason) {
+/// A server whose WebSockets call `on_message` with their connection for each message, and note
+/// their close in `closed` and `reason`.
+std::unique_ptr<http_server> start_noting_close(http_server_options options, signal& closed, std::string& reason,
+                                                std::function<void(websocket_connection&)> on_message = {}) {
   return start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
-               [&](const http_request&) -> websocket_decision {
-                 return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
-                   c->start([](std::string_view) {}, [&](std::string why) {
-                     reason = std::move(why);
-                     closed.raise();
-                   });
+               [&closed, &reason, on_message](const http_request&) -> websocket_decision {
+                 return websocket_accept{[&closed, &reason, on_message](std::shared_ptr<websocket_connection> c) {
+                   c->start(
+                       [c, on_message](std::string_view) {
+                         if (on_message) on_message(*c);
+                       },
+                       [&closed, &reason](std::string why) {
+                         reason = std::move(why);
+                         closed.raise();
+                       });
                  }};
                },
                options);
@@ -872,20 +879,9 @@ TEST(http_streaming, sends_past_websocket_send_queue_bytes_max_close_the_connect
   options.websocket_send_queue_bytes_max = 64 * 1024;
   signal closed;
   std::string reason;
-  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
-                      [&](const http_request&) -> websocket_decision {
-                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
-                          c->start(
-                              [c](std::string_view) {
-                                for (int i = 0; i < 100; ++i) c->send(std::string(4096, 'm'));  // 400 KiB
-                              },
-                              [&](std::string why) {
-                                reason = std::move(why);
-                                closed.raise();
-                              });
-                        }};
-                      },
-                      options);
+  auto server = start_noting_close(options, closed, reason, [](websocket_connection& c) {
+    for (int i = 0; i < 100; ++i) c.send(std::string(4096, 'm'));  // 400 KiB
+  });
   ASSERT_TRUE(server);
   ws_client client(server->port());
   client.ws.write(asio::buffer(std::string("flood")));
@@ -918,22 +914,11 @@ TEST(http_streaming, a_websocket_peer_that_reads_nothing_is_dropped_websocket_cl
   options.websocket_close_wait_max = 200ms;
   signal closed;
   std::string reason;
-  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
-                      [&](const http_request&) -> websocket_decision {
-                        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
-                          c->start(
-                              [c](std::string_view) {
-                                // More than the sockets' buffers hold (the peer's is 64 KiB, the
-                                // server's at most 4 MiB), twice: the second fills the queue.
-                                for (int i = 0; i < 2; ++i) c->send(std::string(8u << 20, 'm'));
-                              },
-                              [&](std::string why) {
-                                reason = std::move(why);
-                                closed.raise();
-                              });
-                        }};
-                      },
-                      options);
+  auto server = start_noting_close(options, closed, reason, [](websocket_connection& c) {
+    // More than the sockets' buffers hold (the peer's is 64 KiB, the server's at most 4 MiB),
+    // twice: the second fills the queue.
+    for (int i = 0; i < 2; ++i) c.send(std::string(8u << 20, 'm'));
+  });
   ASSERT_TRUE(server);
   ws_client client(server->port(), 64 * 1024);
   client.ws.write(asio::buffer(std::string("flood")));  // and never reads
