@@ -450,6 +450,7 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void reject_busy() {
+    busy_ = true;
     keep_alive_ = false;
     auto busy = json_error(503, "too many open connections; retry later", "server_error");
     busy.headers.emplace_back("Retry-After", "1");  // clients that honour it back off
@@ -797,7 +798,8 @@ class session : public std::enable_shared_from_this<session> {
   }
 
   void start_drain() {
-    stream_.expires_after(options_.linger_timeout);  // with no read pending, so that reads get it
+    // With no read pending, so that reads get it.
+    stream_.expires_after(busy_ ? std::min(options_.linger_timeout, options_.busy_linger_timeout) : options_.linger_timeout);
     drain();
   }
 
@@ -829,6 +831,7 @@ class session : public std::enable_shared_from_this<session> {
   beast::tcp_stream stream_;
   connection_slot slot_;
   std::size_t header_fields_ = 0;  ///< the current request's header fields, without a trailer's
+  bool busy_ = false;              ///< refused past connections_max: a short linger
   /// What was read and not parsed yet: at most a header block and one read of the watch. Beast's
   /// parser bounds the header block itself, but not a chunked body's size lines or trailer.
   beast::flat_buffer buffer_;

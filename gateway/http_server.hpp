@@ -125,6 +125,10 @@ struct http_server_options {
   /// client still sends is read and dropped for at most this long, so that the answer is not lost
   /// to a connection reset. Default: 5 s.
   std::chrono::milliseconds linger_timeout{5'000};
+  /// The same for a connection refused as busy (past connections_max), which holds a descriptor
+  /// beyond connections_max while it lingers: a flood of them must not use up the process's
+  /// files. At most linger_timeout. Default: 250 ms.
+  std::chrono::milliseconds busy_linger_timeout{250};
   /// When the server stops, what handlers handed to their replies before (and the writes under
   /// way) may go out for at most this long before the connections are dropped. Default: 1 s.
   std::chrono::milliseconds stop_writes_wait_max{1'000};

@@ -15,6 +15,7 @@
 #include <ctime>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "gateway/http_server.hpp"
@@ -198,6 +199,29 @@ TEST(http_server, a_client_that_expects_100_continue_gets_it_before_sending_its_
   const auto answer = read_until(peer, [](const std::string& t) { return t.find("got body") != std::string::npos; });
   EXPECT_TRUE(answer.starts_with("HTTP/1.1 200 OK\r\n")) << answer;
   EXPECT_NE(answer.find("got body"), std::string::npos) << answer;
+}
+
+TEST(http_server, a_connection_refused_as_busy_lingers_only_busy_linger_timeout) {
+  // Each holds a descriptor beyond connections_max while it lingers.
+  http_server_options options;
+  options.connections_max = 1;
+  options.linger_timeout = std::chrono::minutes(1);
+  options.busy_linger_timeout = std::chrono::milliseconds(200);
+  auto server = start(options);
+  ASSERT_TRUE(server);
+  client first(server->port());
+  ASSERT_TRUE(first.connected());
+  first.send(healthz);
+  const auto answered = [](const std::string& text) { return text.find("200 OK") != std::string::npos; };
+  ASSERT_TRUE(answered(read_until(first, answered)));  // the one slot is taken
+  client busy(server->port());
+  ASSERT_TRUE(busy.connected());  // and never closes
+  const auto [reply, closed] = busy.read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(reply.starts_with("HTTP/1.1 503 ")) << reply;
+  // Its descriptor goes when its linger ends, not when the client closes.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (server->connections_open() > 1 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_EQ(server->connections_open(), 1u) << "a busy refusal lingered past 10 s (linger_timeout is a minute)";
 }
 
 TEST(http_server, an_http_10_client_that_expects_100_continue_gets_no_100) {
