@@ -521,7 +521,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void done(const std::string& provider_id, const link::done& d) {
     auto live = find(d.job_id);
-    if (!live) return;
+    if (!live) return cancel_unknown(d.job_id);
     actors::job_result result;
     result.provider_reported_tokens = d.completion_tokens_reported;
     result.prompt_tokens_reported = d.prompt_tokens_reported;
@@ -568,7 +568,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void failed(const std::string& provider_id, const link::job_error& e) {
     auto live = find(e.job_id);
-    if (!live) return;
+    if (!live) return cancel_unknown(e.job_id);
     std::uint32_t tokens = 0;
     std::uint32_t attempt_tokens = 0;
     {
@@ -1034,6 +1034,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
   /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
+  /// A provider ended job `id`, which nobody here waits for any more. Usually its client left and
+  /// the job is cancelled already (the scheduler refuses this cancel); but when that cancel could
+  /// not be recorded (the store failed), the scheduler would hold the job running on the provider
+  /// for good. Billed without tokens: those the client got are not known any more.
+  void cancel_unknown(const std::string& id) { cancel(id, 0, 0); }
+
   void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
     auto self = shared_from_this();
     bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {

@@ -154,6 +154,12 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
           log->add("cancel refused " + cancel.job_id);
           return actors::make_error(domain::error{domain::errc::invalid_state, "job is being queued; retry the cancel"});
         }
+        // A job whose id begins with "store-fails-": its client's first cancel is not recorded.
+        if (cancel.job_id.starts_with("store-fails-") && cancel.by == events::cancelled_by::client &&
+            platform_cancels->insert("client " + cancel.job_id).second) {
+          log->add("cancel failed " + cancel.job_id);
+          return actors::make_error(storage::error{storage::errc::io_error, "fsync failed"});
+        }
         log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
@@ -645,6 +651,31 @@ TEST(relay, a_client_leaving_while_a_finished_answer_waits_for_its_ad_pick_compl
       << testing::PrintToString(events);
   EXPECT_EQ(std::find(events.begin(), events.end(), "ad j1 imp-1"), events.end()) << testing::PrintToString(events);
   EXPECT_EQ(seen.statuses.size(), 1u) << "counted once";
+}
+
+TEST(relay, a_providers_end_of_a_job_nobody_waits_for_cancels_it_when_the_clients_cancel_was_not_recorded) {
+  // Else the scheduler would hold the job running on the provider, its slot taken, for good.
+  relay_world world;
+  world.relay.provider_online({"p1", {}});
+  auto reply = std::make_shared<recorded_reply>();
+  relay_job job;
+  job.job_id = "store-fails-j1";
+  job.user_id = "u1";
+  job.premium = true;
+  job.request.stream = true;
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "hi"}};
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = reply;
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request store-fails-j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", {.job_id = "store-fails-j1", .model = "m", .max_tokens = 10}));
+  world.relay.delta("p1", link::delta{"store-fails-j1", "Hello"});
+  reply->close();
+  ASSERT_TRUE(world.log->wait_for("cancel failed store-fails-j1", 10s)) << testing::PrintToString(world.log->events());
+  world.relay.done("p1", link::done{.job_id = "store-fails-j1", .finish_reason = "stop"});
+  EXPECT_TRUE(world.log->wait_for("cancel store-fails-j1 0", 10s)) << testing::PrintToString(world.log->events());
 }
 
 TEST(relay, a_client_leaving_mid_stream_counts_the_tokens_it_got_and_a_cancelled_job) {
