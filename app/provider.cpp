@@ -430,8 +430,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                },
            .on_error =
                [on_end](gateway::upstream_error error) {
-                 const bool refused = error.kind == gateway::upstream_error_kind::http_status &&
-                                      error.http_status >= 400 && error.http_status < 500 && error.http_status != 429;
+                 // The backend refused the request itself (400, 413, 422), not for its own state.
+                 const bool refused = error.kind == gateway::upstream_error_kind::http_status && !error.upstream_fault;
                  on_end(std::string(gateway::to_string(error.kind)) + ": " + error.message, refused);
                },
            .on_reasoning = count}));
@@ -518,12 +518,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                 (level.failed ? std::string("failed")
                               : fmt::format("{:.1f}tok/s", level.tokens_per_second));
     }
-    if (!measured_.empty() && measured_.front().failed && last_level_refused_ &&
-        probe_model_ + 1 < probe_models().size()) {
+    if (const auto ids = probe_models(); !measured_.empty() && measured_.front().failed && last_level_refused_ &&
+                                          probe_model_ + 1 < ids.size()) {
       // The backend refused the request itself, as it does for a model that cannot chat (an
       // embedding model whose name does not say so): the probe starts again with the next model.
-      log_->info("probe: {} refused a chat; probing with {}", probe_models()[probe_model_],
-                 probe_models()[probe_model_ + 1]);
+      log_->info("probe: {} refused a chat; probing with {}", ids[probe_model_], ids[probe_model_ + 1]);
       ++probe_model_;
       measured_.clear();
       warmed_up_ = false;

@@ -294,7 +294,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // Nobody waits for it here any more (the client left, or its answer ended in an error):
       // the scheduler stops the job at once rather than wait for a first token that never comes
       // and blame the provider for it.
-      cancel(offer.job_id, 0, 0);
+      cancel_unknown(offer.job_id);
       return std::nullopt;
     }
     std::optional<ad_pick> pick;
@@ -1032,14 +1032,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                           {}, "server_shutting_down");
   }
 
-  /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
-  /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
-  /// A provider ended job `id`, which nobody here waits for any more. Usually its client left and
-  /// the job is cancelled already (the scheduler refuses this cancel); but when that cancel could
-  /// not be recorded (the store failed), the scheduler would hold the job running on the provider
-  /// for good. Billed without tokens: those the client got are not known any more.
+  /// A provider was offered, or ended, job `id`, which nobody here waits for any more. Usually
+  /// its client left and the job is cancelled already (the scheduler refuses this cancel); but
+  /// when that cancel could not be recorded (the store failed), the scheduler would hold the job
+  /// running on the provider for good. Billed without tokens: those the client got are not known
+  /// any more.
   void cancel_unknown(const std::string& id) { cancel(id, 0, 0); }
 
+  /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
+  /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
   void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
     auto self = shared_from_this();
     bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {

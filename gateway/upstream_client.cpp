@@ -636,7 +636,6 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
   }
 
   void on_header(beast::error_code ec) {
-    touch();
     if (stopped()) return;
     if (ec) {
       if (may_retry()) return retry();
@@ -646,7 +645,6 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
     status_ = header.result_int();
     if (status_ != 200) {
       use_ = body_use::error;
-      touch();  // idle_timeout from now on
     } else if (answer_ == answer::whole) {
       use_ = body_use::collect;
     } else {
@@ -655,13 +653,13 @@ class upstream_request::impl : public std::enable_shared_from_this<upstream_requ
         use_ = body_use::events;
       } else if (type.find("json") != std::string_view::npos) {
         use_ = body_use::completion;
-        touch();
       } else {
         return fail(make_error(upstream_error_kind::protocol,
                                "upstream answered 200 with content type \"" + truncated(type) +
                                    "\", neither an event stream nor JSON"));
       }
     }
+    touch();  // the body's silence, as use_ says (awaiting_first_event)
     if (parser_->is_done()) return on_body_complete();
     read_body();
   }

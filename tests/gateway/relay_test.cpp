@@ -377,14 +377,14 @@ actors::job_offer j1_offer(std::uint32_t attempt = 0) {
   return {.job_id = "j1", .model = "m", .max_tokens = 10, .attempt = attempt};
 }
 
-/// Submits job "j1", a chat for model "m" with a budget of 10 tokens answered to `reply`, and
+/// Submits chat job `job_id` of user u1 ("hi") for model "m", answered to `reply`, with a budget
+/// of 10 tokens, or of the request's `max_tokens` when given (then also sent to the backend), and
 /// waits until the scheduler has it.
-/// Submits chat job j1 of user u1 ("hi"), with a budget of 10 tokens, or of the request's
-/// `max_tokens` when given (then also sent to the backend).
-void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false,
-               std::uint32_t prompt_tokens = 1, std::optional<std::uint32_t> max_tokens = std::nullopt) {
+void submit_job(relay_world& world, const std::string& job_id, const std::shared_ptr<recorded_reply>& reply,
+                bool premium, bool stream = false, std::uint32_t prompt_tokens = 1,
+                std::optional<std::uint32_t> max_tokens = std::nullopt) {
   relay_job job;
-  job.job_id = "j1";
+  job.job_id = job_id;
   job.user_id = "u1";
   job.premium = premium;
   job.request.stream = stream;
@@ -396,7 +396,13 @@ void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
   job.answer_tokens_max = max_tokens.value_or(0);
   job.reply = reply;
   world.relay.submit(std::move(job));
-  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.log->wait_for("request " + job_id, 10s));
+}
+
+/// submit_job of job j1.
+void submit_j1(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool premium, bool stream = false,
+               std::uint32_t prompt_tokens = 1, std::optional<std::uint32_t> max_tokens = std::nullopt) {
+  submit_job(world, "j1", reply, premium, stream, prompt_tokens, max_tokens);
 }
 
 TEST(relay, a_model_is_served_within_its_largest_window_and_a_job_asks_for_a_provider_whose_window_holds_it) {
@@ -508,16 +514,7 @@ TEST(relay, a_free_jobs_ad_is_picked_at_its_offer_when_that_comes_before_the_acc
   relay_world world(&ads);
   world.relay.provider_online({"p1", {}});
   auto reply = std::make_shared<recorded_reply>();
-  relay_job job;
-  job.job_id = "held-j1";
-  job.user_id = "u1";
-  job.request.model = "m";
-  job.request.messages = {chat_message{"user", "hi"}};
-  job.prompt_tokens = 1;
-  job.completion_budget = 10;
-  job.reply = reply;
-  world.relay.submit(std::move(job));
-  ASSERT_TRUE(world.log->wait_for("request held-j1", 10s));
+  ASSERT_NO_FATAL_FAILURE(submit_job(world, "held-j1", reply, /*premium=*/false));
   EXPECT_EQ(ads.picks, 0) << "no ad before the scheduler took the job";
   ASSERT_TRUE(world.relay.take_offer("p1", {.job_id = "held-j1", .model = "m", .max_tokens = 10}));
   EXPECT_EQ(ads.picks, 1) << "picked at the offer";
@@ -658,18 +655,7 @@ TEST(relay, a_providers_end_of_a_job_nobody_waits_for_cancels_it_when_the_client
   relay_world world;
   world.relay.provider_online({"p1", {}});
   auto reply = std::make_shared<recorded_reply>();
-  relay_job job;
-  job.job_id = "store-fails-j1";
-  job.user_id = "u1";
-  job.premium = true;
-  job.request.stream = true;
-  job.request.model = "m";
-  job.request.messages = {chat_message{"user", "hi"}};
-  job.prompt_tokens = 1;
-  job.completion_budget = 10;
-  job.reply = reply;
-  world.relay.submit(std::move(job));
-  ASSERT_TRUE(world.log->wait_for("request store-fails-j1", 10s));
+  ASSERT_NO_FATAL_FAILURE(submit_job(world, "store-fails-j1", reply, /*premium=*/true, /*stream=*/true));
   ASSERT_TRUE(world.relay.take_offer("p1", {.job_id = "store-fails-j1", .model = "m", .max_tokens = 10}));
   world.relay.delta("p1", link::delta{"store-fails-j1", "Hello"});
   reply->close();
