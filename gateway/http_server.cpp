@@ -36,6 +36,9 @@ namespace websocket = beast::websocket;
 using tcp = asio::ip::tcp;
 using steady = std::chrono::steady_clock;
 
+/// Most bytes one asynchronous write offers the socket (write_in_flight).
+constexpr std::size_t write_piece_bytes_max = 256 * 1024;
+
 /// One unit of connections_max, held by whichever session owns the socket.
 class connection_slot {
  public:
@@ -744,10 +747,15 @@ class session : public std::enable_shared_from_this<session> {
   /// client takes nothing for idle_timeout. The deadline is set again for every piece the socket
   /// takes (as nginx's send_timeout), so a slow client that keeps reading is not cut in the middle
   /// of a long write; connections_max bounds how many such clients there can be.
+  ///
+  /// The socket takes a write before its completion runs here, behind whatever handlers were
+  /// queued for this connection meanwhile; until then the write's bytes count as untaken (by the
+  /// stream buffer limit). Each write is at most write_piece_bytes_max, so that count is never
+  /// more than that behind what the client really has still to take.
   void write_in_flight() {
     stream_.expires_after(options_.idle_timeout);
     const auto rest = in_flight_.rest();
-    stream_.async_write_some(asio::buffer(rest.data(), rest.size()),
+    stream_.async_write_some(asio::buffer(rest.data(), std::min(rest.size(), write_piece_bytes_max)),
                              [self = shared_from_this()](beast::error_code ec, std::size_t written) {
                                if (!ec && written < self->in_flight_.untaken()) {
                                  self->in_flight_.took(written);
