@@ -966,6 +966,7 @@ class http_server::impl {
     if (!ec) (void)acceptor_.listen(asio::socket_base::max_listen_connections, ec);
     if (ec) return unexpected{"cannot listen on " + where + ": " + ec.message()};
     port_ = acceptor_.local_endpoint().port();
+    if (options_.on_listening) options_.on_listening(port_);
     accept();
     for (std::size_t i = 0; i < std::max<std::size_t>(1, options_.threads); ++i) {
       threads_.emplace_back([this] { io_.run(); });

@@ -159,6 +159,9 @@ struct http_server_options {
   /// target, Origin and remote address) and otherwise null: to count it and add
   /// the headers every answer carries (CORS), as the handler's own answers get. Default: none.
   std::function<void(const http_request* head, http_response& response)> on_refusal;
+  /// Called once with the port bound (the one port 0 picked) before the first connection is
+  /// accepted: what requests need to know of it is set before any arrives. Default: none.
+  std::function<void(std::uint16_t port)> on_listening;
 };
 
 class http_server {

@@ -120,8 +120,8 @@ class node::impl {
 
   expected<void, std::string> start() {
     close_what_a_stop_left_open();
-    // The server must exist before the click URL is known (port 0 picks one): the relay and links
-    // are built first, the server last, and requests only arrive once it runs.
+    load_campaigns();
+    // The relay and links are built first, the server last: requests only arrive once it runs.
     ads_ = std::make_unique<actor_ad_source>(bridge_, runtime_.ad_server, actor_ad_source_options{options_.ad_pick_wait_max});
     if (!options_.public_url.empty()) ads_->set_click_base(options_.public_url + std::string(click_path));
     relay_options relaying = options_.relay;
@@ -151,6 +151,14 @@ class node::impl {
     provider_api_ = std::make_unique<provider_api>(directory_);
     auto http = options_.http;
     http.on_refusal = [this](const http_request* head, http_response& response) { refused(head, response); };
+    // The click URL names the port, which port 0 picks at the bind: it is set before any request
+    // arrives, so no ad goes out with a click URL missing its address.
+    http.on_listening = [this](std::uint16_t port) {
+      if (!options_.public_url.empty()) return;
+      const bool ipv6 = options_.http.host.find(':') != std::string::npos;
+      const std::string host = ipv6 ? "[" + options_.http.host + "]" : options_.http.host;
+      ads_->set_click_base("http://" + host + ":" + std::to_string(port) + std::string(click_path));
+    };
     auto server = http_server::start(
         std::move(http), [this](http_request r, std::shared_ptr<http_reply> reply) { route(std::move(r), std::move(reply)); },
         [this](const http_request& r) -> websocket_decision {
@@ -162,12 +170,6 @@ class node::impl {
     if (!server) return unexpected{server.error()};
     server_ = std::move(server.value());
     serving_ = server_.get();
-    if (options_.public_url.empty()) {
-      const bool ipv6 = options_.http.host.find(':') != std::string::npos;
-      const std::string host = ipv6 ? "[" + options_.http.host + "]" : options_.http.host;
-      ads_->set_click_base("http://" + host + ":" + std::to_string(server_->port()) + std::string(click_path));
-    }
-    load_campaigns();
     refresh_gauges();
     return {};
   }
@@ -417,14 +419,25 @@ class node::impl {
     });
   }
 
+  /// The ad server learns of every campaign before the first request is served, so free-tier
+  /// answers right after a start carry ads as later ones do. A load that takes longer than
+  /// left_open_wait_max goes on meanwhile.
   void load_campaigns() {
     std::vector<std::string> ids;
     for (const auto& c : directory_->campaigns(std::numeric_limits<std::size_t>::max())) ids.push_back(c.campaign_id);
     if (ids.empty()) return;
-    bridge_.run([this, ids = std::move(ids)](caf::event_based_actor* actor) {
-      actor->request(runtime_.ad_server, caf::infinite, actors::load_atom::value, ids)
-          .then([](std::size_t loaded) { spdlog::info("ads: campaigns loaded={}", loaded); },
-                [](caf::error& failure) { spdlog::error("ads: campaigns not loaded: {}", actors::describe(failure)); });
+    bridge_.ask_all(1, 1, [this, ids = std::move(ids)](caf::event_based_actor* actor, std::size_t, auto done) {
+      actor->request(runtime_.ad_server, options_.left_open_wait_max, actors::load_atom::value, ids)
+          .then(
+              [done](std::size_t loaded) {
+                spdlog::info("ads: campaigns loaded={}", loaded);
+                done(true);
+              },
+              [done](caf::error& failure) {
+                spdlog::error("ads: campaigns not loaded before serving (a load still under way goes on): {}",
+                              actors::describe(failure));
+                done(false);
+              });
     });
   }
 

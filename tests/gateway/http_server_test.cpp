@@ -442,6 +442,25 @@ TEST(http_server, a_no_content_answer_carries_no_content_length_or_type) {
   EXPECT_EQ(both.find("Content-Type"), std::string::npos) << both;
 }
 
+TEST(http_server, on_listening_gets_the_bound_port_before_the_first_connection_is_accepted) {
+  http_server_options options;
+  std::unique_ptr<client> early;
+  std::atomic<std::uint16_t> told{0};
+  options.on_listening = [&](std::uint16_t port) {
+    // A connection made now waits in the listen queue; its request is handled after this returns.
+    early = std::make_unique<client>(port);
+    early->send("GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    told = port;
+  };
+  auto server = start(options, [&](const http_request&, std::shared_ptr<http_reply> reply) {
+    reply->send(http_response{200, "text/plain", "told " + std::to_string(told.load()), {}});
+  });
+  ASSERT_TRUE(server);
+  ASSERT_TRUE(early && early->connected());
+  const auto [reply, closed] = early->read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(reply.ends_with("\r\n\r\ntold " + std::to_string(server->port()))) << reply;
+}
+
 TEST(http_server, an_answer_the_server_makes_itself_goes_through_on_refusal_with_the_request_head_when_read) {
   http_server_options options;
   options.body_bytes_max = 16;
