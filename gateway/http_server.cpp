@@ -14,6 +14,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/beast/websocket.hpp>
+#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <atomic>
@@ -187,7 +188,11 @@ class websocket_session : public websocket_connection,
       if (ec) return;  // handshake failed: the peer is gone, nothing was opened
       self->idle_.heard();
       self->watch_idle();
-      on_open(self);
+      try {
+        on_open(self);
+      } catch (const std::exception& e) {  // process edge: a handler bug ends this link, not the server
+        self->begin_close(websocket::close_code::internal_error, std::string("the server failed to open the link: ") + e.what());
+      }
     });
   }
 
@@ -322,7 +327,12 @@ class websocket_session : public websocket_connection,
     auto on_closed = std::move(on_closed_);
     on_message_ = nullptr;
     on_closed_ = nullptr;
-    if (on_closed) on_closed(std::move(reason));
+    if (!on_closed) return;
+    try {
+      on_closed(std::move(reason));
+    } catch (const std::exception& e) {  // process edge: a handler bug must not kill the server
+      spdlog::error("http: a WebSocket's close handler failed: {}", e.what());
+    }
   }
 
   websocket::stream<beast::tcp_stream> ws_;
@@ -647,7 +657,12 @@ class session : public std::enable_shared_from_this<session> {
 
   void on_upgrade(http::request<http::string_body> message) {
     const auto head = head_of(message, remote_address_);
-    auto decision = upgrade_(head);
+    websocket_decision decision;
+    try {
+      decision = upgrade_(head);
+    } catch (const std::exception&) {  // process edge: a handler bug must not kill the server
+      decision = json_error(500, "internal error", "server_error");
+    }
     if (auto* refused = std::get_if<http_response>(&decision)) return refuse(std::move(*refused), &head);
     auto ws = std::make_shared<websocket_session>(std::move(stream_), std::move(slot_), options_, websockets_);
     ws->accept(std::move(message), std::move(std::get<websocket_accept>(decision).on_open));
@@ -825,7 +840,13 @@ class session : public std::enable_shared_from_this<session> {
     // the callbacks take.
     if (!close_callbacks_.empty()) {
       asio::post(stream_.get_executor(), [callbacks = std::move(close_callbacks_)] {
-        for (const auto& callback : callbacks) callback();
+        for (const auto& callback : callbacks) {
+          try {
+            callback();
+          } catch (const std::exception& e) {  // process edge: a handler bug must not kill the server
+            spdlog::error("http: a request's close handler failed: {}", e.what());
+          }
+        }
       });
       close_callbacks_.clear();
     }

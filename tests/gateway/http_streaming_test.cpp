@@ -954,6 +954,71 @@ TEST(http_streaming, a_websocket_handler_that_throws_closes_its_connection_with_
   EXPECT_NE(text.find("HTTP/1.1 200"), std::string::npos) << text;
 }
 
+TEST(http_streaming, an_upgrade_or_open_handler_that_throws_fails_that_link_and_the_server_goes_on) {
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "up", {}}); },
+                      [](const http_request& request) -> websocket_decision {
+                        if (request.path() == "/boom") throw std::runtime_error("a bug in upgrade");
+                        return websocket_accept{[](std::shared_ptr<websocket_connection>) {
+                          throw std::runtime_error("a bug in open");
+                        }};
+                      });
+  ASSERT_TRUE(server);
+  client refused(server->port());
+  refused.send("GET /boom HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+  const auto refusal = refused.read_until("internal error", 10s);
+  EXPECT_TRUE(refusal.starts_with("HTTP/1.1 500 ")) << refusal;
+  ws_client opened(server->port());
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  opened.ws.read(buffer, ec);
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(opened.ws.reason().code, websocket::close_code::internal_error);
+  EXPECT_NE(std::string(opened.ws.reason().reason.c_str()).find("a bug in open"), std::string::npos);
+  client c(server->port());
+  c.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const auto text = c.read_until("up", 10s);
+  EXPECT_NE(text.find("HTTP/1.1 200"), std::string::npos) << text;
+}
+
+TEST(http_streaming, close_handlers_that_throw_leave_the_server_serving) {
+  signal link_closed;
+  signal request_closed;
+  auto server = start(
+      [&](http_request request, std::shared_ptr<http_reply> reply) {
+        if (request.target == "/") return reply->send({200, "text/plain", "up", {}});
+        reply->on_close([&] {
+          request_closed.raise();
+          throw std::runtime_error("a bug in a request's close");
+        });
+        reply->start_stream(200, "text/event-stream", {});
+      },
+      [&](const http_request&) -> websocket_decision {
+        return websocket_accept{[&](std::shared_ptr<websocket_connection> c) {
+          c->start([](std::string_view) {}, [&](std::string) {
+            link_closed.raise();
+            throw std::runtime_error("a bug in a link's close");
+          });
+        }};
+      });
+  ASSERT_TRUE(server);
+  {
+    ws_client link(server->port());
+    link.ws.close(websocket::close_code::normal);
+  }
+  ASSERT_TRUE(link_closed.wait(10s));
+  {
+    client streamed(server->port());
+    streamed.send(post);
+    (void)streamed.read_until("\r\n\r\n", 10s);
+  }
+  ASSERT_TRUE(request_closed.wait(10s));
+  client c(server->port());
+  c.send("GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+  const auto text = c.read_until("up", 10s);
+  EXPECT_NE(text.find("HTTP/1.1 200"), std::string::npos) << text;
+}
+
 TEST(http_streaming, the_server_closes_a_websocket_with_its_code_and_reason) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
                       [](const http_request&) -> websocket_decision {
