@@ -490,21 +490,19 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
   }
   self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{settled.value().group})
       .then([after_ledger](const command_reply&) mutable { after_ledger(); },
-            [self, job_id, reply, outcome, measure, free_tokens,
+            [self, job_id, reply, outcome, measure, free_tokens, ended,
              group = std::move(settled.value().group)](caf::error& failure) mutable {
+              const bool retried = !settled_otherwise(failure);
               keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
                              free_tokens, failure);
               forget(self, job_id);
-              // The job's end, with its bill, is recorded already: a ledger's refusal (busy, a
-              // group it holds) must not read as a refusal of the result, after which nothing
-              // would be recorded (the relay takes back the ad's impression on one).
-              if (domain_error_of(failure)) {
-                reply.deliver(caf::make_error(caf::sec::runtime_error,
-                                              "the job's end is recorded; the ledger did not take its bill: " +
-                                                  describe(failure)));
-                return;
-              }
-              reply.deliver(failure);
+              ended.bill_unsettled = std::string(retried ? "retried until the ledger takes it" : "left to the next start") +
+                                     ": " + describe(failure);
+              // The job's end, with its bill, is recorded already: the answer is the client's, as
+              // billed. An error instead would be no refusal (nothing recorded, the ad's impression
+              // taken back) and no failure either: SDKs retry one, and the retry is billed again.
+              reply.deliver(ended);
+              assign_pass(self);
             });
 }
 

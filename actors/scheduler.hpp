@@ -149,6 +149,9 @@ struct job_ended {
   /// completed or cancelled with a bill: the completion tokens billed (the client's
   /// usage.completion_tokens: what it got, at most the job's max_tokens); 0 otherwise.
   std::uint32_t completion_tokens = 0;
+  /// Ended with a bill that the ledger has not taken (its end, with the bill, is recorded): what
+  /// becomes of the bill, and why. Empty when the ledger took it or there is none.
+  std::string bill_unsettled{};
 };
 
 /// What the scheduler holds now.

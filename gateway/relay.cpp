@@ -20,6 +20,14 @@ namespace {
 
 using clock = std::chrono::steady_clock;
 
+/// A job's end the scheduler recorded with a bill the ledger has not taken yet: the operator's to
+/// know (gpustream_job_bills_retrying counts those retried).
+void log_if_unsettled(const actors::job_ended& ended) {
+  if (!ended.bill_unsettled.empty()) {
+    spdlog::error("relay: job={} ended, and its bill is recorded but not settled: {}", ended.job_id, ended.bill_unsettled);
+  }
+}
+
 /// Where a live job is in its life on this node.
 enum class phase : std::uint8_t {
   submitting,  ///< asked the scheduler, no answer yet
@@ -814,6 +822,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (result.ad) charged = result.ad->impression_id;
       actor->request(self->scheduler_, caf::infinite, std::move(result))
           .then([self, job_id, finish_reason](const actors::job_ended& ended) {
+                  log_if_unsettled(ended);
                   self->finish_ok(job_id, ended, finish_reason);
                 },
                 [self, job_id, charged](caf::error& failure) {
@@ -1006,6 +1015,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::platform, tokens})
           .then(
               [self, id, tokens](const actors::job_ended& ended) {
+                log_if_unsettled(ended);
                 self->finish_error(id, stopping_error(tokens), token_usage{ended.prompt_tokens, ended.completion_tokens},
                                    domain::job_status::cancelled);
               },
@@ -1045,7 +1055,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     auto self = shared_from_this();
     bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {
       actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::client, tokens})
-          .then([](const actors::job_ended&) {},
+          .then([](const actors::job_ended& ended) { log_if_unsettled(ended); },
                 [self, id, tokens, attempt](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
                   const bool retry = refusal && refusal->code == domain::errc::invalid_state &&
