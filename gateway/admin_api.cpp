@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <limits>
 #include <map>
+#include <variant>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -44,9 +45,6 @@ namespace {
 
 namespace json = boost::json;
 using reply_function = std::function<void(http_response)>;
-
-/// Most query parameters read from one target; more are ignored.
-constexpr std::size_t query_params_max = 16;
 
 std::int64_t system_now_us() {
   return std::chrono::duration_cast<std::chrono::microseconds>(
@@ -224,10 +222,21 @@ checked<json::object> parse_object(std::string_view body, std::size_t depth_max,
     std::string known;
     for (const auto name : fields) known += (known.empty() ? "" : ", ") + std::string(name);
     return invalid{error_response(400,
-                                  "unknown field '" + printable_field(field.key()) + "'; the fields are: " + known,
+                                  "unknown field '" + printable_field(field.key()) + "'; " +
+                                      (known.empty() ? "this endpoint takes none" : "the fields are: " + known),
                                   printable_field(field.key()))};
   }
   return std::move(parsed.as_object());
+}
+
+/// The body of a request that takes none: empty, or an empty JSON object. Anything else is
+/// refused, so that a field the endpoint does not know (one provider's id for a payout run, a
+/// dry run) is never taken as honoured.
+checked<std::monostate> no_body(const http_request& request, std::size_t depth_max) {
+  if (request.body.empty()) return std::monostate{};
+  auto body = parse_object(request.body, depth_max, {});
+  if (!body) return invalid{std::move(body).error()};
+  return std::monostate{};
 }
 
 checked<std::optional<std::string>> optional_string(const json::object& body, std::string_view name,
@@ -336,19 +345,34 @@ checked<std::vector<std::string>> string_list(const json::object& body, std::str
   return out;
 }
 
-/// The query parameters of `target` (the first of each name wins).
-std::map<std::string, std::string> query_params(std::string_view target) {
+/// The query parameters of `target`, each one of `known` and given once: another name (a misspelt
+/// filter, which would list everything) or one given twice (which value counts?) is refused, as
+/// a body's unknown or repeated field is.
+checked<std::map<std::string, std::string>> query_params(std::string_view target,
+                                                         std::initializer_list<std::string_view> known) {
   std::map<std::string, std::string> out;
   const auto start = target.find('?');
   if (start == std::string_view::npos) return out;
   auto query = target.substr(start + 1);
-  while (!query.empty() && out.size() < query_params_max) {
+  while (!query.empty()) {
     const auto end = query.find('&');
     const auto pair = query.substr(0, end);
     const auto equals = pair.find('=');
     auto name = percent_decode(pair.substr(0, equals), plus_sign::space);
     auto value = equals == std::string_view::npos ? std::string() : percent_decode(pair.substr(equals + 1), plus_sign::space);
-    if (!name.empty()) out.emplace(std::move(name), std::move(value));
+    if (!pair.empty()) {
+      if (std::find(known.begin(), known.end(), name) == known.end()) {
+        std::string names;
+        for (const auto k : known) names += (names.empty() ? "" : ", ") + std::string(k);
+        return invalid{error_response(400,
+                                      "unknown query parameter '" + printable_field(name) + "'; " +
+                                          (names.empty() ? "this endpoint takes none" : "the parameters are: " + names),
+                                      printable_field(name))};
+      }
+      if (!out.emplace(name, std::move(value)).second) {
+        return invalid{error_response(400, "query parameter '" + name + "' is given twice; give it once", name)};
+      }
+    }
     if (end == std::string_view::npos) break;
     query.remove_prefix(end + 1);
   }
@@ -500,6 +524,11 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     const auto path = request.path();
     const bool get = request.reads();
     const bool post = request.method == "POST";
+    // Only the listings take query parameters; a request that gives others is refused.
+    const bool listing = get && (path == "/admin/providers" || path == "/admin/jobs" || path == "/admin/accounts");
+    if (!listing) {
+      if (auto none = query_params(request.target, {}); !none) return reply(std::move(none).error());
+    }
     if (path == "/admin/users") {
       if (post) return create_user(request, std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
@@ -522,7 +551,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       return not_allowed(request, "GET, HEAD", std::move(reply));
     }
     if (path == "/admin/payouts/run") {
-      if (post) return run_payouts(std::move(reply));
+      if (post) return run_payouts(request, std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
     }
     if (path == "/admin/payouts/last") {
@@ -534,7 +563,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       return not_allowed(request, "POST", std::move(reply));
     }
     if (auto provider_id = token_provider_of(path)) {
-      if (post) return replace_provider_token(std::move(*provider_id), std::move(reply));
+      if (post) return replace_provider_token(request, std::move(*provider_id), std::move(reply));
       return not_allowed(request, "POST", std::move(reply));
     }
     reply(error_response(404, "no such admin endpoint: " + std::string(path)));
@@ -869,7 +898,9 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   // -- Listings ---------------------------------------------------------------------------------
 
   void list_providers(const http_request& request, reply_function reply) const {
-    const auto params = query_params(request.target);
+    auto checked_params = query_params(request.target, {"limit", "after"});
+    if (!checked_params) return reply(std::move(checked_params).error());
+    const auto& params = *checked_params;
     auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
     if (!limit) return reply(std::move(limit).error());
     const auto now_us = options_.clock_us();
@@ -901,7 +932,9 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   void list_jobs(const http_request& request, reply_function reply) const {
-    const auto params = query_params(request.target);
+    auto checked_params = query_params(request.target, {"limit", "after", "state"});
+    if (!checked_params) return reply(std::move(checked_params).error());
+    const auto& params = *checked_params;
     auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
     if (!limit) return reply(std::move(limit).error());
     std::optional<domain::job_status> state;
@@ -932,7 +965,9 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   void list_accounts(const http_request& request, reply_function reply) {
-    const auto params = query_params(request.target);
+    auto checked_params = query_params(request.target, {"limit", "prefix", "after"});
+    if (!checked_params) return reply(std::move(checked_params).error());
+    const auto& params = *checked_params;
     auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
     if (!limit) return reply(std::move(limit).error());
     actors::ledger_aggregate::query query{.accounts_max = *limit};
@@ -969,7 +1004,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
 
   // -- POST /admin/payouts/run ------------------------------------------------------------------
 
-  void run_payouts(reply_function reply) {
+  void run_payouts(const http_request& request, reply_function reply) {
+    if (auto none = no_body(request, options_.json_depth_max); !none) return reply(std::move(none).error());
     auto self = shared_from_this();
     spawn_request([self, reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.payouts, self->timeout(), actors::run_atom::value)
@@ -1018,7 +1054,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   /// A new link token for a provider whose token was lost (a create whose answer never arrived)
   /// or leaked: shown once, as at creation. The old one opens no link any more, and links open
   /// with it are closed within a heartbeat interval. Each call makes another.
-  void replace_provider_token(std::string provider_id, reply_function reply) {
+  void replace_provider_token(const http_request& request, std::string provider_id, reply_function reply) {
+    if (auto none = no_body(request, options_.json_depth_max); !none) return reply(std::move(none).error());
     if (!directory_->provider(provider_id)) {
       return reply(error_response(404, "no provider " + provider_id + "; create it with POST /admin/providers"));
     }

@@ -570,8 +570,15 @@ TEST_F(admin_api_test, the_provider_page_shows_earnings_and_the_payouts_a_run_re
         events::transfer_kind::platform_fee, "j1"}}};
   (void)ask<actors::command_reply>(runtime_.ledger, std::move(settle));
 
-  // 18 USD is over the 10 USD threshold: the run requests a payout of all of it.
-  const auto run = call("POST", "/admin/payouts/run");
+  // A run takes no body and no query: one provider's or a dry run, asked so, would pay everyone
+  // due for real.
+  expect_invalid(call("POST", "/admin/payouts/run", R"({"provider_id":")" + provider + R"("})"), "provider_id");
+  expect_invalid(call("POST", "/admin/payouts/run?dry_run=1"), "dry_run");
+  EXPECT_EQ(call("POST", "/admin/payouts/run", "[]").status, 400u);
+
+  // 18 USD is over the 10 USD threshold: the run requests a payout of all of it (so the refused
+  // runs paid nothing).
+  const auto run = call("POST", "/admin/payouts/run", "{}");
   ASSERT_EQ(run.status, 200u) << run.body;
   const auto report = json::parse(run.body).as_object();
   ASSERT_EQ(report.at("payouts").as_array().size(), 1u) << run.body;
@@ -856,6 +863,14 @@ TEST_F(admin_api_test, jobs_are_listed_newest_first_optionally_in_one_state) {
   EXPECT_EQ(failed.at("data").as_array()[0].at("state").as_string(), "failed");
   expect_invalid(call("GET", "/admin/jobs?state=running"), "state");
   expect_invalid(call("GET", "/admin/jobs?limit=-1"), "limit");
+  // A misspelt filter would list every job as if filtered; a repeated one, which value counts?
+  expect_invalid(call("GET", "/admin/jobs?status=failed"), "status");
+  expect_invalid(call("GET", "/admin/jobs?state=failed&state=queued"), "state");
+  expect_invalid(call("GET", "/admin/providers?state=online"), "state");
+  expect_invalid(call("GET", "/admin/accounts?prefx=user-"), "prefx");
+  expect_invalid(call("GET", "/admin/payouts/last?limit=1"), "limit");
+  EXPECT_NE(call("GET", "/admin/payouts/last?limit=1").body.find("this endpoint takes none"), std::string::npos);
+  EXPECT_EQ(ids("/admin/jobs?state=failed&"), (std::vector<std::string>{"j2"})) << "an empty pair is no parameter";
 }
 
 TEST_F(admin_api_test, accounts_are_filtered_by_prefix_and_bounded_by_limit) {
