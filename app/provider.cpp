@@ -1050,11 +1050,13 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     check_drained();
   }
 
+  /// Also when none runs: the job that made this call may have been the last (a drain ends).
   void cancel_all_jobs(std::string_view why) {
-    if (jobs_.empty()) return;
-    log_->warn("cancelling {} running job(s): {}", jobs_.size(), why);
-    for (auto& [id, running] : jobs_) running.request->cancel();
-    jobs_.clear();
+    if (!jobs_.empty()) {
+      log_->warn("cancelling {} running job(s): {}", jobs_.size(), why);
+      for (auto& [id, running] : jobs_) running.request->cancel();
+      jobs_.clear();
+    }
     check_drained();
   }
 
