@@ -130,6 +130,10 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
       shown.size() > options.link.limits.url_bytes_max) {
     return unexpected{"--backend URL is " + std::to_string(shown.size()) + " bytes long; at most " +
                       std::to_string(options.link.limits.url_bytes_max) + " are allowed"};
+  } else if (!std::all_of(shown.begin(), shown.end(), [](char c) { return c > ' ' && c < 0x7f; })) {
+    // A hello naming it would be refused at every link, for ever.
+    return unexpected{"--backend URL must be printable ASCII without spaces (percent-encode other characters), got \"" +
+                      printable(shown, 200) + "\""};
   }
   auto url = gateway::parse_ws_url(options.coordinator);
   if (!url) return unexpected{"--coordinator: " + url.error()};
@@ -258,8 +262,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     for (const auto& gpu : *found) {
       log_->info("gpu name=\"{}\" memory_bytes={} compute_capability={}.{}", gpu.name,
                  gpu.memory_bytes, gpu.compute_capability_major, gpu.compute_capability_minor);
-      // A name past the link's limit would make every hello fail: it is cut (at a character's start).
-      const auto name = split_utf8(gpu.name, options_.link.limits.name_bytes_max);
+      // A name that is not UTF-8, or past the link's limit, would make every hello fail: it is
+      // repaired, then cut (at a character's start).
+      const std::string repaired = utf8_repaired(gpu.name);
+      const auto name = split_utf8(repaired, options_.link.limits.name_bytes_max);
       gpus_.push_back({.name = name.empty() ? std::string() : std::string(name.front()),
                        .memory_bytes = gpu.memory_bytes,
                        .compute_capability_major = gpu.compute_capability_major,

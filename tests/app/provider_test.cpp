@@ -175,6 +175,15 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   const auto too_long = resolve_provider_options(broken);
   ASSERT_FALSE(too_long);
   EXPECT_NE(too_long.error().find(std::to_string(url_max + 1) + " bytes"), std::string::npos) << too_long.error();
+  // So could one that is not UTF-8 (nor is a URL anything but printable ASCII).
+  for (const char* url : {"openai=http://127.0.0.1:1234/v1/\xff", "openai=http://h\xc3\xa9.example/v1",
+                          "openai=http://127.0.0.1:1234/v 1"}) {
+    broken = options;
+    broken.backend = url;
+    const auto unprintable = resolve_provider_options(broken);
+    ASSERT_FALSE(unprintable) << url;
+    EXPECT_NE(unprintable.error().find("printable ASCII"), std::string::npos) << unprintable.error();
+  }
   broken = options;
   broken.token.clear();
   const auto no_token = resolve_provider_options(broken);
