@@ -790,8 +790,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto now = steady::now();
     const double seconds = std::max(std::chrono::duration<double>(now - last_heartbeat_).count(), 1e-3);
     const auto active = static_cast<std::uint32_t>(jobs_.size());
+    while (!outcomes_.empty() && now - outcomes_.front().at > options_.health_window_age_max) outcomes_.pop_front();
     std::uint32_t healthy = 0;
-    for (bool ok : outcomes_) healthy += ok ? 1 : 0;
+    for (const auto& outcome : outcomes_) healthy += outcome.ok ? 1 : 0;
     send(link::heartbeat{
         .active_jobs = active,
         .queued_jobs = 0,  // the agent queues nothing: offers beyond its concurrency are refused
@@ -1083,7 +1084,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   }
 
   void record_outcome(bool ok) {
-    outcomes_.push_back(ok);
+    outcomes_.push_back({steady::now(), ok});
     while (outcomes_.size() > options_.health_window_jobs_max) outcomes_.pop_front();
   }
 
@@ -1112,7 +1113,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   std::uint32_t concurrency_ = 1;
   std::unique_ptr<gateway::link_client> link_;
   std::map<std::string, job> jobs_;
-  std::deque<bool> outcomes_;  // recent jobs: false when the backend failed
+  struct outcome {
+    steady::time_point at;
+    bool ok = true;  ///< false when the backend failed
+  };
+  std::deque<outcome> outcomes_;  // recent jobs, oldest first
   std::chrono::milliseconds heartbeat_interval_;
   steady::time_point last_heartbeat_{};
   std::uint64_t tokens_since_heartbeat_ = 0;

@@ -73,6 +73,10 @@ struct provider_options {
   std::chrono::milliseconds models_refresh_min{5'000};
   /// Recent job outcomes the health percentage is computed over. Default: 50.
   std::size_t health_window_jobs_max = 50;
+  /// ... of which those older than this are forgotten: a provider whose backend failed (and was
+  /// mended) gets few jobs while its health is low, so without an age its health would stay low
+  /// until 50 more jobs came. None left: 100 %. Default: 10 minutes.
+  std::chrono::milliseconds health_window_age_max{600'000};
   /// The link client's options (url, token and user agent are filled in from the fields above).
   gateway::link_client_options link;
   /// The backend client's options (base_url is filled in from `backend`).

@@ -1153,12 +1153,13 @@ TEST(provider_agent, an_answer_the_backend_aborted_is_a_failure_of_the_backend_n
   EXPECT_EQ(run.coordinator.count<link::done>(), 0u);
 }
 
-TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
+TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault_and_in_its_health_for_a_while) {
   upstream_process upstream({"--models", "m1", "--fail-status", "503"});
   ASSERT_TRUE(upstream.ready());
   fake_coordinator coordinator;
   auto options = agent_options(coordinator, upstream);
   options.probe = false;
+  options.health_window_age_max = 1'000ms;
   agent_runner agent(options);
   ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
   coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 50});
@@ -1176,6 +1177,12 @@ TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault) {
   ASSERT_TRUE(coordinator.wait_until(
       [&] { return coordinator.count_locked<link::heartbeat>() >= heartbeats_before + 1; }));
   EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 0u);
+  // Once the failure is older than health_window_age_max, with no job since, it is forgotten:
+  // a provider with low health gets few jobs, and could not mend its figure otherwise.
+  EXPECT_TRUE(coordinator.wait_until([&] {
+    const auto beats = coordinator.all_locked<link::heartbeat>();
+    return !beats.empty() && beats.back().health_percent == 100;
+  })) << "the failure was never forgotten";
 }
 
 TEST(provider_agent, sends_a_reasoning_models_thinking_marked_only_to_a_server_that_takes_it) {
