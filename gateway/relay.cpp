@@ -991,8 +991,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// Cuts job `id` short for a stopping node, unless its provider already finished (its result is
-  /// on its way and ends it): the scheduler cancels it with the tokens relayed so far, then the
-  /// client gets the error with the usage billed. Returns whether it cut the job.
+  /// on its way and ends it): the scheduler cancels it with the tokens the client got (none of a
+  /// whole answer, which it never sees), then the client gets the error with the usage billed.
+  /// Returns whether it cut the job.
   bool cut_short(const std::string& id) {
     auto live = find(id);
     if (!live) return false;
@@ -1001,7 +1002,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended || live->state == phase::finishing) return false;
       live->cut_short = true;  // what its provider sends from now on is neither relayed nor billed
-      tokens = live->tokens;
+      tokens = tokens_streamed(*live);
     }
     cancel_for_stop(id, tokens, 0);
     return true;

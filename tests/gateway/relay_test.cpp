@@ -726,6 +726,22 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(sent.front().body.find("server_shutting_down"), std::string::npos) << sent.front().body;
 }
 
+TEST(relay, a_drain_cutting_short_a_whole_answer_bills_none_of_its_tokens_the_client_never_got) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  world.relay.delta("p1", link::delta{"j1", " there"});
+  EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+  EXPECT_TRUE(world.log->wait_for("cancel j1 0", 10s)) << testing::PrintToString(world.log->events());
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent.front().status, 503u);
+  EXPECT_EQ(sent.front().body.find("Hello"), std::string::npos) << sent.front().body;
+  EXPECT_NE(sent.front().body.find("cut short after 0 tokens"), std::string::npos) << sent.front().body;
+}
+
 TEST(relay, what_the_provider_sends_after_a_drain_cut_its_answer_is_neither_relayed_nor_taken_as_its_end) {
   relay_options options;
   options.cancel_retry_wait = std::chrono::hours(1);  // the cut's cancel, refused once, waits
