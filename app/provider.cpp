@@ -836,9 +836,24 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       refuse(offer, "the provider is stopping");
       return;
     }
-    if (jobs_.contains(offer.job_id)) {
-      refuse(offer, "job " + offer.job_id + " is already running here");
-      return;
+    if (const auto running = jobs_.find(offer.job_id); running != jobs_.end()) {
+      // Refusing an offer of the attempt that runs would end that attempt at the coordinator (its
+      // error names the attempt) while its backend request goes on, holding a slot for nothing.
+      if (offer.attempt == running->second.attempt) {
+        log_->warn("job={} attempt={} offered again while it runs: the running answer goes on", offer.job_id,
+                   offer.attempt);
+        return;
+      }
+      if (offer.attempt < running->second.attempt) {
+        refuse(offer, "job " + offer.job_id + " runs here for a later attempt");
+        return;
+      }
+      // The coordinator gave up on the earlier attempt (the answer continues from what it got):
+      // that request stops, and the new one takes its slot.
+      log_->info("job={} attempt={} replaces attempt={} running here", offer.job_id, offer.attempt,
+                 running->second.attempt);
+      running->second.request->cancel();
+      jobs_.erase(running);
     }
     if (jobs_.size() >= concurrency_) {
       log_->warn("refusing job={}: {} of {} slots busy", offer.job_id, jobs_.size(), concurrency_);

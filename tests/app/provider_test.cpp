@@ -1084,6 +1084,34 @@ drain_gone_outcome drain_while_the_backend_goes() {
           .drained_in_time = drained.get_future().wait_for(5s) == std::future_status::ready};
 }
 
+TEST(provider_agent, an_offer_of_a_running_job_leaves_its_attempt_running_or_replaces_it_with_a_later_one) {
+  upstream_process upstream({"--models", "m1", "--tokens", "40", "--token-interval-us", "20000"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  agent_runner agent(options);
+  ASSERT_TRUE(welcome_and_stream_job_1(coordinator));
+  const auto offer = [&](std::uint32_t attempt) {
+    coordinator.send(link::offer{.job_id = "job-1", .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = attempt});
+  };
+  // The same attempt again (a coordinator's mistake, a redelivery): refusing it would end the
+  // attempt that runs, its request going on.
+  offer(1);
+  // A later attempt: the coordinator moved on, and the earlier request stops.
+  offer(2);
+  ASSERT_TRUE(upstream.wait_stat("cancelled", 1)) << "attempt 1 was not stopped";
+  // An earlier attempt than the one that runs is refused, naming its own attempt.
+  offer(1);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::job_error>().front().attempt, 1u);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::done>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::done>().front().attempt, 2u);
+  EXPECT_EQ(coordinator.count<link::job_error>(), 1u) << "the same attempt offered again was refused";
+  EXPECT_EQ(upstream.stat("completed"), 1);
+}
+
 TEST(provider_agent, a_drain_ends_once_its_last_job_found_the_backend_gone) {
   // Whether the job finds the backend gone or dropped depends on the order in which the killed
   // backend's sockets close: tried until it found it gone (most tries do).
