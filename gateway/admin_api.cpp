@@ -795,9 +795,17 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                                 done.events);
               self->create_provider_with(actor, std::move(created), std::move(reply));
             },
-            [self, reply](caf::error& failure) {
-              reply(failure_response(failure, "creating the provider's owner",
-                                     self->options_.request_timeout));
+            [self, provider_id = created.provider_id, reply](caf::error& failure) {
+              const auto refused = actors::domain_error_of(failure);
+              if (refused && refused->code == domain::errc::already_exists) {
+                // The owner's id comes from the Idempotency-Key too: an earlier request with this
+                // key and other details (another name) made it.
+                return reply(error_response(
+                    409, "an earlier request with this Idempotency-Key created provider " + provider_id +
+                             " with other details; send another Idempotency-Key to create another provider",
+                    "Idempotency-Key"));
+              }
+              reply(failure_response(failure, "creating the provider's owner", self->options_.request_timeout));
             });
   }
 
@@ -828,8 +836,10 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                 // the first answer, which may have been lost on the way.
                 response = error_response(
                     409, "provider " + provider_id + " was created by an earlier request with this Idempotency-Key, "
-                         "and its token shown once, in that request's answer; if it was lost, get a new token with "
-                         "POST /admin/providers/" + provider_id + "/token");
+                         "and its token shown once, in that request's answer; send another Idempotency-Key to create "
+                         "another provider, or, if that answer was lost, get a new token with "
+                         "POST /admin/providers/" + provider_id + "/token",
+                    "Idempotency-Key");
               }
               reply(std::move(response));
             });
