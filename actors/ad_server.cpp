@@ -494,7 +494,10 @@ caf::result<bool> unserved(self_pointer self, const std::string& impression_id, 
       .then(
           [self, reply, campaign_id = *campaign_id](const command_reply& r) mutable {
             apply_reply(self, campaign_id, r);
-            if (!r.events.empty()) ++self->state.counts.voided;
+            for (const auto& e : r.events) {
+              ++(std::holds_alternative<events::ad_reservation_released>(e) ? self->state.counts.releases
+                                                                             : self->state.counts.voided);
+            }
             reply.deliver(!r.events.empty());
           },
           [self, reply, campaign_id = *campaign_id](caf::error& failure) mutable {

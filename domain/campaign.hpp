@@ -11,7 +11,8 @@
 ///     `release_ad_reservation` / `expire_ad_reservations` give it back when it is not
 ///     (ad_reservation_released). spent + reserved never exceeds spendable. `void_impression`
 ///     takes a recorded impression back when its answer was not settled with it (nobody paid for
-///     it): its spend, its count and the user's frequency cap that day (impression_voided).
+///     it): its spend, its count and the user's frequency cap that day (impression_voided); one
+///     only reserved is released.
 ///   - One impression at the bid costs impression_price_micros(cpm_bid_micros). When what is left
 ///     (spendable - spent) cannot pay for one more, the impression that spent it also emits
 ///     campaign_exhausted. Funding that makes room for an impression again ends the exhaustion
@@ -216,7 +217,9 @@ struct release_ad_reservation {
 
 /// A recorded impression whose answer was not settled with it (the scheduler refused the result,
 /// the client left before it completed): nobody paid for it, so its spend is taken back
-/// (impression_voided). A clicked impression stays: it reached its user.
+/// (impression_voided). A clicked impression stays: it reached its user. One still only reserved
+/// (its recording failed, or was never asked for) is released (ad_reservation_released): whoever
+/// does not know which it is (a recording whose answer was lost) takes it back either way.
 struct void_impression {
   std::string impression_id;
   std::string reason;

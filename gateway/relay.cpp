@@ -560,9 +560,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     ads_->served(*impression, [self, impression = *impression, result = std::move(result),
                                finish_reason = std::move(finish_reason)](std::optional<domain::ad_charge> charge) mutable {
       bool shown = charge.has_value();
-      // Not recorded: the answer goes without its ad, whose reservation (budget, pacing, the
-      // user's frequency cap) is given back now rather than when it expires.
-      if (!shown) self->ads_->release(impression, "its impression could not be recorded");
+      // Not recorded, as far as is known: the answer goes without its ad, which is taken back now
+      // (its budget, pacing, the user's frequency cap) rather than when its reservation expires;
+      // voided should its recording have been written after all (its answer lost), released if not.
+      if (!shown) self->ads_->unserved(impression, "its impression could not be recorded");
       // Recorded, but its client left meanwhile: nobody will see it, so nobody pays for it.
       if (shown && !self->answering(result.job_id)) {
         shown = false;

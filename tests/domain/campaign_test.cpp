@@ -326,6 +326,15 @@ TEST(campaign, a_voided_impression_gives_back_its_spend_count_and_frequency_cap_
   expect_refused(campaign::decide(s, void_impression{"r9", "late"}, noon + 7), errc::not_found, "r9");
   expect_refused(campaign::decide(s, void_impression{"r1", std::string(10'000, 'x')}, noon + 7),
                  errc::invalid_argument, "void reason");
+  // One still only reserved (its recording failed, or its answer was lost) is released.
+  ASSERT_TRUE(run(s, reservation("r4", "u2"), noon + 8));
+  d = run(s, void_impression{"r4", "its recording failed"}, noon + 8);
+  ASSERT_TRUE(d);
+  ASSERT_EQ(d->size(), 1u);
+  EXPECT_EQ(std::get<events::ad_reservation_released>(d->front()),
+            (events::ad_reservation_released{"r4", "c1", "its recording failed", noon + 8}));
+  EXPECT_FALSE(s.reservations.contains("r4"));
+  expect_refused(campaign::decide(s, record_impression{"r4", 1'000}, noon + 9), errc::invalid_state, "released");
   // A reservation voided before it was served is released already: nothing to give back.
   ASSERT_TRUE(run(s, reservation("r3", "u2"), noon + 8));
   ASSERT_TRUE(run(s, release_ad_reservation{"r3", "not served"}, noon + 9));
