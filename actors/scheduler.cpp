@@ -74,6 +74,9 @@ struct scheduler_state {
   /// yet past: lifted by the tick. Kept while a provider is offline too, since a suspension may
   /// be recorded between its links (its next listing then says so as well).
   std::map<std::string, std::int64_t> suspended_until_us;
+  /// Providers whose link loss was counted against them already (on one of the jobs it took):
+  /// until they are listed again, the other jobs it took count no more.
+  std::set<std::string> losses_counted;
   std::uint64_t passes = 0;
   std::uint64_t side_effects_failed = 0;
   /// A job's bill whose ledger group the store failed to take (the job's end, with the bill, is
@@ -898,6 +901,7 @@ void on_online(self_pointer self, provider_online& online) {
   const bool same_link = known != st.sessions.end() && known->second == online.session;
   const bool relinked = known != st.sessions.end() && !same_link;
   auto listed = st.index->list(online.listing, same_link);
+  if (listed) st.losses_counted.erase(id);  // a loss from now on is a new one
   if (!listed) return;  // over a limit: as it was (offline for routing, or its old listing)
   if (before) remove_prices(self, *before);
   add_prices(self, online.listing);
@@ -980,10 +984,18 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
           });
 }
 
-/// Puts a running job back in the queue (or fails it) because its provider is gone, counting it
-/// against the provider.
+/// The fault a job lost with `provider_id`'s link counts as: the provider's for the first job of
+/// the loss, none for the others (until the provider is listed again).
+domain::job_fault loss_fault(self_pointer self, const std::string& provider_id) {
+  return self->state.losses_counted.insert(provider_id).second ? domain::job_fault::provider
+                                                               : domain::job_fault::platform;
+}
+
+/// Puts a running job back in the queue (or fails it) because its provider is gone. The loss
+/// counts against the provider once, on the first job it took, whatever their number: a link
+/// that drops once while ten answers run is one fault, not the ten that suspend a provider.
 void provider_lost(self_pointer self, const std::string& provider_id, const std::string& job_id) {
-  record_outcome(self, provider_id, job_id, domain::job_fault::provider);
+  record_outcome(self, provider_id, job_id, loss_fault(self, provider_id));
   requeue_or_fail(self, job_id, events::reassign_reason::provider_lost, 0, [](auto&&) {});
 }
 
@@ -1079,7 +1091,8 @@ caf::typed_response_promise<job_ended> on_failure(self_pointer self, job_failure
     return reply;
   }
   // Only the provider's own faults count against it (the domain ignores the others).
-  record_outcome(self, failure.provider_id, failure.job_id, failure.fault);
+  record_outcome(self, failure.provider_id, failure.job_id,
+                 failure.with_link ? loss_fault(self, failure.provider_id) : failure.fault);
   // One the gateway failed for it (silent mid-answer) may still run it: told to stop. An agent that
   // reported its failure itself has let go of the job already.
   if (failure.fault == domain::job_fault::provider) cancel_at_provider(self, failure.provider_id, failure.job_id);

@@ -125,6 +125,9 @@ struct job_failure {
   domain::job_fault fault = domain::job_fault::provider;
   std::uint32_t tokens_so_far = 0;
   std::string message;
+  /// Lost with its provider's link: the loss counts against the provider once, on the first of
+  /// the jobs it took, not once per job (ten at once would suspend it).
+  bool with_link = false;
 };
 
 /// Stop a job (the client went away, or an operator).

@@ -646,7 +646,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     bridge_.run_keyed(provider_id, [self, provider_id, why, offline, defer_offline, lost = std::move(lost)](
                                        caf::event_based_actor* actor) {
       for (const auto& [job_id, tokens] : lost) {
-        self->report_failure(actor, job_id, provider_id, tokens, why, domain::job_fault::provider);
+        self->report_failure(actor, job_id, provider_id, tokens, why, domain::job_fault::provider, true);
       }
       if (!offline) return;
       if (defer_offline) {
@@ -790,10 +790,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
+  /// `with_link`: the job was lost with its provider's link (see job_failure).
   void report_failure(caf::event_based_actor* actor, const std::string& job_id, const std::string& provider_id,
-                      std::uint32_t tokens, const std::string& message, domain::job_fault fault) {
+                      std::uint32_t tokens, const std::string& message, domain::job_fault fault,
+                      bool with_link = false) {
     auto self = shared_from_this();
-    actor->request(scheduler_, caf::infinite, actors::job_failure{job_id, provider_id, fault, tokens, message})
+    actor->request(scheduler_, caf::infinite,
+                   actors::job_failure{job_id, provider_id, fault, tokens, message, with_link})
         .then(
             [self](const actors::job_ended& ended) {
               // Its watcher hears the same; whichever comes first ends the answer.

@@ -860,6 +860,40 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
   }
 }
 
+TEST_F(scheduler_test, jobs_lost_with_a_providers_link_count_against_it_once_per_loss) {
+  // Ten answers running when its link drops once: ten faults would suspend it (aborted_jobs_max).
+  bring_online("p1", "llama-8b", 12);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  const auto aborted = [&] {
+    auto provider = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+    EXPECT_TRUE(provider);
+    return provider ? provider->counters.aborted_jobs : 0u;
+  };
+  const auto lose_link = [&](int from, int to) {
+    for (int i = from; i < to; ++i) {
+      const auto id = "j" + std::to_string(i);
+      auto moved = ask<job_ended>(rt_.scheduler, job_failure{id, "p1", domain::job_fault::provider, 0, "link lost", true});
+      ASSERT_TRUE(moved) << describe(moved.error());
+    }
+    run();
+  };
+  for (int i = 0; i < 10; ++i) ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j" + std::to_string(i), "alice", true)));
+  ASSERT_EQ(job("j9").provider_id, "p1");
+  lose_link(0, 10);
+  EXPECT_EQ(aborted(), 1u);
+  auto provider = ask<domain::provider::state>(rt_.providers, std::string("p1"), state_atom::value);
+  ASSERT_TRUE(provider);
+  EXPECT_FALSE(domain::is_suspended(provider.value(), *clock_.now_us)) << "one dropped link suspended its provider";
+  // Its next link's loss is another fault; a job's own failure is one each.
+  link_again("p1");
+  ASSERT_EQ(job("j0").provider_id, "p1");
+  lose_link(0, 2);
+  EXPECT_EQ(aborted(), 2u);
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j5", "p1", domain::job_fault::provider, 0, "500"}));
+  run();
+  EXPECT_EQ(aborted(), 3u);
+}
+
 TEST_F(scheduler_test, a_provider_lost_while_a_refused_request_fails_counts_no_fault_against_it) {
   bring_online("p1", "llama-8b", 1);
   create_user("bob", events::user_tier::free, 0);

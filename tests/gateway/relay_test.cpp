@@ -143,7 +143,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
       },
       [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {
         log->add("failure " + failure.job_id + " " + failure.provider_id + " " + fault_name(failure.fault) + " " +
-                 std::to_string(failure.tokens_so_far));
+                 std::to_string(failure.tokens_so_far) + (failure.with_link ? " with link" : ""));
         return actors::job_ended{failure.job_id, domain::job_status::queued, 0, 0};  // another provider's turn
       },
       [log, platform_cancels = std::make_shared<std::set<std::string>>()](
@@ -1169,6 +1169,17 @@ TEST(relay, a_provider_silent_in_the_middle_of_an_answer_loses_it_to_another) {
   EXPECT_NE(stream.find("whole"), std::string::npos) << stream;
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "failure j1 p1 provider 1"), 1) << testing::PrintToString(events);
+}
+
+TEST(relay, a_job_lost_with_its_providers_link_is_reported_so) {
+  // The scheduler counts one link's loss against its provider once, whatever the jobs it took.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "half ", .attempt = 1});
+  world.relay.link_lost("p1");
+  EXPECT_TRUE(world.log->wait_for("failure j1 p1 provider 1 with link", 10s)) << testing::PrintToString(world.log->events());
 }
 
 TEST(relay, a_failure_is_reported_once_even_when_the_link_goes_after_it) {
