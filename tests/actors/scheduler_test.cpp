@@ -860,6 +860,20 @@ TEST_F(scheduler_test, a_request_two_backends_refuse_fails_with_their_words_and_
   }
 }
 
+TEST_F(scheduler_test, a_provider_linking_again_without_a_model_fails_the_jobs_queued_for_it_at_once) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));  // on p1's one slot
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // behind it
+  ASSERT_EQ(counts().queued, 1u);
+  // Its agent restarts serving another model, and links again.
+  advertise_again("p1", {events::model_offer{"other", 8192, "Q4_K_M", 1'000'000, 1'000'000, 1}});
+  link_again("p1");
+  EXPECT_EQ(counts().queued, 0u);
+  EXPECT_EQ(job("j1").status, domain::job_status::failed);
+  EXPECT_EQ(job("j1").failure, events::failure_reason::no_provider);
+}
+
 TEST_F(scheduler_test, jobs_lost_with_a_providers_link_count_against_it_once_per_loss) {
   // Ten answers running when its link drops once: ten faults would suspend it (aborted_jobs_max).
   bring_online("p1", "llama-8b", 12);
