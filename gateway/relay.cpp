@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "actors/errors.hpp"
+#include "domain/auction.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -720,11 +721,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
            live.provider_id == provider_id && (attempt == 0 || attempt == live.attempt);
   }
 
+  /// What the ad's auction reads of the prompt: the user's newest words first (a long chat's
+  /// first question may be long settled), and no more than it reads (the auction's
+  /// prompt_bytes_max, and the byte after it, which tells whether the last word was cut).
   static std::string prompt_of(const completion_request& request) {
-    if (request.kind == request_kind::completion) return request.prompt;
+    const std::size_t bytes_max = domain::auction_options{}.prompt_bytes_max + 1;
+    if (request.kind == request_kind::completion) return request.prompt.substr(0, bytes_max);
     std::string text;
-    for (const auto& m : request.messages) {
-      if (m.role == "user") text += m.content + "\n";
+    for (auto m = request.messages.rbegin(); m != request.messages.rend() && text.size() < bytes_max; ++m) {
+      if (m->role == "user") text.append(m->content, 0, bytes_max - text.size()).append("\n");
     }
     return text;
   }

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "actors/errors.hpp"
+#include "domain/auction.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -302,8 +303,12 @@ class held_ads final : public ad_source {
   /// With `hold_picks`, a pick waits for finish_pick.
   explicit held_ads(bool hold_picks = false) : hold_picks_(hold_picks) {}
 
-  void pick(std::string, std::string, std::string, std::function<void(std::optional<ad_info>)> done) override {
+  void pick(std::string, std::string, std::string prompt, std::function<void(std::optional<ad_info>)> done) override {
     ++picks;
+    {
+      std::lock_guard lock(mutex_);
+      prompts_.push_back(std::move(prompt));
+    }
     if (hold_picks_) {
       std::lock_guard lock(mutex_);
       held_pick_ = std::move(done);
@@ -338,6 +343,11 @@ class held_ads final : public ad_source {
     std::lock_guard lock(mutex_);
     return released_;
   }
+  /// The prompt text of each pick.
+  std::vector<std::string> prompts() {
+    std::lock_guard lock(mutex_);
+    return prompts_;
+  }
   std::atomic<int> picks{0};
   std::vector<std::string> unserved() {
     std::lock_guard lock(mutex_);
@@ -367,6 +377,7 @@ class held_ads final : public ad_source {
   std::function<void(std::optional<domain::ad_charge>)> held_;
   std::vector<std::string> released_;
   std::vector<std::string> unserved_;
+  std::vector<std::string> prompts_;
 };
 
 /// The charge of held_ads' ad once recorded.
@@ -593,6 +604,29 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   ASSERT_NE(result, events.end()) << "no result";
   EXPECT_LT(result, offline) << "the scheduler heard of the provider going offline before the job's result";
   EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), result);
+}
+
+TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_auction_does) {
+  held_ads ads;
+  relay_world world(&ads);
+  const std::size_t read_max = domain::auction_options{}.prompt_bytes_max;
+  relay_job job;
+  job.job_id = "j1";
+  job.user_id = "u1";
+  job.request.model = "m";
+  job.request.messages = {chat_message{"user", "pizza " + std::string(100'000, 'x')},
+                          chat_message{"assistant", "sure"}, chat_message{"user", "a python question"}};
+  job.prompt_tokens = 1;
+  job.completion_budget = 10;
+  job.reply = std::make_shared<recorded_reply>();
+  world.relay.submit(std::move(job));
+  ASSERT_TRUE(world.log->wait_for("request j1", 10s));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  const auto prompts = ads.prompts();
+  ASSERT_EQ(prompts.size(), 1u);
+  EXPECT_TRUE(prompts.front().starts_with("a python question\npizza ")) << prompts.front().substr(0, 40);
+  EXPECT_EQ(prompts.front().find("sure"), std::string::npos) << "only the user's words";
+  EXPECT_LE(prompts.front().size(), read_max + 2) << "the auction reads " << read_max << " bytes";
 }
 
 TEST(relay, an_ad_whose_impression_could_not_be_recorded_is_taken_back) {
