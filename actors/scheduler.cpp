@@ -912,6 +912,9 @@ void on_online(self_pointer self, provider_online& online) {
   }
   st.sessions[id] = std::move(online.session);
   if (relinked) {
+    // A newer link may list less than the one it replaced (its agent restarted with other models,
+    // prices or windows): queued jobs only the old listing served fail now, not at their deadline.
+    fail_unservable(self, "linked again without it");
     // A newer link of a listed provider (its agent linked again): offers made to the old link
     // were lost with it, so the jobs still waiting there for their first token are offered on the
     // new one rather than waiting first_token_wait_max. (Those the old link had taken were

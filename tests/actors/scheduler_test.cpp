@@ -866,8 +866,10 @@ TEST_F(scheduler_test, a_provider_linking_again_without_a_model_fails_the_jobs_q
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));  // on p1's one slot
   ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // behind it
   ASSERT_EQ(counts().queued, 1u);
-  // Its agent restarts serving another model, and links again.
-  advertise_again("p1", {events::model_offer{"other", 8192, "Q4_K_M", 1'000'000, 1'000'000, 1}});
+  // Its agent restarts serving another model, and links again (its new link takes over).
+  command(rt_.providers, "p1",
+          domain::provider::command{domain::provider::advertise{
+              {events::model_offer{"other", 8192, "Q4_K_M", 1'000'000, 1'000'000, 1}}}});
   link_again("p1");
   EXPECT_EQ(counts().queued, 0u);
   EXPECT_EQ(job("j1").status, domain::job_status::failed);
