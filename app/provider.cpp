@@ -828,14 +828,6 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   // --- jobs -------------------------------------------------------------------------------------
 
   void on_offer(link::offer offer) {
-    if (phase_ != phase::linked) {  // going offline: the backend does not answer
-      refuse(offer, "the provider's backend does not answer; the provider is going offline");
-      return;
-    }
-    if (draining_) {
-      refuse(offer, "the provider is stopping");
-      return;
-    }
     if (const auto running = jobs_.find(offer.job_id); running != jobs_.end()) {
       // Refusing an offer of the attempt that runs would end that attempt at the coordinator (its
       // error names the attempt) while its backend request goes on, holding a slot for nothing.
@@ -849,11 +841,21 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         return;
       }
       // The coordinator gave up on the earlier attempt (the answer continues from what it got):
-      // that request stops, and the new one takes its slot.
+      // that request stops, and the new one takes its slot (also while draining or going
+      // offline: it is refused below, as any new offer is then).
       log_->info("job={} attempt={} replaces attempt={} running here", offer.job_id, offer.attempt,
                  running->second.attempt);
       running->second.request->cancel();
       jobs_.erase(running);
+    }
+    if (phase_ != phase::linked) {  // going offline: the backend does not answer
+      refuse(offer, "the provider's backend does not answer; the provider is going offline");
+      return;
+    }
+    if (draining_) {
+      refuse(offer, "the provider is stopping");
+      check_drained();  // the earlier attempt stopped above may have been the last job
+      return;
     }
     if (jobs_.size() >= concurrency_) {
       log_->warn("refusing job={}: {} of {} slots busy", offer.job_id, jobs_.size(), concurrency_);

@@ -801,8 +801,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                 // The owner's id comes from the Idempotency-Key too: an earlier request with this
                 // key and other details (another name) made it.
                 return reply(error_response(
-                    409, "an earlier request with this Idempotency-Key created provider " + provider_id +
-                             " with other details; send another Idempotency-Key to create another provider",
+                    409, "an earlier request with this Idempotency-Key (provider " + provider_id +
+                             ") had other details; send another Idempotency-Key to create another provider",
                     "Idempotency-Key"));
               }
               reply(failure_response(failure, "creating the provider's owner", self->options_.request_timeout));

@@ -679,7 +679,7 @@ TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money
   const auto renamed = post_once("/admin/providers", R"({"name":"rig 2"})", "rig-1");
   EXPECT_EQ(renamed.status, 409u) << renamed.body;
   EXPECT_EQ(error_of(renamed).at("param"), json::value("Idempotency-Key")) << renamed.body;
-  EXPECT_NE(renamed.body.find("created provider " + provider_id + " with other details"), std::string::npos)
+  EXPECT_NE(renamed.body.find("(provider " + provider_id + ") had other details"), std::string::npos)
       << renamed.body;
 
   expect_invalid(post_once("/admin/users", user_body, std::string(256, 'k')), "Idempotency-Key");
