@@ -493,8 +493,12 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
   }
   self->request(self->state.peers.ledger, caf::infinite, domain::ledger::command{settled.value().group})
       .then([after_ledger](const command_reply&) mutable { after_ledger(); },
-            [self, job_id, reply, outcome, measure, free_tokens, ended,
+            [self, job_id, reply, outcome, measure, free_tokens, ended, after_ledger,
              group = std::move(settled.value().group)](caf::error& failure) mutable {
+              // Its ids claimed: an earlier try of this group was written after all.
+              if (const auto stored = storage_error_of(failure); stored && stored->code == storage::errc::key_taken) {
+                return after_ledger();
+              }
               const bool retried = !settled_otherwise(failure);
               keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
                              free_tokens, failure);
