@@ -198,6 +198,18 @@ std::optional<std::string> repeated_key(std::string_view body, const json::parse
   return std::move(parser.handler().repeated);
 }
 
+/// The 400 for a `what` (a field, a query parameter) named `name` that is none of `known`, which
+/// it lists.
+http_response unknown_name(std::string_view what, std::string_view name, std::initializer_list<std::string_view> known) {
+  std::string names;
+  for (const auto k : known) names += (names.empty() ? "" : ", ") + std::string(k);
+  const std::string shown = printable_field(name);
+  return error_response(400,
+                        "unknown " + std::string(what) + " '" + shown + "'; " +
+                            (names.empty() ? "this endpoint takes none" : "the " + std::string(what) + "s are: " + names),
+                        shown);
+}
+
 /// The body as a JSON object whose every field is one of `fields`: a misspelt field ("credit" for
 /// "credit_micros") is refused rather than read as absent, which would create a user without
 /// its credit. A field given twice is refused too: JSON parsers disagree on which one counts.
@@ -219,12 +231,7 @@ checked<json::object> parse_object(std::string_view body, std::size_t depth_max,
   }
   for (const auto& field : parsed.as_object()) {
     if (std::find(fields.begin(), fields.end(), field.key()) != fields.end()) continue;
-    std::string known;
-    for (const auto name : fields) known += (known.empty() ? "" : ", ") + std::string(name);
-    return invalid{error_response(400,
-                                  "unknown field '" + printable_field(field.key()) + "'; " +
-                                      (known.empty() ? "this endpoint takes none" : "the fields are: " + known),
-                                  printable_field(field.key()))};
+    return invalid{unknown_name("field", field.key(), fields)};
   }
   return std::move(parsed.as_object());
 }
@@ -362,12 +369,7 @@ checked<std::map<std::string, std::string>> query_params(std::string_view target
     auto value = equals == std::string_view::npos ? std::string() : percent_decode(pair.substr(equals + 1), plus_sign::space);
     if (!pair.empty()) {
       if (std::find(known.begin(), known.end(), name) == known.end()) {
-        std::string names;
-        for (const auto k : known) names += (names.empty() ? "" : ", ") + std::string(k);
-        return invalid{error_response(400,
-                                      "unknown query parameter '" + printable_field(name) + "'; " +
-                                          (names.empty() ? "this endpoint takes none" : "the parameters are: " + names),
-                                      printable_field(name))};
+        return invalid{unknown_name("query parameter", name, known)};
       }
       if (!out.emplace(name, std::move(value)).second) {
         return invalid{error_response(400, "query parameter '" + name + "' is given twice; give it once", name)};
@@ -524,22 +526,23 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     const auto path = request.path();
     const bool get = request.reads();
     const bool post = request.method == "POST";
-    // Only the listings take query parameters; a request that gives others is refused.
-    const bool listing = get && (path == "/admin/providers" || path == "/admin/jobs" || path == "/admin/accounts");
-    if (!listing) {
+    // Only the listings take query parameters: any other request that gives one is refused, once
+    // its path and method are found (a wrong one still gets 404 or 405).
+    const auto without_query = [&](auto handle) {
       if (auto none = query_params(request.target, {}); !none) return reply(std::move(none).error());
-    }
+      handle();
+    };
     if (path == "/admin/users") {
-      if (post) return create_user(request, std::move(reply));
+      if (post) return without_query([&] { create_user(request, std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     if (path == "/admin/providers") {
       if (get) return list_providers(request, std::move(reply));
-      if (post) return create_provider(request, std::move(reply));
+      if (post) return without_query([&] { create_provider(request, std::move(reply)); });
       return not_allowed(request, "GET, HEAD, POST", std::move(reply));
     }
     if (path == "/admin/campaigns") {
-      if (post) return create_campaign(request, std::move(reply));
+      if (post) return without_query([&] { create_campaign(request, std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     if (path == "/admin/jobs") {
@@ -551,19 +554,19 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       return not_allowed(request, "GET, HEAD", std::move(reply));
     }
     if (path == "/admin/payouts/run") {
-      if (post) return run_payouts(request, std::move(reply));
+      if (post) return without_query([&] { run_payouts(request, std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     if (path == "/admin/payouts/last") {
-      if (get) return last_payout_run(std::move(reply));
+      if (get) return without_query([&] { last_payout_run(std::move(reply)); });
       return not_allowed(request, "GET, HEAD", std::move(reply));
     }
     if (auto step = payout_step_of(path)) {
-      if (post) return step_payout(request, std::move(step->first), step->second, std::move(reply));
+      if (post) return without_query([&] { step_payout(request, std::move(step->first), step->second, std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     if (auto provider_id = token_provider_of(path)) {
-      if (post) return replace_provider_token(request, std::move(*provider_id), std::move(reply));
+      if (post) return without_query([&] { replace_provider_token(request, std::move(*provider_id), std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     reply(error_response(404, "no such admin endpoint: " + std::string(path)));

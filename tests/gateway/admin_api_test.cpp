@@ -877,6 +877,11 @@ TEST_F(admin_api_test, jobs_are_listed_newest_first_optionally_in_one_state) {
   expect_invalid(call("GET", "/admin/accounts?prefx=user-"), "prefx");
   expect_invalid(call("GET", "/admin/payouts/last?limit=1"), "limit");
   EXPECT_NE(call("GET", "/admin/payouts/last?limit=1").body.find("this endpoint takes none"), std::string::npos);
+  EXPECT_NE(call("GET", "/admin/jobs?status=failed").body.find("the query parameters are: limit, after, state"),
+            std::string::npos);
+  // A wrong path or method is named first.
+  EXPECT_EQ(call("GET", "/admin/nope?x=1").status, 404u);
+  EXPECT_EQ(call("POST", "/admin/jobs?state=failed").status, 405u);
   EXPECT_EQ(ids("/admin/jobs?state=failed&"), (std::vector<std::string>{"j2"})) << "an empty pair is no parameter";
 }
 
