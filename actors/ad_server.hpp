@@ -134,8 +134,9 @@ using ad_server_actor = caf::typed_actor<
     /// (release, impression_id, reason): the ad was not shown (the answer failed, the client left);
     /// gives the reservation back. Replies false when it had already been released.
     caf::replies_to<release_atom, std::string, std::string>::with<bool>,
-    /// (unserved, impression_id, reason): the recorded impression did not go out with a settled
-    /// answer; takes it back (void_impression). Replies false when there was nothing to take back.
+    /// (unserved, impression_id, reason): the impression did not go out with a settled answer;
+    /// takes it back (void_impression): voided if recorded, released if only reserved. Replies
+    /// false when it was taken back or released before; an id never reserved: not_found.
     caf::replies_to<unserved_atom, std::string, std::string>::with<bool>,
     /// (click, impression_id): records the click (once per impression, within 7 days of it) and
     /// replies the advertiser's URL for the redirect; an impression of a campaign that counts no

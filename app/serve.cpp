@@ -305,6 +305,7 @@ int run_serve(const serve_options& given) {
   caf::actor_system system(caf_config);
   actors::runtime_options runtime_options;
   runtime_options.payouts.first_run_at_once = false;  // the node's start runs it, before serving
+  const std::size_t ad_prompt_bytes_max = runtime_options.ads.auction.prompt_bytes_max;
   const auto runtime = actors::start_runtime(system, store, std::move(runtime_options));
   struct stop_at_exit {
     const actors::runtime& r;
@@ -317,6 +318,7 @@ int run_serve(const serve_options& given) {
   node_options.http.threads = options.http_threads;
   node_options.http.stream_flush_interval = std::chrono::milliseconds(options.stream_flush_ms);
   node_options.relay.live_jobs_max = options.live_jobs_max;
+  node_options.relay.ad_prompt_bytes_max = ad_prompt_bytes_max;  // what the ad server's auction reads
   const bool admin_api = !options.admin_token.empty();
   node_options.admin_token = std::exchange(options.admin_token, {});
   node_options.public_url = options.public_url;

@@ -13,7 +13,6 @@
 #include <tuple>
 
 #include "actors/errors.hpp"
-#include "domain/auction.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -320,10 +319,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   /// With `live`'s lock held: the job's ad pick, to start once the lock is let go, unless it
   /// started before, the job wants none, or a stopping node cut it short (it shows no ad).
-  static std::optional<ad_pick> claim_ad_pick(live_job& live) {
+  std::optional<ad_pick> claim_ad_pick(live_job& live) const {
     if (!live.ad_pending || live.ad_pick_started || live.cut_short) return std::nullopt;
     live.ad_pick_started = true;
-    return ad_pick{live.job.user_id, prompt_of(live.job.request)};
+    return ad_pick{live.job.user_id, prompt_of(live.job.request, options_.ad_prompt_bytes_max)};
   }
 
   void start_ad_pick(const std::string& id, ad_pick pick) {
@@ -722,10 +721,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// What the ad's auction reads of the prompt: the user's newest words first (a long chat's
-  /// first question may be long settled), and no more than it reads (the auction's
-  /// prompt_bytes_max, and the byte after it, which tells whether the last word was cut).
-  static std::string prompt_of(const completion_request& request) {
-    const std::size_t bytes_max = domain::auction_options{}.prompt_bytes_max + 1;
+  /// first question may be long settled), and no more than it reads (`read_max`, and the byte
+  /// after it, which tells whether the last word was cut).
+  static std::string prompt_of(const completion_request& request, std::size_t read_max) {
+    const std::size_t bytes_max = read_max + 1;
     if (request.kind == request_kind::completion) return request.prompt.substr(0, bytes_max);
     std::string text;
     for (auto m = request.messages.rbegin(); m != request.messages.rend() && text.size() < bytes_max; ++m) {

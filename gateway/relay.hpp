@@ -42,7 +42,9 @@ class ad_source {
   /// The reserved ad will not be shown.
   virtual void release(std::string impression_id, std::string reason) = 0;
   /// The impression served() recorded did not go out with a settled answer (the scheduler refused
-  /// the result, the client left before it completed): nobody pays for it, so it is taken back.
+  /// the result, the client left before it completed), or served() could not tell whether it
+  /// recorded it: nobody pays for it, so it is taken back (voided if recorded, released if only
+  /// reserved).
   virtual void unserved(std::string impression_id, std::string reason) = 0;
 };
 
@@ -63,6 +65,9 @@ struct relay_options {
   /// Most live jobs (waiting, streaming, finishing) on this node; one more gets a 429-style
   /// refusal before anything is recorded. Default: 100,000.
   std::size_t live_jobs_max = 100'000;
+  /// Most bytes of a prompt an ad's auction reads (its prompt_bytes_max): an ad's pick is given
+  /// no more. Default: 16 KiB, the auction's default.
+  std::size_t ad_prompt_bytes_max = 16'384;
   /// How often a client's cancel is retried while the scheduler is still recording the job's
   /// queueing, and the wait between tries. Default: 100 tries, 5 ms apart.
   std::uint32_t cancel_retries_max = 100;

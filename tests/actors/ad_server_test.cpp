@@ -373,6 +373,23 @@ TEST_F(ad_server_test, an_impression_whose_answer_went_unsettled_is_taken_back_o
   verify_log();
 }
 
+TEST_F(ad_server_test, an_ad_taken_back_before_its_impression_was_recorded_is_released) {
+  // Its recording's answer was lost: whoever served it cannot tell whether it was recorded.
+  create(campaign("c1", {"gpu"}, 1'000'000, 1));
+  auto ad = pick("j1", "u1", "gpu prices");
+  ASSERT_TRUE(ad);
+  EXPECT_EQ(campaign_state("c1").reserved_micros, ad->price_micros);
+  auto taken = ask<bool>(rt_.ad_server, unserved_atom::value, ad->impression_id, std::string("not recorded"));
+  ASSERT_TRUE(taken) << describe(taken.error());
+  EXPECT_TRUE(taken.value());
+  EXPECT_EQ(campaign_state("c1").reserved_micros, 0);
+  EXPECT_EQ(counts().releases, 1u);
+  EXPECT_EQ(counts().voided, 0u);
+  EXPECT_TRUE(pick("j2", "u1", "gpu prices")) << "its frequency cap is free again";
+  EXPECT_FALSE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id)) << "never served now";
+  verify_log();
+}
+
 TEST_F(ad_server_test, an_ad_picked_for_a_long_answer_is_still_served_when_the_answer_ends) {
   // Picked at submission, served at the end: a minute in the queue and ten minutes of answer
   // (5,000 tokens at 8 tokens/s on a slow GPU) keep their ad.

@@ -26,7 +26,6 @@
 #include <vector>
 
 #include "actors/errors.hpp"
-#include "domain/auction.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -608,8 +607,10 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
 
 TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_auction_does) {
   held_ads ads;
-  relay_world world(&ads);
-  const std::size_t read_max = domain::auction_options{}.prompt_bytes_max;
+  relay_options options;
+  options.ad_prompt_bytes_max = 1'000;
+  relay_world world(&ads, options);
+  const std::size_t read_max = options.ad_prompt_bytes_max;
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
