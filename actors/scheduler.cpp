@@ -1195,6 +1195,7 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
             if (!settled) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
+              assign_pass(self);  // its slot, if it held one, goes to the next job now, not at the tick
               return;
             }
             domain::job_measure measure;
