@@ -348,9 +348,15 @@ std::uint32_t billed_prompt_tokens(const scheduler_options& options, const live_
   return std::min(reported, estimate);
 }
 
+/// Whether the ledger found the group's ids claimed (key_taken): an earlier try of it was written
+/// after all, and the ledger's window forgot it since.
+bool written_before(const caf::error& failure) {
+  const auto stored = storage_error_of(failure);
+  return stored && stored->code == storage::errc::key_taken;
+}
+
 /// Whether the ledger is done with a group it did not take now: refused for good (a domain
-/// refusal other than busy; a store that cannot be written as it is), or found its ids claimed
-/// (key_taken: an earlier try was written after all, and the ledger's window forgot it since).
+/// refusal other than busy; a store that cannot be written as it is), or written_before.
 /// Anything else (the disk, a full queue, a ledger starting again) may pass on a later try.
 bool settled_otherwise(const caf::error& failure) {
   if (const auto refused = domain_error_of(failure)) return refused->code != domain::errc::busy;
@@ -437,8 +443,7 @@ void retry_unsettled(self_pointer self) {
         return;
       }
       // Refused for good: counted (serve's start finds the bill without its group and reports it).
-      const auto stored = applied ? std::nullopt : storage_error_of(*failure);
-      const bool written = applied || (stored && stored->code == storage::errc::key_taken);
+      const bool written = applied || written_before(*failure);
       if (written) {
         after_retried(self, job_id, e);
       } else {
@@ -495,10 +500,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
       .then([after_ledger](const command_reply&) mutable { after_ledger(); },
             [self, job_id, reply, outcome, measure, free_tokens, ended, after_ledger,
              group = std::move(settled.value().group)](caf::error& failure) mutable {
-              // Its ids claimed: an earlier try of this group was written after all.
-              if (const auto stored = storage_error_of(failure); stored && stored->code == storage::errc::key_taken) {
-                return after_ledger();
-              }
+              if (written_before(failure)) return after_ledger();
               const bool retried = !settled_otherwise(failure);
               keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
                              free_tokens, failure);
@@ -905,8 +907,8 @@ void on_online(self_pointer self, provider_online& online) {
   const bool same_link = known != st.sessions.end() && known->second == online.session;
   const bool relinked = known != st.sessions.end() && !same_link;
   auto listed = st.index->list(online.listing, same_link);
-  if (listed) st.losses_counted.erase(id);  // a loss from now on is a new one
   if (!listed) return;  // over a limit: as it was (offline for routing, or its old listing)
+  st.losses_counted.erase(id);  // a loss from now on is a new one
   if (before) remove_prices(self, *before);
   add_prices(self, online.listing);
   if (same_link) {

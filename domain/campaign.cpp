@@ -266,7 +266,7 @@ decision on(const campaign_state& s, const void_impression& c, std::int64_t now_
   if (auto ok = check_text("void reason", c.reason, o.text_length_max, true); !ok) return unexpected{ok.error()};
   if (s.released.contains(c.impression_id)) return events_list{};  // voided (or never served) before
   if (s.reservations.contains(c.impression_id))
-    return events_list{events::ad_reservation_released{c.impression_id, s.campaign_id, c.reason, now_us}};
+    return on(s, release_ad_reservation{c.impression_id, c.reason}, now_us, o);
   auto it = s.impressions.find(c.impression_id);
   if (it == s.impressions.end())
     return refuse(errc::not_found, "campaign " + quoted(s.campaign_id) + " recorded no impression " +

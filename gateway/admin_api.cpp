@@ -18,11 +18,11 @@
 #include <initializer_list>
 #include <limits>
 #include <map>
-#include <variant>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "actors/errors.hpp"
@@ -393,6 +393,28 @@ checked<std::size_t> limit_param(const std::map<std::string, std::string>& param
         400, "limit must be an integer from 1 to " + std::to_string(max), "limit")};
   }
   return value;
+}
+
+/// A listing's query: its parameters and its page size.
+struct listing_query {
+  std::map<std::string, std::string> params;
+  std::size_t limit = 0;
+  /// The parameter `name`, empty when not given.
+  [[nodiscard]] std::string param(const std::string& name) const {
+    const auto found = params.find(name);
+    return found == params.end() ? std::string() : found->second;
+  }
+};
+
+/// The query of a listing that takes the parameters `known` (limit among them): its page size is
+/// `limit`, default_limit when not given, at most max.
+checked<listing_query> listing_query_of(std::string_view target, std::initializer_list<std::string_view> known,
+                                        std::size_t default_limit, std::size_t max) {
+  auto params = query_params(target, known);
+  if (!params) return invalid{std::move(params).error()};
+  auto limit = limit_param(*params, default_limit, max);
+  if (!limit) return invalid{std::move(limit).error()};
+  return listing_query{std::move(*params), *limit};
 }
 
 std::optional<domain::job_status> job_status_named(std::string_view name) {
@@ -910,17 +932,16 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
 
   // -- Listings ---------------------------------------------------------------------------------
 
+  checked<listing_query> listing(const http_request& request, std::initializer_list<std::string_view> known) const {
+    return listing_query_of(request.target, known, options_.list_limit_default, options_.list_limit_max);
+  }
+
   void list_providers(const http_request& request, reply_function reply) const {
-    auto checked_params = query_params(request.target, {"limit", "after"});
-    if (!checked_params) return reply(std::move(checked_params).error());
-    const auto& params = *checked_params;
-    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
-    if (!limit) return reply(std::move(limit).error());
+    const auto query = listing(request, {"limit", "after"});
+    if (!query) return reply(query.error());
     const auto now_us = options_.clock_us();
-    std::string after;
-    if (const auto found = params.find("after"); found != params.end()) after = found->second;
-    auto listed = directory_->providers(*limit + 1, after);
-    const bool has_more = listed.size() > *limit;
+    auto listed = directory_->providers(query->limit + 1, query->param("after"));
+    const bool has_more = listed.size() > query->limit;
     if (has_more) listed.pop_back();
     std::string body = "{\"object\":\"list\",\"data\":[";
     bool first = true;
@@ -945,13 +966,10 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   void list_jobs(const http_request& request, reply_function reply) const {
-    auto checked_params = query_params(request.target, {"limit", "after", "state"});
-    if (!checked_params) return reply(std::move(checked_params).error());
-    const auto& params = *checked_params;
-    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
-    if (!limit) return reply(std::move(limit).error());
+    const auto query = listing(request, {"limit", "after", "state"});
+    if (!query) return reply(query.error());
     std::optional<domain::job_status> state;
-    if (const auto found = params.find("state"); found != params.end()) {
+    if (const auto found = query->params.find("state"); found != query->params.end()) {
       state = job_status_named(found->second);
       if (!state) {
         return reply(error_response(400,
@@ -960,9 +978,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                     "state"));
       }
     }
-    std::string after;
-    if (const auto found = params.find("after"); found != params.end()) after = found->second;
-    auto listed = directory_->jobs(state, *limit + 1, after);
+    const std::string after = query->param("after");
+    auto listed = directory_->jobs(state, query->limit + 1, after);
     if (!listed) {
       return reply(error_response(400,
                                   "after names job " + after +
@@ -970,7 +987,7 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                       "oldest finished jobs); list again from the newest",
                                   "after"));
     }
-    const bool has_more = listed->size() > *limit;
+    const bool has_more = listed->size() > query->limit;
     if (has_more) listed->pop_back();
     json::array data;
     for (const auto& j : *listed) data.emplace_back(job_json(j));
@@ -978,16 +995,13 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   void list_accounts(const http_request& request, reply_function reply) {
-    auto checked_params = query_params(request.target, {"limit", "prefix", "after"});
-    if (!checked_params) return reply(std::move(checked_params).error());
-    const auto& params = *checked_params;
-    auto limit = limit_param(params, options_.list_limit_default, options_.list_limit_max);
-    if (!limit) return reply(std::move(limit).error());
-    actors::ledger_aggregate::query query{.accounts_max = *limit};
-    if (const auto found = params.find("prefix"); found != params.end()) query.account_prefix = found->second;
-    if (const auto found = params.find("after"); found != params.end()) query.accounts_after = found->second;
+    const auto listed = listing(request, {"limit", "prefix", "after"});
+    if (!listed) return reply(listed.error());
+    actors::ledger_aggregate::query query{.accounts_max = listed->limit};
+    query.account_prefix = listed->param("prefix");
+    query.accounts_after = listed->param("after");
     auto self = shared_from_this();
-    spawn_request([self, query = std::move(query), limit = *limit,
+    spawn_request([self, query = std::move(query), limit = listed->limit,
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
       actor->request(self->peers_.ledger, self->timeout(), std::move(query))
           .then(
