@@ -454,11 +454,8 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   /// embedding models (which cannot answer a chat) first.
   std::vector<std::string> probe_models() const {
     std::vector<std::string> ids;
-    for (const bool embedding : {false, true}) {
-      for (const auto& model : models_) {
-        if ((model.id.find("embed") != std::string::npos) == embedding) ids.push_back(model.id);
-      }
-    }
+    for (const auto& model : models_) ids.push_back(model.id);
+    std::stable_partition(ids.begin(), ids.end(), [](const std::string& id) { return id.find("embed") == std::string::npos; });
     return ids;
   }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "actors/errors.hpp"
+#include "domain/auction.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -611,6 +612,8 @@ TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_
   options.ad_prompt_bytes_max = 1'000;
   relay_world world(&ads, options);
   const std::size_t read_max = options.ad_prompt_bytes_max;
+  EXPECT_EQ(relay_options{}.ad_prompt_bytes_max, domain::auction_options{}.prompt_bytes_max)
+      << "the default is the auction's";
   relay_job job;
   job.job_id = "j1";
   job.user_id = "u1";
