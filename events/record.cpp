@@ -60,8 +60,8 @@ std::string event_id::to_string() const {
 
 void encode_record_into(const record_view& r, std::string& out) {
   // One zeroed segment sized for the whole record, reused by this thread: building allocates nothing.
-  const std::size_t segment_words =
-      16 + (r.stream.size() + 8) / sizeof(capnp::word) + (r.payload.size() + 7) / sizeof(capnp::word);
+  static_assert(sizeof(capnp::word) == 8);
+  const std::size_t segment_words = record_segment_words(r.stream.size(), r.payload.size());
   thread_local std::vector<capnp::word> segment;
   if (segment.size() < segment_words) segment.resize(segment_words);
   std::memset(static_cast<void*>(segment.data()), 0, segment_words * sizeof(capnp::word));

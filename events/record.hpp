@@ -52,6 +52,21 @@ inline constexpr std::size_t record_crc_bytes = 4;
 /// limit, so anything larger is corruption.
 inline constexpr std::size_t record_bytes_max = 16u << 20;
 
+/// Cap'n Proto words of the one segment encode_record builds for a record whose stream id and
+/// payload have these sizes: the record's fields and pointers (16 words) and the two blobs, the
+/// stream id with its NUL.
+[[nodiscard]] constexpr std::size_t record_segment_words(std::size_t stream_bytes,
+                                                         std::size_t payload_bytes) noexcept {
+  return 16 + (stream_bytes + 8) / 8 + (payload_bytes + 7) / 8;
+}
+
+/// Most bytes encode_record writes for such a record: the segment table (one word), the segment
+/// and the CRC. The store refuses limits under which this could exceed record_bytes_max.
+[[nodiscard]] constexpr std::size_t encoded_record_bytes_max(std::size_t stream_bytes,
+                                                             std::size_t payload_bytes) noexcept {
+  return (1 + record_segment_words(stream_bytes, payload_bytes)) * 8 + record_crc_bytes;
+}
+
 /// Encodes `r` as Cap'n Proto words followed by their CRC32C (little-endian).
 [[nodiscard]] std::string encode_record(const record& r);
 

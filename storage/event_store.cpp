@@ -50,6 +50,7 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
   const std::uint64_t acknowledged = last_position_.load();
   // Positions of the wanted versions, from the runs that hold them.
   std::vector<std::uint64_t> positions;
+  std::vector<std::uint64_t> versions;
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
   const auto from_key = keys::stream_key(stream, from);
   it->SeekForPrev(slice(from_key));  // the run that may contain `from`
@@ -63,6 +64,7 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
     const auto last = std::min(to, run->last_version());
     for (auto v = std::max(from, run->first_version); v <= last && positions.size() < max; ++v) {
       positions.push_back(run->position_of(v));
+      versions.push_back(v);
     }
   }
   if (!it->status().ok()) return unexpected{translate(it->status(), "reading stream")};
@@ -82,9 +84,10 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
     }
     auto r = decode_stored(global->value(), positions[i], scratch);
     if (!r) return unexpected{r.error()};
-    if (r->stream != stream) {
-      return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) +
-                                                         " points at " + describe(*r))};
+    if (r->stream != stream || r->version != versions[i]) {
+      return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) + " version " +
+                                                         std::to_string(versions[i]) + " points at " +
+                                                         describe(*r))};
     }
     out.push_back(r->to_record());
   }
@@ -408,6 +411,19 @@ expected<std::unique_ptr<event_store>, error> event_store::open(const std::files
   }
   if (options.sync_interval.count() < 0) {
     return unexpected{make_error(errc::invalid_argument, "sync_interval must not be negative (0: every fsync at once)")};
+  }
+  if (options.read_events_max == 0) {
+    return unexpected{make_error(errc::invalid_argument, "read_events_max must be at least 1 (records one read returns)")};
+  }
+  if (const auto record_bytes =
+          events::encoded_record_bytes_max(options.stream_id_bytes_max, options.payload_bytes_max);
+      record_bytes > events::record_bytes_max) {
+    return unexpected{make_error(
+        errc::invalid_argument,
+        "payload_bytes_max " + std::to_string(options.payload_bytes_max) + " with stream_id_bytes_max " +
+            std::to_string(options.stream_id_bytes_max) + " allows records of " + std::to_string(record_bytes) +
+            " bytes, more than the " + std::to_string(events::record_bytes_max) +
+            " a record read back may have; lower payload_bytes_max")};
   }
   auto state = std::make_unique<impl>(directory, std::move(options));
   if (auto started = state->start(); !started) return unexpected{started.error()};

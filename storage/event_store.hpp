@@ -90,7 +90,9 @@ struct store_options {
   std::size_t append_queue_bytes_max = 256u << 20;
   /// Most events in one append call. Default: 4096.
   std::size_t append_events_max = 4096;
-  /// Largest encoded payload of one event, bytes. Default: 1 MiB.
+  /// Largest encoded payload of one event, bytes. Its record, with stream_id_bytes_max, must fit
+  /// events::record_bytes_max (16 MiB): open refuses a limit that lets a record be written that
+  /// could not be read back. Default: 1 MiB.
   std::size_t payload_bytes_max = 1u << 20;
   /// Longest unique key an append may claim, bytes (stream_append::unique_keys). Default: 512.
   std::size_t unique_key_bytes_max = 512;
@@ -98,7 +100,7 @@ struct store_options {
   std::size_t unique_keys_per_append_max = 8192;
   /// Longest stream id, bytes (printable ASCII, no spaces). Default: 200.
   std::size_t stream_id_bytes_max = 200;
-  /// Most records one read returns, whatever the caller asks. Default: 65536.
+  /// Most records one read returns, whatever the caller asks; at least 1. Default: 65536.
   std::size_t read_events_max = 65536;
   /// Most stream heads the writer caches; the cache is dropped when it would grow past this.
   /// Default: 1,000,000.

@@ -1248,6 +1248,27 @@ TEST(event_store_verify, an_id_index_entry_whose_run_wraps_around_is_not_read_ou
   EXPECT_EQ(report->appends, 1u) << "the entry past the log is not one of its appends";
 }
 
+TEST(event_store_verify, a_stream_index_that_maps_a_version_to_another_versions_record_is_corruption) {
+  temp_dir dir;
+  {
+    auto store = open_or_fail(dir.path(), buffered());
+    ASSERT_TRUE(store);
+    ASSERT_TRUE(store->append(one_stream("s", no_stream, 1, 1, 3)));
+  }
+  // The run at version 1 now says versions 1 and 2 are at positions 2 and 3: records of the
+  // same stream, but versions 2 and 3. A reader folding them would see version 1 twice over.
+  std::string key("s");
+  key.push_back('\0');
+  key.append(std::string("\0\0\0\0\0\0\0\x01", 8));
+  raw_put(dir.path(), "events", key, std::string("\0\0\0\0\0\0\0\x02\0\0\0\0\0\0\0\x02", 16));
+  auto store = open_or_fail(dir.path(), buffered());
+  ASSERT_TRUE(store);
+  auto read = store->read_stream("s", 1, 3, 10);
+  ASSERT_FALSE(read) << "read " << read->size() << " records";
+  EXPECT_EQ(read.error().code, errc::corruption);
+  EXPECT_NE(read.error().message.find("version 1"), std::string::npos) << read.error().message;
+}
+
 TEST(event_store_verify, a_read_only_store_whose_last_record_is_lost_fails_on_the_indexes_that_still_name_it) {
   // replay --verify reads a store opened read-only: nothing is being appended there, so an index
   // entry past its last record is damage (a live store would write the stream's next version
@@ -1576,6 +1597,48 @@ TEST(event_store_limits, a_sync_burst_of_zero_is_refused_naming_the_option) {
   opened = event_store::open(dir.path(), options);
   ASSERT_FALSE(opened);
   EXPECT_NE(opened.error().message.find("sync_interval"), std::string::npos) << opened.error().message;
+}
+
+TEST(event_store_limits, a_read_limit_of_zero_is_refused_naming_the_option) {
+  temp_dir dir;
+  store_options options;
+  options.read_events_max = 0;  // every read would return nothing, and a catch-up would never end
+  auto opened = event_store::open(dir.path(), options);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, errc::invalid_argument);
+  EXPECT_NE(opened.error().message.find("read_events_max"), std::string::npos) << opened.error().message;
+}
+
+TEST(event_store_limits, a_payload_limit_whose_records_could_not_be_read_back_is_refused) {
+  temp_dir dir;
+  store_options options;
+  options.payload_bytes_max = events::record_bytes_max;  // its record, with the envelope, is larger
+  auto opened = event_store::open(dir.path(), options);
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, errc::invalid_argument);
+  EXPECT_NE(opened.error().message.find("payload_bytes_max"), std::string::npos) << opened.error().message;
+}
+
+TEST(event_store_limits, the_largest_payload_limit_allowed_stores_and_reads_back_its_largest_event) {
+  temp_dir dir;
+  store_options options;
+  options.mode = durability::buffered;
+  options.stream_id_bytes_max = 16;
+  // The largest payload whose record fits record_bytes_max: whole words less the envelope's.
+  options.payload_bytes_max = (events::record_bytes_max - events::encoded_record_bytes_max(16, 0)) / 8 * 8;
+  ASSERT_LE(events::encoded_record_bytes_max(16, options.payload_bytes_max), events::record_bytes_max);
+  ASSERT_GT(events::encoded_record_bytes_max(16, options.payload_bytes_max + 1), events::record_bytes_max);
+  auto opened = event_store::open(dir.path(), options);
+  ASSERT_TRUE(opened) << opened.error().message;
+  auto& store = **opened;
+  const std::string stream(16, 's');
+  std::string payload(options.payload_bytes_max, 'p');
+  auto appended = store.append({{stream, no_stream, {make_event(make_id(1, 1), payload)}}});
+  ASSERT_TRUE(appended) << appended.error().message;
+  auto read = store.read_stream(stream, 1, 1, 1);
+  ASSERT_TRUE(read) << read.error().message;
+  ASSERT_EQ(read->size(), 1u);
+  EXPECT_EQ(read->front().payload, payload);
 }
 
 // ---- durability faults through a RocksDB FileSystem wrapper ----
