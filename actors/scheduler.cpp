@@ -80,9 +80,10 @@ struct scheduler_state {
   std::uint64_t passes = 0;
   std::uint64_t side_effects_failed = 0;
   /// A job's bill whose ledger group the store failed to take (the job's end, with the bill, is
-  /// recorded). Its premium hold stays in holds_micros until the ledger takes or refuses the group:
-  /// released at once, it would let new jobs spend what the bill needs, and the bill could be
-  /// refused for good when serve settles it at its next start.
+  /// recorded), or whose end's append failed in a way that may have recorded it all the same (a
+  /// failed fsync). Its premium hold stays in holds_micros until the ledger takes or refuses the
+  /// group, or the end proves unrecorded: released at once, it would let new jobs spend what the
+  /// bill needs, and the bill could be refused for good when serve settles it at its next start.
   struct unsettled_group {
     std::string user_id;
     std::int64_t hold_micros = 0;
@@ -99,6 +100,9 @@ struct scheduler_state {
     std::int64_t retry_at_us = 0;
     std::int64_t wait_us = 0;
     bool in_flight = false;
+    /// Whether the job's end, with this bill, is recorded is not known yet: the retry first reads
+    /// the job's state (its actor recovers from the store, which reopens after a disk failure).
+    bool end_unknown = false;
   };
   std::map<std::string, unsettled_group> unsettled;  ///< by job id
 
@@ -397,12 +401,11 @@ void record_free_usage(self_pointer self, const std::string& user_id, const std:
             });
 }
 
-/// The ledger did not take job `job_id`'s group now: it is retried (see unsettled_group), the
-/// job's premium hold and free quota hold moving with it. A refusal for good is left to the
-/// job's forget.
+/// Job `job_id`'s group is not taken now: it is retried (see unsettled_group), the job's premium
+/// hold and free quota hold moving with it, once its end is known to be recorded (`end_unknown`
+/// false). A group the ledger refused for good is not kept: its holds go with the job's forget.
 void keep_unsettled(self_pointer self, const std::string& job_id, domain::record_transfers group, bool completed,
-                    const domain::job_measure& measure, std::uint32_t free_tokens, const caf::error& failure) {
-  if (settled_otherwise(failure)) return;
+                    const domain::job_measure& measure, std::uint32_t free_tokens, bool end_unknown) {
   auto& job = self->state.jobs.at(job_id);
   self->state.unsettled[job_id] = {.user_id = job.request.user_id,
                                    .hold_micros = job.hold_micros,
@@ -414,7 +417,8 @@ void keep_unsettled(self_pointer self, const std::string& job_id, domain::record
                                    .free_tokens_held = job.free_tokens_held,
                                    .retry_at_us = now_us(self) + settle_retry_first_us,
                                    .wait_us = settle_retry_first_us,
-                                   .in_flight = false};
+                                   .in_flight = false,
+                                   .end_unknown = end_unknown};
   job.hold_micros = 0;  // held on by the retry, not released by forget
   job.free_tokens_held = 0;
 }
@@ -426,22 +430,68 @@ void after_retried(self_pointer self, const std::string& job_id, const scheduler
   record_free_usage(self, e.user_id, job_id, e.free_tokens, e.free_tokens_held);
 }
 
-/// Offers each unsettled group that is due to the ledger again.
+/// An unsettled group's try found nothing certain: the next one waits twice as long.
+void back_off(self_pointer self, scheduler_state::unsettled_group& e) {
+  e.in_flight = false;
+  e.wait_us = std::min(e.wait_us * 2, settle_retry_max_us);
+  e.retry_at_us = now_us(self) + e.wait_us;
+}
+
+/// Reads whether the end of job `job_id`, whose append failed with its fate open, is recorded: if
+/// so its group goes to the ledger at the next tick; if not, its holds are released and the job,
+/// live in the log with nothing running it, is recorded as failed (else serve's next start would).
+/// A read that fails is tried again later.
+void learn_end(self_pointer self, const std::string& job_id) {
+  auto passivate = [self, job_id] { self->send(self->state.peers.jobs, passivate_atom::value, job_id); };
+  self->request(self->state.peers.jobs, caf::infinite, job_id, state_atom::value)
+      .then(
+          [self, job_id, passivate](const domain::job_state& job) {
+            auto found = self->state.unsettled.find(job_id);
+            if (found == self->state.unsettled.end()) return passivate();
+            auto& e = found->second;
+            // The scheduler sends a job's end once: an ended job holds that end and its bill.
+            if (job.status == domain::job_status::completed || job.status == domain::job_status::cancelled) {
+              e.end_unknown = false;
+              e.in_flight = false;
+              e.retry_at_us = now_us(self);
+              return passivate();
+            }
+            release(self->state.free_tokens_held, e.user_id, e.free_tokens_held);
+            release(self->state.holds_micros, e.user_id, e.hold_micros);
+            self->state.unsettled.erase(found);
+            if (domain::is_terminal(job.status)) return passivate();
+            self->request(self->state.peers.jobs, caf::infinite, job_id,
+                          domain::job::command{domain::fail_job{events::failure_reason::internal,
+                                                                "its end could not be recorded"}})
+                .then([passivate](const command_reply&) { passivate(); },
+                      [self, passivate](const caf::error&) {
+                        ++self->state.side_effects_failed;  // serve's next start fails it
+                        passivate();
+                      });
+          },
+          [self, job_id](const caf::error&) {
+            if (auto found = self->state.unsettled.find(job_id); found != self->state.unsettled.end()) {
+              back_off(self, found->second);
+            }
+          });
+}
+
+/// Offers each unsettled group that is due to the ledger again (after learning whether its end is
+/// recorded, where that is not known).
 void retry_unsettled(self_pointer self) {
   const std::int64_t now = now_us(self);
   for (auto& [job_id, entry] : self->state.unsettled) {
     if (entry.in_flight || entry.retry_at_us > now) continue;
     entry.in_flight = true;
+    if (entry.end_unknown) {
+      learn_end(self, job_id);
+      continue;
+    }
     auto settled = [self, job_id = job_id](bool applied, const caf::error* failure) {
       auto found = self->state.unsettled.find(job_id);
       if (found == self->state.unsettled.end()) return;
       auto& e = found->second;
-      if (!applied && !settled_otherwise(*failure)) {
-        e.in_flight = false;
-        e.wait_us = std::min(e.wait_us * 2, settle_retry_max_us);
-        e.retry_at_us = now_us(self) + e.wait_us;
-        return;
-      }
+      if (!applied && !settled_otherwise(*failure)) return back_off(self, e);
       // Refused for good: counted (serve's start finds the bill without its group and reports it).
       const bool written = applied || written_before(*failure);
       if (written) {
@@ -457,6 +507,19 @@ void retry_unsettled(self_pointer self) {
         .then([settled](const command_reply&) mutable { settled(true, nullptr); },
               [settled](caf::error& failure) mutable { settled(false, &failure); });
   }
+}
+
+/// The append of job `job_id`'s end (with `settled`'s bill) failed. A refusal recorded nothing:
+/// the job is forgotten with its holds. Any other failure (a failed fsync, the job's actor
+/// stopped) may have recorded it all the same, and serve's next start would then settle the bill:
+/// its holds stay until the job's state tells (learn_end).
+void end_failed(self_pointer self, const std::string& job_id, const caf::error& failure,
+                const expected<domain::job_settlement, domain::error>* settled, bool completed,
+                const domain::job_measure& measure, std::uint32_t free_tokens) {
+  if (!domain_error_of(failure) && settled && *settled && !settled->value().group.transfers.empty()) {
+    keep_unsettled(self, job_id, settled->value().group, completed, measure, free_tokens, true);
+  }
+  forget(self, job_id);
 }
 
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
@@ -502,8 +565,10 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
              group = std::move(settled.value().group)](caf::error& failure) mutable {
               if (written_before(failure)) return after_ledger();
               const bool retried = !settled_otherwise(failure);
-              keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
-                             free_tokens, failure);
+              if (retried) {
+                keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
+                               free_tokens, false);
+              }
               forget(self, job_id);
               ended.bill_unsettled = std::string(retried ? "retried until the ledger takes it" : "left to the next start") +
                                      ": " + describe(failure);
@@ -1084,8 +1149,8 @@ caf::typed_response_promise<job_ended> on_result(self_pointer self, job_result& 
             settle(self, job_id, domain::job_outcome::completed, std::move(settled), prompt, free_tokens, measure,
                    reply);
           },
-          [self, job_id = result.job_id, reply](caf::error& failure) mutable {
-            forget(self, job_id);
+          [self, job_id = result.job_id, settled, measure, free_tokens, reply](caf::error& failure) mutable {
+            end_failed(self, job_id, failure, &settled, true, measure, free_tokens);
             reply.deliver(failure);
           });
   return reply;
@@ -1189,25 +1254,25 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     settled = bill_of(self, cancel.job_id, domain::job_outcome::cancelled, prompt, tokens, std::nullopt, started);
   }
   const std::uint32_t free_tokens = settled ? recorded_free_tokens(found->second, *settled, prompt, tokens) : 0;
+  domain::job_measure measure;
+  measure.prompt_tokens = prompt;
+  measure.completion_tokens = tokens;
   self->request(self->state.peers.jobs, caf::infinite, cancel.job_id,
                 domain::job::command{domain::cancel_job{
                     cancel.by, tokens, settled ? recorded_bill(*settled) : events::ledger_bill{}, free_tokens}})
       .then(
-          [self, job_id = cancel.job_id, prompt, tokens, settled, free_tokens, reply](const command_reply&) mutable {
+          [self, job_id = cancel.job_id, prompt, measure, settled, free_tokens, reply](const command_reply&) mutable {
             if (!settled) {
               forget(self, job_id);
               reply.deliver(job_ended{job_id, domain::job_status::cancelled, 0, 0});
               assign_pass(self);  // its slot, if it held one, goes to the next job now, not at the tick
               return;
             }
-            domain::job_measure measure;
-            measure.prompt_tokens = prompt;
-            measure.completion_tokens = tokens;
             settle(self, job_id, domain::job_outcome::cancelled, std::move(*settled), prompt, free_tokens, measure,
                    reply);
           },
-          [self, job_id = cancel.job_id, reply](caf::error& failure) mutable {
-            forget(self, job_id);
+          [self, job_id = cancel.job_id, measure, settled, free_tokens, reply](caf::error& failure) mutable {
+            end_failed(self, job_id, failure, settled ? &*settled : nullptr, false, measure, free_tokens);
             reply.deliver(failure);
           });
   return reply;

@@ -1670,10 +1670,11 @@ class arming_store_scheduler_test : public scheduler_test {
     ASSERT_EQ(counts().settlements_retrying, 1u);
   }
 
-  /// Lets the retry ticks offer the unsettled bills to the ledger again: after a second, then two.
+  /// Lets the retry ticks offer the unsettled bills to the ledger again: after a second, then two,
+  /// then four (a bill whose end's fate was open is read first, then offered).
   void retry_settlements() {
     std::int64_t wait_s = 1;
-    for (int tries = 0; tries < 2 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
+    for (int tries = 0; tries < 3 && counts().settlements_retrying > 0; ++tries, wait_s *= 2) {
       *clock_.now_us += wait_s * 1'000'000;
       sched_.clock().advance_time(std::chrono::seconds(wait_s));
       run();
@@ -1724,6 +1725,46 @@ TEST_F(arming_store_scheduler_test, a_bill_the_store_fails_to_take_keeps_its_hol
   EXPECT_EQ(balance("user-alice"), 2'600 - 1'010);  // 1000 prompt + 10 answer tokens
   EXPECT_EQ(succeeded(), 1u) << "the provider is scored once its bill is in";
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
+}
+
+TEST_F(arming_store_scheduler_test, an_end_whose_fsync_failed_keeps_its_hold_until_its_record_is_read_then_settles) {
+  // A failed fsync leaves the end's fate open: the store reopens from its write-ahead log, which
+  // holds it here. serve's next start would settle the bill; released meanwhile, the premium hold
+  // would let new jobs spend what the bill needs. One job's hold (1,500) fits 2,600, two do not.
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
+  faults_->set_fail_sync(true);
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_fail_sync(false);
+  ASSERT_FALSE(ended) << "the end's fsync failed";
+  EXPECT_EQ(counts().settlements_retrying, 1u);
+  EXPECT_EQ(counts().running, 0u);
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
+  ASSERT_FALSE(refused) << "j1's hold was released while its end may be recorded";
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
+
+  retry_settlements();  // reads j1's end, then offers its bill
+  EXPECT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(job("j1").status, domain::job_status::completed) << "the write-ahead log held the end";
+  EXPECT_EQ(balance("user-alice"), 2'600 - 1'010) << "the recorded bill is settled now, not at the next start";
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold went with the bill";
+}
+
+TEST_F(arming_store_scheduler_test, an_end_the_full_disk_did_not_record_releases_its_hold_and_fails_the_job) {
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
+  faults_->set_no_space(true);
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_no_space(false);
+  ASSERT_FALSE(ended) << "the disk was full";
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
+  ASSERT_FALSE(refused) << "the hold stays until the end's fate is read";
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
+
+  retry_settlements();
+  EXPECT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(job("j1").status, domain::job_status::failed) << "live in the log with nothing running it";
+  EXPECT_EQ(job("j1").failure, events::failure_reason::internal);
+  EXPECT_EQ(balance("user-alice"), 2'600) << "an unrecorded end bills nothing";
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold was released";
 }
 
 TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_recorded_leaves_the_answer_the_clients) {
