@@ -298,9 +298,14 @@ decision on(const campaign_state& s, const click_ad& c, std::int64_t now_us, con
   return events_list{events::ad_clicked{c.impression_id, s.campaign_id, now_us}};
 }
 
-/// Starts a new UTC day when `at_us` lies in one: the daily counters restart and impressions and
-/// releases older than the click window are forgotten (decide would refuse their clicks anyway).
-void roll_day(campaign_state& s, std::int64_t at_us) {
+/// Moves the state's clock to `at_us`: releases past their memory are forgotten (at most once per
+/// release_memory_us), and a new UTC day restarts the daily counters and forgets impressions older
+/// than the click window (decide would refuse their clicks anyway).
+void roll_clock(campaign_state& s, std::int64_t at_us) {
+  if (at_us - s.releases_pruned_at_us >= release_memory_us) {
+    s.releases_pruned_at_us = at_us;
+    std::erase_if(s.released, [at_us](const auto& entry) { return entry.second <= at_us; });
+  }
   const std::int64_t day = utc_day(at_us);
   if (day <= s.day) return;
   s.day = day;
@@ -308,7 +313,6 @@ void roll_day(campaign_state& s, std::int64_t at_us) {
   s.impressions_today.clear();
   const std::int64_t horizon = at_us - click_window_us;
   std::erase_if(s.impressions, [horizon](const auto& entry) { return entry.second.recorded_at_us <= horizon; });
-  std::erase_if(s.released, [horizon](const auto& entry) { return entry.second <= horizon; });
 }
 
 void apply_created(campaign_state& s, const events::campaign_created& e) {
@@ -350,7 +354,7 @@ struct ads {
   void operator()(const events::campaign_exhausted&) { s.exhausted = true; }
   void operator()(const events::ad_reserved& e) {
     if (s.reservations.contains(e.reservation_id) || s.impressions.contains(e.reservation_id)) return;
-    roll_day(s, e.reserved_at_us);
+    roll_clock(s, e.reserved_at_us);
     s.reservations.emplace(e.reservation_id, ad_reservation_state{e.job_id, e.user_id, e.price_micros,
                                                                   e.reserved_at_us, e.expires_at_us});
     s.reserved_micros += e.price_micros;
@@ -358,7 +362,7 @@ struct ads {
   void operator()(const events::impression_recorded& e) {
     auto it = s.reservations.find(e.impression_id);
     if (it == s.reservations.end()) return;
-    roll_day(s, e.recorded_at_us);
+    roll_clock(s, e.recorded_at_us);
     s.reserved_micros -= it->second.price_micros;
     s.reservations.erase(it);
     s.spent_micros += e.price_micros;
@@ -372,14 +376,14 @@ struct ads {
   void operator()(const events::ad_reservation_released& e) {
     auto it = s.reservations.find(e.reservation_id);
     if (it == s.reservations.end()) return;
-    roll_day(s, e.released_at_us);
+    roll_clock(s, e.released_at_us);
     s.reserved_micros -= it->second.price_micros;
+    s.released.emplace(e.reservation_id, std::max(it->second.expires_at_us, e.released_at_us) + release_memory_us);
     s.reservations.erase(it);
-    s.released.emplace(e.reservation_id, e.released_at_us);
   }
   void operator()(const events::impression_voided& e) {
     if (auto found = s.impressions.find(e.impression_id); found == s.impressions.end() || found->second.clicked) return;
-    roll_day(s, e.voided_at_us);
+    roll_clock(s, e.voided_at_us);
     auto it = s.impressions.find(e.impression_id);
     if (it == s.impressions.end()) return;  // older than the click window: forgotten by the new day
     const impression_state& impression = it->second;
@@ -392,7 +396,8 @@ struct ads {
       }
     }
     s.impressions.erase(it);
-    s.released.emplace(e.impression_id, e.voided_at_us);  // served no more: never recorded again
+    // Served no more: its reservation is gone, so it is never recorded again.
+    s.released.emplace(e.impression_id, e.voided_at_us + release_memory_us);
     if (s.exhausted && spendable_micros(s) - s.spent_micros >= bid_price(s)) s.exhausted = false;
   }
   void operator()(const events::ad_clicked& e) {

@@ -30,8 +30,11 @@
 /// outstanding reservations for the user count as impressions.
 ///
 /// Clicks are accepted once per impression, for impressions recorded within click_window_us. The
-/// state remembers recorded impressions and released reservations for that long only (older ones
-/// are dropped on the first event of a new day), so it stays bounded by a week of traffic.
+/// state remembers recorded impressions for that long only (older ones are dropped on the first
+/// event of a new day), so it stays bounded by a week of paid traffic. Releases cost nobody
+/// anything, so a client that opens and drops free requests makes one each: they are remembered
+/// for release_memory_us after their reservation's expiry (pruned at most once that long), when
+/// any retry of the reservation's commands is refused anyway.
 ///
 /// The actor: decide, append, evolve, and (in tests and debug builds) `check` after each append;
 /// a timer sends expire_ad_reservations. The auction (auction.hpp) reads the same rules through
@@ -56,6 +59,12 @@ namespace gpustream::domain {
 /// How long after an impression a click on it counts: 7 days. Fixed, because evolve (which has
 /// no options) forgets impressions after it.
 inline constexpr std::int64_t click_window_us = 7 * 86'400'000'000;
+
+/// How long a release (or a void) is remembered after its reservation's expiry (after the void):
+/// a retried release or void meanwhile is answered with no events, a retried reserve or record
+/// refused as released. Later they find no reservation (not_found), and a reserve is past its
+/// expiry. 1 hour. Fixed, because evolve (which has no options) forgets them after it.
+inline constexpr std::int64_t release_memory_us = 3'600'000'000;
 
 /// Limits and pacing of campaigns. The defaults are what production runs with.
 struct campaign_options {
@@ -145,7 +154,10 @@ struct campaign_state {
   // Ads.
   std::map<std::string, ad_reservation_state> reservations;  ///< outstanding, by reservation id
   std::map<std::string, impression_state> impressions;  ///< recorded within the click window, by id
-  std::map<std::string, std::int64_t> released;  ///< reservation id -> released_at_us, same window
+  /// Released reservations and voided impressions: id -> when it may be forgotten (us), see
+  /// release_memory_us.
+  std::map<std::string, std::int64_t> released;
+  std::int64_t releases_pruned_at_us = 0;  ///< when `released` was last pruned
   std::uint64_t impressions_total = 0;
   std::uint64_t clicks_total = 0;
   // The current UTC day's counters (pacing, frequency cap).
@@ -162,7 +174,8 @@ auto inspect(Inspector& f, campaign_state& x) {
            x.cpm_bid_micros, x.budget_micros, x.daily_budget_micros, x.frequency_cap_per_day,
            x.created_at_us, x.funded_micros, x.spent_micros, x.reserved_micros, x.paused,
            x.pause_reason, x.exhausted, x.reservations, x.impressions, x.released,
-           x.impressions_total, x.clicks_total, x.day, x.spent_today_micros, x.impressions_today);
+           x.releases_pruned_at_us, x.impressions_total, x.clicks_total, x.day, x.spent_today_micros,
+           x.impressions_today);
 }
 
 // Commands. Only create_campaign names the campaign: the others apply to the stream's campaign.
@@ -237,7 +250,7 @@ struct campaign {
   using command = std::variant<create_campaign, fund_campaign, pause_campaign, resume_campaign,
                                reserve_ad, record_impression, release_ad_reservation,
                                expire_ad_reservations, click_ad, void_impression>;
-  static constexpr std::uint32_t snapshot_version = 1;
+  static constexpr std::uint32_t snapshot_version = 2;  // 2: released until forget time, releases_pruned_at_us
 
   [[nodiscard]] static state evolve(state s, const events::event& e);
   [[nodiscard]] static decision decide(const state& s, const command& c, std::int64_t now_us);

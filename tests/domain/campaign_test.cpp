@@ -477,6 +477,47 @@ TEST(campaign, old_impressions_and_releases_are_forgotten_after_the_click_window
   EXPECT_TRUE(check(s).empty());
 }
 
+TEST(campaign, a_release_is_remembered_for_an_hour_after_its_reservation_expires) {
+  auto s = funded();
+  ASSERT_TRUE(run(s, reservation("r1"), noon));  // expires at noon + 60 s
+  ASSERT_TRUE(run(s, release_ad_reservation{"r1", "unserved"}, noon + 1));
+  const std::int64_t forget_at = noon + 60 * second_us + release_memory_us;
+  ASSERT_TRUE(run(s, reservation("r2", "u2", 2'000, forget_at + 60 * second_us), forget_at - 1));
+  EXPECT_TRUE(run(s, release_ad_reservation{"r1", "unserved"}, forget_at - 1)->empty()) << "a retry, answered as before";
+  expect_refused(campaign::decide(s, record_impression{"r1", 2'000}, forget_at - 1), errc::invalid_state, "released");
+  // r2's reservation pruned the releases (an hour after the first event): r1 was not due. The
+  // next pruning, an hour later, forgets it.
+  EXPECT_EQ(s.releases_pruned_at_us, forget_at - 1);
+  const std::int64_t next = forget_at - 1 + release_memory_us;
+  ASSERT_TRUE(run(s, reservation("r3", "u3", 2'000, next + 60 * second_us), next - 1));
+  EXPECT_TRUE(s.released.contains("r1")) << "pruned at most once an hour";
+  ASSERT_TRUE(run(s, reservation("r4", "u4", 2'000, next + 60 * second_us), next));
+  EXPECT_FALSE(s.released.contains("r1"));
+  expect_refused(campaign::decide(s, release_ad_reservation{"r1", ""}, next), errc::not_found, "r1");
+  expect_refused(campaign::decide(s, reservation("r1"), next), errc::invalid_argument, "expiry");
+  EXPECT_TRUE(check(s).empty());
+}
+
+TEST(campaign, releases_made_all_day_leave_at_most_two_hours_of_them_remembered) {
+  // A free key that opens and drops requests within its rate limit makes a reservation and a
+  // release for each: one every 3.6 s here, 24,000 a day. Kept for the click window (a week),
+  // they grew the state (and its snapshots) by a day's 24,000 entries each day.
+  auto s = funded();
+  constexpr std::int64_t every_us = 3'600'000;
+  std::size_t remembered_max = 0;
+  for (int i = 0; i < 24'000; ++i) {
+    const std::int64_t at = midnight + i * every_us;
+    const std::string id = "r" + std::to_string(i);
+    ASSERT_TRUE(run(s, reservation(id, "u" + std::to_string(i), 2'000, at + 60 * second_us), at)) << i;
+    ASSERT_TRUE(run(s, release_ad_reservation{id, "client left"}, at + 1)) << i;
+    remembered_max = std::max(remembered_max, s.released.size());
+  }
+  // An hour after the expiry, plus up to an hour until the next pruning: 2,000 and a few.
+  EXPECT_LE(remembered_max, 2'100u);
+  EXPECT_GE(remembered_max, 1'000u) << "each is remembered for at least an hour";
+  EXPECT_TRUE(check(s).empty());
+}
+
 TEST(campaign, evolve_ignores_other_campaigns_and_unknown_reservations) {
   auto s = funded();
   const auto before = s;
