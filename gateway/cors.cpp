@@ -70,7 +70,9 @@ cors_answer evaluate_cors(const cors_policy& policy, std::string_view origin, st
                                   allowed_headers(request_headers, policy.request_headers_max));
       answer.headers.emplace_back("Access-Control-Max-Age", std::to_string(policy.max_age.count()));
     } else {
-      answer.headers.emplace_back("Access-Control-Expose-Headers", "Retry-After");
+      // What the OpenAI SDKs read to decide on a retry: a page would retry a 429 for a used-up
+      // quota (x-should-retry: false) if its script could not see the header.
+      answer.headers.emplace_back("Access-Control-Expose-Headers", "Retry-After, x-should-retry");
     }
   }
   answer.headers.emplace_back("Vary", "Origin");

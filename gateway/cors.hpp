@@ -37,7 +37,8 @@ struct cors_answer {
 /// `request_method` (Access-Control-Request-Method) and `request_headers`
 /// (Access-Control-Request-Headers); absent headers are passed as empty.
 /// - Allowed origin, actual request: Access-Control-Allow-Origin echoing the origin,
-///   Access-Control-Expose-Headers: Retry-After (so browser SDKs can back off on 429), Vary: Origin.
+///   Access-Control-Expose-Headers: Retry-After, x-should-retry (so browser SDKs back off on a 429,
+///   and do not retry one for a used-up quota), Vary: Origin.
 /// - Allowed origin, preflight: Allow-Origin, Allow-Methods "GET, POST, OPTIONS", Allow-Headers
 ///   "Authorization, Content-Type" plus the well-formed names the browser asked for (the official
 ///   openai SDK sends x-stainless-* headers; the API authenticates by bearer token, never by

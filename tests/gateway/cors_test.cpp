@@ -22,7 +22,7 @@ TEST(cors, an_allowed_origin_is_echoed_on_actual_requests) {
   const auto answer = evaluate_cors(policy, "https://app.example.com", "POST");
   EXPECT_FALSE(answer.preflight);
   EXPECT_EQ(answer.headers, (headers{{"Access-Control-Allow-Origin", "https://app.example.com"},
-                                     {"Access-Control-Expose-Headers", "Retry-After"},
+                                     {"Access-Control-Expose-Headers", "Retry-After, x-should-retry"},
                                      {"Vary", "Origin"}}));
   EXPECT_EQ(evaluate_cors(policy, "http://localhost:5173", "GET").headers.front().second, "http://localhost:5173");
 }
