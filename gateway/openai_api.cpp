@@ -301,7 +301,16 @@ expected<chat_message, api_error> parse_message(const json::value& value, const 
   if (const json::value* call = field(object, "function_call"); call != nullptr && !asks_for_nothing(*call)) {
     return unexpected{unsupported(param + ".function_call", "function calls are not supported.")};
   }
-  auto content = parse_content(field(object, "content"), param + ".content", limits);
+  // OpenAI's own answers replayed as history: an assistant message that refused has null content
+  // and its words in "refusal"; OpenAI takes null content from an assistant.
+  const json::value* content_field = field(object, "content");
+  if (content_field == nullptr && name == "assistant") {
+    const json::value* refusal = field(object, "refusal");
+    if (refusal != nullptr && !refusal->is_string()) return unexpected{invalid_type(param + ".refusal", "a string", *refusal)};
+    static const json::value no_words = json::string();
+    content_field = refusal != nullptr ? refusal : &no_words;
+  }
+  auto content = parse_content(content_field, param + ".content", limits);
   if (!content) return unexpected{content.error()};
   if (content->size() > limits.message_bytes_max) {
     return unexpected{too_long(param + ".content", limits.message_bytes_max)};

@@ -126,6 +126,24 @@ TEST(openai_api, an_ad_ending_an_assistant_message_from_history_is_dropped) {
   }
 }
 
+TEST(openai_api, an_assistant_message_from_history_may_have_null_content_and_its_refusal) {
+  // What OpenAI's own answers look like when kept as history by a client.
+  const auto parsed = chat(R"({"model":"m","messages":[{"role":"user","content":"a"},
+    {"role":"assistant","content":null,"refusal":"I can't help with that."},
+    {"role":"assistant","content":null},{"role":"assistant"},{"role":"user","content":"b"}]})");
+  ASSERT_EQ(parsed.messages.size(), 5u);
+  EXPECT_EQ(parsed.messages[1].content, "I can't help with that.");
+  EXPECT_EQ(parsed.messages[2].content, "");
+  EXPECT_EQ(parsed.messages[3].content, "");
+  // Only an assistant's content may be left out, and a refusal is text.
+  const auto missing = chat_error(R"({"model":"m","messages":[{"role":"user","content":null}]})");
+  EXPECT_EQ(missing.param, "messages[0].content");
+  EXPECT_EQ(missing.code, "missing_required_parameter");
+  const auto refusal = chat_error(R"({"model":"m","messages":[{"role":"assistant","refusal":7}]})");
+  EXPECT_EQ(refusal.param, "messages[0].refusal");
+  EXPECT_EQ(refusal.code, "invalid_type");
+}
+
 TEST(openai_api, include_usage_counts_only_when_streaming) {
   EXPECT_FALSE(chat(chat_body(R"("stream":false,"stream_options":{"include_usage":true})")).include_usage);
   EXPECT_FALSE(chat(chat_body(R"("stream":true,"stream_options":{"include_usage":false})")).include_usage);
