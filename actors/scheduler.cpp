@@ -241,6 +241,17 @@ void forget(self_pointer self, const std::string& job_id) {
   self->send(self->state.peers.jobs, passivate_atom::value, job_id);
 }
 
+void assign_pass(self_pointer self);
+
+/// forget, then a job that held a provider's slot offers it to the next queued job now rather
+/// than at the next tick (up to tick_interval later).
+void forget_and_assign(self_pointer self, const std::string& job_id) {
+  const auto found = self->state.jobs.find(job_id);
+  const bool held_slot = found != self->state.jobs.end() && found->second.running;
+  forget(self, job_id);
+  if (held_slot) assign_pass(self);
+}
+
 /// `tokens` as the job's record takes them: never more than its max_tokens, the most it was
 /// quoted and admitted for. The relay counts the content chunks the client got, and a backend may
 /// send more chunks than tokens, or ignore max_tokens; the client is then billed the maximum.
@@ -262,7 +273,7 @@ void drop_unrecorded(self_pointer self, const std::string& job_id, const caf::er
   notify_watcher(self, job_id,
                  job_ended{job_id, domain::job_status::failed, 0, 0,
                            "the job could not be recorded: " + describe(failure)});
-  forget(self, job_id);
+  forget_and_assign(self, job_id);
 }
 
 /// Records the job as failed (persisted), then forgets it. `done` gets the outcome; so does the
@@ -282,7 +293,7 @@ void fail_job(self_pointer self, const std::string& job_id, events::failure_reas
           [self, job_id, message, reason, done](const command_reply&) mutable {
             job_ended ended{job_id, domain::job_status::failed, 0, 0, message, reason};
             notify_watcher(self, job_id, ended);
-            forget(self, job_id);
+            forget_and_assign(self, job_id);
             done(std::move(ended));
           },
           [self, job_id, done](caf::error& failure) mutable {
@@ -290,8 +301,6 @@ void fail_job(self_pointer self, const std::string& job_id, events::failure_reas
             done(failure);
           });
 }
-
-void assign_pass(self_pointer self);
 
 /// What a job ending with `outcome` after `completion_tokens` owes: its ledger group, built before
 /// the end is recorded so that the end records it (events::ledger_bill) and a stop before the
@@ -519,7 +528,7 @@ void end_failed(self_pointer self, const std::string& job_id, const caf::error& 
   if (!domain_error_of(failure) && settled && *settled && !settled->value().group.transfers.empty()) {
     keep_unsettled(self, job_id, settled->value().group, completed, measure, free_tokens, true);
   }
-  forget(self, job_id);
+  forget_and_assign(self, job_id);
 }
 
 /// Moves the money of a job whose end (with `settled`'s bill and `free_tokens`) is recorded,
@@ -529,7 +538,7 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
             std::uint32_t free_tokens, const domain::job_measure& measure,
             caf::typed_response_promise<job_ended> reply) {
   if (!settled) {
-    forget(self, job_id);
+    forget_and_assign(self, job_id);
     reply.deliver(make_error(settled.error()));
     return;
   }

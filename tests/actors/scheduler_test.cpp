@@ -889,6 +889,20 @@ TEST_F(scheduler_test, the_slot_of_a_job_cancelled_before_its_answer_began_goes_
   EXPECT_EQ(job("j1").provider_id, "p1");
 }
 
+TEST_F(scheduler_test, the_slot_of_a_failed_job_goes_to_the_next_job_at_once) {
+  bring_online("p1", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));  // offered on p1's one slot
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // behind it
+  ASSERT_EQ(counts().queued, 1u);
+  // The only backend refuses j0's request: it fails, and no tick comes meanwhile.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::request, 0, "bad request"}));
+  run();
+  EXPECT_EQ(job("j0").status, domain::job_status::failed);
+  EXPECT_EQ(counts().queued, 0u) << "j1 waited for the next tick";
+  EXPECT_EQ(job("j1").provider_id, "p1");
+}
+
 TEST_F(scheduler_test, jobs_lost_with_a_providers_link_count_against_it_once_per_loss) {
   // Ten answers running when its link drops once: ten faults would suspend it (aborted_jobs_max).
   bring_online("p1", "llama-8b", 12);
