@@ -51,10 +51,18 @@ expected<recovery, storage::error> read_recovery(const storage::event_store& sto
     // A snapshot only saves reading: one that fails its check is read past, and the stream
     // replayed whole (`replay --verify` names it; the actor's next snapshot replaces it).
     if (!snapshot && snapshot.error().code != storage::errc::corruption) return unexpected{snapshot.error()};
+    // One ahead of the log is read past as well: the log lost its tail (a power cut under
+    // `buffered` durability, whose lost appends the snapshot, written to its own table, outlived).
+    // Its state holds events the log no longer has, and the actor's next append would expect a
+    // version the stream never reaches.
     if (snapshot && snapshot.value()) {
-      result.has_snapshot = true;
-      result.snapshot = std::move(*snapshot.value());
-      after_version = result.snapshot.version;
+      auto head = store.stream_version(stream);
+      if (!head) return unexpected{head.error()};
+      if (snapshot.value()->version <= *head) {
+        result.has_snapshot = true;
+        result.snapshot = std::move(*snapshot.value());
+        after_version = result.snapshot.version;
+      }
     }
   }
   const std::size_t chunk = store.options().read_events_max;
