@@ -39,7 +39,10 @@ decision on(const user_state& s, const create_user& c, std::int64_t now_us, cons
   return events_list{events::user_created{c.user_id, c.display_name, c.tier, now_us}};
 }
 
-decision on(const user_state& s, const issue_api_key& c, std::int64_t now_us, const user_options& o) {
+/// true when `c` is a new key the user may be issued, false when it repeats the active key of its
+/// id (no event). Unless `replacing` (every other key is revoked with it), the user must hold
+/// fewer than active_api_keys_max active keys.
+expected<bool, error> key_is_new(const user_state& s, const issue_api_key& c, const user_options& o, bool replacing) {
   if (auto ok = check_text("key id", c.key_id, o.id_length_max, false); !ok) return unexpected{ok.error()};
   if (auto ok = check_text("key label", c.label, o.text_length_max, true); !ok) return unexpected{ok.error()};
   if (std::all_of(c.key_hash.begin(), c.key_hash.end(), [](std::uint8_t b) { return b == 0; }))
@@ -48,7 +51,7 @@ decision on(const user_state& s, const issue_api_key& c, std::int64_t now_us, co
   if (auto it = s.api_keys.find(c.key_id); it != s.api_keys.end()) {
     if (it->second.revoked)
       return refuse(errc::invalid_state, "key " + quoted(c.key_id) + " was revoked; issue a key with a new id");
-    if (it->second.key_hash == hash && it->second.label == c.label) return events_list{};
+    if (it->second.key_hash == hash && it->second.label == c.label) return false;
     return refuse(errc::already_exists, "key id " + quoted(c.key_id) + " is already used by another key");
   }
   std::size_t active = 0;
@@ -57,10 +60,30 @@ decision on(const user_state& s, const issue_api_key& c, std::int64_t now_us, co
       return refuse(errc::already_exists, "this digest already belongs to key " + quoted(key_id));
     if (!key.revoked) ++active;
   }
-  if (active >= o.active_api_keys_max)
+  if (!replacing && active >= o.active_api_keys_max)
     return refuse(errc::limit_exceeded, "user " + quoted(s.user_id) + " already holds " + std::to_string(active) +
                                             " active keys, the most allowed; revoke one first");
+  return true;
+}
+
+decision on(const user_state& s, const issue_api_key& c, std::int64_t now_us, const user_options& o) {
+  auto is_new = key_is_new(s, c, o, false);
+  if (!is_new) return unexpected{is_new.error()};
+  if (!*is_new) return events_list{};
   return events_list{events::api_key_issued{s.user_id, c.key_id, c.key_hash, c.label, now_us}};
+}
+
+decision on(const user_state& s, const replace_api_keys& c, std::int64_t now_us, const user_options& o) {
+  if (auto ok = check_text("revocation reason", c.reason, o.text_length_max, true); !ok)
+    return unexpected{ok.error()};
+  auto is_new = key_is_new(s, issue_api_key{c.key_id, c.key_hash, c.label}, o, true);
+  if (!is_new) return unexpected{is_new.error()};
+  events_list out;
+  for (const auto& [key_id, key] : s.api_keys) {
+    if (!key.revoked && key_id != c.key_id) out.push_back(events::api_key_revoked{s.user_id, key_id, c.reason, now_us});
+  }
+  if (*is_new) out.push_back(events::api_key_issued{s.user_id, c.key_id, c.key_hash, c.label, now_us});
+  return out;
 }
 
 decision on(const user_state& s, const revoke_api_key& c, std::int64_t now_us, const user_options& o) {

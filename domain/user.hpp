@@ -108,6 +108,16 @@ struct revoke_api_key {
   std::string reason;
 };
 
+/// Revokes every active key of the user but this one and issues this one (unless it is issued
+/// already), in one decision: the key that replaces keys that leaked or were lost. Two replacements
+/// at once leave one key active, whichever is decided last.
+struct replace_api_keys {
+  std::string key_id;
+  events::sha256_digest key_hash{};
+  std::string label;
+  std::string reason;  ///< recorded with each revocation
+};
+
 struct change_user_tier {
   events::user_tier tier = events::user_tier::free;
 };
@@ -130,7 +140,7 @@ struct record_free_usage {
 
 struct user {
   using state = user_state;
-  using command = std::variant<create_user, issue_api_key, revoke_api_key, change_user_tier,
+  using command = std::variant<create_user, issue_api_key, revoke_api_key, replace_api_keys, change_user_tier,
                                credit_user, record_free_usage>;
   static constexpr std::uint32_t snapshot_version = 1;
 

@@ -587,8 +587,12 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       if (post) return without_query([&] { step_payout(request, std::move(step->first), step->second, std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
-    if (auto provider_id = token_provider_of(path)) {
+    if (auto provider_id = id_between(path, "/admin/providers/", "/token")) {
       if (post) return without_query([&] { replace_provider_token(request, std::move(*provider_id), std::move(reply)); });
+      return not_allowed(request, "POST", std::move(reply));
+    }
+    if (auto user_id = id_between(path, "/admin/users/", "/key")) {
+      if (post) return without_query([&] { replace_user_key(request, std::move(*user_id), std::move(reply)); });
       return not_allowed(request, "POST", std::move(reply));
     }
     reply(error_response(404, "no such admin endpoint: " + std::string(path)));
@@ -632,9 +636,12 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
       log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : key.error().message);
       return reply(error_response(503, "the server could not make a secret; try again"));
     }
+    // The key replaces any an earlier attempt under the same Idempotency-Key issued: their answers
+    // were lost (or the retry would not be), so nobody should hold a key of this user but the one
+    // answered now. One decision: retries racing each other leave one key active.
     std::vector<domain::user::command> commands{
         domain::create_user{*user_id, display_name->value_or(""), tier},
-        domain::issue_api_key{*key_id, sha256(*key), "issued by the admin API"}};
+        replacing_keys(*key_id, *key, "replaced by a retried request's key")};
     user_created created{*user_id, *key_id, std::move(*key), tier, credit->value_or(0)};
     const bool retryable = !request.header("idempotency-key").empty();
     auto self = shared_from_this();
@@ -658,14 +665,6 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                                                        ", made by a request with other details (tier, display_name "
                                                        "or credit_micros); use a new key for a new request",
                                               "Idempotency-Key"));
-                }
-                // The retry's key replaces those its earlier attempts issued: their answers were
-                // lost (or the retry would not be), so nobody should hold a key of this user but
-                // the one answered now.
-                for (const auto& [key_id, key] : state.api_keys) {
-                  if (key.revoked) continue;
-                  commands.insert(commands.end() - 1,
-                                  domain::revoke_api_key{key_id, "replaced by a retried request's key"});
                 }
                 self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
               },
@@ -1064,18 +1063,54 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
-  // -- POST /admin/providers/<id>/token --------------------------------------------------------
+  // -- POST /admin/providers/<id>/token, POST /admin/users/<id>/key ----------------------------
 
-  /// The provider id of /admin/providers/<id>/token.
-  static std::optional<std::string> token_provider_of(std::string_view path) {
-    constexpr std::string_view prefix = "/admin/providers/";
-    constexpr std::string_view suffix = "/token";
+  /// The id of `prefix` <id> `suffix` (/admin/providers/<id>/token): one path segment.
+  static std::optional<std::string> id_between(std::string_view path, std::string_view prefix,
+                                               std::string_view suffix) {
     if (!path.starts_with(prefix) || !path.ends_with(suffix) || path.size() <= prefix.size() + suffix.size()) {
       return std::nullopt;
     }
     const auto id = path.substr(prefix.size(), path.size() - prefix.size() - suffix.size());
     if (id.find('/') != std::string_view::npos) return std::nullopt;
     return std::string(id);
+  }
+
+  /// A new API key for a user whose keys leaked or were lost: shown once, as at creation. Every
+  /// other key of the user is revoked with it, in one decision, and fails its next request. Each
+  /// call makes another.
+  void replace_user_key(const http_request& request, std::string user_id, reply_function reply) {
+    if (auto none = no_body(request, options_.json_depth_max); !none) return reply(std::move(none).error());
+    if (!directory_->user(user_id)) {
+      return reply(error_response(404, "no user " + user_id + "; create it with POST /admin/users"));
+    }
+    auto key_id = new_id("k_");
+    auto key = new_api_key();
+    if (!key_id || !key) {
+      log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : key.error().message);
+      return reply(error_response(503, "the server could not make a secret; try again"));
+    }
+    auto self = shared_from_this();
+    spawn_request([self, user_id = std::move(user_id), key_id = std::move(*key_id), key = std::move(*key),
+                   reply = std::move(reply)](caf::event_based_actor* actor) mutable {
+      domain::user::command replace = replacing_keys(key_id, key, "replaced by POST /admin/users/<id>/key");
+      actor->request(self->peers_.users, self->timeout(), user_id, std::move(replace))
+          .then(
+              [self, user_id, key_id, key, reply](actors::command_reply& done) {
+                self->directory_->apply_committed("user-" + user_id, done.version, done.events);
+                self->log_->info("replaced the keys of user {} with key_id={}", user_id, key_id);
+                reply(json_response(201, json::object{{"id", user_id}, {"api_key", key}, {"key_id", key_id}}));
+              },
+              [self, reply](caf::error& failure) {
+                reply(failure_response(failure, "replacing the user's key", self->options_.request_timeout));
+              });
+    });
+  }
+
+  /// The command that issues `key` (only its digest is recorded) and revokes the user's others.
+  static domain::replace_api_keys replacing_keys(const std::string& key_id, const std::string& key,
+                                                 std::string reason) {
+    return domain::replace_api_keys{key_id, sha256(key), "issued by the admin API", std::move(reason)};
   }
 
   /// A new link token for a provider whose token was lost (a create whose answer never arrived)

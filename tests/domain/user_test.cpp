@@ -114,6 +114,37 @@ TEST(user, active_key_limit_counts_only_unrevoked_keys) {
   EXPECT_TRUE(run(s, issue_api_key{"k3", digest(3), ""}, t0, o));
 }
 
+TEST(user, replacing_keys_revokes_every_active_one_and_issues_the_new_one_in_one_decision) {
+  user_options o;
+  o.active_api_keys_max = 2;
+  auto s = created();
+  ASSERT_TRUE(run(s, issue_api_key{"k1", digest(1), ""}, t0, o));
+  ASSERT_TRUE(run(s, issue_api_key{"k2", digest(2), ""}, t0, o));
+  ASSERT_TRUE(run(s, revoke_api_key{"k2", "lost"}, t0, o));
+  ASSERT_TRUE(run(s, issue_api_key{"k3", digest(3), ""}, t0, o));  // two active: the limit
+  auto d = run(s, replace_api_keys{"k4", digest(4), "issued by the admin API", "leaked"}, t0 + 1, o);
+  ASSERT_TRUE(d) << d.error().message << " (the limit counts the keys it revokes)";
+  ASSERT_EQ(d->size(), 3u);
+  EXPECT_EQ(std::get<events::api_key_revoked>((*d)[0]), (events::api_key_revoked{"u1", "k1", "leaked", t0 + 1}));
+  EXPECT_EQ(std::get<events::api_key_revoked>((*d)[1]).key_id, "k3");
+  EXPECT_EQ(std::get<events::api_key_issued>((*d)[2]).key_id, "k4");
+  EXPECT_EQ(s.api_keys.at("k2").revoke_reason, "lost") << "a key revoked before keeps its reason";
+  EXPECT_EQ(active_key_id(s, digest(1)), "");
+  EXPECT_EQ(active_key_id(s, digest(4)), "k4");
+  EXPECT_TRUE(run(s, replace_api_keys{"k4", digest(4), "issued by the admin API", "leaked"}, t0 + 2, o)->empty())
+      << "the same replacement again: no events";
+  // A key issued since is revoked by a repeated replacement, which keeps its own key.
+  ASSERT_TRUE(run(s, issue_api_key{"k5", digest(5), ""}, t0 + 3, o));
+  auto again = run(s, replace_api_keys{"k4", digest(4), "issued by the admin API", "leaked"}, t0 + 4, o);
+  ASSERT_TRUE(again);
+  ASSERT_EQ(again->size(), 1u);
+  EXPECT_EQ(std::get<events::api_key_revoked>(again->front()).key_id, "k5");
+  // The new key's checks are issue_api_key's.
+  EXPECT_EQ(user::decide(s, replace_api_keys{"k1", digest(9), "", ""}, t0, o).error().code, errc::invalid_state);
+  EXPECT_EQ(user::decide(s, replace_api_keys{"k9", digest(1), "", ""}, t0, o).error().code, errc::already_exists);
+  EXPECT_EQ(user::decide(s, replace_api_keys{"k9", digest(0), "", ""}, t0, o).error().code, errc::invalid_argument);
+}
+
 TEST(user, tier_changes_and_same_tier_is_no_event) {
   auto s = created();
   EXPECT_TRUE(run(s, change_user_tier{events::user_tier::free}, t0)->empty());

@@ -500,6 +500,36 @@ TEST_F(admin_api_test, a_providers_token_is_replaced_and_only_the_new_one_opens_
   EXPECT_EQ(call("POST", "/admin/providers/" + id + "/x/token", "").status, 404u);
 }
 
+TEST_F(admin_api_test, a_users_keys_are_replaced_by_one_new_key_and_only_it_works) {
+  const auto created = call("POST", "/admin/users", R"({"tier":"premium"})");
+  ASSERT_EQ(created.status, 201u) << created.body;
+  const auto first = json::parse(created.body).as_object();
+  const std::string id(first.at("id").as_string());
+  const std::string old_key(first.at("api_key").as_string());
+  const auto replaced = call("POST", "/admin/users/" + id + "/key", "{}");
+  ASSERT_EQ(replaced.status, 201u) << replaced.body;
+  const auto answer = json::parse(replaced.body).as_object();
+  EXPECT_EQ(answer.at("id").as_string(), id);
+  const std::string new_key(answer.at("api_key").as_string());
+  EXPECT_EQ(new_key.substr(0, 4), "gsk_");
+  EXPECT_NE(new_key, old_key);
+  EXPECT_EQ(directory_->user_by_api_key(new_key), (user_entry{id, events::user_tier::premium}));
+  EXPECT_FALSE(directory_->user_by_api_key(old_key)) << "the old key works no more, at once";
+  catch_up();
+  EXPECT_FALSE(directory_->user_by_api_key(old_key)) << "nor once the log is read";
+  const auto state = ask<domain::user_state>(runtime_.users, id, actors::state_atom::value);
+  std::size_t active = 0;
+  for (const auto& [key_id, key] : state.api_keys) active += key.revoked ? 0 : 1;
+  EXPECT_EQ(active, 1u);
+  EXPECT_FALSE(state.api_keys.at(std::string(answer.at("key_id").as_string())).revoked);
+
+  EXPECT_EQ(call("POST", "/admin/users/u_nobody/key", "").status, 404u);
+  EXPECT_EQ(call("GET", "/admin/users/" + id + "/key").status, 405u);
+  EXPECT_EQ(call("POST", "/admin/users/" + id + "/key", R"({"key":"mine"})").status, 400u) << "no body but {}";
+  EXPECT_EQ(call("POST", "/admin/users/" + id + "/key?now=1", "").status, 400u);
+  EXPECT_EQ(call("POST", "/admin/users/" + id + "/x/key", "").status, 404u);
+}
+
 TEST_F(admin_api_test, providers_are_listed_with_their_live_state_when_wired) {
   const auto [first, first_token, first_owner] = make_provider(R"({"name":"a"})");
   const auto [second, second_token, second_owner] = make_provider(R"({"name":"b"})");
