@@ -1229,6 +1229,11 @@ caf::typed_response_promise<job_ended> on_cancel(self_pointer self, job_cancel& 
     reply.deliver(refusal(domain::errc::not_found, "job " + cancel.job_id + " is not live"));
     return reply;
   }
+  if (!cancel.provider_id.empty() && !is_running_on(self, cancel.job_id, cancel.provider_id)) {
+    reply.deliver(refusal(domain::errc::not_found,
+                          "job " + cancel.job_id + " is not running on provider " + cancel.provider_id));
+    return reply;
+  }
   if (found->second.ending) {
     reply.deliver(refusal(domain::errc::invalid_state,
                           "job " + cancel.job_id + " is already ending"));

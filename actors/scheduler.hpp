@@ -135,6 +135,10 @@ struct job_cancel {
   std::string job_id;
   events::cancelled_by by = events::cancelled_by::client;
   std::uint32_t tokens_produced = 0;
+  /// When set, the cancel applies only while the job runs on this provider (one that reported a
+  /// job nobody waits for); else it is refused with not_found. A provider cannot end the jobs
+  /// of others. Default: any.
+  std::string provider_id{};
 };
 
 /// How a job ended, for the one who reported it.

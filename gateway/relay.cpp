@@ -302,7 +302,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // Nobody waits for it here any more (the client left, or its answer ended in an error):
       // the scheduler stops the job at once rather than wait for a first token that never comes
       // and blame the provider for it.
-      cancel_unknown(offer.job_id);
+      cancel_unknown(offer.job_id, provider_id);
       return std::nullopt;
     }
     std::optional<ad_pick> pick;
@@ -529,7 +529,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void done(const std::string& provider_id, const link::done& d) {
     auto live = find(d.job_id);
-    if (!live) return cancel_unknown(d.job_id);
+    if (!live) return cancel_unknown(d.job_id, provider_id);
     actors::job_result result;
     result.provider_reported_tokens = d.completion_tokens_reported;
     result.prompt_tokens_reported = d.prompt_tokens_reported;
@@ -577,7 +577,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   void failed(const std::string& provider_id, const link::job_error& e) {
     auto live = find(e.job_id);
-    if (!live) return cancel_unknown(e.job_id);
+    if (!live) return cancel_unknown(e.job_id, provider_id);
     std::uint32_t tokens = 0;
     std::uint32_t attempt_tokens = 0;
     {
@@ -1051,21 +1051,23 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                           {}, "server_shutting_down");
   }
 
-  /// A provider was offered, or ended, job `id`, which nobody here waits for any more. Usually
-  /// its client left and the job is cancelled already (the scheduler refuses this cancel); but
-  /// when that cancel could not be recorded (the store failed), the scheduler would hold the job
-  /// running on the provider for good. Billed without tokens: those the client got are not known
-  /// any more.
-  void cancel_unknown(const std::string& id) { cancel(id, 0, 0); }
+  /// Provider `provider_id` was offered, or ended, job `id`, which nobody here waits for any more.
+  /// Usually its client left and the job is cancelled already (the scheduler refuses this cancel);
+  /// but when that cancel could not be recorded (the store failed), the scheduler would hold the
+  /// job running on the provider for good. Billed without tokens: those the client got are not
+  /// known any more. Only while the job runs on that provider: a frame naming another's job
+  /// (guessed, or an attempt's before a failover) ends nothing.
+  void cancel_unknown(const std::string& id, const std::string& provider_id) { cancel(id, 0, 0, provider_id); }
 
   /// Tells the scheduler the client is gone (it cancels the provider's work at once). While the
   /// job's queueing is still being recorded the scheduler asks to retry; a few ms later it can.
-  void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt) {
+  void cancel(const std::string& id, std::uint32_t tokens, std::uint32_t attempt, const std::string& provider_id = {}) {
     auto self = shared_from_this();
-    bridge_.run_keyed(id, [self, id, tokens, attempt](caf::event_based_actor* actor) {
-      actor->request(self->scheduler_, caf::infinite, actors::job_cancel{id, events::cancelled_by::client, tokens})
+    bridge_.run_keyed(id, [self, id, tokens, attempt, provider_id](caf::event_based_actor* actor) {
+      actor->request(self->scheduler_, caf::infinite,
+                     actors::job_cancel{id, events::cancelled_by::client, tokens, provider_id})
           .then([](const actors::job_ended& ended) { log_if_unsettled(ended); },
-                [self, id, tokens, attempt](caf::error& failure) {
+                [self, id, tokens, attempt, provider_id](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
                   const bool retry = refusal && refusal->code == domain::errc::invalid_state &&
                                      attempt + 1 < self->options_.cancel_retries_max;
@@ -1073,9 +1075,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                     spdlog::debug("relay: cancel of job={} not recorded: {}", id, actors::describe(failure));
                     return;
                   }
-                  self->bridge_.run_later(self->options_.cancel_retry_wait, [self, id, tokens, attempt](caf::event_based_actor*) {
-                    self->cancel(id, tokens, attempt + 1);
-                  });
+                  self->bridge_.run_later(self->options_.cancel_retry_wait,
+                                          [self, id, tokens, attempt, provider_id](caf::event_based_actor*) {
+                                            self->cancel(id, tokens, attempt + 1, provider_id);
+                                          });
                 });
     });
   }

@@ -889,6 +889,25 @@ TEST_F(scheduler_test, the_slot_of_a_job_cancelled_before_its_answer_began_goes_
   EXPECT_EQ(job("j1").provider_id, "p1");
 }
 
+TEST_F(scheduler_test, a_cancel_naming_a_provider_ends_only_a_job_running_there) {
+  // The relay cancels a job a provider reports that nobody waits for; a provider reporting
+  // another's job (a guessed id, or an attempt's before a failover) must not end it.
+  bring_online("p1", "llama-8b", 1);
+  bring_online("p2", "llama-8b", 1);
+  create_user("alice", events::user_tier::premium, 50'000'000);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+  const std::string runs_on = job("j1").provider_id;
+  const std::string other = runs_on == "p1" ? "p2" : "p1";
+  auto refused = ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 0, other});
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refusal_code(refused.error()), domain::errc::not_found);
+  EXPECT_EQ(job("j1").status, domain::job_status::assigned);
+  EXPECT_EQ(counts().running, 1u);
+  EXPECT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j1", events::cancelled_by::client, 0, runs_on}))
+      << "the provider it runs on may";
+  EXPECT_EQ(job("j1").status, domain::job_status::cancelled);
+}
+
 TEST_F(scheduler_test, the_slot_of_a_failed_job_goes_to_the_next_job_at_once) {
   bring_online("p1", "llama-8b", 1);
   create_user("alice", events::user_tier::premium, 50'000'000);
