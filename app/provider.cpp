@@ -1186,6 +1186,11 @@ int run_provider(const provider_options& given) {
     return 1;
   }
   asio::signal_set signals(io, SIGINT, SIGTERM);
+  // Its terminal closed (SIGHUP) drains too, as serve's does, unless ignored (nohup): asio's
+  // handler would take it over.
+  if (struct sigaction hang_up {}; sigaction(SIGHUP, nullptr, &hang_up) == 0 && hang_up.sa_handler != SIG_IGN) {
+    signals.add(SIGHUP);
+  }
   asio::steady_timer grace(io);
   bool stopping = false;
   const auto stop_now = [&] {

@@ -103,6 +103,9 @@ expected<ws_url, std::string> parse_ws_url(std::string_view url) {
     }
   } else {
     const std::size_t colon = authority.rfind(':');
+    if (colon != std::string_view::npos && authority.find(':') != colon) {
+      return unexpected{"an IPv6 host must be written in brackets (ws://[::1]:8080) in " + redacted_url(url)};
+    }
     parsed.host = std::string(authority.substr(0, colon));
     if (colon != std::string_view::npos) {
       port_digits = authority.substr(colon + 1);

@@ -806,6 +806,21 @@ TEST(cli_serve_signals, under_nohup_a_hang_up_is_ignored) {
   EXPECT_NE(serve.err().find("stopping signal=" + std::to_string(SIGTERM)), std::string::npos) << serve.output();
 }
 
+TEST(cli_provider_signals, a_hang_up_drains_the_agent_as_sigterm_does) {
+  // Its terminal closed: not a death without a drain (an answer cut off counts against it).
+  child_process provider({GPUSTREAM_BIN, "provider", "--coordinator", "ws://127.0.0.1:9", "--token", "t",
+                          "--backend", "openai=http://127.0.0.1:9/v1"});
+  ASSERT_TRUE(provider.started());
+  ASSERT_TRUE(provider.read_until([&] { return provider.err().find("starting name=") != std::string::npos; }))
+      << provider.output();
+  provider.send_signal(SIGHUP);
+  const auto code = provider.wait_exit();
+  ASSERT_TRUE(code.has_value()) << "the agent still runs after SIGHUP; " << provider.output();
+  EXPECT_EQ(*code, 0) << provider.output();
+  EXPECT_NE(provider.err().find("stopping on signal " + std::to_string(SIGHUP)), std::string::npos)
+      << provider.output();
+}
+
 TEST_F(cli_serve, a_second_serve_on_its_data_directory_is_refused_saying_why) {
   const auto second = run_gpustream({"serve", "--data", dir_.path().string(), "--http", "127.0.0.1:0"});
   EXPECT_EQ(second.exit_code, 1) << second.out << second.err;

@@ -805,13 +805,17 @@ TEST(parse_ws_url, accepts_hosts_ports_and_paths) {
 
 TEST(parse_ws_url, refuses_what_it_cannot_use) {
   for (const char* bad : {"http://h:1/", "ws://", "ws://:80/", "ws://h:0/", "ws://h:65536/",
-                          "ws://h:8x/", "ws://h:/", "ws://user:pw@h/", "ws://[::1/", "h:80"}) {
+                          "ws://h:8x/", "ws://h:/", "ws://user:pw@h/", "ws://[::1/", "h:80", "ws://fe80::1/",
+                          "ws://::1", "ws://::1:8080/"}) {
     const auto url = parse_ws_url(bad);
     EXPECT_FALSE(url) << bad;
     if (!url) {
       EXPECT_FALSE(url.error().empty());
     }
   }
+  const auto unbracketed = parse_ws_url("ws://fe80::1/");
+  ASSERT_FALSE(unbracketed);
+  EXPECT_NE(unbracketed.error().find("brackets"), std::string::npos) << unbracketed.error();
   const auto tls = parse_ws_url("wss://h/");
   ASSERT_FALSE(tls);
   EXPECT_NE(tls.error().find("wss://"), std::string::npos);
