@@ -262,9 +262,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     for (const auto& gpu : *found) {
       log_->info("gpu name=\"{}\" memory_bytes={} compute_capability={}.{}", gpu.name,
                  gpu.memory_bytes, gpu.compute_capability_major, gpu.compute_capability_minor);
-      // A name that is not UTF-8, or past the link's limit, would make every hello fail: it is
-      // repaired, then cut (at a character's start).
-      const std::string repaired = utf8_repaired(gpu.name);
+      // A name that is not UTF-8, holds a control character or is past the link's limit would
+      // make every hello fail: it is repaired, then cut (at a character's start).
+      const std::string repaired = controls_replaced(utf8_repaired(gpu.name));
       const auto name = split_utf8(repaired, options_.link.limits.name_bytes_max);
       gpus_.push_back({.name = name.empty() ? std::string() : std::string(name.front()),
                        .memory_bytes = gpu.memory_bytes,
@@ -332,6 +332,11 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
           log_->warn("model id={}... is {} bytes long, over the link's {}: not advertised", printable(model.id, 64),
                      model.id.size(), options_.link.limits.name_bytes_max);
         }
+        continue;
+      }
+      if (!valid_name(model.id)) {
+        // The coordinator refuses a hello offering it: the agent would never link.
+        if (report) log_->warn("model id={} is not UTF-8 or holds a control character: not advertised", printable(model.id, 64));
         continue;
       }
       if (std::any_of(usable.begin(), usable.end(), [&](const auto& kept) { return kept.id == model.id; })) {

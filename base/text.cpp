@@ -1,5 +1,7 @@
 #include "base/text.hpp"
 
+#include <algorithm>
+
 namespace gpustream {
 namespace {
 
@@ -33,6 +35,20 @@ std::size_t utf8_sequence(const unsigned char* p, const unsigned char* end) noex
 }
 
 }  // namespace
+
+namespace {
+constexpr bool is_control(char c) noexcept { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }
+}  // namespace
+
+bool valid_name(std::string_view text) noexcept {
+  return std::none_of(text.begin(), text.end(), is_control) && valid_utf8(text);
+}
+
+std::string controls_replaced(std::string_view text) {
+  std::string out(text);
+  std::replace_if(out.begin(), out.end(), is_control, ' ');
+  return out;
+}
 
 bool valid_utf8(std::string_view text) noexcept {
   const auto* p = reinterpret_cast<const unsigned char*>(text.data());

@@ -32,6 +32,14 @@ namespace gpustream {
 /// U+10FFFF). Text that ends up in JSON answers or WebSocket frames must be.
 [[nodiscard]] bool valid_utf8(std::string_view text) noexcept;
 
+/// Whether `text` is a name a peer may give (a model, a GPU, a version): well-formed UTF-8 without
+/// control characters (C0, DEL). A line break in one would forge lines in a log that quotes it.
+[[nodiscard]] bool valid_name(std::string_view text) noexcept;
+
+/// `text` with each control character (C0, DEL) replaced by a space: a peer's words (a close
+/// reason, a GPU's name) before a log line quotes them.
+[[nodiscard]] std::string controls_replaced(std::string_view text);
+
 /// `text` with each byte that starts no well-formed UTF-8 sequence replaced by U+FFFD, as text from
 /// outside (a backend's Latin-1 error message, a request path, a cut inside a character) must be
 /// before it goes into JSON or a frame.

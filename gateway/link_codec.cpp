@@ -313,12 +313,21 @@ expected<void, decode_error> check_text(std::string_view field, const std::strin
   return {};
 }
 
+/// check_text, and no control characters (valid_name): what the coordinator logs and lists.
+expected<void, decode_error> check_name(std::string_view field, const std::string& value, std::size_t bytes_max) {
+  if (auto r = check_text(field, value, bytes_max); !r) return r;
+  if (!valid_name(value)) {
+    return unexpected{failure(decode_errc::invalid_field, std::string(field) + ": holds a control character")};
+  }
+  return {};
+}
+
 expected<void, decode_error> check_job_id(std::string_view field, const std::string& value,
                                           const codec_limits& limits) {
   if (value.empty()) {
     return unexpected{failure(decode_errc::invalid_field, std::string(field) + ": empty job id")};
   }
-  return check_text(field, value, limits.job_id_bytes_max);
+  return check_name(field, value, limits.job_id_bytes_max);
 }
 
 /// The first failing check of a list of them, or success.
@@ -335,9 +344,9 @@ expected<void, decode_error> check_models(std::string_view field, const std::vec
                                           const codec_limits& limits) {
   const std::string name_field = std::string(field) + ".model_name";
   for (const auto& model : models) {
-    if (auto r = check_text(name_field, model.model_name, limits.name_bytes_max); !r) return r;
+    if (auto r = check_name(name_field, model.model_name, limits.name_bytes_max); !r) return r;
     if (model.model_name.empty()) return unexpected{failure(decode_errc::invalid_field, name_field + ": empty")};
-    if (auto r = check_text(std::string(field) + ".quantisation", model.quantisation, limits.name_bytes_max); !r) {
+    if (auto r = check_name(std::string(field) + ".quantisation", model.quantisation, limits.name_bytes_max); !r) {
       return r;
     }
   }
@@ -352,10 +361,10 @@ expected<void, decode_error> check(const hello& f, const codec_limits& limits) {
                                   " allowed")};
   }
   if (f.models.size() > limits.models_max) return unexpected{too_many_models("hello.models", f.models.size(), limits)};
-  if (auto r = check_text("hello.agent_version", f.agent_version, limits.name_bytes_max); !r) return r;
-  if (auto r = check_text("hello.backend_url", f.backend_url, limits.url_bytes_max); !r) return r;
+  if (auto r = check_name("hello.agent_version", f.agent_version, limits.name_bytes_max); !r) return r;
+  if (auto r = check_name("hello.backend_url", f.backend_url, limits.url_bytes_max); !r) return r;
   for (const auto& gpu : f.gpus) {
-    if (auto r = check_text("hello.gpus.name", gpu.name, limits.name_bytes_max); !r) return r;
+    if (auto r = check_name("hello.gpus.name", gpu.name, limits.name_bytes_max); !r) return r;
   }
   return check_models("hello.models", f.models, limits);
 }
@@ -386,7 +395,7 @@ expected<void, decode_error> check(const deltas& f, const codec_limits& limits) 
 expected<void, decode_error> check(const done& f, const codec_limits& limits) {
   return first_failure(
       [&] { return check_job_id("done.job_id", f.job_id, limits); },
-      [&] { return check_text("done.finish_reason", f.finish_reason, limits.name_bytes_max); });
+      [&] { return check_name("done.finish_reason", f.finish_reason, limits.name_bytes_max); });
 }
 
 expected<void, decode_error> check(const job_error& f, const codec_limits& limits) {
@@ -396,7 +405,7 @@ expected<void, decode_error> check(const job_error& f, const codec_limits& limit
 }
 
 expected<void, decode_error> check(const welcome& f, const codec_limits& limits) {
-  return check_text("welcome.provider_id", f.provider_id, limits.name_bytes_max);
+  return check_name("welcome.provider_id", f.provider_id, limits.name_bytes_max);
 }
 
 expected<void, decode_error> check(const offer& f, const codec_limits& limits) {

@@ -572,7 +572,7 @@ void link_session::retire() {
   close(link::close_code_replaced, "replaced by a newer link of the same provider");
 }
 
-void link_session::on_closed(std::string reason) { end(std::move(reason)); }
+void link_session::on_closed(std::string reason) { end(controls_replaced(reason)); }  // the peer's words
 
 void link_session::end(std::string reason) {
   {

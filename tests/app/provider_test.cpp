@@ -742,6 +742,16 @@ TEST(provider_agent, a_model_the_backend_lists_twice_is_advertised_once) {
   EXPECT_EQ(hello->models[1].model_name, "m2");
 }
 
+TEST(provider_agent, a_model_id_with_a_control_character_is_not_advertised) {
+  // The coordinator refuses a hello offering it (it would forge log lines): the agent would never link.
+  unprobed_agent world({"--models", "m1,bad\nid,m2", "--context-length", "8192"});
+  const auto hello = world.hello();
+  ASSERT_TRUE(hello);
+  ASSERT_EQ(hello->models.size(), 2u);
+  EXPECT_EQ(hello->models[0].model_name, "m1");
+  EXPECT_EQ(hello->models[1].model_name, "m2");
+}
+
 TEST(provider_agent, a_window_over_what_the_coordinator_takes_is_advertised_as_its_largest) {
   // The coordinator refuses an offer claiming more: the agent would link in vain forever.
   unprobed_agent world({"--models", "m1", "--context-length", "20000000"});

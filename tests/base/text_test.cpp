@@ -52,5 +52,17 @@ TEST(valid_utf8, takes_well_formed_text_and_refuses_the_rest) {
   EXPECT_FALSE(valid_utf8("\xF4\x90\x80\x80")) << "above U+10FFFF";
 }
 
+TEST(valid_name, takes_utf8_without_control_characters) {
+  EXPECT_TRUE(valid_name("qwen2.5:7b instruct \xC3\xA9"));
+  EXPECT_TRUE(valid_name(""));
+  for (const std::string bad : {"a\nb", "a\rb", "a\tb", "\x1b[2J", "a\x7f", "caf\xE9"}) EXPECT_FALSE(valid_name(bad)) << bad;
+  EXPECT_FALSE(valid_name(std::string("a\0b", 3)));
+}
+
+TEST(controls_replaced, puts_a_space_for_each_control_character_only) {
+  EXPECT_EQ(controls_replaced("a\nb\r\x1b\x7f\xC3\xA9"), "a b   \xC3\xA9");
+  EXPECT_EQ(controls_replaced(std::string("\0", 1)), " ");
+}
+
 }  // namespace
 }  // namespace gpustream

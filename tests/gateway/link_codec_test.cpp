@@ -372,6 +372,33 @@ TEST(link_codec, invalid_fields_are_refused) {
   EXPECT_EQ(error.code, decode_errc::invalid_field);
 }
 
+TEST(link_codec, names_with_control_characters_are_refused) {
+  // The coordinator logs and lists them: a line break would forge a log line, or a model id.
+  std::vector<std::pair<frame, std::string>> cases;
+  for (const std::string& bad : std::vector<std::string>{"m\n2026-12-07 info link: provider=p1 online", "m\r",
+                                                          "m\x1b[2J", "m\x7f", std::string("m\0x", 3)}) {
+    hello h = example_hello();
+    h.models[1].model_name = bad;
+    cases.emplace_back(h, "hello.models.model_name");
+    h = example_hello();
+    h.gpus[0].name = bad;
+    cases.emplace_back(h, "hello.gpus.name");
+    h = example_hello();
+    h.agent_version = bad;
+    cases.emplace_back(h, "hello.agent_version");
+    cases.emplace_back(advertise{.models = {example_model(bad)}}, "advertise.models.model_name");
+    cases.emplace_back(done{.job_id = bad}, "done.job_id");
+  }
+  for (const auto& [f, field] : cases) {
+    const auto error = decode_failure(f);
+    EXPECT_EQ(error.code, decode_errc::invalid_field) << field;
+    EXPECT_NE(error.message.find(field + ": holds a control character"), std::string::npos) << error.message;
+  }
+  hello fine = example_hello();
+  fine.models[0].model_name = "qwen2.5:7b-instruct \u00e9\u4e2d";  // spaces and non-ASCII letters are names
+  EXPECT_TRUE(validate(fine, {}));
+}
+
 TEST(link_codec, validate_checks_frames_built_in_memory) {
   EXPECT_TRUE(validate(every_frame()[2], {}));
   const auto result = validate(delta{.job_id = "j", .text = "\xff"}, {});
