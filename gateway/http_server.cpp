@@ -210,7 +210,11 @@ class websocket_session : public websocket_connection,
     asio::post(ws_.get_executor(), [self = shared_from_this(), message = std::move(message)]() mutable {
       if (self->closing_) return;
       if (self->queued_bytes_ + message.size() > self->options_.websocket_send_queue_bytes_max) {
-        return self->begin_close(websocket::close_code::policy_error, "send queue full: peer too slow");
+        constexpr std::string_view why = "send queue full: peer too slow";
+        self->begin_close(websocket::close_code::policy_error, why);
+        // Its close waits behind what it does not take, up to websocket_close_wait_max: its owner
+        // learns now, rather than go on sending (a provider link taking offers it cannot deliver).
+        return self->tell_closed(std::string(why));
       }
       self->queued_bytes_ += message.size();
       self->queue_.push_back(std::move(message));
@@ -319,11 +323,15 @@ class websocket_session : public websocket_connection,
       reason = ec == websocket::error::closed ? "peer closed: " + std::string(ws_.reason().reason.c_str())
                                               : ec.message();
     }
-    // Dropping the callbacks breaks the cycle with whoever they capture (usually the owner of this
-    // connection).
     idle_.cancel();
     close_timer_.cancel();
     registry_.remove(this);
+    tell_closed(std::move(reason));
+  }
+
+  /// Calls the close handler, once (none after the first call). Dropping the callbacks breaks the
+  /// cycle with whoever they capture (usually the owner of this connection).
+  void tell_closed(std::string reason) {
     auto on_closed = std::move(on_closed_);
     on_message_ = nullptr;
     on_closed_ = nullptr;
