@@ -387,7 +387,7 @@ TEST(link_codec, names_with_control_characters_are_refused) {
     h.agent_version = bad;
     cases.emplace_back(h, "hello.agent_version");
     cases.emplace_back(advertise{.models = {example_model(bad)}}, "advertise.models.model_name");
-    cases.emplace_back(done{.job_id = bad}, "done.job_id");
+    cases.emplace_back(done{.job_id = bad, .finish_reason = "stop"}, "done.job_id");
   }
   for (const auto& [f, field] : cases) {
     const auto error = decode_failure(f);
