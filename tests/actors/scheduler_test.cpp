@@ -86,6 +86,15 @@ class scheduler_test : public testing::deterministic_fixture {
     ASSERT_TRUE(reply) << describe(reply.error());
   }
 
+  /// p1 with one slot of llama-8b, premium alice, her j0 offered on that slot and j1 queued behind.
+  void j0_on_p1s_one_slot_and_j1_queued() {
+    bring_online("p1", "llama-8b", 1);
+    create_user("alice", events::user_tier::premium, 50'000'000);
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));
+    ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));
+    ASSERT_EQ(counts().queued, 1u);
+  }
+
   /// Creates, connects and lists a provider serving `model` at `price` per Mtok (in and out).
   void bring_online(const std::string& id, const std::string& model, std::uint32_t slots,
                     std::int64_t price = 1'000'000) {
@@ -877,11 +886,7 @@ TEST_F(scheduler_test, a_provider_linking_again_without_a_model_fails_the_jobs_q
 }
 
 TEST_F(scheduler_test, the_slot_of_a_job_cancelled_before_its_answer_began_goes_to_the_next_job_at_once) {
-  bring_online("p1", "llama-8b", 1);
-  create_user("alice", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));  // offered on p1's one slot
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // behind it
-  ASSERT_EQ(counts().queued, 1u);
+  ASSERT_NO_FATAL_FAILURE(j0_on_p1s_one_slot_and_j1_queued());
   // Its client leaves before a first token: nothing billed, and no tick comes meanwhile.
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_cancel{"j0", events::cancelled_by::client, 0}));
   run();
@@ -909,11 +914,7 @@ TEST_F(scheduler_test, a_cancel_naming_a_provider_ends_only_a_job_running_there)
 }
 
 TEST_F(scheduler_test, the_slot_of_a_failed_job_goes_to_the_next_job_at_once) {
-  bring_online("p1", "llama-8b", 1);
-  create_user("alice", events::user_tier::premium, 50'000'000);
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j0", "alice", true)));  // offered on p1's one slot
-  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true)));  // behind it
-  ASSERT_EQ(counts().queued, 1u);
+  ASSERT_NO_FATAL_FAILURE(j0_on_p1s_one_slot_and_j1_queued());
   // The only backend refuses j0's request: it fails, and no tick comes meanwhile.
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::request, 0, "bad request"}));
   run();
