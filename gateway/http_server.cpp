@@ -230,6 +230,7 @@ class websocket_session : public websocket_connection,
 
   /// The server is gone (its I/O threads too): drops the callbacks without calling them.
   void release() {
+    released_ = true;
     on_message_ = nullptr;
     on_closed_ = nullptr;
   }
@@ -239,12 +240,15 @@ class websocket_session : public websocket_connection,
     ws_.async_read(buffer_, [self = shared_from_this()](beast::error_code ec, std::size_t) {
       if (ec) return self->closed(ec);
       self->idle_.heard();
-      if (self->reported_ || !self->on_message_) return;  // over already (a failed write), or released
-      // Closing: what the peer still sends is read (the closing handshake needs the read loop) and
+      if (self->reported_ || self->released_) return;  // over already (a failed write), or released
+      // Closing: what the peer still sends is read (the closing handshake needs the read loop, and
+      // the loop reports the end: its owner may have been told already, see tell_closed) and
       // dropped.
       const auto data = self->buffer_.cdata();
       try {
-        if (!self->closing_) self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+        if (!self->closing_ && self->on_message_) {
+          self->on_message_(std::string_view(static_cast<const char*>(data.data()), data.size()));
+        }
       } catch (const std::exception& e) {  // process edge: a handler bug ends this link, not the server
         self->begin_close(websocket::close_code::internal_error, std::string("the server failed on a message: ") + e.what());
       }
@@ -354,6 +358,7 @@ class websocket_session : public websocket_connection,
   bool closing_ = false;
   bool close_pending_ = false;
   bool reported_ = false;
+  bool released_ = false;  ///< release(): the server is gone
   websocket::close_reason close_reason_;
   std::string local_reason_;
   std::function<void(std::string_view)> on_message_;
