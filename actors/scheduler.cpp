@@ -1030,11 +1030,16 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
   // earlier one's when this one produced nothing (its provider, which declined or was lost before
   // a first token, may still take it).
   const std::string broken_on = job.avoided_strictly ? job.avoided_provider_id : from;
+  // A job that fails here freed its slot above (forget finds none): the next job takes it now.
+  auto failed = [self, reply](auto&& outcome) mutable {
+    assign_pass(self);
+    reply(std::forward<decltype(outcome)>(outcome));
+  };
   if ((job.started || job.tokens_so_far > 0) && !others_serve(self, job, broken_on)) {
     fail_job(self, job_id, events::failure_reason::all_providers_failed,
              "the answer broke off on provider " + broken_on + " and no other provider serves model " +
                  job.request.model,
-             [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
+             failed);
     return;
   }
   // The job aggregate's own limits (its actors decide with the default options): one attempt more
@@ -1046,7 +1051,7 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
              "every attempt failed (" + std::to_string(job.attempt - job.declines) + " attempts" +
                  (job.declines > 0 ? " and " + std::to_string(job.declines) + " offers declined" : std::string()) +
                  ", the last on provider " + from + ")",
-             [reply](auto&& outcome) mutable { reply(std::move(outcome)); });
+             failed);
     return;
   }
   self->request(self->state.peers.jobs, caf::infinite, job_id,
@@ -1061,9 +1066,9 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
               }
             });
           },
-          [self, job_id, reply](caf::error& failure) mutable {
+          [self, job_id, failed](caf::error& failure) mutable {
             drop_unrecorded(self, job_id, failure);
-            reply(failure);
+            failed(failure);
           });
 }
 

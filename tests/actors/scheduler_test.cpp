@@ -923,6 +923,18 @@ TEST_F(scheduler_test, the_slot_of_a_failed_job_goes_to_the_next_job_at_once) {
   EXPECT_EQ(job("j1").provider_id, "p1");
 }
 
+TEST_F(scheduler_test, the_slot_of_a_job_whose_answer_broke_off_with_no_provider_left_goes_to_the_next_job_at_once) {
+  ASSERT_NO_FATAL_FAILURE(j0_on_p1s_one_slot_and_j1_queued());
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j0"), std::string("p1")));
+  // Its answer breaks off on p1, and no other provider may continue it: it fails (its slot was
+  // freed before it was failed), and no tick comes meanwhile.
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j0", "p1", domain::job_fault::provider, 5, "backend died"}));
+  run();
+  EXPECT_EQ(job("j0").status, domain::job_status::failed);
+  EXPECT_EQ(counts().queued, 0u) << "j1 waited for the next tick";
+  EXPECT_EQ(job("j1").provider_id, "p1");
+}
+
 TEST_F(scheduler_test, jobs_lost_with_a_providers_link_count_against_it_once_per_loss) {
   // Ten answers running when its link drops once: ten faults would suspend it (aborted_jobs_max).
   bring_online("p1", "llama-8b", 12);
