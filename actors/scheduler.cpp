@@ -460,6 +460,12 @@ void learn_end(self_pointer self, const std::string& job_id) {
             auto& e = found->second;
             // The scheduler sends a job's end once: an ended job holds that end and its bill.
             if (job.status == domain::job_status::completed || job.status == domain::job_status::cancelled) {
+              if (e.group.transfers.empty()) {  // nothing for the ledger (a provider at price 0): the usage
+                after_retried(self, job_id, e);
+                release(self->state.holds_micros, e.user_id, e.hold_micros);
+                self->state.unsettled.erase(found);
+                return passivate();
+              }
               e.end_unknown = false;
               e.in_flight = false;
               e.retry_at_us = now_us(self);
@@ -525,7 +531,8 @@ void retry_unsettled(self_pointer self) {
 void end_failed(self_pointer self, const std::string& job_id, const caf::error& failure,
                 const expected<domain::job_settlement, domain::error>* settled, bool completed,
                 const domain::job_measure& measure, std::uint32_t free_tokens) {
-  if (!domain_error_of(failure) && settled && *settled && !settled->value().group.transfers.empty()) {
+  if (!domain_error_of(failure) && settled && *settled &&
+      (!settled->value().group.transfers.empty() || free_tokens > 0)) {
     keep_unsettled(self, job_id, settled->value().group, completed, measure, free_tokens, true);
   }
   forget_and_assign(self, job_id);

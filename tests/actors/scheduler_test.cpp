@@ -1813,6 +1813,28 @@ TEST_F(arming_store_scheduler_test, an_end_the_full_disk_did_not_record_releases
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold was released";
 }
 
+TEST_F(arming_store_scheduler_test, a_free_end_whose_fsync_failed_keeps_its_quota_hold_even_with_nothing_to_bill) {
+  // A provider at price 0 bills nothing: the end records only the free tokens, which still count.
+  bring_online("p1", "llama-8b", 8, 0, 0);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  faults_->set_fail_sync(true);
+  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+  faults_->set_fail_sync(false);
+  ASSERT_FALSE(ended) << "the end's fsync failed";
+  // Each free job holds 1,500 of the day's 10,000 tokens: with j1's kept, five more fit, not six.
+  int admitted = 0;
+  for (int i = 2; i < 8; ++i) admitted += ask<job_accepted>(rt_.scheduler, request("j" + std::to_string(i), "bob", false)) ? 1 : 0;
+  EXPECT_EQ(admitted, 5) << "j1's quota hold was released while its end may be recorded";
+  retry_settlements();
+  EXPECT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(job("j1").status, domain::job_status::completed);
+  auto user = ask<domain::user_state>(rt_.users, std::string("bob"), state_atom::value);
+  ASSERT_TRUE(user);
+  EXPECT_EQ(user->free_tokens_today, 1'010) << "its recorded free tokens count against the quota";
+}
+
 TEST_F(arming_store_scheduler_test, a_bill_the_ledger_refuses_after_the_end_is_recorded_leaves_the_answer_the_clients) {
   // A domain refusal of a result tells the relay nothing was recorded (it then takes back the
   // answer's ad impression), and any other error fails the answer (SDKs retry it, billed again).
