@@ -214,10 +214,11 @@ decision on(const campaign_state& s, const reserve_ad& c, std::int64_t now_us, c
   if (!*is_new) return events_list{};
   if (auto ok = check_range("reserved price_micros", c.price_micros, 1, bid_price(s)); !ok)
     return unexpected{ok.error()};
-  if (c.expires_at_us <= now_us || c.expires_at_us - now_us > o.reservation_ttl_us_max)
+  const std::int64_t ttl_max = std::min(o.reservation_ttl_us_max, release_memory_us);
+  if (c.expires_at_us <= now_us || c.expires_at_us - now_us > ttl_max)
     return refuse(errc::invalid_argument, "reservation expiry " + std::to_string(c.expires_at_us) +
                                               " us must lie after now (" + std::to_string(now_us) +
-                                              " us) by at most " + std::to_string(o.reservation_ttl_us_max) + " us");
+                                              " us) by at most " + std::to_string(ttl_max) + " us");
   if (auto ok = can_reserve(s, c.user_id, c.price_micros, now_us, o); !ok) return unexpected{ok.error()};
   return events_list{events::ad_reserved{c.reservation_id, s.campaign_id, c.job_id, c.user_id, c.price_micros,
                                          now_us, c.expires_at_us}};

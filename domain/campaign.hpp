@@ -68,7 +68,9 @@ inline constexpr std::int64_t release_memory_us = 3'600'000'000;
 
 /// Limits and pacing of campaigns. The defaults are what production runs with.
 struct campaign_options {
-  /// Longest a reservation may be held before expire_ad_reservations releases it. Default: 30 min.
+  /// Longest a reservation may be held before expire_ad_reservations releases it; taken as at most
+  /// release_memory_us, so that a retried reserve of a released or voided reservation is refused
+  /// by its expiry once the release is forgotten. Default: 30 min.
   std::int64_t reservation_ttl_us_max = 1'800'000'000;
   /// Reservations one campaign may hold at once. Default: 1,000.
   std::size_t reservations_max = 1'000;

@@ -498,6 +498,16 @@ TEST(campaign, a_release_is_remembered_for_an_hour_after_its_reservation_expires
   EXPECT_TRUE(check(s).empty());
 }
 
+TEST(campaign, a_reservation_lives_at_most_as_long_as_a_release_is_remembered) {
+  // A longer one, voided and forgotten, could be reserved again by a retry and charged twice.
+  campaign_options o;
+  o.reservation_ttl_us_max = 2 * release_memory_us;
+  auto s = funded();
+  expect_refused(campaign::decide(s, reservation("r1", "u1", 2'000, noon + release_memory_us + 1), noon, o),
+                 errc::invalid_argument, "by at most 3600000000 us");
+  EXPECT_TRUE(campaign::decide(s, reservation("r1", "u1", 2'000, noon + release_memory_us), noon, o));
+}
+
 TEST(campaign, releases_made_all_day_leave_at_most_two_hours_of_them_remembered) {
   // A free key that opens and drops requests within its rate limit makes a reservation and a
   // release for each: one every 3.6 s here, 24,000 a day. Kept for the click window (a week),
