@@ -415,15 +415,15 @@ expected<std::unique_ptr<event_store>, error> event_store::open(const std::files
   if (options.read_events_max == 0) {
     return unexpected{make_error(errc::invalid_argument, "read_events_max must be at least 1 (records one read returns)")};
   }
-  if (const auto record_bytes =
-          events::encoded_record_bytes_max(options.stream_id_bytes_max, options.payload_bytes_max);
-      record_bytes > events::record_bytes_max) {
+  // Each limit alone first: near SIZE_MAX the sum would wrap round to a small number.
+  if (options.payload_bytes_max > events::record_bytes_max || options.stream_id_bytes_max > events::record_bytes_max ||
+      events::encoded_record_bytes_max(options.stream_id_bytes_max, options.payload_bytes_max) >
+          events::record_bytes_max) {
     return unexpected{make_error(
         errc::invalid_argument,
         "payload_bytes_max " + std::to_string(options.payload_bytes_max) + " with stream_id_bytes_max " +
-            std::to_string(options.stream_id_bytes_max) + " allows records of " + std::to_string(record_bytes) +
-            " bytes, more than the " + std::to_string(events::record_bytes_max) +
-            " a record read back may have; lower payload_bytes_max")};
+            std::to_string(options.stream_id_bytes_max) + " allows records of more than the " +
+            std::to_string(events::record_bytes_max) + " bytes a record read back may have; lower payload_bytes_max")};
   }
   auto state = std::make_unique<impl>(directory, std::move(options));
   if (auto started = state->start(); !started) return unexpected{started.error()};

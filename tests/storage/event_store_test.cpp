@@ -1612,11 +1612,14 @@ TEST(event_store_limits, a_read_limit_of_zero_is_refused_naming_the_option) {
 TEST(event_store_limits, a_payload_limit_whose_records_could_not_be_read_back_is_refused) {
   temp_dir dir;
   store_options options;
-  options.payload_bytes_max = events::record_bytes_max;  // its record, with the envelope, is larger
-  auto opened = event_store::open(dir.path(), options);
-  ASSERT_FALSE(opened);
-  EXPECT_EQ(opened.error().code, errc::invalid_argument);
-  EXPECT_NE(opened.error().message.find("payload_bytes_max"), std::string::npos) << opened.error().message;
+  // Its record, with the envelope, is larger; and one near SIZE_MAX, whose sum would wrap round.
+  for (const std::size_t payload_max : {events::record_bytes_max, ~std::size_t{0} - 8}) {
+    options.payload_bytes_max = payload_max;
+    auto opened = event_store::open(dir.path(), options);
+    ASSERT_FALSE(opened) << payload_max;
+    EXPECT_EQ(opened.error().code, errc::invalid_argument);
+    EXPECT_NE(opened.error().message.find("payload_bytes_max"), std::string::npos) << opened.error().message;
+  }
 }
 
 TEST(event_store_limits, the_largest_payload_limit_allowed_stores_and_reads_back_its_largest_event) {
