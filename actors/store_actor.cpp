@@ -43,7 +43,7 @@ using store_pointer = store_actor::stateful_pointer<store_state>;
 
 /// One part of a recovery: a stream's whole tail may be long (a ledger's), so it goes over in
 /// parts of at most read_events_max events, and is never held in memory whole.
-expected<recovery, storage::error> read_recovery(const storage::event_store& store, const std::string& stream,
+expected<recovery, storage::error> read_recovery(storage::event_store& store, const std::string& stream,
                                                  bool use_snapshot, std::uint64_t after_version) {
   recovery result;
   if (use_snapshot && after_version == 0) {
@@ -62,6 +62,11 @@ expected<recovery, storage::error> read_recovery(const storage::event_store& sto
         result.has_snapshot = true;
         result.snapshot = std::move(*snapshot.value());
         after_version = result.snapshot.version;
+      } else {
+        // Else, once the stream grew back to its version, it would be taken for the log's state.
+        // Best effort: a store that cannot delete it (read-only, a failed disk) says so at its
+        // next write, and the next recovery reads past it again.
+        (void)store.delete_snapshot(stream);
       }
     }
   }

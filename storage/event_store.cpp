@@ -176,6 +176,11 @@ expected<void, error> event_store::impl::save_snapshot(std::string_view stream, 
       "saving a snapshot");
 }
 
+expected<void, error> event_store::impl::delete_snapshot(std::string_view stream) {
+  return run_on_writer([&] { return db_->db->Delete(write_options(), db_->cf(cf_snapshots), slice(stream)); },
+                       "deleting a snapshot");
+}
+
 expected<std::optional<snapshot>, error> event_store::impl::load_snapshot(std::string_view stream) const {
   std::string value;
   auto lock = read_lock();
@@ -491,6 +496,8 @@ std::uint64_t event_store::wait_for_append(std::uint64_t position,
                                            std::chrono::milliseconds wait_max) const {
   return impl_->wait_for_append(position, wait_max);
 }
+
+expected<void, error> event_store::delete_snapshot(std::string_view stream) { return impl_->delete_snapshot(stream); }
 
 expected<void, error> event_store::save_snapshot(std::string_view stream, std::uint64_t version,
                                                  std::string_view state) {

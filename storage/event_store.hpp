@@ -278,6 +278,9 @@ class event_store {
   /// an optimisation: state from snapshot + tail must equal state from a full replay.
   [[nodiscard]] expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
                                                     std::string_view state);
+  /// Deletes the snapshot of `stream`, if any: one found ahead of the log, which a later save
+  /// would replace only once the stream grew past it.
+  [[nodiscard]] expected<void, error> delete_snapshot(std::string_view stream);
   /// The latest snapshot of `stream`, if any. A corrupt snapshot is reported, never returned.
   [[nodiscard]] expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;
   /// Calls `visit` with the name of every stream that has a snapshot, in key order, until it

@@ -126,6 +126,7 @@ class event_store::impl {
   expected<std::vector<bool>, error> claimed(std::span<const std::string> keys) const;
   std::uint32_t format_version() const noexcept { return format_version_.load(); }
 
+  expected<void, error> delete_snapshot(std::string_view stream);
   expected<void, error> save_snapshot(std::string_view stream, std::uint64_t version,
                                       std::string_view state);
   expected<std::optional<snapshot>, error> load_snapshot(std::string_view stream) const;

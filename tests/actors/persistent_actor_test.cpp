@@ -314,6 +314,9 @@ TEST_F(persistent_actor_test, a_snapshot_ahead_of_the_log_is_read_past_and_the_s
   auto recovered = ask<wallet::state>(recovered_actor, state_atom::value);
   ASSERT_TRUE(recovered) << describe(recovered.error());
   EXPECT_EQ(recovered.value().balance_micros, 10);
+  auto gone = store_ptr_->load_snapshot("wallet-1");
+  ASSERT_TRUE(gone);
+  EXPECT_FALSE(gone.value()) << "deleted: once the stream grows back to version 9 it would be trusted";
   auto next = ask<command_reply>(recovered_actor, credit("d5", 5));
   ASSERT_TRUE(next) << "the actor took the stream to be at version 9: " << describe(next.error());
   EXPECT_EQ(next.value().version, 5u);
