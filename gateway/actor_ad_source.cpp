@@ -92,7 +92,8 @@ void actor_ad_source::unserved(std::string impression_id, std::string reason) {
     actor->request(ads_, caf::infinite, actors::unserved_atom::value, impression_id, reason)
         .then([](bool) {},
               [impression_id](caf::error& failure) {
-                // Never reserved in the campaign's memory (7 days): nothing to take back.
+                // Never reserved, or taken back longer ago than the campaign remembers (an hour
+                // after its reservation's expiry; a recorded impression, 7 days): nothing to take back.
                 if (const auto refused = actors::domain_error_of(failure); refused && refused->code == domain::errc::not_found) {
                   spdlog::debug("ads: impression={} had nothing to take back", impression_id);
                   return;

@@ -628,21 +628,15 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
 
     auto user_id = id_for(request, "u_", "user");
     if (!user_id) return reply(std::move(user_id).error());
-    // A retry with the same Idempotency-Key issues another key: the earlier attempt's was never
-    // shown (its answer was lost), so nobody holds it.
-    auto key_id = new_id("k_");
-    auto key = new_api_key();
-    if (!key_id || !key) {
-      log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : key.error().message);
-      return reply(error_response(503, "the server could not make a secret; try again"));
-    }
-    // The key replaces any an earlier attempt under the same Idempotency-Key issued: their answers
-    // were lost (or the retry would not be), so nobody should hold a key of this user but the one
-    // answered now. One decision: retries racing each other leave one key active.
+    auto key = make_user_key();
+    if (!key) return reply(std::move(key).error());
+    // A retry with the same Idempotency-Key issues another key, which replaces those its earlier
+    // attempts issued: their answers were lost (or the retry would not be), so nobody should hold a
+    // key of this user but the one answered now. One decision: racing retries leave one key active.
     std::vector<domain::user::command> commands{
         domain::create_user{*user_id, display_name->value_or(""), tier},
-        replacing_keys(*key_id, *key, "replaced by a retried request's key")};
-    user_created created{*user_id, *key_id, std::move(*key), tier, credit->value_or(0)};
+        replacing_keys(*key, "replaced by a retried request's key")};
+    user_created created{*user_id, key->id, std::move(key->secret), tier, credit->value_or(0)};
     const bool retryable = !request.header("idempotency-key").empty();
     auto self = shared_from_this();
     spawn_request([self, commands = std::move(commands), created = std::move(created), retryable,
@@ -1084,22 +1078,18 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     if (!directory_->user(user_id)) {
       return reply(error_response(404, "no user " + user_id + "; create it with POST /admin/users"));
     }
-    auto key_id = new_id("k_");
-    auto key = new_api_key();
-    if (!key_id || !key) {
-      log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : key.error().message);
-      return reply(error_response(503, "the server could not make a secret; try again"));
-    }
+    auto key = make_user_key();
+    if (!key) return reply(std::move(key).error());
     auto self = shared_from_this();
-    spawn_request([self, user_id = std::move(user_id), key_id = std::move(*key_id), key = std::move(*key),
+    spawn_request([self, user_id = std::move(user_id), key = std::move(*key),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
-      domain::user::command replace = replacing_keys(key_id, key, "replaced by POST /admin/users/<id>/key");
+      domain::user::command replace = replacing_keys(key, "replaced by POST /admin/users/<id>/key");
       actor->request(self->peers_.users, self->timeout(), user_id, std::move(replace))
           .then(
-              [self, user_id, key_id, key, reply](actors::command_reply& done) {
+              [self, user_id, key, reply](actors::command_reply& done) {
                 self->directory_->apply_committed("user-" + user_id, done.version, done.events);
-                self->log_->info("replaced the keys of user {} with key_id={}", user_id, key_id);
-                reply(json_response(201, json::object{{"id", user_id}, {"api_key", key}, {"key_id", key_id}}));
+                self->log_->info("replaced the keys of user {} with key_id={}", user_id, key.id);
+                reply(json_response(201, json::object{{"id", user_id}, {"api_key", key.secret}, {"key_id", key.id}}));
               },
               [self, reply](caf::error& failure) {
                 reply(failure_response(failure, "replacing the user's key", self->options_.request_timeout));
@@ -1107,10 +1097,26 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     });
   }
 
+  /// A user's new API key: its id and the secret, shown once.
+  struct user_key {
+    std::string id;
+    std::string secret;
+  };
+
+  /// A new key, or the 503 when the system's randomness failed (logged).
+  checked<user_key> make_user_key() const {
+    auto key_id = new_id("k_");
+    auto secret = new_api_key();
+    if (!key_id || !secret) {
+      log_->error("making a user's key failed: {}", !key_id ? key_id.error().message : secret.error().message);
+      return invalid{error_response(503, "the server could not make a secret; try again")};
+    }
+    return user_key{std::move(*key_id), std::move(*secret)};
+  }
+
   /// The command that issues `key` (only its digest is recorded) and revokes the user's others.
-  static domain::replace_api_keys replacing_keys(const std::string& key_id, const std::string& key,
-                                                 std::string reason) {
-    return domain::replace_api_keys{key_id, sha256(key), "issued by the admin API", std::move(reason)};
+  static domain::replace_api_keys replacing_keys(const user_key& key, std::string reason) {
+    return domain::replace_api_keys{key.id, sha256(key.secret), "issued by the admin API", std::move(reason)};
   }
 
   /// A new link token for a provider whose token was lost (a create whose answer never arrived)
