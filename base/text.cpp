@@ -34,15 +34,13 @@ std::size_t utf8_sequence(const unsigned char* p, const unsigned char* end) noex
   return length;
 }
 
-}  // namespace
-
-namespace {
 constexpr bool is_control(char c) noexcept { return static_cast<unsigned char>(c) < 0x20 || c == 0x7f; }
+
 }  // namespace
 
-bool valid_name(std::string_view text) noexcept {
-  return std::none_of(text.begin(), text.end(), is_control) && valid_utf8(text);
-}
+bool has_control_character(std::string_view text) noexcept { return std::any_of(text.begin(), text.end(), is_control); }
+
+bool valid_name(std::string_view text) noexcept { return !has_control_character(text) && valid_utf8(text); }
 
 std::string controls_replaced(std::string_view text) {
   std::string out(text);

@@ -32,6 +32,9 @@ namespace gpustream {
 /// U+10FFFF). Text that ends up in JSON answers or WebSocket frames must be.
 [[nodiscard]] bool valid_utf8(std::string_view text) noexcept;
 
+/// Whether `text` holds a control character (C0, DEL).
+[[nodiscard]] bool has_control_character(std::string_view text) noexcept;
+
 /// Whether `text` is a name a peer may give (a model, a GPU, a version): well-formed UTF-8 without
 /// control characters (C0, DEL). A line break in one would forge lines in a log that quotes it.
 [[nodiscard]] bool valid_name(std::string_view text) noexcept;

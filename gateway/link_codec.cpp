@@ -316,7 +316,7 @@ expected<void, decode_error> check_text(std::string_view field, const std::strin
 /// check_text, and no control characters (valid_name): what the coordinator logs and lists.
 expected<void, decode_error> check_name(std::string_view field, const std::string& value, std::size_t bytes_max) {
   if (auto r = check_text(field, value, bytes_max); !r) return r;
-  if (!valid_name(value)) {
+  if (has_control_character(value)) {
     return unexpected{failure(decode_errc::invalid_field, std::string(field) + ": holds a control character")};
   }
   return {};

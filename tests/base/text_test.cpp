@@ -57,6 +57,8 @@ TEST(valid_name, takes_utf8_without_control_characters) {
   EXPECT_TRUE(valid_name(""));
   for (const std::string bad : {"a\nb", "a\rb", "a\tb", "\x1b[2J", "a\x7f", "caf\xE9"}) EXPECT_FALSE(valid_name(bad)) << bad;
   EXPECT_FALSE(valid_name(std::string("a\0b", 3)));
+  EXPECT_FALSE(has_control_character("caf\xE9")) << "not UTF-8, but no control character";
+  EXPECT_TRUE(has_control_character("a\x7f"));
 }
 
 TEST(controls_replaced, puts_a_space_for_each_control_character_only) {
