@@ -50,7 +50,6 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
   const std::uint64_t acknowledged = last_position_.load();
   // Positions of the wanted versions, from the runs that hold them.
   std::vector<std::uint64_t> positions;
-  std::vector<std::uint64_t> versions;
   std::unique_ptr<rocksdb::Iterator> it(db_->db->NewIterator(rocksdb::ReadOptions(), db_->cf(cf_events)));
   const auto from_key = keys::stream_key(stream, from);
   it->SeekForPrev(slice(from_key));  // the run that may contain `from`
@@ -64,7 +63,6 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
     const auto last = std::min(to, run->last_version());
     for (auto v = std::max(from, run->first_version); v <= last && positions.size() < max; ++v) {
       positions.push_back(run->position_of(v));
-      versions.push_back(v);
     }
   }
   if (!it->status().ok()) return unexpected{translate(it->status(), "reading stream")};
@@ -84,10 +82,10 @@ expected<std::vector<events::record>, error> event_store::impl::read_stream(
     }
     auto r = decode_stored(global->value(), positions[i], scratch);
     if (!r) return unexpected{r.error()};
-    if (r->stream != stream || r->version != versions[i]) {
+    // A stream's versions are gapless from 1, so the i-th record read is version from + i.
+    if (const std::uint64_t version = from + i; r->stream != stream || r->version != version) {
       return unexpected{make_error(errc::corruption, "index of stream " + std::string(stream) + " version " +
-                                                         std::to_string(versions[i]) + " points at " +
-                                                         describe(*r))};
+                                                         std::to_string(version) + " points at " + describe(*r))};
     }
     out.push_back(r->to_record());
   }
