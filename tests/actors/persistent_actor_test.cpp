@@ -39,6 +39,32 @@ class persistent_actor_test : public testing::deterministic_fixture {
     return wallet::credit{std::move(id), amount};
   }
 
+  /// wallet-1 credited 1 to 4 (balance 10) with a snapshot at version 3, its actor stopped.
+  void credit_four_with_a_snapshot_at_3() {
+    persistence_options options;
+    options.snapshot_every_events = 3;
+    auto actor = spawn_wallet(options);
+    for (int i = 1; i <= 4; ++i) ASSERT_TRUE(ask<command_reply>(actor, credit("d" + std::to_string(i), i)));
+    self_->send_exit(actor, caf::exit_reason::user_shutdown);
+    run();
+  }
+
+  /// A new actor of wallet-1 holds what the log holds (balance 10) and appends version 5 next;
+  /// it stays alive for the caller.
+  wallet_actor expect_recovered_from_the_log() {
+    auto actor = spawn_wallet();
+    auto recovered = ask<wallet::state>(actor, state_atom::value);
+    EXPECT_TRUE(recovered) << describe(recovered.error());
+    if (recovered) EXPECT_EQ(recovered.value().balance_micros, 10);
+    return actor;
+  }
+
+  void expect_next_version_5(const wallet_actor& actor) {
+    auto next = ask<command_reply>(actor, credit("d5", 5));
+    ASSERT_TRUE(next) << "the actor took the stream to be at another version: " << describe(next.error());
+    EXPECT_EQ(next.value().version, 5u);
+  }
+
   testing::manual_clock clock_;
 };
 
@@ -267,34 +293,19 @@ TEST_F(persistent_actor_test, recovers_from_snapshot_plus_tail_to_the_state_of_a
 }
 
 TEST_F(persistent_actor_test, a_snapshot_that_fails_its_check_is_read_past_and_the_stream_replayed_whole) {
-  persistence_options options;
-  options.snapshot_every_events = 3;
-  auto actor = spawn_wallet(options);
-  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(ask<command_reply>(actor, credit("d" + std::to_string(i), i)));
-  self_->send_exit(actor, caf::exit_reason::user_shutdown);
-  run();
+  ASSERT_NO_FATAL_FAILURE(credit_four_with_a_snapshot_at_3());
   close_store();
   storage::testing::raw_put(directory_.path(), "snapshots", "wallet-1", std::string(20, '\x5a'));  // no CRC holds
   ASSERT_FALSE(HasFailure());
   open_store();
-  auto recovered_actor = spawn_wallet();
-  auto recovered = ask<wallet::state>(recovered_actor, state_atom::value);
-  ASSERT_TRUE(recovered) << describe(recovered.error());
-  EXPECT_EQ(recovered.value().balance_micros, 10);
-  auto next = ask<command_reply>(recovered_actor, credit("d5", 5));
-  ASSERT_TRUE(next) << describe(next.error());
-  EXPECT_EQ(next.value().version, 5u);
+  const auto recovered = expect_recovered_from_the_log();
+  expect_next_version_5(recovered);
 }
 
 TEST_F(persistent_actor_test, a_snapshot_ahead_of_the_log_is_read_past_and_the_stream_replayed_whole) {
   // The log lost its tail (a power cut under buffered durability) and the snapshot, written to
   // its own table, outlived it: its state holds events the log no longer has.
-  persistence_options options;
-  options.snapshot_every_events = 3;
-  auto actor = spawn_wallet(options);
-  for (int i = 1; i <= 4; ++i) ASSERT_TRUE(ask<command_reply>(actor, credit("d" + std::to_string(i), i)));
-  self_->send_exit(actor, caf::exit_reason::user_shutdown);
-  run();
+  ASSERT_NO_FATAL_FAILURE(credit_four_with_a_snapshot_at_3());
   auto saved = store_ptr_->load_snapshot("wallet-1");
   ASSERT_TRUE(saved && saved.value()) << "a snapshot at version 3";
   ASSERT_EQ(saved.value()->version, 3u);
@@ -310,16 +321,11 @@ TEST_F(persistent_actor_test, a_snapshot_ahead_of_the_log_is_read_past_and_the_s
   open_store();
   auto loaded = store_ptr_->load_snapshot("wallet-1");
   ASSERT_TRUE(loaded && loaded.value() && loaded.value()->version == 9u) << "the forged snapshot is sound";
-  auto recovered_actor = spawn_wallet();
-  auto recovered = ask<wallet::state>(recovered_actor, state_atom::value);
-  ASSERT_TRUE(recovered) << describe(recovered.error());
-  EXPECT_EQ(recovered.value().balance_micros, 10);
+  const auto recovered = expect_recovered_from_the_log();
   auto gone = store_ptr_->load_snapshot("wallet-1");
   ASSERT_TRUE(gone);
   EXPECT_FALSE(gone.value()) << "deleted: once the stream grows back to version 9 it would be trusted";
-  auto next = ask<command_reply>(recovered_actor, credit("d5", 5));
-  ASSERT_TRUE(next) << "the actor took the stream to be at version 9: " << describe(next.error());
-  EXPECT_EQ(next.value().version, 5u);
+  expect_next_version_5(recovered);
 }
 
 /// A store whose files consult faults_ (a failed fsync on demand).

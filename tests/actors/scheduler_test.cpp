@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+
 #include <iostream>
 #include <map>
 #include <memory>
@@ -1716,6 +1718,20 @@ class arming_store_scheduler_test : public scheduler_test {
     ASSERT_EQ(counts().settlements_retrying, 1u);
   }
 
+  /// j1's end (1,000 prompt and 10 answer tokens) is sent while `fault` is on (set true, then
+  /// false): it fails, and j1's premium hold stays, so that alice (2,600) cannot start j2 (1,500).
+  void end_j1_failing_while(const std::function<void(bool)>& fault) {
+    fault(true);
+    auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
+    fault(false);
+    ASSERT_FALSE(ended) << "the end's append failed";
+    EXPECT_EQ(counts().settlements_retrying, 1u);
+    EXPECT_EQ(counts().running, 0u);
+    auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
+    ASSERT_FALSE(refused) << "j1's hold was released while its end may be recorded";
+    EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
+  }
+
   /// Lets the retry ticks offer the unsettled bills to the ledger again: after a second, then two,
   /// then four (a bill whose end's fate was open is read first, then offered).
   void retry_settlements() {
@@ -1778,16 +1794,7 @@ TEST_F(arming_store_scheduler_test, an_end_whose_fsync_failed_keeps_its_hold_unt
   // holds it here. serve's next start would settle the bill; released meanwhile, the premium hold
   // would let new jobs spend what the bill needs. One job's hold (1,500) fits 2,600, two do not.
   ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
-  faults_->set_fail_sync(true);
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
-  faults_->set_fail_sync(false);
-  ASSERT_FALSE(ended) << "the end's fsync failed";
-  EXPECT_EQ(counts().settlements_retrying, 1u);
-  EXPECT_EQ(counts().running, 0u);
-  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
-  ASSERT_FALSE(refused) << "j1's hold was released while its end may be recorded";
-  EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
-
+  ASSERT_NO_FATAL_FAILURE(end_j1_failing_while([](bool on) { faults_->set_fail_sync(on); }));
   retry_settlements();  // reads j1's end, then offers its bill
   EXPECT_EQ(counts().settlements_retrying, 0u);
   EXPECT_EQ(job("j1").status, domain::job_status::completed) << "the write-ahead log held the end";
@@ -1797,14 +1804,7 @@ TEST_F(arming_store_scheduler_test, an_end_whose_fsync_failed_keeps_its_hold_unt
 
 TEST_F(arming_store_scheduler_test, an_end_the_full_disk_did_not_record_releases_its_hold_and_fails_the_job) {
   ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 2'600));
-  faults_->set_no_space(true);
-  auto ended = ask<job_ended>(rt_.scheduler, job_result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40});
-  faults_->set_no_space(false);
-  ASSERT_FALSE(ended) << "the disk was full";
-  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
-  ASSERT_FALSE(refused) << "the hold stays until the end's fate is read";
-  EXPECT_EQ(refusal_code(refused.error()), domain::errc::insufficient_funds);
-
+  ASSERT_NO_FATAL_FAILURE(end_j1_failing_while([](bool on) { faults_->set_no_space(on); }));
   retry_settlements();
   EXPECT_EQ(counts().settlements_retrying, 0u);
   EXPECT_EQ(job("j1").status, domain::job_status::failed) << "live in the log with nothing running it";
