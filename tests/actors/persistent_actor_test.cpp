@@ -55,7 +55,9 @@ class persistent_actor_test : public testing::deterministic_fixture {
     auto actor = spawn_wallet();
     auto recovered = ask<wallet::state>(actor, state_atom::value);
     EXPECT_TRUE(recovered) << describe(recovered.error());
-    if (recovered) EXPECT_EQ(recovered.value().balance_micros, 10);
+    if (recovered) {
+      EXPECT_EQ(recovered.value().balance_micros, 10);
+    }
     return actor;
   }
 

@@ -10,7 +10,6 @@
 #include <gtest/gtest.h>
 
 #include <functional>
-
 #include <iostream>
 #include <map>
 #include <memory>
