@@ -912,10 +912,17 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// a stream's pieces sent so far (a whole answer's client gets none).
   static std::uint32_t tokens_streamed(const live_job& live) { return live.job.request.stream ? live.tokens : 0; }
 
+  /// The most job `live`'s end can bill (with its lock held): the prompt as estimated and the
+  /// pieces so far up to its budget, as the scheduler caps a completed or cancelled job's bill.
+  static token_usage most_billed(const live_job& live) {
+    return {live.job.prompt_tokens, std::min(live.tokens, live.job.completion_budget)};
+  }
+
   /// Ends job `id`'s answer with `error` (in-band once its stream started), counted in the metrics
   /// as `counted`. A stream's last chunk says what is billed (`billed`): nothing for a failed job,
-  /// what a cancel billed, unknown (left out) when its settlement's fate is open.
-  void finish_error(const std::string& id, const api_error& error,
+  /// what a cancel billed. Unknown (nullopt) when its settlement's fate is open: the chunk's usage
+  /// is then the most its end can bill, and the error's message says so (a whole answer's too).
+  void finish_error(const std::string& id, api_error error,
                     std::optional<token_usage> billed = token_usage{0, 0},
                     domain::job_status counted = domain::job_status::failed) {
     auto live = find(id);
@@ -928,6 +935,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       live->state = phase::ended;
       tokens_sent = tokens_streamed(*live);
       if (live->ad) unshown_ad = live->ad->impression_id;
+      if (!billed) {
+        billed = most_billed(*live);
+        error.message += "; at most " + std::to_string(billed->prompt_tokens) + " prompt and " +
+                         std::to_string(billed->completion_tokens) + " completion tokens are billed";
+      }
       auto& reply = *live->job.reply;
       if (live->stream_started) {
         reply.write(sse_event(error_chunk_json(live->meta, error, billed)) + std::string(sse_done));
