@@ -70,6 +70,9 @@ struct live_job {
   clock::time_point last_piece_at{};     ///< when the current attempt's latest piece came
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
+  /// Its client left while its result was on its way: the scheduler's answer to the result
+  /// counts its end in the metrics (count_after_client_left).
+  bool counted_by_result = false;
 };
 
 std::int64_t unix_seconds() {
@@ -437,7 +440,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         actor->send(self->scheduler_, actors::cancel_atom::value, job_id, provider_id);
       });
     }
-    if (cut) finish_with_ad(std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
+    if (cut) finish_with_ad(live, std::move(cut->result), std::move(cut->finish_reason), std::move(cut->impression));
   }
 
   /// The most the current attempt's backend should produce, as upstream_body asked it: the
@@ -549,15 +552,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
       ended = end_attempt(*live, provider_id, std::move(result), std::string(client_finish_reason(d.finish_reason)));
     }
-    if (ended) finish_with_ad(std::move(ended->result), std::move(ended->finish_reason), std::move(ended->impression));
+    if (ended) finish_with_ad(live, std::move(ended->result), std::move(ended->finish_reason), std::move(ended->impression));
   }
 
   /// Reports the provider's result, first recording the ad's impression (and its charge) when
   /// there is one to show.
-  void finish_with_ad(actors::job_result result, std::string finish_reason, std::optional<std::string> impression) {
+  void finish_with_ad(std::shared_ptr<live_job> live, actors::job_result result, std::string finish_reason,
+                      std::optional<std::string> impression) {
     auto self = shared_from_this();
-    if (!impression) return report_result(std::move(result), std::move(finish_reason), false);
-    ads_->served(*impression, [self, impression = *impression, result = std::move(result),
+    if (!impression) return report_result(std::move(live), std::move(result), std::move(finish_reason), false);
+    ads_->served(*impression, [self, live = std::move(live), impression = *impression, result = std::move(result),
                                finish_reason = std::move(finish_reason)](std::optional<domain::ad_charge> charge) mutable {
       bool shown = charge.has_value();
       // Not recorded, as far as is known: the answer goes without its ad, which is taken back now
@@ -571,7 +575,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         self->ads_->unserved(impression, "the client left before the answer completed");
       }
       result.ad = std::move(charge);
-      self->report_result(std::move(result), std::move(finish_reason), shown);
+      self->report_result(std::move(live), std::move(result), std::move(finish_reason), shown);
     });
   }
 
@@ -766,7 +770,8 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     bool kept = false;
     std::optional<live_job::finished> resumed;
     std::optional<std::string> impression;
-    if (auto live = find(id)) {
+    const auto live = find(id);
+    if (live) {
       std::lock_guard lock(live->mutex);
       live->ad_pending = false;
       const bool waiting = live->state == phase::finishing && live->waiting_for_ad.has_value();
@@ -781,7 +786,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       }
     }
     if (ad && !kept) ads_->release(ad->impression_id, "the answer ended before the ad was picked");
-    if (resumed) finish_with_ad(std::move(resumed->result), std::move(resumed->finish_reason), std::move(impression));
+    if (resumed) finish_with_ad(live, std::move(resumed->result), std::move(resumed->finish_reason), std::move(impression));
   }
 
   /// report_failure, in order with the provider's other reports (keyed by provider).
@@ -813,10 +818,12 @@ class relay::impl : public std::enable_shared_from_this<impl> {
             });
   }
 
-  void report_result(actors::job_result result, std::string finish_reason, bool ad_shown) {
+  /// Reports job `live`'s result to the scheduler, and ends its answer with the scheduler's
+  /// answer (or, its client gone, counts its end then).
+  void report_result(std::shared_ptr<live_job> live, actors::job_result result, std::string finish_reason,
+                     bool ad_shown) {
     auto self = shared_from_this();
-    const auto live = find(result.job_id);
-    if (live && !ad_shown) {
+    if (!ad_shown) {
       std::lock_guard lock(live->mutex);
       live->ad.reset();
     }
@@ -824,16 +831,17 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     // before the provider's offline notice if its link is lost meanwhile (see jobs_lost).
     const std::string provider_id = result.provider_id;
     const std::string job_id = result.job_id;
-    bridge_.run_keyed(provider_id, [self, result = std::move(result), finish_reason](caf::event_based_actor* actor) mutable {
+    bridge_.run_keyed(provider_id, [self, live, result = std::move(result), finish_reason](caf::event_based_actor* actor) mutable {
       const std::string job_id = result.job_id;
       std::optional<std::string> charged;  // the recorded impression the settlement would pay for
       if (result.ad) charged = result.ad->impression_id;
       actor->request(self->scheduler_, caf::infinite, std::move(result))
-          .then([self, job_id, finish_reason](const actors::job_ended& ended) {
+          .then([self, live, job_id, finish_reason](const actors::job_ended& ended) {
                   log_if_unsettled(ended);
                   self->finish_ok(job_id, ended, finish_reason);
+                  self->count_after_client_left(*live, ended.status);
                 },
-                [self, job_id, charged](caf::error& failure) {
+                [self, live, job_id, charged](caf::error& failure) {
                   // Its end may be recorded, and settled at the next start: what is billed is not known.
                   // A refusal's words are the client's; the store's (they name its files) stay here.
                   const auto refused = actors::domain_error_of(failure);
@@ -852,9 +860,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                                      make_api_error(500, "the answer could not be settled" +
                                                              (refused ? ": " + refused->message : std::string())),
                                      std::nullopt);
+                  self->count_after_client_left(*live, domain::job_status::failed);
                 });
     });
-    if (live) {
+    {
       std::lock_guard lock(live->mutex);
       live->result_sent = true;  // after the task above: an offline notice sent now follows it
     }
@@ -906,6 +915,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   void count_end(std::uint32_t tokens_sent, domain::job_status status) {
     if (tokens_sent > 0 && options_.observer.completion_tokens) options_.observer.completion_tokens(tokens_sent);
     if (options_.observer.job_ended) options_.observer.job_ended(status);
+  }
+
+  /// Counts job `live`'s end as `status`, the scheduler's answer to its result, when its client
+  /// left while the result was on its way (client_gone left the count to now); else nothing.
+  void count_after_client_left(live_job& live, domain::job_status status) {
+    std::uint32_t tokens_sent = 0;
+    {
+      std::lock_guard lock(live.mutex);
+      if (!std::exchange(live.counted_by_result, false)) return;
+      tokens_sent = tokens_streamed(live);
+    }
+    count_end(tokens_sent, status);
   }
 
   /// With `live`'s lock held, as its answer ends short of its result: the tokens its client got,
@@ -998,15 +1019,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         live->waiting_for_ad.reset();
       }
       live->state = phase::ended;
+      // Its result ends it: counted as the scheduler answers the result (which may refuse it).
+      live->counted_by_result = result_coming;
       tokens = live->tokens;
       tokens_sent = tokens_streamed(*live);
       if (live->ad && !result_coming) unshown_ad = live->ad->impression_id;
     }
     forget(id);
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
-    // Its result completes it (the answer is no longer here to count it when it does).
-    count_end(tokens_sent, result_coming ? domain::job_status::completed : domain::job_status::cancelled);
-    if (unreported) report_result(std::move(unreported->result), std::move(unreported->finish_reason), false);
+    if (!result_coming) count_end(tokens_sent, domain::job_status::cancelled);
+    if (unreported) report_result(live, std::move(unreported->result), std::move(unreported->finish_reason), false);
     if (!result_coming) cancel(id, tokens, 0);
   }
 

@@ -459,16 +459,44 @@ std::string answered_body(recorded_reply& reply) {
 /// A free-tier job that provider p1 finished; its result waits for its ad's impression.
 /// What the relay told its metrics observer: the jobs ended, by status, and the completion tokens
 /// their clients got. Its options() observe into it, so it must outlive the relay.
-struct metrics_seen {
-  std::vector<domain::job_status> statuses;
-  std::uint32_t tokens = 0;
-
+/// What the relay's metrics observer was told, from whichever thread told it.
+class metrics_seen {
+ public:
   relay_options options() {
     relay_options out;
-    out.observer.job_ended = [this](domain::job_status status) { statuses.push_back(status); };
-    out.observer.completion_tokens = [this](std::uint32_t count) { tokens += count; };
+    out.observer.job_ended = [this](domain::job_status status) {
+      std::lock_guard lock(mutex_);
+      statuses_.push_back(status);
+      changed_.notify_all();
+    };
+    out.observer.completion_tokens = [this](std::uint32_t count) {
+      std::lock_guard lock(mutex_);
+      tokens_ += count;
+    };
     return out;
   }
+
+  std::vector<domain::job_status> statuses() const {
+    std::lock_guard lock(mutex_);
+    return statuses_;
+  }
+
+  std::uint32_t tokens() const {
+    std::lock_guard lock(mutex_);
+    return tokens_;
+  }
+
+  /// Waits until `count` ends were counted; returns whether they were within `wait`.
+  bool wait_for_ends(std::size_t count, std::chrono::milliseconds wait) {
+    std::unique_lock lock(mutex_);
+    return changed_.wait_for(lock, wait, [&] { return statuses_.size() >= count; });
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<domain::job_status> statuses_;
+  std::uint32_t tokens_ = 0;
 };
 
 void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
@@ -655,12 +683,14 @@ TEST(relay, a_client_leaving_after_its_provider_finished_sends_no_cancel_and_the
   auto reply = std::make_shared<recorded_reply>();
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   reply->close();  // while the answer's ad is being recorded
-  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
+  EXPECT_TRUE(seen.statuses().empty()) << "counted as the scheduler answers its result";
   ASSERT_TRUE(ads.finish_served());
   ASSERT_TRUE(world.log->wait_for("result j1", 10s));
+  ASSERT_TRUE(seen.wait_for_ends(1, 10s));
+  EXPECT_EQ(seen.statuses(), std::vector<domain::job_status>{domain::job_status::completed}) << "its result completes it";
   world.relay.link_lost("p1");  // a flush: the result's answer, if any, comes before its notice
   ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
-  EXPECT_EQ(seen.statuses.size(), 1u) << "counted once";
+  EXPECT_EQ(seen.statuses().size(), 1u) << "counted once";
   const auto events = world.log->events();
   EXPECT_EQ(std::find_if(events.begin(), events.end(), [](const std::string& e) { return e.starts_with("cancel j1"); }),
             events.end())
@@ -677,8 +707,9 @@ TEST(relay, a_client_leaving_while_a_finished_answer_waits_for_its_ad_pick_compl
   ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
   EXPECT_EQ(ads.picks, 1);
   reply->close();
-  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::completed});
   ASSERT_TRUE(world.log->wait_for("result j1", 10s)) << testing::PrintToString(world.log->events());
+  ASSERT_TRUE(seen.wait_for_ends(1, 10s));
+  EXPECT_EQ(seen.statuses(), std::vector<domain::job_status>{domain::job_status::completed});
   ASSERT_TRUE(ads.finish_pick());
   EXPECT_EQ(ads.released(), std::vector<std::string>{"imp-1"}) << "picked too late: given back";
   world.relay.link_lost("p1");  // a flush: whatever the relay told the scheduler comes before this
@@ -688,7 +719,21 @@ TEST(relay, a_client_leaving_while_a_finished_answer_waits_for_its_ad_pick_compl
             events.end())
       << testing::PrintToString(events);
   EXPECT_EQ(std::find(events.begin(), events.end(), "ad j1 imp-1"), events.end()) << testing::PrintToString(events);
-  EXPECT_EQ(seen.statuses.size(), 1u) << "counted once";
+  EXPECT_EQ(seen.statuses().size(), 1u) << "counted once";
+}
+
+TEST(relay, a_client_leaving_after_its_provider_finished_counts_a_failed_job_when_its_result_is_not_settled) {
+  held_ads ads;
+  metrics_seen seen;
+  relay_world world(&ads, seen.options());
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply, store_failing_prompt_tokens));
+  reply->close();  // while the answer's ad is being recorded
+  ASSERT_TRUE(ads.finish_served());
+  ASSERT_TRUE(seen.wait_for_ends(1, 10s));
+  world.relay.link_lost("p1");  // a flush: the result's answer comes before its notice
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  EXPECT_EQ(seen.statuses(), std::vector<domain::job_status>{domain::job_status::failed}) << "not completed";
 }
 
 TEST(relay, a_providers_end_of_a_job_nobody_waits_for_cancels_it_when_the_clients_cancel_was_not_recorded) {
@@ -714,8 +759,8 @@ TEST(relay, a_client_leaving_mid_stream_counts_the_tokens_it_got_and_a_cancelled
   for (const char* piece : {"one", " two", " three"}) world.relay.delta("p1", link::delta{"j1", piece});
   reply->close();
   ASSERT_TRUE(world.log->wait_for("cancel j1 3", 10s)) << testing::PrintToString(world.log->events());
-  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::cancelled});
-  EXPECT_EQ(seen.tokens, 3u);
+  EXPECT_EQ(seen.statuses(), std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(seen.tokens(), 3u);
 }
 
 TEST(relay, the_offline_notice_waits_for_a_finished_answer_at_most_offline_wait_max) {
@@ -751,8 +796,8 @@ TEST(relay, a_drain_cuts_short_an_answer_still_running_at_its_end_billing_its_to
   EXPECT_NE(body.find("cut short after 2 tokens"), std::string::npos) << body;
   EXPECT_NE(body.find("\"usage\""), std::string::npos) << "the usage billed: " << body;
   EXPECT_NE(body.find("[DONE]"), std::string::npos) << body;
-  EXPECT_EQ(seen.statuses, std::vector<domain::job_status>{domain::job_status::cancelled});
-  EXPECT_EQ(seen.tokens, 2u) << "the tokens the client got count in the metrics";
+  EXPECT_EQ(seen.statuses(), std::vector<domain::job_status>{domain::job_status::cancelled});
+  EXPECT_EQ(seen.tokens(), 2u) << "the tokens the client got count in the metrics";
   // No new job while the node stops.
   auto late = std::make_shared<recorded_reply>();
   relay_job job;
