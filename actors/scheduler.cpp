@@ -627,17 +627,40 @@ std::uint32_t window_of(const live_job& job) {
 /// job's own, since the subsidy would pay them for their own work; none for a premium job.
 std::string owner_excluded(const job_request& request) { return request.premium ? std::string() : request.user_id; }
 
+/// Why an answer that broke off on `broken_on` fails when no provider will take it on.
+std::string stranded_message(const std::string& broken_on, const std::string& model) {
+  return "the answer broke off on provider " + broken_on + " and every provider of model " + model +
+         " that could take it on is draining or gone";
+}
+
+/// The providers the job may go to: none of owner_excluded's (empty: any).
+domain::candidate_filter not_owned_by(const job_request& request) {
+  auto owner = owner_excluded(request);
+  if (owner.empty()) return {};
+  return [owner = std::move(owner)](const domain::online_provider& p, const domain::online_offer&) {
+    return p.owner_user_id != owner;
+  };
+}
+
 /// Whether an online provider other than `excluded` serves the job's model at its tier and may
 /// take it (not one of owner_excluded's).
 bool others_serve(self_pointer self, const live_job& job, const std::string& excluded) {
   const auto& r = job.request;
-  domain::candidate_filter not_owned;
-  if (auto owner = owner_excluded(r); !owner.empty()) {
-    not_owned = [owner = std::move(owner)](const domain::online_provider& p, const domain::online_offer&) {
-      return p.owner_user_id != owner;
-    };
+  return self->state.index->can_serve(r.model, r.quality, excluded, not_owned_by(r));
+}
+
+/// Why an answer that broke off on `broken_on` cannot go on, or nothing when it can: another
+/// provider must serve the model, and one (`broken_on` included, which it goes back to when no
+/// other may) must take work; a draining or unreachable one never will on its link.
+std::optional<std::string> stranded_answer(self_pointer self, const live_job& job, const std::string& broken_on) {
+  const auto& r = job.request;
+  if (!others_serve(self, job, broken_on)) {
+    return "the answer broke off on provider " + broken_on + " and no other provider serves model " + r.model;
   }
-  return self->state.index->can_serve(r.model, r.quality, excluded, not_owned);
+  if (!self->state.index->may_take_work(r.model, r.quality, {}, not_owned_by(r))) {
+    return stranded_message(broken_on, r.model);
+  }
+  return std::nullopt;
 }
 
 /// A conversation's key for sticky sessions: its id is the client's to choose, so it is the user's
@@ -1042,12 +1065,11 @@ void requeue_or_fail(self_pointer self, const std::string& job_id, events::reass
     assign_pass(self);
     reply(std::forward<decltype(outcome)>(outcome));
   };
-  if ((job.started || job.tokens_so_far > 0) && !others_serve(self, job, broken_on)) {
-    fail_job(self, job_id, events::failure_reason::all_providers_failed,
-             "the answer broke off on provider " + broken_on + " and no other provider serves model " +
-                 job.request.model,
-             failed);
-    return;
+  if (job.started || job.tokens_so_far > 0) {
+    if (auto stranded = stranded_answer(self, job, broken_on)) {
+      fail_job(self, job_id, events::failure_reason::all_providers_failed, std::move(*stranded), failed);
+      return;
+    }
   }
   // The job aggregate's own limits (its actors decide with the default options): one attempt more
   // would be refused there. An offer declined untried spends no attempt, up to declines_max.
@@ -1122,6 +1144,11 @@ void on_offline(self_pointer self, const std::string& provider_id) {
 /// `what_happened` ("went offline").
 void fail_unservable(self_pointer self, std::string_view what_happened) {
   for (auto& job : self->state.queue->take_unservable(*self->state.index)) {
+    if (job.avoided_strictly) {  // its answer broke off, and no provider will take it on
+      fail_job(self, job.job_id, events::failure_reason::all_providers_failed,
+               stranded_message(job.avoided_provider_id, job.model), [](auto&&) {});
+      continue;
+    }
     fail_job(self, job.job_id, events::failure_reason::no_provider,
              "the last online provider of model " + job.model + " " + std::string(what_happened), [](auto&&) {});
   }
@@ -1366,7 +1393,12 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
       [self](offline_atom, const std::string& provider_id) { on_offline(self, provider_id); },
       [self](link_lost_atom, const std::string& provider_id) { on_link_lost(self, provider_id); },
       [self](load_atom, const std::string& provider_id, const domain::load_report& report) {
-        if (self->state.index->report_load(provider_id, report)) assign_pass(self);
+        const auto* listed = self->state.index->find(provider_id);
+        const bool drain_begins = listed != nullptr && report.draining && !listed->draining;
+        if (!self->state.index->report_load(provider_id, report)) return;
+        // An answer that broke off may have waited for this one only (fail_unservable assigns too).
+        if (drain_begins) return fail_unservable(self, "began to drain");
+        assign_pass(self);
       },
       [self](started_atom, const std::string& job_id, const std::string& provider_id)
           -> caf::result<std::uint64_t> {

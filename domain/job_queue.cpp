@@ -249,7 +249,13 @@ std::vector<queued_job> job_queue::take_unservable(const selection_index& index)
   for (const auto& [key, members] : groups_) {
     // Every job of a group has the same candidates: its first one speaks for all.
     const auto& first = jobs_.at(*members.begin());
-    if (index.can_serve(std::get<0>(key), std::get<1>(key), {}, admits(first))) continue;
+    const auto admitted = admits(first);
+    // An answer that broke off waits only for a provider that may take work (its own included,
+    // which it goes back to when no other may): a draining one would keep it until its drain ends.
+    const bool servable = first.avoided_strictly
+                              ? index.may_take_work(std::get<0>(key), std::get<1>(key), {}, admitted)
+                              : index.can_serve(std::get<0>(key), std::get<1>(key), {}, admitted);
+    if (servable) continue;
     orders.insert(orders.end(), members.begin(), members.end());
   }
   std::sort(orders.begin(), orders.end());

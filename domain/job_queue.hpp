@@ -133,6 +133,8 @@ class job_queue {
 
   /// Takes out and returns the jobs no online provider can serve any more (the last provider of
   /// their model or tier went away), in queue order: the scheduler fails them with no_provider.
+  /// A job whose answer broke off (avoided_strictly) also goes when no provider may take work
+  /// (selection_index::may_take_work: the others draining or unreachable, its own too).
   [[nodiscard]] std::vector<queued_job> take_unservable(const selection_index& index);
 
   /// Takes a job out (cancelled). False when it is not queued.

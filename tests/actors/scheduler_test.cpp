@@ -1176,6 +1176,39 @@ TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_pro
   EXPECT_EQ(job("j1").attempt, 2u);
 }
 
+TEST_F(scheduler_test, an_answer_waiting_for_the_only_other_provider_fails_once_that_one_drains) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
+  ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
+  self_->send(rt_.scheduler, offline_atom::value, broken);
+  run();
+  ASSERT_EQ(job("j1").status, domain::job_status::queued) << "busy may take it on once j0 ends";
+  // Its agent stops: it finishes j0 and takes nothing new, so the answer would wait for its drain.
+  self_->send(rt_.scheduler, load_atom::value, busy,
+              domain::load_report{.load_percent = 100, .health_percent = 100, .draining = true});
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::failed);
+  EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
+}
+
+TEST_F(scheduler_test, an_answer_whose_provider_goes_offline_fails_at_once_when_the_only_other_provider_drains) {
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
+  self_->send(rt_.scheduler, load_atom::value, busy,
+              domain::load_report{.load_percent = 100, .health_percent = 100, .draining = true});
+  run();
+  // Its link is lost mid-answer, then its offline notice comes: nobody will take the answer on.
+  self_->send(rt_.scheduler, link_lost_atom::value, broken);
+  self_->send(rt_.scheduler, offline_atom::value, broken);
+  run();
+  EXPECT_EQ(job("j1").status, domain::job_status::failed);
+  EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
+}
+
 TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_at_once_when_the_only_other_provider_leaves_idle) {
   bring_online("p1", "llama-8b", 1);
   bring_online("p2", "llama-8b", 2);

@@ -271,6 +271,26 @@ TEST(job_queue, an_answer_that_broke_off_waits_for_another_provider_and_holds_up
   EXPECT_EQ(assigned[0].provider_id, "b");
 }
 
+TEST(job_queue, an_answer_that_broke_off_is_unservable_once_no_provider_may_take_work) {
+  selection_index index;
+  add_provider(index, "a", "m", 1);
+  add_provider(index, "b", "m", 1);
+  ASSERT_TRUE(index.job_started("b"));
+  job_queue queue;
+  auto broken = job("broken");
+  broken.avoided_provider_id = "a";
+  broken.avoided_strictly = true;
+  ASSERT_TRUE(queue.push(broken, index, t0));
+  ASSERT_TRUE(queue.push(job("fresh"), index, t0));
+  ASSERT_TRUE(index.job_started("a"));  // both busy: both wait
+  ASSERT_TRUE(index.report_load("b", {.load_percent = 100, .health_percent = 100, .draining = true}));
+  EXPECT_TRUE(queue.take_unservable(index).empty()) << "a may take it back once it has room";
+  // The provider it broke off on goes, and the other drains: nobody will take the answer on.
+  ASSERT_TRUE(index.unlist("a"));
+  EXPECT_EQ(ids(queue.take_unservable(index)), std::vector<std::string>{"broken"});
+  EXPECT_EQ(ids(queue.jobs_in_order()), std::vector<std::string>{"fresh"}) << "a new job waits for b as before";
+}
+
 // ---------------------------------------------------------------------------------------------
 // Property: every job leaves the queue exactly once (assigned before its deadline, expired at
 // it, cancelled, or rejected as unservable); after every pass no waiting job has a provider that
