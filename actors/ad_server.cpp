@@ -507,10 +507,10 @@ caf::result<bool> unserved(self_pointer self, const std::string& impression_id, 
   return reply;
 }
 
-caf::result<std::string> click(self_pointer self, const std::string& impression_id) {
+caf::result<click_redirect> click(self_pointer self, const std::string& impression_id) {
   auto campaign_id = campaign_of(self, impression_id);
   if (!campaign_id) return campaign_id.error();
-  auto reply = self->make_response_promise<std::string>();
+  auto reply = self->make_response_promise<click_redirect>();
   auto found = [self, reply, impression_id,
                 campaign_id = *campaign_id](const domain::campaign_state& state) mutable {
     self->request(self->state.peers.campaigns, caf::infinite, campaign_id,
@@ -519,7 +519,7 @@ caf::result<std::string> click(self_pointer self, const std::string& impression_
             [self, reply, campaign_id, url = state.url](const command_reply& r) mutable {
               if (!r.events.empty()) ++self->state.counts.clicks;
               apply_reply(self, campaign_id, r);
-              reply.deliver(url);
+              reply.deliver(click_redirect{url, {}});
             },
             [self, reply, campaign_id, url = state.url](caf::error& failure) mutable {
               // An impression the campaign does not count a click for (older than the click
@@ -527,11 +527,14 @@ caf::result<std::string> click(self_pointer self, const std::string& impression_
               // still reaches the advertiser, and nothing is counted.
               const auto refused = domain_error_of(failure);
               if (refused && (refused->code == domain::errc::not_found || refused->code == domain::errc::invalid_state)) {
-                reply.deliver(url);
+                reply.deliver(click_redirect{url, {}});
                 return;
               }
+              // Not recorded now (the store failed, or the campaign's stream is full): the person
+              // still reaches the advertiser, and the click goes uncounted (a click moves no money).
               note_failure(self, campaign_id, failure);
-              reply.deliver(failure);
+              ++self->state.counts.clicks_unrecorded;
+              reply.deliver(click_redirect{url, describe(failure)});
             });
   };
   with_campaign(self, *campaign_id, std::move(found),

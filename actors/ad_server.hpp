@@ -65,6 +65,14 @@ struct ad_pick {
   std::optional<served_ad> ad;
 };
 
+/// The answer to a click: where to send the person who followed the ad's link.
+struct click_redirect {
+  std::string url;  ///< the advertiser's
+  /// Why the click could not be recorded now (the store failed, or the campaign's stream is
+  /// full), for the log; empty when it was recorded, or counts nothing (see click_atom).
+  std::string unrecorded;
+};
+
 /// What the ad server has done since it started, for metrics and tests.
 struct ad_server_counts {
   std::uint64_t campaigns = 0;             ///< cached now
@@ -75,6 +83,8 @@ struct ad_server_counts {
   std::uint64_t releases = 0;              ///< reservations released on request
   std::uint64_t voided = 0;                ///< recorded impressions taken back (not settled)
   std::uint64_t clicks = 0;                ///< clicks recorded (repeats not counted)
+  /// Clicks the campaign failed to record (redirected all the same, and not counted).
+  std::uint64_t clicks_unrecorded = 0;
   std::uint64_t expired = 0;               ///< reservations released by the expiry timer
   std::uint64_t refreshes = 0;             ///< cached states re-read from their aggregate
   std::uint64_t failures = 0;              ///< commands that failed other than by a refusal
@@ -140,8 +150,9 @@ using ad_server_actor = caf::typed_actor<
     caf::replies_to<unserved_atom, std::string, std::string>::with<bool>,
     /// (click, impression_id): records the click (once per impression, within 7 days of it) and
     /// replies the advertiser's URL for the redirect; an impression of a campaign that counts no
-    /// click for it (older, or never served) gets the URL too. An id naming no campaign: not_found.
-    caf::replies_to<click_atom, std::string>::with<std::string>,
+    /// click for it (older, or never served), or whose click could not be recorded now, gets the
+    /// URL too. An id naming no campaign: not_found.
+    caf::replies_to<click_atom, std::string>::with<click_redirect>,
     /// (load, campaign_ids): caches these campaigns (those not created yet, and those finished,
     /// their budget spent with nothing reserved, are skipped), as many as campaigns_max holds;
     /// replies how many of them are cached afterwards.
@@ -169,4 +180,5 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::create_campaign)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ad_request)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ad_pick)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::ad_server_counts)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::click_redirect)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::ad_charge)

@@ -643,7 +643,13 @@ class node::impl {
     }
     bridge_.run([this, impression_id, reply](caf::event_based_actor* actor) {
       actor->request(runtime_.ad_server, caf::infinite, actors::click_atom::value, impression_id)
-          .then([reply](const std::string& url) { reply->send({302, "text/plain", "", {{"Location", url}}}); },
+          .then([reply, impression_id](const actors::click_redirect& redirect) {
+                  if (!redirect.unrecorded.empty()) {  // the person still reaches the advertiser
+                    spdlog::warn("ads: click on impression={} not recorded: {}", utf8_repaired(impression_id),
+                                 redirect.unrecorded);
+                  }
+                  reply->send({302, "text/plain", "", {{"Location", redirect.url}}});
+                },
                 [reply, impression_id](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
                   if (!refusal) {  // the store or an actor failed: the server's fault, and its words stay here

@@ -24,6 +24,7 @@
 #include "domain/time.hpp"
 #include "domain/verifier.hpp"
 #include "events/codec.hpp"
+#include "storage/fault_injector.hpp"
 #include "tests/actors/actor_testing.hpp"
 
 namespace gpustream::actors {
@@ -38,6 +39,7 @@ class ad_server_test : public testing::deterministic_fixture {
   void start(std::vector<std::string> campaign_ids = {}, std::size_t campaigns_max = ad_server_options{}.campaigns_max) {
     storage::store_options store_options;
     store_options.mode = storage::durability::buffered;
+    store_options.faults = faults_;
     auto store = storage::event_store::open(directory_.path(), store_options);
     ASSERT_TRUE(store) << store.error().message;
     runtime_options options;
@@ -166,6 +168,7 @@ class ad_server_test : public testing::deterministic_fixture {
   }
 
   testing::manual_clock clock_;
+  std::shared_ptr<storage::fault_injector> faults_ = std::make_shared<storage::fault_injector>();
   runtime rt_;
   bool running_ = false;
 };
@@ -367,7 +370,7 @@ TEST_F(ad_server_test, an_impression_whose_answer_went_unsettled_is_taken_back_o
   EXPECT_TRUE(pick("j2", "u1", "gpu prices")) << "the cache knows the user saw nothing";
   // Not served again, not clicked.
   EXPECT_FALSE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
-  auto click = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  auto click = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
   ASSERT_TRUE(click) << "the redirect still works";
   EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
   verify_log();
@@ -410,29 +413,44 @@ TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
   auto ad = pick("j1", "u1", "gpu");
   ASSERT_TRUE(ad);
   // Not served yet: no impression to count, but the link still leads to the advertiser.
-  auto early = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  auto early = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
   ASSERT_TRUE(early) << describe(early.error());
-  EXPECT_EQ(early.value(), "https://c1.example/landing");
+  EXPECT_EQ(early.value().url, "https://c1.example/landing");
   EXPECT_EQ(campaign_state("c1").clicks_total, 0u);
   ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
   for (int i = 0; i < 2; ++i) {
-    auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+    auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
     ASSERT_TRUE(url) << describe(url.error());
-    EXPECT_EQ(url.value(), "https://c1.example/landing");
+    EXPECT_EQ(url.value().url, "https://c1.example/landing");
   }
   EXPECT_EQ(campaign_state("c1").clicks_total, 1u);
   EXPECT_EQ(counts().clicks, 1u);
-  auto uncounted = ask<std::string>(rt_.ad_server, click_atom::value, std::string("c1.nothing"));
+  auto uncounted = ask<click_redirect>(rt_.ad_server, click_atom::value, std::string("c1.nothing"));
   ASSERT_TRUE(uncounted) << describe(uncounted.error());
-  EXPECT_EQ(uncounted.value(), "https://c1.example/landing");
+  EXPECT_EQ(uncounted.value().url, "https://c1.example/landing");
   EXPECT_EQ(campaign_state("c1").clicks_total, 1u) << "an impression the campaign never recorded counts nothing";
   for (const std::string& unknown : std::vector<std::string>{"nocampaign.j1", "garbage", ".j1", "c1.", "c/1.j1",
                                                               std::string(49, 'c') + ".j1"}) {
-    auto url = ask<std::string>(rt_.ad_server, click_atom::value, unknown);
+    auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, unknown);
     ASSERT_FALSE(url) << unknown;
     EXPECT_EQ(refusal_code(url.error()), domain::errc::not_found) << unknown;
   }
   verify_log();
+}
+
+TEST_F(ad_server_test, a_click_the_store_fails_to_record_still_leads_to_the_advertiser_and_is_counted_as_unrecorded) {
+  create(campaign("c1", {"gpu"}));
+  auto ad = pick("j1", "u1", "gpu");
+  ASSERT_TRUE(ad);
+  ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
+  faults_->set_no_space(true);
+  auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
+  faults_->set_no_space(false);
+  ASSERT_TRUE(url) << describe(url.error());
+  EXPECT_EQ(url.value().url, "https://c1.example/landing");
+  EXPECT_NE(url.value().unrecorded.find("no space"), std::string::npos) << url.value().unrecorded;
+  EXPECT_EQ(counts().clicks, 0u);
+  EXPECT_EQ(counts().clicks_unrecorded, 1u);
 }
 
 TEST_F(ad_server_test, a_click_older_than_the_click_window_is_redirected_and_not_counted) {
@@ -441,9 +459,9 @@ TEST_F(ad_server_test, a_click_older_than_the_click_window_is_redirected_and_not
   ASSERT_TRUE(ad);
   ASSERT_TRUE(ask<domain::ad_charge>(rt_.ad_server, served_atom::value, ad->impression_id));
   auto click_leads_to_the_advertiser = [&] {
-    auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+    auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
     ASSERT_TRUE(url) << describe(url.error());
-    EXPECT_EQ(url.value(), "https://c1.example/landing");
+    EXPECT_EQ(url.value().url, "https://c1.example/landing");
   };
   // Past the window the campaign still remembers the impression, and counts no click for it.
   *clock_.now_us += domain::click_window_us;
@@ -480,9 +498,9 @@ TEST_F(ad_server_test, a_finished_campaign_makes_room_for_a_new_one_in_a_full_ca
   create(campaign("c3", {"tensor"}));
   EXPECT_EQ(counts().campaigns, 2u);
   EXPECT_EQ(counts().evicted, 1u);
-  auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
   ASSERT_TRUE(url) << describe(url.error());
-  EXPECT_EQ(url.value(), "https://c1.example/landing");
+  EXPECT_EQ(url.value().url, "https://c1.example/landing");
   EXPECT_EQ(campaign_state("c1").clicks_total, 1u) << "a dropped campaign's clicks still count";
   auto other = pick("j2", "u2", "tensor");
   ASSERT_TRUE(other);
@@ -517,9 +535,9 @@ TEST_F(ad_server_test, after_a_restart_on_the_same_store_clicks_still_find_their
   // Without the campaign ids: nothing takes part in auctions, but clicks find their campaign.
   start();
   EXPECT_EQ(counts().campaigns, 0u);
-  auto url = ask<std::string>(rt_.ad_server, click_atom::value, ad->impression_id);
+  auto url = ask<click_redirect>(rt_.ad_server, click_atom::value, ad->impression_id);
   ASSERT_TRUE(url) << describe(url.error());
-  EXPECT_EQ(url.value(), "https://c1.example/landing");
+  EXPECT_EQ(url.value().url, "https://c1.example/landing");
   stop();
 
   // With them (as found in the log): auctions run at once, and a reservation made before the

@@ -42,7 +42,7 @@ actors::ad_server_actor::behavior_type fake_ad_server(actors::ad_server_actor::p
       [self](actors::served_atom, std::string&) { return self->make_response_promise<domain::ad_charge>(); },
       [self](actors::release_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
       [self](actors::unserved_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
-      [self](actors::click_atom, std::string&) { return self->make_response_promise<std::string>(); },
+      [self](actors::click_atom, std::string&) { return self->make_response_promise<actors::click_redirect>(); },
       [self](actors::load_atom, std::vector<std::string>&) { return self->make_response_promise<std::size_t>(); },
       [self](actors::count_atom) { return self->make_response_promise<actors::ad_server_counts>(); },
       [self](actors::state_atom, std::string&) { return self->make_response_promise<domain::campaign_state>(); },
@@ -119,7 +119,7 @@ actors::ad_server_actor::behavior_type late_ad_server(actors::ad_server_actor::p
         return true;
       },
       [self](actors::unserved_atom, std::string&, std::string&) { return self->make_response_promise<bool>(); },
-      [self](actors::click_atom, std::string&) { return self->make_response_promise<std::string>(); },
+      [self](actors::click_atom, std::string&) { return self->make_response_promise<actors::click_redirect>(); },
       [self](actors::load_atom, std::vector<std::string>&) { return self->make_response_promise<std::size_t>(); },
       [self](actors::count_atom) { return self->make_response_promise<actors::ad_server_counts>(); },
       [self](actors::state_atom, std::string&) { return self->make_response_promise<domain::campaign_state>(); },
