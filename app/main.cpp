@@ -164,9 +164,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 1'000'000))
       ->capture_default_str();
   serve_cmd->add_option("--live-jobs-max", serve.live_jobs_max,
-                        "most live jobs this node holds; one more is refused with 429 server_busy")
+                        "most live jobs this node holds; one more is refused with 429 server_busy (at most "
+                        "100,000, the scheduler's and the directory's bound)")
       ->check(decimal_digits)
-      ->check(CLI::Range(1, 100'000'000))
+      ->check(CLI::Range(1, 100'000))
       ->capture_default_str();
 
   serve_cmd->add_option("--drain-s", serve.drain_s,

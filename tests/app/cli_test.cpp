@@ -473,7 +473,7 @@ TEST(cli_serve_errors, a_port_out_of_range_or_not_decimal_digits_exits_2_naming_
 TEST(cli_serve_errors, thread_counts_limits_and_intervals_out_of_range_are_refused_naming_the_range) {
   temp_dir dir;
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"--http-threads", "0"}, {"--http-threads", "65"}, {"--actor-threads", "257"}, {"--live-jobs-max", "0"},
+      {"--http-threads", "0"}, {"--http-threads", "65"}, {"--actor-threads", "257"}, {"--live-jobs-max", "0"}, {"--live-jobs-max", "100001"},
       {"--stream-flush-ms", "1001"}, {"--sync-interval-us", "1000001"}, {"--rate-per-minute", "0"},
       {"--rate-burst", "0"}, {"--rate-burst", "1000001"}, {"--heartbeat-ms", "49"}, {"--heartbeat-ms", "60001"},
       {"--drain-s", "3601"}};
