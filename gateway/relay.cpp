@@ -569,7 +569,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // voided should its recording have been written after all (its answer lost), released if not.
       if (!shown) self->ads_->unserved(impression, "its impression could not be recorded");
       // Recorded, but its client left meanwhile: nobody will see it, so nobody pays for it.
-      if (shown && !self->answering(result.job_id)) {
+      if (shown && !self->show_ad(result.job_id)) {
         shown = false;
         charge.reset();
         self->ads_->unserved(impression, "the client left before the answer completed");
@@ -673,14 +673,6 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::lock_guard lock(table_mutex_);
     const auto it = jobs_.find(id);
     return it == jobs_.end() ? nullptr : it->second;
-  }
-
-  /// Whether job `id`'s client still waits for its answer (it has not left, the job has not ended).
-  bool answering(const std::string& id) const {
-    const auto live = find(id);
-    if (!live) return false;
-    std::lock_guard lock(live->mutex);
-    return live->state != phase::ended;
   }
 
   void forget(const std::string& id) {
@@ -818,6 +810,22 @@ class relay::impl : public std::enable_shared_from_this<impl> {
             });
   }
 
+  /// As the ad's impression of answer `id` is recorded: a stream's ad chunk goes out now, ahead
+  /// of the settlement that charges it (its client may leave meanwhile, having seen it); a whole
+  /// answer carries it in its body. False when the client left: nobody sees the ad.
+  bool show_ad(const std::string& id) {
+    const auto live = find(id);
+    if (!live) return false;
+    std::lock_guard lock(live->mutex);
+    if (live->state == phase::ended) return false;
+    if (live->job.request.stream && live->ad) {
+      start_stream(*live);
+      const bool first = !std::exchange(live->piece_sent, true);
+      live->job.reply->write(sse_event(ad_chunk_json(live->meta, *live->ad, first)));
+    }
+    return true;
+  }
+
   /// Reports job `live`'s result to the scheduler, and ends its answer with the scheduler's
   /// answer (or, its client gone, counts its end then).
   void report_result(std::shared_ptr<live_job> live, actors::job_result result, std::string finish_reason,
@@ -886,13 +894,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       if (live->job.request.stream) {
         start_stream(*live);
         std::string tail;
-        // A chat stream's first chunk carries the assistant's role, also when the answer was empty.
+        // A chat stream's first chunk carries the assistant's role, also when the answer was
+        // empty. Its ad's chunk went out already (show_ad).
         const bool first = !std::exchange(live->piece_sent, true);
-        if (live->ad) {
-          tail += sse_event(ad_chunk_json(live->meta, *live->ad, first));
-        } else if (first && live->job.request.kind == request_kind::chat) {
-          tail += sse_event(chunk_json(live->meta, "", true));
-        }
+        if (first && live->job.request.kind == request_kind::chat) tail += sse_event(chunk_json(live->meta, "", true));
         if (live->job.request.include_usage) {
           tail += sse_event(final_chunk_json(live->meta, finish_reason));
           tail += sse_event(usage_chunk_json(live->meta, usage, extension));

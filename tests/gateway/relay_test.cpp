@@ -98,6 +98,9 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
   auto admitted = std::make_shared<std::map<std::string, actors::job_request>>();
   using accept_promise = caf::typed_response_promise<actors::job_accepted>;
   auto held = std::make_shared<std::vector<std::pair<std::string, accept_promise>>>();
+  // Results of jobs whose id begins with "held-result-", answered at the next tick.
+  using end_promise = caf::typed_response_promise<actors::job_ended>;
+  auto held_results = std::make_shared<std::vector<std::pair<actors::job_ended, end_promise>>>();
   return {
       [self, log, admitted, held](actors::job_request& request) -> caf::result<actors::job_accepted> {
         if (request.job_id.starts_with("refused-")) {  // refused as a full queue or a fixed limit
@@ -122,7 +125,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("started " + job_id);
         return std::uint64_t{1};
       },
-      [log, admitted](actors::job_result& result) -> caf::result<actors::job_ended> {
+      [self, log, admitted, held_results](actors::job_result& result) -> caf::result<actors::job_ended> {
         if (result.prompt_tokens_reported == store_failing_prompt_tokens) {  // the ledger's store failed
           return actors::make_error(storage::error{storage::errc::io_error, "fsync of /srv/gpustream/data/000042.log"});
         }
@@ -140,6 +143,10 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         ended.prompt_tokens = result.prompt_tokens_reported != 0 ? std::min(result.prompt_tokens_reported, job.prompt_tokens)
                                                                  : job.prompt_tokens;
         ended.completion_tokens = std::min(result.completion_tokens, job.max_tokens);
+        if (result.job_id.starts_with("held-result-")) {
+          held_results->emplace_back(ended, self->make_response_promise<actors::job_ended>());
+          return held_results->back().second;
+        }
         return ended;
       },
       [log](actors::job_failure& failure) -> caf::result<actors::job_ended> {
@@ -168,9 +175,11 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("stop " + job_id + " at " + provider_id);
       },
       [](actors::count_atom) { return actors::scheduler_counts{}; },
-      [held](actors::tick_atom) {
+      [held, held_results](actors::tick_atom) {
         for (auto& [job_id, promise] : *held) promise.deliver(actors::job_accepted{job_id, 0, 0});
         held->clear();
+        for (auto& [ended, promise] : *held_results) promise.deliver(ended);
+        held_results->clear();
       },
   };
 }
@@ -659,6 +668,27 @@ TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_
   EXPECT_TRUE(prompts.front().starts_with("a python question\npizza ")) << prompts.front().substr(0, 40);
   EXPECT_EQ(prompts.front().find("sure"), std::string::npos) << "only the user's words";
   EXPECT_LE(prompts.front().size(), read_max + 2) << "the auction reads " << read_max << " bytes";
+}
+
+TEST(relay, a_streamed_ad_goes_out_as_its_impression_is_recorded_ahead_of_the_settlement_and_once) {
+  // Its client may leave while the answer is settled (which charges the ad): it saw the ad.
+  held_ads ads;
+  relay_world world(&ads);
+  world.relay.provider_online({"p1", {}});
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_job(world, "held-result-j1", reply, /*premium=*/false, /*stream=*/true));
+  ASSERT_TRUE(world.relay.take_offer("p1", {.job_id = "held-result-j1", .model = "m", .max_tokens = 10}));
+  world.relay.delta("p1", link::delta{"held-result-j1", "Hello"});
+  world.relay.done("p1", link::done{.job_id = "held-result-j1", .finish_reason = "stop"});
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  ASSERT_TRUE(world.log->wait_for("result held-result-j1", 10s));  // its answer held back
+  EXPECT_NE(reply->written().find("Sponsored: T"), std::string::npos) << reply->written();
+  caf::anon_send(world.scheduler, actors::tick_atom::value);
+  const auto body = reply->streamed(10s);
+  EXPECT_EQ(occurrences(body, "Sponsored: "), 1u) << body;
+  EXPECT_LT(body.find("Sponsored: "), body.find(R"("finish_reason":"stop")")) << body;
+  EXPECT_NE(body.find(R"("impression_id":"imp-1")"), std::string::npos) << "x_gpustream.ad in the last chunk: " << body;
+  EXPECT_TRUE(ads.unserved().empty());
 }
 
 TEST(relay, an_ad_whose_impression_could_not_be_recorded_is_taken_back) {
