@@ -69,7 +69,10 @@ class node {
   [[nodiscard]] static expected<std::unique_ptr<node>, std::string> start(
       caf::actor_system& system, const actors::runtime& runtime, std::shared_ptr<storage::event_store> store,
       node_options options);
-  ~node();  ///< stops the server first, then the parts behind it
+  /// Stops the parts behind the server first (the bridge, links, relay and admin API: nothing
+  /// calls into the server from actor threads any more; a request still in their hands gets no
+  /// answer), then the server. Call drain() before, so that answers end first.
+  ~node();
   node(const node&) = delete;
   node& operator=(const node&) = delete;
 
