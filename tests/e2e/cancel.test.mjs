@@ -1,7 +1,7 @@
 // A client that goes away mid-stream: the upstream request is cancelled within 100 ms of the
-// client's abort (measured at the upstream, by polling its /stats; the median of three aborts, each
-// within 1 s), the job ends cancelled, and the user pays only for the tokens produced before the
-// cancel.
+// client's abort (measured at the upstream, by polling its /stats; every abort), the job ends
+// cancelled, and the user pays only for the tokens produced before the cancel. A client of a whole
+// (unstreamed) answer that leaves gets its upstream request cancelled within 100 ms too.
 
 import assert from 'node:assert/strict';
 
@@ -9,19 +9,27 @@ import { balance_changes, gross_micros, job_id_of, one_provider_world, scenario,
 
 const tokens_total = 200;
 /// Far longer than any cancel may take: a cancel that waited for the next token (or anything the
-/// upstream sends) would take about this long, and fail cancel_ms_hard_max.
+/// upstream sends) would take about this long, and fail cancel_ms_max.
 const token_interval_us = 2_000_000;
 const tokens_before_abort = 2;
-/// The longest time from the client's abort to the upstream seeing its request closed, for the
-/// median of the aborts. A loaded machine (2 cores, ctest -j2) only ever adds delay to the
-/// measurement, never removes it: the median lets one of three meet a hiccup.
+/// The longest time from a client's abort to the upstream seeing its request closed. The
+/// measurement (polling the upstream's /stats over HTTP) only ever adds to the true figure.
 const cancel_ms_max = 100;
-/// The longest any single cancel may take, whatever the load: beyond it the cancel was not
-/// immediate but waited for something (a token, a timeout).
-const cancel_ms_hard_max = 1000;
-/// Aborted streams per run; every one must be cancelled within cancel_ms_hard_max, recorded and
+/// Aborted streams per run; every one must be cancelled within cancel_ms_max, recorded and
 /// billed correctly.
 const aborts = 3;
+
+/// Polls the upstream every 2 ms until it counts cancellation number `cancelled_before + 1`, and
+/// returns the ms from `aborted_at` (performance.now()) to the first answer that showed it.
+async function time_cancel(upstream, aborted_at, cancelled_before) {
+  const seen_at = await wait_for(`the upstream to count the cancelled request (at most ${cancel_ms_max} ms)`, async () => {
+    const stats = await upstream.stats();
+    return stats.cancelled === cancelled_before + 1 ? performance.now() : null;
+  }, { interval_ms: 2, timeout_ms: cancel_ms_max });
+  const cancel_ms = seen_at - aborted_at;
+  console.log(`upstream request cancelled ${cancel_ms.toFixed(1)} ms after the client's abort`);
+  return cancel_ms;
+}
 
 /// Streams a chat answer, aborts it after `tokens_before_abort` tokens and times how long the
 /// upstream takes to count the cancellation. Returns the job id and the time in ms.
@@ -45,14 +53,7 @@ async function abort_one(server, upstream, api_key, model, cancelled_before) {
     }
   }
   assert.equal(received, tokens_before_abort, 'the client aborted mid-stream');
-  // Poll the upstream every 2 ms: the first answer showing the cancellation dates it.
-  const seen_at = await wait_for(`the upstream to count the cancelled request (at most ${cancel_ms_hard_max} ms)`, async () => {
-    const stats = await upstream.stats();
-    return stats.cancelled === cancelled_before + 1 ? performance.now() : null;
-  }, { interval_ms: 2, timeout_ms: cancel_ms_hard_max });
-  const cancel_ms = seen_at - aborted_at;
-  console.log(`upstream request cancelled ${cancel_ms.toFixed(1)} ms after the client's abort`);
-  return { job_id: job_id_of(response_id), cancel_ms };
+  return { job_id: job_id_of(response_id), cancel_ms: await time_cancel(upstream, aborted_at, cancelled_before) };
 }
 
 scenario('a client abort cancels the upstream request at once and bills the tokens produced', async (world) => {
@@ -67,11 +68,8 @@ scenario('a client abort cancels the upstream request at once and bills the toke
   const figures = runs.map((run) => run.cancel_ms.toFixed(1)).join(', ');
   console.log(`upstream requests cancelled ${figures} ms after the client's aborts`);
   for (const run of runs) {
-    assert.ok(run.cancel_ms <= cancel_ms_hard_max, `cancelled ${figures} ms after the aborts: one took more than ${cancel_ms_hard_max} ms`);
+    assert.ok(run.cancel_ms <= cancel_ms_max, `cancelled ${figures} ms after the aborts: one took more than ${cancel_ms_max} ms`);
   }
-  const median = runs.map((run) => run.cancel_ms).sort((a, b) => a - b)[Math.floor(aborts / 2)];
-  assert.ok(median <= cancel_ms_max,
-    `cancelled ${figures} ms after the aborts: the median, ${median.toFixed(1)} ms, is more than ${cancel_ms_max} ms`);
   const stats = await upstream.stats();
   assert.equal(stats.requests, aborts);
   assert.equal(stats.cancelled, aborts);
@@ -113,7 +111,7 @@ scenario('a client abort cancels the upstream request at once and bills the toke
   assert.equal(changes.platform, fee_total);
 });
 
-scenario('a client that leaves before its whole answer is counted in the requests metric as 499', async (world) => {
+scenario('a client that leaves before its whole answer has its upstream request cancelled at once and is counted as 499', async (world) => {
   const { server, upstream, model } = await one_provider_world(world, {
     upstream_options: { tokens: tokens_total, token_interval_us },
   });
@@ -122,8 +120,12 @@ scenario('a client that leaves before its whole answer is counted in the request
   const body = { model, messages: [{ role: 'user', content: 'Count slowly.' }] };  // not streamed
   const answer = server.user_client(user.api_key).request('POST', '/v1/chat/completions', { body, signal: abort.signal });
   await wait_for('the answer under way at the upstream', async () => (await upstream.stats()).active === 1);
+  const aborted_at = performance.now();
   abort.abort();
-  await assert.rejects(answer, { name: 'AbortError' });
+  const rejected = assert.rejects(answer, { name: 'AbortError' });  // awaited below: handled from now on
+  const cancel_ms = await time_cancel(upstream, aborted_at, 0);
+  assert.ok(cancel_ms <= cancel_ms_max, `cancelled ${cancel_ms.toFixed(1)} ms after the abort`);
+  await rejected;
   const counted = /^gpustream_http_requests_total\{endpoint="\/v1\/chat\/completions",status="499"\} 1$/m;
   const metrics = await wait_for('the request counted as 499', async () => {
     const text = await (await fetch(`${server.base_url}/metrics`)).text();
@@ -131,5 +133,4 @@ scenario('a client that leaves before its whole answer is counted in the request
   });
   assert.doesNotMatch(metrics, /^gpustream_http_requests_total\{endpoint="\/v1\/chat\/completions",status="200"\}/m,
     'its answer never started');
-  await wait_for('the upstream request cancelled', async () => (await upstream.stats()).cancelled === 1);
 });
