@@ -990,16 +990,23 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     // models loaded"): the coordinator should know.
     const bool model_refused = error.upstream_fault && (error.http_status == 400 || error.http_status == 422);
     if (error.http_status == 404 || model_refused) refresh_soon();
+    // Busy now (Ollama's full queue, llama.cpp loading its model, a rate limit in front of the
+    // backend) before the answer began: not a broken answer. The job goes to another provider
+    // declined, spending none of its attempts and none of this provider's standing, and this one
+    // gets no new job until its next heartbeat; its health shows the failure meanwhile.
+    const bool busy = error.kind == gateway::upstream_error_kind::http_status &&
+                      (error.http_status == 429 || error.http_status == 503) && found->second.tokens == 0;
     fail_job(job_id,
-             "backend " + std::string(gateway::to_string(error.kind)) +
+             std::string(busy ? "backend busy, " : "backend ") + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
                  ": " + error.message,
-             error.upstream_fault ? failure_cause::backend : failure_cause::request);
+             busy ? failure_cause::busy : error.upstream_fault ? failure_cause::backend : failure_cause::request);
   }
 
-  /// Why a running job failed: its backend failed (the provider's fault), or the backend refused
-  /// the request itself (HTTP 400, 413 or 422: the request's fault, as far as this backend can tell).
-  enum class failure_cause { backend, request };
+  /// Why a running job failed: its backend failed (the provider's fault), the backend refused the
+  /// request itself (HTTP 400, 413 or 422: the request's fault, as far as this backend can tell),
+  /// or it was busy before the answer began (HTTP 429 or 503: declined, nobody's fault).
+  enum class failure_cause { backend, request, busy };
 
   void fail_job(const std::string& job_id, std::string message, failure_cause cause) {
     const bool upstream_fault = cause == failure_cause::backend;
@@ -1009,7 +1016,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     const auto attempt = found->second.attempt;
     found->second.request->cancel();  // no-op when the request already ended
     jobs_.erase(found);
-    if (upstream_fault) record_outcome(false);
+    if (cause != failure_cause::request) record_outcome(false);
     // The message may carry the backend's own words, never the prompt: the upstream client keeps
     // only the backend's error message.
     message = utf8_repaired(message);  // a frame that is not UTF-8 would close the link
@@ -1019,7 +1026,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                message);
     send(link::job_error{.job_id = job_id, .tokens_so_far = tokens, .message = std::move(message),
                          .upstream_fault = upstream_fault, .attempt = attempt,
-                         .request_rejected = !upstream_fault});
+                         .request_rejected = cause == failure_cause::request});
     check_drained();  // after the job_error is queued: the drain's end waits for it to go out
   }
 

@@ -1125,8 +1125,28 @@ TEST(provider_agent, an_answer_the_backend_aborted_is_a_failure_of_the_backend_n
   EXPECT_EQ(run.coordinator.count<link::done>(), 0u);
 }
 
+TEST(provider_agent, a_busy_backend_declines_the_offer_without_a_fault_and_shows_in_its_health) {
+  // Ollama's full queue (503), a rate limit in front of a backend (429): the job goes elsewhere,
+  // and the provider's standing is not charged with an aborted answer.
+  for (const std::string status : {"503", "429"}) {
+    SCOPED_TRACE("HTTP " + status);
+    agent_failing_one_offer run({"--models", "m1", "--fail-status", status}, 50);
+    ASSERT_TRUE(run.ready);
+    EXPECT_EQ(run.failed.job_id, "job-8");
+    EXPECT_FALSE(run.failed.upstream_fault);
+    EXPECT_FALSE(run.failed.request_rejected) << "declined: the request itself was not refused";
+    EXPECT_EQ(run.failed.tokens_so_far, 0u);
+    EXPECT_NE(run.failed.message.find("backend busy, http_status " + status), std::string::npos) << run.failed.message;
+    auto& coordinator = run.coordinator;
+    const auto heartbeats_before = coordinator.count<link::heartbeat>();
+    ASSERT_TRUE(coordinator.wait_until(
+        [&] { return coordinator.count_locked<link::heartbeat>() >= heartbeats_before + 1; }));
+    EXPECT_EQ(coordinator.all<link::heartbeat>().back().health_percent, 0u) << "its health shows it";
+  }
+}
+
 TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault_and_in_its_health_for_a_while) {
-  upstream_process upstream({"--models", "m1", "--fail-status", "503"});
+  upstream_process upstream({"--models", "m1", "--fail-status", "500"});
   ASSERT_TRUE(upstream.ready());
   fake_coordinator coordinator;
   auto options = agent_options(coordinator, upstream);
@@ -1143,7 +1163,7 @@ TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault_and_in_i
   EXPECT_TRUE(failed.upstream_fault);
   EXPECT_FALSE(failed.request_rejected);
   EXPECT_EQ(failed.tokens_so_far, 0u);
-  EXPECT_NE(failed.message.find("503"), std::string::npos) << failed.message;
+  EXPECT_NE(failed.message.find("500"), std::string::npos) << failed.message;
   // The next heartbeats show the failure in the health figure.
   const auto heartbeats_before = coordinator.count<link::heartbeat>();
   ASSERT_TRUE(coordinator.wait_until(
