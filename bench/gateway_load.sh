@@ -349,11 +349,12 @@ measure_concurrency() {
     -v dl50="$(field total_p50_us "$direct")" -v dl99="$(field total_p99_us "$direct")" \
     -v gl50="$(field total_p50_us "$gateway")" -v gl99="$(field total_p99_us "$gateway")" \
     -v dr="$(field completions_per_s "$direct")" -v gr="$(field completions_per_s "$gateway")" \
+    -v dm="$(field measured "$direct")" -v gm="$(field measured "$gateway")" \
     -v durability="$durability" 'BEGIN {
       format = "C=%-4d added TTFT p50 %.2f ms, p99 %.2f ms | added total p50 %.2f ms, p99 %.2f ms"
-      format = format " | throughput %.2fx (gateway %.0f/s, direct %.0f/s)"
+      format = format " | throughput %.2fx (gateway %.0f/s, direct %.0f/s) | percentiles of gateway %d, direct %d completions"
       printf format, c, (gt50 - dt50) / 1000, (gt99 - dt99) / 1000, (gl50 - dl50) / 1000, (gl99 - dl99) / 1000,
-             (dr > 0 ? gr / dr : 0), gr, dr
+             (dr > 0 ? gr / dr : 0), gr, dr, gm, dm
       if (c == 64 && durability == "sync") printf " | goal at 64 (sync): added TTFT p50 <= 1 ms (%s), p99 <= 5 ms (%s)",
                           (gt50 - dt50 <= 1000 ? "met" : "NOT met"), (gt99 - dt99 <= 5000 ? "met" : "NOT met")
       else if (c == 64) printf " | goal at 64 is for sync durability: not judged"
@@ -362,6 +363,9 @@ measure_concurrency() {
   rates[$c]+=" $(field completions_per_s "$gateway")"
   added_p50_ms[$c]+=" $(awk -v g="$(field ttft_p50_us "$gateway")" -v d="$(field ttft_p50_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
   added_p99_ms[$c]+=" $(awk -v g="$(field ttft_p99_us "$gateway")" -v d="$(field ttft_p99_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
+  added_total_p50_ms[$c]+=" $(awk -v g="$(field total_p50_us "$gateway")" -v d="$(field total_p50_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
+  added_total_p99_ms[$c]+=" $(awk -v g="$(field total_p99_us "$gateway")" -v d="$(field total_p99_us "$direct")" 'BEGIN { print (g - d) / 1000 }')"
+  ratios[$c]+=" $(awk -v g="$(field completions_per_s "$gateway")" -v d="$(field completions_per_s "$direct")" 'BEGIN { print (d > 0 ? g / d : 0) }')"
   echo "$line"
   echo "$cost"
   echo "$split"
@@ -450,7 +454,7 @@ median() {  # median VALUES...: the median of the numbers given
 }
 
 summary=()
-declare -A rates added_p50_ms added_p99_ms  # by concurrency: one value per run
+declare -A rates added_p50_ms added_p99_ms added_total_p50_ms added_total_p99_ms ratios  # by concurrency: one value per run
 for c in $concurrencies; do
   for ((run = 1; run <= repeat; run++)); do measure_concurrency "$c"; done
 done
@@ -462,8 +466,11 @@ if [ -n "$concurrencies" ]; then
     rate=$(median ${rates[$c]})
     # shellcheck disable=SC2086
     summary+=("$(awk -v c="$c" -v n="$repeat" -v r="$rate" -v p50="$(median ${added_p50_ms[$c]})" \
-      -v p99="$(median ${added_p99_ms[$c]})" -v all="${rates[$c]# }" -v durability="$durability" 'BEGIN {
+      -v p99="$(median ${added_p99_ms[$c]})" -v all="${rates[$c]# }" -v durability="$durability" \
+      -v t50="$(median ${added_total_p50_ms[$c]})" -v t99="$(median ${added_total_p99_ms[$c]})" \
+      -v ratio="$(median ${ratios[$c]})" 'BEGIN {
         printf "C=%-4d median of %d run(s): gateway %.0f completions/s (runs: %s), added TTFT p50 %.2f ms, p99 %.2f ms", c, n, r, all, p50, p99
+        printf ", added total p50 %.2f ms, p99 %.2f ms, throughput %.2fx the direct run'"'"'s", t50, t99, ratio
         if (c == 64 && durability == "sync") printf " (goal <= 1 ms and <= 5 ms: %s)", (p50 <= 1 && p99 <= 5 ? "met" : "NOT met")
       }')")
     if awk -v a="$rate" -v b="$best_rate" 'BEGIN { exit !(a > b) }'; then best_rate=$rate best_c=$c; fi
