@@ -294,9 +294,11 @@ scenario('an agent that stops answering is stale after three heartbeats and its 
   const last = chunks.at(-1);
   assert.equal(last.x_gpustream.provider_id, provider_b.id, `B finished the answer: ${JSON.stringify(last.x_gpustream)}`);
   assert.equal(chunks.filter((chunk) => chunk.choices[0]?.finish_reason).at(-1).choices[0].finish_reason, 'stop');
-  // Stale after 3 x 200 ms of silence; B's whole answer takes a few ms more. Far below the 30 s a
-  // closing handshake with a silent peer would take.
-  assert.ok(waited_ms < 10_000, `the answer moved on ${Math.round(waited_ms)} ms after the agent stopped`);
+  // Stale after 3 x 200 ms of silence, seen at the next heartbeat check (200 ms); B's whole answer
+  // takes a few ms more. The bound leaves a loaded machine over a second of slack, and is far below
+  // the 30 s a closing handshake with a silent peer would take.
+  console.log(`the answer moved on ${Math.round(waited_ms)} ms after the agent stopped`);
+  assert.ok(waited_ms < 2_500, `the answer moved on ${Math.round(waited_ms)} ms after the agent stopped`);
   await server.wait_provider_offline(provider_a.id);
   assert.equal((await upstream_b.stats()).completed, 1);
   agent_a.process.kill('SIGCONT');
