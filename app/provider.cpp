@@ -152,6 +152,9 @@ expected<provider_options, std::string> resolve_provider_options(provider_option
                       " micro-USD per million tokens"};
   }
   if (options.probe_tokens == 0) return unexpected{std::string("probe_tokens must be at least 1")};
+  if (options.probe_tokens_max < options.probe_tokens) {
+    return unexpected{std::string("probe_tokens_max must be at least probe_tokens")};
+  }
   if (options.context_length_tokens > provider_context_tokens_max) {
     return unexpected{"--context-length must be at most " + std::to_string(provider_context_tokens_max) +
                       " tokens (0: what the backend says)"};
@@ -425,7 +428,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       // within the probe_tokens asked for (a backend whose usage adds up every answer so far, or
       // that ignores max_tokens, would make each level look faster than the last).
       auto deltas = std::make_shared<std::uint32_t>(0);
-      const auto count = [run, deltas, asked = options_.probe_tokens](std::string_view) {
+      const auto count = [run, deltas, asked = probe_tokens()](std::string_view) {
         if (*deltas < asked) ++run->tokens;
         ++*deltas;
       };
@@ -433,7 +436,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
           "/chat/completions", body,
           {.on_delta = count,
            .on_done =
-               [run, deltas, on_end, asked = options_.probe_tokens](std::string,
+               [run, deltas, on_end, asked = probe_tokens()](std::string,
                                                                    std::optional<gateway::upstream_usage> usage) {
                  const std::uint32_t reported = usage ? std::min(usage->completion_tokens, asked) : 0;
                  if (reported > *deltas) run->tokens += reported - *deltas;
@@ -470,7 +473,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
         {"model", ids.at(std::min(probe_model_, ids.size() - 1))},
         {"messages", boost::json::array{boost::json::object{
                          {"role", "user"}, {"content", "Count from 1 to 100, separated by spaces."}}}},
-        {"max_tokens", options_.probe_tokens},
+        {"max_tokens", probe_tokens()},
         {"temperature", 0},
         {"stream", true},
         {"stream_options", boost::json::object{{"include_usage", true}}},
@@ -504,6 +507,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       probe_next();
       return;
     }
+    if (rerun_level_one_longer(*run, duration)) return;
     last_level_refused_ = run->failed && run->refused;
     measured_.push_back({.concurrency = run->concurrency,
                          .failed = run->failed,
@@ -516,6 +520,27 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                  measured_.back().tokens_per_second, seconds * 1000.0);
     }
     probe_next();
+  }
+
+  std::uint32_t probe_tokens() const {
+    return probe_tokens_scaled_ != 0 ? probe_tokens_scaled_ : options_.probe_tokens;
+  }
+
+  /// A first level that passed too quickly to measure (a small model on a fast GPU) would leave
+  /// the comparison with level 2 unmade, and level 2 taken as sustained even by a backend with one
+  /// slot: it runs again asking for more tokens (about twice probe_measurable_min's worth), up to
+  /// probe_tokens_max. Returns whether it does.
+  bool rerun_level_one_longer(const probe_run& run, std::chrono::microseconds duration) {
+    const auto measurable_min = std::chrono::duration_cast<std::chrono::microseconds>(options_.probe_measurable_min);
+    const std::uint32_t tokens = probe_tokens();
+    if (run.failed || !measured_.empty() || duration >= measurable_min || tokens >= options_.probe_tokens_max) return false;
+    const auto factor = static_cast<std::uint64_t>(2 * measurable_min.count() / std::max<std::int64_t>(duration.count(), 1)) + 1;
+    probe_tokens_scaled_ = static_cast<std::uint32_t>(
+        std::min<std::uint64_t>(std::uint64_t{tokens} * std::max<std::uint64_t>(factor, 2), options_.probe_tokens_max));
+    log_->info("probe level=1 duration_ms={:.1f} is too short to measure; again with max_tokens={}",
+               static_cast<double>(duration.count()) / 1000.0, probe_tokens_scaled_);
+    probe_next();
+    return true;
   }
 
   void finish_probe(std::uint32_t sustained) {
@@ -533,6 +558,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       log_->info("probe: {} refused a chat; probing with {}", ids[probe_model_], ids[probe_model_ + 1]);
       ++probe_model_;
       measured_.clear();
+      probe_tokens_scaled_ = 0;
       warmed_up_ = false;
       probe_next();
       return;
@@ -1054,6 +1080,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
       link_.reset();
       models_.clear();
       measured_.clear();
+      probe_tokens_scaled_ = 0;
       warmed_up_ = false;
       probe_model_ = 0;
       const auto wait = gateway::backoff_delay(options_.link.backoff, attempt_++, rng_);
@@ -1132,6 +1159,9 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   bool welcomed_ = false;  ///< the current link got its welcome (heartbeats are read from then on)
   std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
+  /// Tokens each probe request asks for now: probe_tokens, more once level 1 ran too short to
+  /// measure (see on_probe_request_end); 0 until then.
+  std::uint32_t probe_tokens_scaled_ = 0;
   bool warmed_up_ = false;  ///< the probe's unmeasured first request has run
   std::size_t probe_model_ = 0;      ///< of probe_models(), the one the probe asks
   bool last_level_refused_ = false;  ///< the last level measured failed on a refusal (4xx)

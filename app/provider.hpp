@@ -48,6 +48,9 @@ struct provider_options {
   bool probe = true;
   /// Tokens asked of each probe request (max_tokens). Default: 16.
   std::uint32_t probe_tokens = 16;
+  /// Most tokens a probe request asks for when level 1 ran shorter than probe_measurable_min and
+  /// runs again asking for more (at least probe_tokens). Default: 256.
+  std::uint32_t probe_tokens_max = 256;
   /// Longest one probe level may take; a level that runs over counts as failed. Default: 60 s.
   std::chrono::milliseconds probe_level_timeout{60'000};
   /// Longest the probe's first, unmeasured request may take: a backend may load its model from

@@ -810,6 +810,21 @@ TEST(provider_agent, a_job_the_backend_answers_404_lists_its_models_at_once) {
   EXPECT_NE(errors.front().message.find("404"), std::string::npos) << errors.front().message;
 }
 
+TEST(provider_agent, the_probe_finds_one_slot_of_a_backend_too_fast_to_measure_with_its_first_token_count) {
+  // One slot (the others wait in line) and 2 ms per token: 16 tokens take 32 ms, too short to
+  // measure, and level 2 would be taken as sustained. Level 1 runs again with more tokens, and
+  // level 2 shows no gain over it.
+  upstream_process upstream({"--models", "m1", "--tokens", "1000", "--token-interval-us", "2000", "--parallel", "1"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.max_concurrency = 4;
+  options.probe_tokens = 16;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  EXPECT_EQ(coordinator.all<link::hello>().front().max_concurrency, 1u) << "one slot";
+}
+
 TEST(provider_agent, probes_says_hello_heartbeats_and_streams_a_job) {
   // 2 ms per token: two streams really do twice the work of one, and a third is refused (429).
   upstream_process upstream({"--models", "m1,m2", "--context-length", "8192", "--tokens", "5",
