@@ -213,24 +213,32 @@ scenario('a second SIGTERM while serve drains stops it at once, and the next sta
 });
 
 scenario('what serve acknowledged right before a SIGKILL is there after the restart', async (world) => {
-  // No wait for the money to settle this time: the kill comes at once after the last answer.
+  // No wait for the money to settle this time: the kill comes at once after the last answers,
+  // several of them completing together (their ends and bills recorded in the same moments).
+  const concurrent = 6;
   const { server, model } = await one_provider_world(world, { upstream_options: { tokens } });
   const user = await server.create_user('premium', credit_micros);
-  const answer = await server.openai(user.api_key).chat.completions.create({
-    model, messages: [{ role: 'user', content: 'just before the kill' }],
-  });
-  assert.equal(answer.choices[0].message.content, upstream_text(tokens));
+  const client = server.openai(user.api_key);
+  const answers = await Promise.all(Array.from({ length: concurrent }, (_, i) => client.chat.completions.create({
+    model, messages: [{ role: 'user', content: `just before the kill ${i}` }],
+  })));
+  for (const answer of answers) assert.equal(answer.choices[0].message.content, upstream_text(tokens));
   const credited = await server.create_user('premium', 1_234_567);
   await server.child.stop('SIGKILL');
 
   const restarted = await world.serve({ data_dir: server.data_dir, name: 'serve-restarted' });
-  // The user created last, with its credit, and the answered job, billed (at the start, if its
-  // bill was not recorded before the kill).
-  const [job] = await restarted.billed_jobs([job_id_of(answer.id)]);
-  assert.equal(job.completion_tokens, tokens);
+  // The user created last, with its credit, and every answered job, billed once (at the start, if
+  // its bill was not recorded before the kill).
+  const billed = await restarted.billed_jobs(answers.map((answer) => job_id_of(answer.id)));
+  assert.equal(billed.length, concurrent);
+  let spent = 0;
+  for (const job of billed) {
+    assert.equal(job.completion_tokens, tokens, `${job.id} bills its tokens`);
+    spent += job.gross_micros;
+  }
   const accounts = await restarted.accounts();
   assert.equal(accounts.balances[`user-${credited.id}`], 1_234_567, 'the acknowledged credit survived');
-  assert.equal(accounts.balances[`user-${user.id}`], credit_micros - job.gross_micros, 'the answer is billed once');
+  assert.equal(accounts.balances[`user-${user.id}`], credit_micros - spent, 'each answer is billed once');
   assert.equal(accounts.total_micros, 0);
   assert.ok((await restarted.user_client(credited.api_key).get('/v1/models')).data, 'its API key works');
   await restarted.child.stop('SIGTERM', { timeout_ms: 15_000 });
