@@ -383,6 +383,10 @@ caf::result<ad_pick> pick(self_pointer self, const ad_request& request) {
   if (auto problem = check_text("user id", request.user_id, id_length_max)) return *problem;
   ++st.counts.picks;
   const std::int64_t now = now_us(self);
+  if (request.answer_by_us != 0 && now >= request.answer_by_us) {
+    ++st.counts.picks_late;
+    return ad_pick{};
+  }
   auto choice = domain::run_auction(st.states, request.prompt, request.user_id, now, st.options.auction);
   if (!choice) return ad_pick{};
   auto impression_id = impression_id_of(choice->campaign_id, request.job_id, id_length_max);

@@ -44,6 +44,11 @@ struct ad_request {
   std::string job_id;
   std::string user_id;  ///< for the frequency cap
   std::string prompt;   ///< the prompt text, read for contextual relevance only; never logged
+  /// When the asker stops waiting for the pick, microseconds since the epoch (the system clock, as
+  /// the ad server's); 0: never. A request the ad server reaches later (its mailbox backed up)
+  /// reserves nothing and answers no ad: a reservation nobody waits for would hold the campaign's
+  /// budget and the user's frequency cap until it expired.
+  std::int64_t answer_by_us = 0;
 };
 
 /// The ad to show with an answer. Its budget is reserved until `served` or `release`, or until the
@@ -77,6 +82,7 @@ struct click_redirect {
 struct ad_server_counts {
   std::uint64_t campaigns = 0;             ///< cached now
   std::uint64_t picks = 0;                 ///< ad requests answered
+  std::uint64_t picks_late = 0;            ///< of which came after their answer_by_us: no ad
   std::uint64_t ads = 0;                   ///< of which carried an ad (reserved)
   std::uint64_t reservations_refused = 0;  ///< an auction winner refused the reservation
   std::uint64_t impressions = 0;           ///< served and recorded

@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "actors/errors.hpp"
+#include "actors/persistence.hpp"
 #include "gateway/actor_bridge.hpp"
 
 namespace gpustream::gateway {
@@ -34,7 +35,10 @@ void actor_ad_source::pick(std::string job_id, std::string user_id, std::string 
   // Whichever comes first, the pick or the end of the wait, answers; a pick after the wait has
   // reserved its ad (and a place in the user's frequency cap) for nothing, and gives it back.
   auto answered = std::make_shared<std::atomic<bool>>(false);
-  bridge_.run([this, answered, request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text)},
+  const std::int64_t answer_by_us =
+      actors::system_clock_us() + std::chrono::duration_cast<std::chrono::microseconds>(options_.pick_wait_max).count();
+  bridge_.run([this, answered,
+               request = actors::ad_request{std::move(job_id), std::move(user_id), std::move(prompt_text), answer_by_us},
                done](caf::event_based_actor* actor) mutable {
     const auto wait = std::max<std::chrono::milliseconds>(late_pick_wait_max, options_.pick_wait_max);
     actor->request(ads_, wait, std::move(request))

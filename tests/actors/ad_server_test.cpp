@@ -85,7 +85,7 @@ class ad_server_test : public testing::deterministic_fixture {
 
   std::optional<served_ad> pick(const std::string& job_id, const std::string& user_id,
                                 const std::string& prompt) {
-    auto picked = ask<ad_pick>(rt_.ad_server, ad_request{job_id, user_id, prompt});
+    auto picked = ask<ad_pick>(rt_.ad_server, ad_request{job_id, user_id, prompt, 0});
     EXPECT_TRUE(picked) << describe(picked.error());
     return picked ? picked.value().ad : std::nullopt;
   }
@@ -408,6 +408,19 @@ TEST_F(ad_server_test, an_ad_picked_for_a_long_answer_is_still_served_when_the_a
   EXPECT_EQ(counts().expired, 0u);
 }
 
+TEST_F(ad_server_test, a_pick_that_comes_after_its_asker_stopped_waiting_reserves_nothing) {
+  create(campaign("c1", {"gpu"}));
+  const std::int64_t now = *clock_.now_us;
+  auto late = ask<ad_pick>(rt_.ad_server, ad_request{"j1", "u1", "gpu", now});
+  ASSERT_TRUE(late) << describe(late.error());
+  EXPECT_FALSE(late.value().ad);
+  EXPECT_TRUE(campaign_state("c1").reservations.empty()) << "no budget or frequency cap held";
+  EXPECT_EQ(counts().picks_late, 1u);
+  auto in_time = ask<ad_pick>(rt_.ad_server, ad_request{"j2", "u1", "gpu", now + 1});
+  ASSERT_TRUE(in_time) << describe(in_time.error());
+  EXPECT_TRUE(in_time.value().ad) << "one waited for gets its ad";
+}
+
 TEST_F(ad_server_test, a_click_records_once_and_answers_the_advertisers_url) {
   create(campaign("c1", {"gpu"}));
   auto ad = pick("j1", "u1", "gpu");
@@ -601,7 +614,7 @@ TEST_F(ad_server_test, budgets_are_never_exceeded_over_a_seeded_walk_of_picks) {
     for (int i = 0; i < burst; ++i) {
       jobs.push_back("j" + std::to_string(step) + "-" + std::to_string(i));
       handles.push_back(send_pick(ad_request{jobs.back(), "u" + std::to_string(random() % 6),
-                                             prompts[random() % prompts.size()]}));
+                                             prompts[random() % prompts.size()], 0}));
     }
     run();
     for (std::size_t i = 0; i < handles.size(); ++i) {
@@ -646,7 +659,7 @@ TEST_F(ad_server_test, concurrent_picks_get_ads_only_while_the_budget_pays_for_t
   std::vector<pick_handle> handles;
   for (int i = 0; i < 5; ++i) {
     handles.push_back(
-        send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu"}));
+        send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu", 0}));
   }
   run();  // all five auctions ran before any reservation came back
   int ads = 0;
@@ -679,7 +692,7 @@ TEST_F(ad_server_test, concurrent_picks_past_the_winners_budget_go_to_the_next_b
   other.cpm_bid_micros = 1'000'000;
   create(other);
   std::vector<pick_handle> handles;
-  for (int i = 0; i < 5; ++i) handles.push_back(send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu"}));
+  for (int i = 0; i < 5; ++i) handles.push_back(send_pick(ad_request{"j" + std::to_string(i), "u" + std::to_string(i), "gpu", 0}));
   run();
   std::map<std::string, int> by_campaign;
   for (auto& handle : handles) {

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "actors/errors.hpp"
+#include "actors/persistence.hpp"
 #include "gateway/actor_ad_source.hpp"
 #include "gateway/actor_bridge.hpp"
 
@@ -30,12 +31,14 @@ struct test_config : caf::actor_system_config {
 };
 
 /// An ad server that answers picks with `answer`, or never when `answer` is empty; everything
-/// else it never answers either (these tests do not ask for it).
+/// else it never answers either (these tests do not ask for it). A pick whose answer_by_us is not
+/// ahead of now gets no ad, as the real one answers a pick its asker no longer waits for.
 actors::ad_server_actor::behavior_type fake_ad_server(actors::ad_server_actor::pointer self,
                                                       std::optional<actors::ad_pick> answer) {
   return {
       [self](domain::create_campaign&) { return self->make_response_promise<std::string>(); },
-      [self, answer](actors::ad_request&) -> caf::result<actors::ad_pick> {
+      [self, answer](actors::ad_request& request) -> caf::result<actors::ad_pick> {
+        if (answer && request.answer_by_us <= actors::system_clock_us()) return actors::ad_pick{};
         if (answer) return *answer;
         return self->make_response_promise<actors::ad_pick>();  // never delivered
       },
