@@ -432,6 +432,35 @@ void keep_unsettled(self_pointer self, const std::string& job_id, domain::record
   job.free_tokens_held = 0;
 }
 
+/// The bill of job `job_id`, ended before this start, that serve's start could not settle: kept
+/// unsettled as the scheduler's own are, and retried at once; what its premium user pays (the
+/// transfers from the user's account) is held meanwhile. Nothing to score (the provider's outcome
+/// is recorded with the end) and no free usage (serve's start records that by itself).
+void adopt_bill(self_pointer self, const std::string& job_id, const events::ledger_bill& bill) {
+  auto& st = self->state;
+  if (bill.transfers.empty() || st.unsettled.contains(job_id) || st.jobs.contains(job_id)) return;
+  std::string user_id;
+  std::int64_t hold = 0;
+  for (const auto& t : bill.transfers) {
+    if (!t.debit_account.starts_with(domain::user_account(""))) continue;
+    user_id = t.debit_account.substr(domain::user_account("").size());
+    hold += t.amount_micros;
+  }
+  if (hold > 0) st.holds_micros[user_id] += hold;
+  st.unsettled[job_id] = {.user_id = user_id,
+                          .hold_micros = hold,
+                          .group = domain::from_bill(bill),
+                          .provider_id = {},
+                          .completed = false,
+                          .measure = {},
+                          .free_tokens = 0,
+                          .free_tokens_held = 0,
+                          .retry_at_us = now_us(self),
+                          .wait_us = settle_retry_first_us,
+                          .in_flight = false,
+                          .end_unknown = false};
+}
+
 /// What settle does after the ledger took a group, for a group a retry got taken: the provider's
 /// score and the user's free usage, which then releases the quota hold.
 void after_retried(self_pointer self, const std::string& job_id, const scheduler_state::unsettled_group& e) {
@@ -1420,6 +1449,7 @@ scheduler_actor::behavior_type scheduler_behavior(self_pointer self, scheduler_p
       [self](cancel_atom, const std::string& job_id, const std::string& provider_id) {
         if (is_running_on(self, job_id, provider_id)) cancel_at_provider(self, provider_id, job_id);
       },
+      [self](settle_atom, const std::string& job_id, const events::ledger_bill& bill) { adopt_bill(self, job_id, bill); },
       [self](count_atom) {
         std::uint64_t running = 0;
         for (const auto& [id, job] : self->state.jobs) running += job.running ? 1 : 0;

@@ -242,6 +242,11 @@ using scheduler_actor = caf::typed_actor<
     // provider is told to stop at once, while its result is still being settled.
     caf::reacts_to<cancel_atom, std::string, std::string>,
     caf::replies_to<count_atom>::with<scheduler_counts>,
+    // (settle, job id, bill): the bill of a job that ended before this start, which the log holds
+    // without its ledger group and serve's start could not settle now (the ledger busy, its store
+    // failing). The scheduler retries it as it does its own, and holds what its premium user pays
+    // meanwhile, so that jobs admitted until the ledger takes it cannot spend that money.
+    caf::reacts_to<settle_atom, std::string, events::ledger_bill>,
     // Internal: the deadline and queue timer.
     caf::reacts_to<tick_atom>>;
 
@@ -260,3 +265,4 @@ CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_cancel)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::job_ended)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::actors::scheduler_counts)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::domain::load_report)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(gpustream::events::ledger_bill)

@@ -283,9 +283,10 @@ class node::impl {
 
   /// Bills of jobs whose end the log holds without its ledger group (a stop between the two
   /// appends, or a group the ledger refused then): each goes to the ledger as recorded. The ledger
-  /// applies a group at most once, so one settled meanwhile changes nothing. One refused again
-  /// stays unsettled (counted in gpustream_job_bills_unsettled) for the next start, its reason
-  /// logged.
+  /// applies a group at most once, so one settled meanwhile changes nothing. One not settled now
+  /// goes to the scheduler, which retries it (holding what its premium user pays meanwhile) until
+  /// the ledger takes or refuses it; one refused stays unsettled (counted in
+  /// gpustream_job_bills_unsettled) for the next start, its reason logged.
   void settle_unsettled_bills() {
     auto bills = std::make_shared<const std::vector<unsettled_bill>>(
         directory_->unsettled_bills(std::numeric_limits<std::size_t>::max()));
@@ -294,7 +295,7 @@ class node::impl {
     const auto settled = bridge_.ask_all(bills->size(), left_open_in_flight_max, [this, bills](caf::event_based_actor* actor, std::size_t i, auto done) {
       actor->request(runtime_.ledger, options_.left_open_wait_max, domain::ledger::command{domain::from_bill((*bills)[i].bill)})
           .then([done](const actors::command_reply&) { done(true); },
-                [done, bills, i](caf::error& failure) {
+                [this, done, bills, i](caf::error& failure) {
                   const auto& unsettled = (*bills)[i];
                   std::int64_t amount = 0;
                   for (const auto& t : unsettled.bill.transfers) amount += t.amount_micros;
@@ -302,6 +303,9 @@ class node::impl {
                   spdlog::error("job {}'s bill ({} micro-USD in {} transfer{}) is still unsettled: {}",
                                 unsettled.job_id, amount, transfers, transfers == 1 ? "" : "s",
                                 actors::describe(failure));
+                  // The scheduler tries it again, holding what its user pays until the ledger
+                  // takes it: jobs admitted meanwhile cannot spend that money.
+                  caf::anon_send(runtime_.scheduler, actors::settle_atom::value, unsettled.job_id, unsettled.bill);
                   done(false);
                 });
     });

@@ -1845,6 +1845,35 @@ TEST_F(arming_store_scheduler_test, an_end_the_full_disk_did_not_record_releases
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold was released";
 }
 
+TEST_F(arming_store_scheduler_test, a_bill_serves_start_could_not_settle_is_held_against_its_user_and_retried) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("alice", events::user_tier::premium, 2'600);
+  // A job that ended before this start: its bill (1,200) is in the log, its ledger group is not.
+  auto settled = domain::settle_job(domain::job_bill{.job_id = "j0",
+                                                     .user_id = "alice",
+                                                     .provider_id = "p1",
+                                                     .premium = true,
+                                                     .outcome = domain::job_outcome::completed,
+                                                     .price = {1'000'000, 1'000'000},
+                                                     .quality = events::quality_tier::standard,
+                                                     .prompt_tokens = 1'000,
+                                                     .completion_tokens = 200,
+                                                     .ad = std::nullopt,
+                                                     .earlier = {}},
+                                    {});
+  ASSERT_TRUE(settled) << settled.error().message;
+  ASSERT_EQ(settled->gross_micros, 1'200);
+  self_->send(rt_.scheduler, settle_atom::value, std::string("j0"), domain::to_bill(settled->group));
+  run();
+  EXPECT_EQ(counts().settlements_retrying, 1u);
+  // 1,400 is left once it is paid: a job quoted 1,500 does not fit.
+  EXPECT_FALSE(ask<job_accepted>(rt_.scheduler, request("j1", "alice", true))) << "the bill's money would be spent twice";
+  retry_settlements();
+  EXPECT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_EQ(balance("user-alice"), 1'400);
+  EXPECT_EQ(counts().users_holding, 0u) << "its hold went with it";
+}
+
 TEST_F(arming_store_scheduler_test, a_free_end_whose_fsync_failed_keeps_its_quota_hold_even_with_nothing_to_bill) {
   // A provider at price 0 bills nothing: the end records only the free tokens, which still count.
   bring_online("p1", "llama-8b", 8, 0, 0);
