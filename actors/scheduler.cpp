@@ -542,7 +542,7 @@ void retry_unsettled(self_pointer self) {
         after_retried(self, job_id, e);
       } else {
         ++self->state.side_effects_failed;
-        release(self->state.free_tokens_held, e.user_id, e.free_tokens_held);
+        record_free_usage(self, e.user_id, job_id, e.free_tokens, e.free_tokens_held);  // the end counts them
       }
       release(self->state.holds_micros, e.user_id, e.hold_micros);
       self->state.unsettled.erase(found);
@@ -613,6 +613,11 @@ void settle(self_pointer self, const std::string& job_id, domain::job_outcome ou
               if (retried) {
                 keep_unsettled(self, job_id, std::move(group), outcome == domain::job_outcome::completed, measure,
                                free_tokens, false);
+              } else {
+                // Refused for good: the end, with its free tokens, is recorded all the same, and
+                // they count against the user's quota now (not only from the next start).
+                auto& job = self->state.jobs.at(job_id);
+                record_free_usage(self, job.request.user_id, job_id, free_tokens, std::exchange(job.free_tokens_held, 0));
               }
               forget(self, job_id);
               ended.bill_unsettled = std::string(retried ? "retried until the ledger takes it" : "left to the next start") +

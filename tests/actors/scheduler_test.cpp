@@ -1845,6 +1845,23 @@ TEST_F(arming_store_scheduler_test, an_end_the_full_disk_did_not_record_releases
   EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "the hold was released";
 }
 
+TEST_F(scheduler_test, a_free_job_whose_bill_the_ledger_refuses_for_good_still_counts_its_tokens_against_the_quota) {
+  bring_online("p1", "llama-8b", 4);
+  create_user("bob", events::user_tier::free, 0);
+  ASSERT_TRUE(ask<job_accepted>(rt_.scheduler, request("j1", "bob", false)));
+  ASSERT_TRUE(ask<std::uint64_t>(rt_.scheduler, started_atom::value, std::string("j1"), std::string("p1")));
+  // Its ad's campaign holds no escrow: the ledger refuses the job's group for good.
+  job_result result{"j1", "p1", 10, 10, 200'000, 4'000'000, 10, 40};
+  result.ad = domain::ad_charge{.impression_id = "c-empty.j1", .campaign_id = "c-empty", .price_micros = 2'000};
+  auto ended = ask<job_ended>(rt_.scheduler, result);
+  ASSERT_TRUE(ended) << describe(ended.error());
+  ASSERT_NE(ended->bill_unsettled.find("left to the next start"), std::string::npos) << ended->bill_unsettled;
+  run();
+  auto user = ask<domain::user_state>(rt_.users, std::string("bob"), state_atom::value);
+  ASSERT_TRUE(user);
+  EXPECT_EQ(user->free_tokens_today, 1'010) << "its recorded free tokens count now, not from the next start";
+}
+
 TEST_F(arming_store_scheduler_test, a_bill_serves_start_could_not_settle_is_held_against_its_user_and_retried) {
   bring_online("p1", "llama-8b", 4);
   create_user("alice", events::user_tier::premium, 2'600);
