@@ -980,10 +980,12 @@ caf::typed_response_promise<job_accepted> submit(self_pointer self, job_request&
     reply.deliver(refusal(domain::errc::already_exists, "job " + job_id + " is already live"));
     return reply;
   }
-  if (st.jobs.size() >= st.options.jobs_live_max) {
+  // Bills waiting for the ledger count too: while it cannot take them, each ended job leaves one.
+  if (st.jobs.size() + st.unsettled.size() >= st.options.jobs_live_max) {
     reply.deliver(refusal(domain::errc::busy,
-                          "the scheduler holds " + std::to_string(st.jobs.size()) +
-                              " live jobs, the most allowed (jobs_live_max); retry later"));
+                          "the scheduler holds " + std::to_string(st.jobs.size()) + " live jobs and " +
+                              std::to_string(st.unsettled.size()) +
+                              " bills waiting for the ledger, the most allowed (jobs_live_max); retry later"));
     return reply;
   }
   const auto tier = domain::contribution_tier_for(request.contribution_score);

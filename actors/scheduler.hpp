@@ -185,8 +185,9 @@ struct scheduler_options {
   /// provider its last answer completed on, while that one is a candidate that takes work (its
   /// prompt cache is warm there).
   domain::sticky_options sticky;
-  /// Most jobs the scheduler holds at once (being checked, queued or running); one more is refused
-  /// with busy before anything is recorded. Default: 100,000.
+  /// Most jobs the scheduler holds at once (being checked, queued or running), counting the bills
+  /// of ended jobs it retries while the ledger cannot take them; one more is refused with busy
+  /// before anything is recorded. Default: 100,000.
   std::size_t jobs_live_max = 100'000;
   /// Highest price per million tokens, input or output, of a provider a free job goes to: the
   /// platform pays for free answers, and routing prefers an idle provider over a cheap one.

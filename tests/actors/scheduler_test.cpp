@@ -1716,7 +1716,8 @@ TEST_F(failing_store_scheduler_test, a_job_whose_failover_cannot_be_recorded_is_
 /// next append durable (fail_after_next_sync).
 class arming_store_scheduler_test : public scheduler_test {
  protected:
-  arming_store_scheduler_test() : scheduler_test(100'000, with_faults()) {}
+  explicit arming_store_scheduler_test(std::size_t jobs_live_max = 100'000)
+      : scheduler_test(jobs_live_max, with_faults()) {}
   ~arming_store_scheduler_test() override { faults_->set_fail_sync(false); }
 
   static storage::store_options with_faults() {
@@ -1860,6 +1861,27 @@ TEST_F(scheduler_test, a_free_job_whose_bill_the_ledger_refuses_for_good_still_c
   auto user = ask<domain::user_state>(rt_.users, std::string("bob"), state_atom::value);
   ASSERT_TRUE(user);
   EXPECT_EQ(user->free_tokens_today, 1'010) << "its recorded free tokens count now, not from the next start";
+}
+
+/// An arming store, and a scheduler that holds one live job at most.
+class one_job_arming_store_scheduler_test : public arming_store_scheduler_test {
+ protected:
+  one_job_arming_store_scheduler_test() : arming_store_scheduler_test(1) {}
+};
+
+TEST_F(one_job_arming_store_scheduler_test, a_bill_waiting_for_the_ledger_counts_against_jobs_live_max) {
+  // Else a long ledger outage would grow the scheduler's retries by every job that ends.
+  ASSERT_NO_FATAL_FAILURE(start_j1_on_p1("alice", events::user_tier::premium, 50'000'000));
+  ASSERT_NO_FATAL_FAILURE(end_j1_leaving_its_bill_unsettled());
+  auto refused = ask<job_accepted>(rt_.scheduler, request("j2", "alice", true));
+  ASSERT_FALSE(refused);
+  const auto busy = domain_error_of(refused.error());
+  ASSERT_TRUE(busy) << describe(refused.error());
+  EXPECT_EQ(busy->code, domain::errc::busy);
+  EXPECT_NE(busy->message.find("1 bills waiting for the ledger"), std::string::npos) << busy->message;
+  retry_settlements();
+  ASSERT_EQ(counts().settlements_retrying, 0u);
+  EXPECT_TRUE(ask<job_accepted>(rt_.scheduler, request("j3", "alice", true))) << "room again once the ledger took it";
 }
 
 TEST_F(arming_store_scheduler_test, a_bill_serves_start_could_not_settle_is_held_against_its_user_and_retried) {
