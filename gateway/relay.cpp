@@ -855,7 +855,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                   const auto refused = actors::domain_error_of(failure);
                   if (!refused) spdlog::error("relay: job={} not settled: {}", job_id, actors::describe(failure));
                   // Refused: nothing was recorded, the ad's impression included, and nobody pays
-                  // for it (the answer goes as an error, without the ad).
+                  // for it (the answer goes as an error; a stream's ad chunk went out already).
                   if (charged) {
                     // Recorded: finish_error must not release it (the campaign would refuse).
                     if (const auto live = self->find(job_id)) {
