@@ -70,6 +70,7 @@ struct live_job {
   clock::time_point last_piece_at{};     ///< when the current attempt's latest piece came
   bool first_token_seen = false;
   bool result_sent = false;  ///< finishing: its result is on its way to the scheduler
+  bool ad_written = false;   ///< its stream's ad chunk went out (show_ad)
   /// Its client left while its result was on its way: the scheduler's answer to the result
   /// counts its end in the metrics (count_after_client_left).
   bool counted_by_result = false;
@@ -812,16 +813,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
 
   /// As the ad's impression of answer `id` is recorded: a stream's ad chunk goes out now, ahead
   /// of the settlement that charges it (its client may leave meanwhile, having seen it); a whole
-  /// answer carries it in its body. False when the client left: nobody sees the ad.
+  /// answer carries it in its body, and so does a stream with no piece yet, whose head goes out
+  /// with its end (finish_ok), so that a refused settlement is still an HTTP error. False when
+  /// the client left: nobody sees the ad.
   bool show_ad(const std::string& id) {
     const auto live = find(id);
     if (!live) return false;
     std::lock_guard lock(live->mutex);
     if (live->state == phase::ended) return false;
-    if (live->job.request.stream && live->ad) {
-      start_stream(*live);
+    if (live->job.request.stream && live->ad && live->stream_started) {
       const bool first = !std::exchange(live->piece_sent, true);
       live->job.reply->write(sse_event(ad_chunk_json(live->meta, *live->ad, first)));
+      live->ad_written = true;
     }
     return true;
   }
@@ -895,9 +898,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         start_stream(*live);
         std::string tail;
         // A chat stream's first chunk carries the assistant's role, also when the answer was
-        // empty. Its ad's chunk went out already (show_ad).
+        // empty. Its ad's chunk went out already, unless the answer had no piece (show_ad).
         const bool first = !std::exchange(live->piece_sent, true);
-        if (first && live->job.request.kind == request_kind::chat) tail += sse_event(chunk_json(live->meta, "", true));
+        if (live->ad && !live->ad_written) {
+          tail += sse_event(ad_chunk_json(live->meta, *live->ad, first));
+        } else if (first && live->job.request.kind == request_kind::chat) {
+          tail += sse_event(chunk_json(live->meta, "", true));
+        }
         if (live->job.request.include_usage) {
           tail += sse_event(final_chunk_json(live->meta, finish_reason));
           tail += sse_event(usage_chunk_json(live->meta, usage, extension));
@@ -938,19 +945,22 @@ class relay::impl : public std::enable_shared_from_this<impl> {
   /// a stream's pieces sent so far (a whole answer's client gets none).
   static std::uint32_t tokens_streamed(const live_job& live) { return live.job.request.stream ? live.tokens : 0; }
 
-  /// The most job `live`'s end can bill (with its lock held): the prompt as estimated and the
-  /// pieces so far up to its budget, as the scheduler caps a completed or cancelled job's bill.
-  static token_usage most_billed(const live_job& live) {
-    return {live.job.prompt_tokens, std::min(live.tokens, live.job.completion_budget)};
+  /// The most job `live`'s end can bill (with its lock held): the prompt as estimated and
+  /// `completion_tokens` (the pieces so far when none given) up to its budget, as the scheduler
+  /// caps a completed or cancelled job's bill.
+  static token_usage most_billed(const live_job& live, std::optional<std::uint32_t> completion_tokens) {
+    return {live.job.prompt_tokens, std::min(completion_tokens.value_or(live.tokens), live.job.completion_budget)};
   }
 
   /// Ends job `id`'s answer with `error` (in-band once its stream started), counted in the metrics
   /// as `counted`. A stream's last chunk says what is billed (`billed`): nothing for a failed job,
   /// what a cancel billed. Unknown (nullopt) when its settlement's fate is open: the chunk's usage
-  /// is then the most its end can bill, and the error's message says so (a whole answer's too).
+  /// is then the most its end can bill (of the completion, `completion_billed_max` when given,
+  /// else every piece), and the error's message says so (a whole answer's too).
   void finish_error(const std::string& id, api_error error,
                     std::optional<token_usage> billed = token_usage{0, 0},
-                    domain::job_status counted = domain::job_status::failed) {
+                    domain::job_status counted = domain::job_status::failed,
+                    std::optional<std::uint32_t> completion_billed_max = std::nullopt) {
     auto live = find(id);
     if (!live) return;
     std::optional<std::string> unshown_ad;
@@ -962,7 +972,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       tokens_sent = tokens_streamed(*live);
       if (live->ad) unshown_ad = live->ad->impression_id;
       if (!billed) {
-        billed = most_billed(*live);
+        billed = most_billed(*live, completion_billed_max);
         error.message += "; at most " + std::to_string(billed->prompt_tokens) + " prompt and " +
                          std::to_string(billed->completion_tokens) + " completion tokens are billed";
       }
@@ -1077,9 +1087,10 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                                           });
                   return;
                 }
-                // Ended meanwhile (its result came), or not recorded: the client still gets its end.
+                // Ended meanwhile (its result came), or not recorded: the client still gets its end,
+                // which bills at most the tokens it got (none of a whole answer).
                 spdlog::warn("relay: job={} not cancelled for the stop: {}", id, actors::describe(failure));
-                self->finish_error(id, stopping_error(tokens), std::nullopt);
+                self->finish_error(id, stopping_error(tokens), std::nullopt, domain::job_status::failed, tokens);
               });
     });
   }

@@ -175,6 +175,7 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
         log->add("stop " + job_id + " at " + provider_id);
       },
       [](actors::count_atom) { return actors::scheduler_counts{}; },
+      [](actors::settle_atom, std::string&, events::ledger_bill&) {},
       [held, held_results](actors::tick_atom) {
         for (auto& [job_id, promise] : *held) promise.deliver(actors::job_accepted{job_id, 0, 0});
         held->clear();
@@ -691,6 +692,36 @@ TEST(relay, a_streamed_ad_goes_out_as_its_impression_is_recorded_ahead_of_the_se
   EXPECT_TRUE(ads.unserved().empty());
 }
 
+TEST(relay, an_empty_free_stream_whose_settlement_is_refused_gets_an_http_error_not_a_stream) {
+  // Its head goes out with its end: the ad, recorded before the settlement, is no piece.
+  held_ads ads;
+  relay_world world(&ads);
+  world.relay.provider_online({"p1", {}});
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, /*premium=*/false, /*stream=*/true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = refused_prompt_tokens});
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u) << reply->written();
+  EXPECT_EQ(sent.front().status, 500u) << sent.front().body;
+  EXPECT_TRUE(reply->written().empty()) << reply->written();
+}
+
+TEST(relay, an_empty_free_stream_gets_its_ad_with_its_end) {
+  held_ads ads;
+  relay_world world(&ads);
+  world.relay.provider_online({"p1", {}});
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, /*premium=*/false, /*stream=*/true));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  ASSERT_TRUE(ads.finish_served(imp_1_charge));
+  const auto body = reply->streamed(10s);
+  EXPECT_EQ(occurrences(body, "Sponsored: "), 1u) << body;
+  EXPECT_NE(body.find(R"("role":"assistant")"), std::string::npos) << "the ad's chunk is the first: " << body;
+}
+
 TEST(relay, an_ad_whose_impression_could_not_be_recorded_is_taken_back) {
   held_ads ads;
   relay_world world(&ads);
@@ -898,6 +929,23 @@ TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_with
   const auto events = world.log->events();
   EXPECT_EQ(std::count(events.begin(), events.end(), "cancel refused j1"), 1) << testing::PrintToString(events);
   EXPECT_EQ(std::find(events.begin(), events.end(), "cancel j1 1"), events.end()) << "not tried again";
+}
+
+TEST(relay, a_whole_answer_a_drain_could_not_cancel_bills_at_most_none_of_its_tokens) {
+  relay_options options;
+  options.cancel_retries_max = 1;  // the scheduler's first refusal is the last try
+  relay_world world(nullptr, options);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
+  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  world.relay.delta("p1", link::delta{"j1", " there"});
+  EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_NE(sent.front().body.find("cut short after 0 tokens"), std::string::npos) << sent.front().body;
+  EXPECT_NE(sent.front().body.find("at most 1 prompt and 0 completion tokens are billed"), std::string::npos)
+      << "the client got none of them: " << sent.front().body;
 }
 
 TEST(relay, a_drain_lets_an_answer_that_ends_within_its_wait_complete) {
