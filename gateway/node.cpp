@@ -303,9 +303,13 @@ class node::impl {
                   spdlog::error("job {}'s bill ({} micro-USD in {} transfer{}) is still unsettled: {}",
                                 unsettled.job_id, amount, transfers, transfers == 1 ? "" : "s",
                                 actors::describe(failure));
-                  // The scheduler tries it again, holding what its user pays until the ledger
-                  // takes it: jobs admitted meanwhile cannot spend that money.
-                  caf::anon_send(runtime_.scheduler, actors::settle_atom::value, unsettled.job_id, unsettled.bill);
+                  // Not taken now (the ledger busy, its store failing, no answer in time): the
+                  // scheduler tries it again, holding what its user pays until the ledger takes
+                  // it, so that jobs admitted meanwhile cannot spend that money. A refusal is final.
+                  const auto refused = actors::domain_error_of(failure);
+                  if (!refused || refused->code == domain::errc::busy) {
+                    caf::anon_send(runtime_.scheduler, actors::settle_atom::value, unsettled.job_id, unsettled.bill);
+                  }
                   done(false);
                 });
     });
