@@ -1002,6 +1002,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->info("job={} done finish_reason={} tokens_counted={} tokens_reported={} ttft_ms={} total_ms={}",
                job_id, printable(done.finish_reason, 40), done.completion_tokens_counted,
                done.completion_tokens_reported, done.ttft_us / 1000, done.total_us / 1000);
+    busy_in_a_row_ = 0;  // it answers: busy again later is busy, not broken
     send(done);
     check_drained();  // after the done is queued: the drain's end waits for it to go out
   }
@@ -1019,9 +1020,12 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     // Busy now (Ollama's full queue, llama.cpp loading its model, a rate limit in front of the
     // backend) before the answer began: not a broken answer. The job goes to another provider
     // declined, spending none of its attempts and none of this provider's standing, and this one
-    // gets no new job until its next heartbeat; its health shows the failure meanwhile.
+    // gets no new job until its next heartbeat; its health shows the failure meanwhile. A backend
+    // busy busy_declines_in_a_row_max times with no answer between is taken as broken (a proxy
+    // answering 503 for a crashed server): its failures count as the provider's again.
     const bool busy = error.kind == gateway::upstream_error_kind::http_status &&
-                      (error.http_status == 429 || error.http_status == 503) && found->second.tokens == 0;
+                      (error.http_status == 429 || error.http_status == 503) && found->second.tokens == 0 &&
+                      busy_in_a_row_++ < options_.busy_declines_in_a_row_max;
     fail_job(job_id,
              std::string(busy ? "backend busy, " : "backend ") + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
@@ -1159,6 +1163,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   bool welcomed_ = false;  ///< the current link got its welcome (heartbeats are read from then on)
   std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
+  std::uint32_t busy_in_a_row_ = 0;  ///< offers declined for a busy backend since its last answer
   /// Tokens each probe request asks for now: probe_tokens, more once level 1 ran too short to
   /// measure (see on_probe_request_end); 0 until then.
   std::uint32_t probe_tokens_scaled_ = 0;

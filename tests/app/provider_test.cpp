@@ -1160,6 +1160,23 @@ TEST(provider_agent, a_busy_backend_declines_the_offer_without_a_fault_and_shows
   }
 }
 
+TEST(provider_agent, a_backend_busy_offer_after_offer_is_taken_as_broken_after_busy_declines_in_a_row_max) {
+  // A proxy answering 503 for a crashed server would otherwise decline an offer every heartbeat
+  // for good, never counted against the provider.
+  agent_failing_one_offer run({"--models", "m1", "--fail-status", "503"}, 50);
+  ASSERT_TRUE(run.ready);
+  ASSERT_FALSE(run.failed.upstream_fault) << "the first is declined";
+  auto& coordinator = run.coordinator;
+  for (std::uint32_t i = 2; i <= provider_options{}.busy_declines_in_a_row_max + 1; ++i) {
+    coordinator.send(link::offer{.job_id = "job-" + std::to_string(8 + i), .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+    ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == i; }));
+  }
+  const auto errors = coordinator.all<link::job_error>();
+  for (std::size_t i = 0; i + 1 < errors.size(); ++i) EXPECT_FALSE(errors[i].upstream_fault) << errors[i].job_id;
+  EXPECT_TRUE(errors.back().upstream_fault) << "past busy_declines_in_a_row_max: " << errors.back().message;
+}
+
 TEST(provider_agent, a_failing_backend_is_reported_as_an_upstream_fault_and_in_its_health_for_a_while) {
   upstream_process upstream({"--models", "m1", "--fail-status", "500"});
   ASSERT_TRUE(upstream.ready());
