@@ -19,13 +19,17 @@ const cancel_ms_max = 100;
 /// billed correctly.
 const aborts = 3;
 
+/// How long the measurement waits for a cancel before it gives up: longer than cancel_ms_max, so
+/// that a slow cancel is reported with its figure.
+const cancel_wait_ms = 2_000;
+
 /// Polls the upstream every 2 ms until it counts cancellation number `cancelled_before + 1`, and
 /// returns the ms from `aborted_at` (performance.now()) to the first answer that showed it.
 async function time_cancel(upstream, aborted_at, cancelled_before) {
-  const seen_at = await wait_for(`the upstream to count the cancelled request (at most ${cancel_ms_max} ms)`, async () => {
+  const seen_at = await wait_for('the upstream to count the cancelled request', async () => {
     const stats = await upstream.stats();
     return stats.cancelled === cancelled_before + 1 ? performance.now() : null;
-  }, { interval_ms: 2, timeout_ms: cancel_ms_max });
+  }, { interval_ms: 2, timeout_ms: cancel_wait_ms });
   const cancel_ms = seen_at - aborted_at;
   console.log(`upstream request cancelled ${cancel_ms.toFixed(1)} ms after the client's abort`);
   return cancel_ms;
