@@ -510,9 +510,9 @@ class metrics_seen {
 };
 
 void finish_a_free_job_on_p1(relay_world& world, const std::shared_ptr<recorded_reply>& reply,
-                             std::uint32_t prompt_tokens_reported = 0) {
+                             std::uint32_t prompt_tokens_reported = 0, bool stream = false) {
   world.relay.provider_online({"p1", {}});
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false));
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false, stream));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = prompt_tokens_reported});
   ASSERT_TRUE(world.log->wait_for("started j1", 10s));
@@ -696,11 +696,8 @@ TEST(relay, an_empty_free_stream_whose_settlement_is_refused_gets_an_http_error_
   // Its head goes out with its end: the ad, recorded before the settlement, is no piece.
   held_ads ads;
   relay_world world(&ads);
-  world.relay.provider_online({"p1", {}});
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, /*premium=*/false, /*stream=*/true));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .prompt_tokens_reported = refused_prompt_tokens});
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply, refused_prompt_tokens, /*stream=*/true));
   ASSERT_TRUE(ads.finish_served(imp_1_charge));
   const auto sent = reply->sent(10s);
   ASSERT_EQ(sent.size(), 1u) << reply->written();
@@ -711,11 +708,8 @@ TEST(relay, an_empty_free_stream_whose_settlement_is_refused_gets_an_http_error_
 TEST(relay, an_empty_free_stream_gets_its_ad_with_its_end) {
   held_ads ads;
   relay_world world(&ads);
-  world.relay.provider_online({"p1", {}});
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, /*premium=*/false, /*stream=*/true));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop"});
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply, 0, /*stream=*/true));
   ASSERT_TRUE(ads.finish_served(imp_1_charge));
   const auto body = reply->streamed(10s);
   EXPECT_EQ(occurrences(body, "Sponsored: "), 1u) << body;
