@@ -636,7 +636,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
           lost.emplace_back(id, live->tokens);
           live->provider_id.clear();  // reported once; current again at its next offer
         }
-        if (offline && live->state == phase::finishing && live->provider_id == provider_id && !live->result_sent) {
+        // A finished job whose result is not on its way yet, also one whose client left meanwhile.
+        const bool finished = live->state == phase::finishing || live->counted_by_result;
+        if (offline && finished && live->provider_id == provider_id && !live->result_sent) {
           offline_after_[provider_id].jobs.insert(id);
           defer_offline = true;
         }
@@ -874,10 +876,14 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                   self->count_after_client_left(*live, domain::job_status::failed);
                 });
     });
+    bool client_left = false;
     {
       std::lock_guard lock(live->mutex);
       live->result_sent = true;  // after the task above: an offline notice sent now follows it
+      client_left = live->state == phase::ended;
     }
+    // Its client left while the result was prepared (client_gone kept it for jobs_lost to find).
+    if (client_left) forget(job_id);
     send_deferred_offline(provider_id, job_id);
   }
 
@@ -1021,6 +1027,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::optional<std::string> unshown_ad;
     std::optional<live_job::finished> unreported;  // a finished answer that waited for its ad's pick
     bool result_coming = false;
+    bool kept = false;  // in the table until its result is on its way (report_result forgets it)
     {
       std::lock_guard lock(live->mutex);
       if (live->state == phase::ended) return;
@@ -1029,6 +1036,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // recorded, or the result itself), or waits for the ad's pick: it goes now, without one
       // (the pick, when it comes, finds no job and gives the ad back).
       result_coming = live->state == phase::finishing;
+      // While its ad's impression is recorded, a link lost meanwhile must still find it, so that
+      // the provider's offline notice waits for its result (jobs_lost).
+      kept = result_coming && !live->result_sent && !live->waiting_for_ad;
       if (live->waiting_for_ad) {
         unreported = std::move(live->waiting_for_ad);
         live->waiting_for_ad.reset();
@@ -1040,10 +1050,11 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       tokens_sent = tokens_streamed(*live);
       if (live->ad && !result_coming) unshown_ad = live->ad->impression_id;
     }
-    forget(id);
+    // Reported before it is forgotten: a link lost meanwhile holds the offline notice for it.
+    if (unreported) report_result(live, std::move(unreported->result), std::move(unreported->finish_reason), false);
+    if (!kept) forget(id);
     if (unshown_ad) ads_->release(*unshown_ad, "the client went away");
     if (!result_coming) count_end(tokens_sent, domain::job_status::cancelled);
-    if (unreported) report_result(live, std::move(unreported->result), std::move(unreported->finish_reason), false);
     if (!result_coming) cancel(id, tokens, 0);
   }
 

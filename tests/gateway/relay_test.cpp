@@ -644,6 +644,25 @@ TEST(relay, a_link_lost_while_a_finished_answer_waits_for_its_ad_reports_the_res
   EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), result);
 }
 
+TEST(relay, a_link_lost_after_the_client_left_a_finished_answer_still_reports_the_result_before_going_offline) {
+  // Else the scheduler would hand the finished job to another provider, and its own would not
+  // be paid for the answer it gave.
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  reply->close();  // while the answer's ad is being recorded
+  world.relay.link_lost("p1");
+  ASSERT_TRUE(world.log->wait_for("link lost p1", 10s)) << testing::PrintToString(world.log->events());
+  ASSERT_TRUE(ads.finish_served());
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  const auto events = world.log->events();
+  const auto result = std::find(events.begin(), events.end(), "result j1");
+  ASSERT_NE(result, events.end()) << "no result";
+  EXPECT_LT(result, std::find(events.begin(), events.end(), "offline p1")) << testing::PrintToString(events);
+  EXPECT_EQ(world.relay.drain(0ms, 10s), 0u) << "forgotten once its result went";
+}
+
 TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_auction_does) {
   held_ads ads;
   relay_options options;
