@@ -941,7 +941,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     if (found == jobs_.end()) return;
     auto& running = found->second;
     bool first = !running.first_token;
-    if (first) running.first_token = steady::now();
+    if (first) {
+      running.first_token = steady::now();
+      busy_in_a_row_ = 0;  // the backend answers: busy again later is busy, not broken
+    }
     ++running.tokens;  // one token per chunk: the OpenAI streaming convention
     running.bytes += text.size();
     ++tokens_since_heartbeat_;
@@ -1002,7 +1005,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     log_->info("job={} done finish_reason={} tokens_counted={} tokens_reported={} ttft_ms={} total_ms={}",
                job_id, printable(done.finish_reason, 40), done.completion_tokens_counted,
                done.completion_tokens_reported, done.ttft_us / 1000, done.total_us / 1000);
-    busy_in_a_row_ = 0;  // it answers: busy again later is busy, not broken
+    busy_in_a_row_ = 0;  // it answered (an empty answer has no first token)
     send(done);
     check_drained();  // after the done is queued: the drain's end waits for it to go out
   }
@@ -1076,6 +1079,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
                          .message = utf8_repaired("the provider's backend does not answer: " + why),
                          .upstream_fault = false, .attempt = attempt, .request_rejected = false});
     phase_ = phase::listing;  // no offer is taken meanwhile, and no heartbeat sent
+    busy_in_a_row_ = 0;       // a backend started again is judged afresh
     heartbeat_timer_.cancel();
     cancel_all_jobs("the backend does not answer");
     when_sent(timer_, steady::now() + link_drain_wait_max, [this] {
@@ -1163,7 +1167,7 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
   bool welcomed_ = false;  ///< the current link got its welcome (heartbeats are read from then on)
   std::function<void()> on_drained_;  ///< the drain's callback, until called
   std::vector<probe_level> measured_;
-  std::uint32_t busy_in_a_row_ = 0;  ///< offers declined for a busy backend since its last answer
+  std::uint32_t busy_in_a_row_ = 0;  ///< offers declined for a busy backend since it last answered
   /// Tokens each probe request asks for now: probe_tokens, more once level 1 ran too short to
   /// measure (see on_probe_request_end); 0 until then.
   std::uint32_t probe_tokens_scaled_ = 0;

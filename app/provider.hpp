@@ -47,8 +47,8 @@ struct provider_options {
   /// 2, 4 … streams (next_probe_step). Default: on.
   bool probe = true;
   /// Offers declined in a row for a backend busy before its answer began (HTTP 429 or 503), with
-  /// no answer between; past them its failures count as the provider's, as a broken backend's
-  /// do. Default: 3.
+  /// no token from it between (nor a restart of it); past them its failures count as the
+  /// provider's, as a broken backend's do. Default: 3.
   std::uint32_t busy_declines_in_a_row_max = 3;
   /// Tokens asked of each probe request (max_tokens). Default: 16.
   std::uint32_t probe_tokens = 16;
