@@ -1160,6 +1160,37 @@ TEST(provider_agent, a_busy_backend_declines_the_offer_without_a_fault_and_shows
   }
 }
 
+TEST(provider_agent, a_busy_backends_run_of_declines_ends_with_a_token_it_sends) {
+  // One answer at a time: job-1 waits 1 s for its first token while three more offers are
+  // refused (429), then streams for about 2 s, while a fourth is refused: busy, not broken.
+  upstream_process upstream({"--models", "m1", "--max-concurrent", "1", "--first-token-ms", "1000", "--tokens", "50",
+                             "--token-interval-us", "40000"});
+  ASSERT_TRUE(upstream.ready());
+  fake_coordinator coordinator;
+  auto options = agent_options(coordinator, upstream);
+  options.probe = false;
+  options.max_concurrency = 8;
+  agent_runner agent(options);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::hello>() == 1; }));
+  coordinator.send(link::welcome{.provider_id = "prov-1", .heartbeat_interval_ms = 1000});
+  const auto offer = [&](int n) {
+    coordinator.send(link::offer{.job_id = "job-" + std::to_string(n), .kind = link::job_kind::chat,
+                                 .request_json = chat_request("m1"), .attempt = 1});
+  };
+  offer(1);
+  ASSERT_TRUE(upstream.wait_stat("active", 1));
+  for (int n = 2; n <= 4; ++n) offer(n);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 3; }));
+  ASSERT_EQ(coordinator.count<link::delta>(), 0u) << "the three were refused before job-1's first token";
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::delta>() >= 1; }));
+  offer(5);
+  ASSERT_TRUE(coordinator.wait_until([&] { return coordinator.count_locked<link::job_error>() == 4; }));
+  ASSERT_EQ(coordinator.count<link::done>(), 0u) << "job-1 still streamed when job-5 was refused";
+  for (const auto& error : coordinator.all<link::job_error>()) {
+    EXPECT_FALSE(error.upstream_fault) << error.job_id << ": " << error.message;
+  }
+}
+
 TEST(provider_agent, a_backend_busy_offer_after_offer_is_taken_as_broken_after_busy_declines_in_a_row_max) {
   // A proxy answering 503 for a crashed server would otherwise decline an offer every heartbeat
   // for good, never counted against the provider.
