@@ -439,11 +439,12 @@ void keep_unsettled(self_pointer self, const std::string& job_id, domain::record
 void adopt_bill(self_pointer self, const std::string& job_id, const events::ledger_bill& bill) {
   auto& st = self->state;
   if (bill.transfers.empty() || st.unsettled.contains(job_id) || st.jobs.contains(job_id)) return;
+  const std::string user_prefix = domain::user_account("");
   std::string user_id;
   std::int64_t hold = 0;
   for (const auto& t : bill.transfers) {
-    if (!t.debit_account.starts_with(domain::user_account(""))) continue;
-    user_id = t.debit_account.substr(domain::user_account("").size());
+    if (!t.debit_account.starts_with(user_prefix)) continue;
+    user_id = t.debit_account.substr(user_prefix.size());
     hold += t.amount_micros;
   }
   if (hold > 0) st.holds_micros[user_id] += hold;

@@ -570,7 +570,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       // voided should its recording have been written after all (its answer lost), released if not.
       if (!shown) self->ads_->unserved(impression, "its impression could not be recorded");
       // Recorded, but its client left meanwhile: nobody will see it, so nobody pays for it.
-      if (shown && !self->show_ad(result.job_id)) {
+      if (shown && !self->show_ad(*live)) {
         shown = false;
         charge.reset();
         self->ads_->unserved(impression, "the client left before the answer completed");
@@ -813,20 +813,18 @@ class relay::impl : public std::enable_shared_from_this<impl> {
             });
   }
 
-  /// As the ad's impression of answer `id` is recorded: a stream's ad chunk goes out now, ahead
+  /// As the ad's impression of answer `live` is recorded: a stream's ad chunk goes out now, ahead
   /// of the settlement that charges it (its client may leave meanwhile, having seen it); a whole
   /// answer carries it in its body, and so does a stream with no piece yet, whose head goes out
   /// with its end (finish_ok), so that a refused settlement is still an HTTP error. False when
-  /// the client left: nobody sees the ad.
-  bool show_ad(const std::string& id) {
-    const auto live = find(id);
-    if (!live) return false;
-    std::lock_guard lock(live->mutex);
-    if (live->state == phase::ended) return false;
-    if (live->job.request.stream && live->ad && live->stream_started) {
-      const bool first = !std::exchange(live->piece_sent, true);
-      live->job.reply->write(sse_event(ad_chunk_json(live->meta, *live->ad, first)));
-      live->ad_written = true;
+  /// the client left (or the answer ended otherwise): nobody sees the ad.
+  static bool show_ad(live_job& live) {
+    std::lock_guard lock(live.mutex);
+    if (live.state == phase::ended) return false;
+    if (live.job.request.stream && live.ad && live.stream_started) {
+      const bool first = !std::exchange(live.piece_sent, true);
+      live.job.reply->write(sse_event(ad_chunk_json(live.meta, *live.ad, first)));
+      live.ad_written = true;
     }
     return true;
   }
