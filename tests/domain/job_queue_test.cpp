@@ -250,17 +250,28 @@ TEST(job_queue, a_job_avoids_the_provider_it_failed_on_unless_it_is_the_only_one
   EXPECT_EQ(assigned[0].provider_id, "a");
 }
 
-TEST(job_queue, an_answer_that_broke_off_waits_for_another_provider_and_holds_up_no_other_job) {
+/// Providers a and b of model m, one slot each, b busy; and job "broken", whose answer broke off
+/// on a (avoided strictly).
+struct broken_off_on_a {
+  broken_off_on_a() {
+    add_provider(index, "a", "m", 1);
+    add_provider(index, "b", "m", 1);
+    b_started = index.job_started("b");
+    broken.avoided_provider_id = "a";
+    broken.avoided_strictly = true;
+  }
   selection_index index;
-  add_provider(index, "a", "m", 1);
-  add_provider(index, "b", "m", 1);
-  ASSERT_TRUE(index.job_started("b"));
+  bool b_started = false;
+  queued_job broken = job("broken");
+};
+
+TEST(job_queue, an_answer_that_broke_off_waits_for_another_provider_and_holds_up_no_other_job) {
+  broken_off_on_a world;
+  ASSERT_TRUE(world.b_started);
+  auto& index = world.index;
   job_queue queue;
   // Same model and caps as `fresh`, queued first: without its own group it would stop the pass.
-  auto broken = job("broken");
-  broken.avoided_provider_id = "a";
-  broken.avoided_strictly = true;
-  ASSERT_TRUE(queue.push(broken, index, t0));
+  ASSERT_TRUE(queue.push(world.broken, index, t0));
   ASSERT_TRUE(queue.push(job("fresh", "m", 0, t0 + 1), index, t0 + 1));
   auto assigned = queue.pop_assignable(index, {}, t0 + 1);
   ASSERT_EQ(ids(assigned), std::vector<std::string>{"fresh"}) << "broken waits for b, fresh takes a";
@@ -272,15 +283,11 @@ TEST(job_queue, an_answer_that_broke_off_waits_for_another_provider_and_holds_up
 }
 
 TEST(job_queue, an_answer_that_broke_off_is_unservable_once_no_provider_may_take_work) {
-  selection_index index;
-  add_provider(index, "a", "m", 1);
-  add_provider(index, "b", "m", 1);
-  ASSERT_TRUE(index.job_started("b"));
+  broken_off_on_a world;
+  ASSERT_TRUE(world.b_started);
+  auto& index = world.index;
   job_queue queue;
-  auto broken = job("broken");
-  broken.avoided_provider_id = "a";
-  broken.avoided_strictly = true;
-  ASSERT_TRUE(queue.push(broken, index, t0));
+  ASSERT_TRUE(queue.push(world.broken, index, t0));
   ASSERT_TRUE(queue.push(job("fresh"), index, t0));
   ASSERT_TRUE(index.job_started("a"));  // both busy: both wait
   ASSERT_TRUE(index.report_load("b", {.load_percent = 100, .health_percent = 100, .draining = true}));

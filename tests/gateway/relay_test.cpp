@@ -924,15 +924,27 @@ TEST(relay, what_the_provider_sends_after_a_drain_cut_its_answer_is_neither_rela
   EXPECT_EQ(std::find(events.begin(), events.end(), "result j1"), events.end()) << testing::PrintToString(events);
 }
 
-TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_with_the_most_it_bills) {
+/// Options whose cancel_retries_max makes the scheduler's first refusal of a cancel the last try.
+relay_options one_cancel_try() {
   relay_options options;
-  options.cancel_retries_max = 1;  // the scheduler's first refusal is the last try
-  relay_world world(nullptr, options);
-  auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+  options.cancel_retries_max = 1;
+  return options;
+}
+
+/// Premium job j1 (streamed or not) gets `pieces` from p1, then a drain cuts it short, whose
+/// cancel the test's scheduler refuses once (with one_cancel_try, for good).
+void drain_j1_after(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool stream,
+                    const std::vector<std::string>& pieces) {
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, stream));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
-  world.relay.delta("p1", link::delta{"j1", "Hello"});
+  for (const auto& piece : pieces) world.relay.delta("p1", link::delta{"j1", piece});
   EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+}
+
+TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_with_the_most_it_bills) {
+  relay_world world(nullptr, one_cancel_try());
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(drain_j1_after(world, reply, /*stream=*/true, {"Hello"}));
   const auto body = reply->streamed(10s);
   EXPECT_NE(body.find("\"finish_reason\":\"error\""), std::string::npos) << body;
   EXPECT_NE(body.find("cut short after 1 tokens"), std::string::npos) << body;
@@ -945,15 +957,9 @@ TEST(relay, a_cancel_refused_cancel_retries_max_times_still_ends_the_answer_with
 }
 
 TEST(relay, a_whole_answer_a_drain_could_not_cancel_bills_at_most_none_of_its_tokens) {
-  relay_options options;
-  options.cancel_retries_max = 1;  // the scheduler's first refusal is the last try
-  relay_world world(nullptr, options);
+  relay_world world(nullptr, one_cancel_try());
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer()));
-  world.relay.delta("p1", link::delta{"j1", "Hello"});
-  world.relay.delta("p1", link::delta{"j1", " there"});
-  EXPECT_EQ(world.relay.drain(50ms, 10s), 1u);
+  ASSERT_NO_FATAL_FAILURE(drain_j1_after(world, reply, /*stream=*/false, {"Hello", " there"}));
   const auto sent = reply->sent(10s);
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_NE(sent.front().body.find("cut short after 0 tokens"), std::string::npos) << sent.front().body;
