@@ -1026,9 +1026,10 @@ class provider_agent::impl : public std::enable_shared_from_this<impl> {
     // gets no new job until its next heartbeat; its health shows the failure meanwhile. A backend
     // busy busy_declines_in_a_row_max times with no answer between is taken as broken (a proxy
     // answering 503 for a crashed server): its failures count as the provider's again.
-    const bool busy = error.kind == gateway::upstream_error_kind::http_status &&
-                      (error.http_status == 429 || error.http_status == 503) && found->second.tokens == 0 &&
-                      busy_in_a_row_++ < options_.busy_declines_in_a_row_max;
+    const bool busy_now = error.kind == gateway::upstream_error_kind::http_status &&
+                          (error.http_status == 429 || error.http_status == 503) && found->second.tokens == 0;
+    if (busy_now) ++busy_in_a_row_;
+    const bool busy = busy_now && busy_in_a_row_ <= options_.busy_declines_in_a_row_max;
     fail_job(job_id,
              std::string(busy ? "backend busy, " : "backend ") + std::string(gateway::to_string(error.kind)) +
                  (error.http_status != 0 ? " " + std::to_string(error.http_status) : std::string()) +
