@@ -190,6 +190,16 @@ TEST(resolve_provider_options, completes_and_checks_the_flags) {
   ASSERT_FALSE(no_token);
   EXPECT_NE(no_token.error().find("GPUSTREAM_PROVIDER_TOKEN"), std::string::npos);
   broken = options;
+  broken.probe_tokens = 0;
+  EXPECT_FALSE(resolve_provider_options(broken));
+  broken = options;
+  broken.probe_tokens_max = broken.probe_tokens - 1;  // a level 1 run again could only ask for fewer
+  const auto fewer = resolve_provider_options(broken);
+  ASSERT_FALSE(fewer);
+  EXPECT_NE(fewer.error().find("probe_tokens_max"), std::string::npos) << fewer.error();
+  broken.probe_tokens_max = broken.probe_tokens;
+  EXPECT_TRUE(resolve_provider_options(broken)) << "no rerun, but a probe";
+  broken = options;
   broken.max_concurrency = 0;
   EXPECT_FALSE(resolve_provider_options(broken));
   auto most = options;
