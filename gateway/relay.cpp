@@ -849,8 +849,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       actor->request(self->scheduler_, caf::infinite, std::move(result))
           .then([self, live, job_id, finish_reason](const actors::job_ended& ended) {
                   log_if_unsettled(ended);
-                  self->finish_ok(job_id, ended, finish_reason);
-                  self->count_after_client_left(*live, ended.status);
+                  if (!self->finish_ok(job_id, ended, finish_reason)) self->count_after_client_left(*live, ended.status);
                 },
                 [self, live, job_id, charged](caf::error& failure) {
                   // Its end may be recorded, and settled at the next start: what is billed is not known.
@@ -885,13 +884,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     send_deferred_offline(provider_id, job_id);
   }
 
-  void finish_ok(const std::string& id, const actors::job_ended& ended, const std::string& finish_reason) {
+  /// Ends job `id`'s answer with its settled result; false when it had ended already (its client
+  /// left, or an error ended it).
+  bool finish_ok(const std::string& id, const actors::job_ended& ended, const std::string& finish_reason) {
     auto live = find(id);
-    if (!live) return;
+    if (!live) return false;
     std::uint32_t tokens_sent = 0;
     {
       std::lock_guard lock(live->mutex);
-      if (live->state == phase::ended) return;
+      if (live->state == phase::ended) return false;
       live->state = phase::ended;
       // The tokens as billed: the backend's count of the prompt when below the node's estimate, and
       // the answer's pieces up to the job's budget (a backend may run past it; the rest is free).
@@ -925,6 +926,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     }
     count_end(tokens_sent, ended.status);
     forget(id);
+    return true;
   }
 
   /// The metrics of a job that ended: the completion tokens its client got, and how it ended.
