@@ -316,9 +316,11 @@ class directory::impl {
     return j->second.entry;
   }
 
-  bool has_campaign(std::string_view campaign_id) const {
+  std::optional<campaign_entry> campaign(std::string_view campaign_id) const {
     std::shared_lock lock(mutex_);
-    return campaigns_.contains(campaign_id);
+    const auto found = campaigns_.find(campaign_id);
+    if (found == campaigns_.end()) return std::nullopt;
+    return found->second.entry;
   }
 
   std::vector<provider_entry> providers(std::size_t max, std::string_view after) const {
@@ -586,7 +588,7 @@ class directory::impl {
     if (!advance(record.version, version)) return;
     if (created != nullptr) {
       record.entry = {created->campaign_id, created->advertiser, created->title,
-                      created->created_at_us};
+                      created->created_at_us, created->url};
     } else if (const auto* shown = std::get_if<events::impression_recorded>(&e)) {
       const auto job = jobs_.find(shown->job_id);
       if (job == jobs_.end() || job->second.finished != 0) return;
@@ -939,8 +941,8 @@ std::optional<provider_entry> directory::provider(std::string_view provider_id) 
   return impl_->provider(provider_id);
 }
 std::optional<job_entry> directory::job(std::string_view job_id) const { return impl_->job(job_id); }
-bool directory::has_campaign(std::string_view campaign_id) const {
-  return impl_->has_campaign(campaign_id);
+std::optional<campaign_entry> directory::campaign(std::string_view campaign_id) const {
+  return impl_->campaign(campaign_id);
 }
 std::vector<provider_entry> directory::providers(std::size_t max, std::string_view after) const {
   return impl_->providers(max, after);

@@ -151,6 +151,7 @@ struct campaign_entry {
   std::string advertiser;
   std::string title;
   std::int64_t created_at_us = 0;
+  std::string url;  ///< the advertiser's page, where a click on its ad leads
 
   bool operator==(const campaign_entry&) const = default;
 };
@@ -241,7 +242,7 @@ class directory {
   [[nodiscard]] std::optional<user_entry> user(std::string_view user_id) const;
   [[nodiscard]] std::optional<provider_entry> provider(std::string_view provider_id) const;
   [[nodiscard]] std::optional<job_entry> job(std::string_view job_id) const;
-  [[nodiscard]] bool has_campaign(std::string_view campaign_id) const;
+  [[nodiscard]] std::optional<campaign_entry> campaign(std::string_view campaign_id) const;
 
   /// Providers by id, those after `after` ("": from the first), at most `max`.
   [[nodiscard]] std::vector<provider_entry> providers(std::size_t max, std::string_view after = {}) const;

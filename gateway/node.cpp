@@ -643,14 +643,17 @@ class node::impl {
     // (a store read, kept until idle): made-up ids are answered here. The directory follows the
     // log within milliseconds of a campaign's creation, long before an ad of it can be clicked;
     // while it cannot read on, the ad server decides.
-    const std::string_view campaign_id = actors::campaign_of_impression(impression_id);
-    if (!directory_->has_campaign(campaign_id) && !directory_->read_problem()) {
+    const auto campaign = directory_->campaign(actors::campaign_of_impression(impression_id));
+    if (!campaign && !directory_->read_problem()) {
       reply->send(api_error_response(make_api_error(
           404, "no ad impression '" + utf8_repaired(impression_id) + "': it names no campaign")));
       return;
     }
-    bridge_.run([this, impression_id, reply](caf::event_based_actor* actor) {
-      actor->request(runtime_.ad_server, caf::infinite, actors::click_atom::value, impression_id)
+    // Where the person goes when the ad server cannot say in time (or cannot record the click):
+    // the campaign's page, the click uncounted; a click moves no money.
+    std::string fallback_url = campaign ? campaign->url : std::string();
+    bridge_.run([this, impression_id, reply, fallback_url = std::move(fallback_url)](caf::event_based_actor* actor) {
+      actor->request(runtime_.ad_server, options_.click_answer_wait_max, actors::click_atom::value, impression_id)
           .then([reply, impression_id](const actors::click_redirect& redirect) {
                   if (!redirect.unrecorded.empty()) {  // the person still reaches the advertiser
                     spdlog::warn("ads: click on impression={} not recorded: {}", utf8_repaired(impression_id),
@@ -658,22 +661,26 @@ class node::impl {
                   }
                   reply->send({302, "text/plain", "", {{"Location", redirect.url}}});
                 },
-                [reply, impression_id](caf::error& failure) {
+                [reply, impression_id, fallback_url](caf::error& failure) {
                   const auto refusal = actors::domain_error_of(failure);
-                  if (!refusal) {  // the store or an actor failed: the server's fault, and its words stay here
-                    spdlog::error("ads: click on impression={} not recorded: {}", utf8_repaired(impression_id),
-                                  actors::describe(failure));
-                    reply->send(api_error_response(make_api_error(503, "the click could not be recorded; retry later")));
-                    return;
+                  if (refusal && refusal->code != domain::errc::busy) {
+                    const unsigned status = refusal->code == domain::errc::not_found ? 404 : 400;
+                    return reply->send(api_error_response(make_api_error(
+                        status, "no ad impression '" + utf8_repaired(impression_id) + "': " + refusal->message)));
                   }
-                  if (refusal->code == domain::errc::busy) {
-                    auto busy = api_error_response(make_api_error(503, "the click could not be recorded now; retry shortly"));
-                    busy.headers.emplace_back("Retry-After", "1");
-                    return reply->send(std::move(busy));
+                  // The ad server is busy, failed, or did not answer within click_answer_wait_max.
+                  if (!fallback_url.empty()) {
+                    spdlog::warn("ads: click on impression={} redirected without the ad server's answer; it may "
+                                 "go uncounted: {}",
+                                 utf8_repaired(impression_id), actors::describe(failure));
+                    return reply->send({302, "text/plain", "", {{"Location", fallback_url}}});
                   }
-                  const unsigned status = refusal->code == domain::errc::not_found ? 404 : 400;
-                  reply->send(api_error_response(make_api_error(
-                      status, "no ad impression '" + utf8_repaired(impression_id) + "': " + refusal->message)));
+                  // Its words stay here: the store's may name files.
+                  spdlog::error("ads: click on impression={} not recorded: {}", utf8_repaired(impression_id),
+                                actors::describe(failure));
+                  auto busy = api_error_response(make_api_error(503, "the click could not be recorded now; retry shortly"));
+                  busy.headers.emplace_back("Retry-After", "1");
+                  reply->send(std::move(busy));
                 });
     });
   }

@@ -53,6 +53,10 @@ struct node_options {
   /// Longest wait for the ad server to pick a free-tier answer's ad; past it the answer goes
   /// without one (see actor_ad_source_options::pick_wait_max). Default: 1 s.
   std::chrono::milliseconds ad_pick_wait_max{1000};
+  /// Longest wait for the ad server to record a click (its campaign's append). Past it, as when
+  /// the ad server is busy or fails, the person goes to the campaign's page anyway and the click
+  /// may go uncounted (it moves no money). Default: 2 s.
+  std::chrono::milliseconds click_answer_wait_max{2000};
   /// Longest wait for each step node::start takes to close what a stop left open (a bill
   /// settled, a job failed, a provider taken offline). Default: 10 s.
   std::chrono::milliseconds left_open_wait_max{10'000};

@@ -809,7 +809,7 @@ TEST_F(admin_api_test, a_campaign_is_created_through_the_ad_server_with_its_budg
   EXPECT_EQ(accounts.at("data").as_array()[0].at("account").as_string(), "campaign-" + id);
   EXPECT_EQ(accounts.at("data").as_array()[0].at("balance_micros").as_int64(), 50'000'000);
   catch_up();
-  EXPECT_TRUE(directory_->has_campaign(id));
+  EXPECT_TRUE(directory_->campaign(id).has_value());
 }
 
 TEST_F(admin_api_test, campaign_fields_are_validated_by_name_and_by_the_campaigns_rules) {

@@ -505,7 +505,10 @@ TEST_F(directory_test, a_rebuilt_directory_equals_the_live_one_also_after_a_rest
   EXPECT_EQ(contents.users.size(), 1u);
   EXPECT_EQ(contents.jobs.size(), 3u);
   EXPECT_EQ(contents.campaigns.size(), 1u);
-  EXPECT_TRUE(live->has_campaign("c"));
+  const auto campaign = live->campaign("c");
+  ASSERT_TRUE(campaign.has_value());
+  EXPECT_EQ(campaign->url, "https://acme");  // where a click leads when the ad server cannot say
+  EXPECT_FALSE(live->campaign("d").has_value());
 
   auto rebuilt = open_directory({.jobs_max = 3});
   ASSERT_NE(rebuilt, nullptr);

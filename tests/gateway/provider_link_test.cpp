@@ -16,9 +16,8 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/scoped_actor.hpp>
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <stdlib.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -55,6 +54,8 @@ using namespace std::chrono_literals;
 
 /// Generous: the waits end on real events long before; hitting it fails the test.
 constexpr auto wait_deadline = 20s;
+/// The node's: short, so that the test of a click the ad server does not answer is quick.
+constexpr auto click_answer_wait_max = 300ms;
 const std::string admin_token = "admin-secret-for-tests";
 const std::string model = "m";
 
@@ -65,13 +66,15 @@ struct test_config : caf::actor_system_config {
 };
 
 struct http_answer {
-  unsigned status = 0;
+  unsigned status = 0;  ///< 0: no answer within the call's wait
   std::string body;
+  std::string location;
 };
 
-/// One request on its own connection, answered in full.
+/// One request on its own connection, answered in full, or status 0 when no answer came within
+/// `answer_wait_max` (0: no bound).
 http_answer call(std::uint16_t port, http::verb method, const std::string& target, const std::string& body,
-                 const std::string& bearer) {
+                 const std::string& bearer, std::chrono::milliseconds answer_wait_max = {}) {
   asio::io_context io;
   tcp::socket socket(io);
   asio::connect(socket, tcp::resolver(io).resolve("127.0.0.1", std::to_string(port)));
@@ -82,10 +85,16 @@ http_answer call(std::uint16_t port, http::verb method, const std::string& targe
   request.body() = body;
   request.prepare_payload();
   http::write(socket, request);
+  if (answer_wait_max.count() > 0) {  // Asio's blocking read would wait on past SO_RCVTIMEO
+    pollfd answer{.fd = socket.native_handle(), .events = POLLIN, .revents = 0};
+    if (::poll(&answer, 1, static_cast<int>(answer_wait_max.count())) != 1) return {};
+  }
   beast::flat_buffer buffer;
   http::response<http::string_body> response;
-  http::read(socket, buffer, response);
-  return {response.result_int(), response.body()};
+  beast::error_code failed;
+  http::read(socket, buffer, response, failed);
+  if (failed) return {};
+  return {response.result_int(), response.body(), std::string(response[http::field::location])};
 }
 
 link::hello hello_with(std::uint32_t context_length_tokens) {
@@ -227,8 +236,6 @@ class raw_link {
  public:
   raw_link(std::uint16_t port, const std::string& token) : ws_(io_) {
     asio::connect(ws_.next_layer(), tcp::resolver(io_).resolve("127.0.0.1", std::to_string(port)));
-    const timeval limit{.tv_sec = std::chrono::duration_cast<std::chrono::seconds>(wait_deadline).count(), .tv_usec = 0};
-    ::setsockopt(ws_.next_layer().native_handle(), SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
     ws_.set_option(websocket::stream_base::decorator(
         [token](websocket::request_type& request) { request.set(http::field::authorization, "Bearer " + token); }));
     ws_.handshake("127.0.0.1", "/v1/providers/link");
@@ -240,9 +247,7 @@ class raw_link {
   [[nodiscard]] bool wait_welcome() {
     for (;;) {
       beast::flat_buffer buffer;
-      beast::error_code ec;
-      ws_.read(buffer, ec);
-      if (ec) return false;
+      if (read_within_deadline(buffer)) return false;
       const auto* data = static_cast<const std::uint8_t*>(buffer.data().data());
       auto frame = link::decode({data, buffer.size()}, {});
       if (frame && std::holds_alternative<link::welcome>(*frame)) return true;
@@ -253,14 +258,33 @@ class raw_link {
   [[nodiscard]] websocket::close_reason wait_closed() {
     for (;;) {
       beast::flat_buffer buffer;
-      beast::error_code ec;
-      ws_.read(buffer, ec);
+      const auto ec = read_within_deadline(buffer);
       if (ec == websocket::error::closed) return ws_.reason();
       if (ec) return {};
     }
   }
 
  private:
+  /// One message into `buffer`, or an error (timed_out after wait_deadline). Asynchronous: a
+  /// blocking read polls on past SO_RCVTIMEO, so it would hang the test instead of failing it.
+  beast::error_code read_within_deadline(beast::flat_buffer& buffer) {
+    beast::error_code result = asio::error::timed_out;
+    bool done = false;
+    ws_.async_read(buffer, [&](beast::error_code ec, std::size_t) {
+      result = ec;
+      done = true;
+    });
+    io_.restart();
+    io_.run_for(wait_deadline);
+    if (!done) {
+      ws_.next_layer().cancel();  // the read ends as aborted; the result stays timed_out
+      io_.restart();
+      io_.run();
+      return asio::error::timed_out;
+    }
+    return result;
+  }
+
   asio::io_context io_;
   websocket::stream<tcp::socket> ws_;
 };
@@ -290,6 +314,7 @@ class provider_link_test : public ::testing::Test {
     options.link.heartbeat_interval = std::chrono::milliseconds(100);  // the link's timer checks both
     options.link.advertise_interval_min = advertise_interval_min;
     options.link.hello_interval_min = hello_interval_min;
+    options.click_answer_wait_max = click_answer_wait_max;
     auto started = node::start(system_, runtime_, store_, std::move(options));
     GPUSTREAM_ENSURE(started.has_value());
     node_ = std::move(*started);
@@ -739,6 +764,36 @@ TEST_F(provider_link_test, a_click_on_a_campaign_that_does_not_exist_wakes_no_ca
     EXPECT_NE(click.body.find("names no campaign"), std::string::npos) << click.body;
   }
   EXPECT_EQ(live_campaigns(), before);
+}
+
+TEST_F(provider_link_test, a_click_the_ad_server_cannot_record_in_time_still_leads_to_the_advertisers_page) {
+  // The click's record waits on a disk that hangs: the person goes to the campaign's page after
+  // click_answer_wait_max, uncounted, instead of waiting as long as the disk does.
+  const auto created = call(port_, http::verb::post, "/admin/campaigns",
+                            R"({"advertiser":"acme","title":"T","text":"X","url":"https://acme.example/landing",)"
+                            R"("keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":5000000})",
+                            admin_token);
+  ASSERT_EQ(created.status, 201u) << created.body;
+  const auto user = call(port_, http::verb::post, "/admin/users", R"({"tier":"free"})", admin_token);
+  ASSERT_EQ(user.status, 201u) << user.body;
+  const std::string api_key(json::parse(user.body).at("api_key").as_string());
+  agent serving(port_, make_provider(), hello_with(4096), "Rent the one with the most memory.");
+  ASSERT_TRUE(serving.wait_welcome());
+  const auto answer = call(port_, http::verb::post, "/v1/chat/completions",
+                           R"({"model":")" + model + R"(","messages":[{"role":"user","content":"which gpu to rent?"}]})",
+                           api_key);
+  ASSERT_EQ(answer.status, 200u) << answer.body;
+  const std::string url(json::parse(answer.body).at("x_gpustream").at("ad").at("url").as_string());
+  const auto path = url.find("/a/c/");
+  ASSERT_NE(path, std::string::npos) << url;
+
+  http_answer click;
+  {
+    const auto held = faults_->hold_syncs_in_scope();  // the click's append cannot be acknowledged
+    click = call(port_, http::verb::get, url.substr(path), "", "", wait_deadline);
+  }
+  EXPECT_EQ(click.status, 302u) << click.body;
+  EXPECT_EQ(click.location, "https://acme.example/landing");
 }
 
 }  // namespace
