@@ -80,7 +80,13 @@ decision on(const user_state& s, const replace_api_keys& c, std::int64_t now_us,
   if (!is_new) return unexpected{is_new.error()};
   events_list out;
   for (const auto& [key_id, key] : s.api_keys) {
-    if (!key.revoked && key_id != c.key_id) out.push_back(events::api_key_revoked{s.user_id, key_id, c.reason, now_us});
+    if (key.revoked || key_id == c.key_id) continue;
+    if (c.same_label_only && key.label != c.label) {
+      return refuse(errc::invalid_state, "user " + quoted(s.user_id) + " holds key " + quoted(key_id) + " labelled " +
+                                             quoted(key.label) + ", which this replacement of " + quoted(c.label) +
+                                             " keys must not revoke");
+    }
+    out.push_back(events::api_key_revoked{s.user_id, key_id, c.reason, now_us});
   }
   if (*is_new) out.push_back(events::api_key_issued{s.user_id, c.key_id, c.key_hash, c.label, now_us});
   return out;

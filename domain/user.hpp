@@ -116,6 +116,10 @@ struct replace_api_keys {
   events::sha256_digest key_hash{};
   std::string label;
   std::string reason;  ///< recorded with each revocation
+  /// Revokes only the active keys labelled `label`, and is refused (invalid_state) while the user
+  /// holds an active key labelled otherwise: a retried create replaces its earlier attempts' keys,
+  /// never a key issued since by a replacement. Default: false, every other key.
+  bool same_label_only = false;
 };
 
 struct change_user_tier {

@@ -309,6 +309,12 @@ checked<std::int64_t> required_integer(const json::object& body, std::string_vie
 /// Longest Idempotency-Key, bytes.
 constexpr std::size_t idempotency_key_bytes_max = 255;
 
+/// The labels of the keys the admin API issues: with the user (its create, and the create's
+/// retries), and by a replacement. A create's retry replaces only keys of the first kind. (Keys
+/// issued before the two were told apart are labelled "issued by the admin API".)
+constexpr std::string_view created_key_label = "issued with the user (POST /admin/users)";
+constexpr std::string_view replacement_key_label = "issued by POST /admin/users/<id>/key";
+
 /// The id a create gives what it creates: with an `Idempotency-Key` header, one derived from it
 /// (and `kind`), so that a retried request (after a timeout whose work went on) names the same
 /// user, provider or campaign, and its creation and money are recorded once; otherwise a new one.
@@ -633,9 +639,11 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     // A retry with the same Idempotency-Key issues another key, which replaces those its earlier
     // attempts issued: their answers were lost (or the retry would not be), so nobody should hold a
     // key of this user but the one answered now. One decision: racing retries leave one key active.
+    // A key issued since by POST /admin/users/<id>/key is not theirs: the retry is refused instead.
+    auto first_key = replacing_keys(*key, std::string(created_key_label), "replaced by a retried request's key");
+    first_key.same_label_only = true;
     std::vector<domain::user::command> commands{
-        domain::create_user{*user_id, display_name->value_or(""), tier},
-        replacing_keys(*key, "replaced by a retried request's key")};
+        domain::create_user{*user_id, display_name->value_or(""), tier}, std::move(first_key)};
     user_created created{*user_id, key->id, std::move(key->secret), tier, credit->value_or(0)};
     const bool retryable = !request.header("idempotency-key").empty();
     auto self = shared_from_this();
@@ -658,6 +666,16 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
                   return reply(error_response(409, "the Idempotency-Key names user " + created.user_id +
                                                        ", made by a request with other details (tier, display_name "
                                                        "or credit_micros); use a new key for a new request",
+                                              "Idempotency-Key"));
+                }
+                const bool replaced_since = std::any_of(state.api_keys.begin(), state.api_keys.end(), [](const auto& key) {
+                  return !key.second.revoked && key.second.label == replacement_key_label;
+                });
+                if (replaced_since) {  // the create was answered: only its answer could name the user
+                  return reply(error_response(409, "the Idempotency-Key names user " + created.user_id +
+                                                       ", whose key was replaced since with POST /admin/users/" +
+                                                       created.user_id + "/key; a retry would revoke that key. Use a "
+                                                       "new key for a new request",
                                               "Idempotency-Key"));
                 }
                 self->create_user_with(actor, std::move(commands), std::move(created), std::move(reply));
@@ -1083,7 +1101,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
     auto self = shared_from_this();
     spawn_request([self, user_id = std::move(user_id), key = std::move(*key),
                    reply = std::move(reply)](caf::event_based_actor* actor) mutable {
-      domain::user::command replace = replacing_keys(key, "replaced by POST /admin/users/<id>/key");
+      domain::user::command replace =
+          replacing_keys(key, std::string(replacement_key_label), "replaced by POST /admin/users/<id>/key");
       actor->request(self->peers_.users, self->timeout(), user_id, std::move(replace))
           .then(
               [self, user_id, key, reply](actors::command_reply& done) {
@@ -1115,8 +1134,8 @@ class admin_api::impl : public std::enable_shared_from_this<impl> {
   }
 
   /// The command that issues `key` (only its digest is recorded) and revokes the user's others.
-  static domain::replace_api_keys replacing_keys(const user_key& key, std::string reason) {
-    return domain::replace_api_keys{key.id, sha256(key.secret), "issued by the admin API", std::move(reason)};
+  static domain::replace_api_keys replacing_keys(const user_key& key, std::string label, std::string reason) {
+    return domain::replace_api_keys{key.id, sha256(key.secret), std::move(label), std::move(reason)};
   }
 
   /// A new link token for a provider whose token was lost (a create whose answer never arrived)

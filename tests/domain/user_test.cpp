@@ -139,6 +139,15 @@ TEST(user, replacing_keys_revokes_every_active_one_and_issues_the_new_one_in_one
   ASSERT_TRUE(again);
   ASSERT_EQ(again->size(), 1u);
   EXPECT_EQ(std::get<events::api_key_revoked>(again->front()).key_id, "k5");
+  // Limited to its own label: the others' holder is refused, and nothing is revoked.
+  auto own = run(s, replace_api_keys{"k6", digest(6), "issued with the user", "retried", true}, t0 + 5, o);
+  ASSERT_FALSE(own);
+  EXPECT_EQ(own.error().code, errc::invalid_state);
+  EXPECT_NE(own.error().message.find("\"k4\" labelled \"issued by the admin API\""), std::string::npos) << own.error().message;
+  EXPECT_EQ(active_key_id(s, digest(4)), "k4");
+  ASSERT_TRUE(run(s, replace_api_keys{"k7", digest(7), "issued by the admin API", "retried", true}, t0 + 6, o));
+  EXPECT_EQ(active_key_id(s, digest(4)), "") << "a key of its own label is revoked";
+  EXPECT_EQ(active_key_id(s, digest(7)), "k7");
   // The new key's checks are issue_api_key's.
   EXPECT_EQ(user::decide(s, replace_api_keys{"k1", digest(9), "", ""}, t0, o).error().code, errc::invalid_state);
   EXPECT_EQ(user::decide(s, replace_api_keys{"k9", digest(1), "", ""}, t0, o).error().code, errc::already_exists);

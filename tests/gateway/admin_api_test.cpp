@@ -676,6 +676,18 @@ TEST_F(admin_api_test, a_create_retried_with_its_idempotency_key_moves_its_money
     EXPECT_EQ(refused.status, 409u) << "the key names another request: " << refused.body;
     EXPECT_EQ(refused.body.find("api_key"), std::string::npos) << "no key for a refused request: " << refused.body;
   }
+  // Its key replaced since (the first key leaked), a late retry of the create is refused: it would
+  // revoke the replacement, which it never issued.
+  const auto replaced = call("POST", "/admin/users/" + std::string(user) + "/key", "{}");
+  ASSERT_EQ(replaced.status, 201u) << replaced.body;
+  const auto late = post_once("/admin/users", user_body, "order-77");
+  EXPECT_EQ(late.status, 409u) << late.body;
+  EXPECT_NE(late.body.find("replaced since with POST /admin/users/" + std::string(user) + "/key"), std::string::npos)
+      << late.body;
+  EXPECT_EQ(late.body.find("api_key"), std::string::npos) << "no key for a refused request: " << late.body;
+  catch_up();
+  EXPECT_TRUE(directory_->user_by_api_key(std::string(json::parse(replaced.body).at("api_key").as_string())))
+      << "the replacement still works";
 
   const std::string campaign_body = R"({"advertiser":"acme","title":"T","text":"t","url":"https://a.example",
       "keywords":["gpu"],"cpm_bid_micros":2000000,"budget_micros":7000000})";
