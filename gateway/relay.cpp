@@ -312,7 +312,16 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::optional<ad_pick> pick;
     auto made = offer_of(*live, provider_id, offer, pick);
     if (pick) start_ad_pick(offer.job_id, std::move(*pick));
+    if (!made && answer_over(*live)) {
+      // Its answer finished (its result on the way) or ended meanwhile: as for a job not here.
+      cancel_unknown(offer.job_id, provider_id);
+    }
     return made;
+  }
+
+  static bool answer_over(live_job& live) {
+    std::lock_guard lock(live.mutex);
+    return live.state != phase::submitting && live.state != phase::running;
   }
 
   /// What an ad's pick needs of its job.
@@ -977,6 +986,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
       live->state = phase::ended;
       tokens_sent = tokens_streamed(*live);
       if (live->ad) unshown_ad = live->ad->impression_id;
+      const bool bill_unknown = !billed;
       if (!billed) {
         billed = most_billed(*live, completion_billed_max);
         error.message += "; at most " + std::to_string(billed->prompt_tokens) + " prompt and " +
@@ -988,8 +998,9 @@ class relay::impl : public std::enable_shared_from_this<impl> {
         reply.finish();
       } else {
         http_headers headers;
-        if (error.code == "insufficient_quota") {
-          // The OpenAI SDKs retry a 429 (twice, by default) unless the server says not to.
+        if (error.code == "insufficient_quota" || bill_unknown) {
+          // The OpenAI SDKs retry a 429 or a 5xx (twice, by default) unless the server says not to;
+          // an answer that may be billed must not be billed again.
           headers.emplace_back("x-should-retry", "false");
         } else if (error.status == 429) {
           headers.emplace_back("Retry-After", "1");

@@ -155,8 +155,9 @@ class relay {
   void provider_online(online_offers offers);
   void provider_offline(const std::string& provider_id);
   /// The scheduler offered `job_id` to `provider_id`: the frame to send, or nothing when the job
-  /// is no longer live here (its client left, or its answer ended meanwhile); the scheduler is
-  /// then asked to cancel it.
+  /// is no longer live here (its client left, or its answer finished or ended meanwhile); the
+  /// scheduler is then asked to cancel it. Nothing either for an offer of an attempt older than
+  /// the job's current one.
   [[nodiscard]] std::optional<link::offer> take_offer(const std::string& provider_id,
                                                       const actors::job_offer& offer);
   /// The scheduler took `job_id` away from `provider_id` (and cancels it there): that provider's

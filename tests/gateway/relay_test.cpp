@@ -663,6 +663,19 @@ TEST(relay, a_link_lost_after_the_client_left_a_finished_answer_still_reports_th
   EXPECT_EQ(world.relay.live_jobs(), 0u) << "forgotten once its result went";
 }
 
+TEST(relay, an_offer_of_an_answer_that_already_finished_is_declined_and_the_job_cancelled) {
+  // Its provider's offline notice went out while the answer's ad was still being recorded (past
+  // offline_wait_max), and the scheduler offered the job to another provider: that one must not
+  // hold a slot, and take the fault of a first token that never comes, for an offer never sent.
+  held_ads ads;
+  relay_world world(&ads);
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
+  EXPECT_FALSE(world.relay.take_offer("p2", j1_offer(1)));
+  EXPECT_TRUE(world.log->wait_for("cancel j1 0", 10s)) << testing::PrintToString(world.log->events());
+  ASSERT_TRUE(ads.finish_served());
+}
+
 TEST(relay, an_ads_pick_reads_the_users_newest_words_first_and_no_more_than_the_auction_does) {
   held_ads ads;
   relay_options options;
@@ -1085,6 +1098,24 @@ TEST(relay, an_answer_the_store_fails_to_settle_ends_in_an_error_without_the_sto
   // What is billed is not known; the last chunk's usage is the most it can be.
   EXPECT_NE(body.find(R"("usage":{"prompt_tokens":1,"completion_tokens":1,)"), std::string::npos) << body;
   EXPECT_NE(body.find("at most 1 prompt and 1 completion tokens are billed"), std::string::npos) << body;
+}
+
+TEST(relay, a_whole_answer_the_store_fails_to_settle_tells_the_sdk_not_to_retry_since_it_may_be_billed) {
+  // The OpenAI SDKs retry a 5xx by themselves: a retry of an answer whose bill may be recorded
+  // (and settled at the next start) would be billed twice.
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
+  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop",
+                                    .prompt_tokens_reported = store_failing_prompt_tokens, .attempt = 1});
+  const auto sent = reply->sent(10s);
+  ASSERT_EQ(sent.size(), 1u);
+  EXPECT_EQ(sent[0].status, 500u) << sent[0].body;
+  EXPECT_NE(sent[0].body.find("at most 1 prompt and 1 completion tokens are billed"), std::string::npos) << sent[0].body;
+  EXPECT_NE(std::find(sent[0].headers.begin(), sent[0].headers.end(), std::pair<std::string, std::string>{"x-should-retry", "false"}),
+            sent[0].headers.end());
 }
 
 TEST(relay, the_clients_usage_counts_the_answer_as_billed_not_past_its_budget) {
