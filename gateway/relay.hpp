@@ -176,8 +176,9 @@ class relay {
 
   /// For a node about to stop: takes no more jobs (503 server_shutting_down), waits up to
   /// `wait_max` for the live ones to end, then cuts short those still answering: the scheduler
-  /// cancels each (billing what its provider produced, as for a client that left) and its client
-  /// gets an error (in-band, with the usage billed, once its stream started). Waits up to
+  /// cancels each, billing the tokens its client got (none of a whole answer, which the client
+  /// never sees; unlike a client that left, it did not choose to stop), and its client gets an
+  /// error (in-band, with the usage billed, once its stream started). Waits up to
   /// `cancel_wait_max` more for those to be recorded. Returns how many answers it cut short.
   /// Call before stop(), while the bridge and the server run.
   std::size_t drain(std::chrono::milliseconds wait_max, std::chrono::milliseconds cancel_wait_max);
