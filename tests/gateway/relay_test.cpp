@@ -1083,14 +1083,19 @@ TEST(relay, the_clients_usage_counts_the_prompt_as_the_scheduler_billed_it) {
   EXPECT_NE(body.find(R"("prompt_tokens":7,"completion_tokens":1)"), std::string::npos) << body;
 }
 
-TEST(relay, an_answer_the_store_fails_to_settle_ends_in_an_error_without_the_stores_words_with_the_most_it_bills) {
-  relay_world world;
-  auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, true));
+/// A premium job j1 answered "42" by p1, whose end the scheduler's store fails to record.
+void answer_j1_unsettled(relay_world& world, const std::shared_ptr<recorded_reply>& reply, bool stream) {
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, stream));
   ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
   world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
   world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop",
                                     .prompt_tokens_reported = store_failing_prompt_tokens, .attempt = 1});
+}
+
+TEST(relay, an_answer_the_store_fails_to_settle_ends_in_an_error_without_the_stores_words_with_the_most_it_bills) {
+  relay_world world;
+  auto reply = std::make_shared<recorded_reply>();
+  ASSERT_NO_FATAL_FAILURE(answer_j1_unsettled(world, reply, true));
   const auto body = reply->streamed(10s);
   EXPECT_NE(body.find(R"("finish_reason":"error")"), std::string::npos) << body;
   EXPECT_NE(body.find("the answer could not be settled"), std::string::npos) << body;
@@ -1105,11 +1110,7 @@ TEST(relay, a_whole_answer_the_store_fails_to_settle_tells_the_sdk_not_to_retry_
   // (and settled at the next start) would be billed twice.
   relay_world world;
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, true, false));
-  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(1)));
-  world.relay.delta("p1", link::delta{.job_id = "j1", .text = "42", .attempt = 1});
-  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop",
-                                    .prompt_tokens_reported = store_failing_prompt_tokens, .attempt = 1});
+  ASSERT_NO_FATAL_FAILURE(answer_j1_unsettled(world, reply, false));
   const auto sent = reply->sent(10s);
   ASSERT_EQ(sent.size(), 1u);
   EXPECT_EQ(sent[0].status, 500u) << sent[0].body;
