@@ -202,6 +202,7 @@ class websocket_session : public websocket_connection,
       self->on_message_ = std::move(on_message);
       self->on_closed_ = std::move(on_closed);
       self->registry_.add(self);
+      self->reading_ = true;
       self->read();
     });
   }
@@ -315,7 +316,9 @@ class websocket_session : public websocket_connection,
   void send_close() {
     close_pending_ = false;
     ws_.async_close(close_reason_, [self = shared_from_this()](beast::error_code ec) {
-      if (ec) self->closed(ec);  // otherwise the read loop sees the peer's close frame
+      // Otherwise the read loop sees the peer's close frame, if one runs: a connection closed by
+      // its owner before start() has none, and ends here.
+      if (ec || !self->reading_) self->closed(ec);
     });
   }
 
@@ -355,6 +358,7 @@ class websocket_session : public websocket_connection,
   std::deque<std::string> queue_;
   std::size_t queued_bytes_ = 0;
   bool writing_ = false;
+  bool reading_ = false;  ///< start() began the read loop
   bool closing_ = false;
   bool close_pending_ = false;
   bool reported_ = false;

@@ -947,6 +947,25 @@ TEST(http_streaming, a_websocket_peer_that_reads_nothing_is_dropped_websocket_cl
   }
 }
 
+TEST(http_streaming, a_websocket_its_owner_closes_without_starting_frees_its_slot_once_the_peer_answers_the_close) {
+  // A provider link refused after its handshake (too many links of its provider) is closed
+  // before any read loop runs: it stayed counted until its idle watch gave up (a minute).
+  auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "", {}}); },
+                      [](const http_request&) -> websocket_decision {
+                        return websocket_accept{[](std::shared_ptr<websocket_connection> c) { c->close(1008, "no room"); }};
+                      });
+  ASSERT_TRUE(server);
+  ws_client refused(server->port());
+  beast::flat_buffer buffer;
+  beast::error_code ec;
+  refused.ws.read(buffer, ec);  // answers the server's close frame
+  EXPECT_EQ(ec, websocket::error::closed) << ec.message();
+  EXPECT_EQ(refused.ws.reason().code, websocket::close_code::policy_error);
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (server->connections_open() > 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_EQ(server->connections_open(), 0u) << "the connection stayed counted";
+}
+
 TEST(http_streaming, a_websocket_handler_that_throws_closes_its_connection_with_1011_and_nothing_else) {
   auto server = start([](http_request, std::shared_ptr<http_reply> reply) { reply->send({200, "text/plain", "up", {}}); },
                       [](const http_request&) -> websocket_decision {
