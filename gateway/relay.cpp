@@ -661,16 +661,13 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     // job to another provider.
     bridge_.run_keyed(provider_id, [self, provider_id, why, offline, defer_offline, lost = std::move(lost)](
                                        caf::event_based_actor* actor) {
+      // First, the link is gone: no new job may go to it, and an answer that broke off with it
+      // does not count on it to take the answer back (it fails at once when no one else may).
+      if (offline) actor->send(self->scheduler_, actors::link_lost_atom::value, provider_id);
       for (const auto& [job_id, tokens] : lost) {
         self->report_failure(actor, job_id, provider_id, tokens, why, domain::job_fault::provider, true);
       }
-      if (!offline) return;
-      if (defer_offline) {
-        // Not offline yet, but no new job may go to a link that is gone.
-        actor->send(self->scheduler_, actors::link_lost_atom::value, provider_id);
-      } else {
-        actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
-      }
+      if (offline && !defer_offline) actor->send(self->scheduler_, actors::offline_atom::value, provider_id);
     });
     if (defer_offline) {
       const std::uint64_t generation = offline_after_[provider_id].generation = ++offline_generation_;

@@ -1209,6 +1209,30 @@ TEST_F(scheduler_test, an_answer_whose_provider_goes_offline_fails_at_once_when_
   EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
 }
 
+TEST_F(scheduler_test, an_answer_lost_with_its_providers_link_fails_at_once_when_the_only_other_provider_drains) {
+  // The relay's order: the link's loss, the failures of its jobs, then the offline notice. The
+  // failure must not count on the lost provider taking the answer back (it used to queue the
+  // job, which then waited out the drain or its deadline).
+  const std::string busy = two_providers_one_busy();
+  ASSERT_FALSE(busy.empty());
+  const std::string broken = start_j1_beside(busy);
+  ASSERT_FALSE(broken.empty());
+  self_->send(rt_.scheduler, load_atom::value, busy,
+              domain::load_report{.load_percent = 100, .health_percent = 100, .draining = true});
+  self_->send(rt_.scheduler, link_lost_atom::value, broken);
+  run();
+  auto lost = ask<job_ended>(rt_.scheduler, job_failure{.job_id = "j1",
+                                                        .provider_id = broken,
+                                                        .fault = domain::job_fault::provider,
+                                                        .tokens_so_far = 5,
+                                                        .message = "the provider's link was lost",
+                                                        .with_link = true});
+  ASSERT_TRUE(lost) << describe(lost.error());
+  EXPECT_EQ(lost.value().status, domain::job_status::failed) << lost.value().detail;
+  run();
+  EXPECT_EQ(job("j1").failure, events::failure_reason::all_providers_failed);
+}
+
 TEST_F(scheduler_test, an_answer_that_broke_off_goes_back_at_once_when_the_only_other_provider_leaves_idle) {
   bring_online("p1", "llama-8b", 1);
   bring_online("p2", "llama-8b", 2);

@@ -1396,6 +1396,13 @@ TEST(relay, a_job_lost_with_its_providers_link_is_reported_so) {
   world.relay.delta("p1", link::delta{.job_id = "j1", .text = "half ", .attempt = 1});
   world.relay.link_lost("p1");
   EXPECT_TRUE(world.log->wait_for("failure j1 p1 provider 1 with link", 10s)) << testing::PrintToString(world.log->events());
+  // The link's loss first: the scheduler, deciding where the answer goes on, must not count on
+  // p1 taking it back; then the offline notice.
+  ASSERT_TRUE(world.log->wait_for("offline p1", 10s));
+  const auto events = world.log->events();
+  const auto failure = std::find(events.begin(), events.end(), "failure j1 p1 provider 1 with link");
+  EXPECT_LT(std::find(events.begin(), events.end(), "link lost p1"), failure) << testing::PrintToString(events);
+  EXPECT_LT(failure, std::find(events.begin(), events.end(), "offline p1")) << testing::PrintToString(events);
 }
 
 TEST(relay, a_failure_is_reported_once_even_when_the_link_goes_after_it) {
