@@ -312,16 +312,20 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::optional<ad_pick> pick;
     auto made = offer_of(*live, provider_id, offer, pick);
     if (pick) start_ad_pick(offer.job_id, std::move(*pick));
-    if (!made && answer_over(*live)) {
+    if (!made && answer_over(*live, offer)) {
       // Its answer finished (its result on the way) or ended meanwhile: as for a job not here.
       cancel_unknown(offer.job_id, provider_id);
     }
     return made;
   }
 
-  static bool answer_over(live_job& live) {
+  /// Whether `offer` is of the job's current attempt (or a later one) and its answer is over. A
+  /// late offer of an earlier attempt may name the provider that finished the answer: a cancel
+  /// there would end the job whose result is on its way.
+  static bool answer_over(live_job& live, const actors::job_offer& offer) {
     std::lock_guard lock(live.mutex);
-    return live.state != phase::submitting && live.state != phase::running;
+    const bool stale = offer.attempt != 0 && offer.attempt < live.attempt;
+    return !stale && live.state != phase::submitting && live.state != phase::running;
   }
 
   /// What an ad's pick needs of its job.

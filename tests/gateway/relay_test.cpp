@@ -169,6 +169,8 @@ actors::scheduler_actor::behavior_type recording_scheduler(actors::scheduler_act
           return actors::make_error(storage::error{storage::errc::io_error, "fsync failed"});
         }
         log->add("cancel " + cancel.job_id + " " + std::to_string(cancel.tokens_produced));
+        // A cancel bound to one provider (it applies only while the job runs there) says so too.
+        if (!cancel.provider_id.empty()) log->add("cancel " + cancel.job_id + " only at " + cancel.provider_id);
         return actors::job_ended{cancel.job_id, domain::job_status::cancelled, 0, 0};
       },
       [log](actors::cancel_atom, std::string& job_id, std::string& provider_id) {
@@ -669,10 +671,20 @@ TEST(relay, an_offer_of_an_answer_that_already_finished_is_declined_and_the_job_
   // hold a slot, and take the fault of a first token that never comes, for an offer never sent.
   held_ads ads;
   relay_world world(&ads);
+  world.relay.provider_online({"p1", {}});
   auto reply = std::make_shared<recorded_reply>();
-  ASSERT_NO_FATAL_FAILURE(finish_a_free_job_on_p1(world, reply));
-  EXPECT_FALSE(world.relay.take_offer("p2", j1_offer(1)));
-  EXPECT_TRUE(world.log->wait_for("cancel j1 0", 10s)) << testing::PrintToString(world.log->events());
+  ASSERT_NO_FATAL_FAILURE(submit_j1(world, reply, false));
+  ASSERT_TRUE(world.relay.take_offer("p1", j1_offer(2)));
+  world.relay.done("p1", link::done{.job_id = "j1", .finish_reason = "stop", .attempt = 2});
+  ASSERT_TRUE(world.log->wait_for("started j1", 10s));
+  // A late offer of an earlier attempt on the provider that finished the answer (an old link's
+  // session) is declined without a cancel, which would end the job whose result is on its way.
+  EXPECT_FALSE(world.relay.take_offer("p1", j1_offer(1)));
+  EXPECT_FALSE(world.relay.take_offer("p2", j1_offer(3)));
+  // Cancels go to the scheduler in order: p1's, had there been one, came first.
+  EXPECT_TRUE(world.log->wait_for("cancel j1 only at p2", 10s)) << testing::PrintToString(world.log->events());
+  const auto events = world.log->events();
+  EXPECT_EQ(std::find(events.begin(), events.end(), "cancel j1 only at p1"), events.end()) << testing::PrintToString(events);
   ASSERT_TRUE(ads.finish_served());
 }
 
