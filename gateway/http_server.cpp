@@ -692,7 +692,10 @@ class session : public std::enable_shared_from_this<session> {
     started_ = true;
     complete_ = true;
     if (options_.on_refusal) options_.on_refusal(head, response);
-    queue(serialize(response, connection_after::close));
+    // A HEAD's answer carries no body, a refusal's included (the request line may be all that
+    // was read of it).
+    const bool to_head = head != nullptr ? head->method == "HEAD" : parser_ && parser_->get().method() == http::verb::head;
+    queue(serialize(response, connection_after::close, to_head));
     write_next();
   }
 

@@ -167,6 +167,20 @@ TEST(http_server, a_head_request_is_answered_without_the_body_and_the_next_reque
   EXPECT_TRUE(text.ends_with("\r\n\r\nok")) << text;
 }
 
+TEST(http_server, a_head_request_the_server_refuses_gets_its_refusal_without_a_body) {
+  // RFC 9110 9.3.2: no answer to a HEAD carries content, a refusal included.
+  auto server = start({});
+  ASSERT_TRUE(server);
+  client peer(server->port());
+  ASSERT_TRUE(peer.connected());
+  peer.send("HEAD /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n");
+  const auto [text, closed] = peer.read_until_closed(std::chrono::seconds(10));
+  EXPECT_TRUE(closed);
+  ASSERT_TRUE(text.starts_with("HTTP/1.1 413 ")) << text;
+  EXPECT_TRUE(text.ends_with("\r\n\r\n")) << "a body after the head: " << text;
+  EXPECT_NE(text.find("Content-Length: "), std::string::npos) << "the length the refusal's body has: " << text;
+}
+
 TEST(http_server, bytes_that_are_not_an_http_request_get_400_naming_the_fault) {
   auto server = start({});
   ASSERT_TRUE(server);
