@@ -11,6 +11,7 @@
 #include <map>
 #include <set>
 #include <tuple>
+#include <variant>
 
 #include "actors/errors.hpp"
 #include "gateway/actor_bridge.hpp"
@@ -312,21 +313,20 @@ class relay::impl : public std::enable_shared_from_this<impl> {
     std::optional<ad_pick> pick;
     auto made = offer_of(*live, provider_id, offer, pick);
     if (pick) start_ad_pick(offer.job_id, std::move(*pick));
-    if (!made && answer_over(*live, offer)) {
-      // Its answer finished (its result on the way) or ended meanwhile: as for a job not here.
-      cancel_unknown(offer.job_id, provider_id);
-    }
-    return made;
+    if (auto* frame = std::get_if<link::offer>(&made)) return std::move(*frame);
+    // Its answer finished (its result on the way) or ended meanwhile: as for a job not here.
+    if (std::get<offer_declined>(made) == offer_declined::answer_over) cancel_unknown(offer.job_id, provider_id);
+    return std::nullopt;
   }
 
-  /// Whether `offer` is of the job's current attempt (or a later one) and its answer is over. A
-  /// late offer of an earlier attempt may name the provider that finished the answer: a cancel
-  /// there would end the job whose result is on its way.
-  static bool answer_over(live_job& live, const actors::job_offer& offer) {
-    std::lock_guard lock(live.mutex);
-    const bool stale = offer.attempt != 0 && offer.attempt < live.attempt;
-    return !stale && live.state != phase::submitting && live.state != phase::running;
-  }
+  /// Why offer_of sends no frame.
+  enum class offer_declined {
+    answer_over,  ///< finished (its result on the way) or ended: the scheduler cancels the job
+    /// An offer of an earlier attempt, come late: the job is no longer that provider's, which may
+    /// be the one whose finished answer's result is on its way (no cancel, which would end it).
+    stale_attempt,
+    failed,  ///< it cannot be sent (reported as the job's failure)
+  };
 
   /// What an ad's pick needs of its job.
   struct ad_pick {
@@ -348,16 +348,15 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                [self, id](std::optional<ad_info> ad) { self->ad_picked(id, std::move(ad)); });
   }
 
-  /// take_offer's offer frame for a live job, or none; `pick` gets its ad's pick when the offer
-  /// is the first sign that the scheduler took the job.
-  std::optional<link::offer> offer_of(live_job& live, const std::string& provider_id,
-                                      const actors::job_offer& offer, std::optional<ad_pick>& pick) {
+  /// take_offer's offer frame for a live job, or why none; `pick` gets its ad's pick when the
+  /// offer is the first sign that the scheduler took the job.
+  std::variant<link::offer, offer_declined> offer_of(live_job& live, const std::string& provider_id,
+                                                     const actors::job_offer& offer, std::optional<ad_pick>& pick) {
     std::lock_guard lock(live.mutex);
-    if (live.state != phase::submitting && live.state != phase::running) return std::nullopt;
     // An offer of an earlier attempt that reached its provider's session after a later one
-    // reached another's (the sessions are not ordered against each other): the job is no longer
-    // that provider's.
-    if (offer.attempt != 0 && offer.attempt < live.attempt) return std::nullopt;
+    // reached another's (the sessions are not ordered against each other).
+    if (offer.attempt != 0 && offer.attempt < live.attempt) return offer_declined::stale_attempt;
+    if (live.state != phase::submitting && live.state != phase::running) return offer_declined::answer_over;
     pick = claim_ad_pick(live);
     // Continuing an answer begun elsewhere (its text, or only its thinking, which the next
     // provider starts over); the same attempt offered again on a provider's new link is no new
@@ -381,7 +380,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                                std::to_string(options_.offer_request_bytes_max) +
                                " a provider can be sent: it cannot be continued",
                            domain::job_fault::platform);
-      return std::nullopt;
+      return offer_declined::failed;
     }
     return link::offer{offer.job_id, kind, std::move(body), offer.attempt};
   }
@@ -870,7 +869,7 @@ class relay::impl : public std::enable_shared_from_this<impl> {
                   // for it (the answer goes as an error; a stream's ad chunk went out already).
                   if (charged) {
                     // Recorded: finish_error must not release it (the campaign would refuse).
-                    if (const auto live = self->find(job_id)) {
+                    {
                       std::lock_guard lock(live->mutex);
                       live->ad.reset();
                     }
