@@ -192,6 +192,19 @@ class scheduler_test : public testing::deterministic_fixture {
     return other;
   }
 
+  /// j1 streams on one of two providers while the other, running j0 at `load_percent`, begins to
+  /// drain (its agent stops: it finishes j0 and takes nothing new): returns the one j1 streams
+  /// on, empty when that failed.
+  std::string start_j1_beside_a_draining_other(std::uint32_t load_percent) {
+    const std::string busy = two_providers_one_busy();
+    const std::string streaming = busy.empty() ? std::string() : start_j1_beside(busy);
+    if (streaming.empty()) return {};
+    self_->send(rt_.scheduler, load_atom::value, busy,
+                domain::load_report{.load_percent = load_percent, .health_percent = 100, .draining = true});
+    run();
+    return streaming;
+  }
+
   /// j1 broke off after 5 tokens on one of two providers and went to the other once its slot
   /// freed: returns (the one it broke off on, the one it continues on), empty when that failed.
   std::pair<std::string, std::string> j1_continued_on_the_other() {
@@ -1162,14 +1175,8 @@ TEST_F(scheduler_test, an_answer_continued_on_the_last_provider_waits_when_that_
 }
 
 TEST_F(scheduler_test, an_answer_that_broke_off_does_not_wait_for_a_draining_provider) {
-  const std::string busy = two_providers_one_busy();
-  ASSERT_FALSE(busy.empty());
-  const std::string broken = start_j1_beside(busy);
+  const std::string broken = start_j1_beside_a_draining_other(0);
   ASSERT_FALSE(broken.empty());
-  // The other one's agent is stopping: it finishes j0 and takes nothing new.
-  self_->send(rt_.scheduler, load_atom::value, busy,
-              domain::load_report{.load_percent = 0, .health_percent = 100, .draining = true});
-  run();
   ASSERT_TRUE(ask<job_ended>(rt_.scheduler, job_failure{"j1", broken, domain::job_fault::provider, 5, "backend died"}));
   run();
   EXPECT_EQ(job("j1").provider_id, broken) << "no other provider may take it: back rather than wait for nothing";
@@ -1194,13 +1201,8 @@ TEST_F(scheduler_test, an_answer_waiting_for_the_only_other_provider_fails_once_
 }
 
 TEST_F(scheduler_test, an_answer_whose_provider_goes_offline_fails_at_once_when_the_only_other_provider_drains) {
-  const std::string busy = two_providers_one_busy();
-  ASSERT_FALSE(busy.empty());
-  const std::string broken = start_j1_beside(busy);
+  const std::string broken = start_j1_beside_a_draining_other(100);
   ASSERT_FALSE(broken.empty());
-  self_->send(rt_.scheduler, load_atom::value, busy,
-              domain::load_report{.load_percent = 100, .health_percent = 100, .draining = true});
-  run();
   // Its link is lost mid-answer, then its offline notice comes: nobody will take the answer on.
   self_->send(rt_.scheduler, link_lost_atom::value, broken);
   self_->send(rt_.scheduler, offline_atom::value, broken);
@@ -1213,12 +1215,8 @@ TEST_F(scheduler_test, an_answer_lost_with_its_providers_link_fails_at_once_when
   // The relay's order: the link's loss, the failures of its jobs, then the offline notice. The
   // failure must not count on the lost provider taking the answer back (it used to queue the
   // job, which then waited out the drain or its deadline).
-  const std::string busy = two_providers_one_busy();
-  ASSERT_FALSE(busy.empty());
-  const std::string broken = start_j1_beside(busy);
+  const std::string broken = start_j1_beside_a_draining_other(100);
   ASSERT_FALSE(broken.empty());
-  self_->send(rt_.scheduler, load_atom::value, busy,
-              domain::load_report{.load_percent = 100, .health_percent = 100, .draining = true});
   self_->send(rt_.scheduler, link_lost_atom::value, broken);
   run();
   auto lost = ask<job_ended>(rt_.scheduler, job_failure{.job_id = "j1",
